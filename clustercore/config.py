@@ -1,0 +1,187 @@
+"""Configuration: one place, frozen dataclasses, every error names its field.
+
+The daemons read TOML files (`tomllib`) and hand the resulting dict to
+`gateway_config_from_dict` / `node_config_from_dict`. Nothing here reads files itself,
+so the same code validates configs in tests, in the lab writer and in the daemons.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONTROL_SOCKET = "/run/vipcluster/control.sock"
+DEFAULT_STATE_DIR = "/var/lib/vipcluster"
+DEFAULT_AGENT_PORT = 7400
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_IFNAME_RE = re.compile(r"^[^\s/]{1,15}$")
+_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    name: str
+    address: str  # the node's address on the cluster network
+    mac: str  # the node's MAC on the cluster network (the gateway rewrites to it)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    vip: str
+    client_interface: str
+    cluster_interface: str
+    listen_address: str
+    key_file: str
+    nodes: tuple[NodeEntry, ...]
+    listen_port: int = DEFAULT_AGENT_PORT
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    state_dir: str = DEFAULT_STATE_DIR
+    heartbeat_s: float = 1.0
+    node_timeout_s: float = 5.0
+
+    def node(self, name: str) -> NodeEntry | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    vip: str
+    gateway_address: str
+    key_file: str
+    gateway_port: int = DEFAULT_AGENT_PORT
+    queue_num: int = 0
+    queue_maxlen: int = 65536
+    state_dir: str = DEFAULT_STATE_DIR
+    # fail-closed: packets for the VIP are dropped while no shim is bound to the queue
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- field readers -------------------------------------------------------------------------
+
+
+def _get(d: dict, key: str, source: str | None, prefix: str = "") -> Any:
+    if key not in d:
+        raise ConfigError(prefix + key, "missing", source)
+    return d[key]
+
+
+def _str(d, key, source, prefix="", default=None, pattern=None, what="a string"):
+    if key not in d and default is not None:
+        return default
+    v = _get(d, key, source, prefix)
+    if not isinstance(v, str) or not v:
+        raise ConfigError(prefix + key, f"must be {what}, got {v!r}", source)
+    if pattern is not None and not pattern.match(v):
+        raise ConfigError(prefix + key, f"must be {what}, got {v!r}", source)
+    return v
+
+
+def _ipv4(d, key, source, prefix=""):
+    v = _str(d, key, source, prefix, what="an IPv4 address")
+    try:
+        ipaddress.IPv4Address(v)
+    except ValueError:
+        raise ConfigError(prefix + key, f"must be an IPv4 address, got {v!r}", source) from None
+    return v
+
+
+def _int(d, key, source, lo, hi, default=None, prefix=""):
+    if key not in d and default is not None:
+        return default
+    v = _get(d, key, source, prefix)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ConfigError(prefix + key, f"must be an integer from {lo} to {hi}, got {v!r}", source)
+    return v
+
+
+def _float(d, key, source, lo, hi, default):
+    if key not in d:
+        return default
+    v = d[key]
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ConfigError(key, f"must be a number from {lo} to {hi}, got {v!r}", source)
+    return float(v)
+
+
+def _check_known(d: dict, known: set[str], source, prefix=""):
+    for k in d:
+        if k not in known:
+            raise ConfigError(prefix + k, "unknown field", source)
+
+
+# --- public parsers ------------------------------------------------------------------------
+
+
+def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfig:
+    if not isinstance(d, dict):
+        raise ConfigError("<top>", "must be a table", source)
+    _check_known(
+        d,
+        {"vip", "client_interface", "cluster_interface", "listen_address", "listen_port",
+         "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s"},
+        source,
+    )
+    raw_nodes = _get(d, "nodes", source)
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise ConfigError("nodes", "must be a non-empty list of [[nodes]] tables", source)
+    nodes = []
+    seen_names, seen_macs, seen_addrs = set(), set(), set()
+    for i, n in enumerate(raw_nodes):
+        p = f"nodes[{i}]."
+        if not isinstance(n, dict):
+            raise ConfigError(f"nodes[{i}]", "must be a table", source)
+        _check_known(n, {"name", "address", "mac"}, source, p)
+        name = _str(n, "name", source, p, pattern=_NAME_RE, what="a node name ([A-Za-z0-9_.-], max 32)")
+        addr = _ipv4(n, "address", source, p)
+        mac = _str(n, "mac", source, p, pattern=_MAC_RE, what="a lower-case MAC like 02:00:00:00:00:01")
+        if int(mac[:2], 16) & 1:
+            raise ConfigError(p + "mac", f"must be a unicast MAC, got {mac!r}", source)
+        for value, seen, what in ((name, seen_names, "name"), (mac, seen_macs, "mac"), (addr, seen_addrs, "address")):
+            if value in seen:
+                raise ConfigError(p + what, f"duplicate {what} {value!r}", source)
+            seen.add(value)
+        nodes.append(NodeEntry(name, addr, mac))
+    client_if = _str(d, "client_interface", source, pattern=_IFNAME_RE, what="an interface name")
+    cluster_if = _str(d, "cluster_interface", source, pattern=_IFNAME_RE, what="an interface name")
+    if client_if == cluster_if:
+        raise ConfigError("cluster_interface", "must differ from client_interface", source)
+    return GatewayConfig(
+        vip=_ipv4(d, "vip", source),
+        client_interface=client_if,
+        cluster_interface=cluster_if,
+        listen_address=_ipv4(d, "listen_address", source),
+        listen_port=_int(d, "listen_port", source, 1, 65535, DEFAULT_AGENT_PORT),
+        key_file=_str(d, "key_file", source, what="a file path"),
+        control_socket=_str(d, "control_socket", source, default=DEFAULT_CONTROL_SOCKET, what="a path"),
+        state_dir=_str(d, "state_dir", source, default=DEFAULT_STATE_DIR, what="a path"),
+        nodes=tuple(nodes),
+        heartbeat_s=_float(d, "heartbeat_s", source, 0.05, 60, 1.0),
+        node_timeout_s=_float(d, "node_timeout_s", source, 0.2, 600, 5.0),
+    )
+
+
+def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
+    if not isinstance(d, dict):
+        raise ConfigError("<top>", "must be a table", source)
+    _check_known(
+        d,
+        {"name", "vip", "gateway_address", "gateway_port", "key_file", "queue_num",
+         "queue_maxlen", "state_dir"},
+        source,
+    )
+    return NodeConfig(
+        name=_str(d, "name", source, pattern=_NAME_RE, what="a node name ([A-Za-z0-9_.-], max 32)"),
+        vip=_ipv4(d, "vip", source),
+        gateway_address=_ipv4(d, "gateway_address", source),
+        gateway_port=_int(d, "gateway_port", source, 1, 65535, DEFAULT_AGENT_PORT),
+        key_file=_str(d, "key_file", source, what="a file path"),
+        queue_num=_int(d, "queue_num", source, 0, 65535, 0),
+        queue_maxlen=_int(d, "queue_maxlen", source, 64, 1 << 20, 65536),
+        state_dir=_str(d, "state_dir", source, default=DEFAULT_STATE_DIR, what="a path"),
+    )

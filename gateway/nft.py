@@ -1,0 +1,76 @@
+"""The one adapter for nftables on the gateway: VIP delivery at kernel speed.
+
+Delivery (KERNEL-NOTES, way 1): a netdev ingress chain on the client-facing interface
+takes every frame for the VIP, writes the service's *epoch tag* into the source MAC,
+rewrites the destination MAC to each node's MAC and `dup`s the frame to the cluster
+interface, then `fwd`s the last copy. Every node receives every packet in the same
+per-flow order; the frame never enters the gateway's IP stack.
+
+The epoch tag (02:76:63:00:00:EE) is what makes a migration's cutover exact: the gateway
+flips a service's tag atomically, both nodes see the same tag on the same packet, and
+they count positions from that in-band origin (clustercore.cutover).
+
+The whole table is replaced in one `nft -f` transaction, so a change (an epoch flip, a
+node added) is atomic with respect to the packet path.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from clustercore.errors import KernelError
+from clustercore.packet import PROTO_NAMES
+
+TABLE = "vipcluster"
+
+
+def epoch_mac(epoch: int) -> str:
+    """The source MAC that carries a service's epoch (locally administered, unicast)."""
+    e = epoch % 65536
+    return f"02:76:63:00:{e >> 8:02x}:{e & 0xff:02x}"
+
+
+def render_ruleset(*, vip: str, client_interface: str, cluster_interface: str,
+                   gateway_mac: str, node_macs: list[str],
+                   epochs: dict[tuple[int, int], int]) -> str:
+    """The nft script for the delivery table. Pure: easy to test and to read.
+
+    `epochs` maps (proto, port) -> epoch number for every service port.
+    """
+    if not node_macs:
+        raise ValueError("no nodes to deliver to")
+    lines = [
+        f"table netdev {TABLE}",
+        f"delete table netdev {TABLE}",
+        f"table netdev {TABLE} {{",
+        "  chain deliver {",
+        f'    type filter hook ingress device "{client_interface}" priority 0; policy accept;',
+        f"    ip daddr {vip} jump vip",
+        "  }",
+        "  chain vip {",
+        f"    ether saddr set {gateway_mac}",
+    ]
+    for (proto, port), epoch in sorted(epochs.items()):
+        pname = PROTO_NAMES[proto]
+        lines.append(f"    meta l4proto {pname} {pname} dport {port} ether saddr set {epoch_mac(epoch)}")
+    for mac in node_macs[:-1]:
+        lines.append(f'    ether daddr set {mac} dup to "{cluster_interface}"')
+    lines.append(f'    ether daddr set {node_macs[-1]} fwd to "{cluster_interface}"')
+    lines += ["  }", "}", ""]
+    return "\n".join(lines)
+
+
+def apply(script: str) -> None:
+    proc = subprocess.run(["nft", "-f", "-"], input=script.encode(), capture_output=True)
+    if proc.returncode != 0:
+        raise KernelError("nft -f", None, proc.stderr.decode(errors="replace").strip())
+
+
+def remove() -> None:
+    """Delete the delivery table (idempotent)."""
+    subprocess.run(["nft", "delete", "table", "netdev", TABLE], capture_output=True)
+
+
+def table_exists() -> bool:
+    proc = subprocess.run(["nft", "list", "table", "netdev", TABLE], capture_output=True)
+    return proc.returncode == 0

@@ -1,0 +1,241 @@
+"""The node agent (shim daemon): queue filter, services, link to the gateway.
+
+On start it puts the VIP on `lo` (ARP sysctls set so the node never answers ARP for it),
+binds the netfilter queue, installs the iptables rule that steers VIP packets into it,
+and connects to the gateway (HMAC handshake). From then on it obeys the gateway:
+`table` (who owns what), `reconcile` / `service.start` / `service.stop`, `counters`,
+and the migration steps (nodeshim.migrate). If the gateway goes away the kernel state
+stays as it is (owned services keep working) and the agent reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from clustercore.config import NodeConfig
+from clustercore.errors import LocalControlError, PeerControlError, VipError
+from clustercore.ownership import NodeFilter, Service
+from clustercore.protocol import auth_proof, require
+from gateway.keys import load_key
+from gateway.rpc import RpcConnection
+
+from . import iptables, netlink, services
+from .queue import PacketQueue
+
+log = logging.getLogger("vipcluster.node")
+
+MAX_RESTARTS = 5
+
+
+class NodeAgent:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.key = load_key(config.key_file)
+        self.filter = NodeFilter(config.name)
+        self.running: dict[str, services.RunningService] = {}
+        self.restarts: dict[str, int] = {}
+        self.queue: PacketQueue | None = None
+        self.rpc: RpcConnection | None = None
+        self._stop = asyncio.Event()
+        self._vip_added = False
+        self.migrations = None  # nodeshim.migrate.MigrationAgent, when present
+        self.log_dir = os.path.join(config.state_dir, "services")
+
+    # --- lifecycle -------------------------------------------------------------------
+    def prepare_kernel(self) -> None:
+        """Netlink set-up, synchronous, before the event loop starts."""
+        netlink.set_sysctls(netlink.ARP_SYSCTLS)
+        self._vip_added = netlink.add_vip(self.config.vip)
+
+    def cleanup_kernel(self) -> None:
+        if self._vip_added:
+            netlink.remove_vip(self.config.vip)
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.queue = PacketQueue(cfg.queue_num, cfg.queue_maxlen, self.decide)
+        self.queue.attach(asyncio.get_running_loop())
+        iptables.install(cfg.vip, cfg.queue_num)
+        log.info("node %s: VIP %s on lo, VIP packets -> queue %d (fail closed)",
+                 cfg.name, cfg.vip, cfg.queue_num)
+        try:
+            from .migrate import MigrationAgent
+        except ImportError:
+            MigrationAgent = None
+        if MigrationAgent is not None:
+            self.migrations = MigrationAgent(self)
+
+    def decide(self, data: bytes, epoch, handle, now):
+        return self.filter.decide(data, epoch, handle, now).verdict
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.start()
+        tasks = [asyncio.ensure_future(self._gateway_loop()), asyncio.ensure_future(self._watch_services())]
+        await self._stop.wait()
+        for t in tasks:
+            t.cancel()
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        log.info("node %s shutting down: stopping services, removing rules", self.config.name)
+        if self.migrations is not None:
+            self.migrations.abort_all("node agent shutting down")
+        for name in list(self.running):
+            services.stop(self.running.pop(name))
+        iptables.remove(self.config.vip)
+        if self.queue is not None:
+            self.queue.close()
+
+    # --- gateway link ----------------------------------------------------------------
+    async def _gateway_loop(self) -> None:
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                await self._session()
+                delay = 0.1
+            except (OSError, PeerControlError) as e:
+                log.warning("gateway link: %s; retrying in %.1fs", e, delay)
+            except VipError as e:
+                log.error("gateway refused us: %s", e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _session(self) -> None:
+        cfg = self.config
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(cfg.gateway_address, cfg.gateway_port), 5.0)
+        rpc = RpcConnection(reader, writer, self.handle, name="gateway")
+        try:
+            challenge = await rpc.read_one(5.0)
+            nonce = str(challenge.get("nonce", ""))
+            rpc.send({"op": "hello", "node": cfg.name, "proof": auth_proof(self.key, nonce, cfg.name)})
+            welcome = await rpc.read_one(5.0)
+            if welcome.get("op") != "welcome":
+                raise PeerControlError(f"gateway denied us: {welcome.get('error', welcome)}")
+            self._load_table(welcome)
+            self.rpc = rpc
+            log.info("registered with gateway %s:%d", cfg.gateway_address, cfg.gateway_port)
+            print("node ready", flush=True)
+            hb = asyncio.ensure_future(self._heartbeat(rpc))
+            try:
+                await rpc.run()
+            finally:
+                hb.cancel()
+        finally:
+            self.rpc = None
+            rpc.close()
+
+    async def _heartbeat(self, rpc: RpcConnection) -> None:
+        while True:
+            try:
+                rpc.send({"op": "heartbeat"})
+                await rpc.writer.drain()
+            except (ConnectionError, PeerControlError):
+                return
+            await asyncio.sleep(0.5)
+
+    async def notify(self, text: str) -> None:
+        if self.rpc is not None:
+            try:
+                self.rpc.send({"op": "event", "text": text})
+            except PeerControlError:
+                pass
+
+    # --- requests from the gateway ---------------------------------------------------
+    async def handle(self, msg: dict):
+        op = msg.get("op")
+        if op == "table":
+            self._load_table(msg)
+            return None
+        if op == "reconcile":
+            return self.reconcile([Service.from_dict(d) for d in require(msg, "services", list)])
+        if op == "service.start":
+            return self.start_service(Service.from_dict(require(msg, "service", dict)))
+        if op == "service.stop":
+            return self.stop_service(require(msg, "name"))
+        if op == "counters":
+            return self.counters()
+        if self.migrations is not None:
+            return await self.migrations.handle(msg)
+        raise LocalControlError(f"unknown request '{op}'")
+
+    def _load_table(self, msg: dict) -> None:
+        table = [Service.from_dict(d) for d in msg.get("services", [])]
+        self.filter.load(table, msg.get("anchor"))
+
+    def start_service(self, service: Service, sockets=None, extra_env=None) -> dict:
+        if service.name in self.running:
+            raise LocalControlError(f"service '{service.name}' already runs on {self.config.name}")
+        socks = sockets if sockets is not None else services.open_sockets(self.config.vip, service.ports)
+        try:
+            rs = services.spawn(service, socks, self.log_dir, extra_env)
+        except VipError:
+            for _, s in socks:
+                s.close()
+            raise
+        self.running[service.name] = rs
+        self.restarts[service.name] = 0
+        return {"pid": rs.pid, "fds": [n for n, _ in socks]}
+
+    def stop_service(self, name: str) -> dict:
+        rs = self.running.pop(name, None)
+        if rs is None:
+            raise LocalControlError(f"service '{name}' does not run on {self.config.name}")
+        services.stop(rs)
+        return {"stopped": name}
+
+    def reconcile(self, wanted: list[Service]) -> dict:
+        started, stopped = [], []
+        names = {s.name for s in wanted}
+        for name in list(self.running):
+            if name not in names and not (self.migrations and self.migrations.busy(name)):
+                services.stop(self.running.pop(name))
+                stopped.append(name)
+        for s in wanted:
+            if s.name not in self.running:
+                self.start_service(s)
+                started.append(s.name)
+        return {"started": started, "stopped": stopped}
+
+    def counters(self) -> dict:
+        return {
+            "services": self.filter.counters_dict(),
+            "unparsed": self.filter.unparsed,
+            "processes": {n: {"pid": rs.pid, "alive": rs.process.poll() is None}
+                          for n, rs in self.running.items()},
+            "queue_errors": self.queue.errors if self.queue else 0,
+        }
+
+    async def _watch_services(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for name, rs in list(self.running.items()):
+                if self.migrations is not None and self.migrations.busy(name):
+                    continue
+                code = rs.process.poll()
+                if code is None:
+                    continue
+                n = self.restarts.get(name, 0)
+                if n >= MAX_RESTARTS:
+                    continue
+                log.warning("service %s (pid %d) exited with %s; restarting (%d/%d)",
+                            name, rs.pid, code, n + 1, MAX_RESTARTS)
+                await self.notify(f"service {name} exited with {code}; restarting")
+                self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir)
+                self.restarts[name] = n + 1
+
+
+def run(config: NodeConfig) -> None:
+    agent = NodeAgent(config)
+    agent.prepare_kernel()
+    try:
+        asyncio.run(agent.run_forever())
+    finally:
+        agent.cleanup_kernel()

@@ -1,0 +1,215 @@
+"""Built-in services, run as real processes with socket activation.
+
+    python -m nodeshim.builtins echo   every TCP byte and UDP datagram back to its sender
+    python -m nodeshim.builtins kv     TCP lines: `SET key value` -> OK, `GET key` -> value|NONE
+
+Sockets come from LISTEN_FDS/LISTEN_FDNAMES (fds 3..). A fd whose socket is listening is
+accepted from; a connected stream socket (a connection handed over by a migration) is
+served directly; a datagram socket is echoed.
+
+State hook (for live migration): with VIPCLUSTER_STATE_IN set, `kv` loads its table from
+that JSON file at start. On SIGUSR1 a builtin finishes what it has read, writes its state
+to VIPCLUSTER_STATE_OUT (if set), prints `quiesced` and stops itself (SIGSTOP), so its
+sockets can be dumped with nothing held in user space.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+
+
+def listen_fds() -> list[tuple[str, socket.socket]]:
+    if os.environ.get("LISTEN_PID") not in (None, str(os.getpid())):
+        return []
+    n = int(os.environ.get("LISTEN_FDS", "0"))
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":") if n else []
+    out = []
+    for i in range(n):
+        fd = 3 + i
+        s = socket.socket(fileno=fd)
+        s.setblocking(False)
+        out.append((names[i] if i < len(names) else f"fd{fd}", s))
+    return out
+
+
+class Server:
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sel = selectors.DefaultSelector()
+        self.kv: dict[str, str] = {}
+        self.inbuf: dict[socket.socket, bytearray] = {}
+        self.outbuf: dict[socket.socket, bytearray] = {}
+        self.quiesce = False
+        state_in = os.environ.get("VIPCLUSTER_STATE_IN")
+        if mode == "kv" and state_in and os.path.exists(state_in):
+            with open(state_in) as f:
+                self.kv = dict(json.load(f))
+
+    def add(self, name: str, s: socket.socket) -> None:
+        if s.type == socket.SOCK_DGRAM:
+            self.sel.register(s, selectors.EVENT_READ, self.on_udp)
+        elif s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            self.sel.register(s, selectors.EVENT_READ, self.on_accept)
+        else:
+            self._add_conn(s)
+
+    def _add_conn(self, c: socket.socket) -> None:
+        c.setblocking(False)
+        self.inbuf[c] = bytearray()
+        self.outbuf[c] = bytearray()
+        self.sel.register(c, selectors.EVENT_READ, self.on_conn)
+
+    def on_accept(self, s: socket.socket, mask: int) -> None:
+        for _ in range(64):
+            try:
+                c, _ = s.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            self._add_conn(c)
+
+    def on_udp(self, s: socket.socket, mask: int) -> None:
+        for _ in range(256):
+            try:
+                data, addr = s.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                s.sendto(data, addr)
+            except OSError:
+                pass
+
+    def on_conn(self, c: socket.socket, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            try:
+                data = c.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                return self._close(c)
+            if data == b"":
+                if not self.outbuf[c]:
+                    return self._close(c)
+            elif data:
+                self.outbuf[c] += data if self.mode == "echo" else self._kv_lines(c, data)
+        self._flush(c)
+
+    def _kv_lines(self, c: socket.socket, data: bytes) -> bytes:
+        buf = self.inbuf[c]
+        buf += data
+        out = bytearray()
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line = bytes(buf[:nl]).decode(errors="replace").rstrip("\r")
+            del buf[: nl + 1]
+            parts = line.split(" ", 2)
+            cmd = parts[0].upper() if parts else ""
+            if cmd == "SET" and len(parts) == 3:
+                self.kv[parts[1]] = parts[2]
+                out += b"OK\n"
+            elif cmd == "GET" and len(parts) == 2:
+                out += (self.kv.get(parts[1], "NONE") + "\n").encode()
+            else:
+                out += b"ERR usage: SET key value | GET key\n"
+        return bytes(out)
+
+    def _flush(self, c: socket.socket) -> None:
+        buf = self.outbuf.get(c)
+        if buf is None:
+            return
+        while buf:
+            try:
+                n = c.send(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                return self._close(c)
+            del buf[:n]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if buf else 0)
+        self.sel.modify(c, events, self.on_conn)
+
+    def _close(self, c: socket.socket) -> None:
+        self.sel.unregister(c)
+        self.inbuf.pop(c, None)
+        self.outbuf.pop(c, None)
+        c.close()
+
+    def do_quiesce(self) -> None:
+        """Flush what we owe, save state, stop: sockets then hold everything in the kernel."""
+        for c in list(self.outbuf):
+            c.setblocking(True)
+            c.settimeout(0.5)
+            try:
+                if self.outbuf[c]:
+                    c.sendall(self.outbuf[c])
+                    self.outbuf[c].clear()
+            except OSError:
+                pass
+            c.setblocking(False)
+        out = os.environ.get("VIPCLUSTER_STATE_OUT")
+        if out:
+            tmp = out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.kv if self.mode == "kv" else {}, f)
+            os.replace(tmp, out)
+        print("quiesced", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        self.quiesce = False
+
+    def run(self) -> None:
+        while True:
+            try:
+                events = self.sel.select(timeout=1.0)
+            except InterruptedError:
+                events = []
+            for key, mask in events:
+                key.data(key.fileobj, mask)
+            if self.quiesce:
+                self.do_quiesce()
+
+
+def _drain_wakeup(s: socket.socket) -> None:
+    try:
+        while s.recv(512):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in ("echo", "kv"):
+        print("usage: python -m nodeshim.builtins echo|kv", file=sys.stderr)
+        return 2
+    server = Server(argv[0])
+    socks = listen_fds()
+    if not socks:
+        print("no sockets passed (LISTEN_FDS)", file=sys.stderr)
+        return 2
+    for name, s in socks:
+        server.add(name, s)
+
+    def on_usr1(signum, frame):
+        server.quiesce = True
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    # wake select() at once when a signal arrives
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    server.sel.register(wake_r, selectors.EVENT_READ, lambda s, m: _drain_wakeup(s))
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    print(f"{argv[0]} serving {', '.join(n for n, _ in socks)}", flush=True)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

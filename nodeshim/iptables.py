@@ -1,0 +1,59 @@
+"""The one adapter for iptables on the node: steer VIP packets into our queue.
+
+Layout (mangle table, before routing and before any socket sees the packet):
+
+    PREROUTING  -d VIP ! -i lo  -> VIPCLUSTER
+    VIPCLUSTER  [fast-path rules: accept steady-state services in the kernel]  (later)
+                -j NFQUEUE --queue-num N          (no --queue-bypass)
+
+No `--queue-bypass`: if the shim dies, VIP packets are dropped (fail closed). A dead
+shim must never mean "accept", because on a non-owner accepting means the stack answers
+with an RST or ICMP unreachable and kills the client's connection. Clients retransmit
+into silence until the shim is back.
+
+Traffic on `lo` (the node talking to its own VIP, UDP datagrams re-injected during a
+migration) skips the queue.
+
+Rules are written with `iptables-restore --noflush`, one atomic batch per change.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from clustercore.errors import KernelError
+
+CHAIN = "VIPCLUSTER"
+
+
+def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, input=stdin.encode() if stdin else None, capture_output=True)
+    if check and proc.returncode != 0:
+        raise KernelError(" ".join(args[:3]), None, proc.stderr.decode(errors="replace").strip())
+    return proc
+
+
+def _jump_rule(vip: str) -> list[str]:
+    return ["-d", f"{vip}/32", "!", "-i", "lo", "-j", CHAIN]
+
+
+def install(vip: str, queue_num: int, fast_rules: list[str] | None = None) -> None:
+    """Create (or replace) our chain and the jump to it, atomically."""
+    body = [f"-A {CHAIN} {r}" for r in (fast_rules or [])]
+    body.append(f"-A {CHAIN} -j NFQUEUE --queue-num {queue_num}")
+    script = "\n".join(["*mangle", f":{CHAIN} - [0:0]", *body, "COMMIT", ""])
+    _run(["iptables-restore", "-w", "--noflush"], script)
+    if _run(["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", *_jump_rule(vip)], check=False).returncode != 0:
+        _run(["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", *_jump_rule(vip)])
+
+
+def remove(vip: str) -> None:
+    """Remove the jump and our chain (idempotent)."""
+    while _run(["iptables", "-w", "-t", "mangle", "-D", "PREROUTING", *_jump_rule(vip)], check=False).returncode == 0:
+        pass
+    _run(["iptables", "-w", "-t", "mangle", "-F", CHAIN], check=False)
+    _run(["iptables", "-w", "-t", "mangle", "-X", CHAIN], check=False)
+
+
+def installed(vip: str) -> bool:
+    return _run(["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", *_jump_rule(vip)], check=False).returncode == 0

@@ -1,0 +1,50 @@
+"""The one pyroute2 adapter of the node: the VIP on `lo`, ARP sysctls, interface facts."""
+
+from __future__ import annotations
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from clustercore.errors import KernelError
+
+ARP_SYSCTLS = {
+    # answer ARP only for addresses on the receiving interface (not the VIP on lo)
+    "net/ipv4/conf/all/arp_ignore": "1",
+    # never use the VIP as the source of our own ARP requests
+    "net/ipv4/conf/all/arp_announce": "2",
+}
+
+
+def set_sysctls(values: dict[str, str]) -> dict[str, str]:
+    """Write sysctls of this network namespace; return their previous values."""
+    old = {}
+    for key, value in values.items():
+        path = f"/proc/sys/{key}"
+        with open(path) as f:
+            old[key] = f.read().strip()
+        with open(path, "w") as f:
+            f.write(value)
+    return old
+
+
+def add_vip(vip: str) -> bool:
+    """Put the VIP on lo (/32). Returns False if it was already there."""
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        try:
+            ipr.addr("add", index=lo, address=vip, prefixlen=32)
+            return True
+        except NetlinkError as e:
+            if e.code == 17:  # EEXIST
+                return False
+            raise KernelError("add VIP to lo", e.code) from None
+
+
+def remove_vip(vip: str) -> None:
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        try:
+            ipr.addr("del", index=lo, address=vip, prefixlen=32)
+        except NetlinkError as e:
+            if e.code not in (99, 19, 2):  # EADDRNOTAVAIL, ENODEV, ENOENT
+                raise KernelError("remove VIP from lo", e.code) from None

@@ -1,0 +1,89 @@
+"""The one adapter for netfilterqueue: packets from the kernel queue, verdicts back.
+
+The verdict loop is driven by asyncio: the queue's netlink fd is registered as a reader
+and each wake-up drains every packet waiting (`run(block=False)`). The decision itself
+is clustercore's (`NodeFilter`); this module only moves packets and verdicts.
+
+HOLD keeps the netfilterqueue Packet object: the kernel keeps the packet until we give
+the verdict later (`accept_held` / `drop_held`). The queue's length (`max_len`) bounds
+how many packets can be held; more are dropped by the kernel, so a migration watches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from netfilterqueue import NetfilterQueue
+
+from clustercore.errors import KernelError
+from clustercore.ownership import Verdict
+
+log = logging.getLogger("vipcluster.queue")
+
+
+def mac_of(hw: bytes | None) -> str | None:
+    if not hw:
+        return None
+    return ":".join(f"{b:02x}" for b in hw[:6])
+
+
+class PacketQueue:
+    def __init__(self, queue_num: int, max_len: int,
+                 decide: Callable[[bytes, str | None, object, float], Verdict]) -> None:
+        self.queue_num = queue_num
+        self.decide = decide
+        self._nfq = NetfilterQueue()
+        try:
+            self._nfq.bind(queue_num, self._on_packet, max_len=max_len)
+        except OSError as e:
+            raise KernelError(f"bind netfilter queue {queue_num}", getattr(e, "errno", None), str(e)) from None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.errors = 0
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self._nfq.get_fd(), self._drain)
+
+    def _drain(self) -> None:
+        try:
+            self._nfq.run(block=False)
+        except Exception:  # never let the data path die on one bad packet
+            self.errors += 1
+            log.exception("verdict loop error")
+
+    def _on_packet(self, pkt) -> None:
+        try:
+            verdict = self.decide(pkt.get_payload(), mac_of(pkt.get_hw()), pkt, time.monotonic())
+        except Exception:
+            self.errors += 1
+            log.exception("decision failed; dropping the packet")
+            pkt.drop()
+            return
+        if verdict is Verdict.ACCEPT:
+            pkt.accept()
+        elif verdict is Verdict.DROP:
+            pkt.drop()
+        else:
+            pkt.retain()  # held: keep it until a migration decides
+
+    @staticmethod
+    def accept_held(pkt) -> None:
+        pkt.accept()
+
+    @staticmethod
+    def drop_held(pkt) -> None:
+        pkt.drop()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self._nfq.get_fd())
+            except Exception:
+                pass
+        try:
+            self._nfq.unbind()
+        except Exception:
+            pass

@@ -1,0 +1,158 @@
+"""Run service processes with their sockets on the VIP (systemd socket activation).
+
+The agent, not the service, creates the sockets: a TCP listener or a UDP socket bound
+to VIP:port for every port of the service. It hands them to the process as fds 3, 4, ...
+with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set (sd_listen_fds(3) convention), so a
+migration can later take them (and the connections the service accepted) out again.
+
+fd names are `tcp-PORT`, `udp-PORT` for listeners/UDP sockets and `conn-PORT` for an
+already-established TCP connection handed over by a migration.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from clustercore.errors import KernelError, LocalControlError
+from clustercore.ownership import Service
+from clustercore.packet import TCP, UDP
+
+log = logging.getLogger("vipcluster.services")
+
+BUILTINS = {"builtin:echo": "echo", "builtin:kv": "kv"}
+LISTEN_BACKLOG = 4096
+
+
+def argv_for(exec_spec: str) -> list[str]:
+    if exec_spec.startswith("builtin:"):
+        if exec_spec not in BUILTINS:
+            raise LocalControlError(f"unknown builtin '{exec_spec}' (have: {', '.join(BUILTINS)})")
+        return [sys.executable, "-m", "nodeshim.builtins", BUILTINS[exec_spec]]
+    try:
+        argv = shlex.split(exec_spec)
+    except ValueError as e:
+        raise LocalControlError(f"cannot parse --exec '{exec_spec}': {e}") from None
+    if not argv:
+        raise LocalControlError("--exec is empty")
+    return argv
+
+
+def open_sockets(vip: str, ports) -> list[tuple[str, socket.socket]]:
+    """Bind every port of a service on the VIP; all-or-nothing."""
+    opened: list[tuple[str, socket.socket]] = []
+    try:
+        for proto, port in ports:
+            if proto == TCP:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((vip, port))
+                s.listen(LISTEN_BACKLOG)
+                opened.append((f"tcp-{port}", s))
+            elif proto == UDP:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.bind((vip, port))
+                opened.append((f"udp-{port}", s))
+            else:
+                raise LocalControlError(f"unsupported protocol {proto}")
+    except OSError as e:
+        for _, s in opened:
+            s.close()
+        raise KernelError(f"bind {vip}:{port}", e.errno) from None
+    return opened
+
+
+class Process:
+    """A child started with posix_spawn; reaped with waitpid (no SIGCHLD games)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.returncode
+
+
+@dataclass
+class RunningService:
+    service: Service
+    sockets: list[tuple[str, socket.socket]]
+    process: Process
+    log_path: str
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: str,
+          extra_env: dict[str, str] | None = None) -> RunningService:
+    """Start the service process with `sockets` as fds 3.. (socket activation)."""
+    argv = argv_for(service.exec_spec)
+    os.makedirs(log_dir, mode=0o700, exist_ok=True)
+    log_path = os.path.join(log_dir, f"{service.name}.log")
+    # copies at fd >= 100 (close-on-exec), so dup2 onto 3.. never lands on itself
+    high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for _, s in sockets]
+    names = ":".join(name for name, _ in sockets)
+    env = dict(os.environ)
+    env.update({"LISTEN_FDS": str(len(sockets)), "LISTEN_FDNAMES": names,
+                "VIPCLUSTER_SERVICE": service.name})
+    env.pop("LISTEN_PID", None)
+    env.update(extra_env or {})
+    # a shell keeps its PID through exec, so LISTEN_PID names the service process itself
+    wrapper = ["/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"', *argv]
+    logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    actions = [(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, logfd, 1),
+               (os.POSIX_SPAWN_DUP2, logfd, 2)]
+    actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(high)]
+    try:
+        pid = os.posix_spawn("/bin/sh", wrapper, env, file_actions=actions, setsid=True)
+    except OSError as e:
+        raise LocalControlError(f"cannot start '{service.exec_spec}': {e}") from None
+    finally:
+        for fd in (*high, logfd, devnull):
+            os.close(fd)
+    log.info("started %s (pid %d): %s with fds %s", service.name, pid, " ".join(argv), names)
+    return RunningService(service, sockets, Process(pid), log_path)
+
+
+def stop(rs: RunningService, timeout: float = 3.0) -> None:
+    """Stop the process (whole session) and close our copies of its sockets."""
+    proc = rs.process
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if proc.wait(timeout) is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout)
+    for _, s in rs.sockets:
+        s.close()
+    log.info("stopped %s (pid %d, exit %s)", rs.service.name, proc.pid, proc.returncode)

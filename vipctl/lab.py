@@ -1,0 +1,360 @@
+"""The lab: a whole cluster in network namespaces on one machine.
+
+    <prefix>-client   198.51.100.2/24 on eth0, default route via the gateway
+    <prefix>-gw       198.51.100.1/24 on `client0`; 192.0.2.1/24 on bridge `br0`,
+                      one veth per node enslaved to br0 (the "switch")
+    <prefix>-nK       192.0.2.(10+K)/24 on eth0 (MAC 02:00:00:00:01:KK), default via
+                      192.0.2.1; the node agent puts the VIP 203.0.113.10 on lo
+
+The lab only builds links and writes config files, then starts the real daemons
+(`vipctl gateway run`, `vipctl node run`) inside the namespaces: nothing in gateway/ or
+nodeshim/ knows it runs in a lab. Nothing is connected to the root namespace.
+
+State lives in /run/vipcluster/<prefix>/ (configs, key, registry, logs, pids).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from pyroute2 import NetNS, netns
+
+from clustercore.config import DEFAULT_CONTROL_SOCKET
+from clustercore.errors import LocalControlError, VipError
+from gateway.keys import generate_key
+
+from . import nsutil
+from .client import call
+
+VIP = "203.0.113.10"
+CLIENT_NET = "198.51.100"
+CLUSTER_NET = "192.0.2"
+RUN_ROOT = "/run/vipcluster"
+
+
+@dataclass(frozen=True)
+class Lab:
+    prefix: str = "vip"
+    nodes: int = 3
+
+    @property
+    def client_ns(self) -> str:
+        return f"{self.prefix}-client"
+
+    @property
+    def gw_ns(self) -> str:
+        return f"{self.prefix}-gw"
+
+    def node_name(self, k: int) -> str:
+        return f"n{k}"
+
+    def node_ns(self, k: int) -> str:
+        return f"{self.prefix}-n{k}"
+
+    def node_mac(self, k: int) -> str:
+        return f"02:00:00:00:01:{k:02x}"
+
+    def node_addr(self, k: int) -> str:
+        return f"{CLUSTER_NET}.{10 + k}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.client_ns, self.gw_ns] + [self.node_ns(k) for k in range(1, self.nodes + 1)]
+
+    @property
+    def state_dir(self) -> str:
+        return os.path.join(RUN_ROOT, self.prefix)
+
+    @property
+    def control_socket(self) -> str:
+        if self.prefix == "vip":
+            return DEFAULT_CONTROL_SOCKET
+        return os.path.join(self.state_dir, "control.sock")
+
+    @property
+    def key_file(self) -> str:
+        return os.path.join(self.state_dir, "cluster.key")
+
+    @property
+    def client_addr(self) -> str:
+        return f"{CLIENT_NET}.2"
+
+
+# --- topology ------------------------------------------------------------------------
+
+
+def _build_links(lab: Lab) -> None:
+    for ns in lab.namespaces:
+        netns.create(ns)
+    with NetNS(lab.gw_ns) as gw:
+        gw.link("add", ifname="client0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": lab.client_ns})
+        gw.link("add", ifname="br0", kind="bridge")
+        br = gw.link_lookup(ifname="br0")[0]
+        for k in range(1, lab.nodes + 1):
+            gw.link("add", ifname=f"n{k}", kind="veth", peer={"ifname": "eth0", "net_ns_fd": lab.node_ns(k)})
+            port = gw.link_lookup(ifname=f"n{k}")[0]
+            gw.link("set", index=port, master=br, state="up")
+        c0 = gw.link_lookup(ifname="client0")[0]
+        gw.addr("add", index=c0, address=f"{CLIENT_NET}.1", prefixlen=24)
+        gw.addr("add", index=br, address=f"{CLUSTER_NET}.1", prefixlen=24)
+        for idx in (c0, br, gw.link_lookup(ifname="lo")[0]):
+            gw.link("set", index=idx, state="up")
+    with NetNS(lab.client_ns) as c:
+        eth = c.link_lookup(ifname="eth0")[0]
+        c.addr("add", index=eth, address=lab.client_addr, prefixlen=24)
+        for idx in (eth, c.link_lookup(ifname="lo")[0]):
+            c.link("set", index=idx, state="up")
+        c.route("add", dst="default", gateway=f"{CLIENT_NET}.1")
+    for k in range(1, lab.nodes + 1):
+        with NetNS(lab.node_ns(k)) as n:
+            eth = n.link_lookup(ifname="eth0")[0]
+            n.link("set", index=eth, address=lab.node_mac(k))
+            n.addr("add", index=eth, address=lab.node_addr(k), prefixlen=24)
+            for idx in (eth, n.link_lookup(ifname="lo")[0]):
+                n.link("set", index=idx, state="up")
+            n.route("add", dst="default", gateway=f"{CLUSTER_NET}.1")
+
+
+def _write_configs(lab: Lab) -> dict[str, str]:
+    os.makedirs(lab.state_dir, mode=0o700, exist_ok=True)
+    generate_key(lab.key_file)
+    paths = {}
+    nodes = "".join(
+        f'\n[[nodes]]\nname = "{lab.node_name(k)}"\naddress = "{lab.node_addr(k)}"\nmac = "{lab.node_mac(k)}"\n'
+        for k in range(1, lab.nodes + 1)
+    )
+    gw = (
+        f'# written by `vipctl lab up` for the lab "{lab.prefix}"\n'
+        f'vip = "{VIP}"\nclient_interface = "client0"\ncluster_interface = "br0"\n'
+        f'listen_address = "{CLUSTER_NET}.1"\nlisten_port = 7400\nkey_file = "{lab.key_file}"\n'
+        f'control_socket = "{lab.control_socket}"\nstate_dir = "{lab.state_dir}/gateway"\n{nodes}'
+    )
+    paths["gateway"] = os.path.join(lab.state_dir, "gateway.toml")
+    with open(paths["gateway"], "w") as f:
+        f.write(gw)
+    for k in range(1, lab.nodes + 1):
+        name = lab.node_name(k)
+        node = (
+            f'# written by `vipctl lab up` for the lab "{lab.prefix}"\n'
+            f'name = "{name}"\nvip = "{VIP}"\ngateway_address = "{CLUSTER_NET}.1"\n'
+            f'gateway_port = 7400\nkey_file = "{lab.key_file}"\nqueue_num = 0\n'
+            f'state_dir = "{lab.state_dir}/{name}"\n'
+        )
+        paths[name] = os.path.join(lab.state_dir, f"{name}.toml")
+        with open(paths[name], "w") as f:
+            f.write(node)
+    return paths
+
+
+def _spawn_daemon(lab: Lab, ns: str, args: list[str], log_name: str) -> int:
+    log_dir = os.path.join(lab.state_dir, "logs")
+    os.makedirs(log_dir, mode=0o700, exist_ok=True)
+    logf = open(os.path.join(log_dir, f"{log_name}.log"), "ab")
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    # the daemons import our packages from wherever this vipctl runs
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vipctl", *args], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+        preexec_fn=lambda: nsutil.enter(ns), start_new_session=True, env=env,
+    )
+    logf.close()
+    return proc.pid
+
+
+def _pids_file(lab: Lab) -> str:
+    return os.path.join(lab.state_dir, "pids.json")
+
+
+def is_up(lab: Lab) -> bool:
+    return any(ns in netns.listnetns() for ns in lab.namespaces[:2])
+
+
+def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
+    if os.geteuid() != 0:
+        raise LocalControlError("vipctl lab must be run as root")
+    if is_up(lab):
+        st = status(lab)
+        if st["nodes_configured"] == lab.nodes and st["healthy"]:
+            log(f"lab '{lab.prefix}' is already up with {lab.nodes} nodes")
+            return st
+        raise LocalControlError(
+            f"lab '{lab.prefix}' exists but is not what was asked (or not healthy): run 'vipctl lab down' first")
+    if not 1 <= lab.nodes <= 32:
+        raise LocalControlError("--nodes must be from 1 to 32")
+    # fresh state, except nothing of an older lab survives
+    shutil.rmtree(lab.state_dir, ignore_errors=True)
+    try:
+        _build_links(lab)
+        log(f"namespaces: {', '.join(lab.namespaces)}")
+        paths = _write_configs(lab)
+        pids = {"gateway": _spawn_daemon(lab, lab.gw_ns, ["gateway", "run", "--config", paths["gateway"]], "gateway")}
+        with open(_pids_file(lab), "w") as f:
+            json.dump(pids, f)
+        _wait_socket(lab, timeout)
+        for k in range(1, lab.nodes + 1):
+            name = lab.node_name(k)
+            pids[name] = _spawn_daemon(lab, lab.node_ns(k), ["node", "run", "--config", paths[name]], name)
+        with open(_pids_file(lab), "w") as f:
+            json.dump(pids, f)
+        _wait_nodes(lab, timeout)
+    except BaseException:
+        down(lab, log=lambda *a: None)
+        raise
+    log(f"gateway (pid {pids['gateway']}) and {lab.nodes} node agents are up; VIP {VIP}")
+    return status(lab)
+
+
+def _wait_socket(lab: Lab, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            call("ping", lab.control_socket, timeout=2.0)
+            return
+        except VipError:
+            _check_alive(lab)
+            time.sleep(0.1)
+    raise LocalControlError(f"the gateway did not come up within {timeout:g}s; see {lab.state_dir}/logs/gateway.log")
+
+
+def _check_alive(lab: Lab) -> None:
+    try:
+        with open(_pids_file(lab)) as f:
+            pids = json.load(f)
+    except FileNotFoundError:
+        return
+    for name, pid in pids.items():
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    raise ProcessLookupError
+        except ProcessLookupError:
+            raise LocalControlError(
+                f"the {name} daemon exited during start; see {lab.state_dir}/logs/{name}.log") from None
+
+
+def _wait_nodes(lab: Lab, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = call("status", lab.control_socket, timeout=5.0)
+        if all(n["state"] == "up" for n in st["nodes"]):
+            return
+        _check_alive(lab)
+        time.sleep(0.1)
+    raise LocalControlError(f"not every node agent came up within {timeout:g}s; see {lab.state_dir}/logs/")
+
+
+def _stop_pid(pid: int, timeout: float = 5.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def down(lab: Lab, log=print) -> dict:
+    if os.geteuid() != 0:
+        raise LocalControlError("vipctl lab must be run as root")
+    stopped = []
+    try:
+        with open(_pids_file(lab)) as f:
+            pids = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        pids = {}
+    # agents first: they stop their services and remove their rules; then the gateway
+    for name in sorted(pids, key=lambda n: n == "gateway"):
+        _stop_pid(pids[name])
+        stopped.append(name)
+    # anything still living in our namespaces was started by this lab: end it by PID
+    existing = set(netns.listnetns())
+    leftovers = []
+    for ns in _lab_namespaces(lab, existing):
+        for pid in nsutil.pids_in(ns):
+            leftovers.append(pid)
+            _stop_pid(pid, 1.0)
+    removed = []
+    for ns in _lab_namespaces(lab, existing):
+        netns.remove(ns)
+        removed.append(ns)
+    if os.path.exists(lab.control_socket) and lab.control_socket != os.path.join(lab.state_dir, "control.sock"):
+        try:
+            os.unlink(lab.control_socket)
+        except OSError:
+            pass
+    for entry in ("gateway", "pids.json", "cluster.key") + tuple(f"n{k}" for k in range(1, 33)):
+        p = os.path.join(lab.state_dir, entry)
+        if os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.exists(p):
+            os.unlink(p)
+    log(f"lab '{lab.prefix}' is down: stopped {', '.join(stopped) or 'nothing'}; "
+        f"removed namespaces {', '.join(removed) or 'none'}" + (f"; ended {len(leftovers)} stray processes" if leftovers else ""))
+    return {"stopped": stopped, "namespaces_removed": removed, "stray_processes": leftovers}
+
+
+def _lab_namespaces(lab: Lab, existing: set[str]) -> list[str]:
+    """Every namespace of this lab, whatever node count it was built with."""
+    names = [lab.client_ns, lab.gw_ns]
+    names += sorted(n for n in existing if n.startswith(f"{lab.prefix}-n") and n[len(lab.prefix) + 2:].isdigit())
+    return [n for n in names if n in existing]
+
+
+def status(lab: Lab) -> dict:
+    existing = set(netns.listnetns())
+    namespaces = _lab_namespaces(lab, existing)
+    nodes_configured = len([n for n in namespaces if n.startswith(f"{lab.prefix}-n")])
+    try:
+        with open(_pids_file(lab)) as f:
+            pids = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        pids = {}
+    daemons = {}
+    for name, pid in pids.items():
+        alive = True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            alive = False
+        daemons[name] = {"pid": pid, "alive": alive}
+    cluster = None
+    try:
+        cluster = call("status", lab.control_socket, timeout=5.0)
+    except VipError as e:
+        cluster = {"error": str(e)}
+    healthy = bool(namespaces) and all(d["alive"] for d in daemons.values()) and "error" not in cluster \
+        and all(n["state"] == "up" for n in cluster.get("nodes", []))
+    return {"prefix": lab.prefix, "up": bool(namespaces), "healthy": healthy, "namespaces": namespaces,
+            "nodes_configured": nodes_configured, "daemons": daemons, "vip": VIP,
+            "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster}
+
+
+def exec_in(ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run a client program inside a lab namespace (used by the demo and tests)."""
+    return subprocess.run(argv, preexec_fn=lambda: nsutil.enter(ns), **kw)
+
+
+def popen_in(ns: str, argv: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(argv, preexec_fn=lambda: nsutil.enter(ns), **kw)
