@@ -127,6 +127,11 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
          "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s"},
         source,
     )
+    client_if = _str(d, "client_interface", source, pattern=_IFNAME_RE, what="an interface name")
+    cluster_if = _str(d, "cluster_interface", source, pattern=_IFNAME_RE, what="an interface name")
+    if client_if == cluster_if:
+        raise ConfigError("cluster_interface", "must differ from client_interface", source)
+    vip = _ipv4(d, "vip", source)
     raw_nodes = _get(d, "nodes", source)
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise ConfigError("nodes", "must be a non-empty list of [[nodes]] tables", source)
@@ -147,12 +152,8 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
                 raise ConfigError(p + what, f"duplicate {what} {value!r}", source)
             seen.add(value)
         nodes.append(NodeEntry(name, addr, mac))
-    client_if = _str(d, "client_interface", source, pattern=_IFNAME_RE, what="an interface name")
-    cluster_if = _str(d, "cluster_interface", source, pattern=_IFNAME_RE, what="an interface name")
-    if client_if == cluster_if:
-        raise ConfigError("cluster_interface", "must differ from client_interface", source)
     return GatewayConfig(
-        vip=_ipv4(d, "vip", source),
+        vip=vip,
         client_interface=client_if,
         cluster_interface=cluster_if,
         listen_address=_ipv4(d, "listen_address", source),

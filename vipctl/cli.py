@@ -33,7 +33,7 @@ def _load_toml(path: str) -> dict:
 
 def _need_root() -> None:
     if os.geteuid() != 0:
-        raise LocalControlError("vipctl must be run as root")
+        raise LocalControlError("must be run as root")
 
 
 def _setup_logging(level: str) -> None:
@@ -136,7 +136,7 @@ def service_add(obj, name, node_name, ports, exec_spec, as_json):
         try:
             parse_port_spec(p)
         except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--port") from None
+            raise LocalControlError(str(e)) from None
     result = call("service.add", obj["socket"], name=name, node=node_name, ports=list(ports), exec=exec_spec)
     _emit(result, as_json, lambda r: click.echo(
         f"service {r['name']} added on {r['owner']} ({', '.join(r['ports'])})"))

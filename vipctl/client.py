@@ -22,7 +22,7 @@ class ControlClient:
         self.path = path or default_socket()
         self.timeout = timeout
         if os.geteuid() != 0:
-            raise LocalControlError("vipctl must be run as root (the control socket is root-only)")
+            raise LocalControlError("must be run as root (the control socket is root-only)")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:

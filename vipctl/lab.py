@@ -180,7 +180,7 @@ def is_up(lab: Lab) -> bool:
 
 def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
     if os.geteuid() != 0:
-        raise LocalControlError("vipctl lab must be run as root")
+        raise LocalControlError("must be run as root")
     if is_up(lab):
         st = status(lab)
         if st["nodes_configured"] == lab.nodes and st["healthy"]:
@@ -277,7 +277,7 @@ def _stop_pid(pid: int, timeout: float = 5.0) -> None:
 
 def down(lab: Lab, log=print) -> dict:
     if os.geteuid() != 0:
-        raise LocalControlError("vipctl lab must be run as root")
+        raise LocalControlError("must be run as root")
     stopped = []
     try:
         with open(_pids_file(lab)) as f:

@@ -1,0 +1,108 @@
+"""Test clients run inside the lab's client namespace; each prints one JSON object.
+
+    clients.py tcp-echo HOST PORT MESSAGES     numbered lines over one connection
+    clients.py udp-echo HOST PORT DATAGRAMS    numbered datagrams, answers counted
+    clients.py kv HOST PORT KEYS               SET then GET every key
+    clients.py tcp-silent HOST PORT            connect: refused (RST), timeout or open?
+    clients.py udp-silent HOST PORT            one datagram: any answer?
+"""
+
+import json
+import socket
+import sys
+import time
+
+
+def tcp_echo(host, port, n):
+    s = socket.create_connection((host, port), timeout=5)
+    f = s.makefile("rwb")
+    got = []
+    for i in range(n):
+        f.write(b"msg %d\n" % i)
+        f.flush()
+        got.append(f.readline().decode().strip())
+    s.close()
+    return {"sent": n, "ok": sum(1 for i, g in enumerate(got) if g == f"msg {i}"), "bad": [g for i, g in enumerate(got) if g != f"msg {i}"][:5]}
+
+
+def udp_echo(host, port, n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(1.0)
+    answers = {}
+    for i in range(n):
+        s.sendto(b"dgram %d" % i, (host, port))
+        try:
+            data, _ = s.recvfrom(2048)
+            answers[data] = answers.get(data, 0) + 1
+        except socket.timeout:
+            pass
+    deadline = time.time() + 1.0
+    s.settimeout(0.2)
+    while time.time() < deadline:  # late or duplicated answers
+        try:
+            data, _ = s.recvfrom(2048)
+            answers[data] = answers.get(data, 0) + 1
+        except socket.timeout:
+            break
+    once = sum(1 for i in range(n) if answers.get(b"dgram %d" % i) == 1)
+    dup = sum(1 for v in answers.values() if v > 1)
+    return {"sent": n, "answered_once": once, "duplicated": dup}
+
+
+def kv(host, port, n):
+    s = socket.create_connection((host, port), timeout=5)
+    f = s.makefile("rwb")
+    ok = 0
+    for i in range(n):
+        f.write(b"SET key%d value%d\n" % (i, i))
+        f.flush()
+        ok += f.readline() == b"OK\n"
+    got = 0
+    for i in range(n):
+        f.write(b"GET key%d\n" % i)
+        f.flush()
+        got += f.readline() == b"value%d\n" % i
+    f.write(b"GET missing\n")
+    f.flush()
+    missing = f.readline().decode().strip()
+    s.close()
+    return {"set_ok": ok, "get_ok": got, "missing": missing}
+
+
+def tcp_silent(host, port):
+    s = socket.socket()
+    s.settimeout(2.0)
+    try:
+        s.connect((host, port))
+        return {"result": "open"}
+    except ConnectionRefusedError:
+        return {"result": "refused"}
+    except socket.timeout:
+        return {"result": "timeout"}
+    except OSError as e:
+        return {"result": f"error {e.errno}"}
+    finally:
+        s.close()
+
+
+def udp_silent(host, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((host, port))  # connected: an ICMP unreachable would show as ECONNREFUSED
+    s.settimeout(1.5)
+    s.send(b"anyone?")
+    try:
+        return {"result": "answered", "data": s.recv(2048).decode(errors="replace")}
+    except socket.timeout:
+        return {"result": "silent"}
+    except ConnectionRefusedError:
+        return {"result": "refused"}
+
+
+def main(argv):
+    cmd, host, port = argv[0], argv[1], int(argv[2])
+    fn = {"tcp-echo": tcp_echo, "udp-echo": udp_echo, "kv": kv, "tcp-silent": tcp_silent, "udp-silent": udp_silent}[cmd]
+    print(json.dumps(fn(host, port, *map(int, argv[3:]))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,106 @@
+"""Config validation (errors name the field), control framing and agent authentication,
+and the nft delivery script."""
+
+import copy
+
+import pytest
+
+from clustercore.config import gateway_config_from_dict, node_config_from_dict
+from clustercore.errors import ConfigError, LocalControlError, PeerControlError
+from clustercore.protocol import LineFramer, auth_proof, check_proof, encode, fail, ok, result_of
+from gateway.nft import epoch_mac, render_ruleset
+
+GW = {
+    "vip": "203.0.113.10", "client_interface": "eth0", "cluster_interface": "eth1",
+    "listen_address": "192.0.2.1", "key_file": "/etc/vipcluster/cluster.key",
+    "nodes": [{"name": "n1", "address": "192.0.2.11", "mac": "02:00:00:00:01:01"},
+              {"name": "n2", "address": "192.0.2.12", "mac": "02:00:00:00:01:02"}],
+}
+NODE = {"name": "n1", "vip": "203.0.113.10", "gateway_address": "192.0.2.1", "key_file": "/k"}
+
+
+def test_valid_configs_and_defaults():
+    g = gateway_config_from_dict(GW)
+    assert g.listen_port == 7400 and g.control_socket == "/run/vipcluster/control.sock"
+    assert g.node("n2").mac == "02:00:00:00:01:02" and g.node("nx") is None
+    n = node_config_from_dict(NODE)
+    assert n.queue_num == 0 and n.gateway_port == 7400
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d.pop("vip"), "vip"),
+    (lambda d: d.update(vip="203.0.113.300"), "vip"),
+    (lambda d: d.update(listen_port=70000), "listen_port"),
+    (lambda d: d.update(nodes=[]), "nodes"),
+    (lambda d: d["nodes"][1].update(mac="01:00:5e:00:00:01"), "nodes[1].mac"),
+    (lambda d: d["nodes"][1].update(mac="nonsense"), "nodes[1].mac"),
+    (lambda d: d["nodes"][1].update(name="n1"), "nodes[1].name"),
+    (lambda d: d["nodes"][0].pop("address"), "nodes[0].address"),
+    (lambda d: d.update(cluster_interface="eth0"), "cluster_interface"),
+    (lambda d: d.update(colour="blue"), "colour"),
+])
+def test_gateway_config_errors_name_the_field(mutate, field):
+    d = copy.deepcopy(GW)
+    mutate(d)
+    with pytest.raises(ConfigError) as e:
+        gateway_config_from_dict(d, "gw.toml")
+    assert e.value.field == field
+    assert f"'{field}'" in str(e.value) and "gw.toml" in str(e.value)
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d.pop("name"), "name"),
+    (lambda d: d.update(name="bad name"), "name"),
+    (lambda d: d.update(gateway_address="gw"), "gateway_address"),
+    (lambda d: d.update(queue_num=-1), "queue_num"),
+    (lambda d: d.update(queue_num=True), "queue_num"),
+])
+def test_node_config_errors_name_the_field(mutate, field):
+    d = copy.deepcopy(NODE)
+    mutate(d)
+    with pytest.raises(ConfigError) as e:
+        node_config_from_dict(d)
+    assert e.value.field == field
+
+
+def test_framer_splits_and_rejects_garbage():
+    f = LineFramer()
+    data = encode({"op": "a", "id": 1}) + encode({"op": "b"})
+    assert f.feed(data[:5]) == []
+    assert [m["op"] for m in f.feed(data[5:])] == ["a", "b"]
+    with pytest.raises(PeerControlError):
+        LineFramer().feed(b"not json\n")
+    with pytest.raises(PeerControlError):
+        LineFramer().feed(b"[1,2]\n")
+    with pytest.raises(PeerControlError):
+        LineFramer(max_line=10).feed(b"x" * 20)
+
+
+def test_replies_become_results_or_whose_fault_errors():
+    assert result_of(ok(1, {"x": 1})) == {"x": 1}
+    with pytest.raises(LocalControlError, match="unknown node"):
+        result_of(fail(1, "unknown node 'n9'"))
+    with pytest.raises(PeerControlError):
+        result_of(fail(1, "boom", "peer"))
+
+
+def test_auth_proof_binds_key_nonce_and_node():
+    key = b"k" * 64
+    p = auth_proof(key, "nonce1", "n1")
+    assert check_proof(key, "nonce1", "n1", p)
+    assert not check_proof(key, "nonce2", "n1", p)
+    assert not check_proof(key, "nonce1", "n2", p)
+    assert not check_proof(b"x" * 64, "nonce1", "n1", p)
+
+
+def test_nft_ruleset_copies_to_every_node_and_tags_epochs():
+    script = render_ruleset(vip="203.0.113.10", client_interface="eth0", cluster_interface="eth1",
+                            gateway_mac="02:aa:00:00:00:01", node_macs=["02:00:00:00:01:01", "02:00:00:00:01:02"],
+                            epochs={(6, 7): 3})
+    assert 'hook ingress device "eth0"' in script
+    assert 'ether daddr set 02:00:00:00:01:01 dup to "eth1"' in script
+    assert 'ether daddr set 02:00:00:00:01:02 fwd to "eth1"' in script
+    assert f"tcp dport 7 ether saddr set {epoch_mac(3)}" in script
+    # the nft 1.0.6 pitfall: no one-line rule sets ending in '}' after a statement
+    assert all(not line.rstrip().endswith("; }") for line in script.splitlines())
+    assert epoch_mac(1) != epoch_mac(2) and int(epoch_mac(7)[:2], 16) & 1 == 0
