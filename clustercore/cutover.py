@@ -132,7 +132,7 @@ class SourceCutover(MigrationRole):
         self._consumed: dict[Flow, int] = {}
         self._held: list[_Held] = []
         self._held_flows: set[Flow] = set()
-        self._handed_over = 0  # how many of _held had been looked at by hand_over_late()
+        self._handed_over = 0  # len(_held) at the handover: later old-epoch entries are stragglers
         self._handover_done = False
         self._forward: list[Handle] = []
         self.frozen_at: float | None = None
@@ -183,7 +183,9 @@ class SourceCutover(MigrationRole):
         destination before its release. Call once, after freeze, when the socket state is
         sent; stragglers held after this call are forwarded at commit instead."""
         if self._phase is not _Phase.FROZEN:
-            raise LocalControlError(f"late packets are handed over after freeze, not when {self.phase}")
+            raise LocalControlError(
+                f"late packets are handed over after freeze, not when {self.phase}"
+            )
         if self._handover_done:
             raise LocalControlError("late packets were already handed over")
         self._handover_done = True
@@ -275,7 +277,7 @@ class DestCutover(MigrationRole):
         """Become the owner. Re-inject the source's late packets BEFORE applying the plan."""
         if self._phase is not _Phase.COUNTING:
             raise LocalControlError(f"cannot release a destination cutover that is {self.phase}")
-        remaining = _check_consumed(consumed)
+        remaining = check_consumed(consumed)
         drop: list[Handle] = []
         accept: list[Handle] = []
         for held in self._held:
@@ -308,7 +310,8 @@ class DestCutover(MigrationRole):
         return drop
 
 
-def _check_consumed(consumed: Mapping[Flow, int]) -> dict[Flow, int]:
+def check_consumed(consumed: Mapping[Flow, int]) -> dict[Flow, int]:
+    """A validated copy of per-flow consumed counts (LocalControlError if malformed)."""
     if not isinstance(consumed, Mapping):
         raise LocalControlError(f"consumed counts must be a mapping, got {type(consumed).__name__}")
     out: dict[Flow, int] = {}
@@ -316,7 +319,9 @@ def _check_consumed(consumed: Mapping[Flow, int]) -> dict[Flow, int]:
         if not isinstance(flow, tuple) or len(flow) != 5:
             raise LocalControlError(f"consumed counts: {flow!r} is not a 5-tuple flow")
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise LocalControlError(f"consumed count for flow {flow} must be an int >= 0, got {count!r}")
+            raise LocalControlError(
+                f"consumed count for flow {flow} must be an int >= 0, got {count!r}"
+            )
         out[flow] = count
     return out
 
@@ -327,19 +332,21 @@ def _check_consumed(consumed: Mapping[Flow, int]) -> dict[Flow, int]:
 
 
 def consumed_to_wire(consumed: Mapping[Flow, int]) -> list[list]:
-    return [[*flow, count] for flow, count in sorted(_check_consumed(consumed).items())]
+    return [[*flow, count] for flow, count in sorted(check_consumed(consumed).items())]
 
 
 def consumed_from_wire(data: Any) -> dict[Flow, int]:
     if not isinstance(data, list):
-        raise PeerControlError("consumed counts: expected a list of [proto, src, sport, dst, dport, count]")
+        raise PeerControlError(
+            "consumed counts: expected a list of [proto, src, sport, dst, dport, count]"
+        )
     out: dict[Flow, int] = {}
     for i, item in enumerate(data):
         ok = (
             isinstance(item, list)
             and len(item) == 6
             and all(isinstance(item[k], str) for k in (1, 3))
-            and all(isinstance(item[k], int) and not isinstance(item[k], bool) for k in (0, 2, 4, 5))
+            and all(type(item[k]) is int for k in (0, 2, 4, 5))  # bool is not a count
             and item[5] >= 0
         )
         if not ok:
@@ -377,6 +384,7 @@ __all__ = [
     "ReleasePlan",
     "SourceCutover",
     "Verdict",
+    "check_consumed",
     "consumed_from_wire",
     "consumed_to_wire",
     "packets_from_wire",

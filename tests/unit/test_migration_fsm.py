@@ -1,0 +1,471 @@
+"""The migration state machine, proved the h2 way: a script for the happy path, every
+failure in every state, and a property over every (state, event) pair.
+
+The machine is fed events and a fake clock; the tests read the commands it answers with.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clustercore.errors import ConfigError, LocalControlError, MigrationError
+from clustercore.migration import (
+    BEFORE_RELEASE,
+    EVENT_TYPES,
+    ON_UNEXPECTED,
+    PAST_NO_RETURN,
+    TERMINAL,
+    TRANSITIONS,
+    ArmTimer,
+    Cancel,
+    Committed,
+    CountingReady,
+    EpochFlipped,
+    Finished,
+    FlipEpoch,
+    Frozen,
+    HoldReady,
+    MessageLost,
+    Migration,
+    MigrationBook,
+    MigrationReport,
+    MigrationTimeouts,
+    NodeLost,
+    Released,
+    Report,
+    Restored,
+    RolledBack,
+    SendToNode,
+    SetOwner,
+    Start,
+    State,
+    StepFailed,
+    StepTimedOut,
+    render_dot,
+    render_mermaid,
+)
+
+SERVICE, SRC, DST, OTHER, EPOCH = "web", "n1", "n2", "n9", "02:00:00:00:00:0b"
+FLOW = (17, "198.51.100.7", 40000, "203.0.113.10", 53)
+T0 = 100.0
+TICK = 0.25  # the fake clock's step: exact in binary, so deadlines compare exactly
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def machine() -> Migration:
+    return Migration(service=SERVICE, source=SRC, dest=DST, epoch=EPOCH)
+
+
+def actions(commands):
+    """The commands that do something (progress reports left out)."""
+    return [c for c in commands if not isinstance(c, Report)]
+
+
+def msg(op: str, **extra) -> dict:
+    return {"op": f"migrate_{op}", "service": SERVICE, "epoch": EPOCH, **extra}
+
+
+FROZEN = Frozen(node=SRC, consumed={FLOW: 3}, late_packets=[b"late"],
+                socket_state={"service": SERVICE}, tcp_established=2, tcp_listening=1,
+                udp_sockets=1, bytes_moved=4321)
+RELEASED = Released(node=DST, held=7, released=4, duplicates_suppressed=3, reinjected=1,
+                    freeze_ms=2.5)
+HAPPY = [
+    (Start(), State.PREPARING),
+    (HoldReady(node=DST), State.ARMING),
+    (CountingReady(node=SRC), State.FLIPPING),
+    (EpochFlipped(service=SERVICE, epoch=EPOCH), State.FREEZING),
+    (FROZEN, State.RESTORING),
+    (Restored(node=DST), State.RELEASING),
+    (RELEASED, State.COMMITTING),
+    (Committed(node=SRC, late_packets=(b"straggler",)), State.COMMITTED),
+]
+
+
+class Driver:
+    """Feeds a machine and keeps every command it answered, with a clock that moves on."""
+
+    def __init__(self) -> None:
+        self.m = machine()
+        self.now = T0
+        self.log: list = []
+        self.states = [self.m.state]
+
+    def feed(self, event) -> list:
+        self.now += TICK
+        out = self.m.handle_event(event, self.now)
+        self.log += out
+        self.states.append(self.m.state)
+        return out
+
+    def timer(self, now=None) -> list:
+        self.now = max(self.now, now if now is not None else (self.m.get_timer() or self.now))
+        out = self.m.handle_timer(self.now)
+        self.log += out
+        self.states.append(self.m.state)
+        return out
+
+
+def reach(state: State) -> Driver:
+    """A driver whose machine is in `state`, by the shortest honest path."""
+    d = Driver()
+    if state is State.NEW:
+        return d
+    if state in (State.ROLLING_BACK, State.ROLLED_BACK):
+        d.feed(Start())
+        d.feed(StepFailed(node=DST, reason="no queue"))
+        if state is State.ROLLED_BACK:
+            d.feed(RolledBack(node=SRC))
+        return d
+    for event, after in HAPPY:
+        d.feed(event)
+        if after is state:
+            return d
+    raise AssertionError(state)
+
+
+# ---------------------------------------------------------------- the happy path
+
+
+def test_happy_path_script():
+    d = Driver()
+    t = MigrationTimeouts()
+    expected = [
+        [SendToNode(DST, msg("prepare", role="dest", source=SRC)),
+         ArmTimer(T0 + 1 * TICK + t.preparing)],
+        [SendToNode(SRC, msg("arm", role="source", dest=DST)), ArmTimer(T0 + 2 * TICK + t.arming)],
+        [FlipEpoch(SERVICE, EPOCH), ArmTimer(T0 + 3 * TICK + t.flipping)],
+        [SendToNode(SRC, msg("freeze")), ArmTimer(T0 + 4 * TICK + t.freezing)],
+        [SendToNode(DST, msg("restore", sockets={"service": SERVICE})),
+         ArmTimer(T0 + 5 * TICK + t.restoring)],
+        [SetOwner(SERVICE, DST),  # the decision is durable before the release leaves
+         SendToNode(DST, msg("release", consumed=[[*FLOW, 3]], late_packets=[b64(b"late")])),
+         ArmTimer(T0 + 6 * TICK + t.releasing)],
+        [SendToNode(SRC, msg("commit")), ArmTimer(T0 + 7 * TICK + t.committing)],
+    ]
+    for (event, state), want in zip(HAPPY, expected):
+        assert actions(d.feed(event)) == want
+        assert d.m.state is state
+    last = d.feed(HAPPY[-1][0])
+    inject = SendToNode(DST, msg("inject", packets=[b64(b"straggler")]))
+    assert actions(last)[:2] == [inject, ArmTimer(None)]
+    finished = last[-1]
+    assert isinstance(finished, Finished)
+    assert finished.outcome == "committed" and finished.reason == ""
+    report = finished.report.as_dict()
+    assert report == {
+        "service": SERVICE, "from": SRC, "to": DST, "state": "committed",
+        "tcp_established": 2, "tcp_listening": 1, "udp_sockets": 1, "bytes_moved": 4321,
+        "freeze_ms": 2.5, "total_ms": 7 * TICK * 1000, "held": 7, "released": 4,
+        "duplicates_suppressed": 3, "lost": 0, "outcome": "committed", "reason": "",
+        "failed_step": None,
+    }
+    assert finished.report.as_error() is None
+    assert d.m.get_timer() is None and d.m.past_point_of_no_return
+
+
+def test_every_transition_is_reported():
+    d = Driver()
+    for event, state in HAPPY:
+        reports = [c for c in d.feed(event) if isinstance(c, Report)]
+        assert reports[0].step == state.value
+
+
+# ---------------------------------------------------------------- failures, state by state
+
+FAILURES = [
+    StepFailed(node=SRC, reason="dump failed"),
+    StepFailed(node=DST, reason="restore failed"),
+    StepFailed(reason="epoch flip failed"),  # the gateway itself
+    NodeLost(node=SRC),
+    NodeLost(node=DST),
+    MessageLost(node=DST, reason="reply was not JSON"),
+    StepTimedOut(),
+    Cancel(),
+]
+
+
+@pytest.mark.parametrize("state", sorted(BEFORE_RELEASE, key=list(State).index))
+@pytest.mark.parametrize("failure", FAILURES, ids=lambda e: type(e).__name__)
+def test_failure_before_release_rolls_back(state, failure):
+    d = reach(state)
+    out = actions(d.feed(failure))
+    assert d.m.state is State.ROLLING_BACK
+    assert out[:2] == [SendToNode(DST, msg("abort")), SendToNode(SRC, msg("rollback"))]
+    assert not any(isinstance(c, (SetOwner, FlipEpoch)) for c in out)  # owner unchanged
+    finished = d.feed(RolledBack(node=SRC))[-1]
+    assert d.m.state is State.ROLLED_BACK
+    assert finished.outcome == "rolled_back" and finished.report.lost == 0
+    assert finished.report.failed_step == state.value and finished.reason
+    error = finished.report.as_error()
+    assert isinstance(error, MigrationError) and error.rolled_back and error.step == state.value
+
+
+@pytest.mark.parametrize("state", sorted(BEFORE_RELEASE, key=list(State).index))
+def test_step_timeout_fires_only_at_the_deadline(state):
+    d = reach(state)
+    deadline = d.m.get_timer()
+    assert deadline == pytest.approx(d.now + MigrationTimeouts().for_state(state))
+    assert d.timer(deadline - 0.001) == []
+    d.timer(deadline)
+    assert d.m.state is State.ROLLING_BACK
+    assert "timed out" in d.m.report.reason
+
+
+@pytest.mark.parametrize("state", sorted(BEFORE_RELEASE, key=list(State).index))
+def test_unexpected_event_before_release_rolls_back(state):
+    d = reach(state)
+    d.feed(Committed(node=SRC))  # never valid before the release
+    assert d.m.state is State.ROLLING_BACK
+    assert "unexpected Committed" in d.m.report.reason
+
+
+@pytest.mark.parametrize("event", [
+    HoldReady(node=SRC), CountingReady(node=DST), EpochFlipped(service=SERVICE, epoch="other"),
+    Frozen(node=DST, consumed={}), Restored(node=SRC),
+], ids=lambda e: type(e).__name__)
+def test_a_reply_from_the_wrong_party_rolls_back(event):
+    state = {HoldReady: State.PREPARING, CountingReady: State.ARMING, EpochFlipped: State.FLIPPING,
+             Frozen: State.FREEZING, Restored: State.RESTORING}[type(event)]
+    d = reach(state)
+    d.feed(event)
+    assert d.m.state is State.ROLLING_BACK
+
+
+@pytest.mark.parametrize("failure", FAILURES[:-1], ids=lambda e: type(e).__name__)
+def test_failure_while_releasing_goes_forward(failure):
+    d = reach(State.RELEASING)
+    out = actions(d.feed(failure))
+    assert d.m.state is State.COMMITTING
+    assert out[0] == SendToNode(SRC, msg("commit"))
+    finished = d.feed(Committed(node=SRC))[-1]
+    assert finished.outcome == "committed" and "point of no return" in finished.reason
+    assert finished.report.lost is None  # nobody can say what the destination released
+    error = finished.report.as_error()
+    assert error is not None and not error.rolled_back and error.step == "releasing"
+
+
+@pytest.mark.parametrize("failure", FAILURES[:-1], ids=lambda e: type(e).__name__)
+def test_failure_while_committing_still_commits(failure):
+    d = reach(State.COMMITTING)
+    finished = d.feed(failure)[-1]
+    assert d.m.state is State.COMMITTED
+    assert finished.outcome == "committed" and finished.report.failed_step == "committing"
+    assert finished.report.held == 7  # what was learned is kept
+
+
+@pytest.mark.parametrize("state", [State.RELEASING, State.COMMITTING])
+def test_cancel_is_refused_past_the_point_of_no_return(state):
+    d = reach(state)
+    out = d.feed(Cancel(reason="operator"))
+    assert d.m.state is state and actions(out) == []
+    assert "refused" in out[0].detail
+
+
+def test_rollback_not_confirmed_ends_with_unknown_loss():
+    d = reach(State.ROLLING_BACK)
+    d.feed(NodeLost(node=SRC))
+    assert d.m.state is State.ROLLING_BACK
+    finished = d.timer()[-1]
+    assert d.m.state is State.ROLLED_BACK and finished.report.lost is None
+    assert "no queue" in finished.reason and "did not confirm" in finished.reason
+
+
+def test_cancel_before_start_touches_no_node():
+    d = Driver()
+    out = d.feed(Cancel(reason="changed my mind"))
+    assert d.m.state is State.ROLLED_BACK
+    assert not any(isinstance(c, SendToNode) for c in out)
+    assert out[-1].outcome == "rolled_back" and "changed my mind" in out[-1].reason
+
+
+@pytest.mark.parametrize("state", [s for s in State if s not in TERMINAL and s is not State.NEW])
+def test_failures_of_other_nodes_are_ignored(state):
+    d = reach(state)
+    others = (NodeLost(node=OTHER), StepFailed(node=OTHER, reason="x"),
+              MessageLost(node=OTHER, reason="x"))
+    for event in others:
+        out = d.feed(event)
+        assert d.m.state is state and actions(out) == []
+
+
+@pytest.mark.parametrize("state", sorted(TERMINAL, key=list(State).index))
+def test_finished_machines_ignore_everything(state):
+    d = reach(state)
+    for event in (Start(), RolledBack(node=SRC), NodeLost(node=SRC), StepTimedOut(), Cancel()):
+        out = d.feed(event)
+        assert d.m.state is state and actions(out) == []
+    assert d.timer(10_000.0) == []
+
+
+# ---------------------------------------------------------------- every (state, event) pair
+
+
+def event_strategy():
+    node = st.sampled_from([SRC, DST, OTHER])
+    text = st.sampled_from(["boom", "x"])
+    count = st.integers(0, 5)
+    packets = st.lists(st.binary(max_size=4), max_size=2)
+    return st.one_of(
+        st.just(Start()), st.just(StepTimedOut()), st.builds(Cancel, reason=text),
+        st.builds(HoldReady, node=node), st.builds(CountingReady, node=node),
+        st.builds(EpochFlipped, service=st.sampled_from([SERVICE, "db"]),
+                  epoch=st.sampled_from([EPOCH, "e2"])),
+        st.builds(Frozen, node=node, consumed=st.dictionaries(st.just(FLOW), count),
+                  late_packets=packets),
+        st.builds(Restored, node=node),
+        st.builds(Released, node=node, held=count, released=count,
+                  duplicates_suppressed=count, lost=count),
+        st.builds(Committed, node=node, late_packets=packets),
+        st.builds(RolledBack, node=node),
+        st.builds(StepFailed, node=st.one_of(st.none(), node), reason=text),
+        st.builds(NodeLost, node=node), st.builds(MessageLost, node=node, reason=text),
+    )
+
+
+EDGES = {(s, t) for (s, _), (t, _) in TRANSITIONS.items()}
+EDGES |= {(s, t) for s, (t, _) in ON_UNEXPECTED.items()}
+
+
+def check(d: Driver) -> None:
+    """What must hold after any input."""
+    m, log = d.m, d.log
+    assert isinstance(m.state, State)
+    for before, after in zip(d.states, d.states[1:]):
+        assert before is after or (before, after) in EDGES, (before, after)
+    crossed = [i for i, s in enumerate(d.states) if s in PAST_NO_RETURN]
+    if crossed:  # once past the point of no return, never back
+        assert all(s in PAST_NO_RETURN for s in d.states[crossed[0]:])
+    owner_moves = [c for c in log if isinstance(c, SetOwner)]
+    assert owner_moves in ([], [SetOwner(SERVICE, DST)])
+    if m.state in (State.ROLLING_BACK, State.ROLLED_BACK):
+        assert owner_moves == []
+    if State.ROLLING_BACK in d.states:
+        assert SendToNode(SRC, msg("rollback")) in log and SendToNode(DST, msg("abort")) in log
+    finished = [c for c in log if isinstance(c, Finished)]
+    assert len(finished) == (1 if m.state in TERMINAL else 0)
+    report = m.report
+    assert isinstance(report, MigrationReport) and report.service == SERVICE
+    if finished:
+        assert finished[0].report.outcome == finished[0].outcome == report.outcome
+        assert finished[0].outcome == ("committed" if m.state is State.COMMITTED else "rolled_back")
+        if m.state is State.ROLLED_BACK:
+            assert finished[0].reason  # a rollback always says why
+
+
+@pytest.mark.parametrize("state", list(State))
+@pytest.mark.parametrize("event_type", EVENT_TYPES, ids=lambda t: t.__name__)
+def test_every_pair_once(state, event_type):
+    d = reach(state)
+    samples = {
+        Start: Start(), StepTimedOut: StepTimedOut(), Cancel: Cancel(),
+        HoldReady: HoldReady(node=DST), CountingReady: CountingReady(node=SRC),
+        EpochFlipped: EpochFlipped(service=SERVICE, epoch=EPOCH), Frozen: FROZEN,
+        Restored: Restored(node=DST), Released: RELEASED, Committed: Committed(node=SRC),
+        RolledBack: RolledBack(node=SRC), StepFailed: StepFailed(node=SRC, reason="x"),
+        NodeLost: NodeLost(node=DST), MessageLost: MessageLost(node=SRC, reason="x"),
+    }
+    d.feed(samples[event_type])
+    check(d)
+    expected = TRANSITIONS.get((state, event_type), ON_UNEXPECTED[state])[0]
+    assert d.m.state is expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(start=st.sampled_from(list(State)),
+       steps=st.lists(st.one_of(event_strategy(), st.floats(0, 10)), max_size=8))
+def test_property_any_input_ends_cleanly(start, steps):
+    d = reach(start)
+    for step in steps:
+        if isinstance(step, float):
+            d.timer(d.now + step)  # the clock moves; a timeout may fire
+        else:
+            d.feed(step)
+        check(d)
+    if d.m.state is not State.NEW:  # liveness: timers alone finish any started migration
+        for _ in range(4):
+            d.timer()
+        assert d.m.state in TERMINAL
+        check(d)
+
+
+# ---------------------------------------------------------------- input checking
+
+
+@pytest.mark.parametrize("build, field", [
+    (lambda: HoldReady(node=""), "node"),
+    (lambda: Released(node=DST, held=-1, released=0, duplicates_suppressed=0), "held"),
+    (lambda: Released(node=DST, held=0, released=0, duplicates_suppressed=0,
+                      freeze_ms=float("nan")), "freeze_ms"),
+    (lambda: Frozen(node=SRC, consumed={("bad",): 1}), "consumed"),
+    (lambda: Frozen(node=SRC, consumed={}, late_packets=["text"]), "late_packets"),
+    (lambda: Frozen(node=SRC, consumed={}, bytes_moved=True), "bytes_moved"),
+    (lambda: StepFailed(node=SRC, reason=""), "reason"),
+])
+def test_invalid_events_name_the_field(build, field):
+    with pytest.raises(LocalControlError, match=field):
+        build()
+
+
+def test_events_are_keyword_only_and_frozen():
+    with pytest.raises(TypeError):
+        HoldReady(DST)
+    with pytest.raises(AttributeError):
+        HoldReady(node=DST).node = SRC
+    with pytest.raises(TypeError):
+        FROZEN.consumed[FLOW] = 9
+
+
+def test_api_misuse_is_a_local_error():
+    m = machine()
+    with pytest.raises(LocalControlError):
+        m.handle_event("Start", T0)
+    with pytest.raises(LocalControlError):
+        m.handle_event(Start(), "now")
+    with pytest.raises(LocalControlError):
+        m.handle_timer(None)
+    with pytest.raises(LocalControlError, match="itself"):
+        Migration(service=SERVICE, source=SRC, dest=SRC, epoch=EPOCH)
+    with pytest.raises(ConfigError, match="migration.timeouts.freezing"):
+        MigrationTimeouts(freezing=0)
+
+
+# ---------------------------------------------------------------- diagram and registry guard
+
+
+def test_diagrams_draw_every_edge_of_the_table():
+    dot, mermaid = render_dot(), render_mermaid()
+    for (state, event), (target, _) in TRANSITIONS.items():
+        assert f"{state.name} -> {target.name}" in dot
+        assert f"{state.name} --> {target.name}" in mermaid and event.__name__ in mermaid
+    assert dot.startswith("digraph migration {") and "point of no return" in dot
+
+
+def test_migration_book_refuses_bad_requests():
+    nodes = {SRC: True, DST: True, "n3": False}
+    book = MigrationBook()
+    book.begin(service=SERVICE, owner=SRC, dest=DST, nodes=nodes)
+    assert SERVICE in book and book.running() == {SERVICE: (SRC, DST)}
+    with pytest.raises(LocalControlError, match="already being migrated from 'n1' to 'n2'"):
+        book.begin(service=SERVICE, owner=SRC, dest="n3", nodes=nodes)
+    for owner, dest, problem in [
+        (SRC, SRC, "already runs on 'n1'"),
+        (SRC, "n7", "destination node 'n7' is unknown"),
+        (SRC, "n3", "destination node 'n3' is down"),
+        ("n3", DST, "owner node 'n3' is down"),
+        (None, DST, "has no owner"),
+    ]:
+        with pytest.raises(LocalControlError, match=problem):
+            book.begin(service="db", owner=owner, dest=dest, nodes=nodes)
+    assert "db" not in book
+    book.finish(SERVICE)
+    book.begin(service=SERVICE, owner=DST, dest=SRC, nodes=nodes)
+    with pytest.raises(LocalControlError):
+        book.finish("db")
