@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,7 @@ TCP_STATES = {
     11: "CLOSING",
     12: "NEW_SYN_RECV",
 }
+_STATE_NAMES = frozenset(TCP_STATES.values())
 # One side has sent or received a FIN but the connection is not finished yet.
 HALF_CLOSED_STATES = frozenset({"FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK", "CLOSING"})
 
@@ -70,6 +72,8 @@ def _fail(where: str, problem: str) -> ValueError:
 
 
 def _check_int(where: str, value: Any, lo: int, hi: int) -> int:
+    if type(value) is int and lo <= value <= hi:  # the fast path: bulk dumps build many
+        return value
     # bool is an int subclass; True as a sequence number is a bug, not a 1
     if not isinstance(value, int) or isinstance(value, bool):
         raise _fail(where, f"must be an integer, got {type(value).__name__}")
@@ -96,6 +100,21 @@ def _check_family(where: str, value: Any) -> int:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
+def _ip_problem(ip: str, family: int) -> str | None:
+    """Why `ip` is not a canonical IPv`family` address, or None. Cached: a bulk dump repeats
+    the same VIP and client addresses thousands of times."""
+    try:
+        parsed = ipaddress.ip_address(ip)
+    except ValueError:
+        return f"'{ip}' is not an IP address"
+    if parsed.version != family:
+        return f"'{ip}' is not an IPv{family} address (family is {family})"
+    if str(parsed) != ip:
+        return f"'{ip}' is not in canonical form (expected '{parsed}')"
+    return None
+
+
 def _check_addr(where: str, value: Any, family: int, port_zero_ok: bool = False) -> Address:
     """An (ip, port) pair whose ip is a valid address of the given IP version."""
     if not isinstance(value, tuple) or len(value) != 2:
@@ -103,14 +122,9 @@ def _check_addr(where: str, value: Any, family: int, port_zero_ok: bool = False)
     ip, port = value
     if not isinstance(ip, str):
         raise _fail(where, f"ip must be a string, got {type(ip).__name__}")
-    try:
-        parsed = ipaddress.ip_address(ip)
-    except ValueError:
-        raise _fail(where, f"'{ip}' is not an IP address") from None
-    if parsed.version != family:
-        raise _fail(where, f"'{ip}' is not an IPv{family} address (family is {family})")
-    if str(parsed) != ip:
-        raise _fail(where, f"'{ip}' is not in canonical form (expected '{parsed}')")
+    problem = _ip_problem(ip, family)
+    if problem:
+        raise _fail(where, problem)
     _check_int(f"{where} port", port, 0 if port_zero_ok else 1, 65535)
     return value
 
@@ -217,7 +231,9 @@ class TcpConnState:
     them; the queues end at those numbers, so restore starts each queue at seq - length.
     `send_queue` holds the sent-but-unacknowledged bytes followed by the `unsent_len` bytes
     that never left the node. `tsval` is the connection's timestamp clock (TCP_TIMESTAMP)
-    at dump time; restoring it keeps the peer's PAWS check happy.
+    at dump time, kept opaque (since Linux 6.7 its low bit says "microsecond clock");
+    restoring it makes the new socket's timestamps continue from there, so the peer's
+    PAWS check does not drop them.
     """
 
     local: Address
@@ -244,7 +260,7 @@ class TcpConnState:
         _check_family(f"{c}.family", self.family)
         _check_addr(f"{c}.local", self.local, self.family)
         _check_addr(f"{c}.remote", self.remote, self.family)
-        if self.state not in TCP_STATES.values():
+        if self.state not in _STATE_NAMES:
             raise _fail(f"{c}.state", f"unknown TCP state '{self.state}'")
         _check_int(f"{c}.mss", self.mss, 1, 65535)
         _check_bool(f"{c}.window_scaling", self.window_scaling)
