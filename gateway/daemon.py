@@ -53,7 +53,9 @@ class Gateway:
         self._servers: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()  # one table change at a time
-        self.controller = None  # set by the migration controller when present
+        from .controller import Controller
+
+        self.controller = Controller(self)
 
     # --- lifecycle -------------------------------------------------------------------
     def prepare_kernel(self) -> None:
@@ -232,16 +234,16 @@ class Gateway:
         sock = writer.get_extra_info("socket")
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
-        rpc = RpcConnection(reader, writer, self._control_request, name="vipctl")
+        rpc = RpcConnection(reader, writer, None, name="vipctl")
+        rpc.handler = lambda msg: self._control_request(msg, rpc)
         if uid != 0:
             rpc.send({"id": None, "ok": False, "error": "the control API is for root only", "kind": "local"})
             await writer.drain()
             rpc.close()
             return
-        rpc.peer_writer = writer
         await rpc.run()
 
-    async def _control_request(self, msg: dict):
+    async def _control_request(self, msg: dict, rpc: RpcConnection | None = None):
         op = msg.get("op")
         handler = {
             "status": self.op_status,
@@ -251,7 +253,12 @@ class Gateway:
             "ping": self.op_ping,
         }.get(op)
         if handler is None and self.controller is not None:
-            return await self.controller.control_request(msg)
+            msg_id = msg.get("id")
+
+            def progress(step: str, detail: str) -> None:
+                if rpc is not None and not rpc.writer.is_closing():
+                    rpc.send({"op": "progress", "id": msg_id, "step": step, "detail": detail})
+            return await self.controller.control_request(msg, progress)
         if handler is None:
             raise LocalControlError(f"unknown request '{op}'")
         return await handler(msg)

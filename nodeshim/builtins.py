@@ -7,15 +7,18 @@ Sockets come from LISTEN_FDS/LISTEN_FDNAMES (fds 3..). A fd whose socket is list
 accepted from; a connected stream socket (a connection handed over by a migration) is
 served directly; a datagram socket is echoed.
 
-State hook (for live migration): with VIPCLUSTER_STATE_IN set, `kv` loads its table from
-that JSON file at start. On SIGUSR1 a builtin finishes what it has read, writes its state
-to VIPCLUSTER_STATE_OUT (if set), prints `quiesced` and stops itself (SIGSTOP), so its
-sockets can be dumped with nothing held in user space.
+State hook (for live migration): on SIGUSR1 a builtin stops reading, writes what it still
+holds in user space to VIPCLUSTER_STATE_OUT (the kv table; per connection, bytes it owes
+the client and a partial request line) and stops itself (SIGSTOP), so its sockets can be
+dumped with nothing lost in user space. A new instance loads that file from
+VIPCLUSTER_STATE_IN and gives each restored connection (matched by its peer address) its
+pending bytes back. With VIPCLUSTER_GATE_FD set it waits for one byte on that fd before it
+serves (the node agent opens the gate when the migration releases the held packets).
 """
 
 from __future__ import annotations
 
-import errno
+import base64
 import json
 import os
 import selectors
@@ -46,10 +49,13 @@ class Server:
         self.inbuf: dict[socket.socket, bytearray] = {}
         self.outbuf: dict[socket.socket, bytearray] = {}
         self.quiesce = False
+        self.pending: dict[str, dict] = {}
         state_in = os.environ.get("VIPCLUSTER_STATE_IN")
-        if mode == "kv" and state_in and os.path.exists(state_in):
+        if state_in and os.path.exists(state_in):
             with open(state_in) as f:
-                self.kv = dict(json.load(f))
+                state = json.load(f)
+            self.kv = dict(state.get("kv", {}))
+            self.pending = dict(state.get("conns", {}))
 
     def add(self, name: str, s: socket.socket) -> None:
         if s.type == socket.SOCK_DGRAM:
@@ -64,6 +70,11 @@ class Server:
         self.inbuf[c] = bytearray()
         self.outbuf[c] = bytearray()
         self.sel.register(c, selectors.EVENT_READ, self.on_conn)
+        saved = self.pending.pop(_peer_key(c), None) if self.pending else None
+        if saved:
+            self.inbuf[c] += base64.b64decode(saved.get("in", ""))
+            self.outbuf[c] += base64.b64decode(saved.get("out", ""))
+            self._flush(c)
 
     def on_accept(self, s: socket.socket, mask: int) -> None:
         for _ in range(64):
@@ -142,22 +153,21 @@ class Server:
         c.close()
 
     def do_quiesce(self) -> None:
-        """Flush what we owe, save state, stop: sockets then hold everything in the kernel."""
+        """Save what user space holds, then stop: the sockets hold everything else."""
+        conns = {}
         for c in list(self.outbuf):
-            c.setblocking(True)
-            c.settimeout(0.5)
             try:
-                if self.outbuf[c]:
-                    c.sendall(self.outbuf[c])
-                    self.outbuf[c].clear()
+                self._flush(c)  # what the kernel takes now need not be carried
             except OSError:
                 pass
-            c.setblocking(False)
+            if c in self.outbuf and (self.outbuf[c] or self.inbuf[c]):
+                conns[_peer_key(c)] = {"out": base64.b64encode(bytes(self.outbuf[c])).decode(),
+                                       "in": base64.b64encode(bytes(self.inbuf[c])).decode()}
         out = os.environ.get("VIPCLUSTER_STATE_OUT")
         if out:
             tmp = out + ".tmp"
             with open(tmp, "w") as f:
-                json.dump(self.kv if self.mode == "kv" else {}, f)
+                json.dump({"kv": self.kv, "conns": conns}, f)
             os.replace(tmp, out)
         print("quiesced", flush=True)
         os.kill(os.getpid(), signal.SIGSTOP)
@@ -173,6 +183,14 @@ class Server:
                 key.data(key.fileobj, mask)
             if self.quiesce:
                 self.do_quiesce()
+
+
+def _peer_key(c: socket.socket) -> str:
+    try:
+        host, port = c.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
 
 
 def _drain_wakeup(s: socket.socket) -> None:
@@ -192,9 +210,6 @@ def main(argv: list[str]) -> int:
     if not socks:
         print("no sockets passed (LISTEN_FDS)", file=sys.stderr)
         return 2
-    for name, s in socks:
-        server.add(name, s)
-
     def on_usr1(signum, frame):
         server.quiesce = True
 
@@ -206,6 +221,12 @@ def main(argv: list[str]) -> int:
     signal.set_wakeup_fd(wake_w.fileno())
     server.sel.register(wake_r, selectors.EVENT_READ, lambda s, m: _drain_wakeup(s))
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    gate = os.environ.get("VIPCLUSTER_GATE_FD")
+    if gate:
+        os.read(int(gate), 1)  # wait until the agent lets us serve
+        os.close(int(gate))
+    for name, s in socks:
+        server.add(name, s)
     print(f"{argv[0]} serving {', '.join(n for n, _ in socks)}", flush=True)
     server.run()
     return 0

@@ -101,15 +101,43 @@ class RunningService:
     process: Process
     log_path: str
     started_at: float = field(default_factory=time.time)
+    gate_fd: int | None = None  # write end of the start gate (gated spawns only)
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
 
+def state_file(log_dir: str, name: str) -> str:
+    """Where a service writes its state when asked to quiesce (the state hook)."""
+    return os.path.join(log_dir, f"{name}.state")
+
+
+def open_gate(rs: RunningService) -> None:
+    """Let a gated instance start serving."""
+    if rs.gate_fd is not None:
+        try:
+            os.write(rs.gate_fd, b"go")
+        except OSError:
+            pass
+        close_gate(rs)
+
+
+def close_gate(rs: RunningService) -> None:
+    if rs.gate_fd is not None:
+        os.close(rs.gate_fd)
+        rs.gate_fd = None
+
+
 def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: str,
-          extra_env: dict[str, str] | None = None) -> RunningService:
-    """Start the service process with `sockets` as fds 3.. (socket activation)."""
+          extra_env: dict[str, str] | None = None, gated: bool = False) -> RunningService:
+    """Start the service process with `sockets` as fds 3.. (socket activation).
+
+    gated: a builtin waits for `open_gate` before it serves (VIPCLUSTER_GATE_FD); a
+    command-line service knows no gate and would serve at once, so it is refused.
+    """
+    if gated and not service.exec_spec.startswith("builtin:"):
+        raise LocalControlError(f"service '{service.name}': only builtin services can be migrated yet")
     argv = argv_for(service.exec_spec)
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(log_dir, f"{service.name}.log")
@@ -118,7 +146,12 @@ def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: s
     names = ":".join(name for name, _ in sockets)
     env = dict(os.environ)
     env.update({"LISTEN_FDS": str(len(sockets)), "LISTEN_FDNAMES": names,
-                "VIPCLUSTER_SERVICE": service.name})
+                "VIPCLUSTER_SERVICE": service.name,
+                "VIPCLUSTER_STATE_OUT": state_file(log_dir, service.name)})
+    gate_r = gate_w = None
+    if gated:
+        gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+        env["VIPCLUSTER_GATE_FD"] = str(3 + len(sockets))
     env.pop("LISTEN_PID", None)
     env.update(extra_env or {})
     # a shell keeps its PID through exec, so LISTEN_PID names the service process itself
@@ -128,15 +161,19 @@ def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: s
     actions = [(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, logfd, 1),
                (os.POSIX_SPAWN_DUP2, logfd, 2)]
     actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(high)]
+    if gate_r is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, gate_r, 3 + len(sockets)))
     try:
         pid = os.posix_spawn("/bin/sh", wrapper, env, file_actions=actions, setsid=True)
     except OSError as e:
+        if gate_w is not None:
+            os.close(gate_w)
         raise LocalControlError(f"cannot start '{service.exec_spec}': {e}") from None
     finally:
-        for fd in (*high, logfd, devnull):
+        for fd in (*high, logfd, devnull) + ((gate_r,) if gate_r is not None else ()):
             os.close(fd)
     log.info("started %s (pid %d): %s with fds %s", service.name, pid, " ".join(argv), names)
-    return RunningService(service, sockets, Process(pid), log_path)
+    return RunningService(service, sockets, Process(pid), log_path, gate_fd=gate_w)
 
 
 def stop(rs: RunningService, timeout: float = 3.0) -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 import tomllib
 
 import click
@@ -188,6 +189,63 @@ def render_status(st: dict) -> None:
 def status(obj, as_json):
     """Nodes (up/down), services, owners and per-node counters."""
     _emit(call("status", obj["socket"]), as_json, render_status)
+
+
+# --- live migration --------------------------------------------------------------------
+
+REPORT_FIELDS = ["service", "from", "to", "outcome", "reason", "tcp_established", "tcp_listening",
+                 "udp_sockets", "bytes_moved", "freeze_ms", "total_ms", "held", "released",
+                 "duplicates_suppressed", "lost"]
+
+
+def render_report(r: dict) -> None:
+    click.echo(f"migration of {r['service']}: {r['from']} -> {r['to']}: {r.get('outcome')}"
+               + (f" ({r['reason']})" if r.get("reason") else ""))
+    click.echo(f"  connections moved: {r.get('tcp_established', 0)} tcp established, "
+               f"{r.get('tcp_listening', 0)} tcp listening, {r.get('udp_sockets', 0)} udp sockets; "
+               f"{r.get('bytes_moved', 0)} bytes of queued data")
+    click.echo(f"  freeze {r.get('freeze_ms')} ms, total {r.get('total_ms')} ms; held {r.get('held', 0)}, "
+               f"released {r.get('released', 0)}, duplicates suppressed {r.get('duplicates_suppressed', 0)}, "
+               f"lost {r.get('lost')}")
+
+
+def _progress(as_json: bool):
+    if as_json:
+        return None
+    t0 = time.monotonic()
+    return lambda m: click.echo(f"  [{(time.monotonic() - t0) * 1000:8.1f} ms] {m.get('step')}: {m.get('detail')}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--to", "dest", required=True, help="Destination node.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def migrate(obj, name, dest, as_json):
+    """Move service NAME live to node --to (sockets, queued data, ownership)."""
+    report = call("migrate", obj["socket"], timeout=120.0, on_progress=_progress(as_json), name=name, to=dest)
+    _emit(report, as_json, render_report)
+    if report.get("outcome") != "committed":
+        sys.exit(1)
+
+
+@node.command("drain")
+@click.argument("node_name")
+@click.option("--to", "dest", default=None, help="Move everything to this node (default: spread).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def node_drain(obj, node_name, dest, as_json):
+    """Migrate every service off NODE (for maintenance)."""
+    result = call("node.drain", obj["socket"], timeout=600.0, on_progress=_progress(as_json), node=node_name, to=dest)
+
+    def render(r):
+        if not r["migrations"]:
+            click.echo(f"node {r['node']} runs no service")
+        for rep in r["migrations"]:
+            render_report(rep)
+    _emit(result, as_json, render)
+    if any(r.get("outcome") != "committed" for r in result["migrations"]):
+        sys.exit(1)
 
 
 # --- the lab ---------------------------------------------------------------------------

@@ -1,0 +1,439 @@
+"""The node's side of a live migration: performs the steps the gateway's controller asks for.
+
+Source node (the service's owner):
+  migrate_arm      install a SourceCutover for the service (count new-epoch packets)
+  migrate_freeze   quiesce the service process (builtins flush and save state, then stop;
+                   other commands get SIGSTOP), wait for half-open handshakes to finish,
+                   freeze the cutover (hold everything from now), take the process's
+                   connections (pidfd_getfd), accept what waits in the listener, dump
+                   every TCP connection (TCP_REPAIR), describe listeners, drain UDP queues,
+                   hand over late old-epoch packets
+  migrate_commit   drop the hold, close the old sockets silently (repair mode), kill the
+                   old instance
+  migrate_rollback unrepair the connections, put drained datagrams back, resume the
+                   process, accept the hold in order
+Destination node:
+  migrate_prepare  install a DestCutover (hold new-epoch packets)
+  migrate_restore  open listeners and UDP sockets, rebuild connections, start the new
+                   instance *gated* (it waits on a pipe before serving, so a rollback
+                   after restore cannot leave answers behind)
+  migrate_release  re-inject the queued UDP datagrams and the late packets, release the
+                   hold minus what the source consumed, open the gate
+  migrate_abort    drop the hold, close everything silently, kill the gated instance
+  migrate_inject   re-inject stragglers forwarded from the source at commit
+
+Fault injection for the lab tests: if the file `<state_dir>/faults/<op>` exists when a
+step arrives, its content says what to do: `fail` (refuse the step), `die` (the agent
+exits at once, like a crash), `drop` (close the gateway connection without answering).
+The file is removed when it fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from clustercore.cutover import (DestCutover, SourceCutover, consumed_from_wire, consumed_to_wire,
+                                 packets_from_wire, packets_to_wire)
+from clustercore.errors import KernelError, LocalControlError, VipError
+from clustercore.packet import TCP, UDP
+from clustercore.protocol import require
+from clustercore.sockstate import ServiceSockets
+
+from . import pidfd, services, tcprepair, udphandoff
+
+log = logging.getLogger("vipcluster.migrate")
+
+REINJECT_MARK = 0x7669
+ROLE_GRACE_S = 5.0
+QUIESCE_TIMEOUT_S = 2.0
+SYN_RECV_WAIT_S = 0.5
+
+
+@dataclass
+class SourceSide:
+    cut: SourceCutover
+    rs: services.RunningService | None = None
+    conns: list[socket.socket] = field(default_factory=list)  # our copies, dumped (repair on)
+    udp_drained: list = field(default_factory=list)  # (socket, UdpSocketState)
+    frozen: bool = False
+    stopped: bool = False
+
+
+@dataclass
+class DestSide:
+    cut: DestCutover
+    bundle: ServiceSockets | None = None
+    socks: list[tuple[str, socket.socket]] = field(default_factory=list)
+    conns: list[socket.socket] = field(default_factory=list)
+    rs: services.RunningService | None = None
+    service: object = None
+    released: bool = False
+
+
+def _stat_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return "X"
+
+
+def _syn_recv_count(vip: str, ports: set[int]) -> int:
+    """Half-open handshakes (SYN_RECV) on VIP:port, from /proc/net/tcp."""
+    want = {f"{int.from_bytes(socket.inet_aton(vip), 'little'):08X}:{p:04X}" for p in ports}
+    n = 0
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if parts[3] == "03" and parts[1] in want:
+                    n += 1
+    except OSError:
+        return 0
+    return n
+
+
+def inject_ip_packets(packets: list[bytes]) -> int:
+    """Hand raw IPv4 packets (as captured) to the local stack, in order, via a raw socket.
+    They loop through `lo`, which the queue rule skips, so they reach the socket directly."""
+    if not packets:
+        return 0
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, REINJECT_MARK)
+        for p in packets:
+            if len(p) < 20 or p[0] >> 4 != 4:
+                continue
+            raw.sendto(p, (socket.inet_ntoa(p[16:20]), 0))
+    except OSError as e:
+        raise KernelError("inject raw packets", e.errno) from None
+    finally:
+        raw.close()
+    return len(packets)
+
+
+class MigrationAgent:
+    def __init__(self, agent) -> None:
+        self.agent = agent
+        self.sources: dict[str, SourceSide] = {}
+        self.dests: dict[str, DestSide] = {}
+        self.fault_dir = os.path.join(agent.config.state_dir, "faults")
+
+    def busy(self, name: str) -> bool:
+        return name in self.sources or name in self.dests
+
+    # --- dispatch --------------------------------------------------------------------
+    async def handle(self, msg: dict):
+        op = msg.get("op", "")
+        handler = getattr(self, "op_" + op.removeprefix("migrate_"), None) if op.startswith("migrate_") else None
+        if handler is None:
+            raise LocalControlError(f"unknown request '{op}'")
+        self._fault(op)
+        name = require(msg, "service")
+        t0 = time.monotonic()
+        result = await handler(name, msg)
+        log.info("%s %s done in %.1f ms", op, name, (time.monotonic() - t0) * 1000)
+        return result
+
+    def _fault(self, op: str) -> None:
+        path = os.path.join(self.fault_dir, op)
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            what = f.read().strip()
+        os.unlink(path)
+        log.warning("fault injection at %s: %s", op, what)
+        if what == "die":
+            os._exit(17)
+        if what == "drop":
+            if self.agent.rpc is not None:
+                self.agent.rpc.close()
+            raise LocalControlError(f"fault injected at {op}: connection dropped")
+        raise KernelError(op, None, "fault injected")
+
+    def _service(self, name: str):
+        s = next((s for s in self.agent.filter.services.values() if s.name == name), None)
+        if s is None:
+            raise LocalControlError(f"unknown service '{name}' on {self.agent.config.name}")
+        return s
+
+    def _later_remove_role(self, name: str, role) -> None:
+        def drop():
+            if self.agent.filter.roles.get(name) is role:
+                if isinstance(role, DestCutover) and role.skip_budget:
+                    asyncio.get_running_loop().call_later(ROLE_GRACE_S, drop)
+                    return
+                del self.agent.filter.roles[name]
+        asyncio.get_running_loop().call_later(ROLE_GRACE_S, drop)
+
+    # --- source ----------------------------------------------------------------------
+    async def op_arm(self, name: str, msg: dict):
+        if name in self.sources or name in self.dests:
+            raise LocalControlError(f"service '{name}' is already migrating on {self.agent.config.name}")
+        rs = self.agent.running.get(name)
+        if rs is None:
+            raise LocalControlError(f"service '{name}' does not run on {self.agent.config.name}")
+        cut = SourceCutover(require(msg, "epoch"))
+        self.sources[name] = SourceSide(cut, rs)
+        self.agent.filter.roles[name] = cut
+        return {}
+
+    async def _quiesce(self, rs: services.RunningService) -> None:
+        builtin = rs.service.exec_spec.startswith("builtin:")
+        os.kill(rs.pid, signal.SIGUSR1 if builtin else signal.SIGSTOP)
+        deadline = time.monotonic() + QUIESCE_TIMEOUT_S
+        while _stat_state(rs.pid) not in ("T", "t"):
+            if time.monotonic() > deadline:
+                raise KernelError("quiesce", None, f"service process {rs.pid} did not stop")
+            if _stat_state(rs.pid) in ("X", "Z"):
+                raise KernelError("quiesce", None, f"service process {rs.pid} exited")
+            await asyncio.sleep(0.001)
+
+    async def op_freeze(self, name: str, msg: dict):
+        side = self.sources.get(name)
+        if side is None:
+            raise LocalControlError(f"service '{name}' is not armed for migration here")
+        rs = side.rs
+        vip = self.agent.config.vip
+        tcp_ports = {p for proto, p in rs.service.ports if proto == TCP}
+        await self._quiesce(rs)
+        side.stopped = True
+        # a half-open handshake cannot move; new SYNs are held by the cutover, so wait
+        deadline = time.monotonic() + SYN_RECV_WAIT_S
+        while tcp_ports and _syn_recv_count(vip, tcp_ports) and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        # ---- from here on synchronous: no packet is decided while we dump ----
+        consumed = side.cut.freeze(time.monotonic())
+        side.frozen = True
+        listeners = [(n, s) for n, s in rs.sockets if s.type == socket.SOCK_STREAM]
+        udp_socks = [(n, s) for n, s in rs.sockets if s.type == socket.SOCK_DGRAM]
+        conns, names = [], []
+        for lname, ls in listeners:  # connections still waiting in the accept queue
+            ls.setblocking(False)
+            while True:
+                try:
+                    c, _ = ls.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                conns.append(c)
+                names.append(f"conn-{ls.getsockname()[1]}")
+        for fd, s in pidfd.take_sockets(rs.pid).items():
+            try:
+                ok = (s.type == socket.SOCK_STREAM and s.family == socket.AF_INET
+                      and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                      and s.getsockname()[0] == vip and s.getsockname()[1] in tcp_ports)
+            except OSError:
+                ok = False
+            if ok:
+                conns.append(s)
+                names.append(f"conn-{s.getsockname()[1]}")
+            else:
+                s.close()
+        states = tcprepair.dump_many(conns, names)
+        side.conns = conns
+        listener_states = [tcprepair.dump_listener(s, n) for n, s in listeners]
+        udp_states = []
+        for n, s in udp_socks:
+            st = udphandoff.drain_udp(s, n)
+            side.udp_drained.append((s, st))
+            udp_states.append(st)
+        bundle = ServiceSockets(service=name, listeners=tuple(listener_states),
+                                connections=tuple(states), udp=tuple(udp_states))
+        late = [h.get_payload() for h in side.cut.hand_over_late()]
+        wire = bundle.to_dict()
+        wire["app_state"] = self._read_app_state(rs)
+        totals = bundle.totals
+        return {
+            "consumed": consumed_to_wire(consumed),
+            "late_packets": packets_to_wire(late),
+            "sockets": wire,
+            "tcp_established": totals["connections"],
+            "tcp_listening": totals["listeners"],
+            "udp_sockets": totals["udp_sockets"],
+            "bytes_moved": totals["queued_bytes"],
+        }
+
+    def _read_app_state(self, rs) -> str | None:
+        path = services.state_file(self.agent.log_dir, rs.service.name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            os.unlink(path)
+            return base64.b64encode(data).decode()
+        except FileNotFoundError:
+            return None
+
+    async def op_commit(self, name: str, msg: dict):
+        side = self.sources.pop(name, None)
+        if side is None:
+            return {"late_packets": []}
+        plan = side.cut.commit()
+        for h in plan.drop:
+            h.drop()
+        forward = [h.get_payload() for h in plan.forward]
+        tcprepair.close_many(side.conns)
+        rs = side.rs
+        self.agent.running.pop(name, None)
+        try:
+            os.killpg(rs.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        rs.process.wait(2.0)
+        for _, s in rs.sockets:
+            s.close()
+        self._later_remove_role(name, side.cut)
+        return {"late_packets": packets_to_wire(forward)}
+
+    async def op_rollback(self, name: str, msg: dict):
+        side = self.sources.pop(name, None)
+        if side is None:
+            return {}
+        for s in side.conns:
+            tcprepair.unrepair(s)
+            s.close()  # our copy only: the process keeps its own descriptor
+        for s, st in side.udp_drained:  # the datagrams we read go back first, in order
+            udphandoff.reinject(st.datagrams, st.local[0], st.local[1], REINJECT_MARK)
+        if side.stopped and side.rs is not None:
+            try:
+                os.killpg(side.rs.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        for h in side.cut.rollback():
+            h.accept()
+        self._later_remove_role(name, side.cut)
+        return {}
+
+    # --- destination -----------------------------------------------------------------
+    async def op_prepare(self, name: str, msg: dict):
+        if name in self.sources or name in self.dests:
+            raise LocalControlError(f"service '{name}' is already migrating on {self.agent.config.name}")
+        if name in self.agent.running:
+            raise LocalControlError(f"service '{name}' already runs on {self.agent.config.name}")
+        service = self._service(name)
+        cut = DestCutover(require(msg, "epoch"))
+        self.dests[name] = DestSide(cut, service=service)
+        self.agent.filter.roles[name] = cut
+        return {}
+
+    async def op_restore(self, name: str, msg: dict):
+        side = self.dests.get(name)
+        if side is None:
+            raise LocalControlError(f"service '{name}' is not prepared for migration here")
+        wire = dict(require(msg, "sockets", dict))
+        app_state = wire.pop("app_state", None)
+        try:
+            bundle = ServiceSockets.from_dict(wire)
+        except ValueError as e:
+            raise LocalControlError(f"bad socket state: {e}") from None
+        side.bundle = bundle
+        try:
+            for st in bundle.listeners:
+                side.socks.append((st.name or f"tcp-{st.local[1]}", tcprepair.open_listener(st)))
+            for st in bundle.udp:
+                side.socks.append((st.name or f"udp-{st.local[1]}", udphandoff.open_udp(st)))
+            side.conns = tcprepair.restore_many(bundle.connections)
+            fds = side.socks + [(st.name or f"conn-{st.local[1]}", s)
+                                for st, s in zip(bundle.connections, side.conns)]
+            env = {}
+            if app_state:
+                path = services.state_file(self.agent.log_dir, name) + ".in"
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(base64.b64decode(app_state))
+                env["VIPCLUSTER_STATE_IN"] = path
+            side.rs = services.spawn(side.service, fds, self.agent.log_dir, env, gated=True)
+        except BaseException:
+            self._discard_dest(side)
+            raise
+        # our copies of the connections are no longer needed: the gated process has them;
+        # we keep the listeners and UDP sockets, as for any service we run
+        for s in side.conns:
+            s.close()
+        side.conns = []
+        side.rs.sockets = list(side.socks)
+        return {}
+
+    async def op_release(self, name: str, msg: dict):
+        side = self.dests.get(name)
+        if side is None or side.rs is None:
+            raise LocalControlError(f"service '{name}' is not restored here")
+        reinjected = 0
+        for (_, s), st in zip([x for x in side.socks if x[1].type == socket.SOCK_DGRAM], side.bundle.udp):
+            reinjected += udphandoff.reinject(st.datagrams, st.local[0], st.local[1], REINJECT_MARK)
+        reinjected += inject_ip_packets(list(packets_from_wire(msg.get("late_packets", []))))
+        plan = side.cut.release(consumed_from_wire(require(msg, "consumed", list)), time.monotonic())
+        for h in plan.drop:
+            h.drop()
+        for h in plan.accept:
+            h.accept()
+        services.open_gate(side.rs)
+        side.released = True
+        # the new instance is a normal running service from now on
+        self.agent.running[name] = side.rs
+        self.agent.restarts[name] = 0
+        self.dests.pop(name, None)
+        self._later_remove_role(name, side.cut)
+        st = side.cut.stats()
+        return {"held": st.held, "released": st.released, "duplicates_suppressed": st.duplicates_suppressed,
+                "reinjected": reinjected, "lost": 0, "freeze_ms": round(st.freeze_ms, 3)}
+
+    async def op_abort(self, name: str, msg: dict):
+        side = self.dests.pop(name, None)
+        if side is None:
+            return {}
+        for h in side.cut.abort():
+            h.drop()
+        self._discard_dest(side)
+        if self.agent.filter.roles.get(name) is side.cut:
+            del self.agent.filter.roles[name]
+        return {}
+
+    def _discard_dest(self, side: DestSide) -> None:
+        if side.rs is not None:
+            try:
+                os.killpg(side.rs.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            side.rs.process.wait(2.0)
+            services.close_gate(side.rs)
+        tcprepair.close_many(side.conns)  # silently, whatever state they are in
+        side.conns = []
+        for _, s in side.socks:
+            s.close()
+        side.socks = []
+
+    async def op_inject(self, name: str, msg: dict):
+        n = inject_ip_packets(list(packets_from_wire(msg.get("packets", []))))
+        return {"injected": n}
+
+    def abort_all(self, why: str) -> None:
+        for name in list(self.dests):
+            side = self.dests.pop(name)
+            for h in side.cut.abort():
+                h.drop()
+            self._discard_dest(side)
+        for name, side in list(self.sources.items()):
+            # leave the old instance running where it was
+            for s in side.conns:
+                try:
+                    tcprepair.unrepair(s)
+                except VipError:
+                    pass
+            if side.stopped and side.rs is not None:
+                try:
+                    os.killpg(side.rs.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            for h in side.cut.rollback():
+                h.accept()
+        self.sources.clear()
+

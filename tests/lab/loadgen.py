@@ -1,0 +1,203 @@
+"""Live load against the VIP from the client namespace, with exact accounting.
+
+    loadgen.py HOST --tcp-port 7 --conns 50 --udp-port 7 --kv-port 6379 --duration 10
+               [--rate 50] [--udp-rate 500] [--ready-file F] [--stop-file F]
+
+TCP: N connections each send numbered lines (`c<conn> m<seq>\n`) at --rate per second and
+check that every echo comes back exactly once and in order. UDP: numbered datagrams at
+--udp-rate per second; every answer is counted. kv: one connection SETs key<i> and GETs it
+back, all along. Connection resets are counted. The run ends after --duration seconds or
+when --stop-file appears; then it waits for the last answers and prints one JSON object.
+It also reports the namespace's TCP retransmission counter (RetransSegs) before and after.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import time
+
+
+def retrans_segs() -> int:
+    with open("/proc/net/snmp") as f:
+        lines = [l.split() for l in f if l.startswith("Tcp:")]
+    head, vals = lines[0], lines[1]
+    return int(vals[head.index("RetransSegs")])
+
+
+class Stats:
+    def __init__(self):
+        self.tcp_sent = self.tcp_ok = self.tcp_bad = self.resets = self.tcp_errors = 0
+        self.udp_sent = 0
+        self.udp_answers: dict[int, int] = {}
+        self.kv_set = self.kv_ok = self.kv_bad = 0
+        self.max_rtt_ms = 0.0
+        self.errors: list[str] = []
+
+
+async def tcp_conn(host, port, idx, rate, stop, st: Stats):
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError as e:
+        st.tcp_errors += 1
+        st.errors.append(f"conn {idx}: connect: {e}")
+        return
+    seq = 0
+    expected = 0
+    sent_at: dict[int, float] = {}
+
+    async def read_loop():
+        nonlocal expected
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            want = b"c%d m%d\n" % (idx, expected)
+            if line == want:
+                st.tcp_ok += 1
+                rtt = (time.monotonic() - sent_at.pop(expected, time.monotonic())) * 1000
+                st.max_rtt_ms = max(st.max_rtt_ms, rtt)
+            else:
+                st.tcp_bad += 1
+                if len(st.errors) < 20:
+                    st.errors.append(f"conn {idx}: expected {want!r}, got {line!r}")
+            expected += 1
+
+    rt = asyncio.ensure_future(read_loop())
+    try:
+        interval = 1.0 / rate
+        while not stop.is_set():
+            sent_at[seq] = time.monotonic()
+            writer.write(b"c%d m%d\n" % (idx, seq))
+            seq += 1
+            st.tcp_sent += 1
+            await writer.drain()
+            await asyncio.sleep(interval)
+        # wait for the echoes of everything we sent
+        deadline = time.monotonic() + 5.0
+        while expected < seq and time.monotonic() < deadline and not rt.done():
+            await asyncio.sleep(0.02)
+    except ConnectionResetError:
+        st.resets += 1
+    except OSError as e:
+        st.tcp_errors += 1
+        st.errors.append(f"conn {idx}: {e}")
+    finally:
+        rt.cancel()
+        try:
+            await rt
+        except ConnectionResetError:
+            st.resets += 1
+        except (asyncio.CancelledError, OSError):
+            pass
+        writer.close()
+
+
+class UdpProto(asyncio.DatagramProtocol):
+    def __init__(self, st):
+        self.st = st
+
+    def datagram_received(self, data, addr):
+        try:
+            n = int(data.split(b" ")[1])
+        except (IndexError, ValueError):
+            return
+        self.st.udp_answers[n] = self.st.udp_answers.get(n, 0) + 1
+
+    def error_received(self, exc):
+        self.st.errors.append(f"udp: {exc}")
+
+
+async def udp_stream(host, port, rate, stop, st: Stats):
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(lambda: UdpProto(st), remote_addr=(host, port))
+    interval = 1.0 / rate
+    try:
+        while not stop.is_set():
+            transport.sendto(b"udp %d" % st.udp_sent)
+            st.udp_sent += 1
+            await asyncio.sleep(interval)
+        await asyncio.sleep(1.5)
+    finally:
+        transport.close()
+
+
+async def kv_loop(host, port, stop, st: Stats):
+    reader, writer = await asyncio.open_connection(host, port)
+    i = 0
+    try:
+        while not stop.is_set():
+            writer.write(b"SET key%d value%d\n" % (i, i))
+            await writer.drain()
+            st.kv_set += (await reader.readline()) == b"OK\n"
+            j = i // 2
+            writer.write(b"GET key%d\n" % j)
+            await writer.drain()
+            if await reader.readline() == b"value%d\n" % j:
+                st.kv_ok += 1
+            else:
+                st.kv_bad += 1
+            i += 1
+            await asyncio.sleep(0.01)
+        # every key ever written must still be there
+        for j in range(i):
+            writer.write(b"GET key%d\n" % j)
+        await writer.drain()
+        for j in range(i):
+            if await reader.readline() == b"value%d\n" % j:
+                st.kv_ok += 1
+            else:
+                st.kv_bad += 1
+    except ConnectionResetError:
+        st.resets += 1
+    finally:
+        writer.close()
+
+
+async def main(a):
+    st = Stats()
+    stop = asyncio.Event()
+    r0 = retrans_segs()
+    tasks = []
+    for i in range(a.conns):
+        tasks.append(asyncio.ensure_future(tcp_conn(a.host, a.tcp_port, i, a.rate, stop, st)))
+    if a.udp_port:
+        tasks.append(asyncio.ensure_future(udp_stream(a.host, a.udp_port, a.udp_rate, stop, st)))
+    if a.kv_port:
+        tasks.append(asyncio.ensure_future(kv_loop(a.host, a.kv_port, stop, st)))
+    await asyncio.sleep(0.5)
+    if a.ready_file:
+        open(a.ready_file, "w").close()
+    t_end = time.monotonic() + a.duration
+    while time.monotonic() < t_end and not (a.stop_file and os.path.exists(a.stop_file)):
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    n = st.udp_sent
+    once = sum(1 for i in range(n) if st.udp_answers.get(i) == 1)
+    print(json.dumps({
+        "tcp_conns": a.conns, "tcp_sent": st.tcp_sent, "tcp_ok": st.tcp_ok, "tcp_bad": st.tcp_bad,
+        "tcp_missing": st.tcp_sent - st.tcp_ok - st.tcp_bad, "resets": st.resets, "tcp_errors": st.tcp_errors,
+        "udp_sent": n, "udp_answered_once": once,
+        "udp_duplicated": sum(1 for v in st.udp_answers.values() if v > 1),
+        "udp_missing": sum(1 for i in range(n) if i not in st.udp_answers),
+        "kv_set": st.kv_set, "kv_ok": st.kv_ok, "kv_bad": st.kv_bad,
+        "max_rtt_ms": round(st.max_rtt_ms, 2), "retrans_segs": retrans_segs() - r0,
+        "errors": st.errors[:10],
+    }))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("host")
+    p.add_argument("--tcp-port", type=int, default=7)
+    p.add_argument("--conns", type=int, default=50)
+    p.add_argument("--rate", type=float, default=20.0)
+    p.add_argument("--udp-port", type=int, default=0)
+    p.add_argument("--udp-rate", type=float, default=200.0)
+    p.add_argument("--kv-port", type=int, default=0)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--ready-file")
+    p.add_argument("--stop-file")
+    asyncio.run(main(p.parse_args()))
