@@ -58,8 +58,8 @@ class NodeConfig:
     queue_num: int = 0
     queue_maxlen: int = 65536
     state_dir: str = DEFAULT_STATE_DIR
-    # fail-closed: packets for the VIP are dropped while no shim is bound to the queue
-    extra: dict[str, Any] = field(default_factory=dict)
+    # the interface facing the gateway: the agent turns GRO off on it (see nodeshim.netlink)
+    cluster_interface: str | None = None
 
 
 # --- field readers -------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
     _check_known(
         d,
         {"name", "vip", "gateway_address", "gateway_port", "key_file", "queue_num",
-         "queue_maxlen", "state_dir"},
+         "queue_maxlen", "state_dir", "cluster_interface"},
         source,
     )
     return NodeConfig(
@@ -185,4 +185,6 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         queue_num=_int(d, "queue_num", source, 0, 65535, 0),
         queue_maxlen=_int(d, "queue_maxlen", source, 64, 1 << 20, 65536),
         state_dir=_str(d, "state_dir", source, default=DEFAULT_STATE_DIR, what="a path"),
+        cluster_interface=(_str(d, "cluster_interface", source, pattern=_IFNAME_RE, what="an interface name")
+                           if "cluster_interface" in d else None),
     )

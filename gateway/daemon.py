@@ -202,7 +202,8 @@ class Gateway:
             return
         wanted = [s.to_dict() for s in self.table if s.owner == node]
         try:
-            await session.rpc.request("reconcile", timeout=AGENT_TIMEOUT, services=wanted)
+            await session.rpc.request("reconcile", timeout=AGENT_TIMEOUT, services=wanted,
+                                      migrating=sorted(self.controller.book.running) if self.controller else [])
         except VipError as e:
             log.warning("reconcile on %s failed: %s", node, e)
         await self.push_table()

@@ -49,6 +49,8 @@ class NodeAgent:
     def prepare_kernel(self) -> None:
         """Netlink set-up, synchronous, before the event loop starts."""
         netlink.set_sysctls(netlink.ARP_SYSCTLS)
+        if self.config.cluster_interface:
+            netlink.disable_receive_offloads(self.config.cluster_interface)
         self._vip_added = netlink.add_vip(self.config.vip)
 
     def cleanup_kernel(self) -> None:
@@ -155,6 +157,9 @@ class NodeAgent:
             self._load_table(msg)
             return None
         if op == "reconcile":
+            if self.migrations is not None:
+                # a migration the gateway no longer runs (we lost the link mid-way) is over
+                self.migrations.forget_except(set(msg.get("migrating", [])))
             return self.reconcile([Service.from_dict(d) for d in require(msg, "services", list)])
         if op == "service.start":
             return self.start_service(Service.from_dict(require(msg, "service", dict)))

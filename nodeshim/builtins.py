@@ -27,6 +27,9 @@ import socket
 import sys
 
 
+OUTBUF_LIMIT = 256 * 1024
+
+
 def listen_fds() -> list[tuple[str, socket.socket]]:
     if os.environ.get("LISTEN_PID") not in (None, str(os.getpid())):
         return []
@@ -143,8 +146,10 @@ class Server:
             except OSError:
                 return self._close(c)
             del buf[:n]
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if buf else 0)
-        self.sel.modify(c, events, self.on_conn)
+        # back-pressure: stop reading while we owe the client too much, so a client that
+        # does not read fills our socket queues instead of our memory
+        events = (selectors.EVENT_READ if len(buf) < OUTBUF_LIMIT else 0) | (selectors.EVENT_WRITE if buf else 0)
+        self.sel.modify(c, events or selectors.EVENT_WRITE, self.on_conn)
 
     def _close(self, c: socket.socket) -> None:
         self.sel.unregister(c)
@@ -223,7 +228,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     gate = os.environ.get("VIPCLUSTER_GATE_FD")
     if gate:
-        os.read(int(gate), 1)  # wait until the agent lets us serve
+        if not os.read(int(gate), 1):  # wait until the agent lets us serve
+            # the agent went away before the release: the migration did not happen here;
+            # our sockets are still in repair mode, so exiting closes them silently
+            return 0
         os.close(int(gate))
     for name, s in socks:
         server.add(name, s)

@@ -273,6 +273,9 @@ class MigrationAgent:
             return None
 
     async def op_commit(self, name: str, msg: dict):
+        return self._commit_source(name)
+
+    def _commit_source(self, name: str) -> dict:
         side = self.sources.pop(name, None)
         if side is None:
             return {"late_packets": []}
@@ -340,7 +343,9 @@ class MigrationAgent:
                 side.socks.append((st.name or f"tcp-{st.local[1]}", tcprepair.open_listener(st)))
             for st in bundle.udp:
                 side.socks.append((st.name or f"udp-{st.local[1]}", udphandoff.open_udp(st)))
-            side.conns = tcprepair.restore_many(bundle.connections)
+            # stay in repair mode until release: nothing leaves this node before the
+            # point of no return, and if we die the sockets close without a packet
+            side.conns = tcprepair.restore_many(bundle.connections, thaw=False)
             fds = side.socks + [(st.name or f"conn-{st.local[1]}", s)
                                 for st, s in zip(bundle.connections, side.conns)]
             env = {}
@@ -354,11 +359,7 @@ class MigrationAgent:
         except BaseException:
             self._discard_dest(side)
             raise
-        # our copies of the connections are no longer needed: the gated process has them;
         # we keep the listeners and UDP sockets, as for any service we run
-        for s in side.conns:
-            s.close()
-        side.conns = []
         side.rs.sockets = list(side.socks)
         return {}
 
@@ -366,6 +367,11 @@ class MigrationAgent:
         side = self.dests.get(name)
         if side is None or side.rs is None:
             raise LocalControlError(f"service '{name}' is not restored here")
+        # out of repair mode first: a socket in repair mode discards what it receives
+        tcprepair.thaw_many(side.conns, side.bundle.connections)
+        for s in side.conns:
+            s.close()  # the new instance holds its own descriptors
+        side.conns = []
         reinjected = 0
         for (_, s), st in zip([x for x in side.socks if x[1].type == socket.SOCK_DGRAM], side.bundle.udp):
             reinjected += udphandoff.reinject(st.datagrams, st.local[0], st.local[1], REINJECT_MARK)
@@ -415,13 +421,30 @@ class MigrationAgent:
         n = inject_ip_packets(list(packets_from_wire(msg.get("packets", []))))
         return {"injected": n}
 
-    def abort_all(self, why: str) -> None:
-        for name in list(self.dests):
+    def forget_except(self, running: set[str]) -> None:
+        """After a reconnection: end (abort / roll back) every migration the gateway does
+        not run any more. The registry's owner already says who won."""
+        self.abort_all("the gateway no longer runs this migration", keep=running)
+
+    def abort_all(self, why: str, keep: set[str] = frozenset()) -> None:
+        for name in [n for n in self.dests if n not in keep]:
+            log.warning("aborting the migration of %s here: %s", name, why)
             side = self.dests.pop(name)
             for h in side.cut.abort():
                 h.drop()
             self._discard_dest(side)
         for name, side in list(self.sources.items()):
+            if name in keep:
+                continue
+            if side.cut.phase == "committed":
+                continue
+            svc = self.agent.filter.services.get(name)
+            if side.frozen and svc is not None and svc.owner != self.agent.config.name:
+                # the registry already names the new owner: the migration went forward
+                log.warning("committing the migration of %s here (owner is %s): %s", name, svc.owner, why)
+                self._commit_source(name)
+                continue
+            log.warning("rolling back the migration of %s here: %s", name, why)
             # leave the old instance running where it was
             for s in side.conns:
                 try:
@@ -433,7 +456,12 @@ class MigrationAgent:
                     os.killpg(side.rs.pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
+            for s, st in side.udp_drained:
+                try:
+                    udphandoff.reinject(st.datagrams, st.local[0], st.local[1], REINJECT_MARK)
+                except VipError:
+                    pass
             for h in side.cut.rollback():
                 h.accept()
-        self.sources.clear()
+            del self.sources[name]
 

@@ -48,3 +48,22 @@ def remove_vip(vip: str) -> None:
         except NetlinkError as e:
             if e.code not in (99, 19, 2):  # EADDRNOTAVAIL, ENODEV, ENOENT
                 raise KernelError("remove VIP from lo", e.code) from None
+
+
+def disable_receive_offloads(ifname: str) -> None:
+    """Turn GRO/LRO off on the cluster-facing interface.
+
+    The migration cutover reads each packet's epoch from its link-layer source address
+    (the gateway writes it). GRO merges frames into one large skb, and when netfilter's
+    queue splits it again the pieces carry no link-layer header, so their epoch is lost.
+    With GRO off every queued packet is one frame with its own source MAC. (ethtool's
+    feature API is not in pyroute2's stable surface; the ethtool command is.)
+    """
+    import subprocess
+
+    proc = subprocess.run(["ethtool", "-K", ifname, "gro", "off", "lro", "off"], capture_output=True)
+    if proc.returncode not in (0,):
+        # LRO is often fixed off; retry GRO alone before giving up
+        proc = subprocess.run(["ethtool", "-K", ifname, "gro", "off"], capture_output=True)
+        if proc.returncode != 0:
+            raise KernelError(f"ethtool -K {ifname} gro off", None, proc.stderr.decode(errors="replace").strip())

@@ -432,7 +432,7 @@ def restore_tcp(state: TcpConnState, netns_fd: int | str | None = None) -> socke
 
 
 def restore_many(
-    states: Sequence[TcpConnState], netns_fd: int | str | None = None
+    states: Sequence[TcpConnState], netns_fd: int | str | None = None, thaw: bool = True
 ) -> list[socket.socket]:
     """Restore all connections, or none.
 
@@ -440,6 +440,9 @@ def restore_many(
     only when all of them succeeded is repair mode turned off for each. A failure in the
     first phase discards every socket silently, so the caller can roll back cleanly. The
     namespace is entered once for all the sockets.
+
+    thaw=False leaves them in repair mode (nothing is sent, and closing them stays silent,
+    even if the process holding them dies): call `thaw_many` when traffic may flow.
     """
     for st in states:
         _check_restorable(st)
@@ -450,8 +453,9 @@ def restore_many(
                 socks.append(_new_socket(st))
         for sock, st in zip(socks, states):
             _restore_frozen(sock, st)
-        for sock, st in zip(socks, states):
-            _thaw(sock, st)
+        if thaw:
+            for sock, st in zip(socks, states):
+                _thaw(sock, st)
     except BaseException:
         for sock in socks:
             _discard(sock)
@@ -460,6 +464,13 @@ def restore_many(
 
 
 # ---------------------------------------------------------------- after the dump
+
+
+def thaw_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) -> None:
+    """Take sockets restored with thaw=False out of repair mode (window probe, then the
+    never-sent tail), in order."""
+    for sock, st in zip(socks, states):
+        _thaw(sock, st)
 
 
 def _repair_off_quietly(sock: socket.socket) -> None:

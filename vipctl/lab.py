@@ -122,6 +122,13 @@ def _build_links(lab: Lab) -> None:
             n.route("add", dst="default", gateway=f"{CLUSTER_NET}.1")
 
 
+def _wire_like_client(lab: Lab) -> None:
+    """A veth hands the client's TSO super-packets along unsegmented; a real wire carries
+    MTU-sized frames. Turn segmentation offload off on the client's side so the lab's
+    gateway sees what a real one sees."""
+    exec_in(lab.client_ns, ["ethtool", "-K", "eth0", "tso", "off", "gso", "off"], capture_output=True, check=False)
+
+
 def _write_configs(lab: Lab) -> dict[str, str]:
     os.makedirs(lab.state_dir, mode=0o700, exist_ok=True)
     generate_key(lab.key_file)
@@ -145,7 +152,7 @@ def _write_configs(lab: Lab) -> dict[str, str]:
             f'# written by `vipctl lab up` for the lab "{lab.prefix}"\n'
             f'name = "{name}"\nvip = "{VIP}"\ngateway_address = "{CLUSTER_NET}.1"\n'
             f'gateway_port = 7400\nkey_file = "{lab.key_file}"\nqueue_num = 0\n'
-            f'state_dir = "{lab.state_dir}/{name}"\n'
+            f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
         )
         paths[name] = os.path.join(lab.state_dir, f"{name}.toml")
         with open(paths[name], "w") as f:
@@ -194,6 +201,7 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
     shutil.rmtree(lab.state_dir, ignore_errors=True)
     try:
         _build_links(lab)
+        _wire_like_client(lab)
         log(f"namespaces: {', '.join(lab.namespaces)}")
         paths = _write_configs(lab)
         pids = {"gateway": _spawn_daemon(lab, lab.gw_ns, ["gateway", "run", "--config", paths["gateway"]], "gateway")}
@@ -251,6 +259,22 @@ def _wait_nodes(lab: Lab, timeout: float) -> None:
         _check_alive(lab)
         time.sleep(0.1)
     raise LocalControlError(f"not every node agent came up within {timeout:g}s; see {lab.state_dir}/logs/")
+
+
+def restart_node(lab: Lab, k: int, timeout: float = 30.0) -> int:
+    """(Re)start node k's agent, e.g. after a crash test; returns its new PID."""
+    name = lab.node_name(k)
+    with open(_pids_file(lab)) as f:
+        pids = json.load(f)
+    old = pids.get(name)
+    if old:
+        _stop_pid(old)
+    pids[name] = _spawn_daemon(lab, lab.node_ns(k), ["node", "run", "--config",
+                                                     os.path.join(lab.state_dir, f"{name}.toml")], name)
+    with open(_pids_file(lab), "w") as f:
+        json.dump(pids, f)
+    _wait_nodes(lab, timeout)
+    return pids[name]
 
 
 def _stop_pid(pid: int, timeout: float = 5.0) -> None:
