@@ -166,6 +166,16 @@ class Controller:
         # let the last messages (commit/inject/abort) go out before we report
         if tasks:
             await asyncio.wait(list(tasks), timeout=5.0)
+        if finished.outcome == "rolled_back":
+            # a node that lost its link during the rollback may have come back since: tell
+            # both again (the steps are idempotent), so no half-done migration lingers
+            for node, op in ((dest, "migrate_abort"), (source, "migrate_rollback")):
+                session = gw.agents.get(node)
+                if session is not None:
+                    try:
+                        await session.rpc.request(op, timeout=5.0, service=name, epoch=nft.epoch_mac(new_epoch))
+                    except VipError as e:
+                        log.warning("final %s on %s: %s", op, node, e)
         report = finished.report.as_dict()
         report["total_ms"] = report.get("total_ms") or round((time.time() - started) * 1000, 2)
         await gw.push_table()

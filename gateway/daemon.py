@@ -196,6 +196,12 @@ class Gateway:
 
     async def _after_join(self, node: str) -> None:
         """Tell a (re)joined node which services it must run; refresh everyone's anchor."""
+        try:
+            await self._reconcile(node)
+        except Exception:  # a bug: log it, never lose it in an unawaited task
+            log.exception("after %s joined", node)
+
+    async def _reconcile(self, node: str) -> None:
         await asyncio.sleep(0)
         session = self.agents.get(node)
         if session is None:
@@ -203,7 +209,7 @@ class Gateway:
         wanted = [s.to_dict() for s in self.table if s.owner == node]
         try:
             await session.rpc.request("reconcile", timeout=AGENT_TIMEOUT, services=wanted,
-                                      migrating=sorted(self.controller.book.running) if self.controller else [])
+                                      migrating=sorted(self.controller.book.running()) if self.controller else [])
         except VipError as e:
             log.warning("reconcile on %s failed: %s", node, e)
         await self.push_table()

@@ -328,12 +328,16 @@ def down(lab: Lab, log=print) -> dict:
             os.unlink(lab.control_socket)
         except OSError:
             pass
-    for entry in ("gateway", "pids.json", "cluster.key") + tuple(f"n{k}" for k in range(1, 33)):
-        p = os.path.join(lab.state_dir, entry)
-        if os.path.isdir(p):
-            shutil.rmtree(p, ignore_errors=True)
-        elif os.path.exists(p):
-            os.unlink(p)
+    if lab.prefix == "vip":
+        # the operator's lab keeps its logs for a post-mortem (removed by the next `lab up`)
+        for entry in ("gateway", "pids.json", "cluster.key") + tuple(f"n{k}" for k in range(1, 33)):
+            p = os.path.join(lab.state_dir, entry)
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.exists(p):
+                os.unlink(p)
+    else:
+        shutil.rmtree(lab.state_dir, ignore_errors=True)
     log(f"lab '{lab.prefix}' is down: stopped {', '.join(stopped) or 'nothing'}; "
         f"removed namespaces {', '.join(removed) or 'none'}" + (f"; ended {len(leftovers)} stray processes" if leftovers else ""))
     return {"stopped": stopped, "namespaces_removed": removed, "stray_processes": leftovers}

@@ -104,5 +104,64 @@ def main(argv):
     print(json.dumps(fn(host, port, *map(int, argv[3:]))))
 
 
+
+
+
+def bulk_echo(host, port, nbytes, ready_file, go_file):
+    """Fill both directions: send without reading until the kernel stops us, say how much,
+    wait for go_file, then read everything back and check it byte for byte."""
+    import os
+    pattern = bytes(range(256)) * 256
+    s = socket.create_connection((host, port), timeout=10)
+    s.setblocking(False)
+    sent = 0
+    deadline = time.time() + 10
+    stalled_since = None
+    while sent < nbytes and time.time() < deadline:
+        try:
+            chunk = pattern[sent % 256: sent % 256 + 65536]
+            n = s.send(chunk[: nbytes - sent])
+            sent += n
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.time()
+            if time.time() - stalled_since > 1.0:
+                break  # both directions are full
+            time.sleep(0.01)
+    with open(ready_file, "w") as f:
+        f.write(str(sent))
+    while not os.path.exists(go_file) and time.time() < deadline + 60:
+        time.sleep(0.02)
+    s.setblocking(True)
+    s.settimeout(10)
+    # send a little more after the migration, then read all of it back
+    tail = b"after-migration" * 100
+    s.sendall(tail)
+    expect = (pattern * (sent // len(pattern) + 2))[:0]  # placeholder, built below
+    want_len = sent + len(tail)
+    got = bytearray()
+    while len(got) < want_len:
+        data = s.recv(1 << 20)
+        if not data:
+            break
+        got += data
+    s.close()
+    expect = bytearray()
+    while len(expect) < sent:
+        expect += pattern[len(expect) % 256: len(expect) % 256 + 65536][: sent - len(expect)]
+    expect += tail
+    same = bytes(got) == bytes(expect)
+    first_diff = next((i for i in range(min(len(got), len(expect))) if got[i] != expect[i]), None) if not same else None
+    return {"sent": sent, "received": len(got), "expected": len(expect), "byte_exact": same, "first_diff": first_diff}
+
+
+def _main2(argv):  # noqa: E302
+    if argv and argv[0] == "bulk-echo":
+        print(json.dumps(bulk_echo(argv[1], int(argv[2]), int(argv[3]), argv[4], argv[5])))
+        return True
+    return False
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if not _main2(sys.argv[1:]):
+        main(sys.argv[1:])
