@@ -2,7 +2,11 @@
 
 Builds the lab, adds `echo` (tcp:7, udp:7) on n1 and `kv` (tcp:6379) on n2, talks to
 them through the VIP with real clients from vip-client (nc over TCP and UDP, a kv
-session), prints the status table, and takes the lab down again (always).
+session, ping), then puts live load on both (50 TCP connections of numbered messages, a
+UDP stream of numbered datagrams, a kv session) and migrates echo n1 -> n2 -> n3 and kv
+n2 -> n1 while it runs, prints each migration report and the clients' own accounting
+(lost, duplicated, resets, retransmissions), the status table, and takes the lab down
+again (always).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ def _client(lab: labmod.Lab, argv: list[str], data: bytes, timeout: float = 10.0
 
 def run_demo(nodes: int = 3, keep: bool = False) -> None:
     lab = labmod.Lab("vip", nodes)
+    if labmod.is_up(lab):
+        from clustercore.errors import LocalControlError
+
+        raise LocalControlError("a lab is already up; the demo builds its own: run 'vipctl lab down' first")
     click.echo(f"== vipctl lab up --nodes {nodes}")
     labmod.up(lab, log=click.echo)
     sock = lab.control_socket
@@ -48,6 +56,51 @@ def run_demo(nodes: int = 3, keep: bool = False) -> None:
         click.echo(f"== (vip-client) ping -c 2 {vip}")
         r = labmod.exec_in(lab.client_ns, ["ping", "-c", "2", "-W", "1", vip], capture_output=True, timeout=10)
         click.echo((r.stdout.decode().strip().splitlines() or ["(ping not installed)"])[-2])
+
+        click.echo("\n== live load from vip-client: 50 TCP connections (numbered messages), a UDP stream,"
+                   " a kv session; migrations while it runs")
+        import json
+        import os
+        import sys
+        import tempfile
+        import time
+
+        from .cli import render_report
+
+        tmp = tempfile.mkdtemp(prefix="vipctl-demo-")
+        stop = os.path.join(tmp, "stop")
+        ready = os.path.join(tmp, "ready")
+        load = labmod.popen_in(lab.client_ns, [sys.executable, "-m", "vipctl.loadgen", vip, "--conns", "50",
+                                               "--udp-port", "7", "--kv-port", "6379", "--duration", "60",
+                                               "--ready-file", ready, "--stop-file", stop],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.time() + 20
+            while not os.path.exists(ready) and load.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            for name, dest in (("echo", "n2"), ("kv", "n1"), ("echo", "n3")):
+                time.sleep(1.0)
+                click.echo(f"\n== vipctl migrate {name} --to {dest}")
+                t0 = time.monotonic()
+                report = call("migrate", sock, timeout=120.0, name=name, to=dest,
+                              on_progress=lambda m: click.echo(
+                                  f"  [{(time.monotonic() - t0) * 1000:7.1f} ms] {m.get('step')}: {m.get('detail')}"))
+                render_report(report)
+            time.sleep(1.0)
+        finally:
+            open(stop, "w").close()
+            out, err = load.communicate(timeout=60)
+        r = json.loads(out) if out.strip() else {"error": err.decode()[-500:]}
+        click.echo("\n== what the clients saw (their own accounting)")
+        if "error" in r:
+            click.echo(r["error"])
+        else:
+            click.echo(f"  TCP: {r['tcp_sent']} messages on {r['tcp_conns']} connections, {r['tcp_ok']} echoed once "
+                       f"and in order, {r['tcp_missing']} missing, {r['tcp_bad']} wrong, {r['resets']} resets")
+            click.echo(f"  UDP: {r['udp_sent']} datagrams, {r['udp_answered_once']} answered once, "
+                       f"{r['udp_missing']} unanswered, {r['udp_duplicated']} answered twice")
+            click.echo(f"  kv: {r['kv_ok']} reads correct, {r['kv_bad']} wrong; "
+                       f"client TCP retransmissions: {r['retrans_segs']}; slowest reply {r['max_rtt_ms']} ms")
 
         click.echo("\n== vipctl status")
         render_status(call("status", sock))

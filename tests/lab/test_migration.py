@@ -36,7 +36,7 @@ def mlab():
 def start_load(h, tmp_path, tag, conns=50, duration=30.0, udp=True, kv=True):
     os.chmod(tmp_path, 0o777)
     ready, stop = tmp_path / f"{tag}.ready", tmp_path / f"{tag}.stop"
-    args = [sys.executable, os.path.join(HERE, "loadgen.py"), VIP, "--conns", str(conns),
+    args = [sys.executable, "-m", "vipctl.loadgen", VIP, "--conns", str(conns),
             "--duration", str(duration), "--ready-file", str(ready), "--stop-file", str(stop)]
     if udp:
         args += ["--udp-port", "7"]

@@ -1,6 +1,6 @@
 """Live load against the VIP from the client namespace, with exact accounting.
 
-    loadgen.py HOST --tcp-port 7 --conns 50 --udp-port 7 --kv-port 6379 --duration 10
+    python -m vipctl.loadgen HOST --tcp-port 7 --conns 50 --udp-port 7 --kv-port 6379 --duration 10
                [--rate 50] [--udp-rate 500] [--ready-file F] [--stop-file F]
 
 TCP: N connections each send numbered lines (`c<conn> m<seq>\n`) at --rate per second and
