@@ -11,6 +11,7 @@ stays as it is (owned services keep working) and the agent reconnects.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -57,8 +58,46 @@ class NodeAgent:
         if self._vip_added:
             netlink.remove_vip(self.config.vip)
 
+    # --- services left by a previous agent that died ---------------------------------
+    @property
+    def _running_file(self) -> str:
+        return os.path.join(self.config.state_dir, "running.json")
+
+    def _record_running(self) -> None:
+        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+        tmp = self._running_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({n: rs.pid for n, rs in self.running.items()}, f)
+        os.replace(tmp, self._running_file)
+
+    def _end_orphans(self) -> None:
+        """A previous agent of this node died without stopping its services. They still
+        hold the VIP ports, so we could not start ours: end them (by the PIDs that agent
+        recorded, and only if the process is still that service), the gateway then tells
+        us what to run. Their clients' connections are lost: an agent crash restarts its
+        services."""
+        try:
+            with open(self._running_file) as f:
+                recorded = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        for name, pid in recorded.items():
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            if f"VIPCLUSTER_SERVICE={name}".encode() in env:
+                log.warning("ending service %s (pid %d) left by a previous agent", name, pid)
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        os.unlink(self._running_file)
+
     async def start(self) -> None:
         cfg = self.config
+        self._end_orphans()
         self.queue = PacketQueue(cfg.queue_num, cfg.queue_maxlen, self.decide)
         self.queue.attach(asyncio.get_running_loop())
         iptables.install(cfg.vip, cfg.queue_num)
@@ -187,6 +226,7 @@ class NodeAgent:
             raise
         self.running[service.name] = rs
         self.restarts[service.name] = 0
+        self._record_running()
         return {"pid": rs.pid, "fds": [n for n, _ in socks]}
 
     def stop_service(self, name: str) -> dict:
@@ -194,6 +234,7 @@ class NodeAgent:
         if rs is None:
             raise LocalControlError(f"service '{name}' does not run on {self.config.name}")
         services.stop(rs)
+        self._record_running()
         return {"stopped": name}
 
     def reconcile(self, wanted: list[Service]) -> dict:
@@ -207,9 +248,12 @@ class NodeAgent:
             if s.name not in self.running:
                 self.start_service(s)
                 started.append(s.name)
+        self._record_running()
         return {"started": started, "stopped": stopped}
 
     def counters(self) -> dict:
+        if self.migrations is not None and not self.migrations.sources and not self.migrations.dests:
+            self._record_running()  # cheap, and keeps the record right after migrations
         return {
             "services": self.filter.counters_dict(),
             "unparsed": self.filter.unparsed,
@@ -235,6 +279,7 @@ class NodeAgent:
                 await self.notify(f"service {name} exited with {code}; restarting")
                 self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir)
                 self.restarts[name] = n + 1
+                self._record_running()
 
 
 def run(config: NodeConfig) -> None:

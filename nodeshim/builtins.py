@@ -50,6 +50,7 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.kv: dict[str, str] = {}
         self.inbuf: dict[socket.socket, bytearray] = {}
+        self.eof: set[socket.socket] = set()
         self.outbuf: dict[socket.socket, bytearray] = {}
         self.quiesce = False
         self.pending: dict[str, dict] = {}
@@ -107,11 +108,13 @@ class Server:
             except OSError:
                 return self._close(c)
             if data == b"":
-                if not self.outbuf[c]:
-                    return self._close(c)
+                # the client is done sending: close once we owe it nothing
+                self.eof.add(c)
             elif data:
                 self.outbuf[c] += data if self.mode == "echo" else self._kv_lines(c, data)
         self._flush(c)
+        if c in self.eof and c in self.outbuf and not self.outbuf[c]:
+            self._close(c)
 
     def _kv_lines(self, c: socket.socket, data: bytes) -> bytes:
         buf = self.inbuf[c]
@@ -148,10 +151,12 @@ class Server:
             del buf[:n]
         # back-pressure: stop reading while we owe the client too much, so a client that
         # does not read fills our socket queues instead of our memory
-        events = (selectors.EVENT_READ if len(buf) < OUTBUF_LIMIT else 0) | (selectors.EVENT_WRITE if buf else 0)
+        reading = len(buf) < OUTBUF_LIMIT and c not in self.eof
+        events = (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if buf else 0)
         self.sel.modify(c, events or selectors.EVENT_WRITE, self.on_conn)
 
     def _close(self, c: socket.socket) -> None:
+        self.eof.discard(c)
         self.sel.unregister(c)
         self.inbuf.pop(c, None)
         self.outbuf.pop(c, None)

@@ -54,6 +54,7 @@ REINJECT_MARK = 0x7669
 ROLE_GRACE_S = 5.0
 QUIESCE_TIMEOUT_S = 2.0
 SYN_RECV_WAIT_S = 0.5
+HALF_CLOSED_WAIT_S = 1.0
 
 
 @dataclass
@@ -85,8 +86,13 @@ def _stat_state(pid: int) -> str:
         return "X"
 
 
-def _syn_recv_count(vip: str, ports: set[int]) -> int:
-    """Half-open handshakes (SYN_RECV) on VIP:port, from /proc/net/tcp."""
+SYN_RECV = {"03"}
+# FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING: TCP_REPAIR cannot rebuild these
+HALF_CLOSED = {"04", "05", "08", "09", "0B"}
+
+
+def _count_states(vip: str, ports: set[int], states: set[str]) -> int:
+    """Connections on VIP:port in the given TCP states (hex codes), from /proc/net/tcp."""
     want = {f"{int.from_bytes(socket.inet_aton(vip), 'little'):08X}:{p:04X}" for p in ports}
     n = 0
     try:
@@ -94,7 +100,7 @@ def _syn_recv_count(vip: str, ports: set[int]) -> int:
             next(f)
             for line in f:
                 parts = line.split()
-                if parts[3] == "03" and parts[1] in want:
+                if parts[3] in states and parts[1] in want:
                     n += 1
     except OSError:
         return 0
@@ -205,11 +211,19 @@ class MigrationAgent:
         rs = side.rs
         vip = self.agent.config.vip
         tcp_ports = {p for proto, p in rs.service.ports if proto == TCP}
+        # half-closed connections cannot be rebuilt: let them finish while the service still
+        # runs; if they do not, refuse (the migration rolls back, nothing is broken)
+        deadline = time.monotonic() + HALF_CLOSED_WAIT_S
+        while tcp_ports and (n := _count_states(vip, tcp_ports, HALF_CLOSED)):
+            if time.monotonic() > deadline:
+                raise KernelError("freeze", None, f"{n} half-closed connection(s) on the service did not "
+                                  f"finish within {HALF_CLOSED_WAIT_S:g}s; retry when they have")
+            await asyncio.sleep(0.005)
         await self._quiesce(rs)
         side.stopped = True
         # a half-open handshake cannot move; new SYNs are held by the cutover, so wait
         deadline = time.monotonic() + SYN_RECV_WAIT_S
-        while tcp_ports and _syn_recv_count(vip, tcp_ports) and time.monotonic() < deadline:
+        while tcp_ports and _count_states(vip, tcp_ports, SYN_RECV) and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
         # ---- from here on synchronous: no packet is decided while we dump ----
         consumed = side.cut.freeze(time.monotonic())
@@ -286,6 +300,7 @@ class MigrationAgent:
         tcprepair.close_many(side.conns)
         rs = side.rs
         self.agent.running.pop(name, None)
+        self.agent._record_running()
         try:
             os.killpg(rs.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -386,6 +401,7 @@ class MigrationAgent:
         # the new instance is a normal running service from now on
         self.agent.running[name] = side.rs
         self.agent.restarts[name] = 0
+        self.agent._record_running()
         self.dests.pop(name, None)
         self._later_remove_role(name, side.cut)
         st = side.cut.stats()

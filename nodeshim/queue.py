@@ -12,6 +12,7 @@ how many packets can be held; more are dropped by the kernel, so a migration wat
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import time
 from typing import Callable
@@ -40,6 +41,10 @@ class PacketQueue:
             self._nfq.bind(queue_num, self._on_packet, max_len=max_len)
         except OSError as e:
             raise KernelError(f"bind netfilter queue {queue_num}", getattr(e, "errno", None), str(e)) from None
+        # libnetfilter_queue opens its netlink socket without close-on-exec: a service
+        # process we start would inherit it and keep the queue bound after we die
+        fd = self._nfq.get_fd()
+        fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.errors = 0
 

@@ -328,7 +328,7 @@ def down(lab: Lab, log=print) -> dict:
             os.unlink(lab.control_socket)
         except OSError:
             pass
-    if lab.prefix == "vip":
+    if lab.prefix == "vip" or os.environ.get("VIPCLUSTER_KEEP_LOGS"):
         # the operator's lab keeps its logs for a post-mortem (removed by the next `lab up`)
         for entry in ("gateway", "pids.json", "cluster.key") + tuple(f"n{k}" for k in range(1, 33)):
             p = os.path.join(lab.state_dir, entry)

@@ -155,7 +155,49 @@ def bulk_echo(host, port, nbytes, ready_file, go_file):
     return {"sent": sent, "received": len(got), "expected": len(expect), "byte_exact": same, "first_diff": first_diff}
 
 
+def half_closed(host, port, nbytes, ready_file, go_file):
+    """Send a lot without reading, then shut our side (FIN): the server stays CLOSE_WAIT
+    while it still owes us data. After go_file, read everything; it must be byte-exact and
+    end with a clean EOF (no reset)."""
+    import os
+    payload = bytes(range(256)) * (nbytes // 256)
+    s = socket.create_connection((host, port), timeout=10)
+    s.setblocking(False)
+    sent = 0
+    deadline = time.time() + 10
+    while sent < len(payload) and time.time() < deadline:
+        try:
+            sent += s.send(payload[sent:sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.01)
+            if time.time() > deadline - 8:
+                break
+    s.shutdown(socket.SHUT_WR)
+    time.sleep(0.5)  # let the FIN reach the server: it is CLOSE_WAIT while it owes us data
+    with open(ready_file, "w") as f:
+        f.write(str(sent))
+    while not os.path.exists(go_file) and time.time() < deadline + 60:
+        time.sleep(0.02)
+    s.setblocking(True)
+    s.settimeout(10)
+    got = bytearray()
+    reset = False
+    try:
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            got += data
+    except ConnectionResetError:
+        reset = True
+    s.close()
+    return {"sent": sent, "received": len(got), "byte_exact": bytes(got) == payload[:sent], "reset": reset}
+
+
 def _main2(argv):  # noqa: E302
+    if argv and argv[0] == "half-closed":
+        print(json.dumps(half_closed(argv[1], int(argv[2]), int(argv[3]), argv[4], argv[5])))
+        return True
     if argv and argv[0] == "bulk-echo":
         print(json.dumps(bulk_echo(argv[1], int(argv[2]), int(argv[3]), argv[4], argv[5])))
         return True

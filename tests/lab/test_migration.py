@@ -125,6 +125,31 @@ def test_queued_data_in_both_directions_moves_byte_exact(mlab, tmp_path):
     assert r["sent"] > 100_000, r
 
 
+def test_half_closed_connection_is_not_broken(mlab, tmp_path):
+    """Policy: a migration waits (bounded) for half-closed connections to finish; if they
+    do not, it is refused and rolled back, and the connection carries on untouched."""
+    os.chmod(tmp_path, 0o777)
+    ready, go = tmp_path / "hc.ready", tmp_path / "hc.go"
+    p = mlab.client_popen([sys.executable, os.path.join(HERE, "clients.py"), "half-closed", VIP, "7",
+                           str(300_000), str(ready), str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 30
+    while not ready.exists():
+        assert p.poll() is None, p.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    src = owner(mlab, "echo")
+    dest = {"n1": "n2", "n2": "n3", "n3": "n1"}[src]
+    report, res = migrate(mlab, "echo", dest, check=False)
+    assert res.returncode == 1 and report["outcome"] == "rolled_back", report
+    assert "half-closed" in report["reason"], report
+    assert owner(mlab, "echo") == src
+    go.touch()
+    r = json.loads(p.communicate(timeout=60)[0])
+    assert r["byte_exact"] and not r["reset"] and r["sent"] > 100_000, r
+    # once it has finished, the service moves
+    migrate(mlab, "echo", dest)
+
+
 def fault(h, node, op, action):
     d = os.path.join(h.lab.state_dir, node, "faults")
     os.makedirs(d, exist_ok=True)
