@@ -43,6 +43,9 @@ class GatewayConfig:
     state_dir: str = DEFAULT_STATE_DIR
     heartbeat_s: float = 1.0
     node_timeout_s: float = 5.0
+    # "broadcast": every VIP packet to every node (the seed design);
+    # "selective": a service's packets to its owner only (both nodes while it migrates)
+    delivery: str = "broadcast"
 
     def node(self, name: str) -> NodeEntry | None:
         return next((n for n in self.nodes if n.name == name), None)
@@ -60,6 +63,9 @@ class NodeConfig:
     state_dir: str = DEFAULT_STATE_DIR
     # the interface facing the gateway: the agent turns GRO off on it (see nodeshim.netlink)
     cluster_interface: str | None = None
+    # "fast": steady-state verdicts in the kernel, only migrating services through the
+    # queue; "queue": every VIP packet through the Python verdict loop (the seed design)
+    datapath: str = "fast"
 
 
 # --- field readers -------------------------------------------------------------------------
@@ -109,6 +115,13 @@ def _float(d, key, source, lo, hi, default):
     return float(v)
 
 
+def _choice(d, key, source, choices, default):
+    v = d.get(key, default)
+    if v not in choices:
+        raise ConfigError(key, f"must be one of {', '.join(choices)}, got {v!r}", source)
+    return v
+
+
 def _check_known(d: dict, known: set[str], source, prefix=""):
     for k in d:
         if k not in known:
@@ -124,7 +137,8 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
     _check_known(
         d,
         {"vip", "client_interface", "cluster_interface", "listen_address", "listen_port",
-         "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s"},
+         "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s",
+         "delivery"},
         source,
     )
     client_if = _str(d, "client_interface", source, pattern=_IFNAME_RE, what="an interface name")
@@ -164,6 +178,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         nodes=tuple(nodes),
         heartbeat_s=_float(d, "heartbeat_s", source, 0.05, 60, 1.0),
         node_timeout_s=_float(d, "node_timeout_s", source, 0.2, 600, 5.0),
+        delivery=_choice(d, "delivery", source, ("broadcast", "selective"), "broadcast"),
     )
 
 
@@ -173,7 +188,7 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
     _check_known(
         d,
         {"name", "vip", "gateway_address", "gateway_port", "key_file", "queue_num",
-         "queue_maxlen", "state_dir", "cluster_interface"},
+         "queue_maxlen", "state_dir", "cluster_interface", "datapath"},
         source,
     )
     return NodeConfig(
@@ -187,4 +202,5 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         state_dir=_str(d, "state_dir", source, default=DEFAULT_STATE_DIR, what="a path"),
         cluster_interface=(_str(d, "cluster_interface", source, pattern=_IFNAME_RE, what="an interface name")
                            if "cluster_interface" in d else None),
+        datapath=_choice(d, "datapath", source, ("fast", "queue"), "fast"),
     )

@@ -252,6 +252,16 @@ class FlipEpoch(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class SetDelivery(Command):
+    """Which nodes the gateway copies the service's packets to. A migration widens it to
+    both nodes before anything else (so the destination sees every packet it will hold)
+    and narrows it to the winner at the end; with broadcast delivery it changes nothing."""
+
+    service: str
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SetOwner(Command):
     service: str
     node: str  # must be durable before the next command is performed
@@ -447,7 +457,9 @@ class Migration:
             self._deadline = None
             self._outcome = "committed" if target is State.COMMITTED else "rolled_back"
             report = self.report
-            out += [ArmTimer(None), Finished(self._outcome, self._reason, report)]
+            winner = self.dest if target is State.COMMITTED else self.source
+            out += [ArmTimer(None), SetDelivery(self.service, (winner,)),
+                    Finished(self._outcome, self._reason, report)]
         else:
             self._deadline = now + self.timeouts.for_state(target)
             out.append(ArmTimer(self._deadline))
@@ -487,7 +499,8 @@ class Migration:
 
     def _on_start(self, event: Start, now: float) -> list[Command]:
         self._started_at = now
-        return [SendToNode(self.dest, self._message("prepare", role="dest", source=self.source))]
+        return [SetDelivery(self.service, (self.source, self.dest)),
+                SendToNode(self.dest, self._message("prepare", role="dest", source=self.source))]
 
     def _on_hold_ready(self, event: HoldReady, now: float) -> list[Command]:
         self._expect(event, self.dest)

@@ -42,6 +42,7 @@ class Packet:
     payload_len: int = 0
     # (proto, VIP port) this packet is about; for ICMP errors taken from the embedded header
     service_key: tuple[int, int] = (0, 0)
+    icmp_type: int = -1  # ICMP/ICMPv6 type, -1 for other protocols
 
     @property
     def flow(self) -> tuple[int, str, int, str, int]:
@@ -152,7 +153,7 @@ def parse_packet(data: bytes) -> Packet | None:
                 if iports is not None:
                     # the embedded packet was sent BY the VIP: its source port is ours
                     key = (iproto, iports[0])
-        return Packet(version, proto, src, dst, 0, 0, 0, len(l4), key)
+        return Packet(version, proto, src, dst, 0, 0, 0, len(l4), key, icmp_type)
     return Packet(version, proto, src, dst, 0, 0, 0, len(l4), (proto, 0))
 
 

@@ -136,6 +136,16 @@ class Controller:
                         events.put_nowait(mig.EpochFlipped(service=name, epoch=cmd.epoch))
                     except VipError as e:
                         events.put_nowait(mig.StepFailed(reason=f"epoch flip failed: {e}"))
+                elif isinstance(cmd, mig.SetDelivery):
+                    if gw.config.delivery == "selective":
+                        try:
+                            if cmd.nodes == (gw.table.get(name).owner,):
+                                gw.delivery_override.pop(name, None)
+                            else:
+                                gw.delivery_override[name] = tuple(cmd.nodes)
+                            gw.apply_delivery()
+                        except VipError as e:
+                            events.put_nowait(mig.StepFailed(reason=f"delivery change failed: {e}"))
                 elif isinstance(cmd, mig.SetOwner):
                     gw.table.set_owner(name, cmd.node)
                     gw.registry.set_owner(name, cmd.node)  # durable before the release goes out

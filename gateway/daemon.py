@@ -49,6 +49,7 @@ class Gateway:
         self.registry = Registry(config.state_dir)
         self.table, self.epochs = self.registry.load()
         self.agents: dict[str, AgentSession] = {}
+        self.delivery_override: dict[str, tuple[str, ...]] = {}
         self.gateway_mac = ""
         self._servers: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
@@ -119,11 +120,27 @@ class Gateway:
         self.registry.close()
 
     # --- delivery --------------------------------------------------------------------
+    def delivery_nodes(self, service) -> list[str]:
+        """The nodes that get a service's packets (selective delivery)."""
+        if service.name in self.delivery_override:
+            return list(self.delivery_override[service.name])
+        return [service.owner]
+
+    def copies_per_packet(self) -> dict:
+        n = len(self.config.nodes)
+        if self.config.delivery == "broadcast":
+            return {"steady": n, "migrating": n}
+        return {"steady": 1, "migrating": 2}
+
     def apply_delivery(self) -> None:
         epochs = {}
+        targets = {}
+        macs = {n.name: n.mac for n in self.config.nodes}
         for s in self.table:
             for key in s.ports:
                 epochs[key] = self.epochs.get(s.name, 1)
+                if self.config.delivery == "selective":
+                    targets[key] = [macs[n] for n in self.delivery_nodes(s) if n in macs]
         script = nft.render_ruleset(
             vip=self.config.vip,
             client_interface=self.config.client_interface,
@@ -131,6 +148,7 @@ class Gateway:
             gateway_mac=self.gateway_mac,
             node_macs=[n.mac for n in self.config.nodes],
             epochs=epochs,
+            targets=targets,
         )
         nft.apply(script)
 
@@ -343,6 +361,7 @@ class Gateway:
             c = counters.get(n.name, {})
             nodes.append({"name": n.name, "address": n.address, "mac": n.mac,
                           "state": "up" if up else "down",
+                          "datapath": c.get("datapath") if up else None,
                           "anchor": self.anchor() == n.name,
                           "processes": c.get("processes", {}) if up else {},
                           "unparsed": c.get("unparsed", 0) if up else 0})
@@ -358,7 +377,8 @@ class Gateway:
             d["counters"] = per_node
             d["migrating"] = bool(self.controller and self.controller.busy(s.name))
             services.append(d)
-        return {"vip": self.config.vip, "nodes": nodes, "services": services}
+        return {"vip": self.config.vip, "delivery": self.config.delivery,
+                "copies_per_packet": self.copies_per_packet(), "nodes": nodes, "services": services}
 
 
 def _socket_alive(path: str) -> bool:

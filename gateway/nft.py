@@ -32,10 +32,13 @@ def epoch_mac(epoch: int) -> str:
 
 def render_ruleset(*, vip: str, client_interface: str, cluster_interface: str,
                    gateway_mac: str, node_macs: list[str],
-                   epochs: dict[tuple[int, int], int]) -> str:
+                   epochs: dict[tuple[int, int], int],
+                   targets: dict[tuple[int, int], list[str]] | None = None) -> str:
     """The nft script for the delivery table. Pure: easy to test and to read.
 
-    `epochs` maps (proto, port) -> epoch number for every service port.
+    `epochs` maps (proto, port) -> epoch number for every service port. `targets`
+    (selective delivery) maps a service port to the MACs of the only nodes that get its
+    packets; ports not in it, and everything that is not a service port, go to every node.
     """
     if not node_macs:
         raise ValueError("no nodes to deliver to")
@@ -52,7 +55,15 @@ def render_ruleset(*, vip: str, client_interface: str, cluster_interface: str,
     ]
     for (proto, port), epoch in sorted(epochs.items()):
         pname = PROTO_NAMES[proto]
-        lines.append(f"    meta l4proto {pname} {pname} dport {port} ether saddr set {epoch_mac(epoch)}")
+        match = f"meta l4proto {pname} {pname} dport {port}"
+        macs = (targets or {}).get((proto, port))
+        if macs:
+            # selective: this port's copies go to these nodes only, and stop here
+            copies = " ".join(f'ether daddr set {m} dup to "{cluster_interface}"' for m in macs[:-1])
+            last = f'ether daddr set {macs[-1]} fwd to "{cluster_interface}"'
+            lines.append(f"    {match} ether saddr set {epoch_mac(epoch)} {copies} {last}".replace("  ", " "))
+        else:
+            lines.append(f"    {match} ether saddr set {epoch_mac(epoch)}")
     for mac in node_macs[:-1]:
         lines.append(f'    ether daddr set {mac} dup to "{cluster_interface}"')
     lines.append(f'    ether daddr set {node_macs[-1]} fwd to "{cluster_interface}"')

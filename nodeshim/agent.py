@@ -24,6 +24,8 @@ from clustercore.protocol import auth_proof, require
 from gateway.keys import load_key
 from gateway.rpc import RpcConnection
 
+from clustercore import fastpath
+
 from . import iptables, netlink, services
 from .queue import PacketQueue
 
@@ -100,7 +102,9 @@ class NodeAgent:
         self._end_orphans()
         self.queue = PacketQueue(cfg.queue_num, cfg.queue_maxlen, self.decide)
         self.queue.attach(asyncio.get_running_loop())
-        iptables.install(cfg.vip, cfg.queue_num)
+        self._fast_rules: list[str] | None = None
+        self._kernel_base: dict[str, dict[str, int]] = {}
+        self.sync_datapath()
         log.info("node %s: VIP %s on lo, VIP packets -> queue %d (fail closed)",
                  cfg.name, cfg.vip, cfg.queue_num)
         try:
@@ -109,6 +113,28 @@ class NodeAgent:
             MigrationAgent = None
         if MigrationAgent is not None:
             self.migrations = MigrationAgent(self)
+
+    # --- the kernel fast path -----------------------------------------------------------
+    def sync_datapath(self) -> None:
+        """Make the kernel rules match the table: steady-state verdicts in the kernel,
+        services in migration (they have a role) and undecidable packets to the queue.
+        Replaced atomically; counters of the old rules are kept."""
+        cfg = self.config
+        if cfg.datapath == "queue":
+            rules: list[str] = []
+        else:
+            rules = fastpath.to_iptables(
+                fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
+                                   set(self.filter.roles)), cfg.queue_num)
+        if rules == self._fast_rules:
+            return
+        if self._fast_rules:
+            for name, c in iptables.read_counters().items():
+                base = self._kernel_base.setdefault(name, {"accepted": 0, "dropped": 0})
+                base["accepted"] += c["accepted"]
+                base["dropped"] += c["dropped"]
+        iptables.install(cfg.vip, cfg.queue_num, fast_rules=rules)
+        self._fast_rules = rules
 
     def decide(self, data: bytes, epoch, handle, now):
         return self.filter.decide(data, epoch, handle, now).verdict
@@ -213,6 +239,11 @@ class NodeAgent:
     def _load_table(self, msg: dict) -> None:
         table = [Service.from_dict(d) for d in msg.get("services", [])]
         self.filter.load(table, msg.get("anchor"))
+        # a role for a service that is gone from the table is stale
+        for name in [n for n in self.filter.roles if n not in self.filter.services]:
+            del self.filter.roles[name]
+        if self.queue is not None:
+            self.sync_datapath()
 
     def start_service(self, service: Service, sockets=None, extra_env=None) -> dict:
         if service.name in self.running:
@@ -254,8 +285,16 @@ class NodeAgent:
     def counters(self) -> dict:
         if self.migrations is not None and not self.migrations.sources and not self.migrations.dests:
             self._record_running()  # cheap, and keeps the record right after migrations
+        services_c = self.filter.counters_dict()
+        if self._fast_rules:
+            kernel = iptables.read_counters()
+            for name in set(kernel) | set(self._kernel_base):
+                c = services_c.setdefault(name, {"accepted": 0, "dropped": 0, "held": 0})
+                for k in ("accepted", "dropped"):
+                    c[k] += kernel.get(name, {}).get(k, 0) + self._kernel_base.get(name, {}).get(k, 0)
         return {
-            "services": self.filter.counters_dict(),
+            "datapath": self.config.datapath,
+            "services": services_c,
             "unparsed": self.filter.unparsed,
             "processes": {n: {"pid": rs.pid, "alive": rs.process.poll() is None}
                           for n, rs in self.running.items()},

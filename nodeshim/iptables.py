@@ -57,3 +57,20 @@ def remove(vip: str) -> None:
 
 def installed(vip: str) -> bool:
     return _run(["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", *_jump_rule(vip)], check=False).returncode == 0
+
+
+def read_counters() -> dict[str, dict[str, int]]:
+    """Per-service packet counters of our chain's rules, from the kernel:
+    {service: {"accepted": n, "dropped": n}} (rules tagged `vip:NAME`)."""
+    import re
+
+    proc = _run(["iptables-save", "-c", "-t", "mangle"], check=False)
+    out: dict[str, dict[str, int]] = {}
+    pat = re.compile(r'^\[(\d+):\d+\] -A ' + CHAIN + r' .*--comment "?vip:([^" ]+)"? -j (ACCEPT|DROP)')
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        m = pat.match(line)
+        if m:
+            pkts, name, target = int(m.group(1)), m.group(2), m.group(3)
+            c = out.setdefault(name, {"accepted": 0, "dropped": 0})
+            c["accepted" if target == "ACCEPT" else "dropped"] += pkts
+    return out

@@ -179,6 +179,7 @@ class MigrationAgent:
                     asyncio.get_running_loop().call_later(ROLE_GRACE_S, drop)
                     return
                 del self.agent.filter.roles[name]
+                self.agent.sync_datapath()  # back to the kernel fast path
         asyncio.get_running_loop().call_later(ROLE_GRACE_S, drop)
 
     # --- source ----------------------------------------------------------------------
@@ -191,6 +192,7 @@ class MigrationAgent:
         cut = SourceCutover(require(msg, "epoch"))
         self.sources[name] = SourceSide(cut, rs)
         self.agent.filter.roles[name] = cut
+        self.agent.sync_datapath()  # the service's packets now reach the queue (and are counted)
         return {}
 
     async def _quiesce(self, rs: services.RunningService) -> None:
@@ -340,6 +342,7 @@ class MigrationAgent:
         cut = DestCutover(require(msg, "epoch"))
         self.dests[name] = DestSide(cut, service=service)
         self.agent.filter.roles[name] = cut
+        self.agent.sync_datapath()  # the service's packets now reach the queue (and are held)
         return {}
 
     async def op_restore(self, name: str, msg: dict):
@@ -417,6 +420,7 @@ class MigrationAgent:
         self._discard_dest(side)
         if self.agent.filter.roles.get(name) is side.cut:
             del self.agent.filter.roles[name]
+            self.agent.sync_datapath()
         return {}
 
     def _discard_dest(self, side: DestSide) -> None:

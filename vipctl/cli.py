@@ -259,12 +259,16 @@ def lab():
 @lab.command("up")
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 32))
 @click.option("--prefix", default="vip", show_default=True, help="Namespace name prefix.")
+@click.option("--delivery", type=click.Choice(["broadcast", "selective"]), default="broadcast", show_default=True,
+              help="Gateway: copy VIP packets to every node, or a service's packets to its owner only.")
+@click.option("--datapath", type=click.Choice(["fast", "queue"]), default="fast", show_default=True,
+              help="Nodes: steady-state verdicts in the kernel, or every packet through the queue.")
 @click.option("--json", "as_json", is_flag=True)
-def lab_up(nodes, prefix, as_json):
+def lab_up(nodes, prefix, delivery, datapath, as_json):
     """Build the lab and start the gateway and node agents."""
     from . import lab as labmod
 
-    st = labmod.up(labmod.Lab(prefix, nodes), log=(lambda *a: None) if as_json else click.echo)
+    st = labmod.up(labmod.Lab(prefix, nodes, delivery, datapath), log=(lambda *a: None) if as_json else click.echo)
     _emit(st, as_json, lambda s: render_status(s["cluster"]))
 
 

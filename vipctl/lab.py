@@ -43,6 +43,8 @@ RUN_ROOT = "/run/vipcluster"
 class Lab:
     prefix: str = "vip"
     nodes: int = 3
+    delivery: str = "broadcast"  # gateway: broadcast | selective
+    datapath: str = "fast"  # nodes: fast | queue
 
     @property
     def client_ns(self) -> str:
@@ -141,7 +143,8 @@ def _write_configs(lab: Lab) -> dict[str, str]:
         f'# written by `vipctl lab up` for the lab "{lab.prefix}"\n'
         f'vip = "{VIP}"\nclient_interface = "client0"\ncluster_interface = "br0"\n'
         f'listen_address = "{CLUSTER_NET}.1"\nlisten_port = 7400\nkey_file = "{lab.key_file}"\n'
-        f'control_socket = "{lab.control_socket}"\nstate_dir = "{lab.state_dir}/gateway"\n{nodes}'
+        f'control_socket = "{lab.control_socket}"\nstate_dir = "{lab.state_dir}/gateway"\n'
+        f'delivery = "{lab.delivery}"\n{nodes}'
     )
     paths["gateway"] = os.path.join(lab.state_dir, "gateway.toml")
     with open(paths["gateway"], "w") as f:
@@ -153,6 +156,7 @@ def _write_configs(lab: Lab) -> dict[str, str]:
             f'name = "{name}"\nvip = "{VIP}"\ngateway_address = "{CLUSTER_NET}.1"\n'
             f'gateway_port = 7400\nkey_file = "{lab.key_file}"\nqueue_num = 0\n'
             f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
+            f'datapath = "{lab.datapath}"\n'
         )
         paths[name] = os.path.join(lab.state_dir, f"{name}.toml")
         with open(paths[name], "w") as f:

@@ -40,6 +40,7 @@ from clustercore.migration import (
     Restored,
     RolledBack,
     SendToNode,
+    SetDelivery,
     SetOwner,
     Start,
     State,
@@ -138,7 +139,8 @@ def test_happy_path_script():
     d = Driver()
     t = MigrationTimeouts()
     expected = [
-        [SendToNode(DST, msg("prepare", role="dest", source=SRC)),
+        [SetDelivery(SERVICE, (SRC, DST)),  # both nodes get every copy before the hold
+         SendToNode(DST, msg("prepare", role="dest", source=SRC)),
          ArmTimer(T0 + 1 * TICK + t.preparing)],
         [SendToNode(SRC, msg("arm", role="source", dest=DST)), ArmTimer(T0 + 2 * TICK + t.arming)],
         [FlipEpoch(SERVICE, EPOCH), ArmTimer(T0 + 3 * TICK + t.flipping)],
@@ -155,7 +157,7 @@ def test_happy_path_script():
         assert d.m.state is state
     last = d.feed(HAPPY[-1][0])
     inject = SendToNode(DST, msg("inject", packets=[b64(b"straggler")]))
-    assert actions(last)[:2] == [inject, ArmTimer(None)]
+    assert actions(last)[:3] == [inject, ArmTimer(None), SetDelivery(SERVICE, (DST,))]
     finished = last[-1]
     assert isinstance(finished, Finished)
     assert finished.outcome == "committed" and finished.reason == ""

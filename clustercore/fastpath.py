@@ -1,0 +1,78 @@
+"""The kernel fast path, as a pure rule list: the steady-state verdicts the shim's
+netfilter rules take without Python.
+
+Every steady-state verdict of `NodeFilter` is a function of (proto, port) and the owner
+table, so it can be a first-match rule list in the kernel: ACCEPT the ports of services
+this node owns, DROP the ports of services owned elsewhere, DROP every other TCP/UDP port,
+ICMP echo to the anchor only. Services in migration on this node (they have a role) are
+sent to the queue by explicit rules, and so is whatever no rule decides (ICMP errors,
+which carry the flow they are about in their payload).
+
+`evaluate()` applies the list exactly as the kernel does (first match wins), so tests can
+prove that the fast path and the queue give the same verdict for every packet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from .ownership import NO_SERVICE, Service, Verdict
+from .packet import ICMP, PROTO_NAMES, TCP, UDP, Packet
+
+QUEUE = "queue"  # not a Verdict: the packet goes to the netfilter queue
+
+
+@dataclass(frozen=True)
+class Rule:
+    proto: int
+    port: int | None  # destination port; None: any
+    icmp_echo: bool  # matches ICMP echo requests only (proto ICMP)
+    action: Verdict | str  # Verdict.ACCEPT / Verdict.DROP / QUEUE
+    service: str  # counter bucket
+
+    def matches(self, p: Packet) -> bool:
+        if p.proto != self.proto:
+            return False
+        if self.icmp_echo:
+            return p.icmp_type == 8
+        return self.port is None or p.dport == self.port
+
+
+def rules_for(node: str, services: Iterable[Service], anchor: str | None,
+              in_migration: set[str]) -> list[Rule]:
+    rules: list[Rule] = []
+    for s in sorted(services, key=lambda s: s.name):
+        for proto, port in s.ports:
+            if s.name in in_migration:
+                action: Verdict | str = QUEUE
+            else:
+                action = Verdict.ACCEPT if s.owner == node else Verdict.DROP
+            rules.append(Rule(proto, port, False, action, s.name))
+    rules.append(Rule(TCP, None, False, Verdict.DROP, NO_SERVICE))
+    rules.append(Rule(UDP, None, False, Verdict.DROP, NO_SERVICE))
+    rules.append(Rule(ICMP, None, True, Verdict.ACCEPT if anchor == node else Verdict.DROP, NO_SERVICE))
+    return rules
+
+
+def evaluate(rules: list[Rule], packet: Packet) -> tuple[Verdict | str, str | None]:
+    """First match wins; no match goes to the queue."""
+    for r in rules:
+        if r.matches(packet):
+            return r.action, r.service
+    return QUEUE, None
+
+
+def to_iptables(rules: list[Rule], queue_num: int) -> list[str]:
+    """The rules as iptables arguments (for `-A CHAIN ...`), with a comment naming the
+    counter bucket so the shim can read per-service counters back from the kernel."""
+    out = []
+    for r in rules:
+        m = f"-p {PROTO_NAMES[r.proto]}"
+        if r.icmp_echo:
+            m += " --icmp-type echo-request"
+        elif r.port is not None:
+            m += f" --dport {r.port}"
+        target = f"NFQUEUE --queue-num {queue_num}" if r.action == QUEUE else r.action.value.upper()
+        out.append(f'{m} -m comment --comment "vip:{r.service}" -j {target}')
+    return out

@@ -1,0 +1,64 @@
+"""The kernel fast path gives the same verdict as the queue's NodeFilter for every packet
+it decides, and sends to the queue exactly what it cannot decide."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.all import ICMP, IP, TCP, UDP, raw
+
+from clustercore.fastpath import QUEUE, evaluate, rules_for, to_iptables
+from clustercore.ownership import NodeFilter, Service, Verdict
+from clustercore.packet import TCP as P_TCP
+from clustercore.packet import UDP as P_UDP
+from clustercore.packet import parse_packet
+
+VIP = "203.0.113.10"
+SERVICES = [
+    Service("echo", "n1", ((P_TCP, 7), (P_UDP, 7)), "builtin:echo"),
+    Service("kv", "n2", ((P_TCP, 6379),), "builtin:kv"),
+    Service("dns", "n3", ((P_UDP, 53), (P_TCP, 53)), "builtin:echo"),
+]
+NODES = ("n1", "n2", "n3")
+
+packets = st.one_of(
+    st.builds(lambda sp, dp, fl: raw(IP(src="198.51.100.2", dst=VIP) / TCP(sport=sp, dport=dp, flags=fl)),
+              st.integers(1, 65535), st.sampled_from([7, 53, 6379, 80, 9999]), st.sampled_from(["S", "A", "PA", "F", "R"])),
+    st.builds(lambda sp, dp: raw(IP(src="198.51.100.2", dst=VIP) / UDP(sport=sp, dport=dp) / b"x"),
+              st.integers(1, 65535), st.sampled_from([7, 53, 6379, 9])),
+    st.builds(lambda t: raw(IP(src="198.51.100.2", dst=VIP) / ICMP(type=t)), st.sampled_from([0, 8, 13])),
+    st.builds(lambda port: raw(IP(src="198.51.100.2", dst=VIP) / ICMP(type=3, code=3)
+                               / IP(src=VIP, dst="198.51.100.2") / UDP(sport=port, dport=4000)),
+              st.sampled_from([7, 53, 6379, 999])),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=packets, node=st.sampled_from(NODES), anchor=st.sampled_from(NODES))
+def test_fast_path_agrees_with_the_queue(data, node, anchor):
+    f = NodeFilter(node)
+    f.load(SERVICES, anchor)
+    rules = rules_for(node, SERVICES, anchor, set())
+    p = parse_packet(data)
+    verdict, _ = evaluate(rules, p)
+    if verdict != QUEUE:
+        assert verdict == f.decide(data).verdict
+
+
+def test_what_goes_to_the_queue():
+    rules = rules_for("n1", SERVICES, "n1", in_migration={"kv"})
+    kv = parse_packet(raw(IP(src="198.51.100.2", dst=VIP) / TCP(sport=1, dport=6379)))
+    assert evaluate(rules, kv)[0] == QUEUE  # a service in migration goes through Python
+    err = parse_packet(raw(IP(src="198.51.100.2", dst=VIP) / ICMP(type=3, code=3)
+                           / IP(src=VIP, dst="198.51.100.2") / UDP(sport=7, dport=4000)))
+    assert evaluate(rules, err)[0] == QUEUE  # an ICMP error names its flow in its payload
+    echo = parse_packet(raw(IP(src="198.51.100.2", dst=VIP) / UDP(sport=1, dport=7)))
+    assert evaluate(rules, echo) == (Verdict.ACCEPT, "echo")
+    other = parse_packet(raw(IP(src="198.51.100.2", dst=VIP) / UDP(sport=1, dport=9)))
+    assert evaluate(rules, other) == (Verdict.DROP, "(none)")
+
+
+def test_iptables_rendering():
+    lines = to_iptables(rules_for("n2", SERVICES, "n1", {"dns"}), 5)
+    assert '-p tcp --dport 7 -m comment --comment "vip:echo" -j DROP' in lines
+    assert '-p tcp --dport 6379 -m comment --comment "vip:kv" -j ACCEPT' in lines
+    assert '-p udp --dport 53 -m comment --comment "vip:dns" -j NFQUEUE --queue-num 5' in lines
+    assert lines[-1] == '-p icmp --icmp-type echo-request -m comment --comment "vip:(none)" -j DROP'
