@@ -81,6 +81,8 @@ class Controller:
             raise LocalControlError(f"unknown service '{name}'")
         if gw.config.node(dest) is None:
             raise LocalControlError(f"unknown node '{dest}'")
+        if service.exec_spec == "external":
+            raise LocalControlError(f"service '{name}' is external (its process is not ours): it cannot be migrated")
         nodes_up = {n.name: n.name in gw.agents for n in gw.config.nodes}
         self.book.begin(service=name, owner=service.owner, dest=dest, nodes=nodes_up)
         try:
@@ -98,6 +100,8 @@ class Controller:
         deadline: list[float | None] = [None]
         tasks: set[asyncio.Task] = set()
         started = time.time()
+        marks: list[tuple[str, float]] = []  # (state entered, loop time)
+        steps_ms: dict[str, float] = {}  # how long each step took: where the time goes
         say = progress or (lambda step, detail: None)
         say("start", f"migrating {name}: {source} -> {dest}")
         log.info("migration of %s: %s -> %s (epoch %s)", name, source, dest, nft.epoch_mac(new_epoch))
@@ -152,6 +156,12 @@ class Controller:
                 elif isinstance(cmd, mig.ArmTimer):
                     deadline[0] = cmd.deadline
                 elif isinstance(cmd, mig.Report):
+                    if " -> " in cmd.detail:  # a state transition: time the step it ends
+                        t = loop.time()
+                        if marks:
+                            prev_step, prev_t = marks[-1]
+                            steps_ms[prev_step] = round((t - prev_t) * 1000, 2)
+                        marks.append((cmd.step, t))
                     log.info("migration of %s: %s: %s", name, cmd.step, cmd.detail)
                     say(cmd.step, cmd.detail)
                 elif isinstance(cmd, mig.Finished):
@@ -188,6 +198,7 @@ class Controller:
                         log.warning("final %s on %s: %s", op, node, e)
         report = finished.report.as_dict()
         report["total_ms"] = report.get("total_ms") or round((time.time() - started) * 1000, 2)
+        report["steps_ms"] = steps_ms
         await gw.push_table()
         gw.registry.log(time.time(), "migration", report)
         self.last_reports = (self.last_reports + [report])[-20:]

@@ -246,6 +246,9 @@ class NodeAgent:
             self.sync_datapath()
 
     def start_service(self, service: Service, sockets=None, extra_env=None) -> dict:
+        if service.exec_spec == services.EXTERNAL:
+            # run by the operator (bound to the VIP itself): we only filter its packets
+            return {"pid": None, "fds": []}
         if service.name in self.running:
             raise LocalControlError(f"service '{service.name}' already runs on {self.config.name}")
         socks = sockets if sockets is not None else services.open_sockets(self.config.vip, service.ports)
@@ -261,6 +264,9 @@ class NodeAgent:
         return {"pid": rs.pid, "fds": [n for n, _ in socks]}
 
     def stop_service(self, name: str) -> dict:
+        svc = self.filter.services.get(name)
+        if svc is not None and svc.exec_spec == services.EXTERNAL and name not in self.running:
+            return {"stopped": name}
         rs = self.running.pop(name, None)
         if rs is None:
             raise LocalControlError(f"service '{name}' does not run on {self.config.name}")
@@ -276,7 +282,7 @@ class NodeAgent:
                 services.stop(self.running.pop(name))
                 stopped.append(name)
         for s in wanted:
-            if s.name not in self.running:
+            if s.name not in self.running and s.exec_spec != services.EXTERNAL:
                 self.start_service(s)
                 started.append(s.name)
         self._record_running()
@@ -322,6 +328,12 @@ class NodeAgent:
 
 
 def run(config: NodeConfig) -> None:
+    import resource
+
+    # a migration takes a copy of every connection of the service: thousands of fds
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     agent = NodeAgent(config)
     agent.prepare_kernel()
     try:

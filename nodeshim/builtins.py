@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
+import resource
 import os
 import selectors
 import signal
@@ -211,7 +212,15 @@ def _drain_wakeup(s: socket.socket) -> None:
         pass
 
 
+def _raise_nofile() -> None:
+    """Thousands of connections need thousands of descriptors: lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str]) -> int:
+    _raise_nofile()
     if len(argv) != 1 or argv[0] not in ("echo", "kv"):
         print("usage: python -m nodeshim.builtins echo|kv", file=sys.stderr)
         return 2

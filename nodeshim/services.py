@@ -28,6 +28,9 @@ from clustercore.packet import TCP, UDP
 log = logging.getLogger("vipcluster.services")
 
 BUILTINS = {"builtin:echo": "echo", "builtin:kv": "kv"}
+# a service whose process the operator runs (bound to VIP:port itself): vipcluster only
+# routes and filters its packets; it cannot be migrated
+EXTERNAL = "external"
 LISTEN_BACKLOG = 4096
 
 

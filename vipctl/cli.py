@@ -248,6 +248,24 @@ def node_drain(obj, node_name, dest, as_json):
         sys.exit(1)
 
 
+# --- benchmark ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="One short run of each figure (CI smoke test, < 2 minutes).")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--plot", "plot_path", default=None, help="Draw freeze time against connections to this PNG.")
+def bench(quick, as_json, plot_path):
+    """Measure throughput, copies per packet, freeze times and memory in the lab."""
+    from . import bench as benchmod
+
+    log = (lambda m: click.echo(m, err=True)) if as_json else (lambda m: click.echo(f"... {m}"))
+    result = benchmod.run_bench(quick, log)
+    if plot_path:
+        benchmod.plot(result, plot_path)
+    _emit(result, as_json, lambda r: benchmod.render(r, click.echo))
+
+
 # --- the lab ---------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ It also reports the namespace's TCP retransmission counter (RetransSegs) before 
 import argparse
 import asyncio
 import json
+import resource
 import os
 import socket
 import time
@@ -29,6 +30,7 @@ def retrans_segs() -> int:
 class Stats:
     def __init__(self):
         self.tcp_sent = self.tcp_ok = self.tcp_bad = self.resets = self.tcp_errors = 0
+        self.connected = 0
         self.udp_sent = 0
         self.udp_answers: dict[int, int] = {}
         self.kv_set = self.kv_ok = self.kv_bad = 0
@@ -36,9 +38,14 @@ class Stats:
         self.errors: list[str] = []
 
 
+CONNECT_SLOTS = None  # set in main: at most this many connects in flight
+
+
 async def tcp_conn(host, port, idx, rate, stop, st: Stats):
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        async with CONNECT_SLOTS:
+            reader, writer = await asyncio.open_connection(host, port)
+        st.connected += 1
     except OSError as e:
         st.tcp_errors += 1
         st.errors.append(f"conn {idx}: connect: {e}")
@@ -155,7 +162,17 @@ async def kv_loop(host, port, stop, st: Stats):
         writer.close()
 
 
+def _raise_nofile() -> None:
+    """Thousands of connections need thousands of descriptors: lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def main(a):
+    _raise_nofile()
+    global CONNECT_SLOTS
+    CONNECT_SLOTS = asyncio.Semaphore(128)  # a connect storm would overflow the SYN backlog
     st = Stats()
     stop = asyncio.Event()
     r0 = retrans_segs()
@@ -166,6 +183,10 @@ async def main(a):
         tasks.append(asyncio.ensure_future(udp_stream(a.host, a.udp_port, a.udp_rate, stop, st)))
     if a.kv_port:
         tasks.append(asyncio.ensure_future(kv_loop(a.host, a.kv_port, stop, st)))
+    # ready when every connection is up (or failed)
+    t_wait = time.monotonic() + 60
+    while st.connected + st.tcp_errors < a.conns and time.monotonic() < t_wait:
+        await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
     if a.ready_file:
         open(a.ready_file, "w").close()
@@ -177,7 +198,7 @@ async def main(a):
     n = st.udp_sent
     once = sum(1 for i in range(n) if st.udp_answers.get(i) == 1)
     print(json.dumps({
-        "tcp_conns": a.conns, "tcp_sent": st.tcp_sent, "tcp_ok": st.tcp_ok, "tcp_bad": st.tcp_bad,
+        "tcp_conns": a.conns, "tcp_connected": st.connected, "tcp_sent": st.tcp_sent, "tcp_ok": st.tcp_ok, "tcp_bad": st.tcp_bad,
         "tcp_missing": st.tcp_sent - st.tcp_ok - st.tcp_bad, "resets": st.resets, "tcp_errors": st.tcp_errors,
         "udp_sent": n, "udp_answered_once": once,
         "udp_duplicated": sum(1 for v in st.udp_answers.values() if v > 1),

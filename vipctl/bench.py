@@ -1,0 +1,329 @@
+"""`vipctl bench`: throughput, copies, freeze time and memory, measured in the lab.
+
+Every figure is the median of several runs (with min and max), and every ratio is taken
+against a baseline measured in the same run of this command:
+
+- baseline: the same namespaces with no vipcluster at all: the gateway routes the VIP to
+  node 1 by plain unicast, no nft table, no queue rules; iperf3 on node 1.
+- modes: the lab with the gateway and agents, iperf3 registered as an `external` service
+  (vipcluster delivers and filters its packets; iperf3 binds the VIP itself):
+    queue             broadcast delivery, every VIP packet through the Python queue
+                      (the seed design)
+    fast              broadcast delivery, steady-state verdicts in the kernel
+    fast-selective    selective delivery (one copy), kernel verdicts
+- migrations: builtin echo with N established connections under load (numbered messages
+  and a UDP stream, exact accounting), migrated once per run; freeze_ms, total_ms, the
+  per-step split, lost, duplicated, client retransmissions.
+- memory: RSS of the gateway and of the destination shim right after the largest migration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from pyroute2 import NetNS
+
+from clustercore.errors import LocalControlError
+
+from . import lab as labmod
+from .client import call
+
+IPERF_PORT = 5201
+
+
+def _stats(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None, "runs": 0}
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "runs": len(values)}
+
+
+def _machine() -> dict:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "kernel": platform.release(), "cpu_model": model,
+            "python": platform.python_version()}
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+class Iperf:
+    """iperf3 server on a node, client in vip-client; figures from iperf3's JSON."""
+
+    def __init__(self, lab: labmod.Lab, node_ns: str, vip: str) -> None:
+        self.lab, self.node_ns, self.vip = lab, node_ns, vip
+        self.server = labmod.popen_in(node_ns, ["iperf3", "-s", "-B", vip, "-p", str(IPERF_PORT)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def _client(self, args: list[str], seconds: float) -> dict:
+        r = labmod.exec_in(self.lab.client_ns, ["iperf3", "-c", self.vip, "-p", str(IPERF_PORT), "-J",
+                                                "-t", str(seconds), *args],
+                           capture_output=True, timeout=seconds + 30)
+        try:
+            return json.loads(r.stdout)
+        except json.JSONDecodeError:
+            return {"error": r.stderr.decode(errors="replace")[-300:]}
+
+    def udp_pps(self, seconds: float) -> float | None:
+        """Small (64-byte) datagrams as fast as iperf3 sends; packets/s that arrived."""
+        j = self._client(["-u", "-b", "0", "-l", "64"], seconds)
+        try:
+            s = j["end"]["sum"]
+            return (s["packets"] - s["lost_packets"]) / s["seconds"]
+        except (KeyError, TypeError, ZeroDivisionError):
+            return None
+
+    def tcp_mbps(self, seconds: float) -> float | None:
+        j = self._client([], seconds)
+        try:
+            return j["end"]["sum_received"]["bits_per_second"] / 1e6
+        except (KeyError, TypeError):
+            return None
+
+    def close(self) -> None:
+        if self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(5)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait()
+
+
+def _measure(iperf: Iperf, runs: int, seconds: float) -> dict:
+    pps = [iperf.udp_pps(seconds) for _ in range(runs)]
+    mbps = [iperf.tcp_mbps(seconds) for _ in range(runs)]
+    return {"pps": _stats(pps), "tcp_mbps": _stats(mbps)}
+
+
+def measure_baseline(prefix: str, runs: int, seconds: float, log) -> dict:
+    """Plain kernel forwarding: gateway routes the VIP to n1, no vipcluster anywhere."""
+    spec = labmod.Lab(prefix, 3)
+    labmod.down(spec, log=lambda *a: None)
+    try:
+        labmod._build_links(spec)
+        labmod._wire_like_client(spec)
+        with NetNS(spec.node_ns(1)) as n1:
+            n1.addr("add", index=n1.link_lookup(ifname="lo")[0], address=labmod.VIP, prefixlen=32)
+        with NetNS(spec.gw_ns) as gw:
+            gw.route("add", dst=f"{labmod.VIP}/32", gateway=spec.node_addr(1))
+        labmod.exec_in(spec.gw_ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+        iperf = Iperf(spec, spec.node_ns(1), labmod.VIP)
+        try:
+            log("baseline: plain unicast routing to n1, no vipcluster")
+            return _measure(iperf, runs, seconds)
+        finally:
+            iperf.close()
+    finally:
+        labmod.down(spec, log=lambda *a: None)
+
+
+def measure_mode(prefix: str, delivery: str, datapath: str, runs: int, seconds: float, log) -> dict:
+    spec = labmod.Lab(prefix, 3, delivery, datapath)
+    labmod.down(spec, log=lambda *a: None)
+    try:
+        labmod.up(spec, log=lambda *a: None)
+        call("service.add", spec.control_socket, name="iperf", node="n1",
+             ports=[f"tcp:{IPERF_PORT}", f"udp:{IPERF_PORT}"], exec="external")
+        iperf = Iperf(spec, spec.node_ns(1), labmod.VIP)
+        try:
+            log(f"mode: delivery={delivery} datapath={datapath}")
+            out = _measure(iperf, runs, seconds)
+        finally:
+            iperf.close()
+        out["copies_per_packet"] = call("status", spec.control_socket)["copies_per_packet"]
+        return out
+    finally:
+        labmod.down(spec, log=lambda *a: None)
+
+
+def _next(node: str) -> str:
+    return {"n1": "n2", "n2": "n3", "n3": "n1"}[node]
+
+
+def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[list[dict], dict]:
+    spec = labmod.Lab(prefix, 3, "selective", "fast")
+    labmod.down(spec, log=lambda *a: None)
+    out = []
+    rss = {}
+    tmp = tempfile.mkdtemp(prefix="vipctl-bench-")
+    os.chmod(tmp, 0o777)
+    try:
+        labmod.up(spec, log=lambda *a: None)
+        sock = spec.control_socket
+        call("service.add", sock, name="echo", node="n1", ports=["tcp:7", "udp:7"], exec="builtin:echo")
+        owner = "n1"
+        for n in sizes:
+            rows = []
+            for run in range(runs):
+                ready, stop = os.path.join(tmp, f"{n}-{run}.ready"), os.path.join(tmp, f"{n}-{run}.stop")
+                rate = max(0.2, min(20.0, 1000.0 / n))  # about 1,000 messages/s in all
+                load = labmod.popen_in(spec.client_ns, [sys.executable, "-m", "vipctl.loadgen", labmod.VIP,
+                                                        "--conns", str(n), "--rate", str(rate), "--udp-port", "7",
+                                                        "--udp-rate", "200", "--duration", "300",
+                                                        "--ready-file", ready, "--stop-file", stop],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                deadline = time.time() + 120
+                while not os.path.exists(ready) and load.poll() is None and time.time() < deadline:
+                    time.sleep(0.1)
+                time.sleep(1.0)
+                dest = _next(owner)
+                try:
+                    report = call("migrate", sock, timeout=300.0, name="echo", to=dest)
+                finally:
+                    time.sleep(1.0)
+                    open(stop, "w").close()
+                    stdout, stderr = load.communicate(timeout=300)
+                if report.get("outcome") == "committed":
+                    owner = dest
+                try:
+                    client = json.loads(stdout)
+                except json.JSONDecodeError:
+                    client = {"error": stderr.decode(errors="replace")[-300:]}
+                lost = (client.get("tcp_missing", 0) + client.get("udp_missing", 0) + client.get("tcp_bad", 0)
+                        if "error" not in client else None)
+                rows.append({"report": report, "client": client, "lost": lost,
+                             "duplicated": client.get("udp_duplicated")})
+                log(f"migration with {n} connections: {report.get('outcome')}, freeze {report.get('freeze_ms')} ms, "
+                    f"total {report.get('total_ms')} ms, lost {lost}, retrans {client.get('retrans_segs')}")
+            out.append({
+                "connections": n,
+                "established_moved": _stats([r["report"].get("tcp_established") for r in rows]),
+                "freeze_ms": _stats([r["report"].get("freeze_ms") for r in rows])["median"],
+                "freeze_ms_stats": _stats([r["report"].get("freeze_ms") for r in rows]),
+                "total_ms": _stats([r["report"].get("total_ms") for r in rows])["median"],
+                "total_ms_stats": _stats([r["report"].get("total_ms") for r in rows]),
+                "steps_ms": _median_steps([r["report"].get("steps_ms", {}) for r in rows]),
+                "outcomes": [r["report"].get("outcome") for r in rows],
+                "lost": max((r["lost"] for r in rows if r["lost"] is not None), default=None),
+                "duplicated": max((r["duplicated"] for r in rows if r["duplicated"] is not None), default=None),
+                "reported_lost": max((r["report"].get("lost") or 0 for r in rows), default=0),
+                "client_retransmissions": max((r["client"].get("retrans_segs", 0) for r in rows), default=0),
+                "max_reply_ms": max((r["client"].get("max_rtt_ms", 0) for r in rows), default=0),
+            })
+        with open(os.path.join(spec.state_dir, "pids.json")) as f:
+            pids = json.load(f)
+        rss = {"gateway": _rss_mb(pids["gateway"]), "shim": _rss_mb(pids[owner]),
+               "shim_connections": sizes[-1] if sizes else 0}
+    finally:
+        labmod.down(spec, log=lambda *a: None)
+    return out, rss
+
+
+def _median_steps(steps: list[dict]) -> dict:
+    keys = sorted({k for s in steps for k in s})
+    return {k: _stats([s.get(k) for s in steps if k in s])["median"] for k in keys}
+
+
+def run_bench(quick: bool, log) -> dict:
+    if os.geteuid() != 0:
+        raise LocalControlError("must be run as root")
+    for tool in ("iperf3",):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            raise LocalControlError(f"{tool} is not installed (run scripts/setup)")
+    prefix = f"vb{os.getpid() % 100000}"
+    runs = 1 if quick else 3
+    seconds = 1.0 if quick else 4.0
+    sizes = [1, 100] if quick else [1, 100, 1000, 5000, 10000]
+    mig_runs = 1 if quick else 3
+    t0 = time.monotonic()
+    result: dict = {"quick": quick, "machine": _machine()}
+    base = measure_baseline(prefix, runs, seconds, log)
+    result["baseline"] = {"pps": base["pps"]["median"], "tcp_mbps": base["tcp_mbps"]["median"],
+                          "pps_stats": base["pps"], "tcp_mbps_stats": base["tcp_mbps"]}
+    modes = {}
+    copies = {}
+    for name, delivery, datapath in (("queue", "broadcast", "queue"), ("fast", "broadcast", "fast"),
+                                     ("fast-selective", "selective", "fast")):
+        m = measure_mode(prefix, delivery, datapath, runs, seconds, log)
+        pps, mbps = m["pps"]["median"], m["tcp_mbps"]["median"]
+        modes[name] = {
+            "delivery": delivery, "datapath": datapath, "pps": pps, "tcp_mbps": mbps,
+            "pps_ratio": round(pps / result["baseline"]["pps"], 3) if pps and result["baseline"]["pps"] else None,
+            "tcp_ratio": round(mbps / result["baseline"]["tcp_mbps"], 3) if mbps and result["baseline"]["tcp_mbps"] else None,
+            "pps_stats": m["pps"], "tcp_mbps_stats": m["tcp_mbps"], "copies_per_packet": m["copies_per_packet"],
+        }
+        copies[name] = m["copies_per_packet"]
+    result["modes"] = modes
+    result["copies_per_packet"] = {"steady": copies["fast-selective"]["steady"],
+                                   "migrating": copies["fast-selective"]["migrating"], "by_mode": copies}
+    migrations, rss = measure_migrations(prefix, sizes, mig_runs, log)
+    result["migrations"] = migrations
+    result["rss_mb"] = rss
+    result["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return result
+
+
+def render(result: dict, echo) -> None:
+    b = result["baseline"]
+    echo(f"machine: {result['machine']['cores']} cores, kernel {result['machine']['kernel']}, "
+         f"{result['machine']['cpu_model']}")
+    echo(f"{'mode':<16} {'UDP pps':>10} {'ratio':>6} {'TCP Mbit/s':>11} {'ratio':>6}  copies/packet")
+    echo(f"{'baseline':<16} {b['pps'] or 0:>10.0f} {'1.0':>6} {b['tcp_mbps'] or 0:>11.0f} {'1.0':>6}  1")
+    for name, m in result["modes"].items():
+        echo(f"{name:<16} {m['pps'] or 0:>10.0f} {m['pps_ratio'] or 0:>6.2f} {m['tcp_mbps'] or 0:>11.0f} "
+             f"{m['tcp_ratio'] or 0:>6.2f}  {m['copies_per_packet']['steady']} (migrating {m['copies_per_packet']['migrating']})")
+    echo("")
+    echo(f"{'connections':>11} {'freeze ms':>10} {'total ms':>9} {'lost':>5} {'dup':>4} {'retrans':>7}  steps (ms)")
+    for m in result["migrations"]:
+        steps = ", ".join(f"{k} {v}" for k, v in m["steps_ms"].items())
+        echo(f"{m['connections']:>11} {m['freeze_ms'] or 0:>10.1f} {m['total_ms'] or 0:>9.1f} {m['lost']!s:>5} "
+             f"{m['duplicated']!s:>4} {m['client_retransmissions']:>7}  {steps}")
+    echo("")
+    echo(f"RSS: gateway {result['rss_mb'].get('gateway')} MB, shim after moving "
+         f"{result['rss_mb'].get('shim_connections')} connections {result['rss_mb'].get('shim')} MB; "
+         f"{result['elapsed_s']} s in all")
+
+
+def plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LocalControlError("--plot needs matplotlib (pip install matplotlib)") from None
+    xs = [m["connections"] for m in result["migrations"]]
+    med = [m["freeze_ms_stats"]["median"] or 0 for m in result["migrations"]]
+    lo = [max(0.0, (m["freeze_ms_stats"]["median"] or 0) - (m["freeze_ms_stats"]["min"] or 0)) for m in result["migrations"]]
+    hi = [max(0.0, (m["freeze_ms_stats"]["max"] or 0) - (m["freeze_ms_stats"]["median"] or 0)) for m in result["migrations"]]
+    tot = [m["total_ms"] or 0 for m in result["migrations"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=4, label="freeze (first held -> last released)")
+    ax.plot(xs, tot, marker="s", linestyle="--", label="total migration")
+    ax.axhline(200, color="grey", linestyle=":", label="Gerofi et al. 2010: < 200 ms for 1,000+")
+    ax.set_xscale("log")
+    ax.set_xlabel("established TCP connections moved (under load)")
+    ax.set_ylabel("ms")
+    m = result["machine"]
+    ax.set_title(f"vipcluster live migration ({m['cores']} cores, kernel {m['kernel']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
