@@ -44,6 +44,7 @@ from clustercore.cutover import (DestCutover, SourceCutover, consumed_from_wire,
 from clustercore.errors import KernelError, LocalControlError, VipError
 from clustercore.packet import TCP, UDP
 from clustercore.protocol import require
+from clustercore import sockwire
 from clustercore.sockstate import ServiceSockets
 
 from . import pidfd, services, tcprepair, udphandoff
@@ -265,7 +266,7 @@ class MigrationAgent:
         bundle = ServiceSockets(service=name, listeners=tuple(listener_states),
                                 connections=tuple(states), udp=tuple(udp_states))
         late = [h.get_payload() for h in side.cut.hand_over_late()]
-        wire = bundle.to_dict()
+        wire = sockwire.to_wire(bundle)  # compact: JSON for thousands of connections was the freeze
         wire["app_state"] = self._read_app_state(rs)
         totals = bundle.totals
         return {
@@ -352,8 +353,8 @@ class MigrationAgent:
         wire = dict(require(msg, "sockets", dict))
         app_state = wire.pop("app_state", None)
         try:
-            bundle = ServiceSockets.from_dict(wire)
-        except ValueError as e:
+            bundle = sockwire.from_wire(wire)
+        except (ValueError, KeyError, TypeError) as e:
             raise LocalControlError(f"bad socket state: {e}") from None
         side.bundle = bundle
         try:
