@@ -117,6 +117,14 @@ class _Phase(enum.Enum):
     ABORTED = "aborted"
 
 
+def epoch_mac(epoch: int) -> str:
+    """The epoch tag the gateway writes into the source MAC of every copy of a service's
+    packets (locally administered, unicast). Lives here, not in gateway/nft.py, because
+    the tag is the cutover's in-band origin and the pure in-memory cluster needs it too."""
+    e = epoch % 65536
+    return f"02:76:63:00:{e >> 8:02x}:{e & 0xff:02x}"
+
+
 def _check_epoch(new_epoch: object) -> str:
     if not isinstance(new_epoch, str) or not new_epoch:
         raise LocalControlError(f"cutover epoch must be a non-empty string, got {new_epoch!r}")
@@ -386,6 +394,7 @@ __all__ = [
     "Verdict",
     "check_consumed",
     "consumed_from_wire",
+    "epoch_mac",
     "consumed_to_wire",
     "packets_from_wire",
     "packets_to_wire",

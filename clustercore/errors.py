@@ -7,6 +7,7 @@ VipError                base of everything the CLI turns into one clear line.
     PeerControlError    the peer sent garbage or went away.
   MigrationError        a migration failed (which service, which step, what was rolled back).
   KernelError           a kernel operation failed (which operation, which errno).
+  CaptureError          a packet capture file cannot be read (which file, which byte offset).
 
 Bad packets on the data path are expected input, never exceptions.
 """
@@ -62,3 +63,14 @@ class KernelError(VipError):
         if detail:
             parts.append(detail)
         super().__init__(": ".join(parts))
+
+
+class CaptureError(VipError):
+    """A capture (pcap or pcapng) is empty, truncated or corrupt: one error for the whole
+    file, naming it and the byte offset where reading stopped."""
+
+    def __init__(self, path: str, offset: int, problem: str) -> None:
+        self.path = path
+        self.offset = offset
+        self.problem = problem
+        super().__init__(f"capture {path}: at byte offset {offset}: {problem}")

@@ -80,3 +80,29 @@ def check_counts(sent: int, accepted_per_node: Mapping[str, int], owner: str | N
             if node != owner and n:
                 r.mismatches.append({"node": node, "reason": f"non-owner accepted {n} packets"})
     return r
+
+
+def check_order(deliveries: Iterable[tuple[object, str]], flow_of: Mapping[object, object],
+                position: Mapping[object, int], max_reports: int = 50) -> list[dict]:
+    """Per-flow order (pure model only, where one clock orders every node's deliveries).
+
+    `deliveries` lists (packet id, node) in the order the cluster handed packets to
+    sockets; `position[id]` is the packet's place in the gateway's send order. A packet
+    delivered after a later packet of its own flow is reported. Reordering is not loss:
+    TCP repairs it and UDP allows it, so callers report it next to the oracle's verdict.
+    """
+    last: dict[object, tuple[int, object]] = {}
+    out: list[dict] = []
+    for pid, node in deliveries:
+        flow = flow_of.get(pid)
+        if flow is None:
+            continue
+        pos = position[pid]
+        prev = last.get(flow)
+        if prev is not None and pos < prev[0]:
+            if len(out) < max_reports:
+                out.append({"packet": pid, "reason": f"delivered by {node} after packet {prev[1]} "
+                                                     "of the same flow (reordered)"})
+            continue
+        last[flow] = (pos, pid)
+    return out

@@ -102,6 +102,8 @@ class Controller:
         started = time.time()
         marks: list[tuple[str, float]] = []  # (state entered, loop time)
         steps_ms: dict[str, float] = {}  # how long each step took: where the time goes
+        split_ms: dict[str, dict] = {}  # the agents' own timing of freeze, restore, release
+        kernel_drops: dict[str, int] = {}  # packets a node's kernel queue dropped meanwhile
         say = progress or (lambda step, detail: None)
         say("start", f"migrating {name}: {source} -> {dest}")
         log.info("migration of %s: %s -> %s (epoch %s)", name, source, dest, nft.epoch_mac(new_epoch))
@@ -114,6 +116,10 @@ class Controller:
                     raise PeerControlError(f"node {node} is down")
                 fields = {k: v for k, v in message.items() if k != "op"}
                 reply = await session.rpc.request(op, timeout=REQUEST_TIMEOUT, **fields)
+                if isinstance(reply, dict) and isinstance(reply.get("timing_ms"), dict):
+                    split_ms[op.removeprefix("migrate_")] = reply["timing_ms"]
+                if isinstance(reply, dict) and isinstance(reply.get("kernel_drops"), int):
+                    kernel_drops[node] = kernel_drops.get(node, 0) + reply["kernel_drops"]
                 ev = _event_for_reply(op, node, reply or {})
             except LocalControlError as e:
                 ev = mig.StepFailed(node=node, reason=f"{node} refused {op}: {e}")
@@ -199,6 +205,13 @@ class Controller:
         report = finished.report.as_dict()
         report["total_ms"] = report.get("total_ms") or round((time.time() - started) * 1000, 2)
         report["steps_ms"] = steps_ms
+        report["split_ms"] = split_ms
+        report["kernel_queue_drops"] = kernel_drops
+        # a packet the kernel dropped from a queue during the migration is lost to us
+        # (TCP clients retransmit it; a UDP datagram is gone): say so
+        source_drops = kernel_drops.get(source, 0)
+        if source_drops and isinstance(report.get("lost"), int):
+            report["lost"] += source_drops
         await gw.push_table()
         gw.registry.log(time.time(), "migration", report)
         self.last_reports = (self.last_reports + [report])[-20:]

@@ -276,6 +276,7 @@ class Gateway:
             "service.remove": self.op_service_remove,
             "service.list": self.op_service_list,
             "ping": self.op_ping,
+            "verdicts": self.op_verdicts,
         }.get(op)
         if handler is None and self.controller is not None:
             msg_id = msg.get("id")
@@ -290,6 +291,21 @@ class Gateway:
 
     async def op_ping(self, msg):
         return {"pong": True}
+
+    async def op_verdicts(self, msg):
+        """Every node's verdict log (nodeshim.verdictlog), for `vipctl replay --mode packets`:
+        action start | read (since: {node: seq}) | stop."""
+        fields = {k: msg[k] for k in ("action", "ttl", "limit") if k in msg}
+        since = msg.get("since") or {}
+        out: dict = {}
+
+        async def ask(a: AgentSession):
+            try:
+                out[a.node] = await a.rpc.request("verdicts", timeout=10.0, since=since.get(a.node, 0), **fields)
+            except VipError as e:
+                out[a.node] = {"error": str(e)}
+        await asyncio.gather(*(ask(a) for a in list(self.agents.values())))
+        return {"nodes": out}
 
     async def op_service_list(self, msg):
         return [s.to_dict() for s in self.table]

@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import subprocess
 
+from clustercore.cutover import epoch_mac  # noqa: F401  (re-exported; pure, lives in the core)
 from clustercore.errors import KernelError
 from clustercore.packet import PROTO_NAMES
 
 TABLE = "vipcluster"
-
-
-def epoch_mac(epoch: int) -> str:
-    """The source MAC that carries a service's epoch (locally administered, unicast)."""
-    e = epoch % 65536
-    return f"02:76:63:00:{e >> 8:02x}:{e & 0xff:02x}"
 
 
 def render_ruleset(*, vip: str, client_interface: str, cluster_interface: str,

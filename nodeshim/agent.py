@@ -28,6 +28,7 @@ from clustercore import fastpath
 
 from . import iptables, netlink, services
 from .queue import PacketQueue
+from .verdictlog import VerdictLog
 
 log = logging.getLogger("vipcluster.node")
 
@@ -46,6 +47,7 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self._vip_added = False
         self.migrations = None  # nodeshim.migrate.MigrationAgent, when present
+        self.verdict_log = VerdictLog()  # opt-in, for `vipctl replay --mode packets`
         self.log_dir = os.path.join(config.state_dir, "services")
 
     # --- lifecycle -------------------------------------------------------------------
@@ -137,6 +139,8 @@ class NodeAgent:
         self._fast_rules = rules
 
     def decide(self, data: bytes, epoch, handle, now):
+        if self.verdict_log.active():  # a packet replay asked for per-packet verdicts
+            return self.verdict_log.decide(self.filter, data, epoch, handle, now)
         return self.filter.decide(data, epoch, handle, now).verdict
 
     async def run_forever(self) -> None:
@@ -232,6 +236,8 @@ class NodeAgent:
             return self.stop_service(require(msg, "name"))
         if op == "counters":
             return self.counters()
+        if op == "verdicts":
+            return self.verdict_log.request(msg)
         if self.migrations is not None:
             return await self.migrations.handle(msg)
         raise LocalControlError(f"unknown request '{op}'")
@@ -332,8 +338,11 @@ def run(config: NodeConfig) -> None:
 
     # a migration takes a copy of every connection of the service: thousands of fds
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:  # root may raise the hard limit too (up to fs.nr_open)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 1 << 18), max(hard, 1 << 18)))
+    except (ValueError, OSError):
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     agent = NodeAgent(config)
     agent.prepare_kernel()
     try:

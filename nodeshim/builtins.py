@@ -18,6 +18,7 @@ serves (the node agent opens the gate when the migration releases the held packe
 
 from __future__ import annotations
 
+import array
 import base64
 import json
 import resource
@@ -196,6 +197,35 @@ class Server:
                 self.do_quiesce()
 
 
+def wait_at_gate(fd: int) -> list[tuple[str, socket.socket]] | None:
+    """Receive the migrated connections (SCM_RIGHTS batches) until `go`; None if the
+    agent closed the gate without letting us serve."""
+    gate = socket.socket(fileno=fd)
+    conns: list[tuple[str, socket.socket]] = []
+    fd_size = array.array("i").itemsize
+    while True:
+        data, anc, _flags, _addr = gate.recvmsg(1 << 20, socket.CMSG_SPACE(256 * fd_size))
+        fds = array.array("i")
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fd_size])
+        if data.startswith(b"fds "):
+            names = data[4:].decode().split(",")
+            for name, f in zip(names, fds):
+                s = socket.socket(fileno=f)
+                s.setblocking(False)
+                conns.append((name, s))
+        elif data == b"go":
+            gate.close()
+            return conns
+        else:  # EOF: the agent died or aborted; close what we got without a word
+            for f in fds:
+                os.close(f)
+            for _, s in conns:
+                s.close()
+            return None
+
+
 def _peer_key(c: socket.socket) -> str:
     try:
         host, port = c.getpeername()[:2]
@@ -215,8 +245,11 @@ def _drain_wakeup(s: socket.socket) -> None:
 def _raise_nofile() -> None:
     """Thousands of connections need thousands of descriptors: lift the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:  # root may raise the hard limit too (up to fs.nr_open)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 1 << 18), max(hard, 1 << 18)))
+    except (ValueError, OSError):
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def main(argv: list[str]) -> int:
@@ -242,11 +275,11 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     gate = os.environ.get("VIPCLUSTER_GATE_FD")
     if gate:
-        if not os.read(int(gate), 1):  # wait until the agent lets us serve
-            # the agent went away before the release: the migration did not happen here;
-            # our sockets are still in repair mode, so exiting closes them silently
+        conns = wait_at_gate(int(gate))
+        if conns is None:
+            # the agent went away before the release: the migration did not happen here
             return 0
-        os.close(int(gate))
+        socks = socks + conns
     for name, s in socks:
         server.add(name, s)
     print(f"{argv[0]} serving {', '.join(n for n, _ in socks)}", flush=True)

@@ -48,6 +48,7 @@ from clustercore import sockwire
 from clustercore.sockstate import ServiceSockets
 
 from . import pidfd, services, tcprepair, udphandoff
+from .queue import kernel_drops
 
 log = logging.getLogger("vipcluster.migrate")
 
@@ -55,6 +56,7 @@ REINJECT_MARK = 0x7669
 ROLE_GRACE_S = 5.0
 QUIESCE_TIMEOUT_S = 2.0
 SYN_RECV_WAIT_S = 0.5
+CHUNK = 256  # sockets dumped or restored between two runs of the verdict loop
 HALF_CLOSED_WAIT_S = 1.0
 
 
@@ -66,6 +68,7 @@ class SourceSide:
     udp_drained: list = field(default_factory=list)  # (socket, UdpSocketState)
     frozen: bool = False
     stopped: bool = False
+    drops_at_start: int = 0
 
 
 @dataclass
@@ -77,6 +80,7 @@ class DestSide:
     rs: services.RunningService | None = None
     service: object = None
     released: bool = False
+    drops_at_start: int = 0
 
 
 def _stat_state(pid: int) -> str:
@@ -106,6 +110,10 @@ def _count_states(vip: str, ports: set[int], states: set[str]) -> int:
     except OSError:
         return 0
     return n
+
+
+def _ms(since: float) -> float:
+    return round((time.monotonic() - since) * 1000, 2)
 
 
 def inject_ip_packets(packets: list[bytes]) -> int:
@@ -191,7 +199,7 @@ class MigrationAgent:
         if rs is None:
             raise LocalControlError(f"service '{name}' does not run on {self.agent.config.name}")
         cut = SourceCutover(require(msg, "epoch"))
-        self.sources[name] = SourceSide(cut, rs)
+        self.sources[name] = SourceSide(cut, rs, drops_at_start=kernel_drops(self.agent.config.queue_num))
         self.agent.filter.roles[name] = cut
         self.agent.sync_datapath()  # the service's packets now reach the queue (and are counted)
         return {}
@@ -228,21 +236,12 @@ class MigrationAgent:
         deadline = time.monotonic() + SYN_RECV_WAIT_S
         while tcp_ports and _count_states(vip, tcp_ports, SYN_RECV) and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
-        # ---- from here on synchronous: no packet is decided while we dump ----
-        consumed = side.cut.freeze(time.monotonic())
-        side.frozen = True
+        # take the process's connections now: it is stopped, so the set cannot change
+        # except by the kernel adding to the accept queue (drained after the freeze)
+        t_take = time.monotonic()
         listeners = [(n, s) for n, s in rs.sockets if s.type == socket.SOCK_STREAM]
         udp_socks = [(n, s) for n, s in rs.sockets if s.type == socket.SOCK_DGRAM]
         conns, names = [], []
-        for lname, ls in listeners:  # connections still waiting in the accept queue
-            ls.setblocking(False)
-            while True:
-                try:
-                    c, _ = ls.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                conns.append(c)
-                names.append(f"conn-{ls.getsockname()[1]}")
         for fd, s in pidfd.take_sockets(rs.pid).items():
             try:
                 ok = (s.type == socket.SOCK_STREAM and s.family == socket.AF_INET
@@ -255,7 +254,36 @@ class MigrationAgent:
                 names.append(f"conn-{s.getsockname()[1]}")
             else:
                 s.close()
-        states = tcprepair.dump_many(conns, names)
+        timing = {"take_sockets": _ms(t_take)}
+        # ---- from here on synchronous: no packet is decided while we dump ----
+        t_freeze = time.monotonic()
+        consumed = side.cut.freeze(t_freeze)
+        side.frozen = True
+        for lname, ls in listeners:  # connections still waiting in the accept queue
+            ls.setblocking(False)
+            while True:
+                try:
+                    c, _ = ls.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                conns.append(c)
+                names.append(f"conn-{ls.getsockname()[1]}")
+        t_dump = time.monotonic()
+        # dump in chunks, letting the verdict loop run in between: the kernel queue keeps
+        # filling while we work (everything is HELD now), and must not overflow
+        states = []
+        try:
+            for i in range(0, len(conns), CHUNK):
+                states += tcprepair.dump_many(conns[i:i + CHUNK], names[i:i + CHUNK])
+                await asyncio.sleep(0)
+        except BaseException:
+            for s in conns[:len(states)]:
+                try:
+                    tcprepair.unrepair(s)
+                except VipError:
+                    pass
+            raise
+        timing["dump"] = _ms(t_dump)
         side.conns = conns
         listener_states = [tcprepair.dump_listener(s, n) for n, s in listeners]
         udp_states = []
@@ -266,10 +294,15 @@ class MigrationAgent:
         bundle = ServiceSockets(service=name, listeners=tuple(listener_states),
                                 connections=tuple(states), udp=tuple(udp_states))
         late = [h.get_payload() for h in side.cut.hand_over_late()]
+        t_wire = time.monotonic()
         wire = sockwire.to_wire(bundle)  # compact: JSON for thousands of connections was the freeze
         wire["app_state"] = self._read_app_state(rs)
+        timing["encode"] = _ms(t_wire)
+        timing["frozen_to_reply"] = _ms(t_freeze)
         totals = bundle.totals
+        log.info("freeze %s: %d connections; %s", name, totals["connections"], timing)
         return {
+            "timing_ms": timing,
             "consumed": consumed_to_wire(consumed),
             "late_packets": packets_to_wire(late),
             "sockets": wire,
@@ -301,6 +334,9 @@ class MigrationAgent:
             h.drop()
         forward = [h.get_payload() for h in plan.forward]
         tcprepair.close_many(side.conns)
+        drops = kernel_drops(self.agent.config.queue_num) - side.drops_at_start
+        if drops:
+            log.error("migration of %s: the kernel dropped %d queued packets on the source", name, drops)
         rs = side.rs
         self.agent.running.pop(name, None)
         self.agent._record_running()
@@ -312,7 +348,7 @@ class MigrationAgent:
         for _, s in rs.sockets:
             s.close()
         self._later_remove_role(name, side.cut)
-        return {"late_packets": packets_to_wire(forward)}
+        return {"late_packets": packets_to_wire(forward), "kernel_drops": drops}
 
     async def op_rollback(self, name: str, msg: dict):
         side = self.sources.pop(name, None)
@@ -341,7 +377,7 @@ class MigrationAgent:
             raise LocalControlError(f"service '{name}' already runs on {self.agent.config.name}")
         service = self._service(name)
         cut = DestCutover(require(msg, "epoch"))
-        self.dests[name] = DestSide(cut, service=service)
+        self.dests[name] = DestSide(cut, service=service, drops_at_start=kernel_drops(self.agent.config.queue_num))
         self.agent.filter.roles[name] = cut
         self.agent.sync_datapath()  # the service's packets now reach the queue (and are held)
         return {}
@@ -350,6 +386,7 @@ class MigrationAgent:
         side = self.dests.get(name)
         if side is None:
             raise LocalControlError(f"service '{name}' is not prepared for migration here")
+        t0 = time.monotonic()
         wire = dict(require(msg, "sockets", dict))
         app_state = wire.pop("app_state", None)
         try:
@@ -357,6 +394,7 @@ class MigrationAgent:
         except (ValueError, KeyError, TypeError) as e:
             raise LocalControlError(f"bad socket state: {e}") from None
         side.bundle = bundle
+        timing = {"decode": _ms(t0)}
         try:
             for st in bundle.listeners:
                 side.socks.append((st.name or f"tcp-{st.local[1]}", tcprepair.open_listener(st)))
@@ -364,9 +402,13 @@ class MigrationAgent:
                 side.socks.append((st.name or f"udp-{st.local[1]}", udphandoff.open_udp(st)))
             # stay in repair mode until release: nothing leaves this node before the
             # point of no return, and if we die the sockets close without a packet
-            side.conns = tcprepair.restore_many(bundle.connections, thaw=False)
-            fds = side.socks + [(st.name or f"conn-{st.local[1]}", s)
-                                for st, s in zip(bundle.connections, side.conns)]
+            t_restore = time.monotonic()
+            conns = bundle.connections
+            for i in range(0, len(conns), CHUNK):  # chunks: let the held packets in meanwhile
+                side.conns += tcprepair.restore_many(conns[i:i + CHUNK], thaw=False)
+                await asyncio.sleep(0)
+            timing["restore"] = _ms(t_restore)
+            t_spawn = time.monotonic()
             env = {}
             if app_state:
                 path = services.state_file(self.agent.log_dir, name) + ".in"
@@ -374,23 +416,26 @@ class MigrationAgent:
                 with open(path, "wb") as f:
                     f.write(base64.b64decode(app_state))
                 env["VIPCLUSTER_STATE_IN"] = path
-            side.rs = services.spawn(side.service, fds, self.agent.log_dir, env, gated=True)
+            # the instance starts now with its listeners and UDP sockets, and waits at the
+            # gate; its connections follow over the gate at release
+            side.rs = services.spawn(side.service, list(side.socks), self.agent.log_dir, env, gated=True)
+            timing["spawn"] = _ms(t_spawn)
         except BaseException:
             self._discard_dest(side)
             raise
         # we keep the listeners and UDP sockets, as for any service we run
         side.rs.sockets = list(side.socks)
-        return {}
+        log.info("restore %s: %d connections; %s", name, len(bundle.connections), timing)
+        return {"timing_ms": timing}
 
     async def op_release(self, name: str, msg: dict):
         side = self.dests.get(name)
         if side is None or side.rs is None:
             raise LocalControlError(f"service '{name}' is not restored here")
         # out of repair mode first: a socket in repair mode discards what it receives
+        t0 = time.monotonic()
         tcprepair.thaw_many(side.conns, side.bundle.connections)
-        for s in side.conns:
-            s.close()  # the new instance holds its own descriptors
-        side.conns = []
+        timing = {"thaw": _ms(t0)}
         reinjected = 0
         for (_, s), st in zip([x for x in side.socks if x[1].type == socket.SOCK_DGRAM], side.bundle.udp):
             reinjected += udphandoff.reinject(st.datagrams, st.local[0], st.local[1], REINJECT_MARK)
@@ -400,7 +445,11 @@ class MigrationAgent:
             h.drop()
         for h in plan.accept:
             h.accept()
-        services.open_gate(side.rs)
+        named = [(st.name or f"conn-{st.local[1]}", s) for st, s in zip(side.bundle.connections, side.conns)]
+        services.open_gate(side.rs, named)
+        for s in side.conns:
+            s.close()  # the new instance holds its own descriptors now
+        side.conns = []
         side.released = True
         # the new instance is a normal running service from now on
         self.agent.running[name] = side.rs
@@ -409,8 +458,14 @@ class MigrationAgent:
         self.dests.pop(name, None)
         self._later_remove_role(name, side.cut)
         st = side.cut.stats()
-        return {"held": st.held, "released": st.released, "duplicates_suppressed": st.duplicates_suppressed,
-                "reinjected": reinjected, "lost": 0, "freeze_ms": round(st.freeze_ms, 3)}
+        timing["release"] = _ms(t0)
+        drops = kernel_drops(self.agent.config.queue_num) - side.drops_at_start
+        if drops:
+            log.error("migration of %s: the kernel dropped %d queued packets on the destination", name, drops)
+        log.info("release %s: %s", name, timing)
+        return {"timing_ms": timing, "held": st.held, "released": st.released, "duplicates_suppressed": st.duplicates_suppressed,
+                "reinjected": reinjected, "lost": drops, "kernel_drops": drops,
+                "freeze_ms": round(st.freeze_ms, 3)}
 
     async def op_abort(self, name: str, msg: dict):
         side = self.dests.pop(name, None)

@@ -25,6 +25,23 @@ from clustercore.ownership import Verdict
 log = logging.getLogger("vipcluster.queue")
 
 
+SOCK_BYTES = 64 << 20
+
+
+def kernel_drops(queue_num: int) -> int:
+    """Packets the kernel dropped for this queue (queue full + socket buffer full), from
+    /proc/net/netfilter/nfnetlink_queue of this network namespace."""
+    try:
+        with open("/proc/net/netfilter/nfnetlink_queue") as f:
+            for line in f:
+                parts = line.split()
+                if parts and int(parts[0]) == queue_num:
+                    return int(parts[5]) + int(parts[6])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def mac_of(hw: bytes | None) -> str | None:
     if not hw:
         return None
@@ -38,7 +55,9 @@ class PacketQueue:
         self.decide = decide
         self._nfq = NetfilterQueue()
         try:
-            self._nfq.bind(queue_num, self._on_packet, max_len=max_len)
+            # a big socket buffer: while Python is busy (dumping thousands of sockets) the
+            # kernel keeps queueing; a full netlink buffer means dropped packets
+            self._nfq.bind(queue_num, self._on_packet, max_len=max_len, sock_len=SOCK_BYTES)
         except OSError as e:
             raise KernelError(f"bind netfilter queue {queue_num}", getattr(e, "errno", None), str(e)) from None
         # libnetfilter_queue opens its netlink socket without close-on-exec: a service

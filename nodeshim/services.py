@@ -11,6 +11,7 @@ already-established TCP connection handed over by a migration.
 
 from __future__ import annotations
 
+import array
 import fcntl
 import logging
 import os
@@ -116,13 +117,33 @@ def state_file(log_dir: str, name: str) -> str:
     return os.path.join(log_dir, f"{name}.state")
 
 
-def open_gate(rs: RunningService) -> None:
-    """Let a gated instance start serving."""
-    if rs.gate_fd is not None:
-        try:
-            os.write(rs.gate_fd, b"go")
-        except OSError:
-            pass
+GATE_BATCH = 250  # descriptors per SCM_RIGHTS message (the kernel allows 253)
+
+
+def open_gate(rs: RunningService, connections: list[tuple[str, socket.socket]] = ()) -> None:
+    """Hand a gated instance its migrated connections, then let it serve.
+
+    The connections travel over the gate (a SOCK_SEQPACKET pair) with SCM_RIGHTS, in
+    batches: `fds NAME,NAME,...` with the descriptors attached, then `go`. Passing them
+    at release rather than at spawn means neither side ever holds two copies of
+    thousands of descriptors, and the instance can start (Python takes tens of ms) while
+    the sockets are still being restored.
+    """
+    if rs.gate_fd is None:
+        return
+    gate = socket.socket(fileno=os.dup(rs.gate_fd))
+    try:
+        conns = list(connections)
+        for i in range(0, len(conns), GATE_BATCH):
+            batch = conns[i:i + GATE_BATCH]
+            names = ",".join(n for n, _ in batch).encode()
+            fds = array.array("i", [s.fileno() for _, s in batch])
+            gate.sendmsg([b"fds " + names], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        gate.send(b"go")
+    except OSError as e:
+        raise KernelError("hand connections to the new instance", e.errno) from None
+    finally:
+        gate.close()
         close_gate(rs)
 
 
@@ -153,7 +174,8 @@ def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: s
                 "VIPCLUSTER_STATE_OUT": state_file(log_dir, service.name)})
     gate_r = gate_w = None
     if gated:
-        gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+        pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        gate_r, gate_w = pair[0].detach(), pair[1].detach()
         env["VIPCLUSTER_GATE_FD"] = str(3 + len(sockets))
     env.pop("LISTEN_PID", None)
     env.update(extra_env or {})

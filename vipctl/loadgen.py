@@ -165,8 +165,11 @@ async def kv_loop(host, port, stop, st: Stats):
 def _raise_nofile() -> None:
     """Thousands of connections need thousands of descriptors: lift the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:  # root may raise the hard limit too (up to fs.nr_open)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 1 << 18), max(hard, 1 << 18)))
+    except (ValueError, OSError):
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def main(a):
