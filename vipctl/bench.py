@@ -226,6 +226,9 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                 "reported_lost": max((r["report"].get("lost") or 0 for r in rows), default=0),
                 "client_retransmissions": max((r["client"].get("retrans_segs", 0) for r in rows), default=0),
                 "max_reply_ms": max((r["client"].get("max_rtt_ms", 0) for r in rows), default=0),
+                # what each client felt: the slowest reply of each connection during the run
+                "per_connection_worst_reply_ms": _median_pcts([r["client"].get("conn_worst_reply_ms") for r in rows]),
+                "split_ms": rows[-1]["report"].get("split_ms", {}),
             })
         with open(os.path.join(spec.state_dir, "pids.json")) as f:
             pids = json.load(f)
@@ -234,6 +237,11 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
     finally:
         labmod.down(spec, log=lambda *a: None)
     return out, rss
+
+
+def _median_pcts(rows: list) -> dict:
+    rows = [r for r in rows if isinstance(r, dict) and r.get("max") is not None]
+    return {k: _stats([r[k] for r in rows])["median"] for k in ("p50", "p99", "max")} if rows else {}
 
 
 def _median_steps(steps: list[dict]) -> dict:
@@ -290,11 +298,14 @@ def render(result: dict, echo) -> None:
         echo(f"{name:<16} {m['pps'] or 0:>10.0f} {m['pps_ratio'] or 0:>6.2f} {m['tcp_mbps'] or 0:>11.0f} "
              f"{m['tcp_ratio'] or 0:>6.2f}  {m['copies_per_packet']['steady']} (migrating {m['copies_per_packet']['migrating']})")
     echo("")
-    echo(f"{'connections':>11} {'freeze ms':>10} {'total ms':>9} {'lost':>5} {'dup':>4} {'retrans':>7}  steps (ms)")
+    echo(f"{'connections':>11} {'freeze ms':>10} {'total ms':>9} {'lost':>5} {'dup':>4} {'retrans':>7} "
+         f"{'conn p50/p99/max worst reply ms':>32}  steps (ms)")
     for m in result["migrations"]:
         steps = ", ".join(f"{k} {v}" for k, v in m["steps_ms"].items())
+        pc = m.get("per_connection_worst_reply_ms") or {}
+        pcs = f"{pc.get('p50')}/{pc.get('p99')}/{pc.get('max')}"
         echo(f"{m['connections']:>11} {m['freeze_ms'] or 0:>10.1f} {m['total_ms'] or 0:>9.1f} {m['lost']!s:>5} "
-             f"{m['duplicated']!s:>4} {m['client_retransmissions']:>7}  {steps}")
+             f"{m['duplicated']!s:>4} {m['client_retransmissions']:>7} {pcs:>32}  {steps}")
     echo("")
     echo(f"RSS: gateway {result['rss_mb'].get('gateway')} MB, shim after moving "
          f"{result['rss_mb'].get('shim_connections')} connections {result['rss_mb'].get('shim')} MB; "

@@ -31,6 +31,7 @@ class Stats:
     def __init__(self):
         self.tcp_sent = self.tcp_ok = self.tcp_bad = self.resets = self.tcp_errors = 0
         self.connected = 0
+        self.conn_worst: list[float] = []
         self.udp_sent = 0
         self.udp_answers: dict[int, int] = {}
         self.kv_set = self.kv_ok = self.kv_bad = 0
@@ -53,6 +54,7 @@ async def tcp_conn(host, port, idx, rate, stop, st: Stats):
     seq = 0
     expected = 0
     sent_at: dict[int, float] = {}
+    worst = [0.0]  # this connection's slowest reply: what its client felt of a freeze
 
     async def read_loop():
         nonlocal expected
@@ -65,6 +67,7 @@ async def tcp_conn(host, port, idx, rate, stop, st: Stats):
                 st.tcp_ok += 1
                 rtt = (time.monotonic() - sent_at.pop(expected, time.monotonic())) * 1000
                 st.max_rtt_ms = max(st.max_rtt_ms, rtt)
+                worst[0] = max(worst[0], rtt)
             else:
                 st.tcp_bad += 1
                 if len(st.errors) < 20:
@@ -91,6 +94,7 @@ async def tcp_conn(host, port, idx, rate, stop, st: Stats):
         st.tcp_errors += 1
         st.errors.append(f"conn {idx}: {e}")
     finally:
+        st.conn_worst.append(worst[0])
         rt.cancel()
         try:
             await rt
@@ -172,6 +176,15 @@ def _raise_nofile() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _percentiles(values: list[float]) -> dict:
+    """p50/p99/max of the connections' slowest replies."""
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    v = sorted(values)
+    pick = lambda q: round(v[min(len(v) - 1, int(q * (len(v) - 1) + 0.5))], 2)  # noqa: E731
+    return {"p50": pick(0.5), "p99": pick(0.99), "max": round(v[-1], 2)}
+
+
 async def main(a):
     _raise_nofile()
     global CONNECT_SLOTS
@@ -207,7 +220,8 @@ async def main(a):
         "udp_duplicated": sum(1 for v in st.udp_answers.values() if v > 1),
         "udp_missing": sum(1 for i in range(n) if i not in st.udp_answers),
         "kv_set": st.kv_set, "kv_ok": st.kv_ok, "kv_bad": st.kv_bad,
-        "max_rtt_ms": round(st.max_rtt_ms, 2), "retrans_segs": retrans_segs() - r0,
+        "max_rtt_ms": round(st.max_rtt_ms, 2),
+        "conn_worst_reply_ms": _percentiles(st.conn_worst), "retrans_segs": retrans_segs() - r0,
         "errors": st.errors[:10],
     }))
 
