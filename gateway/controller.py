@@ -57,6 +57,7 @@ class Controller:
         self.book = mig.MigrationBook()
         self.timeouts = mig.MigrationTimeouts()
         self.last_reports: list[dict] = []
+        self.relays: dict[str, dict] = {}  # service -> chunk relay of its running migration
 
     def busy(self, service: str) -> bool:
         return service in self.book
@@ -71,7 +72,31 @@ class Controller:
         raise LocalControlError(f"unknown request '{op}'")
 
     async def agent_request(self, node: str, msg: dict):
+        if msg.get("op") == "migrate_chunk":
+            return self._relay_chunk(node, msg)
         raise LocalControlError(f"unknown request '{msg.get('op')}' from node {node}")
+
+    # --- streamed socket state ----------------------------------------------------------
+    def _relay_chunk(self, node: str, msg: dict) -> None:
+        """A source streams its dumped connections in chunks while it goes on dumping; we
+        pass them on to the destination in order, so it restores chunk k while the source
+        dumps chunk k+1 (both cores at work). The restore request waits for the last."""
+        relay = self.relays.get(msg.get("service"))
+        if relay is None or relay["source"] != node:
+            log.warning("chunk for %r from %s ignored: no such migration", msg.get("service"), node)
+            return None
+        prev = relay["last"]
+        relay["last"] = asyncio.ensure_future(self._forward_chunk(prev, relay["dest"], msg))
+        return None
+
+    async def _forward_chunk(self, prev, dest: str, msg: dict) -> None:
+        if prev is not None:
+            await prev  # order, and stop at the first failure (it raises here too)
+        session = self.gw.agents.get(dest)
+        if session is None:
+            raise PeerControlError(f"node {dest} is down")
+        fields = {k: v for k, v in msg.items() if k not in ("op", "id")}
+        await session.rpc.request("migrate_chunk", timeout=REQUEST_TIMEOUT, **fields)
 
     # --- one migration -----------------------------------------------------------------
     async def migrate(self, name: str, dest: str, progress=None) -> dict:
@@ -112,6 +137,8 @@ class Controller:
             op = message["op"]
             session = gw.agents.get(node)
             try:
+                if op == "migrate_restore" and relay["last"] is not None:
+                    await relay["last"]  # every streamed chunk is restored before the rest
                 if session is None:
                     raise PeerControlError(f"node {node} is down")
                 fields = {k: v for k, v in message.items() if k != "op"}
@@ -174,6 +201,7 @@ class Controller:
                     return cmd
             return None
 
+        relay = self.relays[name] = {"source": source, "dest": dest, "last": None}
         finished = perform(machine.handle_event(mig.Start(), loop.time()))
         # NodeLost for an agent that drops while we wait on something else
         watchers = [asyncio.ensure_future(self._watch_node(n, events)) for n in (source, dest)]
@@ -189,6 +217,9 @@ class Controller:
         finally:
             for w in watchers:
                 w.cancel()
+            self.relays.pop(name, None)
+            if relay["last"] is not None and relay["last"].done() and not relay["last"].cancelled():
+                relay["last"].exception()  # retrieved: a failed chunk was already reported
         # let the last messages (commit/inject/abort) go out before we report
         if tasks:
             await asyncio.wait(list(tasks), timeout=5.0)

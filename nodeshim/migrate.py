@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import logging
 import os
 import signal
@@ -77,6 +78,8 @@ class DestSide:
     bundle: ServiceSockets | None = None
     socks: list[tuple[str, socket.socket]] = field(default_factory=list)
     conns: list[socket.socket] = field(default_factory=list)
+    states: list = field(default_factory=list)  # TcpConnState of each of `conns`, same order
+    chunk_ms: float = 0.0
     rs: services.RunningService | None = None
     service: object = None
     released: bool = False
@@ -110,6 +113,16 @@ def _count_states(vip: str, ports: set[int], states: set[str]) -> int:
     except OSError:
         return 0
     return n
+
+
+def _udp_rcvbuf_errors() -> int:
+    """Datagrams this namespace dropped because a socket's receive buffer was full."""
+    try:
+        with open("/proc/net/snmp") as f:
+            rows = [line.split() for line in f if line.startswith("Udp:")]
+        return int(rows[1][rows[0].index("RcvbufErrors")])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _ms(since: float) -> float:
@@ -272,9 +285,18 @@ class MigrationAgent:
         # dump in chunks, letting the verdict loop run in between: the kernel queue keeps
         # filling while we work (everything is HELD now), and must not overflow
         states = []
+        streamed = 0  # connections already sent ahead to the destination
+        stream = self.agent.rpc is not None
         try:
             for i in range(0, len(conns), CHUNK):
-                states += tcprepair.dump_many(conns[i:i + CHUNK], names[i:i + CHUNK])
+                chunk = tcprepair.dump_many(conns[i:i + CHUNK], names[i:i + CHUNK])
+                states += chunk
+                # stream what is complete, so the destination restores while we dump on
+                if stream and i + CHUNK < len(conns) and all(c.family == 4 for c in chunk):
+                    self.agent.rpc.send({"op": "migrate_chunk", "service": name, "seq": i // CHUNK,
+                                         "count": len(chunk),
+                                         "packed": base64.b64encode(sockwire.pack_connections(chunk)).decode()})
+                    streamed = len(states)
                 await asyncio.sleep(0)
         except BaseException:
             for s in conns[:len(states)]:
@@ -293,9 +315,12 @@ class MigrationAgent:
             udp_states.append(st)
         bundle = ServiceSockets(service=name, listeners=tuple(listener_states),
                                 connections=tuple(states), udp=tuple(udp_states))
+        rest = ServiceSockets(service=name, listeners=tuple(listener_states),
+                              connections=tuple(states[streamed:]), udp=tuple(udp_states))
         late = [h.get_payload() for h in side.cut.hand_over_late()]
         t_wire = time.monotonic()
-        wire = sockwire.to_wire(bundle)  # compact: JSON for thousands of connections was the freeze
+        wire = sockwire.to_wire(rest)  # compact: JSON for thousands of connections was the freeze
+        wire["streamed"] = streamed
         wire["app_state"] = self._read_app_state(rs)
         timing["encode"] = _ms(t_wire)
         timing["frozen_to_reply"] = _ms(t_freeze)
@@ -382,6 +407,29 @@ class MigrationAgent:
         self.agent.sync_datapath()  # the service's packets now reach the queue (and are held)
         return {}
 
+    async def op_chunk(self, name: str, msg: dict):
+        """Connections streamed ahead by the source: rebuild them now (repair mode)."""
+        side = self.dests.get(name)
+        if side is None:
+            raise LocalControlError(f"service '{name}' is not prepared for migration here")
+        if side.rs is not None:
+            raise LocalControlError(f"chunk for '{name}' after its restore")
+        try:
+            states = sockwire.unpack_connections(base64.b64decode(require(msg, "packed"), validate=True))
+        except (ValueError, binascii.Error) as e:
+            raise LocalControlError(f"bad streamed socket state: {e}") from None
+        if len(states) != msg.get("count"):
+            raise LocalControlError(f"streamed chunk of '{name}': {len(states)} connections, header says {msg.get('count')}")
+        t0 = time.monotonic()
+        try:
+            side.conns += tcprepair.restore_many(states, thaw=False)
+        except BaseException:
+            self._discard_dest(side)
+            raise
+        side.states += states
+        side.chunk_ms += _ms(t0)
+        return {}
+
     async def op_restore(self, name: str, msg: dict):
         side = self.dests.get(name)
         if side is None:
@@ -399,15 +447,22 @@ class MigrationAgent:
             for st in bundle.listeners:
                 side.socks.append((st.name or f"tcp-{st.local[1]}", tcprepair.open_listener(st)))
             for st in bundle.udp:
-                side.socks.append((st.name or f"udp-{st.local[1]}", udphandoff.open_udp(st)))
+                u = udphandoff.open_udp(st)
+                services.big_udp_buffer(u)
+                side.socks.append((st.name or f"udp-{st.local[1]}", u))
             # stay in repair mode until release: nothing leaves this node before the
             # point of no return, and if we die the sockets close without a packet
             t_restore = time.monotonic()
             conns = bundle.connections
+            if len(side.states) != wire.get("streamed", 0):
+                raise LocalControlError(f"restore of '{name}': {len(side.states)} streamed connections "
+                                        f"arrived, the source sent {wire.get('streamed')}")
             for i in range(0, len(conns), CHUNK):  # chunks: let the held packets in meanwhile
                 side.conns += tcprepair.restore_many(conns[i:i + CHUNK], thaw=False)
                 await asyncio.sleep(0)
+            side.states += list(conns)
             timing["restore"] = _ms(t_restore)
+            timing["restore_streamed"] = round(side.chunk_ms, 2)
             t_spawn = time.monotonic()
             env = {}
             if app_state:
@@ -434,8 +489,9 @@ class MigrationAgent:
             raise LocalControlError(f"service '{name}' is not restored here")
         # out of repair mode first: a socket in repair mode discards what it receives
         t0 = time.monotonic()
-        tcprepair.thaw_many(side.conns, side.bundle.connections)
+        tcprepair.thaw_many(side.conns, side.states)
         timing = {"thaw": _ms(t0)}
+        udp_errors_before = _udp_rcvbuf_errors()
         reinjected = 0
         for (_, s), st in zip([x for x in side.socks if x[1].type == socket.SOCK_DGRAM], side.bundle.udp):
             reinjected += udphandoff.reinject(st.datagrams, st.local[0], st.local[1], REINJECT_MARK)
@@ -445,7 +501,7 @@ class MigrationAgent:
             h.drop()
         for h in plan.accept:
             h.accept()
-        named = [(st.name or f"conn-{st.local[1]}", s) for st, s in zip(side.bundle.connections, side.conns)]
+        named = [(st.name or f"conn-{st.local[1]}", s) for st, s in zip(side.states, side.conns)]
         services.open_gate(side.rs, named)
         for s in side.conns:
             s.close()  # the new instance holds its own descriptors now
@@ -460,8 +516,10 @@ class MigrationAgent:
         st = side.cut.stats()
         timing["release"] = _ms(t0)
         drops = kernel_drops(self.agent.config.queue_num) - side.drops_at_start
+        # a full socket buffer drops at the moment we accept: count it as lost, honestly
+        drops += max(0, _udp_rcvbuf_errors() - udp_errors_before)
         if drops:
-            log.error("migration of %s: the kernel dropped %d queued packets on the destination", name, drops)
+            log.error("migration of %s: %d packets dropped by the kernel on the destination", name, drops)
         log.info("release %s: %s", name, timing)
         return {"timing_ms": timing, "held": st.held, "released": st.released, "duplicates_suppressed": st.duplicates_suppressed,
                 "reinjected": reinjected, "lost": drops, "kernel_drops": drops,

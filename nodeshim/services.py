@@ -49,6 +49,18 @@ def argv_for(exec_spec: str) -> list[str]:
     return argv
 
 
+UDP_RCVBUF = 8 << 20
+
+
+def big_udp_buffer(s: socket.socket) -> None:
+    """A migration releases everything held during the freeze at once; a default UDP
+    receive buffer (about 200 small datagrams) would overflow and drop them."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, 33, UDP_RCVBUF)  # SO_RCVBUFFORCE (root)
+    except OSError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+
+
 def open_sockets(vip: str, ports) -> list[tuple[str, socket.socket]]:
     """Bind every port of a service on the VIP; all-or-nothing."""
     opened: list[tuple[str, socket.socket]] = []
@@ -62,6 +74,7 @@ def open_sockets(vip: str, ports) -> list[tuple[str, socket.socket]]:
                 opened.append((f"tcp-{port}", s))
             elif proto == UDP:
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                big_udp_buffer(s)
                 s.bind((vip, port))
                 opened.append((f"udp-{port}", s))
             else:

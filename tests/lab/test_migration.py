@@ -33,17 +33,18 @@ def mlab():
         labmod.down(spec, log=lambda *a: None)
 
 
-def start_load(h, tmp_path, tag, conns=50, duration=30.0, udp=True, kv=True):
+def start_load(h, tmp_path, tag, conns=50, duration=30.0, udp=True, kv=True, rate=20.0):
     os.chmod(tmp_path, 0o777)
     ready, stop = tmp_path / f"{tag}.ready", tmp_path / f"{tag}.stop"
     args = [sys.executable, "-m", "vipctl.loadgen", VIP, "--conns", str(conns),
-            "--duration", str(duration), "--ready-file", str(ready), "--stop-file", str(stop)]
+            "--duration", str(duration), "--ready-file", str(ready), "--stop-file", str(stop),
+            "--rate", str(rate if conns <= 100 else 2.0)]
     if udp:
         args += ["--udp-port", "7"]
     if kv:
         args += ["--kv-port", "6379"]
     p = h.client_popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 20
+    deadline = time.time() + 60
     while not ready.exists():
         assert p.poll() is None, p.stderr.read().decode()
         assert time.time() < deadline, "load generator did not start"
@@ -101,6 +102,23 @@ def test_migrations_under_load_lose_nothing_and_duplicate_nothing(mlab, tmp_path
     assert all(x["tcp_established"] >= 50 and x["tcp_listening"] == 1 and x["udp_sockets"] == 1 for x in echo), echo
     assert all(x["duplicates_suppressed"] >= 0 and x["held"] >= x["released"] for x in reports)
     assert owner(mlab, "echo") == reports[-2]["to"] and owner(mlab, "kv") == reports[-1]["to"]
+
+
+def test_hundreds_of_connections_stream_and_move_exactly(mlab, tmp_path):
+    """More connections than one chunk: the source streams them ahead while it dumps, the
+    destination restores them meanwhile; still every message and datagram exactly once."""
+    p, stop = start_load(mlab, tmp_path, "many", conns=600, kv=False)
+    try:
+        src = owner(mlab, "echo")
+        report, _ = migrate(mlab, "echo", {"n1": "n2", "n2": "n3", "n3": "n1"}[src])
+        assert report["tcp_established"] >= 600, report
+        assert report["split_ms"]["restore"]["restore_streamed"] > 0, report["split_ms"]
+        assert not any(report["kernel_queue_drops"].values()), report
+        time.sleep(0.5)
+    finally:
+        r = finish_load(p, stop)
+    assert r["tcp_connected"] == 600
+    assert_exact(r)
 
 
 def test_queued_data_in_both_directions_moves_byte_exact(mlab, tmp_path):
