@@ -32,6 +32,7 @@ class Stats:
         self.tcp_sent = self.tcp_ok = self.tcp_bad = self.resets = self.tcp_errors = 0
         self.connected = 0
         self.conn_worst: list[float] = []
+        self.churn_ok = self.churn_bad = 0
         self.udp_sent = 0
         self.udp_answers: dict[int, int] = {}
         self.kv_set = self.kv_ok = self.kv_bad = 0
@@ -134,6 +135,36 @@ async def udp_stream(host, port, rate, stop, st: Stats):
         transport.close()
 
 
+async def churn_loop(host, port, rate, stop, st: Stats):
+    """Short connections: connect, one line, its echo, close. New connections during a
+    migration meet the held SYNs and the listener's accept queue being moved."""
+    interval = 1.0 / rate
+    i = 0
+
+    async def one(n):
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+            writer.write(b"churn %d\n" % n)
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            if line == b"churn %d\n" % n:
+                st.churn_ok += 1
+            else:
+                st.churn_bad += 1
+                st.errors.append(f"churn {n}: got {line!r}")
+        except (OSError, asyncio.TimeoutError) as e:
+            st.churn_bad += 1
+            st.errors.append(f"churn {n}: {type(e).__name__} {e}")
+
+    tasks = []
+    while not stop.is_set():
+        tasks.append(asyncio.ensure_future(one(i)))
+        i += 1
+        await asyncio.sleep(interval)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def kv_loop(host, port, stop, st: Stats):
     reader, writer = await asyncio.open_connection(host, port)
     i = 0
@@ -199,6 +230,8 @@ async def main(a):
         tasks.append(asyncio.ensure_future(udp_stream(a.host, a.udp_port, a.udp_rate, stop, st)))
     if a.kv_port:
         tasks.append(asyncio.ensure_future(kv_loop(a.host, a.kv_port, stop, st)))
+    if a.churn:
+        tasks.append(asyncio.ensure_future(churn_loop(a.host, a.tcp_port, a.churn, stop, st)))
     # ready when every connection is up (or failed)
     t_wait = time.monotonic() + 60
     while st.connected + st.tcp_errors < a.conns and time.monotonic() < t_wait:
@@ -219,6 +252,7 @@ async def main(a):
         "udp_sent": n, "udp_answered_once": once,
         "udp_duplicated": sum(1 for v in st.udp_answers.values() if v > 1),
         "udp_missing": sum(1 for i in range(n) if i not in st.udp_answers),
+        "churn_ok": st.churn_ok, "churn_bad": st.churn_bad,
         "kv_set": st.kv_set, "kv_ok": st.kv_ok, "kv_bad": st.kv_bad,
         "max_rtt_ms": round(st.max_rtt_ms, 2),
         "conn_worst_reply_ms": _percentiles(st.conn_worst), "retrans_segs": retrans_segs() - r0,
@@ -236,6 +270,7 @@ if __name__ == "__main__":
     p.add_argument("--udp-rate", type=float, default=200.0)
     p.add_argument("--kv-port", type=int, default=0)
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--churn", type=float, default=0.0, help="short connections per second")
     p.add_argument("--ready-file")
     p.add_argument("--stop-file")
     asyncio.run(main(p.parse_args()))

@@ -33,12 +33,12 @@ def mlab():
         labmod.down(spec, log=lambda *a: None)
 
 
-def start_load(h, tmp_path, tag, conns=50, duration=30.0, udp=True, kv=True, rate=20.0):
+def start_load(h, tmp_path, tag, conns=50, duration=30.0, udp=True, kv=True, rate=20.0, churn=0):
     os.chmod(tmp_path, 0o777)
     ready, stop = tmp_path / f"{tag}.ready", tmp_path / f"{tag}.stop"
     args = [sys.executable, "-m", "vipctl.loadgen", VIP, "--conns", str(conns),
             "--duration", str(duration), "--ready-file", str(ready), "--stop-file", str(stop),
-            "--rate", str(rate if conns <= 100 else 2.0)]
+            "--rate", str(rate if conns <= 100 else 2.0), "--churn", str(churn)]
     if udp:
         args += ["--udp-port", "7"]
     if kv:
@@ -102,6 +102,22 @@ def test_migrations_under_load_lose_nothing_and_duplicate_nothing(mlab, tmp_path
     assert all(x["tcp_established"] >= 50 and x["tcp_listening"] == 1 and x["udp_sockets"] == 1 for x in echo), echo
     assert all(x["duplicates_suppressed"] >= 0 and x["held"] >= x["released"] for x in reports)
     assert owner(mlab, "echo") == reports[-2]["to"] and owner(mlab, "kv") == reports[-1]["to"]
+
+
+def test_new_connections_during_migrations(mlab, tmp_path):
+    """Short connections keep opening and closing while the service moves: SYNs of the new
+    epoch are held for the destination, connections waiting in the listener's accept
+    queue move with it, and none of them fails."""
+    p, stop = start_load(mlab, tmp_path, "churn", conns=10, kv=False, churn=40)
+    try:
+        for _ in range(3):
+            src = owner(mlab, "echo")
+            migrate(mlab, "echo", {"n1": "n2", "n2": "n3", "n3": "n1"}[src])
+            time.sleep(0.5)
+    finally:
+        r = finish_load(p, stop)
+    assert_exact(r)
+    assert r["churn_ok"] > 50 and r["churn_bad"] == 0, r
 
 
 def test_hundreds_of_connections_stream_and_move_exactly(mlab, tmp_path):
