@@ -336,6 +336,56 @@ def demo(nodes, keep):
     run_demo(nodes=nodes, keep=keep)
 
 
+# --- replaying captures ----------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("pcap")
+@click.option("--mode", type=click.Choice(["pure", "packets", "sessions"]), default="pure", show_default=True,
+              help="pure: the in-memory cluster (no root); packets / sessions: the running lab.")
+@click.option("--nodes", type=click.IntRange(1, 32), default=None, help="Pure mode: nodes (default: the sidecar's, or 3).")
+@click.option("--service", "services", multiple=True, metavar="NAME=PROTO:PORT[,PROTO:PORT]@NODE",
+              help="Pure mode: a service and its first owner (repeatable; default: the sidecar's).")
+@click.option("--migrate", "migrations", multiple=True, metavar="SERVICE:NODE@INDEX",
+              help="Migrate SERVICE to NODE before the capture's frame INDEX (0-based; repeatable).")
+@click.option("--vip", default=None, help="The VIP in the capture (default: the sidecar's, or 203.0.113.10).")
+@click.option("--step-gap", default=3, show_default=True, type=click.IntRange(0, 100000),
+              help="Pure mode: packets that pass between one migration step and the next.")
+@click.option("--lag", "lags", multiple=True, metavar="NODE=PACKETS",
+              help="Pure mode: NODE decides each packet this many packets late (repeatable).")
+@click.option("--prefix", default="vip", show_default=True, help="Lab modes: the lab's namespace prefix.")
+@click.option("--max-gap", default=0.25, show_default=True, type=click.FloatRange(0, 10),
+              help="Lab modes: the longest pause (s) kept from the capture's timing.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def replay(ctx, pcap, mode, nodes, services, migrations, vip, step_gap, lags, prefix, max_gap, as_json):
+    """Replay capture PCAP through the cluster and judge it with the oracle (exit 1 if it fails)."""
+    from . import replay as rp
+
+    loaded = rp.load(pcap, vip)
+    plan = rp.parse_migrations(migrations)
+    if mode == "pure":
+        names, svcs = rp.setup(loaded, services, nodes)
+        result = rp.run_pure(loaded, names, svcs, plan, step_gap=step_gap, lag=rp.parse_lags(lags, names),
+                             sidecar_services=not services)
+    else:
+        if services or nodes:
+            raise ConfigError("--service/--nodes", "the lab modes use the running lab's nodes and services")
+        _need_root()
+        from . import lab as labmod
+        from . import replaylab
+
+        the_lab = labmod.Lab(prefix)
+        given = ctx.find_root().params.get("socket_path") or os.environ.get("VIPCTL_SOCKET")
+        sock = given or the_lab.control_socket
+        run = replaylab.run_packets if mode == "packets" else replaylab.run_sessions
+        result = run(loaded, the_lab, sock, plan, max_gap)
+        rp.check_expectations(result, loaded.sidecar, per_node=False)
+    _emit(result, as_json, lambda r: click.echo(rp.render(r)))
+    if not result.get("ok"):
+        sys.exit(1)
+
+
 def main(argv=None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="vipctl", standalone_mode=False)
