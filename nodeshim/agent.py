@@ -334,15 +334,9 @@ class NodeAgent:
 
 
 def run(config: NodeConfig) -> None:
-    import resource
+    from .limits import raise_nofile
 
-    # a migration takes a copy of every connection of the service: thousands of fds
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:  # root may raise the hard limit too (up to fs.nr_open)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 1 << 18), max(hard, 1 << 18)))
-    except (ValueError, OSError):
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile()  # a migration takes a copy of every connection of the service
     agent = NodeAgent(config)
     agent.prepare_kernel()
     try:

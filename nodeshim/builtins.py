@@ -21,12 +21,13 @@ from __future__ import annotations
 import array
 import base64
 import json
-import resource
 import os
 import selectors
 import signal
 import socket
 import sys
+
+from nodeshim.limits import raise_nofile
 
 
 OUTBUF_LIMIT = 256 * 1024
@@ -242,18 +243,8 @@ def _drain_wakeup(s: socket.socket) -> None:
         pass
 
 
-def _raise_nofile() -> None:
-    """Thousands of connections need thousands of descriptors: lift the soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:  # root may raise the hard limit too (up to fs.nr_open)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 1 << 18), max(hard, 1 << 18)))
-    except (ValueError, OSError):
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main(argv: list[str]) -> int:
-    _raise_nofile()
+    raise_nofile()
     if len(argv) != 1 or argv[0] not in ("echo", "kv"):
         print("usage: python -m nodeshim.builtins echo|kv", file=sys.stderr)
         return 2

@@ -14,10 +14,11 @@ It also reports the namespace's TCP retransmission counter (RetransSegs) before 
 import argparse
 import asyncio
 import json
-import resource
 import os
 import socket
 import time
+
+from nodeshim.limits import raise_nofile
 
 
 def retrans_segs() -> int:
@@ -197,16 +198,6 @@ async def kv_loop(host, port, stop, st: Stats):
         writer.close()
 
 
-def _raise_nofile() -> None:
-    """Thousands of connections need thousands of descriptors: lift the soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:  # root may raise the hard limit too (up to fs.nr_open)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 1 << 18), max(hard, 1 << 18)))
-    except (ValueError, OSError):
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _percentiles(values: list[float]) -> dict:
     """p50/p99/max of the connections' slowest replies."""
     if not values:
@@ -217,7 +208,7 @@ def _percentiles(values: list[float]) -> dict:
 
 
 async def main(a):
-    _raise_nofile()
+    raise_nofile()
     global CONNECT_SLOTS
     CONNECT_SLOTS = asyncio.Semaphore(128)  # a connect storm would overflow the SYN backlog
     st = Stats()
