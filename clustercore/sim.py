@@ -47,7 +47,7 @@ from . import migration as mig
 from .cutover import DestCutover, SourceCutover, consumed_from_wire, epoch_mac, packets_from_wire
 from .oracle import OracleReport, check_order, check_packets
 from .ownership import NodeFilter, Service, ServiceTable, Verdict
-from .packet import ICMP, ICMPV6, TCP, UDP, Packet, format_port, parse_packet
+from .packet import TCP, UDP, Packet, format_port, parse_packet
 
 GATEWAY_TAG = "gateway"  # the tag (source MAC) of packets that belong to no service port
 

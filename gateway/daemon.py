@@ -20,7 +20,7 @@ import time
 
 from clustercore.config import GatewayConfig
 from clustercore.errors import ConfigError, LocalControlError, PeerControlError, VipError
-from clustercore.ownership import Service, ServiceTable
+from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
 from clustercore.protocol import check_proof, require
 

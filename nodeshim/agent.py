@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import time
 
 from clustercore.config import NodeConfig
 from clustercore.errors import LocalControlError, PeerControlError, VipError

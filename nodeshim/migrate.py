@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from clustercore.cutover import (DestCutover, SourceCutover, consumed_from_wire, consumed_to_wire,
                                  packets_from_wire, packets_to_wire)
 from clustercore.errors import KernelError, LocalControlError, VipError
-from clustercore.packet import TCP, UDP
+from clustercore.packet import TCP
 from clustercore.protocol import require
 from clustercore import sockwire
 from clustercore.sockstate import ServiceSockets

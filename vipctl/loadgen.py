@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import time
 
 from nodeshim.limits import raise_nofile

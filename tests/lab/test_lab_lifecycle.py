@@ -8,7 +8,6 @@ import sys
 from pyroute2 import netns
 
 from tests.lab.conftest import ROOT, unique_prefix
-from vipctl import nsutil
 
 
 def vipctl(*args):

@@ -2,9 +2,7 @@
 file and the byte offset; frames that are not IPv4/IPv6 to the VIP are counted and
 skipped, never a crash; sessions are rebuilt by sequence number."""
 
-import io
 import json
-import os
 import struct
 import subprocess
 import sys
