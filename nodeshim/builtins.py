@@ -59,10 +59,15 @@ class Server:
         self.pending: dict[str, dict] = {}
         state_in = os.environ.get("VIPCLUSTER_STATE_IN")
         if state_in and os.path.exists(state_in):
-            with open(state_in) as f:
-                state = json.load(f)
-            self.kv = dict(state.get("kv", {}))
-            self.pending = dict(state.get("conns", {}))
+            self.load_state(state_in)
+
+    def load_state(self, path: str) -> None:
+        """What the old instance saved when it quiesced: the kv table, and per connection
+        the bytes it owed and a partial request."""
+        with open(path) as f:
+            state = json.load(f)
+        self.kv = dict(state.get("kv", {}))
+        self.pending = dict(state.get("conns", {}))
 
     def add(self, name: str, s: socket.socket) -> None:
         if s.type == socket.SOCK_DGRAM:
@@ -198,10 +203,11 @@ class Server:
                 self.do_quiesce()
 
 
-def wait_at_gate(fd: int) -> list[tuple[str, socket.socket]] | None:
-    """Receive the migrated connections (SCM_RIGHTS batches) until `go`; None if the
-    agent closed the gate without letting us serve."""
+def wait_at_gate(fd: int, server: "Server") -> list[tuple[str, socket.socket]] | None:
+    """Receive the saved state and the migrated connections (SCM_RIGHTS batches) until
+    `go`; None if the agent closed the gate without letting us serve."""
     gate = socket.socket(fileno=fd)
+    gate.send(b"ready")  # started: the agent may freeze the old instance now
     conns: list[tuple[str, socket.socket]] = []
     fd_size = array.array("i").itemsize
     while True:
@@ -210,7 +216,9 @@ def wait_at_gate(fd: int) -> list[tuple[str, socket.socket]] | None:
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(payload[: len(payload) - len(payload) % fd_size])
-        if data.startswith(b"fds "):
+        if data.startswith(b"state "):
+            server.load_state(data[6:].decode())
+        elif data.startswith(b"fds "):
             names = data[4:].decode().split(",")
             for name, f in zip(names, fds):
                 s = socket.socket(fileno=f)
@@ -266,7 +274,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     gate = os.environ.get("VIPCLUSTER_GATE_FD")
     if gate:
-        conns = wait_at_gate(int(gate))
+        conns = wait_at_gate(int(gate), server)
         if conns is None:
             # the agent went away before the release: the migration did not happen here
             return 0

@@ -59,6 +59,7 @@ QUIESCE_TIMEOUT_S = 2.0
 SYN_RECV_WAIT_S = 0.5
 CHUNK = 256  # sockets dumped or restored between two runs of the verdict loop
 HALF_CLOSED_WAIT_S = 1.0
+READY_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -80,6 +81,8 @@ class DestSide:
     conns: list[socket.socket] = field(default_factory=list)
     states: list = field(default_factory=list)  # TcpConnState of each of `conns`, same order
     chunk_ms: float = 0.0
+    restored: bool = False
+    state_path: str | None = None
     rs: services.RunningService | None = None
     service: object = None
     released: bool = False
@@ -401,10 +404,25 @@ class MigrationAgent:
         if name in self.agent.running:
             raise LocalControlError(f"service '{name}' already runs on {self.agent.config.name}")
         service = self._service(name)
+        if not service.exec_spec.startswith("builtin:"):
+            raise LocalControlError(f"service '{name}': only builtin services can be migrated yet "
+                                    "(a command-line service would need the state hook and the gate)")
         cut = DestCutover(require(msg, "epoch"))
-        self.dests[name] = DestSide(cut, service=service, drops_at_start=kernel_drops(self.agent.config.queue_num))
+        side = DestSide(cut, service=service, drops_at_start=kernel_drops(self.agent.config.queue_num))
+        self.dests[name] = side
         self.agent.filter.roles[name] = cut
         self.agent.sync_datapath()  # the service's packets now reach the queue (and are held)
+        # start the new instance now, gated, with its listeners and UDP sockets bound
+        # (the hold keeps every packet from them): the interpreter's start-up is then
+        # long over when the release comes, and no client waits for it
+        try:
+            side.socks = services.open_sockets(self.agent.config.vip, service.ports)
+            side.rs = services.spawn(service, list(side.socks), self.agent.log_dir, gated=True)
+            # and wait until it is up (its start-up must not compete with the freeze)
+            await services.wait_ready(side.rs, READY_TIMEOUT_S)
+        except BaseException:
+            self._discard_dest(side)
+            raise
         return {}
 
     async def op_chunk(self, name: str, msg: dict):
@@ -412,7 +430,7 @@ class MigrationAgent:
         side = self.dests.get(name)
         if side is None:
             raise LocalControlError(f"service '{name}' is not prepared for migration here")
-        if side.rs is not None:
+        if side.restored:
             raise LocalControlError(f"chunk for '{name}' after its restore")
         try:
             states = sockwire.unpack_connections(base64.b64decode(require(msg, "packed"), validate=True))
@@ -444,12 +462,17 @@ class MigrationAgent:
         side.bundle = bundle
         timing = {"decode": _ms(t0)}
         try:
-            for st in bundle.listeners:
-                side.socks.append((st.name or f"tcp-{st.local[1]}", tcprepair.open_listener(st)))
+            if side.rs is None:
+                raise LocalControlError(f"service '{name}' has no instance prepared here")
+            # the listeners and UDP sockets were opened at prepare: they must be the ones moved
+            have = sorted(s.getsockname()[1] for _, s in side.socks)
+            want = sorted([st.local[1] for st in bundle.listeners] + [st.local[1] for st in bundle.udp])
+            if have != want:
+                raise LocalControlError(f"restore of '{name}': sockets on ports {want}, prepared {have}")
             for st in bundle.udp:
-                u = udphandoff.open_udp(st)
-                services.big_udp_buffer(u)
-                side.socks.append((st.name or f"udp-{st.local[1]}", u))
+                if st.peer is not None:
+                    udp = next(s for _, s in side.socks if s.type == socket.SOCK_DGRAM and s.getsockname()[1] == st.local[1])
+                    udp.connect(st.peer)
             # stay in repair mode until release: nothing leaves this node before the
             # point of no return, and if we die the sockets close without a packet
             t_restore = time.monotonic()
@@ -463,18 +486,13 @@ class MigrationAgent:
             side.states += list(conns)
             timing["restore"] = _ms(t_restore)
             timing["restore_streamed"] = round(side.chunk_ms, 2)
-            t_spawn = time.monotonic()
-            env = {}
             if app_state:
                 path = services.state_file(self.agent.log_dir, name) + ".in"
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
                 with open(path, "wb") as f:
                     f.write(base64.b64decode(app_state))
-                env["VIPCLUSTER_STATE_IN"] = path
-            # the instance starts now with its listeners and UDP sockets, and waits at the
-            # gate; its connections follow over the gate at release
-            side.rs = services.spawn(side.service, list(side.socks), self.agent.log_dir, env, gated=True)
-            timing["spawn"] = _ms(t_spawn)
+                side.state_path = path  # handed to the instance over the gate at release
+            side.restored = True
         except BaseException:
             self._discard_dest(side)
             raise
@@ -485,7 +503,7 @@ class MigrationAgent:
 
     async def op_release(self, name: str, msg: dict):
         side = self.dests.get(name)
-        if side is None or side.rs is None:
+        if side is None or not side.restored:
             raise LocalControlError(f"service '{name}' is not restored here")
         # out of repair mode first: a socket in repair mode discards what it receives
         t0 = time.monotonic()
@@ -493,7 +511,7 @@ class MigrationAgent:
         timing = {"thaw": _ms(t0)}
         udp_errors_before = _udp_rcvbuf_errors()
         reinjected = 0
-        for (_, s), st in zip([x for x in side.socks if x[1].type == socket.SOCK_DGRAM], side.bundle.udp):
+        for st in side.bundle.udp:  # into the UDP socket bound at prepare (same VIP:port)
             reinjected += udphandoff.reinject(st.datagrams, st.local[0], st.local[1], REINJECT_MARK)
         reinjected += inject_ip_packets(list(packets_from_wire(msg.get("late_packets", []))))
         plan = side.cut.release(consumed_from_wire(require(msg, "consumed", list)), time.monotonic())
@@ -502,7 +520,7 @@ class MigrationAgent:
         for h in plan.accept:
             h.accept()
         named = [(st.name or f"conn-{st.local[1]}", s) for st, s in zip(side.states, side.conns)]
-        services.open_gate(side.rs, named)
+        services.open_gate(side.rs, named, state_path=side.state_path)
         for s in side.conns:
             s.close()  # the new instance holds its own descriptors now
         side.conns = []

@@ -133,11 +133,13 @@ def state_file(log_dir: str, name: str) -> str:
 GATE_BATCH = 250  # descriptors per SCM_RIGHTS message (the kernel allows 253)
 
 
-def open_gate(rs: RunningService, connections: list[tuple[str, socket.socket]] = ()) -> None:
+def open_gate(rs: RunningService, connections: list[tuple[str, socket.socket]] = (),
+              state_path: str | None = None) -> None:
     """Hand a gated instance its migrated connections, then let it serve.
 
     The connections travel over the gate (a SOCK_SEQPACKET pair) with SCM_RIGHTS, in
-    batches: `fds NAME,NAME,...` with the descriptors attached, then `go`. Passing them
+    batches: `fds NAME,NAME,...` with the descriptors attached, then `go`; before them,
+    `state PATH` names the state the old instance saved (the state hook). Passing them
     at release rather than at spawn means neither side ever holds two copies of
     thousands of descriptors, and the instance can start (Python takes tens of ms) while
     the sockets are still being restored.
@@ -146,6 +148,8 @@ def open_gate(rs: RunningService, connections: list[tuple[str, socket.socket]] =
         return
     gate = socket.socket(fileno=os.dup(rs.gate_fd))
     try:
+        if state_path:
+            gate.send(b"state " + state_path.encode())  # the state hook's file, to load first
         conns = list(connections)
         for i in range(0, len(conns), GATE_BATCH):
             batch = conns[i:i + GATE_BATCH]
@@ -158,6 +162,23 @@ def open_gate(rs: RunningService, connections: list[tuple[str, socket.socket]] =
     finally:
         gate.close()
         close_gate(rs)
+
+
+async def wait_ready(rs: RunningService, timeout: float) -> None:
+    """A gated instance says `ready` on the gate once it has started (interpreter, imports,
+    sockets); wait for that, so its start-up is over before anything is frozen."""
+    import asyncio
+
+    gate = socket.socket(fileno=os.dup(rs.gate_fd))
+    gate.setblocking(False)
+    try:
+        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(gate, 64), timeout)
+    except asyncio.TimeoutError:
+        raise LocalControlError(f"the new instance of '{rs.service.name}' did not start within {timeout:g}s") from None
+    finally:
+        gate.close()
+    if data != b"ready":
+        raise LocalControlError(f"the new instance of '{rs.service.name}' exited during start (see {rs.log_path})")
 
 
 def close_gate(rs: RunningService) -> None:
