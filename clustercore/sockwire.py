@@ -18,11 +18,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import socket as _socket_consts  # only for inet_aton/ntoa, pure conversions
 import struct
 from typing import Any
 
 from .sockstate import ServiceSockets, TcpConnState, TcpListenerState, TcpWindow, UdpSocketState
+
+def _ip_bytes(ip: str) -> bytes:
+    parts = ip.split(".")
+    if len(parts) != 4:
+        raise ValueError(f"not an IPv4 address: {ip!r}")
+    return bytes(int(p) for p in parts)  # ValueError past 255: TcpConnState validated it already
+
+
+def _ip_text(b: bytes) -> str:
+    return f"{b[0]}.{b[1]}.{b[2]}.{b[3]}"
+
 
 _REC = struct.Struct("!4sH4sHHBBBIIIIIIIIIIIB")
 _WS, _TS, _SACK = 1, 2, 4
@@ -33,8 +43,8 @@ def _pack_conn(c: TcpConnState) -> bytes:
     name = (c.name or "").encode()
     w = c.window
     flags = (_WS if c.window_scaling else 0) | (_TS if c.timestamps else 0) | (_SACK if c.sack else 0)
-    head = _REC.pack(_socket_consts.inet_aton(c.local[0]), c.local[1],
-                     _socket_consts.inet_aton(c.remote[0]), c.remote[1],
+    head = _REC.pack(_ip_bytes(c.local[0]), c.local[1],
+                     _ip_bytes(c.remote[0]), c.remote[1],
                      c.mss, c.snd_wscale, c.rcv_wscale, flags, c.tsval,
                      w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup,
                      c.send_seq, c.recv_seq, len(c.recv_queue), len(c.send_queue), c.unsent_len, len(name))
@@ -63,7 +73,7 @@ def unpack_connections(data: bytes) -> tuple[TcpConnState, ...]:
         sq = data[off:off + slen]
         off += slen
         out.append(TcpConnState(
-            local=(_socket_consts.inet_ntoa(lip), lport), remote=(_socket_consts.inet_ntoa(rip), rport),
+            local=(_ip_text(lip), lport), remote=(_ip_text(rip), rport),
             mss=mss, window_scaling=bool(flags & _WS), snd_wscale=sws, rcv_wscale=rws,
             timestamps=bool(flags & _TS), tsval=tsval, sack=bool(flags & _SACK),
             window=TcpWindow(snd_wl1=wl1, snd_wnd=swnd, max_window=maxw, rcv_wnd=rwnd, rcv_wup=rwup),

@@ -110,7 +110,6 @@ def main(argv):
 def bulk_echo(host, port, nbytes, ready_file, go_file):
     """Fill both directions: send without reading until the kernel stops us, say how much,
     wait for go_file, then read everything back and check it byte for byte."""
-    import os
     pattern = bytes(range(256)) * 256
     s = socket.create_connection((host, port), timeout=10)
     s.setblocking(False)
@@ -128,16 +127,10 @@ def bulk_echo(host, port, nbytes, ready_file, go_file):
             if time.time() - stalled_since > 1.0:
                 break  # both directions are full
             time.sleep(0.01)
-    with open(ready_file, "w") as f:
-        f.write(str(sent))
-    while not os.path.exists(go_file) and time.time() < deadline + 60:
-        time.sleep(0.02)
-    s.setblocking(True)
-    s.settimeout(10)
+    _ready_then_wait(s, sent, ready_file, go_file, deadline + 60)
     # send a little more after the migration, then read all of it back
     tail = b"after-migration" * 100
     s.sendall(tail)
-    expect = (pattern * (sent // len(pattern) + 2))[:0]  # placeholder, built below
     want_len = sent + len(tail)
     got = bytearray()
     while len(got) < want_len:
@@ -155,11 +148,22 @@ def bulk_echo(host, port, nbytes, ready_file, go_file):
     return {"sent": sent, "received": len(got), "expected": len(expect), "byte_exact": same, "first_diff": first_diff}
 
 
+def _ready_then_wait(s, sent, ready_file, go_file, until):
+    """Tell the test how much we sent, wait for its go (the migration happened), then
+    read blocking."""
+    import os
+    with open(ready_file, "w") as f:
+        f.write(str(sent))
+    while not os.path.exists(go_file) and time.time() < until:
+        time.sleep(0.02)
+    s.setblocking(True)
+    s.settimeout(10)
+
+
 def half_closed(host, port, nbytes, ready_file, go_file):
     """Send a lot without reading, then shut our side (FIN): the server stays CLOSE_WAIT
     while it still owes us data. After go_file, read everything; it must be byte-exact and
     end with a clean EOF (no reset)."""
-    import os
     payload = bytes(range(256)) * (nbytes // 256)
     s = socket.create_connection((host, port), timeout=10)
     s.setblocking(False)
@@ -174,12 +178,7 @@ def half_closed(host, port, nbytes, ready_file, go_file):
                 break
     s.shutdown(socket.SHUT_WR)
     time.sleep(0.5)  # let the FIN reach the server: it is CLOSE_WAIT while it owes us data
-    with open(ready_file, "w") as f:
-        f.write(str(sent))
-    while not os.path.exists(go_file) and time.time() < deadline + 60:
-        time.sleep(0.02)
-    s.setblocking(True)
-    s.settimeout(10)
+    _ready_then_wait(s, sent, ready_file, go_file, deadline + 60)
     got = bytearray()
     reset = False
     try:

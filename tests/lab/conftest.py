@@ -1,5 +1,6 @@
 """Lab fixtures: a real cluster in uniquely named namespaces, always torn down."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -71,6 +72,22 @@ class LabHandle:
         if r.returncode != 0:
             raise AssertionError(f"client {args} failed: {r.stderr.decode()}")
         return json.loads(r.stdout)
+
+
+@contextlib.contextmanager
+def lab_with_services(tag: str, **options):
+    """A lab of its own (unique prefix) with echo (tcp:7, udp:7) on n1 and kv (tcp:6379)
+    on n2; always torn down."""
+    spec = labmod.Lab(unique_prefix(tag), 3, **options)
+    labmod.down(spec, log=lambda *a: None)
+    try:
+        labmod.up(spec, log=lambda *a: None)
+        h = LabHandle(spec)
+        h.vipctl("service", "add", "echo", "--node", "n1", "--port", "tcp:7", "--port", "udp:7", "--exec", "builtin:echo")
+        h.vipctl("service", "add", "kv", "--node", "n2", "--port", "tcp:6379", "--exec", "builtin:kv")
+        yield h
+    finally:
+        labmod.down(spec, log=lambda *a: None)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.lab.conftest import HERE, LabHandle, unique_prefix
+from tests.lab.conftest import HERE, lab_with_services
 from vipctl import lab as labmod
 from vipctl.lab import VIP
 
@@ -24,16 +24,8 @@ def mlab():
     # selective delivery: a service's copies go only to its owner (both nodes while it
     # migrates), which also keeps the dup-delivery reordering of KERNEL-NOTES (spurious
     # client retransmissions) out of the retransmission comparison below
-    spec = labmod.Lab(unique_prefix("m"), 3, delivery="selective")
-    labmod.down(spec, log=lambda *a: None)
-    try:
-        labmod.up(spec, log=lambda *a: None)
-        h = LabHandle(spec)
-        h.vipctl("service", "add", "echo", "--node", "n1", "--port", "tcp:7", "--port", "udp:7", "--exec", "builtin:echo")
-        h.vipctl("service", "add", "kv", "--node", "n2", "--port", "tcp:6379", "--exec", "builtin:kv")
+    with lab_with_services("m", delivery="selective") as h:
         yield h
-    finally:
-        labmod.down(spec, log=lambda *a: None)
 
 
 def start_load(h, tmp_path, tag, conns=50, duration=30.0, udp=True, kv=True, rate=20.0, churn=0):

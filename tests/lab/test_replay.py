@@ -11,8 +11,7 @@ import os
 
 import pytest
 
-from tests.lab.conftest import ROOT, LabHandle, unique_prefix
-from vipctl import lab as labmod
+from tests.lab.conftest import ROOT, lab_with_services
 
 CAPTURES = os.path.join(ROOT, "captures")
 
@@ -31,16 +30,8 @@ def sidecar(name):
 
 @pytest.fixture(scope="module")
 def rlab():
-    spec = labmod.Lab(unique_prefix("r"), 3, datapath="queue")
-    labmod.down(spec, log=lambda *a: None)
-    try:
-        labmod.up(spec, log=lambda *a: None)
-        h = LabHandle(spec)
-        h.vipctl("service", "add", "echo", "--node", "n1", "--port", "tcp:7", "--port", "udp:7", "--exec", "builtin:echo")
-        h.vipctl("service", "add", "kv", "--node", "n2", "--port", "tcp:6379", "--exec", "builtin:kv")
+    with lab_with_services("r", datapath="queue") as h:
         yield h
-    finally:
-        labmod.down(spec, log=lambda *a: None)
 
 
 def replay(h, name, *args, check=True):
