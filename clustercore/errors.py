@@ -5,6 +5,8 @@ VipError                base of everything the CLI turns into one clear line.
   ControlError          the control protocol failed.
     LocalControlError   we used the API wrongly / our request was refused (bad input).
     PeerControlError    the peer sent garbage or went away.
+      ConnectionLost    the connection ended (or was never there) before the reply came.
+      PeerTimedOut      the peer did not answer in time (the connection may be fine).
   MigrationError        a migration failed (which service, which step, what was rolled back).
   KernelError           a kernel operation failed (which operation, which errno).
   CaptureError          a packet capture file cannot be read (which file, which byte offset).
@@ -38,6 +40,14 @@ class LocalControlError(ControlError):
 
 class PeerControlError(ControlError):
     """The peer broke the protocol, failed to authenticate, or went away."""
+
+
+class ConnectionLost(PeerControlError):
+    """The connection to the peer ended, or there was none: the peer is gone."""
+
+
+class PeerTimedOut(PeerControlError):
+    """The peer did not answer in time; the connection itself may still be up."""
 
 
 class MigrationError(VipError):

@@ -63,7 +63,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from .cutover import Flow, consumed_to_wire, packets_to_wire
+from . import messages as msgs
+from .cutover import Flow
 from .migration_messages import (  # noqa: F401  (re-exported: the machine's vocabulary)
     State,
     BEFORE_RELEASE,
@@ -96,6 +97,7 @@ from .migration_messages import (  # noqa: F401  (re-exported: the machine's voc
     SetOwner,
     ArmTimer,
     Report,
+    Transition,
     MigrationReport,
     Finished,
     MigrationTimeouts,
@@ -208,7 +210,7 @@ class Migration:
         previous, self._state = self._state, target
         if target is previous:
             return commands
-        out: list[Command] = [Report(target.value, f"{previous.value} -> {target.value}")]
+        out: list[Command] = [Transition(previous, target)]
         out += commands
         if target in TERMINAL:
             self._deadline = None
@@ -222,8 +224,8 @@ class Migration:
             out.append(ArmTimer(self._deadline))
         return out
 
-    def _message(self, op: str, **extra: Any) -> dict:
-        return {"op": f"migrate_{op}", "service": self.service, "epoch": self.epoch, **extra}
+    def _message(self, step: type[msgs.Step], **extra: Any) -> msgs.Step:
+        return step(service=self.service, epoch=self.epoch, **extra)
 
     def _expect(self, event: Event, node: str) -> None:
         if event.node != node:
@@ -257,11 +259,11 @@ class Migration:
     def _on_start(self, event: Start, now: float) -> list[Command]:
         self._started_at = now
         return [SetDelivery(self.service, (self.source, self.dest)),
-                SendToNode(self.dest, self._message("prepare", role="dest", source=self.source))]
+                SendToNode(self.dest, self._message(msgs.Prepare, source=self.source))]
 
     def _on_hold_ready(self, event: HoldReady, now: float) -> list[Command]:
         self._expect(event, self.dest)
-        return [SendToNode(self.source, self._message("arm", role="source", dest=self.dest))]
+        return [SendToNode(self.source, self._message(msgs.Arm, destination=self.dest))]
 
     def _on_counting_ready(self, event: CountingReady, now: float) -> list[Command]:
         self._expect(event, self.source)
@@ -271,19 +273,19 @@ class Migration:
         if (event.service, event.epoch) != (self.service, self.epoch):
             raise _Unexpected(f"gateway flipped {event.service} to {event.epoch}, expected "
                               f"{self.service} to {self.epoch}")
-        return [SendToNode(self.source, self._message("freeze"))]
+        return [SendToNode(self.source, self._message(msgs.Freeze))]
 
     def _on_frozen(self, event: Frozen, now: float) -> list[Command]:
         self._expect(event, self.source)
         self._consumed, self._late = dict(event.consumed), event.late_packets
         for name in ("tcp_established", "tcp_listening", "udp_sockets", "bytes_moved"):
             self._facts[name] = getattr(event, name)
-        return [SendToNode(self.dest, self._message("restore", sockets=event.socket_state))]
+        return [SendToNode(self.dest, self._message(msgs.Restore, sockets=event.socket_state or {}))]
 
     def _on_restored(self, event: Restored, now: float) -> list[Command]:
         self._expect(event, self.dest)
-        release = self._message("release", consumed=consumed_to_wire(self._consumed),
-                                late_packets=packets_to_wire(self._late))
+        release = self._message(msgs.Release, consumed=self._consumed,
+                                late_packets=self._late)
         return [
             Report("point_of_no_return", f"owner of {self.service} := {self.dest}; releasing"),
             SetOwner(self.service, self.dest),
@@ -295,13 +297,13 @@ class Migration:
         for name in ("held", "released", "duplicates_suppressed", "lost"):
             self._facts[name] = getattr(event, name)
         self._facts["freeze_ms"] = float(event.freeze_ms)
-        return [SendToNode(self.source, self._message("commit"))]
+        return [SendToNode(self.source, self._message(msgs.Commit))]
 
     def _on_committed(self, event: Committed, now: float) -> list[Command]:
         self._expect(event, self.source)
         if not event.late_packets:
             return []
-        inject = self._message("inject", packets=packets_to_wire(event.late_packets))
+        inject = self._message(msgs.Inject, packets=event.late_packets)
         return [SendToNode(self.dest, inject)]
 
     def _on_rolled_back(self, event: RolledBack, now: float) -> list[Command]:
@@ -317,8 +319,8 @@ class Migration:
     def _roll_back(self, reason: str, now: float) -> list[Command]:
         self._problem(reason)
         return [
-            SendToNode(self.dest, self._message("abort")),
-            SendToNode(self.source, self._message("rollback")),
+            SendToNode(self.dest, self._message(msgs.Abort)),
+            SendToNode(self.source, self._message(msgs.Rollback)),
         ]
 
     def _ignore_unexpected(self, reason: str, now: float) -> list[Command]:
@@ -333,7 +335,7 @@ class Migration:
     def _fail_while_releasing(self, event: Event, now: float) -> list[Command]:
         self._problem(self._describe(event) + " (past the point of no return: committing)")
         self._lost_known = False
-        return [SendToNode(self.source, self._message("commit"))]
+        return [SendToNode(self.source, self._message(msgs.Commit))]
 
     def _fail_while_committing(self, event: Event, now: float) -> list[Command]:
         self._problem(self._describe(event) + " (committed without the source's confirmation)")

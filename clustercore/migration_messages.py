@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from .cutover import Flow, check_consumed
 from .errors import ConfigError, LocalControlError, MigrationError
+from .messages import Step
 
 
 class State(enum.Enum):
@@ -188,7 +189,7 @@ class Command:
 @dataclass(frozen=True, slots=True)
 class SendToNode(Command):
     node: str
-    message: dict  # JSON-ready (clustercore.protocol.encode); do not mutate
+    message: Step  # a migration step (clustercore.messages), sent as a request
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +223,14 @@ class ArmTimer(Command):
 class Report(Command):
     step: str
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transition(Command):
+    """The machine entered `state` (the driver times steps and tells the operator)."""
+
+    previous: State
+    state: State
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -1,9 +1,11 @@
-"""The migration controller: drives clustercore.migration.Migration with real I/O.
+"""The migration controller: the gateway's hands for clustercore.migration.
 
-The state machine decides; this module only performs its commands (messages to the two
-node agents, the epoch flip in nftables, the durable owner switch in SQLite, one timer,
-progress lines to `vipctl`) and turns what comes back into events. A reply the agent
-refused becomes StepFailed, a lost connection NodeLost, a garbled reply MessageLost.
+The state machine decides and `clustercore.migration_driver.MigrationDriver` says what each
+of its commands means; this module only supplies the real I/O (an `Executor`): step
+messages to the two node agents, the epoch flip in nftables, the durable owner switch in
+SQLite, one timer, progress lines to `vipctl`. What comes back becomes an event, by type:
+a reply is turned into its step's event (`REPLY_EVENTS`), a refusal into StepFailed, a lost
+connection into NodeLost, a timeout or a garbled reply into MessageLost.
 """
 
 from __future__ import annotations
@@ -11,44 +13,177 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
+from clustercore import messages as msgs
 from clustercore import migration as mig
-from clustercore.cutover import consumed_from_wire, packets_from_wire
-from clustercore.errors import LocalControlError, PeerControlError, VipError
-from clustercore.protocol import require
+from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
+from clustercore.kinds import Delivery, ServiceKind, service_kind
+from clustercore.migration_driver import MigrationDriver
+from vipwire.rpc import Context
 
 from . import nft
 
 log = logging.getLogger("vipcluster.controller")
 
-# per step, how long one agent request may take before it counts as lost
-REQUEST_TIMEOUT = 30.0
+REQUEST_TIMEOUT_S = 30.0  # one step request to an agent; the machine's own timers are shorter
+FINAL_REQUEST_TIMEOUT_S = 5.0  # the repeated abort/rollback after a rollback
+LAST_MESSAGES_WAIT_S = 5.0  # commit/inject/abort still going out when the machine finishes
+REPORTS_KEPT = 20
+
+# A node's reply to a step, as the machine's event. Steps missing here (abort, inject)
+# have nothing the machine waits for.
+REPLY_EVENTS: dict[type, Callable[[str, object], mig.Event]] = {
+    msgs.Prepare: lambda node, r: mig.HoldReady(node=node),
+    msgs.Arm: lambda node, r: mig.CountingReady(node=node),
+    msgs.Freeze: lambda node, r: mig.Frozen(
+        node=node, consumed=r.consumed, late_packets=r.late_packets, socket_state=r.sockets,
+        tcp_established=r.tcp_established, tcp_listening=r.tcp_listening,
+        udp_sockets=r.udp_sockets, bytes_moved=r.bytes_moved),
+    msgs.Restore: lambda node, r: mig.Restored(node=node),
+    msgs.Release: lambda node, r: mig.Released(
+        node=node, held=r.held, released=r.released,
+        duplicates_suppressed=r.duplicates_suppressed, reinjected=r.reinjected, lost=r.lost,
+        freeze_ms=r.freeze_ms),
+    msgs.Commit: lambda node, r: mig.Committed(node=node, late_packets=r.late_packets),
+    msgs.Rollback: lambda node, r: mig.RolledBack(node=node),
+}
 
 
-def _event_for_reply(op: str, node: str, r: dict):
-    """Turn an agent's reply to migrate_<op> into the machine's event (None: no event)."""
-    if op == "migrate_prepare":
-        return mig.HoldReady(node=node)
-    if op == "migrate_arm":
-        return mig.CountingReady(node=node)
-    if op == "migrate_freeze":
-        return mig.Frozen(node=node, consumed=consumed_from_wire(r["consumed"]),
-                          late_packets=packets_from_wire(r.get("late_packets", [])),
-                          socket_state=r["sockets"], tcp_established=int(r["tcp_established"]),
-                          tcp_listening=int(r["tcp_listening"]), udp_sockets=int(r["udp_sockets"]),
-                          bytes_moved=int(r["bytes_moved"]))
-    if op == "migrate_restore":
-        return mig.Restored(node=node)
-    if op == "migrate_release":
-        return mig.Released(node=node, held=int(r["held"]), released=int(r["released"]),
-                            duplicates_suppressed=int(r["duplicates_suppressed"]),
-                            reinjected=int(r.get("reinjected", 0)), lost=int(r.get("lost", 0)),
-                            freeze_ms=float(r["freeze_ms"]))
-    if op == "migrate_commit":
-        return mig.Committed(node=node, late_packets=packets_from_wire(r.get("late_packets", [])))
-    if op == "migrate_rollback":
-        return mig.RolledBack(node=node)
-    return None  # abort, inject: nothing to wait for
+class _Run:
+    """The I/O of one running migration: the Executor the driver performs through."""
+
+    def __init__(self, controller: "Controller", name: str, source: str, dest: str,
+                 new_epoch: int, progress: Callable[[str, str], None]) -> None:
+        self.ctl, self.gw = controller, controller.gw
+        self.name, self.source, self.dest, self.new_epoch = name, source, dest, new_epoch
+        self.say = progress
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.deadline: float | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.entered: tuple[str, float] | None = None  # (state, loop time) of the current step
+        self.steps_ms: dict[str, float] = {}  # how long each step took: where the time goes
+        self.split_ms: dict[str, dict] = {}  # the agents' own timing of their parts
+        self.kernel_drops: dict[str, int] = {}  # packets a node's kernel queue dropped meanwhile
+        self.last_chunk: asyncio.Future | None = None  # the chunk relay's tail (streamed dump)
+        self.done: mig.Finished | None = None
+
+    # --- Executor ---------------------------------------------------------------------
+    def send(self, node: str, message: msgs.Step) -> None:
+        task = asyncio.ensure_future(self._request(node, message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def flip_epoch(self, service: str, epoch: str) -> None:
+        self.gw.epochs[service] = self.new_epoch
+        self.gw.apply_delivery()
+        self.gw.registry.set_epoch(service, self.new_epoch)
+
+    def set_delivery(self, service: str, nodes: tuple[str, ...]) -> None:
+        if self.gw.config.delivery != Delivery.SELECTIVE:
+            return  # broadcast: every node gets every copy anyway
+        if nodes == (self.gw.table.get(service).owner,):
+            self.gw.delivery_override.pop(service, None)
+        else:
+            self.gw.delivery_override[service] = tuple(nodes)
+        self.gw.apply_delivery()
+
+    def set_owner(self, service: str, node: str) -> None:
+        self.gw.table.set_owner(service, node)
+        self.gw.registry.set_owner(service, node)  # durable before the release goes out
+
+    def arm_timer(self, deadline: float | None) -> None:
+        self.deadline = deadline
+
+    def transition(self, previous: mig.State, state: mig.State) -> None:
+        now = self.loop.time()
+        if self.entered is not None:
+            step, since = self.entered
+            self.steps_ms[step] = round((now - since) * 1000, 2)
+        self.entered = (state.value, now)
+        self.report(state.value, f"{previous.value} -> {state.value}")
+
+    def report(self, step: str, detail: str) -> None:
+        log.info("migration of %s: %s: %s", self.name, step, detail)
+        self.say(step, detail)
+
+    def finished(self, done: mig.Finished) -> None:
+        self.done = done
+
+    # --- replies ----------------------------------------------------------------------
+    async def _request(self, node: str, message: msgs.Step) -> None:
+        op = message.OP
+        session = self.gw.agents.get(node)
+        try:
+            if isinstance(message, msgs.Restore) and self.last_chunk is not None:
+                await self.last_chunk  # every streamed chunk is restored before the rest
+            if session is None:
+                raise ConnectionLost(f"node {node} is down")
+            reply = await session.rpc.request(message, timeout=REQUEST_TIMEOUT_S)
+            timing = getattr(reply, "timing_ms", None)
+            if timing:
+                self.split_ms[op.removeprefix("migrate.")] = timing
+            drops = getattr(reply, "kernel_drops", 0)
+            if drops:
+                self.kernel_drops[node] = self.kernel_drops.get(node, 0) + drops
+            make = REPLY_EVENTS.get(type(message))
+            event = make(node, reply) if make is not None else None
+        except LocalControlError as e:
+            event = mig.StepFailed(node=node, reason=f"{node} refused {op}: {e}")
+        except ConnectionLost as e:
+            event = mig.NodeLost(node=node, reason=str(e))
+        except PeerControlError as e:  # timed out, or the reply was garbage
+            event = mig.MessageLost(node=node, reason=str(e))
+        except VipError as e:
+            event = mig.MessageLost(node=node, reason=f"bad reply to {op}: {e}")
+        if event is not None:
+            await self.events.put(event)
+
+    async def drive(self, machine: mig.Migration) -> mig.Finished:
+        driver = MigrationDriver(machine, self)
+        driver.feed(mig.Start(), self.loop.time())
+        # NodeLost for an agent that drops while we wait on something else
+        watchers = [asyncio.ensure_future(self._watch_node(n)) for n in (self.source, self.dest)]
+        try:
+            while self.done is None:
+                timeout = None if self.deadline is None else max(0.0, self.deadline - self.loop.time())
+                try:
+                    event = await asyncio.wait_for(self.events.get(), timeout)
+                except asyncio.TimeoutError:
+                    driver.tick(self.loop.time())
+                else:
+                    driver.feed(event, self.loop.time())
+        finally:
+            for w in watchers:
+                w.cancel()
+            if self.last_chunk is not None and self.last_chunk.done() and not self.last_chunk.cancelled():
+                self.last_chunk.exception()  # retrieved: a failed chunk was already reported
+        if self.tasks:  # let the last messages (commit, inject, abort) go out
+            await asyncio.wait(list(self.tasks), timeout=LAST_MESSAGES_WAIT_S)
+        return self.done
+
+    async def _watch_node(self, node: str) -> None:
+        session = self.gw.agents.get(node)
+        if session is None:
+            await self.events.put(mig.NodeLost(node=node, reason=f"node {node} is down"))
+            return
+        await session.rpc.closed.wait()
+        await self.events.put(mig.NodeLost(node=node, reason=f"lost the connection to node {node}"))
+
+    # --- the streamed dump --------------------------------------------------------------
+    def relay(self, chunk: msgs.Chunk) -> None:
+        """Pass a chunk on to the destination after the previous one (order, and stop at
+        the first failure: it raises here too)."""
+        self.last_chunk = asyncio.ensure_future(self._forward(self.last_chunk, chunk))
+
+    async def _forward(self, previous: asyncio.Future | None, chunk: msgs.Chunk) -> None:
+        if previous is not None:
+            await previous
+        session = self.gw.agents.get(self.dest)
+        if session is None:
+            raise ConnectionLost(f"node {self.dest} is down")
+        await session.rpc.request(chunk, timeout=REQUEST_TIMEOUT_S)
 
 
 class Controller:
@@ -56,49 +191,30 @@ class Controller:
         self.gw = gateway
         self.book = mig.MigrationBook()
         self.timeouts = mig.MigrationTimeouts()
-        self.last_reports: list[dict] = []
-        self.relays: dict[str, dict] = {}  # service -> chunk relay of its running migration
+        self.runs: dict[str, _Run] = {}  # service -> its running migration
 
     def busy(self, service: str) -> bool:
         return service in self.book
 
-    # --- requests --------------------------------------------------------------------
-    async def control_request(self, msg: dict, progress=None):
-        op = msg.get("op")
-        if op == "migrate":
-            return await self.migrate(require(msg, "name"), require(msg, "to"), progress)
-        if op == "node.drain":
-            return await self.drain(require(msg, "node"), msg.get("to"), progress)
-        raise LocalControlError(f"unknown request '{op}'")
+    # --- requests ---------------------------------------------------------------------
+    async def op_migrate(self, msg: msgs.Migrate, ctx: Context) -> dict:
+        return await self.migrate(msg.name, msg.to, ctx.progress)
 
-    async def agent_request(self, node: str, msg: dict):
-        if msg.get("op") == "migrate_chunk":
-            return self._relay_chunk(node, msg)
-        raise LocalControlError(f"unknown request '{msg.get('op')}' from node {node}")
+    async def op_drain(self, msg: msgs.NodeDrain, ctx: Context) -> dict:
+        return await self.drain(msg.node, msg.to, ctx.progress)
 
-    # --- streamed socket state ----------------------------------------------------------
-    def _relay_chunk(self, node: str, msg: dict) -> None:
+    async def relay_chunk(self, node: str, chunk: msgs.Chunk) -> None:
         """A source streams its dumped connections in chunks while it goes on dumping; we
         pass them on to the destination in order, so it restores chunk k while the source
         dumps chunk k+1 (both cores at work). The restore request waits for the last."""
-        relay = self.relays.get(msg.get("service"))
-        if relay is None or relay["source"] != node:
-            log.warning("chunk for %r from %s ignored: no such migration", msg.get("service"), node)
+        run = self.runs.get(chunk.service)
+        if run is None or run.source != node:
+            log.warning("chunk for %r from %s ignored: no such migration", chunk.service, node)
             return None
-        prev = relay["last"]
-        relay["last"] = asyncio.ensure_future(self._forward_chunk(prev, relay["dest"], msg))
+        run.relay(chunk)
         return None
 
-    async def _forward_chunk(self, prev, dest: str, msg: dict) -> None:
-        if prev is not None:
-            await prev  # order, and stop at the first failure (it raises here too)
-        session = self.gw.agents.get(dest)
-        if session is None:
-            raise PeerControlError(f"node {dest} is down")
-        fields = {k: v for k, v in msg.items() if k not in ("op", "id")}
-        await session.rpc.request("migrate_chunk", timeout=REQUEST_TIMEOUT, **fields)
-
-    # --- one migration -----------------------------------------------------------------
+    # --- one migration ------------------------------------------------------------------
     async def migrate(self, name: str, dest: str, progress=None) -> dict:
         gw = self.gw
         service = gw.table.get(name)
@@ -106,157 +222,56 @@ class Controller:
             raise LocalControlError(f"unknown service '{name}'")
         if gw.config.node(dest) is None:
             raise LocalControlError(f"unknown node '{dest}'")
-        if service.exec_spec == "external":
+        if service_kind(service.exec_spec) is ServiceKind.EXTERNAL:
             raise LocalControlError(f"service '{name}' is external (its process is not ours): it cannot be migrated")
         nodes_up = {n.name: n.name in gw.agents for n in gw.config.nodes}
         self.book.begin(service=name, owner=service.owner, dest=dest, nodes=nodes_up)
         try:
-            return await self._run(name, service.owner, dest, progress)
+            return await self._run(name, service.owner, dest, progress or (lambda step, detail: None))
         finally:
             self.book.finish(name)
 
     async def _run(self, name: str, source: str, dest: str, progress) -> dict:
         gw = self.gw
-        loop = asyncio.get_running_loop()
         new_epoch = gw.epochs.get(name, 1) + 1
-        machine = mig.Migration(service=name, source=source, dest=dest, epoch=nft.epoch_mac(new_epoch),
-                                timeouts=self.timeouts)
-        events: asyncio.Queue = asyncio.Queue()
-        deadline: list[float | None] = [None]
-        tasks: set[asyncio.Task] = set()
+        epoch = nft.epoch_mac(new_epoch)
+        machine = mig.Migration(service=name, source=source, dest=dest, epoch=epoch, timeouts=self.timeouts)
         started = time.time()
-        marks: list[tuple[str, float]] = []  # (state entered, loop time)
-        steps_ms: dict[str, float] = {}  # how long each step took: where the time goes
-        split_ms: dict[str, dict] = {}  # the agents' own timing of freeze, restore, release
-        kernel_drops: dict[str, int] = {}  # packets a node's kernel queue dropped meanwhile
-        say = progress or (lambda step, detail: None)
-        say("start", f"migrating {name}: {source} -> {dest}")
-        log.info("migration of %s: %s -> %s (epoch %s)", name, source, dest, nft.epoch_mac(new_epoch))
-
-        async def send(node: str, message: dict) -> None:
-            op = message["op"]
-            session = gw.agents.get(node)
-            try:
-                if op == "migrate_restore" and relay["last"] is not None:
-                    await relay["last"]  # every streamed chunk is restored before the rest
-                if session is None:
-                    raise PeerControlError(f"node {node} is down")
-                fields = {k: v for k, v in message.items() if k != "op"}
-                reply = await session.rpc.request(op, timeout=REQUEST_TIMEOUT, **fields)
-                if isinstance(reply, dict) and isinstance(reply.get("timing_ms"), dict):
-                    split_ms[op.removeprefix("migrate_")] = reply["timing_ms"]
-                if isinstance(reply, dict) and isinstance(reply.get("kernel_drops"), int):
-                    kernel_drops[node] = kernel_drops.get(node, 0) + reply["kernel_drops"]
-                ev = _event_for_reply(op, node, reply or {})
-            except LocalControlError as e:
-                ev = mig.StepFailed(node=node, reason=f"{node} refused {op}: {e}")
-            except PeerControlError as e:
-                lost = session is None or session.rpc.closed.is_set() or "lost" in str(e) or "down" in str(e)
-                ev = (mig.NodeLost(node=node, reason=str(e)) if lost
-                      else mig.MessageLost(node=node, reason=str(e)))
-            except (KeyError, TypeError, ValueError, VipError) as e:
-                ev = mig.MessageLost(node=node, reason=f"malformed reply to {op}: {e}")
-            if ev is not None:
-                await events.put(ev)
-
-        def perform(commands) -> mig.Finished | None:
-            for cmd in commands:
-                if isinstance(cmd, mig.SendToNode):
-                    t = asyncio.ensure_future(send(cmd.node, cmd.message))
-                    tasks.add(t)
-                    t.add_done_callback(tasks.discard)
-                elif isinstance(cmd, mig.FlipEpoch):
-                    try:
-                        gw.epochs[name] = new_epoch
-                        gw.apply_delivery()
-                        gw.registry.set_epoch(name, new_epoch)
-                        events.put_nowait(mig.EpochFlipped(service=name, epoch=cmd.epoch))
-                    except VipError as e:
-                        events.put_nowait(mig.StepFailed(reason=f"epoch flip failed: {e}"))
-                elif isinstance(cmd, mig.SetDelivery):
-                    if gw.config.delivery == "selective":
-                        try:
-                            if cmd.nodes == (gw.table.get(name).owner,):
-                                gw.delivery_override.pop(name, None)
-                            else:
-                                gw.delivery_override[name] = tuple(cmd.nodes)
-                            gw.apply_delivery()
-                        except VipError as e:
-                            events.put_nowait(mig.StepFailed(reason=f"delivery change failed: {e}"))
-                elif isinstance(cmd, mig.SetOwner):
-                    gw.table.set_owner(name, cmd.node)
-                    gw.registry.set_owner(name, cmd.node)  # durable before the release goes out
-                elif isinstance(cmd, mig.ArmTimer):
-                    deadline[0] = cmd.deadline
-                elif isinstance(cmd, mig.Report):
-                    if " -> " in cmd.detail:  # a state transition: time the step it ends
-                        t = loop.time()
-                        if marks:
-                            prev_step, prev_t = marks[-1]
-                            steps_ms[prev_step] = round((t - prev_t) * 1000, 2)
-                        marks.append((cmd.step, t))
-                    log.info("migration of %s: %s: %s", name, cmd.step, cmd.detail)
-                    say(cmd.step, cmd.detail)
-                elif isinstance(cmd, mig.Finished):
-                    return cmd
-            return None
-
-        relay = self.relays[name] = {"source": source, "dest": dest, "last": None}
-        finished = perform(machine.handle_event(mig.Start(), loop.time()))
-        # NodeLost for an agent that drops while we wait on something else
-        watchers = [asyncio.ensure_future(self._watch_node(n, events)) for n in (source, dest)]
+        progress("start", f"migrating {name}: {source} -> {dest}")
+        log.info("migration of %s: %s -> %s (epoch %s)", name, source, dest, epoch)
+        run = self.runs[name] = _Run(self, name, source, dest, new_epoch, progress)
         try:
-            while finished is None:
-                timeout = None if deadline[0] is None else max(0.0, deadline[0] - loop.time())
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout)
-                    commands = machine.handle_event(ev, loop.time())
-                except asyncio.TimeoutError:
-                    commands = machine.handle_timer(loop.time())
-                finished = perform(commands)
+            finished = await run.drive(machine)
         finally:
-            for w in watchers:
-                w.cancel()
-            self.relays.pop(name, None)
-            if relay["last"] is not None and relay["last"].done() and not relay["last"].cancelled():
-                relay["last"].exception()  # retrieved: a failed chunk was already reported
-        # let the last messages (commit/inject/abort) go out before we report
-        if tasks:
-            await asyncio.wait(list(tasks), timeout=5.0)
+            self.runs.pop(name, None)
         if finished.outcome == "rolled_back":
-            # a node that lost its link during the rollback may have come back since: tell
-            # both again (the steps are idempotent), so no half-done migration lingers
-            for node, op in ((dest, "migrate_abort"), (source, "migrate_rollback")):
-                session = gw.agents.get(node)
-                if session is not None:
-                    try:
-                        await session.rpc.request(op, timeout=5.0, service=name, epoch=nft.epoch_mac(new_epoch))
-                    except VipError as e:
-                        log.warning("final %s on %s: %s", op, node, e)
+            await self._repeat_rollback(name, source, dest, epoch)
         report = finished.report.as_dict()
         report["total_ms"] = report.get("total_ms") or round((time.time() - started) * 1000, 2)
-        report["steps_ms"] = steps_ms
-        report["split_ms"] = split_ms
-        report["kernel_queue_drops"] = kernel_drops
+        report["steps_ms"] = run.steps_ms
+        report["split_ms"] = run.split_ms
+        report["kernel_queue_drops"] = run.kernel_drops
         # a packet the kernel dropped from a queue during the migration is lost to us
         # (TCP clients retransmit it; a UDP datagram is gone): say so
-        source_drops = kernel_drops.get(source, 0)
+        source_drops = run.kernel_drops.get(source, 0)
         if source_drops and isinstance(report.get("lost"), int):
             report["lost"] += source_drops
         await gw.push_table()
         gw.registry.log(time.time(), "migration", report)
-        self.last_reports = (self.last_reports + [report])[-20:]
         log.info("migration of %s %s: %s", name, finished.outcome, report)
-        say("done", f"{finished.outcome}{': ' + finished.reason if finished.reason else ''}")
+        progress("done", f"{finished.outcome}{': ' + finished.reason if finished.reason else ''}")
         return report
 
-    async def _watch_node(self, node: str, events: asyncio.Queue) -> None:
-        session = self.gw.agents.get(node)
-        if session is None:
-            await events.put(mig.NodeLost(node=node, reason=f"node {node} is down"))
-            return
-        await session.rpc.closed.wait()
-        await events.put(mig.NodeLost(node=node, reason=f"lost the connection to node {node}"))
+    async def _repeat_rollback(self, name: str, source: str, dest: str, epoch: str) -> None:
+        """A node that lost its link during the rollback may have come back since: tell
+        both again (the steps are idempotent), so no half-done migration lingers."""
+        for node, step in ((dest, msgs.Abort), (source, msgs.Rollback)):
+            session = self.gw.agents.get(node)
+            if session is not None:
+                try:
+                    await session.rpc.request(step(service=name, epoch=epoch), timeout=FINAL_REQUEST_TIMEOUT_S)
+                except VipError as e:
+                    log.warning("final %s on %s: %s", step.OP, node, e)
 
     async def drain(self, node: str, to: str | None, progress=None) -> dict:
         gw = self.gw

@@ -4,7 +4,9 @@ I/O only: it translates between sockets/netlink/nftables and the pure core. Two
 listeners:
 - a Unix socket (mode 0600, peer must be uid 0) for `vipctl`;
 - a TCP port on the cluster network for node agents, which must prove they hold the
-  cluster key (HMAC challenge, clustercore.protocol) before anything else.
+  cluster key (HMAC challenge, vipwire.auth) before anything else.
+Messages are the typed ones of clustercore.messages; each listener dispatches them by type
+through one handler table.
 """
 
 from __future__ import annotations
@@ -18,20 +20,27 @@ import socket
 import struct
 import time
 
+from clustercore import messages as msgs
 from clustercore.config import GatewayConfig
 from clustercore.errors import ConfigError, LocalControlError, PeerControlError, VipError
+from clustercore.kinds import Delivery
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
-from clustercore.protocol import check_proof, require
+from vipwire.auth import check_login_proof, load_key
+from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
+from vipwire.rpc import Context, RpcConnection
 
 from . import netlink, nft
-from .keys import load_key
 from .registry import Registry
-from .rpc import RpcConnection
 
 log = logging.getLogger("vipcluster.gateway")
 
-AGENT_TIMEOUT = 10.0
+AGENT_TIMEOUT_S = 10.0  # one request to an agent (table, reconcile, start, stop)
+COUNTERS_TIMEOUT_S = 2.0  # status asks every agent; a slow one must not hold it up
+VERDICTS_TIMEOUT_S = 10.0
+LOGIN_TIMEOUT_S = 5.0  # an agent proves itself within this, or is dropped
+MAX_LOGINS_IN_PROGRESS = 16  # connections not yet logged in; more are closed at once
+SERVICE_NAME_MAX = 64
 
 
 class AgentSession:
@@ -54,9 +63,20 @@ class Gateway:
         self._servers: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()  # one table change at a time
+        self._logins = 0  # agent connections that have not logged in yet
         from .controller import Controller
 
         self.controller = Controller(self)
+        self.control_handlers = {
+            msgs.Ping: self.op_ping,
+            msgs.Status: self.op_status,
+            msgs.ServiceAdd: self.op_service_add,
+            msgs.ServiceRemove: self.op_service_remove,
+            msgs.ServiceList: self.op_service_list,
+            msgs.Verdicts: self.op_verdicts,
+            msgs.Migrate: self.controller.op_migrate,
+            msgs.NodeDrain: self.controller.op_drain,
+        }
 
     # --- lifecycle -------------------------------------------------------------------
     def prepare_kernel(self) -> None:
@@ -128,7 +148,7 @@ class Gateway:
 
     def copies_per_packet(self) -> dict:
         n = len(self.config.nodes)
-        if self.config.delivery == "broadcast":
+        if self.config.delivery == Delivery.BROADCAST:
             return {"steady": n, "migrating": n}
         return {"steady": 1, "migrating": 2}
 
@@ -139,7 +159,7 @@ class Gateway:
         for s in self.table:
             for key in s.ports:
                 epochs[key] = self.epochs.get(s.name, 1)
-                if self.config.delivery == "selective":
+                if self.config.delivery == Delivery.SELECTIVE:
                     targets[key] = [macs[n] for n in self.delivery_nodes(s) if n in macs]
         script = nft.render_ruleset(
             vip=self.config.vip,
@@ -159,50 +179,66 @@ class Gateway:
                 return n.name
         return None
 
-    def table_message(self) -> dict:
-        return {"services": self.table.snapshot(), "anchor": self.anchor(),
-                "epochs": {name: nft.epoch_mac(e) for name, e in self.epochs.items()}}
+    def table_message(self) -> msgs.Table:
+        return msgs.Table(services=tuple(self.table), anchor=self.anchor(),
+                          epochs={name: nft.epoch_mac(e) for name, e in self.epochs.items()})
 
     async def push_table(self) -> None:
-        msg = self.table_message()
+        table = self.table_message()
+        agents = list(self.agents.values())
         results = await asyncio.gather(
-            *(a.rpc.request("table", timeout=AGENT_TIMEOUT, **msg) for a in list(self.agents.values())),
-            return_exceptions=True,
-        )
-        for a, r in zip(list(self.agents.values()), results):
+            *(a.rpc.request(table, timeout=AGENT_TIMEOUT_S) for a in agents), return_exceptions=True)
+        for a, r in zip(agents, results):
             if isinstance(r, Exception):
                 log.warning("table push to %s failed: %s", a.node, r)
 
     async def _on_agent(self, reader, writer) -> None:
         peer = writer.get_extra_info("peername")
-        rpc = RpcConnection(reader, writer, name=f"agent at {peer}")
+        rpc = RpcConnection(reader, writer, name=f"agent at {peer}", limit=MAX_LINE_BEFORE_LOGIN)
+        if self._logins >= MAX_LOGINS_IN_PROGRESS:
+            log.warning("agent at %s refused: %d logins already in progress", peer, self._logins)
+            rpc.close()
+            return
         nonce = secrets.token_hex(16)
         node = None
+        self._logins += 1
         try:
-            rpc.send({"op": "challenge", "nonce": nonce})
-            hello = await rpc.read_one(5.0)
-            node = hello.get("node")
-            entry = self.config.node(node) if isinstance(node, str) else None
-            if hello.get("op") != "hello" or entry is None or not check_proof(self.key, nonce, node, hello.get("proof", "")):
-                log.warning("agent at %s failed to authenticate as %r", peer, node)
-                rpc.send({"op": "denied", "error": "authentication failed or unknown node"})
+            try:
+                rpc.notify(msgs.Challenge(nonce=nonce))
+                hello = await rpc.read_one(LOGIN_TIMEOUT_S)
+            finally:
+                self._logins -= 1
+            ok = (isinstance(hello, msgs.Hello) and self.config.node(hello.node) is not None
+                  and check_login_proof(self.key, nonce, hello.node, hello.proof))
+            if not ok:
+                log.warning("agent at %s failed to authenticate as %r", peer, getattr(hello, "node", None))
+                rpc.notify(msgs.Denied(error="authentication failed or unknown node"))
                 await writer.drain()
                 rpc.close()
                 return
+            node = hello.node
             if node in self.agents:
                 log.warning("node %s reconnected; dropping its old session", node)
                 self.agents[node].rpc.close()
             rpc.name = f"node {node}"
-            rpc.handler = lambda msg, n=node: self._agent_request(n, msg)
-            session = AgentSession(node, rpc, hello)
+            rpc.limit = MAX_LINE
+            rpc.handlers = {
+                msgs.Heartbeat: self._on_heartbeat,
+                msgs.Notice: lambda m, ctx, n=node: self._on_notice(n, m),
+                msgs.Chunk: lambda m, ctx, n=node: self.controller.relay_chunk(n, m),
+            }
+            session = AgentSession(node, rpc, {"node": node})
             self.agents[node] = session
             rpc.last_seen = asyncio.get_running_loop().time()
-            rpc.send({"op": "welcome", **self.table_message()})
+            t = self.table_message()
+            rpc.notify(msgs.Welcome(services=t.services, anchor=t.anchor, epochs=t.epochs,
+                                    migrating=tuple(sorted(self.controller.book.running())),
+                                    heartbeat_s=self.config.heartbeat_s))
             log.info("node %s is up (from %s)", node, peer)
             self.registry.log(time.time(), "node_up", {"node": node})
             asyncio.ensure_future(self._after_join(node))
             await rpc.run()
-        except PeerControlError as e:
+        except (PeerControlError, ConnectionError) as e:
             log.warning("agent at %s: %s", peer, e)
         finally:
             rpc.close()
@@ -224,24 +260,19 @@ class Gateway:
         session = self.agents.get(node)
         if session is None:
             return
-        wanted = [s.to_dict() for s in self.table if s.owner == node]
+        wanted = tuple(s for s in self.table if s.owner == node)
+        request = msgs.Reconcile(services=wanted, migrating=tuple(sorted(self.controller.book.running())))
         try:
-            await session.rpc.request("reconcile", timeout=AGENT_TIMEOUT, services=wanted,
-                                      migrating=sorted(self.controller.book.running()) if self.controller else [])
+            await session.rpc.request(request, timeout=AGENT_TIMEOUT_S)
         except VipError as e:
             log.warning("reconcile on %s failed: %s", node, e)
         await self.push_table()
 
-    async def _agent_request(self, node: str, msg: dict):
-        op = msg.get("op")
-        if op == "heartbeat":
-            return None
-        if op == "event":
-            log.info("node %s: %s", node, msg.get("text"))
-            return None
-        if self.controller is not None:
-            return await self.controller.agent_request(node, msg)
-        raise LocalControlError(f"unknown request '{op}' from node {node}")
+    async def _on_heartbeat(self, msg: msgs.Heartbeat, ctx: Context) -> None:
+        return None  # the read itself refreshed last_seen
+
+    async def _on_notice(self, node: str, msg: msgs.Notice) -> None:
+        log.info("node %s: %s", node, msg.text)
 
     async def _watch_agents(self) -> None:
         loop = asyncio.get_running_loop()
@@ -259,62 +290,36 @@ class Gateway:
         sock = writer.get_extra_info("socket")
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
-        rpc = RpcConnection(reader, writer, None, name="vipctl")
-        rpc.handler = lambda msg: self._control_request(msg, rpc)
         if uid != 0:
-            rpc.send({"id": None, "ok": False, "error": "the control API is for root only", "kind": "local"})
+            writer.write(encode_reply(None, error="the control API is for root only"))
             await writer.drain()
-            rpc.close()
+            writer.close()
             return
-        await rpc.run()
+        await RpcConnection(reader, writer, name="vipctl", handlers=self.control_handlers).run()
 
-    async def _control_request(self, msg: dict, rpc: RpcConnection | None = None):
-        op = msg.get("op")
-        handler = {
-            "status": self.op_status,
-            "service.add": self.op_service_add,
-            "service.remove": self.op_service_remove,
-            "service.list": self.op_service_list,
-            "ping": self.op_ping,
-            "verdicts": self.op_verdicts,
-        }.get(op)
-        if handler is None and self.controller is not None:
-            msg_id = msg.get("id")
-
-            def progress(step: str, detail: str) -> None:
-                if rpc is not None and not rpc.writer.is_closing():
-                    rpc.send({"op": "progress", "id": msg_id, "step": step, "detail": detail})
-            return await self.controller.control_request(msg, progress)
-        if handler is None:
-            raise LocalControlError(f"unknown request '{op}'")
-        return await handler(msg)
-
-    async def op_ping(self, msg):
+    async def op_ping(self, msg: msgs.Ping, ctx: Context):
         return {"pong": True}
 
-    async def op_verdicts(self, msg):
+    async def op_verdicts(self, msg: msgs.Verdicts, ctx: Context):
         """Every node's verdict log (nodeshim.verdictlog), for `vipctl replay --mode packets`:
         action start | read (since: {node: seq}) | stop."""
-        fields = {k: msg[k] for k in ("action", "ttl", "limit") if k in msg}
-        since = msg.get("since") or {}
         out: dict = {}
 
         async def ask(a: AgentSession):
+            since = msg.since.get(a.node, 0)
             try:
-                out[a.node] = await a.rpc.request("verdicts", timeout=10.0, since=since.get(a.node, 0), **fields)
+                request = msgs.NodeVerdicts(action=msg.action, since=since, ttl=msg.ttl, limit=msg.limit)
+                out[a.node] = await a.rpc.request(request, timeout=VERDICTS_TIMEOUT_S)
             except VipError as e:
                 out[a.node] = {"error": str(e)}
         await asyncio.gather(*(ask(a) for a in list(self.agents.values())))
         return {"nodes": out}
 
-    async def op_service_list(self, msg):
+    async def op_service_list(self, msg: msgs.ServiceList, ctx: Context):
         return [s.to_dict() for s in self.table]
 
-    async def op_service_add(self, msg):
-        name = require(msg, "name")
-        node = require(msg, "node")
-        ports_raw = require(msg, "ports", list)
-        exec_spec = require(msg, "exec")
+    async def op_service_add(self, msg: msgs.ServiceAdd, ctx: Context):
+        name, node, ports_raw, exec_spec = msg.name, msg.node, msg.ports, msg.exec
         async with self._lock:
             if self.config.node(node) is None:
                 known = ", ".join(n.name for n in self.config.nodes)
@@ -323,14 +328,14 @@ class Gateway:
                 ports = tuple(parse_port_spec(p) for p in ports_raw)
             except (ValueError, AttributeError) as e:
                 raise LocalControlError(str(e)) from None
-            if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+            if not name or len(name) > SERVICE_NAME_MAX or not all(c.isalnum() or c in "-_." for c in name):
                 raise LocalControlError(f"invalid service name '{name}' (letters, digits, '-', '_', '.')")
             service = Service(name, node, ports, exec_spec)
             self.table.check_add(service)
             if node not in self.agents:
                 raise LocalControlError(f"node '{node}' is down")
             # start first (sockets + process), then publish ownership
-            await self.agents[node].rpc.request("service.start", timeout=AGENT_TIMEOUT, service=service.to_dict())
+            await self.agents[node].rpc.request(msgs.ServiceStart(service=service), timeout=AGENT_TIMEOUT_S)
             self.table.add(service)
             self.epochs[name] = 1
             self.registry.add_service(service, 1)
@@ -340,13 +345,13 @@ class Gateway:
             log.info("service %s added on %s (%s)", name, node, ", ".join(format_port(p) for p in ports))
             return service.to_dict()
 
-    async def op_service_remove(self, msg):
-        name = require(msg, "name")
+    async def op_service_remove(self, msg: msgs.ServiceRemove, ctx: Context):
+        name = msg.name
         async with self._lock:
             service = self.table.get(name)
             if service is None:
                 raise LocalControlError(f"unknown service '{name}'")
-            if self.controller is not None and self.controller.busy(name):
+            if self.controller.busy(name):
                 raise LocalControlError(f"service '{name}' is being migrated")
             self.table.remove(name)
             self.epochs.pop(name, None)
@@ -356,18 +361,19 @@ class Gateway:
             session = self.agents.get(service.owner)
             if session is not None:
                 try:
-                    await session.rpc.request("service.stop", timeout=AGENT_TIMEOUT, name=name)
+                    await session.rpc.request(msgs.ServiceStop(name=name), timeout=AGENT_TIMEOUT_S)
                 except VipError as e:
                     log.warning("stopping %s on %s: %s", name, service.owner, e)
             self.registry.log(time.time(), "service_remove", {"name": name})
             log.info("service %s removed", name)
             return service.to_dict()
 
-    async def op_status(self, msg):
+    async def op_status(self, msg: msgs.Status, ctx: Context):
         counters = {}
+
         async def ask(a: AgentSession):
             try:
-                counters[a.node] = await a.rpc.request("counters", timeout=2.0)
+                counters[a.node] = await a.rpc.request(msgs.Counters(), timeout=COUNTERS_TIMEOUT_S)
             except VipError as e:
                 counters[a.node] = {"error": str(e)}
         await asyncio.gather(*(ask(a) for a in list(self.agents.values())))
@@ -391,7 +397,7 @@ class Gateway:
             d = s.to_dict()
             d["epoch"] = nft.epoch_mac(self.epochs.get(s.name, 1))
             d["counters"] = per_node
-            d["migrating"] = bool(self.controller and self.controller.busy(s.name))
+            d["migrating"] = self.controller.busy(s.name)
             services.append(d)
         return {"vip": self.config.vip, "delivery": self.config.delivery,
                 "copies_per_packet": self.copies_per_packet(), "nodes": nodes, "services": services}

@@ -2,10 +2,11 @@
 
 On start it puts the VIP on `lo` (ARP sysctls set so the node never answers ARP for it),
 binds the netfilter queue, installs the iptables rule that steers VIP packets into it,
-and connects to the gateway (HMAC handshake). From then on it obeys the gateway:
-`table` (who owns what), `reconcile` / `service.start` / `service.stop`, `counters`,
-and the migration steps (nodeshim.migrate). If the gateway goes away the kernel state
-stays as it is (owned services keep working) and the agent reconnects.
+and connects to the gateway (HMAC login, vipwire.auth). From then on it obeys the
+gateway's typed requests (clustercore.messages), dispatched by type through one table
+(`handlers`): Table (who owns what), Reconcile / ServiceStart / ServiceStop, Counters,
+NodeVerdicts, and the migration steps (nodeshim.migrate). If the gateway goes away the
+kernel state stays as it is (owned services keep working) and the agent reconnects.
 """
 
 from __future__ import annotations
@@ -16,22 +17,30 @@ import logging
 import os
 import signal
 
-from clustercore.config import NodeConfig
-from clustercore.errors import LocalControlError, PeerControlError, VipError
-from clustercore.ownership import NodeFilter, Service
-from clustercore.protocol import auth_proof, require
-from gateway.keys import load_key
-from gateway.rpc import RpcConnection
-
 from clustercore import fastpath
+from clustercore import messages as msgs
+from clustercore.config import NodeConfig
+from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
+from clustercore.kinds import Datapath, ServiceKind, service_kind
+from clustercore.ownership import NodeFilter, Service
+from vipwire.auth import load_key, login_proof
+from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
+from vipwire.rpc import Context, RpcConnection
 
 from . import iptables, netlink, services
+from .migrate import MigrationAgent
 from .queue import PacketQueue
 from .verdictlog import VerdictLog
 
 log = logging.getLogger("vipcluster.node")
 
-MAX_RESTARTS = 5
+MAX_RESTARTS = 5  # a service that keeps exiting is left down after this many restarts
+WATCH_INTERVAL_S = 1.0  # how often exited services are noticed
+CONNECT_TIMEOUT_S = 5.0
+LOGIN_TIMEOUT_S = 5.0
+RECONNECT_FIRST_S = 0.1  # back-off after losing the gateway: doubles up to RECONNECT_MAX_S
+RECONNECT_MAX_S = 2.0
+MIGRATION_MESSAGES = (*msgs.STEPS, msgs.Chunk)
 
 
 class NodeAgent:
@@ -45,7 +54,17 @@ class NodeAgent:
         self.rpc: RpcConnection | None = None
         self._stop = asyncio.Event()
         self._vip_added = False
-        self.migrations = None  # nodeshim.migrate.MigrationAgent, when present
+        self.migrations = MigrationAgent(self)
+        self.heartbeat_s = 1.0  # the gateway says how often, at login
+        self.handlers = {
+            msgs.Table: self.on_table,
+            msgs.Reconcile: self.on_reconcile,
+            msgs.ServiceStart: self.on_service_start,
+            msgs.ServiceStop: self.on_service_stop,
+            msgs.Counters: self.on_counters,
+            msgs.NodeVerdicts: self.on_verdicts,
+            **{m: self.on_migration for m in MIGRATION_MESSAGES},
+        }
         self.verdict_log = VerdictLog()  # opt-in, for `vipctl replay --mode packets`
         self.log_dir = os.path.join(config.state_dir, "services")
 
@@ -66,7 +85,7 @@ class NodeAgent:
     def _running_file(self) -> str:
         return os.path.join(self.config.state_dir, "running.json")
 
-    def _record_running(self) -> None:
+    def record_running(self) -> None:
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         tmp = self._running_file + ".tmp"
         with open(tmp, "w") as f:
@@ -108,12 +127,6 @@ class NodeAgent:
         self.sync_datapath()
         log.info("node %s: VIP %s on lo, VIP packets -> queue %d (fail closed)",
                  cfg.name, cfg.vip, cfg.queue_num)
-        try:
-            from .migrate import MigrationAgent
-        except ImportError:
-            MigrationAgent = None
-        if MigrationAgent is not None:
-            self.migrations = MigrationAgent(self)
 
     # --- the kernel fast path -----------------------------------------------------------
     def sync_datapath(self) -> None:
@@ -121,7 +134,7 @@ class NodeAgent:
         services in migration (they have a role) and undecidable packets to the queue.
         Replaced atomically; counters of the old rules are kept."""
         cfg = self.config
-        if cfg.datapath == "queue":
+        if cfg.datapath == Datapath.QUEUE:
             rules: list[str] = []
         else:
             rules = fastpath.to_iptables(
@@ -155,8 +168,7 @@ class NodeAgent:
 
     def shutdown(self) -> None:
         log.info("node %s shutting down: stopping services, removing rules", self.config.name)
-        if self.migrations is not None:
-            self.migrations.abort_all("node agent shutting down")
+        self.migrations.shutdown("node agent shutting down")
         for name in list(self.running):
             services.stop(self.running.pop(name))
         iptables.remove(self.config.vip)
@@ -165,31 +177,37 @@ class NodeAgent:
 
     # --- gateway link ----------------------------------------------------------------
     async def _gateway_loop(self) -> None:
-        delay = 0.1
+        delay = RECONNECT_FIRST_S
         while not self._stop.is_set():
             try:
                 await self._session()
-                delay = 0.1
-            except (OSError, PeerControlError) as e:
-                log.warning("gateway link: %s; retrying in %.1fs", e, delay)
+                delay = RECONNECT_FIRST_S
+            except (OSError, asyncio.TimeoutError, PeerControlError) as e:
+                log.warning("gateway link: %s; retrying in %.1fs", e or type(e).__name__, delay)
             except VipError as e:
                 log.error("gateway refused us: %s", e)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, RECONNECT_MAX_S)
 
     async def _session(self) -> None:
         cfg = self.config
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(cfg.gateway_address, cfg.gateway_port), 5.0)
-        rpc = RpcConnection(reader, writer, self.handle, name="gateway")
+            asyncio.open_connection(cfg.gateway_address, cfg.gateway_port), CONNECT_TIMEOUT_S)
+        rpc = RpcConnection(reader, writer, name="gateway", limit=MAX_LINE_BEFORE_LOGIN)
         try:
-            challenge = await rpc.read_one(5.0)
-            nonce = str(challenge.get("nonce", ""))
-            rpc.send({"op": "hello", "node": cfg.name, "proof": auth_proof(self.key, nonce, cfg.name)})
-            welcome = await rpc.read_one(5.0)
-            if welcome.get("op") != "welcome":
-                raise PeerControlError(f"gateway denied us: {welcome.get('error', welcome)}")
+            challenge = await rpc.read_one(LOGIN_TIMEOUT_S)
+            if not isinstance(challenge, msgs.Challenge):
+                raise PeerControlError(f"gateway sent {challenge.OP!r} instead of a challenge")
+            rpc.notify(msgs.Hello(node=cfg.name, proof=login_proof(self.key, challenge.nonce, cfg.name)))
+            rpc.limit = MAX_LINE  # the welcome carries the whole table
+            welcome = await rpc.read_one(LOGIN_TIMEOUT_S)
+            if isinstance(welcome, msgs.Denied):
+                raise PeerControlError(f"gateway denied us: {welcome.error}")
+            if not isinstance(welcome, msgs.Welcome):
+                raise PeerControlError(f"gateway sent {welcome.OP!r} instead of welcome")
             self._load_table(welcome)
+            self.heartbeat_s = welcome.heartbeat_s
+            rpc.handlers = self.handlers
             self.rpc = rpc
             log.info("registered with gateway %s:%d", cfg.gateway_address, cfg.gateway_port)
             print("node ready", flush=True)
@@ -203,47 +221,56 @@ class NodeAgent:
             rpc.close()
 
     async def _heartbeat(self, rpc: RpcConnection) -> None:
+        """Say we are alive every heartbeat_s (the gateway marks a silent node down)."""
         while True:
             try:
-                rpc.send({"op": "heartbeat"})
+                rpc.notify(msgs.Heartbeat())
                 await rpc.writer.drain()
             except (ConnectionError, PeerControlError):
                 return
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(self.heartbeat_s)
+
+    def send_to_gateway(self, message: msgs.Message) -> bool:
+        """Send a message that wants no reply (a streamed chunk, a notice); False: no link."""
+        if self.rpc is None:
+            return False
+        try:
+            self.rpc.notify(message)
+            return True
+        except ConnectionLost:
+            return False
 
     async def notify(self, text: str) -> None:
-        if self.rpc is not None:
-            try:
-                self.rpc.send({"op": "event", "text": text})
-            except PeerControlError:
-                pass
+        self.send_to_gateway(msgs.Notice(text=text))
 
     # --- requests from the gateway ---------------------------------------------------
-    async def handle(self, msg: dict):
-        op = msg.get("op")
-        if op == "table":
-            self._load_table(msg)
-            return None
-        if op == "reconcile":
-            if self.migrations is not None:
-                # a migration the gateway no longer runs (we lost the link mid-way) is over
-                self.migrations.forget_except(set(msg.get("migrating", [])))
-            return self.reconcile([Service.from_dict(d) for d in require(msg, "services", list)])
-        if op == "service.start":
-            return self.start_service(Service.from_dict(require(msg, "service", dict)))
-        if op == "service.stop":
-            return self.stop_service(require(msg, "name"))
-        if op == "counters":
-            return self.counters()
-        if op == "verdicts":
-            return self.verdict_log.request(msg)
-        if self.migrations is not None:
-            return await self.migrations.handle(msg)
-        raise LocalControlError(f"unknown request '{op}'")
+    async def on_table(self, msg: msgs.Table, ctx: Context) -> None:
+        self._load_table(msg)
 
-    def _load_table(self, msg: dict) -> None:
-        table = [Service.from_dict(d) for d in msg.get("services", [])]
-        self.filter.load(table, msg.get("anchor"))
+    async def on_reconcile(self, msg: msgs.Reconcile, ctx: Context) -> dict:
+        # a migration the gateway no longer runs (we lost the link mid-way) is over; the
+        # registry's owner of each service says which way it went
+        owners = {s.name: s.owner for s in self.filter.services.values()}
+        self.migrations.end_all_except(set(msg.migrating), owners, "the gateway no longer runs this migration")
+        return self.reconcile(list(msg.services))
+
+    async def on_service_start(self, msg: msgs.ServiceStart, ctx: Context) -> dict:
+        return self.start_service(msg.service)
+
+    async def on_service_stop(self, msg: msgs.ServiceStop, ctx: Context) -> dict:
+        return self.stop_service(msg.name)
+
+    async def on_counters(self, msg: msgs.Counters, ctx: Context) -> dict:
+        return self.counters()
+
+    async def on_verdicts(self, msg: msgs.NodeVerdicts, ctx: Context) -> dict:
+        return self.verdict_log.request(msg)
+
+    async def on_migration(self, msg: msgs.Message, ctx: Context):
+        return await self.migrations.handle(msg)
+
+    def _load_table(self, msg: msgs.Table | msgs.Welcome) -> None:
+        self.filter.load(list(msg.services), msg.anchor)
         # a role for a service that is gone from the table is stale
         for name in [n for n in self.filter.roles if n not in self.filter.services]:
             del self.filter.roles[name]
@@ -251,7 +278,7 @@ class NodeAgent:
             self.sync_datapath()
 
     def start_service(self, service: Service, sockets=None, extra_env=None) -> dict:
-        if service.exec_spec == services.EXTERNAL:
+        if service_kind(service.exec_spec) is ServiceKind.EXTERNAL:
             # run by the operator (bound to the VIP itself): we only filter its packets
             return {"pid": None, "fds": []}
         if service.name in self.running:
@@ -265,37 +292,37 @@ class NodeAgent:
             raise
         self.running[service.name] = rs
         self.restarts[service.name] = 0
-        self._record_running()
+        self.record_running()
         return {"pid": rs.pid, "fds": [n for n, _ in socks]}
 
     def stop_service(self, name: str) -> dict:
         svc = self.filter.services.get(name)
-        if svc is not None and svc.exec_spec == services.EXTERNAL and name not in self.running:
+        if svc is not None and service_kind(svc.exec_spec) is ServiceKind.EXTERNAL and name not in self.running:
             return {"stopped": name}
         rs = self.running.pop(name, None)
         if rs is None:
             raise LocalControlError(f"service '{name}' does not run on {self.config.name}")
         services.stop(rs)
-        self._record_running()
+        self.record_running()
         return {"stopped": name}
 
     def reconcile(self, wanted: list[Service]) -> dict:
         started, stopped = [], []
         names = {s.name for s in wanted}
         for name in list(self.running):
-            if name not in names and not (self.migrations and self.migrations.busy(name)):
+            if name not in names and not self.migrations.busy(name):
                 services.stop(self.running.pop(name))
                 stopped.append(name)
         for s in wanted:
-            if s.name not in self.running and s.exec_spec != services.EXTERNAL:
+            if s.name not in self.running and service_kind(s.exec_spec) is not ServiceKind.EXTERNAL:
                 self.start_service(s)
                 started.append(s.name)
-        self._record_running()
+        self.record_running()
         return {"started": started, "stopped": stopped}
 
     def counters(self) -> dict:
-        if self.migrations is not None and not self.migrations.sources and not self.migrations.dests:
-            self._record_running()  # cheap, and keeps the record right after migrations
+        if self.migrations.idle():
+            self.record_running()  # cheap, and keeps the record right after migrations
         services_c = self.filter.counters_dict()
         if self._fast_rules:
             kernel = iptables.read_counters()
@@ -314,9 +341,9 @@ class NodeAgent:
 
     async def _watch_services(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(WATCH_INTERVAL_S)
             for name, rs in list(self.running.items()):
-                if self.migrations is not None and self.migrations.busy(name):
+                if self.migrations.busy(name):
                     continue
                 code = rs.process.poll()
                 if code is None:
@@ -329,7 +356,7 @@ class NodeAgent:
                 await self.notify(f"service {name} exited with {code}; restarting")
                 self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir)
                 self.restarts[name] = n + 1
-                self._record_running()
+                self.record_running()
 
 
 def run(config: NodeConfig) -> None:

@@ -75,10 +75,10 @@ class VerdictLog:
         self._seq += 1
         self._entries.append([self._seq, None, None, verdict, of])
 
-    def request(self, msg: dict) -> dict:
-        """The agent's `verdicts` op: action start | read | stop."""
-        action = msg.get("action", "read")
-        ttl = msg.get("ttl", DEFAULT_TTL_S)
+    def request(self, msg) -> dict:
+        """The agent's NodeVerdicts request (clustercore.messages): action start | read | stop."""
+        action = msg.action
+        ttl = DEFAULT_TTL_S if msg.ttl is None else msg.ttl
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 3600:
             raise LocalControlError(f"verdicts: ttl must be seconds in (0, 3600], got {ttl!r}")
         if action == "start":
@@ -89,7 +89,7 @@ class VerdictLog:
             return {"seq": self._seq, "active": False}
         if action != "read":
             raise LocalControlError(f"verdicts: unknown action {action!r} (start, read, stop)")
-        since, limit = msg.get("since", 0), msg.get("limit", MAX_PAGE)
+        since, limit = msg.since, MAX_PAGE if msg.limit is None else msg.limit
         if type(since) is not int or since < 0 or type(limit) is not int or not 0 < limit <= MAX_PAGE:
             raise LocalControlError("verdicts: since must be an int >= 0 and limit an int in 1..5000")
         if self.active():

@@ -1,73 +1,29 @@
-"""The CLI's side of the control API: one blocking request over the Unix socket."""
+"""The CLI's requests to the gateway: vipwire's control client, with a clear error when
+a request is built wrongly (an unknown op or a mistyped field is our bug, said in one line)."""
 
 from __future__ import annotations
 
-import itertools
-import os
-import socket
+from typing import Callable
 
-from clustercore.config import DEFAULT_CONTROL_SOCKET
-from clustercore.errors import LocalControlError, PeerControlError
-from clustercore.protocol import LineFramer, encode, result_of
-
-_ids = itertools.count(1)
+from clustercore.errors import LocalControlError
+from clustercore.messages import REGISTRY, Message, Progress
+from vipwire.client import ControlClient, default_socket  # noqa: F401  (re-exported)
+from vipwire.client import call as _call
 
 
-def default_socket() -> str:
-    return os.environ.get("VIPCTL_SOCKET", DEFAULT_CONTROL_SOCKET)
-
-
-class ControlClient:
-    def __init__(self, path: str | None = None, timeout: float = 30.0) -> None:
-        self.path = path or default_socket()
-        self.timeout = timeout
-        if os.geteuid() != 0:
-            raise LocalControlError("must be run as root (the control socket is root-only)")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            self.sock.close()
-            raise LocalControlError(f"the gateway is not running (no control socket at {self.path})") from None
-        except PermissionError:
-            self.sock.close()
-            raise LocalControlError(f"permission denied on {self.path}: vipctl must be run as root") from None
-        self.framer = LineFramer()
-        self.pending: list[dict] = []
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def next_message(self) -> dict:
-        while not self.pending:
-            try:
-                data = self.sock.recv(1 << 20)
-            except socket.timeout:
-                raise PeerControlError(f"the gateway did not answer within {self.timeout:g}s") from None
-            if not data:
-                raise PeerControlError("the gateway closed the connection")
-            self.pending.extend(self.framer.feed(data))
-        return self.pending.pop(0)
-
-    def request(self, op: str, on_progress=None, **fields):
-        msg_id = next(_ids)
-        self.sock.sendall(encode({"op": op, "id": msg_id, **fields}))
-        while True:
-            msg = self.next_message()
-            if msg.get("op") == "progress" and on_progress is not None:
-                on_progress(msg)
-                continue
-            if "ok" in msg and msg.get("id") in (msg_id, None):
-                return result_of(msg)
-
-
-def call(op: str, socket_path: str | None = None, timeout: float = 30.0, on_progress=None, **fields):
-    with ControlClient(socket_path, timeout) as c:
-        return c.request(op, on_progress=on_progress, **fields)
+def call(request: Message | str, socket_path: str | None = None, timeout: float = 30.0,
+         on_progress: Callable[[dict], None] | None = None, **fields):
+    """Send one request (a clustercore.messages message, or its op name and fields) and
+    return its result; progress lines go to `on_progress` as {"step", "detail"}."""
+    if isinstance(request, str):
+        cls = REGISTRY.get(request)
+        if cls is None:
+            raise LocalControlError(f"unknown request '{request}'")
+        request = cls(**fields)
+    elif fields:
+        raise LocalControlError("pass either a message or an op name with fields, not both")
+    relay = None
+    if on_progress is not None:
+        def relay(p: Progress) -> None:
+            on_progress({"step": p.step, "detail": p.detail})
+    return _call(request, socket_path, timeout, relay)

@@ -13,6 +13,7 @@ from clustercore.ownership import NodeFilter, Service, Verdict
 from clustercore.packet import UDP as P_UDP
 from nodeshim.verdictlog import VerdictLog
 from vipctl.replaylab import fold_logs
+from clustercore.messages import NodeVerdicts
 
 ECHO = Service("echo", "n1", ((P_UDP, 7),), "builtin:echo")
 
@@ -47,21 +48,21 @@ def node(name="n1"):
 def test_off_by_default_and_bounded_by_its_ttl():
     log = VerdictLog()
     assert not log.active()
-    assert log.request({"action": "start", "ttl": 0.05})["active"]
+    assert log.request(NodeVerdicts(action="start", ttl=0.05))["active"]
     assert log.active()
     time.sleep(0.08)
     assert not log.active()
     with pytest.raises(LocalControlError):
-        log.request({"action": "start", "ttl": 0})
+        log.request(NodeVerdicts(action="start", ttl=0))
     with pytest.raises(LocalControlError):
-        log.request({"action": "read", "since": -1})
+        log.request(NodeVerdicts(action="read", since=-1))
     with pytest.raises(LocalControlError):
-        log.request({"action": "dance"})
+        log.request(NodeVerdicts(action="dance"))
 
 
 def test_decisions_holds_and_their_resolutions_are_logged():
     log, f = VerdictLog(), node("n2")
-    start = log.request({"action": "start"})["seq"]
+    start = log.request(NodeVerdicts(action="start"))["seq"]
     cut = DestCutover(epoch_mac(2))
     f.roles["echo"] = cut
     pkts = [FakePacket(dgram(i)) for i in range(3)]
@@ -74,17 +75,17 @@ def test_decisions_holds_and_their_resolutions_are_logged():
     for h in plan.accept:
         h.accept()
     assert [p.verdict for p in pkts] == [None, "drop", "accept"]  # the real packets got them
-    page = log.request({"action": "read", "since": start})
+    page = log.request(NodeVerdicts(action="read", since=start))
     assert [e[3] for e in page["entries"]] == ["drop", "hold", "hold", "drop", "accept"]
     assert page["entries"][0][1] == packet_digest(pkts[0].data) and page["entries"][0][2] == "echo"
     folded = fold_logs({"n2": page["entries"]})["n2"]
     assert [list(folded[packet_digest(p.data)]) for p in pkts] == [["drop"], ["drop"], ["accept"]]
-    assert log.request({"action": "stop"})["active"] is False
+    assert log.request(NodeVerdicts(action="stop"))["active"] is False
 
 
 def test_a_handover_is_logged_when_the_source_gives_the_bytes_away():
     log, f = VerdictLog(), node("n1")
-    log.request({"action": "start"})
+    log.request(NodeVerdicts(action="start"))
     cut = SourceCutover(epoch_mac(2))
     f.roles["echo"] = cut
     cut.freeze(0.0)
@@ -94,19 +95,19 @@ def test_a_handover_is_logged_when_the_source_gives_the_bytes_away():
     assert handed == [late.data]
     for h in cut.commit().drop:
         h.drop()
-    entries = log.request({"action": "read"})["entries"]
+    entries = log.request(NodeVerdicts(action="read"))["entries"]
     assert [e[3] for e in entries] == ["hold", "handover", "drop"]
     assert list(fold_logs({"n1": entries})["n1"][packet_digest(late.data)]) == ["handover"]
 
 
 def test_pages_and_overflow():
     log, f = VerdictLog(max_entries=10), node()
-    log.request({"action": "start"})
+    log.request(NodeVerdicts(action="start"))
     for i in range(25):
         log.decide(f, dgram(i), None, FakePacket(dgram(i)), 0.0)
-    page = log.request({"action": "read", "since": 0, "limit": 4})
+    page = log.request(NodeVerdicts(action="read", since=0, limit=4))
     assert page["overflowed"] and len(page["entries"]) == 4 and page["more"]
-    tail = log.request({"action": "read", "since": 20})
+    tail = log.request(NodeVerdicts(action="read", since=20))
     assert [e[0] for e in tail["entries"]] == [21, 22, 23, 24, 25] and not tail["more"] and not tail["overflowed"]
 
 

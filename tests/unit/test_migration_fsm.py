@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from clustercore import messages as msgs
 from clustercore.errors import ConfigError, LocalControlError, MigrationError
 from clustercore.migration import (
     BEFORE_RELEASE,
@@ -38,6 +39,7 @@ from clustercore.migration import (
     Released,
     Report,
     Restored,
+    Transition,
     RolledBack,
     SendToNode,
     SetDelivery,
@@ -65,12 +67,17 @@ def machine() -> Migration:
 
 
 def actions(commands):
-    """The commands that do something (progress reports left out)."""
-    return [c for c in commands if not isinstance(c, Report)]
+    """The commands that do something (progress reports and transitions left out)."""
+    return [c for c in commands if not isinstance(c, (Report, Transition))]
 
 
-def msg(op: str, **extra) -> dict:
-    return {"op": f"migrate_{op}", "service": SERVICE, "epoch": EPOCH, **extra}
+STEP_TYPES = {"prepare": msgs.Prepare, "arm": msgs.Arm, "freeze": msgs.Freeze,
+              "restore": msgs.Restore, "release": msgs.Release, "commit": msgs.Commit,
+              "inject": msgs.Inject, "abort": msgs.Abort, "rollback": msgs.Rollback}
+
+
+def msg(op: str, **extra) -> msgs.Step:
+    return STEP_TYPES[op](service=SERVICE, epoch=EPOCH, **extra)
 
 
 FROZEN = Frozen(node=SRC, consumed={FLOW: 3}, late_packets=[b"late"],
@@ -140,15 +147,15 @@ def test_happy_path_script():
     t = MigrationTimeouts()
     expected = [
         [SetDelivery(SERVICE, (SRC, DST)),  # both nodes get every copy before the hold
-         SendToNode(DST, msg("prepare", role="dest", source=SRC)),
+         SendToNode(DST, msg("prepare", source=SRC)),
          ArmTimer(T0 + 1 * TICK + t.preparing)],
-        [SendToNode(SRC, msg("arm", role="source", dest=DST)), ArmTimer(T0 + 2 * TICK + t.arming)],
+        [SendToNode(SRC, msg("arm", destination=DST)), ArmTimer(T0 + 2 * TICK + t.arming)],
         [FlipEpoch(SERVICE, EPOCH), ArmTimer(T0 + 3 * TICK + t.flipping)],
         [SendToNode(SRC, msg("freeze")), ArmTimer(T0 + 4 * TICK + t.freezing)],
         [SendToNode(DST, msg("restore", sockets={"service": SERVICE})),
          ArmTimer(T0 + 5 * TICK + t.restoring)],
         [SetOwner(SERVICE, DST),  # the decision is durable before the release leaves
-         SendToNode(DST, msg("release", consumed=[[*FLOW, 3]], late_packets=[b64(b"late")])),
+         SendToNode(DST, msg("release", consumed={FLOW: 3}, late_packets=[b"late"])),
          ArmTimer(T0 + 6 * TICK + t.releasing)],
         [SendToNode(SRC, msg("commit")), ArmTimer(T0 + 7 * TICK + t.committing)],
     ]
@@ -156,7 +163,7 @@ def test_happy_path_script():
         assert actions(d.feed(event)) == want
         assert d.m.state is state
     last = d.feed(HAPPY[-1][0])
-    inject = SendToNode(DST, msg("inject", packets=[b64(b"straggler")]))
+    inject = SendToNode(DST, msg("inject", packets=[b"straggler"]))
     assert actions(last)[:3] == [inject, ArmTimer(None), SetDelivery(SERVICE, (DST,))]
     finished = last[-1]
     assert isinstance(finished, Finished)
@@ -176,8 +183,8 @@ def test_happy_path_script():
 def test_every_transition_is_reported():
     d = Driver()
     for event, state in HAPPY:
-        reports = [c for c in d.feed(event) if isinstance(c, Report)]
-        assert reports[0].step == state.value
+        moves = [c for c in d.feed(event) if isinstance(c, Transition)]
+        assert moves[0].state is state
 
 
 # ---------------------------------------------------------------- failures, state by state

@@ -1,13 +1,12 @@
-"""Config validation (errors name the field), control framing and agent authentication,
-and the nft delivery script."""
+"""Config validation (errors name the field) and the nft delivery script. The control
+transport is tested in tests/unit/test_wire.py."""
 
 import copy
 
 import pytest
 
 from clustercore.config import gateway_config_from_dict, node_config_from_dict
-from clustercore.errors import ConfigError, LocalControlError, PeerControlError
-from clustercore.protocol import LineFramer, auth_proof, check_proof, encode, fail, ok, result_of
+from clustercore.errors import ConfigError
 from gateway.nft import epoch_mac, render_ruleset
 
 GW = {
@@ -61,36 +60,6 @@ def test_node_config_errors_name_the_field(mutate, field):
     with pytest.raises(ConfigError) as e:
         node_config_from_dict(d)
     assert e.value.field == field
-
-
-def test_framer_splits_and_rejects_garbage():
-    f = LineFramer()
-    data = encode({"op": "a", "id": 1}) + encode({"op": "b"})
-    assert f.feed(data[:5]) == []
-    assert [m["op"] for m in f.feed(data[5:])] == ["a", "b"]
-    with pytest.raises(PeerControlError):
-        LineFramer().feed(b"not json\n")
-    with pytest.raises(PeerControlError):
-        LineFramer().feed(b"[1,2]\n")
-    with pytest.raises(PeerControlError):
-        LineFramer(max_line=10).feed(b"x" * 20)
-
-
-def test_replies_become_results_or_whose_fault_errors():
-    assert result_of(ok(1, {"x": 1})) == {"x": 1}
-    with pytest.raises(LocalControlError, match="unknown node"):
-        result_of(fail(1, "unknown node 'n9'"))
-    with pytest.raises(PeerControlError):
-        result_of(fail(1, "boom", "peer"))
-
-
-def test_auth_proof_binds_key_nonce_and_node():
-    key = b"k" * 64
-    p = auth_proof(key, "nonce1", "n1")
-    assert check_proof(key, "nonce1", "n1", p)
-    assert not check_proof(key, "nonce2", "n1", p)
-    assert not check_proof(key, "nonce1", "n2", p)
-    assert not check_proof(b"x" * 64, "nonce1", "n1", p)
 
 
 def test_nft_ruleset_copies_to_every_node_and_tags_epochs():

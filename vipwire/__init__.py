@@ -1,0 +1,10 @@
+"""vipwire: the authenticated control transport shared by the gateway, the node agents and
+the CLI. It imports neither daemon nor the CLI; the messages it carries are the typed ones
+of `clustercore.messages`.
+
+- `framing`  bytes <-> envelopes: JSON lines, bounded, total (any bytes give messages or a
+             PeerControlError), request/reply/notification envelopes.
+- `rpc`      asyncio request/reply over one stream, dispatch by message type.
+- `client`   the CLI's blocking request over the gateway's Unix socket.
+- `auth`     the cluster key file and the agents' login proof.
+"""
