@@ -1,0 +1,154 @@
+"""The cluster's certificates: one CA, one identity for the gateway, one per node.
+
+Why certificates rather than the shared key: with one key every node could log in as any
+other (and a fake gateway needed none to be obeyed). Here each party holds its own key
+and a certificate from the cluster CA naming its ROLE and NAME in a DNS subject
+alternative name, so TLS 1.3 (vipwire.tls) authenticates both ends and binds each
+connection to one identity:
+
+    gateway        gateway.vipcluster       (agents check this name: a node's certificate
+                                             cannot act as the gateway)
+    node NAME      NAME.node.vipcluster     (the gateway takes the node's name from here:
+                                             n1's certificate cannot log in as n2)
+    admin NAME     NAME.admin.vipcluster    (an operator's CLI over the network)
+
+Keys are EC P-256, written 0600 in a 0700 directory; certificates are valid for ten years
+(rotate by issuing again). `vipctl pki init DIR --node n1 --node n2 ...` calls `init`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from clustercore.errors import ConfigError
+
+DOMAIN = "vipcluster"
+GATEWAY_NAME = f"gateway.{DOMAIN}"
+VALID_DAYS = 3650
+ROLES = ("gateway", "node", "admin")
+
+
+def identity_name(role: str, name: str = "") -> str:
+    """The DNS name a certificate carries for this role and name."""
+    if role == "gateway":
+        return GATEWAY_NAME
+    if role not in ROLES or not _valid_label(name):
+        raise ConfigError("pki", f"bad identity {role}:{name!r} (names: letters, digits, '-', at most 63)")
+    return f"{name}.{role}.{DOMAIN}"
+
+
+def parse_identity(dns_name: str) -> tuple[str, str] | None:
+    """(role, name) from a certificate's DNS name, or None if it is not one of ours."""
+    if dns_name == GATEWAY_NAME:
+        return ("gateway", "gateway")
+    parts = dns_name.split(".")
+    if len(parts) == 3 and parts[2] == DOMAIN and parts[1] in ("node", "admin") and _valid_label(parts[0]):
+        return (parts[1], parts[0])
+    return None
+
+
+def _valid_label(name: str) -> bool:
+    return (isinstance(name, str) and 0 < len(name) <= 63 and name[0].isalnum()
+            and all(c.isascii() and (c.isalnum() or c == "-") for c in name))
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where one identity's files live in a PKI directory."""
+    ca_cert: str
+    cert: str
+    key: str
+
+
+def paths(directory: str, role: str, name: str = "") -> Paths:
+    stem = "gateway" if role == "gateway" else f"{role}-{name}"
+    return Paths(os.path.join(directory, "ca.crt"), os.path.join(directory, f"{stem}.crt"),
+                 os.path.join(directory, f"{stem}.key"))
+
+
+def _write(path: str, data: bytes, private: bool) -> None:
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def create_ca(directory: str) -> None:
+    """A new cluster CA in `directory` (kept if one is there already)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    ca_key_path, ca_cert_path = os.path.join(directory, "ca.key"), os.path.join(directory, "ca.crt")
+    if os.path.exists(ca_key_path) and os.path.exists(ca_cert_path):
+        return
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{DOMAIN} cluster CA")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - datetime.timedelta(minutes=5))
+            .not_valid_after(_now() + datetime.timedelta(days=VALID_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    _write(ca_key_path, _key_pem(key), private=True)
+    _write(ca_cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
+
+
+def issue(directory: str, role: str, name: str = "", overwrite: bool = False) -> Paths:
+    """A key and a certificate for one identity, signed by the directory's CA."""
+    dns = identity_name(role, name)
+    where = paths(directory, role, name)
+    if not overwrite and os.path.exists(where.cert) and os.path.exists(where.key):
+        return where
+    try:
+        with open(os.path.join(directory, "ca.key"), "rb") as f:
+            ca_key = serialization.load_pem_private_key(f.read(), password=None)
+        with open(where.ca_cert, "rb") as f:
+            ca_cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError("pki", f"no usable CA in {directory} ({e}); run 'vipctl pki init {directory}'") from None
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if role == "gateway" else ExtendedKeyUsageOID.CLIENT_AUTH
+    usages = [usage] if role != "gateway" else [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - datetime.timedelta(minutes=5))
+            .not_valid_after(_now() + datetime.timedelta(days=VALID_DAYS))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    _write(where.key, _key_pem(key), private=True)
+    _write(where.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    return where
+
+
+def init(directory: str, nodes: list[str], admins: list[str] = ()) -> dict:
+    """The CA, the gateway's identity and one per node (and admin); existing ones are kept."""
+    create_ca(directory)
+    out = {"ca": os.path.join(directory, "ca.crt"), "gateway": issue(directory, "gateway").cert}
+    for n in nodes:
+        out[f"node {n}"] = issue(directory, "node", n).cert
+    for a in admins:
+        out[f"admin {a}"] = issue(directory, "admin", a).cert
+    return out
