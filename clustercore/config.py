@@ -1,18 +1,22 @@
 """Configuration: one place, frozen dataclasses, every error names its field.
 
-The daemons read TOML files (`tomllib`) and hand the resulting dict to
-`gateway_config_from_dict` / `node_config_from_dict`. Nothing here reads files itself,
-so the same code validates configs in tests, in the lab writer and in the daemons.
+The CLI reads a config file's bytes, `parse_toml` turns them into a dict (or a ConfigError:
+not UTF-8, not TOML), and `gateway_config_from_dict` / `node_config_from_dict` validate it.
+Nothing here opens files, so the same code validates configs in tests, in the lab writer
+and in the daemons. Choices (delivery, datapath) become the enums of `clustercore.kinds`.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import re
+import tomllib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
+from .kinds import Datapath, Delivery, member
 
 DEFAULT_CONTROL_SOCKET = "/run/vipcluster/control.sock"
 DEFAULT_STATE_DIR = "/var/lib/vipcluster"
@@ -43,9 +47,10 @@ class GatewayConfig:
     state_dir: str = DEFAULT_STATE_DIR
     heartbeat_s: float = 1.0
     node_timeout_s: float = 5.0
-    # "broadcast": every VIP packet to every node (the seed design);
-    # "selective": a service's packets to its owner only (both nodes while it migrates)
-    delivery: str = "broadcast"
+    delivery: Delivery = Delivery.BROADCAST
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "delivery", _enum_field("delivery", Delivery, self.delivery, None))
 
     def node(self, name: str) -> NodeEntry | None:
         return next((n for n in self.nodes if n.name == name), None)
@@ -63,9 +68,10 @@ class NodeConfig:
     state_dir: str = DEFAULT_STATE_DIR
     # the interface facing the gateway: the agent turns GRO off on it (see nodeshim.netlink)
     cluster_interface: str | None = None
-    # "fast": steady-state verdicts in the kernel, only migrating services through the
-    # queue; "queue": every VIP packet through the Python verdict loop (the seed design)
-    datapath: str = "fast"
+    datapath: Datapath = Datapath.FAST
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "datapath", _enum_field("datapath", Datapath, self.datapath, None))
 
 
 # --- field readers -------------------------------------------------------------------------
@@ -115,11 +121,18 @@ def _float(d, key, source, lo, hi, default):
     return float(v)
 
 
-def _choice(d, key, source, choices, default):
-    v = d.get(key, default)
-    if v not in choices:
-        raise ConfigError(key, f"must be one of {', '.join(choices)}, got {v!r}", source)
-    return v
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def _enum_field(key: str, kind: type[E], value: object, source: str | None) -> E:
+    found = member(kind, value)
+    if found is None:
+        raise ConfigError(key, f"must be one of {', '.join(kind)}, got {value!r}", source)
+    return found
+
+
+def _choice(d, key, source, kind: type[enum.StrEnum], default: enum.StrEnum):
+    return _enum_field(key, kind, d.get(key, default), source)
 
 
 def _check_known(d: dict, known: set[str], source, prefix=""):
@@ -129,6 +142,20 @@ def _check_known(d: dict, known: set[str], source, prefix=""):
 
 
 # --- public parsers ------------------------------------------------------------------------
+
+
+def parse_toml(data: bytes, source: str | None = None) -> dict:
+    """A config file's bytes as a dict; ConfigError if they are not UTF-8 or not TOML."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("(file)", f"not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x})", source) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("(file)", f"not valid TOML: {e}", source) from None
+    except RecursionError:
+        raise ConfigError("(file)", "not valid TOML: nested too deeply", source) from None
 
 
 def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfig:
@@ -178,7 +205,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         nodes=tuple(nodes),
         heartbeat_s=_float(d, "heartbeat_s", source, 0.05, 60, 1.0),
         node_timeout_s=_float(d, "node_timeout_s", source, 0.2, 600, 5.0),
-        delivery=_choice(d, "delivery", source, ("broadcast", "selective"), "broadcast"),
+        delivery=_choice(d, "delivery", source, Delivery, Delivery.BROADCAST),
     )
 
 
@@ -202,5 +229,5 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         state_dir=_str(d, "state_dir", source, default=DEFAULT_STATE_DIR, what="a path"),
         cluster_interface=(_str(d, "cluster_interface", source, pattern=_IFNAME_RE, what="an interface name")
                            if "cluster_interface" in d else None),
-        datapath=_choice(d, "datapath", source, ("fast", "queue"), "fast"),
+        datapath=_choice(d, "datapath", source, Datapath, Datapath.FAST),
     )

@@ -1,0 +1,138 @@
+"""The words vipcluster chooses between: delivery mode, datapath, service kind, migration
+strategy, and which strategy each kind of service moves with.
+
+Each is a `StrEnum`, so a value still equals the plain string it replaced
+(`Delivery.SELECTIVE == "selective"`) and serializes as that string in JSON, TOML and
+f-strings; code that still compares with the bare string keeps working.
+
+Where to add things:
+- a builtin service: its name in `BUILTINS` (its code lives in nodeshim.builtins);
+- a migration strategy: a member of `MigrateStrategy`, then list it for the kinds that can
+  use it in `MIGRATION_RULES` (first in a kind's tuple = what `auto` picks);
+- a delivery mode or a datapath: a member here; `config.py` accepts every member.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping, TypeVar
+
+from .errors import LocalControlError
+
+
+class Delivery(enum.StrEnum):
+    """How the gateway copies a service's packets to the nodes."""
+
+    BROADCAST = "broadcast"  # every VIP packet to every node (the seed design)
+    SELECTIVE = "selective"  # to the owner only; to source and destination while it migrates
+
+
+class Datapath(enum.StrEnum):
+    """Where a node takes its steady-state verdicts."""
+
+    FAST = "fast"  # kernel rules; only migrating services go through the queue
+    QUEUE = "queue"  # every VIP packet through the Python verdict loop (the seed design)
+
+
+class ServiceKind(enum.StrEnum):
+    """What runs a service, as its exec spec says."""
+
+    BUILTIN = "builtin"  # "builtin:NAME": one of ours (nodeshim.builtins), with the state hook
+    COMMAND = "command"  # any other command line: started by the agent with socket activation
+    EXTERNAL = "external"  # "external": the operator runs it; vipcluster only routes and filters
+
+
+class MigrateStrategy(enum.StrEnum):
+    """How a service's state moves between nodes."""
+
+    AUTO = "auto"  # the kind's preferred strategy (MIGRATION_RULES)
+    PROCESS = "process"  # the whole process, checkpointed and restored
+    HANDOFF = "handoff"  # sockets taken and rebuilt, user-space state through the state hook
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def member(kind: type[E], value: object) -> E | None:
+    """The member of `kind` whose value is `value` (a string from a file or the wire), or None."""
+    if isinstance(value, str):
+        for m in kind:
+            if m.value == value:
+                return m
+    return None
+
+
+BUILTIN_PREFIX = "builtin:"
+EXTERNAL_SPEC = "external"
+BUILTINS: tuple[str, ...] = ("echo", "kv")
+
+
+def service_kind(exec_spec: str) -> ServiceKind:
+    """The kind of a service from its exec spec ("builtin:echo", "external", a command line)."""
+    if exec_spec.startswith(BUILTIN_PREFIX):
+        return ServiceKind.BUILTIN
+    if exec_spec == EXTERNAL_SPEC:
+        return ServiceKind.EXTERNAL
+    return ServiceKind.COMMAND
+
+
+def builtin_spec(name: str) -> str:
+    """'echo' -> 'builtin:echo'."""
+    return BUILTIN_PREFIX + name
+
+
+def builtin_name(exec_spec: str) -> str | None:
+    """'builtin:echo' -> 'echo'; None for a spec that is not a known builtin."""
+    if service_kind(exec_spec) is not ServiceKind.BUILTIN:
+        return None
+    name = exec_spec[len(BUILTIN_PREFIX):]
+    return name if name in BUILTINS else None
+
+
+@dataclass(frozen=True)
+class MigrationRule:
+    """How services of one kind may move."""
+
+    strategies: tuple[MigrateStrategy, ...]  # usable strategies, preferred first (never AUTO)
+    refusal: str = ""  # why it cannot move, when `strategies` is empty
+
+    def __post_init__(self) -> None:
+        if MigrateStrategy.AUTO in self.strategies:
+            raise ValueError("auto is a request, not a strategy")
+        if not self.strategies and not self.refusal:
+            raise ValueError("a kind that cannot migrate must say why")
+
+
+MIGRATION_RULES: Mapping[ServiceKind, MigrationRule] = MappingProxyType({
+    ServiceKind.BUILTIN: MigrationRule((MigrateStrategy.HANDOFF,)),
+    ServiceKind.COMMAND: MigrationRule((), "command-line services cannot be migrated yet "
+                                           "(they would need the state hook and the gate)"),
+    ServiceKind.EXTERNAL: MigrationRule((), "external services cannot be migrated "
+                                            "(their processes are not ours)"),
+})
+
+
+def can_migrate(kind: ServiceKind) -> bool:
+    return bool(MIGRATION_RULES[kind].strategies)
+
+
+def migration_strategy(kind: ServiceKind, requested: MigrateStrategy = MigrateStrategy.AUTO) -> MigrateStrategy:
+    """The strategy a service of `kind` moves with when `requested` is asked for.
+
+    LocalControlError (the request is refused) if the kind cannot migrate at all, or not
+    with the requested strategy."""
+    kind = ServiceKind(kind)
+    wanted = member(MigrateStrategy, requested)
+    if wanted is None:
+        raise LocalControlError(f"unknown migration strategy {requested!r} (have: {', '.join(MigrateStrategy)})")
+    rule = MIGRATION_RULES[kind]
+    if not rule.strategies:
+        raise LocalControlError(rule.refusal)
+    if wanted is MigrateStrategy.AUTO:
+        return rule.strategies[0]
+    if wanted not in rule.strategies:
+        have = ", ".join(rule.strategies)
+        raise LocalControlError(f"{kind} services cannot be migrated with strategy {wanted} (only: {have})")
+    return wanted

@@ -1,0 +1,115 @@
+"""clustercore.kinds: the enums still are the strings they replaced, service kinds come from
+exec specs, and the migration registry answers for every kind."""
+
+import json
+
+import pytest
+
+from clustercore import kinds
+from clustercore.errors import LocalControlError
+from clustercore.kinds import (BUILTINS, MIGRATION_RULES, Datapath, Delivery, MigrateStrategy, MigrationRule,
+                               ServiceKind, builtin_name, builtin_spec, can_migrate, member, migration_strategy,
+                               service_kind)
+
+ENUMS = (Delivery, Datapath, ServiceKind, MigrateStrategy)
+
+
+def test_members_are_todays_strings():
+    assert [d.value for d in Delivery] == ["broadcast", "selective"]
+    assert [d.value for d in Datapath] == ["fast", "queue"]
+    assert [k.value for k in ServiceKind] == ["builtin", "command", "external"]
+    assert [s.value for s in MigrateStrategy] == ["auto", "process", "handoff"]
+
+
+@pytest.mark.parametrize("kind", ENUMS, ids=lambda e: e.__name__)
+def test_members_compare_and_serialize_as_plain_strings(kind):
+    for m in kind:
+        assert m == m.value and isinstance(m, str)
+        assert f"{m}" == str(m) == m.value
+        assert json.dumps({"k": m}) == json.dumps({"k": m.value})
+        assert kind(m.value) is m
+        assert {m.value: 1}[m] == 1  # same hash: a dict keyed by the string finds the member
+
+
+@pytest.mark.parametrize("value, want", [
+    ("selective", Delivery.SELECTIVE), (Delivery.BROADCAST, Delivery.BROADCAST),
+    ("Selective", None), ("", None), (None, None), (1, None), (["selective"], None), ({}, None),
+])
+def test_member_is_total(value, want):
+    assert member(Delivery, value) is want
+
+
+@pytest.mark.parametrize("spec, kind", [
+    ("builtin:echo", ServiceKind.BUILTIN), ("builtin:kv", ServiceKind.BUILTIN),
+    ("builtin:nope", ServiceKind.BUILTIN),  # a builtin spec, though not a known builtin
+    ("external", ServiceKind.EXTERNAL),
+    ("/usr/bin/socat TCP-LISTEN:80 -", ServiceKind.COMMAND), ("externally", ServiceKind.COMMAND),
+    (" external", ServiceKind.COMMAND), ("builtin", ServiceKind.COMMAND), ("", ServiceKind.COMMAND),
+])
+def test_service_kind(spec, kind):
+    assert service_kind(spec) is kind
+
+
+def test_builtins_by_name():
+    assert BUILTINS == ("echo", "kv")
+    for name in BUILTINS:
+        assert builtin_name(builtin_spec(name)) == name
+        assert service_kind(builtin_spec(name)) is ServiceKind.BUILTIN
+    assert builtin_name("builtin:nope") is None and builtin_name("external") is None
+    assert builtin_name("echo") is None
+
+
+def test_every_kind_has_a_migration_rule():
+    assert set(MIGRATION_RULES) == set(ServiceKind)
+    for rule in MIGRATION_RULES.values():
+        assert MigrateStrategy.AUTO not in rule.strategies
+        assert rule.strategies or rule.refusal
+
+
+def test_which_kinds_migrate_and_how():
+    assert can_migrate(ServiceKind.BUILTIN)
+    assert not can_migrate(ServiceKind.COMMAND) and not can_migrate(ServiceKind.EXTERNAL)
+    assert migration_strategy(ServiceKind.BUILTIN) is MigrateStrategy.HANDOFF
+    assert migration_strategy(ServiceKind.BUILTIN, MigrateStrategy.AUTO) is MigrateStrategy.HANDOFF
+    assert migration_strategy("builtin", "handoff") is MigrateStrategy.HANDOFF  # strings from the wire
+
+
+@pytest.mark.parametrize("kind, requested, needle", [
+    (ServiceKind.COMMAND, MigrateStrategy.AUTO, "command-line services cannot be migrated yet"),
+    (ServiceKind.EXTERNAL, MigrateStrategy.AUTO, "external services cannot be migrated"),
+    (ServiceKind.EXTERNAL, MigrateStrategy.HANDOFF, "external services cannot be migrated"),
+    (ServiceKind.BUILTIN, MigrateStrategy.PROCESS, "builtin services cannot be migrated with strategy process"),
+    (ServiceKind.BUILTIN, "teleport", "unknown migration strategy 'teleport'"),
+    (ServiceKind.BUILTIN, ["handoff"], "unknown migration strategy"),
+])
+def test_refusals_are_local_errors_that_say_why(kind, requested, needle):
+    with pytest.raises(LocalControlError, match=needle):
+        migration_strategy(kind, requested)
+
+
+def test_a_strategy_is_one_table_row(monkeypatch):
+    """Adding a strategy for a kind is one entry in MIGRATION_RULES; `auto` picks the first."""
+    rules = dict(MIGRATION_RULES)
+    rules[ServiceKind.COMMAND] = MigrationRule((MigrateStrategy.PROCESS,))
+    rules[ServiceKind.BUILTIN] = MigrationRule((MigrateStrategy.HANDOFF, MigrateStrategy.PROCESS))
+    monkeypatch.setattr(kinds, "MIGRATION_RULES", rules)
+    assert migration_strategy(ServiceKind.COMMAND) is MigrateStrategy.PROCESS
+    assert migration_strategy(ServiceKind.BUILTIN) is MigrateStrategy.HANDOFF
+    assert migration_strategy(ServiceKind.BUILTIN, MigrateStrategy.PROCESS) is MigrateStrategy.PROCESS
+
+
+def test_a_rule_must_be_usable():
+    with pytest.raises(ValueError):
+        MigrationRule((MigrateStrategy.AUTO,))
+    with pytest.raises(ValueError):
+        MigrationRule(())  # cannot migrate, and does not say why
+
+
+def test_kinds_is_pure():
+    """The core stays stdlib-only: kinds imports nothing but the standard library and errors."""
+    import ast
+
+    tree = ast.parse(open(kinds.__file__).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    assert imported <= {"__future__", "enum", "dataclasses", "types", "typing"}, imported
