@@ -87,14 +87,11 @@ class Gateway:
         self.gateway_mac = netlink.interface_mac(cfg.cluster_interface, "cluster_interface")
         netlink.enable_forwarding()
         netlink.add_vip_route(cfg.vip, cfg.cluster_interface)
+        # adopt what a previous gateway left: the table is replaced in one transaction,
+        # rendered from the same registry, so packets keep flowing through the restart
         self.apply_delivery()
         log.info("delivery: every packet to %s on %s is copied to %d nodes on %s",
                  cfg.vip, cfg.client_interface, len(cfg.nodes), cfg.cluster_interface)
-
-    def cleanup_kernel(self) -> None:
-        log.info("removing delivery table and VIP route")
-        nft.remove()
-        netlink.remove_vip_route(self.config.vip)
 
     async def start(self) -> None:
         cfg = self.config
@@ -414,10 +411,17 @@ def _socket_alive(path: str) -> bool:
         s.close()
 
 
+def remove_data_plane(config: GatewayConfig) -> None:
+    """Take the VIP off the wire: delete the delivery table and the VIP route. Only on the
+    operator's word (`vipctl gateway cleanup`): a gateway that exits leaves them, so a
+    restart or a crash is no outage."""
+    nft.remove()
+    netlink.remove_vip_route(config.vip)
+
+
 def run(config: GatewayConfig) -> None:
+    """Run the gateway until SIGTERM/SIGINT. The delivery rules stay installed when it
+    exits, however it exits: the data plane outlives the control plane."""
     gw = Gateway(config)
     gw.prepare_kernel()
-    try:
-        asyncio.run(gw.run_forever())
-    finally:
-        gw.cleanup_kernel()
+    asyncio.run(gw.run_forever())

@@ -76,7 +76,3 @@ def remove() -> None:
     """Delete the delivery table (idempotent)."""
     subprocess.run(["nft", "delete", "table", "netdev", TABLE], capture_output=True)
 
-
-def table_exists() -> bool:
-    proc = subprocess.run(["nft", "list", "table", "netdev", TABLE], capture_output=True)
-    return proc.returncode == 0

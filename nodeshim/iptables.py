@@ -55,10 +55,6 @@ def remove(vip: str) -> None:
     _run(["iptables", "-w", "-t", "mangle", "-X", CHAIN], check=False)
 
 
-def installed(vip: str) -> bool:
-    return _run(["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", *_jump_rule(vip)], check=False).returncode == 0
-
-
 def read_counters() -> dict[str, dict[str, int]]:
     """Per-service packet counters of our chain's rules, from the kernel:
     {service: {"accepted": n, "dropped": n}} (rules tagged `vip:NAME`)."""

@@ -4,8 +4,9 @@ The verdict loop is driven by asyncio: the queue's netlink fd is registered as a
 and each wake-up drains every packet waiting (`run(block=False)`). The decision itself
 is clustercore's (`NodeFilter`); this module only moves packets and verdicts.
 
-HOLD keeps the netfilterqueue Packet object: the kernel keeps the packet until we give
-the verdict later (`accept_held` / `drop_held`). The queue's length (`max_len`) bounds
+HOLD keeps the netfilterqueue Packet object (it is the handle a cutover role holds): the
+kernel keeps the packet until the role gives the verdict later with the handle's own
+`accept()` / `drop()`. The queue's length (`max_len`) bounds
 how many packets can be held; more are dropped by the kernel, so a migration watches it.
 """
 
@@ -92,14 +93,6 @@ class PacketQueue:
             pkt.drop()
         else:
             pkt.retain()  # held: keep it until a migration decides
-
-    @staticmethod
-    def accept_held(pkt) -> None:
-        pkt.accept()
-
-    @staticmethod
-    def drop_held(pkt) -> None:
-        pkt.drop()
 
     def close(self) -> None:
         if self._loop is not None:
