@@ -1,0 +1,375 @@
+"""The one adapter for criu on the node: freeze a whole program, write it to disk, bring
+it back in another network namespace (the `process` migration strategy, issue 9).
+
+Why criu and why like this (measured facts in shared/KERNEL-NOTES.md, "Whole-process
+migration with criu"):
+
+- Only criu >= 4.2 works on this kernel (3.17 fails `criu check`, 4.1 cannot dump a TCP
+  socket); `scripts/build-criu` builds it. `available()` says whether this node can run
+  the strategy, and why not.
+- A program to be moved must start in its own PID namespace and session, with nothing
+  open but fds 0-2: then the restored copy gets a fresh namespace (its PIDs never clash
+  with anything on the destination, nor with the frozen source), and criu finds no
+  descriptor it cannot follow. `spawn_isolated()` starts it that way. We do NOT give it a
+  mount namespace (no `--mount-proc`): criu and the program must share one.
+- stdout/stderr must be a pipe, never a log file that grows (restore checks a file's size
+  and fails "has bad size"). The agent owns the read end; on restore the destination
+  agent passes a new pipe with `inherit_fds={fd: pipe_key(source_pipe)}` so the restored
+  program's output keeps reaching the node's log.
+- `dump()` leaves the source *stopped* (not killed): a failed restore rolls back by
+  thawing it. criu's own network lock is skipped, because the shim's hold/release cutover
+  already keeps the service's packets away from both copies.
+- Errors are `KernelError("criu dump" | "criu restore", detail=REASON)`, REASON being the
+  first meaningful `Error (...)` line of criu's log, so a refused migration says why in one
+  line.
+
+Everything that decides (argument lists, version and log parsing) is a plain function the
+unit tests call without root; the rest only runs programs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from clustercore.errors import KernelError
+from nodeshim import pidfd
+from nodeshim.tcprepair import TCP_REPAIR, TCP_REPAIR_OFF
+
+MIN_VERSION = (4, 2)
+# scripts/build-criu installs here; /usr/local/sbin is not on every daemon's PATH
+INSTALLED_PATH = "/usr/local/sbin/criu"
+DUMP_LOG = "dump.log"
+RESTORE_LOG = "restore.log"
+# How long criu may take before we call it hung (the nginx measured: 90 ms + 46 ms).
+CRIU_TIMEOUT_S = 120.0
+
+
+# ---------------------------------------------------------------- pure: parsing
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """`criu --version` prints "Version: 4.2.1" (plus a GitID line on git builds)."""
+    m = re.search(r"^Version:\s*(\d+(?:\.\d+)*)", text, re.MULTILINE)
+    return tuple(int(p) for p in m.group(1).split(".")) if m else None
+
+
+# Error lines that never say why: criu's summaries on the way out of any failure, a
+# helper reporting that a child failed, and one it logs on every run here and survives
+# (root lacks CAP_SYS_RESOURCE, so criu cannot raise its own descriptor limit).
+_GENERIC = re.compile(
+    r"(dumping|restoring|pre-dumping) failed|^dump (of )?.*failed\.?$|^restore .*failed\.?$"
+    r"|^failed to (dump|restore)|^exiting|^can't wait or bad status"
+    r"|can't setup rlimit_nofile for self", re.IGNORECASE)
+_ERROR_LINE = re.compile(r"Error \(([^)]*)\):\s*(.*\S)")
+
+
+def failure_reason(log_text: str, returncode: int | None = None) -> str:
+    """One line that says why criu failed: its first `Error (file:line): message` that is
+    not a generic "Dumping FAILED." summary, as "message (file:line)"."""
+    errors = [(m.group(2), m.group(1)) for m in map(_ERROR_LINE.search, log_text.splitlines()) if m]
+    specific = [e for e in errors if not _GENERIC.search(e[0])]
+    if specific or errors:
+        message, where = (specific or errors)[0]
+        return f"{message} ({where})"
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    if lines:
+        return re.sub(r"^\(\s*[\d.]+\)\s*", "", lines[-1])
+    return f"criu exited with status {returncode}" if returncode is not None else "criu failed"
+
+
+# ---------------------------------------------------------------- pure: argument lists
+
+def isolated_argv(argv: Sequence[str]) -> list[str]:
+    """The launcher for `spawn_isolated`: a new PID namespace whose init is the program
+    (`--fork`: unshare's child is PID 1 inside), which is its own session leader there
+    (`setsid`; criu refuses a session leader outside the namespace). No `--mount-proc`
+    (it would add a mount namespace) and no `--kill-child` (a PR_SET_PDEATHSIG that criu
+    would restore, killing the copy as soon as criu, its restore-time parent, exits)."""
+    if not argv:
+        raise ValueError("empty argv")
+    return ["unshare", "--pid", "--fork", "setsid", *argv]
+
+
+def in_netns_argv(netns_path: str | None, argv: Sequence[str]) -> list[str]:
+    """Run argv in the network namespace at netns_path (a /run/netns/NAME or
+    /proc/PID/ns/net file). nsenter, not `ip netns exec`: the latter also unshares the
+    mount namespace, and criu must see the program's mounts."""
+    return list(argv) if netns_path is None else ["nsenter", f"--net={netns_path}", *argv]
+
+
+def pipe_key(fd: int) -> str:
+    """How criu names the pipe behind fd ("pipe:[INODE]"), for `inherit_fds` on restore."""
+    return f"pipe:[{os.fstat(fd).st_ino}]"
+
+
+def dump_args(criu: str, pid: int, images_dir: str, *, leave_stopped: bool = True,
+              tcp_established: bool = True, network_lock_skip: bool = True,
+              extra: Iterable[str] = ()) -> list[str]:
+    """`criu dump` of the tree rooted at pid. network_lock_skip: the shim's hold is the lock."""
+    args = [criu, "dump", "-t", str(pid), "-D", images_dir, "-o", DUMP_LOG]
+    if leave_stopped:
+        args.append("--leave-stopped")
+    if tcp_established:
+        args.append("--tcp-established")
+    if network_lock_skip:
+        args += ["--network-lock", "skip"]
+    return args + list(extra)
+
+
+def restore_args(criu: str, images_dir: str, *, pidfile: str, tcp_established: bool = True,
+                 detach: bool = True, sibling: bool = True,
+                 inherit_fds: Mapping[int, str] | None = None,
+                 extra: Iterable[str] = ()) -> list[str]:
+    """`criu restore` of the images in images_dir.
+
+    detach: criu exits once the copy runs. sibling: the copy becomes a child of criu's
+    parent (us), not an orphan, so the agent reaps it and sees it die like any service it
+    started. inherit_fds {our fd: criu's name of the old one} hands the copy our pipe in
+    place of the source's (see pipe_key)."""
+    args = [criu, "restore", "-D", images_dir, "-o", RESTORE_LOG, "--pidfile", pidfile]
+    if detach:
+        args.append("--restore-detached")
+        if sibling:
+            args.append("--restore-sibling")
+    if tcp_established:
+        args.append("--tcp-established")
+    for fd, key in sorted((inherit_fds or {}).items()):
+        args += ["--inherit-fd", f"fd[{fd}]:{key}"]
+    return args + list(extra)
+
+
+# ---------------------------------------------------------------- running criu
+
+def criu_binary() -> str | None:
+    return shutil.which("criu") or (INSTALLED_PATH if os.access(INSTALLED_PATH, os.X_OK) else None)
+
+
+def _require_binary() -> str:
+    criu = criu_binary()
+    if criu is None:
+        raise KernelError("criu", None, "criu not installed (run scripts/build-criu)")
+    return criu
+
+
+def available() -> tuple[bool, str]:
+    """Can this node run the `process` strategy? (ok, why): why is "criu 4.2.1" when ok."""
+    criu = criu_binary()
+    if criu is None:
+        return False, "criu not installed (scripts/setup builds it)"
+    try:
+        out = subprocess.run([criu, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"{criu} --version failed: {e}"
+    version = parse_version(out.stdout)
+    if version is None:
+        return False, f"cannot read the version of {criu}: {out.stdout.strip()!r}"
+    shown = ".".join(map(str, version))
+    if version < MIN_VERSION:
+        need = ".".join(map(str, MIN_VERSION))
+        return False, f"criu {shown} is too old for this kernel (need >= {need}; scripts/build-criu)"
+    if os.geteuid() != 0:
+        return False, f"criu {shown} needs root"
+    try:
+        check = subprocess.run([criu, "check"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"criu check failed: {e}"
+    if check.returncode != 0:
+        return False, f"criu {shown} check failed: {failure_reason(check.stdout + check.stderr, check.returncode)}"
+    return True, f"criu {shown}"
+
+
+def _run_criu(operation: str, args: list[str], log_path: str, pass_fds: Sequence[int] = ()) -> None:
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=CRIU_TIMEOUT_S,
+                              pass_fds=tuple(pass_fds))
+    except subprocess.TimeoutExpired:
+        raise KernelError(operation, None, f"criu did not finish in {CRIU_TIMEOUT_S:.0f} s") from None
+    except OSError as e:
+        raise KernelError(operation, e.errno, f"cannot run {args[0]}") from None
+    if proc.returncode != 0:
+        try:
+            with open(log_path, errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        raise KernelError(operation, None, failure_reason(text + proc.stderr, proc.returncode))
+
+
+@dataclass(frozen=True)
+class DumpStats:
+    wall_ms: float      # criu dump, start to exit: the program is frozen for (at least) this
+    image_bytes: int
+
+
+def image_size(images_dir: str) -> int:
+    """Bytes of the image files (what travels to the destination), criu's logs excluded."""
+    total = 0
+    for entry in os.scandir(images_dir):
+        if entry.is_file(follow_symlinks=False) and not entry.name.endswith(".log"):
+            total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stopped: bool = True,
+         tcp_established: bool = True, network_lock_skip: bool = True,
+         extra: Iterable[str] = ()) -> DumpStats:
+    """Dump the process tree rooted at pid (a `spawn_isolated` program) into images_dir.
+
+    criu must run in the program's network namespace (netns_path, or the caller's): one
+    that differs from criu's own is dumped as part of the tree, and restoring it then
+    tries to recreate its devices instead of using the destination's.
+
+    With leave_stopped the source stays frozen, its TCP sockets still in repair mode (they
+    answer nothing, and vanish without a FIN or RST when it is killed); kill it once the
+    copy runs, or `thaw` it to roll back."""
+    criu = _require_binary()
+    os.makedirs(images_dir, exist_ok=True)
+    args = in_netns_argv(netns_path, dump_args(
+        criu, pid, images_dir, leave_stopped=leave_stopped, tcp_established=tcp_established,
+        network_lock_skip=network_lock_skip, extra=extra))
+    start = time.monotonic()
+    _run_criu("criu dump", args, os.path.join(images_dir, DUMP_LOG))
+    wall_ms = (time.monotonic() - start) * 1000
+    return DumpStats(wall_ms=wall_ms, image_bytes=image_size(images_dir))
+
+
+def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
+            tcp_established: bool = True, detach: bool = True, sibling: bool = True,
+            inherit_fds: Mapping[int, str] | None = None, extra: Iterable[str] = ()) -> int:
+    """Restore the images in images_dir and return the host PID of the copy's root.
+
+    netns_path: the network namespace to restore into (entered with nsenter); None means
+    the caller's own. The copy's sockets are bound to the same addresses as the source's,
+    so that namespace must own them (the VIP on `lo`). With sibling (default) the copy is
+    our child: reap it with os.waitpid."""
+    criu = _require_binary()
+    args = in_netns_argv(netns_path, restore_args(
+        criu, images_dir, pidfile=pidfile, tcp_established=tcp_established, detach=detach,
+        sibling=sibling, inherit_fds=inherit_fds, extra=extra))
+    _run_criu("criu restore", args, os.path.join(images_dir, RESTORE_LOG),
+              pass_fds=tuple(inherit_fds or ()))
+    try:
+        with open(pidfile) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError) as e:
+        raise KernelError("criu restore", None, f"criu wrote no usable pidfile {pidfile}: {e}") from None
+
+
+# ---------------------------------------------------------------- isolated programs
+
+@dataclass
+class IsolatedProcess:
+    """A program in its own PID namespace and session.
+
+    pid is the program (PID 1 of the namespace, host view): criu's dump root, and the PID
+    to signal. launcher is `unshare`, its parent, which exits when the namespace's init
+    does; wait on it to reap."""
+
+    pid: int
+    launcher: subprocess.Popen
+
+    def poll(self) -> int | None:
+        return self.launcher.poll()
+
+    def kill(self, timeout: float = 5.0) -> None:
+        """SIGKILL the namespace's init, which takes every process in it along."""
+        if self.launcher.poll() is not None:
+            return  # unshare outlives its child: pid is gone, maybe reused, never signal it
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.launcher.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # the program is gone or going; unshare itself never blocks SIGKILL
+            self.launcher.kill()
+            self.launcher.wait(timeout)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def spawn_isolated(argv: Sequence[str], env: Mapping[str, str] | None, cwd: str,
+                   log_fd: int, *, netns_path: str | None = None,
+                   timeout: float = 5.0) -> IsolatedProcess:
+    """Start argv for the `process` strategy: own PID namespace and session, stdin
+    /dev/null, stdout and stderr on log_fd (the write end of a pipe the agent reads), no
+    other descriptor. netns_path: start it in that network namespace (tests; the agent
+    already runs in its node's); nsenter execs unshare without forking, so the Popen is
+    unshare either way."""
+    try:
+        launcher = subprocess.Popen(
+            in_netns_argv(netns_path, isolated_argv(argv)), env=dict(env) if env is not None else None,
+            cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+            close_fds=True, start_new_session=True)
+    except OSError as e:
+        raise KernelError(f"start {argv[0]}", e.errno, "in its own PID namespace") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        kids = _children(launcher.pid)
+        if kids:
+            return IsolatedProcess(pid=kids[0], launcher=launcher)
+        if launcher.poll() is not None:
+            raise KernelError(f"start {argv[0]}", None,
+                              f"unshare exited with status {launcher.returncode} before the program ran")
+        if time.monotonic() > deadline:
+            launcher.kill()
+            launcher.wait()
+            raise KernelError(f"start {argv[0]}", None, f"no program under unshare after {timeout:.0f} s")
+        time.sleep(0.002)
+
+
+def tree_pids(root: int) -> list[int]:
+    """root and all its descendants, parents first."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo.extend(_children(pid))
+    return out
+
+
+def thaw(root: int) -> int:
+    """Roll back a `leave_stopped` dump: let the frozen source serve again.
+
+    criu leaves the source's established TCP sockets in repair mode (they stay silent while
+    frozen); a thawed program on such sockets would see its peers reset. So first take each
+    socket of the tree (pidfd_getfd), turn repair off (the kernel sends a window probe and
+    the connection resumes), then SIGCONT every process. Returns how many sockets left
+    repair mode. (Only this switch: the socket state itself never left the kernel, so
+    nothing of nodeshim.tcprepair's dump/restore is needed.)"""
+    pids = tree_pids(root)
+    repaired = 0
+    for pid in pids:
+        try:
+            socks = pidfd.take_sockets(pid)
+        except KernelError:
+            continue  # gone: nothing to thaw
+        try:
+            for sock in socks.values():
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
+                        and sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR):
+                    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+                    repaired += 1
+        finally:
+            for sock in socks.values():
+                sock.close()  # our duplicate only: the program keeps its socket
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    return repaired

@@ -1,0 +1,97 @@
+"""The pure side of nodeshim.criu: argument lists, version and log parsing (no root, no criu)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nodeshim import criu
+
+# A real criu 4.2.1 restore log from this lab (restoring where the address is missing),
+# and the failure KERNEL-NOTES records for criu 4.1 on kernels >= 6.16 (its file:line is
+# illustrative), both in criu's log format.
+RESTORE_WITHOUT_VIP = """\
+(00.000412) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted
+(00.003118) Warn  (criu/cr-restore.c:1050): Set CLONE_PARENT | CLONE_NEWPID but it might cause restore problem,because not all kernels support such clone flags combinations!
+(00.021702)      1: Error (criu/sk-inet.c:1059): inet: Can't bind inet socket (id 24): Cannot assign requested address
+(00.021900)      1: Error (criu/util.c:1510): Can't wait or bad status: errno=0, status=65280
+(00.023001) Error (criu/cr-restore.c:2331): Restoring FAILED.
+"""
+DUMP_ON_OLD_CRIU = """\
+(00.010000) Error (criu/sockets.c:420): Can't get 1:16 opt: Operation not supported
+(00.010100) Error (criu/cr-dump.c:2098): Dumping FAILED.
+"""
+
+
+def test_version_is_read_from_criu_version_output():
+    assert criu.parse_version("Version: 4.2.1\n") == (4, 2, 1)
+    assert criu.parse_version("Version: 4.2\nGitID: v4.2-3-gabc\n") == (4, 2)
+    assert criu.parse_version("criu: command not found") is None
+    assert criu.parse_version("Version: 3.17.1\n") < criu.MIN_VERSION <= (4, 2, 1)
+
+
+def test_reason_is_the_first_specific_error_in_one_line():
+    assert criu.failure_reason(RESTORE_WITHOUT_VIP) == (
+        "inet: Can't bind inet socket (id 24): Cannot assign requested address (criu/sk-inet.c:1059)")
+    assert criu.failure_reason(DUMP_ON_OLD_CRIU) == (
+        "Can't get 1:16 opt: Operation not supported (criu/sockets.c:420)")
+
+
+def test_reason_falls_back_to_what_there_is():
+    assert criu.failure_reason("(00.1) Error (criu/cr-dump.c:1): Dumping FAILED.\n") == \
+        "Dumping FAILED. (criu/cr-dump.c:1)"
+    assert criu.failure_reason("(00.000100) something odd\n(00.000200) last words\n") == "last words"
+    assert criu.failure_reason("", 1) == "criu exited with status 1"
+
+
+def test_isolated_program_is_pid_1_and_session_leader_in_a_new_pid_namespace_only():
+    argv = criu.isolated_argv(["nginx", "-c", "/etc/x.conf"])
+    assert argv == ["unshare", "--pid", "--fork", "setsid", "nginx", "-c", "/etc/x.conf"]
+    assert not any(a.startswith(("--mount", "--kill-child")) for a in argv)
+    with pytest.raises(ValueError):
+        criu.isolated_argv([])
+
+
+def test_network_namespace_is_entered_with_nsenter_net_only():
+    assert criu.in_netns_argv(None, ["criu", "check"]) == ["criu", "check"]
+    assert criu.in_netns_argv("/run/netns/n2", ["criu", "check"]) == \
+        ["nsenter", "--net=/run/netns/n2", "criu", "check"]
+
+
+def test_dump_arguments():
+    args = criu.dump_args("/usr/local/sbin/criu", 4242, "/tmp/img")
+    assert args[:7] == ["/usr/local/sbin/criu", "dump", "-t", "4242", "-D", "/tmp/img", "-o"]
+    assert "--leave-stopped" in args and "--tcp-established" in args
+    i = args.index("--network-lock")
+    assert args[i + 1] == "skip"
+    bare = criu.dump_args("criu", 1, "d", leave_stopped=False, tcp_established=False,
+                          network_lock_skip=False, extra=["--file-locks"])
+    assert bare == ["criu", "dump", "-t", "1", "-D", "d", "-o", criu.DUMP_LOG, "--file-locks"]
+
+
+def test_restore_arguments():
+    args = criu.restore_args("criu", "/tmp/img", pidfile="/tmp/p", inherit_fds={7: "pipe:[123]"})
+    assert args[:8] == ["criu", "restore", "-D", "/tmp/img", "-o", criu.RESTORE_LOG, "--pidfile", "/tmp/p"]
+    for flag in ("--restore-detached", "--restore-sibling", "--tcp-established"):
+        assert flag in args
+    i = args.index("--inherit-fd")
+    assert args[i + 1] == "fd[7]:pipe:[123]"
+    attached = criu.restore_args("criu", "d", pidfile="p", detach=False, tcp_established=False)
+    assert "--restore-sibling" not in attached and "--restore-detached" not in attached
+
+
+def test_pipe_key_names_the_pipe_like_proc_does():
+    r, w = os.pipe()
+    try:
+        assert criu.pipe_key(w) == os.readlink(f"/proc/self/fd/{w}") == criu.pipe_key(r)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_image_size_counts_images_not_logs(tmp_path):
+    (tmp_path / "pages-1.img").write_bytes(b"x" * 1000)
+    (tmp_path / "core-1.img").write_bytes(b"y" * 24)
+    (tmp_path / criu.DUMP_LOG).write_text("log " * 100)
+    assert criu.image_size(str(tmp_path)) == 1024
