@@ -32,9 +32,11 @@ import time
 from pyroute2 import NetNS
 
 from clustercore.errors import LocalControlError
+from clustercore.kinds import EXTERNAL_SPEC, Datapath, Delivery, builtin_spec
 
 from . import lab as labmod
 from .client import call
+from .render import count, ms
 
 IPERF_PORT = 5201
 
@@ -127,8 +129,8 @@ def measure_baseline(prefix: str, runs: int, seconds: float, log) -> dict:
     spec = labmod.Lab(prefix, 3)
     labmod.down(spec, log=lambda *a: None)
     try:
-        labmod._build_links(spec)
-        labmod._wire_like_client(spec)
+        labmod.build_links(spec)
+        labmod.wire_like_client(spec)
         with NetNS(spec.node_ns(1)) as n1:
             n1.addr("add", index=n1.link_lookup(ifname="lo")[0], address=labmod.VIP, prefixlen=32)
         with NetNS(spec.gw_ns) as gw:
@@ -144,13 +146,13 @@ def measure_baseline(prefix: str, runs: int, seconds: float, log) -> dict:
         labmod.down(spec, log=lambda *a: None)
 
 
-def measure_mode(prefix: str, delivery: str, datapath: str, runs: int, seconds: float, log) -> dict:
+def measure_mode(prefix: str, delivery: Delivery, datapath: Datapath, runs: int, seconds: float, log) -> dict:
     spec = labmod.Lab(prefix, 3, delivery, datapath)
     labmod.down(spec, log=lambda *a: None)
     try:
         labmod.up(spec, log=lambda *a: None)
         call("service.add", spec.control_socket, name="iperf", node="n1",
-             ports=[f"tcp:{IPERF_PORT}", f"udp:{IPERF_PORT}"], exec="external")
+             ports=[f"tcp:{IPERF_PORT}", f"udp:{IPERF_PORT}"], exec=EXTERNAL_SPEC)
         iperf = Iperf(spec, spec.node_ns(1), labmod.VIP)
         try:
             log(f"mode: delivery={delivery} datapath={datapath}")
@@ -168,7 +170,7 @@ def _next(node: str) -> str:
 
 
 def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[list[dict], dict]:
-    spec = labmod.Lab(prefix, 3, "selective", "fast")
+    spec = labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST)
     labmod.down(spec, log=lambda *a: None)
     out = []
     rss = {}
@@ -177,7 +179,7 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
     try:
         labmod.up(spec, log=lambda *a: None)
         sock = spec.control_socket
-        call("service.add", sock, name="echo", node="n1", ports=["tcp:7", "udp:7"], exec="builtin:echo")
+        call("service.add", sock, name="echo", node="n1", ports=["tcp:7", "udp:7"], exec=builtin_spec("echo"))
         owner = "n1"
         for n in sizes:
             rows = []
@@ -193,15 +195,15 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                 while not os.path.exists(ready) and load.poll() is None and time.time() < deadline:
                     time.sleep(0.1)
                 time.sleep(1.0)
-                dest = _next(owner)
+                destination = _next(owner)
                 try:
-                    report = call("migrate", sock, timeout=300.0, name="echo", to=dest)
+                    report = call("migrate", sock, timeout=300.0, name="echo", to=destination)
                 finally:
                     time.sleep(1.0)
                     open(stop, "w").close()
                     stdout, stderr = load.communicate(timeout=300)
                 if report.get("outcome") == "committed":
-                    owner = dest
+                    owner = destination
                 try:
                     client = json.loads(stdout)
                 except json.JSONDecodeError:
@@ -210,8 +212,8 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                         if "error" not in client else None)
                 rows.append({"report": report, "client": client, "lost": lost,
                              "duplicated": client.get("udp_duplicated")})
-                log(f"migration with {n} connections: {report.get('outcome')}, freeze {report.get('freeze_ms')} ms, "
-                    f"total {report.get('total_ms')} ms, lost {lost}, retrans {client.get('retrans_segs')}")
+                log(f"migration with {n} connections: {report.get('outcome')}, freeze {ms(report.get('freeze_ms'))}, "
+                    f"total {ms(report.get('total_ms'))}, lost {count(lost)}, retrans {count(client.get('retrans_segs'))}")
             out.append({
                 "connections": n,
                 "established_moved": _stats([r["report"].get("tcp_established") for r in rows]),
@@ -230,8 +232,7 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                 "per_connection_worst_reply_ms": _median_pcts([r["client"].get("conn_worst_reply_ms") for r in rows]),
                 "split_ms": rows[-1]["report"].get("split_ms", {}),
             })
-        with open(os.path.join(spec.state_dir, "pids.json")) as f:
-            pids = json.load(f)
+        pids = labmod.daemon_pids(spec)
         rss = {"gateway": _rss_mb(pids["gateway"]), "shim": _rss_mb(pids[owner]),
                "shim_connections": sizes[-1] if sizes else 0}
     finally:
@@ -267,8 +268,9 @@ def run_bench(quick: bool, log) -> dict:
                           "pps_stats": base["pps"], "tcp_mbps_stats": base["tcp_mbps"]}
     modes = {}
     copies = {}
-    for name, delivery, datapath in (("queue", "broadcast", "queue"), ("fast", "broadcast", "fast"),
-                                     ("fast-selective", "selective", "fast")):
+    for name, delivery, datapath in (("queue", Delivery.BROADCAST, Datapath.QUEUE),
+                                     ("fast", Delivery.BROADCAST, Datapath.FAST),
+                                     ("fast-selective", Delivery.SELECTIVE, Datapath.FAST)):
         m = measure_mode(prefix, delivery, datapath, runs, seconds, log)
         pps, mbps = m["pps"]["median"], m["tcp_mbps"]["median"]
         modes[name] = {
@@ -286,30 +288,6 @@ def run_bench(quick: bool, log) -> dict:
     result["rss_mb"] = rss
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     return result
-
-
-def render(result: dict, echo) -> None:
-    b = result["baseline"]
-    echo(f"machine: {result['machine']['cores']} cores, kernel {result['machine']['kernel']}, "
-         f"{result['machine']['cpu_model']}")
-    echo(f"{'mode':<16} {'UDP pps':>10} {'ratio':>6} {'TCP Mbit/s':>11} {'ratio':>6}  copies/packet")
-    echo(f"{'baseline':<16} {b['pps'] or 0:>10.0f} {'1.0':>6} {b['tcp_mbps'] or 0:>11.0f} {'1.0':>6}  1")
-    for name, m in result["modes"].items():
-        echo(f"{name:<16} {m['pps'] or 0:>10.0f} {m['pps_ratio'] or 0:>6.2f} {m['tcp_mbps'] or 0:>11.0f} "
-             f"{m['tcp_ratio'] or 0:>6.2f}  {m['copies_per_packet']['steady']} (migrating {m['copies_per_packet']['migrating']})")
-    echo("")
-    echo(f"{'connections':>11} {'freeze ms':>10} {'total ms':>9} {'lost':>5} {'dup':>4} {'retrans':>7} "
-         f"{'conn p50/p99/max worst reply ms':>32}  steps (ms)")
-    for m in result["migrations"]:
-        steps = ", ".join(f"{k} {v}" for k, v in m["steps_ms"].items())
-        pc = m.get("per_connection_worst_reply_ms") or {}
-        pcs = f"{pc.get('p50')}/{pc.get('p99')}/{pc.get('max')}"
-        echo(f"{m['connections']:>11} {m['freeze_ms'] or 0:>10.1f} {m['total_ms'] or 0:>9.1f} {m['lost']!s:>5} "
-             f"{m['duplicated']!s:>4} {m['client_retransmissions']:>7} {pcs:>32}  {steps}")
-    echo("")
-    echo(f"RSS: gateway {result['rss_mb'].get('gateway')} MB, shim after moving "
-         f"{result['rss_mb'].get('shim_connections')} connections {result['rss_mb'].get('shim')} MB; "
-         f"{result['elapsed_s']} s in all")
 
 
 def plot(result: dict, path: str) -> None:

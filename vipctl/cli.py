@@ -1,7 +1,8 @@
 """vipctl: the one command for operators, the lab and the daemons.
 
 Every project error (VipError) becomes one line on stderr and exit status 1; usage
-errors exit 2 (click); anything else is a bug and keeps its traceback.
+errors are one line too and exit 2; anything else is a bug and keeps its traceback.
+Human output is rendered by vipctl.render; `--json` prints the full values.
 """
 
 from __future__ import annotations
@@ -11,25 +12,34 @@ import logging
 import os
 import sys
 import time
-import tomllib
 
 import click
 
-from clustercore.config import gateway_config_from_dict, node_config_from_dict
+from clustercore.config import gateway_config_from_dict, node_config_from_dict, parse_toml
 from clustercore.errors import ConfigError, LocalControlError, VipError
+from clustercore.kinds import BUILTINS, Datapath, Delivery, builtin_spec
 from clustercore.packet import parse_port_spec
 
+from . import render as out
 from .client import call, default_socket
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; refuse to read a disk image
 
-def _load_toml(path: str) -> dict:
+
+def read_config_file(path: str, option: str = "--config") -> dict:
+    """A TOML config file as a dict; every way it can be unreadable is one ConfigError."""
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError("--config", f"file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
+        raise ConfigError(option, f"file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(option, f"{path} is a directory, not a config file") from None
+    except OSError as e:
+        raise ConfigError(option, f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(option, f"{path} is larger than {MAX_CONFIG_BYTES} bytes: not a config file")
+    return parse_toml(data, path)
 
 
 def _need_root() -> None:
@@ -43,10 +53,11 @@ def _setup_logging(level: str) -> None:
 
 
 def _emit(obj, as_json: bool, render) -> None:
+    """`--json`: the full values; otherwise `render(obj)`, the human text (vipctl.render)."""
     if as_json:
         click.echo(json.dumps(obj, indent=2, sort_keys=True))
     else:
-        render(obj)
+        click.echo(render(obj))
 
 
 @click.group()
@@ -71,8 +82,8 @@ def gateway():
 @click.option("--log-level", default="info")
 def gateway_run(config_path, log_level):
     """Run the gateway daemon (VIP delivery, registry, control API)."""
+    cfg = gateway_config_from_dict(read_config_file(config_path), config_path)
     _need_root()
-    cfg = gateway_config_from_dict(_load_toml(config_path), config_path)
     _setup_logging(log_level)
     from gateway.daemon import run
 
@@ -89,8 +100,8 @@ def node():
 @click.option("--log-level", default="info")
 def node_run(config_path, log_level):
     """Run a node shim daemon (queue filter, services)."""
+    cfg = node_config_from_dict(read_config_file(config_path), config_path)
     _need_root()
-    cfg = node_config_from_dict(_load_toml(config_path), config_path)
     _setup_logging(log_level)
     from nodeshim.agent import run
 
@@ -108,11 +119,16 @@ def key():
 def key_generate(path, force):
     """Create a random cluster key at PATH (mode 0600)."""
     _need_root()
-    from gateway.keys import generate_key
+    from vipwire.auth import generate_key
 
+    if os.path.isdir(path):
+        raise LocalControlError(f"{path} is a directory: give the path of the key file to create")
     if os.path.exists(path) and not force:
         raise LocalControlError(f"{path} already exists (use --force to replace it)")
-    generate_key(path, overwrite=force)
+    try:
+        generate_key(path, overwrite=force)
+    except OSError as e:
+        raise LocalControlError(f"cannot write the key to {path}: {e.strerror or e}") from None
     click.echo(f"wrote {path} (mode 0600)")
 
 
@@ -128,7 +144,8 @@ def service():
 @click.argument("name")
 @click.option("--node", "node_name", required=True, help="Node that runs the service.")
 @click.option("--port", "ports", multiple=True, required=True, help="PROTO:PORT, repeatable (tcp or udp).")
-@click.option("--exec", "exec_spec", required=True, help="builtin:echo, builtin:kv or a command line.")
+@click.option("--exec", "exec_spec", required=True,
+              help=f"{', '.join(builtin_spec(b) for b in BUILTINS)}, external (you run it) or a command line.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def service_add(obj, name, node_name, ports, exec_spec, as_json):
@@ -139,8 +156,7 @@ def service_add(obj, name, node_name, ports, exec_spec, as_json):
         except ValueError as e:
             raise LocalControlError(str(e)) from None
     result = call("service.add", obj["socket"], name=name, node=node_name, ports=list(ports), exec=exec_spec)
-    _emit(result, as_json, lambda r: click.echo(
-        f"service {r['name']} added on {r['owner']} ({', '.join(r['ports'])})"))
+    _emit(result, as_json, out.render_service_added)
 
 
 @service.command("remove")
@@ -150,7 +166,7 @@ def service_add(obj, name, node_name, ports, exec_spec, as_json):
 def service_remove(obj, name, as_json):
     """Stop service NAME and release its ports."""
     result = call("service.remove", obj["socket"], name=name)
-    _emit(result, as_json, lambda r: click.echo(f"service {r['name']} removed from {r['owner']}"))
+    _emit(result, as_json, out.render_service_removed)
 
 
 @service.command("list")
@@ -158,29 +174,7 @@ def service_remove(obj, name, as_json):
 @click.pass_obj
 def service_list(obj, as_json):
     """List services and their owners."""
-    result = call("service.list", obj["socket"])
-
-    def render(rows):
-        click.echo(f"{'SERVICE':<12} {'OWNER':<8} {'PORTS':<24} EXEC")
-        for s in rows:
-            click.echo(f"{s['name']:<12} {s['owner']:<8} {','.join(s['ports']):<24} {s['exec']}")
-    _emit(result, as_json, render)
-
-
-def render_status(st: dict) -> None:
-    click.echo(f"VIP {st['vip']}")
-    click.echo(f"{'NODE':<8} {'STATE':<6} {'ADDRESS':<15} {'MAC':<18} ANCHOR")
-    for n in st["nodes"]:
-        click.echo(f"{n['name']:<8} {n['state']:<6} {n['address']:<15} {n['mac']:<18} {'*' if n['anchor'] else ''}")
-    click.echo("")
-    click.echo(f"{'SERVICE':<12} {'OWNER':<8} {'PORTS':<20} {'NODE':<6} {'ACCEPTED':>9} {'DROPPED':>9} {'HELD':>6}")
-    for s in st["services"]:
-        first = True
-        rows = sorted(s["counters"].items()) or [("-", {})]
-        for node_name, c in rows:
-            lead = f"{s['name']:<12} {s['owner']:<8} {','.join(s['ports']):<20}" if first else " " * 42
-            click.echo(f"{lead} {node_name:<6} {c.get('accepted', 0):>9} {c.get('dropped', 0):>9} {c.get('held', 0):>6}")
-            first = False
+    _emit(call("service.list", obj["socket"]), as_json, out.render_services)
 
 
 @cli.command()
@@ -188,62 +182,42 @@ def render_status(st: dict) -> None:
 @click.pass_obj
 def status(obj, as_json):
     """Nodes (up/down), services, owners and per-node counters."""
-    _emit(call("status", obj["socket"]), as_json, render_status)
+    _emit(call("status", obj["socket"]), as_json, out.render_status)
 
 
 # --- live migration --------------------------------------------------------------------
-
-REPORT_FIELDS = ["service", "from", "to", "outcome", "reason", "tcp_established", "tcp_listening",
-                 "udp_sockets", "bytes_moved", "freeze_ms", "total_ms", "held", "released",
-                 "duplicates_suppressed", "lost"]
-
-
-def render_report(r: dict) -> None:
-    click.echo(f"migration of {r['service']}: {r['from']} -> {r['to']}: {r.get('outcome')}"
-               + (f" ({r['reason']})" if r.get("reason") else ""))
-    click.echo(f"  connections moved: {r.get('tcp_established', 0)} tcp established, "
-               f"{r.get('tcp_listening', 0)} tcp listening, {r.get('udp_sockets', 0)} udp sockets; "
-               f"{r.get('bytes_moved', 0)} bytes of queued data")
-    click.echo(f"  freeze {r.get('freeze_ms')} ms, total {r.get('total_ms')} ms; held {r.get('held', 0)}, "
-               f"released {r.get('released', 0)}, duplicates suppressed {r.get('duplicates_suppressed', 0)}, "
-               f"lost {r.get('lost')}")
 
 
 def _progress(as_json: bool):
     if as_json:
         return None
     t0 = time.monotonic()
-    return lambda m: click.echo(f"  [{(time.monotonic() - t0) * 1000:8.1f} ms] {m.get('step')}: {m.get('detail')}")
+    return lambda m: click.echo(out.progress_line((time.monotonic() - t0) * 1000, m))
 
 
 @cli.command()
 @click.argument("name")
-@click.option("--to", "dest", required=True, help="Destination node.")
+@click.option("--to", "destination", required=True, help="Destination node.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def migrate(obj, name, dest, as_json):
+def migrate(obj, name, destination, as_json):
     """Move service NAME live to node --to (sockets, queued data, ownership)."""
-    report = call("migrate", obj["socket"], timeout=120.0, on_progress=_progress(as_json), name=name, to=dest)
-    _emit(report, as_json, render_report)
+    report = call("migrate", obj["socket"], timeout=120.0, on_progress=_progress(as_json), name=name, to=destination)
+    _emit(report, as_json, out.render_report)
     if report.get("outcome") != "committed":
         sys.exit(1)
 
 
 @node.command("drain")
 @click.argument("node_name")
-@click.option("--to", "dest", default=None, help="Move everything to this node (default: spread).")
+@click.option("--to", "destination", default=None, help="Move everything to this node (default: spread).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def node_drain(obj, node_name, dest, as_json):
+def node_drain(obj, node_name, destination, as_json):
     """Migrate every service off NODE (for maintenance)."""
-    result = call("node.drain", obj["socket"], timeout=600.0, on_progress=_progress(as_json), node=node_name, to=dest)
-
-    def render(r):
-        if not r["migrations"]:
-            click.echo(f"node {r['node']} runs no service")
-        for rep in r["migrations"]:
-            render_report(rep)
-    _emit(result, as_json, render)
+    result = call("node.drain", obj["socket"], timeout=600.0, on_progress=_progress(as_json), node=node_name,
+                  to=destination)
+    _emit(result, as_json, out.render_drain)
     if any(r.get("outcome") != "committed" for r in result["migrations"]):
         sys.exit(1)
 
@@ -263,7 +237,7 @@ def bench(quick, as_json, plot_path):
     result = benchmod.run_bench(quick, log)
     if plot_path:
         benchmod.plot(result, plot_path)
-    _emit(result, as_json, lambda r: benchmod.render(r, click.echo))
+    _emit(result, as_json, out.render_bench)
 
 
 # --- the lab ---------------------------------------------------------------------------
@@ -277,17 +251,20 @@ def lab():
 @lab.command("up")
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 32))
 @click.option("--prefix", default="vip", show_default=True, help="Namespace name prefix.")
-@click.option("--delivery", type=click.Choice(["broadcast", "selective"]), default="broadcast", show_default=True,
+@click.option("--delivery", type=click.Choice([d.value for d in Delivery]), default=Delivery.BROADCAST.value,
+              show_default=True,
               help="Gateway: copy VIP packets to every node, or a service's packets to its owner only.")
-@click.option("--datapath", type=click.Choice(["fast", "queue"]), default="fast", show_default=True,
+@click.option("--datapath", type=click.Choice([d.value for d in Datapath]), default=Datapath.FAST.value,
+              show_default=True,
               help="Nodes: steady-state verdicts in the kernel, or every packet through the queue.")
 @click.option("--json", "as_json", is_flag=True)
 def lab_up(nodes, prefix, delivery, datapath, as_json):
     """Build the lab and start the gateway and node agents."""
     from . import lab as labmod
 
-    st = labmod.up(labmod.Lab(prefix, nodes, delivery, datapath), log=(lambda *a: None) if as_json else click.echo)
-    _emit(st, as_json, lambda s: render_status(s["cluster"]))
+    spec = labmod.Lab(prefix, nodes, Delivery(delivery), Datapath(datapath))
+    st = labmod.up(spec, log=(lambda *a: None) if as_json else click.echo)
+    _emit(st, as_json, lambda s: out.render_status(s["cluster"]))
 
 
 @lab.command("down")
@@ -310,20 +287,7 @@ def lab_status(prefix, as_json):
     from . import lab as labmod
 
     _need_root()
-    st = labmod.status(labmod.Lab(prefix))
-
-    def render(s):
-        click.echo(f"lab '{s['prefix']}': {'up' if s['up'] else 'down'}"
-                   f"{' (healthy)' if s['healthy'] else (' (NOT healthy)' if s['up'] else '')}")
-        if s["up"]:
-            click.echo(f"namespaces: {', '.join(s['namespaces'])}")
-            for name, d in sorted(s["daemons"].items()):
-                click.echo(f"  {name:<8} pid {d['pid']:<8} {'alive' if d['alive'] else 'DEAD'}")
-            if "error" in s["cluster"]:
-                click.echo(f"cluster: {s['cluster']['error']}")
-            else:
-                render_status(s["cluster"])
-    _emit(st, as_json, render)
+    _emit(labmod.status(labmod.Lab(prefix)), as_json, out.render_lab_status)
 
 
 @cli.command()
@@ -381,9 +345,13 @@ def replay(ctx, pcap, mode, nodes, services, migrations, vip, step_gap, lags, pr
         run = replaylab.run_packets if mode == "packets" else replaylab.run_sessions
         result = run(loaded, the_lab, sock, plan, max_gap)
         rp.check_expectations(result, loaded.sidecar, per_node=False)
-    _emit(result, as_json, lambda r: click.echo(rp.render(r)))
+    _emit(result, as_json, out.render_replay)
     if not result.get("ok"):
         sys.exit(1)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def main(argv=None) -> None:
@@ -392,8 +360,12 @@ def main(argv=None) -> None:
     except click.exceptions.Abort:
         click.echo("vipctl: aborted", err=True)
         sys.exit(1)
+    except click.UsageError as e:  # a wrong option or argument: one line, exit 2
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"vipctl: {_one_line(e.format_message())}{hint}", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"vipctl: {_one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except VipError as e:
         click.echo(f"vipctl: {e}", err=True)

@@ -11,13 +11,21 @@ again (always).
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
+import tempfile
+import time
 
 import click
 
+from clustercore.errors import LocalControlError
+from clustercore.kinds import builtin_spec
+
 from . import lab as labmod
-from .cli import render_status
 from .client import call
+from .render import progress_line, render_client_accounting, render_report, render_status
 
 
 def _client(lab: labmod.Lab, argv: list[str], data: bytes, timeout: float = 10.0) -> bytes:
@@ -28,17 +36,16 @@ def _client(lab: labmod.Lab, argv: list[str], data: bytes, timeout: float = 10.0
 def run_demo(nodes: int = 3, keep: bool = False) -> None:
     lab = labmod.Lab("vip", nodes)
     if labmod.is_up(lab):
-        from clustercore.errors import LocalControlError
-
         raise LocalControlError("a lab is already up; the demo builds its own: run 'vipctl lab down' first")
     click.echo(f"== vipctl lab up --nodes {nodes}")
     labmod.up(lab, log=click.echo)
     sock = lab.control_socket
     try:
-        click.echo("\n== vipctl service add echo --node n1 --port tcp:7 --port udp:7 --exec builtin:echo")
-        call("service.add", sock, name="echo", node="n1", ports=["tcp:7", "udp:7"], exec="builtin:echo")
-        click.echo("== vipctl service add kv --node n2 --port tcp:6379 --exec builtin:kv")
-        call("service.add", sock, name="kv", node="n2", ports=["tcp:6379"], exec="builtin:kv")
+        echo, kv = builtin_spec("echo"), builtin_spec("kv")
+        click.echo(f"\n== vipctl service add echo --node n1 --port tcp:7 --port udp:7 --exec {echo}")
+        call("service.add", sock, name="echo", node="n1", ports=["tcp:7", "udp:7"], exec=echo)
+        click.echo(f"== vipctl service add kv --node n2 --port tcp:6379 --exec {kv}")
+        call("service.add", sock, name="kv", node="n2", ports=["tcp:6379"], exec=kv)
         vip = labmod.VIP
 
         click.echo(f"\n== (vip-client) printf 'hello over tcp\\n' | nc -q1 {vip} 7")
@@ -59,14 +66,6 @@ def run_demo(nodes: int = 3, keep: bool = False) -> None:
 
         click.echo("\n== live load from vip-client: 50 TCP connections (numbered messages), a UDP stream,"
                    " a kv session; migrations while it runs")
-        import json
-        import os
-        import sys
-        import tempfile
-        import time
-
-        from .cli import render_report
-
         tmp = tempfile.mkdtemp(prefix="vipctl-demo-")
         stop = os.path.join(tmp, "stop")
         ready = os.path.join(tmp, "ready")
@@ -78,32 +77,23 @@ def run_demo(nodes: int = 3, keep: bool = False) -> None:
             deadline = time.time() + 20
             while not os.path.exists(ready) and load.poll() is None and time.time() < deadline:
                 time.sleep(0.05)
-            for name, dest in (("echo", "n2"), ("kv", "n1"), ("echo", "n3")):
+            for name, destination in (("echo", "n2"), ("kv", "n1"), ("echo", "n3")):
                 time.sleep(1.0)
-                click.echo(f"\n== vipctl migrate {name} --to {dest}")
+                click.echo(f"\n== vipctl migrate {name} --to {destination}")
                 t0 = time.monotonic()
-                report = call("migrate", sock, timeout=120.0, name=name, to=dest,
-                              on_progress=lambda m: click.echo(
-                                  f"  [{(time.monotonic() - t0) * 1000:7.1f} ms] {m.get('step')}: {m.get('detail')}"))
-                render_report(report)
+                report = call("migrate", sock, timeout=120.0, name=name, to=destination,
+                              on_progress=lambda m: click.echo(progress_line((time.monotonic() - t0) * 1000, m)))
+                click.echo(render_report(report))
             time.sleep(1.0)
         finally:
             open(stop, "w").close()
             out, err = load.communicate(timeout=60)
         r = json.loads(out) if out.strip() else {"error": err.decode()[-500:]}
         click.echo("\n== what the clients saw (their own accounting)")
-        if "error" in r:
-            click.echo(r["error"])
-        else:
-            click.echo(f"  TCP: {r['tcp_sent']} messages on {r['tcp_conns']} connections, {r['tcp_ok']} echoed once "
-                       f"and in order, {r['tcp_missing']} missing, {r['tcp_bad']} wrong, {r['resets']} resets")
-            click.echo(f"  UDP: {r['udp_sent']} datagrams, {r['udp_answered_once']} answered once, "
-                       f"{r['udp_missing']} unanswered, {r['udp_duplicated']} answered twice")
-            click.echo(f"  kv: {r['kv_ok']} reads correct, {r['kv_bad']} wrong; "
-                       f"client TCP retransmissions: {r['retrans_segs']}; slowest reply {r['max_rtt_ms']} ms")
+        click.echo(render_client_accounting(r))
 
         click.echo("\n== vipctl status")
-        render_status(call("status", sock))
+        click.echo(render_status(call("status", sock)))
     finally:
         if keep:
             click.echo("\n(lab left up: `vipctl lab down` removes it)")

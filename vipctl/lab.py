@@ -28,7 +28,8 @@ from pyroute2 import NetNS, netns
 
 from clustercore.config import DEFAULT_CONTROL_SOCKET
 from clustercore.errors import LocalControlError, VipError
-from gateway.keys import generate_key
+from clustercore.kinds import Datapath, Delivery
+from vipwire.auth import generate_key
 
 from . import nsutil
 from .client import call
@@ -43,8 +44,12 @@ RUN_ROOT = "/run/vipcluster"
 class Lab:
     prefix: str = "vip"
     nodes: int = 3
-    delivery: str = "broadcast"  # gateway: broadcast | selective
-    datapath: str = "fast"  # nodes: fast | queue
+    delivery: Delivery = Delivery.BROADCAST  # the gateway's
+    datapath: Datapath = Datapath.FAST  # every node's
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "delivery", Delivery(self.delivery))
+        object.__setattr__(self, "datapath", Datapath(self.datapath))
 
     @property
     def client_ns(self) -> str:
@@ -92,7 +97,9 @@ class Lab:
 # --- topology ------------------------------------------------------------------------
 
 
-def _build_links(lab: Lab) -> None:
+def build_links(lab: Lab) -> None:
+    """The lab's namespaces, links, addresses and routes; no daemon, no config (the bench
+    builds its plain-routing baseline on this)."""
     for ns in lab.namespaces:
         netns.create(ns)
     with NetNS(lab.gw_ns) as gw:
@@ -124,7 +131,7 @@ def _build_links(lab: Lab) -> None:
             n.route("add", dst="default", gateway=f"{CLUSTER_NET}.1")
 
 
-def _wire_like_client(lab: Lab) -> None:
+def wire_like_client(lab: Lab) -> None:
     """A veth hands the client's TSO super-packets along unsegmented; a real wire carries
     MTU-sized frames. Turn segmentation offload off on the client's side so the lab's
     gateway sees what a real one sees."""
@@ -185,6 +192,15 @@ def _pids_file(lab: Lab) -> str:
     return os.path.join(lab.state_dir, "pids.json")
 
 
+def daemon_pids(lab: Lab) -> dict[str, int]:
+    """{"gateway": pid, "n1": pid, ...} of the lab's daemons ({} when it is down)."""
+    try:
+        with open(_pids_file(lab)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def is_up(lab: Lab) -> bool:
     return any(ns in netns.listnetns() for ns in lab.namespaces[:2])
 
@@ -204,8 +220,8 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
     # fresh state, except nothing of an older lab survives
     shutil.rmtree(lab.state_dir, ignore_errors=True)
     try:
-        _build_links(lab)
-        _wire_like_client(lab)
+        build_links(lab)
+        wire_like_client(lab)
         log(f"namespaces: {', '.join(lab.namespaces)}")
         paths = _write_configs(lab)
         pids = {"gateway": _spawn_daemon(lab, lab.gw_ns, ["gateway", "run", "--config", paths["gateway"]], "gateway")}
@@ -307,11 +323,7 @@ def down(lab: Lab, log=print) -> dict:
     if os.geteuid() != 0:
         raise LocalControlError("must be run as root")
     stopped = []
-    try:
-        with open(_pids_file(lab)) as f:
-            pids = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        pids = {}
+    pids = daemon_pids(lab)
     # agents first: they stop their services and remove their rules; then the gateway
     for name in sorted(pids, key=lambda n: n == "gateway"):
         _stop_pid(pids[name])
@@ -358,11 +370,7 @@ def status(lab: Lab) -> dict:
     existing = set(netns.listnetns())
     namespaces = _lab_namespaces(lab, existing)
     nodes_configured = len([n for n in namespaces if n.startswith(f"{lab.prefix}-n")])
-    try:
-        with open(_pids_file(lab)) as f:
-            pids = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        pids = {}
+    pids = daemon_pids(lab)
     daemons = {}
     for name, pid in pids.items():
         alive = True

@@ -12,7 +12,8 @@
 
 This module loads the capture and its sidecar (captures/NAME.json: services, first owners,
 what a replay must show), runs the pure mode, and builds the one result every mode
-returns (`--json`); it checks the sidecar's expectations where they apply.
+returns (`--json`); it checks the sidecar's expectations where they apply. The human
+text of a result is `vipctl.render.render_replay`.
 """
 
 from __future__ import annotations
@@ -53,10 +54,18 @@ def read_sidecar(path: str) -> Sidecar | None:
     if not os.path.exists(side):
         return None
     try:
-        with open(side) as f:
-            data = json.load(f)
+        with open(side, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError("(file)", f"cannot read the sidecar: {e.strerror or e}", side) from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("(file)", f"not UTF-8 text (byte {e.start})", side) from None
     except json.JSONDecodeError as e:
         raise ConfigError("(file)", f"not valid JSON: {e}", side) from None
+    except RecursionError:
+        raise ConfigError("(file)", "not valid JSON: nested too deeply", side) from None
     return sidecar_from_dict(data, side)
 
 
@@ -82,8 +91,20 @@ def setup(loaded: Loaded, service_specs: tuple[str, ...], nodes: int | None) -> 
     return names, check_services(side.services, names, f"services (in {side.source}; or use --nodes)")
 
 
+def _frame_number(text: str) -> bool:
+    """Plain digits 0-9 of a sane length: int() would also take '²' or '٣' (and raise on
+    them later), and a 5,000-digit number ends in a ValueError of its own."""
+    return text.isascii() and text.isdigit() and len(text) <= 15
+
+
 def parse_migrations(specs: tuple[str, ...]) -> list[MigrateAt]:
-    return [parse_migrate_spec(s) for s in specs]
+    out = []
+    for spec in specs:
+        _, _, index = spec.rpartition("@")
+        if index and not _frame_number(index):
+            raise ConfigError("--migrate", f"malformed '{spec}': INDEX must be a frame number (digits 0-9)")
+        out.append(parse_migrate_spec(spec))
+    return out
 
 
 def parse_lags(specs: tuple[str, ...], names: list[str]) -> dict[str, int]:
@@ -91,7 +112,7 @@ def parse_lags(specs: tuple[str, ...], names: list[str]) -> dict[str, int]:
     out = {}
     for spec in specs:
         node, eq, n = spec.partition("=")
-        if not eq or node not in names or not n.isdigit():
+        if not eq or node not in names or not _frame_number(n):
             raise ConfigError("--lag", f"malformed '{spec}': expected NODE=PACKETS with NODE one of {', '.join(names)}")
         out[node] = int(n)
     return out
@@ -161,32 +182,3 @@ def run_pure(loaded: Loaded, names: list[str], services: list[Service], migratio
                        per_node=sidecar_services and not migrations
                        and loaded.sidecar is not None and len(names) == loaded.sidecar.nodes)
     return result
-
-
-def render(result: dict) -> str:
-    lines = [f"replay of {result['capture']} ({result['format']}), mode {result['mode']}: "
-             f"{'OK' if result.get('ok') else 'FAILED'}",
-             f"  {result['packets']} frames: {result['vip_packets']} to the VIP, {result['skipped']} skipped "
-             f"({', '.join(f'{k} {v}' for k, v in result['skipped_reasons'].items()) or 'none'})"]
-    if result.get("accepted_once") is not None:
-        lines.append(f"  accepted once {result['accepted_once']}, lost {result['lost']}, duplicated "
-                     f"{result['duplicated']}, silenced {result.get('silenced', '-')}; per node "
-                     + ", ".join(f"{n} {c}" for n, c in result.get("per_node", {}).items()))
-    if result.get("evidence"):
-        lines.append("  evidence: " + ", ".join(f"{k} {v}" for k, v in result["evidence"].items()))
-    lines.append(f"  sessions {result['sessions_total']} ({result['tcp_sessions']} tcp, "
-                 f"{result['udp_exchanges']} udp, {result['sessions_incomplete']} incomplete)"
-                 + (f", matched {result['sessions_matched']}" if result["sessions_matched"] is not None else ""))
-    for m in result["migrations"]:
-        lines.append(f"  migration of {m.get('service')} -> {m.get('to')} at frame {m.get('at')}: "
-                     f"{m.get('outcome')}" + (f" ({m['reason']})" if m.get("reason") else "")
-                     + (f"; held {m.get('held')}, released {m.get('released')}, duplicates suppressed "
-                        f"{m.get('duplicates_suppressed')}" if m.get("outcome") != "refused" else ""))
-    for note in result.get("limitations", []):
-        lines.append(f"  note: {note}")
-    for c in result.get("expectations", []):
-        if not c["ok"]:
-            lines.append(f"  sidecar: {c['field']} should be {c['want']}, got {c['got']}")
-    for m in result["mismatches"][:5]:
-        lines.append(f"  mismatch at frame {m.get('packet')}: {m.get('reason')}")
-    return "\n".join(lines)

@@ -35,6 +35,7 @@ from collections import defaultdict, deque
 
 from clustercore.capture import MigrateAt, packet_digest
 from clustercore.errors import LocalControlError, VipError
+from clustercore.kinds import Datapath, Delivery, member
 from clustercore.oracle import check_packets
 from clustercore.ownership import Service
 from clustercore.packet import UDP, format_port
@@ -226,12 +227,15 @@ def run_packets(loaded: Loaded, lab: labmod.Lab, socket_path: str, migrations: l
     if status["vip"] != loaded.capture.vip:
         raise LocalControlError(f"the capture's VIP is {loaded.capture.vip} but the lab's is {status['vip']}")
     names, services, anchor = _lab_table(status)
-    datapath = {n["name"]: n.get("datapath") for n in status["nodes"]}
-    fast = any(d == "fast" for d in datapath.values())
+    datapath = {n["name"]: member(Datapath, n.get("datapath")) for n in status["nodes"]}
+    fast = Datapath.FAST in datapath.values()
     sendable = [p for p in loaded.capture.to_vip if p.data[0] >> 4 == 4 and not p.truncated]
     not_sent = len(loaded.capture.to_vip) - len(sendable)
     # what the pure model says, for the lab's own table
-    model = Cluster(names, services, anchor=anchor, delivery=status.get("delivery", "broadcast"))
+    delivery = member(Delivery, status.get("delivery", Delivery.BROADCAST))
+    if delivery is None:
+        raise LocalControlError(f"the gateway reports an unknown delivery mode {status.get('delivery')!r}")
+    model = Cluster(names, services, anchor=anchor, delivery=delivery)
     sim = model.run(((p.index, p.data, p.ts) for p in sendable),
                     [MigrationSpec(m.service, m.dest, m.index) for m in migrations])
     plan = {"mode": "packets", "packets": [[p.index, p.data.hex(), at] for p, at in
@@ -279,7 +283,7 @@ def _judge_packets(loaded, sendable, sim, folded, runner, sent_at, datapath, fas
     accepted_by: dict[int, list[str]] = {}
     logged_by: dict[int, set[str]] = defaultdict(set)
     held: list[int] = []
-    dest_of = {r["service"]: r.get("to") for r in runner.reports if r and r.get("service")}
+    destination_of = {r["service"]: r.get("to") for r in runner.reports if r and r.get("service")}
     for pid in sorted(by_pid):
         digest = packet_digest(by_pid[pid].data)
         for node, per in folded.items():
@@ -289,8 +293,8 @@ def _judge_packets(loaded, sendable, sim, folded, runner, sent_at, datapath, fas
             logged_by[pid].add(node)
             if outcome == "accept":
                 accepted_by.setdefault(pid, []).append(node)
-            elif outcome == "handover" and dest_of.get(svc_of[pid]):
-                accepted_by.setdefault(pid, []).append(dest_of[svc_of[pid]])  # re-injected there
+            elif outcome == "handover" and destination_of.get(svc_of[pid]):
+                accepted_by.setdefault(pid, []).append(destination_of[svc_of[pid]])  # re-injected there
             elif outcome == "held":
                 held.append(pid)
     seen = set(logged_by)
@@ -305,7 +309,7 @@ def _judge_packets(loaded, sendable, sim, folded, runner, sent_at, datapath, fas
         source_of = {r["service"]: r.get("from") for r in runner.reports if r and r.get("from")}
         for pid, nodes in logged_by.items():
             owner = source_of.get(svc_of[pid]) if pid in in_window else model_owner.get(pid)
-            if owner and owner not in nodes and datapath.get(owner) == "fast":
+            if owner and owner not in nodes and datapath.get(owner) is Datapath.FAST:
                 accepted_by.setdefault(pid, []).append(owner)
                 inferred += 1
     per_packet = [pid for pid in sorted(by_pid) if pid not in silenced and (pid in seen or not fast)]

@@ -1,4 +1,5 @@
-"""Bad input: one clear line, a non-zero exit, and nothing changed."""
+"""Bad input that needs root (or a running lab) to try: one clear line, a non-zero exit, and
+nothing changed. What needs no root is in tests/unit/test_vipctl_errors.py."""
 
 import os
 import socket
@@ -49,18 +50,13 @@ def test_gateway_not_running(tmp_path):
     one_line_error(run_vipctl("--socket", str(tmp_path / "none.sock"), "status"), "the gateway is not running")
 
 
-def test_config_errors_name_the_field(tmp_path):
-    cfg = tmp_path / "gw.toml"
-    cfg.write_text('vip = "203.0.113.10"\nclient_interface = "eth0"\ncluster_interface = "eth1"\n'
-                   'listen_address = "192.0.2.1"\nkey_file = "/k"\n')
-    one_line_error(run_vipctl("gateway", "run", "--config", str(cfg)), "config field 'nodes': missing")
-    cfg.write_text('vip = "not-an-ip"\nclient_interface = "eth0"\ncluster_interface = "eth1"\n')
-    one_line_error(run_vipctl("gateway", "run", "--config", str(cfg)), "'vip'")
-    cfg.write_text('name = "n1"\nvip = "203.0.113.10"\ngateway_address = "192.0.2.1"\nkey_file = "/k"\nqueue_num = "zero"\n')
-    one_line_error(run_vipctl("node", "run", "--config", str(cfg)), "config field 'queue_num'")
-    cfg.write_text("this is [not toml")
-    one_line_error(run_vipctl("node", "run", "--config", str(cfg)), "not valid TOML")
-    one_line_error(run_vipctl("node", "run", "--config", str(tmp_path / "missing.toml")), "does not exist")
+def test_key_generate_refuses_a_directory(tmp_path):
+    # (config file errors need no root: tests/unit/test_vipctl_errors.py)
+    one_line_error(run_vipctl("key", "generate", str(tmp_path)), "is a directory")
+    one_line_error(run_vipctl("key", "generate", str(tmp_path), "--force"), "is a directory")
+    key = tmp_path / "k"
+    assert run_vipctl("key", "generate", str(key)).returncode == 0
+    one_line_error(run_vipctl("key", "generate", str(key)), "already exists")
 
 
 def _as_nobody(fn):

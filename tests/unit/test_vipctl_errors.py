@@ -1,0 +1,107 @@
+"""Bad input to vipctl that needs no root to try: one `vipctl: ...` line on stderr, exit 1
+(usage errors: exit 2), never a traceback. Config files are read and checked before
+`gateway run` / `node run` ask for root, so these run as any user."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CAPTURE = os.path.join(ROOT, "captures", "migration.pcap")
+
+
+def run_vipctl(*args):
+    return subprocess.run([sys.executable, "-m", "vipctl", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def one_line_error(r, needle, code=1):
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("vipctl: ") and needle in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- config files
+
+
+GW_NO_NODES = ('vip = "203.0.113.10"\nclient_interface = "eth0"\ncluster_interface = "eth1"\n'
+               'listen_address = "192.0.2.1"\nkey_file = "/k"\n')
+NODE = 'name = "n1"\nvip = "203.0.113.10"\ngateway_address = "192.0.2.1"\nkey_file = "/k"\n'
+
+
+@pytest.mark.parametrize("daemon, content, needle", [
+    ("gateway", GW_NO_NODES, "config field 'nodes': missing"),
+    ("gateway", 'vip = "not-an-ip"\nclient_interface = "eth0"\ncluster_interface = "eth1"\n', "'vip'"),
+    ("gateway", GW_NO_NODES + 'delivery = "sometimes"\n[[nodes]]\nname = "n1"\naddress = "192.0.2.11"\n'
+                'mac = "02:00:00:00:01:01"\n', "config field 'delivery': must be one of broadcast, selective"),
+    ("node", NODE + 'queue_num = "zero"\n', "config field 'queue_num'"),
+    ("node", NODE + 'datapath = "turbo"\n', "config field 'datapath': must be one of fast, queue, got 'turbo'"),
+    ("node", "this is [not toml", "not valid TOML"),
+    ("node", b'name = "\xff\xfe"\n', "not UTF-8 text"),
+    ("gateway", b"a = " + b"[" * 100_000, "nested too deeply"),
+])
+def test_config_errors_name_the_field(tmp_path, daemon, content, needle):
+    cfg = tmp_path / "x.toml"
+    if isinstance(content, bytes):
+        cfg.write_bytes(content)
+    else:
+        cfg.write_text(content)
+    r = run_vipctl(daemon, "run", "--config", str(cfg))
+    one_line_error(r, needle)
+    assert str(cfg) in r.stderr
+
+
+def test_config_path_that_is_not_a_readable_file(tmp_path):
+    one_line_error(run_vipctl("node", "run", "--config", str(tmp_path)), f"{tmp_path} is a directory, not a config file")
+    one_line_error(run_vipctl("gateway", "run", "--config", str(tmp_path / "missing.toml")), "does not exist")
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (2 << 20))
+    one_line_error(run_vipctl("node", "run", "--config", str(big)), "not a config file")
+
+
+# ---------------------------------------------------------------- replay arguments
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--migrate", "echo:n2@\u00b2"], "config field '--migrate': malformed 'echo:n2@\u00b2'"),  # superscript two
+    (["--migrate", "echo:n2@\u0663"], "malformed"),  # Arabic-Indic three: int() takes it, a frame number is 0-9
+    (["--migrate", "echo:n2@" + "1" * 5000], "malformed"),  # beyond int()'s digit limit
+    (["--migrate", "echo@n2"], "--migrate"),
+    (["--lag", "n2=\u00b2"], "config field '--lag': malformed 'n2=\u00b2'"),
+    (["--lag", "n2=" + "9" * 5000], "--lag"),
+    (["--vip", "1.2.3"], "'--vip'"),
+])
+def test_replay_arguments(args, needle):
+    one_line_error(run_vipctl("replay", CAPTURE, *args), needle)
+
+
+def test_replay_capture_and_sidecar_that_cannot_be_read(tmp_path):
+    one_line_error(run_vipctl("replay", str(tmp_path)), "is a directory")
+    pcap = tmp_path / "kv.pcap"
+    pcap.write_bytes(open(os.path.join(ROOT, "captures", "kv.pcap"), "rb").read())
+    side = tmp_path / "kv.json"
+    side.write_bytes(b'{"nodes": "\xff"}')
+    one_line_error(run_vipctl("replay", str(pcap)), "not UTF-8 text")
+    side.write_text("[" * 100_000)
+    one_line_error(run_vipctl("replay", str(pcap)), "not valid JSON: nested too deeply")
+    side.unlink()
+    side.mkdir()
+    one_line_error(run_vipctl("replay", str(pcap)), "cannot read the sidecar")
+
+
+# ---------------------------------------------------------------- usage
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["lab", "up", "--delivery", "sometimes"], "Invalid value for '--delivery'"),
+    (["lab", "up", "--datapath", "turbo"], "'turbo' is not one of 'fast', 'queue'"),
+    (["statu"], "No such command 'statu'"),
+    (["migrate", "echo"], "Missing option '--to'"),
+    (["replay"], "Missing argument 'PCAP'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, needle):
+    one_line_error(run_vipctl(*args), needle, code=2)
