@@ -6,16 +6,18 @@ from hypothesis import strategies as st
 from scapy.all import ICMP, IP, TCP, UDP, raw
 
 from clustercore.fastpath import QUEUE, evaluate, rules_for, to_iptables
+from clustercore.kinds import builtin_spec
 from clustercore.ownership import NodeFilter, Service, Verdict
+from clustercore.packet import ICMP as P_ICMP
 from clustercore.packet import TCP as P_TCP
 from clustercore.packet import UDP as P_UDP
 from clustercore.packet import parse_packet
 
 VIP = "203.0.113.10"
 SERVICES = [
-    Service("echo", "n1", ((P_TCP, 7), (P_UDP, 7)), "builtin:echo"),
-    Service("kv", "n2", ((P_TCP, 6379),), "builtin:kv"),
-    Service("dns", "n3", ((P_UDP, 53), (P_TCP, 53)), "builtin:echo"),
+    Service("echo", "n1", ((P_TCP, 7), (P_UDP, 7)), builtin_spec("echo")),
+    Service("kv", "n2", ((P_TCP, 6379),), builtin_spec("kv")),
+    Service("dns", "n3", ((P_UDP, 53), (P_TCP, 53)), builtin_spec("echo")),
 ]
 NODES = ("n1", "n2", "n3")
 
@@ -39,7 +41,11 @@ def test_fast_path_agrees_with_the_queue(data, node, anchor):
     rules = rules_for(node, SERVICES, anchor, set())
     p = parse_packet(data)
     verdict, _ = evaluate(rules, p)
-    if verdict != QUEUE:
+    # with no service in migration the rules decide every TCP and UDP packet and every
+    # echo request; only other ICMP (errors name their flow inside) reaches the queue
+    undecidable = p.proto == P_ICMP and p.icmp_type != 8
+    assert (verdict == QUEUE) == undecidable, (p, verdict)
+    if not undecidable:
         assert verdict == f.decide(data).verdict
 
 
