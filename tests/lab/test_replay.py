@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from clustercore.kinds import Datapath
 from tests.lab.conftest import ROOT, lab_with_services
 
 CAPTURES = os.path.join(ROOT, "captures")
@@ -30,7 +31,7 @@ def sidecar(name):
 
 @pytest.fixture(scope="module")
 def rlab():
-    with lab_with_services("r", datapath="queue") as h:
+    with lab_with_services("r", datapath=Datapath.QUEUE) as h:
         yield h
 
 
@@ -50,7 +51,7 @@ def other_node(h, service):
 def test_packets_mode_matches_the_model_packet_by_packet(rlab):
     out, _ = replay(rlab, "mixed", "--mode", "packets")
     side = sidecar("mixed")
-    assert out["datapath"] == {"n1": "queue", "n2": "queue", "n3": "queue"}
+    assert out["datapath"] == {"n1": Datapath.QUEUE, "n2": Datapath.QUEUE, "n3": Datapath.QUEUE}
     assert out["vip_packets"] == side["expect"]["vip_packets"] and out["sent"] == out["vip_packets"]
     assert out["evidence"]["per_packet"] == out["judged"] == out["accepted_once"]
     assert out["evidence"]["unverified"] == 0 and out["silenced"] == side["expect"]["silenced"]
@@ -118,7 +119,7 @@ def test_packets_mode_on_the_fast_path_says_what_it_could_not_see(lab):
         out, _ = replay(lab, "mixed", "--mode", "packets")
     finally:
         lab.vipctl("service", "remove", "recho")
-    assert set(out["datapath"].values()) == {"fast"}
+    assert set(out["datapath"].values()) == {Datapath.FAST}
     assert out["evidence"]["by_counters"] == out["accepted_once"] > 0
     assert out["evidence"]["unverified"] == 2  # the two pings: decided by the kernel, no counter
     assert any("fast path" in note for note in out["limitations"])

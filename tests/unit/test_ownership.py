@@ -4,14 +4,15 @@ import pytest
 from scapy.all import ICMP, IP, TCP, UDP, raw
 
 from clustercore.errors import LocalControlError
+from clustercore.kinds import builtin_spec
 from clustercore.oracle import check_packets
 from clustercore.ownership import NO_SERVICE, NodeFilter, Service, ServiceTable, Verdict
 from clustercore.packet import TCP as P_TCP
 from clustercore.packet import UDP as P_UDP
 
 VIP, CLIENT = "203.0.113.10", "198.51.100.2"
-ECHO = Service("echo", "n1", ((P_TCP, 7), (P_UDP, 7)), "builtin:echo")
-KV = Service("kv", "n2", ((P_TCP, 6379),), "builtin:kv")
+ECHO = Service("echo", "n1", ((P_TCP, 7), (P_UDP, 7)), builtin_spec("echo"))
+KV = Service("kv", "n2", ((P_TCP, 6379),), builtin_spec("kv"))
 
 
 def tcp(dport, sport=40000, flags="PA"):
