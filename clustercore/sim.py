@@ -43,8 +43,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
+from . import messages as msgs
 from . import migration as mig
-from .cutover import DestCutover, SourceCutover, consumed_from_wire, epoch_mac, packets_from_wire
+from . import nodecommands as nc
+from .cutover import DestCutover, SourceCutover, epoch_mac
+from .errors import KernelError
+from .kinds import MigrateStrategy
+from .migration_driver import MigrationDriver
+from .nodemigration import Cutovers, Failure, NodeMigrations, role_still_needed, run_to_end
 from .oracle import OracleReport, check_order, check_packets
 from .ownership import NodeFilter, Service, ServiceTable, Verdict
 from .packet import TCP, UDP, Packet, format_port, parse_packet
@@ -100,21 +106,18 @@ class _Copy:
 
 
 class _Run:
-    """One migration being driven."""
+    """One migration being driven: the gateway's machine, its driver, its pending steps."""
 
     def __init__(self, spec: MigrationSpec, source: str, epoch_num: int, started: int,
                  refused: str | None = None) -> None:
         self.spec, self.source, self.epoch_num, self.started = spec, source, epoch_num, started
-        self.pending: list[tuple[int, int, str, dict]] = []  # (due, order, node, message)
+        self.pending: list[tuple[int, int, str, msgs.Step]] = []  # (due, order, node, step)
         self.report: dict | None = None
         self.finished_at: int | None = None
+        self.driver: MigrationDriver | None = None
         if refused is not None:  # as the gateway's MigrationBook refuses it
-            self.machine = None
             self.report = {"service": spec.service, "to": spec.dest, "at": spec.at,
                            "outcome": "refused", "reason": refused}
-        else:
-            self.machine = mig.Migration(service=spec.service, source=source, dest=spec.dest,
-                                         epoch=epoch_mac(epoch_num))
 
 
 class Cluster:
@@ -155,6 +158,9 @@ class Cluster:
         self._runs: list[_Run] = []
         self._active: dict[str, _Run] = {}
         self._removals: list[tuple[int, str, str, object]] = []
+        self._node_migrations = {  # the model's services are stand-ins: any may move
+            n: NodeMigrations(n, cutovers=Cutovers(source_role, dest_role),
+                              strategy=MigrateStrategy.HANDOFF) for n in self.nodes}
         self._order = 0
 
     # ------------------------------------------------------------ feeding
@@ -296,9 +302,12 @@ class Cluster:
             self._runs.append(_Run(spec, "", 0, self.tick, refused=problem))
             return
         run = _Run(spec, service.owner, self.epochs[spec.service] + 1, self.tick)
+        machine = mig.Migration(service=spec.service, source=service.owner, dest=spec.dest,
+                                epoch=epoch_mac(run.epoch_num))
+        run.driver = MigrationDriver(machine, _GatewayHands(self, run))
         self._runs.append(run)
         self._active[spec.service] = run
-        self._perform(run, run.machine.handle_event(mig.Start(), self.now))
+        run.driver.feed(mig.Start(), self.now)
 
     def _control(self) -> None:
         """Perform every node step that is due, then the role removals that are due."""
@@ -319,124 +328,37 @@ class Cluster:
                 if f.roles.get(service) is role:
                     keep.append((due, node, service, role))
                 continue
-            if isinstance(role, DestCutover) and role.skip_budget:
+            if role_still_needed(role):
                 keep.append((self.tick + self.grace, node, service, role))
                 continue
             del f.roles[service]
         self._removals = keep
 
-    def _perform(self, run: _Run, commands: list) -> None:
-        name = run.spec.service
-        for cmd in commands:
-            if isinstance(cmd, mig.SendToNode):
-                op = cmd.message["op"].removeprefix("migrate_")
-                gap = run.spec.gaps.get(op, run.spec.gap)
-                self._order += 1
-                run.pending.append((self.tick + gap, self._order, cmd.node, cmd.message))
-            elif isinstance(cmd, mig.FlipEpoch):
-                self.epochs[name] = run.epoch_num
-                self._perform(run, run.machine.handle_event(
-                    mig.EpochFlipped(service=name, epoch=cmd.epoch), self.now))
-            elif isinstance(cmd, mig.SetDelivery):
-                if cmd.nodes == (self.table.get(name).owner,):
-                    self.override.pop(name, None)
-                else:
-                    self.override[name] = tuple(cmd.nodes)
-            elif isinstance(cmd, mig.SetOwner):
-                self.table.set_owner(name, cmd.node)
-            elif isinstance(cmd, mig.Finished):
-                run.report = {**cmd.report.as_dict(), "at": run.spec.at}
-                run.finished_at = self.tick
-                self._push_table()
-                self._active.pop(name, None)
-            # ArmTimer and Report: no clock in the model, nobody to tell
+    def _send(self, run: _Run, node: str, step: msgs.Step) -> None:
+        """A step leaves the gateway; its node performs it `gap` ticks later."""
+        op = step.OP.removeprefix("migrate.")
+        self._order += 1
+        run.pending.append((self.tick + run.spec.gaps.get(op, run.spec.gap), self._order, node, step))
 
-    def _node_step(self, run: _Run, node: str, message: dict) -> None:
-        op = message["op"].removeprefix("migrate_")
-        name = run.spec.service
-        if op == run.spec.fail_step:
-            event = mig.StepFailed(node=node, reason=f"fault injected at {op}")
+    def _node_step(self, run: _Run, node: str, step: msgs.Step) -> None:
+        """The node's machine handles the step (as nodeshim.migrate does, with in-memory
+        hands); its reply becomes the gateway machine's event at once."""
+        if step.OP.removeprefix("migrate.") == run.spec.fail_step:  # a fault file: refused
+            reply: object = Failure(KernelError(step.OP, None, "fault injected"))
         else:
-            event = getattr(self, f"_op_{op}")(run, node, name, message)
+            hands = _NodeHands(self, node)
+            for runner in self._node_migrations[node].route(step, self.now):
+                reply = run_to_end(runner, hands.perform)
+        event = _event_for_reply(node, step, reply)
         if event is not None:
-            self._perform(run, run.machine.handle_event(event, self.now))
-
-    def _role(self, node: str, name: str):
-        return self.filters[node].roles.get(name)
-
-    def _op_prepare(self, run, node, name, msg):
-        self.filters[node].roles[name] = self.dest_role(msg["epoch"])
-        return mig.HoldReady(node=node)
-
-    def _op_arm(self, run, node, name, msg):
-        self.filters[node].roles[name] = self.source_role(msg["epoch"])
-        return mig.CountingReady(node=node)
-
-    def _op_freeze(self, run, node, name, msg):
-        cut = self._role(node, name)
-        consumed = cut.freeze(self.now)
-        late = cut.hand_over_late()
-        return mig.Frozen(node=node, consumed=consumed, late_packets=self._bytes(late))
-
-    def _op_restore(self, run, node, name, msg):
-        return mig.Restored(node=node)
-
-    def _op_release(self, run, node, name, msg):
-        cut = self._role(node, name)
-        late = self._pids(msg.get("late_packets", []))
-        for pid in late:  # re-injected on lo: past the queue, straight to the socket
-            self._accept(pid, node)
-        plan = cut.release(consumed_from_wire(msg["consumed"]), self.now)
-        for pid in plan.accept:
-            self._accept(pid, node)
-        self._removals.append((self.tick + self.grace, node, name, cut))
-        st = cut.stats()
-        return mig.Released(node=node, held=st.held, released=st.released,
-                            duplicates_suppressed=st.duplicates_suppressed,
-                            reinjected=len(late), freeze_ms=st.freeze_ms)
-
-    def _op_commit(self, run, node, name, msg):
-        cut = self._role(node, name)
-        plan = cut.commit()
-        self._removals.append((self.tick + self.grace, node, name, cut))
-        return mig.Committed(node=node, late_packets=self._bytes(plan.forward))
-
-    def _op_inject(self, run, node, name, msg):
-        for pid in self._pids(msg.get("packets", [])):
-            self._accept(pid, node)
-        return None
-
-    def _op_rollback(self, run, node, name, msg):
-        cut = self._role(node, name)
-        if isinstance(cut, SourceCutover):
-            for pid in cut.rollback():
-                self._accept(pid, node)
-            self._removals.append((self.tick + self.grace, node, name, cut))
-        return mig.RolledBack(node=node)
-
-    def _op_abort(self, run, node, name, msg):
-        cut = self._role(node, name)
-        if isinstance(cut, DestCutover):
-            cut.abort()
-            del self.filters[node].roles[name]
-        return None
-
-    @staticmethod
-    def _bytes(pids: Iterable[int]) -> tuple[bytes, ...]:
-        """Handed-over packets travel through the machine's messages as bytes; the model
-        sends their ids, so what is re-injected is exactly what the messages carried."""
-        return tuple(b"pid:%d" % pid for pid in pids)
-
-    @staticmethod
-    def _pids(wire: list) -> list[int]:
-        return [int(b[4:]) for b in packets_from_wire(wire)]
+            run.driver.feed(event, self.now)
 
     # ------------------------------------------------------------ the verdict
 
     def _judge(self) -> SimResult:
         judged = [pid for pid in self.sent if pid not in self.silenced]
         for run in self._runs:
-            if run.machine is None:
+            if run.driver is None:  # refused: it never started
                 continue
             end = run.finished_at if run.finished_at is not None else len(self.sent)
             self.window.update(self.sent[run.started:end + 1])
@@ -454,6 +376,135 @@ class Cluster:
                                      for r in self._runs],
                          accepted_by=self.accepted_by, verdicts=self.verdicts,
                          expected_owner=expected)
+
+
+# ---------------------------------------------------------------- the hands
+
+
+class _GatewayHands:
+    """The gateway's hands in the model (clustercore.migration_driver.Executor): the
+    epoch, delivery and owner live in the cluster; steps go to the nodes' inboxes."""
+
+    def __init__(self, cluster: Cluster, run: _Run) -> None:
+        self.c, self.run = cluster, run
+
+    def send(self, node: str, message: msgs.Step) -> None:
+        self.c._send(self.run, node, message)
+
+    def flip_epoch(self, service: str, epoch: str) -> None:
+        self.c.epochs[service] = self.run.epoch_num
+
+    def set_delivery(self, service: str, nodes: tuple[str, ...]) -> None:
+        if nodes == (self.c.table.get(service).owner,):
+            self.c.override.pop(service, None)
+        else:
+            self.c.override[service] = tuple(nodes)
+
+    def set_owner(self, service: str, node: str) -> None:
+        self.c.table.set_owner(service, node)
+
+    def arm_timer(self, deadline: float | None) -> None:
+        pass  # no step timer in the model: a step fails only when fail_step says so
+
+    def transition(self, previous: mig.State, state: mig.State) -> None:
+        pass
+
+    def report(self, step: str, detail: str) -> None:
+        pass
+
+    def finished(self, done: mig.Finished) -> None:
+        run, c = self.run, self.c
+        run.report = {**done.report.as_dict(), "at": run.spec.at}
+        run.finished_at = c.tick
+        c._push_table()
+        c._active.pop(run.spec.service, None)
+
+
+class _NodeHands:
+    """A node's hands in the model, for clustercore.nodemigration: commands act on the
+    node's NodeFilter roles and on the cluster's record of who accepted what; kernel
+    commands do nothing and return empty results (the model has no sockets, processes or
+    saved state). Held packets are packet ids, and travel in messages as b"pid:N"."""
+
+    def __init__(self, cluster: Cluster, node: str) -> None:
+        self.c, self.node, self.filter = cluster, node, cluster.filters[node]
+
+    def perform(self, cmd: nc.Command) -> object:
+        act = _NODE_ACTIONS.get(type(cmd))
+        return act(self, cmd) if act is not None else _EMPTY_RESULTS.get(type(cmd))
+
+    def look_up(self, cmd: nc.LookUp) -> nc.Local:
+        service = self.filter.services.get(cmd.service)
+        runs_here = service is not None and service.owner == self.node
+        return nc.Local(service, ("instance", self.node, cmd.service) if runs_here else None)
+
+    def install_role(self, cmd: nc.InstallRole) -> None:
+        self.filter.roles[cmd.service] = cmd.role
+
+    def remove_role(self, cmd: nc.RemoveRole) -> None:
+        if self.filter.roles.get(cmd.service) is cmd.role:
+            del self.filter.roles[cmd.service]
+
+    def remove_role_later(self, cmd: nc.RemoveRoleLater) -> None:
+        self.c._removals.append((self.c.tick + self.c.grace, self.node, cmd.service, cmd.role))
+
+    def accept(self, cmd: nc.AcceptHeld) -> None:
+        for pid in cmd.handles:
+            self.c._accept(pid, self.node)
+
+    def read_packets(self, cmd: nc.ReadPackets) -> tuple[bytes, ...]:
+        return tuple(b"pid:%d" % pid for pid in cmd.handles)
+
+    def inject(self, cmd: nc.InjectPackets) -> int:
+        for data in cmd.packets:  # re-injected on lo: past the queue, straight to the socket
+            self.c._accept(int(data[4:]), self.node)
+        return len(cmd.packets)
+
+    def start_gated(self, cmd: nc.StartGated) -> tuple:
+        return ("instance", self.node, cmd.service.name)
+
+
+_NODE_ACTIONS: dict[type, Callable] = {
+    nc.LookUp: _NodeHands.look_up,
+    nc.ReadClock: lambda hands, cmd: hands.c.now,
+    nc.InstallRole: _NodeHands.install_role,
+    nc.RemoveRole: _NodeHands.remove_role,
+    nc.RemoveRoleLater: _NodeHands.remove_role_later,
+    nc.AcceptHeld: _NodeHands.accept,
+    nc.ReadPackets: _NodeHands.read_packets,
+    nc.InjectPackets: _NodeHands.inject,
+    nc.StartGated: _NodeHands.start_gated,
+}
+_EMPTY_RESULTS: dict[type, object] = {
+    nc.CountKernelDrops: 0, nc.CountUdpBufferDrops: 0, nc.TakeConnections: [],
+    nc.AcceptWaiting: [], nc.DumpConnections: [], nc.DescribeListeners: (),
+    nc.StreamChunk: False, nc.OpenSockets: [], nc.RestoreConnections: [], nc.PutBackDatagrams: 0,
+}
+
+# A node's reply to a step, as the gateway machine's event (as gateway/controller.py's
+# REPLY_EVENTS turns them); abort and inject have nothing the machine waits for.
+_REPLY_EVENTS: dict[type, Callable[[str, object], mig.Event]] = {
+    msgs.Prepare: lambda node, r: mig.HoldReady(node=node),
+    msgs.Arm: lambda node, r: mig.CountingReady(node=node),
+    msgs.Freeze: lambda node, r: mig.Frozen(
+        node=node, consumed=r.consumed, late_packets=r.late_packets, socket_state=r.sockets,
+        tcp_established=r.tcp_established, tcp_listening=r.tcp_listening,
+        udp_sockets=r.udp_sockets, bytes_moved=r.bytes_moved),
+    msgs.Restore: lambda node, r: mig.Restored(node=node),
+    msgs.Release: lambda node, r: mig.Released(
+        node=node, held=r.held, released=r.released,
+        duplicates_suppressed=r.duplicates_suppressed, reinjected=r.reinjected, lost=r.lost,
+        freeze_ms=r.freeze_ms),
+    msgs.Commit: lambda node, r: mig.Committed(node=node, late_packets=r.late_packets),
+    msgs.Rollback: lambda node, r: mig.RolledBack(node=node),
+}
+
+
+def _event_for_reply(node: str, step: msgs.Step, reply: object) -> mig.Event | None:
+    if isinstance(reply, Failure):
+        return mig.StepFailed(node=node, reason=f"{node} refused {step.OP}: {reply.error}")
+    make = _REPLY_EVENTS.get(type(step))
+    return make(node, reply) if make is not None else None
 
 
 def describe_services(services: Iterable[Service]) -> list[dict]:

@@ -1,0 +1,451 @@
+"""The `handoff` migration strategy: the service moves by its sockets. No I/O.
+
+The old instance is stopped with its state saved (the state hook), its connections are
+taken out of it and dumped with TCP_REPAIR, its UDP queues drained; the new instance,
+started gated at prepare, gets the rebuilt connections and the saved state over its gate
+at release. The packets of the switch are decided by the cutover (clustercore.cutover):
+the source counts then holds, the destination holds then releases.
+
+Each step is a playbook (clustercore.nodecommands.Playbook) the node's machine
+(clustercore.nodemigration) runs. The facts record what was done so far; the endings
+(rollback, abort, commit, finish_release) work from them, so whichever step stopped, they
+undo or finish exactly what it had reached, each action at most once:
+
+- record before acting when the action must be undone even if it fails half-way (the
+  role installed, the process asked to stop);
+- take (clear) the fact before the undo, so a failed undo is not retried forever and the
+  rest of the routine still runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import messages as msgs
+from . import sockwire
+from .kinds import ServiceKind, service_kind
+from .nodecommands import (
+    AcceptHeld,
+    AcceptWaiting,
+    AdoptInstance,
+    CloseDescriptors,
+    CloseSilently,
+    ConnectDatagramSocket,
+    CountKernelDrops,
+    CountUdpBufferDrops,
+    DescribeListeners,
+    DrainDatagrams,
+    DropHeld,
+    DumpConnections,
+    ForgetInstance,
+    InjectPackets,
+    InstallRole,
+    LetPacketsIn,
+    Local,
+    Named,
+    Note,
+    OpenGate,
+    OpenSockets,
+    Playbook,
+    PutBackDatagrams,
+    Quiesce,
+    ReadAppState,
+    ReadClock,
+    ReadPackets,
+    Refused,
+    RemoveRole,
+    RemoveRoleLater,
+    RestoreConnections,
+    Resume,
+    SaveAppState,
+    StartGated,
+    StopInstance,
+    StreamChunk,
+    TakeConnections,
+    Thaw,
+    LeaveRepair,
+    WaitHalfClosed,
+    WaitHandshakes,
+    WaitReady,
+    port_of,
+)
+from .packet import TCP
+from .sockstate import ServiceSockets, TcpConnState, UdpSocketState
+
+CHUNK = 256  # connections dumped (restored) between two runs of the verdict loop
+
+
+def _ms(since: float, now: float) -> float:
+    return round((now - since) * 1000.0, 2)
+
+
+@dataclass
+class SourceFacts:
+    """What the source did so far (what its rollback or commit must undo or finish)."""
+
+    cut: Any  # its SourceCutover
+    instance: Any  # the running service
+    listeners: tuple[Named, ...]  # the agent's copies of its listeners...
+    udp: tuple[Named, ...]  # ...and UDP sockets
+    tcp_ports: tuple[int, ...]
+    state_hook: bool  # the instance saves its state when asked to quiesce
+    drops_at_start: int = 0
+    role: Any = None  # installed in the filter, until its removal is asked
+    stopped: Any = None  # the instance, once asked to stop: resumed by a rollback
+    copies: list[Named] = field(default_factory=list)  # connections we hold descriptors of
+    in_repair: list[Any] = field(default_factory=list)  # of those, dumped (repair mode on)
+    drained: list[UdpSocketState] = field(default_factory=list)  # datagrams read out
+    committed: bool = False
+    to_drop: tuple = ()
+    forward: tuple = ()
+
+
+@dataclass
+class DestinationFacts:
+    """What the destination did so far (what its abort, or its release, works from)."""
+
+    service: Any
+    cut: Any  # its DestCutover
+    drops_at_start: int = 0
+    role: Any = None
+    opened: list[Named] = field(default_factory=list)  # bound at prepare; ours until adopted
+    gated: Any = None  # the new instance, waiting at its gate
+    instance: Any = None  # the new instance, until it is adopted as the running one
+    restored: list[Any] = field(default_factory=list)  # rebuilt connections (same order as states)
+    states: list[TcpConnState] = field(default_factory=list)
+    in_repair: list[tuple[Any, TcpConnState]] = field(default_factory=list)
+    streamed_ms: float = 0.0
+    datagrams: tuple[UdpSocketState, ...] = ()  # the source's UDP queues, put back at release
+    state_path: str | None = None
+    consumed: dict = field(default_factory=dict)
+    late: tuple[bytes, ...] = ()
+    reinjected: int = 0
+    released: bool = False
+    to_drop: tuple = ()
+    to_accept: tuple = ()
+    timing: dict = field(default_factory=dict)
+
+
+class Handoff(Playbook):
+    strategy = "handoff"
+
+    def __init__(self) -> None:
+        self.source: SourceFacts | None = None
+        self.destination: DestinationFacts | None = None
+
+    # ============================================================ the source
+
+    def arm(self, m, event: msgs.Arm, local: Local, now: float):
+        service = local.service
+        f = self.source = SourceFacts(
+            cut=m.cutovers.source(event.epoch), instance=local.instance,
+            listeners=tuple(s for s in local.sockets if s[0].startswith("tcp-")),
+            udp=tuple(s for s in local.sockets if s[0].startswith("udp-")),
+            tcp_ports=tuple(port for proto, port in service.ports if proto == TCP),
+            state_hook=service_kind(service.exec_spec) is ServiceKind.BUILTIN)
+        f.drops_at_start = yield CountKernelDrops()
+        f.role = f.cut
+        yield InstallRole(m.service, f.cut)  # its packets reach the queue and are counted
+        return msgs.Done()
+
+    def freeze(self, m, event: msgs.Freeze, now: float):
+        f, timing = self.source, {}
+        if f.tcp_ports:
+            # half-closed connections cannot be rebuilt: they finish while the service
+            # runs, or the freeze is refused (the migration rolls back, nothing breaks)
+            yield WaitHalfClosed(f.tcp_ports)
+        f.stopped = f.instance
+        yield Quiesce(f.instance, state_hook=f.state_hook)
+        if f.tcp_ports:
+            yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move
+        # the process is stopped: its set of connections cannot change but by the kernel
+        # adding to the accept queue, which is drained after the cutover's freeze
+        t_take = yield ReadClock()
+        f.copies = list((yield TakeConnections(f.instance, f.tcp_ports)))
+        t_freeze = yield ReadClock()
+        timing["take_sockets"] = _ms(t_take, t_freeze)
+        # from here on every packet of the service is held, until commit or rollback
+        consumed = f.cut.freeze(t_freeze)
+        if f.listeners:
+            f.copies += (yield AcceptWaiting(f.listeners))
+        t_dump = yield ReadClock()
+        states: list[TcpConnState] = []
+        streamed = 0  # connections sent ahead: the destination restores them while we dump
+        for i in range(0, len(f.copies), CHUNK):
+            batch = tuple(f.copies[i:i + CHUNK])
+            dumped = yield DumpConnections(batch)
+            f.in_repair += [sock for _, sock in batch]
+            states += dumped
+            if i + CHUNK < len(f.copies) and all(c.family == 4 for c in dumped):
+                chunk = msgs.Chunk(service=m.service, seq=i // CHUNK, count=len(dumped),
+                                   packed=sockwire.pack_connections(dumped))
+                if (yield StreamChunk(chunk)):
+                    streamed = len(states)
+            yield LetPacketsIn()  # the kernel queue fills while we dump: let the loop run
+        t_listeners = yield ReadClock()
+        timing["dump"] = _ms(t_dump, t_listeners)
+        listeners = (yield DescribeListeners(f.listeners)) if f.listeners else ()
+        for sock in f.udp:
+            f.drained.append((yield DrainDatagrams(sock)))
+        handles = f.cut.hand_over_late()
+        late = tuple((yield ReadPackets(handles))) if handles else ()
+        t_wire = yield ReadClock()
+        whole = ServiceSockets(service=m.service, listeners=tuple(listeners),
+                               connections=tuple(states), udp=tuple(f.drained))
+        rest = ServiceSockets(service=m.service, listeners=tuple(listeners),
+                              connections=tuple(states[streamed:]), udp=tuple(f.drained))
+        wire = sockwire.to_wire(rest)  # compact: JSON per connection was the freeze's cost
+        wire["streamed"] = streamed
+        app_state = yield ReadAppState(f.instance)
+        wire["app_state"] = base64.b64encode(app_state).decode() if app_state else None
+        t_end = yield ReadClock()
+        timing["encode"] = _ms(t_wire, t_end)
+        timing["frozen_to_reply"] = _ms(t_freeze, t_end)
+        totals = whole.totals
+        yield Note(f"freeze {m.service}: {totals['connections']} connections; {timing}")
+        return msgs.FreezeDone(
+            consumed=consumed, late_packets=late, sockets=wire,
+            tcp_established=totals["connections"], tcp_listening=totals["listeners"],
+            udp_sockets=totals["udp_sockets"], bytes_moved=totals["queued_bytes"],
+            timing_ms=timing)
+
+    def commit(self, m, event: Any, now: float):
+        """The destination owns the service: drop the hold, close our copies of the
+        connections silently, stop the old instance. Also the way on after a failed
+        commit step (past the point of no return the only way is forward)."""
+        f = self.source
+        if f is None:
+            return msgs.CommitDone()
+        if not f.committed:
+            f.committed = True
+            plan = f.cut.commit()
+            f.to_drop, f.forward = plan.drop, plan.forward
+        drop, f.to_drop = f.to_drop, ()
+        if drop:
+            yield DropHeld(drop)
+        forward, f.forward = f.forward, ()
+        late = tuple((yield ReadPackets(forward))) if forward else ()
+        copies, f.copies, f.in_repair = f.copies, [], []
+        if copies:
+            yield CloseSilently(tuple(sock for _, sock in copies))  # no FIN, no RST
+        drops = (yield CountKernelDrops()) - f.drops_at_start
+        if drops:
+            yield Note(f"migration of {m.service}: the kernel dropped {drops} queued packets "
+                       "on the source", "error")
+        instance, f.instance, f.stopped, f.drained = f.instance, None, None, []
+        if instance is not None:
+            yield ForgetInstance(m.service)
+            yield StopInstance(instance)
+        own, f.listeners, f.udp = f.listeners + f.udp, (), ()
+        if own:
+            yield CloseDescriptors(tuple(sock for _, sock in own))
+        role, f.role = f.role, None
+        if role is not None:
+            yield RemoveRoleLater(m.service, role)
+        return msgs.CommitDone(late_packets=late, kernel_drops=drops)
+
+    def rollback(self, m, event: Any, now: float):
+        """THE source rollback: the gateway's Rollback, a lost link before the freeze, a
+        reconnect or shutdown that says the owner stayed, a failed arm or freeze. The
+        order matters:
+
+        1. dumped connections leave repair mode (a window probe): they go on where they
+           stopped;
+        2. our copies are closed: the process holds its own descriptors, and ours would
+           keep a connection alive after the process closed it (the client would never
+           get its FIN). A connection we accepted from the listener at the freeze has no
+           other holder: it is closed for good (the client sees a FIN);
+        3. drained datagrams are put back BEFORE the process runs again, so it reads them
+           before anything newer;
+        4. the process resumes;
+        5. the hold is accepted, in arrival order (after 3: older first);
+        6. the role goes after the grace period (the fast path is re-synced then).
+        """
+        f = self.source
+        if f is None:
+            return msgs.Done()
+        in_repair, f.in_repair = f.in_repair, []
+        if in_repair:
+            yield LeaveRepair(tuple(in_repair))
+        copies, f.copies = f.copies, []
+        if copies:
+            yield CloseDescriptors(tuple(sock for _, sock in copies))
+        drained, f.drained = f.drained, []
+        if any(st.datagrams for st in drained):
+            yield PutBackDatagrams(tuple(drained))
+        stopped, f.stopped = f.stopped, None
+        if stopped is not None:
+            yield Resume(stopped)
+        held = f.cut.rollback()
+        if held:
+            yield AcceptHeld(held)
+        role, f.role = f.role, None
+        if role is not None:
+            yield RemoveRoleLater(m.service, role)
+        return msgs.Done()
+
+    # ============================================================ the destination
+
+    def prepare(self, m, event: msgs.Prepare, local: Local, now: float):
+        service = local.service
+        f = self.destination = DestinationFacts(service=service,
+                                                cut=m.cutovers.destination(event.epoch))
+        f.drops_at_start = yield CountKernelDrops()
+        f.role = f.cut
+        yield InstallRole(m.service, f.cut)  # hold the new epoch from now on
+        # start the new instance now, gated, its sockets bound (the hold keeps every
+        # packet from them): its start-up is long over when the release comes, and it
+        # must not compete with the freeze
+        f.opened = list((yield OpenSockets(tuple(service.ports))))
+        f.gated = f.instance = yield StartGated(service, tuple(f.opened))
+        yield WaitReady(f.gated)
+        return msgs.Done()
+
+    def chunk(self, m, event: msgs.Chunk, now: float):
+        """Connections the source streamed ahead: rebuild them now, in repair mode."""
+        f = self.destination
+        try:
+            states = sockwire.unpack_connections(event.packed)
+        except ValueError as e:
+            raise Refused(f"bad streamed socket state for '{m.service}': {e}") from None
+        if len(states) != event.count:
+            raise Refused(f"streamed chunk of '{m.service}': {len(states)} connections, "
+                          f"header says {event.count}")
+        socks = yield RestoreConnections(states)
+        self._restored(socks, states)
+        f.streamed_ms += _ms(now, (yield ReadClock()))
+        return msgs.Done()
+
+    def _restored(self, socks, states) -> None:
+        f = self.destination
+        f.restored += socks
+        f.states += states
+        f.in_repair += list(zip(socks, states))
+
+    def restore(self, m, event: msgs.Restore, now: float):
+        f = self.destination
+        wire = dict(event.sockets)
+        app_state, streamed = wire.pop("app_state", None), wire.pop("streamed", 0)
+        try:
+            bundle = sockwire.from_wire(wire)
+            saved = base64.b64decode(app_state, validate=True) if app_state else None
+        except (ValueError, KeyError, TypeError, binascii.Error) as e:
+            raise Refused(f"bad socket state for '{m.service}': {e}") from None
+        t_decoded = yield ReadClock()
+        timing = {"decode": _ms(now, t_decoded)}
+        # the listeners and UDP sockets were bound at prepare: they must be the ones moved
+        have = sorted(port_of(name) for name, _ in f.opened)
+        want = sorted([s.local[1] for s in bundle.listeners] + [s.local[1] for s in bundle.udp])
+        if have != want:
+            raise Refused(f"restore of '{m.service}': sockets on ports {want}, prepared {have}")
+        if len(f.states) != streamed:
+            raise Refused(f"restore of '{m.service}': {len(f.states)} streamed connections "
+                          f"arrived, the source sent {streamed}")
+        for st in bundle.udp:
+            if st.peer is not None:
+                sock = next(s for s in f.opened if s[0] == f"udp-{st.local[1]}")
+                yield ConnectDatagramSocket(sock, st.peer)
+        # in repair mode until the release: nothing leaves this node before the point of
+        # no return, and if the agent dies the sockets close without a packet
+        conns = bundle.connections
+        for i in range(0, len(conns), CHUNK):
+            batch = tuple(conns[i:i + CHUNK])
+            self._restored((yield RestoreConnections(batch)), batch)
+            yield LetPacketsIn()  # the held packets keep coming in meanwhile
+        timing["restore"] = _ms(t_decoded, (yield ReadClock()))
+        timing["restore_streamed"] = round(f.streamed_ms, 2)
+        if saved:
+            f.state_path = yield SaveAppState(m.service, saved)  # for the new instance
+        f.datagrams = bundle.udp
+        yield Note(f"restore {m.service}: {len(conns)} connections; {timing}")
+        return msgs.Done(timing_ms=timing)
+
+    def release(self, m, event: msgs.Release, now: float):
+        f = self.destination
+        f.consumed, f.late = dict(event.consumed), tuple(event.late_packets)
+        return (yield from self.finish_release(m, event, now))
+
+    def finish_release(self, m, event: Any, now: float):
+        """Release (the point of no return is behind us): repair off, the source's queued
+        datagrams and late packets in first, the hold minus what the source consumed,
+        then the gate opens. After a failed step this goes on with the rest."""
+        f = self.destination
+        t0 = yield ReadClock()
+        thaw, f.in_repair = f.in_repair, []
+        if thaw:  # out of repair mode first: a socket in repair mode discards what it gets
+            yield Thaw(tuple(s for s, _ in thaw), tuple(st for _, st in thaw))
+        f.timing["thaw"] = _ms(t0, (yield ReadClock()))
+        udp_errors_before = yield CountUdpBufferDrops()
+        datagrams, f.datagrams = f.datagrams, ()
+        if any(st.datagrams for st in datagrams):  # into the sockets bound at prepare
+            f.reinjected += yield PutBackDatagrams(datagrams)
+        late, f.late = f.late, ()
+        if late:
+            f.reinjected += yield InjectPackets(late)
+        if not f.released:
+            f.released = True
+            plan = f.cut.release(f.consumed, (yield ReadClock()))
+            f.to_drop, f.to_accept = plan.drop, plan.accept
+        drop, f.to_drop = f.to_drop, ()
+        if drop:
+            yield DropHeld(drop)
+        accept, f.to_accept = f.to_accept, ()
+        if accept:
+            yield AcceptHeld(accept)
+        gated, f.gated = f.gated, None
+        if gated is not None:
+            named = tuple((st.name or f"conn-{st.local[1]}", sock)
+                          for sock, st in zip(f.restored, f.states))
+            yield OpenGate(gated, named, f.state_path)
+        restored, f.restored = f.restored, []
+        if restored:
+            yield CloseDescriptors(tuple(restored))  # the new instance holds its own now
+        instance, f.instance = f.instance, None
+        if instance is not None:
+            opened, f.opened = f.opened, []
+            yield AdoptInstance(m.service, instance, tuple(opened))
+        role, f.role = f.role, None
+        if role is not None:
+            yield RemoveRoleLater(m.service, role)
+        stats = f.cut.stats()
+        f.timing["release"] = _ms(t0, (yield ReadClock()))
+        drops = (yield CountKernelDrops()) - f.drops_at_start
+        # a full socket buffer drops at the moment we accept: count it as lost, honestly
+        drops += max(0, (yield CountUdpBufferDrops()) - udp_errors_before)
+        if drops:
+            yield Note(f"migration of {m.service}: {drops} packets dropped by the kernel on "
+                       "the destination", "error")
+        yield Note(f"release {m.service}: {f.timing}")
+        return msgs.ReleaseDone(
+            held=stats.held, released=stats.released,
+            duplicates_suppressed=stats.duplicates_suppressed, reinjected=f.reinjected,
+            lost=drops, kernel_drops=drops, freeze_ms=round(stats.freeze_ms, 3),
+            timing_ms=dict(f.timing))
+
+    def abort(self, m, event: Any, now: float):
+        """THE destination abort: the gateway's Abort, a reconnect or shutdown that says
+        the migration is over, a failed prepare, chunk or restore. Nothing of it may
+        reach a client: the hold is dropped, the gated instance killed (it never served),
+        the rebuilt connections closed in repair mode (no FIN, no RST)."""
+        f = self.destination
+        if f is None:
+            return msgs.Done()
+        held = f.cut.abort()
+        if held:
+            yield DropHeld(held)
+        instance, f.instance, f.gated = f.instance, None, None
+        if instance is not None:
+            yield StopInstance(instance)
+        restored, f.restored, f.in_repair = f.restored, [], []
+        if restored:
+            yield CloseSilently(tuple(restored))
+        opened, f.opened = f.opened, []
+        if opened:
+            yield CloseDescriptors(tuple(sock for _, sock in opened))
+        role, f.role = f.role, None
+        if role is not None:
+            yield RemoveRole(m.service, role)  # at once: an aborted role only drops
+        return msgs.Done()

@@ -1,0 +1,428 @@
+"""The vocabulary of the node's migration machine (clustercore.nodemigration): the local
+events it is fed besides the gateway's steps, the commands it gives its executor, and the
+interface a migration strategy's playbooks implement. Pure data; no I/O.
+
+Commands name what must be done, never how: the node agent's executor
+(nodeshim.migrate) maps each to syscalls and adapters, the in-memory cluster
+(clustercore.sim) to NodeFilter roles and no-ops. Kernel objects (sockets, processes,
+queued packets) travel through commands as opaque values: the machine keeps what a
+command returned and hands it back in a later command, and never looks inside.
+
+Sockets travel as `(name, socket)` pairs named as services.py names them for socket
+activation: `tcp-PORT` (a listener), `udp-PORT`, `conn-PORT` (an established connection).
+The port is read back from the name (`port_of`), so the machine needs no socket calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .errors import LocalControlError, VipError
+from .messages import Chunk, Done
+from .ownership import Service
+from .sockstate import TcpConnState, UdpSocketState
+
+Named = tuple[str, Any]  # (name, socket): "tcp-7", "udp-7", "conn-7"
+
+
+def port_of(name: str) -> int:
+    """The port in a socket's activation name ('udp-53' -> 53)."""
+    return int(name.rsplit("-", 1)[1])
+
+
+class Refused(LocalControlError):
+    """A playbook declines a request before doing anything (unknown service, cannot
+    migrate, malformed socket state). Raised only before the playbook's first effect: the
+    machine then stays where it was and the gateway gets a refusal."""
+
+
+# ---------------------------------------------------------------- local events (in)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalEvent:
+    """Something the node agent observed itself (not a message from the gateway)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkLost(LocalEvent):
+    """The link to the gateway is gone. The outcome of a migration is the registry's
+    decision, which the reconnect will tell; only what provably cannot go forward without
+    us ends now."""
+
+    why: str = "gateway link lost"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnerStayed(LocalEvent):
+    """The gateway no longer runs this migration (a reconnect said so, or the agent shuts
+    down) and the registry owner is still the source: it rolled back."""
+
+    why: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnerMoved(LocalEvent):
+    """The gateway no longer runs this migration and the registry owner is the
+    destination: it went past the point of no return without us."""
+
+    why: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutorFailed(LocalEvent):
+    """A command failed (a kernel call, a process that did not stop): made by the machine's
+    runner from the executor's VipError, never fed by hand."""
+
+    error: VipError
+
+
+LOCAL_EVENTS: tuple[type[LocalEvent], ...] = (LinkLost, OwnerStayed, OwnerMoved, ExecutorFailed)
+
+
+# ---------------------------------------------------------------- commands (out)
+
+
+class Command:
+    """Something the executor must do now, in the order given; its result (or a VipError)
+    goes back into the playbook that asked. QUERY: only reads, changes nothing. WAITS: the
+    executor may let the event loop run while it is performed."""
+
+    QUERY: ClassVar[bool] = False
+    WAITS: ClassVar[bool] = False
+
+
+def _command(query: bool = False, waits: bool = False):
+    def wrap(cls):
+        cls = dataclass(frozen=True)(cls)
+        cls.QUERY, cls.WAITS = query, waits
+        return cls
+    return wrap
+
+
+# -- what the node knows (queries)
+
+@dataclass(frozen=True)
+class Local:
+    """The result of LookUp: the service as the node's table has it, and the instance
+    running here (opaque) with its sockets, or None."""
+
+    service: Service | None
+    instance: Any = None
+    sockets: tuple[Named, ...] = ()
+
+
+@_command(query=True)
+class LookUp(Command):
+    service: str  # -> Local
+
+
+@_command(query=True)
+class ReadClock(Command):
+    pass  # -> float seconds (monotonic)
+
+
+@_command(query=True)
+class CountKernelDrops(Command):
+    pass  # -> int: packets the kernel dropped from this node's queue so far
+
+
+@_command(query=True)
+class CountUdpBufferDrops(Command):
+    pass  # -> int: datagrams dropped so far because a UDP receive buffer was full
+
+
+@_command(query=True)
+class Note(Command):
+    text: str
+    level: str = "info"  # info | warning | error: for the agent's log only
+
+
+# -- the cutover role in the node's filter
+
+@_command()
+class InstallRole(Command):
+    """Put the cutover role in the filter and move the service to the queue path (so its
+    packets are counted or held by the role from now on)."""
+    service: str
+    role: Any
+
+
+@_command()
+class RemoveRole(Command):
+    """Take the role out now (if it is still that role) and re-sync the fast path."""
+    service: str
+    role: Any
+
+
+@_command()
+class RemoveRoleLater(Command):
+    """The same after the grace period, and not while `role_still_needed(role)`:
+    stragglers still reach the role for a while after the end."""
+    service: str
+    role: Any
+
+
+@_command()
+class AcceptHeld(Command):
+    handles: tuple  # held packets, accepted in this order
+
+
+@_command()
+class DropHeld(Command):
+    handles: tuple
+
+
+@_command(query=True)
+class ReadPackets(Command):
+    handles: tuple  # -> tuple[bytes, ...]: the raw packets of held handles
+
+
+@_command()
+class InjectPackets(Command):
+    """Raw IP packets into the local stack, in order, past the queue (-> int)."""
+    packets: tuple[bytes, ...]
+
+
+# -- the source: stop the instance, take and dump its sockets
+
+@_command(waits=True)
+class WaitHalfClosed(Command):
+    """Wait (bounded) until no connection on these TCP ports is half-closed; KernelError
+    if some still are (they cannot be moved: the migration is refused)."""
+    ports: tuple[int, ...]
+
+
+@_command(waits=True)
+class Quiesce(Command):
+    """Stop the instance: with `state_hook` it saves its user-space state and stops itself
+    (SIGUSR1), else it is stopped (SIGSTOP). Waits (bounded) until it is stopped."""
+    instance: Any
+    state_hook: bool
+
+
+@_command(waits=True)
+class WaitHandshakes(Command):
+    """Wait (bounded, never fails) for half-open handshakes on these ports to finish."""
+    ports: tuple[int, ...]
+
+
+@_command()
+class TakeConnections(Command):
+    """Copies of the instance's established connections on these ports (-> list[Named])."""
+    instance: Any
+    ports: tuple[int, ...]
+
+
+@_command()
+class AcceptWaiting(Command):
+    """Accept what waits in these listeners' queues (-> list[Named])."""
+    listeners: tuple[Named, ...]
+
+
+@_command()
+class DumpConnections(Command):
+    """Repair mode on and read each connection (-> list[TcpConnState], same order). All
+    or none: on failure the ones of this batch already dumped leave repair mode."""
+    connections: tuple[Named, ...]
+
+
+@_command(waits=True)
+class LetPacketsIn(Command):
+    """Let the verdict loop run once: the kernel queue keeps filling while we work."""
+
+
+@_command()
+class StreamChunk(Command):
+    """Send dumped connections ahead to the destination, through the gateway (-> bool:
+    False when there is no link, and the chunk then goes with the reply)."""
+    chunk: Chunk
+
+
+@_command(query=True)
+class DescribeListeners(Command):
+    listeners: tuple[Named, ...]  # -> tuple[TcpListenerState, ...]
+
+
+@_command()
+class DrainDatagrams(Command):
+    """Read every datagram waiting in one UDP socket (-> UdpSocketState)."""
+    socket: Named
+
+
+@_command()
+class ReadAppState(Command):
+    """The state the instance saved when it quiesced, consumed (-> bytes | None)."""
+    instance: Any
+
+
+@_command()
+class LeaveRepair(Command):
+    """Repair mode off (a window probe): the connection goes on where it stopped."""
+    sockets: tuple
+
+
+@_command()
+class CloseDescriptors(Command):
+    """Close our descriptors only; the sockets live on where another process holds them."""
+    sockets: tuple
+
+
+@_command()
+class PutBackDatagrams(Command):
+    """Re-inject drained datagrams into VIP:port with their clients' addresses, in order
+    (-> int)."""
+    datagrams: tuple[UdpSocketState, ...]
+
+
+@_command()
+class Resume(Command):
+    instance: Any  # SIGCONT
+
+
+@_command()
+class CloseSilently(Command):
+    """Make connections vanish from this node: repair mode, no FIN, no RST."""
+    sockets: tuple
+
+
+@_command()
+class ForgetInstance(Command):
+    """The service no longer runs here (the agent stops watching and restarting it)."""
+    service: str
+
+
+@_command()
+class StopInstance(Command):
+    """Kill the instance (whole session), wait for it, close its gate if it has one."""
+    instance: Any
+
+
+# -- the destination: a gated new instance, restored connections
+
+@_command()
+class OpenSockets(Command):
+    """Bind every port of the service on the VIP (-> list[Named]); all or nothing."""
+    ports: tuple[tuple[int, int], ...]
+
+
+@_command()
+class StartGated(Command):
+    """Start the service with these sockets, waiting at its gate (-> instance)."""
+    service: Service
+    sockets: tuple[Named, ...]
+
+
+@_command(waits=True)
+class WaitReady(Command):
+    """Wait (bounded) until the gated instance says it has started."""
+    instance: Any
+
+
+@_command()
+class ConnectDatagramSocket(Command):
+    socket: Named
+    peer: tuple[str, int]
+
+
+@_command()
+class RestoreConnections(Command):
+    """Rebuild connections in repair mode: nothing is sent (-> list of sockets, same
+    order). All or none."""
+    states: tuple[TcpConnState, ...]
+
+
+@_command()
+class SaveAppState(Command):
+    """Keep the old instance's saved state for the new one (-> a path to hand over)."""
+    service: str
+    data: bytes
+
+
+@_command()
+class Thaw(Command):
+    """Repair mode off (window probe), then each connection's never-sent tail."""
+    sockets: tuple
+    states: tuple[TcpConnState, ...]
+
+
+@_command()
+class OpenGate(Command):
+    """Hand the gated instance its connections and the saved state, and let it serve."""
+    instance: Any
+    connections: tuple[Named, ...]
+    state_path: str | None
+
+
+@_command()
+class AdoptInstance(Command):
+    """The new instance is the service's running instance here from now on."""
+    service: str
+    instance: Any
+    sockets: tuple[Named, ...]
+
+
+COMMAND_TYPES: tuple[type[Command], ...] = tuple(
+    c for c in list(globals().values())
+    if isinstance(c, type) and issubclass(c, Command) and c is not Command
+)
+
+
+# ---------------------------------------------------------------- the strategy interface
+
+
+class Playbook:
+    """How one migration strategy moves a service: one method per step, each a generator
+    that yields Commands, receives their results, and returns the reply (a
+    clustercore.messages Reply). Facts (what was done so far) live on the instance, one
+    per migration, so that the rollback, abort and commit routines work from whatever the
+    interrupted step had reached.
+
+    A strategy subclasses this and implements the steps it supports; the machine's table
+    names the steps (`Playbook.freeze`) and runs the selected strategy's version. A step
+    a strategy lacks refuses cleanly.
+    """
+
+    strategy: ClassVar[str] = "none"
+
+    def _lacks(self, step: str):
+        raise Refused(f"the {self.strategy} strategy has no {step} step")
+        yield  # a generator, like every step
+
+    def _nothing_to_undo(self):
+        """Before a strategy is chosen nothing was done: ending is a no-op."""
+        return Done()
+        yield
+
+    # the source
+    def arm(self, m, event, local: Local, now: float):
+        return self._lacks("arm")
+
+    def freeze(self, m, event, now: float):
+        return self._lacks("freeze")
+
+    def commit(self, m, event, now: float):
+        return self._lacks("commit")
+
+    def rollback(self, m, event, now: float):
+        return self._nothing_to_undo()
+
+    # the destination
+    def prepare(self, m, event, local: Local, now: float):
+        return self._lacks("prepare")
+
+    def chunk(self, m, event, now: float):
+        return self._lacks("chunk")
+
+    def restore(self, m, event, now: float):
+        return self._lacks("restore")
+
+    def release(self, m, event, now: float):
+        return self._lacks("release")
+
+    def finish_release(self, m, event, now: float):
+        return self._lacks("finish_release")
+
+    def abort(self, m, event, now: float):
+        return self._nothing_to_undo()
