@@ -326,6 +326,13 @@ class NodeMigration:
         self._runner = Runner(self, event, now, TRANSITIONS.get((self._state, type(event))))
         return self._runner
 
+    def abandon(self, why: str) -> None:
+        """Give up a running playbook at its current command (the agent is ending and cannot
+        wait for it); the machine stays in the busy state, whose ending rows pick up the
+        facts."""
+        if self.running:
+            self._runner.abandon(why)
+
     def ending(self, owner: str | None, why: str) -> LocalEvent:
         """How a migration the gateway no longer runs ended, from the registry's owner."""
         if owner is not None and self.source_node is not None and owner != self.source_node:

@@ -1,619 +1,320 @@
-"""The node's side of a live migration: performs the steps the gateway's controller asks for.
+"""The node agent's hands for a migration: performs what clustercore.nodemigration asks.
 
-Source node (the service's owner):
-  migrate_arm      install a SourceCutover for the service (count new-epoch packets)
-  migrate_freeze   quiesce the service process (builtins flush and save state, then stop;
-                   other commands get SIGSTOP), wait for half-open handshakes to finish,
-                   freeze the cutover (hold everything from now), take the process's
-                   connections (pidfd_getfd), accept what waits in the listener, dump
-                   every TCP connection (TCP_REPAIR), describe listeners, drain UDP queues,
-                   hand over late old-epoch packets
-  migrate_commit   drop the hold, close the old sockets silently (repair mode), kill the
-                   old instance
-  migrate_rollback unrepair the connections, put drained datagrams back, resume the
-                   process, accept the hold in order
-Destination node:
-  migrate_prepare  install a DestCutover (hold new-epoch packets)
-  migrate_restore  open listeners and UDP sockets, rebuild connections, start the new
-                   instance *gated* (it waits on a pipe before serving, so a rollback
-                   after restore cannot leave answers behind)
-  migrate_release  re-inject the queued UDP datagrams and the late packets, release the
-                   hold minus what the source consumed, open the gate
-  migrate_abort    drop the hold, close everything silently, kill the gated instance
-  migrate_inject   re-inject stragglers forwarded from the source at commit
+Every decision is the machine's (clustercore.nodemigration, its playbooks in
+clustercore.handoff): which step may follow which, what to undo and in which order, what to
+reply. This module only
+- routes each gateway message to its service's machine (NodeMigrations.route) and runs the
+  playbook: one at a time per service, in arrival order (a per-service lock), awaiting only
+  the commands that wait (quiesce, handshakes, the new instance's start, the verdict loop);
+- maps each command to the kernel adapters (`Kernel`: tcprepair, udphandoff, pidfd,
+  services, queue; tests pass fakes), a VipError (or OSError) back into the playbook;
+- feeds the agent's own observations: `end_all_except` after a reconnect, `link_lost`,
+  `shutdown`. A local ending for a service whose step is running waits for that step; at
+  shutdown, which cannot wait, the step is abandoned and the ending runs from its facts.
 
-Fault injection for the lab tests: if the file `<state_dir>/faults/<op>` exists when a
-step arrives, its content says what to do: `fail` (refuse the step), `die` (the agent
-exits at once, like a crash), `drop` (close the gateway connection without answering).
-The file is removed when it fires.
+Fault injection for the lab tests: if the file `<state_dir>/faults/<OP>` (the message's
+wire name, e.g. `migrate.freeze`) exists when a step arrives, its content says what to do:
+`fail` (refuse the step), `die` (the agent exits at once, like a crash), `drop` (close the
+gateway connection without answering). The file is removed when it fires.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import os
 import signal
-import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
-from clustercore.cutover import (DestCutover, SourceCutover, consumed_from_wire, consumed_to_wire,
-                                 packets_from_wire, packets_to_wire)
+from clustercore import messages as msgs
+from clustercore import nodecommands as nc
 from clustercore.errors import KernelError, LocalControlError, VipError
-from clustercore.packet import TCP
-from clustercore.protocol import require
-from clustercore import sockwire
-from clustercore.sockstate import ServiceSockets
+from clustercore.nodemigration import Failure, NodeMigration, NodeMigrations, Runner, role_still_needed
 
-from . import pidfd, services, tcprepair, udphandoff
-from .queue import kernel_drops
+from . import pidfd, queue, services, tcprepair, udphandoff
 
 log = logging.getLogger("vipcluster.migrate")
 
-REINJECT_MARK = 0x7669
-ROLE_GRACE_S = 5.0
-QUIESCE_TIMEOUT_S = 2.0
-SYN_RECV_WAIT_S = 0.5
-CHUNK = 256  # sockets dumped or restored between two runs of the verdict loop
-HALF_CLOSED_WAIT_S = 1.0
-READY_TIMEOUT_S = 10.0
+REINJECT_MARK = 0x7669  # SO_MARK of packets we re-inject ("vi"): they loop over lo
+ROLE_GRACE_S = 5.0  # a role outlives its migration this long: stragglers still reach it
+HALF_CLOSED_WAIT_S = 1.0  # half-closed connections may finish this long, else refused
+HALF_CLOSED_POLL_S = 0.005
+QUIESCE_TIMEOUT_S = 2.0  # the old instance must have stopped by then
+QUIESCE_POLL_S = 0.001
+SYN_RECV_WAIT_S = 0.5  # half-open handshakes may finish this long (new SYNs are held)
+SYN_RECV_POLL_S = 0.002
+READY_TIMEOUT_S = 10.0  # the gated new instance must say `ready` by then
+FAULT_EXIT_STATUS = 17  # a `die` fault: the agent exits like a crash
+LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 @dataclass
-class SourceSide:
-    cut: SourceCutover
-    rs: services.RunningService | None = None
-    conns: list[socket.socket] = field(default_factory=list)  # our copies, dumped (repair on)
-    udp_drained: list = field(default_factory=list)  # (socket, UdpSocketState)
-    frozen: bool = False
-    stopped: bool = False
-    drops_at_start: int = 0
+class Kernel:
+    """The adapters every command goes through (one module per kernel library)."""
+
+    tcprepair: Any = tcprepair
+    udphandoff: Any = udphandoff
+    pidfd: Any = pidfd
+    services: Any = services
+    queue: Any = queue
+    clock: Callable[[], float] = time.monotonic
 
 
-@dataclass
-class DestSide:
-    cut: DestCutover
-    bundle: ServiceSockets | None = None
-    socks: list[tuple[str, socket.socket]] = field(default_factory=list)
-    conns: list[socket.socket] = field(default_factory=list)
-    states: list = field(default_factory=list)  # TcpConnState of each of `conns`, same order
-    chunk_ms: float = 0.0
-    restored: bool = False
-    state_path: str | None = None
-    rs: services.RunningService | None = None
-    service: object = None
-    released: bool = False
-    drops_at_start: int = 0
-
-
-def _stat_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return "X"
-
-
-SYN_RECV = {"03"}
-# FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING: TCP_REPAIR cannot rebuild these
-HALF_CLOSED = {"04", "05", "08", "09", "0B"}
-
-
-def _count_states(vip: str, ports: set[int], states: set[str]) -> int:
-    """Connections on VIP:port in the given TCP states (hex codes), from /proc/net/tcp."""
-    want = {f"{int.from_bytes(socket.inet_aton(vip), 'little'):08X}:{p:04X}" for p in ports}
-    n = 0
-    try:
-        with open("/proc/net/tcp") as f:
-            next(f)
-            for line in f:
-                parts = line.split()
-                if parts[3] in states and parts[1] in want:
-                    n += 1
-    except OSError:
-        return 0
-    return n
-
-
-def _udp_rcvbuf_errors() -> int:
-    """Datagrams this namespace dropped because a socket's receive buffer was full."""
-    try:
-        with open("/proc/net/snmp") as f:
-            rows = [line.split() for line in f if line.startswith("Udp:")]
-        return int(rows[1][rows[0].index("RcvbufErrors")])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _ms(since: float) -> float:
-    return round((time.monotonic() - since) * 1000, 2)
-
-
-def inject_ip_packets(packets: list[bytes]) -> int:
-    """Hand raw IPv4 packets (as captured) to the local stack, in order, via a raw socket.
-    They loop through `lo`, which the queue rule skips, so they reach the socket directly."""
-    if not packets:
-        return 0
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    try:
-        raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, REINJECT_MARK)
-        for p in packets:
-            if len(p) < 20 or p[0] >> 4 != 4:
-                continue
-            raw.sendto(p, (socket.inet_ntoa(p[16:20]), 0))
-    except OSError as e:
-        raise KernelError("inject raw packets", e.errno) from None
-    finally:
-        raw.close()
-    return len(packets)
+def _each(objects, method: str) -> None:
+    """Call `method` on each (held packets: accept/drop; our descriptors: close), in order."""
+    for obj in objects:
+        getattr(obj, method)()
 
 
 class MigrationAgent:
-    def __init__(self, agent) -> None:
+    """The migrations of one node agent (`agent`: config, filter, running, restarts,
+    log_dir, sync_datapath(), record_running(), send_to_gateway(), rpc)."""
+
+    def __init__(self, agent, kernel: Kernel | None = None) -> None:
         self.agent = agent
-        self.sources: dict[str, SourceSide] = {}
-        self.dests: dict[str, DestSide] = {}
+        self.kernel = kernel or Kernel()
+        self.migrations = NodeMigrations(agent.config.name)
         self.fault_dir = os.path.join(agent.config.state_dir, "faults")
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._actions: dict[type, Callable[[Any], Any]] = self._command_table()
 
+    # --- what the agent asks ------------------------------------------------------------
     def busy(self, name: str) -> bool:
-        return name in self.sources or name in self.dests
+        return self.migrations.busy(name)
 
-    # --- dispatch --------------------------------------------------------------------
-    async def handle(self, msg: dict):
-        op = msg.get("op", "")
-        handler = getattr(self, "op_" + op.removeprefix("migrate_"), None) if op.startswith("migrate_") else None
-        if handler is None:
-            raise LocalControlError(f"unknown request '{op}'")
-        self._fault(op)
-        name = require(msg, "service")
-        t0 = time.monotonic()
-        result = await handler(name, msg)
-        log.info("%s %s done in %.1f ms", op, name, (time.monotonic() - t0) * 1000)
-        return result
+    def idle(self) -> bool:
+        return self.migrations.idle()
+
+    async def handle(self, message: msgs.Message) -> msgs.Reply:
+        """A migration step (or a streamed chunk) from the gateway: its reply, or the
+        refusal (LocalControlError) or kernel failure (KernelError) it ended with."""
+        if not isinstance(message, (msgs.Step, msgs.Chunk)):
+            raise LocalControlError(f"'{message.OP}' is not a migration step")
+        self._fault(message.OP)
+        lock = self._locks.setdefault(message.service, asyncio.Lock())
+        async with lock:
+            started = self.kernel.clock()
+            reply = None
+            for runner in self.migrations.route(message, started):
+                reply = await self._drive(runner)
+            log.info("%s %s done in %.1f ms", message.OP, message.service,
+                     (self.kernel.clock() - started) * 1000)
+        if isinstance(reply, Failure):
+            raise reply.error
+        return reply
+
+    def end_all_except(self, keep: set[str], owners: Mapping[str, str], why: str) -> None:
+        """After a reconnect: end every migration the gateway no longer runs; a frozen
+        source whose registry owner moved commits, everything else rolls back / aborts."""
+        for machine, event in self.migrations.endings(keep, owners, why):
+            log.warning("ending the migration of %s here (%s): %s", machine.service,
+                        type(event).__name__, why)
+            self._feed_local(machine, event)
+
+    def link_lost(self, why: str = "gateway link lost") -> None:
+        for machine, event in self.migrations.link_lost(why):
+            self._feed_local(machine, event)
+
+    def shutdown(self, why: str) -> None:
+        """The agent stops: every migration ends now, by the owners of the table we have.
+        A step that is waiting is abandoned (the loop is ending) and the ending routine
+        works from what it had done."""
+        owners = {s.name: s.owner for s in self.agent.filter.services.values()}
+        for machine, event in self.migrations.endings(set(), owners, why):
+            log.warning("ending the migration of %s here: %s", machine.service, why)
+            machine.abandon(why)
+            self._drive_now(machine.handle(event, self.kernel.clock()))
+
+    # --- running playbooks --------------------------------------------------------------
+    def _feed_local(self, machine: NodeMigration, event: nc.LocalEvent) -> None:
+        lock = self._locks.setdefault(machine.service, asyncio.Lock())
+        if lock.locked() or machine.running:
+            # its running step ends first; the ending then starts from where it got
+            asyncio.ensure_future(self._feed_after_step(machine, event, lock))
+        else:
+            self._drive_now(machine.handle(event, self.kernel.clock()))
+
+    async def _feed_after_step(self, machine: NodeMigration, event: nc.LocalEvent,
+                               lock: asyncio.Lock) -> None:
+        async with lock:
+            if self.migrations.machines.get(machine.service) is machine and not machine.finished:
+                await self._drive(machine.handle(event, self.kernel.clock()))
+
+    async def _drive(self, runner: Runner) -> Any:
+        cmd = runner.start()
+        while cmd is not None:
+            try:
+                result = self._actions[type(cmd)](cmd)
+                if cmd.WAITS:
+                    result = await result
+            except Exception as e:  # noqa: BLE001 - every failure goes back to the playbook
+                cmd = runner.fail(self._as_failure(cmd, e))
+            else:
+                cmd = runner.send(result)
+        return runner.reply
+
+    def _drive_now(self, runner: Runner) -> Any:
+        """Run an ending routine synchronously (they never wait)."""
+        cmd = runner.start()
+        while cmd is not None:
+            if cmd.WAITS:
+                cmd = runner.fail(LocalControlError(f"{type(cmd).__name__} cannot wait here"))
+                continue
+            try:
+                result = self._actions[type(cmd)](cmd)
+            except Exception as e:  # noqa: BLE001
+                cmd = runner.fail(self._as_failure(cmd, e))
+            else:
+                cmd = runner.send(result)
+        return runner.reply
+
+    @staticmethod
+    def _as_failure(cmd: nc.Command, e: Exception) -> VipError:
+        if isinstance(e, VipError):
+            return e
+        if isinstance(e, OSError):
+            return KernelError(type(cmd).__name__, e.errno, str(e))
+        # a bug: keep the traceback in the log; the machine still ends cleanly
+        log.exception("command %s failed", type(cmd).__name__)
+        return KernelError(type(cmd).__name__, None, f"internal error: {type(e).__name__}: {e}")
 
     def _fault(self, op: str) -> None:
         path = os.path.join(self.fault_dir, op)
-        if not os.path.exists(path):
+        try:
+            with open(path) as f:
+                what = f.read().strip()
+        except FileNotFoundError:
             return
-        with open(path) as f:
-            what = f.read().strip()
         os.unlink(path)
         log.warning("fault injection at %s: %s", op, what)
         if what == "die":
-            os._exit(17)
+            os._exit(FAULT_EXIT_STATUS)
         if what == "drop":
-            if self.agent.rpc is not None:
-                self.agent.rpc.close()
+            rpc = getattr(self.agent, "rpc", None)
+            if rpc is not None:
+                rpc.close()
             raise LocalControlError(f"fault injected at {op}: connection dropped")
         raise KernelError(op, None, "fault injected")
 
-    def _service(self, name: str):
-        s = next((s for s in self.agent.filter.services.values() if s.name == name), None)
-        if s is None:
-            raise LocalControlError(f"unknown service '{name}' on {self.agent.config.name}")
-        return s
-
-    def _later_remove_role(self, name: str, role) -> None:
-        def drop():
-            if self.agent.filter.roles.get(name) is role:
-                if isinstance(role, DestCutover) and role.skip_budget:
-                    asyncio.get_running_loop().call_later(ROLE_GRACE_S, drop)
-                    return
-                del self.agent.filter.roles[name]
-                self.agent.sync_datapath()  # back to the kernel fast path
-        asyncio.get_running_loop().call_later(ROLE_GRACE_S, drop)
-
-    # --- source ----------------------------------------------------------------------
-    async def op_arm(self, name: str, msg: dict):
-        if name in self.sources or name in self.dests:
-            raise LocalControlError(f"service '{name}' is already migrating on {self.agent.config.name}")
-        rs = self.agent.running.get(name)
-        if rs is None:
-            raise LocalControlError(f"service '{name}' does not run on {self.agent.config.name}")
-        cut = SourceCutover(require(msg, "epoch"))
-        self.sources[name] = SourceSide(cut, rs, drops_at_start=kernel_drops(self.agent.config.queue_num))
-        self.agent.filter.roles[name] = cut
-        self.agent.sync_datapath()  # the service's packets now reach the queue (and are counted)
-        return {}
-
-    async def _quiesce(self, rs: services.RunningService) -> None:
-        builtin = rs.service.exec_spec.startswith("builtin:")
-        os.kill(rs.pid, signal.SIGUSR1 if builtin else signal.SIGSTOP)
-        deadline = time.monotonic() + QUIESCE_TIMEOUT_S
-        while _stat_state(rs.pid) not in ("T", "t"):
-            if time.monotonic() > deadline:
-                raise KernelError("quiesce", None, f"service process {rs.pid} did not stop")
-            if _stat_state(rs.pid) in ("X", "Z"):
-                raise KernelError("quiesce", None, f"service process {rs.pid} exited")
-            await asyncio.sleep(0.001)
-
-    async def op_freeze(self, name: str, msg: dict):
-        side = self.sources.get(name)
-        if side is None:
-            raise LocalControlError(f"service '{name}' is not armed for migration here")
-        rs = side.rs
-        vip = self.agent.config.vip
-        tcp_ports = {p for proto, p in rs.service.ports if proto == TCP}
-        # half-closed connections cannot be rebuilt: let them finish while the service still
-        # runs; if they do not, refuse (the migration rolls back, nothing is broken)
-        deadline = time.monotonic() + HALF_CLOSED_WAIT_S
-        while tcp_ports and (n := _count_states(vip, tcp_ports, HALF_CLOSED)):
-            if time.monotonic() > deadline:
-                raise KernelError("freeze", None, f"{n} half-closed connection(s) on the service did not "
-                                  f"finish within {HALF_CLOSED_WAIT_S:g}s; retry when they have")
-            await asyncio.sleep(0.005)
-        await self._quiesce(rs)
-        side.stopped = True
-        # a half-open handshake cannot move; new SYNs are held by the cutover, so wait
-        deadline = time.monotonic() + SYN_RECV_WAIT_S
-        while tcp_ports and _count_states(vip, tcp_ports, SYN_RECV) and time.monotonic() < deadline:
-            await asyncio.sleep(0.002)
-        # take the process's connections now: it is stopped, so the set cannot change
-        # except by the kernel adding to the accept queue (drained after the freeze)
-        t_take = time.monotonic()
-        listeners = [(n, s) for n, s in rs.sockets if s.type == socket.SOCK_STREAM]
-        udp_socks = [(n, s) for n, s in rs.sockets if s.type == socket.SOCK_DGRAM]
-        conns, names = [], []
-        for fd, s in pidfd.take_sockets(rs.pid).items():
-            try:
-                ok = (s.type == socket.SOCK_STREAM and s.family == socket.AF_INET
-                      and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                      and s.getsockname()[0] == vip and s.getsockname()[1] in tcp_ports)
-            except OSError:
-                ok = False
-            if ok:
-                conns.append(s)
-                names.append(f"conn-{s.getsockname()[1]}")
-            else:
-                s.close()
-        timing = {"take_sockets": _ms(t_take)}
-        # ---- from here on synchronous: no packet is decided while we dump ----
-        t_freeze = time.monotonic()
-        consumed = side.cut.freeze(t_freeze)
-        side.frozen = True
-        for lname, ls in listeners:  # connections still waiting in the accept queue
-            ls.setblocking(False)
-            while True:
-                try:
-                    c, _ = ls.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                conns.append(c)
-                names.append(f"conn-{ls.getsockname()[1]}")
-        t_dump = time.monotonic()
-        # dump in chunks, letting the verdict loop run in between: the kernel queue keeps
-        # filling while we work (everything is HELD now), and must not overflow
-        states = []
-        streamed = 0  # connections already sent ahead to the destination
-        stream = self.agent.rpc is not None
-        try:
-            for i in range(0, len(conns), CHUNK):
-                chunk = tcprepair.dump_many(conns[i:i + CHUNK], names[i:i + CHUNK])
-                states += chunk
-                # stream what is complete, so the destination restores while we dump on
-                if stream and i + CHUNK < len(conns) and all(c.family == 4 for c in chunk):
-                    self.agent.rpc.send({"op": "migrate_chunk", "service": name, "seq": i // CHUNK,
-                                         "count": len(chunk),
-                                         "packed": base64.b64encode(sockwire.pack_connections(chunk)).decode()})
-                    streamed = len(states)
-                await asyncio.sleep(0)
-        except BaseException:
-            for s in conns[:len(states)]:
-                try:
-                    tcprepair.unrepair(s)
-                except VipError:
-                    pass
-            raise
-        timing["dump"] = _ms(t_dump)
-        side.conns = conns
-        listener_states = [tcprepair.dump_listener(s, n) for n, s in listeners]
-        udp_states = []
-        for n, s in udp_socks:
-            st = udphandoff.drain_udp(s, n)
-            side.udp_drained.append((s, st))
-            udp_states.append(st)
-        bundle = ServiceSockets(service=name, listeners=tuple(listener_states),
-                                connections=tuple(states), udp=tuple(udp_states))
-        rest = ServiceSockets(service=name, listeners=tuple(listener_states),
-                              connections=tuple(states[streamed:]), udp=tuple(udp_states))
-        late = [h.get_payload() for h in side.cut.hand_over_late()]
-        t_wire = time.monotonic()
-        wire = sockwire.to_wire(rest)  # compact: JSON for thousands of connections was the freeze
-        wire["streamed"] = streamed
-        wire["app_state"] = self._read_app_state(rs)
-        timing["encode"] = _ms(t_wire)
-        timing["frozen_to_reply"] = _ms(t_freeze)
-        totals = bundle.totals
-        log.info("freeze %s: %d connections; %s", name, totals["connections"], timing)
+    # --- the commands -------------------------------------------------------------------
+    def _command_table(self) -> dict[type, Callable[[Any], Any]]:
+        k, agent = self.kernel, self.agent
+        vip = agent.config.vip
         return {
-            "timing_ms": timing,
-            "consumed": consumed_to_wire(consumed),
-            "late_packets": packets_to_wire(late),
-            "sockets": wire,
-            "tcp_established": totals["connections"],
-            "tcp_listening": totals["listeners"],
-            "udp_sockets": totals["udp_sockets"],
-            "bytes_moved": totals["queued_bytes"],
+            nc.LookUp: self._look_up,
+            nc.ReadClock: lambda c: k.clock(),
+            nc.CountKernelDrops: lambda c: k.queue.kernel_drops(agent.config.queue_num),
+            nc.CountUdpBufferDrops: lambda c: k.udphandoff.rcvbuf_errors(),
+            nc.Note: lambda c: log.log(LOG_LEVELS.get(c.level, logging.INFO), "%s", c.text),
+            nc.InstallRole: self._install_role,
+            nc.RemoveRole: lambda c: self._remove_role(c.service, c.role),
+            nc.RemoveRoleLater: lambda c: self._remove_role_later(c.service, c.role),
+            nc.AcceptHeld: lambda c: _each(c.handles, "accept"),
+            nc.DropHeld: lambda c: _each(c.handles, "drop"),
+            nc.ReadPackets: lambda c: tuple(h.get_payload() for h in c.handles),
+            nc.InjectPackets: lambda c: k.udphandoff.inject_ip_packets(c.packets, REINJECT_MARK),
+            # the source
+            nc.WaitHalfClosed: self._wait_half_closed,
+            nc.Quiesce: self._quiesce,
+            nc.WaitHandshakes: self._wait_handshakes,
+            nc.TakeConnections: lambda c: k.pidfd.take_connections(c.instance.pid, vip, c.ports),
+            nc.AcceptWaiting: lambda c: [(f"conn-{nc.port_of(name)}", conn)
+                                         for name, sock in c.listeners
+                                         for conn in k.tcprepair.accept_waiting(sock)],
+            nc.DumpConnections: lambda c: k.tcprepair.dump_many([s for _, s in c.connections],
+                                                                [n for n, _ in c.connections]),
+            nc.LetPacketsIn: lambda c: asyncio.sleep(0),
+            nc.StreamChunk: lambda c: agent.send_to_gateway(c.chunk),
+            nc.DescribeListeners: lambda c: tuple(k.tcprepair.dump_listener(s, n) for n, s in c.listeners),
+            nc.DrainDatagrams: lambda c: k.udphandoff.drain_udp(c.socket[1], c.socket[0]),
+            nc.ReadAppState: lambda c: k.services.take_saved_state(agent.log_dir, c.instance.service.name),
+            nc.LeaveRepair: lambda c: k.tcprepair.unrepair_many(c.sockets),
+            nc.CloseDescriptors: lambda c: _each(c.sockets, "close"),
+            nc.PutBackDatagrams: lambda c: sum(
+                k.udphandoff.reinject(st.datagrams, st.local[0], st.local[1], REINJECT_MARK)
+                for st in c.datagrams),
+            nc.Resume: lambda c: k.pidfd.signal_group(c.instance.pid, signal.SIGCONT),
+            nc.CloseSilently: lambda c: k.tcprepair.close_many(c.sockets),
+            nc.ForgetInstance: self._forget_instance,
+            nc.StopInstance: lambda c: k.services.kill(c.instance),
+            # the destination
+            nc.OpenSockets: lambda c: k.services.open_sockets(vip, c.ports),
+            nc.StartGated: lambda c: k.services.spawn(c.service, list(c.sockets), agent.log_dir, gated=True),
+            nc.WaitReady: lambda c: k.services.wait_ready(c.instance, READY_TIMEOUT_S),
+            nc.ConnectDatagramSocket: lambda c: k.udphandoff.connect(c.socket[1], c.peer),
+            nc.RestoreConnections: lambda c: k.tcprepair.restore_many(list(c.states), thaw=False),
+            nc.SaveAppState: lambda c: k.services.keep_state(agent.log_dir, c.service, c.data),
+            nc.Thaw: lambda c: k.tcprepair.thaw_many(c.sockets, c.states),
+            nc.OpenGate: lambda c: k.services.open_gate(c.instance, list(c.connections),
+                                                        state_path=c.state_path),
+            nc.AdoptInstance: self._adopt_instance,
         }
 
-    def _read_app_state(self, rs) -> str | None:
-        path = services.state_file(self.agent.log_dir, rs.service.name)
+    def _look_up(self, cmd: nc.LookUp) -> nc.Local:
+        rs = self.agent.running.get(cmd.service)
+        return nc.Local(self.agent.filter.services.get(cmd.service), rs,
+                        tuple(rs.sockets) if rs is not None else ())
+
+    def _install_role(self, cmd: nc.InstallRole) -> None:
+        self.agent.filter.roles[cmd.service] = cmd.role
+        self.agent.sync_datapath()  # the service's packets now reach the queue
+
+    def _remove_role(self, service: str, role: object) -> None:
+        if self.agent.filter.roles.get(service) is role:
+            del self.agent.filter.roles[service]
+            self.agent.sync_datapath()  # back to the kernel fast path
+
+    def _remove_role_later(self, service: str, role: object) -> None:
+        def when_due() -> None:
+            if self.agent.filter.roles.get(service) is not role:
+                return  # replaced meanwhile (a new migration): not ours to remove
+            if role_still_needed(role):
+                loop.call_later(ROLE_GRACE_S, when_due)
+            else:
+                self._remove_role(service, role)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-            os.unlink(path)
-            return base64.b64encode(data).decode()
-        except FileNotFoundError:
-            return None
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (the agent is gone): nothing can reach the role
+            self._remove_role(service, role)
+            return
+        loop.call_later(ROLE_GRACE_S, when_due)
 
-    async def op_commit(self, name: str, msg: dict):
-        return self._commit_source(name)
+    async def _wait_half_closed(self, cmd: nc.WaitHalfClosed) -> None:
+        k, vip = self.kernel, self.agent.config.vip
+        deadline = k.clock() + HALF_CLOSED_WAIT_S
+        while n := k.tcprepair.count_connections(vip, cmd.ports, k.tcprepair.HALF_CLOSED_CODES):
+            if k.clock() > deadline:
+                raise KernelError("freeze", None, f"{n} half-closed connection(s) on the service did not "
+                                  f"finish within {HALF_CLOSED_WAIT_S:g}s; retry when they have")
+            await asyncio.sleep(HALF_CLOSED_POLL_S)
 
-    def _commit_source(self, name: str) -> dict:
-        side = self.sources.pop(name, None)
-        if side is None:
-            return {"late_packets": []}
-        plan = side.cut.commit()
-        for h in plan.drop:
-            h.drop()
-        forward = [h.get_payload() for h in plan.forward]
-        tcprepair.close_many(side.conns)
-        drops = kernel_drops(self.agent.config.queue_num) - side.drops_at_start
-        if drops:
-            log.error("migration of %s: the kernel dropped %d queued packets on the source", name, drops)
-        rs = side.rs
-        self.agent.running.pop(name, None)
-        self.agent._record_running()
-        try:
-            os.killpg(rs.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        rs.process.wait(2.0)
-        for _, s in rs.sockets:
-            s.close()
-        self._later_remove_role(name, side.cut)
-        return {"late_packets": packets_to_wire(forward), "kernel_drops": drops}
+    async def _quiesce(self, cmd: nc.Quiesce) -> None:
+        k, pid = self.kernel, cmd.instance.pid
+        k.pidfd.send_signal(pid, signal.SIGUSR1 if cmd.state_hook else signal.SIGSTOP)
+        deadline = k.clock() + QUIESCE_TIMEOUT_S
+        while (state := k.pidfd.process_state(pid)) not in k.pidfd.STOPPED_STATES:
+            if state in k.pidfd.GONE_STATES:
+                raise KernelError("quiesce", None, f"service process {pid} exited")
+            if k.clock() > deadline:
+                raise KernelError("quiesce", None, f"service process {pid} did not stop")
+            await asyncio.sleep(QUIESCE_POLL_S)
 
-    async def op_rollback(self, name: str, msg: dict):
-        side = self.sources.pop(name, None)
-        if side is None:
-            return {}
-        for s in side.conns:
-            tcprepair.unrepair(s)
-            s.close()  # our copy only: the process keeps its own descriptor
-        for s, st in side.udp_drained:  # the datagrams we read go back first, in order
-            udphandoff.reinject(st.datagrams, st.local[0], st.local[1], REINJECT_MARK)
-        if side.stopped and side.rs is not None:
-            try:
-                os.killpg(side.rs.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        for h in side.cut.rollback():
-            h.accept()
-        self._later_remove_role(name, side.cut)
-        return {}
+    async def _wait_handshakes(self, cmd: nc.WaitHandshakes) -> None:
+        k, vip = self.kernel, self.agent.config.vip
+        deadline = k.clock() + SYN_RECV_WAIT_S
+        while (k.tcprepair.count_connections(vip, cmd.ports, k.tcprepair.SYN_RECV_CODES)
+               and k.clock() < deadline):
+            await asyncio.sleep(SYN_RECV_POLL_S)
 
-    # --- destination -----------------------------------------------------------------
-    async def op_prepare(self, name: str, msg: dict):
-        if name in self.sources or name in self.dests:
-            raise LocalControlError(f"service '{name}' is already migrating on {self.agent.config.name}")
-        if name in self.agent.running:
-            raise LocalControlError(f"service '{name}' already runs on {self.agent.config.name}")
-        service = self._service(name)
-        if not service.exec_spec.startswith("builtin:"):
-            raise LocalControlError(f"service '{name}': only builtin services can be migrated yet "
-                                    "(a command-line service would need the state hook and the gate)")
-        cut = DestCutover(require(msg, "epoch"))
-        side = DestSide(cut, service=service, drops_at_start=kernel_drops(self.agent.config.queue_num))
-        self.dests[name] = side
-        self.agent.filter.roles[name] = cut
-        self.agent.sync_datapath()  # the service's packets now reach the queue (and are held)
-        # start the new instance now, gated, with its listeners and UDP sockets bound
-        # (the hold keeps every packet from them): the interpreter's start-up is then
-        # long over when the release comes, and no client waits for it
-        try:
-            side.socks = services.open_sockets(self.agent.config.vip, service.ports)
-            side.rs = services.spawn(service, list(side.socks), self.agent.log_dir, gated=True)
-            # and wait until it is up (its start-up must not compete with the freeze)
-            await services.wait_ready(side.rs, READY_TIMEOUT_S)
-        except BaseException:
-            self._discard_dest(side)
-            raise
-        return {}
+    def _forget_instance(self, cmd: nc.ForgetInstance) -> None:
+        self.agent.running.pop(cmd.service, None)
+        self.agent.record_running()
 
-    async def op_chunk(self, name: str, msg: dict):
-        """Connections streamed ahead by the source: rebuild them now (repair mode)."""
-        side = self.dests.get(name)
-        if side is None:
-            raise LocalControlError(f"service '{name}' is not prepared for migration here")
-        if side.restored:
-            raise LocalControlError(f"chunk for '{name}' after its restore")
-        try:
-            states = sockwire.unpack_connections(base64.b64decode(require(msg, "packed"), validate=True))
-        except (ValueError, binascii.Error) as e:
-            raise LocalControlError(f"bad streamed socket state: {e}") from None
-        if len(states) != msg.get("count"):
-            raise LocalControlError(f"streamed chunk of '{name}': {len(states)} connections, header says {msg.get('count')}")
-        t0 = time.monotonic()
-        try:
-            side.conns += tcprepair.restore_many(states, thaw=False)
-        except BaseException:
-            self._discard_dest(side)
-            raise
-        side.states += states
-        side.chunk_ms += _ms(t0)
-        return {}
-
-    async def op_restore(self, name: str, msg: dict):
-        side = self.dests.get(name)
-        if side is None:
-            raise LocalControlError(f"service '{name}' is not prepared for migration here")
-        t0 = time.monotonic()
-        wire = dict(require(msg, "sockets", dict))
-        app_state = wire.pop("app_state", None)
-        try:
-            bundle = sockwire.from_wire(wire)
-        except (ValueError, KeyError, TypeError) as e:
-            raise LocalControlError(f"bad socket state: {e}") from None
-        side.bundle = bundle
-        timing = {"decode": _ms(t0)}
-        try:
-            if side.rs is None:
-                raise LocalControlError(f"service '{name}' has no instance prepared here")
-            # the listeners and UDP sockets were opened at prepare: they must be the ones moved
-            have = sorted(s.getsockname()[1] for _, s in side.socks)
-            want = sorted([st.local[1] for st in bundle.listeners] + [st.local[1] for st in bundle.udp])
-            if have != want:
-                raise LocalControlError(f"restore of '{name}': sockets on ports {want}, prepared {have}")
-            for st in bundle.udp:
-                if st.peer is not None:
-                    udp = next(s for _, s in side.socks if s.type == socket.SOCK_DGRAM and s.getsockname()[1] == st.local[1])
-                    udp.connect(st.peer)
-            # stay in repair mode until release: nothing leaves this node before the
-            # point of no return, and if we die the sockets close without a packet
-            t_restore = time.monotonic()
-            conns = bundle.connections
-            if len(side.states) != wire.get("streamed", 0):
-                raise LocalControlError(f"restore of '{name}': {len(side.states)} streamed connections "
-                                        f"arrived, the source sent {wire.get('streamed')}")
-            for i in range(0, len(conns), CHUNK):  # chunks: let the held packets in meanwhile
-                side.conns += tcprepair.restore_many(conns[i:i + CHUNK], thaw=False)
-                await asyncio.sleep(0)
-            side.states += list(conns)
-            timing["restore"] = _ms(t_restore)
-            timing["restore_streamed"] = round(side.chunk_ms, 2)
-            if app_state:
-                path = services.state_file(self.agent.log_dir, name) + ".in"
-                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(base64.b64decode(app_state))
-                side.state_path = path  # handed to the instance over the gate at release
-            side.restored = True
-        except BaseException:
-            self._discard_dest(side)
-            raise
-        # we keep the listeners and UDP sockets, as for any service we run
-        side.rs.sockets = list(side.socks)
-        log.info("restore %s: %d connections; %s", name, len(bundle.connections), timing)
-        return {"timing_ms": timing}
-
-    async def op_release(self, name: str, msg: dict):
-        side = self.dests.get(name)
-        if side is None or not side.restored:
-            raise LocalControlError(f"service '{name}' is not restored here")
-        # out of repair mode first: a socket in repair mode discards what it receives
-        t0 = time.monotonic()
-        tcprepair.thaw_many(side.conns, side.states)
-        timing = {"thaw": _ms(t0)}
-        udp_errors_before = _udp_rcvbuf_errors()
-        reinjected = 0
-        for st in side.bundle.udp:  # into the UDP socket bound at prepare (same VIP:port)
-            reinjected += udphandoff.reinject(st.datagrams, st.local[0], st.local[1], REINJECT_MARK)
-        reinjected += inject_ip_packets(list(packets_from_wire(msg.get("late_packets", []))))
-        plan = side.cut.release(consumed_from_wire(require(msg, "consumed", list)), time.monotonic())
-        for h in plan.drop:
-            h.drop()
-        for h in plan.accept:
-            h.accept()
-        named = [(st.name or f"conn-{st.local[1]}", s) for st, s in zip(side.states, side.conns)]
-        services.open_gate(side.rs, named, state_path=side.state_path)
-        for s in side.conns:
-            s.close()  # the new instance holds its own descriptors now
-        side.conns = []
-        side.released = True
-        # the new instance is a normal running service from now on
-        self.agent.running[name] = side.rs
-        self.agent.restarts[name] = 0
-        self.agent._record_running()
-        self.dests.pop(name, None)
-        self._later_remove_role(name, side.cut)
-        st = side.cut.stats()
-        timing["release"] = _ms(t0)
-        drops = kernel_drops(self.agent.config.queue_num) - side.drops_at_start
-        # a full socket buffer drops at the moment we accept: count it as lost, honestly
-        drops += max(0, _udp_rcvbuf_errors() - udp_errors_before)
-        if drops:
-            log.error("migration of %s: %d packets dropped by the kernel on the destination", name, drops)
-        log.info("release %s: %s", name, timing)
-        return {"timing_ms": timing, "held": st.held, "released": st.released, "duplicates_suppressed": st.duplicates_suppressed,
-                "reinjected": reinjected, "lost": drops, "kernel_drops": drops,
-                "freeze_ms": round(st.freeze_ms, 3)}
-
-    async def op_abort(self, name: str, msg: dict):
-        side = self.dests.pop(name, None)
-        if side is None:
-            return {}
-        for h in side.cut.abort():
-            h.drop()
-        self._discard_dest(side)
-        if self.agent.filter.roles.get(name) is side.cut:
-            del self.agent.filter.roles[name]
-            self.agent.sync_datapath()
-        return {}
-
-    def _discard_dest(self, side: DestSide) -> None:
-        if side.rs is not None:
-            try:
-                os.killpg(side.rs.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            side.rs.process.wait(2.0)
-            services.close_gate(side.rs)
-        tcprepair.close_many(side.conns)  # silently, whatever state they are in
-        side.conns = []
-        for _, s in side.socks:
-            s.close()
-        side.socks = []
-
-    async def op_inject(self, name: str, msg: dict):
-        n = inject_ip_packets(list(packets_from_wire(msg.get("packets", []))))
-        return {"injected": n}
-
-    def forget_except(self, running: set[str]) -> None:
-        """After a reconnection: end (abort / roll back) every migration the gateway does
-        not run any more. The registry's owner already says who won."""
-        self.abort_all("the gateway no longer runs this migration", keep=running)
-
-    def abort_all(self, why: str, keep: set[str] = frozenset()) -> None:
-        for name in [n for n in self.dests if n not in keep]:
-            log.warning("aborting the migration of %s here: %s", name, why)
-            side = self.dests.pop(name)
-            for h in side.cut.abort():
-                h.drop()
-            self._discard_dest(side)
-        for name, side in list(self.sources.items()):
-            if name in keep:
-                continue
-            if side.cut.phase == "committed":
-                continue
-            svc = self.agent.filter.services.get(name)
-            if side.frozen and svc is not None and svc.owner != self.agent.config.name:
-                # the registry already names the new owner: the migration went forward
-                log.warning("committing the migration of %s here (owner is %s): %s", name, svc.owner, why)
-                self._commit_source(name)
-                continue
-            log.warning("rolling back the migration of %s here: %s", name, why)
-            # leave the old instance running where it was
-            for s in side.conns:
-                try:
-                    tcprepair.unrepair(s)
-                except VipError:
-                    pass
-            if side.stopped and side.rs is not None:
-                try:
-                    os.killpg(side.rs.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-            for s, st in side.udp_drained:
-                try:
-                    udphandoff.reinject(st.datagrams, st.local[0], st.local[1], REINJECT_MARK)
-                except VipError:
-                    pass
-            for h in side.cut.rollback():
-                h.accept()
-            del self.sources[name]
-
+    def _adopt_instance(self, cmd: nc.AdoptInstance) -> None:
+        rs = cmd.instance
+        rs.sockets = list(cmd.sockets)  # we keep its listeners and UDP sockets, as for any service
+        self.agent.running[cmd.service] = rs
+        self.agent.restarts[cmd.service] = 0
+        self.agent.record_running()

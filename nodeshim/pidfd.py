@@ -23,6 +23,7 @@ import ctypes
 import errno as errno_mod
 import os
 import platform
+import signal
 import socket
 import stat
 from contextlib import contextmanager
@@ -129,6 +130,59 @@ def take_sockets(pid: int, fds: list[int] | None = None) -> dict[int, socket.soc
     finally:
         os.close(pidfd)
     return taken
+
+
+def take_connections(pid: int, vip: str, ports: tuple[int, ...]) -> list[tuple[str, socket.socket]]:
+    """Copies of the established IPv4 TCP connections process `pid` holds on `vip` at one of
+    `ports`, named `conn-PORT` (the activation name of a moved connection). Every other
+    socket taken (its listeners, UDP sockets, anything else) is closed again at once."""
+    taken: list[tuple[str, socket.socket]] = []
+    for sock in take_sockets(pid).values():
+        try:
+            local = sock.getsockname()
+            keep = (sock.type == socket.SOCK_STREAM and sock.family == socket.AF_INET
+                    and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    and local[0] == vip and local[1] in ports)
+        except OSError:
+            keep = False
+        if keep:
+            taken.append((f"conn-{local[1]}", sock))
+        else:
+            sock.close()
+    return taken
+
+
+# /proc/PID/stat state letters: stopped (by a signal, or by a tracer), and gone
+STOPPED_STATES = frozenset("Tt")
+GONE_STATES = frozenset("XZ")
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of process `pid` (R, S, T, Z, ...; 'X' if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return "X"
+
+
+def send_signal(pid: int, sig: int) -> None:
+    """Signal one process; KernelError if it cannot be signalled (gone: ESRCH)."""
+    try:
+        os.kill(pid, sig)
+    except OSError as exc:
+        raise KernelError(f"kill({pid}, {signal.Signals(sig).name})", exc.errno) from None
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Signal the whole session a service runs in (its leader is `pid`); a group that is
+    already gone is fine."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except OSError as exc:
+        raise KernelError(f"killpg({pid}, {signal.Signals(sig).name})", exc.errno) from None
 
 
 def _close_all(socks: dict[int, socket.socket]) -> None:

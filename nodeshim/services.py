@@ -50,13 +50,14 @@ def argv_for(exec_spec: str) -> list[str]:
 
 
 UDP_RCVBUF = 8 << 20
+SO_RCVBUFFORCE = 33  # include/uapi/asm-generic/socket.h (not in Python's socket module)
 
 
 def big_udp_buffer(s: socket.socket) -> None:
     """A migration releases everything held during the freeze at once; a default UDP
     receive buffer (about 200 small datagrams) would overflow and drop them."""
     try:
-        s.setsockopt(socket.SOL_SOCKET, 33, UDP_RCVBUF)  # SO_RCVBUFFORCE (root)
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_RCVBUF)  # root only
     except OSError:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
 
@@ -179,6 +180,42 @@ async def wait_ready(rs: RunningService, timeout: float) -> None:
         gate.close()
     if data != b"ready":
         raise LocalControlError(f"the new instance of '{rs.service.name}' exited during start (see {rs.log_path})")
+
+
+def take_saved_state(log_dir: str, name: str) -> bytes | None:
+    """The state a quiesced instance saved (the state hook), removed once read."""
+    path = state_file(log_dir, name)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    os.unlink(path)
+    return data
+
+
+def keep_state(log_dir: str, name: str, data: bytes) -> str:
+    """Write the old instance's saved state where the new one will be told to read it."""
+    path = state_file(log_dir, name) + ".in"
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+KILL_WAIT_S = 2.0
+
+
+def kill(rs: RunningService, timeout: float = KILL_WAIT_S) -> None:
+    """End an instance at once (SIGKILL to its whole session), wait for it, close its gate.
+    For an instance that is stopped (a migrated-away source) or never served (an aborted
+    destination): neither can run a SIGTERM handler. Its sockets are the caller's."""
+    try:
+        os.killpg(rs.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    rs.process.wait(timeout)
+    close_gate(rs)
 
 
 def close_gate(rs: RunningService) -> None:

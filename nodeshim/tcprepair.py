@@ -98,6 +98,7 @@ SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 
 ESTABLISHED = 1
+TCP_LISTEN = 10
 TCP_MIN_MSS = 88  # the kernel refuses a smaller TCP_MAXSEG
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _VERSION = {socket.AF_INET: 4, socket.AF_INET6: 6}
@@ -480,6 +481,18 @@ def _repair_off_quietly(sock: socket.socket) -> None:
         pass
 
 
+def unrepair_many(socks: Iterable[socket.socket]) -> None:
+    """unrepair each socket; every socket is tried, the first error is raised."""
+    first: KernelError | None = None
+    for sock in socks:
+        try:
+            unrepair(sock)
+        except KernelError as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+
+
 def unrepair(sock: socket.socket) -> None:
     """Roll back a dump: repair off; the connection continues where it stopped.
 
@@ -541,7 +554,7 @@ def dump_listener(sock: socket.socket, name: str | None = None) -> TcpListenerSt
         local = sock.getsockname()
     except OSError as exc:
         raise _err("dump_listener", exc) from None
-    if info[0] != 10:  # TCP_LISTEN
+    if info[0] != TCP_LISTEN:
         raise ValueError(f"dump_listener: socket is {TCP_STATES.get(info[0], info[0])}, not LISTEN")
     pending, backlog = info[12], info[13]  # tcpi_unacked, tcpi_sacked for a listener
     if pending:
@@ -574,3 +587,47 @@ def open_listener(state: TcpListenerState, netns_fd: int | str | None = None) ->
         sock.close()
         raise _err("open_listener", exc, f"{state.local}") from None
     return sock
+
+
+def accept_waiting(listener: socket.socket) -> list[socket.socket]:
+    """Accept every connection waiting in a listener's queue, without blocking: a listener
+    with connections waiting cannot be described (dump_listener refuses it), they move as
+    connections instead."""
+    listener.setblocking(False)
+    accepted = []
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return accepted
+        except OSError as exc:
+            for c in accepted:
+                c.close()
+            raise _err("accept waiting connections", exc) from None
+        accepted.append(conn)
+
+
+# ---------------------------------------------------------------- /proc/net/tcp
+
+SYN_RECV_CODES = frozenset({code for code, name in TCP_STATES.items() if name == "SYN_RECV"})
+HALF_CLOSED_CODES = frozenset({code for code, name in TCP_STATES.items() if name in HALF_CLOSED_STATES})
+_PROC_NET_TCP = "/proc/net/tcp"
+
+
+def count_connections(vip: str, ports: Iterable[int], states: Iterable[int]) -> int:
+    """How many IPv4 TCP sockets on vip:port (one of `ports`) are in one of `states`
+    (kernel state numbers, TCP_STATES), from /proc/net/tcp of this namespace. Used to wait
+    for half-open handshakes and half-closed connections, which cannot be moved."""
+    want = {f"{int.from_bytes(socket.inet_aton(vip), 'little'):08X}:{p:04X}" for p in ports}
+    codes = {f"{c:02X}" for c in states}
+    n = 0
+    try:
+        with open(_PROC_NET_TCP) as f:
+            next(f)  # the header
+            for line in f:
+                fields = line.split()
+                if fields[3] in codes and fields[1] in want:
+                    n += 1
+    except (OSError, StopIteration, IndexError):
+        return 0
+    return n

@@ -101,6 +101,14 @@ def open_udp(state: UdpSocketState, netns_fd: int | str | None = None) -> socket
     return sock
 
 
+def connect(sock: socket.socket, peer: tuple[str, int]) -> None:
+    """Connect a rebuilt UDP socket to the peer the old one was connected to."""
+    try:
+        sock.connect(peer)
+    except OSError as exc:
+        raise KernelError("connect UDP socket", exc.errno, f"{peer}") from None
+
+
 def _checksum(data: bytes) -> int:
     """The Internet checksum (RFC 1071) of `data`, before the final complement."""
     if len(data) % 2:
@@ -178,3 +186,42 @@ def reinject(
     finally:
         raw.close()
     return len(packets)
+
+
+def inject_ip_packets(packets: Iterable[bytes], mark: int) -> int:
+    """Hand raw IPv4 packets (as captured) to the local stack, in order, through one raw
+    socket with SO_MARK `mark`. They loop through `lo`, which the queue rule skips, so they
+    reach the service's socket directly. Anything not IPv4 is skipped; returns the count
+    handed in."""
+    packets = list(packets)
+    if not packets:
+        return 0
+    try:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    except OSError as exc:
+        raise KernelError("inject raw packets: raw socket", exc.errno) from None
+    try:
+        raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        for p in packets:
+            if len(p) < _IPV4_HEADER.size or p[0] >> 4 != 4:
+                continue
+            raw.sendto(p, (socket.inet_ntoa(p[16:20]), 0))
+    except OSError as exc:
+        raise KernelError("inject raw packets", exc.errno) from None
+    finally:
+        raw.close()
+    return len(packets)
+
+
+_PROC_NET_SNMP = "/proc/net/snmp"
+
+
+def rcvbuf_errors() -> int:
+    """Datagrams this namespace dropped because a socket's receive buffer was full."""
+    try:
+        with open(_PROC_NET_SNMP) as f:
+            rows = [line.split() for line in f if line.startswith("Udp:")]
+        return int(rows[1][rows[0].index("RcvbufErrors")])
+    except (OSError, ValueError, IndexError):
+        return 0

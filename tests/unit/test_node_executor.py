@@ -1,0 +1,624 @@
+"""nodeshim.migrate (the node agent's executor) against a fake kernel: no root, no namespaces.
+
+Every adapter (tcprepair, udphandoff, pidfd, services, queue) is replaced by a fake that
+writes what it was asked into one shared log, so a test reads like the script of a
+migration: feed these messages, expect these kernel calls, in this order. The real
+NodeFilter and cutover roles are used: packets fed to the filter while the source is
+frozen are really held, and the rollback really accepts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from dataclasses import dataclass, field
+
+import pytest
+from scapy.all import IP, UDP, raw
+
+from clustercore import messages as msgs
+from clustercore import sockwire
+from clustercore.config import NodeConfig
+from clustercore.cutover import SourceCutover
+from clustercore.errors import KernelError, LocalControlError
+from clustercore.ownership import NodeFilter, Service, Verdict
+from clustercore.packet import TCP, UDP as P_UDP
+from clustercore.sockstate import (TcpConnState, TcpListenerState, TcpWindow, UdpDatagram,
+                                   UdpSocketState)
+from nodeshim import migrate
+
+VIP, CLIENT, EPOCH, NEXT_EPOCH = "203.0.113.10", "198.51.100.2", "02:76:63:00:00:02", "02:76:63:00:00:03"
+ECHO = Service("echo", "n1", ((TCP, 7), (P_UDP, 7)), "builtin:echo")
+
+
+class Log(list):
+    def names(self) -> list[str]:
+        return [e[0] for e in self]
+
+    def index_of(self, name: str, *args) -> int:
+        return next(i for i, e in enumerate(self) if e[0] == name and e[1:len(args) + 1] == args)
+
+
+@dataclass(eq=False)
+class FakeSock:
+    name: str
+    log: Log
+
+    def close(self) -> None:
+        self.log.append(("close", self.name))
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@dataclass(eq=False)
+class FakePacket:
+    n: int
+    log: Log
+
+    def accept(self) -> None:
+        self.log.append(("accept", self.n))
+
+    def drop(self) -> None:
+        self.log.append(("drop", self.n))
+
+    def get_payload(self) -> bytes:
+        return udp_packet(self.n)
+
+
+@dataclass(eq=False)
+class FakeInstance:
+    service: Service
+    sockets: list
+    pid: int = 4242
+    gate_fd: int | None = None
+
+
+def conn_state(port: int, i: int) -> TcpConnState:
+    return TcpConnState(local=(VIP, port), remote=(CLIENT, 40000 + i), mss=1460,
+                        window=TcpWindow(snd_wl1=1, snd_wnd=65535, max_window=65535,
+                                         rcv_wnd=65535, rcv_wup=1),
+                        send_seq=1000 + i, recv_seq=2000 + i, recv_queue=b"in%d" % i,
+                        send_queue=b"", unsent_len=0, name=f"conn-{port}")
+
+
+def udp_packet(n: int) -> bytes:
+    return raw(IP(src=CLIENT, dst=VIP) / UDP(sport=5000, dport=7) / (b"d%d" % n))
+
+
+class FakeKernel:
+    """The adapters' functions, logging every call; the state they need is kept here."""
+
+    HALF_CLOSED_CODES = frozenset({4, 5, 8, 9, 11})
+    SYN_RECV_CODES = frozenset({3})
+    STOPPED_STATES = frozenset("Tt")
+    GONE_STATES = frozenset("XZ")
+
+    def __init__(self, log: Log, connections: int = 2, datagrams: int = 2) -> None:
+        self.log = log
+        self.connections, self.datagrams = connections, datagrams
+        self.stopped = False
+        self.half_closed = 0
+        self.now = 100.0
+        self.fail: dict[str, Exception] = {}
+
+    def _call(self, name: str, *args):
+        self.log.append((name, *args))
+        if name in self.fail:
+            raise self.fail.pop(name)
+
+    def clock(self) -> float:
+        self.now += 0.01
+        return self.now
+
+    # queue
+    def kernel_drops(self, queue_num):
+        return 0
+
+    # pidfd
+    def send_signal(self, pid, sig):
+        self._call("send_signal", signal.Signals(sig).name)
+        self.stopped = True
+
+    def signal_group(self, pid, sig):
+        self._call("signal_group", signal.Signals(sig).name)
+
+    def process_state(self, pid):
+        return "T" if self.stopped else "S"
+
+    def take_connections(self, pid, vip, ports):
+        self._call("take_connections", tuple(ports))
+        return [(f"conn-7", FakeSock(f"copy{i}", self.log)) for i in range(self.connections)]
+
+    # tcprepair
+    def count_connections(self, vip, ports, states):
+        self._call("count_connections", "half_closed" if 4 in states else "syn_recv")
+        return self.half_closed if 4 in states else 0
+
+    def accept_waiting(self, sock):
+        self._call("accept_waiting", sock.name)
+        return []
+
+    def dump_many(self, socks, names):
+        self._call("dump_many", len(socks))
+        return [conn_state(7, int(s.name[4:])) for s in socks]
+
+    def dump_listener(self, sock, name):
+        self._call("dump_listener", name)
+        return TcpListenerState(local=(VIP, 7), name=name)
+
+    def unrepair_many(self, socks):
+        self._call("unrepair_many", tuple(s.name for s in socks))
+
+    def close_many(self, socks):
+        self._call("close_many", tuple(s.name for s in socks))
+
+    def restore_many(self, states, thaw=True):
+        self._call("restore_many", len(states), thaw)
+        return [FakeSock(f"restored{st.remote[1] - 40000}", self.log) for st in states]
+
+    def thaw_many(self, socks, states):
+        self._call("thaw_many", tuple(s.name for s in socks))
+
+    # udphandoff
+    def drain_udp(self, sock, name):
+        self._call("drain_udp", name)
+        dgrams = tuple(UdpDatagram(source=(CLIENT, 5000), payload=b"q%d" % i) for i in range(self.datagrams))
+        return UdpSocketState(local=(VIP, 7), datagrams=dgrams, name=name)
+
+    def reinject(self, datagrams, vip, port, mark):
+        self._call("reinject", tuple(d.payload for d in datagrams), port, mark)
+        return len(datagrams)
+
+    def inject_ip_packets(self, packets, mark):
+        self._call("inject_ip_packets", len(packets))
+        return len(packets)
+
+    def rcvbuf_errors(self):
+        return 0
+
+    def connect(self, sock, peer):
+        self._call("connect", sock.name, peer)
+
+    # services
+    def open_sockets(self, vip, ports):
+        self._call("open_sockets", tuple(ports))
+        return [("tcp-7", FakeSock("new-tcp-7", self.log)), ("udp-7", FakeSock("new-udp-7", self.log))]
+
+    def spawn(self, service, sockets, log_dir, gated=False):
+        self._call("spawn", service.name, gated)
+        return FakeInstance(service, sockets, pid=5151)
+
+    async def wait_ready(self, rs, timeout):
+        self._call("wait_ready", rs.pid)
+
+    def open_gate(self, rs, connections, state_path=None):
+        self._call("open_gate", tuple(n for n, _ in connections), state_path)
+
+    def kill(self, rs):
+        self._call("kill", rs.pid)
+
+    def take_saved_state(self, log_dir, name):
+        self._call("take_saved_state", name)
+        return b'{"kv": {}}'
+
+    def keep_state(self, log_dir, name, data):
+        self._call("keep_state", name, data)
+        return f"{log_dir}/{name}.state.in"
+
+
+@dataclass
+class FakeAgent:
+    config: NodeConfig
+    log: Log
+    filter: NodeFilter = None
+    running: dict = field(default_factory=dict)
+    restarts: dict = field(default_factory=dict)
+    sent: list = field(default_factory=list)
+    link: bool = True
+    rpc: object = None
+
+    def __post_init__(self) -> None:
+        self.filter = NodeFilter(self.config.name)
+        self.filter.load([ECHO], self.config.name)
+        self.log_dir = os.path.join(self.config.state_dir, "services")
+
+    def sync_datapath(self) -> None:
+        self.log.append(("sync_datapath", tuple(sorted(self.filter.roles))))
+
+    def record_running(self) -> None:
+        self.log.append(("record_running", tuple(sorted(self.running))))
+
+    def send_to_gateway(self, message) -> bool:
+        self.log.append(("send_to_gateway", type(message).__name__))
+        self.sent.append(message)
+        return self.link
+
+
+def node(name, tmp_path, **kernel_options):
+    log = Log()
+    fake = FakeKernel(log, **kernel_options)
+    agent = FakeAgent(NodeConfig(name=name, vip=VIP, gateway_address="192.0.2.1", key_file="k",
+                                 state_dir=str(tmp_path / name)), log)
+    kernel = migrate.Kernel(tcprepair=fake, udphandoff=fake, pidfd=fake, services=fake,
+                            queue=fake, clock=fake.clock)
+    return migrate.MigrationAgent(agent, kernel), agent, fake, log
+
+
+def source(tmp_path, **options):
+    ma, agent, fake, log = node("n1", tmp_path, **options)
+    listener, udp = FakeSock("old-tcp-7", log), FakeSock("old-udp-7", log)
+    agent.running["echo"] = FakeInstance(ECHO, [("tcp-7", listener), ("udp-7", udp)])
+    return ma, agent, fake, log
+
+
+def step(cls, **kw):
+    return cls(service="echo", epoch=EPOCH, **kw)
+
+
+def kernel_calls(log: Log) -> list[str]:
+    return [e[0] for e in log if e[0] not in ("count_connections",)]
+
+
+@pytest.fixture(autouse=True)
+def no_grace(monkeypatch):
+    monkeypatch.setattr(migrate, "ROLE_GRACE_S", 0.0)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+# ---------------------------------------------------------------- the source
+
+
+def test_source_arm_freeze_commit_script(tmp_path):
+    ma, agent, fake, log = source(tmp_path)
+
+    async def script():
+        assert await ma.handle(step(msgs.Arm, destination="n2")) == msgs.Done()
+        assert isinstance(agent.filter.roles["echo"], SourceCutover)
+        assert log[-1] == ("sync_datapath", ("echo",))  # on the queue path before the flip
+        log.clear()
+        frozen = await ma.handle(step(msgs.Freeze))
+        freeze_calls = kernel_calls(log)
+        assert ("send_signal", "SIGUSR1") in log  # a builtin saves its state and stops itself
+        # packets that arrive now are held: the source is frozen
+        assert agent.filter.decide(udp_packet(1), NEXT_EPOCH, FakePacket(1, log)).verdict is Verdict.HOLD
+        log.clear()
+        done = await ma.handle(step(msgs.Commit))
+        await settle()
+        return frozen, freeze_calls, done
+
+    frozen, freeze_calls, done = asyncio.run(script())
+    assert freeze_calls == ["send_signal", "take_connections", "accept_waiting", "dump_many",
+                            "dump_listener", "drain_udp", "take_saved_state"]
+    assert isinstance(frozen, msgs.FreezeDone)
+    assert (frozen.tcp_established, frozen.tcp_listening, frozen.udp_sockets) == (2, 1, 1)
+    assert frozen.bytes_moved == len(b"in0in1") + len(b"q0q1")
+    assert frozen.sockets["streamed"] == 0 and frozen.sockets["app_state"]
+    assert set(frozen.timing_ms) == {"take_sockets", "dump", "encode", "frozen_to_reply"}
+    assert sockwire.from_wire({k: v for k, v in frozen.sockets.items()
+                               if k not in ("streamed", "app_state")}).totals["udp_datagrams"] == 2
+    # commit: the hold dropped, our copies closed silently, the old instance killed, its
+    # sockets (our copies) closed, the service forgotten, the role removed after the grace
+    assert log.names() == ["drop", "close_many", "record_running", "kill", "close", "close",
+                           "sync_datapath"]
+    assert log[1] == ("close_many", ("copy0", "copy1")) and log[-1] == ("sync_datapath", ())
+    assert "echo" not in agent.running and "echo" not in agent.filter.roles
+    assert isinstance(done, msgs.CommitDone) and done.kernel_drops == 0
+
+
+def test_the_freeze_streams_chunks_to_the_gateway_while_it_dumps(tmp_path):
+    ma, agent, fake, log = source(tmp_path, connections=600)
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        return await ma.handle(step(msgs.Freeze))
+
+    frozen = asyncio.run(script())
+    chunks = agent.sent
+    assert [c.seq for c in chunks] == [0, 1] and [c.count for c in chunks] == [256, 256]
+    assert frozen.sockets["streamed"] == 512 and frozen.sockets["packed_count"] == 88
+    assert log.names().count("dump_many") == 3
+    # chunk k goes out before chunk k+1 is dumped
+    assert log.names().index("send_to_gateway") < [i for i, e in enumerate(log) if e[0] == "dump_many"][1]
+
+
+def test_without_a_link_nothing_is_streamed_and_everything_goes_in_the_reply(tmp_path):
+    ma, agent, fake, log = source(tmp_path, connections=600)
+    agent.link = False
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        return await ma.handle(step(msgs.Freeze))
+
+    frozen = asyncio.run(script())
+    assert frozen.sockets["streamed"] == 0 and frozen.sockets["packed_count"] == 600
+
+
+# ---------------------------------------------------------------- the rollback
+
+
+def frozen_source(tmp_path):
+    ma, agent, fake, log = source(tmp_path)
+
+    async def freeze():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        await ma.handle(step(msgs.Freeze))
+        for n in (1, 2):  # held by the frozen source
+            agent.filter.decide(udp_packet(n), NEXT_EPOCH, FakePacket(n, log))
+        log.clear()
+    return ma, agent, fake, log, freeze
+
+
+def assert_rollback_order(log: Log) -> None:
+    """Repair off, our copies closed, the drained datagrams back BEFORE the process
+    resumes, then the hold accepted in order, then the role removed (fast path re-synced)."""
+    names = [e[0] for e in log]
+    assert names == ["unrepair_many", "close", "close", "reinject", "signal_group", "accept",
+                     "accept", "sync_datapath"], log
+    assert log[0] == ("unrepair_many", ("copy0", "copy1"))
+    assert log[3] == ("reinject", (b"q0", b"q1"), 7, migrate.REINJECT_MARK)
+    assert log[4] == ("signal_group", "SIGCONT")
+    assert [e[1] for e in log if e[0] == "accept"] == [1, 2]
+    assert log[-1] == ("sync_datapath", ())
+
+
+def test_the_gateways_rollback(tmp_path):
+    ma, agent, fake, log, freeze = frozen_source(tmp_path)
+
+    async def script():
+        await freeze()
+        reply = await ma.handle(step(msgs.Rollback))
+        await settle()
+        return reply
+
+    assert asyncio.run(script()) == msgs.Done()
+    assert_rollback_order(log)
+    assert "echo" in agent.running and not ma.busy("echo")
+
+
+@pytest.mark.parametrize("how", ["reconnect", "shutdown"])
+def test_local_decisions_run_the_same_rollback(tmp_path, how):
+    ma, agent, fake, log, freeze = frozen_source(tmp_path)
+
+    async def script():
+        await freeze()
+        if how == "reconnect":  # the gateway no longer runs it, the owner stayed
+            ma.end_all_except(set(), {"echo": "n1"}, "the gateway no longer runs this migration")
+        else:
+            ma.shutdown("node agent shutting down")
+        await settle()
+
+    asyncio.run(script())
+    assert_rollback_order(log)
+    assert not ma.busy("echo")
+
+
+def test_a_reconnect_whose_owner_moved_commits_the_frozen_source(tmp_path):
+    ma, agent, fake, log, freeze = frozen_source(tmp_path)
+
+    async def script():
+        await freeze()
+        ma.end_all_except(set(), {"echo": "n2"}, "the gateway no longer runs this migration")
+        await settle()
+
+    asyncio.run(script())
+    assert "close_many" in log.names() and "signal_group" not in log.names()
+    assert [e[1] for e in log if e[0] == "drop"] == [1, 2] and "echo" not in agent.running
+
+
+def test_a_migration_the_gateway_still_runs_is_left_alone(tmp_path):
+    ma, agent, fake, log, freeze = frozen_source(tmp_path)
+
+    async def script():
+        await freeze()
+        ma.end_all_except({"echo"}, {"echo": "n1"}, "reconnected")
+        ma.link_lost()  # frozen: the registry will say how it ended
+        await settle()
+
+    asyncio.run(script())
+    assert log == [] and ma.busy("echo")
+
+
+def test_a_lost_link_rolls_back_an_armed_source_at_once(tmp_path):
+    ma, agent, fake, log = source(tmp_path)
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        log.clear()
+        ma.link_lost()
+        await settle()
+
+    asyncio.run(script())
+    assert log.names() == ["sync_datapath"] and not ma.busy("echo")  # nothing was stopped
+
+
+def test_a_failed_dump_rolls_back_what_the_freeze_did_and_refuses(tmp_path):
+    ma, agent, fake, log = source(tmp_path)
+    fake.fail["dump_many"] = KernelError("dump_tcp: TCP_INFO", 9)
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        log.clear()
+        with pytest.raises(KernelError, match="TCP_INFO"):
+            await ma.handle(step(msgs.Freeze))
+        await settle()
+        return await ma.handle(step(msgs.Rollback))  # the gateway's: nothing left to do
+
+    assert asyncio.run(script()) == msgs.Done()
+    names = log.names()
+    # the copies are closed, the process resumed, the role removed; nothing was dumped
+    assert names[names.index("dump_many") + 1:] == ["close", "close", "signal_group", "sync_datapath"]
+
+
+def test_half_closed_connections_refuse_the_freeze_without_stopping_anything(tmp_path, monkeypatch):
+    monkeypatch.setattr(migrate, "HALF_CLOSED_WAIT_S", 0.0)
+    ma, agent, fake, log = source(tmp_path)
+    fake.half_closed = 1
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        with pytest.raises(KernelError, match="half-closed"):
+            await ma.handle(step(msgs.Freeze))
+        await settle()
+
+    asyncio.run(script())
+    assert "send_signal" not in log.names() and "echo" not in agent.filter.roles
+
+
+def test_shutdown_abandons_a_freeze_that_waits_and_rolls_back_what_it_did(tmp_path, monkeypatch):
+    ma, agent, fake, log = source(tmp_path)
+    fake.process_state = lambda pid: "S"  # the process never stops: quiesce keeps waiting
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        log.clear()
+        freeze = asyncio.ensure_future(ma.handle(step(msgs.Freeze)))
+        await asyncio.sleep(0.01)  # quiescing
+        ma.shutdown("node agent shutting down")
+        with pytest.raises(LocalControlError, match="abandoned"):
+            await freeze
+
+    asyncio.run(script())
+    assert kernel_calls(log) == ["send_signal", "signal_group", "sync_datapath"]
+    assert ("signal_group", "SIGCONT") in log and not ma.busy("echo")
+
+
+def test_a_rollback_that_arrives_during_the_freeze_waits_for_it(tmp_path):
+    ma, agent, fake, log = source(tmp_path)
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        freeze = asyncio.ensure_future(ma.handle(step(msgs.Freeze)))
+        rollback = asyncio.ensure_future(ma.handle(step(msgs.Rollback)))
+        return await freeze, await rollback
+
+    frozen, rolled = asyncio.run(script())
+    assert isinstance(frozen, msgs.FreezeDone) and rolled == msgs.Done()
+    names = log.names()
+    assert names.index("take_saved_state") < names.index("unrepair_many")  # after the freeze
+
+
+# ---------------------------------------------------------------- the destination
+
+
+def destination(tmp_path):
+    return node("n2", tmp_path)
+
+
+def test_destination_prepare_chunk_restore_release_script(tmp_path):
+    ma, agent, fake, log = destination(tmp_path)
+    streamed = [conn_state(7, i) for i in range(3)]
+    rest = [conn_state(7, i) for i in range(3, 5)]
+    udp = UdpSocketState(local=(VIP, 7), datagrams=(UdpDatagram(source=(CLIENT, 5000), payload=b"q"),))
+    from clustercore.sockstate import ServiceSockets
+    wire = sockwire.to_wire(ServiceSockets(service="echo", listeners=(TcpListenerState(local=(VIP, 7)),),
+                                           connections=tuple(rest), udp=(udp,)))
+    wire.update(streamed=3, app_state="e30=")
+
+    async def script():
+        assert await ma.handle(step(msgs.Prepare, source="n1")) == msgs.Done()
+        prepare = log.names()
+        log.clear()
+        chunk = msgs.Chunk(service="echo", seq=0, count=3, packed=sockwire.pack_connections(streamed))
+        assert await ma.handle(chunk) == msgs.Done()
+        restored = await ma.handle(step(msgs.Restore, sockets=wire))
+        agent.filter.decide(udp_packet(7), EPOCH, FakePacket(7, log))  # held by the destination
+        log.clear()
+        released = await ma.handle(step(msgs.Release, consumed={}, late_packets=(udp_packet(9),)))
+        await settle()
+        return prepare, restored, released
+
+    prepare, restored, released = asyncio.run(script())
+    assert prepare == ["sync_datapath", "open_sockets", "spawn", "wait_ready"]
+    assert set(restored.timing_ms) == {"decode", "restore", "restore_streamed"}
+    # release: repair off, queued datagrams and late packets in first, then the hold, then
+    # the gate opens with every connection, our descriptors close, the instance is adopted
+    assert log.names() == ["thaw_many", "reinject", "inject_ip_packets", "accept", "open_gate",
+                           "close", "close", "close", "close", "close", "record_running", "sync_datapath"]
+    assert log[0] == ("thaw_many", tuple(f"restored{i}" for i in range(5)))
+    assert log[4][1] == ("conn-7",) * 5 and log[4][2].endswith("echo.state.in")
+    assert released.held == 1 and released.released == 1 and released.reinjected == 2
+    assert agent.running["echo"].pid == 5151 and agent.restarts["echo"] == 0
+    assert not ma.busy("echo") and "echo" not in agent.filter.roles
+
+
+def test_destination_abort_closes_everything_silently(tmp_path):
+    ma, agent, fake, log = destination(tmp_path)
+    chunk = msgs.Chunk(service="echo", seq=0, count=2,
+                       packed=sockwire.pack_connections([conn_state(7, 0), conn_state(7, 1)]))
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1"))
+        await ma.handle(chunk)
+        agent.filter.decide(udp_packet(3), EPOCH, FakePacket(3, log))
+        log.clear()
+        return await ma.handle(step(msgs.Abort))
+
+    assert asyncio.run(script()) == msgs.Done()
+    assert log.names() == ["drop", "kill", "close_many", "close", "close", "sync_datapath"]
+    assert log[2] == ("close_many", ("restored0", "restored1"))
+    assert "echo" not in agent.running and "echo" not in agent.filter.roles
+
+
+def test_a_failed_restore_aborts_and_refuses(tmp_path):
+    ma, agent, fake, log = destination(tmp_path)
+    from clustercore.sockstate import ServiceSockets
+    wire = sockwire.to_wire(ServiceSockets(service="echo", listeners=(TcpListenerState(local=(VIP, 7)),),
+                                           connections=(conn_state(7, 0),),
+                                           udp=(UdpSocketState(local=(VIP, 7)),)))
+    wire["streamed"] = 0
+    fake.fail["restore_many"] = KernelError("restore_tcp: bind", 98)
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1"))
+        log.clear()
+        with pytest.raises(KernelError, match="bind"):
+            await ma.handle(step(msgs.Restore, sockets=wire))
+        return await ma.handle(step(msgs.Abort))
+
+    assert asyncio.run(script()) == msgs.Done()
+    assert log.names() == ["restore_many", "kill", "close", "close", "sync_datapath"]
+
+
+def test_refusals_are_local_errors_and_change_nothing(tmp_path):
+    ma, agent, fake, log = destination(tmp_path)
+
+    async def script():
+        with pytest.raises(LocalControlError, match="unexpected Restore while idle"):
+            await ma.handle(step(msgs.Restore, sockets={}))
+        agent.running["echo"] = FakeInstance(ECHO, [])
+        with pytest.raises(LocalControlError, match="already runs on n2"):
+            await ma.handle(step(msgs.Prepare, source="n1"))
+        with pytest.raises(LocalControlError, match="not a migration step"):
+            await ma.handle(msgs.Counters())
+        assert await ma.handle(step(msgs.Abort)) == msgs.Done()  # repeated ends are fine
+
+    asyncio.run(script())
+    assert log == [] and ma.idle()
+
+
+# ---------------------------------------------------------------- fault injection
+
+
+@pytest.mark.parametrize("action, error", [("fail", KernelError), ("drop", LocalControlError)])
+def test_fault_files_are_named_by_the_message_op(tmp_path, action, error):
+    ma, agent, fake, log = source(tmp_path)
+    closed = []
+    agent.rpc = type("Rpc", (), {"close": lambda self: closed.append(True)})()
+    os.makedirs(ma.fault_dir)
+    with open(os.path.join(ma.fault_dir, "migrate.arm"), "w") as f:
+        f.write(action)
+
+    async def script():
+        with pytest.raises(error, match="fault injected"):
+            await ma.handle(step(msgs.Arm, destination="n2"))
+        return await ma.handle(step(msgs.Arm, destination="n2"))  # the file fired once
+
+    assert asyncio.run(script()) == msgs.Done()
+    assert closed == ([True] if action == "drop" else [])
+    assert not os.listdir(ma.fault_dir)
