@@ -29,15 +29,17 @@ unit tests call without root; the rest only runs programs.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from clustercore.errors import KernelError
 from nodeshim import pidfd
@@ -48,6 +50,9 @@ MIN_VERSION = (4, 2)
 INSTALLED_PATH = "/usr/local/sbin/criu"
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
+PAGE_SERVER_LOG = "page-server.log"
+STATS_DUMP = "stats-dump"   # criu's own dump statistics, an image file like the others
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # How long criu may take before we call it hung (the nginx measured: 90 ms + 46 ms).
 CRIU_TIMEOUT_S = 120.0
 
@@ -81,7 +86,58 @@ def failure_reason(log_text: str, returncode: int | None = None) -> str:
     lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
     if lines:
         return re.sub(r"^\(\s*[\d.]+\)\s*", "", lines[-1])
+    if returncode is not None and returncode < 0:
+        return f"criu killed by signal {-returncode}"
     return f"criu exited with status {returncode}" if returncode is not None else "criu failed"
+
+
+_STATS_FIELDS = {7: "pages_written", 14: "shpages_written", 2: "frozen_time_us"}
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        b = data[i]
+        value |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not b & 0x80:
+            return value, i
+
+
+def parse_stats_dump(data: bytes) -> dict[str, int]:
+    """The counters we use from criu's `stats-dump` image: two 32-bit magics, a 32-bit
+    length, then a protobuf stats_entry whose field 1 is dump_stats_entry (images/stats.proto).
+    pages_written + shpages_written pages is what went to the pages-*.img files (or to the
+    page server): the destination checks it received that much. ValueError if malformed."""
+    if len(data) < 12:
+        raise ValueError("stats-dump too short")
+    length = int.from_bytes(data[8:12], "little")
+    entry, i, dump = data[12:12 + length], 0, b""
+    if len(entry) != length:
+        raise ValueError("stats-dump truncated")
+    while i < len(entry):
+        key, i = _varint(entry, i)
+        if key & 7 != 2:
+            raise ValueError("stats-dump: unexpected field")
+        size, i = _varint(entry, i)
+        if key >> 3 == 1:
+            dump = entry[i:i + size]
+        i += size
+    out, i = {name: 0 for name in _STATS_FIELDS.values()}, 0
+    while i < len(dump):
+        key, i = _varint(dump, i)
+        if key & 7 == 0:
+            value, i = _varint(dump, i)
+            if key >> 3 in _STATS_FIELDS:
+                out[_STATS_FIELDS[key >> 3]] = value
+        elif key & 7 == 2:
+            size, i = _varint(dump, i)
+            i += size
+        else:
+            raise ValueError("stats-dump: unexpected wire type")
+    return out
 
 
 # ---------------------------------------------------------------- pure: argument lists
@@ -109,10 +165,39 @@ def pipe_key(fd: int) -> str:
     return f"pipe:[{os.fstat(fd).st_ino}]"
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """The cluster CA and this node's certificate and key (vipwire.pki: ca.crt,
+    node-NAME.crt, node-NAME.key), for criu's page-server TLS and nodeshim.imagexfer."""
+    ca: str
+    cert: str
+    key: str
+
+
+def tls_args(tls: TlsFiles | None, *, client: bool) -> list[str]:
+    """criu's TLS options (gnutls; works with vipwire.pki's EC P-256 files: measured).
+
+    Both ends present a certificate and check the other's chain up to the cluster CA.
+    criu checks the *name* in the peer's certificate against its --address, an IP here,
+    while our certificates name a node (n2.node.vipcluster) and carry no IP: the check
+    would always fail ("The name in the certificate does not match the expected"), so the
+    client (the dump) passes --tls-no-cn-verify. The page server is given its socket
+    (--ps-socket) and no --address, so it checks the chain only. Either side therefore
+    accepts any holder of a cluster-CA certificate; imagexfer checks the node names on its
+    own channel before the dump starts."""
+    if tls is None:
+        return []
+    args = ["--tls", "--tls-cacert", tls.ca, "--tls-cert", tls.cert, "--tls-key", tls.key]
+    return args + ["--tls-no-cn-verify"] if client else args
+
+
 def dump_args(criu: str, pid: int, images_dir: str, *, leave_stopped: bool = True,
               tcp_established: bool = True, network_lock_skip: bool = True,
+              page_server: tuple[str, int] | None = None, tls: TlsFiles | None = None,
               extra: Iterable[str] = ()) -> list[str]:
-    """`criu dump` of the tree rooted at pid. network_lock_skip: the shim's hold is the lock."""
+    """`criu dump` of the tree rooted at pid. network_lock_skip: the shim's hold is the lock.
+    page_server (address, port): the memory pages go there while the dump runs, never to
+    images_dir (which then gets the small files only)."""
     args = [criu, "dump", "-t", str(pid), "-D", images_dir, "-o", DUMP_LOG]
     if leave_stopped:
         args.append("--leave-stopped")
@@ -120,7 +205,20 @@ def dump_args(criu: str, pid: int, images_dir: str, *, leave_stopped: bool = Tru
         args.append("--tcp-established")
     if network_lock_skip:
         args += ["--network-lock", "skip"]
+    if page_server is not None:
+        address, port = page_server
+        args += ["--page-server", "--address", address, "--port", str(port)]
+        args += tls_args(tls, client=True)
     return args + list(extra)
+
+
+def page_server_args(criu: str, images_dir: str, *, ps_socket: int,
+                     tls: TlsFiles | None = None) -> list[str]:
+    """`criu page-server` on a connection we accepted (fd ps_socket), so that we, not criu,
+    decide whom to accept. It serves that one dump and exits: 0 once the dump said it sent
+    everything (PS_IOV_CLOSE), non-zero if the connection ended before that."""
+    return [criu, "page-server", "-D", images_dir, "-o", PAGE_SERVER_LOG,
+            "--ps-socket", str(ps_socket), *tls_args(tls, client=False)]
 
 
 def restore_args(criu: str, images_dir: str, *, pidfile: str, tcp_established: bool = True,
@@ -185,27 +283,85 @@ def available() -> tuple[bool, str]:
     return True, f"criu {shown}"
 
 
-def _run_criu(operation: str, args: list[str], log_path: str, pass_fds: Sequence[int] = ()) -> None:
+def _run_criu(operation: str, args: list[str], log_path: str, pass_fds: Sequence[int] = (),
+              while_running: Callable[[int, threading.Event], None] | None = None) -> None:
+    """Run criu to the end; KernelError with its reason if it fails. while_running(pid,
+    stop) runs in a thread meanwhile, until stop is set."""
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=CRIU_TIMEOUT_S,
-                              pass_fds=tuple(pass_fds))
-    except subprocess.TimeoutExpired:
-        raise KernelError(operation, None, f"criu did not finish in {CRIU_TIMEOUT_S:.0f} s") from None
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, pass_fds=tuple(pass_fds))
     except OSError as e:
         raise KernelError(operation, e.errno, f"cannot run {args[0]}") from None
+    stop = threading.Event()
+    helper = None
+    if while_running is not None:
+        helper = threading.Thread(target=while_running, args=(proc.pid, stop), daemon=True)
+        helper.start()
+    try:
+        _, err = proc.communicate(timeout=CRIU_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise KernelError(operation, None, f"criu did not finish in {CRIU_TIMEOUT_S:.0f} s") from None
+    finally:
+        stop.set()
+        if helper is not None:
+            helper.join()
     if proc.returncode != 0:
         try:
             with open(log_path, errors="replace") as f:
                 text = f.read()
         except OSError:
             text = ""
-        raise KernelError(operation, None, failure_reason(text + proc.stderr, proc.returncode))
+        raise KernelError(operation, None, failure_reason(text + err, proc.returncode))
+
+
+TCP_CORK = 3
+
+
+def _uncork_page_server(address: str, port: int) -> Callable[[int, threading.Event], None]:
+    """criu 4.2 corks its socket to the page server and never uncorks it, so its last
+    message (PS_IOV_CLOSE, 32 bytes) waits out the kernel's 200 ms cork limit while the
+    program stays frozen (measured: every streamed dump took 200 ms longer). Once criu
+    has corked it (right after connecting; it never corks again) we turn cork off on the
+    same socket, taken with pidfd_getfd: criu's later writes then leave at once. Cork only
+    groups writes into packets, so this changes timing, never the bytes sent."""
+    def watch(criu_pid: int, stop: threading.Event) -> None:
+        while not stop.wait(0.002):
+            try:
+                socks = pidfd.take_sockets(criu_pid)
+            except KernelError:
+                return
+            try:
+                for sock in socks.values():
+                    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                        continue
+                    try:
+                        peer = sock.getpeername()
+                    except OSError:
+                        continue
+                    if peer[1] == port and _same_address(peer[0], address) \
+                            and sock.getsockopt(socket.IPPROTO_TCP, TCP_CORK):
+                        sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, 0)
+                        return
+            finally:
+                for sock in socks.values():
+                    sock.close()
+    return watch
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
 
 
 @dataclass(frozen=True)
 class DumpStats:
     wall_ms: float      # criu dump, start to exit: the program is frozen for (at least) this
-    image_bytes: int
+    image_bytes: int    # bytes of image files in images_dir (pages too, unless a page server took them)
+    page_bytes: int = 0  # memory pages criu wrote, wherever they went (from its stats-dump)
 
 
 def image_size(images_dir: str) -> int:
@@ -217,8 +373,19 @@ def image_size(images_dir: str) -> int:
     return total
 
 
+def dumped_page_bytes(images_dir: str) -> int:
+    """Bytes of memory pages the dump in images_dir wrote (private + shared), from stats-dump."""
+    try:
+        with open(os.path.join(images_dir, STATS_DUMP), "rb") as f:
+            stats = parse_stats_dump(f.read())
+    except (OSError, ValueError) as e:
+        raise KernelError("criu dump", None, f"unreadable {STATS_DUMP}: {e}") from None
+    return (stats["pages_written"] + stats["shpages_written"]) * PAGE_SIZE
+
+
 def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stopped: bool = True,
          tcp_established: bool = True, network_lock_skip: bool = True,
+         page_server: tuple[str, int] | None = None, tls: TlsFiles | None = None,
          extra: Iterable[str] = ()) -> DumpStats:
     """Dump the process tree rooted at pid (a `spawn_isolated` program) into images_dir.
 
@@ -226,18 +393,54 @@ def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stop
     that differs from criu's own is dumped as part of the tree, and restoring it then
     tries to recreate its devices instead of using the destination's.
 
+    page_server (address, port): stream the memory pages to a `criu page-server` there (see
+    nodeshim.imagexfer) while dumping; tls: over TLS with these files.
+
     With leave_stopped the source stays frozen, its TCP sockets still in repair mode (they
     answer nothing, and vanish without a FIN or RST when it is killed); kill it once the
-    copy runs, or `thaw` it to roll back."""
+    copy runs, or `thaw` it to roll back. A dump that fails resumes the tree itself."""
     criu = _require_binary()
     os.makedirs(images_dir, exist_ok=True)
     args = in_netns_argv(netns_path, dump_args(
         criu, pid, images_dir, leave_stopped=leave_stopped, tcp_established=tcp_established,
-        network_lock_skip=network_lock_skip, extra=extra))
+        network_lock_skip=network_lock_skip, page_server=page_server, tls=tls, extra=extra))
     start = time.monotonic()
-    _run_criu("criu dump", args, os.path.join(images_dir, DUMP_LOG))
+    _run_criu("criu dump", args, os.path.join(images_dir, DUMP_LOG),
+              while_running=_uncork_page_server(*page_server) if page_server else None)
     wall_ms = (time.monotonic() - start) * 1000
-    return DumpStats(wall_ms=wall_ms, image_bytes=image_size(images_dir))
+    return DumpStats(wall_ms=wall_ms, image_bytes=image_size(images_dir),
+                     page_bytes=dumped_page_bytes(images_dir))
+
+
+def start_page_server(images_dir: str, conn: int, *, tls: TlsFiles | None = None) -> subprocess.Popen:
+    """Run `criu page-server` on the accepted connection conn (a socket fd, which the child
+    inherits; close ours afterwards). It writes pagemap-*.img and pages-*.img into
+    images_dir; `finish_page_server` says whether it got them all."""
+    criu = _require_binary()
+    try:
+        return subprocess.Popen(page_server_args(criu, images_dir, ps_socket=conn, tls=tls),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, pass_fds=(conn,), text=True)
+    except OSError as e:
+        raise KernelError("criu page-server", e.errno, f"cannot run {criu}") from None
+
+
+def finish_page_server(proc: subprocess.Popen, images_dir: str, timeout: float) -> None:
+    """Wait for the page server; KernelError with criu's reason unless it received the whole
+    dump. Kills it if it is still running after timeout."""
+    try:
+        _, err = proc.communicate(timeout=max(0.0, timeout))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise KernelError("criu page-server", None, f"still receiving after {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        try:
+            with open(os.path.join(images_dir, PAGE_SERVER_LOG), errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        raise KernelError("criu page-server", None, failure_reason(text + (err or ""), proc.returncode))
 
 
 def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
@@ -330,6 +533,15 @@ def spawn_isolated(argv: Sequence[str], env: Mapping[str, str] | None, cwd: str,
             launcher.wait()
             raise KernelError(f"start {argv[0]}", None, f"no program under unshare after {timeout:.0f} s")
         time.sleep(0.002)
+
+
+def stopped(pid: int) -> bool:
+    """Is pid stopped (a `leave_stopped` dump's source, until thawed or killed)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def tree_pids(root: int) -> list[int]:

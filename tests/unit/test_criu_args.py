@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from clustercore.errors import KernelError
 from nodeshim import criu
 
 # A real criu 4.2.1 restore log from this lab (restoring where the address is missing),
@@ -95,3 +96,50 @@ def test_image_size_counts_images_not_logs(tmp_path):
     (tmp_path / "core-1.img").write_bytes(b"y" * 24)
     (tmp_path / criu.DUMP_LOG).write_text("log " * 100)
     assert criu.image_size(str(tmp_path)) == 1024
+
+
+TLS = criu.TlsFiles("/pki/ca.crt", "/pki/node-n1.crt", "/pki/node-n1.key")
+
+
+def test_dump_to_a_page_server_arguments():
+    args = criu.dump_args("criu", 7, "/tmp/img", page_server=("192.0.2.2", 27000))
+    i = args.index("--page-server")
+    assert args[i:i + 5] == ["--page-server", "--address", "192.0.2.2", "--port", "27000"]
+    assert "--tls" not in args
+    secure = criu.dump_args("criu", 7, "/tmp/img", page_server=("192.0.2.2", 27000), tls=TLS)
+    i = secure.index("--tls")
+    # the client must not check the name: criu compares it with the IP in --address, and
+    # our certificates name nodes (n2.node.vipcluster), never addresses
+    assert secure[i:] == ["--tls", "--tls-cacert", TLS.ca, "--tls-cert", TLS.cert,
+                          "--tls-key", TLS.key, "--tls-no-cn-verify"]
+    assert criu.dump_args("criu", 7, "d", tls=TLS) == criu.dump_args("criu", 7, "d")  # no page server, no TLS
+
+
+def test_page_server_arguments_take_our_accepted_socket():
+    args = criu.page_server_args("criu", "/tmp/dst", ps_socket=9)
+    assert args == ["criu", "page-server", "-D", "/tmp/dst", "-o", criu.PAGE_SERVER_LOG, "--ps-socket", "9"]
+    secure = criu.page_server_args("criu", "/tmp/dst", ps_socket=9, tls=TLS)
+    assert secure[8:] == ["--tls", "--tls-cacert", TLS.ca, "--tls-cert", TLS.cert, "--tls-key", TLS.key]
+    assert "--address" not in secure and "--port" not in secure
+
+
+# stats-dump of a real dump of `sleep` (criu 4.2.1): 30 pages written, none shared
+STATS_DUMP = bytes.fromhex("4059105506330957220000000a2008c001109e4818d00620e101283a3000381e"
+                           "4000480050065806600068007000")
+
+
+def test_stats_dump_gives_the_pages_written(tmp_path):
+    assert criu.parse_stats_dump(STATS_DUMP) == {"pages_written": 30, "shpages_written": 0,
+                                                 "frozen_time_us": 9246}
+    for bad in (STATS_DUMP[:10], STATS_DUMP[:-3], STATS_DUMP[:12] + b"\xff" * 34):
+        with pytest.raises(ValueError):
+            criu.parse_stats_dump(bad)
+    (tmp_path / criu.STATS_DUMP).write_bytes(STATS_DUMP)
+    assert criu.dumped_page_bytes(str(tmp_path)) == 30 * criu.PAGE_SIZE
+    (tmp_path / criu.STATS_DUMP).write_bytes(b"junk")
+    with pytest.raises(KernelError):
+        criu.dumped_page_bytes(str(tmp_path))
+
+
+def test_a_killed_criu_says_so():
+    assert criu.failure_reason("", -9) == "criu killed by signal 9"
