@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -193,11 +194,13 @@ def tls_args(tls: TlsFiles | None, *, client: bool) -> list[str]:
 
 def dump_args(criu: str, pid: int, images_dir: str, *, leave_stopped: bool = True,
               tcp_established: bool = True, network_lock_skip: bool = True,
-              page_server: tuple[str, int] | None = None, tls: TlsFiles | None = None,
-              extra: Iterable[str] = ()) -> list[str]:
+              page_server: tuple[str, int] | None = None, ps_socket: int | None = None,
+              tls: TlsFiles | None = None, extra: Iterable[str] = ()) -> list[str]:
     """`criu dump` of the tree rooted at pid. network_lock_skip: the shim's hold is the lock.
     page_server (address, port): the memory pages go there while the dump runs, never to
-    images_dir (which then gets the small files only)."""
+    images_dir (which then gets the small files only); ps_socket: over this connection
+    to it, made by the caller. criu does no TLS on a socket it is given (it skips the
+    handshake but would still encrypt), so ps_socket and tls exclude each other."""
     args = [criu, "dump", "-t", str(pid), "-D", images_dir, "-o", DUMP_LOG]
     if leave_stopped:
         args.append("--leave-stopped")
@@ -205,7 +208,11 @@ def dump_args(criu: str, pid: int, images_dir: str, *, leave_stopped: bool = Tru
         args.append("--tcp-established")
     if network_lock_skip:
         args += ["--network-lock", "skip"]
-    if page_server is not None:
+    if ps_socket is not None:
+        if tls is not None:
+            raise ValueError("criu cannot use TLS on a page-server socket it is given")
+        args += ["--page-server", "--ps-socket", str(ps_socket)]
+    elif page_server is not None:
         address, port = page_server
         args += ["--page-server", "--address", address, "--port", str(port)]
         args += tls_args(tls, client=True)
@@ -362,6 +369,7 @@ class DumpStats:
     wall_ms: float      # criu dump, start to exit: the program is frozen for (at least) this
     image_bytes: int    # bytes of image files in images_dir (pages too, unless a page server took them)
     page_bytes: int = 0  # memory pages criu wrote, wherever they went (from its stats-dump)
+    frozen_ms: float = 0.0  # criu's own count: the program frozen until the dump's end
 
 
 def image_size(images_dir: str) -> int:
@@ -373,20 +381,20 @@ def image_size(images_dir: str) -> int:
     return total
 
 
-def dumped_page_bytes(images_dir: str) -> int:
-    """Bytes of memory pages the dump in images_dir wrote (private + shared), from stats-dump."""
+def dump_counters(images_dir: str) -> tuple[int, float]:
+    """(bytes of memory pages written, private and shared; ms frozen) from the dump's stats-dump."""
     try:
         with open(os.path.join(images_dir, STATS_DUMP), "rb") as f:
             stats = parse_stats_dump(f.read())
     except (OSError, ValueError) as e:
         raise KernelError("criu dump", None, f"unreadable {STATS_DUMP}: {e}") from None
-    return (stats["pages_written"] + stats["shpages_written"]) * PAGE_SIZE
+    return (stats["pages_written"] + stats["shpages_written"]) * PAGE_SIZE, stats["frozen_time_us"] / 1000
 
 
 def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stopped: bool = True,
          tcp_established: bool = True, network_lock_skip: bool = True,
-         page_server: tuple[str, int] | None = None, tls: TlsFiles | None = None,
-         extra: Iterable[str] = ()) -> DumpStats:
+         page_server: tuple[str, int] | None = None, ps_socket: int | None = None,
+         tls: TlsFiles | None = None, extra: Iterable[str] = ()) -> DumpStats:
     """Dump the process tree rooted at pid (a `spawn_isolated` program) into images_dir.
 
     criu must run in the program's network namespace (netns_path, or the caller's): one
@@ -394,7 +402,8 @@ def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stop
     tries to recreate its devices instead of using the destination's.
 
     page_server (address, port): stream the memory pages to a `criu page-server` there (see
-    nodeshim.imagexfer) while dumping; tls: over TLS with these files.
+    nodeshim.imagexfer) while dumping, over ps_socket if given (a connection to it we
+    made, so that the page server is up before the dump starts), or over TLS with tls.
 
     With leave_stopped the source stays frozen, its TCP sockets still in repair mode (they
     answer nothing, and vanish without a FIN or RST when it is killed); kill it once the
@@ -403,44 +412,83 @@ def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stop
     os.makedirs(images_dir, exist_ok=True)
     args = in_netns_argv(netns_path, dump_args(
         criu, pid, images_dir, leave_stopped=leave_stopped, tcp_established=tcp_established,
-        network_lock_skip=network_lock_skip, page_server=page_server, tls=tls, extra=extra))
+        network_lock_skip=network_lock_skip, page_server=page_server, ps_socket=ps_socket,
+        tls=tls, extra=extra))
     start = time.monotonic()
     _run_criu("criu dump", args, os.path.join(images_dir, DUMP_LOG),
+              pass_fds=() if ps_socket is None else (ps_socket,),
               while_running=_uncork_page_server(*page_server) if page_server else None)
     wall_ms = (time.monotonic() - start) * 1000
-    return DumpStats(wall_ms=wall_ms, image_bytes=image_size(images_dir),
-                     page_bytes=dumped_page_bytes(images_dir))
+    page_bytes, frozen_ms = dump_counters(images_dir)
+    return DumpStats(wall_ms=wall_ms, image_bytes=image_size(images_dir), page_bytes=page_bytes,
+                     frozen_ms=frozen_ms)
 
 
-def start_page_server(images_dir: str, conn: int, *, tls: TlsFiles | None = None) -> subprocess.Popen:
-    """Run `criu page-server` on the accepted connection conn (a socket fd, which the child
+class PageServer:
+    """`criu page-server` on a connection we accepted (the socket fd conn, which it
     inherits; close ours afterwards). It writes pagemap-*.img and pages-*.img into
-    images_dir; `finish_page_server` says whether it got them all."""
-    criu = _require_binary()
-    try:
-        return subprocess.Popen(page_server_args(criu, images_dir, ps_socket=conn, tls=tls),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, pass_fds=(conn,), text=True)
-    except OSError as e:
-        raise KernelError("criu page-server", e.errno, f"cannot run {criu}") from None
+    images_dir. wait_ready: it has started (criu spends some 30 ms probing the kernel
+    first; better not while the program is frozen). finish: it received the whole dump."""
 
-
-def finish_page_server(proc: subprocess.Popen, images_dir: str, timeout: float) -> None:
-    """Wait for the page server; KernelError with criu's reason unless it received the whole
-    dump. Kills it if it is still running after timeout."""
-    try:
-        _, err = proc.communicate(timeout=max(0.0, timeout))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise KernelError("criu page-server", None, f"still receiving after {timeout:.0f} s") from None
-    if proc.returncode != 0:
+    def __init__(self, images_dir: str, conn: int, *, tls: TlsFiles | None = None) -> None:
+        criu = _require_binary()
+        self.images_dir = images_dir
+        self._reason: str | None = None  # None: not finished; "": received everything
+        self._ready_r, ready_w = os.pipe()
         try:
-            with open(os.path.join(images_dir, PAGE_SERVER_LOG), errors="replace") as f:
+            self.proc = subprocess.Popen(
+                page_server_args(criu, images_dir, ps_socket=conn, tls=tls) + ["--status-fd", str(ready_w)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=(conn, ready_w), text=True)
+        except OSError as e:
+            os.close(self._ready_r)
+            raise KernelError("criu page-server", e.errno, f"cannot run {criu}") from None
+        finally:
+            os.close(ready_w)
+
+    def wait_ready(self, timeout: float) -> None:
+        ready, _, _ = select.select([self._ready_r], [], [], max(0.0, timeout))
+        if not ready:
+            raise KernelError("criu page-server", None, f"not ready after {timeout:.0f} s")
+        if os.read(self._ready_r, 1) != b"\0":  # EOF: it died first
+            self.finish(1.0)
+
+    def finish(self, timeout: float) -> None:
+        """Wait for it to end; KernelError with criu's reason unless it received the whole
+        dump (it is killed if still running after timeout). Asking again gives the same."""
+        if self._reason is None:
+            try:
+                _, err = self.proc.communicate(timeout=max(0.0, timeout))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                _, err = self.proc.communicate()
+                self._reason = f"still receiving after {timeout:.0f} s"
+            else:
+                self._reason = "" if self.proc.returncode == 0 else self._log_reason(err)
+            os.close(self._ready_r)
+        if self._reason:
+            raise KernelError("criu page-server", None, self._reason)
+
+    def _log_reason(self, err: str | None) -> str:
+        try:
+            with open(os.path.join(self.images_dir, PAGE_SERVER_LOG), errors="replace") as f:
                 text = f.read()
         except OSError:
             text = ""
-        raise KernelError("criu page-server", None, failure_reason(text + (err or ""), proc.returncode))
+        return failure_reason(text + (err or ""), self.proc.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL it if it runs (safe from any thread; finish() says how it ended)."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+    def close(self) -> None:
+        """Kill and reap it, whatever its state (by the thread that also calls finish)."""
+        self.kill()
+        try:
+            self.finish(5.0)
+        except KernelError:
+            pass
 
 
 def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,

@@ -135,10 +135,10 @@ def test_stats_dump_gives_the_pages_written(tmp_path):
         with pytest.raises(ValueError):
             criu.parse_stats_dump(bad)
     (tmp_path / criu.STATS_DUMP).write_bytes(STATS_DUMP)
-    assert criu.dumped_page_bytes(str(tmp_path)) == 30 * criu.PAGE_SIZE
+    assert criu.dump_counters(str(tmp_path)) == (30 * criu.PAGE_SIZE, 9.246)
     (tmp_path / criu.STATS_DUMP).write_bytes(b"junk")
     with pytest.raises(KernelError):
-        criu.dumped_page_bytes(str(tmp_path))
+        criu.dump_counters(str(tmp_path))
 
 
 def test_a_killed_criu_says_so():
