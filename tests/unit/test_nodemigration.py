@@ -1,0 +1,528 @@
+"""The node's migration machine (clustercore.nodemigration), proved like the gateway's:
+playbook scripts (feed this event, expect these commands, send these results), every
+(state, event) pair, a property over random events with failing commands, and the one
+rollback's order asserted on the command sequence. No I/O anywhere: results are scripted.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clustercore import messages as msgs
+from clustercore import nodecommands as nc
+from clustercore import sockwire
+from clustercore.cutover import DestCutover, SourceCutover
+from clustercore.errors import KernelError, LocalControlError, VipError
+from clustercore.kinds import MigrateStrategy
+from clustercore.nodemigration import (BUSY, EVENT_TYPES, PLAYBOOKS, STEP_EVENTS,
+                                       TRANSITIONS, Failure, NodeMigration, NodeMigrations, State,
+                                       choose_playbook, render_dot, role_still_needed, run_to_end)
+from clustercore.ownership import Service
+from clustercore.packet import TCP, UDP
+from clustercore.sockstate import (ServiceSockets, TcpConnState, TcpListenerState, TcpWindow,
+                                   UdpDatagram, UdpSocketState)
+
+VIP, CLIENT = "203.0.113.10", "198.51.100.2"
+EPOCH, NEXT = "02:76:63:00:00:02", "02:76:63:00:00:03"
+ECHO = Service("echo", "n1", ((TCP, 7), (UDP, 7)), "builtin:echo")
+T0 = 50.0
+
+
+def conn(i: int) -> TcpConnState:
+    return TcpConnState(local=(VIP, 7), remote=(CLIENT, 40000 + i), mss=1460,
+                        window=TcpWindow(snd_wl1=1, snd_wnd=1000, max_window=1000, rcv_wnd=1000, rcv_wup=1),
+                        send_seq=10 + i, recv_seq=20 + i, recv_queue=b"r", send_queue=b"", unsent_len=0,
+                        name="conn-7")
+
+
+DRAINED = UdpSocketState(local=(VIP, 7), datagrams=(UdpDatagram(source=(CLIENT, 5000), payload=b"q"),),
+                         name="udp-7")
+
+
+def restore_wire(streamed: int = 0) -> dict:
+    wire = sockwire.to_wire(ServiceSockets(service="echo", listeners=(TcpListenerState(local=(VIP, 7)),),
+                                           connections=(conn(5),), udp=(DRAINED,)))
+    wire.update(streamed=streamed, app_state=base64.b64encode(b"{}").decode())
+    return wire
+
+
+def step(cls, **kw):
+    return cls(service="echo", epoch=EPOCH, **kw)
+
+
+EVENTS = {
+    msgs.Prepare: lambda: step(msgs.Prepare, source="n1"),
+    msgs.Arm: lambda: step(msgs.Arm, destination="n2"),
+    msgs.Freeze: lambda: step(msgs.Freeze),
+    msgs.Chunk: lambda: msgs.Chunk(service="echo", seq=0, count=1, packed=sockwire.pack_connections([conn(1)])),
+    msgs.Restore: lambda: step(msgs.Restore, sockets=restore_wire(streamed=0)),
+    msgs.Release: lambda: step(msgs.Release, consumed={}, late_packets=(b"late",)),
+    msgs.Commit: lambda: step(msgs.Commit),
+    msgs.Rollback: lambda: step(msgs.Rollback),
+    msgs.Abort: lambda: step(msgs.Abort),
+    msgs.Inject: lambda: step(msgs.Inject, packets=(b"straggler",)),
+    nc.LinkLost: lambda: nc.LinkLost(),
+    nc.OwnerStayed: lambda: nc.OwnerStayed(why="over"),
+    nc.OwnerMoved: lambda: nc.OwnerMoved(why="over"),
+    nc.ExecutorFailed: lambda: nc.ExecutorFailed(error=KernelError("something", 5)),
+}
+assert set(EVENTS) == set(EVENT_TYPES)
+
+
+class Kernel:
+    """Scripted results for every command, as a node's executor would give them; records
+    the commands it saw. `fail` names command types that raise KernelError once."""
+
+    def __init__(self, node: str, fail=()) -> None:
+        self.node, self.fail, self.seen, self.clock = node, list(fail), [], T0
+
+    def __call__(self, cmd):
+        self.seen.append(cmd)
+        if type(cmd) in self.fail:
+            self.fail.remove(type(cmd))
+            raise KernelError(type(cmd).__name__, 5)
+        t = type(cmd)
+        if t is nc.LookUp:
+            if self.node == "n1":
+                return nc.Local(ECHO, "old-instance", (("tcp-7", "L"), ("udp-7", "U")))
+            return nc.Local(ECHO, None, ())
+        if t is nc.ReadClock:
+            self.clock += 0.001
+            return self.clock
+        return {
+            nc.CountKernelDrops: 0, nc.CountUdpBufferDrops: 0,
+            nc.TakeConnections: [("conn-7", "C0"), ("conn-7", "C1")], nc.AcceptWaiting: [],
+            nc.DumpConnections: [conn(0), conn(1)], nc.StreamChunk: True,
+            nc.DescribeListeners: (TcpListenerState(local=(VIP, 7), name="tcp-7"),),
+            nc.DrainDatagrams: DRAINED, nc.ReadAppState: b"{}",
+            nc.ReadPackets: tuple(b"p" for _ in getattr(cmd, "handles", ())),
+            nc.OpenSockets: [("tcp-7", "NL"), ("udp-7", "NU")], nc.StartGated: "new-instance",
+            nc.RestoreConnections: [f"R{i}" for i in range(len(getattr(cmd, "states", ())))],
+            nc.SaveAppState: "/state.in", nc.PutBackDatagrams: 1, nc.InjectPackets: 1,
+        }.get(t)
+
+    def types(self) -> list[type]:
+        return [type(c) for c in self.seen]
+
+
+def feed(m: NodeMigration, event, kernel: Kernel | None = None):
+    kernel = kernel or Kernel(m.node)
+    reply = run_to_end(m.handle(event, T0), kernel)
+    return reply, kernel
+
+
+def source_at(state: State) -> NodeMigration:
+    m = NodeMigration("echo", "n1")
+    if state is State.IDLE:
+        return m
+    feed(m, EVENTS[msgs.Arm]())
+    path = {State.ARMED: [], State.FROZEN: [msgs.Freeze], State.COMMITTED: [msgs.Freeze, msgs.Commit],
+            State.ROLLED_BACK: [msgs.Rollback]}
+    busy = {State.ARMING: None, State.FREEZING: (msgs.Freeze, nc.Quiesce),
+            State.COMMITTING: (msgs.Commit, nc.CloseSilently), State.ROLLING_BACK: (msgs.Rollback, nc.Resume)}
+    if state in busy:
+        if state is State.ARMING:
+            m = NodeMigration("echo", "n1")
+            event, stop = EVENTS[msgs.Arm](), nc.LookUp
+        else:
+            event, stop = busy[state]
+            if state in (State.COMMITTING, State.ROLLING_BACK):
+                feed(m, EVENTS[msgs.Freeze]())
+            event = EVENTS[event]()
+        _stop_at(m, event, stop)
+    else:
+        for e in path[state]:
+            feed(m, EVENTS[e]())
+    assert m.state is state
+    return m
+
+
+def destination_at(state: State) -> NodeMigration:
+    m = NodeMigration("echo", "n2")
+    if state is State.PREPARING:
+        _stop_at(m, EVENTS[msgs.Prepare](), nc.WaitReady)
+        return m
+    feed(m, EVENTS[msgs.Prepare]())
+    path = {State.PREPARED: [], State.RESTORED: [msgs.Restore], State.RELEASED: [msgs.Restore, msgs.Release],
+            State.ABORTED: [msgs.Abort]}
+    busy = {State.RESTORING: ([], msgs.Restore, nc.LetPacketsIn),
+            State.RELEASING: ([msgs.Restore], msgs.Release, nc.Thaw),
+            State.ABORTING: ([], msgs.Abort, nc.StopInstance)}
+    if state in busy:
+        before, event, stop = busy[state]
+        for e in before:
+            feed(m, EVENTS[e]())
+        _stop_at(m, EVENTS[event](), stop)
+    else:
+        for e in path[state]:
+            feed(m, EVENTS[e]())
+    assert m.state is state, (m.state, state)
+    return m
+
+
+def _stop_at(m: NodeMigration, event, command_type) -> None:
+    """Start a step and abandon it at its first `command_type` (the machine stays busy)."""
+    kernel = Kernel(m.node)
+    runner = m.handle(event, T0)
+    cmd = runner.start()
+    while not isinstance(cmd, command_type):
+        assert cmd is not None, f"{type(event).__name__} never asked for {command_type.__name__}"
+        cmd = runner.send(kernel(cmd))
+    m.abandon("test")
+
+
+def machine_at(state: State) -> NodeMigration:
+    return destination_at(state) if state in _DEST_STATES else source_at(state)
+
+
+_DEST_STATES = {State.PREPARING, State.PREPARED, State.RESTORING, State.RESTORED, State.RELEASING,
+                State.RELEASED, State.ABORTING, State.ABORTED}
+
+
+# ---------------------------------------------------------------- playbook scripts
+
+
+def script(m: NodeMigration, event, steps):
+    """Feed `event`; each step is (expected command type, result to send back); the
+    playbook must end exactly after the last. Returns the reply."""
+    runner = m.handle(event, T0)
+    cmd = runner.start()
+    for expected, result in steps:
+        assert isinstance(cmd, expected), (cmd, expected)
+        cmd = runner.send(result) if not isinstance(result, VipError) else runner.fail(result)
+    assert cmd is None, f"the playbook went on with {cmd!r}"
+    return runner.reply
+
+
+def test_the_source_script():
+    m = NodeMigration("echo", "n1")
+    reply = script(m, EVENTS[msgs.Arm](), [
+        (nc.LookUp, nc.Local(ECHO, "old", (("tcp-7", "L"), ("udp-7", "U")))),
+        (nc.CountKernelDrops, 3),
+        (nc.InstallRole, None),
+    ])
+    assert reply == msgs.Done() and m.state is State.ARMED
+    cut = m.playbook.source.cut
+    assert isinstance(cut, SourceCutover) and cut.new_epoch == EPOCH
+    frozen = script(m, EVENTS[msgs.Freeze](), [
+        (nc.WaitHalfClosed, None), (nc.Quiesce, None), (nc.WaitHandshakes, None),
+        (nc.ReadClock, 1.0), (nc.TakeConnections, [("conn-7", "C0")]), (nc.ReadClock, 1.5),
+        (nc.AcceptWaiting, [("conn-7", "A0")]), (nc.ReadClock, 2.0),
+        (nc.DumpConnections, [conn(0), conn(1)]), (nc.LetPacketsIn, None), (nc.ReadClock, 3.0),
+        (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7)),)), (nc.DrainDatagrams, DRAINED),
+        (nc.ReadClock, 3.5), (nc.ReadAppState, b"kv"), (nc.ReadClock, 4.0), (nc.Note, None),
+    ])
+    assert isinstance(frozen, msgs.FreezeDone) and m.state is State.FROZEN
+    assert frozen.timing_ms == {"take_sockets": 500.0, "dump": 1000.0, "encode": 500.0, "frozen_to_reply": 2500.0}
+    assert (frozen.tcp_established, frozen.tcp_listening, frozen.udp_sockets, frozen.bytes_moved) == (2, 1, 1, 3)
+    assert frozen.sockets["app_state"] == base64.b64encode(b"kv").decode()
+    assert cut.phase == "frozen" and cut.frozen_at == 1.5
+    done = script(m, EVENTS[msgs.Commit](), [
+        (nc.CloseSilently, None), (nc.CountKernelDrops, 5), (nc.Note, None),
+        (nc.ForgetInstance, None), (nc.StopInstance, None), (nc.CloseDescriptors, None),
+        (nc.RemoveRoleLater, None),
+    ])
+    assert done == msgs.CommitDone(kernel_drops=2) and m.state is State.COMMITTED and m.finished
+
+
+def test_the_destination_script():
+    m = NodeMigration("echo", "n2")
+    assert script(m, EVENTS[msgs.Prepare](), [
+        (nc.LookUp, nc.Local(ECHO)), (nc.CountKernelDrops, 0), (nc.InstallRole, None),
+        (nc.OpenSockets, [("tcp-7", "NL"), ("udp-7", "NU")]), (nc.StartGated, "new"), (nc.WaitReady, None),
+    ]) == msgs.Done()
+    assert isinstance(m.playbook.destination.cut, DestCutover) and m.source_node == "n1"
+    assert script(m, EVENTS[msgs.Chunk](), [(nc.RestoreConnections, ["S1"]), (nc.ReadClock, T0 + 0.002)]) == msgs.Done()
+    restored = script(m, step(msgs.Restore, sockets=restore_wire(streamed=1)), [
+        (nc.ReadClock, T0 + 0.001), (nc.RestoreConnections, ["S5"]), (nc.LetPacketsIn, None),
+        (nc.ReadClock, T0 + 0.004), (nc.SaveAppState, "/in"), (nc.Note, None),
+    ])
+    assert restored.timing_ms == {"decode": 1.0, "restore": 3.0, "restore_streamed": 2.0}
+    released = script(m, EVENTS[msgs.Release](), [
+        (nc.ReadClock, 1.0), (nc.Thaw, None), (nc.ReadClock, 1.1), (nc.CountUdpBufferDrops, 7),
+        (nc.PutBackDatagrams, 1), (nc.InjectPackets, 1), (nc.ReadClock, 1.2),
+        (nc.OpenGate, None), (nc.CloseDescriptors, None), (nc.AdoptInstance, None),
+        (nc.RemoveRoleLater, None), (nc.ReadClock, 1.3), (nc.CountKernelDrops, 0),
+        (nc.CountUdpBufferDrops, 8), (nc.Note, None), (nc.Note, None),
+    ])
+    assert isinstance(released, msgs.ReleaseDone) and m.state is State.RELEASED
+    assert (released.reinjected, released.lost, released.kernel_drops) == (2, 1, 1)
+    assert released.timing_ms == {"thaw": 100.0, "release": 300.0}
+
+
+def test_the_gate_gets_every_connection_by_name_and_the_saved_state():
+    m = destination_at(State.PREPARED)
+    feed(m, EVENTS[msgs.Chunk]())
+    feed(m, step(msgs.Restore, sockets=restore_wire(streamed=1)))
+    _, k = feed(m, EVENTS[msgs.Release]())
+    gate = next(c for c in k.seen if isinstance(c, nc.OpenGate))
+    assert gate.connections == (("conn-7", "R0"), ("conn-7", "R0")) and gate.state_path == "/state.in"
+    adopt = next(c for c in k.seen if isinstance(c, nc.AdoptInstance))
+    assert adopt.sockets == (("tcp-7", "NL"), ("udp-7", "NU")) and adopt.instance == "new-instance"
+
+
+# ---------------------------------------------------------------- the one rollback
+
+
+ROLLBACK = [nc.LeaveRepair, nc.CloseDescriptors, nc.PutBackDatagrams, nc.Resume, nc.RemoveRoleLater]
+
+
+def held_source() -> NodeMigration:
+    m = source_at(State.FROZEN)
+    for i in range(3):  # packets the frozen source holds
+        assert m.playbook.source.cut.on_packet(_packet(i), NEXT, f"h{i}", T0).value == "hold"
+    return m
+
+
+def _packet(i):
+    from clustercore.packet import parse_packet
+    from scapy.all import IP, UDP as SUDP, raw
+    return parse_packet(raw(IP(src=CLIENT, dst=VIP) / SUDP(sport=5000, dport=7) / (b"%d" % i)))
+
+
+@pytest.mark.parametrize("event", [EVENTS[msgs.Rollback], EVENTS[nc.OwnerStayed]],
+                         ids=["gateway-rollback", "reconnect-owner-stayed"])
+def test_every_rollback_puts_datagrams_back_before_the_process_resumes(event):
+    m = held_source()
+    reply, k = feed(m, event())
+    assert k.types() == [nc.LeaveRepair, nc.CloseDescriptors, nc.PutBackDatagrams, nc.Resume,
+                         nc.AcceptHeld, nc.RemoveRoleLater]
+    assert k.seen[0].sockets == ("C0", "C1") and k.seen[1].sockets == ("C0", "C1")
+    assert k.seen[2].datagrams == (DRAINED,) and k.seen[3].instance == "old-instance"
+    assert k.seen[4].handles == ("h0", "h1", "h2")  # in arrival order, after the datagrams
+    assert m.state is State.ROLLED_BACK
+
+
+def test_shutdown_during_the_freeze_rolls_back_what_was_done():
+    m = source_at(State.FREEZING)  # abandoned while quiescing
+    reply, k = feed(m, EVENTS[nc.OwnerStayed]())
+    assert k.types() == [nc.Resume, nc.RemoveRoleLater] and m.state is State.ROLLED_BACK
+
+
+@pytest.mark.parametrize("failing", [nc.TakeConnections, nc.DumpConnections, nc.DrainDatagrams,
+                                     nc.ReadAppState])
+def test_a_failed_freeze_rolls_back_in_the_same_order_and_reports_the_failure(failing):
+    m = source_at(State.ARMED)
+    reply, k = feed(m, EVENTS[msgs.Freeze](), Kernel("n1", fail=[failing]))
+    assert isinstance(reply, Failure) and isinstance(reply.error, KernelError)
+    assert failing.__name__ in str(reply.error)  # the first failure is the one reported
+    after = k.types()[k.types().index(failing) + 1:]
+    assert [t for t in after if t in ROLLBACK] == [t for t in ROLLBACK if t in after]
+    assert after[-1] is nc.RemoveRoleLater and nc.Resume in after
+    assert m.state is State.ROLLED_BACK
+
+
+def test_a_failed_undo_does_not_stop_the_rest_of_the_rollback():
+    m = held_source()
+    reply, k = feed(m, EVENTS[msgs.Rollback](), Kernel("n1", fail=[nc.LeaveRepair]))
+    assert k.types() == [nc.LeaveRepair, nc.CloseDescriptors, nc.PutBackDatagrams, nc.Resume,
+                         nc.AcceptHeld, nc.RemoveRoleLater]
+    assert isinstance(reply, Failure) and m.state is State.ROLLED_BACK
+
+
+def test_a_lost_link_rolls_back_only_what_cannot_go_on_without_us():
+    armed = source_at(State.ARMED)
+    _, k = feed(armed, EVENTS[nc.LinkLost]())
+    assert armed.state is State.ROLLED_BACK and k.types() == [nc.RemoveRoleLater]
+    for state in (State.FROZEN, State.PREPARED, State.RESTORED):
+        m = machine_at(state)
+        _, k = feed(m, EVENTS[nc.LinkLost]())
+        assert m.state is state and k.types() == [nc.Note]  # the registry decides
+
+
+def test_a_frozen_source_whose_owner_moved_commits():
+    m = held_source()
+    reply, k = feed(m, EVENTS[nc.OwnerMoved]())
+    assert m.state is State.COMMITTED and k.seen[0] == nc.DropHeld(("h0", "h1", "h2"))
+    assert nc.Resume not in k.types() and nc.StopInstance in k.types()
+
+
+def test_the_destination_abort():
+    m = destination_at(State.PREPARED)
+    feed(m, EVENTS[msgs.Chunk]())
+    _, k = feed(m, EVENTS[msgs.Abort]())
+    assert k.types() == [nc.StopInstance, nc.CloseSilently, nc.CloseDescriptors, nc.RemoveRole]
+    assert k.seen[1].sockets == ("R0",) and m.state is State.ABORTED
+
+
+def test_a_release_that_fails_goes_on_with_the_rest():
+    m = destination_at(State.RESTORED)
+    reply, k = feed(m, EVENTS[msgs.Release](), Kernel("n2", fail=[nc.Thaw]))
+    assert isinstance(reply, Failure) and m.state is State.RELEASED
+    for later in (nc.PutBackDatagrams, nc.InjectPackets, nc.OpenGate, nc.AdoptInstance, nc.RemoveRoleLater):
+        assert k.types().count(later) == 1, later
+    assert k.types().count(nc.Thaw) == 1  # tried once, not again
+
+
+# ---------------------------------------------------------------- every pair
+
+
+ALL_PAIRS = [(s, e) for s in State for e in EVENT_TYPES]
+
+
+@pytest.mark.parametrize("state, event_type", ALL_PAIRS,
+                         ids=[f"{s.name}-{e.__name__}" for s, e in ALL_PAIRS])
+def test_every_pair_once(state, event_type):
+    m = machine_at(state) if state is not State.IDLE else NodeMigration("echo", "n2")
+    event = EVENTS[event_type]()
+    row = TRANSITIONS.get((state, event_type))
+    reply, k = feed(m, event)
+    assert not m.running
+    if row is None:  # refused or ignored: an abandoned busy state waits for an ending
+        assert m.state is state
+        if event_type in STEP_EVENTS:
+            assert isinstance(reply, Failure) and isinstance(reply.error, LocalControlError)
+            assert "unexpected" in str(reply.error)
+        else:
+            assert reply is None and k.seen == []
+        return
+    if event_type in STEP_EVENTS:
+        assert reply is not None
+        assert isinstance(reply, (msgs.Reply, Failure)), reply
+    else:
+        assert reply is None
+        assert not any(c.WAITS for c in k.seen), "local endings never wait (shutdown cannot)"
+    assert m.state not in BUSY
+    if not isinstance(reply, Failure) or isinstance(event, nc.ExecutorFailed):
+        assert m.state is row.target, (m.state, row)
+
+
+def test_the_table_is_closed():
+    """Every target and busy state is a State; every busy state a failure can happen in has
+    a row for ExecutorFailed, so a failed command always ends in a settled state."""
+    for (state, event), row in TRANSITIONS.items():
+        assert isinstance(row.busy, State) and isinstance(row.target, State)
+        if row.busy in BUSY:
+            assert (row.busy, nc.ExecutorFailed) in TRANSITIONS, row
+    # a settled state answers every gateway step: a row, or a refusal; terminal states
+    # answer the repeated end that led there (the gateway repeats them after a rollback)
+    for state, end in ((State.COMMITTED, msgs.Commit), (State.ROLLED_BACK, msgs.Rollback),
+                       (State.ABORTED, msgs.Abort)):
+        assert TRANSITIONS[(state, end)].target is state
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(node=st.sampled_from(["n1", "n2"]),
+       events=st.lists(st.sampled_from(sorted(EVENTS, key=lambda e: e.__name__)), max_size=12),
+       failures=st.lists(st.sampled_from([c for c in nc.COMMAND_TYPES if not c.QUERY]), max_size=4))
+def test_property_any_events_any_failures_end_cleanly(node, events, failures):
+    """Whatever arrives, whatever fails: no exception, never left busy, replies are typed,
+    and whenever the old instance was stopped it is resumed or killed by the end, and a
+    stopped source's drained datagrams always go back before it resumes."""
+    m = NodeMigration("echo", node)
+    kernel = Kernel(node, fail=failures)
+    for event_type in events:
+        reply = run_to_end(m.handle(EVENTS[event_type](), T0), kernel)
+        assert m.state not in BUSY
+        if event_type in STEP_EVENTS:
+            assert isinstance(reply, (msgs.Reply, Failure))
+    seen = kernel.types()
+    if m.state in (State.ROLLED_BACK, State.COMMITTED) and nc.Quiesce in seen:
+        assert nc.Resume in seen or nc.StopInstance in seen
+    if nc.Resume in seen and nc.DrainDatagrams in seen:
+        drained_ok = [i for i, c in enumerate(kernel.seen) if isinstance(c, nc.DrainDatagrams)]
+        put_back = [i for i, t in enumerate(seen) if t is nc.PutBackDatagrams]
+        resumed = seen.index(nc.Resume)
+        assert not put_back or put_back[0] < resumed
+        assert drained_ok[0] < resumed
+    if m.state in (State.ROLLED_BACK, State.ABORTED, State.COMMITTED, State.RELEASED) and nc.InstallRole in seen:
+        assert nc.RemoveRole in seen or nc.RemoveRoleLater in seen
+
+
+# ---------------------------------------------------------------- the node's set of machines
+
+
+def test_a_newer_migration_ends_a_stale_one_first():
+    node = NodeMigrations("n2")
+    kernel = Kernel("n2")
+    for e in (EVENTS[msgs.Prepare](), step(msgs.Restore, sockets=restore_wire())):
+        [run_to_end(r, kernel) for r in node.route(e, T0)]
+    assert node.busy("echo")  # restored; its release never came (refused, or lost)
+    kernel.seen.clear()
+    kernel.node = "n1"  # the service runs here now: the gateway asks us to move it on
+    runners = node.route(msgs.Arm(service="echo", epoch=NEXT, destination="n3"), T0)
+    replies = [run_to_end(r, kernel) for r in runners]
+    assert len(runners) == 2 and replies[-1] == msgs.Done()
+    assert kernel.types()[:3] == [nc.StopInstance, nc.CloseSilently, nc.CloseDescriptors]
+    assert node.machines["echo"].state is State.ARMED
+
+
+def test_endings_follow_the_registry_owner():
+    node = NodeMigrations("n1")
+    kernel = Kernel("n1")
+    for e in (EVENTS[msgs.Arm](), EVENTS[msgs.Freeze]()):
+        [run_to_end(r, kernel) for r in node.route(e, T0)]
+    assert node.endings({"echo"}, {"echo": "n2"}, "x") == []
+    [(m, moved)] = node.endings(set(), {"echo": "n2"}, "x")
+    [(_, stayed)] = node.endings(set(), {"echo": "n1"}, "x")
+    [(_, unknown)] = node.endings(set(), {}, "x")
+    assert isinstance(moved, nc.OwnerMoved) and isinstance(stayed, nc.OwnerStayed)
+    assert isinstance(unknown, nc.OwnerStayed)
+    assert [type(e) for _, e in node.link_lost("gone")] == [nc.LinkLost]
+
+
+# ---------------------------------------------------------------- strategies and misuse
+
+
+def test_the_strategy_is_chosen_from_the_service_kind():
+    assert type(choose_playbook(nc.Local(ECHO), None)) is PLAYBOOKS[MigrateStrategy.HANDOFF]
+    command = Service("web", "n1", ((TCP, 80),), "/usr/sbin/nginx")
+    with pytest.raises(nc.Refused, match="command-line services cannot be migrated"):
+        choose_playbook(nc.Local(command), None)
+    m = NodeMigration("web", "n2")
+    reply = run_to_end(m.handle(msgs.Prepare(service="web", epoch=EPOCH, source="n1"), T0),
+                       lambda c: nc.Local(command) if isinstance(c, nc.LookUp) else None)
+    assert isinstance(reply, Failure) and m.state is State.IDLE  # refused before any effect
+    assert type(choose_playbook(nc.Local(command), MigrateStrategy.HANDOFF)) is PLAYBOOKS[MigrateStrategy.HANDOFF]
+
+
+def test_a_strategy_without_a_step_refuses_it_cleanly():
+    class Partial(nc.Playbook):
+        strategy = "partial"
+
+        def arm(self, m, event, local, now):
+            yield nc.Note("armed")
+            return msgs.Done()
+
+    m = NodeMigration("echo", "n1")
+    m.playbook = Partial()
+    m._state = State.ARMED
+    reply, k = feed(m, EVENTS[msgs.Freeze]())
+    assert isinstance(reply, Failure) and "has no freeze step" in str(reply.error)
+    assert m.state is State.ARMED and k.seen == []
+
+
+def test_roles_stay_while_a_skip_budget_is_left():
+    d = DestCutover(EPOCH)
+    assert not role_still_needed(d) and not role_still_needed(SourceCutover(EPOCH))
+    d.release({(17, CLIENT, 5000, VIP, 7): 2}, T0)
+    assert role_still_needed(d)
+
+
+def test_api_misuse_is_a_local_error():
+    m = NodeMigration("echo", "n1")
+    with pytest.raises(LocalControlError):
+        m.handle({"op": "migrate.arm"}, T0)
+    with pytest.raises(LocalControlError):
+        m.handle(EVENTS[msgs.Arm](), float("nan"))
+    with pytest.raises(LocalControlError):
+        m.handle(msgs.Arm(service="kv", epoch=EPOCH, destination="n2"), T0)
+    runner = m.handle(EVENTS[msgs.Arm](), T0)
+    runner.start()
+    with pytest.raises(LocalControlError, match="still running"):
+        m.handle(EVENTS[msgs.Freeze](), T0)
+    with pytest.raises(LocalControlError):
+        runner.fail(ValueError("not a VipError"))
+    with pytest.raises(LocalControlError):
+        NodeMigration("", "n1")
+
+
+def test_the_diagram_draws_every_row():
+    dot = render_dot()
+    for (state, event), row in TRANSITIONS.items():
+        assert state.name in dot and row.target.name in dot and event.__name__ in dot
+    assert dot.startswith("digraph node_migration") and "ROLLING_BACK" in dot
