@@ -1,12 +1,15 @@
-"""The in-memory cluster: the gateway's delivery, one NodeFilter per node, and the
-migration steps the daemons run, with no kernel, no clock and no sockets.
+"""The in-memory cluster: the gateway's delivery, one NodeFilter per node, and the very
+machines the daemons run for a migration, with no kernel, no clock and no sockets.
 
 Why: the pure model is the reference the real data path is judged against (GLB
 Director's idea). A replay feeds captured packets through the same code the shims run
-(`NodeFilter.decide`, `SourceCutover`, `DestCutover`) and the same state machine the
-gateway runs (`clustercore.migration.Migration`), records which nodes accepted each
-packet, and lets `clustercore.oracle` judge: every packet to the VIP accepted by exactly
-one node, none lost, none twice.
+(`NodeFilter.decide`, `SourceCutover`, `DestCutover`), the same machine the gateway runs
+(`clustercore.migration.Migration`, performed by the same `MigrationDriver`) and the same
+machine every node runs (`clustercore.nodemigration`, with the same playbooks), records
+which nodes accepted each packet, and lets `clustercore.oracle` judge: every packet to
+the VIP accepted by exactly one node, none lost, none twice. Only the hands differ: here
+they act on the model (aioquic tests its connection against an in-memory peer, never
+against a copy of itself).
 
 Theory of operation
 -------------------
@@ -20,21 +23,21 @@ FIFO, so each node sees every flow in order, with arbitrary delay between nodes;
 exactly what the cutover assumes. Faults break it on purpose: drop a copy, duplicate it,
 or deliver it late (reorder).
 
-A migration (`MigrationSpec`) starts before the packet whose id is `at`. The driver feeds
-the real `Migration` machine and performs its commands as gateway/controller.py and
-nodeshim/migrate.py do: prepare (dest installs a DestCutover), arm (source installs a
-SourceCutover), flip (the service's epoch number + 1), freeze (source: consumed counts,
-late packets handed over), restore, release (dest: late packets re-injected = accepted,
-then the hold released minus the consumed prefix, skip budgets for the rest), commit
-(source drops its hold; stragglers are forwarded and re-injected on the dest), rollback /
-abort. A node performs a request `gap` ticks after it was sent (per step: `gaps`), and its
-reply reaches the machine at once, so steps are spread over the packet stream; gap 0 runs
-the whole migration between two packets. At the end the new table is pushed to every
-node, and roles are removed `grace` ticks after commit, release or rollback (the agents
-wait ROLE_GRACE_S; a destination keeps its role while a skip budget is left).
-There is no step timer: a step fails only when `fail_step` says so.
+A migration (`MigrationSpec`) starts before the packet whose id is `at`. `MigrationDriver`
+feeds the gateway's machine and performs its commands through `_GatewayHands` (epoch,
+delivery and owner live in the cluster; steps go to the nodes). A node performs a step
+`gap` ticks after it was sent (per step: `gaps`): its `NodeMigrations` routes it to the
+service's machine, whose playbook runs against `_NodeHands` (roles in the node's filter,
+held packets accepted or dropped, late packets re-injected = accepted; every kernel
+command a no-op with an empty result), and the reply becomes the gateway machine's event
+at once. So steps are spread over the packet stream; gap 0 runs the whole migration
+between two packets. `fail_step` makes a node refuse that step, as a fault file does.
+At the end the new table is pushed to every node; roles are removed `grace` ticks after
+commit, release or rollback (the agents wait ROLE_GRACE_S; a destination keeps its role
+while a skip budget is left). There is no step timer.
 
-Handles are the packet ids, so a plan's accept list names packets directly.
+Handles are the packet ids, so a plan's accept list names packets directly, and a handed
+over packet travels in the messages as b"pid:N".
 """
 
 from __future__ import annotations

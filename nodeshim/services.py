@@ -12,6 +12,7 @@ already-established TCP connection handed over by a migration.
 from __future__ import annotations
 
 import array
+import asyncio
 import fcntl
 import logging
 import os
@@ -23,23 +24,26 @@ import time
 from dataclasses import dataclass, field
 
 from clustercore.errors import KernelError, LocalControlError
+from clustercore.kinds import (BUILTINS, EXTERNAL_SPEC, ServiceKind, builtin_name, builtin_spec,
+                               service_kind)
 from clustercore.ownership import Service
 from clustercore.packet import TCP, UDP
 
 log = logging.getLogger("vipcluster.services")
 
-BUILTINS = {"builtin:echo": "echo", "builtin:kv": "kv"}
 # a service whose process the operator runs (bound to VIP:port itself): vipcluster only
 # routes and filters its packets; it cannot be migrated
-EXTERNAL = "external"
+EXTERNAL = EXTERNAL_SPEC
 LISTEN_BACKLOG = 4096
 
 
 def argv_for(exec_spec: str) -> list[str]:
-    if exec_spec.startswith("builtin:"):
-        if exec_spec not in BUILTINS:
-            raise LocalControlError(f"unknown builtin '{exec_spec}' (have: {', '.join(BUILTINS)})")
-        return [sys.executable, "-m", "nodeshim.builtins", BUILTINS[exec_spec]]
+    if service_kind(exec_spec) is ServiceKind.BUILTIN:
+        name = builtin_name(exec_spec)
+        if name is None:
+            have = ", ".join(builtin_spec(b) for b in BUILTINS)
+            raise LocalControlError(f"unknown builtin '{exec_spec}' (have: {have})")
+        return [sys.executable, "-m", "nodeshim.builtins", name]
     try:
         argv = shlex.split(exec_spec)
     except ValueError as e:
@@ -168,8 +172,6 @@ def open_gate(rs: RunningService, connections: list[tuple[str, socket.socket]] =
 async def wait_ready(rs: RunningService, timeout: float) -> None:
     """A gated instance says `ready` on the gate once it has started (interpreter, imports,
     sockets); wait for that, so its start-up is over before anything is frozen."""
-    import asyncio
-
     gate = socket.socket(fileno=os.dup(rs.gate_fd))
     gate.setblocking(False)
     try:
@@ -231,7 +233,7 @@ def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: s
     gated: a builtin waits for `open_gate` before it serves (VIPCLUSTER_GATE_FD); a
     command-line service knows no gate and would serve at once, so it is refused.
     """
-    if gated and not service.exec_spec.startswith("builtin:"):
+    if gated and service_kind(service.exec_spec) is not ServiceKind.BUILTIN:
         raise LocalControlError(f"service '{service.name}': only builtin services can be migrated yet")
     argv = argv_for(service.exec_spec)
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
