@@ -199,16 +199,16 @@ def fault(h, node, op, action):
 
 
 FAULTS = [
-    ("destination", "migrate_prepare", "die"),
-    ("destination", "migrate_restore", "die"),
-    ("destination", "migrate_restore", "fail"),
-    ("destination", "migrate_restore", "drop"),
-    ("source", "migrate_freeze", "drop"),
-    ("source", "migrate_freeze", "fail"),
+    ("destination", "migrate.prepare", "die"),
+    ("destination", "migrate.restore", "die"),
+    ("destination", "migrate.restore", "fail"),
+    ("destination", "migrate.restore", "drop"),
+    ("source", "migrate.freeze", "drop"),
+    ("source", "migrate.freeze", "fail"),
 ]
 
 
-@pytest.mark.parametrize("who, op, action", FAULTS, ids=[f"{w}-{o.split('_')[1]}-{a}" for w, o, a in FAULTS])
+@pytest.mark.parametrize("who, op, action", FAULTS, ids=[f"{w}-{o.split('.')[1]}-{a}" for w, o, a in FAULTS])
 def test_failed_migration_rolls_back_losslessly(mlab, tmp_path, who, op, action):
     source = owner(mlab, "echo")
     destination = NEXT[source]
