@@ -108,9 +108,6 @@ class State(enum.Enum):
 TERMINAL = frozenset({State.COMMITTED, State.ROLLED_BACK, State.RELEASED, State.ABORTED})
 BUSY = frozenset({State.ARMING, State.FREEZING, State.COMMITTING, State.ROLLING_BACK,
                   State.PREPARING, State.RESTORING, State.RELEASING, State.ABORTING})
-SOURCE = frozenset({State.ARMING, State.ARMED, State.FREEZING, State.FROZEN, State.COMMITTING,
-                    State.COMMITTED, State.ROLLING_BACK, State.ROLLED_BACK})
-DESTINATION = frozenset(set(State) - SOURCE - {State.IDLE})
 
 STEP_EVENTS: tuple[type, ...] = (*msgs.STEPS, msgs.Chunk)
 EVENT_TYPES: tuple[type, ...] = (*STEP_EVENTS, *LOCAL_EVENTS)
@@ -241,10 +238,10 @@ class Runner:
         if settle and self._row is not None:
             self.machine._state = self._row.target
         if self._failures:
-            reply = Failure(self._failures[0])
-        self.reply = reply if isinstance(self.event, STEP_EVENTS) else None
-        if isinstance(self.event, STEP_EVENTS) and reply is None:
-            self.reply = Failure(LocalControlError("the step ended without a reply"))
+            reply = Failure(self._failures[0])  # the first failure is the cause
+        if isinstance(self.event, STEP_EVENTS):  # a local event has nobody to answer
+            self.reply = reply if reply is not None else Failure(
+                LocalControlError("the step ended without a reply"))
         self.done = True
         return None
 
@@ -372,7 +369,6 @@ class NodeMigration:
     def _wait_for_the_registry(self, event: LinkLost, now: float):
         yield Note(f"{event.why}: the migration of '{self.service}' stays {self._state.value} "
                    "until the gateway says how it ended", "warning")
-
 
 
 class NodeMigrations:
