@@ -568,27 +568,6 @@ def dump_listener(sock: socket.socket, name: str | None = None) -> TcpListenerSt
     )
 
 
-def open_listener(state: TcpListenerState, netns_fd: int | str | None = None) -> socket.socket:
-    """Create the listener on the new node (SO_REUSEADDR, bind, listen).
-
-    Open listeners before restoring connections: restored sockets lose their forced address
-    reuse when repair mode ends, and a listener bound after them needs SO_REUSEADDR on both.
-    """
-    with in_netns(netns_fd):
-        try:
-            sock = socket.socket(_AF[state.family], socket.SOCK_STREAM)
-        except OSError as exc:
-            raise _err("open_listener: socket", exc) from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(state.local)
-        sock.listen(state.backlog)
-    except OSError as exc:
-        sock.close()
-        raise _err("open_listener", exc, f"{state.local}") from None
-    return sock
-
-
 def accept_waiting(listener: socket.socket) -> list[socket.socket]:
     """Accept every connection waiting in a listener's queue, without blocking: a listener
     with connections waiting cannot be described (dump_listener refuses it), they move as
