@@ -14,11 +14,37 @@ back later through `feed`.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
+from . import messages as msgs
 from . import migration as mig
 from .errors import VipError
 from .messages import Step
+
+# A node's reply to a step, as the machine's event (both the controller and the model turn
+# replies into events with this). Steps missing here (abort, inject) have nothing the
+# machine waits for.
+REPLY_EVENTS: dict[type, Callable[[str, object], mig.Event]] = {
+    msgs.Prepare: lambda node, r: mig.HoldReady(node=node),
+    msgs.Arm: lambda node, r: mig.CountingReady(node=node),
+    msgs.Freeze: lambda node, r: mig.Frozen(
+        node=node, consumed=r.consumed, late_packets=r.late_packets, socket_state=r.sockets,
+        tcp_established=r.tcp_established, tcp_listening=r.tcp_listening,
+        udp_sockets=r.udp_sockets, bytes_moved=r.bytes_moved),
+    msgs.Restore: lambda node, r: mig.Restored(node=node),
+    msgs.Release: lambda node, r: mig.Released(
+        node=node, held=r.held, released=r.released,
+        duplicates_suppressed=r.duplicates_suppressed, reinjected=r.reinjected, lost=r.lost,
+        freeze_ms=r.freeze_ms),
+    msgs.Commit: lambda node, r: mig.Committed(node=node, late_packets=r.late_packets),
+    msgs.Rollback: lambda node, r: mig.RolledBack(node=node),
+}
+
+
+def event_for_reply(node: str, step: Step, reply: object) -> mig.Event | None:
+    """The machine's event for a node's (typed) reply to `step`; None: nothing to wait for."""
+    make = REPLY_EVENTS.get(type(step))
+    return make(node, reply) if make is not None else None
 
 
 class Executor(Protocol):

@@ -52,7 +52,7 @@ from . import nodecommands as nc
 from .cutover import DestCutover, SourceCutover, epoch_mac
 from .errors import KernelError
 from .kinds import MigrateStrategy
-from .migration_driver import MigrationDriver
+from .migration_driver import MigrationDriver, event_for_reply
 from .nodemigration import Cutovers, Failure, NodeMigrations, role_still_needed, run_to_end
 from .oracle import OracleReport, check_order, check_packets
 from .ownership import NodeFilter, Service, ServiceTable, Verdict
@@ -484,30 +484,10 @@ _EMPTY_RESULTS: dict[type, object] = {
     nc.StreamChunk: False, nc.OpenSockets: [], nc.RestoreConnections: [], nc.PutBackDatagrams: 0,
 }
 
-# A node's reply to a step, as the gateway machine's event (as gateway/controller.py's
-# REPLY_EVENTS turns them); abort and inject have nothing the machine waits for.
-_REPLY_EVENTS: dict[type, Callable[[str, object], mig.Event]] = {
-    msgs.Prepare: lambda node, r: mig.HoldReady(node=node),
-    msgs.Arm: lambda node, r: mig.CountingReady(node=node),
-    msgs.Freeze: lambda node, r: mig.Frozen(
-        node=node, consumed=r.consumed, late_packets=r.late_packets, socket_state=r.sockets,
-        tcp_established=r.tcp_established, tcp_listening=r.tcp_listening,
-        udp_sockets=r.udp_sockets, bytes_moved=r.bytes_moved),
-    msgs.Restore: lambda node, r: mig.Restored(node=node),
-    msgs.Release: lambda node, r: mig.Released(
-        node=node, held=r.held, released=r.released,
-        duplicates_suppressed=r.duplicates_suppressed, reinjected=r.reinjected, lost=r.lost,
-        freeze_ms=r.freeze_ms),
-    msgs.Commit: lambda node, r: mig.Committed(node=node, late_packets=r.late_packets),
-    msgs.Rollback: lambda node, r: mig.RolledBack(node=node),
-}
-
-
 def _event_for_reply(node: str, step: msgs.Step, reply: object) -> mig.Event | None:
     if isinstance(reply, Failure):
         return mig.StepFailed(node=node, reason=f"{node} refused {step.OP}: {reply.error}")
-    make = _REPLY_EVENTS.get(type(step))
-    return make(node, reply) if make is not None else None
+    return event_for_reply(node, step, reply)
 
 
 def describe_services(services: Iterable[Service]) -> list[dict]:

@@ -4,7 +4,7 @@ The state machine decides and `clustercore.migration_driver.MigrationDriver` say
 of its commands means; this module only supplies the real I/O (an `Executor`): step
 messages to the two node agents, the epoch flip in nftables, the durable owner switch in
 SQLite, one timer, progress lines to `vipctl`. What comes back becomes an event, by type:
-a reply is turned into its step's event (`REPLY_EVENTS`), a refusal into StepFailed, a lost
+a reply is turned into its step's event (`migration_driver.event_for_reply`), a refusal into StepFailed, a lost
 connection into NodeLost, a timeout or a garbled reply into MessageLost.
 """
 
@@ -19,7 +19,7 @@ from clustercore import messages as msgs
 from clustercore import migration as mig
 from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Delivery, ServiceKind, service_kind
-from clustercore.migration_driver import MigrationDriver
+from clustercore.migration_driver import MigrationDriver, event_for_reply
 from vipwire.rpc import Context
 
 from . import nft
@@ -30,25 +30,6 @@ REQUEST_TIMEOUT_S = 30.0  # one step request to an agent; the machine's own time
 FINAL_REQUEST_TIMEOUT_S = 5.0  # the repeated abort/rollback after a rollback
 LAST_MESSAGES_WAIT_S = 5.0  # commit/inject/abort still going out when the machine finishes
 REPORTS_KEPT = 20
-
-# A node's reply to a step, as the machine's event. Steps missing here (abort, inject)
-# have nothing the machine waits for.
-REPLY_EVENTS: dict[type, Callable[[str, object], mig.Event]] = {
-    msgs.Prepare: lambda node, r: mig.HoldReady(node=node),
-    msgs.Arm: lambda node, r: mig.CountingReady(node=node),
-    msgs.Freeze: lambda node, r: mig.Frozen(
-        node=node, consumed=r.consumed, late_packets=r.late_packets, socket_state=r.sockets,
-        tcp_established=r.tcp_established, tcp_listening=r.tcp_listening,
-        udp_sockets=r.udp_sockets, bytes_moved=r.bytes_moved),
-    msgs.Restore: lambda node, r: mig.Restored(node=node),
-    msgs.Release: lambda node, r: mig.Released(
-        node=node, held=r.held, released=r.released,
-        duplicates_suppressed=r.duplicates_suppressed, reinjected=r.reinjected, lost=r.lost,
-        freeze_ms=r.freeze_ms),
-    msgs.Commit: lambda node, r: mig.Committed(node=node, late_packets=r.late_packets),
-    msgs.Rollback: lambda node, r: mig.RolledBack(node=node),
-}
-
 
 class _Run:
     """The I/O of one running migration: the Executor the driver performs through."""
@@ -127,8 +108,7 @@ class _Run:
             drops = getattr(reply, "kernel_drops", 0)
             if drops:
                 self.kernel_drops[node] = self.kernel_drops.get(node, 0) + drops
-            make = REPLY_EVENTS.get(type(message))
-            event = make(node, reply) if make is not None else None
+            event = event_for_reply(node, message, reply)
         except LocalControlError as e:
             event = mig.StepFailed(node=node, reason=f"{node} refused {op}: {e}")
         except ConnectionLost as e:

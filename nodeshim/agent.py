@@ -216,6 +216,9 @@ class NodeAgent:
                 await rpc.run()
             finally:
                 hb.cancel()
+                # an armed source cannot go on without the gateway: it rolls back now; a
+                # frozen one holds until the registry's answer at the reconnect
+                self.migrations.link_lost("gateway link lost")
         finally:
             self.rpc = None
             rpc.close()

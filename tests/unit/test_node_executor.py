@@ -129,7 +129,7 @@ class FakeKernel:
 
     def take_connections(self, pid, vip, ports):
         self._call("take_connections", tuple(ports))
-        return [(f"conn-7", FakeSock(f"copy{i}", self.log)) for i in range(self.connections)]
+        return [("conn-7", FakeSock(f"copy{i}", self.log)) for i in range(self.connections)]
 
     # tcprepair
     def count_connections(self, vip, ports, states):
