@@ -302,7 +302,7 @@ class Handoff(Playbook):
         f.opened = list((yield OpenSockets(tuple(service.ports))))
         f.gated = f.instance = yield StartGated(service, tuple(f.opened))
         yield WaitReady(f.gated)
-        return msgs.Done()
+        return msgs.PrepareDone()
 
     def chunk(self, m, event: msgs.Chunk, now: float):
         """Connections the source streamed ahead: rebuild them now, in repair mode."""

@@ -40,8 +40,16 @@ class ServiceKind(enum.StrEnum):
     """What runs a service, as its exec spec says."""
 
     BUILTIN = "builtin"  # "builtin:NAME": one of ours (nodeshim.builtins), with the state hook
-    COMMAND = "command"  # any other command line: started by the agent with socket activation
+    COMMAND = "command"  # any other command line: started by the agent (own PID namespace)
     EXTERNAL = "external"  # "external": the operator runs it; vipcluster only routes and filters
+    ADOPTED = "adopted"  # "adopted:PID": a process the operator started, taken over (`--pid`)
+
+
+class Sockets(enum.StrEnum):
+    """Who binds a command-line service's sockets on the VIP."""
+
+    ACTIVATION = "activation"  # the agent binds them and passes LISTEN_FDS (systemd style)
+    SELF = "self"  # the program binds the VIP itself (nginx, redis-server, dnsmasq)
 
 
 class MigrateStrategy(enum.StrEnum):
@@ -66,6 +74,7 @@ def member(kind: type[E], value: object) -> E | None:
 
 BUILTIN_PREFIX = "builtin:"
 EXTERNAL_SPEC = "external"
+ADOPTED_PREFIX = "adopted:"
 BUILTINS: tuple[str, ...] = ("echo", "kv")
 
 
@@ -75,12 +84,28 @@ def service_kind(exec_spec: str) -> ServiceKind:
         return ServiceKind.BUILTIN
     if exec_spec == EXTERNAL_SPEC:
         return ServiceKind.EXTERNAL
+    if exec_spec.startswith(ADOPTED_PREFIX):
+        return ServiceKind.ADOPTED
     return ServiceKind.COMMAND
 
 
 def builtin_spec(name: str) -> str:
     """'echo' -> 'builtin:echo'."""
     return BUILTIN_PREFIX + name
+
+
+def adopted_spec(pid: int) -> str:
+    """1234 -> 'adopted:1234' (the PID on the node that first ran it)."""
+    return f"{ADOPTED_PREFIX}{int(pid)}"
+
+
+def adopted_pid(exec_spec: str) -> int | None:
+    if service_kind(exec_spec) is not ServiceKind.ADOPTED:
+        return None
+    try:
+        return int(exec_spec[len(ADOPTED_PREFIX):])
+    except ValueError:
+        return None
 
 
 def builtin_name(exec_spec: str) -> str | None:
@@ -107,8 +132,8 @@ class MigrationRule:
 
 MIGRATION_RULES: Mapping[ServiceKind, MigrationRule] = MappingProxyType({
     ServiceKind.BUILTIN: MigrationRule((MigrateStrategy.HANDOFF,)),
-    ServiceKind.COMMAND: MigrationRule((), "command-line services cannot be migrated yet "
-                                           "(they would need the state hook and the gate)"),
+    ServiceKind.COMMAND: MigrationRule((MigrateStrategy.PROCESS,)),
+    ServiceKind.ADOPTED: MigrationRule((MigrateStrategy.PROCESS,)),
     ServiceKind.EXTERNAL: MigrationRule((), "external services cannot be migrated "
                                             "(their processes are not ours)"),
 })
@@ -136,3 +161,23 @@ def migration_strategy(kind: ServiceKind, requested: MigrateStrategy = MigrateSt
         have = ", ".join(rule.strategies)
         raise LocalControlError(f"{kind} services cannot be migrated with strategy {wanted} (only: {have})")
     return wanted
+
+
+def check_service_options(exec_spec: str, migrate: object = MigrateStrategy.AUTO,
+                          sockets: object = Sockets.ACTIVATION) -> tuple[MigrateStrategy, Sockets]:
+    """The (migrate, sockets) a new service asks for, checked against its kind: the
+    members, or LocalControlError in one line (refused at `service add`)."""
+    kind = service_kind(exec_spec)
+    wanted = member(MigrateStrategy, migrate)
+    if wanted is None:
+        raise LocalControlError(f"unknown migration strategy {migrate!r} (have: {', '.join(MigrateStrategy)})")
+    how = member(Sockets, sockets)
+    if how is None:
+        raise LocalControlError(f"unknown --sockets {sockets!r} (have: {', '.join(Sockets)})")
+    if wanted is not MigrateStrategy.AUTO:
+        migration_strategy(kind, wanted)  # refuses what the kind cannot use
+    if how is Sockets.SELF and kind is ServiceKind.BUILTIN:
+        raise LocalControlError("builtin services take their sockets from the agent (--sockets activation)")
+    if how is Sockets.ACTIVATION and kind is ServiceKind.ADOPTED:
+        how = Sockets.SELF  # an adopted process has bound its sockets already
+    return wanted, how

@@ -315,6 +315,14 @@ class Done(Reply):
 
 
 @reply_type
+class PrepareDone(Reply):
+    """The destination holds the new epoch; `endpoint` says where the source sends what
+    it must (the `process` strategy's image receiver: address, files_port, page_port)."""
+    endpoint: dict = field(default_factory=dict)
+    timing_ms: dict = field(default_factory=dict)
+
+
+@reply_type
 class FreezeDone(Reply):
     consumed: Mapping[Flow, int] = wire(CONSUMED)
     late_packets: tuple[bytes, ...] = ()
@@ -447,9 +455,14 @@ class Step(Message):
     epoch: str
 
 
-@message("migrate.prepare", reply=Done)
+@message("migrate.prepare", reply=PrepareDone)
 class Prepare(Step):
     source: str
+    # cluster-network addresses, filled in by the gateway's controller from its config
+    # (the machine knows node names only): where the destination listens for the image
+    # (`address`, its own) and whom it accepts it from (`source_address`)
+    address: str = ""
+    source_address: str = ""
 
 
 @message("migrate.arm", reply=Done)
@@ -459,7 +472,7 @@ class Arm(Step):
 
 @message("migrate.freeze", reply=FreezeDone)
 class Freeze(Step):
-    pass
+    endpoint: dict = field(default_factory=dict)  # the destination's PrepareDone.endpoint
 
 
 @message("migrate.chunk", reply=Done)
@@ -520,7 +533,10 @@ class ServiceAdd(Message):
     name: str
     node: str
     ports: tuple[str, ...]
-    exec: str
+    exec: str = ""  # a command line, builtin:NAME or external; empty with `pid`
+    migrate: str = "auto"  # kinds.MigrateStrategy
+    sockets: str = "activation"  # kinds.Sockets
+    pid: int | None = None  # adopt this running process on `node` (exec becomes adopted:PID)
 
 
 @message("service.remove")

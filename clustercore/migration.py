@@ -146,6 +146,7 @@ class Migration:
         self._consumed: dict[Flow, int] = {}
         self._late: tuple[bytes, ...] = ()
         self._facts: dict[str, Any] = {}
+        self._endpoint: dict = {}  # the destination's, from its PrepareDone
         self._lost_known = True
         self._reason = ""
         self._failed_step: str | None = None
@@ -263,6 +264,7 @@ class Migration:
 
     def _on_hold_ready(self, event: HoldReady, now: float) -> list[Command]:
         self._expect(event, self.dest)
+        self._endpoint = dict(event.endpoint)  # for the source, with the freeze
         return [SendToNode(self.source, self._message(msgs.Arm, destination=self.dest))]
 
     def _on_counting_ready(self, event: CountingReady, now: float) -> list[Command]:
@@ -273,7 +275,7 @@ class Migration:
         if (event.service, event.epoch) != (self.service, self.epoch):
             raise _Unexpected(f"gateway flipped {event.service} to {event.epoch}, expected "
                               f"{self.service} to {self.epoch}")
-        return [SendToNode(self.source, self._message(msgs.Freeze))]
+        return [SendToNode(self.source, self._message(msgs.Freeze, endpoint=self._endpoint))]
 
     def _on_frozen(self, event: Frozen, now: float) -> list[Command]:
         self._expect(event, self.source)

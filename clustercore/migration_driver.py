@@ -25,7 +25,7 @@ from .messages import Step
 # replies into events with this). Steps missing here (abort, inject) have nothing the
 # machine waits for.
 REPLY_EVENTS: dict[type, Callable[[str, object], mig.Event]] = {
-    msgs.Prepare: lambda node, r: mig.HoldReady(node=node),
+    msgs.Prepare: lambda node, r: mig.HoldReady(node=node, endpoint=getattr(r, "endpoint", None) or {}),
     msgs.Arm: lambda node, r: mig.CountingReady(node=node),
     msgs.Freeze: lambda node, r: mig.Frozen(
         node=node, consumed=r.consumed, late_packets=r.late_packets, socket_state=r.sockets,

@@ -5,7 +5,7 @@ that uses them is clustercore.migration (which re-exports every name here)."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -76,6 +76,7 @@ class Start(Event):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class HoldReady(Event):
     node: str  # the destination: its DestCutover holds the new epoch
+    endpoint: Mapping = field(default_factory=dict)  # where the source sends its image (process)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

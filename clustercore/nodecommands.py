@@ -363,6 +363,103 @@ class AdoptInstance(Command):
     sockets: tuple[Named, ...]
 
 
+# -- the `process` strategy (clustercore.process): the whole process tree, through criu
+
+@dataclass(frozen=True)
+class ImageSent:
+    """The result of DumpProcess: what was moved, and how long the source was frozen."""
+
+    image_bytes: int  # memory pages plus the other image files, as they travelled
+    dump_ms: float  # criu dump, pages streamed meanwhile
+    frozen_ms: float  # criu's own count
+    transfer_ms: float  # the other files, manifest, the destination's checks
+    tcp_established: int  # counted from the kernel before the dump
+    tcp_listening: int
+    output_pipe: str | None = None  # criu's name of the pipe on fds 1 and 2 ("pipe:[INODE]")
+
+
+@dataclass(frozen=True)
+class ImageReceiver:
+    """The result of StartImageReceiver: the receive in progress (opaque) and where the
+    source connects (`endpoint`, a plain dict for the wire)."""
+
+    receiver: Any
+    endpoint: dict
+
+
+@_command(waits=True)
+class StopTree(Command):
+    """SIGSTOP the instance's whole process group (the program is its session leader) and
+    wait (bounded) until its root is stopped. criu records the stopped state, so the
+    restored copy is stopped too until ThawProcess."""
+    instance: Any
+
+
+@_command()
+class TakeDatagramSockets(Command):
+    """Copies (pidfd_getfd) of the instance tree's UDP sockets on the VIP at these ports
+    (-> list[Named] named `udp-PORT`): criu carries no UDP receive queue, so they are
+    drained through these."""
+    instance: Any
+    ports: tuple[int, ...]
+
+
+@_command(waits=True)
+class DumpProcess(Command):
+    """`criu dump --leave-stopped` of the instance tree, its pages streamed to the
+    destination's receiver at `endpoint` (-> ImageSent). The tree stays stopped, its TCP
+    sockets in repair mode. KernelError with criu's reason in one line if it refuses."""
+    instance: Any
+    endpoint: dict
+    tcp_ports: tuple[int, ...]
+
+
+@_command()
+class ThawProcess(Command):
+    """Repair mode off for every TCP socket of the tree, then SIGCONT every process
+    (criu.thaw): a frozen source serves again; a restored copy starts (-> int)."""
+    instance: Any
+
+
+@_command()
+class StartImageReceiver(Command):
+    """Listen on `address` (ours, on the cluster network) for the image of `source`
+    (node name), accepted from `source_address` only (-> ImageReceiver)."""
+    service: str
+    source: str
+    address: str
+    source_address: str
+
+
+@_command(waits=True)
+class RestoreProcess(Command):
+    """Wait for the image to be complete and verified, then `criu restore` it: the copy
+    keeps the source's stopped state, and gets our pipe where the source's output pipe
+    was (-> instance). KernelError with criu's reason in one line."""
+    service: Service
+    receiver: Any
+    output_pipe: str | None
+
+
+@_command()
+class CancelReceiver(Command):
+    """Stop receiving (the source's transfer fails) and remove the image directory."""
+    receiver: Any
+
+
+@_command()
+class DiscardImage(Command):
+    """Remove a received image directory (restored, or given up)."""
+    receiver: Any
+
+
+@_command()
+class SilenceProcess(Command):
+    """Repair mode ON for every TCP socket of the tree (pidfd_getfd): when it is killed
+    they close without a FIN or RST (-> int)."""
+    instance: Any
+
+
 COMMAND_TYPES: tuple[type[Command], ...] = tuple(
     c for c in list(globals().values())
     if isinstance(c, type) and issubclass(c, Command) and c is not Command

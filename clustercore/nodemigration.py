@@ -38,8 +38,8 @@ Strategies. How a service moves is a `Playbook` subclass (nodecommands.Playbook)
 table names each step by the base class's method (`Playbook.freeze`) and the machine runs
 the selected strategy's version. The strategy is chosen in one place, `choose_playbook`,
 from the service's kind (clustercore.kinds); `PLAYBOOKS` lists what this node can do
-(`handoff` today: sockets taken, dumped and rebuilt, user-space state through the state
-hook; clustercore.handoff).
+(`handoff`: sockets taken, dumped and rebuilt, user-space state through the state hook,
+clustercore.handoff; `process`: the whole process tree through criu, clustercore.process).
 
 Adding a migration step: a row in TRANSITIONS, its playbook method, and the executor
 commands it needs (most steps reuse existing ones).
@@ -65,6 +65,7 @@ from . import messages as msgs
 from .cutover import DestCutover, SourceCutover
 from .errors import LocalControlError, VipError
 from .handoff import Handoff
+from .process import ProcessMigration
 from .kinds import MigrateStrategy, migration_strategy, service_kind
 from .nodecommands import (
     LOCAL_EVENTS,
@@ -126,13 +127,16 @@ class Cutovers:
 # The strategies this node can migrate with; a new one is a Playbook subclass listed here.
 PLAYBOOKS: Mapping[MigrateStrategy, type[Playbook]] = MappingProxyType({
     MigrateStrategy.HANDOFF: Handoff,
+    MigrateStrategy.PROCESS: ProcessMigration,
 })
 
 
 def choose_playbook(local: Local, forced: MigrateStrategy | None) -> Playbook:
-    """The one place a strategy is chosen: `forced`, or the service kind's preference."""
+    """The one place a strategy is chosen: `forced`, else the one the service asked for
+    at `service add` (`migrate`; `auto`: the kind's preference)."""
     try:
-        strategy = forced or migration_strategy(service_kind(local.service.exec_spec))
+        strategy = forced or migration_strategy(service_kind(local.service.exec_spec),
+                                                local.service.migrate)
     except LocalControlError as e:
         raise Refused(f"service '{local.service.name}': {e}") from None
     cls = PLAYBOOKS.get(strategy)

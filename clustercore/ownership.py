@@ -35,6 +35,8 @@ class Service:
     owner: str
     ports: tuple[tuple[int, int], ...]
     exec_spec: str
+    migrate: str = "auto"  # kinds.MigrateStrategy requested at `service add`
+    sockets: str = "activation"  # kinds.Sockets: who binds the VIP ports
 
     def to_dict(self) -> dict:
         return {
@@ -42,13 +44,16 @@ class Service:
             "owner": self.owner,
             "ports": [format_port(p) for p in self.ports],
             "exec": self.exec_spec,
+            "migrate": self.migrate,
+            "sockets": self.sockets,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Service":
         from .packet import parse_port_spec
 
-        return cls(d["name"], d["owner"], tuple(parse_port_spec(p) for p in d["ports"]), d["exec"])
+        return cls(d["name"], d["owner"], tuple(parse_port_spec(p) for p in d["ports"]), d["exec"],
+                   str(d.get("migrate", "auto")), str(d.get("sockets", "activation")))
 
 
 class ServiceTable:
@@ -99,7 +104,7 @@ class ServiceTable:
 
     def set_owner(self, name: str, owner: str) -> None:
         s = self._services[name]
-        self._services[name] = Service(s.name, owner, s.ports, s.exec_spec)
+        self._services[name] = Service(s.name, owner, s.ports, s.exec_spec, s.migrate, s.sockets)
 
     def snapshot(self) -> list[dict]:
         return [s.to_dict() for s in self]

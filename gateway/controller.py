@@ -11,6 +11,7 @@ connection into NodeLost, a timeout or a garbled reply into MessageLost.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Callable
@@ -52,6 +53,11 @@ class _Run:
 
     # --- Executor ---------------------------------------------------------------------
     def send(self, node: str, message: msgs.Step) -> None:
+        if isinstance(message, msgs.Prepare) and not message.address:
+            # the image of a `process` migration goes straight between the nodes
+            nodes = {n.name: n.address for n in self.gw.config.nodes}
+            message = dataclasses.replace(message, address=nodes.get(node, ""),
+                                          source_address=nodes.get(message.source, ""))
         task = asyncio.ensure_future(self._request(node, message))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

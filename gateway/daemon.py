@@ -23,7 +23,7 @@ import time
 from clustercore import messages as msgs
 from clustercore.config import GatewayConfig
 from clustercore.errors import ConfigError, LocalControlError, PeerControlError, VipError
-from clustercore.kinds import Delivery
+from clustercore.kinds import Delivery, adopted_spec, check_service_options
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
 from vipwire.auth import check_login_proof, load_key
@@ -327,7 +327,16 @@ class Gateway:
                 raise LocalControlError(str(e)) from None
             if not name or len(name) > SERVICE_NAME_MAX or not all(c.isalnum() or c in "-_." for c in name):
                 raise LocalControlError(f"invalid service name '{name}' (letters, digits, '-', '_', '.')")
-            service = Service(name, node, ports, exec_spec)
+            if msg.pid is not None:
+                if exec_spec:
+                    raise LocalControlError("give --exec or --pid, not both")
+                if isinstance(msg.pid, bool) or not isinstance(msg.pid, int) or msg.pid <= 1:
+                    raise LocalControlError(f"--pid must be a process id, got {msg.pid!r}")
+                exec_spec = adopted_spec(msg.pid)
+            elif not exec_spec:
+                raise LocalControlError("give --exec CMD (or --pid PID to adopt a running process)")
+            migrate, sockets = check_service_options(exec_spec, msg.migrate, msg.sockets)
+            service = Service(name, node, ports, exec_spec, str(migrate), str(sockets))
             self.table.check_add(service)
             if node not in self.agents:
                 raise LocalControlError(f"node '{node}' is down")

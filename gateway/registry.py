@@ -19,7 +19,9 @@ CREATE TABLE IF NOT EXISTS services (
     owner   TEXT NOT NULL,
     ports   TEXT NOT NULL,   -- JSON list of "proto:port"
     exec    TEXT NOT NULL,
-    epoch   INTEGER NOT NULL DEFAULT 1
+    epoch   INTEGER NOT NULL DEFAULT 1,
+    migrate TEXT NOT NULL DEFAULT 'auto',
+    sockets TEXT NOT NULL DEFAULT 'activation'
 );
 CREATE TABLE IF NOT EXISTS events (
     at      REAL NOT NULL,
@@ -27,6 +29,9 @@ CREATE TABLE IF NOT EXISTS events (
     detail  TEXT NOT NULL
 );
 """
+# columns added since the first schema: a registry from before gets them with their defaults
+ADDED_COLUMNS = (("migrate", "TEXT NOT NULL DEFAULT 'auto'"),
+                 ("sockets", "TEXT NOT NULL DEFAULT 'activation'"))
 
 
 class Registry:
@@ -36,6 +41,10 @@ class Registry:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(services)")}
+        for column, decl in ADDED_COLUMNS:
+            if column not in have:
+                self._db.execute(f"ALTER TABLE services ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self._db.close()
@@ -43,18 +52,21 @@ class Registry:
     def load(self) -> tuple[ServiceTable, dict[str, int]]:
         table = ServiceTable()
         epochs = {}
-        for name, owner, ports, exec_spec, epoch in self._db.execute(
-            "SELECT name, owner, ports, exec, epoch FROM services ORDER BY name"
+        for name, owner, ports, exec_spec, epoch, migrate, sockets in self._db.execute(
+            "SELECT name, owner, ports, exec, epoch, migrate, sockets FROM services ORDER BY name"
         ):
-            table.add(Service(name, owner, tuple(parse_port_spec(p) for p in json.loads(ports)), exec_spec))
+            table.add(Service(name, owner, tuple(parse_port_spec(p) for p in json.loads(ports)), exec_spec,
+                              migrate, sockets))
             epochs[name] = epoch
         return table, epochs
 
     def add_service(self, s: Service, epoch: int = 1) -> None:
         with self._db:
             self._db.execute(
-                "INSERT INTO services (name, owner, ports, exec, epoch) VALUES (?, ?, ?, ?, ?)",
-                (s.name, s.owner, json.dumps([format_port(p) for p in s.ports]), s.exec_spec, epoch),
+                "INSERT INTO services (name, owner, ports, exec, epoch, migrate, sockets) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (s.name, s.owner, json.dumps([format_port(p) for p in s.ports]), s.exec_spec, epoch,
+                 s.migrate, s.sockets),
             )
 
     def remove_service(self, name: str) -> None:

@@ -144,18 +144,32 @@ def service():
 @click.argument("name")
 @click.option("--node", "node_name", required=True, help="Node that runs the service.")
 @click.option("--port", "ports", multiple=True, required=True, help="PROTO:PORT, repeatable (tcp or udp).")
-@click.option("--exec", "exec_spec", required=True,
-              help=f"{', '.join(builtin_spec(b) for b in BUILTINS)}, external (you run it) or a command line.")
+@click.option("--exec", "exec_spec", default=None,
+              help=f"{', '.join(builtin_spec(b) for b in BUILTINS)}, external (you run it) or a command "
+                   "line (split like a shell would).")
+@click.option("--pid", type=int, default=None,
+              help="Adopt this running process on NODE instead (it binds the VIP itself and must run in "
+                   "its own PID namespace and session: unshare --pid --fork --kill-child setsid CMD).")
+@click.option("--migrate", type=click.Choice(["auto", "process", "handoff"]), default="auto", show_default=True,
+              help="How it moves: handoff (programs that speak it: the builtins), process (criu), "
+                   "auto (handoff if it can, else process).")
+@click.option("--sockets", type=click.Choice(["activation", "self"]), default="activation", show_default=True,
+              help="activation: the agent binds the ports and passes LISTEN_FDS; self: the program binds "
+                   "the VIP itself (nginx, redis-server, dnsmasq).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def service_add(obj, name, node_name, ports, exec_spec, as_json):
+def service_add(obj, name, node_name, ports, exec_spec, pid, migrate, sockets, as_json):
     """Start service NAME on NODE with its sockets on the VIP."""
     for p in ports:
         try:
             parse_port_spec(p)
         except ValueError as e:
             raise LocalControlError(str(e)) from None
-    result = call("service.add", obj["socket"], name=name, node=node_name, ports=list(ports), exec=exec_spec)
+    if (exec_spec is None) == (pid is None):
+        raise LocalControlError("give --exec CMD, or --pid PID to adopt a running process")
+    extra = {"pid": pid} if pid is not None else {"exec": exec_spec}
+    result = call("service.add", obj["socket"], name=name, node=node_name, ports=list(ports),
+                  migrate=migrate, sockets=sockets, **extra)
     _emit(result, as_json, out.render_service_added)
 
 

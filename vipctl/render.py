@@ -54,9 +54,10 @@ def render_status(st: dict) -> str:
 
 
 def render_services(rows: list[dict]) -> str:
-    lines = [f"{'SERVICE':<12} {'OWNER':<8} {'PORTS':<24} EXEC"]
+    lines = [f"{'SERVICE':<12} {'OWNER':<8} {'PORTS':<24} {'MIGRATE':<8} {'SOCKETS':<10} EXEC"]
     for s in rows:
-        lines.append(f"{s['name']:<12} {s['owner']:<8} {','.join(s['ports']):<24} {s['exec']}")
+        lines.append(f"{s['name']:<12} {s['owner']:<8} {','.join(s['ports']):<24} "
+                     f"{s.get('migrate', 'auto'):<8} {s.get('sockets', 'activation'):<10} {s['exec']}")
     return "\n".join(lines)
 
 

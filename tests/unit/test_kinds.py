@@ -17,7 +17,7 @@ ENUMS = (Delivery, Datapath, ServiceKind, MigrateStrategy)
 def test_members_are_todays_strings():
     assert [d.value for d in Delivery] == ["broadcast", "selective"]
     assert [d.value for d in Datapath] == ["fast", "queue"]
-    assert [k.value for k in ServiceKind] == ["builtin", "command", "external"]
+    assert [k.value for k in ServiceKind] == ["builtin", "command", "external", "adopted"]
     assert [s.value for s in MigrateStrategy] == ["auto", "process", "handoff"]
 
 
@@ -68,14 +68,18 @@ def test_every_kind_has_a_migration_rule():
 
 def test_which_kinds_migrate_and_how():
     assert can_migrate(ServiceKind.BUILTIN)
-    assert not can_migrate(ServiceKind.COMMAND) and not can_migrate(ServiceKind.EXTERNAL)
+    assert can_migrate(ServiceKind.COMMAND) and can_migrate(ServiceKind.ADOPTED)
+    assert not can_migrate(ServiceKind.EXTERNAL)
+    assert migration_strategy(ServiceKind.COMMAND) is MigrateStrategy.PROCESS
+    assert migration_strategy("command", "process") is MigrateStrategy.PROCESS
     assert migration_strategy(ServiceKind.BUILTIN) is MigrateStrategy.HANDOFF
     assert migration_strategy(ServiceKind.BUILTIN, MigrateStrategy.AUTO) is MigrateStrategy.HANDOFF
     assert migration_strategy("builtin", "handoff") is MigrateStrategy.HANDOFF  # strings from the wire
 
 
 @pytest.mark.parametrize("kind, requested, needle", [
-    (ServiceKind.COMMAND, MigrateStrategy.AUTO, "command-line services cannot be migrated yet"),
+    (ServiceKind.COMMAND, MigrateStrategy.HANDOFF, "command services cannot be migrated with strategy handoff"),
+    (ServiceKind.ADOPTED, MigrateStrategy.HANDOFF, "adopted services cannot be migrated with strategy handoff"),
     (ServiceKind.EXTERNAL, MigrateStrategy.AUTO, "external services cannot be migrated"),
     (ServiceKind.EXTERNAL, MigrateStrategy.HANDOFF, "external services cannot be migrated"),
     (ServiceKind.BUILTIN, MigrateStrategy.PROCESS, "builtin services cannot be migrated with strategy process"),
@@ -113,3 +117,29 @@ def test_kinds_is_pure():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
     assert imported <= {"__future__", "enum", "dataclasses", "types", "typing"}, imported
+
+
+@pytest.mark.parametrize("spec, migrate, sockets, want", [
+    ("builtin:echo", "auto", "activation", ("auto", "activation")),
+    ("builtin:echo", "handoff", "activation", ("handoff", "activation")),
+    ("python3 -m x", "process", "self", ("process", "self")),
+    ("nginx -g 'daemon off;'", "auto", "self", ("auto", "self")),
+    ("adopted:1234", "auto", "activation", ("auto", "self")),  # it bound its sockets already
+    ("external", "auto", "activation", ("auto", "activation")),
+])
+def test_service_options_accepted(spec, migrate, sockets, want):
+    assert kinds.check_service_options(spec, migrate, sockets) == want
+
+
+@pytest.mark.parametrize("spec, migrate, sockets, needle", [
+    ("builtin:echo", "process", "activation", "builtin services cannot be migrated with strategy process"),
+    ("python3 -m x", "handoff", "activation", "command services cannot be migrated with strategy handoff"),
+    ("external", "process", "activation", "external services cannot be migrated"),
+    ("builtin:echo", "auto", "self", "builtin services take their sockets from the agent"),
+    ("python3 -m x", "teleport", "self", "unknown migration strategy"),
+    ("python3 -m x", "auto", "both", "unknown --sockets"),
+])
+def test_service_options_refused_in_one_line(spec, migrate, sockets, needle):
+    with pytest.raises(LocalControlError, match=needle) as e:
+        kinds.check_service_options(spec, migrate, sockets)
+    assert "\n" not in str(e.value)

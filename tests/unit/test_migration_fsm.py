@@ -478,3 +478,19 @@ def test_migration_book_refuses_bad_requests():
     book.begin(service=SERVICE, owner=DST, dest=SRC, nodes=nodes)
     with pytest.raises(LocalControlError):
         book.finish("db")
+
+
+def test_the_destinations_endpoint_reaches_the_source_with_the_freeze():
+    """The `process` strategy's image goes straight between the nodes: the destination says
+    where in its PrepareDone (HoldReady.endpoint), the gateway hands it on in Freeze. No
+    new state or pair: the same table, one more field carried."""
+    endpoint = {"address": "192.0.2.12", "files_port": 4001, "page_port": 4002}
+    d = Driver()
+    d.feed(Start())
+    d.feed(HoldReady(node=DST, endpoint=endpoint))
+    d.feed(CountingReady(node=SRC))
+    out = d.feed(EpochFlipped(service=SERVICE, epoch=EPOCH))
+    assert actions(out)[0] == SendToNode(SRC, msg("freeze", endpoint=endpoint))
+    # without one (the handoff) the freeze carries an empty endpoint, as before
+    d = reach(State.FREEZING)
+    assert SendToNode(SRC, msg("freeze")) in actions(d.log)

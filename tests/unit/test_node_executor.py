@@ -521,7 +521,7 @@ def test_destination_prepare_chunk_restore_release_script(tmp_path):
     wire.update(streamed=3, app_state="e30=")
 
     async def script():
-        assert await ma.handle(step(msgs.Prepare, source="n1")) == msgs.Done()
+        assert await ma.handle(step(msgs.Prepare, source="n1")) == msgs.PrepareDone()
         prepare = log.names()
         log.clear()
         chunk = msgs.Chunk(service="echo", seq=0, count=3, packed=sockwire.pack_connections(streamed))

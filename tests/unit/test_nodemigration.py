@@ -234,7 +234,7 @@ def test_the_destination_script():
     assert script(m, EVENTS[msgs.Prepare](), [
         (nc.LookUp, nc.Local(ECHO)), (nc.CountKernelDrops, 0), (nc.InstallRole, None),
         (nc.OpenSockets, [("tcp-7", "NL"), ("udp-7", "NU")]), (nc.StartGated, "new"), (nc.WaitReady, None),
-    ]) == msgs.Done()
+    ]) == msgs.PrepareDone()
     assert isinstance(m.playbook.destination.cut, DestCutover) and m.source_node == "n1"
     assert script(m, EVENTS[msgs.Chunk](), [(nc.RestoreConnections, ["S1"]), (nc.ReadClock, T0 + 0.002)]) == msgs.Done()
     restored = script(m, step(msgs.Restore, sockets=restore_wire(streamed=1)), [
@@ -470,8 +470,8 @@ def test_endings_follow_the_registry_owner():
 
 def test_the_strategy_is_chosen_from_the_service_kind():
     assert type(choose_playbook(nc.Local(ECHO), None)) is PLAYBOOKS[MigrateStrategy.HANDOFF]
-    command = Service("web", "n1", ((TCP, 80),), "/usr/sbin/nginx")
-    with pytest.raises(nc.Refused, match="command-line services cannot be migrated"):
+    command = Service("web", "n1", ((TCP, 80),), "/usr/sbin/nginx", "handoff")
+    with pytest.raises(nc.Refused, match="command services cannot be migrated with strategy handoff"):
         choose_playbook(nc.Local(command), None)
     m = NodeMigration("web", "n2")
     reply = run_to_end(m.handle(msgs.Prepare(service="web", epoch=EPOCH, source="n1"), T0),
