@@ -21,13 +21,14 @@ from clustercore import fastpath
 from clustercore import messages as msgs
 from clustercore.config import NodeConfig
 from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
-from clustercore.kinds import Datapath, ServiceKind, service_kind
+from clustercore.kinds import Datapath, ServiceKind, adopted_pid, service_kind
 from clustercore.ownership import NodeFilter, Service
+from clustercore.packet import TCP
 from vipwire.auth import load_key, login_proof
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
-from . import iptables, netlink, services
+from . import criu, iptables, netlink, services
 from .migrate import MigrationAgent
 from .queue import PacketQueue
 from .verdictlog import VerdictLog
@@ -67,6 +68,7 @@ class NodeAgent:
         }
         self.verdict_log = VerdictLog()  # opt-in, for `vipctl replay --mode packets`
         self.log_dir = os.path.join(config.state_dir, "services")
+        self._process_strategy: dict | None = None
 
     # --- lifecycle -------------------------------------------------------------------
     def prepare_kernel(self) -> None:
@@ -122,6 +124,7 @@ class NodeAgent:
         self._end_orphans()
         self.queue = PacketQueue(cfg.queue_num, cfg.queue_maxlen, self.decide)
         self.queue.attach(asyncio.get_running_loop())
+        self._criu_check = asyncio.ensure_future(self._check_criu())
         self._fast_rules: list[str] | None = None
         self._kernel_base: dict[str, dict[str, int]] = {}
         self.sync_datapath()
@@ -286,17 +289,28 @@ class NodeAgent:
             return {"pid": None, "fds": []}
         if service.name in self.running:
             raise LocalControlError(f"service '{service.name}' already runs on {self.config.name}")
-        socks = sockets if sockets is not None else services.open_sockets(self.config.vip, service.ports)
-        try:
-            rs = services.spawn(service, socks, self.log_dir, extra_env)
-        except VipError:
-            for _, s in socks:
-                s.close()
-            raise
+        kind = service_kind(service.exec_spec)
+        if kind is ServiceKind.ADOPTED:
+            rs = services.adopt(service, adopted_pid(service.exec_spec) or 0, self.log_dir)
+            names: list[str] = []
+        elif kind is ServiceKind.COMMAND:
+            # the `process` strategy moves it: own PID namespace and session, output pipe
+            rs = services.start_isolated(service, self.config.vip, self.log_dir, extra_env=extra_env)
+            names = [] if service.sockets == "self" else [
+                f"{'tcp' if proto == TCP else 'udp'}-{port}" for proto, port in service.ports]
+        else:
+            socks = sockets if sockets is not None else services.open_sockets(self.config.vip, service.ports)
+            try:
+                rs = services.spawn(service, socks, self.log_dir, extra_env)
+            except VipError:
+                for _, s in socks:
+                    s.close()
+                raise
+            names = [n for n, _ in socks]
         self.running[service.name] = rs
         self.restarts[service.name] = 0
         self.record_running()
-        return {"pid": rs.pid, "fds": [n for n, _ in socks]}
+        return {"pid": rs.pid, "fds": names}
 
     def stop_service(self, name: str) -> dict:
         svc = self.filter.services.get(name)
@@ -340,7 +354,18 @@ class NodeAgent:
             "processes": {n: {"pid": rs.pid, "alive": rs.process.poll() is None}
                           for n, rs in self.running.items()},
             "queue_errors": self.queue.errors if self.queue else 0,
+            "process_strategy": self.process_strategy(),
         }
+
+    def process_strategy(self) -> dict:
+        """Can this node move services with the `process` strategy (criu), and if not, why.
+        criu.available() runs `criu check` (a second or so): once, in a thread, at start."""
+        return self._process_strategy or {"available": False, "reason": "checking criu"}
+
+    async def _check_criu(self) -> None:
+        ok, why = await asyncio.to_thread(criu.available)
+        self._process_strategy = {"available": ok, "reason": why}
+        log.info("process strategy: %s (%s)", "available" if ok else "unavailable", why)
 
     async def _watch_services(self) -> None:
         while True:
@@ -357,7 +382,13 @@ class NodeAgent:
                 log.warning("service %s (pid %d) exited with %s; restarting (%d/%d)",
                             name, rs.pid, code, n + 1, MAX_RESTARTS)
                 await self.notify(f"service {name} exited with {code}; restarting")
-                self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir)
+                if service_kind(rs.service.exec_spec) is ServiceKind.ADOPTED:
+                    self.restarts[name] = MAX_RESTARTS  # not ours to restart
+                    continue
+                if service_kind(rs.service.exec_spec) is ServiceKind.COMMAND:
+                    self.running[name] = services.start_isolated(rs.service, self.config.vip, self.log_dir)
+                else:
+                    self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir)
                 self.restarts[name] = n + 1
                 self.record_running()
 

@@ -555,17 +555,18 @@ def _children(pid: int) -> list[int]:
 
 def spawn_isolated(argv: Sequence[str], env: Mapping[str, str] | None, cwd: str,
                    log_fd: int, *, netns_path: str | None = None,
-                   timeout: float = 5.0) -> IsolatedProcess:
+                   timeout: float = 5.0, pass_fds: Sequence[int] = ()) -> IsolatedProcess:
     """Start argv for the `process` strategy: own PID namespace and session, stdin
     /dev/null, stdout and stderr on log_fd (the write end of a pipe the agent reads), no
     other descriptor. netns_path: start it in that network namespace (tests; the agent
     already runs in its node's); nsenter execs unshare without forking, so the Popen is
-    unshare either way."""
+    unshare either way. pass_fds: descriptors the program inherits at their numbers (the
+    caller's socket-activation wrapper moves them to 3.. and closes the originals)."""
     try:
         launcher = subprocess.Popen(
             in_netns_argv(netns_path, isolated_argv(argv)), env=dict(env) if env is not None else None,
             cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-            close_fds=True, start_new_session=True)
+            close_fds=True, start_new_session=True, pass_fds=tuple(pass_fds))
     except OSError as e:
         raise KernelError(f"start {argv[0]}", e.errno, "in its own PID namespace") from None
     deadline = time.monotonic() + timeout
@@ -633,3 +634,30 @@ def thaw(root: int) -> int:
         except ProcessLookupError:
             pass
     return repaired
+
+
+TCP_REPAIR_ON = 1
+
+
+def silence(root: int) -> int:
+    """Put every TCP socket of the tree into repair mode (pidfd_getfd, TCP_REPAIR on), so
+    that killing it sends nothing: no FIN, no RST. For a restored copy that must be given
+    up (an aborted migration): its peers still belong to the source. Returns how many."""
+    silenced = 0
+    for pid in tree_pids(root):
+        try:
+            socks = pidfd.take_sockets(pid)
+        except KernelError:
+            continue
+        try:
+            for sock in socks.values():
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+                    try:
+                        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+                        silenced += 1
+                    except OSError:
+                        pass  # a listener in some states refuses: it has no peer to tell
+        finally:
+            for sock in socks.values():
+                sock.close()
+    return silenced

@@ -55,7 +55,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -634,7 +634,7 @@ class SendStats:
 
 def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | None = None,
             tls: TlsFiles | None = None, dest_node: str | None = None,
-            timeout: float = 120.0) -> SendStats:
+            timeout: float = 120.0, extra: Iterable[str] = ()) -> SendStats:
     """Dump the tree rooted at pid (criu.dump: --leave-stopped, in netns_path) and move the
     image to the receiver at endpoint; return once the destination has verified all of it.
 
@@ -662,7 +662,7 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
         t0 = time.monotonic()
         dumped = criu.dump(pid, images_dir, netns_path=netns_path, tls=tls,
                            page_server=(endpoint.address, endpoint.page_port) if streamed else None,
-                           ps_socket=pages.fileno() if pages else None)
+                           ps_socket=pages.fileno() if pages else None, extra=extra)
         t1 = time.monotonic()
         try:
             entries = [_send_file(wire, images_dir, name)

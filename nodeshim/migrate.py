@@ -16,6 +16,13 @@ Fault injection for the lab tests: if the file `<state_dir>/faults/<OP>` (the me
 wire name, e.g. `migrate.freeze`) exists when a step arrives, its content says what to do:
 `fail` (refuse the step), `die` (the agent exits at once, like a crash), `drop` (close the
 gateway connection without answering). The file is removed when it fires.
+
+Faults inside the `process` strategy's commands (same directory, same one-shot files):
+`criu.dump` / `criu.restore` (content `fail`): criu is run with an option it refuses, so
+it really fails and its own reason comes back; `image.receive` (content `cut`): the
+destination cancels the receive as soon as the first image bytes arrive (a transfer cut
+mid-way); `criu.restore` with content `die`: the agent exits right after criu restored the
+copy (a destination killed at restore).
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -33,7 +42,7 @@ from clustercore import nodecommands as nc
 from clustercore.errors import KernelError, LocalControlError, VipError
 from clustercore.nodemigration import Failure, NodeMigration, NodeMigrations, Runner, role_still_needed
 
-from . import pidfd, queue, services, tcprepair, udphandoff
+from . import criu, imagexfer, pidfd, queue, services, tcprepair, udphandoff
 
 log = logging.getLogger("vipcluster.migrate")
 
@@ -47,6 +56,8 @@ SYN_RECV_WAIT_S = 0.5  # half-open handshakes may finish this long (new SYNs are
 SYN_RECV_POLL_S = 0.002
 READY_TIMEOUT_S = 10.0  # the gated new instance must say `ready` by then
 FAULT_EXIT_STATUS = 17  # a `die` fault: the agent exits like a crash
+STOP_TREE_TIMEOUT_S = 2.0  # a process tree must have stopped by then (SIGSTOP)
+IMAGE_TIMEOUT_S = 60.0  # a process image must be dumped and moved, or restored, by then
 LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -59,6 +70,8 @@ class Kernel:
     pidfd: Any = pidfd
     services: Any = services
     queue: Any = queue
+    criu: Any = criu
+    imagexfer: Any = imagexfer
     clock: Callable[[], float] = time.monotonic
 
 
@@ -250,6 +263,16 @@ class MigrationAgent:
             nc.OpenGate: lambda c: k.services.open_gate(c.instance, list(c.connections),
                                                         state_path=c.state_path),
             nc.AdoptInstance: self._adopt_instance,
+            # the process strategy
+            nc.StopTree: self._stop_tree,
+            nc.TakeDatagramSockets: self._take_datagram_sockets,
+            nc.DumpProcess: lambda c: asyncio.to_thread(self._dump_process, c),
+            nc.ThawProcess: lambda c: k.criu.thaw(c.instance.pid),
+            nc.StartImageReceiver: self._start_image_receiver,
+            nc.RestoreProcess: lambda c: asyncio.to_thread(self._restore_process, c),
+            nc.CancelReceiver: lambda c: c.receiver.cancel(),
+            nc.DiscardImage: lambda c: c.receiver.close(),
+            nc.SilenceProcess: lambda c: k.criu.silence(c.instance.pid),
         }
 
     def _look_up(self, cmd: nc.LookUp) -> nc.Local:
@@ -318,3 +341,135 @@ class MigrationAgent:
         self.agent.running[cmd.service] = rs
         self.agent.restarts[cmd.service] = 0
         self.agent.record_running()
+
+    # --- the process strategy -----------------------------------------------------------
+    def _armed_fault(self, name: str) -> str | None:
+        """A one-shot fault file inside a command (see the module docstring): its content."""
+        path = os.path.join(self.fault_dir, name)
+        try:
+            with open(path) as f:
+                what = f.read().strip()
+        except FileNotFoundError:
+            return None
+        os.unlink(path)
+        log.warning("fault injection at %s: %s", name, what)
+        return what
+
+    def _criu_fault(self, name: str) -> list[str]:
+        """criu's extra arguments: one it refuses when the fault is armed (criu fails for real)."""
+        return ["--vipcluster-fault-injected"] if self._armed_fault(name) == "fail" else []
+
+    def _images_dir(self, service: str, what: str) -> str:
+        parent = os.path.join(self.agent.config.state_dir, "images")
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        return os.path.join(parent, f"{service}-{what}-{time.time_ns()}")
+
+    async def _stop_tree(self, cmd: nc.StopTree) -> None:
+        k, pid = self.kernel, cmd.instance.pid
+        k.pidfd.signal_group(pid, signal.SIGSTOP)
+        deadline = k.clock() + STOP_TREE_TIMEOUT_S
+        while (state := k.pidfd.process_state(pid)) not in k.pidfd.STOPPED_STATES:
+            if state in k.pidfd.GONE_STATES:
+                raise KernelError("stop", None, f"service process {pid} exited")
+            if k.clock() > deadline:
+                raise KernelError("stop", None, f"service process {pid} did not stop")
+            await asyncio.sleep(QUIESCE_POLL_S)
+
+    def _take_datagram_sockets(self, cmd: nc.TakeDatagramSockets) -> list[nc.Named]:
+        import socket as _socket
+        k, vip, ports = self.kernel, self.agent.config.vip, set(cmd.ports)
+        out: list[nc.Named] = []
+        seen: set[int] = set()
+        try:
+            for pid in k.criu.tree_pids(cmd.instance.pid):
+                for sock in k.pidfd.take_sockets(pid).values():
+                    keep = False
+                    if sock.family == _socket.AF_INET and sock.type == _socket.SOCK_DGRAM:
+                        try:
+                            addr = sock.getsockname()
+                            ino = os.fstat(sock.fileno()).st_ino
+                        except OSError:
+                            addr, ino = None, None
+                        if addr and addr[0] == vip and addr[1] in ports and ino not in seen:
+                            seen.add(ino)
+                            out.append((f"udp-{addr[1]}", sock))
+                            keep = True
+                    if not keep:
+                        sock.close()
+        except BaseException:
+            for _, sock in out:
+                sock.close()
+            raise
+        return out
+
+    def _dump_process(self, cmd: nc.DumpProcess) -> nc.ImageSent:
+        """In a thread: the agent's loop keeps taking verdicts (the hold fills) meanwhile."""
+        k, vip, rs = self.kernel, self.agent.config.vip, cmd.instance
+        established = k.tcprepair.count_connections(vip, cmd.tcp_ports, {k.tcprepair.ESTABLISHED})
+        images = self._images_dir(rs.service.name, "out")
+        try:
+            endpoint = k.imagexfer.Endpoint(**cmd.endpoint)
+        except TypeError as e:
+            raise LocalControlError(f"bad image endpoint {cmd.endpoint!r}: {e}") from None
+        extra = self._criu_fault("criu.dump")
+        try:
+            sent = k.imagexfer.dump_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S,
+                                       **({"extra": extra} if extra else {}))
+        finally:
+            shutil.rmtree(images, ignore_errors=True)
+        return nc.ImageSent(image_bytes=sent.page_bytes + sent.file_bytes, dump_ms=sent.dump_ms,
+                            frozen_ms=sent.frozen_ms, transfer_ms=sent.transfer_ms,
+                            tcp_established=established, tcp_listening=len(cmd.tcp_ports),
+                            output_pipe=getattr(rs, "output_pipe", None))
+
+    def _start_image_receiver(self, cmd: nc.StartImageReceiver) -> nc.ImageReceiver:
+        k = self.kernel
+        rx = k.imagexfer.start_receive(self._images_dir(cmd.service, "in"), cmd.address, cmd.source_address)
+        if self._armed_fault("image.receive") == "cut":
+            def cut() -> None:  # as soon as the first bytes are here, the link is cut
+                deadline = time.monotonic() + IMAGE_TIMEOUT_S
+                while time.monotonic() < deadline:
+                    try:
+                        if os.listdir(rx.images_dir):
+                            break
+                    except OSError:
+                        return
+                    time.sleep(0.001)
+                log.warning("fault injection: cutting the image transfer of %s", cmd.service)
+                rx.cancel()
+            threading.Thread(target=cut, daemon=True).start()
+        e = rx.endpoint
+        return nc.ImageReceiver(rx, {"address": e.address, "files_port": e.files_port, "page_port": e.page_port})
+
+    def _restore_process(self, cmd: nc.RestoreProcess):
+        """In a thread: wait for the verified image, criu restore it (the copy keeps the
+        source's stopped state), our new pipe where its output pipe was."""
+        k, svc = self.kernel, cmd.service
+        fault = self._armed_fault("criu.restore")
+        read_fd, write_fd = os.pipe()
+        pidfile = cmd.receiver.images_dir + ".pid"
+        try:
+            inherit = {write_fd: cmd.output_pipe} if cmd.output_pipe else None
+            kw = {"extra": ["--vipcluster-fault-injected"]} if fault == "fail" else {}
+            if kw:  # criu really refuses: wait for the image as restore would, then run it
+                cmd.receiver.wait(IMAGE_TIMEOUT_S)
+                pid = k.criu.restore(cmd.receiver.images_dir, pidfile=pidfile, inherit_fds=inherit, **kw)
+            else:
+                pid = k.imagexfer.restore(cmd.receiver, pidfile=pidfile, inherit_fds=inherit,
+                                          timeout=IMAGE_TIMEOUT_S)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+        rs = k.services.restored_instance(svc, pid, read_fd, self.agent.log_dir)
+        if not k.criu.stopped(pid):  # criu restores the dumped (stopped) state; if not: now
+            k.pidfd.signal_group(pid, signal.SIGSTOP)
+        if fault == "die":
+            log.warning("fault injection: the agent dies right after the restore")
+            os._exit(FAULT_EXIT_STATUS)
+        return rs

@@ -20,6 +20,7 @@ import shlex
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -116,6 +117,52 @@ class Process:
         return self.returncode
 
 
+class IsolatedRun:
+    """A `process`-strategy program started by criu.spawn_isolated: pid is the program
+    (PID 1 of its namespace, its session leader), reaped through its launcher (unshare)."""
+
+    def __init__(self, isolated) -> None:
+        self.isolated = isolated
+        self.pid = isolated.pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.isolated.poll()
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.returncode
+
+
+class ForeignProcess:
+    """A process that is not our child (adopted with --pid): watched through /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                with open(f"/proc/{self.pid}/stat") as f:
+                    state = f.read().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                state = "X"
+            if state in ("X", "Z"):
+                self.returncode = -1
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.returncode
+
+
 @dataclass
 class RunningService:
     service: Service
@@ -124,6 +171,7 @@ class RunningService:
     log_path: str
     started_at: float = field(default_factory=time.time)
     gate_fd: int | None = None  # write end of the start gate (gated spawns only)
+    output_pipe: str | None = None  # criu's name of the pipe on its fds 1 and 2 (process strategy)
 
     @property
     def pid(self) -> int:
@@ -291,3 +339,122 @@ def stop(rs: RunningService, timeout: float = 3.0) -> None:
     for _, s in rs.sockets:
         s.close()
     log.info("stopped %s (pid %d, exit %s)", rs.service.name, proc.pid, proc.returncode)
+
+
+# ---------------------------------------------------------------- the `process` strategy
+
+def _copy_output(read_fd: int, log_path: str, name: str) -> None:
+    """Copy a program's output pipe into its log until every writer is gone (the program
+    exits, or is migrated away and killed). A thread: the agent's loop never waits on it."""
+    def run() -> None:
+        try:
+            with open(log_path, "ab", buffering=0) as out:
+                while True:
+                    data = os.read(read_fd, 65536)
+                    if not data:
+                        return
+                    out.write(data)
+        except OSError as e:
+            log.warning("output of %s: %s", name, e)
+        finally:
+            os.close(read_fd)
+    threading.Thread(target=run, name=f"output {name}", daemon=True).start()
+
+
+# moves the descriptors passed at 100.. to 3.. and sets LISTEN_PID to the program's own
+# PID (1: it is its namespace's init), then execs the program: no process of ours remains.
+# Python, not sh: dash takes single-digit descriptors only in redirections.
+_ACTIVATION_WRAPPER = (
+    "import os, sys\n"
+    "fds = [int(f) for f in os.environ.pop('VIPCLUSTER_PASS_FDS').split()]\n"
+    "for i, fd in enumerate(fds):\n"
+    "    os.dup2(fd, 3 + i)\n"
+    "for fd in fds:\n"
+    "    if fd >= 3 + len(fds): os.close(fd)\n"
+    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n")
+
+
+def start_isolated(service: Service, vip: str, log_dir: str, *, spawn_isolated=None,
+                   extra_env: dict[str, str] | None = None) -> RunningService:
+    """Start a command-line service for the `process` strategy: its own PID namespace and
+    session, no inherited descriptor but /dev/null and its output pipe (criu.spawn_isolated),
+    the pipe copied into the node's service log by the agent. With `--sockets activation`
+    the agent binds the ports, passes them as LISTEN_FDS (fds 3..) and closes its own
+    copies: the program alone holds them, so criu can move them."""
+    from . import criu
+    spawn_isolated = spawn_isolated or criu.spawn_isolated
+    argv = argv_for(service.exec_spec)
+    os.makedirs(log_dir, mode=0o700, exist_ok=True)
+    log_path = os.path.join(log_dir, f"{service.name}.log")
+    activation = service.sockets != "self"
+    sockets = open_sockets(vip, service.ports) if activation else []
+    env = dict(os.environ)
+    env.pop("LISTEN_PID", None)
+    env.update({"VIPCLUSTER_SERVICE": service.name})
+    high: list[int] = []
+    try:
+        if activation:
+            high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for _, s in sockets]
+            env.update({"LISTEN_FDS": str(len(sockets)),
+                        "LISTEN_FDNAMES": ":".join(n for n, _ in sockets),
+                        "VIPCLUSTER_PASS_FDS": " ".join(map(str, high))})
+            argv = [sys.executable, "-c", _ACTIVATION_WRAPPER, *argv]
+        env.update(extra_env or {})
+        read_fd, write_fd = os.pipe()
+        try:
+            isolated = spawn_isolated(argv, env, log_dir, write_fd, pass_fds=high)
+            output = criu.pipe_key(write_fd)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+    finally:
+        for fd in high:
+            os.close(fd)
+        for _, s in sockets:
+            s.close()  # the program holds them now; criu must own them alone
+    _copy_output(read_fd, log_path, service.name)
+    log.info("started %s (pid %d, own PID namespace): %s, sockets %s", service.name, isolated.pid,
+             " ".join(argv_for(service.exec_spec)), "from the agent" if activation else "its own")
+    return RunningService(service, [], IsolatedRun(isolated), log_path, output_pipe=output)
+
+
+def restored_instance(service: Service, pid: int, read_fd: int, log_dir: str) -> RunningService:
+    """A copy criu restored here (our child, --restore-sibling), its output on our pipe."""
+    log_path = os.path.join(log_dir, f"{service.name}.log")
+    os.makedirs(log_dir, mode=0o700, exist_ok=True)
+    _copy_output(read_fd, log_path, service.name)
+    return RunningService(service, [], Process(pid), log_path)
+
+
+def own_namespace_and_session(pid: int) -> str | None:
+    """Why `pid` cannot be adopted for the `process` strategy, or None if it can: it must
+    be the init of its own PID namespace and its own session leader, or criu refuses."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        with open(f"/proc/{pid}/stat") as f:
+            fields_ = f.read().rpartition(")")[2].split()
+    except (OSError, ValueError):
+        return f"no process {pid} on this node"
+    nspid = status.get("NSpid", "").split()
+    if len(nspid) < 2 or nspid[-1] != "1":
+        return (f"process {pid} is not the first process of its own PID namespace (start it with "
+                "`unshare --pid --fork --kill-child setsid CMD` and give the PID of CMD)")
+    if int(fields_[3]) != pid:  # session id, host view
+        return f"process {pid} does not lead its own session (start it under setsid)"
+    if os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"):
+        return f"process {pid} is in another mount namespace (criu must share the agent's)"
+    return None
+
+
+def adopt(service: Service, pid: int, log_dir: str) -> RunningService:
+    """Take over a running process the operator started (it binds the VIP itself)."""
+    why = own_namespace_and_session(pid)
+    if why is not None:
+        raise LocalControlError(f"cannot adopt for service '{service.name}': {why}")
+    log_path = os.path.join(log_dir, f"{service.name}.log")
+    log.info("adopted %s (pid %d)", service.name, pid)
+    return RunningService(service, [], ForeignProcess(pid), log_path)

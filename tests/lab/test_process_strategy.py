@@ -1,0 +1,134 @@
+"""The `process` strategy in the lab: an unmodified program (examples/procecho.py, and
+nginx from Debian) moves between nodes with criu, under load, with the same oracle as the
+handoff (vipctl/loadgen.py: every TCP message echoed once and in order, every datagram
+answered once, no reset), and every fault rolls back with the service still answering."""
+
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from clustercore.kinds import Delivery
+from nodeshim import criu
+from tests.lab.conftest import ROOT, LabHandle, unique_prefix
+from tests.lab.test_migration import assert_exact, fault, finish_load, migrate, owner, start_load
+from vipctl import lab as labmod
+from vipctl.lab import VIP
+
+pytestmark = pytest.mark.skipif(not criu.available()[0], reason="criu cannot run here: " + criu.available()[1])
+
+ECHO = os.path.join(ROOT, "examples", "procecho.py")
+NEXT = {"n1": "n2", "n2": "n3", "n3": "n1"}
+
+
+@pytest.fixture(scope="module")
+def plab():
+    spec = labmod.Lab(unique_prefix("p"), 3, delivery=Delivery.SELECTIVE)
+    labmod.down(spec, log=lambda *a: None)
+    try:
+        labmod.up(spec, log=lambda *a: None)
+        yield LabHandle(spec)
+    finally:
+        labmod.down(spec, log=lambda *a: None)
+
+
+def add(h, name, sockets, port=7):
+    cmd = f"{sys.executable} {ECHO}" + (f" --bind {VIP} --port {port}" if sockets == "self" else "")
+    r = h.vipctl("service", "add", name, "--node", "n1", "--port", f"tcp:{port}", "--port", f"udp:{port}",
+                 "--migrate", "process", "--sockets", sockets, "--exec", cmd, "--json")
+    added = json.loads(r.stdout)
+    assert added["migrate"] == "process" and added["sockets"] == sockets, added
+    return added
+
+
+def remove(h, name):
+    h.vipctl("service", "remove", name, check=False)
+
+
+def log_text(h, node, name):
+    try:
+        with open(os.path.join(h.lab.state_dir, node, "services", f"{name}.log")) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+@pytest.mark.parametrize("sockets", ["activation", "self"])
+def test_a_program_moves_round_the_nodes_under_load(plab, tmp_path, sockets):
+    add(plab, "pecho", sockets)
+    try:
+        listed = json.loads(plab.vipctl("service", "list", "--json").stdout)
+        assert next(s for s in listed if s["name"] == "pecho")["migrate"] == "process"
+        p, stop = start_load(plab, tmp_path, f"p{sockets}", conns=20, kv=False, duration=120.0)
+        reports = []
+        try:
+            for destination in ("n2", "n3", "n1"):
+                reports.append(migrate(plab, "pecho", destination)[0])
+                time.sleep(0.3)
+        finally:
+            r = finish_load(p, stop)
+        assert_exact(r)
+        for x in reports:
+            assert x["outcome"] == "committed" and x["lost"] == 0, x
+            assert x["bytes_moved"] > 100_000 and x["tcp_established"] >= 20, x
+            assert x["held"] == x["released"] + x["duplicates_suppressed"], x
+        print("process migration report:", json.dumps(reports[0]))
+        assert owner(plab, "pecho") == "n1"
+        # its output reached the node's log before the moves (n1) and after them (n2 moved it on)
+        assert "serving" in log_text(plab, "n1", "pecho")
+    finally:
+        remove(plab, "pecho")
+
+
+@pytest.mark.parametrize("node_of, op, action, why", [
+    ("dest", "criu.restore", "fail", "criu restore"),
+    ("dest", "image.receive", "cut", "image"),
+    ("dest", "criu.restore", "die", "lost"),
+    ("source", "criu.dump", "fail", "criu dump"),
+])
+def test_faults_roll_back_and_the_service_still_answers(plab, tmp_path, node_of, op, action, why):
+    add(plab, "pfault", "activation", port=9)
+    try:
+        p, stop = start_load_port(plab, tmp_path, f"f{op}{action}", 9)
+        try:
+            source = owner(plab, "pfault")
+            dest = NEXT[source]
+            fault(plab, dest if node_of == "dest" else source, op, action)
+            report, res = migrate(plab, "pfault", dest, check=False)
+            assert res.returncode != 0 and report and report["outcome"] == "rolled_back", (res.stdout, res.stderr)
+            assert why in report["reason"], report
+            assert owner(plab, "pfault") == source
+            if action == "die":
+                wait_node_up(plab, dest)
+            time.sleep(0.3)
+        finally:
+            r = finish_load(p, stop)
+        assert_exact(r)
+        # and it still moves afterwards
+        migrate(plab, "pfault", dest)
+    finally:
+        remove(plab, "pfault")
+
+
+def start_load_port(h, tmp_path, tag, port):
+    import subprocess
+    os.chmod(tmp_path, 0o777)
+    ready, stop = tmp_path / f"{tag}.ready", tmp_path / f"{tag}.stop"
+    args = [sys.executable, "-m", "vipctl.loadgen", VIP, "--tcp-port", str(port), "--udp-port", str(port),
+            "--conns", "10", "--duration", "120", "--ready-file", str(ready), "--stop-file", str(stop)]
+    p = h.client_popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    from tests.lab.test_migration import wait_ready
+    wait_ready(p, ready, 60)
+    return p, stop
+
+
+def wait_node_up(h, node, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        nodes = {n["name"]: n for n in h.status()["nodes"]}
+        if nodes[node]["state"] == "up":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{node} did not come back")
