@@ -122,6 +122,7 @@ class NodeAgent:
     async def start(self) -> None:
         cfg = self.config
         self._end_orphans()
+        self.migrations.end_restored_orphans()
         self.queue = PacketQueue(cfg.queue_num, cfg.queue_maxlen, self.decide)
         self.queue.attach(asyncio.get_running_loop())
         self._criu_check = asyncio.ensure_future(self._check_criu())

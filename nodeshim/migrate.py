@@ -28,6 +28,7 @@ copy (a destination killed at restore).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -251,7 +252,7 @@ class MigrationAgent:
             nc.Resume: lambda c: k.pidfd.signal_group(c.instance.pid, signal.SIGCONT),
             nc.CloseSilently: lambda c: k.tcprepair.close_many(c.sockets),
             nc.ForgetInstance: self._forget_instance,
-            nc.StopInstance: lambda c: k.services.kill(c.instance),
+            nc.StopInstance: self._stop_instance,
             # the destination
             nc.OpenSockets: lambda c: k.services.open_sockets(vip, c.ports),
             nc.StartGated: lambda c: k.services.spawn(c.service, list(c.sockets), agent.log_dir, gated=True),
@@ -335,7 +336,14 @@ class MigrationAgent:
         self.agent.running.pop(cmd.service, None)
         self.agent.record_running()
 
+    def _stop_instance(self, cmd: nc.StopInstance) -> None:
+        self.kernel.services.kill(cmd.instance)
+        name = getattr(getattr(cmd.instance, "service", None), "name", None)
+        if name is not None:
+            self.record_restored(name, None)
+
     def _adopt_instance(self, cmd: nc.AdoptInstance) -> None:
+        self.record_restored(cmd.service, None)
         rs = cmd.instance
         rs.sockets = list(cmd.sockets)  # we keep its listeners and UDP sockets, as for any service
         self.agent.running[cmd.service] = rs
@@ -343,6 +351,57 @@ class MigrationAgent:
         self.agent.record_running()
 
     # --- the process strategy -----------------------------------------------------------
+    @property
+    def _restored_file(self) -> str:
+        return os.path.join(self.agent.config.state_dir, "restored.json")
+
+    def _restored(self) -> dict:
+        try:
+            with open(self._restored_file) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def record_restored(self, service: str, pid: int | None) -> None:
+        """Restored copies not yet adopted nor given up, by service: if this agent dies
+        meanwhile, its successor silences and kills them (end_restored_orphans)."""
+        restored = self._restored()
+        if pid is None:
+            if restored.pop(service, None) is None:
+                return
+        else:
+            restored[service] = pid
+        os.makedirs(self.agent.config.state_dir, mode=0o700, exist_ok=True)
+        tmp = self._restored_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(restored, f)
+        os.replace(tmp, self._restored_file)
+
+    def end_restored_orphans(self) -> None:
+        """A previous agent died between a restore and its release or abort: the copy is
+        stopped, and its connections belong to the source. Repair mode on (no FIN, no RST),
+        then SIGKILL; only a process that is still that service."""
+        for service, pid in self._restored().items():
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    ours = f"VIPCLUSTER_SERVICE={service}".encode() in f.read().split(b"\0")
+            except OSError:
+                ours = False
+            if ours:
+                log.warning("silencing and ending the restored copy of %s (pid %d) left by a "
+                            "previous agent", service, pid)
+                try:
+                    self.kernel.criu.silence(pid)
+                finally:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        try:
+            os.unlink(self._restored_file)
+        except FileNotFoundError:
+            pass
+
     def _armed_fault(self, name: str) -> str | None:
         """A one-shot fault file inside a command (see the module docstring): its content."""
         path = os.path.join(self.fault_dir, name)
@@ -466,6 +525,7 @@ class MigrationAgent:
                 os.unlink(pidfile)
             except OSError:
                 pass
+        self.record_restored(svc.name, pid)  # a crash from here on: the next agent silences it
         rs = k.services.restored_instance(svc, pid, read_fd, self.agent.log_dir)
         if not k.criu.stopped(pid):  # criu restores the dumped (stopped) state; if not: now
             k.pidfd.signal_group(pid, signal.SIGSTOP)

@@ -101,6 +101,7 @@ def test_faults_roll_back_and_the_service_still_answers(plab, tmp_path, node_of,
             assert why in report["reason"], report
             assert owner(plab, "pfault") == source
             if action == "die":
+                labmod.restart_node(plab.lab, int(dest[1:]))
                 wait_node_up(plab, dest)
             time.sleep(0.3)
         finally:
