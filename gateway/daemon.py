@@ -392,7 +392,9 @@ class Gateway:
                           "datapath": c.get("datapath") if up else None,
                           "anchor": self.anchor() == n.name,
                           "processes": c.get("processes", {}) if up else {},
-                          "unparsed": c.get("unparsed", 0) if up else 0})
+                          "unparsed": c.get("unparsed", 0) if up else 0,
+                          # can it move services with the `process` strategy (criu), and why not
+                          "process_strategy": c.get("process_strategy") if up else None})
         services = []
         for s in self.table:
             per_node = {}

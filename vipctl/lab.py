@@ -238,7 +238,22 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         down(lab, log=lambda *a: None)
         raise
     log(f"gateway (pid {pids['gateway']}) and {lab.nodes} node agents are up; VIP {VIP}")
+    for name, ps in _process_strategy(lab, timeout).items():
+        log(f"{name}: process strategy (criu) " + ("available: " if ps.get("available") else "unavailable: ")
+            + str(ps.get("reason")))
     return status(lab)
+
+
+def _process_strategy(lab: Lab, timeout: float) -> dict[str, dict]:
+    """Each node's answer to "can you run the process strategy" (its agent runs `criu
+    check` once at start, in about a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = call("status", lab.control_socket, timeout=5.0)["nodes"]
+        got = {n["name"]: n.get("process_strategy") or {} for n in nodes}
+        if time.monotonic() > deadline or all(p.get("reason") not in (None, "checking criu") for p in got.values()):
+            return got
+        time.sleep(0.1)
 
 
 def _wait_socket(lab: Lab, timeout: float) -> None:

@@ -38,9 +38,10 @@ def count(value) -> str:
 
 def render_status(st: dict) -> str:
     lines = [f"VIP {st['vip']}",
-             f"{'NODE':<8} {'STATE':<6} {'ADDRESS':<15} {'MAC':<18} ANCHOR"]
+             f"{'NODE':<8} {'STATE':<6} {'ADDRESS':<15} {'MAC':<18} {'ANCHOR':<7} PROCESS STRATEGY"]
     for n in st["nodes"]:
-        lines.append(f"{n['name']:<8} {n['state']:<6} {n['address']:<15} {n['mac']:<18} {'*' if n['anchor'] else ''}")
+        lines.append(f"{n['name']:<8} {n['state']:<6} {n['address']:<15} {n['mac']:<18} "
+                     f"{'*' if n['anchor'] else '':<7} {render_process_strategy(n.get('process_strategy'))}")
     lines.append("")
     lines.append(f"{'SERVICE':<12} {'OWNER':<8} {'PORTS':<20} {'NODE':<6} {'ACCEPTED':>9} {'DROPPED':>9} {'HELD':>6}")
     for s in st["services"]:
@@ -51,6 +52,13 @@ def render_status(st: dict) -> str:
             lines.append(f"{lead} {node_name:<6} {c.get('accepted', 0):>9} {c.get('dropped', 0):>9} {c.get('held', 0):>6}")
             first = False
     return "\n".join(lines)
+
+
+def render_process_strategy(ps: dict | None) -> str:
+    """'yes (criu 4.2.1)' / 'no: criu not installed (...)' / '-' (node down)."""
+    if not ps:
+        return "-"
+    return f"yes ({ps.get('reason', '')})" if ps.get("available") else f"no: {ps.get('reason', '')}"
 
 
 def render_services(rows: list[dict]) -> str:

@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 
 from vipctl.render import (count, ms, number, render_bench, render_client_accounting, render_drain, render_report,
-                           render_replay, render_status)
+                           render_replay, render_services, render_status)
 
 REPORT = {
     "service": "echo", "from": "n1", "to": "n2", "outcome": "committed", "reason": "",
@@ -55,9 +55,27 @@ def test_status_table():
                        {"name": "idle", "owner": "n1", "ports": ["udp:9"], "counters": {}}]}
     lines = render_status(st).splitlines()
     assert lines[0] == "VIP 203.0.113.10"
-    assert lines[2].split() == ["n1", "up", "192.0.2.11", "02:00:00:00:01:01", "*"]
+    assert lines[2].split() == ["n1", "up", "192.0.2.11", "02:00:00:00:01:01", "*", "-"]
     assert lines[-2].split() == ["echo", "n1", "tcp:7", "n1", "5", "0", "0"]
     assert lines[-1].split() == ["idle", "n1", "udp:9", "-", "0", "0", "0"]
+
+
+def test_status_says_whether_each_node_can_run_the_process_strategy():
+    base = {"vip": "203.0.113.10", "services": []}
+    node = {"name": "n1", "state": "up", "address": "192.0.2.11", "mac": "02:00:00:00:01:01", "anchor": False}
+    yes = render_status({**base, "nodes": [{**node, "process_strategy": {"available": True, "reason": "criu 4.2.1"}}]})
+    assert yes.splitlines()[2].endswith("yes (criu 4.2.1)")
+    no = render_status({**base, "nodes": [{**node, "process_strategy": {
+        "available": False, "reason": "criu not installed (scripts/setup builds it)"}}]})
+    assert no.splitlines()[2].endswith("no: criu not installed (scripts/setup builds it)")
+
+
+def test_service_list_shows_strategy_and_sockets():
+    rows = [{"name": "web", "owner": "n1", "ports": ["tcp:80"], "exec": "nginx", "migrate": "process",
+             "sockets": "self"}, {"name": "old", "owner": "n2", "ports": ["tcp:7"], "exec": "builtin:echo"}]
+    lines = render_services(rows).splitlines()
+    assert lines[1].split() == ["web", "n1", "tcp:80", "process", "self", "nginx"]
+    assert lines[2].split() == ["old", "n2", "tcp:7", "auto", "activation", "builtin:echo"]
 
 
 def test_client_accounting_rounds_the_slowest_reply():
