@@ -1,0 +1,258 @@
+"""nodeshim.migrate's `process` strategy commands against a fake kernel (no root, no criu):
+the same fakes as test_node_executor, plus fake criu and imagexfer adapters. A test reads
+like the script of a process migration: feed these steps, expect these kernel calls."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from clustercore import messages as msgs
+from clustercore.cutover import DestCutover, SourceCutover
+from clustercore.errors import KernelError
+from clustercore.ownership import Service, Verdict
+from clustercore.packet import TCP, UDP as P_UDP
+from nodeshim import migrate
+from tests.unit.test_node_executor import (CLIENT, EPOCH, NEXT_EPOCH, VIP, FakeAgent, FakeInstance, FakeKernel,
+                                           FakePacket, FakeSock, Log, no_grace, settle, udp_packet)  # noqa: F401
+from clustercore.config import NodeConfig
+
+WEB = Service("web", "n1", ((TCP, 7), (P_UDP, 7)), "python3 procecho.py", "process", "activation")
+ENDPOINT = {"address": "192.0.2.12", "files_port": 4001, "page_port": 4002}
+
+
+@dataclass
+class FakeSendStats:
+    dump_ms: float = 80.0
+    frozen_ms: float = 70.0
+    transfer_ms: float = 4.0
+    page_bytes: int = 2_000_000
+    file_bytes: int = 50_000
+    files: int = 20
+    streamed: bool = True
+
+
+class FakeUdpCopy(FakeSock):
+    family, type = socket.AF_INET, socket.SOCK_DGRAM
+
+    def getsockname(self):
+        return (VIP, 7)
+
+    def fileno(self):
+        return 0  # os.fstat(0) in the executor: the same inode for every copy
+
+
+class FakeReceiver:
+    def __init__(self, log, images_dir):
+        self.log, self.images_dir = log, images_dir
+        self.endpoint = migrate.imagexfer.Endpoint("192.0.2.12", 4001, 4002)
+
+    def cancel(self):
+        self.log.append(("rx.cancel",))
+
+    def close(self):
+        self.log.append(("rx.close",))
+
+    def wait(self, timeout):
+        self.log.append(("rx.wait",))
+
+
+class FakeCriu(FakeKernel):
+    """criu, imagexfer and the process parts of services/pidfd, logging every call."""
+
+    ESTABLISHED = 1
+    Endpoint = migrate.imagexfer.Endpoint
+
+    def signal_group(self, pid, sig):
+        super().signal_group(pid, sig)
+        self.stopped = sig == signal.SIGSTOP
+
+    def tree_pids(self, pid):
+        return [pid, pid + 1]
+
+    def take_sockets(self, pid):
+        self._call("take_sockets", pid)
+        return {5: FakeUdpCopy(f"udp-copy-{pid}", self.log)}
+
+    def count_connections(self, vip, ports, states):
+        self._call("count_connections", tuple(sorted(states)))
+        return 3 if 1 in states else 0
+
+    def dump_to(self, pid, images_dir, endpoint, timeout, extra=()):
+        self._call("dump_to", pid, endpoint, tuple(extra))
+        return FakeSendStats()
+
+    def thaw(self, pid):
+        self._call("thaw", pid)
+        return 0
+
+    def silence(self, pid):
+        self._call("silence", pid)
+        return 2
+
+    def start_receive(self, images_dir, address, source_address):
+        self._call("start_receive", address, source_address)
+        return FakeReceiver(self.log, images_dir)
+
+    def restore(self, receiver, pidfile, inherit_fds, timeout):
+        self._call("restore", tuple(inherit_fds.values()) if inherit_fds else None)
+        return 6161
+
+    def restored_instance(self, service, pid, read_fd, log_dir):
+        os.close(read_fd)
+        self._call("restored_instance", pid)
+        return FakeInstance(service, [], pid=pid)
+
+
+def node(name, tmp_path):
+    log = Log()
+    fake = FakeCriu(log)
+    agent = FakeAgent(NodeConfig(name=name, vip=VIP, gateway_address="192.0.2.1", key_file="k",
+                                 state_dir=str(tmp_path / name)), log)
+    agent.filter.load([WEB], "n1")
+    kernel = migrate.Kernel(tcprepair=fake, udphandoff=fake, pidfd=fake, services=fake, queue=fake,
+                            criu=SimpleNamespace(tree_pids=fake.tree_pids, thaw=fake.thaw, silence=fake.silence,
+                                                 stopped=lambda pid: True),
+                            imagexfer=fake, clock=fake.clock)
+    return migrate.MigrationAgent(agent, kernel), agent, fake, log
+
+
+def step(cls, **kw):
+    return cls(service="web", epoch=EPOCH, **kw)
+
+
+def fault(agent, name, what):
+    d = os.path.join(agent.config.state_dir, "faults")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "w") as f:
+        f.write(what)
+
+
+def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
+    ma, agent, fake, log = node("n1", tmp_path)
+    old = FakeInstance(WEB, [], pid=4242)
+    old.output_pipe = "pipe:[99]"
+    agent.running["web"] = old
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        assert isinstance(agent.filter.roles["web"], SourceCutover)
+        log.clear()
+        frozen = await ma.handle(step(msgs.Freeze, endpoint=ENDPOINT))
+        freeze_log = list(log)
+        assert agent.filter.decide(udp_packet(1), NEXT_EPOCH, FakePacket(1, log)).verdict is Verdict.HOLD
+        log.clear()
+        done = await ma.handle(step(msgs.Commit))
+        await settle()
+        return frozen, freeze_log, done
+
+    frozen, freeze_log, done = asyncio.run(script())
+    names = [e[0] for e in freeze_log if e[0] != "count_connections"]
+    assert names == ["signal_group", "take_sockets", "take_sockets", "close", "drain_udp", "close", "dump_to"]
+    assert ("signal_group", "SIGSTOP") in freeze_log
+    # one socket shared by the tree's two processes is drained once, our copies closed
+    assert [e for e in freeze_log if e[0] == "close"] == [("close", "udp-copy-4243"), ("close", "udp-copy-4242")]
+    dump = next(e for e in freeze_log if e[0] == "dump_to")
+    assert dump[1] == 4242 and dump[2] == migrate.imagexfer.Endpoint(**ENDPOINT) and dump[3] == ()
+    assert frozen.bytes_moved == 2_050_000 and frozen.tcp_established == 3 and frozen.udp_sockets == 1
+    assert frozen.sockets["process"]["output_pipe"] == "pipe:[99]"
+    assert [e[0] for e in log] == ["drop", "record_running", "kill", "sync_datapath"]
+    assert "web" not in agent.running and isinstance(done, msgs.CommitDone)
+
+
+def test_criu_refusing_the_dump_rolls_back_with_its_reason(tmp_path):
+    ma, agent, fake, log = node("n1", tmp_path)
+    agent.running["web"] = FakeInstance(WEB, [], pid=4242)
+    fake.fail["dump_to"] = KernelError("criu dump", None, "Can't dump a device (criu/files.c:1)")
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        try:
+            await ma.handle(step(msgs.Freeze, endpoint=ENDPOINT))
+        except KernelError as e:
+            return e
+        await settle()
+
+    error = asyncio.run(script())
+    assert "Can't dump a device" in str(error) and "\n" not in str(error)
+    names = [e[0] for e in log]
+    # datagrams back in before the tree runs again
+    assert names.index("reinject") < names.index("thaw")
+    assert "kill" not in names and "web" in agent.running
+
+
+def test_a_criu_dump_fault_passes_an_option_criu_refuses(tmp_path):
+    ma, agent, fake, log = node("n1", tmp_path)
+    agent.running["web"] = FakeInstance(WEB, [], pid=4242)
+    fault(agent, "criu.dump", "fail")
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        await ma.handle(step(msgs.Freeze, endpoint=ENDPOINT))
+
+    asyncio.run(script())
+    assert next(e for e in log if e[0] == "dump_to")[3] == ("--vipcluster-fault-injected",)
+
+
+def test_destination_prepare_restore_release_script(tmp_path):
+    ma, agent, fake, log = node("n2", tmp_path)
+
+    async def script():
+        prepared = await ma.handle(step(msgs.Prepare, source="n1", address="192.0.2.12",
+                                        source_address="192.0.2.11"))
+        assert isinstance(agent.filter.roles["web"], DestCutover)
+        wire = {"wire": 1, "service": "web", "listeners": [], "udp": [], "packed": "", "packed_count": 0,
+                "connections": [], "process": {"output_pipe": "pipe:[99]", "image_bytes": 1}}
+        from clustercore import sockwire
+        from clustercore.sockstate import ServiceSockets
+        wire = {**sockwire.to_wire(ServiceSockets(service="web", listeners=(), connections=(), udp=())),
+                "process": {"output_pipe": "pipe:[99]", "image_bytes": 1}}
+        restored = await ma.handle(step(msgs.Restore, sockets=wire))
+        released = await ma.handle(step(msgs.Release, consumed={}, late_packets=()))
+        await settle()
+        return prepared, restored, released
+
+    prepared, restored, released = asyncio.run(script())
+    assert prepared.endpoint == {"address": "192.0.2.12", "files_port": 4001, "page_port": 4002}
+    names = [e[0] for e in log if e[0] not in ("sync_datapath", "record_running")]
+    assert names == ["start_receive", "restore", "restored_instance", "rx.close", "thaw"]
+    assert ("restore", ("pipe:[99]",)) in log  # our pipe where the source's output pipe was
+    assert agent.running["web"].pid == 6161 and isinstance(released, msgs.ReleaseDone)
+    assert not os.path.exists(os.path.join(agent.config.state_dir, "restored.json")) or \
+        "web" not in open(os.path.join(agent.config.state_dir, "restored.json")).read()
+
+
+def test_destination_abort_after_restore_silences_before_it_kills(tmp_path):
+    ma, agent, fake, log = node("n2", tmp_path)
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1", address="192.0.2.12", source_address="192.0.2.11"))
+        from clustercore import sockwire
+        from clustercore.sockstate import ServiceSockets
+        wire = {**sockwire.to_wire(ServiceSockets(service="web", listeners=(), connections=(), udp=())),
+                "process": {"output_pipe": None, "image_bytes": 1}}
+        await ma.handle(step(msgs.Restore, sockets=wire))
+        assert "web" in open(os.path.join(agent.config.state_dir, "restored.json")).read()
+        await ma.handle(step(msgs.Abort))
+
+    asyncio.run(script())
+    names = [e[0] for e in log]
+    assert names.index("silence") < names.index("kill")
+    assert "web" not in agent.running and "web" not in agent.filter.roles
+    assert "web" not in open(os.path.join(agent.config.state_dir, "restored.json")).read()
+
+
+def test_an_abort_before_restore_cancels_the_receiver(tmp_path):
+    ma, agent, fake, log = node("n2", tmp_path)
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1", address="192.0.2.12", source_address="192.0.2.11"))
+        await ma.handle(step(msgs.Abort))
+
+    asyncio.run(script())
+    names = [e[0] for e in log]
+    assert "rx.cancel" in names and "kill" not in names and "silence" not in names
