@@ -133,3 +133,59 @@ def wait_node_up(h, node, timeout=30):
             return
         time.sleep(0.2)
     raise AssertionError(f"{node} did not come back")
+
+
+NGINX_CONF = """
+user root;
+daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen {vip}:8080;
+        root {dir}/www;
+        keepalive_timeout 60;
+    }}
+}}
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/nginx"), reason="nginx is not installed")
+def test_nginx_moves_and_curl_still_gets_the_page(plab, tmp_path):
+    """A real program from Debian, binding the VIP itself (`--sockets self`), moved by
+    criu: curl from vip-client gets the same page before and after, on a kept-alive
+    connection too (curl reuses one connection for both URLs of a run)."""
+    d = tmp_path / "nginx"
+    (d / "www").mkdir(parents=True)
+    (d / "www" / "index.html").write_text("moved by criu\n")
+    conf = d / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=d, vip=VIP))
+    os.chmod(tmp_path, 0o755)
+    plab.vipctl("service", "add", "web", "--node", "n1", "--port", "tcp:8080", "--sockets", "self",
+                "--migrate", "process", "--exec", f"/usr/sbin/nginx -c {conf}")
+    try:
+        url = f"http://{VIP}:8080/index.html"
+        deadline = time.time() + 10
+        while True:
+            r = plab.client(["curl", "-sS", "--max-time", "3", url], text=True)
+            if r.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.stdout == "moved by criu\n", r.stderr
+        for destination in ("n2", "n3"):
+            report, _ = migrate(plab, "web", destination)
+            assert report["bytes_moved"] > 500_000, report
+            r = plab.client(["curl", "-sS", "--max-time", "5", url, url], text=True)
+            assert r.returncode == 0 and r.stdout == "moved by criu\n" * 2, r.stderr
+        assert owner(plab, "web") == "n3"
+    finally:
+        remove(plab, "web")
