@@ -189,3 +189,39 @@ def test_nginx_moves_and_curl_still_gets_the_page(plab, tmp_path):
         assert owner(plab, "web") == "n3"
     finally:
         remove(plab, "web")
+
+
+def test_an_adopted_process_moves_and_a_wrong_one_is_refused(plab, tmp_path):
+    """`--pid`: the operator started the program on n1 in its own PID namespace and session
+    (binding the VIP itself); vipcluster takes it over and moves it. A process that is not
+    its namespace's init is refused in one line."""
+    import subprocess
+    netns = f"/run/netns/{plab.lab.node_ns(1)}"
+    launcher = subprocess.Popen(["nsenter", f"--net={netns}", "unshare", "--pid", "--fork", "setsid",
+                                 sys.executable, ECHO, "--bind", VIP, "--port", "11"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 5
+        while not (kids := criu._children(launcher.pid)):
+            assert time.time() < deadline
+            time.sleep(0.02)
+        pid = kids[0]
+        bad = plab.vipctl("service", "add", "bad", "--node", "n1", "--port", "tcp:12", "--pid",
+                          str(launcher.pid), check=False)
+        assert bad.returncode == 1 and "not the first process of its own PID namespace" in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+        added = json.loads(plab.vipctl("service", "add", "adopted", "--node", "n1", "--port", "tcp:11",
+                                       "--port", "udp:11", "--pid", str(pid), "--json").stdout)
+        assert added["exec"] == f"adopted:{pid}" and added["sockets"] == "self", added
+        p, stop = start_load_port(plab, tmp_path, "adopt", 11)
+        try:
+            report, _ = migrate(plab, "adopted", "n2")
+            assert report["tcp_established"] >= 10
+        finally:
+            r = finish_load(p, stop)
+        assert_exact(r)
+    finally:
+        remove(plab, "adopted")
+        launcher.kill()
+        launcher.wait()
