@@ -225,3 +225,16 @@ def test_an_adopted_process_moves_and_a_wrong_one_is_refused(plab, tmp_path):
         remove(plab, "adopted")
         launcher.kill()
         launcher.wait()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--exec", "builtin:echo", "--migrate", "process"], "builtin services cannot be migrated with strategy process"),
+    (["--exec", "python3 x.py", "--migrate", "handoff"], "command services cannot be migrated with strategy handoff"),
+    (["--exec", "external", "--migrate", "process"], "external services cannot be migrated"),
+    (["--exec", "builtin:echo", "--sockets", "self"], "builtin services take their sockets from the agent"),
+    (["--exec", "python3 x.py", "--pid", "123"], "give --exec CMD, or --pid PID"),
+])
+def test_a_strategy_the_kind_cannot_use_is_refused_at_add(plab, args, needle):
+    r = plab.vipctl("service", "add", "nope", "--node", "n1", "--port", "tcp:13", *args, check=False)
+    assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "nope" not in plab.vipctl("service", "list").stdout
