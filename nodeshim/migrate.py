@@ -528,6 +528,7 @@ class MigrationAgent:
         self.record_restored(svc.name, pid)  # a crash from here on: the next agent silences it
         rs = k.services.restored_instance(svc, pid, read_fd, self.agent.log_dir)
         if not k.criu.stopped(pid):  # criu restores the dumped (stopped) state; if not: now
+            log.warning("restored copy of %s (pid %d) was running: stopped now", svc.name, pid)
             k.pidfd.signal_group(pid, signal.SIGSTOP)
         if fault == "die":
             log.warning("fault injection: the agent dies right after the restore")
