@@ -395,6 +395,14 @@ class StopTree(Command):
     instance: Any
 
 
+@_command(waits=True)
+class WaitAccepted(Command):
+    """Wait (bounded, never fails) until the program has accepted what waits in its
+    listeners' accept queues on these ports: criu moves no accept queue, and the hold
+    lets no new handshake complete meanwhile, so the queues only shrink."""
+    ports: tuple[int, ...]
+
+
 @_command()
 class TakeDatagramSockets(Command):
     """Copies (pidfd_getfd) of the instance tree's UDP sockets on the VIP at these ports

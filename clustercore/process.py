@@ -76,6 +76,7 @@ from .nodecommands import (
     StopTree,
     TakeDatagramSockets,
     ThawProcess,
+    WaitAccepted,
     WaitHalfClosed,
     WaitHandshakes,
 )
@@ -155,6 +156,8 @@ class ProcessMigration(Playbook):
         t_freeze = yield ReadClock()
         # from here on every packet of the service is held: the hold is criu's network lock
         consumed = f.cut.freeze(t_freeze)
+        if f.tcp_ports:
+            yield WaitAccepted(f.tcp_ports)  # the program takes its accept queue first
         f.stopped = f.instance
         yield StopTree(f.instance)
         t_stopped = yield ReadClock()

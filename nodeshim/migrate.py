@@ -57,6 +57,7 @@ SYN_RECV_WAIT_S = 0.5  # half-open handshakes may finish this long (new SYNs are
 SYN_RECV_POLL_S = 0.002
 READY_TIMEOUT_S = 10.0  # the gated new instance must say `ready` by then
 FAULT_EXIT_STATUS = 17  # a `die` fault: the agent exits like a crash
+ACCEPT_WAIT_S = 0.5  # the program may take this long to accept what waits (then it is stopped)
 STOP_TREE_TIMEOUT_S = 2.0  # a process tree must have stopped by then (SIGSTOP)
 IMAGE_TIMEOUT_S = 60.0  # a process image must be dumped and moved, or restored, by then
 LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -266,6 +267,7 @@ class MigrationAgent:
             nc.AdoptInstance: self._adopt_instance,
             # the process strategy
             nc.StopTree: self._stop_tree,
+            nc.WaitAccepted: self._wait_accepted,
             nc.TakeDatagramSockets: self._take_datagram_sockets,
             nc.DumpProcess: lambda c: asyncio.to_thread(self._dump_process, c),
             nc.ThawProcess: lambda c: k.criu.thaw(c.instance.pid),
@@ -422,6 +424,12 @@ class MigrationAgent:
         parent = os.path.join(self.agent.config.state_dir, "images")
         os.makedirs(parent, mode=0o700, exist_ok=True)
         return os.path.join(parent, f"{service}-{what}-{time.time_ns()}")
+
+    async def _wait_accepted(self, cmd: nc.WaitAccepted) -> None:
+        k, vip = self.kernel, self.agent.config.vip
+        deadline = k.clock() + ACCEPT_WAIT_S
+        while k.tcprepair.accept_backlog(vip, cmd.ports) and k.clock() < deadline:
+            await asyncio.sleep(SYN_RECV_POLL_S)
 
     async def _stop_tree(self, cmd: nc.StopTree) -> None:
         k, pid = self.kernel, cmd.instance.pid

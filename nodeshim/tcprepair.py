@@ -610,3 +610,24 @@ def count_connections(vip: str, ports: Iterable[int], states: Iterable[int]) -> 
     except (OSError, StopIteration, IndexError):
         return 0
     return n
+
+
+LISTEN = 10  # TCP_LISTEN
+
+
+def accept_backlog(vip: str, ports: Iterable[int]) -> int:
+    """Connections waiting in the accept queues of the listeners on vip:port (one of
+    `ports`): a listener's rx_queue in /proc/net/tcp. A whole-process checkpoint does not
+    move them (they are in no descriptor of the program yet)."""
+    want = {f"{int.from_bytes(socket.inet_aton(vip), 'little'):08X}:{p:04X}" for p in ports}
+    n = 0
+    try:
+        with open(_PROC_NET_TCP) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == f"{LISTEN:02X}" and fields[1] in want:
+                    n += int(fields[4].split(":")[1], 16)
+    except (OSError, StopIteration, IndexError, ValueError):
+        return 0
+    return n

@@ -238,3 +238,28 @@ def test_a_strategy_the_kind_cannot_use_is_refused_at_add(plab, args, needle):
     r = plab.vipctl("service", "add", "nope", "--node", "n1", "--port", "tcp:13", *args, check=False)
     assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "nope" not in plab.vipctl("service", "list").stdout
+
+
+def test_new_connections_during_process_migrations(plab, tmp_path):
+    """Short connections keep opening and closing while the program moves: the SYNs of the
+    new epoch are held for the destination; none of them fails."""
+    add(plab, "pchurn", "activation", port=15)
+    try:
+        import subprocess
+        from tests.lab.test_migration import wait_ready
+        os.chmod(tmp_path, 0o777)
+        ready, stop = tmp_path / "churn.ready", tmp_path / "churn.stop"
+        p = plab.client_popen([sys.executable, "-m", "vipctl.loadgen", VIP, "--tcp-port", "15", "--conns", "5",
+                               "--churn", "40", "--duration", "120", "--ready-file", str(ready),
+                               "--stop-file", str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_ready(p, ready, 60)
+        try:
+            for destination in ("n2", "n3"):
+                migrate(plab, "pchurn", destination)
+                time.sleep(0.5)
+        finally:
+            r = finish_load(p, stop)
+        assert_exact(r)
+        assert r["churn_ok"] > 20 and r["churn_bad"] == 0, r
+    finally:
+        remove(plab, "pchurn")

@@ -82,6 +82,10 @@ class FakeCriu(FakeKernel):
         self._call("count_connections", tuple(sorted(states)))
         return 3 if 1 in states else 0
 
+    def accept_backlog(self, vip, ports):
+        self._call("accept_backlog", tuple(ports))
+        return 0
+
     def dump_to(self, pid, images_dir, endpoint, timeout, extra=()):
         self._call("dump_to", pid, endpoint, tuple(extra))
         return FakeSendStats()
@@ -152,7 +156,7 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
 
     frozen, freeze_log, done = asyncio.run(script())
     names = [e[0] for e in freeze_log if e[0] != "count_connections"]
-    assert names == ["signal_group", "take_sockets", "take_sockets", "close", "drain_udp", "close", "dump_to"]
+    assert names == ["accept_backlog", "signal_group", "take_sockets", "take_sockets", "close", "drain_udp", "close", "dump_to"]
     assert ("signal_group", "SIGSTOP") in freeze_log
     # one socket shared by the tree's two processes is drained once, our copies closed
     assert [e for e in freeze_log if e[0] == "close"] == [("close", "udp-copy-4243"), ("close", "udp-copy-4242")]

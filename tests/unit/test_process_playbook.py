@@ -123,10 +123,10 @@ def test_the_source_script():
     reply, k = feed(m, EVENTS[msgs.Arm]())
     assert reply == msgs.Done() and k.types() == [nc.LookUp, nc.CountKernelDrops, nc.InstallRole]
     frozen, k = feed(m, EVENTS[msgs.Freeze]())
-    assert k.types() == [nc.WaitHalfClosed, nc.WaitHandshakes, nc.ReadClock, nc.StopTree, nc.ReadClock,
-                         nc.TakeDatagramSockets, nc.DrainDatagrams, nc.CloseDescriptors, nc.ReadClock,
-                         nc.DumpProcess, nc.ReadClock, nc.ReadClock, nc.Note]
-    dump = k.seen[9]
+    assert k.types() == [nc.WaitHalfClosed, nc.WaitHandshakes, nc.ReadClock, nc.WaitAccepted, nc.StopTree,
+                         nc.ReadClock, nc.TakeDatagramSockets, nc.DrainDatagrams, nc.CloseDescriptors,
+                         nc.ReadClock, nc.DumpProcess, nc.ReadClock, nc.ReadClock, nc.Note]
+    dump = k.seen[10]
     assert dump.endpoint == ENDPOINT and dump.tcp_ports == (8080,) and dump.instance == "old-tree"
     assert isinstance(frozen, msgs.FreezeDone) and m.state is State.FROZEN
     assert frozen.bytes_moved == 2_500_000 and frozen.tcp_established == 3 and frozen.udp_sockets == 1
