@@ -76,17 +76,18 @@ class RealService:
             log.close()
         self.wait_listening()
         self.bound = self.listening()
-        stray = [a for a in self.bound if not a.startswith(f"{VIP}:")]
+        stray = [a for a in self.bound if not a.split()[1].startswith(f"{VIP}:")]
         assert self.bound and not stray, f"{self.name} must listen on the VIP only: {self.bound}"
         return self
 
     def listening(self) -> list[str]:
-        """Local addresses of the program's listening TCP and bound UDP sockets on its node
+        """"PROTO ADDR:PORT" of the program's listening TCP and bound UDP sockets on its node
         (from `ss`, by the program's process name)."""
         comm = os.path.basename(self.program.argv[0])[:15]
         r = labmod.exec_in(self.h.lab.node_ns(_node_index(self.node)), ["ss", "-Hlntup"], capture_output=True,
                            text=True, timeout=10, check=True)
-        return sorted({line.split()[4] for line in r.stdout.splitlines() if f'(("{comm}"' in line})
+        return sorted({f"{f[0]} {f[4]}" for f in (line.split() for line in r.stdout.splitlines())
+                       if f'(("{comm}"' in f[-1]})
 
     def wait_listening(self, timeout: float = 20.0) -> None:
         """Until every TCP port accepts a connection from vip-client (UDP-only: its TCP twin

@@ -6,6 +6,7 @@ import shlex
 import socket
 import struct
 
+from vipctl import lab as labmod
 from vipctl import programs, realload
 from vipctl.bench import PROCESS_ROWS, _process_row
 from vipctl.lab import VIP
@@ -96,3 +97,11 @@ def test_process_rows_count_client_and_report_losses_and_render():
     text = render_bench({**base, "process_migrations": {"skipped": None, "rows": [row, bad]}})
     assert "nginx 100 conns" in text and "redis 10 MB" in text
     assert "process" not in render_bench(base)  # an older result renders as before
+
+
+def test_the_demo_says_why_it_skips_the_real_programs(monkeypatch):
+    from vipctl import demoreal
+    monkeypatch.setattr(demoreal.programs, "process_strategy_offered", lambda: (False, "no criu here"))
+    lines = []
+    demoreal.run_real_programs(labmod.Lab("vtunit"), lines.append)
+    assert lines == ["\n== real programs (nginx, redis-server) moved whole: skipped: no criu here"]
