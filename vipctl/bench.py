@@ -282,7 +282,7 @@ def measure_process_migrations(prefix: str, runs: int, log) -> dict:
     os.chmod(tmp, 0o777)
     try:
         labmod.up(spec, log=lambda *a: None)
-        why = programs.process_strategy_refusal(call("status", spec.control_socket))
+        why = programs.wait_process_strategy(lambda: call("status", spec.control_socket))
         if why:
             log(f"process strategy rows skipped: {why}")
             return {"skipped": why, "rows": []}

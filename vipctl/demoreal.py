@@ -27,7 +27,7 @@ def availability(sock: str) -> str | None:
     ok, why = programs.process_strategy_offered()
     if not ok:
         return why
-    return programs.process_strategy_refusal(call("status", sock))
+    return programs.wait_process_strategy(lambda: call("status", sock))
 
 
 def _vipctl(sock: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:

@@ -178,3 +178,17 @@ def process_strategy_refusal(status: dict) -> str | None:
             why = (ps.get("why") or ps.get("reason") or "") if isinstance(ps, dict) else ""
             return f"node {node.get('name')} cannot run the process strategy: {why or 'unavailable'}"
     return None
+
+
+def wait_process_strategy(get_status, timeout: float = 20.0, sleep=None) -> str | None:
+    """process_strategy_refusal of a cluster that just came up: a node checks criu once at
+    start (`criu check`, a second or so) and says "checking ..." meanwhile; wait that out."""
+    import time
+
+    sleep = sleep or time.sleep
+    deadline = time.monotonic() + timeout
+    while True:
+        why = process_strategy_refusal(get_status())
+        if not why or "checking" not in why or time.monotonic() >= deadline:
+            return why
+        sleep(0.5)

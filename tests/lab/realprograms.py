@@ -41,6 +41,7 @@ from vipctl.programs import (  # noqa: F401
     process_strategy_refusal,
     redis_program,
     service_add_args,
+    wait_process_strategy,
 )
 
 
@@ -50,7 +51,7 @@ def process_strategy_available(h=None) -> tuple[bool, str]:
     run it (criu >= 4.2 works there)."""
     ok, why = process_strategy_offered()
     if ok and h is not None:
-        why = process_strategy_refusal(h.status()) or ""
+        why = wait_process_strategy(h.status) or ""
         ok = not why
     return ok, why
 
@@ -306,10 +307,14 @@ def dig_loop(h, tcp: bool, queries_per_round: int = 50, max_rounds: int = 400, r
     return ClientLoop(h, make_argv, parse, max_rounds, pause=pause)
 
 
-def iperf3_client(h, seconds: int, udp_bandwidth: str | None = None, port: int = 5201) -> subprocess.Popen:
+def iperf3_client(h, seconds: int, udp_bandwidth: str | None = None, port: int = 5201,
+                  tcp_bandwidth: str | None = None) -> subprocess.Popen:
+    """iperf3 -J in vip-client: TCP (unlimited unless `tcp_bandwidth`), or UDP at `udp_bandwidth`."""
     argv = ["iperf3", "-c", VIP, "-p", str(port), "-J", "-t", str(seconds)]
     if udp_bandwidth:
         argv += ["-u", "-b", udp_bandwidth, "-l", "1200"]
+    elif tcp_bandwidth:
+        argv += ["-b", tcp_bandwidth]
     return h.client_popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

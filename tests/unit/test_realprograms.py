@@ -56,6 +56,14 @@ def test_process_strategy_refusal_reads_each_up_node():
     assert programs.process_strategy_refusal({"nodes": [{"name": "n2", "state": "down"}]}) is None
 
 
+def test_a_node_still_checking_criu_is_waited_for():
+    answers = iter([{"process_strategy": {"available": False, "reason": "checking criu"}},
+                    {"process_strategy": {"available": True, "reason": "criu 4.2.1"}}])
+    assert programs.wait_process_strategy(lambda: {"nodes": [{"name": "n1", **next(answers)}]}, sleep=lambda s: None) is None
+    never = {"nodes": [{"name": "n1", "process_strategy": {"available": False, "reason": "checking criu"}}]}
+    assert "checking" in programs.wait_process_strategy(lambda: never, timeout=0.0)
+
+
 def test_this_build_says_whether_it_offers_the_process_strategy():
     ok, why = programs.process_strategy_offered()
     assert ok or "--migrate" in why
