@@ -361,7 +361,9 @@ def _process_row(program: str, size: int, runs: list[dict]) -> dict:
         "freeze_ms": _stats([r.get("freeze_ms") for r in reports])["median"],
         "freeze_ms_stats": _stats([r.get("freeze_ms") for r in reports]),
         "total_ms": _stats([r.get("total_ms") for r in reports])["median"],
-        "image_bytes": _stats([r.get("image_bytes") for r in reports])["median"],
+        # the process playbook reports the image it sent as bytes_moved (image_bytes if named)
+        "image_bytes": _stats([r.get("image_bytes", r.get("bytes_moved")) for r in reports
+                               if r.get("outcome") == "committed"])["median"],
         "lost": max((x for x in map(lost, runs) if x is not None), default=None),
         "duplicated": max((r.get("duplicated") or 0 for r in reports if r.get("outcome") == "committed"), default=None),
         "client_retransmissions": max((r["client"].get("retrans_segs", 0) for r in runs if r["client"]), default=None),

@@ -94,6 +94,8 @@ def test_process_rows_count_client_and_report_losses_and_render():
     row = _process_row("nginx", 100, runs)
     assert row["connections"] == 100 and row["lost"] == 0 and row["duplicated"] == 0
     assert row["freeze_ms"] == 90.0 and row["image_bytes"] == 12_000_000 and row["client_retransmissions"] == 3
+    assert _process_row("nginx", 100, [{"report": {"outcome": "committed", "bytes_moved": 5}, "client": {}}])[
+        "image_bytes"] == 5
     bad = _process_row("redis", 10, [{"report": {"outcome": "committed", "lost": 0, "duplicated": 0},
                                       "client": {"bad": 0, "failed": 1, "keys_missing": 2}}])
     assert bad["data_mb"] == 10 and bad["lost"] == 3
