@@ -61,6 +61,7 @@ class Mover:
     def __init__(self, h, name, strategy):
         self.h, self.name, self.enabled = h, name, strategy == "process"
         self.reports = []
+        self.owners = []  # the service's owner in `status` after each move
 
     def to(self, node):
         if not self.enabled:
@@ -68,10 +69,15 @@ class Mover:
         r = self.h.vipctl("migrate", self.name, "--to", node, "--json", check=False, timeout=120)
         report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"error": r.stderr}
         self.reports.append(report)
+        self.owners.append(next(s["owner"] for s in self.h.status()["services"] if s["name"] == self.name))
         assert r.returncode == 0 and report.get("outcome") == "committed", (
             f"{self.name} -> {node}: {report.get('outcome')} at {report.get('failed_step')}: {report.get('reason')}",
             r.stdout, r.stderr)
         return report
+
+    def summary(self) -> str:
+        return "".join(f"; -> {x.get('to')} freeze {x.get('freeze_ms') or 0:.0f} ms, total {x.get('total_ms') or 0:.0f} ms"
+                       for x in self.reports)
 
     def check(self, moves):
         if not self.enabled:
@@ -80,6 +86,7 @@ class Mover:
         for x in self.reports:
             assert x["outcome"] == "committed", x
             assert x.get("lost", 0) == 0 and x.get("duplicated", 0) == 0, x
+        assert self.owners == [x["to"] for x in self.reports], (self.owners, self.reports)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -125,7 +132,7 @@ def _nginx(h, tmp_path, strategy):
     mover.check(3)
     print(f"nginx ({strategy}): keep-alive {held['ok']}/{held['requests']} ok, longest wait {held['longest_wait_ms']} ms;"
           f" curl {sum(c['ok'] for c in curl_results)}/{sum(c['requests'] for c in curl_results)} ok on"
-          f" {sum(c['invocations'] for c in curl_results)} connections; download {size} bytes, sha256 equal")
+          f" {sum(c['invocations'] for c in curl_results)} connections; download {size} bytes, sha256 equal" + mover.summary())
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -166,7 +173,7 @@ def _redis(h, tmp_path, strategy):
     assert check["missing"] == 0 and check["wrong_count"] == 0 and check["dbsize"] == len(expected), check
     mover.check(3)
     print(f"redis ({strategy}): {r['keys_written']} SET/GET pairs on 8 connections, every reply right,"
-          f" longest wait {r['longest_wait_ms']} ms; {check['checked']} keys read back, dbsize {check['dbsize']}")
+          f" longest wait {r['longest_wait_ms']} ms; {check['checked']} keys read back, dbsize {check['dbsize']}" + mover.summary())
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -201,7 +208,7 @@ def _dns(h, tmp_path, strategy):
         assert d["client_errors"] == [] and d["failed"] == 0 and d["answered"] == d["queries"] > 0, d
     mover.check(3)
     print(f"dnsmasq ({strategy}): {c['sent']} numbered UDP queries answered exactly once;"
-          f" dig {dig_udp['answered']}/{dig_udp['queries']} over UDP, {dig_tcp['answered']}/{dig_tcp['queries']} over TCP")
+          f" dig {dig_udp['answered']}/{dig_udp['queries']} over UDP, {dig_tcp['answered']}/{dig_tcp['queries']} over TCP" + mover.summary())
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -234,4 +241,4 @@ def _iperf(h, tmp_path, strategy):
     mover.check(3)
     print(f"iperf3 ({strategy}): TCP {received['bits_per_second'] / 1e6:.0f} Mbit/s for {sent['seconds']:.0f} s,"
           f" {sent.get('retransmits', 0)} retransmits; UDP {u['packets']} packets, {u['lost_packets']} lost,"
-          f" {u.get('out_of_order', 0)} out of order")
+          f" {u.get('out_of_order', 0)} out of order" + mover.summary())
