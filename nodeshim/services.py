@@ -426,7 +426,33 @@ def restored_instance(service: Service, pid: int, read_fd: int, log_dir: str) ->
     log_path = os.path.join(log_dir, f"{service.name}.log")
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     _copy_output(read_fd, log_path, service.name)
+    raise_udp_buffers(pid)
     return RunningService(service, [], Process(pid), log_path)
+
+
+def raise_udp_buffers(root: int) -> int:
+    """Give the UDP sockets of a restored tree a receive buffer big enough for the release:
+    everything held during the freeze arrives at once, and a program's own buffer (iperf3:
+    about 90 full-size datagrams) overflowed and dropped them. Through pidfd copies; the
+    program keeps the bigger buffer. Returns how many sockets were raised."""
+    from . import criu, pidfd
+    raised = 0
+    for pid in criu.tree_pids(root):
+        try:
+            socks = pidfd.take_sockets(pid)
+        except KernelError:
+            continue
+        for sock in socks.values():
+            try:
+                if sock.type == socket.SOCK_DGRAM and sock.family in (socket.AF_INET, socket.AF_INET6) \
+                        and sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < UDP_RCVBUF:
+                    big_udp_buffer(sock)
+                    raised += 1
+            except OSError:
+                pass
+            finally:
+                sock.close()
+    return raised
 
 
 def own_namespace_and_session(pid: int) -> str | None:
