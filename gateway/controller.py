@@ -19,7 +19,7 @@ from typing import Callable
 from clustercore import messages as msgs
 from clustercore import migration as mig
 from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
-from clustercore.kinds import Delivery, ServiceKind, service_kind
+from clustercore.kinds import Delivery, MigrateStrategy, ServiceKind, migration_strategy, service_kind
 from clustercore.migration_driver import MigrationDriver, event_for_reply
 from vipwire.rpc import Context
 
@@ -172,6 +172,9 @@ class _Run:
         await session.rpc.request(chunk, timeout=REQUEST_TIMEOUT_S)
 
 
+PROCESS_STEP_S = 30.0  # freezing and restoring of a `process` migration may take this long
+
+
 class Controller:
     def __init__(self, gateway) -> None:
         self.gw = gateway
@@ -181,6 +184,19 @@ class Controller:
 
     def busy(self, service: str) -> bool:
         return service in self.book
+
+    def _timeouts_for(self, service) -> "mig.MigrationTimeouts":
+        """The `process` strategy's freeze dumps and moves a whole image and its restore
+        runs criu: seconds, growing with the program's memory, not the handoff's
+        milliseconds. (The nodes give up on an image after IMAGE_TIMEOUT_S, before this.)"""
+        try:
+            strategy = migration_strategy(service_kind(service.exec_spec), service.migrate)
+        except (VipError, AttributeError):
+            return self.timeouts
+        if strategy is not MigrateStrategy.PROCESS:
+            return self.timeouts
+        return dataclasses.replace(self.timeouts, freezing=max(self.timeouts.freezing, PROCESS_STEP_S),
+                                   restoring=max(self.timeouts.restoring, PROCESS_STEP_S))
 
     # --- requests ---------------------------------------------------------------------
     async def op_migrate(self, msg: msgs.Migrate, ctx: Context) -> dict:
@@ -221,7 +237,8 @@ class Controller:
         gw = self.gw
         new_epoch = gw.epochs.get(name, 1) + 1
         epoch = nft.epoch_mac(new_epoch)
-        machine = mig.Migration(service=name, source=source, dest=dest, epoch=epoch, timeouts=self.timeouts)
+        machine = mig.Migration(service=name, source=source, dest=dest, epoch=epoch,
+                                timeouts=self._timeouts_for(gw.table.get(name)))
         started = time.time()
         progress("start", f"migrating {name}: {source} -> {dest}")
         log.info("migration of %s: %s -> %s (epoch %s)", name, source, dest, epoch)

@@ -59,7 +59,8 @@ READY_TIMEOUT_S = 10.0  # the gated new instance must say `ready` by then
 FAULT_EXIT_STATUS = 17  # a `die` fault: the agent exits like a crash
 ACCEPT_WAIT_S = 0.5  # the program may take this long to accept what waits (then it is stopped)
 STOP_TREE_TIMEOUT_S = 2.0  # a process tree must have stopped by then (SIGSTOP)
-IMAGE_TIMEOUT_S = 60.0  # a process image must be dumped and moved, or restored, by then
+IMAGE_TIMEOUT_S = 25.0  # a process image must be dumped and moved, or restored, by then
+# (under gateway.controller.PROCESS_STEP_S, so the node's reason reaches the gateway first)
 LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
