@@ -29,8 +29,8 @@ def one_line_error(r, needle, code=1):
 
 
 GW_NO_NODES = ('vip = "203.0.113.10"\nclient_interface = "eth0"\ncluster_interface = "eth1"\n'
-               'listen_address = "192.0.2.1"\nkey_file = "/k"\n')
-NODE = 'name = "n1"\nvip = "203.0.113.10"\ngateway_address = "192.0.2.1"\nkey_file = "/k"\n'
+               'listen_address = "192.0.2.1"\ntls_ca = "/ca"\ntls_cert = "/c"\ntls_key = "/k"\n')
+NODE = 'name = "n1"\nvip = "203.0.113.10"\ngateway_address = "192.0.2.1"\ntls_ca = "/ca"\ntls_cert = "/c"\ntls_key = "/k"\n'
 
 
 @pytest.mark.parametrize("daemon, content, needle", [
