@@ -258,11 +258,21 @@ class NodeAgent:
         # a migration the gateway no longer runs (we lost the link mid-way) is over; the
         # registry's owner of each service says which way it went
         owners = {s.name: s.owner for s in self.filter.services.values()}
+        for s in msg.services:
+            self._check_ours(s)
         self.migrations.end_all_except(set(msg.migrating), owners, "the gateway no longer runs this migration")
         return self.reconcile(list(msg.services))
 
     async def on_service_start(self, msg: msgs.ServiceStart, ctx: Context) -> dict:
+        # the gateway starts a service before it publishes the table, so the table cannot
+        # say yet; the message's own owner must be us
+        self._check_ours(msg.service)
         return self.start_service(msg.service)
+
+    def _check_ours(self, service: Service) -> None:
+        if service.owner != self.config.name:
+            raise LocalControlError(f"service '{service.name}' is assigned to {service.owner!r}, "
+                                    f"not to {self.config.name}: not started")
 
     async def on_service_stop(self, msg: msgs.ServiceStop, ctx: Context) -> dict:
         return self.stop_service(msg.name)

@@ -16,6 +16,7 @@ import pytest
 
 from clustercore import messages as msgs
 from clustercore.config import GatewayConfig, NodeConfig, NodeEntry
+from clustercore.errors import LocalControlError
 from clustercore.ownership import Service
 from gateway import daemon as gwdaemon
 from nodeshim import agent as agentmod
@@ -280,3 +281,20 @@ def test_the_real_gateway_is_obeyed(tmp_path, pkidir):
         assert "n1" in g.gw.agents and agent.rpc is not None
         task.cancel()
     with_gateway(tmp_path, pkidir, body)
+
+
+def test_service_start_and_reconcile_only_for_services_assigned_to_this_node(tmp_path, pkidir):
+    agent = _agent(tmp_path, pkidir, "n2")
+    started = []
+    agent.start_service = lambda s, *a, **kw: started.append(s.name)
+    agent.reconcile = lambda wanted: started.extend(s.name for s in wanted)
+
+    async def main():
+        with pytest.raises(LocalControlError, match="assigned to 'n1'"):
+            await agent.on_service_start(msgs.ServiceStart(service=ECHO), None)
+        with pytest.raises(LocalControlError, match="assigned to 'n1'"):
+            await agent.on_reconcile(msgs.Reconcile(services=(ECHO,), migrating=()), None)
+        mine = Service("echo", "n2", ((6, 7),), "builtin:echo")
+        await agent.on_service_start(msgs.ServiceStart(service=mine), None)
+    asyncio.run(main())
+    assert started == ["echo"]
