@@ -117,8 +117,9 @@ def pki():
 @click.argument("directory")
 @click.option("--node", "nodes", multiple=True, help="A node to issue a certificate for (repeat).")
 @click.option("--admin", "admins", multiple=True, help="An operator to issue a certificate for (repeat).")
+@click.option("--gateway", "regateway", is_flag=True, help="With --force: issue the gateway's identity again too.")
 @click.option("--force", is_flag=True, help="Issue the listed identities again (rotation); the CA is kept.")
-def pki_init(directory, nodes, admins, force):
+def pki_init(directory, nodes, admins, regateway, force):
     """Create the cluster CA in DIRECTORY (kept if there) and the gateway's, each --node's and
     each --admin's key and certificate (keys 0600, directory 0700)."""
     _need_root()
@@ -131,7 +132,8 @@ def pki_init(directory, nodes, admins, force):
             vpki.identity_name("node", n)
         if force:
             vpki.create_ca(directory)
-            vpki.issue(directory, "gateway", overwrite=True)
+            if regateway:
+                vpki.issue(directory, "gateway", overwrite=True)
             for n in nodes:
                 vpki.issue(directory, "node", n, overwrite=True)
             for a in admins:

@@ -298,3 +298,49 @@ def test_service_start_and_reconcile_only_for_services_assigned_to_this_node(tmp
         await agent.on_service_start(msgs.ServiceStart(service=mine), None)
     asyncio.run(main())
     assert started == ["echo"]
+
+
+def test_the_agent_survives_malformed_lines_after_login_and_refuses_a_foreign_service(tmp_path, pkidir):
+    """The gateway's side of the link sends garbage after the welcome (a deep nest, a
+    5000-digit id, bytes that are not UTF-8, an unknown op, a ServiceStart for another
+    node's service): the agent answers what carried an id, refuses the start, and still
+    answers a good request on the same link."""
+    agent = _agent(tmp_path, pkidir, "n2")
+    agent._load_table = lambda msg: None
+    started = []
+    agent.start_service = lambda *a, **kw: started.append(a)
+    gw = pki.paths(pkidir, "gateway")
+    ctx = tls.server_context(gw.cert, gw.key, gw.ca_cert)
+    replies: list = []
+
+    async def on_conn(reader, writer):
+        framer = LineFramer()
+        hello = await _read_message(reader)
+        assert hello == msgs.Hello(node="n2")
+        writer.write(encode_request(msgs.Welcome(services=(), anchor=None))
+                     + b"[" * 100_000 + b"\n" + b'{"op":"table","id":' + b"9" * 5000 + b"}\n" + b"\xff\xfe\n"
+                     + b'{"op":"nope","id":5}\n' + encode_request(msgs.ServiceStart(service=ECHO), 6)
+                     + encode_request(msgs.Counters(), 7))
+        await writer.drain()
+        while len(replies) < 3:
+            data = await asyncio.wait_for(reader.read(1 << 16), 5.0)
+            assert data, "the agent closed the link"
+            replies.extend(e for e in framer.feed(data) if not isinstance(e, Request))
+        writer.close()
+
+    agent.counters = lambda: {"services": {}}
+
+    async def main():
+        srv = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=ctx)
+        agent.config = NodeConfig(**{**agent.config.__dict__, "gateway_port": srv.sockets[0].getsockname()[1]})
+        try:
+            await asyncio.wait_for(agent._session(), 10.0)
+        except Exception:
+            pass
+        finally:
+            srv.close()
+    asyncio.run(main())
+    by_id = {r.id: r for r in replies}
+    assert not by_id[5].ok and not by_id[6].ok and "assigned to 'n1'" in by_id[6].error
+    assert by_id[7].ok and by_id[7].result == {"services": {}}
+    assert started == []
