@@ -252,6 +252,7 @@ class Gateway:
         reader = asyncio.StreamReader(limit=MAX_LINE_BEFORE_LOGIN, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         tls_transport = await loop.start_tls(transport, protocol, self.tls, server_side=True)
+        protocol.connection_made(tls_transport)  # start_tls does not (the reader's flow control)
         writer = asyncio.StreamWriter(tls_transport, protocol, reader, loop)
         ident = tls.peer_identity(writer.get_extra_info("ssl_object"))
         rpc = RpcConnection(reader, writer, name=f"agent at {peer}", limit=MAX_LINE_BEFORE_LOGIN)
