@@ -115,7 +115,7 @@ class FakeCriu(FakeKernel):
 def node(name, tmp_path):
     log = Log()
     fake = FakeCriu(log)
-    agent = FakeAgent(NodeConfig(name=name, vip=VIP, gateway_address="192.0.2.1", key_file="k",
+    agent = FakeAgent(NodeConfig(name=name, vip=VIP, gateway_address="192.0.2.1", tls_ca="ca", tls_cert="c", tls_key="k",
                                  state_dir=str(tmp_path / name)), log)
     agent.filter.load([WEB], "n1")
     kernel = migrate.Kernel(tcprepair=fake, udphandoff=fake, pidfd=fake, services=fake, queue=fake,
