@@ -26,6 +26,7 @@ from clustercore.errors import ConfigError, LocalControlError, PeerControlError,
 from clustercore.kinds import Delivery
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
+from vipwire import systemd
 from vipwire.auth import check_login_proof, load_key
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
 from vipwire.rpc import Context, RpcConnection
@@ -121,7 +122,11 @@ class Gateway:
             loop.add_signal_handler(sig, self._stop.set)
         await self.start()
         print("gateway ready", flush=True)
+        systemd.ready(f"serving {self.config.vip}")
+        watchdog = asyncio.ensure_future(systemd.ping_watchdog())
         await self._stop.wait()
+        systemd.stopping()
+        watchdog.cancel()
         await self.shutdown()
 
     async def shutdown(self) -> None:

@@ -47,6 +47,10 @@ def install(vip: str, queue_num: int, fast_rules: list[str] | None = None) -> No
         _run(["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", *_jump_rule(vip)])
 
 
+def chain_exists() -> bool:
+    return _run(["iptables", "-w", "-t", "mangle", "-S", CHAIN], check=False).returncode == 0
+
+
 def remove(vip: str) -> None:
     """Remove the jump and our chain (idempotent)."""
     while _run(["iptables", "-w", "-t", "mangle", "-D", "PREROUTING", *_jump_rule(vip)], check=False).returncode == 0:
