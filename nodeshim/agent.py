@@ -389,7 +389,10 @@ class NodeAgent:
                 services.stop(self.running.pop(name))
                 stopped.append(name)
         for s in wanted:
-            if s.name not in self.running and service_kind(s.exec_spec) is not ServiceKind.EXTERNAL:
+            # a service that migrates here (a restarted gateway finishes it) is the
+            # migration's to start, not ours
+            if (s.name not in self.running and not self.migrations.busy(s.name)
+                    and service_kind(s.exec_spec) is not ServiceKind.EXTERNAL):
                 self.start_service(s)
                 started.append(s.name)
         self.record_running()
