@@ -30,6 +30,11 @@ class Rule:
     icmp_echo: bool  # matches ICMP echo requests only (proto ICMP)
     action: Verdict | str  # Verdict.ACCEPT / Verdict.DROP / QUEUE
     service: str  # counter bucket
+    # QUEUE only: with no agent reading the queue (it died) the kernel accepts instead of
+    # dropping. Only for the UDP ports of a service this node is the source of: its own
+    # process holds the socket, and every outcome stays exact (rolled back: the process
+    # reads it; committed: the destination held its own copy and the old socket dies)
+    bypass: bool = False
 
     def matches(self, p: Packet) -> bool:
         if p.proto != self.proto:
@@ -40,7 +45,8 @@ class Rule:
 
 
 def rules_for(node: str, services: Iterable[Service], anchor: str | None,
-              in_migration: set[str]) -> list[Rule]:
+              in_migration: set[str], sources: set[str] = frozenset()) -> list[Rule]:
+    """`sources`: the services in migration this node is the source of (see Rule.bypass)."""
     rules: list[Rule] = []
     for s in sorted(services, key=lambda s: s.name):
         for proto, port in s.ports:
@@ -48,7 +54,8 @@ def rules_for(node: str, services: Iterable[Service], anchor: str | None,
                 action: Verdict | str = QUEUE
             else:
                 action = Verdict.ACCEPT if s.owner == node else Verdict.DROP
-            rules.append(Rule(proto, port, False, action, s.name))
+            bypass = action == QUEUE and proto == UDP and s.name in sources
+            rules.append(Rule(proto, port, False, action, s.name, bypass))
     rules.append(Rule(TCP, None, False, Verdict.DROP, NO_SERVICE))
     rules.append(Rule(UDP, None, False, Verdict.DROP, NO_SERVICE))
     rules.append(Rule(ICMP, None, True, Verdict.ACCEPT if anchor == node else Verdict.DROP, NO_SERVICE))
@@ -74,5 +81,7 @@ def to_iptables(rules: list[Rule], queue_num: int) -> list[str]:
         elif r.port is not None:
             m += f" --dport {r.port}"
         target = f"NFQUEUE --queue-num {queue_num}" if r.action == QUEUE else r.action.value.upper()
+        if r.bypass:
+            target += " --queue-bypass"
         out.append(f'{m} -m comment --comment "vip:{r.service}" -j {target}')
     return out

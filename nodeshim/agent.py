@@ -20,15 +20,17 @@ import signal
 from clustercore import fastpath
 from clustercore import messages as msgs
 from clustercore.config import NodeConfig
+from clustercore.cutover import SourceCutover
 from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Datapath, ServiceKind, service_kind
 from clustercore.ownership import NodeFilter, Service
+from clustercore.packet import TCP
 from vipwire import systemd
 from vipwire.auth import load_key, login_proof
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
-from . import iptables, netlink, services
+from . import iptables, netlink, pidfd, services, tcprepair
 from .migrate import MigrationAgent
 from .queue import PacketQueue
 from .verdictlog import VerdictLog
@@ -40,7 +42,7 @@ WATCH_INTERVAL_S = 1.0  # how often exited services are noticed
 CONNECT_TIMEOUT_S = 5.0
 LOGIN_TIMEOUT_S = 5.0
 RECONNECT_FIRST_S = 0.1  # back-off after losing the gateway: doubles up to RECONNECT_MAX_S
-RECONNECT_MAX_S = 2.0
+RECONNECT_MAX_S = 0.5  # short: a frozen migration waits for the restarted gateway
 MIGRATION_MESSAGES = (*msgs.STEPS, msgs.Chunk)
 
 
@@ -66,6 +68,7 @@ class NodeAgent:
             **{m: self.on_migration for m in MIGRATION_MESSAGES},
         }
         self.adopted: list[str] = []  # services taken back from a previous agent
+        self.frozen_adopted: set[str] = set()  # ... that it left frozen mid-migration
         self.verdict_log = VerdictLog()  # opt-in, for `vipctl replay --mode packets`
         self.log_dir = os.path.join(config.state_dir, "services")
 
@@ -143,7 +146,48 @@ class NodeAgent:
             self.running[name] = rs
             self.restarts[name] = 0
             self.adopted.append(name)
+            if pidfd.process_state(pid) in pidfd.STOPPED_STATES:
+                # its agent died mid-migration with it frozen: what that agent held (the
+                # queued packets, datagrams it drained, connections it had just accepted)
+                # died with it; the registry owner decides at the reconcile
+                log.warning("service %s (pid %d) was frozen by a migration the previous agent "
+                            "did not finish; the packets it held are lost", name, pid)
+                self.frozen_adopted.add(name)
         self.record_running()
+
+    def _end_frozen(self, wanted: set[str]) -> list[str]:
+        """After a restart mid-migration: a frozen service the registry says is ours
+        resumes (its connections leave repair mode, it gets SIGCONT); one it says is not
+        ours is ended (SIGKILL: a stopped process cannot run a SIGTERM handler; its sockets
+        are closed in repair mode, silently: the destination serves its connections)."""
+        notes = []
+        for name in sorted(self.frozen_adopted):
+            rs = self.running.get(name)
+            if rs is None or self.migrations.busy(name):
+                continue
+            self.frozen_adopted.discard(name)
+            if name in wanted:
+                ports = tuple(p for proto, p in rs.service.ports if proto == TCP)
+                try:
+                    conns = pidfd.take_connections(rs.pid, self.config.vip, ports)
+                    try:
+                        tcprepair.unrepair_many([sock for _, sock in conns])
+                    finally:
+                        for _, sock in conns:
+                            sock.close()
+                    os.kill(rs.pid, signal.SIGCONT)
+                except (VipError, OSError) as e:
+                    log.error("cannot resume frozen service %s: %s", name, e)
+                notes.append(f"service {name} was frozen by a dead agent: resumed (held packets lost)")
+            else:
+                services.kill(self.running.pop(name))
+                for _, sock in rs.sockets:
+                    sock.close()
+                notes.append(f"service {name} was frozen by a dead agent and moved away: ended")
+        for text in notes:
+            log.warning("%s", text)
+            self.send_to_gateway(msgs.Notice(text=text))
+        return notes
 
     def cleanup(self) -> dict:
         """`vipctl node cleanup`: stop every service an agent left, remove the rules and
@@ -190,7 +234,9 @@ class NodeAgent:
         else:
             rules = fastpath.to_iptables(
                 fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
-                                   set(self.filter.roles)), cfg.queue_num)
+                                   set(self.filter.roles),
+                                   {n for n, r in self.filter.roles.items() if isinstance(r, SourceCutover)}),
+                cfg.queue_num)
         if rules == self._fast_rules:
             return
         if self._fast_rules:
@@ -384,6 +430,7 @@ class NodeAgent:
     def reconcile(self, wanted: list[Service]) -> dict:
         started, stopped = [], []
         names = {s.name for s in wanted}
+        self._end_frozen(names)
         for name in list(self.running):
             if name not in names and not self.migrations.busy(name):
                 services.stop(self.running.pop(name))
