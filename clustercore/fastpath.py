@@ -31,9 +31,11 @@ class Rule:
     action: Verdict | str  # Verdict.ACCEPT / Verdict.DROP / QUEUE
     service: str  # counter bucket
     # QUEUE only: with no agent reading the queue (it died) the kernel accepts instead of
-    # dropping. Only for the UDP ports of a service this node is the source of: its own
-    # process holds the socket, and every outcome stays exact (rolled back: the process
-    # reads it; committed: the destination held its own copy and the old socket dies)
+    # dropping. Only for the UDP ports of a service this node owns by its table (a source
+    # before the migration ends, a released destination whose role is in its grace
+    # period): its own process holds the socket, and every outcome stays exact (rolled
+    # back: the process reads it; committed: the destination held its own copy and the
+    # old socket dies with the old instance). TCP stays fail-closed (clients retransmit).
     bypass: bool = False
 
     def matches(self, p: Packet) -> bool:
@@ -45,8 +47,7 @@ class Rule:
 
 
 def rules_for(node: str, services: Iterable[Service], anchor: str | None,
-              in_migration: set[str], sources: set[str] = frozenset()) -> list[Rule]:
-    """`sources`: the services in migration this node is the source of (see Rule.bypass)."""
+              in_migration: set[str]) -> list[Rule]:
     rules: list[Rule] = []
     for s in sorted(services, key=lambda s: s.name):
         for proto, port in s.ports:
@@ -54,7 +55,7 @@ def rules_for(node: str, services: Iterable[Service], anchor: str | None,
                 action: Verdict | str = QUEUE
             else:
                 action = Verdict.ACCEPT if s.owner == node else Verdict.DROP
-            bypass = action == QUEUE and proto == UDP and s.name in sources
+            bypass = action == QUEUE and proto == UDP and s.owner == node
             rules.append(Rule(proto, port, False, action, s.name, bypass))
     rules.append(Rule(TCP, None, False, Verdict.DROP, NO_SERVICE))
     rules.append(Rule(UDP, None, False, Verdict.DROP, NO_SERVICE))

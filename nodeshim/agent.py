@@ -20,7 +20,6 @@ import signal
 from clustercore import fastpath
 from clustercore import messages as msgs
 from clustercore.config import NodeConfig
-from clustercore.cutover import SourceCutover
 from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Datapath, ServiceKind, service_kind
 from clustercore.ownership import NodeFilter, Service
@@ -234,9 +233,7 @@ class NodeAgent:
         else:
             rules = fastpath.to_iptables(
                 fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
-                                   set(self.filter.roles),
-                                   {n for n, r in self.filter.roles.items() if isinstance(r, SourceCutover)}),
-                cfg.queue_num)
+                                   set(self.filter.roles)), cfg.queue_num)
         if rules == self._fast_rules:
             return
         if self._fast_rules:
