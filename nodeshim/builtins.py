@@ -10,10 +10,13 @@ served directly; a datagram socket is echoed.
 State hook (for live migration): on SIGUSR1 a builtin stops reading, writes what it still
 holds in user space to VIPCLUSTER_STATE_OUT (the kv table; per connection, bytes it owes
 the client and a partial request line) and stops itself (SIGSTOP), so its sockets can be
-dumped with nothing lost in user space. A new instance loads that file from
-VIPCLUSTER_STATE_IN and gives each restored connection (matched by its peer address) its
-pending bytes back. With VIPCLUSTER_GATE_FD set it waits for one byte on that fd before it
-serves (the node agent opens the gate when the migration releases the held packets).
+dumped with nothing lost in user space. A new instance loads that file (named over the
+gate) and gives each restored connection (matched by its peer address) its pending bytes
+back. The gate (VIPCLUSTER_GATE_FD, a SOCK_SEQPACKET socket) is how a new instance
+started early, at prepare, learns the rest: it says `ready` once started, then receives
+`state PATH` (the old instance's saved state), the migrated connections in `fds NAME,...`
+batches with SCM_RIGHTS, and `go` when the migration releases the held packets; only then
+it serves.
 """
 
 from __future__ import annotations
@@ -57,9 +60,6 @@ class Server:
         self.outbuf: dict[socket.socket, bytearray] = {}
         self.quiesce = False
         self.pending: dict[str, dict] = {}
-        state_in = os.environ.get("VIPCLUSTER_STATE_IN")
-        if state_in and os.path.exists(state_in):
-            self.load_state(state_in)
 
     def load_state(self, path: str) -> None:
         """What the old instance saved when it quiesced: the kv table, and per connection

@@ -3,8 +3,9 @@
 Layout (mangle table, before routing and before any socket sees the packet):
 
     PREROUTING  -d VIP ! -i lo  -> VIPCLUSTER
-    VIPCLUSTER  [fast-path rules: accept steady-state services in the kernel]  (later)
-                -j NFQUEUE --queue-num N          (no --queue-bypass)
+    VIPCLUSTER  [fast-path rules (clustercore.fastpath): ACCEPT the ports of services this
+                 node owns, DROP the others; migrating services -> NFQUEUE]
+                -j NFQUEUE --queue-num N          (no --queue-bypass; what no rule decided)
 
 No `--queue-bypass`: if the shim dies, VIP packets are dropped (fail closed). A dead
 shim must never mean "accept", because on a non-owner accepting means the stack answers

@@ -163,52 +163,40 @@ def reinject(
         if dgram.family != 4:
             raise ValueError(f"reinject: datagram {i} has an IPv6 source {dgram.source[0]}")
         packets.append(build_ipv4_udp(dgram.source, (vip, vip_port), dgram.payload))
+    return _send_raw(packets, mark, netns_fd, "reinject")
+
+
+def inject_ip_packets(packets: Iterable[bytes], mark: int) -> int:
+    """Hand raw IPv4 packets (as captured) to the local stack, in order, through one raw
+    socket with SO_MARK `mark`. They loop through `lo`, which the queue rule skips, so they
+    reach the service's socket directly. Anything not IPv4 is skipped; returns how many
+    were sent."""
+    return _send_raw([p for p in packets if len(p) >= _IPV4_HEADER.size and p[0] >> 4 == 4],
+                     mark, None, "inject raw packets")
+
+
+def _send_raw(packets: list[bytes], mark: int, netns_fd: int | str | None, what: str) -> int:
+    """Send whole IPv4 packets, in order, through one IPPROTO_RAW socket (IP_HDRINCL, never
+    receives) with SO_MARK `mark`, created in network namespace `netns_fd` if given."""
     if not packets:
         return 0
     with in_netns(netns_fd):
         try:
             raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         except OSError as exc:
-            raise KernelError("reinject: raw socket", exc.errno) from None
+            raise KernelError(f"{what}: raw socket", exc.errno) from None
     try:
         raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        target = (vip, 0)
+    except OSError as exc:
+        raw.close()
+        raise KernelError(f"{what}: raw socket options", exc.errno) from None
+    try:
         for i, packet in enumerate(packets):
             try:
-                raw.sendto(packet, target)
+                raw.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
             except OSError as exc:
-                raise KernelError(
-                    "reinject: sendto", exc.errno, f"datagram {i} of {len(packets)}"
-                ) from None
-    except OSError as exc:
-        raise KernelError("reinject: raw socket options", exc.errno) from None
-    finally:
-        raw.close()
-    return len(packets)
-
-
-def inject_ip_packets(packets: Iterable[bytes], mark: int) -> int:
-    """Hand raw IPv4 packets (as captured) to the local stack, in order, through one raw
-    socket with SO_MARK `mark`. They loop through `lo`, which the queue rule skips, so they
-    reach the service's socket directly. Anything not IPv4 is skipped; returns the count
-    handed in."""
-    packets = list(packets)
-    if not packets:
-        return 0
-    try:
-        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    except OSError as exc:
-        raise KernelError("inject raw packets: raw socket", exc.errno) from None
-    try:
-        raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        for p in packets:
-            if len(p) < _IPV4_HEADER.size or p[0] >> 4 != 4:
-                continue
-            raw.sendto(p, (socket.inet_ntoa(p[16:20]), 0))
-    except OSError as exc:
-        raise KernelError("inject raw packets", exc.errno) from None
+                raise KernelError(f"{what}: sendto", exc.errno, f"packet {i} of {len(packets)}") from None
     finally:
         raw.close()
     return len(packets)

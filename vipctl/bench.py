@@ -15,6 +15,11 @@ against a baseline measured in the same run of this command:
   and a UDP stream, exact accounting), migrated once per run; freeze_ms, total_ms, the
   per-step split, lost, duplicated, client retransmissions.
 - memory: RSS of the gateway and of the destination shim right after the largest migration.
+- process_migrations: the `process` strategy (criu) moving real programs under real load:
+  nginx holding 100 and 1,000 keep-alive connections (vipctl.realload http-hold), redis
+  with 10 MB and 200 MB of data (redis-fill, then SET/GET loops); freeze, total, image
+  bytes, lost, duplicated, client retransmissions. Skipped, with the reason in the JSON,
+  when this build or a node cannot run the strategy.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from clustercore.errors import LocalControlError
 from clustercore.kinds import EXTERNAL_SPEC, Datapath, Delivery, builtin_spec
 
 from . import lab as labmod
+from . import programs
 from .client import call
 from .render import count, ms
 
@@ -240,6 +246,131 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
     return out, rss
 
 
+# --- the process strategy: real programs moved whole -----------------------------------
+
+PROCESS_ROWS = (("nginx", 100), ("nginx", 1000), ("redis", 10), ("redis", 200))  # (program, connections | MB)
+
+
+def _vipctl(spec: labmod.Lab, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """The CLI, as an operator types it (the process strategy is spelled by its options)."""
+    return subprocess.run([sys.executable, "-m", "vipctl", "--socket", spec.control_socket, *args],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _realload(spec: labmod.Lab, *args) -> subprocess.Popen:
+    return labmod.popen_in(spec.client_ns, [sys.executable, "-m", "vipctl.realload", *map(str, args)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _client_json(p: subprocess.Popen, timeout: float) -> dict:
+    stdout, stderr = p.communicate(timeout=timeout)
+    try:
+        return json.loads(stdout)
+    except json.JSONDecodeError:
+        return {"error": stderr.decode(errors="replace")[-300:]}
+
+
+def measure_process_migrations(prefix: str, runs: int, log) -> dict:
+    """One row per PROCESS_ROWS entry, or {"skipped": why} when the strategy is unavailable."""
+    ok, why = programs.process_strategy_offered()
+    if not ok:
+        log(f"process strategy rows skipped: {why}")
+        return {"skipped": why, "rows": []}
+    spec = labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST)
+    labmod.down(spec, log=lambda *a: None)
+    tmp = tempfile.mkdtemp(prefix="vipctl-bench-proc-")
+    os.chmod(tmp, 0o777)
+    try:
+        labmod.up(spec, log=lambda *a: None)
+        why = programs.wait_process_strategy(lambda: call("status", spec.control_socket))
+        if why:
+            log(f"process strategy rows skipped: {why}")
+            return {"skipped": why, "rows": []}
+        rows = []
+        for program, size in PROCESS_ROWS:
+            runs_out = [_process_run(spec, program, size, os.path.join(tmp, f"{program}-{size}-{run}"), log)
+                        for run in range(runs)]
+            rows.append(_process_row(program, size, runs_out))
+        return {"skipped": None, "rows": rows}
+    finally:
+        labmod.down(spec, log=lambda *a: None)
+
+
+def _process_run(spec: labmod.Lab, program: str, size: int, workdir: str, log) -> dict:
+    """Start `program` with the process strategy on n1, load it, move it to n2, check."""
+    os.makedirs(workdir, exist_ok=True)
+    ready, stop = os.path.join(workdir, "ready"), os.path.join(workdir, "stop")
+    if program == "nginx":
+        prog = programs.nginx_program(workdir, connections=max(1024, 2 * size))
+    else:
+        prog = programs.redis_program(workdir)
+    name = f"bench-{program}"
+    added = _vipctl(spec, *programs.service_add_args(name, "n1", prog, "process"))
+    if added.returncode != 0:
+        return {"report": {"outcome": "not started", "reason": added.stderr.strip()[-300:]}, "client": {}}
+    try:
+        time.sleep(1.0)  # the program binds the VIP itself
+        port = int(prog.ports[0].split(":")[1])
+        fill = {}
+        if program == "nginx":
+            paths = ",".join(f"{p}={sz}" for p, (sz, _) in sorted(prog.files.items()) if sz < 1 << 20)
+            load = _realload(spec, "http-hold", labmod.VIP, port, "--conns", size, "--paths", paths,
+                             "--rate", max(0.5, min(10.0, 1000.0 / size)), "--duration", 300,
+                             "--ready-file", ready, "--stop-file", stop)
+        else:
+            fill = _client_json(_realload(spec, "redis-fill", labmod.VIP, port, "--mb", size), 600)
+            load = _realload(spec, "redis-loop", labmod.VIP, port, "--conns", 4, "--rate", 50, "--duration", 300,
+                             "--ready-file", ready, "--stop-file", stop)
+        deadline = time.time() + 120
+        while not os.path.exists(ready) and load.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        try:
+            r = _vipctl(spec, "migrate", name, "--to", "n2", "--json")
+            report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {
+                "outcome": "error", "reason": r.stderr.strip()[-300:]}
+        finally:
+            time.sleep(1.0)
+            open(stop, "w").close()
+            client = _client_json(load, 300)
+        if program == "redis" and "error" not in client:
+            keys = fill.get("keys", 0) + client.get("keys_written", 0)
+            got = labmod.exec_in(spec.client_ns, ["redis-cli", "-h", labmod.VIP, "-p", str(port), "DBSIZE"],
+                                 capture_output=True, text=True, timeout=60)
+            client["keys_missing"] = keys - int(got.stdout.strip() or 0)
+        log(f"process strategy, {program} {size}: {report.get('outcome')}, freeze {ms(report.get('freeze_ms'))}, "
+            f"total {ms(report.get('total_ms'))}, image {count(report.get('image_bytes'))} bytes")
+        return {"report": report, "client": client, "fill": fill}
+    finally:
+        _vipctl(spec, "service", "remove", name)
+
+
+def _process_row(program: str, size: int, runs: list[dict]) -> dict:
+    def lost(run: dict) -> int | None:
+        c = run["client"]
+        if not c or "error" in c:
+            return None
+        return (c.get("failed", 0) + c.get("resets", 0) + c.get("bad", 0) + max(0, c.get("keys_missing", 0))
+                + (run["report"].get("lost") or 0))
+    reports = [r["report"] for r in runs]
+    key = "connections" if program == "nginx" else "data_mb"
+    return {
+        "program": program, key: size,
+        "outcomes": [r.get("outcome") for r in reports],
+        "reasons": [r["reason"] for r in reports if r.get("reason")],
+        "freeze_ms": _stats([r.get("freeze_ms") for r in reports])["median"],
+        "freeze_ms_stats": _stats([r.get("freeze_ms") for r in reports]),
+        "total_ms": _stats([r.get("total_ms") for r in reports])["median"],
+        # the process playbook reports the image it sent as bytes_moved (image_bytes if named)
+        "image_bytes": _stats([r.get("image_bytes", r.get("bytes_moved")) for r in reports
+                               if r.get("outcome") == "committed"])["median"],
+        "lost": max((x for x in map(lost, runs) if x is not None), default=None),
+        "duplicated": max((r.get("duplicated") or 0 for r in reports if r.get("outcome") == "committed"), default=None),
+        "client_retransmissions": max((r["client"].get("retrans_segs", 0) for r in runs if r["client"]), default=None),
+        "longest_wait_ms": max((r["client"].get("longest_wait_ms", 0) for r in runs if r["client"]), default=None),
+    }
+
+
 def _median_pcts(rows: list) -> dict:
     rows = [r for r in rows if isinstance(r, dict) and r.get("max") is not None]
     return {k: _stats([r[k] for r in rows])["median"] for k in ("p50", "p99", "max")} if rows else {}
@@ -286,6 +417,7 @@ def run_bench(quick: bool, log) -> dict:
     migrations, rss = measure_migrations(prefix, sizes, mig_runs, log)
     result["migrations"] = migrations
     result["rss_mb"] = rss
+    result["process_migrations"] = measure_process_migrations(prefix, mig_runs, log)
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     return result
 

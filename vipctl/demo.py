@@ -5,8 +5,9 @@ them through the VIP with real clients from vip-client (nc over TCP and UDP, a k
 session, ping), then puts live load on both (50 TCP connections of numbered messages, a
 UDP stream of numbered datagrams, a kv session) and migrates echo n1 -> n2 -> n3 and kv
 n2 -> n1 while it runs, prints each migration report and the clients' own accounting
-(lost, duplicated, resets, retransmissions), the status table, and takes the lab down
-again (always).
+(lost, duplicated, resets, retransmissions), then moves a real nginx and a real redis
+under load with the process strategy (vipctl/demoreal.py; or says why it cannot), the
+status table, and takes the lab down again (always).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from clustercore.kinds import builtin_spec
 
 from . import lab as labmod
 from .client import call
+from .demoreal import run_real_programs
 from .render import progress_line, render_client_accounting, render_report, render_status
 
 
@@ -91,6 +93,8 @@ def run_demo(nodes: int = 3, keep: bool = False) -> None:
         r = json.loads(out) if out.strip() else {"error": err.decode()[-500:]}
         click.echo("\n== what the clients saw (their own accounting)")
         click.echo(render_client_accounting(r))
+
+        run_real_programs(lab, click.echo)  # nginx and redis moved whole, or why not
 
         click.echo("\n== vipctl status")
         click.echo(render_status(call("status", sock)))

@@ -154,6 +154,20 @@ def render_bench(result: dict) -> str:
         lines.append(f"{x['connections']:>11} {_cell(x['freeze_ms'], 10, 2)} {_cell(x['total_ms'], 9, 2)} "
                      f"{count(x['lost']):>5} {count(x['duplicated']):>4} {x['client_retransmissions']:>7} "
                      f"{pcs:>32}  {steps}")
+    proc = result.get("process_migrations")
+    if proc:
+        lines.append("")
+        if proc.get("skipped"):
+            lines.append(f"process strategy (real programs): skipped: {proc['skipped']}")
+        else:
+            lines.append(f"{'process strategy':<18} {'freeze ms':>10} {'total ms':>9} {'image MB':>9} {'lost':>5} "
+                         f"{'dup':>4} {'retrans':>7}  outcomes")
+        for x in proc.get("rows", []):
+            what = (f"nginx {x['connections']} conns" if x["program"] == "nginx" else f"redis {x['data_mb']} MB")
+            image = x["image_bytes"] / 1e6 if x.get("image_bytes") is not None else None
+            lines.append(f"{what:<18} {_cell(x['freeze_ms'], 10, 2)} {_cell(x['total_ms'], 9, 2)} {_cell(image, 9, 1)} "
+                         f"{count(x['lost']):>5} {count(x['duplicated']):>4} {count(x['client_retransmissions']):>7}  "
+                         + ", ".join(map(str, x["outcomes"])) + "".join(f" ({r})" for r in x.get("reasons", [])[:1]))
     rss = result["rss_mb"]
     lines.append("")
     lines.append(f"RSS: gateway {number(rss.get('gateway'), 1)} MB, shim after moving "

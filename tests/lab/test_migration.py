@@ -115,11 +115,12 @@ def test_migrations_under_load_lose_nothing_and_duplicate_nothing(mlab, tmp_path
     base = finish_load(p, stop)
     assert_exact(base)
     assert base["tcp_sent"] >= 0.8 * r["tcp_sent"], (base["tcp_sent"], r["tcp_sent"])  # the same load indeed
-    # A hold may cost a moved connection one tail-loss probe (Linux sends one once a few
-    # smoothed RTTs pass without an ACK: on a quiet machine the 10-25 ms freezes cost none,
-    # on a busy one 60-80 ms freezes cost a few). More than one per moved connection per
-    # migration (an RTO, or fast retransmits from duplicated or reordered delivery) fails.
-    probes = sum(x["tcp_established"] for x in reports)
+    # A hold may cost a tail-loss probe (Linux sends one once max(2 SRTT, 10 ms) pass
+    # without an ACK: on a quiet machine the 10-25 ms freezes cost none, on a busy one
+    # 60-80 ms freezes cost a few: 17 seen over these 12 migrations with three other lab
+    # suites running). Allow two per migration, no more: a dropped or duplicated segment
+    # would show here, since TCP hides it from the clients' own accounting.
+    probes = 2 * len(reports)
     assert r["retrans_segs"] <= base["retrans_segs"] + probes, (r["retrans_segs"], base["retrans_segs"], probes)
 
 
