@@ -315,3 +315,52 @@ def test_soak_migrations_round_the_nodes_with_random_daemon_kills(slab, tmp_path
             assert rss <= first[name][1] + 40, (name, first[name], last[name])
     # one rule per service port whatever happened, plus the fixed ones
     assert last_rules == first_rules, (first_rules, last_rules)
+
+
+def test_cleanup_commands_take_down_what_exited_daemons_leave():
+    """With the daemons stopped, services, rules, VIP and the delivery table stay (the
+    data plane outlives the control plane) until the operator's cleanup commands."""
+    import subprocess
+    import sys
+
+    from tests.lab.conftest import ROOT, LabHandle, unique_prefix
+
+    spec = labmod.Lab(unique_prefix("c"), 1)
+    labmod.down(spec, log=lambda *a: None)
+    try:
+        labmod.up(spec, log=lambda *a: None)
+        h = LabHandle(spec)
+        h.vipctl("service", "add", "echo", "--node", "n1", "--port", "udp:7", "--exec", "builtin:echo")
+        service = service_pid(h, "echo")
+        supervisor = pids(h)["supervisor"]
+        os.kill(supervisor, signal.SIGTERM)  # it stops the agent, then the gateway
+        deadline = time.time() + 20
+        while labmod._alive(supervisor) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(labmod._alive(p) for p in pids(h).values())
+
+        def run_in(ns, *argv):
+            return labmod.exec_in(ns, list(argv), capture_output=True, text=True)
+        assert labmod._alive(service)  # the service still runs ...
+        assert "NFQUEUE" in run_in(spec.node_ns(1), "iptables", "-t", "mangle", "-S").stdout
+        assert labmod.VIP in run_in(spec.node_ns(1), "ip", "addr", "show", "lo").stdout
+        assert "table" in run_in(spec.gw_ns, "nft", "list", "ruleset").stdout
+        # ... until the operator cleans up
+        cli = [sys.executable, "-m", "vipctl"]
+        r = labmod.exec_in(spec.node_ns(1), cli + ["node", "cleanup", "--config",
+                                                   os.path.join(spec.state_dir, "n1.toml")],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and "stopped echo" in r.stdout, (r.stdout, r.stderr)
+        deadline = time.time() + 5
+        while labmod._alive(service) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not labmod._alive(service)
+        assert "VIPCLUSTER" not in run_in(spec.node_ns(1), "iptables", "-t", "mangle", "-S").stdout
+        assert labmod.VIP not in run_in(spec.node_ns(1), "ip", "addr", "show", "lo").stdout
+        r = labmod.exec_in(spec.gw_ns, cli + ["gateway", "cleanup", "--config",
+                                              os.path.join(spec.state_dir, "gateway.toml")],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert "vipcluster" not in run_in(spec.gw_ns, "nft", "list", "ruleset").stdout
+    finally:
+        labmod.down(spec, log=lambda *a: None)
