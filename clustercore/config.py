@@ -40,7 +40,10 @@ class GatewayConfig:
     client_interface: str
     cluster_interface: str
     listen_address: str
-    key_file: str
+    # the gateway's TLS identity (vipwire.pki): the cluster CA, its certificate and key
+    tls_ca: str
+    tls_cert: str
+    tls_key: str
     nodes: tuple[NodeEntry, ...]
     listen_port: int = DEFAULT_AGENT_PORT
     control_socket: str = DEFAULT_CONTROL_SOCKET
@@ -61,7 +64,10 @@ class NodeConfig:
     name: str
     vip: str
     gateway_address: str
-    key_file: str
+    # this node's TLS identity (vipwire.pki): the cluster CA, its certificate and key
+    tls_ca: str
+    tls_cert: str
+    tls_key: str
     gateway_port: int = DEFAULT_AGENT_PORT
     queue_num: int = 0
     queue_maxlen: int = 65536
@@ -138,6 +144,13 @@ def _choice(d, key, source, kind: type[enum.StrEnum], default: enum.StrEnum):
     return _enum_field(key, kind, d.get(key, default), source)
 
 
+def _tls_fields(d: dict, source) -> dict:
+    if "key_file" in d:
+        raise ConfigError("key_file", "the shared cluster key is gone: give tls_ca, tls_cert and tls_key "
+                          "(create them with 'vipctl pki init DIR --node NAME ...')", source)
+    return {k: _str(d, k, source, what="a file path") for k in ("tls_ca", "tls_cert", "tls_key")}
+
+
 def _check_known(d: dict, known: set[str], source, prefix=""):
     for k in d:
         if k not in known:
@@ -167,7 +180,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
     _check_known(
         d,
         {"vip", "client_interface", "cluster_interface", "listen_address", "listen_port",
-         "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s",
+         "tls_ca", "tls_cert", "tls_key", "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s",
          "delivery"},
         source,
     )
@@ -202,7 +215,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         cluster_interface=cluster_if,
         listen_address=_ipv4(d, "listen_address", source),
         listen_port=_int(d, "listen_port", source, 1, 65535, DEFAULT_AGENT_PORT),
-        key_file=_str(d, "key_file", source, what="a file path"),
+        **_tls_fields(d, source),
         control_socket=_str(d, "control_socket", source, default=DEFAULT_CONTROL_SOCKET, what="a path"),
         state_dir=_str(d, "state_dir", source, default=DEFAULT_STATE_DIR, what="a path"),
         nodes=tuple(nodes),
@@ -217,7 +230,7 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         raise ConfigError("<top>", "must be a table", source)
     _check_known(
         d,
-        {"name", "vip", "gateway_address", "gateway_port", "key_file", "queue_num",
+        {"name", "vip", "gateway_address", "gateway_port", "tls_ca", "tls_cert", "tls_key", "key_file", "queue_num",
          "queue_maxlen", "state_dir", "cluster_interface", "datapath", "migration_lease_s"},
         source,
     )
@@ -226,7 +239,7 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         vip=_ipv4(d, "vip", source),
         gateway_address=_ipv4(d, "gateway_address", source),
         gateway_port=_int(d, "gateway_port", source, 1, 65535, DEFAULT_AGENT_PORT),
-        key_file=_str(d, "key_file", source, what="a file path"),
+        **_tls_fields(d, source),
         queue_num=_int(d, "queue_num", source, 0, 65535, 0),
         queue_maxlen=_int(d, "queue_maxlen", source, 64, 1 << 20, 65536),
         state_dir=_str(d, "state_dir", source, default=DEFAULT_STATE_DIR, what="a path"),

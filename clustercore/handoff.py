@@ -72,7 +72,7 @@ from .nodecommands import (
     WaitReady,
     port_of,
 )
-from .packet import TCP
+from .packet import TCP, UDP
 from .sockstate import ServiceSockets, TcpConnState, UdpSocketState
 
 CHUNK = 256  # connections dumped (restored) between two runs of the verdict loop
@@ -109,6 +109,7 @@ class DestinationFacts:
 
     service: Any
     cut: Any  # its DestCutover
+    vip: str = ""  # every restored socket is on it, on one of the service's ports
     drops_at_start: int = 0
     role: Any = None
     opened: list[Named] = field(default_factory=list)  # bound at prepare; ours until adopted
@@ -127,6 +128,22 @@ class DestinationFacts:
     to_drop: tuple = ()
     to_accept: tuple = ()
     timing: dict = field(default_factory=dict)
+
+
+def _check_on_service(name: str, f: DestinationFacts, listeners=(), connections=(), udp=()) -> None:
+    """Refuse (before anything is rebuilt) socket states that are not on the VIP and the
+    service's ports: the gateway link must not make us build a connection, with its
+    sequence numbers and queued bytes, on any other address or port of this node."""
+    ports = {TCP: set(), UDP: set()}
+    for proto, port in f.service.ports:
+        ports.setdefault(proto, set()).add(port)
+    for proto, states in ((TCP, listeners), (TCP, connections), (UDP, udp)):
+        for st in states:
+            addr, port = st.local
+            if addr != f.vip or port not in ports[proto]:
+                kind = "tcp" if proto == TCP else "udp"
+                raise Refused(f"restore of '{name}': a socket on {addr}:{port}/{kind} is not on the "
+                              f"service's address {f.vip or '(none)'} and ports")
 
 
 class Handoff(Playbook):
@@ -291,7 +308,7 @@ class Handoff(Playbook):
 
     def prepare(self, m, event: msgs.Prepare, local: Local, now: float):
         service = local.service
-        f = self.destination = DestinationFacts(service=service,
+        f = self.destination = DestinationFacts(service=service, vip=local.vip,
                                                 cut=m.cutovers.destination(event.epoch))
         f.drops_at_start = yield CountKernelDrops()
         f.role = f.cut
@@ -314,6 +331,7 @@ class Handoff(Playbook):
         if len(states) != event.count:
             raise Refused(f"streamed chunk of '{m.service}': {len(states)} connections, "
                           f"header says {event.count}")
+        _check_on_service(m.service, f, connections=states)
         socks = yield RestoreConnections(states)
         self._restored(socks, states)
         f.streamed_ms += _ms(now, (yield ReadClock()))
@@ -344,6 +362,7 @@ class Handoff(Playbook):
         if len(f.states) != streamed:
             raise Refused(f"restore of '{m.service}': {len(f.states)} streamed connections "
                           f"arrived, the source sent {streamed}")
+        _check_on_service(m.service, f, bundle.listeners, bundle.connections, bundle.udp)
         for st in bundle.udp:
             if st.peer is not None:
                 sock = next(s for s in f.opened if s[0] == f"udp-{st.local[1]}")

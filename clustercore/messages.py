@@ -364,15 +364,11 @@ class Reconciled(Reply):
 # ---------------------------------------------------------------- the agent link
 
 
-@message("challenge")
-class Challenge(Message):
-    nonce: str
-
-
 @message("hello")
 class Hello(Message):
+    """The agent's first message inside TLS: the name it claims, which must be the one its
+    certificate carries (the gateway refuses and logs any other)."""
     node: str
-    proof: str
 
 
 @message("welcome")

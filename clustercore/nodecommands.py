@@ -123,6 +123,7 @@ class Local:
     service: Service | None
     instance: Any = None
     sockets: tuple[Named, ...] = ()
+    vip: str = ""  # the address the service's sockets are on (restored ones must be too)
 
 
 @_command(query=True)

@@ -368,7 +368,12 @@ class NodeMigration:
         return msgs.CommitDone() if isinstance(event, msgs.Commit) else msgs.Done()
 
     def _inject(self, event: msgs.Inject, now: float):
-        """Stragglers the source forwarded at its commit, into the new owner's stack."""
+        """Stragglers the source forwarded at its commit, into the new owner's stack: only
+        for the migration that made this node the owner (raw packets are written as they
+        are, so an inject anywhere else would let the gateway link send anything to anyone)."""
+        if event.epoch != self.epoch:
+            raise Refused(f"inject for '{self.service}' names epoch {event.epoch}, "
+                          f"not the one released here ({self.epoch})")
         injected = (yield InjectPackets(tuple(event.packets))) if event.packets else 0
         return msgs.Injected(injected=injected)
 
@@ -411,10 +416,16 @@ class NodeMigrations:
 
     def route(self, message: Any, now: float) -> list[Runner]:
         """The runners for a gateway message, to be driven in order (the last one's reply
-        is the answer). The service's machine must not be running."""
+        is the answer). The service's machine must not be running. A released machine is
+        kept for the inject that follows its commit and for a restarted gateway's repeated
+        release of the same epoch; any other message starts afresh."""
         self.forget_finished()
         name = message.service
         m = self.machines.get(name)
+        kept_for = isinstance(message, msgs.Inject) or (
+            isinstance(message, msgs.Release) and m is not None and message.epoch == m.epoch)
+        if m is not None and m.finished and not kept_for:
+            m = None
         runners = []
         if (m is not None and isinstance(message, (msgs.Arm, msgs.Prepare))
                 and m.epoch is not None and message.epoch != m.epoch):
@@ -460,9 +471,11 @@ class NodeMigrations:
                 and now - m.orphaned_since >= lease_s]
 
     def forget_finished(self) -> None:
-        # a released destination is kept (one per service) to answer a repeated Release
-        for name in [n for n, m in self.machines.items()
-                     if m.finished and m.state is not State.RELEASED]:
+        """Drop the machines that are over, except a released destination's: the gateway's
+        Inject (the source's stragglers) comes after it and is checked against it, and a
+        restarted gateway may repeat the Release. It goes when the next migration of the
+        service begins here."""
+        for name in [n for n, m in self.machines.items() if m.finished and m.state is not State.RELEASED]:
             del self.machines[name]
 
 
@@ -517,10 +530,9 @@ for _state, _event in [(S.PREPARED, msgs.Abort), (S.RESTORED, msgs.Abort),
                          for e in (OwnerStayed, OwnerMoved)],
                        *[(s, ExecutorFailed) for s in (S.PREPARING, S.RESTORING, S.ABORTING)]]:
     TRANSITIONS[(_state, _event)] = Row(S.ABORTING, S.ABORTED, play(P.abort))
-# Inject touches nothing of the machine: the source forwarded stragglers at its commit,
-# so the service is this node's, whatever state this (maybe stale) machine is in
-for _state in set(State) - BUSY:
-    TRANSITIONS[(_state, msgs.Inject)] = Row(_state, _state, M._inject)
+# Inject: the stragglers the source forwarded at its commit, which comes after our release;
+# only then (RELEASED is the last state of a destination), anywhere else a clean refusal
+TRANSITIONS[(S.RELEASED, msgs.Inject)] = Row(S.RELEASED, S.RELEASED, M._inject)
 del S, M, P, _state, _event, _end
 
 def _edges() -> dict[tuple[State, State], list[str]]:

@@ -3,8 +3,9 @@
 I/O only: it translates between sockets/netlink/nftables and the pure core. Two
 listeners:
 - a Unix socket (mode 0600, peer must be uid 0) for `vipctl`;
-- a TCP port on the cluster network for node agents, which must prove they hold the
-  cluster key (HMAC challenge, vipwire.auth) before anything else.
+- a TCP port on the cluster network for node agents: TLS 1.3 with a client certificate
+  from the cluster CA (vipwire.tls). The node's name is the one its certificate carries;
+  its Hello must claim that name (n1's credentials cannot log in as n2).
 Messages are the typed ones of clustercore.messages; each listener dispatches them by type
 through one handler table.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import socket
 import struct
@@ -22,12 +22,11 @@ import time
 
 from clustercore import messages as msgs
 from clustercore.config import GatewayConfig
-from clustercore.errors import ConfigError, LocalControlError, PeerControlError, VipError
+from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Delivery
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
-from vipwire import systemd
-from vipwire.auth import check_login_proof, load_key
+from vipwire import systemd, tls
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
 from vipwire.rpc import Context, RpcConnection
 
@@ -39,8 +38,8 @@ log = logging.getLogger("vipcluster.gateway")
 AGENT_TIMEOUT_S = 10.0  # one request to an agent (table, reconcile, start, stop)
 COUNTERS_TIMEOUT_S = 2.0  # status asks every agent; a slow one must not hold it up
 VERDICTS_TIMEOUT_S = 10.0
-LOGIN_TIMEOUT_S = 5.0  # an agent proves itself within this, or is dropped
-MAX_LOGINS_IN_PROGRESS = 16  # connections not yet logged in; more are closed at once
+LOGIN_TIMEOUT_S = 5.0  # an agent completes TLS and its hello within this, or is dropped
+MAX_LOGINS_IN_PROGRESS = 16  # connections not yet logged in (TLS included); more are closed at once
 SERVICE_NAME_MAX = 64
 
 
@@ -55,7 +54,7 @@ class AgentSession:
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.key = load_key(config.key_file)
+        self.tls = tls.server_context(config.tls_cert, config.tls_key, config.tls_ca)
         self.registry = Registry(config.state_dir)  # RegistryError: one clear line
         self.table, self.epochs = self.registry.load()
         self.journal = self.registry.open_migrations()  # what a previous gateway left open
@@ -111,8 +110,9 @@ class Gateway:
             os.umask(old_umask)
         os.chmod(cfg.control_socket, 0o600)
         self._servers.append(srv)
-        srv = await asyncio.start_server(self._on_agent, host=cfg.listen_address,
-                                         port=cfg.listen_port, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(lambda: _AgentAccept(self._on_agent), host=cfg.listen_address,
+                                       port=cfg.listen_port, reuse_address=True)
         self._servers.append(srv)
         log.info("control API on %s; agents on %s:%d", cfg.control_socket, cfg.listen_address, cfg.listen_port)
         if self.journal:
@@ -206,31 +206,28 @@ class Gateway:
             if isinstance(r, Exception):
                 log.warning("table push to %s failed: %s", a.node, r)
 
-    async def _on_agent(self, reader, writer) -> None:
-        peer = writer.get_extra_info("peername")
-        rpc = RpcConnection(reader, writer, name=f"agent at {peer}", limit=MAX_LINE_BEFORE_LOGIN)
+    async def _on_agent(self, transport: asyncio.Transport) -> None:
+        """A new TCP connection on the agents' port, not read from yet (see _AgentAccept)."""
+        peer = transport.get_extra_info("peername")
         if self._logins >= MAX_LOGINS_IN_PROGRESS:
             log.warning("agent at %s refused: %d logins already in progress", peer, self._logins)
-            rpc.close()
+            transport.abort()
             return
-        nonce = secrets.token_hex(16)
         node = None
+        rpc = None
         self._logins += 1
         try:
             try:
-                rpc.notify(msgs.Challenge(nonce=nonce))
-                hello = await rpc.read_one(LOGIN_TIMEOUT_S)
+                node, rpc = await asyncio.wait_for(self._login(transport, peer), LOGIN_TIMEOUT_S)
+            except (asyncio.TimeoutError, OSError, PeerControlError, ConnectionLost) as e:
+                # OSError: ssl.SSLError (no or a foreign certificate) and ConnectionError
+                log.warning("agent at %s failed to log in: %s", peer, _describe(e))
+                transport.abort()
+                return
             finally:
                 self._logins -= 1
-            ok = (isinstance(hello, msgs.Hello) and self.config.node(hello.node) is not None
-                  and check_login_proof(self.key, nonce, hello.node, hello.proof))
-            if not ok:
-                log.warning("agent at %s failed to authenticate as %r", peer, getattr(hello, "node", None))
-                rpc.notify(msgs.Denied(error="authentication failed or unknown node"))
-                await writer.drain()
-                rpc.close()
+            if node is None:
                 return
-            node = hello.node
             if node in self.agents:
                 log.warning("node %s reconnected; dropping its old session", node)
                 self.agents[node].rpc.close()
@@ -255,12 +252,43 @@ class Gateway:
         except (PeerControlError, ConnectionError) as e:
             log.warning("agent at %s: %s", peer, e)
         finally:
-            rpc.close()
+            if rpc is not None:
+                rpc.close()
             if node is not None and self.agents.get(node) is not None and self.agents[node].rpc is rpc:
                 del self.agents[node]
                 log.info("node %s is down", node)
                 self.log_event("node_down", {"node": node})
                 asyncio.ensure_future(self.push_table())  # the anchor may have moved
+
+    async def _login(self, transport: asyncio.Transport, peer) -> tuple[str | None, RpcConnection | None]:
+        """TLS (a certificate from the cluster CA) then the hello: (node, rpc) when the
+        certificate names a configured node and the hello claims that same node; otherwise
+        the refusal is logged, a Denied sent, and (None, None)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_LINE_BEFORE_LOGIN, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        tls_transport = await loop.start_tls(transport, protocol, self.tls, server_side=True)
+        protocol.connection_made(tls_transport)  # start_tls does not (the reader's flow control)
+        writer = asyncio.StreamWriter(tls_transport, protocol, reader, loop)
+        ident = tls.peer_identity(writer.get_extra_info("ssl_object"))
+        rpc = RpcConnection(reader, writer, name=f"agent at {peer}", limit=MAX_LINE_BEFORE_LOGIN)
+        hello = await rpc.read_one(LOGIN_TIMEOUT_S)
+        problem = None
+        if ident is None or ident[0] != "node":
+            problem = f"its certificate names no node ({ident})"
+        elif self.config.node(ident[1]) is None:
+            problem = f"its certificate names node {ident[1]!r}, which is not in the configuration"
+        elif not isinstance(hello, msgs.Hello):
+            problem = f"it sent {hello.OP!r} instead of hello"
+        elif hello.node != ident[1]:
+            problem = f"it claims to be {hello.node!r} but its certificate names {ident[1]!r}"
+        if problem is not None:
+            log.warning("agent at %s refused: %s", peer, problem)
+            rpc.notify(msgs.Denied(error=f"login refused: {problem}"))
+            await writer.drain()
+            rpc.close()
+            return None, None
+        return ident[1], rpc
 
     async def _after_join(self, node: str) -> None:
         """Tell a (re)joined node which services it must run; refresh everyone's anchor."""
@@ -423,6 +451,25 @@ class Gateway:
             services.append(d)
         return {"vip": self.config.vip, "delivery": self.config.delivery,
                 "copies_per_packet": self.copies_per_packet(), "nodes": nodes, "services": services}
+
+
+class _AgentAccept(asyncio.Protocol):
+    """Accepts an agent's TCP connection and hands it on before reading a byte: TLS starts
+    on it inside the login (so the handshake counts as a login in progress and is bounded
+    by the login timeout); reading a ClientHello into a plain stream first would lose it."""
+
+    def __init__(self, on_connection) -> None:
+        self._on_connection = on_connection
+
+    def connection_made(self, transport) -> None:
+        transport.pause_reading()
+        asyncio.ensure_future(self._on_connection(transport))
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return f"no TLS handshake and hello within {LOGIN_TIMEOUT_S:g}s"
+    return f"{type(e).__name__}: {e}"
 
 
 def _socket_alive(path: str) -> bool:

@@ -2,7 +2,9 @@
 
 On start it puts the VIP on `lo` (ARP sysctls set so the node never answers ARP for it),
 binds the netfilter queue, installs the iptables rule that steers VIP packets into it,
-and connects to the gateway (HMAC login, vipwire.auth). From then on it obeys the
+and connects to the gateway over TLS 1.3 (vipwire.tls): it presents its node certificate
+and talks only to a server whose certificate from the cluster CA names the gateway, so a
+fake gateway without the gateway's key gets nothing obeyed. From then on it obeys the
 gateway's typed requests (clustercore.messages), dispatched by type through one table
 (`handlers`): Table (who owns what), Reconcile / ServiceStart / ServiceStop, Counters,
 NodeVerdicts, and the migration steps (nodeshim.migrate). If the gateway goes away the
@@ -24,8 +26,7 @@ from clustercore.errors import ConnectionLost, LocalControlError, PeerControlErr
 from clustercore.kinds import Datapath, ServiceKind, service_kind
 from clustercore.ownership import NodeFilter, Service
 from clustercore.packet import TCP
-from vipwire import systemd
-from vipwire.auth import load_key, login_proof
+from vipwire import systemd, tls
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
@@ -48,7 +49,7 @@ MIGRATION_MESSAGES = (*msgs.STEPS, msgs.Chunk)
 class NodeAgent:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.key = load_key(config.key_file)
+        self.tls = tls.client_context(config.tls_cert, config.tls_key, config.tls_ca)
         self.filter = NodeFilter(config.name)
         self.running: dict[str, services.RunningService] = {}
         self.restarts: dict[str, int] = {}
@@ -306,14 +307,16 @@ class NodeAgent:
 
     async def _session(self) -> None:
         cfg = self.config
+        # the handshake fails (ssl.SSLCertVerificationError, an OSError) unless the server
+        # proves it holds the key of a cluster-CA certificate naming the gateway
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(cfg.gateway_address, cfg.gateway_port), CONNECT_TIMEOUT_S)
+            asyncio.open_connection(cfg.gateway_address, cfg.gateway_port, ssl=self.tls,
+                                    server_hostname=tls.SERVER_NAME,
+                                    ssl_handshake_timeout=LOGIN_TIMEOUT_S),
+            CONNECT_TIMEOUT_S + LOGIN_TIMEOUT_S)
         rpc = RpcConnection(reader, writer, name="gateway", limit=MAX_LINE_BEFORE_LOGIN)
         try:
-            challenge = await rpc.read_one(LOGIN_TIMEOUT_S)
-            if not isinstance(challenge, msgs.Challenge):
-                raise PeerControlError(f"gateway sent {challenge.OP!r} instead of a challenge")
-            rpc.notify(msgs.Hello(node=cfg.name, proof=login_proof(self.key, challenge.nonce, cfg.name)))
+            rpc.notify(msgs.Hello(node=cfg.name))
             rpc.limit = MAX_LINE  # the welcome carries the whole table
             welcome = await rpc.read_one(LOGIN_TIMEOUT_S)
             if isinstance(welcome, msgs.Denied):
@@ -369,11 +372,21 @@ class NodeAgent:
         # a migration the gateway no longer runs (we lost the link mid-way) is over; the
         # registry's owner of each service says which way it went
         owners = {s.name: s.owner for s in self.filter.services.values()}
+        for s in msg.services:
+            self._check_ours(s)
         self.migrations.end_all_except(set(msg.migrating), owners, "the gateway no longer runs this migration")
         return self.reconcile(list(msg.services))
 
     async def on_service_start(self, msg: msgs.ServiceStart, ctx: Context) -> dict:
+        # the gateway starts a service before it publishes the table, so the table cannot
+        # say yet; the message's own owner must be us
+        self._check_ours(msg.service)
         return self.start_service(msg.service)
+
+    def _check_ours(self, service: Service) -> None:
+        if service.owner != self.config.name:
+            raise LocalControlError(f"service '{service.name}' is assigned to {service.owner!r}, "
+                                    f"not to {self.config.name}: not started")
 
     async def on_service_stop(self, msg: msgs.ServiceStop, ctx: Context) -> dict:
         return self.stop_service(msg.name)

@@ -196,7 +196,7 @@ def image_files(images_dir: str, *, pages_streamed: bool) -> list[str]:
 def server_context(tls: TlsFiles) -> ssl.SSLContext:
     """The destination's: TLS 1.3, a client certificate from the cluster CA required."""
     try:
-        return vtls.server_context(tls.cert, tls.key, tls.ca, field="imagexfer tls")
+        return vtls.server_context(tls.cert, tls.key, tls.ca, fields=("imagexfer tls",) * 3)
     except ConfigError as e:
         raise LocalControlError(str(e)) from None
 

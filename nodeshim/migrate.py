@@ -277,7 +277,7 @@ class MigrationAgent:
     def _look_up(self, cmd: nc.LookUp) -> nc.Local:
         rs = self.agent.running.get(cmd.service)
         return nc.Local(self.agent.filter.services.get(cmd.service), rs,
-                        tuple(rs.sockets) if rs is not None else ())
+                        tuple(rs.sockets) if rs is not None else (), vip=self.agent.config.vip)
 
     def _install_role(self, cmd: nc.InstallRole) -> None:
         self.agent.filter.roles[cmd.service] = cmd.role

@@ -136,27 +136,53 @@ def node_run(config_path, log_level):
 
 
 @cli.group()
-def key():
-    """The cluster key."""
+def pki():
+    """The cluster PKI: a CA and one certificate per gateway, node and admin."""
 
 
-@key.command("generate")
-@click.argument("path")
-@click.option("--force", is_flag=True, help="Overwrite an existing key.")
-def key_generate(path, force):
-    """Create a random cluster key at PATH (mode 0600)."""
+@pki.command("init")
+@click.argument("directory")
+@click.option("--node", "nodes", multiple=True, help="A node to issue a certificate for (repeat).")
+@click.option("--admin", "admins", multiple=True, help="An operator to issue a certificate for (repeat).")
+@click.option("--gateway", "regateway", is_flag=True, help="With --force: issue the gateway's identity again too.")
+@click.option("--force", is_flag=True, help="Issue the listed identities again (rotation); the CA is kept.")
+def pki_init(directory, nodes, admins, regateway, force):
+    """Create the cluster CA in DIRECTORY (kept if there) and the gateway's, each --node's and
+    each --admin's key and certificate (keys 0600, directory 0700)."""
     _need_root()
-    from vipwire.auth import generate_key
+    from vipwire import pki as vpki
 
-    if os.path.isdir(path):
-        raise LocalControlError(f"{path} is a directory: give the path of the key file to create")
-    if os.path.exists(path) and not force:
-        raise LocalControlError(f"{path} already exists (use --force to replace it)")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise LocalControlError(f"{directory} is not a directory")
     try:
-        generate_key(path, overwrite=force)
+        for n in (*nodes, *admins):
+            vpki.identity_name("node", n)
+        if force:
+            vpki.create_ca(directory)
+            if regateway:
+                vpki.issue(directory, "gateway", overwrite=True)
+            for n in nodes:
+                vpki.issue(directory, "node", n, overwrite=True)
+            for a in admins:
+                vpki.issue(directory, "admin", a, overwrite=True)
+        written = vpki.init(directory, list(nodes), list(admins))
     except OSError as e:
-        raise LocalControlError(f"cannot write the key to {path}: {e.strerror or e}") from None
-    click.echo(f"wrote {path} (mode 0600)")
+        raise LocalControlError(f"cannot write the PKI in {directory}: {e.strerror or e}") from None
+    for who, path in written.items():
+        click.echo(f"{who}: {path}")
+
+
+@cli.group()
+def key():
+    """Removed: the shared cluster key (use `vipctl pki init`)."""
+
+
+@key.command("generate", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def key_generate():
+    """Removed: agents and gateway now use certificates from the cluster CA."""
+    raise LocalControlError("the shared cluster key is gone: create the cluster PKI with "
+                            "'vipctl pki init DIR --node n1 --node n2 ...' and set tls_ca, tls_cert "
+                            "and tls_key in each config (docs/deploy.md)")
 
 
 # --- services and status ---------------------------------------------------------------

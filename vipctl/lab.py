@@ -10,7 +10,7 @@ The lab only builds links and writes config files, then starts the real daemons
 (`vipctl gateway run`, `vipctl node run`) inside the namespaces: nothing in gateway/ or
 nodeshim/ knows it runs in a lab. Nothing is connected to the root namespace.
 
-State lives in /run/vipcluster/<prefix>/ (configs, key, registry, logs, pids).
+State lives in /run/vipcluster/<prefix>/ (configs, the PKI in pki/, registry, logs, pids).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pyroute2 import NetNS, netns
 from clustercore.config import DEFAULT_CONTROL_SOCKET
 from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import Datapath, Delivery
-from vipwire.auth import generate_key
+from vipwire import pki
 
 from . import nsutil
 from .client import call
@@ -86,8 +86,8 @@ class Lab:
         return os.path.join(self.state_dir, "control.sock")
 
     @property
-    def key_file(self) -> str:
-        return os.path.join(self.state_dir, "cluster.key")
+    def pki_dir(self) -> str:
+        return os.path.join(self.state_dir, "pki")
 
     @property
     def client_addr(self) -> str:
@@ -140,7 +140,8 @@ def wire_like_client(lab: Lab) -> None:
 
 def _write_configs(lab: Lab) -> dict[str, str]:
     os.makedirs(lab.state_dir, mode=0o700, exist_ok=True)
-    generate_key(lab.key_file)
+    pki.init(lab.pki_dir, [lab.node_name(k) for k in range(1, lab.nodes + 1)])
+    gw_tls = pki.paths(lab.pki_dir, "gateway")
     paths = {}
     nodes = "".join(
         f'\n[[nodes]]\nname = "{lab.node_name(k)}"\naddress = "{lab.node_addr(k)}"\nmac = "{lab.node_mac(k)}"\n'
@@ -149,7 +150,8 @@ def _write_configs(lab: Lab) -> dict[str, str]:
     gw = (
         f'# written by `vipctl lab up` for the lab "{lab.prefix}"\n'
         f'vip = "{VIP}"\nclient_interface = "client0"\ncluster_interface = "br0"\n'
-        f'listen_address = "{CLUSTER_NET}.1"\nlisten_port = 7400\nkey_file = "{lab.key_file}"\n'
+        f'listen_address = "{CLUSTER_NET}.1"\nlisten_port = 7400\n'
+        f'tls_ca = "{gw_tls.ca_cert}"\ntls_cert = "{gw_tls.cert}"\ntls_key = "{gw_tls.key}"\n'
         f'control_socket = "{lab.control_socket}"\nstate_dir = "{lab.state_dir}/gateway"\n'
         f'delivery = "{lab.delivery}"\n{nodes}'
     )
@@ -158,10 +160,12 @@ def _write_configs(lab: Lab) -> dict[str, str]:
         f.write(gw)
     for k in range(1, lab.nodes + 1):
         name = lab.node_name(k)
+        node_tls = pki.paths(lab.pki_dir, "node", name)
         node = (
             f'# written by `vipctl lab up` for the lab "{lab.prefix}"\n'
             f'name = "{name}"\nvip = "{VIP}"\ngateway_address = "{CLUSTER_NET}.1"\n'
-            f'gateway_port = 7400\nkey_file = "{lab.key_file}"\nqueue_num = 0\n'
+            f'gateway_port = 7400\nqueue_num = 0\n'
+            f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
             f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
             f'datapath = "{lab.datapath}"\n'
         )
@@ -385,7 +389,7 @@ def down(lab: Lab, log=print) -> dict:
             pass
     if lab.prefix == "vip" or os.environ.get("VIPCLUSTER_KEEP_LOGS"):
         # the operator's lab keeps its logs for a post-mortem (removed by the next `lab up`)
-        for entry in ("gateway", "pids.json", "supervisor.json", "cluster.key") + tuple(f"n{k}" for k in range(1, 33)):
+        for entry in ("gateway", "pids.json", "supervisor.json", "pki") + tuple(f"n{k}" for k in range(1, 33)):
             p = os.path.join(lab.state_dir, entry)
             if os.path.isdir(p):
                 shutil.rmtree(p, ignore_errors=True)

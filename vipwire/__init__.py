@@ -1,4 +1,4 @@
-"""vipwire: the authenticated control transport shared by the gateway, the node agents and
+"""vipwire: the authenticated, encrypted control transport shared by the gateway, the node agents and
 the CLI. It imports neither daemon nor the CLI; the messages it carries are the typed ones
 of `clustercore.messages`.
 
@@ -6,5 +6,6 @@ of `clustercore.messages`.
              PeerControlError), request/reply/notification envelopes.
 - `rpc`      asyncio request/reply over one stream, dispatch by message type.
 - `client`   the CLI's blocking request over the gateway's Unix socket.
-- `auth`     the cluster key file and the agents' login proof.
+- `pki`      the cluster CA and the identities it issues (gateway, node NAME, admin NAME).
+- `tls`      TLS 1.3 contexts with mutual certificates, and the peer's verified identity.
 """

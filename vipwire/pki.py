@@ -13,7 +13,9 @@ connection to one identity:
     admin NAME     NAME.admin.vipcluster    (an operator's CLI over the network)
 
 Keys are EC P-256, written 0600 in a 0700 directory; certificates are valid for ten years
-(rotate by issuing again). `vipctl pki init DIR --node n1 --node n2 ...` calls `init`.
+(rotate by issuing again: `issue(..., overwrite=True)`, see docs/deploy.md). The gateway's
+and the nodes' certificates carry serverAuth and clientAuth (a node serves its image to
+another node); an admin's only clientAuth. `vipctl pki init DIR --node n1 --node n2 ...` calls `init`.
 """
 
 from __future__ import annotations
@@ -126,8 +128,10 @@ def issue(directory: str, role: str, name: str = "", overwrite: bool = False) ->
     except (OSError, ValueError) as e:
         raise ConfigError("pki", f"no usable CA in {directory} ({e}); run 'vipctl pki init {directory}'") from None
     key = ec.generate_private_key(ec.SECP256R1())
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if role == "gateway" else ExtendedKeyUsageOID.CLIENT_AUTH
-    usages = [usage] if role != "gateway" else [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    # a node is a TLS server too (node-to-node image transfer, nodeshim.imagexfer): OpenSSL
+    # refuses a server certificate without serverAuth; an admin is only ever a client
+    usages = ([ExtendedKeyUsageOID.CLIENT_AUTH] if role == "admin"
+              else [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
             .issuer_name(ca_cert.subject).public_key(key.public_key())

@@ -18,20 +18,27 @@ from clustercore.errors import ConfigError
 from . import pki
 
 
-def _check_files(cert: str, key: str, ca: str, field: str) -> None:
-    for what, path in (("certificate", cert), ("key", key), ("CA certificate", ca)):
+# the config fields that name the three files (errors name the field)
+FIELDS = ("tls_cert", "tls_key", "tls_ca")
+
+
+def _check_files(cert: str, key: str, ca: str, fields: tuple[str, str, str]) -> None:
+    for what, path, field in (("certificate", cert, fields[0]), ("key", key, fields[1]),
+                              ("CA certificate", ca, fields[2])):
         try:
             st = os.stat(path)
         except OSError as e:
             raise ConfigError(field, f"TLS {what} {path}: {e.strerror} (create it with 'vipctl pki init')") from None
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(field, f"TLS {what} {path} is not a regular file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(field, f"TLS {what} {path} is not readable")
     if stat.S_IMODE(os.stat(key).st_mode) & 0o077:
-        raise ConfigError(field, f"TLS key {key} must be readable by its owner only (chmod 600)")
+        raise ConfigError(fields[1], f"TLS key {key} must be readable by its owner only (chmod 600)")
 
 
-def _context(purpose, cert: str, key: str, ca: str, field: str) -> ssl.SSLContext:
-    _check_files(cert, key, ca, field)
+def _context(purpose, cert: str, key: str, ca: str, fields: tuple[str, str, str]) -> ssl.SSLContext:
+    _check_files(cert, key, ca, fields)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH
                          else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -40,18 +47,18 @@ def _context(purpose, cert: str, key: str, ca: str, field: str) -> ssl.SSLContex
         ctx.load_cert_chain(cert, key)
         ctx.load_verify_locations(ca)
     except (ssl.SSLError, ValueError) as e:
-        raise ConfigError(field, f"TLS files {cert}, {key}, {ca} do not load: {e}") from None
+        raise ConfigError("/".join(fields), f"TLS files {cert}, {key}, {ca} do not load: {e}") from None
     return ctx
 
 
-def server_context(cert: str, key: str, ca: str, field: str = "tls") -> ssl.SSLContext:
+def server_context(cert: str, key: str, ca: str, fields: tuple[str, str, str] = FIELDS) -> ssl.SSLContext:
     """The gateway's: TLS 1.3 only, a client certificate from the cluster CA required."""
-    return _context(ssl.Purpose.CLIENT_AUTH, cert, key, ca, field)
+    return _context(ssl.Purpose.CLIENT_AUTH, cert, key, ca, fields)
 
 
-def client_context(cert: str, key: str, ca: str, field: str = "tls") -> ssl.SSLContext:
+def client_context(cert: str, key: str, ca: str, fields: tuple[str, str, str] = FIELDS) -> ssl.SSLContext:
     """An agent's (or a remote CLI's): TLS 1.3 only, the server must be the gateway."""
-    ctx = _context(ssl.Purpose.SERVER_AUTH, cert, key, ca, field)
+    ctx = _context(ssl.Purpose.SERVER_AUTH, cert, key, ca, fields)
     ctx.check_hostname = True
     return ctx
 

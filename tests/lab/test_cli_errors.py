@@ -50,13 +50,15 @@ def test_gateway_not_running(tmp_path):
     one_line_error(run_vipctl("--socket", str(tmp_path / "none.sock"), "status"), "the gateway is not running")
 
 
-def test_key_generate_refuses_a_directory(tmp_path):
+def test_pki_init_errors_and_the_removed_key_generate(tmp_path):
     # (config file errors need no root: tests/unit/test_vipctl_errors.py)
-    one_line_error(run_vipctl("key", "generate", str(tmp_path)), "is a directory")
-    one_line_error(run_vipctl("key", "generate", str(tmp_path), "--force"), "is a directory")
-    key = tmp_path / "k"
-    assert run_vipctl("key", "generate", str(key)).returncode == 0
-    one_line_error(run_vipctl("key", "generate", str(key)), "already exists")
+    one_line_error(run_vipctl("key", "generate", str(tmp_path)), "vipctl pki init")
+    (tmp_path / "file").write_text("x")
+    one_line_error(run_vipctl("pki", "init", str(tmp_path / "file")), "is not a directory")
+    one_line_error(run_vipctl("pki", "init", str(tmp_path / "p"), "--node", "no good"), "bad identity")
+    r = run_vipctl("pki", "init", str(tmp_path / "p"), "--node", "n1", "--admin", "alice")
+    assert r.returncode == 0 and "node n1:" in r.stdout and "admin alice:" in r.stdout, r.stderr
+    assert os.stat(tmp_path / "p" / "node-n1.key").st_mode & 0o777 == 0o600
 
 
 def _as_nobody(fn):

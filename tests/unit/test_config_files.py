@@ -10,10 +10,10 @@ from clustercore.kinds import Datapath, Delivery
 
 GW = {
     "vip": "203.0.113.10", "client_interface": "eth0", "cluster_interface": "eth1",
-    "listen_address": "192.0.2.1", "key_file": "/k",
+    "listen_address": "192.0.2.1", "tls_ca": "/ca", "tls_cert": "/c", "tls_key": "/k",
     "nodes": [{"name": "n1", "address": "192.0.2.11", "mac": "02:00:00:00:01:01"}],
 }
-NODE = {"name": "n1", "vip": "203.0.113.10", "gateway_address": "192.0.2.1", "key_file": "/k"}
+NODE = {"name": "n1", "vip": "203.0.113.10", "gateway_address": "192.0.2.1", "tls_ca": "/ca", "tls_cert": "/c", "tls_key": "/k"}
 
 
 def test_choices_become_enums_with_todays_defaults():
@@ -42,12 +42,12 @@ def test_a_bad_datapath_names_the_field(value):
 
 def test_dataclasses_built_by_hand_hold_enums_too():
     g = GatewayConfig(vip="203.0.113.10", client_interface="a", cluster_interface="b", listen_address="192.0.2.1",
-                      key_file="/k", nodes=(), delivery="selective")
+                      tls_ca="/ca", tls_cert="/c", tls_key="/k", nodes=(), delivery="selective")
     assert g.delivery is Delivery.SELECTIVE
-    assert NodeConfig(name="n1", vip="203.0.113.10", gateway_address="192.0.2.1", key_file="/k",
+    assert NodeConfig(name="n1", vip="203.0.113.10", gateway_address="192.0.2.1", tls_ca="/ca", tls_cert="/c", tls_key="/k",
                       datapath="queue").datapath is Datapath.QUEUE
     with pytest.raises(ConfigError, match="'datapath'"):
-        NodeConfig(name="n1", vip="203.0.113.10", gateway_address="192.0.2.1", key_file="/k", datapath="x")
+        NodeConfig(name="n1", vip="203.0.113.10", gateway_address="192.0.2.1", tls_ca="/ca", tls_cert="/c", tls_key="/k", datapath="x")
 
 
 def test_parse_toml_reads_a_config():

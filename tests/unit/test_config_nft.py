@@ -11,11 +11,11 @@ from gateway.nft import epoch_mac, render_ruleset
 
 GW = {
     "vip": "203.0.113.10", "client_interface": "eth0", "cluster_interface": "eth1",
-    "listen_address": "192.0.2.1", "key_file": "/etc/vipcluster/cluster.key",
+    "listen_address": "192.0.2.1", "tls_ca": "/etc/vipcluster/pki/ca.crt", "tls_cert": "/etc/vipcluster/pki/gateway.crt", "tls_key": "/etc/vipcluster/pki/gateway.key",
     "nodes": [{"name": "n1", "address": "192.0.2.11", "mac": "02:00:00:00:01:01"},
               {"name": "n2", "address": "192.0.2.12", "mac": "02:00:00:00:01:02"}],
 }
-NODE = {"name": "n1", "vip": "203.0.113.10", "gateway_address": "192.0.2.1", "key_file": "/k"}
+NODE = {"name": "n1", "vip": "203.0.113.10", "gateway_address": "192.0.2.1", "tls_ca": "/ca", "tls_cert": "/c", "tls_key": "/k"}
 
 
 def test_valid_configs_and_defaults():

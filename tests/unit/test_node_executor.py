@@ -239,7 +239,7 @@ class FakeAgent:
 def node(name, tmp_path, **kernel_options):
     log = Log()
     fake = FakeKernel(log, **kernel_options)
-    agent = FakeAgent(NodeConfig(name=name, vip=VIP, gateway_address="192.0.2.1", key_file="k",
+    agent = FakeAgent(NodeConfig(name=name, vip=VIP, gateway_address="192.0.2.1", tls_ca="ca", tls_cert="c", tls_key="k",
                                  state_dir=str(tmp_path / name)), log)
     kernel = migrate.Kernel(tcprepair=fake, udphandoff=fake, pidfd=fake, services=fake,
                             queue=fake, clock=fake.clock)

@@ -89,8 +89,8 @@ class Kernel:
         t = type(cmd)
         if t is nc.LookUp:
             if self.node == "n1":
-                return nc.Local(ECHO, "old-instance", (("tcp-7", "L"), ("udp-7", "U")))
-            return nc.Local(ECHO, None, ())
+                return nc.Local(ECHO, "old-instance", (("tcp-7", "L"), ("udp-7", "U")), vip=VIP)
+            return nc.Local(ECHO, None, (), vip=VIP)
         if t is nc.ReadClock:
             self.clock += 0.001
             return self.clock
@@ -233,7 +233,7 @@ def test_the_source_script():
 def test_the_destination_script():
     m = NodeMigration("echo", "n2")
     assert script(m, EVENTS[msgs.Prepare](), [
-        (nc.LookUp, nc.Local(ECHO)), (nc.CountKernelDrops, 0), (nc.InstallRole, None),
+        (nc.LookUp, nc.Local(ECHO, vip=VIP)), (nc.CountKernelDrops, 0), (nc.InstallRole, None),
         (nc.OpenSockets, [("tcp-7", "NL"), ("udp-7", "NU")]), (nc.StartGated, "new"), (nc.WaitReady, None),
     ]) == msgs.Done()
     assert isinstance(m.playbook.destination.cut, DestCutover) and m.source_node == "n1"
@@ -574,3 +574,70 @@ def test_a_gateway_that_comes_back_stops_the_lease():
     book.link_lost("gateway gone", now=100.0)
     book.reclaimed({"echo"})
     assert book.expired(1000.0, 10.0) == []
+
+
+# ---------------------------------------------------------------- inject: only after our release
+
+
+def test_an_inject_is_obeyed_only_after_this_nodes_release_of_that_migration():
+    """Raw packets are written as they are: the gateway link may ask for them only for the
+    migration that made this node the owner, with its epoch (issue 10)."""
+    node = NodeMigrations("n2")
+    kernel = Kernel("n2")
+
+    def inject(epoch=EPOCH, service="echo"):
+        kernel.seen.clear()
+        runners = node.route(msgs.Inject(service=service, epoch=epoch, packets=(b"raw",)), T0)
+        return [run_to_end(r, kernel) for r in runners][-1]
+
+    # no migration at all here: refused, nothing written
+    for reply in (inject(), inject(service="other")):
+        assert isinstance(reply, Failure) and isinstance(reply.error, LocalControlError)
+        assert nc.InjectPackets not in kernel.types()
+    # prepared, restored: not yet ours
+    for e in (EVENTS[msgs.Prepare](), step(msgs.Restore, sockets=restore_wire())):
+        [run_to_end(r, kernel) for r in node.route(e, T0)]
+        reply = inject()
+        assert isinstance(reply, Failure) and nc.InjectPackets not in kernel.types()
+    [run_to_end(r, kernel) for r in node.route(EVENTS[msgs.Release](), T0)]
+    assert node.machines["echo"].state is State.RELEASED and not node.busy("echo")
+    # released, but another migration's epoch: refused
+    reply = inject(epoch=NEXT)
+    assert isinstance(reply, Failure) and "epoch" in str(reply.error)
+    assert nc.InjectPackets not in kernel.types()
+    # the right one: written
+    assert inject() == msgs.Injected(injected=1) and kernel.types() == [nc.InjectPackets]
+    # a later migration of the service replaces the released machine
+    kernel.node = "n1"
+    [run_to_end(r, kernel) for r in node.route(msgs.Arm(service="echo", epoch=NEXT, destination="n3"), T0)]
+    assert node.machines["echo"].state is State.ARMED
+    assert isinstance(inject(), Failure)
+
+
+@pytest.mark.parametrize("where", ["connection address", "connection port", "listener address",
+                                   "udp address", "streamed connection"])
+def test_a_restore_off_the_vip_or_the_services_ports_is_refused_before_anything_is_rebuilt(where):
+    import dataclasses
+    other = conn(5)
+    listeners, udp, connections = (TcpListenerState(local=(VIP, 7)),), (DRAINED,), (conn(5),)
+    if where == "connection address":
+        connections = (dataclasses.replace(other, local=("192.0.2.99", 7)),)
+    elif where == "connection port":
+        connections = (dataclasses.replace(other, local=(VIP, 22)),)
+    elif where == "listener address":
+        listeners = (TcpListenerState(local=("127.0.0.1", 7)),)
+    elif where == "udp address":
+        udp = (dataclasses.replace(DRAINED, local=("192.0.2.99", 7)),)
+    m = destination_at(State.PREPARED)
+    if where == "streamed connection":
+        event = msgs.Chunk(service="echo", seq=0, count=1,
+                           packed=sockwire.pack_connections([dataclasses.replace(other, local=(VIP, 8))]))
+    else:
+        wire = sockwire.to_wire(ServiceSockets(service="echo", listeners=listeners,
+                                               connections=connections, udp=udp))
+        wire.update(streamed=0, app_state=base64.b64encode(b"{}").decode())
+        event = step(msgs.Restore, sockets=wire)
+    reply, k = feed(m, event)
+    assert isinstance(reply, Failure) and "not on the service's address" in str(reply.error)
+    assert nc.RestoreConnections not in k.types() and nc.ConnectDatagramSocket not in k.types()
+    assert m.state is State.PREPARED  # refused: nothing changed

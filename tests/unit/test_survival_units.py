@@ -66,13 +66,15 @@ def test_a_corrupt_registry_is_one_clear_error(tmp_path):
 def test_a_gateway_with_a_corrupt_registry_says_so_in_one_line(tmp_path):
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "registry.sqlite3").write_bytes(b"garbage" * 500)
-    key = tmp_path / "key"
-    key.write_text("00" * 32)
-    os.chmod(key, 0o600)
+    from vipwire import pki
+
+    pki.init(str(tmp_path / "pki"), ["n1"])
+    gw = pki.paths(str(tmp_path / "pki"), "gateway")
     cfg = tmp_path / "gw.toml"
-    cfg.write_text(f'vip = "203.0.113.10"\nlisten_address = "192.0.2.1"\nclient_interface = "vipnone0"\ncluster_interface = "vipnone1"\n'
-                   f'key_file = "{key}"\nstate_dir = "{tmp_path / "state"}"\n'
-                   f'control_socket = "{tmp_path / "c.sock"}"\n'
+    cfg.write_text(f'vip = "203.0.113.10"\nlisten_address = "192.0.2.1"\nclient_interface = "vipnone0"\n'
+                   f'cluster_interface = "vipnone1"\n'
+                   f'tls_ca = "{gw.ca_cert}"\ntls_cert = "{gw.cert}"\ntls_key = "{gw.key}"\n'
+                   f'state_dir = "{tmp_path / "state"}"\ncontrol_socket = "{tmp_path / "c.sock"}"\n'
                    '[[nodes]]\nname = "n1"\naddress = "192.0.2.11"\nmac = "02:00:00:00:01:01"\n')
     r = subprocess.run([sys.executable, "-m", "vipctl", "gateway", "run", "--config", str(cfg)],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -103,7 +105,8 @@ def test_sd_notify_sends_one_datagram_and_is_a_no_op_without_systemd(tmp_path, m
 
 
 def test_the_migration_lease_is_configurable_and_checked():
-    base = {"name": "n1", "vip": "203.0.113.10", "gateway_address": "192.0.2.1", "key_file": "/k"}
+    base = {"name": "n1", "vip": "203.0.113.10", "gateway_address": "192.0.2.1",
+            "tls_ca": "/ca", "tls_cert": "/c", "tls_key": "/k"}
     assert node_config_from_dict(base).migration_lease_s == 10.0
     assert node_config_from_dict({**base, "migration_lease_s": 3}).migration_lease_s == 3.0
     with pytest.raises(ConfigError, match="migration_lease_s"):

@@ -95,3 +95,16 @@ def test_missing_or_open_key_files_are_config_errors(pkidir, tmp_path):
     os.chmod(loose, 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         tls.client_context(p.cert, loose, p.ca_cert)
+
+
+def test_a_node_certificate_serves_tls_to_another_node(pkidir):
+    """Node-to-node image transfer: a node is the TLS server. OpenSSL checks a server
+    certificate's extended key usage (serverAuth) on the client side."""
+    from cryptography import x509
+    n2 = pki.paths(pkidir, "node", "n2")
+    cert = x509.load_pem_x509_certificate(open(n2.cert, "rb").read())
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in usage and x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in usage
+    server = tls.server_context(n2.cert, n2.key, n2.ca_cert)
+    client = _ctx(pkidir, "node", "n1")
+    assert asyncio.run(_connect(server, client, server_hostname="n2.node.vipcluster")) == ("node", "n1")

@@ -29,8 +29,8 @@ def one_line_error(r, needle, code=1):
 
 
 GW_NO_NODES = ('vip = "203.0.113.10"\nclient_interface = "eth0"\ncluster_interface = "eth1"\n'
-               'listen_address = "192.0.2.1"\nkey_file = "/k"\n')
-NODE = 'name = "n1"\nvip = "203.0.113.10"\ngateway_address = "192.0.2.1"\nkey_file = "/k"\n'
+               'listen_address = "192.0.2.1"\ntls_ca = "/ca"\ntls_cert = "/c"\ntls_key = "/k"\n')
+NODE = 'name = "n1"\nvip = "203.0.113.10"\ngateway_address = "192.0.2.1"\ntls_ca = "/ca"\ntls_cert = "/c"\ntls_key = "/k"\n'
 
 
 @pytest.mark.parametrize("daemon, content, needle", [
@@ -105,3 +105,43 @@ def test_replay_capture_and_sidecar_that_cannot_be_read(tmp_path):
 ])
 def test_usage_errors_are_one_line_and_exit_2(args, needle):
     one_line_error(run_vipctl(*args), needle, code=2)
+
+
+def _tls_config(tmp_path, daemon, **override):
+    from vipwire import pki
+    d = str(tmp_path / "pki")
+    pki.init(d, nodes=["n1"])
+    p = pki.paths(d, "gateway") if daemon == "gateway" else pki.paths(d, "node", "n1")
+    files = {"tls_ca": p.ca_cert, "tls_cert": p.cert, "tls_key": p.key, **override}
+    head = (GW_NO_NODES.split("tls_ca")[0] if daemon == "gateway" else NODE.split("tls_ca")[0])
+    body = head + "".join(f'{k} = "{v}"\n' for k, v in files.items())
+    if daemon == "gateway":
+        body += 'control_socket = "/nonexistent/c.sock"\n[[nodes]]\nname = "n1"\naddress = "192.0.2.11"\nmac = "02:00:00:00:01:01"\n'
+    cfg = tmp_path / "x.toml"
+    cfg.write_text(body)
+    return str(cfg), p
+
+
+@pytest.mark.parametrize("daemon", ["gateway", "node"])
+def test_tls_file_errors_name_the_field(tmp_path, daemon):
+    if os.geteuid() != 0:
+        pytest.skip("the daemons ask for root before they read the TLS files")
+    cfg, p = _tls_config(tmp_path, daemon, tls_cert=str(tmp_path / "missing.crt"))
+    one_line_error(run_vipctl(daemon, "run", "--config", cfg), "config field 'tls_cert': TLS certificate")
+    cfg, p = _tls_config(tmp_path, daemon, tls_ca=str(tmp_path))
+    one_line_error(run_vipctl(daemon, "run", "--config", cfg), "config field 'tls_ca'")
+    cfg, p = _tls_config(tmp_path, daemon)
+    os.chmod(p.key, 0o640)
+    one_line_error(run_vipctl(daemon, "run", "--config", cfg), "config field 'tls_key'")
+    os.chmod(p.key, 0o600)
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_bytes(b"\xff\xfe not a certificate")
+    cfg, p = _tls_config(tmp_path, daemon, tls_cert=str(garbage))
+    one_line_error(run_vipctl(daemon, "run", "--config", cfg), "do not load")
+
+
+def test_the_old_key_file_and_key_generate_say_what_to_do(tmp_path):
+    cfg = tmp_path / "x.toml"
+    cfg.write_text(NODE + 'key_file = "/etc/vipcluster/cluster.key"\n')
+    one_line_error(run_vipctl("node", "run", "--config", str(cfg)), "config field 'key_file': the shared cluster key is gone")
+    one_line_error(run_vipctl("key", "generate", str(tmp_path / "k")), "vipctl pki init")

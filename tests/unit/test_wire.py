@@ -1,4 +1,4 @@
-"""The control transport: typed messages and their one codec, framing, the login proof,
+"""The control transport: typed messages and their one codec, framing,
 and request/reply over a real asyncio stream pair (no root, no namespaces).
 
 Every decoder is total: any bytes give messages or a clean protocol error, never another
@@ -14,10 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clustercore import messages as msgs
-from clustercore.errors import (ConfigError, ConnectionLost, LocalControlError, PeerControlError,
+from clustercore.errors import (ConnectionLost, LocalControlError, PeerControlError,
                                 PeerTimedOut)
 from clustercore.ownership import Service
-from vipwire.auth import check_login_proof, generate_key, load_key, login_proof
 from vipwire.framing import (LineFramer, Malformed, Reply, Request, encode_reply, encode_request,
                              parse_envelope)
 from vipwire.rpc import RpcConnection
@@ -26,8 +25,7 @@ FLOW = (6, "198.51.100.7", 40000, "203.0.113.10", 7)
 ECHO = Service("echo", "n1", ((6, 7), (17, 7)), "builtin:echo")
 
 EXAMPLES = [
-    msgs.Challenge(nonce="abc"),
-    msgs.Hello(node="n1", proof="f" * 64),
+    msgs.Hello(node="n1"),
     msgs.Welcome(services=(ECHO,), anchor="n1", epochs={"echo": "02:76:63:00:00:01"}, migrating=("kv",)),
     msgs.Table(services=(ECHO,), anchor=None),
     msgs.Reconcile(services=(ECHO,), migrating=()),
@@ -141,27 +139,6 @@ def test_decode_is_total_on_any_json_object(op, fields):
     assert isinstance(env, (Request, Reply, Malformed))
 
 
-def test_login_proof_binds_key_nonce_and_node():
-    key = b"k" * 64
-    p = login_proof(key, "nonce1", "n1")
-    assert check_login_proof(key, "nonce1", "n1", p)
-    assert not check_login_proof(key, "nonce2", "n1", p)
-    assert not check_login_proof(key, "nonce1", "n2", p)
-    assert not check_login_proof(b"x" * 64, "nonce1", "n1", p)
-
-
-def test_key_files_are_checked_with_one_line_errors(tmp_path):
-    path = tmp_path / "k"
-    generate_key(str(path))
-    assert len(load_key(str(path))) == 64
-    (tmp_path / "bin").write_bytes(b"\xff" * 40)
-    (tmp_path / "bin").chmod(0o600)
-    for bad, problem in ((tmp_path / "bin", "not text"), (tmp_path, "not a regular file"),
-                         (tmp_path / "none", "does not exist")):
-        with pytest.raises(ConfigError, match=problem):
-            load_key(str(bad))
-
-
 # ---------------------------------------------------------------- request/reply over a stream
 
 
@@ -223,7 +200,7 @@ def test_login_then_request_in_one_segment_is_not_lost():
     """The registration race: a welcome and the next request arriving in one read."""
     async def main():
         reader = asyncio.StreamReader()
-        reader.feed_data(encode_request(msgs.Challenge(nonce="n"))
+        reader.feed_data(encode_request(msgs.Hello(node="n1"))
                          + encode_request(msgs.Reconcile(services=(), migrating=()), 1))
         reader.feed_eof()
 
@@ -238,7 +215,7 @@ def test_login_then_request_in_one_segment_is_not_lost():
             seen.append(msg)
             return msgs.Reconciled()
         conn = RpcConnection(reader, Sink(), name="gateway")
-        assert await conn.read_one(1.0) == msgs.Challenge(nonce="n")
+        assert await conn.read_one(1.0) == msgs.Hello(node="n1")
         conn.handlers = {msgs.Reconcile: on_reconcile}
         await conn.run()
         await asyncio.sleep(0.01)
