@@ -326,6 +326,23 @@ def restart_daemon(lab: Lab, name: str, timeout: float = 30.0, sig: int = signal
     return new
 
 
+def hold_daemon(lab: Lab, name: str, timeout: float = 10.0) -> None:
+    """Stop daemon `name` (SIGTERM) and keep the supervisor from restarting it, e.g. to use
+    a node's credentials by hand; `release_daemon` lets it start again."""
+    held = os.path.join(lab.state_dir, "held")
+    os.makedirs(held, mode=0o700, exist_ok=True)
+    open(os.path.join(held, name), "w").close()
+    pid = daemon_pids(lab)[name]
+    _stop_pid(pid, timeout)
+
+
+def release_daemon(lab: Lab, name: str) -> None:
+    try:
+        os.unlink(os.path.join(lab.state_dir, "held", name))
+    except FileNotFoundError:
+        pass
+
+
 def wait_restarted(lab: Lab, name: str, old: int, timeout: float = 10.0) -> int:
     """The new PID of daemon `name` once the supervisor has replaced `old`."""
     deadline = time.monotonic() + timeout

@@ -5,7 +5,8 @@ arguments) and starts `python -m vipctl.supervise STATE_DIR` in its own session.
 starts every daemon in its namespace, and a daemon that exits, however it exits, is
 started again within RESTART_DELAY_S + POLL_S (well under a second). It keeps
 `pids.json` ({"supervisor": pid, "gateway": pid, "n1": pid, ...}, replaced atomically at
-every restart) and `supervisor.json` (restart counts and last exit status). On SIGTERM
+every restart) and `supervisor.json`. A daemon with a file `held/NAME` is not restarted
+(`vipctl.lab.hold_daemon`: stopped on purpose) until the file goes; then (restart counts and last exit status). On SIGTERM
 it stops the agents, then the gateway (SIGTERM, then SIGKILL), and exits: an agent that
 exits leaves its services running, so `lab down` ends what remains in the namespaces.
 """
@@ -75,6 +76,9 @@ class Supervisor:
                 code = p.poll()
                 if code is None or self.stopping:
                     continue
+                if os.path.exists(os.path.join(self.state_dir, "held", d["name"])):
+                    continue  # the operator (a test) stopped it on purpose: not restarted
+
                 self.last_exit[d["name"]] = code
                 self.restarts[d["name"]] += 1
                 print(f"{time.strftime('%H:%M:%S')} {d['name']} (pid {p.pid}) exited with {code}; "
