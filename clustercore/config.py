@@ -75,6 +75,9 @@ class NodeConfig:
     # the interface facing the gateway: the agent turns GRO off on it (see nodeshim.netlink)
     cluster_interface: str | None = None
     datapath: Datapath = Datapath.FAST
+    # a frozen source with no gateway for this long rolls back by itself (it must outlast
+    # a gateway restart: a restarted gateway finishes what it journaled)
+    migration_lease_s: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datapath", _enum_field("datapath", Datapath, self.datapath, None))
@@ -228,7 +231,7 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
     _check_known(
         d,
         {"name", "vip", "gateway_address", "gateway_port", "tls_ca", "tls_cert", "tls_key", "key_file", "queue_num",
-         "queue_maxlen", "state_dir", "cluster_interface", "datapath"},
+         "queue_maxlen", "state_dir", "cluster_interface", "datapath", "migration_lease_s"},
         source,
     )
     return NodeConfig(
@@ -243,4 +246,5 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         cluster_interface=(_str(d, "cluster_interface", source, pattern=_IFNAME_RE, what="an interface name")
                            if "cluster_interface" in d else None),
         datapath=_choice(d, "datapath", source, Datapath, Datapath.FAST),
+        migration_lease_s=_float(d, "migration_lease_s", source, 0.5, 3600, 10.0),
     )

@@ -30,6 +30,13 @@ class Rule:
     icmp_echo: bool  # matches ICMP echo requests only (proto ICMP)
     action: Verdict | str  # Verdict.ACCEPT / Verdict.DROP / QUEUE
     service: str  # counter bucket
+    # QUEUE only: with no agent reading the queue (it died) the kernel accepts instead of
+    # dropping. Only for the UDP ports of a service this node owns by its table (a source
+    # before the migration ends, a released destination whose role is in its grace
+    # period): its own process holds the socket, and every outcome stays exact (rolled
+    # back: the process reads it; committed: the destination held its own copy and the
+    # old socket dies with the old instance). TCP stays fail-closed (clients retransmit).
+    bypass: bool = False
 
     def matches(self, p: Packet) -> bool:
         if p.proto != self.proto:
@@ -48,7 +55,8 @@ def rules_for(node: str, services: Iterable[Service], anchor: str | None,
                 action: Verdict | str = QUEUE
             else:
                 action = Verdict.ACCEPT if s.owner == node else Verdict.DROP
-            rules.append(Rule(proto, port, False, action, s.name))
+            bypass = action == QUEUE and proto == UDP and s.owner == node
+            rules.append(Rule(proto, port, False, action, s.name, bypass))
     rules.append(Rule(TCP, None, False, Verdict.DROP, NO_SERVICE))
     rules.append(Rule(UDP, None, False, Verdict.DROP, NO_SERVICE))
     rules.append(Rule(ICMP, None, True, Verdict.ACCEPT if anchor == node else Verdict.DROP, NO_SERVICE))
@@ -74,5 +82,7 @@ def to_iptables(rules: list[Rule], queue_num: int) -> list[str]:
         elif r.port is not None:
             m += f" --dport {r.port}"
         target = f"NFQUEUE --queue-num {queue_num}" if r.action == QUEUE else r.action.value.upper()
+        if r.bypass:
+            target += " --queue-bypass"
         out.append(f'{m} -m comment --comment "vip:{r.service}" -j {target}')
     return out

@@ -17,8 +17,10 @@ The steps, each waiting for one reply (packet semantics: clustercore.cutover):
   FREEZING    source freezes, stops the service, dumps its sockets,
               returns consumed counts, socket state and late packets   -> Frozen
   RESTORING   dest restores the sockets, starts the new instance       -> Restored
-  RELEASING   registry owner := dest, then dest re-injects the late
-              packets and releases its hold                            -> Released
+  SWITCHING   registry owner := dest, with the release journaled, in
+              one transaction (a failed write rolls back: nothing was
+              released yet)                                            -> OwnerSwitched
+  RELEASING   dest re-injects the late packets and releases its hold   -> Released
   COMMITTING  source drops its hold, closes the old sockets silently
               (repair mode), stops the old instance, forwards
               stragglers                                               -> Committed
@@ -37,7 +39,7 @@ the owner and commits (owner is dest) or rolls back (owner is source), never gue
 Failures, per state
 -------------------
 NEW                   nothing was asked yet: Cancel or anything unexpected -> ROLLED_BACK.
-PREPARING..RESTORING  StepFailed, NodeLost, MessageLost, StepTimedOut, Cancel, or ANY
+PREPARING..SWITCHING  StepFailed, NodeLost, MessageLost, StepTimedOut, Cancel, or ANY
                       event not in the table -> ROLLING_BACK: dest "abort" (drop the hold,
                       close restored sockets silently, stop the new instance), source
                       "rollback" (accept its hold in order, resume the old instance);
@@ -80,6 +82,7 @@ from .migration_messages import (  # noqa: F401  (re-exported: the machine's voc
     EpochFlipped,
     Frozen,
     Restored,
+    OwnerSwitched,
     Released,
     Committed,
     RolledBack,
@@ -286,12 +289,18 @@ class Migration:
 
     def _on_restored(self, event: Restored, now: float) -> list[Command]:
         self._expect(event, self.dest)
-        release = self._message(msgs.Release, consumed=self._consumed,
-                                late_packets=self._late)
+        return [SetOwner(self.service, self.dest, release=self._release())]
+
+    def _release(self) -> msgs.Release:
+        return self._message(msgs.Release, consumed=self._consumed, late_packets=self._late)
+
+    def _on_owner_switched(self, event: OwnerSwitched, now: float) -> list[Command]:
+        if (event.service, event.node) != (self.service, self.dest):
+            raise _Unexpected(f"owner of {event.service} switched to {event.node}, expected "
+                              f"{self.service} to {self.dest}")
         return [
             Report("point_of_no_return", f"owner of {self.service} := {self.dest}; releasing"),
-            SetOwner(self.service, self.dest),
-            SendToNode(self.dest, release),
+            SendToNode(self.dest, self._release()),
         ]
 
     def _on_released(self, event: Released, now: float) -> list[Command]:
@@ -369,7 +378,8 @@ TRANSITIONS: dict[tuple[State, type[Event]], tuple[State, Handler]] = {
     (S.ARMING, CountingReady): (S.FLIPPING, M._on_counting_ready),
     (S.FLIPPING, EpochFlipped): (S.FREEZING, M._on_flipped),
     (S.FREEZING, Frozen): (S.RESTORING, M._on_frozen),
-    (S.RESTORING, Restored): (S.RELEASING, M._on_restored),
+    (S.RESTORING, Restored): (S.SWITCHING, M._on_restored),
+    (S.SWITCHING, OwnerSwitched): (S.RELEASING, M._on_owner_switched),
     (S.RELEASING, Released): (S.COMMITTING, M._on_released),
     (S.RELEASING, Cancel): (S.RELEASING, M._refuse_cancel),
     (S.COMMITTING, Committed): (S.COMMITTED, M._on_committed),
@@ -463,6 +473,10 @@ class MigrationBook:
         for role, node in (("destination", dest), ("owner", owner)):
             if not nodes[node]:
                 raise LocalControlError(f"cannot migrate '{service}': {role} node '{node}' is down")
+        self._running[service] = (owner, dest)
+
+    def adopt(self, *, service: str, owner: str, dest: str) -> None:
+        """Book a migration a previous gateway journaled (no checks: it is running)."""
         self._running[service] = (owner, dest)
 
     def finish(self, service: str) -> None:

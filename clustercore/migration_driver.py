@@ -57,8 +57,9 @@ class Executor(Protocol):
     def set_delivery(self, service: str, nodes: tuple[str, ...]) -> None:
         """Copy the service's packets to these nodes (raise VipError if not)."""
 
-    def set_owner(self, service: str, node: str) -> None:
-        """Make `node` the service's owner, durably, before returning."""
+    def set_owner(self, service: str, node: str, release: Step | None) -> None:
+        """Make `node` the service's owner, durably (with `release` journaled), before
+        returning; raise VipError if it could not (then nothing changed)."""
 
     def arm_timer(self, deadline: float | None) -> None: ...
 
@@ -102,7 +103,12 @@ class MigrationDriver:
                     if self.done is None:
                         self.feed(mig.StepFailed(reason=f"delivery change failed: {e}"), now)
             elif isinstance(cmd, mig.SetOwner):
-                x.set_owner(name, cmd.node)
+                try:
+                    x.set_owner(name, cmd.node, cmd.release)
+                    event = mig.OwnerSwitched(service=name, node=cmd.node)
+                except VipError as e:
+                    event = mig.StepFailed(reason=f"owner switch not recorded: {e}")
+                self.feed(event, now)
             elif isinstance(cmd, mig.ArmTimer):
                 x.arm_timer(cmd.deadline)
             elif isinstance(cmd, mig.Transition):

@@ -21,6 +21,7 @@ class State(enum.Enum):
     FLIPPING = "flipping"
     FREEZING = "freezing"
     RESTORING = "restoring"
+    SWITCHING = "switching"  # the registry's owner := dest (and the journal), durably
     RELEASING = "releasing"
     COMMITTING = "committing"
     COMMITTED = "committed"
@@ -29,7 +30,8 @@ class State(enum.Enum):
 
 
 BEFORE_RELEASE = frozenset(
-    {State.PREPARING, State.ARMING, State.FLIPPING, State.FREEZING, State.RESTORING}
+    {State.PREPARING, State.ARMING, State.FLIPPING, State.FREEZING, State.RESTORING,
+     State.SWITCHING}
 )
 PAST_NO_RETURN = frozenset({State.RELEASING, State.COMMITTING, State.COMMITTED})
 TERMINAL = frozenset({State.COMMITTED, State.ROLLED_BACK})
@@ -88,6 +90,13 @@ class CountingReady(Event):
 class EpochFlipped(Event):
     service: str
     epoch: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OwnerSwitched(Event):
+    """The driver made the owner switch (and the journal's release) durable."""
+    service: str
+    node: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -172,7 +181,8 @@ class Cancel(Event):
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (
-    Start, HoldReady, CountingReady, EpochFlipped, Frozen, Restored, Released, Committed,
+    Start, HoldReady, CountingReady, EpochFlipped, Frozen, Restored, OwnerSwitched, Released,
+    Committed,
     RolledBack, StepFailed, NodeLost, MessageLost, StepTimedOut, Cancel,
 )
 FAILURES = (StepFailed, NodeLost, MessageLost, StepTimedOut)
@@ -211,8 +221,13 @@ class SetDelivery(Command):
 
 @dataclass(frozen=True, slots=True)
 class SetOwner(Command):
+    """Make `node` the owner in the registry, with `release` (the message that finishes
+    the migration) journaled in the same transaction: the point of no return is durable
+    and a restarted gateway can resend it. Fed back as OwnerSwitched, or StepFailed (a
+    registry write failed: nothing was released, so the migration rolls back)."""
     service: str
-    node: str  # must be durable before the next command is performed
+    node: str
+    release: Step | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +302,7 @@ class MigrationTimeouts:
     flipping: float = 1.0
     freezing: float = 2.0
     restoring: float = 3.0
+    switching: float = 2.0
     releasing: float = 2.0
     committing: float = 5.0
     rolling_back: float = 5.0

@@ -71,6 +71,17 @@ class OwnerMoved(LocalEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LeaseExpired(LocalEvent):
+    """A frozen source has had no gateway for longer than its lease (the executor's timer,
+    from NodeMigrations.expired(now)): nobody will decide, so it rolls back and serves
+    again. The lease must outlast a gateway restart (a supervised restart takes about a
+    second, the default lease 10 s): a gateway that comes back after it and finishes the
+    migration would find the source rolled back."""
+
+    why: str = "no gateway within the lease"
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExecutorFailed(LocalEvent):
     """A command failed (a kernel call, a process that did not stop): made by the machine's
     runner from the executor's VipError, never fed by hand."""
@@ -78,7 +89,8 @@ class ExecutorFailed(LocalEvent):
     error: VipError
 
 
-LOCAL_EVENTS: tuple[type[LocalEvent], ...] = (LinkLost, OwnerStayed, OwnerMoved, ExecutorFailed)
+LOCAL_EVENTS: tuple[type[LocalEvent], ...] = (LinkLost, OwnerStayed, OwnerMoved, LeaseExpired,
+                                              ExecutorFailed)
 
 
 # ---------------------------------------------------------------- commands (out)

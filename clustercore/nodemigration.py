@@ -44,7 +44,8 @@ clustercore.handoff; `process`: the whole process tree through criu, clustercore
 Adding a migration step: a row in TRANSITIONS, its playbook method, and the executor
 commands it needs (most steps reuse existing ones).
 
-Local decisions. After a reconnect the agent asks `ending(owner, why)` of each machine
+Local decisions. A frozen source without a gateway for longer than its lease rolls back
+by itself (LeaseExpired; the executor's timer asks `expired(now, lease_s)`). After a reconnect the agent asks `ending(owner, why)` of each machine
 the gateway no longer runs: OwnerMoved if the registry owner is no longer the source (a
 frozen source then commits), else OwnerStayed (roll back / abort). A lost link ends only
 what cannot go on without us (an armed source that has not frozen rolls back); a frozen
@@ -72,6 +73,7 @@ from .nodecommands import (
     Command,
     ExecutorFailed,
     InjectPackets,
+    LeaseExpired,
     LinkLost,
     Local,
     LocalEvent,
@@ -243,6 +245,8 @@ class Runner:
             self.machine._state = self._row.target
         if self._failures:
             reply = Failure(self._failures[0])  # the first failure is the cause
+        if isinstance(self.event, msgs.Release) and isinstance(reply, msgs.Reply):
+            self.machine.release_reply = reply  # a restarted gateway may ask again
         if isinstance(self.event, STEP_EVENTS):  # a local event has nobody to answer
             self.reply = reply if reply is not None else Failure(
                 LocalControlError("the step ended without a reply"))
@@ -299,6 +303,8 @@ class NodeMigration:
         self.epoch: str | None = None  # the epoch this migration flips to: names it
         self._state = State.IDLE
         self._runner: Runner | None = None
+        self.release_reply: Any = None  # a destination's ReleaseDone, repeated if asked again
+        self.orphaned_since: float | None = None  # when the gateway link was lost (the lease)
 
     @property
     def state(self) -> State:
@@ -375,6 +381,15 @@ class NodeMigration:
         injected = (yield InjectPackets(tuple(event.packets))) if event.packets else 0
         return msgs.Injected(injected=injected)
 
+    def _repeat_release(self, event: msgs.Release, now: float):
+        """A restarted gateway resends the release it journaled: it cannot know whether
+        ours went out. Answered with the same ReleaseDone, nothing done twice."""
+        if event.epoch != self.epoch or self.release_reply is None:
+            raise Refused(f"service '{self.service}' was released for epoch {self.epoch}, "
+                          f"not {event.epoch}")
+        yield Note(f"repeated Release for '{self.service}': answered as the first")
+        return self.release_reply
+
     def _wait_for_the_registry(self, event: LinkLost, now: float):
         yield Note(f"{event.why}: the migration of '{self.service}' stays {self._state.value} "
                    "until the gateway says how it ended", "warning")
@@ -406,11 +421,14 @@ class NodeMigrations:
     def route(self, message: Any, now: float) -> list[Runner]:
         """The runners for a gateway message, to be driven in order (the last one's reply
         is the answer). The service's machine must not be running. A released machine is
-        kept for the inject that follows its commit; any other message starts afresh."""
+        kept for the inject that follows its commit and for a restarted gateway's repeated
+        release of the same epoch; any other message starts afresh."""
         self.forget_finished()
         name = message.service
         m = self.machines.get(name)
-        if m is not None and m.finished and not isinstance(message, msgs.Inject):
+        kept_for = isinstance(message, msgs.Inject) or (
+            isinstance(message, msgs.Release) and m is not None and message.epoch == m.epoch)
+        if m is not None and m.finished and not kept_for:
             m = None
         runners = []
         if (m is not None and isinstance(message, (msgs.Arm, msgs.Prepare))
@@ -431,13 +449,36 @@ class NodeMigrations:
         return [(m, m.ending(owners.get(name), why)) for name, m in self.machines.items()
                 if name not in keep and not m.finished]
 
-    def link_lost(self, why: str) -> list[tuple[NodeMigration, LocalEvent]]:
-        return [(m, LinkLost(why=why)) for m in self.machines.values() if not m.finished]
+    def link_lost(self, why: str, now: float | None = None) -> list[tuple[NodeMigration, LocalEvent]]:
+        """The gateway link is gone: each open migration is told (LinkLost), and its lease
+        starts at `now`."""
+        out = []
+        for m in self.machines.values():
+            if not m.finished:
+                if m.orphaned_since is None and now is not None:
+                    m.orphaned_since = now
+                out.append((m, LinkLost(why=why)))
+        return out
+
+    def reclaimed(self, keep: set[str]) -> None:
+        """A gateway runs these migrations again: their leases stop."""
+        for name in keep:
+            if name in self.machines:
+                self.machines[name].orphaned_since = None
+
+    def expired(self, now: float, lease_s: float) -> list[tuple[NodeMigration, LocalEvent]]:
+        """The migrations whose lease ran out at `now` (no gateway for lease_s seconds)."""
+        return [(m, LeaseExpired(why=f"no gateway for {now - m.orphaned_since:.1f} s "
+                                     f"(lease {lease_s:g} s)"))
+                for m in self.machines.values()
+                if not m.finished and not m.running and m.orphaned_since is not None
+                and now - m.orphaned_since >= lease_s]
 
     def forget_finished(self) -> None:
         """Drop the machines that are over, except a released destination's: the gateway's
-        Inject (the source's stragglers) comes after it and is checked against it. It goes
-        when the next migration of the service begins here."""
+        Inject (the source's stragglers) comes after it and is checked against it, and a
+        restarted gateway may repeat the Release. It goes when the next migration of the
+        service begins here."""
         for name in [n for n, m in self.machines.items() if m.finished and m.state is not State.RELEASED]:
             del self.machines[name]
 
@@ -475,11 +516,13 @@ TRANSITIONS: dict[tuple[State, type], Row] = {
     (S.COMMITTED, msgs.Commit): Row(S.COMMITTED, S.COMMITTED, M._nothing_to_do),
     (S.ROLLED_BACK, msgs.Rollback): Row(S.ROLLED_BACK, S.ROLLED_BACK, M._nothing_to_do),
     (S.ABORTED, msgs.Abort): Row(S.ABORTED, S.ABORTED, M._nothing_to_do),
+    (S.RELEASED, msgs.Release): Row(S.RELEASED, S.RELEASED, M._repeat_release),
 }
 for _end in (msgs.Commit, msgs.Rollback, msgs.Abort):
     TRANSITIONS[(S.IDLE, _end)] = Row(S.IDLE, S.IDLE, M._nothing_to_do)
 # the ONE source rollback: asked by the gateway, decided locally, or after a failed command
 for _state, _event in [(S.ARMED, msgs.Rollback), (S.FROZEN, msgs.Rollback), (S.ARMED, LinkLost),
+                       (S.FROZEN, LeaseExpired),
                        *[(s, e) for s in (S.ARMING, S.ARMED, S.FREEZING, S.FROZEN)
                          for e in (OwnerStayed, OwnerMoved)],
                        *[(s, ExecutorFailed) for s in (S.ARMING, S.FREEZING, S.ROLLING_BACK)]]:

@@ -403,7 +403,7 @@ class _GatewayHands:
         else:
             self.c.override[service] = tuple(nodes)
 
-    def set_owner(self, service: str, node: str) -> None:
+    def set_owner(self, service: str, node: str, release=None) -> None:
         self.c.table.set_owner(service, node)
 
     def arm_timer(self, deadline: float | None) -> None:

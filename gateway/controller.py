@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from typing import Callable
 
@@ -24,6 +25,7 @@ from clustercore.migration_driver import MigrationDriver, event_for_reply
 from vipwire.rpc import Context
 
 from . import nft
+from .registry import JournaledMigration, RegistryError
 
 log = logging.getLogger("vipcluster.controller")
 
@@ -31,6 +33,9 @@ REQUEST_TIMEOUT_S = 30.0  # one step request to an agent; the machine's own time
 FINAL_REQUEST_TIMEOUT_S = 5.0  # the repeated abort/rollback after a rollback
 LAST_MESSAGES_WAIT_S = 5.0  # commit/inject/abort still going out when the machine finishes
 REPORTS_KEPT = 20
+RECOVERY_WAIT_S = 30.0  # a restarted gateway waits this long for both agents of an open migration
+RECONCILE_SETTLE_S = 0.2
+FAULT_EXIT_STATUS = 17
 
 class _Run:
     """The I/O of one running migration: the Executor the driver performs through."""
@@ -53,6 +58,7 @@ class _Run:
 
     # --- Executor ---------------------------------------------------------------------
     def send(self, node: str, message: msgs.Step) -> None:
+        self._fault(message.OP)
         if isinstance(message, msgs.Prepare) and not message.address:
             # the image of a `process` migration goes straight between the nodes
             nodes = {n.name: n.address for n in self.gw.config.nodes}
@@ -61,6 +67,33 @@ class _Run:
         task = asyncio.ensure_future(self._request(node, message))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def _fault(self, op: str) -> None:
+        """Lab fault injection: a file `<state_dir>/faults/<OP>` saying `die` makes the
+        gateway exit like a crash just before it sends that step (journal written). One
+        shot: the file is removed first."""
+        path = os.path.join(self.gw.config.state_dir, "faults", op)
+        try:
+            with open(path) as f:
+                what = f.read().strip()
+            os.unlink(path)
+        except OSError:
+            return
+        if what == "die":
+            log.warning("fault injection: dying before %s", op)
+            os._exit(FAULT_EXIT_STATUS)
+
+    def journal(self, state: mig.State) -> None:
+        """The journal's state, written before the step of `state` is sent. A write that
+        fails before the point of no return rolls the migration back (nothing is lost: the
+        source holds); after it, the owner switch (durable) is all a restart needs."""
+        try:
+            self.gw.registry.journal_state(self.name, state.value)
+        except RegistryError as e:
+            if state in mig.BEFORE_RELEASE:
+                self.events.put_nowait(mig.StepFailed(reason=f"journal not written: {e}"))
+            else:
+                log.warning("migration of %s: %s (going on)", self.name, e)
 
     def flip_epoch(self, service: str, epoch: str) -> None:
         self.gw.epochs[service] = self.new_epoch
@@ -76,9 +109,11 @@ class _Run:
             self.gw.delivery_override[service] = tuple(nodes)
         self.gw.apply_delivery()
 
-    def set_owner(self, service: str, node: str) -> None:
+    def set_owner(self, service: str, node: str, release: msgs.Release | None) -> None:
+        # durable (owner and the journaled release, one transaction) before the release
+        # goes out; the in-memory table follows only if the write succeeded
+        self.gw.registry.switch_owner(service, node, release)
         self.gw.table.set_owner(service, node)
-        self.gw.registry.set_owner(service, node)  # durable before the release goes out
 
     def arm_timer(self, deadline: float | None) -> None:
         self.deadline = deadline
@@ -89,6 +124,7 @@ class _Run:
             step, since = self.entered
             self.steps_ms[step] = round((now - since) * 1000, 2)
         self.entered = (state.value, now)
+        self.journal(state)
         self.report(state.value, f"{previous.value} -> {state.value}")
 
     def report(self, step: str, detail: str) -> None:
@@ -181,6 +217,7 @@ class Controller:
         self.book = mig.MigrationBook()
         self.timeouts = mig.MigrationTimeouts()
         self.runs: dict[str, _Run] = {}  # service -> its running migration
+        self.recovering: dict[str, asyncio.Task] = {}  # service -> finishing a journaled one
 
     def busy(self, service: str) -> bool:
         return service in self.book
@@ -242,6 +279,8 @@ class Controller:
         started = time.time()
         progress("start", f"migrating {name}: {source} -> {dest}")
         log.info("migration of %s: %s -> %s (epoch %s)", name, source, dest, epoch)
+        # journaled before the first step: a gateway that dies from here on finds it
+        gw.registry.journal_begin(name, source, dest, new_epoch)
         run = self.runs[name] = _Run(self, name, source, dest, new_epoch, progress)
         try:
             finished = await run.drive(machine)
@@ -259,11 +298,89 @@ class Controller:
         source_drops = run.kernel_drops.get(source, 0)
         if source_drops and isinstance(report.get("lost"), int):
             report["lost"] += source_drops
+        self._end_journal(name)
         await gw.push_table()
-        gw.registry.log(time.time(), "migration", report)
+        self._log_event("migration", report)
         log.info("migration of %s %s: %s", name, finished.outcome, report)
         progress("done", f"{finished.outcome}{': ' + finished.reason if finished.reason else ''}")
         return report
+
+    def _end_journal(self, name: str) -> None:
+        try:
+            self.gw.registry.journal_end(name)
+        except RegistryError as e:  # the next start finds it and repeats its (idempotent) end
+            log.warning("migration of %s ended but %s", name, e)
+
+    def _log_event(self, kind: str, detail: dict) -> None:
+        try:
+            self.gw.registry.log(time.time(), kind, detail)
+        except RegistryError as e:
+            log.warning("event %s not logged: %s", kind, e)
+
+    # --- after a gateway restart ----------------------------------------------------------
+    def recover(self, journal: list[JournaledMigration]) -> None:
+        """Migrations a previous gateway left open (its journal): booked again, so the
+        agents keep their side (Welcome/Reconcile `migrating`), and finished or rolled back
+        once both agents are back."""
+        for j in journal:
+            self.book.adopt(service=j.service, owner=j.source, dest=j.dest)
+            if self.gw.config.delivery == Delivery.SELECTIVE:
+                self.gw.delivery_override[j.service] = (j.source, j.dest)
+            task = asyncio.ensure_future(self._recover(j))
+            self.recovering[j.service] = task
+
+    async def _recover(self, j: JournaledMigration) -> dict:
+        gw, loop = self.gw, asyncio.get_running_loop()
+        epoch = nft.epoch_mac(j.epoch)
+        owner = gw.table.get(j.service).owner if gw.table.get(j.service) else None
+        # past the point of no return iff the owner switch (with the release) is durable
+        forward = j.release is not None and owner == j.dest
+        log.warning("migration of %s (%s -> %s) found open at %s: %s", j.service, j.source, j.dest,
+                    j.state, "finishing it (resend release, commit)" if forward else "rolling it back")
+        deadline = loop.time() + RECOVERY_WAIT_S
+        while loop.time() < deadline and not all(n in gw.agents for n in (j.source, j.dest)):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(RECONCILE_SETTLE_S)  # their reconcile (which keeps it) comes first
+        problems: list[str] = []
+        try:
+            if forward:
+                await self._ask(j.dest, j.release, problems)
+                done = await self._ask(j.source, msgs.Commit(service=j.service, epoch=epoch), problems)
+                late = getattr(done, "late_packets", ()) or ()
+                if late:
+                    await self._ask(j.dest, msgs.Inject(service=j.service, epoch=epoch, packets=late), problems)
+            else:
+                await self._ask(j.dest, msgs.Abort(service=j.service, epoch=epoch), problems)
+                await self._ask(j.source, msgs.Rollback(service=j.service, epoch=epoch), problems)
+        finally:
+            self.book.finish(j.service)
+            self.recovering.pop(j.service, None)
+            gw.delivery_override.pop(j.service, None)
+        outcome = "committed" if forward else "rolled_back"
+        report = {"service": j.service, "from": j.source, "to": j.dest, "outcome": outcome,
+                  "recovered_at": j.state, "reason": "; ".join(problems) or
+                  f"gateway restarted during {j.state}"}
+        self._end_journal(j.service)
+        try:
+            gw.apply_delivery()
+        except VipError as e:
+            log.warning("delivery after recovering %s: %s", j.service, e)
+        await gw.push_table()
+        self._log_event("migration", report)
+        log.warning("migration of %s recovered: %s", j.service, report)
+        return report
+
+    async def _ask(self, node: str, step: msgs.Step, problems: list[str]):
+        session = self.gw.agents.get(node)
+        if session is None:
+            problems.append(f"node {node} is down: {step.OP} not sent")
+            return None
+        try:
+            return await session.rpc.request(step, timeout=REQUEST_TIMEOUT_S)
+        except VipError as e:
+            problems.append(f"{node} {step.OP}: {e}")
+            log.warning("recovery: %s %s on %s: %s", step.OP, step.service, node, e)
+            return None
 
     async def _repeat_rollback(self, name: str, source: str, dest: str, epoch: str) -> None:
         """A node that lost its link during the rollback may have come back since: tell

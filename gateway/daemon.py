@@ -26,12 +26,12 @@ from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, P
 from clustercore.kinds import Delivery, adopted_spec, check_service_options
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
-from vipwire import tls
+from vipwire import systemd, tls
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
 from vipwire.rpc import Context, RpcConnection
 
 from . import netlink, nft
-from .registry import Registry
+from .registry import Registry, RegistryError
 
 log = logging.getLogger("vipcluster.gateway")
 
@@ -55,8 +55,9 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.tls = tls.server_context(config.tls_cert, config.tls_key, config.tls_ca)
-        self.registry = Registry(config.state_dir)
+        self.registry = Registry(config.state_dir)  # RegistryError: one clear line
         self.table, self.epochs = self.registry.load()
+        self.journal = self.registry.open_migrations()  # what a previous gateway left open
         self.agents: dict[str, AgentSession] = {}
         self.delivery_override: dict[str, tuple[str, ...]] = {}
         self.gateway_mac = ""
@@ -114,6 +115,9 @@ class Gateway:
                                        port=cfg.listen_port, reuse_address=True)
         self._servers.append(srv)
         log.info("control API on %s; agents on %s:%d", cfg.control_socket, cfg.listen_address, cfg.listen_port)
+        if self.journal:
+            self.controller.recover(self.journal)
+            self.apply_delivery()  # both nodes of each open migration get its packets
         asyncio.ensure_future(self._watch_agents())
 
     async def run_forever(self) -> None:
@@ -122,7 +126,11 @@ class Gateway:
             loop.add_signal_handler(sig, self._stop.set)
         await self.start()
         print("gateway ready", flush=True)
+        systemd.ready(f"serving {self.config.vip}")
+        watchdog = asyncio.ensure_future(systemd.ping_watchdog())
         await self._stop.wait()
+        systemd.stopping()
+        watchdog.cancel()
         await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -136,6 +144,14 @@ class Gateway:
         except FileNotFoundError:
             pass
         self.registry.close()
+
+    def log_event(self, kind: str, detail: dict) -> None:
+        """The registry's event log is a record, not a duty: a failed write (full disk,
+        read-only) is logged and nothing else fails because of it."""
+        try:
+            self.registry.log(time.time(), kind, detail)
+        except RegistryError as e:
+            log.warning("event %s not recorded: %s", kind, e)
 
     # --- delivery --------------------------------------------------------------------
     def delivery_nodes(self, service) -> list[str]:
@@ -230,7 +246,7 @@ class Gateway:
                                     migrating=tuple(sorted(self.controller.book.running())),
                                     heartbeat_s=self.config.heartbeat_s))
             log.info("node %s is up (from %s)", node, peer)
-            self.registry.log(time.time(), "node_up", {"node": node})
+            self.log_event("node_up", {"node": node})
             asyncio.ensure_future(self._after_join(node))
             await rpc.run()
         except (PeerControlError, ConnectionError) as e:
@@ -241,7 +257,7 @@ class Gateway:
             if node is not None and self.agents.get(node) is not None and self.agents[node].rpc is rpc:
                 del self.agents[node]
                 log.info("node %s is down", node)
-                self.registry.log(time.time(), "node_down", {"node": node})
+                self.log_event("node_down", {"node": node})
                 asyncio.ensure_future(self.push_table())  # the anchor may have moved
 
     async def _login(self, transport: asyncio.Transport, peer) -> tuple[str | None, RpcConnection | None]:
@@ -371,12 +387,20 @@ class Gateway:
                 raise LocalControlError(f"node '{node}' is down")
             # start first (sockets + process), then publish ownership
             await self.agents[node].rpc.request(msgs.ServiceStart(service=service), timeout=AGENT_TIMEOUT_S)
+            try:
+                self.registry.add_service(service, 1)
+            except RegistryError:
+                # not recorded, so not added: the node stops what it started
+                try:
+                    await self.agents[node].rpc.request(msgs.ServiceStop(name=name), timeout=AGENT_TIMEOUT_S)
+                except VipError as e:
+                    log.warning("stopping unrecorded %s on %s: %s", name, node, e)
+                raise
             self.table.add(service)
             self.epochs[name] = 1
-            self.registry.add_service(service, 1)
             self.apply_delivery()
             await self.push_table()
-            self.registry.log(time.time(), "service_add", service.to_dict())
+            self.log_event("service_add", service.to_dict())
             log.info("service %s added on %s (%s)", name, node, ", ".join(format_port(p) for p in ports))
             return service.to_dict()
 
@@ -388,9 +412,9 @@ class Gateway:
                 raise LocalControlError(f"unknown service '{name}'")
             if self.controller.busy(name):
                 raise LocalControlError(f"service '{name}' is being migrated")
+            self.registry.remove_service(name)  # first: a failed write changes nothing
             self.table.remove(name)
             self.epochs.pop(name, None)
-            self.registry.remove_service(name)
             self.apply_delivery()
             await self.push_table()  # nobody accepts its packets any more
             session = self.agents.get(service.owner)
@@ -399,7 +423,7 @@ class Gateway:
                     await session.rpc.request(msgs.ServiceStop(name=name), timeout=AGENT_TIMEOUT_S)
                 except VipError as e:
                     log.warning("stopping %s on %s: %s", name, service.owner, e)
-            self.registry.log(time.time(), "service_remove", {"name": name})
+            self.log_event("service_remove", {"name": name})
             log.info("service %s removed", name)
             return service.to_dict()
 

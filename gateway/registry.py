@@ -1,7 +1,20 @@
-"""The gateway's embedded store: services, owners and epochs in SQLite.
+"""The gateway's embedded store: services, owners, epochs and open migrations in SQLite.
 
 It survives a gateway restart: on start the daemon loads the table from here and pushes
 it to the node agents as they reconnect. Every change is one transaction.
+
+The migration journal (`migrations`) holds one row per migration the gateway runs,
+written before each step is sent: service, source, destination, epoch, the machine's
+state and, from the owner switch on, the Release message that finishes it (in the same
+transaction as the owner switch: the point of no return is durable). A restarted gateway
+finishes (owner = destination: resend the release, then commit) or rolls back (owner =
+source) every row it finds; the row is removed when the migration has ended.
+
+Every SQLite failure (disk full, read-only, corrupt file) is a RegistryError: a clean
+error for the caller, who decides what it means (a migration rolls back; a failed start
+is one line). Fault injection for the lab tests: a file `<state_dir>/faults/registry`
+containing `readonly` makes every write fail as a read-only database does (SQLite's
+query_only), until it is removed.
 """
 
 from __future__ import annotations
@@ -9,7 +22,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from dataclasses import dataclass
 
+from clustercore import messages as msgs
+from clustercore.errors import VipError
 from clustercore.ownership import Service, ServiceTable
 from clustercore.packet import format_port, parse_port_spec
 
@@ -28,60 +44,143 @@ CREATE TABLE IF NOT EXISTS events (
     kind    TEXT NOT NULL,
     detail  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS migrations (
+    service TEXT PRIMARY KEY,
+    source  TEXT NOT NULL,
+    dest    TEXT NOT NULL,
+    epoch   INTEGER NOT NULL,   -- the epoch the migration flips to
+    state   TEXT NOT NULL,      -- clustercore.migration State value, before the step is sent
+    release TEXT                -- the Release message (JSON wire form), from the owner switch on
+);
 """
 # columns added since the first schema: a registry from before gets them with their defaults
 ADDED_COLUMNS = (("migrate", "TEXT NOT NULL DEFAULT 'auto'"),
                  ("sockets", "TEXT NOT NULL DEFAULT 'activation'"))
 
 
+class RegistryError(VipError):
+    """The registry could not be read or written (which file, what SQLite said)."""
+
+    def __init__(self, path: str, action: str, error: Exception) -> None:
+        super().__init__(f"registry {path}: cannot {action}: {error}")
+
+
+@dataclass(frozen=True)
+class JournaledMigration:
+    service: str
+    source: str
+    dest: str
+    epoch: int
+    state: str
+    release: msgs.Release | None
+
+
 class Registry:
     def __init__(self, state_dir: str) -> None:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.path = os.path.join(state_dir, "registry.sqlite3")
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(services)")}
-        for column, decl in ADDED_COLUMNS:
-            if column not in have:
-                self._db.execute(f"ALTER TABLE services ADD COLUMN {column} {decl}")
+        self._fault = os.path.join(state_dir, "faults", "registry")
+        try:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(services)")}
+            for column, decl in ADDED_COLUMNS:
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE services ADD COLUMN {column} {decl}")
+            self._db.execute("PRAGMA quick_check").fetchall()
+        except (sqlite3.Error, OSError) as e:
+            raise RegistryError(self.path, "open it", e) from None
 
     def close(self) -> None:
         self._db.close()
 
+    def _write(self, action: str, statements: list[tuple[str, tuple]]) -> None:
+        """One transaction, or a RegistryError and nothing changed."""
+        try:
+            self._db.execute(f"PRAGMA query_only={1 if self._faulty() else 0}")
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+        except sqlite3.Error as e:
+            raise RegistryError(self.path, action, e) from None
+
+    def _faulty(self) -> bool:
+        try:
+            with open(self._fault) as f:
+                return f.read().strip() == "readonly"
+        except OSError:
+            return False
+
     def load(self) -> tuple[ServiceTable, dict[str, int]]:
         table = ServiceTable()
         epochs = {}
-        for name, owner, ports, exec_spec, epoch, migrate, sockets in self._db.execute(
-            "SELECT name, owner, ports, exec, epoch, migrate, sockets FROM services ORDER BY name"
-        ):
-            table.add(Service(name, owner, tuple(parse_port_spec(p) for p in json.loads(ports)), exec_spec,
-                              migrate, sockets))
-            epochs[name] = epoch
+        try:
+            rows = self._db.execute("SELECT name, owner, ports, exec, epoch, migrate, sockets "
+                                    "FROM services ORDER BY name").fetchall()
+            for name, owner, ports, exec_spec, epoch, migrate, sockets in rows:
+                table.add(Service(name, owner, tuple(parse_port_spec(p) for p in json.loads(ports)), exec_spec,
+                                  migrate, sockets))
+                epochs[name] = epoch
+        except (sqlite3.Error, ValueError, TypeError, VipError) as e:
+            raise RegistryError(self.path, "read the services", e) from None
         return table, epochs
 
     def add_service(self, s: Service, epoch: int = 1) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT INTO services (name, owner, ports, exec, epoch, migrate, sockets) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (s.name, s.owner, json.dumps([format_port(p) for p in s.ports]), s.exec_spec, epoch,
-                 s.migrate, s.sockets),
-            )
+        self._write(f"add service {s.name}", [(
+            "INSERT INTO services (name, owner, ports, exec, epoch, migrate, sockets) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (s.name, s.owner, json.dumps([format_port(p) for p in s.ports]), s.exec_spec, epoch,
+             s.migrate, s.sockets))])
 
     def remove_service(self, name: str) -> None:
-        with self._db:
-            self._db.execute("DELETE FROM services WHERE name = ?", (name,))
+        self._write(f"remove service {name}", [("DELETE FROM services WHERE name = ?", (name,))])
 
     def set_owner(self, name: str, owner: str) -> None:
-        with self._db:
-            self._db.execute("UPDATE services SET owner = ? WHERE name = ?", (owner, name))
+        self._write(f"set the owner of {name}", [("UPDATE services SET owner = ? WHERE name = ?", (owner, name))])
 
     def set_epoch(self, name: str, epoch: int) -> None:
-        with self._db:
-            self._db.execute("UPDATE services SET epoch = ? WHERE name = ?", (epoch, name))
+        self._write(f"set the epoch of {name}", [("UPDATE services SET epoch = ? WHERE name = ?", (epoch, name))])
 
     def log(self, at: float, kind: str, detail: dict) -> None:
-        with self._db:
-            self._db.execute("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)",
-                             (at, kind, json.dumps(detail)))
+        self._write(f"log {kind}", [("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)",
+                                     (at, kind, json.dumps(detail)))])
+
+    # --- the migration journal --------------------------------------------------------
+    def journal_begin(self, service: str, source: str, dest: str, epoch: int) -> None:
+        self._write(f"journal the migration of {service}", [(
+            "INSERT OR REPLACE INTO migrations (service, source, dest, epoch, state, release) "
+            "VALUES (?, ?, ?, ?, 'new', NULL)", (service, source, dest, epoch))])
+
+    def journal_state(self, service: str, state: str) -> None:
+        self._write(f"journal the migration of {service}", [(
+            "UPDATE migrations SET state = ? WHERE service = ?", (state, service))])
+
+    def switch_owner(self, service: str, owner: str, release: msgs.Release | None) -> None:
+        """The point of no return, durable in one transaction: the owner, and the release
+        a restarted gateway resends."""
+        wire = json.dumps(release.to_wire()) if release is not None else None
+        self._write(f"switch the owner of {service}", [
+            ("UPDATE services SET owner = ? WHERE name = ?", (owner, service)),
+            ("UPDATE migrations SET state = 'releasing', release = ? WHERE service = ?", (wire, service)),
+        ])
+
+    def journal_end(self, service: str) -> None:
+        self._write(f"end the migration of {service}", [("DELETE FROM migrations WHERE service = ?", (service,))])
+
+    def open_migrations(self) -> list[JournaledMigration]:
+        try:
+            rows = self._db.execute(
+                "SELECT service, source, dest, epoch, state, release FROM migrations ORDER BY service").fetchall()
+        except sqlite3.Error as e:
+            raise RegistryError(self.path, "read the migration journal", e) from None
+        out = []
+        for service, source, dest, epoch, state, release in rows:
+            message = None
+            if release:
+                try:
+                    message = msgs.decode(json.loads(release))
+                except (ValueError, VipError) as e:
+                    raise RegistryError(self.path, f"read the journaled release of {service}", e) from None
+            out.append(JournaledMigration(service, source, dest, int(epoch), state, message))
+        return out

@@ -26,11 +26,11 @@ from clustercore.errors import ConnectionLost, LocalControlError, PeerControlErr
 from clustercore.kinds import Datapath, ServiceKind, adopted_pid, service_kind
 from clustercore.ownership import NodeFilter, Service
 from clustercore.packet import TCP
-from vipwire import tls
+from vipwire import systemd, tls
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
-from . import criu, iptables, netlink, services
+from . import criu, iptables, netlink, pidfd, services, tcprepair
 from .migrate import MigrationAgent
 from .queue import PacketQueue
 from .verdictlog import VerdictLog
@@ -42,7 +42,7 @@ WATCH_INTERVAL_S = 1.0  # how often exited services are noticed
 CONNECT_TIMEOUT_S = 5.0
 LOGIN_TIMEOUT_S = 5.0
 RECONNECT_FIRST_S = 0.1  # back-off after losing the gateway: doubles up to RECONNECT_MAX_S
-RECONNECT_MAX_S = 2.0
+RECONNECT_MAX_S = 0.5  # short: a frozen migration waits for the restarted gateway
 MIGRATION_MESSAGES = (*msgs.STEPS, msgs.Chunk)
 
 
@@ -56,7 +56,6 @@ class NodeAgent:
         self.queue: PacketQueue | None = None
         self.rpc: RpcConnection | None = None
         self._stop = asyncio.Event()
-        self._vip_added = False
         self.migrations = MigrationAgent(self)
         self.heartbeat_s = 1.0  # the gateway says how often, at login
         self.handlers = {
@@ -68,6 +67,8 @@ class NodeAgent:
             msgs.NodeVerdicts: self.on_verdicts,
             **{m: self.on_migration for m in MIGRATION_MESSAGES},
         }
+        self.adopted: list[str] = []  # services taken back from a previous agent
+        self.frozen_adopted: set[str] = set()  # ... that it left frozen mid-migration
         self.verdict_log = VerdictLog()  # opt-in, for `vipctl replay --mode packets`
         self.log_dir = os.path.join(config.state_dir, "services")
         self._process_strategy: dict | None = None
@@ -78,59 +79,150 @@ class NodeAgent:
         netlink.set_sysctls(netlink.ARP_SYSCTLS)
         if self.config.cluster_interface:
             netlink.disable_receive_offloads(self.config.cluster_interface)
-        self._vip_added = netlink.add_vip(self.config.vip)
+        netlink.add_vip(self.config.vip)  # stays when we exit (services keep serving)
 
-    def cleanup_kernel(self) -> None:
-        if self._vip_added:
-            netlink.remove_vip(self.config.vip)
-
-    # --- services left by a previous agent that died ---------------------------------
+    # --- services left by a previous agent (it exited or crashed) --------------------
     @property
     def _running_file(self) -> str:
         return os.path.join(self.config.state_dir, "running.json")
 
     def record_running(self) -> None:
+        """What a successor needs to adopt our services: pid, service, socket names."""
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         tmp = self._running_file + ".tmp"
+        record = {"version": 2, "services": {
+            n: {"pid": rs.pid, "service": rs.service.to_dict(), "sockets": [name for name, _ in rs.sockets]}
+            for n, rs in self.running.items()}}
         with open(tmp, "w") as f:
-            json.dump({n: rs.pid for n, rs in self.running.items()}, f)
+            json.dump(record, f)
         os.replace(tmp, self._running_file)
 
-    def _end_orphans(self) -> None:
-        """A previous agent of this node died without stopping its services. They still
-        hold the VIP ports, so we could not start ours: end them (by the PIDs that agent
-        recorded, and only if the process is still that service), the gateway then tells
-        us what to run. Their clients' connections are lost: an agent crash restarts its
-        services."""
+    def _recorded(self) -> dict:
         try:
             with open(self._running_file) as f:
-                recorded = json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return
-        for name, pid in recorded.items():
+                record = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("cannot read %s (%s): no service adopted", self._running_file, e)
+            return {}
+        if not isinstance(record, dict) or record.get("version") != 2:
+            # an older agent's record ({name: pid}): end those, as that agent did
+            for name, pid in (record.items() if isinstance(record, dict) else ()):
+                if isinstance(pid, int):
+                    self._end_stray(name, pid, "recorded in an old format")
+            return {}
+        return record.get("services") or {}
+
+    def _end_stray(self, name: str, pid: int, why: str) -> None:
+        if services.service_of(pid) == name:
+            log.warning("ending service %s (pid %d) left by a previous agent: %s", name, pid, why)
             try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def adopt_orphans(self) -> None:
+        """A previous agent of this node exited or crashed and left its services running
+        with their clients' connections: take them back without restarting them (the
+        process must still be that service; we take copies of its listeners and UDP
+        sockets with pidfd_getfd so later migrations work). One that cannot be adopted as
+        recorded is ended: it holds the VIP ports, and the gateway's reconcile starts it
+        again. Migrations that agent was running are lost with it (see nodeshim.migrate)."""
+        for name, entry in self._recorded().items():
+            try:
+                service = Service.from_dict(entry["service"])
+                pid, names = int(entry["pid"]), [str(n) for n in entry["sockets"]]
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("record of service %s is unreadable (%s): not adopted", name, e)
                 continue
-            if f"VIPCLUSTER_SERVICE={name}".encode() in env:
-                log.warning("ending service %s (pid %d) left by a previous agent", name, pid)
+            try:
+                rs = services.adopt(service, pid, names, self.config.vip, self.log_dir)
+            except VipError as e:
+                self._end_stray(name, pid, f"cannot adopt it: {e}")
+                continue
+            if rs is None:
+                log.warning("service %s (pid %d) left by a previous agent is gone", name, pid)
+                continue
+            self.running[name] = rs
+            self.restarts[name] = 0
+            self.adopted.append(name)
+            if pidfd.process_state(pid) in pidfd.STOPPED_STATES:
+                # its agent died mid-migration with it frozen: what that agent held (the
+                # queued packets, datagrams it drained, connections it had just accepted)
+                # died with it; the registry owner decides at the reconcile
+                log.warning("service %s (pid %d) was frozen by a migration the previous agent "
+                            "did not finish; the packets it held are lost", name, pid)
+                self.frozen_adopted.add(name)
+        self.record_running()
+
+    def _end_frozen(self, wanted: set[str]) -> list[str]:
+        """After a restart mid-migration: a frozen service the registry says is ours
+        resumes (its connections leave repair mode, it gets SIGCONT); one it says is not
+        ours is ended (SIGKILL: a stopped process cannot run a SIGTERM handler; its sockets
+        are closed in repair mode, silently: the destination serves its connections)."""
+        notes = []
+        for name in sorted(self.frozen_adopted):
+            rs = self.running.get(name)
+            if rs is None or self.migrations.busy(name):
+                continue
+            self.frozen_adopted.discard(name)
+            if name in wanted:
+                ports = tuple(p for proto, p in rs.service.ports if proto == TCP)
                 try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        os.unlink(self._running_file)
+                    conns = pidfd.take_connections(rs.pid, self.config.vip, ports)
+                    try:
+                        tcprepair.unrepair_many([sock for _, sock in conns])
+                    finally:
+                        for _, sock in conns:
+                            sock.close()
+                    os.kill(rs.pid, signal.SIGCONT)
+                except (VipError, OSError) as e:
+                    log.error("cannot resume frozen service %s: %s", name, e)
+                notes.append(f"service {name} was frozen by a dead agent: resumed (held packets lost)")
+            else:
+                services.kill(self.running.pop(name))
+                for _, sock in rs.sockets:
+                    sock.close()
+                notes.append(f"service {name} was frozen by a dead agent and moved away: ended")
+        for text in notes:
+            log.warning("%s", text)
+            self.send_to_gateway(msgs.Notice(text=text))
+        return notes
+
+    def cleanup(self) -> dict:
+        """`vipctl node cleanup`: stop every service an agent left, remove the rules and
+        the VIP. For an operator taking the node out of the cluster (no agent running)."""
+        stopped = []
+        for name, entry in self._recorded().items():
+            pid = entry.get("pid") if isinstance(entry, dict) else None
+            if isinstance(pid, int) and services.service_of(pid) == name:
+                self._end_stray(name, pid, "node cleanup")
+                stopped.append(name)
+        try:
+            os.unlink(self._running_file)
+        except FileNotFoundError:
+            pass
+        iptables.remove(self.config.vip)
+        netlink.remove_vip(self.config.vip)
+        return {"node": self.config.name, "stopped": stopped, "rules_removed": True, "vip_removed": self.config.vip}
 
     async def start(self) -> None:
         cfg = self.config
-        self._end_orphans()
+        self.adopt_orphans()
         self.migrations.end_restored_orphans()
         self.queue = PacketQueue(cfg.queue_num, cfg.queue_maxlen, self.decide)
         self.queue.attach(asyncio.get_running_loop())
         self._criu_check = asyncio.ensure_future(self._check_criu())
         self._fast_rules: list[str] | None = None
         self._kernel_base: dict[str, dict[str, int]] = {}
-        self.sync_datapath()
+        if self.adopted and iptables.chain_exists():
+            # the previous agent's rules still steer the adopted services' packets; they
+            # are replaced (atomically) when the gateway's table arrives, not emptied now
+            self._fast_rules = ["(kept from the previous agent)"]
+            log.info("adopted %s; kernel rules kept until the gateway's table", ", ".join(self.adopted))
+        else:
+            self.sync_datapath()
         log.info("node %s: VIP %s on lo, VIP packets -> queue %d (fail closed)",
                  cfg.name, cfg.vip, cfg.queue_num)
 
@@ -166,18 +258,39 @@ class NodeAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         await self.start()
-        tasks = [asyncio.ensure_future(self._gateway_loop()), asyncio.ensure_future(self._watch_services())]
+        # ready once the data plane is ours (queue bound, services adopted); the gateway
+        # link comes and goes on its own
+        systemd.ready(f"node {self.config.name}: queue {self.config.queue_num} bound")
+        tasks = [asyncio.ensure_future(self._gateway_loop()), asyncio.ensure_future(self._watch_services()),
+                 asyncio.ensure_future(systemd.ping_watchdog())]
         await self._stop.wait()
+        systemd.stopping()
         for t in tasks:
             t.cancel()
         self.shutdown()
 
     def shutdown(self) -> None:
-        log.info("node %s shutting down: stopping services, removing rules", self.config.name)
+        """The agent exits; the data plane does not. Services, their connections, the
+        kernel rules and the VIP stay as they are (the next agent adopts them, see
+        adopt_orphans); only the migrations this agent runs end here (their held packets
+        would die with the process). `vipctl node cleanup` takes it all down."""
+        log.info("node %s exiting: services, rules and VIP stay in place", self.config.name)
         self.migrations.shutdown("node agent shutting down")
-        for name in list(self.running):
-            services.stop(self.running.pop(name))
-        iptables.remove(self.config.vip)
+        self.record_running()
+        # no role outlives us (a role in its grace period would steer its service's
+        # packets to a queue nobody reads until the next agent): the kernel serves the
+        # steady state of our table meanwhile
+        self.filter.roles.clear()
+        if self.queue is not None:
+            try:
+                self.sync_datapath()
+            except VipError as e:
+                log.warning("leaving the kernel rules as they are: %s", e)
+            self.queue.flush()  # what the old rules queued meanwhile is decided, not dropped
+        for rs in self.running.values():
+            for _, s in rs.sockets:
+                s.close()
+            services.close_gate(rs)
         if self.queue is not None:
             self.queue.close()
 
@@ -306,7 +419,7 @@ class NodeAgent:
             raise LocalControlError(f"service '{service.name}' already runs on {self.config.name}")
         kind = service_kind(service.exec_spec)
         if kind is ServiceKind.ADOPTED:
-            rs = services.adopt(service, adopted_pid(service.exec_spec) or 0, self.log_dir)
+            rs = services.adopt_operator_process(service, adopted_pid(service.exec_spec) or 0, self.log_dir)
             names: list[str] = []
         elif kind is ServiceKind.COMMAND:
             # the `process` strategy moves it: own PID namespace and session, output pipe
@@ -341,12 +454,16 @@ class NodeAgent:
     def reconcile(self, wanted: list[Service]) -> dict:
         started, stopped = [], []
         names = {s.name for s in wanted}
+        self._end_frozen(names)
         for name in list(self.running):
             if name not in names and not self.migrations.busy(name):
                 services.stop(self.running.pop(name))
                 stopped.append(name)
         for s in wanted:
-            if s.name not in self.running and service_kind(s.exec_spec) is not ServiceKind.EXTERNAL:
+            # a service that migrates here (a restarted gateway finishes it) is the
+            # migration's to start, not ours
+            if (s.name not in self.running and not self.migrations.busy(s.name)
+                    and service_kind(s.exec_spec) is not ServiceKind.EXTERNAL):
                 self.start_service(s)
                 started.append(s.name)
         self.record_running()
@@ -414,7 +531,9 @@ def run(config: NodeConfig) -> None:
     raise_nofile()  # a migration takes a copy of every connection of the service
     agent = NodeAgent(config)
     agent.prepare_kernel()
-    try:
-        asyncio.run(agent.run_forever())
-    finally:
-        agent.cleanup_kernel()
+    asyncio.run(agent.run_forever())
+
+
+def cleanup(config: NodeConfig) -> dict:
+    """`vipctl node cleanup`: what an exited agent left (services, rules, VIP), removed."""
+    return NodeAgent(config).cleanup()

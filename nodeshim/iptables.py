@@ -10,7 +10,9 @@ Layout (mangle table, before routing and before any socket sees the packet):
 No `--queue-bypass`: if the shim dies, VIP packets are dropped (fail closed). A dead
 shim must never mean "accept", because on a non-owner accepting means the stack answers
 with an RST or ICMP unreachable and kills the client's connection. Clients retransmit
-into silence until the shim is back.
+into silence until the shim is back. One exception (clustercore.fastpath.Rule.bypass):
+the UDP ports of a migrating service this node owns carry --queue-bypass, since its own
+process holds the socket (a dead agent's datagrams are accepted, not dropped).
 
 Traffic on `lo` (the node talking to its own VIP, UDP datagrams re-injected during a
 migration) skips the queue.
@@ -46,6 +48,10 @@ def install(vip: str, queue_num: int, fast_rules: list[str] | None = None) -> No
     _run(["iptables-restore", "-w", "--noflush"], script)
     if _run(["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", *_jump_rule(vip)], check=False).returncode != 0:
         _run(["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", *_jump_rule(vip)])
+
+
+def chain_exists() -> bool:
+    return _run(["iptables", "-w", "-t", "mangle", "-S", CHAIN], check=False).returncode == 0
 
 
 def remove(vip: str) -> None:

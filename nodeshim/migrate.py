@@ -124,14 +124,36 @@ class MigrationAgent:
     def end_all_except(self, keep: set[str], owners: Mapping[str, str], why: str) -> None:
         """After a reconnect: end every migration the gateway no longer runs; a frozen
         source whose registry owner moved commits, everything else rolls back / aborts."""
+        self.migrations.reclaimed(keep)
         for machine, event in self.migrations.endings(keep, owners, why):
             log.warning("ending the migration of %s here (%s): %s", machine.service,
                         type(event).__name__, why)
             self._feed_local(machine, event)
 
     def link_lost(self, why: str = "gateway link lost") -> None:
-        for machine, event in self.migrations.link_lost(why):
+        lost = self.migrations.link_lost(why, self.kernel.clock())
+        for machine, event in lost:
             self._feed_local(machine, event)
+        if lost:
+            self._check_leases_later()
+
+    def _check_leases_later(self) -> None:
+        """The lease timer: a frozen source with no gateway for the lease rolls back."""
+        lease = self.agent.config.migration_lease_s
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.call_later(lease + 0.05, self._check_leases)
+
+    def _check_leases(self) -> None:
+        lease = self.agent.config.migration_lease_s
+        for machine, event in self.migrations.expired(self.kernel.clock(), lease):
+            log.warning("the migration of %s: %s; rolling back here", machine.service, event.why)
+            asyncio.ensure_future(self.agent.notify(f"{machine.service}: {event.why}; rolled back"))
+            self._feed_local(machine, event)
+        if any(m.orphaned_since is not None and not m.finished for m in self.migrations.machines.values()):
+            self._check_leases_later()
 
     def shutdown(self, why: str) -> None:
         """The agent stops: every migration ends now, by the owners of the table we have.

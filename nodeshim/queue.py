@@ -94,6 +94,11 @@ class PacketQueue:
         else:
             pkt.retain()  # held: keep it until a migration decides
 
+    def flush(self) -> None:
+        """Give a verdict to every packet waiting now (before an orderly unbind, which
+        would drop them)."""
+        self._drain()
+
     def close(self) -> None:
         if self._loop is not None:
             try:

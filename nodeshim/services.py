@@ -16,6 +16,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import select
 import shlex
 import signal
 import socket
@@ -161,6 +162,81 @@ class ForeignProcess:
         while self.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         return self.returncode
+
+
+class AdoptedProcess(Process):
+    """A service an earlier agent started: not our child (no waitpid), so it is watched
+    through a pidfd, which becomes readable when the process exits and, unlike the PID,
+    can never name another process."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        super().__init__(pid)
+        self.pidfd = pidfd
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            readable, _, _ = select.select([self.pidfd], [], [], 0)
+            if readable:
+                self.returncode = -1  # the exit status went to its new parent
+                os.close(self.pidfd)
+        return self.returncode
+
+
+def service_of(pid: int) -> str | None:
+    """The VIPCLUSTER_SERVICE of process `pid` (None: gone, or not a service of ours)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return None
+    for entry in env:
+        if entry.startswith(b"VIPCLUSTER_SERVICE="):
+            return entry.split(b"=", 1)[1].decode(errors="replace")
+    return None
+
+
+def _matches(name: str, sock: socket.socket, vip: str) -> bool:
+    """Is `sock` the listener/UDP socket activation name `name` says it is, on the VIP?"""
+    kind, _, port = name.partition("-")
+    want = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}.get(kind)
+    try:
+        return (want is not None and sock.type == want and sock.family == socket.AF_INET
+                and sock.getsockname() == (vip, int(port)))
+    except (OSError, ValueError):
+        return False
+
+
+def adopt(service: Service, pid: int, names: list[str], vip: str,
+          log_dir: str) -> "RunningService | None":
+    """Take back a service an earlier agent of this node started and recorded: if `pid` is
+    still that service, copies of its listeners/UDP sockets (its fds 3.., named `names`)
+    are taken out of it with pidfd_getfd, as a migration will need them. None: it is
+    gone. KernelError / LocalControlError: it is there but not as recorded."""
+    from . import pidfd as pidfd_mod
+
+    if service_of(pid) != service.name:
+        return None
+    fd = pidfd_mod.pidfd_open(pid)
+    try:
+        taken = pidfd_mod.take_sockets(pid, [3 + i for i in range(len(names))])
+        sockets = []
+        for i, name in enumerate(names):
+            s = taken.pop(3 + i, None)
+            if s is None or not _matches(name, s, vip):
+                for _, other in sockets:
+                    other.close()
+                if s is not None:
+                    s.close()
+                raise LocalControlError(f"service '{service.name}' (pid {pid}): fd {3 + i} is not its {name}")
+            sockets.append((name, s))
+        for s in taken.values():
+            s.close()
+    except BaseException:
+        os.close(fd)
+        raise
+    log.info("adopted %s (pid %d) with fds %s", service.name, pid, ":".join(names))
+    return RunningService(service, sockets, AdoptedProcess(pid, fd),
+                          os.path.join(log_dir, f"{service.name}.log"))
 
 
 @dataclass
@@ -468,7 +544,7 @@ def own_namespace_and_session(pid: int) -> str | None:
     nspid = status.get("NSpid", "").split()
     if len(nspid) < 2 or nspid[-1] != "1":
         return (f"process {pid} is not the first process of its own PID namespace (start it with "
-                "`unshare --pid --fork --kill-child setsid CMD` and give the PID of CMD)")
+                "`unshare --pid --fork setsid CMD` and give the PID of CMD)")
     if int(fields_[3]) != pid:  # session id, host view
         return f"process {pid} does not lead its own session (start it under setsid)"
     if os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"):
@@ -476,8 +552,10 @@ def own_namespace_and_session(pid: int) -> str | None:
     return None
 
 
-def adopt(service: Service, pid: int, log_dir: str) -> RunningService:
-    """Take over a running process the operator started (it binds the VIP itself)."""
+def adopt_operator_process(service: Service, pid: int, log_dir: str) -> RunningService:
+    """Take over a running process the operator started (`service add --pid`; it binds the
+    VIP itself). Not to be confused with `adopt`, which takes back our own services after
+    an agent restart."""
     why = own_namespace_and_session(pid)
     if why is not None:
         raise LocalControlError(f"cannot adopt for service '{service.name}': {why}")

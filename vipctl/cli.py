@@ -90,9 +90,36 @@ def gateway_run(config_path, log_level):
     run(cfg)
 
 
+@gateway.command("cleanup")
+@click.option("--config", "config_path", required=True, help="Gateway TOML config.")
+def gateway_cleanup(config_path):
+    """Take the VIP off the wire: remove the delivery table and the VIP route a gateway
+    leaves behind when it exits (run with the gateway stopped)."""
+    cfg = gateway_config_from_dict(read_config_file(config_path), config_path)
+    _need_root()
+    from gateway.daemon import remove_data_plane
+
+    remove_data_plane(cfg)
+    click.echo(f"gateway: delivery table and VIP route for {cfg.vip} removed")
+
+
 @cli.group()
 def node():
     """Node agents."""
+
+
+@node.command("cleanup")
+@click.option("--config", "config_path", required=True, help="Node TOML config.")
+def node_cleanup(config_path):
+    """Stop the services an agent left running, remove its kernel rules and the VIP
+    (run with the agent stopped: an agent that exits leaves them serving)."""
+    cfg = node_config_from_dict(read_config_file(config_path), config_path)
+    _need_root()
+    from nodeshim.agent import cleanup
+
+    done = cleanup(cfg)
+    click.echo(f"node {done['node']}: stopped {', '.join(done['stopped']) or 'no service'}; "
+               f"rules and VIP {done['vip_removed']} removed")
 
 
 @node.command("run")
@@ -175,7 +202,7 @@ def service():
                    "line (split like a shell would).")
 @click.option("--pid", type=int, default=None,
               help="Adopt this running process on NODE instead (it binds the VIP itself and must run in "
-                   "its own PID namespace and session: unshare --pid --fork --kill-child setsid CMD).")
+                   "its own PID namespace and session: unshare --pid --fork setsid CMD).")
 @click.option("--migrate", type=click.Choice(["auto", "process", "handoff"]), default="auto", show_default=True,
               help="How it moves: handoff (programs that speak it: the builtins), process (criu), "
                    "auto (handoff if it can, else process).")

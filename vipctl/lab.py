@@ -175,21 +175,47 @@ def _write_configs(lab: Lab) -> dict[str, str]:
     return paths
 
 
-def _spawn_daemon(lab: Lab, ns: str, args: list[str], log_name: str) -> int:
+def _spawn_supervisor(lab: Lab) -> int:
+    """The lab's Restart=always (vipctl.supervise): it starts the daemons and restarts them."""
     log_dir = os.path.join(lab.state_dir, "logs")
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
-    logf = open(os.path.join(log_dir, f"{log_name}.log"), "ab")
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    # the daemons import our packages from wherever this vipctl runs
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vipctl", *args], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-        preexec_fn=lambda: nsutil.enter(ns), start_new_session=True, env=env,
-    )
-    logf.close()
+    with open(os.path.join(log_dir, "supervisor.log"), "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "vipctl.supervise", lab.state_dir],
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True, env=env)
     return proc.pid
+
+
+def _wait_pids(lab: Lab, supervisor: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while daemon_pids(lab).get("supervisor") != supervisor:
+        if time.monotonic() > deadline or not _alive(supervisor):
+            raise LocalControlError(f"the lab's supervisor did not start; see {lab.state_dir}/logs/supervisor.log")
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def restarts(lab: Lab) -> dict[str, dict]:
+    """The supervisor's record: {daemon: {"pid", "restarts", "last_exit"}}."""
+    try:
+        with open(os.path.join(lab.state_dir, "supervisor.json")) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def _pids_file(lab: Lab) -> str:
@@ -228,20 +254,21 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         wire_like_client(lab)
         log(f"namespaces: {', '.join(lab.namespaces)}")
         paths = _write_configs(lab)
-        pids = {"gateway": _spawn_daemon(lab, lab.gw_ns, ["gateway", "run", "--config", paths["gateway"]], "gateway")}
-        with open(_pids_file(lab), "w") as f:
-            json.dump(pids, f)
+        plan = [{"name": "gateway", "ns": lab.gw_ns, "args": ["gateway", "run", "--config", paths["gateway"]]}]
+        plan += [{"name": lab.node_name(k), "ns": lab.node_ns(k),
+                  "args": ["node", "run", "--config", paths[lab.node_name(k)]]} for k in range(1, lab.nodes + 1)]
+        with open(os.path.join(lab.state_dir, "supervise.json"), "w") as f:
+            json.dump({"daemons": plan}, f)
+        supervisor = _spawn_supervisor(lab)
+        _wait_pids(lab, supervisor, timeout)
         _wait_socket(lab, timeout)
-        for k in range(1, lab.nodes + 1):
-            name = lab.node_name(k)
-            pids[name] = _spawn_daemon(lab, lab.node_ns(k), ["node", "run", "--config", paths[name]], name)
-        with open(_pids_file(lab), "w") as f:
-            json.dump(pids, f)
         _wait_nodes(lab, timeout)
     except BaseException:
         down(lab, log=lambda *a: None)
         raise
-    log(f"gateway (pid {pids['gateway']}) and {lab.nodes} node agents are up; VIP {VIP}")
+    pids = daemon_pids(lab)
+    log(f"gateway (pid {pids['gateway']}) and {lab.nodes} node agents are up under a supervisor "
+        f"(pid {pids['supervisor']}, restarts any that dies); VIP {VIP}")
     for name, ps in _process_strategy(lab, timeout).items():
         log(f"{name}: process strategy (criu) " + ("available: " if ps.get("available") else "unavailable: ")
             + str(ps.get("reason")))
@@ -273,20 +300,15 @@ def _wait_socket(lab: Lab, timeout: float) -> None:
 
 
 def _check_alive(lab: Lab) -> None:
-    try:
-        with open(_pids_file(lab)) as f:
-            pids = json.load(f)
-    except FileNotFoundError:
-        return
-    for name, pid in pids.items():
-        try:
-            os.kill(pid, 0)
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split()[2] == "Z":
-                    raise ProcessLookupError
-        except ProcessLookupError:
+    """During `up`: a daemon that keeps exiting (the supervisor restarted it 3 times) or a
+    dead supervisor is a failed start, said at once rather than at the timeout."""
+    pids = daemon_pids(lab)
+    if "supervisor" in pids and not _alive(pids["supervisor"]):
+        raise LocalControlError(f"the lab's supervisor exited; see {lab.state_dir}/logs/supervisor.log")
+    for name, rec in restarts(lab).items():
+        if rec.get("restarts", 0) >= 3:
             raise LocalControlError(
-                f"the {name} daemon exited during start; see {lab.state_dir}/logs/{name}.log") from None
+                f"the {name} daemon keeps exiting during start; see {lab.state_dir}/logs/{name}.log")
 
 
 def _wait_nodes(lab: Lab, timeout: float) -> None:
@@ -300,20 +322,51 @@ def _wait_nodes(lab: Lab, timeout: float) -> None:
     raise LocalControlError(f"not every node agent came up within {timeout:g}s; see {lab.state_dir}/logs/")
 
 
-def restart_node(lab: Lab, k: int, timeout: float = 30.0) -> int:
-    """(Re)start node k's agent, e.g. after a crash test; returns its new PID."""
-    name = lab.node_name(k)
-    with open(_pids_file(lab)) as f:
-        pids = json.load(f)
-    old = pids.get(name)
-    if old:
-        _stop_pid(old)
-    pids[name] = _spawn_daemon(lab, lab.node_ns(k), ["node", "run", "--config",
-                                                     os.path.join(lab.state_dir, f"{name}.toml")], name)
-    with open(_pids_file(lab), "w") as f:
-        json.dump(pids, f)
+def restart_node(lab: Lab, k: int, timeout: float = 30.0, sig: int = signal.SIGTERM) -> int:
+    """End node k's agent with `sig` (e.g. after a crash test); the supervisor starts it
+    again. Returns its new PID once the gateway sees the node up."""
+    return restart_daemon(lab, lab.node_name(k), timeout, sig)
+
+
+def restart_daemon(lab: Lab, name: str, timeout: float = 30.0, sig: int = signal.SIGTERM) -> int:
+    old = daemon_pids(lab)[name]
+    try:
+        os.kill(old, sig)
+    except ProcessLookupError:
+        pass
+    new = wait_restarted(lab, name, old, timeout)
+    if name == "gateway":
+        _wait_socket(lab, timeout)
     _wait_nodes(lab, timeout)
-    return pids[name]
+    return new
+
+
+def hold_daemon(lab: Lab, name: str, timeout: float = 10.0) -> None:
+    """Stop daemon `name` (SIGTERM) and keep the supervisor from restarting it, e.g. to use
+    a node's credentials by hand; `release_daemon` lets it start again."""
+    held = os.path.join(lab.state_dir, "held")
+    os.makedirs(held, mode=0o700, exist_ok=True)
+    open(os.path.join(held, name), "w").close()
+    pid = daemon_pids(lab)[name]
+    _stop_pid(pid, timeout)
+
+
+def release_daemon(lab: Lab, name: str) -> None:
+    try:
+        os.unlink(os.path.join(lab.state_dir, "held", name))
+    except FileNotFoundError:
+        pass
+
+
+def wait_restarted(lab: Lab, name: str, old: int, timeout: float = 10.0) -> int:
+    """The new PID of daemon `name` once the supervisor has replaced `old`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = daemon_pids(lab).get(name)
+        if pid and pid != old:
+            return pid
+        time.sleep(0.02)
+    raise LocalControlError(f"the supervisor did not restart {name} within {timeout:g}s")
 
 
 def _stop_pid(pid: int, timeout: float = 5.0) -> None:
@@ -343,17 +396,20 @@ def down(lab: Lab, log=print) -> dict:
         raise LocalControlError("must be run as root")
     stopped = []
     pids = daemon_pids(lab)
-    # agents first: they stop their services and remove their rules; then the gateway
-    for name in sorted(pids, key=lambda n: n == "gateway"):
+    # the supervisor first (it stops the agents, then the gateway, and restarts nothing
+    # more); then anything of ours it did not end
+    if "supervisor" in pids:
+        _stop_pid(pids["supervisor"], 20.0)
+    for name in sorted(pids, key=lambda n: (n != "supervisor", n == "gateway")):
         _stop_pid(pids[name])
         stopped.append(name)
-    # anything still living in our namespaces was started by this lab: end it by PID
+    # agents leave their services (and their connections) running when they exit; all
+    # that lives in our namespaces was started by this lab: SIGTERM, then SIGKILL, by PID
     existing = set(netns.listnetns())
     leftovers = []
     for ns in _lab_namespaces(lab, existing):
-        for pid in nsutil.pids_in(ns):
-            leftovers.append(pid)
-            _stop_pid(pid, 1.0)
+        leftovers += nsutil.pids_in(ns)
+    _end_all(leftovers)
     removed = []
     for ns in _lab_namespaces(lab, existing):
         netns.remove(ns)
@@ -365,7 +421,7 @@ def down(lab: Lab, log=print) -> dict:
             pass
     if lab.prefix == "vip" or os.environ.get("VIPCLUSTER_KEEP_LOGS"):
         # the operator's lab keeps its logs for a post-mortem (removed by the next `lab up`)
-        for entry in ("gateway", "pids.json", "pki") + tuple(f"n{k}" for k in range(1, 33)):
+        for entry in ("gateway", "pids.json", "supervisor.json", "pki") + tuple(f"n{k}" for k in range(1, 33)):
             p = os.path.join(lab.state_dir, entry)
             if os.path.isdir(p):
                 shutil.rmtree(p, ignore_errors=True)
@@ -376,6 +432,18 @@ def down(lab: Lab, log=print) -> dict:
     log(f"lab '{lab.prefix}' is down: stopped {', '.join(stopped) or 'nothing'}; "
         f"removed namespaces {', '.join(removed) or 'none'}" + (f"; ended {len(leftovers)} stray processes" if leftovers else ""))
     return {"stopped": stopped, "namespaces_removed": removed, "stray_processes": leftovers}
+
+
+def _end_all(pids: list[int], timeout: float = 3.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.02)
 
 
 def _lab_namespaces(lab: Lab, existing: set[str]) -> list[str]:
@@ -392,12 +460,10 @@ def status(lab: Lab) -> dict:
     pids = daemon_pids(lab)
     daemons = {}
     for name, pid in pids.items():
-        alive = True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            alive = False
-        daemons[name] = {"pid": pid, "alive": alive}
+        daemons[name] = {"pid": pid, "alive": _alive(pid)}
+    for name, rec in restarts(lab).items():
+        if name in daemons:
+            daemons[name]["restarts"] = rec.get("restarts", 0)
     cluster = None
     try:
         cluster = call("status", lab.control_socket, timeout=5.0)

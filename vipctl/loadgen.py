@@ -13,6 +13,7 @@ It also reports the namespace's TCP retransmission counter (RetransSegs) before 
 
 import argparse
 import asyncio
+import socket
 import json
 import os
 import time
@@ -124,6 +125,13 @@ class UdpProto(asyncio.DatagramProtocol):
 async def udp_stream(host, port, rate, stop, st: Stats):
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(lambda: UdpProto(st), remote_addr=(host, port))
+    # a hold of seconds (a daemon restarted mid-migration) is answered in one burst: a
+    # default receive buffer (about 250 small datagrams) would drop the client's own answers
+    sock = transport.get_extra_info("socket")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE (root)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     interval = 1.0 / rate
     try:
         while not stop.is_set():

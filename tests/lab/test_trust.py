@@ -45,8 +45,7 @@ def tlab():
         h = LabHandle(spec)
         h.vipctl("service", "add", "kv", "--node", "n2", "--port", f"tcp:{KV_PORT}", "--exec", "builtin:kv")
         # n4 is the attacker's: its agent is stopped, its credentials are used by hand
-        pid = labmod.daemon_pids(spec)["n4"]
-        os.kill(pid, signal.SIGTERM)
+        labmod.hold_daemon(spec, "n4")  # stopped, and not restarted by the lab's supervisor
         deadline = time.time() + 10
         while time.time() < deadline and any(n["name"] == "n4" and n["state"] == "up" for n in h.status()["nodes"]):
             time.sleep(0.1)

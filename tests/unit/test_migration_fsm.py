@@ -39,6 +39,7 @@ from clustercore.migration import (
     Released,
     Report,
     Restored,
+    OwnerSwitched,
     Transition,
     RolledBack,
     SendToNode,
@@ -83,6 +84,7 @@ def msg(op: str, **extra) -> msgs.Step:
 FROZEN = Frozen(node=SRC, consumed={FLOW: 3}, late_packets=[b"late"],
                 socket_state={"service": SERVICE}, tcp_established=2, tcp_listening=1,
                 udp_sockets=1, bytes_moved=4321)
+RELEASE = msg("release", consumed={FLOW: 3}, late_packets=[b"late"])
 RELEASED = Released(node=DST, held=7, released=4, duplicates_suppressed=3, reinjected=1,
                     freeze_ms=2.5)
 HAPPY = [
@@ -91,7 +93,8 @@ HAPPY = [
     (CountingReady(node=SRC), State.FLIPPING),
     (EpochFlipped(service=SERVICE, epoch=EPOCH), State.FREEZING),
     (FROZEN, State.RESTORING),
-    (Restored(node=DST), State.RELEASING),
+    (Restored(node=DST), State.SWITCHING),
+    (OwnerSwitched(service=SERVICE, node=DST), State.RELEASING),
     (RELEASED, State.COMMITTING),
     (Committed(node=SRC, late_packets=(b"straggler",)), State.COMMITTED),
 ]
@@ -154,10 +157,10 @@ def test_happy_path_script():
         [SendToNode(SRC, msg("freeze")), ArmTimer(T0 + 4 * TICK + t.freezing)],
         [SendToNode(DST, msg("restore", sockets={"service": SERVICE})),
          ArmTimer(T0 + 5 * TICK + t.restoring)],
-        [SetOwner(SERVICE, DST),  # the decision is durable before the release leaves
-         SendToNode(DST, msg("release", consumed={FLOW: 3}, late_packets=[b"late"])),
-         ArmTimer(T0 + 6 * TICK + t.releasing)],
-        [SendToNode(SRC, msg("commit")), ArmTimer(T0 + 7 * TICK + t.committing)],
+        # the decision is durable, with the release journaled, before the release leaves
+        [SetOwner(SERVICE, DST, release=RELEASE), ArmTimer(T0 + 6 * TICK + t.switching)],
+        [SendToNode(DST, RELEASE), ArmTimer(T0 + 7 * TICK + t.releasing)],
+        [SendToNode(SRC, msg("commit")), ArmTimer(T0 + 8 * TICK + t.committing)],
     ]
     for (event, state), want in zip(HAPPY, expected):
         assert actions(d.feed(event)) == want
@@ -172,7 +175,7 @@ def test_happy_path_script():
     assert report == {
         "service": SERVICE, "from": SRC, "to": DST, "state": "committed",
         "tcp_established": 2, "tcp_listening": 1, "udp_sockets": 1, "bytes_moved": 4321,
-        "freeze_ms": 2.5, "total_ms": 7 * TICK * 1000, "held": 7, "released": 4,
+        "freeze_ms": 2.5, "total_ms": 8 * TICK * 1000, "held": 7, "released": 4,
         "duplicates_suppressed": 3, "lost": 0, "outcome": "committed", "reason": "",
         "failed_step": None,
     }
@@ -330,6 +333,7 @@ def event_strategy():
         st.builds(Frozen, node=node, consumed=st.dictionaries(st.just(FLOW), count),
                   late_packets=packets),
         st.builds(Restored, node=node),
+        st.builds(OwnerSwitched, service=st.sampled_from([SERVICE, "db"]), node=node),
         st.builds(Released, node=node, held=count, released=count,
                   duplicates_suppressed=count, lost=count),
         st.builds(Committed, node=node, late_packets=packets),
@@ -352,10 +356,12 @@ def check(d: Driver) -> None:
     crossed = [i for i, s in enumerate(d.states) if s in PAST_NO_RETURN]
     if crossed:  # once past the point of no return, never back
         assert all(s in PAST_NO_RETURN for s in d.states[crossed[0]:])
-    owner_moves = [c for c in log if isinstance(c, SetOwner)]
-    assert owner_moves in ([], [SetOwner(SERVICE, DST)])
+    owner_moves = [(c.service, c.node) for c in log if isinstance(c, SetOwner)]
+    assert owner_moves in ([], [(SERVICE, DST)])
+    releases = [c for c in log if isinstance(c, SendToNode) and isinstance(c.message, msgs.Release)]
     if m.state in (State.ROLLING_BACK, State.ROLLED_BACK):
-        assert owner_moves == []
+        # a rollback never follows a release (an owner switch that failed released nothing)
+        assert releases == []
     if State.ROLLING_BACK in d.states:
         assert SendToNode(SRC, msg("rollback")) in log and SendToNode(DST, msg("abort")) in log
     finished = [c for c in log if isinstance(c, Finished)]
@@ -377,7 +383,8 @@ def test_every_pair_once(state, event_type):
         Start: Start(), StepTimedOut: StepTimedOut(), Cancel: Cancel(),
         HoldReady: HoldReady(node=DST), CountingReady: CountingReady(node=SRC),
         EpochFlipped: EpochFlipped(service=SERVICE, epoch=EPOCH), Frozen: FROZEN,
-        Restored: Restored(node=DST), Released: RELEASED, Committed: Committed(node=SRC),
+        Restored: Restored(node=DST), OwnerSwitched: OwnerSwitched(service=SERVICE, node=DST),
+        Released: RELEASED, Committed: Committed(node=SRC),
         RolledBack: RolledBack(node=SRC), StepFailed: StepFailed(node=SRC, reason="x"),
         NodeLost: NodeLost(node=DST), MessageLost: MessageLost(node=SRC, reason="x"),
     }
@@ -494,3 +501,23 @@ def test_the_destinations_endpoint_reaches_the_source_with_the_freeze():
     # without one (the handoff) the freeze carries an empty endpoint, as before
     d = reach(State.FREEZING)
     assert SendToNode(SRC, msg("freeze")) in actions(d.log)
+
+
+def test_a_failed_owner_switch_rolls_back_and_releases_nothing():
+    """A registry write that fails between the flip and the release (full disk, read-only,
+    corrupt): the owner stays the source, the release never leaves, both nodes are told to
+    undo (the source resumes, serving; nothing held is lost)."""
+    d = reach(State.SWITCHING)
+    out = d.feed(StepFailed(reason="owner switch not recorded: disk full"))
+    assert d.m.state is State.ROLLING_BACK
+    assert actions(out)[:2] == [SendToNode(DST, msg("abort")), SendToNode(SRC, msg("rollback"))]
+    d.feed(RolledBack(node=SRC))
+    assert d.m.state is State.ROLLED_BACK
+    assert not [c for c in d.log if isinstance(c, SendToNode) and isinstance(c.message, msgs.Release)]
+    assert "disk full" in d.m.report.reason and d.m.report.failed_step == "switching"
+
+
+def test_an_owner_switch_for_another_service_is_refused():
+    d = reach(State.SWITCHING)
+    d.feed(OwnerSwitched(service=SERVICE, node=SRC))
+    assert d.m.state is State.ROLLING_BACK

@@ -68,6 +68,7 @@ EVENTS = {
     nc.LinkLost: lambda: nc.LinkLost(),
     nc.OwnerStayed: lambda: nc.OwnerStayed(why="over"),
     nc.OwnerMoved: lambda: nc.OwnerMoved(why="over"),
+    nc.LeaseExpired: lambda: nc.LeaseExpired(),
     nc.ExecutorFailed: lambda: nc.ExecutorFailed(error=KernelError("something", 5)),
 }
 assert set(EVENTS) == set(EVENT_TYPES)
@@ -526,6 +527,53 @@ def test_the_diagram_draws_every_row():
     for (state, event), row in TRANSITIONS.items():
         assert state.name in dot and row.target.name in dot and event.__name__ in dot
     assert dot.startswith("digraph node_migration") and "ROLLING_BACK" in dot
+
+
+# ---------------------------------------------------------------- surviving a gateway restart
+
+
+def test_a_repeated_release_is_answered_with_the_same_reply_and_nothing_is_done_twice():
+    """A restarted gateway resends the Release it journaled; the destination may already
+    have released (the first reply was lost with the gateway)."""
+    m = machine_at(State.RELEASED)
+    first = m.release_reply
+    assert isinstance(first, msgs.ReleaseDone)
+    reply, k = feed(m, EVENTS[msgs.Release]())
+    assert reply == first and m.state is State.RELEASED
+    assert all(isinstance(c, nc.Note) for c in k.seen)
+    # another epoch's release is refused, not answered with this one
+    reply, _ = feed(m, msgs.Release(service="echo", epoch="02:00:00:00:00:99", consumed={}))
+    assert isinstance(reply, Failure) and m.state is State.RELEASED
+
+
+def test_a_released_destination_is_kept_to_answer_a_repeated_release():
+    book = NodeMigrations("n2")
+    m = book.machines["echo"] = machine_at(State.RELEASED)
+    book.forget_finished()
+    assert book.machines["echo"] is m and not book.busy("echo")
+    [runner] = book.route(EVENTS[msgs.Release](), T0)
+    assert run_to_end(runner, Kernel("n2")) == m.release_reply
+
+
+def test_a_frozen_source_without_a_gateway_rolls_back_when_its_lease_ends():
+    book = NodeMigrations("n1")
+    m = book.machines["echo"] = source_at(State.FROZEN)
+    for machine, event in book.link_lost("gateway gone", now=100.0):
+        run_to_end(machine.handle(event, 100.0), Kernel("n1"))
+    assert m.state is State.FROZEN  # it waits for the registry's answer...
+    assert book.expired(109.9, 10.0) == []
+    [(machine, event)] = book.expired(110.0, 10.0)  # ...for a lease, no longer
+    assert isinstance(event, nc.LeaseExpired)
+    run_to_end(machine.handle(event, 110.0), Kernel("n1"))
+    assert m.state is State.ROLLED_BACK
+
+
+def test_a_gateway_that_comes_back_stops_the_lease():
+    book = NodeMigrations("n1")
+    book.machines["echo"] = source_at(State.FROZEN)
+    book.link_lost("gateway gone", now=100.0)
+    book.reclaimed({"echo"})
+    assert book.expired(1000.0, 10.0) == []
 
 
 # ---------------------------------------------------------------- inject: only after our release

@@ -17,7 +17,7 @@ from clustercore.errors import KernelError
 from clustercore.ownership import Service, Verdict
 from clustercore.packet import TCP, UDP as P_UDP
 from nodeshim import migrate
-from tests.unit.test_node_executor import (CLIENT, EPOCH, NEXT_EPOCH, VIP, FakeAgent, FakeInstance, FakeKernel,
+from tests.unit.test_node_executor import (EPOCH, NEXT_EPOCH, VIP, FakeAgent, FakeInstance, FakeKernel,
                                            FakePacket, FakeSock, Log, no_grace, settle, udp_packet)  # noqa: F401
 from clustercore.config import NodeConfig
 

@@ -57,6 +57,7 @@ EVENTS = {
     nc.LinkLost: lambda: nc.LinkLost(),
     nc.OwnerStayed: lambda: nc.OwnerStayed(why="over"),
     nc.OwnerMoved: lambda: nc.OwnerMoved(why="over"),
+    nc.LeaseExpired: lambda: nc.LeaseExpired(),
     nc.ExecutorFailed: lambda: nc.ExecutorFailed(error=KernelError("something", 5)),
 }
 assert set(EVENTS) == set(EVENT_TYPES)
