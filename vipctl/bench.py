@@ -272,7 +272,7 @@ def _client_json(p: subprocess.Popen, timeout: float) -> dict:
 
 def measure_process_migrations(prefix: str, runs: int, log) -> dict:
     """One row per PROCESS_ROWS entry, or {"skipped": why} when the strategy is unavailable."""
-    ok, why = programs.process_strategy_offered()
+    ok, why = programs.criu_here()
     if not ok:
         log(f"process strategy rows skipped: {why}")
         return {"skipped": why, "rows": []}

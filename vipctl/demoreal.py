@@ -24,7 +24,7 @@ from .render import render_report
 
 def availability(sock: str) -> str | None:
     """Why the process strategy cannot run here, or None."""
-    ok, why = programs.process_strategy_offered()
+    ok, why = programs.criu_here()
     if not ok:
         return why
     return programs.wait_process_strategy(lambda: call("status", sock))

@@ -151,16 +151,14 @@ def service_add_args(name: str, node: str, program: Program, strategy: str) -> l
 # --- is the process strategy here? ------------------------------------------------------
 
 
-def process_strategy_offered() -> tuple[bool, str]:
-    """Does this build's CLI offer `service add --migrate` (and `--sockets`)?"""
-    from .cli import (
-        service_add,  # late: the CLI imports the bench, which imports this module
-    )
+def criu_here() -> tuple[bool, str]:
+    """Can this machine run the process strategy at all (criu >= 4.2 that passes its
+    check)? The lab's nodes share the machine, so this is their answer too, before any
+    lab is up; `wait_process_strategy` then asks the running agents."""
+    from nodeshim import criu
 
-    options = {o for p in service_add.params for o in getattr(p, "opts", [])}
-    if "--migrate" not in options or "--sockets" not in options:
-        return False, "the process migration strategy is not in this build (no `service add --migrate/--sockets`)"
-    return True, ""
+    ok, why = criu.available()
+    return ok, "" if ok else why
 
 
 def process_strategy_refusal(status: dict) -> str | None:

@@ -37,7 +37,7 @@ from vipctl.programs import (  # noqa: F401
     dnsmasq_program,
     iperf3_program,
     nginx_program,
-    process_strategy_offered,
+    criu_here,
     process_strategy_refusal,
     redis_program,
     service_add_args,
@@ -46,10 +46,9 @@ from vipctl.programs import (  # noqa: F401
 
 
 def process_strategy_available(h=None) -> tuple[bool, str]:
-    """(available, why not): this build's `service add` offers `--migrate process --sockets
-    self`, and, given a running lab `h`, every node says (status `process_strategy`) it can
-    run it (criu >= 4.2 works there)."""
-    ok, why = process_strategy_offered()
+    """(available, why not): criu >= 4.2 works on this machine and, given a running lab
+    `h`, every node says so too (status `process_strategy`)."""
+    ok, why = criu_here()
     if ok and h is not None:
         why = wait_process_strategy(h.status) or ""
         ok = not why

@@ -64,11 +64,6 @@ def test_a_node_still_checking_criu_is_waited_for():
     assert "checking" in programs.wait_process_strategy(lambda: never, timeout=0.0)
 
 
-def test_this_build_says_whether_it_offers_the_process_strategy():
-    ok, why = programs.process_strategy_offered()
-    assert ok or "--migrate" in why
-
-
 def _name(n: str) -> bytes:
     return b"".join(bytes([len(p)]) + p.encode() for p in n.split(".")) + b"\0"
 
@@ -111,7 +106,7 @@ def test_process_rows_count_client_and_report_losses_and_render():
 
 def test_the_demo_says_why_it_skips_the_real_programs(monkeypatch):
     from vipctl import demoreal
-    monkeypatch.setattr(demoreal.programs, "process_strategy_offered", lambda: (False, "no criu here"))
+    monkeypatch.setattr(demoreal.programs, "criu_here", lambda: (False, "no criu here"))
     lines = []
     demoreal.run_real_programs(labmod.Lab("vtunit"), lines.append)
     assert lines == ["\n== real programs (nginx, redis-server) moved whole: skipped: no criu here"]
