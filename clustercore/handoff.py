@@ -99,6 +99,7 @@ class SourceFacts:
     in_repair: list[Any] = field(default_factory=list)  # of those, dumped (repair mode on)
     drained: list[UdpSocketState] = field(default_factory=list)  # datagrams read out
     committed: bool = False
+    to_stop: Any = None  # the old instance, from the commit's forget until it is stopped
     to_drop: tuple = ()
     forward: tuple = ()
 
@@ -254,8 +255,11 @@ class Handoff(Playbook):
                        "on the source", "error")
         instance, f.instance, f.stopped, f.drained = f.instance, None, None, []
         if instance is not None:
+            f.to_stop = instance  # kept until stopped: a failed ForgetInstance must not spare it
             yield ForgetInstance(m.service)
-            yield StopInstance(instance)
+        to_stop, f.to_stop = f.to_stop, None
+        if to_stop is not None:
+            yield StopInstance(to_stop)
         own, f.listeners, f.udp = f.listeners + f.udp, (), ()
         if own:
             yield CloseDescriptors(tuple(sock for _, sock in own))

@@ -102,6 +102,7 @@ class SourceFacts:
     copies: list[Named] = field(default_factory=list)  # our pidfd copies of its UDP sockets
     drained: list[UdpSocketState] = field(default_factory=list)
     committed: bool = False
+    to_stop: Any = None  # the old instance, from the commit's forget until it is stopped
     to_drop: tuple = ()
     forward: tuple = ()
 
@@ -212,8 +213,11 @@ class ProcessMigration(Playbook):
                        "on the source", "error")
         instance, f.instance, f.stopped, f.drained = f.instance, None, None, []
         if instance is not None:
+            f.to_stop = instance  # kept until stopped: a failed ForgetInstance must not spare it
             yield ForgetInstance(m.service)
-            yield StopInstance(instance)
+        to_stop, f.to_stop = f.to_stop, None
+        if to_stop is not None:
+            yield StopInstance(to_stop)
         role, f.role = f.role, None
         if role is not None:
             yield RemoveRoleLater(m.service, role)
