@@ -22,6 +22,9 @@ from .client import call
 from .render import render_report
 
 
+REDIS_PORT = 6380
+
+
 def availability(sock: str) -> str | None:
     """Why the process strategy cannot run here, or None."""
     ok, why = programs.criu_here()
@@ -100,16 +103,19 @@ def run_real_programs(lab: labmod.Lab, echo) -> None:
     finally:
         _vipctl(sock, "service", "remove", "web")
 
-    red = programs.redis_program(os.path.join(tmp, "redis"))
+    # the demo's kv builtin has tcp:6379: this redis listens on the next port
+    red = programs.redis_program(os.path.join(tmp, "redis"), port=REDIS_PORT)
     args = programs.service_add_args("redis", "n2", red, "process")
     echo("\n== vipctl " + " ".join(args[:-6]) + f" --exec '{red.exec_line}' --migrate process --sockets self")
-    if _vipctl(sock, *args).returncode != 0:
+    r = _vipctl(sock, *args)
+    if r.returncode != 0:
+        echo(f"(not started: {r.stderr.strip()})")
         return
     try:
         time.sleep(1.0)
-        fill = _json(_client(lab, [sys.executable, "-m", "vipctl.realload", "redis-fill", vip, 6379, "--mb", 10]))
+        fill = _json(_client(lab, [sys.executable, "-m", "vipctl.realload", "redis-fill", vip, REDIS_PORT, "--mb", 10]))
         ready, stop = os.path.join(tmp, "redis.ready"), os.path.join(tmp, "redis.stop")
-        loop = _client(lab, [sys.executable, "-m", "vipctl.realload", "redis-loop", vip, 6379, "--conns", 4,
+        loop = _client(lab, [sys.executable, "-m", "vipctl.realload", "redis-loop", vip, REDIS_PORT, "--conns", 4,
                              "--rate", 50, "--duration", 60, "--ready-file", ready, "--stop-file", stop])
         _wait(ready, loop)
         try:
@@ -119,7 +125,7 @@ def run_real_programs(lab: labmod.Lab, echo) -> None:
         finally:
             open(stop, "w").close()
             r = _json(loop)
-        got = labmod.exec_in(lab.client_ns, ["redis-cli", "-h", vip, "DBSIZE"], capture_output=True, text=True,
+        got = labmod.exec_in(lab.client_ns, ["redis-cli", "-h", vip, "-p", str(REDIS_PORT), "DBSIZE"], capture_output=True, text=True,
                              timeout=30)
         want = fill.get("keys", 0) + r.get("keys_written", 0)
         echo(f"== what the clients saw: {r.get('set_ok')} SET and {r.get('get_ok')} GET replies right, {r.get('bad')} "

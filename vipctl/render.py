@@ -85,7 +85,7 @@ def render_report(r: dict) -> str:
              + (f" ({r['reason']})" if r.get("reason") else ""),
              f"  connections moved: {r.get('tcp_established', 0)} tcp established, "
              f"{r.get('tcp_listening', 0)} tcp listening, {r.get('udp_sockets', 0)} udp sockets; "
-             f"{r.get('bytes_moved', 0)} bytes of queued data",
+             f"{r.get('bytes_moved', 0)} bytes moved (queued data; with the process strategy the whole image)",
              f"  freeze {ms(r.get('freeze_ms'))}, total {ms(r.get('total_ms'))}; held {count(r.get('held', 0))}, "
              f"released {count(r.get('released', 0))}, duplicates suppressed {count(r.get('duplicates_suppressed', 0))}, "
              f"lost {count(r.get('lost'))}"]
