@@ -118,33 +118,22 @@ class Process:
         return self.returncode
 
 
-class IsolatedRun:
+class IsolatedRun(Process):
     """A `process`-strategy program started by criu.spawn_isolated: pid is the program
     (PID 1 of its namespace, its session leader), reaped through its launcher (unshare)."""
 
     def __init__(self, isolated) -> None:
+        super().__init__(isolated.pid)
         self.isolated = isolated
-        self.pid = isolated.pid
-        self.returncode: int | None = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
             self.returncode = self.isolated.poll()
         return self.returncode
 
-    def wait(self, timeout: float) -> int | None:
-        deadline = time.monotonic() + timeout
-        while self.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.returncode
 
-
-class ForeignProcess:
+class ForeignProcess(Process):
     """A process that is not our child (adopted with --pid): watched through /proc."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -155,12 +144,6 @@ class ForeignProcess:
                 state = "X"
             if state in ("X", "Z"):
                 self.returncode = -1
-        return self.returncode
-
-    def wait(self, timeout: float) -> int | None:
-        deadline = time.monotonic() + timeout
-        while self.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
         return self.returncode
 
 
