@@ -60,6 +60,7 @@ from .nodecommands import (
     RemoveRoleLater,
     RestoreConnections,
     Resume,
+    resume_source,
     SaveAppState,
     StartGated,
     StopInstance,
@@ -291,21 +292,7 @@ class Handoff(Playbook):
         in_repair, f.in_repair = f.in_repair, []
         if in_repair:
             yield LeaveRepair(tuple(in_repair))
-        copies, f.copies = f.copies, []
-        if copies:
-            yield CloseDescriptors(tuple(sock for _, sock in copies))
-        drained, f.drained = f.drained, []
-        if any(st.datagrams for st in drained):
-            yield PutBackDatagrams(tuple(drained))
-        stopped, f.stopped = f.stopped, None
-        if stopped is not None:
-            yield Resume(stopped)
-        held = f.cut.rollback()
-        if held:
-            yield AcceptHeld(held)
-        role, f.role = f.role, None
-        if role is not None:
-            yield RemoveRoleLater(m.service, role)
+        yield from resume_source(m.service, f, Resume)
         return msgs.Done()
 
     # ============================================================ the destination

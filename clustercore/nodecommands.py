@@ -490,6 +490,29 @@ COMMAND_TYPES: tuple[type[Command], ...] = tuple(
 # ---------------------------------------------------------------- the strategy interface
 
 
+def resume_source(service: str, f: Any, wake: type[Command]):
+    """The end every strategy's source rollback shares, in THE order: our copies closed,
+    drained datagrams put back, then the stopped process woken (`wake(stopped)`, the
+    strategy's command for it), the hold accepted in arrival order, the role removed after
+    the grace period. `f` is the strategy's source facts (copies, drained, stopped, cut,
+    role); each is taken before its undo, so a retry after a failure does each at most once."""
+    copies, f.copies = f.copies, []
+    if copies:
+        yield CloseDescriptors(tuple(sock for _, sock in copies))
+    drained, f.drained = f.drained, []
+    if any(st.datagrams for st in drained):
+        yield PutBackDatagrams(tuple(drained))
+    stopped, f.stopped = f.stopped, None
+    if stopped is not None:
+        yield wake(stopped)
+    held = f.cut.rollback()
+    if held:
+        yield AcceptHeld(held)
+    role, f.role = f.role, None
+    if role is not None:
+        yield RemoveRoleLater(service, role)
+
+
 class Playbook:
     """How one migration strategy moves a service: one method per step, each a generator
     that yields Commands, receives their results, and returns the reply (a

@@ -76,6 +76,7 @@ from .nodecommands import (
     StopTree,
     TakeDatagramSockets,
     ThawProcess,
+    resume_source,
     WaitAccepted,
     WaitHalfClosed,
     WaitHandshakes,
@@ -231,21 +232,7 @@ class ProcessMigration(Playbook):
         f = self.source
         if f is None:
             return msgs.Done()
-        copies, f.copies = f.copies, []
-        if copies:
-            yield CloseDescriptors(tuple(s for _, s in copies))
-        drained, f.drained = f.drained, []
-        if any(st.datagrams for st in drained):
-            yield PutBackDatagrams(tuple(drained))
-        stopped, f.stopped = f.stopped, None
-        if stopped is not None:
-            yield ThawProcess(stopped)
-        held = f.cut.rollback()
-        if held:
-            yield AcceptHeld(held)
-        role, f.role = f.role, None
-        if role is not None:
-            yield RemoveRoleLater(m.service, role)
+        yield from resume_source(m.service, f, ThawProcess)
         return msgs.Done()
 
     # ============================================================ the destination
