@@ -8,7 +8,6 @@ Human output is rendered by vipctl.render; `--json` prints the full values.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -47,9 +46,15 @@ def _need_root() -> None:
         raise LocalControlError("must be run as root")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+def _setup_logging(level: str, fmt: str = "human", daemon: str = "vipctl") -> None:
+    from vipwire import logs
+
+    logs.setup(level, fmt, daemon)  # one line per event (vipwire.logs)
+
+
+_LOG_FORMAT = click.option("--log-format", type=click.Choice(["human", "json"]), default="human", show_default=True,
+                           envvar="VIPCLUSTER_LOG_FORMAT",
+                           help="human lines, or one JSON object per line (ts, level, daemon, event, fields).")
 
 
 def _emit(obj, as_json: bool, render) -> None:
@@ -80,11 +85,12 @@ def gateway():
 @gateway.command("run")
 @click.option("--config", "config_path", required=True, help="Gateway TOML config.")
 @click.option("--log-level", default="info")
-def gateway_run(config_path, log_level):
+@_LOG_FORMAT
+def gateway_run(config_path, log_level, log_format):
     """Run the gateway daemon (VIP delivery, registry, control API)."""
     cfg = gateway_config_from_dict(read_config_file(config_path), config_path)
     _need_root()
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format, "gateway")
     from gateway.daemon import run
 
     run(cfg)
@@ -125,11 +131,12 @@ def node_cleanup(config_path):
 @node.command("run")
 @click.option("--config", "config_path", required=True, help="Node TOML config.")
 @click.option("--log-level", default="info")
-def node_run(config_path, log_level):
+@_LOG_FORMAT
+def node_run(config_path, log_level, log_format):
     """Run a node shim daemon (queue filter, services)."""
     cfg = node_config_from_dict(read_config_file(config_path), config_path)
     _need_root()
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format, f"node:{cfg.name}")
     from nodeshim.agent import run
 
     run(cfg)
