@@ -353,6 +353,8 @@ class Gateway:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
         if uid != 0:
+            event(log, "control.refused", logging.WARNING, pid=_pid, uid=uid, reason="not_root")
+            self.metrics.control_refused("not_root")
             writer.write(encode_reply(None, error="the control API is for root only"))
             await writer.drain()
             writer.close()

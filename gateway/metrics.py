@@ -52,6 +52,9 @@ class GatewayMetrics:
                               ["node"], registry=r)
         self.refusals = Counter("vipcluster_login_refusals", "Agent connections refused before or at login, "
                                 "by reason.", ["reason"], registry=r)
+        self.control_refusals = Counter("vipcluster_control_refusals", "Control API (vipctl) connections "
+                                        "refused, by reason (not_root: the peer's uid is not 0).",
+                                        ["reason"], registry=r)
         self.node_transitions = Counter("vipcluster_node_transitions", "Nodes going up or down, as the "
                                         "gateway saw them.", ["node", "state"], registry=r)
         self.migrations = Counter("vipcluster_migrations", "Live migrations finished, by service, strategy "
@@ -88,6 +91,9 @@ class GatewayMetrics:
 
     def refused(self, reason: str) -> None:
         self.refusals.labels(reason=reason if reason in REFUSAL_REASONS else "other").inc()
+
+    def control_refused(self, reason: str) -> None:
+        self.control_refusals.labels(reason=reason).inc()
 
     def node_down(self, node: str) -> None:
         self.node_transitions.labels(node=node, state="down").inc()

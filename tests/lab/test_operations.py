@@ -176,6 +176,32 @@ def test_migration_moves_the_counters_and_the_json_log_tells_it(olab, tmp_path):
     assert {"arm", "freeze", "commit"} <= n1_steps and {"prepare", "restore", "release"} <= n2_steps
 
 
+def test_a_login_without_a_certificate_is_counted_and_logged(olab):
+    """A peer on the cluster network that speaks no TLS is refused before anything is read
+    as a message: one refusal, reason tls, and one login.refused event."""
+    before = scrape(olab, "gateway")
+    code = ("import socket,time; s=socket.create_connection(('192.0.2.1', 7400), timeout=5); "
+            "s.sendall(b'{\"op\": \"hello\", \"node\": \"n1\"}\\n'); s.settimeout(5); "
+            "print(repr(s.recv(100)))")
+    r = labmod.exec_in(olab.lab.node_ns(3), [sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    deadline = time.time() + 10
+    while True:
+        after = scrape(olab, "gateway")
+        if val(after, "vipcluster_login_refusals_total", reason="tls") > val(before, "vipcluster_login_refusals_total",
+                                                                          reason="tls") or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert val(after, "vipcluster_login_refusals_total", reason="tls") - \
+        val(before, "vipcluster_login_refusals_total", reason="tls") == 1
+    # the real n3 is still logged in (a stranger's refusal changed nothing for it)
+    assert val(after, "vipcluster_node_up", node="n3") == 1
+    assert val(after, "vipcluster_logins_total", node="n3") == val(before, "vipcluster_logins_total", node="n3")
+    with open(os.path.join(olab.lab.state_dir, "logs", "gateway.log")) as f:
+        refused = [json.loads(x) for x in f if '"login.refused"' in x]
+    assert refused and refused[-1]["fields"]["reason"] == "tls" and refused[-1]["level"] == "warning"
+
+
 def test_status_watch_draws_the_cluster_and_stops_after_count(olab):
     r = olab.vipctl("status", "--watch", "--count", "2", "--interval", "0.2", timeout=60)
     text = r.stdout

@@ -116,6 +116,7 @@ def test_logins_refusals_and_transitions():
     m.node_down("n1")
     m.refused("wrong_name")
     m.refused("something a peer made up")  # label values stay a closed set
+    m.control_refused("not_root")
     s = parse(m.registry)
     assert val(s, "vipcluster_logins_total", node="n1") == 2
     assert val(s, "vipcluster_node_transitions_total", node="n1", state="up") == 2
@@ -123,6 +124,7 @@ def test_logins_refusals_and_transitions():
     assert val(s, "vipcluster_login_refusals_total", reason="wrong_name") == 1
     assert val(s, "vipcluster_login_refusals_total", reason="other") == 1
     assert not [k for k in s if "made up" in str(k)]
+    assert val(s, "vipcluster_control_refusals_total", reason="not_root") == 1
 
 
 class FakeRole:
