@@ -176,6 +176,37 @@ def test_migration_moves_the_counters_and_the_json_log_tells_it(olab, tmp_path):
     assert {"arm", "freeze", "commit"} <= n1_steps and {"prepare", "restore", "release"} <= n2_steps
 
 
+def test_a_rolled_back_migration_is_counted_as_one(olab):
+    """A kernel failure injected at the destination's restore: the migration rolls back;
+    the gateway counts exactly one rolled_back (and no commit), the destination exactly
+    one failed restore, the owner stays, and the JSON log's end event says why."""
+    fault_dir = os.path.join(olab.lab.state_dir, "n3", "faults")
+    os.makedirs(fault_dir, exist_ok=True)
+    gw0, dst0 = scrape(olab, "gateway"), scrape(olab, "n3")
+    with open(os.path.join(fault_dir, "migrate.restore"), "w") as f:
+        f.write("fail")
+    r = olab.vipctl("migrate", "kv", "--to", "n3", "--json", check=False, timeout=120)
+    report = json.loads(r.stdout)
+    assert r.returncode == 1 and report["outcome"] == "rolled_back", report
+    gw1, dst1 = scrape(olab, "gateway"), scrape(olab, "n3")
+
+    def d(a, b, name, **labels):
+        return val(b, name, **labels) - val(a, name, **labels)
+    assert d(gw0, gw1, "vipcluster_migrations_total", service="kv", strategy="handoff", outcome="rolled_back") == 1
+    assert d(gw0, gw1, "vipcluster_migrations_total", service="kv", strategy="handoff", outcome="committed") == 0
+    assert d(gw0, gw1, "vipcluster_migration_duration_seconds_count", strategy="handoff", outcome="rolled_back") == 1
+    assert d(gw0, gw1, "vipcluster_migration_freeze_seconds_count", strategy="handoff") == 0
+    assert d(dst0, dst1, "vipcluster_agent_migration_steps_total", node="n3", service="kv", step="restore",
+             outcome="failed") == 1
+    assert val(gw1, "vipcluster_service_info", service="kv", owner="n2", strategy="handoff") == 1
+    assert olab.pyclient("kv", VIP, 6379, 20)["get_ok"] == 20
+    with open(os.path.join(olab.lab.state_dir, "logs", "gateway.log")) as f:
+        ends = [json.loads(x) for x in f if '"migration.end"' in x]
+    last = ends[-1]
+    assert last["level"] == "warning" and last["fields"]["service"] == "kv"
+    assert last["fields"]["outcome"] == "rolled_back" and "restore" in last["fields"]["reason"]
+
+
 def test_a_login_without_a_certificate_is_counted_and_logged(olab):
     """A peer on the cluster network that speaks no TLS is refused before anything is read
     as a message: one refusal, reason tls, and one login.refused event."""

@@ -284,3 +284,17 @@ def test_metrics_address_in_the_configs():
         with pytest.raises(ConfigError) as e:
             node_config_from_dict({**node, "metrics_address": bad})
         assert "metrics_address" in str(e.value)
+
+
+def test_status_lists_the_migrations_in_progress():
+    from gateway.controller import Controller
+
+    c = Controller(SimpleNamespace())
+    assert c.in_progress() == []
+    c.runs["echo"] = SimpleNamespace(source="n1", dest="n2", entered=("freezing", 0.0), started=0.0, streamed=512)
+    c.runs["kv"] = SimpleNamespace(source="n2", dest="n3", entered=None, started=0.0, streamed=0)
+    c.recovering["web"] = object()
+    got = c.in_progress()
+    assert [(m["service"], m.get("from"), m.get("to"), m["step"]) for m in got] == [
+        ("echo", "n1", "n2", "freezing"), ("kv", "n2", "n3", "start"), ("web", None, None, "recovering")]
+    assert got[0]["streamed"] == 512
