@@ -82,6 +82,7 @@ class Gateway:
             msgs.Migrate: self.controller.op_migrate,
             msgs.NodeDrain: self.controller.op_drain,
         }
+        self.control_handlers = self.metrics.count_requests(self.control_handlers)  # counted by outcome
 
     # --- lifecycle -------------------------------------------------------------------
     def prepare_kernel(self) -> None:

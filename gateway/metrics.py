@@ -18,11 +18,12 @@ Label values are bounded: configured nodes, services, strategies, outcomes, fixe
 from __future__ import annotations
 
 import logging
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from clustercore.errors import VipError
+from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import migration_strategy, service_kind
 
 log = logging.getLogger("vipcluster.gateway")
@@ -55,6 +56,9 @@ class GatewayMetrics:
         self.control_refusals = Counter("vipcluster_control_refusals", "Control API (vipctl) connections "
                                         "refused, by reason (not_root: the peer's uid is not 0).",
                                         ["reason"], registry=r)
+        self.requests = Counter("vipcluster_control_requests", "Control API requests (vipctl), by request "
+                                "and outcome (ok, refused: a LocalControlError, error: anything else).",
+                                ["op", "outcome"], registry=r)
         self.node_transitions = Counter("vipcluster_node_transitions", "Nodes going up or down, as the "
                                         "gateway saw them.", ["node", "state"], registry=r)
         self.migrations = Counter("vipcluster_migrations", "Live migrations finished, by service, strategy "
@@ -85,6 +89,23 @@ class GatewayMetrics:
         r.register(_StateCollector(self))
 
     # --- hooks the daemon calls ----------------------------------------------------------
+    def count_requests(self, handlers: dict) -> dict:
+        """The control API's handler table, each handler counted by its outcome."""
+        def counted(msg_type, handler):
+            async def run(msg, ctx):
+                try:
+                    result = await handler(msg, ctx)
+                except LocalControlError:
+                    self.requests.labels(op=msg_type.OP, outcome="refused").inc()
+                    raise
+                except BaseException:
+                    self.requests.labels(op=msg_type.OP, outcome="error").inc()
+                    raise
+                self.requests.labels(op=msg_type.OP, outcome="ok").inc()
+                return result
+            return run
+        return {t: counted(t, h) for t, h in handlers.items()}
+
     def login(self, node: str) -> None:
         self.logins.labels(node=node).inc()
         self.node_transitions.labels(node=node, state="up").inc()
@@ -159,11 +180,19 @@ class _StateCollector:
         counts = {n.name: 0 for n in gw.config.nodes}
         for s in gw.table:
             counts[s.owner] = counts.get(s.owner, 0) + 1
+        age = GaugeMetricFamily("vipcluster_node_heartbeat_age_seconds", "Seconds since the gateway last heard "
+                                "from a logged-in node (the node is down after node_timeout_s).", labels=["node"])
+        now = time.monotonic()  # the clock of asyncio's loop.time(), which stamps last_seen
         for n in gw.config.nodes:
             up.add_metric([n.name], 1 if n.name in gw.agents else 0)
+            session = gw.agents.get(n.name)
+            last = getattr(getattr(session, "rpc", None), "last_seen", None)
+            if isinstance(last, (int, float)) and last > 0:
+                age.add_metric([n.name], max(0.0, now - last))
         for node, c in counts.items():
             owned.add_metric([node], c)
         yield up
+        yield age
         yield owned
         info = GaugeMetricFamily("vipcluster_service_info", "1 per service: its owner and strategy.",
                                  labels=["service", "owner", "strategy"])

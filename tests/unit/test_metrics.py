@@ -298,3 +298,40 @@ def test_status_lists_the_migrations_in_progress():
     assert [(m["service"], m.get("from"), m.get("to"), m["step"]) for m in got] == [
         ("echo", "n1", "n2", "freezing"), ("kv", "n2", "n3", "start"), ("web", None, None, "recovering")]
     assert got[0]["streamed"] == 512
+
+
+def test_control_requests_are_counted_by_outcome():
+    from clustercore import messages as msgs
+    from clustercore.errors import LocalControlError
+
+    gw, _ = fake_gateway()
+    m = GatewayMetrics(gw)
+
+    async def ok(msg, ctx):
+        return {"pong": True}
+
+    async def refuse(msg, ctx):
+        raise LocalControlError("unknown service 'x'")
+
+    async def bug(msg, ctx):
+        raise KeyError("a bug")
+    handlers = m.count_requests({msgs.Ping: ok, msgs.ServiceRemove: refuse, msgs.Status: bug})
+    assert asyncio.run(handlers[msgs.Ping](msgs.Ping(), None)) == {"pong": True}
+    with pytest.raises(LocalControlError):
+        asyncio.run(handlers[msgs.ServiceRemove](msgs.ServiceRemove(name="x"), None))
+    with pytest.raises(KeyError):
+        asyncio.run(handlers[msgs.Status](msgs.Status(), None))
+    s = parse(m.registry)
+    assert val(s, "vipcluster_control_requests_total", op="ping", outcome="ok") == 1
+    assert val(s, "vipcluster_control_requests_total", op="service.remove", outcome="refused") == 1
+    assert val(s, "vipcluster_control_requests_total", op="status", outcome="error") == 1
+
+
+def test_heartbeat_age_only_for_nodes_logged_in():
+    import time
+
+    gw, _ = fake_gateway()
+    gw.agents = {"n1": SimpleNamespace(rpc=SimpleNamespace(last_seen=time.monotonic() - 100.0))}
+    s = parse(GatewayMetrics(gw).registry)
+    assert val(s, "vipcluster_node_heartbeat_age_seconds", node="n1") >= 100.0
+    assert val(s, "vipcluster_node_heartbeat_age_seconds", node="n2") is None
