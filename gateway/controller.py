@@ -226,7 +226,7 @@ class Controller:
     def __init__(self, gateway) -> None:
         self.gw = gateway
         self.book = mig.MigrationBook()
-        self.timeouts = mig.MigrationTimeouts()
+        self.timeouts = mig.MigrationTimeouts(**dict(getattr(getattr(gateway, "config", None), "migration_timeouts", ())))
         self.runs: dict[str, _Run] = {}  # service -> its running migration
         self.recovering: dict[str, asyncio.Task] = {}  # service -> finishing a journaled one
 

@@ -34,7 +34,7 @@ from vipwire.rpc import Context, RpcConnection
 from . import criu, iptables, netlink, pidfd, services, tcprepair
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
-from .queue import PacketQueue
+from .queue import PacketQueues
 from .verdictlog import VerdictLog
 
 log = logging.getLogger("vipcluster.node")
@@ -55,7 +55,7 @@ class NodeAgent:
         self.filter = NodeFilter(config.name)
         self.running: dict[str, services.RunningService] = {}
         self.restarts: dict[str, int] = {}
-        self.queue: PacketQueue | None = None
+        self.queue: PacketQueues | None = None
         self.rpc: RpcConnection | None = None
         self._stop = asyncio.Event()
         self.migrations = MigrationAgent(self)
@@ -217,7 +217,7 @@ class NodeAgent:
         cfg = self.config
         self.adopt_orphans()
         self.migrations.end_restored_orphans()
-        self.queue = PacketQueue(cfg.queue_num, cfg.queue_maxlen, self.decide)
+        self.queue = PacketQueues(cfg.queue_num, cfg.queue_count, cfg.queue_maxlen, self.decide)
         self.queue.attach(asyncio.get_running_loop())
         self._criu_check = asyncio.ensure_future(self._check_criu())
         self._fast_rules: list[str] | None = None
@@ -229,8 +229,8 @@ class NodeAgent:
             log.info("adopted %s; kernel rules kept until the gateway's table", ", ".join(self.adopted))
         else:
             self.sync_datapath()
-        log.info("node %s: VIP %s on lo, VIP packets -> queue %d (fail closed)",
-                 cfg.name, cfg.vip, cfg.queue_num)
+        log.info("node %s: VIP %s on lo, VIP packets -> queues %d-%d (fail closed)",
+                 cfg.name, cfg.vip, cfg.queue_num, cfg.queue_num + cfg.queue_count - 1)
         try:
             self._metrics_server = await metricsserver.serve(cfg.metrics_address, self.metrics.registry,
                                                              self.metrics.before_scrape)
@@ -248,7 +248,7 @@ class NodeAgent:
         else:
             rules = fastpath.to_iptables(
                 fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
-                                   set(self.filter.roles)), cfg.queue_num)
+                                   set(self.filter.roles)), cfg.queue_num, cfg.queue_count)
         if rules == self._fast_rules:
             return
         if self._fast_rules:
@@ -256,7 +256,7 @@ class NodeAgent:
                 base = self._kernel_base.setdefault(name, {"accepted": 0, "dropped": 0})
                 base["accepted"] += c["accepted"]
                 base["dropped"] += c["dropped"]
-        iptables.install(cfg.vip, cfg.queue_num, fast_rules=rules)
+        iptables.install(cfg.vip, cfg.queue_num, fast_rules=rules, queue_count=cfg.queue_count)
         self._fast_rules = rules
 
     def decide(self, data: bytes, epoch, handle, now):

@@ -7,6 +7,10 @@ Layout (mangle table, before routing and before any socket sees the packet):
                  node owns, DROP the others; migrating services -> NFQUEUE]
                 -j NFQUEUE --queue-num N          (no --queue-bypass; what no rule decided)
 
+With several queues (queue_count > 1) every "-j NFQUEUE" above is a jump to a fan-out
+chain, VIPCLUSTER-Q (or VIPCLUSTER-QB, the same with --queue-bypass), which picks queue
+N + (source port & (count - 1)) per flow (clustercore.fastpath.fanout_rules).
+
 No `--queue-bypass`: if the shim dies, VIP packets are dropped (fail closed). A dead
 shim must never mean "accept", because on a non-owner accepting means the stack answers
 with an RST or ICMP unreachable and kills the client's connection. Clients retransmit
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import subprocess
 
+from clustercore import fastpath
 from clustercore.errors import KernelError
 
 CHAIN = "VIPCLUSTER"
@@ -40,11 +45,19 @@ def _jump_rule(vip: str) -> list[str]:
     return ["-d", f"{vip}/32", "!", "-i", "lo", "-j", CHAIN]
 
 
-def install(vip: str, queue_num: int, fast_rules: list[str] | None = None) -> None:
-    """Create (or replace) our chain and the jump to it, atomically."""
+FANOUT_CHAINS = {fastpath.FANOUT_CHAIN: False, fastpath.FANOUT_BYPASS_CHAIN: True}  # chain: bypass
+
+
+def install(vip: str, queue_num: int, fast_rules: list[str] | None = None, queue_count: int = 1) -> None:
+    """Create (or replace) our chains and the jump to them, atomically."""
+    heads = [f":{CHAIN} - [0:0]"]
     body = [f"-A {CHAIN} {r}" for r in (fast_rules or [])]
-    body.append(f"-A {CHAIN} -j NFQUEUE --queue-num {queue_num}")
-    script = "\n".join(["*mangle", f":{CHAIN} - [0:0]", *body, "COMMIT", ""])
+    body.append(f"-A {CHAIN} -j {fastpath.queue_target(queue_num, queue_count, False)}")
+    if queue_count > 1:
+        for chain, bypass in FANOUT_CHAINS.items():
+            heads.append(f":{chain} - [0:0]")
+            body += [f"-A {chain} {r}" for r in fastpath.fanout_rules(queue_num, queue_count, bypass)]
+    script = "\n".join(["*mangle", *heads, *body, "COMMIT", ""])
     _run(["iptables-restore", "-w", "--noflush"], script)
     if _run(["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", *_jump_rule(vip)], check=False).returncode != 0:
         _run(["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", *_jump_rule(vip)])
@@ -60,6 +73,9 @@ def remove(vip: str) -> None:
         pass
     _run(["iptables", "-w", "-t", "mangle", "-F", CHAIN], check=False)
     _run(["iptables", "-w", "-t", "mangle", "-X", CHAIN], check=False)
+    for chain in FANOUT_CHAINS:  # only referenced from CHAIN, gone now
+        _run(["iptables", "-w", "-t", "mangle", "-F", chain], check=False)
+        _run(["iptables", "-w", "-t", "mangle", "-X", chain], check=False)
 
 
 def read_counters() -> dict[str, dict[str, int]]:

@@ -246,7 +246,7 @@ class MigrationAgent:
         return {
             nc.LookUp: self._look_up,
             nc.ReadClock: lambda c: k.clock(),
-            nc.CountKernelDrops: lambda c: k.queue.kernel_drops(agent.config.queue_num),
+            nc.CountKernelDrops: lambda c: k.queue.kernel_drops(agent.config.queue_nums),
             nc.CountUdpBufferDrops: lambda c: k.udphandoff.rcvbuf_errors(),
             nc.Note: lambda c: log.log(LOG_LEVELS.get(c.level, logging.INFO), "%s", c.text),
             nc.InstallRole: self._install_role,
