@@ -15,7 +15,9 @@ reply. This module only
 Fault injection for the lab tests: if the file `<state_dir>/faults/<OP>` (the message's
 wire name, e.g. `migrate.freeze`) exists when a step arrives, its content says what to do:
 `fail` (refuse the step), `die` (the agent exits at once, like a crash), `drop` (close the
-gateway connection without answering). The file is removed when it fires.
+gateway connection without answering), `wait` (the step waits, the verdict loop running,
+until the file `<OP>.go` appears, at most WAIT_FAULT_MAX_S: a freeze stretched as long as
+a test needs, e.g. to hold a bounded flood). The file is removed when it fires.
 
 Faults inside the `process` strategy's commands (same directory, same one-shot files):
 `criu.dump` / `criu.restore` (content `fail`): criu is run with an option it refuses, so
@@ -58,6 +60,8 @@ SYN_RECV_WAIT_S = 0.5  # half-open handshakes may finish this long (new SYNs are
 SYN_RECV_POLL_S = 0.002
 READY_TIMEOUT_S = 10.0  # the gated new instance must say `ready` by then
 FAULT_EXIT_STATUS = 17  # a `die` fault: the agent exits like a crash
+WAIT_FAULT_MAX_S = 120.0  # a `wait` fault gives up waiting for its go file after this
+WAIT_FAULT_POLL_S = 0.05
 ACCEPT_WAIT_S = 0.5  # the program may take this long to accept what waits (then it is stopped)
 STOP_TREE_TIMEOUT_S = 2.0  # a process tree must have stopped by then (SIGSTOP)
 IMAGE_TIMEOUT_S = 25.0  # a process image must be dumped and moved, or restored, by then
@@ -109,7 +113,8 @@ class MigrationAgent:
         refusal (LocalControlError) or kernel failure (KernelError) it ended with."""
         if not isinstance(message, (msgs.Step, msgs.Chunk)):
             raise LocalControlError(f"'{message.OP}' is not a migration step")
-        self._fault(message.OP)
+        if self._fault(message.OP) == "wait":
+            await self._wait_for_go(message.OP)
         lock = self._locks.setdefault(message.service, asyncio.Lock())
         async with lock:
             started = self.kernel.clock()
@@ -221,15 +226,17 @@ class MigrationAgent:
         log.exception("command %s failed", type(cmd).__name__)
         return KernelError(type(cmd).__name__, None, f"internal error: {type(e).__name__}: {e}")
 
-    def _fault(self, op: str) -> None:
+    def _fault(self, op: str) -> str | None:
         path = os.path.join(self.fault_dir, op)
         try:
             with open(path) as f:
                 what = f.read().strip()
         except FileNotFoundError:
-            return
+            return None
         os.unlink(path)
         log.warning("fault injection at %s: %s", op, what)
+        if what == "wait":
+            return what
         if what == "die":
             os._exit(FAULT_EXIT_STATUS)
         if what == "drop":
@@ -238,6 +245,17 @@ class MigrationAgent:
                 rpc.close()
             raise LocalControlError(f"fault injected at {op}: connection dropped")
         raise KernelError(op, None, "fault injected")
+
+    async def _wait_for_go(self, op: str) -> None:
+        go = os.path.join(self.fault_dir, op + ".go")
+        deadline = self.kernel.clock() + WAIT_FAULT_MAX_S
+        while not os.path.exists(go) and self.kernel.clock() < deadline:
+            await asyncio.sleep(WAIT_FAULT_POLL_S)
+        try:
+            os.unlink(go)
+        except FileNotFoundError:
+            pass
+        log.warning("fault injection at %s: waited, going on", op)
 
     # --- the commands -------------------------------------------------------------------
     def _command_table(self) -> dict[type, Callable[[Any], Any]]:
