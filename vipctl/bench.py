@@ -219,12 +219,16 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                 rows.append({"report": report, "client": client, "lost": lost,
                              "duplicated": client.get("udp_duplicated")})
                 log(f"migration with {n} connections: {report.get('outcome')}, freeze {ms(report.get('freeze_ms'))}, "
+                    f"stop {ms(report.get('stop_ms'))}, "
                     f"total {ms(report.get('total_ms'))}, lost {count(lost)}, retrans {count(client.get('retrans_segs'))}")
             out.append({
                 "connections": n,
                 "established_moved": _stats([r["report"].get("tcp_established") for r in rows]),
                 "freeze_ms": _stats([r["report"].get("freeze_ms") for r in rows])["median"],
                 "freeze_ms_stats": _stats([r["report"].get("freeze_ms") for r in rows]),
+                # source stopped -> destination serving (never 0 for a quiet service)
+                "stop_ms": _stats([r["report"].get("stop_ms") for r in rows])["median"],
+                "stop_ms_stats": _stats([r["report"].get("stop_ms") for r in rows]),
                 "total_ms": _stats([r["report"].get("total_ms") for r in rows])["median"],
                 "total_ms_stats": _stats([r["report"].get("total_ms") for r in rows]),
                 "steps_ms": _median_steps([r["report"].get("steps_ms", {}) for r in rows]),
@@ -339,6 +343,7 @@ def _process_run(spec: labmod.Lab, program: str, size: int, workdir: str, log) -
                                  capture_output=True, text=True, timeout=60)
             client["keys_missing"] = keys - int(got.stdout.strip() or 0)
         log(f"process strategy, {program} {size}: {report.get('outcome')}, freeze {ms(report.get('freeze_ms'))}, "
+            f"stop {ms(report.get('stop_ms'))}, "
             f"total {ms(report.get('total_ms'))}, image {count(report.get('image_bytes'))} bytes")
         return {"report": report, "client": client, "fill": fill}
     finally:
@@ -360,6 +365,8 @@ def _process_row(program: str, size: int, runs: list[dict]) -> dict:
         "reasons": [r["reason"] for r in reports if r.get("reason")],
         "freeze_ms": _stats([r.get("freeze_ms") for r in reports])["median"],
         "freeze_ms_stats": _stats([r.get("freeze_ms") for r in reports]),
+        "stop_ms": _stats([r.get("stop_ms") for r in reports])["median"],
+        "stop_ms_stats": _stats([r.get("stop_ms") for r in reports]),
         "total_ms": _stats([r.get("total_ms") for r in reports])["median"],
         # the process playbook reports the image it sent as bytes_moved (image_bytes if named)
         "image_bytes": _stats([r.get("image_bytes", r.get("bytes_moved")) for r in reports

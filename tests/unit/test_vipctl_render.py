@@ -31,6 +31,9 @@ def test_report_is_rounded():
     assert "held 40, released 38, duplicates suppressed 2, lost 0" in text
     assert "steps: preparing 12.35 ms, freezing 20.00 ms" in text
     assert "193.388" not in text and "None" not in text
+    assert "service stopped" not in text  # an older gateway's report has no stop window
+    with_stop = render_report(REPORT | {"freeze_ms": 0.0, "stop_ms": 14.256})
+    assert "freeze 0.00 ms" in with_stop and "service stopped 14.26 ms (source stopped to destination serving" in with_stop
 
 
 def test_report_without_measurements_says_n_a():
