@@ -14,6 +14,10 @@ against a baseline measured in the same run of this command:
 - migrations: builtin echo with N established connections under load (numbered messages
   and a UDP stream, exact accounting), migrated once per run; freeze_ms, total_ms, the
   per-step split, lost, duplicated, client retransmissions.
+- datapath_variants: the fast-selective path with one thing changed (vipctl.benchpath):
+  node GRO, gateway GRO, 200 more rules; `dup` to every node + drop is the `fast` mode.
+- big_hold: 200,000 datagrams (20,000 with --quick) over 64 flows held during one
+  migration and released (vipctl.holdflood): held per queue, released, lost, answered.
 - memory: RSS of the gateway and of the destination shim right after the largest migration.
 - process_migrations: the `process` strategy (criu) moving real programs under real load:
   nginx holding 100 and 1,000 keep-alive connections (vipctl.realload http-hold), redis
@@ -39,6 +43,7 @@ from pyroute2 import NetNS
 from clustercore.errors import LocalControlError
 from clustercore.kinds import EXTERNAL_SPEC, Datapath, Delivery, builtin_spec
 
+from . import benchpath, holdflood
 from . import lab as labmod
 from . import programs
 from .client import call
@@ -419,11 +424,13 @@ def run_bench(quick: bool, log) -> dict:
         }
         copies[name] = m["copies_per_packet"]
     result["modes"] = modes
+    result["datapath_variants"] = benchpath.measure_variants(prefix, runs, seconds, result["baseline"], modes, log)
     result["copies_per_packet"] = {"steady": copies["fast-selective"]["steady"],
                                    "migrating": copies["fast-selective"]["migrating"], "by_mode": copies}
     migrations, rss = measure_migrations(prefix, sizes, mig_runs, log)
     result["migrations"] = migrations
     result["rss_mb"] = rss
+    result["big_hold"] = holdflood.measure(prefix, 20_000 if quick else 200_000, log)
     result["process_migrations"] = measure_process_migrations(prefix, mig_runs, log)
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     return result

@@ -214,3 +214,35 @@ def lab_vip() -> str:
 
 if __name__ == "__main__":
     sys.exit(client(sys.argv[1:]))
+
+
+def measure(prefix: str, count: int, log, flows: int = 64) -> dict:
+    """The bench row: one large hold in a lab of its own (selective delivery, a restoring
+    timeout long enough for the flood), as counts plus the report's freeze and stop."""
+    import tempfile
+
+    from clustercore.kinds import Datapath, Delivery, builtin_spec
+    from vipctl import lab as labmod
+    from vipctl.client import call
+
+    spec = labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST, migration_timeouts=(("restoring", 300.0),))
+    labmod.down(spec, log=lambda *a: None)
+    work = tempfile.mkdtemp(prefix="vipctl-bench-hold-")
+    try:
+        labmod.up(spec, log=lambda *a: None)
+        call("service.add", spec.control_socket, name="echo", node="n1", ports=["tcp:7", "udp:7"],
+             exec=builtin_spec("echo"))
+        r = run(spec, None, work, count=count, flows=flows, log=log)
+    finally:
+        labmod.down(spec, log=lambda *a: None)
+    rep, c = r["report"], r["client"]
+    row = {"datagrams": count, "flows": flows, "outcome": rep.get("outcome"),
+           "held_total": r["held_total"], "held_per_queue": r["held_per_queue"],
+           "queues_used": sum(1 for v in r["held_per_queue"].values() if v),
+           "released": rep.get("released"), "reported_lost": rep.get("lost"),
+           "answered": c.get("answered"), "missing": c.get("missing"), "duplicated": c.get("duplicated"),
+           "out_of_order": c.get("out_of_order"), "freeze_ms": rep.get("freeze_ms"), "stop_ms": rep.get("stop_ms"),
+           "release_ms": (rep.get("split_ms") or {}).get("release", {}).get("release")}
+    log(f"large hold: {row['held_total']} held over {row['queues_used']} queues, released {row['released']}, "
+        f"lost {row['reported_lost']}, answered {row['answered']}/{count}")
+    return row

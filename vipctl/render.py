@@ -158,6 +158,14 @@ def render_bench(result: dict) -> str:
         lines.append(f"{name:<16} {_cell(x['pps'], 10, 0)} {_cell(x['pps_ratio'], 6, 2)} "
                      f"{_cell(x['tcp_mbps'], 11, 0)} {_cell(x['tcp_ratio'], 6, 2)}  "
                      f"{cp['steady']} (migrating {cp['migrating']})")
+    variants = result.get("datapath_variants") or {}
+    if variants:
+        lines.append("")
+        lines.append(f"{'data path variant':<16} {'UDP pps':>10} {'ratio':>6} {'TCP Mbit/s':>11} {'ratio':>6}  node rules")
+        for name, x in variants.items():
+            lines.append(f"{name:<16} {_cell(x['pps'], 10, 0)} {_cell(x['pps_ratio'], 6, 2)} "
+                         f"{_cell(x['tcp_mbps'], 11, 0)} {_cell(x['tcp_ratio'], 6, 2)}  {count(x.get('node_rules'))}"
+                         + (f"  ({x['problem']})" if x.get("problem") else ""))
     lines.append("")
     lines.append(f"{'connections':>11} {'freeze ms':>10} {'stop ms':>9} {'total ms':>9} {'lost':>5} {'dup':>4} {'retrans':>7} "
                  f"{'conn p50/p99/max worst reply ms':>32}  steps (ms)")
@@ -184,6 +192,15 @@ def render_bench(result: dict) -> str:
                          f"{_cell(x['total_ms'], 9, 2)} {_cell(image, 9, 1)} "
                          f"{count(x['lost']):>5} {count(x['duplicated']):>4} {count(x['client_retransmissions']):>7}  "
                          + ", ".join(map(str, x["outcomes"])) + "".join(f" ({r})" for r in x.get("reasons", [])[:1]))
+    hold = result.get("big_hold")
+    if hold:
+        lines.append("")
+        lines.append(f"large hold: {count(hold.get('held_total'))} of {count(hold['datagrams'])} datagrams held over "
+                     f"{count(hold.get('queues_used'))} queues, released {count(hold.get('released'))}, "
+                     f"lost {count(hold.get('reported_lost'))}, answered {count(hold.get('answered'))} "
+                     f"(missing {count(hold.get('missing'))}, twice {count(hold.get('duplicated'))}, "
+                     f"out of order {count(hold.get('out_of_order'))}); freeze {ms(hold.get('freeze_ms'))}, "
+                     f"stop {ms(hold.get('stop_ms'))}")
     rss = result["rss_mb"]
     lines.append("")
     lines.append(f"RSS: gateway {number(rss.get('gateway'), 1)} MB, shim after moving "

@@ -109,6 +109,21 @@ def test_bench_table():
     assert "None" not in text and "27.7777" not in text
 
 
+def test_bench_table_with_variants_and_the_large_hold():
+    b = copy.deepcopy(BENCH)
+    b["datapath_variants"] = {"node-gro-on": {"pps": 150000.4, "pps_ratio": 0.951, "tcp_mbps": 4000.0, "tcp_ratio": 0.9,
+                                              "node_rules": 7, "problem": None},
+                              "gateway-gro-on": {"pps": None, "pps_ratio": None, "tcp_mbps": None, "tcp_ratio": None,
+                                                 "node_rules": None, "problem": "ethtool: no"}}
+    b["big_hold"] = {"datagrams": 200000, "held_total": 200000, "queues_used": 4, "released": 200000,
+                     "reported_lost": 0, "answered": 200000, "missing": 0, "duplicated": 0, "out_of_order": 0,
+                     "freeze_ms": 9000.123, "stop_ms": 9100.5}
+    text = render_bench(b)
+    assert "node-gro-on" in text and "150000" in text and "0.95" in text and "(ethtool: no)" in text
+    assert "large hold: 200000 of 200000 datagrams held over 4 queues, released 200000, lost 0" in text
+    assert "stop 9100.50 ms" in text and "None" not in text
+
+
 def test_replay_result():
     result = {"capture": "c.pcap", "format": "pcap", "mode": "pure", "ok": False, "packets": 10, "vip_packets": 8,
               "skipped": 2, "skipped_reasons": {"arp": 2}, "accepted_once": 8, "lost": 0, "duplicated": 0,
