@@ -34,3 +34,18 @@ def test_a_200000_packet_hold_is_released_whole_and_in_order(tmp_path):
         assert (client["missing"], client["duplicated"], client["out_of_order"]) == (0, 0, 0), client
         assert client["answered"] == COUNT, client
         assert h.status()["services"][0]["owner"] == "n2"
+
+
+def test_a_quiet_service_reports_its_stop_window_not_nothing():
+    """No client traffic: nothing is held (freeze 0.0), but the service did stop."""
+    import json
+
+    with lab_with_services("qs", delivery=Delivery.SELECTIVE) as h:
+        r = h.vipctl("migrate", "kv", "--to", "n3", "--json")
+        report = json.loads(r.stdout)
+        assert report["outcome"] == "committed" and report["held"] == 0, report
+        assert report["freeze_ms"] == 0.0, report
+        assert report["stop_ms"] is not None and report["stop_ms"] > 0, report
+        assert report["stop_ms"] <= report["total_ms"], report
+        text = h.vipctl("migrate", "kv", "--to", "n2").stdout
+        assert "freeze 0.00 ms" in text and "service stopped " in text, text
