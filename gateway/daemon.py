@@ -31,7 +31,8 @@ from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
 from vipwire.rpc import Context, RpcConnection
 
 from . import netlink, nft
-from .registry import Registry, RegistryError
+from .registry import RegistryError
+from .store import open_registry
 
 log = logging.getLogger("vipcluster.gateway")
 
@@ -55,7 +56,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.tls = tls.server_context(config.tls_cert, config.tls_key, config.tls_ca)
-        self.registry = Registry(config.state_dir)  # RegistryError: one clear line
+        self.registry = open_registry(config)  # SQLite, or etcd with two gateways; RegistryError: one line
         self.table, self.epochs = self.registry.load()
         self.journal = self.registry.open_migrations()  # what a previous gateway left open
         self.agents: dict[str, AgentSession] = {}
