@@ -231,7 +231,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
     )
 
 
-_ENDPOINT_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")
+_ENDPOINT_RE = re.compile(r"^([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:]{2,39}\]):[0-9]{1,5}$")
 
 
 def _gateways_fields(d: dict, source) -> dict:

@@ -63,14 +63,12 @@ class EtcdRegistry:
         self._clients = []
         for ep in self.endpoints:
             host, _, port = ep.rpartition(":")
+            host = host.strip("[]")  # etcd3gw brackets an IPv6 host itself
             self._clients.append(etcd3gw.Etcd3Client(host=host, port=int(port), timeout=timeout,
                                                      api_path=API_PATH))
         self._current = 0
         self.fence: str | None = None  # the driver key's value while we hold the lease
-        try:
-            self._call(lambda c: c.status())
-        except RegistryError as e:
-            raise RegistryError(self.path, "reach etcd", e) from None
+        self._call(lambda c: c.status())  # RegistryError: "cannot talk to etcd: ..."
 
     # --- transport ---------------------------------------------------------------------
     def _call(self, fn):

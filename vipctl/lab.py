@@ -31,7 +31,7 @@ from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import Datapath, Delivery
 from vipwire import pki
 
-from . import nsutil
+from . import labha, nsutil
 from .client import call
 
 VIP = "203.0.113.10"
@@ -46,6 +46,7 @@ class Lab:
     nodes: int = 3
     delivery: Delivery = Delivery.BROADCAST  # the gateway's
     datapath: Datapath = Datapath.FAST  # every node's
+    gateways: int = 1  # 2: two gateways, keepalived and etcd (vipctl.labha)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", Delivery(self.delivery))
@@ -81,6 +82,8 @@ class Lab:
 
     @property
     def control_socket(self) -> str:
+        if self.gateways > 1:
+            return labha.control_sockets(self)  # both; vipctl picks the one serving
         if self.prefix == "vip":
             return DEFAULT_CONTROL_SOCKET
         return os.path.join(self.state_dir, "control.sock")
@@ -247,6 +250,14 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
             f"lab '{lab.prefix}' exists but is not what was asked (or not healthy): run 'vipctl lab down' first")
     if not 1 <= lab.nodes <= 32:
         raise LocalControlError("--nodes must be from 1 to 32")
+    if lab.gateways not in (1, 2):
+        raise LocalControlError("--gateways must be 1 or 2")
+    if lab.gateways == 2:
+        try:
+            return labha.up(lab, timeout, log)
+        except BaseException:
+            down(lab, log=lambda *a: None)
+            raise
     # fresh state, except nothing of an older lab survives
     shutil.rmtree(lab.state_dir, ignore_errors=True)
     try:
@@ -448,12 +459,14 @@ def _end_all(pids: list[int], timeout: float = 3.0) -> None:
 
 def _lab_namespaces(lab: Lab, existing: set[str]) -> list[str]:
     """Every namespace of this lab, whatever node count it was built with."""
-    names = [lab.client_ns, lab.gw_ns]
+    names = [lab.client_ns, lab.gw_ns] + labha.extra_namespaces(lab.prefix)
     names += sorted(n for n in existing if n.startswith(f"{lab.prefix}-n") and n[len(lab.prefix) + 2:].isdigit())
     return [n for n in names if n in existing]
 
 
 def status(lab: Lab) -> dict:
+    if lab.gateways == 1 and labha.is_ha(lab.prefix):
+        lab = Lab(lab.prefix, lab.nodes, lab.delivery, lab.datapath, gateways=2)
     existing = set(netns.listnetns())
     namespaces = _lab_namespaces(lab, existing)
     nodes_configured = len([n for n in namespaces if n.startswith(f"{lab.prefix}-n")])
@@ -471,9 +484,12 @@ def status(lab: Lab) -> dict:
         cluster = {"error": str(e)}
     healthy = bool(namespaces) and all(d["alive"] for d in daemons.values()) and "error" not in cluster \
         and all(n["state"] == "up" for n in cluster.get("nodes", []))
-    return {"prefix": lab.prefix, "up": bool(namespaces), "healthy": healthy, "namespaces": namespaces,
-            "nodes_configured": nodes_configured, "daemons": daemons, "vip": VIP,
-            "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster}
+    out = {"prefix": lab.prefix, "up": bool(namespaces), "healthy": healthy, "namespaces": namespaces,
+           "nodes_configured": nodes_configured, "daemons": daemons, "vip": VIP,
+           "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster}
+    if lab.gateways > 1:
+        out["gateways"] = labha.gateways_status(lab, pids, _alive)
+    return out
 
 
 def exec_in(ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
