@@ -84,7 +84,8 @@ class EtcdRegistry:
                 return out
             except (ex.Etcd3Exception, OSError, ValueError) as e:
                 last = e
-        raise RegistryError(self.path, "talk to etcd", last or OSError("no endpoint")) from None
+        detail = f"{type(last).__name__}: {last}".rstrip(": ") if last else "no endpoint"
+        raise RegistryError(self.path, "talk to etcd", OSError(detail)) from None
 
     def close(self) -> None:
         for c in self._clients:
@@ -145,10 +146,13 @@ class EtcdRegistry:
         epochs = {}
         try:
             for name, d in self._read_prefix("services/"):
-                table.add(Service(name, d["owner"], tuple(parse_port_spec(p) for p in d["ports"]), d["exec"],
-                                  d.get("migrate", "auto"), d.get("sockets", "activation")))
+                try:
+                    table.add(Service(name, d["owner"], tuple(parse_port_spec(p) for p in d["ports"]), d["exec"],
+                                      d.get("migrate", "auto"), d.get("sockets", "activation")))
+                except VipError as e:
+                    raise ValueError(str(e)) from None
                 epochs[name] = int(d["epoch"])
-        except (KeyError, ValueError, TypeError, VipError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             raise RegistryError(self.path, "read the services", e) from None
         return table, epochs
 
@@ -215,6 +219,8 @@ class EtcdRegistry:
             try:
                 release = msgs.decode(d["release"]) if d.get("release") else None
                 out.append(JournaledMigration(service, d["source"], d["dest"], int(d["epoch"]), d["state"], release))
+            except RegistryError:
+                raise
             except (KeyError, ValueError, TypeError, VipError) as e:
                 raise RegistryError(self.path, f"read the journaled migration of {service}", e) from None
         return out

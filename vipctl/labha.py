@@ -107,6 +107,10 @@ def build_links(lab) -> None:
             port(f"{g}s", "brg", gw_ns(lab, g), "sync0")
         for k in range(1, lab.nodes + 1):
             port(f"n{k}", "brk", lab.node_ns(k), "eth0")
+    for ns in [gw_ns(lab, g) for g in GATEWAYS] + [etcd_ns(lab)]:
+        # a link taken down (lab fault) must not take the IPv6 address of sync0 with it
+        _sysctl(ns, "net/ipv6/conf/all/keep_addr_on_down", "1")
+        _sysctl(ns, "net/ipv6/conf/sync0/keep_addr_on_down", "1")
     for i, g in enumerate(GATEWAYS, 1):
         _sysctl(gw_ns(lab, g), "net/ipv4/ip_forward", "1")
         with NetNS(gw_ns(lab, g)) as ns:
