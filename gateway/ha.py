@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 
 from clustercore.errors import LocalControlError, VipError
@@ -144,8 +145,8 @@ class HighAvailability:
 
     def _install(self, table, epochs) -> bool:
         gw = self.gw
-        seen = (tuple(s.to_dict().items().__repr__() for s in table), tuple(sorted(epochs.items())))
-        current = (tuple(s.to_dict().items().__repr__() for s in gw.table), tuple(sorted(gw.epochs.items())))
+        seen = (_services(table), tuple(sorted(epochs.items())))
+        current = (_services(gw.table), tuple(sorted(gw.epochs.items())))
         if seen == current:
             return False
         gw.table, gw.epochs = table, dict(epochs)
@@ -211,3 +212,7 @@ class HighAvailability:
             log.info("not taking over yet: %s", e)
         except RegistryError as e:
             log.warning("taking over: %s", e)
+
+
+def _services(table) -> tuple[str, ...]:
+    return tuple(json.dumps(s.to_dict(), sort_keys=True) for s in table)
