@@ -30,7 +30,7 @@ from vipwire import systemd, tls
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
-from . import criu, iptables, netlink, pidfd, services, tcprepair
+from . import criu, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
 from .migrate import MigrationAgent
 from .queue import PacketQueue
 from .verdictlog import VerdictLog
@@ -333,10 +333,15 @@ class NodeAgent:
             log.info("registered with gateway %s:%d", cfg.gateway_address, cfg.gateway_port)
             print("node ready", flush=True)
             hb = asyncio.ensure_future(self._heartbeat(rpc))
+            # the gateway address moved to another box (two gateways): this session is dead
+            moved = asyncio.ensure_future(gatewaywatch.watch(cfg.gateway_address, lambda old, new: (
+                log.warning("gateway %s moved from %s to %s: logging in again", cfg.gateway_address, old, new),
+                rpc.writer.transport.abort())))
             try:
                 await rpc.run()
             finally:
                 hb.cancel()
+                moved.cancel()
                 # an armed source cannot go on without the gateway: it rolls back now; a
                 # frozen one holds until the registry's answer at the reconnect
                 self.migrations.link_lost("gateway link lost")

@@ -169,7 +169,8 @@ def write_configs(lab) -> list[dict]:
         shutil.which("etcd") or "etcd", "--name", "lab", "--data-dir", etcd_dir,
         "--listen-client-urls", f"{url}:{ETCD_PORT}", "--advertise-client-urls", f"{url}:{ETCD_PORT}",
         "--listen-peer-urls", f"{url}:2380", "--initial-advertise-peer-urls", f"{url}:2380",
-        "--initial-cluster", f"lab={url}:2380", "--heartbeat-interval", "100", "--election-timeout", "500"]}]
+        "--initial-cluster", f"lab={url}:2380", "--heartbeat-interval", "100", "--election-timeout", "500",
+        "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"]}]
     for i, g in enumerate(GATEWAYS, 1):
         text = (
             f'# written by `vipctl lab up --gateways 2` for the lab "{lab.prefix}": gw1 and gw2 differ only in\n'

@@ -147,3 +147,30 @@ def test_an_orphaned_migration_is_taken_over_when_its_driver_is_gone_and_both_no
             assert (j.service, j.source, j.dest, j.state) == ("echo", "n1", "n2", "freezing")
             assert gw1.table.get("echo").owner == "n1"  # read fresh: the owner decides the way
     asyncio.run(main())
+
+
+# --- nodeshim.gatewaywatch ------------------------------------------------------------------
+
+ARP = """IP address       HW type     Flags       HW address            Mask     Device
+192.0.2.1        0x1         0x2         02:fc:00:00:00:05     *        eth0
+192.0.2.12       0x1         0x0         00:00:00:00:00:00     *        eth0
+192.0.2.13       0x1         0x2         02:00:00:00:01:03     *        eth0
+"""
+
+
+def test_the_gateway_mac_is_read_from_complete_entries_only():
+    from nodeshim.gatewaywatch import gateway_mac
+    assert gateway_mac(ARP, "192.0.2.1") == "02:fc:00:00:00:05"
+    assert gateway_mac(ARP, "192.0.2.12") is None  # incomplete
+    assert gateway_mac(ARP, "192.0.2.99") is None
+    assert gateway_mac("garbage\nwith lines\n192.0.2.1 x zz", "192.0.2.1") is None
+    assert gateway_mac("", "192.0.2.1") is None
+
+
+def test_a_moved_gateway_address_is_reported_once(monkeypatch):
+    from nodeshim import gatewaywatch
+    macs = iter(["02:aa:00:00:00:01", "02:aa:00:00:00:01", None, "02:aa:00:00:00:01", "02:bb:00:00:00:02"])
+    monkeypatch.setattr(gatewaywatch, "read_mac", lambda address: next(macs))
+    seen = []
+    asyncio.run(asyncio.wait_for(gatewaywatch.watch("192.0.2.1", lambda a, b: seen.append((a, b)), poll_s=0), 5))
+    assert seen == [("02:aa:00:00:00:01", "02:bb:00:00:00:02")]
