@@ -41,6 +41,8 @@ PREFIX = "/vipcluster/"
 API_PATH = "/v3beta/"  # etcd 3.4's gRPC gateway (KERNEL-NOTES, "Two gateways")
 ETCD_TIMEOUT_S = 1.0
 CAS_RETRIES = 8
+EVENTS_KEPT_S = 7 * 86400  # the event log is a record: a week of it
+EVENTS_LEASE_EVERY_S = 86400
 
 Change = Callable[[dict | None], dict | None]  # current value -> new value (None: delete)
 
@@ -68,6 +70,7 @@ class EtcdRegistry:
                                                      api_path=API_PATH))
         self._current = 0
         self.fence: str | None = None  # the driver key's value while we hold the lease
+        self._events_lease: tuple[float, object] | None = None
         self._call(lambda c: c.status())  # RegistryError: "cannot talk to etcd: ..."
 
     # --- transport ---------------------------------------------------------------------
@@ -184,8 +187,12 @@ class EtcdRegistry:
         self._update(f"set the epoch of {name}", {"services/" + name: raise_epoch}, fenced=True)
 
     def log(self, at: float, kind: str, detail: dict) -> None:
+        """Events expire (EVENTS_KEPT_S): one lease a day carries that day's events."""
+        if self._events_lease is None or at - self._events_lease[0] > EVENTS_LEASE_EVERY_S:
+            self._events_lease = (at, self._call(lambda c: c.lease(EVENTS_KEPT_S)))
+        lease = self._events_lease[1]
         key = f"events/{at:017.6f}-{self.gateway}-{kind}"
-        self._call(lambda c: c.put(PREFIX + key, json.dumps({"kind": kind, "detail": detail})))
+        self._call(lambda c: c.put(PREFIX + key, json.dumps({"kind": kind, "detail": detail}), lease=lease))
 
     def events(self) -> list[dict]:
         return [dict(v, key=k) for k, v in self._read_prefix("events/")]
