@@ -7,10 +7,12 @@ client got no answer. Each failure is injected while the load runs; the oracle i
 migration tests': no TCP message lost or duplicated, no reset, every kv key intact, no
 UDP datagram answered twice; and the next migration commits with nothing lost.
 
-UDP datagrams sent while no gateway holds the clients' next hop (the failover gap) are
-lost on the wire: no transport retransmits them. They are counted and printed, and the
+UDP datagrams sent while no gateway holds the clients' next hop after a link failure (the
+failover gap) are lost on the wire: no transport retransmits them. They are counted and printed, and the
 test checks that they are no more than the gap explains (a longer outage would show).
-The gap itself is printed, not asserted (2 shared cores; the target is <= 1.5 s).
+When a gateway daemon dies with its links up, nothing may be lost at all: its kernel
+rules keep forwarding until keepalived has moved the addresses. The gap itself is
+printed, not asserted (2 shared cores; the target is <= 1.5 s).
 """
 
 import json
@@ -233,7 +235,10 @@ def test_driver_killed_mid_migration_the_other_ends_it(ha, tmp_path, op, outcome
     report(f"{driver} killed before {op}: {other} ended it {svc['owner'] == dest and 'committed' or 'rolled back'}",
            gap, r)
     assert "taking it over" in log
-    assert_exact_but_gap(r, gap)
+    # no link failed: the dead gateway's nft rules and forwarding carried the traffic until
+    # the addresses moved, so nothing at all may be lost, UDP included
+    assert_exact(r)
+    assert gap["missing"] == 0 and gap["duplicated"] == 0, gap
     assert svc["owner"] == (dest if outcome == "committed" else source), svc
     assert ha.pyclient("udp-echo", labmod.VIP, 7, 20)["answered_once"] == 20
     # the killed gateway comes back (as backup) and the next migration commits
@@ -257,3 +262,33 @@ def test_etcd_restarted_under_load_service_continues(ha, tmp_path):
         r = finish_load(p, stop)
     print(f"[two gateways] etcd SIGKILLed and restarted: migration after {rep['outcome']}, load {r}")
     assert_exact(r)  # no failover: nothing may be lost, UDP included
+
+
+def test_driver_killed_and_restarted_mid_migration_finishes_it(ha, tmp_path):
+    """The driver dies after the owner switch and its supervisor starts it again at once
+    (it may keep the addresses: its track script can miss so short a death). Whichever
+    gateway gets both agents and the expired lease finishes the migration: committed."""
+    driver = master(ha)
+    wait_serving(ha, driver)
+    source = owner(ha, "echo")
+    dest = NEXT[source]
+    old = labmod.daemon_pids(ha.lab)[driver]
+    p, stop = start_load(ha, tmp_path, "restart", kv=True, duration=120.0)
+    try:
+        faults = os.path.join(ha.lab.state_dir, driver, "faults")
+        os.makedirs(faults, exist_ok=True)
+        with open(os.path.join(faults, "migrate.release"), "w") as f:
+            f.write("die")
+        _, res = migrate(ha, "echo", dest, check=False)
+        assert res.returncode != 0
+        labmod.wait_restarted(ha.lab, driver, old, timeout=10)
+        svc = wait_settled(ha, "echo")
+        time.sleep(1.0)
+    finally:
+        r = finish_load(p, stop)
+    logs = "".join(open(os.path.join(ha.lab.state_dir, "logs", f"{g}.log")).read() for g in labha.GATEWAYS)
+    print(f"[two gateways] {driver} killed before migrate.release and restarted: owner {svc['owner']}; load {r}")
+    assert "taking it over" in logs
+    assert svc["owner"] == dest, svc
+    assert_exact(r)
+    migrate(ha, "echo", NEXT[dest])
