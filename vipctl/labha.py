@@ -181,12 +181,13 @@ def write_configs(lab) -> list[dict]:
             f'listen_address = "0.0.0.0"\nlisten_port = 7400\n'
             f'tls_ca = "{gw_tls.ca_cert}"\ntls_cert = "{gw_tls.cert}"\ntls_key = "{gw_tls.key}"\n'
             f'control_socket = "{control_socket(sd, g)}"\nstate_dir = "{sd}/{g}"\n'
-            f'delivery = "{lab.delivery}"\n{nodes}')
+            f'delivery = "{lab.delivery}"\nmetrics_address = "{gateway_metrics()}"\n{nodes}')
         path = os.path.join(sd, f"{g}.toml")
         with open(path, "w") as f:
             f.write(text)
         plan.append({"name": f"keepalived-{g}", "ns": gw_ns(lab, g), "argv": keepalived_argv(sd, g, i)})
-        plan.append({"name": g, "ns": gw_ns(lab, g), "args": ["gateway", "run", "--config", path]})
+        plan.append({"name": g, "ns": gw_ns(lab, g),
+                     "args": ["gateway", "run", "--config", path, "--log-format", lab.log_format]})
     for k in range(1, lab.nodes + 1):
         name = lab.node_name(k)
         node_tls = pki.paths(lab.pki_dir, "node", name)
@@ -195,11 +196,13 @@ def write_configs(lab) -> list[dict]:
             f'name = "{name}"\nvip = "{lab_vip()}"\ngateway_address = "{CLUSTER_NEXT_HOP}"\n'
             f'gateway_port = 7400\nqueue_num = 0\n'
             f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
-            f'state_dir = "{sd}/{name}"\ncluster_interface = "eth0"\ndatapath = "{lab.datapath}"\n')
+            f'state_dir = "{sd}/{name}"\ncluster_interface = "eth0"\ndatapath = "{lab.datapath}"\n'
+            f'metrics_address = "{node_metrics()}"\n')
         path = os.path.join(sd, f"{name}.toml")
         with open(path, "w") as f:
             f.write(text)
-        plan.append({"name": name, "ns": lab.node_ns(k), "args": ["node", "run", "--config", path]})
+        plan.append({"name": name, "ns": lab.node_ns(k),
+                     "args": ["node", "run", "--config", path, "--log-format", lab.log_format]})
     return plan
 
 
@@ -207,6 +210,18 @@ def lab_vip() -> str:
     from .lab import VIP
 
     return VIP
+
+
+def gateway_metrics() -> str:
+    from .lab import GATEWAY_METRICS  # inside each gateway's own namespace
+
+    return GATEWAY_METRICS
+
+
+def node_metrics() -> str:
+    from .lab import NODE_METRICS
+
+    return NODE_METRICS
 
 
 def keepalived_argv(state_dir: str, g: str, i: int) -> list[str]:

@@ -161,7 +161,7 @@ def agents_relogin_s(h, since):
     for k in range(1, h.lab.nodes + 1):
         with open(os.path.join(h.lab.state_dir, "logs", f"n{k}.log")) as f:
             stamps = [time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
-                      for line in f if "registered with gateway" in line]
+                      for line in f if " login gateway=" in line or "registered with gateway" in line]
         after = [t for t in stamps if t >= since]
         assert after, f"n{k} did not log in again"
         last = max(last, min(after))
