@@ -164,7 +164,9 @@ class HighAvailability:
         journal = await asyncio.to_thread(self.bg.open_migrations)
         await asyncio.to_thread(self._route)
         if not self._busy() and self._install(table, epochs):
-            await gw.push_table()
+            # not awaited: a session that died with a link (its requests time out after
+            # seconds) must not hold up following the table
+            asyncio.ensure_future(gw.push_table())
         # journaled migrations this gateway does not drive: booked, and taken over when
         # their driver is gone
         ctl = gw.controller
