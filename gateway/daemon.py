@@ -359,6 +359,9 @@ class Gateway:
                     event(log, "node.heartbeat_missed", logging.WARNING, node=a.node,
                           silent_s=round(now - a.rpc.last_seen, 1))
                     a.rpc.close()
+                    # a silent peer (its link is gone) acknowledges no TLS close: end the
+                    # session now, not when TCP gives up minutes later
+                    a.rpc.writer.transport.abort()
 
     # --- control API -----------------------------------------------------------------
     async def _on_control(self, reader, writer) -> None:
