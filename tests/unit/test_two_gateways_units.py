@@ -174,3 +174,22 @@ def test_a_moved_gateway_address_is_reported_once(monkeypatch):
     seen = []
     asyncio.run(asyncio.wait_for(gatewaywatch.watch("192.0.2.1", lambda a, b: seen.append((a, b)), poll_s=0), 5))
     assert seen == [("02:aa:00:00:00:01", "02:bb:00:00:00:02")]
+
+
+def test_lab_status_names_the_master_and_a_dead_daemon():
+    from vipctl.render import render_lab_status
+    s = {"prefix": "p", "up": True, "healthy": False, "namespaces": ["p-gw1"], "daemons": {},
+         "cluster": {"error": "no gateway answers"},
+         "gateways": [{"name": "gw1", "pid": 10, "alive": False, "vrrp": "backup"},
+                      {"name": "gw2", "pid": 11, "alive": True, "vrrp": "master"}]}
+    text = render_lab_status(s)
+    assert "gateway gw1: backup (daemon DEAD)" in text and "gateway gw2: master\n" in text + "\n"
+
+
+def test_the_keepalived_config_moves_both_next_hops_together():
+    from vipctl import labha
+    conf = labha.keepalived_conf("gw1", priority=150, check="/x/gw1-alive.sh")
+    assert conf.count("vrrp_instance") == 2 and "vrrp_sync_group vipcluster" in conf
+    assert "vrrp_version 3" in conf and conf.count("advert_int 0.3") == 2 and conf.count("nopreempt") == 2
+    assert "198.51.100.1/24 dev client0" in conf and "192.0.2.1/24 dev cluster0" in conf
+    assert conf.count("gateway_alive") == 3 and 'script "/x/gw1-alive.sh"' in conf
