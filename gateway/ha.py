@@ -42,7 +42,7 @@ from .registry import RegistryError
 log = logging.getLogger("vipcluster.ha")
 
 FOLLOW_S = 0.25
-DRIVER_TTL_S = 2  # etcd's minimum with a 500 ms election timeout; a dead driver is replaced after this
+DRIVER_TTL_S = 2  # a dead driver is replaced after this (etcd raises TTLs below 1.5 x its election timeout)
 
 
 class HighAvailability:
