@@ -246,7 +246,7 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         raise LocalControlError("must be run as root")
     if is_up(lab):
         st = status(lab)
-        if st["nodes_configured"] == lab.nodes and st["healthy"]:
+        if st["nodes_configured"] == lab.nodes and st["healthy"] and ("gateways" in st) == (lab.gateways > 1):
             log(f"lab '{lab.prefix}' is already up with {lab.nodes} nodes")
             return st
         raise LocalControlError(

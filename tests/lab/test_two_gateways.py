@@ -202,8 +202,9 @@ def wait_settled(h, name, timeout=40):
     raise AssertionError(f"the migration of {name} is still open after {timeout}s")
 
 
-@pytest.mark.parametrize("op, outcome", [("migrate.restore", "rolled_back"), ("migrate.release", "committed")],
-                         ids=["before-point-of-no-return", "after-owner-switch"])
+@pytest.mark.parametrize("op, outcome", [("migrate.restore", "rolled_back"), ("migrate.release", "committed"),
+                                         ("migrate.commit", "committed")],
+                         ids=["before-point-of-no-return", "after-owner-switch", "after-release"])
 def test_driver_killed_mid_migration_the_other_ends_it(ha, tmp_path, op, outcome):
     driver = master(ha)
     other = OTHER[driver]
