@@ -293,3 +293,36 @@ def test_driver_killed_and_restarted_mid_migration_finishes_it(ha, tmp_path):
     assert svc["owner"] == dest, svc
     assert_exact(r)
     migrate(ha, "echo", NEXT[dest])
+
+
+def test_etcd_down_under_load_writes_are_refused_cleanly_service_continues(ha, tmp_path):
+    """etcd stopped (held: not restarted) under load: the data plane and the sessions go
+    on; a migration and a service add are refused with one line naming etcd, nothing
+    changes; once etcd is back the next migration commits."""
+    p, stop = start_load(ha, tmp_path, "etcd-down", kv=True, duration=120.0)
+    source = owner(ha, "echo")
+    try:
+        time.sleep(0.5)
+        labmod.hold_daemon(ha.lab, "etcd")
+        time.sleep(1.0)
+        _, res = migrate(ha, "echo", NEXT[source], check=False)
+        assert res.returncode == 1 and "etcd" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+        res = ha.vipctl("service", "add", "late", "--node", "n3", "--port", "tcp:8", "--exec", "builtin:echo",
+                        check=False)
+        assert res.returncode == 1 and "etcd" in res.stderr, res.stderr
+        time.sleep(1.0)
+        old = labmod.daemon_pids(ha.lab)["etcd"]
+        labmod.release_daemon(ha.lab, "etcd")
+        labmod.wait_restarted(ha.lab, "etcd", old, timeout=10)
+        time.sleep(2.0)
+        assert owner(ha, "echo") == source
+        assert "late" not in [s["name"] for s in json.loads(ha.vipctl("status", "--json").stdout)["services"]]
+        rep, _ = migrate(ha, "echo", NEXT[source])
+        time.sleep(0.5)
+    finally:
+        labmod.release_daemon(ha.lab, "etcd")
+        r = finish_load(p, stop)
+    print(f"[two gateways] etcd down under load: migrate and service add refused ({res.stderr.strip()}); "
+          f"after it came back the migration {rep['outcome']}; load lost nothing: tcp {r['tcp_ok']}/{r['tcp_sent']}, "
+          f"udp {r['udp_answered_once']}/{r['udp_sent']}")
+    assert_exact(r)
