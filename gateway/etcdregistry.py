@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from typing import Callable
 
 from clustercore import messages as msgs
@@ -69,6 +70,7 @@ class EtcdRegistry:
             self._clients.append(etcd3gw.Etcd3Client(host=host, port=int(port), timeout=timeout,
                                                      api_path=API_PATH))
         self._current = 0
+        self._lock = threading.RLock()
         self.fence: str | None = None  # the driver key's value while we hold the lease
         self._events_lease: tuple[float, object] | None = None
         self._call(lambda c: c.status())  # RegistryError: "cannot talk to etcd: ..."
@@ -78,6 +80,10 @@ class EtcdRegistry:
         """fn(client), on the endpoint that worked last, then the others."""
         import etcd3gw.exceptions as ex
 
+        with self._lock:  # one request at a time on these sessions (callers may be threads)
+            return self._call_locked(fn, ex)
+
+    def _call_locked(self, fn, ex):
         last: Exception | None = None
         for i in range(len(self._clients)):
             k = (self._current + i) % len(self._clients)

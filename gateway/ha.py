@@ -55,7 +55,7 @@ class HighAvailability:
         self.holders = 0  # local migrations and recoveries that need the driver lease
         self.mirrored: set[str] = set()  # journaled services booked because another gateway drives them
         self._keepalive: asyncio.Task | None = None
-        self._seen: tuple | None = None
+        self._claiming = asyncio.Lock()  # two local migrations starting at once take one lease
         self.last_error: str | None = None
 
     def start(self) -> None:
@@ -65,7 +65,23 @@ class HighAvailability:
     @contextlib.asynccontextmanager
     async def driving(self, service: str):
         """Hold the driver lease around a migration (or refuse it: LocalControlError)."""
-        if self.holders == 0:
+        async with self._claiming:
+            await self._claim()
+        self.holders += 1
+        try:
+            yield
+        finally:
+            self.holders -= 1
+            if self.holders == 0:
+                lease, self.lease = self.lease, None
+                self.gw.registry.fence = None
+                if self._keepalive is not None:
+                    self._keepalive.cancel()
+                await asyncio.to_thread(self.bg.release_driver, lease)
+                log.info("released the migration lease (%s)", service)
+
+    async def _claim(self) -> None:
+        if self.holders == 0 and self.lease is None:
             try:
                 lease = await asyncio.to_thread(self.bg.grant_lease, DRIVER_TTL_S)
                 ok = await asyncio.to_thread(self.bg.claim_driver, lease)
@@ -80,18 +96,6 @@ class HighAvailability:
             self.gw.registry.fence = self.bg.fence
             self._keepalive = asyncio.ensure_future(self._keep(lease))
             log.info("holding the migration lease (%s)", self.bg.fence)
-        self.holders += 1
-        try:
-            yield
-        finally:
-            self.holders -= 1
-            if self.holders == 0:
-                lease, self.lease = self.lease, None
-                self.gw.registry.fence = None
-                if self._keepalive is not None:
-                    self._keepalive.cancel()
-                await asyncio.to_thread(self.bg.release_driver, lease)
-                log.info("released the migration lease (%s)", service)
 
     def _revoke(self, lease) -> None:
         try:

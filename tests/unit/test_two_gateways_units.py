@@ -109,6 +109,15 @@ def test_one_driver_at_a_time(clean):
         assert gw1.registry.fence is None and gw1.registry.driver() is None  # released
         async with ha2.driving("echo"):
             assert gw2.registry.driver().startswith("gw2:")
+
+        # two migrations starting at once on one gateway share one lease (none refused)
+        async def one(name):
+            async with ha1.driving(name):
+                await asyncio.sleep(0.05)
+                return gw1.registry.fence
+        fences = await asyncio.gather(one("echo"), one("kv"))
+        assert fences[0] == fences[1] and fences[0].startswith("gw1:")
+        assert gw1.registry.driver() is None
     asyncio.run(main())
 
 
