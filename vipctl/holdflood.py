@@ -225,7 +225,7 @@ def measure(prefix: str, count: int, log, flows: int = 64) -> dict:
     from vipctl import lab as labmod
     from vipctl.client import call
 
-    spec = labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST, migration_timeouts=(("restoring", 300.0),))
+    spec = labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST, migration_timeouts=(("restoring", 300.0), ("releasing", 60.0)))
     labmod.down(spec, log=lambda *a: None)
     work = tempfile.mkdtemp(prefix="vipctl-bench-hold-")
     try:
