@@ -110,7 +110,12 @@ class MigrationDriver:
                     event = mig.StepFailed(reason=f"owner switch not recorded: {e}")
                 self.feed(event, now)
             elif isinstance(cmd, mig.ArmTimer):
-                x.arm_timer(cmd.deadline)
+                # the machine's timer as it is now, not the command's: an owner switch
+                # feeds OwnerSwitched from inside this loop, and the switching step's
+                # ArmTimer, performed after that nested feed, would put back a deadline
+                # the machine has already replaced (the gateway then spun on a past
+                # deadline and read no reply until the releasing timeout)
+                x.arm_timer(self.machine.get_timer())
             elif isinstance(cmd, mig.Transition):
                 x.transition(cmd.previous, cmd.state)
             elif isinstance(cmd, mig.Report):

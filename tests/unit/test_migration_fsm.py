@@ -521,3 +521,36 @@ def test_an_owner_switch_for_another_service_is_refused():
     d = reach(State.SWITCHING)
     d.feed(OwnerSwitched(service=SERVICE, node=SRC))
     assert d.m.state is State.ROLLING_BACK
+
+
+def test_the_driver_arms_the_machines_current_timer_after_the_owner_switch():
+    """Restored -> SetOwner -> OwnerSwitched is fed from inside the driver's loop; the
+    executor must end up with the releasing deadline, not the switching one."""
+    from clustercore.migration_driver import MigrationDriver
+
+    class Executor:
+        deadline = None
+
+        def send(self, node, message): pass
+        def flip_epoch(self, service, epoch): pass
+        def set_delivery(self, service, nodes): pass
+        def set_owner(self, service, node, release): pass
+        def arm_timer(self, deadline): self.deadline = deadline
+        def transition(self, previous, state): pass
+        def report(self, step, detail): pass
+        def finished(self, done): pass
+
+    t = MigrationTimeouts(switching=2.0, releasing=60.0)
+    m = Migration(service=SERVICE, source=SRC, dest=DST, epoch=EPOCH, timeouts=t)
+    x = Executor()
+    d = MigrationDriver(m, x)
+    now = T0
+    for event, after in HAPPY:
+        if isinstance(event, EpochFlipped):
+            continue  # the driver performs the flip and feeds this itself
+        now += TICK
+        d.feed(event, now)
+        if after is State.SWITCHING:
+            break
+    assert m.state is State.RELEASING
+    assert m.get_timer() == now + t.releasing and x.deadline == m.get_timer()
