@@ -31,6 +31,8 @@ from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
 from . import criu, iptables, netlink, pidfd, services, tcprepair
+from .drain import DrainAgent
+from .health import HealthRunner
 from .migrate import MigrationAgent
 from .queue import PacketQueue
 from .verdictlog import VerdictLog
@@ -58,6 +60,8 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self.migrations = MigrationAgent(self)
         self.heartbeat_s = 1.0  # the gateway says how often, at login
+        self.drain = DrainAgent(self)  # graceful drains (nodeshim.drain)
+        self.health = HealthRunner(self)  # health checks of the services we own (nodeshim.health)
         self.handlers = {
             msgs.Table: self.on_table,
             msgs.Reconcile: self.on_reconcile,
@@ -66,6 +70,7 @@ class NodeAgent:
             msgs.Counters: self.on_counters,
             msgs.NodeVerdicts: self.on_verdicts,
             **{m: self.on_migration for m in MIGRATION_MESSAGES},
+            **self.drain.handlers,
         }
         self.adopted: list[str] = []  # services taken back from a previous agent
         self.frozen_adopted: set[str] = set()  # ... that it left frozen mid-migration
@@ -237,7 +242,7 @@ class NodeAgent:
         else:
             rules = fastpath.to_iptables(
                 fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
-                                   set(self.filter.roles)), cfg.queue_num)
+                                   set(self.filter.roles), self.drain.roles), cfg.queue_num)
         if rules == self._fast_rules:
             return
         if self._fast_rules:
@@ -262,6 +267,7 @@ class NodeAgent:
         # link comes and goes on its own
         systemd.ready(f"node {self.config.name}: queue {self.config.queue_num} bound")
         tasks = [asyncio.ensure_future(self._gateway_loop()), asyncio.ensure_future(self._watch_services()),
+                 asyncio.ensure_future(self.health.run()),
                  asyncio.ensure_future(systemd.ping_watchdog())]
         await self._stop.wait()
         systemd.stopping()
@@ -487,6 +493,7 @@ class NodeAgent:
                           for n, rs in self.running.items()},
             "queue_errors": self.queue.errors if self.queue else 0,
             "process_strategy": self.process_strategy(),
+            "health": self.health.states(),
         }
 
     def process_strategy(self) -> dict:
