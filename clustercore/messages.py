@@ -605,7 +605,7 @@ class Migrate(Message):
     name: str
     to: str
     graceful: bool = False  # no state moved: new flows to `to`, old ones finish (gateway.graceful)
-    timeout: float | None = None  # graceful: cut what is left after this many seconds
+    timeout_s: float | None = None  # graceful: cut what is left after this many seconds
 
 
 @message("node.drain")
@@ -613,7 +613,7 @@ class NodeDrain(Message):
     node: str
     to: str | None = None
     graceful: bool = False
-    timeout: float | None = None
+    timeout_s: float | None = None
 
 
 @message("progress")

@@ -239,13 +239,13 @@ class Controller:
     async def op_migrate(self, msg: msgs.Migrate, ctx: Context) -> dict:
         if msg.graceful:  # no state moved: gateway.graceful
             from . import graceful
-            return await graceful.migrate(self.gw, msg.name, msg.to, msg.timeout, ctx.progress)
+            return await graceful.migrate(self.gw, msg.name, msg.to, msg.timeout_s, ctx.progress)
         return await self.migrate(msg.name, msg.to, ctx.progress)
 
     async def op_drain(self, msg: msgs.NodeDrain, ctx: Context) -> dict:
         if msg.graceful:
             from . import graceful
-            return await graceful.drain_node(self.gw, msg.node, msg.to, msg.timeout, ctx.progress)
+            return await graceful.drain_node(self.gw, msg.node, msg.to, msg.timeout_s, ctx.progress)
         return await self.drain(msg.node, msg.to, ctx.progress)
 
     async def relay_chunk(self, node: str, chunk: msgs.Chunk) -> None:

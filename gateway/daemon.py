@@ -328,13 +328,20 @@ class Gateway:
     async def _watch_agents(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
-            await asyncio.sleep(self.config.heartbeat_s)
+            await asyncio.sleep(min(self.config.heartbeat_s, 0.25))  # a dead node is seen soon after its timeout
             now = loop.time()
             for a in list(self.agents.values()):
                 if now - a.rpc.last_seen > self.config.node_timeout_s:
                     log.warning("node %s missed its heartbeats for %.1fs: marking it down",
                                 a.node, now - a.rpc.last_seen)
                     a.rpc.close()
+                    # down now: a TLS close towards a stopped peer can take 30 s to end its session
+                    if self.agents.get(a.node) is a:
+                        del self.agents[a.node]
+                        self.log_event("node_down", {"node": a.node,
+                                                     "missed_heartbeats_s": round(now - a.rpc.last_seen, 2)})
+                        self.failover.node_lost(a.node, a.rpc.last_seen)
+                        asyncio.ensure_future(self.push_table())  # the anchor may move
 
     # --- control API -----------------------------------------------------------------
     async def _on_control(self, reader, writer) -> None:

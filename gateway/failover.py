@@ -113,6 +113,8 @@ class Failover:
     def node_lost(self, node: str, last_seen: float) -> None:
         """The agent's session ended (link closed, or heartbeats missed): the node is dead
         once node_timeout_s have passed since we last heard from it, unless it is back."""
+        if self.gw._stop.is_set():
+            return  # the gateway is shutting down, not the node
         self._spawn(self._declare_dead_later(node, last_seen))
 
     async def _declare_dead_later(self, node: str, last_seen: float) -> None:

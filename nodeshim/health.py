@@ -22,6 +22,7 @@ class HealthRunner:
         self.agent = agent
         self.monitors: dict[str, h.HealthMonitor] = {}
         self.tasks: set[asyncio.Task] = set()
+        self._link = None  # the gateway session the states were reported on
 
     def states(self) -> dict[str, dict]:
         """For `counters` (vipctl status): each checked service's state on this node."""
@@ -46,6 +47,11 @@ class HealthRunner:
             await asyncio.sleep(TICK_S)
 
     def step(self, now: float) -> None:
+        if self.agent.rpc is not self._link:
+            # a new gateway session (a restarted gateway knows nothing): start over, so
+            # every state is reported again after the first probe
+            self._link = self.agent.rpc
+            self.monitors.clear()
         wanted = self._wanted()
         for name in [n for n in self.monitors if n not in wanted]:
             del self.monitors[name]  # moved away, removed, or migrating: no verdict now

@@ -328,12 +328,12 @@ def _graceful_option(graceful: bool, timeout: float | None) -> dict:
         return {}
     from clustercore.drain import check_timeout
 
-    return {"graceful": True, "timeout": check_timeout(timeout)}
+    return {"graceful": True, "timeout_s": check_timeout(timeout)}
 
 
 def _graceful_wait(extra: dict, default: float) -> float:
     """How long vipctl waits for the answer: a graceful drain takes up to its timeout."""
-    return max(default, extra.get("timeout", 0) + 60.0)
+    return max(default, extra.get("timeout_s", 0) + 60.0)
 
 
 # --- benchmark ---------------------------------------------------------------------------

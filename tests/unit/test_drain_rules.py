@@ -99,4 +99,4 @@ def test_flow_round_trip_and_counts():
 def test_drain_messages_decode():
     m = msgs.decode({"op": "drain.dest", "service": "echo", "udp_flows": ["198.51.100.2:5000:7"]})
     assert m.udp_flows == ("198.51.100.2:5000:7",)
-    assert msgs.decode(msgs.Migrate(name="echo", to="n2", graceful=True, timeout=5.0).to_wire()).graceful
+    assert msgs.decode(msgs.Migrate(name="echo", to="n2", graceful=True, timeout_s=5.0).to_wire()).graceful
