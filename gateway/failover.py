@@ -202,19 +202,24 @@ class Failover:
         self.health.pop(name, None)
         gw.apply_delivery()
         await gw.push_table()
-        if old in gw.agents and old not in self.fenced:
-            await self._stop(old, name)  # the hung instance
         event["outcome"] = "restarted"
-        return self._record(event)
+        self._record(event)
+        if old in gw.agents and old not in self.fenced:
+            event["old_instance"] = await self._stop(old, name)  # the hung one
+        else:
+            event["old_instance"] = f"not stopped: node {old} is down (its agent stops it when it comes back)"
+        return event
 
-    async def _stop(self, node: str, name: str) -> None:
+    async def _stop(self, node: str, name: str) -> str:
         session = self.gw.agents.get(node)
         if session is None:
-            return
+            return f"not stopped: node {node} is down"
         try:
             await session.rpc.request(msgs.ServiceStop(name=name), timeout=AGENT_TIMEOUT_S)
+            return f"stopped on {node}"
         except VipError as e:
             log.warning("stopping %s on %s after failover: %s", name, node, e)
+            return f"not stopped on {node}: {e}"
 
     def _record(self, event: dict) -> dict:
         if event["outcome"] == "restarted":
