@@ -384,6 +384,7 @@ class NodeAgent:
         for s in msg.services:
             self._check_ours(s)
         self.migrations.end_all_except(set(msg.migrating), owners, "the gateway no longer runs this migration")
+        self.drain.end_all_except(set(msg.migrating))  # graceful drains are booked there too
         return self.reconcile(list(msg.services))
 
     async def on_service_start(self, msg: msgs.ServiceStart, ctx: Context) -> dict:

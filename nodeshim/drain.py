@@ -62,6 +62,17 @@ class DrainAgent:
             self.roles[name] = role
         self.agent.sync_datapath()
 
+    def end_all_except(self, running: set[str]) -> None:
+        """A (re)joined gateway says which migrations and drains still run: the roles of
+        any other drain are stale (its gateway died mid-way) and go."""
+        stale = [n for n in self.roles if n not in running]
+        for name in stale:
+            log.warning("drain of %s: the gateway no longer runs it; role removed", name)
+            self.roles.pop(name, None)
+            self._udp_peak.pop(name, None)
+        if stale:
+            self.agent.sync_datapath()
+
     async def on_prepare(self, msg: msgs.DrainPrepare, ctx: Context) -> dict:
         self._check_fast()
         service = msg.service

@@ -212,3 +212,25 @@ def test_graceful_drain_under_load_keeps_old_connections_on_the_old_node(tmp_pat
         assert {ns: out_rsts(ns) - before for ns, before in rsts.items()} == {old_ns: 0, new_ns: 0}
         assert "echo" not in next(n for n in h.status()["nodes"] if n["name"] == "n1")["processes"]
         assert echo_works(h)
+
+
+def test_graceful_node_drain_cuts_what_outlives_the_timeout(tmp_path):
+    with own_lab("ht") as h:
+        h.vipctl("service", "add", "echo", "--node", "n1", *ECHO)
+        h.vipctl("service", "add", "kv", "--node", "n1", "--port", "tcp:6379", "--exec", "builtin:kv")
+        # 5 keep-alive loops that last longer than the drain's timeout
+        a = loadgen(h, tmp_path, "long", "--conns", 5, "--rate", 10, "--duration", 6)
+        r = h.vipctl("node", "drain", "n1", "--graceful", "--timeout", "2", "--json", timeout=120)
+        result = json.loads(r.stdout)
+        cut = finish(a)  # its connections were cut: resets or errors are what a cut is
+        print("node drain:", result)
+        print("the cut clients saw:", {k: cut[k] for k in ("resets", "tcp_errors", "tcp_missing", "errors")})
+        reports = {m["service"]: m for m in result["migrations"]}
+        assert set(reports) == {"echo", "kv"}
+        assert {m["to"] for m in reports.values()} == {"n2", "n3"}  # spread over the other nodes
+        echo = reports["echo"]
+        assert echo["drain"] == "timeout" and echo["tcp"] == {"at_start": 5, "finished": 0, "cut": 5}
+        assert "cut" in echo["reason"]
+        assert reports["kv"]["drain"] == "complete" and reports["kv"]["tcp"]["at_start"] == 0
+        assert not next(n for n in h.status()["nodes"] if n["name"] == "n1")["processes"]
+        assert echo_works(h)  # served from its new node
