@@ -29,6 +29,8 @@ from clustercore import messages as msgs
 from clustercore.errors import LocalControlError, VipError
 from clustercore.health import Health, pick_node
 
+from vipwire.logs import event
+
 from .registry import RegistryError
 
 log = logging.getLogger("vipcluster.failover")
@@ -97,10 +99,11 @@ class Failover:
         before = self.health.get(msg.service, {}).get("state")
         self.health[msg.service] = {"state": msg.state, "failures": msg.failures, "detail": msg.detail[:200],
                                     "node": node, "at": time.time()}
+        if msg.state != Health.STARTING.value:  # failing still counts healthy until K failures
+            self.gw.metrics.set_health(msg.service, msg.state != Health.UNHEALTHY.value)
         if before != msg.state:
-            log.log(logging.WARNING if msg.state == Health.UNHEALTHY.value else logging.INFO,
-                    "service %s on %s is %s (%d failed in a row): %s", msg.service, node, msg.state,
-                    msg.failures, msg.detail)
+            event(log, "health.change", logging.WARNING if msg.state == Health.UNHEALTHY.value else logging.INFO,
+                  service=msg.service, node=node, state=msg.state, failures=msg.failures, detail=msg.detail[:200])
             self.gw.log_event("health", {"service": msg.service, "node": node, "state": msg.state,
                                          "failures": msg.failures, "detail": msg.detail[:200]})
         if msg.state == Health.UNHEALTHY.value and service.health is not None \
@@ -128,8 +131,8 @@ class Failover:
         gw = self.gw
         self.fenced.add(node)
         owned = [s for s in gw.table if s.owner == node]
-        log.warning("node %s is dead (silent for %.1fs): fenced from delivery; its services: %s", node, silent_s,
-                    ", ".join(s.name for s in owned) or "none")
+        event(log, "node.dead", logging.WARNING, node=node, silent_s=round(silent_s, 2), fenced=True,
+              services=[s.name for s in owned], connections=LOST)
         gw.log_event("node_dead", {"node": node, "silent_s": round(silent_s, 2),
                                    "services": [s.name for s in owned], "connections": LOST})
         try:
@@ -148,7 +151,7 @@ class Failover:
         if node not in self.fenced:
             return
         self.fenced.discard(node)
-        log.info("node %s is back: unfenced", node)
+        event(log, "node.back", node=node, fenced=False)
         self.gw.log_event("node_back", {"node": node})
         try:
             self.gw.apply_delivery()
@@ -178,37 +181,38 @@ class Failover:
         target = pick_node(current=old, nodes=[n.name for n in gw.config.nodes],
                            up={n for n in gw.agents if n not in self.fenced},
                            unfit=set(self.unfit_nodes()), load=load)
-        event = {"service": name, "from": old, "to": target, "reason": reason, "connections": LOST,
-                 "at": time.time()}
+        record = {"service": name, "from": old, "to": target, "reason": reason, "connections": LOST,
+                  "at": time.time()}
         if target is None:
-            event["outcome"] = "failed"
-            event["error"] = "no other node is up with passing checks"
-            return self._record(event)
+            record["outcome"] = "failed"
+            record["error"] = "no other node is up with passing checks"
+            return self._record(record)
         moved = dataclasses.replace(service, owner=target)
         try:
             await gw.agents[target].rpc.request(msgs.ServiceStart(service=moved), timeout=AGENT_TIMEOUT_S)
         except (VipError, KeyError) as e:
-            event["outcome"] = "failed"
-            event["error"] = f"start on {target}: {e}"
-            return self._record(event)
+            record["outcome"] = "failed"
+            record["error"] = f"start on {target}: {e}"
+            return self._record(record)
         try:
             gw.registry.set_owner(name, target)
         except RegistryError as e:
-            event["outcome"] = "failed"
-            event["error"] = str(e)
+            record["outcome"] = "failed"
+            record["error"] = str(e)
             await self._stop(target, name)
-            return self._record(event)
+            return self._record(record)
         gw.table.set_owner(name, target)
         self.health.pop(name, None)
+        gw.metrics.set_health(name, None)  # until its new owner reports
         gw.apply_delivery()
         await gw.push_table()
-        event["outcome"] = "restarted"
-        self._record(event)
+        record["outcome"] = "restarted"
+        self._record(record)
         if old in gw.agents and old not in self.fenced:
-            event["old_instance"] = await self._stop(old, name)  # the hung one
+            record["old_instance"] = await self._stop(old, name)  # the hung one
         else:
-            event["old_instance"] = f"not stopped: node {old} is down (its agent stops it when it comes back)"
-        return event
+            record["old_instance"] = f"not stopped: node {old} is down (its agent stops it when it comes back)"
+        return record
 
     async def _stop(self, node: str, name: str) -> str:
         session = self.gw.agents.get(node)
@@ -221,13 +225,10 @@ class Failover:
             log.warning("stopping %s on %s after failover: %s", name, node, e)
             return f"not stopped on {node}: {e}"
 
-    def _record(self, event: dict) -> dict:
-        if event["outcome"] == "restarted":
-            log.warning("failover: service %s restarted on %s (was on %s): %s; connections %s",
-                        event["service"], event["to"], event["from"], event["reason"], LOST)
-        else:
-            log.error("failover of %s from %s failed: %s (%s)", event["service"], event["from"],
-                      event.get("error"), event["reason"])
-        self.gw.log_event("failover", event)
-        self.failovers = (self.failovers + [event])[-FAILOVERS_KEPT:]
-        return event
+    def _record(self, record: dict) -> dict:
+        ok = record["outcome"] == "restarted"
+        event(log, "failover", logging.WARNING if ok else logging.ERROR,
+              **{k: v for k, v in record.items() if k != "at"})
+        self.gw.log_event("failover", record)
+        self.failovers = (self.failovers + [record])[-FAILOVERS_KEPT:]
+        return record

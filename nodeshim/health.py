@@ -9,6 +9,7 @@ import logging
 
 from clustercore import health as h
 from clustercore import messages as msgs
+from vipwire.logs import event
 
 from .probes import probe
 
@@ -69,8 +70,8 @@ class HealthRunner:
                 task.add_done_callback(self.tasks.discard)
             elif isinstance(c, h.ReportHealth):
                 level = logging.INFO if c.state in (h.Health.HEALTHY, h.Health.STARTING) else logging.WARNING
-                log.log(level, "service %s: %s (%d failed in a row): %s", c.service, c.state.value,
-                        c.failures, c.detail)
+                event(log, "health.check", level, service=c.service, state=c.state.value, failures=c.failures,
+                      detail=c.detail)
                 self.agent.send_to_gateway(msgs.HealthReport(service=c.service, state=c.state.value,
                                                              failures=c.failures, detail=c.detail))
 

@@ -36,6 +36,8 @@ class FakeGateway:
                                             node_timeout_s=0.05)
         self.registry = types.SimpleNamespace(set_owner=lambda name, owner: None)
         self.controller = types.SimpleNamespace(busy=lambda name: False)
+        self.health_gauge = {}
+        self.metrics = types.SimpleNamespace(set_health=lambda name, ok: self.health_gauge.__setitem__(name, ok))
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self.failover = Failover(self)
@@ -96,6 +98,7 @@ def test_unhealthy_service_restarts_on_a_fit_node_and_the_hung_one_is_stopped():
     kind, event = next(e for e in gw.events if e[0] == "failover")
     assert event["outcome"] == "restarted" and "cannot be saved" in event["connections"]
     assert gw.table.get("kv").owner == "n2"  # no --failover restart: reported only
+    assert gw.health_gauge == {"kv": False, "echo": None}  # echo: until its new owner reports
 
 
 def test_a_node_that_stays_away_is_dead_fenced_and_its_services_restart():
