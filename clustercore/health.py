@@ -128,6 +128,16 @@ def needs_port(spec: HealthSpec, ports: Iterable[tuple[int, int]]) -> None:
         raise LocalControlError("--check dns needs a udp or tcp port on the service")
 
 
+def check_failover(spec: HealthSpec, kind) -> None:
+    """`--failover restart` needs a service vipcluster can start on another node: not an
+    external one (the operator runs it) nor an adopted one (its process lives on one node)."""
+    from .kinds import ServiceKind
+
+    if spec.failover == "restart" and kind in (ServiceKind.EXTERNAL, ServiceKind.ADOPTED):
+        raise LocalControlError("--failover restart needs a service vipcluster starts (--exec builtin:NAME or a "
+                                "command line), not an external or adopted (--pid) one: it cannot start it elsewhere")
+
+
 # ---------------------------------------------------------------- the machine
 
 

@@ -23,8 +23,8 @@ import time
 from clustercore import messages as msgs
 from clustercore.config import GatewayConfig
 from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, PeerControlError, VipError
-from clustercore.health import HealthSpec, needs_port
-from clustercore.kinds import Delivery, adopted_spec, check_service_options
+from clustercore.health import HealthSpec, check_failover, needs_port
+from clustercore.kinds import Delivery, adopted_spec, check_service_options, service_kind
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
 from vipwire import metricsserver, systemd, tls
@@ -131,6 +131,7 @@ class Gateway:
             self.controller.recover(self.journal)
             self.apply_delivery()  # both nodes of each open migration get its packets
         asyncio.ensure_future(self._watch_agents())
+        self.failover.watch_absent(asyncio.get_running_loop().time())  # nodes that never log in are dead too
 
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -438,6 +439,7 @@ class Gateway:
                 except ValueError as e:
                     raise LocalControlError(str(e)) from None
                 needs_port(spec, ports)
+                check_failover(spec, service_kind(exec_spec))
             service = Service(name, node, ports, exec_spec, str(migrate), str(sockets), spec)
             self.table.check_add(service)
             if node not in self.agents:

@@ -120,6 +120,12 @@ class Failover:
             return  # the gateway is shutting down, not the node
         self._spawn(self._declare_dead_later(node, last_seen))
 
+    def watch_absent(self, now: float) -> None:
+        """At start: a configured node whose agent does not log in within node_timeout_s is
+        dead (it may have died while no gateway ran)."""
+        for n in self.gw.config.nodes:
+            self.node_lost(n.name, now)
+
     async def _declare_dead_later(self, node: str, last_seen: float) -> None:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(max(0.0, last_seen + self.gw.config.node_timeout_s - loop.time()))

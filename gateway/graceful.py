@@ -74,6 +74,7 @@ async def _drain(gw, service, dest: str, limit: float, say) -> dict:
         gw.delivery_override[name] = (source, dest)
         gw.apply_delivery()
     try:
+        gap_from = time.monotonic()  # from here until the destination's role, new flows are dropped
         kept = await _ask(gw, source, msgs.DrainSource(service=name))
         async with gw._lock:
             gw.registry.set_owner(name, dest)  # RegistryError: undone below, nothing switched
@@ -95,6 +96,7 @@ async def _drain(gw, service, dest: str, limit: float, say) -> dict:
         await _ask(gw, dest, msgs.DrainDest(service=name, udp_flows=tuple(udp_flows)))
     except VipError as e:
         problems.append(f"destination role on {dest}: {e}")
+    gap_ms = round((time.monotonic() - gap_from) * 1000, 2)
     gw.apply_delivery()
     await gw.push_table()
     gw.log_event("drain_start", {"service": name, "from": source, "to": dest, "tcp": tcp0, "udp": len(udp_flows)})
@@ -133,6 +135,8 @@ async def _drain(gw, service, dest: str, limit: float, say) -> dict:
         "tcp": d.report_counts(tcp0, left_tcp),
         "udp": d.report_counts(len(udp_flows), left_udp),
         "total_ms": round((time.monotonic() - started) * 1000, 2),
+        # how long new flows found no node (a SYN retransmitted, a new flow's datagram lost)
+        "switch_gap_ms": gap_ms,
         "reason": "; ".join(problems) or (f"timeout after {limit:g}s: what was left was cut" if timed_out else ""),
     })
     gw.log_event("graceful_migration", report)

@@ -9,6 +9,7 @@ import logging
 
 from clustercore import health as h
 from clustercore import messages as msgs
+from clustercore.kinds import ServiceKind, service_kind
 from vipwire.logs import event
 
 from .probes import probe
@@ -33,7 +34,8 @@ class HealthRunner:
         agent = self.agent
         out = {}
         for s in agent.filter.services.values():
-            if (s.owner == agent.config.name and s.health is not None and s.name in agent.running
+            external = service_kind(s.exec_spec) is ServiceKind.EXTERNAL  # the operator runs it: no pid
+            if (s.owner == agent.config.name and s.health is not None and (s.name in agent.running or external)
                     and not agent.migrations.busy(s.name) and s.name not in agent.drain.roles):
                 out[s.name] = s
         return out

@@ -98,7 +98,8 @@ def render_graceful(r: dict) -> str:
         + (f" ({r['reason']})" if r.get("reason") else ""),
         f"  tcp connections left on {r['from']}: {side(r['tcp'])}",
         f"  udp flows left on {r['from']}: {side(r['udp'])}",
-        f"  total {ms(r.get('total_ms'))} (timeout {r.get('timeout_s')} s); new flows went to {r['to']} at once"])
+        f"  total {ms(r.get('total_ms'))} (timeout {r.get('timeout_s')} s); new flows went to {r['to']} after a "
+        f"{ms(r.get('switch_gap_ms'))} switch (a SYN then is retransmitted)"])
 
 
 def render_report(r: dict) -> str:

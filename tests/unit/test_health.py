@@ -2,6 +2,8 @@
 the spec's validation and wire form, and where a failed service goes."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clustercore import health as h
 from clustercore import messages as msgs
@@ -111,3 +113,47 @@ def test_dns_answer_check_is_total():
     assert not dns_answer_ok(q, 77)[0]  # a query is not an answer
     for junk in (b"", b"\x00", bytes(11), b"\xff" * 40):
         assert dns_answer_ok(junk, 77)[0] is False
+
+
+def test_failover_needs_a_service_vipcluster_can_start_elsewhere():
+    from clustercore.kinds import ServiceKind
+
+    with pytest.raises(LocalControlError, match="external or adopted"):
+        h.check_failover(spec(failover="restart"), ServiceKind.ADOPTED)
+    with pytest.raises(LocalControlError):
+        h.check_failover(spec(failover="restart"), ServiceKind.EXTERNAL)
+    h.check_failover(spec(), ServiceKind.EXTERNAL)  # a check alone is fine
+    h.check_failover(spec(failover="restart"), ServiceKind.BUILTIN)
+
+
+events = st.lists(st.tuples(st.sampled_from(["tick", "pass", "fail"]), st.floats(0, 5)), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=events, k=st.integers(1, 5), interval=st.sampled_from([0.1, 0.5, 2.0]))
+def test_any_event_sequence_keeps_the_machine_consistent(seq, k, interval):
+    """Whatever arrives in whatever order: one probe at a time, UNHEALTHY exactly when K
+    failures in a row were counted, a report for each state change and only then."""
+    m = h.HealthMonitor("svc", spec(interval_s=interval, failures=k))
+    now, in_flight = 0.0, False
+    for kind, dt in seq:
+        now += dt
+        before = m.state
+        if kind == "tick":
+            cmds = m.handle(h.Tick(now=now))
+            if in_flight:
+                assert cmds == []
+            in_flight = in_flight or bool(cmds)
+        else:
+            ev = h.ProbePassed(now=now) if kind == "pass" else h.ProbeFailed(now=now, detail="x")
+            cmds = m.handle(ev)
+            if not in_flight:
+                assert cmds == [] and m.state is before
+            in_flight = False
+        assert m.in_flight == in_flight
+        assert (m.state is h.Health.UNHEALTHY) == (m.failures >= k)
+        reports = [c for c in cmds if isinstance(c, h.ReportHealth)]
+        if m.state is not before:
+            assert [r.state for r in reports] == [m.state]
+        elif m.state is not h.Health.FAILING:
+            assert reports == []
