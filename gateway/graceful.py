@@ -3,19 +3,20 @@
 One service, from its owner (source) to `dest`, without moving any state:
 
 1. prepare   dest: start an instance, forget stale conntrack entries of the ports
+             (selective delivery: both nodes get the service's packets until the end)
 2. source    source: accept only flows its conntrack knows (new ones are dropped here
              from now on); it answers how many TCP connections and which UDP flows it keeps
-3. switch    the registry owner becomes dest (selective delivery: both nodes get the
-             service's packets until the end)
-4. dest      dest: accept new TCP connections (SYN), its own flows, and every UDP flow but
-             the source's; push the table
+3. dest      dest: accept new TCP connections (SYN), its own flows, and every UDP flow but
+             the source's
+4. switch    the registry owner becomes dest; push the table
 5. wait      ask the source every DRAIN_POLL_S how many of its flows are still live, until
              none is or the timeout passes
 6. end       remove both roles; the source stops its old instance (whatever is left is cut)
 
-A SYN or a new UDP flow's datagram that arrives between steps 2 and 4 (a few ms: two
-requests and two rule changes) is dropped on both nodes: the client retransmits the SYN
-(1 s later); the datagram is lost. A failure before step 3 undoes steps 1-2.
+A SYN or a new UDP flow's datagram that arrives between steps 2 and 3 (two requests, two
+rule changes and a conntrack dump: `switch_gap_ms` in the report) is dropped on both
+nodes: the client retransmits the SYN (1 s later); the datagram is lost. A failure before
+step 4 undoes steps 1-3.
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ async def migrate(gw, name: str, dest: str, timeout: float | None, progress=None
         gw.delivery_override.pop(name, None)
 
 
+async def _undo(gw, name: str, source: str, dest: str, say, error: Exception) -> None:
+    """Before the owner switch: both roles go, the destination's instance stops, the source
+    is the owner as before; the request fails with the reason."""
+    say("undo", f"{error}: {name} stays on {source}")
+    for node, message in ((source, msgs.DrainEnd(service=name)), (dest, msgs.DrainEnd(service=name)),
+                          (dest, msgs.ServiceStop(name=name))):
+        try:
+            await _ask(gw, node, message)
+        except VipError as e:
+            log.warning("graceful drain of %s: undoing on %s: %s", name, node, e)
+    gw.delivery_override.pop(name, None)
+    gw.apply_delivery()
+    raise LocalControlError(f"graceful drain of '{name}' to {dest} refused: {error}")
+
+
 async def _drain(gw, service, dest: str, limit: float, say) -> dict:
     name, source = service.name, service.owner
     started = time.monotonic()
@@ -76,27 +92,26 @@ async def _drain(gw, service, dest: str, limit: float, say) -> dict:
     try:
         gap_from = time.monotonic()  # from here until the destination's role, new flows are dropped
         kept = await _ask(gw, source, msgs.DrainSource(service=name))
-        async with gw._lock:
-            gw.registry.set_owner(name, dest)  # RegistryError: undone below, nothing switched
-            gw.table.set_owner(name, dest)
     except VipError as e:
-        say("undo", f"{e}: {name} stays on {source}")
-        for node, message in ((source, msgs.DrainEnd(service=name)), (dest, msgs.DrainEnd(service=name)),
-                              (dest, msgs.ServiceStop(name=name))):
-            try:
-                await _ask(gw, node, message)
-            except VipError as e2:
-                log.warning("graceful drain of %s: undoing on %s: %s", name, node, e2)
-        gw.delivery_override.pop(name, None)
-        gw.apply_delivery()
-        raise LocalControlError(f"graceful drain of '{name}' to {dest} refused: {e}") from None
+        await _undo(gw, name, source, dest, say, e)
     tcp0, udp_flows = int(kept.get("tcp", 0)), list(kept.get("udp_flows", []))
     problems: list[str] = []
+    split = {"source": kept.get("timing_ms", {})}
     try:
-        await _ask(gw, dest, msgs.DrainDest(service=name, udp_flows=tuple(udp_flows)))
+        took = await _ask(gw, dest, msgs.DrainDest(service=name, udp_flows=tuple(udp_flows)))
+        split["dest"] = took.get("timing_ms", {})
     except VipError as e:
         problems.append(f"destination role on {dest}: {e}")
     gap_ms = round((time.monotonic() - gap_from) * 1000, 2)
+    # the owner switch after both roles (the roles decide the packets, not the table), so
+    # the registry's write is not in the gap; a failure here leaves the drain to the end,
+    # with the registry still naming the source
+    try:
+        async with gw._lock:
+            gw.registry.set_owner(name, dest)  # RegistryError: nothing switched, undone
+            gw.table.set_owner(name, dest)
+    except VipError as e:
+        await _undo(gw, name, source, dest, say, e)
     gw.apply_delivery()
     await gw.push_table()
     gw.log_event("drain_start", {"service": name, "from": source, "to": dest, "tcp": tcp0, "udp": len(udp_flows)})
@@ -137,6 +152,7 @@ async def _drain(gw, service, dest: str, limit: float, say) -> dict:
         "total_ms": round((time.monotonic() - started) * 1000, 2),
         # how long new flows found no node (a SYN retransmitted, a new flow's datagram lost)
         "switch_gap_ms": gap_ms,
+        "switch_split_ms": split,
         "reason": "; ".join(problems) or (f"timeout after {limit:g}s: what was left was cut" if timed_out else ""),
     })
     gw.log_event("graceful_migration", report)

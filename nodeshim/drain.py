@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from clustercore import drain as d
 from clustercore import messages as msgs
@@ -94,14 +95,19 @@ class DrainAgent:
         if msg.service not in self.agent.running:
             raise LocalControlError(f"service '{msg.service}' does not run on {self.agent.config.name}")
         self._liberal()
+        t0 = time.monotonic()
         self._set(msg.service, d.DrainRole(d.SOURCE))  # from here on, no new flow is accepted here
+        t1 = time.monotonic()
+        # in a thread: pyroute2's synchronous API runs its own event loop (the gap is open meanwhile)
         entries = await asyncio.to_thread(conntrack.flows, self.agent.config.vip, service.ports)
+        t2 = time.monotonic()
         tcp = [e for e in entries if e.proto == TCP and e.tcp_state in d.TCP_LIVE_STATES]
         udp = [e for e in entries if e.proto == UDP]
         self._udp_peak[msg.service] = {(e.saddr, e.sport, e.dport): e.timeout for e in udp}
         log.info("drain of %s: source keeps %d TCP connections and %d UDP flows", msg.service, len(tcp), len(udp))
         return {"tcp": len(tcp), "udp": len(udp),
-                "udp_flows": [d.UdpFlow(e.saddr, e.sport, e.dport).to_wire() for e in udp]}
+                "udp_flows": [d.UdpFlow(e.saddr, e.sport, e.dport).to_wire() for e in udp],
+                "timing_ms": {"rules": round((t1 - t0) * 1000, 2), "conntrack": round((t2 - t1) * 1000, 2)}}
 
     async def on_dest(self, msg: msgs.DrainDest, ctx: Context) -> dict:
         self._check_fast()
@@ -109,10 +115,12 @@ class DrainAgent:
         if msg.service not in self.agent.running:
             raise LocalControlError(f"service '{msg.service}' does not run on {self.agent.config.name}")
         flows = tuple(d.parse_flow(f) for f in msg.udp_flows)
+        t0 = time.monotonic()
         self._set(msg.service, d.DrainRole(d.DEST, flows))
+        rules_ms = round((time.monotonic() - t0) * 1000, 2)
         log.info("drain of %s: destination takes new flows (%d UDP flows left to the source)",
                  msg.service, len(flows))
-        return {"udp_flows_excluded": len(flows)}
+        return {"udp_flows_excluded": len(flows), "timing_ms": {"rules": rules_ms}}
 
     async def on_status(self, msg: msgs.DrainStatus, ctx: Context) -> dict:
         service = self._service(msg.service)

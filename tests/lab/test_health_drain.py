@@ -21,6 +21,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from clustercore.kinds import Delivery
 from tests.lab.conftest import LabHandle, unique_prefix
 from vipctl import lab as labmod
 from vipctl.lab import VIP
@@ -29,8 +32,8 @@ ECHO = ["--port", "tcp:7", "--port", "udp:7", "--exec", "builtin:echo"]
 
 
 @contextlib.contextmanager
-def own_lab(tag):
-    spec = labmod.Lab(unique_prefix(tag), 3)
+def own_lab(tag, **options):
+    spec = labmod.Lab(unique_prefix(tag), 3, **options)
     labmod.down(spec, log=lambda *a: None)
     try:
         labmod.up(spec, log=lambda *a: None)
@@ -172,8 +175,9 @@ def finish(p):
     return json.loads(out)
 
 
-def test_graceful_drain_under_load_keeps_old_connections_on_the_old_node(tmp_path):
-    with own_lab("hg") as h:
+@pytest.mark.parametrize("delivery", [Delivery.BROADCAST, Delivery.SELECTIVE])
+def test_graceful_drain_under_load_keeps_old_connections_on_the_old_node(tmp_path, delivery):
+    with own_lab(f"hg{str(delivery)[0]}", delivery=delivery) as h:
         h.vipctl("service", "add", "echo", "--node", "n1", *ECHO)
         old_ns, new_ns = h.lab.node_ns(1), h.lab.node_ns(2)
         rsts = {ns: out_rsts(ns) for ns in (old_ns, new_ns)}
