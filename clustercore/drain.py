@@ -3,15 +3,21 @@
 The kernel's connection tracking on each node decides who serves a flow:
 
 - the *source* (old owner) keeps accepting the packets of flows its conntrack table
-  already holds (`--ctstatus CONFIRMED`: the flow was accepted here before) and drops
-  everything else of the service: a new SYN, a new UDP flow, and the packets of the
-  destination's new connections (loose pick-up makes them unconfirmed entries, which the
-  drop discards again, so they never become "known" here);
-- the *destination* (new owner, in the table from the switch on) accepts what its own
-  conntrack knows, TCP SYNs (new connections), and UDP datagrams of every flow except the
-  source's UDP flows (listed by the source when it took its role; UDP has no SYN to tell
-  a new flow from an old one); everything else of the service (the source's connections'
-  segments) is dropped, so its stack never answers them with an RST.
+  already holds (`--ctstatus CONFIRMED`: the flow was accepted here before) and of any
+  flow while they carry the service's old epoch tag; it drops everything else of the
+  service: new SYNs and new UDP flows after the gateway's epoch flip, and the packets of
+  the destination's new connections (loose pick-up makes them unconfirmed entries, which
+  the drop discards again, so they never become "known" here);
+- the *destination* (new owner) accepts what its own conntrack knows, TCP SYNs that carry
+  the new tag (new connections), and UDP datagrams with the new tag of every flow except
+  the source's UDP flows (listed by the source just after the flip; UDP has no SYN to tell
+  a new flow from an old one; until the list arrives new UDP flows are dropped);
+  everything else of the service (the source's connections' segments) is dropped, so its
+  stack never answers them with an RST.
+
+Both roles are installed before the gateway flips the service's epoch (one nft
+transaction), so new TCP connections change hands at the flip exactly: no SYN finds no
+node, none finds two.
 
 Before that the destination starts its instance and forgets the conntrack entries it may
 still hold for the service's ports (a node that once owned these flows would otherwise
@@ -29,6 +35,7 @@ report arithmetic.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from .errors import LocalControlError
@@ -69,15 +76,27 @@ def parse_flow(text: object) -> UdpFlow:
     return UdpFlow(str(ip), sp, dp)
 
 
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
 @dataclass(frozen=True)
 class DrainRole:
-    """What a node does with one draining service's packets."""
+    """What a node does with one draining service's packets.
+
+    `tag` is an epoch tag (the source MAC the gateway writes, clustercore.cutover): the
+    source keeps taking packets of unknown flows that carry the old tag (sent before the
+    gateway's flip), the destination takes new flows only with the new tag, so new
+    connections change hands at the flip, atomically, with no gap and no overlap."""
     side: str  # SOURCE or DEST
     udp_flows: tuple[UdpFlow, ...] = ()  # DEST: the source's flows, dropped here
+    tag: str = ""  # SOURCE: the old epoch tag; DEST: the new one ("": no tag test)
+    udp_open: bool = True  # DEST: False until the source's UDP flows are known
 
     def __post_init__(self) -> None:
         if self.side not in (SOURCE, DEST):
             raise LocalControlError(f"drain role must be {SOURCE} or {DEST}, got {self.side!r}")
+        if self.tag and not _MAC.match(self.tag):
+            raise LocalControlError(f"drain epoch tag must be a lower-case MAC address, got {self.tag!r}")
         if len(self.udp_flows) > MAX_UDP_FLOWS:
             raise LocalControlError(f"too many UDP flows for one drain ({len(self.udp_flows)})")
 

@@ -47,8 +47,9 @@ class Rule:
     known: bool = False
     syn: bool = False
     client: tuple[str, int] | None = None
+    mac: str | None = None  # only packets carrying this epoch tag (their source MAC)
 
-    def matches(self, p: Packet, known: Callable[[Packet], bool] | None = None) -> bool:
+    def matches(self, p: Packet, known: Callable[[Packet], bool] | None = None, epoch: str | None = None) -> bool:
         if p.proto != self.proto:
             return False
         if self.icmp_echo:
@@ -60,6 +61,8 @@ class Rule:
         if self.syn and not (p.tcp_flags is not None and p.tcp_flags & 0x17 == 0x02):
             return False
         if self.client is not None and (p.src, p.sport) != self.client:
+            return False
+        if self.mac is not None and epoch != self.mac:
             return False
         return True
 
@@ -86,27 +89,34 @@ def rules_for(node: str, services: Iterable[Service], anchor: str | None,
 
 
 def _drain_rules(role: DrainRole, name: str, proto: int, port: int) -> list[Rule]:
-    """A draining service's port: the source keeps the flows it knows; the destination
-    takes its own, new TCP connections (SYN) and every UDP flow but the source's."""
+    """A draining service's port: the source keeps the flows it knows (and whatever still
+    carries the old tag); the destination takes its own flows, new TCP connections (SYN)
+    and new UDP flows with the new tag, never a packet of the source's flows."""
+    tag = role.tag or None
     if role.side == SOURCE:
-        return [Rule(proto, port, False, Verdict.ACCEPT, name, known=True),
-                Rule(proto, port, False, Verdict.DROP, name)]
+        rules = [Rule(proto, port, False, Verdict.ACCEPT, name, known=True)]
+        if tag:
+            rules.append(Rule(proto, port, False, Verdict.ACCEPT, name, mac=tag))
+        return rules + [Rule(proto, port, False, Verdict.DROP, name)]
     assert role.side == DEST
     if proto == TCP:
         return [Rule(proto, port, False, Verdict.ACCEPT, name, known=True),
-                Rule(proto, port, False, Verdict.ACCEPT, name, syn=True),
+                Rule(proto, port, False, Verdict.ACCEPT, name, syn=True, mac=tag),
                 Rule(proto, port, False, Verdict.DROP, name)]
-    return [*(Rule(proto, port, False, Verdict.DROP, name, client=(f.addr, f.sport))
-              for f in role.udp_flows if f.dport == port),
-            Rule(proto, port, False, Verdict.ACCEPT, name)]
+    rules = [Rule(proto, port, False, Verdict.DROP, name, client=(f.addr, f.sport))
+             for f in role.udp_flows if f.dport == port]
+    if role.udp_open:
+        rules.append(Rule(proto, port, False, Verdict.ACCEPT, name, known=True))
+        rules.append(Rule(proto, port, False, Verdict.ACCEPT, name, mac=tag))
+    return rules + [Rule(proto, port, False, Verdict.DROP, name)]
 
 
-def evaluate(rules: list[Rule], packet: Packet,
-             known: Callable[[Packet], bool] | None = None) -> tuple[Verdict | str, str | None]:
+def evaluate(rules: list[Rule], packet: Packet, known: Callable[[Packet], bool] | None = None,
+             epoch: str | None = None) -> tuple[Verdict | str, str | None]:
     """First match wins; no match goes to the queue. `known(packet)`: does this node's
-    conntrack hold the packet's flow (the drain rules ask; None: nothing is known)."""
+    conntrack hold the packet's flow; `epoch`: the packet's tag (the drain rules ask)."""
     for r in rules:
-        if r.matches(packet, known):
+        if r.matches(packet, known, epoch):
             return r.action, r.service
     return QUEUE, None
 
@@ -125,6 +135,8 @@ def to_iptables(rules: list[Rule], queue_num: int) -> list[str]:
             m += f" --dport {r.port}"
         if r.syn:
             m += " --syn"
+        if r.mac is not None:
+            m += f" -m mac --mac-source {r.mac}"
         if r.known:
             m += " -m conntrack --ctstatus CONFIRMED"
         target = f"NFQUEUE --queue-num {queue_num}" if r.action == QUEUE else r.action.value.upper()

@@ -453,20 +453,28 @@ class DrainPrepare(Message):
 
 @message("drain.source")
 class DrainSource(Message):
-    """Source: from now on accept only flows conntrack already knows; reply the flows."""
+    """Source: accept flows conntrack already knows, and others only while they carry the
+    old epoch tag `epoch` (until the gateway's flip)."""
     service: str
+    epoch: str = ""
 
 
 @message("drain.dest")
 class DrainDest(Message):
-    """Destination: accept new flows, drop the source's UDP flows ("ADDR:SPORT:DPORT")."""
+    """Destination: accept new flows with the new tag `epoch` (UDP ones once `udp_open`),
+    drop the source's UDP flows ("ADDR:SPORT:DPORT")."""
     service: str
+    epoch: str = ""
     udp_flows: tuple[str, ...] = ()
+    udp_open: bool = True
 
 
 @message("drain.status")
 class DrainStatus(Message):
+    """Source: its live flows; `baseline` (the first, after the flip): they are the ones
+    the drain leaves here, and the reply lists the UDP ones."""
     service: str
+    baseline: bool = False
 
 
 @message("drain.end")

@@ -4,19 +4,21 @@ One service, from its owner (source) to `dest`, without moving any state:
 
 1. prepare   dest: start an instance, forget stale conntrack entries of the ports
              (selective delivery: both nodes get the service's packets until the end)
-2. source    source: accept only flows its conntrack knows (new ones are dropped here
-             from now on); it answers how many TCP connections and which UDP flows it keeps
-3. dest      dest: accept new TCP connections (SYN), its own flows, and every UDP flow but
-             the source's
-4. switch    the registry owner becomes dest; push the table
-5. wait      ask the source every DRAIN_POLL_S how many of its flows are still live, until
+2. source    source: accept the flows its conntrack knows, and any packet with the old
+             epoch tag (so far: all of them)
+3. dest      dest: accept its own flows and SYNs with the new tag (so far: none); UDP closed
+4. flip      owner and epoch in the registry, then one nft transaction: from here new
+             connections carry the new tag: the destination's, exactly
+5. flows     source: its live TCP connections and UDP flows (the ones the drain leaves it)
+6. udp       dest: new UDP flows with the new tag, except the source's; push the table
+7. wait      ask the source every DRAIN_POLL_S how many of its flows are still live, until
              none is or the timeout passes
-6. end       remove both roles; the source stops its old instance (whatever is left is cut)
+8. end       remove both roles; the source stops its old instance (whatever is left is cut)
 
-A SYN or a new UDP flow's datagram that arrives between steps 2 and 3 (two requests, two
-rule changes and a conntrack dump: `switch_gap_ms` in the report) is dropped on both
-nodes: the client retransmits the SYN (1 s later); the datagram is lost. A failure before
-step 4 undoes steps 1-3.
+New TCP connections change hands at the flip with no gap and no overlap. A new UDP flow's
+datagrams between steps 4 and 6 (a request with a conntrack dump and a rule change:
+`udp_gap_ms` in the report) are dropped on both nodes. A failure before the flip undoes
+steps 1-3.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from clustercore import drain as d
 from clustercore import messages as msgs
 from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import Delivery, ServiceKind, service_kind
+
+from . import nft
 
 log = logging.getLogger("vipcluster.graceful")
 
@@ -89,30 +93,46 @@ async def _drain(gw, service, dest: str, limit: float, say) -> dict:
     if gw.config.delivery == Delivery.SELECTIVE:
         gw.delivery_override[name] = (source, dest)
         gw.apply_delivery()
+    old_epoch = gw.epochs.get(name, 1)
+    old_tag, new_tag = nft.epoch_mac(old_epoch), nft.epoch_mac(old_epoch + 1)
+    split: dict = {}
     try:
-        gap_from = time.monotonic()  # from here until the destination's role, new flows are dropped
-        kept = await _ask(gw, source, msgs.DrainSource(service=name))
-    except VipError as e:
-        await _undo(gw, name, source, dest, say, e)
-    tcp0, udp_flows = int(kept.get("tcp", 0)), list(kept.get("udp_flows", []))
-    problems: list[str] = []
-    split = {"source": kept.get("timing_ms", {})}
-    try:
-        took = await _ask(gw, dest, msgs.DrainDest(service=name, udp_flows=tuple(udp_flows)))
-        split["dest"] = took.get("timing_ms", {})
-    except VipError as e:
-        problems.append(f"destination role on {dest}: {e}")
-    gap_ms = round((time.monotonic() - gap_from) * 1000, 2)
-    # the owner switch after both roles (the roles decide the packets, not the table), so
-    # the registry's write is not in the gap; a failure here leaves the drain to the end,
-    # with the registry still naming the source
-    try:
+        split["source"] = (await _ask(gw, source, msgs.DrainSource(service=name, epoch=old_tag))).get("timing_ms", {})
+        split["dest"] = (await _ask(gw, dest, msgs.DrainDest(service=name, epoch=new_tag, udp_open=False))).get(
+            "timing_ms", {})
         async with gw._lock:
-            gw.registry.set_owner(name, dest)  # RegistryError: nothing switched, undone
+            # durable first (a failed write flips nothing: undone), then the one nft
+            # transaction from which new connections carry the new tag: the destination's
+            gw.registry.set_owner(name, dest)
+            try:
+                gw.registry.set_epoch(name, old_epoch + 1)
+                gw.epochs[name] = old_epoch + 1
+                gw.apply_delivery()
+            except VipError:
+                gw.epochs[name] = old_epoch
+                for undo in (lambda: gw.registry.set_epoch(name, old_epoch),
+                             lambda: gw.registry.set_owner(name, source)):
+                    try:
+                        undo()
+                    except VipError as e:
+                        log.error("graceful drain of %s: cannot undo the registry: %s", name, e)
+                raise
+            flipped = time.monotonic()
             gw.table.set_owner(name, dest)
     except VipError as e:
         await _undo(gw, name, source, dest, say, e)
-    gw.apply_delivery()
+    problems: list[str] = []
+    tcp0, udp_flows = 0, []
+    try:  # which flows the flip left on the source; new UDP flows wait for this list
+        st = await _ask(gw, source, msgs.DrainStatus(service=name, baseline=True))
+        tcp0, udp_flows = int(st.get("tcp_live", 0)), list(st.get("udp_flows", []))
+    except VipError as e:
+        problems.append(f"source {source} lost at the flip ({e}): its connections are lost")
+    try:
+        await _ask(gw, dest, msgs.DrainDest(service=name, epoch=new_tag, udp_flows=tuple(udp_flows), udp_open=True))
+    except VipError as e:
+        problems.append(f"destination role on {dest}: {e}")
+    udp_gap_ms = round((time.monotonic() - flipped) * 1000, 2)
     await gw.push_table()
     gw.log_event("drain_start", {"service": name, "from": source, "to": dest, "tcp": tcp0, "udp": len(udp_flows)})
     say("draining", f"new flows go to {dest}; {tcp0} TCP connections and {len(udp_flows)} UDP flows stay "
@@ -150,9 +170,10 @@ async def _drain(gw, service, dest: str, limit: float, say) -> dict:
         "tcp": d.report_counts(tcp0, left_tcp),
         "udp": d.report_counts(len(udp_flows), left_udp),
         "total_ms": round((time.monotonic() - started) * 1000, 2),
-        # how long new flows found no node (a SYN retransmitted, a new flow's datagram lost)
-        "switch_gap_ms": gap_ms,
-        "switch_split_ms": split,
+        # new TCP connections change hands at the flip (no gap); a new UDP flow's datagrams
+        # are dropped until the destination knows the source's flows: this long
+        "udp_gap_ms": udp_gap_ms,
+        "roles_ms": split,
         "reason": "; ".join(problems) or (f"timeout after {limit:g}s: what was left was cut" if timed_out else ""),
     })
     gw.log_event("graceful_migration", report)

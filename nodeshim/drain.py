@@ -91,23 +91,15 @@ class DrainAgent:
 
     async def on_source(self, msg: msgs.DrainSource, ctx: Context) -> dict:
         self._check_fast()
-        service = self._service(msg.service)
+        self._service(msg.service)
         if msg.service not in self.agent.running:
             raise LocalControlError(f"service '{msg.service}' does not run on {self.agent.config.name}")
+        role = d.DrainRole(d.SOURCE, tag=msg.epoch)
         self._liberal()
         t0 = time.monotonic()
-        self._set(msg.service, d.DrainRole(d.SOURCE))  # from here on, no new flow is accepted here
-        t1 = time.monotonic()
-        # in a thread: pyroute2's synchronous API runs its own event loop (the gap is open meanwhile)
-        entries = await asyncio.to_thread(conntrack.flows, self.agent.config.vip, service.ports)
-        t2 = time.monotonic()
-        tcp = [e for e in entries if e.proto == TCP and e.tcp_state in d.TCP_LIVE_STATES]
-        udp = [e for e in entries if e.proto == UDP]
-        self._udp_peak[msg.service] = {(e.saddr, e.sport, e.dport): e.timeout for e in udp}
-        log.info("drain of %s: source keeps %d TCP connections and %d UDP flows", msg.service, len(tcp), len(udp))
-        return {"tcp": len(tcp), "udp": len(udp),
-                "udp_flows": [d.UdpFlow(e.saddr, e.sport, e.dport).to_wire() for e in udp],
-                "timing_ms": {"rules": round((t1 - t0) * 1000, 2), "conntrack": round((t2 - t1) * 1000, 2)}}
+        self._set(msg.service, role)  # nothing changes until the flip: every packet has the old tag
+        log.info("drain of %s: source keeps its flows, and new ones until the epoch flip", msg.service)
+        return {"timing_ms": {"rules": round((time.monotonic() - t0) * 1000, 2)}}
 
     async def on_dest(self, msg: msgs.DrainDest, ctx: Context) -> dict:
         self._check_fast()
@@ -115,29 +107,35 @@ class DrainAgent:
         if msg.service not in self.agent.running:
             raise LocalControlError(f"service '{msg.service}' does not run on {self.agent.config.name}")
         flows = tuple(d.parse_flow(f) for f in msg.udp_flows)
+        role = d.DrainRole(d.DEST, flows, tag=msg.epoch, udp_open=msg.udp_open)
         t0 = time.monotonic()
-        self._set(msg.service, d.DrainRole(d.DEST, flows))
+        self._set(msg.service, role)
         rules_ms = round((time.monotonic() - t0) * 1000, 2)
-        log.info("drain of %s: destination takes new flows (%d UDP flows left to the source)",
-                 msg.service, len(flows))
+        log.info("drain of %s: destination takes new connections with tag %s%s", msg.service, msg.epoch or "(any)",
+                 f" and new UDP flows ({len(flows)} left to the source)" if msg.udp_open else "; UDP not yet")
         return {"udp_flows_excluded": len(flows), "timing_ms": {"rules": rules_ms}}
 
     async def on_status(self, msg: msgs.DrainStatus, ctx: Context) -> dict:
         service = self._service(msg.service)
+        # in a thread: pyroute2's synchronous API runs its own event loop
         entries = await asyncio.to_thread(conntrack.flows, self.agent.config.vip, service.ports)
         tcp = sum(1 for e in entries if e.proto == TCP and e.tcp_state in d.TCP_LIVE_STATES)
+        udp_entries = [e for e in entries if e.proto == UDP]
+        if msg.baseline:  # just after the flip: these are the UDP flows the drain leaves here
+            self._udp_peak[msg.service] = {(e.saddr, e.sport, e.dport): e.timeout for e in udp_entries}
         peaks = self._udp_peak.setdefault(msg.service, {})
         udp = 0
-        for e in entries:
-            if e.proto != UDP:
-                continue
+        for e in udp_entries:
             key = (e.saddr, e.sport, e.dport)
             if key not in peaks:
                 continue  # not one of the flows the drain left here
             peaks[key] = max(peaks[key], e.timeout)
             if peaks[key] - e.timeout < d.UDP_IDLE_S:
                 udp += 1
-        return {"tcp_live": tcp, "udp_live": udp}
+        out = {"tcp_live": tcp, "udp_live": udp}
+        if msg.baseline:
+            out["udp_flows"] = [d.UdpFlow(*key).to_wire() for key in sorted(peaks)]
+        return out
 
     async def on_end(self, msg: msgs.DrainEnd, ctx: Context) -> dict:
         had = self.roles.get(msg.service)

@@ -98,8 +98,8 @@ def render_graceful(r: dict) -> str:
         + (f" ({r['reason']})" if r.get("reason") else ""),
         f"  tcp connections left on {r['from']}: {side(r['tcp'])}",
         f"  udp flows left on {r['from']}: {side(r['udp'])}",
-        f"  total {ms(r.get('total_ms'))} (timeout {r.get('timeout_s')} s); new flows went to {r['to']} after a "
-        f"{ms(r.get('switch_gap_ms'))} switch (a SYN then is retransmitted)"])
+        f"  total {ms(r.get('total_ms'))} (timeout {r.get('timeout_s')} s); new connections went to {r['to']} at the "
+        f"epoch flip, new UDP flows {ms(r.get('udp_gap_ms'))} later"])
 
 
 def render_report(r: dict) -> str:

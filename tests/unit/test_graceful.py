@@ -37,7 +37,10 @@ class Gw:
         self.config = types.SimpleNamespace(nodes=[types.SimpleNamespace(name=n) for n in ("n1", "n2")],
                                             delivery=delivery, node=lambda n: n in ("n1", "n2") or None)
         self.controller = types.SimpleNamespace(book=MigrationBook())
-        self.registry = types.SimpleNamespace(set_owner=lambda name, owner: self.owners.append(owner))
+        self.epochs = {"echo": 4}
+        self.flips = []
+        self.registry = types.SimpleNamespace(set_owner=lambda name, owner: self.owners.append(owner),
+                                              set_epoch=lambda name, epoch: self.flips.append(epoch))
         self.metrics = types.SimpleNamespace(set_health=lambda *a: None)
         self.delivery_override = {}
         self.events = []
@@ -55,7 +58,7 @@ class Gw:
         self.events.append((kind, detail))
 
 
-SOURCE_KEEPS = {"tcp": 3, "udp": 1, "udp_flows": ["198.51.100.2:5000:7"]}
+BASELINE = {"tcp_live": 3, "udp_live": 1, "udp_flows": ["198.51.100.2:5000:7"]}
 
 
 @pytest.fixture(autouse=True)
@@ -68,11 +71,12 @@ def run(gw, timeout=5.0):
 
 
 def test_steps_in_order_and_counts_when_everything_finishes():
-    gw = Gw({"n1": {msgs.DrainSource: SOURCE_KEEPS,
-                    msgs.DrainStatus: [{"tcp_live": 3, "udp_live": 1}, {"tcp_live": 1, "udp_live": 0},
-                                       {"tcp_live": 0, "udp_live": 0}]}})
+    gw = Gw({"n1": {msgs.DrainStatus: [BASELINE, {"tcp_live": 1, "udp_live": 0}, {"tcp_live": 0, "udp_live": 0}]}})
     report = run(gw)
-    assert gw.sent[:3] == [("n2", "DrainPrepare"), ("n1", "DrainSource"), ("n2", "DrainDest")]
+    # both roles before the flip; the source's flows after it; then UDP opens on the destination
+    assert gw.sent[:5] == [("n2", "DrainPrepare"), ("n1", "DrainSource"), ("n2", "DrainDest"),
+                           ("n1", "DrainStatus"), ("n2", "DrainDest")]
+    assert gw.epochs["echo"] == 5 and gw.flips == [5]
     assert gw.sent[-2:] == [("n1", "DrainEnd"), ("n2", "DrainEnd")]
     assert gw.table.get("echo").owner == "n2" and gw.owners == ["n2"]
     assert report["drain"] == "complete"
@@ -82,7 +86,7 @@ def test_steps_in_order_and_counts_when_everything_finishes():
 
 
 def test_what_is_left_at_the_timeout_is_cut():
-    gw = Gw({"n1": {msgs.DrainSource: SOURCE_KEEPS, msgs.DrainStatus: [{"tcp_live": 2, "udp_live": 1}]}})
+    gw = Gw({"n1": {msgs.DrainStatus: [BASELINE, {"tcp_live": 2, "udp_live": 1}]}})
     report = run(gw, timeout=0.05)
     assert report["drain"] == "timeout"
     assert report["tcp"] == {"at_start": 3, "finished": 1, "cut": 2}
@@ -93,8 +97,16 @@ def test_a_refused_source_role_undoes_the_destination_and_moves_nothing():
     gw = Gw({"n1": {msgs.DrainSource: LocalControlError("node n1 runs datapath 'queue'")}})
     with pytest.raises(LocalControlError, match="refused: node n1 runs datapath 'queue'"):
         run(gw)
-    assert gw.table.get("echo").owner == "n1" and gw.owners == []
+    assert gw.table.get("echo").owner == "n1" and gw.owners == [] and gw.epochs["echo"] == 4
     assert ("n2", "ServiceStop") in gw.sent and ("n2", "DrainEnd") in gw.sent
+
+
+def test_a_refused_destination_role_undoes_before_any_flip():
+    gw = Gw({"n2": {msgs.DrainDest: LocalControlError("bad UDP flow")}})
+    with pytest.raises(LocalControlError, match="refused"):
+        run(gw)
+    assert gw.flips == [] and gw.epochs["echo"] == 4 and gw.table.get("echo").owner == "n1"
+    assert ("n1", "DrainEnd") in gw.sent
     assert "echo" not in gw.controller.book
 
 
