@@ -111,8 +111,12 @@ def test_hung_service_fails_its_check_and_restarts_on_a_healthy_node():
         assert counters.get("n3", 0) > 0  # the answers came from n3's instance
 
 
-def test_dead_node_is_detected_and_its_service_restarts_elsewhere():
-    with own_lab("hn") as h:
+@pytest.mark.parametrize("how", ["agent-stopped", "agent-gone"])
+def test_dead_node_is_detected_and_its_service_restarts_elsewhere(how):
+    """agent-stopped: SIGSTOP, its heartbeats stop and its link stays open; agent-gone: it
+    exits (the lab's supervisor told not to restart it), its link closes at once, and the
+    gateway still waits node_timeout_s (a restarting agent keeps its services)."""
+    with own_lab(f"hn{how[6]}") as h:
         h.vipctl("service", "add", "echo", "--node", "n1", *ECHO, "--check", "tcp", "--check-interval", "0.5",
                  "--failover", "restart")
         wait_for("echo healthy", lambda: service(h, "echo")["health"] == "healthy")
@@ -120,7 +124,10 @@ def test_dead_node_is_detected_and_its_service_restarts_elsewhere():
         agent = labmod.daemon_pids(h.lab)["n1"]
         victim = pid_of(h, "n1", "echo")
         t0 = time.monotonic()
-        os.kill(agent, signal.SIGSTOP)  # no more heartbeats (the lab's supervisor sees it alive)
+        if how == "agent-stopped":
+            os.kill(agent, signal.SIGSTOP)  # no more heartbeats (the lab's supervisor sees it alive)
+        else:
+            labmod.hold_daemon(h.lab, "n1")  # SIGTERM; its services stay, as an exiting agent leaves them
         try:
             os.kill(victim, signal.SIGKILL)  # and its service dies with the node
             owner = wait_for("echo restarted off the dead node",
@@ -138,7 +145,10 @@ def test_dead_node_is_detected_and_its_service_restarts_elsewhere():
             refused = h.vipctl("migrate", "echo", "--to", "n1", check=False)
             assert refused.returncode == 1 and "down" in refused.stderr and refused.stderr.count("\n") == 1
         finally:
-            os.kill(agent, signal.SIGCONT)
+            if how == "agent-stopped":
+                os.kill(agent, signal.SIGCONT)
+            else:
+                labmod.release_daemon(h.lab, "n1")  # the supervisor starts a new agent
         # the node comes back: unfenced, and it runs nothing that moved away
         wait_for("n1 back and unfenced", lambda: any(n["name"] == "n1" and n["state"] == "up" and not n["fenced"]
                                                      for n in h.status()["nodes"]), timeout=40)
