@@ -36,6 +36,7 @@ from .registry import RegistryError
 log = logging.getLogger("vipcluster.failover")
 
 FAILOVERS_KEPT = 20
+BUSY_WAIT_S = 60.0  # a failover waits this long for a migration of the service to end
 AGENT_TIMEOUT_S = 10.0
 LOST = "lost: the connections of the old instance cannot be saved (its process hung or its node died)"
 
@@ -47,6 +48,7 @@ class Failover:
         self.fenced: set[str] = set()  # dead nodes, out of delivery
         self.failovers: list[dict] = []  # the last ones, for status
         self._restarting: set[str] = set()
+        self.pending: dict[str, str] = {}  # failovers that found no node yet: retried when one becomes fit
         self._tasks: set[asyncio.Task] = set()
 
     # --- views ---------------------------------------------------------------------------
@@ -106,6 +108,8 @@ class Failover:
                   service=msg.service, node=node, state=msg.state, failures=msg.failures, detail=msg.detail[:200])
             self.gw.log_event("health", {"service": msg.service, "node": node, "state": msg.state,
                                          "failures": msg.failures, "detail": msg.detail[:200]})
+        if before != msg.state and msg.state == Health.HEALTHY.value:
+            self._retry_pending()  # this node may be fit again
         if msg.state == Health.UNHEALTHY.value and service.health is not None \
                 and service.health.failover == "restart":
             reason = f"its check failed {msg.failures} times in a row on {node}: {msg.detail[:200]}"
@@ -158,6 +162,7 @@ class Failover:
             return
         self.fenced.discard(node)
         event(log, "node.back", node=node, fenced=False)
+        self._retry_pending()
         self.gw.log_event("node_back", {"node": node})
         try:
             self.gw.apply_delivery()
@@ -165,11 +170,19 @@ class Failover:
             log.error("unfencing %s: %s", node, e)
 
     # --- the restart -------------------------------------------------------------------------
+    def _retry_pending(self) -> None:
+        for name, reason in list(self.pending.items()):
+            self._spawn(self.restart(name, reason))
+
     async def restart(self, name: str, reason: str) -> dict | None:
         if name in self._restarting:
             return None
         self._restarting.add(name)
         try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + BUSY_WAIT_S
+            while self.gw.controller.busy(name) and loop.time() < deadline:
+                await asyncio.sleep(0.5)  # a migration of it runs (it may fail because of this very fault)
             async with self.gw._lock:
                 return await self._restart(name, reason)
         finally:
@@ -179,8 +192,12 @@ class Failover:
         gw = self.gw
         service = gw.table.get(name)
         if service is None or gw.controller.busy(name):
+            self.pending.pop(name, None)
             return None
         old = service.owner
+        if old in gw.agents and old not in self.fenced and self._fit(name):
+            self.pending.pop(name, None)
+            return None  # healthy again where it is (a retry that came too late)
         load: dict[str, int] = {}
         for s in gw.table:
             load[s.owner] = load.get(s.owner, 0) + 1
@@ -231,8 +248,16 @@ class Failover:
             log.warning("stopping %s on %s after failover: %s", name, node, e)
             return f"not stopped on {node}: {e}"
 
+    def _fit(self, name: str) -> bool:
+        h = self.health.get(name)
+        return h is None or h["state"] != Health.UNHEALTHY.value
+
     def _record(self, record: dict) -> dict:
         ok = record["outcome"] == "restarted"
+        if ok:
+            self.pending.pop(record["service"], None)
+        else:
+            self.pending[record["service"]] = record["reason"]
         event(log, "failover", logging.WARNING if ok else logging.ERROR,
               **{k: v for k, v in record.items() if k != "at"})
         self.gw.log_event("failover", record)

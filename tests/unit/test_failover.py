@@ -133,3 +133,22 @@ def test_an_agent_that_comes_back_in_time_is_not_dead():
         return gw
     gw = run(go())
     assert gw.failover.fenced == set() and gw.table.get("echo").owner == "n1" and gw.sent == []
+
+
+def test_a_failover_that_found_no_node_is_retried_when_one_becomes_fit():
+    async def go():
+        gw = FakeGateway([Service("echo", "n1", ((6, 7),), "builtin:echo", health=RESTART),
+                          Service("kv", "n2", ((6, 6379),), "builtin:kv", health=HealthSpec(check="tcp"))],
+                         up=("n1", "n2"))
+        await gw.failover.on_report("n2", report("kv", "unhealthy"))
+        await gw.failover.on_report("n1", report("echo", "unhealthy"))
+        await settle(gw)
+        stuck = (gw.table.get("echo").owner, dict(gw.failover.pending))
+        await gw.failover.on_report("n2", report("kv", "healthy", failures=0, detail="ok"))
+        await settle(gw)
+        return gw, stuck
+    gw, (owner_then, pending_then) = run(go())
+    assert owner_then == "n1" and "echo" in pending_then  # n3 down, n2 unfit: nowhere to go
+    assert gw.table.get("echo").owner == "n2" and gw.failover.pending == {}
+    outcomes = [e["outcome"] for k, e in gw.events if k == "failover"]
+    assert outcomes == ["failed", "restarted"]
