@@ -40,7 +40,8 @@ def render_status(st: dict) -> str:
     lines = [f"VIP {st['vip']}",
              f"{'NODE':<8} {'STATE':<6} {'ADDRESS':<15} {'MAC':<18} {'ANCHOR':<7} PROCESS STRATEGY"]
     for n in st["nodes"]:
-        lines.append(f"{n['name']:<8} {n['state']:<6} {n['address']:<15} {n['mac']:<18} "
+        state = "fenced" if n.get("fenced") else n["state"]  # dead: out of delivery
+        lines.append(f"{n['name']:<8} {state:<6} {n['address']:<15} {n['mac']:<18} "
                      f"{'*' if n['anchor'] else '':<7} {render_process_strategy(n.get('process_strategy'))}")
     lines.append("")
     lines.append(f"{'SERVICE':<12} {'OWNER':<8} {'PORTS':<20} {'HEALTH':<10} {'NODE':<6} {'ACCEPTED':>9} "
