@@ -588,7 +588,7 @@ class ServiceAdd(Message):
     migrate: str = "auto"  # kinds.MigrateStrategy
     sockets: str = "activation"  # kinds.Sockets
     pid: int | None = None  # adopt this running process on `node` (exec becomes adopted:PID)
-    health: dict | None = None  # clustercore.health.HealthSpec.to_dict()
+    check: dict | None = None  # clustercore.health.HealthSpec.to_dict()
 
 
 @message("service.remove")

@@ -51,17 +51,17 @@ class Service:
             "sockets": self.sockets,
         }
         if self.health is not None:
-            d["health"] = self.health.to_dict()
+            d["check"] = self.health.to_dict()  # "check": the spec ("health" is a state in list/status views)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Service":
         from .packet import parse_port_spec
 
-        health = d.get("health")
+        check = d.get("check")
         return cls(d["name"], d["owner"], tuple(parse_port_spec(p) for p in d["ports"]), d["exec"],
                    str(d.get("migrate", "auto")), str(d.get("sockets", "activation")),
-                   HealthSpec.from_dict(health) if health is not None else None)
+                   HealthSpec.from_dict(check) if check is not None else None)
 
 
 class ServiceTable:

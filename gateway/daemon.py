@@ -402,7 +402,7 @@ class Gateway:
     def service_view(self, s) -> dict:
         """A service as list and status show it: `check` (the spec) and `health` (its state)."""
         d = s.to_dict()
-        d["check"] = d.pop("health", None)
+        d.setdefault("check", None)  # the spec
         view = self.failover.view(s)
         d["health"] = view["state"]
         d["health_detail"] = view.get("detail", "")
@@ -433,9 +433,9 @@ class Gateway:
                 raise LocalControlError("give --exec CMD (or --pid PID to adopt a running process)")
             migrate, sockets = check_service_options(exec_spec, msg.migrate, msg.sockets)
             spec = None
-            if msg.health is not None:
+            if msg.check is not None:
                 try:
-                    spec = HealthSpec.from_dict(msg.health)
+                    spec = HealthSpec.from_dict(msg.check)
                 except ValueError as e:
                     raise LocalControlError(str(e)) from None
                 needs_port(spec, ports)

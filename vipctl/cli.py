@@ -237,7 +237,7 @@ def service_add(obj, name, node_name, ports, exec_spec, pid, migrate, sockets, c
     extra = {"pid": pid} if pid is not None else {"exec": exec_spec}
     health = _health_option(check, check_interval, check_failures, failover)
     if health is not None:
-        extra["health"] = health
+        extra["check"] = health
     result = call("service.add", obj["socket"], name=name, node=node_name, ports=list(ports),
                   migrate=migrate, sockets=sockets, **extra)
     _emit(result, as_json, out.render_service_added)

@@ -76,12 +76,23 @@ def test_spec_travels_with_the_service_and_decodes_totally():
     back = msgs.decode(table.to_wire())
     assert back.services[0] == s and back.services[0].health.kind == "http"
     wire = table.to_wire()
-    wire["services"][0]["health"] = {"check": "tcp", "failures": "many"}
+    assert wire["services"][0]["check"]["check"] == "http:/healthz"
+    wire["services"][0]["check"] = {"check": "tcp", "failures": "many"}
     with pytest.raises(PeerControlError):
         msgs.decode(wire)
-    wire["services"][0]["health"] = {"check": "tcp", "evil": 1}
+    wire["services"][0]["check"] = {"check": "tcp", "evil": 1}
     with pytest.raises(PeerControlError):
         msgs.decode(wire)
+
+
+def test_a_list_row_with_a_health_state_reads_back_as_the_service():
+    """`service list --json` rows carry the spec under `check` and the state under
+    `health`; tools (the replays) read rows back with Service.from_dict."""
+    s = Service("web", "n1", ((6, 80),), "nginx", health=spec(check="tcp"))
+    row = {**s.to_dict(), "health": "healthy", "health_detail": "connected"}
+    assert Service.from_dict(row) == s
+    plain = Service("old", "n2", ((6, 7),), "builtin:echo")
+    assert Service.from_dict({**plain.to_dict(), "check": None, "health": "unchecked"}) == plain
 
 
 def test_owner_change_keeps_the_check():
