@@ -11,6 +11,7 @@ connection into NodeLost, a timeout or a garbled reply into MessageLost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -295,7 +296,9 @@ class Controller:
         self.book.begin(service=name, owner=service.owner, dest=dest, nodes=nodes_up)
         try:
             gw.failover.check_destination(dest)  # down, or its checks fail: refused
-            return await self._run(name, service.owner, dest, progress or (lambda step, detail: None))
+            # two gateways: only while this one holds the driver lease (gateway.ha)
+            async with (gw.ha.driving(name) if gw.ha is not None else contextlib.nullcontext()):
+                return await self._run(name, service.owner, dest, progress or (lambda step, detail: None))
         finally:
             self.book.finish(name)
 

@@ -21,6 +21,7 @@ which nodes are dead, and restarting a failed service on another node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -49,6 +50,7 @@ class Failover:
         self.failovers: list[dict] = []  # the last ones, for status
         self._restarting: set[str] = set()
         self.pending: dict[str, str] = {}  # failovers that found no node yet: retried when one becomes fit
+        self._absent_watched = False
         self._tasks: set[asyncio.Task] = set()
 
     # --- views ---------------------------------------------------------------------------
@@ -125,10 +127,15 @@ class Failover:
         self._spawn(self._declare_dead_later(node, last_seen))
 
     def watch_absent(self, now: float) -> None:
-        """At start: a configured node whose agent does not log in within node_timeout_s is
-        dead (it may have died while no gateway ran)."""
+        """A configured node whose agent does not log in within node_timeout_s is dead (it
+        may have died while no gateway ran). At start; with two gateways at the first login
+        instead (the agents log in to the master only: a standby sees none, by design)."""
+        if getattr(self.gw, "ha", None) is not None and not self.gw.agents:
+            return
+        self._absent_watched = True
         for n in self.gw.config.nodes:
-            self.node_lost(n.name, now)
+            if n.name not in self.gw.agents:
+                self.node_lost(n.name, now)
 
     async def _declare_dead_later(self, node: str, last_seen: float) -> None:
         loop = asyncio.get_running_loop()
@@ -157,7 +164,9 @@ class Failover:
                                               "reason": "its node is down and it has no --failover restart"})
 
     async def node_back(self, node: str) -> None:
-        """After the returning agent's reconcile (it stopped what it no longer owns)."""
+        """After each joining agent's reconcile (it stopped what it no longer owns)."""
+        if not self._absent_watched:  # two gateways: this one just became the master
+            self.watch_absent(asyncio.get_running_loop().time())
         if node not in self.fenced:
             return
         self.fenced.discard(node)
@@ -183,8 +192,15 @@ class Failover:
             deadline = loop.time() + BUSY_WAIT_S
             while self.gw.controller.busy(name) and loop.time() < deadline:
                 await asyncio.sleep(0.5)  # a migration of it runs (it may fail because of this very fault)
-            async with self.gw._lock:
-                return await self._restart(name, reason)
+            ha = getattr(self.gw, "ha", None)
+            # two gateways: one drives (the same lease as a migration); the other is refused
+            async with (ha.driving(name) if ha is not None else contextlib.nullcontext()):
+                async with self.gw._lock:
+                    return await self._restart(name, reason)
+        except LocalControlError as e:
+            log.warning("failover of %s not run here: %s", name, e)
+            self.pending[name] = reason
+            return None
         finally:
             self._restarting.discard(name)
 

@@ -24,6 +24,7 @@ steps 1-3.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -63,7 +64,9 @@ async def migrate(gw, name: str, dest: str, timeout: float | None, progress=None
     gw.controller.book.begin(service=name, owner=source, dest=dest, nodes=nodes_up)
     try:
         gw.failover.check_destination(dest)
-        return await _drain(gw, service, dest, limit, say)
+        # two gateways: only while this one holds the driver lease (gateway.ha)
+        async with (gw.ha.driving(name) if getattr(gw, "ha", None) is not None else contextlib.nullcontext()):
+            return await _drain(gw, service, dest, limit, say)
     finally:
         gw.controller.book.finish(name)
         gw.delivery_override.pop(name, None)

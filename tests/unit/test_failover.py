@@ -152,3 +152,30 @@ def test_a_failover_that_found_no_node_is_retried_when_one_becomes_fit():
     assert gw.table.get("echo").owner == "n2" and gw.failover.pending == {}
     outcomes = [e["outcome"] for k, e in gw.events if k == "failover"]
     assert outcomes == ["failed", "restarted"]
+
+
+def test_two_gateways_a_standby_declares_nobody_dead_and_a_refused_lease_is_retried():
+    import contextlib
+
+    class Ha:
+        @contextlib.asynccontextmanager
+        async def driving(self, service):
+            raise LocalControlError("gateway gw2 is driving a migration; try again when it has finished")
+            yield
+
+    async def go():
+        gw = FakeGateway([Service("echo", "n1", ((6, 7),), "builtin:echo", health=RESTART)], up=())
+        gw.ha = Ha()
+        gw.failover.watch_absent(asyncio.get_running_loop().time())  # a standby: no agent logs in here
+        await asyncio.sleep(0.2)
+        await settle(gw)
+        standby_fenced = set(gw.failover.fenced)
+        for n in ("n1", "n2"):  # it becomes the master: the agents log in here
+            gw.agents[n] = types.SimpleNamespace(node=n, rpc=FakeRpc(n, gw.sent))
+        await gw.failover.on_report("n1", report("echo", "unhealthy"))
+        await settle(gw)
+        return gw, standby_fenced
+    gw, standby_fenced = run(go())
+    assert standby_fenced == set()
+    assert gw.table.get("echo").owner == "n1" and gw.sent == []  # the other gateway drives
+    assert "echo" in gw.failover.pending  # tried again at the next trigger
