@@ -100,7 +100,7 @@ def gateway_cleanup(config_path):
     from gateway.daemon import remove_data_plane
 
     remove_data_plane(cfg)
-    click.echo(f"gateway: delivery table and VIP route for {cfg.vip} removed")
+    click.echo(f"gateway: delivery table and VIP route for {' and '.join(cfg.vips)} removed")
 
 
 @cli.group()

@@ -37,7 +37,7 @@ def count(value) -> str:
 
 
 def render_status(st: dict) -> str:
-    lines = [f"VIP {st['vip']}",
+    lines = [f"VIP {' '.join(st.get('vips') or [st['vip']])}",
              f"{'NODE':<8} {'STATE':<6} {'ADDRESS':<15} {'MAC':<18} {'ANCHOR':<7} PROCESS STRATEGY"]
     for n in st["nodes"]:
         lines.append(f"{n['name']:<8} {n['state']:<6} {n['address']:<15} {n['mac']:<18} "
