@@ -324,12 +324,14 @@ def lab():
 @click.option("--datapath", type=click.Choice([d.value for d in Datapath]), default=Datapath.FAST.value,
               show_default=True,
               help="Nodes: steady-state verdicts in the kernel, or every packet through the queue.")
+@click.option("--ipv6", is_flag=True,
+              help="Dual-stack: add 2001:db8:1::/64 (clients), 2001:db8:2::/64 (cluster) and the VIP 2001:db8::10.")
 @click.option("--json", "as_json", is_flag=True)
-def lab_up(nodes, prefix, delivery, datapath, as_json):
+def lab_up(nodes, prefix, delivery, datapath, ipv6, as_json):
     """Build the lab and start the gateway and node agents."""
     from . import lab as labmod
 
-    spec = labmod.Lab(prefix, nodes, Delivery(delivery), Datapath(datapath))
+    spec = labmod.Lab(prefix, nodes, Delivery(delivery), Datapath(datapath), ipv6=ipv6)
     st = labmod.up(spec, log=(lambda *a: None) if as_json else click.echo)
     _emit(st, as_json, lambda s: out.render_status(s["cluster"]))
 

@@ -31,7 +31,7 @@ from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import Datapath, Delivery
 from vipwire import pki
 
-from . import nsutil
+from . import lab6, nsutil
 from .client import call
 
 VIP = "203.0.113.10"
@@ -46,6 +46,7 @@ class Lab:
     nodes: int = 3
     delivery: Delivery = Delivery.BROADCAST  # the gateway's
     datapath: Datapath = Datapath.FAST  # every node's
+    ipv6: bool = False  # dual-stack: vipctl.lab6 adds the IPv6 side and the VIP6
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", Delivery(self.delivery))
@@ -153,7 +154,7 @@ def _write_configs(lab: Lab) -> dict[str, str]:
         f'listen_address = "{CLUSTER_NET}.1"\nlisten_port = 7400\n'
         f'tls_ca = "{gw_tls.ca_cert}"\ntls_cert = "{gw_tls.cert}"\ntls_key = "{gw_tls.key}"\n'
         f'control_socket = "{lab.control_socket}"\nstate_dir = "{lab.state_dir}/gateway"\n'
-        f'delivery = "{lab.delivery}"\n{nodes}'
+        f'delivery = "{lab.delivery}"\n' + (lab6.config_line() if lab.ipv6 else "") + nodes
     )
     paths["gateway"] = os.path.join(lab.state_dir, "gateway.toml")
     with open(paths["gateway"], "w") as f:
@@ -167,7 +168,7 @@ def _write_configs(lab: Lab) -> dict[str, str]:
             f'gateway_port = 7400\nqueue_num = 0\n'
             f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
             f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
-            f'datapath = "{lab.datapath}"\n'
+            f'datapath = "{lab.datapath}"\n' + (lab6.config_line() if lab.ipv6 else "")
         )
         paths[name] = os.path.join(lab.state_dir, f"{name}.toml")
         with open(paths[name], "w") as f:
@@ -251,6 +252,8 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
     shutil.rmtree(lab.state_dir, ignore_errors=True)
     try:
         build_links(lab)
+        if lab.ipv6:
+            lab6.build_links6(lab)
         wire_like_client(lab)
         log(f"namespaces: {', '.join(lab.namespaces)}")
         paths = _write_configs(lab)
@@ -268,7 +271,7 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         raise
     pids = daemon_pids(lab)
     log(f"gateway (pid {pids['gateway']}) and {lab.nodes} node agents are up under a supervisor "
-        f"(pid {pids['supervisor']}, restarts any that dies); VIP {VIP}")
+        f"(pid {pids['supervisor']}, restarts any that dies); VIP {VIP}" + (f" and {lab6.VIP6}" if lab.ipv6 else ""))
     for name, ps in _process_strategy(lab, timeout).items():
         log(f"{name}: process strategy (criu) " + ("available: " if ps.get("available") else "unavailable: ")
             + str(ps.get("reason")))
@@ -473,6 +476,7 @@ def status(lab: Lab) -> dict:
         and all(n["state"] == "up" for n in cluster.get("nodes", []))
     return {"prefix": lab.prefix, "up": bool(namespaces), "healthy": healthy, "namespaces": namespaces,
             "nodes_configured": nodes_configured, "daemons": daemons, "vip": VIP,
+            "vips": cluster.get("vips", [VIP]),
             "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster}
 
 
