@@ -178,6 +178,25 @@ def test_a_rolled_back_ipv6_migration_loses_nothing(lab6, tmp_path):
     assert reports[0]["tcp_established"] >= 30
 
 
+def test_a_restarted_agent_adopts_its_ipv6_sockets(lab6, tmp_path):
+    """The agent dies (SIGKILL); its successor takes the service's listeners and UDP sockets
+    of both families back (tcp6-7, udp6-7) and can move them: the clients never notice."""
+    import signal
+
+    src = owner(lab6, "echo")
+    p6, stop6 = start_load(lab6, tmp_path, "adopt6", VIP6, conns=10, kv=False)
+    try:
+        labmod.restart_node(lab6.lab, int(src[1:]), sig=signal.SIGKILL)
+        log = os.path.join(lab6.lab.state_dir, "logs", f"{src}.log")
+        with open(log, errors="replace") as f:
+            assert re.search(r"adopted [^;]*\becho\b", f.read()), "the new agent did not adopt echo"
+        report = migrate(lab6, "echo", NEXT[src])
+    finally:
+        r6 = finish_load(p6, stop6)
+    assert_exact(r6)
+    assert report["tcp_listening"] == 2 and report["udp_sockets"] == 2 and report["tcp_established"] >= 10
+
+
 # --------------------------------------------------------------- real programs
 
 
