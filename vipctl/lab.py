@@ -103,6 +103,8 @@ def build_links(lab: Lab) -> None:
     builds its plain-routing baseline on this)."""
     for ns in lab.namespaces:
         netns.create(ns)
+    if lab.ipv6:
+        lab6.prepare(lab)  # no DAD on the links about to be made
     with NetNS(lab.gw_ns) as gw:
         gw.link("add", ifname="client0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": lab.client_ns})
         gw.link("add", ifname="br0", kind="bridge")

@@ -31,22 +31,35 @@ def node_addr6(k: int) -> str:
     return f"{CLUSTER_NET6}{10 + k}"
 
 
-def _sysctls(ns: NetNS, name: str, gateway: bool) -> None:
-    """No DAD and no router advertisements anywhere; forwarding on the gateway only. The
-    `all` and `default` values cover interfaces made later; existing ones are set too.
-    /proc/sys/net is per network namespace: one `sysctl` run inside it writes them all."""
+def _sysctls(name: str, gateway: bool, ifnames=()) -> None:
+    """No DAD and no router advertisements; forwarding on the gateway only. `all` and
+    `default` cover interfaces made later (the link-local addresses of the veths too: a
+    tentative link-local cannot source a neighbour solicitation, which delayed the first
+    packets by about a second when DAD was turned off only after the links existed);
+    `ifnames` are set as well. /proc/sys/net is per network namespace: one `sysctl` run
+    inside it writes them all."""
+    from clustercore.errors import KernelError
     from vipctl.lab import exec_in
 
     settings = []
-    for ifname in ("all", "default", *[link.get_attr("IFLA_IFNAME") for link in ns.get_links()]):
+    for ifname in ("all", "default", *ifnames):
         for key, value in (("accept_dad", "0"), ("accept_ra", "0"), ("disable_ipv6", "0")):
             settings.append(f"net.ipv6.conf.{ifname}.{key}={value}")
     if gateway:
         settings.append("net.ipv6.conf.all.forwarding=1")
     r = exec_in(name, ["sysctl", "-q", "-w", *settings], capture_output=True)
     if r.returncode != 0:
-        from clustercore.errors import KernelError
         raise KernelError(f"sysctl in {name}", None, r.stderr.decode(errors="replace").strip())
+
+
+def prepare(lab) -> None:
+    """Right after the namespaces exist, before any link: the IPv6 sysctls."""
+    for ns in lab.namespaces:
+        _sysctls(ns, gateway=ns == lab.gw_ns)
+
+
+def _links(ns: NetNS) -> list[str]:
+    return [link.get_attr("IFLA_IFNAME") for link in ns.get_links()]
 
 
 def _addr(ns: NetNS, ifname: str, address: str) -> int:
@@ -56,18 +69,19 @@ def _addr(ns: NetNS, ifname: str, address: str) -> int:
 
 
 def build_links6(lab) -> None:
-    """Add the IPv6 addresses and routes to a lab whose IPv4 links are built."""
+    """Add the IPv6 addresses and routes to a lab whose IPv4 links are built (and whose
+    namespaces were `prepare`d before their links were made)."""
     with NetNS(lab.gw_ns) as gw:
-        _sysctls(gw, lab.gw_ns, gateway=True)
+        _sysctls(lab.gw_ns, True, _links(gw))
         _addr(gw, "client0", f"{CLIENT_NET6}1")
         _addr(gw, "br0", f"{CLUSTER_NET6}1")
     with NetNS(lab.client_ns) as c:
-        _sysctls(c, lab.client_ns, gateway=False)
+        _sysctls(lab.client_ns, False, _links(c))
         _addr(c, "eth0", client_addr6())
         c.route("add", dst="::/0", gateway=f"{CLIENT_NET6}1", family=10)
     for k in range(1, lab.nodes + 1):
         with NetNS(lab.node_ns(k)) as n:
-            _sysctls(n, lab.node_ns(k), gateway=False)
+            _sysctls(lab.node_ns(k), False, _links(n))
             _addr(n, "eth0", node_addr6(k))
             n.route("add", dst="::/0", gateway=f"{CLUSTER_NET6}1", family=10)
 
