@@ -260,13 +260,16 @@ def run_packets(loaded: Loaded, lab: labmod.Lab, socket_path: str, migrations: l
         runner.join()
         _settle(socket_path, since)
         logs, problems = _read_logs(socket_path, since)
+        # read before the replies are let in again: a node retransmits its SYN-ACK to a
+        # replayed SYN (1 s, 3 s, ...), and once the client's kernel sees one it answers
+        # with an RST to the VIP, which the owner's counter would count as replayed
+        after = _counters(call("status", socket_path))
     finally:
         _block_replies(lab, loaded.capture.vip, False)
         try:
             call("verdicts", socket_path, action="stop")
         except VipError:
             pass
-    after = _counters(call("status", socket_path))
     sent_at = {pid: t for pid, t in done["times"]}
     return _judge_packets(loaded, sendable, sim, fold_logs(logs), runner, sent_at, datapath, fast,
                           before, after, not_sent, names, services, problems + done["errors"])
