@@ -326,12 +326,13 @@ def lab():
               help="Nodes: steady-state verdicts in the kernel, or every packet through the queue.")
 @click.option("--ipv6", is_flag=True,
               help="Dual-stack: add 2001:db8:1::/64 (clients), 2001:db8:2::/64 (cluster) and the VIP 2001:db8::10.")
+@click.option("--ipv6-only", is_flag=True, help="The VIP is 2001:db8::10 alone (no IPv4 VIP; control plane IPv4).")
 @click.option("--json", "as_json", is_flag=True)
-def lab_up(nodes, prefix, delivery, datapath, ipv6, as_json):
+def lab_up(nodes, prefix, delivery, datapath, ipv6, ipv6_only, as_json):
     """Build the lab and start the gateway and node agents."""
     from . import lab as labmod
 
-    spec = labmod.Lab(prefix, nodes, Delivery(delivery), Datapath(datapath), ipv6=ipv6)
+    spec = labmod.Lab(prefix, nodes, Delivery(delivery), Datapath(datapath), ipv6=ipv6, ipv6_only=ipv6_only)
     st = labmod.up(spec, log=(lambda *a: None) if as_json else click.echo)
     _emit(st, as_json, lambda s: out.render_status(s["cluster"]))
 

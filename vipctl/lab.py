@@ -47,10 +47,12 @@ class Lab:
     delivery: Delivery = Delivery.BROADCAST  # the gateway's
     datapath: Datapath = Datapath.FAST  # every node's
     ipv6: bool = False  # dual-stack: vipctl.lab6 adds the IPv6 side and the VIP6
+    ipv6_only: bool = False  # the IPv6 side only serves: the VIP is the VIP6 (implies ipv6)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", Delivery(self.delivery))
         object.__setattr__(self, "datapath", Datapath(self.datapath))
+        object.__setattr__(self, "ipv6", self.ipv6 or self.ipv6_only)
 
     @property
     def client_ns(self) -> str:
@@ -152,11 +154,11 @@ def _write_configs(lab: Lab) -> dict[str, str]:
     )
     gw = (
         f'# written by `vipctl lab up` for the lab "{lab.prefix}"\n'
-        f'vip = "{VIP}"\nclient_interface = "client0"\ncluster_interface = "br0"\n'
+        f'{lab6.vip_lines(lab, VIP)}client_interface = "client0"\ncluster_interface = "br0"\n'
         f'listen_address = "{CLUSTER_NET}.1"\nlisten_port = 7400\n'
         f'tls_ca = "{gw_tls.ca_cert}"\ntls_cert = "{gw_tls.cert}"\ntls_key = "{gw_tls.key}"\n'
         f'control_socket = "{lab.control_socket}"\nstate_dir = "{lab.state_dir}/gateway"\n'
-        f'delivery = "{lab.delivery}"\n' + (lab6.config_line() if lab.ipv6 else "") + nodes
+        f'delivery = "{lab.delivery}"\n{nodes}'
     )
     paths["gateway"] = os.path.join(lab.state_dir, "gateway.toml")
     with open(paths["gateway"], "w") as f:
@@ -166,11 +168,11 @@ def _write_configs(lab: Lab) -> dict[str, str]:
         node_tls = pki.paths(lab.pki_dir, "node", name)
         node = (
             f'# written by `vipctl lab up` for the lab "{lab.prefix}"\n'
-            f'name = "{name}"\nvip = "{VIP}"\ngateway_address = "{CLUSTER_NET}.1"\n'
+            f'name = "{name}"\n{lab6.vip_lines(lab, VIP)}gateway_address = "{CLUSTER_NET}.1"\n'
             f'gateway_port = 7400\nqueue_num = 0\n'
             f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
             f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
-            f'datapath = "{lab.datapath}"\n' + (lab6.config_line() if lab.ipv6 else "")
+            f'datapath = "{lab.datapath}"\n'
         )
         paths[name] = os.path.join(lab.state_dir, f"{name}.toml")
         with open(paths[name], "w") as f:
@@ -273,7 +275,7 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         raise
     pids = daemon_pids(lab)
     log(f"gateway (pid {pids['gateway']}) and {lab.nodes} node agents are up under a supervisor "
-        f"(pid {pids['supervisor']}, restarts any that dies); VIP {VIP}" + (f" and {lab6.VIP6}" if lab.ipv6 else ""))
+        f"(pid {pids['supervisor']}, restarts any that dies); VIP {' and '.join(lab6.vips(lab, VIP))}")
     for name, ps in _process_strategy(lab, timeout).items():
         log(f"{name}: process strategy (criu) " + ("available: " if ps.get("available") else "unavailable: ")
             + str(ps.get("reason")))
@@ -477,7 +479,7 @@ def status(lab: Lab) -> dict:
     healthy = bool(namespaces) and all(d["alive"] for d in daemons.values()) and "error" not in cluster \
         and all(n["state"] == "up" for n in cluster.get("nodes", []))
     return {"prefix": lab.prefix, "up": bool(namespaces), "healthy": healthy, "namespaces": namespaces,
-            "nodes_configured": nodes_configured, "daemons": daemons, "vip": VIP,
+            "nodes_configured": nodes_configured, "daemons": daemons, "vip": cluster.get("vip", VIP),
             "vips": cluster.get("vips", [VIP]),
             "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster}
 

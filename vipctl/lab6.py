@@ -6,7 +6,8 @@
                       via 2001:db8:2::1; the node agent puts the VIP6 2001:db8::10 on lo
 
 alongside the IPv4 lab (vipctl.lab), which stays as it is: the control plane keeps using
-IPv4, both VIPs serve the same services. Every address is added with `nodad` and
+IPv4, both VIPs serve the same services. With `ipv6_only` (`lab up --ipv6-only`) the
+VIP6 is the cluster's only VIP (`vip = "2001:db8::10"`, no IPv4 VIP anywhere). Every address is added with `nodad` and
 accept_dad is 0 in every namespace, so addresses are usable at once (DAD would keep them
 "tentative" for a second or more, and a bind to a tentative address fails). Router
 advertisements are ignored (accept_ra 0): routes are static, as in the IPv4 lab. Only
@@ -86,6 +87,14 @@ def build_links6(lab) -> None:
             n.route("add", dst="::/0", gateway=f"{CLUSTER_NET6}1", family=10)
 
 
-def config_line() -> str:
-    """The line both the gateway's and every node's config get: a dual-stack cluster."""
-    return f'vip6 = "{VIP6}"\n'
+def vips(lab, vip4: str) -> tuple[str, ...]:
+    """The lab's VIPs: the IPv4 one, the VIP6 too (--ipv6), or the VIP6 alone (ipv6_only)."""
+    if getattr(lab, "ipv6_only", False):
+        return (VIP6,)
+    return (vip4, VIP6) if lab.ipv6 else (vip4,)
+
+
+def vip_lines(lab, vip4: str) -> str:
+    """The VIP lines of the gateway's and every node's config."""
+    v = vips(lab, vip4)
+    return f'vip = "{v[0]}"\n' + (f'vip6 = "{v[1]}"\n' if len(v) > 1 else "")

@@ -300,3 +300,33 @@ def test_ipv6_captures_replay_in_the_lab(rlab6):
     assert out["sent"] == out["vip_packets"] and out["silenced"] > 0 and out["lost"] == out["duplicated"] == 0
     out = _replay(rlab6, "ipv6-mixed", "--mode", "sessions")
     assert out["lost"] == 0 and out["duplicated"] == 0
+
+
+# --------------------------------------------------------------- an IPv6-only cluster
+
+
+def test_an_ipv6_only_cluster_serves_and_migrates(tmp_path):
+    """`vip` itself IPv6 (lab up --ipv6-only): no IPv4 VIP anywhere (no address, no rule, no
+    answer), and IPv6 load through migrations exact. The control plane stays IPv4."""
+    with lab_with_services("v6o", ipv6_only=True) as h:
+        lab = h.lab
+        assert h.status()["vips"] == [VIP6]
+        for k in range(1, lab.nodes + 1):
+            ns = lab.node_ns(k)
+            lo = labmod.exec_in(ns, ["ip", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
+            assert f"{VIP6}/128" in lo and VIP not in lo, lo
+            v4 = labmod.exec_in(ns, ["iptables-save", "-t", "mangle"], capture_output=True, text=True).stdout
+            assert "VIPCLUSTER" not in v4, v4
+        r = h.client(["sh", "-c", f"printf 'four\\n' | nc -w 2 {VIP} 7"], text=True)
+        assert r.stdout == "", r.stdout  # nobody serves the IPv4 address
+        p6, stop6 = start_load(h, tmp_path, "only6", VIP6)
+        reports = []
+        try:
+            for _ in range(2):
+                reports.append(migrate(h, "echo", NEXT[owner(h, "echo")]))
+                reports.append(migrate(h, "kv", NEXT[owner(h, "kv")]))
+        finally:
+            r6 = finish_load(p6, stop6)
+        assert_exact(r6)
+        echo = [x for x in reports if x["service"] == "echo"]
+        assert all(x["tcp_listening"] == 1 and x["udp_sockets"] == 1 and x["tcp_established"] >= 30 for x in echo)
