@@ -21,6 +21,8 @@ from .kinds import Datapath, Delivery, member
 DEFAULT_CONTROL_SOCKET = "/run/vipcluster/control.sock"
 DEFAULT_STATE_DIR = "/var/lib/vipcluster"
 DEFAULT_AGENT_PORT = 7400
+DEFAULT_GATEWAY_METRICS = "127.0.0.1:9470"  # Prometheus endpoints (docs/metrics.md); "off" disables
+DEFAULT_NODE_METRICS = "127.0.0.1:9471"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _IFNAME_RE = re.compile(r"^[^\s/]{1,15}$")
@@ -57,6 +59,7 @@ class GatewayConfig:
     node_timeout_s: float = 5.0
     delivery: Delivery = Delivery.BROADCAST
     vip6: str | None = None  # dual-stack: the IPv6 VIP next to an IPv4 `vip`
+    metrics_address: str = DEFAULT_GATEWAY_METRICS  # HOST:PORT of /metrics, or "off"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", _enum_field("delivery", Delivery, self.delivery, None))
@@ -89,6 +92,7 @@ class NodeConfig:
     # a gateway restart: a restarted gateway finishes what it journaled)
     migration_lease_s: float = 10.0
     vip6: str | None = None  # dual-stack: the IPv6 VIP next to an IPv4 `vip`
+    metrics_address: str = DEFAULT_NODE_METRICS  # HOST:PORT of /metrics, or "off"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datapath", _enum_field("datapath", Datapath, self.datapath, None))
@@ -202,6 +206,34 @@ def _check_known(d: dict, known: set[str], source, prefix=""):
             raise ConfigError(prefix + k, "unknown field", source)
 
 
+def listen_address(value: str) -> tuple[str, int] | None:
+    """"HOST:PORT" (IPv6 as "[ADDR]:PORT") as (host, port); None for "off". ValueError
+    says what is wrong."""
+    if value == "off":
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT (port 1-65535) or \"off\", got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"must be an IP address and a port (HOST:PORT) or \"off\", got {value!r}") from None
+    return host, int(port)
+
+
+def _metrics_address(d, source, default: str) -> str:
+    v = d.get("metrics_address", default)
+    if not isinstance(v, str):
+        raise ConfigError("metrics_address", f"must be a string HOST:PORT or \"off\", got {v!r}", source)
+    try:
+        listen_address(v)
+    except ValueError as e:
+        raise ConfigError("metrics_address", str(e), source) from None
+    return v
+
+
 # --- public parsers ------------------------------------------------------------------------
 
 
@@ -226,7 +258,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         d,
         {"vip", "client_interface", "cluster_interface", "listen_address", "listen_port",
          "tls_ca", "tls_cert", "tls_key", "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s",
-         "delivery", "vip6"},
+         "delivery", "vip6", "metrics_address"},
         source,
     )
     client_if = _str(d, "client_interface", source, pattern=_IFNAME_RE, what="an interface name")
@@ -268,6 +300,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         node_timeout_s=_float(d, "node_timeout_s", source, 0.2, 600, 5.0),
         delivery=_choice(d, "delivery", source, Delivery, Delivery.BROADCAST),
         vip6=vip6,
+        metrics_address=_metrics_address(d, source, DEFAULT_GATEWAY_METRICS),
     )
 
 
@@ -277,7 +310,8 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
     _check_known(
         d,
         {"name", "vip", "gateway_address", "gateway_port", "tls_ca", "tls_cert", "tls_key", "key_file", "queue_num",
-         "queue_maxlen", "state_dir", "cluster_interface", "datapath", "migration_lease_s", "vip6"},
+         "queue_maxlen", "state_dir", "cluster_interface", "datapath", "migration_lease_s",
+         "metrics_address", "vip6"},
         source,
     )
     vip, vip6 = _vip_pair(d, source)
@@ -295,4 +329,5 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
                            if "cluster_interface" in d else None),
         datapath=_choice(d, "datapath", source, Datapath, Datapath.FAST),
         migration_lease_s=_float(d, "migration_lease_s", source, 0.5, 3600, 10.0),
+        metrics_address=_metrics_address(d, source, DEFAULT_NODE_METRICS),
     )

@@ -34,6 +34,7 @@ from typing import Iterable
 from clustercore.errors import KernelError
 
 CHAIN = "VIPCLUSTER"
+_installed: set[int] = set()  # the families install() set up in this process (read_counters' default)
 _TOOLS = {4: ("iptables", "iptables-restore", "iptables-save", 32),
           6: ("ip6tables", "ip6tables-restore", "ip6tables-save", 128)}
 
@@ -70,6 +71,7 @@ def install(vips: str | Iterable[str], queue_num: int,
         jump = _jump_rule(vip, version)
         if _run([tool, "-w", "-t", "mangle", "-C", "PREROUTING", *jump], check=False).returncode != 0:
             _run([tool, "-w", "-t", "mangle", "-I", "PREROUTING", "1", *jump])
+        _installed.add(version)
 
 
 def chain_exists(version: int = 4) -> bool:
@@ -85,11 +87,15 @@ def remove(vips: str | Iterable[str]) -> None:
             pass
         _run([tool, "-w", "-t", "mangle", "-F", CHAIN], check=False)
         _run([tool, "-w", "-t", "mangle", "-X", CHAIN], check=False)
+        _installed.discard(version)
 
 
-def read_counters(versions: Iterable[int] = (4,)) -> dict[str, dict[str, int]]:
+def read_counters(versions: Iterable[int] | None = None) -> dict[str, dict[str, int]]:
     """Per-service packet counters of our chain's rules, from the kernel, summed over the
-    families asked: {service: {"accepted": n, "dropped": n}} (rules tagged `vip:NAME`)."""
+    families asked (default: those this process installed, else IPv4):
+    {service: {"accepted": n, "dropped": n}} (rules tagged `vip:NAME`)."""
+    if versions is None:
+        versions = sorted(_installed) or (4,)
     import re
 
     out: dict[str, dict[str, int]] = {}
