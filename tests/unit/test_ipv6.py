@@ -189,3 +189,20 @@ def test_open_sockets_binds_each_vip_with_its_own_name():
     finally:
         for _, s in opened:
             s.close()
+
+
+def test_lab_vip_lines_for_each_mode():
+    """What `lab up`, `lab up --ipv6` and `lab up --ipv6-only` write into every config, and
+    that the configs parse to the VIPs the lab says it serves."""
+    from vipctl import lab as labmod
+    from vipctl import lab6
+
+    cases = {(False, False): ("203.0.113.10",), (True, False): ("203.0.113.10", VIP6), (False, True): (VIP6,)}
+    for (ipv6, only), want in cases.items():
+        lab = labmod.Lab("x", 3, ipv6=ipv6, ipv6_only=only)
+        assert lab.ipv6 == (ipv6 or only)
+        assert lab6.vips(lab, labmod.VIP) == want
+        lines = lab6.vip_lines(lab, labmod.VIP)
+        from clustercore.config import parse_toml
+        d = parse_toml(lines.encode())
+        assert node_config_from_dict(dict(NODE, **d)).vips == want
