@@ -225,7 +225,7 @@ class NodeAgent:
         self._criu_check = asyncio.ensure_future(self._check_criu())
         self._fast_rules: list[str] | None = None
         self._kernel_base: dict[str, dict[str, int]] = {}
-        if self.adopted and iptables.chain_exists():
+        if self.adopted and any(iptables.chain_exists(v) for v in iptables.versions(cfg.vips)):
             # the previous agent's rules still steer the adopted services' packets; they
             # are replaced (atomically) when the gateway's table arrives, not emptied now
             self._fast_rules = ["(kept from the previous agent)"]
