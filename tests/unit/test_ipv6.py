@@ -206,3 +206,46 @@ def test_lab_vip_lines_for_each_mode():
         from clustercore.config import parse_toml
         d = parse_toml(lines.encode())
         assert node_config_from_dict(dict(NODE, **d)).vips == want
+
+
+def test_the_iptables_adapter_uses_each_family_own_tool(monkeypatch):
+    """install/remove/read_counters with a dual-stack pair: IPv4 rules through iptables
+    (/32), IPv6 rules through ip6tables (/128), each family's fast-path list, counters of
+    both families summed (the commands recorded, no kernel needed)."""
+    import subprocess as sp
+
+    from nodeshim import iptables
+
+    calls = []
+    saved = {
+        "iptables-save": '[5:300] -A VIPCLUSTER -p tcp -m tcp --dport 7 -m comment --comment "vip:echo" -j ACCEPT\n',
+        "ip6tables-save": '[7:560] -A VIPCLUSTER -p tcp -m tcp --dport 7 -m comment --comment "vip:echo" -j ACCEPT\n'
+                          '[2:160] -A VIPCLUSTER -p udp -m udp --dport 7 -m comment --comment "vip:echo" -j DROP\n',
+    }
+
+    def fake_run(args, stdin=None, check=True):
+        calls.append((args, stdin))
+        out = saved.get(args[0], "").encode()
+        return sp.CompletedProcess(args, 1 if ("-C" in args or "-D" in args) else 0, out, b"")  # no such rule
+
+    monkeypatch.setattr(iptables, "_run", fake_run)
+    monkeypatch.setattr(iptables, "_installed", set())
+    rules = rules_for("n1", SERVICES, "n1", set())
+    iptables.install(("203.0.113.10", VIP6), 3, fast_rules={4: to_iptables(rules, 3, 4), 6: to_iptables(rules, 3, 6)})
+    restores = {args[0]: stdin for args, stdin in calls if args[0].endswith("-restore")}
+    assert set(restores) == {"iptables-restore", "ip6tables-restore"}
+    assert "--icmpv6-type echo-request" in restores["ip6tables-restore"]
+    assert "--icmp-type echo-request" in restores["iptables-restore"]
+    assert "icmpv6" not in restores["iptables-restore"]
+    inserts = [args for args, _ in calls if "-I" in args]
+    assert ["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", "-d", "203.0.113.10/32", "!", "-i", "lo",
+            "-j", "VIPCLUSTER"] in inserts
+    assert ["ip6tables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", "-d", f"{VIP6}/128", "!", "-i", "lo",
+            "-j", "VIPCLUSTER"] in inserts
+    # counters: by default the families installed here, summed
+    assert iptables.read_counters() == {"echo": {"accepted": 12, "dropped": 2}}
+    assert iptables.read_counters((4,)) == {"echo": {"accepted": 5, "dropped": 0}}
+    calls.clear()
+    iptables.remove((VIP6,))
+    assert {args[0] for args, _ in calls} == {"ip6tables"}
+    assert iptables.read_counters() == {"echo": {"accepted": 5, "dropped": 0}}  # IPv4's left
