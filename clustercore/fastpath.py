@@ -10,14 +10,6 @@ which carry the flow they are about in their payload).
 
 `evaluate()` applies the list exactly as the kernel does (first match wins), so tests can
 prove that the fast path and the queue give the same verdict for every packet.
-
-Several queues (`queue_count` > 1): one queue holds at most 65,536 packets, so what goes
-to "the queue" goes to a fan-out chain instead, which picks one of `queue_count` queues
-by the low bits of the source port (`fanout_rules`, an iptables u32 match; `fanout_queue`
-is the same function in Python). One flow always lands in one queue, so its packets keep
-their order through the hold and its release. Not by `--queue-balance`: the kernel hashes
-only addresses there, so one client's flows would share one queue. ICMP, non-first
-fragments and anything else without ports go to the first queue.
 """
 
 from __future__ import annotations
@@ -27,7 +19,9 @@ from typing import Callable, Iterable, Mapping
 
 from .drain import DEST, SOURCE, DrainRole
 from .ownership import NO_SERVICE, Service, Verdict
-from .packet import ICMP, PROTO_NAMES, TCP, UDP, Packet
+from .packet import ICMP, ICMPV6, PROTO_NAMES, TCP, UDP, Packet
+
+ECHO_REQUEST = {ICMP: 8, ICMPV6: 128}  # the echo request's type in ICMP and in ICMPv6
 
 QUEUE = "queue"  # not a Verdict: the packet goes to the netfilter queue
 # first in the chain, no target: it only keeps conntrack on in the node's namespace (the
@@ -40,7 +34,7 @@ TRACK_RULE = '-m conntrack --ctstate NEW,ESTABLISHED,RELATED,INVALID,UNTRACKED -
 class Rule:
     proto: int
     port: int | None  # destination port; None: any
-    icmp_echo: bool  # matches ICMP echo requests only (proto ICMP)
+    icmp_echo: bool  # matches echo requests only (proto ICMP or ICMPV6)
     action: Verdict | str  # Verdict.ACCEPT / Verdict.DROP / QUEUE
     service: str  # counter bucket
     # QUEUE only: with no agent reading the queue (it died) the kernel accepts instead of
@@ -61,7 +55,7 @@ class Rule:
         if p.proto != self.proto:
             return False
         if self.icmp_echo:
-            return p.icmp_type == 8
+            return p.icmp_type == ECHO_REQUEST[self.proto]
         if self.port is not None and p.dport != self.port:
             return False
         if self.known and not (known is not None and known(p)):
@@ -92,7 +86,8 @@ def rules_for(node: str, services: Iterable[Service], anchor: str | None,
             rules.append(Rule(proto, port, False, action, s.name, bypass))
     rules.append(Rule(TCP, None, False, Verdict.DROP, NO_SERVICE))
     rules.append(Rule(UDP, None, False, Verdict.DROP, NO_SERVICE))
-    rules.append(Rule(ICMP, None, True, Verdict.ACCEPT if anchor == node else Verdict.DROP, NO_SERVICE))
+    for proto in (ICMP, ICMPV6):  # ping VIP and ping -6 VIP6: the anchor answers
+        rules.append(Rule(proto, None, True, Verdict.ACCEPT if anchor == node else Verdict.DROP, NO_SERVICE))
     return rules
 
 
@@ -129,6 +124,9 @@ def evaluate(rules: list[Rule], packet: Packet, known: Callable[[Packet], bool] 
     return QUEUE, None
 
 
+_OTHER_ICMP = {4: ICMPV6, 6: ICMP}  # the ICMP flavour a family's table never sees
+
+
 FANOUT_CHAIN = "VIPCLUSTER-Q"  # to one of several queues, fail closed
 FANOUT_BYPASS_CHAIN = "VIPCLUSTER-QB"  # the same with --queue-bypass (Rule.bypass)
 
@@ -141,10 +139,10 @@ def queue_target(queue_num: int, queue_count: int, bypass: bool) -> str:
 
 
 def fanout_rules(queue_num: int, queue_count: int, bypass: bool) -> list[str]:
-    """The fan-out chain's rules (for `-A FANOUT_CHAIN ...`): queue_num + (source port &
-    (queue_count - 1)) for unfragmented (or first-fragment) TCP and UDP, queue_num for the
-    rest. u32: the word at offset 6 masked to fragment offset and protocol must be 6 or 17;
-    then skip the IP header (IHL * 4) and take the top half of the next word (source port)."""
+    """The fan-out chain's rules (for `-A FANOUT_CHAIN ...`, IPv4 only): queue_num + (source
+    port & (queue_count - 1)) for unfragmented (or first-fragment) TCP and UDP, queue_num
+    for the rest. u32: the word at offset 6 masked to fragment offset and protocol must be
+    6 or 17; then skip the IP header (IHL * 4) and take the top half of the next word."""
     if queue_count < 1 or queue_count & (queue_count - 1):
         raise ValueError(f"queue_count must be a power of two, got {queue_count}")
     bp = " --queue-bypass" if bypass else ""
@@ -171,16 +169,22 @@ def fanout_queue(ip_packet: bytes, queue_num: int, queue_count: int) -> int:
     return queue_num + (sport & (queue_count - 1))
 
 
-def to_iptables(rules: list[Rule], queue_num: int, queue_count: int = 1) -> list[str]:
-    """The rules as iptables arguments (for `-A CHAIN ...`), with a comment naming the
-    counter bucket so the shim can read per-service counters back from the kernel."""
+def to_iptables(rules: list[Rule], queue_num: int, version: int = 4, queue_count: int = 1) -> list[str]:
+    """The rules as iptables (version 4) or ip6tables (version 6) arguments (for `-A CHAIN
+    ...`), with a comment naming the counter bucket so the shim can read per-service
+    counters back from the kernel. TCP and UDP rules are the same in both families; a
+    rule for one client address goes to that address's family only."""
     out = [TRACK_RULE]
     for r in rules:
+        if r.proto == _OTHER_ICMP[version]:
+            continue
+        if r.client is not None and (":" in r.client[0]) != (version == 6):
+            continue
         m = f"-p {PROTO_NAMES[r.proto]}"
         if r.client is not None:
-            m = f"-s {r.client[0]}/32 {m} --sport {r.client[1]}"
+            m = f"-s {r.client[0]}/{128 if version == 6 else 32} {m} --sport {r.client[1]}"
         if r.icmp_echo:
-            m += " --icmp-type echo-request"
+            m += " --icmp-type echo-request" if r.proto == ICMP else " --icmpv6-type echo-request"
         elif r.port is not None:
             m += f" --dport {r.port}"
         if r.syn:
@@ -189,8 +193,8 @@ def to_iptables(rules: list[Rule], queue_num: int, queue_count: int = 1) -> list
             m += f" -m mac --mac-source {r.mac}"
         if r.known:
             m += " -m conntrack --ctstatus CONFIRMED"
-        if r.action == QUEUE:
-            target = queue_target(queue_num, queue_count, r.bypass)
+        if r.action == QUEUE:  # several queues: IPv4 only (the fan-out's u32 reads an IPv4 header)
+            target = queue_target(queue_num, queue_count if version == 4 else 1, r.bypass)
         else:
             target = r.action.value.upper()
         out.append(f'{m} -m comment --comment "vip:{r.service}" -j {target}')

@@ -71,7 +71,8 @@ from .nodecommands import (
     WaitHalfClosed,
     WaitHandshakes,
     WaitReady,
-    port_of,
+    kind_of,
+    socket_name,
 )
 from .packet import TCP, UDP
 from .sockstate import ServiceSockets, TcpConnState, UdpSocketState
@@ -111,7 +112,7 @@ class DestinationFacts:
 
     service: Any
     cut: Any  # its DestCutover
-    vip: str = ""  # every restored socket is on it, on one of the service's ports
+    vips: tuple[str, ...] = ()  # every restored socket is on one, on one of the service's ports
     drops_at_start: int = 0
     role: Any = None
     opened: list[Named] = field(default_factory=list)  # bound at prepare; ours until adopted
@@ -142,10 +143,10 @@ def _check_on_service(name: str, f: DestinationFacts, listeners=(), connections=
     for proto, states in ((TCP, listeners), (TCP, connections), (UDP, udp)):
         for st in states:
             addr, port = st.local
-            if addr != f.vip or port not in ports[proto]:
+            if addr not in f.vips or port not in ports[proto]:
                 kind = "tcp" if proto == TCP else "udp"
                 raise Refused(f"restore of '{name}': a socket on {addr}:{port}/{kind} is not on the "
-                              f"service's address {f.vip or '(none)'} and ports")
+                              f"service's address {' or '.join(f.vips) or '(none)'} and ports")
 
 
 class Handoff(Playbook):
@@ -161,8 +162,8 @@ class Handoff(Playbook):
         service = local.service
         f = self.source = SourceFacts(
             cut=m.cutovers.source(event.epoch), instance=local.instance,
-            listeners=tuple(s for s in local.sockets if s[0].startswith("tcp-")),
-            udp=tuple(s for s in local.sockets if s[0].startswith("udp-")),
+            listeners=tuple(s for s in local.sockets if kind_of(s[0]) == "tcp"),
+            udp=tuple(s for s in local.sockets if kind_of(s[0]) == "udp"),
             tcp_ports=tuple(port for proto, port in service.ports if proto == TCP),
             state_hook=service_kind(service.exec_spec) is ServiceKind.BUILTIN)
         f.drops_at_start = yield CountKernelDrops()
@@ -299,7 +300,7 @@ class Handoff(Playbook):
 
     def prepare(self, m, event: msgs.Prepare, local: Local, now: float):
         service = local.service
-        f = self.destination = DestinationFacts(service=service, vip=local.vip,
+        f = self.destination = DestinationFacts(service=service, vips=local.vips,
                                                 cut=m.cutovers.destination(event.epoch))
         f.drops_at_start = yield CountKernelDrops()
         f.role = f.cut
@@ -346,8 +347,9 @@ class Handoff(Playbook):
         t_decoded = yield ReadClock()
         timing = {"decode": _ms(now, t_decoded)}
         # the listeners and UDP sockets were bound at prepare: they must be the ones moved
-        have = sorted(port_of(name) for name, _ in f.opened)
-        want = sorted([s.local[1] for s in bundle.listeners] + [s.local[1] for s in bundle.udp])
+        have = sorted(name for name, _ in f.opened)
+        want = sorted([socket_name("tcp", *s.local) for s in bundle.listeners]
+                      + [socket_name("udp", *s.local) for s in bundle.udp])
         if have != want:
             raise Refused(f"restore of '{m.service}': sockets on ports {want}, prepared {have}")
         if len(f.states) != streamed:
@@ -356,7 +358,7 @@ class Handoff(Playbook):
         _check_on_service(m.service, f, bundle.listeners, bundle.connections, bundle.udp)
         for st in bundle.udp:
             if st.peer is not None:
-                sock = next(s for s in f.opened if s[0] == f"udp-{st.local[1]}")
+                sock = next(s for s in f.opened if s[0] == socket_name("udp", *st.local))
                 yield ConnectDatagramSocket(sock, st.peer)
         # in repair mode until the release: nothing leaves this node before the point of
         # no return, and if the agent dies the sockets close without a packet

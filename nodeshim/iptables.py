@@ -7,10 +7,6 @@ Layout (mangle table, before routing and before any socket sees the packet):
                  node owns, DROP the others; migrating services -> NFQUEUE]
                 -j NFQUEUE --queue-num N          (no --queue-bypass; what no rule decided)
 
-With several queues (queue_count > 1) every "-j NFQUEUE" above is a jump to a fan-out
-chain, VIPCLUSTER-Q (or VIPCLUSTER-QB, the same with --queue-bypass), which picks queue
-N + (source port & (count - 1)) per flow (clustercore.fastpath.fanout_rules).
-
 No `--queue-bypass`: if the shim dies, VIP packets are dropped (fail closed). A dead
 shim must never mean "accept", because on a non-owner accepting means the stack answers
 with an RST or ICMP unreachable and kills the client's connection. Clients retransmit
@@ -22,16 +18,33 @@ Traffic on `lo` (the node talking to its own VIP, UDP datagrams re-injected duri
 migration) skips the queue.
 
 Rules are written with `iptables-restore --noflush`, one atomic batch per change.
+
+IPv6: the same layout in ip6tables' mangle table, for an IPv6 VIP (`-d VIP6/128`), with
+the same queue number (one shim reads both families) and the same fast-path rules but
+for ICMP, which is ICMPv6 there (clustercore.fastpath.to_iptables renders per family).
+Every function takes one VIP or several (dual-stack) and uses each one's own tool.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
+from typing import Iterable
 
 from clustercore import fastpath
 from clustercore.errors import KernelError
 
 CHAIN = "VIPCLUSTER"
+_installed: set[int] = set()  # the families install() set up in this process (read_counters' default)
+_TOOLS = {4: ("iptables", "iptables-restore", "iptables-save", 32),
+          6: ("ip6tables", "ip6tables-restore", "ip6tables-save", 128)}
+
+
+def _families(vips: str | Iterable[str]) -> dict[int, str]:
+    """{version: vip} for one VIP or several (at most one per family)."""
+    if isinstance(vips, str):
+        vips = (vips,)
+    return {ipaddress.ip_address(v).version: v for v in vips}
 
 
 def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -41,55 +54,79 @@ def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subpr
     return proc
 
 
-def _jump_rule(vip: str) -> list[str]:
-    return ["-d", f"{vip}/32", "!", "-i", "lo", "-j", CHAIN]
+def _jump_rule(vip: str, version: int = 4) -> list[str]:
+    return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-j", CHAIN]
 
 
+# several queues (queue_count > 1, IPv4): "-j NFQUEUE" becomes a jump to a fan-out chain that
+# picks queue N + (source port & (count - 1)) per flow (clustercore.fastpath.fanout_rules)
 FANOUT_CHAINS = {fastpath.FANOUT_CHAIN: False, fastpath.FANOUT_BYPASS_CHAIN: True}  # chain: bypass
 
 
-def install(vip: str, queue_num: int, fast_rules: list[str] | None = None, queue_count: int = 1) -> None:
-    """Create (or replace) our chains and the jump to them, atomically."""
-    heads = [f":{CHAIN} - [0:0]"]
-    body = [f"-A {CHAIN} {r}" for r in (fast_rules or [])]
-    body.append(f"-A {CHAIN} -j {fastpath.queue_target(queue_num, queue_count, False)}")
-    if queue_count > 1:
-        for chain, bypass in FANOUT_CHAINS.items():
-            heads.append(f":{chain} - [0:0]")
-            body += [f"-A {chain} {r}" for r in fastpath.fanout_rules(queue_num, queue_count, bypass)]
-    script = "\n".join(["*mangle", *heads, *body, "COMMIT", ""])
-    _run(["iptables-restore", "-w", "--noflush"], script)
-    if _run(["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", *_jump_rule(vip)], check=False).returncode != 0:
-        _run(["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", *_jump_rule(vip)])
+def install(vips: str | Iterable[str], queue_num: int,
+            fast_rules: list[str] | dict[int, list[str]] | None = None, queue_count: int = 1) -> None:
+    """Create (or replace) our chain and the jump to it, atomically, for each VIP's family.
+    `fast_rules`: one list for every family, or {version: list} (fastpath.to_iptables).
+    IPv6 uses the first queue only (the fan-out's u32 match reads an IPv4 header)."""
+    for version, vip in sorted(_families(vips).items()):
+        tool, restore, _, _ = _TOOLS[version]
+        count = queue_count if version == 4 else 1
+        rules = fast_rules.get(version, []) if isinstance(fast_rules, dict) else fast_rules
+        heads = [f":{CHAIN} - [0:0]"]
+        body = [f"-A {CHAIN} {r}" for r in (rules or [])]
+        body.append(f"-A {CHAIN} -j {fastpath.queue_target(queue_num, count, False)}")
+        if count > 1:
+            for chain, bypass in FANOUT_CHAINS.items():
+                heads.append(f":{chain} - [0:0]")
+                body += [f"-A {chain} {r}" for r in fastpath.fanout_rules(queue_num, count, bypass)]
+        script = "\n".join(["*mangle", *heads, *body, "COMMIT", ""])
+        _run([restore, "-w", "--noflush"], script)
+        jump = _jump_rule(vip, version)
+        if _run([tool, "-w", "-t", "mangle", "-C", "PREROUTING", *jump], check=False).returncode != 0:
+            _run([tool, "-w", "-t", "mangle", "-I", "PREROUTING", "1", *jump])
+        _installed.add(version)
 
 
-def chain_exists() -> bool:
-    return _run(["iptables", "-w", "-t", "mangle", "-S", CHAIN], check=False).returncode == 0
+def chain_exists(version: int = 4) -> bool:
+    return _run([_TOOLS[version][0], "-w", "-t", "mangle", "-S", CHAIN], check=False).returncode == 0
 
 
-def remove(vip: str) -> None:
-    """Remove the jump and our chain (idempotent)."""
-    while _run(["iptables", "-w", "-t", "mangle", "-D", "PREROUTING", *_jump_rule(vip)], check=False).returncode == 0:
-        pass
-    _run(["iptables", "-w", "-t", "mangle", "-F", CHAIN], check=False)
-    _run(["iptables", "-w", "-t", "mangle", "-X", CHAIN], check=False)
-    for chain in FANOUT_CHAINS:  # only referenced from CHAIN, gone now
-        _run(["iptables", "-w", "-t", "mangle", "-F", chain], check=False)
-        _run(["iptables", "-w", "-t", "mangle", "-X", chain], check=False)
+def remove(vips: str | Iterable[str]) -> None:
+    """Remove the jump and our chain of each VIP's family (idempotent)."""
+    for version, vip in sorted(_families(vips).items()):
+        tool = _TOOLS[version][0]
+        jump = _jump_rule(vip, version)
+        while _run([tool, "-w", "-t", "mangle", "-D", "PREROUTING", *jump], check=False).returncode == 0:
+            pass
+        _run([tool, "-w", "-t", "mangle", "-F", CHAIN], check=False)
+        _run([tool, "-w", "-t", "mangle", "-X", CHAIN], check=False)
+        for chain in FANOUT_CHAINS:  # only referenced from CHAIN, gone now
+            _run([tool, "-w", "-t", "mangle", "-F", chain], check=False)
+            _run([tool, "-w", "-t", "mangle", "-X", chain], check=False)
+        _installed.discard(version)
 
 
-def read_counters() -> dict[str, dict[str, int]]:
-    """Per-service packet counters of our chain's rules, from the kernel:
+def read_counters(versions: Iterable[int] | None = None) -> dict[str, dict[str, int]]:
+    """Per-service packet counters of our chain's rules, from the kernel, summed over the
+    families asked (default: those this process installed, else IPv4):
     {service: {"accepted": n, "dropped": n}} (rules tagged `vip:NAME`)."""
+    if versions is None:
+        versions = sorted(_installed) or (4,)
     import re
 
-    proc = _run(["iptables-save", "-c", "-t", "mangle"], check=False)
     out: dict[str, dict[str, int]] = {}
     pat = re.compile(r'^\[(\d+):\d+\] -A ' + CHAIN + r' .*--comment "?vip:([^" ]+)"? -j (ACCEPT|DROP)')
-    for line in proc.stdout.decode(errors="replace").splitlines():
-        m = pat.match(line)
-        if m:
-            pkts, name, target = int(m.group(1)), m.group(2), m.group(3)
-            c = out.setdefault(name, {"accepted": 0, "dropped": 0})
-            c["accepted" if target == "ACCEPT" else "dropped"] += pkts
+    for version in sorted(set(versions)):
+        proc = _run([_TOOLS[version][2], "-c", "-t", "mangle"], check=False)
+        for line in proc.stdout.decode(errors="replace").splitlines():
+            m = pat.match(line)
+            if m:
+                pkts, name, target = int(m.group(1)), m.group(2), m.group(3)
+                c = out.setdefault(name, {"accepted": 0, "dropped": 0})
+                c["accepted" if target == "ACCEPT" else "dropped"] += pkts
     return out
+
+
+def versions(vips: str | Iterable[str]) -> tuple[int, ...]:
+    """The IP versions of one VIP or several: which tables this node uses."""
+    return tuple(sorted(_families(vips)))
