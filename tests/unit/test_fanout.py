@@ -58,11 +58,14 @@ def test_the_fanout_chain_has_a_rule_per_extra_queue_and_a_default():
 
 
 def test_a_migrating_service_jumps_to_the_fanout_chains():
-    lines = to_iptables(rules_for("n1", [ECHO], "n1", {"echo"}), 0, 4)
+    lines = to_iptables(rules_for("n1", [ECHO], "n1", {"echo"}), 0, queue_count=4)
     assert f'-p tcp --dport 7 -m comment --comment "vip:echo" -j {FANOUT_CHAIN}' in lines
     # the owner's UDP port keeps its fail-open (the service's own socket holds the datagrams)
     assert f'-p udp --dport 7 -m comment --comment "vip:echo" -j {FANOUT_BYPASS_CHAIN}' in lines
-    one = to_iptables(rules_for("n1", [ECHO], "n1", {"echo"}), 0, 1)
+    # IPv6: the fan-out's u32 reads an IPv4 header, so ip6tables rules use the first queue
+    six = to_iptables(rules_for("n1", [ECHO], "n1", {"echo"}), 0, 6, queue_count=4)
+    assert '-p tcp --dport 7 -m comment --comment "vip:echo" -j NFQUEUE --queue-num 0' in six
+    one = to_iptables(rules_for("n1", [ECHO], "n1", {"echo"}), 0, queue_count=1)
     assert '-p udp --dport 7 -m comment --comment "vip:echo" -j NFQUEUE --queue-num 0 --queue-bypass' in one
 
 
