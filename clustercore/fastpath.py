@@ -10,6 +10,15 @@ which carry the flow they are about in their payload).
 
 `evaluate()` applies the list exactly as the kernel does (first match wins), so tests can
 prove that the fast path and the queue give the same verdict for every packet.
+
+Several queues (`queue_count` > 1): one queue holds at most 65,536 packets, so what goes
+to "the queue" goes to a fan-out chain instead, which picks one of `queue_count` queues
+by the low bits of the source port (`fanout_rules`, an iptables u32 match; `fanout_queue`
+is the same function in Python). One flow always lands in one queue, so its packets keep
+their order through the hold and its release. Not `--queue-balance`: the kernel hashes
+only addresses there, so one client's flows would share one queue. ICMP, non-first
+fragments and anything else without ports go to the first queue; so does IPv6 (the u32
+match reads an IPv4 header).
 """
 
 from __future__ import annotations
