@@ -6,7 +6,10 @@ Standard library only. It speaks two systemd protocols and nothing of vipcluster
 - socket activation (sd_listen_fds(3)): its sockets arrive as descriptors 3.. with
   LISTEN_FDS / LISTEN_FDNAMES; names `tcp-PORT` and `udp-PORT` are listeners and UDP
   sockets, `conn-PORT` established connections, `state` a memfd with saved state;
-- the file-descriptor store (sd_notify(3), NOTIFY_SOCKET): on SIGUSR1 (the handoff
+- the file-descriptor store (sd_notify(3), NOTIFY_SOCKET): once serving it says
+  `READY=1` and `FDSTORE=1` with no descriptor attached: "I hand over through the fd
+  store" (under systemd this stores nothing; vipcluster's agent then moves it with the
+  `handoff` strategy when it was added with `--migrate auto`). On SIGUSR1 (the handoff
   signal) it stops serving, flushes what the kernel will take, writes its state (the
   counters; per connection what it still owes and a partial line) into a memfd, stores the
   memfd and all its sockets with `FDSTORE=1` + `FDNAME=`, and stops itself (SIGSTOP). If
@@ -17,7 +20,10 @@ The service: TCP lines `INCR name` -> the new value, `GET name` -> the value; UD
 datagrams echoed back. Run it as vipcluster does:
 
     vipctl service add counter --node n1 --port tcp:7000 --port udp:7000 \
-        --exec "python3 examples/handoff_counter.py" --migrate handoff
+        --exec "python3 examples/handoff_counter.py" --migrate auto
+
+(`--migrate handoff` says the same explicitly: the move is then refused, not done with
+criu, if the program has not announced the fd store.)
 """
 
 from __future__ import annotations
@@ -187,7 +193,7 @@ class Counter:
         signal.set_wakeup_fd(wfd)
         signal.signal(HANDOFF_SIGNAL, lambda *_: setattr(self, "handoff", True))
         self.sel.register(rfd, selectors.EVENT_READ, lambda _: os.read(rfd, 512))
-        notify("READY=1\nSTATUS=serving")
+        notify("READY=1\nFDSTORE=1\nSTATUS=serving")  # FDSTORE=1 alone: "I hand over"
         while True:
             for key, _ in self.sel.select():
                 key.data(key.fileobj)
