@@ -3,7 +3,7 @@
 It speaks the systemd file-descriptor store (clustercore.sdnotify), so any program can
 take part, not only ours: on the handoff signal the old instance puts its state (a memfd
 named `state`) and every socket (`tcp-PORT`, `udp-PORT`, `conn-PORT`) in the agent's fd
-store with FDSTORE=1 + FDNAME=, says STOPPING=1 and stops itself. The source dumps those
+store with FDSTORE=1 + FDNAME=, says STOPPING=1 and waits (the agent stops it). The source dumps those
 connections with TCP_REPAIR and drains those UDP sockets; the destination rebuilds them
 and, at release, starts the new instance the way systemd starts a service from its fd
 store: everything as LISTEN_FDS / LISTEN_FDNAMES (the builtins, nodeshim.builtins, are the

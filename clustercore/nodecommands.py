@@ -211,9 +211,10 @@ class WaitHalfClosed(Command):
 class HandOver(Command):
     """The fd-store handoff (clustercore.sdnotify): send the instance the handoff signal;
     it puts its state (a memfd named `state`) and its sockets (`tcp-PORT`, `udp-PORT`,
-    `conn-PORT`) in the agent's fd store with FDSTORE=1, says STOPPING=1 and stops
-    itself. Waits (bounded) for both (-> list[Named]: what it stored, in order; the
-    caller owns those descriptors). On failure nothing stored is kept."""
+    `conn-PORT`) in the agent's fd store with FDSTORE=1, says STOPPING=1 and waits for
+    SIGCONT; it is then stopped (SIGSTOP). Waits (bounded) for all that (-> list[Named]:
+    what it stored, in order; the caller owns those descriptors). On failure nothing
+    stored is kept."""
     instance: Any
 
 

@@ -12,9 +12,10 @@ Standard library only. It speaks two systemd protocols and nothing of vipcluster
   `handoff` strategy when it was added with `--migrate auto`). On SIGUSR1 (the handoff
   signal) it stops serving, flushes what the kernel will take, writes its state (the
   counters; per connection what it still owes and a partial line) into a memfd, stores the
-  memfd and all its sockets with `FDSTORE=1` + `FDNAME=`, and stops itself (SIGSTOP). If
-  the move is rolled back it gets SIGCONT and carries on; if it succeeds it is killed and
-  its successor receives everything back as LISTEN_FDS.
+  memfd and all its sockets with `FDSTORE=1` + `FDNAME=`, says `STOPPING=1` and touches
+  nothing more until SIGCONT (the agent stops it meanwhile). If the move is rolled back
+  it gets SIGCONT and carries on; if it succeeds it is killed and its successor receives
+  everything back as LISTEN_FDS.
 
 The service: TCP lines `INCR name` -> the new value, `GET name` -> the value; UDP
 datagrams echoed back. Run it as vipcluster does:
@@ -185,8 +186,15 @@ class Counter:
             chunk = conns[i:i + FDS_PER_MESSAGE]
             port = chunk[0].getsockname()[1]
             notify(f"FDSTORE=1\nFDNAME=conn-{port}", [c.fileno() for c in chunk])
-        notify("STOPPING=1")
-        os.kill(os.getpid(), signal.SIGSTOP)  # a rollback sends SIGCONT: carry on
+        # from STOPPING=1 on, touch nothing until SIGCONT: the agent stops us (SIGSTOP; we
+        # may be a PID namespace's init, which cannot stop itself), a rollback continues
+        # us, a successful move kills us. SIGCONT is blocked first so that none is missed.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCONT})
+        try:
+            notify("STOPPING=1")
+            signal.sigwait({signal.SIGCONT})
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCONT})
 
     def run(self) -> None:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

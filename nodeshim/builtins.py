@@ -16,8 +16,9 @@ a third party's, clustercore.sdnotify for the protocol):
   write what user space still holds (the kv table; per connection the bytes owed to the
   client and a partial request line) into a memfd, store it (`FDNAME=state`), then every
   listener and UDP socket under its activation name and every connection as `conn-PORT`
-  (FDSTORE=1, SCM_RIGHTS), say STOPPING=1 and stop themselves (SIGSTOP). A rollback
-  sends SIGCONT: they carry on. A commit kills them;
+  (FDSTORE=1, SCM_RIGHTS), say STOPPING=1 and then touch nothing until SIGCONT (the agent
+  stops them meanwhile: SIGSTOP). A rollback sends SIGCONT: they carry on. A commit kills
+  them;
 - the new instance gets it all back as LISTEN_FDS: `state` is loaded first, and each
   connection (matched by its peer address) gets its pending bytes back.
 """
@@ -232,9 +233,8 @@ class Server:
         for port, fds in by_port.items():
             for i in range(0, len(fds), FDS_PER_MESSAGE):
                 notify(f"FDSTORE=1\nFDNAME=conn-{port}", fds[i:i + FDS_PER_MESSAGE])
-        notify("STOPPING=1")
         print(f"handed over {len(self.outbuf)} connections", flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)  # a rollback sends SIGCONT: carry on
+        wait_for_continue(lambda: notify("STOPPING=1"))
 
     def run(self) -> None:
         while True:
@@ -247,6 +247,18 @@ class Server:
             if self.handoff:
                 self.handoff = False
                 self.hand_over()
+
+
+def wait_for_continue(say_stopping) -> None:
+    """After STOPPING=1: touch nothing until SIGCONT. The agent stops us (SIGSTOP from
+    outside: a PID-namespace init cannot stop itself) and a rollback continues us; a
+    commit kills us. SIGCONT is blocked first, so one sent early is not missed."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCONT})
+    try:
+        say_stopping()
+        signal.sigwait({signal.SIGCONT})
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCONT})
 
 
 def _peer_key(c: socket.socket) -> str:

@@ -339,7 +339,8 @@ class MigrationAgent:
 
     async def _hand_over(self, cmd: nc.HandOver) -> list[nc.Named]:
         """The handoff signal (SIGUSR1), then wait until the program has stored what it
-        hands over, said STOPPING=1 and stopped itself."""
+        hands over and said STOPPING=1; then it is stopped (SIGSTOP to its group, from
+        here: a PID namespace's init cannot stop itself) and waits for SIGCONT."""
         k, pid, notify = self.kernel, cmd.instance.pid, self.agent.notify
         if notify is None:
             raise LocalControlError("no NOTIFY_SOCKET bound: nothing can be handed over")
@@ -347,16 +348,20 @@ class MigrationAgent:
         store.begin_handover()
         k.pidfd.send_signal(pid, signal.SIGUSR1)
         deadline = k.clock() + QUIESCE_TIMEOUT_S
+        stop_sent = False
         try:
             while True:
-                notify.drain()  # its messages, sent before it stopped, are all queued by now
+                notify.drain()  # its messages come before STOPPING=1, in order
+                if store.stopping and not stop_sent:
+                    k.pidfd.signal_group(pid, signal.SIGSTOP)
+                    stop_sent = True
                 state = k.pidfd.process_state(pid)
-                if state in k.pidfd.STOPPED_STATES and store.stopping:
+                if stop_sent and state in k.pidfd.STOPPED_STATES:
                     break
                 if state in k.pidfd.GONE_STATES:
                     raise KernelError("hand over", None, f"service process {pid} exited")
                 if k.clock() > deadline:
-                    said = "stopped without STOPPING=1" if state in k.pidfd.STOPPED_STATES else "did not stop"
+                    said = "did not stop" if stop_sent else "did not say STOPPING=1"
                     raise KernelError("hand over", None, f"service process {pid} {said} within "
                                       f"{QUIESCE_TIMEOUT_S:g}s of the handoff signal (does it speak the fd store?)")
                 await asyncio.sleep(QUIESCE_POLL_S)

@@ -13,6 +13,7 @@ service gets the agent's NOTIFY_SOCKET (the caller's `extra_env`).
 
 from __future__ import annotations
 
+import array
 import fcntl
 import logging
 import os
@@ -365,18 +366,49 @@ def _copy_output(read_fd: int, log_path: str, name: str) -> None:
     threading.Thread(target=run, name=f"output {name}", daemon=True).start()
 
 
-# moves the descriptors passed at 100.. to 3.. and sets LISTEN_PID to the program's own
-# PID (1: it is its namespace's init), then execs the program: no process of ours remains.
+PASS_BATCH = 250  # descriptors per SCM_RIGHTS message (the kernel allows 253)
+
+# receives the descriptors over the socket at VIPCLUSTER_PASS_SOCK (SCM_RIGHTS, in order),
+# moves them to 3.. and sets LISTEN_PID to the program's own PID (1: it is its namespace's
+# init), then execs the program: no process of ours remains. Over a socket, not inherited:
+# unshare, the launcher, lives as long as the program and would keep every inherited
+# descriptor open (a connection the program closes would never send its FIN).
 # Python, not sh: dash takes single-digit descriptors only in redirections.
 _ACTIVATION_WRAPPER = (
-    "import os, sys\n"
-    "fds = [int(f) for f in os.environ.pop('VIPCLUSTER_PASS_FDS').split()]\n"
-    "for i, fd in enumerate(fds):\n"
-    "    os.dup2(fd, 3 + i)\n"
-    "for fd in fds:\n"
-    "    if fd >= 3 + len(fds): os.close(fd)\n"
+    "import array, fcntl, os, socket, sys\n"
+    "n = int(os.environ.pop('VIPCLUSTER_PASS_COUNT'))\n"
+    "s = socket.socket(fileno=int(os.environ.pop('VIPCLUSTER_PASS_SOCK')))\n"
+    "got = []\n"
+    "while len(got) < n:\n"
+    "    msg, anc, _, _ = s.recvmsg(16, socket.CMSG_SPACE(%d * 4))\n"
+    "    if not msg and not anc:\n"
+    "        sys.exit('vipcluster: %%d of %%d descriptors passed' %% (len(got), n))\n"
+    "    for level, kind, data in anc:\n"
+    "        a = array.array('i'); a.frombytes(data[:len(data) - len(data) %% 4]); got += list(a)\n"
+    "s.close()\n"
+    "high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + n) for fd in got]\n"
+    "for fd in got: os.close(fd)\n"
+    "for i, fd in enumerate(high): os.dup2(fd, 3 + i)\n"
+    "for fd in high: os.close(fd)\n"
     "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-    "os.execvp(sys.argv[1], sys.argv[1:])\n")
+    "os.execvp(sys.argv[1], sys.argv[1:])\n") % PASS_BATCH
+
+
+def _pass_over_socket(sockets) -> int:
+    """Queue `sockets` (SCM_RIGHTS, in order) in a socket pair; returns the receiving end
+    (close-on-exec, at >= 100) for the activation wrapper."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        fds = [s.fileno() for _, s in sockets]
+        for i in range(0, len(fds), PASS_BATCH):
+            batch = array.array("i", fds[i:i + PASS_BATCH])
+            ours.sendmsg([b"fds"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
+        return fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 100)
+    except OSError as e:
+        raise KernelError("pass the sockets to the new program", e.errno) from None
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def start_isolated(service: Service, vip: str, log_dir: str, *, spawn_isolated=None,
@@ -398,18 +430,18 @@ def start_isolated(service: Service, vip: str, log_dir: str, *, spawn_isolated=N
     env = dict(os.environ)
     env.pop("LISTEN_PID", None)
     env.update({"VIPCLUSTER_SERVICE": service.name})
-    high: list[int] = []
+    passing: list[int] = []
     try:
         if activation:
-            high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for _, s in sockets]
+            passing = [_pass_over_socket(sockets)]
             env.update({"LISTEN_FDS": str(len(sockets)),
                         "LISTEN_FDNAMES": ":".join(n for n, _ in sockets),
-                        "VIPCLUSTER_PASS_FDS": " ".join(map(str, high))})
+                        "VIPCLUSTER_PASS_SOCK": str(passing[0]), "VIPCLUSTER_PASS_COUNT": str(len(sockets))})
             argv = [sys.executable, "-c", _ACTIVATION_WRAPPER, *argv]
         env.update(extra_env or {})
         read_fd, write_fd = os.pipe()
         try:
-            isolated = spawn_isolated(argv, env, log_dir, write_fd, pass_fds=high)
+            isolated = spawn_isolated(argv, env, log_dir, write_fd, pass_fds=passing)
             output = criu.pipe_key(write_fd)
         except BaseException:
             os.close(read_fd)
@@ -417,7 +449,7 @@ def start_isolated(service: Service, vip: str, log_dir: str, *, spawn_isolated=N
         finally:
             os.close(write_fd)
     finally:
-        for fd in high:
+        for fd in passing:
             os.close(fd)
         for _, s in sockets if ours else ():
             s.close()  # the program holds them now; criu must own them alone
