@@ -530,6 +530,7 @@ class MigrationAgent:
         """In a thread: the agent's loop keeps taking verdicts (the hold fills) meanwhile."""
         k, vip, rs = self.kernel, self.agent.config.vip, cmd.instance
         established = k.tcprepair.count_connections(vip, cmd.tcp_ports, {k.tcprepair.ESTABLISHED})
+        listening = k.tcprepair.count_listeners(vip, cmd.tcp_ports)  # the real sockets, not the ports
         images = self._images_dir(rs.service.name, "out")
         try:
             endpoint = k.imagexfer.Endpoint(**cmd.endpoint)
@@ -543,7 +544,7 @@ class MigrationAgent:
             shutil.rmtree(images, ignore_errors=True)
         return nc.ImageSent(image_bytes=sent.page_bytes + sent.file_bytes, dump_ms=sent.dump_ms,
                             frozen_ms=sent.frozen_ms, transfer_ms=sent.transfer_ms,
-                            tcp_established=established, tcp_listening=len(cmd.tcp_ports),
+                            tcp_established=established, tcp_listening=listening,
                             output_pipe=getattr(rs, "output_pipe", None))
 
     def _start_image_receiver(self, cmd: nc.StartImageReceiver) -> nc.ImageReceiver:

@@ -615,6 +615,26 @@ def count_connections(vip: str, ports: Iterable[int], states: Iterable[int]) -> 
 LISTEN = 10  # TCP_LISTEN
 
 
+def count_listeners(vip: str, ports: Iterable[int]) -> int:
+    """How many IPv4 TCP listeners this namespace has on the service's ports, bound to
+    the VIP or to the wildcard address (a program that binds the VIP itself, like nginx's
+    `listen 80;`, may use either; one shared by a master and its workers is one socket)."""
+    ports = list(ports)
+    want = {f"{int.from_bytes(socket.inet_aton(addr), 'little'):08X}:{p:04X}"
+            for addr in (vip, "0.0.0.0") for p in ports}
+    n = 0
+    try:
+        with open(_PROC_NET_TCP) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == f"{LISTEN:02X}" and fields[1] in want:
+                    n += 1
+    except (OSError, StopIteration, IndexError):
+        return 0
+    return n
+
+
 def accept_backlog(vip: str, ports: Iterable[int]) -> int:
     """Connections waiting in the accept queues of the listeners on vip:port (one of
     `ports`): a listener's rx_queue in /proc/net/tcp. A whole-process checkpoint does not
