@@ -99,7 +99,7 @@ class State(enum.Enum):
     ROLLED_BACK = "rolled_back"
     # the destination
     PREPARING = "preparing"
-    PREPARED = "prepared"  # holding the new epoch; new instance started, gated
+    PREPARED = "prepared"  # holding the new epoch; its ports bound (handoff) or an image receiver up (process)
     RESTORING = "restoring"
     RESTORED = "restored"  # connections rebuilt in repair mode
     RELEASING = "releasing"

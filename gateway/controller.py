@@ -11,6 +11,7 @@ connection into NodeLost, a timeout or a garbled reply into MessageLost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -22,6 +23,7 @@ from clustercore import migration as mig
 from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Delivery, MigrateStrategy, ServiceKind, member, migration_strategy, service_kind
 from clustercore.migration_driver import MigrationDriver, event_for_reply
+from vipwire.logs import event
 from vipwire.rpc import Context
 
 from . import nft
@@ -55,6 +57,8 @@ class _Run:
         self.split_ms: dict[str, dict] = {}  # the agents' own timing of their parts
         self.kernel_drops: dict[str, int] = {}  # packets a node's kernel queue dropped meanwhile
         self.last_chunk: asyncio.Future | None = None  # the chunk relay's tail (streamed dump)
+        self.started = time.time()
+        self.streamed = 0  # connections streamed ahead and restored on the destination
         self.done: mig.Finished | None = None
 
     # --- Executor ---------------------------------------------------------------------
@@ -131,7 +135,7 @@ class _Run:
         self.report(state.value, f"{previous.value} -> {state.value}")
 
     def report(self, step: str, detail: str) -> None:
-        log.info("migration of %s: %s: %s", self.name, step, detail)
+        event(log, "migration.step", service=self.name, step=step, detail=detail)
         self.say(step, detail)
 
     def finished(self, done: mig.Finished) -> None:
@@ -209,8 +213,16 @@ class _Run:
         if session is None:
             raise ConnectionLost(f"node {self.dest} is down")
         await session.rpc.request(chunk, timeout=REQUEST_TIMEOUT_S)
+        self.streamed += chunk.count
+        total = getattr(chunk, "total", 0)
+        # vipctl migrate draws its progress bar from these (vipctl.progress)
+        self.say("transfer", f"{self.streamed}/{total or '?'} connections restored on {self.dest}")
 
 
+# what a migration's end event carries (the whole report is in the registry's event log)
+REPORT_LOG_FIELDS = ("service", "from", "to", "strategy", "outcome", "reason", "tcp_established", "tcp_listening",
+                     "udp_sockets", "bytes_moved", "freeze_ms", "total_ms", "held", "released",
+                     "duplicates_suppressed", "lost", "kernel_queue_drops")
 PROCESS_STEP_S = 30.0  # freezing and restoring of a `process` migration may take this long
 STRATEGY_ASK_TIMEOUT_S = 2.0  # asking the owner whether its program announced the fd store
 
@@ -225,6 +237,17 @@ class Controller:
 
     def busy(self, service: str) -> bool:
         return service in self.book
+
+    def in_progress(self) -> list[dict]:
+        """The migrations running now, for `vipctl status` (--watch): service, nodes, step."""
+        now, out = time.time(), []
+        for name, run in sorted(self.runs.items()):
+            out.append({"service": name, "from": run.source, "to": run.dest,
+                        "step": run.entered[0] if run.entered else "start",
+                        "elapsed_ms": round((now - run.started) * 1000, 1), "streamed": run.streamed})
+        for name in sorted(self.recovering):
+            out.append({"service": name, "step": "recovering"})
+        return out
 
     async def _strategy_for(self, service) -> MigrateStrategy:
         """The strategy this migration moves with, resolved here for both nodes: `auto`
@@ -290,8 +313,10 @@ class Controller:
         self.book.begin(service=name, owner=service.owner, dest=dest, nodes=nodes_up)
         try:
             strategy = await self._strategy_for(service)
-            return await self._run(name, service.owner, dest, progress or (lambda step, detail: None),
-                                   strategy)
+            # two gateways: only while this one holds the driver lease (gateway.ha)
+            async with (gw.ha.driving(name) if gw.ha is not None else contextlib.nullcontext()):
+                return await self._run(name, service.owner, dest, progress or (lambda step, detail: None),
+                                       strategy)
         finally:
             self.book.finish(name)
 
@@ -304,7 +329,7 @@ class Controller:
                                 timeouts=self._timeouts_for(strategy))
         started = time.time()
         progress("start", f"migrating {name}: {source} -> {dest} ({strategy})")
-        log.info("migration of %s: %s -> %s (epoch %s, strategy %s)", name, source, dest, epoch, strategy)
+        event(log, "migration.start", service=name, source=source, dest=dest, epoch=epoch, strategy=str(strategy))
         # journaled before the first step: a gateway that dies from here on finds it
         gw.registry.journal_begin(name, source, dest, new_epoch)
         run = self.runs[name] = _Run(self, name, source, dest, new_epoch, progress, str(strategy))
@@ -328,7 +353,9 @@ class Controller:
         self._end_journal(name)
         await gw.push_table()
         self._log_event("migration", report)
-        log.info("migration of %s %s: %s", name, finished.outcome, report)
+        self.gw.metrics.migration_finished(report)
+        event(log, "migration.end", logging.INFO if finished.outcome == "committed" else logging.WARNING,
+              **{k: report.get(k) for k in REPORT_LOG_FIELDS if k in report})
         progress("done", f"{finished.outcome}{': ' + finished.reason if finished.reason else ''}")
         return report
 
@@ -394,7 +421,8 @@ class Controller:
             log.warning("delivery after recovering %s: %s", j.service, e)
         await gw.push_table()
         self._log_event("migration", report)
-        log.warning("migration of %s recovered: %s", j.service, report)
+        self.gw.metrics.migration_finished(report)
+        event(log, "migration.recovered", logging.WARNING, **report)
         return report
 
     async def _ask(self, node: str, step: msgs.Step, problems: list[str]):

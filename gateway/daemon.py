@@ -26,12 +26,16 @@ from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, P
 from clustercore.kinds import Delivery, adopted_spec, check_service_options
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
-from vipwire import systemd, tls
+from vipwire import metricsserver, systemd, tls
+from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
 from vipwire.rpc import Context, RpcConnection
 
 from . import netlink, nft
-from .registry import Registry, RegistryError
+from .ha import HighAvailability
+from .metrics import GatewayMetrics
+from .registry import RegistryError
+from .store import open_registry, shared
 
 log = logging.getLogger("vipcluster.gateway")
 
@@ -55,9 +59,12 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.tls = tls.server_context(config.tls_cert, config.tls_key, config.tls_ca)
-        self.registry = Registry(config.state_dir)  # RegistryError: one clear line
+        self.registry = open_registry(config)  # SQLite, or etcd with two gateways; RegistryError: one line
         self.table, self.epochs = self.registry.load()
-        self.journal = self.registry.open_migrations()  # what a previous gateway left open
+        # two gateways: follow the shared table, one migration driver (gateway.ha); the
+        # journal is then taken over under the driver lease, not at start
+        self.ha = HighAvailability(self) if shared(config) else None
+        self.journal = [] if self.ha else self.registry.open_migrations()  # what a previous gateway left open
         self.agents: dict[str, AgentSession] = {}
         self.delivery_override: dict[str, tuple[str, ...]] = {}
         self.gateway_mac = ""
@@ -68,6 +75,8 @@ class Gateway:
         from .controller import Controller
 
         self.controller = Controller(self)
+        self.metrics = GatewayMetrics(self)  # hooks below; served at config.metrics_address
+        self._metrics_server = None
         self.control_handlers = {
             msgs.Ping: self.op_ping,
             msgs.Status: self.op_status,
@@ -78,6 +87,7 @@ class Gateway:
             msgs.Migrate: self.controller.op_migrate,
             msgs.NodeDrain: self.controller.op_drain,
         }
+        self.control_handlers = self.metrics.count_requests(self.control_handlers)  # counted by outcome
 
     # --- lifecycle -------------------------------------------------------------------
     def prepare_kernel(self) -> None:
@@ -115,10 +125,16 @@ class Gateway:
                                        port=cfg.listen_port, reuse_address=True)
         self._servers.append(srv)
         log.info("control API on %s; agents on %s:%d", cfg.control_socket, cfg.listen_address, cfg.listen_port)
+        try:
+            self._metrics_server = await metricsserver.serve(cfg.metrics_address, self.metrics.registry)
+        except OSError as e:
+            raise ConfigError("metrics_address", f"cannot listen on {cfg.metrics_address}: {e.strerror or e}") from None
         if self.journal:
             self.controller.recover(self.journal)
             self.apply_delivery()  # both nodes of each open migration get its packets
         asyncio.ensure_future(self._watch_agents())
+        if self.ha is not None:
+            self.ha.start()
 
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -137,6 +153,8 @@ class Gateway:
         log.info("shutting down")
         for srv in self._servers:
             srv.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         for a in list(self.agents.values()):
             a.rpc.close()
         try:
@@ -210,7 +228,9 @@ class Gateway:
         """A new TCP connection on the agents' port, not read from yet (see _AgentAccept)."""
         peer = transport.get_extra_info("peername")
         if self._logins >= MAX_LOGINS_IN_PROGRESS:
-            log.warning("agent at %s refused: %d logins already in progress", peer, self._logins)
+            event(log, "login.refused", logging.WARNING, peer=_peer(peer), reason="too_many_logins",
+                  detail=f"{self._logins} logins already in progress")
+            self.metrics.refused("too_many_logins")
             transport.abort()
             return
         node = None
@@ -221,7 +241,10 @@ class Gateway:
                 node, rpc = await asyncio.wait_for(self._login(transport, peer), LOGIN_TIMEOUT_S)
             except (asyncio.TimeoutError, OSError, PeerControlError, ConnectionLost) as e:
                 # OSError: ssl.SSLError (no or a foreign certificate) and ConnectionError
-                log.warning("agent at %s failed to log in: %s", peer, _describe(e))
+                reason = ("timeout" if isinstance(e, asyncio.TimeoutError) else
+                          "connection" if isinstance(e, (ConnectionError, ConnectionLost, PeerControlError)) else "tls")
+                event(log, "login.refused", logging.WARNING, peer=_peer(peer), reason=reason, detail=_describe(e))
+                self.metrics.refused(reason)
                 transport.abort()
                 return
             finally:
@@ -245,7 +268,8 @@ class Gateway:
             rpc.notify(msgs.Welcome(services=t.services, anchor=t.anchor, epochs=t.epochs,
                                     migrating=tuple(sorted(self.controller.book.running())),
                                     heartbeat_s=self.config.heartbeat_s))
-            log.info("node %s is up (from %s)", node, peer)
+            event(log, "node.up", node=node, peer=_peer(peer))
+            self.metrics.login(node)
             self.log_event("node_up", {"node": node})
             asyncio.ensure_future(self._after_join(node))
             await rpc.run()
@@ -256,7 +280,8 @@ class Gateway:
                 rpc.close()
             if node is not None and self.agents.get(node) is not None and self.agents[node].rpc is rpc:
                 del self.agents[node]
-                log.info("node %s is down", node)
+                event(log, "node.down", logging.WARNING, node=node)
+                self.metrics.node_down(node)
                 self.log_event("node_down", {"node": node})
                 asyncio.ensure_future(self.push_table())  # the anchor may have moved
 
@@ -273,17 +298,20 @@ class Gateway:
         ident = tls.peer_identity(writer.get_extra_info("ssl_object"))
         rpc = RpcConnection(reader, writer, name=f"agent at {peer}", limit=MAX_LINE_BEFORE_LOGIN)
         hello = await rpc.read_one(LOGIN_TIMEOUT_S)
-        problem = None
+        problem = reason = None
         if ident is None or ident[0] != "node":
-            problem = f"its certificate names no node ({ident})"
+            problem, reason = f"its certificate names no node ({ident})", "certificate"
         elif self.config.node(ident[1]) is None:
             problem = f"its certificate names node {ident[1]!r}, which is not in the configuration"
+            reason = "unknown_node"
         elif not isinstance(hello, msgs.Hello):
-            problem = f"it sent {hello.OP!r} instead of hello"
+            problem, reason = f"it sent {hello.OP!r} instead of hello", "not_hello"
         elif hello.node != ident[1]:
             problem = f"it claims to be {hello.node!r} but its certificate names {ident[1]!r}"
+            reason = "wrong_name"
         if problem is not None:
-            log.warning("agent at %s refused: %s", peer, problem)
+            event(log, "login.refused", logging.WARNING, peer=_peer(peer), reason=reason, detail=problem)
+            self.metrics.refused(reason)
             rpc.notify(msgs.Denied(error=f"login refused: {problem}"))
             await writer.drain()
             rpc.close()
@@ -302,6 +330,11 @@ class Gateway:
         session = self.agents.get(node)
         if session is None:
             return
+        if self.ha is not None:  # the shared table as it is now, not as last polled
+            try:
+                await self.ha.refresh()
+            except RegistryError as e:
+                log.warning("reconcile on %s with the table as last read: %s", node, e)
         wanted = tuple(s for s in self.table if s.owner == node)
         request = msgs.Reconcile(services=wanted, migrating=tuple(sorted(self.controller.book.running())))
         try:
@@ -314,7 +347,7 @@ class Gateway:
         return None  # the read itself refreshed last_seen
 
     async def _on_notice(self, node: str, msg: msgs.Notice) -> None:
-        log.info("node %s: %s", node, msg.text)
+        event(log, "node.notice", node=node, text=msg.text)
 
     async def _watch_agents(self) -> None:
         loop = asyncio.get_running_loop()
@@ -323,9 +356,12 @@ class Gateway:
             now = loop.time()
             for a in list(self.agents.values()):
                 if now - a.rpc.last_seen > self.config.node_timeout_s:
-                    log.warning("node %s missed its heartbeats for %.1fs: marking it down",
-                                a.node, now - a.rpc.last_seen)
+                    event(log, "node.heartbeat_missed", logging.WARNING, node=a.node,
+                          silent_s=round(now - a.rpc.last_seen, 1))
                     a.rpc.close()
+                    # a silent peer (its link is gone) acknowledges no TLS close: end the
+                    # session now, not when TCP gives up minutes later
+                    a.rpc.writer.transport.abort()
 
     # --- control API -----------------------------------------------------------------
     async def _on_control(self, reader, writer) -> None:
@@ -333,6 +369,8 @@ class Gateway:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
         if uid != 0:
+            event(log, "control.refused", logging.WARNING, pid=_pid, uid=uid, reason="not_root")
+            self.metrics.control_refused("not_root")
             writer.write(encode_reply(None, error="the control API is for root only"))
             await writer.drain()
             writer.close()
@@ -340,7 +378,11 @@ class Gateway:
         await RpcConnection(reader, writer, name="vipctl", handlers=self.control_handlers).run()
 
     async def op_ping(self, msg: msgs.Ping, ctx: Context):
-        return {"pong": True}
+        # `agents`: sessions heard from within two heartbeats (vipwire.choose picks the
+        # gateway that serves them when vipctl is given several)
+        now = asyncio.get_running_loop().time()
+        fresh = sum(1 for a in self.agents.values() if now - a.rpc.last_seen <= 2 * self.config.heartbeat_s)
+        return {"pong": True, "gateway": self.config.name, "agents": fresh}
 
     async def op_verdicts(self, msg: msgs.Verdicts, ctx: Context):
         """Every node's verdict log (nodeshim.verdictlog), for `vipctl replay --mode packets`:
@@ -401,7 +443,7 @@ class Gateway:
             self.apply_delivery()
             await self.push_table()
             self.log_event("service_add", service.to_dict())
-            log.info("service %s added on %s (%s)", name, node, ", ".join(format_port(p) for p in ports))
+            event(log, "service.add", service=name, node=node, ports=",".join(format_port(p) for p in ports))
             return service.to_dict()
 
     async def op_service_remove(self, msg: msgs.ServiceRemove, ctx: Context):
@@ -424,7 +466,7 @@ class Gateway:
                 except VipError as e:
                     log.warning("stopping %s on %s: %s", name, service.owner, e)
             self.log_event("service_remove", {"name": name})
-            log.info("service %s removed", name)
+            event(log, "service.remove", service=name, node=service.owner)
             return service.to_dict()
 
     async def op_status(self, msg: msgs.Status, ctx: Context):
@@ -461,7 +503,8 @@ class Gateway:
             d["migrating"] = self.controller.busy(s.name)
             services.append(d)
         return {"vip": self.config.vip, "delivery": self.config.delivery,
-                "copies_per_packet": self.copies_per_packet(), "nodes": nodes, "services": services}
+                "copies_per_packet": self.copies_per_packet(), "nodes": nodes, "services": services,
+                "migrations": self.controller.in_progress()}
 
 
 class _AgentAccept(asyncio.Protocol):
@@ -481,6 +524,13 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
         return f"no TLS handshake and hello within {LOGIN_TIMEOUT_S:g}s"
     return f"{type(e).__name__}: {e}"
+
+
+def _peer(peer) -> str:
+    """'192.0.2.11:40312' for a log field."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
 
 
 def _socket_alive(path: str) -> bool:

@@ -22,16 +22,18 @@ import signal
 from clustercore import fastpath
 from clustercore import messages as msgs
 from clustercore.config import NodeConfig
-from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
+from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Datapath, ServiceKind, adopted_pid, service_kind
 from clustercore.ownership import NodeFilter, Service
 from clustercore.packet import TCP
-from vipwire import systemd, tls
+from vipwire import metricsserver, systemd, tls
+from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
-from . import criu, iptables, netlink, pidfd, services, tcprepair
+from . import criu, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
 from .fdstore import NotifySocket, process_group_of
+from .metrics import NodeMetrics
 from .migrate import MigrationAgent
 from .queue import PacketQueue
 from .verdictlog import VerdictLog
@@ -73,6 +75,10 @@ class NodeAgent:
         self.verdict_log = VerdictLog()  # opt-in, for `vipctl replay --mode packets`
         self.log_dir = os.path.join(config.state_dir, "services")
         self._process_strategy: dict | None = None
+        self._fast_rules: list[str] | None = None
+        self._kernel_base: dict[str, dict[str, int]] = {}
+        self.metrics = NodeMetrics(self)  # hooks below; served at config.metrics_address
+        self._metrics_server = None
         # every service's NOTIFY_SOCKET (sd_notify, the fd store of the handoff); bound
         # at start
         self.notify_path = os.path.join(config.state_dir, "notify")
@@ -254,6 +260,11 @@ class NodeAgent:
             self.sync_datapath()
         log.info("node %s: VIP %s on lo, VIP packets -> queue %d (fail closed)",
                  cfg.name, cfg.vip, cfg.queue_num)
+        try:
+            self._metrics_server = await metricsserver.serve(cfg.metrics_address, self.metrics.registry,
+                                                             self.metrics.before_scrape)
+        except OSError as e:
+            raise ConfigError("metrics_address", f"cannot listen on {cfg.metrics_address}: {e.strerror or e}") from None
 
     # --- the kernel fast path -----------------------------------------------------------
     def sync_datapath(self) -> None:
@@ -321,6 +332,8 @@ class NodeAgent:
                 s.close()
         if self.queue is not None:
             self.queue.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         if self.notify is not None:
             try:
                 asyncio.get_running_loop().remove_reader(self.notify.fileno())
@@ -358,6 +371,8 @@ class NodeAgent:
             rpc.limit = MAX_LINE  # the welcome carries the whole table
             welcome = await rpc.read_one(LOGIN_TIMEOUT_S)
             if isinstance(welcome, msgs.Denied):
+                self.metrics.session("refused")
+                event(log, "login.refused", logging.ERROR, gateway=cfg.gateway_address, detail=welcome.error)
                 raise PeerControlError(f"gateway denied us: {welcome.error}")
             if not isinstance(welcome, msgs.Welcome):
                 raise PeerControlError(f"gateway sent {welcome.OP!r} instead of welcome")
@@ -365,13 +380,21 @@ class NodeAgent:
             self.heartbeat_s = welcome.heartbeat_s
             rpc.handlers = self.handlers
             self.rpc = rpc
-            log.info("registered with gateway %s:%d", cfg.gateway_address, cfg.gateway_port)
+            event(log, "login", gateway=f"{cfg.gateway_address}:{cfg.gateway_port}")
+            self.metrics.session("registered")
             print("node ready", flush=True)
             hb = asyncio.ensure_future(self._heartbeat(rpc))
+            # the gateway address moved to another box (two gateways): this session is dead
+            moved = asyncio.ensure_future(gatewaywatch.watch(cfg.gateway_address, lambda old, new: (
+                event(log, "gateway.moved", logging.WARNING, gateway=cfg.gateway_address, old_mac=old, new_mac=new),
+                rpc.writer.transport.abort())))
             try:
                 await rpc.run()
             finally:
                 hb.cancel()
+                moved.cancel()
+                self.metrics.session("lost")
+                event(log, "gateway.lost", logging.WARNING, gateway=f"{cfg.gateway_address}:{cfg.gateway_port}")
                 # an armed source cannot go on without the gateway: it rolls back now; a
                 # frozen one holds until the registry's answer at the reconnect
                 self.migrations.link_lost("gateway link lost")
@@ -436,7 +459,16 @@ class NodeAgent:
         return self.verdict_log.request(msg)
 
     async def on_migration(self, msg: msgs.Message, ctx: Context):
-        return await self.migrations.handle(msg)
+        try:
+            reply = await self.migrations.handle(msg)
+        except LocalControlError:
+            self.metrics.step(msg.service, msg.OP, "refused")
+            raise
+        except VipError:
+            self.metrics.step(msg.service, msg.OP, "failed")
+            raise
+        self.metrics.step(msg.service, msg.OP, "ok")
+        return reply
 
     def _load_table(self, msg: msgs.Table | msgs.Welcome) -> None:
         self.filter.load(list(msg.services), msg.anchor)
@@ -510,16 +542,9 @@ class NodeAgent:
     def counters(self) -> dict:
         if self.migrations.idle():
             self.record_running()  # cheap, and keeps the record right after migrations
-        services_c = self.filter.counters_dict()
-        if self._fast_rules:
-            kernel = iptables.read_counters()
-            for name in set(kernel) | set(self._kernel_base):
-                c = services_c.setdefault(name, {"accepted": 0, "dropped": 0, "held": 0})
-                for k in ("accepted", "dropped"):
-                    c[k] += kernel.get(name, {}).get(k, 0) + self._kernel_base.get(name, {}).get(k, 0)
         return {
             "datapath": self.config.datapath,
-            "services": services_c,
+            "services": self.packet_counters(),
             "unparsed": self.filter.unparsed,
             "processes": {n: {"pid": rs.pid, "alive": rs.process.poll() is None,
                               "handoff": self.speaks_handoff(n)}  # announced the fd store
@@ -527,6 +552,23 @@ class NodeAgent:
             "queue_errors": self.queue.errors if self.queue else 0,
             "process_strategy": self.process_strategy(),
         }
+
+    def fast_rules_now(self) -> list[str] | None:
+        """The kernel rule set installed now (replaced, never changed in place)."""
+        return self._fast_rules
+
+    def packet_counters(self, kernel: dict | None = None) -> dict[str, dict]:
+        """{service: {accepted, dropped, held}}: the queue's verdicts plus the kernel fast
+        path's rule counters (`kernel`, read now if not given) and those of replaced rules."""
+        services_c = self.filter.counters_dict()
+        if self._fast_rules:
+            if kernel is None:
+                kernel = iptables.read_counters()
+            for name in set(kernel) | set(self._kernel_base):
+                c = services_c.setdefault(name, {"accepted": 0, "dropped": 0, "held": 0})
+                for k in ("accepted", "dropped"):
+                    c[k] += kernel.get(name, {}).get(k, 0) + self._kernel_base.get(name, {}).get(k, 0)
+        return services_c
 
     def process_strategy(self) -> dict:
         """Can this node move services with the `process` strategy (criu), and if not, why.
@@ -550,8 +592,8 @@ class NodeAgent:
                 n = self.restarts.get(name, 0)
                 if n >= MAX_RESTARTS:
                     continue
-                log.warning("service %s (pid %d) exited with %s; restarting (%d/%d)",
-                            name, rs.pid, code, n + 1, MAX_RESTARTS)
+                event(log, "service.exited", logging.WARNING, service=name, pid=rs.pid, exit_code=code,
+                      restart=f"{n + 1}/{MAX_RESTARTS}")
                 await self.notify(f"service {name} exited with {code}; restarting")
                 if service_kind(rs.service.exec_spec) is ServiceKind.ADOPTED:
                     self.restarts[name] = MAX_RESTARTS  # not ours to restart
@@ -561,6 +603,7 @@ class NodeAgent:
                 else:
                     self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir)
                 self.restarts[name] = n + 1
+                self.metrics.restarted(name)
                 self.record_running()
 
 

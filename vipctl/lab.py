@@ -31,13 +31,15 @@ from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import Datapath, Delivery
 from vipwire import pki
 
-from . import nsutil
+from . import labha, nsutil
 from .client import call
 
 VIP = "203.0.113.10"
 CLIENT_NET = "198.51.100"
 CLUSTER_NET = "192.0.2"
 RUN_ROOT = "/run/vipcluster"
+GATEWAY_METRICS = "127.0.0.1:9470"  # inside the gateway's namespace (docs/metrics.md)
+NODE_METRICS = "127.0.0.1:9471"  # inside each node's namespace
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Lab:
     nodes: int = 3
     delivery: Delivery = Delivery.BROADCAST  # the gateway's
     datapath: Datapath = Datapath.FAST  # every node's
+    log_format: str = "human"  # the daemons' --log-format (vipwire.logs)
+    gateways: int = 1  # 2: two gateways, keepalived and etcd (vipctl.labha)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", Delivery(self.delivery))
@@ -81,6 +85,8 @@ class Lab:
 
     @property
     def control_socket(self) -> str:
+        if self.gateways > 1:
+            return labha.control_sockets(self)  # both; vipctl picks the one serving
         if self.prefix == "vip":
             return DEFAULT_CONTROL_SOCKET
         return os.path.join(self.state_dir, "control.sock")
@@ -153,7 +159,7 @@ def _write_configs(lab: Lab) -> dict[str, str]:
         f'listen_address = "{CLUSTER_NET}.1"\nlisten_port = 7400\n'
         f'tls_ca = "{gw_tls.ca_cert}"\ntls_cert = "{gw_tls.cert}"\ntls_key = "{gw_tls.key}"\n'
         f'control_socket = "{lab.control_socket}"\nstate_dir = "{lab.state_dir}/gateway"\n'
-        f'delivery = "{lab.delivery}"\n{nodes}'
+        f'delivery = "{lab.delivery}"\nmetrics_address = "{GATEWAY_METRICS}"\n{nodes}'
     )
     paths["gateway"] = os.path.join(lab.state_dir, "gateway.toml")
     with open(paths["gateway"], "w") as f:
@@ -167,7 +173,7 @@ def _write_configs(lab: Lab) -> dict[str, str]:
             f'gateway_port = 7400\nqueue_num = 0\n'
             f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
             f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
-            f'datapath = "{lab.datapath}"\n'
+            f'datapath = "{lab.datapath}"\nmetrics_address = "{NODE_METRICS}"\n'
         )
         paths[name] = os.path.join(lab.state_dir, f"{name}.toml")
         with open(paths[name], "w") as f:
@@ -240,13 +246,21 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         raise LocalControlError("must be run as root")
     if is_up(lab):
         st = status(lab)
-        if st["nodes_configured"] == lab.nodes and st["healthy"]:
+        if st["nodes_configured"] == lab.nodes and st["healthy"] and ("gateways" in st) == (lab.gateways > 1):
             log(f"lab '{lab.prefix}' is already up with {lab.nodes} nodes")
             return st
         raise LocalControlError(
             f"lab '{lab.prefix}' exists but is not what was asked (or not healthy): run 'vipctl lab down' first")
     if not 1 <= lab.nodes <= 32:
         raise LocalControlError("--nodes must be from 1 to 32")
+    if lab.gateways not in (1, 2):
+        raise LocalControlError("--gateways must be 1 or 2")
+    if lab.gateways == 2:
+        try:
+            return labha.up(lab, timeout, log)
+        except BaseException:
+            down(lab, log=lambda *a: None)
+            raise
     # fresh state, except nothing of an older lab survives
     shutil.rmtree(lab.state_dir, ignore_errors=True)
     try:
@@ -254,9 +268,11 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         wire_like_client(lab)
         log(f"namespaces: {', '.join(lab.namespaces)}")
         paths = _write_configs(lab)
-        plan = [{"name": "gateway", "ns": lab.gw_ns, "args": ["gateway", "run", "--config", paths["gateway"]]}]
+        logfmt = ["--log-format", lab.log_format]
+        plan = [{"name": "gateway", "ns": lab.gw_ns, "args": ["gateway", "run", "--config", paths["gateway"], *logfmt]}]
         plan += [{"name": lab.node_name(k), "ns": lab.node_ns(k),
-                  "args": ["node", "run", "--config", paths[lab.node_name(k)]]} for k in range(1, lab.nodes + 1)]
+                  "args": ["node", "run", "--config", paths[lab.node_name(k)], *logfmt]}
+                 for k in range(1, lab.nodes + 1)]
         with open(os.path.join(lab.state_dir, "supervise.json"), "w") as f:
             json.dump({"daemons": plan}, f)
         supervisor = _spawn_supervisor(lab)
@@ -448,12 +464,14 @@ def _end_all(pids: list[int], timeout: float = 3.0) -> None:
 
 def _lab_namespaces(lab: Lab, existing: set[str]) -> list[str]:
     """Every namespace of this lab, whatever node count it was built with."""
-    names = [lab.client_ns, lab.gw_ns]
+    names = [lab.client_ns, lab.gw_ns] + labha.extra_namespaces(lab.prefix)
     names += sorted(n for n in existing if n.startswith(f"{lab.prefix}-n") and n[len(lab.prefix) + 2:].isdigit())
     return [n for n in names if n in existing]
 
 
 def status(lab: Lab) -> dict:
+    if lab.gateways == 1 and labha.is_ha(lab.prefix):
+        lab = Lab(lab.prefix, lab.nodes, lab.delivery, lab.datapath, gateways=2)
     existing = set(netns.listnetns())
     namespaces = _lab_namespaces(lab, existing)
     nodes_configured = len([n for n in namespaces if n.startswith(f"{lab.prefix}-n")])
@@ -471,9 +489,32 @@ def status(lab: Lab) -> dict:
         cluster = {"error": str(e)}
     healthy = bool(namespaces) and all(d["alive"] for d in daemons.values()) and "error" not in cluster \
         and all(n["state"] == "up" for n in cluster.get("nodes", []))
-    return {"prefix": lab.prefix, "up": bool(namespaces), "healthy": healthy, "namespaces": namespaces,
-            "nodes_configured": nodes_configured, "daemons": daemons, "vip": VIP,
-            "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster}
+    out = {"prefix": lab.prefix, "up": bool(namespaces), "healthy": healthy, "namespaces": namespaces,
+           "nodes_configured": nodes_configured, "daemons": daemons, "vip": VIP,
+           "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster,
+           "metrics": metrics_endpoints(lab, namespaces)}
+    if lab.gateways > 1:
+        out["gateways"] = labha.gateways_status(lab, pids, _alive)
+    return out
+
+
+def metrics_endpoints(lab: Lab, namespaces: list[str] | None = None) -> dict[str, dict]:
+    """Where each daemon's Prometheus endpoint listens: {daemon: {namespace, address, url}}
+    (loopback inside the daemon's namespace: scrape it with `ip netns exec NS curl URL`)."""
+    if namespaces is None:
+        namespaces = _lab_namespaces(lab, set(netns.listnetns()))
+    out = {}
+    for ns in namespaces:
+        if ns == lab.gw_ns:
+            name, address = "gateway", GATEWAY_METRICS
+        elif ns in (labha.gw_ns(lab, g) for g in labha.GATEWAYS):
+            name, address = ns[len(lab.prefix) + 1:], GATEWAY_METRICS
+        elif ns.startswith(f"{lab.prefix}-n"):
+            name, address = ns[len(lab.prefix) + 1:], NODE_METRICS
+        else:
+            continue
+        out[name] = {"namespace": ns, "address": address, "url": f"http://{address}/metrics"}
+    return out
 
 
 def exec_in(ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
