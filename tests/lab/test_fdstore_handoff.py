@@ -97,6 +97,10 @@ def test_the_example_moves_round_the_nodes_by_handoff_losing_nothing(flab, tmp_p
         assert x["tcp_established"] >= CONNS and x["tcp_listening"] == 1 and x["udp_sockets"] == 1, x
         assert x["held"] == x["released"] + x["duplicates_suppressed"], x
     assert owner(flab) == "n2"
+    print("fd-store handoff moves:", json.dumps([{k: x.get(k) for k in (
+        "from", "to", "strategy", "tcp_established", "freeze_ms", "total_ms", "held", "released",
+        "duplicates_suppressed", "lost")} | {"hand_over_ms": x["split_ms"]["freeze"].get("hand_over")}
+        for x in reports]), "client:", json.dumps(r))
 
 
 def test_a_destination_killed_during_the_transfer_rolls_back_and_serves_on(flab, tmp_path):
