@@ -178,7 +178,9 @@ class _Run:
             while self.done is None:
                 timeout = None if self.deadline is None else max(0.0, self.deadline - self.loop.time())
                 try:
-                    event = await asyncio.wait_for(self.events.get(), timeout)
+                    # what is queued first: wait_for(get(), 0) cancels the get before it runs
+                    event = self.events.get_nowait() if not self.events.empty() else \
+                        await asyncio.wait_for(self.events.get(), timeout)
                 except asyncio.TimeoutError:
                     driver.tick(self.loop.time())
                 else:
