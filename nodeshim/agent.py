@@ -32,7 +32,9 @@ from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
 from . import criu, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
+from .drain import DrainAgent
 from .fdstore import NotifySocket, process_group_of
+from .health import HealthRunner
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
 from .queue import PacketQueue
@@ -61,6 +63,8 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self.migrations = MigrationAgent(self)
         self.heartbeat_s = 1.0  # the gateway says how often, at login
+        self.drain = DrainAgent(self)  # graceful drains (nodeshim.drain)
+        self.health = HealthRunner(self)  # health checks of the services we own (nodeshim.health)
         self.handlers = {
             msgs.Table: self.on_table,
             msgs.Reconcile: self.on_reconcile,
@@ -69,6 +73,7 @@ class NodeAgent:
             msgs.Counters: self.on_counters,
             msgs.NodeVerdicts: self.on_verdicts,
             **{m: self.on_migration for m in MIGRATION_MESSAGES},
+            **self.drain.handlers,
         }
         self.adopted: list[str] = []  # services taken back from a previous agent
         self.frozen_adopted: set[str] = set()  # ... that it left frozen mid-migration
@@ -277,7 +282,7 @@ class NodeAgent:
         else:
             rules = fastpath.to_iptables(
                 fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
-                                   set(self.filter.roles)), cfg.queue_num)
+                                   set(self.filter.roles), self.drain.roles), cfg.queue_num)
         if rules == self._fast_rules:
             return
         if self._fast_rules:
@@ -302,6 +307,7 @@ class NodeAgent:
         # link comes and goes on its own
         systemd.ready(f"node {self.config.name}: queue {self.config.queue_num} bound")
         tasks = [asyncio.ensure_future(self._gateway_loop()), asyncio.ensure_future(self._watch_services()),
+                 asyncio.ensure_future(self.health.run()),
                  asyncio.ensure_future(systemd.ping_watchdog())]
         await self._stop.wait()
         systemd.stopping()
@@ -436,6 +442,7 @@ class NodeAgent:
         for s in msg.services:
             self._check_ours(s)
         self.migrations.end_all_except(set(msg.migrating), owners, "the gateway no longer runs this migration")
+        self.drain.end_all_except(set(msg.migrating))  # graceful drains are booked there too
         return self.reconcile(list(msg.services))
 
     async def on_service_start(self, msg: msgs.ServiceStart, ctx: Context) -> dict:
@@ -551,6 +558,7 @@ class NodeAgent:
                           for n, rs in self.running.items()},
             "queue_errors": self.queue.errors if self.queue else 0,
             "process_strategy": self.process_strategy(),
+            "health": self.health.states(),
         }
 
     def fast_rules_now(self) -> list[str] | None:
