@@ -72,7 +72,8 @@ from .nodecommands import (
     LeaveRepair,
     WaitHalfClosed,
     WaitHandshakes,
-    port_of,
+    kind_of,
+    socket_name,
 )
 from .packet import TCP, UDP
 from .sockstate import ServiceSockets, TcpConnState, UdpSocketState
@@ -113,7 +114,7 @@ class DestinationFacts:
 
     service: Any
     cut: Any  # its DestCutover
-    vip: str = ""  # every restored socket is on it, on one of the service's ports
+    vips: tuple[str, ...] = ()  # every restored socket is on one, on one of the service's ports
     drops_at_start: int = 0
     role: Any = None
     opened: list[Named] = field(default_factory=list)  # bound at prepare; ours until adopted
@@ -144,10 +145,10 @@ def _check_on_service(name: str, f: DestinationFacts, listeners=(), connections=
     for proto, states in ((TCP, listeners), (TCP, connections), (UDP, udp)):
         for st in states:
             addr, port = st.local
-            if addr != f.vip or port not in ports[proto]:
+            if addr not in f.vips or port not in ports[proto]:
                 kind = "tcp" if proto == TCP else "udp"
                 raise Refused(f"restore of '{name}': a socket on {addr}:{port}/{kind} is not on the "
-                              f"service's address {f.vip or '(none)'} and ports")
+                              f"service's address {' or '.join(f.vips) or '(none)'} and ports")
 
 
 class Handoff(Playbook):
@@ -178,11 +179,11 @@ class Handoff(Playbook):
         t_take = yield ReadClock()
         f.stopped = f.instance
         stored = list((yield HandOver(f.instance)))
-        f.listeners = tuple(s for s in stored if s[0].startswith("tcp-"))
-        f.udp = tuple(s for s in stored if s[0].startswith("udp-"))
-        f.copies = [s for s in stored if s[0].startswith("conn-")]
+        f.listeners = tuple(s for s in stored if kind_of(s[0]) == "tcp")  # tcp-PORT, tcp6-PORT
+        f.udp = tuple(s for s in stored if kind_of(s[0]) == "udp")
+        f.copies = [s for s in stored if kind_of(s[0]) == "conn"]
         f.state = tuple(s for s in stored if s[0] == STATE_FDNAME)
-        other = [s for s in stored if s[0] != STATE_FDNAME and not s[0].startswith(("tcp-", "udp-", "conn-"))]
+        other = [s for s in stored if s[0] != STATE_FDNAME and kind_of(s[0]) not in ("tcp", "udp", "conn")]
         if other:  # nothing we know how to move: not kept (as systemd closes what it cannot use)
             yield CloseDescriptors(tuple(sock for _, sock in other))
             yield Note(f"freeze {m.service}: the program stored descriptors named "
@@ -310,7 +311,7 @@ class Handoff(Playbook):
 
     def prepare(self, m, event: msgs.Prepare, local: Local, now: float):
         service = local.service
-        f = self.destination = DestinationFacts(service=service, vip=local.vip,
+        f = self.destination = DestinationFacts(service=service, vips=local.vips,
                                                 cut=m.cutovers.destination(event.epoch))
         f.drops_at_start = yield CountKernelDrops()
         f.role = f.cut
@@ -356,8 +357,9 @@ class Handoff(Playbook):
         t_decoded = yield ReadClock()
         timing = {"decode": _ms(now, t_decoded)}
         # the listeners and UDP sockets were bound at prepare: they must be the ones moved
-        have = sorted(port_of(name) for name, _ in f.opened)
-        want = sorted([s.local[1] for s in bundle.listeners] + [s.local[1] for s in bundle.udp])
+        have = sorted(name for name, _ in f.opened)
+        want = sorted([socket_name("tcp", *s.local) for s in bundle.listeners]
+                      + [socket_name("udp", *s.local) for s in bundle.udp])
         if have != want:
             raise Refused(f"restore of '{m.service}': sockets on ports {want}, prepared {have}")
         if len(f.states) != streamed:
@@ -366,7 +368,7 @@ class Handoff(Playbook):
         _check_on_service(m.service, f, bundle.listeners, bundle.connections, bundle.udp)
         for st in bundle.udp:
             if st.peer is not None:
-                sock = next(s for s in f.opened if s[0] == f"udp-{st.local[1]}")
+                sock = next(s for s in f.opened if s[0] == socket_name("udp", *st.local))
                 yield ConnectDatagramSocket(sock, st.peer)
         # in repair mode until the release: nothing leaves this node before the point of
         # no return, and if the agent dies the sockets close without a packet
@@ -417,7 +419,7 @@ class Handoff(Playbook):
             yield AcceptHeld(accept)
         if not f.started:
             f.started = True  # asked once: a failed start is not repeated on the way on
-            named = tuple((f"conn-{st.local[1]}", sock) for sock, st in zip(f.restored, f.states))
+            named = tuple((socket_name("conn", *st.local), sock) for sock, st in zip(f.restored, f.states))
             state, f.app_state = f.app_state, None
             f.instance = yield StartHandedOver(f.service, tuple(f.opened), named, state)
         restored, f.restored = f.restored, []

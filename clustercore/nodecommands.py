@@ -23,12 +23,23 @@ from .messages import Chunk, Done
 from .ownership import Service
 from .sockstate import TcpConnState, UdpSocketState
 
-Named = tuple[str, Any]  # (name, socket): "tcp-7", "udp-7", "conn-7"
+Named = tuple[str, Any]  # (name, socket): "tcp-7", "udp-7", "conn-7"; "tcp6-7", "udp6-7" on an IPv6 VIP
 
 
 def port_of(name: str) -> int:
     """The port in a socket's activation name ('udp-53' -> 53)."""
     return int(name.rsplit("-", 1)[1])
+
+
+def socket_name(kind: str, address: str, port: int) -> str:
+    """A listener's or UDP socket's activation name: 'tcp-80' on an IPv4 VIP, 'tcp6-80' on
+    an IPv6 one (a dual-stack service has both, and each moves to its own twin)."""
+    return f"{kind}{'6' if ':' in address else ''}-{port}"
+
+
+def kind_of(name: str) -> str:
+    """'tcp', 'udp' or 'conn' from an activation name, whatever the family ('udp6-53')."""
+    return name.partition("-")[0].removesuffix("6")
 
 
 class Refused(LocalControlError):
@@ -123,7 +134,7 @@ class Local:
     service: Service | None
     instance: Any = None
     sockets: tuple[Named, ...] = ()
-    vip: str = ""  # the address the service's sockets are on (restored ones must be too)
+    vips: tuple[str, ...] = ()  # the VIP(s) the service's sockets are on (restored ones must be too)
 
 
 @_command(query=True)

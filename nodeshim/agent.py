@@ -114,7 +114,8 @@ class NodeAgent:
         netlink.set_sysctls(netlink.ARP_SYSCTLS)
         if self.config.cluster_interface:
             netlink.disable_receive_offloads(self.config.cluster_interface)
-        netlink.add_vip(self.config.vip)  # stays when we exit (services keep serving)
+        for vip in self.config.vips:
+            netlink.add_vip(vip)  # stays when we exit (services keep serving)
 
     # --- services left by a previous agent (it exited or crashed) --------------------
     @property
@@ -173,7 +174,7 @@ class NodeAgent:
                 log.warning("record of service %s is unreadable (%s): not adopted", name, e)
                 continue
             try:
-                rs = services.adopt(service, pid, names, self.config.vip, self.log_dir)
+                rs = services.adopt(service, pid, names, self.config.vips, self.log_dir)
             except VipError as e:
                 self._end_stray(name, pid, f"cannot adopt it: {e}")
                 continue
@@ -208,7 +209,7 @@ class NodeAgent:
             if name in wanted:
                 ports = tuple(p for proto, p in rs.service.ports if proto == TCP)
                 try:
-                    conns = pidfd.take_connections(rs.pid, self.config.vip, ports)
+                    conns = pidfd.take_connections(rs.pid, self.config.vips, ports)
                     try:
                         tcprepair.unrepair_many([sock for _, sock in conns])
                     finally:
@@ -241,9 +242,11 @@ class NodeAgent:
             os.unlink(self._running_file)
         except FileNotFoundError:
             pass
-        iptables.remove(self.config.vip)
-        netlink.remove_vip(self.config.vip)
-        return {"node": self.config.name, "stopped": stopped, "rules_removed": True, "vip_removed": self.config.vip}
+        iptables.remove(self.config.vips)
+        for vip in self.config.vips:
+            netlink.remove_vip(vip)
+        return {"node": self.config.name, "stopped": stopped, "rules_removed": True,
+                "vip_removed": " and ".join(self.config.vips)}
 
     async def start(self) -> None:
         cfg = self.config
@@ -256,7 +259,7 @@ class NodeAgent:
         self._criu_check = asyncio.ensure_future(self._check_criu())
         self._fast_rules: list[str] | None = None
         self._kernel_base: dict[str, dict[str, int]] = {}
-        if self.adopted and iptables.chain_exists():
+        if self.adopted and any(iptables.chain_exists(v) for v in iptables.versions(cfg.vips)):
             # the previous agent's rules still steer the adopted services' packets; they
             # are replaced (atomically) when the gateway's table arrives, not emptied now
             self._fast_rules = ["(kept from the previous agent)"]
@@ -264,7 +267,7 @@ class NodeAgent:
         else:
             self.sync_datapath()
         log.info("node %s: VIP %s on lo, VIP packets -> queue %d (fail closed)",
-                 cfg.name, cfg.vip, cfg.queue_num)
+                 cfg.name, " and ".join(cfg.vips), cfg.queue_num)
         try:
             self._metrics_server = await metricsserver.serve(cfg.metrics_address, self.metrics.registry,
                                                              self.metrics.before_scrape)
@@ -277,20 +280,21 @@ class NodeAgent:
         services in migration (they have a role) and undecidable packets to the queue.
         Replaced atomically; counters of the old rules are kept."""
         cfg = self.config
+        versions = iptables.versions(cfg.vips)
         if cfg.datapath == Datapath.QUEUE:
-            rules: list[str] = []
+            rules: dict[int, list[str]] = {v: [] for v in versions}
         else:
-            rules = fastpath.to_iptables(
-                fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
-                                   set(self.filter.roles), self.drain.roles), cfg.queue_num)
+            fast = fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
+                                      set(self.filter.roles), self.drain.roles)
+            rules = {v: fastpath.to_iptables(fast, cfg.queue_num, v) for v in versions}
         if rules == self._fast_rules:
             return
         if self._fast_rules:
-            for name, c in iptables.read_counters().items():
+            for name, c in iptables.read_counters(versions).items():
                 base = self._kernel_base.setdefault(name, {"accepted": 0, "dropped": 0})
                 base["accepted"] += c["accepted"]
                 base["dropped"] += c["dropped"]
-        iptables.install(cfg.vip, cfg.queue_num, fast_rules=rules)
+        iptables.install(cfg.vips, cfg.queue_num, fast_rules=rules)
         self._fast_rules = rules
 
     def decide(self, data: bytes, epoch, handle, now):
@@ -500,11 +504,11 @@ class NodeAgent:
             names: list[str] = []
         elif kind is ServiceKind.COMMAND:
             # the `process` strategy moves it: own PID namespace and session, output pipe
-            rs = services.start_isolated(service, self.config.vip, self.log_dir, extra_env=extra_env)
+            rs = services.start_isolated(service, self.config.vips, self.log_dir, extra_env=extra_env)
             names = [] if service.sockets == "self" else [
                 f"{'tcp' if proto == TCP else 'udp'}-{port}" for proto, port in service.ports]
         else:
-            socks = sockets if sockets is not None else services.open_sockets(self.config.vip, service.ports)
+            socks = sockets if sockets is not None else services.open_sockets(self.config.vips, service.ports)
             try:
                 rs = services.spawn(service, socks, self.log_dir, extra_env)
             except VipError:
@@ -571,7 +575,7 @@ class NodeAgent:
         services_c = self.filter.counters_dict()
         if self._fast_rules:
             if kernel is None:
-                kernel = iptables.read_counters()
+                kernel = iptables.read_counters(iptables.versions(self.config.vips))
             for name in set(kernel) | set(self._kernel_base):
                 c = services_c.setdefault(name, {"accepted": 0, "dropped": 0, "held": 0})
                 for k in ("accepted", "dropped"):
@@ -607,7 +611,7 @@ class NodeAgent:
                     self.restarts[name] = MAX_RESTARTS  # not ours to restart
                     continue
                 if service_kind(rs.service.exec_spec) is ServiceKind.COMMAND:
-                    self.running[name] = services.start_isolated(rs.service, self.config.vip, self.log_dir)
+                    self.running[name] = services.start_isolated(rs.service, self.config.vips, self.log_dir)
                 else:
                     self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir)
                 self.restarts[name] = n + 1

@@ -244,7 +244,7 @@ class MigrationAgent:
     # --- the commands -------------------------------------------------------------------
     def _command_table(self) -> dict[type, Callable[[Any], Any]]:
         k, agent = self.kernel, self.agent
-        vip = agent.config.vip
+        vip = agent.config.vips
         return {
             nc.LookUp: self._look_up,
             nc.ReadClock: lambda c: k.clock(),
@@ -305,7 +305,7 @@ class MigrationAgent:
     def _look_up(self, cmd: nc.LookUp) -> nc.Local:
         rs = self.agent.running.get(cmd.service)
         return nc.Local(self.agent.filter.services.get(cmd.service), rs,
-                        tuple(rs.sockets) if rs is not None else (), vip=self.agent.config.vip)
+                        tuple(rs.sockets) if rs is not None else (), vips=self.agent.config.vips)
 
     def _install_role(self, cmd: nc.InstallRole) -> None:
         self.agent.filter.roles[cmd.service] = cmd.role
@@ -332,7 +332,7 @@ class MigrationAgent:
         loop.call_later(ROLE_GRACE_S, when_due)
 
     async def _wait_half_closed(self, cmd: nc.WaitHalfClosed) -> None:
-        k, vip = self.kernel, self.agent.config.vip
+        k, vip = self.kernel, self.agent.config.vips
         deadline = k.clock() + HALF_CLOSED_WAIT_S
         while n := k.tcprepair.count_connections(vip, cmd.ports, k.tcprepair.HALF_CLOSED_CODES):
             if k.clock() > deadline:
@@ -384,7 +384,7 @@ class MigrationAgent:
         return rs
 
     async def _wait_handshakes(self, cmd: nc.WaitHandshakes) -> None:
-        k, vip = self.kernel, self.agent.config.vip
+        k, vip = self.kernel, self.agent.config.vips
         deadline = k.clock() + SYN_RECV_WAIT_S
         while (k.tcprepair.count_connections(vip, cmd.ports, k.tcprepair.SYN_RECV_CODES)
                and k.clock() < deadline):
@@ -486,7 +486,7 @@ class MigrationAgent:
         return os.path.join(parent, f"{service}-{what}-{time.time_ns()}")
 
     async def _wait_accepted(self, cmd: nc.WaitAccepted) -> None:
-        k, vip = self.kernel, self.agent.config.vip
+        k, vip = self.kernel, self.agent.config.vips
         deadline = k.clock() + ACCEPT_WAIT_S
         while k.tcprepair.accept_backlog(vip, cmd.ports) and k.clock() < deadline:
             await asyncio.sleep(SYN_RECV_POLL_S)
@@ -504,22 +504,22 @@ class MigrationAgent:
 
     def _take_datagram_sockets(self, cmd: nc.TakeDatagramSockets) -> list[nc.Named]:
         import socket as _socket
-        k, vip, ports = self.kernel, self.agent.config.vip, set(cmd.ports)
+        k, vips, ports = self.kernel, self.agent.config.vips, set(cmd.ports)
         out: list[nc.Named] = []
         seen: set[int] = set()
         try:
             for pid in k.criu.tree_pids(cmd.instance.pid):
                 for sock in k.pidfd.take_sockets(pid).values():
                     keep = False
-                    if sock.family == _socket.AF_INET and sock.type == _socket.SOCK_DGRAM:
+                    if sock.family in (_socket.AF_INET, _socket.AF_INET6) and sock.type == _socket.SOCK_DGRAM:
                         try:
                             addr = sock.getsockname()
                             ino = os.fstat(sock.fileno()).st_ino
                         except OSError:
                             addr, ino = None, None
-                        if addr and addr[0] == vip and addr[1] in ports and ino not in seen:
+                        if addr and addr[0] in vips and addr[1] in ports and ino not in seen:
                             seen.add(ino)
-                            out.append((f"udp-{addr[1]}", sock))
+                            out.append((nc.socket_name("udp", addr[0], addr[1]), sock))
                             keep = True
                     if not keep:
                         sock.close()
@@ -531,7 +531,7 @@ class MigrationAgent:
 
     def _dump_process(self, cmd: nc.DumpProcess) -> nc.ImageSent:
         """In a thread: the agent's loop keeps taking verdicts (the hold fills) meanwhile."""
-        k, vip, rs = self.kernel, self.agent.config.vip, cmd.instance
+        k, vip, rs = self.kernel, self.agent.config.vips, cmd.instance
         established = k.tcprepair.count_connections(vip, cmd.tcp_ports, {k.tcprepair.ESTABLISHED})
         listening = k.tcprepair.count_listeners(vip, cmd.tcp_ports)  # the real sockets, not the ports
         images = self._images_dir(rs.service.name, "out")

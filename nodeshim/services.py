@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from clustercore.errors import KernelError, LocalControlError
 from clustercore.kinds import (BUILTINS, EXTERNAL_SPEC, ServiceKind, builtin_name, builtin_spec,
                                service_kind)
+from clustercore.nodecommands import kind_of, socket_name
 from clustercore.ownership import Service
 from clustercore.packet import TCP, UDP
 
@@ -71,28 +72,36 @@ def big_udp_buffer(s: socket.socket) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
 
 
-def open_sockets(vip: str, ports) -> list[tuple[str, socket.socket]]:
-    """Bind every port of a service on the VIP; all-or-nothing."""
+def open_sockets(vips: str | tuple[str, ...], ports) -> list[tuple[str, socket.socket]]:
+    """Bind every port of a service on the VIP (on each VIP of a dual-stack cluster: names
+    'tcp-80' and 'tcp6-80'); all-or-nothing."""
     opened: list[tuple[str, socket.socket]] = []
+    vip, port = "", 0
     try:
-        for proto, port in ports:
-            if proto == TCP:
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((vip, port))
-                s.listen(LISTEN_BACKLOG)
-                opened.append((f"tcp-{port}", s))
-            elif proto == UDP:
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                big_udp_buffer(s)
-                s.bind((vip, port))
-                opened.append((f"udp-{port}", s))
-            else:
-                raise LocalControlError(f"unsupported protocol {proto}")
+        for vip in ((vips,) if isinstance(vips, str) else vips):
+            family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+            for proto, port in ports:
+                if proto == TCP:
+                    s = socket.socket(family, socket.SOCK_STREAM)
+                    opened.append((socket_name("tcp", vip, port), s))
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((vip, port))
+                    s.listen(LISTEN_BACKLOG)
+                elif proto == UDP:
+                    s = socket.socket(family, socket.SOCK_DGRAM)
+                    opened.append((socket_name("udp", vip, port), s))
+                    big_udp_buffer(s)
+                    s.bind((vip, port))
+                else:
+                    raise LocalControlError(f"unsupported protocol {proto}")
     except OSError as e:
         for _, s in opened:
             s.close()
         raise KernelError(f"bind {vip}:{port}", e.errno) from None
+    except LocalControlError:
+        for _, s in opened:
+            s.close()
+        raise
     return opened
 
 
@@ -181,18 +190,21 @@ def service_of(pid: int) -> str | None:
     return None
 
 
-def _matches(name: str, sock: socket.socket, vip: str) -> bool:
-    """Is `sock` the listener/UDP socket activation name `name` says it is, on the VIP?"""
-    kind, _, port = name.partition("-")
+def _matches(name: str, sock: socket.socket, vips: str | tuple[str, ...]) -> bool:
+    """Is `sock` the listener/UDP socket activation name `name` says it is, on a VIP?"""
+    kind, port = kind_of(name), name.rpartition("-")[2]
     want = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}.get(kind)
     try:
-        return (want is not None and sock.type == want and sock.family == socket.AF_INET
-                and sock.getsockname() == (vip, int(port)))
-    except (OSError, ValueError):
+        local = sock.getsockname()
+        return (want is not None and sock.type == want
+                and sock.family in (socket.AF_INET, socket.AF_INET6)
+                and local[0] in ((vips,) if isinstance(vips, str) else vips)
+                and name == socket_name(kind, local[0], int(port)) and local[1] == int(port))
+    except (OSError, ValueError, IndexError):
         return False
 
 
-def adopt(service: Service, pid: int, names: list[str], vip: str,
+def adopt(service: Service, pid: int, names: list[str], vip: str | tuple[str, ...],
           log_dir: str) -> "RunningService | None":
     """Take back a service an earlier agent of this node started and recorded: if `pid` is
     still that service, copies of its listeners/UDP sockets (its fds 3.., named `names`)
@@ -416,7 +428,7 @@ def _pass_over_socket(sockets) -> int:
         theirs.close()
 
 
-def start_isolated(service: Service, vip: str, log_dir: str, *, spawn_isolated=None,
+def start_isolated(service: Service, vip: str | tuple[str, ...], log_dir: str, *, spawn_isolated=None,
                    extra_env: dict[str, str] | None = None, passed=None) -> RunningService:
     """Start a command-line service for the `process` strategy: its own PID namespace and
     session, no inherited descriptor but /dev/null and its output pipe (criu.spawn_isolated),

@@ -89,8 +89,8 @@ class Kernel:
         t = type(cmd)
         if t is nc.LookUp:
             if self.node == "n1":
-                return nc.Local(ECHO, "old-instance", (("tcp-7", "L"), ("udp-7", "U")), vip=VIP)
-            return nc.Local(ECHO, None, (), vip=VIP)
+                return nc.Local(ECHO, "old-instance", (("tcp-7", "L"), ("udp-7", "U")), vips=(VIP,))
+            return nc.Local(ECHO, None, (), vips=(VIP,))
         if t is nc.ReadClock:
             self.clock += 0.001
             return self.clock
@@ -239,7 +239,7 @@ def test_the_source_script():
 def test_the_destination_script():
     m = NodeMigration("echo", "n2")
     assert script(m, EVENTS[msgs.Prepare](), [
-        (nc.LookUp, nc.Local(ECHO, vip=VIP)), (nc.CountKernelDrops, 0), (nc.InstallRole, None),
+        (nc.LookUp, nc.Local(ECHO, vips=(VIP,))), (nc.CountKernelDrops, 0), (nc.InstallRole, None),
         (nc.OpenSockets, [("tcp-7", "NL"), ("udp-7", "NU")]),
     ]) == msgs.PrepareDone()
     assert isinstance(m.playbook.destination.cut, DestCutover) and m.source_node == "n1"
