@@ -110,11 +110,12 @@ class MigrationDriver:
                     event = mig.StepFailed(reason=f"owner switch not recorded: {e}")
                 self.feed(event, now)
             elif isinstance(cmd, mig.ArmTimer):
-                # the machine's timer as it is now, not the command's: an owner switch
-                # feeds OwnerSwitched from inside this loop, and the switching step's
-                # ArmTimer, performed after that nested feed, would put back a deadline
-                # the machine has already replaced (the gateway then spun on a past
-                # deadline and read no reply until the releasing timeout)
+                # the machine's deadline now, not the command's: a command list that
+                # performed a nested feed (the epoch flip moves flipping -> freezing at
+                # once) carries its own, older ArmTimer after the nested one, and arming
+                # that one made the executor wake at the flipping deadline forever while the
+                # machine waited for its freezing deadline (a 30 s hang of slow freezes)
+                # (the same with the owner switch: releasing read no reply until its timeout)
                 x.arm_timer(self.machine.get_timer())
             elif isinstance(cmd, mig.Transition):
                 x.transition(cmd.previous, cmd.state)

@@ -33,6 +33,7 @@ from vipwire.rpc import Context, RpcConnection
 
 from . import criu, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
 from .drain import DrainAgent
+from .fdstore import NotifySocket, process_group_of
 from .health import HealthRunner
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
@@ -83,6 +84,29 @@ class NodeAgent:
         self._kernel_base: dict[str, dict[str, int]] = {}
         self.metrics = NodeMetrics(self)  # hooks below; served at config.metrics_address
         self._metrics_server = None
+        # every service's NOTIFY_SOCKET (sd_notify, the fd store of the handoff); bound
+        # at start
+        self.notify_path = os.path.join(config.state_dir, "notify")
+        self.notify: NotifySocket | None = None
+
+    @property
+    def notify_env(self) -> dict[str, str]:
+        """What every service we start gets (never the agent's own NOTIFY_SOCKET)."""
+        return {"NOTIFY_SOCKET": self.notify_path}
+
+    def service_of_pid(self, pid: int) -> str | None:
+        """The service a notification's sender belongs to (by its process group: every
+        service leads its own session), or None: it is not ours."""
+        group = process_group_of(pid)
+        if group is None:
+            return None
+        for name, rs in self.running.items():
+            if rs.pid == group:
+                return name
+        return self.migrations.starting.get(group)
+
+    def speaks_handoff(self, name: str) -> bool:
+        return self.notify is not None and name in self.notify.stores and self.notify.stores[name].handoff
 
     # --- lifecycle -------------------------------------------------------------------
     def prepare_kernel(self) -> None:
@@ -103,7 +127,8 @@ class NodeAgent:
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         tmp = self._running_file + ".tmp"
         record = {"version": 2, "services": {
-            n: {"pid": rs.pid, "service": rs.service.to_dict(), "sockets": [name for name, _ in rs.sockets]}
+            n: {"pid": rs.pid, "service": rs.service.to_dict(), "sockets": [name for name, _ in rs.sockets],
+                "handoff": self.speaks_handoff(n)}  # it said so once; a successor must know
             for n, rs in self.running.items()}}
         with open(tmp, "w") as f:
             json.dump(record, f)
@@ -159,6 +184,8 @@ class NodeAgent:
             self.running[name] = rs
             self.restarts[name] = 0
             self.adopted.append(name)
+            if entry.get("handoff") is True and self.notify is not None:
+                self.notify.store(name).handoff = True
             if pidfd.process_state(pid) in pidfd.STOPPED_STATES:
                 # its agent died mid-migration with it frozen: what that agent held (the
                 # queued packets, datagrams it drained, connections it had just accepted)
@@ -223,6 +250,8 @@ class NodeAgent:
 
     async def start(self) -> None:
         cfg = self.config
+        self.notify = NotifySocket(self.notify_path, self.service_of_pid)
+        asyncio.get_running_loop().add_reader(self.notify.fileno(), self.notify.drain)
         self.adopt_orphans()
         self.migrations.end_restored_orphans()
         self.queue = PacketQueues(cfg.queue_num, cfg.queue_count, cfg.queue_maxlen, self.decide)
@@ -311,11 +340,17 @@ class NodeAgent:
         for rs in self.running.values():
             for _, s in rs.sockets:
                 s.close()
-            services.close_gate(rs)
         if self.queue is not None:
             self.queue.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
+        if self.notify is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.notify.fileno())
+            except RuntimeError:
+                pass
+            self.notify.close()
+            self.notify = None
 
     # --- gateway link ----------------------------------------------------------------
     async def _gateway_loop(self) -> None:
@@ -461,6 +496,9 @@ class NodeAgent:
         if service.name in self.running:
             raise LocalControlError(f"service '{service.name}' already runs on {self.config.name}")
         kind = service_kind(service.exec_spec)
+        extra_env = {**self.notify_env, **(extra_env or {})}
+        if self.notify is not None:
+            self.notify.forget(service.name)  # a new program: what it says starts afresh
         if kind is ServiceKind.ADOPTED:
             rs = services.adopt_operator_process(service, adopted_pid(service.exec_spec) or 0, self.log_dir)
             names: list[str] = []
@@ -519,7 +557,8 @@ class NodeAgent:
             "datapath": self.config.datapath,
             "services": self.packet_counters(),
             "unparsed": self.filter.unparsed,
-            "processes": {n: {"pid": rs.pid, "alive": rs.process.poll() is None}
+            "processes": {n: {"pid": rs.pid, "alive": rs.process.poll() is None,
+                              "handoff": self.speaks_handoff(n)}  # announced the fd store
                           for n, rs in self.running.items()},
             "queue_errors": self.queue.errors if self.queue else 0,
             "process_strategy": self.process_strategy(),

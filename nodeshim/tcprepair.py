@@ -592,3 +592,25 @@ def accept_waiting(listener: socket.socket) -> list[socket.socket]:
 # them through this module, the TCP adapter
 from nodeshim.proctcp import (  # noqa: E402,F401
     HALF_CLOSED_CODES, LISTEN, SYN_RECV_CODES, accept_backlog, count_connections)
+
+
+def count_listeners(vips: str | Iterable[str], ports: Iterable[int]) -> int:
+    """How many IPv4 TCP listeners this namespace has on the service's ports, bound to
+    the VIP or to the wildcard address (a program that binds the VIP itself, like nginx's
+    `listen 80;`, may use either; one shared by a master and its workers is one socket).
+    IPv4 only (the process strategy's report; an IPv6 listener is not counted yet)."""
+    ports = list(ports)
+    addrs = [vips] if isinstance(vips, str) else list(vips)
+    want = {f"{int.from_bytes(socket.inet_aton(addr), 'little'):08X}:{p:04X}"
+            for addr in [a for a in addrs if ":" not in a] + ["0.0.0.0"] for p in ports}
+    n = 0
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == f"{LISTEN:02X}" and fields[1] in want:
+                    n += 1
+    except (OSError, StopIteration, IndexError):
+        return 0
+    return n
