@@ -229,7 +229,8 @@ def test_an_adopted_process_moves_and_a_wrong_one_is_refused(plab, tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--exec", "builtin:echo", "--migrate", "process"], "builtin services cannot be migrated with strategy process"),
-    (["--exec", "python3 x.py", "--migrate", "handoff"], "command services cannot be migrated with strategy handoff"),
+    (["--exec", "python3 x.py", "--migrate", "handoff", "--sockets", "self"],
+     "the handoff strategy passes the sockets to the program"),
     (["--exec", "external", "--migrate", "process"], "external services cannot be migrated"),
     (["--exec", "builtin:echo", "--sockets", "self"], "builtin services take their sockets from the agent"),
     (["--exec", "python3 x.py", "--pid", "123"], "give --exec CMD, or --pid PID"),
