@@ -147,6 +147,22 @@ class CountUdpBufferDrops(Command):
 
 
 @_command(query=True)
+class ReleaseBegun(Command):
+    """Did an agent of this node begin releasing this migration (its marker is there)?
+    -> bool. Asked by a restarted agent of a repeated Release it has no machine for."""
+    service: str
+    epoch: str
+
+
+@_command()
+class MarkReleasing(Command):
+    """Record, so that it outlives this agent, that the release of `epoch` begins here:
+    before its first effect (a successor must never answer "nothing released" after it)."""
+    service: str
+    epoch: str
+
+
+@_command(query=True)
 class Note(Command):
     text: str
     level: str = "info"  # info | warning | error: for the agent's log only

@@ -78,11 +78,13 @@ from .nodecommands import (
     Local,
     LocalEvent,
     LookUp,
+    MarkReleasing,
     Note,
     OwnerMoved,
     OwnerStayed,
     Playbook,
     Refused,
+    ReleaseBegun,
 )
 
 
@@ -390,6 +392,27 @@ class NodeMigration:
         yield Note(f"repeated Release for '{self.service}': answered as the first")
         return self.release_reply
 
+    def _release(self, event: msgs.Release, now: float):
+        """The point of no return on this node: a marker that outlives the agent first
+        (so a successor asked again never says "nothing released" once anything was),
+        then the strategy's release."""
+        yield MarkReleasing(self.service, self.epoch or event.epoch)
+        return (yield from self.playbook.release(self, event, now))
+
+    def _release_unknown(self, event: msgs.Release, now: float):
+        """A Release for a migration this agent never saw: its predecessor died with the
+        migration open (the gateway resends the Release it is in doubt about). If that
+        agent had begun releasing, only going forward is safe (refused: the gateway
+        commits); if not, nothing of the migration reached a client from here, the
+        restored connections died with it in repair mode (silently), and the gateway may
+        switch the owner back and roll the source back, losing nothing."""
+        if (yield ReleaseBegun(self.service, event.epoch)):
+            raise Refused(f"the release of '{self.service}' (epoch {event.epoch}) began here "
+                          "before this agent started: it can only go forward")
+        yield Note(f"Release for '{self.service}' (epoch {event.epoch}): no trace of it here "
+                   "(the previous agent died before releasing): nothing released", "warning")
+        return msgs.ReleaseDone(held=0, released=0, duplicates_suppressed=0, not_released=True)
+
     def _wait_for_the_registry(self, event: LinkLost, now: float):
         yield Note(f"{event.why}: the migration of '{self.service}' stays {self._state.value} "
                    "until the gateway says how it ended", "warning")
@@ -508,7 +531,8 @@ TRANSITIONS: dict[tuple[State, type], Row] = {
     (S.IDLE, msgs.Prepare): Row(S.PREPARING, S.PREPARED, M._begin_destination),
     (S.PREPARED, msgs.Chunk): Row(S.RESTORING, S.PREPARED, play(P.chunk)),
     (S.PREPARED, msgs.Restore): Row(S.RESTORING, S.RESTORED, play(P.restore)),
-    (S.RESTORED, msgs.Release): Row(S.RELEASING, S.RELEASED, play(P.release)),
+    (S.RESTORED, msgs.Release): Row(S.RELEASING, S.RELEASED, M._release),
+    (S.IDLE, msgs.Release): Row(S.IDLE, S.IDLE, M._release_unknown),
     (S.RELEASING, ExecutorFailed): Row(S.RELEASING, S.RELEASED, play(P.finish_release)),
     (S.PREPARED, LinkLost): Row(S.PREPARED, S.PREPARED, M._wait_for_the_registry),
     (S.RESTORED, LinkLost): Row(S.RESTORED, S.RESTORED, M._wait_for_the_registry),

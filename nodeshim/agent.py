@@ -14,6 +14,7 @@ kernel state stays as it is (owned services keep working) and the agent reconnec
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -67,6 +68,8 @@ class NodeAgent:
             msgs.NodeVerdicts: self.on_verdicts,
             **{m: self.on_migration for m in MIGRATION_MESSAGES},
         }
+        self.unsettled: set[str] = set()  # open at the gateway, unknown here (see _unsettle)
+        self._table: tuple = ((), None)  # the gateway's last (services, anchor)
         self.adopted: list[str] = []  # services taken back from a previous agent
         self.frozen_adopted: set[str] = set()  # ... that it left frozen mid-migration
         self.verdict_log = VerdictLog()  # opt-in, for `vipctl replay --mode packets`
@@ -326,6 +329,7 @@ class NodeAgent:
                 raise PeerControlError(f"gateway denied us: {welcome.error}")
             if not isinstance(welcome, msgs.Welcome):
                 raise PeerControlError(f"gateway sent {welcome.OP!r} instead of welcome")
+            self._unsettle(welcome.migrating)
             self._load_table(welcome)
             self.heartbeat_s = welcome.heartbeat_s
             rpc.handlers = self.handlers
@@ -377,8 +381,11 @@ class NodeAgent:
         owners = {s.name: s.owner for s in self.filter.services.values()}
         for s in msg.services:
             self._check_ours(s)
+        if self.unsettled - set(msg.migrating):  # those migrations are over: the table decides
+            self.unsettled &= set(msg.migrating)
+            self._apply_table()
         self.migrations.end_all_except(set(msg.migrating), owners, "the gateway no longer runs this migration")
-        return self.reconcile(list(msg.services))
+        return self.reconcile(list(msg.services), migrating=set(msg.migrating))
 
     async def on_service_start(self, msg: msgs.ServiceStart, ctx: Context) -> dict:
         # the gateway starts a service before it publishes the table, so the table cannot
@@ -403,8 +410,26 @@ class NodeAgent:
     async def on_migration(self, msg: msgs.Message, ctx: Context):
         return await self.migrations.handle(msg)
 
+    def _unsettle(self, migrating) -> None:
+        """At login: migrations the gateway still runs that this agent has no machine for
+        and no instance of (it restarted mid-way). Until they end, this node must not
+        accept their packets even if the table already names it the owner (the owner
+        switch comes before the release): its stack has no socket for them and would
+        answer with resets. The gateway asks us how it went and ends it."""
+        self.unsettled = {name for name in migrating
+                          if not self.migrations.busy(name) and name not in self.running}
+        if self.unsettled:
+            log.warning("migrations of %s still open at the gateway and unknown here: their "
+                        "packets are dropped on this node until they end", ", ".join(sorted(self.unsettled)))
+
     def _load_table(self, msg: msgs.Table | msgs.Welcome) -> None:
-        self.filter.load(list(msg.services), msg.anchor)
+        self._table = (tuple(msg.services), msg.anchor)
+        self._apply_table()
+
+    def _apply_table(self) -> None:
+        services, anchor = self._table
+        self.filter.load([dataclasses.replace(s, owner="") if s.name in self.unsettled else s
+                          for s in services], anchor)
         # a role for a service that is gone from the table is stale
         for name in [n for n in self.filter.roles if n not in self.filter.services]:
             del self.filter.roles[name]
@@ -451,7 +476,7 @@ class NodeAgent:
         self.record_running()
         return {"stopped": name}
 
-    def reconcile(self, wanted: list[Service]) -> dict:
+    def reconcile(self, wanted: list[Service], migrating: set[str] = frozenset()) -> dict:
         started, stopped = [], []
         names = {s.name for s in wanted}
         self._end_frozen(names)
@@ -461,8 +486,11 @@ class NodeAgent:
                 stopped.append(name)
         for s in wanted:
             # a service that migrates here (a restarted gateway finishes it) is the
-            # migration's to start, not ours
+            # migration's to start, not ours; so is one whose migration the gateway still
+            # runs while we have no machine for it (we restarted mid-way: the gateway asks
+            # us how it ended, and may give it back to the source)
             if (s.name not in self.running and not self.migrations.busy(s.name)
+                    and s.name not in migrating
                     and service_kind(s.exec_spec) is not ServiceKind.EXTERNAL):
                 self.start_service(s)
                 started.append(s.name)

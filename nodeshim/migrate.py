@@ -35,6 +35,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -245,6 +246,8 @@ class MigrationAgent:
             nc.ReadClock: lambda c: k.clock(),
             nc.CountKernelDrops: lambda c: k.queue.kernel_drops(agent.config.queue_num),
             nc.CountUdpBufferDrops: lambda c: k.udphandoff.rcvbuf_errors(),
+            nc.MarkReleasing: self._mark_releasing,
+            nc.ReleaseBegun: self._release_begun,
             nc.Note: lambda c: log.log(LOG_LEVELS.get(c.level, logging.INFO), "%s", c.text),
             nc.InstallRole: self._install_role,
             nc.RemoveRole: lambda c: self._remove_role(c.service, c.role),
@@ -376,6 +379,28 @@ class MigrationAgent:
         self.agent.record_running()
 
     # --- the process strategy -----------------------------------------------------------
+    def _marker(self, service: str) -> str:
+        return os.path.join(self.agent.config.state_dir, "releasing", urllib.parse.quote(service, safe=""))
+
+    def _mark_releasing(self, c: nc.MarkReleasing) -> None:
+        """The release of `c.epoch` begins here: on disk before its first effect (a process
+        death keeps what was written; the next agent reads it in _release_begun)."""
+        path = self._marker(c.service)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(c.epoch)
+        os.replace(path + ".tmp", path)
+
+    def _release_begun(self, c: nc.ReleaseBegun) -> bool:
+        try:
+            with open(self._marker(c.service)) as f:
+                return f.read().strip() == c.epoch
+        except FileNotFoundError:
+            return False
+        except OSError as e:  # unreadable: we cannot say it did not begin
+            log.warning("release marker of %s unreadable (%s): assuming it began", c.service, e)
+            return True
+
     @property
     def _restored_file(self) -> str:
         return os.path.join(self.agent.config.state_dir, "restored.json")

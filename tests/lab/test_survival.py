@@ -193,6 +193,9 @@ AGENT_STEPS = [
     ("source", "migrate.commit", "committed", 0),
     ("destination", "migrate.prepare", "rolled_back", 0),
     ("destination", "migrate.restore", "rolled_back", 0),
+    # past the point of no return (owner switched, release sent): the gateway is in doubt
+    # until the restarted agent says it released nothing; then owner back, source rolls back
+    ("destination", "migrate.release", "rolled_back", 0),
 ]
 
 
