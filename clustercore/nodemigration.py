@@ -85,6 +85,7 @@ from .nodecommands import (
     Playbook,
     Refused,
     ReleaseBegun,
+    ServiceMoved,
 )
 
 
@@ -302,6 +303,7 @@ class NodeMigration:
         self.cutovers, self.forced_strategy = cutovers, strategy
         self.playbook: Playbook = Playbook()
         self.source_node: str | None = None  # who owned the service when this began
+        self.destination_node: str | None = None  # (a source's) where it goes
         self.epoch: str | None = None  # the epoch this migration flips to: names it
         self._state = State.IDLE
         self._runner: Runner | None = None
@@ -356,6 +358,7 @@ class NodeMigration:
             raise Refused(f"service '{self.service}' does not run on {self.node}")
         self.playbook = choose_playbook(local, self.forced_strategy)
         self.source_node, self.epoch = self.node, event.epoch
+        self.destination_node = event.destination
         return (yield from self.playbook.arm(self, event, local, now))
 
     def _begin_destination(self, event: msgs.Prepare, now: float):
@@ -391,6 +394,13 @@ class NodeMigration:
                           f"not {event.epoch}")
         yield Note(f"repeated Release for '{self.service}': answered as the first")
         return self.release_reply
+
+    def _commit(self, event: Any, now: float):
+        """The strategy's commit, then the node's table learns the new owner."""
+        reply = yield from self.playbook.commit(self, event, now)
+        if self.destination_node is not None:
+            yield ServiceMoved(self.service, self.destination_node)
+        return reply
 
     def _release(self, event: msgs.Release, now: float):
         """The point of no return on this node: a marker that outlives the agent first
@@ -523,9 +533,9 @@ TRANSITIONS: dict[tuple[State, type], Row] = {
     # the source
     (S.IDLE, msgs.Arm): Row(S.ARMING, S.ARMED, M._begin_source),
     (S.ARMED, msgs.Freeze): Row(S.FREEZING, S.FROZEN, play(P.freeze)),
-    (S.FROZEN, msgs.Commit): Row(S.COMMITTING, S.COMMITTED, play(P.commit)),
-    (S.FROZEN, OwnerMoved): Row(S.COMMITTING, S.COMMITTED, play(P.commit)),
-    (S.COMMITTING, ExecutorFailed): Row(S.COMMITTING, S.COMMITTED, play(P.commit)),
+    (S.FROZEN, msgs.Commit): Row(S.COMMITTING, S.COMMITTED, M._commit),
+    (S.FROZEN, OwnerMoved): Row(S.COMMITTING, S.COMMITTED, M._commit),
+    (S.COMMITTING, ExecutorFailed): Row(S.COMMITTING, S.COMMITTED, M._commit),
     (S.FROZEN, LinkLost): Row(S.FROZEN, S.FROZEN, M._wait_for_the_registry),
     # the destination
     (S.IDLE, msgs.Prepare): Row(S.PREPARING, S.PREPARED, M._begin_destination),

@@ -45,6 +45,7 @@ LOGIN_TIMEOUT_S = 5.0
 RECONNECT_FIRST_S = 0.1  # back-off after losing the gateway: doubles up to RECONNECT_MAX_S
 RECONNECT_MAX_S = 0.5  # short: a frozen migration waits for the restarted gateway
 MIGRATION_MESSAGES = (*msgs.STEPS, msgs.Chunk)
+STOP_WAIT_MARGIN_S = 2.0  # a stop waits for open migrations: the lease and this much
 
 
 class NodeAgent:
@@ -268,9 +269,29 @@ class NodeAgent:
                  asyncio.ensure_future(systemd.ping_watchdog())]
         await self._stop.wait()
         systemd.stopping()
+        await self._finish_open_migrations()
         for t in tasks:
             t.cancel()
         self.shutdown()
+
+    async def _finish_open_migrations(self) -> None:
+        """A stop (SIGTERM) is not a crash: migrations already under way are finished by
+        the gateway first (bounded), while the link still runs. Ending them here would go
+        by our own table, which names the old owner until the gateway publishes the switch
+        at the end: a frozen source past the point of no return would resume its old
+        instance while the destination serves (both answering). New migrations are refused
+        meanwhile. Without a gateway a frozen source's lease ends it within the wait."""
+        self.migrations.stopping = True
+        if self.migrations.idle():
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.migration_lease_s + STOP_WAIT_MARGIN_S
+        open_now = sorted(n for n in self.migrations.migrations.machines if self.migrations.busy(n))
+        log.info("stopping: waiting for the open migrations of %s to end", ", ".join(open_now))
+        while not self.migrations.idle() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if not self.migrations.idle():
+            log.warning("stopping with migrations still open: ending them here")
 
     def shutdown(self) -> None:
         """The agent exits; the data plane does not. Services, their connections, the
@@ -435,6 +456,18 @@ class NodeAgent:
             del self.filter.roles[name]
         if self.queue is not None:
             self.sync_datapath()
+
+    def service_moved(self, name: str, owner: str) -> None:
+        """A migration away from here committed: the table (ours until the gateway's next
+        push) names the new owner, and the kernel rules follow."""
+        svc = self.filter.services.get(name)
+        if svc is not None and svc.owner != owner:
+            self.filter.services[name] = dataclasses.replace(svc, owner=owner)
+            services, anchor = self._table
+            self._table = (tuple(dataclasses.replace(s, owner=owner) if s.name == name else s
+                                 for s in services), anchor)
+            if self.queue is not None:
+                self.sync_datapath()
 
     def start_service(self, service: Service, sockets=None, extra_env=None) -> dict:
         if service_kind(service.exec_spec) is ServiceKind.EXTERNAL:

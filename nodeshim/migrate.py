@@ -15,7 +15,8 @@ reply. This module only
 Fault injection for the lab tests: if the file `<state_dir>/faults/<OP>` (the message's
 wire name, e.g. `migrate.freeze`) exists when a step arrives, its content says what to do:
 `fail` (refuse the step), `die` (the agent exits at once, like a crash), `drop` (close the
-gateway connection without answering). The file is removed when it fires.
+gateway connection without answering), `term` (the agent gets SIGTERM just as the step
+arrives; the step is handled TERM_FAULT_DELAY_S later, if the agent still runs). The file is removed when it fires.
 
 Faults inside the `process` strategy's commands (same directory, same one-shot files):
 `criu.dump` / `criu.restore` (content `fail`): criu is run with an option it refuses, so
@@ -58,6 +59,7 @@ SYN_RECV_WAIT_S = 0.5  # half-open handshakes may finish this long (new SYNs are
 SYN_RECV_POLL_S = 0.002
 READY_TIMEOUT_S = 10.0  # the gated new instance must say `ready` by then
 FAULT_EXIT_STATUS = 17  # a `die` fault: the agent exits like a crash
+TERM_FAULT_DELAY_S = 0.2  # a `term` fault: SIGTERM, then the step is handled this much later
 ACCEPT_WAIT_S = 0.5  # the program may take this long to accept what waits (then it is stopped)
 STOP_TREE_TIMEOUT_S = 2.0  # a process tree must have stopped by then (SIGSTOP)
 IMAGE_TIMEOUT_S = 25.0  # a process image must be dumped and moved, or restored, by then
@@ -95,6 +97,7 @@ class MigrationAgent:
         self.migrations = NodeMigrations(agent.config.name)
         self.fault_dir = os.path.join(agent.config.state_dir, "faults")
         self._locks: dict[str, asyncio.Lock] = {}
+        self.stopping = False  # the agent is stopping: no new migration begins here
         self._actions: dict[type, Callable[[Any], Any]] = self._command_table()
 
     # --- what the agent asks ------------------------------------------------------------
@@ -109,7 +112,10 @@ class MigrationAgent:
         refusal (LocalControlError) or kernel failure (KernelError) it ended with."""
         if not isinstance(message, (msgs.Step, msgs.Chunk)):
             raise LocalControlError(f"'{message.OP}' is not a migration step")
-        self._fault(message.OP)
+        if self.stopping and isinstance(message, (msgs.Arm, msgs.Prepare)):
+            raise LocalControlError(f"node {self.agent.config.name} is stopping: no new migration")
+        if self._fault(message.OP) == "term":
+            await asyncio.sleep(TERM_FAULT_DELAY_S)  # the agent's stop begins first
         lock = self._locks.setdefault(message.service, asyncio.Lock())
         async with lock:
             started = self.kernel.clock()
@@ -230,6 +236,9 @@ class MigrationAgent:
         log.warning("fault injection at %s: %s", op, what)
         if what == "die":
             os._exit(FAULT_EXIT_STATUS)
+        if what == "term":  # SIGTERM arrives with this step: the step waits a moment
+            os.kill(os.getpid(), signal.SIGTERM)
+            return what
         if what == "drop":
             rpc = getattr(self.agent, "rpc", None)
             if rpc is not None:
@@ -247,6 +256,7 @@ class MigrationAgent:
             nc.CountKernelDrops: lambda c: k.queue.kernel_drops(agent.config.queue_num),
             nc.CountUdpBufferDrops: lambda c: k.udphandoff.rcvbuf_errors(),
             nc.MarkReleasing: self._mark_releasing,
+            nc.ServiceMoved: lambda c: agent.service_moved(c.service, c.owner),
             nc.ReleaseBegun: self._release_begun,
             nc.Note: lambda c: log.log(LOG_LEVELS.get(c.level, logging.INFO), "%s", c.text),
             nc.InstallRole: self._install_role,

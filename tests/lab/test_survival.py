@@ -165,11 +165,11 @@ def test_registry_read_only_during_a_migration_rolls_back_and_serves(slab, tmp_p
     migrate(slab, "echo", NEXT[source])
 
 
-def agent_fault(h, node, op):
+def agent_fault(h, node, op, what="die"):
     d = os.path.join(h.lab.state_dir, node, "faults")
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, op), "w") as f:
-        f.write("die")
+        f.write(what)
 
 
 def clear_agent_fault(h, node, op):
@@ -366,3 +366,34 @@ def test_cleanup_commands_take_down_what_exited_daemons_leave():
         assert "vipcluster" not in run_in(spec.gw_ns, "nft", "list", "ruleset").stdout
     finally:
         labmod.down(spec, log=lambda *a: None)
+
+
+def test_source_agent_sigterm_in_the_commit_window_does_not_double_serve(slab, tmp_path):
+    """SIGTERM reaches the source's agent just as the Commit arrives (the destination has
+    released: it serves). The stopping agent must not resume the frozen old instance from
+    its own table, which still names it the owner (the gateway publishes the switch only
+    when the migration is over): it finishes the open migration first, then exits.
+    Before the fix both nodes answered."""
+    source = owner(slab, "echo")
+    destination = NEXT[source]
+    p, stop = start_load(slab, tmp_path, "term-commit", kv=True)
+    try:
+        old = pids(slab)[source]
+        agent_fault(slab, source, "migrate.commit", "term")
+        report, res = migrate(slab, "echo", destination, check=False)
+        clear_agent_fault(slab, source, "migrate.commit")
+        assert report is not None and report["outcome"] == "committed", (res.stdout, res.stderr)
+        _wait_back(slab, source, old)
+        svc = wait_settled(slab, "echo")
+        time.sleep(1.5)
+    finally:
+        clear_agent_fault(slab, source, "migrate.commit")
+        r = finish_load(p, stop)
+    print(f"source agent SIGTERMed at commit: {report['outcome']} ({report.get('reason')!r}); load {r}")
+    assert_exact(r)
+    # no node's stack met the service's packets without its socket (an ICMP port
+    # unreachable: the stopping source's rules had accepted them from its stale table)
+    assert not r["errors"], r["errors"]
+    assert svc["owner"] == destination, svc
+    serves_once(slab, "echo")
+    migrate(slab, "echo", NEXT[svc["owner"]])

@@ -230,6 +230,9 @@ class FakeAgent:
     def record_running(self) -> None:
         self.log.append(("record_running", tuple(sorted(self.running))))
 
+    def service_moved(self, name: str, owner: str) -> None:
+        self.log.append(("service_moved", name, owner))
+
     def send_to_gateway(self, message) -> bool:
         self.log.append(("send_to_gateway", type(message).__name__))
         self.sent.append(message)
@@ -304,9 +307,11 @@ def test_source_arm_freeze_commit_script(tmp_path):
                                if k not in ("streamed", "app_state")}).totals["udp_datagrams"] == 2
     # commit: the hold dropped, our copies closed silently, the old instance killed, its
     # sockets (our copies) closed, the service forgotten, the role removed after the grace
+    # and the node's table names the new owner at once
     assert log.names() == ["drop", "close_many", "record_running", "kill", "close", "close",
-                           "sync_datapath"]
+                           "service_moved", "sync_datapath"]
     assert log[1] == ("close_many", ("copy0", "copy1")) and log[-1] == ("sync_datapath", ())
+    assert log[-2] == ("service_moved", "echo", "n2")
     assert "echo" not in agent.running and "echo" not in agent.filter.roles
     assert isinstance(done, msgs.CommitDone) and done.kernel_drops == 0
 

@@ -225,7 +225,7 @@ def test_the_source_script():
     done = script(m, EVENTS[msgs.Commit](), [
         (nc.CloseSilently, None), (nc.CountKernelDrops, 5), (nc.Note, None),
         (nc.ForgetInstance, None), (nc.StopInstance, None), (nc.CloseDescriptors, None),
-        (nc.RemoveRoleLater, None),
+        (nc.RemoveRoleLater, None), (nc.ServiceMoved, None),
     ])
     assert done == msgs.CommitDone(kernel_drops=2) and m.state is State.COMMITTED and m.finished
 

@@ -164,7 +164,7 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
     assert dump[1] == 4242 and dump[2] == migrate.imagexfer.Endpoint(**ENDPOINT) and dump[3] == ()
     assert frozen.bytes_moved == 2_050_000 and frozen.tcp_established == 3 and frozen.udp_sockets == 1
     assert frozen.sockets["process"]["output_pipe"] == "pipe:[99]"
-    assert [e[0] for e in log] == ["drop", "record_running", "kill", "sync_datapath"]
+    assert [e[0] for e in log] == ["drop", "record_running", "kill", "service_moved", "sync_datapath"]
     assert "web" not in agent.running and isinstance(done, msgs.CommitDone)
 
 
