@@ -20,8 +20,10 @@ another node); an admin's only clientAuth. `vipctl pki init DIR --node n1 --node
 
 from __future__ import annotations
 
+import base64
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -37,13 +39,24 @@ VALID_DAYS = 3650
 ROLES = ("gateway", "node", "admin")
 
 
+ENCODED = "-b32"  # the role label of an identity whose name is not a DNS label
+
+
 def identity_name(role: str, name: str = "") -> str:
-    """The DNS name a certificate carries for this role and name."""
+    """The DNS name a certificate carries for this role and name. A name that is a DNS
+    label is written as it is (`n1.node.vipcluster`); a node name may also hold '_' and
+    '.' (clustercore.config), which a DNS label cannot: such a name is written in base32
+    under its own role label (`<base32>.node-b32.vipcluster`), so every name has exactly
+    one identity and parse_identity gets it back byte for byte."""
     if role == "gateway":
         return GATEWAY_NAME
-    if role not in ROLES or not _valid_label(name):
-        raise ConfigError("pki", f"bad identity {role}:{name!r} (names: letters, digits, '-', at most 63)")
-    return f"{name}.{role}.{DOMAIN}"
+    if role in ROLES and _valid_label(name):
+        return f"{name}.{role}.{DOMAIN}"
+    if role in ROLES and _valid_name(name):
+        label = base64.b32encode(name.encode()).decode().rstrip("=").lower()
+        return f"{label}.{role}{ENCODED}.{DOMAIN}"
+    raise ConfigError("pki", f"bad identity {role}:{name!r} (names: letters, digits, '-', '_', '.', "
+                             f"at most {MAX_NAME}, starting with a letter or digit)")
 
 
 def parse_identity(dns_name: str) -> tuple[str, str] | None:
@@ -51,9 +64,31 @@ def parse_identity(dns_name: str) -> tuple[str, str] | None:
     if dns_name == GATEWAY_NAME:
         return ("gateway", "gateway")
     parts = dns_name.split(".")
-    if len(parts) == 3 and parts[2] == DOMAIN and parts[1] in ("node", "admin") and _valid_label(parts[0]):
+    if len(parts) != 3 or parts[2] != DOMAIN:
+        return None
+    if parts[1] in ("node", "admin") and _valid_label(parts[0]):
         return (parts[1], parts[0])
+    role = parts[1].removesuffix(ENCODED)
+    if role in ("node", "admin") and parts[1] == role + ENCODED:
+        label = parts[0]
+        if not label or not label.isascii() or label != label.lower():
+            return None
+        try:
+            name = base64.b32decode(label.upper() + "=" * (-len(label) % 8)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        # only the canonical form: a name that is a label has no encoded identity
+        if _valid_name(name) and not _valid_label(name) and identity_name(role, name) == dns_name:
+            return (role, name)
     return None
+
+
+MAX_NAME = 39  # base32 of 39 bytes is 63 characters: one DNS label
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (MAX_NAME - 1))
+
+
+def _valid_name(name: str) -> bool:
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
 
 
 def _valid_label(name: str) -> bool:
