@@ -26,7 +26,7 @@ from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, P
 from clustercore.kinds import Delivery, adopted_spec, check_service_options
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
-from vipwire import systemd, tls
+from vipwire import pki, systemd, tls
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
 from vipwire.rpc import Context, RpcConnection
 
@@ -282,6 +282,8 @@ class Gateway:
             problem = f"it sent {hello.OP!r} instead of hello"
         elif hello.node != ident[1]:
             problem = f"it claims to be {hello.node!r} but its certificate names {ident[1]!r}"
+        else:
+            problem = self._revocation_problem(writer.get_extra_info("ssl_object"))
         if problem is not None:
             log.warning("agent at %s refused: %s", peer, problem)
             rpc.notify(msgs.Denied(error=f"login refused: {problem}"))
@@ -289,6 +291,22 @@ class Gateway:
             rpc.close()
             return None, None
         return ident[1], rpc
+
+    def _revocation_problem(self, ssl_object) -> str | None:
+        """The CA's revocation list (vipwire.pki.revoke, `crl.pem` beside the CA
+        certificate), read at every login so a revocation needs no restart: a revoked
+        certificate is refused; so is every login while the list is unreadable."""
+        try:
+            revoked = pki.revoked_serials(self.config.tls_ca)
+        except VipError as e:
+            return f"cannot check revocation: {e}"
+        try:
+            serial = int((ssl_object.getpeercert() or {}).get("serialNumber", ""), 16)
+        except (ValueError, AttributeError):
+            return "its certificate has no serial number"
+        if serial in revoked:
+            return f"its certificate (serial {serial:x}) is revoked"
+        return None
 
     async def _after_join(self, node: str) -> None:
         """Tell a (re)joined node which services it must run; refresh everyone's anchor."""

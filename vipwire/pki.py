@@ -191,3 +191,79 @@ def init(directory: str, nodes: list[str], admins: list[str] = ()) -> dict:
     for a in admins:
         out[f"admin {a}"] = issue(directory, "admin", a).cert
     return out
+
+
+# ---------------------------------------------------------------- revocation
+
+CRL_FILE = "crl.pem"
+
+
+def crl_path(ca_cert: str) -> str:
+    """The revocation list that goes with a CA certificate: beside it."""
+    return os.path.join(os.path.dirname(os.path.abspath(ca_cert)), CRL_FILE)
+
+
+def _load_ca(directory: str):
+    try:
+        with open(os.path.join(directory, "ca.key"), "rb") as f:
+            ca_key = serialization.load_pem_private_key(f.read(), password=None)
+        with open(os.path.join(directory, "ca.crt"), "rb") as f:
+            ca_cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError("pki", f"no usable CA in {directory} ({e})") from None
+    return ca_key, ca_cert
+
+
+def revoke(directory: str, role: str, name: str) -> dict:
+    """Put the identity's current certificate on the CA's revocation list (a standard
+    X.509 CRL signed by the CA, `crl.pem` beside `ca.crt`); the gateway refuses it at
+    login from then on. `vipctl pki init --force` issues the name a new certificate."""
+    dns = identity_name(role, name)
+    if role == "gateway":
+        raise ConfigError("pki", "the gateway's identity is not revoked, it is re-issued (init --force --gateway)")
+    where = paths(directory, role, name)
+    try:
+        with open(where.cert, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError("pki", f"no certificate for {role} {name!r} in {directory} ({e})") from None
+    ca_key, ca_cert = _load_ca(directory)
+    path = os.path.join(directory, CRL_FILE)
+    entries = {}
+    if os.path.exists(path):
+        for serial, when in _read_crl(path, ca_cert).items():
+            entries[serial] = when
+    entries.setdefault(cert.serial_number, _now())
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(_now()).next_update(_now() + datetime.timedelta(days=VALID_DAYS)))
+    for serial, when in sorted(entries.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write(path, crl.public_bytes(serialization.Encoding.PEM), private=False)
+    return {"revoked": dns, "serial": f"{cert.serial_number:x}", "crl": path, "entries": len(entries)}
+
+
+def _read_crl(path: str, ca_cert) -> dict[int, datetime.datetime]:
+    try:
+        with open(path, "rb") as f:
+            crl = x509.load_pem_x509_crl(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError("pki", f"revocation list {path} is unreadable ({e})") from None
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
+        raise ConfigError("pki", f"revocation list {path} is not signed by the cluster CA")
+    return {r.serial_number: r.revocation_date_utc for r in crl}
+
+
+def revoked_serials(ca_cert_path: str) -> frozenset[int]:
+    """The serial numbers the CA revoked (empty without a list). ConfigError if the list
+    is there but unreadable or not the CA's: a caller must then refuse, not accept."""
+    path = crl_path(ca_cert_path)
+    if not os.path.exists(path):
+        return frozenset()
+    try:
+        with open(ca_cert_path, "rb") as f:
+            ca_cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError("pki", f"CA certificate {ca_cert_path} is unreadable ({e})") from None
+    return frozenset(_read_crl(path, ca_cert))
