@@ -38,6 +38,7 @@ log = logging.getLogger("vipcluster.gateway")
 AGENT_TIMEOUT_S = 10.0  # one request to an agent (table, reconcile, start, stop)
 COUNTERS_TIMEOUT_S = 2.0  # status asks every agent; a slow one must not hold it up
 VERDICTS_TIMEOUT_S = 10.0
+SHUTDOWN_SETTLE_TICKS = 50  # at shutdown, up to 0.5 s for the agent sessions to end
 LOGIN_TIMEOUT_S = 5.0  # an agent completes TLS and its hello within this, or is dropped
 MAX_LOGINS_IN_PROGRESS = 16  # connections not yet logged in (TLS included); more are closed at once
 SERVICE_NAME_MAX = 64
@@ -56,6 +57,7 @@ class Gateway:
         self.config = config
         self.tls = tls.server_context(config.tls_cert, config.tls_key, config.tls_ca)
         self.registry = Registry(config.state_dir)  # RegistryError: one clear line
+        self.closing = False
         self.table, self.epochs = self.registry.load()
         self.journal = self.registry.open_migrations()  # what a previous gateway left open
         self.agents: dict[str, AgentSession] = {}
@@ -135,10 +137,17 @@ class Gateway:
 
     async def shutdown(self) -> None:
         log.info("shutting down")
+        self.closing = True  # sessions ending from here on are ours ending, not nodes going down
         for srv in self._servers:
             srv.close()
         for a in list(self.agents.values()):
             a.rpc.close()
+        # let each session's ending run before the registry closes (it used to write
+        # node_down into a closed database: "Cannot operate on a closed database")
+        for _ in range(SHUTDOWN_SETTLE_TICKS):
+            if not self.agents:
+                break
+            await asyncio.sleep(0.01)
         try:
             os.unlink(self.config.control_socket)
         except FileNotFoundError:
@@ -148,6 +157,9 @@ class Gateway:
     def log_event(self, kind: str, detail: dict) -> None:
         """The registry's event log is a record, not a duty: a failed write (full disk,
         read-only) is logged and nothing else fails because of it."""
+        if self.closing:
+            log.info("event %s not recorded: the gateway is shutting down", kind)
+            return
         try:
             self.registry.log(time.time(), kind, detail)
         except RegistryError as e:
@@ -258,7 +270,8 @@ class Gateway:
                 del self.agents[node]
                 log.info("node %s is down", node)
                 self.log_event("node_down", {"node": node})
-                asyncio.ensure_future(self.push_table())  # the anchor may have moved
+                if not self.closing:
+                    asyncio.ensure_future(self.push_table())  # the anchor may have moved
 
     async def _login(self, transport: asyncio.Transport, peer) -> tuple[str | None, RpcConnection | None]:
         """TLS (a certificate from the cluster CA) then the hello: (node, rpc) when the

@@ -380,3 +380,23 @@ def test_a_revoked_certificate_is_refused_at_login_and_a_reissued_one_is_not(tmp
         first, _r, _w = await g.login(_client_ctx(d, "n2"), "n2")
         assert isinstance(first, msgs.Denied) and "cannot check revocation" in first.error
     with_gateway(tmp_path, d, body)
+
+
+def test_shutdown_with_agents_logged_in_writes_nothing_into_a_closed_registry(tmp_path, pkidir, caplog):
+    """It used to log 'event node_down not recorded: ... Cannot operate on a closed
+    database' for every session still open at shutdown."""
+    import logging
+    caplog.set_level(logging.INFO, logger="vipcluster.gateway")
+
+    async def body(g):
+        kept = []
+        for n in NODES:
+            first, r, w = await g.login(_client_ctx(pkidir, n), n)
+            assert isinstance(first, msgs.Welcome)
+            kept.append((r, w))
+        await asyncio.sleep(0.05)
+        assert set(g.gw.agents) == set(NODES)
+        g.kept = kept  # the sessions stay open until the gateway shuts down
+    with_gateway(tmp_path, pkidir, body)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "closed database" not in text and "shutting down" in text
