@@ -350,7 +350,7 @@ class NodeAgent:
                 raise PeerControlError(f"gateway denied us: {welcome.error}")
             if not isinstance(welcome, msgs.Welcome):
                 raise PeerControlError(f"gateway sent {welcome.OP!r} instead of welcome")
-            self._unsettle(welcome.migrating)
+            self._unsettle(welcome)
             self._load_table(welcome)
             self.heartbeat_s = welcome.heartbeat_s
             rpc.handlers = self.handlers
@@ -429,16 +429,20 @@ class NodeAgent:
         return self.verdict_log.request(msg)
 
     async def on_migration(self, msg: msgs.Message, ctx: Context):
+        if isinstance(msg, (msgs.Arm, msgs.Prepare)) and msg.service in self.unsettled:
+            self.unsettled.discard(msg.service)  # a new migration: its own roles decide
+            self._apply_table()
         return await self.migrations.handle(msg)
 
-    def _unsettle(self, migrating) -> None:
-        """At login: migrations the gateway still runs that this agent has no machine for
-        and no instance of (it restarted mid-way). Until they end, this node must not
-        accept their packets even if the table already names it the owner (the owner
-        switch comes before the release): its stack has no socket for them and would
-        answer with resets. The gateway asks us how it went and ends it."""
-        self.unsettled = {name for name in migrating
-                          if not self.migrations.busy(name) and name not in self.running}
+    def _unsettle(self, welcome: msgs.Welcome) -> None:
+        """At login: migrations the gateway still runs whose table owner is already this
+        node (the owner switch comes before the release) but that this agent has no
+        machine for and no instance of (it restarted mid-way). Until they end, this node
+        must not accept their packets: its stack has no socket for them and would answer
+        with resets. The gateway asks us how it went and ends it (then reconciles us)."""
+        ours = {s.name for s in welcome.services if s.owner == self.config.name}
+        self.unsettled = {name for name in welcome.migrating
+                          if name in ours and not self.migrations.busy(name) and name not in self.running}
         if self.unsettled:
             log.warning("migrations of %s still open at the gateway and unknown here: their "
                         "packets are dropped on this node until they end", ", ".join(sorted(self.unsettled)))

@@ -115,6 +115,7 @@ def serves_once(h, name):
 
 # (the step the gateway dies just before, which side of the point of no return, outcome)
 GATEWAY_STEPS = [
+    ("migrate.prepare", "rolled_back"),  # journaled, nothing asked of any node yet
     ("migrate.arm", "rolled_back"),      # dest prepared and holding
     ("migrate.freeze", "rolled_back"),   # source armed (counting)
     ("migrate.restore", "rolled_back"),  # source frozen, its sockets dumped
@@ -368,28 +369,35 @@ def test_cleanup_commands_take_down_what_exited_daemons_leave():
         labmod.down(spec, log=lambda *a: None)
 
 
-def test_source_agent_sigterm_in_the_commit_window_does_not_double_serve(slab, tmp_path):
-    """SIGTERM reaches the source's agent just as the Commit arrives (the destination has
-    released: it serves). The stopping agent must not resume the frozen old instance from
-    its own table, which still names it the owner (the gateway publishes the switch only
-    when the migration is over): it finishes the open migration first, then exits.
-    Before the fix both nodes answered."""
+TERM_STEPS = [("source", "migrate.freeze"), ("source", "migrate.commit"),
+              ("destination", "migrate.restore"), ("destination", "migrate.release")]
+
+
+@pytest.mark.parametrize("who, op", TERM_STEPS, ids=[f"{w}-{o.split('.')[1]}" for w, o in TERM_STEPS])
+def test_agent_sigterm_during_a_migration_finishes_it_first(slab, tmp_path, who, op):
+    """SIGTERM reaches an agent just as a step arrives. A stop is not a crash: the agent
+    lets the gateway finish the open migration (committed), then exits; the supervisor
+    starts it again. At the source's commit this is the double-serving case: the stopping
+    agent used to end the migration from its own table, which still names the source the
+    owner (the gateway publishes the switch only when it is over), so it resumed the old
+    instance while the destination served (3060 of 7300 TCP messages answered)."""
     source = owner(slab, "echo")
     destination = NEXT[source]
-    p, stop = start_load(slab, tmp_path, "term-commit", kv=True)
+    node = source if who == "source" else destination
+    p, stop = start_load(slab, tmp_path, f"term-{who}-{op}", kv=True)
     try:
-        old = pids(slab)[source]
-        agent_fault(slab, source, "migrate.commit", "term")
+        old = pids(slab)[node]
+        agent_fault(slab, node, op, "term")
         report, res = migrate(slab, "echo", destination, check=False)
-        clear_agent_fault(slab, source, "migrate.commit")
+        clear_agent_fault(slab, node, op)
         assert report is not None and report["outcome"] == "committed", (res.stdout, res.stderr)
-        _wait_back(slab, source, old)
+        _wait_back(slab, node, old)
         svc = wait_settled(slab, "echo")
         time.sleep(1.5)
     finally:
-        clear_agent_fault(slab, source, "migrate.commit")
+        clear_agent_fault(slab, node, op)
         r = finish_load(p, stop)
-    print(f"source agent SIGTERMed at commit: {report['outcome']} ({report.get('reason')!r}); load {r}")
+    print(f"{who} agent SIGTERMed at {op}: {report['outcome']} ({report.get('reason')!r}); load {r}")
     assert_exact(r)
     # no node's stack met the service's packets without its socket (an ICMP port
     # unreachable: the stopping source's rules had accepted them from its stale table)
