@@ -399,6 +399,13 @@ class Migration:
         self._lost_known = False
         return []
 
+    def _lost_while_committing(self, event: NodeLost, now: float) -> list[Command]:
+        """The destination has released and serves; only the source's commit is awaited,
+        so losing the destination (its agent stopping after its release) changes nothing."""
+        if event.node == self.dest:
+            raise _Ignore(f"destination '{self.dest}' lost after its release ({event.reason})")
+        return self._fail_while_committing(event, now)
+
     def _refuse_cancel(self, event: Cancel, now: float) -> list[Command]:
         return [Report(self._state.value, f"cancel refused ({event.reason}): past the point of "
                                           "no return, the migration can only go forward")]
@@ -453,6 +460,7 @@ for _failure in FAILURES:
 # noticed twice (the request and the watcher) or again later changes nothing
 TRANSITIONS[(S.RELEASING, NodeLost)] = (S.IN_DOUBT, M._dest_lost_while_releasing)
 TRANSITIONS[(S.IN_DOUBT, NodeLost)] = (S.IN_DOUBT, M._still_in_doubt)
+TRANSITIONS[(S.COMMITTING, NodeLost)] = (S.COMMITTED, M._lost_while_committing)
 
 # Pairs not in the table (and events a handler refuses): before the point of no return
 # they abort; after it, and while rolling back or finished, they are ignored.

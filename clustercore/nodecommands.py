@@ -164,7 +164,7 @@ class MarkReleasing(Command):
 
 @_command()
 class ServiceMoved(Command):
-    """A committed source: the service is `owner`'s now. The node's table says so at once
+    """A committed source or a released destination: the service is `owner`'s now. The node's table says so at once
     (the gateway publishes the switch only when the migration is over), so its kernel
     rules never accept the service's packets here again, not even if the agent stops
     or dies before that table arrives (no socket would answer them: resets)."""

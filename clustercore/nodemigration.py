@@ -396,7 +396,8 @@ class NodeMigration:
         return self.release_reply
 
     def _commit(self, event: Any, now: float):
-        """The strategy's commit, then the node's table learns the new owner."""
+        """The strategy's commit, then the node's table learns the new owner (the gateway
+        publishes it only at the end; a stopping agent's rules follow its own table)."""
         reply = yield from self.playbook.commit(self, event, now)
         if self.destination_node is not None:
             yield ServiceMoved(self.service, self.destination_node)
@@ -407,7 +408,17 @@ class NodeMigration:
         (so a successor asked again never says "nothing released" once anything was),
         then the strategy's release."""
         yield MarkReleasing(self.service, self.epoch or event.epoch)
-        return (yield from self.playbook.release(self, event, now))
+        reply = yield from self.playbook.release(self, event, now)
+        yield ServiceMoved(self.service, self.node)
+        return reply
+
+    def _finish_release(self, event: Any, now: float):
+        """After a failed release command: the rest of the release (forward), and the
+        node's table names us the owner: the gateway's registry already does (its push
+        comes only at the end, and an agent stopping before it would drop our packets)."""
+        reply = yield from self.playbook.finish_release(self, event, now)
+        yield ServiceMoved(self.service, self.node)
+        return reply
 
     def _release_unknown(self, event: msgs.Release, now: float):
         """A Release for a migration this agent never saw: its predecessor died with the
@@ -543,7 +554,7 @@ TRANSITIONS: dict[tuple[State, type], Row] = {
     (S.PREPARED, msgs.Restore): Row(S.RESTORING, S.RESTORED, play(P.restore)),
     (S.RESTORED, msgs.Release): Row(S.RELEASING, S.RELEASED, M._release),
     (S.IDLE, msgs.Release): Row(S.IDLE, S.IDLE, M._release_unknown),
-    (S.RELEASING, ExecutorFailed): Row(S.RELEASING, S.RELEASED, play(P.finish_release)),
+    (S.RELEASING, ExecutorFailed): Row(S.RELEASING, S.RELEASED, M._finish_release),
     (S.PREPARED, LinkLost): Row(S.PREPARED, S.PREPARED, M._wait_for_the_registry),
     (S.RESTORED, LinkLost): Row(S.RESTORED, S.RESTORED, M._wait_for_the_registry),
     # no migration here: stray or repeated messages

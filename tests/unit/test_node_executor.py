@@ -544,7 +544,8 @@ def test_destination_prepare_chunk_restore_release_script(tmp_path):
     # release: repair off, queued datagrams and late packets in first, then the hold, then
     # the gate opens with every connection, our descriptors close, the instance is adopted
     assert log.names() == ["thaw_many", "reinject", "inject_ip_packets", "accept", "open_gate",
-                           "close", "close", "close", "close", "close", "record_running", "sync_datapath"]
+                           "close", "close", "close", "close", "close", "record_running", "service_moved",
+                           "sync_datapath"]
     assert log[0] == ("thaw_many", tuple(f"restored{i}" for i in range(5)))
     assert log[4][1] == ("conn-7",) * 5 and log[4][2].endswith("echo.state.in")
     assert released.held == 1 and released.released == 1 and released.reinjected == 2

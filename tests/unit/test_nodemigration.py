@@ -248,7 +248,7 @@ def test_the_destination_script():
         (nc.PutBackDatagrams, 1), (nc.InjectPackets, 1), (nc.ReadClock, 1.2),
         (nc.OpenGate, None), (nc.CloseDescriptors, None), (nc.AdoptInstance, None),
         (nc.RemoveRoleLater, None), (nc.ReadClock, 1.3), (nc.CountKernelDrops, 0),
-        (nc.CountUdpBufferDrops, 8), (nc.Note, None), (nc.Note, None),
+        (nc.CountUdpBufferDrops, 8), (nc.Note, None), (nc.Note, None), (nc.ServiceMoved, None),
     ])
     assert isinstance(released, msgs.ReleaseDone) and m.state is State.RELEASED
     assert (released.reinjected, released.lost, released.kernel_drops) == (2, 1, 1)

@@ -223,7 +223,7 @@ def test_destination_prepare_restore_release_script(tmp_path):
     prepared, restored, released = asyncio.run(script())
     assert prepared.endpoint == {"address": "192.0.2.12", "files_port": 4001, "page_port": 4002}
     names = [e[0] for e in log if e[0] not in ("sync_datapath", "record_running")]
-    assert names == ["start_receive", "restore", "restored_instance", "rx.close", "thaw"]
+    assert names == ["start_receive", "restore", "restored_instance", "rx.close", "thaw", "service_moved"]
     assert ("restore", ("pipe:[99]",)) in log  # our pipe where the source's output pipe was
     assert agent.running["web"].pid == 6161 and isinstance(released, msgs.ReleaseDone)
     assert not os.path.exists(os.path.join(agent.config.state_dir, "restored.json")) or \
