@@ -21,6 +21,8 @@ from .kinds import Datapath, Delivery, member
 DEFAULT_CONTROL_SOCKET = "/run/vipcluster/control.sock"
 DEFAULT_STATE_DIR = "/var/lib/vipcluster"
 DEFAULT_AGENT_PORT = 7400
+DEFAULT_GATEWAY_METRICS = "127.0.0.1:9470"  # Prometheus endpoints (docs/metrics.md); "off" disables
+DEFAULT_NODE_METRICS = "127.0.0.1:9471"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _IFNAME_RE = re.compile(r"^[^\s/]{1,15}$")
@@ -51,6 +53,7 @@ class GatewayConfig:
     heartbeat_s: float = 1.0
     node_timeout_s: float = 5.0
     delivery: Delivery = Delivery.BROADCAST
+    metrics_address: str = DEFAULT_GATEWAY_METRICS  # HOST:PORT of /metrics, or "off"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", _enum_field("delivery", Delivery, self.delivery, None))
@@ -78,6 +81,7 @@ class NodeConfig:
     # a frozen source with no gateway for this long rolls back by itself (it must outlast
     # a gateway restart: a restarted gateway finishes what it journaled)
     migration_lease_s: float = 10.0
+    metrics_address: str = DEFAULT_NODE_METRICS  # HOST:PORT of /metrics, or "off"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datapath", _enum_field("datapath", Datapath, self.datapath, None))
@@ -157,6 +161,34 @@ def _check_known(d: dict, known: set[str], source, prefix=""):
             raise ConfigError(prefix + k, "unknown field", source)
 
 
+def listen_address(value: str) -> tuple[str, int] | None:
+    """"HOST:PORT" (IPv6 as "[ADDR]:PORT") as (host, port); None for "off". ValueError
+    says what is wrong."""
+    if value == "off":
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT (port 1-65535) or \"off\", got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"must be an IP address and a port (HOST:PORT) or \"off\", got {value!r}") from None
+    return host, int(port)
+
+
+def _metrics_address(d, source, default: str) -> str:
+    v = d.get("metrics_address", default)
+    if not isinstance(v, str):
+        raise ConfigError("metrics_address", f"must be a string HOST:PORT or \"off\", got {v!r}", source)
+    try:
+        listen_address(v)
+    except ValueError as e:
+        raise ConfigError("metrics_address", str(e), source) from None
+    return v
+
+
 # --- public parsers ------------------------------------------------------------------------
 
 
@@ -181,7 +213,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         d,
         {"vip", "client_interface", "cluster_interface", "listen_address", "listen_port",
          "tls_ca", "tls_cert", "tls_key", "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s",
-         "delivery"},
+         "delivery", "metrics_address"},
         source,
     )
     client_if = _str(d, "client_interface", source, pattern=_IFNAME_RE, what="an interface name")
@@ -222,6 +254,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         heartbeat_s=_float(d, "heartbeat_s", source, 0.05, 60, 1.0),
         node_timeout_s=_float(d, "node_timeout_s", source, 0.2, 600, 5.0),
         delivery=_choice(d, "delivery", source, Delivery, Delivery.BROADCAST),
+        metrics_address=_metrics_address(d, source, DEFAULT_GATEWAY_METRICS),
     )
 
 
@@ -231,7 +264,8 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
     _check_known(
         d,
         {"name", "vip", "gateway_address", "gateway_port", "tls_ca", "tls_cert", "tls_key", "key_file", "queue_num",
-         "queue_maxlen", "state_dir", "cluster_interface", "datapath", "migration_lease_s"},
+         "queue_maxlen", "state_dir", "cluster_interface", "datapath", "migration_lease_s",
+         "metrics_address"},
         source,
     )
     return NodeConfig(
@@ -247,4 +281,5 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
                            if "cluster_interface" in d else None),
         datapath=_choice(d, "datapath", source, Datapath, Datapath.FAST),
         migration_lease_s=_float(d, "migration_lease_s", source, 0.5, 3600, 10.0),
+        metrics_address=_metrics_address(d, source, DEFAULT_NODE_METRICS),
     )

@@ -200,7 +200,7 @@ class Handoff(Playbook):
             states += dumped
             if i + CHUNK < len(f.copies) and all(c.family == 4 for c in dumped):
                 chunk = msgs.Chunk(service=m.service, seq=i // CHUNK, count=len(dumped),
-                                   packed=sockwire.pack_connections(dumped))
+                                   packed=sockwire.pack_connections(dumped), total=len(f.copies))
                 if (yield StreamChunk(chunk)):
                     streamed = len(states)
             yield LetPacketsIn()  # the kernel queue fills while we dump: let the loop run

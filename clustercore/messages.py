@@ -481,6 +481,7 @@ class Chunk(Message):
     seq: int
     count: int
     packed: bytes  # clustercore.sockwire.pack_connections
+    total: int = 0  # connections the source dumps in all (0: not said): progress for vipctl
 
 
 @message("migrate.restore", reply=Done)

@@ -22,6 +22,7 @@ from clustercore import migration as mig
 from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Delivery, MigrateStrategy, ServiceKind, migration_strategy, service_kind
 from clustercore.migration_driver import MigrationDriver, event_for_reply
+from vipwire.logs import event
 from vipwire.rpc import Context
 
 from . import nft
@@ -54,6 +55,8 @@ class _Run:
         self.split_ms: dict[str, dict] = {}  # the agents' own timing of their parts
         self.kernel_drops: dict[str, int] = {}  # packets a node's kernel queue dropped meanwhile
         self.last_chunk: asyncio.Future | None = None  # the chunk relay's tail (streamed dump)
+        self.started = time.time()
+        self.streamed = 0  # connections streamed ahead and restored on the destination
         self.done: mig.Finished | None = None
 
     # --- Executor ---------------------------------------------------------------------
@@ -128,7 +131,7 @@ class _Run:
         self.report(state.value, f"{previous.value} -> {state.value}")
 
     def report(self, step: str, detail: str) -> None:
-        log.info("migration of %s: %s: %s", self.name, step, detail)
+        event(log, "migration.step", service=self.name, step=step, detail=detail)
         self.say(step, detail)
 
     def finished(self, done: mig.Finished) -> None:
@@ -215,8 +218,16 @@ class _Run:
         if session is None:
             raise ConnectionLost(f"node {self.dest} is down")
         await session.rpc.request(chunk, timeout=REQUEST_TIMEOUT_S)
+        self.streamed += chunk.count
+        total = getattr(chunk, "total", 0)
+        # vipctl migrate draws its progress bar from these (vipctl.progress)
+        self.say("transfer", f"{self.streamed}/{total or '?'} connections restored on {self.dest}")
 
 
+# what a migration's end event carries (the whole report is in the registry's event log)
+REPORT_LOG_FIELDS = ("service", "from", "to", "outcome", "reason", "tcp_established", "tcp_listening",
+                     "udp_sockets", "bytes_moved", "freeze_ms", "total_ms", "held", "released",
+                     "duplicates_suppressed", "lost", "kernel_queue_drops")
 PROCESS_STEP_S = 30.0  # freezing and restoring of a `process` migration may take this long
 
 
@@ -230,6 +241,17 @@ class Controller:
 
     def busy(self, service: str) -> bool:
         return service in self.book
+
+    def in_progress(self) -> list[dict]:
+        """The migrations running now, for `vipctl status` (--watch): service, nodes, step."""
+        now, out = time.time(), []
+        for name, run in sorted(self.runs.items()):
+            out.append({"service": name, "from": run.source, "to": run.dest,
+                        "step": run.entered[0] if run.entered else "start",
+                        "elapsed_ms": round((now - run.started) * 1000, 1), "streamed": run.streamed})
+        for name in sorted(self.recovering):
+            out.append({"service": name, "step": "recovering"})
+        return out
 
     def _timeouts_for(self, service) -> "mig.MigrationTimeouts":
         """The `process` strategy's freeze dumps and moves a whole image and its restore
@@ -287,7 +309,7 @@ class Controller:
                                 timeouts=self._timeouts_for(gw.table.get(name)))
         started = time.time()
         progress("start", f"migrating {name}: {source} -> {dest}")
-        log.info("migration of %s: %s -> %s (epoch %s)", name, source, dest, epoch)
+        event(log, "migration.start", service=name, source=source, dest=dest, epoch=epoch)
         # journaled before the first step: a gateway that dies from here on finds it
         gw.registry.journal_begin(name, source, dest, new_epoch)
         run = self.runs[name] = _Run(self, name, source, dest, new_epoch, progress)
@@ -317,7 +339,9 @@ class Controller:
                 if node in gw.agents:
                     asyncio.ensure_future(gw._after_join(node))
         self._log_event("migration", report)
-        log.info("migration of %s %s: %s", name, finished.outcome, report)
+        self.gw.metrics.migration_finished(report)
+        event(log, "migration.end", logging.INFO if finished.outcome == "committed" else logging.WARNING,
+              **{k: report.get(k) for k in REPORT_LOG_FIELDS if k in report})
         progress("done", f"{finished.outcome}{': ' + finished.reason if finished.reason else ''}")
         return report
 
@@ -396,7 +420,8 @@ class Controller:
             if node in gw.agents:
                 asyncio.ensure_future(gw._after_join(node))
         self._log_event("migration", report)
-        log.warning("migration of %s recovered: %s", j.service, report)
+        self.gw.metrics.migration_finished(report)
+        event(log, "migration.recovered", logging.WARNING, **report)
         return report
 
     async def _ask(self, node: str, step: msgs.Step, problems: list[str]):

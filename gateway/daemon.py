@@ -26,11 +26,13 @@ from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, P
 from clustercore.kinds import Delivery, adopted_spec, check_service_options
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
-from vipwire import pki, systemd, tls
+from vipwire import metricsserver, pki, systemd, tls
+from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
 from vipwire.rpc import Context, RpcConnection
 
 from . import netlink, nft
+from .metrics import GatewayMetrics
 from .registry import Registry, RegistryError
 
 log = logging.getLogger("vipcluster.gateway")
@@ -70,6 +72,8 @@ class Gateway:
         from .controller import Controller
 
         self.controller = Controller(self)
+        self.metrics = GatewayMetrics(self)  # hooks below; served at config.metrics_address
+        self._metrics_server = None
         self.control_handlers = {
             msgs.Ping: self.op_ping,
             msgs.Status: self.op_status,
@@ -80,6 +84,7 @@ class Gateway:
             msgs.Migrate: self.controller.op_migrate,
             msgs.NodeDrain: self.controller.op_drain,
         }
+        self.control_handlers = self.metrics.count_requests(self.control_handlers)  # counted by outcome
 
     # --- lifecycle -------------------------------------------------------------------
     def prepare_kernel(self) -> None:
@@ -117,6 +122,10 @@ class Gateway:
                                        port=cfg.listen_port, reuse_address=True)
         self._servers.append(srv)
         log.info("control API on %s; agents on %s:%d", cfg.control_socket, cfg.listen_address, cfg.listen_port)
+        try:
+            self._metrics_server = await metricsserver.serve(cfg.metrics_address, self.metrics.registry)
+        except OSError as e:
+            raise ConfigError("metrics_address", f"cannot listen on {cfg.metrics_address}: {e.strerror or e}") from None
         if self.journal:
             self.controller.recover(self.journal)
             self.apply_delivery()  # both nodes of each open migration get its packets
@@ -140,6 +149,8 @@ class Gateway:
         self.closing = True  # sessions ending from here on are ours ending, not nodes going down
         for srv in self._servers:
             srv.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         for a in list(self.agents.values()):
             a.rpc.close()
         # let each session's ending run before the registry closes (it used to write
@@ -222,7 +233,9 @@ class Gateway:
         """A new TCP connection on the agents' port, not read from yet (see _AgentAccept)."""
         peer = transport.get_extra_info("peername")
         if self._logins >= MAX_LOGINS_IN_PROGRESS:
-            log.warning("agent at %s refused: %d logins already in progress", peer, self._logins)
+            event(log, "login.refused", logging.WARNING, peer=_peer(peer), reason="too_many_logins",
+                  detail=f"{self._logins} logins already in progress")
+            self.metrics.refused("too_many_logins")
             transport.abort()
             return
         node = None
@@ -233,7 +246,10 @@ class Gateway:
                 node, rpc = await asyncio.wait_for(self._login(transport, peer), LOGIN_TIMEOUT_S)
             except (asyncio.TimeoutError, OSError, PeerControlError, ConnectionLost) as e:
                 # OSError: ssl.SSLError (no or a foreign certificate) and ConnectionError
-                log.warning("agent at %s failed to log in: %s", peer, _describe(e))
+                reason = ("timeout" if isinstance(e, asyncio.TimeoutError) else
+                          "connection" if isinstance(e, (ConnectionError, ConnectionLost, PeerControlError)) else "tls")
+                event(log, "login.refused", logging.WARNING, peer=_peer(peer), reason=reason, detail=_describe(e))
+                self.metrics.refused(reason)
                 transport.abort()
                 return
             finally:
@@ -257,7 +273,8 @@ class Gateway:
             rpc.notify(msgs.Welcome(services=t.services, anchor=t.anchor, epochs=t.epochs,
                                     migrating=tuple(sorted(self.controller.book.running())),
                                     heartbeat_s=self.config.heartbeat_s))
-            log.info("node %s is up (from %s)", node, peer)
+            event(log, "node.up", node=node, peer=_peer(peer))
+            self.metrics.login(node)
             self.log_event("node_up", {"node": node})
             asyncio.ensure_future(self._after_join(node))
             await rpc.run()
@@ -268,7 +285,8 @@ class Gateway:
                 rpc.close()
             if node is not None and self.agents.get(node) is not None and self.agents[node].rpc is rpc:
                 del self.agents[node]
-                log.info("node %s is down", node)
+                event(log, "node.down", logging.WARNING, node=node)
+                self.metrics.node_down(node)
                 self.log_event("node_down", {"node": node})
                 if not self.closing:
                     asyncio.ensure_future(self.push_table())  # the anchor may have moved
@@ -286,19 +304,23 @@ class Gateway:
         ident = tls.peer_identity(writer.get_extra_info("ssl_object"))
         rpc = RpcConnection(reader, writer, name=f"agent at {peer}", limit=MAX_LINE_BEFORE_LOGIN)
         hello = await rpc.read_one(LOGIN_TIMEOUT_S)
-        problem = None
+        problem = reason = None
         if ident is None or ident[0] != "node":
-            problem = f"its certificate names no node ({ident})"
+            problem, reason = f"its certificate names no node ({ident})", "certificate"
         elif self.config.node(ident[1]) is None:
             problem = f"its certificate names node {ident[1]!r}, which is not in the configuration"
+            reason = "unknown_node"
         elif not isinstance(hello, msgs.Hello):
-            problem = f"it sent {hello.OP!r} instead of hello"
+            problem, reason = f"it sent {hello.OP!r} instead of hello", "not_hello"
         elif hello.node != ident[1]:
             problem = f"it claims to be {hello.node!r} but its certificate names {ident[1]!r}"
+            reason = "wrong_name"
         else:
             problem = self._revocation_problem(writer.get_extra_info("ssl_object"))
+            reason = "revoked" if problem and "revoked" in problem else "crl"
         if problem is not None:
-            log.warning("agent at %s refused: %s", peer, problem)
+            event(log, "login.refused", logging.WARNING, peer=_peer(peer), reason=reason, detail=problem)
+            self.metrics.refused(reason)
             rpc.notify(msgs.Denied(error=f"login refused: {problem}"))
             await writer.drain()
             rpc.close()
@@ -345,7 +367,7 @@ class Gateway:
         return None  # the read itself refreshed last_seen
 
     async def _on_notice(self, node: str, msg: msgs.Notice) -> None:
-        log.info("node %s: %s", node, msg.text)
+        event(log, "node.notice", node=node, text=msg.text)
 
     async def _watch_agents(self) -> None:
         loop = asyncio.get_running_loop()
@@ -354,8 +376,8 @@ class Gateway:
             now = loop.time()
             for a in list(self.agents.values()):
                 if now - a.rpc.last_seen > self.config.node_timeout_s:
-                    log.warning("node %s missed its heartbeats for %.1fs: marking it down",
-                                a.node, now - a.rpc.last_seen)
+                    event(log, "node.heartbeat_missed", logging.WARNING, node=a.node,
+                          silent_s=round(now - a.rpc.last_seen, 1))
                     a.rpc.close()
 
     # --- control API -----------------------------------------------------------------
@@ -364,6 +386,8 @@ class Gateway:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
         if uid != 0:
+            event(log, "control.refused", logging.WARNING, pid=_pid, uid=uid, reason="not_root")
+            self.metrics.control_refused("not_root")
             writer.write(encode_reply(None, error="the control API is for root only"))
             await writer.drain()
             writer.close()
@@ -432,7 +456,7 @@ class Gateway:
             self.apply_delivery()
             await self.push_table()
             self.log_event("service_add", service.to_dict())
-            log.info("service %s added on %s (%s)", name, node, ", ".join(format_port(p) for p in ports))
+            event(log, "service.add", service=name, node=node, ports=",".join(format_port(p) for p in ports))
             return service.to_dict()
 
     async def op_service_remove(self, msg: msgs.ServiceRemove, ctx: Context):
@@ -455,7 +479,7 @@ class Gateway:
                 except VipError as e:
                     log.warning("stopping %s on %s: %s", name, service.owner, e)
             self.log_event("service_remove", {"name": name})
-            log.info("service %s removed", name)
+            event(log, "service.remove", service=name, node=service.owner)
             return service.to_dict()
 
     async def op_status(self, msg: msgs.Status, ctx: Context):
@@ -492,7 +516,8 @@ class Gateway:
             d["migrating"] = self.controller.busy(s.name)
             services.append(d)
         return {"vip": self.config.vip, "delivery": self.config.delivery,
-                "copies_per_packet": self.copies_per_packet(), "nodes": nodes, "services": services}
+                "copies_per_packet": self.copies_per_packet(), "nodes": nodes, "services": services,
+                "migrations": self.controller.in_progress()}
 
 
 class _AgentAccept(asyncio.Protocol):
@@ -512,6 +537,13 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
         return f"no TLS handshake and hello within {LOGIN_TIMEOUT_S:g}s"
     return f"{type(e).__name__}: {e}"
+
+
+def _peer(peer) -> str:
+    """'192.0.2.11:40312' for a log field."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
 
 
 def _socket_alive(path: str) -> bool:

@@ -23,15 +23,17 @@ import signal
 from clustercore import fastpath
 from clustercore import messages as msgs
 from clustercore.config import NodeConfig
-from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
+from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Datapath, ServiceKind, adopted_pid, service_kind
 from clustercore.ownership import NodeFilter, Service
 from clustercore.packet import TCP
-from vipwire import systemd, tls
+from vipwire import metricsserver, systemd, tls
+from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
 from . import criu, iptables, netlink, pidfd, services, tcprepair
+from .metrics import NodeMetrics
 from .migrate import MigrationAgent
 from .queue import PacketQueue
 from .verdictlog import VerdictLog
@@ -76,6 +78,10 @@ class NodeAgent:
         self.verdict_log = VerdictLog()  # opt-in, for `vipctl replay --mode packets`
         self.log_dir = os.path.join(config.state_dir, "services")
         self._process_strategy: dict | None = None
+        self._fast_rules: list[str] | None = None
+        self._kernel_base: dict[str, dict[str, int]] = {}
+        self.metrics = NodeMetrics(self)  # hooks below; served at config.metrics_address
+        self._metrics_server = None
 
     # --- lifecycle -------------------------------------------------------------------
     def prepare_kernel(self) -> None:
@@ -229,6 +235,11 @@ class NodeAgent:
             self.sync_datapath()
         log.info("node %s: VIP %s on lo, VIP packets -> queue %d (fail closed)",
                  cfg.name, cfg.vip, cfg.queue_num)
+        try:
+            self._metrics_server = await metricsserver.serve(cfg.metrics_address, self.metrics.registry,
+                                                             self.metrics.before_scrape)
+        except OSError as e:
+            raise ConfigError("metrics_address", f"cannot listen on {cfg.metrics_address}: {e.strerror or e}") from None
 
     # --- the kernel fast path -----------------------------------------------------------
     def sync_datapath(self) -> None:
@@ -317,6 +328,8 @@ class NodeAgent:
             services.close_gate(rs)
         if self.queue is not None:
             self.queue.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
 
     # --- gateway link ----------------------------------------------------------------
     async def _gateway_loop(self) -> None:
@@ -347,6 +360,8 @@ class NodeAgent:
             rpc.limit = MAX_LINE  # the welcome carries the whole table
             welcome = await rpc.read_one(LOGIN_TIMEOUT_S)
             if isinstance(welcome, msgs.Denied):
+                self.metrics.session("refused")
+                event(log, "login.refused", logging.ERROR, gateway=cfg.gateway_address, detail=welcome.error)
                 raise PeerControlError(f"gateway denied us: {welcome.error}")
             if not isinstance(welcome, msgs.Welcome):
                 raise PeerControlError(f"gateway sent {welcome.OP!r} instead of welcome")
@@ -355,13 +370,16 @@ class NodeAgent:
             self.heartbeat_s = welcome.heartbeat_s
             rpc.handlers = self.handlers
             self.rpc = rpc
-            log.info("registered with gateway %s:%d", cfg.gateway_address, cfg.gateway_port)
+            event(log, "login", gateway=f"{cfg.gateway_address}:{cfg.gateway_port}")
+            self.metrics.session("registered")
             print("node ready", flush=True)
             hb = asyncio.ensure_future(self._heartbeat(rpc))
             try:
                 await rpc.run()
             finally:
                 hb.cancel()
+                self.metrics.session("lost")
+                event(log, "gateway.lost", logging.WARNING, gateway=f"{cfg.gateway_address}:{cfg.gateway_port}")
                 # an armed source cannot go on without the gateway: it rolls back now; a
                 # frozen one holds until the registry's answer at the reconnect
                 self.migrations.link_lost("gateway link lost")
@@ -432,7 +450,16 @@ class NodeAgent:
         if isinstance(msg, (msgs.Arm, msgs.Prepare)) and msg.service in self.unsettled:
             self.unsettled.discard(msg.service)  # a new migration: its own roles decide
             self._apply_table()
-        return await self.migrations.handle(msg)
+        try:
+            reply = await self.migrations.handle(msg)
+        except LocalControlError:
+            self.metrics.step(msg.service, msg.OP, "refused")
+            raise
+        except VipError:
+            self.metrics.step(msg.service, msg.OP, "failed")
+            raise
+        self.metrics.step(msg.service, msg.OP, "ok")
+        return reply
 
     def _unsettle(self, welcome: msgs.Welcome) -> None:
         """At login: migrations the gateway still runs whose table owner is already this
@@ -537,22 +564,32 @@ class NodeAgent:
     def counters(self) -> dict:
         if self.migrations.idle():
             self.record_running()  # cheap, and keeps the record right after migrations
-        services_c = self.filter.counters_dict()
-        if self._fast_rules:
-            kernel = iptables.read_counters()
-            for name in set(kernel) | set(self._kernel_base):
-                c = services_c.setdefault(name, {"accepted": 0, "dropped": 0, "held": 0})
-                for k in ("accepted", "dropped"):
-                    c[k] += kernel.get(name, {}).get(k, 0) + self._kernel_base.get(name, {}).get(k, 0)
         return {
             "datapath": self.config.datapath,
-            "services": services_c,
+            "services": self.packet_counters(),
             "unparsed": self.filter.unparsed,
             "processes": {n: {"pid": rs.pid, "alive": rs.process.poll() is None}
                           for n, rs in self.running.items()},
             "queue_errors": self.queue.errors if self.queue else 0,
             "process_strategy": self.process_strategy(),
         }
+
+    def fast_rules_now(self) -> list[str] | None:
+        """The kernel rule set installed now (replaced, never changed in place)."""
+        return self._fast_rules
+
+    def packet_counters(self, kernel: dict | None = None) -> dict[str, dict]:
+        """{service: {accepted, dropped, held}}: the queue's verdicts plus the kernel fast
+        path's rule counters (`kernel`, read now if not given) and those of replaced rules."""
+        services_c = self.filter.counters_dict()
+        if self._fast_rules:
+            if kernel is None:
+                kernel = iptables.read_counters()
+            for name in set(kernel) | set(self._kernel_base):
+                c = services_c.setdefault(name, {"accepted": 0, "dropped": 0, "held": 0})
+                for k in ("accepted", "dropped"):
+                    c[k] += kernel.get(name, {}).get(k, 0) + self._kernel_base.get(name, {}).get(k, 0)
+        return services_c
 
     def process_strategy(self) -> dict:
         """Can this node move services with the `process` strategy (criu), and if not, why.
@@ -576,8 +613,8 @@ class NodeAgent:
                 n = self.restarts.get(name, 0)
                 if n >= MAX_RESTARTS:
                     continue
-                log.warning("service %s (pid %d) exited with %s; restarting (%d/%d)",
-                            name, rs.pid, code, n + 1, MAX_RESTARTS)
+                event(log, "service.exited", logging.WARNING, service=name, pid=rs.pid, exit_code=code,
+                      restart=f"{n + 1}/{MAX_RESTARTS}")
                 await self.notify(f"service {name} exited with {code}; restarting")
                 if service_kind(rs.service.exec_spec) is ServiceKind.ADOPTED:
                     self.restarts[name] = MAX_RESTARTS  # not ours to restart
@@ -587,6 +624,7 @@ class NodeAgent:
                 else:
                     self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir)
                 self.restarts[name] = n + 1
+                self.metrics.restarted(name)
                 self.record_running()
 
 

@@ -44,6 +44,7 @@ from clustercore import messages as msgs
 from clustercore import nodecommands as nc
 from clustercore.errors import KernelError, LocalControlError, VipError
 from clustercore.nodemigration import Failure, NodeMigration, NodeMigrations, Runner, role_still_needed
+from vipwire.logs import event as log_event
 
 from . import criu, imagexfer, pidfd, queue, services, tcprepair, udphandoff
 
@@ -122,8 +123,10 @@ class MigrationAgent:
             reply = None
             for runner in self.migrations.route(message, started):
                 reply = await self._drive(runner)
-            log.info("%s %s done in %.1f ms", message.OP, message.service,
-                     (self.kernel.clock() - started) * 1000)
+            log_event(log, "migration.step", service=message.service, step=message.OP.removeprefix("migrate."),
+                  epoch=message.epoch if isinstance(message, msgs.Step) else None,
+                  outcome="failed" if isinstance(reply, Failure) else "ok",
+                  ms=round((self.kernel.clock() - started) * 1000, 1))
         if isinstance(reply, Failure):
             raise reply.error
         return reply

@@ -8,7 +8,6 @@ Human output is rendered by vipctl.render; `--json` prints the full values.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -47,9 +46,15 @@ def _need_root() -> None:
         raise LocalControlError("must be run as root")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+def _setup_logging(level: str, fmt: str = "human", daemon: str = "vipctl") -> None:
+    from vipwire import logs
+
+    logs.setup(level, fmt, daemon)  # one line per event (vipwire.logs)
+
+
+_LOG_FORMAT = click.option("--log-format", type=click.Choice(["human", "json"]), default="human", show_default=True,
+                           envvar="VIPCLUSTER_LOG_FORMAT",
+                           help="human lines, or one JSON object per line (ts, level, daemon, event, fields).")
 
 
 def _emit(obj, as_json: bool, render) -> None:
@@ -80,11 +85,12 @@ def gateway():
 @gateway.command("run")
 @click.option("--config", "config_path", required=True, help="Gateway TOML config.")
 @click.option("--log-level", default="info")
-def gateway_run(config_path, log_level):
+@_LOG_FORMAT
+def gateway_run(config_path, log_level, log_format):
     """Run the gateway daemon (VIP delivery, registry, control API)."""
     cfg = gateway_config_from_dict(read_config_file(config_path), config_path)
     _need_root()
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format, "gateway")
     from gateway.daemon import run
 
     run(cfg)
@@ -125,11 +131,12 @@ def node_cleanup(config_path):
 @node.command("run")
 @click.option("--config", "config_path", required=True, help="Node TOML config.")
 @click.option("--log-level", default="info")
-def node_run(config_path, log_level):
+@_LOG_FORMAT
+def node_run(config_path, log_level, log_format):
     """Run a node shim daemon (queue filter, services)."""
     cfg = node_config_from_dict(read_config_file(config_path), config_path)
     _need_root()
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format, f"node:{cfg.name}")
     from nodeshim.agent import run
 
     run(cfg)
@@ -272,9 +279,24 @@ def service_list(obj, as_json):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--watch", is_flag=True, help="A live view (nodes, services, health, packet rates, migrations); "
+              "Ctrl-C ends it.")
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True,
+              help="--watch: seconds between two refreshes.")
+@click.option("--count", type=click.IntRange(1, 10_000_000), default=None,
+              help="--watch: stop after this many refreshes (default: until Ctrl-C).")
 @click.pass_obj
-def status(obj, as_json):
+def status(obj, as_json, watch, interval, count):
     """Nodes (up/down), services, owners and per-node counters."""
+    if watch:
+        if as_json:
+            raise click.UsageError("--watch draws a live view for people; for scripts use --json alone")
+        from .watch import watch as live_view
+
+        live_view(lambda: call("status", obj["socket"], timeout=5.0), interval, count)
+        return
+    if count is not None:
+        raise click.UsageError("--count goes with --watch")
     _emit(call("status", obj["socket"]), as_json, out.render_status)
 
 
@@ -282,10 +304,26 @@ def status(obj, as_json):
 
 
 def _progress(as_json: bool):
+    """Progress lines (never with --json); on a terminal, big transfers as a bar."""
     if as_json:
         return None
     t0 = time.monotonic()
-    return lambda m: click.echo(out.progress_line((time.monotonic() - t0) * 1000, m))
+
+    def line(m: dict) -> str:
+        return out.progress_line((time.monotonic() - t0) * 1000, m)
+    if sys.stdout.isatty():
+        from .watch import MigrateProgress
+
+        return MigrateProgress(line)
+    return lambda m: click.echo(line(m))
+
+
+def _call_with_progress(progress, *args, **kw):
+    try:
+        return call(*args, on_progress=progress, **kw)
+    finally:
+        if hasattr(progress, "finish"):
+            progress.finish()
 
 
 @cli.command()
@@ -295,7 +333,7 @@ def _progress(as_json: bool):
 @click.pass_obj
 def migrate(obj, name, destination, as_json):
     """Move service NAME live to node --to (sockets, queued data, ownership)."""
-    report = call("migrate", obj["socket"], timeout=120.0, on_progress=_progress(as_json), name=name, to=destination)
+    report = _call_with_progress(_progress(as_json), "migrate", obj["socket"], timeout=120.0, name=name, to=destination)
     _emit(report, as_json, out.render_report)
     if report.get("outcome") != "committed":
         sys.exit(1)
@@ -308,8 +346,8 @@ def migrate(obj, name, destination, as_json):
 @click.pass_obj
 def node_drain(obj, node_name, destination, as_json):
     """Migrate every service off NODE (for maintenance)."""
-    result = call("node.drain", obj["socket"], timeout=600.0, on_progress=_progress(as_json), node=node_name,
-                  to=destination)
+    result = _call_with_progress(_progress(as_json), "node.drain", obj["socket"], timeout=600.0, node=node_name,
+                                 to=destination)
     _emit(result, as_json, out.render_drain)
     if any(r.get("outcome") != "committed" for r in result["migrations"]):
         sys.exit(1)
@@ -350,12 +388,13 @@ def lab():
 @click.option("--datapath", type=click.Choice([d.value for d in Datapath]), default=Datapath.FAST.value,
               show_default=True,
               help="Nodes: steady-state verdicts in the kernel, or every packet through the queue.")
+@_LOG_FORMAT
 @click.option("--json", "as_json", is_flag=True)
-def lab_up(nodes, prefix, delivery, datapath, as_json):
+def lab_up(nodes, prefix, delivery, datapath, log_format, as_json):
     """Build the lab and start the gateway and node agents."""
     from . import lab as labmod
 
-    spec = labmod.Lab(prefix, nodes, Delivery(delivery), Datapath(datapath))
+    spec = labmod.Lab(prefix, nodes, Delivery(delivery), Datapath(datapath), log_format=log_format)
     st = labmod.up(spec, log=(lambda *a: None) if as_json else click.echo)
     _emit(st, as_json, lambda s: out.render_status(s["cluster"]))
 

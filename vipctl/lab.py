@@ -38,6 +38,8 @@ VIP = "203.0.113.10"
 CLIENT_NET = "198.51.100"
 CLUSTER_NET = "192.0.2"
 RUN_ROOT = "/run/vipcluster"
+GATEWAY_METRICS = "127.0.0.1:9470"  # inside the gateway's namespace (docs/metrics.md)
+NODE_METRICS = "127.0.0.1:9471"  # inside each node's namespace
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Lab:
     nodes: int = 3
     delivery: Delivery = Delivery.BROADCAST  # the gateway's
     datapath: Datapath = Datapath.FAST  # every node's
+    log_format: str = "human"  # the daemons' --log-format (vipwire.logs)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", Delivery(self.delivery))
@@ -153,7 +156,7 @@ def _write_configs(lab: Lab) -> dict[str, str]:
         f'listen_address = "{CLUSTER_NET}.1"\nlisten_port = 7400\n'
         f'tls_ca = "{gw_tls.ca_cert}"\ntls_cert = "{gw_tls.cert}"\ntls_key = "{gw_tls.key}"\n'
         f'control_socket = "{lab.control_socket}"\nstate_dir = "{lab.state_dir}/gateway"\n'
-        f'delivery = "{lab.delivery}"\n{nodes}'
+        f'delivery = "{lab.delivery}"\nmetrics_address = "{GATEWAY_METRICS}"\n{nodes}'
     )
     paths["gateway"] = os.path.join(lab.state_dir, "gateway.toml")
     with open(paths["gateway"], "w") as f:
@@ -167,7 +170,7 @@ def _write_configs(lab: Lab) -> dict[str, str]:
             f'gateway_port = 7400\nqueue_num = 0\n'
             f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
             f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
-            f'datapath = "{lab.datapath}"\n'
+            f'datapath = "{lab.datapath}"\nmetrics_address = "{NODE_METRICS}"\n'
         )
         paths[name] = os.path.join(lab.state_dir, f"{name}.toml")
         with open(paths[name], "w") as f:
@@ -254,9 +257,11 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         wire_like_client(lab)
         log(f"namespaces: {', '.join(lab.namespaces)}")
         paths = _write_configs(lab)
-        plan = [{"name": "gateway", "ns": lab.gw_ns, "args": ["gateway", "run", "--config", paths["gateway"]]}]
+        logfmt = ["--log-format", lab.log_format]
+        plan = [{"name": "gateway", "ns": lab.gw_ns, "args": ["gateway", "run", "--config", paths["gateway"], *logfmt]}]
         plan += [{"name": lab.node_name(k), "ns": lab.node_ns(k),
-                  "args": ["node", "run", "--config", paths[lab.node_name(k)]]} for k in range(1, lab.nodes + 1)]
+                  "args": ["node", "run", "--config", paths[lab.node_name(k)], *logfmt]}
+                 for k in range(1, lab.nodes + 1)]
         with open(os.path.join(lab.state_dir, "supervise.json"), "w") as f:
             json.dump({"daemons": plan}, f)
         supervisor = _spawn_supervisor(lab)
@@ -473,7 +478,25 @@ def status(lab: Lab) -> dict:
         and all(n["state"] == "up" for n in cluster.get("nodes", []))
     return {"prefix": lab.prefix, "up": bool(namespaces), "healthy": healthy, "namespaces": namespaces,
             "nodes_configured": nodes_configured, "daemons": daemons, "vip": VIP,
-            "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster}
+            "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster,
+            "metrics": metrics_endpoints(lab, namespaces)}
+
+
+def metrics_endpoints(lab: Lab, namespaces: list[str] | None = None) -> dict[str, dict]:
+    """Where each daemon's Prometheus endpoint listens: {daemon: {namespace, address, url}}
+    (loopback inside the daemon's namespace: scrape it with `ip netns exec NS curl URL`)."""
+    if namespaces is None:
+        namespaces = _lab_namespaces(lab, set(netns.listnetns()))
+    out = {}
+    for ns in namespaces:
+        if ns == lab.gw_ns:
+            name, address = "gateway", GATEWAY_METRICS
+        elif ns.startswith(f"{lab.prefix}-n"):
+            name, address = ns[len(lab.prefix) + 1:], NODE_METRICS
+        else:
+            continue
+        out[name] = {"namespace": ns, "address": address, "url": f"http://{address}/metrics"}
+    return out
 
 
 def exec_in(ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:

@@ -129,6 +129,8 @@ def render_lab_status(s: dict) -> str:
         lines.append(f"namespaces: {', '.join(s['namespaces'])}")
         for name, d in sorted(s["daemons"].items()):
             lines.append(f"  {name:<8} pid {d['pid']:<8} {'alive' if d['alive'] else 'DEAD'}")
+        for name, m in sorted((s.get("metrics") or {}).items()):
+            lines.append(f"  metrics of {name:<8} {m['url']} (in {m['namespace']})")
         if "error" in s["cluster"]:
             lines.append(f"cluster: {s['cluster']['error']}")
         else:

@@ -26,6 +26,7 @@ from clustercore.messages import Message, Progress, decode_reply
 
 from .framing import (MAX_LINE, LineFramer, Malformed, Reply, Request, encode_reply,
                       encode_request)
+from .logs import event
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class RpcConnection:
                 fut.set_result(env)
             return
         if isinstance(env, Malformed):
-            log.warning("%s sent a malformed message: %s", self.name, env.error)
+            event(log, "request.malformed", logging.WARNING, peer=self.name, error=env.error)
             self._write(encode_reply(env.id, error=env.error, kind="peer"), env.id)
             return
         asyncio.ensure_future(self._answer(env))
@@ -154,8 +155,10 @@ class RpcConnection:
             result = await handler(req.message, Context(self, req.id))
             reply = encode_reply(req.id, result)
         except PeerControlError as e:
+            event(log, "request.refused", logging.WARNING, peer=self.name, op=req.message.OP, fault="peer", error=str(e))
             reply = encode_reply(req.id, error=str(e), kind="peer")
         except VipError as e:
+            event(log, "request.refused", peer=self.name, op=req.message.OP, fault="local", error=str(e))
             reply = encode_reply(req.id, error=str(e), kind="local")
         except Exception as e:  # a bug: keep the traceback in the log, tell the peer
             log.exception("handling %r from %s failed", req.message.OP, self.name)

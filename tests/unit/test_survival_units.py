@@ -152,6 +152,7 @@ class _FakeGateway:
         self.config = type("C", (), {"delivery": Delivery.BROADCAST})()
         self.delivery_override = {}
         self.joined = []
+        self.metrics = type("M", (), {"migration_finished": lambda self, report: None})()
 
     def apply_delivery(self):
         pass
