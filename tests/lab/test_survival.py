@@ -180,29 +180,34 @@ def clear_agent_fault(h, node, op):
         pass
 
 
-# (whose agent dies, at which step it receives, the outcome, UDP datagrams it may lose)
+# (whose agent dies, at which step it receives, the outcome, whether it may lose UDP)
 # A service with a role on the node (an armed source; a destination of the last few
 # seconds, whose role is in its grace period) has its packets go through the queue: the
 # datagrams the kernel had queued to the agent and not yet got a verdict for die with it
-# (NFQUEUE drops a dead reader's packets). The owner's UDP rules carry --queue-bypass, so
-# after the crash the kernel accepts instead: only those in flight at the crash are lost
-# (a handful). TCP segments are retransmitted: exact.
-IN_FLIGHT_UDP = 10
+# (the kernel destroys a dead listener's queue: scripts/nfqueue-listener-death,
+# docs/faults.md). The owner's UDP rules carry --queue-bypass, so after the crash the
+# kernel accepts instead: only those queued at the crash are lost, and those that arrive
+# while the dead process exits (the kernel tears its memory down before it closes its
+# files: the queue stays bound, unread, for that long). How many that is depends on how
+# busy the machine is (3-6 on a quiet one, 13-17 with the CPUs saturated by other labs),
+# so the dying agent writes its queue's length (`died.queued`, TCP and UDP) and the test
+# allows those plus IN_FLIGHT_UDP. TCP segments are retransmitted: exact.
+IN_FLIGHT_UDP = 10  # arriving during the exit; per agent kill in the soak (no died.queued)
 AGENT_STEPS = [
-    ("source", "migrate.arm", "rolled_back", IN_FLIGHT_UDP),
-    ("source", "migrate.freeze", "rolled_back", IN_FLIGHT_UDP),
-    ("source", "migrate.commit", "committed", 0),
-    ("destination", "migrate.prepare", "rolled_back", 0),
-    ("destination", "migrate.restore", "rolled_back", 0),
+    ("source", "migrate.arm", "rolled_back", True),
+    ("source", "migrate.freeze", "rolled_back", True),
+    ("source", "migrate.commit", "committed", False),
+    ("destination", "migrate.prepare", "rolled_back", False),
+    ("destination", "migrate.restore", "rolled_back", False),
     # past the point of no return (owner switched, release sent): the gateway is in doubt
     # until the restarted agent says it released nothing; then owner back, source rolls back
-    ("destination", "migrate.release", "rolled_back", 0),
+    ("destination", "migrate.release", "rolled_back", False),
 ]
 
 
-@pytest.mark.parametrize("who, op, outcome, udp_in_flight", AGENT_STEPS,
+@pytest.mark.parametrize("who, op, outcome, may_lose_queued", AGENT_STEPS,
                          ids=[f"{w}-{o.split('.')[1]}" for w, o, _, _ in AGENT_STEPS])
-def test_agent_killed_during_a_migration_step(slab, tmp_path, who, op, outcome, udp_in_flight):
+def test_agent_killed_during_a_migration_step(slab, tmp_path, who, op, outcome, may_lose_queued):
     source = owner(slab, "echo")
     destination = NEXT[source]
     node = source if who == "source" else destination
@@ -220,8 +225,13 @@ def test_agent_killed_during_a_migration_step(slab, tmp_path, who, op, outcome, 
         clear_agent_fault(slab, node, op)
         r = finish_load(p, stop)
     lost_udp = r["udp_sent"] - r["udp_answered_once"]
-    print(f"{who} agent killed at {op}: {outcome}; UDP lost in the dead agent's queue: {lost_udp}")
-    assert lost_udp <= udp_in_flight, r
+    died = os.path.join(slab.lab.state_dir, node, "faults", "died.queued")
+    with open(died) as f:
+        queued = int(f.read())
+    os.unlink(died)
+    print(f"{who} agent killed at {op}: {outcome}; UDP lost: {lost_udp}; packets in its queue "
+          f"when it died: {queued}")
+    assert lost_udp <= (queued + IN_FLIGHT_UDP if may_lose_queued else 0), r
     assert_exact({**r, "udp_answered_once": r["udp_sent"]})
     assert r["udp_duplicated"] == 0, r
     assert svc["owner"] == (destination if outcome == "committed" else source), svc
