@@ -16,7 +16,8 @@ Fault injection for the lab tests: if the file `<state_dir>/faults/<OP>` (the me
 wire name, e.g. `migrate.freeze`) exists when a step arrives, its content says what to do:
 `fail` (refuse the step), `die` (the agent exits at once, like a crash), `drop` (close the
 gateway connection without answering), `term` (the agent gets SIGTERM just as the step
-arrives; the step is handled TERM_FAULT_DELAY_S later, if the agent still runs). The file is removed when it fires.
+arrives; the step is handled TERM_FAULT_DELAY_S later, if the agent still runs). A file
+`<OP>.done` fires after the step was performed, before its reply is sent. The file is removed when it fires.
 
 Faults inside the `process` strategy's commands (same directory, same one-shot files):
 `criu.dump` / `criu.restore` (content `fail`): criu is run with an option it refuses, so
@@ -127,6 +128,7 @@ class MigrationAgent:
                   epoch=message.epoch if isinstance(message, msgs.Step) else None,
                   outcome="failed" if isinstance(reply, Failure) else "ok",
                   ms=round((self.kernel.clock() - started) * 1000, 1))
+        self._fault(message.OP + ".done")  # `die` here: the step was done, its reply never sent
         if isinstance(reply, Failure):
             raise reply.error
         return reply
