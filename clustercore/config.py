@@ -54,6 +54,11 @@ class GatewayConfig:
     node_timeout_s: float = 5.0
     delivery: Delivery = Delivery.BROADCAST
     metrics_address: str = DEFAULT_GATEWAY_METRICS  # HOST:PORT of /metrics, or "off"
+    # two gateways (issue 11): this gateway's name, every gateway's, and the etcd
+    # endpoints ("host:port") of the registry they share; one gateway: SQLite, no etcd
+    name: str = "gateway"
+    gateways: tuple[str, ...] = ()
+    etcd_endpoints: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", _enum_field("delivery", Delivery, self.delivery, None))
@@ -213,7 +218,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         d,
         {"vip", "client_interface", "cluster_interface", "listen_address", "listen_port",
          "tls_ca", "tls_cert", "tls_key", "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s",
-         "delivery", "metrics_address"},
+         "delivery", "metrics_address", "name", "gateways", "etcd_endpoints"},
         source,
     )
     client_if = _str(d, "client_interface", source, pattern=_IFNAME_RE, what="an interface name")
@@ -255,7 +260,31 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         node_timeout_s=_float(d, "node_timeout_s", source, 0.2, 600, 5.0),
         delivery=_choice(d, "delivery", source, Delivery, Delivery.BROADCAST),
         metrics_address=_metrics_address(d, source, DEFAULT_GATEWAY_METRICS),
+        **_gateways_fields(d, source),
     )
+
+
+_ENDPOINT_RE = re.compile(r"^([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:]{2,39}\]):[0-9]{1,5}$")
+
+
+def _gateways_fields(d: dict, source) -> dict:
+    """name, gateways, etcd_endpoints: more than one gateway needs etcd and a name among them."""
+    name = _str(d, "name", source, default="gateway", pattern=_NAME_RE, what="a gateway name ([A-Za-z0-9_.-], max 32)")
+    out = {"name": name}
+    for key, pattern, what in (("gateways", _NAME_RE, "gateway names"), ("etcd_endpoints", _ENDPOINT_RE, '"host:port" strings')):
+        v = d.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) and pattern.match(x) for x in v):
+            raise ConfigError(key, f"must be a list of {what}, got {v!r}", source)
+        if len(set(v)) != len(v):
+            raise ConfigError(key, f"has duplicates: {v!r}", source)
+        out[key] = tuple(v)
+    if len(out["gateways"]) > 1:
+        if name not in out["gateways"]:
+            raise ConfigError("name", f"must be one of gateways {list(out['gateways'])}, got {name!r}", source)
+        if not out["etcd_endpoints"]:
+            raise ConfigError("etcd_endpoints", "more than one gateway shares its registry in etcd: give its endpoints",
+                              source)
+    return out
 
 
 def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:

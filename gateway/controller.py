@@ -11,6 +11,7 @@ connection into NodeLost, a timeout or a garbled reply into MessageLost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -297,7 +298,9 @@ class Controller:
         nodes_up = {n.name: n.name in gw.agents for n in gw.config.nodes}
         self.book.begin(service=name, owner=service.owner, dest=dest, nodes=nodes_up)
         try:
-            return await self._run(name, service.owner, dest, progress or (lambda step, detail: None))
+            # two gateways: only while this one holds the driver lease (gateway.ha)
+            async with (gw.ha.driving(name) if gw.ha is not None else contextlib.nullcontext()):
+                return await self._run(name, service.owner, dest, progress or (lambda step, detail: None))
         finally:
             self.book.finish(name)
 

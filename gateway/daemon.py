@@ -32,8 +32,10 @@ from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
 from vipwire.rpc import Context, RpcConnection
 
 from . import netlink, nft
+from .ha import HighAvailability
 from .metrics import GatewayMetrics
-from .registry import Registry, RegistryError
+from .registry import RegistryError
+from .store import open_registry, shared
 
 log = logging.getLogger("vipcluster.gateway")
 
@@ -58,10 +60,13 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.tls = tls.server_context(config.tls_cert, config.tls_key, config.tls_ca)
-        self.registry = Registry(config.state_dir)  # RegistryError: one clear line
+        self.registry = open_registry(config)  # SQLite, or etcd with two gateways; RegistryError: one line
         self.closing = False
         self.table, self.epochs = self.registry.load()
-        self.journal = self.registry.open_migrations()  # what a previous gateway left open
+        # two gateways: follow the shared table, one migration driver (gateway.ha); the
+        # journal is then taken over under the driver lease, not at start
+        self.ha = HighAvailability(self) if shared(config) else None
+        self.journal = [] if self.ha else self.registry.open_migrations()  # what a previous gateway left open
         self.agents: dict[str, AgentSession] = {}
         self.delivery_override: dict[str, tuple[str, ...]] = {}
         self.gateway_mac = ""
@@ -130,6 +135,8 @@ class Gateway:
             self.controller.recover(self.journal)
             self.apply_delivery()  # both nodes of each open migration get its packets
         asyncio.ensure_future(self._watch_agents())
+        if self.ha is not None:
+            self.ha.start()
 
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -355,6 +362,11 @@ class Gateway:
         session = self.agents.get(node)
         if session is None:
             return
+        if self.ha is not None:  # the shared table as it is now, not as last polled
+            try:
+                await self.ha.refresh()
+            except RegistryError as e:
+                log.warning("reconcile on %s with the table as last read: %s", node, e)
         wanted = tuple(s for s in self.table if s.owner == node)
         request = msgs.Reconcile(services=wanted, migrating=tuple(sorted(self.controller.book.running())))
         try:
@@ -379,6 +391,9 @@ class Gateway:
                     event(log, "node.heartbeat_missed", logging.WARNING, node=a.node,
                           silent_s=round(now - a.rpc.last_seen, 1))
                     a.rpc.close()
+                    # a silent peer (its link is gone) acknowledges no TLS close: end the
+                    # session now, not when TCP gives up minutes later
+                    a.rpc.writer.transport.abort()
 
     # --- control API -----------------------------------------------------------------
     async def _on_control(self, reader, writer) -> None:
@@ -395,7 +410,11 @@ class Gateway:
         await RpcConnection(reader, writer, name="vipctl", handlers=self.control_handlers).run()
 
     async def op_ping(self, msg: msgs.Ping, ctx: Context):
-        return {"pong": True}
+        # `agents`: sessions heard from within two heartbeats (vipwire.choose picks the
+        # gateway that serves them when vipctl is given several)
+        now = asyncio.get_running_loop().time()
+        fresh = sum(1 for a in self.agents.values() if now - a.rpc.last_seen <= 2 * self.config.heartbeat_s)
+        return {"pong": True, "gateway": self.config.name, "agents": fresh}
 
     async def op_verdicts(self, msg: msgs.Verdicts, ctx: Context):
         """Every node's verdict log (nodeshim.verdictlog), for `vipctl replay --mode packets`:

@@ -32,7 +32,7 @@ from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
-from . import criu, iptables, netlink, pidfd, services, tcprepair
+from . import criu, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
 from .queue import PacketQueue
@@ -374,10 +374,15 @@ class NodeAgent:
             self.metrics.session("registered")
             print("node ready", flush=True)
             hb = asyncio.ensure_future(self._heartbeat(rpc))
+            # the gateway address moved to another box (two gateways): this session is dead
+            moved = asyncio.ensure_future(gatewaywatch.watch(cfg.gateway_address, lambda old, new: (
+                event(log, "gateway.moved", logging.WARNING, gateway=cfg.gateway_address, old_mac=old, new_mac=new),
+                rpc.writer.transport.abort())))
             try:
                 await rpc.run()
             finally:
                 hb.cancel()
+                moved.cancel()
                 self.metrics.session("lost")
                 event(log, "gateway.lost", logging.WARNING, gateway=f"{cfg.gateway_address}:{cfg.gateway_port}")
                 # an armed source cannot go on without the gateway: it rolls back now; a

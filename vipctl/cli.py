@@ -388,13 +388,16 @@ def lab():
 @click.option("--datapath", type=click.Choice([d.value for d in Datapath]), default=Datapath.FAST.value,
               show_default=True,
               help="Nodes: steady-state verdicts in the kernel, or every packet through the queue.")
+@click.option("--gateways", default=1, show_default=True, type=click.IntRange(1, 2),
+              help="2: two gateways behind a floating next hop (keepalived), the registry in etcd.")
 @_LOG_FORMAT
 @click.option("--json", "as_json", is_flag=True)
-def lab_up(nodes, prefix, delivery, datapath, log_format, as_json):
+def lab_up(nodes, prefix, delivery, datapath, gateways, log_format, as_json):
     """Build the lab and start the gateway and node agents."""
     from . import lab as labmod
 
-    spec = labmod.Lab(prefix, nodes, Delivery(delivery), Datapath(datapath), log_format=log_format)
+    spec = labmod.Lab(prefix, nodes, Delivery(delivery), Datapath(datapath), log_format=log_format,
+                      gateways=gateways)
     st = labmod.up(spec, log=(lambda *a: None) if as_json else click.echo)
     _emit(st, as_json, lambda s: out.render_status(s["cluster"]))
 
@@ -420,6 +423,21 @@ def lab_status(prefix, as_json):
 
     _need_root()
     _emit(labmod.status(labmod.Lab(prefix)), as_json, out.render_lab_status)
+
+
+@lab.command("fault")
+@click.argument("name")
+@click.argument("action", type=click.Choice(["down", "up"]))
+@click.option("--prefix", default="vip", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def lab_fault(name, action, prefix, as_json):
+    """Take lab gateway (gw1, gw2) or node NAME off its networks (links down) or back."""
+    from . import lab as labmod
+    from . import labha
+
+    _need_root()
+    r = labha.fault(labmod.Lab(prefix), name, action)
+    _emit(r, as_json, lambda r: f"{r['name']}: links {', '.join(r['links'])} {r['state']}")
 
 
 @cli.command()

@@ -31,7 +31,7 @@ from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import Datapath, Delivery
 from vipwire import pki
 
-from . import nsutil
+from . import labha, nsutil
 from .client import call
 
 VIP = "203.0.113.10"
@@ -49,6 +49,7 @@ class Lab:
     delivery: Delivery = Delivery.BROADCAST  # the gateway's
     datapath: Datapath = Datapath.FAST  # every node's
     log_format: str = "human"  # the daemons' --log-format (vipwire.logs)
+    gateways: int = 1  # 2: two gateways, keepalived and etcd (vipctl.labha)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", Delivery(self.delivery))
@@ -84,6 +85,8 @@ class Lab:
 
     @property
     def control_socket(self) -> str:
+        if self.gateways > 1:
+            return labha.control_sockets(self)  # both; vipctl picks the one serving
         if self.prefix == "vip":
             return DEFAULT_CONTROL_SOCKET
         return os.path.join(self.state_dir, "control.sock")
@@ -243,13 +246,21 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         raise LocalControlError("must be run as root")
     if is_up(lab):
         st = status(lab)
-        if st["nodes_configured"] == lab.nodes and st["healthy"]:
+        if st["nodes_configured"] == lab.nodes and st["healthy"] and ("gateways" in st) == (lab.gateways > 1):
             log(f"lab '{lab.prefix}' is already up with {lab.nodes} nodes")
             return st
         raise LocalControlError(
             f"lab '{lab.prefix}' exists but is not what was asked (or not healthy): run 'vipctl lab down' first")
     if not 1 <= lab.nodes <= 32:
         raise LocalControlError("--nodes must be from 1 to 32")
+    if lab.gateways not in (1, 2):
+        raise LocalControlError("--gateways must be 1 or 2")
+    if lab.gateways == 2:
+        try:
+            return labha.up(lab, timeout, log)
+        except BaseException:
+            down(lab, log=lambda *a: None)
+            raise
     # fresh state, except nothing of an older lab survives
     shutil.rmtree(lab.state_dir, ignore_errors=True)
     try:
@@ -453,12 +464,14 @@ def _end_all(pids: list[int], timeout: float = 3.0) -> None:
 
 def _lab_namespaces(lab: Lab, existing: set[str]) -> list[str]:
     """Every namespace of this lab, whatever node count it was built with."""
-    names = [lab.client_ns, lab.gw_ns]
+    names = [lab.client_ns, lab.gw_ns] + labha.extra_namespaces(lab.prefix)
     names += sorted(n for n in existing if n.startswith(f"{lab.prefix}-n") and n[len(lab.prefix) + 2:].isdigit())
     return [n for n in names if n in existing]
 
 
 def status(lab: Lab) -> dict:
+    if lab.gateways == 1 and labha.is_ha(lab.prefix):
+        lab = Lab(lab.prefix, lab.nodes, lab.delivery, lab.datapath, gateways=2)
     existing = set(netns.listnetns())
     namespaces = _lab_namespaces(lab, existing)
     nodes_configured = len([n for n in namespaces if n.startswith(f"{lab.prefix}-n")])
@@ -476,10 +489,13 @@ def status(lab: Lab) -> dict:
         cluster = {"error": str(e)}
     healthy = bool(namespaces) and all(d["alive"] for d in daemons.values()) and "error" not in cluster \
         and all(n["state"] == "up" for n in cluster.get("nodes", []))
-    return {"prefix": lab.prefix, "up": bool(namespaces), "healthy": healthy, "namespaces": namespaces,
-            "nodes_configured": nodes_configured, "daemons": daemons, "vip": VIP,
-            "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster,
-            "metrics": metrics_endpoints(lab, namespaces)}
+    out = {"prefix": lab.prefix, "up": bool(namespaces), "healthy": healthy, "namespaces": namespaces,
+           "nodes_configured": nodes_configured, "daemons": daemons, "vip": VIP,
+           "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster,
+           "metrics": metrics_endpoints(lab, namespaces)}
+    if lab.gateways > 1:
+        out["gateways"] = labha.gateways_status(lab, pids, _alive)
+    return out
 
 
 def metrics_endpoints(lab: Lab, namespaces: list[str] | None = None) -> dict[str, dict]:
@@ -491,6 +507,8 @@ def metrics_endpoints(lab: Lab, namespaces: list[str] | None = None) -> dict[str
     for ns in namespaces:
         if ns == lab.gw_ns:
             name, address = "gateway", GATEWAY_METRICS
+        elif ns in (labha.gw_ns(lab, g) for g in labha.GATEWAYS):
+            name, address = ns[len(lab.prefix) + 1:], GATEWAY_METRICS
         elif ns.startswith(f"{lab.prefix}-n"):
             name, address = ns[len(lab.prefix) + 1:], NODE_METRICS
         else:

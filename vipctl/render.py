@@ -131,6 +131,8 @@ def render_lab_status(s: dict) -> str:
             lines.append(f"  {name:<8} pid {d['pid']:<8} {'alive' if d['alive'] else 'DEAD'}")
         for name, m in sorted((s.get("metrics") or {}).items()):
             lines.append(f"  metrics of {name:<8} {m['url']} (in {m['namespace']})")
+        for g in s.get("gateways", []):  # two gateways: who holds the next hops
+            lines.append(f"gateway {g['name']}: {g['vrrp']}{'' if g['alive'] else ' (daemon DEAD)'}")
         if "error" in s["cluster"]:
             lines.append(f"cluster: {s['cluster']['error']}")
         else:

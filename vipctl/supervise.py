@@ -50,8 +50,10 @@ class Supervisor:
         with open(os.path.join(log_dir, f"{d['name']}.log"), "ab") as logf:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             ns = d["ns"]
+            # a vipctl daemon (args), or another program (argv: keepalived, etcd)
+            argv = d.get("argv") or [sys.executable, "-m", "vipctl", *d["args"]]
             self.procs[d["name"]] = subprocess.Popen(
-                [sys.executable, "-m", "vipctl", *d["args"]], stdin=subprocess.DEVNULL,
+                argv, stdin=subprocess.DEVNULL,
                 stdout=logf, stderr=logf, preexec_fn=lambda: nsutil.enter(ns),
                 start_new_session=True, env=env)
 
@@ -95,7 +97,7 @@ class Supervisor:
 
     def stop_all(self) -> None:
         # agents first (they leave their services for `lab down`), the gateway last
-        order = sorted(self.procs, key=lambda n: n == "gateway")
+        order = sorted(self.procs, key=lambda n: n == "gateway" or not n[1:].isdigit())
         for name in order:
             p = self.procs[name]
             if p.poll() is None:

@@ -27,6 +27,10 @@ class ControlClient:
         self.timeout = timeout
         if os.geteuid() != 0:
             raise LocalControlError("must be run as root (the control socket is root-only)")
+        if "," in self.path:  # several gateways: the one that serves the agents
+            from .choose import choose
+
+            self.path = choose([p for p in self.path.split(",") if p], timeout)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
