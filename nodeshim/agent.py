@@ -221,6 +221,14 @@ class NodeAgent:
         cfg = self.config
         self.adopt_orphans()
         self.migrations.end_restored_orphans()
+        if self.adopted:
+            # until the gateway's table arrives, the services we adopted are ours: the
+            # previous agent's rules still send the packets of those it had a role for (a
+            # migration in progress, or just over) to our queue, and an empty table would
+            # drop them (lost datagrams); services it did not run here never reach the
+            # queue (its rules drop them in the kernel)
+            self.filter.load([dataclasses.replace(self.running[n].service, owner=cfg.name)
+                              for n in self.adopted], None)
         self.queue = PacketQueue(cfg.queue_num, cfg.queue_maxlen, self.decide)
         self.queue.attach(asyncio.get_running_loop())
         self._criu_check = asyncio.ensure_future(self._check_criu())
