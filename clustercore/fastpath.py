@@ -15,12 +15,17 @@ prove that the fast path and the queue give the same verdict for every packet.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
+from .drain import DEST, SOURCE, DrainRole
 from .ownership import NO_SERVICE, Service, Verdict
 from .packet import ICMP, PROTO_NAMES, TCP, UDP, Packet
 
 QUEUE = "queue"  # not a Verdict: the packet goes to the netfilter queue
+# first in the chain, no target: it only keeps conntrack on in the node's namespace (the
+# conntrack match registers it), so a graceful drain's source knows the flows it accepted
+# before the drain began (clustercore.drain)
+TRACK_RULE = '-m conntrack --ctstate NEW,ESTABLISHED,RELATED,INVALID,UNTRACKED -m comment --comment "vipcluster-track"'
 
 
 @dataclass(frozen=True)
@@ -37,20 +42,40 @@ class Rule:
     # back: the process reads it; committed: the destination held its own copy and the
     # old socket dies with the old instance). TCP stays fail-closed (clients retransmit).
     bypass: bool = False
+    # graceful drain (clustercore.drain): only flows this node's conntrack already knows;
+    # only TCP SYNs (a new connection); only packets from this client address and port
+    known: bool = False
+    syn: bool = False
+    client: tuple[str, int] | None = None
+    mac: str | None = None  # only packets carrying this epoch tag (their source MAC)
 
-    def matches(self, p: Packet) -> bool:
+    def matches(self, p: Packet, known: Callable[[Packet], bool] | None = None, epoch: str | None = None) -> bool:
         if p.proto != self.proto:
             return False
         if self.icmp_echo:
             return p.icmp_type == 8
-        return self.port is None or p.dport == self.port
+        if self.port is not None and p.dport != self.port:
+            return False
+        if self.known and not (known is not None and known(p)):
+            return False
+        if self.syn and not (p.tcp_flags is not None and p.tcp_flags & 0x17 == 0x02):
+            return False
+        if self.client is not None and (p.src, p.sport) != self.client:
+            return False
+        if self.mac is not None and epoch != self.mac:
+            return False
+        return True
 
 
 def rules_for(node: str, services: Iterable[Service], anchor: str | None,
-              in_migration: set[str]) -> list[Rule]:
+              in_migration: set[str], draining: Mapping[str, DrainRole] | None = None) -> list[Rule]:
     rules: list[Rule] = []
     for s in sorted(services, key=lambda s: s.name):
         for proto, port in s.ports:
+            role = (draining or {}).get(s.name)
+            if role is not None and s.name not in in_migration:
+                rules.extend(_drain_rules(role, s.name, proto, port))
+                continue
             if s.name in in_migration:
                 action: Verdict | str = QUEUE
             else:
@@ -63,10 +88,35 @@ def rules_for(node: str, services: Iterable[Service], anchor: str | None,
     return rules
 
 
-def evaluate(rules: list[Rule], packet: Packet) -> tuple[Verdict | str, str | None]:
-    """First match wins; no match goes to the queue."""
+def _drain_rules(role: DrainRole, name: str, proto: int, port: int) -> list[Rule]:
+    """A draining service's port: the source keeps the flows it knows (and whatever still
+    carries the old tag); the destination takes its own flows, new TCP connections (SYN)
+    and new UDP flows with the new tag, never a packet of the source's flows."""
+    tag = role.tag or None
+    if role.side == SOURCE:
+        rules = [Rule(proto, port, False, Verdict.ACCEPT, name, known=True)]
+        if tag:
+            rules.append(Rule(proto, port, False, Verdict.ACCEPT, name, mac=tag))
+        return rules + [Rule(proto, port, False, Verdict.DROP, name)]
+    assert role.side == DEST
+    if proto == TCP:
+        return [Rule(proto, port, False, Verdict.ACCEPT, name, known=True),
+                Rule(proto, port, False, Verdict.ACCEPT, name, syn=True, mac=tag),
+                Rule(proto, port, False, Verdict.DROP, name)]
+    rules = [Rule(proto, port, False, Verdict.DROP, name, client=(f.addr, f.sport))
+             for f in role.udp_flows if f.dport == port]
+    if role.udp_open:
+        rules.append(Rule(proto, port, False, Verdict.ACCEPT, name, known=True))
+        rules.append(Rule(proto, port, False, Verdict.ACCEPT, name, mac=tag))
+    return rules + [Rule(proto, port, False, Verdict.DROP, name)]
+
+
+def evaluate(rules: list[Rule], packet: Packet, known: Callable[[Packet], bool] | None = None,
+             epoch: str | None = None) -> tuple[Verdict | str, str | None]:
+    """First match wins; no match goes to the queue. `known(packet)`: does this node's
+    conntrack hold the packet's flow; `epoch`: the packet's tag (the drain rules ask)."""
     for r in rules:
-        if r.matches(packet):
+        if r.matches(packet, known, epoch):
             return r.action, r.service
     return QUEUE, None
 
@@ -74,13 +124,21 @@ def evaluate(rules: list[Rule], packet: Packet) -> tuple[Verdict | str, str | No
 def to_iptables(rules: list[Rule], queue_num: int) -> list[str]:
     """The rules as iptables arguments (for `-A CHAIN ...`), with a comment naming the
     counter bucket so the shim can read per-service counters back from the kernel."""
-    out = []
+    out = [TRACK_RULE]
     for r in rules:
         m = f"-p {PROTO_NAMES[r.proto]}"
+        if r.client is not None:
+            m = f"-s {r.client[0]}/32 {m} --sport {r.client[1]}"
         if r.icmp_echo:
             m += " --icmp-type echo-request"
         elif r.port is not None:
             m += f" --dport {r.port}"
+        if r.syn:
+            m += " --syn"
+        if r.mac is not None:
+            m += f" -m mac --mac-source {r.mac}"
+        if r.known:
+            m += " -m conntrack --ctstatus CONFIRMED"
         target = f"NFQUEUE --queue-num {queue_num}" if r.action == QUEUE else r.action.value.upper()
         if r.bypass:
             target += " --queue-bypass"

@@ -434,6 +434,60 @@ class Counters(Message):
     pass
 
 
+@message("health.report")
+class HealthReport(Message):
+    """The owner's agent: a service's check changed state (clustercore.health)."""
+    service: str
+    state: str  # clustercore.health.Health value
+    failures: int = 0
+    detail: str = ""
+
+
+# graceful drain (gateway.graceful, nodeshim.drain): new flows to the destination at once,
+# established ones stay with the source's conntrack until they end or the timeout
+
+
+@message("drain.prepare")
+class DrainPrepare(Message):
+    """Destination: start an instance (service.owner is this node) and forget stale
+    conntrack entries of the service's ports; its packets are still dropped here."""
+    service: Service = wire(SERVICE)
+
+
+@message("drain.source")
+class DrainSource(Message):
+    """Source: accept flows conntrack already knows, and others only while they carry the
+    old epoch tag `epoch` (until the gateway's flip)."""
+    service: str
+    epoch: str = ""
+
+
+@message("drain.dest")
+class DrainDest(Message):
+    """Destination: accept new flows with the new tag `epoch` (UDP ones once `udp_open`),
+    drop the source's UDP flows ("ADDR:SPORT:DPORT")."""
+    service: str
+    epoch: str = ""
+    udp_flows: tuple[str, ...] = ()
+    udp_open: bool = True
+
+
+@message("drain.status")
+class DrainStatus(Message):
+    """Source: its live flows; `baseline` (the first, after the flip): they are the ones
+    the drain leaves here, and the reply lists the UDP ones."""
+    service: str
+    baseline: bool = False
+
+
+@message("drain.end")
+class DrainEnd(Message):
+    """Either side: remove the drain role (back to the table's verdict); the source also
+    stops its old instance when `stop`."""
+    service: str
+    stop: bool = False
+
+
 @message("node.verdicts")
 class NodeVerdicts(Message):
     action: str = "read"
@@ -537,6 +591,7 @@ class ServiceAdd(Message):
     migrate: str = "auto"  # kinds.MigrateStrategy
     sockets: str = "activation"  # kinds.Sockets
     pid: int | None = None  # adopt this running process on `node` (exec becomes adopted:PID)
+    check: dict | None = None  # clustercore.health.HealthSpec.to_dict()
 
 
 @message("service.remove")
@@ -561,12 +616,16 @@ class Verdicts(Message):
 class Migrate(Message):
     name: str
     to: str
+    graceful: bool = False  # no state moved: new flows to `to`, old ones finish (gateway.graceful)
+    timeout_s: float | None = None  # graceful: cut what is left after this many seconds
 
 
 @message("node.drain")
 class NodeDrain(Message):
     node: str
     to: str | None = None
+    graceful: bool = False
+    timeout_s: float | None = None
 
 
 @message("progress")
@@ -577,6 +636,7 @@ class Progress(Message):
 
 
 AGENT_REQUESTS = (Table, Reconcile, ServiceStart, ServiceStop, Counters, NodeVerdicts,
+                  DrainPrepare, DrainSource, DrainDest, DrainStatus, DrainEnd,
                   Prepare, Arm, Freeze, Chunk, Restore, Release, Commit, Rollback, Abort, Inject)
 STEPS = (Prepare, Arm, Freeze, Restore, Release, Commit, Rollback, Abort, Inject)
 CONTROL_REQUESTS = (Ping, Status, ServiceAdd, ServiceRemove, ServiceList, Verdicts, Migrate,

@@ -15,11 +15,13 @@ Traffic that belongs to no service:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from .errors import LocalControlError
+from .health import HealthSpec
 from .packet import ICMP, ICMPV6, TCP, UDP, Packet, format_port, parse_packet
 
 
@@ -37,9 +39,10 @@ class Service:
     exec_spec: str
     migrate: str = "auto"  # kinds.MigrateStrategy requested at `service add`
     sockets: str = "activation"  # kinds.Sockets: who binds the VIP ports
+    health: HealthSpec | None = None  # its check (clustercore.health), if any
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "owner": self.owner,
             "ports": [format_port(p) for p in self.ports],
@@ -47,13 +50,18 @@ class Service:
             "migrate": self.migrate,
             "sockets": self.sockets,
         }
+        if self.health is not None:
+            d["check"] = self.health.to_dict()  # "check": the spec ("health" is a state in list/status views)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Service":
         from .packet import parse_port_spec
 
+        check = d.get("check")
         return cls(d["name"], d["owner"], tuple(parse_port_spec(p) for p in d["ports"]), d["exec"],
-                   str(d.get("migrate", "auto")), str(d.get("sockets", "activation")))
+                   str(d.get("migrate", "auto")), str(d.get("sockets", "activation")),
+                   HealthSpec.from_dict(check) if check is not None else None)
 
 
 class ServiceTable:
@@ -103,8 +111,7 @@ class ServiceTable:
         return self._services.pop(name)
 
     def set_owner(self, name: str, owner: str) -> None:
-        s = self._services[name]
-        self._services[name] = Service(s.name, owner, s.ports, s.exec_spec, s.migrate, s.sockets)
+        self._services[name] = dataclasses.replace(self._services[name], owner=owner)
 
     def snapshot(self) -> list[dict]:
         return [s.to_dict() for s in self]

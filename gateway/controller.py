@@ -269,9 +269,15 @@ class Controller:
 
     # --- requests ---------------------------------------------------------------------
     async def op_migrate(self, msg: msgs.Migrate, ctx: Context) -> dict:
+        if msg.graceful:  # no state moved: gateway.graceful
+            from . import graceful
+            return await graceful.migrate(self.gw, msg.name, msg.to, msg.timeout_s, ctx.progress)
         return await self.migrate(msg.name, msg.to, ctx.progress)
 
     async def op_drain(self, msg: msgs.NodeDrain, ctx: Context) -> dict:
+        if msg.graceful:
+            from . import graceful
+            return await graceful.drain_node(self.gw, msg.node, msg.to, msg.timeout_s, ctx.progress)
         return await self.drain(msg.node, msg.to, ctx.progress)
 
     async def relay_chunk(self, node: str, chunk: msgs.Chunk) -> None:
@@ -298,6 +304,7 @@ class Controller:
         nodes_up = {n.name: n.name in gw.agents for n in gw.config.nodes}
         self.book.begin(service=name, owner=service.owner, dest=dest, nodes=nodes_up)
         try:
+            gw.failover.check_destination(dest)  # down, or its checks fail: refused
             # two gateways: only while this one holds the driver lease (gateway.ha)
             async with (gw.ha.driving(name) if gw.ha is not None else contextlib.nullcontext()):
                 return await self._run(name, service.owner, dest, progress or (lambda step, detail: None))

@@ -23,7 +23,8 @@ import time
 from clustercore import messages as msgs
 from clustercore.config import GatewayConfig
 from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, PeerControlError, VipError
-from clustercore.kinds import Delivery, adopted_spec, check_service_options
+from clustercore.health import HealthSpec, check_failover, needs_port
+from clustercore.kinds import Delivery, adopted_spec, check_service_options, service_kind
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
 from vipwire import metricsserver, pki, systemd, tls
@@ -75,8 +76,10 @@ class Gateway:
         self._lock = asyncio.Lock()  # one table change at a time
         self._logins = 0  # agent connections that have not logged in yet
         from .controller import Controller
+        from .failover import Failover
 
         self.controller = Controller(self)
+        self.failover = Failover(self)  # health reports, dead nodes, restarts (gateway.failover)
         self.metrics = GatewayMetrics(self)  # hooks below; served at config.metrics_address
         self._metrics_server = None
         self.control_handlers = {
@@ -135,6 +138,7 @@ class Gateway:
             self.controller.recover(self.journal)
             self.apply_delivery()  # both nodes of each open migration get its packets
         asyncio.ensure_future(self._watch_agents())
+        self.failover.watch_absent(asyncio.get_running_loop().time())  # nodes that never log in are dead too
         if self.ha is not None:
             self.ha.start()
 
@@ -200,11 +204,14 @@ class Gateway:
         epochs = {}
         targets = {}
         macs = {n.name: n.mac for n in self.config.nodes}
+        fenced = self.failover.fenced  # dead nodes get no copies of services owned elsewhere
         for s in self.table:
             for key in s.ports:
                 epochs[key] = self.epochs.get(s.name, 1)
                 if self.config.delivery == Delivery.SELECTIVE:
                     targets[key] = [macs[n] for n in self.delivery_nodes(s) if n in macs]
+                elif fenced and s.owner not in fenced:
+                    targets[key] = [macs[n.name] for n in self.config.nodes if n.name not in fenced]
         script = nft.render_ruleset(
             vip=self.config.vip,
             client_interface=self.config.client_interface,
@@ -272,6 +279,7 @@ class Gateway:
                 msgs.Heartbeat: self._on_heartbeat,
                 msgs.Notice: lambda m, ctx, n=node: self._on_notice(n, m),
                 msgs.Chunk: lambda m, ctx, n=node: self.controller.relay_chunk(n, m),
+                msgs.HealthReport: lambda m, ctx, n=node: self.failover.on_report(n, m),
             }
             session = AgentSession(node, rpc, {"node": node})
             self.agents[node] = session
@@ -295,7 +303,8 @@ class Gateway:
                 event(log, "node.down", logging.WARNING, node=node)
                 self.metrics.node_down(node)
                 self.log_event("node_down", {"node": node})
-                if not self.closing:
+                if not self.closing:  # our own shutdown ends sessions: no node failed
+                    self.failover.node_lost(node, rpc.last_seen)  # dead if not back within node_timeout_s
                     asyncio.ensure_future(self.push_table())  # the anchor may have moved
 
     async def _login(self, transport: asyncio.Transport, peer) -> tuple[str | None, RpcConnection | None]:
@@ -374,6 +383,7 @@ class Gateway:
         except VipError as e:
             log.warning("reconcile on %s failed: %s", node, e)
         await self.push_table()
+        await self.failover.node_back(node)  # a dead node that returned stopped what moved away
 
     async def _on_heartbeat(self, msg: msgs.Heartbeat, ctx: Context) -> None:
         return None  # the read itself refreshed last_seen
@@ -384,7 +394,7 @@ class Gateway:
     async def _watch_agents(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
-            await asyncio.sleep(self.config.heartbeat_s)
+            await asyncio.sleep(min(self.config.heartbeat_s, 0.25))  # a dead node is seen soon after its timeout
             now = loop.time()
             for a in list(self.agents.values()):
                 if now - a.rpc.last_seen > self.config.node_timeout_s:
@@ -431,8 +441,17 @@ class Gateway:
         await asyncio.gather(*(ask(a) for a in list(self.agents.values())))
         return {"nodes": out}
 
+    def service_view(self, s) -> dict:
+        """A service as list and status show it: `check` (the spec) and `health` (its state)."""
+        d = s.to_dict()
+        d.setdefault("check", None)  # the spec
+        view = self.failover.view(s)
+        d["health"] = view["state"]
+        d["health_detail"] = view.get("detail", "")
+        return d
+
     async def op_service_list(self, msg: msgs.ServiceList, ctx: Context):
-        return [s.to_dict() for s in self.table]
+        return [self.service_view(s) for s in self.table]
 
     async def op_service_add(self, msg: msgs.ServiceAdd, ctx: Context):
         name, node, ports_raw, exec_spec = msg.name, msg.node, msg.ports, msg.exec
@@ -455,7 +474,15 @@ class Gateway:
             elif not exec_spec:
                 raise LocalControlError("give --exec CMD (or --pid PID to adopt a running process)")
             migrate, sockets = check_service_options(exec_spec, msg.migrate, msg.sockets)
-            service = Service(name, node, ports, exec_spec, str(migrate), str(sockets))
+            spec = None
+            if msg.check is not None:
+                try:
+                    spec = HealthSpec.from_dict(msg.check)
+                except ValueError as e:
+                    raise LocalControlError(str(e)) from None
+                needs_port(spec, ports)
+                check_failover(spec, service_kind(exec_spec))
+            service = Service(name, node, ports, exec_spec, str(migrate), str(sockets), spec)
             self.table.check_add(service)
             if node not in self.agents:
                 raise LocalControlError(f"node '{node}' is down")
@@ -521,7 +548,9 @@ class Gateway:
                           "processes": c.get("processes", {}) if up else {},
                           "unparsed": c.get("unparsed", 0) if up else 0,
                           # can it move services with the `process` strategy (criu), and why not
-                          "process_strategy": c.get("process_strategy") if up else None})
+                          "process_strategy": c.get("process_strategy") if up else None,
+                          "fenced": n.name in self.failover.fenced,
+                          "checks": c.get("health", {}) if up else {}})  # its own checks' states
         services = []
         for s in self.table:
             per_node = {}
@@ -529,14 +558,15 @@ class Gateway:
                 sc = c.get("services", {}).get(s.name) if isinstance(c, dict) else None
                 if sc:
                     per_node[node_name] = sc
-            d = s.to_dict()
+            d = self.service_view(s)
             d["epoch"] = nft.epoch_mac(self.epochs.get(s.name, 1))
             d["counters"] = per_node
             d["migrating"] = self.controller.busy(s.name)
             services.append(d)
         return {"vip": self.config.vip, "delivery": self.config.delivery,
                 "copies_per_packet": self.copies_per_packet(), "nodes": nodes, "services": services,
-                "migrations": self.controller.in_progress()}
+                "migrations": self.controller.in_progress(),
+                "failovers": list(self.failover.failovers)}
 
 
 class _AgentAccept(asyncio.Protocol):

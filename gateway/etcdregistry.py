@@ -33,6 +33,7 @@ from typing import Callable
 
 from clustercore import messages as msgs
 from clustercore.errors import VipError
+from clustercore.health import HealthSpec
 from clustercore.ownership import Service, ServiceTable
 from clustercore.packet import format_port, parse_port_spec
 
@@ -156,8 +157,10 @@ class EtcdRegistry:
         try:
             for name, d in self._read_prefix("services/"):
                 try:
+                    check = d.get("check")  # clustercore.health.HealthSpec, or None
                     table.add(Service(name, d["owner"], tuple(parse_port_spec(p) for p in d["ports"]), d["exec"],
-                                      d.get("migrate", "auto"), d.get("sockets", "activation")))
+                                      d.get("migrate", "auto"), d.get("sockets", "activation"),
+                                      HealthSpec.from_dict(check) if check is not None else None))
                 except VipError as e:
                     raise ValueError(str(e)) from None
                 epochs[name] = int(d["epoch"])
@@ -170,7 +173,8 @@ class EtcdRegistry:
             if current is not None:
                 raise Refused(f"service {s.name} exists (added by another gateway)")
             return {"owner": s.owner, "ports": [format_port(p) for p in s.ports], "exec": s.exec_spec,
-                    "epoch": epoch, "migrate": s.migrate, "sockets": s.sockets}
+                    "epoch": epoch, "migrate": s.migrate, "sockets": s.sockets,
+                    "check": s.health.to_dict() if s.health is not None else None}
         self._update(f"add service {s.name}", {"services/" + s.name: add})
 
     def remove_service(self, name: str) -> None:

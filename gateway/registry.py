@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from clustercore import messages as msgs
 from clustercore.errors import VipError
+from clustercore.health import HealthSpec
 from clustercore.ownership import Service, ServiceTable
 from clustercore.packet import format_port, parse_port_spec
 
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS migrations (
 """
 # columns added since the first schema: a registry from before gets them with their defaults
 ADDED_COLUMNS = (("migrate", "TEXT NOT NULL DEFAULT 'auto'"),
-                 ("sockets", "TEXT NOT NULL DEFAULT 'activation'"))
+                 ("sockets", "TEXT NOT NULL DEFAULT 'activation'"),
+                 ("health", "TEXT NOT NULL DEFAULT ''"))  # JSON of clustercore.health.HealthSpec, '' for none
 
 
 class RegistryError(VipError):
@@ -117,11 +119,11 @@ class Registry:
         table = ServiceTable()
         epochs = {}
         try:
-            rows = self._db.execute("SELECT name, owner, ports, exec, epoch, migrate, sockets "
+            rows = self._db.execute("SELECT name, owner, ports, exec, epoch, migrate, sockets, health "
                                     "FROM services ORDER BY name").fetchall()
-            for name, owner, ports, exec_spec, epoch, migrate, sockets in rows:
+            for name, owner, ports, exec_spec, epoch, migrate, sockets, health in rows:
                 table.add(Service(name, owner, tuple(parse_port_spec(p) for p in json.loads(ports)), exec_spec,
-                                  migrate, sockets))
+                                  migrate, sockets, HealthSpec.from_dict(json.loads(health)) if health else None))
                 epochs[name] = epoch
         except (sqlite3.Error, ValueError, TypeError, VipError) as e:
             raise RegistryError(self.path, "read the services", e) from None
@@ -129,9 +131,10 @@ class Registry:
 
     def add_service(self, s: Service, epoch: int = 1) -> None:
         self._write(f"add service {s.name}", [(
-            "INSERT INTO services (name, owner, ports, exec, epoch, migrate, sockets) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO services (name, owner, ports, exec, epoch, migrate, sockets, health) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (s.name, s.owner, json.dumps([format_port(p) for p in s.ports]), s.exec_spec, epoch,
-             s.migrate, s.sockets))])
+             s.migrate, s.sockets, json.dumps(s.health.to_dict()) if s.health is not None else ""))])
 
     def remove_service(self, name: str) -> None:
         self._write(f"remove service {name}", [("DELETE FROM services WHERE name = ?", (name,))])

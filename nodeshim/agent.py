@@ -33,6 +33,8 @@ from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
 from . import criu, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
+from .drain import DrainAgent
+from .health import HealthRunner
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
 from .queue import PacketQueue
@@ -62,6 +64,8 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self.migrations = MigrationAgent(self)
         self.heartbeat_s = 1.0  # the gateway says how often, at login
+        self.drain = DrainAgent(self)  # graceful drains (nodeshim.drain)
+        self.health = HealthRunner(self)  # health checks of the services we own (nodeshim.health)
         self.handlers = {
             msgs.Table: self.on_table,
             msgs.Reconcile: self.on_reconcile,
@@ -70,6 +74,7 @@ class NodeAgent:
             msgs.Counters: self.on_counters,
             msgs.NodeVerdicts: self.on_verdicts,
             **{m: self.on_migration for m in MIGRATION_MESSAGES},
+            **self.drain.handlers,
         }
         self.unsettled: set[str] = set()  # open at the gateway, unknown here (see _unsettle)
         self._table: tuple = ((), None)  # the gateway's last (services, anchor)
@@ -260,7 +265,7 @@ class NodeAgent:
         else:
             rules = fastpath.to_iptables(
                 fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
-                                   set(self.filter.roles)), cfg.queue_num)
+                                   set(self.filter.roles), self.drain.roles), cfg.queue_num)
         if rules == self._fast_rules:
             return
         if self._fast_rules:
@@ -285,6 +290,7 @@ class NodeAgent:
         # link comes and goes on its own
         systemd.ready(f"node {self.config.name}: queue {self.config.queue_num} bound")
         tasks = [asyncio.ensure_future(self._gateway_loop()), asyncio.ensure_future(self._watch_services()),
+                 asyncio.ensure_future(self.health.run()),
                  asyncio.ensure_future(systemd.ping_watchdog())]
         await self._stop.wait()
         systemd.stopping()
@@ -437,6 +443,7 @@ class NodeAgent:
             self.unsettled &= set(msg.migrating)
             self._apply_table()
         self.migrations.end_all_except(set(msg.migrating), owners, "the gateway no longer runs this migration")
+        self.drain.end_all_except(set(msg.migrating))  # graceful drains are booked there too
         return self.reconcile(list(msg.services), migrating=set(msg.migrating))
 
     async def on_service_start(self, msg: msgs.ServiceStart, ctx: Context) -> dict:
@@ -585,6 +592,7 @@ class NodeAgent:
                           for n, rs in self.running.items()},
             "queue_errors": self.queue.errors if self.queue else 0,
             "process_strategy": self.process_strategy(),
+            "health": self.health.states(),
         }
 
     def fast_rules_now(self) -> list[str] | None:

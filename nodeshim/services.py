@@ -31,6 +31,8 @@ from clustercore.kinds import (BUILTINS, EXTERNAL_SPEC, ServiceKind, builtin_nam
 from clustercore.ownership import Service
 from clustercore.packet import TCP, UDP
 
+from . import pidfd
+
 log = logging.getLogger("vipcluster.services")
 
 # a service whose process the operator runs (bound to VIP:port itself): vipcluster only
@@ -385,8 +387,11 @@ def stop(rs: RunningService, timeout: float = 3.0) -> None:
     """Stop the process (whole session) and close our copies of its sockets."""
     proc = rs.process
     if proc.poll() is None:
+        # a stopped (hung) process cannot run a SIGTERM handler: waiting for it would only
+        # hold the agent's loop for `timeout`
+        stopped = pidfd.process_state(proc.pid) in pidfd.STOPPED_STATES
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGKILL if stopped else signal.SIGTERM)
         except ProcessLookupError:
             pass
         if proc.wait(timeout) is None:

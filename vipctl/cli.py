@@ -242,9 +242,16 @@ def service():
 @click.option("--sockets", type=click.Choice(["activation", "self"]), default="activation", show_default=True,
               help="activation: the agent binds the ports and passes LISTEN_FDS; self: the program binds "
                    "the VIP itself (nginx, redis-server, dnsmasq).")
+@click.option("--check", default=None, help="Health check run by the owner's agent against the VIP: tcp, "
+              "http:PATH, dns:NAME or exec:CMD (a stopped process always fails).")
+@click.option("--check-interval", type=float, default=None, help="Seconds between two checks (default 2).")
+@click.option("--check-failures", type=int, default=None, help="Failed checks in a row that make it unhealthy (default 3).")
+@click.option("--failover", type=click.Choice(["restart"]), default=None,
+              help="restart: start it on another healthy node when it is unhealthy or its node is down.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def service_add(obj, name, node_name, ports, exec_spec, pid, migrate, sockets, as_json):
+def service_add(obj, name, node_name, ports, exec_spec, pid, migrate, sockets, check, check_interval,
+                check_failures, failover, as_json):
     """Start service NAME on NODE with its sockets on the VIP."""
     for p in ports:
         try:
@@ -254,9 +261,24 @@ def service_add(obj, name, node_name, ports, exec_spec, pid, migrate, sockets, a
     if (exec_spec is None) == (pid is None):
         raise LocalControlError("give --exec CMD, or --pid PID to adopt a running process")
     extra = {"pid": pid} if pid is not None else {"exec": exec_spec}
+    health = _health_option(check, check_interval, check_failures, failover)
+    if health is not None:
+        extra["check"] = health
     result = call("service.add", obj["socket"], name=name, node=node_name, ports=list(ports),
                   migrate=migrate, sockets=sockets, **extra)
     _emit(result, as_json, out.render_service_added)
+
+
+def _health_option(check, interval, failures, failover) -> dict | None:
+    from clustercore.health import DEFAULT_FAILURES, DEFAULT_INTERVAL_S, HealthSpec
+
+    if check is None:
+        if interval is not None or failures is not None or failover is not None:
+            raise click.UsageError("--check-interval, --check-failures and --failover need --check")
+        return None
+    spec = HealthSpec(check=check, interval_s=DEFAULT_INTERVAL_S if interval is None else interval,
+                      failures=DEFAULT_FAILURES if failures is None else failures, failover=failover or "")
+    return spec.to_dict()
 
 
 @service.command("remove")
@@ -329,11 +351,17 @@ def _call_with_progress(progress, *args, **kw):
 @cli.command()
 @click.argument("name")
 @click.option("--to", "destination", required=True, help="Destination node.")
+@click.option("--graceful", is_flag=True, help="Move no state: new connections and UDP flows go to --to at once, "
+              "established ones stay on the old node until they close or --timeout.")
+@click.option("--timeout", "drain_timeout", type=float, default=None, help="With --graceful: seconds before what is "
+              "left on the old node is cut (default 60).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def migrate(obj, name, destination, as_json):
+def migrate(obj, name, destination, graceful, drain_timeout, as_json):
     """Move service NAME live to node --to (sockets, queued data, ownership)."""
-    report = _call_with_progress(_progress(as_json), "migrate", obj["socket"], timeout=120.0, name=name, to=destination)
+    extra = _graceful_option(graceful, drain_timeout)
+    report = _call_with_progress(_progress(as_json), "migrate", obj["socket"], timeout=_graceful_wait(extra, 120.0),
+                                 name=name, to=destination, **extra)
     _emit(report, as_json, out.render_report)
     if report.get("outcome") != "committed":
         sys.exit(1)
@@ -342,15 +370,34 @@ def migrate(obj, name, destination, as_json):
 @node.command("drain")
 @click.argument("node_name")
 @click.option("--to", "destination", default=None, help="Move everything to this node (default: spread).")
+@click.option("--graceful", is_flag=True, help="Move no state: new flows go to the other nodes at once, "
+              "established ones finish here (or are cut at --timeout).")
+@click.option("--timeout", "drain_timeout", type=float, default=None, help="With --graceful: seconds (default 60).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def node_drain(obj, node_name, destination, as_json):
+def node_drain(obj, node_name, destination, graceful, drain_timeout, as_json):
     """Migrate every service off NODE (for maintenance)."""
-    result = _call_with_progress(_progress(as_json), "node.drain", obj["socket"], timeout=600.0, node=node_name,
-                                 to=destination)
+    extra = _graceful_option(graceful, drain_timeout)
+    result = _call_with_progress(_progress(as_json), "node.drain", obj["socket"], timeout=_graceful_wait(extra, 600.0),
+                                 node=node_name, to=destination, **extra)
     _emit(result, as_json, out.render_drain)
     if any(r.get("outcome") != "committed" for r in result["migrations"]):
         sys.exit(1)
+
+
+def _graceful_option(graceful: bool, timeout: float | None) -> dict:
+    if timeout is not None and not graceful:
+        raise click.UsageError("--timeout is for --graceful")
+    if not graceful:
+        return {}
+    from clustercore.drain import check_timeout
+
+    return {"graceful": True, "timeout_s": check_timeout(timeout)}
+
+
+def _graceful_wait(extra: dict, default: float) -> float:
+    """How long vipctl waits for the answer: a graceful drain takes up to its timeout."""
+    return max(default, extra.get("timeout_s", 0) + 60.0)
 
 
 # --- benchmark ---------------------------------------------------------------------------

@@ -40,17 +40,23 @@ def render_status(st: dict) -> str:
     lines = [f"VIP {st['vip']}",
              f"{'NODE':<8} {'STATE':<6} {'ADDRESS':<15} {'MAC':<18} {'ANCHOR':<7} PROCESS STRATEGY"]
     for n in st["nodes"]:
-        lines.append(f"{n['name']:<8} {n['state']:<6} {n['address']:<15} {n['mac']:<18} "
+        state = "fenced" if n.get("fenced") else n["state"]  # dead: out of delivery
+        lines.append(f"{n['name']:<8} {state:<6} {n['address']:<15} {n['mac']:<18} "
                      f"{'*' if n['anchor'] else '':<7} {render_process_strategy(n.get('process_strategy'))}")
     lines.append("")
-    lines.append(f"{'SERVICE':<12} {'OWNER':<8} {'PORTS':<20} {'NODE':<6} {'ACCEPTED':>9} {'DROPPED':>9} {'HELD':>6}")
+    lines.append(f"{'SERVICE':<12} {'OWNER':<8} {'PORTS':<20} {'HEALTH':<10} {'NODE':<6} {'ACCEPTED':>9} "
+                 f"{'DROPPED':>9} {'HELD':>6}")
     for s in st["services"]:
         first = True
         rows = sorted(s["counters"].items()) or [("-", {})]
         for node_name, c in rows:
-            lead = f"{s['name']:<12} {s['owner']:<8} {','.join(s['ports']):<20}" if first else " " * 42
+            lead = (f"{s['name']:<12} {s['owner']:<8} {','.join(s['ports']):<20} {s.get('health', '-'):<10}"
+                    if first else " " * 53)
             lines.append(f"{lead} {node_name:<6} {c.get('accepted', 0):>9} {c.get('dropped', 0):>9} {c.get('held', 0):>6}")
             first = False
+    for f in st.get("failovers", []):
+        lines.append(f"failover: {f['service']} {f['from']} -> {f.get('to') or '-'}: {f['outcome']} "
+                     f"({f['reason']}); connections {f['connections']}")
     return "\n".join(lines)
 
 
@@ -62,10 +68,11 @@ def render_process_strategy(ps: dict | None) -> str:
 
 
 def render_services(rows: list[dict]) -> str:
-    lines = [f"{'SERVICE':<12} {'OWNER':<8} {'PORTS':<24} {'MIGRATE':<8} {'SOCKETS':<10} EXEC"]
+    lines = [f"{'SERVICE':<12} {'OWNER':<8} {'PORTS':<24} {'MIGRATE':<8} {'SOCKETS':<10} {'HEALTH':<10} EXEC"]
     for s in rows:
         lines.append(f"{s['name']:<12} {s['owner']:<8} {','.join(s['ports']):<24} "
-                     f"{s.get('migrate', 'auto'):<8} {s.get('sockets', 'activation'):<10} {s['exec']}")
+                     f"{s.get('migrate', 'auto'):<8} {s.get('sockets', 'activation'):<10} "
+                     f"{s.get('health', '-'):<10} {s['exec']}")
     return "\n".join(lines)
 
 
@@ -80,7 +87,25 @@ def render_service_removed(r: dict) -> str:
 # ---------------------------------------------------------------- migrations
 
 
+def render_graceful(r: dict) -> str:
+    """A graceful drain's report (gateway.graceful): connections per protocol."""
+    if r.get("outcome") == "refused":
+        return f"graceful drain of {r['service']}: {r['from']} -> {r['to']}: refused ({r.get('reason', '')})"
+
+    def side(c: dict) -> str:
+        return f"{c['at_start']} at start, {c['finished']} finished, {c['cut']} cut at the timeout"
+    return "\n".join([
+        f"graceful drain of {r['service']}: {r['from']} -> {r['to']}: {r['outcome']}, drain {r['drain']}"
+        + (f" ({r['reason']})" if r.get("reason") else ""),
+        f"  tcp connections left on {r['from']}: {side(r['tcp'])}",
+        f"  udp flows left on {r['from']}: {side(r['udp'])}",
+        f"  total {ms(r.get('total_ms'))} (timeout {r.get('timeout_s')} s); new connections went to {r['to']} at the "
+        f"epoch flip, new UDP flows {ms(r.get('udp_gap_ms'))} later"])
+
+
 def render_report(r: dict) -> str:
+    if r.get("graceful"):
+        return render_graceful(r)
     lines = [f"migration of {r['service']}: {r['from']} -> {r['to']}: {r.get('outcome') or NA}"
              + (f" ({r['reason']})" if r.get("reason") else ""),
              f"  connections moved: {r.get('tcp_established', 0)} tcp established, "

@@ -106,6 +106,13 @@ def test_what_one_gateway_writes_the_other_reads(pair):
     table, epochs = gw2.load()
     assert [s.name for s in table] == ["echo", "web"] and epochs == {"echo": 1, "web": 3}
     assert table.get("echo") == svc("echo", "n1") and table.get("web").migrate == "process"
+    from clustercore.health import HealthSpec
+
+    checked = Service("dns", "n1", ((17, 53),), "/usr/sbin/dnsmasq", health=HealthSpec(
+        check="dns:example.org", failures=2, failover="restart"))
+    gw1.add_service(checked)
+    assert gw2.load()[0].get("dns") == checked  # the health check travels with the service
+    gw1.remove_service("dns")
     gw2.set_owner("echo", "n3")
     gw2.set_epoch("echo", 2)
     table, epochs = gw1.load()

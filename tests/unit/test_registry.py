@@ -37,3 +37,19 @@ def test_a_service_from_an_older_peer_has_the_defaults():
     old = {"name": "echo", "owner": "n1", "ports": ["tcp:7"], "exec": "builtin:echo"}
     s = Service.from_dict(old)
     assert (s.migrate, s.sockets) == ("auto", "activation")
+
+
+def test_a_health_check_is_stored_and_survives_a_restart(tmp_path):
+    from clustercore.health import HealthSpec
+
+    checked = Service("web", "n1", ((TCP, 80),), "/usr/sbin/nginx", "process", "self",
+                      HealthSpec(check="http:/healthz", interval_s=1.0, failures=2, failover="restart"))
+    plain = Service("echo", "n2", ((TCP, 7),), "builtin:echo")
+    r = Registry(str(tmp_path))
+    r.add_service(checked)
+    r.add_service(plain)
+    r.set_owner("web", "n3")
+    r.close()
+    table, _ = Registry(str(tmp_path)).load()
+    assert table.get("web").health == checked.health and table.get("web").owner == "n3"
+    assert table.get("echo").health is None

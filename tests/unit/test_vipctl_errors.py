@@ -145,3 +145,30 @@ def test_the_old_key_file_and_key_generate_say_what_to_do(tmp_path):
     cfg.write_text(NODE + 'key_file = "/etc/vipcluster/cluster.key"\n')
     one_line_error(run_vipctl("node", "run", "--config", str(cfg)), "config field 'key_file': the shared cluster key is gone")
     one_line_error(run_vipctl("key", "generate", str(tmp_path / "k")), "vipctl pki init")
+
+
+# ---------------------------------------------------------------- health checks and graceful drain
+
+
+@pytest.mark.parametrize("args, needle, code", [
+    (["--check", "ping"], "--check must be tcp, http:PATH, dns:NAME or exec:CMD", 1),
+    (["--check", "http:index.html"], "needs a path starting with '/'", 1),
+    (["--check", "tcp", "--check-interval", "0"], "--check-interval must be between", 1),
+    (["--check", "tcp", "--check-failures", "0"], "--check-failures must be between", 1),
+    (["--failover", "restart"], "need --check", 2),
+    (["--check-interval", "2"], "need --check", 2),
+    (["--check", "tcp", "--failover", "migrate"], "Invalid value for '--failover'", 2),
+])
+def test_bad_health_check_options(args, needle, code):
+    r = run_vipctl("--socket", "/nonexistent/control.sock", "service", "add", "web", "--node", "n1",
+                   "--port", "tcp:80", "--exec", "builtin:echo", *args)
+    one_line_error(r, needle, code)
+
+
+@pytest.mark.parametrize("args, needle, code", [
+    (["migrate", "web", "--to", "n2", "--timeout", "5"], "--timeout is for --graceful", 2),
+    (["migrate", "web", "--to", "n2", "--graceful", "--timeout", "0"], "--timeout must be between", 1),
+    (["node", "drain", "n1", "--graceful", "--timeout", "-3"], "--timeout must be between", 1),
+])
+def test_bad_graceful_options(args, needle, code):
+    one_line_error(run_vipctl("--socket", "/nonexistent/control.sock", *args), needle, code)

@@ -50,14 +50,33 @@ def test_drain():
 def test_status_table():
     st = {"vip": "203.0.113.10",
           "nodes": [{"name": "n1", "state": "up", "address": "192.0.2.11", "mac": "02:00:00:00:01:01", "anchor": True}],
-          "services": [{"name": "echo", "owner": "n1", "ports": ["tcp:7"],
+          "services": [{"name": "echo", "owner": "n1", "ports": ["tcp:7"], "health": "healthy",
                         "counters": {"n1": {"accepted": 5, "dropped": 0, "held": 0}}},
                        {"name": "idle", "owner": "n1", "ports": ["udp:9"], "counters": {}}]}
     lines = render_status(st).splitlines()
     assert lines[0] == "VIP 203.0.113.10"
     assert lines[2].split() == ["n1", "up", "192.0.2.11", "02:00:00:00:01:01", "*", "-"]
-    assert lines[-2].split() == ["echo", "n1", "tcp:7", "n1", "5", "0", "0"]
-    assert lines[-1].split() == ["idle", "n1", "udp:9", "-", "0", "0", "0"]
+    assert lines[-2].split() == ["echo", "n1", "tcp:7", "healthy", "n1", "5", "0", "0"]
+    assert lines[-1].split() == ["idle", "n1", "udp:9", "-", "-", "0", "0", "0"]  # no health known, no counters
+
+
+def test_status_lists_failovers_and_what_they_lost():
+    st = {"vip": "203.0.113.10", "nodes": [], "services": [],
+          "failovers": [{"service": "echo", "from": "n1", "to": "n3", "outcome": "restarted",
+                         "reason": "node n1 is down (silent for 5.1s)", "connections": "lost: cannot be saved"}]}
+    assert render_status(st).splitlines()[-1] == ("failover: echo n1 -> n3: restarted (node n1 is down (silent for "
+                                                  "5.1s)); connections lost: cannot be saved")
+
+
+def test_graceful_report():
+    from vipctl.render import render_report
+
+    r = {"service": "echo", "from": "n1", "to": "n2", "graceful": True, "outcome": "committed", "drain": "timeout",
+         "reason": "timeout after 2s: what was left was cut", "tcp": {"at_start": 5, "finished": 1, "cut": 4},
+         "udp": {"at_start": 1, "finished": 1, "cut": 0}, "total_ms": 2100.0, "timeout_s": 2.0}
+    text = render_report(r)
+    assert "graceful drain of echo: n1 -> n2: committed, drain timeout" in text
+    assert "tcp connections left on n1: 5 at start, 1 finished, 4 cut at the timeout" in text
 
 
 def test_status_says_whether_each_node_can_run_the_process_strategy():
@@ -72,10 +91,10 @@ def test_status_says_whether_each_node_can_run_the_process_strategy():
 
 def test_service_list_shows_strategy_and_sockets():
     rows = [{"name": "web", "owner": "n1", "ports": ["tcp:80"], "exec": "nginx", "migrate": "process",
-             "sockets": "self"}, {"name": "old", "owner": "n2", "ports": ["tcp:7"], "exec": "builtin:echo"}]
+             "sockets": "self", "health": "unhealthy"}, {"name": "old", "owner": "n2", "ports": ["tcp:7"], "exec": "builtin:echo"}]
     lines = render_services(rows).splitlines()
-    assert lines[1].split() == ["web", "n1", "tcp:80", "process", "self", "nginx"]
-    assert lines[2].split() == ["old", "n2", "tcp:7", "auto", "activation", "builtin:echo"]
+    assert lines[1].split() == ["web", "n1", "tcp:80", "process", "self", "unhealthy", "nginx"]
+    assert lines[2].split() == ["old", "n2", "tcp:7", "auto", "activation", "-", "builtin:echo"]
 
 
 def test_client_accounting_rounds_the_slowest_reply():
