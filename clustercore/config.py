@@ -36,9 +36,14 @@ class NodeEntry:
     mac: str  # the node's MAC on the cluster network (the gateway rewrites to it)
 
 
+def vips_of(vip: str, vip6: str | None) -> tuple[str, ...]:
+    """Every address the cluster serves: the VIP (IPv4 or IPv6) and, dual-stack, the IPv6 VIP."""
+    return (vip,) + ((vip6,) if vip6 else ())
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
-    vip: str
+    vip: str  # IPv4 or IPv6
     client_interface: str
     cluster_interface: str
     listen_address: str
@@ -53,6 +58,7 @@ class GatewayConfig:
     heartbeat_s: float = 1.0
     node_timeout_s: float = 5.0
     delivery: Delivery = Delivery.BROADCAST
+    vip6: str | None = None  # dual-stack: the IPv6 VIP next to an IPv4 `vip`
     metrics_address: str = DEFAULT_GATEWAY_METRICS  # HOST:PORT of /metrics, or "off"
     # two gateways (issue 11): this gateway's name, every gateway's, and the etcd
     # endpoints ("host:port") of the registry they share; one gateway: SQLite, no etcd
@@ -62,6 +68,10 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", _enum_field("delivery", Delivery, self.delivery, None))
+
+    @property
+    def vips(self) -> tuple[str, ...]:
+        return vips_of(self.vip, self.vip6)
 
     def node(self, name: str) -> NodeEntry | None:
         return next((n for n in self.nodes if n.name == name), None)
@@ -86,10 +96,15 @@ class NodeConfig:
     # a frozen source with no gateway for this long rolls back by itself (it must outlast
     # a gateway restart: a restarted gateway finishes what it journaled)
     migration_lease_s: float = 10.0
+    vip6: str | None = None  # dual-stack: the IPv6 VIP next to an IPv4 `vip`
     metrics_address: str = DEFAULT_NODE_METRICS  # HOST:PORT of /metrics, or "off"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datapath", _enum_field("datapath", Datapath, self.datapath, None))
+
+    @property
+    def vips(self) -> tuple[str, ...]:
+        return vips_of(self.vip, self.vip6)
 
 
 # --- field readers -------------------------------------------------------------------------
@@ -119,6 +134,36 @@ def _ipv4(d, key, source, prefix=""):
     except ValueError:
         raise ConfigError(prefix + key, f"must be an IPv4 address, got {v!r}", source) from None
     return v
+
+
+def _ip(d, key, source, prefix=""):
+    """An IPv4 or IPv6 address, in its canonical text (sockets report it that way)."""
+    v = _str(d, key, source, prefix, what="an IPv4 or IPv6 address")
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ConfigError(prefix + key, f"must be an IPv4 or IPv6 address, got {v!r}", source) from None
+
+
+def _vip_pair(d, source) -> tuple[str, str | None]:
+    """`vip` (IPv4 or IPv6) and, for a dual-stack cluster, `vip6` (IPv6, next to an IPv4 vip)."""
+    vip = _ip(d, "vip", source)
+    _check_vip(vip, "vip", source)
+    if "vip6" not in d:
+        return vip, None
+    vip6 = _ip(d, "vip6", source)
+    if ipaddress.ip_address(vip6).version != 6:
+        raise ConfigError("vip6", f"must be an IPv6 address, got {vip6!r}", source)
+    if ipaddress.ip_address(vip).version != 4:
+        raise ConfigError("vip6", "is for a dual-stack cluster: vip must then be the IPv4 address", source)
+    _check_vip(vip6, "vip6", source)
+    return vip, vip6
+
+
+def _check_vip(addr: str, key: str, source) -> None:
+    a = ipaddress.ip_address(addr)
+    if a.is_multicast or a.is_unspecified or a.is_loopback or (a.version == 6 and a.is_link_local):
+        raise ConfigError(key, f"must be a unicast address, got {addr!r}", source)
 
 
 def _int(d, key, source, lo, hi, default=None, prefix=""):
@@ -218,14 +263,14 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         d,
         {"vip", "client_interface", "cluster_interface", "listen_address", "listen_port",
          "tls_ca", "tls_cert", "tls_key", "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s",
-         "delivery", "metrics_address", "name", "gateways", "etcd_endpoints"},
+         "delivery", "vip6", "metrics_address", "name", "gateways", "etcd_endpoints"},
         source,
     )
     client_if = _str(d, "client_interface", source, pattern=_IFNAME_RE, what="an interface name")
     cluster_if = _str(d, "cluster_interface", source, pattern=_IFNAME_RE, what="an interface name")
     if client_if == cluster_if:
         raise ConfigError("cluster_interface", "must differ from client_interface", source)
-    vip = _ipv4(d, "vip", source)
+    vip, vip6 = _vip_pair(d, source)
     raw_nodes = _get(d, "nodes", source)
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise ConfigError("nodes", "must be a non-empty list of [[nodes]] tables", source)
@@ -259,6 +304,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         heartbeat_s=_float(d, "heartbeat_s", source, 0.05, 60, 1.0),
         node_timeout_s=_float(d, "node_timeout_s", source, 0.2, 600, 5.0),
         delivery=_choice(d, "delivery", source, Delivery, Delivery.BROADCAST),
+        vip6=vip6,
         metrics_address=_metrics_address(d, source, DEFAULT_GATEWAY_METRICS),
         **_gateways_fields(d, source),
     )
@@ -294,12 +340,14 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         d,
         {"name", "vip", "gateway_address", "gateway_port", "tls_ca", "tls_cert", "tls_key", "key_file", "queue_num",
          "queue_maxlen", "state_dir", "cluster_interface", "datapath", "migration_lease_s",
-         "metrics_address"},
+         "metrics_address", "vip6"},
         source,
     )
+    vip, vip6 = _vip_pair(d, source)
     return NodeConfig(
         name=_str(d, "name", source, pattern=_NAME_RE, what="a node name ([A-Za-z0-9_.-], max 32)"),
-        vip=_ipv4(d, "vip", source),
+        vip=vip,
+        vip6=vip6,
         gateway_address=_ipv4(d, "gateway_address", source),
         gateway_port=_int(d, "gateway_port", source, 1, 65535, DEFAULT_AGENT_PORT),
         **_tls_fields(d, source),

@@ -19,7 +19,9 @@ from typing import Callable, Iterable, Mapping
 
 from .drain import DEST, SOURCE, DrainRole
 from .ownership import NO_SERVICE, Service, Verdict
-from .packet import ICMP, PROTO_NAMES, TCP, UDP, Packet
+from .packet import ICMP, ICMPV6, PROTO_NAMES, TCP, UDP, Packet
+
+ECHO_REQUEST = {ICMP: 8, ICMPV6: 128}  # the echo request's type in ICMP and in ICMPv6
 
 QUEUE = "queue"  # not a Verdict: the packet goes to the netfilter queue
 # first in the chain, no target: it only keeps conntrack on in the node's namespace (the
@@ -32,7 +34,7 @@ TRACK_RULE = '-m conntrack --ctstate NEW,ESTABLISHED,RELATED,INVALID,UNTRACKED -
 class Rule:
     proto: int
     port: int | None  # destination port; None: any
-    icmp_echo: bool  # matches ICMP echo requests only (proto ICMP)
+    icmp_echo: bool  # matches echo requests only (proto ICMP or ICMPV6)
     action: Verdict | str  # Verdict.ACCEPT / Verdict.DROP / QUEUE
     service: str  # counter bucket
     # QUEUE only: with no agent reading the queue (it died) the kernel accepts instead of
@@ -53,7 +55,7 @@ class Rule:
         if p.proto != self.proto:
             return False
         if self.icmp_echo:
-            return p.icmp_type == 8
+            return p.icmp_type == ECHO_REQUEST[self.proto]
         if self.port is not None and p.dport != self.port:
             return False
         if self.known and not (known is not None and known(p)):
@@ -84,7 +86,8 @@ def rules_for(node: str, services: Iterable[Service], anchor: str | None,
             rules.append(Rule(proto, port, False, action, s.name, bypass))
     rules.append(Rule(TCP, None, False, Verdict.DROP, NO_SERVICE))
     rules.append(Rule(UDP, None, False, Verdict.DROP, NO_SERVICE))
-    rules.append(Rule(ICMP, None, True, Verdict.ACCEPT if anchor == node else Verdict.DROP, NO_SERVICE))
+    for proto in (ICMP, ICMPV6):  # ping VIP and ping -6 VIP6: the anchor answers
+        rules.append(Rule(proto, None, True, Verdict.ACCEPT if anchor == node else Verdict.DROP, NO_SERVICE))
     return rules
 
 
@@ -121,16 +124,25 @@ def evaluate(rules: list[Rule], packet: Packet, known: Callable[[Packet], bool] 
     return QUEUE, None
 
 
-def to_iptables(rules: list[Rule], queue_num: int) -> list[str]:
-    """The rules as iptables arguments (for `-A CHAIN ...`), with a comment naming the
-    counter bucket so the shim can read per-service counters back from the kernel."""
+_OTHER_ICMP = {4: ICMPV6, 6: ICMP}  # the ICMP flavour a family's table never sees
+
+
+def to_iptables(rules: list[Rule], queue_num: int, version: int = 4) -> list[str]:
+    """The rules as iptables (version 4) or ip6tables (version 6) arguments (for `-A CHAIN
+    ...`), with a comment naming the counter bucket so the shim can read per-service
+    counters back from the kernel. TCP and UDP rules are the same in both families; a
+    rule for one client address goes to that address's family only."""
     out = [TRACK_RULE]
     for r in rules:
+        if r.proto == _OTHER_ICMP[version]:
+            continue
+        if r.client is not None and (":" in r.client[0]) != (version == 6):
+            continue
         m = f"-p {PROTO_NAMES[r.proto]}"
         if r.client is not None:
-            m = f"-s {r.client[0]}/32 {m} --sport {r.client[1]}"
+            m = f"-s {r.client[0]}/{128 if version == 6 else 32} {m} --sport {r.client[1]}"
         if r.icmp_echo:
-            m += " --icmp-type echo-request"
+            m += " --icmp-type echo-request" if r.proto == ICMP else " --icmpv6-type echo-request"
         elif r.port is not None:
             m += f" --dport {r.port}"
         if r.syn:

@@ -1,10 +1,15 @@
 """The `handoff` migration strategy: the service moves by its sockets. No I/O.
 
-The old instance is stopped with its state saved (the state hook), its connections are
-taken out of it and dumped with TCP_REPAIR, its UDP queues drained; the new instance,
-started gated at prepare, gets the rebuilt connections and the saved state over its gate
-at release. The packets of the switch are decided by the cutover (clustercore.cutover):
-the source counts then holds, the destination holds then releases.
+It speaks the systemd file-descriptor store (clustercore.sdnotify), so any program can
+take part, not only ours: on the handoff signal the old instance puts its state (a memfd
+named `state`) and every socket (`tcp-PORT`, `udp-PORT`, `conn-PORT`) in the agent's fd
+store with FDSTORE=1 + FDNAME=, says STOPPING=1 and waits (the agent stops it). The source dumps those
+connections with TCP_REPAIR and drains those UDP sockets; the destination rebuilds them
+and, at release, starts the new instance the way systemd starts a service from its fd
+store: everything as LISTEN_FDS / LISTEN_FDNAMES (the builtins, nodeshim.builtins, are the
+reference implementation; examples/handoff_counter.py a third party's). The packets of
+the switch are decided by the cutover (clustercore.cutover): the source counts then
+holds, the destination holds then releases.
 
 Each step is a playbook (clustercore.nodecommands.Playbook) the node's machine
 (clustercore.nodemigration) runs. The facts record what was done so far; the endings
@@ -26,7 +31,7 @@ from typing import Any
 
 from . import messages as msgs
 from . import sockwire
-from .kinds import ServiceKind, service_kind
+from .sdnotify import STATE_FDNAME
 from .nodecommands import (
     AcceptHeld,
     AcceptWaiting,
@@ -47,31 +52,28 @@ from .nodecommands import (
     Local,
     Named,
     Note,
-    OpenGate,
     OpenSockets,
     Playbook,
     PutBackDatagrams,
-    Quiesce,
-    ReadAppState,
+    HandOver,
     ReadClock,
     ReadPackets,
+    ReadStateFd,
     Refused,
     RemoveRole,
     RemoveRoleLater,
     RestoreConnections,
     Resume,
     resume_source,
-    SaveAppState,
-    StartGated,
+    StartHandedOver,
     StopInstance,
     StreamChunk,
-    TakeConnections,
     Thaw,
     LeaveRepair,
     WaitHalfClosed,
     WaitHandshakes,
-    WaitReady,
-    port_of,
+    kind_of,
+    socket_name,
 )
 from .packet import TCP, UDP
 from .sockstate import ServiceSockets, TcpConnState, UdpSocketState
@@ -89,14 +91,15 @@ class SourceFacts:
 
     cut: Any  # its SourceCutover
     instance: Any  # the running service
-    listeners: tuple[Named, ...]  # the agent's copies of its listeners...
-    udp: tuple[Named, ...]  # ...and UDP sockets
+    own: tuple[Named, ...]  # the agent's own copies of its listeners and UDP sockets
     tcp_ports: tuple[int, ...]
-    state_hook: bool  # the instance saves its state when asked to quiesce
     drops_at_start: int = 0
     role: Any = None  # installed in the filter, until its removal is asked
-    stopped: Any = None  # the instance, once asked to stop: resumed by a rollback
-    copies: list[Named] = field(default_factory=list)  # connections we hold descriptors of
+    stopped: Any = None  # the instance, once asked to hand over: resumed by a rollback
+    listeners: tuple[Named, ...] = ()  # what it stored in the fd store: its listeners...
+    udp: tuple[Named, ...] = ()  # ...its UDP sockets...
+    state: tuple[Named, ...] = ()  # ...its state memfd...
+    copies: list[Named] = field(default_factory=list)  # ...its connections (and accepted ones)
     in_repair: list[Any] = field(default_factory=list)  # of those, dumped (repair mode on)
     drained: list[UdpSocketState] = field(default_factory=list)  # datagrams read out
     committed: bool = False
@@ -111,18 +114,18 @@ class DestinationFacts:
 
     service: Any
     cut: Any  # its DestCutover
-    vip: str = ""  # every restored socket is on it, on one of the service's ports
+    vips: tuple[str, ...] = ()  # every restored socket is on one, on one of the service's ports
     drops_at_start: int = 0
     role: Any = None
     opened: list[Named] = field(default_factory=list)  # bound at prepare; ours until adopted
-    gated: Any = None  # the new instance, waiting at its gate
     instance: Any = None  # the new instance, until it is adopted as the running one
     restored: list[Any] = field(default_factory=list)  # rebuilt connections (same order as states)
     states: list[TcpConnState] = field(default_factory=list)
     in_repair: list[tuple[Any, TcpConnState]] = field(default_factory=list)
     streamed_ms: float = 0.0
     datagrams: tuple[UdpSocketState, ...] = ()  # the source's UDP queues, put back at release
-    state_path: str | None = None
+    app_state: bytes | None = None  # the old instance's state memfd, for the new one
+    started: bool = False  # the new instance was asked to start (at release)
     consumed: dict = field(default_factory=dict)
     late: tuple[bytes, ...] = ()
     reinjected: int = 0
@@ -142,10 +145,10 @@ def _check_on_service(name: str, f: DestinationFacts, listeners=(), connections=
     for proto, states in ((TCP, listeners), (TCP, connections), (UDP, udp)):
         for st in states:
             addr, port = st.local
-            if addr != f.vip or port not in ports[proto]:
+            if addr not in f.vips or port not in ports[proto]:
                 kind = "tcp" if proto == TCP else "udp"
                 raise Refused(f"restore of '{name}': a socket on {addr}:{port}/{kind} is not on the "
-                              f"service's address {f.vip or '(none)'} and ports")
+                              f"service's address {' or '.join(f.vips) or '(none)'} and ports")
 
 
 class Handoff(Playbook):
@@ -160,11 +163,8 @@ class Handoff(Playbook):
     def arm(self, m, event: msgs.Arm, local: Local, now: float):
         service = local.service
         f = self.source = SourceFacts(
-            cut=m.cutovers.source(event.epoch), instance=local.instance,
-            listeners=tuple(s for s in local.sockets if s[0].startswith("tcp-")),
-            udp=tuple(s for s in local.sockets if s[0].startswith("udp-")),
-            tcp_ports=tuple(port for proto, port in service.ports if proto == TCP),
-            state_hook=service_kind(service.exec_spec) is ServiceKind.BUILTIN)
+            cut=m.cutovers.source(event.epoch), instance=local.instance, own=tuple(local.sockets),
+            tcp_ports=tuple(port for proto, port in service.ports if proto == TCP))
         f.drops_at_start = yield CountKernelDrops()
         f.role = f.cut
         yield InstallRole(m.service, f.cut)  # its packets reach the queue and are counted
@@ -176,16 +176,24 @@ class Handoff(Playbook):
             # half-closed connections cannot be rebuilt: they finish while the service
             # runs, or the freeze is refused (the migration rolls back, nothing breaks)
             yield WaitHalfClosed(f.tcp_ports)
+        t_take = yield ReadClock()
         f.stopped = f.instance
-        yield Quiesce(f.instance, state_hook=f.state_hook)
+        stored = list((yield HandOver(f.instance)))
+        f.listeners = tuple(s for s in stored if kind_of(s[0]) == "tcp")  # tcp-PORT, tcp6-PORT
+        f.udp = tuple(s for s in stored if kind_of(s[0]) == "udp")
+        f.copies = [s for s in stored if kind_of(s[0]) == "conn"]
+        f.state = tuple(s for s in stored if s[0] == STATE_FDNAME)
+        other = [s for s in stored if s[0] != STATE_FDNAME and kind_of(s[0]) not in ("tcp", "udp", "conn")]
+        if other:  # nothing we know how to move: not kept (as systemd closes what it cannot use)
+            yield CloseDescriptors(tuple(sock for _, sock in other))
+            yield Note(f"freeze {m.service}: the program stored descriptors named "
+                       f"{sorted({n for n, _ in other})}, not moved", "warning")
         if f.tcp_ports:
             yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move
         # the process is stopped: its set of connections cannot change but by the kernel
         # adding to the accept queue, which is drained after the cutover's freeze
-        t_take = yield ReadClock()
-        f.copies = list((yield TakeConnections(f.instance, f.tcp_ports)))
         t_freeze = yield ReadClock()
-        timing["take_sockets"] = _ms(t_take, t_freeze)
+        timing["hand_over"] = _ms(t_take, t_freeze)
         # from here on every packet of the service is held, until commit or rollback
         consumed = f.cut.freeze(t_freeze)
         if f.listeners:
@@ -218,7 +226,7 @@ class Handoff(Playbook):
                               connections=tuple(states[streamed:]), udp=tuple(f.drained))
         wire = sockwire.to_wire(rest)  # compact: JSON per connection was the freeze's cost
         wire["streamed"] = streamed
-        app_state = yield ReadAppState(f.instance)
+        app_state = (yield ReadStateFd(f.state[-1][1])) if f.state else b""  # the last one stored
         wire["app_state"] = base64.b64encode(app_state).decode() if app_state else None
         t_end = yield ReadClock()
         timing["encode"] = _ms(t_wire, t_end)
@@ -261,7 +269,7 @@ class Handoff(Playbook):
         to_stop, f.to_stop = f.to_stop, None
         if to_stop is not None:
             yield StopInstance(to_stop)
-        own, f.listeners, f.udp = f.listeners + f.udp, (), ()
+        own, f.own, f.listeners, f.udp, f.state = f.own + f.listeners + f.udp + f.state, (), (), (), ()
         if own:
             yield CloseDescriptors(tuple(sock for _, sock in own))
         role, f.role = f.role, None
@@ -276,10 +284,11 @@ class Handoff(Playbook):
 
         1. dumped connections leave repair mode (a window probe): they go on where they
            stopped;
-        2. our copies are closed: the process holds its own descriptors, and ours would
-           keep a connection alive after the process closed it (the client would never
-           get its FIN). A connection we accepted from the listener at the freeze has no
-           other holder: it is closed for good (the client sees a FIN);
+        2. what it stored and our copies are closed: the process holds its own
+           descriptors, and ours would keep a connection alive after the process closed it
+           (the client would never get its FIN). A connection we accepted from the
+           listener at the freeze has no other holder: it is closed for good (the client
+           sees a FIN);
         3. drained datagrams are put back BEFORE the process runs again, so it reads them
            before anything newer;
         4. the process resumes;
@@ -292,6 +301,9 @@ class Handoff(Playbook):
         in_repair, f.in_repair = f.in_repair, []
         if in_repair:
             yield LeaveRepair(tuple(in_repair))
+        stored, f.listeners, f.udp, f.state = f.listeners + f.udp + f.state, (), (), ()
+        if stored:
+            yield CloseDescriptors(tuple(sock for _, sock in stored))
         yield from resume_source(m.service, f, Resume)
         return msgs.Done()
 
@@ -299,17 +311,16 @@ class Handoff(Playbook):
 
     def prepare(self, m, event: msgs.Prepare, local: Local, now: float):
         service = local.service
-        f = self.destination = DestinationFacts(service=service, vip=local.vip,
+        f = self.destination = DestinationFacts(service=service, vips=local.vips,
                                                 cut=m.cutovers.destination(event.epoch))
         f.drops_at_start = yield CountKernelDrops()
         f.role = f.cut
         yield InstallRole(m.service, f.cut)  # hold the new epoch from now on
-        # start the new instance now, gated, its sockets bound (the hold keeps every
-        # packet from them): its start-up is long over when the release comes, and it
-        # must not compete with the freeze
+        # the sockets are bound now (the hold keeps every packet from them): a port taken
+        # here refuses the migration before anything is frozen. The new instance starts
+        # at the release, with everything in LISTEN_FDS (systemd has no way to hand a
+        # running program descriptors later)
         f.opened = list((yield OpenSockets(tuple(service.ports))))
-        f.gated = f.instance = yield StartGated(service, tuple(f.opened))
-        yield WaitReady(f.gated)
         return msgs.PrepareDone()
 
     def chunk(self, m, event: msgs.Chunk, now: float):
@@ -346,8 +357,9 @@ class Handoff(Playbook):
         t_decoded = yield ReadClock()
         timing = {"decode": _ms(now, t_decoded)}
         # the listeners and UDP sockets were bound at prepare: they must be the ones moved
-        have = sorted(port_of(name) for name, _ in f.opened)
-        want = sorted([s.local[1] for s in bundle.listeners] + [s.local[1] for s in bundle.udp])
+        have = sorted(name for name, _ in f.opened)
+        want = sorted([socket_name("tcp", *s.local) for s in bundle.listeners]
+                      + [socket_name("udp", *s.local) for s in bundle.udp])
         if have != want:
             raise Refused(f"restore of '{m.service}': sockets on ports {want}, prepared {have}")
         if len(f.states) != streamed:
@@ -356,7 +368,7 @@ class Handoff(Playbook):
         _check_on_service(m.service, f, bundle.listeners, bundle.connections, bundle.udp)
         for st in bundle.udp:
             if st.peer is not None:
-                sock = next(s for s in f.opened if s[0] == f"udp-{st.local[1]}")
+                sock = next(s for s in f.opened if s[0] == socket_name("udp", *st.local))
                 yield ConnectDatagramSocket(sock, st.peer)
         # in repair mode until the release: nothing leaves this node before the point of
         # no return, and if the agent dies the sockets close without a packet
@@ -367,8 +379,7 @@ class Handoff(Playbook):
             yield LetPacketsIn()  # the held packets keep coming in meanwhile
         timing["restore"] = _ms(t_decoded, (yield ReadClock()))
         timing["restore_streamed"] = round(f.streamed_ms, 2)
-        if saved:
-            f.state_path = yield SaveAppState(m.service, saved)  # for the new instance
+        f.app_state = saved or None  # the new instance gets it as its `state` memfd
         f.datagrams = bundle.udp
         yield Note(f"restore {m.service}: {len(conns)} connections; {timing}")
         return msgs.Done(timing_ms=timing)
@@ -381,7 +392,8 @@ class Handoff(Playbook):
     def finish_release(self, m, event: Any, now: float):
         """Release (the point of no return is behind us): repair off, the source's queued
         datagrams and late packets in first, the hold minus what the source consumed,
-        then the gate opens. After a failed step this goes on with the rest."""
+        then the new instance starts with the sockets, the connections and the state. After
+        a failed step this goes on with the rest."""
         f = self.destination
         t0 = yield ReadClock()
         thaw, f.in_repair = f.in_repair, []
@@ -405,11 +417,11 @@ class Handoff(Playbook):
         accept, f.to_accept = f.to_accept, ()
         if accept:
             yield AcceptHeld(accept)
-        gated, f.gated = f.gated, None
-        if gated is not None:
-            named = tuple((st.name or f"conn-{st.local[1]}", sock)
-                          for sock, st in zip(f.restored, f.states))
-            yield OpenGate(gated, named, f.state_path)
+        if not f.started:
+            f.started = True  # asked once: a failed start is not repeated on the way on
+            named = tuple((socket_name("conn", *st.local), sock) for sock, st in zip(f.restored, f.states))
+            state, f.app_state = f.app_state, None
+            f.instance = yield StartHandedOver(f.service, tuple(f.opened), named, state)
         restored, f.restored = f.restored, []
         if restored:
             yield CloseDescriptors(tuple(restored))  # the new instance holds its own now
@@ -438,15 +450,15 @@ class Handoff(Playbook):
     def abort(self, m, event: Any, now: float):
         """THE destination abort: the gateway's Abort, a reconnect or shutdown that says
         the migration is over, a failed prepare, chunk or restore. Nothing of it may
-        reach a client: the hold is dropped, the gated instance killed (it never served),
-        the rebuilt connections closed in repair mode (no FIN, no RST)."""
+        reach a client: the hold is dropped, a new instance (started only at the release)
+        killed, the rebuilt connections closed in repair mode (no FIN, no RST)."""
         f = self.destination
         if f is None:
             return msgs.Done()
         held = f.cut.abort()
         if held:
             yield DropHeld(held)
-        instance, f.instance, f.gated = f.instance, None, None
+        instance, f.instance = f.instance, None
         if instance is not None:
             yield StopInstance(instance)
         restored, f.restored, f.in_repair = f.restored, [], []

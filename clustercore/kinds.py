@@ -39,7 +39,7 @@ class Datapath(enum.StrEnum):
 class ServiceKind(enum.StrEnum):
     """What runs a service, as its exec spec says."""
 
-    BUILTIN = "builtin"  # "builtin:NAME": one of ours (nodeshim.builtins), with the state hook
+    BUILTIN = "builtin"  # "builtin:NAME": one of ours (nodeshim.builtins), speaks the fd-store handoff
     COMMAND = "command"  # any other command line: started by the agent (own PID namespace)
     EXTERNAL = "external"  # "external": the operator runs it; vipcluster only routes and filters
     ADOPTED = "adopted"  # "adopted:PID": a process the operator started, taken over (`--pid`)
@@ -57,7 +57,7 @@ class MigrateStrategy(enum.StrEnum):
 
     AUTO = "auto"  # the kind's preferred strategy (MIGRATION_RULES)
     PROCESS = "process"  # the whole process, checkpointed and restored
-    HANDOFF = "handoff"  # sockets taken and rebuilt, user-space state through the state hook
+    HANDOFF = "handoff"  # sockets and state handed over through the systemd fd store, rebuilt
 
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -132,7 +132,9 @@ class MigrationRule:
 
 MIGRATION_RULES: Mapping[ServiceKind, MigrationRule] = MappingProxyType({
     ServiceKind.BUILTIN: MigrationRule((MigrateStrategy.HANDOFF,)),
-    ServiceKind.COMMAND: MigrationRule((MigrateStrategy.PROCESS,)),
+    # `auto` takes the handoff for a program that announced it speaks the fd store
+    # (FDSTORE=1 without descriptors; see `migration_strategy`), the process otherwise
+    ServiceKind.COMMAND: MigrationRule((MigrateStrategy.PROCESS, MigrateStrategy.HANDOFF)),
     ServiceKind.ADOPTED: MigrationRule((MigrateStrategy.PROCESS,)),
     ServiceKind.EXTERNAL: MigrationRule((), "external services cannot be migrated "
                                             "(their processes are not ours)"),
@@ -143,8 +145,13 @@ def can_migrate(kind: ServiceKind) -> bool:
     return bool(MIGRATION_RULES[kind].strategies)
 
 
-def migration_strategy(kind: ServiceKind, requested: MigrateStrategy = MigrateStrategy.AUTO) -> MigrateStrategy:
+def migration_strategy(kind: ServiceKind, requested: MigrateStrategy = MigrateStrategy.AUTO,
+                       speaks_fdstore: bool = False) -> MigrateStrategy:
     """The strategy a service of `kind` moves with when `requested` is asked for.
+
+    `speaks_fdstore`: the running program announced the fd-store handoff (an sd_notify
+    `FDSTORE=1` with no descriptor attached, nodeshim.fdstore): `auto` then picks the
+    handoff for a kind that can use it, whatever the kind prefers otherwise.
 
     LocalControlError (the request is refused) if the kind cannot migrate at all, or not
     with the requested strategy."""
@@ -156,6 +163,8 @@ def migration_strategy(kind: ServiceKind, requested: MigrateStrategy = MigrateSt
     if not rule.strategies:
         raise LocalControlError(rule.refusal)
     if wanted is MigrateStrategy.AUTO:
+        if speaks_fdstore and MigrateStrategy.HANDOFF in rule.strategies:
+            return MigrateStrategy.HANDOFF
         return rule.strategies[0]
     if wanted not in rule.strategies:
         have = ", ".join(rule.strategies)
@@ -176,6 +185,8 @@ def check_service_options(exec_spec: str, migrate: object = MigrateStrategy.AUTO
         raise LocalControlError(f"unknown --sockets {sockets!r} (have: {', '.join(Sockets)})")
     if wanted is not MigrateStrategy.AUTO:
         migration_strategy(kind, wanted)  # refuses what the kind cannot use
+    if how is Sockets.SELF and wanted is MigrateStrategy.HANDOFF:
+        raise LocalControlError("the handoff strategy passes the sockets to the program (--sockets activation)")
     if how is Sockets.SELF and kind is ServiceKind.BUILTIN:
         raise LocalControlError("builtin services take their sockets from the agent (--sockets activation)")
     if how is Sockets.ACTIVATION and kind is ServiceKind.ADOPTED:

@@ -516,11 +516,15 @@ class Prepare(Step):
     # (`address`, its own) and whom it accepts it from (`source_address`)
     address: str = ""
     source_address: str = ""
+    # the strategy both nodes move with, resolved by the gateway's controller (a program's
+    # announcement of the fd store is known on its node only); "" = the service's own rule
+    strategy: str = ""
 
 
 @message("migrate.arm", reply=Done)
 class Arm(Step):
     destination: str
+    strategy: str = ""  # as in Prepare
 
 
 @message("migrate.freeze", reply=FreezeDone)

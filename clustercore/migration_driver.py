@@ -110,7 +110,12 @@ class MigrationDriver:
                     event = mig.StepFailed(reason=f"owner switch not recorded: {e}")
                 self.feed(event, now)
             elif isinstance(cmd, mig.ArmTimer):
-                x.arm_timer(cmd.deadline)
+                # the machine's deadline now, not the command's: a command list that
+                # performed a nested feed (the epoch flip moves flipping -> freezing at
+                # once) carries its own, older ArmTimer after the nested one, and arming
+                # that one made the executor wake at the flipping deadline forever while the
+                # machine waited for its freezing deadline (a 30 s hang of slow freezes)
+                x.arm_timer(self.machine.get_timer())
             elif isinstance(cmd, mig.Transition):
                 x.transition(cmd.previous, cmd.state)
             elif isinstance(cmd, mig.Report):

@@ -23,12 +23,23 @@ from .messages import Chunk, Done
 from .ownership import Service
 from .sockstate import TcpConnState, UdpSocketState
 
-Named = tuple[str, Any]  # (name, socket): "tcp-7", "udp-7", "conn-7"
+Named = tuple[str, Any]  # (name, socket): "tcp-7", "udp-7", "conn-7"; "tcp6-7", "udp6-7" on an IPv6 VIP
 
 
 def port_of(name: str) -> int:
     """The port in a socket's activation name ('udp-53' -> 53)."""
     return int(name.rsplit("-", 1)[1])
+
+
+def socket_name(kind: str, address: str, port: int) -> str:
+    """A listener's or UDP socket's activation name: 'tcp-80' on an IPv4 VIP, 'tcp6-80' on
+    an IPv6 one (a dual-stack service has both, and each moves to its own twin)."""
+    return f"{kind}{'6' if ':' in address else ''}-{port}"
+
+
+def kind_of(name: str) -> str:
+    """'tcp', 'udp' or 'conn' from an activation name, whatever the family ('udp6-53')."""
+    return name.partition("-")[0].removesuffix("6")
 
 
 class Refused(LocalControlError):
@@ -123,7 +134,7 @@ class Local:
     service: Service | None
     instance: Any = None
     sockets: tuple[Named, ...] = ()
-    vip: str = ""  # the address the service's sockets are on (restored ones must be too)
+    vips: tuple[str, ...] = ()  # the VIP(s) the service's sockets are on (restored ones must be too)
 
 
 @_command(query=True)
@@ -234,23 +245,19 @@ class WaitHalfClosed(Command):
 
 
 @_command(waits=True)
-class Quiesce(Command):
-    """Stop the instance: with `state_hook` it saves its user-space state and stops itself
-    (SIGUSR1), else it is stopped (SIGSTOP). Waits (bounded) until it is stopped."""
+class HandOver(Command):
+    """The fd-store handoff (clustercore.sdnotify): send the instance the handoff signal;
+    it puts its state (a memfd named `state`) and its sockets (`tcp-PORT`, `udp-PORT`,
+    `conn-PORT`) in the agent's fd store with FDSTORE=1, says STOPPING=1 and waits for
+    SIGCONT; it is then stopped (SIGSTOP). Waits (bounded) for all that (-> list[Named]:
+    what it stored, in order; the caller owns those descriptors). On failure nothing
+    stored is kept."""
     instance: Any
-    state_hook: bool
 
 
 @_command(waits=True)
 class WaitHandshakes(Command):
     """Wait (bounded, never fails) for half-open handshakes on these ports to finish."""
-    ports: tuple[int, ...]
-
-
-@_command()
-class TakeConnections(Command):
-    """Copies of the instance's established connections on these ports (-> list[Named])."""
-    instance: Any
     ports: tuple[int, ...]
 
 
@@ -291,9 +298,10 @@ class DrainDatagrams(Command):
 
 
 @_command()
-class ReadAppState(Command):
-    """The state the instance saved when it quiesced, consumed (-> bytes | None)."""
-    instance: Any
+class ReadStateFd(Command):
+    """The bytes of the memfd an instance stored its state in (-> bytes), bounded; the
+    descriptor stays open (closed with the other stored ones)."""
+    fd: Any
 
 
 @_command()
@@ -334,29 +342,16 @@ class ForgetInstance(Command):
 
 @_command()
 class StopInstance(Command):
-    """Kill the instance (whole session), wait for it, close its gate if it has one."""
+    """Kill the instance (whole session) and wait for it."""
     instance: Any
 
 
-# -- the destination: a gated new instance, restored connections
+# -- the destination: restored connections, then the new instance
 
 @_command()
 class OpenSockets(Command):
     """Bind every port of the service on the VIP (-> list[Named]); all or nothing."""
     ports: tuple[tuple[int, int], ...]
-
-
-@_command()
-class StartGated(Command):
-    """Start the service with these sockets, waiting at its gate (-> instance)."""
-    service: Service
-    sockets: tuple[Named, ...]
-
-
-@_command(waits=True)
-class WaitReady(Command):
-    """Wait (bounded) until the gated instance says it has started."""
-    instance: Any
 
 
 @_command()
@@ -373,13 +368,6 @@ class RestoreConnections(Command):
 
 
 @_command()
-class SaveAppState(Command):
-    """Keep the old instance's saved state for the new one (-> a path to hand over)."""
-    service: str
-    data: bytes
-
-
-@_command()
 class Thaw(Command):
     """Repair mode off (window probe), then each connection's never-sent tail."""
     sockets: tuple
@@ -387,11 +375,14 @@ class Thaw(Command):
 
 
 @_command()
-class OpenGate(Command):
-    """Hand the gated instance its connections and the saved state, and let it serve."""
-    instance: Any
+class StartHandedOver(Command):
+    """Start the new instance as systemd starts a service from its fd store: `sockets`
+    (listeners, UDP sockets), a memfd named `state` with `state` (if any) and the
+    `connections`, as LISTEN_FDS / LISTEN_FDNAMES (-> instance)."""
+    service: Service
+    sockets: tuple[Named, ...]
     connections: tuple[Named, ...]
-    state_path: str | None
+    state: bytes | None
 
 
 @_command()

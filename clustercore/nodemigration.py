@@ -67,7 +67,7 @@ from .cutover import DestCutover, SourceCutover
 from .errors import LocalControlError, VipError
 from .handoff import Handoff
 from .process import ProcessMigration
-from .kinds import MigrateStrategy, migration_strategy, service_kind
+from .kinds import MigrateStrategy, member, migration_strategy, service_kind
 from .nodecommands import (
     LOCAL_EVENTS,
     Command,
@@ -102,7 +102,7 @@ class State(enum.Enum):
     ROLLED_BACK = "rolled_back"
     # the destination
     PREPARING = "preparing"
-    PREPARED = "prepared"  # holding the new epoch; new instance started, gated
+    PREPARED = "prepared"  # holding the new epoch; its ports bound (handoff) or an image receiver up (process)
     RESTORING = "restoring"
     RESTORED = "restored"  # connections rebuilt in repair mode
     RELEASING = "releasing"
@@ -136,12 +136,22 @@ PLAYBOOKS: Mapping[MigrateStrategy, type[Playbook]] = MappingProxyType({
 })
 
 
-def choose_playbook(local: Local, forced: MigrateStrategy | None) -> Playbook:
-    """The one place a strategy is chosen: `forced`, else the one the service asked for
-    at `service add` (`migrate`; `auto`: the kind's preference)."""
+def choose_playbook(local: Local, forced: MigrateStrategy | None, resolved: str = "") -> Playbook:
+    """The one place a strategy is chosen: `forced` (the model's), else the one the
+    gateway resolved for this migration (`Prepare/Arm.strategy`: it knows whether the
+    program announced the fd store), else the one the service asked for at `service add`
+    (`migrate`; `auto`: the kind's preference). Whatever named it, the kind must allow it."""
+    kind = service_kind(local.service.exec_spec)
     try:
-        strategy = forced or migration_strategy(service_kind(local.service.exec_spec),
-                                                local.service.migrate)
+        if forced:
+            strategy = forced
+        elif resolved:
+            wanted = member(MigrateStrategy, resolved)
+            if wanted is None or wanted is MigrateStrategy.AUTO:
+                raise LocalControlError(f"unknown migration strategy {resolved!r}")
+            strategy = migration_strategy(kind, wanted)
+        else:
+            strategy = migration_strategy(kind, local.service.migrate)
     except LocalControlError as e:
         raise Refused(f"service '{local.service.name}': {e}") from None
     cls = PLAYBOOKS.get(strategy)
@@ -356,7 +366,7 @@ class NodeMigration:
         local = yield LookUp(self.service)
         if local.service is None or local.instance is None:
             raise Refused(f"service '{self.service}' does not run on {self.node}")
-        self.playbook = choose_playbook(local, self.forced_strategy)
+        self.playbook = choose_playbook(local, self.forced_strategy, event.strategy)
         self.source_node, self.epoch = self.node, event.epoch
         self.destination_node = event.destination
         return (yield from self.playbook.arm(self, event, local, now))
@@ -367,7 +377,7 @@ class NodeMigration:
             raise Refused(f"unknown service '{self.service}' on {self.node}")
         if local.instance is not None:
             raise Refused(f"service '{self.service}' already runs on {self.node}")
-        self.playbook = choose_playbook(local, self.forced_strategy)
+        self.playbook = choose_playbook(local, self.forced_strategy, event.strategy)
         self.source_node, self.epoch = event.source, event.epoch
         return (yield from self.playbook.prepare(self, event, local, now))
 

@@ -6,7 +6,7 @@ its NOTIFY_SOCKET environment variable: `READY=1` when it serves, `STATUS=...`,
 put them in the file-descriptor store, from which the next instance receives them back
 as LISTEN_FDS / LISTEN_FDNAMES (sd_listen_fds(3)). vipcluster's `handoff` migration uses
 exactly this: on the handoff signal a program stores its connections and a memfd with its
-state, then stops; its successor (on this node after a rollback, or on the destination
+state, says STOPPING=1 and waits for SIGCONT; its successor (on this node after a rollback, or on the destination
 after the move) gets them back by name.
 
 `parse` is total: any bytes give a Notification or a NotifyError (the sender's fault).

@@ -464,7 +464,7 @@ class _NodeHands:
             self.c._accept(int(data[4:]), self.node)
         return len(cmd.packets)
 
-    def start_gated(self, cmd: nc.StartGated) -> tuple:
+    def start_instance(self, cmd: nc.StartHandedOver) -> tuple:
         return ("instance", self.node, cmd.service.name)
 
 
@@ -479,10 +479,10 @@ _NODE_ACTIONS: dict[type, Callable] = {
     nc.AcceptHeld: _NodeHands.accept,
     nc.ReadPackets: _NodeHands.read_packets,
     nc.InjectPackets: _NodeHands.inject,
-    nc.StartGated: _NodeHands.start_gated,
+    nc.StartHandedOver: _NodeHands.start_instance,
 }
 _EMPTY_RESULTS: dict[type, object] = {
-    nc.CountKernelDrops: 0, nc.CountUdpBufferDrops: 0, nc.TakeConnections: [],
+    nc.CountKernelDrops: 0, nc.CountUdpBufferDrops: 0, nc.HandOver: [],
     nc.AcceptWaiting: [], nc.DumpConnections: [], nc.DescribeListeners: (),
     nc.StreamChunk: False, nc.OpenSockets: [], nc.RestoreConnections: [], nc.PutBackDatagrams: 0,
 }

@@ -11,19 +11,25 @@ the peer's bytes are never trusted.
 Record (IPv4): local ip, local port, remote ip, remote port, mss, snd_wscale, rcv_wscale,
 flags (1 window_scaling, 2 timestamps, 4 sack), tsval, snd_wl1, snd_wnd, max_window,
 rcv_wnd, rcv_wup, send_seq, recv_seq, len(recv_queue), len(send_queue), unsent_len,
-len(name); then name, recv_queue, send_queue. IPv6 connections fall back to the dict form.
+len(name); then name, recv_queue, send_queue. IPv6: the same record with 16-byte
+addresses, in its own string (`packed6`, only present when there are IPv6 connections, so
+an IPv4-only service's wire form is what it always was; a receiver that did not know the
+field would refuse the bundle by its `totals`, never lose connections silently).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import struct
 from typing import Any
 
 from .sockstate import ServiceSockets, TcpConnState, TcpListenerState, TcpWindow, UdpSocketState
 
 def _ip_bytes(ip: str) -> bytes:
+    if ":" in ip:
+        return ipaddress.IPv6Address(ip).packed
     parts = ip.split(".")
     if len(parts) != 4:
         raise ValueError(f"not an IPv4 address: {ip!r}")
@@ -31,10 +37,14 @@ def _ip_bytes(ip: str) -> bytes:
 
 
 def _ip_text(b: bytes) -> str:
+    if len(b) == 16:
+        return str(ipaddress.IPv6Address(b))
     return f"{b[0]}.{b[1]}.{b[2]}.{b[3]}"
 
 
 _REC = struct.Struct("!4sH4sHHBBBIIIIIIIIIIIB")
+_REC6 = struct.Struct("!16sH16sHHBBBIIIIIIIIIIIB")
+_RECS = {4: _REC, 6: _REC6}
 _WS, _TS, _SACK = 1, 2, 4
 VERSION = 1
 
@@ -43,7 +53,7 @@ def _pack_conn(c: TcpConnState) -> bytes:
     name = (c.name or "").encode()
     w = c.window
     flags = (_WS if c.window_scaling else 0) | (_TS if c.timestamps else 0) | (_SACK if c.sack else 0)
-    head = _REC.pack(_ip_bytes(c.local[0]), c.local[1],
+    head = _RECS[c.family].pack(_ip_bytes(c.local[0]), c.local[1],
                      _ip_bytes(c.remote[0]), c.remote[1],
                      c.mss, c.snd_wscale, c.rcv_wscale, flags, c.tsval,
                      w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup,
@@ -55,14 +65,15 @@ def pack_connections(conns) -> bytes:
     return b"".join(_pack_conn(c) for c in conns)
 
 
-def unpack_connections(data: bytes) -> tuple[TcpConnState, ...]:
+def unpack_connections(data: bytes, family: int = 4) -> tuple[TcpConnState, ...]:
+    rec = _RECS[family]
     out = []
-    off, end, size = 0, len(data), _REC.size
+    off, end, size = 0, len(data), rec.size
     while off < end:
         if end - off < size:
             raise ValueError(f"packed connections: truncated record at byte {off}")
         (lip, lport, rip, rport, mss, sws, rws, flags, tsval, wl1, swnd, maxw, rwnd, rwup,
-         sseq, rseq, rlen, slen, unsent, nlen) = _REC.unpack_from(data, off)
+         sseq, rseq, rlen, slen, unsent, nlen) = rec.unpack_from(data, off)
         off += size
         if end - off < nlen + rlen + slen:
             raise ValueError(f"packed connections: truncated queues at byte {off}")
@@ -73,7 +84,7 @@ def unpack_connections(data: bytes) -> tuple[TcpConnState, ...]:
         sq = data[off:off + slen]
         off += slen
         out.append(TcpConnState(
-            local=(_ip_text(lip), lport), remote=(_ip_text(rip), rport),
+            local=(_ip_text(lip), lport), remote=(_ip_text(rip), rport), family=family,
             mss=mss, window_scaling=bool(flags & _WS), snd_wscale=sws, rcv_wscale=rws,
             timestamps=bool(flags & _TS), tsval=tsval, sack=bool(flags & _SACK),
             window=TcpWindow(snd_wl1=wl1, snd_wnd=swnd, max_window=maxw, rcv_wnd=rwnd, rcv_wup=rwup),
@@ -84,7 +95,9 @@ def unpack_connections(data: bytes) -> tuple[TcpConnState, ...]:
 def to_wire(bundle: ServiceSockets) -> dict[str, Any]:
     """The migration's form of a ServiceSockets: small JSON plus one packed string."""
     v4 = [c for c in bundle.connections if c.family == 4 and c.state == "ESTABLISHED"]
-    rest = [c for c in bundle.connections if not (c.family == 4 and c.state == "ESTABLISHED")]
+    v6 = [c for c in bundle.connections if c.family == 6 and c.state == "ESTABLISHED"]
+    rest = [c for c in bundle.connections if c.state != "ESTABLISHED"]
+    six = {"packed6": base64.b64encode(pack_connections(v6)).decode(), "packed6_count": len(v6)} if v6 else {}
     return {
         "wire": VERSION,
         "service": bundle.service,
@@ -92,6 +105,7 @@ def to_wire(bundle: ServiceSockets) -> dict[str, Any]:
         "udp": [s.to_dict() for s in bundle.udp],
         "packed": base64.b64encode(pack_connections(v4)).decode(),
         "packed_count": len(v4),
+        **six,
         "connections": [c.to_dict() for c in rest],
         "totals": bundle.totals,
     }
@@ -112,6 +126,16 @@ def from_wire(d: Any) -> ServiceSockets:
     conns = unpack_connections(packed)
     if len(conns) != d.get("packed_count"):
         raise ValueError(f"socket state: {len(conns)} packed connections, header says {d.get('packed_count')}")
+    if "packed6" in d:
+        try:
+            packed6 = base64.b64decode(d["packed6"], validate=True)
+        except (TypeError, binascii.Error):
+            raise ValueError("socket state: 'packed6' is not base64") from None
+        conns6 = unpack_connections(packed6, 6)
+        if len(conns6) != d.get("packed6_count"):
+            raise ValueError(f"socket state: {len(conns6)} packed IPv6 connections, header says "
+                             f"{d.get('packed6_count')}")
+        conns += conns6
     bundle = ServiceSockets(
         service=d["service"],
         listeners=tuple(TcpListenerState.from_dict(x) for x in d.get("listeners", [])),

@@ -6,18 +6,25 @@ Standard library only. It speaks two systemd protocols and nothing of vipcluster
 - socket activation (sd_listen_fds(3)): its sockets arrive as descriptors 3.. with
   LISTEN_FDS / LISTEN_FDNAMES; names `tcp-PORT` and `udp-PORT` are listeners and UDP
   sockets, `conn-PORT` established connections, `state` a memfd with saved state;
-- the file-descriptor store (sd_notify(3), NOTIFY_SOCKET): on SIGUSR1 (the handoff
+- the file-descriptor store (sd_notify(3), NOTIFY_SOCKET): once serving it says
+  `READY=1` and `FDSTORE=1` with no descriptor attached: "I hand over through the fd
+  store" (under systemd this stores nothing; vipcluster's agent then moves it with the
+  `handoff` strategy when it was added with `--migrate auto`). On SIGUSR1 (the handoff
   signal) it stops serving, flushes what the kernel will take, writes its state (the
   counters; per connection what it still owes and a partial line) into a memfd, stores the
-  memfd and all its sockets with `FDSTORE=1` + `FDNAME=`, and stops itself (SIGSTOP). If
-  the move is rolled back it gets SIGCONT and carries on; if it succeeds it is killed and
-  its successor receives everything back as LISTEN_FDS.
+  memfd and all its sockets with `FDSTORE=1` + `FDNAME=`, says `STOPPING=1` and touches
+  nothing more until SIGCONT (the agent stops it meanwhile). If the move is rolled back
+  it gets SIGCONT and carries on; if it succeeds it is killed and its successor receives
+  everything back as LISTEN_FDS.
 
 The service: TCP lines `INCR name` -> the new value, `GET name` -> the value; UDP
 datagrams echoed back. Run it as vipcluster does:
 
     vipctl service add counter --node n1 --port tcp:7000 --port udp:7000 \
-        --exec "python3 examples/handoff_counter.py" --migrate handoff
+        --exec "python3 examples/handoff_counter.py" --migrate auto
+
+(`--migrate handoff` says the same explicitly: the move is then refused, not done with
+criu, if the program has not announced the fd store.)
 """
 
 from __future__ import annotations
@@ -179,15 +186,22 @@ class Counter:
             chunk = conns[i:i + FDS_PER_MESSAGE]
             port = chunk[0].getsockname()[1]
             notify(f"FDSTORE=1\nFDNAME=conn-{port}", [c.fileno() for c in chunk])
-        notify("STOPPING=1")
-        os.kill(os.getpid(), signal.SIGSTOP)  # a rollback sends SIGCONT: carry on
+        # from STOPPING=1 on, touch nothing until SIGCONT: the agent stops us (SIGSTOP; we
+        # may be a PID namespace's init, which cannot stop itself), a rollback continues
+        # us, a successful move kills us. SIGCONT is blocked first so that none is missed.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCONT})
+        try:
+            notify("STOPPING=1")
+            signal.sigwait({signal.SIGCONT})
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCONT})
 
     def run(self) -> None:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
         signal.signal(HANDOFF_SIGNAL, lambda *_: setattr(self, "handoff", True))
         self.sel.register(rfd, selectors.EVENT_READ, lambda _: os.read(rfd, 512))
-        notify("READY=1\nSTATUS=serving")
+        notify("READY=1\nFDSTORE=1\nSTATUS=serving")  # FDSTORE=1 alone: "I hand over"
         while True:
             for key, _ in self.sel.select():
                 key.data(key.fileobj)

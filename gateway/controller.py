@@ -21,7 +21,7 @@ from typing import Callable
 from clustercore import messages as msgs
 from clustercore import migration as mig
 from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
-from clustercore.kinds import Delivery, MigrateStrategy, ServiceKind, migration_strategy, service_kind
+from clustercore.kinds import Delivery, MigrateStrategy, ServiceKind, member, migration_strategy, service_kind
 from clustercore.migration_driver import MigrationDriver, event_for_reply
 from vipwire.logs import event
 from vipwire.rpc import Context
@@ -43,8 +43,9 @@ class _Run:
     """The I/O of one running migration: the Executor the driver performs through."""
 
     def __init__(self, controller: "Controller", name: str, source: str, dest: str,
-                 new_epoch: int, progress: Callable[[str, str], None]) -> None:
+                 new_epoch: int, progress: Callable[[str, str], None], strategy: str = "") -> None:
         self.ctl, self.gw = controller, controller.gw
+        self.strategy = strategy  # resolved (never auto): both nodes move with it
         self.name, self.source, self.dest, self.new_epoch = name, source, dest, new_epoch
         self.say = progress
         self.loop = asyncio.get_running_loop()
@@ -63,6 +64,8 @@ class _Run:
     # --- Executor ---------------------------------------------------------------------
     def send(self, node: str, message: msgs.Step) -> None:
         self._fault(message.OP)
+        if isinstance(message, (msgs.Prepare, msgs.Arm)) and not message.strategy and self.strategy:
+            message = dataclasses.replace(message, strategy=self.strategy)
         if isinstance(message, msgs.Prepare) and not message.address:
             # the image of a `process` migration goes straight between the nodes
             nodes = {n.name: n.address for n in self.gw.config.nodes}
@@ -175,7 +178,9 @@ class _Run:
             while self.done is None:
                 timeout = None if self.deadline is None else max(0.0, self.deadline - self.loop.time())
                 try:
-                    event = await asyncio.wait_for(self.events.get(), timeout)
+                    # what is queued first: wait_for(get(), 0) cancels the get before it runs
+                    event = self.events.get_nowait() if not self.events.empty() else \
+                        await asyncio.wait_for(self.events.get(), timeout)
                 except asyncio.TimeoutError:
                     driver.tick(self.loop.time())
                 else:
@@ -226,10 +231,11 @@ class _Run:
 
 
 # what a migration's end event carries (the whole report is in the registry's event log)
-REPORT_LOG_FIELDS = ("service", "from", "to", "outcome", "reason", "tcp_established", "tcp_listening",
+REPORT_LOG_FIELDS = ("service", "from", "to", "strategy", "outcome", "reason", "tcp_established", "tcp_listening",
                      "udp_sockets", "bytes_moved", "freeze_ms", "total_ms", "held", "released",
                      "duplicates_suppressed", "lost", "kernel_queue_drops")
 PROCESS_STEP_S = 30.0  # freezing and restoring of a `process` migration may take this long
+STRATEGY_ASK_TIMEOUT_S = 2.0  # asking the owner whether its program announced the fd store
 
 
 class Controller:
@@ -254,14 +260,33 @@ class Controller:
             out.append({"service": name, "step": "recovering"})
         return out
 
-    def _timeouts_for(self, service) -> "mig.MigrationTimeouts":
+    async def _strategy_for(self, service) -> MigrateStrategy:
+        """The strategy this migration moves with, resolved here for both nodes: `auto`
+        is the handoff for a program that announced the fd store (its agent says so in
+        its counters, `processes[name].handoff`), else the kind's preference. An explicit
+        `handoff` for a program that never announced it is refused: it would not answer
+        the handoff signal."""
+        kind = service_kind(service.exec_spec)
+        requested = member(MigrateStrategy, service.migrate) or MigrateStrategy.AUTO
+        speaks = False
+        if kind is ServiceKind.COMMAND and requested in (MigrateStrategy.AUTO, MigrateStrategy.HANDOFF):
+            session = self.gw.agents.get(service.owner)
+            try:
+                counters = await session.rpc.request(msgs.Counters(), timeout=STRATEGY_ASK_TIMEOUT_S)
+                speaks = bool(counters.get("processes", {}).get(service.name, {}).get("handoff"))
+            except (VipError, AttributeError) as e:
+                log.warning("migration of %s: cannot ask %s whether it speaks the fd store (%s)",
+                            service.name, service.owner, e)
+            if requested is MigrateStrategy.HANDOFF and not speaks:
+                raise LocalControlError(
+                    f"service '{service.name}' asks for the handoff strategy but its program has not "
+                    "announced the fd store (sd_notify READY=1 with FDSTORE=1); it cannot be handed over")
+        return migration_strategy(kind, requested, speaks_fdstore=speaks)
+
+    def _timeouts_for(self, strategy: MigrateStrategy) -> "mig.MigrationTimeouts":
         """The `process` strategy's freeze dumps and moves a whole image and its restore
         runs criu: seconds, growing with the program's memory, not the handoff's
         milliseconds. (The nodes give up on an image after IMAGE_TIMEOUT_S, before this.)"""
-        try:
-            strategy = migration_strategy(service_kind(service.exec_spec), service.migrate)
-        except (VipError, AttributeError):
-            return self.timeouts
         if strategy is not MigrateStrategy.PROCESS:
             return self.timeouts
         return dataclasses.replace(self.timeouts, freezing=max(self.timeouts.freezing, PROCESS_STEP_S),
@@ -305,24 +330,27 @@ class Controller:
         self.book.begin(service=name, owner=service.owner, dest=dest, nodes=nodes_up)
         try:
             gw.failover.check_destination(dest)  # down, or its checks fail: refused
+            strategy = await self._strategy_for(service)
             # two gateways: only while this one holds the driver lease (gateway.ha)
             async with (gw.ha.driving(name) if gw.ha is not None else contextlib.nullcontext()):
-                return await self._run(name, service.owner, dest, progress or (lambda step, detail: None))
+                return await self._run(name, service.owner, dest, progress or (lambda step, detail: None),
+                                       strategy)
         finally:
             self.book.finish(name)
 
-    async def _run(self, name: str, source: str, dest: str, progress) -> dict:
+    async def _run(self, name: str, source: str, dest: str, progress,
+                   strategy: MigrateStrategy = MigrateStrategy.HANDOFF) -> dict:
         gw = self.gw
         new_epoch = gw.epochs.get(name, 1) + 1
         epoch = nft.epoch_mac(new_epoch)
         machine = mig.Migration(service=name, source=source, dest=dest, epoch=epoch,
-                                timeouts=self._timeouts_for(gw.table.get(name)))
+                                timeouts=self._timeouts_for(strategy))
         started = time.time()
-        progress("start", f"migrating {name}: {source} -> {dest}")
-        event(log, "migration.start", service=name, source=source, dest=dest, epoch=epoch)
+        progress("start", f"migrating {name}: {source} -> {dest} ({strategy})")
+        event(log, "migration.start", service=name, source=source, dest=dest, epoch=epoch, strategy=str(strategy))
         # journaled before the first step: a gateway that dies from here on finds it
         gw.registry.journal_begin(name, source, dest, new_epoch)
-        run = self.runs[name] = _Run(self, name, source, dest, new_epoch, progress)
+        run = self.runs[name] = _Run(self, name, source, dest, new_epoch, progress, str(strategy))
         try:
             finished = await run.drive(machine)
         finally:
@@ -331,6 +359,7 @@ class Controller:
             await self._repeat_rollback(name, source, dest, epoch)
         report = finished.report.as_dict()
         report["total_ms"] = report.get("total_ms") or round((time.time() - started) * 1000, 2)
+        report["strategy"] = str(strategy)
         report["steps_ms"] = run.steps_ms
         report["split_ms"] = run.split_ms
         report["kernel_queue_drops"] = run.kernel_drops

@@ -101,13 +101,14 @@ class Gateway:
         cfg = self.config
         netlink.interface_mac(cfg.client_interface, "client_interface")
         self.gateway_mac = netlink.interface_mac(cfg.cluster_interface, "cluster_interface")
-        netlink.enable_forwarding()
-        netlink.add_vip_route(cfg.vip, cfg.cluster_interface)
+        netlink.enable_forwarding(ipv6=any(":" in v for v in cfg.vips))
+        for vip in cfg.vips:
+            netlink.add_vip_route(vip, cfg.cluster_interface)
         # adopt what a previous gateway left: the table is replaced in one transaction,
         # rendered from the same registry, so packets keep flowing through the restart
         self.apply_delivery()
         log.info("delivery: every packet to %s on %s is copied to %d nodes on %s",
-                 cfg.vip, cfg.client_interface, len(cfg.nodes), cfg.cluster_interface)
+                 " and ".join(cfg.vips), cfg.client_interface, len(cfg.nodes), cfg.cluster_interface)
 
     async def start(self) -> None:
         cfg = self.config
@@ -213,7 +214,7 @@ class Gateway:
                 elif fenced and s.owner not in fenced:
                     targets[key] = [macs[n.name] for n in self.config.nodes if n.name not in fenced]
         script = nft.render_ruleset(
-            vip=self.config.vip,
+            vip=self.config.vips,
             client_interface=self.config.client_interface,
             cluster_interface=self.config.cluster_interface,
             gateway_mac=self.gateway_mac,
@@ -563,7 +564,7 @@ class Gateway:
             d["counters"] = per_node
             d["migrating"] = self.controller.busy(s.name)
             services.append(d)
-        return {"vip": self.config.vip, "delivery": self.config.delivery,
+        return {"vip": self.config.vip, "vips": list(self.config.vips), "delivery": self.config.delivery,
                 "copies_per_packet": self.copies_per_packet(), "nodes": nodes, "services": services,
                 "migrations": self.controller.in_progress(),
                 "failovers": list(self.failover.failovers)}
@@ -611,7 +612,8 @@ def remove_data_plane(config: GatewayConfig) -> None:
     operator's word (`vipctl gateway cleanup`): a gateway that exits leaves them, so a
     restart or a crash is no outage."""
     nft.remove()
-    netlink.remove_vip_route(config.vip)
+    for vip in config.vips:
+        netlink.remove_vip_route(vip)
 
 
 def run(config: GatewayConfig) -> None:

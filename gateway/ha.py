@@ -194,7 +194,8 @@ class HighAvailability:
     def _route(self) -> None:
         cfg = self.gw.config
         try:
-            netlink.add_vip_route(cfg.vip, cfg.cluster_interface)
+            for vip in cfg.vips:
+                netlink.add_vip_route(vip, cfg.cluster_interface)
         except VipError:
             pass  # the link is down: the next round puts it back
 

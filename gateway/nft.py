@@ -12,6 +12,12 @@ they count positions from that in-band origin (clustercore.cutover).
 
 The whole table is replaced in one `nft -f` transaction, so a change (an epoch flip, a
 node added) is atomic with respect to the packet path.
+
+IPv6 (KERNEL-NOTES: "IPv6 works the same way"): an IPv6 VIP gets its own `ip6 daddr`
+jump into the same chain; the rest (`meta l4proto`, the MAC rewrite, dup/fwd) does not
+look at the network header, so a dual-stack service port has one epoch for both families
+and both families' packets are counted and cut over together. No neighbour entry for the
+VIP6 is needed on the gateway: the frames are addressed here, by MAC, to each node.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from clustercore.packet import PROTO_NAMES
 TABLE = "vipcluster"
 
 
-def render_ruleset(*, vip: str, client_interface: str, cluster_interface: str,
+def render_ruleset(*, vip: str | tuple[str, ...], client_interface: str, cluster_interface: str,
                    gateway_mac: str, node_macs: list[str],
                    epochs: dict[tuple[int, int], int],
                    targets: dict[tuple[int, int], list[str]] | None = None) -> str:
@@ -37,13 +43,15 @@ def render_ruleset(*, vip: str, client_interface: str, cluster_interface: str,
     """
     if not node_macs:
         raise ValueError("no nodes to deliver to")
+    vips = (vip,) if isinstance(vip, str) else tuple(vip)
+    jumps = [f"    {'ip6' if ':' in v else 'ip'} daddr {v} jump vip" for v in vips]
     lines = [
         f"table netdev {TABLE}",
         f"delete table netdev {TABLE}",
         f"table netdev {TABLE} {{",
         "  chain deliver {",
         f'    type filter hook ingress device "{client_interface}" priority 0; policy accept;',
-        f"    ip daddr {vip} jump vip",
+        *jumps,
         "  }",
         "  chain vip {",
         f"    ether saddr set {gateway_mac}",

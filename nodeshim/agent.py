@@ -34,6 +34,7 @@ from vipwire.rpc import Context, RpcConnection
 
 from . import criu, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
 from .drain import DrainAgent
+from .fdstore import NotifySocket, process_group_of
 from .health import HealthRunner
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
@@ -87,6 +88,29 @@ class NodeAgent:
         self._kernel_base: dict[str, dict[str, int]] = {}
         self.metrics = NodeMetrics(self)  # hooks below; served at config.metrics_address
         self._metrics_server = None
+        # every service's NOTIFY_SOCKET (sd_notify, the fd store of the handoff); bound
+        # at start
+        self.notify_path = os.path.join(config.state_dir, "notify")
+        self.notify: NotifySocket | None = None
+
+    @property
+    def notify_env(self) -> dict[str, str]:
+        """What every service we start gets (never the agent's own NOTIFY_SOCKET)."""
+        return {"NOTIFY_SOCKET": self.notify_path}
+
+    def service_of_pid(self, pid: int) -> str | None:
+        """The service a notification's sender belongs to (by its process group: every
+        service leads its own session), or None: it is not ours."""
+        group = process_group_of(pid)
+        if group is None:
+            return None
+        for name, rs in self.running.items():
+            if rs.pid == group:
+                return name
+        return self.migrations.starting.get(group)
+
+    def speaks_handoff(self, name: str) -> bool:
+        return self.notify is not None and name in self.notify.stores and self.notify.stores[name].handoff
 
     # --- lifecycle -------------------------------------------------------------------
     def prepare_kernel(self) -> None:
@@ -94,7 +118,8 @@ class NodeAgent:
         netlink.set_sysctls(netlink.ARP_SYSCTLS)
         if self.config.cluster_interface:
             netlink.disable_receive_offloads(self.config.cluster_interface)
-        netlink.add_vip(self.config.vip)  # stays when we exit (services keep serving)
+        for vip in self.config.vips:
+            netlink.add_vip(vip)  # stays when we exit (services keep serving)
 
     # --- services left by a previous agent (it exited or crashed) --------------------
     @property
@@ -106,7 +131,8 @@ class NodeAgent:
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         tmp = self._running_file + ".tmp"
         record = {"version": 2, "services": {
-            n: {"pid": rs.pid, "service": rs.service.to_dict(), "sockets": [name for name, _ in rs.sockets]}
+            n: {"pid": rs.pid, "service": rs.service.to_dict(), "sockets": [name for name, _ in rs.sockets],
+                "handoff": self.speaks_handoff(n)}  # it said so once; a successor must know
             for n, rs in self.running.items()}}
         with open(tmp, "w") as f:
             json.dump(record, f)
@@ -152,7 +178,7 @@ class NodeAgent:
                 log.warning("record of service %s is unreadable (%s): not adopted", name, e)
                 continue
             try:
-                rs = services.adopt(service, pid, names, self.config.vip, self.log_dir)
+                rs = services.adopt(service, pid, names, self.config.vips, self.log_dir)
             except VipError as e:
                 self._end_stray(name, pid, f"cannot adopt it: {e}")
                 continue
@@ -162,6 +188,8 @@ class NodeAgent:
             self.running[name] = rs
             self.restarts[name] = 0
             self.adopted.append(name)
+            if entry.get("handoff") is True and self.notify is not None:
+                self.notify.store(name).handoff = True
             if pidfd.process_state(pid) in pidfd.STOPPED_STATES:
                 # its agent died mid-migration with it frozen: what that agent held (the
                 # queued packets, datagrams it drained, connections it had just accepted)
@@ -185,7 +213,7 @@ class NodeAgent:
             if name in wanted:
                 ports = tuple(p for proto, p in rs.service.ports if proto == TCP)
                 try:
-                    conns = pidfd.take_connections(rs.pid, self.config.vip, ports)
+                    conns = pidfd.take_connections(rs.pid, self.config.vips, ports)
                     try:
                         tcprepair.unrepair_many([sock for _, sock in conns])
                     finally:
@@ -218,12 +246,16 @@ class NodeAgent:
             os.unlink(self._running_file)
         except FileNotFoundError:
             pass
-        iptables.remove(self.config.vip)
-        netlink.remove_vip(self.config.vip)
-        return {"node": self.config.name, "stopped": stopped, "rules_removed": True, "vip_removed": self.config.vip}
+        iptables.remove(self.config.vips)
+        for vip in self.config.vips:
+            netlink.remove_vip(vip)
+        return {"node": self.config.name, "stopped": stopped, "rules_removed": True,
+                "vip_removed": " and ".join(self.config.vips)}
 
     async def start(self) -> None:
         cfg = self.config
+        self.notify = NotifySocket(self.notify_path, self.service_of_pid)
+        asyncio.get_running_loop().add_reader(self.notify.fileno(), self.notify.drain)
         self.adopt_orphans()
         self.migrations.end_restored_orphans()
         if self.adopted:
@@ -239,7 +271,7 @@ class NodeAgent:
         self._criu_check = asyncio.ensure_future(self._check_criu())
         self._fast_rules: list[str] | None = None
         self._kernel_base: dict[str, dict[str, int]] = {}
-        if self.adopted and iptables.chain_exists():
+        if self.adopted and any(iptables.chain_exists(v) for v in iptables.versions(cfg.vips)):
             # the previous agent's rules still steer the adopted services' packets; they
             # are replaced (atomically) when the gateway's table arrives, not emptied now
             self._fast_rules = ["(kept from the previous agent)"]
@@ -247,7 +279,7 @@ class NodeAgent:
         else:
             self.sync_datapath()
         log.info("node %s: VIP %s on lo, VIP packets -> queue %d (fail closed)",
-                 cfg.name, cfg.vip, cfg.queue_num)
+                 cfg.name, " and ".join(cfg.vips), cfg.queue_num)
         try:
             self._metrics_server = await metricsserver.serve(cfg.metrics_address, self.metrics.registry,
                                                              self.metrics.before_scrape)
@@ -260,20 +292,21 @@ class NodeAgent:
         services in migration (they have a role) and undecidable packets to the queue.
         Replaced atomically; counters of the old rules are kept."""
         cfg = self.config
+        versions = iptables.versions(cfg.vips)
         if cfg.datapath == Datapath.QUEUE:
-            rules: list[str] = []
+            rules: dict[int, list[str]] = {v: [] for v in versions}
         else:
-            rules = fastpath.to_iptables(
-                fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
-                                   set(self.filter.roles), self.drain.roles), cfg.queue_num)
+            fast = fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
+                                      set(self.filter.roles), self.drain.roles)
+            rules = {v: fastpath.to_iptables(fast, cfg.queue_num, v) for v in versions}
         if rules == self._fast_rules:
             return
         if self._fast_rules:
-            for name, c in iptables.read_counters().items():
+            for name, c in iptables.read_counters(versions).items():
                 base = self._kernel_base.setdefault(name, {"accepted": 0, "dropped": 0})
                 base["accepted"] += c["accepted"]
                 base["dropped"] += c["dropped"]
-        iptables.install(cfg.vip, cfg.queue_num, fast_rules=rules)
+        iptables.install(cfg.vips, cfg.queue_num, fast_rules=rules)
         self._fast_rules = rules
 
     def decide(self, data: bytes, epoch, handle, now):
@@ -339,11 +372,17 @@ class NodeAgent:
         for rs in self.running.values():
             for _, s in rs.sockets:
                 s.close()
-            services.close_gate(rs)
         if self.queue is not None:
             self.queue.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
+        if self.notify is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.notify.fileno())
+            except RuntimeError:
+                pass
+            self.notify.close()
+            self.notify = None
 
     # --- gateway link ----------------------------------------------------------------
     async def _gateway_loop(self) -> None:
@@ -527,16 +566,19 @@ class NodeAgent:
         if service.name in self.running:
             raise LocalControlError(f"service '{service.name}' already runs on {self.config.name}")
         kind = service_kind(service.exec_spec)
+        extra_env = {**self.notify_env, **(extra_env or {})}
+        if self.notify is not None:
+            self.notify.forget(service.name)  # a new program: what it says starts afresh
         if kind is ServiceKind.ADOPTED:
             rs = services.adopt_operator_process(service, adopted_pid(service.exec_spec) or 0, self.log_dir)
             names: list[str] = []
         elif kind is ServiceKind.COMMAND:
             # the `process` strategy moves it: own PID namespace and session, output pipe
-            rs = services.start_isolated(service, self.config.vip, self.log_dir, extra_env=extra_env)
+            rs = services.start_isolated(service, self.config.vips, self.log_dir, extra_env=extra_env)
             names = [] if service.sockets == "self" else [
                 f"{'tcp' if proto == TCP else 'udp'}-{port}" for proto, port in service.ports]
         else:
-            socks = sockets if sockets is not None else services.open_sockets(self.config.vip, service.ports)
+            socks = sockets if sockets is not None else services.open_sockets(self.config.vips, service.ports)
             try:
                 rs = services.spawn(service, socks, self.log_dir, extra_env)
             except VipError:
@@ -588,7 +630,8 @@ class NodeAgent:
             "datapath": self.config.datapath,
             "services": self.packet_counters(),
             "unparsed": self.filter.unparsed,
-            "processes": {n: {"pid": rs.pid, "alive": rs.process.poll() is None}
+            "processes": {n: {"pid": rs.pid, "alive": rs.process.poll() is None,
+                              "handoff": self.speaks_handoff(n)}  # announced the fd store
                           for n, rs in self.running.items()},
             "queue_errors": self.queue.errors if self.queue else 0,
             "process_strategy": self.process_strategy(),
@@ -605,7 +648,7 @@ class NodeAgent:
         services_c = self.filter.counters_dict()
         if self._fast_rules:
             if kernel is None:
-                kernel = iptables.read_counters()
+                kernel = iptables.read_counters(iptables.versions(self.config.vips))
             for name in set(kernel) | set(self._kernel_base):
                 c = services_c.setdefault(name, {"accepted": 0, "dropped": 0, "held": 0})
                 for k in ("accepted", "dropped"):
@@ -641,7 +684,7 @@ class NodeAgent:
                     self.restarts[name] = MAX_RESTARTS  # not ours to restart
                     continue
                 if service_kind(rs.service.exec_spec) is ServiceKind.COMMAND:
-                    self.running[name] = services.start_isolated(rs.service, self.config.vip, self.log_dir)
+                    self.running[name] = services.start_isolated(rs.service, self.config.vips, self.log_dir)
                 else:
                     self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir)
                 self.restarts[name] = n + 1

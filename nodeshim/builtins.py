@@ -7,16 +7,20 @@ Sockets come from LISTEN_FDS/LISTEN_FDNAMES (fds 3..). A fd whose socket is list
 accepted from; a connected stream socket (a connection handed over by a migration) is
 served directly; a datagram socket is echoed.
 
-State hook (for live migration): on SIGUSR1 a builtin stops reading, writes what it still
-holds in user space to VIPCLUSTER_STATE_OUT (the kv table; per connection, bytes it owes
-the client and a partial request line) and stops itself (SIGSTOP), so its sockets can be
-dumped with nothing lost in user space. A new instance loads that file (named over the
-gate) and gives each restored connection (matched by its peer address) its pending bytes
-back. The gate (VIPCLUSTER_GATE_FD, a SOCK_SEQPACKET socket) is how a new instance
-started early, at prepare, learns the rest: it says `ready` once started, then receives
-`state PATH` (the old instance's saved state), the migrated connections in `fds NAME,...`
-batches with SCM_RIGHTS, and `go` when the migration releases the held packets; only then
-it serves.
+Live migration (the `handoff` strategy): the builtins are the reference implementation of
+the systemd fd-store handoff any program can speak (see examples/handoff_counter.py for
+a third party's, clustercore.sdnotify for the protocol):
+- once serving they tell NOTIFY_SOCKET `READY=1` and `FDSTORE=1` with no descriptor: "I
+  hand over through the fd store" (the agent then moves them by handoff);
+- on SIGUSR1 (the handoff signal) they stop reading, flush what the kernel will take,
+  write what user space still holds (the kv table; per connection the bytes owed to the
+  client and a partial request line) into a memfd, store it (`FDNAME=state`), then every
+  listener and UDP socket under its activation name and every connection as `conn-PORT`
+  (FDSTORE=1, SCM_RIGHTS), say STOPPING=1 and then touch nothing until SIGCONT (the agent
+  stops them meanwhile: SIGSTOP). A rollback sends SIGCONT: they carry on. A commit kills
+  them;
+- the new instance gets it all back as LISTEN_FDS: `state` is loaded first, and each
+  connection (matched by its peer address) gets its pending bytes back.
 """
 
 from __future__ import annotations
@@ -29,25 +33,36 @@ import selectors
 import signal
 import socket
 import sys
+from collections import defaultdict
 
 from nodeshim.limits import raise_nofile
 
 
 OUTBUF_LIMIT = 256 * 1024
+STATE_FDNAME = "state"
+FDS_PER_MESSAGE = 250  # below the kernel's SCM_MAX_FD (253)
 
 
-def listen_fds() -> list[tuple[str, socket.socket]]:
+def listen_fds() -> list[tuple[str, int]]:
+    """(name, fd) of the descriptors passed to us (sd_listen_fds(3))."""
     if os.environ.get("LISTEN_PID") not in (None, str(os.getpid())):
         return []
     n = int(os.environ.get("LISTEN_FDS", "0"))
     names = os.environ.get("LISTEN_FDNAMES", "").split(":") if n else []
-    out = []
-    for i in range(n):
-        fd = 3 + i
-        s = socket.socket(fileno=fd)
-        s.setblocking(False)
-        out.append((names[i] if i < len(names) else f"fd{fd}", s))
-    return out
+    return [(names[i] if i < len(names) else f"fd{3 + i}", 3 + i) for i in range(n)]
+
+
+def notify(text: str, fds: list[int] = ()) -> bool:
+    """One sd_notify(3) message to NOTIFY_SOCKET, descriptors attached (False: no socket)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        s.sendmsg([text.encode()], anc, 0, path)
+    return True
 
 
 class Server:
@@ -58,21 +73,36 @@ class Server:
         self.inbuf: dict[socket.socket, bytearray] = {}
         self.eof: set[socket.socket] = set()
         self.outbuf: dict[socket.socket, bytearray] = {}
-        self.quiesce = False
+        self.handoff = False
         self.pending: dict[str, dict] = {}
+        self.named: list[tuple[str, socket.socket]] = []  # listeners and UDP sockets
 
-    def load_state(self, path: str) -> None:
-        """What the old instance saved when it quiesced: the kv table, and per connection
-        the bytes it owed and a partial request."""
-        with open(path) as f:
-            state = json.load(f)
+    def load_state(self, data: bytes) -> None:
+        """What the old instance stored when it handed over: the kv table, and per
+        connection the bytes it owed and a partial request."""
+        state = json.loads(data or b"{}")
         self.kv = dict(state.get("kv", {}))
         self.pending = dict(state.get("conns", {}))
 
+    def adopt(self, fds: list[tuple[str, int]]) -> None:
+        """Everything LISTEN_FDS passed: the state first, then the sockets."""
+        for name, fd in fds:
+            if name == STATE_FDNAME:
+                os.lseek(fd, 0, os.SEEK_SET)
+                with os.fdopen(fd, "rb") as f:
+                    self.load_state(f.read())
+        for name, fd in fds:
+            if name != STATE_FDNAME:
+                s = socket.socket(fileno=fd)
+                s.setblocking(False)
+                self.add(name, s)
+
     def add(self, name: str, s: socket.socket) -> None:
         if s.type == socket.SOCK_DGRAM:
+            self.named.append((name, s))
             self.sel.register(s, selectors.EVENT_READ, self.on_udp)
         elif s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            self.named.append((name, s))
             self.sel.register(s, selectors.EVENT_READ, self.on_accept)
         else:
             self._add_conn(s)
@@ -170,8 +200,8 @@ class Server:
         self.outbuf.pop(c, None)
         c.close()
 
-    def do_quiesce(self) -> None:
-        """Save what user space holds, then stop: the sockets hold everything else."""
+    def hand_over(self) -> None:
+        """Store the state and every socket in the agent's fd store, then stop."""
         conns = {}
         for c in list(self.outbuf):
             try:
@@ -181,15 +211,30 @@ class Server:
             if c in self.outbuf and (self.outbuf[c] or self.inbuf[c]):
                 conns[_peer_key(c)] = {"out": base64.b64encode(bytes(self.outbuf[c])).decode(),
                                        "in": base64.b64encode(bytes(self.inbuf[c])).decode()}
-        out = os.environ.get("VIPCLUSTER_STATE_OUT")
-        if out:
-            tmp = out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"kv": self.kv, "conns": conns}, f)
-            os.replace(tmp, out)
-        print("quiesced", flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)
-        self.quiesce = False
+        memfd = os.memfd_create(STATE_FDNAME, os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(memfd), "wb") as f:
+                f.write(json.dumps({"kv": self.kv, "conns": conns}).encode())
+            os.lseek(memfd, 0, os.SEEK_SET)  # one open file: its reader starts where we stop
+            stored = notify(f"FDSTORE=1\nFDNAME={STATE_FDNAME}", [memfd])
+        finally:
+            os.close(memfd)
+        if not stored:
+            print("no NOTIFY_SOCKET: nothing to hand over to", flush=True)
+            return
+        for name, s in self.named:
+            notify(f"FDSTORE=1\nFDNAME={name}", [s.fileno()])
+        by_port: dict[int, list[int]] = defaultdict(list)
+        for c in self.outbuf:
+            try:
+                by_port[c.getsockname()[1]].append(c.fileno())
+            except OSError:
+                pass
+        for port, fds in by_port.items():
+            for i in range(0, len(fds), FDS_PER_MESSAGE):
+                notify(f"FDSTORE=1\nFDNAME=conn-{port}", fds[i:i + FDS_PER_MESSAGE])
+        print(f"handed over {len(self.outbuf)} connections", flush=True)
+        wait_for_continue(lambda: notify("STOPPING=1"))
 
     def run(self) -> None:
         while True:
@@ -199,40 +244,21 @@ class Server:
                 events = []
             for key, mask in events:
                 key.data(key.fileobj, mask)
-            if self.quiesce:
-                self.do_quiesce()
+            if self.handoff:
+                self.handoff = False
+                self.hand_over()
 
 
-def wait_at_gate(fd: int, server: "Server") -> list[tuple[str, socket.socket]] | None:
-    """Receive the saved state and the migrated connections (SCM_RIGHTS batches) until
-    `go`; None if the agent closed the gate without letting us serve."""
-    gate = socket.socket(fileno=fd)
-    gate.send(b"ready")  # started: the agent may freeze the old instance now
-    conns: list[tuple[str, socket.socket]] = []
-    fd_size = array.array("i").itemsize
-    while True:
-        data, anc, _flags, _addr = gate.recvmsg(1 << 20, socket.CMSG_SPACE(256 * fd_size))
-        fds = array.array("i")
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fd_size])
-        if data.startswith(b"state "):
-            server.load_state(data[6:].decode())
-        elif data.startswith(b"fds "):
-            names = data[4:].decode().split(",")
-            for name, f in zip(names, fds):
-                s = socket.socket(fileno=f)
-                s.setblocking(False)
-                conns.append((name, s))
-        elif data == b"go":
-            gate.close()
-            return conns
-        else:  # EOF: the agent died or aborted; close what we got without a word
-            for f in fds:
-                os.close(f)
-            for _, s in conns:
-                s.close()
-            return None
+def wait_for_continue(say_stopping) -> None:
+    """After STOPPING=1: touch nothing until SIGCONT. The agent stops us (SIGSTOP from
+    outside: a PID-namespace init cannot stop itself) and a rollback continues us; a
+    commit kills us. SIGCONT is blocked first, so one sent early is not missed."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCONT})
+    try:
+        say_stopping()
+        signal.sigwait({signal.SIGCONT})
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCONT})
 
 
 def _peer_key(c: socket.socket) -> str:
@@ -257,12 +283,13 @@ def main(argv: list[str]) -> int:
         print("usage: python -m nodeshim.builtins echo|kv", file=sys.stderr)
         return 2
     server = Server(argv[0])
-    socks = listen_fds()
-    if not socks:
+    fds = listen_fds()
+    if not fds:
         print("no sockets passed (LISTEN_FDS)", file=sys.stderr)
         return 2
+
     def on_usr1(signum, frame):
-        server.quiesce = True
+        server.handoff = True
 
     signal.signal(signal.SIGUSR1, on_usr1)
     # wake select() at once when a signal arrives
@@ -272,16 +299,10 @@ def main(argv: list[str]) -> int:
     signal.set_wakeup_fd(wake_w.fileno())
     server.sel.register(wake_r, selectors.EVENT_READ, lambda s, m: _drain_wakeup(s))
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-    gate = os.environ.get("VIPCLUSTER_GATE_FD")
-    if gate:
-        conns = wait_at_gate(int(gate), server)
-        if conns is None:
-            # the agent went away before the release: the migration did not happen here
-            return 0
-        socks = socks + conns
-    for name, s in socks:
-        server.add(name, s)
-    print(f"{argv[0]} serving {', '.join(n for n, _ in socks)}", flush=True)
+    server.adopt(fds)
+    names = sorted({n for n, _ in fds})
+    print(f"{argv[0]} serving {', '.join(names)} ({len(server.outbuf)} connections handed over)", flush=True)
+    notify(f"READY=1\nFDSTORE=1\nSTATUS=serving {', '.join(names)}")  # FDSTORE=1 alone: I hand over
     server.run()
     return 0
 

@@ -9,6 +9,12 @@ any other process is dropped and logged.
 
 The handoff migration reads a stopped program's store: its connections by name, and the
 memfd named `state` with its user-space state (clustercore.sdnotify.STATE_FDNAME).
+
+How the agent knows a program speaks the handoff: it says so, once it serves, with an
+`FDSTORE=1` that carries no descriptor (`READY=1\nFDSTORE=1`): "I keep my state in the fd
+store". Under systemd that message stores nothing and is harmless. A service asked to
+migrate with `--migrate auto` then moves by handoff (clustercore.kinds.migration_strategy);
+one that never said it moves its whole process (criu).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class Store:
     """What one service has told us: readiness, status, and its stored descriptors."""
     ready: bool = False
     stopping: bool = False
+    handoff: bool = False  # it announced the fd-store handoff (FDSTORE=1, no descriptor)
     status: str = ""
     fds: list[tuple[str, int]] = field(default_factory=list)  # (name, fd we own), in order
 
@@ -47,6 +54,12 @@ class Store:
     def close(self) -> None:
         for _, fd in self.take():
             os.close(fd)
+
+    def begin_handover(self) -> None:
+        """Before the handoff signal: nothing stale counts (a rolled-back handoff left
+        STOPPING=1 behind); what it announced stays."""
+        self.close()
+        self.stopping = False
 
 
 class NotifySocket:
@@ -112,7 +125,9 @@ class NotifySocket:
         store.stopping = store.stopping or note.stopping
         if note.status is not None:
             store.status = note.status
-        if note.fdstore:
+        if note.fdstore and not fds:
+            store.handoff = True
+        elif note.fdstore:
             store.fds += [(note.fdname, fd) for fd in fds]
         else:
             for fd in fds:  # descriptors without FDSTORE=1 are not kept (as systemd does)
@@ -139,6 +154,30 @@ def _ancillary(ancdata) -> tuple[list[int], int | None]:
         elif level == socket.SOL_SOCKET and kind == SCM_CREDENTIALS and len(payload) >= UCRED.size:
             pid = UCRED.unpack(payload[: UCRED.size])[0]
     return fds, pid
+
+
+def as_objects(stored: list[tuple[str, int]]) -> list[tuple[str, object]]:
+    """Stored descriptors as objects the migration's commands use (they all have
+    fileno() and close()): sockets as sockets, anything else (the state memfd) as a file."""
+    out: list[tuple[str, object]] = []
+    for name, fd in stored:
+        try:
+            out.append((name, socket.socket(fileno=fd)))
+        except OSError:  # not a socket
+            out.append((name, os.fdopen(fd, "rb", buffering=0)))
+    return out
+
+
+def read_state(f, limit: int) -> bytes:
+    """The content of a stored state memfd, from its start, at most `limit` bytes."""
+    os.lseek(f.fileno(), 0, os.SEEK_SET)
+    data = b""
+    while len(data) <= limit:
+        chunk = os.read(f.fileno(), 1 << 20)
+        if not chunk:
+            return data
+        data += chunk
+    raise NotifyError(f"the stored state is larger than {limit} bytes")
 
 
 def process_group_of(pid: int) -> int | None:

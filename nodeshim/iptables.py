@@ -18,15 +18,32 @@ Traffic on `lo` (the node talking to its own VIP, UDP datagrams re-injected duri
 migration) skips the queue.
 
 Rules are written with `iptables-restore --noflush`, one atomic batch per change.
+
+IPv6: the same layout in ip6tables' mangle table, for an IPv6 VIP (`-d VIP6/128`), with
+the same queue number (one shim reads both families) and the same fast-path rules but
+for ICMP, which is ICMPv6 there (clustercore.fastpath.to_iptables renders per family).
+Every function takes one VIP or several (dual-stack) and uses each one's own tool.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
+from typing import Iterable
 
 from clustercore.errors import KernelError
 
 CHAIN = "VIPCLUSTER"
+_installed: set[int] = set()  # the families install() set up in this process (read_counters' default)
+_TOOLS = {4: ("iptables", "iptables-restore", "iptables-save", 32),
+          6: ("ip6tables", "ip6tables-restore", "ip6tables-save", 128)}
+
+
+def _families(vips: str | Iterable[str]) -> dict[int, str]:
+    """{version: vip} for one VIP or several (at most one per family)."""
+    if isinstance(vips, str):
+        vips = (vips,)
+    return {ipaddress.ip_address(v).version: v for v in vips}
 
 
 def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -36,44 +53,64 @@ def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subpr
     return proc
 
 
-def _jump_rule(vip: str) -> list[str]:
-    return ["-d", f"{vip}/32", "!", "-i", "lo", "-j", CHAIN]
+def _jump_rule(vip: str, version: int = 4) -> list[str]:
+    return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-j", CHAIN]
 
 
-def install(vip: str, queue_num: int, fast_rules: list[str] | None = None) -> None:
-    """Create (or replace) our chain and the jump to it, atomically."""
-    body = [f"-A {CHAIN} {r}" for r in (fast_rules or [])]
-    body.append(f"-A {CHAIN} -j NFQUEUE --queue-num {queue_num}")
-    script = "\n".join(["*mangle", f":{CHAIN} - [0:0]", *body, "COMMIT", ""])
-    _run(["iptables-restore", "-w", "--noflush"], script)
-    if _run(["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", *_jump_rule(vip)], check=False).returncode != 0:
-        _run(["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", *_jump_rule(vip)])
+def install(vips: str | Iterable[str], queue_num: int,
+            fast_rules: list[str] | dict[int, list[str]] | None = None) -> None:
+    """Create (or replace) our chain and the jump to it, atomically, for each VIP's family.
+    `fast_rules`: one list for every family, or {version: list} (fastpath.to_iptables)."""
+    for version, vip in sorted(_families(vips).items()):
+        tool, restore, _, _ = _TOOLS[version]
+        rules = fast_rules.get(version, []) if isinstance(fast_rules, dict) else fast_rules
+        body = [f"-A {CHAIN} {r}" for r in (rules or [])]
+        body.append(f"-A {CHAIN} -j NFQUEUE --queue-num {queue_num}")
+        script = "\n".join(["*mangle", f":{CHAIN} - [0:0]", *body, "COMMIT", ""])
+        _run([restore, "-w", "--noflush"], script)
+        jump = _jump_rule(vip, version)
+        if _run([tool, "-w", "-t", "mangle", "-C", "PREROUTING", *jump], check=False).returncode != 0:
+            _run([tool, "-w", "-t", "mangle", "-I", "PREROUTING", "1", *jump])
+        _installed.add(version)
 
 
-def chain_exists() -> bool:
-    return _run(["iptables", "-w", "-t", "mangle", "-S", CHAIN], check=False).returncode == 0
+def chain_exists(version: int = 4) -> bool:
+    return _run([_TOOLS[version][0], "-w", "-t", "mangle", "-S", CHAIN], check=False).returncode == 0
 
 
-def remove(vip: str) -> None:
-    """Remove the jump and our chain (idempotent)."""
-    while _run(["iptables", "-w", "-t", "mangle", "-D", "PREROUTING", *_jump_rule(vip)], check=False).returncode == 0:
-        pass
-    _run(["iptables", "-w", "-t", "mangle", "-F", CHAIN], check=False)
-    _run(["iptables", "-w", "-t", "mangle", "-X", CHAIN], check=False)
+def remove(vips: str | Iterable[str]) -> None:
+    """Remove the jump and our chain of each VIP's family (idempotent)."""
+    for version, vip in sorted(_families(vips).items()):
+        tool = _TOOLS[version][0]
+        jump = _jump_rule(vip, version)
+        while _run([tool, "-w", "-t", "mangle", "-D", "PREROUTING", *jump], check=False).returncode == 0:
+            pass
+        _run([tool, "-w", "-t", "mangle", "-F", CHAIN], check=False)
+        _run([tool, "-w", "-t", "mangle", "-X", CHAIN], check=False)
+        _installed.discard(version)
 
 
-def read_counters() -> dict[str, dict[str, int]]:
-    """Per-service packet counters of our chain's rules, from the kernel:
+def read_counters(versions: Iterable[int] | None = None) -> dict[str, dict[str, int]]:
+    """Per-service packet counters of our chain's rules, from the kernel, summed over the
+    families asked (default: those this process installed, else IPv4):
     {service: {"accepted": n, "dropped": n}} (rules tagged `vip:NAME`)."""
+    if versions is None:
+        versions = sorted(_installed) or (4,)
     import re
 
-    proc = _run(["iptables-save", "-c", "-t", "mangle"], check=False)
     out: dict[str, dict[str, int]] = {}
     pat = re.compile(r'^\[(\d+):\d+\] -A ' + CHAIN + r' .*--comment "?vip:([^" ]+)"? -j (ACCEPT|DROP)')
-    for line in proc.stdout.decode(errors="replace").splitlines():
-        m = pat.match(line)
-        if m:
-            pkts, name, target = int(m.group(1)), m.group(2), m.group(3)
-            c = out.setdefault(name, {"accepted": 0, "dropped": 0})
-            c["accepted" if target == "ACCEPT" else "dropped"] += pkts
+    for version in sorted(set(versions)):
+        proc = _run([_TOOLS[version][2], "-c", "-t", "mangle"], check=False)
+        for line in proc.stdout.decode(errors="replace").splitlines():
+            m = pat.match(line)
+            if m:
+                pkts, name, target = int(m.group(1)), m.group(2), m.group(3)
+                c = out.setdefault(name, {"accepted": 0, "dropped": 0})
+                c["accepted" if target == "ACCEPT" else "dropped"] += pkts
     return out
+
+
+def versions(vips: str | Iterable[str]) -> tuple[int, ...]:
+    """The IP versions of one VIP or several: which tables this node uses."""
+    return tuple(sorted(_families(vips)))

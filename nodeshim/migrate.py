@@ -47,7 +47,7 @@ from clustercore.errors import KernelError, LocalControlError, VipError
 from clustercore.nodemigration import Failure, NodeMigration, NodeMigrations, Runner, role_still_needed
 from vipwire.logs import event as log_event
 
-from . import criu, imagexfer, pidfd, queue, services, tcprepair, udphandoff
+from . import criu, fdstore, imagexfer, pidfd, queue, services, tcprepair, udphandoff
 
 log = logging.getLogger("vipcluster.migrate")
 
@@ -55,11 +55,10 @@ REINJECT_MARK = 0x7669  # SO_MARK of packets we re-inject ("vi"): they loop over
 ROLE_GRACE_S = 5.0  # a role outlives its migration this long: stragglers still reach it
 HALF_CLOSED_WAIT_S = 1.0  # half-closed connections may finish this long, else refused
 HALF_CLOSED_POLL_S = 0.005
-QUIESCE_TIMEOUT_S = 2.0  # the old instance must have stopped by then
+QUIESCE_TIMEOUT_S = 2.0  # the old instance must have stopped by then (a handoff: and stored all)
 QUIESCE_POLL_S = 0.001
 SYN_RECV_WAIT_S = 0.5  # half-open handshakes may finish this long (new SYNs are held)
 SYN_RECV_POLL_S = 0.002
-READY_TIMEOUT_S = 10.0  # the gated new instance must say `ready` by then
 FAULT_EXIT_STATUS = 17  # a `die` fault: the agent exits like a crash
 TERM_FAULT_DELAY_S = 0.2  # a `term` fault: SIGTERM, then the step is handled this much later
 ACCEPT_WAIT_S = 0.5  # the program may take this long to accept what waits (then it is stopped)
@@ -80,6 +79,7 @@ class Kernel:
     queue: Any = queue
     criu: Any = criu
     imagexfer: Any = imagexfer
+    fdstore: Any = fdstore
     clock: Callable[[], float] = time.monotonic
 
 
@@ -91,7 +91,8 @@ def _each(objects, method: str) -> None:
 
 class MigrationAgent:
     """The migrations of one node agent (`agent`: config, filter, running, restarts,
-    log_dir, sync_datapath(), record_running(), send_to_gateway(), rpc)."""
+    log_dir, notify (its fd store), notify_env, sync_datapath(), record_running(),
+    send_to_gateway(), rpc)."""
 
     def __init__(self, agent, kernel: Kernel | None = None) -> None:
         self.agent = agent
@@ -100,6 +101,7 @@ class MigrationAgent:
         self.fault_dir = os.path.join(agent.config.state_dir, "faults")
         self._locks: dict[str, asyncio.Lock] = {}
         self.stopping = False  # the agent is stopping: no new migration begins here
+        self.starting: dict[int, str] = {}  # a handoff's new instance, by pid, until adopted
         self._actions: dict[type, Callable[[Any], Any]] = self._command_table()
 
     # --- what the agent asks ------------------------------------------------------------
@@ -260,7 +262,7 @@ class MigrationAgent:
     # --- the commands -------------------------------------------------------------------
     def _command_table(self) -> dict[type, Callable[[Any], Any]]:
         k, agent = self.kernel, self.agent
-        vip = agent.config.vip
+        vip = agent.config.vips
         return {
             nc.LookUp: self._look_up,
             nc.ReadClock: lambda c: k.clock(),
@@ -279,9 +281,8 @@ class MigrationAgent:
             nc.InjectPackets: lambda c: k.udphandoff.inject_ip_packets(c.packets, REINJECT_MARK),
             # the source
             nc.WaitHalfClosed: self._wait_half_closed,
-            nc.Quiesce: self._quiesce,
+            nc.HandOver: self._hand_over,
             nc.WaitHandshakes: self._wait_handshakes,
-            nc.TakeConnections: lambda c: k.pidfd.take_connections(c.instance.pid, vip, c.ports),
             nc.AcceptWaiting: lambda c: [(f"conn-{nc.port_of(name)}", conn)
                                          for name, sock in c.listeners
                                          for conn in k.tcprepair.accept_waiting(sock)],
@@ -291,7 +292,7 @@ class MigrationAgent:
             nc.StreamChunk: lambda c: agent.send_to_gateway(c.chunk),
             nc.DescribeListeners: lambda c: tuple(k.tcprepair.dump_listener(s, n) for n, s in c.listeners),
             nc.DrainDatagrams: lambda c: k.udphandoff.drain_udp(c.socket[1], c.socket[0]),
-            nc.ReadAppState: lambda c: k.services.take_saved_state(agent.log_dir, c.instance.service.name),
+            nc.ReadStateFd: lambda c: k.fdstore.read_state(c.fd, k.services.MAX_STATE_BYTES),
             nc.LeaveRepair: lambda c: k.tcprepair.unrepair_many(c.sockets),
             nc.CloseDescriptors: lambda c: _each(c.sockets, "close"),
             nc.PutBackDatagrams: lambda c: sum(
@@ -303,14 +304,11 @@ class MigrationAgent:
             nc.StopInstance: self._stop_instance,
             # the destination
             nc.OpenSockets: lambda c: k.services.open_sockets(vip, c.ports),
-            nc.StartGated: lambda c: k.services.spawn(c.service, list(c.sockets), agent.log_dir, gated=True),
-            nc.WaitReady: lambda c: k.services.wait_ready(c.instance, READY_TIMEOUT_S),
+
             nc.ConnectDatagramSocket: lambda c: k.udphandoff.connect(c.socket[1], c.peer),
             nc.RestoreConnections: lambda c: k.tcprepair.restore_many(list(c.states), thaw=False),
-            nc.SaveAppState: lambda c: k.services.keep_state(agent.log_dir, c.service, c.data),
             nc.Thaw: lambda c: k.tcprepair.thaw_many(c.sockets, c.states),
-            nc.OpenGate: lambda c: k.services.open_gate(c.instance, list(c.connections),
-                                                        state_path=c.state_path),
+            nc.StartHandedOver: self._start_handed_over,
             nc.AdoptInstance: self._adopt_instance,
             # the process strategy
             nc.StopTree: self._stop_tree,
@@ -328,7 +326,7 @@ class MigrationAgent:
     def _look_up(self, cmd: nc.LookUp) -> nc.Local:
         rs = self.agent.running.get(cmd.service)
         return nc.Local(self.agent.filter.services.get(cmd.service), rs,
-                        tuple(rs.sockets) if rs is not None else (), vip=self.agent.config.vip)
+                        tuple(rs.sockets) if rs is not None else (), vips=self.agent.config.vips)
 
     def _install_role(self, cmd: nc.InstallRole) -> None:
         self.agent.filter.roles[cmd.service] = cmd.role
@@ -355,7 +353,7 @@ class MigrationAgent:
         loop.call_later(ROLE_GRACE_S, when_due)
 
     async def _wait_half_closed(self, cmd: nc.WaitHalfClosed) -> None:
-        k, vip = self.kernel, self.agent.config.vip
+        k, vip = self.kernel, self.agent.config.vips
         deadline = k.clock() + HALF_CLOSED_WAIT_S
         while n := k.tcprepair.count_connections(vip, cmd.ports, k.tcprepair.HALF_CLOSED_CODES):
             if k.clock() > deadline:
@@ -363,29 +361,64 @@ class MigrationAgent:
                                   f"finish within {HALF_CLOSED_WAIT_S:g}s; retry when they have")
             await asyncio.sleep(HALF_CLOSED_POLL_S)
 
-    async def _quiesce(self, cmd: nc.Quiesce) -> None:
-        k, pid = self.kernel, cmd.instance.pid
-        k.pidfd.send_signal(pid, signal.SIGUSR1 if cmd.state_hook else signal.SIGSTOP)
+    async def _hand_over(self, cmd: nc.HandOver) -> list[nc.Named]:
+        """The handoff signal (SIGUSR1), then wait until the program has stored what it
+        hands over and said STOPPING=1; then it is stopped (SIGSTOP to its group, from
+        here: a PID namespace's init cannot stop itself) and waits for SIGCONT."""
+        k, pid, notify = self.kernel, cmd.instance.pid, self.agent.notify
+        if notify is None:
+            raise LocalControlError("no NOTIFY_SOCKET bound: nothing can be handed over")
+        store = notify.store(cmd.instance.service.name)
+        store.begin_handover()
+        k.pidfd.send_signal(pid, signal.SIGUSR1)
         deadline = k.clock() + QUIESCE_TIMEOUT_S
-        while (state := k.pidfd.process_state(pid)) not in k.pidfd.STOPPED_STATES:
-            if state in k.pidfd.GONE_STATES:
-                raise KernelError("quiesce", None, f"service process {pid} exited")
-            if k.clock() > deadline:
-                raise KernelError("quiesce", None, f"service process {pid} did not stop")
-            await asyncio.sleep(QUIESCE_POLL_S)
+        stop_sent = False
+        try:
+            while True:
+                notify.drain()  # its messages come before STOPPING=1, in order
+                if store.stopping and not stop_sent:
+                    k.pidfd.signal_group(pid, signal.SIGSTOP)
+                    stop_sent = True
+                state = k.pidfd.process_state(pid)
+                if stop_sent and state in k.pidfd.STOPPED_STATES:
+                    break
+                if state in k.pidfd.GONE_STATES:
+                    raise KernelError("hand over", None, f"service process {pid} exited")
+                if k.clock() > deadline:
+                    said = "did not stop" if stop_sent else "did not say STOPPING=1"
+                    raise KernelError("hand over", None, f"service process {pid} {said} within "
+                                      f"{QUIESCE_TIMEOUT_S:g}s of the handoff signal (does it speak the fd store?)")
+                await asyncio.sleep(QUIESCE_POLL_S)
+        except BaseException:
+            store.close()  # nothing half-stored is kept: it still holds its own
+            raise
+        return k.fdstore.as_objects(store.take())
+
+    def _start_handed_over(self, cmd: nc.StartHandedOver):
+        agent = self.agent
+        if agent.notify is not None:
+            agent.notify.forget(cmd.service.name)  # a new program: what it says starts afresh
+        rs = self.kernel.services.start_handed_over(
+            cmd.service, agent.config.vip, agent.log_dir, cmd.sockets, cmd.connections, cmd.state,
+            extra_env=agent.notify_env)
+        self.starting[rs.pid] = cmd.service.name
+        return rs
 
     async def _wait_handshakes(self, cmd: nc.WaitHandshakes) -> None:
-        k, vip = self.kernel, self.agent.config.vip
+        k, vip = self.kernel, self.agent.config.vips
         deadline = k.clock() + SYN_RECV_WAIT_S
         while (k.tcprepair.count_connections(vip, cmd.ports, k.tcprepair.SYN_RECV_CODES)
                and k.clock() < deadline):
             await asyncio.sleep(SYN_RECV_POLL_S)
 
     def _forget_instance(self, cmd: nc.ForgetInstance) -> None:
+        if self.agent.notify is not None:
+            self.agent.notify.forget(cmd.service)
         self.agent.running.pop(cmd.service, None)
         self.agent.record_running()
 
     def _stop_instance(self, cmd: nc.StopInstance) -> None:
+        self.starting.pop(getattr(cmd.instance, "pid", None), None)
         self.kernel.services.kill(cmd.instance)
         name = getattr(getattr(cmd.instance, "service", None), "name", None)
         if name is not None:
@@ -394,6 +427,7 @@ class MigrationAgent:
     def _adopt_instance(self, cmd: nc.AdoptInstance) -> None:
         self.record_restored(cmd.service, None)
         rs = cmd.instance
+        self.starting.pop(rs.pid, None)
         rs.sockets = list(cmd.sockets)  # we keep its listeners and UDP sockets, as for any service
         self.agent.running[cmd.service] = rs
         self.agent.restarts[cmd.service] = 0
@@ -495,7 +529,7 @@ class MigrationAgent:
         return os.path.join(parent, f"{service}-{what}-{time.time_ns()}")
 
     async def _wait_accepted(self, cmd: nc.WaitAccepted) -> None:
-        k, vip = self.kernel, self.agent.config.vip
+        k, vip = self.kernel, self.agent.config.vips
         deadline = k.clock() + ACCEPT_WAIT_S
         while k.tcprepair.accept_backlog(vip, cmd.ports) and k.clock() < deadline:
             await asyncio.sleep(SYN_RECV_POLL_S)
@@ -513,22 +547,22 @@ class MigrationAgent:
 
     def _take_datagram_sockets(self, cmd: nc.TakeDatagramSockets) -> list[nc.Named]:
         import socket as _socket
-        k, vip, ports = self.kernel, self.agent.config.vip, set(cmd.ports)
+        k, vips, ports = self.kernel, self.agent.config.vips, set(cmd.ports)
         out: list[nc.Named] = []
         seen: set[int] = set()
         try:
             for pid in k.criu.tree_pids(cmd.instance.pid):
                 for sock in k.pidfd.take_sockets(pid).values():
                     keep = False
-                    if sock.family == _socket.AF_INET and sock.type == _socket.SOCK_DGRAM:
+                    if sock.family in (_socket.AF_INET, _socket.AF_INET6) and sock.type == _socket.SOCK_DGRAM:
                         try:
                             addr = sock.getsockname()
                             ino = os.fstat(sock.fileno()).st_ino
                         except OSError:
                             addr, ino = None, None
-                        if addr and addr[0] == vip and addr[1] in ports and ino not in seen:
+                        if addr and addr[0] in vips and addr[1] in ports and ino not in seen:
                             seen.add(ino)
-                            out.append((f"udp-{addr[1]}", sock))
+                            out.append((nc.socket_name("udp", addr[0], addr[1]), sock))
                             keep = True
                     if not keep:
                         sock.close()
@@ -540,8 +574,9 @@ class MigrationAgent:
 
     def _dump_process(self, cmd: nc.DumpProcess) -> nc.ImageSent:
         """In a thread: the agent's loop keeps taking verdicts (the hold fills) meanwhile."""
-        k, vip, rs = self.kernel, self.agent.config.vip, cmd.instance
+        k, vip, rs = self.kernel, self.agent.config.vips, cmd.instance
         established = k.tcprepair.count_connections(vip, cmd.tcp_ports, {k.tcprepair.ESTABLISHED})
+        listening = k.tcprepair.count_listeners(vip, cmd.tcp_ports)  # the real sockets, not the ports
         images = self._images_dir(rs.service.name, "out")
         try:
             endpoint = k.imagexfer.Endpoint(**cmd.endpoint)
@@ -555,7 +590,7 @@ class MigrationAgent:
             shutil.rmtree(images, ignore_errors=True)
         return nc.ImageSent(image_bytes=sent.page_bytes + sent.file_bytes, dump_ms=sent.dump_ms,
                             frozen_ms=sent.frozen_ms, transfer_ms=sent.transfer_ms,
-                            tcp_established=established, tcp_listening=len(cmd.tcp_ports),
+                            tcp_established=established, tcp_listening=listening,
                             output_pipe=getattr(rs, "output_pipe", None))
 
     def _start_image_receiver(self, cmd: nc.StartImageReceiver) -> nc.ImageReceiver:

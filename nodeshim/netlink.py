@@ -27,12 +27,25 @@ def set_sysctls(values: dict[str, str]) -> dict[str, str]:
     return old
 
 
+IFA_F_NODAD = 0x02  # include/uapi/linux/if_addr.h: no duplicate address detection
+
+
+def _host_prefix(vip: str) -> tuple[int, dict]:
+    """/32 for IPv4; /128 and `nodad` for IPv6, so the address is usable at once (every
+    node holds the same VIP6 on lo: DAD must not run, and it cannot be "duplicate" there:
+    nodes do not answer neighbour solicitations for an address on lo, KERNEL-NOTES)."""
+    if ":" in vip:
+        return 128, {"flags": IFA_F_NODAD}
+    return 32, {}
+
+
 def add_vip(vip: str) -> bool:
-    """Put the VIP on lo (/32). Returns False if it was already there."""
+    """Put the VIP on lo (/32, or /128 nodad for IPv6). Returns False if it was already there."""
+    prefixlen, extra = _host_prefix(vip)
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         try:
-            ipr.addr("add", index=lo, address=vip, prefixlen=32)
+            ipr.addr("add", index=lo, address=vip, prefixlen=prefixlen, **extra)
             return True
         except NetlinkError as e:
             if e.code == 17:  # EEXIST
@@ -44,7 +57,7 @@ def remove_vip(vip: str) -> None:
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         try:
-            ipr.addr("del", index=lo, address=vip, prefixlen=32)
+            ipr.addr("del", index=lo, address=vip, prefixlen=_host_prefix(vip)[0])
         except NetlinkError as e:
             if e.code not in (99, 19, 2):  # EADDRNOTAVAIL, ENODEV, ENOENT
                 raise KernelError("remove VIP from lo", e.code) from None

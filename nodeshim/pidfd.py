@@ -132,17 +132,19 @@ def take_sockets(pid: int, fds: list[int] | None = None) -> dict[int, socket.soc
     return taken
 
 
-def take_connections(pid: int, vip: str, ports: tuple[int, ...]) -> list[tuple[str, socket.socket]]:
-    """Copies of the established IPv4 TCP connections process `pid` holds on `vip` at one of
-    `ports`, named `conn-PORT` (the activation name of a moved connection). Every other
-    socket taken (its listeners, UDP sockets, anything else) is closed again at once."""
+def take_connections(pid: int, vip: str | tuple[str, ...], ports: tuple[int, ...]) -> list[tuple[str, socket.socket]]:
+    """Copies of the established TCP connections (IPv4 or IPv6) process `pid` holds on a
+    VIP (`vip`: one, or a dual-stack pair) at one of `ports`, named `conn-PORT` (the
+    activation name of a moved connection). Every other socket taken (its listeners, UDP
+    sockets, anything else) is closed again at once."""
+    vips = (vip,) if isinstance(vip, str) else tuple(vip)
     taken: list[tuple[str, socket.socket]] = []
     for sock in take_sockets(pid).values():
         try:
             local = sock.getsockname()
-            keep = (sock.type == socket.SOCK_STREAM and sock.family == socket.AF_INET
+            keep = (sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6)
                     and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                    and local[0] == vip and local[1] in ports)
+                    and local[0] in vips and local[1] in ports)
         except OSError:
             keep = False
         if keep:

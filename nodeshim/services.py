@@ -5,14 +5,15 @@ to VIP:port for every port of the service. It hands them to the process as fds 3
 with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set (sd_listen_fds(3) convention), so a
 migration can later take them (and the connections the service accepted) out again.
 
-fd names are `tcp-PORT`, `udp-PORT` for listeners/UDP sockets and `conn-PORT` for an
-already-established TCP connection handed over by a migration.
+fd names are `tcp-PORT`, `udp-PORT` for listeners/UDP sockets, `conn-PORT` for an
+already-established TCP connection handed over by a migration and `state` for the memfd
+the old instance saved its state in (the fd-store handoff: nodeshim.fdstore). Every
+service gets the agent's NOTIFY_SOCKET (the caller's `extra_env`).
 """
 
 from __future__ import annotations
 
 import array
-import asyncio
 import fcntl
 import logging
 import os
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from clustercore.errors import KernelError, LocalControlError
 from clustercore.kinds import (BUILTINS, EXTERNAL_SPEC, ServiceKind, builtin_name, builtin_spec,
                                service_kind)
+from clustercore.nodecommands import kind_of, socket_name
 from clustercore.ownership import Service
 from clustercore.packet import TCP, UDP
 
@@ -70,28 +72,36 @@ def big_udp_buffer(s: socket.socket) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
 
 
-def open_sockets(vip: str, ports) -> list[tuple[str, socket.socket]]:
-    """Bind every port of a service on the VIP; all-or-nothing."""
+def open_sockets(vips: str | tuple[str, ...], ports) -> list[tuple[str, socket.socket]]:
+    """Bind every port of a service on the VIP (on each VIP of a dual-stack cluster: names
+    'tcp-80' and 'tcp6-80'); all-or-nothing."""
     opened: list[tuple[str, socket.socket]] = []
+    vip, port = "", 0
     try:
-        for proto, port in ports:
-            if proto == TCP:
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((vip, port))
-                s.listen(LISTEN_BACKLOG)
-                opened.append((f"tcp-{port}", s))
-            elif proto == UDP:
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                big_udp_buffer(s)
-                s.bind((vip, port))
-                opened.append((f"udp-{port}", s))
-            else:
-                raise LocalControlError(f"unsupported protocol {proto}")
+        for vip in ((vips,) if isinstance(vips, str) else vips):
+            family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+            for proto, port in ports:
+                if proto == TCP:
+                    s = socket.socket(family, socket.SOCK_STREAM)
+                    opened.append((socket_name("tcp", vip, port), s))
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((vip, port))
+                    s.listen(LISTEN_BACKLOG)
+                elif proto == UDP:
+                    s = socket.socket(family, socket.SOCK_DGRAM)
+                    opened.append((socket_name("udp", vip, port), s))
+                    big_udp_buffer(s)
+                    s.bind((vip, port))
+                else:
+                    raise LocalControlError(f"unsupported protocol {proto}")
     except OSError as e:
         for _, s in opened:
             s.close()
         raise KernelError(f"bind {vip}:{port}", e.errno) from None
+    except LocalControlError:
+        for _, s in opened:
+            s.close()
+        raise
     return opened
 
 
@@ -180,18 +190,21 @@ def service_of(pid: int) -> str | None:
     return None
 
 
-def _matches(name: str, sock: socket.socket, vip: str) -> bool:
-    """Is `sock` the listener/UDP socket activation name `name` says it is, on the VIP?"""
-    kind, _, port = name.partition("-")
+def _matches(name: str, sock: socket.socket, vips: str | tuple[str, ...]) -> bool:
+    """Is `sock` the listener/UDP socket activation name `name` says it is, on a VIP?"""
+    kind, port = kind_of(name), name.rpartition("-")[2]
     want = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}.get(kind)
     try:
-        return (want is not None and sock.type == want and sock.family == socket.AF_INET
-                and sock.getsockname() == (vip, int(port)))
-    except (OSError, ValueError):
+        local = sock.getsockname()
+        return (want is not None and sock.type == want
+                and sock.family in (socket.AF_INET, socket.AF_INET6)
+                and local[0] in ((vips,) if isinstance(vips, str) else vips)
+                and name == socket_name(kind, local[0], int(port)) and local[1] == int(port))
+    except (OSError, ValueError, IndexError):
         return False
 
 
-def adopt(service: Service, pid: int, names: list[str], vip: str,
+def adopt(service: Service, pid: int, names: list[str], vip: str | tuple[str, ...],
           log_dir: str) -> "RunningService | None":
     """Take back a service an earlier agent of this node started and recorded: if `pid` is
     still that service, copies of its listeners/UDP sockets (its fds 3.., named `names`)
@@ -231,7 +244,6 @@ class RunningService:
     process: Process
     log_path: str
     started_at: float = field(default_factory=time.time)
-    gate_fd: int | None = None  # write end of the start gate (gated spawns only)
     output_pipe: str | None = None  # criu's name of the pipe on its fds 1 and 2 (process strategy)
 
     @property
@@ -239,86 +251,49 @@ class RunningService:
         return self.process.pid
 
 
-def state_file(log_dir: str, name: str) -> str:
-    """Where a service writes its state when asked to quiesce (the state hook)."""
-    return os.path.join(log_dir, f"{name}.state")
+MAX_STATE_BYTES = 16 << 20  # a handed-over state travels in one control message (base64)
 
 
-GATE_BATCH = 250  # descriptors per SCM_RIGHTS message (the kernel allows 253)
-
-
-def open_gate(rs: RunningService, connections: list[tuple[str, socket.socket]] = (),
-              state_path: str | None = None) -> None:
-    """Hand a gated instance its migrated connections, then let it serve.
-
-    The connections travel over the gate (a SOCK_SEQPACKET pair) with SCM_RIGHTS, in
-    batches: `fds NAME,NAME,...` with the descriptors attached, then `go`; before them,
-    `state PATH` names the state the old instance saved (the state hook). Passing them
-    at release rather than at spawn means neither side ever holds two copies of
-    thousands of descriptors, and the instance can start (Python takes tens of ms) while
-    the sockets are still being restored.
-    """
-    if rs.gate_fd is None:
-        return
-    gate = socket.socket(fileno=os.dup(rs.gate_fd))
+def state_memfd(data: bytes):
+    """The old instance's state as a memfd, for its successor's LISTEN_FDS (`state`)."""
+    fd = os.memfd_create("state", os.MFD_CLOEXEC)
+    f = os.fdopen(fd, "r+b", buffering=0)
     try:
-        if state_path:
-            gate.send(b"state " + state_path.encode())  # the state hook's file, to load first
-        conns = list(connections)
-        for i in range(0, len(conns), GATE_BATCH):
-            batch = conns[i:i + GATE_BATCH]
-            names = ",".join(n for n, _ in batch).encode()
-            fds = array.array("i", [s.fileno() for _, s in batch])
-            gate.sendmsg([b"fds " + names], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        gate.send(b"go")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
     except OSError as e:
-        raise KernelError("hand connections to the new instance", e.errno) from None
-    finally:
-        gate.close()
-        close_gate(rs)
+        f.close()
+        raise KernelError("write the state memfd", e.errno) from None
+    return f
 
 
-async def wait_ready(rs: RunningService, timeout: float) -> None:
-    """A gated instance says `ready` on the gate once it has started (interpreter, imports,
-    sockets); wait for that, so its start-up is over before anything is frozen."""
-    gate = socket.socket(fileno=os.dup(rs.gate_fd))
-    gate.setblocking(False)
+def start_handed_over(service: Service, vip: str, log_dir: str, sockets, connections, state: bytes | None,
+                      extra_env: dict[str, str] | None = None) -> "RunningService":
+    """The new instance of a handoff migration, started as systemd starts a service from
+    its fd store: its listeners and UDP sockets, `state` (a memfd) and its connections as
+    LISTEN_FDS / LISTEN_FDNAMES. A builtin is spawned as always; a command-line service
+    in its own PID namespace, as `service add` starts it. The descriptors stay the caller's."""
+    named = list(sockets)
+    memfd = state_memfd(state) if state else None
     try:
-        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(gate, 64), timeout)
-    except asyncio.TimeoutError:
-        raise LocalControlError(f"the new instance of '{rs.service.name}' did not start within {timeout:g}s") from None
+        if memfd is not None:
+            named.append(("state", memfd))
+        named += list(connections)
+        if service_kind(service.exec_spec) is ServiceKind.BUILTIN:
+            return spawn(service, named, log_dir, extra_env)
+        return start_isolated(service, vip, log_dir, extra_env=extra_env, passed=named)
     finally:
-        gate.close()
-    if data != b"ready":
-        raise LocalControlError(f"the new instance of '{rs.service.name}' exited during start (see {rs.log_path})")
-
-
-def take_saved_state(log_dir: str, name: str) -> bytes | None:
-    """The state a quiesced instance saved (the state hook), removed once read."""
-    path = state_file(log_dir, name)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    os.unlink(path)
-    return data
-
-
-def keep_state(log_dir: str, name: str, data: bytes) -> str:
-    """Write the old instance's saved state where the new one will be told to read it."""
-    path = state_file(log_dir, name) + ".in"
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-    return path
+        if memfd is not None:
+            memfd.close()
 
 
 KILL_WAIT_S = 2.0
 
 
 def kill(rs: RunningService, timeout: float = KILL_WAIT_S) -> None:
-    """End an instance at once (SIGKILL to its whole session), wait for it, close its gate.
+    """End an instance at once (SIGKILL to its whole session) and wait for it.
     For an instance that is stopped (a migrated-away source) or never served (an aborted
     destination): neither can run a SIGTERM handler. Its sockets are the caller's."""
     try:
@@ -326,24 +301,12 @@ def kill(rs: RunningService, timeout: float = KILL_WAIT_S) -> None:
     except ProcessLookupError:
         pass
     rs.process.wait(timeout)
-    close_gate(rs)
-
-
-def close_gate(rs: RunningService) -> None:
-    if rs.gate_fd is not None:
-        os.close(rs.gate_fd)
-        rs.gate_fd = None
 
 
 def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: str,
-          extra_env: dict[str, str] | None = None, gated: bool = False) -> RunningService:
-    """Start the service process with `sockets` as fds 3.. (socket activation).
-
-    gated: a builtin waits for `open_gate` before it serves (VIPCLUSTER_GATE_FD); a
-    command-line service knows no gate and would serve at once, so it is refused.
-    """
-    if gated and service_kind(service.exec_spec) is not ServiceKind.BUILTIN:
-        raise LocalControlError(f"service '{service.name}': only builtin services can be migrated yet")
+          extra_env: dict[str, str] | None = None) -> RunningService:
+    """Start the service process with `sockets` (anything with a fileno()) as fds 3..
+    (socket activation)."""
     argv = argv_for(service.exec_spec)
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(log_dir, f"{service.name}.log")
@@ -352,13 +315,7 @@ def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: s
     names = ":".join(name for name, _ in sockets)
     env = dict(os.environ)
     env.update({"LISTEN_FDS": str(len(sockets)), "LISTEN_FDNAMES": names,
-                "VIPCLUSTER_SERVICE": service.name,
-                "VIPCLUSTER_STATE_OUT": state_file(log_dir, service.name)})
-    gate_r = gate_w = None
-    if gated:
-        pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        gate_r, gate_w = pair[0].detach(), pair[1].detach()
-        env["VIPCLUSTER_GATE_FD"] = str(3 + len(sockets))
+                "VIPCLUSTER_SERVICE": service.name})
     env.pop("LISTEN_PID", None)
     env.update(extra_env or {})
     # a shell keeps its PID through exec, so LISTEN_PID names the service process itself
@@ -368,19 +325,20 @@ def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: s
     actions = [(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, logfd, 1),
                (os.POSIX_SPAWN_DUP2, logfd, 2)]
     actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(high)]
-    if gate_r is not None:
-        actions.append((os.POSIX_SPAWN_DUP2, gate_r, 3 + len(sockets)))
     try:
         pid = os.posix_spawn("/bin/sh", wrapper, env, file_actions=actions, setsid=True)
     except OSError as e:
-        if gate_w is not None:
-            os.close(gate_w)
         raise LocalControlError(f"cannot start '{service.exec_spec}': {e}") from None
     finally:
-        for fd in (*high, logfd, devnull) + ((gate_r,) if gate_r is not None else ()):
+        for fd in (*high, logfd, devnull):
             os.close(fd)
-    log.info("started %s (pid %d): %s with fds %s", service.name, pid, " ".join(argv), names)
-    return RunningService(service, sockets, Process(pid), log_path, gate_fd=gate_w)
+    log.info("started %s (pid %d): %s with fds %s", service.name, pid, " ".join(argv), _short(names))
+    return RunningService(service, sockets, Process(pid), log_path)
+
+
+def _short(names: str, at: int = 200) -> str:
+    """LISTEN_FDNAMES for a log line (a handoff passes a name per connection)."""
+    return names if len(names) <= at else f"{names[:at]}... ({names.count(':') + 1} fds)"
 
 
 def stop(rs: RunningService, timeout: float = 3.0) -> None:
@@ -425,49 +383,82 @@ def _copy_output(read_fd: int, log_path: str, name: str) -> None:
     threading.Thread(target=run, name=f"output {name}", daemon=True).start()
 
 
-# moves the descriptors passed at 100.. to 3.. and sets LISTEN_PID to the program's own
-# PID (1: it is its namespace's init), then execs the program: no process of ours remains.
+PASS_BATCH = 250  # descriptors per SCM_RIGHTS message (the kernel allows 253)
+
+# receives the descriptors over the socket at VIPCLUSTER_PASS_SOCK (SCM_RIGHTS, in order),
+# moves them to 3.. and sets LISTEN_PID to the program's own PID (1: it is its namespace's
+# init), then execs the program: no process of ours remains. Over a socket, not inherited:
+# unshare, the launcher, lives as long as the program and would keep every inherited
+# descriptor open (a connection the program closes would never send its FIN).
 # Python, not sh: dash takes single-digit descriptors only in redirections.
 _ACTIVATION_WRAPPER = (
-    "import os, sys\n"
-    "fds = [int(f) for f in os.environ.pop('VIPCLUSTER_PASS_FDS').split()]\n"
-    "for i, fd in enumerate(fds):\n"
-    "    os.dup2(fd, 3 + i)\n"
-    "for fd in fds:\n"
-    "    if fd >= 3 + len(fds): os.close(fd)\n"
+    "import array, fcntl, os, socket, sys\n"
+    "n = int(os.environ.pop('VIPCLUSTER_PASS_COUNT'))\n"
+    "s = socket.socket(fileno=int(os.environ.pop('VIPCLUSTER_PASS_SOCK')))\n"
+    "got = []\n"
+    "while len(got) < n:\n"
+    "    msg, anc, _, _ = s.recvmsg(16, socket.CMSG_SPACE(%d * 4))\n"
+    "    if not msg and not anc:\n"
+    "        sys.exit('vipcluster: %%d of %%d descriptors passed' %% (len(got), n))\n"
+    "    for level, kind, data in anc:\n"
+    "        a = array.array('i'); a.frombytes(data[:len(data) - len(data) %% 4]); got += list(a)\n"
+    "s.close()\n"
+    "high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + n) for fd in got]\n"
+    "for fd in got: os.close(fd)\n"
+    "for i, fd in enumerate(high): os.dup2(fd, 3 + i)\n"
+    "for fd in high: os.close(fd)\n"
     "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-    "os.execvp(sys.argv[1], sys.argv[1:])\n")
+    "os.execvp(sys.argv[1], sys.argv[1:])\n") % PASS_BATCH
 
 
-def start_isolated(service: Service, vip: str, log_dir: str, *, spawn_isolated=None,
-                   extra_env: dict[str, str] | None = None) -> RunningService:
+def _pass_over_socket(sockets) -> int:
+    """Queue `sockets` (SCM_RIGHTS, in order) in a socket pair; returns the receiving end
+    (close-on-exec, at >= 100) for the activation wrapper."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        fds = [s.fileno() for _, s in sockets]
+        for i in range(0, len(fds), PASS_BATCH):
+            batch = array.array("i", fds[i:i + PASS_BATCH])
+            ours.sendmsg([b"fds"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
+        return fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 100)
+    except OSError as e:
+        raise KernelError("pass the sockets to the new program", e.errno) from None
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def start_isolated(service: Service, vip: str | tuple[str, ...], log_dir: str, *, spawn_isolated=None,
+                   extra_env: dict[str, str] | None = None, passed=None) -> RunningService:
     """Start a command-line service for the `process` strategy: its own PID namespace and
     session, no inherited descriptor but /dev/null and its output pipe (criu.spawn_isolated),
     the pipe copied into the node's service log by the agent. With `--sockets activation`
     the agent binds the ports, passes them as LISTEN_FDS (fds 3..) and closes its own
-    copies: the program alone holds them, so criu can move them."""
+    copies: the program alone holds them, so criu can move them. `passed`: the named
+    descriptors to pass instead (a handoff's new instance; they stay the caller's)."""
     from . import criu
     spawn_isolated = spawn_isolated or criu.spawn_isolated
     argv = argv_for(service.exec_spec)
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(log_dir, f"{service.name}.log")
-    activation = service.sockets != "self"
-    sockets = open_sockets(vip, service.ports) if activation else []
+    activation = service.sockets != "self" or passed is not None
+    sockets = list(passed) if passed is not None else open_sockets(vip, service.ports) if activation else []
+    ours = passed is None
     env = dict(os.environ)
     env.pop("LISTEN_PID", None)
     env.update({"VIPCLUSTER_SERVICE": service.name})
-    high: list[int] = []
+    passing: list[int] = []
     try:
         if activation:
-            high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for _, s in sockets]
+            passing = [_pass_over_socket(sockets)]
             env.update({"LISTEN_FDS": str(len(sockets)),
                         "LISTEN_FDNAMES": ":".join(n for n, _ in sockets),
-                        "VIPCLUSTER_PASS_FDS": " ".join(map(str, high))})
+                        "VIPCLUSTER_PASS_SOCK": str(passing[0]), "VIPCLUSTER_PASS_COUNT": str(len(sockets))})
             argv = [sys.executable, "-c", _ACTIVATION_WRAPPER, *argv]
         env.update(extra_env or {})
         read_fd, write_fd = os.pipe()
         try:
-            isolated = spawn_isolated(argv, env, log_dir, write_fd, pass_fds=high)
+            isolated = spawn_isolated(argv, env, log_dir, write_fd, pass_fds=passing)
             output = criu.pipe_key(write_fd)
         except BaseException:
             os.close(read_fd)
@@ -475,9 +466,9 @@ def start_isolated(service: Service, vip: str, log_dir: str, *, spawn_isolated=N
         finally:
             os.close(write_fd)
     finally:
-        for fd in high:
+        for fd in passing:
             os.close(fd)
-        for _, s in sockets:
+        for _, s in sockets if ours else ():
             s.close()  # the program holds them now; criu must own them alone
     _copy_output(read_fd, log_path, service.name)
     log.info("started %s (pid %d, own PID namespace): %s, sockets %s", service.name, isolated.pid,

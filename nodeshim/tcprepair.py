@@ -586,48 +586,31 @@ def accept_waiting(listener: socket.socket) -> list[socket.socket]:
         accepted.append(conn)
 
 
-# ---------------------------------------------------------------- /proc/net/tcp
+# ---------------------------------------------------------------- /proc/net/tcp(6)
 
-SYN_RECV_CODES = frozenset({code for code, name in TCP_STATES.items() if name == "SYN_RECV"})
-HALF_CLOSED_CODES = frozenset({code for code, name in TCP_STATES.items() if name in HALF_CLOSED_STATES})
-_PROC_NET_TCP = "/proc/net/tcp"
+# the socket table readers live in nodeshim.proctcp (both families); the executor calls
+# them through this module, the TCP adapter
+from nodeshim.proctcp import (  # noqa: E402,F401
+    HALF_CLOSED_CODES, LISTEN, SYN_RECV_CODES, accept_backlog, count_connections)
 
 
-def count_connections(vip: str, ports: Iterable[int], states: Iterable[int]) -> int:
-    """How many IPv4 TCP sockets on vip:port (one of `ports`) are in one of `states`
-    (kernel state numbers, TCP_STATES), from /proc/net/tcp of this namespace. Used to wait
-    for half-open handshakes and half-closed connections, which cannot be moved."""
-    want = {f"{int.from_bytes(socket.inet_aton(vip), 'little'):08X}:{p:04X}" for p in ports}
-    codes = {f"{c:02X}" for c in states}
+def count_listeners(vips: str | Iterable[str], ports: Iterable[int]) -> int:
+    """How many IPv4 TCP listeners this namespace has on the service's ports, bound to
+    the VIP or to the wildcard address (a program that binds the VIP itself, like nginx's
+    `listen 80;`, may use either; one shared by a master and its workers is one socket).
+    IPv4 only (the process strategy's report; an IPv6 listener is not counted yet)."""
+    ports = list(ports)
+    addrs = [vips] if isinstance(vips, str) else list(vips)
+    want = {f"{int.from_bytes(socket.inet_aton(addr), 'little'):08X}:{p:04X}"
+            for addr in [a for a in addrs if ":" not in a] + ["0.0.0.0"] for p in ports}
     n = 0
     try:
-        with open(_PROC_NET_TCP) as f:
-            next(f)  # the header
-            for line in f:
-                fields = line.split()
-                if fields[3] in codes and fields[1] in want:
-                    n += 1
-    except (OSError, StopIteration, IndexError):
-        return 0
-    return n
-
-
-LISTEN = 10  # TCP_LISTEN
-
-
-def accept_backlog(vip: str, ports: Iterable[int]) -> int:
-    """Connections waiting in the accept queues of the listeners on vip:port (one of
-    `ports`): a listener's rx_queue in /proc/net/tcp. A whole-process checkpoint does not
-    move them (they are in no descriptor of the program yet)."""
-    want = {f"{int.from_bytes(socket.inet_aton(vip), 'little'):08X}:{p:04X}" for p in ports}
-    n = 0
-    try:
-        with open(_PROC_NET_TCP) as f:
+        with open("/proc/net/tcp") as f:
             next(f)
             for line in f:
                 fields = line.split()
                 if fields[3] == f"{LISTEN:02X}" and fields[1] in want:
-                    n += int(fields[4].split(":")[1], 16)
-    except (OSError, StopIteration, IndexError, ValueError):
+                    n += 1
+    except (OSError, StopIteration, IndexError):
         return 0
     return n

@@ -339,7 +339,8 @@ def _process_run(spec: labmod.Lab, program: str, size: int, workdir: str, log) -
                                  capture_output=True, text=True, timeout=60)
             client["keys_missing"] = keys - int(got.stdout.strip() or 0)
         log(f"process strategy, {program} {size}: {report.get('outcome')}, freeze {ms(report.get('freeze_ms'))}, "
-            f"total {ms(report.get('total_ms'))}, image {count(report.get('image_bytes'))} bytes")
+            f"total {ms(report.get('total_ms'))}, image {count(report.get('image_bytes', report.get('bytes_moved')))} bytes"
+            + (f" ({report['reason']})" if report.get("reason") else ""))
         return {"report": report, "client": client, "fill": fill}
     finally:
         _vipctl(spec, "service", "remove", name)

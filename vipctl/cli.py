@@ -106,7 +106,7 @@ def gateway_cleanup(config_path):
     from gateway.daemon import remove_data_plane
 
     remove_data_plane(cfg)
-    click.echo(f"gateway: delivery table and VIP route for {cfg.vip} removed")
+    click.echo(f"gateway: delivery table and VIP route for {' and '.join(cfg.vips)} removed")
 
 
 @cli.group()
@@ -435,16 +435,19 @@ def lab():
 @click.option("--datapath", type=click.Choice([d.value for d in Datapath]), default=Datapath.FAST.value,
               show_default=True,
               help="Nodes: steady-state verdicts in the kernel, or every packet through the queue.")
+@click.option("--ipv6", is_flag=True,
+              help="Dual-stack: add 2001:db8:1::/64 (clients), 2001:db8:2::/64 (cluster) and the VIP 2001:db8::10.")
+@click.option("--ipv6-only", is_flag=True, help="The VIP is 2001:db8::10 alone (no IPv4 VIP; control plane IPv4).")
 @click.option("--gateways", default=1, show_default=True, type=click.IntRange(1, 2),
               help="2: two gateways behind a floating next hop (keepalived), the registry in etcd.")
 @_LOG_FORMAT
 @click.option("--json", "as_json", is_flag=True)
-def lab_up(nodes, prefix, delivery, datapath, gateways, log_format, as_json):
+def lab_up(nodes, prefix, delivery, datapath, ipv6, ipv6_only, gateways, log_format, as_json):
     """Build the lab and start the gateway and node agents."""
     from . import lab as labmod
 
     spec = labmod.Lab(prefix, nodes, Delivery(delivery), Datapath(datapath), log_format=log_format,
-                      gateways=gateways)
+                      gateways=gateways, ipv6=ipv6, ipv6_only=ipv6_only)
     st = labmod.up(spec, log=(lambda *a: None) if as_json else click.echo)
     _emit(st, as_json, lambda s: out.render_status(s["cluster"]))
 

@@ -31,7 +31,7 @@ from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import Datapath, Delivery
 from vipwire import pki
 
-from . import labha, nsutil
+from . import lab6, labha, nsutil
 from .client import call
 
 VIP = "203.0.113.10"
@@ -48,12 +48,15 @@ class Lab:
     nodes: int = 3
     delivery: Delivery = Delivery.BROADCAST  # the gateway's
     datapath: Datapath = Datapath.FAST  # every node's
+    ipv6: bool = False  # dual-stack: vipctl.lab6 adds the IPv6 side and the VIP6
+    ipv6_only: bool = False  # the IPv6 side only serves: the VIP is the VIP6 (implies ipv6)
     log_format: str = "human"  # the daemons' --log-format (vipwire.logs)
     gateways: int = 1  # 2: two gateways, keepalived and etcd (vipctl.labha)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", Delivery(self.delivery))
         object.__setattr__(self, "datapath", Datapath(self.datapath))
+        object.__setattr__(self, "ipv6", self.ipv6 or self.ipv6_only)
 
     @property
     def client_ns(self) -> str:
@@ -108,6 +111,8 @@ def build_links(lab: Lab) -> None:
     builds its plain-routing baseline on this)."""
     for ns in lab.namespaces:
         netns.create(ns)
+    if lab.ipv6:
+        lab6.prepare(lab)  # no DAD on the links about to be made
     with NetNS(lab.gw_ns) as gw:
         gw.link("add", ifname="client0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": lab.client_ns})
         gw.link("add", ifname="br0", kind="bridge")
@@ -155,7 +160,7 @@ def _write_configs(lab: Lab) -> dict[str, str]:
     )
     gw = (
         f'# written by `vipctl lab up` for the lab "{lab.prefix}"\n'
-        f'vip = "{VIP}"\nclient_interface = "client0"\ncluster_interface = "br0"\n'
+        f'{lab6.vip_lines(lab, VIP)}client_interface = "client0"\ncluster_interface = "br0"\n'
         f'listen_address = "{CLUSTER_NET}.1"\nlisten_port = 7400\n'
         f'tls_ca = "{gw_tls.ca_cert}"\ntls_cert = "{gw_tls.cert}"\ntls_key = "{gw_tls.key}"\n'
         f'control_socket = "{lab.control_socket}"\nstate_dir = "{lab.state_dir}/gateway"\n'
@@ -169,7 +174,7 @@ def _write_configs(lab: Lab) -> dict[str, str]:
         node_tls = pki.paths(lab.pki_dir, "node", name)
         node = (
             f'# written by `vipctl lab up` for the lab "{lab.prefix}"\n'
-            f'name = "{name}"\nvip = "{VIP}"\ngateway_address = "{CLUSTER_NET}.1"\n'
+            f'name = "{name}"\n{lab6.vip_lines(lab, VIP)}gateway_address = "{CLUSTER_NET}.1"\n'
             f'gateway_port = 7400\nqueue_num = 0\n'
             f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
             f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
@@ -255,6 +260,8 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         raise LocalControlError("--nodes must be from 1 to 32")
     if lab.gateways not in (1, 2):
         raise LocalControlError("--gateways must be 1 or 2")
+    if lab.gateways == 2 and lab.ipv6:
+        raise LocalControlError("--ipv6 and --ipv6-only are not built for the two-gateway lab yet (--gateways 1)")
     if lab.gateways == 2:
         try:
             return labha.up(lab, timeout, log)
@@ -265,6 +272,8 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
     shutil.rmtree(lab.state_dir, ignore_errors=True)
     try:
         build_links(lab)
+        if lab.ipv6:
+            lab6.build_links6(lab)
         wire_like_client(lab)
         log(f"namespaces: {', '.join(lab.namespaces)}")
         paths = _write_configs(lab)
@@ -284,7 +293,7 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         raise
     pids = daemon_pids(lab)
     log(f"gateway (pid {pids['gateway']}) and {lab.nodes} node agents are up under a supervisor "
-        f"(pid {pids['supervisor']}, restarts any that dies); VIP {VIP}")
+        f"(pid {pids['supervisor']}, restarts any that dies); VIP {' and '.join(lab6.vips(lab, VIP))}")
     for name, ps in _process_strategy(lab, timeout).items():
         log(f"{name}: process strategy (criu) " + ("available: " if ps.get("available") else "unavailable: ")
             + str(ps.get("reason")))
@@ -490,7 +499,8 @@ def status(lab: Lab) -> dict:
     healthy = bool(namespaces) and all(d["alive"] for d in daemons.values()) and "error" not in cluster \
         and all(n["state"] == "up" for n in cluster.get("nodes", []))
     out = {"prefix": lab.prefix, "up": bool(namespaces), "healthy": healthy, "namespaces": namespaces,
-           "nodes_configured": nodes_configured, "daemons": daemons, "vip": VIP,
+           "nodes_configured": nodes_configured, "daemons": daemons, "vip": cluster.get("vip", VIP),
+           "vips": cluster.get("vips", [VIP]),
            "control_socket": lab.control_socket, "state_dir": lab.state_dir, "cluster": cluster,
            "metrics": metrics_endpoints(lab, namespaces)}
     if lab.gateways > 1:

@@ -68,7 +68,13 @@ def _write_site(root: str) -> dict:
     return out
 
 
-def nginx_program(workdir: str, vip: str = VIP, port: int = 80, connections: int = 4096) -> Program:
+def _listen6(vip6: str | None, port: int) -> str:
+    """nginx's second listen line for a dual-stack lab (empty without a VIP6)."""
+    return f"\n        listen [{vip6}]:{port} backlog=4096;" if vip6 else ""
+
+
+def nginx_program(workdir: str, vip: str = VIP, port: int = 80, connections: int = 4096,
+                  vip6: str | None = None) -> Program:
     os.makedirs(workdir, exist_ok=True)
     root = os.path.join(workdir, "site")
     files = _write_site(root)
@@ -97,7 +103,7 @@ http {{
     uwsgi_temp_path {workdir}/tmp/uwsgi;
     scgi_temp_path {workdir}/tmp/scgi;
     server {{
-        listen {vip}:{port} backlog=4096;
+        listen {vip}:{port} backlog=4096;{_listen6(vip6, port)}
         root {root};
     }}
 }}
@@ -114,11 +120,12 @@ def redis_program(workdir: str, vip: str = VIP, port: int = 6379) -> Program:
     return Program("redis", argv, (f"tcp:{port}",), workdir)
 
 
-def dnsmasq_program(workdir: str, vip: str = VIP, port: int = 53, records: dict | None = None) -> Program:
+def dnsmasq_program(workdir: str, vip: str = VIP, port: int = 53, records: dict | None = None,
+                    vip6: str | None = None) -> Program:
     os.makedirs(workdir, exist_ok=True)
     records = records or DNS_RECORDS
     argv = ["dnsmasq", "--keep-in-foreground", "--user=root", "--group=root", "--no-resolv", "--no-hosts",
-            "--conf-file=/dev/null", f"--listen-address={vip}", "--bind-interfaces", f"--port={port}",
+            "--conf-file=/dev/null", f"--listen-address={vip}" + (f",{vip6}" if vip6 else ""), "--bind-interfaces", f"--port={port}",
             "--pid-file=", "--log-facility=-", "--local=/lab.test/"]
     argv += [f"--host-record={name},{addr}" for name, addr in sorted(records.items())]
     return Program("dnsmasq", tuple(argv), (f"udp:{port}", f"tcp:{port}"), workdir)

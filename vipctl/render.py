@@ -37,7 +37,7 @@ def count(value) -> str:
 
 
 def render_status(st: dict) -> str:
-    lines = [f"VIP {st['vip']}",
+    lines = [f"VIP {' '.join(st.get('vips') or [st['vip']])}",
              f"{'NODE':<8} {'STATE':<6} {'ADDRESS':<15} {'MAC':<18} {'ANCHOR':<7} PROCESS STRATEGY"]
     for n in st["nodes"]:
         state = "fenced" if n.get("fenced") else n["state"]  # dead: out of delivery

@@ -6,7 +6,7 @@ It reads one JSON plan on stdin (vipctl.replaylab writes it) and prints JSON lin
 `{"event": "migrate", "k": K}` line when the replay reaches migration K (the parent runs
 it while the replay goes on), and a last `{"event": "done", ...}` line with the results.
 
-packets mode: each packet is sent as is with a raw IPv4 socket (IP_HDRINCL), paced by
+packets mode: each packet is sent as is with a raw socket (IPv4: IP_HDRINCL; IPv6: IPPROTO_RAW), paced by
 the capture's own gaps (capped by the plan), and the send time (CLOCK_MONOTONIC, shared
 by every namespace) of each is reported so the parent knows which packets were in flight
 while a migration ran.
@@ -45,8 +45,12 @@ def pace(t0: float, at: float) -> None:
 
 
 def run_packets(plan: dict) -> dict:
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+    raws = {}  # per IP version: IPv4 with IP_HDRINCL; IPv6's IPPROTO_RAW implies it
+    for version in sorted({bytes.fromhex(h[:2])[0] >> 4 for _, h, _ in plan["packets"]} & {4, 6}):
+        raws[version] = socket.socket(socket.AF_INET if version == 4 else socket.AF_INET6,
+                                      socket.SOCK_RAW, socket.IPPROTO_RAW)
+        if version == 4:
+            raws[version].setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
     migrations = sorted(plan.get("migrations", []), key=lambda m: m[1])  # [k, frame index]
     times, errors = [], []
     t0 = time.monotonic()
@@ -55,7 +59,10 @@ def run_packets(plan: dict) -> dict:
             emit({"event": "migrate", "k": migrations.pop(0)[0], "t": time.monotonic()})
         pace(t0, at)
         data = bytes.fromhex(hexdata)
-        dst = socket.inet_ntoa(data[16:20])
+        if data[0] >> 4 == 6:
+            raw, dst = raws[6], socket.inet_ntop(socket.AF_INET6, data[24:40])
+        else:
+            raw, dst = raws[4], socket.inet_ntoa(data[16:20])
         try:
             raw.sendto(data, (dst, 0))
             times.append([pid, time.monotonic()])
@@ -63,7 +70,8 @@ def run_packets(plan: dict) -> dict:
             errors.append(f"frame {pid}: {e.strerror}")
     for k, _ in migrations:  # migration points past the last packet
         emit({"event": "migrate", "k": k, "t": time.monotonic()})
-    raw.close()
+    for raw in raws.values():
+        raw.close()
     return {"sent": len(times), "times": times, "errors": errors[:10]}
 
 
@@ -193,7 +201,7 @@ class Sessions:
 
     def datagram(self, x: _Udp, data: bytes) -> None:
         if x.sock is None:
-            x.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            x.sock = socket.socket(socket.AF_INET6 if ":" in self.vip else socket.AF_INET, socket.SOCK_DGRAM)
             x.sock.connect((self.vip, x.spec["port"]))
             x.sock.setblocking(False)
             self.sel.register(x.sock, selectors.EVENT_READ, x)

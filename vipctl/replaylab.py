@@ -24,6 +24,7 @@ sessions: see vipctl.replayclient; the oracle is "answers identical to the captu
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import select
@@ -142,11 +143,20 @@ def _run_child(lab: labmod.Lab, plan: dict, migrations: _Migrations, timeout: fl
     return done
 
 
+def _check_vip(loaded: Loaded, status: dict) -> None:
+    """The capture's VIP must be one of the lab's (a dual-stack lab has two)."""
+    vips = [ipaddress.ip_address(v) for v in status.get("vips") or [status["vip"]]]
+    if ipaddress.ip_address(loaded.capture.vip) not in vips:
+        raise LocalControlError(f"the capture's VIP is {loaded.capture.vip} but the lab's is "
+                                f"{' and '.join(map(str, vips))}"
+                                + (" (an IPv6 capture needs a lab built with --ipv6)" if ":" in loaded.capture.vip else ""))
+
+
 def _block_replies(lab: labmod.Lab, vip: str, on: bool) -> None:
     """In the client namespace only: drop what the VIP sends while raw packets replay."""
     script = (f"table inet {BLOCK_TABLE}\ndelete table inet {BLOCK_TABLE}\n" + (
         f"table inet {BLOCK_TABLE} {{\n  chain input {{\n    type filter hook input priority -300; policy accept;\n"
-        f"    ip saddr {vip} drop\n  }}\n}}\n" if on else ""))
+        f"    {'ip6' if ':' in vip else 'ip'} saddr {vip} drop\n  }}\n}}\n" if on else ""))
     r = labmod.exec_in(lab.client_ns, ["nft", "-f", "-"], input=script.encode(), capture_output=True)
     if r.returncode != 0 and on:
         raise LocalControlError(f"cannot set the reply filter in {lab.client_ns}: {r.stderr.decode().strip()}")
@@ -224,12 +234,11 @@ def _settle(socket_path: str, since: dict[str, int], timeout: float = 5.0) -> No
 def run_packets(loaded: Loaded, lab: labmod.Lab, socket_path: str, migrations: list[MigrateAt],
                 max_gap: float) -> dict:
     status = call("status", socket_path)
-    if status["vip"] != loaded.capture.vip:
-        raise LocalControlError(f"the capture's VIP is {loaded.capture.vip} but the lab's is {status['vip']}")
+    _check_vip(loaded, status)
     names, services, anchor = _lab_table(status)
     datapath = {n["name"]: member(Datapath, n.get("datapath")) for n in status["nodes"]}
     fast = Datapath.FAST in datapath.values()
-    sendable = [p for p in loaded.capture.to_vip if p.data[0] >> 4 == 4 and not p.truncated]
+    sendable = [p for p in loaded.capture.to_vip if p.data[0] >> 4 in (4, 6) and not p.truncated]
     not_sent = len(loaded.capture.to_vip) - len(sendable)
     # what the pure model says, for the lab's own table
     delivery = member(Delivery, status.get("delivery", Delivery.BROADCAST))
@@ -251,13 +260,16 @@ def run_packets(loaded: Loaded, lab: labmod.Lab, socket_path: str, migrations: l
         runner.join()
         _settle(socket_path, since)
         logs, problems = _read_logs(socket_path, since)
+        # read before the replies are let in again: a node retransmits its SYN-ACK to a
+        # replayed SYN (1 s, 3 s, ...), and once the client's kernel sees one it answers
+        # with an RST to the VIP, which the owner's counter would count as replayed
+        after = _counters(call("status", socket_path))
     finally:
         _block_replies(lab, loaded.capture.vip, False)
         try:
             call("verdicts", socket_path, action="stop")
         except VipError:
             pass
-    after = _counters(call("status", socket_path))
     sent_at = {pid: t for pid, t in done["times"]}
     return _judge_packets(loaded, sendable, sim, fold_logs(logs), runner, sent_at, datapath, fast,
                           before, after, not_sent, names, services, problems + done["errors"])
@@ -377,7 +389,7 @@ def _judge_packets(loaded, sendable, sim, folded, runner, sent_at, datapath, fas
                      "iptables rules and checked by per-service counters, not one by one; ICMP echo and "
                      "packets of no service were not checked (lab up --datapath queue gives per-packet evidence)")
     if not_sent:
-        notes.append(f"{not_sent} packets to the VIP were not sent (IPv6, or cut by the capture's snaplen)")
+        notes.append(f"{not_sent} packets to the VIP were not sent (cut by the capture's snaplen)")
     if notes:
         result["limitations"] = notes
     return result
@@ -433,8 +445,7 @@ def session_plan(loaded: Loaded, migrations: list[MigrateAt], max_gap: float) ->
 def run_sessions(loaded: Loaded, lab: labmod.Lab, socket_path: str, migrations: list[MigrateAt],
                  max_gap: float) -> dict:
     status = call("status", socket_path)
-    if status["vip"] != loaded.capture.vip:
-        raise LocalControlError(f"the capture's VIP is {loaded.capture.vip} but the lab's is {status['vip']}")
+    _check_vip(loaded, status)
     names, services, _anchor = _lab_table(status)
     served = {k for s in services for k in s.ports}
     for s in loaded.tcp:

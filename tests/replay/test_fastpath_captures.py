@@ -6,7 +6,7 @@ import pytest
 
 from clustercore.fastpath import QUEUE, evaluate, rules_for
 from clustercore.ownership import NodeFilter, Verdict
-from clustercore.packet import ICMP, TCP, UDP
+from clustercore.packet import ICMP, ICMPV6, TCP, UDP
 from tests.replay.conftest import CAPTURE_FILES, loaded
 from vipctl import replay as rp
 
@@ -18,9 +18,9 @@ def test_fast_path_and_queue_agree_on_every_packet_of_every_capture(path):
         pytest.skip("no packet to the VIP in this capture")
     names, services = rp.setup(cap, (), None)
     # what the rules must decide (no service in migration): every TCP and UDP packet and
-    # every echo request; ICMP errors and other protocols go to the queue
+    # every echo request (ICMP and ICMPv6); ICMP errors and other protocols go to the queue
     decidable = sum(1 for p in cap.capture.to_vip if p.packet is not None
-                    and (p.packet.proto in (TCP, UDP) or (p.packet.proto == ICMP and p.packet.icmp_type == 8)))
+                    and (p.packet.proto in (TCP, UDP) or (p.packet.proto, p.packet.icmp_type) in ((ICMP, 8), (ICMPV6, 128))))
     decided = queued = 0
     verdicts = {Verdict.ACCEPT: 0, Verdict.DROP: 0}
     for anchor in names:

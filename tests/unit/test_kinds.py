@@ -75,10 +75,15 @@ def test_which_kinds_migrate_and_how():
     assert migration_strategy(ServiceKind.BUILTIN) is MigrateStrategy.HANDOFF
     assert migration_strategy(ServiceKind.BUILTIN, MigrateStrategy.AUTO) is MigrateStrategy.HANDOFF
     assert migration_strategy("builtin", "handoff") is MigrateStrategy.HANDOFF  # strings from the wire
+    # a program that announced the fd store moves by handoff when it asked for auto, and
+    # only then; a kind that cannot hand over is not changed by an announcement
+    assert migration_strategy(ServiceKind.COMMAND, "auto", speaks_fdstore=True) is MigrateStrategy.HANDOFF
+    assert migration_strategy(ServiceKind.COMMAND, "process", speaks_fdstore=True) is MigrateStrategy.PROCESS
+    assert migration_strategy("command", "handoff") is MigrateStrategy.HANDOFF
+    assert migration_strategy(ServiceKind.ADOPTED, "auto", speaks_fdstore=True) is MigrateStrategy.PROCESS
 
 
 @pytest.mark.parametrize("kind, requested, needle", [
-    (ServiceKind.COMMAND, MigrateStrategy.HANDOFF, "command services cannot be migrated with strategy handoff"),
     (ServiceKind.ADOPTED, MigrateStrategy.HANDOFF, "adopted services cannot be migrated with strategy handoff"),
     (ServiceKind.EXTERNAL, MigrateStrategy.AUTO, "external services cannot be migrated"),
     (ServiceKind.EXTERNAL, MigrateStrategy.HANDOFF, "external services cannot be migrated"),
@@ -123,6 +128,7 @@ def test_kinds_is_pure():
     ("builtin:echo", "auto", "activation", ("auto", "activation")),
     ("builtin:echo", "handoff", "activation", ("handoff", "activation")),
     ("python3 -m x", "process", "self", ("process", "self")),
+    ("python3 examples/handoff_counter.py", "handoff", "activation", ("handoff", "activation")),
     ("nginx -g 'daemon off;'", "auto", "self", ("auto", "self")),
     ("adopted:1234", "auto", "activation", ("auto", "self")),  # it bound its sockets already
     ("external", "auto", "activation", ("auto", "activation")),
@@ -133,7 +139,7 @@ def test_service_options_accepted(spec, migrate, sockets, want):
 
 @pytest.mark.parametrize("spec, migrate, sockets, needle", [
     ("builtin:echo", "process", "activation", "builtin services cannot be migrated with strategy process"),
-    ("python3 -m x", "handoff", "activation", "command services cannot be migrated with strategy handoff"),
+    ("python3 -m x", "handoff", "self", "the handoff strategy passes the sockets"),
     ("external", "process", "activation", "external services cannot be migrated"),
     ("builtin:echo", "auto", "self", "builtin services take their sockets from the agent"),
     ("python3 -m x", "teleport", "self", "unknown migration strategy"),

@@ -549,6 +549,41 @@ def test_an_owner_switch_for_another_service_is_refused():
     assert d.m.state is State.ROLLING_BACK
 
 
+def test_the_executor_is_armed_with_the_machines_deadline_after_a_nested_feed():
+    """Entering `flipping` performs the flip, whose EpochFlipped moves the machine on to
+    `freezing` inside the same command list; the outer list's ArmTimer (the flipping
+    deadline) comes after the nested one. The executor must end up with the freezing
+    deadline, the machine's: with the stale one the gateway woke at the flipping deadline
+    again and again while the machine waited, and a freeze slower than that hung 30 s."""
+    from clustercore import migration as mig
+    from clustercore.migration_driver import MigrationDriver
+
+    class Hands:
+        def __init__(self):
+            self.deadline = "unset"
+
+        def send(self, node, message): pass
+        def flip_epoch(self, service, epoch): pass
+        def set_delivery(self, service, nodes): pass
+        def set_owner(self, service, node, release): pass
+        def arm_timer(self, deadline): self.deadline = deadline
+        def transition(self, previous, state): pass
+        def report(self, step, detail): pass
+        def finished(self, done): pass
+
+    timeouts = mig.MigrationTimeouts(flipping=1.0, freezing=30.0)
+    m = mig.Migration(service="web", source="n1", dest="n2", epoch="02:76:63:00:00:02", timeouts=timeouts)
+    hands = Hands()
+    d = MigrationDriver(m, hands)
+    d.feed(mig.Start(), 100.0)
+    d.feed(mig.HoldReady(node="n2"), 100.1)
+    d.feed(mig.CountingReady(node="n1"), 100.2)
+    assert m.state is mig.State.FREEZING
+    assert hands.deadline == m.get_timer() == pytest.approx(130.2)
+    d.tick(101.5)  # past the flipping deadline: nothing happens, and nothing is due
+    assert m.state is mig.State.FREEZING and hands.deadline == pytest.approx(130.2)
+
+
 # ---------------------------------------------------------------- the destination dies while releasing
 
 

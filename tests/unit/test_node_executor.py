@@ -72,7 +72,6 @@ class FakeInstance:
     service: Service
     sockets: list
     pid: int = 4242
-    gate_fd: int | None = None
 
 
 def conn_state(port: int, i: int) -> TcpConnState:
@@ -87,8 +86,49 @@ def udp_packet(n: int) -> bytes:
     return raw(IP(src=CLIENT, dst=VIP) / UDP(sport=5000, dport=7) / (b"d%d" % n))
 
 
+class FakeStore:
+    """One service's fd store (nodeshim.fdstore.Store), filled by the fake program."""
+
+    def __init__(self) -> None:
+        self.fds: list = []
+        self.stopping = False
+        self.handoff = True
+
+    def begin_handover(self) -> None:
+        self.close()
+        self.stopping = False
+
+    def take(self) -> list:
+        out, self.fds = self.fds, []
+        return out
+
+    def close(self) -> None:
+        for _, f in self.take():
+            f.close()
+
+
+class FakeNotify:
+    """The agent's NOTIFY_SOCKET (nodeshim.fdstore.NotifySocket)."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.stores: dict[str, FakeStore] = {}
+
+    def store(self, name: str) -> FakeStore:
+        return self.stores.setdefault(name, FakeStore())
+
+    def drain(self) -> int:
+        return 0
+
+    def forget(self, name: str) -> None:
+        self.log.append(("forget_store", name))
+        self.stores.pop(name, None)
+
+
 class FakeKernel:
     """The adapters' functions, logging every call; the state they need is kept here."""
+
+    MAX_STATE_BYTES = 1 << 20
 
     HALF_CLOSED_CODES = frozenset({4, 5, 8, 9, 11})
     SYN_RECV_CODES = frozenset({3})
@@ -102,6 +142,8 @@ class FakeKernel:
         self.half_closed = 0
         self.now = 100.0
         self.fail: dict[str, Exception] = {}
+        self.notify = FakeNotify(log)
+        self.hands_over = True  # the program answers the handoff signal through the fd store
 
     def _call(self, name: str, *args):
         self.log.append((name, *args))
@@ -119,17 +161,29 @@ class FakeKernel:
     # pidfd
     def send_signal(self, pid, sig):
         self._call("send_signal", signal.Signals(sig).name)
-        self.stopped = True
+        self.stopped = sig == signal.SIGSTOP
+        if sig == signal.SIGUSR1 and self.hands_over:  # what a program of the fd store does
+            store = self.notify.store("echo")
+            store.fds += [("state", FakeSock("state", self.log)), ("tcp-7", FakeSock("stored-tcp-7", self.log)),
+                          ("udp-7", FakeSock("stored-udp-7", self.log))]
+            store.fds += [("conn-7", FakeSock(f"copy{i}", self.log)) for i in range(self.connections)]
+            store.stopping = True
 
     def signal_group(self, pid, sig):
         self._call("signal_group", signal.Signals(sig).name)
+        if sig == signal.SIGSTOP:
+            self.stopped = True
 
     def process_state(self, pid):
         return "T" if self.stopped else "S"
 
-    def take_connections(self, pid, vip, ports):
-        self._call("take_connections", tuple(ports))
-        return [("conn-7", FakeSock(f"copy{i}", self.log)) for i in range(self.connections)]
+    # fdstore
+    def as_objects(self, stored):
+        return list(stored)
+
+    def read_state(self, f, limit):
+        self._call("read_state", f.name)
+        return b'{"kv": {}}'
 
     # tcprepair
     def count_connections(self, vip, ports, states):
@@ -186,26 +240,13 @@ class FakeKernel:
         self._call("open_sockets", tuple(ports))
         return [("tcp-7", FakeSock("new-tcp-7", self.log)), ("udp-7", FakeSock("new-udp-7", self.log))]
 
-    def spawn(self, service, sockets, log_dir, gated=False):
-        self._call("spawn", service.name, gated)
-        return FakeInstance(service, sockets, pid=5151)
-
-    async def wait_ready(self, rs, timeout):
-        self._call("wait_ready", rs.pid)
-
-    def open_gate(self, rs, connections, state_path=None):
-        self._call("open_gate", tuple(n for n, _ in connections), state_path)
+    def start_handed_over(self, service, vip, log_dir, sockets, connections, state, extra_env=None):
+        self._call("start_handed_over", tuple(n for n, _ in sockets), tuple(n for n, _ in connections), state,
+                   (extra_env or {}).get("NOTIFY_SOCKET"))
+        return FakeInstance(service, list(sockets), pid=5151)
 
     def kill(self, rs):
         self._call("kill", rs.pid)
-
-    def take_saved_state(self, log_dir, name):
-        self._call("take_saved_state", name)
-        return b'{"kv": {}}'
-
-    def keep_state(self, log_dir, name, data):
-        self._call("keep_state", name, data)
-        return f"{log_dir}/{name}.state.in"
 
 
 @dataclass
@@ -218,6 +259,8 @@ class FakeAgent:
     sent: list = field(default_factory=list)
     link: bool = True
     rpc: object = None
+    notify: object = None
+    notify_env: dict = field(default_factory=lambda: {"NOTIFY_SOCKET": "/run/notify"})
 
     def __post_init__(self) -> None:
         self.filter = NodeFilter(self.config.name)
@@ -244,8 +287,9 @@ def node(name, tmp_path, **kernel_options):
     fake = FakeKernel(log, **kernel_options)
     agent = FakeAgent(NodeConfig(name=name, vip=VIP, gateway_address="192.0.2.1", tls_ca="ca", tls_cert="c", tls_key="k",
                                  state_dir=str(tmp_path / name)), log)
+    agent.notify = fake.notify
     kernel = migrate.Kernel(tcprepair=fake, udphandoff=fake, pidfd=fake, services=fake,
-                            queue=fake, clock=fake.clock)
+                            queue=fake, fdstore=fake, clock=fake.clock)
     return migrate.MigrationAgent(agent, kernel), agent, fake, log
 
 
@@ -279,6 +323,7 @@ async def settle() -> None:
 
 def test_source_arm_freeze_commit_script(tmp_path):
     ma, agent, fake, log = source(tmp_path)
+    log_before_commit = Log()
 
     async def script():
         assert await ma.handle(step(msgs.Arm, destination="n2")) == msgs.Done()
@@ -287,7 +332,8 @@ def test_source_arm_freeze_commit_script(tmp_path):
         log.clear()
         frozen = await ma.handle(step(msgs.Freeze))
         freeze_calls = kernel_calls(log)
-        assert ("send_signal", "SIGUSR1") in log  # a builtin saves its state and stops itself
+        log_before_commit.extend(log)
+        assert ("send_signal", "SIGUSR1") in log  # the handoff signal: it stores everything, stops
         # packets that arrive now are held: the source is frozen
         assert agent.filter.decide(udp_packet(1), NEXT_EPOCH, FakePacket(1, log)).verdict is Verdict.HOLD
         log.clear()
@@ -296,20 +342,26 @@ def test_source_arm_freeze_commit_script(tmp_path):
         return frozen, freeze_calls, done
 
     frozen, freeze_calls, done = asyncio.run(script())
-    assert freeze_calls == ["send_signal", "take_connections", "accept_waiting", "dump_many",
-                            "dump_listener", "drain_udp", "take_saved_state"]
+    # what moves is what the program stored: its listener (accepted from), its UDP socket
+    # (drained), its connections (dumped), its state memfd (read)
+    # (stopped from outside once it said STOPPING=1: an init of a PID namespace cannot)
+    assert freeze_calls == ["send_signal", "signal_group", "accept_waiting", "dump_many",
+                            "dump_listener", "drain_udp", "read_state"]
+    assert ("accept_waiting", "stored-tcp-7") in log_before_commit
     assert isinstance(frozen, msgs.FreezeDone)
     assert (frozen.tcp_established, frozen.tcp_listening, frozen.udp_sockets) == (2, 1, 1)
     assert frozen.bytes_moved == len(b"in0in1") + len(b"q0q1")
     assert frozen.sockets["streamed"] == 0 and frozen.sockets["app_state"]
-    assert set(frozen.timing_ms) == {"take_sockets", "dump", "encode", "frozen_to_reply"}
+    assert set(frozen.timing_ms) == {"hand_over", "dump", "encode", "frozen_to_reply"}
     assert sockwire.from_wire({k: v for k, v in frozen.sockets.items()
                                if k not in ("streamed", "app_state")}).totals["udp_datagrams"] == 2
-    # commit: the hold dropped, our copies closed silently, the old instance killed, its
-    # sockets (our copies) closed, the service forgotten, the role removed after the grace
+    # commit: the hold dropped, our copies closed silently, the service and its store
+    # forgotten, the old instance killed, its sockets (our own copies and what it stored)
+    # closed, the role removed after the grace
     # and the node's table names the new owner at once
-    assert log.names() == ["drop", "close_many", "record_running", "kill", "close", "close",
-                           "service_moved", "sync_datapath"]
+    assert log.names() == ["drop", "close_many", "forget_store", "record_running", "kill"] + ["close"] * 5 + [
+        "service_moved", "sync_datapath"]
+    assert [e[1] for e in log if e[0] == "close"] == ["old-tcp-7", "old-udp-7", "stored-tcp-7", "stored-udp-7", "state"]
     assert log[1] == ("close_many", ("copy0", "copy1")) and log[-1] == ("sync_datapath", ())
     assert log[-2] == ("service_moved", "echo", "n2")
     assert "echo" not in agent.running and "echo" not in agent.filter.roles
@@ -360,14 +412,16 @@ def frozen_source(tmp_path):
 
 
 def assert_rollback_order(log: Log) -> None:
-    """Repair off, our copies closed, the drained datagrams back BEFORE the process
-    resumes, then the hold accepted in order, then the role removed (fast path re-synced)."""
+    """Repair off, what it stored and our copies closed, the drained datagrams back BEFORE
+    the process resumes, then the hold accepted in order, then the role removed (fast path
+    re-synced)."""
     names = [e[0] for e in log]
-    assert names == ["unrepair_many", "close", "close", "reinject", "signal_group", "accept",
-                     "accept", "sync_datapath"], log
+    assert names == ["unrepair_many"] + ["close"] * 5 + ["reinject", "signal_group", "accept",
+                                                         "accept", "sync_datapath"], log
     assert log[0] == ("unrepair_many", ("copy0", "copy1"))
-    assert log[3] == ("reinject", (b"q0", b"q1"), 7, migrate.REINJECT_MARK)
-    assert log[4] == ("signal_group", "SIGCONT")
+    assert [e[1] for e in log[1:6]] == ["stored-tcp-7", "stored-udp-7", "state", "copy0", "copy1"]
+    assert log[6] == ("reinject", (b"q0", b"q1"), 7, migrate.REINJECT_MARK)
+    assert log[7] == ("signal_group", "SIGCONT")
     assert [e[1] for e in log if e[0] == "accept"] == [1, 2]
     assert log[-1] == ("sync_datapath", ())
 
@@ -456,8 +510,8 @@ def test_a_failed_dump_rolls_back_what_the_freeze_did_and_refuses(tmp_path):
 
     assert asyncio.run(script()) == msgs.Done()
     names = log.names()
-    # the copies are closed, the process resumed, the role removed; nothing was dumped
-    assert names[names.index("dump_many") + 1:] == ["close", "close", "signal_group", "sync_datapath"]
+    # what it stored is closed, the process resumed, the role removed; nothing was dumped
+    assert names[names.index("dump_many") + 1:] == ["close"] * 5 + ["signal_group", "sync_datapath"]
 
 
 def test_half_closed_connections_refuse_the_freeze_without_stopping_anything(tmp_path, monkeypatch):
@@ -477,7 +531,7 @@ def test_half_closed_connections_refuse_the_freeze_without_stopping_anything(tmp
 
 def test_shutdown_abandons_a_freeze_that_waits_and_rolls_back_what_it_did(tmp_path, monkeypatch):
     ma, agent, fake, log = source(tmp_path)
-    fake.process_state = lambda pid: "S"  # the process never stops: quiesce keeps waiting
+    fake.process_state = lambda pid: "S"  # the process never stops: the hand-over keeps waiting
 
     async def script():
         await ma.handle(step(msgs.Arm, destination="n2"))
@@ -489,7 +543,10 @@ def test_shutdown_abandons_a_freeze_that_waits_and_rolls_back_what_it_did(tmp_pa
             await freeze
 
     asyncio.run(script())
-    assert kernel_calls(log) == ["send_signal", "signal_group", "sync_datapath"]
+    # what it had stored when the wait was given up is closed (it holds its own), then it resumes
+    calls = kernel_calls(log)
+    assert calls[0] == "send_signal" and calls.count("close") == 5  # closed as the wait unwinds
+    assert calls[1] == "signal_group" and ("signal_group", "SIGCONT") in log and "sync_datapath" in calls
     assert ("signal_group", "SIGCONT") in log and not ma.busy("echo")
 
 
@@ -505,7 +562,7 @@ def test_a_rollback_that_arrives_during_the_freeze_waits_for_it(tmp_path):
     frozen, rolled = asyncio.run(script())
     assert isinstance(frozen, msgs.FreezeDone) and rolled == msgs.Done()
     names = log.names()
-    assert names.index("take_saved_state") < names.index("unrepair_many")  # after the freeze
+    assert names.index("read_state") < names.index("unrepair_many")  # after the freeze
 
 
 # ---------------------------------------------------------------- the destination
@@ -539,15 +596,16 @@ def test_destination_prepare_chunk_restore_release_script(tmp_path):
         return prepare, restored, released
 
     prepare, restored, released = asyncio.run(script())
-    assert prepare == ["sync_datapath", "open_sockets", "spawn", "wait_ready"]
+    assert prepare == ["sync_datapath", "open_sockets"]  # the new instance starts at release
     assert set(restored.timing_ms) == {"decode", "restore", "restore_streamed"}
     # release: repair off, queued datagrams and late packets in first, then the hold, then
-    # the gate opens with every connection, our descriptors close, the instance is adopted
-    assert log.names() == ["thaw_many", "reinject", "inject_ip_packets", "accept", "open_gate",
-                           "close", "close", "close", "close", "close", "record_running", "service_moved",
-                           "sync_datapath"]
+    # the new instance starts with every socket, connection and the state (LISTEN_FDS) and
+    # the agent's NOTIFY_SOCKET; our descriptors close, the instance is adopted
+    assert log.names() == ["thaw_many", "reinject", "inject_ip_packets", "accept", "forget_store",
+                           "start_handed_over", "close", "close", "close", "close", "close",
+                           "record_running", "service_moved", "sync_datapath"]
     assert log[0] == ("thaw_many", tuple(f"restored{i}" for i in range(5)))
-    assert log[4][1] == ("conn-7",) * 5 and log[4][2].endswith("echo.state.in")
+    assert log[5] == ("start_handed_over", ("tcp-7", "udp-7"), ("conn-7",) * 5, b"{}", "/run/notify")
     assert released.held == 1 and released.released == 1 and released.reinjected == 2
     assert agent.running["echo"].pid == 5151 and agent.restarts["echo"] == 0
     assert not ma.busy("echo") and "echo" not in agent.filter.roles
@@ -566,8 +624,8 @@ def test_destination_abort_closes_everything_silently(tmp_path):
         return await ma.handle(step(msgs.Abort))
 
     assert asyncio.run(script()) == msgs.Done()
-    assert log.names() == ["drop", "kill", "close_many", "close", "close", "sync_datapath"]
-    assert log[2] == ("close_many", ("restored0", "restored1"))
+    assert log.names() == ["drop", "close_many", "close", "close", "sync_datapath"]
+    assert log[1] == ("close_many", ("restored0", "restored1"))
     assert "echo" not in agent.running and "echo" not in agent.filter.roles
 
 
@@ -588,7 +646,7 @@ def test_a_failed_restore_aborts_and_refuses(tmp_path):
         return await ma.handle(step(msgs.Abort))
 
     assert asyncio.run(script()) == msgs.Done()
-    assert log.names() == ["restore_many", "kill", "close", "close", "sync_datapath"]
+    assert log.names() == ["restore_many", "close", "close", "sync_datapath"]
 
 
 def test_refusals_are_local_errors_and_change_nothing(tmp_path):

@@ -86,6 +86,10 @@ class FakeCriu(FakeKernel):
         self._call("accept_backlog", tuple(ports))
         return 0
 
+    def count_listeners(self, vip, ports):
+        self._call("count_listeners", tuple(ports))
+        return 2  # say, one on the VIP and one on the wildcard
+
     def dump_to(self, pid, images_dir, endpoint, timeout, extra=()):
         self._call("dump_to", pid, endpoint, tuple(extra))
         return FakeSendStats()
@@ -155,7 +159,7 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
         return frozen, freeze_log, done
 
     frozen, freeze_log, done = asyncio.run(script())
-    names = [e[0] for e in freeze_log if e[0] != "count_connections"]
+    names = [e[0] for e in freeze_log if e[0] not in ("count_connections", "count_listeners")]
     assert names == ["accept_backlog", "signal_group", "take_sockets", "take_sockets", "close", "drain_udp", "close", "dump_to"]
     assert ("signal_group", "SIGSTOP") in freeze_log
     # one socket shared by the tree's two processes is drained once, our copies closed
@@ -163,6 +167,7 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
     dump = next(e for e in freeze_log if e[0] == "dump_to")
     assert dump[1] == 4242 and dump[2] == migrate.imagexfer.Endpoint(**ENDPOINT) and dump[3] == ()
     assert frozen.bytes_moved == 2_050_000 and frozen.tcp_established == 3 and frozen.udp_sockets == 1
+    assert frozen.tcp_listening == 2  # the listeners the kernel has, not the service's port count
     assert frozen.sockets["process"]["output_pipe"] == "pipe:[99]"
     assert [e[0] for e in log] == ["drop", "record_running", "kill", "service_moved", "sync_datapath"]
     assert "web" not in agent.running and isinstance(done, msgs.CommitDone)
@@ -260,3 +265,22 @@ def test_an_abort_before_restore_cancels_the_receiver(tmp_path):
     asyncio.run(script())
     names = [e[0] for e in log]
     assert "rx.cancel" in names and "kill" not in names and "silence" not in names
+
+
+def test_listeners_are_counted_from_the_kernel_on_the_vip_or_the_wildcard():
+    """The report's tcp_listening for the process strategy: real listening sockets (no root
+    needed: this namespace's /proc/net/tcp)."""
+    import socket
+
+    from nodeshim import tcprepair
+    on_vip = socket.create_server(("127.0.0.1", 0))
+    wildcard = socket.create_server(("0.0.0.0", 0))
+    other = socket.create_server(("127.0.0.1", 0))  # a port that is not the service's
+    try:
+        ports = [on_vip.getsockname()[1], wildcard.getsockname()[1]]
+        assert tcprepair.count_listeners("127.0.0.1", ports) == 2
+        assert tcprepair.count_listeners("127.0.0.1", ports[:1]) == 1
+        assert tcprepair.count_listeners("127.0.0.1", [other.getsockname()[1] + 1]) == 0
+    finally:
+        for s in (on_vip, wildcard, other):
+            s.close()

@@ -109,8 +109,8 @@ def test_command_services_move_with_process_builtins_with_handoff():
     assert type(choose_playbook(nc.Local(auto), None)) is ProcessMigration
     adopted = Service("web", "n1", ((TCP, 80),), "adopted:1234")
     assert type(choose_playbook(nc.Local(adopted), None)) is ProcessMigration
-    refused = Service("web", "n1", ((TCP, 80),), "/usr/sbin/nginx", "handoff")
-    with pytest.raises(nc.Refused, match="command services cannot be migrated with strategy handoff"):
+    refused = Service("web", "n1", ((TCP, 80),), "adopted:1234", "handoff")
+    with pytest.raises(nc.Refused, match="adopted services cannot be migrated with strategy handoff"):
         choose_playbook(nc.Local(refused), None)
     with pytest.raises(nc.Refused, match="external services cannot be migrated"):
         choose_playbook(nc.Local(Service("x", "n1", ((TCP, 80),), "external")), None)

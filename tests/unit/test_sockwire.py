@@ -32,11 +32,31 @@ def test_round_trip(queues):
     assert unpack_connections(pack_connections(conns)) == conns
 
 
-def test_ipv6_falls_back_to_the_dict_form():
-    b = ServiceSockets(service="s", connections=(conn(1), conn(2, family=6)))
+def test_ipv6_connections_are_packed_too():
+    b = ServiceSockets(service="s", connections=(conn(1), conn(2, b"six", b"queued", 3, family=6), conn(3, family=6)))
     w = to_wire(b)
-    assert w["packed_count"] == 1 and len(w["connections"]) == 1
-    assert from_wire(w) == ServiceSockets(service="s", connections=(conn(1), conn(2, family=6)))
+    assert w["packed_count"] == 1 and w["packed6_count"] == 2 and w["connections"] == []
+    assert from_wire(w) == b
+    six = (conn(2, b"six", b"queued", 3, family=6),)
+    assert unpack_connections(pack_connections(six), 6) == six
+    # an IPv4-only bundle's wire form has no IPv6 fields at all (as before IPv6)
+    assert "packed6" not in to_wire(ServiceSockets(service="s", connections=(conn(1),)))
+
+
+def test_ipv6_garbage_is_refused():
+    w = to_wire(ServiceSockets(service="s", connections=(conn(1, b"abc", family=6),)))
+    packed6 = base64.b64decode(w["packed6"])
+    for bad, msg in (
+        ({**w, "packed6": "!!!"}, "base64"),
+        ({**w, "packed6": base64.b64encode(packed6[:-1]).decode()}, "truncated"),
+        ({**w, "packed6_count": 3}, "IPv6 connections"),
+        ({k: v for k, v in w.items() if k != "packed6"}, "totals"),  # dropped: never silently
+    ):
+        with pytest.raises(ValueError, match=msg):
+            from_wire(bad)
+    # an IPv4 record read as IPv6 (or the reverse) is a truncated or invalid record, not a connection
+    with pytest.raises(ValueError):
+        unpack_connections(pack_connections((conn(1, family=4),)), 6)
 
 
 def test_plain_dict_form_is_accepted():

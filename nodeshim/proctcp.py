@@ -1,0 +1,69 @@
+"""The kernel's TCP socket tables, read from /proc/net/tcp and /proc/net/tcp6.
+
+Used to wait for the connections a migration cannot move (half-open handshakes,
+half-closed connections) and for what waits in a listener's accept queue. The VIP may be
+IPv4, IPv6 or both (dual-stack): each address is looked up in its own family's table.
+/proc prints an address as host-order 32-bit words in hex (one for IPv4, four for IPv6),
+then the port: `0A7100CB:0007`, `B80D0120000000000000000010000000:0007`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from typing import Iterable
+
+from clustercore.sockstate import HALF_CLOSED_STATES, TCP_STATES
+
+SYN_RECV_CODES = frozenset({code for code, name in TCP_STATES.items() if name == "SYN_RECV"})
+HALF_CLOSED_CODES = frozenset({code for code, name in TCP_STATES.items() if name in HALF_CLOSED_STATES})
+LISTEN = 10  # TCP_LISTEN
+TABLES = {4: "/proc/net/tcp", 6: "/proc/net/tcp6"}
+
+
+def proc_address(address: str, port: int, byteorder: str = sys.byteorder) -> str:
+    """How /proc/net/tcp{,6} writes `address`:`port` (e.g. 203.0.113.10:7 -> 0A7100CB:0007)."""
+    packed = ipaddress.ip_address(address).packed
+    words = "".join(f"{int.from_bytes(packed[i:i + 4], byteorder):08X}" for i in range(0, len(packed), 4))
+    return f"{words}:{port:04X}"
+
+
+def _rows(vips: str | Iterable[str], ports: Iterable[int]):
+    """(fields, ...) of every socket row on one of the VIPs at one of `ports`."""
+    vips = (vips,) if isinstance(vips, str) else tuple(vips)
+    ports = tuple(ports)
+    by_table: dict[str, set[str]] = {}
+    for vip in vips:
+        by_table.setdefault(TABLES[ipaddress.ip_address(vip).version], set()).update(
+            proc_address(vip, p) for p in ports)
+    for path, want in sorted(by_table.items()):
+        try:
+            with open(path) as f:
+                next(f)  # the header
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 4 and fields[1] in want:
+                        yield fields
+        except (OSError, StopIteration):
+            continue
+
+
+def count_connections(vips: str | Iterable[str], ports: Iterable[int], states: Iterable[int]) -> int:
+    """How many TCP sockets on a VIP at one of `ports` are in one of `states` (kernel
+    state numbers, TCP_STATES)."""
+    codes = {f"{c:02X}" for c in states}
+    return sum(1 for fields in _rows(vips, ports) if fields[3] in codes)
+
+
+def accept_backlog(vips: str | Iterable[str], ports: Iterable[int]) -> int:
+    """Connections waiting in the accept queues of the listeners on a VIP at one of
+    `ports`: a listener's rx_queue. A whole-process checkpoint does not move them (they
+    are in no descriptor of the program yet)."""
+    n = 0
+    for fields in _rows(vips, ports):
+        if fields[3] == f"{LISTEN:02X}":
+            try:
+                n += int(fields[4].split(":")[1], 16)
+            except (IndexError, ValueError):
+                continue
+    return n
