@@ -65,6 +65,7 @@ class GatewayConfig:
     name: str = "gateway"
     gateways: tuple[str, ...] = ()
     etcd_endpoints: tuple[str, ...] = ()
+    migration_timeouts: tuple[tuple[str, float], ...] = ()  # (state, seconds) overrides
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", _enum_field("delivery", Delivery, self.delivery, None))
@@ -89,6 +90,10 @@ class NodeConfig:
     gateway_port: int = DEFAULT_AGENT_PORT
     queue_num: int = 0
     queue_maxlen: int = 65536
+    # the hold spreads over queues queue_num .. queue_num + queue_count - 1, by flow (the
+    # low bits of the source port: one flow, one queue, so its order is kept); each queue
+    # holds at most queue_maxlen packets. A power of two.
+    queue_count: int = 4
     state_dir: str = DEFAULT_STATE_DIR
     # the interface facing the gateway: the agent turns GRO off on it (see nodeshim.netlink)
     cluster_interface: str | None = None
@@ -98,6 +103,10 @@ class NodeConfig:
     migration_lease_s: float = 10.0
     vip6: str | None = None  # dual-stack: the IPv6 VIP next to an IPv4 `vip`
     metrics_address: str = DEFAULT_NODE_METRICS  # HOST:PORT of /metrics, or "off"
+
+    @property
+    def queue_nums(self) -> range:
+        return range(self.queue_num, self.queue_num + self.queue_count)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datapath", _enum_field("datapath", Datapath, self.datapath, None))
@@ -239,6 +248,38 @@ def _metrics_address(d, source, default: str) -> str:
     return v
 
 
+def _queue_count(d, source) -> int:
+    n = _int(d, "queue_count", source, 1, 16, 4)
+    if n & (n - 1):
+        raise ConfigError("queue_count", f"must be a power of two (1, 2, 4, 8 or 16), got {n}", source)
+    first = d.get("queue_num", 0)
+    if isinstance(first, int) and first + n - 1 > 65535:
+        raise ConfigError("queue_count", f"queues {first}..{first + n - 1} go past 65535", source)
+    return n
+
+
+def _migration_timeouts(d, source) -> tuple[tuple[str, float], ...]:
+    """[migration_timeouts]: seconds a migration step may take, by state name (the
+    defaults are clustercore.migration_messages.MigrationTimeouts'); for services whose
+    steps are known to take longer."""
+    from dataclasses import fields
+
+    from .migration_messages import MigrationTimeouts
+
+    known = {f.name for f in fields(MigrationTimeouts)}
+    v = d.get("migration_timeouts", {})
+    if not isinstance(v, dict):
+        raise ConfigError("migration_timeouts", "must be a table of state = seconds", source)
+    out = []
+    for name, secs in sorted(v.items()):
+        if name not in known:
+            raise ConfigError(f"migration_timeouts.{name}", f"unknown step; known: {', '.join(sorted(known))}", source)
+        if not isinstance(secs, (int, float)) or isinstance(secs, bool) or not 0 < secs < 3600:
+            raise ConfigError(f"migration_timeouts.{name}", f"must be seconds in (0, 3600), got {secs!r}", source)
+        out.append((name, float(secs)))
+    return tuple(out)
+
+
 # --- public parsers ------------------------------------------------------------------------
 
 
@@ -263,7 +304,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         d,
         {"vip", "client_interface", "cluster_interface", "listen_address", "listen_port",
          "tls_ca", "tls_cert", "tls_key", "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s",
-         "delivery", "vip6", "metrics_address", "name", "gateways", "etcd_endpoints"},
+         "delivery", "vip6", "metrics_address", "migration_timeouts", "name", "gateways", "etcd_endpoints"},
         source,
     )
     client_if = _str(d, "client_interface", source, pattern=_IFNAME_RE, what="an interface name")
@@ -307,6 +348,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         vip6=vip6,
         metrics_address=_metrics_address(d, source, DEFAULT_GATEWAY_METRICS),
         **_gateways_fields(d, source),
+        migration_timeouts=_migration_timeouts(d, source),
     )
 
 
@@ -339,7 +381,7 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
     _check_known(
         d,
         {"name", "vip", "gateway_address", "gateway_port", "tls_ca", "tls_cert", "tls_key", "key_file", "queue_num",
-         "queue_maxlen", "state_dir", "cluster_interface", "datapath", "migration_lease_s",
+         "queue_maxlen", "queue_count", "state_dir", "cluster_interface", "datapath", "migration_lease_s",
          "metrics_address", "vip6"},
         source,
     )
@@ -353,6 +395,7 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         **_tls_fields(d, source),
         queue_num=_int(d, "queue_num", source, 0, 65535, 0),
         queue_maxlen=_int(d, "queue_maxlen", source, 64, 1 << 20, 65536),
+        queue_count=_queue_count(d, source),
         state_dir=_str(d, "state_dir", source, default=DEFAULT_STATE_DIR, what="a path"),
         cluster_interface=(_str(d, "cluster_interface", source, pattern=_IFNAME_RE, what="an interface name")
                            if "cluster_interface" in d else None),

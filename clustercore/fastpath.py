@@ -10,6 +10,15 @@ which carry the flow they are about in their payload).
 
 `evaluate()` applies the list exactly as the kernel does (first match wins), so tests can
 prove that the fast path and the queue give the same verdict for every packet.
+
+Several queues (`queue_count` > 1): one queue holds at most 65,536 packets, so what goes
+to "the queue" goes to a fan-out chain instead, which picks one of `queue_count` queues
+by the low bits of the source port (`fanout_rules`, an iptables u32 match; `fanout_queue`
+is the same function in Python). One flow always lands in one queue, so its packets keep
+their order through the hold and its release. Not `--queue-balance`: the kernel hashes
+only addresses there, so one client's flows would share one queue. ICMP, non-first
+fragments and anything else without ports go to the first queue; so does IPv6 (the u32
+match reads an IPv4 header).
 """
 
 from __future__ import annotations
@@ -127,7 +136,49 @@ def evaluate(rules: list[Rule], packet: Packet, known: Callable[[Packet], bool] 
 _OTHER_ICMP = {4: ICMPV6, 6: ICMP}  # the ICMP flavour a family's table never sees
 
 
-def to_iptables(rules: list[Rule], queue_num: int, version: int = 4) -> list[str]:
+FANOUT_CHAIN = "VIPCLUSTER-Q"  # to one of several queues, fail closed
+FANOUT_BYPASS_CHAIN = "VIPCLUSTER-QB"  # the same with --queue-bypass (Rule.bypass)
+
+
+def queue_target(queue_num: int, queue_count: int, bypass: bool) -> str:
+    """The iptables target that sends a packet to our queue(s)."""
+    if queue_count > 1:
+        return FANOUT_BYPASS_CHAIN if bypass else FANOUT_CHAIN
+    return f"NFQUEUE --queue-num {queue_num}" + (" --queue-bypass" if bypass else "")
+
+
+def fanout_rules(queue_num: int, queue_count: int, bypass: bool) -> list[str]:
+    """The fan-out chain's rules (for `-A FANOUT_CHAIN ...`, IPv4 only): queue_num + (source
+    port & (queue_count - 1)) for unfragmented (or first-fragment) TCP and UDP, queue_num
+    for the rest. u32: the word at offset 6 masked to fragment offset and protocol must be
+    6 or 17; then skip the IP header (IHL * 4) and take the top half of the next word."""
+    if queue_count < 1 or queue_count & (queue_count - 1):
+        raise ValueError(f"queue_count must be a power of two, got {queue_count}")
+    bp = " --queue-bypass" if bypass else ""
+    out = []
+    for k in range(1, queue_count):
+        out.append(f'-m u32 --u32 "6&0x1FFF00FF=6,17&&0>>22&0x3C@0>>16&{queue_count - 1:#x}={k}" '
+                   f"-j NFQUEUE --queue-num {queue_num + k}{bp}")
+    out.append(f"-j NFQUEUE --queue-num {queue_num}{bp}")
+    return out
+
+
+def fanout_queue(ip_packet: bytes, queue_num: int, queue_count: int) -> int:
+    """Which queue `fanout_rules` sends this IPv4 packet to (the same function, for tests
+    and for reading the kernel's per-queue counters)."""
+    if queue_count <= 1 or len(ip_packet) < 20:
+        return queue_num
+    frag_and_proto = int.from_bytes(ip_packet[6:10], "big") & 0x1FFF00FF
+    if frag_and_proto not in (TCP, UDP):
+        return queue_num
+    ihl = (ip_packet[0] & 0x0F) * 4
+    if len(ip_packet) < ihl + 4:
+        return queue_num  # u32 fails on a read past the end: no match
+    sport = int.from_bytes(ip_packet[ihl:ihl + 2], "big")
+    return queue_num + (sport & (queue_count - 1))
+
+
+def to_iptables(rules: list[Rule], queue_num: int, version: int = 4, queue_count: int = 1) -> list[str]:
     """The rules as iptables (version 4) or ip6tables (version 6) arguments (for `-A CHAIN
     ...`), with a comment naming the counter bucket so the shim can read per-service
     counters back from the kernel. TCP and UDP rules are the same in both families; a
@@ -151,8 +202,9 @@ def to_iptables(rules: list[Rule], queue_num: int, version: int = 4) -> list[str
             m += f" -m mac --mac-source {r.mac}"
         if r.known:
             m += " -m conntrack --ctstatus CONFIRMED"
-        target = f"NFQUEUE --queue-num {queue_num}" if r.action == QUEUE else r.action.value.upper()
-        if r.bypass:
-            target += " --queue-bypass"
+        if r.action == QUEUE:  # several queues: IPv4 only (the fan-out's u32 reads an IPv4 header)
+            target = queue_target(queue_num, queue_count if version == 4 else 1, r.bypass)
+        else:
+            target = r.action.value.upper()
         out.append(f'{m} -m comment --comment "vip:{r.service}" -j {target}')
     return out

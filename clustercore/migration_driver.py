@@ -115,6 +115,7 @@ class MigrationDriver:
                 # once) carries its own, older ArmTimer after the nested one, and arming
                 # that one made the executor wake at the flipping deadline forever while the
                 # machine waited for its freezing deadline (a 30 s hang of slow freezes)
+                # (the same with the owner switch: releasing read no reply until its timeout)
                 x.arm_timer(self.machine.get_timer())
             elif isinstance(cmd, mig.Transition):
                 x.transition(cmd.previous, cmd.state)

@@ -23,6 +23,7 @@ from clustercore import migration as mig
 from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Delivery, MigrateStrategy, ServiceKind, member, migration_strategy, service_kind
 from clustercore.migration_driver import MigrationDriver, event_for_reply
+from clustercore.stopwindow import stop_window_ms
 from vipwire.logs import event
 from vipwire.rpc import Context
 
@@ -56,6 +57,7 @@ class _Run:
         self.steps_ms: dict[str, float] = {}  # how long each step took: where the time goes
         self.split_ms: dict[str, dict] = {}  # the agents' own timing of their parts
         self.kernel_drops: dict[str, int] = {}  # packets a node's kernel queue dropped meanwhile
+        self.replied_at: dict[str, float] = {}  # step -> loop time its (successful) reply came
         self.last_chunk: asyncio.Future | None = None  # the chunk relay's tail (streamed dump)
         self.started = time.time()
         self.streamed = 0  # connections streamed ahead and restored on the destination
@@ -151,6 +153,7 @@ class _Run:
             if session is None:
                 raise ConnectionLost(f"node {node} is down")
             reply = await session.rpc.request(message, timeout=REQUEST_TIMEOUT_S)
+            self.replied_at[op.removeprefix("migrate.")] = self.loop.time()
             timing = getattr(reply, "timing_ms", None)
             if timing:
                 self.split_ms[op.removeprefix("migrate.")] = timing
@@ -232,7 +235,7 @@ class _Run:
 
 # what a migration's end event carries (the whole report is in the registry's event log)
 REPORT_LOG_FIELDS = ("service", "from", "to", "strategy", "outcome", "reason", "tcp_established", "tcp_listening",
-                     "udp_sockets", "bytes_moved", "freeze_ms", "total_ms", "held", "released",
+                     "udp_sockets", "bytes_moved", "freeze_ms", "stop_ms", "total_ms", "held", "released",
                      "duplicates_suppressed", "lost", "kernel_queue_drops")
 PROCESS_STEP_S = 30.0  # freezing and restoring of a `process` migration may take this long
 STRATEGY_ASK_TIMEOUT_S = 2.0  # asking the owner whether its program announced the fd store
@@ -242,7 +245,7 @@ class Controller:
     def __init__(self, gateway) -> None:
         self.gw = gateway
         self.book = mig.MigrationBook()
-        self.timeouts = mig.MigrationTimeouts()
+        self.timeouts = mig.MigrationTimeouts(**dict(getattr(getattr(gateway, "config", None), "migration_timeouts", ())))
         self.runs: dict[str, _Run] = {}  # service -> its running migration
         self.recovering: dict[str, asyncio.Task] = {}  # service -> finishing a journaled one
 
@@ -362,6 +365,10 @@ class Controller:
         report["strategy"] = str(strategy)
         report["steps_ms"] = run.steps_ms
         report["split_ms"] = run.split_ms
+        # source stopped -> destination serving (committed only; a rollback resumes the source)
+        report["stop_ms"] = (stop_window_ms(run.replied_at.get("freeze"), run.split_ms.get("freeze"),
+                                            run.replied_at.get("release"))
+                             if finished.outcome == "committed" else None)
         report["kernel_queue_drops"] = run.kernel_drops
         # a packet the kernel dropped from a queue during the migration is lost to us
         # (TCP clients retransmit it; a UDP datagram is gone): say so

@@ -38,7 +38,7 @@ from .fdstore import NotifySocket, process_group_of
 from .health import HealthRunner
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
-from .queue import PacketQueue
+from .queue import PacketQueues
 from .verdictlog import VerdictLog
 
 log = logging.getLogger("vipcluster.node")
@@ -60,7 +60,7 @@ class NodeAgent:
         self.filter = NodeFilter(config.name)
         self.running: dict[str, services.RunningService] = {}
         self.restarts: dict[str, int] = {}
-        self.queue: PacketQueue | None = None
+        self.queue: PacketQueues | None = None
         self.rpc: RpcConnection | None = None
         self._stop = asyncio.Event()
         self.migrations = MigrationAgent(self)
@@ -266,7 +266,7 @@ class NodeAgent:
             # queue (its rules drop them in the kernel)
             self.filter.load([dataclasses.replace(self.running[n].service, owner=cfg.name)
                               for n in self.adopted], None)
-        self.queue = PacketQueue(cfg.queue_num, cfg.queue_maxlen, self.decide)
+        self.queue = PacketQueues(cfg.queue_num, cfg.queue_count, cfg.queue_maxlen, self.decide)
         self.queue.attach(asyncio.get_running_loop())
         self._criu_check = asyncio.ensure_future(self._check_criu())
         self._fast_rules: list[str] | None = None
@@ -278,8 +278,8 @@ class NodeAgent:
             log.info("adopted %s; kernel rules kept until the gateway's table", ", ".join(self.adopted))
         else:
             self.sync_datapath()
-        log.info("node %s: VIP %s on lo, VIP packets -> queue %d (fail closed)",
-                 cfg.name, " and ".join(cfg.vips), cfg.queue_num)
+        log.info("node %s: VIP %s on lo, VIP packets -> queues %d-%d (fail closed)",
+                 cfg.name, " and ".join(cfg.vips), cfg.queue_num, cfg.queue_num + cfg.queue_count - 1)
         try:
             self._metrics_server = await metricsserver.serve(cfg.metrics_address, self.metrics.registry,
                                                              self.metrics.before_scrape)
@@ -298,7 +298,7 @@ class NodeAgent:
         else:
             fast = fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
                                       set(self.filter.roles), self.drain.roles)
-            rules = {v: fastpath.to_iptables(fast, cfg.queue_num, v) for v in versions}
+            rules = {v: fastpath.to_iptables(fast, cfg.queue_num, v, cfg.queue_count) for v in versions}
         if rules == self._fast_rules:
             return
         if self._fast_rules:
@@ -306,7 +306,7 @@ class NodeAgent:
                 base = self._kernel_base.setdefault(name, {"accepted": 0, "dropped": 0})
                 base["accepted"] += c["accepted"]
                 base["dropped"] += c["dropped"]
-        iptables.install(cfg.vips, cfg.queue_num, fast_rules=rules)
+        iptables.install(cfg.vips, cfg.queue_num, fast_rules=rules, queue_count=cfg.queue_count)
         self._fast_rules = rules
 
     def decide(self, data: bytes, epoch, handle, now):

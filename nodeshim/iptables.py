@@ -31,6 +31,7 @@ import ipaddress
 import subprocess
 from typing import Iterable
 
+from clustercore import fastpath
 from clustercore.errors import KernelError
 
 CHAIN = "VIPCLUSTER"
@@ -57,16 +58,28 @@ def _jump_rule(vip: str, version: int = 4) -> list[str]:
     return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-j", CHAIN]
 
 
+# several queues (queue_count > 1, IPv4): "-j NFQUEUE" becomes a jump to a fan-out chain that
+# picks queue N + (source port & (count - 1)) per flow (clustercore.fastpath.fanout_rules)
+FANOUT_CHAINS = {fastpath.FANOUT_CHAIN: False, fastpath.FANOUT_BYPASS_CHAIN: True}  # chain: bypass
+
+
 def install(vips: str | Iterable[str], queue_num: int,
-            fast_rules: list[str] | dict[int, list[str]] | None = None) -> None:
+            fast_rules: list[str] | dict[int, list[str]] | None = None, queue_count: int = 1) -> None:
     """Create (or replace) our chain and the jump to it, atomically, for each VIP's family.
-    `fast_rules`: one list for every family, or {version: list} (fastpath.to_iptables)."""
+    `fast_rules`: one list for every family, or {version: list} (fastpath.to_iptables).
+    IPv6 uses the first queue only (the fan-out's u32 match reads an IPv4 header)."""
     for version, vip in sorted(_families(vips).items()):
         tool, restore, _, _ = _TOOLS[version]
+        count = queue_count if version == 4 else 1
         rules = fast_rules.get(version, []) if isinstance(fast_rules, dict) else fast_rules
+        heads = [f":{CHAIN} - [0:0]"]
         body = [f"-A {CHAIN} {r}" for r in (rules or [])]
-        body.append(f"-A {CHAIN} -j NFQUEUE --queue-num {queue_num}")
-        script = "\n".join(["*mangle", f":{CHAIN} - [0:0]", *body, "COMMIT", ""])
+        body.append(f"-A {CHAIN} -j {fastpath.queue_target(queue_num, count, False)}")
+        if count > 1:
+            for chain, bypass in FANOUT_CHAINS.items():
+                heads.append(f":{chain} - [0:0]")
+                body += [f"-A {chain} {r}" for r in fastpath.fanout_rules(queue_num, count, bypass)]
+        script = "\n".join(["*mangle", *heads, *body, "COMMIT", ""])
         _run([restore, "-w", "--noflush"], script)
         jump = _jump_rule(vip, version)
         if _run([tool, "-w", "-t", "mangle", "-C", "PREROUTING", *jump], check=False).returncode != 0:
@@ -87,6 +100,9 @@ def remove(vips: str | Iterable[str]) -> None:
             pass
         _run([tool, "-w", "-t", "mangle", "-F", CHAIN], check=False)
         _run([tool, "-w", "-t", "mangle", "-X", CHAIN], check=False)
+        for chain in FANOUT_CHAINS:  # only referenced from CHAIN, gone now
+            _run([tool, "-w", "-t", "mangle", "-F", chain], check=False)
+            _run([tool, "-w", "-t", "mangle", "-X", chain], check=False)
         _installed.discard(version)
 
 

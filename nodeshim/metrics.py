@@ -92,7 +92,7 @@ class _NodeCollector:
         yield packets
         drops = CounterMetricFamily("vipcluster_kernel_queue_drops", "Packets the kernel dropped from this "
                                     "node's netfilter queue (queue or socket buffer full).", labels=["node"])
-        drops.add_metric([node], queue.kernel_drops(agent.config.queue_num))
+        drops.add_metric([node], queue.kernel_drops(agent.config.queue_nums))
         yield drops
         unparsed = CounterMetricFamily("vipcluster_unparsed_packets", "Queued packets the shim could not "
                                        "parse (dropped).", labels=["node"])

@@ -16,8 +16,11 @@ Fault injection for the lab tests: if the file `<state_dir>/faults/<OP>` (the me
 wire name, e.g. `migrate.freeze`) exists when a step arrives, its content says what to do:
 `fail` (refuse the step), `die` (the agent exits at once, like a crash), `drop` (close the
 gateway connection without answering), `term` (the agent gets SIGTERM just as the step
-arrives; the step is handled TERM_FAULT_DELAY_S later, if the agent still runs). A file
-`<OP>.done` fires after the step was performed, before its reply is sent. The file is removed when it fires.
+arrives; the step is handled TERM_FAULT_DELAY_S later, if the agent still runs), `wait`
+(the step waits, the verdict loop running, until the file `<OP>.go` appears, at most
+WAIT_FAULT_MAX_S: a freeze stretched as long as a test needs, e.g. to hold a bounded
+flood). A file `<OP>.done` fires after the step was performed, before its reply is sent.
+The file is removed when it fires.
 
 Faults inside the `process` strategy's commands (same directory, same one-shot files):
 `criu.dump` / `criu.restore` (content `fail`): criu is run with an option it refuses, so
@@ -61,6 +64,8 @@ SYN_RECV_WAIT_S = 0.5  # half-open handshakes may finish this long (new SYNs are
 SYN_RECV_POLL_S = 0.002
 FAULT_EXIT_STATUS = 17  # a `die` fault: the agent exits like a crash
 TERM_FAULT_DELAY_S = 0.2  # a `term` fault: SIGTERM, then the step is handled this much later
+WAIT_FAULT_MAX_S = 120.0  # a `wait` fault gives up waiting for its go file after this
+WAIT_FAULT_POLL_S = 0.05
 ACCEPT_WAIT_S = 0.5  # the program may take this long to accept what waits (then it is stopped)
 STOP_TREE_TIMEOUT_S = 2.0  # a process tree must have stopped by then (SIGSTOP)
 IMAGE_TIMEOUT_S = 25.0  # a process image must be dumped and moved, or restored, by then
@@ -118,8 +123,11 @@ class MigrationAgent:
             raise LocalControlError(f"'{message.OP}' is not a migration step")
         if self.stopping and isinstance(message, (msgs.Arm, msgs.Prepare)):
             raise LocalControlError(f"node {self.agent.config.name} is stopping: no new migration")
-        if self._fault(message.OP) == "term":
+        fault = self._fault(message.OP)
+        if fault == "term":
             await asyncio.sleep(TERM_FAULT_DELAY_S)  # the agent's stop begins first
+        elif fault == "wait":
+            await self._wait_for_go(message.OP)
         lock = self._locks.setdefault(message.service, asyncio.Lock())
         async with lock:
             started = self.kernel.clock()
@@ -232,15 +240,17 @@ class MigrationAgent:
         log.exception("command %s failed", type(cmd).__name__)
         return KernelError(type(cmd).__name__, None, f"internal error: {type(e).__name__}: {e}")
 
-    def _fault(self, op: str) -> None:
+    def _fault(self, op: str) -> str | None:
         path = os.path.join(self.fault_dir, op)
         try:
             with open(path) as f:
                 what = f.read().strip()
         except FileNotFoundError:
-            return
+            return None
         os.unlink(path)
         log.warning("fault injection at %s: %s", op, what)
+        if what == "wait":
+            return what
         if what == "die":
             # what dies with us: the lab test checks every lost datagram was among these
             try:
@@ -259,6 +269,17 @@ class MigrationAgent:
             raise LocalControlError(f"fault injected at {op}: connection dropped")
         raise KernelError(op, None, "fault injected")
 
+    async def _wait_for_go(self, op: str) -> None:
+        go = os.path.join(self.fault_dir, op + ".go")
+        deadline = self.kernel.clock() + WAIT_FAULT_MAX_S
+        while not os.path.exists(go) and self.kernel.clock() < deadline:
+            await asyncio.sleep(WAIT_FAULT_POLL_S)
+        try:
+            os.unlink(go)
+        except FileNotFoundError:
+            pass
+        log.warning("fault injection at %s: waited, going on", op)
+
     # --- the commands -------------------------------------------------------------------
     def _command_table(self) -> dict[type, Callable[[Any], Any]]:
         k, agent = self.kernel, self.agent
@@ -266,7 +287,7 @@ class MigrationAgent:
         return {
             nc.LookUp: self._look_up,
             nc.ReadClock: lambda c: k.clock(),
-            nc.CountKernelDrops: lambda c: k.queue.kernel_drops(agent.config.queue_num),
+            nc.CountKernelDrops: lambda c: k.queue.kernel_drops(agent.config.queue_nums),
             nc.CountUdpBufferDrops: lambda c: k.udphandoff.rcvbuf_errors(),
             nc.MarkReleasing: self._mark_releasing,
             nc.ServiceMoved: lambda c: agent.service_moved(c.service, c.owner),

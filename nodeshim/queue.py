@@ -8,6 +8,11 @@ HOLD keeps the netfilterqueue Packet object (it is the handle a cutover role hol
 kernel keeps the packet until the role gives the verdict later with the handle's own
 `accept()` / `drop()`. The queue's length (`max_len`) bounds
 how many packets can be held; more are dropped by the kernel, so a migration watches it.
+
+One kernel queue holds at most about 65,536 packets (KERNEL-NOTES), so the agent binds
+several (`PacketQueues`, one netlink socket each, all drained by the same loop) and the
+iptables rules spread flows over them (clustercore.fastpath.fanout_rules). A flow stays in
+one queue, so the order in which the loop sees its packets is the order they arrived.
 """
 
 from __future__ import annotations
@@ -29,18 +34,30 @@ log = logging.getLogger("vipcluster.queue")
 SOCK_BYTES = 64 << 20
 
 
-def kernel_drops(queue_num: int) -> int:
-    """Packets the kernel dropped for this queue (queue full + socket buffer full), from
-    /proc/net/netfilter/nfnetlink_queue of this network namespace."""
+def queue_stats() -> dict[int, dict[str, int]]:
+    """Every bound queue of this network namespace, from /proc/net/netfilter/nfnetlink_queue:
+    {queue: {"waiting": packets in the queue now (held included), "dropped": queue full,
+    "user_dropped": socket buffer full, "seen": packets queued since the bind}}."""
+    out: dict[int, dict[str, int]] = {}
     try:
         with open("/proc/net/netfilter/nfnetlink_queue") as f:
             for line in f:
                 parts = line.split()
-                if parts and int(parts[0]) == queue_num:
-                    return int(parts[5]) + int(parts[6])
-    except (OSError, ValueError, IndexError):
+                try:
+                    out[int(parts[0])] = {"waiting": int(parts[2]), "dropped": int(parts[5]),
+                                          "user_dropped": int(parts[6]), "seen": int(parts[7])}
+                except (ValueError, IndexError):
+                    continue
+    except OSError:
         pass
-    return 0
+    return out
+
+
+def kernel_drops(queue_nums: int | range) -> int:
+    """Packets the kernel dropped for these queues (queue full + socket buffer full)."""
+    nums = range(queue_nums, queue_nums + 1) if isinstance(queue_nums, int) else queue_nums
+    stats = queue_stats()
+    return sum(stats[q]["dropped"] + stats[q]["user_dropped"] for q in nums if q in stats)
 
 
 def queued_now(queue_num: int) -> int:
@@ -124,3 +141,33 @@ class PacketQueue:
             self._nfq.unbind()
         except Exception:
             pass
+
+
+class PacketQueues:
+    """Queues first .. first + count - 1, bound and drained alike: what the agent holds."""
+
+    def __init__(self, first: int, count: int, max_len: int,
+                 decide: Callable[[bytes, str | None, object, float], Verdict]) -> None:
+        self.queues: list[PacketQueue] = []
+        try:
+            for q in range(first, first + count):
+                self.queues.append(PacketQueue(q, max_len, decide))
+        except KernelError:
+            self.close()
+            raise
+
+    @property
+    def errors(self) -> int:
+        return sum(q.errors for q in self.queues)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        for q in self.queues:
+            q.attach(loop)
+
+    def flush(self) -> None:
+        for q in self.queues:
+            q.flush()
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.close()

@@ -59,7 +59,9 @@ def argv_for(exec_spec: str) -> list[str]:
     return argv
 
 
-UDP_RCVBUF = 8 << 20
+# room for a whole hold released at once (4 queues x 65,536 packets, about 1 KB each in
+# the kernel); only memory a burst really fills is used
+UDP_RCVBUF = 128 << 20
 SO_RCVBUFFORCE = 33  # include/uapi/asm-generic/socket.h (not in Python's socket module)
 
 

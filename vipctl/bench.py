@@ -14,6 +14,10 @@ against a baseline measured in the same run of this command:
 - migrations: builtin echo with N established connections under load (numbered messages
   and a UDP stream, exact accounting), migrated once per run; freeze_ms, total_ms, the
   per-step split, lost, duplicated, client retransmissions.
+- datapath_variants: the fast-selective path with one thing changed (vipctl.benchpath):
+  node GRO, gateway GRO, 200 more rules; `dup` to every node + drop is the `fast` mode.
+- big_hold: 200,000 datagrams (20,000 with --quick) over 64 flows held during one
+  migration and released (vipctl.holdflood): held per queue, released, lost, answered.
 - memory: RSS of the gateway and of the destination shim right after the largest migration.
 - process_migrations: the `process` strategy (criu) moving real programs under real load:
   nginx holding 100 and 1,000 keep-alive connections (vipctl.realload http-hold), redis
@@ -39,6 +43,7 @@ from pyroute2 import NetNS
 from clustercore.errors import LocalControlError
 from clustercore.kinds import EXTERNAL_SPEC, Datapath, Delivery, builtin_spec
 
+from . import benchpath, holdflood
 from . import lab as labmod
 from . import programs
 from .client import call
@@ -219,12 +224,16 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                 rows.append({"report": report, "client": client, "lost": lost,
                              "duplicated": client.get("udp_duplicated")})
                 log(f"migration with {n} connections: {report.get('outcome')}, freeze {ms(report.get('freeze_ms'))}, "
+                    f"stop {ms(report.get('stop_ms'))}, "
                     f"total {ms(report.get('total_ms'))}, lost {count(lost)}, retrans {count(client.get('retrans_segs'))}")
             out.append({
                 "connections": n,
                 "established_moved": _stats([r["report"].get("tcp_established") for r in rows]),
                 "freeze_ms": _stats([r["report"].get("freeze_ms") for r in rows])["median"],
                 "freeze_ms_stats": _stats([r["report"].get("freeze_ms") for r in rows]),
+                # source stopped -> destination serving (never 0 for a quiet service)
+                "stop_ms": _stats([r["report"].get("stop_ms") for r in rows])["median"],
+                "stop_ms_stats": _stats([r["report"].get("stop_ms") for r in rows]),
                 "total_ms": _stats([r["report"].get("total_ms") for r in rows])["median"],
                 "total_ms_stats": _stats([r["report"].get("total_ms") for r in rows]),
                 "steps_ms": _median_steps([r["report"].get("steps_ms", {}) for r in rows]),
@@ -339,6 +348,7 @@ def _process_run(spec: labmod.Lab, program: str, size: int, workdir: str, log) -
                                  capture_output=True, text=True, timeout=60)
             client["keys_missing"] = keys - int(got.stdout.strip() or 0)
         log(f"process strategy, {program} {size}: {report.get('outcome')}, freeze {ms(report.get('freeze_ms'))}, "
+            f"stop {ms(report.get('stop_ms'))}, "
             f"total {ms(report.get('total_ms'))}, image {count(report.get('image_bytes', report.get('bytes_moved')))} bytes"
             + (f" ({report['reason']})" if report.get("reason") else ""))
         return {"report": report, "client": client, "fill": fill}
@@ -361,6 +371,8 @@ def _process_row(program: str, size: int, runs: list[dict]) -> dict:
         "reasons": [r["reason"] for r in reports if r.get("reason")],
         "freeze_ms": _stats([r.get("freeze_ms") for r in reports])["median"],
         "freeze_ms_stats": _stats([r.get("freeze_ms") for r in reports]),
+        "stop_ms": _stats([r.get("stop_ms") for r in reports])["median"],
+        "stop_ms_stats": _stats([r.get("stop_ms") for r in reports]),
         "total_ms": _stats([r.get("total_ms") for r in reports])["median"],
         # the process playbook reports the image it sent as bytes_moved (image_bytes if named)
         "image_bytes": _stats([r.get("image_bytes", r.get("bytes_moved")) for r in reports
@@ -413,11 +425,13 @@ def run_bench(quick: bool, log) -> dict:
         }
         copies[name] = m["copies_per_packet"]
     result["modes"] = modes
+    result["datapath_variants"] = benchpath.measure_variants(prefix, runs, seconds, result["baseline"], modes, log)
     result["copies_per_packet"] = {"steady": copies["fast-selective"]["steady"],
                                    "migrating": copies["fast-selective"]["migrating"], "by_mode": copies}
     migrations, rss = measure_migrations(prefix, sizes, mig_runs, log)
     result["migrations"] = migrations
     result["rss_mb"] = rss
+    result["big_hold"] = holdflood.measure(prefix, 20_000 if quick else 200_000, log)
     result["process_migrations"] = measure_process_migrations(prefix, mig_runs, log)
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     return result

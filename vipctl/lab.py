@@ -52,6 +52,8 @@ class Lab:
     ipv6_only: bool = False  # the IPv6 side only serves: the VIP is the VIP6 (implies ipv6)
     log_format: str = "human"  # the daemons' --log-format (vipwire.logs)
     gateways: int = 1  # 2: two gateways, keepalived and etcd (vipctl.labha)
+    # the gateway's [migration_timeouts] ((state, seconds), ...): tests that stretch a step
+    migration_timeouts: tuple = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", Delivery(self.delivery))
@@ -166,6 +168,8 @@ def _write_configs(lab: Lab) -> dict[str, str]:
         f'control_socket = "{lab.control_socket}"\nstate_dir = "{lab.state_dir}/gateway"\n'
         f'delivery = "{lab.delivery}"\nmetrics_address = "{GATEWAY_METRICS}"\n{nodes}'
     )
+    if lab.migration_timeouts:
+        gw += "\n[migration_timeouts]\n" + "".join(f"{k} = {float(v)}\n" for k, v in lab.migration_timeouts)
     paths["gateway"] = os.path.join(lab.state_dir, "gateway.toml")
     with open(paths["gateway"], "w") as f:
         f.write(gw)

@@ -114,6 +114,9 @@ def render_report(r: dict) -> str:
              f"  freeze {ms(r.get('freeze_ms'))}, total {ms(r.get('total_ms'))}; held {count(r.get('held', 0))}, "
              f"released {count(r.get('released', 0))}, duplicates suppressed {count(r.get('duplicates_suppressed', 0))}, "
              f"lost {count(r.get('lost'))}"]
+    if r.get("stop_ms") is not None:
+        lines.append(f"  service stopped {ms(r['stop_ms'])} (source stopped to destination serving; "
+                     "freeze is first held to last released packet)")
     if r.get("steps_ms"):
         lines.append("  steps: " + ", ".join(f"{step} {ms(t)}" for step, t in r["steps_ms"].items()))
     return "\n".join(lines)
@@ -182,14 +185,23 @@ def render_bench(result: dict) -> str:
         lines.append(f"{name:<16} {_cell(x['pps'], 10, 0)} {_cell(x['pps_ratio'], 6, 2)} "
                      f"{_cell(x['tcp_mbps'], 11, 0)} {_cell(x['tcp_ratio'], 6, 2)}  "
                      f"{cp['steady']} (migrating {cp['migrating']})")
+    variants = result.get("datapath_variants") or {}
+    if variants:
+        lines.append("")
+        lines.append(f"{'data path variant':<16} {'UDP pps':>10} {'ratio':>6} {'TCP Mbit/s':>11} {'ratio':>6}  node rules")
+        for name, x in variants.items():
+            lines.append(f"{name:<16} {_cell(x['pps'], 10, 0)} {_cell(x['pps_ratio'], 6, 2)} "
+                         f"{_cell(x['tcp_mbps'], 11, 0)} {_cell(x['tcp_ratio'], 6, 2)}  {count(x.get('node_rules'))}"
+                         + (f"  ({x['problem']})" if x.get("problem") else ""))
     lines.append("")
-    lines.append(f"{'connections':>11} {'freeze ms':>10} {'total ms':>9} {'lost':>5} {'dup':>4} {'retrans':>7} "
+    lines.append(f"{'connections':>11} {'freeze ms':>10} {'stop ms':>9} {'total ms':>9} {'lost':>5} {'dup':>4} {'retrans':>7} "
                  f"{'conn p50/p99/max worst reply ms':>32}  steps (ms)")
     for x in result["migrations"]:
         steps = ", ".join(f"{k} {number(v)}" for k, v in x["steps_ms"].items())
         pc = x.get("per_connection_worst_reply_ms") or {}
         pcs = "/".join(number(pc.get(k), 1) for k in ("p50", "p99", "max"))
-        lines.append(f"{x['connections']:>11} {_cell(x['freeze_ms'], 10, 2)} {_cell(x['total_ms'], 9, 2)} "
+        lines.append(f"{x['connections']:>11} {_cell(x['freeze_ms'], 10, 2)} {_cell(x.get('stop_ms'), 9, 2)} "
+                     f"{_cell(x['total_ms'], 9, 2)} "
                      f"{count(x['lost']):>5} {count(x['duplicated']):>4} {x['client_retransmissions']:>7} "
                      f"{pcs:>32}  {steps}")
     proc = result.get("process_migrations")
@@ -198,14 +210,24 @@ def render_bench(result: dict) -> str:
         if proc.get("skipped"):
             lines.append(f"process strategy (real programs): skipped: {proc['skipped']}")
         else:
-            lines.append(f"{'process strategy':<18} {'freeze ms':>10} {'total ms':>9} {'image MB':>9} {'lost':>5} "
+            lines.append(f"{'process strategy':<18} {'freeze ms':>10} {'stop ms':>9} {'total ms':>9} {'image MB':>9} {'lost':>5} "
                          f"{'dup':>4} {'retrans':>7}  outcomes")
         for x in proc.get("rows", []):
             what = (f"nginx {x['connections']} conns" if x["program"] == "nginx" else f"redis {x['data_mb']} MB")
             image = x["image_bytes"] / 1e6 if x.get("image_bytes") is not None else None
-            lines.append(f"{what:<18} {_cell(x['freeze_ms'], 10, 2)} {_cell(x['total_ms'], 9, 2)} {_cell(image, 9, 1)} "
+            lines.append(f"{what:<18} {_cell(x['freeze_ms'], 10, 2)} {_cell(x.get('stop_ms'), 9, 2)} "
+                         f"{_cell(x['total_ms'], 9, 2)} {_cell(image, 9, 1)} "
                          f"{count(x['lost']):>5} {count(x['duplicated']):>4} {count(x['client_retransmissions']):>7}  "
                          + ", ".join(map(str, x["outcomes"])) + "".join(f" ({r})" for r in x.get("reasons", [])[:1]))
+    hold = result.get("big_hold")
+    if hold:
+        lines.append("")
+        lines.append(f"large hold: {count(hold.get('held_total'))} of {count(hold['datagrams'])} datagrams held over "
+                     f"{count(hold.get('queues_used'))} queues, released {count(hold.get('released'))}, "
+                     f"lost {count(hold.get('reported_lost'))}, answered {count(hold.get('answered'))} "
+                     f"(missing {count(hold.get('missing'))}, twice {count(hold.get('duplicated'))}, "
+                     f"out of order {count(hold.get('out_of_order'))}); freeze {ms(hold.get('freeze_ms'))}, "
+                     f"stop {ms(hold.get('stop_ms'))}")
     rss = result["rss_mb"]
     lines.append("")
     lines.append(f"RSS: gateway {number(rss.get('gateway'), 1)} MB, shim after moving "

@@ -25,6 +25,13 @@ def test_bench_quick_json_shape(tmp_path):
         assert set(m) >= {"connections", "freeze_ms", "total_ms", "lost", "duplicated", "client_retransmissions"}
         assert m["outcomes"] == ["committed"], m
         assert m["lost"] == 0 and m["duplicated"] == 0 and m["reported_lost"] == 0, m
+        assert m["stop_ms"] is not None and m["stop_ms"] > 0, m  # never nothing, even when nothing was held
+    assert set(j["datapath_variants"]) == {"today", "node-gro-on", "gateway-gro-on", "rules-200", "dup-all+drop"}
+    assert j["datapath_variants"]["rules-200"]["node_rules"] >= j["datapath_variants"]["today"]["node_rules"] + 200
+    hold = j["big_hold"]
+    assert hold["outcome"] == "committed" and hold["held_total"] >= hold["datagrams"] == 20_000, hold
+    assert (hold["reported_lost"], hold["missing"], hold["duplicated"], hold["out_of_order"]) == (0, 0, 0, 0), hold
+    assert hold["queues_used"] >= 2, hold
     assert set(j["rss_mb"]) >= {"gateway", "shim"}
     assert set(j["machine"]) >= {"cores", "kernel", "cpu_model"}
     assert png.stat().st_size > 1000

@@ -137,7 +137,7 @@ class FakeRole:
 
 def fake_agent(fast_rules, own, kernel_base):
     agent = SimpleNamespace(
-        config=SimpleNamespace(name="n2", queue_num=0),
+        config=SimpleNamespace(name="n2", queue_num=0, queue_nums=range(0, 4)),
         filter=SimpleNamespace(counters_dict=lambda: {k: dict(v) for k, v in own.items()}, unparsed=4,
                                roles={"echo": FakeRole(12)}),
         _fast_rules=fast_rules, _kernel_base=kernel_base, queue=SimpleNamespace(errors=0),

@@ -584,6 +584,39 @@ def test_the_executor_is_armed_with_the_machines_deadline_after_a_nested_feed():
     assert m.state is mig.State.FREEZING and hands.deadline == pytest.approx(130.2)
 
 
+def test_the_driver_arms_the_machines_current_timer_after_the_owner_switch():
+    """Restored -> SetOwner -> OwnerSwitched is fed from inside the driver's loop; the
+    executor must end up with the releasing deadline, not the switching one."""
+    from clustercore.migration_driver import MigrationDriver
+
+    class Executor:
+        deadline = None
+
+        def send(self, node, message): pass
+        def flip_epoch(self, service, epoch): pass
+        def set_delivery(self, service, nodes): pass
+        def set_owner(self, service, node, release): pass
+        def arm_timer(self, deadline): self.deadline = deadline
+        def transition(self, previous, state): pass
+        def report(self, step, detail): pass
+        def finished(self, done): pass
+
+    t = MigrationTimeouts(switching=2.0, releasing=60.0)
+    m = Migration(service=SERVICE, source=SRC, dest=DST, epoch=EPOCH, timeouts=t)
+    x = Executor()
+    d = MigrationDriver(m, x)
+    now = T0
+    for event, after in HAPPY:
+        if isinstance(event, EpochFlipped):
+            continue  # the driver performs the flip and feeds this itself
+        now += TICK
+        d.feed(event, now)
+        if after is State.SWITCHING:
+            break
+    assert m.state is State.RELEASING
+    assert m.get_timer() == now + t.releasing and x.deadline == m.get_timer()
+
+
 # ---------------------------------------------------------------- the destination dies while releasing
 
 

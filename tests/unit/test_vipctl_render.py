@@ -31,6 +31,9 @@ def test_report_is_rounded():
     assert "held 40, released 38, duplicates suppressed 2, lost 0" in text
     assert "steps: preparing 12.35 ms, freezing 20.00 ms" in text
     assert "193.388" not in text and "None" not in text
+    assert "service stopped" not in text  # an older gateway's report has no stop window
+    with_stop = render_report(REPORT | {"freeze_ms": 0.0, "stop_ms": 14.256})
+    assert "freeze 0.00 ms" in with_stop and "service stopped 14.26 ms (source stopped to destination serving" in with_stop
 
 
 def test_report_without_measurements_says_n_a():
@@ -123,6 +126,21 @@ def test_bench_table():
     assert "123457" in text and "0.12" in text and "27.78" in text and "freezing 10.56" in text
     assert "1.2/8.5/n/a" in text and "shim after moving 100 connections n/a MB" in text and "61.2 s" in text
     assert "None" not in text and "27.7777" not in text
+
+
+def test_bench_table_with_variants_and_the_large_hold():
+    b = copy.deepcopy(BENCH)
+    b["datapath_variants"] = {"node-gro-on": {"pps": 150000.4, "pps_ratio": 0.951, "tcp_mbps": 4000.0, "tcp_ratio": 0.9,
+                                              "node_rules": 7, "problem": None},
+                              "gateway-gro-on": {"pps": None, "pps_ratio": None, "tcp_mbps": None, "tcp_ratio": None,
+                                                 "node_rules": None, "problem": "ethtool: no"}}
+    b["big_hold"] = {"datagrams": 200000, "held_total": 200000, "queues_used": 4, "released": 200000,
+                     "reported_lost": 0, "answered": 200000, "missing": 0, "duplicated": 0, "out_of_order": 0,
+                     "freeze_ms": 9000.123, "stop_ms": 9100.5}
+    text = render_bench(b)
+    assert "node-gro-on" in text and "150000" in text and "0.95" in text and "(ethtool: no)" in text
+    assert "large hold: 200000 of 200000 datagrams held over 4 queues, released 200000, lost 0" in text
+    assert "stop 9100.50 ms" in text and "None" not in text
 
 
 def test_replay_result():

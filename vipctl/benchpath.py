@@ -1,0 +1,106 @@
+"""`vipctl bench`'s data-path variants: what the fast-selective path costs, piece by piece.
+
+Each variant is the fast-selective lab (selective delivery, kernel verdicts, iperf3 as an
+external service on n1) with one thing changed after the daemons are up, measured like the
+modes (medians of `runs`, UDP packets/s of 64-byte datagrams and one TCP stream) and given
+as ratios against the same run's plain-routing baseline:
+
+- today            as deployed: the gateway `fwd`s each packet to the owner only (one
+                   copy), GRO off on the node's cluster interface (the agent's doing).
+- dup-all+drop     broadcast delivery: `dup` to every node, non-owners drop in the kernel
+                   (the `fast` mode of the main table; not measured twice).
+- node-gro-on      GRO turned back on on the owner's cluster interface. The agent turns it
+                   off because a merged packet queued during a migration loses its epoch
+                   tag (nodeshim.netlink), so this variant only says what that costs.
+- gateway-gro-on   GRO on the gateway's client-facing veth as well as on the node.
+- rules-200        100 more services (a TCP and a UDP port each) whose rules come before
+                   iperf's: 200 more rules on the node's chain and in the gateway's nft
+                   chain (both are first-match lists): what rule count costs per packet.
+
+The machine is shared (2 cores, other engineers' labs): the figures are noisy; compare
+ratios within one run only.
+"""
+
+from __future__ import annotations
+
+from clustercore.kinds import EXTERNAL_SPEC, Datapath, Delivery
+
+from . import lab as labmod
+from .client import call
+
+EXTRA_SERVICES = 100
+EXTRA_FIRST_PORT = 20000
+
+
+def _ethtool(ns: str, ifname: str, *features: str) -> str:
+    r = labmod.exec_in(ns, ["ethtool", "-K", ifname, *features], capture_output=True, text=True)
+    return "" if r.returncode == 0 else (r.stderr.strip() or f"ethtool exit {r.returncode}")
+
+
+def _node_gro_on(spec: labmod.Lab) -> str:
+    return _ethtool(spec.node_ns(1), "eth0", "gro", "on")
+
+
+def _gateway_gro_on(spec: labmod.Lab) -> str:
+    return _node_gro_on(spec) or _ethtool(spec.gw_ns, "client0", "gro", "on")
+
+
+def _many_rules(spec: labmod.Lab) -> str:
+    for i in range(EXTRA_SERVICES):
+        port = EXTRA_FIRST_PORT + i
+        # named to sort before "iperf": their rules come first on the node's chain
+        call("service.add", spec.control_socket, name=f"a{i:03d}", node="n2",
+             ports=[f"tcp:{port}", f"udp:{port}"], exec=EXTERNAL_SPEC)
+    return ""
+
+
+VARIANTS = (
+    ("today", "fwd to the owner, node GRO off (as deployed)", None),
+    ("node-gro-on", "fwd to the owner, GRO on on the node's cluster interface", _node_gro_on),
+    ("gateway-gro-on", "as node-gro-on, and GRO on on the gateway's client-facing port", _gateway_gro_on),
+    ("rules-200", "today with 200 more rules ahead of the service's (100 services)", _many_rules),
+)
+
+
+def node_rule_count(spec: labmod.Lab, k: int = 1) -> int:
+    out = labmod.exec_in(spec.node_ns(k), ["iptables-save", "-t", "mangle"], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("-A VIPCLUSTER "))
+
+
+def measure_variants(prefix: str, runs: int, seconds: float, baseline: dict, modes: dict, log) -> dict:
+    """{variant: {what, pps, tcp_mbps, ratios, stats, node_rules, problem}}."""
+    from .bench import Iperf, IPERF_PORT, _measure
+
+    out: dict = {}
+    for name, what, setup in VARIANTS:
+        spec = labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST)
+        labmod.down(spec, log=lambda *a: None)
+        try:
+            labmod.up(spec, log=lambda *a: None)
+            call("service.add", spec.control_socket, name="iperf", node="n1",
+                 ports=[f"tcp:{IPERF_PORT}", f"udp:{IPERF_PORT}"], exec=EXTERNAL_SPEC)
+            problem = setup(spec) if setup else ""
+            rules = node_rule_count(spec)
+            iperf = Iperf(spec, spec.node_ns(1), labmod.VIP)
+            try:
+                log(f"data path variant {name}: {what}")
+                m = _measure(iperf, runs, seconds)
+            finally:
+                iperf.close()
+        finally:
+            labmod.down(spec, log=lambda *a: None)
+        out[name] = _row(what, m["pps"], m["tcp_mbps"], baseline, rules, problem)
+    fast = modes.get("fast")
+    if fast:
+        out["dup-all+drop"] = _row("dup to every node, non-owners drop (the fast mode above)",
+                                   fast["pps_stats"], fast["tcp_mbps_stats"], baseline, None, "")
+    return out
+
+
+def _row(what: str, pps: dict, mbps: dict, baseline: dict, rules, problem: str) -> dict:
+    def ratio(v, base):
+        return round(v / base, 3) if v and base else None
+    return {"what": what, "pps": pps["median"], "tcp_mbps": mbps["median"],
+            "pps_ratio": ratio(pps["median"], baseline.get("pps")),
+            "tcp_ratio": ratio(mbps["median"], baseline.get("tcp_mbps")),
+            "pps_stats": pps, "tcp_mbps_stats": mbps, "node_rules": rules, "problem": problem or None}
