@@ -344,6 +344,9 @@ class ReleaseDone(Reply):
     kernel_drops: int = 0
     freeze_ms: float = 0.0
     timing_ms: dict = field(default_factory=dict)
+    # a restarted agent asked again finds no trace of this release (its predecessor died
+    # before the first effect): nothing was released here, the counts above are all 0
+    not_released: bool = False
 
 
 @reply_type

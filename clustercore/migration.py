@@ -47,6 +47,18 @@ PREPARING..SWITCHING  StepFailed, NodeLost, MessageLost, StepTimedOut, Cancel, o
                       source accepts every epoch.
 RELEASING             failure or timeout -> COMMITTING (forward); the report's `lost` is
                       unknown (None). Cancel is refused; stray events are ignored.
+                      Except NodeLost of the destination -> IN_DOUBT (below).
+IN_DOUBT              the destination's agent died (or its link dropped) with the release
+                      sent: only it can say whether it released anything. When it is back
+                      (NodeBack) the Release is sent again: a destination that released
+                      answers as the first time (-> COMMITTING); a restarted agent that
+                      finds no trace of the release (a marker written before its first
+                      effect) answers NotReleased -> SWITCHING_BACK: owner := source
+                      (durable), then the ordinary rollback (the source is frozen and
+                      holds every packet since its freeze: nothing is lost). A refusal, a
+                      timeout (30 s) or a lost message -> COMMITTING, as before.
+SWITCHING_BACK        OwnerSwitched to the source -> ROLLING_BACK; a failed write ->
+                      COMMITTING (the registry still names the destination).
 COMMITTING            failure or timeout -> COMMITTED with the problem as the reason.
 ROLLING_BACK          failures are noted; the source's RolledBack, or the timeout (then
                       `lost` is unknown), -> ROLLED_BACK.
@@ -71,6 +83,7 @@ from .migration_messages import (  # noqa: F401  (re-exported: the machine's voc
     State,
     BEFORE_RELEASE,
     PAST_NO_RETURN,
+    IN_DOUBT_STATES,
     TERMINAL,
     _TEXT_FIELDS,
     _COUNT_FIELDS,
@@ -84,6 +97,8 @@ from .migration_messages import (  # noqa: F401  (re-exported: the machine's voc
     Restored,
     OwnerSwitched,
     Released,
+    NotReleased,
+    NodeBack,
     Committed,
     RolledBack,
     StepFailed,
@@ -310,6 +325,37 @@ class Migration:
         self._facts["freeze_ms"] = float(event.freeze_ms)
         return [SendToNode(self.source, self._message(msgs.Commit))]
 
+    def _dest_lost_while_releasing(self, event: NodeLost, now: float) -> list[Command]:
+        if event.node != self.dest:
+            raise _Ignore(f"node '{event.node}' lost while the destination releases")
+        return [Report(State.IN_DOUBT.value, f"destination '{self.dest}' lost while releasing "
+                                             f"({event.reason}): waiting for it to say what it released")]
+
+    def _dest_back(self, event: NodeBack, now: float) -> list[Command]:
+        if event.node != self.dest:
+            raise _Ignore(f"node '{event.node}' is back; waiting for '{self.dest}'")
+        return [SendToNode(self.dest, self._release())]
+
+    def _still_in_doubt(self, event: Event, now: float) -> list[Command]:
+        reason = self._describe(event)  # _Ignore for other nodes
+        return [Report(self._state.value, f"still in doubt: {reason}")]
+
+    def _not_released(self, event: NotReleased, now: float) -> list[Command]:
+        self._expect(event, self.dest)
+        self._problem(f"destination '{self.dest}' lost while releasing, and released nothing "
+                      "(its restarted agent says): switching the owner back")
+        return [SetOwner(self.service, self.source)]
+
+    def _switched_back(self, event: OwnerSwitched, now: float) -> list[Command]:
+        if (event.service, event.node) != (self.service, self.source):
+            raise _Unexpected(f"owner of {event.service} switched to {event.node}, expected "
+                              f"{self.service} back to {self.source}")
+        return [SendToNode(self.dest, self._message(msgs.Abort)),
+                SendToNode(self.source, self._message(msgs.Rollback))]
+
+    def _fail_in_doubt(self, event: Event, now: float) -> list[Command]:
+        return self._fail_while_releasing(event, now)
+
     def _on_committed(self, event: Committed, now: float) -> list[Command]:
         self._expect(event, self.source)
         if not event.late_packets:
@@ -353,6 +399,13 @@ class Migration:
         self._lost_known = False
         return []
 
+    def _lost_while_committing(self, event: NodeLost, now: float) -> list[Command]:
+        """The destination has released and serves; only the source's commit is awaited,
+        so losing the destination (its agent stopping after its release) changes nothing."""
+        if event.node == self.dest:
+            raise _Ignore(f"destination '{self.dest}' lost after its release ({event.reason})")
+        return self._fail_while_committing(event, now)
+
     def _refuse_cancel(self, event: Cancel, now: float) -> list[Command]:
         return [Report(self._state.value, f"cancel refused ({event.reason}): past the point of "
                                           "no return, the migration can only go forward")]
@@ -381,6 +434,12 @@ TRANSITIONS: dict[tuple[State, type[Event]], tuple[State, Handler]] = {
     (S.RESTORING, Restored): (S.SWITCHING, M._on_restored),
     (S.SWITCHING, OwnerSwitched): (S.RELEASING, M._on_owner_switched),
     (S.RELEASING, Released): (S.COMMITTING, M._on_released),
+    (S.IN_DOUBT, NodeBack): (S.IN_DOUBT, M._dest_back),
+    (S.IN_DOUBT, Released): (S.COMMITTING, M._on_released),
+    (S.IN_DOUBT, NotReleased): (S.SWITCHING_BACK, M._not_released),
+    (S.IN_DOUBT, Cancel): (S.IN_DOUBT, M._refuse_cancel),
+    (S.SWITCHING_BACK, OwnerSwitched): (S.ROLLING_BACK, M._switched_back),
+    (S.SWITCHING_BACK, Cancel): (S.SWITCHING_BACK, M._refuse_cancel),
     (S.RELEASING, Cancel): (S.RELEASING, M._refuse_cancel),
     (S.COMMITTING, Committed): (S.COMMITTED, M._on_committed),
     (S.COMMITTING, Cancel): (S.COMMITTING, M._refuse_cancel),
@@ -392,9 +451,16 @@ for _state in sorted(BEFORE_RELEASE, key=list(State).index):
         TRANSITIONS[(_state, _failure)] = (S.ROLLING_BACK, M._fail_before_release)
 for _failure in FAILURES:
     TRANSITIONS[(S.RELEASING, _failure)] = (S.COMMITTING, M._fail_while_releasing)
+    TRANSITIONS[(S.IN_DOUBT, _failure)] = (S.COMMITTING, M._fail_in_doubt)
+    TRANSITIONS[(S.SWITCHING_BACK, _failure)] = (S.COMMITTING, M._fail_in_doubt)
     TRANSITIONS[(S.COMMITTING, _failure)] = (S.COMMITTED, M._fail_while_committing)
     if _failure is not StepTimedOut:
         TRANSITIONS[(S.ROLLING_BACK, _failure)] = (S.ROLLING_BACK, M._note_during_rollback)
+# the destination's link lost with the release sent: in doubt, not forward; its death
+# noticed twice (the request and the watcher) or again later changes nothing
+TRANSITIONS[(S.RELEASING, NodeLost)] = (S.IN_DOUBT, M._dest_lost_while_releasing)
+TRANSITIONS[(S.IN_DOUBT, NodeLost)] = (S.IN_DOUBT, M._still_in_doubt)
+TRANSITIONS[(S.COMMITTING, NodeLost)] = (S.COMMITTED, M._lost_while_committing)
 
 # Pairs not in the table (and events a handler refuses): before the point of no return
 # they abort; after it, and while rolling back or finished, they are ignored.

@@ -32,7 +32,7 @@ REPLY_EVENTS: dict[type, Callable[[str, object], mig.Event]] = {
         tcp_established=r.tcp_established, tcp_listening=r.tcp_listening,
         udp_sockets=r.udp_sockets, bytes_moved=r.bytes_moved),
     msgs.Restore: lambda node, r: mig.Restored(node=node),
-    msgs.Release: lambda node, r: mig.Released(
+    msgs.Release: lambda node, r: mig.NotReleased(node=node) if getattr(r, "not_released", False) else mig.Released(
         node=node, held=r.held, released=r.released,
         duplicates_suppressed=r.duplicates_suppressed, reinjected=r.reinjected, lost=r.lost,
         freeze_ms=r.freeze_ms),

@@ -23,6 +23,10 @@ class State(enum.Enum):
     RESTORING = "restoring"
     SWITCHING = "switching"  # the registry's owner := dest (and the journal), durably
     RELEASING = "releasing"
+    # the destination's agent died while releasing: did it release anything? Its
+    # successor says (a Release resent when it is back); until then nobody may guess
+    IN_DOUBT = "in_doubt"
+    SWITCHING_BACK = "switching_back"  # it released nothing: owner := source, durably
     COMMITTING = "committing"
     COMMITTED = "committed"
     ROLLING_BACK = "rolling_back"
@@ -34,6 +38,8 @@ BEFORE_RELEASE = frozenset(
      State.SWITCHING}
 )
 PAST_NO_RETURN = frozenset({State.RELEASING, State.COMMITTING, State.COMMITTED})
+# after the release went out, the way back: only when the destination says it released nothing
+IN_DOUBT_STATES = frozenset({State.IN_DOUBT, State.SWITCHING_BACK})
 TERMINAL = frozenset({State.COMMITTED, State.ROLLED_BACK})
 
 
@@ -142,6 +148,20 @@ class Released(Event):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class NotReleased(Event):
+    """The destination's (restarted) agent answered a resent Release: no trace of this
+    migration's release here (its predecessor died before the first effect): nothing was
+    released, the source's hold and sockets are the whole truth."""
+    node: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NodeBack(Event):
+    """A node's agent logged in again (after a NodeLost)."""
+    node: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Committed(Event):
     node: str
     late_packets: tuple[bytes, ...] = ()  # CommitPlan.forward: stragglers after the handover
@@ -182,7 +202,7 @@ class Cancel(Event):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     Start, HoldReady, CountingReady, EpochFlipped, Frozen, Restored, OwnerSwitched, Released,
-    Committed,
+    NotReleased, NodeBack, Committed,
     RolledBack, StepFailed, NodeLost, MessageLost, StepTimedOut, Cancel,
 )
 FAILURES = (StepFailed, NodeLost, MessageLost, StepTimedOut)
@@ -304,6 +324,8 @@ class MigrationTimeouts:
     restoring: float = 3.0
     switching: float = 2.0
     releasing: float = 2.0
+    in_doubt: float = 30.0  # for the destination's agent to come back and say
+    switching_back: float = 2.0
     committing: float = 5.0
     rolling_back: float = 5.0
 

@@ -158,6 +158,32 @@ class CountUdpBufferDrops(Command):
 
 
 @_command(query=True)
+class ReleaseBegun(Command):
+    """Did an agent of this node begin releasing this migration (its marker is there)?
+    -> bool. Asked by a restarted agent of a repeated Release it has no machine for."""
+    service: str
+    epoch: str
+
+
+@_command()
+class MarkReleasing(Command):
+    """Record, so that it outlives this agent, that the release of `epoch` begins here:
+    before its first effect (a successor must never answer "nothing released" after it)."""
+    service: str
+    epoch: str
+
+
+@_command()
+class ServiceMoved(Command):
+    """A committed source or a released destination: the service is `owner`'s now. The node's table says so at once
+    (the gateway publishes the switch only when the migration is over), so its kernel
+    rules never accept the service's packets here again, not even if the agent stops
+    or dies before that table arrives (no socket would answer them: resets)."""
+    service: str
+    owner: str
+
+
+@_command(query=True)
 class Note(Command):
     text: str
     level: str = "info"  # info | warning | error: for the agent's log only

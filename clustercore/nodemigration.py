@@ -78,11 +78,14 @@ from .nodecommands import (
     Local,
     LocalEvent,
     LookUp,
+    MarkReleasing,
     Note,
     OwnerMoved,
     OwnerStayed,
     Playbook,
     Refused,
+    ReleaseBegun,
+    ServiceMoved,
 )
 
 
@@ -310,6 +313,7 @@ class NodeMigration:
         self.cutovers, self.forced_strategy = cutovers, strategy
         self.playbook: Playbook = Playbook()
         self.source_node: str | None = None  # who owned the service when this began
+        self.destination_node: str | None = None  # (a source's) where it goes
         self.epoch: str | None = None  # the epoch this migration flips to: names it
         self._state = State.IDLE
         self._runner: Runner | None = None
@@ -364,6 +368,7 @@ class NodeMigration:
             raise Refused(f"service '{self.service}' does not run on {self.node}")
         self.playbook = choose_playbook(local, self.forced_strategy, event.strategy)
         self.source_node, self.epoch = self.node, event.epoch
+        self.destination_node = event.destination
         return (yield from self.playbook.arm(self, event, local, now))
 
     def _begin_destination(self, event: msgs.Prepare, now: float):
@@ -399,6 +404,45 @@ class NodeMigration:
                           f"not {event.epoch}")
         yield Note(f"repeated Release for '{self.service}': answered as the first")
         return self.release_reply
+
+    def _commit(self, event: Any, now: float):
+        """The strategy's commit, then the node's table learns the new owner (the gateway
+        publishes it only at the end; a stopping agent's rules follow its own table)."""
+        reply = yield from self.playbook.commit(self, event, now)
+        if self.destination_node is not None:
+            yield ServiceMoved(self.service, self.destination_node)
+        return reply
+
+    def _release(self, event: msgs.Release, now: float):
+        """The point of no return on this node: a marker that outlives the agent first
+        (so a successor asked again never says "nothing released" once anything was),
+        then the strategy's release."""
+        yield MarkReleasing(self.service, self.epoch or event.epoch)
+        reply = yield from self.playbook.release(self, event, now)
+        yield ServiceMoved(self.service, self.node)
+        return reply
+
+    def _finish_release(self, event: Any, now: float):
+        """After a failed release command: the rest of the release (forward), and the
+        node's table names us the owner: the gateway's registry already does (its push
+        comes only at the end, and an agent stopping before it would drop our packets)."""
+        reply = yield from self.playbook.finish_release(self, event, now)
+        yield ServiceMoved(self.service, self.node)
+        return reply
+
+    def _release_unknown(self, event: msgs.Release, now: float):
+        """A Release for a migration this agent never saw: its predecessor died with the
+        migration open (the gateway resends the Release it is in doubt about). If that
+        agent had begun releasing, only going forward is safe (refused: the gateway
+        commits); if not, nothing of the migration reached a client from here, the
+        restored connections died with it in repair mode (silently), and the gateway may
+        switch the owner back and roll the source back, losing nothing."""
+        if (yield ReleaseBegun(self.service, event.epoch)):
+            raise Refused(f"the release of '{self.service}' (epoch {event.epoch}) began here "
+                          "before this agent started: it can only go forward")
+        yield Note(f"Release for '{self.service}' (epoch {event.epoch}): no trace of it here "
+                   "(the previous agent died before releasing): nothing released", "warning")
+        return msgs.ReleaseDone(held=0, released=0, duplicates_suppressed=0, not_released=True)
 
     def _wait_for_the_registry(self, event: LinkLost, now: float):
         yield Note(f"{event.why}: the migration of '{self.service}' stays {self._state.value} "
@@ -510,16 +554,17 @@ TRANSITIONS: dict[tuple[State, type], Row] = {
     # the source
     (S.IDLE, msgs.Arm): Row(S.ARMING, S.ARMED, M._begin_source),
     (S.ARMED, msgs.Freeze): Row(S.FREEZING, S.FROZEN, play(P.freeze)),
-    (S.FROZEN, msgs.Commit): Row(S.COMMITTING, S.COMMITTED, play(P.commit)),
-    (S.FROZEN, OwnerMoved): Row(S.COMMITTING, S.COMMITTED, play(P.commit)),
-    (S.COMMITTING, ExecutorFailed): Row(S.COMMITTING, S.COMMITTED, play(P.commit)),
+    (S.FROZEN, msgs.Commit): Row(S.COMMITTING, S.COMMITTED, M._commit),
+    (S.FROZEN, OwnerMoved): Row(S.COMMITTING, S.COMMITTED, M._commit),
+    (S.COMMITTING, ExecutorFailed): Row(S.COMMITTING, S.COMMITTED, M._commit),
     (S.FROZEN, LinkLost): Row(S.FROZEN, S.FROZEN, M._wait_for_the_registry),
     # the destination
     (S.IDLE, msgs.Prepare): Row(S.PREPARING, S.PREPARED, M._begin_destination),
     (S.PREPARED, msgs.Chunk): Row(S.RESTORING, S.PREPARED, play(P.chunk)),
     (S.PREPARED, msgs.Restore): Row(S.RESTORING, S.RESTORED, play(P.restore)),
-    (S.RESTORED, msgs.Release): Row(S.RELEASING, S.RELEASED, play(P.release)),
-    (S.RELEASING, ExecutorFailed): Row(S.RELEASING, S.RELEASED, play(P.finish_release)),
+    (S.RESTORED, msgs.Release): Row(S.RELEASING, S.RELEASED, M._release),
+    (S.IDLE, msgs.Release): Row(S.IDLE, S.IDLE, M._release_unknown),
+    (S.RELEASING, ExecutorFailed): Row(S.RELEASING, S.RELEASED, M._finish_release),
     (S.PREPARED, LinkLost): Row(S.PREPARED, S.PREPARED, M._wait_for_the_registry),
     (S.RESTORED, LinkLost): Row(S.RESTORED, S.RESTORED, M._wait_for_the_registry),
     # no migration here: stray or repeated messages

@@ -431,6 +431,7 @@ class _NodeHands:
 
     def __init__(self, cluster: Cluster, node: str) -> None:
         self.c, self.node, self.filter = cluster, node, cluster.filters[node]
+        self.releasing: set[tuple[str, str]] = set()  # the agent's release markers
 
     def perform(self, cmd: nc.Command) -> object:
         act = _NODE_ACTIONS.get(type(cmd))
@@ -469,6 +470,8 @@ class _NodeHands:
 
 _NODE_ACTIONS: dict[type, Callable] = {
     nc.LookUp: _NodeHands.look_up,
+    nc.MarkReleasing: lambda hands, cmd: hands.releasing.add((cmd.service, cmd.epoch)),
+    nc.ReleaseBegun: lambda hands, cmd: (cmd.service, cmd.epoch) in hands.releasing,
     nc.ReadClock: lambda hands, cmd: hands.c.now,
     nc.InstallRole: _NodeHands.install_role,
     nc.RemoveRole: _NodeHands.remove_role,

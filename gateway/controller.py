@@ -198,12 +198,21 @@ class _Run:
         return self.done
 
     async def _watch_node(self, node: str) -> None:
+        """NodeLost when the node's session ends; NodeBack when a new one has logged in
+        (and had its reconcile), for as long as the migration runs."""
         session = self.gw.agents.get(node)
         if session is None:
             await self.events.put(mig.NodeLost(node=node, reason=f"node {node} is down"))
-            return
-        await session.rpc.closed.wait()
-        await self.events.put(mig.NodeLost(node=node, reason=f"lost the connection to node {node}"))
+        while True:
+            if session is not None:
+                await session.rpc.closed.wait()
+                await self.events.put(mig.NodeLost(node=node, reason=f"lost the connection to node {node}"))
+            gone = session
+            while self.gw.agents.get(node) in (None, gone):
+                await asyncio.sleep(0.05)
+            session = self.gw.agents[node]
+            await asyncio.sleep(RECONCILE_SETTLE_S)  # its reconcile (which keeps ours) first
+            await self.events.put(mig.NodeBack(node=node))
 
     # --- the streamed dump --------------------------------------------------------------
     def relay(self, chunk: msgs.Chunk) -> None:
@@ -368,6 +377,13 @@ class Controller:
             report["lost"] += source_drops
         self._end_journal(name)
         await gw.push_table()
+        if finished.reason:
+            # something went wrong (a node restarted mid-way, perhaps): tell both nodes
+            # again what they must run now that the migration is over (a restarted agent
+            # left the service alone while it was open)
+            for node in (source, dest):
+                if node in gw.agents:
+                    asyncio.ensure_future(gw._after_join(node))
         self._log_event("migration", report)
         self.gw.metrics.migration_finished(report)
         event(log, "migration.end", logging.INFO if finished.outcome == "committed" else logging.WARNING,
@@ -413,8 +429,18 @@ class Controller:
         await asyncio.sleep(RECONCILE_SETTLE_S)  # their reconcile (which keeps it) comes first
         problems: list[str] = []
         try:
+            released = await self._ask(j.dest, j.release, problems) if forward else None
+            if getattr(released, "not_released", False):
+                # the destination's agent restarted too and its predecessor released
+                # nothing: the owner goes back and the source rolls back (it holds all)
+                try:
+                    gw.registry.switch_owner(j.service, j.source, None)
+                    gw.table.set_owner(j.service, j.source)
+                    forward = False
+                    problems.append(f"{j.dest} released nothing: owner switched back to {j.source}")
+                except VipError as e:
+                    problems.append(f"owner not switched back ({e}): going forward")
             if forward:
-                await self._ask(j.dest, j.release, problems)
                 done = await self._ask(j.source, msgs.Commit(service=j.service, epoch=epoch), problems)
                 late = getattr(done, "late_packets", ()) or ()
                 if late:
@@ -436,6 +462,9 @@ class Controller:
         except VipError as e:
             log.warning("delivery after recovering %s: %s", j.service, e)
         await gw.push_table()
+        for node in (j.source, j.dest):  # what each must run now that it is over
+            if node in gw.agents:
+                asyncio.ensure_future(gw._after_join(node))
         self._log_event("migration", report)
         self.gw.metrics.migration_finished(report)
         event(log, "migration.recovered", logging.WARNING, **report)

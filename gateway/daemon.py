@@ -27,7 +27,7 @@ from clustercore.health import HealthSpec, check_failover, needs_port
 from clustercore.kinds import Delivery, adopted_spec, check_service_options, service_kind
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
-from vipwire import metricsserver, systemd, tls
+from vipwire import metricsserver, pki, systemd, tls
 from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
 from vipwire.rpc import Context, RpcConnection
@@ -43,6 +43,7 @@ log = logging.getLogger("vipcluster.gateway")
 AGENT_TIMEOUT_S = 10.0  # one request to an agent (table, reconcile, start, stop)
 COUNTERS_TIMEOUT_S = 2.0  # status asks every agent; a slow one must not hold it up
 VERDICTS_TIMEOUT_S = 10.0
+SHUTDOWN_SETTLE_TICKS = 50  # at shutdown, up to 0.5 s for the agent sessions to end
 LOGIN_TIMEOUT_S = 5.0  # an agent completes TLS and its hello within this, or is dropped
 MAX_LOGINS_IN_PROGRESS = 16  # connections not yet logged in (TLS included); more are closed at once
 SERVICE_NAME_MAX = 64
@@ -61,6 +62,7 @@ class Gateway:
         self.config = config
         self.tls = tls.server_context(config.tls_cert, config.tls_key, config.tls_ca)
         self.registry = open_registry(config)  # SQLite, or etcd with two gateways; RegistryError: one line
+        self.closing = False
         self.table, self.epochs = self.registry.load()
         # two gateways: follow the shared table, one migration driver (gateway.ha); the
         # journal is then taken over under the driver lease, not at start
@@ -156,12 +158,19 @@ class Gateway:
 
     async def shutdown(self) -> None:
         log.info("shutting down")
+        self.closing = True  # sessions ending from here on are ours ending, not nodes going down
         for srv in self._servers:
             srv.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
         for a in list(self.agents.values()):
             a.rpc.close()
+        # let each session's ending run before the registry closes (it used to write
+        # node_down into a closed database: "Cannot operate on a closed database")
+        for _ in range(SHUTDOWN_SETTLE_TICKS):
+            if not self.agents:
+                break
+            await asyncio.sleep(0.01)
         try:
             os.unlink(self.config.control_socket)
         except FileNotFoundError:
@@ -171,6 +180,9 @@ class Gateway:
     def log_event(self, kind: str, detail: dict) -> None:
         """The registry's event log is a record, not a duty: a failed write (full disk,
         read-only) is logged and nothing else fails because of it."""
+        if self.closing:
+            log.info("event %s not recorded: the gateway is shutting down", kind)
+            return
         try:
             self.registry.log(time.time(), kind, detail)
         except RegistryError as e:
@@ -292,8 +304,9 @@ class Gateway:
                 event(log, "node.down", logging.WARNING, node=node)
                 self.metrics.node_down(node)
                 self.log_event("node_down", {"node": node})
-                self.failover.node_lost(node, rpc.last_seen)  # dead if not back within node_timeout_s
-                asyncio.ensure_future(self.push_table())  # the anchor may have moved
+                if not self.closing:  # our own shutdown ends sessions: no node failed
+                    self.failover.node_lost(node, rpc.last_seen)  # dead if not back within node_timeout_s
+                    asyncio.ensure_future(self.push_table())  # the anchor may have moved
 
     async def _login(self, transport: asyncio.Transport, peer) -> tuple[str | None, RpcConnection | None]:
         """TLS (a certificate from the cluster CA) then the hello: (node, rpc) when the
@@ -319,6 +332,9 @@ class Gateway:
         elif hello.node != ident[1]:
             problem = f"it claims to be {hello.node!r} but its certificate names {ident[1]!r}"
             reason = "wrong_name"
+        else:
+            problem = self._revocation_problem(writer.get_extra_info("ssl_object"))
+            reason = "revoked" if problem and "revoked" in problem else "crl"
         if problem is not None:
             event(log, "login.refused", logging.WARNING, peer=_peer(peer), reason=reason, detail=problem)
             self.metrics.refused(reason)
@@ -327,6 +343,22 @@ class Gateway:
             rpc.close()
             return None, None
         return ident[1], rpc
+
+    def _revocation_problem(self, ssl_object) -> str | None:
+        """The CA's revocation list (vipwire.pki.revoke, `crl.pem` beside the CA
+        certificate), read at every login so a revocation needs no restart: a revoked
+        certificate is refused; so is every login while the list is unreadable."""
+        try:
+            revoked = pki.revoked_serials(self.config.tls_ca)
+        except VipError as e:
+            return f"cannot check revocation: {e}"
+        try:
+            serial = int((ssl_object.getpeercert() or {}).get("serialNumber", ""), 16)
+        except (ValueError, AttributeError):
+            return "its certificate has no serial number"
+        if serial in revoked:
+            return f"its certificate (serial {serial:x}) is revoked"
+        return None
 
     async def _after_join(self, node: str) -> None:
         """Tell a (re)joined node which services it must run; refresh everyone's anchor."""

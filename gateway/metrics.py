@@ -31,7 +31,7 @@ log = logging.getLogger("vipcluster.gateway")
 # a handoff freezes for milliseconds, a process move for up to seconds
 FREEZE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOTAL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-REFUSAL_REASONS = ("tls", "timeout", "certificate", "unknown_node", "not_hello", "wrong_name",
+REFUSAL_REASONS = ("tls", "timeout", "certificate", "unknown_node", "not_hello", "wrong_name", "revoked", "crl",
                    "too_many_logins", "connection")
 OUTCOMES = ("committed", "rolled_back")
 

@@ -14,6 +14,7 @@ kernel state stays as it is (owned services keep working) and the agent reconnec
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ LOGIN_TIMEOUT_S = 5.0
 RECONNECT_FIRST_S = 0.1  # back-off after losing the gateway: doubles up to RECONNECT_MAX_S
 RECONNECT_MAX_S = 0.5  # short: a frozen migration waits for the restarted gateway
 MIGRATION_MESSAGES = (*msgs.STEPS, msgs.Chunk)
+STOP_WAIT_MARGIN_S = 2.0  # a stop waits for open migrations: the lease and this much
 
 
 class NodeAgent:
@@ -75,6 +77,8 @@ class NodeAgent:
             **{m: self.on_migration for m in MIGRATION_MESSAGES},
             **self.drain.handlers,
         }
+        self.unsettled: set[str] = set()  # open at the gateway, unknown here (see _unsettle)
+        self._table: tuple = ((), None)  # the gateway's last (services, anchor)
         self.adopted: list[str] = []  # services taken back from a previous agent
         self.frozen_adopted: set[str] = set()  # ... that it left frozen mid-migration
         self.verdict_log = VerdictLog()  # opt-in, for `vipctl replay --mode packets`
@@ -254,6 +258,14 @@ class NodeAgent:
         asyncio.get_running_loop().add_reader(self.notify.fileno(), self.notify.drain)
         self.adopt_orphans()
         self.migrations.end_restored_orphans()
+        if self.adopted:
+            # until the gateway's table arrives, the services we adopted are ours: the
+            # previous agent's rules still send the packets of those it had a role for (a
+            # migration in progress, or just over) to our queue, and an empty table would
+            # drop them (lost datagrams); services it did not run here never reach the
+            # queue (its rules drop them in the kernel)
+            self.filter.load([dataclasses.replace(self.running[n].service, owner=cfg.name)
+                              for n in self.adopted], None)
         self.queue = PacketQueues(cfg.queue_num, cfg.queue_count, cfg.queue_maxlen, self.decide)
         self.queue.attach(asyncio.get_running_loop())
         self._criu_check = asyncio.ensure_future(self._check_criu())
@@ -315,9 +327,29 @@ class NodeAgent:
                  asyncio.ensure_future(systemd.ping_watchdog())]
         await self._stop.wait()
         systemd.stopping()
+        await self._finish_open_migrations()
         for t in tasks:
             t.cancel()
         self.shutdown()
+
+    async def _finish_open_migrations(self) -> None:
+        """A stop (SIGTERM) is not a crash: migrations already under way are finished by
+        the gateway first (bounded), while the link still runs. Ending them here would go
+        by our own table, which names the old owner until the gateway publishes the switch
+        at the end: a frozen source past the point of no return would resume its old
+        instance while the destination serves (both answering). New migrations are refused
+        meanwhile. Without a gateway a frozen source's lease ends it within the wait."""
+        self.migrations.stopping = True
+        if self.migrations.idle():
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.migration_lease_s + STOP_WAIT_MARGIN_S
+        open_now = sorted(n for n in self.migrations.migrations.machines if self.migrations.busy(n))
+        log.info("stopping: waiting for the open migrations of %s to end", ", ".join(open_now))
+        while not self.migrations.idle() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if not self.migrations.idle():
+            log.warning("stopping with migrations still open: ending them here")
 
     def shutdown(self) -> None:
         """The agent exits; the data plane does not. Services, their connections, the
@@ -386,6 +418,7 @@ class NodeAgent:
                 raise PeerControlError(f"gateway denied us: {welcome.error}")
             if not isinstance(welcome, msgs.Welcome):
                 raise PeerControlError(f"gateway sent {welcome.OP!r} instead of welcome")
+            self._unsettle(welcome)
             self._load_table(welcome)
             self.heartbeat_s = welcome.heartbeat_s
             rpc.handlers = self.handlers
@@ -445,9 +478,12 @@ class NodeAgent:
         owners = {s.name: s.owner for s in self.filter.services.values()}
         for s in msg.services:
             self._check_ours(s)
+        if self.unsettled - set(msg.migrating):  # those migrations are over: the table decides
+            self.unsettled &= set(msg.migrating)
+            self._apply_table()
         self.migrations.end_all_except(set(msg.migrating), owners, "the gateway no longer runs this migration")
         self.drain.end_all_except(set(msg.migrating))  # graceful drains are booked there too
-        return self.reconcile(list(msg.services))
+        return self.reconcile(list(msg.services), migrating=set(msg.migrating))
 
     async def on_service_start(self, msg: msgs.ServiceStart, ctx: Context) -> dict:
         # the gateway starts a service before it publishes the table, so the table cannot
@@ -470,6 +506,9 @@ class NodeAgent:
         return self.verdict_log.request(msg)
 
     async def on_migration(self, msg: msgs.Message, ctx: Context):
+        if isinstance(msg, (msgs.Arm, msgs.Prepare)) and msg.service in self.unsettled:
+            self.unsettled.discard(msg.service)  # a new migration: its own roles decide
+            self._apply_table()
         try:
             reply = await self.migrations.handle(msg)
         except LocalControlError:
@@ -481,13 +520,44 @@ class NodeAgent:
         self.metrics.step(msg.service, msg.OP, "ok")
         return reply
 
+    def _unsettle(self, welcome: msgs.Welcome) -> None:
+        """At login: migrations the gateway still runs whose table owner is already this
+        node (the owner switch comes before the release) but that this agent has no
+        machine for and no instance of (it restarted mid-way). Until they end, this node
+        must not accept their packets: its stack has no socket for them and would answer
+        with resets. The gateway asks us how it went and ends it (then reconciles us)."""
+        ours = {s.name for s in welcome.services if s.owner == self.config.name}
+        self.unsettled = {name for name in welcome.migrating
+                          if name in ours and not self.migrations.busy(name) and name not in self.running}
+        if self.unsettled:
+            log.warning("migrations of %s still open at the gateway and unknown here: their "
+                        "packets are dropped on this node until they end", ", ".join(sorted(self.unsettled)))
+
     def _load_table(self, msg: msgs.Table | msgs.Welcome) -> None:
-        self.filter.load(list(msg.services), msg.anchor)
+        self._table = (tuple(msg.services), msg.anchor)
+        self._apply_table()
+
+    def _apply_table(self) -> None:
+        services, anchor = self._table
+        self.filter.load([dataclasses.replace(s, owner="") if s.name in self.unsettled else s
+                          for s in services], anchor)
         # a role for a service that is gone from the table is stale
         for name in [n for n in self.filter.roles if n not in self.filter.services]:
             del self.filter.roles[name]
         if self.queue is not None:
             self.sync_datapath()
+
+    def service_moved(self, name: str, owner: str) -> None:
+        """A migration away from here committed: the table (ours until the gateway's next
+        push) names the new owner, and the kernel rules follow."""
+        svc = self.filter.services.get(name)
+        if svc is not None and svc.owner != owner:
+            self.filter.services[name] = dataclasses.replace(svc, owner=owner)
+            services, anchor = self._table
+            self._table = (tuple(dataclasses.replace(s, owner=owner) if s.name == name else s
+                                 for s in services), anchor)
+            if self.queue is not None:
+                self.sync_datapath()
 
     def start_service(self, service: Service, sockets=None, extra_env=None) -> dict:
         if service_kind(service.exec_spec) is ServiceKind.EXTERNAL:
@@ -532,7 +602,7 @@ class NodeAgent:
         self.record_running()
         return {"stopped": name}
 
-    def reconcile(self, wanted: list[Service]) -> dict:
+    def reconcile(self, wanted: list[Service], migrating: set[str] = frozenset()) -> dict:
         started, stopped = [], []
         names = {s.name for s in wanted}
         self._end_frozen(names)
@@ -542,8 +612,11 @@ class NodeAgent:
                 stopped.append(name)
         for s in wanted:
             # a service that migrates here (a restarted gateway finishes it) is the
-            # migration's to start, not ours
+            # migration's to start, not ours; so is one whose migration the gateway still
+            # runs while we have no machine for it (we restarted mid-way: the gateway asks
+            # us how it ended, and may give it back to the source)
             if (s.name not in self.running and not self.migrations.busy(s.name)
+                    and s.name not in migrating
                     and service_kind(s.exec_spec) is not ServiceKind.EXTERNAL):
                 self.start_service(s)
                 started.append(s.name)

@@ -15,9 +15,12 @@ reply. This module only
 Fault injection for the lab tests: if the file `<state_dir>/faults/<OP>` (the message's
 wire name, e.g. `migrate.freeze`) exists when a step arrives, its content says what to do:
 `fail` (refuse the step), `die` (the agent exits at once, like a crash), `drop` (close the
-gateway connection without answering), `wait` (the step waits, the verdict loop running,
-until the file `<OP>.go` appears, at most WAIT_FAULT_MAX_S: a freeze stretched as long as
-a test needs, e.g. to hold a bounded flood). The file is removed when it fires.
+gateway connection without answering), `term` (the agent gets SIGTERM just as the step
+arrives; the step is handled TERM_FAULT_DELAY_S later, if the agent still runs), `wait`
+(the step waits, the verdict loop running, until the file `<OP>.go` appears, at most
+WAIT_FAULT_MAX_S: a freeze stretched as long as a test needs, e.g. to hold a bounded
+flood). A file `<OP>.done` fires after the step was performed, before its reply is sent.
+The file is removed when it fires.
 
 Faults inside the `process` strategy's commands (same directory, same one-shot files):
 `criu.dump` / `criu.restore` (content `fail`): criu is run with an option it refuses, so
@@ -37,6 +40,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -59,6 +63,7 @@ QUIESCE_POLL_S = 0.001
 SYN_RECV_WAIT_S = 0.5  # half-open handshakes may finish this long (new SYNs are held)
 SYN_RECV_POLL_S = 0.002
 FAULT_EXIT_STATUS = 17  # a `die` fault: the agent exits like a crash
+TERM_FAULT_DELAY_S = 0.2  # a `term` fault: SIGTERM, then the step is handled this much later
 WAIT_FAULT_MAX_S = 120.0  # a `wait` fault gives up waiting for its go file after this
 WAIT_FAULT_POLL_S = 0.05
 ACCEPT_WAIT_S = 0.5  # the program may take this long to accept what waits (then it is stopped)
@@ -100,6 +105,7 @@ class MigrationAgent:
         self.migrations = NodeMigrations(agent.config.name)
         self.fault_dir = os.path.join(agent.config.state_dir, "faults")
         self._locks: dict[str, asyncio.Lock] = {}
+        self.stopping = False  # the agent is stopping: no new migration begins here
         self.starting: dict[int, str] = {}  # a handoff's new instance, by pid, until adopted
         self._actions: dict[type, Callable[[Any], Any]] = self._command_table()
 
@@ -115,7 +121,12 @@ class MigrationAgent:
         refusal (LocalControlError) or kernel failure (KernelError) it ended with."""
         if not isinstance(message, (msgs.Step, msgs.Chunk)):
             raise LocalControlError(f"'{message.OP}' is not a migration step")
-        if self._fault(message.OP) == "wait":
+        if self.stopping and isinstance(message, (msgs.Arm, msgs.Prepare)):
+            raise LocalControlError(f"node {self.agent.config.name} is stopping: no new migration")
+        fault = self._fault(message.OP)
+        if fault == "term":
+            await asyncio.sleep(TERM_FAULT_DELAY_S)  # the agent's stop begins first
+        elif fault == "wait":
             await self._wait_for_go(message.OP)
         lock = self._locks.setdefault(message.service, asyncio.Lock())
         async with lock:
@@ -127,6 +138,7 @@ class MigrationAgent:
                   epoch=message.epoch if isinstance(message, msgs.Step) else None,
                   outcome="failed" if isinstance(reply, Failure) else "ok",
                   ms=round((self.kernel.clock() - started) * 1000, 1))
+        self._fault(message.OP + ".done")  # `die` here: the step was done, its reply never sent
         if isinstance(reply, Failure):
             raise reply.error
         return reply
@@ -240,7 +252,16 @@ class MigrationAgent:
         if what == "wait":
             return what
         if what == "die":
+            # what dies with us: the lab test checks every lost datagram was among these
+            try:
+                with open(os.path.join(self.fault_dir, "died.queued"), "w") as f:
+                    f.write(str(self.kernel.queue.queued_now(self.agent.config.queue_num)))
+            except OSError:
+                pass
             os._exit(FAULT_EXIT_STATUS)
+        if what == "term":  # SIGTERM arrives with this step: the step waits a moment
+            os.kill(os.getpid(), signal.SIGTERM)
+            return what
         if what == "drop":
             rpc = getattr(self.agent, "rpc", None)
             if rpc is not None:
@@ -268,6 +289,9 @@ class MigrationAgent:
             nc.ReadClock: lambda c: k.clock(),
             nc.CountKernelDrops: lambda c: k.queue.kernel_drops(agent.config.queue_nums),
             nc.CountUdpBufferDrops: lambda c: k.udphandoff.rcvbuf_errors(),
+            nc.MarkReleasing: self._mark_releasing,
+            nc.ServiceMoved: lambda c: agent.service_moved(c.service, c.owner),
+            nc.ReleaseBegun: self._release_begun,
             nc.Note: lambda c: log.log(LOG_LEVELS.get(c.level, logging.INFO), "%s", c.text),
             nc.InstallRole: self._install_role,
             nc.RemoveRole: lambda c: self._remove_role(c.service, c.role),
@@ -431,6 +455,28 @@ class MigrationAgent:
         self.agent.record_running()
 
     # --- the process strategy -----------------------------------------------------------
+    def _marker(self, service: str) -> str:
+        return os.path.join(self.agent.config.state_dir, "releasing", urllib.parse.quote(service, safe=""))
+
+    def _mark_releasing(self, c: nc.MarkReleasing) -> None:
+        """The release of `c.epoch` begins here: on disk before its first effect (a process
+        death keeps what was written; the next agent reads it in _release_begun)."""
+        path = self._marker(c.service)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(c.epoch)
+        os.replace(path + ".tmp", path)
+
+    def _release_begun(self, c: nc.ReleaseBegun) -> bool:
+        try:
+            with open(self._marker(c.service)) as f:
+                return f.read().strip() == c.epoch
+        except FileNotFoundError:
+            return False
+        except OSError as e:  # unreadable: we cannot say it did not begin
+            log.warning("release marker of %s unreadable (%s): assuming it began", c.service, e)
+            return True
+
     @property
     def _restored_file(self) -> str:
         return os.path.join(self.agent.config.state_dir, "restored.json")

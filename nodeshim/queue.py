@@ -60,6 +60,21 @@ def kernel_drops(queue_nums: int | range) -> int:
     return sum(stats[q]["dropped"] + stats[q]["user_dropped"] for q in nums if q in stats)
 
 
+def queued_now(queue_num: int) -> int:
+    """Packets in this queue now, waiting for a verdict (read by us or not): what the
+    kernel drops if this process dies this instant (it destroys a dead listener's queue;
+    scripts/nfqueue-listener-death)."""
+    try:
+        with open("/proc/net/netfilter/nfnetlink_queue") as f:
+            for line in f:
+                parts = line.split()
+                if parts and int(parts[0]) == queue_num:
+                    return int(parts[2])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def mac_of(hw: bytes | None) -> str | None:
     if not hw:
         return None

@@ -179,6 +179,32 @@ def pki_init(directory, nodes, admins, regateway, force):
         click.echo(f"{who}: {path}")
 
 
+@pki.command("revoke")
+@click.argument("directory")
+@click.argument("name")
+@click.option("--admin", "is_admin", is_flag=True, help="NAME is an operator, not a node.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def pki_revoke(directory, name, is_admin, as_json):
+    """Revoke NAME's certificate: it goes on the CA's revocation list (DIRECTORY/crl.pem,
+    an X.509 CRL signed by the CA), which the gateway reads at every login: that
+    certificate is refused from now on (its live session ends at its next login).
+    Copy crl.pem beside the gateway's tls_ca. `pki init --force --node NAME` issues a new one."""
+    _need_root()
+    from vipwire import pki as vpki
+
+    if not os.path.isdir(directory):
+        raise LocalControlError(f"{directory} is not a PKI directory")
+    try:
+        result = vpki.revoke(directory, "admin" if is_admin else "node", name)
+    except OSError as e:
+        raise LocalControlError(f"cannot write the revocation list in {directory}: {e.strerror or e}") from None
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"revoked {result['revoked']} (serial {result['serial']}); {result['crl']} "
+                   f"lists {result['entries']} certificate(s)")
+
+
 @cli.group()
 def key():
     """Removed: the shared cluster key (use `vipctl pki init`)."""

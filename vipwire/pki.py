@@ -20,8 +20,10 @@ another node); an admin's only clientAuth. `vipctl pki init DIR --node n1 --node
 
 from __future__ import annotations
 
+import base64
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -37,13 +39,24 @@ VALID_DAYS = 3650
 ROLES = ("gateway", "node", "admin")
 
 
+ENCODED = "-b32"  # the role label of an identity whose name is not a DNS label
+
+
 def identity_name(role: str, name: str = "") -> str:
-    """The DNS name a certificate carries for this role and name."""
+    """The DNS name a certificate carries for this role and name. A name that is a DNS
+    label is written as it is (`n1.node.vipcluster`); a node name may also hold '_' and
+    '.' (clustercore.config), which a DNS label cannot: such a name is written in base32
+    under its own role label (`<base32>.node-b32.vipcluster`), so every name has exactly
+    one identity and parse_identity gets it back byte for byte."""
     if role == "gateway":
         return GATEWAY_NAME
-    if role not in ROLES or not _valid_label(name):
-        raise ConfigError("pki", f"bad identity {role}:{name!r} (names: letters, digits, '-', at most 63)")
-    return f"{name}.{role}.{DOMAIN}"
+    if role in ROLES and _valid_label(name):
+        return f"{name}.{role}.{DOMAIN}"
+    if role in ROLES and _valid_name(name):
+        label = base64.b32encode(name.encode()).decode().rstrip("=").lower()
+        return f"{label}.{role}{ENCODED}.{DOMAIN}"
+    raise ConfigError("pki", f"bad identity {role}:{name!r} (names: letters, digits, '-', '_', '.', "
+                             f"at most {MAX_NAME}, starting with a letter or digit)")
 
 
 def parse_identity(dns_name: str) -> tuple[str, str] | None:
@@ -51,9 +64,31 @@ def parse_identity(dns_name: str) -> tuple[str, str] | None:
     if dns_name == GATEWAY_NAME:
         return ("gateway", "gateway")
     parts = dns_name.split(".")
-    if len(parts) == 3 and parts[2] == DOMAIN and parts[1] in ("node", "admin") and _valid_label(parts[0]):
+    if len(parts) != 3 or parts[2] != DOMAIN:
+        return None
+    if parts[1] in ("node", "admin") and _valid_label(parts[0]):
         return (parts[1], parts[0])
+    role = parts[1].removesuffix(ENCODED)
+    if role in ("node", "admin") and parts[1] == role + ENCODED:
+        label = parts[0]
+        if not label or not label.isascii() or label != label.lower():
+            return None
+        try:
+            name = base64.b32decode(label.upper() + "=" * (-len(label) % 8)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        # only the canonical form: a name that is a label has no encoded identity
+        if _valid_name(name) and not _valid_label(name) and identity_name(role, name) == dns_name:
+            return (role, name)
     return None
+
+
+MAX_NAME = 39  # base32 of 39 bytes is 63 characters: one DNS label
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (MAX_NAME - 1))
+
+
+def _valid_name(name: str) -> bool:
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
 
 
 def _valid_label(name: str) -> bool:
@@ -156,3 +191,79 @@ def init(directory: str, nodes: list[str], admins: list[str] = ()) -> dict:
     for a in admins:
         out[f"admin {a}"] = issue(directory, "admin", a).cert
     return out
+
+
+# ---------------------------------------------------------------- revocation
+
+CRL_FILE = "crl.pem"
+
+
+def crl_path(ca_cert: str) -> str:
+    """The revocation list that goes with a CA certificate: beside it."""
+    return os.path.join(os.path.dirname(os.path.abspath(ca_cert)), CRL_FILE)
+
+
+def _load_ca(directory: str):
+    try:
+        with open(os.path.join(directory, "ca.key"), "rb") as f:
+            ca_key = serialization.load_pem_private_key(f.read(), password=None)
+        with open(os.path.join(directory, "ca.crt"), "rb") as f:
+            ca_cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError("pki", f"no usable CA in {directory} ({e})") from None
+    return ca_key, ca_cert
+
+
+def revoke(directory: str, role: str, name: str) -> dict:
+    """Put the identity's current certificate on the CA's revocation list (a standard
+    X.509 CRL signed by the CA, `crl.pem` beside `ca.crt`); the gateway refuses it at
+    login from then on. `vipctl pki init --force` issues the name a new certificate."""
+    dns = identity_name(role, name)
+    if role == "gateway":
+        raise ConfigError("pki", "the gateway's identity is not revoked, it is re-issued (init --force --gateway)")
+    where = paths(directory, role, name)
+    try:
+        with open(where.cert, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError("pki", f"no certificate for {role} {name!r} in {directory} ({e})") from None
+    ca_key, ca_cert = _load_ca(directory)
+    path = os.path.join(directory, CRL_FILE)
+    entries = {}
+    if os.path.exists(path):
+        for serial, when in _read_crl(path, ca_cert).items():
+            entries[serial] = when
+    entries.setdefault(cert.serial_number, _now())
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(_now()).next_update(_now() + datetime.timedelta(days=VALID_DAYS)))
+    for serial, when in sorted(entries.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write(path, crl.public_bytes(serialization.Encoding.PEM), private=False)
+    return {"revoked": dns, "serial": f"{cert.serial_number:x}", "crl": path, "entries": len(entries)}
+
+
+def _read_crl(path: str, ca_cert) -> dict[int, datetime.datetime]:
+    try:
+        with open(path, "rb") as f:
+            crl = x509.load_pem_x509_crl(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError("pki", f"revocation list {path} is unreadable ({e})") from None
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
+        raise ConfigError("pki", f"revocation list {path} is not signed by the cluster CA")
+    return {r.serial_number: r.revocation_date_utc for r in crl}
+
+
+def revoked_serials(ca_cert_path: str) -> frozenset[int]:
+    """The serial numbers the CA revoked (empty without a list). ConfigError if the list
+    is there but unreadable or not the CA's: a caller must then refuse, not accept."""
+    path = crl_path(ca_cert_path)
+    if not os.path.exists(path):
+        return frozenset()
+    try:
+        with open(ca_cert_path, "rb") as f:
+            ca_cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError("pki", f"CA certificate {ca_cert_path} is unreadable ({e})") from None
+    return frozenset(_read_crl(path, ca_cert))

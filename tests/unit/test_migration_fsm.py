@@ -17,6 +17,7 @@ from clustercore.errors import ConfigError, LocalControlError, MigrationError
 from clustercore.migration import (
     BEFORE_RELEASE,
     EVENT_TYPES,
+    IN_DOUBT_STATES,
     ON_UNEXPECTED,
     PAST_NO_RETURN,
     TERMINAL,
@@ -35,7 +36,9 @@ from clustercore.migration import (
     MigrationBook,
     MigrationReport,
     MigrationTimeouts,
+    NodeBack,
     NodeLost,
+    NotReleased,
     Released,
     Report,
     Restored,
@@ -108,8 +111,10 @@ class Driver:
         self.now = T0
         self.log: list = []
         self.states = [self.m.state]
+        self.fed: list = []
 
     def feed(self, event) -> list:
+        self.fed.append(event)
         self.now += TICK
         out = self.m.handle_event(event, self.now)
         self.log += out
@@ -128,6 +133,12 @@ def reach(state: State) -> Driver:
     """A driver whose machine is in `state`, by the shortest honest path."""
     d = Driver()
     if state is State.NEW:
+        return d
+    if state in IN_DOUBT_STATES:
+        d = reach(State.RELEASING)
+        d.feed(NodeLost(node=DST))
+        if state is State.SWITCHING_BACK:
+            d.feed(NotReleased(node=DST))  # (the driver would switch the owner next)
         return d
     if state in (State.ROLLING_BACK, State.ROLLED_BACK):
         d.feed(Start())
@@ -251,7 +262,8 @@ def test_a_reply_from_the_wrong_party_rolls_back(event):
     assert d.m.state is State.ROLLING_BACK
 
 
-@pytest.mark.parametrize("failure", FAILURES[:-1], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("failure", [f for f in FAILURES[:-1] if not isinstance(f, NodeLost)],
+                         ids=lambda e: type(e).__name__)
 def test_failure_while_releasing_goes_forward(failure):
     d = reach(State.RELEASING)
     out = actions(d.feed(failure))
@@ -264,7 +276,8 @@ def test_failure_while_releasing_goes_forward(failure):
     assert error is not None and not error.rolled_back and error.step == "releasing"
 
 
-@pytest.mark.parametrize("failure", FAILURES[:-1], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("failure", [f for f in FAILURES[:-1] if f != NodeLost(node=DST)],
+                         ids=lambda e: type(e).__name__)
 def test_failure_while_committing_still_commits(failure):
     d = reach(State.COMMITTING)
     finished = d.feed(failure)[-1]
@@ -338,6 +351,7 @@ def event_strategy():
                   duplicates_suppressed=count, lost=count),
         st.builds(Committed, node=node, late_packets=packets),
         st.builds(RolledBack, node=node),
+        st.builds(NotReleased, node=node), st.builds(NodeBack, node=node),
         st.builds(StepFailed, node=st.one_of(st.none(), node), reason=text),
         st.builds(NodeLost, node=node), st.builds(MessageLost, node=node, reason=text),
     )
@@ -353,15 +367,23 @@ def check(d: Driver) -> None:
     assert isinstance(m.state, State)
     for before, after in zip(d.states, d.states[1:]):
         assert before is after or (before, after) in EDGES, (before, after)
+    # the only way back from the point of no return: the destination's (restarted) agent
+    # said it released nothing
+    said_nothing = any(isinstance(e, NotReleased) and e.node == DST for e in d.fed)
     crossed = [i for i, s in enumerate(d.states) if s in PAST_NO_RETURN]
-    if crossed:  # once past the point of no return, never back
-        assert all(s in PAST_NO_RETURN for s in d.states[crossed[0]:])
+    if crossed:  # once past the point of no return, never back (unless it said so)
+        for s in d.states[crossed[0]:]:
+            assert s in PAST_NO_RETURN | IN_DOUBT_STATES or said_nothing, d.states
+        if not said_nothing:
+            assert State.SWITCHING_BACK not in d.states
     owner_moves = [(c.service, c.node) for c in log if isinstance(c, SetOwner)]
-    assert owner_moves in ([], [(SERVICE, DST)])
+    assert owner_moves in ([], [(SERVICE, DST)]) or (
+        said_nothing and owner_moves == [(SERVICE, DST), (SERVICE, SRC)]), owner_moves
     releases = [c for c in log if isinstance(c, SendToNode) and isinstance(c.message, msgs.Release)]
     if m.state in (State.ROLLING_BACK, State.ROLLED_BACK):
-        # a rollback never follows a release (an owner switch that failed released nothing)
-        assert releases == []
+        # a rollback never follows a release (an owner switch that failed released nothing),
+        # unless the destination said it released nothing and the owner went back first
+        assert releases == [] or (said_nothing and owner_moves[-1] == (SERVICE, SRC))
     if State.ROLLING_BACK in d.states:
         assert SendToNode(SRC, msg("rollback")) in log and SendToNode(DST, msg("abort")) in log
     finished = [c for c in log if isinstance(c, Finished)]
@@ -383,14 +405,18 @@ def test_every_pair_once(state, event_type):
         Start: Start(), StepTimedOut: StepTimedOut(), Cancel: Cancel(),
         HoldReady: HoldReady(node=DST), CountingReady: CountingReady(node=SRC),
         EpochFlipped: EpochFlipped(service=SERVICE, epoch=EPOCH), Frozen: FROZEN,
-        Restored: Restored(node=DST), OwnerSwitched: OwnerSwitched(service=SERVICE, node=DST),
+        Restored: Restored(node=DST),
+        OwnerSwitched: OwnerSwitched(service=SERVICE, node=SRC if state is State.SWITCHING_BACK else DST),
         Released: RELEASED, Committed: Committed(node=SRC),
         RolledBack: RolledBack(node=SRC), StepFailed: StepFailed(node=SRC, reason="x"),
         NodeLost: NodeLost(node=DST), MessageLost: MessageLost(node=SRC, reason="x"),
+        NotReleased: NotReleased(node=DST), NodeBack: NodeBack(node=DST),
     }
     d.feed(samples[event_type])
     check(d)
     expected = TRANSITIONS.get((state, event_type), ON_UNEXPECTED[state])[0]
+    if (state, event_type) == (State.COMMITTING, NodeLost):
+        expected = state  # the sample is the destination's loss: ignored once it released
     assert d.m.state is expected
 
 
@@ -589,3 +615,70 @@ def test_the_driver_arms_the_machines_current_timer_after_the_owner_switch():
             break
     assert m.state is State.RELEASING
     assert m.get_timer() == now + t.releasing and x.deadline == m.get_timer()
+
+
+# ---------------------------------------------------------------- the destination dies while releasing
+
+
+def doing(commands):
+    return [c for c in actions(commands) if not isinstance(c, ArmTimer)]
+
+
+def test_destination_lost_while_releasing_is_in_doubt_until_it_is_back():
+    """Its agent died with the release sent: neither forward (the source would close the
+    only copy of the connections) nor back (it may have released) until it says."""
+    d = reach(State.RELEASING)
+    assert doing(d.feed(NodeLost(node=DST))) == []
+    assert d.m.state is State.IN_DOUBT
+    assert d.m.get_timer() == pytest.approx(d.now + MigrationTimeouts().in_doubt)
+    assert doing(d.feed(NodeLost(node=DST))) == []  # seen twice: request and watcher
+    assert doing(d.feed(NodeBack(node=SRC))) == []
+    assert doing(d.feed(Cancel())) == [] and d.m.state is State.IN_DOUBT
+    assert doing(d.feed(NodeBack(node=DST))) == [SendToNode(DST, RELEASE)]
+    out = doing(d.feed(RELEASED))  # it had released: the repeat is answered as the first
+    assert d.m.state is State.COMMITTING and out == [SendToNode(SRC, msg("commit"))]
+
+
+def test_destination_that_released_nothing_switches_the_owner_back_and_rolls_back():
+    d = reach(State.IN_DOUBT)
+    d.feed(NodeBack(node=DST))
+    out = doing(d.feed(NotReleased(node=DST)))
+    assert d.m.state is State.SWITCHING_BACK and out == [SetOwner(SERVICE, SRC)]
+    out = doing(d.feed(OwnerSwitched(service=SERVICE, node=SRC)))
+    assert d.m.state is State.ROLLING_BACK
+    assert out == [SendToNode(DST, msg("abort")), SendToNode(SRC, msg("rollback"))]
+    finished = d.feed(RolledBack(node=SRC))[-1]
+    assert finished.outcome == "rolled_back" and "released nothing" in finished.reason
+    assert SetDelivery(SERVICE, (SRC,)) in d.log  # the source gets its packets alone again
+    check(d)
+
+
+@pytest.mark.parametrize("event", [StepFailed(node=DST, reason="release began here"),
+                                   MessageLost(node=DST, reason="garbled"), StepTimedOut()],
+                         ids=lambda e: type(e).__name__)
+def test_in_doubt_a_refusal_or_silence_goes_forward(event):
+    d = reach(State.IN_DOUBT)
+    out = doing(d.feed(event))
+    assert d.m.state is State.COMMITTING and out == [SendToNode(SRC, msg("commit"))]
+    assert d.m.report.lost is None
+
+
+def test_a_failed_switch_back_goes_forward():
+    d = reach(State.IN_DOUBT)
+    d.feed(NotReleased(node=DST))
+    d.feed(StepFailed(reason="owner switch not recorded: read-only"))
+    assert d.m.state is State.COMMITTING
+
+
+def test_not_released_from_the_source_is_refused():
+    d = reach(State.IN_DOUBT)
+    d.feed(NotReleased(node=SRC))
+    assert d.m.state is State.IN_DOUBT  # ignored: only the destination can say it
+
+
+def test_the_destination_lost_while_committing_is_not_a_failure():
+    """It released and serves; an agent stopping right after its release is normal."""
+    d = reach(State.COMMITTING)
+    assert doing(d.feed(NodeLost(node=DST))) == [] and d.m.state is State.COMMITTING
+    finished = d.feed(Committed(node=SRC))[-1]
+    assert finished.outcome == "committed" and finished.reason == ""

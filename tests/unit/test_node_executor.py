@@ -273,6 +273,9 @@ class FakeAgent:
     def record_running(self) -> None:
         self.log.append(("record_running", tuple(sorted(self.running))))
 
+    def service_moved(self, name: str, owner: str) -> None:
+        self.log.append(("service_moved", name, owner))
+
     def send_to_gateway(self, message) -> bool:
         self.log.append(("send_to_gateway", type(message).__name__))
         self.sent.append(message)
@@ -355,10 +358,12 @@ def test_source_arm_freeze_commit_script(tmp_path):
     # commit: the hold dropped, our copies closed silently, the service and its store
     # forgotten, the old instance killed, its sockets (our own copies and what it stored)
     # closed, the role removed after the grace
+    # and the node's table names the new owner at once
     assert log.names() == ["drop", "close_many", "forget_store", "record_running", "kill"] + ["close"] * 5 + [
-        "sync_datapath"]
+        "service_moved", "sync_datapath"]
     assert [e[1] for e in log if e[0] == "close"] == ["old-tcp-7", "old-udp-7", "stored-tcp-7", "stored-udp-7", "state"]
     assert log[1] == ("close_many", ("copy0", "copy1")) and log[-1] == ("sync_datapath", ())
+    assert log[-2] == ("service_moved", "echo", "n2")
     assert "echo" not in agent.running and "echo" not in agent.filter.roles
     assert isinstance(done, msgs.CommitDone) and done.kernel_drops == 0
 
@@ -598,7 +603,7 @@ def test_destination_prepare_chunk_restore_release_script(tmp_path):
     # the agent's NOTIFY_SOCKET; our descriptors close, the instance is adopted
     assert log.names() == ["thaw_many", "reinject", "inject_ip_packets", "accept", "forget_store",
                            "start_handed_over", "close", "close", "close", "close", "close",
-                           "record_running", "sync_datapath"]
+                           "record_running", "service_moved", "sync_datapath"]
     assert log[0] == ("thaw_many", tuple(f"restored{i}" for i in range(5)))
     assert log[5] == ("start_handed_over", ("tcp-7", "udp-7"), ("conn-7",) * 5, b"{}", "/run/notify")
     assert released.held == 1 and released.released == 1 and released.reinjected == 2

@@ -231,7 +231,7 @@ def test_the_source_script():
     done = script(m, EVENTS[msgs.Commit](), [
         (nc.CloseSilently, None), (nc.CountKernelDrops, 5), (nc.Note, None),
         (nc.ForgetInstance, None), (nc.StopInstance, None), (nc.CloseDescriptors, None),
-        (nc.RemoveRoleLater, None),
+        (nc.RemoveRoleLater, None), (nc.ServiceMoved, None),
     ])
     assert done == msgs.CommitDone(kernel_drops=2) and m.state is State.COMMITTED and m.finished
 
@@ -250,11 +250,11 @@ def test_the_destination_script():
     ])
     assert restored.timing_ms == {"decode": 1.0, "restore": 3.0, "restore_streamed": 2.0}
     released = script(m, EVENTS[msgs.Release](), [
-        (nc.ReadClock, 1.0), (nc.Thaw, None), (nc.ReadClock, 1.1), (nc.CountUdpBufferDrops, 7),
+        (nc.MarkReleasing, None), (nc.ReadClock, 1.0), (nc.Thaw, None), (nc.ReadClock, 1.1), (nc.CountUdpBufferDrops, 7),
         (nc.PutBackDatagrams, 1), (nc.InjectPackets, 1), (nc.ReadClock, 1.2),
         (nc.StartHandedOver, "new"), (nc.CloseDescriptors, None), (nc.AdoptInstance, None),
         (nc.RemoveRoleLater, None), (nc.ReadClock, 1.3), (nc.CountKernelDrops, 0),
-        (nc.CountUdpBufferDrops, 8), (nc.Note, None), (nc.Note, None),
+        (nc.CountUdpBufferDrops, 8), (nc.Note, None), (nc.Note, None), (nc.ServiceMoved, None),
     ])
     assert isinstance(released, msgs.ReleaseDone) and m.state is State.RELEASED
     assert (released.reinjected, released.lost, released.kernel_drops) == (2, 1, 1)
@@ -672,3 +672,50 @@ def test_a_restore_off_the_vip_or_the_services_ports_is_refused_before_anything_
     assert isinstance(reply, Failure) and "not on the service's address" in str(reply.error)
     assert nc.RestoreConnections not in k.types() and nc.ConnectDatagramSocket not in k.types()
     assert m.state is State.PREPARED  # refused: nothing changed
+
+
+# ---------------------------------------------------------------- a destination agent restarted mid-release
+
+
+def test_the_release_marker_is_written_before_any_effect_of_the_release():
+    m = machine_at(State.RESTORED)
+    _, k = feed(m, EVENTS[msgs.Release]())
+    effects = [c for c in k.seen if not type(c).QUERY]
+    assert isinstance(effects[0], nc.MarkReleasing) and effects[0].epoch == EPOCH
+
+
+class Restarted(Kernel):
+    """A new agent's kernel: the previous agent's release marker is there or not."""
+
+    def __init__(self, begun: bool) -> None:
+        super().__init__("n2")
+        self.begun = begun
+
+    def __call__(self, cmd):
+        if isinstance(cmd, nc.ReleaseBegun):
+            self.seen.append(cmd)
+            return self.begun
+        return super().__call__(cmd)
+
+
+def test_a_restarted_destination_that_never_released_says_so():
+    """The gateway resends a Release it is in doubt about to an agent with no machine for
+    it: no marker -> nothing was released here (the gateway may roll back)."""
+    book = NodeMigrations("n2")
+    [runner] = book.route(EVENTS[msgs.Release](), T0)
+    k = Restarted(begun=False)
+    reply = run_to_end(runner, k)
+    assert isinstance(reply, msgs.ReleaseDone) and reply.not_released
+    assert (reply.held, reply.released) == (0, 0)
+    assert k.types() == [nc.ReleaseBegun, nc.Note]  # nothing done
+    assert not book.busy("echo")
+
+
+def test_a_restarted_destination_whose_predecessor_began_releasing_refuses():
+    """A marker says the previous agent began: only forward is safe, so it refuses (the
+    gateway commits); it never claims "nothing released"."""
+    book = NodeMigrations("n2")
+    [runner] = book.route(EVENTS[msgs.Release](), T0)
+    reply = run_to_end(runner, Restarted(begun=True))
+    assert isinstance(reply, Failure) and "began here" in str(reply.error)
+    assert not isinstance(reply, msgs.ReleaseDone)

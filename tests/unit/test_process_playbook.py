@@ -136,7 +136,8 @@ def test_the_source_script():
     assert frozen.timing_ms["dump"] == 80.0
     done, k = feed(m, EVENTS[msgs.Commit]())
     assert done == msgs.CommitDone() and m.state is State.COMMITTED
-    assert k.types() == [nc.CountKernelDrops, nc.ForgetInstance, nc.StopInstance, nc.RemoveRoleLater]
+    assert k.types() == [nc.CountKernelDrops, nc.ForgetInstance, nc.StopInstance, nc.RemoveRoleLater,
+                         nc.ServiceMoved]
     assert nc.ThawProcess not in k.types()  # a committed source is killed, never thawed
 
 

@@ -119,3 +119,85 @@ def test_the_systemd_units_are_what_a_deployment_needs():
         for line in ("Type=notify", "Restart=always", "KillMode=process"):
             assert f"\n{line}\n" in text, (unit, line)
         assert "WatchdogSec=" in text
+
+
+# ---------------------------------------------------------------- a restarted gateway in doubt
+
+
+class _Rpc:
+    def __init__(self, replies, seen):
+        self.replies, self.seen = replies, seen
+
+    async def request(self, message, timeout=None):
+        self.seen.append((message.OP, message.service))
+        reply = self.replies.get(type(message))
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+
+class _FakeGateway:
+    """What Controller._recover touches: a real registry, the table, agents that answer."""
+
+    def __init__(self, tmp_path, replies):
+        from clustercore.kinds import Delivery
+        self.registry = Registry(str(tmp_path))
+        self.registry.add_service(Service("echo", "n1", ((6, 7),), "builtin:echo"))
+        self.registry.journal_begin("echo", "n1", "n2", 2)
+        self.release = msgs.Release(service="echo", epoch="02:76:63:00:00:02", consumed={FLOW: 1})
+        self.registry.switch_owner("echo", "n2", self.release)  # past the point, journaled
+        self.table, self.epochs = self.registry.load()
+        self.seen = []
+        self.agents = {n: type("S", (), {"rpc": _Rpc(replies, self.seen)})() for n in ("n1", "n2")}
+        self.config = type("C", (), {"delivery": Delivery.BROADCAST})()
+        self.delivery_override = {}
+        self.joined = []
+        self.metrics = type("M", (), {"migration_finished": lambda self, report: None})()
+
+    def apply_delivery(self):
+        pass
+
+    async def push_table(self):
+        pass
+
+    async def _after_join(self, node):
+        self.joined.append(node)
+
+
+def _recover(gw):
+    import asyncio
+
+    from gateway import controller as ctl
+
+    async def main():
+        c = ctl.Controller(gw)
+        ctl.RECONCILE_SETTLE_S = 0
+        [j] = gw.registry.open_migrations()
+        c.book.adopt(service=j.service, owner=j.source, dest=j.dest)
+        report = await c._recover(j)
+        await asyncio.sleep(0)
+        return report
+    return asyncio.run(main())
+
+
+def test_a_restarted_gateway_rolls_back_when_the_restarted_destination_released_nothing(tmp_path):
+    """Gateway and destination agent both restarted past the owner switch; the new agent
+    finds no release marker: owner back to the source (durable), abort and rollback, no
+    commit (the source's sockets are the only copy of the connections)."""
+    nothing = msgs.ReleaseDone(held=0, released=0, duplicates_suppressed=0, not_released=True)
+    gw = _FakeGateway(tmp_path, {msgs.Release: nothing, msgs.Abort: msgs.Done(), msgs.Rollback: msgs.Done()})
+    report = _recover(gw)
+    assert report["outcome"] == "rolled_back" and "released nothing" in report["reason"]
+    assert [op for op, _ in gw.seen] == ["migrate.release", "migrate.abort", "migrate.rollback"]
+    assert gw.table.get("echo").owner == "n1"
+    assert gw.registry.load()[0].get("echo").owner == "n1" and gw.registry.open_migrations() == []
+    assert sorted(gw.joined) == ["n1", "n2"]  # both told what to run now
+
+
+def test_a_restarted_gateway_commits_when_the_destination_released(tmp_path):
+    done = msgs.ReleaseDone(held=3, released=3, duplicates_suppressed=0)
+    gw = _FakeGateway(tmp_path, {msgs.Release: done, msgs.Commit: msgs.CommitDone()})
+    report = _recover(gw)
+    assert report["outcome"] == "committed"
+    assert [op for op, _ in gw.seen] == ["migrate.release", "migrate.commit"]
+    assert gw.registry.load()[0].get("echo").owner == "n2"

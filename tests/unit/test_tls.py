@@ -108,3 +108,29 @@ def test_a_node_certificate_serves_tls_to_another_node(pkidir):
     server = tls.server_context(n2.cert, n2.key, n2.ca_cert)
     client = _ctx(pkidir, "node", "n1")
     assert asyncio.run(_connect(server, client, server_hostname="n2.node.vipcluster")) == ("node", "n1")
+
+
+@pytest.mark.parametrize("name", ["n_1", "rack1.n2", "a-b_c.d", "X" * 39])
+def test_node_names_with_underscore_or_dot_get_certificates_and_log_in(tmp_path, name):
+    """Config allows '_' and '.' in node names; a DNS label does not: such names are
+    carried encoded, and the gateway reads back exactly the name."""
+    d = str(tmp_path)
+    pki.init(d, nodes=[name, "n1"])
+    dns = pki.identity_name("node", name)
+    assert pki.parse_identity(dns) == ("node", name)
+    assert all(len(label) <= 63 for label in dns.split("."))
+    assert asyncio.run(_connect(_ctx(d, "gateway"), _ctx(d, "node", name))) == ("node", name)
+
+
+def test_encoded_identities_are_canonical():
+    # a name that is a DNS label has only its plain identity
+    import base64
+    plain = base64.b32encode(b"n1").decode().rstrip("=").lower()
+    assert pki.parse_identity(f"{plain}.node-b32.vipcluster") is None
+    enc = pki.identity_name("node", "n_1")
+    assert pki.parse_identity(enc.upper()) is None  # base32 written one way only
+    for bad in ("!!.node-b32.vipcluster", "a.gateway-b32.vipcluster", "mfrgg.node-b32x.vipcluster"):
+        assert pki.parse_identity(bad) is None
+    for bad in ("", "_x", "x_" * 20, "a b", "é"):
+        with pytest.raises(ConfigError):
+            pki.identity_name("node", bad)

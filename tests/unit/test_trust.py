@@ -344,3 +344,59 @@ def test_the_agent_survives_malformed_lines_after_login_and_refuses_a_foreign_se
     assert not by_id[5].ok and not by_id[6].ok and "assigned to 'n1'" in by_id[6].error
     assert by_id[7].ok and by_id[7].result == {"services": {}}
     assert started == []
+
+
+# ---------------------------------------------------------------- revocation
+
+
+def test_a_revoked_certificate_is_refused_at_login_and_a_reissued_one_is_not(tmp_path):
+    """`vipctl pki revoke`: a CRL signed by the CA beside ca.crt, read at every login (no
+    gateway restart); n2 is untouched; a certificate issued again for n1 logs in."""
+    d = str(tmp_path / "pki")
+    pki.init(d, nodes=list(NODES))
+    old_n1 = _client_ctx(d, "n1")  # loaded before the revocation and the re-issue
+
+    async def body(g):
+        first, _r, w = await g.login(old_n1, "n1")
+        assert isinstance(first, msgs.Welcome)
+        w.close()
+        result = pki.revoke(d, "node", "n1")
+        assert result["entries"] == 1 and result["revoked"] == "n1.node.vipcluster"
+        first, reader, _w = await g.login(old_n1, "n1")
+        assert isinstance(first, msgs.Denied) and "revoked" in first.error, first
+        assert await reader.read() == b""
+        first, _r, w2 = await g.login(_client_ctx(d, "n2"), "n2")
+        assert isinstance(first, msgs.Welcome)
+        w2.close()
+        pki.issue(d, "node", "n1", overwrite=True)
+        first, _r, w = await g.login(_client_ctx(d, "n1"), "n1")
+        assert isinstance(first, msgs.Welcome)
+        w.close()
+        pki.revoke(d, "node", "n1")  # the new one too: the list keeps both
+        assert len(pki.revoked_serials(pki.paths(d, "gateway").ca_cert)) == 2
+        # a list not signed by our CA (or garbage) refuses every login, never accepts
+        with open(pki.crl_path(pki.paths(d, "gateway").ca_cert), "wb") as f:
+            f.write(b"-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n")
+        first, _r, _w = await g.login(_client_ctx(d, "n2"), "n2")
+        assert isinstance(first, msgs.Denied) and "cannot check revocation" in first.error
+    with_gateway(tmp_path, d, body)
+
+
+def test_shutdown_with_agents_logged_in_writes_nothing_into_a_closed_registry(tmp_path, pkidir, caplog):
+    """It used to log 'event node_down not recorded: ... Cannot operate on a closed
+    database' for every session still open at shutdown."""
+    import logging
+    caplog.set_level(logging.INFO, logger="vipcluster.gateway")
+
+    async def body(g):
+        kept = []
+        for n in NODES:
+            first, r, w = await g.login(_client_ctx(pkidir, n), n)
+            assert isinstance(first, msgs.Welcome)
+            kept.append((r, w))
+        await asyncio.sleep(0.05)
+        assert set(g.gw.agents) == set(NODES)
+        g.kept = kept  # the sessions stay open until the gateway shuts down
+    with_gateway(tmp_path, pkidir, body)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "closed database" not in text and "shutting down" in text
