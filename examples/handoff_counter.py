@@ -53,15 +53,19 @@ def listen_fds() -> list[tuple[str, int]]:
 
 
 def notify(text: str, fds: list[int] = ()) -> None:
-    """One sd_notify(3) message, with descriptors attached."""
+    """One sd_notify(3) message, with descriptors attached. A failure is logged, never
+    fatal (as with sd_notify(3)): the manager may be restarting and will adopt us."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return
     if path.startswith("@"):
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        s.sendmsg([text.encode()], anc, 0, path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            s.sendmsg([text.encode()], anc, 0, path)
+    except OSError as e:
+        print(f"sd_notify {text.splitlines()[0]!r}: {e.strerror}", file=sys.stderr, flush=True)
 
 
 def peer_key(s: socket.socket) -> str:

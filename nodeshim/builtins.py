@@ -53,15 +53,22 @@ def listen_fds() -> list[tuple[str, int]]:
 
 
 def notify(text: str, fds: list[int] = ()) -> bool:
-    """One sd_notify(3) message to NOTIFY_SOCKET, descriptors attached (False: no socket)."""
+    """One sd_notify(3) message to NOTIFY_SOCKET, descriptors attached (False: no socket,
+    or nobody listening on it). As with sd_notify(3), a failure is the caller's to weigh,
+    never fatal: an agent that died a moment ago (its restart adopts this process) must
+    not take the service with it when the service says READY=1 into the void."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return False
     if path.startswith("@"):
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        s.sendmsg([text.encode()], anc, 0, path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            s.sendmsg([text.encode()], anc, 0, path)
+    except OSError as e:
+        print(f"sd_notify {text.splitlines()[0]!r}: {e.strerror}", file=sys.stderr, flush=True)
+        return False
     return True
 
 
