@@ -103,6 +103,10 @@ class NodeConfig:
     migration_lease_s: float = 10.0
     vip6: str | None = None  # dual-stack: the IPv6 VIP next to an IPv4 `vip`
     metrics_address: str = DEFAULT_NODE_METRICS  # HOST:PORT of /metrics, or "off"
+    # keep conntrack on for the VIP's flows all the time: a graceful drain needs it (its
+    # old node must know the flows that began before the drain). Off by default: with it,
+    # live migrations cost clients TCP retransmissions (clustercore.fastpath.to_notrack)
+    conntrack: bool = False
 
     @property
     def queue_nums(self) -> range:
@@ -173,6 +177,13 @@ def _check_vip(addr: str, key: str, source) -> None:
     a = ipaddress.ip_address(addr)
     if a.is_multicast or a.is_unspecified or a.is_loopback or (a.version == 6 and a.is_link_local):
         raise ConfigError(key, f"must be a unicast address, got {addr!r}", source)
+
+
+def _boolean(d, key, source, default: bool) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"must be true or false, got {v!r}", source)
+    return v
 
 
 def _int(d, key, source, lo, hi, default=None, prefix=""):
@@ -382,7 +393,7 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         d,
         {"name", "vip", "gateway_address", "gateway_port", "tls_ca", "tls_cert", "tls_key", "key_file", "queue_num",
          "queue_maxlen", "queue_count", "state_dir", "cluster_interface", "datapath", "migration_lease_s",
-         "metrics_address", "vip6"},
+         "metrics_address", "vip6", "conntrack"},
         source,
     )
     vip, vip6 = _vip_pair(d, source)
@@ -402,4 +413,5 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         datapath=_choice(d, "datapath", source, Datapath, Datapath.FAST),
         migration_lease_s=_float(d, "migration_lease_s", source, 0.5, 3600, 10.0),
         metrics_address=_metrics_address(d, source, DEFAULT_NODE_METRICS),
+        conntrack=_boolean(d, "conntrack", source, False),
     )

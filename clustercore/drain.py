@@ -21,7 +21,8 @@ node, none finds two.
 
 Before that the destination starts its instance and forgets the conntrack entries it may
 still hold for the service's ports (a node that once owned these flows would otherwise
-take them as its own). Nodes keep conntrack on all the time (`fastpath.TRACK_RULE`): a
+take them as its own). Nodes taking part keep conntrack on all the time (`conntrack =
+true` in their config, `fastpath.TRACK_RULE`; a node without it refuses a drain): a
 source must know flows that began before the drain.
 
 A TCP flow is finished when conntrack leaves the live states (TIME_WAIT, CLOSE); a UDP

@@ -178,12 +178,47 @@ def fanout_queue(ip_packet: bytes, queue_num: int, queue_count: int) -> int:
     return queue_num + (sport & (queue_count - 1))
 
 
-def to_iptables(rules: list[Rule], queue_num: int, version: int = 4, queue_count: int = 1) -> list[str]:
+def to_notrack(rules: list[Rule], version: int = 4, outgoing: bool = False) -> list[str]:
+    """Raw-table rules (iptables arguments, for `-A RAW_CHAIN ...`): the packets this node
+    sends to its queue (the services in migration) are not tracked by conntrack.
+
+    Why: TRACK_RULE (a node with `conntrack = true`, for graceful drains) keeps conntrack
+    on, and a conntrack entry is confirmed only when its first packet leaves the stack.
+    While the hold keeps a flow's packets in the queue, each of them can make an
+    unconfirmed entry of its own that clashes at the release (our explanation of what was
+    measured: with conntrack on, tests/lab/test_migration.py's 12 moves cost clients
+    51-143 TCP retransmissions against 0 without it). Untracked, they pass as before; once
+    the role is gone the flow is picked up again mid-stream (nf_conntrack_tcp_loose).
+    Measured with these rules: 27-42 or within the bound, so not the whole cause; that
+    is why conntrack is off unless a node is configured for drains. Rules that look at
+    conntrack themselves (a drain's) are not queue rules and stay tracked. `outgoing`:
+    the same flows' packets from the VIP (raw OUTPUT), so no entry is made from one side
+    only while the other is untracked."""
+    out = []
+    for r in rules:
+        if r.action != QUEUE or r.proto not in (TCP, UDP) or r.known or r.syn or r.mac is not None:
+            continue
+        if r.client is not None and (":" in r.client[0]) != (version == 6):
+            continue
+        peer, local = ("-d", "--sport") if outgoing else ("-s", "--dport")
+        m = f"-p {PROTO_NAMES[r.proto]}"
+        if r.client is not None:
+            far = "--dport" if outgoing else "--sport"
+            m = f"{peer} {r.client[0]}/{128 if version == 6 else 32} {m} {far} {r.client[1]}"
+        if r.port is not None:
+            m += f" {local} {r.port}"
+        out.append(f'{m} -m comment --comment "vip:{r.service}" -j CT --notrack')
+    return out
+
+
+def to_iptables(rules: list[Rule], queue_num: int, version: int = 4, queue_count: int = 1,
+                track: bool = False) -> list[str]:
     """The rules as iptables (version 4) or ip6tables (version 6) arguments (for `-A CHAIN
     ...`), with a comment naming the counter bucket so the shim can read per-service
     counters back from the kernel. TCP and UDP rules are the same in both families; a
-    rule for one client address goes to that address's family only."""
-    out = [TRACK_RULE]
+    rule for one client address goes to that address's family only. `track`: TRACK_RULE
+    first (the node's `conntrack = true`, for graceful drains)."""
+    out = [TRACK_RULE] if track else []
     for r in rules:
         if r.proto == _OTHER_ICMP[version]:
             continue

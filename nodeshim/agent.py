@@ -85,6 +85,7 @@ class NodeAgent:
         self.log_dir = os.path.join(config.state_dir, "services")
         self._process_strategy: dict | None = None
         self._fast_rules: list[str] | None = None
+        self._notrack: dict[int, tuple[list[str], list[str]]] | None = None
         self._kernel_base: dict[str, dict[str, int]] = {}
         self.metrics = NodeMetrics(self)  # hooks below; served at config.metrics_address
         self._metrics_server = None
@@ -270,6 +271,7 @@ class NodeAgent:
         self.queue.attach(asyncio.get_running_loop())
         self._criu_check = asyncio.ensure_future(self._check_criu())
         self._fast_rules: list[str] | None = None
+        self._notrack = None
         self._kernel_base: dict[str, dict[str, int]] = {}
         if self.adopted and any(iptables.chain_exists(v) for v in iptables.versions(cfg.vips)):
             # the previous agent's rules still steer the adopted services' packets; they
@@ -295,19 +297,24 @@ class NodeAgent:
         versions = iptables.versions(cfg.vips)
         if cfg.datapath == Datapath.QUEUE:
             rules: dict[int, list[str]] = {v: [] for v in versions}
+            notrack: dict[int, tuple[list[str], list[str]]] = {v: ([], []) for v in versions}
         else:
             fast = fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
                                       set(self.filter.roles), self.drain.roles)
-            rules = {v: fastpath.to_iptables(fast, cfg.queue_num, v, cfg.queue_count) for v in versions}
-        if rules == self._fast_rules:
+            rules = {v: fastpath.to_iptables(fast, cfg.queue_num, v, cfg.queue_count, cfg.conntrack)
+                     for v in versions}
+            notrack = {v: (fastpath.to_notrack(fast, v), fastpath.to_notrack(fast, v, outgoing=True))
+                       for v in versions}
+        if (rules, notrack) == (self._fast_rules, self._notrack):
             return
         if self._fast_rules:
             for name, c in iptables.read_counters(versions).items():
                 base = self._kernel_base.setdefault(name, {"accepted": 0, "dropped": 0})
                 base["accepted"] += c["accepted"]
                 base["dropped"] += c["dropped"]
-        iptables.install(cfg.vips, cfg.queue_num, fast_rules=rules, queue_count=cfg.queue_count)
-        self._fast_rules = rules
+        iptables.install(cfg.vips, cfg.queue_num, fast_rules=rules, queue_count=cfg.queue_count,
+                         notrack=notrack)
+        self._fast_rules, self._notrack = rules, notrack
 
     def decide(self, data: bytes, epoch, handle, now):
         if self.verdict_log.active():  # a packet replay asked for per-packet verdicts

@@ -39,6 +39,9 @@ class DrainAgent:
         if self.agent.config.datapath != Datapath.FAST:
             raise LocalControlError(f"node {self.agent.config.name} runs datapath 'queue': a graceful drain "
                                     "needs the kernel fast path (conntrack rules)")
+        if not self.agent.config.conntrack:
+            raise LocalControlError(f"node {self.agent.config.name} does not keep conntrack on: a graceful "
+                                    "drain needs it from before the drain (node config: conntrack = true)")
 
     def _service(self, name: str):
         s = self.agent.filter.services.get(name)

@@ -17,6 +17,10 @@ process holds the socket (a dead agent's datagrams are accepted, not dropped).
 Traffic on `lo` (the node talking to its own VIP, UDP datagrams re-injected during a
 migration) skips the queue.
 
+    raw PREROUTING -d VIP ! -i lo -> VIPCLUSTER-RAW, raw OUTPUT -s VIP ! -o lo ->
+                 VIPCLUSTER-RAWOUT: the queued services' packets, both ways,
+                 -j CT --notrack (clustercore.fastpath.to_notrack says why)
+
 Rules are written with `iptables-restore --noflush`, one atomic batch per change.
 
 IPv6: the same layout in ip6tables' mangle table, for an IPv6 VIP (`-d VIP6/128`), with
@@ -35,6 +39,8 @@ from clustercore import fastpath
 from clustercore.errors import KernelError
 
 CHAIN = "VIPCLUSTER"
+RAW_CHAIN = "VIPCLUSTER-RAW"  # raw table: queued services' packets untracked (fastpath.to_notrack)
+RAW_OUT_CHAIN = "VIPCLUSTER-RAWOUT"  # the same flows' packets from the VIP
 _installed: set[int] = set()  # the families install() set up in this process (read_counters' default)
 _TOOLS = {4: ("iptables", "iptables-restore", "iptables-save", 32),
           6: ("ip6tables", "ip6tables-restore", "ip6tables-save", 128)}
@@ -54,8 +60,12 @@ def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subpr
     return proc
 
 
-def _jump_rule(vip: str, version: int = 4) -> list[str]:
-    return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-j", CHAIN]
+def _jump_rule(vip: str, version: int = 4, chain: str = CHAIN) -> list[str]:
+    return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-j", chain]
+
+
+def _out_jump_rule(vip: str, version: int = 4) -> list[str]:
+    return ["-s", f"{vip}/{_TOOLS[version][3]}", "!", "-o", "lo", "-j", RAW_OUT_CHAIN]
 
 
 # several queues (queue_count > 1, IPv4): "-j NFQUEUE" becomes a jump to a fan-out chain that
@@ -64,9 +74,11 @@ FANOUT_CHAINS = {fastpath.FANOUT_CHAIN: False, fastpath.FANOUT_BYPASS_CHAIN: Tru
 
 
 def install(vips: str | Iterable[str], queue_num: int,
-            fast_rules: list[str] | dict[int, list[str]] | None = None, queue_count: int = 1) -> None:
+            fast_rules: list[str] | dict[int, list[str]] | None = None, queue_count: int = 1,
+            notrack: dict[int, tuple[list[str], list[str]]] | None = None) -> None:
     """Create (or replace) our chain and the jump to it, atomically, for each VIP's family.
     `fast_rules`: one list for every family, or {version: list} (fastpath.to_iptables).
+    `notrack`: {version: (incoming, outgoing)} for the raw table's chains (fastpath.to_notrack).
     IPv6 uses the first queue only (the fan-out's u32 match reads an IPv4 header)."""
     for version, vip in sorted(_families(vips).items()):
         tool, restore, _, _ = _TOOLS[version]
@@ -79,11 +91,16 @@ def install(vips: str | Iterable[str], queue_num: int,
             for chain, bypass in FANOUT_CHAINS.items():
                 heads.append(f":{chain} - [0:0]")
                 body += [f"-A {chain} {r}" for r in fastpath.fanout_rules(queue_num, count, bypass)]
-        script = "\n".join(["*mangle", *heads, *body, "COMMIT", ""])
+        incoming, outgoing = (notrack or {}).get(version, ([], []))
+        raw = [f":{RAW_CHAIN} - [0:0]", f":{RAW_OUT_CHAIN} - [0:0]",
+               *(f"-A {RAW_CHAIN} {r}" for r in incoming), *(f"-A {RAW_OUT_CHAIN} {r}" for r in outgoing)]
+        script = "\n".join(["*raw", *raw, "COMMIT", "*mangle", *heads, *body, "COMMIT", ""])
         _run([restore, "-w", "--noflush"], script)
-        jump = _jump_rule(vip, version)
-        if _run([tool, "-w", "-t", "mangle", "-C", "PREROUTING", *jump], check=False).returncode != 0:
-            _run([tool, "-w", "-t", "mangle", "-I", "PREROUTING", "1", *jump])
+        for table, hook, jump in (("raw", "PREROUTING", _jump_rule(vip, version, RAW_CHAIN)),
+                                  ("raw", "OUTPUT", _out_jump_rule(vip, version)),
+                                  ("mangle", "PREROUTING", _jump_rule(vip, version))):
+            if _run([tool, "-w", "-t", table, "-C", hook, *jump], check=False).returncode != 0:
+                _run([tool, "-w", "-t", table, "-I", hook, "1", *jump])
         _installed.add(version)
 
 
@@ -100,6 +117,13 @@ def remove(vips: str | Iterable[str]) -> None:
             pass
         _run([tool, "-w", "-t", "mangle", "-F", CHAIN], check=False)
         _run([tool, "-w", "-t", "mangle", "-X", CHAIN], check=False)
+        for hook, jump in (("PREROUTING", _jump_rule(vip, version, RAW_CHAIN)),
+                           ("OUTPUT", _out_jump_rule(vip, version))):
+            while _run([tool, "-w", "-t", "raw", "-D", hook, *jump], check=False).returncode == 0:
+                pass
+        for chain in (RAW_CHAIN, RAW_OUT_CHAIN):
+            _run([tool, "-w", "-t", "raw", "-F", chain], check=False)
+            _run([tool, "-w", "-t", "raw", "-X", chain], check=False)
         for chain in FANOUT_CHAINS:  # only referenced from CHAIN, gone now
             _run([tool, "-w", "-t", "mangle", "-F", chain], check=False)
             _run([tool, "-w", "-t", "mangle", "-X", chain], check=False)

@@ -440,14 +440,16 @@ def lab():
 @click.option("--ipv6-only", is_flag=True, help="The VIP is 2001:db8::10 alone (no IPv4 VIP; control plane IPv4).")
 @click.option("--gateways", default=1, show_default=True, type=click.IntRange(1, 2),
               help="2: two gateways behind a floating next hop (keepalived), the registry in etcd.")
+@click.option("--conntrack", is_flag=True,
+              help="Nodes keep conntrack on for the VIP's flows (graceful drains need it; migrations pay for it).")
 @_LOG_FORMAT
 @click.option("--json", "as_json", is_flag=True)
-def lab_up(nodes, prefix, delivery, datapath, ipv6, ipv6_only, gateways, log_format, as_json):
+def lab_up(nodes, prefix, delivery, datapath, ipv6, ipv6_only, gateways, conntrack, log_format, as_json):
     """Build the lab and start the gateway and node agents."""
     from . import lab as labmod
 
     spec = labmod.Lab(prefix, nodes, Delivery(delivery), Datapath(datapath), log_format=log_format,
-                      gateways=gateways, ipv6=ipv6, ipv6_only=ipv6_only)
+                      gateways=gateways, ipv6=ipv6, ipv6_only=ipv6_only, conntrack=conntrack)
     st = labmod.up(spec, log=(lambda *a: None) if as_json else click.echo)
     _emit(st, as_json, lambda s: out.render_status(s["cluster"]))
 

@@ -54,6 +54,7 @@ class Lab:
     gateways: int = 1  # 2: two gateways, keepalived and etcd (vipctl.labha)
     # the gateway's [migration_timeouts] ((state, seconds), ...): tests that stretch a step
     migration_timeouts: tuple = ()
+    conntrack: bool = False  # every node's `conntrack` (graceful drains need it)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", Delivery(self.delivery))
@@ -183,6 +184,7 @@ def _write_configs(lab: Lab) -> dict[str, str]:
             f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
             f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
             f'datapath = "{lab.datapath}"\nmetrics_address = "{NODE_METRICS}"\n'
+            f'conntrack = {"true" if lab.conntrack else "false"}\n'
         )
         paths[name] = os.path.join(lab.state_dir, f"{name}.toml")
         with open(paths[name], "w") as f:

@@ -33,6 +33,7 @@ ECHO = ["--port", "tcp:7", "--port", "udp:7", "--exec", "builtin:echo"]
 
 @contextlib.contextmanager
 def own_lab(tag, **options):
+    options.setdefault("conntrack", True)  # graceful drains need conntrack kept on
     spec = labmod.Lab(unique_prefix(tag), 3, **options)
     labmod.down(spec, log=lambda *a: None)
     try:

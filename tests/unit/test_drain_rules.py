@@ -86,8 +86,10 @@ def test_exactly_one_node_accepts_each_packet_during_a_drain():
 
 def test_rendered_rules_use_conntrack_and_syn():
     lines = to_iptables(rules_for("n2", [ECHO], "n1", set(),
-                                  {"echo": d.DrainRole(d.DEST, (d.UdpFlow(*OLD_UDP, 7),), tag=NEW)}), 0)
-    assert lines[0].startswith("-m conntrack")  # conntrack stays on in every node
+                                  {"echo": d.DrainRole(d.DEST, (d.UdpFlow(*OLD_UDP, 7),), tag=NEW)}), 0, track=True)
+    assert lines[0].startswith("-m conntrack")  # conntrack stays on in a node with `conntrack = true`
+    untracked = to_iptables(rules_for("n2", [ECHO], "n1", set(), {}), 0)
+    assert not any("conntrack" in line for line in untracked)  # off by default: nothing registers it
     assert f'-p tcp --dport 7 --syn -m mac --mac-source {NEW} -m comment --comment "vip:echo" -j ACCEPT' in lines
     assert '-s 198.51.100.2/32 -p udp --sport 5000 --dport 7 -m comment --comment "vip:echo" -j DROP' in lines
     src = to_iptables(rules_for("n1", [ECHO], "n1", set(), {"echo": d.DrainRole(d.SOURCE)}), 0)

@@ -18,8 +18,8 @@ VIP = "203.0.113.10"
 ECHO = Service("echo", "n1", ((6, 7), (17, 7)), "builtin:echo")
 
 
-def agent(datapath="fast"):
-    a = types.SimpleNamespace(config=types.SimpleNamespace(name="n1", vip=VIP, datapath=datapath),
+def agent(datapath="fast", conntrack=True):
+    a = types.SimpleNamespace(config=types.SimpleNamespace(name="n1", vip=VIP, datapath=datapath, conntrack=conntrack),
                               filter=types.SimpleNamespace(services={"echo": ECHO}), running={"echo": object()},
                               syncs=0, stopped=[])
     a.sync_datapath = lambda: setattr(a, "syncs", a.syncs + 1)
@@ -74,6 +74,8 @@ def test_end_removes_the_role_and_stops_the_old_instance_only_if_not_ours(monkey
 def test_refusals():
     with pytest.raises(LocalControlError, match="queue"):
         asyncio.run(nd.DrainAgent(agent("queue")).on_source(msgs.DrainSource(service="echo"), None))
+    with pytest.raises(LocalControlError, match="conntrack = true"):
+        asyncio.run(nd.DrainAgent(agent(conntrack=False)).on_source(msgs.DrainSource(service="echo"), None))
     with pytest.raises(LocalControlError, match="bad UDP flow"):
         asyncio.run(nd.DrainAgent(agent()).on_dest(msgs.DrainDest(service="echo", udp_flows=("nonsense",)), None))
     with pytest.raises(LocalControlError, match="unknown service"):
