@@ -303,8 +303,9 @@ class NodeAgent:
                                       set(self.filter.roles), self.drain.roles)
             rules = {v: fastpath.to_iptables(fast, cfg.queue_num, v, cfg.queue_count, cfg.conntrack)
                      for v in versions}
+            # only where conntrack is kept on: a CT rule would itself turn it on (xt_CT)
             notrack = {v: (fastpath.to_notrack(fast, v), fastpath.to_notrack(fast, v, outgoing=True))
-                       for v in versions}
+                       if cfg.conntrack else ([], []) for v in versions}
         if (rules, notrack) == (self._fast_rules, self._notrack):
             return
         if self._fast_rules:
