@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -252,6 +253,7 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                "shim_connections": sizes[-1] if sizes else 0}
     finally:
         labmod.down(spec, log=lambda *a: None)
+        shutil.rmtree(tmp, ignore_errors=True)  # the load's ready/stop files: nothing left behind
     return out, rss
 
 
@@ -303,6 +305,7 @@ def measure_process_migrations(prefix: str, runs: int, log) -> dict:
         return {"skipped": None, "rows": rows}
     finally:
         labmod.down(spec, log=lambda *a: None)
+        shutil.rmtree(tmp, ignore_errors=True)  # the images and the programs' files
 
 
 def _process_run(spec: labmod.Lab, program: str, size: int, workdir: str, log) -> dict:

@@ -16,6 +16,7 @@ client stops reading once every answer is in or no answer came for IDLE_S.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import socket
 import subprocess
@@ -235,6 +236,7 @@ def measure(prefix: str, count: int, log, flows: int = 64) -> dict:
         r = run(spec, None, work, count=count, flows=flows, log=log)
     finally:
         labmod.down(spec, log=lambda *a: None)
+        shutil.rmtree(work, ignore_errors=True)
     rep, c = r["report"], r["client"]
     row = {"datagrams": count, "flows": flows, "outcome": rep.get("outcome"),
            "held_total": r["held_total"], "held_per_queue": r["held_per_queue"],
