@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,7 @@ def run_demo(nodes: int = 3, keep: bool = False) -> None:
         finally:
             open(stop, "w").close()
             out, err = load.communicate(timeout=60)
+            shutil.rmtree(tmp, ignore_errors=True)
         r = json.loads(out) if out.strip() else {"error": err.decode()[-500:]}
         click.echo("\n== what the clients saw (their own accounting)")
         click.echo(render_client_accounting(r))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,13 @@ def run_real_programs(lab: labmod.Lab, echo) -> None:
         return
     tmp = tempfile.mkdtemp(prefix="vipctl-demo-real-")
     os.chmod(tmp, 0o777)
+    try:
+        _run_in(lab, echo, sock, tmp)
+    finally:  # the programs' files (site, configs, redis dir): nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_in(lab: labmod.Lab, echo, sock: str, tmp: str) -> None:
     vip = labmod.VIP
     web = programs.nginx_program(os.path.join(tmp, "nginx"))
     args = programs.service_add_args("web", "n1", web, "process")
