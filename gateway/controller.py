@@ -495,17 +495,7 @@ class Controller:
 
     async def drain(self, node: str, to: str | None, progress=None) -> dict:
         gw = self.gw
-        if gw.config.node(node) is None:
-            raise LocalControlError(f"unknown node '{node}'")
-        targets = [n.name for n in gw.config.nodes if n.name != node and n.name in gw.agents]
-        if to is not None:
-            if gw.config.node(to) is None:
-                raise LocalControlError(f"unknown node '{to}'")
-            if to == node:
-                raise LocalControlError("cannot drain a node into itself")
-            targets = [to]
-        if not targets:
-            raise LocalControlError(f"no other node is up to take the services of {node}")
+        targets = drain_targets(gw, node, to)
         reports = []
         for i, s in enumerate([s for s in gw.table if s.owner == node]):
             dest = targets[i % len(targets)]
@@ -514,3 +504,21 @@ class Controller:
             except VipError as e:
                 reports.append({"service": s.name, "from": node, "to": dest, "outcome": "refused", "reason": str(e)})
         return {"node": node, "migrations": reports}
+
+
+def drain_targets(gw, node: str, to: str | None, unfit: frozenset[str] | set[str] = frozenset(),
+                  why: str = "") -> list[str]:
+    """The nodes a drain of `node` spreads its services over: every other node that is up
+    and not `unfit`, or `to` alone; LocalControlError in one line when there is none."""
+    if gw.config.node(node) is None:
+        raise LocalControlError(f"unknown node '{node}'")
+    targets = [n.name for n in gw.config.nodes if n.name != node and n.name in gw.agents and n.name not in unfit]
+    if to is not None:
+        if gw.config.node(to) is None:
+            raise LocalControlError(f"unknown node '{to}'")
+        if to == node:
+            raise LocalControlError("cannot drain a node into itself")
+        targets = [to]
+    if not targets:
+        raise LocalControlError(f"no other node is up{why} to take the services of {node}")
+    return targets

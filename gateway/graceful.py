@@ -35,6 +35,7 @@ from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import Delivery, ServiceKind, service_kind
 
 from . import nft
+from .controller import drain_targets
 
 log = logging.getLogger("vipcluster.graceful")
 
@@ -188,18 +189,9 @@ async def _drain(gw, service, dest: str, limit: float, say) -> dict:
 async def drain_node(gw, node: str, to: str | None, timeout: float | None, progress=None) -> dict:
     """Every service of `node`, drained gracefully at the same time (spread over the other
     nodes that are up and fit, or all to `to`)."""
-    if gw.config.node(node) is None:
+    if gw.config.node(node) is None:  # before asking failover about an unknown node
         raise LocalControlError(f"unknown node '{node}'")
-    unfit = gw.failover.unfit_nodes()
-    targets = [n.name for n in gw.config.nodes if n.name != node and n.name in gw.agents and n.name not in unfit]
-    if to is not None:
-        if gw.config.node(to) is None:
-            raise LocalControlError(f"unknown node '{to}'")
-        if to == node:
-            raise LocalControlError("cannot drain a node into itself")
-        targets = [to]
-    if not targets:
-        raise LocalControlError(f"no other node is up (with passing checks) to take the services of {node}")
+    targets = drain_targets(gw, node, to, gw.failover.unfit_nodes(), " (with passing checks)")
     d.check_timeout(timeout)
     owned = [s for s in gw.table if s.owner == node]
 

@@ -241,15 +241,8 @@ class MigrationAgent:
         return KernelError(type(cmd).__name__, None, f"internal error: {type(e).__name__}: {e}")
 
     def _fault(self, op: str) -> str | None:
-        path = os.path.join(self.fault_dir, op)
-        try:
-            with open(path) as f:
-                what = f.read().strip()
-        except FileNotFoundError:
-            return None
-        os.unlink(path)
-        log.warning("fault injection at %s: %s", op, what)
-        if what == "wait":
+        what = self._armed_fault(op)
+        if what is None or what == "wait":
             return what
         if what == "die":
             # what dies with us: the lab test checks every lost datagram was among these
