@@ -121,7 +121,12 @@ def test_migrations_under_load_lose_nothing_and_duplicate_nothing(mlab, tmp_path
     # suites running). Allow two per migration, no more: a dropped or duplicated segment
     # would show here, since TCP hides it from the clients' own accounting.
     probes = 2 * len(reports)
-    assert r["retrans_segs"] <= base["retrans_segs"] + probes, (r["retrans_segs"], base["retrans_segs"], probes)
+    print("client retransmissions: migrations", r["retrans_segs"], r["retrans_kinds"],
+          "baseline", base["retrans_segs"], base["retrans_kinds"],
+          "freezes ms", [x["freeze_ms"] for x in reports])
+    assert r["retrans_segs"] <= base["retrans_segs"] + probes, (r["retrans_segs"], base["retrans_segs"], probes,
+                                                               r["retrans_kinds"], base["retrans_kinds"],
+                                                               [x["freeze_ms"] for x in reports])
 
 
 def test_new_connections_during_migrations(mlab, tmp_path):
