@@ -200,6 +200,19 @@ class NodeAgent:
                 self.frozen_adopted.add(name)
         self.record_running()
 
+    def adopt_restored_orphans(self) -> None:
+        """A previous agent died with a `process` migration's restored copy here: if its
+        release had begun, the copy is the service now (adopted like any service it left;
+        the gateway, asked the release again, is told it began and goes forward); if not,
+        it is silenced and killed (nodeshim.leftovers)."""
+        def adopt(service: Service, pid: int):
+            return services.adopt(service, pid, [], self.config.vips, self.log_dir)
+        for name, rs in self.migrations.settle_restored_orphans(adopt):
+            self.running[name] = rs
+            self.restarts[name] = 0
+            self.adopted.append(name)
+        self.record_running()
+
     def _end_frozen(self, wanted: set[str]) -> list[str]:
         """After a restart mid-migration: a frozen service the registry says is ours
         resumes (its connections leave repair mode, it gets SIGCONT); one it says is not
@@ -258,7 +271,7 @@ class NodeAgent:
         self.notify = NotifySocket(self.notify_path, self.service_of_pid)
         asyncio.get_running_loop().add_reader(self.notify.fileno(), self.notify.drain)
         self.adopt_orphans()
-        self.migrations.end_restored_orphans()
+        self.adopt_restored_orphans()
         if self.adopted:
             # until the gateway's table arrives, the services we adopted are ours: the
             # previous agent's rules still send the packets of those it had a role for (a

@@ -27,20 +27,20 @@ Faults inside the `process` strategy's commands (same directory, same one-shot f
 it really fails and its own reason comes back; `image.receive` (content `cut`): the
 destination cancels the receive as soon as the first image bytes arrive (a transfer cut
 mid-way); `criu.restore` with content `die`: the agent exits right after criu restored the
-copy (a destination killed at restore).
+copy (a destination killed at restore); `criu.thaw` with content `die-before` / `die`: the
+agent exits just before / just after it lets a copy run (a destination killed inside its
+release, past the release marker: its successor adopts the copy, nodeshim.leftovers).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
 import signal
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -51,6 +51,7 @@ from clustercore.nodemigration import Failure, NodeMigration, NodeMigrations, Ru
 from vipwire.logs import event as log_event
 
 from . import criu, fdstore, imagexfer, pidfd, queue, services, tcprepair, udphandoff
+from .leftovers import Leftovers
 
 log = logging.getLogger("vipcluster.migrate")
 
@@ -104,6 +105,7 @@ class MigrationAgent:
         self.kernel = kernel or Kernel()
         self.migrations = NodeMigrations(agent.config.name)
         self.fault_dir = os.path.join(agent.config.state_dir, "faults")
+        self.leftovers = Leftovers(agent.config.state_dir)
         self._locks: dict[str, asyncio.Lock] = {}
         self.stopping = False  # the agent is stopping: no new migration begins here
         self.starting: dict[int, str] = {}  # a handoff's new instance, by pid, until adopted
@@ -245,13 +247,7 @@ class MigrationAgent:
         if what is None or what == "wait":
             return what
         if what == "die":
-            # what dies with us: the lab test checks every lost datagram was among these
-            try:
-                with open(os.path.join(self.fault_dir, "died.queued"), "w") as f:
-                    f.write(str(self.kernel.queue.queued_now(self.agent.config.queue_num)))
-            except OSError:
-                pass
-            os._exit(FAULT_EXIT_STATUS)
+            self._die()
         if what == "term":  # SIGTERM arrives with this step: the step waits a moment
             os.kill(os.getpid(), signal.SIGTERM)
             return what
@@ -261,6 +257,16 @@ class MigrationAgent:
                 rpc.close()
             raise LocalControlError(f"fault injected at {op}: connection dropped")
         raise KernelError(op, None, "fault injected")
+
+    def _die(self) -> None:
+        """A `die` fault: exit at once, like a crash. What dies with us is written first
+        (the lab test checks every lost datagram was among these)."""
+        try:
+            with open(os.path.join(self.fault_dir, "died.queued"), "w") as f:
+                f.write(str(self.kernel.queue.queued_now(self.agent.config.queue_num)))
+        except OSError:
+            pass
+        os._exit(FAULT_EXIT_STATUS)
 
     async def _wait_for_go(self, op: str) -> None:
         go = os.path.join(self.fault_dir, op + ".go")
@@ -282,9 +288,9 @@ class MigrationAgent:
             nc.ReadClock: lambda c: k.clock(),
             nc.CountKernelDrops: lambda c: k.queue.kernel_drops(agent.config.queue_nums),
             nc.CountUdpBufferDrops: lambda c: k.udphandoff.rcvbuf_errors(),
-            nc.MarkReleasing: self._mark_releasing,
+            nc.MarkReleasing: lambda c: self.leftovers.mark_releasing(c.service, c.epoch),
             nc.ServiceMoved: lambda c: agent.service_moved(c.service, c.owner),
-            nc.ReleaseBegun: self._release_begun,
+            nc.ReleaseBegun: lambda c: self.leftovers.release_begun(c.service, c.epoch),
             nc.Note: lambda c: log.log(LOG_LEVELS.get(c.level, logging.INFO), "%s", c.text),
             nc.InstallRole: self._install_role,
             nc.RemoveRole: lambda c: self._remove_role(c.service, c.role),
@@ -329,7 +335,7 @@ class MigrationAgent:
             nc.WaitAccepted: self._wait_accepted,
             nc.TakeDatagramSockets: self._take_datagram_sockets,
             nc.DumpProcess: lambda c: asyncio.to_thread(self._dump_process, c),
-            nc.ThawProcess: lambda c: k.criu.thaw(c.instance.pid),
+            nc.ThawProcess: self._thaw_process,
             nc.StartImageReceiver: self._start_image_receiver,
             nc.RestoreProcess: lambda c: asyncio.to_thread(self._restore_process, c),
             nc.CancelReceiver: lambda c: c.receiver.cancel(),
@@ -436,10 +442,10 @@ class MigrationAgent:
         self.kernel.services.kill(cmd.instance)
         name = getattr(getattr(cmd.instance, "service", None), "name", None)
         if name is not None:
-            self.record_restored(name, None)
+            self.leftovers.record_restored(name, None)
 
     def _adopt_instance(self, cmd: nc.AdoptInstance) -> None:
-        self.record_restored(cmd.service, None)
+        self.leftovers.record_restored(cmd.service, None)
         rs = cmd.instance
         self.starting.pop(rs.pid, None)
         rs.sockets = list(cmd.sockets)  # we keep its listeners and UDP sockets, as for any service
@@ -448,78 +454,11 @@ class MigrationAgent:
         self.agent.record_running()
 
     # --- the process strategy -----------------------------------------------------------
-    def _marker(self, service: str) -> str:
-        return os.path.join(self.agent.config.state_dir, "releasing", urllib.parse.quote(service, safe=""))
-
-    def _mark_releasing(self, c: nc.MarkReleasing) -> None:
-        """The release of `c.epoch` begins here: on disk before its first effect (a process
-        death keeps what was written; the next agent reads it in _release_begun)."""
-        path = self._marker(c.service)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.write(c.epoch)
-        os.replace(path + ".tmp", path)
-
-    def _release_begun(self, c: nc.ReleaseBegun) -> bool:
-        try:
-            with open(self._marker(c.service)) as f:
-                return f.read().strip() == c.epoch
-        except FileNotFoundError:
-            return False
-        except OSError as e:  # unreadable: we cannot say it did not begin
-            log.warning("release marker of %s unreadable (%s): assuming it began", c.service, e)
-            return True
-
-    @property
-    def _restored_file(self) -> str:
-        return os.path.join(self.agent.config.state_dir, "restored.json")
-
-    def _restored(self) -> dict:
-        try:
-            with open(self._restored_file) as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-
-    def record_restored(self, service: str, pid: int | None) -> None:
-        """Restored copies not yet adopted nor given up, by service: if this agent dies
-        meanwhile, its successor silences and kills them (end_restored_orphans)."""
-        restored = self._restored()
-        if pid is None:
-            if restored.pop(service, None) is None:
-                return
-        else:
-            restored[service] = pid
-        os.makedirs(self.agent.config.state_dir, mode=0o700, exist_ok=True)
-        tmp = self._restored_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(restored, f)
-        os.replace(tmp, self._restored_file)
-
-    def end_restored_orphans(self) -> None:
-        """A previous agent died between a restore and its release or abort: the copy is
-        stopped, and its connections belong to the source. Repair mode on (no FIN, no RST),
-        then SIGKILL; only a process that is still that service."""
-        for service, pid in self._restored().items():
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    ours = f"VIPCLUSTER_SERVICE={service}".encode() in f.read().split(b"\0")
-            except OSError:
-                ours = False
-            if ours:
-                log.warning("silencing and ending the restored copy of %s (pid %d) left by a "
-                            "previous agent", service, pid)
-                try:
-                    self.kernel.criu.silence(pid)
-                finally:
-                    try:
-                        os.killpg(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-        try:
-            os.unlink(self._restored_file)
-        except FileNotFoundError:
-            pass
+    def settle_restored_orphans(self, adopt) -> list:
+        """At start: the restored copies a previous agent left (nodeshim.leftovers): those
+        whose release had begun go forward (thawed, `adopt(service, pid)`), the others are
+        silenced and killed. Returns [(name, adopted instance)]."""
+        return self.leftovers.settle(self.kernel.criu, adopt)
 
     def _armed_fault(self, name: str) -> str | None:
         """A one-shot fault file inside a command (see the module docstring): its content."""
@@ -536,6 +475,19 @@ class MigrationAgent:
     def _criu_fault(self, name: str) -> list[str]:
         """criu's extra arguments: one it refuses when the fault is armed (criu fails for real)."""
         return ["--vipcluster-fault-injected"] if self._armed_fault(name) == "fail" else []
+
+    def _thaw_process(self, cmd: nc.ThawProcess) -> int:
+        """Repair off, SIGCONT (a destination's release; a source's rollback). Fault
+        `criu.thaw`: `die-before` (the agent exits just before: on a destination, the
+        release marker is written, the copy still stopped) or `die` (just after: the copy
+        runs, serving the moved connections, not yet adopted)."""
+        fault = self._armed_fault("criu.thaw")
+        if fault == "die-before":
+            self._die()
+        thawed = self.kernel.criu.thaw(cmd.instance.pid)
+        if fault == "die":
+            self._die()
+        return thawed
 
     def _images_dir(self, service: str, what: str) -> str:
         parent = os.path.join(self.agent.config.state_dir, "images")
@@ -651,12 +603,14 @@ class MigrationAgent:
                 os.unlink(pidfile)
             except OSError:
                 pass
-        self.record_restored(svc.name, pid)  # a crash from here on: the next agent silences it
+        machine = self.migrations.machines.get(svc.name)
+        # a crash from here on: the next agent silences it, or adopts it if the release began
+        self.leftovers.record_restored(svc.name, pid, machine.epoch if machine else None, svc)
         rs = k.services.restored_instance(svc, pid, read_fd, self.agent.log_dir)
         if not k.criu.stopped(pid):  # criu restores the dumped (stopped) state; if not: now
             log.warning("restored copy of %s (pid %d) was running: stopped now", svc.name, pid)
             k.pidfd.signal_group(pid, signal.SIGSTOP)
         if fault == "die":
             log.warning("fault injection: the agent dies right after the restore")
-            os._exit(FAULT_EXIT_STATUS)
+            self._die()
         return rs

@@ -235,8 +235,27 @@ def adopt(service: Service, pid: int, names: list[str], vip: str | tuple[str, ..
         os.close(fd)
         raise
     log.info("adopted %s (pid %d) with fds %s", service.name, pid, ":".join(names))
-    return RunningService(service, sockets, AdoptedProcess(pid, fd),
-                          os.path.join(log_dir, f"{service.name}.log"))
+    log_path = os.path.join(log_dir, f"{service.name}.log")
+    return RunningService(service, sockets, AdoptedProcess(pid, fd), log_path,
+                          output_pipe=_reattach_output(pid, log_path, service.name))
+
+
+def _reattach_output(pid: int, log_path: str, name: str) -> str | None:
+    """A `process` program writes into a pipe whose reader, the agent that started or
+    restored it, is gone: read that pipe again (opening /proc/PID/fd/1 gives a new reader
+    of the same pipe) into the service log, and return criu's name of it (its next
+    migration hands it over, see criu.pipe_key). None: its output is not a pipe."""
+    path = f"/proc/{pid}/fd/1"
+    try:
+        if not os.readlink(path).startswith("pipe:"):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # no wait for a writer
+    except OSError:
+        return None
+    os.set_blocking(fd, True)
+    key = f"pipe:[{os.fstat(fd).st_ino}]"
+    _copy_output(fd, log_path, name)
+    return key
 
 
 @dataclass

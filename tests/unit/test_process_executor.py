@@ -5,6 +5,8 @@ like the script of a process migration: feed these steps, expect these kernel ca
 from __future__ import annotations
 
 import asyncio
+
+import pytest
 import os
 import signal
 import socket
@@ -284,3 +286,38 @@ def test_listeners_are_counted_from_the_kernel_on_the_vip_or_the_wildcard():
     finally:
         for s in (on_vip, wildcard, other):
             s.close()
+
+
+class Died(BaseException):
+    """os._exit in a `die` fault, caught by the test instead of ending it."""
+
+
+@pytest.mark.parametrize("what, thawed", [("die-before", False), ("die", True)])
+def test_a_destination_dying_inside_its_release_leaves_what_its_successor_adopts(tmp_path, monkeypatch,
+                                                                                 what, thawed):
+    """`criu.thaw` die faults: the agent exits inside its release, just before or just
+    after the copy runs. What is on disk then is what nodeshim.leftovers needs to adopt
+    the copy: its pid, the migration's epoch, the service, and the release marker of that
+    same epoch (written before the release's first effect)."""
+    ma, agent, fake, log = node("n2", tmp_path)
+    monkeypatch.setattr(migrate.os, "_exit", lambda status: (_ for _ in ()).throw(Died(status)))
+    fake.queued_now = lambda queue_num: 0
+    fault(agent, "criu.thaw", what)
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1", address="192.0.2.12", source_address="192.0.2.11"))
+        from clustercore import sockwire
+        from clustercore.sockstate import ServiceSockets
+        wire = {**sockwire.to_wire(ServiceSockets(service="web", listeners=(), connections=(), udp=())),
+                "process": {"output_pipe": None, "image_bytes": 1}}
+        await ma.handle(step(msgs.Restore, sockets=wire))
+        await ma.handle(step(msgs.Release, consumed={}, late_packets=()))
+
+    with pytest.raises(Died):
+        asyncio.run(script())
+    assert (("thaw", 6161) in log) == thawed
+    assert "web" not in agent.running  # not adopted by the dying agent
+    record = ma.leftovers.restored()["web"]
+    assert record["pid"] == 6161 and record["epoch"] == EPOCH and record["service"]["name"] == "web"
+    assert ma.leftovers.release_begun("web", EPOCH)
+    assert not os.path.exists(os.path.join(agent.config.state_dir, "faults", "criu.thaw"))  # one shot

@@ -1,0 +1,111 @@
+"""nodeshim.leftovers: what a dead agent's successor does with a `process` migration's
+restored copy. Real processes stand in for the copy (a `sleep` carrying the service's
+VIPCLUSTER_SERVICE, in its own session as a restored copy is); criu and the adoption are
+fakes that log their calls."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clustercore.errors import KernelError
+from clustercore.ownership import Service
+from clustercore.packet import TCP
+from nodeshim.leftovers import Leftovers
+
+WEB = Service("web", "n2", ((TCP, 6379),), "redis-server", "process", "self")
+
+
+class FakeCriu:
+    def __init__(self, log):
+        self.log = log
+
+    def thaw(self, pid):
+        self.log.append(("thaw", pid))
+        return 1
+
+    def silence(self, pid):
+        self.log.append(("silence", pid))
+        return 1
+
+
+@pytest.fixture
+def copy():
+    """A process that is the restored copy of `web` (killed at the end if still there)."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                         env={**os.environ, "VIPCLUSTER_SERVICE": "web"}, start_new_session=True)
+    yield p
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+
+
+def gone(p, timeout=5.0):
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def test_a_copy_whose_release_had_begun_is_thawed_then_adopted(tmp_path, copy):
+    lo, log = Leftovers(str(tmp_path)), []
+    lo.record_restored("web", copy.pid, "02:76:63:00:00:07", WEB)
+    lo.mark_releasing("web", "02:76:63:00:00:07")
+
+    def adopt(service, pid):
+        log.append(("adopt", service.name, pid))
+        return f"instance-{pid}"
+    adopted = Leftovers(str(tmp_path)).settle(FakeCriu(log), adopt)  # a successor's view
+    assert adopted == [("web", f"instance-{copy.pid}")]
+    assert log == [("thaw", copy.pid), ("adopt", "web", copy.pid)]  # it runs before we take it
+    assert copy.poll() is None  # not killed
+    assert lo.restored() == {}  # settled: the record is gone
+
+
+@pytest.mark.parametrize("marker", [None, "02:76:63:00:00:06"], ids=["no-marker", "older-epoch-marker"])
+def test_a_copy_whose_release_had_not_begun_is_silenced_then_killed(tmp_path, copy, marker):
+    lo, log = Leftovers(str(tmp_path)), []
+    lo.record_restored("web", copy.pid, "02:76:63:00:00:07", WEB)
+    if marker:  # the marker of an earlier migration of the service is no release of this one
+        lo.mark_releasing("web", marker)
+    adopted = lo.settle(FakeCriu(log), lambda s, p: log.append(("adopt",)) or "x")
+    assert adopted == [] and log == [("silence", copy.pid)]
+    assert gone(copy)
+    assert lo.restored() == {}
+
+
+def test_a_copy_that_cannot_be_adopted_is_ended_rather_than_left_unowned(tmp_path, copy):
+    lo, log = Leftovers(str(tmp_path)), []
+    lo.record_restored("web", copy.pid, "e7", WEB)
+    lo.mark_releasing("web", "e7")
+
+    def adopt(service, pid):
+        raise KernelError("pidfd_getfd", 1, "not permitted")
+    assert lo.settle(FakeCriu(log), adopt) == []
+    assert log == [("thaw", copy.pid), ("silence", copy.pid)]
+    assert gone(copy)
+
+
+def test_an_older_record_and_a_process_that_is_not_the_service_are_handled(tmp_path, copy):
+    lo, log = Leftovers(str(tmp_path)), []
+    # an older agent's record ({service: pid}, no epoch): ended, as that agent did
+    with open(os.path.join(tmp_path, "restored.json"), "w") as f:
+        f.write('{"web": %d, "other": %d}' % (copy.pid, os.getpid()))
+    lo.mark_releasing("web", "e7")
+    assert lo.settle(FakeCriu(log), lambda s, p: "x") == []
+    assert log == [("silence", copy.pid)]  # never this test's own process (not 'other')
+    assert gone(copy)
+
+
+def test_forgetting_a_copy_removes_only_its_record(tmp_path):
+    lo = Leftovers(str(tmp_path))
+    lo.record_restored("web", 11, "e1", WEB)
+    lo.record_restored("kv", 12, "e2", None)
+    lo.record_restored("web", None)
+    assert lo.restored() == {"kv": {"pid": 12, "epoch": "e2", "service": None}}
+    lo.record_restored("absent", None)  # nothing to forget: nothing written
+    assert lo.release_begun("kv", "e2") is False
