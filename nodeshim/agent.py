@@ -132,7 +132,8 @@ class NodeAgent:
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         tmp = self._running_file + ".tmp"
         record = {"version": 2, "services": {
-            n: {"pid": rs.pid, "service": rs.service.to_dict(), "sockets": [name for name, _ in rs.sockets],
+            n: {"pid": rs.pid, "started": services.start_ticks(rs.pid), "service": rs.service.to_dict(),
+                "sockets": [name for name, _ in rs.sockets],
                 "handoff": self.speaks_handoff(n)}  # it said so once; a successor must know
             for n, rs in self.running.items()}}
         with open(tmp, "w") as f:
@@ -179,7 +180,9 @@ class NodeAgent:
                 log.warning("record of service %s is unreadable (%s): not adopted", name, e)
                 continue
             try:
-                rs = services.adopt(service, pid, names, self.config.vips, self.log_dir)
+                started = entry.get("started")
+                rs = services.adopt(service, pid, names, self.config.vips, self.log_dir,
+                                    started if isinstance(started, int) else None)
             except VipError as e:
                 self._end_stray(name, pid, f"cannot adopt it: {e}")
                 continue
@@ -205,8 +208,8 @@ class NodeAgent:
         release had begun, the copy is the service now (adopted like any service it left;
         the gateway, asked the release again, is told it began and goes forward); if not,
         it is silenced and killed (nodeshim.leftovers)."""
-        def adopt(service: Service, pid: int):
-            return services.adopt(service, pid, [], self.config.vips, self.log_dir)
+        def adopt(service: Service, pid: int, started: int | None):
+            return services.adopt(service, pid, [], self.config.vips, self.log_dir, started)
         for name, rs in self.migrations.settle_restored_orphans(adopt):
             self.running[name] = rs
             self.restarts[name] = 0

@@ -35,6 +35,8 @@ from typing import Any
 from clustercore.errors import VipError
 from clustercore.ownership import Service
 
+from . import services
+
 log = logging.getLogger("vipcluster.migrate")
 
 
@@ -88,7 +90,7 @@ class Leftovers:
             if restored.pop(service, None) is None:
                 return
         else:
-            restored[service] = {"pid": pid, "epoch": epoch,
+            restored[service] = {"pid": pid, "started": services.start_ticks(pid), "epoch": epoch,
                                  "service": definition.to_dict() if definition is not None else None}
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         tmp = self._restored_file + ".tmp"
@@ -96,9 +98,9 @@ class Leftovers:
             json.dump(restored, f)
         os.replace(tmp, self._restored_file)
 
-    def settle(self, criu: Any, adopt: Callable[[Service, int], Any]) -> list[tuple[str, Any]]:
+    def settle(self, criu: Any, adopt: Callable[[Service, int, int | None], Any]) -> list[tuple[str, Any]]:
         """At start: each restored copy a previous agent left goes forward (its release had
-        begun: thawed, then `adopt(service, pid)`; returned as (name, instance)) or is
+        begun: thawed, then `adopt(service, pid, started)`; returned as (name, instance)) or is
         silenced and killed (see the module docstring). Only a process that is still that
         service is touched."""
         adopted: list[tuple[str, Any]] = []
@@ -108,14 +110,16 @@ class Leftovers:
             if not isinstance(entry, dict) or not isinstance(entry.get("pid"), int):
                 log.warning("record of the restored copy of %s is unreadable: ignored", name)
                 continue
-            pid, epoch = entry["pid"], entry.get("epoch")
-            if not _is_service(pid, name):
+            pid, epoch, started = entry["pid"], entry.get("epoch"), entry.get("started")
+            started = started if isinstance(started, int) else None
+            if not services.is_service(pid, name, started):
+                log.warning("the restored copy of %s (pid %d) left by a previous agent is gone", name, pid)
                 continue
             if isinstance(epoch, str) and self.release_begun(name, epoch) and entry.get("service"):
                 try:
                     service = Service.from_dict(entry["service"])
                     criu.thaw(pid)  # repair off where still on, SIGCONT: it serves
-                    rs = adopt(service, pid)
+                    rs = adopt(service, pid, started)
                 except (VipError, OSError, KeyError, TypeError, ValueError) as e:
                     log.error("the restored copy of %s (pid %d) whose release had begun cannot be "
                               "adopted (%s): ending it", name, pid, e)
@@ -140,10 +144,3 @@ class Leftovers:
             pass
         return adopted
 
-
-def _is_service(pid: int, service: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return f"VIPCLUSTER_SERVICE={service}".encode() in f.read().split(b"\0")
-    except OSError:
-        return False

@@ -456,7 +456,7 @@ class MigrationAgent:
     # --- the process strategy -----------------------------------------------------------
     def settle_restored_orphans(self, adopt) -> list:
         """At start: the restored copies a previous agent left (nodeshim.leftovers): those
-        whose release had begun go forward (thawed, `adopt(service, pid)`), the others are
+        whose release had begun go forward (thawed, `adopt(service, pid, started)`), the others are
         silenced and killed. Returns [(name, adopted instance)]."""
         return self.leftovers.settle(self.kernel.criu, adopt)
 

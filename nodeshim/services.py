@@ -192,6 +192,25 @@ def service_of(pid: int) -> str | None:
     return None
 
 
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat): with the PID,
+    it names one process for good (a PID reused later has another start)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def is_service(pid: int, name: str, started: int | None = None) -> bool:
+    """Is process `pid` still service `name`? By its VIPCLUSTER_SERVICE, or, for a program
+    that wrote over its environment (redis-server and nginx put their process title
+    there: /proc/PID/environ reads empty), by the start time recorded when it was ours."""
+    if service_of(pid) == name:
+        return True
+    return started is not None and start_ticks(pid) == started
+
+
 def _matches(name: str, sock: socket.socket, vips: str | tuple[str, ...]) -> bool:
     """Is `sock` the listener/UDP socket activation name `name` says it is, on a VIP?"""
     kind, port = kind_of(name), name.rpartition("-")[2]
@@ -207,14 +226,15 @@ def _matches(name: str, sock: socket.socket, vips: str | tuple[str, ...]) -> boo
 
 
 def adopt(service: Service, pid: int, names: list[str], vip: str | tuple[str, ...],
-          log_dir: str) -> "RunningService | None":
+          log_dir: str, started: int | None = None) -> "RunningService | None":
     """Take back a service an earlier agent of this node started and recorded: if `pid` is
     still that service, copies of its listeners/UDP sockets (its fds 3.., named `names`)
     are taken out of it with pidfd_getfd, as a migration will need them. None: it is
-    gone. KernelError / LocalControlError: it is there but not as recorded."""
+    gone. KernelError / LocalControlError: it is there but not as recorded. `started`:
+    its start_ticks when recorded (see is_service)."""
     from . import pidfd as pidfd_mod
 
-    if service_of(pid) != service.name:
+    if not is_service(pid, service.name, started):
         return None
     fd = pidfd_mod.pidfd_open(pid)
     try:

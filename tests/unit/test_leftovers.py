@@ -5,6 +5,7 @@ fakes that log their calls."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,8 +57,9 @@ def test_a_copy_whose_release_had_begun_is_thawed_then_adopted(tmp_path, copy):
     lo.record_restored("web", copy.pid, "02:76:63:00:00:07", WEB)
     lo.mark_releasing("web", "02:76:63:00:00:07")
 
-    def adopt(service, pid):
+    def adopt(service, pid, started):
         log.append(("adopt", service.name, pid))
+        assert started is not None  # recorded at the restore: how the successor knows it
         return f"instance-{pid}"
     adopted = Leftovers(str(tmp_path)).settle(FakeCriu(log), adopt)  # a successor's view
     assert adopted == [("web", f"instance-{copy.pid}")]
@@ -72,7 +74,7 @@ def test_a_copy_whose_release_had_not_begun_is_silenced_then_killed(tmp_path, co
     lo.record_restored("web", copy.pid, "02:76:63:00:00:07", WEB)
     if marker:  # the marker of an earlier migration of the service is no release of this one
         lo.mark_releasing("web", marker)
-    adopted = lo.settle(FakeCriu(log), lambda s, p: log.append(("adopt",)) or "x")
+    adopted = lo.settle(FakeCriu(log), lambda s, p, st: log.append(("adopt",)) or "x")
     assert adopted == [] and log == [("silence", copy.pid)]
     assert gone(copy)
     assert lo.restored() == {}
@@ -83,7 +85,7 @@ def test_a_copy_that_cannot_be_adopted_is_ended_rather_than_left_unowned(tmp_pat
     lo.record_restored("web", copy.pid, "e7", WEB)
     lo.mark_releasing("web", "e7")
 
-    def adopt(service, pid):
+    def adopt(service, pid, started):
         raise KernelError("pidfd_getfd", 1, "not permitted")
     assert lo.settle(FakeCriu(log), adopt) == []
     assert log == [("thaw", copy.pid), ("silence", copy.pid)]
@@ -96,7 +98,7 @@ def test_an_older_record_and_a_process_that_is_not_the_service_are_handled(tmp_p
     with open(os.path.join(tmp_path, "restored.json"), "w") as f:
         f.write('{"web": %d, "other": %d}' % (copy.pid, os.getpid()))
     lo.mark_releasing("web", "e7")
-    assert lo.settle(FakeCriu(log), lambda s, p: "x") == []
+    assert lo.settle(FakeCriu(log), lambda s, p, st: "x") == []
     assert log == [("silence", copy.pid)]  # never this test's own process (not 'other')
     assert gone(copy)
 
@@ -106,6 +108,31 @@ def test_forgetting_a_copy_removes_only_its_record(tmp_path):
     lo.record_restored("web", 11, "e1", WEB)
     lo.record_restored("kv", 12, "e2", None)
     lo.record_restored("web", None)
-    assert lo.restored() == {"kv": {"pid": 12, "epoch": "e2", "service": None}}
+    assert list(lo.restored()) == ["kv"]
+    assert lo.restored()["kv"]["epoch"] == "e2" and lo.restored()["kv"]["service"] is None
     lo.record_restored("absent", None)  # nothing to forget: nothing written
     assert lo.release_begun("kv", "e2") is False
+
+
+def test_a_copy_that_wrote_over_its_environment_is_known_by_its_start_time(tmp_path):
+    """redis-server and nginx write their process title over their environment:
+    /proc/PID/environ no longer names the service. The start time recorded at the restore
+    still does; a process with the same PID and another start time is not the copy."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        lo, log = Leftovers(str(tmp_path)), []
+        lo.record_restored("web", p.pid, "e7", WEB)  # no VIPCLUSTER_SERVICE in its environment
+        lo.mark_releasing("web", "e7")
+        assert lo.settle(FakeCriu(log), lambda s, pid, st: f"instance-{pid}") == [("web", f"instance-{p.pid}")]
+        # the same PID with another start time: somebody else's process, left alone
+        lo.record_restored("web", p.pid, "e7", WEB)
+        record = lo.restored()
+        record["web"]["started"] += 1
+        with open(os.path.join(tmp_path, "restored.json"), "w") as f:
+            f.write(json.dumps(record))
+        log.clear()
+        assert lo.settle(FakeCriu(log), lambda s, pid, st: "x") == [] and log == []
+        assert p.poll() is None
+    finally:
+        p.kill()
+        p.wait()

@@ -1,0 +1,144 @@
+"""A destination agent killed mid-migration, `process` strategy (issue 10), with a real
+program: redis-server moved whole by criu (`--migrate process --sockets self`) while
+vipctl.realload's redis-loop runs SET/GET pairs on 8 persistent connections (every reply
+checked, exact accounting) and keys mass-inserted before are read back afterwards.
+
+The destination's agent dies (a `die` fault, like SIGKILL) at three points; the lab
+supervisor restarts it within a second:
+- right after criu restored the copy (`criu.restore` die): the release had not begun;
+  the successor silences (repair mode: no FIN, no RST) and kills the copy, the gateway
+  switches the owner back and the source rolls back;
+- inside its release, just before the copy is let run (`criu.thaw` die-before: release
+  marker written, the held packets given to the stopped copy);
+- inside its release, just after (`criu.thaw` die: the copy runs and serves the moved
+  connections, not yet adopted).
+Past the marker the successor adopts the copy (nodeshim.leftovers) and refuses the
+gateway's resent Release ("began here"): the gateway goes forward, committed. Before
+this, the successor killed the copy whatever the marker said: every moved connection was
+lost and the service was gone until a restart.
+
+Oracle: no reset, every reply right, every key back, the migration committed or rolled
+back as above, the registry owner serves, and the next migration works.
+"""
+
+import json
+import os
+import time
+
+import pytest
+
+from clustercore.kinds import Delivery
+from tests.lab import realprograms as rp
+from tests.lab.conftest import LabHandle, unique_prefix
+from tests.lab.test_migration import fault, migrate, owner
+from vipctl import lab as labmod
+
+NEXT = {"n1": "n2", "n2": "n3", "n3": "n1"}
+_AVAILABLE, _WHY = rp.process_strategy_available()
+pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=_WHY or "process strategy")
+
+
+@pytest.fixture(scope="module")
+def pslab():
+    spec = labmod.Lab(unique_prefix("q"), 3, delivery=Delivery.SELECTIVE)
+    labmod.down(spec, log=lambda *a: None)
+    try:
+        labmod.up(spec, log=lambda *a: None)
+        h = LabHandle(spec)
+        ok, why = rp.process_strategy_available(h)
+        if not ok:
+            pytest.skip(why)
+        yield h
+    finally:
+        labmod.down(spec, log=lambda *a: None)
+
+
+def wait_agent_back(h, node, old, timeout=30):
+    labmod.wait_restarted(h.lab, node, old, timeout=5.0)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        nodes = {n["name"]: n for n in h.status()["nodes"]}
+        if nodes[node]["state"] == "up":
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{node} did not come back")
+
+
+def wait_settled(h, name, timeout=40):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        svc = next(s for s in h.status()["services"] if s["name"] == name)
+        if not svc["migrating"]:
+            return svc
+        time.sleep(0.2)
+    raise AssertionError(f"the migration of {name} is still open after {timeout}s")
+
+
+def running_on(h, name):
+    """{node: pid} of every node whose agent says it runs `name`."""
+    return {n["name"]: n["processes"][name]["pid"] for n in h.status()["nodes"]
+            if name in (n.get("processes") or {})}
+
+
+# (fault file, its content, the outcome)
+DEST_DEATHS = [
+    ("criu.restore", "die", "rolled_back"),
+    ("criu.thaw", "die-before", "committed"),
+    ("criu.thaw", "die", "committed"),
+]
+
+
+@pytest.mark.parametrize("op, what, outcome", DEST_DEATHS, ids=["restored", "releasing-stopped", "releasing-running"])
+def test_destination_agent_killed_during_a_process_migration(pslab, tmp_path, op, what, outcome):
+    h = pslab
+    prog = rp.redis_program(str(tmp_path / "redis"))
+    ready, stop = tmp_path / "redis.ready", tmp_path / "redis.stop"
+    with rp.RealService(h, "redis", "n1", prog, "process"):
+        before = rp.redis_pipe_set(h, "pre:", 3000)
+        loop = rp.realload(h, "redis-loop", 6379, "--conns", 8, "--rate", 50, "--duration", 90,
+                           ready=ready, stop=stop)
+        rp.wait_file(loop, ready)
+        try:
+            time.sleep(1)
+            source = owner(h, "redis")
+            dest = NEXT[source]
+            old = labmod.daemon_pids(h.lab)[dest]
+            log_path = os.path.join(h.lab.state_dir, "logs", f"{dest}.log")
+            log_from = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+            fault(h, dest, op, what)
+            report, res = migrate(h, "redis", dest, check=False)
+            assert report is not None and report["outcome"] == outcome, (res.stdout, res.stderr)
+            wait_agent_back(h, dest, old)
+            svc = wait_settled(h, "redis")
+            time.sleep(1.5)
+            where = running_on(h, "redis")
+            expected_owner = dest if outcome == "committed" else source
+            assert svc["owner"] == expected_owner, svc
+            assert list(where) == [expected_owner], where  # exactly one copy, the owner's
+            with open(log_path, errors="replace") as f:  # what its agents logged since the fault
+                f.seek(log_from)
+                dest_log = f.read()
+            if outcome == "committed":
+                assert "adopted the restored copy of redis" in dest_log, dest_log
+            else:
+                assert "silencing and ending the restored copy of redis" in dest_log, dest_log
+            # and the service moves on from where it is now
+            moved, _ = migrate(h, "redis", NEXT[expected_owner])
+            time.sleep(1)
+        finally:
+            stop.touch()
+            r = rp.finish(loop, timeout=120)
+        expected = {f"pre:{i}": f"value-pre:{i}".encode() for i in range(3000)}
+        from vipctl.realload import redis_key, redis_value
+        for conn, n in r["written"].items():
+            expected.update({redis_key(int(conn), s): redis_value(int(conn), s) for s in range(n)})
+        check = rp.redis_check_keys(h, expected)
+    print(f"dest agent killed at {op} ({what}): {report['outcome']} ({report.get('reason')!r}); "
+          f"redis-loop {r['keys_written']} SET/GET pairs, resets {r['resets']}, bad {r['bad']}, "
+          f"failed {r['failed']}, longest wait {r['longest_wait_ms']} ms; keys checked {check['checked']}; "
+          f"next migration {moved['outcome']} in {moved.get('total_ms')} ms")
+    assert before == {"rc": 0, "errors": 0, "replies": 3000, "sent": 3000}, before
+    assert r["connected"] == 8 and r["errors"] == [] and r["bad"] == 0 and r["failed"] == 0 and r["resets"] == 0, r
+    assert r["set_ok"] == r["get_ok"] == r["keys_written"] > 8 * 20, r
+    assert check["missing"] == 0 and check["wrong_count"] == 0 and check["dbsize"] == len(expected), check
+    assert moved["outcome"] == "committed" and moved["lost"] == 0, json.dumps(moved)
