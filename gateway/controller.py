@@ -217,7 +217,8 @@ class _Run:
     # --- the streamed dump --------------------------------------------------------------
     def relay(self, chunk: msgs.Chunk) -> None:
         """Pass a chunk on to the destination after the previous one (order, and stop at
-        the first failure: it raises here too)."""
+        the first failure: it raises here too). Lab fault `migrate.chunk`: as for a step."""
+        self._fault(chunk.OP)
         self.last_chunk = asyncio.ensure_future(self._forward(self.last_chunk, chunk))
 
     async def _forward(self, previous: asyncio.Future | None, chunk: msgs.Chunk) -> None:

@@ -146,6 +146,49 @@ def test_gateway_killed_during_a_migration_step(slab, tmp_path, op, outcome):
     migrate(slab, "echo", NEXT[svc["owner"]])
 
 
+# Steps the gateway sends only on some paths (not in GATEWAY_STEPS: the soak picks from
+# that list, with neither the connections nor the failure these need):
+# (step, what brings it about, outcome)
+MANY_CONNS = 300  # more than one chunk (clustercore.handoff.CHUNK = 256): the dump is streamed
+GATEWAY_PATH_STEPS = [
+    ("migrate.chunk", "many connections", "rolled_back"),  # relayed during the source's freeze
+    ("migrate.abort", "restore fails", "rolled_back"),     # the destination refuses its restore
+    ("migrate.rollback", "restore fails", "rolled_back"),  # the abort went out, the rollback not
+]
+
+
+@pytest.mark.parametrize("op, how, outcome", GATEWAY_PATH_STEPS, ids=[o.split(".")[1] for o, _, _ in GATEWAY_PATH_STEPS])
+def test_gateway_killed_at_a_step_of_some_paths(slab, tmp_path, op, how, outcome):
+    source = owner(slab, "echo")
+    destination = NEXT[source]
+    conns = MANY_CONNS if how == "many connections" else 50
+    armed = os.path.join(slab.lab.state_dir, "gateway", "faults", op)
+    p, stop = start_load(slab, tmp_path, f"gwp-{op}", conns=conns, kv=True)
+    try:
+        old = pids(slab)["gateway"]
+        if how == "restore fails":
+            agent_fault(slab, destination, "migrate.restore", "fail")
+        gateway_fault(slab, op, "die")
+        report, res = migrate(slab, "echo", destination, check=False)
+        assert res.returncode != 0  # the gateway died under vipctl
+        assert not os.path.exists(armed), f"the gateway never reached {op}"
+        labmod.wait_restarted(slab.lab, "gateway", old, timeout=5.0)
+        svc = wait_settled(slab, "echo")
+        time.sleep(1.0)
+    finally:
+        clear_agent_fault(slab, destination, "migrate.restore")
+        if os.path.exists(armed):
+            os.unlink(armed)
+        r = finish_load(p, stop)
+    print(f"gateway killed before {op} ({how}, {conns} connections): {svc['owner']}; "
+          f"{r['tcp_sent']} TCP messages, {r['udp_sent']} datagrams")
+    assert r["tcp_connected"] == conns, r
+    assert_exact(r)
+    assert svc["owner"] == (destination if outcome == "committed" else source), svc
+    serves_once(slab, "echo")
+    migrate(slab, "echo", NEXT[svc["owner"]])
+
+
 def test_registry_read_only_during_a_migration_rolls_back_and_serves(slab, tmp_path):
     source = owner(slab, "echo")
     p, stop = start_load(slab, tmp_path, "ro")
@@ -212,6 +255,9 @@ AGENT_STEPS = [
     # the restarted agent adopts the instance and, finding its predecessor's release
     # marker, refuses the resent Release: the gateway goes forward (committed)
     ("destination", "migrate.release.done", "committed", True),
+    # a chunk of the streamed dump (more than CHUNK connections) arrives at the destination
+    # while the source is frozen: the source holds everything, rolls back
+    ("destination", "migrate.chunk", "rolled_back", False),
 ]
 
 
@@ -222,7 +268,8 @@ def test_agent_killed_during_a_migration_step(slab, tmp_path, who, op, outcome, 
     source = owner(slab, "echo")
     destination = NEXT[source]
     node = source if who == "source" else destination
-    p, stop = start_load(slab, tmp_path, f"ag-{who}-{op}", kv=True)
+    conns = MANY_CONNS if op == "migrate.chunk" else 50
+    p, stop = start_load(slab, tmp_path, f"ag-{who}-{op}", conns=conns, kv=True)
     try:
         old = pids(slab)[node]
         agent_fault(slab, node, op)
