@@ -260,6 +260,8 @@ class Runner:
             reply = Failure(self._failures[0])  # the first failure is the cause
         if isinstance(self.event, msgs.Release) and isinstance(reply, msgs.Reply):
             self.machine.release_reply = reply  # a restarted gateway may ask again
+        if isinstance(self.event, msgs.Commit) and isinstance(reply, msgs.CommitDone):
+            self.machine.commit_reply = reply  # with its stragglers: asked again, the same
         if isinstance(self.event, STEP_EVENTS):  # a local event has nobody to answer
             self.reply = reply if reply is not None else Failure(
                 LocalControlError("the step ended without a reply"))
@@ -318,6 +320,8 @@ class NodeMigration:
         self._state = State.IDLE
         self._runner: Runner | None = None
         self.release_reply: Any = None  # a destination's ReleaseDone, repeated if asked again
+        self.commit_reply: Any = None  # a source's CommitDone (its stragglers), repeated if asked again
+        self.injected = False  # a destination injected the stragglers of its migration
         self.orphaned_since: float | None = None  # when the gateway link was lost (the lease)
 
     @property
@@ -393,6 +397,10 @@ class NodeMigration:
         if event.epoch != self.epoch:
             raise Refused(f"inject for '{self.service}' names epoch {event.epoch}, "
                           f"not the one released here ({self.epoch})")
+        if self.injected:  # a restarted gateway got the same stragglers again (_repeat_commit)
+            yield Note(f"repeated Inject for '{self.service}': its stragglers are in already")
+            return msgs.Injected(injected=0)
+        self.injected = bool(event.packets)
         injected = (yield InjectPackets(tuple(event.packets))) if event.packets else 0
         return msgs.Injected(injected=injected)
 
@@ -404,6 +412,16 @@ class NodeMigration:
                           f"not {event.epoch}")
         yield Note(f"repeated Release for '{self.service}': answered as the first")
         return self.release_reply
+
+    def _repeat_commit(self, event: msgs.Commit, now: float):
+        """A restarted gateway resends the Commit of a migration it had journaled (it died
+        after our reply, perhaps before it passed our stragglers on in an Inject): the same
+        CommitDone again, stragglers included, nothing done twice (the destination injects
+        them once, _inject)."""
+        if event.epoch != self.epoch or self.commit_reply is None:
+            return (yield from self._nothing_to_do(event, now))
+        yield Note(f"repeated Commit for '{self.service}': answered as the first")
+        return self.commit_reply
 
     def _commit(self, event: Any, now: float):
         """The strategy's commit, then the node's table learns the new owner (the gateway
@@ -476,12 +494,13 @@ class NodeMigrations:
         """The runners for a gateway message, to be driven in order (the last one's reply
         is the answer). The service's machine must not be running. A released machine is
         kept for the inject that follows its commit and for a restarted gateway's repeated
-        release of the same epoch; any other message starts afresh."""
+        release of the same epoch, a committed one for a repeated commit; any other message
+        starts afresh."""
         self.forget_finished()
         name = message.service
         m = self.machines.get(name)
         kept_for = isinstance(message, msgs.Inject) or (
-            isinstance(message, msgs.Release) and m is not None and message.epoch == m.epoch)
+            isinstance(message, (msgs.Release, msgs.Commit)) and m is not None and message.epoch == m.epoch)
         if m is not None and m.finished and not kept_for:
             m = None
         runners = []
@@ -531,9 +550,11 @@ class NodeMigrations:
     def forget_finished(self) -> None:
         """Drop the machines that are over, except a released destination's: the gateway's
         Inject (the source's stragglers) comes after it and is checked against it, and a
-        restarted gateway may repeat the Release. It goes when the next migration of the
-        service begins here."""
-        for name in [n for n, m in self.machines.items() if m.finished and m.state is not State.RELEASED]:
+        restarted gateway may repeat the Release; and a committed source's, whose
+        stragglers a restarted gateway may ask again (a repeated Commit). It goes when the
+        next migration of the service begins here."""
+        for name in [n for n, m in self.machines.items()
+                     if m.finished and m.state not in (State.RELEASED, State.COMMITTED)]:
             del self.machines[name]
 
 
@@ -568,7 +589,7 @@ TRANSITIONS: dict[tuple[State, type], Row] = {
     (S.PREPARED, LinkLost): Row(S.PREPARED, S.PREPARED, M._wait_for_the_registry),
     (S.RESTORED, LinkLost): Row(S.RESTORED, S.RESTORED, M._wait_for_the_registry),
     # no migration here: stray or repeated messages
-    (S.COMMITTED, msgs.Commit): Row(S.COMMITTED, S.COMMITTED, M._nothing_to_do),
+    (S.COMMITTED, msgs.Commit): Row(S.COMMITTED, S.COMMITTED, M._repeat_commit),
     (S.ROLLED_BACK, msgs.Rollback): Row(S.ROLLED_BACK, S.ROLLED_BACK, M._nothing_to_do),
     (S.ABORTED, msgs.Abort): Row(S.ABORTED, S.ABORTED, M._nothing_to_do),
     (S.RELEASED, msgs.Release): Row(S.RELEASED, S.RELEASED, M._repeat_release),

@@ -353,11 +353,12 @@ def log_size(h, node):
 @pytest.mark.parametrize("who", ["destination", "gateway"])
 def test_killed_at_the_inject_of_stragglers(slab, tmp_path, who):
     """The destination's agent dies as the Inject of the source's stragglers arrives (it
-    had released: the successor adopts the new instance, the migration is committed), or
-    the gateway dies just before sending it (committed: the owner switch is durable).
-    The stragglers themselves are lost then (the test's own datagrams, outside the
-    clients' accounting); the clients lose nothing but what a destination agent's queue
-    held when it died."""
+    had released: the successor adopts the new instance, the migration is committed; the
+    stragglers are lost with it), or the gateway dies just before sending it (committed:
+    the owner switch is durable; the restarted gateway's repeated Commit gets the same
+    stragglers back from the source and injects them, once). The stragglers are the
+    test's own datagrams, outside the clients' accounting; the clients lose nothing but
+    what a destination agent's queue held when it died."""
     import threading
 
     source = owner(slab, "echo")
@@ -369,7 +370,7 @@ def test_killed_at_the_inject_of_stragglers(slab, tmp_path, who):
     p, stop = start_load(slab, tmp_path, f"inj-{who}", kv=True)
     try:
         old = pids(slab)[victim]
-        since = log_size(slab, source)
+        since, dest_since = log_size(slab, source), log_size(slab, destination)
         agent_fault(slab, source, "migrate.commit", "wait")
         if who == "destination":
             agent_fault(slab, destination, "migrate.inject", "die")
@@ -393,6 +394,13 @@ def test_killed_at_the_inject_of_stragglers(slab, tmp_path, who):
         else:
             labmod.wait_restarted(slab.lab, "gateway", old, timeout=5.0)
         svc = wait_settled(slab, "echo")
+        if who == "gateway":
+            # the restarted gateway's Commit got the same stragglers back, and injected them
+            wait_logged(slab, destination, dest_since, "step=inject epoch=", timeout=30)
+            with open(os.path.join(slab.lab.state_dir, "logs", f"{destination}.log"), errors="replace") as f:
+                f.seek(dest_since)
+                injects = [line for line in f if "migration.step" in line and "step=inject" in line]
+            assert len(injects) == 1 and "outcome=ok" in injects[0], injects
         time.sleep(1.5)
     finally:
         clear_agent_fault(slab, source, "migrate.commit")

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -38,6 +39,11 @@ def copy():
     """A process that is the restored copy of `web` (killed at the end if still there)."""
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                          env={**os.environ, "VIPCLUSTER_SERVICE": "web"}, start_new_session=True)
+    for _ in range(500):  # until it has exec'd (before, /proc shows our own environment)
+        with open(f"/proc/{p.pid}/environ", "rb") as f:
+            if b"VIPCLUSTER_SERVICE=web" in f.read().split(b"\0"):
+                break
+        time.sleep(0.01)
     yield p
     if p.poll() is None:
         p.kill()

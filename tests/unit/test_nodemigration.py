@@ -719,3 +719,36 @@ def test_a_restarted_destination_whose_predecessor_began_releasing_refuses():
     reply = run_to_end(runner, Restarted(begun=True))
     assert isinstance(reply, Failure) and "began here" in str(reply.error)
     assert not isinstance(reply, msgs.ReleaseDone)
+
+
+# ---------------------------------------------------------------- a gateway restarted before its Inject
+
+
+def test_a_repeated_commit_is_answered_with_the_same_stragglers_and_nothing_is_done_twice():
+    """A gateway that dies after the source's CommitDone and before it passed the
+    stragglers on (Inject) resends the Commit when it restarts: the source answers with
+    the same CommitDone, stragglers included, and does nothing again."""
+    book = NodeMigrations("n1")
+    m = book.machines["echo"] = source_at(State.COMMITTED)
+    first = m.commit_reply
+    assert isinstance(first, msgs.CommitDone)
+    m.commit_reply = first = msgs.CommitDone(late_packets=(b"straggler",))  # as if one came
+    book.forget_finished()
+    assert book.machines["echo"] is m and not book.busy("echo")  # kept for a repeated commit
+    kernel = Kernel("n1")
+    [runner] = book.route(EVENTS[msgs.Commit](), T0)
+    assert run_to_end(runner, kernel) == first and m.state is State.COMMITTED
+    assert all(isinstance(c, nc.Note) for c in kernel.seen)
+    # another epoch's commit: nothing to do, and no stragglers of this one
+    reply, _ = feed(m, msgs.Commit(service="echo", epoch=NEXT))
+    assert reply == msgs.CommitDone()
+
+
+def test_the_stragglers_of_a_migration_are_injected_once():
+    """The restarted gateway's repeated Inject (the same stragglers again, from the
+    repeated Commit) writes nothing twice."""
+    m = machine_at(State.RELEASED)
+    reply, k = feed(m, EVENTS[msgs.Inject]())
+    assert reply == msgs.Injected(injected=1) and k.types() == [nc.InjectPackets]
+    reply, k = feed(m, EVENTS[msgs.Inject]())
+    assert reply == msgs.Injected(injected=0) and nc.InjectPackets not in k.types()
