@@ -142,3 +142,45 @@ def test_destination_agent_killed_during_a_process_migration(pslab, tmp_path, op
     assert r["set_ok"] == r["get_ok"] == r["keys_written"] > 8 * 20, r
     assert check["missing"] == 0 and check["wrong_count"] == 0 and check["dbsize"] == len(expected), check
     assert moved["outcome"] == "committed" and moved["lost"] == 0, json.dumps(moved)
+
+
+def test_owner_agent_killed_keeps_redis_and_it_moves_afterwards(pslab, tmp_path):
+    """The owner's agent SIGKILLed outside a migration: its successor adopts redis-server
+    (the same process: redis writes its title over its environment, so it is recognised
+    by its recorded start time) and reads its output pipe again; the clients see nothing,
+    and the adopted program moves (criu hands the re-read pipe over)."""
+    import signal
+
+    h = pslab
+    prog = rp.redis_program(str(tmp_path / "redis"))
+    ready, stop = tmp_path / "redis.ready", tmp_path / "redis.stop"
+    with rp.RealService(h, "redis", "n1", prog, "process"):
+        before = rp.redis_pipe_set(h, "pre:", 3000)
+        loop = rp.realload(h, "redis-loop", 6379, "--conns", 8, "--rate", 50, "--duration", 90,
+                           ready=ready, stop=stop)
+        rp.wait_file(loop, ready)
+        try:
+            time.sleep(1)
+            node = owner(h, "redis")
+            pid = running_on(h, "redis")[node]
+            old = labmod.daemon_pids(h.lab)[node]
+            os.kill(old, signal.SIGKILL)
+            wait_agent_back(h, node, old)
+            time.sleep(1.5)
+            assert running_on(h, "redis") == {node: pid}  # adopted, not restarted
+            moved, _ = migrate(h, "redis", NEXT[node])
+            time.sleep(1)
+        finally:
+            stop.touch()
+            r = rp.finish(loop, timeout=120)
+        expected = {f"pre:{i}": f"value-pre:{i}".encode() for i in range(3000)}
+        from vipctl.realload import redis_key, redis_value
+        for conn, n in r["written"].items():
+            expected.update({redis_key(int(conn), s): redis_value(int(conn), s) for s in range(n)})
+        check = rp.redis_check_keys(h, expected)
+    print(f"owner agent of redis killed: adopted pid {pid}; redis-loop {r['keys_written']} SET/GET pairs, "
+          f"resets {r['resets']}; next migration {moved['outcome']}")
+    assert before == {"rc": 0, "errors": 0, "replies": 3000, "sent": 3000}, before
+    assert r["connected"] == 8 and r["errors"] == [] and r["bad"] == 0 and r["failed"] == 0 and r["resets"] == 0, r
+    assert check["missing"] == 0 and check["wrong_count"] == 0 and check["dbsize"] == len(expected), check
+    assert moved["outcome"] == "committed" and moved["lost"] == 0, json.dumps(moved)
