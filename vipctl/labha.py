@@ -156,6 +156,8 @@ def _sysctl(ns: str, key: str, value: str) -> None:
 def write_configs(lab) -> list[dict]:
     """Every config file, and the supervisor's plan: etcd, then per gateway keepalived and
     the daemon, then the agents."""
+    from . import lab as labmod
+
     sd = lab.state_dir
     os.makedirs(sd, mode=0o700, exist_ok=True)
     pki.init(lab.pki_dir, [lab.node_name(k) for k in range(1, lab.nodes + 1)])
@@ -190,14 +192,8 @@ def write_configs(lab) -> list[dict]:
                      "args": ["gateway", "run", "--config", path, "--log-format", lab.log_format]})
     for k in range(1, lab.nodes + 1):
         name = lab.node_name(k)
-        node_tls = pki.paths(lab.pki_dir, "node", name)
-        text = (
-            f'# written by `vipctl lab up --gateways 2` for the lab "{lab.prefix}"\n'
-            f'name = "{name}"\nvip = "{lab_vip()}"\ngateway_address = "{CLUSTER_NEXT_HOP}"\n'
-            f'gateway_port = 7400\nqueue_num = 0\n'
-            f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
-            f'state_dir = "{sd}/{name}"\ncluster_interface = "eth0"\ndatapath = "{lab.datapath}"\n'
-            f'metrics_address = "{node_metrics()}"\n')
+        text = labmod.node_config_text(lab, name, "`vipctl lab up --gateways 2`", f'vip = "{lab_vip()}"\n',
+                                       CLUSTER_NEXT_HOP, node_metrics())
         path = os.path.join(sd, f"{name}.toml")
         with open(path, "w") as f:
             f.write(text)
