@@ -272,8 +272,8 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         raise LocalControlError("--nodes must be from 1 to 32")
     if lab.gateways not in (1, 2):
         raise LocalControlError("--gateways must be 1 or 2")
-    if lab.gateways == 2 and lab.ipv6:
-        raise LocalControlError("--ipv6 and --ipv6-only are not built for the two-gateway lab yet (--gateways 1)")
+    if lab.gateways == 2 and lab.ipv6_only:
+        raise LocalControlError("--ipv6-only is not built for the two-gateway lab yet (--ipv6 is: dual-stack)")
     if lab.gateways == 2:
         try:
             return labha.up(lab, timeout, log)

@@ -79,9 +79,9 @@ def fault(h, name, action):
     return r.stdout
 
 
-def start_gap(h, tmp_path, tag):
+def start_gap(h, tmp_path, tag, vip=labmod.VIP):
     ready, stop = tmp_path / f"{tag}.gap.ready", tmp_path / f"{tag}.gap.stop"
-    p = h.client_popen([sys.executable, os.path.join(HERE, "gapprobe.py"), labmod.VIP, "7",
+    p = h.client_popen([sys.executable, os.path.join(HERE, "gapprobe.py"), vip, "7",
                         "--ready-file", str(ready), "--stop-file", str(stop)],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_ready(p, ready, 30)
@@ -326,3 +326,45 @@ def test_etcd_down_under_load_writes_are_refused_cleanly_service_continues(ha, t
           f"after it came back the migration {rep['outcome']}; load lost nothing: tcp {r['tcp_ok']}/{r['tcp_sent']}, "
           f"udp {r['udp_answered_once']}/{r['udp_sent']}")
     assert_exact(r)
+
+
+def test_dual_stack_two_gateways_fail_over_ipv6_clients(tmp_path):
+    """`lab up --gateways 2 --ipv6`: keepalived moves the IPv6 next hops with the IPv4
+    ones (one sync group), so IPv6 clients of the VIP6 live through the master's loss as
+    IPv4 clients do: TCP exact, no reset, UDP lost only inside the gap, and a migration
+    right after commits."""
+    from tests.lab.test_health_drain import finish, loadgen
+    from vipctl.lab6 import VIP6
+
+    spec = labmod.Lab(unique_prefix("g6"), 3, gateways=2, ipv6=True)
+    labmod.down(spec, log=lambda *a: None)
+    try:
+        labmod.up(spec, log=lambda *a: None)
+        h = LabHandle(spec)
+        h.vipctl("service", "add", "echo", "--node", "n1", "--port", "tcp:7", "--port", "udp:7", "--exec", "builtin:echo")
+        down = master(h)
+        assert down is not None
+        wait_serving(h, down)
+        p = loadgen(h, tmp_path, "six", "--conns", 20, "--rate", 20, "--udp-port", 7, "--duration", 8, vip=VIP6)
+        g, gstop = start_gap(h, tmp_path, "six", vip=VIP6)
+        try:
+            time.sleep(1.0)
+            labha.fault(h.lab, down, "down")
+            wait_serving(h, OTHER[down])
+            time.sleep(0.5)
+            rep, _ = migrate(h, "echo", "n2")
+        finally:
+            gstop.touch()
+            r = finish(p)
+            gout, _ = g.communicate(timeout=30)
+        gap = json.loads(gout)
+        report(f"IPv6 clients: {down} links down, {OTHER[down]} took over; migration {rep['outcome']}", gap, r)
+        assert r["tcp_connected"] == r["tcp_conns"] == 20 and r["tcp_sent"] > 0, r
+        r.setdefault("kv_bad", 0)
+        assert_exact_but_gap(r, gap)
+        assert gap["sent"] > 0 and gap["missing"] < gap["sent"], gap
+        assert master(h) == OTHER[down] and owner(h, "echo") == "n2"
+    finally:
+        for gw in labha.GATEWAYS:
+            labmod.release_daemon(spec, gw)
+        labmod.down(spec, log=lambda *a: None)
