@@ -368,3 +368,52 @@ def test_dual_stack_two_gateways_fail_over_ipv6_clients(tmp_path):
         for gw in labha.GATEWAYS:
             labmod.release_daemon(spec, gw)
         labmod.down(spec, log=lambda *a: None)
+
+
+def test_etcd_down_in_the_middle_of_a_migration_ends_it_cleanly(ha, tmp_path):
+    """etcd stops while a migration waits at the destination's restore (an armed `wait`
+    fault): the driver's next journal write fails. The migration must end, committed or
+    rolled back, with the clients' accounting exact and the registry (once etcd is back)
+    naming the node that serves; then the next migration commits."""
+    source = owner(ha, "echo")
+    dest = NEXT[source]
+    faults = os.path.join(ha.lab.state_dir, dest, "faults")
+    os.makedirs(faults, exist_ok=True)
+    p, stop = start_load(ha, tmp_path, "etcd-mid", kv=True, duration=120.0)
+    old = labmod.daemon_pids(ha.lab)["etcd"]
+    try:
+        with open(os.path.join(faults, "migrate.restore"), "w") as f:
+            f.write("wait")
+        mig = subprocess.Popen([sys.executable, "-m", "vipctl", "--socket", ha.socket, "migrate", "echo", "--to",
+                                dest, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        log = os.path.join(ha.lab.state_dir, "logs", f"{dest}.log")
+        deadline = time.time() + 20
+        while "fault injection at migrate.restore" not in open(log).read() and time.time() < deadline:
+            time.sleep(0.05)
+        labmod.hold_daemon(ha.lab, "etcd")  # (the fault file is gone: it fires once)
+        open(os.path.join(faults, "migrate.restore.go"), "w").close()
+        out, err = mig.communicate(timeout=120)
+        report = json.loads(out) if out.strip().startswith(b"{") else None
+        labmod.release_daemon(ha.lab, "etcd")
+        labmod.wait_restarted(ha.lab, "etcd", old, timeout=10)
+        svc = wait_settled(ha, "echo")
+        time.sleep(1.0)
+    finally:
+        labmod.release_daemon(ha.lab, "etcd")
+        for name in ("migrate.restore", "migrate.restore.go"):
+            try:
+                os.unlink(os.path.join(faults, name))
+            except FileNotFoundError:
+                pass
+        r = finish_load(p, stop)
+    print(f"[two gateways] etcd stopped mid-migration (destination at restore): rc {mig.returncode}, "
+          f"outcome {report and report.get('outcome')}, stderr {err.decode().strip()!r}; owner after {svc['owner']}; "
+          f"load tcp {r['tcp_ok']}/{r['tcp_sent']}, udp {r['udp_answered_once']}/{r['udp_sent']}, resets {r['resets']}")
+    assert report is None or report["outcome"] in ("committed", "rolled_back"), report
+    assert err.decode().count("\n") <= 1, err  # a clean one-line error at most
+    assert svc["owner"] in (source, dest)
+    assert_exact(r)
+    serving = [k for k in range(1, ha.lab.nodes + 1)
+               if "echo" in next(n for n in ha.status()["nodes"] if n["name"] == f"n{k}").get("processes", {})]
+    assert serving == [int(svc["owner"][1:])], (serving, svc)
+    migrate(ha, "echo", NEXT[svc["owner"]])
