@@ -204,16 +204,19 @@ class NodeAgent:
         self.record_running()
 
     def adopt_restored_orphans(self) -> None:
-        """A previous agent died with a `process` migration's restored copy here: if its
-        release had begun, the copy is the service now (adopted like any service it left;
+        """A previous agent died with a new instance here (a `process` migration's
+        restored copy, a handoff's instance started in its release): if the
+        release had begun, it is the service now (adopted like any service it left;
         the gateway, asked the release again, is told it began and goes forward); if not,
         it is silenced and killed (nodeshim.leftovers)."""
-        def adopt(service: Service, pid: int, started: int | None):
-            return services.adopt(service, pid, [], self.config.vips, self.log_dir, started)
+        def adopt(service: Service, pid: int, started: int | None, names: list[str]):
+            return services.adopt(service, pid, names, self.config.vips, self.log_dir, started)
         for name, rs in self.migrations.settle_restored_orphans(adopt):
             self.running[name] = rs
             self.restarts[name] = 0
             self.adopted.append(name)
+            if rs.sockets and self.notify is not None:  # a handoff's instance: it speaks the fd store
+                self.notify.store(name).handoff = True
         self.record_running()
 
     def _end_frozen(self, wanted: set[str]) -> list[str]:

@@ -7,13 +7,14 @@ Two records, both on disk before the effect they describe:
   first effect of a destination's release (nodemigration: MarkReleasing). A successor
   asked the same Release again must never say "nothing released" once anything was
   (ReleaseBegun): the gateway then goes forward (committed).
-- the restored copies (`<state_dir>/restored.json`): a `process` migration's copy that
-  criu restored here, by service, with the migration's epoch and the service's definition,
-  until it is adopted (release) or given up (abort).
+- the new instances (`<state_dir>/restored.json`): a `process` migration's copy that
+  criu restored here, or a handoff's new instance started in the release (with the names
+  of its sockets), by service, with the migration's epoch, the service's definition and
+  the process's start time, until it is adopted (release) or given up (abort).
 
-At start, the successor settles the restored copies it finds (`settle`):
-- the release of that epoch had begun (its marker is there): the copy is, or was about to
-  be, the service. Nothing else may serve the moved connections any more (the gateway
+At start, the successor settles the new instances it finds (`settle`):
+- the release of that epoch had begun (its marker is there; always so for a handoff's
+  instance, started in the release): the copy is, or was about to be, the service. Nothing else may serve the moved connections any more (the gateway
   commits, the source kills its frozen original), so the copy goes forward: repair mode
   off and SIGCONT (criu.thaw, a no-op for what the dead agent had already thawed), and it
   is adopted as the service's running instance, as handoff instances are.
@@ -83,26 +84,30 @@ class Leftovers:
         return record if isinstance(record, dict) else {}
 
     def record_restored(self, service: str, pid: int | None, epoch: str | None = None,
-                        definition: Service | None = None) -> None:
-        """Restored copies not yet adopted nor given up, by service (pid None: forget it)."""
+                        definition: Service | None = None, sockets: list[str] | None = None) -> None:
+        """New instances not yet adopted nor given up, by service (pid None: forget it): a
+        `process` migration's restored copy, or (`sockets`: the names of its listeners and
+        UDP sockets, fds 3..) a handoff's new instance, started in the release."""
         restored = self.restored()
         if pid is None:
             if restored.pop(service, None) is None:
                 return
         else:
             restored[service] = {"pid": pid, "started": services.start_ticks(pid), "epoch": epoch,
-                                 "service": definition.to_dict() if definition is not None else None}
+                                 "service": definition.to_dict() if definition is not None else None,
+                                 "sockets": list(sockets) if sockets is not None else None}
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         tmp = self._restored_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump(restored, f)
         os.replace(tmp, self._restored_file)
 
-    def settle(self, criu: Any, adopt: Callable[[Service, int, int | None], Any]) -> list[tuple[str, Any]]:
-        """At start: each restored copy a previous agent left goes forward (its release had
-        begun: thawed, then `adopt(service, pid, started)`; returned as (name, instance)) or is
-        silenced and killed (see the module docstring). Only a process that is still that
-        service is touched."""
+    def settle(self, criu: Any, adopt: Callable[[Service, int, int | None, list[str]], Any]
+               ) -> list[tuple[str, Any]]:
+        """At start: each new instance a previous agent left goes forward (its release had
+        begun: a restored copy thawed, then `adopt(service, pid, started, socket names)`;
+        returned as (name, instance)) or is silenced and killed (see the module
+        docstring). Only a process that is still that service is touched."""
         adopted: list[tuple[str, Any]] = []
         for name, entry in self.restored().items():
             if isinstance(entry, int):  # an older agent's record: {service: pid}
@@ -112,25 +117,29 @@ class Leftovers:
                 continue
             pid, epoch, started = entry["pid"], entry.get("epoch"), entry.get("started")
             started = started if isinstance(started, int) else None
+            names = entry.get("sockets")
+            handoff = isinstance(names, list) and all(isinstance(n, str) for n in names)
+            what = "handed-over instance" if handoff else "restored copy"
             if not services.is_service(pid, name, started):
-                log.warning("the restored copy of %s (pid %d) left by a previous agent is gone", name, pid)
+                log.warning("the %s of %s (pid %d) left by a previous agent is gone", what, name, pid)
                 continue
             if isinstance(epoch, str) and self.release_begun(name, epoch) and entry.get("service"):
                 try:
                     service = Service.from_dict(entry["service"])
-                    criu.thaw(pid)  # repair off where still on, SIGCONT: it serves
-                    rs = adopt(service, pid, started)
+                    if not handoff:  # a handoff's instance runs from its start
+                        criu.thaw(pid)  # repair off where still on, SIGCONT: it serves
+                    rs = adopt(service, pid, started, names if handoff else [])
                 except (VipError, OSError, KeyError, TypeError, ValueError) as e:
-                    log.error("the restored copy of %s (pid %d) whose release had begun cannot be "
-                              "adopted (%s): ending it", name, pid, e)
+                    log.error("the %s of %s (pid %d) whose release had begun cannot be "
+                              "adopted (%s): ending it", what, name, pid, e)
                 else:
                     if rs is not None:
-                        log.warning("adopted the restored copy of %s (pid %d): the previous agent "
-                                    "died while releasing it (epoch %s)", name, pid, epoch)
+                        log.warning("adopted the %s of %s (pid %d): the previous agent "
+                                    "died while releasing it (epoch %s)", what, name, pid, epoch)
                         adopted.append((name, rs))
                         continue
-            log.warning("silencing and ending the restored copy of %s (pid %d) left by a "
-                        "previous agent (its release had not begun)", name, pid)
+            log.warning("silencing and ending the %s of %s (pid %d) left by a "
+                        "previous agent (its release had not begun)", what, name, pid)
             try:
                 criu.silence(pid)
             finally:

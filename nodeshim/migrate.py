@@ -30,6 +30,8 @@ mid-way); `criu.restore` with content `die`: the agent exits right after criu re
 copy (a destination killed at restore); `criu.thaw` with content `die-before` / `die`: the
 agent exits just before / just after it lets a copy run (a destination killed inside its
 release, past the release marker: its successor adopts the copy, nodeshim.leftovers).
+A handoff's `handoff.start` with content `die`: the agent exits right after it started the
+new instance, before adopting it (its successor adopts it).
 """
 
 from __future__ import annotations
@@ -422,6 +424,12 @@ class MigrationAgent:
             cmd.service, agent.config.vip, agent.log_dir, cmd.sockets, cmd.connections, cmd.state,
             extra_env=agent.notify_env)
         self.starting[rs.pid] = cmd.service.name
+        # a crash before it is adopted: the next agent adopts it (the release had begun)
+        machine = self.migrations.machines.get(cmd.service.name)
+        self.leftovers.record_restored(cmd.service.name, rs.pid, machine.epoch if machine else None,
+                                       cmd.service, [name for name, _ in cmd.sockets])
+        if self._armed_fault("handoff.start") == "die":  # dead before its adoption
+            self._die()
         return rs
 
     async def _wait_handshakes(self, cmd: nc.WaitHandshakes) -> None:

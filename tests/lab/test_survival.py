@@ -426,6 +426,53 @@ def test_killed_at_the_inject_of_stragglers(slab, tmp_path, who):
     migrate(slab, "echo", NEXT[svc["owner"]])
 
 
+def test_destination_agent_killed_between_starting_and_adopting_the_new_instance(slab, tmp_path):
+    """Inside the release, the handoff's new instance started (serving the moved
+    connections) and not yet adopted when the destination's agent dies (`handoff.start`
+    die). The restarted agent adopts that instance from its record (nodeshim.leftovers)
+    and refuses the resent Release: committed, TCP exact, the same instance serves.
+    Before, the instance was unknown to the successor, whose reconcile could not bind the
+    service's ports (EADDRINUSE) while the orphan kept serving.
+
+    UDP is NOT within AGENT_STEPS' allowance here, an open gap (docs/faults.md): measured
+    108, 146 and 421 datagrams lost (of 665-1201), with 22-62 in the dead agent's queue.
+    Part of it: the dying agent's rules still sent the service to its queue without
+    --queue-bypass (its table named the source the owner until the release's end), so
+    the kernel drops what arrives during the restart; the rest is not explained yet (the
+    adopted instance answers 20 of 20 right after the run). Printed, not asserted."""
+    source = owner(slab, "echo")
+    destination = NEXT[source]
+    p, stop = start_load(slab, tmp_path, "ag-handoff-start", kv=True)
+    try:
+        old = pids(slab)[destination]
+        agent_fault(slab, destination, "handoff.start")
+        report, res = migrate(slab, "echo", destination, check=False)
+        assert report is not None and report["outcome"] == "committed", (res.stdout, res.stderr)
+        assert not os.path.exists(os.path.join(slab.lab.state_dir, destination, "faults", "handoff.start"))
+        _wait_back(slab, destination, old)
+        svc = wait_settled(slab, "echo")
+        time.sleep(1.5)
+        started = service_pid(slab, "echo")
+    finally:
+        clear_agent_fault(slab, destination, "handoff.start")
+        r = finish_load(p, stop)
+    with open(os.path.join(slab.lab.state_dir, "logs", f"{destination}.log"), errors="replace") as f:
+        adopted = [line for line in f if "adopted the handed-over instance of echo" in line]
+    died = os.path.join(slab.lab.state_dir, destination, "faults", "died.queued")
+    with open(died) as f:
+        queued = int(f.read())
+    os.unlink(died)
+    print(f"destination agent killed after starting the new instance: committed; UDP lost: "
+          f"{r['udp_sent'] - r['udp_answered_once']} of {r['udp_sent']} (not within the allowance); "
+          f"in its queue when it died: {queued}; TCP {r['tcp_ok']}/{r['tcp_sent']}, resets {r['resets']}")
+    assert len(adopted) == 1 and f"(pid {started})" in adopted[0], adopted  # the very instance serves
+    assert_exact({**r, "udp_answered_once": r["udp_sent"]})  # TCP, kv: exact
+    assert r["udp_duplicated"] == 0, r
+    assert svc["owner"] == destination, svc
+    serves_once(slab, "echo")
+    migrate(slab, "echo", NEXT[svc["owner"]])
+
+
 # ---------------------------------------------------------------- soak
 
 def daemon_footprint(h):

@@ -63,7 +63,7 @@ def test_a_copy_whose_release_had_begun_is_thawed_then_adopted(tmp_path, copy):
     lo.record_restored("web", copy.pid, "02:76:63:00:00:07", WEB)
     lo.mark_releasing("web", "02:76:63:00:00:07")
 
-    def adopt(service, pid, started):
+    def adopt(service, pid, started, names):
         log.append(("adopt", service.name, pid))
         assert started is not None  # recorded at the restore: how the successor knows it
         return f"instance-{pid}"
@@ -80,7 +80,7 @@ def test_a_copy_whose_release_had_not_begun_is_silenced_then_killed(tmp_path, co
     lo.record_restored("web", copy.pid, "02:76:63:00:00:07", WEB)
     if marker:  # the marker of an earlier migration of the service is no release of this one
         lo.mark_releasing("web", marker)
-    adopted = lo.settle(FakeCriu(log), lambda s, p, st: log.append(("adopt",)) or "x")
+    adopted = lo.settle(FakeCriu(log), lambda s, p, st, n: log.append(("adopt",)) or "x")
     assert adopted == [] and log == [("silence", copy.pid)]
     assert gone(copy)
     assert lo.restored() == {}
@@ -91,7 +91,7 @@ def test_a_copy_that_cannot_be_adopted_is_ended_rather_than_left_unowned(tmp_pat
     lo.record_restored("web", copy.pid, "e7", WEB)
     lo.mark_releasing("web", "e7")
 
-    def adopt(service, pid, started):
+    def adopt(service, pid, started, names):
         raise KernelError("pidfd_getfd", 1, "not permitted")
     assert lo.settle(FakeCriu(log), adopt) == []
     assert log == [("thaw", copy.pid), ("silence", copy.pid)]
@@ -104,7 +104,7 @@ def test_an_older_record_and_a_process_that_is_not_the_service_are_handled(tmp_p
     with open(os.path.join(tmp_path, "restored.json"), "w") as f:
         f.write('{"web": %d, "other": %d}' % (copy.pid, os.getpid()))
     lo.mark_releasing("web", "e7")
-    assert lo.settle(FakeCriu(log), lambda s, p, st: "x") == []
+    assert lo.settle(FakeCriu(log), lambda s, p, st, n: "x") == []
     assert log == [("silence", copy.pid)]  # never this test's own process (not 'other')
     assert gone(copy)
 
@@ -129,7 +129,7 @@ def test_a_copy_that_wrote_over_its_environment_is_known_by_its_start_time(tmp_p
         lo, log = Leftovers(str(tmp_path)), []
         lo.record_restored("web", p.pid, "e7", WEB)  # no VIPCLUSTER_SERVICE in its environment
         lo.mark_releasing("web", "e7")
-        assert lo.settle(FakeCriu(log), lambda s, pid, st: f"instance-{pid}") == [("web", f"instance-{p.pid}")]
+        assert lo.settle(FakeCriu(log), lambda s, pid, st, n: f"instance-{pid}") == [("web", f"instance-{p.pid}")]
         # the same PID with another start time: somebody else's process, left alone
         lo.record_restored("web", p.pid, "e7", WEB)
         record = lo.restored()
@@ -137,8 +137,23 @@ def test_a_copy_that_wrote_over_its_environment_is_known_by_its_start_time(tmp_p
         with open(os.path.join(tmp_path, "restored.json"), "w") as f:
             f.write(json.dumps(record))
         log.clear()
-        assert lo.settle(FakeCriu(log), lambda s, pid, st: "x") == [] and log == []
+        assert lo.settle(FakeCriu(log), lambda s, pid, st, n: "x") == [] and log == []
         assert p.poll() is None
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_handoffs_new_instance_is_adopted_with_its_sockets_and_never_thawed(tmp_path, copy):
+    """A handoff's instance started in the release (it runs from its start): adopted with
+    the names of its sockets (fds 3..), criu is not asked to thaw it."""
+    lo, log = Leftovers(str(tmp_path)), []
+    lo.record_restored("web", copy.pid, "e7", WEB, ["tcp-203.0.113.10-6379"])
+    lo.mark_releasing("web", "e7")
+
+    def adopt(service, pid, started, names):
+        log.append(("adopt", pid, tuple(names)))
+        return "instance"
+    assert lo.settle(FakeCriu(log), adopt) == [("web", "instance")]
+    assert log == [("adopt", copy.pid, ("tcp-203.0.113.10-6379",))]
+    assert copy.poll() is None
