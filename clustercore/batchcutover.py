@@ -263,6 +263,14 @@ class BatchSource(MigrationRole):
         st = self._state.get(_check_id(batch))
         if st is not None and st.phase is BatchPhase.PINNED:
             return ()
+        if batch == OPENING and st is None:  # before the opening froze: only the waiting hold
+            accept, self._waiting, self._waiting_flows = self._waiting, [], set()
+            for h in accept:
+                if h.new_epoch:
+                    self._consumed[h.flow] = self._consumed.get(h.flow, 0) + 1
+            self._rolled_back = True
+            self._state[OPENING] = _SourceBatch(phase=BatchPhase.PINNED)
+            return tuple(h.handle for h in accept)
         st = self._frozen(batch, "roll back")
         accept = st.held
         if batch == OPENING:

@@ -290,3 +290,12 @@ def test_the_property_can_fail():
     bad = find(batched_migrations(), lambda m: bool(run(m, suppress=False).problems()),
                settings=settings(database=None, max_examples=3000))
     assert run(bad, suppress=False).problems()
+
+
+def test_rolling_back_before_the_opening_froze_accepts_the_waiting_hold():
+    s = BatchSource(NEW)
+    syn = tcp(50009, SYN, 0)
+    assert s.on_packet(syn, NEW, "syn", 0.1) is Verdict.HOLD
+    assert s.rollback(OPENING) == ("syn",)
+    assert s.on_packet(syn, NEW, "again", 0.2) is Verdict.ACCEPT
+    assert s.rollback(OPENING) == ()
