@@ -35,6 +35,8 @@ import socket
 import sys
 from collections import defaultdict
 
+from clustercore import batchchannel as bc
+from nodeshim import batchchannel
 from nodeshim.limits import raise_nofile
 
 
@@ -83,6 +85,7 @@ class Server:
         self.handoff = False
         self.pending: dict[str, dict] = {}
         self.named: list[tuple[str, socket.socket]] = []  # listeners and UDP sockets
+        self.channel: socket.socket | None = None  # the incremental handoff (vip-batch)
 
     def load_state(self, data: bytes) -> None:
         """What the old instance stored when it handed over: the kv table, and per
@@ -99,7 +102,10 @@ class Server:
                 with os.fdopen(fd, "rb") as f:
                     self.load_state(f.read())
         for name, fd in fds:
-            if name != STATE_FDNAME:
+            if name == bc.CHANNEL_FDNAME:
+                self.channel = socket.socket(fileno=fd)
+                self.sel.register(self.channel, selectors.EVENT_READ, self.on_channel)
+            elif name != STATE_FDNAME:
                 s = socket.socket(fileno=fd)
                 s.setblocking(False)
                 self.add(name, s)
@@ -207,6 +213,65 @@ class Server:
         self.outbuf.pop(c, None)
         c.close()
 
+    # -- the incremental handoff (clustercore.batchchannel): a batch at a time, serving on
+
+    def on_channel(self, ch: socket.socket, mask: int) -> None:
+        try:
+            msg, fds = batchchannel.receive(ch, None)
+        except batchchannel.ChannelClosed:
+            self.sel.unregister(ch)
+            self.channel = None
+            return
+        except Exception as e:  # noqa: BLE001 - a bad request must not stop the service
+            print(f"handoff channel: {e}", flush=True)
+            return
+        if isinstance(msg, bc.HandBack):
+            self.hand_back(ch, msg)
+        elif isinstance(msg, bc.Adopt):
+            for peer, entry in msg.state.items():
+                self.pending[peer] = entry
+            for name, fd in zip(msg.names, fds):
+                s = socket.socket(fileno=fd)
+                s.setblocking(False)
+                self.add(name, s)
+            batchchannel.send(ch, bc.Adopted(len(fds)))
+        else:
+            for fd in fds:
+                os.close(fd)
+            batchchannel.send(ch, bc.Refusal(f"unexpected {type(msg).__name__}"))
+
+    def hand_back(self, ch: socket.socket, msg: bc.HandBack) -> None:
+        """Stop serving the asked sockets and hand them back, with what we owe on them."""
+        named: list[tuple[str, socket.socket]] = []
+        state: dict = {}
+        if msg.listeners:
+            named, self.named = list(self.named), []
+            for _, s in named:
+                self.sel.unregister(s)
+        else:
+            wanted = set(msg.peers)
+            for c in [c for c in self.outbuf if _peer_key(c) in wanted]:
+                try:
+                    self._flush(c)
+                except OSError:
+                    pass
+                if c not in self.outbuf:
+                    continue  # closed while flushing
+                if self.outbuf[c] or self.inbuf[c]:
+                    state[_peer_key(c)] = {"out": base64.b64encode(bytes(self.outbuf[c])).decode(),
+                                           "in": base64.b64encode(bytes(self.inbuf[c])).decode()}
+                self.sel.unregister(c)
+                self.inbuf.pop(c, None)
+                self.outbuf.pop(c, None)
+                self.eof.discard(c)
+                named.append((f"conn-{c.getsockname()[1]}", c))
+        parts = [named[i:i + bc.FDS_PER_MESSAGE] for i in range(0, len(named), bc.FDS_PER_MESSAGE)] or [[]]
+        for i, part in enumerate(parts):
+            batchchannel.send(ch, bc.Handed(tuple(n for n, _ in part), state if i == 0 else {},
+                                            more=i + 1 < len(parts)), [s.fileno() for _, s in part])
+        for _, s in named:
+            s.close()  # the agent holds them now
+
     def hand_over(self) -> None:
         """Store the state and every socket in the agent's fd store, then stop."""
         conns = {}
@@ -243,14 +308,17 @@ class Server:
         print(f"handed over {len(self.outbuf)} connections", flush=True)
         wait_for_continue(lambda: notify("STOPPING=1"))
 
+    def poll(self, timeout: float) -> None:
+        try:
+            events = self.sel.select(timeout=timeout)
+        except InterruptedError:
+            events = []
+        for key, mask in events:
+            key.data(key.fileobj, mask)
+
     def run(self) -> None:
         while True:
-            try:
-                events = self.sel.select(timeout=1.0)
-            except InterruptedError:
-                events = []
-            for key, mask in events:
-                key.data(key.fileobj, mask)
+            self.poll(1.0)
             if self.handoff:
                 self.handoff = False
                 self.hand_over()
@@ -309,7 +377,10 @@ def main(argv: list[str]) -> int:
     server.adopt(fds)
     names = sorted({n for n, _ in fds})
     print(f"{argv[0]} serving {', '.join(names)} ({len(server.outbuf)} connections handed over)", flush=True)
-    notify(f"READY=1\nFDSTORE=1\nSTATUS=serving {', '.join(names)}")  # FDSTORE=1 alone: I hand over
+    # FDSTORE=1 alone: I hand over. X_VIP_BATCH=1 (echo only, with the channel): also a
+    # batch at a time while serving; kv's connections share its table, so it cannot
+    batch = f"\n{bc.ANNOUNCE}" if server.channel is not None and argv[0] == "echo" else ""
+    notify(f"READY=1\nFDSTORE=1{batch}\nSTATUS=serving {', '.join(names)}")
     server.run()
     return 0
 
