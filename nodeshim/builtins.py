@@ -86,6 +86,8 @@ class Server:
         self.pending: dict[str, dict] = {}
         self.named: list[tuple[str, socket.socket]] = []  # listeners and UDP sockets
         self.channel: socket.socket | None = None  # the incremental handoff (vip-batch)
+        self.by_peer: dict[str, socket.socket] = {}  # a batch's lookup costs its size only
+        self.peer_of: dict[socket.socket, str] = {}  # (getpeername fails once reset)
 
     def load_state(self, data: bytes) -> None:
         """What the old instance stored when it handed over: the kv table, and per
@@ -125,7 +127,10 @@ class Server:
         self.inbuf[c] = bytearray()
         self.outbuf[c] = bytearray()
         self.sel.register(c, selectors.EVENT_READ, self.on_conn)
-        saved = self.pending.pop(_peer_key(c), None) if self.pending else None
+        peer = _peer_key(c)
+        self.by_peer[peer] = c
+        self.peer_of[c] = peer
+        saved = self.pending.pop(peer, None) if self.pending else None
         if saved:
             self.inbuf[c] += base64.b64decode(saved.get("in", ""))
             self.outbuf[c] += base64.b64decode(saved.get("out", ""))
@@ -207,11 +212,18 @@ class Server:
         self.sel.modify(c, events or selectors.EVENT_WRITE, self.on_conn)
 
     def _close(self, c: socket.socket) -> None:
+        self._forget(c)
+        c.close()
+
+    def _forget(self, c: socket.socket) -> None:
+        """No longer ours to serve (closed, or handed back)."""
+        peer = self.peer_of.pop(c, None)
+        if peer is not None and self.by_peer.get(peer) is c:
+            del self.by_peer[peer]
         self.eof.discard(c)
         self.sel.unregister(c)
         self.inbuf.pop(c, None)
         self.outbuf.pop(c, None)
-        c.close()
 
     # -- the incremental handoff (clustercore.batchchannel): a batch at a time, serving on
 
@@ -249,8 +261,10 @@ class Server:
             for _, s in named:
                 self.sel.unregister(s)
         else:
-            wanted = set(msg.peers)
-            for c in [c for c in self.outbuf if _peer_key(c) in wanted]:
+            for peer in dict.fromkeys(msg.peers):
+                c = self.by_peer.get(peer)
+                if c is None:
+                    continue  # closed meanwhile: the agent sees it missing
                 try:
                     self._flush(c)
                 except OSError:
@@ -258,13 +272,14 @@ class Server:
                 if c not in self.outbuf:
                     continue  # closed while flushing
                 if self.outbuf[c] or self.inbuf[c]:
-                    state[_peer_key(c)] = {"out": base64.b64encode(bytes(self.outbuf[c])).decode(),
-                                           "in": base64.b64encode(bytes(self.inbuf[c])).decode()}
-                self.sel.unregister(c)
-                self.inbuf.pop(c, None)
-                self.outbuf.pop(c, None)
-                self.eof.discard(c)
-                named.append((f"conn-{c.getsockname()[1]}", c))
+                    state[peer] = {"out": base64.b64encode(bytes(self.outbuf[c])).decode(),
+                                   "in": base64.b64encode(bytes(self.inbuf[c])).decode()}
+                try:
+                    name = f"conn-{c.getsockname()[1]}"
+                except OSError:
+                    continue
+                self._forget(c)
+                named.append((name, c))
         parts = [named[i:i + bc.FDS_PER_MESSAGE] for i in range(0, len(named), bc.FDS_PER_MESSAGE)] or [[]]
         for i, part in enumerate(parts):
             batchchannel.send(ch, bc.Handed(tuple(n for n, _ in part), state if i == 0 else {},
