@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from .cutover import CommitPlan, Flow, Handle, ReleasePlan, check_consumed
 from .errors import LocalControlError

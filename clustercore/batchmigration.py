@@ -460,3 +460,25 @@ ON_UNEXPECTED: dict[BState, tuple[BState, Callable[[BatchMigration, str, float],
     **{s: (s, M._ignore_unexpected) for s in S if s not in BEFORE_RELEASE and s is not S.NEW},
 }
 del S, M, _state, _failure
+
+
+def render_dot() -> str:
+    """The table as Graphviz: `python -m clustercore.batchmigration | dot -Tsvg > b.svg`."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for (state, event), (target, _) in TRANSITIONS.items():
+        targets = [target] if isinstance(target, BState) else [BState.FREEZING, BState.FINISHING,
+                                                                BState.COMMITTED]
+        for t in targets:
+            edges.setdefault((state.name, t.name), []).append(event.__name__)
+    lines = ["digraph batched_migration {", "  rankdir=LR;", "  node [shape=box, style=rounded];"]
+    lines += [f"  {s.name} [peripheries=2];" for s in TERMINAL]
+    lines.append(f'  {BState.OPEN_RELEASING.name} [xlabel="point of no return"];')
+    for (src, dst), labels in edges.items():
+        label = ", ".join(sorted(set(labels)))
+        lines.append(f'  {src} -> {dst} [label="{label}"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_dot(), end="")

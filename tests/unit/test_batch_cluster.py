@@ -17,7 +17,7 @@ from clustercore import messages as msgs
 from clustercore.batchcutover import OPENING, BatchDest, BatchSource
 from clustercore.batchmigration import (
     TERMINAL, BatchCommitted, BatchFrozen, BatchMigration, BatchReleased, BatchRestored,
-    BatchSizer, BatchUndone, BState, OpeningFrozen,
+    BatchSizer, BatchUndone, OpeningFrozen,
 )
 from clustercore.errors import LocalControlError
 from clustercore.migration_messages import (

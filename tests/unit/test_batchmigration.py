@@ -5,7 +5,6 @@ packets flow, checked by the shared oracle (exactly once, per-flow order)."""
 
 from __future__ import annotations
 
-import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,8 +19,8 @@ from clustercore.batchmigration import (
 )
 from clustercore.errors import ConfigError, LocalControlError
 from clustercore.migration_messages import (
-    Cancel, Committed, CountingReady, EpochFlipped, FlipEpoch, HoldReady, MessageLost, NodeLost,
-    OwnerSwitched, RolledBack, SendToNode, SetDelivery, SetOwner, Start, StepFailed,
+    Cancel, Committed, CountingReady, EpochFlipped, HoldReady, MessageLost, NodeLost,
+    OwnerSwitched, RolledBack, SendToNode, SetDelivery, Start, StepFailed,
     StepTimedOut,
 )
 
@@ -318,3 +317,11 @@ def honest_reply(d: Driver):
         BState.COMMITTING: BatchCommitted(node=SRC, batch=b), BState.UNDOING: BatchUndone(node=SRC, batch=b),
         BState.FINISHING: Committed(node=SRC), BState.ROLLING_BACK: RolledBack(node=SRC),
     }.get(s)
+
+
+def test_the_table_draws():
+    from clustercore.batchmigration import render_dot
+
+    dot = render_dot()
+    assert dot.startswith("digraph") and "OPEN_RELEASING -> OPEN_COMMITTING" in dot
+    assert "UNDOING -> FREEZING" in dot and "FREEZING -> UNDOING" in dot
