@@ -482,3 +482,40 @@ def render_dot() -> str:
 
 if __name__ == "__main__":
     print(render_dot(), end="")
+
+
+# ---------------------------------------------------------------- replies -> events
+# What a node's typed reply to each batched step means to the machine (as
+# migration_driver.REPLY_EVENTS does for the whole-service steps); the batch steps' events
+# carry the request's batch id, so they are built in event_for_batch_reply. Abort,
+# AbortBatch and Inject have nothing the machine waits for.
+
+BATCH_REPLY_EVENTS: dict[type, Callable[[str, Any], Event]] = {
+    msgs.Prepare: lambda node, r: HoldReady(node=node, endpoint=getattr(r, "endpoint", None) or {}),
+    msgs.Arm: lambda node, r: CountingReady(node=node),
+    bm.OpenBatch: lambda node, r: OpeningFrozen(
+        node=node, consumed=r.consumed, kept=r.kept, idle_ms=r.idle_ms,
+        late_packets=r.late_packets, socket_state=r.sockets),
+    bm.FinishBatched: lambda node, r: Committed(node=node, late_packets=r.late_packets),
+    msgs.Rollback: lambda node, r: RolledBack(node=node),
+}
+
+
+def event_for_batch_reply(node: str, step: msgs.Step, reply: Any) -> Event | None:
+    """The machine's event for a node's (typed) reply to a batched migration's `step`."""
+    batch = getattr(step, "batch", None)
+    if isinstance(step, bm.FreezeBatch):
+        return BatchFrozen(node=node, batch=batch, consumed=reply.consumed,
+                           late_packets=reply.late_packets, socket_state=reply.sockets)
+    if isinstance(step, bm.RestoreBatch):
+        return BatchRestored(node=node, batch=batch)
+    if isinstance(step, bm.ReleaseBatch):
+        return BatchReleased(node=node, batch=batch, held=reply.held, released=reply.released,
+                             duplicates_suppressed=reply.duplicates_suppressed, lost=reply.lost,
+                             waited_ms=reply.waited_ms)
+    if isinstance(step, bm.CommitBatch):
+        return BatchCommitted(node=node, batch=batch, late_packets=reply.late_packets)
+    if isinstance(step, bm.RollbackBatch):
+        return BatchUndone(node=node, batch=batch)
+    make = BATCH_REPLY_EVENTS.get(type(step))
+    return make(node, reply) if make is not None else None

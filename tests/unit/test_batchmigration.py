@@ -325,3 +325,29 @@ def test_the_table_draws():
     dot = render_dot()
     assert dot.startswith("digraph") and "OPEN_RELEASING -> OPEN_COMMITTING" in dot
     assert "UNDOING -> FREEZING" in dot and "FREEZING -> UNDOING" in dot
+
+
+def test_node_replies_become_the_machine_events_through_the_wire():
+    from clustercore.batchmigration import event_for_batch_reply
+
+    f = flow(1)
+    cases = [
+        (bm.OpenBatch(service=SERVICE, epoch=EPOCH),
+         bm.OpeningDone(consumed={f: 2}, kept=(f,), idle_ms=(3.0,)), OpeningFrozen),
+        (bm.FreezeBatch(service=SERVICE, epoch=EPOCH, batch=4, flows=(f,)),
+         bm.BatchFreezeDone(consumed={f: 1}), BatchFrozen),
+        (bm.RestoreBatch(service=SERVICE, epoch=EPOCH, batch=4, sockets={}), msgs.Done(), BatchRestored),
+        (bm.ReleaseBatch(service=SERVICE, epoch=EPOCH, batch=4, flows=(f,)),
+         bm.BatchReleaseDone(released=3, waited_ms=(2.5,)), BatchReleased),
+        (bm.CommitBatch(service=SERVICE, epoch=EPOCH, batch=4), msgs.CommitDone(), BatchCommitted),
+        (bm.RollbackBatch(service=SERVICE, epoch=EPOCH, batch=4), msgs.Done(), BatchUndone),
+        (bm.FinishBatched(service=SERVICE, epoch=EPOCH), msgs.CommitDone(), Committed),
+    ]
+    for step, reply, kind in cases:
+        wire_step = msgs.decode(step.to_wire())  # both ways through the codec
+        typed = msgs.decode_reply(wire_step, reply.fields_to_wire())
+        ev = event_for_batch_reply(SRC, wire_step, typed)
+        assert isinstance(ev, kind)
+        if hasattr(ev, "batch"):
+            assert ev.batch == getattr(step, "batch", 0)
+    assert event_for_batch_reply(DST, bm.AbortBatch(service=SERVICE, epoch=EPOCH, batch=1), msgs.Done()) is None
