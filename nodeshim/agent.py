@@ -294,8 +294,9 @@ class NodeAgent:
         log.info("node %s: VIP %s on lo, VIP packets -> queues %d-%d (fail closed)",
                  cfg.name, " and ".join(cfg.vips), cfg.queue_num, cfg.queue_num + cfg.queue_count - 1)
         try:
-            self._metrics_server = await metricsserver.serve(cfg.metrics_address, self.metrics.registry,
-                                                             self.metrics.before_scrape)
+            self._metrics_server = await metricsserver.serve(
+                cfg.metrics_address, self.metrics.registry, self.metrics.before_scrape,
+                (cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.metrics_tls else None)
         except OSError as e:
             raise ConfigError("metrics_address", f"cannot listen on {cfg.metrics_address}: {e.strerror or e}") from None
 
