@@ -710,9 +710,12 @@ class NodeAgent:
                     self.restarts[name] = MAX_RESTARTS  # not ours to restart
                     continue
                 if service_kind(rs.service.exec_spec) is ServiceKind.COMMAND:
-                    self.running[name] = services.start_isolated(rs.service, self.config.vips, self.log_dir)
+                    # their NOTIFY_SOCKET is ours, never our manager's (the agent's own
+                    # environment has the lab supervisor's or systemd's)
+                    self.running[name] = services.start_isolated(rs.service, self.config.vips, self.log_dir,
+                                                                 extra_env=self.notify_env)
                 else:
-                    self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir)
+                    self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir, self.notify_env)
                 self.restarts[name] = n + 1
                 self.metrics.restarted(name)
                 self.record_running()
