@@ -149,3 +149,27 @@ def test_listen_fds_are_not_taken_when_meant_for_another_process(monkeypatch):
     monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
     monkeypatch.setenv("LISTEN_FDS", "1")
     assert systemd.listen_fds() == [] and "LISTEN_FDS" not in os.environ
+
+
+def test_queues_are_taken_over_where_kept_and_bound_afresh_elsewhere(monkeypatch):
+    from nodeshim import queue as qmod
+
+    bound = []
+
+    class FakeFresh:
+        def __init__(self, q, max_len, decide):
+            self.queue_num = q
+            bound.append(q)
+
+    def take_over(q, sock, max_len, held_accept, decide):
+        assert held_accept is True
+        return None if q == 2 else ("adopted", q)  # queue 2's socket holds no instance
+
+    monkeypatch.setattr(qmod, "PacketQueue", FakeFresh)
+    monkeypatch.setattr(qmod.AdoptedQueue, "take_over", staticmethod(take_over))
+    socks = {q: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) for q in (1, 2, 9)}
+    qs = qmod.PacketQueues(0, 4, 1024, lambda *a: Verdict.ACCEPT, socks, held_accept=True)
+    assert [getattr(q, "queue_num", q) for q in qs.queues] == [0, ("adopted", 1), 2, 3]
+    assert bound == [0, 2, 3] and [q.queue_num for q in qs.fresh] == [0, 2, 3]
+    # queue 2's dead socket and queue 9's (not ours) are closed; queue 1's is the adopted queue's
+    assert socks[2].fileno() == -1 and socks[9].fileno() == -1 and socks[1].fileno() != -1
