@@ -185,3 +185,18 @@ def test_c_parser_accepts_exactly_what_sockwire_accepts(family, port, mss, sws, 
 def test_the_path_in_use_is_named():
     assert repairc.IMPLEMENTATION in ("c", "python")
     assert (repairc.ext is None) == (repairc.IMPLEMENTATION == "python")
+
+
+def test_a_state_read_from_a_record_packs_to_that_record_and_replace_forgets_it():
+    import dataclasses
+
+    s = _state()
+    rec = sockwire.pack_connection(s)
+    assert s.packed is None
+    for back in (sockwire.unpack_connections(rec)[0], sockwire.from_local_record(rec, 4)):
+        assert back.packed == rec and sockwire.pack_connection(back) == rec and back == s
+        renamed = dataclasses.replace(back, name="other")
+        assert renamed.packed is None  # a changed state is packed from its fields
+        assert sockwire.unpack_connections(sockwire.pack_connection(renamed))[0].name == "other"
+    big = _state(recv_queue=b"x" * sockwire.KEEP_RECORD_MAX)
+    assert sockwire.unpack_connections(sockwire.pack_connection(big))[0].packed is None
