@@ -273,7 +273,7 @@ static int sockaddr_to(const struct sockaddr_storage *ss, int *family, uint8_t i
 
 /* Read one connection whose socket is in repair mode. Returns the record (new
  * reference) or NULL with RepairError set. */
-static PyObject *dump_one(Py_ssize_t index, int fd, const char *name, Py_ssize_t nlen)
+static PyObject *dump_one(Py_ssize_t index, int fd, const char *name, Py_ssize_t nlen, struct conn *cout)
 {
     struct conn c;
     uint8_t info[8];
@@ -378,7 +378,12 @@ static PyObject *dump_one(Py_ssize_t index, int fd, const char *name, Py_ssize_t
         if (nlen) memcpy(out + head, name, nlen);
         pack_head(&c, out);
         if (_PyBytes_Resize(&rec, (Py_ssize_t)head + nlen + inq + outq) < 0) return NULL;
+        out = (uint8_t *)PyBytes_AS_STRING(rec); /* the resize may move it */
+        c.name = out + head;
+        c.rq = c.name + nlen;
+        c.sq = c.rq + inq;
     }
+    *cout = c;
     return rec;
 
 short_peek:
@@ -399,16 +404,120 @@ static void repair_off_quietly(int fd)
     errno = saved;
 }
 
-/* dump_many(fds, names) -> list[bytes]: repair mode on for each socket and its record.
+/* ------------------------------------------------------------------ states */
+
+/* clustercore.sockstate's TcpConnState and TcpWindow, built here as
+ * clustercore.sockwire.from_local_record builds them (see there why without a second
+ * check): the classes, sockwire's ip-to-text function and the size up to which a state
+ * keeps its record come from the caller, nothing is assumed but the field names. */
+enum { F_LOCAL, F_REMOTE, F_FAMILY, F_STATE, F_MSS, F_WSCALING, F_SWS, F_RWS, F_TIMESTAMPS,
+       F_TSVAL, F_SACKF, F_WINDOW, F_SEND_SEQ, F_RECV_SEQ, F_RECV_QUEUE, F_SEND_QUEUE,
+       F_UNSENT, F_NAME, F_PACKED, N_FIELDS };
+static const char *field_names[N_FIELDS] = {
+    "local", "remote", "family", "state", "mss", "window_scaling", "snd_wscale", "rcv_wscale",
+    "timestamps", "tsval", "sack", "window", "send_seq", "recv_seq", "recv_queue", "send_queue",
+    "unsent_len", "name", "packed"};
+static const char *window_names[5] = {"snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"};
+static PyObject *field_str[N_FIELDS], *window_str[5], *established_str;
+
+struct builder {
+    PyTypeObject *conn_t, *win_t;
+    PyObject *ip_text, *ips; /* ips: {address bytes: text}, for this call */
+    Py_ssize_t keep_max;
+};
+
+static PyObject *ip_object(struct builder *b, const uint8_t *ip, int family)
+{
+    PyObject *key = PyBytes_FromStringAndSize((const char *)ip, family == 6 ? 16 : 4), *text;
+    if (!key) return NULL;
+    text = PyDict_GetItemWithError(b->ips, key);
+    if (text) {
+        Py_INCREF(text);
+    } else if (!PyErr_Occurred()) {
+        text = PyObject_CallOneArg(b->ip_text, key);
+        if (text && PyDict_SetItem(b->ips, key, text) < 0) Py_CLEAR(text);
+    }
+    Py_DECREF(key);
+    return text;
+}
+
+static PyObject *addr_object(struct builder *b, const uint8_t *ip, uint16_t port, int family)
+{
+    PyObject *text = ip_object(b, ip, family);
+    return text ? Py_BuildValue("(Ni)", text, (int)port) : NULL;
+}
+
+/* set each value (stolen) on obj; 0 or -1 */
+static int set_all(PyObject *obj, PyObject **names, PyObject **values, int n)
+{
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        if (!values[i]) { rc = -1; continue; }
+        if (rc == 0 && PyObject_GenericSetAttr(obj, names[i], values[i]) < 0) rc = -1;
+    }
+    for (int i = 0; i < n; i++) Py_XDECREF(values[i]);
+    return rc;
+}
+
+static PyObject *make_state(struct builder *b, const struct conn *c, PyObject *rec)
+{
+    PyObject *v[N_FIELDS], *w[5], *win, *st;
+    win = b->win_t->tp_alloc(b->win_t, 0);
+    if (!win) return NULL;
+    w[0] = PyLong_FromUnsignedLong(c->w.snd_wl1);
+    w[1] = PyLong_FromUnsignedLong(c->w.snd_wnd);
+    w[2] = PyLong_FromUnsignedLong(c->w.max_window);
+    w[3] = PyLong_FromUnsignedLong(c->w.rcv_wnd);
+    w[4] = PyLong_FromUnsignedLong(c->w.rcv_wup);
+    if (set_all(win, window_str, w, 5) < 0) { Py_DECREF(win); return NULL; }
+    st = b->conn_t->tp_alloc(b->conn_t, 0);
+    if (!st) { Py_DECREF(win); return NULL; }
+    v[F_LOCAL] = addr_object(b, c->lip, c->lport, c->family);
+    v[F_REMOTE] = addr_object(b, c->rip, c->rport, c->family);
+    v[F_FAMILY] = PyLong_FromLong(c->family);
+    v[F_STATE] = Py_NewRef(established_str);
+    v[F_MSS] = PyLong_FromLong(c->mss);
+    v[F_WSCALING] = PyBool_FromLong(c->flags & F_WS);
+    v[F_SWS] = PyLong_FromLong(c->sws);
+    v[F_RWS] = PyLong_FromLong(c->rws);
+    v[F_TIMESTAMPS] = PyBool_FromLong(c->flags & F_TS);
+    v[F_TSVAL] = PyLong_FromUnsignedLong(c->tsval);
+    v[F_SACKF] = PyBool_FromLong(c->flags & F_SACK);
+    v[F_WINDOW] = win;
+    v[F_SEND_SEQ] = PyLong_FromUnsignedLong(c->send_seq);
+    v[F_RECV_SEQ] = PyLong_FromUnsignedLong(c->recv_seq);
+    v[F_RECV_QUEUE] = PyBytes_FromStringAndSize((const char *)c->rq, c->rlen);
+    v[F_SEND_QUEUE] = PyBytes_FromStringAndSize((const char *)c->sq, c->slen);
+    v[F_UNSENT] = PyLong_FromUnsignedLong(c->unsent);
+    v[F_NAME] = c->nlen ? PyUnicode_DecodeASCII((const char *)c->name, c->nlen, "strict") : Py_NewRef(Py_None);
+    v[F_PACKED] = Py_NewRef(PyBytes_GET_SIZE(rec) <= b->keep_max ? rec : Py_None);
+    if (set_all(st, field_str, v, N_FIELDS) < 0) { Py_DECREF(st); return NULL; }
+    return st;
+}
+
+/* dump_many(fds, names[, (TcpConnState, TcpWindow, ip_text, keep_max)]) -> list[bytes]: repair mode on for each socket and its record.
+ * With the 4-tuple, a list of TcpConnState instead of records.
  * All or none: on failure every socket of the list already touched (and the failing one,
  * if repair mode went on) leaves repair mode without a window probe, as tcprepair.py. */
 static PyObject *py_dump_many(PyObject *self, PyObject *args)
 {
-    PyObject *fds_in, *names_in, *fds = NULL, *names = NULL, *out = NULL;
+    PyObject *fds_in, *names_in, *fds = NULL, *names = NULL, *out = NULL, *types = Py_None;
     Py_ssize_t n, i, done = 0;
     int *fdv = NULL;
+    struct builder b = {0};
     (void)self;
-    if (!PyArg_ParseTuple(args, "OO", &fds_in, &names_in)) return NULL;
+    if (!PyArg_ParseTuple(args, "OO|O", &fds_in, &names_in, &types)) return NULL;
+    if (types != Py_None) {
+        PyObject *ct, *wt;
+        if (!PyArg_ParseTuple(types, "OOOn", &ct, &wt, &b.ip_text, &b.keep_max)) return NULL;
+        if (!PyType_Check(ct) || !PyType_Check(wt) || !PyCallable_Check(b.ip_text)) {
+            PyErr_SetString(PyExc_TypeError, "dump_many: (TcpConnState, TcpWindow, ip_text, keep_max)");
+            return NULL;
+        }
+        b.conn_t = (PyTypeObject *)ct;
+        b.win_t = (PyTypeObject *)wt;
+        if (!(b.ips = PyDict_New())) return NULL;
+    }
     if (!(fds = PySequence_Fast(fds_in, "fds must be a sequence"))) return NULL;
     if (!(names = PySequence_Fast(names_in, "names must be a sequence"))) goto out;
     n = PySequence_Fast_GET_SIZE(fds);
@@ -429,14 +538,21 @@ static PyObject *py_dump_many(PyObject *self, PyObject *args)
     if (!(out = PyList_New(n))) goto out;
     for (i = 0; i < n; i++) {
         PyObject *nm = PySequence_Fast_GET_ITEM(names, i), *rec;
+        struct conn c;
         if (opt_int(fdv[i], IPPROTO_TCP, TCP_REPAIR, REPAIR_ON) < 0) {
             fail(i, "TCP_REPAIR on", errno, 0);
             goto rollback;
         }
         done = i + 1;
         rec = dump_one(i, fdv[i], nm == Py_None ? NULL : PyBytes_AS_STRING(nm),
-                       nm == Py_None ? 0 : PyBytes_GET_SIZE(nm));
+                       nm == Py_None ? 0 : PyBytes_GET_SIZE(nm), &c);
         if (!rec) goto rollback;
+        if (b.conn_t) {
+            PyObject *st = make_state(&b, &c, rec);
+            Py_DECREF(rec);
+            if (!st) goto rollback;
+            rec = st;
+        }
         PyList_SET_ITEM(out, i, rec);
     }
     goto out;
@@ -444,6 +560,7 @@ rollback:
     for (i = 0; i < done; i++) repair_off_quietly(fdv[i]);
     Py_CLEAR(out);
 out:
+    Py_XDECREF(b.ips);
     PyMem_Free(fdv);
     Py_XDECREF(fds);
     Py_XDECREF(names);
@@ -746,14 +863,22 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__repair(void)
 {
-    PyObject *m = PyModule_Create(&module);
+    PyObject *m;
+    for (int i = 0; i < N_FIELDS; i++)
+        if (!(field_str[i] = PyUnicode_InternFromString(field_names[i]))) return NULL;
+    for (int i = 0; i < 5; i++)
+        if (!(window_str[i] = PyUnicode_InternFromString(window_names[i]))) return NULL;
+    if (!(established_str = PyUnicode_InternFromString("ESTABLISHED"))) return NULL;
+    m = PyModule_Create(&module);
     if (!m) return NULL;
     RepairError = PyErr_NewException("nodeshim._repair.RepairError", NULL, NULL);
     if (!RepairError || PyModule_AddObject(m, "RepairError", Py_NewRef(RepairError)) < 0) {
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "HEAD4", HEAD4) < 0 || PyModule_AddIntConstant(m, "HEAD6", HEAD6) < 0) {
+    /* ABI: what nodeshim/repairc.py expects of this module's calls; bump it with them */
+    if (PyModule_AddIntConstant(m, "HEAD4", HEAD4) < 0 || PyModule_AddIntConstant(m, "HEAD6", HEAD6) < 0
+        || PyModule_AddIntConstant(m, "ABI", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

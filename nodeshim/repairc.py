@@ -28,12 +28,13 @@ import socket
 from typing import Sequence
 
 from clustercore.errors import KernelError
-from clustercore.sockstate import HALF_CLOSED_STATES, TCP_STATES, TcpConnState
-from clustercore.sockwire import from_local_record, pack_connection
+from clustercore.sockstate import HALF_CLOSED_STATES, TCP_STATES, TcpConnState, TcpWindow
+from clustercore.sockwire import KEEP_RECORD_MAX, _ip_text, pack_connection
 
 log = logging.getLogger("vipcluster.tcprepair")
 
-_FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
+
+ABI = 2  # the calls this module makes of nodeshim._repair (its ABI constant)
 
 try:
     from nodeshim import _repair as ext
@@ -42,11 +43,15 @@ except ImportError as exc:  # not built (scripts/build-repair): the pure-Python 
     _WHY = f"nodeshim._repair is not built ({exc}); run scripts/build-repair"
 else:
     _WHY = "nodeshim._repair"
+    if getattr(ext, "ABI", None) != ABI:  # built from an older _repair.c: do not guess
+        ext = None
+        _WHY = "nodeshim._repair was built from another version of _repair.c; run scripts/build-repair"
 if ext is not None and os.environ.get("VIPCLUSTER_TCPREPAIR", "").lower() == "python":
     ext = None
     _WHY = "VIPCLUSTER_TCPREPAIR=python"
 
 IMPLEMENTATION = "c" if ext is not None else "python"
+_BUILD = (TcpConnState, TcpWindow, _ip_text, KEEP_RECORD_MAX)
 RepairError = ext.RepairError if ext is not None else None
 _announced = False
 
@@ -92,11 +97,10 @@ def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None
     """Repair on and read each socket; all or none (the C code rolls back)."""
     fds = [s.fileno() for s in socks]
     enc = [None] * len(fds) if names is None else [None if n is None else n.encode() for n in names]
-    try:
-        recs = ext.dump_many(fds, enc)
+    try:  # the states are built in C, as sockwire.from_local_record builds them
+        return ext.dump_many(fds, enc, _BUILD)
     except RepairError as exc:
         raise _dump_error(exc, socks) from None
-    return [from_local_record(rec, _FAMILY[s.family]) for rec, s in zip(recs, socks)]
 
 
 def restore_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) -> None:

@@ -90,13 +90,40 @@ def test_both_paths_dump_the_same_record(net):
         assert _without_tsval(rec, 4) == _without_tsval(py, 4)
         assert 0 <= (_tsval(py, 4) - _tsval(rec, 4)) & 0xFFFFFFFF < 1 << 20  # read later, not earlier
     with path("c"):
-        states_c = tcprepair.dump_many(servers, names)
+        states_c = tcprepair.dump_many(servers, names)  # TcpConnState objects built in C
+    for a, rec in zip(states_c, recs_c):
+        packed = sockwire.pack_connection(a)
+        assert type(a) is type(states_py[0])
+        assert len(rec) > sockwire.KEEP_RECORD_MAX and a.packed is None  # big queues: packed anew
+        assert _without_tsval(packed, 4) == _without_tsval(rec, 4)
+        # the object C built is the state its record holds, checked field by field
+        assert sockwire.unpack_connections(packed)[0] == a == sockwire.from_local_record(packed, 4)
     for a, b in zip(states_c, states_py):  # and the same TcpConnState through each path
         assert (a.four_tuple, a.send_seq, a.recv_seq, a.window, a.recv_queue, a.send_queue, a.unsent_len,
                 a.mss, a.snd_wscale, a.rcv_wscale, a.sack, a.timestamps, a.name) == \
                (b.four_tuple, b.send_seq, b.recv_seq, b.window, b.recv_queue, b.send_queue, b.unsent_len,
                 b.mss, b.snd_wscale, b.rcv_wscale, b.sack, b.timestamps, b.name)
     tcprepair.unrepair_many(servers)
+
+
+def test_idle_connections_keep_the_record_c_made(net):
+    import dataclasses
+
+    lst = net.listener()
+    pairs = [net.connect(lst) for _ in range(3)]
+    servers = [srv for _, srv in pairs]
+    with path("c"):
+        states = tcprepair.dump_many(servers, ["a", "b", "c"])
+    for st in states:
+        assert st.packed is not None and len(st.packed) <= sockwire.KEEP_RECORD_MAX
+        # packed from the fields (replace drops the record): the same bytes, tsval included
+        assert sockwire.pack_connection(dataclasses.replace(st)) == st.packed
+        assert sockwire.unpack_connections(st.packed)[0] == st
+    tcprepair.unrepair_many(servers)
+    for cli, srv in pairs:
+        cli.sendall(b"x")
+        srv.settimeout(5)
+        assert srv.recv(1) == b"x"
 
 
 @pytest.mark.parametrize("dump_with, restore_with", [("c", "python"), ("python", "c"), ("c", "c")])
