@@ -200,3 +200,48 @@ def test_a_state_read_from_a_record_packs_to_that_record_and_replace_forgets_it(
         assert sockwire.unpack_connections(sockwire.pack_connection(renamed))[0].name == "other"
     big = _state(recv_queue=b"x" * sockwire.KEEP_RECORD_MAX)
     assert sockwire.unpack_connections(sockwire.pack_connection(big))[0].packed is None
+
+
+def _reloaded(monkeypatch, fake=None, env=None):
+    import importlib
+    import sys
+    import types
+
+    import nodeshim
+
+    if fake is not None:  # `from nodeshim import _repair` reads the package's attribute first
+        fake = types.SimpleNamespace(**fake)
+        monkeypatch.setitem(sys.modules, "nodeshim._repair", fake)
+        monkeypatch.setattr(nodeshim, "_repair", fake, raising=False)
+    if env is not None:
+        monkeypatch.setenv("VIPCLUSTER_TCPREPAIR", env)
+    return importlib.reload(repairc)
+
+
+@pytest.fixture
+def reload_back(monkeypatch):
+    import importlib
+
+    yield monkeypatch
+    monkeypatch.undo()
+    importlib.reload(repairc)  # as the rest of the suite found it
+
+
+def test_a_stale_or_unwanted_build_is_not_used_and_the_log_says_why(reload_back, caplog):
+    mod = _reloaded(reload_back, fake={"ABI": repairc.ABI - 1, "RepairError": Exception})
+    assert mod.ext is None and mod.IMPLEMENTATION == "python"
+    with caplog.at_level("INFO", logger="vipcluster.tcprepair"):
+        mod.announce()
+        mod.announce()
+    lines = [r.getMessage() for r in caplog.records if r.name == "vipcluster.tcprepair"]
+    assert len(lines) == 1 and "python path" in lines[0] and "scripts/build-repair" in lines[0]
+    if _repair is not None:
+        import nodeshim
+
+        reload_back.setitem(__import__("sys").modules, "nodeshim._repair", _repair)
+        reload_back.setattr(nodeshim, "_repair", _repair)
+        mod = _reloaded(reload_back, env="python")
+        assert mod.ext is None and "VIPCLUSTER_TCPREPAIR=python" in mod._WHY
+        reload_back.delenv("VIPCLUSTER_TCPREPAIR")
+        mod = _reloaded(reload_back)
+        assert mod.ext is _repair and mod.IMPLEMENTATION == "c"
