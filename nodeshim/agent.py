@@ -32,7 +32,7 @@ from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
-from . import criu, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
+from . import criu, criulazy, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
 from .drain import DrainAgent
 from .fdstore import NotifySocket, process_group_of
 from .health import HealthRunner
@@ -670,7 +670,13 @@ class NodeAgent:
 
     async def _check_criu(self) -> None:
         ok, why = await asyncio.to_thread(criu.available)
-        self._process_strategy = {"available": ok, "reason": why}
+        strategy = {"available": ok, "reason": why}
+        if ok:  # lazy pages: userfaultfd, and pipes large enough for criu (criulazy)
+            lazy_ok, lazy_why = await asyncio.to_thread(criulazy.available)
+            strategy["lazy_pages"] = {"available": lazy_ok, "reason": lazy_why}
+            log.info("lazy pages: %s (%s)", "available" if lazy_ok else "unavailable: images are copied whole",
+                     lazy_why)
+        self._process_strategy = strategy
         log.info("process strategy: %s (%s)", "available" if ok else "unavailable", why)
 
     async def _watch_services(self) -> None:
