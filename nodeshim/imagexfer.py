@@ -497,7 +497,7 @@ class Receiver:
         wait for them."""
         pending = dict(self._listeners)
         files, ready_sent, pages_conn = None, False, None
-        while not ready_sent or pending:
+        while not ready_sent or pending or pages_conn is not None:
             if pages_conn is not None and (files is not None or self._tls is not None):
                 try:
                     if self.lazy:
@@ -507,6 +507,7 @@ class Receiver:
                 finally:
                     pages_conn.close()
                     pages_conn = None
+                continue
             if files is not None and not ready_sent and (self._tls is not None or "pages" not in pending) \
                     and pages_conn is None:
                 if self._page_server is not None:
