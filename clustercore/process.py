@@ -87,6 +87,7 @@ from .packet import TCP, UDP
 from .sockstate import ServiceSockets, UdpSocketState
 
 PROCESS_KEY = "process"  # FreezeDone.sockets[PROCESS_KEY]: what the restore needs besides sockets
+LAZY_ENV = "VIPCLUSTER_LAZY_PAGES"  # "off" in a node agent's environment: every image is copied
 LAZY_MIN_BYTES = 64 << 20  # a tree with this much resident memory or more moves with lazy pages
 
 
