@@ -32,6 +32,12 @@ hold IS the network lock (criu's own is skipped: `--network-lock skip`).
                        sockets into repair mode first, then SIGKILL (nothing reaches a
                        client); the image removed
 
+Lazy pages (memory_mode: a large program, both nodes able): the freeze's dump carries
+everything but the memory pages and keeps serving them (ImageSent.pages); the copy runs
+at the release and pulls its pages from the frozen source. So the commit kills the
+source only after its last page was served (StopAfterPages), and a rollback ends the
+page server before the thaw (EndPageServer).
+
 Anything criu refuses is a KernelError with criu's reason in one line: the step fails,
 the source rolls back and serves on. Facts work as in clustercore.handoff: recorded before
 an effect that needs undoing, taken before the undo.

@@ -26,10 +26,10 @@ within one deadline:
 After a failed dump_to the caller rolls back with criu.thaw(pid): a failure after the dump
 leaves the source frozen; one during it (criu lost its page server) criu undoes itself.
 
-Restore does not overlap the transfer: criu restore reads the whole image before the
-program runs. That needs lazy (post-copy) pages over userfaultfd (`criu check --feature
-uffd-noncoop` passes here), a later issue. What overlaps now is the dump and the pages'
-transfer. Without a page server (stream_pages=False) the dump goes to the source's disk
+A full image's restore does not overlap the transfer: criu restore reads the whole image
+before the program runs; what overlaps is the dump and the pages' transfer. Lazy
+(post-copy) pages are nodeshim.lazyxfer: HELLO_LAZY, and the page connection is kept for
+`criu lazy-pages` instead of a page server. Without a page server (stream_pages=False) the dump goes to the source's disk
 and every file, pages included, over the files channel: faster for small images, slower
 for large ones (docs/criu.md has the numbers).
 
