@@ -632,6 +632,18 @@ class MigrationAgent:
                             output_pipe=getattr(rs, "output_pipe", None), memory=memory,
                             memory_why=why, pages=pages)
 
+    @staticmethod
+    def _log_pages(service: str, daemon) -> None:
+        """The destination's side of lazy pages: say when the last page arrived, or that the
+        source was lost first (the copy then dies: see criulazy.LazyPagesDaemon)."""
+        try:
+            ms = daemon.wait_done(None)
+        except KernelError as e:
+            why = "the source was lost" if getattr(daemon, "source_lost", False) else e.detail
+            log.error("lazy pages of %s: the page transfer failed (%s): the copy misses pages and dies", service, why)
+            return
+        log.info("lazy pages of %s: every page arrived, %.0f ms after the lazy-pages daemon started", service, ms)
+
     async def _stop_after_pages(self, cmd: nc.StopAfterPages) -> float | None:
         """Kill the frozen source only after its lazy page server has served every page:
         wait up to LAZY_COMMIT_WAIT_S here, else leave it to a background waiter."""
@@ -716,6 +728,9 @@ class MigrationAgent:
                 os.unlink(pidfile)
             except OSError:
                 pass
+        daemon = getattr(cmd.receiver, "lazy_daemon", None)
+        if daemon is not None:
+            threading.Thread(target=self._log_pages, args=(svc.name, daemon), daemon=True).start()
         self.record_restored(svc.name, pid)  # a crash from here on: the next agent silences it
         rs = k.services.restored_instance(svc, pid, read_fd, self.agent.log_dir)
         if not k.criu.stopped(pid):  # criu restores the dumped (stopped) state; if not: now

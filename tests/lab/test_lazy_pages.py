@@ -98,3 +98,6 @@ def test_redis_with_200_mb_moves_with_lazy_pages_and_every_key_survives(llab, tm
           f"{r['longest_wait_ms']} ms" + "".join(
               f"; -> {x.get('to')} freeze {x.get('freeze_ms')} ms, stop {x.get('stop_ms')} ms, pages after "
               f"{x.get('pages_after_freeze_ms')} ms, total {x.get('total_ms')} ms" for x in reports))
+    for x in reports:  # where the stop window went: the source's freeze, the destination's restore
+        print(f"  -> {x.get('to')}: freeze {x['split_ms'].get('freeze')}; restore {x['split_ms'].get('restore')}; "
+              f"release {x['split_ms'].get('release')}")
