@@ -101,3 +101,49 @@ def test_redis_with_200_mb_moves_with_lazy_pages_and_every_key_survives(llab, tm
     for x in reports:  # where the stop window went: the source's freeze, the destination's restore
         print(f"  -> {x.get('to')}: freeze {x['split_ms'].get('freeze')}; restore {x['split_ms'].get('restore')}; "
               f"release {x['split_ms'].get('release')}")
+
+
+def test_a_failed_lazy_restore_rolls_back_and_the_source_serves_every_key(llab, tmp_path):
+    """criu restore refused on the destination (fault file): the source's page server is
+    ended, criu resumes the frozen redis, it is thawed and serves on n1 with every key;
+    then it moves (lazily) after all."""
+    from tests.lab.test_migration import fault
+    h = llab
+    ok, why = _lazy_available(h)
+    if not ok:
+        pytest.skip(why)
+    mb = 100
+    prog = rp.redis_program(str(tmp_path / "redis"))
+    ready, stop = tmp_path / "redis.ready", tmp_path / "redis.stop"
+    with rp.RealService(h, "redis", "n1", prog, "process") as svc:
+        fill = rp.finish(rp.realload(h, "redis-fill", 6379, "--mb", mb, "--value-size", VALUE_SIZE))
+        assert fill["errors"] == 0, fill
+        loop = rp.realload(h, "redis-loop", 6379, "--conns", 4, "--rate", 50, "--duration", 120,
+                           ready=ready, stop=stop)
+        rp.wait_file(loop, ready)
+        try:
+            time.sleep(1)
+            fault(h, "n2", "criu.restore", "fail")
+            r = h.vipctl("migrate", "redis", "--to", "n2", "--json", check=False, timeout=120)
+            failed = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"error": r.stderr}
+            owner_after_fault = next(s["owner"] for s in h.status()["services"] if s["name"] == "redis")
+            time.sleep(1)
+            moved = _move(h, "n2")
+            time.sleep(1)
+        finally:
+            stop.touch()
+            r = rp.finish(loop)
+        expected = {f"fill:{i}": (b"%08d" % i) * (VALUE_SIZE // 8) for i in range(fill["keys"])}
+        from vipctl.realload import redis_key, redis_value
+        for conn, n in r["written"].items():
+            expected.update({redis_key(int(conn), s): redis_value(int(conn), s) for s in range(n)})
+        check = rp.redis_check_keys(h, expected)
+        assert svc.alive(), svc.log()
+    assert failed.get("outcome") == "rolled_back" and "criu restore" in (failed.get("reason") or ""), failed
+    assert failed.get("memory") == "lazy", failed  # the dump was lazy; its page server was ended
+    assert owner_after_fault == "n1"
+    assert moved["memory"] == "lazy" and moved["lost"] == 0 and (moved.get("duplicated") or 0) == 0, moved
+    assert r["errors"] == [] and r["bad"] == 0 and r["failed"] == 0 and r["resets"] == 0, r
+    assert check["missing"] == 0 and check["wrong_count"] == 0 and check["dbsize"] == len(expected), check
+    print(f"redis {mb} MB: lazy restore refused -> rolled back ({failed.get('reason')}); then moved, freeze "
+          f"{moved.get('freeze_ms')} ms; {check['checked']} keys read back, longest client wait {r['longest_wait_ms']} ms")
