@@ -60,6 +60,7 @@ class GatewayConfig:
     delivery: Delivery = Delivery.BROADCAST
     vip6: str | None = None  # dual-stack: the IPv6 VIP next to an IPv4 `vip`
     metrics_address: str = DEFAULT_GATEWAY_METRICS  # HOST:PORT of /metrics, or "off"
+    metrics_tls: bool = False  # /metrics over TLS 1.3, a collector's certificate required
     # two gateways (issue 11): this gateway's name, every gateway's, and the etcd
     # endpoints ("host:port") of the registry they share; one gateway: SQLite, no etcd
     name: str = "gateway"
@@ -103,6 +104,7 @@ class NodeConfig:
     migration_lease_s: float = 10.0
     vip6: str | None = None  # dual-stack: the IPv6 VIP next to an IPv4 `vip`
     metrics_address: str = DEFAULT_NODE_METRICS  # HOST:PORT of /metrics, or "off"
+    metrics_tls: bool = False  # /metrics over TLS 1.3, a collector's certificate required
     # keep conntrack on for the VIP's flows all the time: a graceful drain needs it (its
     # old node must know the flows that began before the drain). Off by default: with it,
     # live migrations cost clients TCP retransmissions (clustercore.fastpath.to_notrack)
@@ -315,7 +317,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         d,
         {"vip", "client_interface", "cluster_interface", "listen_address", "listen_port",
          "tls_ca", "tls_cert", "tls_key", "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s",
-         "delivery", "vip6", "metrics_address", "migration_timeouts", "name", "gateways", "etcd_endpoints"},
+         "delivery", "vip6", "metrics_address", "metrics_tls", "migration_timeouts", "name", "gateways", "etcd_endpoints"},
         source,
     )
     client_if = _str(d, "client_interface", source, pattern=_IFNAME_RE, what="an interface name")
@@ -358,6 +360,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         delivery=_choice(d, "delivery", source, Delivery, Delivery.BROADCAST),
         vip6=vip6,
         metrics_address=_metrics_address(d, source, DEFAULT_GATEWAY_METRICS),
+        metrics_tls=_boolean(d, "metrics_tls", source, False),
         **_gateways_fields(d, source),
         migration_timeouts=_migration_timeouts(d, source),
     )
@@ -393,7 +396,7 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         d,
         {"name", "vip", "gateway_address", "gateway_port", "tls_ca", "tls_cert", "tls_key", "key_file", "queue_num",
          "queue_maxlen", "queue_count", "state_dir", "cluster_interface", "datapath", "migration_lease_s",
-         "metrics_address", "vip6", "conntrack"},
+         "metrics_address", "metrics_tls", "vip6", "conntrack"},
         source,
     )
     vip, vip6 = _vip_pair(d, source)
@@ -413,5 +416,6 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         datapath=_choice(d, "datapath", source, Datapath, Datapath.FAST),
         migration_lease_s=_float(d, "migration_lease_s", source, 0.5, 3600, 10.0),
         metrics_address=_metrics_address(d, source, DEFAULT_NODE_METRICS),
+        metrics_tls=_boolean(d, "metrics_tls", source, False),
         conntrack=_boolean(d, "conntrack", source, False),
     )

@@ -59,21 +59,27 @@ class UdpFlow:
     dport: int
 
     def to_wire(self) -> str:
-        return f"{self.addr}:{self.sport}:{self.dport}"
+        addr = f"[{self.addr}]" if ":" in self.addr else self.addr
+        return f"{addr}:{self.sport}:{self.dport}"
 
 
 def parse_flow(text: object) -> UdpFlow:
-    """"ADDR:SPORT:DPORT" (from the gateway) -> UdpFlow, or LocalControlError."""
+    """"ADDR:SPORT:DPORT" or "[IPV6]:SPORT:DPORT" (from the gateway) -> UdpFlow, or
+    LocalControlError."""
+    bad = LocalControlError(f"bad UDP flow {text!r} (ADDR:SPORT:DPORT, an IPv6 ADDR in brackets)")
     if not isinstance(text, str) or text.count(":") < 2:
-        raise LocalControlError(f"bad UDP flow {text!r} (ADDR:SPORT:DPORT)")
+        raise bad
     addr, sport, dport = text.rsplit(":", 2)
+    bracketed = addr.startswith("[") and addr.endswith("]")
+    if bracketed:
+        addr = addr[1:-1]
     try:
         ip = ipaddress.ip_address(addr)
         sp, dp = int(sport), int(dport)
     except ValueError:
-        raise LocalControlError(f"bad UDP flow {text!r} (ADDR:SPORT:DPORT)") from None
-    if not (0 < sp < 65536 and 0 < dp < 65536) or ip.version != 4:
-        raise LocalControlError(f"bad UDP flow {text!r} (IPv4 address, ports 1-65535)")
+        raise bad from None
+    if not (0 < sp < 65536 and 0 < dp < 65536) or (ip.version == 6) != bracketed:
+        raise bad
     return UdpFlow(str(ip), sp, dp)
 
 

@@ -325,13 +325,7 @@ class Controller:
     # --- one migration ------------------------------------------------------------------
     async def migrate(self, name: str, dest: str, progress=None) -> dict:
         gw = self.gw
-        service = gw.table.get(name)
-        if service is None:
-            raise LocalControlError(f"unknown service '{name}'")
-        if gw.config.node(dest) is None:
-            raise LocalControlError(f"unknown node '{dest}'")
-        if service_kind(service.exec_spec) is ServiceKind.EXTERNAL:
-            raise LocalControlError(f"service '{name}' is external (its process is not ours): it cannot be migrated")
+        service = movable(gw, name, dest, "migrated")
         nodes_up = {n.name: n.name in gw.agents for n in gw.config.nodes}
         self.book.begin(service=name, owner=service.owner, dest=dest, nodes=nodes_up)
         try:
@@ -511,6 +505,19 @@ class Controller:
             except VipError as e:
                 reports.append({"service": s.name, "from": node, "to": dest, "outcome": "refused", "reason": str(e)})
         return {"node": node, "migrations": reports}
+
+
+def movable(gw, name: str, dest: str, verb: str):
+    """The service `name` if it may move to `dest` (a live migration or a graceful drain:
+    `verb` says which in the error); LocalControlError in one line otherwise."""
+    service = gw.table.get(name)
+    if service is None:
+        raise LocalControlError(f"unknown service '{name}'")
+    if gw.config.node(dest) is None:
+        raise LocalControlError(f"unknown node '{dest}'")
+    if service_kind(service.exec_spec) is ServiceKind.EXTERNAL:
+        raise LocalControlError(f"service '{name}' is external (its process is not ours): it cannot be {verb}")
+    return service
 
 
 def drain_targets(gw, node: str, to: str | None, unfit: frozenset[str] | set[str] = frozenset(),

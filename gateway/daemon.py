@@ -27,7 +27,7 @@ from clustercore.health import HealthSpec, check_failover, needs_port
 from clustercore.kinds import Delivery, adopted_spec, check_service_options, service_kind
 from clustercore.ownership import Service
 from clustercore.packet import format_port, parse_port_spec
-from vipwire import metricsserver, pki, systemd, tls
+from vipwire import metricsserver, systemd, tls
 from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
 from vipwire.rpc import Context, RpcConnection
@@ -132,7 +132,9 @@ class Gateway:
         self._servers.append(srv)
         log.info("control API on %s; agents on %s:%d", cfg.control_socket, cfg.listen_address, cfg.listen_port)
         try:
-            self._metrics_server = await metricsserver.serve(cfg.metrics_address, self.metrics.registry)
+            self._metrics_server = await metricsserver.serve(
+                cfg.metrics_address, self.metrics.registry,
+                tls_files=(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.metrics_tls else None)
         except OSError as e:
             raise ConfigError("metrics_address", f"cannot listen on {cfg.metrics_address}: {e.strerror or e}") from None
         if self.journal:
@@ -345,20 +347,8 @@ class Gateway:
         return ident[1], rpc
 
     def _revocation_problem(self, ssl_object) -> str | None:
-        """The CA's revocation list (vipwire.pki.revoke, `crl.pem` beside the CA
-        certificate), read at every login so a revocation needs no restart: a revoked
-        certificate is refused; so is every login while the list is unreadable."""
-        try:
-            revoked = pki.revoked_serials(self.config.tls_ca)
-        except VipError as e:
-            return f"cannot check revocation: {e}"
-        try:
-            serial = int((ssl_object.getpeercert() or {}).get("serialNumber", ""), 16)
-        except (ValueError, AttributeError):
-            return "its certificate has no serial number"
-        if serial in revoked:
-            return f"its certificate (serial {serial:x}) is revoked"
-        return None
+        """Read at every login, so a revocation needs no restart (vipwire.tls)."""
+        return tls.revocation_problem(ssl_object, self.config.tls_ca)
 
     async def _after_join(self, node: str) -> None:
         """Tell a (re)joined node which services it must run; refresh everyone's anchor."""

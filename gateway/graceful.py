@@ -32,10 +32,10 @@ import time
 from clustercore import drain as d
 from clustercore import messages as msgs
 from clustercore.errors import LocalControlError, VipError
-from clustercore.kinds import Delivery, ServiceKind, service_kind
+from clustercore.kinds import Delivery
 
 from . import nft
-from .controller import drain_targets
+from .controller import drain_targets, movable
 
 log = logging.getLogger("vipcluster.graceful")
 
@@ -53,13 +53,7 @@ async def _ask(gw, node: str, message: msgs.Message):
 async def migrate(gw, name: str, dest: str, timeout: float | None, progress=None) -> dict:
     say = progress or (lambda step, detail: None)
     limit = d.check_timeout(timeout)
-    service = gw.table.get(name)
-    if service is None:
-        raise LocalControlError(f"unknown service '{name}'")
-    if gw.config.node(dest) is None:
-        raise LocalControlError(f"unknown node '{dest}'")
-    if service_kind(service.exec_spec) is ServiceKind.EXTERNAL:
-        raise LocalControlError(f"service '{name}' is external (its process is not ours): it cannot be drained")
+    service = movable(gw, name, dest, "drained")
     source = service.owner
     nodes_up = {n.name: n.name in gw.agents for n in gw.config.nodes}
     gw.controller.book.begin(service=name, owner=source, dest=dest, nodes=nodes_up)

@@ -39,7 +39,8 @@ from .fdstore import NotifySocket, process_group_of
 from .health import HealthRunner
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
-from .queue import PacketQueues
+from .queue import PacketQueues, fdname
+from .queuekeep import RoleRecord, take_fd_store
 from .verdictlog import VerdictLog
 
 log = logging.getLogger("vipcluster.node")
@@ -94,6 +95,9 @@ class NodeAgent:
         # at start
         self.notify_path = os.path.join(config.state_dir, "notify")
         self.notify: NotifySocket | None = None
+        # the previous agent's queue sockets, kept by the service manager (nodeshim.queuekeep)
+        self.inherited_queues: dict[int, object] = {}
+        self.role_record = RoleRecord(os.path.join(config.state_dir, "roles.json"))
 
     @property
     def notify_env(self) -> dict[str, str]:
@@ -268,7 +272,14 @@ class NodeAgent:
             # queue (its rules drop them in the kernel)
             self.filter.load([dataclasses.replace(self.running[n].service, owner=cfg.name)
                               for n in self.adopted], None)
-        self.queue = PacketQueues(cfg.queue_num, cfg.queue_count, cfg.queue_maxlen, self.decide)
+        self.queue = PacketQueues(cfg.queue_num, cfg.queue_count, cfg.queue_maxlen, self.decide,
+                                  self.inherited_queues, self.role_record.held_verdict() if self.inherited_queues else False)
+        self.inherited_queues = {}
+        self.role_record.write(self.filter.roles)  # none yet: what the previous agent held is decided
+        for q in self.queue.fresh:
+            # kept by the service manager: if we die, the queue and its packets stay
+            systemd.remove_fds(fdname(q.queue_num))
+            systemd.store_fds(fdname(q.queue_num), [q.fileno()])
         self.queue.attach(asyncio.get_running_loop())
         self._criu_check = asyncio.ensure_future(self._check_criu())
         self._fast_rules: list[str] | None = None
@@ -284,8 +295,9 @@ class NodeAgent:
         log.info("node %s: VIP %s on lo, VIP packets -> queues %d-%d (fail closed)",
                  cfg.name, " and ".join(cfg.vips), cfg.queue_num, cfg.queue_num + cfg.queue_count - 1)
         try:
-            self._metrics_server = await metricsserver.serve(cfg.metrics_address, self.metrics.registry,
-                                                             self.metrics.before_scrape)
+            self._metrics_server = await metricsserver.serve(
+                cfg.metrics_address, self.metrics.registry, self.metrics.before_scrape,
+                (cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.metrics_tls else None)
         except OSError as e:
             raise ConfigError("metrics_address", f"cannot listen on {cfg.metrics_address}: {e.strerror or e}") from None
 
@@ -295,6 +307,8 @@ class NodeAgent:
         services in migration (they have a role) and undecidable packets to the queue.
         Replaced atomically; counters of the old rules are kept."""
         cfg = self.config
+        # whose packets the queue may hold: a successor needs to know (nodeshim.queuekeep)
+        self.role_record.write(self.filter.roles)
         versions = iptables.versions(cfg.vips)
         if cfg.datapath == Datapath.QUEUE:
             rules: dict[int, list[str]] = {v: [] for v in versions}
@@ -382,6 +396,10 @@ class NodeAgent:
             for _, s in rs.sockets:
                 s.close()
         if self.queue is not None:
+            for q in self.queue.queues:
+                # an orderly end unbinds the queues (the next agent binds afresh): out of
+                # the fd store first, or the store's copy would keep them bound
+                systemd.remove_fds(fdname(q.queue_num))
             self.queue.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
@@ -702,9 +720,12 @@ class NodeAgent:
                     self.restarts[name] = MAX_RESTARTS  # not ours to restart
                     continue
                 if service_kind(rs.service.exec_spec) is ServiceKind.COMMAND:
-                    self.running[name] = services.start_isolated(rs.service, self.config.vips, self.log_dir)
+                    # their NOTIFY_SOCKET is ours, never our manager's (the agent's own
+                    # environment has the lab supervisor's or systemd's)
+                    self.running[name] = services.start_isolated(rs.service, self.config.vips, self.log_dir,
+                                                                 extra_env=self.notify_env)
                 else:
-                    self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir)
+                    self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir, self.notify_env)
                 self.restarts[name] = n + 1
                 self.metrics.restarted(name)
                 self.record_running()
@@ -715,6 +736,7 @@ def run(config: NodeConfig) -> None:
 
     raise_nofile()  # a migration takes a copy of every connection of the service
     agent = NodeAgent(config)
+    agent.inherited_queues = take_fd_store(config)
     agent.prepare_kernel()
     asyncio.run(agent.run_forever())
 

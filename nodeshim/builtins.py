@@ -35,6 +35,8 @@ import socket
 import sys
 from collections import defaultdict
 
+from clustercore import batchchannel as bc
+from nodeshim import batchchannel
 from nodeshim.limits import raise_nofile
 
 
@@ -83,6 +85,9 @@ class Server:
         self.handoff = False
         self.pending: dict[str, dict] = {}
         self.named: list[tuple[str, socket.socket]] = []  # listeners and UDP sockets
+        self.channel: socket.socket | None = None  # the incremental handoff (vip-batch)
+        self.by_peer: dict[str, socket.socket] = {}  # a batch's lookup costs its size only
+        self.peer_of: dict[socket.socket, str] = {}  # (getpeername fails once reset)
 
     def load_state(self, data: bytes) -> None:
         """What the old instance stored when it handed over: the kv table, and per
@@ -99,7 +104,10 @@ class Server:
                 with os.fdopen(fd, "rb") as f:
                     self.load_state(f.read())
         for name, fd in fds:
-            if name != STATE_FDNAME:
+            if name == bc.CHANNEL_FDNAME:
+                self.channel = socket.socket(fileno=fd)
+                self.sel.register(self.channel, selectors.EVENT_READ, self.on_channel)
+            elif name != STATE_FDNAME:
                 s = socket.socket(fileno=fd)
                 s.setblocking(False)
                 self.add(name, s)
@@ -119,7 +127,10 @@ class Server:
         self.inbuf[c] = bytearray()
         self.outbuf[c] = bytearray()
         self.sel.register(c, selectors.EVENT_READ, self.on_conn)
-        saved = self.pending.pop(_peer_key(c), None) if self.pending else None
+        peer = _peer_key(c)
+        self.by_peer[peer] = c
+        self.peer_of[c] = peer
+        saved = self.pending.pop(peer, None) if self.pending else None
         if saved:
             self.inbuf[c] += base64.b64decode(saved.get("in", ""))
             self.outbuf[c] += base64.b64decode(saved.get("out", ""))
@@ -201,11 +212,80 @@ class Server:
         self.sel.modify(c, events or selectors.EVENT_WRITE, self.on_conn)
 
     def _close(self, c: socket.socket) -> None:
+        self._forget(c)
+        c.close()
+
+    def _forget(self, c: socket.socket) -> None:
+        """No longer ours to serve (closed, or handed back)."""
+        peer = self.peer_of.pop(c, None)
+        if peer is not None and self.by_peer.get(peer) is c:
+            del self.by_peer[peer]
         self.eof.discard(c)
         self.sel.unregister(c)
         self.inbuf.pop(c, None)
         self.outbuf.pop(c, None)
-        c.close()
+
+    # -- the incremental handoff (clustercore.batchchannel): a batch at a time, serving on
+
+    def on_channel(self, ch: socket.socket, mask: int) -> None:
+        try:
+            msg, fds = batchchannel.receive(ch, None)
+        except batchchannel.ChannelClosed:
+            self.sel.unregister(ch)
+            self.channel = None
+            return
+        except Exception as e:  # noqa: BLE001 - a bad request must not stop the service
+            print(f"handoff channel: {e}", flush=True)
+            return
+        if isinstance(msg, bc.HandBack):
+            self.hand_back(ch, msg)
+        elif isinstance(msg, bc.Adopt):
+            for peer, entry in msg.state.items():
+                self.pending[peer] = entry
+            for name, fd in zip(msg.names, fds):
+                s = socket.socket(fileno=fd)
+                s.setblocking(False)
+                self.add(name, s)
+            batchchannel.send(ch, bc.Adopted(len(fds)))
+        else:
+            for fd in fds:
+                os.close(fd)
+            batchchannel.send(ch, bc.Refusal(f"unexpected {type(msg).__name__}"))
+
+    def hand_back(self, ch: socket.socket, msg: bc.HandBack) -> None:
+        """Stop serving the asked sockets and hand them back, with what we owe on them."""
+        named: list[tuple[str, socket.socket]] = []
+        state: dict = {}
+        if msg.listeners:
+            named, self.named = list(self.named), []
+            for _, s in named:
+                self.sel.unregister(s)
+        else:
+            for peer in dict.fromkeys(msg.peers):
+                c = self.by_peer.get(peer)
+                if c is None:
+                    continue  # closed meanwhile: the agent sees it missing
+                try:
+                    self._flush(c)
+                except OSError:
+                    pass
+                if c not in self.outbuf:
+                    continue  # closed while flushing
+                if self.outbuf[c] or self.inbuf[c]:
+                    state[peer] = {"out": base64.b64encode(bytes(self.outbuf[c])).decode(),
+                                   "in": base64.b64encode(bytes(self.inbuf[c])).decode()}
+                try:
+                    name = f"conn-{c.getsockname()[1]}"
+                except OSError:
+                    continue
+                self._forget(c)
+                named.append((name, c))
+        parts = [named[i:i + bc.FDS_PER_MESSAGE] for i in range(0, len(named), bc.FDS_PER_MESSAGE)] or [[]]
+        for i, part in enumerate(parts):
+            batchchannel.send(ch, bc.Handed(tuple(n for n, _ in part), state if i == 0 else {},
+                                            more=i + 1 < len(parts)), [s.fileno() for _, s in part])
+        for _, s in named:
+            s.close()  # the agent holds them now
 
     def hand_over(self) -> None:
         """Store the state and every socket in the agent's fd store, then stop."""
@@ -243,14 +323,17 @@ class Server:
         print(f"handed over {len(self.outbuf)} connections", flush=True)
         wait_for_continue(lambda: notify("STOPPING=1"))
 
+    def poll(self, timeout: float) -> None:
+        try:
+            events = self.sel.select(timeout=timeout)
+        except InterruptedError:
+            events = []
+        for key, mask in events:
+            key.data(key.fileobj, mask)
+
     def run(self) -> None:
         while True:
-            try:
-                events = self.sel.select(timeout=1.0)
-            except InterruptedError:
-                events = []
-            for key, mask in events:
-                key.data(key.fileobj, mask)
+            self.poll(1.0)
             if self.handoff:
                 self.handoff = False
                 self.hand_over()
@@ -309,7 +392,10 @@ def main(argv: list[str]) -> int:
     server.adopt(fds)
     names = sorted({n for n, _ in fds})
     print(f"{argv[0]} serving {', '.join(names)} ({len(server.outbuf)} connections handed over)", flush=True)
-    notify(f"READY=1\nFDSTORE=1\nSTATUS=serving {', '.join(names)}")  # FDSTORE=1 alone: I hand over
+    # FDSTORE=1 alone: I hand over. X_VIP_BATCH=1 (echo only, with the channel): also a
+    # batch at a time while serving; kv's connections share its table, so it cannot
+    batch = f"\n{bc.ANNOUNCE}" if server.channel is not None and argv[0] == "echo" else ""
+    notify(f"READY=1\nFDSTORE=1{batch}\nSTATUS=serving {', '.join(names)}")
     server.run()
     return 0
 

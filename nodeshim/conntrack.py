@@ -24,15 +24,28 @@ class Entry:
     timeout: int  # seconds left before the kernel forgets it
 
 
-def flows(vip: str, ports: tuple[tuple[int, int], ...]) -> list[Entry]:
-    """Entries of flows from clients to VIP:port for the given (proto, port) keys."""
+def _family(vip: str) -> int:
+    return socket.AF_INET6 if ":" in vip else socket.AF_INET
+
+
+def _vips(vips: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (vips,) if isinstance(vips, str) else tuple(vips)
+
+
+def flows(vips: str | tuple[str, ...], ports: tuple[tuple[int, int], ...]) -> list[Entry]:
+    """Entries of flows from clients to VIP:port for the given (proto, port) keys, on each
+    VIP (a dual-stack node's IPv4 and IPv6 VIPs: ctnetlink dumps one family at a time)."""
+    return [e for vip in _vips(vips) for e in _flows(vip, ports)]
+
+
+def _flows(vip: str, ports: tuple[tuple[int, int], ...]) -> list[Entry]:
     from pyroute2 import Conntrack
     from pyroute2.conntrack import TCP_CONNTRACK_TO_NAME
 
     wanted = set(ports)
     out = []
     try:
-        ct = Conntrack()
+        ct = Conntrack(nfgen_family=_family(vip))
         try:
             for e in ct.dump_entries():
                 t = e.tuple_orig
@@ -49,25 +62,26 @@ def flows(vip: str, ports: tuple[tuple[int, int], ...]) -> list[Entry]:
     return out
 
 
-def forget(vip: str, ports: tuple[tuple[int, int], ...]) -> int:
-    """Delete the entries of flows to VIP:port for the given keys; how many."""
+def forget(vips: str | tuple[str, ...], ports: tuple[tuple[int, int], ...]) -> int:
+    """Delete the entries of flows to VIP:port for the given keys, on each VIP; how many."""
     from pyroute2 import Conntrack
     from pyroute2.conntrack import NFCTAttrTuple
 
     n = 0
-    try:
-        ct = Conntrack()
+    for vip in _vips(vips):
         try:
-            for e in flows(vip, ports):
-                tup = NFCTAttrTuple(family=socket.AF_INET, saddr=e.saddr, daddr=vip, proto=e.proto,
-                                    sport=e.sport, dport=e.dport)
-                try:
-                    ct.entry("del", tuple_orig=tup)
-                    n += 1
-                except OSError:
-                    pass  # gone meanwhile
-        finally:
-            ct.close()
-    except OSError as e:
-        raise KernelError("conntrack delete", getattr(e, "errno", None), str(e)) from None
+            ct = Conntrack(nfgen_family=_family(vip))
+            try:
+                for e in _flows(vip, ports):
+                    tup = NFCTAttrTuple(family=_family(vip), saddr=e.saddr, daddr=vip, proto=e.proto,
+                                        sport=e.sport, dport=e.dport)
+                    try:
+                        ct.entry("del", tuple_orig=tup)
+                        n += 1
+                    except OSError:
+                        pass  # gone meanwhile
+            finally:
+                ct.close()
+        except OSError as e:
+            raise KernelError("conntrack delete", getattr(e, "errno", None), str(e)) from None
     return n

@@ -84,7 +84,7 @@ class DrainAgent:
         if service_kind(service.exec_spec) is ServiceKind.EXTERNAL:
             raise LocalControlError(f"service '{service.name}' is external: no instance to start here")
         self._liberal()
-        forgotten = await asyncio.to_thread(conntrack.forget, self.agent.config.vip, service.ports)
+        forgotten = await asyncio.to_thread(conntrack.forget, self.agent.config.vips, service.ports)
         started = None
         if service.name not in self.agent.running:
             started = self.agent.start_service(service)
@@ -121,7 +121,7 @@ class DrainAgent:
     async def on_status(self, msg: msgs.DrainStatus, ctx: Context) -> dict:
         service = self._service(msg.service)
         # in a thread: pyroute2's synchronous API runs its own event loop
-        entries = await asyncio.to_thread(conntrack.flows, self.agent.config.vip, service.ports)
+        entries = await asyncio.to_thread(conntrack.flows, self.agent.config.vips, service.ports)
         tcp = sum(1 for e in entries if e.proto == TCP and e.tcp_state in d.TCP_LIVE_STATES)
         udp_entries = [e for e in entries if e.proto == UDP]
         if msg.baseline:  # just after the flip: these are the UDP flows the drain leaves here

@@ -80,7 +80,7 @@ class HealthRunner:
     async def _probe(self, m: h.HealthMonitor, service) -> None:
         rs = self.agent.running.get(service.name)
         pid = rs.pid if rs is not None else None
-        ok, detail = await probe(service, m.spec, self.agent.config.vip, pid)
+        ok, detail = await probe(service, m.spec, self.agent.config.vips, pid)
         if self.monitors.get(service.name) is not m:
             return  # the service moved or changed meanwhile
         now = asyncio.get_running_loop().time()

@@ -1,5 +1,9 @@
 """The health probes, run by the owner's agent from the node against the VIP.
 
+A dual-stack cluster's service is probed on each VIP (IPv4 and IPv6): it passes only if it
+answers on both, since a client of either family reaches it through its own VIP. An exec
+check runs once, with VIPCLUSTER_VIP (and VIPCLUSTER_VIP6) set.
+
 The VIP is on the node's `lo`, so a probe reaches the local instance only (traffic on
 `lo` skips the VIP chain). Every probe is bounded by the spec's timeout. A process that is
 stopped (SIGSTOP: state T) or gone fails whatever the check says: a stopped server's
@@ -29,16 +33,30 @@ from clustercore.packet import TCP, UDP
 from . import pidfd
 
 
-async def probe(service: Service, spec: HealthSpec, vip: str, pid: int | None) -> tuple[bool, str]:
+async def probe(service: Service, spec: HealthSpec, vips: str | tuple[str, ...],
+                pid: int | None) -> tuple[bool, str]:
     """(passed, what was seen). Never raises for a failing service."""
+    vips = (vips,) if isinstance(vips, str) else tuple(vips)
     if pid is not None:
         state = pidfd.process_state(pid)
         if state in pidfd.STOPPED_STATES:
             return False, f"process {pid} is stopped (state {state}): hung"
         if state in pidfd.GONE_STATES:
             return False, f"process {pid} is gone"
+    if spec.kind == "exec":
+        return await _bounded(_exec(service, spec.argument, vips), spec)
+    seen = []
+    for vip in vips:
+        ok, detail = await _bounded(_run(service, spec, vip), spec)
+        if not ok:
+            return False, detail if len(vips) == 1 else f"on {vip}: {detail}"
+        seen.append(detail)
+    return True, "; ".join(seen)
+
+
+async def _bounded(check, spec: HealthSpec) -> tuple[bool, str]:
     try:
-        return await asyncio.wait_for(_run(service, spec, vip), spec.timeout_s)
+        return await asyncio.wait_for(check, spec.timeout_s)
     except asyncio.TimeoutError:
         return False, f"{spec.kind} check: no answer within {spec.timeout_s:g}s"
     except OSError as e:
@@ -55,8 +73,6 @@ def _port(service: Service, *protos: int) -> tuple[int, int] | None:
 
 async def _run(service: Service, spec: HealthSpec, vip: str) -> tuple[bool, str]:
     kind, arg = spec.kind, spec.argument
-    if kind == "exec":
-        return await _exec(service, arg, vip)
     if kind == "dns":
         where = _port(service, UDP, TCP)
         if where is None:
@@ -66,10 +82,11 @@ async def _run(service: Service, spec: HealthSpec, vip: str) -> tuple[bool, str]
     if where is None:
         return False, f"{kind} check: the service has no TCP port"
     reader, writer = await asyncio.open_connection(vip, where[1])
+    host = f"[{vip}]" if ":" in vip else vip
     try:
         if kind == "tcp":
-            return True, f"connected to {vip}:{where[1]}"
-        writer.write(f"GET {arg} HTTP/1.0\r\nHost: {vip}\r\nUser-Agent: vipcluster-health\r\n\r\n".encode())
+            return True, f"connected to {host}:{where[1]}"
+        writer.write(f"GET {arg} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: vipcluster-health\r\n\r\n".encode())
         await writer.drain()
         line = await reader.readline()
         parts = line.decode("latin-1").split()
@@ -130,10 +147,12 @@ async def _dns(vip: str, where: tuple[int, int], name: str) -> tuple[bool, str]:
         transport.close()
 
 
-async def _exec(service: Service, command: str, vip: str) -> tuple[bool, str]:
+async def _exec(service: Service, command: str, vips: tuple[str, ...]) -> tuple[bool, str]:
     argv = shlex.split(command)
     first = service.ports[0][1] if service.ports else 0
-    env = dict(os.environ, VIPCLUSTER_VIP=vip, VIPCLUSTER_SERVICE=service.name, VIPCLUSTER_PORT=str(first))
+    env = dict(os.environ, VIPCLUSTER_VIP=vips[0], VIPCLUSTER_SERVICE=service.name, VIPCLUSTER_PORT=str(first))
+    if len(vips) > 1:
+        env["VIPCLUSTER_VIP6"] = vips[1]
     proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.PIPE, env=env,

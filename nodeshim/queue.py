@@ -13,6 +13,15 @@ One kernel queue holds at most about 65,536 packets (KERNEL-NOTES), so the agent
 several (`PacketQueues`, one netlink socket each, all drained by the same loop) and the
 iptables rules spread flows over them (clustercore.fastpath.fanout_rules). A flow stays in
 one queue, so the order in which the loop sees its packets is the order they arrived.
+
+Queues that outlive the agent: each queue's netlink socket is also kept by the service
+manager (systemd's fd store, the lab supervisor; the agent stores it after binding). When
+the agent dies the kernel keeps the queue instance and every packet in it (it destroys an
+instance only with the last reference to its socket: scripts/nfqueue-listener-death).
+The restarted agent gets the socket back and takes the queue over (`AdoptedQueue`, raw
+netlink through nodeshim.nfqraw, since netfilterqueue cannot adopt a socket): it gives
+every packet the dead agent left a verdict (see `AdoptedQueue.take_over`), then reads the
+queue as before, for the rest of its life. No packet in the queue is lost with the agent.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import os
+import select
+import socket
 import time
 from typing import Callable
 
@@ -27,6 +39,8 @@ from netfilterqueue import NetfilterQueue
 
 from clustercore.errors import KernelError
 from clustercore.ownership import Verdict
+
+from . import nfqraw
 
 log = logging.getLogger("vipcluster.queue")
 
@@ -81,6 +95,38 @@ def mac_of(hw: bytes | None) -> str | None:
     return ":".join(f"{b:02x}" for b in hw[:6])
 
 
+def id_sequence(queue_num: int) -> int | None:
+    """The id the kernel gave the last packet queued to this queue (the id_sequence
+    column), or None when the queue is not bound."""
+    try:
+        with open("/proc/net/netfilter/nfnetlink_queue") as f:
+            for line in f:
+                parts = line.split()
+                if parts and int(parts[0]) == queue_num:
+                    return int(parts[7])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+FDNAME_PREFIX = "nfqueue-"
+
+
+def fdname(queue_num: int) -> str:
+    """The name a queue's socket has in the service manager's fd store."""
+    return f"{FDNAME_PREFIX}{queue_num}"
+
+
+def queue_of_fdname(name: str) -> int | None:
+    if not name.startswith(FDNAME_PREFIX):
+        return None
+    try:
+        n = int(name[len(FDNAME_PREFIX):])
+    except ValueError:
+        return None
+    return n if 0 <= n <= 0xFFFF else None
+
+
 class PacketQueue:
     def __init__(self, queue_num: int, max_len: int,
                  decide: Callable[[bytes, str | None, object, float], Verdict]) -> None:
@@ -99,6 +145,9 @@ class PacketQueue:
         fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.errors = 0
+
+    def fileno(self) -> int:
+        return self._nfq.get_fd()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -143,18 +192,217 @@ class PacketQueue:
             pass
 
 
+class RawPacket:
+    """A packet read from an adopted queue: the same handle as netfilterqueue's Packet
+    (a role may hold it and give the verdict later). A second verdict is ignored."""
+
+    __slots__ = ("_queue", "packet_id", "_payload", "_hw", "_done")
+
+    def __init__(self, queue: "AdoptedQueue", packet_id: int, payload: bytes, hw: bytes) -> None:
+        self._queue, self.packet_id, self._payload, self._hw = queue, packet_id, payload, hw
+        self._done = False
+
+    def get_payload(self) -> bytes:
+        return self._payload
+
+    def get_hw(self) -> bytes | None:
+        return self._hw or None
+
+    def retain(self) -> None:
+        pass  # the payload is ours already
+
+    def accept(self) -> None:
+        self._verdict(True)
+
+    def drop(self) -> None:
+        self._verdict(False)
+
+    def _verdict(self, accept: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._queue.send(nfqraw.verdict(self._queue.queue_num, self.packet_id, accept))
+
+
+ADOPT_ACK_TIMEOUT_S = 2.0
+RECV_BYTES = 1 << 20
+
+
+class AdoptedQueue:
+    """A queue instance a previous agent bound, read through its netlink socket (kept
+    for us by the service manager). Same surface as PacketQueue."""
+
+    def __init__(self, queue_num: int, sock: socket.socket,
+                 decide: Callable[[bytes, str | None, object, float], Verdict]) -> None:
+        self.queue_num = queue_num
+        self.sock = sock
+        self.decide = decide
+        self.errors = 0
+        self.left_held = 0  # packets the dead agent had read and not decided (approximate)
+        self.left_unread = 0  # packets queued that it never read
+        self._loop: asyncio.AbstractEventLoop | None = None
+        sock.setblocking(False)
+
+    @classmethod
+    def take_over(cls, queue_num: int, sock: socket.socket, max_len: int, held_accept: bool,
+                  decide: Callable[[bytes, str | None, object, float], Verdict]) -> "AdoptedQueue | None":
+        """Check the instance behind `sock` is bound to it (a config message the kernel
+        acknowledges only then), give what the dead agent left its verdict, and return
+        the queue; None when the socket holds no instance (it was unbound).
+
+        What is in the queue now: first the packets the dead agent had read and not given
+        a verdict (held by a migration role, or read and not yet decided when it died);
+        their bytes are gone with it, only their ids are known to lie before the first
+        packet still unread (the kernel numbers packets in arrival order). They all get
+        one batch verdict, `held_accept` (the caller knows which roles held them). Then
+        the packets it never read, in order, each decided by `decide` like any packet
+        arriving now."""
+        q = cls(queue_num, sock, decide)
+        last_id = id_sequence(queue_num)  # before reading: every id up to it is queued or done
+        waiting = queued_now(queue_num)
+        seq = int.from_bytes(os.urandom(4), "little") or 1
+        q.send(nfqraw.set_maxlen(queue_num, max_len, seq))
+        unread: list[nfqraw.PacketMessage] = []
+        errno_ = None
+        deadline = time.monotonic() + ADOPT_ACK_TIMEOUT_S
+        while errno_ is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([sock], [], [], left)[0]:
+                raise KernelError(f"take over netfilter queue {queue_num}", None,
+                                  "the kernel did not answer the queue's config message")
+            for m in q._read():
+                if isinstance(m, nfqraw.PacketMessage):
+                    unread.append(m)
+                elif isinstance(m, nfqraw.Ack) and m.seq == seq:
+                    errno_ = m.errno
+        if errno_:
+            log.warning("queue %d: the stored socket holds no instance (%s): bound afresh",
+                        queue_num, os.strerror(errno_))
+            return None
+        unread += [m for m in q._read() if isinstance(m, nfqraw.PacketMessage)]
+        boundary = (unread[0].packet_id - 1) & nfqraw.MAX_ID if unread else last_id
+        q.left_unread = len(unread)
+        q.left_held = max(0, waiting - len([m for m in unread if last_id is None or
+                                            not _id_after(m.packet_id, last_id)]))
+        if boundary is not None:
+            q.send(nfqraw.batch_verdict(queue_num, boundary, held_accept))
+        for m in unread:
+            q._on_packet(m)
+        log.info("queue %d taken over from the previous agent: %d held packet(s) %s, %d unread "
+                 "decided", queue_num, q.left_held, "accepted" if held_accept else "dropped", len(unread))
+        return q
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data)
+        except OSError as e:  # a full socket buffer on a verdict: the kernel keeps the packet
+            self.errors += 1
+            log.warning("queue %d: verdict not sent: %s", self.queue_num, e)
+
+    def _read(self) -> list[nfqraw.Message]:
+        out: list[nfqraw.Message] = []
+        while True:
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError as e:  # ENOBUFS: the kernel could not queue a message to us
+                self.errors += 1
+                log.warning("queue %d: %s", self.queue_num, e)
+                return out
+            if not data:
+                return out
+            out += nfqraw.decode(data)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.sock.fileno(), self._drain)
+
+    def _drain(self) -> None:
+        for m in self._read():
+            if isinstance(m, nfqraw.PacketMessage):
+                self._on_packet(m)
+            elif isinstance(m, nfqraw.Malformed):
+                self.errors += 1
+                log.warning("queue %d: malformed netlink message: %s", self.queue_num, m.reason)
+            elif isinstance(m, nfqraw.Ack) and m.errno:
+                self.errors += 1
+                log.debug("queue %d: kernel refused a verdict: %s", self.queue_num, os.strerror(m.errno))
+
+    def _on_packet(self, m: nfqraw.PacketMessage) -> None:
+        pkt = RawPacket(self, m.packet_id, m.payload, m.hw)
+        try:
+            verdict = self.decide(m.payload, mac_of(m.hw), pkt, time.monotonic())
+        except Exception:
+            self.errors += 1
+            log.exception("decision failed; dropping the packet")
+            pkt.drop()
+            return
+        if verdict is Verdict.ACCEPT:
+            pkt.accept()
+        elif verdict is Verdict.DROP:
+            pkt.drop()
+
+    def flush(self) -> None:
+        self._drain()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self.sock.fileno())
+            except Exception:
+                pass
+        self.send(nfqraw.unbind(self.queue_num))
+        self.sock.close()
+
+
+def _id_after(a: int, b: int) -> bool:
+    """a comes after b as a serial number (the kernel's nfq_id_after)."""
+    return ((b - a) & nfqraw.MAX_ID) >= 0x80000000
+
+
 class PacketQueues:
-    """Queues first .. first + count - 1, bound and drained alike: what the agent holds."""
+    """Queues first .. first + count - 1, bound and drained alike: what the agent holds.
+
+    `inherited` ({queue: socket}) are the previous agent's sockets from the fd store:
+    those queues are taken over (AdoptedQueue), the others bound afresh. `fresh` lists
+    the queues bound afresh here: their sockets belong in the fd store."""
 
     def __init__(self, first: int, count: int, max_len: int,
-                 decide: Callable[[bytes, str | None, object, float], Verdict]) -> None:
-        self.queues: list[PacketQueue] = []
+                 decide: Callable[[bytes, str | None, object, float], Verdict],
+                 inherited: dict[int, socket.socket] | None = None, held_accept: bool = False) -> None:
+        self.queues: list[PacketQueue | AdoptedQueue] = []
+        self.fresh: list[PacketQueue] = []
+        inherited = dict(inherited or {})
         try:
             for q in range(first, first + count):
-                self.queues.append(PacketQueue(q, max_len, decide))
+                sock = inherited.pop(q, None)
+                adopted = None
+                if sock is not None:
+                    try:
+                        adopted = AdoptedQueue.take_over(q, sock, max_len, held_accept, decide)
+                    except KernelError as e:
+                        log.error("%s", e)
+                    if adopted is None:
+                        sock.close()
+                if adopted is not None:
+                    self.queues.append(adopted)
+                else:
+                    pq = PacketQueue(q, max_len, decide)
+                    self.queues.append(pq)
+                    self.fresh.append(pq)
         except KernelError:
             self.close()
             raise
+        finally:
+            for sock in inherited.values():  # queues we no longer use
+                sock.close()
+
+    @property
+    def adopted(self) -> list[AdoptedQueue]:
+        return [q for q in self.queues if isinstance(q, AdoptedQueue)]
 
     @property
     def errors(self) -> int:

@@ -151,18 +151,20 @@ def pki():
 @click.argument("directory")
 @click.option("--node", "nodes", multiple=True, help="A node to issue a certificate for (repeat).")
 @click.option("--admin", "admins", multiple=True, help="An operator to issue a certificate for (repeat).")
+@click.option("--collector", "collectors", multiple=True,
+              help="A metrics collector (Prometheus) to issue a certificate for (repeat): metrics_tls = true.")
 @click.option("--gateway", "regateway", is_flag=True, help="With --force: issue the gateway's identity again too.")
 @click.option("--force", is_flag=True, help="Issue the listed identities again (rotation); the CA is kept.")
-def pki_init(directory, nodes, admins, regateway, force):
-    """Create the cluster CA in DIRECTORY (kept if there) and the gateway's, each --node's and
-    each --admin's key and certificate (keys 0600, directory 0700)."""
+def pki_init(directory, nodes, admins, collectors, regateway, force):
+    """Create the cluster CA in DIRECTORY (kept if there) and the gateway's, each --node's,
+    each --admin's and each --collector's key and certificate (keys 0600, directory 0700)."""
     _need_root()
     from vipwire import pki as vpki
 
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise LocalControlError(f"{directory} is not a directory")
     try:
-        for n in (*nodes, *admins):
+        for n in (*nodes, *admins, *collectors):
             vpki.identity_name("node", n)
         if force:
             vpki.create_ca(directory)
@@ -172,7 +174,9 @@ def pki_init(directory, nodes, admins, regateway, force):
                 vpki.issue(directory, "node", n, overwrite=True)
             for a in admins:
                 vpki.issue(directory, "admin", a, overwrite=True)
-        written = vpki.init(directory, list(nodes), list(admins))
+            for c in collectors:
+                vpki.issue(directory, "collector", c, overwrite=True)
+        written = vpki.init(directory, list(nodes), list(admins), list(collectors))
     except OSError as e:
         raise LocalControlError(f"cannot write the PKI in {directory}: {e.strerror or e}") from None
     for who, path in written.items():

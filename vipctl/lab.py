@@ -176,20 +176,26 @@ def _write_configs(lab: Lab) -> dict[str, str]:
         f.write(gw)
     for k in range(1, lab.nodes + 1):
         name = lab.node_name(k)
-        node_tls = pki.paths(lab.pki_dir, "node", name)
-        node = (
-            f'# written by `vipctl lab up` for the lab "{lab.prefix}"\n'
-            f'name = "{name}"\n{lab6.vip_lines(lab, VIP)}gateway_address = "{CLUSTER_NET}.1"\n'
-            f'gateway_port = 7400\nqueue_num = 0\n'
-            f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
-            f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
-            f'datapath = "{lab.datapath}"\nmetrics_address = "{NODE_METRICS}"\n'
-            f'conntrack = {"true" if lab.conntrack else "false"}\n'
-        )
         paths[name] = os.path.join(lab.state_dir, f"{name}.toml")
         with open(paths[name], "w") as f:
-            f.write(node)
+            f.write(node_config_text(lab, name, "`vipctl lab up`", lab6.vip_lines(lab, VIP), f"{CLUSTER_NET}.1",
+                                     NODE_METRICS))
     return paths
+
+
+def node_config_text(lab: Lab, name: str, writer: str, vip_lines: str, gateway_address: str,
+                     metrics_address: str) -> str:
+    """A lab node's agent configuration (TOML); `vip_lines` the vip (and vip6) lines."""
+    node_tls = pki.paths(lab.pki_dir, "node", name)
+    return (
+        f'# written by {writer} for the lab "{lab.prefix}"\n'
+        f'name = "{name}"\n{vip_lines}gateway_address = "{gateway_address}"\n'
+        f'gateway_port = 7400\nqueue_num = 0\n'
+        f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
+        f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
+        f'datapath = "{lab.datapath}"\nmetrics_address = "{metrics_address}"\n'
+        f'conntrack = {"true" if lab.conntrack else "false"}\n'
+    )
 
 
 def _spawn_supervisor(lab: Lab) -> int:
@@ -266,8 +272,8 @@ def up(lab: Lab, timeout: float = 30.0, log=print) -> dict:
         raise LocalControlError("--nodes must be from 1 to 32")
     if lab.gateways not in (1, 2):
         raise LocalControlError("--gateways must be 1 or 2")
-    if lab.gateways == 2 and lab.ipv6:
-        raise LocalControlError("--ipv6 and --ipv6-only are not built for the two-gateway lab yet (--gateways 1)")
+    if lab.gateways == 2 and lab.ipv6_only:
+        raise LocalControlError("--ipv6-only is not built for the two-gateway lab yet (--ipv6 is: dual-stack)")
     if lab.gateways == 2:
         try:
             return labha.up(lab, timeout, log)

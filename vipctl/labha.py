@@ -14,6 +14,13 @@ keeps two floating addresses in one sync group on the master: 198.51.100.1 (the
 clients' next hop) and 192.0.2.1 (the nodes' next hop for replies and the address their
 agents connect to); a track script takes a gateway whose daemon died out of the election.
 
+With `--ipv6` the lab is dual-stack as the one-gateway lab is (vipctl.lab6): the client
+2001:db8:1::2, the gateways 2001:db8:1::1x (client side) and 2001:db8:2::2/::3 (cluster
+side), the nodes 2001:db8:2::1K; keepalived keeps two more floating next hops,
+2001:db8:1::1 and 2001:db8:2::1, in their own VRRP instances (keepalived does not mix
+families in one instance) of the same sync group; the VIP6 2001:db8::10 serves beside the
+VIP. The control plane stays IPv4.
+
 etcd sits on a network of its own that only the gateways reach: it speaks plain HTTP with
 no authentication, so the nodes (and the clients) must not reach it. One member: in the
 lab both gateways and etcd share one machine, so three members would fail together and
@@ -47,6 +54,7 @@ CLIENT_NET, CLUSTER_NET = "198.51.100", "192.0.2"
 SYNC_NET = "2001:db8:11:"
 CLIENT_NEXT_HOP = f"{CLIENT_NET}.1"
 CLUSTER_NEXT_HOP = f"{CLUSTER_NET}.1"
+CLIENT_NEXT_HOP6, CLUSTER_NEXT_HOP6 = "2001:db8:1::1", "2001:db8:2::1"  # --ipv6 (vipctl.lab6's nets)
 ETCD_ADDR = f"{SYNC_NET}:4"
 ETCD_PORT = 2379
 ADVERT_S = 0.3
@@ -85,10 +93,14 @@ def control_sockets(lab) -> str:
 
 
 def build_links(lab) -> None:
+    from . import lab6
+
     namespaces = [lab.client_ns, sw_ns(lab), etcd_ns(lab)] + [gw_ns(lab, g) for g in GATEWAYS] \
         + [lab.node_ns(k) for k in range(1, lab.nodes + 1)]
     for ns in namespaces:
         netns.create(ns)
+        if lab.ipv6:  # no DAD, no router advertisements, before any link exists
+            lab6._sysctls(ns, gateway=ns in [gw_ns(lab, g) for g in GATEWAYS])
     with NetNS(sw_ns(lab)) as sw:
         bridges = {}
         for br in ("brc", "brk", "brg"):
@@ -117,6 +129,9 @@ def build_links(lab) -> None:
             _addr(ns, "client0", f"{CLIENT_NET}.{10 + i}", 24)
             _addr(ns, "cluster0", f"{CLUSTER_NET}.{1 + i}", 24)
             _addr(ns, "sync0", f"{SYNC_NET}:{1 + i}", 64)
+            if lab.ipv6:
+                _addr(ns, "client0", f"{lab6.CLIENT_NET6}{10 + i}", 64)
+                _addr(ns, "cluster0", f"{lab6.CLUSTER_NET6}{1 + i}", 64)
             _up(ns, "lo")
     with NetNS(etcd_ns(lab)) as ns:
         _addr(ns, "sync0", ETCD_ADDR, 64)
@@ -125,12 +140,18 @@ def build_links(lab) -> None:
         _addr(ns, "eth0", lab.client_addr, 24)
         _up(ns, "lo")
         ns.route("add", dst="default", gateway=CLIENT_NEXT_HOP)
+        if lab.ipv6:
+            _addr(ns, "eth0", lab6.client_addr6(), 64)
+            ns.route("add", dst="::/0", gateway=CLIENT_NEXT_HOP6, family=10)
     for k in range(1, lab.nodes + 1):
         with NetNS(lab.node_ns(k)) as ns:
             ns.link("set", index=ns.link_lookup(ifname="eth0")[0], address=lab.node_mac(k))
             _addr(ns, "eth0", lab.node_addr(k), 24)
             _up(ns, "lo")
             ns.route("add", dst="default", gateway=CLUSTER_NEXT_HOP)
+            if lab.ipv6:
+                _addr(ns, "eth0", lab6.node_addr6(k), 64)
+                ns.route("add", dst="::/0", gateway=CLUSTER_NEXT_HOP6, family=10)
 
 
 def _addr(ns, ifname: str, address: str, prefixlen: int) -> None:
@@ -156,6 +177,9 @@ def _sysctl(ns: str, key: str, value: str) -> None:
 def write_configs(lab) -> list[dict]:
     """Every config file, and the supervisor's plan: etcd, then per gateway keepalived and
     the daemon, then the agents."""
+    from . import lab as labmod
+    from . import lab6
+
     sd = lab.state_dir
     os.makedirs(sd, mode=0o700, exist_ok=True)
     pki.init(lab.pki_dir, [lab.node_name(k) for k in range(1, lab.nodes + 1)])
@@ -177,7 +201,7 @@ def write_configs(lab) -> list[dict]:
             f'# name, control_socket and state_dir (two processes on one machine)\n'
             f'name = "{g}"\ngateways = {json.dumps(list(GATEWAYS))}\n'
             f'etcd_endpoints = ["[{ETCD_ADDR}]:{ETCD_PORT}"]\n'
-            f'vip = "{lab_vip()}"\nclient_interface = "client0"\ncluster_interface = "cluster0"\n'
+            f'{lab6.vip_lines(lab, lab_vip())}client_interface = "client0"\ncluster_interface = "cluster0"\n'
             f'listen_address = "0.0.0.0"\nlisten_port = 7400\n'
             f'tls_ca = "{gw_tls.ca_cert}"\ntls_cert = "{gw_tls.cert}"\ntls_key = "{gw_tls.key}"\n'
             f'control_socket = "{control_socket(sd, g)}"\nstate_dir = "{sd}/{g}"\n'
@@ -185,19 +209,13 @@ def write_configs(lab) -> list[dict]:
         path = os.path.join(sd, f"{g}.toml")
         with open(path, "w") as f:
             f.write(text)
-        plan.append({"name": f"keepalived-{g}", "ns": gw_ns(lab, g), "argv": keepalived_argv(sd, g, i)})
+        plan.append({"name": f"keepalived-{g}", "ns": gw_ns(lab, g), "argv": keepalived_argv(lab, sd, g, i)})
         plan.append({"name": g, "ns": gw_ns(lab, g),
                      "args": ["gateway", "run", "--config", path, "--log-format", lab.log_format]})
     for k in range(1, lab.nodes + 1):
         name = lab.node_name(k)
-        node_tls = pki.paths(lab.pki_dir, "node", name)
-        text = (
-            f'# written by `vipctl lab up --gateways 2` for the lab "{lab.prefix}"\n'
-            f'name = "{name}"\nvip = "{lab_vip()}"\ngateway_address = "{CLUSTER_NEXT_HOP}"\n'
-            f'gateway_port = 7400\nqueue_num = 0\n'
-            f'tls_ca = "{node_tls.ca_cert}"\ntls_cert = "{node_tls.cert}"\ntls_key = "{node_tls.key}"\n'
-            f'state_dir = "{sd}/{name}"\ncluster_interface = "eth0"\ndatapath = "{lab.datapath}"\n'
-            f'metrics_address = "{node_metrics()}"\n')
+        text = labmod.node_config_text(lab, name, "`vipctl lab up --gateways 2`", lab6.vip_lines(lab, lab_vip()),
+                                       CLUSTER_NEXT_HOP, node_metrics())
         path = os.path.join(sd, f"{name}.toml")
         with open(path, "w") as f:
             f.write(text)
@@ -224,7 +242,7 @@ def node_metrics() -> str:
     return NODE_METRICS
 
 
-def keepalived_argv(state_dir: str, g: str, i: int) -> list[str]:
+def keepalived_argv(lab, state_dir: str, g: str, i: int) -> list[str]:
     conf = os.path.join(state_dir, f"keepalived-{g}.conf")
     check = os.path.join(state_dir, f"{g}-alive.sh")
     with open(check, "w") as f:
@@ -234,27 +252,30 @@ def keepalived_argv(state_dir: str, g: str, i: int) -> list[str]:
                 '[ -n "$pid" ] && [ -d /proc/$pid ] && ! grep -q "^State:.*Z" /proc/$pid/status\n')
     os.chmod(check, 0o700)
     with open(conf, "w") as f:
-        f.write(keepalived_conf(g, priority=200 - 50 * i, check=check))
+        f.write(keepalived_conf(g, priority=200 - 50 * i, check=check, ipv6=lab.ipv6))
     return [shutil.which("keepalived") or "/usr/sbin/keepalived", "-n", "-l", "--no-syslog", "-D",
             "-f", conf, "-p", os.path.join(state_dir, f"keepalived-{g}.pid"),
             "-r", os.path.join(state_dir, f"vrrp-{g}.pid")]
 
 
-def keepalived_conf(g: str, priority: int, check: str) -> str:
+def keepalived_conf(g: str, priority: int, check: str, ipv6: bool = False) -> str:
     """VRRPv3, adverts every 0.3 s (KERNEL-NOTES: 0.95 s failover); both start BACKUP with
     nopreempt, so a gateway that comes back does not take the address back (one move per
-    failure, not two)."""
+    failure, not two). `ipv6`: the IPv6 next hops in two more instances of the sync group."""
     def instance(name: str, ifname: str, vrid: int, address: str) -> str:
         return (f"vrrp_instance {name} {{\n    state BACKUP\n    nopreempt\n    interface {ifname}\n"
                 f"    virtual_router_id {vrid}\n    priority {priority}\n    advert_int {ADVERT_S}\n"
                 f"    virtual_ipaddress {{\n        {address} dev {ifname}\n    }}\n"
                 f"    track_script {{\n        gateway_alive\n    }}\n}}\n")
+    groups = "\n        ".join(["clients", "cluster"] + (["clients6", "cluster6"] if ipv6 else []))
     return (f"# vipcluster gateway {g}\nglobal_defs {{\n    router_id {g}\n    vrrp_version 3\n"
             f"    script_user root\n    enable_script_security\n}}\n"
             f"vrrp_script gateway_alive {{\n    script \"{check}\"\n    interval 1\n    fall 1\n    rise 2\n}}\n"
-            f"vrrp_sync_group vipcluster {{\n    group {{\n        clients\n        cluster\n    }}\n}}\n"
+            f"vrrp_sync_group vipcluster {{\n    group {{\n        {groups}\n    }}\n}}\n"
             + instance("clients", "client0", 51, f"{CLIENT_NEXT_HOP}/24")
-            + instance("cluster", "cluster0", 52, f"{CLUSTER_NEXT_HOP}/24"))
+            + instance("cluster", "cluster0", 52, f"{CLUSTER_NEXT_HOP}/24")
+            + (instance("clients6", "client0", 53, f"{CLIENT_NEXT_HOP6}/64")
+               + instance("cluster6", "cluster0", 54, f"{CLUSTER_NEXT_HOP6}/64") if ipv6 else ""))
 
 
 # --- state ---------------------------------------------------------------------------

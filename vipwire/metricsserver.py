@@ -7,14 +7,21 @@ on the loop: `before_scrape()` (a coroutine: slow reads such as `iptables-save` 
 thread there) runs first, then the registry is rendered in the loop, where the state
 holds still. Plain HTTP/1.0, one request per connection, bounded: 8 KiB of request head,
 5 s to send it, 8 scrapes at a time. The address is the config's `metrics_address`
-(loopback by default: the endpoint has no authentication, like every Prometheus
-exporter; put it where only the collector can reach it).
+(loopback by default: plain HTTP has no authentication, like every Prometheus exporter;
+put it where only the collector can reach it).
+
+`metrics_tls = true` serves it over TLS 1.3 with the daemon's own certificate and requires
+a client certificate from the cluster CA whose identity is a collector's (`vipctl pki init
+DIR --collector prometheus`) or an admin's, not revoked; any other peer gets 403. Prometheus
+scrapes it with `scheme: https` and a `tls_config` naming the CA, the collector's
+certificate and key, and `server_name` (`gateway.vipcluster`, `n1.node.vipcluster`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry
@@ -25,19 +32,37 @@ log = logging.getLogger("vipcluster.metrics")
 MAX_HEAD = 8192
 HEAD_TIMEOUT_S = 5.0
 MAX_SCRAPES = 8
+SCRAPERS = ("collector", "admin")  # the roles whose certificates may scrape over TLS
 
 
 class MetricsServer:
     def __init__(self, registry: CollectorRegistry,
-                 before_scrape: Callable[[], Awaitable[None]] | None = None) -> None:
+                 before_scrape: Callable[[], Awaitable[None]] | None = None,
+                 tls: tuple[ssl.SSLContext, str] | None = None) -> None:
+        """`tls`: (server context requiring a client certificate, the CA file whose
+        revocation list is checked), or None for plain HTTP."""
         self.registry = registry
         self.before_scrape = before_scrape
+        self.tls = tls
         self._server: asyncio.AbstractServer | None = None
         self._busy = 0
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._serve, host=host, port=port, reuse_address=True,
-                                                  limit=MAX_HEAD)
+                                                  limit=MAX_HEAD, ssl=self.tls[0] if self.tls else None,
+                                                  ssl_handshake_timeout=HEAD_TIMEOUT_S if self.tls else None)
+
+    def _refusal(self, writer: asyncio.StreamWriter) -> str | None:
+        """Why this TLS peer may not scrape (None: it may; plain HTTP: None)."""
+        if self.tls is None:
+            return None
+        from . import tls as vtls
+
+        ssl_object = writer.get_extra_info("ssl_object")
+        ident = vtls.peer_identity(ssl_object)
+        if ident is None or ident[0] not in SCRAPERS:
+            return f"the peer {ident} is not a collector or an admin"
+        return vtls.revocation_problem(ssl_object, self.tls[1])
 
     @property
     def port(self) -> int | None:
@@ -66,7 +91,11 @@ class MetricsServer:
                     ConnectionError):
                 return
             parts = head.split(b"\r\n", 1)[0].split()
-            if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
+            refused = self._refusal(writer)
+            if refused:
+                log.warning("metrics scrape refused: %s", refused)
+                await self._reply(writer, 403, b"text/plain", b"forbidden: a collector's certificate is needed\n")
+            elif len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
                 await self._reply(writer, 405, b"text/plain", b"only GET /metrics\n")
             elif parts[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
                 await self._reply(writer, 404, b"text/plain", b"not found: try /metrics\n")
@@ -84,7 +113,7 @@ class MetricsServer:
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, code: int, ctype: bytes, body: bytes) -> None:
-        reason = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed", 500: b"Internal Server Error"}[code]
+        reason = {200: b"OK", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 500: b"Internal Server Error"}[code]
         writer.write(b"HTTP/1.0 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                      % (code, reason, ctype, len(body)) + body)
         try:
@@ -94,14 +123,23 @@ class MetricsServer:
 
 
 async def serve(address: str, registry: CollectorRegistry,
-                before_scrape: Callable[[], Awaitable[None]] | None = None) -> MetricsServer | None:
-    """Start the endpoint on `address` ("HOST:PORT", or "off": None)."""
+                before_scrape: Callable[[], Awaitable[None]] | None = None,
+                tls_files: tuple[str, str, str] | None = None) -> MetricsServer | None:
+    """Start the endpoint on `address` ("HOST:PORT", or "off": None). `tls_files`:
+    (cert, key, ca) of the daemon, for `metrics_tls = true`; None: plain HTTP."""
     from clustercore.config import listen_address
 
     where = listen_address(address)
     if where is None:
         return None
-    server = MetricsServer(registry, before_scrape)
+    tls = None
+    if tls_files is not None:
+        from . import tls as vtls
+
+        cert, key, ca = tls_files
+        tls = (vtls.server_context(cert, key, ca), ca)
+    server = MetricsServer(registry, before_scrape, tls)
     await server.start(*where)
-    log.info("metrics on http://%s/metrics", address)
+    log.info("metrics on %s://%s/metrics%s", "https" if tls else "http", address,
+             " (a collector's certificate required)" if tls else "")
     return server

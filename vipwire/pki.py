@@ -11,11 +11,13 @@ connection to one identity:
     node NAME      NAME.node.vipcluster     (the gateway takes the node's name from here:
                                              n1's certificate cannot log in as n2)
     admin NAME     NAME.admin.vipcluster    (an operator's CLI over the network)
+    collector NAME NAME.collector.vipcluster (a Prometheus server scraping /metrics over
+                                             TLS: `metrics_tls = true`; reads metrics only)
 
 Keys are EC P-256, written 0600 in a 0700 directory; certificates are valid for ten years
 (rotate by issuing again: `issue(..., overwrite=True)`, see docs/deploy.md). The gateway's
 and the nodes' certificates carry serverAuth and clientAuth (a node serves its image to
-another node); an admin's only clientAuth. `vipctl pki init DIR --node n1 --node n2 ...` calls `init`.
+another node); an admin's and a collector's only clientAuth. `vipctl pki init DIR --node n1 --node n2 ...` calls `init`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from clustercore.errors import ConfigError
 DOMAIN = "vipcluster"
 GATEWAY_NAME = f"gateway.{DOMAIN}"
 VALID_DAYS = 3650
-ROLES = ("gateway", "node", "admin")
+ROLES = ("gateway", "node", "admin", "collector")
+CLIENT_ONLY = ("admin", "collector")  # certificates with clientAuth alone
 
 
 ENCODED = "-b32"  # the role label of an identity whose name is not a DNS label
@@ -66,10 +69,10 @@ def parse_identity(dns_name: str) -> tuple[str, str] | None:
     parts = dns_name.split(".")
     if len(parts) != 3 or parts[2] != DOMAIN:
         return None
-    if parts[1] in ("node", "admin") and _valid_label(parts[0]):
+    if parts[1] in ("node", "admin", "collector") and _valid_label(parts[0]):
         return (parts[1], parts[0])
     role = parts[1].removesuffix(ENCODED)
-    if role in ("node", "admin") and parts[1] == role + ENCODED:
+    if role in ("node", "admin", "collector") and parts[1] == role + ENCODED:
         label = parts[0]
         if not label or not label.isascii() or label != label.lower():
             return None
@@ -165,7 +168,7 @@ def issue(directory: str, role: str, name: str = "", overwrite: bool = False) ->
     key = ec.generate_private_key(ec.SECP256R1())
     # a node is a TLS server too (node-to-node image transfer, nodeshim.imagexfer): OpenSSL
     # refuses a server certificate without serverAuth; an admin is only ever a client
-    usages = ([ExtendedKeyUsageOID.CLIENT_AUTH] if role == "admin"
+    usages = ([ExtendedKeyUsageOID.CLIENT_AUTH] if role in CLIENT_ONLY
               else [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
@@ -182,14 +185,16 @@ def issue(directory: str, role: str, name: str = "", overwrite: bool = False) ->
     return where
 
 
-def init(directory: str, nodes: list[str], admins: list[str] = ()) -> dict:
-    """The CA, the gateway's identity and one per node (and admin); existing ones are kept."""
+def init(directory: str, nodes: list[str], admins: list[str] = (), collectors: list[str] = ()) -> dict:
+    """The CA, the gateway's identity and one per node (admin, collector); existing ones are kept."""
     create_ca(directory)
     out = {"ca": os.path.join(directory, "ca.crt"), "gateway": issue(directory, "gateway").cert}
     for n in nodes:
         out[f"node {n}"] = issue(directory, "node", n).cert
     for a in admins:
         out[f"admin {a}"] = issue(directory, "admin", a).cert
+    for c in collectors:
+        out[f"collector {c}"] = issue(directory, "collector", c).cert
     return out
 
 

@@ -79,3 +79,22 @@ def peer_identity(ssl_object) -> tuple[str, str] | None:
             if ident is not None:
                 return ident
     return None
+
+
+def revocation_problem(ssl_object, ca_path: str) -> str | None:
+    """Why the verified peer of `ssl_object` must be refused by the CA's revocation list
+    (vipwire.pki.revoke, `crl.pem` beside the CA certificate, read at each call so a
+    revocation needs no restart), or None. An unreadable list refuses everyone."""
+    from clustercore.errors import VipError
+
+    try:
+        revoked = pki.revoked_serials(ca_path)
+    except VipError as e:
+        return f"cannot check revocation: {e}"
+    try:
+        serial = int((ssl_object.getpeercert() or {}).get("serialNumber", ""), 16)
+    except (ValueError, AttributeError):
+        return "its certificate has no serial number"
+    if serial in revoked:
+        return f"its certificate (serial {serial:x}) is revoked"
+    return None

@@ -20,7 +20,7 @@ def main():
     p.add_argument("--stop-file", required=True)
     p.add_argument("--max-s", type=float, default=300.0)
     a = p.parse_args()
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET, socket.SOCK_DGRAM)
     s.connect((a.host, a.port))
     s.setblocking(False)
     answers: dict[int, int] = {}

@@ -64,7 +64,9 @@ def test_only_the_owner_accepts_each_datagram_exactly_once(services):
 
 
 def _capture(services, path, filt):
-    p = services.client_popen(["tcpdump", "-i", "eth0", "-nn", "-U", "-w", path, filt],
+    # --immediate-mode: without it libpcap's ring hands packets over a block at a time (up
+    # to a second late), and a SIGINT can end tcpdump before the last block is written
+    p = services.client_popen(["tcpdump", "-i", "eth0", "-nn", "-U", "--immediate-mode", "-w", path, filt],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # wait until tcpdump says it is listening
     deadline = time.time() + 10

@@ -27,6 +27,7 @@ from clustercore.kinds import Delivery
 from tests.lab.conftest import LabHandle, unique_prefix
 from vipctl import lab as labmod
 from vipctl.lab import VIP
+from vipctl.lab6 import VIP6
 
 ECHO = ["--port", "tcp:7", "--port", "udp:7", "--exec", "builtin:echo"]
 
@@ -170,10 +171,10 @@ def established(ns, port=7):
     return len([line for line in r.stdout.splitlines() if line.strip()])
 
 
-def loadgen(h, tmp_path, tag, *args):
+def loadgen(h, tmp_path, tag, *args, vip=VIP):
     os.chmod(tmp_path, 0o777)
     ready = tmp_path / f"{tag}.ready"
-    p = h.client_popen([sys.executable, "-m", "vipctl.loadgen", VIP, "--ready-file", str(ready), *map(str, args)],
+    p = h.client_popen([sys.executable, "-m", "vipctl.loadgen", vip, "--ready-file", str(ready), *map(str, args)],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(f"load {tag} ready", lambda: ready.exists() or p.poll() is not None, timeout=60, step=0.05)
     assert p.poll() is None, p.stderr.read().decode()
@@ -249,3 +250,27 @@ def test_graceful_node_drain_cuts_what_outlives_the_timeout(tmp_path):
         assert reports["kv"]["drain"] == "complete" and reports["kv"]["tcp"]["at_start"] == 0
         assert not next(n for n in h.status()["nodes"] if n["name"] == "n1")["processes"]
         assert echo_works(h)  # served from its new node
+
+
+def test_dual_stack_graceful_drain_keeps_ipv6_flows_on_the_old_node(tmp_path):
+    """A dual-stack drain reads both families' conntrack tables: the IPv6 clients' keep-alive
+    connections and their UDP flow (bracketed on the wire) stay on the old node until they
+    end, exactly like IPv4's; nothing is cut, lost or reset."""
+    with own_lab("hd6", delivery=Delivery.SELECTIVE, ipv6=True) as h:
+        h.vipctl("service", "add", "echo", "--node", "n1", *ECHO)
+        old_ns, new_ns = h.lab.node_ns(1), h.lab.node_ns(2)
+        rsts = {ns: out_rsts(ns) for ns in (old_ns, new_ns)}
+        a = loadgen(h, tmp_path, "old6", "--conns", 6, "--rate", 20, "--udp-port", 7, "--udp-rate", 50,
+                    "--duration", 6, vip=VIP6)
+        r = h.vipctl("migrate", "echo", "--to", "n2", "--graceful", "--timeout", "40", "--json", timeout=120)
+        report = json.loads(r.stdout)
+        load = finish(a)
+        print("drain report:", report)
+        print("IPv6 load:", load)
+        assert report["drain"] == "complete" and report["to"] == "n2", report
+        assert report["tcp"]["at_start"] >= 6 and report["tcp"]["cut"] == 0, report
+        assert report["udp"]["at_start"] >= 1 and report["udp"]["cut"] == 0, report
+        assert load["tcp_connected"] == load["tcp_conns"] and load["resets"] == 0 and load["tcp_missing"] == 0
+        assert load["tcp_ok"] == load["tcp_sent"] > 0 and load["tcp_bad"] == 0
+        assert load["udp_sent"] > 0 and load["udp_missing"] == 0 and load["udp_duplicated"] == 0
+        assert {ns: out_rsts(ns) - before for ns, before in rsts.items()} == {old_ns: 0, new_ns: 0}

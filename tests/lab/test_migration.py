@@ -2,8 +2,9 @@
 
 The oracle here is the clients' own accounting (vipctl/loadgen.py): every numbered TCP
 message echoed once and in order, every numbered datagram answered once, every kv key
-intact, no reset, and the client's TCP retransmission counter no higher than in a
-baseline run of the same load for the same time without migrations.
+intact, no reset, and the client's TCP retransmissions that the server did not report as
+duplicates (D-SACK) no higher than in a baseline run of the same load for the same time
+without migrations.
 """
 
 import json
@@ -115,18 +116,23 @@ def test_migrations_under_load_lose_nothing_and_duplicate_nothing(mlab, tmp_path
     base = finish_load(p, stop)
     assert_exact(base)
     assert base["tcp_sent"] >= 0.8 * r["tcp_sent"], (base["tcp_sent"], r["tcp_sent"])  # the same load indeed
-    # A hold may cost a tail-loss probe (Linux sends one once max(2 SRTT, 10 ms) pass
-    # without an ACK: on a quiet machine the 10-25 ms freezes cost none, on a busy one
-    # 60-80 ms freezes cost a few: 17 seen over these 12 migrations with three other lab
-    # suites running). Allow two per migration, no more: a dropped or duplicated segment
-    # would show here, since TCP hides it from the clients' own accounting.
-    probes = 2 * len(reports)
+    # A hold may cost tail-loss probes. Each client sends a message every 50 ms; one that
+    # sends its next message while the first is held has two segments in flight, and Linux
+    # then probes once 2 SRTT + 2 ms pass without an ACK (the probe resends the last
+    # segment). On a quiet machine the 10-35 ms freezes cost none; with other lab suites
+    # running, 40-60 ms freezes cost 17-41 over these 12 migrations. Such a probe is
+    # answered by a D-SACK: the receiver already had the segment. So the count that finds a
+    # dropped segment (which TCP would hide from the clients' accounting) is the
+    # retransmissions the receiver did NOT report as duplicates: at most two per migration
+    # above the baseline. The probes themselves are printed (issue 13's target is 0).
+    def unproven(x):
+        return x["retrans_segs"] - x["retrans_kinds"].get("TCPDSACKRecv", 0)
+    slack = 2 * len(reports)
     print("client retransmissions: migrations", r["retrans_segs"], r["retrans_kinds"],
           "baseline", base["retrans_segs"], base["retrans_kinds"],
           "freezes ms", [x["freeze_ms"] for x in reports])
-    assert r["retrans_segs"] <= base["retrans_segs"] + probes, (r["retrans_segs"], base["retrans_segs"], probes,
-                                                               r["retrans_kinds"], base["retrans_kinds"],
-                                                               [x["freeze_ms"] for x in reports])
+    assert unproven(r) <= unproven(base) + slack, (unproven(r), unproven(base), slack, r["retrans_kinds"],
+                                                   base["retrans_kinds"], [x["freeze_ms"] for x in reports])
 
 
 def test_new_connections_during_migrations(mlab, tmp_path):

@@ -75,7 +75,7 @@ def kv(h, action, pairs) -> int:
 
 
 def start_capture(ns, iface, path, filt):
-    p = labmod.popen_in(ns, ["tcpdump", "-i", iface, "-nn", "-U", "-s", "0", "-w", path, filt],
+    p = labmod.popen_in(ns, ["tcpdump", "-i", iface, "-nn", "-U", "--immediate-mode", "-s", "0", "-w", path, filt],
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 10
     line = b""

@@ -79,9 +79,9 @@ def fault(h, name, action):
     return r.stdout
 
 
-def start_gap(h, tmp_path, tag):
+def start_gap(h, tmp_path, tag, vip=labmod.VIP):
     ready, stop = tmp_path / f"{tag}.gap.ready", tmp_path / f"{tag}.gap.stop"
-    p = h.client_popen([sys.executable, os.path.join(HERE, "gapprobe.py"), labmod.VIP, "7",
+    p = h.client_popen([sys.executable, os.path.join(HERE, "gapprobe.py"), vip, "7",
                         "--ready-file", str(ready), "--stop-file", str(stop)],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_ready(p, ready, 30)
@@ -326,3 +326,94 @@ def test_etcd_down_under_load_writes_are_refused_cleanly_service_continues(ha, t
           f"after it came back the migration {rep['outcome']}; load lost nothing: tcp {r['tcp_ok']}/{r['tcp_sent']}, "
           f"udp {r['udp_answered_once']}/{r['udp_sent']}")
     assert_exact(r)
+
+
+def test_dual_stack_two_gateways_fail_over_ipv6_clients(tmp_path):
+    """`lab up --gateways 2 --ipv6`: keepalived moves the IPv6 next hops with the IPv4
+    ones (one sync group), so IPv6 clients of the VIP6 live through the master's loss as
+    IPv4 clients do: TCP exact, no reset, UDP lost only inside the gap, and a migration
+    right after commits."""
+    from tests.lab.test_health_drain import finish, loadgen
+    from vipctl.lab6 import VIP6
+
+    spec = labmod.Lab(unique_prefix("g6"), 3, gateways=2, ipv6=True)
+    labmod.down(spec, log=lambda *a: None)
+    try:
+        labmod.up(spec, log=lambda *a: None)
+        h = LabHandle(spec)
+        h.vipctl("service", "add", "echo", "--node", "n1", "--port", "tcp:7", "--port", "udp:7", "--exec", "builtin:echo")
+        down = master(h)
+        assert down is not None
+        wait_serving(h, down)
+        p = loadgen(h, tmp_path, "six", "--conns", 20, "--rate", 20, "--udp-port", 7, "--duration", 8, vip=VIP6)
+        g, gstop = start_gap(h, tmp_path, "six", vip=VIP6)
+        try:
+            time.sleep(1.0)
+            labha.fault(h.lab, down, "down")
+            wait_serving(h, OTHER[down])
+            time.sleep(0.5)
+            rep, _ = migrate(h, "echo", "n2")
+        finally:
+            gstop.touch()
+            r = finish(p)
+            gout, _ = g.communicate(timeout=30)
+        gap = json.loads(gout)
+        report(f"IPv6 clients: {down} links down, {OTHER[down]} took over; migration {rep['outcome']}", gap, r)
+        assert r["tcp_connected"] == r["tcp_conns"] == 20 and r["tcp_sent"] > 0, r
+        r.setdefault("kv_bad", 0)
+        assert_exact_but_gap(r, gap)
+        assert gap["sent"] > 0 and gap["missing"] < gap["sent"], gap
+        assert master(h) == OTHER[down] and owner(h, "echo") == "n2"
+    finally:
+        for gw in labha.GATEWAYS:
+            labmod.release_daemon(spec, gw)
+        labmod.down(spec, log=lambda *a: None)
+
+
+def test_etcd_down_in_the_middle_of_a_migration_ends_it_cleanly(ha, tmp_path):
+    """etcd stops while a migration waits at the destination's restore (an armed `wait`
+    fault): the driver's next journal write fails. The migration must end, committed or
+    rolled back, with the clients' accounting exact and the registry (once etcd is back)
+    naming the node that serves; then the next migration commits."""
+    source = owner(ha, "echo")
+    dest = NEXT[source]
+    faults = os.path.join(ha.lab.state_dir, dest, "faults")
+    os.makedirs(faults, exist_ok=True)
+    p, stop = start_load(ha, tmp_path, "etcd-mid", kv=True, duration=120.0)
+    old = labmod.daemon_pids(ha.lab)["etcd"]
+    try:
+        with open(os.path.join(faults, "migrate.restore"), "w") as f:
+            f.write("wait")
+        mig = subprocess.Popen([sys.executable, "-m", "vipctl", "--socket", ha.socket, "migrate", "echo", "--to",
+                                dest, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        log = os.path.join(ha.lab.state_dir, "logs", f"{dest}.log")
+        deadline = time.time() + 20
+        while "fault injection at migrate.restore" not in open(log).read() and time.time() < deadline:
+            time.sleep(0.05)
+        labmod.hold_daemon(ha.lab, "etcd")  # (the fault file is gone: it fires once)
+        open(os.path.join(faults, "migrate.restore.go"), "w").close()
+        out, err = mig.communicate(timeout=120)
+        report = json.loads(out) if out.strip().startswith(b"{") else None
+        labmod.release_daemon(ha.lab, "etcd")
+        labmod.wait_restarted(ha.lab, "etcd", old, timeout=10)
+        svc = wait_settled(ha, "echo")
+        time.sleep(1.0)
+    finally:
+        labmod.release_daemon(ha.lab, "etcd")
+        for name in ("migrate.restore", "migrate.restore.go"):
+            try:
+                os.unlink(os.path.join(faults, name))
+            except FileNotFoundError:
+                pass
+        r = finish_load(p, stop)
+    print(f"[two gateways] etcd stopped mid-migration (destination at restore): rc {mig.returncode}, "
+          f"outcome {report and report.get('outcome')}, stderr {err.decode().strip()!r}; owner after {svc['owner']}; "
+          f"load tcp {r['tcp_ok']}/{r['tcp_sent']}, udp {r['udp_answered_once']}/{r['udp_sent']}, resets {r['resets']}")
+    assert report is None or report["outcome"] in ("committed", "rolled_back"), report
+    assert err.decode().count("\n") <= 1, err  # a clean one-line error at most
+    assert svc["owner"] in (source, dest)
+    assert_exact(r)
+    serving = [k for k in range(1, ha.lab.nodes + 1)
+               if "echo" in next(n for n in ha.status()["nodes"] if n["name"] == f"n{k}").get("processes", {})]
+    assert serving == [int(svc["owner"][1:])], (serving, svc)
+    migrate(ha, "echo", NEXT[svc["owner"]])

@@ -69,7 +69,35 @@ def test_nft_ruleset_copies_to_every_node_and_tags_epochs():
     assert 'hook ingress device "eth0"' in script
     assert 'ether daddr set 02:00:00:00:01:01 dup to "eth1"' in script
     assert 'ether daddr set 02:00:00:00:01:02 fwd to "eth1"' in script
-    assert f"tcp dport 7 ether saddr set {epoch_mac(3)}" in script
+    assert "    elements = { tcp . 7 : jump port_tcp_7 }" in script
+    assert f"  chain port_tcp_7 {{\n    ether saddr set {epoch_mac(3)}\n  }}" in script
     # the nft 1.0.6 pitfall: no one-line rule sets ending in '}' after a statement
     assert all(not line.rstrip().endswith("; }") for line in script.splitlines())
     assert epoch_mac(1) != epoch_mac(2) and int(epoch_mac(7)[:2], 16) & 1 == 0
+
+
+def _chain(script, name):
+    lines = script.splitlines()
+    start = lines.index(f"  chain {name} {{")
+    return lines[start + 1:lines.index("  }", start)]
+
+
+def test_service_ports_are_one_lookup_whatever_their_number():
+    """The `vip` chain has the same rules for 1 or 200 service ports (one verdict-map
+    lookup); each port's chain has its epoch tag and, when selective, its copies."""
+    macs = ["02:00:00:00:01:01", "02:00:00:00:01:02", "02:00:00:00:01:03"]
+    common = dict(vip="203.0.113.10", client_interface="eth0", cluster_interface="eth1",
+                  gateway_mac="02:aa:00:00:00:01", node_macs=macs)
+    one = render_ruleset(epochs={(6, 7): 2}, **common)
+    many = render_ruleset(epochs={(p, 1000 + i): 1 for i in range(100) for p in (6, 17)},
+                          targets={(6, 1000): macs[1:2]}, **common)
+    assert _chain(one, "vip") == _chain(many, "vip") == [
+        "    ether saddr set 02:aa:00:00:00:01", "    meta l4proto . th dport vmap @ports",
+        '    ether daddr set 02:00:00:00:01:01 dup to "eth1"', '    ether daddr set 02:00:00:00:01:02 dup to "eth1"',
+        '    ether daddr set 02:00:00:00:01:03 fwd to "eth1"']
+    assert many.count(" : jump port_") == 200
+    assert _chain(many, "port_tcp_1000") == [
+        f'    ether saddr set {epoch_mac(1)} ether daddr set 02:00:00:00:01:02 fwd to "eth1"']
+    assert _chain(many, "port_udp_1099") == [f"    ether saddr set {epoch_mac(1)}"]  # back to every node
+    none = render_ruleset(epochs={}, **common)
+    assert "map ports" not in none and "vmap" not in none

@@ -106,7 +106,8 @@ def test_bad_tags_are_refused():
         d.DrainRole(d.SOURCE, tag="02:76:63:00:00:0G")
 
 
-@pytest.mark.parametrize("text", ["", "1.2.3.4", "1.2.3.4:0:7", "1.2.3.4:5:70000", "x:1:2", "::1:1:2", 7, None])
+@pytest.mark.parametrize("text", ["", "1.2.3.4", "1.2.3.4:0:7", "1.2.3.4:5:70000", "x:1:2", "::1:1:2",
+                                  "[198.51.100.2]:1:2", "[2001:db8::5:1:2", 7, None])
 def test_bad_flows_are_refused(text):
     with pytest.raises(LocalControlError):
         d.parse_flow(text)
@@ -115,6 +116,8 @@ def test_bad_flows_are_refused(text):
 def test_flow_round_trip_and_counts():
     f = d.UdpFlow("198.51.100.2", 5000, 7)
     assert d.parse_flow(f.to_wire()) == f
+    f6 = d.UdpFlow("2001:db8::5", 5000, 7)  # a dual-stack drain's IPv6 flow
+    assert f6.to_wire() == "[2001:db8::5]:5000:7" and d.parse_flow(f6.to_wire()) == f6
     assert d.report_counts(10, 3) == {"at_start": 10, "finished": 7, "cut": 3}
     assert d.report_counts(2, 5) == {"at_start": 2, "finished": 0, "cut": 2}
     with pytest.raises(LocalControlError):

@@ -76,7 +76,7 @@ def test_nft_ruleset_jumps_for_both_families():
     assert "    ip daddr 203.0.113.10 jump vip" in lines
     assert f"    ip6 daddr {VIP6} jump vip" in lines
     # the port rules match the transport only: one epoch for both families of a port
-    assert any("meta l4proto tcp tcp dport 7" in x for x in lines)
+    assert "    meta l4proto . th dport vmap @ports" in lines and "tcp . 7 : jump port_tcp_7" in script
     only6 = render_ruleset(vip=VIP6, client_interface="c", cluster_interface="b", gateway_mac="02:00:00:00:00:01",
                            node_macs=["02:00:00:00:01:01"], epochs={})
     assert f"    ip6 daddr {VIP6} jump vip" in only6.splitlines() and " ip daddr" not in only6

@@ -335,3 +335,63 @@ def test_heartbeat_age_only_for_nodes_logged_in():
     s = parse(GatewayMetrics(gw).registry)
     assert val(s, "vipcluster_node_heartbeat_age_seconds", node="n1") >= 100.0
     assert val(s, "vipcluster_node_heartbeat_age_seconds", node="n2") is None
+
+
+def test_metrics_over_tls_want_a_collectors_certificate(tmp_path):
+    """metrics_tls: the endpoint speaks TLS 1.3 with the daemon's certificate; a collector
+    (or an admin) scrapes, a node's certificate gets 403, no certificate no handshake,
+    and a revoked collector 403."""
+    import ssl
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from vipwire import pki, tls
+
+    d = str(tmp_path / "pki")
+    pki.init(d, nodes=["n1"], collectors=["prom", "old"])
+    gw = pki.paths(d, "gateway")
+    registry = CollectorRegistry()
+    Counter("vipcluster_probe_total", "a series to find", registry=registry).inc(3)
+
+    def client(role=None, name=""):
+        ctx = ssl.create_default_context(cafile=gw.ca_cert)
+        if role:
+            who = pki.paths(d, role, name)
+            ctx.load_cert_chain(who.cert, who.key)
+        return ctx
+
+    async def get(ctx):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=tls.SERVER_NAME)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return data
+
+    port = None
+
+    async def main():
+        nonlocal port
+        import socket
+        with socket.socket() as probe:  # a free port (the address must name one)
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        server = await serve(f"127.0.0.1:{free}", registry, tls_files=(gw.cert, gw.key, gw.ca_cert))
+        port = server.port
+        try:
+            out = {"collector": await get(client("collector", "prom")), "node": await get(client("node", "n1"))}
+            try:  # TLS 1.3: the server's refusal of the handshake arrives after the client's Finished
+                out["none"] = await get(client())
+            except (ssl.SSLError, ConnectionError) as e:
+                out["none"] = repr(e).encode()
+            pki.revoke(d, "collector", "old")
+            out["revoked"] = await get(client("collector", "old"))
+            return out
+        finally:
+            server.close()
+
+    out = asyncio.run(main())
+    assert out["collector"].startswith(b"HTTP/1.0 200") and b"vipcluster_probe_total 3.0" in out["collector"]
+    assert out["node"].startswith(b"HTTP/1.0 403"), out["node"][:80]
+    assert not out["none"].startswith(b"HTTP"), out["none"][:80]  # no answer at all
+    assert out["revoked"].startswith(b"HTTP/1.0 403"), out["revoked"][:80]

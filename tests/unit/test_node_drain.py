@@ -19,7 +19,7 @@ ECHO = Service("echo", "n1", ((6, 7), (17, 7)), "builtin:echo")
 
 
 def agent(datapath="fast", conntrack=True):
-    a = types.SimpleNamespace(config=types.SimpleNamespace(name="n1", vip=VIP, datapath=datapath, conntrack=conntrack),
+    a = types.SimpleNamespace(config=types.SimpleNamespace(name="n1", vip=VIP, vips=(VIP,), datapath=datapath, conntrack=conntrack),
                               filter=types.SimpleNamespace(services={"echo": ECHO}), running={"echo": object()},
                               syncs=0, stopped=[])
     a.sync_datapath = lambda: setattr(a, "syncs", a.syncs + 1)

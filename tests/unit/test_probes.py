@@ -126,3 +126,33 @@ def test_a_stopped_process_fails_even_when_its_port_answers():
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_dual_stack_service_must_answer_on_each_vip():
+    """A client of either family reaches the service through its own VIP: a server that
+    listens on the IPv4 VIP only fails the check, which says which VIP did not answer."""
+    port = free_port()
+    spec = HealthSpec(check="http:/", interval_s=1.0)
+    svc = Service("svc", "n1", ((6, port),), "builtin:echo", health=spec)
+
+    def serving(hosts):
+        async def go():
+            servers = []
+            for host in hosts:
+                async def handle(reader, writer):
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(b"HTTP/1.0 200 OK\r\n\r\n")
+                    await writer.drain()
+                    writer.close()
+                servers.append(await asyncio.start_server(handle, host, port))
+            try:
+                return await probe(svc, spec, (LO, "::1"), None)
+            finally:
+                for s in servers:
+                    s.close()
+        return asyncio.run(go())
+
+    ok, detail = serving([LO, "::1"])
+    assert ok and detail.count("status 200") == 2, detail
+    ok, detail = serving([LO])
+    assert not ok and detail.startswith("on ::1: "), detail

@@ -202,3 +202,13 @@ def test_the_keepalived_config_moves_both_next_hops_together():
     assert "vrrp_version 3" in conf and conf.count("advert_int 0.3") == 2 and conf.count("nopreempt") == 2
     assert "198.51.100.1/24 dev client0" in conf and "192.0.2.1/24 dev cluster0" in conf
     assert conf.count("gateway_alive") == 3 and 'script "/x/gw1-alive.sh"' in conf
+
+
+def test_a_dual_stack_keepalived_config_moves_the_ipv6_next_hops_in_the_same_group():
+    from vipctl import labha
+    conf = labha.keepalived_conf("gw1", priority=150, check="/x/gw1-alive.sh", ipv6=True)
+    assert conf.count("vrrp_instance") == 4
+    group = conf[conf.index("vrrp_sync_group"):conf.index("vrrp_instance")]
+    assert all(name in group for name in ("clients", "cluster", "clients6", "cluster6")), group
+    assert "2001:db8:1::1/64 dev client0" in conf and "2001:db8:2::1/64 dev cluster0" in conf
+    assert len({line.split()[-1] for line in conf.splitlines() if "virtual_router_id" in line}) == 4

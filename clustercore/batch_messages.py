@@ -1,0 +1,160 @@
+"""The control messages of a batched handoff (clustercore.batchmigration drives them).
+
+The gateway sends them to the two nodes; the replies come back typed. Same codec as
+clustercore.messages (frozen keyword-only dataclasses, a total decoder that blames the
+peer); flows travel as lists [proto, src, sport, dst, dport].
+
+Not answered by any agent yet: the node side of a batched handoff is not written
+(docs/handoff.md, "Batched cutover").
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any, Mapping
+
+from .cutover import Flow
+from .errors import LocalControlError, PeerControlError
+from .messages import CONSUMED, CommitDone, Done, Reply, Step, _Codec, message, reply_type, wire
+
+STRATEGY = "handoff-batched"  # named in Prepare and Arm: both nodes run the batched playbook
+
+
+def _flow_ok(item: Any) -> bool:
+    return (isinstance(item, (list, tuple)) and len(item) == 5
+            and all(type(item[k]) is int and 0 <= item[k] <= 65535 for k in (0, 2, 4))
+            and all(isinstance(item[k], str) and item[k] for k in (1, 3)))
+
+
+def _flows_from_wire(data: Any) -> tuple[Flow, ...]:
+    if not isinstance(data, list):
+        raise PeerControlError("flows: expected a list of [proto, src, sport, dst, dport]")
+    out: list[Flow] = []
+    for i, item in enumerate(data):
+        if not _flow_ok(item):
+            raise PeerControlError(f"flows[{i}]: malformed flow {str(item)[:80]}")
+        out.append(tuple(item))
+    if len(set(out)) != len(out):
+        raise PeerControlError("flows: a flow is listed twice")
+    return tuple(out)
+
+
+def _check_flows(value: Any, where: str) -> tuple[Flow, ...]:
+    if not isinstance(value, (tuple, list, frozenset, set)) or not all(_flow_ok(f) for f in value):
+        raise LocalControlError(f"{where} must be a sequence of 5-tuple flows")
+    flows = tuple(tuple(f) for f in value)
+    if len(set(flows)) != len(flows):
+        raise LocalControlError(f"{where}: a flow is listed twice")
+    return flows
+
+
+FLOWS = _Codec(lambda flows: [list(f) for f in flows], _flows_from_wire, _check_flows)
+
+
+# ---------------------------------------------------------------- replies
+
+
+@reply_type
+class OpeningDone(Reply):
+    """The source froze the opening batch: what it keeps (with how idle each connection
+    is, for the order of the batches), and what moves now (listeners, UDP, the accept
+    queue's connections, in `sockets`)."""
+
+    consumed: Mapping[Flow, int] = wire(CONSUMED, default_factory=dict)
+    kept: tuple[Flow, ...] = wire(FLOWS, default_factory=tuple)
+    idle_ms: tuple[float, ...] = ()  # per kept flow: since its last segment either way
+    late_packets: tuple[bytes, ...] = ()
+    sockets: dict = field(default_factory=dict)  # clustercore.sockwire.to_wire
+    tcp_established: int = 0
+    tcp_listening: int = 0
+    udp_sockets: int = 0
+    timing_ms: dict = field(default_factory=dict)
+
+
+@reply_type
+class BatchFreezeDone(Reply):
+    consumed: Mapping[Flow, int] = wire(CONSUMED, default_factory=dict)
+    late_packets: tuple[bytes, ...] = ()
+    sockets: dict = field(default_factory=dict)  # its connections, clustercore.sockwire
+    connections: int = 0
+    bytes_moved: int = 0
+    timing_ms: dict = field(default_factory=dict)
+
+
+@reply_type
+class BatchReleaseDone(Reply):
+    held: int = 0
+    released: int = 0
+    duplicates_suppressed: int = 0
+    reinjected: int = 0
+    lost: int = 0
+    waited_ms: tuple[float, ...] = ()  # BatchRelease.freeze_ms: per flow that waited
+    timing_ms: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- requests
+
+
+@message("migrate.batch.open", reply=OpeningDone)
+class OpenBatch(Step):
+    """To the source: hand over the listeners and UDP sockets (the program keeps serving
+    its connections), freeze every flow it does not keep."""
+
+
+@message("migrate.batch.freeze", reply=BatchFreezeDone)
+class FreezeBatch(Step):
+    """To the source: the program hands back these connections; dump them."""
+    batch: int
+    flows: tuple[Flow, ...] = wire(FLOWS, default_factory=tuple)
+
+
+@message("migrate.batch.restore", reply=Done)
+class RestoreBatch(Step):
+    """To the destination: rebuild the batch's sockets (repair mode), give them to the
+    running new instance only at the release."""
+    batch: int
+    sockets: dict
+
+
+@message("migrate.batch.release", reply=BatchReleaseDone)
+class ReleaseBatch(Step):
+    """To the destination: late packets in, repair off, hand the sockets to the new
+    instance, release the batch's hold minus what the source consumed. The opening
+    batch (0) names the kept flows (its flows are every other one)."""
+    batch: int
+    flows: tuple[Flow, ...] = wire(FLOWS, default_factory=tuple)  # batch 0: the source's kept flows
+    consumed: Mapping[Flow, int] = wire(CONSUMED, default_factory=dict)
+    late_packets: tuple[bytes, ...] = ()
+
+
+@message("migrate.batch.commit", reply=CommitDone)
+class CommitBatch(Step):
+    """To the source: drop the batch's hold, close its copies silently."""
+    batch: int
+
+
+@message("migrate.batch.rollback", reply=Done)
+class RollbackBatch(Step):
+    """To the source: the batch did not move: its connections back to the program,
+    its hold accepted; they stay here (pinned)."""
+    batch: int
+
+
+@message("migrate.batch.abort", reply=Done)
+class AbortBatch(Step):
+    """To the destination: drop the batch's hold and rebuilt sockets; drop its flows."""
+    batch: int
+    flows: tuple[Flow, ...] = wire(FLOWS, default_factory=tuple)
+
+
+@message("migrate.batch.finish", reply=CommitDone)
+class FinishBatched(Step):
+    """To the source: every batch moved or was pinned. No pinned connection: stop the old
+    instance, close the listeners' copies, remove the role. Pinned ones: the old instance
+    keeps serving them (the service is split until they close)."""
+    pinned: int = 0
+
+
+__all__ = ["AbortBatch", "BatchFreezeDone", "BatchReleaseDone", "CommitBatch", "FLOWS",
+           "FinishBatched", "FreezeBatch", "OpenBatch", "OpeningDone", "ReleaseBatch",
+           "RestoreBatch", "RollbackBatch", "STRATEGY"]

@@ -1,0 +1,130 @@
+"""The incremental handoff channel with real sockets on loopback (no root): a running echo
+builtin hands back some of its connections while serving the others, a second instance
+adopts them with what the first still owed, and the clients notice nothing but the pause.
+Plus the codec's total decoder."""
+
+from __future__ import annotations
+
+import base64
+import socket
+
+import pytest
+
+from clustercore import batchchannel as bc
+from clustercore.errors import PeerControlError
+from nodeshim import batchchannel
+from nodeshim.builtins import Server
+
+
+def _server_with_channel() -> tuple[Server, socket.socket]:
+    agent_end, program_end = batchchannel.channel_pair()
+    server = Server("echo")
+    server.adopt([(bc.CHANNEL_FDNAME, program_end.detach())])
+    return server, agent_end
+
+
+def _echo(server: Server, client: socket.socket, data: bytes, rounds: int = 20) -> bytes:
+    client.sendall(data)
+    got = b""
+    for _ in range(rounds):
+        server.poll(0.05)
+        try:
+            got += client.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        if len(got) >= len(data):
+            break
+    return got
+
+
+def test_a_batch_moves_to_a_running_instance_while_the_rest_is_served():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.setblocking(False)
+    src, src_agent = _server_with_channel()
+    dst, dst_agent = _server_with_channel()
+    try:
+        src.add("tcp-test", listener)
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(4)]
+        for c in clients:
+            assert _echo(src, c, b"hello\n") == b"hello\n"
+        peers = [f"{c.getsockname()[0]}:{c.getsockname()[1]}" for c in clients[:2]]
+
+        # the agent's side blocks on the reply: let the program answer first
+        batchchannel.send(src_agent, bc.HandBack(peers=tuple(peers)))
+        src.poll(0.5)
+        msg, fds = batchchannel.receive(src_agent, 2.0)
+        assert isinstance(msg, bc.Handed) and len(fds) == 2 and not msg.more
+        assert all(n.startswith("conn-") for n in msg.names)
+        moved = [(n, socket.socket(fileno=fd)) for n, fd in zip(msg.names, fds)]
+
+        # the source goes on serving the others, and no longer serves the moved ones
+        assert _echo(src, clients[2], b"still here\n") == b"still here\n"
+        clients[0].sendall(b"moved\n")
+        src.poll(0.1)
+        with pytest.raises(BlockingIOError):
+            clients[0].recv(100, socket.MSG_DONTWAIT)
+
+        # a running instance adopts them: what was sent meanwhile waited in the kernel
+        owed = {peers[1]: {"out": base64.b64encode(b"owed\n").decode(), "in": ""}}
+        batchchannel.send(dst_agent, bc.Adopt(tuple(n for n, _ in moved), owed),
+                          [s.fileno() for _, s in moved])
+        dst.poll(0.5)
+        msg, _ = batchchannel.receive(dst_agent, 2.0)
+        assert msg == bc.Adopted(2)
+        for _, s in moved:
+            s.close()
+        got = b""
+        for _ in range(20):
+            dst.poll(0.05)
+            try:
+                got += clients[0].recv(100, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            if got:
+                break
+        assert got == b"moved\n"
+        assert _echo(dst, clients[1], b"x\n") == b"owed\nx\n"  # the owed bytes first
+    finally:
+        for c in clients:
+            c.close()
+        for s in (listener, src_agent, dst_agent):
+            s.close()
+
+
+def test_listeners_are_handed_back_for_the_opening_batch():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.setblocking(False)
+    src, agent = _server_with_channel()
+    src.add("tcp-1", listener)
+    batchchannel.send(agent, bc.HandBack(listeners=True))
+    src.poll(0.5)
+    msg, fds = batchchannel.receive(agent, 2.0)
+    assert msg.names == ("tcp-1",) and len(fds) == 1
+    assert src.named == []
+    socket.socket(fileno=fds[0]).close()
+    agent.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("data,fds", [
+    (b"", 0), (b"HANDBACK", 0), (b"HANDBACK []", 0), (b"HANDBACK {\"peers\": [1]}", 0),
+    (b"HANDBACK {\"peers\": []}", 1), (b"ADOPT {\"names\": [\"conn-1\"]}", 0),
+    (b"ADOPT {\"names\": [\"conn-1\"], \"state\": {\"p\": 3}}", 1), (b"HANDED {\"names\": []}", 2),
+    (b"ADOPTED {\"count\": -1}", 0), (b"ERR {}", 0), (b"NOPE {}", 0), (b"\xff\xfe", 0),
+    (b"HANDBACK " + b"[" * 100000, 0),
+])
+def test_the_decoder_blames_the_peer_for_anything_malformed(data, fds):
+    with pytest.raises(PeerControlError):
+        bc.decode(data, fds)
+
+
+def test_codec_round_trip():
+    for msg, fds in [(bc.HandBack(peers=("198.51.100.7:1",)), 0), (bc.HandBack(listeners=True), 0),
+                     (bc.Adopt(("conn-80",), {"p": {"in": "", "out": "eA=="}}), 1),
+                     (bc.Handed(("conn-80", "conn-80"), {}, True), 2), (bc.Adopted(3), 0),
+                     (bc.Refusal("no"), 0)]:
+        assert bc.decode(bc.encode(msg), fds) == msg
