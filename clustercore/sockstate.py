@@ -29,7 +29,7 @@ import base64
 import binascii
 import functools
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -254,6 +254,11 @@ class TcpConnState:
     send_queue: bytes = b""
     unsent_len: int = 0
     name: str | None = None
+    # The clustercore.sockwire record this state was read from, when sockwire made it from
+    # one (a peer's record it checked, or this node's own C dump): packing the state again
+    # is then free. Not a constructor argument, never compared, and dataclasses.replace
+    # leaves it out, so it cannot disagree with the fields.
+    packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         c = "TcpConnState"

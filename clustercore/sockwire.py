@@ -50,6 +50,8 @@ VERSION = 1
 
 
 def _pack_conn(c: TcpConnState) -> bytes:
+    if c.packed is not None:  # read from a record: it is that record
+        return c.packed
     name = (c.name or "").encode()
     w = c.window
     flags = (_WS if c.window_scaling else 0) | (_TS if c.timestamps else 0) | (_SACK if c.sack else 0)
@@ -61,8 +63,61 @@ def _pack_conn(c: TcpConnState) -> bytes:
     return head + name + c.recv_queue + c.send_queue
 
 
+pack_connection = _pack_conn  # one record: what nodeshim._repair restores from
+
+
 def pack_connections(conns) -> bytes:
     return b"".join(_pack_conn(c) for c in conns)
+
+
+_new = object.__new__
+_set = object.__setattr__
+_IP_TEXT: dict[bytes, str] = {}
+# a state keeps the record it was read from (TcpConnState.packed) up to this size: idle
+# connections, the bulk of a big move; a bigger one is packed again rather than held twice
+KEEP_RECORD_MAX = 4096
+
+
+def _ip_text_cached(b: bytes) -> str:
+    text = _IP_TEXT.get(b)
+    if text is None:
+        text = _ip_text(b)
+        if len(_IP_TEXT) < 65536:  # bounded: a node sees few distinct addresses per move
+            _IP_TEXT[b] = text
+    return text
+
+
+def from_local_record(rec: bytes, family: int) -> TcpConnState:
+    """A TcpConnState from ONE record that this node's own kernel adapter made
+    (nodeshim._repair's dump, which already checked every field exactly as
+    TcpConnState.__post_init__ does), built without checking it a second time: the checks
+    cost more than the syscalls of the dump (about 11 us of a connection's ~25). Never
+    for bytes from a peer: those go through unpack_connections, which checks all."""
+    rec_struct = _RECS[family]
+    (lip, lport, rip, rport, mss, sws, rws, flags, tsval, wl1, swnd, maxw, rwnd, rwup,
+     sseq, rseq, rlen, slen, unsent, nlen) = rec_struct.unpack_from(rec)
+    off = rec_struct.size
+    if off + nlen + rlen + slen != len(rec):
+        raise ValueError("local record: length does not match its header")
+    lt, rt = _ip_text_cached(lip), _ip_text_cached(rip)
+    w = _new(TcpWindow)
+    _set(w, "snd_wl1", wl1)
+    _set(w, "snd_wnd", swnd)
+    _set(w, "max_window", maxw)
+    _set(w, "rcv_wnd", rwnd)
+    _set(w, "rcv_wup", rwup)
+    c = _new(TcpConnState)
+    for k, v in (("local", (lt, lport)), ("remote", (rt, rport)), ("family", family),
+                 ("state", "ESTABLISHED"), ("mss", mss), ("window_scaling", bool(flags & _WS)),
+                 ("snd_wscale", sws), ("rcv_wscale", rws), ("timestamps", bool(flags & _TS)),
+                 ("tsval", tsval), ("sack", bool(flags & _SACK)), ("window", w),
+                 ("send_seq", sseq), ("recv_seq", rseq),
+                 ("name", rec[off:off + nlen].decode("ascii") if nlen else None),
+                 ("recv_queue", rec[off + nlen:off + nlen + rlen]),
+                 ("send_queue", rec[off + nlen + rlen:]), ("unsent_len", unsent),
+                 ("packed", rec if len(rec) <= KEEP_RECORD_MAX else None)):
+        _set(c, k, v)
+    return c
 
 
 def unpack_connections(data: bytes, family: int = 4) -> tuple[TcpConnState, ...]:
@@ -70,6 +125,7 @@ def unpack_connections(data: bytes, family: int = 4) -> tuple[TcpConnState, ...]
     out = []
     off, end, size = 0, len(data), rec.size
     while off < end:
+        start = off
         if end - off < size:
             raise ValueError(f"packed connections: truncated record at byte {off}")
         (lip, lport, rip, rport, mss, sws, rws, flags, tsval, wl1, swnd, maxw, rwnd, rwup,
@@ -83,12 +139,17 @@ def unpack_connections(data: bytes, family: int = 4) -> tuple[TcpConnState, ...]
         off += rlen
         sq = data[off:off + slen]
         off += slen
-        out.append(TcpConnState(
+        conn = TcpConnState(
             local=(_ip_text(lip), lport), remote=(_ip_text(rip), rport), family=family,
             mss=mss, window_scaling=bool(flags & _WS), snd_wscale=sws, rcv_wscale=rws,
             timestamps=bool(flags & _TS), tsval=tsval, sack=bool(flags & _SACK),
             window=TcpWindow(snd_wl1=wl1, snd_wnd=swnd, max_window=maxw, rcv_wnd=rwnd, rcv_wup=rwup),
-            send_seq=sseq, recv_seq=rseq, recv_queue=rq, send_queue=sq, unsent_len=unsent, name=name))
+            send_seq=sseq, recv_seq=rseq, recv_queue=rq, send_queue=sq, unsent_len=unsent, name=name)
+        # checked above, field by field: keep the record (a flag bit the format does not
+        # define is ignored by the fields, so such a record is not kept but packed anew)
+        if off - start <= KEEP_RECORD_MAX and not flags & ~(_WS | _TS | _SACK):
+            _set(conn, "packed", data[start:off])
+        out.append(conn)
     return tuple(out)
 
 

@@ -10,6 +10,7 @@ then the port: `0A7100CB:0007`, `B80D0120000000000000000010000000:0007`.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 from typing import Iterable
 
@@ -66,4 +67,26 @@ def accept_backlog(vips: str | Iterable[str], ports: Iterable[int]) -> int:
                 n += int(fields[4].split(":")[1], 16)
             except (IndexError, ValueError):
                 continue
+    return n
+
+
+def count_listeners(vips: str | Iterable[str], ports: Iterable[int]) -> int:
+    """How many IPv4 TCP listeners this namespace has on the service's ports, bound to
+    the VIP or to the wildcard address (a program that binds the VIP itself, like nginx's
+    `listen 80;`, may use either; one shared by a master and its workers is one socket).
+    IPv4 only (the process strategy's report; an IPv6 listener is not counted yet)."""
+    ports = list(ports)
+    addrs = [vips] if isinstance(vips, str) else list(vips)
+    want = {f"{int.from_bytes(socket.inet_aton(addr), 'little'):08X}:{p:04X}"
+            for addr in [a for a in addrs if ":" not in a] + ["0.0.0.0"] for p in ports}
+    n = 0
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == f"{LISTEN:02X}" and fields[1] in want:
+                    n += 1
+    except (OSError, StopIteration, IndexError):
+        return 0
     return n

@@ -70,6 +70,7 @@ from clustercore.sockstate import (
     TcpListenerState,
     TcpWindow,
 )
+from nodeshim import repairc
 from nodeshim.pidfd import in_netns
 
 # include/uapi/linux/tcp.h
@@ -254,6 +255,9 @@ def dump_many(
     """
     if names is not None and len(names) != len(socks):
         raise ValueError(f"dump_many: {len(socks)} sockets but {len(names)} names")
+    repairc.announce()
+    if repairc.ext is not None:  # the same calls in C (nodeshim/_repair.c)
+        return repairc.dump_many(socks, names)
     states: list[TcpConnState] = []
     try:
         for i, sock in enumerate(socks):
@@ -447,11 +451,17 @@ def restore_many(
     """
     for st in states:
         _check_restorable(st)
+    repairc.announce()
     socks: list[socket.socket] = []
     try:
         with in_netns(netns_fd):
             for st in states:
                 socks.append(_new_socket(st))
+        if repairc.ext is not None:  # the same calls in C (nodeshim/_repair.c)
+            repairc.restore_many(socks, states)
+            if thaw:
+                repairc.thaw_many(socks, states)
+            return socks
         for sock, st in zip(socks, states):
             _restore_frozen(sock, st)
         if thaw:
@@ -470,6 +480,9 @@ def restore_many(
 def thaw_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) -> None:
     """Take sockets restored with thaw=False out of repair mode (window probe, then the
     never-sent tail), in order."""
+    repairc.announce()
+    if repairc.ext is not None:  # the same calls in C (nodeshim/_repair.c)
+        return repairc.thaw_many(socks, states)
     for sock, st in zip(socks, states):
         _thaw(sock, st)
 
@@ -530,6 +543,9 @@ def close_silently(sock: socket.socket) -> None:
 
 def close_many(socks: Iterable[socket.socket]) -> None:
     """close_silently for each socket; every socket is tried, the first error is raised."""
+    repairc.announce()
+    if repairc.ext is not None:  # the same calls in C (nodeshim/_repair.c)
+        return repairc.close_many(list(socks))
     first: KernelError | None = None
     for sock in socks:
         try:
@@ -591,26 +607,5 @@ def accept_waiting(listener: socket.socket) -> list[socket.socket]:
 # the socket table readers live in nodeshim.proctcp (both families); the executor calls
 # them through this module, the TCP adapter
 from nodeshim.proctcp import (  # noqa: E402,F401
-    HALF_CLOSED_CODES, LISTEN, SYN_RECV_CODES, accept_backlog, count_connections)
+    HALF_CLOSED_CODES, LISTEN, SYN_RECV_CODES, accept_backlog, count_connections, count_listeners)
 
-
-def count_listeners(vips: str | Iterable[str], ports: Iterable[int]) -> int:
-    """How many IPv4 TCP listeners this namespace has on the service's ports, bound to
-    the VIP or to the wildcard address (a program that binds the VIP itself, like nginx's
-    `listen 80;`, may use either; one shared by a master and its workers is one socket).
-    IPv4 only (the process strategy's report; an IPv6 listener is not counted yet)."""
-    ports = list(ports)
-    addrs = [vips] if isinstance(vips, str) else list(vips)
-    want = {f"{int.from_bytes(socket.inet_aton(addr), 'little'):08X}:{p:04X}"
-            for addr in [a for a in addrs if ":" not in a] + ["0.0.0.0"] for p in ports}
-    n = 0
-    try:
-        with open("/proc/net/tcp") as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if fields[3] == f"{LISTEN:02X}" and fields[1] in want:
-                    n += 1
-    except (OSError, StopIteration, IndexError):
-        return 0
-    return n

@@ -1,0 +1,620 @@
+/* nodeshim._repair: the per-connection TCP_REPAIR loops of nodeshim.tcprepair, in C.
+ *
+ * Why: in Python each connection costs about 14 syscalls to dump and 15 to restore, each
+ * wrapped in an interpreter call, an exception check and an int or bytes object; on this
+ * nested VM that is 20-30 us per connection and per step, the bulk of a migration's freeze.
+ * Here the loops run without the interpreter. The kernel has no batched TCP_REPAIR call
+ * (every option is per socket), so "batching" is one C call per list of sockets: the
+ * syscalls themselves stay one per option.
+ *
+ * Written directly rather than linking CRIU's libsoccr: libsoccr is LGPL-2.1 (fine), but
+ * it needs CRIU's build tree (its headers and compel's helpers), it allocates one
+ * libsoccr_sk per socket and copies the queues twice, and its data layout is not ours. What
+ * it does is ~15 calls in a fixed order, which nodeshim/tcprepair.py already documents
+ * (and KERNEL-NOTES "Moving a TCP connection" measured); this file does the same calls in
+ * the same order.
+ *
+ * The state format is clustercore/sockwire.py's packed record (network byte order):
+ *   local ip (4 or 16), local port H, remote ip, remote port H, mss H, snd_wscale B,
+ *   rcv_wscale B, flags B (1 wscale, 2 timestamps, 4 sack), tsval I, snd_wl1 I,
+ *   snd_wnd I, max_window I, rcv_wnd I, rcv_wup I, send_seq I, recv_seq I,
+ *   len(recv_queue) I, len(send_queue) I, unsent_len I, len(name) B;
+ *   then name, recv_queue, send_queue.
+ * so a record this module dumps can be unpacked and restored by the Python code, and the
+ * other way round (tests/lab/test_repair_c.py does both).
+ *
+ * Restoring parses bytes that came from another node: parse_record (_repair_format.c, with
+ * the rest of the record's code and the objects a dump builds) checks every length and
+ * every field before a single syscall and never reads past the buffer it was given.
+ *
+ * Errors: RepairError(index, step, errno, tcp_state): which socket of the list, which step
+ * (the names tcprepair.py uses), the errno (0 when the kernel call succeeded but the
+ * result is refused), the TCP state (dump only, else 0). nodeshim.tcprepair turns it into
+ * KernelError / HalfClosedError. Bad arguments raise TypeError/ValueError.
+ */
+#include "_repair.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <linux/sockios.h>
+
+static PyObject *RepairError;
+
+static void fail(Py_ssize_t index, const char *step, int err, int state)
+{
+    PyObject *args = Py_BuildValue("(nsii)", index, step, err, state);
+    if (args) {
+        PyErr_SetObject(RepairError, args);
+        Py_DECREF(args);
+    }
+}
+
+static int opt_int(int fd, int level, int name, int value)
+{
+    return setsockopt(fd, level, name, &value, sizeof value);
+}
+
+static int get_int(int fd, int level, int name, int *value)
+{
+    socklen_t len = sizeof *value;
+    *value = 0;
+    return getsockopt(fd, level, name, value, &len);
+}
+
+static int as_int(PyObject *o)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < -2147483647L - 1 || v > 2147483647L) {
+        PyErr_SetString(PyExc_OverflowError, "not a C int");
+        return -1;
+    }
+    return (int)v;
+}
+
+/* ------------------------------------------------------------------ dump */
+
+static int sockaddr_to(const struct sockaddr_storage *ss, int *family, uint8_t ip[16], uint16_t *port)
+{
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        *family = 4;
+        memcpy(ip, &a->sin_addr, 4);
+        *port = ntohs(a->sin_port);
+        return 0;
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        *family = 6;
+        memcpy(ip, &a->sin6_addr, 16);
+        *port = ntohs(a->sin6_port);
+        return 0;
+    }
+    return -1;
+}
+
+/* Read one connection whose socket is in repair mode. Returns the record (new
+ * reference) or NULL with RepairError set. */
+static PyObject *dump_one(Py_ssize_t index, int fd, const char *name, Py_ssize_t nlen, struct conn *cout)
+{
+    struct conn c;
+    uint8_t info[8];
+    socklen_t len = sizeof info;
+    int outq = 0, unsent = 0, inq = 0, mss = 0, ts = 0, qseq = 0;
+    struct repair_window w;
+    const char *step = "TCP_INFO";
+    PyObject *rec = NULL;
+    uint8_t *out;
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    int fam2;
+
+    memset(&c, 0, sizeof c);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, info, &len) < 0) goto oserr;
+    if (len < 8) { errno = EIO; goto oserr; }
+    if (info[0] != STATE_ESTABLISHED) {
+        fail(index, "state", 0, info[0]);
+        return NULL;
+    }
+    step = "SIOCOUTQ";
+    if (ioctl(fd, SIOCOUTQ, &outq) < 0) goto oserr;
+    step = "SIOCOUTQNSD";
+    if (outq && ioctl(fd, SIOCOUTQNSD, &unsent) < 0) goto oserr;
+    step = "SIOCINQ";
+    if (ioctl(fd, SIOCINQ, &inq) < 0) goto oserr;
+    step = "TCP_MAXSEG";
+    if (get_int(fd, IPPROTO_TCP, TCP_MAXSEG, &mss) < 0) goto oserr;
+    if (info[5] & OPT_TS) {
+        step = "TCP_TIMESTAMP";
+        if (get_int(fd, IPPROTO_TCP, TCP_TIMESTAMP, &ts) < 0) goto oserr;
+    }
+    step = "TCP_REPAIR_WINDOW";
+    len = sizeof w;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, &w, &len) < 0) goto oserr;
+    if (len != sizeof w) { errno = EIO; goto oserr; }
+    if (outq < 0 || inq < 0 || unsent < 0 || unsent > outq || (unsigned)outq >= QUEUE_MAX
+        || (unsigned)inq >= QUEUE_MAX || mss < 1 || mss > 65535) {
+        fail(index, "queue sizes", 0, info[0]);
+        return NULL;
+    }
+    c.rlen = (uint32_t)inq;
+    c.slen = (uint32_t)outq;
+    c.nlen = (uint8_t)nlen;
+    /* + 1: the spare byte of the last peek */
+    rec = PyBytes_FromStringAndSize(NULL, HEAD_MAX + nlen + (Py_ssize_t)inq + outq + 1);
+    if (!rec) return NULL;
+    out = (uint8_t *)PyBytes_AS_STRING(rec);
+    /* queues peeked straight into the record, at their final place once the head size is
+     * known (the family comes from getsockname, last, as in tcprepair.py) */
+    {
+        uint8_t *rq = out + HEAD_MAX + nlen, *sq = rq + inq;
+        ssize_t got;
+        step = "receive queue";
+        if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_RECV) < 0) goto oserr_rec;
+        if (get_int(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, &qseq) < 0) goto oserr_rec;
+        c.recv_seq = (uint32_t)qseq;
+        if (inq) {
+            /* one byte more than SIOCINQ said proves the length (libsoccr does too); the
+             * extra byte lands in the send queue's place, or in the record's spare byte */
+            got = recv(fd, rq, (size_t)inq + 1, MSG_PEEK | MSG_DONTWAIT);
+            if (got < 0) goto oserr_rec;
+            if (got != inq) goto short_peek;
+        }
+        step = "send queue";
+        if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_SEND) < 0) goto oserr_rec;
+        if (get_int(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, &qseq) < 0) goto oserr_rec;
+        c.send_seq = (uint32_t)qseq;
+        if (outq) {
+            got = recv(fd, sq, (size_t)outq + 1, MSG_PEEK | MSG_DONTWAIT);
+            if (got < 0) goto oserr_rec;
+            if (got != outq) goto short_peek;
+        }
+    }
+    step = "addresses";
+    sl = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) goto oserr_rec;
+    if (sockaddr_to(&ss, &c.family, c.lip, &c.lport) < 0) { errno = EAFNOSUPPORT; goto oserr_rec; }
+    sl = sizeof ss;
+    if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0) goto oserr_rec;
+    if (sockaddr_to(&ss, &fam2, c.rip, &c.rport) < 0 || fam2 != c.family) { errno = EAFNOSUPPORT; goto oserr_rec; }
+    c.mss = (uint16_t)mss;
+    c.flags = (info[5] & OPT_WSCALE ? F_WS : 0) | (info[5] & OPT_TS ? F_TS : 0) | (info[5] & OPT_SACK ? F_SACK : 0);
+    c.sws = info[5] & OPT_WSCALE ? info[6] & 0x0F : 0;
+    c.rws = info[5] & OPT_WSCALE ? info[6] >> 4 : 0;
+    c.tsval = (uint32_t)ts;
+    c.w = w;
+    c.unsent = (uint32_t)unsent;
+    c.name = (const uint8_t *)name;
+    {
+        const char *why = check_conn(&c);
+        if (why) {
+            Py_DECREF(rec);
+            fail(index, why, 0, info[0]);
+            return NULL;
+        }
+    }
+    {
+        size_t head = head_size(c.family);
+        if (head != HEAD_MAX) /* IPv4: slide name and queues down over the unused head room */
+            memmove(out + head, out + HEAD_MAX, nlen + (size_t)inq + outq);
+        if (nlen) memcpy(out + head, name, nlen);
+        pack_head(&c, out);
+        if (_PyBytes_Resize(&rec, (Py_ssize_t)head + nlen + inq + outq) < 0) return NULL;
+        out = (uint8_t *)PyBytes_AS_STRING(rec); /* the resize may move it */
+        c.name = out + head;
+        c.rq = c.name + nlen;
+        c.sq = c.rq + inq;
+    }
+    *cout = c;
+    return rec;
+
+short_peek:
+    Py_DECREF(rec);
+    fail(index, "queue peek", 0, info[0]);
+    return NULL;
+oserr_rec:
+    Py_DECREF(rec);
+oserr:
+    fail(index, step, errno, 0);
+    return NULL;
+}
+
+static void repair_off_quietly(int fd)
+{
+    int saved = errno;
+    opt_int(fd, IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF_NO_WP);
+    errno = saved;
+}
+
+/* dump_many(fds, names[, (TcpConnState, TcpWindow, ip_text, keep_max)]) -> list[bytes]: repair mode on for each socket and its record.
+ * With the 4-tuple, a list of TcpConnState instead of records.
+ * All or none: on failure every socket of the list already touched (and the failing one,
+ * if repair mode went on) leaves repair mode without a window probe, as tcprepair.py. */
+static PyObject *py_dump_many(PyObject *self, PyObject *args)
+{
+    PyObject *fds_in, *names_in, *fds = NULL, *names = NULL, *out = NULL, *types = Py_None;
+    Py_ssize_t n, i, done = 0;
+    int *fdv = NULL;
+    struct builder b = {0};
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO|O", &fds_in, &names_in, &types)) return NULL;
+    if (types != Py_None) {
+        PyObject *ct, *wt;
+        if (!PyArg_ParseTuple(types, "OOOn", &ct, &wt, &b.ip_text, &b.keep_max)) return NULL;
+        if (!PyType_Check(ct) || !PyType_Check(wt) || !PyCallable_Check(b.ip_text)) {
+            PyErr_SetString(PyExc_TypeError, "dump_many: (TcpConnState, TcpWindow, ip_text, keep_max)");
+            return NULL;
+        }
+        b.conn_t = (PyTypeObject *)ct;
+        b.win_t = (PyTypeObject *)wt;
+        if (!(b.ips = PyDict_New())) return NULL;
+    }
+    if (!(fds = PySequence_Fast(fds_in, "fds must be a sequence"))) return NULL;
+    if (!(names = PySequence_Fast(names_in, "names must be a sequence"))) goto out;
+    n = PySequence_Fast_GET_SIZE(fds);
+    if (PySequence_Fast_GET_SIZE(names) != n) {
+        PyErr_SetString(PyExc_ValueError, "dump_many: as many names as sockets");
+        goto out;
+    }
+    if (!(fdv = PyMem_New(int, n ? n : 1))) { PyErr_NoMemory(); goto out; }
+    for (i = 0; i < n; i++) {
+        PyObject *nm = PySequence_Fast_GET_ITEM(names, i);
+        fdv[i] = as_int(PySequence_Fast_GET_ITEM(fds, i));
+        if (fdv[i] == -1 && PyErr_Occurred()) goto out;
+        if (nm != Py_None && (!PyBytes_Check(nm) || PyBytes_GET_SIZE(nm) > 255)) {
+            PyErr_SetString(PyExc_ValueError, "dump_many: a name is None or bytes of at most 255");
+            goto out;
+        }
+    }
+    if (!(out = PyList_New(n))) goto out;
+    for (i = 0; i < n; i++) {
+        PyObject *nm = PySequence_Fast_GET_ITEM(names, i), *rec;
+        struct conn c;
+        if (opt_int(fdv[i], IPPROTO_TCP, TCP_REPAIR, REPAIR_ON) < 0) {
+            fail(i, "TCP_REPAIR on", errno, 0);
+            goto rollback;
+        }
+        done = i + 1;
+        rec = dump_one(i, fdv[i], nm == Py_None ? NULL : PyBytes_AS_STRING(nm),
+                       nm == Py_None ? 0 : PyBytes_GET_SIZE(nm), &c);
+        if (!rec) goto rollback;
+        if (b.conn_t) {
+            PyObject *st = make_state(&b, &c, rec);
+            Py_DECREF(rec);
+            if (!st) goto rollback;
+            rec = st;
+        }
+        PyList_SET_ITEM(out, i, rec);
+    }
+    goto out;
+rollback:
+    for (i = 0; i < done; i++) repair_off_quietly(fdv[i]);
+    Py_CLEAR(out);
+out:
+    Py_XDECREF(b.ips);
+    PyMem_Free(fdv);
+    Py_XDECREF(fds);
+    Py_XDECREF(names);
+    return out;
+}
+
+/* ------------------------------------------------------------------ restore */
+
+static socklen_t make_sockaddr(int family, const uint8_t ip[16], uint16_t port, struct sockaddr_storage *ss)
+{
+    memset(ss, 0, sizeof *ss);
+    if (family == 6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+        a->sin6_family = AF_INET6;
+        memcpy(&a->sin6_addr, ip, 16);
+        a->sin6_port = htons(port);
+        return sizeof *a;
+    }
+    struct sockaddr_in *a = (struct sockaddr_in *)ss;
+    a->sin_family = AF_INET;
+    memcpy(&a->sin_addr, ip, 4);
+    a->sin_port = htons(port);
+    return sizeof *a;
+}
+
+/* force a buffer size only when `need` queued bytes would not fit (forcing locks it) */
+static int grow_buffer(int fd, int get_opt, int force_opt, uint32_t need)
+{
+    int have = 0;
+    if (get_int(fd, SOL_SOCKET, get_opt, &have) < 0) return -1;
+    if ((int64_t)have < 2 * (int64_t)need + 2 * BUF_SLACK)
+        return opt_int(fd, SOL_SOCKET, force_opt, (int)(need + BUF_SLACK));
+    return 0;
+}
+
+/* write to the selected repair queue, halving the piece on ENOMEM/EAGAIN (as libsoccr) */
+static int write_queue(int fd, const uint8_t *data, size_t total)
+{
+    size_t off = 0, chunk = total;
+    int rounds = 0;
+    while (off < total) {
+        size_t piece = total - off < chunk ? total - off : chunk;
+        ssize_t sent = send(fd, data + off, piece, MSG_DONTWAIT);
+        if (sent < 0) {
+            if ((errno == ENOMEM || errno == EAGAIN) && chunk > 1024) { chunk /= 2; continue; }
+            return -1;
+        }
+        if (sent == 0 || ++rounds > 1 << 24) { errno = EIO; return -1; }
+        off += (size_t)sent;
+    }
+    return 0;
+}
+
+/* everything up to (not including) repair off: no packet leaves the node here */
+static int restore_one(Py_ssize_t index, int fd, const struct conn *c)
+{
+    const char *step = "TCP_REPAIR on";
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    uint32_t opts[8];
+    int nopt = 0;
+    if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR, REPAIR_ON) < 0) goto oserr;
+    if (c->rlen) {
+        step = "SO_RCVBUFFORCE";
+        if (grow_buffer(fd, SO_RCVBUF, SO_RCVBUFFORCE, c->rlen) < 0) goto oserr;
+    }
+    step = "bind";
+    sl = make_sockaddr(c->family, c->lip, c->lport, &ss);
+    if (bind(fd, (struct sockaddr *)&ss, sl) < 0) goto oserr;
+    step = "TCP_QUEUE_SEQ";
+    if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_RECV) < 0) goto oserr;
+    if (opt_int(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, (int)(c->recv_seq - c->rlen)) < 0) goto oserr;
+    if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_SEND) < 0) goto oserr;
+    if (opt_int(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, (int)(c->send_seq - c->slen)) < 0) goto oserr;
+    if (c->mss >= MIN_MSS) {
+        step = "TCP_MAXSEG";
+        if (opt_int(fd, IPPROTO_TCP, TCP_MAXSEG, c->mss) < 0) goto oserr;
+    }
+    step = "connect";
+    sl = make_sockaddr(c->family, c->rip, c->rport, &ss);
+    if (connect(fd, (struct sockaddr *)&ss, sl) < 0) goto oserr;
+    step = "TCP_REPAIR_OPTIONS";
+    if (c->flags & F_SACK) { opts[nopt++] = KIND_SACK_PERM; opts[nopt++] = 0; }
+    if (c->flags & F_WS) { opts[nopt++] = KIND_WINDOW; opts[nopt++] = c->sws | (uint32_t)c->rws << 16; }
+    if (c->flags & F_TS) { opts[nopt++] = KIND_TIMESTAMP; opts[nopt++] = 0; }
+    opts[nopt++] = KIND_MSS;
+    opts[nopt++] = c->mss;
+    if (setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_OPTIONS, opts, nopt * sizeof opts[0]) < 0) goto oserr;
+    if (c->flags & F_TS) {
+        step = "TCP_TIMESTAMP";
+        if (setsockopt(fd, IPPROTO_TCP, TCP_TIMESTAMP, &c->tsval, sizeof c->tsval) < 0) goto oserr;
+    }
+    if (c->rlen) {
+        step = "receive queue refill";
+        if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_RECV) < 0) goto oserr;
+        if (write_queue(fd, c->rq, c->rlen) < 0) goto oserr;
+    }
+    if (c->slen) {
+        uint32_t unacked = c->slen - c->unsent;
+        step = "SO_SNDBUFFORCE";
+        if (grow_buffer(fd, SO_SNDBUF, SO_SNDBUFFORCE, c->slen) < 0) goto oserr;
+        if (unacked) {
+            step = "send queue refill";
+            if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_SEND) < 0) goto oserr;
+            if (write_queue(fd, c->sq, unacked) < 0) goto oserr;
+        }
+    }
+    step = "TCP_REPAIR_WINDOW";
+    if (setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, &c->w, sizeof c->w) < 0) goto oserr;
+    return 0;
+oserr:
+    fail(index, step, errno, 0);
+    return -1;
+}
+
+/* read (fd, family, record) items: fds into fdv, records parsed into cv */
+static int parse_items(PyObject *items, Py_ssize_t n, int *fdv, struct conn *cv, Py_buffer *bufs, Py_ssize_t *nbufs)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(items, i);
+        int family;
+        const char *why;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
+            PyErr_SetString(PyExc_TypeError, "restore_many: items are (fd, family, record) tuples");
+            return -1;
+        }
+        fdv[i] = as_int(PyTuple_GET_ITEM(item, 0));
+        if (fdv[i] == -1 && PyErr_Occurred()) return -1;
+        family = as_int(PyTuple_GET_ITEM(item, 1));
+        if (family == -1 && PyErr_Occurred()) return -1;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(item, 2), &bufs[i], PyBUF_SIMPLE) < 0) return -1;
+        *nbufs = i + 1;
+        if (parse_record(bufs[i].buf, (size_t)bufs[i].len, family, &cv[i], &why) < 0) {
+            PyErr_Format(PyExc_ValueError, "packed connection %zd: %s", i, why);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* restore_many(items) -> None: items are (fd, family, record); each fd a new TCP socket of
+ * that family (made in the right namespace by the caller). Every record is parsed and
+ * checked before the first syscall (ValueError: nothing was touched). Leaves every socket
+ * in repair mode; on RepairError the caller discards them all (repair on, close). */
+static PyObject *py_restore_many(PyObject *self, PyObject *args)
+{
+    PyObject *items_in, *items = NULL, *ret = NULL;
+    Py_ssize_t n, i, nbufs = 0;
+    int *fdv = NULL;
+    struct conn *cv = NULL;
+    Py_buffer *bufs = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O", &items_in)) return NULL;
+    if (!(items = PySequence_Fast(items_in, "restore_many: a sequence of items"))) return NULL;
+    n = PySequence_Fast_GET_SIZE(items);
+    fdv = PyMem_New(int, n ? n : 1);
+    cv = PyMem_New(struct conn, n ? n : 1);
+    bufs = PyMem_New(Py_buffer, n ? n : 1);
+    if (!fdv || !cv || !bufs) { PyErr_NoMemory(); goto out; }
+    if (parse_items(items, n, fdv, cv, bufs, &nbufs) < 0) goto out;
+    for (i = 0; i < n; i++)
+        if (restore_one(i, fdv[i], &cv[i]) < 0) goto out;
+    ret = Py_NewRef(Py_None);
+out:
+    for (i = 0; i < nbufs; i++) PyBuffer_Release(&bufs[i]);
+    PyMem_Free(bufs);
+    PyMem_Free(cv);
+    PyMem_Free(fdv);
+    Py_XDECREF(items);
+    return ret;
+}
+
+/* check_record(record, family) -> None or ValueError: the parser alone (tests, fuzzing) */
+static PyObject *py_check_record(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    int family;
+    struct conn c;
+    const char *why;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*i", &buf, &family)) return NULL;
+    int rc = parse_record(buf.buf, (size_t)buf.len, family, &c, &why);
+    PyBuffer_Release(&buf);
+    if (rc < 0) {
+        PyErr_Format(PyExc_ValueError, "packed connection: %s", why);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ thaw and close */
+
+/* thaw_many(items) -> None: items are (fd, never-sent tail or None). Repair off (the
+ * kernel sends a window probe), the tail sent non-blocking, SO_REUSEADDR; in order, the
+ * first failure raises (the rest stay in repair mode), as tcprepair.py. */
+static PyObject *py_thaw_many(PyObject *self, PyObject *args)
+{
+    PyObject *items_in, *items;
+    Py_ssize_t n, i;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O", &items_in)) return NULL;
+    if (!(items = PySequence_Fast(items_in, "thaw_many: a sequence of items"))) return NULL;
+    n = PySequence_Fast_GET_SIZE(items);
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(items, i), *tail;
+        Py_buffer buf = {0};
+        int fd, err = 0;
+        const char *step = "TCP_REPAIR off";
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_TypeError, "thaw_many: items are (fd, tail) tuples");
+            goto bad;
+        }
+        fd = as_int(PyTuple_GET_ITEM(item, 0));
+        if (fd == -1 && PyErr_Occurred()) goto bad;
+        tail = PyTuple_GET_ITEM(item, 1);
+        if (tail != Py_None && PyObject_GetBuffer(tail, &buf, PyBUF_SIMPLE) < 0) goto bad;
+        if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF) < 0) {
+            err = errno;
+        } else if (buf.len) {
+            const uint8_t *p = buf.buf;
+            Py_ssize_t off = 0;
+            step = "send never-sent tail";
+            while (off < buf.len) { /* bounded: every round progresses or gives up */
+                ssize_t sent = send(fd, p + off, buf.len - off, MSG_DONTWAIT);
+                if (sent <= 0) { err = sent < 0 && errno != EAGAIN ? errno : EAGAIN; break; }
+                off += sent;
+            }
+        }
+        if (!err) {
+            step = "SO_REUSEADDR";
+            if (opt_int(fd, SOL_SOCKET, SO_REUSEADDR, 1) < 0) err = errno;
+        }
+        if (tail != Py_None) PyBuffer_Release(&buf);
+        if (err) {
+            fail(i, step, err, 0);
+            goto bad;
+        }
+    }
+    Py_DECREF(items);
+    Py_RETURN_NONE;
+bad:
+    Py_DECREF(items);
+    return NULL;
+}
+
+/* close_many(fds) -> list of (index, step, errno) for the sockets that failed: every
+ * socket is tried. Each: repair on, disconnect (connect to AF_UNSPEC: in repair mode the
+ * connection is dropped without a packet), repair off without a window probe. The caller
+ * closes its descriptors (it owns the socket objects). */
+static PyObject *py_close_many(PyObject *self, PyObject *args)
+{
+    PyObject *fds_in, *fds, *failed;
+    Py_ssize_t n, i;
+    struct sockaddr unspec;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O", &fds_in)) return NULL;
+    if (!(fds = PySequence_Fast(fds_in, "close_many: a sequence of fds"))) return NULL;
+    if (!(failed = PyList_New(0))) { Py_DECREF(fds); return NULL; }
+    memset(&unspec, 0, sizeof unspec);
+    unspec.sa_family = AF_UNSPEC;
+    n = PySequence_Fast_GET_SIZE(fds);
+    for (i = 0; i < n; i++) {
+        const char *step = NULL;
+        int fd = as_int(PySequence_Fast_GET_ITEM(fds, i));
+        if (fd == -1 && PyErr_Occurred()) goto bad;
+        if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR, REPAIR_ON) < 0)
+            step = "close_silently: TCP_REPAIR on";
+        else if (connect(fd, &unspec, sizeof unspec) < 0)
+            step = "close_silently: disconnect";
+        else
+            repair_off_quietly(fd);
+        if (step) {
+            PyObject *t = Py_BuildValue("(nsi)", i, step, errno);
+            if (!t || PyList_Append(failed, t) < 0) { Py_XDECREF(t); goto bad; }
+            Py_DECREF(t);
+        }
+    }
+    Py_DECREF(fds);
+    return failed;
+bad:
+    Py_DECREF(fds);
+    Py_DECREF(failed);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"dump_many", py_dump_many, METH_VARARGS, "dump_many(fds, names) -> list of packed records"},
+    {"restore_many", py_restore_many, METH_VARARGS, "restore_many([(fd, family, record)]) -> None"},
+    {"thaw_many", py_thaw_many, METH_VARARGS, "thaw_many([(fd, tail)]) -> None"},
+    {"close_many", py_close_many, METH_VARARGS, "close_many(fds) -> [(index, step, errno)]"},
+    {"check_record", py_check_record, METH_VARARGS, "check_record(record, family): ValueError if bad"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "nodeshim._repair",
+    "TCP_REPAIR per-connection loops in C (see nodeshim/_repair.c and nodeshim.tcprepair).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__repair(void)
+{
+    PyObject *m;
+    if (repair_format_init() < 0) return NULL;
+    m = PyModule_Create(&module);
+    if (!m) return NULL;
+    RepairError = PyErr_NewException("nodeshim._repair.RepairError", NULL, NULL);
+    if (!RepairError || PyModule_AddObject(m, "RepairError", Py_NewRef(RepairError)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* ABI: what nodeshim/repairc.py expects of this module's calls; bump it with them */
+    if (PyModule_AddIntConstant(m, "HEAD4", HEAD4) < 0 || PyModule_AddIntConstant(m, "HEAD6", HEAD6) < 0
+        || PyModule_AddIntConstant(m, "ABI", 2) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

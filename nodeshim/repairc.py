@@ -1,0 +1,137 @@
+"""The C path of nodeshim.tcprepair's bulk calls (dump_many, restore_many, thaw_many,
+close_many): the per-connection loops run in nodeshim/_repair.c, built by
+scripts/build-repair (scripts/setup runs it).
+
+Why: each connection costs 3 to 15 syscalls per step, and in Python every one of them is
+an interpreter call with its objects and checks: 20-30 us per connection and step on this
+machine, most of a migration's freeze. The C loops do the same calls in the same order (see
+tcprepair's module doc for why each is where it is).
+
+The state crosses the C boundary in clustercore.sockwire's packed record, the form a
+migration sends between nodes: a record the C code dumps is what sockwire.pack_connection
+makes of the Python dump of the same socket, byte for byte, and the C restore rebuilds
+from any record sockwire packs (tests/lab/test_repair_c.py checks both ways). The C
+parser checks every length and field of a record before its first syscall.
+
+Which path runs: the C one when the module is built, unless VIPCLUSTER_TCPREPAIR=python
+(the benches and tests compare both). The choice is logged once, at the first bulk call.
+
+Errors come back from C as RepairError(index, step, errno, tcp_state); they leave here as
+the KernelError / HalfClosedError the Python path raises, with the same step names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Sequence
+
+from clustercore.errors import KernelError
+from clustercore.sockstate import HALF_CLOSED_STATES, TCP_STATES, TcpConnState, TcpWindow
+from clustercore.sockwire import KEEP_RECORD_MAX, _ip_text, pack_connection
+
+log = logging.getLogger("vipcluster.tcprepair")
+
+
+ABI = 2  # the calls this module makes of nodeshim._repair (its ABI constant)
+
+try:
+    from nodeshim import _repair as ext
+except ImportError as exc:  # not built (scripts/build-repair): the pure-Python path
+    ext = None
+    _WHY = f"nodeshim._repair is not built ({exc}); run scripts/build-repair"
+else:
+    _WHY = "nodeshim._repair"
+    if getattr(ext, "ABI", None) != ABI:  # built from an older _repair.c: do not guess
+        ext = None
+        _WHY = "nodeshim._repair was built from another version of _repair.c; run scripts/build-repair"
+if ext is not None and os.environ.get("VIPCLUSTER_TCPREPAIR", "").lower() == "python":
+    ext = None
+    _WHY = "VIPCLUSTER_TCPREPAIR=python"
+
+IMPLEMENTATION = "c" if ext is not None else "python"
+_BUILD = (TcpConnState, TcpWindow, _ip_text, KEEP_RECORD_MAX)
+RepairError = ext.RepairError if ext is not None else None
+_announced = False
+
+
+def announce() -> None:
+    """Log once which path the bulk TCP_REPAIR calls take."""
+    global _announced
+    if not _announced:
+        _announced = True
+        log.info("TCP_REPAIR bulk calls: %s path (%s)", IMPLEMENTATION, _WHY)
+
+
+def _where(sock: socket.socket) -> str:
+    try:
+        local, peer = sock.getsockname(), sock.getpeername()
+        return f"{local[0]}:{local[1]} <-> {peer[0]}:{peer[1]}"
+    except OSError:
+        return f"fd {sock.fileno()}"
+
+
+def _dump_error(exc: Exception, socks: Sequence[socket.socket]) -> KernelError:
+    index, step, err, tcp_state = exc.args
+    where = _where(socks[index])
+    if step == "state":
+        state = TCP_STATES.get(tcp_state, str(tcp_state))
+        if state in HALF_CLOSED_STATES:
+            from nodeshim.tcprepair import HalfClosedError  # that module imports this one
+            return HalfClosedError(state, where)
+        return KernelError("dump_tcp", None, f"{where}: state {state} cannot be moved")
+    if step == "queue peek":
+        return KernelError("dump_tcp: queue peek", None,
+                           f"{where}: the queues changed while read (is traffic really stopped?)")
+    return KernelError(f"dump_tcp: {step}", err or None, where)
+
+
+def _restore_error(exc: Exception, states: Sequence[TcpConnState]) -> KernelError:
+    index, step, err, _ = exc.args
+    st = states[index]
+    return KernelError(f"restore_tcp: {step}", err or None, f"{st.local} <-> {st.remote}")
+
+
+def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None) -> list[TcpConnState]:
+    """Repair on and read each socket; all or none (the C code rolls back)."""
+    fds = [s.fileno() for s in socks]
+    enc = [None] * len(fds) if names is None else [None if n is None else n.encode() for n in names]
+    try:  # the states are built in C, as sockwire.from_local_record builds them
+        return ext.dump_many(fds, enc, _BUILD)
+    except RepairError as exc:
+        raise _dump_error(exc, socks) from None
+
+
+def restore_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) -> None:
+    """Rebuild each state on its new socket, leaving them in repair mode (the caller
+    discards them all on an error)."""
+    try:
+        ext.restore_many([(s.fileno(), st.family, pack_connection(st)) for s, st in zip(socks, states)])
+    except RepairError as exc:
+        raise _restore_error(exc, states) from None
+
+
+def thaw_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) -> None:
+    """Repair off (window probe), then each never-sent tail, in order; the first error
+    is raised (the rest stay in repair mode)."""
+    try:
+        ext.thaw_many([(s.fileno(), memoryview(st.send_queue)[len(st.send_queue) - st.unsent_len:]
+                        if st.unsent_len else None) for s, st in zip(socks, states)])
+    except RepairError as exc:
+        raise _restore_error(exc, states) from None
+
+
+def close_many(socks: Sequence[socket.socket]) -> None:
+    """Disconnect each socket silently (repair on, AF_UNSPEC connect, repair off without a
+    probe) and close it; every socket is tried, one that failed stays open (as
+    close_silently leaves it) and the first failure is raised."""
+    live = [s for s in socks if s.fileno() >= 0]
+    failed = ext.close_many([s.fileno() for s in live])
+    bad = {i for i, _, _ in failed}
+    for i, s in enumerate(live):
+        if i not in bad:
+            s.close()
+    if failed:
+        _, step, err = failed[0]
+        raise KernelError(step, err or None)

@@ -1,0 +1,247 @@
+"""nodeshim._repair's record parser (no root, no sockets): total on any bytes, and it
+accepts exactly what clustercore.sockwire's checked decoder accepts.
+
+The C restore parses records that came from another node. Here random, truncated and
+mutated records go through it: every one must either pass or raise ValueError, before a
+syscall (restore_many is given fd -1: a record that parses reaches the kernel and fails
+there with EBADF, a clean RepairError). The lab tests (tests/lab/test_repair_c.py) check the
+C and Python paths against each other on real sockets.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clustercore import sockwire
+from clustercore.sockstate import TcpConnState, TcpWindow
+from nodeshim import repairc
+
+try:
+    from nodeshim import _repair
+except ImportError:  # pragma: no cover - scripts/build-repair not run
+    _repair = None
+
+needs_ext = pytest.mark.skipif(_repair is None, reason="nodeshim._repair not built (scripts/build-repair)")
+
+HEADS = {4: struct.Struct("!4sH4sHHBBBIIIIIIIIIIIB"), 6: struct.Struct("!16sH16sHHBBBIIIIIIIIIIIB")}
+
+
+def test_ci_builds_the_extension():
+    """CI runs scripts/setup, which builds it: a missing module there is a broken build,
+    not a reason to test only the fallback."""
+    if os.environ.get("CI") and _repair is None:
+        pytest.fail("nodeshim._repair is not built although scripts/setup ran (scripts/build-repair)")
+
+
+def _state(**kw) -> TcpConnState:
+    base = dict(local=("198.51.100.2", 8080), remote=("198.51.100.1", 40000), family=4, mss=1448,
+                window_scaling=True, snd_wscale=7, rcv_wscale=7, timestamps=True, tsval=0xDEADBEEF,
+                sack=True, window=TcpWindow(snd_wl1=100, snd_wnd=5000, max_window=6000, rcv_wnd=7000,
+                                            rcv_wup=90),
+                send_seq=0xFFFFFFF0, recv_seq=100, recv_queue=b"hello", send_queue=b"0123456789",
+                unsent_len=4, name="conn-8080")
+    base.update(kw)
+    return TcpConnState(**base)
+
+
+def _python_accepts(rec: bytes, family: int) -> bool:
+    try:
+        return len(sockwire.unpack_connections(rec, family)) == 1
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _c_accepts(rec: bytes, family: int) -> bool:
+    try:
+        _repair.check_record(rec, family)
+        return True
+    except ValueError:
+        return False
+
+
+@needs_ext
+def test_records_packed_by_python_pass_and_decode_back_exactly():
+    six = _state(local=("2001:db8::2", 8080), remote=("2001:db8::1", 40000), family=6, name=None)
+    for s in (_state(), _state(recv_queue=b"", send_queue=b"", unsent_len=0), six,
+              _state(window_scaling=False, snd_wscale=0, rcv_wscale=0, timestamps=False, sack=False)):
+        rec = sockwire.pack_connection(s)
+        _repair.check_record(rec, s.family)
+        # the trusted decoder (used for this node's own dumps) gives the checked one's result
+        assert sockwire.from_local_record(rec, s.family) == s == sockwire.unpack_connections(rec, s.family)[0]
+
+
+@needs_ext
+@pytest.mark.parametrize("mutate, problem", [
+    (lambda h: h.update(flags=h["flags"] | 8), "unknown flag bits"),
+    (lambda h: h.update(sws=15), "window scale"),
+    (lambda h: h.update(flags=0, sws=1, rws=0), "window_scaling is false"),
+    (lambda h: h.update(unsent=11), "unsent_len"),
+    (lambda h: h.update(maxw=1), "max_window"),
+    (lambda h: h.update(rwup=101), "rcv_wup"),
+    (lambda h: h.update(wl1=100 + 7000 + 1), "snd_wl1"),
+    (lambda h: h.update(mss=0), "mss 0"),
+    (lambda h: h.update(lport=0), "port 0"),
+    (lambda h: h.update(rlen=6), "record length"),
+    (lambda h: h.update(slen=0xFFFFFFFF), "record length"),
+    (lambda h: h.update(nlen=255), "record length"),
+])
+def test_each_bad_field_is_refused_by_name(mutate, problem):
+    names = ["lip", "lport", "rip", "rport", "mss", "sws", "rws", "flags", "tsval", "wl1", "swnd",
+             "maxw", "rwnd", "rwup", "sseq", "rseq", "rlen", "slen", "unsent", "nlen"]
+    s = _state()
+    rec = sockwire.pack_connection(s)
+    head = dict(zip(names, HEADS[4].unpack_from(rec)))
+    mutate(head)
+    bad = HEADS[4].pack(*head.values()) + rec[HEADS[4].size:]
+    with pytest.raises(ValueError, match=problem):
+        _repair.check_record(bad, 4)
+    with pytest.raises(ValueError, match=problem):  # restore refuses it before any syscall
+        _repair.restore_many([(-1, 4, bad)])
+
+
+@needs_ext
+def test_a_bad_name_and_a_bad_family_are_refused():
+    rec = sockwire.pack_connection(_state(name="ab"))
+    with pytest.raises(ValueError, match="bad name"):
+        _repair.check_record(rec.replace(b"ab", b"a:"), 4)
+    with pytest.raises(ValueError, match="family"):
+        _repair.check_record(rec, 5)
+
+
+@needs_ext
+def test_truncated_and_extended_records_give_a_clean_error():
+    for family, s in ((4, _state()), (6, _state(local=("2001:db8::2", 1), remote=("2001:db8::1", 2), family=6))):
+        rec = sockwire.pack_connection(s)
+        for cut in range(len(rec)):
+            with pytest.raises(ValueError):
+                _repair.check_record(rec[:cut], family)
+        with pytest.raises(ValueError, match="record length"):
+            _repair.check_record(rec + b"x", family)
+        with pytest.raises(ValueError):  # the other family's layout
+            _repair.check_record(rec, 10 - family)
+
+
+@needs_ext
+def test_random_blobs_never_crash_the_parser_or_restore():
+    rnd = random.Random(1313)
+    passed = 0
+    for i in range(20_000):
+        family = rnd.choice((4, 6))
+        blob = rnd.randbytes(rnd.randrange(0, 200))
+        if i % 2:  # make the lengths plausible so the parser goes past its first check
+            head = HEADS[family]
+            blob = blob.ljust(head.size, b"\0")
+            extra = rnd.randrange(0, 40)
+            blob = blob[:head.size - 13] + struct.pack("!IIIB", extra, 0, 0, 0) + rnd.randbytes(extra)
+        assert _c_accepts(blob, family) == (_python_accepts(blob, family) and _flags_clean(blob, family))
+        try:
+            _repair.restore_many([(-1, family, blob)])
+        except ValueError:
+            continue
+        except _repair.RepairError as exc:  # parsed: the first syscall meets fd -1
+            passed += 1
+            assert exc.args[1:3] == ("TCP_REPAIR on", errno.EBADF)
+            continue
+        pytest.fail("restore_many on fd -1 succeeded")
+    assert passed > 100  # the plausible half really reached the kernel
+
+
+def _flags_clean(blob: bytes, family: int) -> bool:
+    """The C parser also refuses flag bits the format does not define; sockwire ignores them."""
+    head = HEADS[family]
+    return len(blob) < head.size or head.unpack_from(blob)[7] & ~7 == 0
+
+
+_u32 = st.integers(0, 0xFFFFFFFF)
+
+
+@needs_ext
+@settings(max_examples=400, deadline=None)
+@given(family=st.sampled_from((4, 6)), port=st.integers(0, 3), mss=st.integers(0, 3000),
+       sws=st.integers(0, 15), rws=st.integers(0, 15), flags=st.integers(0, 7),
+       ts=_u32, wnd=st.tuples(_u32, _u32, _u32), near=st.tuples(st.integers(-3, 3), st.integers(-3, 3)),
+       sseq=_u32, rseq=_u32, rq=st.binary(max_size=20), sq=st.binary(max_size=20),
+       unsent=st.integers(0, 25), name=st.sampled_from((b"", b"conn-80", b"a b", b"x:y", b"\xff")))
+def test_c_parser_accepts_exactly_what_sockwire_accepts(family, port, mss, sws, rws, flags, ts, wnd,
+                                                       near, sseq, rseq, rq, sq, unsent, name):
+    """Fields drawn near each check's edge (rcv_wup and snd_wl1 around the limits the
+    kernel's own checks put on them), so that records fail on one check at a time."""
+    ip = b"\xc6\x33\x64\x02" if family == 4 else bytes.fromhex("20010db8" + "0" * 23 + "2")
+    swnd, maxw, rwnd = wnd
+    rwup = (rseq + near[0]) & 0xFFFFFFFF
+    wl1 = (rseq + rwnd + near[1]) & 0xFFFFFFFF
+    rec = HEADS[family].pack(ip, port, ip, 80, mss, sws, rws, flags, ts, wl1, swnd, maxw, rwnd, rwup,
+                             sseq, rseq, len(rq), len(sq), unsent, len(name)) + name + rq + sq
+    assert _c_accepts(rec, family) == _python_accepts(rec, family)
+
+
+def test_the_path_in_use_is_named():
+    assert repairc.IMPLEMENTATION in ("c", "python")
+    assert (repairc.ext is None) == (repairc.IMPLEMENTATION == "python")
+
+
+def test_a_state_read_from_a_record_packs_to_that_record_and_replace_forgets_it():
+    import dataclasses
+
+    s = _state()
+    rec = sockwire.pack_connection(s)
+    assert s.packed is None
+    for back in (sockwire.unpack_connections(rec)[0], sockwire.from_local_record(rec, 4)):
+        assert back.packed == rec and sockwire.pack_connection(back) == rec and back == s
+        renamed = dataclasses.replace(back, name="other")
+        assert renamed.packed is None  # a changed state is packed from its fields
+        assert sockwire.unpack_connections(sockwire.pack_connection(renamed))[0].name == "other"
+    big = _state(recv_queue=b"x" * sockwire.KEEP_RECORD_MAX)
+    assert sockwire.unpack_connections(sockwire.pack_connection(big))[0].packed is None
+
+
+def _reloaded(monkeypatch, fake=None, env=None):
+    import importlib
+    import sys
+    import types
+
+    import nodeshim
+
+    if fake is not None:  # `from nodeshim import _repair` reads the package's attribute first
+        fake = types.SimpleNamespace(**fake)
+        monkeypatch.setitem(sys.modules, "nodeshim._repair", fake)
+        monkeypatch.setattr(nodeshim, "_repair", fake, raising=False)
+    if env is not None:
+        monkeypatch.setenv("VIPCLUSTER_TCPREPAIR", env)
+    return importlib.reload(repairc)
+
+
+@pytest.fixture
+def reload_back(monkeypatch):
+    import importlib
+
+    yield monkeypatch
+    monkeypatch.undo()
+    importlib.reload(repairc)  # as the rest of the suite found it
+
+
+def test_a_stale_or_unwanted_build_is_not_used_and_the_log_says_why(reload_back, caplog):
+    mod = _reloaded(reload_back, fake={"ABI": repairc.ABI - 1, "RepairError": Exception})
+    assert mod.ext is None and mod.IMPLEMENTATION == "python"
+    with caplog.at_level("INFO", logger="vipcluster.tcprepair"):
+        mod.announce()
+        mod.announce()
+    lines = [r.getMessage() for r in caplog.records if r.name == "vipcluster.tcprepair"]
+    assert len(lines) == 1 and "python path" in lines[0] and "scripts/build-repair" in lines[0]
+    if _repair is not None:
+        import nodeshim
+
+        reload_back.setitem(__import__("sys").modules, "nodeshim._repair", _repair)
+        reload_back.setattr(nodeshim, "_repair", _repair)
+        mod = _reloaded(reload_back, env="python")
+        assert mod.ext is None and "VIPCLUSTER_TCPREPAIR=python" in mod._WHY
+        reload_back.delenv("VIPCLUSTER_TCPREPAIR")
+        mod = _reloaded(reload_back)
+        assert mod.ext is _repair and mod.IMPLEMENTATION == "c"
