@@ -353,6 +353,7 @@ class ReleaseDone(Reply):
 class CommitDone(Reply):
     late_packets: tuple[bytes, ...] = ()
     kernel_drops: int = 0
+    timing_ms: dict = field(default_factory=dict)  # a lazy process migration: its pages' time
 
 
 @reply_type

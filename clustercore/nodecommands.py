@@ -406,6 +406,9 @@ class ImageSent:
     tcp_established: int  # counted from the kernel before the dump
     tcp_listening: int
     output_pipe: str | None = None  # criu's name of the pipe on fds 1 and 2 ("pipe:[INODE]")
+    memory: str = "copy"  # "lazy": the pages follow after the restore (see `pages`)
+    memory_why: str = ""  # why lazy or copy (clustercore.process.memory_mode)
+    pages: Any = None  # lazy: the source's page server, serving until every page has arrived
 
 
 @dataclass(frozen=True)
@@ -457,6 +460,23 @@ class ThawProcess(Command):
     """Repair mode off for every TCP socket of the tree, then SIGCONT every process
     (criu.thaw): a frozen source serves again; a restored copy starts (-> int)."""
     instance: Any
+
+
+@_command(waits=True)
+class StopAfterPages(Command):
+    """A lazy migration's source, at commit: kill the frozen instance only once its page
+    server has served every page (the copy on the destination needs them). Waits a
+    bounded time (-> ms the pages took after the freeze's reply, or None: still serving,
+    and then a background waiter kills the instance after the last page)."""
+    instance: Any
+    pages: Any
+
+
+@_command()
+class EndPageServer(Command):
+    """A lazy migration's source, rolling back: end its page server (criu resumes the
+    program's tree; ThawProcess follows)."""
+    pages: Any
 
 
 @_command()

@@ -32,6 +32,12 @@ hold IS the network lock (criu's own is skipped: `--network-lock skip`).
                        sockets into repair mode first, then SIGKILL (nothing reaches a
                        client); the image removed
 
+Lazy pages (memory_mode: a large program, both nodes able): the freeze's dump carries
+everything but the memory pages and keeps serving them (ImageSent.pages); the copy runs
+at the release and pulls its pages from the frozen source. So the commit kills the
+source only after its last page was served (StopAfterPages), and a rollback ends the
+page server before the thaw (EndPageServer).
+
 Anything criu refuses is a KernelError with criu's reason in one line: the step fails,
 the source rolls back and serves on. Facts work as in clustercore.handoff: recorded before
 an effect that needs undoing, taken before the undo.
@@ -55,6 +61,7 @@ from .nodecommands import (
     DrainDatagrams,
     DropHeld,
     DumpProcess,
+    EndPageServer,
     ForgetInstance,
     ImageSent,
     InjectPackets,
@@ -72,6 +79,7 @@ from .nodecommands import (
     RestoreProcess,
     SilenceProcess,
     StartImageReceiver,
+    StopAfterPages,
     StopInstance,
     StopTree,
     TakeDatagramSockets,
@@ -85,6 +93,26 @@ from .packet import TCP, UDP
 from .sockstate import ServiceSockets, UdpSocketState
 
 PROCESS_KEY = "process"  # FreezeDone.sockets[PROCESS_KEY]: what the restore needs besides sockets
+LAZY_ENV = "VIPCLUSTER_LAZY_PAGES"  # "off" in a node agent's environment: every image is copied
+LAZY_MIN_BYTES = 64 << 20  # a tree with this much resident memory or more moves with lazy pages
+
+
+def memory_mode(resident_bytes: int, *, source_lazy: bool, destination_lazy: bool,
+                tls: bool = False, threshold: int = LAZY_MIN_BYTES) -> tuple[str, str]:
+    """How a process image's memory moves: ("lazy" | "copy", why). Lazy (post-copy) pages
+    shorten the freeze to the image without its pages, but leave the destination's copy
+    depending on the source until every page has arrived; for a small program the freeze
+    is short anyway and copying keeps the source free at once. Lazy needs userfaultfd and
+    criu's pipes on both nodes, and no TLS (criu cannot do it on a socket it is given)."""
+    if not source_lazy:
+        return "copy", "the source cannot serve lazy pages"
+    if not destination_lazy:
+        return "copy", "the destination cannot take lazy pages (no userfaultfd?)"
+    if tls:
+        return "copy", "lazy pages are not used with TLS"
+    if resident_bytes < threshold:
+        return "copy", f"{resident_bytes >> 20} MiB resident, under the lazy threshold of {threshold >> 20} MiB"
+    return "lazy", f"{resident_bytes >> 20} MiB resident, at or over {threshold >> 20} MiB"
 
 
 def _ms(since: float, now: float) -> float:
@@ -106,6 +134,7 @@ class SourceFacts:
     to_stop: Any = None  # the old instance, from the commit's forget until it is stopped
     to_drop: tuple = ()
     forward: tuple = ()
+    pages: Any = None  # a lazy dump's page server, until every page is served or it is ended
 
 
 @dataclass
@@ -174,9 +203,10 @@ class ProcessMigration(Playbook):
         t_dump = yield ReadClock()
         timing["drain"] = _ms(t_stopped, t_dump)
         sent: ImageSent = yield DumpProcess(f.instance, endpoint, f.tcp_ports)
+        f.pages = sent.pages
         t_dumped = yield ReadClock()
         timing.update(dump=round(sent.dump_ms, 2), criu_frozen=round(sent.frozen_ms, 2),
-                      transfer=round(sent.transfer_ms, 2))
+                      transfer=round(sent.transfer_ms, 2), memory=sent.memory)
         handles = f.cut.hand_over_late()
         late = tuple((yield ReadPackets(handles))) if handles else ()
         bundle = ServiceSockets(service=m.service, listeners=(), connections=(),
@@ -186,8 +216,8 @@ class ProcessMigration(Playbook):
         t_end = yield ReadClock()
         timing["frozen_to_reply"] = _ms(t_freeze, t_end)
         timing["dump_and_transfer"] = _ms(t_dump, t_dumped)
-        yield Note(f"freeze {m.service}: image {sent.image_bytes} bytes, "
-                   f"{sent.tcp_established} connections; {timing}")
+        yield Note(f"freeze {m.service}: image {sent.image_bytes} bytes, memory {sent.memory} "
+                   f"({sent.memory_why}), {sent.tcp_established} connections; {timing}")
         return msgs.FreezeDone(
             consumed=consumed, late_packets=late, sockets=wire,
             tcp_established=sent.tcp_established, tcp_listening=sent.tcp_listening,
@@ -217,12 +247,18 @@ class ProcessMigration(Playbook):
             f.to_stop = instance  # kept until stopped: a failed ForgetInstance must not spare it
             yield ForgetInstance(m.service)
         to_stop, f.to_stop = f.to_stop, None
-        if to_stop is not None:
+        pages, f.pages = f.pages, None
+        timing = {}
+        if to_stop is not None and pages is not None:
+            # the copy runs, but pulls the pages it has not yet from this frozen instance
+            served = yield StopAfterPages(to_stop, pages)
+            timing = {"memory": "lazy", "pages_after_freeze": served if served is not None else "still serving"}
+        elif to_stop is not None:
             yield StopInstance(to_stop)
         role, f.role = f.role, None
         if role is not None:
             yield RemoveRoleLater(m.service, role)
-        return msgs.CommitDone(late_packets=late, kernel_drops=drops)
+        return msgs.CommitDone(late_packets=late, kernel_drops=drops, timing_ms=timing)
 
     def rollback(self, m, event: Any, now: float):
         """THE source rollback. Our UDP copies closed; the drained datagrams put back while
@@ -232,6 +268,9 @@ class ProcessMigration(Playbook):
         f = self.source
         if f is None:
             return msgs.Done()
+        pages, f.pages = f.pages, None
+        if pages is not None:
+            yield EndPageServer(pages)  # criu resumes the tree; ThawProcess follows
         yield from resume_source(m.service, f, ThawProcess)
         return msgs.Done()
 

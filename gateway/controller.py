@@ -293,8 +293,11 @@ class Controller:
         milliseconds. (The nodes give up on an image after IMAGE_TIMEOUT_S, before this.)"""
         if strategy is not MigrateStrategy.PROCESS:
             return self.timeouts
+        # committing too: a lazy migration's source answers once its pages are served
+        # (bounded on the node by migrate.LAZY_COMMIT_WAIT_S, under this)
         return dataclasses.replace(self.timeouts, freezing=max(self.timeouts.freezing, PROCESS_STEP_S),
-                                   restoring=max(self.timeouts.restoring, PROCESS_STEP_S))
+                                   restoring=max(self.timeouts.restoring, PROCESS_STEP_S),
+                                   committing=max(self.timeouts.committing, PROCESS_STEP_S))
 
     # --- requests ---------------------------------------------------------------------
     async def op_migrate(self, msg: msgs.Migrate, ctx: Context) -> dict:
@@ -365,6 +368,10 @@ class Controller:
                                             run.replied_at.get("release"))
                              if finished.outcome == "committed" else None)
         report["kernel_queue_drops"] = run.kernel_drops
+        if str(strategy) == "process":  # how the memory moved; lazy: how long the pages took after
+            report["memory"] = run.split_ms.get("freeze", {}).get("memory")
+            if report["memory"] == "lazy":
+                report["pages_after_freeze_ms"] = run.split_ms.get("commit", {}).get("pages_after_freeze")
         # a packet the kernel dropped from a queue during the migration is lost to us
         # (TCP clients retransmit it; a UDP datagram is gone): say so
         source_drops = run.kernel_drops.get(source, 0)

@@ -26,13 +26,14 @@ from clustercore.config import NodeConfig
 from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Datapath, ServiceKind, adopted_pid, service_kind
 from clustercore.ownership import NodeFilter, Service
+from clustercore.process import LAZY_ENV
 from clustercore.packet import TCP
 from vipwire import metricsserver, systemd, tls
 from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
-from . import criu, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
+from . import criu, criulazy, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
 from .drain import DrainAgent
 from .fdstore import NotifySocket, process_group_of
 from .health import HealthRunner
@@ -707,7 +708,16 @@ class NodeAgent:
 
     async def _check_criu(self) -> None:
         ok, why = await asyncio.to_thread(criu.available)
-        self._process_strategy = {"available": ok, "reason": why}
+        strategy = {"available": ok, "reason": why}
+        if ok and os.environ.get(LAZY_ENV, "").lower() == "off":
+            strategy["lazy_pages"] = {"available": False, "reason": f"turned off ({LAZY_ENV}=off)"}
+            log.info("lazy pages: turned off (%s=off): images are copied whole", LAZY_ENV)
+        elif ok:  # lazy pages: userfaultfd, and pipes large enough for criu (criulazy)
+            lazy_ok, lazy_why = await asyncio.to_thread(criulazy.available)
+            strategy["lazy_pages"] = {"available": lazy_ok, "reason": lazy_why}
+            log.info("lazy pages: %s (%s)", "available" if lazy_ok else "unavailable: images are copied whole",
+                     lazy_why)
+        self._process_strategy = strategy
         log.info("process strategy: %s (%s)", "available" if ok else "unavailable", why)
 
     async def _watch_services(self) -> None:

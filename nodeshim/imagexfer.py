@@ -26,10 +26,10 @@ within one deadline:
 After a failed dump_to the caller rolls back with criu.thaw(pid): a failure after the dump
 leaves the source frozen; one during it (criu lost its page server) criu undoes itself.
 
-Restore does not overlap the transfer: criu restore reads the whole image before the
-program runs. That needs lazy (post-copy) pages over userfaultfd (`criu check --feature
-uffd-noncoop` passes here), a later issue. What overlaps now is the dump and the pages'
-transfer. Without a page server (stream_pages=False) the dump goes to the source's disk
+A full image's restore does not overlap the transfer: criu restore reads the whole image
+before the program runs; what overlaps is the dump and the pages' transfer. Lazy
+(post-copy) pages are nodeshim.lazyxfer: HELLO_LAZY, and the page connection is kept for
+`criu lazy-pages` instead of a page server. Without a page server (stream_pages=False) the dump goes to the source's disk
 and every file, pages included, over the files channel: faster for small images, slower
 for large ones (docs/criu.md has the numbers).
 
@@ -68,6 +68,8 @@ from vipwire import pki
 from vipwire import tls as vtls
 
 HELLO = b"VCIMG 1\n"      # source -> destination, first (after TLS)
+HELLO_LAZY = b"VCIMG 1 lazy\n"  # the same, for a lazy dump (nodeshim.lazyxfer): the page
+# connection is kept for `criu lazy-pages`, the few non-lazy page files come as files
 READY = b"READY\n"        # destination -> source: accepted (and authenticated); dump now
 MAX_LINE = 300
 MAX_MANIFEST = 1 << 20
@@ -377,6 +379,9 @@ class Receiver:
         self._cancelled = threading.Event()
         self._conns: list[socket.socket] = []
         self._page_server: criu.PageServer | None = None
+        self.lazy = False  # the source said its dump is lazy (HELLO_LAZY)
+        self.pages_conn: socket.socket | None = None  # lazy: the page connection, for criu lazy-pages
+        self.lazy_daemon = None  # lazy: criulazy.LazyPagesDaemon once restore started it
         self._refused = 0
         self._stats: ReceiveStats | None = None
         self._error: VipError | None = None
@@ -408,6 +413,8 @@ class Receiver:
                 pass
         if self._page_server is not None:
             self._page_server.kill()
+        if self.lazy_daemon is not None:
+            self.lazy_daemon.end()
         self._thread.join(10)
         self.close()
 
@@ -416,7 +423,15 @@ class Receiver:
         if self._thread.is_alive() and not self._cancelled.is_set():
             self.cancel()
             return
-        shutil.rmtree(self.images_dir, ignore_errors=True)
+        if self.pages_conn is not None:
+            self.pages_conn.close()
+        daemon = self.lazy_daemon
+        if daemon is not None and daemon.running():
+            # criu lazy-pages still pulls pages (and uses its socket in the directory)
+            threading.Thread(target=lambda: (daemon.proc.wait(), shutil.rmtree(self.images_dir, True)),
+                             daemon=True).start()
+        else:
+            shutil.rmtree(self.images_dir, ignore_errors=True)
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -474,14 +489,27 @@ class Receiver:
 
     def _accept_all(self) -> _Wire:
         """Accept one connection per listener from the source address (others are closed
-        unheard). The page connection gets criu's page server at once; the files
-        connection is authenticated at once. READY (the source dumps on it) goes out when
-        both are there and the page server is up; with TLS criu connects the pages itself
-        during the dump, before it freezes anything, so READY does not wait for them."""
+        unheard). The files connection is authenticated at once and says whether the dump
+        is lazy; the page connection then gets criu's page server (a full dump) or is kept
+        for `criu lazy-pages` (a lazy one, nodeshim.lazyxfer). READY (the source dumps on
+        it) goes out when both are there and the page server is up; with TLS criu connects
+        the pages itself during the dump, before it freezes anything, so READY does not
+        wait for them."""
         pending = dict(self._listeners)
-        files, ready_sent = None, False
-        while not ready_sent or pending:
-            if files is not None and not ready_sent and (self._tls is not None or "pages" not in pending):
+        files, ready_sent, pages_conn = None, False, None
+        while not ready_sent or pending or pages_conn is not None:
+            if pages_conn is not None and (files is not None or self._tls is not None):
+                try:
+                    if self.lazy:
+                        self.pages_conn = pages_conn.dup()
+                    else:
+                        self._page_server = criu.PageServer(self.images_dir, pages_conn.fileno(), tls=self._tls)
+                finally:
+                    pages_conn.close()
+                    pages_conn = None
+                continue
+            if files is not None and not ready_sent and (self._tls is not None or "pages" not in pending) \
+                    and pages_conn is None:
                 if self._page_server is not None:
                     self._page_server.wait_ready(_remaining(self._deadline, RECEIVE))
                 files.send(READY)
@@ -505,10 +533,7 @@ class Receiver:
                 listener.close()
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if kind == "pages":
-                    try:
-                        self._page_server = criu.PageServer(self.images_dir, conn.fileno(), tls=self._tls)
-                    finally:
-                        conn.close()
+                    pages_conn = conn
                 else:
                     files = self._greet(conn)
         return files
@@ -526,8 +551,12 @@ class Receiver:
             except KernelError as e:
                 _send_error(wire, e)
                 raise
-        if wire.readline() != HELLO:
+        hello = wire.readline()
+        if hello not in (HELLO, HELLO_LAZY):
             raise _refused("the peer does not speak the image transfer protocol")
+        if hello == HELLO_LAZY and self._tls is not None:
+            raise _refused("lazy pages are not used with TLS (criu cannot agree on it)")
+        self.lazy = hello == HELLO_LAZY
         return wire
 
     def _receive_files(self, wire: _Wire) -> tuple[Manifest, dict[str, tuple[int, str]]]:
@@ -541,7 +570,7 @@ class Receiver:
                     if size > MAX_MANIFEST:
                         raise _refused(f"manifest of {size} bytes is too large")
                     return parse_manifest(wire.read(size)), received
-                check_name(name, pages_streamed="pages" in self._listeners)
+                check_name(name, pages_streamed="pages" in self._listeners and not self.lazy)
                 total += size
                 if name in received or len(received) >= self._limits.max_files:
                     raise _refused(f"{name}: sent twice, or more than {self._limits.max_files} files")

@@ -52,7 +52,9 @@ from clustercore.errors import KernelError, LocalControlError, VipError
 from clustercore.nodemigration import Failure, NodeMigration, NodeMigrations, Runner, role_still_needed
 from vipwire.logs import event as log_event
 
-from . import criu, fdstore, imagexfer, pidfd, queue, services, tcprepair, udphandoff
+from clustercore.process import memory_mode
+
+from . import criu, fdstore, imagexfer, lazyxfer, pidfd, queue, services, tcprepair, udphandoff
 from .leftovers import Leftovers
 
 log = logging.getLogger("vipcluster.migrate")
@@ -71,6 +73,8 @@ WAIT_FAULT_MAX_S = 120.0  # a `wait` fault gives up waiting for its go file afte
 WAIT_FAULT_POLL_S = 0.05
 ACCEPT_WAIT_S = 0.5  # the program may take this long to accept what waits (then it is stopped)
 STOP_TREE_TIMEOUT_S = 2.0  # a process tree must have stopped by then (SIGSTOP)
+LAZY_COMMIT_WAIT_S = 20.0  # a lazy source's commit waits this long for its last page to be served
+LAZY_PAGES_MAX_S = 3600.0  # ...and a background waiter this long, before it gives up the frozen source
 IMAGE_TIMEOUT_S = 25.0  # a process image must be dumped and moved, or restored, by then
 # (under gateway.controller.PROCESS_STEP_S, so the node's reason reaches the gateway first)
 LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -87,6 +91,7 @@ class Kernel:
     queue: Any = queue
     criu: Any = criu
     imagexfer: Any = imagexfer
+    lazyxfer: Any = lazyxfer
     fdstore: Any = fdstore
     clock: Callable[[], float] = time.monotonic
 
@@ -343,6 +348,8 @@ class MigrationAgent:
             nc.CancelReceiver: lambda c: c.receiver.cancel(),
             nc.DiscardImage: lambda c: c.receiver.close(),
             nc.SilenceProcess: lambda c: k.criu.silence(c.instance.pid),
+            nc.StopAfterPages: self._stop_after_pages,
+            nc.EndPageServer: lambda c: c.pages.end(),  # an ending: it cannot wait (criu exits at once)
         }
 
     def _look_up(self, cmd: nc.LookUp) -> nc.Local:
@@ -546,26 +553,94 @@ class MigrationAgent:
             raise
         return out
 
+    def _lazy_pages_here(self) -> bool:
+        """Can this node serve or take lazy pages (the agent's check at start)?"""
+        strategy = getattr(self.agent, "process_strategy", lambda: {})() or {}
+        return bool(strategy.get("lazy_pages", {}).get("available"))
+
     def _dump_process(self, cmd: nc.DumpProcess) -> nc.ImageSent:
         """In a thread: the agent's loop keeps taking verdicts (the hold fills) meanwhile."""
         k, vip, rs = self.kernel, self.agent.config.vips, cmd.instance
         established = k.tcprepair.count_connections(vip, cmd.tcp_ports, {k.tcprepair.ESTABLISHED})
         listening = k.tcprepair.count_listeners(vip, cmd.tcp_ports)  # the real sockets, not the ports
         images = self._images_dir(rs.service.name, "out")
+        endpoint_d = dict(cmd.endpoint)
+        destination_lazy = bool(endpoint_d.pop("lazy", False))
         try:
-            endpoint = k.imagexfer.Endpoint(**cmd.endpoint)
+            endpoint = k.imagexfer.Endpoint(**endpoint_d)
         except TypeError as e:
             raise LocalControlError(f"bad image endpoint {cmd.endpoint!r}: {e}") from None
+        memory, why = memory_mode(k.lazyxfer.resident_bytes(rs.pid), source_lazy=self._lazy_pages_here(),
+                                  destination_lazy=destination_lazy and endpoint.page_port is not None)
         extra = self._criu_fault("criu.dump")
-        try:
-            sent = k.imagexfer.dump_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S,
-                                       **({"extra": extra} if extra else {}))
-        finally:
-            shutil.rmtree(images, ignore_errors=True)
+        kw = {"extra": extra} if extra else {}
+        if memory == "lazy":
+            try:
+                lazy = k.lazyxfer.dump_lazy_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw)
+            except BaseException:
+                shutil.rmtree(images, ignore_errors=True)
+                raise
+            sent, pages = lazy.stats, lazy.dump  # images: removed once the pages are served
+        else:
+            try:
+                sent, pages = k.imagexfer.dump_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw), None
+            finally:
+                shutil.rmtree(images, ignore_errors=True)
         return nc.ImageSent(image_bytes=sent.page_bytes + sent.file_bytes, dump_ms=sent.dump_ms,
                             frozen_ms=sent.frozen_ms, transfer_ms=sent.transfer_ms,
                             tcp_established=established, tcp_listening=listening,
-                            output_pipe=getattr(rs, "output_pipe", None))
+                            output_pipe=getattr(rs, "output_pipe", None), memory=memory,
+                            memory_why=why, pages=pages)
+
+    @staticmethod
+    def _log_pages(service: str, daemon) -> None:
+        """The destination's side of lazy pages: say when the last page arrived, or that the
+        source was lost first (the copy then dies: see criulazy.LazyPagesDaemon)."""
+        try:
+            ms = daemon.wait_done(None)
+        except KernelError as e:
+            why = "the source was lost" if getattr(daemon, "source_lost", False) else e.detail
+            log.error("lazy pages of %s: the page transfer failed (%s): the copy misses pages and dies", service, why)
+            return
+        log.info("lazy pages of %s: every page arrived, %.0f ms after the lazy-pages daemon started", service, ms)
+
+    async def _stop_after_pages(self, cmd: nc.StopAfterPages) -> float | None:
+        """Kill the frozen source only after its lazy page server has served every page:
+        wait up to LAZY_COMMIT_WAIT_S here, else leave it to a background waiter."""
+        pages, instance, service = cmd.pages, cmd.instance, cmd.instance.service.name
+
+        def finish(timeout: float) -> tuple[bool, float | None]:
+            try:
+                served = pages.wait_done(timeout)
+            except KernelError as e:
+                log.error("lazy pages of %s: the page transfer failed after the copy began to run: %s; "
+                          "the copy on the destination misses pages and will fault (SIGBUS)", service, e.detail)
+                return True, None
+            if served is None:
+                return False, None
+            log.info("lazy pages of %s: every page served, %.0f ms after the freeze's reply", service, served)
+            return True, served
+
+        def stop() -> None:
+            pages.end()
+            self.kernel.services.kill(instance)
+            shutil.rmtree(pages.images_dir, ignore_errors=True)
+
+        done, served = await asyncio.to_thread(finish, LAZY_COMMIT_WAIT_S)
+        if done:
+            await asyncio.to_thread(stop)
+            self.leftovers.record_restored(service, None)
+            return served
+
+        def later() -> None:
+            if not finish(LAZY_PAGES_MAX_S)[0]:
+                log.error("lazy pages of %s: still serving after %.0f s: the source is killed now",
+                          service, LAZY_PAGES_MAX_S)
+            stop()
+        log.warning("lazy pages of %s: still serving after %.0f s; the frozen source stays until the last page",
+                    service, LAZY_COMMIT_WAIT_S)
+        threading.Thread(target=later, name=f"lazy pages {service}", daemon=True).start()
+        return None
 
     def _start_image_receiver(self, cmd: nc.StartImageReceiver) -> nc.ImageReceiver:
         k = self.kernel
@@ -584,7 +659,8 @@ class MigrationAgent:
                 rx.cancel()
             threading.Thread(target=cut, daemon=True).start()
         e = rx.endpoint
-        return nc.ImageReceiver(rx, {"address": e.address, "files_port": e.files_port, "page_port": e.page_port})
+        return nc.ImageReceiver(rx, {"address": e.address, "files_port": e.files_port, "page_port": e.page_port,
+                                     "lazy": self._lazy_pages_here()})
 
     def _restore_process(self, cmd: nc.RestoreProcess):
         """In a thread: wait for the verified image, criu restore it (the copy keeps the
@@ -600,8 +676,9 @@ class MigrationAgent:
                 cmd.receiver.wait(IMAGE_TIMEOUT_S)
                 pid = k.criu.restore(cmd.receiver.images_dir, pidfile=pidfile, inherit_fds=inherit, **kw)
             else:
-                pid = k.imagexfer.restore(cmd.receiver, pidfile=pidfile, inherit_fds=inherit,
-                                          timeout=IMAGE_TIMEOUT_S)
+                cmd.receiver.wait(IMAGE_TIMEOUT_S)
+                restore = k.lazyxfer.restore_lazy if getattr(cmd.receiver, "lazy", False) else k.imagexfer.restore
+                pid = restore(cmd.receiver, pidfile=pidfile, inherit_fds=inherit, timeout=IMAGE_TIMEOUT_S)
         except BaseException:
             os.close(read_fd)
             raise
@@ -611,6 +688,9 @@ class MigrationAgent:
                 os.unlink(pidfile)
             except OSError:
                 pass
+        daemon = getattr(cmd.receiver, "lazy_daemon", None)
+        if daemon is not None:
+            threading.Thread(target=self._log_pages, args=(svc.name, daemon), daemon=True).start()
         machine = self.migrations.machines.get(svc.name)
         # a crash from here on: the next agent silences it, or adopts it if the release began
         self.leftovers.record_restored(svc.name, pid, machine.epoch if machine else None, svc)

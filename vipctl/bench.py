@@ -43,6 +43,7 @@ from pyroute2 import NetNS
 
 from clustercore.errors import LocalControlError
 from clustercore.kinds import EXTERNAL_SPEC, Datapath, Delivery, builtin_spec
+from clustercore.process import LAZY_ENV
 
 from . import benchpath, holdflood
 from . import lab as labmod
@@ -259,7 +260,10 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
 
 # --- the process strategy: real programs moved whole -----------------------------------
 
-PROCESS_ROWS = (("nginx", 100), ("nginx", 1000), ("redis", 10), ("redis", 200))  # (program, connections | MB)
+PROCESS_ROWS = (("nginx", 100), ("nginx", 1000), ("redis", 10), ("redis", 200), ("redis", 1024))  # (program, connections | MB)
+# redis large enough for lazy pages (>= 64 MiB resident), moved again with lazy pages turned
+# off on every node (VIPCLUSTER_LAZY_PAGES=off): the same rows, memory copied in the freeze
+COPY_ROWS = (("redis", 200), ("redis", 1024))
 
 
 def _vipctl(spec: labmod.Lab, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
@@ -281,8 +285,9 @@ def _client_json(p: subprocess.Popen, timeout: float) -> dict:
         return {"error": stderr.decode(errors="replace")[-300:]}
 
 
-def measure_process_migrations(prefix: str, runs: int, log) -> dict:
-    """One row per PROCESS_ROWS entry, or {"skipped": why} when the strategy is unavailable."""
+def measure_process_migrations(prefix: str, runs: int, log, rows=PROCESS_ROWS, lazy: bool = True) -> dict:
+    """One row per `rows` entry, or {"skipped": why} when the strategy is unavailable.
+    lazy False: the lab's agents run with VIPCLUSTER_LAZY_PAGES=off (every image copied)."""
     ok, why = programs.criu_here()
     if not ok:
         log(f"process strategy rows skipped: {why}")
@@ -291,19 +296,26 @@ def measure_process_migrations(prefix: str, runs: int, log) -> dict:
     labmod.down(spec, log=lambda *a: None)
     tmp = tempfile.mkdtemp(prefix="vipctl-bench-proc-")
     os.chmod(tmp, 0o777)
+    saved = os.environ.get(LAZY_ENV)
     try:
+        if not lazy:
+            os.environ[LAZY_ENV] = "off"  # the agents the lab starts inherit it
         labmod.up(spec, log=lambda *a: None)
         why = programs.wait_process_strategy(lambda: call("status", spec.control_socket))
         if why:
             log(f"process strategy rows skipped: {why}")
             return {"skipped": why, "rows": []}
-        rows = []
-        for program, size in PROCESS_ROWS:
+        out = []
+        for program, size in rows:
             runs_out = [_process_run(spec, program, size, os.path.join(tmp, f"{program}-{size}-{run}"), log)
                         for run in range(runs)]
-            rows.append(_process_row(program, size, runs_out))
-        return {"skipped": None, "rows": rows}
+            out.append(_process_row(program, size, runs_out))
+        return {"skipped": None, "rows": out}
     finally:
+        if saved is None:
+            os.environ.pop(LAZY_ENV, None)
+        else:
+            os.environ[LAZY_ENV] = saved
         labmod.down(spec, log=lambda *a: None)
         shutil.rmtree(tmp, ignore_errors=True)  # the images and the programs' files
 
@@ -350,7 +362,8 @@ def _process_run(spec: labmod.Lab, program: str, size: int, workdir: str, log) -
             got = labmod.exec_in(spec.client_ns, ["redis-cli", "-h", labmod.VIP, "-p", str(port), "DBSIZE"],
                                  capture_output=True, text=True, timeout=60)
             client["keys_missing"] = keys - int(got.stdout.strip() or 0)
-        log(f"process strategy, {program} {size}: {report.get('outcome')}, freeze {ms(report.get('freeze_ms'))}, "
+        log(f"process strategy, {program} {size}: {report.get('outcome')}, memory {report.get('memory')}, "
+            f"freeze {ms(report.get('freeze_ms'))}, pages after {ms(report.get('pages_after_freeze_ms'))}, "
             f"stop {ms(report.get('stop_ms'))}, "
             f"total {ms(report.get('total_ms'))}, image {count(report.get('image_bytes', report.get('bytes_moved')))} bytes"
             + (f" ({report['reason']})" if report.get("reason") else ""))
@@ -370,6 +383,10 @@ def _process_row(program: str, size: int, runs: list[dict]) -> dict:
     key = "connections" if program == "nginx" else "data_mb"
     return {
         "program": program, key: size,
+        "memory": sorted({str(r.get("memory")) for r in reports if r.get("memory")}),
+        # lazy pages: how long the source served pages after its freeze reply (the copy ran meanwhile)
+        "pages_after_freeze_ms": _stats([r.get("pages_after_freeze_ms") for r in reports
+                                         if isinstance(r.get("pages_after_freeze_ms"), (int, float))])["median"],
         "outcomes": [r.get("outcome") for r in reports],
         "reasons": [r["reason"] for r in reports if r.get("reason")],
         "freeze_ms": _stats([r.get("freeze_ms") for r in reports])["median"],
@@ -436,6 +453,7 @@ def run_bench(quick: bool, log) -> dict:
     result["rss_mb"] = rss
     result["big_hold"] = holdflood.measure(prefix, 20_000 if quick else 200_000, log)
     result["process_migrations"] = measure_process_migrations(prefix, mig_runs, log)
+    result["process_migrations_copy"] = measure_process_migrations(prefix, mig_runs, log, COPY_ROWS, lazy=False)
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     return result
 

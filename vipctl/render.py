@@ -204,21 +204,8 @@ def render_bench(result: dict) -> str:
                      f"{_cell(x['total_ms'], 9, 2)} "
                      f"{count(x['lost']):>5} {count(x['duplicated']):>4} {x['client_retransmissions']:>7} "
                      f"{pcs:>32}  {steps}")
-    proc = result.get("process_migrations")
-    if proc:
-        lines.append("")
-        if proc.get("skipped"):
-            lines.append(f"process strategy (real programs): skipped: {proc['skipped']}")
-        else:
-            lines.append(f"{'process strategy':<18} {'freeze ms':>10} {'stop ms':>9} {'total ms':>9} {'image MB':>9} {'lost':>5} "
-                         f"{'dup':>4} {'retrans':>7}  outcomes")
-        for x in proc.get("rows", []):
-            what = (f"nginx {x['connections']} conns" if x["program"] == "nginx" else f"redis {x['data_mb']} MB")
-            image = x["image_bytes"] / 1e6 if x.get("image_bytes") is not None else None
-            lines.append(f"{what:<18} {_cell(x['freeze_ms'], 10, 2)} {_cell(x.get('stop_ms'), 9, 2)} "
-                         f"{_cell(x['total_ms'], 9, 2)} {_cell(image, 9, 1)} "
-                         f"{count(x['lost']):>5} {count(x['duplicated']):>4} {count(x['client_retransmissions']):>7}  "
-                         + ", ".join(map(str, x["outcomes"])) + "".join(f" ({r})" for r in x.get("reasons", [])[:1]))
+    for key in ("process_migrations", "process_migrations_copy"):
+        lines.extend(_process_lines(result.get(key), key.endswith("_copy")))
     hold = result.get("big_hold")
     if hold:
         lines.append("")
@@ -234,6 +221,27 @@ def render_bench(result: dict) -> str:
                  f"{count(rss.get('shim_connections'))} connections {number(rss.get('shim'), 1)} MB; "
                  f"{number(result['elapsed_s'], 1)} s in all")
     return "\n".join(lines)
+
+
+def _process_lines(proc, copy: bool) -> list[str]:
+    """The process strategy's rows (copy: the same programs, lazy pages turned off)."""
+    lines: list[str] = []
+    if proc:
+        lines.append("")
+        if proc.get("skipped"):
+            lines.append(f"process strategy (real programs): skipped: {proc['skipped']}")
+        else:
+            lines.append(f"{'process (copy)' if copy else 'process strategy':<24} {'freeze ms':>10} {'stop ms':>9} {'total ms':>9} {'image MB':>9} {'lost':>5} "
+                         f"{'dup':>4} {'retrans':>7} {'pages ms':>9}  outcomes")
+        for x in proc.get("rows", []):
+            what = (f"nginx {x['connections']} conns" if x["program"] == "nginx" else f"redis {x['data_mb']} MB")
+            what += f" {'/'.join(x.get('memory') or [])}"
+            image = x["image_bytes"] / 1e6 if x.get("image_bytes") is not None else None
+            lines.append(f"{what:<24} {_cell(x['freeze_ms'], 10, 2)} {_cell(x.get('stop_ms'), 9, 2)} "
+                         f"{_cell(x['total_ms'], 9, 2)} {_cell(image, 9, 1)} "
+                         f"{count(x['lost']):>5} {count(x['duplicated']):>4} {count(x['client_retransmissions']):>7} {_cell(x.get('pages_after_freeze_ms'), 9, 0)}  "
+                         + ", ".join(map(str, x["outcomes"])) + "".join(f" ({r})" for r in x.get("reasons", [])[:1]))
+    return lines
 
 
 # ---------------------------------------------------------------- replay

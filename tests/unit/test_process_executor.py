@@ -10,6 +10,8 @@ import pytest
 import os
 import signal
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -63,6 +65,23 @@ class FakeReceiver:
         self.log.append(("rx.wait",))
 
 
+class FakePages:
+    """A lazy dump still serving its pages: done (ms), still serving (None), or failed."""
+
+    def __init__(self, log, images_dir="/nonexistent/lazy-images"):
+        self.log, self.images_dir = log, images_dir
+        self.result: float | None | KernelError = 1234.0
+
+    def wait_done(self, timeout):
+        self.log.append(("pages.wait_done",))
+        if isinstance(self.result, KernelError):
+            raise self.result
+        return self.result
+
+    def end(self):
+        self.log.append(("pages.end",))
+
+
 class FakeCriu(FakeKernel):
     """criu, imagexfer and the process parts of services/pidfd, logging every call."""
 
@@ -96,6 +115,20 @@ class FakeCriu(FakeKernel):
         self._call("dump_to", pid, endpoint, tuple(extra))
         return FakeSendStats()
 
+    # lazyxfer
+    resident = 10 << 20
+
+    def resident_bytes(self, pid):
+        return self.resident
+
+    def dump_lazy_to(self, pid, images_dir, endpoint, timeout, extra=()):
+        self._call("dump_lazy_to", pid, endpoint, tuple(extra))
+        return SimpleNamespace(stats=FakeSendStats(page_bytes=300 << 20), dump=self.pages)
+
+    def restore_lazy(self, receiver, pidfile, inherit_fds, timeout):
+        self._call("restore_lazy", tuple(inherit_fds.values()) if inherit_fds else None)
+        return 6161
+
     def thaw(self, pid):
         self._call("thaw", pid)
         return 0
@@ -121,13 +154,14 @@ class FakeCriu(FakeKernel):
 def node(name, tmp_path):
     log = Log()
     fake = FakeCriu(log)
+    fake.pages = FakePages(log)
     agent = FakeAgent(NodeConfig(name=name, vip=VIP, gateway_address="192.0.2.1", tls_ca="ca", tls_cert="c", tls_key="k",
                                  state_dir=str(tmp_path / name)), log)
     agent.filter.load([WEB], "n1")
     kernel = migrate.Kernel(tcprepair=fake, udphandoff=fake, pidfd=fake, services=fake, queue=fake,
                             criu=SimpleNamespace(tree_pids=fake.tree_pids, thaw=fake.thaw, silence=fake.silence,
                                                  stopped=lambda pid: True),
-                            imagexfer=fake, clock=fake.clock)
+                            imagexfer=fake, lazyxfer=fake, clock=fake.clock)
     return migrate.MigrationAgent(agent, kernel), agent, fake, log
 
 
@@ -228,9 +262,9 @@ def test_destination_prepare_restore_release_script(tmp_path):
         return prepared, restored, released
 
     prepared, restored, released = asyncio.run(script())
-    assert prepared.endpoint == {"address": "192.0.2.12", "files_port": 4001, "page_port": 4002}
+    assert prepared.endpoint == {"address": "192.0.2.12", "files_port": 4001, "page_port": 4002, "lazy": False}
     names = [e[0] for e in log if e[0] not in ("sync_datapath", "record_running")]
-    assert names == ["start_receive", "restore", "restored_instance", "rx.close", "thaw", "service_moved"]
+    assert names == ["start_receive", "rx.wait", "restore", "restored_instance", "rx.close", "thaw", "service_moved"]
     assert ("restore", ("pipe:[99]",)) in log  # our pipe where the source's output pipe was
     assert agent.running["web"].pid == 6161 and isinstance(released, msgs.ReleaseDone)
     assert not os.path.exists(os.path.join(agent.config.state_dir, "restored.json")) or \
@@ -321,3 +355,99 @@ def test_a_destination_dying_inside_its_release_leaves_what_its_successor_adopts
     assert record["pid"] == 6161 and record["epoch"] == EPOCH and record["service"]["name"] == "web"
     assert ma.leftovers.release_begun("web", EPOCH)
     assert not os.path.exists(os.path.join(agent.config.state_dir, "faults", "criu.thaw"))  # one shot
+
+
+# --- lazy pages: chosen by size and by both nodes; the source lives until its pages are served
+
+LAZY_ENDPOINT = {**ENDPOINT, "lazy": True}
+
+
+def lazy_source(tmp_path, resident=300 << 20):
+    ma, agent, fake, log = node("n1", tmp_path)
+    agent.process_strategy = lambda: {"available": True, "lazy_pages": {"available": True}}
+    fake.resident = resident
+    agent.running["web"] = FakeInstance(WEB, [], pid=4242)
+    return ma, agent, fake, log
+
+
+def test_a_large_program_moves_with_lazy_pages_and_dies_only_after_its_last_page(tmp_path):
+    ma, agent, fake, log = lazy_source(tmp_path)
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        frozen = await ma.handle(step(msgs.Freeze, endpoint=LAZY_ENDPOINT))
+        log.clear()
+        done = await ma.handle(step(msgs.Commit))
+        await settle()
+        return frozen, done
+
+    frozen, done = asyncio.run(script())
+    assert frozen.timing_ms["memory"] == "lazy"
+    names = [e[0] for e in log]
+    assert "dump_to" not in names
+    # served first, then the page server ended and the frozen source killed
+    assert names.index("pages.wait_done") < names.index("pages.end") < names.index("kill")
+    assert done.timing_ms == {"memory": "lazy", "pages_after_freeze": 1234.0}
+
+
+def test_a_source_still_serving_pages_at_commit_is_killed_only_after_the_last_page(tmp_path):
+    ma, agent, fake, log = lazy_source(tmp_path)
+    last_page = threading.Event()  # still serving at commit; the background waiter sees the end
+    calls = []
+
+    def wait_done(timeout):
+        log.append(("pages.wait_done",))
+        calls.append(timeout)
+        if len(calls) == 1:
+            return None
+        last_page.wait(10)
+        return 9000.0
+    fake.pages.wait_done = wait_done
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        await ma.handle(step(msgs.Freeze, endpoint=LAZY_ENDPOINT))
+        log.clear()
+        done = await ma.handle(step(msgs.Commit))
+        killed_at_commit = "kill" in [e[0] for e in log]
+        return done, killed_at_commit
+
+    done, killed_at_commit = asyncio.run(script())
+    assert not killed_at_commit and done.timing_ms["pages_after_freeze"] == "still serving"
+    time.sleep(0.05)
+    assert "kill" not in [e[0] for e in log]  # the waiter waits for the last page
+    last_page.set()
+    for _ in range(200):  # the waiter thread
+        if "kill" in [e[0] for e in log]:
+            break
+        time.sleep(0.01)
+    names = [e[0] for e in log if e[0] in ("pages.wait_done", "pages.end", "kill")]
+    assert names == ["pages.wait_done", "pages.wait_done", "pages.end", "kill"]
+
+
+def test_a_small_program_or_a_destination_without_uffd_is_copied(tmp_path):
+    for resident, endpoint in ((1 << 20, LAZY_ENDPOINT), (300 << 20, ENDPOINT)):
+        ma, agent, fake, log = lazy_source(tmp_path / str(resident), resident)
+
+        async def script():
+            await ma.handle(step(msgs.Arm, destination="n2"))
+            return await ma.handle(step(msgs.Freeze, endpoint=endpoint))
+
+        frozen = asyncio.run(script())
+        assert frozen.timing_ms["memory"] == "copy"
+        assert "dump_to" in [e[0] for e in log] and "dump_lazy_to" not in [e[0] for e in log]
+
+
+def test_a_rollback_after_a_lazy_dump_ends_the_page_server_before_the_thaw(tmp_path):
+    ma, agent, fake, log = lazy_source(tmp_path)
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        await ma.handle(step(msgs.Freeze, endpoint=LAZY_ENDPOINT))
+        log.clear()
+        await ma.handle(step(msgs.Rollback))
+        await settle()
+
+    asyncio.run(script())
+    names = [e[0] for e in log]
+    assert names.index("pages.end") < names.index("thaw") and "kill" not in names

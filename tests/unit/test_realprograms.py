@@ -94,13 +94,20 @@ def test_process_rows_count_client_and_report_losses_and_render():
     bad = _process_row("redis", 10, [{"report": {"outcome": "committed", "lost": 0, "duplicated": 0},
                                       "client": {"bad": 0, "failed": 1, "keys_missing": 2}}])
     assert bad["data_mb"] == 10 and bad["lost"] == 3
-    assert [p for p, _ in PROCESS_ROWS] == ["nginx", "nginx", "redis", "redis"]
+    assert [p for p, _ in PROCESS_ROWS] == ["nginx", "nginx", "redis", "redis", "redis"]
+    assert row["memory"] == [] and row["pages_after_freeze_ms"] is None  # an older report: not said
+    lazy = _process_row("redis", 1024, [{"report": {"outcome": "committed", "memory": "lazy", "lost": 0,
+                                                    "pages_after_freeze_ms": 5000.0}, "client": {}}])
+    assert lazy["memory"] == ["lazy"] and lazy["pages_after_freeze_ms"] == 5000.0
     base = {"baseline": {"pps": 1.0, "tcp_mbps": 1.0}, "machine": {"cores": 2, "kernel": "k", "cpu_model": "c"},
             "modes": {}, "migrations": [], "rss_mb": {}, "elapsed_s": 1.0}
     text = render_bench({**base, "process_migrations": {"skipped": "no criu", "rows": []}})
     assert "skipped: no criu" in text
     text = render_bench({**base, "process_migrations": {"skipped": None, "rows": [row, bad]}})
     assert "nginx 100 conns" in text and "redis 10 MB" in text
+    text = render_bench({**base, "process_migrations": {"skipped": None, "rows": [lazy]},
+                         "process_migrations_copy": {"skipped": None, "rows": [bad]}})
+    assert "redis 1024 MB lazy" in text and "process (copy)" in text and "5000" in text
     assert "process" not in render_bench(base)  # an older result renders as before
 
 
