@@ -202,7 +202,15 @@ def closed_now(s):
         return True
     finally:
         s.setblocking(True)
-out["silent_closed_at_once"] = sum(closed_now(s) for s in silent)
+# the gateway closes what exceeds its 16 logins in progress as it accepts them: on a busy
+# machine that takes a moment, so look for up to 3 s (its login timeout is 5 s), then once more
+closed, deadline = set(), time.time() + 3.0
+while time.time() < deadline and len(closed) < 20 - 16:
+    closed |= {i for i, s in enumerate(silent) if i not in closed and closed_now(s)}
+    time.sleep(0.05)
+time.sleep(0.3)
+closed |= {i for i, s in enumerate(silent) if i not in closed and closed_now(s)}
+out["silent_closed_at_once"] = len(closed)
 out["silent_closed_later"] = sum(drain(s, 8.0)[1] == "closed" for s in silent)
 s = tls("n4")
 s.sendall(b"x" * (70 * 1024))
