@@ -22,6 +22,9 @@ import time
 from nodeshim.limits import raise_nofile
 
 
+ECHO_WAIT_S = 30.0  # after the stop, how long a connection waits for its last echoes
+
+
 def retrans_segs() -> int:
     with open("/proc/net/snmp") as f:
         lines = [l.split() for l in f if l.startswith("Tcp:")]
@@ -46,6 +49,7 @@ class Stats:
     def __init__(self):
         self.tcp_sent = self.tcp_ok = self.tcp_bad = self.resets = self.tcp_errors = 0
         self.connected = 0
+        self.tcp_late_conns = 0  # connections whose last echoes took more than 5 s after the stop
         self.conn_worst: list[float] = []
         self.churn_ok = self.churn_bad = 0
         self.udp_sent = 0
@@ -100,10 +104,15 @@ async def tcp_conn(host, port, idx, rate, stop, st: Stats):
             st.tcp_sent += 1
             await writer.drain()
             await asyncio.sleep(interval)
-        # wait for the echoes of everything we sent
-        deadline = time.monotonic() + 5.0
-        while expected < seq and time.monotonic() < deadline and not rt.done():
+        # wait for the echoes of everything we sent: TCP delivers a late segment once its
+        # sender's backed-off retransmission timer fires (seconds after a long freeze), so
+        # what has not come after ECHO_WAIT_S is missing; what came after the first
+        # 5 s is counted as late (delayed, not lost)
+        started = time.monotonic()
+        while expected < seq and time.monotonic() < started + ECHO_WAIT_S and not rt.done():
             await asyncio.sleep(0.02)
+        if time.monotonic() > started + 5.0 and expected > 0:
+            st.tcp_late_conns += 1
     except ConnectionResetError:
         st.resets += 1
     except OSError as e:
@@ -263,6 +272,7 @@ async def main(a):
     print(json.dumps({
         "tcp_conns": a.conns, "tcp_connected": st.connected, "tcp_sent": st.tcp_sent, "tcp_ok": st.tcp_ok, "tcp_bad": st.tcp_bad,
         "tcp_missing": st.tcp_sent - st.tcp_ok - st.tcp_bad, "resets": st.resets, "tcp_errors": st.tcp_errors,
+        "tcp_late_conns": st.tcp_late_conns,
         "udp_sent": n, "udp_answered_once": once,
         "udp_duplicated": sum(1 for v in st.udp_answers.values() if v > 1),
         "udp_missing": sum(1 for i in range(n) if i not in st.udp_answers),
