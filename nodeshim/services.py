@@ -351,8 +351,7 @@ def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: s
     argv = argv_for(service.exec_spec)
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(log_dir, f"{service.name}.log")
-    # copies at fd >= 100 (close-on-exec), so dup2 onto 3.. never lands on itself
-    high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for _, s in sockets]
+    sources = [s.fileno() for _, s in sockets]
     names = ":".join(name for name, _ in sockets)
     env = dict(os.environ)
     env.update({"LISTEN_FDS": str(len(sockets)), "LISTEN_FDNAMES": names,
@@ -365,16 +364,54 @@ def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: s
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     actions = [(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, logfd, 1),
                (os.POSIX_SPAWN_DUP2, logfd, 2)]
-    actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(high)]
+    moves, scratch = fd_moves(sources, 3)
+    actions += [(os.POSIX_SPAWN_DUP2, src, dst) for src, dst in moves]
+    if scratch is not None:
+        actions.append((os.POSIX_SPAWN_CLOSE, scratch))
     try:
         pid = os.posix_spawn("/bin/sh", wrapper, env, file_actions=actions, setsid=True)
     except OSError as e:
         raise LocalControlError(f"cannot start '{service.exec_spec}': {e}") from None
     finally:
-        for fd in (*high, logfd, devnull):
+        for fd in (logfd, devnull):
             os.close(fd)
     log.info("started %s (pid %d): %s with fds %s", service.name, pid, " ".join(argv), _short(names))
     return RunningService(service, sockets, Process(pid), log_path)
+
+
+def fd_moves(sources: list[int], first: int) -> tuple[list[tuple[int, int]], int | None]:
+    """The dup2 steps (source, target) that put fd `sources[i]` at `first + i` in a child
+    whose table is a copy of ours, and the scratch fd they use (to be closed after), if any.
+
+    In place, as a parallel move: a source already inside the target range is moved out
+    of the way only when its slot is needed and it has not been read yet, through one
+    scratch fd just past the range. Copying every source out of the range first (as
+    before) needed 2N + 3 fd numbers, over RLIMIT_NOFILE (20,000 here) at 10,000
+    connections: the destination's StartHandedOver failed with EMFILE. Sources must be
+    distinct; dup2(fd, fd) (a source already in place) clears its close-on-exec flag."""
+    pending = {first + i: src for i, src in enumerate(sources)}  # target -> source
+    moves: list[tuple[int, int]] = []
+    scratch = None
+    readers: dict[int, int] = {src: dst for dst, src in pending.items()}  # source -> its target
+    while pending:
+        free = [dst for dst in pending if dst not in readers or readers[dst] == dst]
+        if free:
+            for dst in free:
+                src = pending.pop(dst)
+                moves.append((src, dst))
+                readers.pop(src, None)
+            continue
+        # only cycles left: park one target's current fd in the scratch slot
+        if scratch is None:
+            scratch = first + len(sources)
+            while scratch in readers:
+                scratch += 1
+        dst = next(iter(pending))
+        moves.append((dst, scratch))
+        reader = readers.pop(dst)
+        pending[reader] = scratch
+        readers[scratch] = reader
+    return moves, scratch
 
 
 def _short(names: str, at: int = 200) -> str:
