@@ -67,7 +67,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from .cutover import CommitPlan, Flow, Handle, ReleasePlan, check_consumed
+from .cutover import CommitPlan, Flow, Handle, ReleasePlan, check_consumed, spend_skip
 from .errors import LocalControlError
 from .ownership import MigrationRole, Verdict
 from .packet import Packet
@@ -347,12 +347,7 @@ class BatchDest(MigrationRole):
         if phase is not BatchPhase.MOVED:
             self._held.append(_Held(flow, handle, True, now))
             return Verdict.HOLD
-        budget = self._skip.get(flow, 0)
-        if budget:
-            if budget == 1:
-                del self._skip[flow]
-            else:
-                self._skip[flow] = budget - 1
+        if spend_skip(self._skip, flow):
             self.suppressed += 1
             return Verdict.DROP  # the source consumed this one before we had seen it
         return Verdict.ACCEPT

@@ -61,19 +61,12 @@ from .batchmigration_messages import (  # noqa: F401  (re-exported: the machine'
 )
 from .cutover import Flow
 from .errors import LocalControlError
+from .migration import FailureLog, _Ignore, _Unexpected
 from .migration_messages import (
     ArmTimer, Cancel, Command, Committed, CountingReady, EpochFlipped, Event, FlipEpoch,
     HoldReady, MessageLost, NodeLost, OwnerSwitched, Report, RolledBack, SendToNode,
     SetDelivery, SetOwner, Start, StepFailed, StepTimedOut,
 )
-
-
-class _Ignore(Exception):
-    """Not about this migration, or a late reply: state unchanged."""
-
-
-class _Unexpected(Exception):
-    """Breaks the protocol: treated as a pair missing from the table."""
 
 
 def _spread(values: list[float]) -> dict:
@@ -83,7 +76,7 @@ def _spread(values: list[float]) -> dict:
             "max": round(max(values), 3), "n": len(values)}
 
 
-class BatchMigration:
+class BatchMigration(FailureLog):
     """One batched handoff of `service` from `source` to `dest`, tagged `epoch`."""
 
     def __init__(self, *, service: str, source: str, dest: str, epoch: str,
@@ -210,12 +203,6 @@ class BatchMigration:
             raise _Unexpected(f"{type(event).__name__} from '{event.node}', expected '{node}'")
         if batch is not None and event.batch != batch:
             raise _Unexpected(f"{type(event).__name__} for batch {event.batch}, expected {batch}")
-
-    def _problem(self, reason: str) -> None:
-        if not self._reason:
-            self._reason, self._failed_step = reason, self._state.value
-        elif reason not in self._reason:
-            self._reason += f"; then {reason}"
 
     def _describe(self, event: Event) -> str:
         node = getattr(event, "node", None)

@@ -67,6 +67,19 @@ Flow = tuple[int, str, int, str, int]
 Handle = Any
 
 
+def spend_skip(skip: dict[Flow, int], flow: Flow) -> bool:
+    """Is this packet of `flow` one the source consumed (a duplicate to drop)? Spends one
+    of the flow's budget in `skip` (flow -> packets left to drop) if so."""
+    budget = skip.get(flow, 0)
+    if not budget:
+        return False
+    if budget == 1:
+        del skip[flow]
+    else:
+        skip[flow] = budget - 1
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class ReleasePlan:
     """What the destination does with its hold: drop the duplicates, accept the rest."""
@@ -271,12 +284,7 @@ class DestCutover(MigrationRole):
         if self._phase is _Phase.COUNTING:
             self._held.append(_Held(flow, handle, True, now))
             return Verdict.HOLD
-        budget = self._skip.get(flow, 0)
-        if budget:
-            if budget == 1:
-                del self._skip[flow]
-            else:
-                self._skip[flow] = budget - 1
+        if spend_skip(self._skip, flow):
             self._suppressed += 1
             return Verdict.DROP  # the source consumed this one before we had seen it
         return Verdict.ACCEPT

@@ -142,7 +142,19 @@ class _Unexpected(Exception):
 Handler = Callable[["Migration", Event, float], list[Command]]
 
 
-class Migration:
+class FailureLog:
+    """A migration machine's record of what went wrong (`_reason`, `_failed_step`, its
+    `_state`): shared by Migration and clustercore.batchmigration.BatchMigration."""
+
+    def _problem(self, reason: str) -> None:
+        """Record a failure; the first one is the migration's reason and step."""
+        if not self._reason:
+            self._reason, self._failed_step = reason, self._state.value
+        elif reason not in self._reason:
+            self._reason += f"; then {reason}"
+
+
+class Migration(FailureLog):
     """One migration of `service` from `source` to `dest`, tagged `epoch` at the gateway."""
 
     def __init__(self, *, service: str, source: str, dest: str, epoch: str,
@@ -249,13 +261,6 @@ class Migration:
     def _expect(self, event: Event, node: str) -> None:
         if event.node != node:
             raise _Unexpected(f"{type(event).__name__} from '{event.node}', expected '{node}'")
-
-    def _problem(self, reason: str) -> None:
-        """Record a failure; the first one is the migration's reason and step."""
-        if not self._reason:
-            self._reason, self._failed_step = reason, self._state.value
-        elif reason not in self._reason:
-            self._reason += f"; then {reason}"
 
     def _describe(self, event: Event) -> str:
         """A failure event as a reason, or _Ignore if it is about someone else."""

@@ -127,6 +127,29 @@ def queue_of_fdname(name: str) -> int | None:
     return n if 0 <= n <= 0xFFFF else None
 
 
+HELD = object()  # _decide's answer for a packet a migration keeps
+
+
+def _decide(queue, pkt, payload: bytes, hw) -> object:
+    """One packet's verdict from `queue.decide`, given to `pkt` (accept or drop), or HELD;
+    a decision that raises drops the packet and counts an error. The same for a queue
+    bound by netfilterqueue and for one a restarted agent took over (AdoptedQueue)."""
+    try:
+        verdict = queue.decide(payload, mac_of(hw), pkt, time.monotonic())
+    except Exception:
+        queue.errors += 1
+        log.exception("decision failed; dropping the packet")
+        pkt.drop()
+        return Verdict.DROP
+    if verdict is Verdict.ACCEPT:
+        pkt.accept()
+    elif verdict is Verdict.DROP:
+        pkt.drop()
+    else:
+        return HELD
+    return verdict
+
+
 class PacketQueue:
     def __init__(self, queue_num: int, max_len: int,
                  decide: Callable[[bytes, str | None, object, float], Verdict]) -> None:
@@ -161,18 +184,7 @@ class PacketQueue:
             log.exception("verdict loop error")
 
     def _on_packet(self, pkt) -> None:
-        try:
-            verdict = self.decide(pkt.get_payload(), mac_of(pkt.get_hw()), pkt, time.monotonic())
-        except Exception:
-            self.errors += 1
-            log.exception("decision failed; dropping the packet")
-            pkt.drop()
-            return
-        if verdict is Verdict.ACCEPT:
-            pkt.accept()
-        elif verdict is Verdict.DROP:
-            pkt.drop()
-        else:
+        if _decide(self, pkt, pkt.get_payload(), pkt.get_hw()) is HELD:
             pkt.retain()  # held: keep it until a migration decides
 
     def flush(self) -> None:
@@ -332,18 +344,7 @@ class AdoptedQueue:
                 log.debug("queue %d: kernel refused a verdict: %s", self.queue_num, os.strerror(m.errno))
 
     def _on_packet(self, m: nfqraw.PacketMessage) -> None:
-        pkt = RawPacket(self, m.packet_id, m.payload, m.hw)
-        try:
-            verdict = self.decide(m.payload, mac_of(m.hw), pkt, time.monotonic())
-        except Exception:
-            self.errors += 1
-            log.exception("decision failed; dropping the packet")
-            pkt.drop()
-            return
-        if verdict is Verdict.ACCEPT:
-            pkt.accept()
-        elif verdict is Verdict.DROP:
-            pkt.drop()
+        _decide(self, RawPacket(self, m.packet_id, m.payload, m.hw), m.payload, m.hw)
 
     def flush(self) -> None:
         self._drain()
