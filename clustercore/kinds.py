@@ -58,6 +58,9 @@ class MigrateStrategy(enum.StrEnum):
     AUTO = "auto"  # the kind's preferred strategy (MIGRATION_RULES)
     PROCESS = "process"  # the whole process, checkpointed and restored
     HANDOFF = "handoff"  # sockets and state handed over through the systemd fd store, rebuilt
+    # the handoff with the connections moved in batches, each frozen only while it moves
+    # (docs/handoff.md, "Batched cutover"); only asked for explicitly, never chosen by `auto`
+    BATCHED = "batched"
 
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -131,10 +134,10 @@ class MigrationRule:
 
 
 MIGRATION_RULES: Mapping[ServiceKind, MigrationRule] = MappingProxyType({
-    ServiceKind.BUILTIN: MigrationRule((MigrateStrategy.HANDOFF,)),
+    ServiceKind.BUILTIN: MigrationRule((MigrateStrategy.HANDOFF, MigrateStrategy.BATCHED)),
     # `auto` takes the handoff for a program that announced it speaks the fd store
     # (FDSTORE=1 without descriptors; see `migration_strategy`), the process otherwise
-    ServiceKind.COMMAND: MigrationRule((MigrateStrategy.PROCESS, MigrateStrategy.HANDOFF)),
+    ServiceKind.COMMAND: MigrationRule((MigrateStrategy.PROCESS, MigrateStrategy.HANDOFF, MigrateStrategy.BATCHED)),
     ServiceKind.ADOPTED: MigrationRule((MigrateStrategy.PROCESS,)),
     ServiceKind.EXTERNAL: MigrationRule((), "external services cannot be migrated "
                                             "(their processes are not ours)"),

@@ -18,7 +18,7 @@ def test_members_are_todays_strings():
     assert [d.value for d in Delivery] == ["broadcast", "selective"]
     assert [d.value for d in Datapath] == ["fast", "queue"]
     assert [k.value for k in ServiceKind] == ["builtin", "command", "external", "adopted"]
-    assert [s.value for s in MigrateStrategy] == ["auto", "process", "handoff"]
+    assert [s.value for s in MigrateStrategy] == ["auto", "process", "handoff", "batched"]
 
 
 @pytest.mark.parametrize("kind", ENUMS, ids=lambda e: e.__name__)
@@ -81,10 +81,14 @@ def test_which_kinds_migrate_and_how():
     assert migration_strategy(ServiceKind.COMMAND, "process", speaks_fdstore=True) is MigrateStrategy.PROCESS
     assert migration_strategy("command", "handoff") is MigrateStrategy.HANDOFF
     assert migration_strategy(ServiceKind.ADOPTED, "auto", speaks_fdstore=True) is MigrateStrategy.PROCESS
+    # the batched handoff is asked for by name, never picked by auto
+    assert migration_strategy("builtin", "batched") is MigrateStrategy.BATCHED
+    assert migration_strategy(ServiceKind.COMMAND, "auto", speaks_fdstore=True) is not MigrateStrategy.BATCHED
 
 
 @pytest.mark.parametrize("kind, requested, needle", [
     (ServiceKind.ADOPTED, MigrateStrategy.HANDOFF, "adopted services cannot be migrated with strategy handoff"),
+    (ServiceKind.ADOPTED, MigrateStrategy.BATCHED, "adopted services cannot be migrated with strategy batched"),
     (ServiceKind.EXTERNAL, MigrateStrategy.AUTO, "external services cannot be migrated"),
     (ServiceKind.EXTERNAL, MigrateStrategy.HANDOFF, "external services cannot be migrated"),
     (ServiceKind.BUILTIN, MigrateStrategy.PROCESS, "builtin services cannot be migrated with strategy process"),
