@@ -4,8 +4,8 @@ The gateway sends them to the two nodes; the replies come back typed. Same codec
 clustercore.messages (frozen keyword-only dataclasses, a total decoder that blames the
 peer); flows travel as lists [proto, src, sport, dst, dport].
 
-Not answered by any agent yet: the node side of a batched handoff is not written
-(docs/handoff.md, "Batched cutover").
+The gateway's controller sends them (gateway/batched.py); the agents answer them once the
+node side is wired (docs/handoff.md, "Batched cutover").
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ from typing import Any, Mapping
 
 from .cutover import Flow
 from .errors import LocalControlError, PeerControlError
+from .kinds import MigrateStrategy
 from .messages import CONSUMED, CommitDone, Done, Reply, Step, _Codec, message, reply_type, wire
 
-STRATEGY = "handoff-batched"  # named in Prepare and Arm: both nodes run the batched playbook
+# named in Prepare and Arm: both nodes run the batched playbook (the strategy's own name,
+# kinds.MigrateStrategy.BATCHED, as the service config and vipctl say it)
+STRATEGY = MigrateStrategy.BATCHED.value
 
 
 def _flow_ok(item: Any) -> bool:

@@ -127,6 +127,14 @@ class BatchMigration(FailureLog):
         return self._deadline
 
     @property
+    def unmoved(self) -> int:
+        """Connections that are not (and will not be) on the destination if the batching
+        stopped now: the pinned ones, the queue, and the current batch unless its release
+        was asked (a restarted gateway's journal: how many the source keeps serving)."""
+        current = len(self._flows) if self._state in (BState.FREEZING, BState.RESTORING) else 0
+        return self._pinned + len(self._queue) + current
+
+    @property
     def report(self) -> BatchReport:
         total = None
         if self._started_at is not None and self._last_now is not None:

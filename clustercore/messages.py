@@ -623,6 +623,9 @@ class Migrate(Message):
     to: str
     graceful: bool = False  # no state moved: new flows to `to`, old ones finish (gateway.graceful)
     timeout_s: float | None = None  # graceful: cut what is left after this many seconds
+    # this once, the batched handoff (kinds.MigrateStrategy.BATCHED) whatever the service's
+    # `migrate` says: connections move in batches, each frozen only while it moves
+    batched: bool = False
 
 
 @message("node.drain")

@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS migrations (
     dest    TEXT NOT NULL,
     epoch   INTEGER NOT NULL,   -- the epoch the migration flips to
     state   TEXT NOT NULL,      -- clustercore.migration State value, before the step is sent
+                                -- (batched: 'batched:<state>:<batch>:<unmoved>', gateway.batched)
     release TEXT                -- the Release message (JSON wire form), from the owner switch on
+                                -- (batched: the current batch's ReleaseBatch or AbortBatch)
 );
 """
 # columns added since the first schema: a registry from before gets them with their defaults
@@ -159,7 +161,7 @@ class Registry:
         self._write(f"journal the migration of {service}", [(
             "UPDATE migrations SET state = ? WHERE service = ?", (state, service))])
 
-    def switch_owner(self, service: str, owner: str, release: msgs.Release | None) -> None:
+    def switch_owner(self, service: str, owner: str, release: msgs.Step | None) -> None:
         """The point of no return, durable in one transaction: the owner, and the release
         a restarted gateway resends."""
         wire = json.dumps(release.to_wire()) if release is not None else None
@@ -167,6 +169,12 @@ class Registry:
             ("UPDATE services SET owner = ? WHERE name = ?", (owner, service)),
             ("UPDATE migrations SET state = 'releasing', release = ? WHERE service = ?", (wire, service)),
         ])
+
+    def journal_release(self, service: str, step: msgs.Step) -> None:
+        """A batched migration past the point of no return: the current batch's step a
+        restarted gateway needs (gateway.batched), in place of the opening's release."""
+        self._write(f"journal the migration of {service}", [(
+            "UPDATE migrations SET release = ? WHERE service = ?", (json.dumps(step.to_wire()), service))])
 
     def journal_end(self, service: str) -> None:
         self._write(f"end the migration of {service}", [("DELETE FROM migrations WHERE service = ?", (service,))])
