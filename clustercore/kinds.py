@@ -188,8 +188,8 @@ def check_service_options(exec_spec: str, migrate: object = MigrateStrategy.AUTO
         raise LocalControlError(f"unknown --sockets {sockets!r} (have: {', '.join(Sockets)})")
     if wanted is not MigrateStrategy.AUTO:
         migration_strategy(kind, wanted)  # refuses what the kind cannot use
-    if how is Sockets.SELF and wanted is MigrateStrategy.HANDOFF:
-        raise LocalControlError("the handoff strategy passes the sockets to the program (--sockets activation)")
+    if how is Sockets.SELF and wanted in (MigrateStrategy.HANDOFF, MigrateStrategy.BATCHED):
+        raise LocalControlError(f"the {wanted} strategy passes the sockets to the program (--sockets activation)")
     if how is Sockets.SELF and kind is ServiceKind.BUILTIN:
         raise LocalControlError("builtin services take their sockets from the agent (--sockets activation)")
     if how is Sockets.ACTIVATION and kind is ServiceKind.ADOPTED:
