@@ -231,6 +231,8 @@ def render_bench(result: dict) -> str:
                      f"{_cell(x['total_ms'], 9, 2)} "
                      f"{count(x['lost']):>5} {count(x['duplicated']):>4} {x['client_retransmissions']:>7} "
                      f"{pcs:>32}  {steps}")
+    from .benchbatch import render_lines as batched_lines
+    lines.extend(batched_lines(result))
     for key in ("process_migrations", "process_migrations_copy"):
         lines.extend(_process_lines(result.get(key), key.endswith("_copy")))
     hold = result.get("big_hold")
