@@ -127,6 +127,11 @@ class BatchMigration(FailureLog):
         return self._deadline
 
     @property
+    def kept_count(self) -> int:
+        """The connections the source kept at the opening: what the batches move."""
+        return len(self._kept)
+
+    @property
     def unmoved(self) -> int:
         """Connections that are not (and will not be) on the destination if the batching
         stopped now: the pinned ones, the queue, and the current batch unless its release

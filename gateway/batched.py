@@ -115,6 +115,26 @@ def journal_step(run, message: msgs.Step) -> None:
         log.warning("migration of %s: batch %d not journaled: %s (going on)", run.name, message.batch, e)
 
 
+# ---------------------------------------------------------------- progress
+
+PER_BATCH = frozenset({bmig.BState.FREEZING, bmig.BState.RESTORING, bmig.BState.RELEASING,
+                       bmig.BState.COMMITTING, bmig.BState.UNDOING})
+
+
+def progress_line(run, previous: bmig.BState, state: bmig.BState) -> tuple[str, str] | None:
+    """What vipctl (and the log) hears of a transition: every step up to the opening's
+    commit and from the finish on, and one `transfer` line per batch (K/N connections,
+    vipctl's progress bar), not four step lines per batch."""
+    if state not in PER_BATCH:
+        return state.value, f"{previous.value} -> {state.value}"
+    if state is not bmig.BState.FREEZING:
+        return None
+    m = run.machine
+    r = m.report
+    return "transfer", (f"{r.connections_moved + r.connections_pinned}/{m.kept_count} connections moved "
+                        f"to {run.dest} ({r.connections_pinned} pinned), batch {m.batch} next")
+
+
 # ---------------------------------------------------------------- the report
 
 

@@ -142,7 +142,10 @@ class _Run:
             self.steps_ms[step] = round(self.steps_ms.get(step, 0.0) + (now - since) * 1000, 2)
         self.entered = (state.value, now)
         self.journal(state)
-        self.report(state.value, f"{previous.value} -> {state.value}")
+        line = (batched.progress_line(self, previous, state) if self.batched
+                else (state.value, f"{previous.value} -> {state.value}"))
+        if line is not None:
+            self.report(*line)
 
     def report(self, step: str, detail: str) -> None:
         event(log, "migration.step", service=self.name, step=step, detail=detail)

@@ -233,6 +233,7 @@ class Cluster:
         self.gw.agents = dict(self.agents)
         self.finished_pinned: int | None = None
         self.frozen: list[tuple] = []  # each FreezeBatch's flows, in order
+        self.progress: list[tuple[str, str]] = []  # what vipctl was told
 
     def migrate(self, batched=True, first=4):
         async def main():
@@ -240,7 +241,7 @@ class Cluster:
             self.gw.config.batch_sizer = BatchSizer(first=first, smallest=first, largest=first)
             c = ctl.Controller(self.gw)
             msg = msgs.Migrate(name=SERVICE, to="n2", batched=batched)
-            ctx = types.SimpleNamespace(progress=lambda step, detail: None)
+            ctx = types.SimpleNamespace(progress=lambda step, detail: self.progress.append((step, detail)))
             return await c.op_migrate(wire(msg), ctx)
         return asyncio.run(main())
 
@@ -280,6 +281,11 @@ def test_a_batched_migration_moves_every_connection_in_batches_exactly_once(tmp_
     assert c.gw.delivery_override == {}  # narrowed to the destination
     assert c.drain_traffic() == []
     assert c.gw.reports and c.gw.reports[-1]["strategy"] == "batched"
+    # vipctl hears the steps to the opening, then one transfer line per batch (its bar)
+    transfers = [d for step, d in c.progress if step == "transfer"]
+    assert transfers[0].startswith("0/20 connections moved to n2") and transfers[-1].startswith("16/20")
+    assert not any(step in ("freezing", "restoring", "releasing", "committing") for step, _ in c.progress)
+    assert [s for s, _ in c.progress][-2:] == ["committed", "done"]
 
 
 def test_the_oracle_of_this_test_catches_a_node_that_accepts_twice(tmp_path):
