@@ -127,6 +127,12 @@ class BatchMigration(FailureLog):
         return self._deadline
 
     @property
+    def queued(self) -> tuple[Flow, ...]:
+        """The kept connections still to move, in the order they will (idle first): the
+        batches take it from the front, so what is left is always a suffix of it."""
+        return tuple(self._queue)
+
+    @property
     def kept_count(self) -> int:
         """The connections the source kept at the opening: what the batches move."""
         return len(self._kept)

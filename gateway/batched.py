@@ -29,7 +29,9 @@ import logging
 from clustercore import batch_messages as bm
 from clustercore import batchmigration as bmig
 from clustercore import messages as msgs
+from clustercore.batchcutover import OPENING
 from clustercore.errors import LocalControlError, VipError
+from clustercore.migration_messages import StepFailed
 from clustercore.kinds import MigrateStrategy, ServiceKind, migration_strategy, service_kind
 from clustercore.stopwindow import stop_window_ms
 
@@ -81,18 +83,19 @@ def machine(name: str, source: str, dest: str, epoch: str, config=None) -> bmig.
 
 
 def journal_text(m: bmig.BatchMigration, state: bmig.BState) -> str:
-    return f"{PREFIX}{state.value}:{m.batch}:{m.unmoved}"
+    return f"{PREFIX}{state.value}:{m.batch}:{m.unmoved}:{len(m.queued)}"
 
 
-def parse_state(text: str) -> tuple[str, int, int | None] | None:
-    """(state, batch, unmoved) of a batched journal state; None for any other text."""
+def parse_state(text: str) -> tuple[str, int, int | None, int | None] | None:
+    """(state, batch, unmoved, queued) of a batched journal state; None for any other
+    text; the numbers None when unreadable."""
     if not text.startswith(PREFIX):
         return None
     parts = text[len(PREFIX):].split(":")
     try:
-        return parts[0], int(parts[1]), int(parts[2])
+        return parts[0], int(parts[1]), int(parts[2]), int(parts[3])
     except (IndexError, ValueError):
-        return parts[0], 0, None
+        return parts[0], 0, None, None
 
 
 def is_batched(j: JournaledMigration) -> bool:
@@ -101,7 +104,15 @@ def is_batched(j: JournaledMigration) -> bool:
 
 def journal_step(run, message: msgs.Step) -> None:
     """Before a batch's step goes out, what a restarted gateway needs for that batch (the
-    opening's release is journaled with the owner switch)."""
+    opening's release is journaled with the owner switch); with the opening's restore, the
+    order the batches will take the kept connections in (before the point of no return: a
+    failed write rolls the migration back)."""
+    if isinstance(message, bm.RestoreBatch) and message.batch == OPENING:
+        try:
+            run.gw.registry.journal_order(run.name, run.machine.queued)
+        except RegistryError as e:
+            run.events.put_nowait(StepFailed(reason=f"journal not written: {e}"))
+        return
     if isinstance(message, bm.FreezeBatch):
         keep: msgs.Step = bm.AbortBatch(service=message.service, epoch=message.epoch,
                                         batch=message.batch, flows=message.flows)
@@ -172,8 +183,8 @@ async def recover(ctl, j: JournaledMigration, ask) -> tuple[dict, bool]:
     forward = service is not None and service.owner == j.dest
     epoch = nft.epoch_mac(j.epoch)
     problems: list[str] = []
-    parsed = parse_state(j.state) or (j.state, getattr(j.release, "batch", 0), None)
-    state, _, unmoved = parsed
+    parsed = parse_state(j.state) or (j.state, getattr(j.release, "batch", 0), None, None)
+    state, current, unmoved, queued = parsed
     if not forward:
         await ask(j.dest, msgs.Abort(service=j.service, epoch=epoch), problems)
         await ask(j.source, msgs.Rollback(service=j.service, epoch=epoch), problems)
@@ -192,6 +203,14 @@ async def recover(ctl, j: JournaledMigration, ask) -> tuple[dict, bool]:
     elif state in NOT_RELEASED and isinstance(step, bm.AbortBatch):
         await ask(j.source, bm.RollbackBatch(service=j.service, epoch=epoch, batch=batch), problems)
         await ask(j.dest, step, problems)
+    if queued and j.order and queued <= len(j.order):
+        # the connections no batch took yet (a suffix of the journaled order) stay on the
+        # source: the destination drops them from now on, as for an undone batch
+        await ask(j.dest, bm.AbortBatch(service=j.service, epoch=epoch, batch=max(batch, current) + 1,
+                                        flows=tuple(j.order[-queued:])), problems)
+    elif queued:
+        problems.append(f"the order of the {queued} connections not moved was not journaled: the "
+                        f"destination was not told to drop them")
     if unmoved is None:  # not known (died between the owner switch and its journal line)
         problems.append("how many connections were left on the source is not known: the old "
                         "instance keeps serving whatever it has")

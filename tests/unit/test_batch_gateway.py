@@ -13,6 +13,7 @@ restarted gateway does with a batched migration it finds open."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import types
@@ -399,8 +400,8 @@ def _recover(gw):
 
 
 class Recorder:
-    def __init__(self, seen, name):
-        self.seen, self.name = seen, name
+    def __init__(self, seen, name, aborted):
+        self.seen, self.name, self.aborted = seen, name, aborted
 
     @property
     def rpc(self):
@@ -408,10 +409,12 @@ class Recorder:
 
     async def request(self, message, timeout=None):
         self.seen.append((self.name, message.OP, getattr(message, "batch", None), getattr(message, "pinned", None)))
+        if isinstance(message, bm.AbortBatch):
+            self.aborted.append(wire(message).flows)
         return wire_reply(message, (message.REPLY or msgs.Done)())
 
 
-def _journaled(tmp_path, state, step=None, switched=True):
+def _journaled(tmp_path, state, step=None, switched=True, order=None):
     gw = Gateway(tmp_path)
     gw.registry.journal_begin(SERVICE, "n1", "n2", 2)
     epoch = nft.epoch_mac(2)
@@ -421,9 +424,12 @@ def _journaled(tmp_path, state, step=None, switched=True):
     gw.registry.journal_state(SERVICE, state)
     if step is not None:
         gw.registry.journal_release(SERVICE, step)
+    if order is not None:
+        gw.registry.journal_order(SERVICE, order)
     gw.table, gw.epochs = gw.registry.load()
     gw.seen = []
-    gw.agents = {n: Recorder(gw.seen, n) for n in ("n1", "n2")}
+    gw.aborted = []
+    gw.agents = {n: Recorder(gw.seen, n, gw.aborted) for n in ("n1", "n2")}
     return gw
 
 
@@ -437,21 +443,23 @@ def test_a_restarted_gateway_rolls_a_batched_migration_back_before_the_owner_swi
 
 def test_a_restarted_gateway_undoes_a_freezing_batch_and_pins_the_rest(tmp_path):
     epoch = nft.epoch_mac(2)
-    abort = bm.AbortBatch(service=SERVICE, epoch=epoch, batch=3, flows=(tcp(50001).flow,))
-    gw = _journaled(tmp_path, "batched:restoring:3:40", abort)
+    order = tuple(tcp(50000 + i).flow for i in range(44))
+    abort = bm.AbortBatch(service=SERVICE, epoch=epoch, batch=3, flows=order[4:8])
+    gw = _journaled(tmp_path, "batched:restoring:3:40:36", abort, order=order)
     gw.config.delivery = Delivery.SELECTIVE
     report = _recover(gw)
     assert report["outcome"] == "committed" and report["split"] is True
     assert report["connections_pinned"] == 40 and "batching stopped" in report["reason"]
     assert gw.seen == [("n1", "migrate.batch.rollback", 3, None), ("n2", "migrate.batch.abort", 3, None),
-                       ("n1", "migrate.batch.finish", None, 40)]
+                       ("n2", "migrate.batch.abort", 4, None), ("n1", "migrate.batch.finish", None, 40)]
+    assert gw.aborted[-1] == order[8:]  # the destination drops the ones no batch took
     assert gw.registry.open_migrations() == []
 
 
 def test_a_restarted_gateway_finishes_a_batch_whose_release_was_asked(tmp_path):
     epoch = nft.epoch_mac(2)
     release = bm.ReleaseBatch(service=SERVICE, epoch=epoch, batch=5, flows=(tcp(50002).flow,))
-    gw = _journaled(tmp_path, "batched:releasing:5:0", release)
+    gw = _journaled(tmp_path, "batched:releasing:5:0:0", release)
     report = _recover(gw)
     assert report["outcome"] == "committed" and report["split"] is False
     assert gw.seen == [("n2", "migrate.batch.release", 5, None), ("n1", "migrate.batch.commit", 5, None),
@@ -466,3 +474,46 @@ def test_a_restarted_gateway_that_does_not_know_what_is_left_keeps_the_old_insta
     assert [x[:2] for x in gw.seen] == [("n2", "migrate.batch.release"), ("n1", "migrate.batch.commit"),
                                         ("n1", "migrate.batch.finish")]
     assert gw.seen[-1][3] == 1
+
+
+def test_a_gateway_dying_mid_batch_leaves_a_journal_its_successor_finishes_exactly_once(tmp_path):
+    """The live path's own journal, not a written one: the gateway stops dead while batch 2
+    restores (nothing more is sent), a new controller reads the journal and finishes it;
+    the agents' roles and the packets' oracle say nothing was lost or accepted twice."""
+    c = Cluster(tmp_path, n_conns=12)
+    stuck = asyncio.Event()
+    orig = c.agents["n2"].request
+
+    async def request(message, timeout=None):
+        if isinstance(message, bm.RestoreBatch) and message.batch == 2:
+            c.seen.append(("n2", message.OP, 2))
+            stuck.set()
+            await asyncio.Event().wait()  # the gateway dies before the reply comes
+        return await orig(message, timeout)
+    c.agents["n2"].request = request
+
+    async def main():
+        from clustercore.batchmigration_messages import BatchSizer
+        c.gw.config.batch_sizer = BatchSizer(first=4, smallest=4, largest=4)
+        run = asyncio.ensure_future(ctl.Controller(c.gw).migrate(SERVICE, "n2", batched_asked=True))
+        await stuck.wait()
+        run.cancel()  # dead: no more steps from this gateway
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        c.agents["n2"].request = orig
+        [j] = c.gw.registry.open_migrations()
+        assert j.state.startswith("batched:restoring:2:") and isinstance(j.release, bm.AbortBatch)
+        assert len(j.order) == 12
+        successor = ctl.Controller(c.gw)
+        ctl.RECONCILE_SETTLE_S = 0
+        successor.book.adopt(service=j.service, owner=j.source, dest=j.dest)
+        return await successor._recover(j)
+    report = asyncio.run(main())
+    assert report["outcome"] == "committed" and report["split"] is True
+    assert report["connections_pinned"] == 8  # batch 2 undone and batch 3 never taken
+    tail = [(n, op, b) for n, op, b in c.seen[-4:]]
+    assert tail == [("n1", "migrate.batch.rollback", 2), ("n2", "migrate.batch.abort", 2),
+                    ("n2", "migrate.batch.abort", 3), ("n1", "migrate.batch.finish", None)]
+    assert c.finished_pinned == 8
+    assert c.gw.registry.open_migrations() == []
+    assert c.drain_traffic() == []
