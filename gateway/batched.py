@@ -31,8 +31,8 @@ from clustercore import batchmigration as bmig
 from clustercore import messages as msgs
 from clustercore.batchcutover import OPENING
 from clustercore.errors import LocalControlError, VipError
-from clustercore.migration_messages import StepFailed
 from clustercore.kinds import MigrateStrategy, ServiceKind, migration_strategy, service_kind
+from clustercore.migration_messages import StepFailed
 from clustercore.stopwindow import stop_window_ms
 
 from . import nft

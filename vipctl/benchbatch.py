@@ -138,8 +138,9 @@ def render_lines(result: dict) -> list[str]:
     rows = result.get("batched_migrations")
     if not rows:
         return []
-    lines = ["", f"{'batched: connections':>20} {'conn freeze p50/p99/max ms':>27} {'longest reply ms':>17} "
-                 f"{'retrans':>7} {'lost':>5} {'dup':>4} {'batches':>7} {'total ms':>9}  pinned"]
+    header = (f"{'batched: connections':>20} {'conn freeze p50/p99/max ms':>27} {'longest reply ms':>17} "
+              f"{'retrans':>7} {'lost':>5} {'dup':>4} {'batches':>7} {'total ms':>9}  pinned")
+    lines = ["", header]
     for x in rows:
         if x.get("skipped"):
             lines.append(f"{x['connections']:>20} skipped: {x['skipped']}")
@@ -158,10 +159,10 @@ def report_table(r: dict) -> list[str]:
     if not rows:
         return []
     whole = {x["connections"]: x for x in r.get("migrations", [])}
-    out = ["", "| connections | strategy | freeze ms (whole: first held -> last released; batched: per connection "
-               "p50 / p99 / max) | clients' longest wait for one reply ms | client retransmissions | lost | dup "
-               "| batches | total ms |",
-           "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    header = ("| connections | strategy | freeze ms (whole: first held -> last released; batched: per connection "
+              "p50 / p99 / max) | clients' longest wait for one reply ms | client retransmissions | lost | dup "
+              "| batches | total ms |")
+    out = ["", header, "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for x in rows:
         n = x["connections"]
         w = whole.get(n)
@@ -184,7 +185,7 @@ def plot_migrations(result: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: E402
+    import matplotlib.pyplot as plt
 
     procs = [x for key in ("process_migrations", "process_migrations_copy")
              for x in ((result.get(key) or {}).get("rows") or [])

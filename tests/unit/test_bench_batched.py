@@ -36,7 +36,8 @@ def test_a_row_is_the_median_of_its_runs_and_the_worst_of_what_must_be_zero():
 
 
 def _result(batched):
-    r = json.load(open(os.path.join(ROOT, "docs", "bench-latest.json")))
+    with open(os.path.join(ROOT, "docs", "bench-latest.json")) as f:
+        r = json.load(f)
     r["batched_migrations"] = batched
     return r
 
