@@ -96,6 +96,12 @@ class MigrationDriver:
         self.done: Done | None = None
 
     def feed(self, event: mig.Event, now: float) -> None:
+        if isinstance(self.machine, bmig.BatchMigration) and not isinstance(event, bmig.EVENT_TYPES):
+            # a node's agent back (NodeBack) means nothing to a batched migration: before
+            # the opening its loss rolled back, after it the batching stopped
+            self.executor.report(self.machine.state.value, f"ignored {type(event).__name__}: "
+                                                           "not an event of a batched migration")
+            return
         self._perform(self.machine.handle_event(event, now), now)
 
     def tick(self, now: float) -> None:

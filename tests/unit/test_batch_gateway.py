@@ -517,3 +517,21 @@ def test_a_gateway_dying_mid_batch_leaves_a_journal_its_successor_finishes_exact
     assert c.finished_pinned == 8
     assert c.gw.registry.open_migrations() == []
     assert c.drain_traffic() == []
+
+
+def test_an_agent_back_during_a_batched_migration_is_ignored_not_a_crash():
+    """The controller's node watcher sends NodeBack when an agent logs in again; the
+    batched machine has no such event: the driver says so and goes on."""
+    from clustercore import migration as mig
+    from clustercore.batchmigration import BatchMigration
+    from clustercore.migration_driver import MigrationDriver
+
+    said = []
+    hands = types.SimpleNamespace(send=lambda node, m: None, report=lambda step, d: said.append((step, d)),
+                                  set_delivery=lambda s, n: None, arm_timer=lambda d: None,
+                                  transition=lambda a, b: None)
+    d = MigrationDriver(BatchMigration(service=SERVICE, source="n1", dest="n2", epoch="e"), hands)
+    d.feed(mig.Start(), 0.0)
+    d.feed(mig.NodeBack(node="n2"), 0.1)
+    assert d.machine.state.value == "preparing" and said[-1] == ("preparing", "ignored NodeBack: not an event "
+                                                                              "of a batched migration")
