@@ -118,6 +118,17 @@ class Failover:
             self._spawn(self.restart(msg.service, reason))
         return None
 
+    async def start_failed(self, name: str, node: str, detail: str) -> None:
+        """A migration committed to `node` but its new instance never started there (the
+        destination said so in its release reply, on the authenticated agent link): the
+        service is unhealthy at once, as if its owner's check had failed K times, so the
+        same machinery records it and, with `failover = restart`, moves it."""
+        service = self.gw.table.get(name)
+        failures = service.health.failures if service is not None and service.health is not None else 1
+        await self.on_report(node, msgs.HealthReport(service=name, state=Health.UNHEALTHY.value,
+                                                     failures=failures,
+                                                     detail=f"did not start after a migration: {detail}"))
+
     # --- dead nodes --------------------------------------------------------------------------
     def node_lost(self, node: str, last_seen: float) -> None:
         """The agent's session ended (link closed, or heartbeats missed): the node is dead

@@ -82,6 +82,7 @@ LAZY_COMMIT_WAIT_S = 20.0  # a lazy source's commit waits this long for its last
 LAZY_PAGES_MAX_S = 3600.0  # ...and a background waiter this long, before it gives up the frozen source
 IMAGE_TIMEOUT_S = 25.0  # a process image must be dumped and moved, or restored, by then
 # (under gateway.controller.PROCESS_STEP_S, so the node's reason reaches the gateway first)
+START_POLL_S = 0.005  # how often a starting instance is looked at (READY=1 or its exit)
 FAULT_EXEC = "/nonexistent/vipcluster-fault-injected"  # `handoff.start` `exit`: what cannot be executed
 LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -188,7 +189,7 @@ class MigrationAgent:
         lease = self.agent.config.migration_lease_s
         for machine, event in self.migrations.expired(self.kernel.clock(), lease):
             log.warning("the migration of %s: %s; rolling back here", machine.service, event.why)
-            asyncio.ensure_future(self.agent.notify(f"{machine.service}: {event.why}; rolled back"))
+            asyncio.ensure_future(self.agent.notice(f"{machine.service}: {event.why}; rolled back"))
             self._feed_local(machine, event)
         if any(m.orphaned_since is not None and not m.finished for m in self.migrations.machines.values()):
             self._check_leases_later()
@@ -343,6 +344,8 @@ class MigrationAgent:
             nc.RestoreConnections: lambda c: k.tcprepair.restore_many(list(c.states), thaw=False),
             nc.Thaw: lambda c: k.tcprepair.thaw_many(c.sockets, c.states),
             nc.StartHandedOver: self._start_handed_over,
+            nc.WaitStarted: self._wait_started,
+            nc.Pause: lambda c: asyncio.sleep(c.seconds),
             nc.AdoptInstance: self._adopt_instance,
             # the process strategy
             nc.StopTree: self._stop_tree,
@@ -470,6 +473,23 @@ class MigrationAgent:
         if fault == "die":  # dead before its adoption
             self._die()
         return rs
+
+    async def _wait_started(self, cmd: nc.WaitStarted) -> nc.Started:
+        """Until the new instance says READY=1 (it has its descriptors and serves), exits
+        (the start failed), or the timeout passes (alive: counted as started)."""
+        rs, notify, k = cmd.instance, self.agent.notify, self.kernel
+        deadline = k.clock() + cmd.timeout_s
+        while True:
+            if notify is not None:
+                notify.drain()
+                if notify.store(rs.service.name).ready:
+                    return nc.Started("ready")
+            code = rs.process.poll()
+            if code is not None:
+                return nc.Started("exited", f"pid {rs.pid} exited with {code} before READY=1 (see {rs.log_path})")
+            if k.clock() > deadline:
+                return nc.Started("running", f"pid {rs.pid} alive, no READY=1 after {cmd.timeout_s:g}s")
+            await asyncio.sleep(START_POLL_S)
 
     async def _wait_handshakes(self, cmd: nc.WaitHandshakes) -> None:
         k, vip = self.kernel, self.agent.config.vips
