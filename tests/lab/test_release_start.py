@@ -28,6 +28,7 @@ import pytest
 
 from tests.lab.conftest import ROOT, LabHandle, unique_prefix
 from tests.lab.test_fdstore_handoff import EXAMPLE, PORT, assert_exact, finish_load, start_load
+from tests.lab.test_migration import wait_ready
 from tests.lab.test_rollback import fault
 from vipctl import lab as labmod
 from vipctl.lab import VIP
@@ -100,30 +101,65 @@ def test_a_new_instance_that_exits_at_once_is_started_again_with_its_connections
         "release split:", json.dumps(report["split_ms"].get("release")), "client:", json.dumps(load))
 
 
+# holds N connections to the counter (each INCR answered), says so in the ready file, and
+# when the stop file appears asks each once more: answered, closed (EOF or reset) or hung
+HOLDER = """
+import json, os, socket, sys, time
+host, port, n, ready, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+conns = []
+for i in range(n):
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(b"INCR held%d\\n" % i)
+    assert s.makefile("rb").readline().strip() == b"1"
+    conns.append(s)
+open(ready, "w").close()
+deadline = time.monotonic() + 240
+while not os.path.exists(stop) and time.monotonic() < deadline:
+    time.sleep(0.05)
+out = {"answered": 0, "closed": 0, "hung": 0}
+for i, s in enumerate(conns):
+    s.settimeout(5)
+    try:
+        s.sendall(b"INCR held%d\\n" % i)
+        line = s.makefile("rb").readline()
+        out["answered" if line.endswith(b"\\n") else "closed"] += 1
+    except socket.timeout:
+        out["hung"] += 1
+    except OSError:
+        out["closed"] += 1
+print(json.dumps(out))
+"""
+
+
 def test_a_new_instance_that_never_starts_is_reported_down_and_restarted_plainly(slab, tmp_path):
     source = owner(slab)
     dest = "n1" if source == "n2" else "n2"
     wait_ready_again(slab, source)
-    p, stop = start_load(slab, tmp_path, "never")
+    os.chmod(tmp_path, 0o777)
+    ready, stop = tmp_path / "held.ready", tmp_path / "held.stop"
+    p = slab.client_popen([sys.executable, "-c", HOLDER, VIP, str(PORT), "5", str(ready), str(stop)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
+        wait_ready(p, ready, 60)
         fault(slab, dest, "handoff.start", "exit 3")  # every start at the release fails
         r, report = migrate(slab, dest)
     finally:
         stop.touch()
-        out, _ = p.communicate(timeout=90)
-    load = json.loads(out) if out.strip() else {}
+        out, err = p.communicate(timeout=90)
+    assert p.returncode == 0, err.decode()
+    held = json.loads(out)
     # past the point of no return: committed (the owner is the destination), but not clean
     assert report["outcome"] == "committed", json.dumps(report)
     assert report.get("service_down"), json.dumps(report)
     assert report.get("start_attempts") == 3, json.dumps(report)
     assert "did not start" in report["reason"], json.dumps(report)
-    assert report.get("connections_closed", 0) >= 1, json.dumps(report)
+    assert report.get("connections_closed", 0) >= 5, json.dumps(report)
     assert r.returncode == 1, (r.returncode, r.stderr)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("vipctl: ") and "down" in lines[0], r.stderr
     assert owner(slab) == dest
-    # the clients were told at once (their connections closed), they did not hang
-    assert load.get("tcp_errors", 0) + load.get("resets", 0) >= 1, load
+    # the moved connections were closed: their clients learn it at once, none hangs
+    assert held == {"answered": 0, "closed": 5, "hung": 0}, held
     # the agent's watchdog starts the program again from scratch: no EADDRINUSE, it serves
     deadline = time.monotonic() + 20
     answer = ""
@@ -131,10 +167,10 @@ def test_a_new_instance_that_never_starts_is_reported_down_and_restarted_plainly
         answer = served(slab, "fresh")
         if not answer:
             time.sleep(0.5)
-    assert answer == "1", f"the service does not serve after the failed release: {answer!r}"
     log_path = os.path.join(slab.lab.state_dir, "logs", f"{dest}.log")
-    if os.path.exists(log_path):
-        with open(log_path, errors="replace") as f:
-            assert "Address already in use" not in f.read()
+    with open(log_path, errors="replace") as f:
+        agent_log = f.read()
+    assert answer == "1", f"the service does not serve after the failed release: {answer!r}; " + agent_log[-3000:]
+    assert "Address already in use" not in agent_log
     print("never started:", r.stderr.strip(), json.dumps({k: report.get(k) for k in (
-        "outcome", "service_down", "start_attempts", "connections_closed", "total_ms")}))
+        "outcome", "service_down", "start_attempts", "connections_closed", "total_ms")}), "held:", json.dumps(held))
