@@ -174,3 +174,41 @@ def test_a_new_instance_that_never_starts_is_reported_down_and_restarted_plainly
     assert "Address already in use" not in agent_log
     print("never started:", r.stderr.strip(), json.dumps({k: report.get(k) for k in (
         "outcome", "service_down", "start_attempts", "connections_closed", "total_ms")}), "held:", json.dumps(held))
+
+
+def test_builtins_whose_first_start_fails_keep_every_connection(tmp_path):
+    """The builtins take the other path (spawned through /bin/sh, descriptors inherited):
+    echo's first start fails before any process exists (`fail`: as posix_spawn failed with
+    EMFILE at 10,000 connections), kv's first start execs a missing program (`exit`: sh
+    exits 127). Both are started again with the same descriptors; the load generator's
+    accounting (every message echoed once, in order; every datagram once; every kv key
+    intact; no reset) is the oracle."""
+    from tests.lab.test_migration import assert_exact as assert_exact_load
+    from tests.lab.test_migration import finish_load as finish_loadgen
+    from tests.lab.test_migration import start_load as start_loadgen
+    from tests.lab.conftest import lab_with_services
+    with lab_with_services("rb") as h:
+        p, stop = start_loadgen(h, tmp_path, "builtin", conns=20, duration=120.0)
+        reports = []
+        try:
+            fault(h, "n2", "handoff.start", "fail 1")
+            reports.append(migrate_named(h, "echo", "n2"))
+            fault(h, "n3", "handoff.start", "exit 1")
+            reports.append(migrate_named(h, "kv", "n3"))
+            time.sleep(1.0)
+        finally:
+            load = finish_loadgen(p, stop)
+        for r, report in reports:
+            assert r.returncode == 0 and report["outcome"] == "committed" and not report["reason"], json.dumps(report)
+            assert report["start_attempts"] == 2 and not report["service_down"] and report["lost"] == 0, report
+        assert_exact_load(load)
+        print("builtins, one failed start each:", json.dumps([{k: x.get(k) for k in (
+            "service", "start_attempts", "tcp_established", "freeze_ms", "stop_ms", "total_ms", "lost")}
+            for _, x in reports]), "client:", json.dumps({k: load.get(k) for k in (
+                "tcp_sent", "tcp_ok", "resets", "tcp_errors", "udp_sent", "udp_answered_once", "kv_bad")}))
+
+
+def migrate_named(h, name, to):
+    r = h.vipctl("migrate", name, "--to", to, "--json", check=False, timeout=120)
+    assert r.stdout.strip().startswith("{"), (r.stdout, r.stderr)
+    return r, json.loads(r.stdout)
