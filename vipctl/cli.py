@@ -390,6 +390,11 @@ def node_drain(obj, node_name, destination, graceful, drain_timeout, as_json):
     result = _call_with_progress(_progress(as_json), "node.drain", obj["socket"], timeout=_graceful_wait(extra, 600.0),
                                  node=node_name, to=destination, **extra)
     _emit(result, as_json, out.render_drain)
+    down = [f"{r.get('service')} on {r.get('to')}" for r in result["migrations"] if r.get("service_down")]
+    if down:
+        click.echo(f"vipctl: drain of {node_name} committed but these services are down: {', '.join(down)} "
+                   "(their new instance did not start; see each report)", err=True)
+        sys.exit(1)
     if any(r.get("outcome") != "committed" for r in result["migrations"]):
         sys.exit(1)
 
