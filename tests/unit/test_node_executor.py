@@ -253,10 +253,13 @@ class FakeKernel:
         self._call("open_sockets", tuple(ports))
         return [("tcp-7", FakeSock("new-tcp-7", self.log)), ("udp-7", FakeSock("new-udp-7", self.log))]
 
-    def start_handed_over(self, service, vip, log_dir, sockets, connections, state, extra_env=None):
+    def start_handed_over(self, service, vip, log_dir, sockets, connections, state, extra_env=None, argv=None):
         self._call("start_handed_over", tuple(n for n, _ in sockets), tuple(n for n, _ in connections), state,
                    (extra_env or {}).get("NOTIFY_SOCKET"))
         self.starts += 1
+        if argv is not None:  # the `exit` fault: a program that cannot be executed exits at once
+            self.log.append(("argv", tuple(argv)))
+            return FakeInstance(service, list(sockets), pid=5150 + self.starts, exit_code=127)
         if self.start_raises:
             self.start_raises -= 1
             raise KernelError("start the new instance", 24)
@@ -702,6 +705,43 @@ def test_a_start_that_fails_once_before_any_process_is_tried_again(tmp_path):
     released, ma, agent, fake, log = _release_with_starts(tmp_path, raises=1)
     assert isinstance(released, msgs.ReleaseDone) and released.start_attempts == 2 and not released.service_down
     assert agent.running["echo"].poll() is None and ("close", "new-tcp-7") not in log
+
+
+def test_the_start_fault_counts_its_starts(tmp_path):
+    """`handoff.start` `exit 2`: the next two starts exec a missing program (then one runs);
+    `fail 1`: the next start makes no process. The file is gone once read."""
+    ma, agent, fake, log = destination(tmp_path)
+    os.makedirs(ma.fault_dir)
+    with open(os.path.join(ma.fault_dir, "handoff.start"), "w") as f:
+        f.write("exit 2")
+    assert ma._start_fault("echo") == "exit" and not os.listdir(ma.fault_dir)
+    assert ma._start_fault("echo") == "exit" and ma._start_fault("echo") is None
+    with open(os.path.join(ma.fault_dir, "handoff.start"), "w") as f:
+        f.write("fail")
+    assert ma._start_fault("echo") == "fail" and ma._start_fault("echo") is None
+
+
+def test_a_release_under_the_exit_fault_starts_a_missing_program_then_the_real_one(tmp_path):
+    def arm(ma):
+        os.makedirs(ma.fault_dir, exist_ok=True)
+        with open(os.path.join(ma.fault_dir, "handoff.start"), "w") as f:
+            f.write("exit 2")
+    ma, agent, fake, log = destination(tmp_path)
+    arm(ma)
+    states = [conn_state(7, 0)]
+    from clustercore.sockstate import ServiceSockets
+    wire = sockwire.to_wire(ServiceSockets(service="echo", listeners=(TcpListenerState(local=(VIP, 7)),),
+                                           connections=tuple(states), udp=(UdpSocketState(local=(VIP, 7)),)))
+    wire.update(streamed=0, app_state=None)
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1"))
+        await ma.handle(step(msgs.Restore, sockets=wire))
+        return await ma.handle(step(msgs.Release, consumed={}, late_packets=()))
+    released = asyncio.run(script())
+    assert [e for e in log if e[0] == "argv"] == [("argv", (migrate.FAULT_EXEC,))] * 2
+    assert released.start_attempts == 3 and not released.service_down
+    assert agent.running["echo"].poll() is None
 
 
 def test_destination_abort_closes_everything_silently(tmp_path):
