@@ -24,11 +24,10 @@ from clustercore import migration as mig
 from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Delivery, MigrateStrategy, ServiceKind, member, migration_strategy, service_kind
 from clustercore.migration_driver import MigrationDriver, event_for_reply
-from clustercore.stopwindow import stop_window_ms
 from vipwire.logs import event
 from vipwire.rpc import Context
 
-from . import batched, nft
+from . import batched, migreport, nft
 from .registry import JournaledMigration, RegistryError
 
 log = logging.getLogger("vipcluster.controller")
@@ -390,32 +389,8 @@ class Controller:
         if run.batched:
             report = batched.report(run, finished)
         else:
-            report = self._whole_report(run, finished, strategy, started)
+            report = migreport.whole_report(run, finished, strategy, started)
         return await self._ended(name, source, dest, finished, report, progress)
-
-    @staticmethod
-    def _whole_report(run: _Run, finished: mig.Finished, strategy: MigrateStrategy, started: float) -> dict:
-        source = run.source
-        report = finished.report.as_dict()
-        report["total_ms"] = report.get("total_ms") or round((time.time() - started) * 1000, 2)
-        report["strategy"] = str(strategy)
-        report["steps_ms"] = run.steps_ms
-        report["split_ms"] = run.split_ms
-        # source stopped -> destination serving (committed only; a rollback resumes the source)
-        report["stop_ms"] = (stop_window_ms(run.replied_at.get("freeze"), run.split_ms.get("freeze"),
-                                            run.replied_at.get("release"))
-                             if finished.outcome == "committed" else None)
-        report["kernel_queue_drops"] = run.kernel_drops
-        if str(strategy) == "process":  # how the memory moved; lazy: how long the pages took after
-            report["memory"] = run.split_ms.get("freeze", {}).get("memory")
-            if report["memory"] == "lazy":
-                report["pages_after_freeze_ms"] = run.split_ms.get("commit", {}).get("pages_after_freeze")
-        # a packet the kernel dropped from a queue during the migration is lost to us
-        # (TCP clients retransmit it; a UDP datagram is gone): say so
-        source_drops = run.kernel_drops.get(source, 0)
-        if source_drops and isinstance(report.get("lost"), int):
-            report["lost"] += source_drops
-        return report
 
     async def _ended(self, name: str, source: str, dest: str, finished, report: dict, progress) -> dict:
         gw = self.gw
