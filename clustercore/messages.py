@@ -631,6 +631,7 @@ class Migrate(Message):
     # this once, the batched handoff (kinds.MigrateStrategy.BATCHED) whatever the service's
     # `migrate` says: connections move in batches, each frozen only while it moves
     batched: bool = False
+    batch_size: int = 0  # batched: connections per batch, fixed (0: the gateway's default)
 
 
 @message("node.drain")

@@ -73,10 +73,36 @@ async def check_channel(gw, service) -> MigrateStrategy:
     return strategy
 
 
-def machine(name: str, source: str, dest: str, epoch: str, config=None) -> bmig.BatchMigration:
+# Batches never smaller than 32 connections: the sizer's 5 ms target is below the fixed
+# cost of a batch (four control round trips, 10-90 ms each on a loaded lab), so the
+# adaptive sizer shrank batches to 1-2 connections: 944 batches and 11-66 s for 1,000
+# connections, while the destination holds every kept flow's packets, which overflowed
+# its queue (docs/handoff.md, the node side's measurements). It may still grow them.
+MIN_BATCH = 32
+MAX_BATCH = 1024
+
+
+def check_batch_size(batched_asked: bool, batch_size: int) -> None:
+    if batch_size and not batched_asked:
+        raise LocalControlError("--batch-size is for --batched migrations")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 0 <= batch_size <= MAX_BATCH:
+        raise LocalControlError(f"--batch-size must be 1..{MAX_BATCH} connections (0: the gateway's default), "
+                                f"got {batch_size!r}")
+
+
+def sizer(batch_size: int = 0) -> bmig.BatchSizer:
+    """A fixed size when asked for; else start at MIN_BATCH, never below it."""
+    if batch_size:
+        return bmig.BatchSizer(first=batch_size, smallest=batch_size, largest=batch_size)
+    return bmig.BatchSizer(first=MIN_BATCH, smallest=MIN_BATCH, largest=MAX_BATCH)
+
+
+def machine(name: str, source: str, dest: str, epoch: str, config=None,
+            batch_size: int = 0) -> bmig.BatchMigration:
+    chosen = getattr(config, "batch_sizer", None) if not batch_size else None  # tests set one
     return bmig.BatchMigration(service=name, source=source, dest=dest, epoch=epoch,
                                timeouts=getattr(config, "batch_timeouts", None),
-                               sizer=getattr(config, "batch_sizer", None))
+                               sizer=chosen or sizer(batch_size))
 
 
 # ---------------------------------------------------------------- the journal

@@ -329,7 +329,9 @@ class Controller:
         if msg.graceful:  # no state moved: gateway.graceful
             from . import graceful
             return await graceful.migrate(self.gw, msg.name, msg.to, msg.timeout_s, ctx.progress)
-        return await self.migrate(msg.name, msg.to, ctx.progress, batched_asked=msg.batched)
+        batched.check_batch_size(msg.batched, msg.batch_size)
+        return await self.migrate(msg.name, msg.to, ctx.progress, batched_asked=msg.batched,
+                                  batch_size=msg.batch_size)
 
     async def op_drain(self, msg: msgs.NodeDrain, ctx: Context) -> dict:
         if msg.graceful:
@@ -349,7 +351,8 @@ class Controller:
         return None
 
     # --- one migration ------------------------------------------------------------------
-    async def migrate(self, name: str, dest: str, progress=None, batched_asked: bool = False) -> dict:
+    async def migrate(self, name: str, dest: str, progress=None, batched_asked: bool = False,
+                      batch_size: int = 0) -> dict:
         gw = self.gw
         service = movable(gw, name, dest, "migrated")
         nodes_up = {n.name: n.name in gw.agents for n in gw.config.nodes}
@@ -360,17 +363,17 @@ class Controller:
             # two gateways: only while this one holds the driver lease (gateway.ha)
             async with (gw.ha.driving(name) if gw.ha is not None else contextlib.nullcontext()):
                 return await self._run(name, service.owner, dest, progress or (lambda step, detail: None),
-                                       strategy)
+                                       strategy, batch_size)
         finally:
             self.book.finish(name)
 
     async def _run(self, name: str, source: str, dest: str, progress,
-                   strategy: MigrateStrategy = MigrateStrategy.HANDOFF) -> dict:
+                   strategy: MigrateStrategy = MigrateStrategy.HANDOFF, batch_size: int = 0) -> dict:
         gw = self.gw
         new_epoch = gw.epochs.get(name, 1) + 1
         epoch = nft.epoch_mac(new_epoch)
         if strategy is MigrateStrategy.BATCHED:
-            machine = batched.machine(name, source, dest, epoch, gw.config)
+            machine = batched.machine(name, source, dest, epoch, gw.config, batch_size)
         else:
             machine = mig.Migration(service=name, source=source, dest=dest, epoch=epoch,
                                     timeouts=self._timeouts_for(strategy))

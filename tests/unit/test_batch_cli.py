@@ -88,3 +88,12 @@ def test_a_refusal_is_one_line_and_exit_1(monkeypatch, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("vipctl: service 'kv' cannot be migrated in batches") and err.count("\n") == 1
+
+
+def test_batch_size_goes_with_batched_only(monkeypatch):
+    result, sent = _run(monkeypatch, {"outcome": "committed", "service": "echo", "from": "n1", "to": "n2"},
+                        "migrate", "echo", "--to", "n2", "--batched", "--batch-size", "64")
+    assert result.exit_code == 0 and sent == [("migrate", {"name": "echo", "to": "n2", "batched": True,
+                                                           "batch_size": 64})]
+    result, sent = _run(monkeypatch, {}, "migrate", "echo", "--to", "n2", "--batch-size", "64")
+    assert result.exit_code == 2 and sent == [] and "for --batched" in result.output

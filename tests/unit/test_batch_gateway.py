@@ -535,3 +535,31 @@ def test_an_agent_back_during_a_batched_migration_is_ignored_not_a_crash():
     d.feed(mig.NodeBack(node="n2"), 0.1)
     assert d.machine.state.value == "preparing" and said[-1] == ("preparing", "ignored NodeBack: not an event "
                                                                               "of a batched migration")
+
+
+def test_a_fixed_batch_size_is_taken_and_the_default_never_goes_below_32(tmp_path):
+    c = Cluster(tmp_path, n_conns=20)
+
+    async def main():
+        msg = msgs.Migrate(name=SERVICE, to="n2", batched=True, batch_size=6)
+        ctx = types.SimpleNamespace(progress=lambda step, detail: None)
+        return await ctl.Controller(c.gw).op_migrate(wire(msg), ctx)
+    report = asyncio.run(main())
+    assert report["outcome"] == "committed" and report["batches"] == 1 + 4  # 6 + 6 + 6 + 2
+    assert [len(f) for f in c.frozen] == [6, 6, 6, 2]
+    from gateway import batched
+    s = batched.sizer(0)
+    assert s.first == 32 and s.next(32, 80.0) == 32 and s.next(32, 1.0) == 64  # slow: stays; quick: grows
+
+
+def test_a_batch_size_without_batched_or_out_of_range_is_refused(tmp_path):
+    c = Cluster(tmp_path)
+
+    async def main(**kw):
+        return await ctl.Controller(c.gw).op_migrate(msgs.Migrate(name=SERVICE, to="n2", **kw),
+                                                     types.SimpleNamespace(progress=None))
+    with pytest.raises(LocalControlError, match="for --batched"):
+        asyncio.run(main(batch_size=8))
+    with pytest.raises(LocalControlError, match="1..1024"):
+        asyncio.run(main(batched=True, batch_size=5000))
+    assert c.ops() == []
