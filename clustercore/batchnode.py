@@ -121,7 +121,7 @@ class BatchSourceFacts:
     forward: tuple = ()
     committed: set[int] = field(default_factory=set)
     undone: set[int] = field(default_factory=set)
-    finished: bool = False
+    to_stop: Any = None  # the old instance, from the finish's forget until it is stopped
 
 
 @dataclass
@@ -154,6 +154,7 @@ class BatchDestFacts:
     waited: dict = field(default_factory=dict)
     replies: dict = field(default_factory=dict)  # batch -> BatchReleaseDone (asked again: the same)
     aborted: set[int] = field(default_factory=set)
+    aborting: tuple = (None, ())  # (batch, flows) of the abort in progress
     timing: dict = field(default_factory=dict)
 
     @property
@@ -225,7 +226,7 @@ class BatchedHandoff(Playbook):
         f.accepted = list((yield AcceptWaiting(listeners))) if listeners else []
         kept = tuple((yield ListKept(f.tcp_ports, tuple(f.accepted)))) if f.tcp_ports else ()
         consumed = f.cut.open([k.flow for k in kept], t_freeze)
-        f.opened = True
+        f.opened, f.current, f.frozen = True, OPENING, True
         states: list[TcpConnState] = []
         if f.accepted:
             states = list((yield DumpConnections(tuple(f.accepted))))
@@ -348,9 +349,8 @@ class BatchedHandoff(Playbook):
         if f is None:
             return msgs.Done()
         if f.opening_committed:
-            yield Note(f"whole rollback of '{m.service}' asked after its opening committed: "
-                       "only forward is possible, nothing undone", "error")
-            return msgs.Done()
+            raise Refused(f"whole rollback of '{m.service}' after its opening committed: "
+                          "only forward is possible")
         in_repair, f.in_repair = f.in_repair, []
         if in_repair:
             yield LeaveRepair(tuple(in_repair))
@@ -360,7 +360,7 @@ class BatchedHandoff(Playbook):
         back, f.handed, f.accepted = f.handed + f.accepted, [], []
         yield from _give_back(f, back, {})
         held = f.cut.rollback(OPENING)
-        f.opened = False
+        f.opened, f.current, f.frozen = False, None, False
         if held:
             yield AcceptHeld(held)
         role, f.role = f.role, None
@@ -382,17 +382,17 @@ class BatchedHandoff(Playbook):
         forward = f.cut.take_forward()
         late = tuple((yield ReadPackets(forward))) if forward else ()
         drops = (yield CountKernelDrops()) - f.drops_at_start
-        if f.finished:
-            return msgs.CommitDone(late_packets=late, kernel_drops=drops)
-        f.finished = True
         if pinned:
             yield Note(f"finish of '{m.service}': {pinned} pinned connections stay here, served by "
                        "the old instance; its role stays", "warning")
             return msgs.CommitDone(late_packets=late, kernel_drops=drops)
         instance, f.instance = f.instance, None
         if instance is not None:
+            f.to_stop = instance  # kept until stopped: a failed ForgetInstance must not spare it
             yield ForgetInstance(m.service)
-            yield StopInstance(instance)
+        to_stop, f.to_stop = f.to_stop, None
+        if to_stop is not None:
+            yield StopInstance(to_stop)
         own, f.own = f.own, ()
         if own:
             yield CloseDescriptors(tuple(sock for _, sock in own))
@@ -548,17 +548,24 @@ class BatchedHandoff(Playbook):
         if role is not None:
             yield RemoveRoleLater(m.service, role)
 
-    def abort_batch(self, m, event: bm.AbortBatch, now: float):
-        f, b = self.destination, event.batch
-        if b in f.aborted:
-            yield Note(f"repeated AbortBatch {b} for '{m.service}'")
-            return msgs.Done()
-        if b == OPENING or f.kept is None:
-            raise Refused(f"AbortBatch {b} of '{m.service}': the opening is undone by Abort")
-        if b in f.replies:
-            raise Refused(f"batch {b} of '{m.service}' was released: it cannot be aborted")
-        f.aborted.add(b)
-        held = f.cut.abort(b, event.flows)
+    def abort_batch(self, m, event: Any, now: float):
+        """The gateway's AbortBatch (its flows are dropped here from now on); after a
+        failed command, the rest of it."""
+        f = self.destination
+        if isinstance(event, bm.AbortBatch):
+            b, flows = event.batch, tuple(event.flows)
+            if b in f.aborted:
+                yield Note(f"repeated AbortBatch {b} for '{m.service}'")
+                return msgs.Done()
+            if b == OPENING or f.kept is None:
+                raise Refused(f"AbortBatch {b} of '{m.service}': the opening is undone by Abort")
+            if b in f.replies:
+                raise Refused(f"batch {b} of '{m.service}' was released: it cannot be aborted")
+            f.aborted.add(b)
+            f.to_drop = f.cut.abort(b, flows)
+            f.aborting = (b, flows)
+        b, flows = f.aborting
+        held, f.to_drop = f.to_drop, ()
         if held:
             yield DropHeld(held)
         if f.batch == b:
@@ -566,7 +573,7 @@ class BatchedHandoff(Playbook):
             f.batch, f.owed = None, {}
             if restored:
                 yield CloseSilently(tuple(restored))
-        f.settled |= {tuple(fl) for fl in event.flows}
+        f.settled |= {tuple(fl) for fl in flows}
         if f.complete:
             yield from self._end_role(m)
         return msgs.Done()
@@ -578,9 +585,8 @@ class BatchedHandoff(Playbook):
         if f is None:
             return msgs.Done()
         if f.kept is not None:
-            yield Note(f"whole abort of '{m.service}' after its opening was released: "
-                       "only forward is possible, nothing undone", "error")
-            return msgs.Done()
+            raise Refused(f"whole abort of '{m.service}' after its opening was released: "
+                          "only forward is possible")
         held = f.cut.abort(OPENING)
         if held:
             yield DropHeld(held)
