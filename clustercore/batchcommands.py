@@ -66,9 +66,11 @@ class AdoptSockets(Command):
 class ListKept(Command):
     """The established TCP connections on the VIP at these ports, minus `taken` (the
     sockets just accepted from the listeners' queues: the opening batch's): what the
-    program serves (-> tuple of KeptConnection, idle time where the kernel tells it)."""
+    program serves (-> tuple of KeptConnection, idle time where the kernel tells it).
+    `instance`: only connections whose socket that program holds."""
     ports: tuple[int, ...]
     taken: tuple[Named, ...] = ()
+    instance: Any = None
 
 
 @_command(query=True)

@@ -224,7 +224,7 @@ class BatchedHandoff(Playbook):
         # the program accepts no more: what waits in the queues is the opening's, the
         # established connections left are what it keeps serving
         f.accepted = list((yield AcceptWaiting(listeners))) if listeners else []
-        kept = tuple((yield ListKept(f.tcp_ports, tuple(f.accepted)))) if f.tcp_ports else ()
+        kept = tuple((yield ListKept(f.tcp_ports, tuple(f.accepted), f.instance))) if f.tcp_ports else ()
         consumed = f.cut.open([k.flow for k in kept], t_freeze)
         f.opened, f.current, f.frozen = True, OPENING, True
         states: list[TcpConnState] = []

@@ -286,6 +286,7 @@ class RunningService:
     log_path: str
     started_at: float = field(default_factory=time.time)
     output_pipe: str | None = None  # criu's name of the pipe on its fds 1 and 2 (process strategy)
+    channel: socket.socket | None = None  # the agent's end of its vip-batch channel (nodeshim.batchmigrate)
 
     @property
     def pid(self) -> int:
