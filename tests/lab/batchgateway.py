@@ -34,7 +34,10 @@ OP = "lab.migrate.batched"
 class LabMigrateBatched(Message):
     name: str
     to: str
-    first: int = 32  # BatchSizer.first
+    first: int = 32  # BatchSizer's
+    smallest: int = 1
+    largest: int = 1024
+    target_ms: float = 5.0
 
 
 def install() -> None:
@@ -43,16 +46,24 @@ def install() -> None:
     from gateway import daemon, nft
 
     class BatchRun(ctlmod._Run):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rtt_ms: dict[str, list[float]] = {}  # gateway: request sent -> reply, per step
+            self.node_ms: dict[str, list[float]] = {}  # the agents' own timing of their parts
+
         async def _request(self, node: str, message: msgs.Step) -> None:
             op = message.OP
             session = self.gw.agents.get(node)
             try:
                 if session is None:
                     raise ConnectionLost(f"node {node} is down")
+                t0 = self.loop.time()
                 reply = await session.rpc.request(message, timeout=ctlmod.REQUEST_TIMEOUT_S)
-                timing = getattr(reply, "timing_ms", None)
-                if timing:
-                    self.split_ms.setdefault(op.removeprefix("migrate."), []).append(timing)
+                step = op.removeprefix("migrate.")
+                self.rtt_ms.setdefault(step, []).append((self.loop.time() - t0) * 1000.0)
+                for key, ms in (getattr(reply, "timing_ms", None) or {}).items():
+                    if isinstance(ms, (int, float)):
+                        self.node_ms.setdefault(f"{step}.{key}", []).append(float(ms))
                 event = bmig.event_for_batch_reply(node, message, reply)
             except LocalControlError as e:
                 event = mig.StepFailed(node=node, reason=f"{node} refused {op}: {e}")
@@ -131,14 +142,18 @@ def install() -> None:
         new_epoch = gw.epochs.get(msg.name, 1) + 1
         machine = bmig.BatchMigration(service=msg.name, source=source, dest=dest,
                                       epoch=nft.epoch_mac(new_epoch),
-                                      sizer=bmig.BatchSizer(first=msg.first))
+                                      sizer=bmig.BatchSizer(first=msg.first, smallest=msg.smallest,
+                                                            largest=msg.largest, target_ms=msg.target_ms))
         started = time.time()
         run = BatchRun(gw.controller, msg.name, source, dest, new_epoch, ctx.progress, "batched")
         done = await run.drive_batched(machine)
         await gw.push_table()
         report = dataclasses.asdict(done.report)
+        def med(values):
+            return {"p50": round(bmig.percentile(values, 50), 2), "max": round(max(values), 2), "n": len(values)}
         report.update(outcome=done.outcome, reason=done.reason, wall_ms=round((time.time() - started) * 1000, 1),
-                      split_ms=run.split_ms)
+                      rtt_ms={k: med(v) for k, v in run.rtt_ms.items()},
+                      node_ms={k: med(v) for k, v in run.node_ms.items()})
         return report
 
     original = daemon.Gateway.__init__

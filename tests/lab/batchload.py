@@ -1,7 +1,7 @@
 """Lab client (run in the client namespace): N echo connections that keep talking while
 their service moves; prints one JSON object.
 
-    batchload.py HOST PORT N READY_FILE STOP_FILE MAX_S
+    batchload.py HOST PORT N READY_FILE STOP_FILE MAX_S [PHASE_FILE]
 
 Each connection sends a numbered line ("c<i> <seq>"), waits for its echo, pauses
 PAUSE_S, sends the next: so every connection has a request in flight or about to be, all
@@ -9,11 +9,14 @@ through the migration. Every reply is checked against what was sent, in order: a
 duplicated or reordered byte shows as `bad`. READY_FILE is written once all N answered
 their first line; the load stops at STOP_FILE (or after MAX_S, a bound), then every
 connection's last request must be answered (drained for up to DRAIN_S). Per connection
-the longest wait for one reply is kept (client side: what a user of it saw).
+the longest wait for one reply is kept (client side: what a user of it saw), per phase
+when PHASE_FILE is given (its content, re-read every 0.1 s, names the phase a request
+was sent in: the test says which migration runs).
 """
 
 import json
 import os
+import resource
 import selectors
 import socket
 import sys
@@ -25,6 +28,11 @@ DRAIN_S = 20.0
 
 def main(argv):
     host, port, n, ready, stop, max_s = argv[0], int(argv[1]), int(argv[2]), argv[3], argv[4], float(argv[5])
+    phase_file = argv[6] if len(argv) > 6 else None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 256)), hard))
+    phase, phase_read = "load", 0.0
+    worst_by_phase: dict[str, dict[int, float]] = {}
     sel = selectors.DefaultSelector()
     conns = []
     for i in range(n):
@@ -40,6 +48,13 @@ def main(argv):
     ready_written = False
     while True:
         now = time.monotonic()
+        if phase_file and now - phase_read > 0.1:
+            phase_read = now
+            try:
+                with open(phase_file) as f:
+                    phase = f.read().strip() or phase
+            except OSError:
+                pass
         if stopping_at is None and (os.path.exists(stop) or now > deadline):
             stopping_at = now
         for c in conns:  # send what is due; after the stop, one last request each
@@ -51,7 +66,7 @@ def main(argv):
             except OSError:
                 c["closed"] = True
                 continue
-            c["expect"], c["sent_at"] = line, now
+            c["expect"], c["sent_at"], c["phase"] = line, now, phase
             c["seq"] += 1
             if stopping_at is not None:
                 c["last_sent"] = True
@@ -77,6 +92,8 @@ def main(argv):
                     c["bad"] += 1
                 wait = t - c["sent_at"]
                 c["worst"] = max(c["worst"], wait)
+                per = worst_by_phase.setdefault(c["phase"], {})
+                per[c["i"]] = max(per.get(c["i"], 0.0), wait)
                 c["expect"], c["next_at"] = b"", t + PAUSE_S
             if c["buf"] and not c["expect"]:
                 c["bad"] += 1  # bytes nobody asked for: a duplicate
@@ -89,6 +106,11 @@ def main(argv):
             finished = all(c["closed"] or (c.get("last_sent") and not c["expect"]) for c in conns)
             if finished or time.monotonic() > stopping_at + DRAIN_S:
                 break
+    def spread(values):
+        v = sorted(x * 1000 for x in values)
+        return {"p50": round(v[len(v) // 2], 1), "p99": round(v[min(len(v) - 1, int(len(v) * 0.99))], 1),
+                "max": round(v[-1], 1)}
+
     worst = sorted(c["worst"] * 1000 for c in conns)
     out = {
         "connections": n, "requests": sum(c["seq"] for c in conns), "ok": sum(c["ok"] for c in conns),
@@ -96,6 +118,7 @@ def main(argv):
         "closed": sum(1 for c in conns if c["closed"]),
         "worst_wait_ms": {"p50": round(worst[len(worst) // 2], 1), "p99": round(worst[min(len(worst) - 1, int(len(worst) * 0.99))], 1),
                           "max": round(worst[-1], 1)},
+        "worst_wait_by_phase_ms": {p: spread(w.values()) for p, w in sorted(worst_by_phase.items())},
     }
     for c in conns:
         c["s"].close()

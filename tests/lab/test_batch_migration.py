@@ -31,6 +31,8 @@ sys.path.insert(0, HERE)
 from batchgateway import LabMigrateBatched  # noqa: E402
 
 CONNS = int(os.environ.get("VIPCLUSTER_BATCH_CONNS", "300"))
+# a fixed batch size (e.g. 32) instead of the adaptive BatchSizer (first 32, toward 5 ms)
+FIXED = int(os.environ.get("VIPCLUSTER_BATCH_FIXED", "0"))
 
 
 def _quiet(*args) -> None:
@@ -72,18 +74,29 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
         labmod._wait_socket(spec, 30)
         labmod._wait_nodes(spec, 30)
         os.chmod(tmp_path, 0o777)
-        ready, stop = tmp_path / "load.ready", tmp_path / "load.stop"
+        ready, stop, phase = tmp_path / "load.ready", tmp_path / "load.stop", tmp_path / "load.phase"
+        phase.write_text("before")
         load = h.client_popen([sys.executable, os.path.join(HERE, "batchload.py"), VIP, "7", str(CONNS),
-                               str(ready), str(stop), "240"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               str(ready), str(stop), "240", str(phase)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait_file(load, ready, 120)
         time.sleep(0.5)  # every connection in its request/pause cycle
-        batched = call(LabMigrateBatched(name="echo", to="n2", first=32), spec.control_socket, timeout=180)
+        sizes = {"first": FIXED, "smallest": FIXED, "largest": FIXED} if FIXED else {"first": 32}
+        phase.write_text("batched")
+        time.sleep(0.2)
+        batched = call(LabMigrateBatched(name="echo", to="n2", **sizes), spec.control_socket, timeout=300)
+        time.sleep(0.2)
+        phase.write_text("between")
         print("BATCHED", json.dumps({k: batched.get(k) for k in (
             "outcome", "reason", "batches", "connections_moved", "connections_pinned", "conn_freeze_ms",
             "batch_window_ms", "opening_window_ms", "total_ms", "held", "released", "duplicates_suppressed",
-            "lost", "wall_ms")}))
+            "lost", "wall_ms", "rtt_ms", "node_ms")}))
         time.sleep(1.0)
+        phase.write_text("whole")
+        time.sleep(0.2)
         whole = json.loads(h.vipctl("migrate", "echo", "--to", "n1", "--json", timeout=180).stdout)
+        time.sleep(0.2)
+        phase.write_text("after")
         print("WHOLE", json.dumps({k: whole.get(k) for k in (
             "outcome", "strategy", "freeze_ms", "stop_ms", "total_ms", "tcp_established", "held", "released",
             "duplicates_suppressed", "lost")}))
