@@ -17,6 +17,8 @@ import asyncio
 import logging
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
 from clustercore import batchchannel as bc
@@ -28,13 +30,14 @@ from clustercore.batchcommands import (
 from clustercore.errors import KernelError, LocalControlError
 from clustercore.packet import TCP
 
-from . import batchchannel, proctcp, services
+from . import batchchannel, netlink, proctcp, services
 
 log = logging.getLogger("vipcluster.batch")
 
 CHANNEL_TIMEOUT_S = 2.0  # a program must answer a HANDBACK or ADOPT by then
 READY_TIMEOUT_S = 10.0  # the destination's new instance must say READY=1 X_VIP_BATCH=1 by then
 READY_POLL_S = 0.005
+IDLE_TIMEOUT_S = 1.0  # the sock_diag dump of the idle times (else: the kernel table's order)
 
 
 def spawn_with_channel(service, sockets, log_dir: str, extra_env: dict | None = None):
@@ -130,17 +133,26 @@ class BatchActions:
 
     def list_kept(self, cmd: ListKept) -> tuple[KeptConnection, ...]:
         """The established connections on the service's ports that the running program
-        holds (by socket inode), minus the ones just taken from the accept queues. Idle
-        times are not read yet (0.0: the batches follow the kernel table's order)."""
+        holds (by socket inode), minus the ones just taken from the accept queues, each
+        with how idle it is (sock_diag's tcp_info; 0.0 where the kernel did not say)."""
+        vips = self.mig.agent.config.vips
         taken = {p for _, s in cmd.taken if (p := _peer(s)) is not None}
         pid = getattr(cmd.instance, "pid", None)
         held = _socket_inodes(pid) if pid is not None else None
+        try:
+            # pyroute2's synchronous API must not run in the agent's event loop thread
+            with ThreadPoolExecutor(1) as pool:
+                idle = pool.submit(netlink.tcp_idle_ms_by_inode,
+                                   sorted({6 if ":" in v else 4 for v in vips})).result(IDLE_TIMEOUT_S)
+        except (KernelError, FutureTimeout) as e:
+            log.warning("idle times of the kept connections not read (%s): kernel table order", e)
+            idle = {}
         out: dict[tuple, KeptConnection] = {}
-        for local, lport, peer, port, inode in proctcp.established(self.mig.agent.config.vips, cmd.ports):
+        for local, lport, peer, port, inode in proctcp.established(vips, cmd.ports):
             if (peer, port) in taken or (held is not None and inode not in held):
                 continue
             flow = (TCP, peer, port, local, lport)
-            out.setdefault(flow, KeptConnection(flow))
+            out.setdefault(flow, KeptConnection(flow, idle.get(inode, 0.0)))
         return tuple(out.values())
 
     async def start_with_channel(self, cmd: StartWithChannel):
