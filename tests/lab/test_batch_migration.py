@@ -125,3 +125,55 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
         labmod.release_daemon(spec, "gateway")
         labmod.down(spec, log=_quiet)
         assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
+    """Fault injection (nodeshim.migrate: `<state_dir>/faults/migrate.batch.freeze` =
+    fail): the source refuses one batch's freeze; BatchMigration undoes it (RollbackBatch
+    on the source, AbortBatch on the destination), the other batches move, and the
+    migration ends split: the pinned connections are still served by the old instance."""
+    n = 64
+    spec = labmod.Lab(unique_prefix("bf"), 2)
+    labmod.down(spec, log=_quiet)
+    gateway = load = None
+    try:
+        labmod.up(spec, log=_quiet)
+        h = LabHandle(spec)
+        h.vipctl("service", "add", "echo", "--node", "n1", "--port", "tcp:7", "--exec", "builtin:echo")
+        gateway = _start_gateway(spec)
+        labmod._wait_socket(spec, 30)
+        labmod._wait_nodes(spec, 30)
+        os.chmod(tmp_path, 0o777)
+        ready, stop = tmp_path / "load.ready", tmp_path / "load.stop"
+        load = h.client_popen([sys.executable, os.path.join(HERE, "batchload.py"), VIP, "7", str(n),
+                               str(ready), str(stop), "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _wait_file(load, ready, 60)
+        faults = os.path.join(spec.state_dir, "n1", "faults")
+        os.makedirs(faults, exist_ok=True)
+        with open(os.path.join(faults, "migrate.batch.freeze"), "w") as f:
+            f.write("fail")  # one shot: the first batch after the opening
+        report = call(LabMigrateBatched(name="echo", to="n2", first=16, smallest=16, largest=16),
+                      spec.control_socket, timeout=120)
+        print("SPLIT", json.dumps({k: report.get(k) for k in (
+            "outcome", "reason", "batches", "connections_moved", "connections_pinned", "lost")}))
+        time.sleep(2.0)  # the pinned connections go on talking to the old instance
+        stop.touch()
+        out, err = load.communicate(timeout=60)
+        client = json.loads(out)
+        print("CLIENT", json.dumps(client))
+        assert report["outcome"] == "committed" and "undone" in report["reason"], report
+        assert report["connections_pinned"] == 16 and report["connections_moved"] == n - 16, report
+        assert client["bad"] == 0 and client["unanswered"] == 0 and client["closed"] == 0, client
+        assert client["ok"] == client["requests"], client
+    finally:
+        for p in (load, gateway):
+            if p is not None and p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.kill(p.pid, signal.SIGKILL)
+                    p.wait(5)
+        labmod.release_daemon(spec, "gateway")
+        labmod.down(spec, log=_quiet)
+        assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
