@@ -54,6 +54,13 @@ def _start_gateway(spec: labmod.Lab) -> subprocess.Popen:
         log.close()
 
 
+def _retransmissions(h: LabHandle) -> int:
+    """The client namespace's TCP RetransSegs (/proc/net/snmp)."""
+    lines = [ln.split() for ln in h.client(["cat", "/proc/net/snmp"]).stdout.decode().splitlines()
+             if ln.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("RetransSegs")])
+
+
 def _wait_file(p: subprocess.Popen, path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
@@ -84,8 +91,10 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
         sizes = {"first": FIXED, "smallest": FIXED, "largest": FIXED} if FIXED else {"first": 32}
         phase.write_text("batched")
         time.sleep(0.2)
+        retrans = {"before_batched": _retransmissions(h)}
         batched = call(LabMigrateBatched(name="echo", to="n2", **sizes), spec.control_socket, timeout=300)
         time.sleep(0.2)
+        retrans["batched"] = _retransmissions(h) - retrans.pop("before_batched")
         phase.write_text("between")
         print("BATCHED", json.dumps({k: batched.get(k) for k in (
             "outcome", "reason", "batches", "connections_moved", "connections_pinned", "conn_freeze_ms",
@@ -94,8 +103,10 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
         time.sleep(1.0)
         phase.write_text("whole")
         time.sleep(0.2)
+        before = _retransmissions(h)
         whole = json.loads(h.vipctl("migrate", "echo", "--to", "n1", "--json", timeout=180).stdout)
         time.sleep(0.2)
+        retrans["whole"] = _retransmissions(h) - before
         phase.write_text("after")
         print("WHOLE", json.dumps({k: whole.get(k) for k in (
             "outcome", "strategy", "freeze_ms", "stop_ms", "total_ms", "tcp_established", "held", "released",
@@ -106,6 +117,7 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
         assert load.returncode == 0, err.decode()
         client = json.loads(out)
         print("CLIENT", json.dumps(client))
+        print("RETRANSMISSIONS (client, during each migration + 0.2 s)", json.dumps(retrans))
         assert batched["outcome"] == "committed", batched
         assert batched["connections_moved"] == CONNS and batched["connections_pinned"] == 0, batched
         assert batched["batches"] >= 2 and batched["lost"] == 0, batched
