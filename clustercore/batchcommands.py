@@ -62,12 +62,12 @@ class AdoptSockets(Command):
     owed: dict
 
 
-@_command(query=True)
+@_command(query=True, waits=True)
 class ListKept(Command):
-    """The established TCP connections on the VIP at these ports, minus `taken` (the
-    sockets just accepted from the listeners' queues: the opening batch's): what the
-    program serves (-> tuple of KeptConnection, idle time where the kernel tells it).
-    `instance`: only connections whose socket that program holds."""
+    """The established TCP connections on the VIP at these ports whose socket the
+    running program (`instance`) holds, minus `taken`: what it serves (-> tuple of
+    KeptConnection, idle time where the kernel tells it). Reads the kernel's tables off
+    the event loop (it may take tens of ms at thousands of connections)."""
     ports: tuple[int, ...]
     taken: tuple[Named, ...] = ()
     instance: Any = None

@@ -217,14 +217,17 @@ class BatchedHandoff(Playbook):
             yield CloseDescriptors(tuple(sock for _, sock in other))
             yield Note(f"open {m.service}: the program handed back {sorted(n for n, _ in other)} "
                        "with its listeners; not moved", "warning")
+        t_list = yield ReadClock()
+        # the program accepts no more: the connections it holds now are what it keeps
+        # serving (only fewer as they close); what completes a handshake from here on
+        # waits in the listeners' queues and is the opening's. Listed before the freeze:
+        # the verdict loop runs meanwhile, nothing is held for it
+        kept = tuple((yield ListKept(f.tcp_ports, (), f.instance))) if f.tcp_ports else ()
         if f.tcp_ports:
             yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move
         t_freeze = yield ReadClock()
-        timing["hand_back"] = _ms(t0, t_freeze)
-        # the program accepts no more: what waits in the queues is the opening's, the
-        # established connections left are what it keeps serving
+        timing["hand_back"], timing["list_kept"] = _ms(t0, t_list), _ms(t_list, t_freeze)
         f.accepted = list((yield AcceptWaiting(listeners))) if listeners else []
-        kept = tuple((yield ListKept(f.tcp_ports, tuple(f.accepted), f.instance))) if f.tcp_ports else ()
         consumed = f.cut.open([k.flow for k in kept], t_freeze)
         f.opened, f.current, f.frozen = True, OPENING, True
         states: list[TcpConnState] = []

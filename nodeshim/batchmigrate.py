@@ -17,8 +17,6 @@ import asyncio
 import logging
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
 from clustercore import batchchannel as bc
@@ -37,7 +35,6 @@ log = logging.getLogger("vipcluster.batch")
 CHANNEL_TIMEOUT_S = 2.0  # a program must answer a HANDBACK or ADOPT by then
 READY_TIMEOUT_S = 10.0  # the destination's new instance must say READY=1 X_VIP_BATCH=1 by then
 READY_POLL_S = 0.005
-IDLE_TIMEOUT_S = 1.0  # the sock_diag dump of the idle times (else: the kernel table's order)
 
 
 def spawn_with_channel(service, sockets, log_dir: str, extra_env: dict | None = None):
@@ -108,7 +105,7 @@ class BatchActions:
             HandBackListeners: lambda c: self.hand_back(c.instance, listeners=True),
             HandBackConnections: lambda c: self.hand_back(c.instance, peers=c.peers),
             AdoptSockets: self.adopt,
-            ListKept: self.list_kept,
+            ListKept: lambda c: asyncio.to_thread(self.list_kept, c),
             StartWithChannel: self.start_with_channel,
         }
 
@@ -131,7 +128,7 @@ class BatchActions:
             raise KernelError("adopt", None, f"the program took {taken} of {len(cmd.sockets)} sockets")
         return taken
 
-    def list_kept(self, cmd: ListKept) -> tuple[KeptConnection, ...]:
+    def list_kept(self, cmd: ListKept) -> tuple[KeptConnection, ...]:  # in a worker thread
         """The established connections on the service's ports that the running program
         holds (by socket inode), minus the ones just taken from the accept queues, each
         with how idle it is (sock_diag's tcp_info; 0.0 where the kernel did not say)."""
@@ -139,12 +136,9 @@ class BatchActions:
         taken = {p for _, s in cmd.taken if (p := _peer(s)) is not None}
         pid = getattr(cmd.instance, "pid", None)
         held = _socket_inodes(pid) if pid is not None else None
-        try:
-            # pyroute2's synchronous API must not run in the agent's event loop thread
-            with ThreadPoolExecutor(1) as pool:
-                idle = pool.submit(netlink.tcp_idle_ms_by_inode,
-                                   sorted({6 if ":" in v else 4 for v in vips})).result(IDLE_TIMEOUT_S)
-        except (KernelError, FutureTimeout) as e:
+        try:  # in a worker thread: pyroute2's synchronous API refuses the event loop's
+            idle = netlink.tcp_idle_ms_by_inode(sorted({6 if ":" in v else 4 for v in vips}))
+        except KernelError as e:
             log.warning("idle times of the kept connections not read (%s): kernel table order", e)
             idle = {}
         out: dict[tuple, KeptConnection] = {}

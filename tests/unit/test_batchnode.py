@@ -205,9 +205,9 @@ def test_the_source_script_opening_batches_and_finish():
     opening = script(m, EVENTS[bm.OpenBatch](), [
         (nc.WaitHalfClosed, None), (nc.ReadClock, 1.0),
         (HandBackListeners, Handed((("tcp-7", "HL"), ("udp-7", "HU"), ("x-1", "X")), {})),
-        (nc.CloseDescriptors, None), (nc.Note, None), (nc.WaitHandshakes, None), (nc.ReadClock, 1.5),
-        (nc.AcceptWaiting, [("conn-7", "A0")]),
+        (nc.CloseDescriptors, None), (nc.Note, None), (nc.ReadClock, 1.25),
         (ListKept, tuple(KeptConnection(f, idle_ms=10.0 * i) for i, f in enumerate(KEPT))),
+        (nc.WaitHandshakes, None), (nc.ReadClock, 1.5), (nc.AcceptWaiting, [("conn-7", "A0")]),
         (nc.DumpConnections, [conn(0)]),
         (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7), name="tcp-7"),)),
         (nc.DrainDatagrams, DRAINED), (nc.ReadClock, 2.0), (nc.Note, None),
@@ -216,7 +216,7 @@ def test_the_source_script_opening_batches_and_finish():
     assert opening.kept == KEPT and opening.idle_ms == (0.0, 10.0, 20.0, 30.0)
     assert opening.consumed == {}  # a kept flow's count goes with its own batch
     assert (opening.tcp_established, opening.tcp_listening, opening.udp_sockets) == (5, 1, 1)
-    assert opening.timing_ms == {"hand_back": 500.0, "frozen_to_reply": 500.0}
+    assert opening.timing_ms == {"hand_back": 250.0, "list_kept": 250.0, "frozen_to_reply": 500.0}
     assert sockwire.from_wire(opening.sockets).totals["connections"] == 1
     # the opening holds every flow it does not keep; kept ones are still served here
     assert cut.on_packet(packet(9), EPOCH, "n9", T0) is Verdict.HOLD
