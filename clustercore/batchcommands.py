@@ -71,6 +71,15 @@ class ListKept(Command):
     ports: tuple[int, ...]
     taken: tuple[Named, ...] = ()
     instance: Any = None
+    idle: Any = None  # ReadIdleTimes' result (opaque), taken earlier: only an order
+
+
+@_command(query=True, waits=True)
+class ReadIdleTimes(Command):
+    """How idle each established connection of the node is (-> opaque, for ListKept).
+    Read at arm, before anything is held: at thousands of connections the kernel's dump
+    takes a good part of a second in Python, and the order of the batches only needs
+    an approximate answer."""
 
 
 @_command(query=True)
@@ -90,7 +99,7 @@ class StartWithChannel(Command):
 
 
 BATCH_COMMAND_TYPES: tuple[type[Command], ...] = (
-    HandBackListeners, HandBackConnections, AdoptSockets, ListKept, HasChannel, StartWithChannel)
+    HandBackListeners, HandBackConnections, AdoptSockets, ListKept, HasChannel, ReadIdleTimes, StartWithChannel)
 
 __all__ = ["AdoptSockets", "BATCH_COMMAND_TYPES", "HandBackConnections", "HandBackListeners",
-           "Handed", "HasChannel", "KeptConnection", "ListKept", "StartWithChannel"]
+           "Handed", "HasChannel", "KeptConnection", "ListKept", "ReadIdleTimes", "StartWithChannel"]

@@ -52,7 +52,8 @@ from . import batch_messages as bm
 from . import messages as msgs
 from . import sockwire
 from .batchcommands import (
-    AdoptSockets, HandBackConnections, HandBackListeners, HasChannel, ListKept, StartWithChannel,
+    AdoptSockets, HandBackConnections, HandBackListeners, HasChannel, ListKept, ReadIdleTimes,
+    StartWithChannel,
 )
 from .batchcutover import OPENING, BatchDest, BatchSource
 from .cutover import Flow
@@ -104,6 +105,7 @@ class BatchSourceFacts:
     own: tuple[Named, ...]  # the agent's own copies of its listeners and UDP sockets
     tcp_ports: tuple[int, ...]
     drops_at_start: int = 0
+    idle: Any = None  # ReadIdleTimes at arm: the order of the batches
     role: Any = None
     opened: bool = False  # the opening froze (cut.open)
     opening_committed: bool = False  # past it, no whole rollback
@@ -196,6 +198,7 @@ class BatchedHandoff(Playbook):
             cut=BatchSource(event.epoch), instance=local.instance, own=tuple(local.sockets),
             tcp_ports=tuple(port for proto, port in local.service.ports if proto == TCP))
         f.drops_at_start = yield CountKernelDrops()
+        f.idle = yield ReadIdleTimes()  # for the order of the batches (idle first)
         f.role = f.cut
         yield InstallRole(m.service, f.cut)  # its packets are counted from now on
         return msgs.Done()
@@ -222,7 +225,7 @@ class BatchedHandoff(Playbook):
         # serving (only fewer as they close); what completes a handshake from here on
         # waits in the listeners' queues and is the opening's. Listed before the freeze:
         # the verdict loop runs meanwhile, nothing is held for it
-        kept = tuple((yield ListKept(f.tcp_ports, (), f.instance))) if f.tcp_ports else ()
+        kept = tuple((yield ListKept(f.tcp_ports, (), f.instance, f.idle))) if f.tcp_ports else ()
         if f.tcp_ports:
             yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move
         t_freeze = yield ReadClock()

@@ -23,7 +23,7 @@ from clustercore import batchchannel as bc
 from clustercore import nodecommands as nc
 from clustercore.batchcommands import (
     AdoptSockets, HandBackConnections, HandBackListeners, Handed, HasChannel, KeptConnection, ListKept,
-    StartWithChannel,
+    ReadIdleTimes, StartWithChannel,
 )
 from clustercore.errors import KernelError, LocalControlError
 from clustercore.packet import TCP
@@ -106,6 +106,7 @@ class BatchActions:
             HandBackConnections: lambda c: self.hand_back(c.instance, peers=c.peers),
             AdoptSockets: self.adopt,
             ListKept: lambda c: asyncio.to_thread(self.list_kept, c),
+            ReadIdleTimes: lambda c: asyncio.to_thread(self.read_idle),
             StartWithChannel: self.start_with_channel,
         }
 
@@ -128,6 +129,15 @@ class BatchActions:
             raise KernelError("adopt", None, f"the program took {taken} of {len(cmd.sockets)} sockets")
         return taken
 
+    def read_idle(self) -> dict[int, float]:  # in a worker thread: pyroute2's synchronous
+        # API refuses the event loop's
+        vips = self.mig.agent.config.vips
+        try:
+            return netlink.tcp_idle_ms_by_inode(sorted({6 if ":" in v else 4 for v in vips}))
+        except KernelError as e:
+            log.warning("idle times of the kept connections not read (%s): kernel table order", e)
+            return {}
+
     def list_kept(self, cmd: ListKept) -> tuple[KeptConnection, ...]:  # in a worker thread
         """The established connections on the service's ports that the running program
         holds (by socket inode), minus the ones just taken from the accept queues, each
@@ -136,11 +146,7 @@ class BatchActions:
         taken = {p for _, s in cmd.taken if (p := _peer(s)) is not None}
         pid = getattr(cmd.instance, "pid", None)
         held = _socket_inodes(pid) if pid is not None else None
-        try:  # in a worker thread: pyroute2's synchronous API refuses the event loop's
-            idle = netlink.tcp_idle_ms_by_inode(sorted({6 if ":" in v else 4 for v in vips}))
-        except KernelError as e:
-            log.warning("idle times of the kept connections not read (%s): kernel table order", e)
-            idle = {}
+        idle = cmd.idle if isinstance(cmd.idle, dict) else {}
         out: dict[tuple, KeptConnection] = {}
         for local, lport, peer, port, inode in proctcp.established(vips, cmd.ports):
             if (peer, port) in taken or (held is not None and inode not in held):

@@ -18,7 +18,7 @@ from clustercore import nodecommands as nc
 from clustercore import sockwire
 from clustercore.batchcommands import (
     AdoptSockets, HandBackConnections, HandBackListeners, Handed, HasChannel, KeptConnection, ListKept,
-    StartWithChannel,
+    ReadIdleTimes, StartWithChannel,
 )
 from clustercore.batchcutover import BatchDest, BatchSource
 from clustercore.batchnode import BatchedHandoff, peer_of
@@ -194,7 +194,7 @@ def test_the_source_script_opening_batches_and_finish():
     m = NodeMigration("echo", "n1")
     assert script(m, EVENTS[msgs.Arm](), [
         (nc.LookUp, nc.Local(ECHO, "old", (("tcp-7", "L"), ("udp-7", "U")), vips=(VIP,))),
-        (HasChannel, True), (nc.CountKernelDrops, 2), (nc.InstallRole, None),
+        (HasChannel, True), (nc.CountKernelDrops, 2), (ReadIdleTimes, {}), (nc.InstallRole, None),
     ]) == msgs.Done()
     assert isinstance(m.playbook, BatchedHandoff) and m.state is State.ARMED
     cut = m.playbook.source.cut
