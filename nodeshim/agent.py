@@ -512,7 +512,10 @@ class NodeAgent:
         except ConnectionLost:
             return False
 
-    async def notify(self, text: str) -> None:
+    async def notice(self, text: str) -> None:
+        """Tell the gateway (a Notice for its log). Not `notify`: that name is our
+        NOTIFY_SOCKET, and the method it hid made the watchdog's first restart raise
+        TypeError, which ended the watchdog for good."""
         self.send_to_gateway(msgs.Notice(text=text))
 
     # --- requests from the gateway ---------------------------------------------------
@@ -736,20 +739,39 @@ class NodeAgent:
                     continue
                 event(log, "service.exited", logging.WARNING, service=name, pid=rs.pid, exit_code=code,
                       restart=f"{n + 1}/{MAX_RESTARTS}")
-                await self.notify(f"service {name} exited with {code}; restarting")
+                await self.notice(f"service {name} exited with {code}; restarting")
                 if service_kind(rs.service.exec_spec) is ServiceKind.ADOPTED:
                     self.restarts[name] = MAX_RESTARTS  # not ours to restart
                     continue
-                if service_kind(rs.service.exec_spec) is ServiceKind.COMMAND:
-                    # their NOTIFY_SOCKET is ours, never our manager's (the agent's own
-                    # environment has the lab supervisor's or systemd's)
-                    self.running[name] = services.start_isolated(rs.service, self.config.vips, self.log_dir,
-                                                                 extra_env=self.notify_env)
-                else:
-                    self.running[name] = spawn_with_channel(rs.service, rs.sockets, self.log_dir, self.notify_env)
                 self.restarts[name] = n + 1
+                try:
+                    self.running[name] = self._restart(rs)
+                except Exception as e:  # noqa: BLE001 - counted: a start that keeps failing is left down
+                    if not isinstance(e, VipError):  # a bug: its traceback, and the watchdog goes on
+                        log.exception("restart of %s", name)
+                    event(log, "service.restart_failed", logging.ERROR, service=name, error=str(e))
+                    await self.notice(f"service {name}: restart failed: {e}")
+                    continue
                 self.metrics.restarted(name)
                 self.record_running()
+
+    def _restart(self, rs: services.RunningService) -> services.RunningService:
+        """Start an exited service again, from scratch, with the listeners and UDP sockets
+        we hold for it. A command-line program normally holds its sockets alone (we hold
+        none), but one that came here by a handoff has ours, bound at the migration's
+        prepare: binding the ports afresh beside them failed with EADDRINUSE, so they are
+        passed again (their accept queue, clients that connected meanwhile, included)."""
+        if service_kind(rs.service.exec_spec) is ServiceKind.COMMAND:
+            # their NOTIFY_SOCKET is ours, never our manager's (the agent's own
+            # environment has the lab supervisor's or systemd's)
+            if not rs.sockets:
+                return services.start_isolated(rs.service, self.config.vips, self.log_dir,
+                                               extra_env=self.notify_env)
+            new = services.start_isolated(rs.service, self.config.vips, self.log_dir,
+                                          extra_env=self.notify_env, passed=list(rs.sockets))
+            new.sockets = list(rs.sockets)
+            return new
+        return spawn_with_channel(rs.service, rs.sockets, self.log_dir, self.notify_env)
 
 
 def run(config: NodeConfig) -> None:

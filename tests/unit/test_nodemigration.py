@@ -19,6 +19,7 @@ from clustercore import sockwire
 from clustercore.cutover import DestCutover, SourceCutover
 from clustercore.errors import KernelError, LocalControlError, VipError
 from clustercore.kinds import MigrateStrategy
+from clustercore.handoff import START_ATTEMPTS
 from clustercore.nodemigration import (BUSY, EVENT_TYPES, PLAYBOOKS, STEP_EVENTS,
                                        TRANSITIONS, Failure, NodeMigration, NodeMigrations, State,
                                        choose_playbook, render_dot, role_still_needed, run_to_end)
@@ -113,7 +114,7 @@ class Kernel:
             nc.ReadPackets: tuple(b"p" for _ in getattr(cmd, "handles", ())),
             nc.OpenSockets: [("tcp-7", "NL"), ("udp-7", "NU")], nc.StartHandedOver: "new-instance",
             nc.RestoreConnections: [f"R{i}" for i in range(len(getattr(cmd, "states", ())))],
-            nc.PutBackDatagrams: 1, nc.InjectPackets: 1,
+            nc.PutBackDatagrams: 1, nc.InjectPackets: 1, nc.WaitStarted: nc.Started("ready"),
         }.get(t)
 
     def types(self) -> list[type]:
@@ -260,14 +261,16 @@ def test_the_destination_script():
     assert restored.timing_ms == {"decode": 1.0, "restore": 3.0, "restore_streamed": 2.0}
     released = script(m, EVENTS[msgs.Release](), [
         (nc.MarkReleasing, None), (nc.ReadClock, 1.0), (nc.Thaw, None), (nc.ReadClock, 1.1), (nc.CountUdpBufferDrops, 7),
-        (nc.PutBackDatagrams, 1), (nc.InjectPackets, 1), (nc.ReadClock, 1.2),
-        (nc.StartHandedOver, "new"), (nc.CloseDescriptors, None), (nc.AdoptInstance, None),
+        (nc.PutBackDatagrams, 1), (nc.InjectPackets, 1), (nc.ReadClock, 1.2), (nc.ReadClock, 1.2),
+        (nc.StartHandedOver, "new"), (nc.WaitStarted, nc.Started("ready")), (nc.ReadClock, 1.25),
+        (nc.CloseDescriptors, None), (nc.AdoptInstance, None),
         (nc.RemoveRoleLater, None), (nc.ReadClock, 1.3), (nc.CountKernelDrops, 0),
         (nc.CountUdpBufferDrops, 8), (nc.Note, None), (nc.Note, None), (nc.ServiceMoved, None),
     ])
     assert isinstance(released, msgs.ReleaseDone) and m.state is State.RELEASED
     assert (released.reinjected, released.lost, released.kernel_drops) == (2, 1, 1)
-    assert released.timing_ms == {"thaw": 100.0, "release": 300.0}
+    assert released.timing_ms == {"thaw": 100.0, "start": 50.0, "release": 300.0}
+    assert (released.start_attempts, released.service_down, released.connections_closed) == (1, "", 0)
 
 
 def test_the_new_instance_starts_with_every_socket_by_name_and_the_saved_state():
@@ -282,6 +285,72 @@ def test_the_new_instance_starts_with_every_socket_by_name_and_the_saved_state()
     assert k.types().index(nc.Thaw) < k.types().index(nc.StartHandedOver)
     adopt = next(c for c in k.seen if isinstance(c, nc.AdoptInstance))
     assert adopt.sockets == (("tcp-7", "NL"), ("udp-7", "NU")) and adopt.instance == "new-instance"
+
+
+# ---------------------------------------------------------------- the new instance's start
+
+
+EXITED = nc.Started("exited", "pid 9 exited with 127 before READY=1")
+FAILED_START = KernelError("start the new instance", 24)
+RELEASE_HEAD = [(nc.MarkReleasing, None), (nc.ReadClock, 1.0), (nc.Thaw, None), (nc.ReadClock, 1.1),
+                (nc.CountUdpBufferDrops, 0), (nc.PutBackDatagrams, 1), (nc.InjectPackets, 1), (nc.ReadClock, 1.2),
+                (nc.ReadClock, 1.2)]
+RELEASE_TAIL = [(nc.RemoveRoleLater, None), (nc.ReadClock, 2.0), (nc.CountKernelDrops, 0),
+                (nc.CountUdpBufferDrops, 0)]
+
+
+def test_a_start_that_exits_at_once_is_tried_again_with_the_same_descriptors():
+    m = destination_at(State.RESTORED)
+    f = m.playbook.destination
+    released = script(m, EVENTS[msgs.Release](), [
+        *RELEASE_HEAD,
+        (nc.StartHandedOver, "first"), (nc.WaitStarted, EXITED), (nc.StopInstance, None),
+        (nc.Pause, None), (nc.StartHandedOver, "second"), (nc.WaitStarted, nc.Started("ready")),
+        (nc.ReadClock, 1.5), (nc.Note, None),  # it says which start worked, and why the others failed
+        (nc.CloseDescriptors, None), (nc.AdoptInstance, None),
+        *RELEASE_TAIL, (nc.Note, None), (nc.ServiceMoved, None),
+    ])
+    assert isinstance(released, msgs.ReleaseDone) and m.state is State.RELEASED
+    assert (released.start_attempts, released.service_down) == (2, "")
+    assert f.instance is None and f.opened == [] and f.restored == []
+
+
+def test_the_starts_are_bounded_and_the_last_dead_instance_goes_to_the_watchdog():
+    m = destination_at(State.RESTORED)
+    steps = [*RELEASE_HEAD, (nc.StartHandedOver, "i1"), (nc.WaitStarted, EXITED), (nc.StopInstance, None)]
+    for i in range(2, START_ATTEMPTS + 1):
+        steps += [(nc.Pause, None), (nc.StartHandedOver, f"i{i}"), (nc.WaitStarted, EXITED), (nc.StopInstance, None)]
+    steps += [(nc.ReadClock, 1.5), (nc.Note, None), (nc.CloseDescriptors, None), (nc.AdoptInstance, None),
+              *RELEASE_TAIL, (nc.Note, None), (nc.ServiceMoved, None)]
+    moved = len(m.playbook.destination.restored)
+    assert moved >= 1
+    runner = m.handle(EVENTS[msgs.Release](), T0)
+    cmd, seen = runner.start(), []
+    for expected, result in steps:
+        assert isinstance(cmd, expected), (cmd, expected)
+        seen.append(cmd)
+        cmd = runner.send(result)
+    assert cmd is None
+    released = runner.reply
+    assert released.start_attempts == START_ATTEMPTS and released.connections_closed == moved
+    assert released.service_down.startswith(f"the new instance did not start ({START_ATTEMPTS} attempts")
+    adopt = next(c for c in seen if isinstance(c, nc.AdoptInstance))
+    assert adopt.instance == f"i{START_ATTEMPTS}" and [n for n, _ in adopt.sockets] == ["tcp-7", "udp-7"]
+    starts = [c for c in seen if isinstance(c, nc.StartHandedOver)]
+    assert len({(c.sockets, c.connections, c.state) for c in starts}) == 1  # the same each time
+
+
+def test_starts_that_never_make_a_process_close_the_listeners_bound_at_prepare():
+    m = destination_at(State.RESTORED)
+    steps = [*RELEASE_HEAD, (nc.StartHandedOver, FAILED_START)]
+    for _ in range(2, START_ATTEMPTS + 1):
+        steps += [(nc.Pause, None), (nc.StartHandedOver, FAILED_START)]
+    steps += [(nc.ReadClock, 1.5), (nc.Note, None), (nc.CloseDescriptors, None), (nc.CloseDescriptors, None),
+              *RELEASE_TAIL, (nc.Note, None), (nc.ServiceMoved, None)]
+    released = script(m, EVENTS[msgs.Release](), steps)
+    # handled inside the release: its reply is a ReleaseDone that says so, not a failure
+    assert isinstance(released, msgs.ReleaseDone) and "errno 24" in released.service_down
+    assert m.playbook.destination.opened == []
 
 
 # ---------------------------------------------------------------- the one rollback
@@ -405,7 +474,10 @@ def test_every_pair_once(state, event_type):
         assert isinstance(reply, (msgs.Reply, Failure)), reply
     else:
         assert reply is None
-        assert not any(c.WAITS for c in k.seen), "local endings never wait (shutdown cannot)"
+        # ExecutorFailed while RELEASING is no ending: it is the rest of the gateway's
+        # Release in that step's own runner (the new instance's start waits for READY=1)
+        if (state, event_type) != (State.RELEASING, nc.ExecutorFailed):
+            assert not any(c.WAITS for c in k.seen), "local endings never wait (shutdown cannot)"
     assert m.state not in BUSY
     if not isinstance(reply, Failure) or isinstance(event, nc.ExecutorFailed):
         assert m.state is row.target or m.state in getattr(row.target, "targets", ()), (m.state, row)
