@@ -37,13 +37,13 @@ READY_TIMEOUT_S = 10.0  # the destination's new instance must say READY=1 X_VIP_
 READY_POLL_S = 0.005
 
 
-def spawn_with_channel(service, sockets, log_dir: str, extra_env: dict | None = None):
+def spawn_with_channel(service, sockets, log_dir: str, extra_env: dict | None = None, argv=None):
     """services.spawn, plus the program's end of a new `vip-batch` channel as the last of
     its LISTEN_FDS; the agent's end is `rs.channel`. `rs.sockets` stays what the caller
     passed (the channel is not a socket of the service: it is never moved nor passed on)."""
     ours, theirs = batchchannel.channel_pair()
     try:
-        rs = services.spawn(service, [*sockets, (bc.CHANNEL_FDNAME, theirs)], log_dir, extra_env)
+        rs = services.spawn(service, [*sockets, (bc.CHANNEL_FDNAME, theirs)], log_dir, extra_env, argv=argv)
     except BaseException:
         ours.close()
         raise
@@ -181,8 +181,7 @@ class BatchActions:
                 await asyncio.sleep(READY_POLL_S)
         except BaseException:
             mig.starting.pop(rs.pid, None)
-            services.kill(rs)
-            rs.channel.close()
+            services.kill(rs)  # its channel too
             raise
 
 

@@ -107,6 +107,12 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
         whole = json.loads(h.vipctl("migrate", "echo", "--to", "n1", "--json", timeout=180).stdout)
         time.sleep(0.2)
         retrans["whole"] = _retransmissions(h) - before
+        phase.write_text("again")
+        # the whole handoff's new instance got its channel too: it moves in batches again
+        again = call(LabMigrateBatched(name="echo", to="n2", **sizes), spec.control_socket, timeout=300)
+        print("AGAIN", json.dumps({k: again.get(k) for k in ("outcome", "batches", "connections_moved",
+                                                             "connections_pinned", "lost")}))
+        time.sleep(0.2)
         phase.write_text("after")
         print("WHOLE", json.dumps({k: whole.get(k) for k in (
             "outcome", "strategy", "freeze_ms", "stop_ms", "total_ms", "tcp_established", "held", "released",
@@ -122,6 +128,7 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
         assert batched["connections_moved"] == CONNS and batched["connections_pinned"] == 0, batched
         assert batched["batches"] >= 2 and batched["lost"] == 0, batched
         assert whole["outcome"] == "committed", whole
+        assert again["outcome"] == "committed" and again["connections_moved"] == CONNS, again
         # the client's oracle: every request echoed once, in order; none unanswered or cut
         assert client["bad"] == 0 and client["unanswered"] == 0 and client["closed"] == 0, client
         assert client["ok"] == client["requests"] > 3 * CONNS, client

@@ -67,6 +67,7 @@ def test_the_echo_builtin_gets_its_channel_announces_it_and_moves_a_connection(t
             except ProcessLookupError:
                 pass
             rs.process.wait(5)
-            rs.channel.close()
+            if rs.channel is not None:
+                rs.channel.close()
         store.close()
         listener.close()
