@@ -71,3 +71,40 @@ def test_the_echo_builtin_gets_its_channel_announces_it_and_moves_a_connection(t
                 rs.channel.close()
         store.close()
         listener.close()
+
+
+def test_established_rows_read_from_the_kernel_table(tmp_path, monkeypatch):
+    table = tmp_path / "tcp"
+    vip, other = proctcp.proc_address("203.0.113.10", 7), proctcp.proc_address("203.0.113.10", 8)
+    client = proctcp.proc_address("198.51.100.2", 40001)
+    table.write_text(
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        f"   0: {vip} 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 100 1\n"
+        f"   1: {vip} {client} 01 00000000:00000000 00:00000000 00000000     0        0 201 1\n"
+        f"   2: {vip} {client} 08 00000000:00000000 00:00000000 00000000     0        0 202 1\n"
+        f"   3: {other} {client} 01 00000000:00000000 00:00000000 00000000     0        0 203 1\n")
+    monkeypatch.setitem(proctcp.TABLES, 4, str(table))
+    assert proctcp.established("203.0.113.10", (7,)) == [("203.0.113.10", 7, "198.51.100.2", 40001, 201)]
+
+
+def test_kept_connections_are_the_programs_minus_the_taken_ones_with_their_idle_time(monkeypatch):
+    from clustercore.batchcommands import ListKept
+    from nodeshim import batchmigrate
+
+    rows = [("203.0.113.10", 7, "198.51.100.2", 40000 + i, 300 + i) for i in range(4)]
+    monkeypatch.setattr(batchmigrate.proctcp, "established", lambda vips, ports: rows)
+    monkeypatch.setattr(batchmigrate, "_socket_inodes", lambda pid: {300, 301, 302})  # 303: not the program's
+
+    class Taken:
+        def getpeername(self):
+            return ("198.51.100.2", 40002)
+
+    class Mig:
+        class agent:
+            class config:
+                vips = ("203.0.113.10",)
+    instance = type("RS", (), {"pid": 4242})()
+    kept = batchmigrate.BatchActions(Mig()).list_kept(
+        ListKept(ports=(7,), taken=(("conn-7", Taken()),), instance=instance, idle={300: 5.0, 301: 900.0}))
+    assert [(k.flow[2], k.idle_ms) for k in kept] == [(40000, 5.0), (40001, 900.0)]
+    assert kept[0].flow == (TCP, "198.51.100.2", 40000, "203.0.113.10", 7)
