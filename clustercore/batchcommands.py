@@ -101,5 +101,15 @@ class StartWithChannel(Command):
 BATCH_COMMAND_TYPES: tuple[type[Command], ...] = (
     HandBackListeners, HandBackConnections, AdoptSockets, ListKept, HasChannel, ReadIdleTimes, StartWithChannel)
 
-__all__ = ["AdoptSockets", "BATCH_COMMAND_TYPES", "HandBackConnections", "HandBackListeners",
-           "Handed", "HasChannel", "KeptConnection", "ListKept", "ReadIdleTimes", "StartWithChannel"]
+__all__ = [
+    "BATCH_COMMAND_TYPES",
+    "AdoptSockets",
+    "HandBackConnections",
+    "HandBackListeners",
+    "Handed",
+    "HasChannel",
+    "KeptConnection",
+    "ListKept",
+    "ReadIdleTimes",
+    "StartWithChannel",
+]

@@ -22,12 +22,20 @@ strategy's machine refuses a batch step cleanly.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import batch_messages as bm
 from . import messages as msgs
 from .batchnode import BatchedHandoff
-from .nodecommands import ExecutorFailed, LinkLost, OwnerMoved, OwnerStayed, Playbook, Refused
+from .nodecommands import (
+    ExecutorFailed,
+    LinkLost,
+    OwnerMoved,
+    OwnerStayed,
+    Playbook,
+    Refused,
+)
 from .nodemigration import TRANSITIONS, NodeMigration, Row, State, play
 
 

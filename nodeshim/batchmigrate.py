@@ -17,13 +17,20 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from clustercore import batchchannel as bc
-from clustercore import nodecommands as nc
 from clustercore.batchcommands import (
-    AdoptSockets, HandBackConnections, HandBackListeners, Handed, HasChannel, KeptConnection, ListKept,
-    ReadIdleTimes, StartWithChannel,
+    AdoptSockets,
+    HandBackConnections,
+    HandBackListeners,
+    Handed,
+    HasChannel,
+    KeptConnection,
+    ListKept,
+    ReadIdleTimes,
+    StartWithChannel,
 )
 from clustercore.errors import KernelError, LocalControlError
 from clustercore.packet import TCP

@@ -20,12 +20,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from clustercore import batchmigration as bmig  # noqa: E402
-from clustercore import messages as msgs  # noqa: E402
-from clustercore import migration as mig  # noqa: E402
-from clustercore.errors import (ConnectionLost, LocalControlError, PeerControlError,  # noqa: E402
-                                VipError)
-from clustercore.messages import Message, message  # noqa: E402
+from clustercore import batchmigration as bmig
+from clustercore import messages as msgs
+from clustercore import migration as mig
+from clustercore.errors import (
+    ConnectionLost,
+    LocalControlError,
+    PeerControlError,
+    VipError,
+)
+from clustercore.messages import Message, message
 
 OP = "lab.migrate.batched"
 
@@ -119,7 +123,7 @@ def install() -> None:
                     try:
                         event = self.events.get_nowait() if not self.events.empty() else \
                             await asyncio.wait_for(self.events.get(), timeout)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         self.perform(machine, machine.handle_timer(self.loop.time()))
                     else:
                         self.perform(machine, machine.handle_event(event, self.loop.time()))

@@ -28,7 +28,7 @@ from vipctl.client import call
 from vipctl.lab import VIP
 
 sys.path.insert(0, HERE)
-from batchgateway import LabMigrateBatched  # noqa: E402
+from batchgateway import LabMigrateBatched
 
 CONNS = int(os.environ.get("VIPCLUSTER_BATCH_CONNS", "300"))
 # a fixed batch size (e.g. 32) instead of the adaptive BatchSizer (first 32, toward 5 ms)
@@ -45,13 +45,10 @@ def _start_gateway(spec: labmod.Lab) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
     for k in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
         env.pop(k, None)
-    log = open(os.path.join(spec.state_dir, "logs", "batchgateway.log"), "ab")
-    try:
+    with open(os.path.join(spec.state_dir, "logs", "batchgateway.log"), "ab") as log:
         return labmod.popen_in(spec.gw_ns, [sys.executable, os.path.join(HERE, "batchgateway.py"), "gateway", "run",
                                             "--config", os.path.join(spec.state_dir, "gateway.toml")],
                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
-    finally:
-        log.close()
 
 
 def _retransmissions(h: LabHandle) -> int:
@@ -143,7 +140,7 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
                     p.wait(5)
         labmod.release_daemon(spec, "gateway")
         labmod.down(spec, log=_quiet)
-        assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
 
 
 def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
@@ -177,7 +174,7 @@ def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
             "outcome", "reason", "batches", "connections_moved", "connections_pinned", "lost")}))
         time.sleep(2.0)  # the pinned connections go on talking to the old instance
         stop.touch()
-        out, err = load.communicate(timeout=60)
+        out, _err = load.communicate(timeout=60)
         client = json.loads(out)
         print("CLIENT", json.dumps(client))
         assert report["outcome"] == "committed" and "undone" in report["reason"], report
@@ -195,4 +192,4 @@ def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
                     p.wait(5)
         labmod.release_daemon(spec, "gateway")
         labmod.down(spec, log=_quiet)
-        assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout

@@ -14,7 +14,7 @@ import pytest
 
 from clustercore.ownership import Service
 from clustercore.packet import TCP
-from nodeshim import batchchannel, proctcp, services
+from nodeshim import batchchannel, proctcp
 from nodeshim.batchmigrate import spawn_with_channel
 from nodeshim.fdstore import NotifySocket, process_group_of
 
@@ -49,7 +49,8 @@ def test_the_echo_builtin_gets_its_channel_announces_it_and_moves_a_connection(t
         client = socket.create_connection(("127.0.0.1", port), timeout=5)
         client.sendall(b"one\n")
         assert client.recv(10) == b"one\n"
-        peer = "%s:%d" % client.getsockname()[:2]
+        host, cport = client.getsockname()[:2]
+        peer = f"{host}:{cport}"
         named, owed = batchchannel.hand_back(rs.channel, peers=[peer])
         assert [n for n, _ in named] == [f"conn-{port}"] and owed == {}
         client.sendall(b"two\n")  # nobody serves it now: it waits in the kernel

@@ -8,27 +8,49 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import pytest
 
 from clustercore import batch_messages as bm
 from clustercore import messages as msgs
 from clustercore import nodecommands as nc
 from clustercore import sockwire
 from clustercore.batchcommands import (
-    AdoptSockets, HandBackConnections, HandBackListeners, Handed, HasChannel, KeptConnection, ListKept,
-    ReadIdleTimes, StartWithChannel,
+    AdoptSockets,
+    HandBackConnections,
+    HandBackListeners,
+    Handed,
+    HasChannel,
+    KeptConnection,
+    ListKept,
+    ReadIdleTimes,
+    StartWithChannel,
 )
 from clustercore.batchcutover import BatchDest, BatchSource
 from clustercore.batchnode import BatchedHandoff, peer_of
 from clustercore.errors import KernelError, LocalControlError, VipError
-from clustercore.nodemigration import (BUSY, EVENT_TYPES, STEP_EVENTS, TRANSITIONS, Failure,
-                                       NodeMigration, NodeMigrations, State, run_to_end)
+from clustercore.nodemigration import (
+    BUSY,
+    EVENT_TYPES,
+    STEP_EVENTS,
+    TRANSITIONS,
+    Failure,
+    NodeMigration,
+    NodeMigrations,
+    State,
+    run_to_end,
+)
 from clustercore.ownership import Service, Verdict
 from clustercore.packet import TCP, UDP, Packet
-from clustercore.sockstate import (ServiceSockets, TcpConnState, TcpListenerState, TcpWindow,
-                                   UdpDatagram, UdpSocketState)
+from clustercore.sockstate import (
+    ServiceSockets,
+    TcpConnState,
+    TcpListenerState,
+    TcpWindow,
+    UdpDatagram,
+    UdpSocketState,
+)
 
 VIP, CLIENT = "203.0.113.10", "198.51.100.2"
 EPOCH = "02:76:63:00:00:02"
@@ -359,7 +381,7 @@ def test_batch_steps_out_of_order_are_refused():
 def test_a_handoff_machine_refuses_batch_steps():
     m = NodeMigration("echo", "n1")
     feed(m, step(msgs.Arm, destination="n2"))  # handoff
-    reply, k = feed(m, EVENTS[bm.OpenBatch]())
+    reply, _k = feed(m, EVENTS[bm.OpenBatch]())
     assert isinstance(reply, Failure) and "not batched" in str(reply.error) and m.state is State.ARMED
 
 
@@ -415,7 +437,7 @@ def test_the_destination_script_opening_batches_and_end():
 def test_the_new_instance_gets_the_sockets_and_what_the_old_one_owed():
     m = adopting_destination()
     feed(m, EVENTS[bm.RestoreBatch]())
-    reply, k = feed(m, EVENTS[bm.ReleaseBatch]())
+    _reply, k = feed(m, EVENTS[bm.ReleaseBatch]())
     adopt = next(c for c in k.seen if isinstance(c, AdoptSockets))
     assert adopt.instance == "new-instance" and adopt.owed == OWED
     assert [n for n, _ in adopt.sockets] == ["conn-7", "conn-7"] and [s for _, s in adopt.sockets] == ["R0", "R1"]
@@ -449,7 +471,7 @@ def test_a_failed_release_goes_forward_each_action_once():
 
 def test_a_failed_batch_restore_closes_its_sockets_and_waits_for_the_abort():
     m = adopting_destination()
-    reply, k = feed(m, EVENTS[bm.RestoreBatch](), Kernel("n2", fail=[nc.RestoreConnections]))
+    reply, _k = feed(m, EVENTS[bm.RestoreBatch](), Kernel("n2", fail=[nc.RestoreConnections]))
     assert isinstance(reply, Failure) and m.state is State.ADOPTING and m.playbook.destination.batch is None
     assert feed(m, EVENTS[bm.AbortBatch]())[0] == msgs.Done()
     assert m.playbook.destination.settled == {flow(1), flow(2)}
