@@ -4,8 +4,8 @@ The gateway sends them to the two nodes; the replies come back typed. Same codec
 clustercore.messages (frozen keyword-only dataclasses, a total decoder that blames the
 peer); flows travel as lists [proto, src, sport, dst, dport].
 
-The gateway's controller sends them (gateway/batched.py); the agents answer them once the
-node side is wired (docs/handoff.md, "Batched cutover").
+The gateway's controller sends them (gateway/batched.py). The node side: clustercore.batchnode
+(the playbook), clustercore.batchtable (its rows), nodeshim.batchmigrate (its executor).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from .errors import LocalControlError, PeerControlError
 from .kinds import MigrateStrategy
 from .messages import CONSUMED, CommitDone, Done, Reply, Step, _Codec, message, reply_type, wire
 
-# named in Prepare and Arm: both nodes run the batched playbook (the strategy's own name,
-# kinds.MigrateStrategy.BATCHED, as the service config and vipctl say it)
-STRATEGY = MigrateStrategy.BATCHED.value
+STRATEGY = MigrateStrategy.BATCHED.value  # named in Prepare and Arm: both nodes run the batched playbook
 
 
 def _flow_ok(item: Any) -> bool:
@@ -158,6 +156,10 @@ class FinishBatched(Step):
     pinned: int = 0
 
 
+# the node steps (the node's machine takes them as events, clustercore.batchtable)
+STEPS = (OpenBatch, FreezeBatch, RestoreBatch, ReleaseBatch, CommitBatch, RollbackBatch, AbortBatch,
+         FinishBatched)
+
 __all__ = ["AbortBatch", "BatchFreezeDone", "BatchReleaseDone", "CommitBatch", "FLOWS",
            "FinishBatched", "FreezeBatch", "OpenBatch", "OpeningDone", "ReleaseBatch",
-           "RestoreBatch", "RollbackBatch", "STRATEGY"]
+           "RestoreBatch", "RollbackBatch", "STEPS", "STRATEGY"]

@@ -68,7 +68,7 @@ class _Run:
 
     # --- Executor ---------------------------------------------------------------------
     def send(self, node: str, message: msgs.Step) -> None:
-        if self.batched:
+        if self.batched and self.machine is not None:  # (a lab-only driver of its own has none)
             batched.journal_step(self, message)
         self._fault(message.OP)
         if isinstance(message, (msgs.Prepare, msgs.Arm)) and not message.strategy and self.strategy:

@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 
-from clustercore import fastpath
+from clustercore import batch_messages, fastpath
 from clustercore import messages as msgs
 from clustercore.config import NodeConfig
 from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, PeerControlError, VipError
@@ -34,6 +34,7 @@ from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
 from . import criu, criulazy, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
+from .batchmigrate import spawn_with_channel, speaks_batch
 from .drain import DrainAgent
 from .fdstore import NotifySocket, process_group_of
 from .health import HealthRunner
@@ -51,7 +52,7 @@ CONNECT_TIMEOUT_S = 5.0
 LOGIN_TIMEOUT_S = 5.0
 RECONNECT_FIRST_S = 0.1  # back-off after losing the gateway: doubles up to RECONNECT_MAX_S
 RECONNECT_MAX_S = 0.5  # short: a frozen migration waits for the restarted gateway
-MIGRATION_MESSAGES = (*msgs.STEPS, msgs.Chunk)
+MIGRATION_MESSAGES = (*msgs.STEPS, msgs.Chunk, *batch_messages.STEPS)
 STOP_WAIT_MARGIN_S = 2.0  # a stop waits for open migrations: the lease and this much
 
 
@@ -629,7 +630,7 @@ class NodeAgent:
         else:
             socks = sockets if sockets is not None else services.open_sockets(self.config.vips, service.ports)
             try:
-                rs = services.spawn(service, socks, self.log_dir, extra_env)
+                rs = spawn_with_channel(service, socks, self.log_dir, extra_env)
             except VipError:
                 for _, s in socks:
                     s.close()
@@ -680,7 +681,8 @@ class NodeAgent:
             "services": self.packet_counters(),
             "unparsed": self.filter.unparsed,
             "processes": {n: {"pid": rs.pid, "alive": rs.process.poll() is None,
-                              "handoff": self.speaks_handoff(n)}  # announced the fd store
+                              "handoff": self.speaks_handoff(n),  # announced the fd store
+                              "batch": speaks_batch(self, n)}  # ...and the vip-batch channel
                           for n, rs in self.running.items()},
             "queue_errors": self.queue.errors if self.queue else 0,
             "process_strategy": self.process_strategy(),
@@ -769,7 +771,7 @@ class NodeAgent:
                                           extra_env=self.notify_env, passed=list(rs.sockets))
             new.sockets = list(rs.sockets)
             return new
-        return services.spawn(rs.service, rs.sockets, self.log_dir, self.notify_env)
+        return spawn_with_channel(rs.service, rs.sockets, self.log_dir, self.notify_env)
 
 
 def run(config: NodeConfig) -> None:

@@ -60,6 +60,7 @@ from vipwire.logs import event as log_event
 from clustercore.process import memory_mode
 
 from . import criu, fdstore, imagexfer, lazyxfer, pidfd, queue, services, tcprepair, udphandoff
+from .batchmigrate import BatchActions
 from .leftovers import Leftovers
 
 log = logging.getLogger("vipcluster.migrate")
@@ -124,7 +125,8 @@ class MigrationAgent:
         self.stopping = False  # the agent is stopping: no new migration begins here
         self.starting: dict[int, str] = {}  # a handoff's new instance, by pid, until adopted
         self._start_faults: dict[str, list] = {}  # `handoff.start` exit/fail N: [what, starts left]
-        self._actions: dict[type, Callable[[Any], Any]] = self._command_table()
+        self._actions: dict[type, Callable[[Any], Any]] = {**self._command_table(),
+                                                           **BatchActions(self).table()}
 
     # --- what the agent asks ------------------------------------------------------------
     def busy(self, name: str) -> bool:

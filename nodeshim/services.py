@@ -286,6 +286,7 @@ class RunningService:
     log_path: str
     started_at: float = field(default_factory=time.time)
     output_pipe: str | None = None  # criu's name of the pipe on its fds 1 and 2 (process strategy)
+    channel: socket.socket | None = None  # the agent's end of its vip-batch channel (nodeshim.batchmigrate)
 
     @property
     def pid(self) -> int:
@@ -326,7 +327,8 @@ def start_handed_over(service: Service, vip: str, log_dir: str, sockets, connect
             named.append(("state", memfd))
         named += list(connections)
         if service_kind(service.exec_spec) is ServiceKind.BUILTIN:
-            return spawn(service, named, log_dir, extra_env, argv=argv)
+            from .batchmigrate import spawn_with_channel  # its channel too: it can move in batches next
+            return spawn_with_channel(service, named, log_dir, extra_env, argv=argv)
         return start_isolated(service, vip, log_dir, extra_env=extra_env, passed=named, argv=argv)
     finally:
         if memfd is not None:
@@ -339,12 +341,20 @@ KILL_WAIT_S = 2.0
 def kill(rs: RunningService, timeout: float = KILL_WAIT_S) -> None:
     """End an instance at once (SIGKILL to its whole session) and wait for it.
     For an instance that is stopped (a migrated-away source) or never served (an aborted
-    destination): neither can run a SIGTERM handler. Its sockets are the caller's."""
+    destination): neither can run a SIGTERM handler. Its sockets are the caller's (its
+    vip-batch channel is its own: closed)."""
     try:
         os.killpg(rs.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     rs.process.wait(timeout)
+    _close_channel(rs)
+
+
+def _close_channel(rs: RunningService) -> None:
+    if rs.channel is not None:
+        rs.channel.close()
+        rs.channel = None
 
 
 def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: str,
@@ -441,6 +451,7 @@ def stop(rs: RunningService, timeout: float = 3.0) -> None:
             proc.wait(timeout)
     for _, s in rs.sockets:
         s.close()
+    _close_channel(rs)
     log.info("stopped %s (pid %d, exit %s)", rs.service.name, proc.pid, proc.returncode)
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clustercore import batch_messages as bm
 from clustercore import messages as msgs
 from clustercore import nodecommands as nc
 from clustercore import sockwire
@@ -71,8 +72,16 @@ EVENTS = {
     nc.OwnerMoved: lambda: nc.OwnerMoved(why="over"),
     nc.LeaseExpired: lambda: nc.LeaseExpired(),
     nc.ExecutorFailed: lambda: nc.ExecutorFailed(error=KernelError("something", 5)),
+    # the batched strategy's steps: refused by this file's (handoff) machines; their own
+    # states and scripts are tests/unit/test_batchnode.py's
+    **{cls: (lambda cls=cls: step(cls, **({"batch": 1} if "batch" in cls.__dataclass_fields__ else {}),
+                                  **({"sockets": {}} if cls is bm.RestoreBatch else {})))
+       for cls in bm.STEPS},
 }
 assert set(EVENTS) == set(EVENT_TYPES)
+BATCH_STATES = {State.OPENING, State.BATCHING, State.BATCH_FREEZING, State.BATCH_COMMITTING,
+                State.BATCH_UNDOING, State.ADOPTING, State.BATCH_RESTORING, State.BATCH_RELEASING,
+                State.BATCH_ABORTING}
 
 
 class Kernel:
@@ -441,7 +450,7 @@ def test_a_release_that_fails_goes_on_with_the_rest():
 # ---------------------------------------------------------------- every pair
 
 
-ALL_PAIRS = [(s, e) for s in State for e in EVENT_TYPES]
+ALL_PAIRS = [(s, e) for s in State if s not in BATCH_STATES for e in EVENT_TYPES]
 
 
 @pytest.mark.parametrize("state, event_type", ALL_PAIRS,
@@ -471,14 +480,15 @@ def test_every_pair_once(state, event_type):
             assert not any(c.WAITS for c in k.seen), "local endings never wait (shutdown cannot)"
     assert m.state not in BUSY
     if not isinstance(reply, Failure) or isinstance(event, nc.ExecutorFailed):
-        assert m.state is row.target, (m.state, row)
+        assert m.state is row.target or m.state in getattr(row.target, "targets", ()), (m.state, row)
 
 
 def test_the_table_is_closed():
     """Every target and busy state is a State; every busy state a failure can happen in has
     a row for ExecutorFailed, so a failed command always ends in a settled state."""
     for (state, event), row in TRANSITIONS.items():
-        assert isinstance(row.busy, State) and isinstance(row.target, State)
+        assert isinstance(row.busy, State)
+        assert isinstance(row.target, State) or all(isinstance(t, State) for t in row.target.targets)
         if row.busy in BUSY:
             assert (row.busy, nc.ExecutorFailed) in TRANSITIONS, row
     # a settled state answers every gateway step: a row, or a refusal; terminal states
@@ -628,7 +638,8 @@ def test_api_misuse_is_a_local_error():
 def test_the_diagram_draws_every_row():
     dot = render_dot()
     for (state, event), row in TRANSITIONS.items():
-        assert state.name in dot and row.target.name in dot and event.__name__ in dot
+        targets = (row.target,) if isinstance(row.target, State) else row.target.targets
+        assert state.name in dot and all(t.name in dot for t in targets) and event.__name__ in dot
     assert dot.startswith("digraph node_migration") and "ROLLING_BACK" in dot
 
 
