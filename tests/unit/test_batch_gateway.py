@@ -563,3 +563,9 @@ def test_a_batch_size_without_batched_or_out_of_range_is_refused(tmp_path):
     with pytest.raises(LocalControlError, match="1..1024"):
         asyncio.run(main(batched=True, batch_size=5000))
     assert c.ops() == []
+
+
+def test_the_gateway_waits_longer_at_arming_where_nothing_is_held():
+    from gateway import batched
+    m = batched.machine(SERVICE, "n1", "n2", "e")
+    assert m.timeouts.arming == 15.0 and m.timeouts.freezing == 2.0  # the rest: the machine's own
