@@ -179,6 +179,13 @@ def progress_line(run, previous: bmig.BState, state: bmig.BState) -> tuple[str, 
                         f"to {run.dest} ({r.connections_pinned} pinned), batch {m.batch} next")
 
 
+def to_reconcile(source: str, dest: str, report: dict) -> tuple[str, ...]:
+    """The nodes told again what they must run after a migration that went wrong. Not the
+    source of a split batched migration: a reconcile there ends the old instance, and with
+    it the pinned connections it still serves (found in the lab: every one reset)."""
+    return (dest,) if report.get("split") else (source, dest)
+
+
 # ---------------------------------------------------------------- the report
 
 

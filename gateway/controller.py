@@ -407,7 +407,7 @@ class Controller:
             # something went wrong (a node restarted mid-way, perhaps): tell both nodes
             # again what they must run now that the migration is over (a restarted agent
             # left the service alone while it was open)
-            for node in (source, dest):
+            for node in batched.to_reconcile(source, dest, report):
                 if node in gw.agents:
                     asyncio.ensure_future(gw._after_join(node))
         self._log_event("migration", report)
@@ -515,7 +515,7 @@ class Controller:
         except VipError as e:
             log.warning("delivery after recovering %s: %s", j.service, e)
         await gw.push_table()
-        for node in (j.source, j.dest):  # what each must run now that it is over
+        for node in batched.to_reconcile(j.source, j.dest, report):  # what each must run now
             if node in gw.agents:
                 asyncio.ensure_future(gw._after_join(node))
         self._log_event("migration", report)

@@ -243,7 +243,9 @@ class Cluster:
             c = ctl.Controller(self.gw)
             msg = msgs.Migrate(name=SERVICE, to="n2", batched=batched)
             ctx = types.SimpleNamespace(progress=lambda step, detail: self.progress.append((step, detail)))
-            return await c.op_migrate(wire(msg), ctx)
+            report = await c.op_migrate(wire(msg), ctx)
+            await asyncio.sleep(0)  # the reconciles it scheduled
+            return report
         return asyncio.run(main())
 
     def drain_traffic(self) -> list[str]:
@@ -342,6 +344,7 @@ def test_a_failed_batch_is_pinned_on_the_source_and_the_service_ends_split(tmp_p
     assert ("n1", "migrate.batch.rollback", 1) in c.seen and ("n2", "migrate.batch.abort", 1) in c.seen
     assert c.finished_pinned == 4
     assert c.gw.delivery_override[SERVICE] == ("n1", "n2")  # both serve until the pinned close
+    assert c.gw.joined == ["n2"]  # the source is not reconciled: that would end its old instance
     assert c.drain_traffic() == []
 
 
@@ -395,7 +398,9 @@ def _recover(gw):
         ctl.RECONCILE_SETTLE_S = 0
         [j] = gw.registry.open_migrations()
         c.book.adopt(service=j.service, owner=j.source, dest=j.dest)
-        return await c._recover(j)
+        report = await c._recover(j)
+        await asyncio.sleep(0)  # the reconciles it scheduled
+        return report
     return asyncio.run(main())
 
 
@@ -453,6 +458,7 @@ def test_a_restarted_gateway_undoes_a_freezing_batch_and_pins_the_rest(tmp_path)
     assert gw.seen == [("n1", "migrate.batch.rollback", 3, None), ("n2", "migrate.batch.abort", 3, None),
                        ("n2", "migrate.batch.abort", 4, None), ("n1", "migrate.batch.finish", None, 40)]
     assert gw.aborted[-1] == order[8:]  # the destination drops the ones no batch took
+    assert gw.joined == ["n2"]  # a reconcile of the source would end the pinned connections
     assert gw.registry.open_migrations() == []
 
 
