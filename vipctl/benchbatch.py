@@ -224,17 +224,16 @@ def plot_migrations(result: dict, path: str) -> None:
     if procs:
         ax2 = axes[0][1]
         for lazy in (True, False):
-            pts = [(x["image_bytes"] / 1e6, x["freeze_ms"]) for x in procs
-                   if ("lazy" in (x.get("memory") or [])) == lazy]
-            if pts:
-                pts.sort()
-                ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                         label="process: freeze, lazy pages" if lazy else "process: freeze, memory copied")
-        waits = [(x["image_bytes"] / 1e6, x["longest_wait_ms"]) for x in procs if x.get("longest_wait_ms") is not None]
-        if waits:
-            waits.sort()
-            ax2.plot([p[0] for p in waits], [p[1] for p in waits], marker="s", linestyle="--",
-                     label="process: clients' longest wait")
+            rows = sorted((x for x in procs if ("lazy" in (x.get("memory") or [])) == lazy),
+                          key=lambda x: x["image_bytes"])
+            how = "lazy pages" if lazy else "memory copied"
+            if rows:
+                ax2.plot([x["image_bytes"] / 1e6 for x in rows], [x["freeze_ms"] for x in rows], marker="o",
+                         label=f"process, {how}: freeze")
+            waits = [x for x in rows if x.get("longest_wait_ms") is not None]
+            if waits:
+                ax2.plot([x["image_bytes"] / 1e6 for x in waits], [x["longest_wait_ms"] for x in waits],
+                         marker="s", linestyle="--", label=f"process, {how}: clients' longest wait")
         ax2.set_xscale("log")
         ax2.set_xlabel("image size MB")
         ax2.set_ylabel("ms")
