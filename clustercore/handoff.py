@@ -398,7 +398,9 @@ class Handoff(Playbook):
         t0 = yield ReadClock()
         thaw, f.in_repair = f.in_repair, []
         if thaw:  # out of repair mode first: a socket in repair mode discards what it gets
-            yield Thaw(tuple(s for s, _ in thaw), tuple(st for _, st in thaw))
+            probes = yield Thaw(tuple(s for s, _ in thaw), tuple(st for _, st in thaw))
+            if isinstance(probes, int):
+                f.timing["window_probes"] = probes
         f.timing["thaw"] = _ms(t0, (yield ReadClock()))
         udp_errors_before = yield CountUdpBufferDrops()
         datagrams, f.datagrams = f.datagrams, ()

@@ -369,7 +369,9 @@ class RestoreConnections(Command):
 
 @_command()
 class Thaw(Command):
-    """Repair mode off (window probe), then each connection's never-sent tail."""
+    """Repair mode off (with the kernel's window probe only where
+    TcpConnState.needs_window_probe says so), then each connection's never-sent tail
+    (-> how many window probes were sent)."""
     sockets: tuple
     states: tuple[TcpConnState, ...]
 
