@@ -123,6 +123,7 @@ class DestinationFacts:
     states: list[TcpConnState] = field(default_factory=list)
     in_repair: list[tuple[Any, TcpConnState]] = field(default_factory=list)
     streamed_ms: float = 0.0
+    streamed_decode_ms: float = 0.0  # of which unpacking and checking the records
     datagrams: tuple[UdpSocketState, ...] = ()  # the source's UDP queues, put back at release
     app_state: bytes | None = None  # the old instance's state memfd, for the new one
     started: bool = False  # the new instance was asked to start (at release)
@@ -246,6 +247,8 @@ class Handoff(Playbook):
         f = self.source
         if f is None:
             return msgs.CommitDone()
+        t0 = yield ReadClock()
+        timing = {}
         if not f.committed:
             f.committed = True
             plan = f.cut.commit()
@@ -258,6 +261,8 @@ class Handoff(Playbook):
         copies, f.copies, f.in_repair = f.copies, [], []
         if copies:
             yield CloseSilently(tuple(sock for _, sock in copies))  # no FIN, no RST
+        t_closed = yield ReadClock()
+        timing["drop_hold_and_close"] = _ms(t0, t_closed)
         drops = (yield CountKernelDrops()) - f.drops_at_start
         if drops:
             yield Note(f"migration of {m.service}: the kernel dropped {drops} queued packets "
@@ -269,13 +274,16 @@ class Handoff(Playbook):
         to_stop, f.to_stop = f.to_stop, None
         if to_stop is not None:
             yield StopInstance(to_stop)
+        t_stopped = yield ReadClock()
+        timing["stop_old_instance"] = _ms(t_closed, t_stopped)  # with the drops count, forget
         own, f.own, f.listeners, f.udp, f.state = f.own + f.listeners + f.udp + f.state, (), (), (), ()
         if own:
             yield CloseDescriptors(tuple(sock for _, sock in own))
         role, f.role = f.role, None
         if role is not None:
             yield RemoveRoleLater(m.service, role)
-        return msgs.CommitDone(late_packets=late, kernel_drops=drops)
+        timing["commit"] = _ms(t0, (yield ReadClock()))
+        return msgs.CommitDone(late_packets=late, kernel_drops=drops, timing_ms=timing)
 
     def rollback(self, m, event: Any, now: float):
         """THE source rollback: the gateway's Rollback, a lost link before the freeze, a
@@ -334,6 +342,7 @@ class Handoff(Playbook):
             raise Refused(f"streamed chunk of '{m.service}': {len(states)} connections, "
                           f"header says {event.count}")
         _check_on_service(m.service, f, connections=states)
+        f.streamed_decode_ms += _ms(now, (yield ReadClock()))
         socks = yield RestoreConnections(states)
         self._restored(socks, states)
         f.streamed_ms += _ms(now, (yield ReadClock()))
@@ -379,6 +388,7 @@ class Handoff(Playbook):
             yield LetPacketsIn()  # the held packets keep coming in meanwhile
         timing["restore"] = _ms(t_decoded, (yield ReadClock()))
         timing["restore_streamed"] = round(f.streamed_ms, 2)
+        timing["restore_streamed_decode"] = round(f.streamed_decode_ms, 2)
         f.app_state = saved or None  # the new instance gets it as its `state` memfd
         f.datagrams = bundle.udp
         yield Note(f"restore {m.service}: {len(conns)} connections; {timing}")
@@ -411,7 +421,9 @@ class Handoff(Playbook):
             f.reinjected += yield InjectPackets(late)
         if not f.released:
             f.released = True
-            plan = f.cut.release(f.consumed, (yield ReadClock()))
+            t_plan = yield ReadClock()
+            f.timing["released_at"] = _ms(t0, t_plan)  # where freeze_ms ends
+            plan = f.cut.release(f.consumed, t_plan)
             f.to_drop, f.to_accept = plan.drop, plan.accept
         drop, f.to_drop = f.to_drop, ()
         if drop:
@@ -424,6 +436,7 @@ class Handoff(Playbook):
             named = tuple((socket_name("conn", *st.local), sock) for sock, st in zip(f.restored, f.states))
             state, f.app_state = f.app_state, None
             f.instance = yield StartHandedOver(f.service, tuple(f.opened), named, state)
+            f.timing["started_at"] = _ms(t0, (yield ReadClock()))
         restored, f.restored = f.restored, []
         if restored:
             yield CloseDescriptors(tuple(restored))  # the new instance holds its own now
