@@ -751,9 +751,11 @@ class NodeAgent:
 
 
 def run(config: NodeConfig) -> None:
-    from .limits import raise_nofile
+    from .limits import grow_fd_table, raise_nofile
 
     raise_nofile()  # a migration takes a copy of every connection of the service
+    size = grow_fd_table()  # now, not in a freeze: its growth waits for RCU (limits.py)
+    log.info("descriptor table grown to %d descriptors at start", size)
     agent = NodeAgent(config)
     agent.inherited_queues = take_fd_store(config)
     agent.prepare_kernel()
