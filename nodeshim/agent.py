@@ -40,6 +40,7 @@ from .health import HealthRunner
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
 from .queue import PacketQueues, fdname
+from .limits import grow_fd_table
 from .queuekeep import RoleRecord, take_fd_store
 from .verdictlog import VerdictLog
 
@@ -361,6 +362,8 @@ class NodeAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         await self.start()
+        # now, not in a freeze: each growth of the table waits for RCU (nodeshim.limits)
+        log.info("descriptor table grown to %d descriptors", grow_fd_table())
         # ready once the data plane is ours (queue bound, services adopted); the gateway
         # link comes and goes on its own
         systemd.ready(f"node {self.config.name}: queue {self.config.queue_num} bound")
@@ -751,11 +754,9 @@ class NodeAgent:
 
 
 def run(config: NodeConfig) -> None:
-    from .limits import grow_fd_table, raise_nofile
+    from .limits import raise_nofile
 
     raise_nofile()  # a migration takes a copy of every connection of the service
-    size = grow_fd_table()  # now, not in a freeze: its growth waits for RCU (limits.py)
-    log.info("descriptor table grown to %d descriptors at start", size)
     agent = NodeAgent(config)
     agent.inherited_queues = take_fd_store(config)
     agent.prepare_kernel()
