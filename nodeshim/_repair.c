@@ -594,6 +594,7 @@ static PyMethodDef methods[] = {
     {"thaw_many", py_thaw_many, METH_VARARGS, "thaw_many([(fd, tail, probe)]) -> window probes sent"},
     {"close_many", py_close_many, METH_VARARGS, "close_many(fds) -> [(index, step, errno)]"},
     {"check_record", py_check_record, METH_VARARGS, "check_record(record, family): ValueError if bad"},
+    {"unpack_many", py_unpack_many, METH_VARARGS, "unpack_many(data, family, types) -> list of TcpConnState"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -29,6 +29,7 @@ from typing import Sequence
 
 from clustercore.errors import KernelError
 from clustercore.sockstate import HALF_CLOSED_STATES, TCP_STATES, TcpConnState, TcpWindow
+from clustercore import sockwire
 from clustercore.sockwire import KEEP_RECORD_MAX, _ip_text, pack_connection
 
 log = logging.getLogger("vipcluster.tcprepair")
@@ -52,6 +53,8 @@ if ext is not None and os.environ.get("VIPCLUSTER_TCPREPAIR", "").lower() == "py
 
 IMPLEMENTATION = "c" if ext is not None else "python"
 _BUILD = (TcpConnState, TcpWindow, _ip_text, KEEP_RECORD_MAX)
+if ext is not None:  # a peer's records (streamed chunks, the restore) are read in C too
+    sockwire.use_native_unpack(lambda data, family: ext.unpack_many(data, family, _BUILD))
 RepairError = ext.RepairError if ext is not None else None
 _announced = False
 
