@@ -189,6 +189,12 @@ class Handoff(Playbook):
             yield CloseDescriptors(tuple(sock for _, sock in other))
             yield Note(f"freeze {m.service}: the program stored descriptors named "
                        f"{sorted({n for n, _ in other})}, not moved", "warning")
+        # what queued up while the program handed over is verdicted now (accepted and
+        # counted: it lands in the stopped program's receive queues and moves with them),
+        # so the hold starts at the freeze and not at the oldest packet the loop had not
+        # reached yet, which under CPU load was tens of milliseconds before it. Before the
+        # handshake check: a SYN accepted here is a handshake that check then waits for
+        yield LetPacketsIn()
         if f.tcp_ports:
             yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move
         # the process is stopped: its set of connections cannot change but by the kernel

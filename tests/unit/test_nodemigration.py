@@ -213,7 +213,8 @@ def test_the_source_script():
     frozen = script(m, EVENTS[msgs.Freeze](), [
         (nc.WaitHalfClosed, None), (nc.ReadClock, 1.0),
         (nc.HandOver, [("state", "S"), ("tcp-7", "SL"), ("udp-7", "SU"), ("conn-7", "C0"), ("x", "X")]),
-        (nc.CloseDescriptors, None), (nc.Note, None), (nc.WaitHandshakes, None), (nc.ReadClock, 1.5),
+        (nc.CloseDescriptors, None), (nc.Note, None), (nc.LetPacketsIn, None), (nc.WaitHandshakes, None),
+        (nc.ReadClock, 1.5),
         (nc.AcceptWaiting, [("conn-7", "A0")]), (nc.ReadClock, 2.0),
         (nc.DumpConnections, [conn(0), conn(1)]), (nc.LetPacketsIn, None), (nc.ReadClock, 3.0),
         (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7)),)), (nc.DrainDatagrams, DRAINED),
