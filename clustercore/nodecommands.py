@@ -409,6 +409,7 @@ class ImageSent:
     memory: str = "copy"  # "lazy": the pages follow after the restore (see `pages`)
     memory_why: str = ""  # why lazy or copy (clustercore.process.memory_mode)
     pages: Any = None  # lazy: the source's page server, serving until every page has arrived
+    criu_ms: Any = None  # criu's own split of the freeze (criu_frozen, criu_memdump, ...), ms, if known
 
 
 @dataclass(frozen=True)

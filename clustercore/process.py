@@ -207,6 +207,7 @@ class ProcessMigration(Playbook):
         t_dumped = yield ReadClock()
         timing.update(dump=round(sent.dump_ms, 2), criu_frozen=round(sent.frozen_ms, 2),
                       transfer=round(sent.transfer_ms, 2), memory=sent.memory)
+        timing.update(dict(sent.criu_ms or {}))  # criu's own split, where it gives one
         handles = f.cut.hand_over_late()
         late = tuple((yield ReadPackets(handles))) if handles else ()
         bundle = ServiceSockets(service=m.service, listeners=(), connections=(),

@@ -659,6 +659,7 @@ class SendStats:
     file_bytes: int
     files: int
     streamed: bool        # pages went through criu's page server
+    criu_ms: Mapping[str, float] | None = None  # criu's split of the freeze (criu.dump_times)
 
 
 def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | None = None,
@@ -704,7 +705,7 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
         _expect_ok(wire, b"OK\n")
         return SendStats(dump_ms=(t1 - t0) * 1000, frozen_ms=dumped.frozen_ms, transfer_ms=(time.monotonic() - t1) * 1000,
                          page_bytes=dumped.page_bytes, file_bytes=sum(e.size for e in entries),
-                         files=len(entries), streamed=streamed)
+                         files=len(entries), streamed=streamed, criu_ms=dumped.criu_ms)
     finally:
         for conn in (pages, sock):
             if conn is not None:

@@ -590,7 +590,7 @@ class MigrationAgent:
                             frozen_ms=sent.frozen_ms, transfer_ms=sent.transfer_ms,
                             tcp_established=established, tcp_listening=listening,
                             output_pipe=getattr(rs, "output_pipe", None), memory=memory,
-                            memory_why=why, pages=pages)
+                            memory_why=why, pages=pages, criu_ms=getattr(sent, "criu_ms", None))
 
     @staticmethod
     def _log_pages(service: str, daemon) -> None:

@@ -130,7 +130,11 @@ STATS_DUMP = bytes.fromhex("4059105506330957220000000a2008c001109e4818d00620e101
 
 def test_stats_dump_gives_the_pages_written(tmp_path):
     assert criu.parse_stats_dump(STATS_DUMP) == {"pages_written": 30, "shpages_written": 0,
-                                                 "frozen_time_us": 9246}
+                                                 "frozen_time_us": 9246, "freezing_time_us": 192,
+                                                 "memdump_time_us": 848, "memwrite_time_us": 225,
+                                                 "pages_lazy": 0}
+    assert criu.dump_times(STATS_DUMP) == {"criu_freezing": 0.19, "criu_frozen": 9.25,
+                                           "criu_memdump": 0.85, "criu_memwrite": 0.23}
     for bad in (STATS_DUMP[:10], STATS_DUMP[:-3], STATS_DUMP[:12] + b"\xff" * 34):
         with pytest.raises(ValueError):
             criu.parse_stats_dump(bad)
