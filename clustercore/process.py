@@ -345,7 +345,7 @@ class ProcessMigration(Playbook):
             yield AcceptHeld(accept)
         stopped, f.stopped = f.stopped, None
         if stopped is not None:
-            yield ThawProcess(stopped)
+            yield ThawProcess(stopped, restored=True)  # criu's restore left repair mode: SIGCONT
         instance, f.instance = f.instance, None
         if instance is not None:
             yield AdoptInstance(m.service, instance, ())

@@ -239,7 +239,7 @@ def dump_args(criu: str, pid: int, images_dir: str, *, leave_stopped: bool = Tru
     images_dir (which then gets the small files only); ps_socket: over this connection
     to it, made by the caller. criu does no TLS on a socket it is given (it skips the
     handshake but would still encrypt), so ps_socket and tls exclude each other."""
-    args = [criu, "dump", "-t", str(pid), "-D", images_dir, "-o", DUMP_LOG]
+    args = [criu, "dump", "-t", str(pid), "-D", images_dir, "-o", DUMP_LOG, *trace_args()]
     if leave_stopped:
         args.append("--leave-stopped")
     if tcp_established:
@@ -262,7 +262,7 @@ def page_server_args(criu: str, images_dir: str, *, ps_socket: int,
     """`criu page-server` on a connection we accepted (fd ps_socket), so that we, not criu,
     decide whom to accept. It serves that one dump and exits: 0 once the dump said it sent
     everything (PS_IOV_CLOSE), non-zero if the connection ended before that."""
-    return [criu, "page-server", "-D", images_dir, "-o", PAGE_SERVER_LOG,
+    return [criu, "page-server", "-D", images_dir, "-o", PAGE_SERVER_LOG, *trace_args(),
             "--ps-socket", str(ps_socket), *tls_args(tls, client=False)]
 
 
@@ -276,7 +276,7 @@ def restore_args(criu: str, images_dir: str, *, pidfile: str, tcp_established: b
     parent (us), not an orphan, so the agent reaps it and sees it die like any service it
     started. inherit_fds {our fd: criu's name of the old one} hands the copy our pipe in
     place of the source's (see pipe_key)."""
-    args = [criu, "restore", "-D", images_dir, "-o", RESTORE_LOG, "--pidfile", pidfile]
+    args = [criu, "restore", "-D", images_dir, "-o", RESTORE_LOG, *trace_args(), "--pidfile", pidfile]
     if detach:
         args.append("--restore-detached")
         if sibling:
@@ -305,6 +305,28 @@ def _require_binary() -> str:
 # loads it when present, instead of probing the kernel again (sockets, netfilter through
 # `iptables -L`, a veth pair, vDSO, pagemap...): 55 ms idle, 30-200 ms under load, three
 # times per move (dump, lazy-pages, restore), most of it while the program is frozen.
+TRACE_ENV = "VIPCLUSTER_CRIU_TRACE"  # a directory: every criu runs with -v4, its log kept there
+
+
+def trace_args() -> list[str]:
+    """criu's most verbose log (timestamped steps) when TRACE_ENV names a directory."""
+    return ["-v4"] if os.environ.get(TRACE_ENV) else []
+
+
+def keep_log(log_path: str) -> None:
+    """With TRACE_ENV set: copy a finished criu log there (the images it sits beside are
+    removed after a move), as TIME-IMAGESDIR-LOG, for measuring where criu spends its time."""
+    where = os.environ.get(TRACE_ENV)
+    if not where:
+        return
+    images = os.path.basename(os.path.dirname(log_path))
+    try:
+        os.makedirs(where, exist_ok=True)
+        shutil.copyfile(log_path, os.path.join(where, f"{time.time_ns()}-{images}-{os.path.basename(log_path)}"))
+    except OSError as e:
+        log.warning("criu trace: cannot keep %s: %s", log_path, e)
+
+
 KDAT_CACHE = "/run/criu.kdat"
 KDAT_ENV = "VIPCLUSTER_CRIU_KDAT"  # "off" in the agent's environment: no cache is primed
 
@@ -499,9 +521,12 @@ def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stop
         network_lock_skip=network_lock_skip, page_server=page_server, ps_socket=ps_socket,
         tls=tls, extra=extra))
     start = time.monotonic()
-    _run_criu("criu dump", args, os.path.join(images_dir, DUMP_LOG),
-              pass_fds=() if ps_socket is None else (ps_socket,),
-              while_running=_uncork_page_server(*page_server) if page_server else None)
+    try:
+        _run_criu("criu dump", args, os.path.join(images_dir, DUMP_LOG),
+                  pass_fds=() if ps_socket is None else (ps_socket,),
+                  while_running=_uncork_page_server(*page_server) if page_server else None)
+    finally:
+        keep_log(os.path.join(images_dir, DUMP_LOG))
     wall_ms = (time.monotonic() - start) * 1000
     page_bytes, frozen_ms = dump_counters(images_dir)
     with open(os.path.join(images_dir, STATS_DUMP), "rb") as f:  # dump_counters read it: it parses
@@ -591,8 +616,11 @@ def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
         criu, images_dir, pidfile=pidfile, tcp_established=tcp_established, detach=detach,
         sibling=sibling, inherit_fds=inherit_fds, extra=extra))
     start = time.monotonic()
-    _run_criu("criu restore", args, os.path.join(images_dir, RESTORE_LOG),
-              pass_fds=tuple(inherit_fds or ()))
+    try:
+        _run_criu("criu restore", args, os.path.join(images_dir, RESTORE_LOG),
+                  pass_fds=tuple(inherit_fds or ()))
+    finally:
+        keep_log(os.path.join(images_dir, RESTORE_LOG))
     wall_ms = (time.monotonic() - start) * 1000
     try:
         with open(os.path.join(images_dir, STATS_RESTORE), "rb") as f:
@@ -730,6 +758,20 @@ def thaw(root: int) -> int:
         except ProcessLookupError:
             pass
     return repaired
+
+
+def resume(root: int) -> int:
+    """Let a copy that `criu restore` made run: SIGCONT every process of the tree. Its
+    TCP sockets are already out of repair mode (criu's restorer turns repair off for each
+    one: "Turning repair off for FD" in its log), so, unlike thaw(), nothing is taken and
+    looked at per socket (with 1,000 connections thaw() spent tens of ms finding none).
+    Returns 0: no socket left repair mode here."""
+    for pid in tree_pids(root):
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    return 0
 
 
 TCP_REPAIR_ON = 1

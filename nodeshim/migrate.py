@@ -499,7 +499,8 @@ class MigrationAgent:
         fault = self._armed_fault("criu.thaw")
         if fault == "die-before":
             self._die()
-        thawed = self.kernel.criu.thaw(cmd.instance.pid)
+        criu = self.kernel.criu
+        thawed = (criu.resume if cmd.restored else criu.thaw)(cmd.instance.pid)
         if fault == "die":
             self._die()
         return thawed

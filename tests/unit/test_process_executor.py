@@ -133,6 +133,10 @@ class FakeCriu(FakeKernel):
         self._call("thaw", pid)
         return 0
 
+    def resume(self, pid):  # a restored copy: SIGCONT only (its sockets left repair mode in criu)
+        self._call("resume", pid)
+        return 0
+
     def silence(self, pid):
         self._call("silence", pid)
         return 2
@@ -159,7 +163,7 @@ def node(name, tmp_path):
                                  state_dir=str(tmp_path / name)), log)
     agent.filter.load([WEB], "n1")
     kernel = migrate.Kernel(tcprepair=fake, udphandoff=fake, pidfd=fake, services=fake, queue=fake,
-                            criu=SimpleNamespace(tree_pids=fake.tree_pids, thaw=fake.thaw, silence=fake.silence,
+                            criu=SimpleNamespace(tree_pids=fake.tree_pids, thaw=fake.thaw, resume=fake.resume, silence=fake.silence,
                                                  stopped=lambda pid: True),
                             imagexfer=fake, lazyxfer=fake, clock=fake.clock)
     return migrate.MigrationAgent(agent, kernel), agent, fake, log
@@ -264,7 +268,8 @@ def test_destination_prepare_restore_release_script(tmp_path):
     prepared, restored, released = asyncio.run(script())
     assert prepared.endpoint == {"address": "192.0.2.12", "files_port": 4001, "page_port": 4002, "lazy": False}
     names = [e[0] for e in log if e[0] not in ("sync_datapath", "record_running")]
-    assert names == ["start_receive", "rx.wait", "restore", "restored_instance", "rx.close", "thaw", "service_moved"]
+    # the copy is let run with SIGCONT only: criu's restore already took its sockets out of repair
+    assert names == ["start_receive", "rx.wait", "restore", "restored_instance", "rx.close", "resume", "service_moved"]
     assert ("restore", ("pipe:[99]",)) in log  # our pipe where the source's output pipe was
     assert agent.running["web"].pid == 6161 and isinstance(released, msgs.ReleaseDone)
     assert not os.path.exists(os.path.join(agent.config.state_dir, "restored.json")) or \
@@ -349,7 +354,7 @@ def test_a_destination_dying_inside_its_release_leaves_what_its_successor_adopts
 
     with pytest.raises(Died):
         asyncio.run(script())
-    assert (("thaw", 6161) in log) == thawed
+    assert (("resume", 6161) in log) == thawed
     assert "web" not in agent.running  # not adopted by the dying agent
     record = ma.leftovers.restored()["web"]
     assert record["pid"] == 6161 and record["epoch"] == EPOCH and record["service"]["name"] == "web"
