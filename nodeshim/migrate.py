@@ -195,6 +195,10 @@ class MigrationAgent:
             log.warning("ending the migration of %s here: %s", machine.service, why)
             machine.abandon(why)
             self._drive_now(machine.handle(event, self.kernel.clock()))
+        try:  # the images' parent (on tmpfs, outside the state dir): not left behind
+            os.rmdir(self.kernel.criu.node_images_parent(self.agent.config.state_dir))
+        except OSError:
+            pass  # never made, or an image still in use (a lazy source serving its pages)
 
     # --- running playbooks --------------------------------------------------------------
     def _feed_local(self, machine: NodeMigration, event: nc.LocalEvent) -> None:
@@ -506,7 +510,7 @@ class MigrationAgent:
         return thawed
 
     def _images_dir(self, service: str, what: str) -> str:
-        parent = os.path.join(self.agent.config.state_dir, "images")
+        parent = self.kernel.criu.node_images_parent(self.agent.config.state_dir)  # tmpfs when there is one
         os.makedirs(parent, mode=0o700, exist_ok=True)
         return os.path.join(parent, f"{service}-{what}-{time.time_ns()}")
 

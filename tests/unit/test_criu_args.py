@@ -188,3 +188,20 @@ def test_stats_restore_gives_criu_s_restore_times():
     for bad in (STATS_RESTORE[:10], STATS_RESTORE[:-2], STATS_RESTORE[:12] + b"\x13"):
         with pytest.raises(ValueError):
             criu.parse_stats_restore(bad)
+
+
+MOUNTS = """/dev/vda / ext4 rw,relatime 0 0
+tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0
+tmpfs /run/odd\\040dir tmpfs rw 0 0
+proc /proc proc rw 0 0
+"""
+
+
+def test_images_go_to_tmpfs_when_there_is_one():
+    assert criu.tmpfs_mount_points(MOUNTS) == {"/dev/shm", "/run/odd dir"}
+    parent = criu.images_parent("/var/lib/vipcluster/n1", MOUNTS)
+    assert parent.startswith("/dev/shm/vipcluster-images-")
+    assert parent != criu.images_parent("/var/lib/vipcluster/n2", MOUNTS)  # one per agent
+    assert parent == criu.images_parent("/var/lib/vipcluster/n1/", MOUNTS)
+    no_tmpfs = MOUNTS.replace("tmpfs /dev/shm tmpfs", "shm /dev/shm ext4")
+    assert criu.images_parent("/var/lib/vipcluster/n1", no_tmpfs) == "/var/lib/vipcluster/n1/images"
