@@ -403,7 +403,7 @@ class ImageSent:
     dump_ms: float  # criu dump, pages streamed meanwhile
     frozen_ms: float  # criu's own count
     transfer_ms: float  # the other files, manifest, the destination's checks
-    tcp_established: int  # counted from the kernel before the dump
+    tcp_established: int  # counted from the kernel while criu dumps (the tree is stopped and held)
     tcp_listening: int
     output_pipe: str | None = None  # criu's name of the pipe on fds 1 and 2 ("pipe:[INODE]")
     memory: str = "copy"  # "lazy": the pages follow after the restore (see `pages`)

@@ -566,8 +566,28 @@ class MigrationAgent:
     def _dump_process(self, cmd: nc.DumpProcess) -> nc.ImageSent:
         """In a thread: the agent's loop keeps taking verdicts (the hold fills) meanwhile."""
         k, vip, rs = self.kernel, self.agent.config.vips, cmd.instance
-        established = k.tcprepair.count_connections(vip, cmd.tcp_ports, {k.tcprepair.ESTABLISHED})
-        listening = k.tcprepair.count_listeners(vip, cmd.tcp_ports)  # the real sockets, not the ports
+        counts: dict[str, int] = {}
+
+        def count() -> None:  # for the report; the tree is stopped and held: nothing changes
+            counts["established"] = k.tcprepair.count_connections(vip, cmd.tcp_ports, {k.tcprepair.ESTABLISHED})
+            counts["listening"] = k.tcprepair.count_listeners(vip, cmd.tcp_ports)  # real sockets, not ports
+        # read from /proc/net/tcp while criu dumps (1,000 connections: some 20 ms of
+        # Python, formerly before the dump, inside the freeze)
+        counter = threading.Thread(target=count, name=f"count {rs.service.name}", daemon=True)
+        counter.start()
+        try:
+            sent, pages, memory, why = self._dump_image(cmd)
+        finally:
+            counter.join()
+        return nc.ImageSent(image_bytes=sent.page_bytes + sent.file_bytes, dump_ms=sent.dump_ms,
+                            frozen_ms=sent.frozen_ms, transfer_ms=sent.transfer_ms,
+                            tcp_established=counts.get("established", 0), tcp_listening=counts.get("listening", 0),
+                            output_pipe=getattr(rs, "output_pipe", None), memory=memory,
+                            memory_why=why, pages=pages, criu_ms=getattr(sent, "criu_ms", None))
+
+    def _dump_image(self, cmd: nc.DumpProcess):
+        """criu dump, lazy or copied, and the image sent: (stats, page server | None, memory, why)."""
+        k, rs = self.kernel, cmd.instance
         images = self._images_dir(rs.service.name, "out")
         endpoint_d = dict(cmd.endpoint)
         destination_lazy = bool(endpoint_d.pop("lazy", False))
@@ -591,11 +611,7 @@ class MigrationAgent:
                 sent, pages = k.imagexfer.dump_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw), None
             finally:
                 shutil.rmtree(images, ignore_errors=True)
-        return nc.ImageSent(image_bytes=sent.page_bytes + sent.file_bytes, dump_ms=sent.dump_ms,
-                            frozen_ms=sent.frozen_ms, transfer_ms=sent.transfer_ms,
-                            tcp_established=established, tcp_listening=listening,
-                            output_pipe=getattr(rs, "output_pipe", None), memory=memory,
-                            memory_why=why, pages=pages, criu_ms=getattr(sent, "criu_ms", None))
+        return sent, pages, memory, why
 
     @staticmethod
     def _log_pages(service: str, daemon) -> None:
