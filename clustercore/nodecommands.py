@@ -447,13 +447,33 @@ class TakeDatagramSockets(Command):
 
 
 @_command(waits=True)
+class ConnectImage(Command):
+    """Before the freeze: connect to the destination's image receiver at `endpoint` and
+    wait until it is ready for the dump (its page server started), choosing copy or lazy
+    pages for the instance's memory now (-> an opaque link for DumpProcess, or None where
+    the node connects in the dump itself). Keeps the connections, a round trip and criu
+    page-server's start-up out of the freeze. KernelError if the destination is not there."""
+    instance: Any
+    endpoint: dict
+
+
+@_command()
+class CloseImageLink(Command):
+    """A ConnectImage link no dump took (the freeze failed before it): close it; the
+    destination's receive then fails and is given up by its abort."""
+    link: Any
+
+
+@_command(waits=True)
 class DumpProcess(Command):
     """`criu dump --leave-stopped` of the instance tree, its pages streamed to the
     destination's receiver at `endpoint` (-> ImageSent). The tree stays stopped, its TCP
-    sockets in repair mode. KernelError with criu's reason in one line if it refuses."""
+    sockets in repair mode. KernelError with criu's reason in one line if it refuses.
+    link: ConnectImage's, taken over (closed) by the dump whatever happens."""
     instance: Any
     endpoint: dict
     tcp_ports: tuple[int, ...]
+    link: Any = None
 
 
 @_command()

@@ -692,33 +692,84 @@ class SendStats:
     criu_ms: Mapping[str, float] | None = None  # criu's split of the freeze (criu.dump_times)
 
 
+@dataclass
+class Link:
+    """Both connections to a receiver, greeted and answered READY (see connect_to): what a
+    dump needs, made before the program is frozen. Closed by the dump that takes it, or
+    by close()."""
+    pages: socket.socket | None  # the page connection (criu's, or lazy-pages'), if any
+    sock: socket.socket
+    wire: "_Wire"
+    lazy: bool
+
+    def close(self) -> None:
+        for conn in (self.pages, self.sock):
+            if conn is not None:
+                conn.close()
+
+
+def connect_to(endpoint: Endpoint, *, lazy: bool = False, netns_path: str | None = None,
+            timeout: float = 120.0) -> Link:
+    """Connect to the receiver at endpoint (the page connection first, then the files one),
+    say HELLO (HELLO_LAZY: the pages will follow the restore) and wait for READY, which
+    the destination sends once its page server has started. Done before the freeze, this
+    keeps the connections, the round trip and criu page-server's start-up out of it.
+    Without TLS only (with TLS, dump_to connects itself). KernelError if it cannot."""
+    if lazy and endpoint.page_port is None:
+        raise KernelError(SEND, None, "lazy pages need the destination's page connection")
+    deadline = time.monotonic() + timeout
+    pages = sock = None
+    try:
+        if endpoint.page_port is not None:
+            pages = _connect(endpoint.address, endpoint.page_port, netns_path, deadline)
+            pages.settimeout(None)  # criu gets a blocking socket
+        sock = _connect(endpoint.address, endpoint.files_port, netns_path, deadline)
+        wire = _Wire(sock, deadline, SEND)
+        wire.send(HELLO_LAZY if lazy else HELLO)
+        _expect_ok(wire, READY)
+        link, pages, sock = Link(pages, sock, wire, lazy), None, None
+        return link
+    finally:
+        for conn in (pages, sock):
+            if conn is not None:
+                conn.close()
+
+
 def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | None = None,
             tls: TlsFiles | None = None, dest_node: str | None = None,
-            timeout: float = 120.0, extra: Iterable[str] = ()) -> SendStats:
+            timeout: float = 120.0, extra: Iterable[str] = (), link: Link | None = None) -> SendStats:
     """Dump the tree rooted at pid (criu.dump: --leave-stopped, in netns_path) and move the
     image to the receiver at endpoint; return once the destination has verified all of it.
 
     images_dir (on this node) gets the dump's small files and criu's log. With TLS (tls and
     dest_node) nothing is dumped until the destination has proven it is node dest_node.
+    link: the connections, made before (connect_to; not with TLS); closed here in any case.
     On failure a KernelError; roll back with criu.thaw(pid) (see the module docstring)."""
     if (tls is None) != (dest_node is None):
         raise LocalControlError("imagexfer: give both tls and dest_node, or neither")
+    if link is not None and (tls is not None or link.lazy):
+        link.close()
+        raise LocalControlError("imagexfer: a link made before is for a copy without TLS")
     deadline = time.monotonic() + timeout
     streamed = endpoint.page_port is not None
     pages = sock = None
     try:
-        if streamed and tls is None:
-            # connected by us, now: the destination's page server starts while we get
-            # ready, not while the program is frozen (criu does TLS only on its own)
-            pages = _connect(endpoint.address, endpoint.page_port, netns_path, deadline)
-            pages.settimeout(None)  # criu gets a blocking socket
-        sock = _connect(endpoint.address, endpoint.files_port, netns_path, deadline)
-        if tls is not None:
-            sock = _handshake(sock, client_context(tls), False, deadline, SEND)
-            check_peer_node(sock.getpeercert(binary_form=True), tls.ca, dest_node, SEND)
-        wire = _Wire(sock, deadline, SEND)
-        wire.send(HELLO)
-        _expect_ok(wire, READY)
+        if link is not None:
+            pages, sock, wire = link.pages, link.sock, link.wire
+            wire.deadline = deadline
+        else:
+            if streamed and tls is None:
+                # connected by us, now: the destination's page server starts while we get
+                # ready, not while the program is frozen (criu does TLS only on its own)
+                pages = _connect(endpoint.address, endpoint.page_port, netns_path, deadline)
+                pages.settimeout(None)  # criu gets a blocking socket
+            sock = _connect(endpoint.address, endpoint.files_port, netns_path, deadline)
+            if tls is not None:
+                sock = _handshake(sock, client_context(tls), False, deadline, SEND)
+                check_peer_node(sock.getpeercert(binary_form=True), tls.ca, dest_node, SEND)
+            wire = _Wire(sock, deadline, SEND)
+            wire.send(HELLO)
+            _expect_ok(wire, READY)
         t0 = time.monotonic()
         dumped = criu.dump(pid, images_dir, netns_path=netns_path, tls=tls,
                            page_server=(endpoint.address, endpoint.page_port) if streamed else None,

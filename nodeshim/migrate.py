@@ -102,6 +102,17 @@ def _each(objects, method: str) -> None:
         getattr(obj, method)()
 
 
+@dataclass(frozen=True)
+class ImageLink:
+    """ConnectImage's answer: imagexfer.connect_to's link and the memory mode chosen with it."""
+    link: Any
+    memory: str
+    why: str
+
+    def close(self) -> None:
+        self.link.close()
+
+
 class MigrationAgent:
     """The migrations of one node agent (`agent`: config, filter, running, restarts,
     log_dir, notify (its fd store), notify_env, sync_datapath(), record_running(),
@@ -345,6 +356,8 @@ class MigrationAgent:
             nc.StopTree: self._stop_tree,
             nc.WaitAccepted: self._wait_accepted,
             nc.TakeDatagramSockets: self._take_datagram_sockets,
+            nc.ConnectImage: lambda c: asyncio.to_thread(self._connect_image, c),
+            nc.CloseImageLink: lambda c: c.link.close(),
             nc.DumpProcess: lambda c: asyncio.to_thread(self._dump_process, c),
             nc.ThawProcess: self._thaw_process,
             nc.StartImageReceiver: self._start_image_receiver,
@@ -585,10 +598,9 @@ class MigrationAgent:
                             output_pipe=getattr(rs, "output_pipe", None), memory=memory,
                             memory_why=why, pages=pages, criu_ms=getattr(sent, "criu_ms", None))
 
-    def _dump_image(self, cmd: nc.DumpProcess):
-        """criu dump, lazy or copied, and the image sent: (stats, page server | None, memory, why)."""
+    def _endpoint_and_memory(self, cmd) -> tuple[Any, str, str]:
+        """(the receiver's Endpoint, "lazy" | "copy", why) for a ConnectImage or DumpProcess."""
         k, rs = self.kernel, cmd.instance
-        images = self._images_dir(rs.service.name, "out")
         endpoint_d = dict(cmd.endpoint)
         destination_lazy = bool(endpoint_d.pop("lazy", False))
         try:
@@ -597,8 +609,31 @@ class MigrationAgent:
             raise LocalControlError(f"bad image endpoint {cmd.endpoint!r}: {e}") from None
         memory, why = memory_mode(k.lazyxfer.resident_bytes(rs.pid), source_lazy=self._lazy_pages_here(),
                                   destination_lazy=destination_lazy and endpoint.page_port is not None)
+        return endpoint, memory, why
+
+    def _connect_image(self, cmd: nc.ConnectImage) -> "ImageLink":
+        """In a thread, before the freeze: the receiver's connections, greeted, READY."""
+        endpoint, memory, why = self._endpoint_and_memory(cmd)
+        link = self.kernel.imagexfer.connect_to(endpoint, lazy=memory == "lazy", timeout=IMAGE_TIMEOUT_S)
+        return ImageLink(link, memory, why)
+
+    def _dump_image(self, cmd: nc.DumpProcess):
+        """criu dump, lazy or copied, and the image sent: (stats, page server | None, memory, why)."""
+        k, rs = self.kernel, cmd.instance
+        premade = cmd.link
+        try:
+            endpoint, memory, why = self._endpoint_and_memory(cmd)
+            if premade is not None:  # chosen when it connected, before the freeze
+                memory, why = premade.memory, premade.why
+            images = self._images_dir(rs.service.name, "out")
+        except BaseException:
+            if premade is not None:
+                premade.close()
+            raise
         extra = self._criu_fault("criu.dump")
         kw = {"extra": extra} if extra else {}
+        if premade is not None:
+            kw["link"] = premade.link
         if memory == "lazy":
             try:
                 lazy = k.lazyxfer.dump_lazy_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw)

@@ -111,8 +111,19 @@ class FakeCriu(FakeKernel):
         self._call("count_listeners", tuple(ports))
         return 2  # say, one on the VIP and one on the wildcard
 
-    def dump_to(self, pid, images_dir, endpoint, timeout, extra=()):
+    def connect_to(self, endpoint, lazy, timeout):
+        self._call("connect_to", endpoint, lazy)
+        log = self.log
+
+        class Link:
+            def close(self):
+                log.append(("link.close",))
+        self.link = Link()
+        return self.link
+
+    def dump_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None):
         self._call("dump_to", pid, endpoint, tuple(extra))
+        self.dumped_over = link
         return FakeSendStats()
 
     # lazyxfer
@@ -121,8 +132,9 @@ class FakeCriu(FakeKernel):
     def resident_bytes(self, pid):
         return self.resident
 
-    def dump_lazy_to(self, pid, images_dir, endpoint, timeout, extra=()):
+    def dump_lazy_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None):
         self._call("dump_lazy_to", pid, endpoint, tuple(extra))
+        self.dumped_over = link
         return SimpleNamespace(stats=FakeSendStats(page_bytes=300 << 20), dump=self.pages)
 
     def restore_lazy(self, receiver, pidfile, inherit_fds, timeout):
@@ -201,7 +213,11 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
 
     frozen, freeze_log, done = asyncio.run(script())
     names = [e[0] for e in freeze_log if e[0] not in ("count_connections", "count_listeners")]
-    assert names == ["accept_backlog", "signal_group", "take_sockets", "take_sockets", "close", "drain_udp", "close", "dump_to"]
+    # connected to the destination (and its page server started) before anything is held
+    assert names == ["connect_to", "accept_backlog", "signal_group", "take_sockets", "take_sockets", "close",
+                     "drain_udp", "close", "dump_to"]
+    assert freeze_log[0] == ("connect_to", migrate.imagexfer.Endpoint(**ENDPOINT), False)  # 10 MiB: copied
+    assert fake.dumped_over is fake.link  # the dump went over those connections
     assert ("signal_group", "SIGSTOP") in freeze_log
     # one socket shared by the tree's two processes is drained once, our copies closed
     assert [e for e in freeze_log if e[0] == "close"] == [("close", "udp-copy-4243"), ("close", "udp-copy-4242")]
@@ -457,3 +473,25 @@ def test_a_rollback_after_a_lazy_dump_ends_the_page_server_before_the_thaw(tmp_p
     asyncio.run(script())
     names = [e[0] for e in log]
     assert names.index("pages.end") < names.index("thaw") and "kill" not in names
+
+
+def test_a_freeze_failing_after_it_connected_closes_the_connections(tmp_path):
+    """ConnectImage runs before the hold; if the freeze fails before the dump takes its
+    connections, the rollback closes them (the destination's receive then ends)."""
+    ma, agent, fake, log = node("n1", tmp_path)
+    agent.running["web"] = FakeInstance(WEB, [], pid=4242)
+    fake.fail["signal_group"] = KernelError("stop", None, "no such process")
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        try:
+            await ma.handle(step(msgs.Freeze, endpoint=ENDPOINT))
+        except KernelError as e:
+            return e
+        await settle()
+
+    error = asyncio.run(script())
+    names = [e[0] for e in log]
+    assert "no such process" in str(error) and "dump_to" not in names
+    assert names.index("connect_to") < names.index("link.close")
+    assert names.count("link.close") == 1
