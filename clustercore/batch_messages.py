@@ -4,8 +4,8 @@ The gateway sends them to the two nodes; the replies come back typed. Same codec
 clustercore.messages (frozen keyword-only dataclasses, a total decoder that blames the
 peer); flows travel as lists [proto, src, sport, dst, dport].
 
-Not answered by any agent yet: the node side of a batched handoff is not written
-(docs/handoff.md, "Batched cutover").
+The node side: clustercore.batchnode (the playbook), clustercore.batchtable (its rows),
+nodeshim.batchmigrate (its executor).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Any, Mapping
 
 from .cutover import Flow
 from .errors import LocalControlError, PeerControlError
+from .kinds import MigrateStrategy
 from .messages import CONSUMED, CommitDone, Done, Reply, Step, _Codec, message, reply_type, wire
 
-STRATEGY = "handoff-batched"  # named in Prepare and Arm: both nodes run the batched playbook
+STRATEGY = MigrateStrategy.BATCHED.value  # named in Prepare and Arm: both nodes run the batched playbook
 
 
 def _flow_ok(item: Any) -> bool:
@@ -155,6 +156,10 @@ class FinishBatched(Step):
     pinned: int = 0
 
 
+# the node steps (the node's machine takes them as events, clustercore.batchtable)
+STEPS = (OpenBatch, FreezeBatch, RestoreBatch, ReleaseBatch, CommitBatch, RollbackBatch, AbortBatch,
+         FinishBatched)
+
 __all__ = ["AbortBatch", "BatchFreezeDone", "BatchReleaseDone", "CommitBatch", "FLOWS",
            "FinishBatched", "FreezeBatch", "OpenBatch", "OpeningDone", "ReleaseBatch",
-           "RestoreBatch", "RollbackBatch", "STRATEGY"]
+           "RestoreBatch", "RollbackBatch", "STEPS", "STRATEGY"]

@@ -88,6 +88,7 @@ class _Held:
     handle: Handle
     new_epoch: bool
     at: float
+    seq: int = 0  # arrival order on the destination (its hold is kept by flow)
 
 
 @dataclass
@@ -319,7 +320,11 @@ class BatchDest(MigrationRole):
         self.new_epoch = new_epoch
         self._batches = _Batches()
         self._phase: dict[int, BatchPhase] = {}
-        self._held: list[_Held] = []
+        # held packets by flow: a batch's release takes only its flows' (releasing one
+        # batch must not cost every packet held for the others: the kept flows' copies
+        # wait here for the whole migration)
+        self._held: dict[Flow, list[_Held]] = {}
+        self._held_n = self._seq = 0
         self._skip: dict[Flow, int] = {}
         self.freeze_ms: dict[Flow, float] = {}  # per flow, over every released batch
         self.released = 0
@@ -330,7 +335,15 @@ class BatchDest(MigrationRole):
 
     @property
     def held_count(self) -> int:
-        return len(self._held)
+        return self._held_n
+
+    def _take(self, batch: int) -> list[_Held]:
+        """The held packets of `batch`'s flows, out of the hold, in arrival order."""
+        flows = [f for f in self._held if self._batches.batch_of(f) == batch]
+        taken = [h for f in flows for h in self._held.pop(f)]
+        self._held_n -= len(taken)
+        taken.sort(key=lambda h: h.seq)
+        return taken
 
     @property
     def skip_budget(self) -> dict[Flow, int]:
@@ -345,7 +358,9 @@ class BatchDest(MigrationRole):
         if phase is BatchPhase.PINNED:
             return Verdict.DROP
         if phase is not BatchPhase.MOVED:
-            self._held.append(_Held(flow, handle, True, now))
+            self._held_n += 1
+            self._seq += 1
+            self._held.setdefault(flow, []).append(_Held(flow, handle, True, now, self._seq))
             return Verdict.HOLD
         if spend_skip(self._skip, flow):
             self.suppressed += 1
@@ -372,17 +387,13 @@ class BatchDest(MigrationRole):
         drop: list[Handle] = []
         accept: list[Handle] = []
         first: dict[Flow, float] = {}
-        keep: list[_Held] = []
-        for held in self._held:
-            if self._batches.batch_of(held.flow) != batch:
-                keep.append(held)
-            elif remaining.get(held.flow, 0) > 0:
+        for held in self._take(batch):
+            if remaining.get(held.flow, 0) > 0:
                 remaining[held.flow] -= 1
                 drop.append(held.handle)
             else:
                 accept.append(held.handle)
                 first.setdefault(held.flow, held.at)
-        self._held = keep
         self._skip.update({flow: n for flow, n in remaining.items() if n > 0})
         self._phase[batch] = BatchPhase.MOVED
         self.released += len(accept)
@@ -403,8 +414,9 @@ class BatchDest(MigrationRole):
                 raise LocalControlError("cannot abort the opening batch: a batch was released")
             if self._batches.kept is None:
                 self._batches.open(())
-            drop = tuple(h.handle for h in self._held)
-            self._held = []
+            drop = tuple(h.handle for h in sorted((h for hs in self._held.values() for h in hs),
+                                                   key=lambda h: h.seq))
+            self._held, self._held_n = {}, 0
             for b in set(self._batches.of.values()) | {OPENING}:
                 self._phase[b] = BatchPhase.PINNED
             self._batches.kept = frozenset()  # every flow is the opening's: dropped
@@ -412,9 +424,7 @@ class BatchDest(MigrationRole):
             return drop
         self._batches.add(batch, flows)
         self._phase[batch] = BatchPhase.PINNED
-        drop = tuple(h.handle for h in self._held if self._batches.batch_of(h.flow) == batch)
-        self._held = [h for h in self._held if self._batches.batch_of(h.flow) != batch]
-        return drop
+        return tuple(h.handle for h in self._take(batch))
 
 
 __all__ = ["BatchDest", "BatchPhase", "BatchRelease", "BatchSource", "OPENING"]

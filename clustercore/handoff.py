@@ -45,6 +45,7 @@ from .nodecommands import (
     DrainDatagrams,
     DropHeld,
     DumpConnections,
+    Pause,
     ForgetInstance,
     InjectPackets,
     InstallRole,
@@ -72,13 +73,25 @@ from .nodecommands import (
     LeaveRepair,
     WaitHalfClosed,
     WaitHandshakes,
+    WaitStarted,
     kind_of,
     socket_name,
 )
+from .errors import VipError
 from .packet import TCP, UDP
 from .sockstate import ServiceSockets, TcpConnState, UdpSocketState
 
 CHUNK = 256  # connections dumped (restored) between two runs of the verdict loop
+# The new instance's start at the release (past the point of no return). A start fails
+# when the program cannot be started or exits before it says READY=1; the agent still
+# holds every handed descriptor (the restored connections, listeners, UDP sockets, the
+# state), so it is started again with the same ones: the connections survive a failed
+# start. Bounded: START_ATTEMPTS starts, START_BACKOFF_S before the 2nd, 3rd...; a program
+# alive but silent after START_READY_S counts as started (its health check judges it).
+# Worst case about 3 x 1.5 s + 0.5 s, under the gateway's release timeout for a handoff.
+START_ATTEMPTS = 3
+START_BACKOFF_S = (0.1, 0.4)
+START_READY_S = 1.5
 
 
 def _ms(since: float, now: float) -> float:
@@ -126,6 +139,10 @@ class DestinationFacts:
     datagrams: tuple[UdpSocketState, ...] = ()  # the source's UDP queues, put back at release
     app_state: bytes | None = None  # the old instance's state memfd, for the new one
     started: bool = False  # the new instance was asked to start (at release)
+    start_attempts: int = 0  # how many starts it took (or were tried, if none worked)
+    start_failures: list[str] = field(default_factory=list)  # why each failed start failed
+    service_down: str = ""  # every start failed: why (the release reply says so)
+    connections_closed: int = 0  # moved connections lost with it (closed: clients see it)
     consumed: dict = field(default_factory=dict)
     late: tuple[bytes, ...] = ()
     reinjected: int = 0
@@ -418,17 +435,22 @@ class Handoff(Playbook):
         if accept:
             yield AcceptHeld(accept)
         if not f.started:
-            f.started = True  # asked once: a failed start is not repeated on the way on
-            named = tuple((socket_name("conn", *st.local), sock) for sock, st in zip(f.restored, f.states))
-            state, f.app_state = f.app_state, None
-            f.instance = yield StartHandedOver(f.service, tuple(f.opened), named, state)
+            f.started = True  # the starts run once: a failure later on does not repeat them
+            yield from self._start_new_instance(m, f)
         restored, f.restored = f.restored, []
         if restored:
+            if f.service_down:  # no program took them: closed, so their clients know at once
+                f.connections_closed = len(restored)
             yield CloseDescriptors(tuple(restored))  # the new instance holds its own now
         instance, f.instance = f.instance, None
         if instance is not None:
+            # a dead last attempt too: the agent's watchdog restarts it from scratch (with
+            # these listeners; its health check sees it), as any service that exited
             opened, f.opened = f.opened, []
             yield AdoptInstance(m.service, instance, tuple(opened))
+        opened, f.opened = f.opened, []
+        if opened:  # no process at all: ours would keep the ports bound (EADDRINUSE for the next start)
+            yield CloseDescriptors(tuple(sock for _, sock in opened))
         role, f.role = f.role, None
         if role is not None:
             yield RemoveRoleLater(m.service, role)
@@ -445,7 +467,48 @@ class Handoff(Playbook):
             held=stats.held, released=stats.released,
             duplicates_suppressed=stats.duplicates_suppressed, reinjected=f.reinjected,
             lost=drops, kernel_drops=drops, freeze_ms=round(stats.freeze_ms, 3),
-            timing_ms=dict(f.timing))
+            timing_ms=dict(f.timing), start_attempts=f.start_attempts,
+            service_down=f.service_down, connections_closed=f.connections_closed)
+
+    def _start_new_instance(self, m, f: DestinationFacts):
+        """Start the new instance with everything handed over, again with the same
+        descriptors if a start fails (bounded, with a backoff). Sets f.instance (an exited
+        one if every start produced a process that died) and, if none started,
+        f.service_down."""
+        named = tuple((socket_name("conn", *st.local), sock) for sock, st in zip(f.restored, f.states))
+        t0 = yield ReadClock()
+        exited = None
+        for attempt in range(1, START_ATTEMPTS + 1):
+            if attempt > 1:
+                yield Pause(START_BACKOFF_S[min(attempt - 2, len(START_BACKOFF_S) - 1)])
+            f.start_attempts = attempt
+            try:
+                instance = yield StartHandedOver(f.service, tuple(f.opened), named, f.app_state)
+            except VipError as e:
+                f.start_failures.append(f"start {attempt}: {e}")
+                continue
+            f.instance = instance  # from here a failed command's way on adopts it
+            check = yield WaitStarted(instance, START_READY_S)
+            if check.outcome != "exited":
+                f.app_state, exited = None, None
+                break
+            f.instance, exited = None, instance
+            f.start_failures.append(f"start {attempt}: {check.detail or 'exited'}")
+            yield StopInstance(instance)  # reaped (and whatever it left in its session ended)
+        f.timing["start"] = _ms(t0, (yield ReadClock()))
+        if f.instance is not None:
+            if f.start_failures:
+                yield Note(f"release {m.service}: the new instance started at attempt {f.start_attempts} "
+                           f"with every handed descriptor, after: {'; '.join(f.start_failures)}", "warning")
+            if check.outcome == "running":
+                yield Note(f"release {m.service}: the new instance did not say READY=1 within "
+                           f"{START_READY_S:g}s; counted as started", "warning")
+            return
+        f.instance, f.app_state = exited, None
+        f.service_down = (f"the new instance did not start ({f.start_attempts} attempts: "
+                          f"{'; '.join(f.start_failures)})")
+        yield Note(f"release {m.service}: {f.service_down}; its {len(f.restored)} moved connections "
+                   "are closed, the service is down here until restarted", "error")
 
     def abort(self, m, event: Any, now: float):
         """THE destination abort: the gateway's Abort, a reconnect or shutdown that says

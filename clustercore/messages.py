@@ -347,6 +347,11 @@ class ReleaseDone(Reply):
     # a restarted agent asked again finds no trace of this release (its predecessor died
     # before the first effect): nothing was released here, the counts above are all 0
     not_released: bool = False
+    # the handoff's new instance: how many starts it took; if none worked, why (the
+    # service is down on this node) and how many moved connections were closed with it
+    start_attempts: int = 0
+    service_down: str = ""
+    connections_closed: int = 0
 
 
 @reply_type

@@ -328,6 +328,15 @@ class Migration(FailureLog):
         for name in ("held", "released", "duplicates_suppressed", "lost"):
             self._facts[name] = getattr(event, name)
         self._facts["freeze_ms"] = float(event.freeze_ms)
+        if event.start_attempts:
+            self._facts["start_attempts"] = event.start_attempts
+        if event.service_down:
+            # past the point of no return the move still commits, but it is not clean:
+            # the report's reason (vipctl exits 1) and `service_down` say so
+            self._facts["service_down"] = event.service_down
+            self._facts["connections_closed"] = event.connections_closed
+            self._problem(f"service down on '{self.dest}': {event.service_down}; "
+                          f"{event.connections_closed} moved connections closed")
         return [SendToNode(self.source, self._message(msgs.Commit))]
 
     def _dest_lost_while_releasing(self, event: NodeLost, now: float) -> list[Command]:

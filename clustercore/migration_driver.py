@@ -35,7 +35,8 @@ REPLY_EVENTS: dict[type, Callable[[str, object], mig.Event]] = {
     msgs.Release: lambda node, r: mig.NotReleased(node=node) if getattr(r, "not_released", False) else mig.Released(
         node=node, held=r.held, released=r.released,
         duplicates_suppressed=r.duplicates_suppressed, reinjected=r.reinjected, lost=r.lost,
-        freeze_ms=r.freeze_ms),
+        freeze_ms=r.freeze_ms, start_attempts=r.start_attempts, service_down=r.service_down,
+        connections_closed=r.connections_closed),
     msgs.Commit: lambda node, r: mig.Committed(node=node, late_packets=r.late_packets),
     msgs.Rollback: lambda node, r: mig.RolledBack(node=node),
 }

@@ -47,7 +47,8 @@ TERMINAL = frozenset({State.COMMITTED, State.ROLLED_BACK})
 
 _TEXT_FIELDS = {"node", "service", "epoch", "reason"}
 _COUNT_FIELDS = {"held", "released", "duplicates_suppressed", "reinjected", "lost",
-                 "tcp_established", "tcp_listening", "udp_sockets", "bytes_moved"}
+                 "tcp_established", "tcp_listening", "udp_sockets", "bytes_moved",
+                 "start_attempts", "connections_closed"}
 _PACKET_FIELDS = {"late_packets"}
 
 
@@ -139,9 +140,14 @@ class Released(Event):
     reinjected: int = 0  # late packets re-injected before the release
     lost: int = 0  # late packets the destination failed to re-inject
     freeze_ms: float = 0.0  # DestStats.freeze_ms, on the destination's clock
+    start_attempts: int = 0  # a handoff's new instance: the starts it took
+    service_down: str = ""  # none of them worked: why (the service is down on the destination)
+    connections_closed: int = 0  # the moved connections closed with it
 
     def __post_init__(self) -> None:
         Event.__post_init__(self)
+        if not isinstance(self.service_down, str):
+            raise self._bad("service_down", "must be a string", self.service_down)
         ms = self.freeze_ms
         if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms < float("inf"):
             raise self._bad("freeze_ms", "must be a finite number >= 0", ms)
@@ -288,6 +294,9 @@ class MigrationReport:
     outcome: str | None = None  # "committed" | "rolled_back"; None while running
     reason: str = ""
     failed_step: str | None = None
+    start_attempts: int = 0  # a handoff's new instance: the starts it took at the release
+    service_down: str = ""  # committed, but the new instance never started: why
+    connections_closed: int = 0  # the moved connections closed because nothing took them
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

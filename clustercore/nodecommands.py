@@ -385,6 +385,29 @@ class StartHandedOver(Command):
     state: bytes | None
 
 
+@dataclass(frozen=True)
+class Started:
+    """The result of WaitStarted: `ready` (it said READY=1: it took its descriptors and
+    serves), `running` (alive, silent when the wait ended: counted as started) or `exited`
+    (it died first: the start failed; `detail` says how)."""
+    outcome: str
+    detail: str = ""
+
+
+@_command(query=True, waits=True)
+class WaitStarted(Command):
+    """Wait until a just started instance says READY=1 (sd_notify), exits, or `timeout_s`
+    passes (-> Started)."""
+    instance: Any
+    timeout_s: float
+
+
+@_command(query=True, waits=True)
+class Pause(Command):
+    """Let `seconds` pass, the event loop running (a backoff between two starts)."""
+    seconds: float
+
+
 @_command()
 class AdoptInstance(Command):
     """The new instance is the service's running instance here from now on."""

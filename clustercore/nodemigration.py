@@ -65,6 +65,8 @@ from typing import Any, Callable, Iterator, Mapping
 from . import messages as msgs
 from .cutover import DestCutover, SourceCutover
 from .errors import LocalControlError, VipError
+from .batch_messages import STEPS as BATCH_STEPS
+from .batchnode import BatchedHandoff
 from .handoff import Handoff
 from .process import ProcessMigration
 from .kinds import MigrateStrategy, member, migration_strategy, service_kind
@@ -109,13 +111,25 @@ class State(enum.Enum):
     RELEASED = "released"  # the new instance serves: the service is ours
     ABORTING = "aborting"
     ABORTED = "aborted"
+    # the batched strategy (clustercore.batchnode; rows in clustercore.batchtable)
+    OPENING = "opening"  # source: the opening batch freezes
+    BATCHING = "batching"  # source: serves its kept connections, moves them batch by batch
+    BATCH_FREEZING = "batch_freezing"
+    BATCH_COMMITTING = "batch_committing"
+    BATCH_UNDOING = "batch_undoing"
+    ADOPTING = "adopting"  # destination: serves since the opening, adopts batch by batch
+    BATCH_RESTORING = "batch_restoring"
+    BATCH_RELEASING = "batch_releasing"
+    BATCH_ABORTING = "batch_aborting"
 
 
 TERMINAL = frozenset({State.COMMITTED, State.ROLLED_BACK, State.RELEASED, State.ABORTED})
 BUSY = frozenset({State.ARMING, State.FREEZING, State.COMMITTING, State.ROLLING_BACK,
-                  State.PREPARING, State.RESTORING, State.RELEASING, State.ABORTING})
+                  State.PREPARING, State.RESTORING, State.RELEASING, State.ABORTING,
+                  State.OPENING, State.BATCH_FREEZING, State.BATCH_COMMITTING, State.BATCH_UNDOING,
+                  State.BATCH_RESTORING, State.BATCH_RELEASING, State.BATCH_ABORTING})
 
-STEP_EVENTS: tuple[type, ...] = (*msgs.STEPS, msgs.Chunk)
+STEP_EVENTS: tuple[type, ...] = (*msgs.STEPS, msgs.Chunk, *BATCH_STEPS)
 EVENT_TYPES: tuple[type, ...] = (*STEP_EVENTS, *LOCAL_EVENTS)
 
 MAX_FAILURES = 8  # failed commands in one run before the machine stops trying
@@ -133,6 +147,7 @@ class Cutovers:
 PLAYBOOKS: Mapping[MigrateStrategy, type[Playbook]] = MappingProxyType({
     MigrateStrategy.HANDOFF: Handoff,
     MigrateStrategy.PROCESS: ProcessMigration,
+    MigrateStrategy.BATCHED: BatchedHandoff,
 })
 
 
@@ -255,7 +270,8 @@ class Runner:
 
     def _end(self, reply: Any, settle: bool = True) -> None:
         if settle and self._row is not None:
-            self.machine._state = self._row.target
+            target = self._row.target  # a State, or a function of the machine (batchtable)
+            self.machine._state = target if isinstance(target, State) else target(self.machine)
         if self._failures:
             reply = Failure(self._failures[0])  # the first failure is the cause
         if isinstance(self.event, msgs.Release) and isinstance(reply, msgs.Reply):
@@ -397,7 +413,8 @@ class NodeMigration:
         if event.epoch != self.epoch:
             raise Refused(f"inject for '{self.service}' names epoch {event.epoch}, "
                           f"not the one released here ({self.epoch})")
-        if self.injected:  # a restarted gateway got the same stragglers again (_repeat_commit)
+        if self.injected and getattr(self.playbook, "inject_once", True):  # a restarted gateway
+            # got the same stragglers again (_repeat_commit); the batched strategy's come per batch
             yield Note(f"repeated Inject for '{self.service}': its stragglers are in already")
             return msgs.Injected(injected=0)
         self.injected = bool(event.packets)
@@ -614,16 +631,18 @@ for _state, _event in [(S.PREPARED, msgs.Abort), (S.RESTORED, msgs.Abort),
 # only then (RELEASED is the last state of a destination), anywhere else a clean refusal
 TRANSITIONS[(S.RELEASED, msgs.Inject)] = Row(S.RELEASED, S.RELEASED, M._inject)
 del S, M, P, _state, _event, _end
+from . import batchtable  # noqa: E402,F401  (the batched strategy's rows, into TRANSITIONS)
 
 def _edges() -> dict[tuple[State, State], list[str]]:
     edges: dict[tuple[State, State], list[str]] = {}
     for (state, event), row in TRANSITIONS.items():
         label = event.__name__
-        if row.busy not in (state, row.target):
-            edges.setdefault((state, row.busy), []).append(label)
-            edges.setdefault((row.busy, row.target), []).append(f"{label} done")
-        else:
-            edges.setdefault((state, row.target), []).append(label)
+        for target in (row.target,) if isinstance(row.target, State) else row.target.targets:
+            if row.busy not in (state, target):
+                edges.setdefault((state, row.busy), []).append(label)
+                edges.setdefault((row.busy, target), []).append(f"{label} done")
+            else:
+                edges.setdefault((state, target), []).append(label)
     return {k: sorted(set(v)) for k, v in edges.items()}
 
 

@@ -485,6 +485,7 @@ _EMPTY_RESULTS: dict[type, object] = {
     nc.CountKernelDrops: 0, nc.CountUdpBufferDrops: 0, nc.HandOver: [],
     nc.AcceptWaiting: [], nc.DumpConnections: [], nc.DescribeListeners: (),
     nc.StreamChunk: False, nc.OpenSockets: [], nc.RestoreConnections: [], nc.PutBackDatagrams: 0,
+    nc.WaitStarted: nc.Started("ready"),
 }
 
 def _event_for_reply(node: str, step: msgs.Step, reply: object) -> mig.Event | None:

@@ -239,6 +239,7 @@ REPORT_LOG_FIELDS = ("service", "from", "to", "strategy", "outcome", "reason", "
                      "udp_sockets", "bytes_moved", "freeze_ms", "stop_ms", "total_ms", "held", "released",
                      "duplicates_suppressed", "lost", "kernel_queue_drops")
 PROCESS_STEP_S = 30.0  # freezing and restoring of a `process` migration may take this long
+HANDOFF_RELEASE_S = 8.0  # a handoff's release, its new instance's starts included (3 x 1.5 s + backoff, loaded)
 STRATEGY_ASK_TIMEOUT_S = 2.0  # asking the owner whether its program announced the fd store
 
 
@@ -291,6 +292,12 @@ class Controller:
         """The `process` strategy's freeze dumps and moves a whole image and its restore
         runs criu: seconds, growing with the program's memory, not the handoff's
         milliseconds. (The nodes give up on an image after IMAGE_TIMEOUT_S, before this.)"""
+        if strategy is MigrateStrategy.HANDOFF:
+            # the destination's release starts the new instance and waits for its READY=1,
+            # starting it again if it fails (clustercore.handoff.START_ATTEMPTS): seconds
+            # in the worst case, and past the point of no return a timeout only loses the
+            # destination's word on how it went
+            return dataclasses.replace(self.timeouts, releasing=max(self.timeouts.releasing, HANDOFF_RELEASE_S))
         if strategy is not MigrateStrategy.PROCESS:
             return self.timeouts
         # committing too: a lazy migration's source answers once its pages are served
@@ -379,6 +386,10 @@ class Controller:
             report["lost"] += source_drops
         self._end_journal(name)
         await gw.push_table()
+        if report.get("service_down"):
+            # committed, but nothing serves on the destination: its health is failed now
+            # (status says so, and `failover = restart` moves it), not after K probes
+            await gw.failover.start_failed(name, dest, report["service_down"])
         if finished.reason:
             # something went wrong (a node restarted mid-way, perhaps): tell both nodes
             # again what they must run now that the migration is over (a restarted agent

@@ -118,6 +118,23 @@ class Failover:
             self._spawn(self.restart(msg.service, reason))
         return None
 
+    async def start_failed(self, name: str, node: str, detail: str) -> None:
+        """A migration committed to `node` but its new instance never started there (the
+        destination said so in its release reply, on the authenticated agent link): the
+        service is unhealthy at once, as if its owner's check had failed K times, so the
+        same machinery records it and, with `failover = restart`, moves it; its owner's
+        next passing check clears it. A service without a check has no health to record
+        (nothing would ever clear it, and its node would stay unfit): logged only, the
+        migration's report and the agent's watchdog say the rest."""
+        service = self.gw.table.get(name)
+        why = f"did not start after a migration: {detail}"
+        if service is None or service.health is None:
+            event(log, "service.down", logging.WARNING, service=name, node=node, detail=why[:200])
+            self.gw.log_event("service_down", {"service": name, "node": node, "detail": why[:200]})
+            return
+        await self.on_report(node, msgs.HealthReport(service=name, state=Health.UNHEALTHY.value,
+                                                     failures=service.health.failures, detail=why))
+
     # --- dead nodes --------------------------------------------------------------------------
     def node_lost(self, node: str, last_seen: float) -> None:
         """The agent's session ended (link closed, or heartbeats missed): the node is dead

@@ -21,7 +21,7 @@ import os
 import shutil
 import signal
 
-from clustercore import fastpath
+from clustercore import batch_messages, fastpath
 from clustercore import messages as msgs
 from clustercore.config import NodeConfig
 from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, PeerControlError, VipError
@@ -35,6 +35,7 @@ from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
 from . import criu, criulazy, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
+from .batchmigrate import spawn_with_channel, speaks_batch
 from .drain import DrainAgent
 from .fdstore import NotifySocket, process_group_of
 from .health import HealthRunner
@@ -52,7 +53,7 @@ CONNECT_TIMEOUT_S = 5.0
 LOGIN_TIMEOUT_S = 5.0
 RECONNECT_FIRST_S = 0.1  # back-off after losing the gateway: doubles up to RECONNECT_MAX_S
 RECONNECT_MAX_S = 0.5  # short: a frozen migration waits for the restarted gateway
-MIGRATION_MESSAGES = (*msgs.STEPS, msgs.Chunk)
+MIGRATION_MESSAGES = (*msgs.STEPS, msgs.Chunk, *batch_messages.STEPS)
 STOP_WAIT_MARGIN_S = 2.0  # a stop waits for open migrations: the lease and this much
 
 
@@ -515,7 +516,10 @@ class NodeAgent:
         except ConnectionLost:
             return False
 
-    async def notify(self, text: str) -> None:
+    async def notice(self, text: str) -> None:
+        """Tell the gateway (a Notice for its log). Not `notify`: that name is our
+        NOTIFY_SOCKET, and the method it hid made the watchdog's first restart raise
+        TypeError, which ended the watchdog for good."""
         self.send_to_gateway(msgs.Notice(text=text))
 
     # --- requests from the gateway ---------------------------------------------------
@@ -630,7 +634,7 @@ class NodeAgent:
         else:
             socks = sockets if sockets is not None else services.open_sockets(self.config.vips, service.ports)
             try:
-                rs = services.spawn(service, socks, self.log_dir, extra_env)
+                rs = spawn_with_channel(service, socks, self.log_dir, extra_env)
             except VipError:
                 for _, s in socks:
                     s.close()
@@ -681,7 +685,8 @@ class NodeAgent:
             "services": self.packet_counters(),
             "unparsed": self.filter.unparsed,
             "processes": {n: {"pid": rs.pid, "alive": rs.process.poll() is None,
-                              "handoff": self.speaks_handoff(n)}  # announced the fd store
+                              "handoff": self.speaks_handoff(n),  # announced the fd store
+                              "batch": speaks_batch(self, n)}  # ...and the vip-batch channel
                           for n, rs in self.running.items()},
             "queue_errors": self.queue.errors if self.queue else 0,
             "process_strategy": self.process_strategy(),
@@ -738,20 +743,39 @@ class NodeAgent:
                     continue
                 event(log, "service.exited", logging.WARNING, service=name, pid=rs.pid, exit_code=code,
                       restart=f"{n + 1}/{MAX_RESTARTS}")
-                await self.notify(f"service {name} exited with {code}; restarting")
+                await self.notice(f"service {name} exited with {code}; restarting")
                 if service_kind(rs.service.exec_spec) is ServiceKind.ADOPTED:
                     self.restarts[name] = MAX_RESTARTS  # not ours to restart
                     continue
-                if service_kind(rs.service.exec_spec) is ServiceKind.COMMAND:
-                    # their NOTIFY_SOCKET is ours, never our manager's (the agent's own
-                    # environment has the lab supervisor's or systemd's)
-                    self.running[name] = services.start_isolated(rs.service, self.config.vips, self.log_dir,
-                                                                 extra_env=self.notify_env)
-                else:
-                    self.running[name] = services.spawn(rs.service, rs.sockets, self.log_dir, self.notify_env)
                 self.restarts[name] = n + 1
+                try:
+                    self.running[name] = self._restart(rs)
+                except Exception as e:  # noqa: BLE001 - counted: a start that keeps failing is left down
+                    if not isinstance(e, VipError):  # a bug: its traceback, and the watchdog goes on
+                        log.exception("restart of %s", name)
+                    event(log, "service.restart_failed", logging.ERROR, service=name, error=str(e))
+                    await self.notice(f"service {name}: restart failed: {e}")
+                    continue
                 self.metrics.restarted(name)
                 self.record_running()
+
+    def _restart(self, rs: services.RunningService) -> services.RunningService:
+        """Start an exited service again, from scratch, with the listeners and UDP sockets
+        we hold for it. A command-line program normally holds its sockets alone (we hold
+        none), but one that came here by a handoff has ours, bound at the migration's
+        prepare: binding the ports afresh beside them failed with EADDRINUSE, so they are
+        passed again (their accept queue, clients that connected meanwhile, included)."""
+        if service_kind(rs.service.exec_spec) is ServiceKind.COMMAND:
+            # their NOTIFY_SOCKET is ours, never our manager's (the agent's own
+            # environment has the lab supervisor's or systemd's)
+            if not rs.sockets:
+                return services.start_isolated(rs.service, self.config.vips, self.log_dir,
+                                               extra_env=self.notify_env)
+            new = services.start_isolated(rs.service, self.config.vips, self.log_dir,
+                                          extra_env=self.notify_env, passed=list(rs.sockets))
+            new.sockets = list(rs.sockets)
+            return new
+        return spawn_with_channel(rs.service, rs.sockets, self.log_dir, self.notify_env)
 
 
 def run(config: NodeConfig) -> None:

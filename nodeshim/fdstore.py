@@ -43,6 +43,7 @@ class Store:
     ready: bool = False
     stopping: bool = False
     handoff: bool = False  # it announced the fd-store handoff (FDSTORE=1, no descriptor)
+    batch: bool = False  # ...and the batched one on its vip-batch channel (X_VIP_BATCH=1)
     status: str = ""
     fds: list[tuple[str, int]] = field(default_factory=list)  # (name, fd we own), in order
 
@@ -125,6 +126,8 @@ class NotifySocket:
         store.stopping = store.stopping or note.stopping
         if note.status is not None:
             store.status = note.status
+        if note.fields.get("X_VIP_BATCH") == "1":
+            store.batch = True
         if note.fdstore and not fds:
             store.handoff = True
         elif note.fdstore:

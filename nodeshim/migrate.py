@@ -31,12 +31,17 @@ copy (a destination killed at restore); `criu.thaw` with content `die-before` / 
 agent exits just before / just after it lets a copy run (a destination killed inside its
 release, past the release marker: its successor adopts the copy, nodeshim.leftovers).
 A handoff's `handoff.start` with content `die`: the agent exits right after it started the
-new instance, before adopting it (its successor adopts it).
+new instance, before adopting it (its successor adopts it); `exit N`: the next N starts of
+the service's new instance at the release run a program that cannot be executed (a real
+exec failure, after the descriptors were handed: the instance exits at once); `fail N`:
+the next N starts fail before any process exists (as posix_spawn failed with EMFILE at
+10,000 connections). N defaults to 1; the file is removed when read, the count kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -55,6 +60,7 @@ from vipwire.logs import event as log_event
 from clustercore.process import memory_mode
 
 from . import criu, fdstore, imagexfer, lazyxfer, pidfd, queue, services, tcprepair, udphandoff
+from .batchmigrate import BatchActions
 from .leftovers import Leftovers
 
 log = logging.getLogger("vipcluster.migrate")
@@ -77,6 +83,8 @@ LAZY_COMMIT_WAIT_S = 20.0  # a lazy source's commit waits this long for its last
 LAZY_PAGES_MAX_S = 3600.0  # ...and a background waiter this long, before it gives up the frozen source
 IMAGE_TIMEOUT_S = 25.0  # a process image must be dumped and moved, or restored, by then
 # (under gateway.controller.PROCESS_STEP_S, so the node's reason reaches the gateway first)
+START_POLL_S = 0.005  # how often a starting instance is looked at (READY=1 or its exit)
+FAULT_EXEC = "/nonexistent/vipcluster-fault-injected"  # `handoff.start` `exit`: what cannot be executed
 LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -127,7 +135,9 @@ class MigrationAgent:
         self._locks: dict[str, asyncio.Lock] = {}
         self.stopping = False  # the agent is stopping: no new migration begins here
         self.starting: dict[int, str] = {}  # a handoff's new instance, by pid, until adopted
-        self._actions: dict[type, Callable[[Any], Any]] = self._command_table()
+        self._start_faults: dict[str, list] = {}  # `handoff.start` exit/fail N: [what, starts left]
+        self._actions: dict[type, Callable[[Any], Any]] = {**self._command_table(),
+                                                           **BatchActions(self).table()}
 
     # --- what the agent asks ------------------------------------------------------------
     def busy(self, name: str) -> bool:
@@ -192,7 +202,7 @@ class MigrationAgent:
         lease = self.agent.config.migration_lease_s
         for machine, event in self.migrations.expired(self.kernel.clock(), lease):
             log.warning("the migration of %s: %s; rolling back here", machine.service, event.why)
-            asyncio.ensure_future(self.agent.notify(f"{machine.service}: {event.why}; rolled back"))
+            asyncio.ensure_future(self.agent.notice(f"{machine.service}: {event.why}; rolled back"))
             self._feed_local(machine, event)
         if any(m.orphaned_since is not None and not m.finished for m in self.migrations.machines.values()):
             self._check_leases_later()
@@ -351,6 +361,8 @@ class MigrationAgent:
             nc.RestoreConnections: lambda c: k.tcprepair.restore_many(list(c.states), thaw=False),
             nc.Thaw: lambda c: k.tcprepair.thaw_many(c.sockets, c.states),
             nc.StartHandedOver: self._start_handed_over,
+            nc.WaitStarted: self._wait_started,
+            nc.Pause: lambda c: asyncio.sleep(c.seconds),
             nc.AdoptInstance: self._adopt_instance,
             # the process strategy
             nc.StopTree: self._stop_tree,
@@ -440,21 +452,63 @@ class MigrationAgent:
             raise
         return k.fdstore.as_objects(store.take())
 
+    def _start_fault(self, service: str) -> str | None:
+        """The `handoff.start` fault for this start of `service`'s new instance: die, exit,
+        fail (with a count: the next N starts), or None."""
+        armed = self._armed_fault("handoff.start")
+        if armed is not None:
+            what, _, count = armed.partition(" ")
+            if what in ("exit", "fail"):
+                try:
+                    n = int(count or 1)
+                except ValueError:
+                    n = 1
+                self._start_faults[service] = [what, n]
+            else:
+                return what
+        left = self._start_faults.get(service)
+        if left is None:
+            return None
+        left[1] -= 1
+        if left[1] <= 0:
+            del self._start_faults[service]
+        return left[0]
+
     def _start_handed_over(self, cmd: nc.StartHandedOver):
         agent = self.agent
+        fault = self._start_fault(cmd.service.name)
+        if fault == "fail":
+            raise KernelError("start the new instance", errno.EMFILE, "fault injected")
         if agent.notify is not None:
             agent.notify.forget(cmd.service.name)  # a new program: what it says starts afresh
         rs = self.kernel.services.start_handed_over(
             cmd.service, agent.config.vip, agent.log_dir, cmd.sockets, cmd.connections, cmd.state,
-            extra_env=agent.notify_env)
+            extra_env=agent.notify_env, **({"argv": [FAULT_EXEC]} if fault == "exit" else {}))
         self.starting[rs.pid] = cmd.service.name
         # a crash before it is adopted: the next agent adopts it (the release had begun)
         machine = self.migrations.machines.get(cmd.service.name)
         self.leftovers.record_restored(cmd.service.name, rs.pid, machine.epoch if machine else None,
                                        cmd.service, [name for name, _ in cmd.sockets])
-        if self._armed_fault("handoff.start") == "die":  # dead before its adoption
+        if fault == "die":  # dead before its adoption
             self._die()
         return rs
+
+    async def _wait_started(self, cmd: nc.WaitStarted) -> nc.Started:
+        """Until the new instance says READY=1 (it has its descriptors and serves), exits
+        (the start failed), or the timeout passes (alive: counted as started)."""
+        rs, notify, k = cmd.instance, self.agent.notify, self.kernel
+        deadline = k.clock() + cmd.timeout_s
+        while True:
+            if notify is not None:
+                notify.drain()
+                if notify.store(rs.service.name).ready:
+                    return nc.Started("ready")
+            code = rs.process.poll()
+            if code is not None:
+                return nc.Started("exited", f"pid {rs.pid} exited with {code} before READY=1 (see {rs.log_path})")
+            if k.clock() > deadline:
+                return nc.Started("running", f"pid {rs.pid} alive, no READY=1 after {cmd.timeout_s:g}s")
+            await asyncio.sleep(START_POLL_S)
 
     async def _wait_handshakes(self, cmd: nc.WaitHandshakes) -> None:
         k, vip = self.kernel, self.agent.config.vips

@@ -90,3 +90,21 @@ def count_listeners(vips: str | Iterable[str], ports: Iterable[int]) -> int:
     except (OSError, StopIteration, IndexError):
         return 0
     return n
+
+
+def parse_proc_address(text: str, byteorder: str = sys.byteorder) -> tuple[str, int]:
+    """The inverse of proc_address: '0A7100CB:0007' -> ('203.0.113.10', 7)."""
+    words, _, port = text.partition(":")
+    packed = b"".join(int(words[i:i + 8], 16).to_bytes(4, byteorder) for i in range(0, len(words), 8))
+    return str(ipaddress.ip_address(packed)), int(port, 16)
+
+
+def established(vips: str | Iterable[str], ports: Iterable[int]) -> list[tuple[str, int, str, int, int]]:
+    """The ESTABLISHED connections on a VIP at one of `ports`: (local address, local port,
+    peer address, peer port, socket inode) each, for the batched handoff's list of kept
+    connections (the inode says which program holds the socket, through /proc/PID/fd)."""
+    out = []
+    for fields in _rows(vips, ports):
+        if fields[3] == "01" and len(fields) > 9:
+            out.append((*parse_proc_address(fields[1]), *parse_proc_address(fields[2]), int(fields[9])))
+    return out

@@ -286,6 +286,7 @@ class RunningService:
     log_path: str
     started_at: float = field(default_factory=time.time)
     output_pipe: str | None = None  # criu's name of the pipe on its fds 1 and 2 (process strategy)
+    channel: socket.socket | None = None  # the agent's end of its vip-batch channel (nodeshim.batchmigrate)
 
     @property
     def pid(self) -> int:
@@ -311,11 +312,14 @@ def state_memfd(data: bytes):
 
 
 def start_handed_over(service: Service, vip: str, log_dir: str, sockets, connections, state: bytes | None,
-                      extra_env: dict[str, str] | None = None) -> "RunningService":
+                      extra_env: dict[str, str] | None = None, argv: list[str] | None = None) -> "RunningService":
     """The new instance of a handoff migration, started as systemd starts a service from
     its fd store: its listeners and UDP sockets, `state` (a memfd) and its connections as
     LISTEN_FDS / LISTEN_FDNAMES. A builtin is spawned as always; a command-line service
-    in its own PID namespace, as `service add` starts it. The descriptors stay the caller's."""
+    in its own PID namespace, as `service add` starts it. The descriptors stay the caller's
+    (so a start that fails can be tried again with the same ones). `argv`: run this
+    instead of the service's program (the lab's fault injection: a program that cannot
+    be executed)."""
     named = list(sockets)
     memfd = state_memfd(state) if state else None
     try:
@@ -323,8 +327,9 @@ def start_handed_over(service: Service, vip: str, log_dir: str, sockets, connect
             named.append(("state", memfd))
         named += list(connections)
         if service_kind(service.exec_spec) is ServiceKind.BUILTIN:
-            return spawn(service, named, log_dir, extra_env)
-        return start_isolated(service, vip, log_dir, extra_env=extra_env, passed=named)
+            from .batchmigrate import spawn_with_channel  # its channel too: it can move in batches next
+            return spawn_with_channel(service, named, log_dir, extra_env, argv=argv)
+        return start_isolated(service, vip, log_dir, extra_env=extra_env, passed=named, argv=argv)
     finally:
         if memfd is not None:
             memfd.close()
@@ -336,19 +341,27 @@ KILL_WAIT_S = 2.0
 def kill(rs: RunningService, timeout: float = KILL_WAIT_S) -> None:
     """End an instance at once (SIGKILL to its whole session) and wait for it.
     For an instance that is stopped (a migrated-away source) or never served (an aborted
-    destination): neither can run a SIGTERM handler. Its sockets are the caller's."""
+    destination): neither can run a SIGTERM handler. Its sockets are the caller's (its
+    vip-batch channel is its own: closed)."""
     try:
         os.killpg(rs.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     rs.process.wait(timeout)
+    _close_channel(rs)
+
+
+def _close_channel(rs: RunningService) -> None:
+    if rs.channel is not None:
+        rs.channel.close()
+        rs.channel = None
 
 
 def spawn(service: Service, sockets: list[tuple[str, socket.socket]], log_dir: str,
-          extra_env: dict[str, str] | None = None) -> RunningService:
+          extra_env: dict[str, str] | None = None, argv: list[str] | None = None) -> RunningService:
     """Start the service process with `sockets` (anything with a fileno()) as fds 3..
-    (socket activation)."""
-    argv = argv_for(service.exec_spec)
+    (socket activation). `argv`: instead of the service's own program."""
+    argv = argv or argv_for(service.exec_spec)
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(log_dir, f"{service.name}.log")
     sources = [s.fileno() for _, s in sockets]
@@ -438,6 +451,7 @@ def stop(rs: RunningService, timeout: float = 3.0) -> None:
             proc.wait(timeout)
     for _, s in rs.sockets:
         s.close()
+    _close_channel(rs)
     log.info("stopped %s (pid %d, exit %s)", rs.service.name, proc.pid, proc.returncode)
 
 
@@ -507,16 +521,18 @@ def _pass_over_socket(sockets) -> int:
 
 
 def start_isolated(service: Service, vip: str | tuple[str, ...], log_dir: str, *, spawn_isolated=None,
-                   extra_env: dict[str, str] | None = None, passed=None) -> RunningService:
+                   extra_env: dict[str, str] | None = None, passed=None,
+                   argv: list[str] | None = None) -> RunningService:
     """Start a command-line service for the `process` strategy: its own PID namespace and
     session, no inherited descriptor but /dev/null and its output pipe (criu.spawn_isolated),
     the pipe copied into the node's service log by the agent. With `--sockets activation`
     the agent binds the ports, passes them as LISTEN_FDS (fds 3..) and closes its own
     copies: the program alone holds them, so criu can move them. `passed`: the named
-    descriptors to pass instead (a handoff's new instance; they stay the caller's)."""
+    descriptors to pass instead (a handoff's new instance; they stay the caller's). `argv`:
+    instead of the service's own program."""
     from . import criu
     spawn_isolated = spawn_isolated or criu.spawn_isolated
-    argv = argv_for(service.exec_spec)
+    argv = argv or argv_for(service.exec_spec)
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(log_dir, f"{service.name}.log")
     activation = service.sockets != "self" or passed is not None

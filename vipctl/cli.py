@@ -367,6 +367,11 @@ def migrate(obj, name, destination, graceful, drain_timeout, as_json):
     report = _call_with_progress(_progress(as_json), "migrate", obj["socket"], timeout=_graceful_wait(extra, 120.0),
                                  name=name, to=destination, **extra)
     _emit(report, as_json, out.render_report)
+    if report.get("service_down"):
+        # past the point of no return the move commits, but nothing serves on --to
+        click.echo(f"vipctl: migration of '{name}' committed but the service is down on {report.get('to')}: "
+                   f"{report['service_down']}", err=True)
+        sys.exit(1)
     if report.get("outcome") != "committed":
         sys.exit(1)
 
@@ -385,6 +390,11 @@ def node_drain(obj, node_name, destination, graceful, drain_timeout, as_json):
     result = _call_with_progress(_progress(as_json), "node.drain", obj["socket"], timeout=_graceful_wait(extra, 600.0),
                                  node=node_name, to=destination, **extra)
     _emit(result, as_json, out.render_drain)
+    down = [f"{r.get('service')} on {r.get('to')}" for r in result["migrations"] if r.get("service_down")]
+    if down:
+        click.echo(f"vipctl: drain of {node_name} committed but these services are down: {', '.join(down)} "
+                   "(their new instance did not start; see each report)", err=True)
+        sys.exit(1)
     if any(r.get("outcome") != "committed" for r in result["migrations"]):
         sys.exit(1)
 

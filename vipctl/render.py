@@ -117,6 +117,10 @@ def render_report(r: dict) -> str:
     if r.get("stop_ms") is not None:
         lines.append(f"  service stopped {ms(r['stop_ms'])} (source stopped to destination serving; "
                      "freeze is first held to last released packet)")
+    if r.get("start_attempts", 0) > 1 or r.get("service_down"):
+        lines.append(f"  new instance: {r.get('start_attempts')} start(s)"
+                     + (f"; SERVICE DOWN on {r['to']} ({r.get('connections_closed', 0)} moved connections closed)"
+                        if r.get("service_down") else "; the moved connections survived the failed start(s)"))
     if r.get("steps_ms"):
         lines.append("  steps: " + ", ".join(f"{step} {ms(t)}" for step, t in r["steps_ms"].items()))
     return "\n".join(lines)

@@ -179,3 +179,26 @@ def test_two_gateways_a_standby_declares_nobody_dead_and_a_refused_lease_is_retr
     assert standby_fenced == set()
     assert gw.table.get("echo").owner == "n1" and gw.sent == []  # the other gateway drives
     assert "echo" in gw.failover.pending  # tried again at the next trigger
+
+
+def test_a_service_whose_new_instance_never_started_after_a_migration_is_unhealthy_at_once():
+    """gateway.controller: a migration committed to n2 whose release said the new instance
+    never started. A checked service's health is failed at once (no K probes to wait
+    for), and with `failover = restart` the same machinery moves it."""
+    async def go():
+        gw = FakeGateway([Service("echo", "n2", ((6, 7),), "builtin:echo", health=RESTART),
+                          Service("kv", "n2", ((6, 6379),), "builtin:kv")])
+        await gw.failover.start_failed("echo", "n2", "the new instance did not start (3 attempts: ...)")
+        await gw.failover.start_failed("kv", "n2", "the new instance did not start (3 attempts: ...)")
+        await settle(gw)
+        return gw
+    gw = run(go())
+    assert gw.table.get("echo").owner in ("n1", "n3")  # restarted elsewhere
+    kind, event = next(e for e in gw.events if e[0] == "failover")
+    assert event["service"] == "echo" and "did not start after a migration" in event["reason"]
+    # no health check: logged, not moved, and no health state that nothing would clear
+    # (n2 would stay unfit for every migration)
+    assert gw.table.get("kv").owner == "n2" and "kv" not in gw.failover.health
+    kind, event = next(e for e in gw.events if e[0] == "service_down")
+    assert event["service"] == "kv" and "did not start" in event["detail"]
+    assert "n2" not in gw.failover.unfit_nodes()

@@ -188,7 +188,7 @@ def test_happy_path_script():
         "tcp_established": 2, "tcp_listening": 1, "udp_sockets": 1, "bytes_moved": 4321,
         "freeze_ms": 2.5, "total_ms": 8 * TICK * 1000, "held": 7, "released": 4,
         "duplicates_suppressed": 3, "lost": 0, "outcome": "committed", "reason": "",
-        "failed_step": None,
+        "failed_step": None, "start_attempts": 0, "service_down": "", "connections_closed": 0,
     }
     assert finished.report.as_error() is None
     assert d.m.get_timer() is None and d.m.past_point_of_no_return
@@ -682,3 +682,38 @@ def test_the_destination_lost_while_committing_is_not_a_failure():
     assert doing(d.feed(NodeLost(node=DST))) == [] and d.m.state is State.COMMITTING
     finished = d.feed(Committed(node=SRC))[-1]
     assert finished.outcome == "committed" and finished.reason == ""
+
+
+def test_a_release_whose_new_instance_never_started_commits_but_is_not_clean():
+    """Past the point of no return the owner is the destination, so the move commits; but
+    the destination said its new instance did not start: the report's reason, its
+    `service_down` and the CLI's error say so (the bug: a clean "committed")."""
+    d = Driver()
+    for event, _ in HAPPY[:-2]:
+        d.feed(event)
+    down = Released(node=DST, held=7, released=4, duplicates_suppressed=3, start_attempts=3,
+                    service_down="the new instance did not start (3 attempts: ...)", connections_closed=5)
+    assert actions(d.feed(down))[0] == SendToNode(SRC, msg("commit"))  # forward, as always
+    finished = d.feed(HAPPY[-1][0])[-1]
+    assert isinstance(finished, Finished) and finished.outcome == "committed"
+    report = finished.report
+    assert report.service_down.startswith("the new instance did not start") and report.connections_closed == 5
+    assert report.start_attempts == 3
+    assert "service down on 'n2'" in report.reason and "5 moved connections closed" in report.reason
+    error = report.as_error()
+    assert isinstance(error, MigrationError) and not error.rolled_back
+
+
+def test_a_release_that_needed_a_second_start_is_clean():
+    d = Driver()
+    for event, _ in HAPPY[:-2]:
+        d.feed(event)
+    d.feed(Released(node=DST, held=7, released=4, duplicates_suppressed=3, start_attempts=2))
+    finished = d.feed(HAPPY[-1][0])[-1]
+    assert finished.reason == "" and finished.report.start_attempts == 2 and finished.report.as_error() is None
+
+
+@pytest.mark.parametrize("bad", [{"start_attempts": -1}, {"connections_closed": True}, {"service_down": 3}])
+def test_a_released_event_checks_its_start_fields(bad):
+    with pytest.raises(LocalControlError):
+        Released(node=DST, held=0, released=0, duplicates_suppressed=0, **bad)

@@ -72,6 +72,15 @@ class FakeInstance:
     service: Service
     sockets: list
     pid: int = 4242
+    exit_code: int | None = None  # a program that exited at once (nodeshim.services.Process)
+    log_path: str = "/var/log/echo.log"
+
+    @property
+    def process(self):
+        return self
+
+    def poll(self):
+        return self.exit_code
 
 
 def conn_state(port: int, i: int) -> TcpConnState:
@@ -93,6 +102,7 @@ class FakeStore:
         self.fds: list = []
         self.stopping = False
         self.handoff = True
+        self.ready = False
 
     def begin_handover(self) -> None:
         self.close()
@@ -144,6 +154,9 @@ class FakeKernel:
         self.fail: dict[str, Exception] = {}
         self.notify = FakeNotify(log)
         self.hands_over = True  # the program answers the handoff signal through the fd store
+        self.start_exits = 0  # the next N new instances exit at once (before READY=1)
+        self.start_raises = 0  # the next N starts fail before any process exists
+        self.starts = 0
 
     def _call(self, name: str, *args):
         self.log.append((name, *args))
@@ -240,10 +253,21 @@ class FakeKernel:
         self._call("open_sockets", tuple(ports))
         return [("tcp-7", FakeSock("new-tcp-7", self.log)), ("udp-7", FakeSock("new-udp-7", self.log))]
 
-    def start_handed_over(self, service, vip, log_dir, sockets, connections, state, extra_env=None):
+    def start_handed_over(self, service, vip, log_dir, sockets, connections, state, extra_env=None, argv=None):
         self._call("start_handed_over", tuple(n for n, _ in sockets), tuple(n for n, _ in connections), state,
                    (extra_env or {}).get("NOTIFY_SOCKET"))
-        return FakeInstance(service, list(sockets), pid=5151)
+        self.starts += 1
+        if argv is not None:  # the `exit` fault: a program that cannot be executed exits at once
+            self.log.append(("argv", tuple(argv)))
+            return FakeInstance(service, list(sockets), pid=5150 + self.starts, exit_code=127)
+        if self.start_raises:
+            self.start_raises -= 1
+            raise KernelError("start the new instance", 24)
+        if self.start_exits:
+            self.start_exits -= 1
+            return FakeInstance(service, list(sockets), pid=5150 + self.starts, exit_code=127)
+        self.notify.store(service.name).ready = True  # it took its descriptors and says READY=1
+        return FakeInstance(service, list(sockets), pid=5150 + self.starts)
 
     def kill(self, rs):
         self._call("kill", rs.pid)
@@ -609,6 +633,115 @@ def test_destination_prepare_chunk_restore_release_script(tmp_path):
     assert released.held == 1 and released.released == 1 and released.reinjected == 2
     assert agent.running["echo"].pid == 5151 and agent.restarts["echo"] == 0
     assert not ma.busy("echo") and "echo" not in agent.filter.roles
+
+
+def _release_with_starts(tmp_path, exits: int = 0, raises: int = 0):
+    """A destination through prepare, chunk, restore and release, its new instance's first
+    `exits` starts exiting at once and the first `raises` failing before any process."""
+    ma, agent, fake, log = destination(tmp_path)
+    fake.start_exits, fake.start_raises = exits, raises
+    states = [conn_state(7, i) for i in range(3)]
+    from clustercore.sockstate import ServiceSockets
+    wire = sockwire.to_wire(ServiceSockets(service="echo", listeners=(TcpListenerState(local=(VIP, 7)),),
+                                           connections=tuple(states), udp=(UdpSocketState(local=(VIP, 7)),)))
+    wire.update(streamed=0, app_state="e30=")
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1"))
+        await ma.handle(step(msgs.Restore, sockets=wire))
+        log.clear()
+        released = await ma.handle(step(msgs.Release, consumed={}, late_packets=()))
+        await settle()
+        return released
+
+    return asyncio.run(script()), ma, agent, fake, log
+
+
+def test_a_new_instance_that_exits_at_once_is_started_again_with_the_same_descriptors(tmp_path):
+    released, ma, agent, fake, log = _release_with_starts(tmp_path, exits=1)
+    starts = [e for e in log if e[0] == "start_handed_over"]
+    # the same listeners, connections, state and NOTIFY_SOCKET the second time: the agent
+    # held them all along, so the connections survive the failed start
+    assert len(starts) == 2 and starts[0] == starts[1]
+    assert starts[1][2] == ("conn-7",) * 3 and starts[1][3] == b"{}"
+    at = [i for i, e in enumerate(log) if e[0] == "start_handed_over"]
+    assert at[0] < log.index_of("kill", 5151) < at[1]  # the dead one reaped first
+    # our copies of the connections close only once an instance holds them
+    first_close = next(i for i, e in enumerate(log) if e[0] == "close" and e[1].startswith("restored"))
+    assert first_close > at[1]
+    assert isinstance(released, msgs.ReleaseDone), released
+    assert (released.start_attempts, released.service_down, released.connections_closed) == (2, "", 0)
+    assert agent.running["echo"].pid == 5152 and agent.running["echo"].poll() is None
+    assert ("close", "new-tcp-7") not in log  # its listeners: the agent keeps a copy, as for any service
+    assert not ma.busy("echo")
+
+
+def test_a_new_instance_that_never_starts_is_reported_down_and_left_to_the_watchdog(tmp_path):
+    released, ma, agent, fake, log = _release_with_starts(tmp_path, exits=5)
+    assert fake.starts == 3  # bounded (clustercore.handoff.START_ATTEMPTS)
+    assert isinstance(released, msgs.ReleaseDone), released
+    assert released.start_attempts == 3 and "did not start (3 attempts" in released.service_down
+    assert "exited with 127" in released.service_down
+    assert released.connections_closed == 3  # closed: their clients learn at once
+    assert all(("close", f"restored{i}") in log for i in range(3))
+    # the last dead instance is the running one: the watchdog restarts it from scratch,
+    # with the listeners the agent still holds (not bound again: no EADDRINUSE)
+    rs = agent.running["echo"]
+    assert rs.poll() == 127 and [n for n, _ in rs.sockets] == ["tcp-7", "udp-7"]
+    assert ("close", "new-tcp-7") not in log and ("close", "new-udp-7") not in log
+
+
+def test_starts_that_fail_before_any_process_leave_no_port_bound(tmp_path):
+    released, ma, agent, fake, log = _release_with_starts(tmp_path, raises=3)
+    assert isinstance(released, msgs.ReleaseDone), released
+    assert released.start_attempts == 3 and "errno 24" in released.service_down
+    assert "echo" not in agent.running
+    # before: the listeners bound at prepare stayed open in the migration's facts, and the
+    # service's next start on this node failed with EADDRINUSE
+    assert ("close", "new-tcp-7") in log and ("close", "new-udp-7") in log
+
+
+def test_a_start_that_fails_once_before_any_process_is_tried_again(tmp_path):
+    released, ma, agent, fake, log = _release_with_starts(tmp_path, raises=1)
+    assert isinstance(released, msgs.ReleaseDone) and released.start_attempts == 2 and not released.service_down
+    assert agent.running["echo"].poll() is None and ("close", "new-tcp-7") not in log
+
+
+def test_the_start_fault_counts_its_starts(tmp_path):
+    """`handoff.start` `exit 2`: the next two starts exec a missing program (then one runs);
+    `fail 1`: the next start makes no process. The file is gone once read."""
+    ma, agent, fake, log = destination(tmp_path)
+    os.makedirs(ma.fault_dir)
+    with open(os.path.join(ma.fault_dir, "handoff.start"), "w") as f:
+        f.write("exit 2")
+    assert ma._start_fault("echo") == "exit" and not os.listdir(ma.fault_dir)
+    assert ma._start_fault("echo") == "exit" and ma._start_fault("echo") is None
+    with open(os.path.join(ma.fault_dir, "handoff.start"), "w") as f:
+        f.write("fail")
+    assert ma._start_fault("echo") == "fail" and ma._start_fault("echo") is None
+
+
+def test_a_release_under_the_exit_fault_starts_a_missing_program_then_the_real_one(tmp_path):
+    def arm(ma):
+        os.makedirs(ma.fault_dir, exist_ok=True)
+        with open(os.path.join(ma.fault_dir, "handoff.start"), "w") as f:
+            f.write("exit 2")
+    ma, agent, fake, log = destination(tmp_path)
+    arm(ma)
+    states = [conn_state(7, 0)]
+    from clustercore.sockstate import ServiceSockets
+    wire = sockwire.to_wire(ServiceSockets(service="echo", listeners=(TcpListenerState(local=(VIP, 7)),),
+                                           connections=tuple(states), udp=(UdpSocketState(local=(VIP, 7)),)))
+    wire.update(streamed=0, app_state=None)
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1"))
+        await ma.handle(step(msgs.Restore, sockets=wire))
+        return await ma.handle(step(msgs.Release, consumed={}, late_packets=()))
+    released = asyncio.run(script())
+    assert [e for e in log if e[0] == "argv"] == [("argv", (migrate.FAULT_EXEC,))] * 2
+    assert released.start_attempts == 3 and not released.service_down
+    assert agent.running["echo"].poll() is None
 
 
 def test_destination_abort_closes_everything_silently(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clustercore import batch_messages as bm
 from clustercore import messages as msgs
 from clustercore import nodecommands as nc
 from clustercore import sockwire
@@ -59,6 +60,10 @@ EVENTS = {
     nc.OwnerMoved: lambda: nc.OwnerMoved(why="over"),
     nc.LeaseExpired: lambda: nc.LeaseExpired(),
     nc.ExecutorFailed: lambda: nc.ExecutorFailed(error=KernelError("something", 5)),
+    # the batched strategy's steps: a process migration refuses them
+    **{cls: (lambda cls=cls: step(cls, **({"batch": 1} if "batch" in cls.__dataclass_fields__ else {}),
+                                  **({"sockets": {}} if cls is bm.RestoreBatch else {})))
+       for cls in bm.STEPS},
 }
 assert set(EVENTS) == set(EVENT_TYPES)
 

@@ -176,3 +176,36 @@ def test_json_output_keeps_full_values(monkeypatch):
     r = runner.invoke(cli.cli, ["--socket", "/nonexistent", "migrate", "echo", "--to", "n2"])
     assert r.exit_code == 0 and "total 193.39 ms" in r.output, r.output
 
+
+
+DOWN = REPORT | {"reason": "service down on 'n2': the new instance did not start (3 attempts: ...); 50 moved "
+                           "connections closed", "start_attempts": 3, "connections_closed": 50,
+                 "service_down": "the new instance did not start (3 attempts: start 1: pid 9 exited with 127)"}
+
+
+def test_a_report_with_the_service_down_says_so():
+    text = render_report(DOWN)
+    assert "committed (service down on 'n2'" in text
+    assert "new instance: 3 start(s); SERVICE DOWN on n2 (50 moved connections closed)" in text
+    assert "start(s)" not in render_report(REPORT)  # a first start that worked: nothing to say
+    assert "2 start(s); the moved connections survived" in render_report(REPORT | {"start_attempts": 2})
+
+
+def test_migrate_exits_1_with_one_line_when_the_service_is_down(monkeypatch):
+    """Committed past the point of no return, but nothing serves on the destination: not
+    a success for a script (exit 1), one `vipctl:` line on stderr, the report as usual."""
+    from vipctl import cli
+
+    monkeypatch.setattr(cli, "call", lambda *a, **kw: dict(DOWN))
+    for extra in ([], ["--json"]):
+        r = CliRunner().invoke(cli.cli, ["--socket", "/nonexistent", "migrate", "echo", "--to", "n2", *extra])
+        assert r.exit_code == 1, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vipctl: migration of 'echo' committed but the service is "
+                                                       "down on n2: the new instance did not start"), r.stderr
+    assert json.loads(r.stdout)["service_down"].startswith("the new instance")
+    monkeypatch.setattr(cli, "call", lambda *a, **kw: {"node": "n1", "migrations": [dict(REPORT), dict(DOWN)]})
+    r = CliRunner().invoke(cli.cli, ["--socket", "/nonexistent", "node", "drain", "n1"])
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        "vipctl: drain of n1 committed but these services are down: echo on n2 (their new instance did not "
+        "start; see each report)"), r.stderr

@@ -1,0 +1,115 @@
+"""The commands the batched handoff's playbook (clustercore.batchnode) adds to the node's
+vocabulary (clustercore.nodecommands). Pure data; the agent's executor maps them to the
+incremental handoff channel (nodeshim.batchchannel) and the kernel's socket tables
+(nodeshim.batchmigrate).
+
+Everything else the batched playbook does (install the role, dump, restore, thaw, hold,
+release, inject, close silently, stop an instance) is an existing command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .nodecommands import Command, Named, _command
+from .ownership import Service
+
+
+@dataclass(frozen=True)
+class Handed:
+    """What a program handed back over the channel: the sockets (named conn-PORT,
+    tcp-PORT, udp-PORT; ours now) and, per peer "ip:port", what it still owed on them
+    ({"in": b64, "out": b64}: the partial request, the unsent reply)."""
+
+    sockets: tuple[Named, ...]
+    owed: dict
+
+
+@dataclass(frozen=True)
+class KeptConnection:
+    """One established connection the source's program keeps serving after the opening
+    (its flow as the gateway's packets name it: client -> VIP) and how idle it is."""
+
+    flow: tuple[int, str, int, str, int]
+    idle_ms: float = 0.0
+
+
+@_command()
+class HandBackListeners(Command):
+    """Ask the running program (over its `vip-batch` channel) to stop accepting and
+    reading its listeners and UDP sockets and hand them back (-> Handed). It goes on
+    serving its established connections."""
+    instance: Any
+
+
+@_command()
+class HandBackConnections(Command):
+    """Ask the running program to stop serving these connections (peers "ip:port") and
+    hand them back with what it owes on them (-> Handed). A connection that closed
+    meanwhile is simply not in the answer."""
+    instance: Any
+    peers: tuple[str, ...]
+
+
+@_command()
+class AdoptSockets(Command):
+    """Give the running program these sockets and what it owes on them (`owed`, by peer);
+    it serves them from now on (-> int: how many it took). Our descriptors stay ours
+    (closed by a later command)."""
+    instance: Any
+    sockets: tuple[Named, ...]
+    owed: dict
+
+
+@_command(query=True, waits=True)
+class ListKept(Command):
+    """The established TCP connections on the VIP at these ports whose socket the
+    running program (`instance`) holds, minus `taken`: what it serves (-> tuple of
+    KeptConnection, idle time where the kernel tells it). Reads the kernel's tables off
+    the event loop (it may take tens of ms at thousands of connections)."""
+    ports: tuple[int, ...]
+    taken: tuple[Named, ...] = ()
+    instance: Any = None
+    idle: Any = None  # ReadIdleTimes' result (opaque), taken earlier: only an order
+
+
+@_command(query=True, waits=True)
+class ReadIdleTimes(Command):
+    """How idle each established connection of the node is (-> opaque, for ListKept).
+    Read at arm, before anything is held: at thousands of connections the kernel's dump
+    takes a good part of a second in Python, and the order of the batches only needs
+    an approximate answer."""
+
+
+@_command(query=True)
+class HasChannel(Command):
+    """Did this running instance get a `vip-batch` channel and announce X_VIP_BATCH=1?
+    (-> bool)"""
+    instance: Any
+
+
+@_command(waits=True)
+class StartWithChannel(Command):
+    """The destination's new instance, started at prepare with only its `vip-batch`
+    channel in LISTEN_FDS (listeners, UDP sockets and connections arrive by ADOPT at each
+    release); waits (bounded) until it said READY=1 and X_VIP_BATCH=1 (-> instance).
+    KernelError if it does not."""
+    service: Service
+
+
+BATCH_COMMAND_TYPES: tuple[type[Command], ...] = (
+    HandBackListeners, HandBackConnections, AdoptSockets, ListKept, HasChannel, ReadIdleTimes, StartWithChannel)
+
+__all__ = [
+    "BATCH_COMMAND_TYPES",
+    "AdoptSockets",
+    "HandBackConnections",
+    "HandBackListeners",
+    "Handed",
+    "HasChannel",
+    "KeptConnection",
+    "ListKept",
+    "ReadIdleTimes",
+    "StartWithChannel",
+]

@@ -1,0 +1,561 @@
+"""The `batched` migration strategy on a node: a service's connections move a batch at a
+time while its program keeps serving the others. No I/O.
+
+The gateway's machine (clustercore.batchmigration) orders the steps; this is what each
+does on the node (design: docs/handoff.md, "Batched cutover"). Packets are decided by the
+per-flow roles of clustercore.batchcutover (BatchSource, BatchDest) installed in the
+node's filter; sockets travel through the program's `vip-batch` channel
+(clustercore.batchchannel) and the existing dump / restore commands. The rows that run
+these steps are in clustercore.batchtable (added to nodemigration's one table).
+
+Source (the old owner; its program keeps running all along):
+  Arm            BatchSource counts the new epoch.
+  OpenBatch      the program hands back its listeners and UDP sockets (it stops accepting),
+                 half-open handshakes finish, the accept queue is taken, the established
+                 connections left are `kept`; the opening freezes every other flow; the
+                 accepted connections are dumped, the UDP sockets drained.
+  CommitBatch k  drop batch k's hold, close its copies silently, hand over stragglers.
+  FreezeBatch k  the program hands back batch k's connections (with what it owes on
+                 them); the batch freezes; they are dumped.
+  RollbackBatch k  repair off, the connections back to the program (with what it owed),
+                 the batch's hold accepted in order: they stay here (pinned).
+  FinishBatched  no pinned connection: stop the old instance, close the listeners'
+                 copies, remove the role. Pinned ones: the program and the role stay.
+  Rollback       (before the opening committed) the whole rollback: listeners, UDP and
+                 the accepted connections back to the program, datagrams put back first.
+Destination:
+  Prepare        BatchDest holds the new epoch; the ports are bound; the new instance is
+                 started with only its channel and waited for (READY=1, X_VIP_BATCH=1).
+  RestoreBatch k rebuild batch k's connections in repair mode (batch 0: also checks the
+                 listeners and UDP sockets are the ones bound at prepare).
+  ReleaseBatch k repair off, late packets and (batch 0) queued datagrams in, the hold
+                 released minus the consumed prefix, the sockets ADOPTed by the new
+                 instance with what the old one owed. Batch 0 is the point of no return
+                 here (marker first, as today) and makes the new instance the service's.
+  AbortBatch k   drop its hold and rebuilt sockets; its flows are dropped from now on.
+  Abort          (before the opening's release) the whole abort.
+The destination gets no "finish": it knows the kept flows from the opening's release and
+ends (RELEASED) when every one was released or aborted.
+
+Facts are recorded before each effect and taken before each undo, as in
+clustercore.handoff, so an ending routine run after a failed command finishes or undoes
+exactly what was reached, each action at most once.
+"""
+
+from __future__ import annotations
+
+import binascii
+from typing import Any
+
+from . import batch_messages as bm
+from . import messages as msgs
+from . import sockwire
+from .batchcommands import (
+    AdoptSockets,
+    HandBackConnections,
+    HandBackListeners,
+    HasChannel,
+    ListKept,
+    ReadIdleTimes,
+    StartWithChannel,
+)
+from .batchcutover import OPENING, BatchDest, BatchSource
+from .batchfacts import BatchDestFacts, BatchSourceFacts, peer_of
+from .batchfacts import give_back as _give_back
+from .batchfacts import ms as _ms
+from .batchfacts import owed_from_wire as _owed
+from .handoff import _check_on_service
+from .kinds import MigrateStrategy
+from .nodecommands import (
+    AcceptHeld,
+    AcceptWaiting,
+    AdoptInstance,
+    CloseDescriptors,
+    CloseSilently,
+    ConnectDatagramSocket,
+    CountKernelDrops,
+    DescribeListeners,
+    DrainDatagrams,
+    DropHeld,
+    DumpConnections,
+    ForgetInstance,
+    InjectPackets,
+    InstallRole,
+    LeaveRepair,
+    Local,
+    MarkReleasing,
+    Note,
+    OpenSockets,
+    Playbook,
+    PutBackDatagrams,
+    ReadClock,
+    ReadPackets,
+    Refused,
+    RemoveRole,
+    RemoveRoleLater,
+    RestoreConnections,
+    ServiceMoved,
+    StopInstance,
+    Thaw,
+    WaitHalfClosed,
+    WaitHandshakes,
+    kind_of,
+    socket_name,
+)
+from .packet import TCP
+from .sockstate import ServiceSockets, TcpConnState
+
+STRATEGY = MigrateStrategy.BATCHED.value  # in Prepare.strategy and Arm.strategy
+
+
+class BatchedHandoff(Playbook):
+    strategy = STRATEGY
+    inject_once = False  # stragglers come after every batch's commit, not once
+
+    def __init__(self) -> None:
+        self.source: BatchSourceFacts | None = None
+        self.destination: BatchDestFacts | None = None
+
+    @property
+    def complete(self) -> bool:
+        """A destination that has nothing left to receive (RELEASED)."""
+        return self.destination is not None and self.destination.complete
+
+    # ============================================================ the source
+
+    def arm(self, m, event: msgs.Arm, local: Local, now: float):
+        if not (yield HasChannel(local.instance)):
+            raise Refused(f"service '{m.service}': its program did not announce the batched "
+                          "handoff (X_VIP_BATCH=1 on its vip-batch channel)")
+        f = self.source = BatchSourceFacts(
+            cut=BatchSource(event.epoch), instance=local.instance, own=tuple(local.sockets),
+            tcp_ports=tuple(port for proto, port in local.service.ports if proto == TCP))
+        f.drops_at_start = yield CountKernelDrops()
+        f.idle = yield ReadIdleTimes()  # for the order of the batches (idle first)
+        f.role = f.cut
+        yield InstallRole(m.service, f.cut)  # its packets are counted from now on
+        return msgs.Done()
+
+    def open_batch(self, m, event: bm.OpenBatch, now: float):
+        f, timing = self.source, {}
+        if f.opened:
+            raise Refused(f"the opening of '{m.service}' was frozen already")
+        if f.tcp_ports:
+            yield WaitHalfClosed(f.tcp_ports)  # a half-closed connection cannot be rebuilt
+        t0 = yield ReadClock()
+        handed = yield HandBackListeners(f.instance)
+        f.handed = list(handed.sockets)
+        listeners = tuple(s for s in f.handed if kind_of(s[0]) == "tcp")
+        udp = tuple(s for s in f.handed if kind_of(s[0]) == "udp")
+        other = [s for s in f.handed if kind_of(s[0]) not in ("tcp", "udp")]
+        if other:
+            f.handed = [s for s in f.handed if s not in other]
+            yield CloseDescriptors(tuple(sock for _, sock in other))
+            yield Note(f"open {m.service}: the program handed back {sorted(n for n, _ in other)} "
+                       "with its listeners; not moved", "warning")
+        t_list = yield ReadClock()
+        # the program accepts no more: the connections it holds now are what it keeps
+        # serving (only fewer as they close); what completes a handshake from here on
+        # waits in the listeners' queues and is the opening's. Listed before the freeze:
+        # the verdict loop runs meanwhile, nothing is held for it
+        kept = tuple((yield ListKept(f.tcp_ports, (), f.instance, f.idle))) if f.tcp_ports else ()
+        if f.tcp_ports:
+            yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move
+        t_freeze = yield ReadClock()
+        timing["hand_back"], timing["list_kept"] = _ms(t0, t_list), _ms(t_list, t_freeze)
+        f.accepted = list((yield AcceptWaiting(listeners))) if listeners else []
+        consumed = f.cut.open([k.flow for k in kept], t_freeze)
+        f.opened, f.current, f.frozen = True, OPENING, True
+        states: list[TcpConnState] = []
+        if f.accepted:
+            states = list((yield DumpConnections(tuple(f.accepted))))
+            f.in_repair = [sock for _, sock in f.accepted]
+        described = (yield DescribeListeners(listeners)) if listeners else ()
+        for sock in udp:
+            f.drained.append((yield DrainDatagrams(sock)))
+        handles = f.cut.hand_over_late(OPENING)
+        late = tuple((yield ReadPackets(handles))) if handles else ()
+        bundle = ServiceSockets(service=m.service, listeners=tuple(described),
+                                connections=tuple(states), udp=tuple(f.drained))
+        timing["frozen_to_reply"] = _ms(t_freeze, (yield ReadClock()))
+        totals = bundle.totals
+        yield Note(f"open {m.service}: keeps {len(kept)} connections, moves {totals['listeners']} "
+                   f"listeners, {totals['udp_sockets']} UDP sockets, {len(states)} accepted; {timing}")
+        return bm.OpeningDone(
+            consumed=consumed, kept=tuple(k.flow for k in kept),
+            idle_ms=tuple(float(k.idle_ms) for k in kept), late_packets=late,
+            sockets=sockwire.to_wire(bundle), tcp_established=len(kept) + len(states),
+            tcp_listening=totals["listeners"], udp_sockets=totals["udp_sockets"], timing_ms=timing)
+
+    def freeze_batch(self, m, event: bm.FreezeBatch, now: float):
+        f, timing, b = self.source, {}, event.batch
+        if not f.opening_committed:
+            raise Refused(f"batch {b} of '{m.service}' before the opening committed")
+        if f.current is not None:
+            raise Refused(f"batch {f.current} of '{m.service}' is still frozen")
+        if b in f.committed or b in f.undone or b == OPENING:
+            raise Refused(f"batch {b} of '{m.service}' was frozen before")
+        f.current, f.frozen, f.owed = b, False, {}
+        t0 = yield ReadClock()
+        handed = yield HandBackConnections(f.instance, tuple(peer_of(fl) for fl in event.flows))
+        f.copies, f.owed = list(handed.sockets), dict(handed.owed)
+        t_freeze = yield ReadClock()
+        timing["hand_back"] = _ms(t0, t_freeze)
+        consumed = f.cut.freeze(b, event.flows, t_freeze)
+        f.frozen = True
+        states: list[TcpConnState] = []
+        if f.copies:
+            states = list((yield DumpConnections(tuple(f.copies))))
+            f.in_repair = [sock for _, sock in f.copies]
+        handles = f.cut.hand_over_late(b)
+        late = tuple((yield ReadPackets(handles))) if handles else ()
+        bundle = ServiceSockets(service=m.service, connections=tuple(states))
+        wire = sockwire.to_wire(bundle)
+        wire["owed"] = f.owed
+        timing["frozen_to_reply"] = _ms(t_freeze, (yield ReadClock()))
+        if len(states) != len(event.flows):
+            yield Note(f"freeze {m.service} batch {b}: {len(event.flows) - len(states)} of its "
+                       f"{len(event.flows)} connections closed meanwhile")
+        return bm.BatchFreezeDone(consumed=consumed, late_packets=late, sockets=wire,
+                                  connections=len(states),
+                                  bytes_moved=bundle.totals["queued_bytes"], timing_ms=timing)
+
+    def commit_batch(self, m, event: Any, now: float):
+        """The destination released the batch (the opening: the service is its). Also the
+        way on after a failed commit command (forward only)."""
+        f = self.source
+        b = getattr(event, "batch", f.current)
+        if b in f.committed:
+            yield Note(f"repeated CommitBatch {b} for '{m.service}'")
+            return msgs.CommitDone()
+        if b != f.current or not f.frozen:
+            raise Refused(f"commit of batch {b} of '{m.service}': it is not the frozen one")
+        if not f.committing:
+            f.committing = True
+            plan = f.cut.commit(b)
+            f.to_drop, f.forward = plan.drop, plan.forward + f.cut.take_forward()
+        drop, f.to_drop = f.to_drop, ()
+        if drop:
+            yield DropHeld(drop)
+        forward, f.forward = f.forward, ()
+        late = tuple((yield ReadPackets(forward))) if forward else ()
+        copies, f.copies, f.in_repair, f.owed = f.copies + f.accepted, [], [], {}
+        f.accepted = []
+        if copies:
+            yield CloseSilently(tuple(sock for _, sock in copies))  # no FIN, no RST
+        if b == OPENING:
+            f.opening_committed = True
+            handed, f.handed, f.drained = f.handed, [], []
+            if handed:  # the program's copies; the agent keeps its own until the finish
+                yield CloseDescriptors(tuple(sock for _, sock in handed))
+        f.committed.add(b)
+        f.current, f.frozen, f.committing = None, False, False
+        return msgs.CommitDone(late_packets=late)
+
+    def rollback_batch(self, m, event: Any, now: float):
+        """THE batch undo: the gateway's RollbackBatch, or a failed freeze. Repair off, the
+        connections back to the program with what it owed, then the batch's hold accepted
+        in order: they stay here (pinned) for the rest of the migration."""
+        f = self.source
+        b = getattr(event, "batch", f.current)
+        if b in f.undone or (b is not None and b != f.current):
+            yield Note(f"RollbackBatch {b} for '{m.service}': nothing to undo")
+            return msgs.Done()
+        if b in f.committed or b == OPENING:
+            raise Refused(f"batch {b} of '{m.service}' cannot be undone here")
+        in_repair, f.in_repair = f.in_repair, []
+        if in_repair:
+            yield LeaveRepair(tuple(in_repair))
+        copies, owed, f.copies, f.owed = f.copies, f.owed, [], {}
+        yield from _give_back(f, copies, owed)
+        frozen, f.frozen = f.frozen, False
+        if frozen:
+            held = f.cut.rollback(b)
+            if held:
+                yield AcceptHeld(held)
+        if b is not None:
+            f.undone.add(b)
+        f.current = None
+        return msgs.Done()
+
+    def rollback(self, m, event: Any, now: float):
+        """THE whole source rollback (before the opening committed): the gateway's
+        Rollback, a failed arm or opening, a reconnect that says the owner stayed. The
+        accepted connections leave repair mode, the drained datagrams go back first, then
+        the program gets its listeners, UDP sockets and those connections back; the hold is
+        accepted in arrival order; the role goes after the grace period."""
+        f = self.source
+        if f is None:
+            return msgs.Done()
+        if f.opening_committed:
+            raise Refused(f"whole rollback of '{m.service}' after its opening committed: "
+                          "only forward is possible")
+        in_repair, f.in_repair = f.in_repair, []
+        if in_repair:
+            yield LeaveRepair(tuple(in_repair))
+        drained, f.drained = f.drained, []
+        if any(st.datagrams for st in drained):
+            yield PutBackDatagrams(tuple(drained))
+        back, f.handed, f.accepted = f.handed + f.accepted, [], []
+        yield from _give_back(f, back, {})
+        held = f.cut.rollback(OPENING)
+        f.opened, f.current, f.frozen = False, None, False
+        if held:
+            yield AcceptHeld(held)
+        role, f.role = f.role, None
+        if role is not None:
+            yield RemoveRoleLater(m.service, role)
+        return msgs.Done()
+
+    def commit(self, m, event: Any, now: float):
+        """FinishBatched (or the registry says the service moved): every batch moved or was
+        pinned. Without pinned connections the old instance stops and the role goes; with
+        some, both stay (the program serves them until they close)."""
+        f = self.source
+        if f is None:
+            return msgs.CommitDone()
+        pinned = getattr(event, "pinned", 0) or len(f.undone)
+        if f.current is not None:
+            yield Note(f"finish of '{m.service}' with batch {f.current} frozen and not committed: "
+                       "its connections are left to the destination (not handled)", "error")
+        forward = f.cut.take_forward()
+        late = tuple((yield ReadPackets(forward))) if forward else ()
+        drops = (yield CountKernelDrops()) - f.drops_at_start
+        if pinned:
+            yield Note(f"finish of '{m.service}': {pinned} pinned connections stay here, served by "
+                       "the old instance; its role stays", "warning")
+            return msgs.CommitDone(late_packets=late, kernel_drops=drops)
+        instance, f.instance = f.instance, None
+        if instance is not None:
+            f.to_stop = instance  # kept until stopped: a failed ForgetInstance must not spare it
+            yield ForgetInstance(m.service)
+        to_stop, f.to_stop = f.to_stop, None
+        if to_stop is not None:
+            yield StopInstance(to_stop)
+        own, f.own = f.own, ()
+        if own:
+            yield CloseDescriptors(tuple(sock for _, sock in own))
+        role, f.role = f.role, None
+        if role is not None:
+            yield RemoveRoleLater(m.service, role)
+        return msgs.CommitDone(late_packets=late, kernel_drops=drops)
+
+    # ============================================================ the destination
+
+    def prepare(self, m, event: msgs.Prepare, local: Local, now: float):
+        service = local.service
+        f = self.destination = BatchDestFacts(service=service, vips=local.vips,
+                                              cut=BatchDest(event.epoch))
+        f.drops_at_start = f.drops_reported = yield CountKernelDrops()
+        f.role = f.cut
+        yield InstallRole(m.service, f.cut)  # hold the new epoch from now on
+        f.opened = list((yield OpenSockets(tuple(service.ports))))
+        t0 = yield ReadClock()
+        f.instance = yield StartWithChannel(service)  # ready before the first batch comes
+        return msgs.PrepareDone(timing_ms={"start": _ms(t0, (yield ReadClock()))})
+
+    def restore_batch(self, m, event: bm.RestoreBatch, now: float):
+        f, b = self.destination, event.batch
+        if (b == OPENING) != (f.kept is None):
+            raise Refused(f"restore of batch {b} of '{m.service}' out of order")
+        if f.batch is not None:
+            raise Refused(f"batch {f.batch} of '{m.service}' is restored and not released")
+        if b in f.replies or b in f.aborted:
+            raise Refused(f"batch {b} of '{m.service}' was handled before")
+        wire = dict(event.sockets)
+        owed = _owed(wire.pop("owed", None), f"batch {b} of '{m.service}'")
+        try:
+            bundle = sockwire.from_wire(wire)
+        except (ValueError, KeyError, TypeError, binascii.Error) as e:
+            raise Refused(f"bad socket state for batch {b} of '{m.service}': {e}") from None
+        if b == OPENING:
+            have = sorted(name for name, _ in f.opened)
+            want = sorted([socket_name("tcp", *s.local) for s in bundle.listeners]
+                          + [socket_name("udp", *s.local) for s in bundle.udp])
+            if have != want:
+                raise Refused(f"restore of '{m.service}': sockets on ports {want}, prepared {have}")
+        elif bundle.listeners or bundle.udp:
+            raise Refused(f"batch {b} of '{m.service}' carries listeners or UDP sockets")
+        _check_on_service(m.service, f, bundle.listeners, bundle.connections, bundle.udp)
+        t0 = yield ReadClock()
+        f.batch, f.owed, f.released, f.given = b, owed, False, False
+        for st in bundle.udp:
+            if st.peer is not None:
+                sock = next(s for s in f.opened if s[0] == socket_name("udp", *st.local))
+                yield ConnectDatagramSocket(sock, st.peer)
+        conns = tuple(bundle.connections)
+        if conns:  # repair mode until the release: nothing leaves this node before it
+            socks = list((yield RestoreConnections(conns)))
+            f.restored, f.states = socks, list(conns)
+            f.in_repair = list(zip(socks, conns))
+        f.datagrams = bundle.udp
+        return msgs.Done(timing_ms={"restore": _ms(t0, (yield ReadClock()))})
+
+    def forget_batch(self, m, event: Any, now: float):
+        """A batch's restore failed (not the opening's): its rebuilt sockets go, silently;
+        the gateway's AbortBatch that follows drops its hold."""
+        f = self.destination
+        restored, f.restored, f.states, f.in_repair = f.restored, [], [], []
+        f.batch, f.owed = None, {}
+        if restored:
+            yield CloseSilently(tuple(restored))
+        return msgs.Done()
+
+    def release_batch(self, m, event: bm.ReleaseBatch, now: float):
+        f, b = self.destination, event.batch
+        if b in f.replies:
+            yield Note(f"repeated ReleaseBatch {b} for '{m.service}': answered as the first")
+            return f.replies[b]
+        if b != f.batch:
+            raise Refused(f"release of batch {b} of '{m.service}': restored is {f.batch}")
+        f.flows, f.consumed, f.late = tuple(event.flows), dict(event.consumed), tuple(event.late_packets)
+        if b == OPENING:  # the point of no return here: a marker that outlives the agent first
+            yield MarkReleasing(m.service, m.epoch or event.epoch)
+        return (yield from self.finish_release(m, event, now))
+
+    def finish_release(self, m, event: Any, now: float):
+        """The release of the current batch (and after a failed command, the rest of it:
+        forward only). Repair off first (a socket in repair mode discards what it gets)."""
+        f = self.destination
+        b = f.batch
+        t0 = yield ReadClock()
+        thaw, f.in_repair = f.in_repair, []
+        if thaw:
+            yield Thaw(tuple(s for s, _ in thaw), tuple(st for _, st in thaw))
+        datagrams, f.datagrams = f.datagrams, ()
+        if any(st.datagrams for st in datagrams):
+            f.reinjected += yield PutBackDatagrams(datagrams)
+        late, f.late = f.late, ()
+        if late:
+            f.reinjected += yield InjectPackets(late)
+        if not f.released:
+            f.released = True
+            at = yield ReadClock()
+            rel = (f.cut.open(f.flows, f.consumed, at) if b == OPENING
+                   else f.cut.release(b, f.flows, f.consumed, at))
+            f.to_drop, f.to_accept, f.waited = rel.plan.drop, rel.plan.accept, dict(rel.freeze_ms)
+            f.timing["held"], f.timing["released"] = len(rel.plan.drop) + len(rel.plan.accept), len(rel.plan.accept)
+        drop, f.to_drop = f.to_drop, ()
+        if drop:
+            yield DropHeld(drop)
+        accept, f.to_accept = f.to_accept, ()
+        if accept:
+            yield AcceptHeld(accept)
+        if not f.given:
+            f.given = True  # asked once: a program that refused is not asked again
+            named = [(socket_name("conn", *st.local), sock)
+                     for sock, st in zip(f.restored, f.states)]
+            if b == OPENING:
+                named = list(f.opened) + named
+            owed, f.owed = f.owed, {}
+            if named:
+                yield AdoptSockets(f.instance, tuple(named), owed)
+        restored, f.restored, f.states = f.restored, [], []
+        if restored:
+            yield CloseDescriptors(tuple(restored))  # the new instance holds its own
+        if b == OPENING:
+            f.kept = frozenset(tuple(fl) for fl in f.flows)
+            if not f.adopted:
+                f.adopted = True
+                yield AdoptInstance(m.service, f.instance, tuple(f.opened))
+            yield ServiceMoved(m.service, m.node)
+        else:
+            f.settled |= {tuple(fl) for fl in f.flows}
+        reply = yield from self._released(m, b, t0)
+        return reply
+
+    def _released(self, m, b: int, t0: float):
+        f = self.destination
+        drops = yield CountKernelDrops()
+        lost, f.drops_reported = max(0, drops - f.drops_reported), drops
+        if lost:
+            yield Note(f"batch {b} of {m.service}: {lost} packets dropped by the kernel", "error")
+        held, released = f.timing.pop("held", 0), f.timing.pop("released", 0)
+        reply = bm.BatchReleaseDone(
+            held=held, released=released, duplicates_suppressed=held - released,
+            reinjected=f.reinjected, lost=lost, waited_ms=tuple(round(v, 3) for v in f.waited.values()),
+            timing_ms={"release": _ms(t0, (yield ReadClock()))})
+        f.replies[b] = reply
+        f.batch, f.reinjected, f.waited, f.flows, f.consumed = None, 0, {}, (), {}
+        if f.complete:
+            yield from self._end_role(m)
+        return reply
+
+    def _end_role(self, m):
+        role, f_role = self.destination.role, None
+        self.destination.role = f_role
+        if role is not None:
+            yield RemoveRoleLater(m.service, role)
+
+    def abort_batch(self, m, event: Any, now: float):
+        """The gateway's AbortBatch (its flows are dropped here from now on); after a
+        failed command, the rest of it."""
+        f = self.destination
+        if isinstance(event, bm.AbortBatch):
+            b, flows = event.batch, tuple(event.flows)
+            if b in f.aborted:
+                yield Note(f"repeated AbortBatch {b} for '{m.service}'")
+                return msgs.Done()
+            if b == OPENING or f.kept is None:
+                raise Refused(f"AbortBatch {b} of '{m.service}': the opening is undone by Abort")
+            if b in f.replies:
+                raise Refused(f"batch {b} of '{m.service}' was released: it cannot be aborted")
+            f.aborted.add(b)
+            f.to_drop = f.cut.abort(b, flows)
+            f.aborting = (b, flows)
+        b, flows = f.aborting
+        held, f.to_drop = f.to_drop, ()
+        if held:
+            yield DropHeld(held)
+        if f.batch == b:
+            restored, f.restored, f.states, f.in_repair = f.restored, [], [], []
+            f.batch, f.owed = None, {}
+            if restored:
+                yield CloseSilently(tuple(restored))
+        f.settled |= {tuple(fl) for fl in flows}
+        if f.complete:
+            yield from self._end_role(m)
+        return msgs.Done()
+
+    def abort(self, m, event: Any, now: float):
+        """THE whole destination abort (before the opening's release): the hold dropped,
+        the new instance (it served nothing) killed, rebuilt sockets closed silently."""
+        f = self.destination
+        if f is None:
+            return msgs.Done()
+        if f.kept is not None:
+            raise Refused(f"whole abort of '{m.service}' after its opening was released: "
+                          "only forward is possible")
+        held = f.cut.abort(OPENING)
+        if held:
+            yield DropHeld(held)
+        instance, f.instance = f.instance, None
+        if instance is not None:
+            yield StopInstance(instance)
+        restored, f.restored, f.in_repair = f.restored, [], []
+        if restored:
+            yield CloseSilently(tuple(restored))
+        opened, f.opened = f.opened, []
+        if opened:
+            yield CloseDescriptors(tuple(sock for _, sock in opened))
+        role, f.role = f.role, None
+        if role is not None:
+            yield RemoveRole(m.service, role)
+        return msgs.Done()
+
+    def end_open(self, m, event: Any, now: float):
+        """The gateway no longer runs this migration and batches were still to come (a
+        newer migration began, the agent stops): nothing more arrives; the role goes."""
+        f = self.destination
+        if f is not None and f.batch is not None:
+            restored, f.restored, f.in_repair = f.restored, [], []
+            if restored:
+                yield CloseSilently(tuple(restored))
+        yield Note(f"batched migration of '{m.service}' ended here before every batch came "
+                   f"({type(event).__name__})", "warning")
+        if f is not None:
+            yield from self._end_role(m)
+        return msgs.Done()
+
+
+__all__ = ["STRATEGY", "BatchDestFacts", "BatchSourceFacts", "BatchedHandoff", "peer_of"]

@@ -1,0 +1,111 @@
+"""The batched handoff's executor pieces that need no root: the echo builtin started by
+the agent's spawn with a vip-batch channel announces X_VIP_BATCH=1 (the agent records it,
+nodeshim.fdstore) and hands back, then adopts, a live connection over that channel; the
+/proc/net/tcp address codec the list of kept connections relies on. Loopback only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from clustercore.ownership import Service
+from clustercore.packet import TCP
+from nodeshim import batchchannel, proctcp
+from nodeshim.batchmigrate import spawn_with_channel
+from nodeshim.fdstore import NotifySocket, process_group_of
+
+
+def _wait(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("address, port", [("203.0.113.10", 7), ("2001:db8::7", 8080), ("127.0.0.1", 65535)])
+def test_proc_addresses_read_back(address, port):
+    assert proctcp.parse_proc_address(proctcp.proc_address(address, port)) == (address, port)
+
+
+def test_the_echo_builtin_gets_its_channel_announces_it_and_moves_a_connection(tmp_path):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    service = Service("echo", "n1", ((TCP, port),), "builtin:echo")
+    running: list = []
+    store = NotifySocket(str(tmp_path / "notify"), lambda pid: "echo"
+                         if any(process_group_of(pid) == rs.pid for rs in running) else None)
+    client = None
+    try:
+        rs = spawn_with_channel(service, [(f"tcp-{port}", listener)], str(tmp_path / "logs"),
+                                {"NOTIFY_SOCKET": store.path})
+        running.append(rs)
+        assert [n for n, _ in rs.sockets] == [f"tcp-{port}"] and rs.channel is not None
+        _wait(lambda: store.drain() >= 0 and store.store("echo").ready)
+        assert store.store("echo").handoff and store.store("echo").batch
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        client.sendall(b"one\n")
+        assert client.recv(10) == b"one\n"
+        host, cport = client.getsockname()[:2]
+        peer = f"{host}:{cport}"
+        named, owed = batchchannel.hand_back(rs.channel, peers=[peer])
+        assert [n for n, _ in named] == [f"conn-{port}"] and owed == {}
+        client.sendall(b"two\n")  # nobody serves it now: it waits in the kernel
+        time.sleep(0.1)
+        assert batchchannel.adopt(rs.channel, named, {}) == 1
+        for _, s in named:
+            s.close()
+        assert client.recv(10) == b"two\n"
+    finally:
+        if client is not None:
+            client.close()
+        for rs in running:
+            try:
+                os.killpg(rs.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            rs.process.wait(5)
+            if rs.channel is not None:
+                rs.channel.close()
+        store.close()
+        listener.close()
+
+
+def test_established_rows_read_from_the_kernel_table(tmp_path, monkeypatch):
+    table = tmp_path / "tcp"
+    vip, other = proctcp.proc_address("203.0.113.10", 7), proctcp.proc_address("203.0.113.10", 8)
+    client = proctcp.proc_address("198.51.100.2", 40001)
+    table.write_text(
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        f"   0: {vip} 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 100 1\n"
+        f"   1: {vip} {client} 01 00000000:00000000 00:00000000 00000000     0        0 201 1\n"
+        f"   2: {vip} {client} 08 00000000:00000000 00:00000000 00000000     0        0 202 1\n"
+        f"   3: {other} {client} 01 00000000:00000000 00:00000000 00000000     0        0 203 1\n")
+    monkeypatch.setitem(proctcp.TABLES, 4, str(table))
+    assert proctcp.established("203.0.113.10", (7,)) == [("203.0.113.10", 7, "198.51.100.2", 40001, 201)]
+
+
+def test_kept_connections_are_the_programs_minus_the_taken_ones_with_their_idle_time(monkeypatch):
+    from clustercore.batchcommands import ListKept
+    from nodeshim import batchmigrate
+
+    rows = [("203.0.113.10", 7, "198.51.100.2", 40000 + i, 300 + i) for i in range(4)]
+    monkeypatch.setattr(batchmigrate.proctcp, "established", lambda vips, ports: rows)
+    monkeypatch.setattr(batchmigrate, "_socket_inodes", lambda pid: {300, 301, 302})  # 303: not the program's
+
+    class Taken:
+        def getpeername(self):
+            return ("198.51.100.2", 40002)
+
+    class Mig:
+        class agent:
+            class config:
+                vips = ("203.0.113.10",)
+    instance = type("RS", (), {"pid": 4242})()
+    kept = batchmigrate.BatchActions(Mig()).list_kept(
+        ListKept(ports=(7,), taken=(("conn-7", Taken()),), instance=instance, idle={300: 5.0, 301: 900.0}))
+    assert [(k.flow[2], k.idle_ms) for k in kept] == [(40000, 5.0), (40001, 900.0)]
+    assert kept[0].flow == (TCP, "198.51.100.2", 40000, "203.0.113.10", 7)
