@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 
 from clustercore import batch_messages, fastpath
@@ -302,6 +303,9 @@ class NodeAgent:
             systemd.remove_fds(fdname(q.queue_num))
             systemd.store_fds(fdname(q.queue_num), [q.fileno()])
         self.queue.attach(asyncio.get_running_loop())
+        # criu images a previous agent left (it died mid-move): on tmpfs they would stay
+        # until reboot; nothing of ours uses them now (a copy runs from memory)
+        shutil.rmtree(criu.node_images_parent(cfg.state_dir), ignore_errors=True)
         self._criu_check = asyncio.ensure_future(self._check_criu())
         self._fast_rules: list[str] | None = None
         self._notrack = None
