@@ -136,6 +136,7 @@ class DestinationFacts:
     states: list[TcpConnState] = field(default_factory=list)
     in_repair: list[tuple[Any, TcpConnState]] = field(default_factory=list)
     streamed_ms: float = 0.0
+    streamed_decode_ms: float = 0.0  # of which unpacking and checking the records
     datagrams: tuple[UdpSocketState, ...] = ()  # the source's UDP queues, put back at release
     app_state: bytes | None = None  # the old instance's state memfd, for the new one
     started: bool = False  # the new instance was asked to start (at release)
@@ -205,6 +206,12 @@ class Handoff(Playbook):
             yield CloseDescriptors(tuple(sock for _, sock in other))
             yield Note(f"freeze {m.service}: the program stored descriptors named "
                        f"{sorted({n for n, _ in other})}, not moved", "warning")
+        # what queued up while the program handed over is verdicted now (accepted and
+        # counted: it lands in the stopped program's receive queues and moves with them),
+        # so the hold starts at the freeze and not at the oldest packet the loop had not
+        # reached yet, which under CPU load was tens of milliseconds before it. Before the
+        # handshake check: a SYN accepted here is a handshake that check then waits for
+        yield LetPacketsIn()
         if f.tcp_ports:
             yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move
         # the process is stopped: its set of connections cannot change but by the kernel
@@ -263,6 +270,8 @@ class Handoff(Playbook):
         f = self.source
         if f is None:
             return msgs.CommitDone()
+        t0 = yield ReadClock()
+        timing = {}
         if not f.committed:
             f.committed = True
             plan = f.cut.commit()
@@ -275,6 +284,8 @@ class Handoff(Playbook):
         copies, f.copies, f.in_repair = f.copies, [], []
         if copies:
             yield CloseSilently(tuple(sock for _, sock in copies))  # no FIN, no RST
+        t_closed = yield ReadClock()
+        timing["drop_hold_and_close"] = _ms(t0, t_closed)
         drops = (yield CountKernelDrops()) - f.drops_at_start
         if drops:
             yield Note(f"migration of {m.service}: the kernel dropped {drops} queued packets "
@@ -286,13 +297,16 @@ class Handoff(Playbook):
         to_stop, f.to_stop = f.to_stop, None
         if to_stop is not None:
             yield StopInstance(to_stop)
+        t_stopped = yield ReadClock()
+        timing["stop_old_instance"] = _ms(t_closed, t_stopped)  # with the drops count, forget
         own, f.own, f.listeners, f.udp, f.state = f.own + f.listeners + f.udp + f.state, (), (), (), ()
         if own:
             yield CloseDescriptors(tuple(sock for _, sock in own))
         role, f.role = f.role, None
         if role is not None:
             yield RemoveRoleLater(m.service, role)
-        return msgs.CommitDone(late_packets=late, kernel_drops=drops)
+        timing["commit"] = _ms(t0, (yield ReadClock()))
+        return msgs.CommitDone(late_packets=late, kernel_drops=drops, timing_ms=timing)
 
     def rollback(self, m, event: Any, now: float):
         """THE source rollback: the gateway's Rollback, a lost link before the freeze, a
@@ -351,6 +365,7 @@ class Handoff(Playbook):
             raise Refused(f"streamed chunk of '{m.service}': {len(states)} connections, "
                           f"header says {event.count}")
         _check_on_service(m.service, f, connections=states)
+        f.streamed_decode_ms += _ms(now, (yield ReadClock()))
         socks = yield RestoreConnections(states)
         self._restored(socks, states)
         f.streamed_ms += _ms(now, (yield ReadClock()))
@@ -396,6 +411,7 @@ class Handoff(Playbook):
             yield LetPacketsIn()  # the held packets keep coming in meanwhile
         timing["restore"] = _ms(t_decoded, (yield ReadClock()))
         timing["restore_streamed"] = round(f.streamed_ms, 2)
+        timing["restore_streamed_decode"] = round(f.streamed_decode_ms, 2)
         f.app_state = saved or None  # the new instance gets it as its `state` memfd
         f.datagrams = bundle.udp
         yield Note(f"restore {m.service}: {len(conns)} connections; {timing}")
@@ -415,7 +431,9 @@ class Handoff(Playbook):
         t0 = yield ReadClock()
         thaw, f.in_repair = f.in_repair, []
         if thaw:  # out of repair mode first: a socket in repair mode discards what it gets
-            yield Thaw(tuple(s for s, _ in thaw), tuple(st for _, st in thaw))
+            probes = yield Thaw(tuple(s for s, _ in thaw), tuple(st for _, st in thaw))
+            if isinstance(probes, int):
+                f.timing["window_probes"] = probes
         f.timing["thaw"] = _ms(t0, (yield ReadClock()))
         udp_errors_before = yield CountUdpBufferDrops()
         datagrams, f.datagrams = f.datagrams, ()
@@ -426,7 +444,9 @@ class Handoff(Playbook):
             f.reinjected += yield InjectPackets(late)
         if not f.released:
             f.released = True
-            plan = f.cut.release(f.consumed, (yield ReadClock()))
+            t_plan = yield ReadClock()
+            f.timing["released_at"] = _ms(t0, t_plan)  # where freeze_ms ends
+            plan = f.cut.release(f.consumed, t_plan)
             f.to_drop, f.to_accept = plan.drop, plan.accept
         drop, f.to_drop = f.to_drop, ()
         if drop:

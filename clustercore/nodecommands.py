@@ -369,7 +369,9 @@ class RestoreConnections(Command):
 
 @_command()
 class Thaw(Command):
-    """Repair mode off (window probe), then each connection's never-sent tail."""
+    """Repair mode off (with the kernel's window probe only where
+    TcpConnState.needs_window_probe says so), then each connection's never-sent tail
+    (-> how many window probes were sent)."""
     sockets: tuple
     states: tuple[TcpConnState, ...]
 
@@ -426,12 +428,13 @@ class ImageSent:
     dump_ms: float  # criu dump, pages streamed meanwhile
     frozen_ms: float  # criu's own count
     transfer_ms: float  # the other files, manifest, the destination's checks
-    tcp_established: int  # counted from the kernel before the dump
+    tcp_established: int  # counted from the kernel while criu dumps (the tree is stopped and held)
     tcp_listening: int
     output_pipe: str | None = None  # criu's name of the pipe on fds 1 and 2 ("pipe:[INODE]")
     memory: str = "copy"  # "lazy": the pages follow after the restore (see `pages`)
     memory_why: str = ""  # why lazy or copy (clustercore.process.memory_mode)
     pages: Any = None  # lazy: the source's page server, serving until every page has arrived
+    criu_ms: Any = None  # criu's own split of the freeze (criu_frozen, criu_memdump, ...), ms, if known
 
 
 @dataclass(frozen=True)
@@ -469,20 +472,43 @@ class TakeDatagramSockets(Command):
 
 
 @_command(waits=True)
+class ConnectImage(Command):
+    """Before the freeze: connect to the destination's image receiver at `endpoint` and
+    wait until it is ready for the dump (its page server started), choosing copy or lazy
+    pages for the instance's memory now (-> an opaque link for DumpProcess, or None where
+    the node connects in the dump itself). Keeps the connections, a round trip and criu
+    page-server's start-up out of the freeze. KernelError if the destination is not there."""
+    instance: Any
+    endpoint: dict
+
+
+@_command()
+class CloseImageLink(Command):
+    """A ConnectImage link no dump took (the freeze failed before it): close it; the
+    destination's receive then fails and is given up by its abort."""
+    link: Any
+
+
+@_command(waits=True)
 class DumpProcess(Command):
     """`criu dump --leave-stopped` of the instance tree, its pages streamed to the
     destination's receiver at `endpoint` (-> ImageSent). The tree stays stopped, its TCP
-    sockets in repair mode. KernelError with criu's reason in one line if it refuses."""
+    sockets in repair mode. KernelError with criu's reason in one line if it refuses.
+    link: ConnectImage's, taken over (closed) by the dump whatever happens."""
     instance: Any
     endpoint: dict
     tcp_ports: tuple[int, ...]
+    link: Any = None
 
 
 @_command()
 class ThawProcess(Command):
     """Repair mode off for every TCP socket of the tree, then SIGCONT every process
-    (criu.thaw): a frozen source serves again; a restored copy starts (-> int)."""
+    (criu.thaw): a frozen source serves again; a restored copy starts (-> int).
+    restored: a copy that `criu restore` made, whose sockets criu's restorer already took
+    out of repair mode: SIGCONT only (criu.resume), no look at each of its sockets."""
     instance: Any
+    restored: bool = False
 
 
 @_command(waits=True)

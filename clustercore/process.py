@@ -16,8 +16,10 @@ hold IS the network lock (criu's own is skipped: `--network-lock skip`).
                        (PrepareDone.endpoint), which the gateway hands to the source in
                        Freeze.endpoint
   source arm           count the new epoch
-  source freeze        hold everything; SIGSTOP the tree (criu records the stopped state,
-                       so the copy is restored stopped); drain the UDP queues; dump,
+  source freeze        connect to the destination's receiver and wait till it is ready
+                       (ConnectImage, before the hold); hold everything; SIGSTOP
+                       the tree (criu records the stopped state, so the copy is
+                       restored stopped); drain the UDP queues; dump,
                        pages streamed to the destination; reply the counts, the drained
                        datagrams and the image bytes
   destination restore  wait for the verified image; criu restore (the copy stays stopped)
@@ -55,6 +57,8 @@ from .nodecommands import (
     AdoptInstance,
     CancelReceiver,
     CloseDescriptors,
+    CloseImageLink,
+    ConnectImage,
     CountKernelDrops,
     CountUdpBufferDrops,
     DiscardImage,
@@ -135,6 +139,7 @@ class SourceFacts:
     to_drop: tuple = ()
     forward: tuple = ()
     pages: Any = None  # a lazy dump's page server, until every page is served or it is ended
+    link: Any = None  # ConnectImage's connections to the destination, until the dump takes them
 
 
 @dataclass
@@ -181,6 +186,9 @@ class ProcessMigration(Playbook):
         endpoint = dict(event.endpoint or {})
         if not endpoint:
             raise Refused(f"freeze of '{m.service}': no image endpoint from the destination")
+        # connected and answered before anything is held (the destination's page server
+        # starts meanwhile): none of it inside the freeze
+        f.link = yield ConnectImage(f.instance, endpoint)
         if f.tcp_ports:
             yield WaitHalfClosed(f.tcp_ports)  # criu moves established connections only
             yield WaitHandshakes(f.tcp_ports)
@@ -202,11 +210,13 @@ class ProcessMigration(Playbook):
                 yield CloseDescriptors(tuple(s for _, s in copies))
         t_dump = yield ReadClock()
         timing["drain"] = _ms(t_stopped, t_dump)
-        sent: ImageSent = yield DumpProcess(f.instance, endpoint, f.tcp_ports)
+        link, f.link = f.link, None  # the dump takes it over, whatever happens
+        sent: ImageSent = yield DumpProcess(f.instance, endpoint, f.tcp_ports, link=link)
         f.pages = sent.pages
         t_dumped = yield ReadClock()
         timing.update(dump=round(sent.dump_ms, 2), criu_frozen=round(sent.frozen_ms, 2),
                       transfer=round(sent.transfer_ms, 2), memory=sent.memory)
+        timing.update(dict(sent.criu_ms or {}))  # criu's own split, where it gives one
         handles = f.cut.hand_over_late()
         late = tuple((yield ReadPackets(handles))) if handles else ()
         bundle = ServiceSockets(service=m.service, listeners=(), connections=(),
@@ -268,6 +278,9 @@ class ProcessMigration(Playbook):
         f = self.source
         if f is None:
             return msgs.Done()
+        link, f.link = f.link, None
+        if link is not None:
+            yield CloseImageLink(link)  # connected, never dumped over
         pages, f.pages = f.pages, None
         if pages is not None:
             yield EndPageServer(pages)  # criu resumes the tree; ThawProcess follows
@@ -344,7 +357,7 @@ class ProcessMigration(Playbook):
             yield AcceptHeld(accept)
         stopped, f.stopped = f.stopped, None
         if stopped is not None:
-            yield ThawProcess(stopped)
+            yield ThawProcess(stopped, restored=True)  # criu's restore left repair mode: SIGCONT
         instance, f.instance = f.instance, None
         if instance is not None:
             yield AdoptInstance(m.service, instance, ())

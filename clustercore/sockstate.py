@@ -304,6 +304,35 @@ class TcpConnState:
         return len(self.recv_queue) + len(self.send_queue)
 
     @property
+    def needs_window_probe(self) -> bool:
+        """Whether the restored socket must leave repair mode with the kernel's window
+        probe (TCP_REPAIR_OFF) rather than silently (TCP_REPAIR_OFF_NO_WP).
+
+        The probe (an ACK carrying snd_una - 1) makes the peer answer at once with its
+        current ACK and window, and itself carries our rcv_nxt to the peer. Each probe is a
+        packet out and a reply back through the gateway into the hold: 50-60 us per
+        connection in the lab, most of the release's thaw. It is only needed when either
+        side is waiting on the other; a connection with nothing outstanding is restored
+        exactly (TCP_REPAIR_WINDOW carries both windows and snd_wl1) and has nothing to
+        learn from the peer. Silent is safe when all of these hold:
+
+        - ESTABLISHED (the kernel only probes those anyway);
+        - our send queue is empty: nothing unacknowledged (else the peer's ACK may be what
+          we wait for, and without an RTT sample our own timer fires only after 1 s) and
+          nothing never-sent (it waits on the peer's window);
+        - rcv_wup == recv_seq: the last segment we sent acknowledged every byte we had
+          received (the kernel sets rcv_wup = rcv_nxt on every segment it sends), so we
+          owe the peer no ACK. A delayed ACK still pending on the source dies with its
+          silent close; without the probe the peer would retransmit after its RTO;
+        - both windows open (snd_wnd, rcv_wnd > 0): neither side is in zero-window persist.
+
+        The bytes still unread in the receive queue do not matter: the peer has their ACK.
+        """
+        w = self.window
+        return not (self.state == "ESTABLISHED" and not self.send_queue
+                    and w.rcv_wup == self.recv_seq and w.snd_wnd > 0 and w.rcv_wnd > 0)
+
+    @property
     def four_tuple(self) -> tuple[str, int, str, int]:
         return (self.local[0], self.local[1], self.remote[0], self.remote[1])
 

@@ -228,18 +228,30 @@ class _Run:
 
     # --- the streamed dump --------------------------------------------------------------
     def relay(self, chunk: msgs.Chunk) -> None:
-        """Pass a chunk on to the destination after the previous one (order, and stop at
-        the first failure: it raises here too). Lab fault `migrate.chunk`: as for a step."""
+        """Pass a chunk on to the destination, in order (sent behind the previous one,
+        without waiting for its reply; none after a failure: it raises here too). Lab
+        fault `migrate.chunk`: as for a step."""
         self._fault(chunk.OP)
         self.last_chunk = asyncio.ensure_future(self._forward(self.last_chunk, chunk))
 
     async def _forward(self, previous: asyncio.Future | None, chunk: msgs.Chunk) -> None:
-        if previous is not None:
-            await previous
+        """Send the chunk at once, then wait for its reply and for the chunks before it
+        (the restore request waits for the last one, so for all). Sent without waiting for
+        the previous reply: the destination takes a service's requests in order (one lock,
+        first come first served), so it restores chunk k+1 right after chunk k instead of
+        idling for a round trip through us each time (39 of them at 10,000 connections).
+        After a failed chunk no more are sent; one already on its way is restored and
+        then closed silently by the rollback, like every other restored connection."""
+        if previous is not None and previous.done():
+            await previous  # raises if an earlier chunk failed: send no more
         session = self.gw.agents.get(self.dest)
         if session is None:
             raise ConnectionLost(f"node {self.dest} is down")
-        await session.rpc.request(chunk, timeout=REQUEST_TIMEOUT_S)
+        try:
+            await session.rpc.request(chunk, timeout=REQUEST_TIMEOUT_S)
+        finally:
+            if previous is not None:
+                await previous  # in order: its failure is the one reported first
         self.streamed += chunk.count
         total = getattr(chunk, "total", 0)
         # vipctl migrate draws its progress bar from these (vipctl.progress)

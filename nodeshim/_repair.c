@@ -491,13 +491,15 @@ static PyObject *py_check_record(PyObject *self, PyObject *args)
 
 /* ------------------------------------------------------------------ thaw and close */
 
-/* thaw_many(items) -> None: items are (fd, never-sent tail or None). Repair off (the
- * kernel sends a window probe), the tail sent non-blocking, SO_REUSEADDR; in order, the
- * first failure raises (the rest stay in repair mode), as tcprepair.py. */
+/* thaw_many(items) -> int: items are (fd, never-sent tail or None, probe). Repair off
+ * (with the kernel's window probe when probe is true, else TCP_REPAIR_OFF_NO_WP:
+ * sockstate.TcpConnState.needs_window_probe says when which), the tail sent non-blocking,
+ * SO_REUSEADDR; in order, the first failure raises (the rest stay in repair mode), as
+ * tcprepair.py. Returns how many window probes were sent. */
 static PyObject *py_thaw_many(PyObject *self, PyObject *args)
 {
     PyObject *items_in, *items;
-    Py_ssize_t n, i;
+    Py_ssize_t n, i, probes = 0;
     (void)self;
     if (!PyArg_ParseTuple(args, "O", &items_in)) return NULL;
     if (!(items = PySequence_Fast(items_in, "thaw_many: a sequence of items"))) return NULL;
@@ -505,17 +507,18 @@ static PyObject *py_thaw_many(PyObject *self, PyObject *args)
     for (i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(items, i), *tail;
         Py_buffer buf = {0};
-        int fd, err = 0;
+        int fd, probe, err = 0;
         const char *step = "TCP_REPAIR off";
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
-            PyErr_SetString(PyExc_TypeError, "thaw_many: items are (fd, tail) tuples");
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
+            PyErr_SetString(PyExc_TypeError, "thaw_many: items are (fd, tail, probe) tuples");
             goto bad;
         }
         fd = as_int(PyTuple_GET_ITEM(item, 0));
         if (fd == -1 && PyErr_Occurred()) goto bad;
+        if ((probe = PyObject_IsTrue(PyTuple_GET_ITEM(item, 2))) < 0) goto bad;
         tail = PyTuple_GET_ITEM(item, 1);
         if (tail != Py_None && PyObject_GetBuffer(tail, &buf, PyBUF_SIMPLE) < 0) goto bad;
-        if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF) < 0) {
+        if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR, probe ? REPAIR_OFF : REPAIR_OFF_NO_WP) < 0) {
             err = errno;
         } else if (buf.len) {
             const uint8_t *p = buf.buf;
@@ -536,9 +539,10 @@ static PyObject *py_thaw_many(PyObject *self, PyObject *args)
             fail(i, step, err, 0);
             goto bad;
         }
+        probes += probe;
     }
     Py_DECREF(items);
-    Py_RETURN_NONE;
+    return PyLong_FromSsize_t(probes);
 bad:
     Py_DECREF(items);
     return NULL;
@@ -587,9 +591,10 @@ bad:
 static PyMethodDef methods[] = {
     {"dump_many", py_dump_many, METH_VARARGS, "dump_many(fds, names) -> list of packed records"},
     {"restore_many", py_restore_many, METH_VARARGS, "restore_many([(fd, family, record)]) -> None"},
-    {"thaw_many", py_thaw_many, METH_VARARGS, "thaw_many([(fd, tail)]) -> None"},
+    {"thaw_many", py_thaw_many, METH_VARARGS, "thaw_many([(fd, tail, probe)]) -> window probes sent"},
     {"close_many", py_close_many, METH_VARARGS, "close_many(fds) -> [(index, step, errno)]"},
     {"check_record", py_check_record, METH_VARARGS, "check_record(record, family): ValueError if bad"},
+    {"unpack_many", py_unpack_many, METH_VARARGS, "unpack_many(data, family, types) -> list of TcpConnState"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -612,7 +617,7 @@ PyMODINIT_FUNC PyInit__repair(void)
     }
     /* ABI: what nodeshim/repairc.py expects of this module's calls; bump it with them */
     if (PyModule_AddIntConstant(m, "HEAD4", HEAD4) < 0 || PyModule_AddIntConstant(m, "HEAD6", HEAD6) < 0
-        || PyModule_AddIntConstant(m, "ABI", 2) < 0) {
+        || PyModule_AddIntConstant(m, "ABI", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }

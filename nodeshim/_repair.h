@@ -96,6 +96,8 @@ struct builder {
     Py_ssize_t keep_max;
 };
 PyObject *make_state(struct builder *b, const struct conn *c, PyObject *rec);
+/* unpack_many(data, family, types): a peer's packed records as TcpConnState objects */
+PyObject *py_unpack_many(PyObject *self, PyObject *args);
 int repair_format_init(void);
 
 #endif

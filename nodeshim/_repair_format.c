@@ -203,3 +203,78 @@ int repair_format_init(void)
     if (!(established_str = PyUnicode_InternFromString("ESTABLISHED"))) return -1;
     return 0;
 }
+
+/* ------------------------------------------------------------------ records from a peer */
+
+/* unpack_many(data, family, (TcpConnState, TcpWindow, ip_text, keep_max)) -> list of
+ * TcpConnState: the records of clustercore.sockwire.pack_connections, back to back, as
+ * sockwire.unpack_connections reads them. Each record is checked whole by parse_record
+ * (every length against the buffer, every field as TcpConnState.__post_init__) before its
+ * objects are built; anything else raises ValueError naming the byte where it failed.
+ * Total: nothing outside the buffer is read. It refuses a little more than the Python
+ * reader (flag bits the format does not define); sockwire then asks the Python reader,
+ * which has the last word. */
+PyObject *py_unpack_many(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    int family;
+    PyObject *types, *ct, *wt, *out = NULL;
+    struct builder b = {0};
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iO", &buf, &family, &types)) return NULL;
+    if (!PyArg_ParseTuple(types, "OOOn", &ct, &wt, &b.ip_text, &b.keep_max)) goto done;
+    if (!PyType_Check(ct) || !PyType_Check(wt) || !PyCallable_Check(b.ip_text)) {
+        PyErr_SetString(PyExc_TypeError, "unpack_many: (TcpConnState, TcpWindow, ip_text, keep_max)");
+        goto done;
+    }
+    if (family != 4 && family != 6) {
+        PyErr_SetString(PyExc_ValueError, "unpack_many: family must be 4 or 6");
+        goto done;
+    }
+    b.conn_t = (PyTypeObject *)ct;
+    b.win_t = (PyTypeObject *)wt;
+    if (!(b.ips = PyDict_New()) || !(out = PyList_New(0))) goto done;
+    {
+        const uint8_t *data = buf.buf;
+        size_t len = (size_t)buf.len, off = 0, head = head_size(family);
+        while (off < len) {
+            const uint8_t *h = data + off, *p;
+            uint64_t total;
+            struct conn c;
+            const char *why;
+            PyObject *rec, *st;
+            int rc;
+            if (len - off < head) {
+                PyErr_Format(PyExc_ValueError, "packed connections: truncated record at byte %zu", off);
+                goto bad;
+            }
+            /* the head ends with len(recv_queue) I, len(send_queue) I, unsent_len I, len(name) B */
+            p = h + head - 13;
+            total = (uint64_t)head + h[head - 1] + get32(&p);
+            total += get32(&p);
+            if (total > len - off) {
+                PyErr_Format(PyExc_ValueError, "packed connections: truncated queues at byte %zu", off + head);
+                goto bad;
+            }
+            if (parse_record(h, (size_t)total, family, &c, &why) < 0) {
+                PyErr_Format(PyExc_ValueError, "packed connections: %s (record at byte %zu)", why, off);
+                goto bad;
+            }
+            if (!(rec = PyBytes_FromStringAndSize((const char *)h, (Py_ssize_t)total))) goto bad;
+            st = make_state(&b, &c, rec);
+            Py_DECREF(rec);
+            if (!st) goto bad;
+            rc = PyList_Append(out, st);
+            Py_DECREF(st);
+            if (rc < 0) goto bad;
+            off += (size_t)total;
+        }
+    }
+    goto done;
+bad:
+    Py_CLEAR(out);
+done:
+    Py_XDECREF(b.ips);
+    PyBuffer_Release(&buf);
+    return out;
+}

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 
 from clustercore import batch_messages, fastpath
@@ -41,6 +42,7 @@ from .health import HealthRunner
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
 from .queue import PacketQueues, fdname
+from .limits import grow_fd_table
 from .queuekeep import RoleRecord, take_fd_store
 from .verdictlog import VerdictLog
 
@@ -301,6 +303,9 @@ class NodeAgent:
             systemd.remove_fds(fdname(q.queue_num))
             systemd.store_fds(fdname(q.queue_num), [q.fileno()])
         self.queue.attach(asyncio.get_running_loop())
+        # criu images a previous agent left (it died mid-move): on tmpfs they would stay
+        # until reboot; nothing of ours uses them now (a copy runs from memory)
+        shutil.rmtree(criu.node_images_parent(cfg.state_dir), ignore_errors=True)
         self._criu_check = asyncio.ensure_future(self._check_criu())
         self._fast_rules: list[str] | None = None
         self._notrack = None
@@ -362,6 +367,8 @@ class NodeAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         await self.start()
+        # now, not in a freeze: each growth of the table waits for RCU (nodeshim.limits)
+        log.info("descriptor table grown to %d descriptors", grow_fd_table())
         # ready once the data plane is ours (queue bound, services adopted); the gateway
         # link comes and goes on its own
         systemd.ready(f"node {self.config.name}: queue {self.config.queue_num} bound")

@@ -29,7 +29,9 @@ unit tests call without root; the rest only runs programs.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import logging
 import os
 import re
 import select
@@ -53,9 +55,12 @@ DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
 PAGE_SERVER_LOG = "page-server.log"
 STATS_DUMP = "stats-dump"   # criu's own dump statistics, an image file like the others
+STATS_RESTORE = "stats-restore"  # and its restore statistics, written beside the image
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # How long criu may take before we call it hung (the nginx measured: 90 ms + 46 ms).
 CRIU_TIMEOUT_S = 120.0
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- pure: parsing
@@ -92,7 +97,10 @@ def failure_reason(log_text: str, returncode: int | None = None) -> str:
     return f"criu exited with status {returncode}" if returncode is not None else "criu failed"
 
 
-_STATS_FIELDS = {7: "pages_written", 14: "shpages_written", 2: "frozen_time_us"}
+# images/stats.proto: dump_stats_entry (stats_entry field 1) and restore_stats_entry (2)
+_STATS_FIELDS = {7: "pages_written", 14: "shpages_written", 2: "frozen_time_us",
+                 1: "freezing_time_us", 3: "memdump_time_us", 4: "memwrite_time_us", 9: "pages_lazy"}
+_RESTORE_STATS_FIELDS = {3: "forking_time_us", 4: "restore_time_us", 5: "pages_restored"}
 
 
 def _varint(data: bytes, i: int) -> tuple[int, int]:
@@ -111,34 +119,103 @@ def parse_stats_dump(data: bytes) -> dict[str, int]:
     """The counters we use from criu's `stats-dump` image: two 32-bit magics, a 32-bit
     length, then a protobuf stats_entry whose field 1 is dump_stats_entry (images/stats.proto).
     pages_written + shpages_written pages is what went to the pages-*.img files (or to the
-    page server): the destination checks it received that much. ValueError if malformed."""
+    page server): the destination checks it received that much. The times (us) say where
+    the dump spent the freeze: freezing the tree, frozen in all, of which memdump (pages
+    into criu's pipes) and memwrite (pipes out to files or the page server). ValueError
+    if malformed."""
+    return _parse_stats(data, 1, _STATS_FIELDS, "stats-dump")
+
+
+def parse_stats_restore(data: bytes) -> dict[str, int]:
+    """criu's `stats-restore` image (stats_entry field 2, restore_stats_entry): forking
+    and restore times (us) and the pages it put back. ValueError if malformed."""
+    return _parse_stats(data, 2, _RESTORE_STATS_FIELDS, "stats-restore")
+
+
+def _parse_stats(data: bytes, which: int, fields: Mapping[int, str], what: str) -> dict[str, int]:
     if len(data) < 12:
-        raise ValueError("stats-dump too short")
+        raise ValueError(f"{what} too short")
     length = int.from_bytes(data[8:12], "little")
-    entry, i, dump = data[12:12 + length], 0, b""
+    entry, i, sub = data[12:12 + length], 0, b""
     if len(entry) != length:
-        raise ValueError("stats-dump truncated")
+        raise ValueError(f"{what} truncated")
     while i < len(entry):
         key, i = _varint(entry, i)
         if key & 7 != 2:
-            raise ValueError("stats-dump: unexpected field")
+            raise ValueError(f"{what}: unexpected field")
         size, i = _varint(entry, i)
-        if key >> 3 == 1:
-            dump = entry[i:i + size]
+        if i + size > len(entry):
+            raise ValueError(f"{what} truncated")
+        if key >> 3 == which:
+            sub = entry[i:i + size]
         i += size
-    out, i = {name: 0 for name in _STATS_FIELDS.values()}, 0
-    while i < len(dump):
-        key, i = _varint(dump, i)
+    out, i = {name: 0 for name in fields.values()}, 0
+    while i < len(sub):
+        key, i = _varint(sub, i)
         if key & 7 == 0:
-            value, i = _varint(dump, i)
-            if key >> 3 in _STATS_FIELDS:
-                out[_STATS_FIELDS[key >> 3]] = value
+            value, i = _varint(sub, i)
+            if key >> 3 in fields:
+                out[fields[key >> 3]] = value
         elif key & 7 == 2:
-            size, i = _varint(dump, i)
+            size, i = _varint(sub, i)
             i += size
         else:
-            raise ValueError("stats-dump: unexpected wire type")
+            raise ValueError(f"{what}: unexpected wire type")
     return out
+
+
+def dump_times(data: bytes) -> dict[str, float]:
+    """Where a dump spent the program's freeze, ms, from its stats-dump (see parse_stats_dump)."""
+    stats = parse_stats_dump(data)
+    return {f"criu_{name}": round(stats[f"{name}_time_us"] / 1000, 2)
+            for name in ("freezing", "frozen", "memdump", "memwrite")}
+
+
+def kdat_probe_argv(criu: str) -> list[str]:
+    """Make criu probe the kernel and print its cache (see prime_kdat_cache): in a private
+    mount namespace whose /run is a fresh tmpfs, so that criu keeps what it probed there
+    (it keeps it only on a tmpfs) and no old cache is read; then print that file."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs -o size=1m,mode=0755 vipcluster-criu-kdat /run && "$0" check >/dev/null 2>&1; '
+            'exec cat /run/criu.kdat', criu]
+
+
+IMAGES_TMPFS = "/dev/shm"  # where images go when it is a tmpfs (see images_parent)
+
+
+def tmpfs_mount_points(mounts_text: str) -> set[str]:
+    """The mount points of tmpfs file systems in /proc/self/mounts (octal escapes decoded)."""
+    points = set()
+    for line in mounts_text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "tmpfs":
+            points.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
+    return points
+
+
+def images_parent(state_dir: str, mounts_text: str, tmpfs: str = IMAGES_TMPFS) -> str:
+    """The directory under which a node keeps its criu images: on tmpfs when there is one.
+
+    criu writes one file per TCP connection (tcp-stream-INODE.img) while the program is
+    frozen, and the destination writes them again and criu restore reads them: on this
+    machine's ext4 a dump of 1,000 connections froze the program 1,080-1,170 ms, on tmpfs
+    44-71 ms (the same program, alternating; docs/performance.md). The images live only
+    for the move (removed after the restore, or once the lazy pages are served); a copied
+    (not lazy) image's pages sit there too until the restore ends, in memory. The name is
+    derived from state_dir, so each agent has its own."""
+    if tmpfs in tmpfs_mount_points(mounts_text):
+        tag = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:12]
+        return os.path.join(tmpfs, f"vipcluster-images-{tag}")
+    return os.path.join(state_dir, "images")
+
+
+def node_images_parent(state_dir: str) -> str:
+    """images_parent for this machine (reads /proc/self/mounts; the state dir if unreadable)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            return images_parent(state_dir, f.read())
+    except OSError:
+        return images_parent(state_dir, "")
 
 
 # ---------------------------------------------------------------- pure: argument lists
@@ -201,7 +278,7 @@ def dump_args(criu: str, pid: int, images_dir: str, *, leave_stopped: bool = Tru
     images_dir (which then gets the small files only); ps_socket: over this connection
     to it, made by the caller. criu does no TLS on a socket it is given (it skips the
     handshake but would still encrypt), so ps_socket and tls exclude each other."""
-    args = [criu, "dump", "-t", str(pid), "-D", images_dir, "-o", DUMP_LOG]
+    args = [criu, "dump", "-t", str(pid), "-D", images_dir, "-o", DUMP_LOG, *trace_args()]
     if leave_stopped:
         args.append("--leave-stopped")
     if tcp_established:
@@ -224,7 +301,7 @@ def page_server_args(criu: str, images_dir: str, *, ps_socket: int,
     """`criu page-server` on a connection we accepted (fd ps_socket), so that we, not criu,
     decide whom to accept. It serves that one dump and exits: 0 once the dump said it sent
     everything (PS_IOV_CLOSE), non-zero if the connection ended before that."""
-    return [criu, "page-server", "-D", images_dir, "-o", PAGE_SERVER_LOG,
+    return [criu, "page-server", "-D", images_dir, "-o", PAGE_SERVER_LOG, *trace_args(),
             "--ps-socket", str(ps_socket), *tls_args(tls, client=False)]
 
 
@@ -238,7 +315,7 @@ def restore_args(criu: str, images_dir: str, *, pidfile: str, tcp_established: b
     parent (us), not an orphan, so the agent reaps it and sees it die like any service it
     started. inherit_fds {our fd: criu's name of the old one} hands the copy our pipe in
     place of the source's (see pipe_key)."""
-    args = [criu, "restore", "-D", images_dir, "-o", RESTORE_LOG, "--pidfile", pidfile]
+    args = [criu, "restore", "-D", images_dir, "-o", RESTORE_LOG, *trace_args(), "--pidfile", pidfile]
     if detach:
         args.append("--restore-detached")
         if sibling:
@@ -263,8 +340,74 @@ def _require_binary() -> str:
     return criu
 
 
+# criu's kernel-feature cache, at the path its build chose (RUNDIR, /run): every criu run
+# loads it when present, instead of probing the kernel again (sockets, netfilter through
+# `iptables -L`, a veth pair, vDSO, pagemap...): 55 ms idle, 30-200 ms under load, three
+# times per move (dump, lazy-pages, restore), most of it while the program is frozen.
+TRACE_ENV = "VIPCLUSTER_CRIU_TRACE"  # a directory: every criu runs with -v4, its log kept there
+
+
+def trace_args() -> list[str]:
+    """criu's most verbose log (timestamped steps) when TRACE_ENV names a directory."""
+    return ["-v4"] if os.environ.get(TRACE_ENV) else []
+
+
+def keep_log(log_path: str) -> None:
+    """With TRACE_ENV set: copy a finished criu log there (the images it sits beside are
+    removed after a move), as TIME-IMAGESDIR-LOG, for measuring where criu spends its time."""
+    where = os.environ.get(TRACE_ENV)
+    if not where:
+        return
+    images = os.path.basename(os.path.dirname(log_path))
+    try:
+        os.makedirs(where, exist_ok=True)
+        shutil.copyfile(log_path, os.path.join(where, f"{time.time_ns()}-{images}-{os.path.basename(log_path)}"))
+    except OSError as e:
+        log.warning("criu trace: cannot keep %s: %s", log_path, e)
+
+
+KDAT_CACHE = "/run/criu.kdat"
+KDAT_ENV = "VIPCLUSTER_CRIU_KDAT"  # "off" in the agent's environment: no cache is primed
+
+
+def prime_kdat_cache(criu: str, path: str = KDAT_CACHE) -> str:
+    """Write criu's kernel-feature cache to path, freshly probed; say what was done.
+
+    criu writes this cache itself only where /run is a tmpfs (a file that a reboot
+    removes, since it holds per-boot values such as the zero page's frame number), and
+    /run is not a tmpfs here, so every criu run probed the kernel again. It reads the
+    cache wherever it is (the check is on writing only), so we let it probe on a private
+    tmpfs (kdat_probe_argv) and put the result in place with one rename. Done at every
+    agent start: a cache older than this boot is replaced before this agent runs criu
+    (until then, after a reboot, a leftover file could be stale: the agent starts first).
+    criu rejects a cache from another build of itself (two magics) and probes again."""
+    if os.environ.get(KDAT_ENV, "").lower() == "off":
+        return f"criu kernel cache not primed ({KDAT_ENV}=off)"
+    try:
+        out = subprocess.run(kdat_probe_argv(criu), capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"criu kernel cache not primed: {e}"
+    if out.returncode != 0 or not out.stdout:
+        why = out.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"status {out.returncode}"]
+        return f"criu kernel cache not primed: {why[0]}"
+    tmp = f"{path}.vipcluster-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(out.stdout)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return f"criu kernel cache not primed: cannot write {path}: {e.strerror}"
+    return f"criu kernel cache primed ({path}, {len(out.stdout)} bytes)"
+
+
 def available() -> tuple[bool, str]:
-    """Can this node run the `process` strategy? (ok, why): why is "criu 4.2.1" when ok."""
+    """Can this node run the `process` strategy? (ok, why): why is "criu 4.2.1" when ok.
+    Also primes criu's kernel cache (prime_kdat_cache) and logs how that went."""
     criu = criu_binary()
     if criu is None:
         return False, "criu not installed (scripts/setup builds it)"
@@ -281,6 +424,7 @@ def available() -> tuple[bool, str]:
         return False, f"criu {shown} is too old for this kernel (need >= {need}; scripts/build-criu)"
     if os.geteuid() != 0:
         return False, f"criu {shown} needs root"
+    log.info("%s", prime_kdat_cache(criu))
     try:
         check = subprocess.run([criu, "check"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -370,6 +514,7 @@ class DumpStats:
     image_bytes: int    # bytes of image files in images_dir (pages too, unless a page server took them)
     page_bytes: int = 0  # memory pages criu wrote, wherever they went (from its stats-dump)
     frozen_ms: float = 0.0  # criu's own count: the program frozen until the dump's end
+    criu_ms: Mapping[str, float] | None = None  # dump_times: where the freeze went, criu's count
 
 
 def image_size(images_dir: str) -> int:
@@ -415,13 +560,18 @@ def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stop
         network_lock_skip=network_lock_skip, page_server=page_server, ps_socket=ps_socket,
         tls=tls, extra=extra))
     start = time.monotonic()
-    _run_criu("criu dump", args, os.path.join(images_dir, DUMP_LOG),
-              pass_fds=() if ps_socket is None else (ps_socket,),
-              while_running=_uncork_page_server(*page_server) if page_server else None)
+    try:
+        _run_criu("criu dump", args, os.path.join(images_dir, DUMP_LOG),
+                  pass_fds=() if ps_socket is None else (ps_socket,),
+                  while_running=_uncork_page_server(*page_server) if page_server else None)
+    finally:
+        keep_log(os.path.join(images_dir, DUMP_LOG))
     wall_ms = (time.monotonic() - start) * 1000
     page_bytes, frozen_ms = dump_counters(images_dir)
+    with open(os.path.join(images_dir, STATS_DUMP), "rb") as f:  # dump_counters read it: it parses
+        criu_ms = dump_times(f.read())
     return DumpStats(wall_ms=wall_ms, image_bytes=image_size(images_dir), page_bytes=page_bytes,
-                     frozen_ms=frozen_ms)
+                     frozen_ms=frozen_ms, criu_ms=criu_ms)
 
 
 class PageServer:
@@ -504,8 +654,21 @@ def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
     args = in_netns_argv(netns_path, restore_args(
         criu, images_dir, pidfile=pidfile, tcp_established=tcp_established, detach=detach,
         sibling=sibling, inherit_fds=inherit_fds, extra=extra))
-    _run_criu("criu restore", args, os.path.join(images_dir, RESTORE_LOG),
-              pass_fds=tuple(inherit_fds or ()))
+    start = time.monotonic()
+    try:
+        _run_criu("criu restore", args, os.path.join(images_dir, RESTORE_LOG),
+                  pass_fds=tuple(inherit_fds or ()))
+    finally:
+        keep_log(os.path.join(images_dir, RESTORE_LOG))
+    wall_ms = (time.monotonic() - start) * 1000
+    try:
+        with open(os.path.join(images_dir, STATS_RESTORE), "rb") as f:
+            stats = parse_stats_restore(f.read())
+        log.info("criu restore of %s: %.1f ms (criu's count: forking %.1f ms, restore %.1f ms, %d pages)",
+                 images_dir, wall_ms, stats["forking_time_us"] / 1000, stats["restore_time_us"] / 1000,
+                 stats["pages_restored"])
+    except (OSError, ValueError) as e:
+        log.info("criu restore of %s: %.1f ms (no statistics: %s)", images_dir, wall_ms, e)
     try:
         with open(pidfile) as f:
             return int(f.read().strip())
@@ -634,6 +797,20 @@ def thaw(root: int) -> int:
         except ProcessLookupError:
             pass
     return repaired
+
+
+def resume(root: int) -> int:
+    """Let a copy that `criu restore` made run: SIGCONT every process of the tree. Its
+    TCP sockets are already out of repair mode (criu's restorer turns repair off for each
+    one: "Turning repair off for FD" in its log), so, unlike thaw(), nothing is taken and
+    looked at per socket (with 1,000 connections thaw() spent tens of ms finding none).
+    Returns 0: no socket left repair mode here."""
+    for pid in tree_pids(root):
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    return 0
 
 
 TCP_REPAIR_ON = 1

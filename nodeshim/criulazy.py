@@ -57,7 +57,7 @@ def dump_args(criu_bin: str, pid: int, images_dir: str, *, ps_socket: int, statu
 def daemon_args(criu_bin: str, images_dir: str, *, ps_socket: int, status_fd: int) -> list[str]:
     """`criu lazy-pages` taking the pages from the source's dump over ps_socket."""
     return [criu_bin, "lazy-pages", "--page-server", "--ps-socket", str(ps_socket), "-D", images_dir,
-            "-o", LAZY_PAGES_LOG, "--status-fd", str(status_fd)]
+            "-o", LAZY_PAGES_LOG, *criu.trace_args(), "--status-fd", str(status_fd)]
 
 
 def pipe_size_ok(pipe_max_size: int) -> bool:
@@ -175,6 +175,7 @@ class _Run:
         if self.ended_at is None:
             self.ended_at = time.monotonic()
             self._sock.close()
+            criu.keep_log(self.log_path)
         if self.proc.returncode != 0:
             raise KernelError(self.operation, None, _reason(self.log_path, self.proc.returncode))
         return round((self.ended_at - (self.ready_at or self.ended_at)) * 1000, 2)
@@ -193,6 +194,7 @@ class _Run:
             self.proc.wait()
         if self.ended_at is None:
             self.ended_at = time.monotonic()
+            criu.keep_log(self.log_path)
         self._sock.close()
         if self._status_r >= 0:
             os.close(self._status_r)

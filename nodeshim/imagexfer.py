@@ -267,11 +267,19 @@ def _remaining(deadline: float, operation: str) -> float:
 
 
 class _Wire:
-    """A connection read and written under one deadline, every failure a KernelError."""
+    """A connection read and written under one deadline, every failure a KernelError.
+
+    An image of a program with 1,000 connections is some 1,000 small files (criu writes
+    one per connection): queue() gathers them into CHUNK-sized sends (one send per file
+    header and one per file was 2,000 sends), and the reader keeps one buffer with a read
+    position instead of copying what is left of it after every header and every file."""
 
     def __init__(self, sock: socket.socket, deadline: float, operation: str) -> None:
         self.sock, self.deadline, self.operation = sock, deadline, operation
         self.buf = b""
+        self.pos = 0  # self.buf[self.pos:] is what has been received and not yet read
+        self._out: list[bytes] = []
+        self._out_len = 0
 
     def _io(self, fn, *args):
         self.sock.settimeout(_remaining(self.deadline, self.operation))
@@ -287,7 +295,21 @@ class _Wire:
             raise KernelError(self.operation, e.errno, "the connection broke") from None
 
     def send(self, data: bytes) -> None:
+        self.flush()
         self._io(self.sock.sendall, data)
+
+    def queue(self, data: bytes) -> None:
+        """Send data with what follows, at the latest once CHUNK bytes are waiting (or at
+        the next send, flush or read)."""
+        self._out.append(data)
+        self._out_len += len(data)
+        if self._out_len >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._out:
+            out, self._out, self._out_len = b"".join(self._out), [], 0
+            self._io(self.sock.sendall, out)
 
     def _recv(self, size: int) -> bytes:
         data = self._io(self.sock.recv, size)
@@ -295,22 +317,30 @@ class _Wire:
             raise KernelError(self.operation, None, "the peer closed the connection")
         return data
 
+    def _fill(self) -> None:
+        """Receive more; what was read already is dropped from the buffer first."""
+        rest = self.buf[self.pos:]
+        self.buf, self.pos = rest + self._recv(CHUNK), 0
+
     def readline(self, limit: int = MAX_LINE) -> bytes:
-        while b"\n" not in self.buf:
-            if len(self.buf) > limit:
+        self.flush()
+        while (end := self.buf.find(b"\n", self.pos)) < 0:
+            if len(self.buf) - self.pos > limit:
                 raise KernelError(self.operation, None, "line too long")
-            self.buf += self._recv(CHUNK)
-        line, _, self.buf = self.buf.partition(b"\n")
-        if len(line) >= limit:
+            self._fill()
+        if end - self.pos >= limit:
             raise KernelError(self.operation, None, "line too long")
-        return line + b"\n"
+        line, self.pos = self.buf[self.pos:end + 1], end + 1
+        return line
 
     def read(self, size: int, sink=None) -> bytes:
         """size bytes: returned, or (sink given) passed to sink chunk by chunk."""
+        self.flush()
         out, left = [], size
         while left:
-            if self.buf:
-                chunk, self.buf = self.buf[:left], self.buf[left:]
+            if self.pos < len(self.buf):
+                chunk = self.buf[self.pos:self.pos + left]
+                self.pos += len(chunk)
             else:
                 chunk = self._recv(min(left, CHUNK))
             left -= len(chunk)
@@ -659,35 +689,87 @@ class SendStats:
     file_bytes: int
     files: int
     streamed: bool        # pages went through criu's page server
+    criu_ms: Mapping[str, float] | None = None  # criu's split of the freeze (criu.dump_times)
+
+
+@dataclass
+class Link:
+    """Both connections to a receiver, greeted and answered READY (see connect_to): what a
+    dump needs, made before the program is frozen. Closed by the dump that takes it, or
+    by close()."""
+    pages: socket.socket | None  # the page connection (criu's, or lazy-pages'), if any
+    sock: socket.socket
+    wire: "_Wire"
+    lazy: bool
+
+    def close(self) -> None:
+        for conn in (self.pages, self.sock):
+            if conn is not None:
+                conn.close()
+
+
+def connect_to(endpoint: Endpoint, *, lazy: bool = False, netns_path: str | None = None,
+            timeout: float = 120.0) -> Link:
+    """Connect to the receiver at endpoint (the page connection first, then the files one),
+    say HELLO (HELLO_LAZY: the pages will follow the restore) and wait for READY, which
+    the destination sends once its page server has started. Done before the freeze, this
+    keeps the connections, the round trip and criu page-server's start-up out of it.
+    Without TLS only (with TLS, dump_to connects itself). KernelError if it cannot."""
+    if lazy and endpoint.page_port is None:
+        raise KernelError(SEND, None, "lazy pages need the destination's page connection")
+    deadline = time.monotonic() + timeout
+    pages = sock = None
+    try:
+        if endpoint.page_port is not None:
+            pages = _connect(endpoint.address, endpoint.page_port, netns_path, deadline)
+            pages.settimeout(None)  # criu gets a blocking socket
+        sock = _connect(endpoint.address, endpoint.files_port, netns_path, deadline)
+        wire = _Wire(sock, deadline, SEND)
+        wire.send(HELLO_LAZY if lazy else HELLO)
+        _expect_ok(wire, READY)
+        link, pages, sock = Link(pages, sock, wire, lazy), None, None
+        return link
+    finally:
+        for conn in (pages, sock):
+            if conn is not None:
+                conn.close()
 
 
 def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | None = None,
             tls: TlsFiles | None = None, dest_node: str | None = None,
-            timeout: float = 120.0, extra: Iterable[str] = ()) -> SendStats:
+            timeout: float = 120.0, extra: Iterable[str] = (), link: Link | None = None) -> SendStats:
     """Dump the tree rooted at pid (criu.dump: --leave-stopped, in netns_path) and move the
     image to the receiver at endpoint; return once the destination has verified all of it.
 
     images_dir (on this node) gets the dump's small files and criu's log. With TLS (tls and
     dest_node) nothing is dumped until the destination has proven it is node dest_node.
+    link: the connections, made before (connect_to; not with TLS); closed here in any case.
     On failure a KernelError; roll back with criu.thaw(pid) (see the module docstring)."""
     if (tls is None) != (dest_node is None):
         raise LocalControlError("imagexfer: give both tls and dest_node, or neither")
+    if link is not None and (tls is not None or link.lazy):
+        link.close()
+        raise LocalControlError("imagexfer: a link made before is for a copy without TLS")
     deadline = time.monotonic() + timeout
     streamed = endpoint.page_port is not None
     pages = sock = None
     try:
-        if streamed and tls is None:
-            # connected by us, now: the destination's page server starts while we get
-            # ready, not while the program is frozen (criu does TLS only on its own)
-            pages = _connect(endpoint.address, endpoint.page_port, netns_path, deadline)
-            pages.settimeout(None)  # criu gets a blocking socket
-        sock = _connect(endpoint.address, endpoint.files_port, netns_path, deadline)
-        if tls is not None:
-            sock = _handshake(sock, client_context(tls), False, deadline, SEND)
-            check_peer_node(sock.getpeercert(binary_form=True), tls.ca, dest_node, SEND)
-        wire = _Wire(sock, deadline, SEND)
-        wire.send(HELLO)
-        _expect_ok(wire, READY)
+        if link is not None:
+            pages, sock, wire = link.pages, link.sock, link.wire
+            wire.deadline = deadline
+        else:
+            if streamed and tls is None:
+                # connected by us, now: the destination's page server starts while we get
+                # ready, not while the program is frozen (criu does TLS only on its own)
+                pages = _connect(endpoint.address, endpoint.page_port, netns_path, deadline)
+                pages.settimeout(None)  # criu gets a blocking socket
+            sock = _connect(endpoint.address, endpoint.files_port, netns_path, deadline)
+            if tls is not None:
+                sock = _handshake(sock, client_context(tls), False, deadline, SEND)
+                check_peer_node(sock.getpeercert(binary_form=True), tls.ca, dest_node, SEND)
+            wire = _Wire(sock, deadline, SEND)
+            wire.send(HELLO)
+            _expect_ok(wire, READY)
         t0 = time.monotonic()
         dumped = criu.dump(pid, images_dir, netns_path=netns_path, tls=tls,
                            page_server=(endpoint.address, endpoint.page_port) if streamed else None,
@@ -704,7 +786,7 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
         _expect_ok(wire, b"OK\n")
         return SendStats(dump_ms=(t1 - t0) * 1000, frozen_ms=dumped.frozen_ms, transfer_ms=(time.monotonic() - t1) * 1000,
                          page_bytes=dumped.page_bytes, file_bytes=sum(e.size for e in entries),
-                         files=len(entries), streamed=streamed)
+                         files=len(entries), streamed=streamed, criu_ms=dumped.criu_ms)
     finally:
         for conn in (pages, sock):
             if conn is not None:
@@ -739,10 +821,18 @@ def _expect_ok(wire: _Wire, want: bytes, broke: KernelError | None = None) -> No
 
 
 def _send_file(wire: _Wire, images_dir: str, name: str) -> FileEntry:
+    """One file, header first; a small one is queued with the next (see _Wire)."""
     digest = hashlib.sha256()
     try:
         with open(os.path.join(images_dir, name), "rb") as f:
             size = left = os.fstat(f.fileno()).st_size
+            if size < CHUNK:
+                data = f.read(size + 1)
+                if len(data) != size:
+                    raise KernelError(SEND, None, f"{name} changed size while being sent")
+                digest.update(data)
+                wire.queue(file_header(name, size) + data)
+                return FileEntry(name, size, digest.hexdigest())
             wire.send(file_header(name, size))
             while left:
                 chunk = f.read(min(left, CHUNK))

@@ -39,6 +39,7 @@ from nodeshim.imagexfer import (
     READY,
     SEND,
     Endpoint,
+    Link,
     Receiver,
     SendStats,
     _connect,
@@ -58,22 +59,29 @@ class LazySent:
 
 
 def dump_lazy_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | None = None,
-                 timeout: float = 120.0, extra: Iterable[str] = ()) -> LazySent:
+                 timeout: float = 120.0, extra: Iterable[str] = (), link: Link | None = None) -> LazySent:
     """Lazy-dump the tree rooted at pid and move its image, pages excepted, to the receiver
     at endpoint; return once the destination has verified it. The dump then serves the
-    pages. On failure a KernelError, the dump ended (criu resumed the program or never
-    froze it): roll back with criu.thaw(pid) as after imagexfer.dump_to."""
-    if endpoint.page_port is None:
-        raise KernelError(SEND, None, "lazy pages need the destination's page connection")
+    pages. link: the connections, made before the freeze (imagexfer.connect_to(lazy=True));
+    taken over here in any case. On failure a KernelError, the dump ended (criu resumed
+    the program or never froze it): roll back with criu.thaw(pid) as after imagexfer.dump_to."""
+    if endpoint.page_port is None or (link is not None and not link.lazy):
+        if link is not None:
+            link.close()
+        raise KernelError(SEND, None, "lazy pages need the destination's page connection, greeted as lazy")
     deadline = time.monotonic() + timeout
     pages = sock = dump = None
     try:
-        pages = _connect(endpoint.address, endpoint.page_port, netns_path, deadline)
-        pages.settimeout(None)
-        sock = _connect(endpoint.address, endpoint.files_port, netns_path, deadline)
-        wire = _Wire(sock, deadline, SEND)
-        wire.send(HELLO_LAZY)
-        _expect_ok(wire, READY)
+        if link is not None:
+            pages, sock, wire = link.pages, link.sock, link.wire
+            wire.deadline = deadline
+        else:
+            pages = _connect(endpoint.address, endpoint.page_port, netns_path, deadline)
+            pages.settimeout(None)
+            sock = _connect(endpoint.address, endpoint.files_port, netns_path, deadline)
+            wire = _Wire(sock, deadline, SEND)
+            wire.send(HELLO_LAZY)
+            _expect_ok(wire, READY)
         t0 = time.monotonic()
         dump = criulazy.LazyDump(pid, images_dir, pages, netns_path=netns_path, extra=extra)
         pages = None  # the dump owns it now (and ends it)

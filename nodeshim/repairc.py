@@ -29,12 +29,13 @@ from typing import Sequence
 
 from clustercore.errors import KernelError
 from clustercore.sockstate import HALF_CLOSED_STATES, TCP_STATES, TcpConnState, TcpWindow
+from clustercore import sockwire
 from clustercore.sockwire import KEEP_RECORD_MAX, _ip_text, pack_connection
 
 log = logging.getLogger("vipcluster.tcprepair")
 
 
-ABI = 2  # the calls this module makes of nodeshim._repair (its ABI constant)
+ABI = 3  # the calls this module makes of nodeshim._repair (its ABI constant)
 
 try:
     from nodeshim import _repair as ext
@@ -52,6 +53,8 @@ if ext is not None and os.environ.get("VIPCLUSTER_TCPREPAIR", "").lower() == "py
 
 IMPLEMENTATION = "c" if ext is not None else "python"
 _BUILD = (TcpConnState, TcpWindow, _ip_text, KEEP_RECORD_MAX)
+if ext is not None:  # a peer's records (streamed chunks, the restore) are read in C too
+    sockwire.use_native_unpack(lambda data, family: ext.unpack_many(data, family, _BUILD))
 RepairError = ext.RepairError if ext is not None else None
 _announced = False
 
@@ -112,12 +115,13 @@ def restore_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState])
         raise _restore_error(exc, states) from None
 
 
-def thaw_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) -> None:
-    """Repair off (window probe), then each never-sent tail, in order; the first error
-    is raised (the rest stay in repair mode)."""
+def thaw_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState], probe) -> int:
+    """Repair off (with a window probe where probe(state) says so), then each never-sent
+    tail, in order; the first error is raised (the rest stay in repair mode). Returns how
+    many window probes were sent."""
     try:
-        ext.thaw_many([(s.fileno(), memoryview(st.send_queue)[len(st.send_queue) - st.unsent_len:]
-                        if st.unsent_len else None) for s, st in zip(socks, states)])
+        return ext.thaw_many([(s.fileno(), memoryview(st.send_queue)[len(st.send_queue) - st.unsent_len:]
+                               if st.unsent_len else None, probe(st)) for s, st in zip(socks, states)])
     except RepairError as exc:
         raise _restore_error(exc, states) from None
 

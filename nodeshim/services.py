@@ -575,7 +575,10 @@ def restored_instance(service: Service, pid: int, read_fd: int, log_dir: str) ->
     log_path = os.path.join(log_dir, f"{service.name}.log")
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     _copy_output(read_fd, log_path, service.name)
-    raise_udp_buffers(pid)
+    if any(proto == UDP for proto, _ in service.ports):
+        # only then can the release bring a burst of held datagrams; for a TCP-only
+        # service the look at every socket (1,000 connections: tens of ms) is skipped
+        raise_udp_buffers(pid)
     return RunningService(service, [], Process(pid), log_path)
 
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import os
 import socket
 import struct
 from typing import Iterable, Sequence
@@ -86,6 +87,8 @@ TCP_REPAIR_WINDOW = 29
 TCP_REPAIR_ON = 1
 TCP_REPAIR_OFF = 0
 TCP_REPAIR_OFF_NO_WP = -1  # repair off without sending a window probe
+# every restored connection leaves repair mode with a window probe, as before issue 13
+ALWAYS_PROBE = os.environ.get("VIPCLUSTER_WINDOW_PROBE", "").lower() == "always"
 TCP_NO_QUEUE, TCP_RECV_QUEUE, TCP_SEND_QUEUE = 0, 1, 2
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 # TCP option kinds (RFC 793/7323/2018), as TCP_REPAIR_OPTIONS expects them
@@ -377,11 +380,20 @@ def _restore_frozen(sock: socket.socket, st: TcpConnState) -> None:
         raise _err(f"restore_tcp: {step}", exc, f"{st.local} <-> {st.remote}") from None
 
 
-def _thaw(sock: socket.socket, st: TcpConnState) -> None:
-    """Repair off (the kernel sends a window probe), then the never-sent tail."""
+def window_probe(st: TcpConnState) -> bool:
+    """Leave repair mode with the kernel's window probe? Only where someone waits
+    (TcpConnState.needs_window_probe says when), or for every connection with
+    VIPCLUSTER_WINDOW_PROBE=always (the behaviour before issue 13: for comparisons)."""
+    return ALWAYS_PROBE or st.needs_window_probe
+
+
+def _thaw(sock: socket.socket, st: TcpConnState) -> bool:
+    """Repair off (with the kernel's window probe where one is needed), then the
+    never-sent tail. True if a probe was sent."""
     step = "TCP_REPAIR off"
+    probe = window_probe(st)
     try:
-        sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+        sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF if probe else TCP_REPAIR_OFF_NO_WP)
         if st.unsent_len:
             step = "send never-sent tail"
             tail = memoryview(st.send_queue)[len(st.send_queue) - st.unsent_len :]
@@ -399,6 +411,7 @@ def _thaw(sock: socket.socket, st: TcpConnState) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     except OSError as exc:
         raise _err(f"restore_tcp: {step}", exc, f"{st.local} <-> {st.remote}") from None
+    return probe
 
 
 def _discard(sock: socket.socket) -> None:
@@ -460,7 +473,7 @@ def restore_many(
         if repairc.ext is not None:  # the same calls in C (nodeshim/_repair.c)
             repairc.restore_many(socks, states)
             if thaw:
-                repairc.thaw_many(socks, states)
+                repairc.thaw_many(socks, states, window_probe)
             return socks
         for sock, st in zip(socks, states):
             _restore_frozen(sock, st)
@@ -477,14 +490,14 @@ def restore_many(
 # ---------------------------------------------------------------- after the dump
 
 
-def thaw_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) -> None:
-    """Take sockets restored with thaw=False out of repair mode (window probe, then the
-    never-sent tail), in order."""
+def thaw_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) -> int:
+    """Take sockets restored with thaw=False out of repair mode (a window probe where
+    `window_probe` says so, then the never-sent tail), in order. Returns how many
+    window probes were sent."""
     repairc.announce()
     if repairc.ext is not None:  # the same calls in C (nodeshim/_repair.c)
-        return repairc.thaw_many(socks, states)
-    for sock, st in zip(socks, states):
-        _thaw(sock, st)
+        return repairc.thaw_many(socks, states, window_probe)
+    return sum(_thaw(sock, st) for sock, st in zip(socks, states))
 
 
 def _repair_off_quietly(sock: socket.socket) -> None:

@@ -29,6 +29,7 @@ from pyroute2 import NetNS, netns
 from clustercore.config import DEFAULT_CONTROL_SOCKET
 from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import Datapath, Delivery
+from nodeshim import criu
 from vipwire import pki
 
 from . import lab6, labha, nsutil
@@ -456,6 +457,8 @@ def down(lab: Lab, log=print) -> dict:
             os.unlink(lab.control_socket)
         except OSError:
             pass
+    for k in range(1, 33):  # the agents' criu images: on tmpfs, outside the state dir
+        shutil.rmtree(criu.node_images_parent(os.path.join(lab.state_dir, f"n{k}")), ignore_errors=True)
     if lab.prefix == "vip" or os.environ.get("VIPCLUSTER_KEEP_LOGS"):
         # the operator's lab keeps its logs for a post-mortem (removed by the next `lab up`)
         for entry in ("gateway", "pids.json", "supervisor.json", "pki") + tuple(f"n{k}" for k in range(1, 33)):

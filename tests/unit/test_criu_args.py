@@ -130,7 +130,11 @@ STATS_DUMP = bytes.fromhex("4059105506330957220000000a2008c001109e4818d00620e101
 
 def test_stats_dump_gives_the_pages_written(tmp_path):
     assert criu.parse_stats_dump(STATS_DUMP) == {"pages_written": 30, "shpages_written": 0,
-                                                 "frozen_time_us": 9246}
+                                                 "frozen_time_us": 9246, "freezing_time_us": 192,
+                                                 "memdump_time_us": 848, "memwrite_time_us": 225,
+                                                 "pages_lazy": 0}
+    assert criu.dump_times(STATS_DUMP) == {"criu_freezing": 0.19, "criu_frozen": 9.25,
+                                           "criu_memdump": 0.85, "criu_memwrite": 0.23}
     for bad in (STATS_DUMP[:10], STATS_DUMP[:-3], STATS_DUMP[:12] + b"\xff" * 34):
         with pytest.raises(ValueError):
             criu.parse_stats_dump(bad)
@@ -143,3 +147,61 @@ def test_stats_dump_gives_the_pages_written(tmp_path):
 
 def test_a_killed_criu_says_so():
     assert criu.failure_reason("", -9) == "criu killed by signal 9"
+
+
+def test_the_kernel_cache_is_probed_on_a_private_tmpfs():
+    argv = criu.kdat_probe_argv("/usr/local/sbin/criu")
+    assert argv[:4] == ["unshare", "--mount", "--propagation", "private"]
+    script = argv[6]
+    # the tmpfs over /run comes first: criu keeps its cache only there, and must not read an old one
+    assert script.index("mount -t tmpfs") < script.index('"$0" check') < script.index("cat /run/criu.kdat")
+    assert argv[7] == "/usr/local/sbin/criu"
+
+
+def test_priming_the_kernel_cache_replaces_it_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "criu.kdat"
+    path.write_bytes(b"old")
+    monkeypatch.setattr(criu, "kdat_probe_argv", lambda c: ["sh", "-c", "printf 'probed\\0bytes'"])
+    assert "primed" in criu.prime_kdat_cache("criu", str(path))
+    assert path.read_bytes() == b"probed\0bytes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["criu.kdat"]  # no temporary left
+    for failing in (["sh", "-c", "exit 0"], ["sh", "-c", "printf x; echo boom >&2; exit 3"]):
+        monkeypatch.setattr(criu, "kdat_probe_argv", lambda c, f=failing: f)
+        said = criu.prime_kdat_cache("criu", str(path))
+        assert said.startswith("criu kernel cache not primed")
+        assert path.read_bytes() == b"probed\0bytes"
+    assert "boom" in said
+    monkeypatch.setattr(criu, "kdat_probe_argv", lambda c: ["sh", "-c", "printf new"])
+    monkeypatch.setenv(criu.KDAT_ENV, "off")
+    assert "not primed" in criu.prime_kdat_cache("criu", str(path))
+    assert path.read_bytes() == b"probed\0bytes"
+
+
+# stats-restore of a real restore of `sleep` (criu 4.2.1): 30 pages, restore 8,178 us
+STATS_RESTORE = bytes.fromhex("40591055063309570d000000120b08001000180120f23f281e")
+
+
+def test_stats_restore_gives_criu_s_restore_times():
+    assert criu.parse_stats_restore(STATS_RESTORE) == {"forking_time_us": 1, "restore_time_us": 8178,
+                                                       "pages_restored": 30}
+    assert criu.parse_stats_restore(STATS_DUMP)["restore_time_us"] == 0  # a dump's: no restore entry
+    for bad in (STATS_RESTORE[:10], STATS_RESTORE[:-2], STATS_RESTORE[:12] + b"\x13"):
+        with pytest.raises(ValueError):
+            criu.parse_stats_restore(bad)
+
+
+MOUNTS = """/dev/vda / ext4 rw,relatime 0 0
+tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0
+tmpfs /run/odd\\040dir tmpfs rw 0 0
+proc /proc proc rw 0 0
+"""
+
+
+def test_images_go_to_tmpfs_when_there_is_one():
+    assert criu.tmpfs_mount_points(MOUNTS) == {"/dev/shm", "/run/odd dir"}
+    parent = criu.images_parent("/var/lib/vipcluster/n1", MOUNTS)
+    assert parent.startswith("/dev/shm/vipcluster-images-")
+    assert parent != criu.images_parent("/var/lib/vipcluster/n2", MOUNTS)  # one per agent
+    assert parent == criu.images_parent("/var/lib/vipcluster/n1/", MOUNTS)
+    no_tmpfs = MOUNTS.replace("tmpfs /dev/shm tmpfs", "shm /dev/shm ext4")
+    assert criu.images_parent("/var/lib/vipcluster/n1", no_tmpfs) == "/var/lib/vipcluster/n1/images"

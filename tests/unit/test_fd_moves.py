@@ -40,3 +40,20 @@ def test_ten_thousand_connections_need_no_fd_past_the_range():
     table, moves, scratch = run(sources)
     assert all(table[3 + i] == f"S{i}" for i in range(len(sources)))
     assert max(dst for _, dst in moves) <= 3 + len(sources)
+
+
+def test_a_restored_copy_s_udp_buffers_are_raised_only_when_it_serves_udp(tmp_path, monkeypatch):
+    """raise_udp_buffers looks at every socket of the copy (pidfd copies): for a TCP-only
+    service with 1,000 connections that was tens of ms inside the freeze, for nothing."""
+    from clustercore.ownership import Service
+    from clustercore.packet import TCP, UDP
+    from nodeshim import services
+    raised = []
+    monkeypatch.setattr(services, "raise_udp_buffers", lambda pid: raised.append(pid) or 0)
+    monkeypatch.setattr(services, "_copy_output", lambda fd, path, name: None)
+    tcp_only = Service("web", "n1", ((TCP, 80),), "nginx", "process", "activation")
+    both = Service("dns", "n1", ((TCP, 53), (UDP, 53)), "dnsmasq", "process", "activation")
+    services.restored_instance(tcp_only, 4242, -1, str(tmp_path))
+    assert raised == []
+    services.restored_instance(both, 4343, -1, str(tmp_path))
+    assert raised == [4343]

@@ -9,6 +9,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -384,3 +385,52 @@ def test_node_certificates_are_checked_by_issuer_and_name(pki_dirs):
         imagexfer.check_peer_node(der(pki_dirs("n2", foreign=True)), ca, "n2", "x")
     with pytest.raises(KernelError, match="no certificate"):
         imagexfer.check_peer_node(None, ca, "n2", "x")
+
+
+def test_many_small_files_arrive_whole_whatever_the_segment_boundaries(tmp_path):
+    """The sender gathers small files into large sends and the reader keeps a read position
+    in one buffer: every header and every byte must still come out in order, however the
+    stream is cut into pieces on the way."""
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = [0, 1, 7, 470, 4096, 100_000] + [i * 37 % 2000 for i in range(600)]
+    for i, size in enumerate(sizes):
+        (src / f"tcp-stream-{i}.img").write_bytes(os.urandom(size))
+    (src / "big.img").write_bytes(os.urandom(imagexfer.CHUNK + 12345))  # streamed, not queued
+    names = sorted(os.listdir(src))
+    a, b = socket.socketpair()
+    relay_in, relay_out = socket.socketpair()
+
+    def send():
+        wire = imagexfer._Wire(a, time.monotonic() + 60, imagexfer.SEND)
+        entries = [imagexfer._send_file(wire, str(src), n) for n in names]
+        wire.send(b"END\n")
+        sent.extend(entries)
+        a.close()
+
+    def relay():  # re-cut the stream into odd pieces
+        sizes, i = (1, 3, 1000, 65536, 13, 7777), 0
+        while data := b.recv(70000):
+            view = memoryview(data)
+            while view:
+                n = sizes[i % len(sizes)]
+                relay_in.sendall(view[:n])
+                view, i = view[n:], i + 1
+        relay_in.close()
+    sent: list = []
+    threads = [threading.Thread(target=send), threading.Thread(target=relay)]
+    for t in threads:
+        t.start()
+    wire = imagexfer._Wire(relay_out, time.monotonic() + 60, imagexfer.RECEIVE)
+    got = {}
+    while (line := wire.readline()) != b"END\n":
+        kind, size, name = imagexfer.parse_header(line)
+        got[name] = wire.read(size)
+    for t in threads:
+        t.join()
+    assert sorted(got) == names
+    for name in names:
+        assert got[name] == (src / name).read_bytes()
+    assert [e.sha256 for e in sent] == [hashlib.sha256((src / n).read_bytes()).hexdigest() for n in names]
+    with pytest.raises(KernelError):
+        wire.readline()  # the peer closed

@@ -621,7 +621,7 @@ def test_destination_prepare_chunk_restore_release_script(tmp_path):
 
     prepare, restored, released = asyncio.run(script())
     assert prepare == ["sync_datapath", "open_sockets"]  # the new instance starts at release
-    assert set(restored.timing_ms) == {"decode", "restore", "restore_streamed"}
+    assert set(restored.timing_ms) == {"decode", "restore", "restore_streamed", "restore_streamed_decode"}
     # release: repair off, queued datagrams and late packets in first, then the hold, then
     # the new instance starts with every socket, connection and the state (LISTEN_FDS) and
     # the agent's NOTIFY_SOCKET; our descriptors close, the instance is adopted

@@ -223,7 +223,8 @@ def test_the_source_script():
     frozen = script(m, EVENTS[msgs.Freeze](), [
         (nc.WaitHalfClosed, None), (nc.ReadClock, 1.0),
         (nc.HandOver, [("state", "S"), ("tcp-7", "SL"), ("udp-7", "SU"), ("conn-7", "C0"), ("x", "X")]),
-        (nc.CloseDescriptors, None), (nc.Note, None), (nc.WaitHandshakes, None), (nc.ReadClock, 1.5),
+        (nc.CloseDescriptors, None), (nc.Note, None), (nc.LetPacketsIn, None), (nc.WaitHandshakes, None),
+        (nc.ReadClock, 1.5),
         (nc.AcceptWaiting, [("conn-7", "A0")]), (nc.ReadClock, 2.0),
         (nc.DumpConnections, [conn(0), conn(1)]), (nc.LetPacketsIn, None), (nc.ReadClock, 3.0),
         (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7)),)), (nc.DrainDatagrams, DRAINED),
@@ -239,11 +240,14 @@ def test_the_source_script():
     assert frozen.sockets["app_state"] == base64.b64encode(b"kv").decode()
     assert cut.phase == "frozen" and cut.frozen_at == 1.5
     done = script(m, EVENTS[msgs.Commit](), [
-        (nc.CloseSilently, None), (nc.CountKernelDrops, 5), (nc.Note, None),
-        (nc.ForgetInstance, None), (nc.StopInstance, None), (nc.CloseDescriptors, None),
-        (nc.RemoveRoleLater, None), (nc.ServiceMoved, None),
+        (nc.ReadClock, 10.0), (nc.CloseSilently, None), (nc.ReadClock, 10.25), (nc.CountKernelDrops, 5),
+        (nc.Note, None), (nc.ForgetInstance, None), (nc.StopInstance, None), (nc.ReadClock, 10.5),
+        (nc.CloseDescriptors, None), (nc.RemoveRoleLater, None), (nc.ReadClock, 11.0), (nc.ServiceMoved, None),
     ])
-    assert done == msgs.CommitDone(kernel_drops=2) and m.state is State.COMMITTED and m.finished
+    # where the commit's time goes: the silent close of the copies, the old instance's end
+    assert done == msgs.CommitDone(kernel_drops=2, timing_ms={
+        "drop_hold_and_close": 250.0, "stop_old_instance": 250.0, "commit": 1000.0})
+    assert m.state is State.COMMITTED and m.finished
 
 
 def test_the_destination_script():
@@ -253,14 +257,16 @@ def test_the_destination_script():
         (nc.OpenSockets, [("tcp-7", "NL"), ("udp-7", "NU")]),
     ]) == msgs.PrepareDone()
     assert isinstance(m.playbook.destination.cut, DestCutover) and m.source_node == "n1"
-    assert script(m, EVENTS[msgs.Chunk](), [(nc.RestoreConnections, ["S1"]), (nc.ReadClock, T0 + 0.002)]) == msgs.Done()
+    assert script(m, EVENTS[msgs.Chunk](), [(nc.ReadClock, T0 + 0.0005), (nc.RestoreConnections, ["S1"]),
+                                            (nc.ReadClock, T0 + 0.002)]) == msgs.Done()
     restored = script(m, step(msgs.Restore, sockets=restore_wire(streamed=1)), [
         (nc.ReadClock, T0 + 0.001), (nc.RestoreConnections, ["S5"]), (nc.LetPacketsIn, None),
         (nc.ReadClock, T0 + 0.004), (nc.Note, None),
     ])
-    assert restored.timing_ms == {"decode": 1.0, "restore": 3.0, "restore_streamed": 2.0}
+    assert restored.timing_ms == {"decode": 1.0, "restore": 3.0, "restore_streamed": 2.0,
+                                  "restore_streamed_decode": 0.5}
     released = script(m, EVENTS[msgs.Release](), [
-        (nc.MarkReleasing, None), (nc.ReadClock, 1.0), (nc.Thaw, None), (nc.ReadClock, 1.1), (nc.CountUdpBufferDrops, 7),
+        (nc.MarkReleasing, None), (nc.ReadClock, 1.0), (nc.Thaw, 3), (nc.ReadClock, 1.1), (nc.CountUdpBufferDrops, 7),
         (nc.PutBackDatagrams, 1), (nc.InjectPackets, 1), (nc.ReadClock, 1.2), (nc.ReadClock, 1.2),
         (nc.StartHandedOver, "new"), (nc.WaitStarted, nc.Started("ready")), (nc.ReadClock, 1.25),
         (nc.CloseDescriptors, None), (nc.AdoptInstance, None),
@@ -269,7 +275,8 @@ def test_the_destination_script():
     ])
     assert isinstance(released, msgs.ReleaseDone) and m.state is State.RELEASED
     assert (released.reinjected, released.lost, released.kernel_drops) == (2, 1, 1)
-    assert released.timing_ms == {"thaw": 100.0, "start": 50.0, "release": 300.0}
+    assert released.timing_ms == {"window_probes": 3, "thaw": 100.0, "released_at": 200.0, "start": 50.0,
+                                  "release": 300.0}
     assert (released.start_attempts, released.service_down, released.connections_closed) == (1, "", 0)
 
 
@@ -426,7 +433,7 @@ def test_a_lost_link_rolls_back_only_what_cannot_go_on_without_us():
 def test_a_frozen_source_whose_owner_moved_commits():
     m = held_source()
     reply, k = feed(m, EVENTS[nc.OwnerMoved]())
-    assert m.state is State.COMMITTED and k.seen[0] == nc.DropHeld(("h0", "h1", "h2"))
+    assert m.state is State.COMMITTED and k.seen[1] == nc.DropHeld(("h0", "h1", "h2"))  # after the clock
     assert nc.Resume not in k.types() and nc.StopInstance in k.types()
 
 

@@ -111,8 +111,19 @@ class FakeCriu(FakeKernel):
         self._call("count_listeners", tuple(ports))
         return 2  # say, one on the VIP and one on the wildcard
 
-    def dump_to(self, pid, images_dir, endpoint, timeout, extra=()):
+    def connect_to(self, endpoint, lazy, timeout):
+        self._call("connect_to", endpoint, lazy)
+        log = self.log
+
+        class Link:
+            def close(self):
+                log.append(("link.close",))
+        self.link = Link()
+        return self.link
+
+    def dump_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None):
         self._call("dump_to", pid, endpoint, tuple(extra))
+        self.dumped_over = link
         return FakeSendStats()
 
     # lazyxfer
@@ -121,8 +132,9 @@ class FakeCriu(FakeKernel):
     def resident_bytes(self, pid):
         return self.resident
 
-    def dump_lazy_to(self, pid, images_dir, endpoint, timeout, extra=()):
+    def dump_lazy_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None):
         self._call("dump_lazy_to", pid, endpoint, tuple(extra))
+        self.dumped_over = link
         return SimpleNamespace(stats=FakeSendStats(page_bytes=300 << 20), dump=self.pages)
 
     def restore_lazy(self, receiver, pidfile, inherit_fds, timeout):
@@ -131,6 +143,10 @@ class FakeCriu(FakeKernel):
 
     def thaw(self, pid):
         self._call("thaw", pid)
+        return 0
+
+    def resume(self, pid):  # a restored copy: SIGCONT only (its sockets left repair mode in criu)
+        self._call("resume", pid)
         return 0
 
     def silence(self, pid):
@@ -159,8 +175,9 @@ def node(name, tmp_path):
                                  state_dir=str(tmp_path / name)), log)
     agent.filter.load([WEB], "n1")
     kernel = migrate.Kernel(tcprepair=fake, udphandoff=fake, pidfd=fake, services=fake, queue=fake,
-                            criu=SimpleNamespace(tree_pids=fake.tree_pids, thaw=fake.thaw, silence=fake.silence,
-                                                 stopped=lambda pid: True),
+                            criu=SimpleNamespace(tree_pids=fake.tree_pids, thaw=fake.thaw, resume=fake.resume, silence=fake.silence,
+                                                 stopped=lambda pid: True,
+                                                 node_images_parent=lambda state: os.path.join(state, "images")),
                             imagexfer=fake, lazyxfer=fake, clock=fake.clock)
     return migrate.MigrationAgent(agent, kernel), agent, fake, log
 
@@ -196,7 +213,11 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
 
     frozen, freeze_log, done = asyncio.run(script())
     names = [e[0] for e in freeze_log if e[0] not in ("count_connections", "count_listeners")]
-    assert names == ["accept_backlog", "signal_group", "take_sockets", "take_sockets", "close", "drain_udp", "close", "dump_to"]
+    # connected to the destination (and its page server started) before anything is held
+    assert names == ["connect_to", "accept_backlog", "signal_group", "take_sockets", "take_sockets", "close",
+                     "drain_udp", "close", "dump_to"]
+    assert freeze_log[0] == ("connect_to", migrate.imagexfer.Endpoint(**ENDPOINT), False)  # 10 MiB: copied
+    assert fake.dumped_over is fake.link  # the dump went over those connections
     assert ("signal_group", "SIGSTOP") in freeze_log
     # one socket shared by the tree's two processes is drained once, our copies closed
     assert [e for e in freeze_log if e[0] == "close"] == [("close", "udp-copy-4243"), ("close", "udp-copy-4242")]
@@ -264,7 +285,8 @@ def test_destination_prepare_restore_release_script(tmp_path):
     prepared, restored, released = asyncio.run(script())
     assert prepared.endpoint == {"address": "192.0.2.12", "files_port": 4001, "page_port": 4002, "lazy": False}
     names = [e[0] for e in log if e[0] not in ("sync_datapath", "record_running")]
-    assert names == ["start_receive", "rx.wait", "restore", "restored_instance", "rx.close", "thaw", "service_moved"]
+    # the copy is let run with SIGCONT only: criu's restore already took its sockets out of repair
+    assert names == ["start_receive", "rx.wait", "restore", "restored_instance", "rx.close", "resume", "service_moved"]
     assert ("restore", ("pipe:[99]",)) in log  # our pipe where the source's output pipe was
     assert agent.running["web"].pid == 6161 and isinstance(released, msgs.ReleaseDone)
     assert not os.path.exists(os.path.join(agent.config.state_dir, "restored.json")) or \
@@ -349,7 +371,7 @@ def test_a_destination_dying_inside_its_release_leaves_what_its_successor_adopts
 
     with pytest.raises(Died):
         asyncio.run(script())
-    assert (("thaw", 6161) in log) == thawed
+    assert (("resume", 6161) in log) == thawed
     assert "web" not in agent.running  # not adopted by the dying agent
     record = ma.leftovers.restored()["web"]
     assert record["pid"] == 6161 and record["epoch"] == EPOCH and record["service"]["name"] == "web"
@@ -451,3 +473,25 @@ def test_a_rollback_after_a_lazy_dump_ends_the_page_server_before_the_thaw(tmp_p
     asyncio.run(script())
     names = [e[0] for e in log]
     assert names.index("pages.end") < names.index("thaw") and "kill" not in names
+
+
+def test_a_freeze_failing_after_it_connected_closes_the_connections(tmp_path):
+    """ConnectImage runs before the hold; if the freeze fails before the dump takes its
+    connections, the rollback closes them (the destination's receive then ends)."""
+    ma, agent, fake, log = node("n1", tmp_path)
+    agent.running["web"] = FakeInstance(WEB, [], pid=4242)
+    fake.fail["signal_group"] = KernelError("stop", None, "no such process")
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        try:
+            await ma.handle(step(msgs.Freeze, endpoint=ENDPOINT))
+        except KernelError as e:
+            return e
+        await settle()
+
+    error = asyncio.run(script())
+    names = [e[0] for e in log]
+    assert "no such process" in str(error) and "dump_to" not in names
+    assert names.index("connect_to") < names.index("link.close")
+    assert names.count("link.close") == 1

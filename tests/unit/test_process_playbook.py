@@ -89,7 +89,7 @@ class Kernel:
         return {
             nc.CountKernelDrops: 0, nc.CountUdpBufferDrops: 0,
             nc.TakeDatagramSockets: [("udp-8080", "U")], nc.DrainDatagrams: DRAINED,
-            nc.DumpProcess: SENT, nc.ThawProcess: 0, nc.SilenceProcess: 2,
+            nc.ConnectImage: "image-link", nc.DumpProcess: SENT, nc.ThawProcess: 0, nc.SilenceProcess: 2,
             nc.StartImageReceiver: nc.ImageReceiver("rx", dict(ENDPOINT)),
             nc.RestoreProcess: "new-tree", nc.PutBackDatagrams: 1, nc.InjectPackets: 1,
             nc.ReadPackets: tuple(b"p" for _ in getattr(cmd, "handles", ())),
@@ -129,11 +129,14 @@ def test_the_source_script():
     reply, k = feed(m, EVENTS[msgs.Arm]())
     assert reply == msgs.Done() and k.types() == [nc.LookUp, nc.CountKernelDrops, nc.InstallRole]
     frozen, k = feed(m, EVENTS[msgs.Freeze]())
-    assert k.types() == [nc.WaitHalfClosed, nc.WaitHandshakes, nc.ReadClock, nc.WaitAccepted, nc.StopTree,
-                         nc.ReadClock, nc.TakeDatagramSockets, nc.DrainDatagrams, nc.CloseDescriptors,
+    # connected to the destination before the hold (ReadClock, then cut.freeze) begins
+    assert k.types() == [nc.ConnectImage, nc.WaitHalfClosed, nc.WaitHandshakes, nc.ReadClock, nc.WaitAccepted,
+                         nc.StopTree, nc.ReadClock, nc.TakeDatagramSockets, nc.DrainDatagrams, nc.CloseDescriptors,
                          nc.ReadClock, nc.DumpProcess, nc.ReadClock, nc.ReadClock, nc.Note]
-    dump = k.seen[10]
+    assert k.seen[0].endpoint == ENDPOINT and k.seen[0].instance == "old-tree"
+    dump = k.seen[11]
     assert dump.endpoint == ENDPOINT and dump.tcp_ports == (8080,) and dump.instance == "old-tree"
+    assert dump.link == "image-link"  # the dump takes the connections over
     assert isinstance(frozen, msgs.FreezeDone) and m.state is State.FROZEN
     assert frozen.bytes_moved == 2_500_000 and frozen.tcp_established == 3 and frozen.udp_sockets == 1
     assert frozen.sockets[PROCESS_KEY]["output_pipe"] == "pipe:[77]"

@@ -53,7 +53,7 @@ def _state(**kw) -> TcpConnState:
 
 def _python_accepts(rec: bytes, family: int) -> bool:
     try:
-        return len(sockwire.unpack_connections(rec, family)) == 1
+        return len(sockwire._unpack_python(rec, family)) == 1
     except (ValueError, UnicodeDecodeError):
         return False
 
@@ -180,6 +180,61 @@ def test_c_parser_accepts_exactly_what_sockwire_accepts(family, port, mss, sws, 
     rec = HEADS[family].pack(ip, port, ip, 80, mss, sws, rws, flags, ts, wl1, swnd, maxw, rwnd, rwup,
                              sseq, rseq, len(rq), len(sq), unsent, len(name)) + name + rq + sq
     assert _c_accepts(rec, family) == _python_accepts(rec, family)
+    _c_reads_what_python_reads(rec, family)
+
+
+def _c_reads_what_python_reads(data: bytes, family: int) -> None:
+    """unpack_many (a peer's records in C) gives the Python reader's states, `packed` too,
+    or refuses; and sockwire.unpack_connections, which tries C first, always gives the
+    Python reader's answer."""
+    try:
+        want = sockwire._unpack_python(data, family)
+    except ValueError:
+        want = None
+    try:
+        got = tuple(_repair.unpack_many(data, family, repairc._BUILD))
+    except ValueError:
+        got = None
+    if got is not None:
+        assert want is not None, "C accepted records the Python reader refuses"
+        assert got == want and [s.packed for s in got] == [s.packed for s in want]
+    try:
+        assert sockwire.unpack_connections(data, family) == want
+    except ValueError:
+        assert want is None
+
+
+@needs_ext
+def test_c_reads_several_records_as_python_does_and_refuses_any_cut():
+    six = _state(local=("2001:db8::2", 8080), remote=("2001:db8::1", 40000), family=6, name=None)
+    for family, states in ((4, [_state(), _state(recv_queue=b"", send_queue=b"", unsent_len=0, name=None),
+                                _state(send_queue=b"x" * 5000, unsent_len=0)]), (6, [six, six])):
+        data = sockwire.pack_connections(states)
+        assert tuple(_repair.unpack_many(data, family, repairc._BUILD)) == tuple(states)
+        _c_reads_what_python_reads(data, family)
+        ends = {sum(len(sockwire.pack_connection(s)) for s in states[:k]) for k in range(len(states) + 1)}
+        for cut in range(0, len(data), 7):
+            if cut not in ends:  # a record cut short
+                with pytest.raises(ValueError, match="truncated"):
+                    _repair.unpack_many(data[:cut], family, repairc._BUILD)
+            _c_reads_what_python_reads(data[:cut], family)
+    assert sockwire._native_unpack is not None  # the node's reader of peers' records is C's
+
+
+@needs_ext
+def test_c_reader_is_total_on_random_and_mutated_buffers():
+    rnd = random.Random(1414)
+    base = sockwire.pack_connections([_state(), _state(name=None), _state(recv_queue=b"q" * 40)])
+    for i in range(5_000):
+        family = rnd.choice((4, 6))
+        if i % 2:
+            blob = bytearray(base)
+            for _ in range(rnd.randrange(1, 4)):
+                blob[rnd.randrange(len(blob))] = rnd.randrange(256)
+            blob = bytes(blob[:rnd.randrange(len(blob) + 1)])
+        else:
+            blob = rnd.randbytes(rnd.randrange(0, 300))
+        _c_reads_what_python_reads(blob, family)
 
 
 def test_the_path_in_use_is_named():

@@ -280,3 +280,35 @@ def test_bundle_totals_must_match():
     bad["udp"] = {}
     with pytest.raises(ValueError, match="ServiceSockets.udp"):
         ServiceSockets.from_dict(bad)
+
+
+# ---------------------------------------------------------------- window probe at thaw
+
+
+def quiet(**kw) -> TcpConnState:
+    """A connection where neither side waits on the other: nothing queued to send, the
+    last ACK sent covered everything received, both windows open."""
+    args = dict(recv_seq=5000, send_queue=b"", unsent_len=0, window=window(rcv_wup=5000))
+    args.update(kw)
+    return conn(**args)
+
+
+def test_a_quiet_connection_leaves_repair_mode_without_a_probe():
+    assert quiet().needs_window_probe is False
+    # unread bytes in our receive queue are acknowledged already: still quiet
+    assert quiet(recv_queue=b"unread").needs_window_probe is False
+
+
+@pytest.mark.parametrize("why, kw", [
+    ("unacknowledged bytes: the peer's ACK is awaited", dict(send_queue=b"sent")),
+    ("never-sent bytes: they wait on the peer's window", dict(send_queue=b"tail", unsent_len=4)),
+    ("we owe the peer an ACK (received after our last segment)", dict(window=window(rcv_wup=4990))),
+    ("the peer's window is closed (zero-window persist)", dict(window=window(rcv_wup=5000, snd_wnd=0))),
+    ("our advertised window is closed", dict(window=window(rcv_wup=5000, rcv_wnd=0))),
+])
+def test_a_connection_with_someone_waiting_gets_the_probe(why, kw):
+    assert quiet(**kw).needs_window_probe is True, why
+
+
+def test_only_established_connections_are_ever_quiet():
+    assert quiet(state="CLOSE_WAIT").needs_window_probe is True

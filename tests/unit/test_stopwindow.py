@@ -11,6 +11,13 @@ def test_handoff_stopped_before_its_sockets_were_taken():
     assert stop_window_ms(10.000, timing, 10.020) == 25.0
 
 
+def test_handoff_counts_its_fd_store_hand_over():
+    # the handoff's freeze names the time before its cutover froze `hand_over` (the program
+    # storing its sockets and stopping): the service had stopped 30 ms before the freeze
+    timing = {"hand_over": 30.0, "dump": 2.0, "encode": 0.5, "frozen_to_reply": 4.0}
+    assert stop_window_ms(10.000, timing, 10.020) == 54.0
+
+
 def test_process_strategy_counts_from_the_end_of_its_stop():
     timing = {"stop": 3.0, "drain": 1.0, "dump": 50.0, "frozen_to_reply": 60.0}
     assert stop_window_ms(5.000, timing, 5.100) == 157.0
