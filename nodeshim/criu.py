@@ -596,10 +596,15 @@ class PageServer:
         finally:
             os.close(ready_w)
 
-    def wait_ready(self, timeout: float) -> None:
-        ready, _, _ = select.select([self._ready_r], [], [], max(0.0, timeout))
+    def wait_ready(self, timeout: float, stop_fd: int | None = None) -> None:
+        """stop_fd: a pipe that becomes readable when the caller gives up (KernelError
+        "cancelled"): a cancel must not wait for a page server that never starts."""
+        watch = [self._ready_r] + ([stop_fd] if stop_fd is not None else [])
+        ready, _, _ = select.select(watch, [], [], max(0.0, timeout))
         if not ready:
             raise KernelError("criu page-server", None, f"not ready after {timeout:.0f} s")
+        if self._ready_r not in ready:
+            raise KernelError("criu page-server", None, "cancelled")
         if os.read(self._ready_r, 1) != b"\0":  # EOF: it died first
             self.finish(1.0)
 

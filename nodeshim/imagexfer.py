@@ -46,6 +46,7 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import select
@@ -77,6 +78,10 @@ CHUNK = 1 << 20
 RECEIVE = "image receive"
 SEND = "image send"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+# how long cancel() waits for the receiving thread, which it has woken (wake pipe, sockets
+# shut, page server killed): it ends in milliseconds; the caller is the agent's event loop
+CANCEL_JOIN_S = 2.0
+log = logging.getLogger("vipcluster.imagexfer")
 
 
 # ---------------------------------------------------------------- pure: the files channel
@@ -405,7 +410,8 @@ class Receiver:
         self._tls, self._node, self._limits = tls, source_node, limits
         self._start = time.monotonic()
         self._deadline = self._start + limits.deadline_s
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe()  # closed by the receiving thread when it ends
+        self._wake_lock = threading.Lock()
         self._cancelled = threading.Event()
         self._conns: list[socket.socket] = []
         self._page_server: criu.PageServer | None = None
@@ -434,8 +440,9 @@ class Receiver:
     def cancel(self) -> None:
         """Stop receiving (the source sees the connection fail) and remove the directory."""
         self._cancelled.set()
-        if self._wake_w >= 0:
-            os.write(self._wake_w, b"x")
+        with self._wake_lock:  # never a write to a closed (or by now reused) descriptor
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"x")
         for conn in list(self._conns):
             try:
                 socket.socket.shutdown(conn, socket.SHUT_RDWR)
@@ -445,7 +452,9 @@ class Receiver:
             self._page_server.kill()
         if self.lazy_daemon is not None:
             self.lazy_daemon.end()
-        self._thread.join(10)
+        self._thread.join(CANCEL_JOIN_S)
+        if self._thread.is_alive():  # it removes the directory itself when it ends
+            log.warning("image receive into %s: still ending %.0f s after the cancel", self.images_dir, CANCEL_JOIN_S)
         self.close()
 
     def close(self) -> None:
@@ -462,12 +471,6 @@ class Receiver:
                              daemon=True).start()
         else:
             shutil.rmtree(self.images_dir, ignore_errors=True)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
 
     def __enter__(self) -> "Receiver":
         return self
@@ -501,6 +504,10 @@ class Receiver:
                 self._page_server.close()
             if self._error is not None:
                 shutil.rmtree(self.images_dir, ignore_errors=True)
+            with self._wake_lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
 
     def _why(self, error: VipError | OSError) -> VipError:
         """One line: cancelled; or what failed, with the page server's own reason when it
@@ -534,6 +541,10 @@ class Receiver:
                         self.pages_conn = pages_conn.dup()
                     else:
                         self._page_server = criu.PageServer(self.images_dir, pages_conn.fileno(), tls=self._tls)
+                        # a cancel() that came while it started did not see it to kill it
+                        # (its log in the directory is what the lab's `cut` fault waits for)
+                        if self._cancelled.is_set():
+                            raise KernelError(RECEIVE, None, "cancelled")
                 finally:
                     pages_conn.close()
                     pages_conn = None
@@ -541,7 +552,7 @@ class Receiver:
             if files is not None and not ready_sent and (self._tls is not None or "pages" not in pending) \
                     and pages_conn is None:
                 if self._page_server is not None:
-                    self._page_server.wait_ready(_remaining(self._deadline, RECEIVE))
+                    self._page_server.wait_ready(_remaining(self._deadline, RECEIVE), stop_fd=self._wake_r)
                 files.send(READY)
                 ready_sent = True
                 continue
@@ -571,6 +582,8 @@ class Receiver:
     def _greet(self, conn: socket.socket) -> _Wire:
         """TLS and the source node's name checked (else ERR and a KernelError), HELLO read."""
         self._conns.append(conn)
+        if self._cancelled.is_set():  # cancel() shut the connections down before this one was listed
+            raise KernelError(RECEIVE, None, "cancelled")
         if self._tls is not None:
             conn = _handshake(conn, server_context(self._tls), True, self._deadline, RECEIVE)
             self._conns.append(conn)

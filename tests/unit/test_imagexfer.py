@@ -276,6 +276,58 @@ def test_a_cancelled_receive_says_so_and_removes_the_directory(tmp_path):
     rx.close()
 
 
+def test_a_cancel_ends_a_receive_whose_page_server_never_starts(tmp_path, monkeypatch):
+    """The lab's `image.receive cut` flake: the cancel came while the page server started
+    (its log in the directory is what the fault waits for), so cancel() did not kill it,
+    and the receiving thread sat in wait_ready, blind to the cancel, until cancel()'s 10 s
+    join gave up on the agent's event loop (the gateway then marked the node down). Here
+    the page server is a real process that never says ready, and the cancel's kill misses
+    it: the cancel must still end the receive, at once."""
+    import sys
+    started = []
+    monkeypatch.setattr(criu, "_require_binary", lambda: sys.executable)
+    monkeypatch.setattr(criu, "page_server_args",
+                        lambda exe, images_dir, **kw: [exe, "-c", "import time; time.sleep(60)"])
+    real_init, real_kill = criu.PageServer.__init__, criu.PageServer.kill
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        started.append(self)
+
+    missed = []
+
+    def kill(self):  # the first kill is the cancel's, which came too early to see it
+        if not missed:
+            missed.append(self)
+            return
+        real_kill(self)
+    monkeypatch.setattr(criu.PageServer, "__init__", init)
+    monkeypatch.setattr(criu.PageServer, "kill", kill)
+    rx = imagexfer.start_receive(str(tmp_path / "dst"), HERE, HERE, stream_pages=True,
+                                 limits=Limits(deadline_s=60))
+    pages = socket.create_connection((HERE, rx.endpoint.page_port), timeout=5)
+    files = socket.create_connection((HERE, rx.endpoint.files_port), timeout=5)
+    try:
+        files.sendall(imagexfer.HELLO)
+        for _ in range(500):  # bounded: the page server has started (the receiver now waits for it)
+            if started:
+                break
+            time.sleep(0.01)
+        assert started, "the receiver never started its page server"
+        rx.cancel()
+        assert missed, "the test's premise: the cancel's kill missed the page server"
+        refused(rx, "cancelled")
+        assert files.recv(100) in (b"", b"ERR cancelled\n")  # the source sees the transfer end
+    finally:
+        files.close()
+        pages.close()
+        for ps in started:  # ours, by its Popen (its PID)
+            if ps.proc.poll() is None:
+                ps.proc.kill()
+            ps.proc.wait(5)
+        rx.close()
+
+
 def test_restore_runs_only_on_a_verified_image(tmp_path, monkeypatch):
     restored = []
     monkeypatch.setattr(criu, "restore", lambda *a, **kw: restored.append(a) or 1)
