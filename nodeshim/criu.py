@@ -638,12 +638,20 @@ class PageServer:
             self.proc.kill()
 
     def close(self) -> None:
-        """Kill and reap it, whatever its state (by the thread that also calls finish)."""
+        """Kill and reap it, whatever its state (by the thread that also calls finish).
+        Reaped with wait(), not finish(): killed while it starts, a helper it forked keeps
+        its stderr open (seen in the lab: communicate() waited 2 s and more for that EOF,
+        with a cancel waiting on it)."""
         self.kill()
-        try:
-            self.finish(5.0)
-        except KernelError:
-            pass
+        if self._reason is None:
+            try:
+                self.proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+            os.close(self._ready_r)
+            self._reason = "killed"
 
 
 def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
