@@ -784,9 +784,12 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
             wire.send(HELLO)
             _expect_ok(wire, READY)
         t0 = time.monotonic()
-        dumped = criu.dump(pid, images_dir, netns_path=netns_path, tls=tls,
-                           page_server=(endpoint.address, endpoint.page_port) if streamed else None,
-                           ps_socket=pages.fileno() if pages else None, extra=extra)
+        try:
+            dumped = criu.dump(pid, images_dir, netns_path=netns_path, tls=tls,
+                               page_server=(endpoint.address, endpoint.page_port) if streamed else None,
+                               ps_socket=pages.fileno() if pages else None, extra=extra)
+        except KernelError as e:
+            raise _dump_broke(wire, e) from None
         t1 = time.monotonic()
         try:
             entries = [_send_file(wire, images_dir, name)
@@ -804,6 +807,27 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
         for conn in (pages, sock):
             if conn is not None:
                 conn.close()
+
+
+def _dump_broke(wire: _Wire, error: KernelError) -> KernelError:
+    """criu dump failed: if the destination ended the transfer meanwhile (it closed the
+    files connection, or said why on it), the failure is the image send's, with criu's
+    words after it (criu only sees its page server gone: "The page server doesn't
+    answer"); otherwise criu's own failure, unchanged."""
+    try:
+        readable, _, _ = select.select([wire.sock], [], [], 0)
+    except (OSError, ValueError):
+        readable = [wire.sock]
+    if not readable and wire.pos >= len(wire.buf):
+        return error
+    criu_said = f"({error.operation}: {error.detail})"
+    wire.deadline = min(wire.deadline, time.monotonic() + 1)
+    try:
+        answer = wire.readline()
+    except KernelError as e:
+        return KernelError(SEND, e.errno, f"the destination went away during the dump {criu_said}")
+    text = answer.decode("utf-8", "replace").rstrip("\n").removeprefix("ERR ")
+    return KernelError(SEND, None, f"the destination refused during the dump: {text} {criu_said}")
 
 
 def _connect(address: str, port: int, netns_path: str | None, deadline: float) -> socket.socket:

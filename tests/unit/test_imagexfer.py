@@ -328,6 +328,31 @@ def test_a_cancel_ends_a_receive_whose_page_server_never_starts(tmp_path, monkey
         rx.close()
 
 
+@pytest.mark.parametrize("destination_gone", [True, False])
+def test_a_dump_that_fails_says_whether_the_destination_ended_it(tmp_path, monkeypatch, destination_gone):
+    """The lab's cut fault, when it lands inside criu dump: criu only says its page server
+    does not answer; the destination's closed connection makes it the image send's
+    failure. A dump failing on its own stays criu's."""
+    receivers = []
+
+    def dump(pid, images_dir, **kw):
+        if destination_gone:
+            receivers[0].cancel()
+        raise KernelError("criu dump", None, "page-xfer: The page server doesn't answer")
+    monkeypatch.setattr(criu, "dump", dump)
+    with receive(tmp_path) as rx:
+        receivers.append(rx)
+        with pytest.raises(KernelError) as info:
+            imagexfer.dump_to(1, str(tmp_path / "src"), rx.endpoint)
+        if destination_gone:
+            assert info.value.operation == imagexfer.SEND, info.value
+            assert info.value.detail.startswith("the destination"), info.value.detail
+            assert "(criu dump: page-xfer: The page server doesn't answer)" in info.value.detail
+        else:
+            assert info.value.operation == "criu dump", info.value
+            rx.cancel()
+
+
 def test_restore_runs_only_on_a_verified_image(tmp_path, monkeypatch):
     restored = []
     monkeypatch.setattr(criu, "restore", lambda *a, **kw: restored.append(a) or 1)
