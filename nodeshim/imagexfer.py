@@ -23,7 +23,7 @@ within one deadline:
     page server exit 0, all matches -> OK dump_to returns; the source stays frozen
     restore(): criu.restore
 
-After a failed dump_to the caller rolls back with criu.thaw(pid): a failure after the dump
+After a failed dump_to the caller rolls back with proctree.thaw(pid): a failure after the dump
 leaves the source frozen; one during it (criu lost its page server) criu undoes itself.
 
 A full image's restore does not overlap the transfer: criu restore reads the whole image
@@ -689,7 +689,7 @@ class SendStats:
     file_bytes: int
     files: int
     streamed: bool        # pages went through criu's page server
-    criu_ms: Mapping[str, float] | None = None  # criu's split of the freeze (criu.dump_times)
+    criu_ms: Mapping[str, float] | None = None  # criu's split of the freeze (criuparse.dump_times)
 
 
 @dataclass
@@ -744,7 +744,7 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
     images_dir (on this node) gets the dump's small files and criu's log. With TLS (tls and
     dest_node) nothing is dumped until the destination has proven it is node dest_node.
     link: the connections, made before (connect_to; not with TLS); closed here in any case.
-    On failure a KernelError; roll back with criu.thaw(pid) (see the module docstring)."""
+    On failure a KernelError; roll back with proctree.thaw(pid) (see the module docstring)."""
     if (tls is None) != (dest_node is None):
         raise LocalControlError("imagexfer: give both tls and dest_node, or neither")
     if link is not None and (tls is not None or link.lazy):

@@ -59,7 +59,7 @@ from vipwire.logs import event as log_event
 
 from clustercore.process import memory_mode
 
-from . import criu, fdstore, imagexfer, lazyxfer, pidfd, queue, services, tcprepair, udphandoff
+from . import criu, fdstore, imagexfer, lazyxfer, pidfd, proctree, queue, services, tcprepair, udphandoff
 from .batchmigrate import BatchActions
 from .leftovers import Leftovers
 
@@ -98,6 +98,7 @@ class Kernel:
     services: Any = services
     queue: Any = queue
     criu: Any = criu
+    proctree: Any = proctree
     imagexfer: Any = imagexfer
     lazyxfer: Any = lazyxfer
     fdstore: Any = fdstore
@@ -376,7 +377,7 @@ class MigrationAgent:
             nc.RestoreProcess: lambda c: asyncio.to_thread(self._restore_process, c),
             nc.CancelReceiver: lambda c: c.receiver.cancel(),
             nc.DiscardImage: lambda c: c.receiver.close(),
-            nc.SilenceProcess: lambda c: k.criu.silence(c.instance.pid),
+            nc.SilenceProcess: lambda c: k.proctree.silence(c.instance.pid),
             nc.StopAfterPages: self._stop_after_pages,
             nc.EndPageServer: lambda c: c.pages.end(),  # an ending: it cannot wait (criu exits at once)
         }
@@ -544,7 +545,7 @@ class MigrationAgent:
         """At start: the restored copies a previous agent left (nodeshim.leftovers): those
         whose release had begun go forward (thawed, `adopt(service, pid, started)`), the others are
         silenced and killed. Returns [(name, adopted instance)]."""
-        return self.leftovers.settle(self.kernel.criu, adopt)
+        return self.leftovers.settle(self.kernel.proctree, adopt)
 
     def _armed_fault(self, name: str) -> str | None:
         """A one-shot fault file inside a command (see the module docstring): its content."""
@@ -570,8 +571,8 @@ class MigrationAgent:
         fault = self._armed_fault("criu.thaw")
         if fault == "die-before":
             self._die()
-        criu = self.kernel.criu
-        thawed = (criu.resume if cmd.restored else criu.thaw)(cmd.instance.pid)
+        tree = self.kernel.proctree
+        thawed = (tree.resume if cmd.restored else tree.thaw)(cmd.instance.pid)
         if fault == "die":
             self._die()
         return thawed
@@ -604,7 +605,7 @@ class MigrationAgent:
         out: list[nc.Named] = []
         seen: set[int] = set()
         try:
-            for pid in k.criu.tree_pids(cmd.instance.pid):
+            for pid in k.proctree.tree_pids(cmd.instance.pid):
                 for sock in k.pidfd.take_sockets(pid).values():
                     keep = False
                     if sock.family in (_socket.AF_INET, _socket.AF_INET6) and sock.type == _socket.SOCK_DGRAM:
@@ -805,7 +806,7 @@ class MigrationAgent:
         # a crash from here on: the next agent silences it, or adopts it if the release began
         self.leftovers.record_restored(svc.name, pid, machine.epoch if machine else None, svc)
         rs = k.services.restored_instance(svc, pid, read_fd, self.agent.log_dir)
-        if not k.criu.stopped(pid):  # criu restores the dumped (stopped) state; if not: now
+        if not k.proctree.stopped(pid):  # criu restores the dumped (stopped) state; if not: now
             log.warning("restored copy of %s (pid %d) was running: stopped now", svc.name, pid)
             k.pidfd.signal_group(pid, signal.SIGSTOP)
         if fault == "die":
