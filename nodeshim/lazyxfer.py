@@ -34,22 +34,8 @@ from typing import Iterable, Mapping
 
 from clustercore.errors import KernelError
 from nodeshim import criu, criulazy, proctree
-from nodeshim.imagexfer import (
-    HELLO_LAZY,
-    READY,
-    SEND,
-    Endpoint,
-    Link,
-    Receiver,
-    SendStats,
-    _connect,
-    _expect_ok,
-    _send_file,
-    _Wire,
-    image_files,
-    manifest_body,
-    manifest_header,
-)
+from nodeshim.imagewire import HELLO_LAZY, READY, SEND, _Wire, image_files, manifest_body, manifest_header
+from nodeshim.imagexfer import Endpoint, Link, Receiver, SendStats, _connect, _expect_ok, _send_file
 
 
 @dataclass
