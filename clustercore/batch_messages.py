@@ -4,8 +4,8 @@ The gateway sends them to the two nodes; the replies come back typed. Same codec
 clustercore.messages (frozen keyword-only dataclasses, a total decoder that blames the
 peer); flows travel as lists [proto, src, sport, dst, dport].
 
-The node side: clustercore.batchnode (the playbook), clustercore.batchtable (its rows),
-nodeshim.batchmigrate (its executor).
+The gateway's controller sends them (gateway/batched.py). The node side: clustercore.batchnode
+(the playbook), clustercore.batchtable (its rows), nodeshim.batchmigrate (its executor).
 """
 
 from __future__ import annotations

@@ -127,6 +127,25 @@ class BatchMigration(FailureLog):
         return self._deadline
 
     @property
+    def queued(self) -> tuple[Flow, ...]:
+        """The kept connections still to move, in the order they will (idle first): the
+        batches take it from the front, so what is left is always a suffix of it."""
+        return tuple(self._queue)
+
+    @property
+    def kept_count(self) -> int:
+        """The connections the source kept at the opening: what the batches move."""
+        return len(self._kept)
+
+    @property
+    def unmoved(self) -> int:
+        """Connections that are not (and will not be) on the destination if the batching
+        stopped now: the pinned ones, the queue, and the current batch unless its release
+        was asked (a restarted gateway's journal: how many the source keeps serving)."""
+        current = len(self._flows) if self._state in (BState.FREEZING, BState.RESTORING) else 0
+        return self._pinned + len(self._queue) + current
+
+    @property
     def report(self) -> BatchReport:
         total = None
         if self._started_at is not None and self._last_now is not None:

@@ -628,6 +628,10 @@ class Migrate(Message):
     to: str
     graceful: bool = False  # no state moved: new flows to `to`, old ones finish (gateway.graceful)
     timeout_s: float | None = None  # graceful: cut what is left after this many seconds
+    # this once, the batched handoff (kinds.MigrateStrategy.BATCHED) whatever the service's
+    # `migrate` says: connections move in batches, each frozen only while it moves
+    batched: bool = False
+    batch_size: int = 0  # batched: connections per batch, fixed (0: the gateway's default)
 
 
 @message("node.drain")

@@ -1,6 +1,8 @@
 """The one performer of a gateway migration's commands, shared by the daemon and the model.
 
-`clustercore.migration.Migration` decides; something must carry out what it says, in
+`clustercore.migration.Migration` (or, for a batched handoff,
+`clustercore.batchmigration.BatchMigration`: the same commands, plus its own Transition and
+Finished, and its own steps' replies) decides; something must carry out what it says, in
 order, and feed back what came of it. The gateway's controller (real nftables, SQLite and
 agents) and the in-memory cluster (`clustercore.sim`) do it with different hands but must
 mean the same thing by each command, so the meaning lives here once, and each of them
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+from . import batch_messages as bm
+from . import batchmigration as bmig
 from . import messages as msgs
 from . import migration as mig
 from .errors import VipError
@@ -43,9 +47,21 @@ REPLY_EVENTS: dict[type, Callable[[str, object], mig.Event]] = {
 
 
 def event_for_reply(node: str, step: Step, reply: object) -> mig.Event | None:
-    """The machine's event for a node's (typed) reply to `step`; None: nothing to wait for."""
+    """The machine's event for a node's (typed) reply to `step`; None: nothing to wait for.
+    A batched migration's steps (clustercore.batch_messages) have their events in
+    batchmigration.event_for_batch_reply; the steps both machines send (Prepare, Arm,
+    Rollback) mean the same event to both."""
+    if type(step) in BATCH_STEPS:
+        return bmig.event_for_batch_reply(node, step, reply)
     make = REPLY_EVENTS.get(type(step))
     return make(node, reply) if make is not None else None
+
+
+# the steps only a batched migration sends (their replies: event_for_batch_reply)
+BATCH_STEPS = frozenset({bm.OpenBatch, bm.FreezeBatch, bm.RestoreBatch, bm.ReleaseBatch,
+                         bm.CommitBatch, bm.RollbackBatch, bm.AbortBatch, bm.FinishBatched})
+Machine = mig.Migration | bmig.BatchMigration
+Done = mig.Finished | bmig.BatchFinished
 
 
 class Executor(Protocol):
@@ -64,22 +80,29 @@ class Executor(Protocol):
 
     def arm_timer(self, deadline: float | None) -> None: ...
 
-    def transition(self, previous: mig.State, state: mig.State) -> None: ...
+    def transition(self, previous: mig.State | bmig.BState, state: mig.State | bmig.BState) -> None: ...
 
     def report(self, step: str, detail: str) -> None: ...
 
-    def finished(self, done: mig.Finished) -> None: ...
+    def finished(self, done: mig.Finished | bmig.BatchFinished) -> None: ...
 
 
 class MigrationDriver:
-    """Feeds one Migration and performs what it answers through an Executor."""
+    """Feeds one Migration (or BatchMigration) and performs what it answers through an
+    Executor."""
 
-    def __init__(self, machine: mig.Migration, executor: Executor) -> None:
+    def __init__(self, machine: Machine, executor: Executor) -> None:
         self.machine = machine
         self.executor = executor
-        self.done: mig.Finished | None = None
+        self.done: Done | None = None
 
     def feed(self, event: mig.Event, now: float) -> None:
+        if isinstance(self.machine, bmig.BatchMigration) and not isinstance(event, bmig.EVENT_TYPES):
+            # a node's agent back (NodeBack) means nothing to a batched migration: before
+            # the opening its loss rolled back, after it the batching stopped
+            self.executor.report(self.machine.state.value, f"ignored {type(event).__name__}: "
+                                                           "not an event of a batched migration")
+            return
         self._perform(self.machine.handle_event(event, now), now)
 
     def tick(self, now: float) -> None:
@@ -118,10 +141,10 @@ class MigrationDriver:
                 # machine waited for its freezing deadline (a 30 s hang of slow freezes)
                 # (the same with the owner switch: releasing read no reply until its timeout)
                 x.arm_timer(self.machine.get_timer())
-            elif isinstance(cmd, mig.Transition):
+            elif isinstance(cmd, (mig.Transition, bmig.BTransition)):
                 x.transition(cmd.previous, cmd.state)
             elif isinstance(cmd, mig.Report):
                 x.report(cmd.step, cmd.detail)
-            elif isinstance(cmd, mig.Finished):
+            elif isinstance(cmd, (mig.Finished, bmig.BatchFinished)):
                 self.done = cmd
                 x.finished(cmd)

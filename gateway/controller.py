@@ -18,16 +18,16 @@ import os
 import time
 from typing import Callable
 
+from clustercore import batchmigration as bmig
 from clustercore import messages as msgs
 from clustercore import migration as mig
 from clustercore.errors import ConnectionLost, LocalControlError, PeerControlError, VipError
 from clustercore.kinds import Delivery, MigrateStrategy, ServiceKind, member, migration_strategy, service_kind
 from clustercore.migration_driver import MigrationDriver, event_for_reply
-from clustercore.stopwindow import stop_window_ms
 from vipwire.logs import event
 from vipwire.rpc import Context
 
-from . import nft
+from . import batched, migreport, nft
 from .registry import JournaledMigration, RegistryError
 
 log = logging.getLogger("vipcluster.controller")
@@ -58,6 +58,9 @@ class _Run:
         self.split_ms: dict[str, dict] = {}  # the agents' own timing of their parts
         self.kernel_drops: dict[str, int] = {}  # packets a node's kernel queue dropped meanwhile
         self.replied_at: dict[str, float] = {}  # step -> loop time its (successful) reply came
+        self.first_reply: dict[str, float] = {}  # the same, the first (a batched step repeats)
+        self.batched = strategy == MigrateStrategy.BATCHED  # a BatchMigration (gateway.batched)
+        self.machine: mig.Migration | bmig.BatchMigration | None = None
         self.last_chunk: asyncio.Future | None = None  # the chunk relay's tail (streamed dump)
         self.started = time.time()
         self.streamed = 0  # connections streamed ahead and restored on the destination
@@ -65,6 +68,8 @@ class _Run:
 
     # --- Executor ---------------------------------------------------------------------
     def send(self, node: str, message: msgs.Step) -> None:
+        if self.batched and self.machine is not None:  # (a lab-only driver of its own has none)
+            batched.journal_step(self, message)
         self._fault(message.OP)
         if isinstance(message, (msgs.Prepare, msgs.Arm)) and not message.strategy and self.strategy:
             message = dataclasses.replace(message, strategy=self.strategy)
@@ -92,14 +97,15 @@ class _Run:
             log.warning("fault injection: dying before %s", op)
             os._exit(FAULT_EXIT_STATUS)
 
-    def journal(self, state: mig.State) -> None:
+    def journal(self, state: mig.State | bmig.BState) -> None:
         """The journal's state, written before the step of `state` is sent. A write that
         fails before the point of no return rolls the migration back (nothing is lost: the
         source holds); after it, the owner switch (durable) is all a restart needs."""
+        text = batched.journal_text(self.machine, state) if self.batched else state.value
         try:
-            self.gw.registry.journal_state(self.name, state.value)
+            self.gw.registry.journal_state(self.name, text)
         except RegistryError as e:
-            if state in mig.BEFORE_RELEASE:
+            if state in (bmig.BEFORE_RELEASE if self.batched else mig.BEFORE_RELEASE):
                 self.events.put_nowait(mig.StepFailed(reason=f"journal not written: {e}"))
             else:
                 log.warning("migration of %s: %s (going on)", self.name, e)
@@ -131,10 +137,14 @@ class _Run:
         now = self.loop.time()
         if self.entered is not None:
             step, since = self.entered
-            self.steps_ms[step] = round((now - since) * 1000, 2)
+            # summed: a batched migration goes through its batch steps once per batch
+            self.steps_ms[step] = round(self.steps_ms.get(step, 0.0) + (now - since) * 1000, 2)
         self.entered = (state.value, now)
         self.journal(state)
-        self.report(state.value, f"{previous.value} -> {state.value}")
+        line = (batched.progress_line(self, previous, state) if self.batched
+                else (state.value, f"{previous.value} -> {state.value}"))
+        if line is not None:
+            self.report(*line)
 
     def report(self, step: str, detail: str) -> None:
         event(log, "migration.step", service=self.name, step=step, detail=detail)
@@ -154,6 +164,7 @@ class _Run:
                 raise ConnectionLost(f"node {node} is down")
             reply = await session.rpc.request(message, timeout=REQUEST_TIMEOUT_S)
             self.replied_at[op.removeprefix("migrate.")] = self.loop.time()
+            self.first_reply.setdefault(op.removeprefix("migrate."), self.loop.time())
             timing = getattr(reply, "timing_ms", None)
             if timing:
                 self.split_ms[op.removeprefix("migrate.")] = timing
@@ -172,7 +183,8 @@ class _Run:
         if event is not None:
             await self.events.put(event)
 
-    async def drive(self, machine: mig.Migration) -> mig.Finished:
+    async def drive(self, machine: mig.Migration | bmig.BatchMigration) -> mig.Finished | bmig.BatchFinished:
+        self.machine = machine
         driver = MigrationDriver(machine, self)
         driver.feed(mig.Start(), self.loop.time())
         # NodeLost for an agent that drops while we wait on something else
@@ -249,7 +261,9 @@ class _Run:
 # what a migration's end event carries (the whole report is in the registry's event log)
 REPORT_LOG_FIELDS = ("service", "from", "to", "strategy", "outcome", "reason", "tcp_established", "tcp_listening",
                      "udp_sockets", "bytes_moved", "freeze_ms", "stop_ms", "total_ms", "held", "released",
-                     "duplicates_suppressed", "lost", "kernel_queue_drops")
+                     "duplicates_suppressed", "lost", "kernel_queue_drops",
+                     # batched (gateway.batched)
+                     "batches", "connections_moved", "connections_pinned", "conn_freeze_ms")
 PROCESS_STEP_S = 30.0  # freezing and restoring of a `process` migration may take this long
 HANDOFF_RELEASE_S = 8.0  # a handoff's release, its new instance's starts included (3 x 1.5 s + backoff, loaded)
 STRATEGY_ASK_TIMEOUT_S = 2.0  # asking the owner whether its program announced the fd store
@@ -277,7 +291,7 @@ class Controller:
             out.append({"service": name, "step": "recovering"})
         return out
 
-    async def _strategy_for(self, service) -> MigrateStrategy:
+    async def _strategy_for(self, service, batched_asked: bool = False) -> MigrateStrategy:
         """The strategy this migration moves with, resolved here for both nodes: `auto`
         is the handoff for a program that announced the fd store (its agent says so in
         its counters, `processes[name].handoff`), else the kind's preference. An explicit
@@ -285,6 +299,8 @@ class Controller:
         the handoff signal."""
         kind = service_kind(service.exec_spec)
         requested = member(MigrateStrategy, service.migrate) or MigrateStrategy.AUTO
+        if batched_asked or requested is MigrateStrategy.BATCHED:
+            return await batched.check_channel(self.gw, service)  # refused in one line if not
         speaks = False
         if kind is ServiceKind.COMMAND and requested in (MigrateStrategy.AUTO, MigrateStrategy.HANDOFF):
             session = self.gw.agents.get(service.owner)
@@ -320,10 +336,14 @@ class Controller:
 
     # --- requests ---------------------------------------------------------------------
     async def op_migrate(self, msg: msgs.Migrate, ctx: Context) -> dict:
+        if msg.batched and msg.graceful:
+            raise LocalControlError("--batched moves the connections; --graceful moves none: choose one")
         if msg.graceful:  # no state moved: gateway.graceful
             from . import graceful
             return await graceful.migrate(self.gw, msg.name, msg.to, msg.timeout_s, ctx.progress)
-        return await self.migrate(msg.name, msg.to, ctx.progress)
+        batched.check_batch_size(msg.batched, msg.batch_size)
+        return await self.migrate(msg.name, msg.to, ctx.progress, batched_asked=msg.batched,
+                                  batch_size=msg.batch_size)
 
     async def op_drain(self, msg: msgs.NodeDrain, ctx: Context) -> dict:
         if msg.graceful:
@@ -343,28 +363,32 @@ class Controller:
         return None
 
     # --- one migration ------------------------------------------------------------------
-    async def migrate(self, name: str, dest: str, progress=None) -> dict:
+    async def migrate(self, name: str, dest: str, progress=None, batched_asked: bool = False,
+                      batch_size: int = 0) -> dict:
         gw = self.gw
         service = movable(gw, name, dest, "migrated")
         nodes_up = {n.name: n.name in gw.agents for n in gw.config.nodes}
         self.book.begin(service=name, owner=service.owner, dest=dest, nodes=nodes_up)
         try:
             gw.failover.check_destination(dest)  # down, or its checks fail: refused
-            strategy = await self._strategy_for(service)
+            strategy = await self._strategy_for(service, batched_asked)
             # two gateways: only while this one holds the driver lease (gateway.ha)
             async with (gw.ha.driving(name) if gw.ha is not None else contextlib.nullcontext()):
                 return await self._run(name, service.owner, dest, progress or (lambda step, detail: None),
-                                       strategy)
+                                       strategy, batch_size)
         finally:
             self.book.finish(name)
 
     async def _run(self, name: str, source: str, dest: str, progress,
-                   strategy: MigrateStrategy = MigrateStrategy.HANDOFF) -> dict:
+                   strategy: MigrateStrategy = MigrateStrategy.HANDOFF, batch_size: int = 0) -> dict:
         gw = self.gw
         new_epoch = gw.epochs.get(name, 1) + 1
         epoch = nft.epoch_mac(new_epoch)
-        machine = mig.Migration(service=name, source=source, dest=dest, epoch=epoch,
-                                timeouts=self._timeouts_for(strategy))
+        if strategy is MigrateStrategy.BATCHED:
+            machine = batched.machine(name, source, dest, epoch, gw.config, batch_size)
+        else:
+            machine = mig.Migration(service=name, source=source, dest=dest, epoch=epoch,
+                                    timeouts=self._timeouts_for(strategy))
         started = time.time()
         progress("start", f"migrating {name}: {source} -> {dest} ({strategy})")
         event(log, "migration.start", service=name, source=source, dest=dest, epoch=epoch, strategy=str(strategy))
@@ -377,25 +401,14 @@ class Controller:
             self.runs.pop(name, None)
         if finished.outcome == "rolled_back":
             await self._repeat_rollback(name, source, dest, epoch)
-        report = finished.report.as_dict()
-        report["total_ms"] = report.get("total_ms") or round((time.time() - started) * 1000, 2)
-        report["strategy"] = str(strategy)
-        report["steps_ms"] = run.steps_ms
-        report["split_ms"] = run.split_ms
-        # source stopped -> destination serving (committed only; a rollback resumes the source)
-        report["stop_ms"] = (stop_window_ms(run.replied_at.get("freeze"), run.split_ms.get("freeze"),
-                                            run.replied_at.get("release"))
-                             if finished.outcome == "committed" else None)
-        report["kernel_queue_drops"] = run.kernel_drops
-        if str(strategy) == "process":  # how the memory moved; lazy: how long the pages took after
-            report["memory"] = run.split_ms.get("freeze", {}).get("memory")
-            if report["memory"] == "lazy":
-                report["pages_after_freeze_ms"] = run.split_ms.get("commit", {}).get("pages_after_freeze")
-        # a packet the kernel dropped from a queue during the migration is lost to us
-        # (TCP clients retransmit it; a UDP datagram is gone): say so
-        source_drops = run.kernel_drops.get(source, 0)
-        if source_drops and isinstance(report.get("lost"), int):
-            report["lost"] += source_drops
+        if run.batched:
+            report = batched.report(run, finished)
+        else:
+            report = migreport.whole_report(run, finished, strategy, started)
+        return await self._ended(name, source, dest, finished, report, progress)
+
+    async def _ended(self, name: str, source: str, dest: str, finished, report: dict, progress) -> dict:
+        gw = self.gw
         self._end_journal(name)
         await gw.push_table()
         if report.get("service_down"):
@@ -406,7 +419,7 @@ class Controller:
             # something went wrong (a node restarted mid-way, perhaps): tell both nodes
             # again what they must run now that the migration is over (a restarted agent
             # left the service alone while it was open)
-            for node in (source, dest):
+            for node in batched.to_reconcile(source, dest, report):
                 if node in gw.agents:
                     asyncio.ensure_future(gw._after_join(node))
         self._log_event("migration", report)
@@ -441,17 +454,16 @@ class Controller:
             self.recovering[j.service] = task
 
     async def _recover(self, j: JournaledMigration) -> dict:
-        gw, loop = self.gw, asyncio.get_running_loop()
+        if batched.is_batched(j):
+            return await self._recover_batched(j)
+        gw = self.gw
         epoch = nft.epoch_mac(j.epoch)
         owner = gw.table.get(j.service).owner if gw.table.get(j.service) else None
         # past the point of no return iff the owner switch (with the release) is durable
         forward = j.release is not None and owner == j.dest
         log.warning("migration of %s (%s -> %s) found open at %s: %s", j.service, j.source, j.dest,
                     j.state, "finishing it (resend release, commit)" if forward else "rolling it back")
-        deadline = loop.time() + RECOVERY_WAIT_S
-        while loop.time() < deadline and not all(n in gw.agents for n in (j.source, j.dest)):
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(RECONCILE_SETTLE_S)  # their reconcile (which keeps it) comes first
+        await self._wait_for_both(j)
         problems: list[str] = []
         try:
             released = await self._ask(j.dest, j.release, problems) if forward else None
@@ -481,13 +493,41 @@ class Controller:
         report = {"service": j.service, "from": j.source, "to": j.dest, "outcome": outcome,
                   "recovered_at": j.state, "reason": "; ".join(problems) or
                   f"gateway restarted during {j.state}"}
+        return await self._recovered(j, report)
+
+    async def _wait_for_both(self, j: JournaledMigration) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECOVERY_WAIT_S
+        while loop.time() < deadline and not all(n in self.gw.agents for n in (j.source, j.dest)):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(RECONCILE_SETTLE_S)  # their reconcile (which keeps it) comes first
+
+    async def _recover_batched(self, j: JournaledMigration) -> dict:
+        """A batched migration (gateway.batched.recover): rolled back before the owner
+        switch; after it the current batch is finished and the rest stays on the source."""
+        log.warning("batched migration of %s (%s -> %s) found open at %s: %s", j.service, j.source,
+                    j.dest, j.state, "stopping the batching (the rest stays on the source)"
+                    if j.release is not None else "rolling it back")
+        await self._wait_for_both(j)
+        split = False
+        try:
+            report, split = await batched.recover(self, j, self._ask)
+        finally:
+            self.book.finish(j.service)
+            self.recovering.pop(j.service, None)
+            if not split:
+                self.gw.delivery_override.pop(j.service, None)
+        return await self._recovered(j, report)
+
+    async def _recovered(self, j: JournaledMigration, report: dict) -> dict:
+        gw = self.gw
         self._end_journal(j.service)
         try:
             gw.apply_delivery()
         except VipError as e:
             log.warning("delivery after recovering %s: %s", j.service, e)
         await gw.push_table()
-        for node in (j.source, j.dest):  # what each must run now that it is over
+        for node in batched.to_reconcile(j.source, j.dest, report):  # what each must run now
             if node in gw.agents:
                 asyncio.ensure_future(gw._after_join(node))
         self._log_event("migration", report)

@@ -31,6 +31,7 @@ import json
 import threading
 from typing import Callable
 
+from clustercore import batch_messages as bm
 from clustercore import messages as msgs
 from clustercore.errors import VipError
 from clustercore.health import HealthSpec
@@ -227,6 +228,16 @@ class EtcdRegistry:
             "migrations/" + service: _journal(service, state="releasing", release=wire),
         }, fenced=True)
 
+    def journal_release(self, service: str, step: msgs.Step) -> None:
+        """A batched migration's current batch step (gateway.batched), as Registry's."""
+        self._update(f"journal the migration of {service}",
+                     {"migrations/" + service: _journal(service, release=step.to_wire())}, fenced=True)
+
+    def journal_order(self, service: str, flows: tuple) -> None:
+        """A batched migration's kept connections in batch order, as Registry's."""
+        self._update(f"journal the migration of {service}",
+                     {"migrations/" + service: _journal(service, batch_order=bm.FLOWS.to_wire(flows))}, fenced=True)
+
     def journal_end(self, service: str) -> None:
         self._update(f"end the migration of {service}", {"migrations/" + service: lambda current: None})
 
@@ -235,7 +246,9 @@ class EtcdRegistry:
         for service, d in self._read_prefix("migrations/"):
             try:
                 release = msgs.decode(d["release"]) if d.get("release") else None
-                out.append(JournaledMigration(service, d["source"], d["dest"], int(d["epoch"]), d["state"], release))
+                order = bm.FLOWS.from_wire(d["batch_order"]) if d.get("batch_order") else None
+                out.append(JournaledMigration(service, d["source"], d["dest"], int(d["epoch"]), d["state"], release,
+                                              order))
             except RegistryError:
                 raise
             except (KeyError, ValueError, TypeError, VipError) as e:

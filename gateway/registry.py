@@ -24,6 +24,7 @@ import os
 import sqlite3
 from dataclasses import dataclass
 
+from clustercore import batch_messages as bm
 from clustercore import messages as msgs
 from clustercore.errors import VipError
 from clustercore.health import HealthSpec
@@ -51,9 +52,14 @@ CREATE TABLE IF NOT EXISTS migrations (
     dest    TEXT NOT NULL,
     epoch   INTEGER NOT NULL,   -- the epoch the migration flips to
     state   TEXT NOT NULL,      -- clustercore.migration State value, before the step is sent
+                                -- (batched: 'batched:<state>:<batch>:<unmoved>', gateway.batched)
     release TEXT                -- the Release message (JSON wire form), from the owner switch on
+                                -- (batched: the current batch's ReleaseBatch or AbortBatch)
 );
 """
+# a batched migration's kept connections in the order its batches take them (JSON flows),
+# written once at the opening (gateway.batched); NULL for every other migration
+ADDED_MIGRATION_COLUMNS = (("batch_order", "TEXT"),)
 # columns added since the first schema: a registry from before gets them with their defaults
 ADDED_COLUMNS = (("migrate", "TEXT NOT NULL DEFAULT 'auto'"),
                  ("sockets", "TEXT NOT NULL DEFAULT 'activation'"),
@@ -74,7 +80,8 @@ class JournaledMigration:
     dest: str
     epoch: int
     state: str
-    release: msgs.Release | None
+    release: msgs.Step | None
+    order: tuple | None = None  # batched: the kept flows in batch order (gateway.batched)
 
 
 class Registry:
@@ -90,6 +97,10 @@ class Registry:
             for column, decl in ADDED_COLUMNS:
                 if column not in have:
                     self._db.execute(f"ALTER TABLE services ADD COLUMN {column} {decl}")
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(migrations)")}
+            for column, decl in ADDED_MIGRATION_COLUMNS:
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE migrations ADD COLUMN {column} {decl}")
             self._db.execute("PRAGMA quick_check").fetchall()
         except (sqlite3.Error, OSError) as e:
             raise RegistryError(self.path, "open it", e) from None
@@ -159,7 +170,7 @@ class Registry:
         self._write(f"journal the migration of {service}", [(
             "UPDATE migrations SET state = ? WHERE service = ?", (state, service))])
 
-    def switch_owner(self, service: str, owner: str, release: msgs.Release | None) -> None:
+    def switch_owner(self, service: str, owner: str, release: msgs.Step | None) -> None:
         """The point of no return, durable in one transaction: the owner, and the release
         a restarted gateway resends."""
         wire = json.dumps(release.to_wire()) if release is not None else None
@@ -168,22 +179,40 @@ class Registry:
             ("UPDATE migrations SET state = 'releasing', release = ? WHERE service = ?", (wire, service)),
         ])
 
+    def journal_release(self, service: str, step: msgs.Step) -> None:
+        """A batched migration past the point of no return: the current batch's step a
+        restarted gateway needs (gateway.batched), in place of the opening's release."""
+        self._write(f"journal the migration of {service}", [(
+            "UPDATE migrations SET release = ? WHERE service = ?", (json.dumps(step.to_wire()), service))])
+
+    def journal_order(self, service: str, flows: tuple) -> None:
+        """A batched migration's kept connections in the order its batches take them."""
+        self._write(f"journal the migration of {service}", [(
+            "UPDATE migrations SET batch_order = ? WHERE service = ?",
+            (json.dumps(bm.FLOWS.to_wire(flows)), service))])
+
     def journal_end(self, service: str) -> None:
         self._write(f"end the migration of {service}", [("DELETE FROM migrations WHERE service = ?", (service,))])
 
     def open_migrations(self) -> list[JournaledMigration]:
         try:
             rows = self._db.execute(
-                "SELECT service, source, dest, epoch, state, release FROM migrations ORDER BY service").fetchall()
+                "SELECT service, source, dest, epoch, state, release, batch_order FROM migrations "
+                "ORDER BY service").fetchall()
         except sqlite3.Error as e:
             raise RegistryError(self.path, "read the migration journal", e) from None
         out = []
-        for service, source, dest, epoch, state, release in rows:
-            message = None
+        for service, source, dest, epoch, state, release, batch_order in rows:
+            message = order = None
             if release:
                 try:
                     message = msgs.decode(json.loads(release))
                 except (ValueError, VipError) as e:
                     raise RegistryError(self.path, f"read the journaled release of {service}", e) from None
-            out.append(JournaledMigration(service, source, dest, int(epoch), state, message))
+            if batch_order:
+                try:
+                    order = bm.FLOWS.from_wire(json.loads(batch_order))
+                except (ValueError, VipError) as e:
+                    raise RegistryError(self.path, f"read the journaled batch order of {service}", e) from None
+            out.append(JournaledMigration(service, source, dest, int(epoch), state, message, order))
         return out

@@ -14,6 +14,9 @@ against a baseline measured in the same run of this command:
 - migrations: builtin echo with N established connections under load (numbered messages
   and a UDP stream, exact accounting), migrated once per run; freeze_ms, total_ms, the
   per-step split, lost, duplicated, client retransmissions.
+- batched_migrations: the same at 1,000 and 10,000 connections (100 with --quick) with
+  `migrate --batched` (vipctl.benchbatch): per-connection freeze p50/p99/max, the clients'
+  longest wait, retransmissions, lost/dup; `skipped` with the reason when it cannot run.
 - datapath_variants: the fast-selective path with one thing changed (vipctl.benchpath):
   node GRO, gateway GRO, 200 more rules; `dup` to every node + drop is the `fast` mode.
 - big_hold: 200,000 datagrams (20,000 with --quick) over 64 flows held during one
@@ -45,7 +48,7 @@ from clustercore.errors import LocalControlError
 from clustercore.kinds import EXTERNAL_SPEC, Datapath, Delivery, builtin_spec
 from clustercore.process import LAZY_ENV
 
-from . import benchpath, holdflood
+from . import benchbatch, benchpath, holdflood
 from . import lab as labmod
 from . import programs
 from .client import call
@@ -182,6 +185,37 @@ def _next(node: str) -> str:
     return {"n1": "n2", "n2": "n3", "n3": "n1"}[node]
 
 
+def loaded_migration(spec: labmod.Lab, n: int, tag: str, destination: str, batched: bool = False) -> dict:
+    """Migrate echo to `destination` while `n` connections and a UDP stream load it
+    (vipctl.loadgen, exact accounting): the gateway's report and the clients' own. A
+    refusal of the migration raises (VipError) after the load has stopped."""
+    ready, stop = f"{tag}.ready", f"{tag}.stop"
+    rate = max(0.2, min(20.0, 1000.0 / n))  # about 1,000 messages/s in all
+    load = labmod.popen_in(spec.client_ns, [sys.executable, "-m", "vipctl.loadgen", labmod.VIP,
+                                            "--conns", str(n), "--rate", str(rate), "--udp-port", "7",
+                                            "--udp-rate", "200", "--duration", "300",
+                                            "--ready-file", ready, "--stop-file", stop],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not os.path.exists(ready) and load.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    try:
+        report = call("migrate", spec.control_socket, timeout=300.0, name="echo", to=destination,
+                      **({"batched": True} if batched else {}))
+    finally:
+        time.sleep(1.0)
+        open(stop, "w").close()
+        stdout, stderr = load.communicate(timeout=300)
+    try:
+        client = json.loads(stdout)
+    except json.JSONDecodeError:
+        client = {"error": stderr.decode(errors="replace")[-300:]}
+    lost = (client.get("tcp_missing", 0) + client.get("udp_missing", 0) + client.get("tcp_bad", 0)
+            if "error" not in client else None)
+    return {"report": report, "client": client, "lost": lost, "duplicated": client.get("udp_duplicated")}
+
+
 def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[list[dict], dict]:
     spec = labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST)
     labmod.down(spec, log=lambda *a: None)
@@ -197,34 +231,12 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
         for n in sizes:
             rows = []
             for run in range(runs):
-                ready, stop = os.path.join(tmp, f"{n}-{run}.ready"), os.path.join(tmp, f"{n}-{run}.stop")
-                rate = max(0.2, min(20.0, 1000.0 / n))  # about 1,000 messages/s in all
-                load = labmod.popen_in(spec.client_ns, [sys.executable, "-m", "vipctl.loadgen", labmod.VIP,
-                                                        "--conns", str(n), "--rate", str(rate), "--udp-port", "7",
-                                                        "--udp-rate", "200", "--duration", "300",
-                                                        "--ready-file", ready, "--stop-file", stop],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                deadline = time.time() + 120
-                while not os.path.exists(ready) and load.poll() is None and time.time() < deadline:
-                    time.sleep(0.1)
-                time.sleep(1.0)
                 destination = _next(owner)
-                try:
-                    report = call("migrate", sock, timeout=300.0, name="echo", to=destination)
-                finally:
-                    time.sleep(1.0)
-                    open(stop, "w").close()
-                    stdout, stderr = load.communicate(timeout=300)
+                row = loaded_migration(spec, n, os.path.join(tmp, f"{n}-{run}"), destination)
+                report, client, lost = row["report"], row["client"], row["lost"]
                 if report.get("outcome") == "committed":
                     owner = destination
-                try:
-                    client = json.loads(stdout)
-                except json.JSONDecodeError:
-                    client = {"error": stderr.decode(errors="replace")[-300:]}
-                lost = (client.get("tcp_missing", 0) + client.get("udp_missing", 0) + client.get("tcp_bad", 0)
-                        if "error" not in client else None)
-                rows.append({"report": report, "client": client, "lost": lost,
-                             "duplicated": client.get("udp_duplicated")})
+                rows.append(row)
                 log(f"migration with {n} connections: {report.get('outcome')}, freeze {ms(report.get('freeze_ms'))}, "
                     f"stop {ms(report.get('stop_ms'))}, "
                     f"total {ms(report.get('total_ms'))}, lost {count(lost)}, retrans {count(client.get('retrans_segs'))}")
@@ -423,7 +435,7 @@ def run_bench(quick: bool, log) -> dict:
     prefix = f"vb{os.getpid() % 100000}"
     runs = 1 if quick else 3
     seconds = 1.0 if quick else 4.0
-    sizes = [1, 100] if quick else [1, 100, 1000, 5000, 10000]
+    sizes = [1, 100] if quick else [1, 100, 1000, 5000, 10000]  # benchbatch's sizes are among these
     mig_runs = 1 if quick else 3
     t0 = time.monotonic()
     result: dict = {"quick": quick, "machine": _machine()}
@@ -451,6 +463,9 @@ def run_bench(quick: bool, log) -> dict:
     migrations, rss = measure_migrations(prefix, sizes, mig_runs, log)
     result["migrations"] = migrations
     result["rss_mb"] = rss
+    # the batched handoff at the whole rows' counts (1,000 and 10,000; 100 with --quick)
+    result["batched_migrations"] = benchbatch.measure_batched(
+        prefix, benchbatch.QUICK_SIZES if quick else benchbatch.BATCHED_SIZES, mig_runs, log)
     result["big_hold"] = holdflood.measure(prefix, 20_000 if quick else 200_000, log)
     result["process_migrations"] = measure_process_migrations(prefix, mig_runs, log)
     result["process_migrations_copy"] = measure_process_migrations(prefix, mig_runs, log, COPY_ROWS, lazy=False)
@@ -460,27 +475,7 @@ def run_bench(quick: bool, log) -> dict:
 
 def plot(result: dict, path: str) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise LocalControlError("--plot needs matplotlib (pip install matplotlib)") from None
-    xs = [m["connections"] for m in result["migrations"]]
-    med = [m["freeze_ms_stats"]["median"] or 0 for m in result["migrations"]]
-    lo = [max(0.0, (m["freeze_ms_stats"]["median"] or 0) - (m["freeze_ms_stats"]["min"] or 0)) for m in result["migrations"]]
-    hi = [max(0.0, (m["freeze_ms_stats"]["max"] or 0) - (m["freeze_ms_stats"]["median"] or 0)) for m in result["migrations"]]
-    tot = [m["total_ms"] or 0 for m in result["migrations"]]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=4, label="freeze (first held -> last released)")
-    ax.plot(xs, tot, marker="s", linestyle="--", label="total migration")
-    ax.axhline(200, color="grey", linestyle=":", label="Gerofi et al. 2010: < 200 ms for 1,000+")
-    ax.set_xscale("log")
-    ax.set_xlabel("established TCP connections moved (under load)")
-    ax.set_ylabel("ms")
-    m = result["machine"]
-    ax.set_title(f"vipcluster live migration ({m['cores']} cores, kernel {m['kernel']})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    benchbatch.plot_migrations(result, path)

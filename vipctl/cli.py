@@ -240,9 +240,11 @@ def service():
 @click.option("--pid", type=int, default=None,
               help="Adopt this running process on NODE instead (it binds the VIP itself and must run in "
                    "its own PID namespace and session: unshare --pid --fork setsid CMD).")
-@click.option("--migrate", type=click.Choice(["auto", "process", "handoff"]), default="auto", show_default=True,
+@click.option("--migrate", type=click.Choice(["auto", "process", "handoff", "batched"]), default="auto",
+              show_default=True,
               help="How it moves: handoff (programs that speak it: the builtins), process (criu), "
-                   "auto (handoff if it can, else process).")
+                   "auto (handoff if it can, else process), batched (the handoff with the connections moved "
+                   "in batches; programs that announced X_VIP_BATCH=1, as the echo builtin does).")
 @click.option("--sockets", type=click.Choice(["activation", "self"]), default="activation", show_default=True,
               help="activation: the agent binds the ports and passes LISTEN_FDS; self: the program binds "
                    "the VIP itself (nginx, redis-server, dnsmasq).")
@@ -359,11 +361,24 @@ def _call_with_progress(progress, *args, **kw):
               "established ones stay on the old node until they close or --timeout.")
 @click.option("--timeout", "drain_timeout", type=float, default=None, help="With --graceful: seconds before what is "
               "left on the old node is cut (default 60).")
+@click.option("--batched", is_flag=True, help="Move the connections in batches (idle first), each frozen only "
+              "while it moves; the program must have announced the batch channel (docs/handoff.md).")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=None,
+              help="With --batched: this many connections per batch, fixed (default: 32, growing when "
+                   "batches are quick).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def migrate(obj, name, destination, graceful, drain_timeout, as_json):
+def migrate(obj, name, destination, graceful, drain_timeout, batched, batch_size, as_json):
     """Move service NAME live to node --to (sockets, queued data, ownership)."""
+    if batched and graceful:
+        raise click.UsageError("--batched moves the connections, --graceful moves none: choose one")
+    if batch_size is not None and not batched:
+        raise click.UsageError("--batch-size is for --batched migrations")
     extra = _graceful_option(graceful, drain_timeout)
+    if batched:
+        extra["batched"] = True
+    if batch_size is not None:
+        extra["batch_size"] = batch_size
     report = _call_with_progress(_progress(as_json), "migrate", obj["socket"], timeout=_graceful_wait(extra, 120.0),
                                  name=name, to=destination, **extra)
     _emit(report, as_json, out.render_report)

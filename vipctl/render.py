@@ -103,9 +103,36 @@ def render_graceful(r: dict) -> str:
         f"epoch flip, new UDP flows {ms(r.get('udp_gap_ms'))} later"])
 
 
+def _spread(d: dict | None) -> str:
+    d = d or {}
+    return "/".join(number(d.get(k), 2) for k in ("p50", "p99", "max")) + " ms"
+
+
+def render_batched(r: dict) -> str:
+    """A batched handoff's report (gateway.batched): per-connection freezes, batches."""
+    lines = [f"migration of {r['service']}: {r['from']} -> {r['to']} (batched): {r.get('outcome') or NA}"
+             + (f" ({r['reason']})" if r.get("reason") else ""),
+             f"  connections moved {count(r.get('connections_moved'))}, pinned on {r['from']} "
+             f"{count(r.get('connections_pinned'))}" + (" (split: both nodes serve until they close)"
+                                                         if r.get("split") else "")
+             + f"; {count(r.get('batches'))} batches (the opening included)",
+             f"  per-connection freeze p50/p99/max {_spread(r.get('conn_freeze_ms'))} "
+             f"({count((r.get('conn_freeze_ms') or {}).get('n'))} connections had a packet held); "
+             f"batch window p50/p99/max {_spread(r.get('batch_window_ms'))}",
+             f"  opening {ms(r.get('opening_window_ms'))}, stop window {ms(r.get('stop_ms'))} (listeners handed "
+             f"back to the destination serving), whole migration {ms(r.get('total_ms'))}",
+             f"  held {count(r.get('held', 0))}, released {count(r.get('released', 0))}, duplicates suppressed "
+             f"{count(r.get('duplicates_suppressed', 0))}, lost {count(r.get('lost'))}"]
+    if r.get("steps_ms"):
+        lines.append("  steps (summed over batches): " + ", ".join(f"{step} {ms(t)}" for step, t in r["steps_ms"].items()))
+    return "\n".join(lines)
+
+
 def render_report(r: dict) -> str:
     if r.get("graceful"):
         return render_graceful(r)
+    if r.get("strategy") == "batched" and "connections_moved" in r:
+        return render_batched(r)
     lines = [f"migration of {r['service']}: {r['from']} -> {r['to']}: {r.get('outcome') or NA}"
              + (f" ({r['reason']})" if r.get("reason") else ""),
              f"  connections moved: {r.get('tcp_established', 0)} tcp established, "
@@ -208,6 +235,8 @@ def render_bench(result: dict) -> str:
                      f"{_cell(x['total_ms'], 9, 2)} "
                      f"{count(x['lost']):>5} {count(x['duplicated']):>4} {x['client_retransmissions']:>7} "
                      f"{pcs:>32}  {steps}")
+    from .benchbatch import render_lines as batched_lines
+    lines.extend(batched_lines(result))
     for key in ("process_migrations", "process_migrations_copy"):
         lines.extend(_process_lines(result.get(key), key.endswith("_copy")))
     hold = result.get("big_hold")

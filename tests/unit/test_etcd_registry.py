@@ -184,6 +184,26 @@ def test_the_journal_and_the_point_of_no_return(pair):
         gw1.journal_state("echo", "committing")
 
 
+def test_a_batched_migration_journal_reads_back_the_same_from_both_backends(pair, tmp_path):
+    from clustercore import batch_messages as bm
+    flows = ((6, "198.51.100.7", 50000, "203.0.113.10", 7), (6, "198.51.100.7", 50001, "203.0.113.10", 7))
+    abort = bm.AbortBatch(service="echo", epoch="02:76:63:00:00:02", batch=3, flows=flows[:1])
+    got = []
+    for reg, reader in ((pair[0], pair[1]), (Registry(str(tmp_path)), None)):
+        reader = reader or reg
+        reg.add_service(svc("echo", "n1"))
+        reg.journal_begin("echo", "n1", "n2", 2)
+        reg.journal_state("echo", "batched:open_restoring:0:2:2")
+        reg.journal_order("echo", flows)
+        reg.switch_owner("echo", "n2", bm.ReleaseBatch(service="echo", epoch="02:76:63:00:00:02", batch=0,
+                                                       flows=flows))
+        reg.journal_state("echo", "batched:restoring:3:2:1")
+        reg.journal_release("echo", abort)
+        [j] = reader.open_migrations()
+        got.append((j.state, j.release, j.order))
+    assert got[0] == got[1] == ("batched:restoring:3:2:1", abort, flows)
+
+
 def test_the_driver_lease_fences_the_migration_writes(pair):
     """One gateway drives migrations at a time; once its lease is gone (revoked here, as
     an expired TTL does) its writes are refused and the other can take over."""

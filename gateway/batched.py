@@ -1,0 +1,272 @@
+"""The gateway's side of a batched handoff (clustercore.batchmigration; docs/handoff.md,
+"Batched cutover").
+
+The controller runs a `BatchMigration` instead of a `Migration` when the migration's
+strategy is `batched` (the service's `migrate = "batched"`, or `vipctl migrate --batched`);
+the same driver (clustercore.migration_driver) performs both machines' commands through the
+same hands (gateway.controller._Run). What differs lives here:
+
+- the refusal: only a program that announced the incremental handoff channel
+  (`X_VIP_BATCH=1`; its agent's counters say `processes[name]["batch"]`) is moved this way;
+- the journal: the state column holds `batched:<state>:<batch>:<unmoved>`, and the
+  `release` column, past the point of no return, the step a restarted gateway needs for
+  the current batch: its ReleaseBatch (resent, then the source's CommitBatch) or, while it
+  freezes or restores, its AbortBatch (then the source's RollbackBatch);
+- the recovery after a gateway's death: before the owner switch, the whole rollback as
+  for any migration; after it, the batching is NOT resumed: the current batch is finished
+  (forward if its release was asked, undone otherwise), the source is told FinishBatched
+  with every connection not moved pinned (the old instance keeps serving them; delivery
+  stays split), and the report says so;
+- the report: the machine's (batches, connections moved and pinned, per-connection freeze
+  p50/p99/max, batch windows, the opening's window, the whole duration) with the stop
+  window of the opening (the listeners leave the source -> the destination serves).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from clustercore import batch_messages as bm
+from clustercore import batchmigration as bmig
+from clustercore import messages as msgs
+from clustercore.batchcutover import OPENING
+from clustercore.errors import LocalControlError, VipError
+from clustercore.kinds import MigrateStrategy, ServiceKind, migration_strategy, service_kind
+from clustercore.migration_messages import StepFailed
+from clustercore.stopwindow import stop_window_ms
+
+from . import nft
+from .registry import JournaledMigration, RegistryError
+
+log = logging.getLogger("vipcluster.controller")
+
+ASK_TIMEOUT_S = 2.0  # asking the owner whether its program speaks the batch channel
+PREFIX = "batched:"
+# the journal's states past the point of no return, by what a restarted gateway does
+RELEASE_ASKED = {"releasing", bmig.BState.OPEN_RELEASING.value, bmig.BState.RELEASING.value}
+RELEASED = {bmig.BState.OPEN_COMMITTING.value, bmig.BState.COMMITTING.value}
+NOT_RELEASED = {bmig.BState.FREEZING.value, bmig.BState.RESTORING.value, bmig.BState.UNDOING.value}
+
+
+async def check_channel(gw, service) -> MigrateStrategy:
+    """BATCHED if the service may move in batches; LocalControlError (one line) if its kind
+    cannot, or if its program has not announced the channel (it would not answer HANDBACK:
+    the migration would only time out), or if its node cannot be asked."""
+    kind = service_kind(service.exec_spec)
+    strategy = migration_strategy(kind, MigrateStrategy.BATCHED)  # external, adopted: refused
+    session = gw.agents.get(service.owner)
+    if session is None:
+        raise LocalControlError(f"node '{service.owner}' of service '{service.name}' is down: cannot "
+                                "ask whether its program speaks the batch channel")
+    try:
+        counters = await session.rpc.request(msgs.Counters(), timeout=ASK_TIMEOUT_S)
+        process = counters.get("processes", {}).get(service.name, {})
+    except (VipError, AttributeError) as e:
+        raise LocalControlError(f"cannot ask node '{service.owner}' whether service '{service.name}' "
+                                f"speaks the batch channel: {e}") from None
+    if not (isinstance(process, dict) and process.get("batch") is True):
+        what = "the builtin" if kind is ServiceKind.BUILTIN else "its program"
+        raise LocalControlError(
+            f"service '{service.name}' cannot be migrated in batches: {what} has not announced the "
+            "incremental handoff channel (sd_notify X_VIP_BATCH=1; docs/handoff.md) on "
+            f"'{service.owner}'; migrate it without --batched")
+    return strategy
+
+
+# Batches never smaller than 32 connections: the sizer's 5 ms target is below the fixed
+# cost of a batch (four control round trips, 10-90 ms each on a loaded lab), so the
+# adaptive sizer shrank batches to 1-2 connections: 944 batches and 11-66 s for 1,000
+# connections, while the destination holds every kept flow's packets, which overflowed
+# its queue (docs/handoff.md, the node side's measurements). It may still grow them.
+MIN_BATCH = 32
+MAX_BATCH = 1024
+
+
+# The arm step reads every kept connection's idle time on the source (sock_diag): at 10,000
+# connections it took longer than the machine's 2 s default in the lab (rolled back at
+# arming, 2026-12-02). Nothing is held before the epoch flip, so a longer wait there costs
+# the clients nothing.
+TIMEOUTS = bmig.BatchTimeouts(arming=15.0)
+
+
+def check_batch_size(batched_asked: bool, batch_size: int) -> None:
+    if batch_size and not batched_asked:
+        raise LocalControlError("--batch-size is for --batched migrations")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 0 <= batch_size <= MAX_BATCH:
+        raise LocalControlError(f"--batch-size must be 1..{MAX_BATCH} connections (0: the gateway's default), "
+                                f"got {batch_size!r}")
+
+
+def sizer(batch_size: int = 0) -> bmig.BatchSizer:
+    """A fixed size when asked for; else start at MIN_BATCH, never below it."""
+    if batch_size:
+        return bmig.BatchSizer(first=batch_size, smallest=batch_size, largest=batch_size)
+    return bmig.BatchSizer(first=MIN_BATCH, smallest=MIN_BATCH, largest=MAX_BATCH)
+
+
+def machine(name: str, source: str, dest: str, epoch: str, config=None,
+            batch_size: int = 0) -> bmig.BatchMigration:
+    chosen = getattr(config, "batch_sizer", None) if not batch_size else None  # tests set one
+    return bmig.BatchMigration(service=name, source=source, dest=dest, epoch=epoch,
+                               timeouts=getattr(config, "batch_timeouts", None) or TIMEOUTS,
+                               sizer=chosen or sizer(batch_size))
+
+
+# ---------------------------------------------------------------- the journal
+
+
+def journal_text(m: bmig.BatchMigration, state: bmig.BState) -> str:
+    return f"{PREFIX}{state.value}:{m.batch}:{m.unmoved}:{len(m.queued)}"
+
+
+def parse_state(text: str) -> tuple[str, int, int | None, int | None] | None:
+    """(state, batch, unmoved, queued) of a batched journal state; None for any other
+    text; the numbers None when unreadable."""
+    if not text.startswith(PREFIX):
+        return None
+    parts = text[len(PREFIX):].split(":")
+    try:
+        return parts[0], int(parts[1]), int(parts[2]), int(parts[3])
+    except (IndexError, ValueError):
+        return parts[0], 0, None, None
+
+
+def is_batched(j: JournaledMigration) -> bool:
+    return j.state.startswith(PREFIX) or isinstance(j.release, (bm.ReleaseBatch, bm.AbortBatch))
+
+
+def journal_step(run, message: msgs.Step) -> None:
+    """Before a batch's step goes out, what a restarted gateway needs for that batch (the
+    opening's release is journaled with the owner switch); with the opening's restore, the
+    order the batches will take the kept connections in (before the point of no return: a
+    failed write rolls the migration back)."""
+    if isinstance(message, bm.RestoreBatch) and message.batch == OPENING:
+        try:
+            run.gw.registry.journal_order(run.name, run.machine.queued)
+        except RegistryError as e:
+            run.events.put_nowait(StepFailed(reason=f"journal not written: {e}"))
+        return
+    if isinstance(message, bm.FreezeBatch):
+        keep: msgs.Step = bm.AbortBatch(service=message.service, epoch=message.epoch,
+                                        batch=message.batch, flows=message.flows)
+    elif isinstance(message, bm.ReleaseBatch) and message.batch > 0:
+        keep = message
+    else:
+        return
+    try:
+        run.gw.registry.journal_release(run.name, keep)
+    except RegistryError as e:  # past the point of no return: going on, said
+        log.warning("migration of %s: batch %d not journaled: %s (going on)", run.name, message.batch, e)
+
+
+# ---------------------------------------------------------------- progress
+
+PER_BATCH = frozenset({bmig.BState.FREEZING, bmig.BState.RESTORING, bmig.BState.RELEASING,
+                       bmig.BState.COMMITTING, bmig.BState.UNDOING})
+
+
+def progress_line(run, previous: bmig.BState, state: bmig.BState) -> tuple[str, str] | None:
+    """What vipctl (and the log) hears of a transition: every step up to the opening's
+    commit and from the finish on, and one `transfer` line per batch (K/N connections,
+    vipctl's progress bar), not four step lines per batch."""
+    if state not in PER_BATCH:
+        return state.value, f"{previous.value} -> {state.value}"
+    if state is not bmig.BState.FREEZING:
+        return None
+    m = run.machine
+    r = m.report
+    return "transfer", (f"{r.connections_moved + r.connections_pinned}/{m.kept_count} connections moved "
+                        f"to {run.dest} ({r.connections_pinned} pinned), batch {m.batch} next")
+
+
+def to_reconcile(source: str, dest: str, report: dict) -> tuple[str, ...]:
+    """The nodes told again what they must run after a migration that went wrong. Not the
+    source of a split batched migration: a reconcile there ends the old instance, and with
+    it the pinned connections it still serves (found in the lab: every one reset)."""
+    return (dest,) if report.get("split") else (source, dest)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def report(run, finished: bmig.BatchFinished) -> dict:
+    r = finished.report.as_dict()
+    r["strategy"] = MigrateStrategy.BATCHED.value
+    # the longest any connection waited (per-connection freeze max): the figure the whole
+    # handoff's freeze_ms is for it (first held -> last released)
+    r["freeze_ms"] = (r.get("conn_freeze_ms") or {}).get("max", 0.0)
+    # the opening's stop window: the source's listeners handed back -> the destination
+    # serving new connections (its release of batch 0); established ones never stop all
+    # at once, their waits are conn_freeze_ms
+    r["stop_ms"] = (stop_window_ms(run.replied_at.get("batch.open"), run.split_ms.get("batch.open"),
+                                   run.first_reply.get("batch.release"))
+                    if finished.outcome == "committed" else None)
+    r["split"] = bool(r.get("connections_pinned"))
+    r["steps_ms"] = run.steps_ms
+    r["split_ms"] = run.split_ms
+    r["kernel_queue_drops"] = run.kernel_drops
+    source_drops = run.kernel_drops.get(run.source, 0)  # lost to us, as for the whole handoff
+    if source_drops and isinstance(r.get("lost"), int):
+        r["lost"] += source_drops
+    return r
+
+
+# ---------------------------------------------------------------- after a gateway restart
+
+
+async def recover(ctl, j: JournaledMigration, ask) -> tuple[dict, bool]:
+    """Finish or roll back a batched migration a dead gateway left open. `ask(node, step,
+    problems)` is the controller's request that notes what failed. Returns the report and
+    whether the service stays split (connections left on the source)."""
+    gw = ctl.gw
+    service = gw.table.get(j.service)
+    forward = service is not None and service.owner == j.dest
+    epoch = nft.epoch_mac(j.epoch)
+    problems: list[str] = []
+    parsed = parse_state(j.state) or (j.state, getattr(j.release, "batch", 0), None, None)
+    state, current, unmoved, queued = parsed
+    if not forward:
+        await ask(j.dest, msgs.Abort(service=j.service, epoch=epoch), problems)
+        await ask(j.source, msgs.Rollback(service=j.service, epoch=epoch), problems)
+        return {"service": j.service, "from": j.source, "to": j.dest, "strategy": "batched",
+                "outcome": "rolled_back", "recovered_at": j.state,
+                "reason": "; ".join(problems) or f"gateway restarted during {state}"}, False
+    step = j.release
+    batch = getattr(step, "batch", 0)
+    if state in RELEASE_ASKED and isinstance(step, bm.ReleaseBatch):
+        await ask(j.dest, step, problems)  # idempotent on the destination (contract)
+    if state in RELEASE_ASKED | RELEASED:
+        done = await ask(j.source, bm.CommitBatch(service=j.service, epoch=epoch, batch=batch), problems)
+        late = getattr(done, "late_packets", ()) or ()
+        if late:
+            await ask(j.dest, msgs.Inject(service=j.service, epoch=epoch, packets=late), problems)
+    elif state in NOT_RELEASED and isinstance(step, bm.AbortBatch):
+        await ask(j.source, bm.RollbackBatch(service=j.service, epoch=epoch, batch=batch), problems)
+        await ask(j.dest, step, problems)
+    if queued and j.order and queued <= len(j.order):
+        # the connections no batch took yet (a suffix of the journaled order) stay on the
+        # source: the destination drops them from now on, as for an undone batch
+        await ask(j.dest, bm.AbortBatch(service=j.service, epoch=epoch, batch=max(batch, current) + 1,
+                                        flows=tuple(j.order[-queued:])), problems)
+    elif queued:
+        problems.append(f"the order of the {queued} connections not moved was not journaled: the "
+                        f"destination was not told to drop them")
+    if unmoved is None:  # not known (died between the owner switch and its journal line)
+        problems.append("how many connections were left on the source is not known: the old "
+                        "instance keeps serving whatever it has")
+        pinned = 1
+    else:
+        pinned = unmoved
+    await ask(j.source, bm.FinishBatched(service=j.service, epoch=epoch, pinned=pinned), problems)
+    split = pinned > 0
+    note = (f"gateway restarted during {state} (batch {batch}): batching stopped"
+            + (f", {unmoved if unmoved is not None else 'some'} connections stay on {j.source} (split)"
+               if split else ""))
+    return {"service": j.service, "from": j.source, "to": j.dest, "strategy": "batched",
+            "outcome": "committed", "recovered_at": j.state, "split": split,
+            "connections_pinned": unmoved, "lost": None,
+            "reason": "; ".join([note, *problems])}, split
+
+
+__all__ = ["check_channel", "is_batched", "journal_step", "journal_text", "machine",
+           "parse_state", "recover", "report"]

@@ -1,0 +1,577 @@
+"""The gateway's batched migration path (gateway.controller + gateway.batched, performed by
+clustercore.migration_driver) against two in-memory node agents.
+
+The agents are honest: they run the batched cutover roles (clustercore.batchcutover) for the
+service, and every step and every reply goes through the control codec (to the wire and
+back), as over TLS. The gateway keeps sending packets of established, new and UDP flows
+while the migration runs; the shared oracle (tests.unit.test_cutover.audit) then checks that
+each packet was accepted by exactly one node. What is asserted beyond that: the order of
+the steps on the wire, the strategy in Prepare/Arm, the report, the journal, the refusals,
+a failed batch (pinned, the service split), a node lost past the opening, and what a
+restarted gateway does with a batched migration it finds open."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import types
+
+import pytest
+
+from clustercore import batch_messages as bm
+from clustercore import messages as msgs
+from clustercore.batchcutover import OPENING, BatchDest, BatchSource
+from clustercore.errors import ConnectionLost, LocalControlError
+from clustercore.kinds import Delivery
+from clustercore.ownership import Service, Verdict
+from clustercore.packet import SYN
+from gateway import controller as ctl
+from gateway import nft
+from gateway.registry import Registry
+from tests.unit.test_cutover import Sent, audit, tcp, udp
+
+SERVICE = "echo"
+
+
+def wire(message):
+    """A message as the peer gets it: to JSON and back through the one decoder."""
+    return msgs.decode(json.loads(json.dumps(message.to_wire())))
+
+
+def wire_reply(request, reply):
+    if isinstance(reply, dict):
+        return json.loads(json.dumps(reply))
+    return msgs.decode_reply(request, json.loads(json.dumps(reply.fields_to_wire())))
+
+
+class Packets:
+    """The gateway's copies of the clients' packets to both nodes, and who accepted each."""
+
+    def __init__(self, gw, streams, seed):
+        self.gw, self.streams, self.rng = gw, [list(s) for s in streams], random.Random(seed)
+        self.sent: list[Sent] = []
+        self.inbox = {"n1": [], "n2": []}
+        self.deliveries: list[tuple[int, str]] = []
+        self.now = 0.0
+
+    def epoch(self) -> str:
+        return nft.epoch_mac(self.gw.epochs.get(SERVICE, 1))
+
+    def send(self, n: int) -> None:
+        for _ in range(n):
+            live = [s for s in self.streams if s]
+            if not live:
+                return
+            s = Sent(len(self.sent), self.rng.choice(live).pop(0), self.epoch())
+            self.sent.append(s)
+            for node in self.inbox:
+                self.inbox[node].append(s)
+
+    def deliver(self, agents) -> None:
+        for node, agent in agents.items():
+            while self.inbox[node]:
+                s = self.inbox[node].pop(0)
+                self.now += 0.0001
+                if agent.gone:
+                    continue  # a lost node accepts nothing any more
+                role = agent.role
+                if role is None:
+                    verdict = Verdict.ACCEPT if node == "n1" else Verdict.DROP
+                else:
+                    verdict = role.on_packet(s.packet, s.epoch, s.seq, self.now)
+                if verdict is Verdict.ACCEPT:
+                    self.deliveries.append((s.seq, node))
+                if isinstance(role, BatchSource):
+                    self.deliveries += [(seq, "n2") for seq in role.take_forward()]
+
+
+class Agent:
+    """One node agent's answers to the migration steps (through the codec)."""
+
+    def __init__(self, cluster, name, speaks=True):
+        self.c, self.name, self.speaks = cluster, name, speaks
+        self.role: BatchSource | BatchDest | None = None
+        self.closed = asyncio.Event()
+        self.gone = False
+        self.refuse: dict[tuple[str, int], str] = {}  # (op, nth) -> refusal; nth counts from 1
+        self.calls: dict[str, int] = {}
+        self.lose_at: str | None = None  # this node's connection drops when it gets this op
+
+    @property
+    def rpc(self):
+        return self
+
+    async def request(self, message, timeout=None):
+        await asyncio.sleep(0)
+        if self.gone:
+            raise ConnectionLost(f"connection to {self.name} is closed")
+        op = getattr(message, "OP", "")
+        self.c.seen.append((self.name, op, getattr(message, "batch", None)))
+        if isinstance(message, msgs.Counters):
+            return wire_reply(message, {"processes": {SERVICE: {"handoff": True, "batch": self.speaks}}})
+        got = wire(message)
+        assert got == message  # the codec carries every field of every step
+        self.calls[op] = self.calls.get(op, 0) + 1
+        if op == self.lose_at:
+            self.gone = True
+            self.c.gw.agents.pop(self.name, None)
+            self.closed.set()
+            raise ConnectionLost(f"connection to {self.name} failed")
+        why = self.refuse.get((op, self.calls[op]))
+        if why:
+            raise LocalControlError(why)
+        self.c.packets.send(3)
+        self.c.packets.deliver(self.c.agents)
+        reply = self.perform(got)
+        self.c.packets.send(2)
+        self.c.packets.deliver(self.c.agents)
+        return wire_reply(message, reply)
+
+    def perform(self, m):
+        p, now = self.c.packets, self.c.packets.now
+        if isinstance(m, msgs.Prepare):
+            if m.strategy != "batched":
+                raise LocalControlError(f"this fake moves batches only, not {m.strategy}")
+            self.role = BatchDest(m.epoch)
+            return msgs.PrepareDone()
+        if isinstance(m, msgs.Arm):
+            assert m.strategy == "batched"
+            self.role = BatchSource(m.epoch)
+            return msgs.Done()
+        if isinstance(m, bm.OpenBatch):
+            consumed = self.role.open(self.c.kept, now)
+            late = self.role.hand_over_late(OPENING)
+            idle = tuple(float(i) for i in range(len(self.c.kept)))  # the last kept is the idlest
+            return bm.OpeningDone(consumed=consumed, kept=self.c.kept, idle_ms=idle,
+                                  late_packets=tuple(str(h).encode() for h in late),
+                                  timing_ms={"take_sockets": 0.5, "frozen_to_reply": 0.2})
+        if isinstance(m, bm.FreezeBatch):
+            self.c.frozen.append(m.flows)
+            consumed = self.role.freeze(m.batch, m.flows, now)
+            late = self.role.hand_over_late(m.batch)
+            return bm.BatchFreezeDone(consumed=consumed, connections=len(m.flows),
+                                      late_packets=tuple(str(h).encode() for h in late))
+        if isinstance(m, bm.RestoreBatch):
+            return msgs.Done()
+        if isinstance(m, bm.ReleaseBatch):
+            p.deliveries += [(int(x), self.name) for x in m.late_packets]
+            rel = (self.role.open(m.flows, m.consumed, now) if m.batch == OPENING
+                   else self.role.release(m.batch, m.flows, m.consumed, now))
+            p.deliveries += [(seq, self.name) for seq in rel.plan.accept]
+            return bm.BatchReleaseDone(released=len(rel.plan.accept), held=len(rel.plan.accept) + len(rel.plan.drop),
+                                       duplicates_suppressed=len(rel.plan.drop),
+                                       waited_ms=tuple(rel.freeze_ms.values()))
+        if isinstance(m, bm.CommitBatch):
+            plan = self.role.commit(m.batch)
+            p.deliveries += [(seq, "n2") for seq in plan.forward]
+            return msgs.CommitDone()
+        if isinstance(m, bm.RollbackBatch):
+            p.deliveries += [(seq, self.name) for seq in self.role.rollback(m.batch)]
+            return msgs.Done()
+        if isinstance(m, bm.AbortBatch):
+            self.role.abort(m.batch, m.flows)
+            return msgs.Done()
+        if isinstance(m, bm.FinishBatched):
+            self.c.finished_pinned = m.pinned
+            return msgs.CommitDone()
+        if isinstance(m, msgs.Abort):
+            if self.role is not None:
+                self.role.abort(OPENING)
+            return msgs.Done()
+        if isinstance(m, msgs.Rollback):
+            if self.role is not None:
+                p.deliveries += [(seq, self.name) for seq in self.role.rollback(OPENING)]
+            return msgs.Done()
+        if isinstance(m, msgs.Inject):
+            p.deliveries += [(int(x), self.name) for x in m.packets]
+            return msgs.Injected(injected=len(m.packets))
+        raise AssertionError(f"unexpected step {m!r}")
+
+
+class Gateway:
+    """What the controller touches: a real registry (the journal), the table, nftables'
+    epochs (in memory), the agents."""
+
+    def __init__(self, tmp_path, exec_spec="builtin:echo", delivery=Delivery.SELECTIVE):
+        self.registry = Registry(str(tmp_path))
+        self.registry.add_service(Service(SERVICE, "n1", ((6, 80), (17, 53)), exec_spec))
+        self.table, self.epochs = self.registry.load()
+        nodes = [types.SimpleNamespace(name=n, address=f"192.0.2.{10 + i}") for i, n in enumerate(("n1", "n2"), 1)]
+        self.config = types.SimpleNamespace(delivery=delivery, nodes=nodes, state_dir=str(tmp_path),
+                                            node=lambda name: next((n for n in nodes if n.name == name), None))
+        self.delivery_override: dict = {}
+        self.ha = None
+        self.failover = types.SimpleNamespace(check_destination=lambda dest: None)
+        self.reports: list[dict] = []
+        self.metrics = types.SimpleNamespace(migration_finished=self.reports.append)
+        self.joined: list[str] = []
+        self.journal: list[str] = []
+        states = self.registry.journal_state
+        self.registry.journal_state = lambda service, state: (self.journal.append(state), states(service, state))[1]
+
+    def apply_delivery(self):
+        pass
+
+    async def push_table(self):
+        pass
+
+    async def _after_join(self, node):
+        self.joined.append(node)
+
+
+class Cluster:
+    def __init__(self, tmp_path, n_conns=20, seed=1, speaks=True, exec_spec="builtin:echo"):
+        self.gw = Gateway(tmp_path, exec_spec)
+        self.seen: list[tuple[str, str, int | None]] = []
+        self.kept = tuple(tcp(50000 + i).flow for i in range(n_conns))
+        streams = [[tcp(50000 + i)] * 8 for i in range(n_conns)]
+        streams += [[tcp(60000 + i, SYN, 0)] + [tcp(60000 + i)] * 4 for i in range(3)]  # new ones
+        streams.append([udp(40000)] * 10)
+        self.packets = Packets(self.gw, streams, seed)
+        self.agents = {"n1": Agent(self, "n1", speaks), "n2": Agent(self, "n2", speaks)}
+        self.gw.agents = dict(self.agents)
+        self.finished_pinned: int | None = None
+        self.frozen: list[tuple] = []  # each FreezeBatch's flows, in order
+        self.progress: list[tuple[str, str]] = []  # what vipctl was told
+
+    def migrate(self, batched=True, first=4):
+        async def main():
+            from clustercore.batchmigration_messages import BatchSizer
+            self.gw.config.batch_sizer = BatchSizer(first=first, smallest=first, largest=first)
+            c = ctl.Controller(self.gw)
+            msg = msgs.Migrate(name=SERVICE, to="n2", batched=batched)
+            ctx = types.SimpleNamespace(progress=lambda step, detail: self.progress.append((step, detail)))
+            report = await c.op_migrate(wire(msg), ctx)
+            await asyncio.sleep(0)  # the reconciles it scheduled
+            return report
+        return asyncio.run(main())
+
+    def drain_traffic(self) -> list[str]:
+        """The rest of the clients' packets after the migration; the oracle's verdict."""
+        while any(self.packets.streams):
+            self.packets.send(5)
+            self.packets.deliver(self.agents)
+        return audit(self.packets.sent, self.packets.deliveries)
+
+    def ops(self, node=None) -> list[str]:
+        return [op for n, op, _ in self.seen if (node is None or n == node) and op != "counters"]
+
+
+def test_a_batched_migration_moves_every_connection_in_batches_exactly_once(tmp_path):
+    c = Cluster(tmp_path, n_conns=20)
+    report = c.migrate()
+    assert report["outcome"] == "committed", report
+    assert report["strategy"] == "batched"
+    assert (report["connections_moved"], report["connections_pinned"], report["split"]) == (20, 0, False)
+    assert report["batches"] == 1 + 20 // 4  # the opening and five batches of four
+    assert set(report["conn_freeze_ms"]) >= {"p50", "p99", "max"}
+    assert report["freeze_ms"] == report["conn_freeze_ms"]["max"]
+    assert report["stop_ms"] is not None and report["opening_window_ms"] is not None
+    assert report["total_ms"] > 0 and report["lost"] == 0
+    # the steps on the wire, in the machine's order
+    assert c.ops()[:8] == ["migrate.prepare", "migrate.arm", "migrate.batch.open", "migrate.batch.restore",
+                           "migrate.batch.release", "migrate.batch.commit", "migrate.batch.freeze",
+                           "migrate.batch.restore"]
+    assert c.ops("n1")[-1] == "migrate.batch.finish" and c.finished_pinned == 0
+    # idle first: the source said the later a kept connection, the idler
+    assert c.frozen[0] == tuple(reversed(c.kept[-4:])) and c.frozen[-1] == tuple(reversed(c.kept[:4]))
+    # the journal: batched states with the batch number, ended when it was over
+    assert any(s.startswith("batched:freezing:1:") for s in c.gw.journal)
+    assert c.gw.registry.open_migrations() == []
+    assert c.gw.table.get(SERVICE).owner == "n2" and c.gw.epochs[SERVICE] == 2
+    assert c.gw.delivery_override == {}  # narrowed to the destination
+    assert c.drain_traffic() == []
+    assert c.gw.reports and c.gw.reports[-1]["strategy"] == "batched"
+    # vipctl hears the steps to the opening, then one transfer line per batch (its bar)
+    transfers = [d for step, d in c.progress if step == "transfer"]
+    assert transfers[0].startswith("0/20 connections moved to n2") and transfers[-1].startswith("16/20")
+    assert not any(step in ("freezing", "restoring", "releasing", "committing") for step, _ in c.progress)
+    assert [s for s, _ in c.progress][-2:] == ["committed", "done"]
+
+
+def test_the_oracle_of_this_test_catches_a_node_that_accepts_twice(tmp_path):
+    """The exactly-once check above can fail: a source that keeps accepting a moved
+    batch's packets is caught."""
+    c = Cluster(tmp_path, n_conns=8)
+    c.migrate()
+    c.packets.deliveries += [(c.packets.sent[-1].seq, "n1")]
+    assert any("times" in p for p in c.drain_traffic())
+
+
+def test_the_service_config_asks_for_batched_without_the_flag(tmp_path):
+    c = Cluster(tmp_path, n_conns=6)
+    c.gw.registry.remove_service(SERVICE)
+    c.gw.registry.add_service(Service(SERVICE, "n1", ((6, 80),), "builtin:echo", "batched"))
+    c.gw.table, c.gw.epochs = c.gw.registry.load()
+    report = c.migrate(batched=False)
+    assert report["strategy"] == "batched" and report["outcome"] == "committed"
+
+
+def test_a_program_that_did_not_announce_the_channel_is_refused_in_one_line(tmp_path):
+    c = Cluster(tmp_path, speaks=False)
+    with pytest.raises(LocalControlError) as e:
+        c.migrate()
+    assert "X_VIP_BATCH=1" in str(e.value) and "\n" not in str(e.value)
+    assert c.ops() == []  # no step was sent
+    assert c.gw.registry.open_migrations() == []
+
+
+def test_an_adopted_service_cannot_move_in_batches(tmp_path):
+    c = Cluster(tmp_path, exec_spec="adopted:1234")
+    with pytest.raises(LocalControlError, match="strategy batched"):
+        c.migrate()
+
+
+def test_batched_and_graceful_together_are_refused(tmp_path):
+    c = Cluster(tmp_path)
+
+    async def main():
+        msg = msgs.Migrate(name=SERVICE, to="n2", batched=True, graceful=True)
+        return await ctl.Controller(c.gw).op_migrate(msg, types.SimpleNamespace(progress=None))
+    with pytest.raises(LocalControlError, match="choose one"):
+        asyncio.run(main())
+
+
+def test_a_failed_batch_is_pinned_on_the_source_and_the_service_ends_split(tmp_path):
+    c = Cluster(tmp_path, n_conns=12)
+    c.agents["n2"].refuse[("migrate.batch.restore", 2)] = "restore failed: EADDRINUSE"  # batch 1
+    report = c.migrate()
+    assert report["outcome"] == "committed"
+    assert (report["connections_moved"], report["connections_pinned"], report["split"]) == (8, 4, True)
+    assert "batch 1 undone" in report["reason"]
+    assert ("n1", "migrate.batch.rollback", 1) in c.seen and ("n2", "migrate.batch.abort", 1) in c.seen
+    assert c.finished_pinned == 4
+    assert c.gw.delivery_override[SERVICE] == ("n1", "n2")  # both serve until the pinned close
+    assert c.gw.joined == ["n2"]  # the source is not reconciled: that would end its old instance
+    assert c.drain_traffic() == []
+
+
+def test_a_failure_before_the_opening_release_rolls_everything_back(tmp_path):
+    c = Cluster(tmp_path, n_conns=6)
+    c.agents["n2"].refuse[("migrate.batch.restore", 1)] = "cannot rebuild the listeners"
+    report = c.migrate()
+    assert report["outcome"] == "rolled_back" and report["stop_ms"] is None
+    assert "migrate.abort" in c.ops("n2") and "migrate.rollback" in c.ops("n1")
+    assert c.gw.table.get(SERVICE).owner == "n1"
+    assert c.gw.registry.load()[0].get(SERVICE).owner == "n1"
+    assert c.drain_traffic() == []
+
+
+def test_the_destination_lost_past_the_opening_stops_the_batching(tmp_path):
+    c = Cluster(tmp_path, n_conns=12)
+    c.agents["n2"].calls["migrate.batch.restore"] = 0
+    c.agents["n2"].refuse = {}
+    # n2 drops when batch 2's restore reaches it (the opening and batch 1 moved)
+    orig = c.agents["n2"].request
+
+    async def request(message, timeout=None):
+        if isinstance(message, bm.RestoreBatch) and message.batch == 2:
+            c.agents["n2"].lose_at = message.OP
+        return await orig(message, timeout)
+    c.agents["n2"].request = request
+    report = c.migrate()
+    assert report["outcome"] == "committed"
+    assert "lost" in report["reason"] and "batching stopped" in report["reason"]
+    assert report["connections_moved"] == 4 and report["connections_pinned"] == 8
+    assert report["lost"] is None  # not known: the destination died with connections
+    assert ("n1", "migrate.batch.rollback", 2) in c.seen
+    assert c.ops("n1")[-1] == "migrate.batch.finish" and c.finished_pinned == 8
+
+
+def test_the_whole_handoff_is_untouched_without_the_switch(tmp_path):
+    """No --batched, migrate auto: the whole-service machine (its steps, not the batch's)."""
+    c = Cluster(tmp_path, n_conns=4)
+    report = c.migrate(batched=False)  # the fake refuses a whole-service prepare
+    assert report["strategy"] == "handoff" and report["outcome"] == "rolled_back"
+    assert "batches only, not handoff" in report["reason"]
+    assert not any("batch" in op for op in c.ops())
+
+
+# ---------------------------------------------------------------- a restarted gateway
+
+
+def _recover(gw):
+    async def main():
+        c = ctl.Controller(gw)
+        ctl.RECONCILE_SETTLE_S = 0
+        [j] = gw.registry.open_migrations()
+        c.book.adopt(service=j.service, owner=j.source, dest=j.dest)
+        report = await c._recover(j)
+        await asyncio.sleep(0)  # the reconciles it scheduled
+        return report
+    return asyncio.run(main())
+
+
+class Recorder:
+    def __init__(self, seen, name, aborted):
+        self.seen, self.name, self.aborted = seen, name, aborted
+
+    @property
+    def rpc(self):
+        return self
+
+    async def request(self, message, timeout=None):
+        self.seen.append((self.name, message.OP, getattr(message, "batch", None), getattr(message, "pinned", None)))
+        if isinstance(message, bm.AbortBatch):
+            self.aborted.append(wire(message).flows)
+        return wire_reply(message, (message.REPLY or msgs.Done)())
+
+
+def _journaled(tmp_path, state, step=None, switched=True, order=None):
+    gw = Gateway(tmp_path)
+    gw.registry.journal_begin(SERVICE, "n1", "n2", 2)
+    epoch = nft.epoch_mac(2)
+    if switched:
+        gw.registry.switch_owner(SERVICE, "n2", bm.ReleaseBatch(service=SERVICE, epoch=epoch, batch=0,
+                                                                flows=(tcp(50000).flow,)))
+    gw.registry.journal_state(SERVICE, state)
+    if step is not None:
+        gw.registry.journal_release(SERVICE, step)
+    if order is not None:
+        gw.registry.journal_order(SERVICE, order)
+    gw.table, gw.epochs = gw.registry.load()
+    gw.seen = []
+    gw.aborted = []
+    gw.agents = {n: Recorder(gw.seen, n, gw.aborted) for n in ("n1", "n2")}
+    return gw
+
+
+def test_a_restarted_gateway_rolls_a_batched_migration_back_before_the_owner_switch(tmp_path):
+    gw = _journaled(tmp_path, "batched:open_restoring:0:0", switched=False)
+    report = _recover(gw)
+    assert report["outcome"] == "rolled_back" and report["strategy"] == "batched"
+    assert [(n, op) for n, op, *_ in gw.seen] == [("n2", "migrate.abort"), ("n1", "migrate.rollback")]
+    assert gw.registry.open_migrations() == []
+
+
+def test_a_restarted_gateway_undoes_a_freezing_batch_and_pins_the_rest(tmp_path):
+    epoch = nft.epoch_mac(2)
+    order = tuple(tcp(50000 + i).flow for i in range(44))
+    abort = bm.AbortBatch(service=SERVICE, epoch=epoch, batch=3, flows=order[4:8])
+    gw = _journaled(tmp_path, "batched:restoring:3:40:36", abort, order=order)
+    gw.config.delivery = Delivery.SELECTIVE
+    report = _recover(gw)
+    assert report["outcome"] == "committed" and report["split"] is True
+    assert report["connections_pinned"] == 40 and "batching stopped" in report["reason"]
+    assert gw.seen == [("n1", "migrate.batch.rollback", 3, None), ("n2", "migrate.batch.abort", 3, None),
+                       ("n2", "migrate.batch.abort", 4, None), ("n1", "migrate.batch.finish", None, 40)]
+    assert gw.aborted[-1] == order[8:]  # the destination drops the ones no batch took
+    assert gw.joined == ["n2"]  # a reconcile of the source would end the pinned connections
+    assert gw.registry.open_migrations() == []
+
+
+def test_a_restarted_gateway_finishes_a_batch_whose_release_was_asked(tmp_path):
+    epoch = nft.epoch_mac(2)
+    release = bm.ReleaseBatch(service=SERVICE, epoch=epoch, batch=5, flows=(tcp(50002).flow,))
+    gw = _journaled(tmp_path, "batched:releasing:5:0:0", release)
+    report = _recover(gw)
+    assert report["outcome"] == "committed" and report["split"] is False
+    assert gw.seen == [("n2", "migrate.batch.release", 5, None), ("n1", "migrate.batch.commit", 5, None),
+                       ("n1", "migrate.batch.finish", None, 0)]
+
+
+def test_a_restarted_gateway_that_does_not_know_what_is_left_keeps_the_old_instance(tmp_path):
+    gw = _journaled(tmp_path, "releasing")  # died between the owner switch and its state line
+    report = _recover(gw)
+    assert report["outcome"] == "committed" and report["split"] is True
+    assert "not known" in report["reason"]
+    assert [x[:2] for x in gw.seen] == [("n2", "migrate.batch.release"), ("n1", "migrate.batch.commit"),
+                                        ("n1", "migrate.batch.finish")]
+    assert gw.seen[-1][3] == 1
+
+
+def test_a_gateway_dying_mid_batch_leaves_a_journal_its_successor_finishes_exactly_once(tmp_path):
+    """The live path's own journal, not a written one: the gateway stops dead while batch 2
+    restores (nothing more is sent), a new controller reads the journal and finishes it;
+    the agents' roles and the packets' oracle say nothing was lost or accepted twice."""
+    c = Cluster(tmp_path, n_conns=12)
+    stuck = asyncio.Event()
+    orig = c.agents["n2"].request
+
+    async def request(message, timeout=None):
+        if isinstance(message, bm.RestoreBatch) and message.batch == 2:
+            c.seen.append(("n2", message.OP, 2))
+            stuck.set()
+            await asyncio.Event().wait()  # the gateway dies before the reply comes
+        return await orig(message, timeout)
+    c.agents["n2"].request = request
+
+    async def main():
+        from clustercore.batchmigration_messages import BatchSizer
+        c.gw.config.batch_sizer = BatchSizer(first=4, smallest=4, largest=4)
+        run = asyncio.ensure_future(ctl.Controller(c.gw).migrate(SERVICE, "n2", batched_asked=True))
+        await stuck.wait()
+        run.cancel()  # dead: no more steps from this gateway
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        c.agents["n2"].request = orig
+        [j] = c.gw.registry.open_migrations()
+        assert j.state.startswith("batched:restoring:2:") and isinstance(j.release, bm.AbortBatch)
+        assert len(j.order) == 12
+        successor = ctl.Controller(c.gw)
+        ctl.RECONCILE_SETTLE_S = 0
+        successor.book.adopt(service=j.service, owner=j.source, dest=j.dest)
+        return await successor._recover(j)
+    report = asyncio.run(main())
+    assert report["outcome"] == "committed" and report["split"] is True
+    assert report["connections_pinned"] == 8  # batch 2 undone and batch 3 never taken
+    tail = [(n, op, b) for n, op, b in c.seen[-4:]]
+    assert tail == [("n1", "migrate.batch.rollback", 2), ("n2", "migrate.batch.abort", 2),
+                    ("n2", "migrate.batch.abort", 3), ("n1", "migrate.batch.finish", None)]
+    assert c.finished_pinned == 8
+    assert c.gw.registry.open_migrations() == []
+    assert c.drain_traffic() == []
+
+
+def test_an_agent_back_during_a_batched_migration_is_ignored_not_a_crash():
+    """The controller's node watcher sends NodeBack when an agent logs in again; the
+    batched machine has no such event: the driver says so and goes on."""
+    from clustercore import migration as mig
+    from clustercore.batchmigration import BatchMigration
+    from clustercore.migration_driver import MigrationDriver
+
+    said = []
+    hands = types.SimpleNamespace(send=lambda node, m: None, report=lambda step, d: said.append((step, d)),
+                                  set_delivery=lambda s, n: None, arm_timer=lambda d: None,
+                                  transition=lambda a, b: None)
+    d = MigrationDriver(BatchMigration(service=SERVICE, source="n1", dest="n2", epoch="e"), hands)
+    d.feed(mig.Start(), 0.0)
+    d.feed(mig.NodeBack(node="n2"), 0.1)
+    assert d.machine.state.value == "preparing" and said[-1] == ("preparing", "ignored NodeBack: not an event "
+                                                                              "of a batched migration")
+
+
+def test_a_fixed_batch_size_is_taken_and_the_default_never_goes_below_32(tmp_path):
+    c = Cluster(tmp_path, n_conns=20)
+
+    async def main():
+        msg = msgs.Migrate(name=SERVICE, to="n2", batched=True, batch_size=6)
+        ctx = types.SimpleNamespace(progress=lambda step, detail: None)
+        return await ctl.Controller(c.gw).op_migrate(wire(msg), ctx)
+    report = asyncio.run(main())
+    assert report["outcome"] == "committed" and report["batches"] == 1 + 4  # 6 + 6 + 6 + 2
+    assert [len(f) for f in c.frozen] == [6, 6, 6, 2]
+    from gateway import batched
+    s = batched.sizer(0)
+    assert s.first == 32 and s.next(32, 80.0) == 32 and s.next(32, 1.0) == 64  # slow: stays; quick: grows
+
+
+def test_a_batch_size_without_batched_or_out_of_range_is_refused(tmp_path):
+    c = Cluster(tmp_path)
+
+    async def main(**kw):
+        return await ctl.Controller(c.gw).op_migrate(msgs.Migrate(name=SERVICE, to="n2", **kw),
+                                                     types.SimpleNamespace(progress=None))
+    with pytest.raises(LocalControlError, match="for --batched"):
+        asyncio.run(main(batch_size=8))
+    with pytest.raises(LocalControlError, match="1..1024"):
+        asyncio.run(main(batched=True, batch_size=5000))
+    assert c.ops() == []
+
+
+def test_the_gateway_waits_longer_at_arming_where_nothing_is_held():
+    from gateway import batched
+    m = batched.machine(SERVICE, "n1", "n2", "e")
+    assert m.timeouts.arming == 15.0 and m.timeouts.freezing == 2.0  # the rest: the machine's own
