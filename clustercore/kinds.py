@@ -79,6 +79,10 @@ BUILTIN_PREFIX = "builtin:"
 EXTERNAL_SPEC = "external"
 ADOPTED_PREFIX = "adopted:"
 BUILTINS: tuple[str, ...] = ("echo", "kv")
+# the builtins that can move a batch of connections at a time while serving the others
+# (the batched handoff); kv's connections share its table, so its two instances must not
+# serve at once: it moves whole
+BATCH_BUILTINS: tuple[str, ...] = ("echo",)
 
 
 def service_kind(exec_spec: str) -> ServiceKind:
@@ -188,6 +192,9 @@ def check_service_options(exec_spec: str, migrate: object = MigrateStrategy.AUTO
         raise LocalControlError(f"unknown --sockets {sockets!r} (have: {', '.join(Sockets)})")
     if wanted is not MigrateStrategy.AUTO:
         migration_strategy(kind, wanted)  # refuses what the kind cannot use
+    if wanted is MigrateStrategy.BATCHED and kind is ServiceKind.BUILTIN and builtin_name(exec_spec) not in BATCH_BUILTINS:
+        raise LocalControlError(f"{exec_spec} cannot move in batches (its connections share its state; "
+                                f"only {', '.join(BATCH_BUILTINS)} can): use --migrate handoff")
     if how is Sockets.SELF and wanted in (MigrateStrategy.HANDOFF, MigrateStrategy.BATCHED):
         raise LocalControlError(f"the {wanted} strategy passes the sockets to the program (--sockets activation)")
     if how is Sockets.SELF and kind is ServiceKind.BUILTIN:

@@ -504,9 +504,9 @@ class DumpProcess(Command):
 @_command()
 class ThawProcess(Command):
     """Repair mode off for every TCP socket of the tree, then SIGCONT every process
-    (criu.thaw): a frozen source serves again; a restored copy starts (-> int).
+    (proctree.thaw): a frozen source serves again; a restored copy starts (-> int).
     restored: a copy that `criu restore` made, whose sockets criu's restorer already took
-    out of repair mode: SIGCONT only (criu.resume), no look at each of its sockets."""
+    out of repair mode: SIGCONT only (proctree.resume), no look at each of its sockets."""
     instance: Any
     restored: bool = False
 

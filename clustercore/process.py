@@ -29,7 +29,7 @@ hold IS the network lock (criu's own is skipped: `--network-lock skip`).
   source commit        drop the hold; kill the frozen source (its repair-mode sockets
                        vanish: no FIN, no RST)
   source rollback      put the drained datagrams back BEFORE it runs; repair off and
-                       SIGCONT (criu.thaw); accept the hold
+                       SIGCONT (proctree.thaw); accept the hold
   destination abort    drop the hold; cancel the receiver; a restored copy: its TCP
                        sockets into repair mode first, then SIGKILL (nothing reaches a
                        client); the image removed
@@ -273,7 +273,7 @@ class ProcessMigration(Playbook):
     def rollback(self, m, event: Any, now: float):
         """THE source rollback. Our UDP copies closed; the drained datagrams put back while
         the tree is still stopped (it reads them before anything newer); repair off and
-        SIGCONT (criu.thaw; also right after a dump that criu itself undid); the hold
+        SIGCONT (proctree.thaw; also right after a dump that criu itself undid); the hold
         accepted in arrival order; the role removed after the grace period."""
         f = self.source
         if f is None:

@@ -329,7 +329,7 @@ class Controller:
         if strategy is not MigrateStrategy.PROCESS:
             return self.timeouts
         # committing too: a lazy migration's source answers once its pages are served
-        # (bounded on the node by migrate.LAZY_COMMIT_WAIT_S, under this)
+        # (bounded on the node by processsteps.LAZY_COMMIT_WAIT_S, under this)
         return dataclasses.replace(self.timeouts, freezing=max(self.timeouts.freezing, PROCESS_STEP_S),
                                    restoring=max(self.timeouts.restoring, PROCESS_STEP_S),
                                    committing=max(self.timeouts.committing, PROCESS_STEP_S))

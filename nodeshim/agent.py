@@ -9,13 +9,16 @@ gateway's typed requests (clustercore.messages), dispatched by type through one 
 (`handlers`): Table (who owns what), Reconcile / ServiceStart / ServiceStop, Counters,
 NodeVerdicts, and the migration steps (nodeshim.migrate). If the gateway goes away the
 kernel state stays as it is (owned services keep working) and the agent reconnects.
+
+The services it runs (start, stop, reconcile, the restart watchdog) are
+nodeshim.servicekeeper, and what a previous agent left running (recorded, adopted,
+settled) nodeshim.orphans: both base classes of NodeAgent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -25,31 +28,30 @@ from clustercore import batch_messages, fastpath
 from clustercore import messages as msgs
 from clustercore.config import NodeConfig
 from clustercore.errors import ConfigError, ConnectionLost, LocalControlError, PeerControlError, VipError
-from clustercore.kinds import Datapath, ServiceKind, adopted_pid, service_kind
+from clustercore.kinds import Datapath
 from clustercore.ownership import NodeFilter, Service
 from clustercore.process import LAZY_ENV
-from clustercore.packet import TCP
 from vipwire import metricsserver, systemd, tls
 from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
-from . import criu, criulazy, gatewaywatch, iptables, netlink, pidfd, services, tcprepair
-from .batchmigrate import spawn_with_channel, speaks_batch
+from . import criu, criulazy, gatewaywatch, iptables, netlink, services
+from .batchmigrate import speaks_batch
 from .drain import DrainAgent
 from .fdstore import NotifySocket, process_group_of
 from .health import HealthRunner
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
+from .orphans import PreviousAgent
 from .queue import PacketQueues, fdname
 from .limits import grow_fd_table
 from .queuekeep import RoleRecord, take_fd_store
+from .servicekeeper import ServiceKeeper
 from .verdictlog import VerdictLog
 
 log = logging.getLogger("vipcluster.node")
 
-MAX_RESTARTS = 5  # a service that keeps exiting is left down after this many restarts
-WATCH_INTERVAL_S = 1.0  # how often exited services are noticed
 CONNECT_TIMEOUT_S = 5.0
 LOGIN_TIMEOUT_S = 5.0
 RECONNECT_FIRST_S = 0.1  # back-off after losing the gateway: doubles up to RECONNECT_MAX_S
@@ -58,7 +60,7 @@ MIGRATION_MESSAGES = (*msgs.STEPS, msgs.Chunk, *batch_messages.STEPS)
 STOP_WAIT_MARGIN_S = 2.0  # a stop waits for open migrations: the lease and this much
 
 
-class NodeAgent:
+class NodeAgent(PreviousAgent, ServiceKeeper):
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.tls = tls.client_context(config.tls_cert, config.tls_key, config.tls_ca)
@@ -129,137 +131,6 @@ class NodeAgent:
             netlink.disable_receive_offloads(self.config.cluster_interface)
         for vip in self.config.vips:
             netlink.add_vip(vip)  # stays when we exit (services keep serving)
-
-    # --- services left by a previous agent (it exited or crashed) --------------------
-    @property
-    def _running_file(self) -> str:
-        return os.path.join(self.config.state_dir, "running.json")
-
-    def record_running(self) -> None:
-        """What a successor needs to adopt our services: pid, service, socket names."""
-        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
-        tmp = self._running_file + ".tmp"
-        record = {"version": 2, "services": {
-            n: {"pid": rs.pid, "started": services.start_ticks(rs.pid), "service": rs.service.to_dict(),
-                "sockets": [name for name, _ in rs.sockets],
-                "handoff": self.speaks_handoff(n)}  # it said so once; a successor must know
-            for n, rs in self.running.items()}}
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, self._running_file)
-
-    def _recorded(self) -> dict:
-        try:
-            with open(self._running_file) as f:
-                record = json.load(f)
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            log.warning("cannot read %s (%s): no service adopted", self._running_file, e)
-            return {}
-        if not isinstance(record, dict) or record.get("version") != 2:
-            # an older agent's record ({name: pid}): end those, as that agent did
-            for name, pid in (record.items() if isinstance(record, dict) else ()):
-                if isinstance(pid, int):
-                    self._end_stray(name, pid, "recorded in an old format")
-            return {}
-        return record.get("services") or {}
-
-    def _end_stray(self, name: str, pid: int, why: str) -> None:
-        if services.service_of(pid) == name:
-            log.warning("ending service %s (pid %d) left by a previous agent: %s", name, pid, why)
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def adopt_orphans(self) -> None:
-        """A previous agent of this node exited or crashed and left its services running
-        with their clients' connections: take them back without restarting them (the
-        process must still be that service; we take copies of its listeners and UDP
-        sockets with pidfd_getfd so later migrations work). One that cannot be adopted as
-        recorded is ended: it holds the VIP ports, and the gateway's reconcile starts it
-        again. Migrations that agent was running are lost with it (see nodeshim.migrate)."""
-        for name, entry in self._recorded().items():
-            try:
-                service = Service.from_dict(entry["service"])
-                pid, names = int(entry["pid"]), [str(n) for n in entry["sockets"]]
-            except (KeyError, TypeError, ValueError) as e:
-                log.warning("record of service %s is unreadable (%s): not adopted", name, e)
-                continue
-            try:
-                started = entry.get("started")
-                rs = services.adopt(service, pid, names, self.config.vips, self.log_dir,
-                                    started if isinstance(started, int) else None)
-            except VipError as e:
-                self._end_stray(name, pid, f"cannot adopt it: {e}")
-                continue
-            if rs is None:
-                log.warning("service %s (pid %d) left by a previous agent is gone", name, pid)
-                continue
-            self.running[name] = rs
-            self.restarts[name] = 0
-            self.adopted.append(name)
-            if entry.get("handoff") is True and self.notify is not None:
-                self.notify.store(name).handoff = True
-            if pidfd.process_state(pid) in pidfd.STOPPED_STATES:
-                # its agent died mid-migration with it frozen: what that agent held (the
-                # queued packets, datagrams it drained, connections it had just accepted)
-                # died with it; the registry owner decides at the reconcile
-                log.warning("service %s (pid %d) was frozen by a migration the previous agent "
-                            "did not finish; the packets it held are lost", name, pid)
-                self.frozen_adopted.add(name)
-        self.record_running()
-
-    def adopt_restored_orphans(self) -> None:
-        """A previous agent died with a new instance here (a `process` migration's
-        restored copy, a handoff's instance started in its release): if the
-        release had begun, it is the service now (adopted like any service it left;
-        the gateway, asked the release again, is told it began and goes forward); if not,
-        it is silenced and killed (nodeshim.leftovers)."""
-        def adopt(service: Service, pid: int, started: int | None, names: list[str]):
-            return services.adopt(service, pid, names, self.config.vips, self.log_dir, started)
-        for name, rs in self.migrations.settle_restored_orphans(adopt):
-            self.running[name] = rs
-            self.restarts[name] = 0
-            self.adopted.append(name)
-            if rs.sockets and self.notify is not None:  # a handoff's instance: it speaks the fd store
-                self.notify.store(name).handoff = True
-        self.record_running()
-
-    def _end_frozen(self, wanted: set[str]) -> list[str]:
-        """After a restart mid-migration: a frozen service the registry says is ours
-        resumes (its connections leave repair mode, it gets SIGCONT); one it says is not
-        ours is ended (SIGKILL: a stopped process cannot run a SIGTERM handler; its sockets
-        are closed in repair mode, silently: the destination serves its connections)."""
-        notes = []
-        for name in sorted(self.frozen_adopted):
-            rs = self.running.get(name)
-            if rs is None or self.migrations.busy(name):
-                continue
-            self.frozen_adopted.discard(name)
-            if name in wanted:
-                ports = tuple(p for proto, p in rs.service.ports if proto == TCP)
-                try:
-                    conns = pidfd.take_connections(rs.pid, self.config.vips, ports)
-                    try:
-                        tcprepair.unrepair_many([sock for _, sock in conns])
-                    finally:
-                        for _, sock in conns:
-                            sock.close()
-                    os.kill(rs.pid, signal.SIGCONT)
-                except (VipError, OSError) as e:
-                    log.error("cannot resume frozen service %s: %s", name, e)
-                notes.append(f"service {name} was frozen by a dead agent: resumed (held packets lost)")
-            else:
-                services.kill(self.running.pop(name))
-                for _, sock in rs.sockets:
-                    sock.close()
-                notes.append(f"service {name} was frozen by a dead agent and moved away: ended")
-        for text in notes:
-            log.warning("%s", text)
-            self.send_to_gateway(msgs.Notice(text=text))
-        return notes
 
     def cleanup(self) -> dict:
         """`vipctl node cleanup`: stop every service an agent left, remove the rules and
@@ -616,70 +487,6 @@ class NodeAgent:
             if self.queue is not None:
                 self.sync_datapath()
 
-    def start_service(self, service: Service, sockets=None, extra_env=None) -> dict:
-        if service_kind(service.exec_spec) is ServiceKind.EXTERNAL:
-            # run by the operator (bound to the VIP itself): we only filter its packets
-            return {"pid": None, "fds": []}
-        if service.name in self.running:
-            raise LocalControlError(f"service '{service.name}' already runs on {self.config.name}")
-        kind = service_kind(service.exec_spec)
-        extra_env = {**self.notify_env, **(extra_env or {})}
-        if self.notify is not None:
-            self.notify.forget(service.name)  # a new program: what it says starts afresh
-        if kind is ServiceKind.ADOPTED:
-            rs = services.adopt_operator_process(service, adopted_pid(service.exec_spec) or 0, self.log_dir)
-            names: list[str] = []
-        elif kind is ServiceKind.COMMAND:
-            # the `process` strategy moves it: own PID namespace and session, output pipe
-            rs = services.start_isolated(service, self.config.vips, self.log_dir, extra_env=extra_env)
-            names = [] if service.sockets == "self" else [
-                f"{'tcp' if proto == TCP else 'udp'}-{port}" for proto, port in service.ports]
-        else:
-            socks = sockets if sockets is not None else services.open_sockets(self.config.vips, service.ports)
-            try:
-                rs = spawn_with_channel(service, socks, self.log_dir, extra_env)
-            except VipError:
-                for _, s in socks:
-                    s.close()
-                raise
-            names = [n for n, _ in socks]
-        self.running[service.name] = rs
-        self.restarts[service.name] = 0
-        self.record_running()
-        return {"pid": rs.pid, "fds": names}
-
-    def stop_service(self, name: str) -> dict:
-        svc = self.filter.services.get(name)
-        if svc is not None and service_kind(svc.exec_spec) is ServiceKind.EXTERNAL and name not in self.running:
-            return {"stopped": name}
-        rs = self.running.pop(name, None)
-        if rs is None:
-            raise LocalControlError(f"service '{name}' does not run on {self.config.name}")
-        services.stop(rs)
-        self.record_running()
-        return {"stopped": name}
-
-    def reconcile(self, wanted: list[Service], migrating: set[str] = frozenset()) -> dict:
-        started, stopped = [], []
-        names = {s.name for s in wanted}
-        self._end_frozen(names)
-        for name in list(self.running):
-            if name not in names and not self.migrations.busy(name):
-                services.stop(self.running.pop(name))
-                stopped.append(name)
-        for s in wanted:
-            # a service that migrates here (a restarted gateway finishes it) is the
-            # migration's to start, not ours; so is one whose migration the gateway still
-            # runs while we have no machine for it (we restarted mid-way: the gateway asks
-            # us how it ended, and may give it back to the source)
-            if (s.name not in self.running and not self.migrations.busy(s.name)
-                    and s.name not in migrating
-                    and service_kind(s.exec_spec) is not ServiceKind.EXTERNAL):
-                self.start_service(s)
-                started.append(s.name)
-        self.record_running()
-        return {"started": started, "stopped": stopped}
-
     def counters(self) -> dict:
         if self.migrations.idle():
             self.record_running()  # cheap, and keeps the record right after migrations
@@ -731,55 +538,6 @@ class NodeAgent:
                      lazy_why)
         self._process_strategy = strategy
         log.info("process strategy: %s (%s)", "available" if ok else "unavailable", why)
-
-    async def _watch_services(self) -> None:
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL_S)
-            for name, rs in list(self.running.items()):
-                if self.migrations.busy(name):
-                    continue
-                code = rs.process.poll()
-                if code is None:
-                    continue
-                n = self.restarts.get(name, 0)
-                if n >= MAX_RESTARTS:
-                    continue
-                event(log, "service.exited", logging.WARNING, service=name, pid=rs.pid, exit_code=code,
-                      restart=f"{n + 1}/{MAX_RESTARTS}")
-                await self.notice(f"service {name} exited with {code}; restarting")
-                if service_kind(rs.service.exec_spec) is ServiceKind.ADOPTED:
-                    self.restarts[name] = MAX_RESTARTS  # not ours to restart
-                    continue
-                self.restarts[name] = n + 1
-                try:
-                    self.running[name] = self._restart(rs)
-                except Exception as e:  # noqa: BLE001 - counted: a start that keeps failing is left down
-                    if not isinstance(e, VipError):  # a bug: its traceback, and the watchdog goes on
-                        log.exception("restart of %s", name)
-                    event(log, "service.restart_failed", logging.ERROR, service=name, error=str(e))
-                    await self.notice(f"service {name}: restart failed: {e}")
-                    continue
-                self.metrics.restarted(name)
-                self.record_running()
-
-    def _restart(self, rs: services.RunningService) -> services.RunningService:
-        """Start an exited service again, from scratch, with the listeners and UDP sockets
-        we hold for it. A command-line program normally holds its sockets alone (we hold
-        none), but one that came here by a handoff has ours, bound at the migration's
-        prepare: binding the ports afresh beside them failed with EADDRINUSE, so they are
-        passed again (their accept queue, clients that connected meanwhile, included)."""
-        if service_kind(rs.service.exec_spec) is ServiceKind.COMMAND:
-            # their NOTIFY_SOCKET is ours, never our manager's (the agent's own
-            # environment has the lab supervisor's or systemd's)
-            if not rs.sockets:
-                return services.start_isolated(rs.service, self.config.vips, self.log_dir,
-                                               extra_env=self.notify_env)
-            new = services.start_isolated(rs.service, self.config.vips, self.log_dir,
-                                          extra_env=self.notify_env, passed=list(rs.sockets))
-            new.sockets = list(rs.sockets)
-            return new
-        return spawn_with_channel(rs.service, rs.sockets, self.log_dir, self.notify_env)
-
 
 def run(config: NodeConfig) -> None:
     from .limits import raise_nofile

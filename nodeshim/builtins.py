@@ -36,6 +36,7 @@ import sys
 from collections import defaultdict
 
 from clustercore import batchchannel as bc
+from clustercore.kinds import BATCH_BUILTINS
 from nodeshim import batchchannel
 from nodeshim.limits import raise_nofile
 
@@ -394,7 +395,7 @@ def main(argv: list[str]) -> int:
     print(f"{argv[0]} serving {', '.join(names)} ({len(server.outbuf)} connections handed over)", flush=True)
     # FDSTORE=1 alone: I hand over. X_VIP_BATCH=1 (echo only, with the channel): also a
     # batch at a time while serving; kv's connections share its table, so it cannot
-    batch = f"\n{bc.ANNOUNCE}" if server.channel is not None and argv[0] == "echo" else ""
+    batch = f"\n{bc.ANNOUNCE}" if server.channel is not None and argv[0] in BATCH_BUILTINS else ""
     notify(f"READY=1\nFDSTORE=1{batch}\nSTATUS=serving {', '.join(names)}")
     server.run()
     return 0

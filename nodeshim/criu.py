@@ -10,7 +10,7 @@ migration with criu"):
 - A program to be moved must start in its own PID namespace and session, with nothing
   open but fds 0-2: then the restored copy gets a fresh namespace (its PIDs never clash
   with anything on the destination, nor with the frozen source), and criu finds no
-  descriptor it cannot follow. `spawn_isolated()` starts it that way. We do NOT give it a
+  descriptor it cannot follow. `proctree.spawn_isolated()` starts it that way. We do NOT give it a
   mount namespace (no `--mount-proc`): criu and the program must share one.
 - stdout/stderr must be a pipe, never a log file that grows (restore checks a file's size
   and fails "has bad size"). The agent owns the read end; on restore the destination
@@ -23,8 +23,10 @@ migration with criu"):
   first meaningful `Error (...)` line of criu's log, so a refused migration says why in one
   line.
 
-Everything that decides (argument lists, version and log parsing) is a plain function the
-unit tests call without root; the rest only runs programs.
+Everything that decides (argument lists) is a plain function the unit tests call without
+root; the rest only runs programs. Reading criu's output (version, log, stats images) is
+nodeshim.criuparse; the program's process tree (start isolated, thaw, resume, silence)
+is nodeshim.proctree.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -46,7 +47,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from clustercore.errors import KernelError
 from nodeshim import pidfd
-from nodeshim.tcprepair import TCP_REPAIR, TCP_REPAIR_OFF
+from nodeshim.criuparse import dump_times, failure_reason, parse_stats_dump, parse_stats_restore, parse_version
 
 MIN_VERSION = (4, 2)
 # scripts/build-criu installs here; /usr/local/sbin is not on every daemon's PATH
@@ -61,114 +62,6 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CRIU_TIMEOUT_S = 120.0
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- pure: parsing
-
-def parse_version(text: str) -> tuple[int, ...] | None:
-    """`criu --version` prints "Version: 4.2.1" (plus a GitID line on git builds)."""
-    m = re.search(r"^Version:\s*(\d+(?:\.\d+)*)", text, re.MULTILINE)
-    return tuple(int(p) for p in m.group(1).split(".")) if m else None
-
-
-# Error lines that never say why: criu's summaries on the way out of any failure, a
-# helper reporting that a child failed, and one it logs on every run here and survives
-# (root lacks CAP_SYS_RESOURCE, so criu cannot raise its own descriptor limit).
-_GENERIC = re.compile(
-    r"(dumping|restoring|pre-dumping) failed|^dump (of )?.*failed\.?$|^restore .*failed\.?$"
-    r"|^failed to (dump|restore)|^exiting|^can't wait or bad status"
-    r"|can't setup rlimit_nofile for self", re.IGNORECASE)
-_ERROR_LINE = re.compile(r"Error \(([^)]*)\):\s*(.*\S)")
-
-
-def failure_reason(log_text: str, returncode: int | None = None) -> str:
-    """One line that says why criu failed: its first `Error (file:line): message` that is
-    not a generic "Dumping FAILED." summary, as "message (file:line)"."""
-    errors = [(m.group(2), m.group(1)) for m in map(_ERROR_LINE.search, log_text.splitlines()) if m]
-    specific = [e for e in errors if not _GENERIC.search(e[0])]
-    if specific or errors:
-        message, where = (specific or errors)[0]
-        return f"{message} ({where})"
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
-    if lines:
-        return re.sub(r"^\(\s*[\d.]+\)\s*", "", lines[-1])
-    if returncode is not None and returncode < 0:
-        return f"criu killed by signal {-returncode}"
-    return f"criu exited with status {returncode}" if returncode is not None else "criu failed"
-
-
-# images/stats.proto: dump_stats_entry (stats_entry field 1) and restore_stats_entry (2)
-_STATS_FIELDS = {7: "pages_written", 14: "shpages_written", 2: "frozen_time_us",
-                 1: "freezing_time_us", 3: "memdump_time_us", 4: "memwrite_time_us", 9: "pages_lazy"}
-_RESTORE_STATS_FIELDS = {3: "forking_time_us", 4: "restore_time_us", 5: "pages_restored"}
-
-
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(data) or shift > 63:
-            raise ValueError("truncated varint")
-        b = data[i]
-        value |= (b & 0x7F) << shift
-        i, shift = i + 1, shift + 7
-        if not b & 0x80:
-            return value, i
-
-
-def parse_stats_dump(data: bytes) -> dict[str, int]:
-    """The counters we use from criu's `stats-dump` image: two 32-bit magics, a 32-bit
-    length, then a protobuf stats_entry whose field 1 is dump_stats_entry (images/stats.proto).
-    pages_written + shpages_written pages is what went to the pages-*.img files (or to the
-    page server): the destination checks it received that much. The times (us) say where
-    the dump spent the freeze: freezing the tree, frozen in all, of which memdump (pages
-    into criu's pipes) and memwrite (pipes out to files or the page server). ValueError
-    if malformed."""
-    return _parse_stats(data, 1, _STATS_FIELDS, "stats-dump")
-
-
-def parse_stats_restore(data: bytes) -> dict[str, int]:
-    """criu's `stats-restore` image (stats_entry field 2, restore_stats_entry): forking
-    and restore times (us) and the pages it put back. ValueError if malformed."""
-    return _parse_stats(data, 2, _RESTORE_STATS_FIELDS, "stats-restore")
-
-
-def _parse_stats(data: bytes, which: int, fields: Mapping[int, str], what: str) -> dict[str, int]:
-    if len(data) < 12:
-        raise ValueError(f"{what} too short")
-    length = int.from_bytes(data[8:12], "little")
-    entry, i, sub = data[12:12 + length], 0, b""
-    if len(entry) != length:
-        raise ValueError(f"{what} truncated")
-    while i < len(entry):
-        key, i = _varint(entry, i)
-        if key & 7 != 2:
-            raise ValueError(f"{what}: unexpected field")
-        size, i = _varint(entry, i)
-        if i + size > len(entry):
-            raise ValueError(f"{what} truncated")
-        if key >> 3 == which:
-            sub = entry[i:i + size]
-        i += size
-    out, i = {name: 0 for name in fields.values()}, 0
-    while i < len(sub):
-        key, i = _varint(sub, i)
-        if key & 7 == 0:
-            value, i = _varint(sub, i)
-            if key >> 3 in fields:
-                out[fields[key >> 3]] = value
-        elif key & 7 == 2:
-            size, i = _varint(sub, i)
-            i += size
-        else:
-            raise ValueError(f"{what}: unexpected wire type")
-    return out
-
-
-def dump_times(data: bytes) -> dict[str, float]:
-    """Where a dump spent the program's freeze, ms, from its stats-dump (see parse_stats_dump)."""
-    stats = parse_stats_dump(data)
-    return {f"criu_{name}": round(stats[f"{name}_time_us"] / 1000, 2)
-            for name in ("freezing", "frozen", "memdump", "memwrite")}
 
 
 def kdat_probe_argv(criu: str) -> list[str]:
@@ -687,167 +580,3 @@ def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
             return int(f.read().strip())
     except (OSError, ValueError) as e:
         raise KernelError("criu restore", None, f"criu wrote no usable pidfile {pidfile}: {e}") from None
-
-
-# ---------------------------------------------------------------- isolated programs
-
-@dataclass
-class IsolatedProcess:
-    """A program in its own PID namespace and session.
-
-    pid is the program (PID 1 of the namespace, host view): criu's dump root, and the PID
-    to signal. launcher is `unshare`, its parent, which exits when the namespace's init
-    does; wait on it to reap."""
-
-    pid: int
-    launcher: subprocess.Popen
-
-    def poll(self) -> int | None:
-        return self.launcher.poll()
-
-    def kill(self, timeout: float = 5.0) -> None:
-        """SIGKILL the namespace's init, which takes every process in it along."""
-        if self.launcher.poll() is not None:
-            return  # unshare outlives its child: pid is gone, maybe reused, never signal it
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.launcher.wait(timeout)
-        except subprocess.TimeoutExpired:
-            # the program is gone or going; unshare itself never blocks SIGKILL
-            self.launcher.kill()
-            self.launcher.wait(timeout)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def spawn_isolated(argv: Sequence[str], env: Mapping[str, str] | None, cwd: str,
-                   log_fd: int, *, netns_path: str | None = None,
-                   timeout: float = 5.0, pass_fds: Sequence[int] = ()) -> IsolatedProcess:
-    """Start argv for the `process` strategy: own PID namespace and session, stdin
-    /dev/null, stdout and stderr on log_fd (the write end of a pipe the agent reads), no
-    other descriptor. netns_path: start it in that network namespace (tests; the agent
-    already runs in its node's); nsenter execs unshare without forking, so the Popen is
-    unshare either way. pass_fds: descriptors the program inherits at their numbers (the
-    caller's socket-activation wrapper moves them to 3.. and closes the originals)."""
-    try:
-        launcher = subprocess.Popen(
-            in_netns_argv(netns_path, isolated_argv(argv)), env=dict(env) if env is not None else None,
-            cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-            close_fds=True, start_new_session=True, pass_fds=tuple(pass_fds))
-    except OSError as e:
-        raise KernelError(f"start {argv[0]}", e.errno, "in its own PID namespace") from None
-    deadline = time.monotonic() + timeout
-    while True:
-        kids = _children(launcher.pid)
-        if kids:
-            return IsolatedProcess(pid=kids[0], launcher=launcher)
-        if launcher.poll() is not None:
-            raise KernelError(f"start {argv[0]}", None,
-                              f"unshare exited with status {launcher.returncode} before the program ran")
-        if time.monotonic() > deadline:
-            launcher.kill()
-            launcher.wait()
-            raise KernelError(f"start {argv[0]}", None, f"no program under unshare after {timeout:.0f} s")
-        time.sleep(0.002)
-
-
-def stopped(pid: int) -> bool:
-    """Is pid stopped (a `leave_stopped` dump's source, until thawed or killed)?"""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
-
-
-def tree_pids(root: int) -> list[int]:
-    """root and all its descendants, parents first."""
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        out.append(pid)
-        todo.extend(_children(pid))
-    return out
-
-
-def thaw(root: int) -> int:
-    """Roll back a `leave_stopped` dump: let the frozen source serve again.
-
-    criu leaves the source's established TCP sockets in repair mode (they stay silent while
-    frozen); a thawed program on such sockets would see its peers reset. So first take each
-    socket of the tree (pidfd_getfd), turn repair off (the kernel sends a window probe and
-    the connection resumes), then SIGCONT every process. Returns how many sockets left
-    repair mode. (Only this switch: the socket state itself never left the kernel, so
-    nothing of nodeshim.tcprepair's dump/restore is needed.)"""
-    pids = tree_pids(root)
-    repaired = 0
-    for pid in pids:
-        try:
-            socks = pidfd.take_sockets(pid)
-        except KernelError:
-            continue  # gone: nothing to thaw
-        try:
-            for sock in socks.values():
-                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
-                        and sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR):
-                    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
-                    repaired += 1
-        finally:
-            for sock in socks.values():
-                sock.close()  # our duplicate only: the program keeps its socket
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-    return repaired
-
-
-def resume(root: int) -> int:
-    """Let a copy that `criu restore` made run: SIGCONT every process of the tree. Its
-    TCP sockets are already out of repair mode (criu's restorer turns repair off for each
-    one: "Turning repair off for FD" in its log), so, unlike thaw(), nothing is taken and
-    looked at per socket (with 1,000 connections thaw() spent tens of ms finding none).
-    Returns 0: no socket left repair mode here."""
-    for pid in tree_pids(root):
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-    return 0
-
-
-TCP_REPAIR_ON = 1
-
-
-def silence(root: int) -> int:
-    """Put every TCP socket of the tree into repair mode (pidfd_getfd, TCP_REPAIR on), so
-    that killing it sends nothing: no FIN, no RST. For a restored copy that must be given
-    up (an aborted migration): its peers still belong to the source. Returns how many."""
-    silenced = 0
-    for pid in tree_pids(root):
-        try:
-            socks = pidfd.take_sockets(pid)
-        except KernelError:
-            continue
-        try:
-            for sock in socks.values():
-                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-                    try:
-                        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
-                        silenced += 1
-                    except OSError:
-                        pass  # a listener in some states refuses: it has no peer to tell
-        finally:
-            for sock in socks.values():
-                sock.close()
-    return silenced

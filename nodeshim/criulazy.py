@@ -38,7 +38,7 @@ import threading
 import time
 
 from clustercore.errors import KernelError
-from nodeshim import criu
+from nodeshim import criu, criuparse
 
 LAZY_PAGES_LOG = "lazy-pages.log"
 PIPE_MAX_SIZE_FILE = "/proc/sys/fs/pipe-max-size"
@@ -124,7 +124,7 @@ def _reason(log_path: str, returncode: int | None) -> str:
             text = f.read()
     except OSError:
         text = ""
-    return criu.failure_reason(text, returncode)
+    return criuparse.failure_reason(text, returncode)
 
 
 class _Run:

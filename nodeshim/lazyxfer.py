@@ -16,7 +16,7 @@ nodeshim.criulazy (criu's --lazy-pages).
                                               now may the frozen source be killed
 
 Faults: a failure before the copy runs is undone like a full dump's (LazyDump.end():
-the page connection shut down, criu resumes the program; then criu.thaw). After the copy
+the page connection shut down, criu resumes the program; then proctree.thaw). After the copy
 runs the source's memory is the only copy of the pages not yet pulled: if the source
 dies then, the destination's daemon fails and the copy dies at its next touch of a
 missing page (SIGBUS); nothing can bring that state back. The source therefore keeps
@@ -33,23 +33,9 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from clustercore.errors import KernelError
-from nodeshim import criu, criulazy
-from nodeshim.imagexfer import (
-    HELLO_LAZY,
-    READY,
-    SEND,
-    Endpoint,
-    Link,
-    Receiver,
-    SendStats,
-    _connect,
-    _expect_ok,
-    _send_file,
-    _Wire,
-    image_files,
-    manifest_body,
-    manifest_header,
-)
+from nodeshim import criu, criulazy, proctree
+from nodeshim.imagewire import HELLO_LAZY, READY, SEND, _Wire, image_files, manifest_body, manifest_header
+from nodeshim.imagexfer import Endpoint, Link, Receiver, SendStats, _connect, _expect_ok, _send_file
 
 
 @dataclass
@@ -64,7 +50,7 @@ def dump_lazy_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: s
     at endpoint; return once the destination has verified it. The dump then serves the
     pages. link: the connections, made before the freeze (imagexfer.connect_to(lazy=True));
     taken over here in any case. On failure a KernelError, the dump ended (criu resumed
-    the program or never froze it): roll back with criu.thaw(pid) as after imagexfer.dump_to."""
+    the program or never froze it): roll back with proctree.thaw(pid) as after imagexfer.dump_to."""
     if endpoint.page_port is None or (link is not None and not link.lazy):
         if link is not None:
             link.close()
@@ -113,7 +99,7 @@ def dump_lazy_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: s
 def resident_bytes(pid: int) -> int:
     """The program's resident memory (what the pages amount to, roughly): VmRSS of the tree."""
     total = 0
-    for p in criu.tree_pids(pid):
+    for p in proctree.tree_pids(pid):
         try:
             with open(f"/proc/{p}/status") as f:
                 for line in f:

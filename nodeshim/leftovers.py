@@ -16,7 +16,7 @@ At start, the successor settles the new instances it finds (`settle`):
 - the release of that epoch had begun (its marker is there; always so for a handoff's
   instance, started in the release): the copy is, or was about to be, the service. Nothing else may serve the moved connections any more (the gateway
   commits, the source kills its frozen original), so the copy goes forward: repair mode
-  off and SIGCONT (criu.thaw, a no-op for what the dead agent had already thawed), and it
+  off and SIGCONT (proctree.thaw, a no-op for what the dead agent had already thawed), and it
   is adopted as the service's running instance, as handoff instances are.
 - no marker of that epoch: nothing of the copy reached a client (its sockets were in
   repair mode, the release had not begun); the gateway rolls the source back. The copy is
@@ -102,7 +102,7 @@ class Leftovers:
             json.dump(restored, f)
         os.replace(tmp, self._restored_file)
 
-    def settle(self, criu: Any, adopt: Callable[[Service, int, int | None, list[str]], Any]
+    def settle(self, proctree: Any, adopt: Callable[[Service, int, int | None, list[str]], Any]
                ) -> list[tuple[str, Any]]:
         """At start: each new instance a previous agent left goes forward (its release had
         begun: a restored copy thawed, then `adopt(service, pid, started, socket names)`;
@@ -127,7 +127,7 @@ class Leftovers:
                 try:
                     service = Service.from_dict(entry["service"])
                     if not handoff:  # a handoff's instance runs from its start
-                        criu.thaw(pid)  # repair off where still on, SIGCONT: it serves
+                        proctree.thaw(pid)  # repair off where still on, SIGCONT: it serves
                     rs = adopt(service, pid, started, names if handoff else [])
                 except (VipError, OSError, KeyError, TypeError, ValueError) as e:
                     log.error("the %s of %s (pid %d) whose release had begun cannot be "
@@ -141,7 +141,7 @@ class Leftovers:
             log.warning("silencing and ending the %s of %s (pid %d) left by a "
                         "previous agent (its release had not begun)", what, name, pid)
             try:
-                criu.silence(pid)
+                proctree.silence(pid)
             finally:
                 try:
                     os.killpg(pid, signal.SIGKILL)

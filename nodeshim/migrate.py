@@ -7,7 +7,9 @@ reply. This module only
   playbook: one at a time per service, in arrival order (a per-service lock), awaiting only
   the commands that wait (quiesce, handshakes, the new instance's start, the verdict loop);
 - maps each command to the kernel adapters (`Kernel`: tcprepair, udphandoff, pidfd,
-  services, queue; tests pass fakes), a VipError (or OSError) back into the playbook;
+  services, queue; tests pass fakes), a VipError (or OSError) back into the playbook
+  (the `process` strategy's commands are nodeshim.processsteps, a base class of
+  MigrationAgent);
 - feeds the agent's own observations: `end_all_except` after a reconnect, `link_lost`,
   `shutdown`. A local ending for a service whose step is running waits for that step; at
   shutdown, which cannot wait, the step is abandoned and the ending runs from its facts.
@@ -44,9 +46,7 @@ import asyncio
 import errno
 import logging
 import os
-import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -57,11 +57,10 @@ from clustercore.errors import KernelError, LocalControlError, VipError
 from clustercore.nodemigration import Failure, NodeMigration, NodeMigrations, Runner, role_still_needed
 from vipwire.logs import event as log_event
 
-from clustercore.process import memory_mode
-
-from . import criu, fdstore, imagexfer, lazyxfer, pidfd, queue, services, tcprepair, udphandoff
+from . import criu, fdstore, imagexfer, lazyxfer, pidfd, proctree, queue, services, tcprepair, udphandoff
 from .batchmigrate import BatchActions
 from .leftovers import Leftovers
+from .processsteps import ProcessSteps
 
 log = logging.getLogger("vipcluster.migrate")
 
@@ -79,10 +78,6 @@ WAIT_FAULT_MAX_S = 120.0  # a `wait` fault gives up waiting for its go file afte
 WAIT_FAULT_POLL_S = 0.05
 ACCEPT_WAIT_S = 0.5  # the program may take this long to accept what waits (then it is stopped)
 STOP_TREE_TIMEOUT_S = 2.0  # a process tree must have stopped by then (SIGSTOP)
-LAZY_COMMIT_WAIT_S = 20.0  # a lazy source's commit waits this long for its last page to be served
-LAZY_PAGES_MAX_S = 3600.0  # ...and a background waiter this long, before it gives up the frozen source
-IMAGE_TIMEOUT_S = 25.0  # a process image must be dumped and moved, or restored, by then
-# (under gateway.controller.PROCESS_STEP_S, so the node's reason reaches the gateway first)
 START_POLL_S = 0.005  # how often a starting instance is looked at (READY=1 or its exit)
 FAULT_EXEC = "/nonexistent/vipcluster-fault-injected"  # `handoff.start` `exit`: what cannot be executed
 LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -98,6 +93,7 @@ class Kernel:
     services: Any = services
     queue: Any = queue
     criu: Any = criu
+    proctree: Any = proctree
     imagexfer: Any = imagexfer
     lazyxfer: Any = lazyxfer
     fdstore: Any = fdstore
@@ -110,18 +106,7 @@ def _each(objects, method: str) -> None:
         getattr(obj, method)()
 
 
-@dataclass(frozen=True)
-class ImageLink:
-    """ConnectImage's answer: imagexfer.connect_to's link and the memory mode chosen with it."""
-    link: Any
-    memory: str
-    why: str
-
-    def close(self) -> None:
-        self.link.close()
-
-
-class MigrationAgent:
+class MigrationAgent(ProcessSteps):
     """The migrations of one node agent (`agent`: config, filter, running, restarts,
     log_dir, notify (its fd store), notify_env, sync_datapath(), record_running(),
     send_to_gateway(), rpc)."""
@@ -376,7 +361,7 @@ class MigrationAgent:
             nc.RestoreProcess: lambda c: asyncio.to_thread(self._restore_process, c),
             nc.CancelReceiver: lambda c: c.receiver.cancel(),
             nc.DiscardImage: lambda c: c.receiver.close(),
-            nc.SilenceProcess: lambda c: k.criu.silence(c.instance.pid),
+            nc.SilenceProcess: lambda c: k.proctree.silence(c.instance.pid),
             nc.StopAfterPages: self._stop_after_pages,
             nc.EndPageServer: lambda c: c.pages.end(),  # an ending: it cannot wait (criu exits at once)
         }
@@ -539,48 +524,6 @@ class MigrationAgent:
         self.agent.restarts[cmd.service] = 0
         self.agent.record_running()
 
-    # --- the process strategy -----------------------------------------------------------
-    def settle_restored_orphans(self, adopt) -> list:
-        """At start: the restored copies a previous agent left (nodeshim.leftovers): those
-        whose release had begun go forward (thawed, `adopt(service, pid, started)`), the others are
-        silenced and killed. Returns [(name, adopted instance)]."""
-        return self.leftovers.settle(self.kernel.criu, adopt)
-
-    def _armed_fault(self, name: str) -> str | None:
-        """A one-shot fault file inside a command (see the module docstring): its content."""
-        path = os.path.join(self.fault_dir, name)
-        try:
-            with open(path) as f:
-                what = f.read().strip()
-        except FileNotFoundError:
-            return None
-        os.unlink(path)
-        log.warning("fault injection at %s: %s", name, what)
-        return what
-
-    def _criu_fault(self, name: str) -> list[str]:
-        """criu's extra arguments: one it refuses when the fault is armed (criu fails for real)."""
-        return ["--vipcluster-fault-injected"] if self._armed_fault(name) == "fail" else []
-
-    def _thaw_process(self, cmd: nc.ThawProcess) -> int:
-        """Repair off, SIGCONT (a destination's release; a source's rollback). Fault
-        `criu.thaw`: `die-before` (the agent exits just before: on a destination, the
-        release marker is written, the copy still stopped) or `die` (just after: the copy
-        runs, serving the moved connections, not yet adopted)."""
-        fault = self._armed_fault("criu.thaw")
-        if fault == "die-before":
-            self._die()
-        criu = self.kernel.criu
-        thawed = (criu.resume if cmd.restored else criu.thaw)(cmd.instance.pid)
-        if fault == "die":
-            self._die()
-        return thawed
-
-    def _images_dir(self, service: str, what: str) -> str:
-        parent = self.kernel.criu.node_images_parent(self.agent.config.state_dir)  # tmpfs when there is one
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        return os.path.join(parent, f"{service}-{what}-{time.time_ns()}")
-
     async def _wait_accepted(self, cmd: nc.WaitAccepted) -> None:
         k, vip = self.kernel, self.agent.config.vips
         deadline = k.clock() + ACCEPT_WAIT_S
@@ -597,218 +540,3 @@ class MigrationAgent:
             if k.clock() > deadline:
                 raise KernelError("stop", None, f"service process {pid} did not stop")
             await asyncio.sleep(QUIESCE_POLL_S)
-
-    def _take_datagram_sockets(self, cmd: nc.TakeDatagramSockets) -> list[nc.Named]:
-        import socket as _socket
-        k, vips, ports = self.kernel, self.agent.config.vips, set(cmd.ports)
-        out: list[nc.Named] = []
-        seen: set[int] = set()
-        try:
-            for pid in k.criu.tree_pids(cmd.instance.pid):
-                for sock in k.pidfd.take_sockets(pid).values():
-                    keep = False
-                    if sock.family in (_socket.AF_INET, _socket.AF_INET6) and sock.type == _socket.SOCK_DGRAM:
-                        try:
-                            addr = sock.getsockname()
-                            ino = os.fstat(sock.fileno()).st_ino
-                        except OSError:
-                            addr, ino = None, None
-                        if addr and addr[0] in vips and addr[1] in ports and ino not in seen:
-                            seen.add(ino)
-                            out.append((nc.socket_name("udp", addr[0], addr[1]), sock))
-                            keep = True
-                    if not keep:
-                        sock.close()
-        except BaseException:
-            for _, sock in out:
-                sock.close()
-            raise
-        return out
-
-    def _lazy_pages_here(self) -> bool:
-        """Can this node serve or take lazy pages (the agent's check at start)?"""
-        strategy = getattr(self.agent, "process_strategy", lambda: {})() or {}
-        return bool(strategy.get("lazy_pages", {}).get("available"))
-
-    def _dump_process(self, cmd: nc.DumpProcess) -> nc.ImageSent:
-        """In a thread: the agent's loop keeps taking verdicts (the hold fills) meanwhile."""
-        k, vip, rs = self.kernel, self.agent.config.vips, cmd.instance
-        counts: dict[str, int] = {}
-
-        def count() -> None:  # for the report; the tree is stopped and held: nothing changes
-            counts["established"] = k.tcprepair.count_connections(vip, cmd.tcp_ports, {k.tcprepair.ESTABLISHED})
-            counts["listening"] = k.tcprepair.count_listeners(vip, cmd.tcp_ports)  # real sockets, not ports
-        # read from /proc/net/tcp while criu dumps (1,000 connections: some 20 ms of
-        # Python, formerly before the dump, inside the freeze)
-        counter = threading.Thread(target=count, name=f"count {rs.service.name}", daemon=True)
-        counter.start()
-        try:
-            sent, pages, memory, why = self._dump_image(cmd)
-        finally:
-            counter.join()
-        return nc.ImageSent(image_bytes=sent.page_bytes + sent.file_bytes, dump_ms=sent.dump_ms,
-                            frozen_ms=sent.frozen_ms, transfer_ms=sent.transfer_ms,
-                            tcp_established=counts.get("established", 0), tcp_listening=counts.get("listening", 0),
-                            output_pipe=getattr(rs, "output_pipe", None), memory=memory,
-                            memory_why=why, pages=pages, criu_ms=getattr(sent, "criu_ms", None))
-
-    def _endpoint_and_memory(self, cmd) -> tuple[Any, str, str]:
-        """(the receiver's Endpoint, "lazy" | "copy", why) for a ConnectImage or DumpProcess."""
-        k, rs = self.kernel, cmd.instance
-        endpoint_d = dict(cmd.endpoint)
-        destination_lazy = bool(endpoint_d.pop("lazy", False))
-        try:
-            endpoint = k.imagexfer.Endpoint(**endpoint_d)
-        except TypeError as e:
-            raise LocalControlError(f"bad image endpoint {cmd.endpoint!r}: {e}") from None
-        memory, why = memory_mode(k.lazyxfer.resident_bytes(rs.pid), source_lazy=self._lazy_pages_here(),
-                                  destination_lazy=destination_lazy and endpoint.page_port is not None)
-        return endpoint, memory, why
-
-    def _connect_image(self, cmd: nc.ConnectImage) -> "ImageLink":
-        """In a thread, before the freeze: the receiver's connections, greeted, READY."""
-        endpoint, memory, why = self._endpoint_and_memory(cmd)
-        link = self.kernel.imagexfer.connect_to(endpoint, lazy=memory == "lazy", timeout=IMAGE_TIMEOUT_S)
-        return ImageLink(link, memory, why)
-
-    def _dump_image(self, cmd: nc.DumpProcess):
-        """criu dump, lazy or copied, and the image sent: (stats, page server | None, memory, why)."""
-        k, rs = self.kernel, cmd.instance
-        premade = cmd.link
-        try:
-            endpoint, memory, why = self._endpoint_and_memory(cmd)
-            if premade is not None:  # chosen when it connected, before the freeze
-                memory, why = premade.memory, premade.why
-            images = self._images_dir(rs.service.name, "out")
-        except BaseException:
-            if premade is not None:
-                premade.close()
-            raise
-        extra = self._criu_fault("criu.dump")
-        kw = {"extra": extra} if extra else {}
-        if premade is not None:
-            kw["link"] = premade.link
-        if memory == "lazy":
-            try:
-                lazy = k.lazyxfer.dump_lazy_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw)
-            except BaseException:
-                shutil.rmtree(images, ignore_errors=True)
-                raise
-            sent, pages = lazy.stats, lazy.dump  # images: removed once the pages are served
-        else:
-            try:
-                sent, pages = k.imagexfer.dump_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw), None
-            finally:
-                shutil.rmtree(images, ignore_errors=True)
-        return sent, pages, memory, why
-
-    @staticmethod
-    def _log_pages(service: str, daemon) -> None:
-        """The destination's side of lazy pages: say when the last page arrived, or that the
-        source was lost first (the copy then dies: see criulazy.LazyPagesDaemon)."""
-        try:
-            ms = daemon.wait_done(None)
-        except KernelError as e:
-            why = "the source was lost" if getattr(daemon, "source_lost", False) else e.detail
-            log.error("lazy pages of %s: the page transfer failed (%s): the copy misses pages and dies", service, why)
-            return
-        log.info("lazy pages of %s: every page arrived, %.0f ms after the lazy-pages daemon started", service, ms)
-
-    async def _stop_after_pages(self, cmd: nc.StopAfterPages) -> float | None:
-        """Kill the frozen source only after its lazy page server has served every page:
-        wait up to LAZY_COMMIT_WAIT_S here, else leave it to a background waiter."""
-        pages, instance, service = cmd.pages, cmd.instance, cmd.instance.service.name
-
-        def finish(timeout: float) -> tuple[bool, float | None]:
-            try:
-                served = pages.wait_done(timeout)
-            except KernelError as e:
-                log.error("lazy pages of %s: the page transfer failed after the copy began to run: %s; "
-                          "the copy on the destination misses pages and will fault (SIGBUS)", service, e.detail)
-                return True, None
-            if served is None:
-                return False, None
-            log.info("lazy pages of %s: every page served, %.0f ms after the freeze's reply", service, served)
-            return True, served
-
-        def stop() -> None:
-            pages.end()
-            self.kernel.services.kill(instance)
-            shutil.rmtree(pages.images_dir, ignore_errors=True)
-
-        done, served = await asyncio.to_thread(finish, LAZY_COMMIT_WAIT_S)
-        if done:
-            await asyncio.to_thread(stop)
-            self.leftovers.record_restored(service, None)
-            return served
-
-        def later() -> None:
-            if not finish(LAZY_PAGES_MAX_S)[0]:
-                log.error("lazy pages of %s: still serving after %.0f s: the source is killed now",
-                          service, LAZY_PAGES_MAX_S)
-            stop()
-        log.warning("lazy pages of %s: still serving after %.0f s; the frozen source stays until the last page",
-                    service, LAZY_COMMIT_WAIT_S)
-        threading.Thread(target=later, name=f"lazy pages {service}", daemon=True).start()
-        return None
-
-    def _start_image_receiver(self, cmd: nc.StartImageReceiver) -> nc.ImageReceiver:
-        k = self.kernel
-        rx = k.imagexfer.start_receive(self._images_dir(cmd.service, "in"), cmd.address, cmd.source_address)
-        if self._armed_fault("image.receive") == "cut":
-            def cut() -> None:  # as soon as the first bytes are here, the link is cut
-                deadline = time.monotonic() + IMAGE_TIMEOUT_S
-                while time.monotonic() < deadline:
-                    try:
-                        if os.listdir(rx.images_dir):
-                            break
-                    except OSError:
-                        return
-                    time.sleep(0.001)
-                log.warning("fault injection: cutting the image transfer of %s", cmd.service)
-                rx.cancel()
-            threading.Thread(target=cut, daemon=True).start()
-        e = rx.endpoint
-        return nc.ImageReceiver(rx, {"address": e.address, "files_port": e.files_port, "page_port": e.page_port,
-                                     "lazy": self._lazy_pages_here()})
-
-    def _restore_process(self, cmd: nc.RestoreProcess):
-        """In a thread: wait for the verified image, criu restore it (the copy keeps the
-        source's stopped state), our new pipe where its output pipe was."""
-        k, svc = self.kernel, cmd.service
-        fault = self._armed_fault("criu.restore")
-        read_fd, write_fd = os.pipe()
-        pidfile = cmd.receiver.images_dir + ".pid"
-        try:
-            inherit = {write_fd: cmd.output_pipe} if cmd.output_pipe else None
-            kw = {"extra": ["--vipcluster-fault-injected"]} if fault == "fail" else {}
-            if kw:  # criu really refuses: wait for the image as restore would, then run it
-                cmd.receiver.wait(IMAGE_TIMEOUT_S)
-                pid = k.criu.restore(cmd.receiver.images_dir, pidfile=pidfile, inherit_fds=inherit, **kw)
-            else:
-                cmd.receiver.wait(IMAGE_TIMEOUT_S)
-                restore = k.lazyxfer.restore_lazy if getattr(cmd.receiver, "lazy", False) else k.imagexfer.restore
-                pid = restore(cmd.receiver, pidfile=pidfile, inherit_fds=inherit, timeout=IMAGE_TIMEOUT_S)
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-            try:
-                os.unlink(pidfile)
-            except OSError:
-                pass
-        daemon = getattr(cmd.receiver, "lazy_daemon", None)
-        if daemon is not None:
-            threading.Thread(target=self._log_pages, args=(svc.name, daemon), daemon=True).start()
-        machine = self.migrations.machines.get(svc.name)
-        # a crash from here on: the next agent silences it, or adopts it if the release began
-        self.leftovers.record_restored(svc.name, pid, machine.epoch if machine else None, svc)
-        rs = k.services.restored_instance(svc, pid, read_fd, self.agent.log_dir)
-        if not k.criu.stopped(pid):  # criu restores the dumped (stopped) state; if not: now
-            log.warning("restored copy of %s (pid %d) was running: stopped now", svc.name, pid)
-            k.pidfd.signal_group(pid, signal.SIGSTOP)
-        if fault == "die":
-            log.warning("fault injection: the agent dies right after the restore")
-            self._die()
-        return rs

@@ -133,7 +133,7 @@ class Process:
 
 
 class IsolatedRun(Process):
-    """A `process`-strategy program started by criu.spawn_isolated: pid is the program
+    """A `process`-strategy program started by proctree.spawn_isolated: pid is the program
     (PID 1 of its namespace, its session leader), reaped through its launcher (unshare)."""
 
     def __init__(self, isolated) -> None:
@@ -524,14 +524,14 @@ def start_isolated(service: Service, vip: str | tuple[str, ...], log_dir: str, *
                    extra_env: dict[str, str] | None = None, passed=None,
                    argv: list[str] | None = None) -> RunningService:
     """Start a command-line service for the `process` strategy: its own PID namespace and
-    session, no inherited descriptor but /dev/null and its output pipe (criu.spawn_isolated),
+    session, no inherited descriptor but /dev/null and its output pipe (proctree.spawn_isolated),
     the pipe copied into the node's service log by the agent. With `--sockets activation`
     the agent binds the ports, passes them as LISTEN_FDS (fds 3..) and closes its own
     copies: the program alone holds them, so criu can move them. `passed`: the named
     descriptors to pass instead (a handoff's new instance; they stay the caller's). `argv`:
     instead of the service's own program."""
-    from . import criu
-    spawn_isolated = spawn_isolated or criu.spawn_isolated
+    from . import criu, proctree
+    spawn_isolated = spawn_isolated or proctree.spawn_isolated
     argv = argv or argv_for(service.exec_spec)
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(log_dir, f"{service.name}.log")
@@ -587,9 +587,9 @@ def raise_udp_buffers(root: int) -> int:
     everything held during the freeze arrives at once, and a program's own buffer (iperf3:
     about 90 full-size datagrams) overflowed and dropped them. Through pidfd copies; the
     program keeps the bigger buffer. Returns how many sockets were raised."""
-    from . import criu, pidfd
+    from . import pidfd, proctree
     raised = 0
-    for pid in criu.tree_pids(root):
+    for pid in proctree.tree_pids(root):
         try:
             socks = pidfd.take_sockets(pid)
         except KernelError:

@@ -36,7 +36,7 @@ import time
 import pytest
 
 from clustercore.errors import KernelError
-from nodeshim import criu
+from nodeshim import criu, proctree
 from nodeshim.pidfd import in_netns
 
 VIP = "203.0.113.10"
@@ -190,7 +190,7 @@ def moved_program(topo: Topology, argv: list[str], port: int, ready):
     (dump stats, restore ms, destination pipe read end). Kills everything afterwards."""
     work = tempfile.mkdtemp(prefix="vcr-")
     src_r, src_w = os.pipe()
-    handle = criu.spawn_isolated(argv, ENV, "/", src_w, netns_path=topo.path(topo.s1))
+    handle = proctree.spawn_isolated(argv, ENV, "/", src_w, netns_path=topo.path(topo.s1))
     os.close(src_w)
     restored: list[int] = []
     dst_fds: list[int] = []
@@ -256,7 +256,7 @@ def test_isolated_program_has_only_stdio_its_own_pid_namespace_and_session(topo)
     leak = os.open("/dev/null", os.O_RDONLY)
     os.set_inheritable(leak, True)  # an agent's stray descriptor must still not reach it
     r, w = os.pipe()
-    handle = criu.spawn_isolated(["sleep", "30"], ENV, "/", w, netns_path=topo.path(topo.s1))
+    handle = proctree.spawn_isolated(["sleep", "30"], ENV, "/", w, netns_path=topo.path(topo.s1))
     os.close(w)
     try:
         time.sleep(0.1)  # let setsid exec the program
@@ -428,7 +428,7 @@ def test_a_frozen_source_thaws_and_serves_its_connections_again(topo, tmp_path):
             "--appendonly", "no", "--dir", str(tmp_path), "--logfile", "", "--daemonize", "no",
             "--protected-mode", "no"]
     src_r, src_w = os.pipe()
-    handle = criu.spawn_isolated(argv, ENV, "/", src_w, netns_path=topo.path(topo.s1))
+    handle = proctree.spawn_isolated(argv, ENV, "/", src_w, netns_path=topo.path(topo.s1))
     os.close(src_w)
     try:
         sock = connect(topo, REDIS_PORT)
@@ -436,7 +436,7 @@ def test_a_frozen_source_thaws_and_serves_its_connections_again(topo, tmp_path):
             assert redis_call(sock, reader, "SET", "k", "v1") == b"OK"
             topo.hold(topo.s1, REDIS_PORT)
             criu.dump(handle.pid, str(tmp_path / "img"), netns_path=topo.path(topo.s1))
-            assert criu.thaw(handle.pid) == 1
+            assert proctree.thaw(handle.pid) == 1
             sh("nsenter", f"--net={topo.path(topo.s1)}", "nft", "delete", "table", "inet", "vcrhold")
             assert redis_call(sock, reader, "GET", "k") == b"v1"
             assert redis_call(sock, reader, "SET", "k", "v2") == b"OK"
@@ -452,7 +452,7 @@ def test_a_refused_restore_says_why_in_one_line(topo, tmp_path):
             "--appendonly", "no", "--dir", str(tmp_path), "--logfile", "", "--daemonize", "no",
             "--protected-mode", "no"]
     src_r, src_w = os.pipe()
-    handle = criu.spawn_isolated(argv, ENV, "/", src_w, netns_path=topo.path(topo.s1))
+    handle = proctree.spawn_isolated(argv, ENV, "/", src_w, netns_path=topo.path(topo.s1))
     os.close(src_w)
     try:
         connect(topo, REDIS_PORT).close()
@@ -477,7 +477,7 @@ def test_criu_loads_the_primed_kernel_cache_instead_of_probing(tmp_path):
     said = criu.prime_kdat_cache(criu.criu_binary())
     assert said.startswith("criu kernel cache primed"), said
     r, w = os.pipe()
-    program = criu.spawn_isolated(["sleep", "1000"], ENV, "/", w)
+    program = proctree.spawn_isolated(["sleep", "1000"], ENV, "/", w)
     try:
         images = tmp_path / "images"
         criu.dump(program.pid, str(images), extra=["-v4"])

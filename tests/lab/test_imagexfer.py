@@ -2,7 +2,7 @@
 server namespace to another with their image going over a cluster link (criu's page
 server for the memory pages, imagexfer's files channel for the rest), while real clients
 keep their connections; and transfers cut midway, which must leave nothing restored and
-the source serving again after criu.thaw.
+the source serving again after proctree.thaw.
 
     client ns  c1 198.51.100.1/30 ---- eth0 198.51.100.2/30  s1 (203.0.113.10 on lo)
                c2 198.51.100.5/30 ---- eth0 198.51.100.6/30  s2 (203.0.113.10 on lo)
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pytest
 
 from clustercore.errors import KernelError
-from nodeshim import criu, imagexfer
+from nodeshim import criu, imagexfer, proctree
 from tests.lab import test_criu
 from tests.lab.test_criu import (BODY, ENV, HTTP_PORT, NGINX_CONF, REDIS_PORT, VIP, Loops, Topology,
                                  connect, http_get, read_until, redis_call, sh)
@@ -68,16 +68,16 @@ class Lab:
 
     def __init__(self, topo: LinkedTopology, work: str) -> None:
         self.topo, self.work = topo, work
-        self.handles: list[criu.IsolatedProcess] = []
+        self.handles: list[proctree.IsolatedProcess] = []
         self.restored: list[int] = []
         self.fds: list[int] = []
         self.receivers: list[imagexfer.Receiver] = []
         self.tls: dict[str, criu.TlsFiles] = {}
 
-    def start(self, argv: list[str]) -> tuple[criu.IsolatedProcess, int]:
+    def start(self, argv: list[str]) -> tuple[proctree.IsolatedProcess, int]:
         src_r, src_w = os.pipe()
         self.fds.append(src_r)
-        handle = criu.spawn_isolated(argv, ENV, "/", src_w, netns_path=self.topo.path(self.topo.s1))
+        handle = proctree.spawn_isolated(argv, ENV, "/", src_w, netns_path=self.topo.path(self.topo.s1))
         os.close(src_w)
         self.handles.append(handle)
         return handle, src_r
@@ -275,7 +275,7 @@ def cut_when(rx: imagexfer.Receiver, page_bytes: int) -> threading.Thread:
 
 
 def rolled_back_and_serving(lab, handle, sock, reader, before) -> int:
-    repaired = criu.thaw(handle.pid)
+    repaired = proctree.thaw(handle.pid)
     lab.topo.release(lab.topo.s1)
     assert redis_call(sock, reader, "SET", "after", "rollback") == b"OK"
     assert sample(sock, reader, KEYS // 2) == before
@@ -287,7 +287,7 @@ def rolled_back_and_serving(lab, handle, sock, reader, before) -> int:
 def test_a_transfer_cut_midway_restores_nothing_and_the_source_serves_on(lab, tmp_path, stream):
     """Cut while criu streams the pages: criu's dump fails and criu itself resumes the
     source. Cut after the dump (the image copied as files): the source stays frozen until
-    criu.thaw. Either way the destination's directory is gone, nothing is restored, and
+    proctree.thaw. Either way the destination's directory is gone, nothing is restored, and
     after the rollback the same client connection sees the same data."""
     handle, src_r, sock, reader = start_redis(lab, tmp_path, keys=KEYS // 2)
     try:
@@ -303,7 +303,7 @@ def test_a_transfer_cut_midway_restores_nothing_and_the_source_serves_on(lab, tm
         with pytest.raises(KernelError):
             rx.wait(10)
         assert not os.path.exists(rx.images_dir)
-        frozen = criu.stopped(handle.pid)
+        frozen = proctree.stopped(handle.pid)
         if stream:
             assert error.operation == "criu dump" and not frozen, (error, frozen)
         else:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from clustercore.kinds import Delivery
-from nodeshim import criu
+from nodeshim import criu, proctree
 from tests.lab.conftest import ROOT, LabHandle, unique_prefix
 from tests.lab.test_migration import assert_exact, fault, finish_load, migrate, owner, start_load
 from vipctl import lab as labmod
@@ -203,7 +203,7 @@ def test_an_adopted_process_moves_and_a_wrong_one_is_refused(plab, tmp_path):
                                 start_new_session=True)
     try:
         deadline = time.time() + 5
-        while not (kids := criu._children(launcher.pid)):
+        while not (kids := proctree._children(launcher.pid)):
             assert time.time() < deadline
             time.sleep(0.02)
         pid = kids[0]

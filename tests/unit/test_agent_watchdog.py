@@ -17,6 +17,7 @@ from clustercore.errors import KernelError
 from clustercore.ownership import Service
 from clustercore.packet import TCP
 from nodeshim import agent as agentmod
+from nodeshim import servicekeeper
 
 COUNTER = Service("counter", "n1", ((TCP, 7000),), "/usr/bin/python3 counter.py")
 
@@ -82,7 +83,7 @@ class StandIn:
 
 
 def run_watchdog(agent, monkeypatch, seconds=0.3):
-    monkeypatch.setattr(agentmod, "WATCH_INTERVAL_S", 0.01)
+    monkeypatch.setattr(servicekeeper, "WATCH_INTERVAL_S", 0.01)
 
     async def go():
         task = asyncio.ensure_future(agent._watch_services())
@@ -113,4 +114,4 @@ def test_a_failed_restart_is_counted_and_tried_again_and_the_watchdog_goes_on(mo
 def test_a_service_that_never_restarts_is_left_down_after_max_restarts(monkeypatch):
     agent = StandIn(fail_restarts=100)
     assert run_watchdog(agent, monkeypatch)
-    assert len(agent.tried) == agentmod.MAX_RESTARTS and agent.restarts["counter"] == agentmod.MAX_RESTARTS
+    assert len(agent.tried) == servicekeeper.MAX_RESTARTS and agent.restarts["counter"] == servicekeeper.MAX_RESTARTS

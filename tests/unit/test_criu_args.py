@@ -7,7 +7,7 @@ import os
 import pytest
 
 from clustercore.errors import KernelError
-from nodeshim import criu
+from nodeshim import criu, criuparse
 
 # A real criu 4.2.1 restore log from this lab (restoring where the address is missing),
 # and the failure KERNEL-NOTES records for criu 4.1 on kernels >= 6.16 (its file:line is
@@ -26,24 +26,24 @@ DUMP_ON_OLD_CRIU = """\
 
 
 def test_version_is_read_from_criu_version_output():
-    assert criu.parse_version("Version: 4.2.1\n") == (4, 2, 1)
-    assert criu.parse_version("Version: 4.2\nGitID: v4.2-3-gabc\n") == (4, 2)
-    assert criu.parse_version("criu: command not found") is None
-    assert criu.parse_version("Version: 3.17.1\n") < criu.MIN_VERSION <= (4, 2, 1)
+    assert criuparse.parse_version("Version: 4.2.1\n") == (4, 2, 1)
+    assert criuparse.parse_version("Version: 4.2\nGitID: v4.2-3-gabc\n") == (4, 2)
+    assert criuparse.parse_version("criu: command not found") is None
+    assert criuparse.parse_version("Version: 3.17.1\n") < criu.MIN_VERSION <= (4, 2, 1)
 
 
 def test_reason_is_the_first_specific_error_in_one_line():
-    assert criu.failure_reason(RESTORE_WITHOUT_VIP) == (
+    assert criuparse.failure_reason(RESTORE_WITHOUT_VIP) == (
         "inet: Can't bind inet socket (id 24): Cannot assign requested address (criu/sk-inet.c:1059)")
-    assert criu.failure_reason(DUMP_ON_OLD_CRIU) == (
+    assert criuparse.failure_reason(DUMP_ON_OLD_CRIU) == (
         "Can't get 1:16 opt: Operation not supported (criu/sockets.c:420)")
 
 
 def test_reason_falls_back_to_what_there_is():
-    assert criu.failure_reason("(00.1) Error (criu/cr-dump.c:1): Dumping FAILED.\n") == \
+    assert criuparse.failure_reason("(00.1) Error (criu/cr-dump.c:1): Dumping FAILED.\n") == \
         "Dumping FAILED. (criu/cr-dump.c:1)"
-    assert criu.failure_reason("(00.000100) something odd\n(00.000200) last words\n") == "last words"
-    assert criu.failure_reason("", 1) == "criu exited with status 1"
+    assert criuparse.failure_reason("(00.000100) something odd\n(00.000200) last words\n") == "last words"
+    assert criuparse.failure_reason("", 1) == "criu exited with status 1"
 
 
 def test_isolated_program_is_pid_1_and_session_leader_in_a_new_pid_namespace_only():
@@ -129,15 +129,15 @@ STATS_DUMP = bytes.fromhex("4059105506330957220000000a2008c001109e4818d00620e101
 
 
 def test_stats_dump_gives_the_pages_written(tmp_path):
-    assert criu.parse_stats_dump(STATS_DUMP) == {"pages_written": 30, "shpages_written": 0,
+    assert criuparse.parse_stats_dump(STATS_DUMP) == {"pages_written": 30, "shpages_written": 0,
                                                  "frozen_time_us": 9246, "freezing_time_us": 192,
                                                  "memdump_time_us": 848, "memwrite_time_us": 225,
                                                  "pages_lazy": 0}
-    assert criu.dump_times(STATS_DUMP) == {"criu_freezing": 0.19, "criu_frozen": 9.25,
+    assert criuparse.dump_times(STATS_DUMP) == {"criu_freezing": 0.19, "criu_frozen": 9.25,
                                            "criu_memdump": 0.85, "criu_memwrite": 0.23}
     for bad in (STATS_DUMP[:10], STATS_DUMP[:-3], STATS_DUMP[:12] + b"\xff" * 34):
         with pytest.raises(ValueError):
-            criu.parse_stats_dump(bad)
+            criuparse.parse_stats_dump(bad)
     (tmp_path / criu.STATS_DUMP).write_bytes(STATS_DUMP)
     assert criu.dump_counters(str(tmp_path)) == (30 * criu.PAGE_SIZE, 9.246)
     (tmp_path / criu.STATS_DUMP).write_bytes(b"junk")
@@ -146,7 +146,7 @@ def test_stats_dump_gives_the_pages_written(tmp_path):
 
 
 def test_a_killed_criu_says_so():
-    assert criu.failure_reason("", -9) == "criu killed by signal 9"
+    assert criuparse.failure_reason("", -9) == "criu killed by signal 9"
 
 
 def test_the_kernel_cache_is_probed_on_a_private_tmpfs():
@@ -182,12 +182,12 @@ STATS_RESTORE = bytes.fromhex("40591055063309570d000000120b08001000180120f23f281
 
 
 def test_stats_restore_gives_criu_s_restore_times():
-    assert criu.parse_stats_restore(STATS_RESTORE) == {"forking_time_us": 1, "restore_time_us": 8178,
+    assert criuparse.parse_stats_restore(STATS_RESTORE) == {"forking_time_us": 1, "restore_time_us": 8178,
                                                        "pages_restored": 30}
-    assert criu.parse_stats_restore(STATS_DUMP)["restore_time_us"] == 0  # a dump's: no restore entry
+    assert criuparse.parse_stats_restore(STATS_DUMP)["restore_time_us"] == 0  # a dump's: no restore entry
     for bad in (STATS_RESTORE[:10], STATS_RESTORE[:-2], STATS_RESTORE[:12] + b"\x13"):
         with pytest.raises(ValueError):
-            criu.parse_stats_restore(bad)
+            criuparse.parse_stats_restore(bad)
 
 
 MOUNTS = """/dev/vda / ext4 rw,relatime 0 0

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from clustercore.errors import KernelError, LocalControlError
-from nodeshim import criu, imagexfer
-from nodeshim.imagexfer import FileEntry, Limits, Manifest
+from nodeshim import criu, imagewire, imagexfer
+from nodeshim.imagewire import FileEntry, Limits, Manifest
 
 HERE = "127.0.0.1"
 
@@ -27,44 +27,44 @@ def sha(data: bytes) -> str:
 # ---------------------------------------------------------------- pure
 
 def test_headers_parse_or_are_refused():
-    assert imagexfer.parse_header(imagexfer.file_header("core-1.img", 42)) == ("F", 42, "core-1.img")
-    assert imagexfer.parse_header(imagexfer.manifest_header(b"x" * 7)) == ("M", 7, "")
+    assert imagewire.parse_header(imagewire.file_header("core-1.img", 42)) == ("F", 42, "core-1.img")
+    assert imagewire.parse_header(imagewire.manifest_header(b"x" * 7)) == ("M", 7, "")
     for bad in (b"F 1\n", b"F -1 a\n", b"F x a\n", b"X 1 a\n", b"M 1 extra\n", b"\n", b"F 1 a b\n",
                 b"F 1 \xff\n"):
         with pytest.raises(KernelError) as info:
-            imagexfer.parse_header(bad)
+            imagewire.parse_header(bad)
         assert "bad header" in info.value.detail
 
 
 def test_only_plain_image_names_are_accepted():
     for good in ("core-1.img", "stats-dump", "pagemap-shmem-1207.img", "tcp-stream-a1b2.img"):
-        imagexfer.check_name(good, pages_streamed=False)
+        imagewire.check_name(good, pages_streamed=False)
     for bad in ("../core-1.img", "a/b", ".hidden", "", "x" * 201, "dump.log", "page-server.log",
                 "with space", "naïve"):
         with pytest.raises(KernelError):
-            imagexfer.check_name(bad, pages_streamed=False)
+            imagewire.check_name(bad, pages_streamed=False)
     # with a page server, page files come from it alone
-    imagexfer.check_name("pages-1.img", pages_streamed=False)
+    imagewire.check_name("pages-1.img", pages_streamed=False)
     for name in ("pages-1.img", "pagemap-1.img", "pagemap-shmem-9.img"):
         with pytest.raises(KernelError) as info:
-            imagexfer.check_name(name, pages_streamed=True)
+            imagewire.check_name(name, pages_streamed=True)
         assert "page server" in info.value.detail
 
 
 def test_manifest_round_trips_and_garbage_is_refused():
     files = [FileEntry("core-1.img", 3, sha(b"abc")), FileEntry("mm-1.img", 0, sha(b""))]
-    body = imagexfer.manifest_body(files, 8192)
-    assert imagexfer.parse_manifest(body) == Manifest(tuple(files), 8192)
+    body = imagewire.manifest_body(files, 8192)
+    assert imagewire.parse_manifest(body) == Manifest(tuple(files), 8192)
     for bad in (b"", b"{", b"[]", b'{"files": [["a", 1]], "page_bytes": 0}', b'{"files": []}'):
         with pytest.raises(KernelError) as info:
-            imagexfer.parse_manifest(bad)
+            imagewire.parse_manifest(bad)
         assert "manifest" in info.value.detail
 
 
 def test_verify_names_the_first_difference_in_one_line():
     m = Manifest((FileEntry("a.img", 3, sha(b"abc")), FileEntry("b.img", 1, sha(b"x"))), 4096)
     ok = {"a.img": (3, sha(b"abc")), "b.img": (1, sha(b"x"))}
-    imagexfer.verify(m, ok, 4096)
+    imagewire.verify(m, ok, 4096)
     cases = [
         ({"a.img": ok["a.img"]}, 4096, "b.img is in the manifest but never arrived"),
         ({**ok, "c.img": (1, sha(b"y"))}, 4096, "c.img arrived but is not in the manifest"),
@@ -74,7 +74,7 @@ def test_verify_names_the_first_difference_in_one_line():
     ]
     for received, pages, reason in cases:
         with pytest.raises(KernelError) as info:
-            imagexfer.verify(m, received, pages)
+            imagewire.verify(m, received, pages)
         assert reason in info.value.detail and "\n" not in str(info.value)
 
 
@@ -82,8 +82,8 @@ def test_image_files_leave_out_logs_and_streamed_pages(tmp_path):
     for name in ("core-1.img", "pages-1.img", "pagemap-1.img", "dump.log", "stats-dump"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "subdir").mkdir()
-    assert imagexfer.image_files(str(tmp_path), pages_streamed=True) == ["core-1.img", "stats-dump"]
-    assert imagexfer.image_files(str(tmp_path), pages_streamed=False) == \
+    assert imagewire.image_files(str(tmp_path), pages_streamed=True) == ["core-1.img", "stats-dump"]
+    assert imagewire.image_files(str(tmp_path), pages_streamed=False) == \
         ["core-1.img", "pagemap-1.img", "pages-1.img", "stats-dump"]
 
 
@@ -151,18 +151,18 @@ class FakeSource:
         self.reader = self.sock.makefile("rb")
 
     def hello(self) -> None:
-        self.send(imagexfer.HELLO)
-        assert self.reader.readline() == imagexfer.READY
+        self.send(imagewire.HELLO)
+        assert self.reader.readline() == imagewire.READY
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
     def send_file(self, name: str, data: bytes) -> None:
-        self.send(imagexfer.file_header(name, len(data)) + data)
+        self.send(imagewire.file_header(name, len(data)) + data)
 
     def send_manifest(self, entries, page_bytes: int) -> None:
-        body = imagexfer.manifest_body(entries, page_bytes)
-        self.send(imagexfer.manifest_header(body) + body)
+        body = imagewire.manifest_body(entries, page_bytes)
+        self.send(imagewire.manifest_header(body) + body)
 
     def answer(self) -> bytes:
         return self.reader.readline()
@@ -194,7 +194,7 @@ def test_a_cut_transfer_is_refused_and_removed(tmp_path):
     with receive(tmp_path) as rx:
         src = FakeSource(rx.endpoint)
         src.hello()
-        src.send(imagexfer.file_header("pages-1.img", 1 << 20) + b"half" * 1000)
+        src.send(imagewire.file_header("pages-1.img", 1 << 20) + b"half" * 1000)
         src.close()
         refused(rx, "the peer closed the connection")
 
@@ -214,7 +214,7 @@ def test_more_than_the_size_limit_is_refused_before_it_is_read(tmp_path):
     with receive(tmp_path, limits=Limits(max_file_bytes=1000)) as rx:
         src = FakeSource(rx.endpoint)
         src.hello()
-        src.send(imagexfer.file_header("pages-1.img", 1001))
+        src.send(imagewire.file_header("pages-1.img", 1001))
         assert src.answer() == b"ERR more than 1000 bytes of files\n"
         src.close()
         refused(rx, "more than 1000 bytes")
@@ -269,7 +269,7 @@ def test_a_cancelled_receive_says_so_and_removes_the_directory(tmp_path):
     rx = receive(tmp_path)
     src = FakeSource(rx.endpoint)
     src.hello()
-    src.send(imagexfer.file_header("pages-1.img", 1 << 20) + b"x" * 1000)
+    src.send(imagewire.file_header("pages-1.img", 1 << 20) + b"x" * 1000)
     threading.Timer(0.2, rx.cancel).start()
     refused(rx, "cancelled")
     src.close()
@@ -455,13 +455,13 @@ def test_node_certificates_are_checked_by_issuer_and_name(pki_dirs):
         with open(files.cert, "rb") as f:
             return x509.load_pem_x509_certificate(f.read()).public_bytes(Encoding.DER)
     ca = pki_dirs("n1").ca
-    imagexfer.check_peer_node(der(pki_dirs("n2")), ca, "n2", "x")
+    imagewire.check_peer_node(der(pki_dirs("n2")), ca, "n2", "x")
     with pytest.raises(KernelError, match="not n1.node.vipcluster"):
-        imagexfer.check_peer_node(der(pki_dirs("n2")), ca, "n1", "x")
+        imagewire.check_peer_node(der(pki_dirs("n2")), ca, "n1", "x")
     with pytest.raises(KernelError, match="not from the cluster CA"):
-        imagexfer.check_peer_node(der(pki_dirs("n2", foreign=True)), ca, "n2", "x")
+        imagewire.check_peer_node(der(pki_dirs("n2", foreign=True)), ca, "n2", "x")
     with pytest.raises(KernelError, match="no certificate"):
-        imagexfer.check_peer_node(None, ca, "n2", "x")
+        imagewire.check_peer_node(None, ca, "n2", "x")
 
 
 def test_many_small_files_arrive_whole_whatever_the_segment_boundaries(tmp_path):
@@ -473,13 +473,13 @@ def test_many_small_files_arrive_whole_whatever_the_segment_boundaries(tmp_path)
     sizes = [0, 1, 7, 470, 4096, 100_000] + [i * 37 % 2000 for i in range(600)]
     for i, size in enumerate(sizes):
         (src / f"tcp-stream-{i}.img").write_bytes(os.urandom(size))
-    (src / "big.img").write_bytes(os.urandom(imagexfer.CHUNK + 12345))  # streamed, not queued
+    (src / "big.img").write_bytes(os.urandom(imagewire.CHUNK + 12345))  # streamed, not queued
     names = sorted(os.listdir(src))
     a, b = socket.socketpair()
     relay_in, relay_out = socket.socketpair()
 
     def send():
-        wire = imagexfer._Wire(a, time.monotonic() + 60, imagexfer.SEND)
+        wire = imagewire._Wire(a, time.monotonic() + 60, imagewire.SEND)
         entries = [imagexfer._send_file(wire, str(src), n) for n in names]
         wire.send(b"END\n")
         sent.extend(entries)
@@ -498,10 +498,10 @@ def test_many_small_files_arrive_whole_whatever_the_segment_boundaries(tmp_path)
     threads = [threading.Thread(target=send), threading.Thread(target=relay)]
     for t in threads:
         t.start()
-    wire = imagexfer._Wire(relay_out, time.monotonic() + 60, imagexfer.RECEIVE)
+    wire = imagewire._Wire(relay_out, time.monotonic() + 60, imagewire.RECEIVE)
     got = {}
     while (line := wire.readline()) != b"END\n":
-        kind, size, name = imagexfer.parse_header(line)
+        kind, size, name = imagewire.parse_header(line)
         got[name] = wire.read(size)
     for t in threads:
         t.join()

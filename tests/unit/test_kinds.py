@@ -131,6 +131,8 @@ def test_kinds_is_pure():
 @pytest.mark.parametrize("spec, migrate, sockets, want", [
     ("builtin:echo", "auto", "activation", ("auto", "activation")),
     ("builtin:echo", "handoff", "activation", ("handoff", "activation")),
+    ("builtin:echo", "batched", "activation", ("batched", "activation")),
+    ("python3 examples/handoff_counter.py", "batched", "activation", ("batched", "activation")),  # asked at migrate
     ("python3 -m x", "process", "self", ("process", "self")),
     ("python3 examples/handoff_counter.py", "handoff", "activation", ("handoff", "activation")),
     ("nginx -g 'daemon off;'", "auto", "self", ("auto", "self")),
@@ -147,6 +149,8 @@ def test_service_options_accepted(spec, migrate, sockets, want):
     ("external", "process", "activation", "external services cannot be migrated"),
     ("builtin:echo", "auto", "self", "builtin services take their sockets from the agent"),
     ("python3 -m x", "teleport", "self", "unknown migration strategy"),
+    ("builtin:kv", "batched", "activation", "builtin:kv cannot move in batches"),
+    ("python3 -m x", "batched", "self", "the batched strategy passes the sockets"),
     ("python3 -m x", "auto", "both", "unknown --sockets"),
 ])
 def test_service_options_refused_in_one_line(spec, migrate, sockets, needle):

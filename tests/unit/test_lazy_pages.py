@@ -7,7 +7,7 @@ import pytest
 
 from clustercore.errors import KernelError
 from clustercore.process import LAZY_MIN_BYTES, memory_mode
-from nodeshim import criulazy, imagexfer
+from nodeshim import criulazy, imagewire
 
 
 def test_lazy_only_when_both_nodes_can_and_the_program_is_large():
@@ -47,10 +47,10 @@ def test_criu_needs_pipes_of_four_mebibytes():
 
 
 def test_a_lazy_image_may_carry_page_files_and_a_full_streamed_one_may_not():
-    imagexfer.check_name("pages-1.img", pages_streamed=False)  # lazy: the few non-lazy pages
+    imagewire.check_name("pages-1.img", pages_streamed=False)  # lazy: the few non-lazy pages
     with pytest.raises(KernelError):
-        imagexfer.check_name("pages-1.img", pages_streamed=True)
-    assert imagexfer.HELLO_LAZY != imagexfer.HELLO and imagexfer.HELLO_LAZY.endswith(b"\n")
+        imagewire.check_name("pages-1.img", pages_streamed=True)
+    assert imagewire.HELLO_LAZY != imagewire.HELLO and imagewire.HELLO_LAZY.endswith(b"\n")
 
 
 def test_local_page_bytes_counts_only_page_files(tmp_path):

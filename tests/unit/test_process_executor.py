@@ -175,9 +175,9 @@ def node(name, tmp_path):
                                  state_dir=str(tmp_path / name)), log)
     agent.filter.load([WEB], "n1")
     kernel = migrate.Kernel(tcprepair=fake, udphandoff=fake, pidfd=fake, services=fake, queue=fake,
-                            criu=SimpleNamespace(tree_pids=fake.tree_pids, thaw=fake.thaw, resume=fake.resume, silence=fake.silence,
-                                                 stopped=lambda pid: True,
-                                                 node_images_parent=lambda state: os.path.join(state, "images")),
+                            proctree=SimpleNamespace(tree_pids=fake.tree_pids, thaw=fake.thaw, resume=fake.resume,
+                                                     silence=fake.silence, stopped=lambda pid: True),
+                            criu=SimpleNamespace(node_images_parent=lambda state: os.path.join(state, "images")),
                             imagexfer=fake, lazyxfer=fake, clock=fake.clock)
     return migrate.MigrationAgent(agent, kernel), agent, fake, log
 
