@@ -305,7 +305,11 @@ def test_a_transfer_cut_midway_restores_nothing_and_the_source_serves_on(lab, tm
         assert not os.path.exists(rx.images_dir)
         frozen = proctree.stopped(handle.pid)
         if stream:
-            assert error.operation == "criu dump" and not frozen, (error, frozen)
+            # criu's dump failed and criu resumed the source; when the destination's end of
+            # the transfer was already seen, the error says so (image send) and keeps
+            # criu's own failure in brackets (imagexfer.dump_to)
+            assert error.operation in ("criu dump", "image send") and "criu dump" in str(error), error
+            assert not frozen, (error, frozen)
         else:
             assert error.operation == "image send" and frozen, (error, frozen)
         repaired = rolled_back_and_serving(lab, handle, sock, reader, before)
