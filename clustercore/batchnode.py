@@ -64,7 +64,7 @@ from .batchfacts import BatchDestFacts, BatchSourceFacts, peer_of
 from .batchfacts import give_back as _give_back
 from .batchfacts import ms as _ms
 from .batchfacts import owed_from_wire as _owed
-from .handoff import _check_on_service
+from .handoff import _check_on_service, put_back_stragglers, undo_rebuilt
 from .kinds import MigrateStrategy
 from .nodecommands import (
     AcceptHeld,
@@ -79,7 +79,6 @@ from .nodecommands import (
     DropHeld,
     DumpConnections,
     ForgetInstance,
-    InjectPackets,
     InstallRole,
     LeaveRepair,
     Local,
@@ -91,7 +90,6 @@ from .nodecommands import (
     ReadClock,
     ReadPackets,
     Refused,
-    RemoveRole,
     RemoveRoleLater,
     RestoreConnections,
     ServiceMoved,
@@ -422,12 +420,7 @@ class BatchedHandoff(Playbook):
         thaw, f.in_repair = f.in_repair, []
         if thaw:
             yield Thaw(tuple(s for s, _ in thaw), tuple(st for _, st in thaw))
-        datagrams, f.datagrams = f.datagrams, ()
-        if any(st.datagrams for st in datagrams):
-            f.reinjected += yield PutBackDatagrams(datagrams)
-        late, f.late = f.late, ()
-        if late:
-            f.reinjected += yield InjectPackets(late)
+        yield from put_back_stragglers(f)
         if not f.released:
             f.released = True
             at = yield ReadClock()
@@ -529,18 +522,7 @@ class BatchedHandoff(Playbook):
         held = f.cut.abort(OPENING)
         if held:
             yield DropHeld(held)
-        instance, f.instance = f.instance, None
-        if instance is not None:
-            yield StopInstance(instance)
-        restored, f.restored, f.in_repair = f.restored, [], []
-        if restored:
-            yield CloseSilently(tuple(restored))
-        opened, f.opened = f.opened, []
-        if opened:
-            yield CloseDescriptors(tuple(sock for _, sock in opened))
-        role, f.role = f.role, None
-        if role is not None:
-            yield RemoveRole(m.service, role)
+        yield from undo_rebuilt(m.service, f)
         return msgs.Done()
 
     def end_open(self, m, event: Any, now: float):

@@ -94,6 +94,35 @@ START_BACKOFF_S = (0.1, 0.4)
 START_READY_S = 1.5
 
 
+def put_back_stragglers(f):
+    """The source's queued datagrams (into the sockets bound at prepare) and its late
+    packets, before the hold is released; shared by every strategy's release."""
+    datagrams, f.datagrams = f.datagrams, ()
+    if any(st.datagrams for st in datagrams):
+        f.reinjected += yield PutBackDatagrams(datagrams)
+    late, f.late = f.late, ()
+    if late:
+        f.reinjected += yield InjectPackets(late)
+
+
+def undo_rebuilt(service: str, f):
+    """The destination's teardown after its hold was dropped: the new instance killed, the
+    rebuilt connections closed in repair mode (no FIN, no RST), the sockets bound at
+    prepare closed, the role removed at once (an aborted role only drops)."""
+    instance, f.instance = f.instance, None
+    if instance is not None:
+        yield StopInstance(instance)
+    restored, f.restored, f.in_repair = f.restored, [], []
+    if restored:
+        yield CloseSilently(tuple(restored))
+    opened, f.opened = f.opened, []
+    if opened:
+        yield CloseDescriptors(tuple(sock for _, sock in opened))
+    role, f.role = f.role, None
+    if role is not None:
+        yield RemoveRole(service, role)
+
+
 def _ms(since: float, now: float) -> float:
     return round((now - since) * 1000.0, 2)
 
@@ -436,12 +465,7 @@ class Handoff(Playbook):
                 f.timing["window_probes"] = probes
         f.timing["thaw"] = _ms(t0, (yield ReadClock()))
         udp_errors_before = yield CountUdpBufferDrops()
-        datagrams, f.datagrams = f.datagrams, ()
-        if any(st.datagrams for st in datagrams):  # into the sockets bound at prepare
-            f.reinjected += yield PutBackDatagrams(datagrams)
-        late, f.late = f.late, ()
-        if late:
-            f.reinjected += yield InjectPackets(late)
+        yield from put_back_stragglers(f)
         if not f.released:
             f.released = True
             t_plan = yield ReadClock()
@@ -541,16 +565,5 @@ class Handoff(Playbook):
         held = f.cut.abort()
         if held:
             yield DropHeld(held)
-        instance, f.instance = f.instance, None
-        if instance is not None:
-            yield StopInstance(instance)
-        restored, f.restored, f.in_repair = f.restored, [], []
-        if restored:
-            yield CloseSilently(tuple(restored))
-        opened, f.opened = f.opened, []
-        if opened:
-            yield CloseDescriptors(tuple(sock for _, sock in opened))
-        role, f.role = f.role, None
-        if role is not None:
-            yield RemoveRole(m.service, role)  # at once: an aborted role only drops
+        yield from undo_rebuilt(m.service, f)
         return msgs.Done()

@@ -52,6 +52,7 @@ from typing import Any
 
 from . import messages as msgs
 from . import sockwire
+from .handoff import put_back_stragglers
 from .nodecommands import (
     AcceptHeld,
     AdoptInstance,
@@ -68,13 +69,11 @@ from .nodecommands import (
     EndPageServer,
     ForgetInstance,
     ImageSent,
-    InjectPackets,
     InstallRole,
     Local,
     Named,
     Note,
     Playbook,
-    PutBackDatagrams,
     ReadClock,
     ReadPackets,
     Refused,
@@ -339,12 +338,7 @@ class ProcessMigration(Playbook):
         f = self.destination
         t0 = yield ReadClock()
         udp_errors_before = yield CountUdpBufferDrops()
-        datagrams, f.datagrams = f.datagrams, ()
-        if any(st.datagrams for st in datagrams):
-            f.reinjected += yield PutBackDatagrams(datagrams)
-        late, f.late = f.late, ()
-        if late:
-            f.reinjected += yield InjectPackets(late)
+        yield from put_back_stragglers(f)
         if not f.released:
             f.released = True
             plan = f.cut.release(f.consumed, (yield ReadClock()))
