@@ -1,7 +1,10 @@
 """The one adapter for netfilterqueue: packets from the kernel queue, verdicts back.
 
 The verdict loop is driven by asyncio: the queue's netlink fd is registered as a reader
-and each wake-up drains every packet waiting (`run(block=False)`). The decision itself
+and each wake-up reads at most DRAIN_BUDGET packets, then lets the loop serve its other
+readers (the control link above all: a steady flow never empties the queue, and an agent
+that drained until empty once took seconds to read the gateway's freeze, every one of
+them packets the destination had to hold). `flush()` still reads until empty. The decision itself
 is clustercore's (`NodeFilter`); this module only moves packets and verdicts.
 
 HOLD keeps the netfilterqueue Packet object (it is the handle a cutover role holds): the
@@ -27,6 +30,7 @@ queue as before, for the rest of its life. No packet in the queue is lost with t
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
@@ -46,6 +50,27 @@ log = logging.getLogger("vipcluster.queue")
 
 
 SOCK_BYTES = 64 << 20
+DRAIN_BUDGET = 256  # packets read per wake-up of one queue (about 1-3 ms of decisions)
+
+
+class _Budgeted:
+    """The socket netfilterqueue's `run_socket` reads: the queue's netlink socket (a
+    duplicate descriptor), non-blocking, that says EAGAIN once `left` messages are read."""
+
+    __slots__ = ("sock", "left")
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=os.dup(fd))  # a duplicate is close-on-exec
+        self.left = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "budget used")
+        self.left -= 1
+        return self.sock.recv(size, socket.MSG_DONTWAIT)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def queue_stats() -> dict[int, dict[str, int]]:
@@ -167,6 +192,7 @@ class PacketQueue:
         fd = self._nfq.get_fd()
         fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._budgeted = _Budgeted(fd)
         self.errors = 0
 
     def fileno(self) -> int:
@@ -174,7 +200,17 @@ class PacketQueue:
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self._nfq.get_fd(), self._drain)
+        loop.add_reader(self._nfq.get_fd(), self._drain_some)
+
+    def _drain_some(self) -> None:
+        """One wake-up: at most DRAIN_BUDGET packets (the fd stays readable: the loop
+        comes back after its other readers)."""
+        self._budgeted.left = DRAIN_BUDGET
+        try:
+            self._nfq.run_socket(self._budgeted)
+        except Exception:  # never let the data path die on one bad packet
+            self.errors += 1
+            log.exception("verdict loop error")
 
     def _drain(self) -> None:
         try:
@@ -202,6 +238,7 @@ class PacketQueue:
             self._nfq.unbind()
         except Exception:
             pass
+        self._budgeted.close()
 
 
 class RawPacket:
@@ -313,9 +350,12 @@ class AdoptedQueue:
             self.errors += 1
             log.warning("queue %d: verdict not sent: %s", self.queue_num, e)
 
-    def _read(self) -> list[nfqraw.Message]:
+    def _read(self, budget: int | None = None) -> list[nfqraw.Message]:
+        """What the socket has now: every datagram, or at most `budget` of them."""
         out: list[nfqraw.Message] = []
-        while True:
+        while budget is None or budget > 0:
+            if budget is not None:
+                budget -= 1
             try:
                 data = self.sock.recv(RECV_BYTES)
             except (BlockingIOError, InterruptedError):
@@ -327,13 +367,17 @@ class AdoptedQueue:
             if not data:
                 return out
             out += nfqraw.decode(data)
+        return out
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self.sock.fileno(), self._drain)
+        loop.add_reader(self.sock.fileno(), self._drain_some)
 
-    def _drain(self) -> None:
-        for m in self._read():
+    def _drain_some(self) -> None:
+        self._drain(DRAIN_BUDGET)
+
+    def _drain(self, budget: int | None = None) -> None:
+        for m in self._read(budget):
             if isinstance(m, nfqraw.PacketMessage):
                 self._on_packet(m)
             elif isinstance(m, nfqraw.Malformed):
