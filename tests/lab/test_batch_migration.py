@@ -57,6 +57,20 @@ def _wait_file(p: subprocess.Popen, path, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def _end(spec: labmod.Lab, load: subprocess.Popen | None) -> None:
+    """Stop the client load (by its PID) if it still runs, take the lab down, check no
+    namespace of it is left."""
+    if load is not None and load.poll() is None:
+        os.kill(load.pid, signal.SIGTERM)
+        try:
+            load.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(load.pid, signal.SIGKILL)
+            load.wait(5)
+    labmod.down(spec, log=_quiet)
+    assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+
+
 def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp_path):
     spec = labmod.Lab(unique_prefix("bm"), 2)
     labmod.down(spec, log=_quiet)
@@ -118,15 +132,7 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
         assert client["bad"] == 0 and client["unanswered"] == 0 and client["closed"] == 0, client
         assert client["ok"] == client["requests"] > 3 * CONNS, client
     finally:
-        if load is not None and load.poll() is None:
-            os.kill(load.pid, signal.SIGTERM)
-            try:
-                load.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(load.pid, signal.SIGKILL)
-                load.wait(5)
-        labmod.down(spec, log=_quiet)
-        assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+        _end(spec, load)
 
 
 def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
@@ -165,12 +171,4 @@ def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
         assert client["bad"] == 0 and client["unanswered"] == 0 and client["closed"] == 0, client
         assert client["ok"] == client["requests"], client
     finally:
-        if load is not None and load.poll() is None:
-            os.kill(load.pid, signal.SIGTERM)
-            try:
-                load.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(load.pid, signal.SIGKILL)
-                load.wait(5)
-        labmod.down(spec, log=_quiet)
-        assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+        _end(spec, load)
