@@ -36,7 +36,7 @@ from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
-from . import criu, criulazy, gatewaywatch, iptables, netlink, services
+from . import adoption, criu, criulazy, gatewaywatch, iptables, netlink, services
 from .batchmigrate import speaks_batch
 from .drain import DrainAgent
 from .fdstore import NotifySocket, process_group_of
@@ -138,7 +138,7 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         stopped = []
         for name, entry in self._recorded().items():
             pid = entry.get("pid") if isinstance(entry, dict) else None
-            if isinstance(pid, int) and services.service_of(pid) == name:
+            if isinstance(pid, int) and adoption.service_of(pid) == name:
                 self._end_stray(name, pid, "node cleanup")
                 stopped.append(name)
         try:

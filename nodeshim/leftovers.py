@@ -36,7 +36,7 @@ from typing import Any
 from clustercore.errors import VipError
 from clustercore.ownership import Service
 
-from . import services
+from . import adoption
 
 log = logging.getLogger("vipcluster.migrate")
 
@@ -93,7 +93,7 @@ class Leftovers:
             if restored.pop(service, None) is None:
                 return
         else:
-            restored[service] = {"pid": pid, "started": services.start_ticks(pid), "epoch": epoch,
+            restored[service] = {"pid": pid, "started": adoption.start_ticks(pid), "epoch": epoch,
                                  "service": definition.to_dict() if definition is not None else None,
                                  "sockets": list(sockets) if sockets is not None else None}
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
@@ -120,7 +120,7 @@ class Leftovers:
             names = entry.get("sockets")
             handoff = isinstance(names, list) and all(isinstance(n, str) for n in names)
             what = "handed-over instance" if handoff else "restored copy"
-            if not services.is_service(pid, name, started):
+            if not adoption.is_service(pid, name, started):
                 log.warning("the %s of %s (pid %d) left by a previous agent is gone", what, name, pid)
                 continue
             if isinstance(epoch, str) and self.release_begun(name, epoch) and entry.get("service"):

@@ -24,7 +24,7 @@ from clustercore.errors import VipError
 from clustercore.ownership import Service
 from clustercore.packet import TCP
 
-from . import pidfd, services, tcprepair
+from . import adoption, pidfd, services, tcprepair
 
 log = logging.getLogger("vipcluster.node")  # the agent's logger: the same lines as before
 
@@ -41,7 +41,7 @@ class PreviousAgent:
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         tmp = self._running_file + ".tmp"
         record = {"version": 2, "services": {
-            n: {"pid": rs.pid, "started": services.start_ticks(rs.pid), "service": rs.service.to_dict(),
+            n: {"pid": rs.pid, "started": adoption.start_ticks(rs.pid), "service": rs.service.to_dict(),
                 "sockets": [name for name, _ in rs.sockets],
                 "handoff": self.speaks_handoff(n)}  # it said so once; a successor must know
             for n, rs in self.running.items()}}
@@ -67,7 +67,7 @@ class PreviousAgent:
         return record.get("services") or {}
 
     def _end_stray(self, name: str, pid: int, why: str) -> None:
-        if services.service_of(pid) == name:
+        if adoption.service_of(pid) == name:
             log.warning("ending service %s (pid %d) left by a previous agent: %s", name, pid, why)
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -90,7 +90,7 @@ class PreviousAgent:
                 continue
             try:
                 started = entry.get("started")
-                rs = services.adopt(service, pid, names, self.config.vips, self.log_dir,
+                rs = adoption.adopt(service, pid, names, self.config.vips, self.log_dir,
                                     started if isinstance(started, int) else None)
             except VipError as e:
                 self._end_stray(name, pid, f"cannot adopt it: {e}")
@@ -119,7 +119,7 @@ class PreviousAgent:
         the gateway, asked the release again, is told it began and goes forward); if not,
         it is silenced and killed (nodeshim.leftovers)."""
         def adopt(service: Service, pid: int, started: int | None, names: list[str]):
-            return services.adopt(service, pid, names, self.config.vips, self.log_dir, started)
+            return adoption.adopt(service, pid, names, self.config.vips, self.log_dir, started)
         for name, rs in self.migrations.settle_restored_orphans(adopt):
             self.running[name] = rs
             self.restarts[name] = 0

@@ -68,7 +68,6 @@ from clustercore.sockstate import (
     TCP_STATES,
     U32_MAX,
     TcpConnState,
-    TcpListenerState,
     TcpWindow,
 )
 from nodeshim import repairc
@@ -102,7 +101,6 @@ SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 
 ESTABLISHED = 1
-TCP_LISTEN = 10
 TCP_MIN_MSS = 88  # the kernel refuses a smaller TCP_MAXSEG
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _VERSION = {socket.AF_INET: 4, socket.AF_INET6: 6}
@@ -115,7 +113,6 @@ _DONTWAIT = socket.MSG_DONTWAIT
 # tcp_info: u8 state, ca_state, retransmits, probes, backoff, options, wscales (snd low
 # nibble, rcv high nibble), flags; then u32 rto, ato, snd_mss, rcv_mss, unacked, sacked
 _INFO_HEAD = 8
-_INFO_LISTEN = struct.Struct("8B6I")
 # headroom for skb overhead when sizing a buffer for a queue (the kernel doubles the value)
 _BUF_SLACK = 32768
 
@@ -569,56 +566,11 @@ def close_many(socks: Iterable[socket.socket]) -> None:
         raise first
 
 
-# ---------------------------------------------------------------- listeners
-
-
-def dump_listener(sock: socket.socket, name: str | None = None) -> TcpListenerState:
-    """Describe a listening socket, refusing one with connections waiting to be accepted.
-
-    Those connections are ESTABLISHED already; closing the listener would reset them, so
-    the service must accept them first (they then move as connections).
-    """
-    try:
-        info = _INFO_LISTEN.unpack(sock.getsockopt(SOL_TCP, TCP_INFO, _INFO_LISTEN.size))
-        local = sock.getsockname()
-    except OSError as exc:
-        raise _err("dump_listener", exc) from None
-    if info[0] != TCP_LISTEN:
-        raise ValueError(f"dump_listener: socket is {TCP_STATES.get(info[0], info[0])}, not LISTEN")
-    pending, backlog = info[12], info[13]  # tcpi_unacked, tcpi_sacked for a listener
-    if pending:
-        raise KernelError(
-            "dump_listener",
-            errno.EBUSY,
-            f"{local[0]}:{local[1]} has {pending} connection(s) waiting to be accepted",
-        )
-    return TcpListenerState(
-        local=(local[0], local[1]), family=_VERSION[sock.family], backlog=backlog, name=name
-    )
-
-
-def accept_waiting(listener: socket.socket) -> list[socket.socket]:
-    """Accept every connection waiting in a listener's queue, without blocking: a listener
-    with connections waiting cannot be described (dump_listener refuses it), they move as
-    connections instead."""
-    listener.setblocking(False)
-    accepted = []
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return accepted
-        except OSError as exc:
-            for c in accepted:
-                c.close()
-            raise _err("accept waiting connections", exc) from None
-        accepted.append(conn)
-
-
 # ---------------------------------------------------------------- /proc/net/tcp(6)
 
-# the socket table readers live in nodeshim.proctcp (both families); the executor calls
-# them through this module, the TCP adapter
+# the socket table readers live in nodeshim.proctcp (both families), the listeners' side in
+# nodeshim.tcplisten (no repair); the executor calls them through this module, the TCP adapter
 from nodeshim.proctcp import (  # noqa: E402,F401
     HALF_CLOSED_CODES, LISTEN, SYN_RECV_CODES, accept_backlog, count_connections, count_listeners)
+from nodeshim.tcplisten import accept_waiting, dump_listener  # noqa: E402,F401
 

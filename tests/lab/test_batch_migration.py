@@ -1,17 +1,16 @@
-"""Lab test of the batched handoff's node side: two real agents, driven over the real
-control transport through the batch steps in the order clustercore.batchmigration gives
-them, while N echo connections keep talking; then the same connections moved back by the
-whole-service handoff (`vipctl migrate`), for comparison.
+"""Lab test of the batched handoff under a request/reply load: the real gateway and two
+real agents, the migration run by the real CLI (`vipctl migrate echo --to n2 --batched
+--json`), while N echo connections keep talking; then the same connections moved back by
+the whole-service handoff (`vipctl migrate`), for comparison, and moved in batches again.
 
-The gateway is the real one, run from tests/lab/batchgateway.py, which adds one lab-only
-control op that runs BatchMigration (the gateway's own `--batched` switch is another
-engineer's work). The oracle is the client's own accounting (tests/lab/batchload.py):
-every request echoed once, in order, nothing unanswered, no connection closed.
+The oracle is the client's own accounting (tests/lab/batchload.py): every request echoed
+once, in order, nothing unanswered, no connection closed. (tests/lab/test_batched_migration.py
+covers the refusals and the gateway's deaths with the lab's mixed load.)
 
 No timing is asserted: the numbers are printed for the report, and they are noisy (two
 cores shared with other engineers' lab runs). VIPCLUSTER_BATCH_CONNS (default 300) sets
 how many connections (the report's measurements used 1000), VIPCLUSTER_BATCH_FIXED the
-batch size (default 32; 0 for the adaptive sizer).
+batch size (`--batch-size`, default 32; 0 for the gateway's own sizer, from 32 up).
 """
 
 from __future__ import annotations
@@ -23,18 +22,13 @@ import subprocess
 import sys
 import time
 
-from tests.lab.conftest import HERE, ROOT, LabHandle, unique_prefix
+from tests.lab.conftest import HERE, LabHandle, unique_prefix
 from vipctl import lab as labmod
-from vipctl.client import call
 from vipctl.lab import VIP
 
-sys.path.insert(0, HERE)
-from batchgateway import LabMigrateBatched
-
 CONNS = int(os.environ.get("VIPCLUSTER_BATCH_CONNS", "300"))
-# batches of a fixed size (0: the adaptive BatchSizer, first 32, toward 5 ms, which shrinks
-# them to 1-2 connections here and makes the migration long enough for the destination's
-# hold of the kept flows' copies to overflow its queue: docs/handoff.md, "Limits found")
+# batches of a fixed size (`--batch-size`; 0: the gateway's sizer, which starts at 32 and
+# never goes below it: gateway/batched.py, MIN_BATCH)
 FIXED = int(os.environ.get("VIPCLUSTER_BATCH_FIXED", "32"))
 
 
@@ -42,16 +36,10 @@ def _quiet(*args) -> None:
     pass
 
 
-def _start_gateway(spec: labmod.Lab) -> subprocess.Popen:
-    """The lab's gateway held (not restarted by the supervisor), ours in its place."""
-    labmod.hold_daemon(spec, "gateway")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
-    for k in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
-        env.pop(k, None)
-    with open(os.path.join(spec.state_dir, "logs", "batchgateway.log"), "ab") as log:
-        return labmod.popen_in(spec.gw_ns, [sys.executable, os.path.join(HERE, "batchgateway.py"), "gateway", "run",
-                                            "--config", os.path.join(spec.state_dir, "gateway.toml")],
-                               stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
+def _migrate_batched(h: LabHandle, to: str, *options: str, timeout: float = 300) -> dict:
+    """`vipctl migrate echo --to TO --batched --json`: its report (the command must succeed)."""
+    r = h.vipctl("migrate", "echo", "--to", to, "--batched", *options, "--json", timeout=timeout)
+    return json.loads(r.stdout)
 
 
 def _retransmissions(h: LabHandle) -> int:
@@ -69,17 +57,28 @@ def _wait_file(p: subprocess.Popen, path, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def _end(spec: labmod.Lab, load: subprocess.Popen | None) -> None:
+    """Stop the client load (by its PID) if it still runs, take the lab down, check no
+    namespace of it is left."""
+    if load is not None and load.poll() is None:
+        os.kill(load.pid, signal.SIGTERM)
+        try:
+            load.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(load.pid, signal.SIGKILL)
+            load.wait(5)
+    labmod.down(spec, log=_quiet)
+    assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+
+
 def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp_path):
     spec = labmod.Lab(unique_prefix("bm"), 2)
     labmod.down(spec, log=_quiet)
-    gateway = load = None
+    load = None
     try:
         labmod.up(spec, log=_quiet)
         h = LabHandle(spec)
         h.vipctl("service", "add", "echo", "--node", "n1", "--port", "tcp:7", "--exec", "builtin:echo")
-        gateway = _start_gateway(spec)
-        labmod._wait_socket(spec, 30)
-        labmod._wait_nodes(spec, 30)
         os.chmod(tmp_path, 0o777)
         ready, stop, phase = tmp_path / "load.ready", tmp_path / "load.stop", tmp_path / "load.phase"
         phase.write_text("before")
@@ -88,18 +87,18 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait_file(load, ready, 120)
         time.sleep(0.5)  # every connection in its request/pause cycle
-        sizes = {"first": FIXED, "smallest": FIXED, "largest": FIXED} if FIXED else {"first": 32}
+        sizes = ("--batch-size", str(FIXED)) if FIXED else ()
         phase.write_text("batched")
         time.sleep(0.2)
         retrans = {"before_batched": _retransmissions(h)}
-        batched = call(LabMigrateBatched(name="echo", to="n2", **sizes), spec.control_socket, timeout=300)
+        batched = _migrate_batched(h, "n2", *sizes)
         time.sleep(0.2)
         retrans["batched"] = _retransmissions(h) - retrans.pop("before_batched")
         phase.write_text("between")
         print("BATCHED", json.dumps({k: batched.get(k) for k in (
             "outcome", "reason", "batches", "connections_moved", "connections_pinned", "conn_freeze_ms",
             "batch_window_ms", "opening_window_ms", "total_ms", "held", "released", "duplicates_suppressed",
-            "lost", "wall_ms", "rtt_ms", "node_ms")}))
+            "lost", "steps_ms", "split_ms", "kernel_queue_drops")}))
         time.sleep(1.0)
         phase.write_text("whole")
         time.sleep(0.2)
@@ -109,7 +108,7 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
         retrans["whole"] = _retransmissions(h) - before
         phase.write_text("again")
         # the whole handoff's new instance got its channel too: it moves in batches again
-        again = call(LabMigrateBatched(name="echo", to="n2", **sizes), spec.control_socket, timeout=300)
+        again = _migrate_batched(h, "n2", *sizes)
         print("AGAIN", json.dumps({k: again.get(k) for k in ("outcome", "batches", "connections_moved",
                                                              "connections_pinned", "lost")}))
         time.sleep(0.2)
@@ -133,17 +132,7 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
         assert client["bad"] == 0 and client["unanswered"] == 0 and client["closed"] == 0, client
         assert client["ok"] == client["requests"] > 3 * CONNS, client
     finally:
-        for p in (load, gateway):
-            if p is not None and p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait(5)
-        labmod.release_daemon(spec, "gateway")
-        labmod.down(spec, log=_quiet)
-        assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+        _end(spec, load)
 
 
 def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
@@ -154,14 +143,11 @@ def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
     n = 64
     spec = labmod.Lab(unique_prefix("bf"), 2)
     labmod.down(spec, log=_quiet)
-    gateway = load = None
+    load = None
     try:
         labmod.up(spec, log=_quiet)
         h = LabHandle(spec)
         h.vipctl("service", "add", "echo", "--node", "n1", "--port", "tcp:7", "--exec", "builtin:echo")
-        gateway = _start_gateway(spec)
-        labmod._wait_socket(spec, 30)
-        labmod._wait_nodes(spec, 30)
         os.chmod(tmp_path, 0o777)
         ready, stop = tmp_path / "load.ready", tmp_path / "load.stop"
         load = h.client_popen([sys.executable, os.path.join(HERE, "batchload.py"), VIP, "7", str(n),
@@ -171,10 +157,9 @@ def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
         os.makedirs(faults, exist_ok=True)
         with open(os.path.join(faults, "migrate.batch.freeze"), "w") as f:
             f.write("fail")  # one shot: the first batch after the opening
-        report = call(LabMigrateBatched(name="echo", to="n2", first=16, smallest=16, largest=16),
-                      spec.control_socket, timeout=120)
+        report = _migrate_batched(h, "n2", "--batch-size", "16", timeout=120)
         print("SPLIT", json.dumps({k: report.get(k) for k in (
-            "outcome", "reason", "batches", "connections_moved", "connections_pinned", "lost")}))
+            "outcome", "reason", "batches", "connections_moved", "connections_pinned", "split", "lost")}))
         time.sleep(2.0)  # the pinned connections go on talking to the old instance
         stop.touch()
         out, _err = load.communicate(timeout=60)
@@ -182,17 +167,8 @@ def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
         print("CLIENT", json.dumps(client))
         assert report["outcome"] == "committed" and "undone" in report["reason"], report
         assert report["connections_pinned"] == 16 and report["connections_moved"] == n - 16, report
+        assert report["split"] is True and report["lost"] == 0, report
         assert client["bad"] == 0 and client["unanswered"] == 0 and client["closed"] == 0, client
         assert client["ok"] == client["requests"], client
     finally:
-        for p in (load, gateway):
-            if p is not None and p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait(5)
-        labmod.release_daemon(spec, "gateway")
-        labmod.down(spec, log=_quiet)
-        assert spec.prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+        _end(spec, load)

@@ -21,7 +21,7 @@ from clustercore.packet import ICMPV6, parse_packet
 from clustercore.packet import TCP as P_TCP
 from clustercore.packet import UDP as P_UDP
 from gateway.nft import render_ruleset
-from nodeshim import proctcp, services
+from nodeshim import adoption, proctcp, services
 
 VIP6 = "2001:db8::10"
 CLIENT6 = "2001:db8:1::2"
@@ -182,10 +182,10 @@ def test_open_sockets_binds_each_vip_with_its_own_name():
         # the adoption check: a socket matches its own name on its own VIP only
         for name, s in opened:
             real = name.rpartition("-")[0] + f"-{s.getsockname()[1]}"
-            assert services._matches(real, s, ("127.0.0.1", "::1"))
-            assert not services._matches(real, s, ("127.0.0.2",))
+            assert adoption._matches(real, s, ("127.0.0.1", "::1"))
+            assert not adoption._matches(real, s, ("127.0.0.2",))
         tcp6 = opened[2][1]
-        assert not services._matches(f"tcp-{tcp6.getsockname()[1]}", tcp6, ("127.0.0.1", "::1"))
+        assert not adoption._matches(f"tcp-{tcp6.getsockname()[1]}", tcp6, ("127.0.0.1", "::1"))
     finally:
         for _, s in opened:
             s.close()
