@@ -115,6 +115,13 @@ class BatchedHandoff(Playbook):
         self.destination: BatchDestFacts | None = None
 
     @property
+    def serves_after_end(self) -> bool:
+        """A finished source with pinned connections keeps its instance and its role
+        (commit() below): the program serves them until they close."""
+        f = self.source
+        return f is not None and f.instance is not None and f.role is not None
+
+    @property
     def complete(self) -> bool:
         """A destination that has nothing left to receive (RELEASED)."""
         return self.destination is not None and self.destination.complete

@@ -613,6 +613,12 @@ class Playbook:
 
     strategy: ClassVar[str] = "none"
 
+    @property
+    def serves_after_end(self) -> bool:
+        """The migration ended, and the old instance here still serves some of the
+        service's connections (a batched migration's pinned ones): no reconcile may stop it."""
+        return False
+
     def _lacks(self, step: str):
         raise Refused(f"the {self.strategy} strategy has no {step} step")
         yield  # a generator, like every step

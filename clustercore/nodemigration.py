@@ -504,6 +504,12 @@ class NodeMigrations:
         m = self.machines.get(service)
         return m is not None and not m.finished
 
+    def still_serves(self, service: str) -> bool:
+        """The service's migration ended, but its old instance here serves connections
+        that stayed (Playbook.serves_after_end): the instance is not the reconcile's to stop."""
+        m = self.machines.get(service)
+        return m is not None and m.finished and m.playbook is not None and m.playbook.serves_after_end
+
     def idle(self) -> bool:
         return not any(self.busy(name) for name in self.machines)
 

@@ -128,6 +128,9 @@ class MigrationAgent(ProcessSteps):
     def busy(self, name: str) -> bool:
         return self.migrations.busy(name)
 
+    def still_serves(self, name: str) -> bool:
+        return self.migrations.still_serves(name)
+
     def idle(self) -> bool:
         return self.migrations.idle()
 

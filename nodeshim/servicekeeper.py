@@ -83,7 +83,8 @@ class ServiceKeeper:
         names = {s.name for s in wanted}
         self._end_frozen(names)
         for name in list(self.running):
-            if name not in names and not self.migrations.busy(name):
+            # a split batched migration's source serves its pinned connections to the end
+            if name not in names and not self.migrations.busy(name) and not self.migrations.still_serves(name):
                 services.stop(self.running.pop(name))
                 stopped.append(name)
         for s in wanted:

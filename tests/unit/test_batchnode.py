@@ -274,6 +274,8 @@ def test_the_source_script_opening_batches_and_finish():
         (nc.CountKernelDrops, 2), (nc.Note, None), (nc.ServiceMoved, None),
     ])
     assert finished == msgs.CommitDone() and m.state is State.COMMITTED and m.finished
+    # the old instance serves the pinned ones: a reconcile must not stop it
+    assert m.playbook.serves_after_end
 
 
 def test_a_frozen_batch_gives_the_program_the_peers_of_its_flows():
@@ -291,6 +293,7 @@ def test_finish_without_pinned_connections_stops_the_old_instance():
     assert isinstance(reply, msgs.CommitDone) and m.state is State.COMMITTED
     assert k.types() == [nc.CountKernelDrops, nc.ForgetInstance, nc.StopInstance, nc.CloseDescriptors,
                          nc.RemoveRoleLater, nc.ServiceMoved]
+    assert not m.playbook.serves_after_end
 
 
 def test_the_whole_rollback_before_the_opening_committed_gives_everything_back_in_order():
@@ -522,6 +525,19 @@ def test_a_newer_migration_ends_an_adopting_destination():
                                   strategy="batched"), T0)
     replies = [run_to_end(r, kernel) for r in runners]
     assert len(runners) == 2 and replies[-1] == msgs.Done() and node.machines["echo"].state is State.ARMED
+
+
+def test_a_split_source_still_serves_after_its_migration_ended():
+    """The reconcile after a gateway restart asks NodeMigrations.still_serves: a split
+    source's old instance (pinned connections) is not stopped; a plain finish's is."""
+    for pinned, serves in ((2, True), (0, False)):
+        node = NodeMigrations("n1")
+        m = node.machines["echo"] = opened_source()
+        if pinned:
+            m.playbook.source.undone.add(2)
+        assert node.busy("echo") and not node.still_serves("echo")  # not ended yet
+        feed(m, step(bm.FinishBatched, pinned=pinned))
+        assert not node.busy("echo") and node.still_serves("echo") is serves, pinned
 
 
 # ---------------------------------------------------------------- every pair, and a property
