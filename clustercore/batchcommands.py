@@ -24,6 +24,9 @@ class Handed:
 
     sockets: tuple[Named, ...]
     owed: dict
+    # to HandBackListeners: the (client "ip:port", local "ip:port") connections the
+    # program says it keeps serving; None when it did not say
+    held: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class ListKept(Command):
     taken: tuple[Named, ...] = ()
     instance: Any = None
     idle: Any = None  # ReadIdleTimes' result (opaque), taken earlier: only an order
+    # the program's own list (Handed.held): then no kernel table is read, only these
+    # are checked (on the VIP, at these ports) - ~0.2 ms per connection less in the hold
+    held: Any = None
 
 
 @_command(query=True, waits=True)

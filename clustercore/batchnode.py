@@ -143,6 +143,7 @@ class BatchedHandoff(Playbook):
         t0 = yield ReadClock()
         handed = yield HandBackListeners(f.instance)
         f.handed = list(handed.sockets)
+        held = getattr(handed, "held", None)  # what the program says it serves, if it says
         listeners = tuple(s for s in f.handed if kind_of(s[0]) == "tcp")
         udp = tuple(s for s in f.handed if kind_of(s[0]) == "udp")
         other = [s for s in f.handed if kind_of(s[0]) not in ("tcp", "udp")]
@@ -156,7 +157,7 @@ class BatchedHandoff(Playbook):
         # serving (only fewer as they close); what completes a handshake from here on
         # waits in the listeners' queues and is the opening's. Listed before the freeze:
         # the verdict loop runs meanwhile, nothing is held for it
-        kept = tuple((yield ListKept(f.tcp_ports, (), f.instance, f.idle))) if f.tcp_ports else ()
+        kept = tuple((yield ListKept(f.tcp_ports, (), f.instance, f.idle, held))) if f.tcp_ports else ()
         if f.tcp_ports:
             yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move
         t_freeze = yield ReadClock()

@@ -14,6 +14,7 @@ millisecond per batch; one that does not fails the batch, which is undone).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
@@ -109,7 +110,7 @@ class BatchActions:
     def table(self) -> dict[type, Callable[[Any], Any]]:
         return {
             HasChannel: self.has_channel,
-            HandBackListeners: lambda c: self.hand_back(c.instance, listeners=True),
+            HandBackListeners: lambda c: self.hand_back_listeners(c.instance),
             HandBackConnections: lambda c: self.hand_back(c.instance, peers=c.peers),
             AdoptSockets: self.adopt,
             ListKept: lambda c: asyncio.to_thread(self.list_kept, c),
@@ -128,6 +129,12 @@ class BatchActions:
         named, owed = batchchannel.hand_back(_channel(instance), peers=peers, listeners=listeners,
                                              timeout=CHANNEL_TIMEOUT_S)
         return Handed(tuple(named), dict(owed))
+
+    @staticmethod
+    def hand_back_listeners(instance) -> Handed:
+        named, owed, held = batchchannel.hand_back(_channel(instance), listeners=True,
+                                                   timeout=CHANNEL_TIMEOUT_S, with_held=True)
+        return Handed(tuple(named), dict(owed), None if held is None else tuple(held))
 
     @staticmethod
     def adopt(cmd: AdoptSockets) -> int:
@@ -151,6 +158,8 @@ class BatchActions:
         with how idle it is (sock_diag's tcp_info; 0.0 where the kernel did not say)."""
         vips = self.mig.agent.config.vips
         taken = {p for _, s in cmd.taken if (p := _peer(s)) is not None}
+        if cmd.held is not None:
+            return self.kept_from_program(cmd, vips, taken)
         pid = getattr(cmd.instance, "pid", None)
         held = _socket_inodes(pid) if pid is not None else None
         idle = cmd.idle if isinstance(cmd.idle, dict) else {}
@@ -160,6 +169,27 @@ class BatchActions:
                 continue
             flow = (TCP, peer, port, local, lport)
             out.setdefault(flow, KeptConnection(flow, idle.get(inode, 0.0)))
+        return tuple(out.values())
+
+    @staticmethod
+    def kept_from_program(cmd: ListKept, vips, taken) -> tuple[KeptConnection, ...]:
+        """The program's own list of what it serves (Handed.held), on the VIP at the
+        service's ports, minus the accept queue's; idle time by the client's "ip:port"."""
+        on = {(ipaddress.ip_address(v), p) for v in vips for p in cmd.ports}
+        idle = cmd.idle if isinstance(cmd.idle, dict) else {}
+        out: dict[tuple, KeptConnection] = {}
+        for peer, local in cmd.held:
+            try:
+                phost, _, pport = peer.rpartition(":")
+                lhost, _, lport = local.rpartition(":")
+                key = (ipaddress.ip_address(lhost), int(lport))
+                client = (str(ipaddress.ip_address(phost)), int(pport))
+            except ValueError:
+                continue  # not an address: nothing the gateway could name
+            if key not in on or client in taken:
+                continue
+            flow = (TCP, client[0], client[1], str(key[0]), key[1])
+            out.setdefault(flow, KeptConnection(flow, idle.get(peer, 0.0)))
         return tuple(out.values())
 
     async def start_with_channel(self, cmd: StartWithChannel):

@@ -89,6 +89,7 @@ class Server:
         self.channel: socket.socket | None = None  # the incremental handoff (vip-batch)
         self.by_peer: dict[str, socket.socket] = {}  # a batch's lookup costs its size only
         self.peer_of: dict[socket.socket, str] = {}  # (getpeername fails once reset)
+        self.local_of: dict[socket.socket, str] = {}
 
     def load_state(self, data: bytes) -> None:
         """What the old instance stored when it handed over: the kv table, and per
@@ -131,6 +132,7 @@ class Server:
         peer = _peer_key(c)
         self.by_peer[peer] = c
         self.peer_of[c] = peer
+        self.local_of[c] = _local_key(c)  # for the batched opening's list (hand_back)
         saved = self.pending.pop(peer, None) if self.pending else None
         if saved:
             self.inbuf[c] += base64.b64decode(saved.get("in", ""))
@@ -219,6 +221,7 @@ class Server:
     def _forget(self, c: socket.socket) -> None:
         """No longer ours to serve (closed, or handed back)."""
         peer = self.peer_of.pop(c, None)
+        self.local_of.pop(c, None)
         if peer is not None and self.by_peer.get(peer) is c:
             del self.by_peer[peer]
         self.eof.discard(c)
@@ -257,10 +260,15 @@ class Server:
         """Stop serving the asked sockets and hand them back, with what we owe on them."""
         named: list[tuple[str, socket.socket]] = []
         state: dict = {}
+        held: list[tuple[str, str]] | None = None
         if msg.listeners:
             named, self.named = list(self.named), []
             for _, s in named:
                 self.sel.unregister(s)
+            # we accept no more: the connections we serve now are the batches' (not those
+            # a client is done with: they close here)
+            held = [(p, local) for c, p in self.peer_of.items()
+                    if c not in self.eof and p != "?" and (local := self.local_of.get(c, "?")) != "?"]
         else:
             for peer in dict.fromkeys(msg.peers):
                 c = self.by_peer.get(peer)
@@ -282,9 +290,16 @@ class Server:
                 self._forget(c)
                 named.append((name, c))
         parts = [named[i:i + bc.FDS_PER_MESSAGE] for i in range(0, len(named), bc.FDS_PER_MESSAGE)] or [[]]
+        held_parts: list = [None] * len(parts)
+        if held is not None:
+            chunks = [held[i:i + bc.HELD_PER_MESSAGE] for i in range(0, len(held), bc.HELD_PER_MESSAGE)] or [[]]
+            parts += [[] for _ in range(len(chunks) - len(parts))]
+            held_parts = chunks + [None] * (len(parts) - len(chunks))
         for i, part in enumerate(parts):
             batchchannel.send(ch, bc.Handed(tuple(n for n, _ in part), state if i == 0 else {},
-                                            more=i + 1 < len(parts)), [s.fileno() for _, s in part])
+                                            more=i + 1 < len(parts),
+                                            held=None if held_parts[i] is None else tuple(held_parts[i])),
+                              [s.fileno() for _, s in part])
         for _, s in named:
             s.close()  # the agent holds them now
 
@@ -350,6 +365,14 @@ def wait_for_continue(say_stopping) -> None:
         signal.sigwait({signal.SIGCONT})
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCONT})
+
+
+def _local_key(c: socket.socket) -> str:
+    try:
+        host, port = c.getsockname()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
 
 
 def _peer_key(c: socket.socket) -> str:

@@ -6,6 +6,7 @@ Plus the codec's total decoder."""
 from __future__ import annotations
 
 import base64
+import json
 import socket
 
 import pytest
@@ -128,3 +129,18 @@ def test_codec_round_trip():
                      (bc.Handed(("conn-80", "conn-80"), {}, True), 2), (bc.Adopted(3), 0),
                      (bc.Refusal("no"), 0)]:
         assert bc.decode(bc.encode(msg), fds) == msg
+
+
+def test_handed_carries_the_held_list_only_when_said_and_refuses_a_malformed_one():
+    from clustercore import batchchannel as bc2
+    from clustercore.errors import PeerControlError as PCE
+
+    said = bc2.decode(bc2.encode(bc2.Handed((), {}, False, (("198.51.100.2:40000", "203.0.113.10:7"),))))
+    assert said.held == (("198.51.100.2:40000", "203.0.113.10:7"),)
+    assert bc2.decode(bc2.encode(bc2.Handed((), {}, False, ()))).held == ()
+    assert bc2.decode(bc2.encode(bc2.Handed((), {}))).held is None  # not said: the kernel's tables
+    for bad in ([["198.51.100.2:40000"]], [["198.51.100.2:x", "203.0.113.10:7"]], [[1, 2]], "no",
+                [["198.51.100.2:40000", "203.0.113.10:70000"]],
+                [["198.51.100.2:1", "203.0.113.10:7"]] * (bc2.HELD_PER_MESSAGE + 1)):
+        with pytest.raises(PCE):
+            bc2.decode(b"HANDED " + json.dumps({"names": [], "state": {}, "held": bad}).encode())
