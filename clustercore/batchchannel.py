@@ -19,8 +19,9 @@ Requests (agent -> program), one line of text: an op, a space, JSON:
 Replies (program -> agent):
   HANDED {"names": [...], "state": {...}, "more": bool}  + descriptors, one name each, at
                           most FDS_PER_MESSAGE per message ("more": another follows);
-                          to HANDBACK listeners, optionally also "held": [[peer, local],
-                          ...] ("ip:port" each, at most HELD_PER_MESSAGE per message): the
+                          to HANDBACK listeners, optionally also "held": [[peer, local,
+                          idle_ms], ...] ("ip:port" each, idle_ms optional: since its last
+                          data either way; at most HELD_PER_MESSAGE per message): the
                           established connections the program goes on serving (the
                           batches' connections). Without it the agent lists them from the
                           kernel's tables, which costs ~0.2 ms per connection while new
@@ -62,7 +63,8 @@ class Handed:
     names: tuple[str, ...]
     state: dict = field(default_factory=dict)
     more: bool = False
-    held: tuple[tuple[str, str], ...] | None = None  # (peer, local) it keeps serving; None: not said
+    # (peer, local[, idle_ms]) it keeps serving; None: not said
+    held: tuple[tuple, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,13 +113,18 @@ def _state(value: Any) -> dict:
     return value
 
 
-def _held(value: Any) -> tuple[tuple[str, str], ...]:
+def _held(value: Any) -> tuple[tuple, ...]:
     if not isinstance(value, list) or len(value) > HELD_PER_MESSAGE:
         raise PeerControlError(f"held: expected a list of at most {HELD_PER_MESSAGE} [peer, local] pairs")
-    for pair in value:
-        if not (type(pair) is list and len(pair) == 2 and _address(pair[0]) and _address(pair[1])):
-            raise PeerControlError(f"held: malformed pair {str(pair)[:80]}")
-    return tuple((p, l) for p, l in value)
+    for entry in value:
+        if not (type(entry) is list and len(entry) in (2, 3) and _address(entry[0]) and _address(entry[1])
+                and (len(entry) == 2 or _idle_ok(entry[2]))):
+            raise PeerControlError(f"held: malformed entry {str(entry)[:80]}")
+    return tuple(tuple(entry) for entry in value)
+
+
+def _idle_ok(value: Any) -> bool:
+    return type(value) in (int, float) and 0 <= value < 1e12  # (NaN fails both)
 
 
 def _address(value: Any) -> bool:

@@ -83,9 +83,10 @@ class ListKept(Command):
 @_command(query=True, waits=True)
 class ReadIdleTimes(Command):
     """How idle each established connection of the node is (-> opaque, for ListKept).
-    Read at arm, before anything is held: at thousands of connections the kernel's dump
-    takes a good part of a second in Python, and the order of the batches only needs
-    an approximate answer."""
+    Only for a program that does not say how idle its connections are (Handed.held), in
+    the opening: at thousands of connections the kernel's dump takes a good part of a
+    second in Python (at 10,000 on a loaded lab, more than the arm's 15 s: it was read at
+    arm until the program said it), and the order only needs an approximate answer."""
 
 
 @_command(query=True)

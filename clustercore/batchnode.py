@@ -129,7 +129,6 @@ class BatchedHandoff(Playbook):
             cut=BatchSource(event.epoch), instance=local.instance, own=tuple(local.sockets),
             tcp_ports=tuple(port for proto, port in local.service.ports if proto == TCP))
         f.drops_at_start = yield CountKernelDrops()
-        f.idle = yield ReadIdleTimes()  # for the order of the batches (idle first)
         f.role = f.cut
         yield InstallRole(m.service, f.cut)  # its packets are counted from now on
         return msgs.Done()
@@ -157,6 +156,8 @@ class BatchedHandoff(Playbook):
         # serving (only fewer as they close); what completes a handshake from here on
         # waits in the listeners' queues and is the opening's. Listed before the freeze:
         # the verdict loop runs meanwhile, nothing is held for it
+        if held is None and f.tcp_ports:  # the program did not say: the kernel's tables, and
+            f.idle = yield ReadIdleTimes()  # sock_diag for the order (idle first); slow, held
         kept = tuple((yield ListKept(f.tcp_ports, (), f.instance, f.idle, held))) if f.tcp_ports else ()
         if f.tcp_ports:
             yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move

@@ -113,7 +113,7 @@ class BatchActions:
             HandBackListeners: lambda c: self.hand_back_listeners(c.instance),
             HandBackConnections: lambda c: self.hand_back(c.instance, peers=c.peers),
             AdoptSockets: self.adopt,
-            ListKept: lambda c: asyncio.to_thread(self.list_kept, c),
+            ListKept: lambda c: self.list_kept(c) if c.held is not None else asyncio.to_thread(self.list_kept, c),
             ReadIdleTimes: lambda c: asyncio.to_thread(self.read_idle),
             StartWithChannel: self.start_with_channel,
         }
@@ -174,22 +174,23 @@ class BatchActions:
     @staticmethod
     def kept_from_program(cmd: ListKept, vips, taken) -> tuple[KeptConnection, ...]:
         """The program's own list of what it serves (Handed.held), on the VIP at the
-        service's ports, minus the accept queue's; idle time by the client's "ip:port"."""
-        on = {(ipaddress.ip_address(v), p) for v in vips for p in cmd.ports}
+        service's ports, minus the accept queue's; idle time as the program says it (else
+        by the client's "ip:port" from sock_diag). String work only: it runs in the hold."""
+        on = {f"{ipaddress.ip_address(v)}:{p}": (str(ipaddress.ip_address(v)), p) for v in vips for p in cmd.ports}
         idle = cmd.idle if isinstance(cmd.idle, dict) else {}
         out: dict[tuple, KeptConnection] = {}
-        for peer, local in cmd.held:
-            try:
-                phost, _, pport = peer.rpartition(":")
-                lhost, _, lport = local.rpartition(":")
-                key = (ipaddress.ip_address(lhost), int(lport))
-                client = (str(ipaddress.ip_address(phost)), int(pport))
-            except ValueError:
-                continue  # not an address: nothing the gateway could name
-            if key not in on or client in taken:
+        for entry in cmd.held:
+            peer, local = entry[0], entry[1]
+            at = on.get(local)
+            host, _, port = peer.rpartition(":")
+            if at is None or not host or not port.isdigit():
+                continue  # not on the service, or not an address the gateway could name
+            client = (host, int(port))
+            if client in taken:
                 continue
-            flow = (TCP, client[0], client[1], str(key[0]), key[1])
-            out.setdefault(flow, KeptConnection(flow, idle.get(peer, 0.0)))
+            flow = (TCP, host, client[1], at[0], at[1])
+            ms = float(entry[2]) if len(entry) > 2 else idle.get(peer, 0.0)
+            out.setdefault(flow, KeptConnection(flow, ms))
         return tuple(out.values())
 
     async def start_with_channel(self, cmd: StartWithChannel):

@@ -33,6 +33,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from collections import defaultdict
 
 from clustercore import batchchannel as bc
@@ -90,6 +91,7 @@ class Server:
         self.by_peer: dict[str, socket.socket] = {}  # a batch's lookup costs its size only
         self.peer_of: dict[socket.socket, str] = {}  # (getpeername fails once reset)
         self.local_of: dict[socket.socket, str] = {}
+        self.active: dict[socket.socket, float] = {}  # last event, monotonic
 
     def load_state(self, data: bytes) -> None:
         """What the old instance stored when it handed over: the kv table, and per
@@ -133,6 +135,7 @@ class Server:
         self.by_peer[peer] = c
         self.peer_of[c] = peer
         self.local_of[c] = _local_key(c)  # for the batched opening's list (hand_back)
+        self.active[c] = time.monotonic()
         saved = self.pending.pop(peer, None) if self.pending else None
         if saved:
             self.inbuf[c] += base64.b64decode(saved.get("in", ""))
@@ -159,6 +162,7 @@ class Server:
                 pass
 
     def on_conn(self, c: socket.socket, mask: int) -> None:
+        self.active[c] = time.monotonic()  # how idle it is: the batches move idle ones first
         if mask & selectors.EVENT_READ:
             try:
                 data = c.recv(65536)
@@ -222,6 +226,7 @@ class Server:
         """No longer ours to serve (closed, or handed back)."""
         peer = self.peer_of.pop(c, None)
         self.local_of.pop(c, None)
+        self.active.pop(c, None)
         if peer is not None and self.by_peer.get(peer) is c:
             del self.by_peer[peer]
         self.eof.discard(c)
@@ -267,7 +272,9 @@ class Server:
                 self.sel.unregister(s)
             # we accept no more: the connections we serve now are the batches' (not those
             # a client is done with: they close here)
-            held = [(p, local) for c, p in self.peer_of.items()
+            now = time.monotonic()
+            held = [(p, local, round(max(0.0, now - self.active.get(c, now)) * 1000.0, 1))
+                    for c, p in self.peer_of.items()
                     if c not in self.eof and p != "?" and (local := self.local_of.get(c, "?")) != "?"]
         else:
             for peer in dict.fromkeys(msg.peers):

@@ -138,9 +138,12 @@ def test_handed_carries_the_held_list_only_when_said_and_refuses_a_malformed_one
     said = bc2.decode(bc2.encode(bc2.Handed((), {}, False, (("198.51.100.2:40000", "203.0.113.10:7"),))))
     assert said.held == (("198.51.100.2:40000", "203.0.113.10:7"),)
     assert bc2.decode(bc2.encode(bc2.Handed((), {}, False, ()))).held == ()
+    with_idle = (("198.51.100.2:40000", "203.0.113.10:7", 12.5),)
+    assert bc2.decode(bc2.encode(bc2.Handed((), {}, False, with_idle))).held == with_idle
     assert bc2.decode(bc2.encode(bc2.Handed((), {}))).held is None  # not said: the kernel's tables
     for bad in ([["198.51.100.2:40000"]], [["198.51.100.2:x", "203.0.113.10:7"]], [[1, 2]], "no",
-                [["198.51.100.2:40000", "203.0.113.10:70000"]],
+                [["198.51.100.2:40000", "203.0.113.10:70000"]], [["198.51.100.2:1", "203.0.113.10:7", -1]],
+                [["198.51.100.2:1", "203.0.113.10:7", "5"]], [["198.51.100.2:1", "203.0.113.10:7", 1, 2]],
                 [["198.51.100.2:1", "203.0.113.10:7"]] * (bc2.HELD_PER_MESSAGE + 1)):
         with pytest.raises(PCE):
             bc2.decode(b"HANDED " + json.dumps({"names": [], "state": {}, "held": bad}).encode())

@@ -63,7 +63,7 @@ def test_the_echo_builtin_gets_its_channel_announces_it_and_moves_a_connection(t
         # keeps serving (the connection just adopted), so the agent reads no kernel table
         named, owed, held = batchchannel.hand_back(rs.channel, listeners=True, with_held=True)
         assert [n for n, _ in named] == [f"tcp-{port}"]
-        assert held == [(peer, f"127.0.0.1:{port}")]
+        assert [h[:2] for h in held] == [(peer, f"127.0.0.1:{port}")] and 0.0 <= held[0][2] < 10_000
         for _, s in named:
             s.close()
     finally:
@@ -141,9 +141,12 @@ def test_kept_connections_from_the_programs_own_list_need_no_kernel_table(monkey
             ("198.51.100.2:40002", "203.0.113.10:7"),  # taken from the accept queue
             ("198.51.100.2:40003", "203.0.113.10:8"),  # another port
             ("198.51.100.2:40004", "192.0.2.1:7"),  # not the VIP
-            ("not an address", "203.0.113.10:7"))
+            ("not an address", "203.0.113.10:7"),
+            ("198.51.100.2:40005", "203.0.113.10:7", 42.5))  # the program says how idle
+
     kept = batchmigrate.BatchActions(Mig()).list_kept(
         ListKept(ports=(7,), taken=(("conn-7", Taken()),), instance=None,
                  idle={300: 1.0, "198.51.100.2:40001": 900.0}, held=held))
     assert [(k.flow, k.idle_ms) for k in kept] == [((TCP, "198.51.100.2", 40000, "203.0.113.10", 7), 0.0),
-                                                   ((TCP, "198.51.100.2", 40001, "203.0.113.10", 7), 900.0)]
+                                                   ((TCP, "198.51.100.2", 40001, "203.0.113.10", 7), 900.0),
+                                                   ((TCP, "198.51.100.2", 40005, "203.0.113.10", 7), 42.5)]
