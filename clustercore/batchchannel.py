@@ -42,7 +42,9 @@ from .errors import PeerControlError
 CHANNEL_FDNAME = "vip-batch"
 ANNOUNCE = "X_VIP_BATCH=1"
 FDS_PER_MESSAGE = 250  # below the kernel's SCM_MAX_FD (253)
-HELD_PER_MESSAGE = 8192  # [peer, local] pairs of ~50 bytes: well below MAX_MESSAGE
+# [peer, local, idle_ms] entries of <= ~60 bytes: ~120 KB a message, below the default
+# socket send buffer (~208 KB), which bounds one SOCK_SEQPACKET message (EMSGSIZE above)
+HELD_PER_MESSAGE = 2048
 MAX_MESSAGE = 1 << 20
 
 
