@@ -113,7 +113,7 @@ class BatchActions:
             HandBackListeners: lambda c: self.hand_back_listeners(c.instance),
             HandBackConnections: lambda c: self.hand_back(c.instance, peers=c.peers),
             AdoptSockets: self.adopt,
-            ListKept: lambda c: self.list_kept(c) if c.held is not None else asyncio.to_thread(self.list_kept, c),
+            ListKept: self.list_kept_when_asked,
             ReadIdleTimes: lambda c: asyncio.to_thread(self.read_idle),
             StartWithChannel: self.start_with_channel,
         }
@@ -152,7 +152,14 @@ class BatchActions:
             log.warning("idle times of the kept connections not read (%s): kernel table order", e)
             return {}
 
-    def list_kept(self, cmd: ListKept) -> tuple[KeptConnection, ...]:  # in a worker thread
+    async def list_kept_when_asked(self, cmd: ListKept) -> tuple[KeptConnection, ...]:
+        """ListKept (a waiting command: awaited): the program's list here, at once; the
+        kernel's tables in a worker thread."""
+        if cmd.held is not None:
+            return self.list_kept(cmd)
+        return await asyncio.to_thread(self.list_kept, cmd)
+
+    def list_kept(self, cmd: ListKept) -> tuple[KeptConnection, ...]:  # (a worker thread: the kernel's tables)
         """The established connections on the service's ports that the running program
         holds (by socket inode), minus the ones just taken from the accept queues, each
         with how idle it is (sock_diag's tcp_info; 0.0 where the kernel did not say)."""

@@ -247,7 +247,15 @@ class Server:
             print(f"handoff channel: {e}", flush=True)
             return
         if isinstance(msg, bc.HandBack):
-            self.hand_back(ch, msg)
+            try:
+                self.hand_back(ch, msg)
+            except Exception as e:  # noqa: BLE001 - a failed hand back must not end every
+                # connection we serve (the agent's step fails and gives back what it had)
+                print(f"handoff channel: hand back failed: {e}", flush=True)
+                try:
+                    batchchannel.send(ch, bc.Refusal(f"hand back failed: {e}"))
+                except Exception:  # noqa: BLE001
+                    pass
         elif isinstance(msg, bc.Adopt):
             for peer, entry in msg.state.items():
                 self.pending[peer] = entry

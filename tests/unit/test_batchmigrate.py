@@ -150,3 +150,26 @@ def test_kept_connections_from_the_programs_own_list_need_no_kernel_table(monkey
     assert [(k.flow, k.idle_ms) for k in kept] == [((TCP, "198.51.100.2", 40000, "203.0.113.10", 7), 0.0),
                                                    ((TCP, "198.51.100.2", 40001, "203.0.113.10", 7), 900.0),
                                                    ((TCP, "198.51.100.2", 40005, "203.0.113.10", 7), 42.5)]
+
+
+def test_list_kept_is_awaitable_either_way(monkeypatch):
+    """ListKept is a waiting command (the executor awaits what its action returns): with
+    the program's list as with the kernel's tables (a plain tuple there failed every
+    opening in the lab)."""
+    import asyncio
+
+    from clustercore.batchcommands import ListKept
+    from nodeshim import batchmigrate
+
+    monkeypatch.setattr(batchmigrate.proctcp, "established", lambda vips, ports: [])
+
+    class Mig:
+        class agent:
+            class config:
+                vips = ("203.0.113.10",)
+    action = batchmigrate.BatchActions(Mig()).table()[ListKept]
+    held = (("198.51.100.2:40000", "203.0.113.10:7", 1.0),)
+    assert ListKept.WAITS
+    got = asyncio.run(action(ListKept(ports=(7,), instance=None, held=held)))
+    assert [k.flow[2] for k in got] == [40000]
+    assert asyncio.run(action(ListKept(ports=(7,), instance=None))) == ()
