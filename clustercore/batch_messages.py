@@ -22,25 +22,37 @@ STRATEGY = MigrateStrategy.BATCHED.value  # named in Prepare and Arm: both nodes
 
 
 def _flow_ok(item: Any) -> bool:
-    return (isinstance(item, (list, tuple)) and len(item) == 5
-            and all(type(item[k]) is int and 0 <= item[k] <= 65535 for k in (0, 2, 4))
-            and all(isinstance(item[k], str) and item[k] for k in (1, 3)))
+    # written out (no generators): 10,000 kept flows cross three hops in the opening's
+    # hold, and this check ran 60,000 times there (~200 ms of it at 10,000)
+    if type(item) is not list and type(item) is not tuple or len(item) != 5:
+        return False
+    proto, src, sport, dst, dport = item
+    return (type(proto) is int and type(sport) is int and type(dport) is int
+            and 0 <= proto <= 65535 and 0 <= sport <= 65535 and 0 <= dport <= 65535
+            and isinstance(src, str) and isinstance(dst, str) and src != "" and dst != "")
+
+
+class _CheckedFlows(tuple):
+    """Flows that passed _flows_from_wire: the message built from them need not check
+    them a second time."""
 
 
 def _flows_from_wire(data: Any) -> tuple[Flow, ...]:
     if not isinstance(data, list):
         raise PeerControlError("flows: expected a list of [proto, src, sport, dst, dport]")
-    out: list[Flow] = []
-    for i, item in enumerate(data):
-        if not _flow_ok(item):
-            raise PeerControlError(f"flows[{i}]: malformed flow {str(item)[:80]}")
-        out.append(tuple(item))
+    out = _CheckedFlows(tuple(item) if _flow_ok(item) else _bad_flow(i, item) for i, item in enumerate(data))
     if len(set(out)) != len(out):
         raise PeerControlError("flows: a flow is listed twice")
-    return tuple(out)
+    return out
+
+
+def _bad_flow(i: int, item: Any):
+    raise PeerControlError(f"flows[{i}]: malformed flow {str(item)[:80]}")
 
 
 def _check_flows(value: Any, where: str) -> tuple[Flow, ...]:
+    if type(value) is _CheckedFlows:
+        return value
     if not isinstance(value, (tuple, list, frozenset, set)) or not all(_flow_ok(f) for f in value):
         raise LocalControlError(f"{where} must be a sequence of 5-tuple flows")
     flows = tuple(tuple(f) for f in value)

@@ -337,9 +337,14 @@ class BatchDest(MigrationRole):
     def held_count(self) -> int:
         return self._held_n
 
-    def _take(self, batch: int) -> list[_Held]:
-        """The held packets of `batch`'s flows, out of the hold, in arrival order."""
-        flows = [f for f in self._held if self._batches.batch_of(f) == batch]
+    def _take(self, batch: int, flows: frozenset[Flow] | None = None) -> list[_Held]:
+        """The held packets of `batch`'s flows, out of the hold, in arrival order. A kept
+        batch's flows are given (exactly the flows whose batch it is): its release costs
+        its own flows, not every flow held for the others (10,000 at 10,000 kept)."""
+        if flows is None:
+            flows = [f for f in self._held if self._batches.batch_of(f) == batch]
+        else:
+            flows = [f for f in flows if f in self._held]
         taken = [h for f in flows for h in self._held.pop(f)]
         self._held_n -= len(taken)
         taken.sort(key=lambda h: h.seq)
@@ -375,10 +380,10 @@ class BatchDest(MigrationRole):
     def release(self, batch: int, flows: Iterable[Flow], consumed: Mapping[Flow, int],
                 now: float) -> BatchRelease:
         """Release a batch of kept flows. Re-inject its late packets first."""
-        self._batches.add(batch, flows)
-        return self._release(batch, consumed, now)
+        return self._release(batch, consumed, now, self._batches.add(batch, flows))
 
-    def _release(self, batch: int, consumed: Mapping[Flow, int], now: float) -> BatchRelease:
+    def _release(self, batch: int, consumed: Mapping[Flow, int], now: float,
+                 flows: frozenset[Flow] | None = None) -> BatchRelease:
         remaining = check_consumed(consumed)
         for flow in remaining:
             if self._batches.batch_of(flow) != batch:
@@ -387,7 +392,7 @@ class BatchDest(MigrationRole):
         drop: list[Handle] = []
         accept: list[Handle] = []
         first: dict[Flow, float] = {}
-        for held in self._take(batch):
+        for held in self._take(batch, flows):
             if remaining.get(held.flow, 0) > 0:
                 remaining[held.flow] -= 1
                 drop.append(held.handle)
@@ -422,9 +427,9 @@ class BatchDest(MigrationRole):
             self._batches.kept = frozenset()  # every flow is the opening's: dropped
             self._batches.of = {}
             return drop
-        self._batches.add(batch, flows)
+        flows = self._batches.add(batch, flows)
         self._phase[batch] = BatchPhase.PINNED
-        return tuple(h.handle for h in self._take(batch))
+        return tuple(h.handle for h in self._take(batch, flows))
 
 
 __all__ = ["BatchDest", "BatchPhase", "BatchRelease", "BatchSource", "OPENING"]

@@ -136,7 +136,6 @@ class BatchedHandoff(Playbook):
             cut=BatchSource(event.epoch), instance=local.instance, own=tuple(local.sockets),
             tcp_ports=tuple(port for proto, port in local.service.ports if proto == TCP))
         f.drops_at_start = yield CountKernelDrops()
-        f.idle = yield ReadIdleTimes()  # for the order of the batches (idle first)
         f.role = f.cut
         yield InstallRole(m.service, f.cut)  # its packets are counted from now on
         return msgs.Done()
@@ -150,6 +149,7 @@ class BatchedHandoff(Playbook):
         t0 = yield ReadClock()
         handed = yield HandBackListeners(f.instance)
         f.handed = list(handed.sockets)
+        held = getattr(handed, "held", None)  # what the program says it serves, if it says
         listeners = tuple(s for s in f.handed if kind_of(s[0]) == "tcp")
         udp = tuple(s for s in f.handed if kind_of(s[0]) == "udp")
         other = [s for s in f.handed if kind_of(s[0]) not in ("tcp", "udp")]
@@ -163,7 +163,9 @@ class BatchedHandoff(Playbook):
         # serving (only fewer as they close); what completes a handshake from here on
         # waits in the listeners' queues and is the opening's. Listed before the freeze:
         # the verdict loop runs meanwhile, nothing is held for it
-        kept = tuple((yield ListKept(f.tcp_ports, (), f.instance, f.idle))) if f.tcp_ports else ()
+        if held is None and f.tcp_ports:  # the program did not say: the kernel's tables, and
+            f.idle = yield ReadIdleTimes()  # sock_diag for the order (idle first); slow, held
+        kept = tuple((yield ListKept(f.tcp_ports, (), f.instance, f.idle, held))) if f.tcp_ports else ()
         if f.tcp_ports:
             yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move
         t_freeze = yield ReadClock()

@@ -181,6 +181,13 @@ def _check(kind: Any, value: Any) -> tuple[bool, Any]:
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         if not isinstance(value, (tuple, list)):
             return False, value
+        if args[0] is float:  # one loop, not one _check per item (10,000 idle times)
+            inf = float("inf")
+            for v in value:
+                t = type(v)
+                if not (t is float or t is int) or v != v or abs(v) >= inf:
+                    return False, value
+            return True, tuple(map(float, value))
         items = []
         for v in value:
             ok, v = _check(args[0], v)

@@ -135,14 +135,40 @@ def is_batched(j: JournaledMigration) -> bool:
     return j.state.startswith(PREFIX) or isinstance(j.release, (bm.ReleaseBatch, bm.AbortBatch))
 
 
+# States whose own journal line is written with their step, in one transaction
+# (journal_step): FREEZING (its AbortBatch), RELEASING (its ReleaseBatch), OPEN_RESTORING
+# (the batch order). And states whose line would change nothing a restarted gateway does
+# (recover()), so none is written: RESTORING and UNDOING act as their batch's FREEZING line
+# (RollbackBatch, AbortBatch: both idempotent), COMMITTING as its RELEASING line
+# (ReleaseBatch resent - idempotent on the destination - then CommitBatch), SWITCHING as
+# OPEN_RESTORING's (the owner was not switched: the whole rollback), OPEN_RELEASING and
+# OPEN_COMMITTING as the owner switch's own line (set_owner writes the batched state with
+# it). `unmoved` and `queued` are the same in each pair. Each journal write is a
+# transaction with an fsync (~9 ms on the lab's disk): six per batch were most of a batch
+# window; two are left (docs/handoff.md, "The journal").
+WITH_STEP = frozenset({bmig.BState.FREEZING, bmig.BState.RELEASING, bmig.BState.OPEN_RESTORING})
+SAME_AS_BEFORE = frozenset({bmig.BState.RESTORING, bmig.BState.UNDOING, bmig.BState.COMMITTING,
+                            bmig.BState.SWITCHING, bmig.BState.OPEN_RELEASING, bmig.BState.OPEN_COMMITTING})
+UNJOURNALED = WITH_STEP | SAME_AS_BEFORE
+
+
+def owner_switch_state(m: bmig.BatchMigration) -> str:
+    """The journal state written with the owner switch: the opening's release asked, with
+    what is left to move (as OPEN_RELEASING's own line would say)."""
+    return f"{PREFIX}{bmig.BState.OPEN_RELEASING.value}:{OPENING}:{m.unmoved}:{len(m.queued)}"
+
+
 def journal_step(run, message: msgs.Step) -> None:
-    """Before a batch's step goes out, what a restarted gateway needs for that batch (the
-    opening's release is journaled with the owner switch); with the opening's restore, the
-    order the batches will take the kept connections in (before the point of no return: a
-    failed write rolls the migration back)."""
+    """Before a batch's step goes out, in one transaction with the state's line: what a
+    restarted gateway needs for that batch (the opening's release is journaled with the
+    owner switch); with the opening's restore, the order the batches will take the kept
+    connections in (before the point of no return: a failed write rolls the migration
+    back)."""
+    m = run.machine
+    text = journal_text(m, m.state)
     if isinstance(message, bm.RestoreBatch) and message.batch == OPENING:
         try:
-            run.gw.registry.journal_order(run.name, run.machine.queued)
+            run.gw.registry.journal_state(run.name, text, order=m.queued)
         except RegistryError as e:
             run.events.put_nowait(StepFailed(reason=f"journal not written: {e}"))
         return
@@ -154,7 +180,7 @@ def journal_step(run, message: msgs.Step) -> None:
     else:
         return
     try:
-        run.gw.registry.journal_release(run.name, keep)
+        run.gw.registry.journal_state(run.name, text, release=keep)
     except RegistryError as e:  # past the point of no return: going on, said
         log.warning("migration of %s: batch %d not journaled: %s (going on)", run.name, message.batch, e)
 

@@ -101,6 +101,8 @@ class _Run:
         """The journal's state, written before the step of `state` is sent. A write that
         fails before the point of no return rolls the migration back (nothing is lost: the
         source holds); after it, the owner switch (durable) is all a restart needs."""
+        if self.batched and state in batched.UNJOURNALED:
+            return  # written with its step, or its line would change nothing (gateway.batched)
         text = batched.journal_text(self.machine, state) if self.batched else state.value
         try:
             self.gw.registry.journal_state(self.name, text)
@@ -127,7 +129,10 @@ class _Run:
     def set_owner(self, service: str, node: str, release: msgs.Release | None) -> None:
         # durable (owner and the journaled release, one transaction) before the release
         # goes out; the in-memory table follows only if the write succeeded
-        self.gw.registry.switch_owner(service, node, release)
+        if self.batched:
+            self.gw.registry.switch_owner(service, node, release, state=batched.owner_switch_state(self.machine))
+        else:
+            self.gw.registry.switch_owner(service, node, release)
         self.gw.table.set_owner(service, node)
 
     def arm_timer(self, deadline: float | None) -> None:

@@ -216,16 +216,24 @@ class EtcdRegistry:
             return {"source": source, "dest": dest, "epoch": epoch, "state": "new", "release": None}
         self._update(f"journal the migration of {service}", {"migrations/" + service: begin}, fenced=True)
 
-    def journal_state(self, service: str, state: str) -> None:
+    def journal_state(self, service: str, state: str, release: msgs.Step | None = None,
+                      order: tuple | None = None) -> None:
+        """The state (with a batched migration's step and batch order: as Registry's)."""
+        fields: dict = {"state": state}
+        if release is not None:
+            fields["release"] = release.to_wire()
+        if order is not None:
+            fields["batch_order"] = bm.FLOWS.to_wire(order)
         self._update(f"journal the migration of {service}",
-                     {"migrations/" + service: _journal(service, state=state)}, fenced=True)
+                     {"migrations/" + service: _journal(service, **fields)}, fenced=True)
 
-    def switch_owner(self, service: str, owner: str, release: msgs.Release | None) -> None:
+    def switch_owner(self, service: str, owner: str, release: msgs.Release | None,
+                     state: str = "releasing") -> None:
         """The point of no return, one transaction: the owner and the journaled release."""
         wire = release.to_wire() if release is not None else None
         self._update(f"switch the owner of {service}", {
             "services/" + service: _set(service, owner=owner),
-            "migrations/" + service: _journal(service, state="releasing", release=wire),
+            "migrations/" + service: _journal(service, state=state, release=wire),
         }, fenced=True)
 
     def journal_release(self, service: str, step: msgs.Step) -> None:

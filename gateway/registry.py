@@ -166,17 +166,28 @@ class Registry:
             "INSERT OR REPLACE INTO migrations (service, source, dest, epoch, state, release) "
             "VALUES (?, ?, ?, ?, 'new', NULL)", (service, source, dest, epoch))])
 
-    def journal_state(self, service: str, state: str) -> None:
-        self._write(f"journal the migration of {service}", [(
-            "UPDATE migrations SET state = ? WHERE service = ?", (state, service))])
+    def journal_state(self, service: str, state: str, release: msgs.Step | None = None,
+                      order: tuple | None = None) -> None:
+        """The state; with a batched migration's current batch step (`release`) and, once,
+        its batch order (`order`) in the same transaction (gateway.batched: one write per
+        step, not three)."""
+        statements = [("UPDATE migrations SET state = ? WHERE service = ?", (state, service))]
+        if release is not None:
+            statements.append(("UPDATE migrations SET release = ? WHERE service = ?",
+                               (json.dumps(release.to_wire()), service)))
+        if order is not None:
+            statements.append(("UPDATE migrations SET batch_order = ? WHERE service = ?",
+                               (json.dumps(bm.FLOWS.to_wire(order)), service)))
+        self._write(f"journal the migration of {service}", statements)
 
-    def switch_owner(self, service: str, owner: str, release: msgs.Step | None) -> None:
+    def switch_owner(self, service: str, owner: str, release: msgs.Step | None,
+                     state: str = "releasing") -> None:
         """The point of no return, durable in one transaction: the owner, and the release
-        a restarted gateway resends."""
+        a restarted gateway resends (a batched migration names its own state)."""
         wire = json.dumps(release.to_wire()) if release is not None else None
         self._write(f"switch the owner of {service}", [
             ("UPDATE services SET owner = ? WHERE name = ?", (owner, service)),
-            ("UPDATE migrations SET state = 'releasing', release = ? WHERE service = ?", (wire, service)),
+            ("UPDATE migrations SET state = ?, release = ? WHERE service = ?", (state, wire, service)),
         ])
 
     def journal_release(self, service: str, step: msgs.Step) -> None:

@@ -73,12 +73,15 @@ def _close(fds) -> None:
 
 
 def hand_back(sock: socket.socket, *, peers=(), listeners: bool = False,
-              timeout: float = 2.0) -> tuple[list[tuple[str, socket.socket]], dict]:
+              timeout: float = 2.0, with_held: bool = False):
     """Ask the program for these connections (or its listeners and UDP sockets); returns
-    [(name, socket)] and the per-connection state it still held."""
+    [(name, socket)] and the per-connection state it still held; `with_held`: also the
+    (peer, local) pairs it says it keeps serving (an answer to HANDBACK listeners), None
+    when it did not say (the agent lists them from the kernel's tables)."""
     send(sock, bc.HandBack(peers=tuple(peers), listeners=listeners))
     named: list[tuple[str, socket.socket]] = []
     state: dict = {}
+    held: list | None = None
     while True:
         msg, fds = receive(sock, timeout)
         if isinstance(msg, bc.Refusal):
@@ -90,8 +93,11 @@ def hand_back(sock: socket.socket, *, peers=(), listeners: bool = False,
             raise PeerControlError(f"handoff channel: expected HANDED, got {type(msg).__name__}")
         named += [(name, socket.socket(fileno=fd)) for name, fd in zip(msg.names, fds)]
         state.update(msg.state)
+        if msg.held is not None:
+            held = [] if held is None else held
+            held.extend(msg.held)
         if not msg.more:
-            return named, state
+            return (named, state, held) if with_held else (named, state)
 
 
 def adopt(sock: socket.socket, named, state: dict, *, timeout: float = 2.0) -> int:

@@ -14,6 +14,7 @@ millisecond per batch; one that does not fails the batch, which is undone).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
@@ -109,10 +110,10 @@ class BatchActions:
     def table(self) -> dict[type, Callable[[Any], Any]]:
         return {
             HasChannel: self.has_channel,
-            HandBackListeners: lambda c: self.hand_back(c.instance, listeners=True),
+            HandBackListeners: lambda c: self.hand_back_listeners(c.instance),
             HandBackConnections: lambda c: self.hand_back(c.instance, peers=c.peers),
             AdoptSockets: self.adopt,
-            ListKept: lambda c: asyncio.to_thread(self.list_kept, c),
+            ListKept: self.list_kept_when_asked,
             ReadIdleTimes: lambda c: asyncio.to_thread(self.read_idle),
             StartWithChannel: self.start_with_channel,
         }
@@ -130,6 +131,12 @@ class BatchActions:
         return Handed(tuple(named), dict(owed))
 
     @staticmethod
+    def hand_back_listeners(instance) -> Handed:
+        named, owed, held = batchchannel.hand_back(_channel(instance), listeners=True,
+                                                   timeout=CHANNEL_TIMEOUT_S, with_held=True)
+        return Handed(tuple(named), dict(owed), None if held is None else tuple(held))
+
+    @staticmethod
     def adopt(cmd: AdoptSockets) -> int:
         taken = batchchannel.adopt(_channel(cmd.instance), cmd.sockets, dict(cmd.owed), timeout=CHANNEL_TIMEOUT_S)
         if taken != len(cmd.sockets):
@@ -145,12 +152,21 @@ class BatchActions:
             log.warning("idle times of the kept connections not read (%s): kernel table order", e)
             return {}
 
-    def list_kept(self, cmd: ListKept) -> tuple[KeptConnection, ...]:  # in a worker thread
+    async def list_kept_when_asked(self, cmd: ListKept) -> tuple[KeptConnection, ...]:
+        """ListKept (a waiting command: awaited): the program's list here, at once; the
+        kernel's tables in a worker thread."""
+        if cmd.held is not None:
+            return self.list_kept(cmd)
+        return await asyncio.to_thread(self.list_kept, cmd)
+
+    def list_kept(self, cmd: ListKept) -> tuple[KeptConnection, ...]:  # (a worker thread: the kernel's tables)
         """The established connections on the service's ports that the running program
         holds (by socket inode), minus the ones just taken from the accept queues, each
         with how idle it is (sock_diag's tcp_info; 0.0 where the kernel did not say)."""
         vips = self.mig.agent.config.vips
         taken = {p for _, s in cmd.taken if (p := _peer(s)) is not None}
+        if cmd.held is not None:
+            return self.kept_from_program(cmd, vips, taken)
         pid = getattr(cmd.instance, "pid", None)
         held = _socket_inodes(pid) if pid is not None else None
         idle = cmd.idle if isinstance(cmd.idle, dict) else {}
@@ -160,6 +176,28 @@ class BatchActions:
                 continue
             flow = (TCP, peer, port, local, lport)
             out.setdefault(flow, KeptConnection(flow, idle.get(inode, 0.0)))
+        return tuple(out.values())
+
+    @staticmethod
+    def kept_from_program(cmd: ListKept, vips, taken) -> tuple[KeptConnection, ...]:
+        """The program's own list of what it serves (Handed.held), on the VIP at the
+        service's ports, minus the accept queue's; idle time as the program says it (else
+        by the client's "ip:port" from sock_diag). String work only: it runs in the hold."""
+        on = {f"{ipaddress.ip_address(v)}:{p}": (str(ipaddress.ip_address(v)), p) for v in vips for p in cmd.ports}
+        idle = cmd.idle if isinstance(cmd.idle, dict) else {}
+        out: dict[tuple, KeptConnection] = {}
+        for entry in cmd.held:
+            peer, local = entry[0], entry[1]
+            at = on.get(local)
+            host, _, port = peer.rpartition(":")
+            if at is None or not host or not port.isdigit():
+                continue  # not on the service, or not an address the gateway could name
+            client = (host, int(port))
+            if client in taken:
+                continue
+            flow = (TCP, host, client[1], at[0], at[1])
+            ms = float(entry[2]) if len(entry) > 2 else idle.get(peer, 0.0)
+            out.setdefault(flow, KeptConnection(flow, ms))
         return tuple(out.values())
 
     async def start_with_channel(self, cmd: StartWithChannel):

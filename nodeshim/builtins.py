@@ -33,6 +33,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from collections import defaultdict
 
 from clustercore import batchchannel as bc
@@ -89,6 +90,8 @@ class Server:
         self.channel: socket.socket | None = None  # the incremental handoff (vip-batch)
         self.by_peer: dict[str, socket.socket] = {}  # a batch's lookup costs its size only
         self.peer_of: dict[socket.socket, str] = {}  # (getpeername fails once reset)
+        self.local_of: dict[socket.socket, str] = {}
+        self.active: dict[socket.socket, float] = {}  # last event, monotonic
 
     def load_state(self, data: bytes) -> None:
         """What the old instance stored when it handed over: the kv table, and per
@@ -131,6 +134,8 @@ class Server:
         peer = _peer_key(c)
         self.by_peer[peer] = c
         self.peer_of[c] = peer
+        self.local_of[c] = _local_key(c)  # for the batched opening's list (hand_back)
+        self.active[c] = time.monotonic()
         saved = self.pending.pop(peer, None) if self.pending else None
         if saved:
             self.inbuf[c] += base64.b64decode(saved.get("in", ""))
@@ -157,6 +162,7 @@ class Server:
                 pass
 
     def on_conn(self, c: socket.socket, mask: int) -> None:
+        self.active[c] = time.monotonic()  # how idle it is: the batches move idle ones first
         if mask & selectors.EVENT_READ:
             try:
                 data = c.recv(65536)
@@ -219,6 +225,8 @@ class Server:
     def _forget(self, c: socket.socket) -> None:
         """No longer ours to serve (closed, or handed back)."""
         peer = self.peer_of.pop(c, None)
+        self.local_of.pop(c, None)
+        self.active.pop(c, None)
         if peer is not None and self.by_peer.get(peer) is c:
             del self.by_peer[peer]
         self.eof.discard(c)
@@ -239,7 +247,15 @@ class Server:
             print(f"handoff channel: {e}", flush=True)
             return
         if isinstance(msg, bc.HandBack):
-            self.hand_back(ch, msg)
+            try:
+                self.hand_back(ch, msg)
+            except Exception as e:  # noqa: BLE001 - a failed hand back must not end every
+                # connection we serve (the agent's step fails and gives back what it had)
+                print(f"handoff channel: hand back failed: {e}", flush=True)
+                try:
+                    batchchannel.send(ch, bc.Refusal(f"hand back failed: {e}"))
+                except Exception:  # noqa: BLE001
+                    pass
         elif isinstance(msg, bc.Adopt):
             for peer, entry in msg.state.items():
                 self.pending[peer] = entry
@@ -257,10 +273,17 @@ class Server:
         """Stop serving the asked sockets and hand them back, with what we owe on them."""
         named: list[tuple[str, socket.socket]] = []
         state: dict = {}
+        held: list[tuple[str, str]] | None = None
         if msg.listeners:
             named, self.named = list(self.named), []
             for _, s in named:
                 self.sel.unregister(s)
+            # we accept no more: the connections we serve now are the batches' (not those
+            # a client is done with: they close here)
+            now = time.monotonic()
+            held = [(p, local, round(max(0.0, now - self.active.get(c, now)) * 1000.0, 1))
+                    for c, p in self.peer_of.items()
+                    if c not in self.eof and p != "?" and (local := self.local_of.get(c, "?")) != "?"]
         else:
             for peer in dict.fromkeys(msg.peers):
                 c = self.by_peer.get(peer)
@@ -282,9 +305,16 @@ class Server:
                 self._forget(c)
                 named.append((name, c))
         parts = [named[i:i + bc.FDS_PER_MESSAGE] for i in range(0, len(named), bc.FDS_PER_MESSAGE)] or [[]]
+        held_parts: list = [None] * len(parts)
+        if held is not None:
+            chunks = [held[i:i + bc.HELD_PER_MESSAGE] for i in range(0, len(held), bc.HELD_PER_MESSAGE)] or [[]]
+            parts += [[] for _ in range(len(chunks) - len(parts))]
+            held_parts = chunks + [None] * (len(parts) - len(chunks))
         for i, part in enumerate(parts):
             batchchannel.send(ch, bc.Handed(tuple(n for n, _ in part), state if i == 0 else {},
-                                            more=i + 1 < len(parts)), [s.fileno() for _, s in part])
+                                            more=i + 1 < len(parts),
+                                            held=None if held_parts[i] is None else tuple(held_parts[i])),
+                              [s.fileno() for _, s in part])
         for _, s in named:
             s.close()  # the agent holds them now
 
@@ -350,6 +380,14 @@ def wait_for_continue(say_stopping) -> None:
         signal.sigwait({signal.SIGCONT})
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCONT})
+
+
+def _local_key(c: socket.socket) -> str:
+    try:
+        host, port = c.getsockname()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
 
 
 def _peer_key(c: socket.socket) -> str:

@@ -88,7 +88,8 @@ INET_DIAG_INFO_BIT = 1 << (2 - 1)  # ask for struct tcp_info (INET_DIAG_INFO)
 
 def tcp_idle_ms_by_inode(families=(4,)) -> dict[int, float]:
     """How idle each established TCP socket of this namespace is (ms since its last data
-    segment either way, tcp_info's last_data_recv / last_data_sent), by socket inode; one
+    segment either way, tcp_info's last_data_recv / last_data_sent), by socket inode (int)
+    and by the client's "ip:port" (str); one
     sock_diag dump per family. For the batched handoff's order: idle connections first."""
     import socket as _socket
 
@@ -107,6 +108,9 @@ def tcp_idle_ms_by_inode(families=(4,)) -> dict[int, float]:
                         continue
                     idle = min(info.get("tcpi_last_data_recv") or 0, info.get("tcpi_last_data_sent") or 0)
                     out[msg.get("idiag_inode")] = float(idle)
+                    # and by the client's "ip:port" (the program's own name for it, when
+                    # it lists what it serves: the batched opening, nodeshim.batchmigrate)
+                    out[f"{msg.get('idiag_dst')}:{msg.get('idiag_dport')}"] = float(idle)
     except (NetlinkError, OSError) as e:
         raise KernelError("sock_diag dump", getattr(e, "code", None) or getattr(e, "errno", None), str(e)) from None
     return out

@@ -75,6 +75,7 @@ def batched_row(n: int, runs: list[dict]) -> dict:
         "per_connection_worst_reply_ms": {k: _stats([(c.get("conn_worst_reply_ms") or {}).get(k) for c in clients])["median"]
                                           for k in ("p50", "p99", "max")} if clients else {},
         "steps_ms": reports[-1].get("steps_ms", {}) if reports else {},
+        "split_ms": reports[-1].get("split_ms", {}) if reports else {},  # the nodes' own timing (last run)
     }
 
 

@@ -6,6 +6,7 @@ Plus the codec's total decoder."""
 from __future__ import annotations
 
 import base64
+import json
 import socket
 
 import pytest
@@ -128,3 +129,70 @@ def test_codec_round_trip():
                      (bc.Handed(("conn-80", "conn-80"), {}, True), 2), (bc.Adopted(3), 0),
                      (bc.Refusal("no"), 0)]:
         assert bc.decode(bc.encode(msg), fds) == msg
+
+
+def test_handed_carries_the_held_list_only_when_said_and_refuses_a_malformed_one():
+    from clustercore import batchchannel as bc2
+    from clustercore.errors import PeerControlError as PCE
+
+    said = bc2.decode(bc2.encode(bc2.Handed((), {}, False, (("198.51.100.2:40000", "203.0.113.10:7"),))))
+    assert said.held == (("198.51.100.2:40000", "203.0.113.10:7"),)
+    assert bc2.decode(bc2.encode(bc2.Handed((), {}, False, ()))).held == ()
+    with_idle = (("198.51.100.2:40000", "203.0.113.10:7", 12.5),)
+    assert bc2.decode(bc2.encode(bc2.Handed((), {}, False, with_idle))).held == with_idle
+    assert bc2.decode(bc2.encode(bc2.Handed((), {}))).held is None  # not said: the kernel's tables
+    for bad in ([["198.51.100.2:40000"]], [["198.51.100.2:x", "203.0.113.10:7"]], [[1, 2]], "no",
+                [["198.51.100.2:40000", "203.0.113.10:70000"]], [["198.51.100.2:1", "203.0.113.10:7", -1]],
+                [["198.51.100.2:1", "203.0.113.10:7", "5"]], [["198.51.100.2:1", "203.0.113.10:7", 1, 2]],
+                [["198.51.100.2:1", "203.0.113.10:7"]] * (bc2.HELD_PER_MESSAGE + 1)):
+        with pytest.raises(PCE):
+            bc2.decode(b"HANDED " + json.dumps({"names": [], "state": {}, "held": bad}).encode())
+
+
+def test_a_long_held_list_is_split_across_messages_and_read_back_whole():
+    """More connections than one message holds (HELD_PER_MESSAGE): the program sends the
+    rest in further HANDED messages ("more"), the agent reads every one, with the
+    listener's descriptor in the first."""
+    from nodeshim import batchchannel as ch
+
+    server = Server("echo")
+    n = 4 * bc.HELD_PER_MESSAGE + 100  # 8,292: past 8,192, a size that once did not fit
+    for i in range(n):
+        key = object()
+        server.peer_of[key] = f"198.51.100.{i % 200 + 1}:{10000 + i}"
+        server.local_of[key] = "203.0.113.10:7"
+    server.eof.add(key)  # a client done sending: not listed
+    listener = socket.socket()
+    server.named = [("tcp-7", listener)]
+    server.sel.register(listener, 1, server.on_accept)
+    agent, program = ch.channel_pair()
+    import threading
+    try:
+        # the program sends while the agent reads (the messages together exceed a buffer)
+        t = threading.Thread(target=server.hand_back, args=(program, bc.HandBack(listeners=True)))
+        t.start()
+        named, owed, held = _read_all(agent)
+        t.join(5)
+        assert [name for name, _ in named] == ["tcp-7"] and owed == {}
+        assert len(held) == n - 1 and held[0][:2] == ("198.51.100.1:10000", "203.0.113.10:7")
+        assert len({h[0] for h in held}) == n - 1
+        assert not t.is_alive()
+    finally:
+        for s in (agent, program):
+            s.close()
+
+
+def _read_all(agent):
+    """nodeshim.batchchannel.hand_back's reading loop, the request already answered."""
+    from nodeshim import batchchannel as ch
+
+    named, state, held = [], {}, []
+    while True:
+        msg, fds = ch.receive(agent, 2.0)
+        named += [(name, socket.socket(fileno=fd)) for name, fd in zip(msg.names, fds)]
+        state.update(msg.state)
+        held += list(msg.held or ())
+        if not msg.more:
+            for _, s in named:
+                s.close()
+            return named, state, held

@@ -59,6 +59,13 @@ def test_the_echo_builtin_gets_its_channel_announces_it_and_moves_a_connection(t
         for _, s in named:
             s.close()
         assert client.recv(10) == b"two\n"
+        # the opening's hand back: the listener, and the program's own list of what it
+        # keeps serving (the connection just adopted), so the agent reads no kernel table
+        named, owed, held = batchchannel.hand_back(rs.channel, listeners=True, with_held=True)
+        assert [n for n, _ in named] == [f"tcp-{port}"]
+        assert [h[:2] for h in held] == [(peer, f"127.0.0.1:{port}")] and 0.0 <= held[0][2] < 10_000
+        for _, s in named:
+            s.close()
     finally:
         if client is not None:
             client.close()
@@ -109,3 +116,60 @@ def test_kept_connections_are_the_programs_minus_the_taken_ones_with_their_idle_
         ListKept(ports=(7,), taken=(("conn-7", Taken()),), instance=instance, idle={300: 5.0, 301: 900.0}))
     assert [(k.flow[2], k.idle_ms) for k in kept] == [(40000, 5.0), (40001, 900.0)]
     assert kept[0].flow == (TCP, "198.51.100.2", 40000, "203.0.113.10", 7)
+
+
+def test_kept_connections_from_the_programs_own_list_need_no_kernel_table(monkeypatch):
+    """The program said what it serves (Handed.held): only those on the VIP at the
+    service's ports, minus the taken ones, idle time by the client's "ip:port"."""
+    from clustercore.batchcommands import ListKept
+    from nodeshim import batchmigrate
+
+    def no_table(*a):
+        raise AssertionError("the kernel's table was read")
+    monkeypatch.setattr(batchmigrate.proctcp, "established", no_table)
+    monkeypatch.setattr(batchmigrate, "_socket_inodes", no_table)
+
+    class Taken:
+        def getpeername(self):
+            return ("198.51.100.2", 40002)
+
+    class Mig:
+        class agent:
+            class config:
+                vips = ("203.0.113.10",)
+    held = (("198.51.100.2:40000", "203.0.113.10:7"), ("198.51.100.2:40001", "203.0.113.10:7"),
+            ("198.51.100.2:40002", "203.0.113.10:7"),  # taken from the accept queue
+            ("198.51.100.2:40003", "203.0.113.10:8"),  # another port
+            ("198.51.100.2:40004", "192.0.2.1:7"),  # not the VIP
+            ("not an address", "203.0.113.10:7"),
+            ("198.51.100.2:40005", "203.0.113.10:7", 42.5))  # the program says how idle
+
+    kept = batchmigrate.BatchActions(Mig()).list_kept(
+        ListKept(ports=(7,), taken=(("conn-7", Taken()),), instance=None,
+                 idle={300: 1.0, "198.51.100.2:40001": 900.0}, held=held))
+    assert [(k.flow, k.idle_ms) for k in kept] == [((TCP, "198.51.100.2", 40000, "203.0.113.10", 7), 0.0),
+                                                   ((TCP, "198.51.100.2", 40001, "203.0.113.10", 7), 900.0),
+                                                   ((TCP, "198.51.100.2", 40005, "203.0.113.10", 7), 42.5)]
+
+
+def test_list_kept_is_awaitable_either_way(monkeypatch):
+    """ListKept is a waiting command (the executor awaits what its action returns): with
+    the program's list as with the kernel's tables (a plain tuple there failed every
+    opening in the lab)."""
+    import asyncio
+
+    from clustercore.batchcommands import ListKept
+    from nodeshim import batchmigrate
+
+    monkeypatch.setattr(batchmigrate.proctcp, "established", lambda vips, ports: [])
+
+    class Mig:
+        class agent:
+            class config:
+                vips = ("203.0.113.10",)
+    action = batchmigrate.BatchActions(Mig()).table()[ListKept]
+    held = (("198.51.100.2:40000", "203.0.113.10:7", 1.0),)
+    assert ListKept.WAITS
+    got = asyncio.run(action(ListKept(ports=(7,), instance=None, held=held)))
+    assert [k.flow[2] for k in got] == [40000]
+    assert asyncio.run(action(ListKept(ports=(7,), instance=None))) == ()

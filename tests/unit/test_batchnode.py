@@ -212,11 +212,43 @@ def adopting_destination() -> NodeMigration:
 # ---------------------------------------------------------------- the source
 
 
+def test_a_program_that_says_what_it_serves_costs_the_opening_no_kernel_table():
+    """Handed.held (the program's own list, with idle times): no ReadIdleTimes, and the
+    list goes to ListKept, which reads no kernel table with it (nodeshim.batchmigrate)."""
+    m = NodeMigration("echo", "n1")
+    script(m, EVENTS[msgs.Arm](), [
+        (nc.LookUp, nc.Local(ECHO, "old", (("tcp-7", "L"), ("udp-7", "U")), vips=(VIP,))),
+        (HasChannel, True), (nc.CountKernelDrops, 2), (nc.InstallRole, None),
+    ])
+    held = tuple((f"{f[1]}:{f[2]}", f"{VIP}:7", 5.0) for f in KEPT)
+    asked = []
+    kept = tuple(KeptConnection(f, idle_ms=5.0) for f in KEPT)
+    steps = [
+        (nc.WaitHalfClosed, None), (nc.ReadClock, 1.0),
+        (HandBackListeners, Handed((("tcp-7", "HL"), ("udp-7", "HU")), {}, held)),
+        (nc.ReadClock, 1.25), (ListKept, kept),
+        (nc.WaitHandshakes, None), (nc.ReadClock, 1.5), (nc.AcceptWaiting, []),
+        (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7), name="tcp-7"),)),
+        (nc.DrainDatagrams, DRAINED), (nc.ReadClock, 2.0), (nc.Note, None),
+    ]
+    runner = m.handle(EVENTS[bm.OpenBatch](), T0)
+    cmd = runner.start()
+    for expected, result in steps:
+        assert isinstance(cmd, expected), (cmd, expected)
+        if isinstance(cmd, ListKept):
+            asked.append(cmd.held)
+        cmd = runner.send(result)
+    assert cmd is None
+    opening = runner.reply
+    assert asked == [held]
+    assert isinstance(opening, bm.OpeningDone) and opening.kept == KEPT
+
+
 def test_the_source_script_opening_batches_and_finish():
     m = NodeMigration("echo", "n1")
     assert script(m, EVENTS[msgs.Arm](), [
         (nc.LookUp, nc.Local(ECHO, "old", (("tcp-7", "L"), ("udp-7", "U")), vips=(VIP,))),
-        (HasChannel, True), (nc.CountKernelDrops, 2), (ReadIdleTimes, {}), (nc.InstallRole, None),
+        (HasChannel, True), (nc.CountKernelDrops, 2), (nc.InstallRole, None),
     ]) == msgs.Done()
     assert isinstance(m.playbook, BatchedHandoff) and m.state is State.ARMED
     cut = m.playbook.source.cut
@@ -228,6 +260,7 @@ def test_the_source_script_opening_batches_and_finish():
         (nc.WaitHalfClosed, None), (nc.ReadClock, 1.0),
         (HandBackListeners, Handed((("tcp-7", "HL"), ("udp-7", "HU"), ("x-1", "X")), {})),
         (nc.CloseDescriptors, None), (nc.Note, None), (nc.ReadClock, 1.25),
+        (ReadIdleTimes, {}),  # the program did not say what it serves: the kernel's tables
         (ListKept, tuple(KeptConnection(f, idle_ms=10.0 * i) for i, f in enumerate(KEPT))),
         (nc.WaitHandshakes, None), (nc.ReadClock, 1.5), (nc.AcceptWaiting, [("conn-7", "A0")]),
         (nc.DumpConnections, [conn(0)]),
