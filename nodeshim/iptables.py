@@ -2,7 +2,9 @@
 
 Layout (mangle table, before routing and before any socket sees the packet):
 
-    PREROUTING  -d VIP ! -i lo  -> VIPCLUSTER
+    PREROUTING  -d VIP ! -i lo, not marked FAST_MARK  -> VIPCLUSTER
+                (FAST_MARK: accepted by the node's verdict map, nodeshim.nftnode, which
+                 answers the plain ACCEPT/DROP ports in one lookup before this chain)
     VIPCLUSTER  [fast-path rules (clustercore.fastpath): ACCEPT the ports of services this
                  node owns, DROP the others; migrating services -> NFQUEUE]
                 -j NFQUEUE --queue-num N          (no --queue-bypass; what no rule decided)
@@ -61,7 +63,15 @@ def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subpr
 
 
 def _jump_rule(vip: str, version: int = 4, chain: str = CHAIN) -> list[str]:
+    if chain == CHAIN:  # what the verdict map accepted (nodeshim.nftnode) skips the list
+        mark = f"{fastpath.FAST_MARK:#x}/{fastpath.FAST_MARK:#x}"
+        return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-m", "mark", "!", "--mark", mark, "-j", chain]
     return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-j", chain]
+
+
+def _old_jump_rule(vip: str, version: int = 4) -> list[str]:
+    """The jump of agents older than the verdict map (no mark test): removed when seen."""
+    return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-j", CHAIN]
 
 
 def _out_jump_rule(vip: str, version: int = 4) -> list[str]:
@@ -101,6 +111,8 @@ def install(vips: str | Iterable[str], queue_num: int,
                                   ("mangle", "PREROUTING", _jump_rule(vip, version))):
             if _run([tool, "-w", "-t", table, "-C", hook, *jump], check=False).returncode != 0:
                 _run([tool, "-w", "-t", table, "-I", hook, "1", *jump])
+        if version not in _installed:  # an older agent's jump would read the list again
+            _run([tool, "-w", "-t", "mangle", "-D", "PREROUTING", *_old_jump_rule(vip, version)], check=False)
         _installed.add(version)
 
 
@@ -112,9 +124,9 @@ def remove(vips: str | Iterable[str]) -> None:
     """Remove the jump and our chain of each VIP's family (idempotent)."""
     for version, vip in sorted(_families(vips).items()):
         tool = _TOOLS[version][0]
-        jump = _jump_rule(vip, version)
-        while _run([tool, "-w", "-t", "mangle", "-D", "PREROUTING", *jump], check=False).returncode == 0:
-            pass
+        for jump in (_jump_rule(vip, version), _old_jump_rule(vip, version)):
+            while _run([tool, "-w", "-t", "mangle", "-D", "PREROUTING", *jump], check=False).returncode == 0:
+                pass
         _run([tool, "-w", "-t", "mangle", "-F", CHAIN], check=False)
         _run([tool, "-w", "-t", "mangle", "-X", CHAIN], check=False)
         for hook, jump in (("PREROUTING", _jump_rule(vip, version, RAW_CHAIN)),
