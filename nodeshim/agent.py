@@ -92,7 +92,7 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         self.log_dir = os.path.join(config.state_dir, "services")
         self._process_strategy: dict | None = None
         self._fast_rules: list[str] | None = None
-        self._notrack: dict[int, tuple[list[str], list[str]]] | None = None
+        self._notrack: dict[int, tuple[list[str], list[str]]] | None = None  # None: no raw chains
         self._vmap: dict | None = None  # the verdict map installed (nodeshim.nftnode); None: unknown
         self._kernel_base: dict[str, dict[str, int]] = {}
         self.metrics = NodeMetrics(self)  # hooks below; served at config.metrics_address
@@ -214,15 +214,16 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         vmap: dict = {}
         if cfg.datapath == Datapath.QUEUE:
             rules: dict[int, list[str]] = {v: [] for v in versions}
-            notrack: dict[int, tuple[list[str], list[str]]] = {v: ([], []) for v in versions}
+            notrack: dict[int, tuple[list[str], list[str]]] | None = None
         else:
             fast = fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
                                       set(self.filter.roles), self.drain.roles)
             rules = {v: fastpath.to_iptables(fast, cfg.queue_num, v, cfg.queue_count, cfg.conntrack)
                      for v in versions}
-            # only where conntrack is kept on: a CT rule would itself turn it on (xt_CT)
-            notrack = {v: (fastpath.to_notrack(fast, v), fastpath.to_notrack(fast, v, outgoing=True))
-                       if cfg.conntrack else ([], []) for v in versions}
+            # only where conntrack is kept on: a CT rule would itself turn it on (xt_CT);
+            # elsewhere no raw chains at all (iptables.install: two hooks fewer per packet)
+            notrack = ({v: (fastpath.to_notrack(fast, v), fastpath.to_notrack(fast, v, outgoing=True))
+                        for v in versions} if cfg.conntrack else None)
             vmap = fastpath.verdict_map(fast)
         if (rules, notrack, vmap) == (self._fast_rules, self._notrack, self._vmap):
             return

@@ -87,6 +87,18 @@ def _many_rules_list_only(spec: labmod.Lab) -> str:
     return _many_rules(spec) or _list_only(spec)
 
 
+def _raw_hooks(spec: labmod.Lab) -> str:
+    """The owner with the raw table's two (empty) jumps a node with conntrack off no longer
+    installs (nodeshim.iptables: they were there whatever the node's `conntrack`)."""
+    from nodeshim.iptables import RAW_CHAIN, RAW_OUT_CHAIN, _jump_rule, _out_jump_rule
+    for args in (["-N", RAW_CHAIN], ["-N", RAW_OUT_CHAIN], ["-I", "PREROUTING", "1", *_jump_rule(labmod.VIP, 4, RAW_CHAIN)],
+                 ["-I", "OUTPUT", "1", *_out_jump_rule(labmod.VIP, 4)]):
+        r = labmod.exec_in(spec.node_ns(1), ["iptables", "-w", "-t", "raw", *args], capture_output=True, text=True)
+        if r.returncode:
+            return r.stderr.strip()
+    return ""
+
+
 VARIANTS = (
     ("today", "fwd to the owner, node GRO off, the node's verdict map before its list (as deployed)", None),
     ("node-gro-on", "fwd to the owner, GRO on on the node's cluster interface", _node_gro_on),
@@ -96,6 +108,7 @@ VARIANTS = (
     ("list-only", "today without the node's verdict map: the iptables first-match list only (before)",
      _list_only),
     ("rules-200-list-only", "rules-200 without the node's verdict map (before)", _many_rules_list_only),
+    ("raw-hooks", "today with the raw table's two empty jumps on the owner (before, with conntrack off)", _raw_hooks),
 )
 # diagnostics for scripts/bench-datapath only (not in `vipctl bench`)
 DIAGNOSTICS = (
