@@ -6,7 +6,9 @@ modes (medians of `runs`, UDP packets/s of 64-byte datagrams and one TCP stream)
 as ratios against the same run's plain-routing baseline:
 
 - today            as deployed: the gateway `fwd`s each packet to the owner only (one
-                   copy), GRO off on the node's cluster interface (the agent's doing).
+                   copy), GRO off on the node's cluster interface (the agent's doing),
+                   the node's verdict map (nodeshim.nftnode) in front of its iptables
+                   list, no raw-table chains (the node keeps conntrack off).
 - dup-all+drop     broadcast delivery: `dup` to every node, non-owners drop in the kernel
                    (the `fast` mode of the main table; not measured twice).
 - node-gro-on      GRO turned back on on the owner's cluster interface. The agent turns it
@@ -14,8 +16,16 @@ as ratios against the same run's plain-routing baseline:
                    tag (nodeshim.netlink), so this variant only says what that costs.
 - gateway-gro-on   GRO on the gateway's client-facing veth as well as on the node.
 - rules-200        100 more services (a TCP and a UDP port each) whose rules come before
-                   iperf's: 200 more rules on the node's chain and in the gateway's nft
-                   chain (both are first-match lists): what rule count costs per packet.
+                   iperf's: 200 more rules on the node's list and 200 more entries in its
+                   verdict map and in the gateway's (one lookup each).
+- list-only, rules-200-list-only
+                   the same two without the node's verdict map: every packet walks the
+                   iptables first-match list, as before the map.
+
+scripts/bench-datapath runs these rows alternated and also the DIAGNOSTICS (not in
+`vipctl bench`): raw-hooks (the raw table's empty jumps, as before with conntrack off),
+conntrack-on (a node with `conntrack = true`), no-node-chain (no vipcluster rule at all
+on the owner: what the node's rules cost in total).
 
 The machine is shared (2 cores, other engineers' labs): the figures are noisy; compare
 ratios within one run only.
@@ -104,14 +114,14 @@ VARIANTS = (
     ("node-gro-on", "fwd to the owner, GRO on on the node's cluster interface", _node_gro_on),
     ("gateway-gro-on", "as node-gro-on, and GRO on on the gateway's client-facing port", _gateway_gro_on),
     ("rules-200", "today with 200 more rules ahead of the service's (100 services)", _many_rules),
-    ("conntrack-on", "today with conntrack kept on on the owner (a node with conntrack = true)", _conntrack_on),
     ("list-only", "today without the node's verdict map: the iptables first-match list only (before)",
      _list_only),
     ("rules-200-list-only", "rules-200 without the node's verdict map (before)", _many_rules_list_only),
-    ("raw-hooks", "today with the raw table's two empty jumps on the owner (before, with conntrack off)", _raw_hooks),
 )
 # diagnostics for scripts/bench-datapath only (not in `vipctl bench`)
 DIAGNOSTICS = (
+    ("raw-hooks", "today with the raw table's two empty jumps on the owner (before, with conntrack off)", _raw_hooks),
+    ("conntrack-on", "today with conntrack kept on on the owner (a node with conntrack = true)", _conntrack_on),
     ("no-node-chain", "today without the owner's mangle jump: no vipcluster rule on the node", _no_node_chain),
 )
 
