@@ -224,7 +224,10 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
             # elsewhere no raw chains at all (iptables.install: two hooks fewer per packet)
             notrack = ({v: (fastpath.to_notrack(fast, v), fastpath.to_notrack(fast, v, outgoing=True))
                         for v in versions} if cfg.conntrack else None)
-            vmap = fastpath.verdict_map(fast)
+            # not on a node that keeps conntrack on (graceful drains): with the map there,
+            # tests/lab/test_health_drain.py's drain under load failed 3 of 3 (the old
+            # connections were gone from the old node during the drain; cause not found yet)
+            vmap = {} if cfg.conntrack else fastpath.verdict_map(fast)
         if (rules, notrack, vmap) == (self._fast_rules, self._notrack, self._vmap):
             return
         if self._fast_rules:
@@ -232,8 +235,8 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
                 base = self._kernel_base.setdefault(name, {"accepted": 0, "dropped": 0})
                 base["accepted"] += c["accepted"]
                 base["dropped"] += c["dropped"]
-        if cfg.datapath == Datapath.QUEUE and self._vmap is None:
-            nftnode.remove()  # every packet to the queue: no map at all
+        if (cfg.datapath == Datapath.QUEUE or cfg.conntrack) and self._vmap is None:
+            nftnode.remove()  # every packet to the queue, or a drain-capable node: no map at all
             self._vmap = {}
         # unknown (a previous agent's table): nothing is kept across the list's change
         stable = fastpath.stable_map(self._vmap or {}, vmap)
