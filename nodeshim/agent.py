@@ -224,10 +224,10 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
             # elsewhere no raw chains at all (iptables.install: two hooks fewer per packet)
             notrack = ({v: (fastpath.to_notrack(fast, v), fastpath.to_notrack(fast, v, outgoing=True))
                         for v in versions} if cfg.conntrack else None)
-            # not on a node that keeps conntrack on (graceful drains): with the map there,
-            # tests/lab/test_health_drain.py's drain under load failed 5 of 7 runs (the
-            # old connections were gone from the old node during the drain; broadcast 2 of
-            # 2, selective 3 of 5; cause not found yet), without it it passes
+            # not (yet) on a node that keeps conntrack on (graceful drains): with the map
+            # there tests/lab/test_health_drain.py's drain under load failed 5 of 7 runs on
+            # a loaded machine, but without it 2 of 3 as well: a precaution until a quiet
+            # run tells a map-made failure from a load-made one (docs/performance.md)
             vmap = {} if cfg.conntrack else fastpath.verdict_map(fast)
         if (rules, notrack, vmap) == (self._fast_rules, self._notrack, self._vmap):
             return
