@@ -11,6 +11,12 @@ which carry the flow they are about in their payload).
 `evaluate()` applies the list exactly as the kernel does (first match wins), so tests can
 prove that the fast path and the queue give the same verdict for every packet.
 
+A first-match list costs per packet in proportion to the rules ahead of a packet's own,
+so the node puts one lookup in front of it (nodeshim.nftnode): `verdict_map` takes from
+the list every port whose verdict is plain (its first rule an unconditional ACCEPT or
+DROP), `evaluate_split` applies map then list as the kernel does, and tests prove it
+equal to `evaluate()`. The list stays whole: it is the oracle and the fallback.
+
 Several queues (`queue_count` > 1): one queue holds at most 65,536 packets, so what goes
 to "the queue" goes to a fan-out chain instead, which picks one of `queue_count` queues
 by the low bits of the source port (`fanout_rules`, an iptables u32 match; `fanout_queue`
@@ -33,6 +39,9 @@ from .packet import ICMP, ICMPV6, PROTO_NAMES, TCP, UDP, Packet
 ECHO_REQUEST = {ICMP: 8, ICMPV6: 128}  # the echo request's type in ICMP and in ICMPv6
 
 QUEUE = "queue"  # not a Verdict: the packet goes to the netfilter queue
+# the mark bit the node's verdict map (nodeshim.nftnode) sets on a packet it accepted, so
+# that the iptables chain (another base chain on the same hook) lets it by unread
+FAST_MARK = 0x40000000
 # first in the chain, no target: it only keeps conntrack on in the node's namespace (the
 # conntrack match registers it), so a graceful drain's source knows the flows it accepted
 # before the drain began (clustercore.drain)
@@ -131,6 +140,44 @@ def evaluate(rules: list[Rule], packet: Packet, known: Callable[[Packet], bool] 
         if r.matches(packet, known, epoch):
             return r.action, r.service
     return QUEUE, None
+
+
+def verdict_map(rules: list[Rule]) -> dict[tuple[int, int], tuple[Verdict, str]]:
+    """The one-lookup front of the list (nodeshim.nftnode renders it as an nft verdict map
+    keyed by `meta l4proto . th dport`): {(proto, port): (verdict, service)} for every
+    TCP/UDP port whose first rule in the list is an unconditional ACCEPT or DROP, the
+    verdict the list gives every packet to that port. A port whose first rule looks at
+    anything else (a drain's conntrack, SYN, client or tag rules) or queues is left out:
+    its packets go on to the list. `evaluate_split` applies both, as the kernel does."""
+    out: dict[tuple[int, int], tuple[Verdict, str]] = {}
+    seen: set[tuple[int, int]] = set()
+    for r in rules:
+        if r.proto not in (TCP, UDP) or r.port is None or (r.proto, r.port) in seen:
+            continue
+        seen.add((r.proto, r.port))
+        plain = not (r.known or r.syn or r.client is not None or r.mac is not None)
+        if plain and r.action in (Verdict.ACCEPT, Verdict.DROP):
+            out[(r.proto, r.port)] = (r.action, r.service)
+    return out
+
+
+def evaluate_split(vmap: Mapping[tuple[int, int], tuple[Verdict, str]], rules: list[Rule], packet: Packet,
+                   known: Callable[[Packet], bool] | None = None,
+                   epoch: str | None = None) -> tuple[Verdict | str, str | None]:
+    """The node's kernel path: the verdict map first (a packet with ports: non-first
+    fragments have none, nft's `th dport` does not match them), then the list for what
+    it does not hold. Tests prove it equal to `evaluate(rules, ...)`."""
+    if packet.proto in (TCP, UDP) and packet.dport is not None and (packet.proto, packet.dport) in vmap:
+        return vmap[(packet.proto, packet.dport)]
+    return evaluate(rules, packet, known, epoch)
+
+
+def stable_map(old: Mapping, new: Mapping) -> dict:
+    """The entries two maps agree on. A change of the kernel rules installs this map
+    first, then the new list, then the new map, so that at every moment each entry the
+    kernel holds gives the verdict of the list it holds (an entry that changes is never
+    ahead of, nor behind, its list)."""
+    return {k: v for k, v in new.items() if old.get(k) == v}
 
 
 _OTHER_ICMP = {4: ICMPV6, 6: ICMP}  # the ICMP flavour a family's table never sees

@@ -2,7 +2,9 @@
 
 Layout (mangle table, before routing and before any socket sees the packet):
 
-    PREROUTING  -d VIP ! -i lo  -> VIPCLUSTER
+    PREROUTING  -d VIP ! -i lo, not marked FAST_MARK  -> VIPCLUSTER
+                (FAST_MARK: accepted by the node's verdict map, nodeshim.nftnode, which
+                 answers the plain ACCEPT/DROP ports in one lookup before this chain)
     VIPCLUSTER  [fast-path rules (clustercore.fastpath): ACCEPT the ports of services this
                  node owns, DROP the others; migrating services -> NFQUEUE]
                 -j NFQUEUE --queue-num N          (no --queue-bypass; what no rule decided)
@@ -19,7 +21,9 @@ migration) skips the queue.
 
     raw PREROUTING -d VIP ! -i lo -> VIPCLUSTER-RAW, raw OUTPUT -s VIP ! -o lo ->
                  VIPCLUSTER-RAWOUT: the queued services' packets, both ways,
-                 -j CT --notrack (clustercore.fastpath.to_notrack says why)
+                 -j CT --notrack (clustercore.fastpath.to_notrack says why); only on a
+                 node that keeps conntrack on (`conntrack = true`): elsewhere there is
+                 nothing to untrack, and the two empty hooks cost every packet
 
 Rules are written with `iptables-restore --noflush`, one atomic batch per change.
 
@@ -61,7 +65,15 @@ def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subpr
 
 
 def _jump_rule(vip: str, version: int = 4, chain: str = CHAIN) -> list[str]:
+    if chain == CHAIN:  # what the verdict map accepted (nodeshim.nftnode) skips the list
+        mark = f"{fastpath.FAST_MARK:#x}/{fastpath.FAST_MARK:#x}"
+        return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-m", "mark", "!", "--mark", mark, "-j", chain]
     return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-j", chain]
+
+
+def _old_jump_rule(vip: str, version: int = 4) -> list[str]:
+    """The jump of agents older than the verdict map (no mark test): removed when seen."""
+    return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-j", CHAIN]
 
 
 def _out_jump_rule(vip: str, version: int = 4) -> list[str]:
@@ -78,7 +90,8 @@ def install(vips: str | Iterable[str], queue_num: int,
             notrack: dict[int, tuple[list[str], list[str]]] | None = None) -> None:
     """Create (or replace) our chain and the jump to it, atomically, for each VIP's family.
     `fast_rules`: one list for every family, or {version: list} (fastpath.to_iptables).
-    `notrack`: {version: (incoming, outgoing)} for the raw table's chains (fastpath.to_notrack).
+    `notrack`: {version: (incoming, outgoing)} for the raw table's chains (fastpath.to_notrack);
+    None: no raw chains at all (a node with conntrack off: two hooks fewer per packet).
     IPv6 uses the first queue only (the fan-out's u32 match reads an IPv4 header)."""
     for version, vip in sorted(_families(vips).items()):
         tool, restore, _, _ = _TOOLS[version]
@@ -91,17 +104,34 @@ def install(vips: str | Iterable[str], queue_num: int,
             for chain, bypass in FANOUT_CHAINS.items():
                 heads.append(f":{chain} - [0:0]")
                 body += [f"-A {chain} {r}" for r in fastpath.fanout_rules(queue_num, count, bypass)]
-        incoming, outgoing = (notrack or {}).get(version, ([], []))
-        raw = [f":{RAW_CHAIN} - [0:0]", f":{RAW_OUT_CHAIN} - [0:0]",
-               *(f"-A {RAW_CHAIN} {r}" for r in incoming), *(f"-A {RAW_OUT_CHAIN} {r}" for r in outgoing)]
-        script = "\n".join(["*raw", *raw, "COMMIT", "*mangle", *heads, *body, "COMMIT", ""])
-        _run([restore, "-w", "--noflush"], script)
-        for table, hook, jump in (("raw", "PREROUTING", _jump_rule(vip, version, RAW_CHAIN)),
-                                  ("raw", "OUTPUT", _out_jump_rule(vip, version)),
-                                  ("mangle", "PREROUTING", _jump_rule(vip, version))):
+        script = ["*mangle", *heads, *body, "COMMIT", ""]
+        hooks = [("mangle", "PREROUTING", _jump_rule(vip, version))]
+        if notrack is not None:
+            incoming, outgoing = notrack.get(version, ([], []))
+            script[:0] = ["*raw", f":{RAW_CHAIN} - [0:0]", f":{RAW_OUT_CHAIN} - [0:0]",
+                          *(f"-A {RAW_CHAIN} {r}" for r in incoming), *(f"-A {RAW_OUT_CHAIN} {r}" for r in outgoing),
+                          "COMMIT"]
+            hooks[:0] = [("raw", "PREROUTING", _jump_rule(vip, version, RAW_CHAIN)),
+                         ("raw", "OUTPUT", _out_jump_rule(vip, version))]
+        elif version not in _installed:  # an agent with conntrack on ran here before
+            _remove_raw(tool, vip, version)
+        _run([restore, "-w", "--noflush"], "\n".join(script))
+        for table, hook, jump in hooks:
             if _run([tool, "-w", "-t", table, "-C", hook, *jump], check=False).returncode != 0:
                 _run([tool, "-w", "-t", table, "-I", hook, "1", *jump])
+        if version not in _installed:  # an older agent's jump would read the list again
+            _run([tool, "-w", "-t", "mangle", "-D", "PREROUTING", *_old_jump_rule(vip, version)], check=False)
         _installed.add(version)
+
+
+def _remove_raw(tool: str, vip: str, version: int) -> None:
+    for hook, jump in (("PREROUTING", _jump_rule(vip, version, RAW_CHAIN)),
+                       ("OUTPUT", _out_jump_rule(vip, version))):
+        while _run([tool, "-w", "-t", "raw", "-D", hook, *jump], check=False).returncode == 0:
+            pass
+    for chain in (RAW_CHAIN, RAW_OUT_CHAIN):
+        _run([tool, "-w", "-t", "raw", "-F", chain], check=False)
+        _run([tool, "-w", "-t", "raw", "-X", chain], check=False)
 
 
 def chain_exists(version: int = 4) -> bool:
@@ -112,18 +142,12 @@ def remove(vips: str | Iterable[str]) -> None:
     """Remove the jump and our chain of each VIP's family (idempotent)."""
     for version, vip in sorted(_families(vips).items()):
         tool = _TOOLS[version][0]
-        jump = _jump_rule(vip, version)
-        while _run([tool, "-w", "-t", "mangle", "-D", "PREROUTING", *jump], check=False).returncode == 0:
-            pass
+        for jump in (_jump_rule(vip, version), _old_jump_rule(vip, version)):
+            while _run([tool, "-w", "-t", "mangle", "-D", "PREROUTING", *jump], check=False).returncode == 0:
+                pass
         _run([tool, "-w", "-t", "mangle", "-F", CHAIN], check=False)
         _run([tool, "-w", "-t", "mangle", "-X", CHAIN], check=False)
-        for hook, jump in (("PREROUTING", _jump_rule(vip, version, RAW_CHAIN)),
-                           ("OUTPUT", _out_jump_rule(vip, version))):
-            while _run([tool, "-w", "-t", "raw", "-D", hook, *jump], check=False).returncode == 0:
-                pass
-        for chain in (RAW_CHAIN, RAW_OUT_CHAIN):
-            _run([tool, "-w", "-t", "raw", "-F", chain], check=False)
-            _run([tool, "-w", "-t", "raw", "-X", chain], check=False)
+        _remove_raw(tool, vip, version)
         for chain in FANOUT_CHAINS:  # only referenced from CHAIN, gone now
             _run([tool, "-w", "-t", "mangle", "-F", chain], check=False)
             _run([tool, "-w", "-t", "mangle", "-X", chain], check=False)

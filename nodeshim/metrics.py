@@ -3,8 +3,9 @@
 The packet counters per service are the node's verdicts: the shim's own (packets its
 queue decided: accepted, dropped, held) plus the kernel's (the fast path's iptables rules
 tagged `vip:NAME`, read with `iptables-save -c` at scrape time, plus what earlier rule
-sets counted before they were replaced). So one series counts every VIP packet this node
-decided for a service, whichever path decided it. `iptables-save` runs in a thread before
+sets counted before they were replaced, plus the verdict map's named counters a_NAME and
+d_NAME, nodeshim.nftnode). So one series counts every VIP packet this node decided for a
+service, whichever path decided it. The kernel is read in a thread before
 the registry is rendered (vipwire.metricsserver); the rest is read on the agent's loop.
 
 Event counters (gateway sessions, migration steps, service restarts) are counted through
@@ -22,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from clustercore.errors import VipError
 
-from . import iptables, queue
+from . import queue
 
 log = logging.getLogger("vipcluster.node")
 
@@ -65,9 +66,9 @@ class NodeMetrics:
             self.kernel = {}
             return
         try:
-            kernel = await asyncio.to_thread(iptables.read_counters)
+            kernel = await asyncio.to_thread(agent.read_kernel_counters)
             if agent.fast_rules_now() is not rules:
-                kernel = iptables.read_counters() if agent.fast_rules_now() else {}
+                kernel = agent.read_kernel_counters() if agent.fast_rules_now() else {}
         except VipError as e:
             log.warning("metrics: kernel counters not read: %s", e)
             kernel = {}

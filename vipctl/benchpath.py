@@ -6,7 +6,9 @@ modes (medians of `runs`, UDP packets/s of 64-byte datagrams and one TCP stream)
 as ratios against the same run's plain-routing baseline:
 
 - today            as deployed: the gateway `fwd`s each packet to the owner only (one
-                   copy), GRO off on the node's cluster interface (the agent's doing).
+                   copy), GRO off on the node's cluster interface (the agent's doing),
+                   the node's verdict map (nodeshim.nftnode) in front of its iptables
+                   list, no raw-table chains (the node keeps conntrack off).
 - dup-all+drop     broadcast delivery: `dup` to every node, non-owners drop in the kernel
                    (the `fast` mode of the main table; not measured twice).
 - node-gro-on      GRO turned back on on the owner's cluster interface. The agent turns it
@@ -14,8 +16,16 @@ as ratios against the same run's plain-routing baseline:
                    tag (nodeshim.netlink), so this variant only says what that costs.
 - gateway-gro-on   GRO on the gateway's client-facing veth as well as on the node.
 - rules-200        100 more services (a TCP and a UDP port each) whose rules come before
-                   iperf's: 200 more rules on the node's chain and in the gateway's nft
-                   chain (both are first-match lists): what rule count costs per packet.
+                   iperf's: 200 more rules on the node's list and 200 more entries in its
+                   verdict map and in the gateway's (one lookup each).
+- list-only, rules-200-list-only
+                   the same two without the node's verdict map: every packet walks the
+                   iptables first-match list, as before the map.
+
+scripts/bench-datapath runs these rows alternated and also the DIAGNOSTICS (not in
+`vipctl bench`): raw-hooks (the raw table's empty jumps, as before with conntrack off),
+conntrack-on (a node with `conntrack = true`), no-node-chain (no vipcluster rule at all
+on the owner: what the node's rules cost in total).
 
 The machine is shared (2 cores, other engineers' labs): the figures are noisy; compare
 ratios within one run only.
@@ -54,17 +64,84 @@ def _many_rules(spec: labmod.Lab) -> str:
     return ""
 
 
+def _no_node_chain(spec: labmod.Lab) -> str:
+    """Diagnostic: the owner's mangle jump and verdict map removed (no vipcluster rule on
+    the node)."""
+    from nodeshim.iptables import _jump_rule
+    r = labmod.exec_in(spec.node_ns(1), ["iptables", "-w", "-t", "mangle", "-D", "PREROUTING",
+                                         *_jump_rule(labmod.VIP)], capture_output=True, text=True)
+    return (r.stderr.strip() if r.returncode else "") or _list_only(spec)
+
+
+def _conntrack_on(spec: labmod.Lab) -> str:
+    """The owner with TRACK_RULE first in its chain (a node with `conntrack = true`)."""
+    from clustercore.fastpath import TRACK_RULE
+    import shlex
+    r = labmod.exec_in(spec.node_ns(1), ["iptables", "-w", "-t", "mangle", "-I", "VIPCLUSTER", "1",
+                                         *shlex.split(TRACK_RULE)], capture_output=True, text=True)
+    return "" if r.returncode == 0 else r.stderr.strip()
+
+
+def _list_only(spec: labmod.Lab) -> str:
+    """The owner without its verdict map (nodeshim.nftnode): every packet walks the
+    iptables list, as before the map. The agent puts the map back at its next change of
+    rules: call this after the last change (services are added before it)."""
+    import time
+    time.sleep(1.0)  # the agents' last sync after the last service.add
+    r = labmod.exec_in(spec.node_ns(1), ["nft", "delete", "table", "inet", "vipcluster_node"],
+                       capture_output=True, text=True)
+    return "" if r.returncode == 0 else r.stderr.strip()
+
+
+def _many_rules_list_only(spec: labmod.Lab) -> str:
+    return _many_rules(spec) or _list_only(spec)
+
+
+def _raw_hooks(spec: labmod.Lab) -> str:
+    """The owner with the raw table's two (empty) jumps a node with conntrack off no longer
+    installs (nodeshim.iptables: they were there whatever the node's `conntrack`)."""
+    from nodeshim.iptables import RAW_CHAIN, RAW_OUT_CHAIN, _jump_rule, _out_jump_rule
+    for args in (["-N", RAW_CHAIN], ["-N", RAW_OUT_CHAIN], ["-I", "PREROUTING", "1", *_jump_rule(labmod.VIP, 4, RAW_CHAIN)],
+                 ["-I", "OUTPUT", "1", *_out_jump_rule(labmod.VIP, 4)]):
+        r = labmod.exec_in(spec.node_ns(1), ["iptables", "-w", "-t", "raw", *args], capture_output=True, text=True)
+        if r.returncode:
+            return r.stderr.strip()
+    return ""
+
+
 VARIANTS = (
-    ("today", "fwd to the owner, node GRO off (as deployed)", None),
+    ("today", "fwd to the owner, node GRO off, the node's verdict map before its list (as deployed)", None),
     ("node-gro-on", "fwd to the owner, GRO on on the node's cluster interface", _node_gro_on),
     ("gateway-gro-on", "as node-gro-on, and GRO on on the gateway's client-facing port", _gateway_gro_on),
     ("rules-200", "today with 200 more rules ahead of the service's (100 services)", _many_rules),
+    ("list-only", "today without the node's verdict map: the iptables first-match list only (before)",
+     _list_only),
+    ("rules-200-list-only", "rules-200 without the node's verdict map (before)", _many_rules_list_only),
+)
+# diagnostics for scripts/bench-datapath only (not in `vipctl bench`)
+DIAGNOSTICS = (
+    ("raw-hooks", "today with the raw table's two empty jumps on the owner (before, with conntrack off)", _raw_hooks),
+    ("conntrack-on", "today with conntrack kept on on the owner (a node with conntrack = true)", _conntrack_on),
+    ("no-node-chain", "today without the owner's mangle jump: no vipcluster rule on the node", _no_node_chain),
 )
 
 
 def node_rule_count(spec: labmod.Lab, k: int = 1) -> int:
     out = labmod.exec_in(spec.node_ns(k), ["iptables-save", "-t", "mangle"], capture_output=True, text=True).stdout
     return sum(1 for line in out.splitlines() if line.startswith("-A VIPCLUSTER "))
+
+
+def node_map_size(spec: labmod.Lab, k: int = 1) -> int | None:
+    """Entries in the node's verdict map (nodeshim.nftnode); None: no map."""
+    import json
+    r = labmod.exec_in(spec.node_ns(k), ["nft", "-j", "list", "map", "inet", "vipcluster_node", "ports"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    for item in json.loads(r.stdout).get("nftables", []):
+        if "map" in item:
+            return len(item["map"].get("elem", []))
+    return None
 
 
 def measure_variants(prefix: str, runs: int, seconds: float, baseline: dict, modes: dict, log) -> dict:
@@ -81,6 +158,7 @@ def measure_variants(prefix: str, runs: int, seconds: float, baseline: dict, mod
                  ports=[f"tcp:{IPERF_PORT}", f"udp:{IPERF_PORT}"], exec=EXTERNAL_SPEC)
             problem = setup(spec) if setup else ""
             rules = node_rule_count(spec)
+            size = node_map_size(spec)
             iperf = Iperf(spec, spec.node_ns(1), labmod.VIP)
             try:
                 log(f"data path variant {name}: {what}")
@@ -90,6 +168,7 @@ def measure_variants(prefix: str, runs: int, seconds: float, baseline: dict, mod
         finally:
             labmod.down(spec, log=lambda *a: None)
         out[name] = _row(what, m["pps"], m["tcp_mbps"], baseline, rules, problem)
+        out[name]["node_map"] = size
     fast = modes.get("fast")
     if fast:
         out["dup-all+drop"] = _row("dup to every node, non-owners drop (the fast mode above)",

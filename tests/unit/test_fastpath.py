@@ -68,3 +68,55 @@ def test_iptables_rendering():
     assert '-p tcp --dport 6379 -m comment --comment "vip:kv" -j ACCEPT' in lines
     assert '-p udp --dport 53 -m comment --comment "vip:dns" -j NFQUEUE --queue-num 5' in lines
     assert lines[-1] == '-p icmp --icmp-type echo-request -m comment --comment "vip:(none)" -j DROP'
+
+
+# --- the verdict map in front of the list (nodeshim.nftnode) -------------------------
+
+from clustercore import drain as d  # noqa: E402
+from clustercore.fastpath import evaluate_split, stable_map, verdict_map  # noqa: E402
+from scapy.all import IPv6  # noqa: E402
+
+TAGS = ("02:76:63:00:00:01", "02:76:63:00:00:02")
+roles = st.one_of(
+    st.none(),
+    st.builds(lambda tag: d.DrainRole(d.SOURCE, tag=tag), st.sampled_from(("",) + TAGS)),
+    st.builds(lambda tag, open_, port: d.DrainRole(d.DEST, tag=tag, udp_open=open_,
+                                                   udp_flows=(d.UdpFlow("198.51.100.2", port, 7),)),
+              st.sampled_from(TAGS), st.booleans(), st.integers(1, 65535)),
+)
+v6_packets = st.builds(lambda sp, dp, udp: raw(IPv6(src="2001:db8::2", dst="2001:db8::10")
+                                               / (UDP(sport=sp, dport=dp) / b"x" if udp else TCP(sport=sp, dport=dp))),
+                       st.integers(1, 65535), st.sampled_from([7, 53, 6379, 9]), st.booleans())
+
+
+@settings(max_examples=600, deadline=None)
+@given(data=st.one_of(packets, v6_packets), node=st.sampled_from(NODES), anchor=st.sampled_from(NODES),
+       migrating=st.sets(st.sampled_from(["echo", "kv", "dns"])),
+       draining=st.dictionaries(st.sampled_from(["echo", "kv", "dns"]), roles),
+       known=st.booleans(), epoch=st.sampled_from((None,) + TAGS))
+def test_the_verdict_map_repeats_the_list(data, node, anchor, migrating, draining, known, epoch):
+    """The kernel's order (map, then list) gives every packet the list's verdict, with
+    services in migration, in a drain on either side, or neither."""
+    drains = {k: v for k, v in draining.items() if v is not None}
+    rules = rules_for(node, SERVICES, anchor, migrating, drains)
+    p = parse_packet(data)
+    vmap = verdict_map(rules)
+    kn = (lambda _p: known)
+    assert evaluate_split(vmap, rules, p, kn, epoch) == evaluate(rules, p, kn, epoch)
+    for name in migrating:  # never a port the list queues (a drain's plain DROP may be in it)
+        for proto, port in next(s for s in SERVICES if s.name == name).ports:
+            assert (proto, port) not in vmap
+
+
+def test_the_verdict_map_holds_the_plain_ports_only():
+    rules = rules_for("n1", SERVICES, "n1", {"kv"})
+    assert verdict_map(rules) == {(P_TCP, 7): (Verdict.ACCEPT, "echo"), (P_UDP, 7): (Verdict.ACCEPT, "echo"),
+                                  (P_TCP, 53): (Verdict.DROP, "dns"), (P_UDP, 53): (Verdict.DROP, "dns")}
+
+
+@given(old=st.dictionaries(st.integers(0, 5), st.sampled_from("ad")),
+       new=st.dictionaries(st.integers(0, 5), st.sampled_from("ad")))
+def test_stable_map_keeps_only_what_both_say(old, new):
+    stable = stable_map(old, new)
+    assert all(old[k] == v and new[k] == v for k, v in stable.items())
+    assert set(stable) == {k for k in old.keys() & new.keys() if old[k] == new[k]}

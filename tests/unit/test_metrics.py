@@ -13,6 +13,7 @@ from clustercore.config import GatewayConfig, NodeEntry
 from clustercore.migration import MigrationBook
 from clustercore.ownership import Service, ServiceTable
 from gateway.metrics import GatewayMetrics
+from nodeshim import iptables, nftnode
 from nodeshim import metrics as node_metrics
 from nodeshim.agent import NodeAgent
 from vipwire.metricsserver import MetricsServer, serve
@@ -137,13 +138,14 @@ class FakeRole:
 
 def fake_agent(fast_rules, own, kernel_base):
     agent = SimpleNamespace(
-        config=SimpleNamespace(name="n2", queue_num=0, queue_nums=range(0, 4)),
+        config=SimpleNamespace(name="n2", queue_num=0, queue_nums=range(0, 4), vips=("203.0.113.10",)),
         filter=SimpleNamespace(counters_dict=lambda: {k: dict(v) for k, v in own.items()}, unparsed=4,
                                roles={"echo": FakeRole(12)}),
         _fast_rules=fast_rules, _kernel_base=kernel_base, queue=SimpleNamespace(errors=0),
         running={}, rpc=object())
     agent.fast_rules_now = lambda: agent._fast_rules
     agent.packet_counters = lambda kernel=None: NodeAgent.packet_counters(agent, kernel)
+    agent.read_kernel_counters = lambda: NodeAgent.read_kernel_counters(agent)
     return agent
 
 
@@ -153,15 +155,17 @@ def test_node_packets_fold_the_kernel_counters_in(monkeypatch):
                                                    "kv": {"accepted": 0, "dropped": 30}})
     reads = []
 
-    def read_counters():
+    def read_counters(versions=None):
         reads.append(1)
         return {"echo": {"accepted": 1000, "dropped": 2}, "kv": {"accepted": 0, "dropped": 7}}
-    monkeypatch.setattr(node_metrics.iptables, "read_counters", read_counters)
+    monkeypatch.setattr(iptables, "read_counters", read_counters)
+    # the verdict map's counters (nodeshim.nftnode) are added to the list's
+    monkeypatch.setattr(nftnode, "read_counters", lambda: {"echo": {"accepted": 20, "dropped": 0}})
     monkeypatch.setattr(node_metrics.queue, "kernel_drops", lambda q: 9)
     m = node_metrics.NodeMetrics(agent)
     asyncio.run(m.before_scrape())
     s = parse(m.registry)
-    assert val(s, "vipcluster_packets_total", node="n2", service="echo", verdict="accepted") == 1105
+    assert val(s, "vipcluster_packets_total", node="n2", service="echo", verdict="accepted") == 1125
     assert val(s, "vipcluster_packets_total", node="n2", service="echo", verdict="dropped") == 3
     assert val(s, "vipcluster_packets_total", node="n2", service="echo", verdict="held") == 12
     assert val(s, "vipcluster_packets_total", node="n2", service="kv", verdict="dropped") == 37
@@ -174,7 +178,8 @@ def test_node_packets_fold_the_kernel_counters_in(monkeypatch):
 
 def test_node_with_the_queue_datapath_reads_no_kernel_counters(monkeypatch):
     agent = fake_agent([], {"echo": {"accepted": 5, "dropped": 1, "held": 0}}, {})
-    monkeypatch.setattr(node_metrics.iptables, "read_counters", lambda: pytest.fail("read"))
+    monkeypatch.setattr(iptables, "read_counters", lambda versions=None: pytest.fail("read"))
+    monkeypatch.setattr(nftnode, "read_counters", lambda: pytest.fail("read"))
     m = node_metrics.NodeMetrics(agent)
     asyncio.run(m.before_scrape())
     assert val(parse(m.registry), "vipcluster_packets_total", node="n2", service="echo", verdict="accepted") == 5
@@ -186,14 +191,15 @@ def test_rules_replaced_during_the_read_are_read_again(monkeypatch):
     agent = fake_agent(["old"], {}, {})
     calls = []
 
-    def read_counters():
+    def read_counters(versions=None):
         calls.append(agent._fast_rules)
         if len(calls) == 1:
             agent._fast_rules = ["new"]  # sync_datapath ran meanwhile
             agent._kernel_base = {"echo": {"accepted": 50, "dropped": 0}}
             return {"echo": {"accepted": 50, "dropped": 0}}
         return {"echo": {"accepted": 3, "dropped": 0}}
-    monkeypatch.setattr(node_metrics.iptables, "read_counters", read_counters)
+    monkeypatch.setattr(iptables, "read_counters", read_counters)
+    monkeypatch.setattr(nftnode, "read_counters", lambda: {})
     m = node_metrics.NodeMetrics(agent)
     asyncio.run(m.before_scrape())
     assert len(calls) == 2
