@@ -620,5 +620,5 @@ def accept_waiting(listener: socket.socket) -> list[socket.socket]:
 # the socket table readers live in nodeshim.proctcp (both families); the executor calls
 # them through this module, the TCP adapter
 from nodeshim.proctcp import (  # noqa: E402,F401
-    HALF_CLOSED_CODES, LISTEN, SYN_RECV_CODES, accept_backlog, count_connections, count_listeners)
+    HALF_CLOSED_CODES, LISTEN, SYN_RECV_CODES, accept_backlog, count_connections, count_listeners, count_states)
 
