@@ -261,6 +261,15 @@ class WaitHandshakes(Command):
     ports: tuple[int, ...]
 
 
+@_command(waits=True)
+class WaitSettled(Command):
+    """WaitHalfClosed and WaitHandshakes at once, one look at the socket table per poll
+    (each look walks the kernel's whole connection hash: some 5-15 ms on the lab's host):
+    KernelError if half-closed connections remain past their bound; half-open handshakes
+    are waited for (bounded) but never fail it."""
+    ports: tuple[int, ...]
+
+
 @_command()
 class AcceptWaiting(Command):
     """Accept what waits in these listeners' queues (-> list[Named])."""

@@ -89,8 +89,7 @@ from .nodecommands import (
     ThawProcess,
     resume_source,
     WaitAccepted,
-    WaitHalfClosed,
-    WaitHandshakes,
+    WaitSettled,
 )
 from .packet import TCP, UDP
 from .sockstate import ServiceSockets, UdpSocketState
@@ -202,8 +201,7 @@ class ProcessMigration(Playbook):
         else:
             t_connected = yield ReadClock()
         if f.tcp_ports:
-            yield WaitHalfClosed(f.tcp_ports)  # criu moves established connections only
-            yield WaitHandshakes(f.tcp_ports)
+            yield WaitSettled(f.tcp_ports)  # criu moves established connections only
         t_freeze = yield ReadClock()
         timing["connect"], timing["settle"] = f.connect_ms, _ms(t_connected, t_freeze)
         # from here on every packet of the service is held: the hold is criu's network lock

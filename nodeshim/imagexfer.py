@@ -55,7 +55,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from clustercore.errors import KernelError, LocalControlError, VipError
 from nodeshim import criu
@@ -150,6 +150,11 @@ class Receiver:
         self.lazy = False  # the source said its dump is lazy (HELLO_LAZY)
         self.pages_conn: socket.socket | None = None  # lazy: the page connection, for criu lazy-pages
         self.lazy_daemon = None  # lazy: criulazy.LazyPagesDaemon once restore started it
+        self.restore_ms: dict[str, float] = {}  # lazy: the restore's split (lazyxfer.restore_lazy)
+        # called by the receiving thread once the image is verified and OK sent (lazyxfer
+        # starts criu lazy-pages then, while the source's reply and the gateway's Restore
+        # are on their way); an exception in it is logged, nothing else
+        self.on_verified: Callable[["Receiver"], None] | None = None
         self._refused = 0
         self._stats: ReceiveStats | None = None
         self._error: VipError | None = None
@@ -182,11 +187,13 @@ class Receiver:
                 pass
         if self._page_server is not None:
             self._page_server.kill()
-        if self.lazy_daemon is not None:
-            self.lazy_daemon.end()
+        if self.lazy_daemon is not None:  # not yet restored from: nothing to let finish
+            self.lazy_daemon.end(5.0 if self.restore_ms else 0.0)
         self._thread.join(CANCEL_JOIN_S)
         if self._thread.is_alive():  # it removes the directory itself when it ends
             log.warning("image receive into %s: still ending %.0f s after the cancel", self.images_dir, CANCEL_JOIN_S)
+        elif self.lazy_daemon is not None and self.lazy_daemon.running():
+            self.lazy_daemon.end(0.0)  # started by on_verified while we cancelled
         self.close()
 
     def close(self) -> None:
@@ -225,6 +232,11 @@ class Receiver:
             wire.send(b"OK\n")
             self._stats = ReceiveStats((time.monotonic() - self._start) * 1000, page_bytes,
                                        sum(s for s, _ in received.values()), len(received), self._refused)
+            if self.on_verified is not None and not self._cancelled.is_set():
+                try:
+                    self.on_verified(self)
+                except (VipError, OSError) as e:
+                    log.warning("image receive into %s: after the verified image: %s", self.images_dir, e)
         except (VipError, OSError) as e:
             self._error = self._why(e)
             if wire is not None:

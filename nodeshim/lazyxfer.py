@@ -110,6 +110,18 @@ def resident_bytes(pid: int) -> int:
     return total
 
 
+def start_daemon(receiver: Receiver, netns_path: str | None = None) -> None:
+    """Start `criu lazy-pages` on a verified lazy image, without waiting for it: as
+    Receiver.on_verified, the daemon starts (criu's start-up, the image's inventory and
+    process tree read: 8-44 ms measured) while the source's freeze reply and the
+    gateway's Restore travel; restore_lazy then finds it ready. Nothing else of the image
+    is used before the Restore. Does nothing for a full image or once started."""
+    if not receiver.lazy or receiver.pages_conn is None or receiver.lazy_daemon is not None:
+        return
+    conn, receiver.pages_conn = receiver.pages_conn, None
+    receiver.lazy_daemon = criulazy.LazyPagesDaemon(receiver.images_dir, conn, netns_path=netns_path)
+
+
 def restore_lazy(receiver: Receiver, *, pidfile: str, netns_path: str | None = None,
                  inherit_fds: Mapping[int, str] | None = None, timeout: float | None = None,
                  extra: Iterable[str] = ()) -> int:
@@ -118,14 +130,20 @@ def restore_lazy(receiver: Receiver, *, pidfile: str, netns_path: str | None = N
     pages (wait_done()). A failure ends the daemon (the source's dump sees it and resumes
     the program there)."""
     receiver.wait(timeout)
-    if not receiver.lazy or receiver.pages_conn is None:
+    if not receiver.lazy or (receiver.pages_conn is None and receiver.lazy_daemon is None):
         raise KernelError("criu restore", None, "the image is not a lazy one")
-    conn, receiver.pages_conn = receiver.pages_conn, None
-    daemon = receiver.lazy_daemon = criulazy.LazyPagesDaemon(receiver.images_dir, conn, netns_path=netns_path)
+    early = receiver.lazy_daemon is not None  # start_daemon ran when the image was verified
+    start_daemon(receiver, netns_path)
+    daemon = receiver.lazy_daemon
     try:
+        t0 = time.monotonic()
         daemon.wait_ready(timeout or criu.CRIU_TIMEOUT_S)
-        return criu.restore(receiver.images_dir, pidfile=pidfile, netns_path=netns_path,
-                            inherit_fds=inherit_fds, extra=["--lazy-pages", *extra])
+        t1 = time.monotonic()
+        pid = criu.restore(receiver.images_dir, pidfile=pidfile, netns_path=netns_path,
+                           inherit_fds=inherit_fds, extra=["--lazy-pages", *extra])
+        receiver.restore_ms = {"lazy_daemon": round((t1 - t0) * 1000, 2), "lazy_daemon_early": early,
+                               "criu_restore": round((time.monotonic() - t1) * 1000, 2)}
+        return pid
     except BaseException:
         daemon.end()
         raise

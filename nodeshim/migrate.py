@@ -323,6 +323,7 @@ class MigrationAgent(ProcessSteps):
             nc.WaitHalfClosed: self._wait_half_closed,
             nc.HandOver: self._hand_over,
             nc.WaitHandshakes: self._wait_handshakes,
+            nc.WaitSettled: self._wait_settled,
             nc.AcceptWaiting: lambda c: [(f"conn-{nc.port_of(name)}", conn)
                                          for name, sock in c.listeners
                                          for conn in k.tcprepair.accept_waiting(sock)],
@@ -504,6 +505,22 @@ class MigrationAgent(ProcessSteps):
         while (k.tcprepair.count_connections(vip, cmd.ports, k.tcprepair.SYN_RECV_CODES)
                and k.clock() < deadline):
             await asyncio.sleep(SYN_RECV_POLL_S)
+
+    async def _wait_settled(self, cmd: nc.WaitSettled) -> None:
+        """_wait_half_closed and _wait_handshakes with one read of the table per poll."""
+        k, vip = self.kernel, self.agent.config.vips
+        now = k.clock()
+        half_closed_by, handshakes_by = now + HALF_CLOSED_WAIT_S, now + SYN_RECV_WAIT_S
+        while True:
+            half_closed, half_open = k.tcprepair.count_states(
+                vip, cmd.ports, (k.tcprepair.HALF_CLOSED_CODES, k.tcprepair.SYN_RECV_CODES))
+            now = k.clock()
+            if half_closed and now > half_closed_by:
+                raise KernelError("freeze", None, f"{half_closed} half-closed connection(s) on the service did "
+                                  f"not finish within {HALF_CLOSED_WAIT_S:g}s; retry when they have")
+            if not half_closed and (not half_open or now >= handshakes_by):
+                return
+            await asyncio.sleep(SYN_RECV_POLL_S if not half_closed else HALF_CLOSED_POLL_S)
 
     def _forget_instance(self, cmd: nc.ForgetInstance) -> None:
         if self.agent.notify is not None:

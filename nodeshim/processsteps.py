@@ -248,6 +248,8 @@ class ProcessSteps:
     def _start_image_receiver(self, cmd: nc.StartImageReceiver) -> nc.ImageReceiver:
         k = self.kernel
         rx = k.imagexfer.start_receive(self._images_dir(cmd.service, "in"), cmd.address, cmd.source_address)
+        if self._lazy_pages_here():  # a lazy image: criu lazy-pages starts once it is verified
+            rx.on_verified = k.lazyxfer.start_daemon
         if self._armed_fault("image.receive") == "cut":
             def cut() -> None:  # as soon as the first bytes are here, the link is cut
                 deadline = time.monotonic() + IMAGE_TIMEOUT_S
@@ -292,6 +294,9 @@ class ProcessSteps:
             except OSError:
                 pass
         daemon = getattr(cmd.receiver, "lazy_daemon", None)
+        split = getattr(cmd.receiver, "restore_ms", None)
+        if split:
+            log.info("restore of %s: %s", svc.name, split)
         if daemon is not None:
             threading.Thread(target=self._log_pages, args=(svc.name, daemon), daemon=True).start()
         machine = self.migrations.machines.get(svc.name)

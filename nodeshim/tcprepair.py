@@ -571,6 +571,6 @@ def close_many(socks: Iterable[socket.socket]) -> None:
 # the socket table readers live in nodeshim.proctcp (both families), the listeners' side in
 # nodeshim.tcplisten (no repair); the executor calls them through this module, the TCP adapter
 from nodeshim.proctcp import (  # noqa: E402,F401
-    HALF_CLOSED_CODES, LISTEN, SYN_RECV_CODES, accept_backlog, count_connections, count_listeners)
+    HALF_CLOSED_CODES, LISTEN, SYN_RECV_CODES, accept_backlog, count_connections, count_listeners, count_states)
 from nodeshim.tcplisten import accept_waiting, dump_listener  # noqa: E402,F401
 

@@ -58,3 +58,66 @@ def test_local_page_bytes_counts_only_page_files(tmp_path):
     (tmp_path / "pagemap-1.img").write_bytes(b"y" * 100)
     (tmp_path / "core-1.img").write_bytes(b"z" * 50)
     assert criulazy.local_page_bytes(str(tmp_path)) == 8192
+
+
+class FakeDaemon:
+    started: list = []
+
+    def __init__(self, images_dir, sock, *, netns_path=None):
+        self.images_dir, self.sock, self.ended, self.waited = images_dir, sock, [], []
+        FakeDaemon.started.append(self)
+
+    def wait_ready(self, timeout):
+        self.waited.append(timeout)
+
+    def running(self):
+        return not self.ended
+
+    def end(self, timeout=5.0):
+        self.ended.append(timeout)
+
+
+def _receiver(lazy=True):
+    from types import SimpleNamespace
+    return SimpleNamespace(lazy=lazy, pages_conn="pages-conn", lazy_daemon=None, images_dir="/img", restore_ms={},
+                           wait=lambda timeout: None)
+
+
+def test_the_lazy_pages_daemon_starts_once_when_the_image_is_verified(monkeypatch):
+    from nodeshim import lazyxfer
+    monkeypatch.setattr(lazyxfer.criulazy, "LazyPagesDaemon", FakeDaemon)
+    FakeDaemon.started = []
+    full = _receiver(lazy=False)
+    lazyxfer.start_daemon(full)
+    assert full.lazy_daemon is None and full.pages_conn == "pages-conn"
+    rx = _receiver()
+    lazyxfer.start_daemon(rx)
+    lazyxfer.start_daemon(rx)
+    assert len(FakeDaemon.started) == 1 and rx.lazy_daemon.sock == "pages-conn" and rx.pages_conn is None
+    assert rx.lazy_daemon.waited == []  # not waited for: the receiving thread goes on
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_the_restore_uses_the_daemon_started_early_or_starts_it(monkeypatch, early):
+    from nodeshim import lazyxfer
+    monkeypatch.setattr(lazyxfer.criulazy, "LazyPagesDaemon", FakeDaemon)
+    restored = []
+    monkeypatch.setattr(lazyxfer.criu, "restore", lambda d, **kw: restored.append((d, kw["extra"])) or 4321)
+    FakeDaemon.started = []
+    rx = _receiver()
+    if early:
+        lazyxfer.start_daemon(rx)
+    assert lazyxfer.restore_lazy(rx, pidfile="/img.pid", timeout=3.0) == 4321
+    assert len(FakeDaemon.started) == 1 and rx.lazy_daemon.waited == [3.0]  # ready before the restore
+    assert restored == [("/img", ["--lazy-pages"])]
+    assert rx.restore_ms["lazy_daemon_early"] is early and not rx.lazy_daemon.ended
+
+
+def test_a_cancelled_receive_kills_a_daemon_no_restore_used_at_once(tmp_path):
+    from nodeshim import imagexfer
+    rx = imagexfer.start_receive(str(tmp_path / "img"), "127.0.0.1", "127.0.0.1")
+    daemon = rx.lazy_daemon = FakeDaemon(rx.images_dir, None)
+    rx.cancel()
+    assert daemon.ended[0] == 0.0  # not the 5 s a page-serving daemon gets to finish
+    with pytest.raises(KernelError):
+        rx.wait(1.0)

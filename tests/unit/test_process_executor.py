@@ -103,6 +103,11 @@ class FakeCriu(FakeKernel):
         self._call("count_connections", tuple(sorted(states)))
         return 3 if 1 in states else 0
 
+    def count_states(self, vip, ports, groups):
+        groups = [tuple(sorted(g)) for g in groups]
+        self._call("count_states", tuple(groups))
+        return tuple(3 if 1 in g else 0 for g in groups)
+
     def accept_backlog(self, vip, ports):
         self._call("accept_backlog", tuple(ports))
         return 0
@@ -213,8 +218,10 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
 
     frozen, freeze_log, done = asyncio.run(script())
     names = [e[0] for e in freeze_log if e[0] not in ("count_connections", "count_listeners")]
+    # settled (half-closed and half-open connections) with one look at the table
+    assert [e[0] for e in freeze_log].count("count_states") == 1
     # connected to the destination (and its page server started) before anything is held
-    assert names == ["connect_to", "accept_backlog", "signal_group", "take_sockets", "take_sockets", "close",
+    assert names == ["connect_to", "count_states", "accept_backlog", "signal_group", "take_sockets", "take_sockets", "close",
                      "drain_udp", "close", "dump_to"]
     assert freeze_log[0] == ("connect_to", migrate.imagexfer.Endpoint(**ENDPOINT), False)  # 10 MiB: copied
     assert fake.dumped_over is fake.link  # the dump went over those connections

@@ -132,10 +132,10 @@ def test_the_source_script():
                                                   nc.CountKernelDrops, nc.InstallRole]
     assert k.seen[2].endpoint == ENDPOINT and k.seen[2].instance == "old-tree"
     frozen, k = feed(m, EVENTS[msgs.Freeze]())
-    assert k.types() == [nc.ReadClock, nc.WaitHalfClosed, nc.WaitHandshakes, nc.ReadClock, nc.WaitAccepted,
+    assert k.types() == [nc.ReadClock, nc.WaitSettled, nc.ReadClock, nc.WaitAccepted,
                          nc.StopTree, nc.ReadClock, nc.TakeDatagramSockets, nc.DrainDatagrams, nc.CloseDescriptors,
                          nc.ReadClock, nc.DumpProcess, nc.ReadClock, nc.ReadClock, nc.Note]
-    dump = k.seen[11]
+    dump = k.seen[10]
     assert dump.endpoint == ENDPOINT and dump.tcp_ports == (8080,) and dump.instance == "old-tree"
     assert dump.link == "image-link"  # the dump takes the connections over
     assert frozen.timing_ms["connect"] == pytest.approx(1.0)
