@@ -190,10 +190,56 @@ class ProcessSteps:
             sent, pages = lazy.stats, lazy.dump  # images: removed once the pages are served
         else:
             try:
+                if self._dump_own_tcp(rs, images):
+                    kw["tcp_close"] = True
                 sent, pages = k.imagexfer.dump_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw), None
+            except BaseException:
+                if premade is not None:
+                    premade.close()  # dump_to closed it, unless it was not reached (twice: harmless)
+                raise
             finally:
                 shutil.rmtree(images, ignore_errors=True)
         return sent, pages, memory, why
+
+    def _dump_own_tcp(self, rs, images: str) -> bool:
+        """The copied image's established connections by our bulk TCP_REPAIR path, not
+        criu's (nodeshim.criutcp): True if dumped into images (criu then dumps with
+        --tcp-close), False to leave them to criu (switched off, none, one we cannot move,
+        or our dump failed: all or none, so the sockets are as they were)."""
+        own = self.kernel.criutcp
+        if not own.enabled():
+            return False
+        try:
+            dumped = own.dump_tree(rs.pid, images)
+        except KernelError as e:
+            log.warning("%s: our TCP dump failed (%s: %s); criu moves the connections",
+                        rs.service.name, e.operation, e.detail)
+            return False
+        if dumped is None:
+            return False
+        log.info("%s: %d TCP connections dumped beside criu in %.1f ms", rs.service.name,
+                 dumped.connections, dumped.ms)
+        return True
+
+    def _restore_own_tcp(self, service: str, pid: int, images_dir: str) -> None:
+        """After criu restore --tcp-close: our connections into the stopped copy's sockets
+        (nodeshim.criutcp). On failure the copy is silenced and killed, and the step fails
+        (the source still holds every connection and rolls back)."""
+        k = self.kernel
+        t0 = time.monotonic()
+        try:
+            n = k.criutcp.restore_tree(pid, images_dir)
+        except BaseException:
+            k.proctree.silence(pid)  # repair on: killed, it says nothing to the source's peers
+            try:
+                k.pidfd.send_signal(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)  # criu's --restore-sibling made it our child
+            except (KernelError, ChildProcessError):
+                pass
+            raise
+        if n:
+            log.info("%s: %d TCP connections restored beside criu in %.1f ms", service, n,
+                     (time.monotonic() - t0) * 1000)
 
     @staticmethod
     def _log_pages(service: str, daemon) -> None:
@@ -280,8 +326,11 @@ class ProcessSteps:
                 pid = k.criu.restore(cmd.receiver.images_dir, pidfile=pidfile, inherit_fds=inherit, **kw)
             else:
                 cmd.receiver.wait(IMAGE_TIMEOUT_S)
-                restore = k.lazyxfer.restore_lazy if getattr(cmd.receiver, "lazy", False) else k.imagexfer.restore
+                lazy = getattr(cmd.receiver, "lazy", False)
+                restore = k.lazyxfer.restore_lazy if lazy else k.imagexfer.restore
                 pid = restore(cmd.receiver, pidfile=pidfile, inherit_fds=inherit, timeout=IMAGE_TIMEOUT_S)
+                if not lazy:
+                    self._restore_own_tcp(svc.name, pid, cmd.receiver.images_dir)
         except BaseException:
             os.close(read_fd)
             raise
