@@ -8,10 +8,10 @@
  * node agent's packet loop, which runs meanwhile, waited for the interpreter. Here the
  * loop runs with the interpreter released.
  *
- * take_many(pidfd, target_fds, disconnect) -> [(target_fd, our_fd, inode, tcp_state, family)]
+ * take_many(pidfd, target_fds, disconnect) -> [(target_fd, our_fd, inode, tcp_state, family, mss)]
  *   for each target fd that is a TCP socket (AF_INET or AF_INET6, SOCK_STREAM,
  *   IPPROTO_TCP); any other descriptor is closed again, one the target closed meanwhile
- *   (EBADF) is skipped. disconnect: also connect(AF_UNSPEC) each one (tcp_disconnect: a
+ *   (EBADF) is skipped. mss: TCP_MAXSEG of an ESTABLISHED one, else 0. disconnect: also connect(AF_UNSPEC) each one (tcp_disconnect: a
  *   socket criu restored "closed" and shut down becomes a clean unconnected one); the
  *   caller passes this only for sockets that are not connected. The caller owns the
  *   returned descriptors. On an error every descriptor taken is closed and OSError raised
@@ -30,7 +30,7 @@
 #endif
 
 struct taken {
-    int target, fd, state, family;
+    int target, fd, state, family, mss;
     unsigned long long ino;
 };
 
@@ -86,6 +86,13 @@ PyObject *py_take_many(PyObject *self, PyObject *args)
             close(fd);
             break;
         }
+        tk[got].mss = 0;
+        len = sizeof tk[got].mss;
+        if (ti.tcpi_state == STATE_ESTABLISHED && getsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &tk[got].mss, &len) < 0) {
+            err = errno; step = "TCP_MAXSEG"; bad_target = tv[i];
+            close(fd);
+            break;
+        }
         if (disconnect) {
             struct sockaddr sa;
             memset(&sa, 0, sizeof sa);
@@ -115,7 +122,8 @@ PyObject *py_take_many(PyObject *self, PyObject *args)
     }
     if (!(out = PyList_New(got))) goto close_all;
     for (i = 0; i < got; i++) {
-        PyObject *t = Py_BuildValue("(iiKii)", tk[i].target, tk[i].fd, tk[i].ino, tk[i].state, tk[i].family);
+        PyObject *t = Py_BuildValue("(iiKiii)", tk[i].target, tk[i].fd, tk[i].ino, tk[i].state, tk[i].family,
+                                     tk[i].mss);
         if (!t) { Py_CLEAR(out); goto close_all; }
         PyList_SET_ITEM(out, i, t);
     }

@@ -154,9 +154,9 @@ class _Fd:
         return self._ask("getpeername")
 
 
-def _take(pid: int, fds: list[int] | None, disconnect: bool) -> list[tuple[int, int, int, int, int]]:
+def _take(pid: int, fds: list[int] | None, disconnect: bool) -> list[tuple[int, int, int, int, int, int]]:
     """The TCP sockets of pid among fds (all when None), as descriptors of ours:
-    [(target fd, our fd, inode, TCP state, family)]. disconnect: connect(AF_UNSPEC) each
+    [(target fd, our fd, inode, TCP state, family, MSS if ESTABLISHED else 0)]. disconnect: connect(AF_UNSPEC) each
     (a restored copy's unconnected sockets only: see the module doc)."""
     take = getattr(repairc.ext, "take_many", None)
     if fds is None:
@@ -179,10 +179,11 @@ def _take(pid: int, fds: list[int] | None, disconnect: bool) -> list[tuple[int, 
                 if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
                         and sock.proto == socket.IPPROTO_TCP:
                     state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0]
+                    mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) if state == _ESTABLISHED else 0
                     if disconnect and _libc.connect(sock.fileno(), _UNSPEC, len(_UNSPEC)) < 0:
                         raise KernelError("restore_tcp: AF_UNSPEC connect", ctypes.get_errno(), f"fd {target}")
                     out.append((target, os.dup(sock.fileno()), os.fstat(sock.fileno()).st_ino, state,
-                                int(sock.family)))
+                                int(sock.family), mss))
     except BaseException:
         _close(out)
         raise
@@ -202,12 +203,38 @@ def _close(taken) -> None:
         os.close(t[1])
 
 
-def dump_tree(root: int, images_dir: str) -> Dumped | None:
-    """Dump the established connections of the stopped, held tree at root into
-    images_dir/FILE (repair on: they stay silent). None, with nothing changed, when criu
-    must move them itself (none, or a connection our path cannot move). KernelError if
-    the dump failed (the C dump is all or none: the sockets are as they were)."""
-    t0 = time.monotonic()
+class Taken:
+    """A stopped, held tree's established connections, taken (descriptors of ours) and
+    not yet dumped: `dump` them (in a thread while criu dumps the rest: they are
+    criu's no longer), then `close` (the program keeps its sockets)."""
+
+    def __init__(self, root: int, socks: list[_Fd], names: list[str], taken: list) -> None:
+        self.root, self.socks, self.names, self._taken = root, socks, names, taken
+
+    def dump(self, images_dir: str) -> Dumped:
+        """Repair on and read each (they stay silent), into images_dir/FILE. KernelError
+        if it failed: the C dump is all or none, the sockets are as they were."""
+        t0 = time.monotonic()
+        states = tcprepair.dump_many(self.socks, self.names)
+        os.makedirs(images_dir, mode=0o700, exist_ok=True)
+        try:
+            with open(os.path.join(images_dir, FILE), "xb") as f:
+                f.write(encode(states))
+        except OSError as e:
+            _repair_off(self.socks)
+            raise KernelError(f"write {FILE}", e.errno, images_dir) from None
+        return Dumped(len(states), (time.monotonic() - t0) * 1000)
+
+    def close(self) -> None:
+        taken, self._taken = self._taken, []
+        _close(taken)
+
+
+def take_tree(root: int) -> Taken | None:
+    """The established connections of the stopped, held tree at root, if our path can
+    move them all; None (nothing kept) when criu must move them itself: none, or one in
+    another connected state (half-closed, SYN_SENT), or an MSS TCP_MAXSEG cannot restore
+    (loopback's 65483)."""
     taken: list = []
     socks: list[_Fd] = []
     names: list[str] = []
@@ -217,35 +244,40 @@ def dump_tree(root: int, images_dir: str) -> Dumped | None:
             nspid = ns_pid(pid)
             mine = _take(pid, None, False)
             taken += mine
-            for target, fd, ino, state, _ in mine:
+            for target, fd, ino, state, _, mss in mine:
                 if ino in seen:
                     continue  # shared with a process taken already: one record per socket
                 seen.add(ino)
+                why = None
                 if state == _ESTABLISHED:
                     socks.append(_Fd(fd))
                     names.append(_name(nspid, target))
+                    if mss > _MAXSEG_MAX:
+                        why = f"MSS {mss}"
                 elif state not in (_LISTEN, _CLOSE):
-                    log.info("criu moves the TCP connections of pid %d: fd %d of pid %d is in TCP state %d",
-                             root, target, pid, state)
+                    why = f"TCP state {state}"
+                if why:
+                    log.info("criu moves the TCP connections of pid %d: fd %d of pid %d: %s", root, target, pid, why)
+                    _close(taken)
                     return None
-        if not socks:
-            return None
-        states = tcprepair.dump_many(socks, names)
-        if any(st.mss > _MAXSEG_MAX for st in states):
-            # loopback's MSS (65483): TCP_MAXSEG refuses it on restore; criu sets it otherwise
-            _repair_off(socks)
-            log.info("criu moves the TCP connections of pid %d: an MSS over %d (loopback)", root, _MAXSEG_MAX)
-            return None
-        os.makedirs(images_dir, mode=0o700, exist_ok=True)
-        try:
-            with open(os.path.join(images_dir, FILE), "xb") as f:
-                f.write(encode(states))
-        except OSError as e:
-            _repair_off(socks)
-            raise KernelError(f"write {FILE}", e.errno, images_dir) from None
+    except BaseException:
+        _close(taken)
+        raise
+    if not socks:
+        _close(taken)
+        return None
+    return Taken(root, socks, names, taken)
+
+
+def dump_tree(root: int, images_dir: str) -> Dumped | None:
+    """take_tree and its dump in one call (None: criu's turn, nothing changed)."""
+    taken = take_tree(root)
+    if taken is None:
+        return None
+    try:
+        return taken.dump(images_dir)
     finally:
-        _close(taken)  # our duplicates only: the program keeps its sockets
-    return Dumped(len(states), (time.monotonic() - t0) * 1000)
+        taken.close()
 
 
 def restore_tree(root: int, images_dir: str) -> int:

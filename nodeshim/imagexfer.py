@@ -55,7 +55,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from clustercore.errors import KernelError, LocalControlError, VipError
 from nodeshim import criu, criutcp
@@ -483,14 +483,16 @@ def connect_to(endpoint: Endpoint, *, lazy: bool = False, netns_path: str | None
 def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | None = None,
             tls: TlsFiles | None = None, dest_node: str | None = None,
             timeout: float = 120.0, extra: Iterable[str] = (), link: Link | None = None,
-            tcp_close: bool = False) -> SendStats:
+            tcp_close: bool = False, after_dump: Callable[[], None] | None = None) -> SendStats:
     """Dump the tree rooted at pid (criu.dump: --leave-stopped, in netns_path) and move the
     image to the receiver at endpoint; return once the destination has verified all of it.
 
     images_dir (on this node) gets the dump's small files and criu's log. With TLS (tls and
     dest_node) nothing is dumped until the destination has proven it is node dest_node.
     tcp_close: the connections were dumped by nodeshim.criutcp into images_dir (sent with
-    criu's files); criu dumps with --tcp-close.
+    criu's files); criu dumps with --tcp-close. after_dump: called once criu's dump is done,
+    before the files are listed and sent (a dump of ours into images_dir ends there; an
+    exception from it fails the send).
     link: the connections, made before (connect_to; not with TLS); closed here in any case.
     On failure a KernelError; roll back with proctree.thaw(pid) (see the module docstring)."""
     if (tls is None) != (dest_node is None):
@@ -526,6 +528,8 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
                                tcp_close=tcp_close)
         except KernelError as e:
             raise _dump_broke(wire, e) from None
+        if after_dump is not None:
+            after_dump()
         t1 = time.monotonic()
         try:
             entries = [_send_file(wire, images_dir, name)

@@ -46,6 +46,34 @@ class ImageLink:
         self.link.close()
 
 
+class OwnTcpDump:
+    """nodeshim.criutcp's dump of a tree's connections, in a thread beside criu's dump."""
+
+    def __init__(self, service: str, taken, images: str) -> None:
+        self.service, self.taken, self.images = service, taken, images
+        self.dumped, self.error = None, None
+        self.thread = threading.Thread(target=self._run, name=f"tcp dump {service}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.dumped = self.taken.dump(self.images)
+        except BaseException as e:  # re-raised by wait(), in the freeze
+            self.error = e
+
+    def wait(self) -> None:
+        """After criu's dump, before the files are sent: our file is written, or raise."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        log.info("%s: %d TCP connections dumped beside criu in %.1f ms", self.service,
+                 self.dumped.connections, self.dumped.ms)
+
+    def finish(self) -> None:
+        self.thread.join()
+        self.taken.close()
+
+
 class ProcessSteps:
     """MigrationAgent's commands for the `process` strategy (see the module docstring)."""
 
@@ -189,37 +217,37 @@ class ProcessSteps:
                 raise
             sent, pages = lazy.stats, lazy.dump  # images: removed once the pages are served
         else:
+            own = None
             try:
-                if self._dump_own_tcp(rs, images):
-                    kw["tcp_close"] = True
+                own = self._own_tcp(rs, images)
+                if own is not None:
+                    kw["tcp_close"], kw["after_dump"] = True, own.wait
                 sent, pages = k.imagexfer.dump_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw), None
             except BaseException:
                 if premade is not None:
                     premade.close()  # dump_to closed it, unless it was not reached (twice: harmless)
                 raise
             finally:
+                if own is not None:
+                    own.finish()  # before any thaw: our dump is over, our descriptors closed
                 shutil.rmtree(images, ignore_errors=True)
         return sent, pages, memory, why
 
-    def _dump_own_tcp(self, rs, images: str) -> bool:
+    def _own_tcp(self, rs, images: str) -> "OwnTcpDump | None":
         """The copied image's established connections by our bulk TCP_REPAIR path, not
-        criu's (nodeshim.criutcp): True if dumped into images (criu then dumps with
-        --tcp-close), False to leave them to criu (switched off, none, one we cannot move,
-        or our dump failed: all or none, so the sockets are as they were)."""
+        criu's (nodeshim.criutcp), dumped in a thread while criu dumps the rest (criu then
+        runs with --tcp-close and leaves them alone). None leaves them to criu: switched
+        off, none, or one our path cannot move (nothing was changed)."""
         own = self.kernel.criutcp
         if not own.enabled():
-            return False
+            return None
         try:
-            dumped = own.dump_tree(rs.pid, images)
+            taken = own.take_tree(rs.pid)
         except KernelError as e:
-            log.warning("%s: our TCP dump failed (%s: %s); criu moves the connections",
+            log.warning("%s: cannot take the TCP sockets (%s: %s); criu moves the connections",
                         rs.service.name, e.operation, e.detail)
-            return False
-        if dumped is None:
-            return False
-        log.info("%s: %d TCP connections dumped beside criu in %.1f ms", rs.service.name,
-                 dumped.connections, dumped.ms)
-        return True
+            return None
+        return None if taken is None else OwnTcpDump(rs.service.name, taken, images)
 
     def _restore_own_tcp(self, service: str, pid: int, images_dir: str) -> None:
         """After criu restore --tcp-close: our connections into the stopped copy's sockets

@@ -121,10 +121,12 @@ class FakeCriu(FakeKernel):
         self.link = Link()
         return self.link
 
-    def dump_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None, tcp_close=False):
+    def dump_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None, tcp_close=False, after_dump=None):
         self._call("dump_to", pid, endpoint, tuple(extra))
         self.dumped_over = link
         self.tcp_close = tcp_close
+        if after_dump is not None:
+            after_dump()  # as imagexfer: once criu's dump is done, before the files go
         return FakeSendStats()
 
     # lazyxfer
@@ -173,13 +175,28 @@ class FakeCriuTcp:
     raises `restore_fails` if set."""
 
     def __init__(self):
-        self.dumped, self.restore_fails, self.restored_into = 3, None, []
+        self.dumped, self.restore_fails, self.restored_into, self.dump_fails = 3, None, [], None
 
     def enabled(self):
         return True
 
-    def dump_tree(self, pid, images_dir):
-        return None if self.dumped is None else SimpleNamespace(connections=self.dumped, ms=1.0)
+    def take_tree(self, pid):
+        if self.dumped is None:
+            return None
+        outer = self
+
+        class Taken:
+            closed = False
+
+            def dump(self, images_dir):
+                if outer.dump_fails:
+                    raise outer.dump_fails
+                return SimpleNamespace(connections=outer.dumped, ms=1.0)
+
+            def close(self):
+                self.closed = True
+        self.taken = Taken()
+        return self.taken
 
     def restore_tree(self, pid, images_dir):
         self.restored_into.append(pid)
@@ -534,20 +551,22 @@ def test_connections_criu_must_move_itself_leave_criu_its_tcp_established(tmp_pa
     assert "dump_to" in [e[0] for e in log] and fake.tcp_close is False
 
 
-def test_our_tcp_dump_failing_leaves_the_connections_to_criu(tmp_path):
+def test_our_tcp_dump_failing_fails_the_freeze_and_rolls_back(tmp_path):
+    # criu dumped with --tcp-close beside it: an image without the connections must not go
     ma, agent, fake, log = node("n1", tmp_path)
     agent.running["web"] = FakeInstance(WEB, [], pid=4242)
-
-    def fails(pid, images_dir):
-        raise KernelError("dump_tcp: TCP_REPAIR on", 1, "192.0.2.10:80")
-    fake.criutcp.dump_tree = fails
+    fake.criutcp.dump_fails = KernelError("dump_tcp: TCP_REPAIR on", 1, "192.0.2.10:80")
 
     async def script():
         await ma.handle(step(msgs.Arm, destination="n2"))
-        await ma.handle(step(msgs.Freeze, endpoint=ENDPOINT))
+        try:
+            await ma.handle(step(msgs.Freeze, endpoint=ENDPOINT))
+        except KernelError as e:
+            return e
 
-    asyncio.run(script())
-    assert "dump_to" in [e[0] for e in log] and fake.tcp_close is False
+    error = asyncio.run(script())
+    assert isinstance(error, KernelError) and "TCP_REPAIR" in str(error)
+    assert fake.criutcp.taken.closed and "thaw" in [e[0] for e in log] and "web" in agent.running
 
 
 def test_a_failed_restore_of_our_connections_silences_and_kills_the_copy(tmp_path):
