@@ -595,6 +595,7 @@ static PyMethodDef methods[] = {
     {"close_many", py_close_many, METH_VARARGS, "close_many(fds) -> [(index, step, errno)]"},
     {"check_record", py_check_record, METH_VARARGS, "check_record(record, family): ValueError if bad"},
     {"unpack_many", py_unpack_many, METH_VARARGS, "unpack_many(data, family, types) -> list of TcpConnState"},
+    {"take_many", py_take_many, METH_VARARGS, "take_many(pidfd, fds, disconnect) -> [(fd, ours, ino, state, family)]"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -100,4 +100,7 @@ PyObject *make_state(struct builder *b, const struct conn *c, PyObject *rec);
 PyObject *py_unpack_many(PyObject *self, PyObject *args);
 int repair_format_init(void);
 
+/* _repair_take.c */
+PyObject *py_take_many(PyObject *self, PyObject *args);
+
 #endif

@@ -165,8 +165,9 @@ def tls_args(tls: TlsFiles | None, *, client: bool) -> list[str]:
 def dump_args(criu: str, pid: int, images_dir: str, *, leave_stopped: bool = True,
               tcp_established: bool = True, network_lock_skip: bool = True,
               page_server: tuple[str, int] | None = None, ps_socket: int | None = None,
-              tls: TlsFiles | None = None, extra: Iterable[str] = ()) -> list[str]:
+              tls: TlsFiles | None = None, extra: Iterable[str] = (), tcp_close: bool = False) -> list[str]:
     """`criu dump` of the tree rooted at pid. network_lock_skip: the shim's hold is the lock.
+    tcp_close: the established connections are ours (nodeshim.criutcp), criu leaves them be.
     page_server (address, port): the memory pages go there while the dump runs, never to
     images_dir (which then gets the small files only); ps_socket: over this connection
     to it, made by the caller. criu does no TLS on a socket it is given (it skips the
@@ -174,7 +175,9 @@ def dump_args(criu: str, pid: int, images_dir: str, *, leave_stopped: bool = Tru
     args = [criu, "dump", "-t", str(pid), "-D", images_dir, "-o", DUMP_LOG, *trace_args()]
     if leave_stopped:
         args.append("--leave-stopped")
-    if tcp_established:
+    if tcp_close:
+        args.append("--tcp-close")
+    elif tcp_established:
         args.append("--tcp-established")
     if network_lock_skip:
         args += ["--network-lock", "skip"]
@@ -201,8 +204,9 @@ def page_server_args(criu: str, images_dir: str, *, ps_socket: int,
 def restore_args(criu: str, images_dir: str, *, pidfile: str, tcp_established: bool = True,
                  detach: bool = True, sibling: bool = True,
                  inherit_fds: Mapping[int, str] | None = None,
-                 extra: Iterable[str] = ()) -> list[str]:
-    """`criu restore` of the images in images_dir.
+                 extra: Iterable[str] = (), tcp_close: bool = False) -> list[str]:
+    """`criu restore` of the images in images_dir. tcp_close: an image dumped so (its
+    connections are restored by nodeshim.criutcp into the plain sockets criu makes).
 
     detach: criu exits once the copy runs. sibling: the copy becomes a child of criu's
     parent (us), not an orphan, so the agent reaps it and sees it die like any service it
@@ -213,7 +217,9 @@ def restore_args(criu: str, images_dir: str, *, pidfile: str, tcp_established: b
         args.append("--restore-detached")
         if sibling:
             args.append("--restore-sibling")
-    if tcp_established:
+    if tcp_close:
+        args.append("--tcp-close")
+    elif tcp_established:
         args.append("--tcp-established")
     for fd, key in sorted((inherit_fds or {}).items()):
         args += ["--inherit-fd", f"fd[{fd}]:{key}"]
@@ -432,7 +438,7 @@ def dump_counters(images_dir: str) -> tuple[int, float]:
 def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stopped: bool = True,
          tcp_established: bool = True, network_lock_skip: bool = True,
          page_server: tuple[str, int] | None = None, ps_socket: int | None = None,
-         tls: TlsFiles | None = None, extra: Iterable[str] = ()) -> DumpStats:
+         tls: TlsFiles | None = None, extra: Iterable[str] = (), tcp_close: bool = False) -> DumpStats:
     """Dump the process tree rooted at pid (a `spawn_isolated` program) into images_dir.
 
     criu must run in the program's network namespace (netns_path, or the caller's): one
@@ -451,7 +457,7 @@ def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stop
     args = in_netns_argv(netns_path, dump_args(
         criu, pid, images_dir, leave_stopped=leave_stopped, tcp_established=tcp_established,
         network_lock_skip=network_lock_skip, page_server=page_server, ps_socket=ps_socket,
-        tls=tls, extra=extra))
+        tls=tls, extra=extra, tcp_close=tcp_close))
     start = time.monotonic()
     try:
         _run_criu("criu dump", args, os.path.join(images_dir, DUMP_LOG),
@@ -549,7 +555,8 @@ class PageServer:
 
 def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
             tcp_established: bool = True, detach: bool = True, sibling: bool = True,
-            inherit_fds: Mapping[int, str] | None = None, extra: Iterable[str] = ()) -> int:
+            inherit_fds: Mapping[int, str] | None = None, extra: Iterable[str] = (),
+            tcp_close: bool = False) -> int:
     """Restore the images in images_dir and return the host PID of the copy's root.
 
     netns_path: the network namespace to restore into (entered with nsenter); None means
@@ -559,7 +566,7 @@ def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
     criu = _require_binary()
     args = in_netns_argv(netns_path, restore_args(
         criu, images_dir, pidfile=pidfile, tcp_established=tcp_established, detach=detach,
-        sibling=sibling, inherit_fds=inherit_fds, extra=extra))
+        sibling=sibling, inherit_fds=inherit_fds, extra=extra, tcp_close=tcp_close))
     start = time.monotonic()
     try:
         _run_criu("criu restore", args, os.path.join(images_dir, RESTORE_LOG),

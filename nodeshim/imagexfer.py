@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from clustercore.errors import KernelError, LocalControlError, VipError
-from nodeshim import criu
+from nodeshim import criu, criutcp
 from nodeshim.criu import TlsFiles
 from nodeshim.imagewire import (
     CHUNK,
@@ -432,7 +432,7 @@ def restore(receiver: Receiver, *, pidfile: str, netns_path: str | None = None,
     receive's KernelError, and nothing runs). Returns the copy's PID (our child)."""
     receiver.wait(timeout)
     return criu.restore(receiver.images_dir, pidfile=pidfile, netns_path=netns_path,
-                        inherit_fds=inherit_fds)
+                        inherit_fds=inherit_fds, tcp_close=criutcp.in_image(receiver.images_dir))
 
 
 # ---------------------------------------------------------------- source
@@ -494,12 +494,17 @@ def connect_to(endpoint: Endpoint, *, lazy: bool = False, netns_path: str | None
 
 def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | None = None,
             tls: TlsFiles | None = None, dest_node: str | None = None,
-            timeout: float = 120.0, extra: Iterable[str] = (), link: Link | None = None) -> SendStats:
+            timeout: float = 120.0, extra: Iterable[str] = (), link: Link | None = None,
+            tcp_close: bool = False, after_dump: Callable[[], None] | None = None) -> SendStats:
     """Dump the tree rooted at pid (criu.dump: --leave-stopped, in netns_path) and move the
     image to the receiver at endpoint; return once the destination has verified all of it.
 
     images_dir (on this node) gets the dump's small files and criu's log. With TLS (tls and
     dest_node) nothing is dumped until the destination has proven it is node dest_node.
+    tcp_close: the connections were dumped by nodeshim.criutcp into images_dir (sent with
+    criu's files); criu dumps with --tcp-close. after_dump: called once criu's dump is done,
+    before the files are listed and sent (a dump of ours into images_dir ends there; an
+    exception from it fails the send).
     link: the connections, made before (connect_to; not with TLS); closed here in any case.
     On failure a KernelError; roll back with proctree.thaw(pid) (see the module docstring)."""
     if (tls is None) != (dest_node is None):
@@ -531,9 +536,12 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
         try:
             dumped = criu.dump(pid, images_dir, netns_path=netns_path, tls=tls,
                                page_server=(endpoint.address, endpoint.page_port) if streamed else None,
-                               ps_socket=pages.fileno() if pages else None, extra=extra)
+                               ps_socket=pages.fileno() if pages else None, extra=extra,
+                               tcp_close=tcp_close)
         except KernelError as e:
             raise _dump_broke(wire, e) from None
+        if after_dump is not None:
+            after_dump()
         t1 = time.monotonic()
         try:
             entries = [_send_file(wire, images_dir, name)

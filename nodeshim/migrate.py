@@ -57,7 +57,7 @@ from clustercore.errors import KernelError, LocalControlError, VipError
 from clustercore.nodemigration import Failure, NodeMigration, NodeMigrations, Runner, role_still_needed
 from vipwire.logs import event as log_event
 
-from . import criu, fdstore, imagexfer, lazyxfer, pidfd, proctree, queue, services, tcprepair, udphandoff
+from . import criu, criutcp, fdstore, imagexfer, lazyxfer, pidfd, proctree, queue, services, tcprepair, udphandoff
 from .batchmigrate import BatchActions
 from .leftovers import Leftovers
 from .processsteps import ProcessSteps
@@ -96,6 +96,7 @@ class Kernel:
     proctree: Any = proctree
     imagexfer: Any = imagexfer
     lazyxfer: Any = lazyxfer
+    criutcp: Any = criutcp
     fdstore: Any = fdstore
     clock: Callable[[], float] = time.monotonic
 

@@ -46,6 +46,34 @@ class ImageLink:
         self.link.close()
 
 
+class OwnTcpDump:
+    """nodeshim.criutcp's dump of a tree's connections, in a thread beside criu's dump."""
+
+    def __init__(self, service: str, taken, images: str) -> None:
+        self.service, self.taken, self.images = service, taken, images
+        self.dumped, self.error = None, None
+        self.thread = threading.Thread(target=self._run, name=f"tcp dump {service}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.dumped = self.taken.dump(self.images)
+        except BaseException as e:  # re-raised by wait(), in the freeze
+            self.error = e
+
+    def wait(self) -> None:
+        """After criu's dump, before the files are sent: our file is written, or raise."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        log.info("%s: %d TCP connections dumped beside criu in %.1f ms", self.service,
+                 self.dumped.connections, self.dumped.ms)
+
+    def finish(self) -> None:
+        self.thread.join()
+        self.taken.close()
+
+
 class ProcessSteps:
     """MigrationAgent's commands for the `process` strategy (see the module docstring)."""
 
@@ -189,11 +217,57 @@ class ProcessSteps:
                 raise
             sent, pages = lazy.stats, lazy.dump  # images: removed once the pages are served
         else:
+            own = None
             try:
+                own = self._own_tcp(rs, images)
+                if own is not None:
+                    kw["tcp_close"], kw["after_dump"] = True, own.wait
                 sent, pages = k.imagexfer.dump_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw), None
+            except BaseException:
+                if premade is not None:
+                    premade.close()  # dump_to closed it, unless it was not reached (twice: harmless)
+                raise
             finally:
+                if own is not None:
+                    own.finish()  # before any thaw: our dump is over, our descriptors closed
                 shutil.rmtree(images, ignore_errors=True)
         return sent, pages, memory, why
+
+    def _own_tcp(self, rs, images: str) -> "OwnTcpDump | None":
+        """The copied image's established connections by our bulk TCP_REPAIR path, not
+        criu's (nodeshim.criutcp), dumped in a thread while criu dumps the rest (criu then
+        runs with --tcp-close and leaves them alone). None leaves them to criu: switched
+        off, none, or one our path cannot move (nothing was changed)."""
+        own = self.kernel.criutcp
+        if not own.enabled():
+            return None
+        try:
+            taken = own.take_tree(rs.pid)
+        except KernelError as e:
+            log.warning("%s: cannot take the TCP sockets (%s: %s); criu moves the connections",
+                        rs.service.name, e.operation, e.detail)
+            return None
+        return None if taken is None else OwnTcpDump(rs.service.name, taken, images)
+
+    def _restore_own_tcp(self, service: str, pid: int, images_dir: str) -> None:
+        """After criu restore --tcp-close: our connections into the stopped copy's sockets
+        (nodeshim.criutcp). On failure the copy is silenced and killed, and the step fails
+        (the source still holds every connection and rolls back)."""
+        k = self.kernel
+        t0 = time.monotonic()
+        try:
+            n = k.criutcp.restore_tree(pid, images_dir)
+        except BaseException:
+            k.proctree.silence(pid)  # repair on: killed, it says nothing to the source's peers
+            try:
+                k.pidfd.send_signal(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)  # criu's --restore-sibling made it our child
+            except (KernelError, ChildProcessError):
+                pass
+            raise
+        if n:
+            log.info("%s: %d TCP connections restored beside criu in %.1f ms", service, n,
+                     (time.monotonic() - t0) * 1000)
 
     @staticmethod
     def _log_pages(service: str, daemon) -> None:
@@ -282,8 +356,11 @@ class ProcessSteps:
                 pid = k.criu.restore(cmd.receiver.images_dir, pidfile=pidfile, inherit_fds=inherit, **kw)
             else:
                 cmd.receiver.wait(IMAGE_TIMEOUT_S)
-                restore = k.lazyxfer.restore_lazy if getattr(cmd.receiver, "lazy", False) else k.imagexfer.restore
+                lazy = getattr(cmd.receiver, "lazy", False)
+                restore = k.lazyxfer.restore_lazy if lazy else k.imagexfer.restore
                 pid = restore(cmd.receiver, pidfile=pidfile, inherit_fds=inherit, timeout=IMAGE_TIMEOUT_S)
+                if not lazy:
+                    self._restore_own_tcp(svc.name, pid, cmd.receiver.images_dir)
         except BaseException:
             os.close(read_fd)
             raise

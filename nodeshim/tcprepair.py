@@ -484,6 +484,20 @@ def restore_many(
     return socks
 
 
+def restore_many_into(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) -> None:
+    """restore_many's first phase on sockets the caller has (new, unconnected TCP sockets
+    of the right family: nodeshim.criutcp's, which criu made inside a restored program):
+    each left in repair mode; call thaw_many next. On failure the caller discards them."""
+    for st in states:
+        _check_restorable(st)
+    repairc.announce()
+    if repairc.ext is not None:
+        repairc.restore_many(socks, states)
+        return
+    for sock, st in zip(socks, states):
+        _restore_frozen(sock, st)
+
+
 # ---------------------------------------------------------------- after the dump
 
 

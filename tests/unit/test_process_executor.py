@@ -126,9 +126,12 @@ class FakeCriu(FakeKernel):
         self.link = Link()
         return self.link
 
-    def dump_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None):
+    def dump_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None, tcp_close=False, after_dump=None):
         self._call("dump_to", pid, endpoint, tuple(extra))
         self.dumped_over = link
+        self.tcp_close = tcp_close
+        if after_dump is not None:
+            after_dump()  # as imagexfer: once criu's dump is done, before the files go
         return FakeSendStats()
 
     # lazyxfer
@@ -172,9 +175,45 @@ class FakeCriu(FakeKernel):
         return FakeInstance(service, [], pid=pid)
 
 
+class FakeCriuTcp:
+    """nodeshim.criutcp: dumps `dumped` connections (None: leaves them to criu); restore_tree
+    raises `restore_fails` if set."""
+
+    def __init__(self):
+        self.dumped, self.restore_fails, self.restored_into, self.dump_fails = 3, None, [], None
+
+    def enabled(self):
+        return True
+
+    def take_tree(self, pid):
+        if self.dumped is None:
+            return None
+        outer = self
+
+        class Taken:
+            closed = False
+
+            def dump(self, images_dir):
+                if outer.dump_fails:
+                    raise outer.dump_fails
+                return SimpleNamespace(connections=outer.dumped, ms=1.0)
+
+            def close(self):
+                self.closed = True
+        self.taken = Taken()
+        return self.taken
+
+    def restore_tree(self, pid, images_dir):
+        self.restored_into.append(pid)
+        if self.restore_fails:
+            raise self.restore_fails
+        return self.dumped or 0
+
+
 def node(name, tmp_path):
     log = Log()
     fake = FakeCriu(log)
+    fake.criutcp = FakeCriuTcp()
     fake.pages = FakePages(log)
     agent = FakeAgent(NodeConfig(name=name, vip=VIP, gateway_address="192.0.2.1", tls_ca="ca", tls_cert="c", tls_key="k",
                                  state_dir=str(tmp_path / name)), log)
@@ -183,7 +222,7 @@ def node(name, tmp_path):
                             proctree=SimpleNamespace(tree_pids=fake.tree_pids, thaw=fake.thaw, resume=fake.resume,
                                                      silence=fake.silence, stopped=lambda pid: True),
                             criu=SimpleNamespace(node_images_parent=lambda state: os.path.join(state, "images")),
-                            imagexfer=fake, lazyxfer=fake, clock=fake.clock)
+                            imagexfer=fake, lazyxfer=fake, clock=fake.clock, criutcp=fake.criutcp)
     return migrate.MigrationAgent(agent, kernel), agent, fake, log
 
 
@@ -230,6 +269,7 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
     assert [e for e in freeze_log if e[0] == "close"] == [("close", "udp-copy-4243"), ("close", "udp-copy-4242")]
     dump = next(e for e in freeze_log if e[0] == "dump_to")
     assert dump[1] == 4242 and dump[2] == migrate.imagexfer.Endpoint(**ENDPOINT) and dump[3] == ()
+    assert fake.tcp_close  # our TCP dump (nodeshim.criutcp) took the connections: criu dumps with --tcp-close
     assert frozen.bytes_moved == 2_050_000 and frozen.tcp_established == 3 and frozen.udp_sockets == 1
     assert frozen.tcp_listening == 2  # the listeners the kernel has, not the service's port count
     assert frozen.sockets["process"]["output_pipe"] == "pipe:[99]"
@@ -295,6 +335,7 @@ def test_destination_prepare_restore_release_script(tmp_path):
     # the copy is let run with SIGCONT only: criu's restore already took its sockets out of repair
     assert names == ["start_receive", "rx.wait", "restore", "restored_instance", "rx.close", "resume", "service_moved"]
     assert ("restore", ("pipe:[99]",)) in log  # our pipe where the source's output pipe was
+    assert fake.criutcp.restored_into == [6161]  # our connections into the copy's sockets, before it runs
     assert agent.running["web"].pid == 6161 and isinstance(released, msgs.ReleaseDone)
     assert not os.path.exists(os.path.join(agent.config.state_dir, "restored.json")) or \
         "web" not in open(os.path.join(agent.config.state_dir, "restored.json")).read()
@@ -502,3 +543,58 @@ def test_a_freeze_failing_after_it_connected_closes_the_connections(tmp_path):
     assert "no such process" in str(error) and "dump_to" not in names
     assert names.index("connect_to") < names.index("link.close")
     assert names.count("link.close") == 1
+
+
+def test_connections_criu_must_move_itself_leave_criu_its_tcp_established(tmp_path):
+    ma, agent, fake, log = node("n1", tmp_path)
+    agent.running["web"] = FakeInstance(WEB, [], pid=4242)
+    fake.criutcp.dumped = None  # a half-closed connection, or none at all: criutcp says criu's turn
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        await ma.handle(step(msgs.Freeze, endpoint=ENDPOINT))
+
+    asyncio.run(script())
+    assert "dump_to" in [e[0] for e in log] and fake.tcp_close is False
+
+
+def test_our_tcp_dump_failing_fails_the_freeze_and_rolls_back(tmp_path):
+    # criu dumped with --tcp-close beside it: an image without the connections must not go
+    ma, agent, fake, log = node("n1", tmp_path)
+    agent.running["web"] = FakeInstance(WEB, [], pid=4242)
+    fake.criutcp.dump_fails = KernelError("dump_tcp: TCP_REPAIR on", 1, "192.0.2.10:80")
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        try:
+            await ma.handle(step(msgs.Freeze, endpoint=ENDPOINT))
+        except KernelError as e:
+            return e
+
+    error = asyncio.run(script())
+    assert isinstance(error, KernelError) and "TCP_REPAIR" in str(error)
+    assert fake.criutcp.taken.closed and "thaw" in [e[0] for e in log] and "web" in agent.running
+
+
+def test_a_failed_restore_of_our_connections_silences_and_kills_the_copy(tmp_path):
+    ma, agent, fake, log = node("n2", tmp_path)
+    fake.criutcp.restore_fails = KernelError("restore_tcp: bind", 98, "192.0.2.10:80")
+    killed = []
+    fake.send_signal = lambda pid, sig: killed.append((pid, sig))
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1", address="192.0.2.12", source_address="192.0.2.11"))
+        from clustercore import sockwire
+        from clustercore.sockstate import ServiceSockets
+        wire = {**sockwire.to_wire(ServiceSockets(service="web", listeners=(), connections=(), udp=())),
+                "process": {"output_pipe": None, "image_bytes": 1}}
+        try:
+            await ma.handle(step(msgs.Restore, sockets=wire))
+        except KernelError as e:
+            return e
+
+    error = asyncio.run(script())
+    assert isinstance(error, KernelError) and "bind" in str(error)
+    names = [e[0] for e in log]
+    assert "silence" in names and killed == [(6161, signal.SIGKILL)]
+    assert "restored_instance" not in names and "web" not in agent.running
