@@ -19,6 +19,7 @@ import time
 import pytest
 
 from clustercore.kinds import Datapath, Delivery
+from nodeshim import nftnode
 from tests.lab.conftest import ROOT, lab_with_services
 from vipctl import lab as labmod
 from vipctl.lab import VIP
@@ -91,7 +92,10 @@ def test_addresses_are_usable_at_once_and_rules_are_in_place(lab6):
         lo = labmod.exec_in(ns, ["ip", "-6", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
         assert f"{VIP6}/128" in lo, lo
         rules = labmod.exec_in(ns, ["ip6tables-save", "-t", "mangle"], capture_output=True, text=True).stdout
-        assert f"-A PREROUTING -d {VIP6}/128 ! -i lo -j VIPCLUSTER" in rules, rules
+        # what the node's verdict map (nodeshim.nftnode) accepted carries its mark and
+        # skips the list; everything else goes through it
+        assert (f"-A PREROUTING -d {VIP6}/128 ! -i lo -m mark ! --mark 0x40000000/0x40000000 -j VIPCLUSTER"
+                in rules), rules
         assert '--comment "vip:echo"' in rules and "NFQUEUE --queue-num 0" in rules
     nft = labmod.exec_in(lab.gw_ns, ["nft", "list", "table", "netdev", "vipcluster"], capture_output=True, text=True)
     assert f"ip6 daddr {VIP6} jump vip" in nft.stdout and f"ip daddr {VIP} jump vip" in nft.stdout
@@ -139,9 +143,14 @@ def test_ipv6_packets_show_in_the_node_metrics(lab6):
         return 0.0
 
     def v6_rule_packets():
-        out = labmod.exec_in(lab6.lab.node_ns(int(own[1:])), ["ip6tables-save", "-c", "-t", "mangle"],
-                             capture_output=True, text=True).stdout
-        return sum(int(m.group(1)) for m in re.finditer(r'^\[(\d+):\d+\] .*"vip:echo" -j ACCEPT', out, re.M))
+        """echo's packets accepted in the kernel: by its ip6tables rules, or by the node's
+        verdict map (one nft table for both families; only IPv6 is sent here)."""
+        ns = lab6.lab.node_ns(int(own[1:]))
+        out = labmod.exec_in(ns, ["ip6tables-save", "-c", "-t", "mangle"], capture_output=True, text=True).stdout
+        listed = sum(int(m.group(1)) for m in re.finditer(r'^\[(\d+):\d+\] .*"vip:echo" -j ACCEPT', out, re.M))
+        mapped = labmod.exec_in(ns, ["nft", "-j", "list", "counters", "table", "inet", nftnode.TABLE],
+                                capture_output=True, text=True).stdout
+        return listed + nftnode.parse_counters(mapped).get("echo", {}).get("accepted", 0)
 
     before, rules_before = accepted(), v6_rule_packets()
     n = 20
