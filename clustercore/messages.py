@@ -538,10 +538,6 @@ class Prepare(Step):
 class Arm(Step):
     destination: str
     strategy: str = ""  # as in Prepare
-    # the destination's PrepareDone.endpoint: a process move connects its image transfer
-    # here, before the flip (under load the connection can take seconds, all of them
-    # packets the destination would hold)
-    endpoint: dict = field(default_factory=dict)
 
 
 @message("migrate.freeze", reply=FreezeDone)

@@ -287,9 +287,8 @@ class Migration(FailureLog):
 
     def _on_hold_ready(self, event: HoldReady, now: float) -> list[Command]:
         self._expect(event, self.dest)
-        self._endpoint = dict(event.endpoint)  # for the source, with the arm and the freeze
-        return [SendToNode(self.source, self._message(msgs.Arm, destination=self.dest,
-                                                      endpoint=self._endpoint))]
+        self._endpoint = dict(event.endpoint)  # for the source, with the freeze
+        return [SendToNode(self.source, self._message(msgs.Arm, destination=self.dest))]
 
     def _on_counting_ready(self, event: CountingReady, now: float) -> list[Command]:
         self._expect(event, self.source)

@@ -46,7 +46,7 @@ def restore_wire() -> dict:
 
 EVENTS = {
     msgs.Prepare: lambda: step(msgs.Prepare, source="n1", address="192.0.2.12", source_address="192.0.2.11"),
-    msgs.Arm: lambda: step(msgs.Arm, destination="n2", endpoint=ENDPOINT),
+    msgs.Arm: lambda: step(msgs.Arm, destination="n2"),
     msgs.Freeze: lambda: step(msgs.Freeze, endpoint=ENDPOINT),
     msgs.Chunk: lambda: msgs.Chunk(service="web", seq=0, count=0, packed=b""),
     msgs.Restore: lambda: step(msgs.Restore, sockets=restore_wire()),
@@ -127,18 +127,16 @@ def test_command_services_move_with_process_builtins_with_handoff():
 def test_the_source_script():
     m = NodeMigration("web", "n1")
     reply, k = feed(m, EVENTS[msgs.Arm]())
-    # connected to the destination at the arm, before the flip: nothing is held meanwhile
-    assert reply == msgs.Done() and k.types() == [nc.LookUp, nc.ReadClock, nc.ConnectImage, nc.ReadClock,
-                                                  nc.CountKernelDrops, nc.InstallRole]
-    assert k.seen[2].endpoint == ENDPOINT and k.seen[2].instance == "old-tree"
+    assert reply == msgs.Done() and k.types() == [nc.LookUp, nc.CountKernelDrops, nc.InstallRole]
     frozen, k = feed(m, EVENTS[msgs.Freeze]())
-    assert k.types() == [nc.ReadClock, nc.WaitSettled, nc.ReadClock, nc.WaitAccepted,
+    assert k.types() == [nc.ReadClock, nc.ConnectImage, nc.ReadClock, nc.WaitSettled, nc.ReadClock, nc.WaitAccepted,
                          nc.StopTree, nc.ReadClock, nc.TakeDatagramSockets, nc.DrainDatagrams, nc.CloseDescriptors,
                          nc.ReadClock, nc.DumpProcess, nc.ReadClock, nc.ReadClock, nc.Note]
-    dump = k.seen[10]
+    assert k.seen[1].endpoint == ENDPOINT and k.seen[1].instance == "old-tree"
+    dump = k.seen[12]
+    assert frozen.timing_ms["connect"] == pytest.approx(1.0) and frozen.timing_ms["settle"] == pytest.approx(1.0)
     assert dump.endpoint == ENDPOINT and dump.tcp_ports == (8080,) and dump.instance == "old-tree"
     assert dump.link == "image-link"  # the dump takes the connections over
-    assert frozen.timing_ms["connect"] == pytest.approx(1.0)
     assert isinstance(frozen, msgs.FreezeDone) and m.state is State.FROZEN
     assert frozen.bytes_moved == 2_500_000 and frozen.tcp_established == 3 and frozen.udp_sockets == 1
     assert frozen.sockets[PROCESS_KEY]["output_pipe"] == "pipe:[77]"
@@ -149,24 +147,6 @@ def test_the_source_script():
     assert k.types() == [nc.CountKernelDrops, nc.ForgetInstance, nc.StopInstance, nc.RemoveRoleLater,
                          nc.ServiceMoved]
     assert nc.ThawProcess not in k.types()  # a committed source is killed, never thawed
-
-
-def test_an_arm_without_the_endpoint_connects_at_the_freeze():
-    m = NodeMigration("web", "n1")
-    reply, k = feed(m, step(msgs.Arm, destination="n2"))
-    assert reply == msgs.Done() and nc.ConnectImage not in k.types()
-    frozen, k = feed(m, EVENTS[msgs.Freeze]())
-    t = k.types()
-    assert t[:3] == [nc.ReadClock, nc.ConnectImage, nc.ReadClock] and k.seen[1].endpoint == ENDPOINT
-    assert t.index(nc.ConnectImage) < t.index(nc.StopTree) < t.index(nc.DumpProcess)
-    assert isinstance(frozen, msgs.FreezeDone) and k.seen[t.index(nc.DumpProcess)].link == "image-link"
-
-
-def test_a_failed_arm_after_the_connection_closes_it():
-    m = NodeMigration("web", "n1")
-    reply, k = feed(m, EVENTS[msgs.Arm](), Kernel("n1", fail=[nc.InstallRole]))
-    assert isinstance(reply, Failure) and m.state is State.ROLLED_BACK
-    assert nc.CloseImageLink in k.types() and k.seen[k.types().index(nc.CloseImageLink)].link == "image-link"
 
 
 def test_the_destination_script():
