@@ -31,7 +31,11 @@ def test_a_200000_packet_hold_is_released_whole_and_in_order(tmp_path):
         assert r["held_total"] >= COUNT, held
         assert sum(1 for n in held.values() if n > 0) >= 2, held
         assert max(held.values()) <= QUEUE_MAXLEN, held
-        assert report["lost"] == 0 and report["released"] >= COUNT, json.dumps(report)
+        # the report counts what the agent had read when it released (each wake-up reads
+        # at most nodeshim.queue.DRAIN_BUDGET per queue, so the gateway's Release is not
+        # kept waiting behind the flood): all of that released; the rest was still in the
+        # kernel's queues (held_total above) and is accepted after it, in order
+        assert report["lost"] == 0 and report["released"] == report["held"] > 0, json.dumps(report)
         assert client["sent"] == COUNT, client
         assert (client["missing"], client["duplicated"], client["out_of_order"]) == (0, 0, 0), client
         assert client["answered"] == COUNT, client
