@@ -382,20 +382,21 @@ def wait_for_continue(say_stopping) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCONT})
 
 
-def _local_key(c: socket.socket) -> str:
+def _key(address) -> str:
+    """"ip:port" of a socket's address getter (getsockname / getpeername), "?" if closed."""
     try:
-        host, port = c.getsockname()[:2]
+        host, port = address()[:2]
         return f"{host}:{port}"
     except OSError:
         return "?"
+
+
+def _local_key(c: socket.socket) -> str:
+    return _key(c.getsockname)
 
 
 def _peer_key(c: socket.socket) -> str:
-    try:
-        host, port = c.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
-        return "?"
+    return _key(c.getpeername)
 
 
 def _drain_wakeup(s: socket.socket) -> None:
