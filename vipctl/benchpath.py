@@ -55,6 +55,16 @@ def _gateway_gro_on(spec: labmod.Lab) -> str:
     return _node_gro_on(spec) or _ethtool(spec.gw_ns, "client0", "gro", "on")
 
 
+def _gateway_gro_segmented(spec: labmod.Lab) -> str:
+    """GRO on the gateway's client-facing port, the merged packets cut back into frames on
+    the way out to the nodes (TSO/GSO off on the bridge's ports), the nodes as deployed
+    (GRO off): every node still receives one frame per packet, each with its epoch tag."""
+    problem = _ethtool(spec.gw_ns, "client0", "gro", "on")
+    for k in range(1, spec.nodes + 1):
+        problem = problem or _ethtool(spec.gw_ns, f"n{k}", "tso", "off", "gso", "off")
+    return problem
+
+
 def _many_rules(spec: labmod.Lab) -> str:
     for i in range(EXTRA_SERVICES):
         port = EXTRA_FIRST_PORT + i
@@ -120,6 +130,10 @@ VARIANTS = (
 )
 # diagnostics for scripts/bench-datapath only (not in `vipctl bench`)
 DIAGNOSTICS = (
+    ("gateway-gro-only", "GRO on on the gateway's client port only, nodes as deployed (GRO off)",
+     lambda spec: _ethtool(spec.gw_ns, "client0", "gro", "on")),
+    ("gateway-gro-segmented", "GRO on on the gateway's client port, frames cut again towards the nodes "
+     "(TSO/GSO off on its ports), nodes as deployed", _gateway_gro_segmented),
     ("raw-hooks", "today with the raw table's two empty jumps on the owner (before, with conntrack off)", _raw_hooks),
     ("conntrack-on", "today with conntrack kept on on the owner (a node with conntrack = true)", _conntrack_on),
     ("no-node-chain", "today without the owner's mangle jump: no vipcluster rule on the node", _no_node_chain),
