@@ -291,6 +291,33 @@ def test_a_batched_migration_moves_every_connection_in_batches_exactly_once(tmp_
     assert [s for s, _ in c.progress][-2:] == ["committed", "done"]
 
 
+def test_the_opening_waits_for_one_journal_write_the_owner_switch_with_the_batch_order(tmp_path):
+    """From the epoch flip to the opening's release new clients and UDP wait: the only
+    journal write there is the owner switch (the point of no return), which carries the
+    order the batches take the kept connections in; no line for OPENING or OPEN_RESTORING
+    (a restart before the switch rolls back whatever the line says)."""
+    c = Cluster(tmp_path, n_conns=12)
+    writes: list[tuple] = []
+    state, switch = c.gw.registry.journal_state, c.gw.registry.switch_owner
+    c.gw.registry.journal_state = lambda service, text, **kw: (writes.append(("state", text)),
+                                                              state(service, text, **kw))[1]
+
+    def switching(service, owner, release, **kw):
+        writes.append(("switch", kw.get("state"), kw.get("order")))
+        return switch(service, owner, release, **kw)
+    c.gw.registry.switch_owner = switching
+    report = c.migrate()
+    assert report["outcome"] == "committed", report
+    at = next(i for i, w in enumerate(writes) if w[0] == "switch")
+    assert writes[at - 1][1].startswith("batched:flipping:")  # the last line before the opening
+    assert not any(w[1].startswith(("batched:opening:", "batched:open_restoring:", "batched:switching:"))
+                   for w in writes if w[0] == "state")
+    _, text, order = writes[at]
+    assert text == "batched:open_releasing:0:12:12"
+    assert sorted(order) == sorted(c.kept) and tuple(order[:4]) == c.frozen[0]  # the batches' order
+    assert c.drain_traffic() == []
+
+
 def test_the_oracle_of_this_test_catches_a_node_that_accepts_twice(tmp_path):
     """The exactly-once check above can fail: a source that keeps accepting a moved
     batch's packets is caught."""
