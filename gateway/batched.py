@@ -24,6 +24,7 @@ same hands (gateway.controller._Run). What differs lives here:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from clustercore import batch_messages as bm
@@ -161,6 +162,25 @@ def owner_switch_state(m: bmig.BatchMigration) -> str:
     return f"{PREFIX}{bmig.BState.OPEN_RELEASING.value}:{OPENING}:{m.unmoved}:{len(m.queued)}"
 
 
+def journaled_release(release: msgs.Step | None) -> msgs.Step | None:
+    """The opening's ReleaseBatch as the owner switch journals it: without its flows (the
+    kept connections), which the batch order written in the same transaction names again
+    (10,000 flows serialized twice in the opening's hold, once is enough);
+    `release_from_journal` puts them back."""
+    if isinstance(release, bm.ReleaseBatch) and release.batch == OPENING and release.flows:
+        return dataclasses.replace(release, flows=())
+    return release
+
+
+def release_from_journal(j: JournaledMigration) -> msgs.Step | None:
+    """The journaled step, with the opening's kept flows back from the batch order (a
+    journal written by journaled_release; an older one carries them itself)."""
+    step = j.release
+    if isinstance(step, bm.ReleaseBatch) and step.batch == OPENING and not step.flows and j.order:
+        return dataclasses.replace(step, flows=tuple(j.order))
+    return step
+
+
 def journal_step(run, message: msgs.Step) -> None:
     """Before a batch's step goes out, in one transaction with the state's line: what a
     restarted gateway needs for that batch (the opening's release, and the order the
@@ -253,7 +273,7 @@ async def recover(ctl, j: JournaledMigration, ask) -> tuple[dict, bool]:
         return {"service": j.service, "from": j.source, "to": j.dest, "strategy": "batched",
                 "outcome": "rolled_back", "recovered_at": j.state,
                 "reason": "; ".join(problems) or f"gateway restarted during {state}"}, False
-    step = j.release
+    step = release_from_journal(j)
     batch = getattr(step, "batch", 0)
     if state in RELEASE_ASKED and isinstance(step, bm.ReleaseBatch):
         await ask(j.dest, step, problems)  # idempotent on the destination (contract)

@@ -130,8 +130,8 @@ class _Run:
         # durable (owner and the journaled release, one transaction) before the release
         # goes out; the in-memory table follows only if the write succeeded
         if self.batched:
-            self.gw.registry.switch_owner(service, node, release, state=batched.owner_switch_state(self.machine),
-                                          order=self.machine.queued)
+            self.gw.registry.switch_owner(service, node, batched.journaled_release(release),
+                                          state=batched.owner_switch_state(self.machine), order=self.machine.queued)
         else:
             self.gw.registry.switch_owner(service, node, release)
         self.gw.table.set_owner(service, node)

@@ -499,6 +499,37 @@ def test_a_restarted_gateway_finishes_a_batch_whose_release_was_asked(tmp_path):
                        ("n1", "migrate.batch.finish", None, 0)]
 
 
+def test_the_opening_release_is_journaled_without_its_flows_and_resent_with_them_from_the_order(tmp_path):
+    """The owner switch journals the opening's ReleaseBatch without the kept flows (the
+    batch order in the same transaction names them); a gateway restarted past the switch
+    resends it with every kept flow, then commits it and lets the source keep the rest."""
+    epoch = nft.epoch_mac(2)
+    order = tuple(tcp(50000 + i).flow for i in range(6))
+    release = bm.ReleaseBatch(service=SERVICE, epoch=epoch, batch=0, flows=order[::-1], consumed={})
+    from gateway import batched
+    journaled = batched.journaled_release(release)
+    assert journaled.flows == () and batched.journaled_release(journaled) == journaled
+    gw = _journaled(tmp_path, "batched:open_restoring:0:0", switched=False)
+    gw.registry.switch_owner(SERVICE, "n2", journaled, state="batched:open_releasing:0:6:6", order=order)
+    gw.table, gw.epochs = gw.registry.load()
+    [j] = gw.registry.open_migrations()
+    assert j.release.flows == () and j.order == order
+    sent = []
+    recorder = gw.agents["n2"].request
+
+    async def request(message, timeout=None):
+        sent.append(message)
+        return await recorder(message, timeout)
+    gw.agents["n2"].request = request
+    report = _recover(gw)
+    assert report["outcome"] == "committed" and report["split"] is True and report["connections_pinned"] == 6
+    again = wire(sent[0])
+    assert isinstance(again, bm.ReleaseBatch) and again.batch == 0 and sorted(again.flows) == sorted(order)
+    assert [x[:2] for x in gw.seen] == [("n2", "migrate.batch.release"), ("n1", "migrate.batch.commit"),
+                                        ("n2", "migrate.batch.abort"), ("n1", "migrate.batch.finish")]
+    assert gw.aborted[-1] == order  # no batch took them: the destination drops them, the source keeps them
+
+
 def test_a_restarted_gateway_that_does_not_know_what_is_left_keeps_the_old_instance(tmp_path):
     gw = _journaled(tmp_path, "releasing")  # died between the owner switch and its state line
     report = _recover(gw)
