@@ -168,6 +168,10 @@ class BatchSource(MigrationRole):
         self._waiting_flows: set[Flow] = set()
         self._forward: list[Handle] = []
         self._rolled_back = False  # the whole migration (the opening batch rolled back)
+        # old-epoch SYNs accepted so far: each may open a handshake here, which cannot move.
+        # The node looks for half-open handshakes before its program hands the listeners
+        # back (while UDP is still served), and again only if this count moved since
+        self.syns_accepted = 0
 
     # -- observation
 
@@ -205,6 +209,8 @@ class BatchSource(MigrationRole):
             return Verdict.HOLD
         if is_new:
             self._consumed[flow] = self._consumed.get(flow, 0) + 1
+        elif packet.is_syn:
+            self.syns_accepted += 1
         return Verdict.ACCEPT
 
     # -- batches

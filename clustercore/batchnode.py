@@ -10,8 +10,9 @@ these steps are in clustercore.batchtable (added to nodemigration's one table).
 
 Source (the old owner; its program keeps running all along):
   Arm            BatchSource counts the new epoch.
-  OpenBatch      the program hands back its listeners and UDP sockets (it stops accepting),
-                 half-open handshakes finish, the accept queue is taken, the established
+  OpenBatch      half-closed connections and half-open handshakes finish (the program
+                 still serves), the program hands back its listeners and UDP sockets (it
+                 stops accepting), the accept queue is taken, the established
                  connections left are `kept`; the opening freezes every other flow; the
                  accepted connections are dumped, the UDP sockets drained.
   CommitBatch k  drop batch k's hold, close its copies silently, hand over stragglers.
@@ -95,8 +96,8 @@ from .nodecommands import (
     ServiceMoved,
     StopInstance,
     Thaw,
-    WaitHalfClosed,
     WaitHandshakes,
+    WaitSettled,
     kind_of,
     socket_name,
 )
@@ -104,6 +105,10 @@ from .packet import TCP
 from .sockstate import ServiceSockets, TcpConnState
 
 STRATEGY = MigrateStrategy.BATCHED.value  # in Prepare.strategy and Arm.strategy
+# how many times the opening looks again for half-open handshakes when old-epoch SYNs keep
+# being accepted (only those sent before the epoch flip can be: a few at most); each look
+# waits at most the agent's SYN_RECV wait, as the one look before did
+SYN_LOOKS = 3
 
 
 class BatchedHandoff(Playbook):
@@ -144,8 +149,14 @@ class BatchedHandoff(Playbook):
         f, timing = self.source, {}
         if f.opened:
             raise Refused(f"the opening of '{m.service}' was frozen already")
+        syns = f.cut.syns_accepted
         if f.tcp_ports:
-            yield WaitHalfClosed(f.tcp_ports)  # a half-closed connection cannot be rebuilt
+            # a half-closed connection cannot be rebuilt, a half-open handshake cannot move:
+            # both waited for here, in one look at the kernel's table per poll, while the
+            # program still serves its UDP sockets (after the flip only an old-epoch SYN
+            # can open a handshake here, and the role counts those: looked again below
+            # only if one came)
+            yield WaitSettled(f.tcp_ports)
         t0 = yield ReadClock()
         handed = yield HandBackListeners(f.instance)
         f.handed = list(handed.sockets)
@@ -166,10 +177,16 @@ class BatchedHandoff(Playbook):
         if held is None and f.tcp_ports:  # the program did not say: the kernel's tables, and
             f.idle = yield ReadIdleTimes()  # sock_diag for the order (idle first); slow, held
         kept = tuple((yield ListKept(f.tcp_ports, (), f.instance, f.idle, held))) if f.tcp_ports else ()
-        if f.tcp_ports:
-            yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move
+        looks = 0
+        while f.tcp_ports and f.cut.syns_accepted != syns and looks < SYN_LOOKS:
+            # an old-epoch SYN was accepted since the look above: its handshake may be
+            # open. From the count's read to the freeze below nothing waits (no packet is
+            # decided in between), and from the freeze on such a SYN is held, not accepted
+            syns, looks = f.cut.syns_accepted, looks + 1
+            yield WaitHandshakes(f.tcp_ports)
         t_freeze = yield ReadClock()
-        timing["hand_back"], timing["list_kept"] = _ms(t0, t_list), _ms(t_list, t_freeze)
+        # settle: the step's start (`now`) -> the hand-back (the program still serves)
+        timing["settle"], timing["hand_back"], timing["list_kept"] = _ms(now, t0), _ms(t0, t_list), _ms(t_list, t_freeze)
         f.accepted = list((yield AcceptWaiting(listeners))) if listeners else []
         consumed = f.cut.open([k.flow for k in kept], t_freeze)
         f.opened, f.current, f.frozen = True, OPENING, True
@@ -437,6 +454,7 @@ class BatchedHandoff(Playbook):
                    else f.cut.release(b, f.flows, f.consumed, at))
             f.to_drop, f.to_accept, f.waited = rel.plan.drop, rel.plan.accept, dict(rel.freeze_ms)
             f.timing["held"], f.timing["released"] = len(rel.plan.drop) + len(rel.plan.accept), len(rel.plan.accept)
+            f.timing["to_gate"] = _ms(t0, at)  # what this step did before its hold opened
         drop, f.to_drop = f.to_drop, ()
         if drop:
             yield DropHeld(drop)
@@ -473,10 +491,13 @@ class BatchedHandoff(Playbook):
         if lost:
             yield Note(f"batch {b} of {m.service}: {lost} packets dropped by the kernel", "error")
         held, released = f.timing.pop("held", 0), f.timing.pop("released", 0)
+        timing = {"release": _ms(t0, (yield ReadClock()))}
+        if "to_gate" in f.timing:
+            timing["to_gate"] = f.timing.pop("to_gate")
         reply = bm.BatchReleaseDone(
             held=held, released=released, duplicates_suppressed=held - released,
             reinjected=f.reinjected, lost=lost, waited_ms=tuple(round(v, 3) for v in f.waited.values()),
-            timing_ms={"release": _ms(t0, (yield ReadClock()))})
+            timing_ms=timing)
         f.replies[b] = reply
         f.batch, f.reinjected, f.waited, f.flows, f.consumed = None, 0, {}, (), {}
         if f.complete:

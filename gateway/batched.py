@@ -24,6 +24,7 @@ same hands (gateway.controller._Run). What differs lives here:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from clustercore import batch_messages as bm
@@ -32,7 +33,6 @@ from clustercore import messages as msgs
 from clustercore.batchcutover import OPENING
 from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import MigrateStrategy, ServiceKind, migration_strategy, service_kind
-from clustercore.migration_messages import StepFailed
 from clustercore.stopwindow import stop_window_ms
 
 from . import nft
@@ -136,42 +136,58 @@ def is_batched(j: JournaledMigration) -> bool:
 
 
 # States whose own journal line is written with their step, in one transaction
-# (journal_step): FREEZING (its AbortBatch), RELEASING (its ReleaseBatch), OPEN_RESTORING
-# (the batch order). And states whose line would change nothing a restarted gateway does
-# (recover()), so none is written: RESTORING and UNDOING act as their batch's FREEZING line
-# (RollbackBatch, AbortBatch: both idempotent), COMMITTING as its RELEASING line
-# (ReleaseBatch resent - idempotent on the destination - then CommitBatch), SWITCHING as
-# OPEN_RESTORING's (the owner was not switched: the whole rollback), OPEN_RELEASING and
-# OPEN_COMMITTING as the owner switch's own line (set_owner writes the batched state with
-# it). `unmoved` and `queued` are the same in each pair. Each journal write is a
-# transaction with an fsync (~9 ms on the lab's disk): six per batch were most of a batch
-# window; two are left (docs/handoff.md, "The journal").
-WITH_STEP = frozenset({bmig.BState.FREEZING, bmig.BState.RELEASING, bmig.BState.OPEN_RESTORING})
+# (journal_step): FREEZING (its AbortBatch), RELEASING (its ReleaseBatch). And states whose
+# line would change nothing a restarted gateway does (recover()), so none is written:
+# RESTORING and UNDOING act as their batch's FREEZING line (RollbackBatch, AbortBatch: both
+# idempotent), COMMITTING as its RELEASING line (ReleaseBatch resent - idempotent on the
+# destination - then CommitBatch); before the owner switch every line means the same, the
+# whole rollback (the owner was not switched), so OPENING acts as FLIPPING's line and
+# OPEN_RESTORING and SWITCHING as OPENING's: the opening's hold (new clients, UDP) waits for
+# no journal write but the owner switch's, which carries the batch order (only a restart
+# past it needs the order); OPEN_RELEASING and OPEN_COMMITTING act as the owner switch's own
+# line (set_owner writes the batched state with it). `unmoved` and `queued` are the same in
+# each pair. Each journal write is a transaction with an fsync (~9 ms on the lab's disk):
+# six per batch were most of a batch window; two are left (docs/handoff.md, "The journal").
+WITH_STEP = frozenset({bmig.BState.FREEZING, bmig.BState.RELEASING})
 SAME_AS_BEFORE = frozenset({bmig.BState.RESTORING, bmig.BState.UNDOING, bmig.BState.COMMITTING,
-                            bmig.BState.SWITCHING, bmig.BState.OPEN_RELEASING, bmig.BState.OPEN_COMMITTING})
+                            bmig.BState.OPENING, bmig.BState.OPEN_RESTORING, bmig.BState.SWITCHING,
+                            bmig.BState.OPEN_RELEASING, bmig.BState.OPEN_COMMITTING})
 UNJOURNALED = WITH_STEP | SAME_AS_BEFORE
 
 
 def owner_switch_state(m: bmig.BatchMigration) -> str:
-    """The journal state written with the owner switch: the opening's release asked, with
-    what is left to move (as OPEN_RELEASING's own line would say)."""
+    """The journal state written with the owner switch (and the batch order, m.queued):
+    the opening's release asked, with what is left to move (as OPEN_RELEASING's own line
+    would say)."""
     return f"{PREFIX}{bmig.BState.OPEN_RELEASING.value}:{OPENING}:{m.unmoved}:{len(m.queued)}"
+
+
+def journaled_release(release: msgs.Step | None) -> msgs.Step | None:
+    """The opening's ReleaseBatch as the owner switch journals it: without its flows (the
+    kept connections), which the batch order written in the same transaction names again
+    (10,000 flows serialized twice in the opening's hold, once is enough);
+    `release_from_journal` puts them back."""
+    if isinstance(release, bm.ReleaseBatch) and release.batch == OPENING and release.flows:
+        return dataclasses.replace(release, flows=())
+    return release
+
+
+def release_from_journal(j: JournaledMigration) -> msgs.Step | None:
+    """The journaled step, with the opening's kept flows back from the batch order (a
+    journal written by journaled_release; an older one carries them itself)."""
+    step = j.release
+    if isinstance(step, bm.ReleaseBatch) and step.batch == OPENING and not step.flows and j.order:
+        return dataclasses.replace(step, flows=tuple(j.order))
+    return step
 
 
 def journal_step(run, message: msgs.Step) -> None:
     """Before a batch's step goes out, in one transaction with the state's line: what a
-    restarted gateway needs for that batch (the opening's release is journaled with the
-    owner switch); with the opening's restore, the order the batches will take the kept
-    connections in (before the point of no return: a failed write rolls the migration
-    back)."""
+    restarted gateway needs for that batch (the opening's release, and the order the
+    batches will take the kept connections in, are journaled with the owner switch:
+    set_owner)."""
     m = run.machine
     text = journal_text(m, m.state)
-    if isinstance(message, bm.RestoreBatch) and message.batch == OPENING:
-        try:
-            run.gw.registry.journal_state(run.name, text, order=m.queued)
-        except RegistryError as e:
-            run.events.put_nowait(StepFailed(reason=f"journal not written: {e}"))
-        return
     if isinstance(message, bm.FreezeBatch):
         keep: msgs.Step = bm.AbortBatch(service=message.service, epoch=message.epoch,
                                         batch=message.batch, flows=message.flows)
@@ -257,7 +273,7 @@ async def recover(ctl, j: JournaledMigration, ask) -> tuple[dict, bool]:
         return {"service": j.service, "from": j.source, "to": j.dest, "strategy": "batched",
                 "outcome": "rolled_back", "recovered_at": j.state,
                 "reason": "; ".join(problems) or f"gateway restarted during {state}"}, False
-    step = j.release
+    step = release_from_journal(j)
     batch = getattr(step, "batch", 0)
     if state in RELEASE_ASKED and isinstance(step, bm.ReleaseBatch):
         await ask(j.dest, step, problems)  # idempotent on the destination (contract)

@@ -130,7 +130,8 @@ class _Run:
         # durable (owner and the journaled release, one transaction) before the release
         # goes out; the in-memory table follows only if the write succeeded
         if self.batched:
-            self.gw.registry.switch_owner(service, node, release, state=batched.owner_switch_state(self.machine))
+            self.gw.registry.switch_owner(service, node, batched.journaled_release(release),
+                                          state=batched.owner_switch_state(self.machine), order=self.machine.queued)
         else:
             self.gw.registry.switch_owner(service, node, release)
         self.gw.table.set_owner(service, node)
@@ -173,6 +174,8 @@ class _Run:
             timing = getattr(reply, "timing_ms", None)
             if timing:
                 self.split_ms[op.removeprefix("migrate.")] = timing
+                if self.batched and getattr(message, "batch", None) == 0:  # the opening's own, kept
+                    self.split_ms[op.removeprefix("migrate.") + ".0"] = timing
             drops = getattr(reply, "kernel_drops", 0)
             if drops:
                 self.kernel_drops[node] = self.kernel_drops.get(node, 0) + drops

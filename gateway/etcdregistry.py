@@ -228,12 +228,15 @@ class EtcdRegistry:
                      {"migrations/" + service: _journal(service, **fields)}, fenced=True)
 
     def switch_owner(self, service: str, owner: str, release: msgs.Release | None,
-                     state: str = "releasing") -> None:
-        """The point of no return, one transaction: the owner and the journaled release."""
-        wire = release.to_wire() if release is not None else None
+                     state: str = "releasing", order: tuple | None = None) -> None:
+        """The point of no return, one transaction: the owner and the journaled release
+        (and a batched migration's batch order: as Registry's)."""
+        fields: dict = {"state": state, "release": release.to_wire() if release is not None else None}
+        if order is not None:
+            fields["batch_order"] = bm.FLOWS.to_wire(order)
         self._update(f"switch the owner of {service}", {
             "services/" + service: _set(service, owner=owner),
-            "migrations/" + service: _journal(service, state=state, release=wire),
+            "migrations/" + service: _journal(service, **fields),
         }, fenced=True)
 
     def journal_release(self, service: str, step: msgs.Step) -> None:

@@ -181,14 +181,19 @@ class Registry:
         self._write(f"journal the migration of {service}", statements)
 
     def switch_owner(self, service: str, owner: str, release: msgs.Step | None,
-                     state: str = "releasing") -> None:
+                     state: str = "releasing", order: tuple | None = None) -> None:
         """The point of no return, durable in one transaction: the owner, and the release
-        a restarted gateway resends (a batched migration names its own state)."""
+        a restarted gateway resends (a batched migration names its own state and, with it,
+        its batch order: only a restart past this line needs the order)."""
         wire = json.dumps(release.to_wire()) if release is not None else None
-        self._write(f"switch the owner of {service}", [
+        statements = [
             ("UPDATE services SET owner = ? WHERE name = ?", (owner, service)),
             ("UPDATE migrations SET state = ?, release = ? WHERE service = ?", (state, wire, service)),
-        ])
+        ]
+        if order is not None:
+            statements.append(("UPDATE migrations SET batch_order = ? WHERE service = ?",
+                               (json.dumps(bm.FLOWS.to_wire(order)), service)))
+        self._write(f"switch the owner of {service}", statements)
 
     def journal_release(self, service: str, step: msgs.Step) -> None:
         """A batched migration past the point of no return: the current batch's step a

@@ -186,18 +186,20 @@ class BatchActions:
         on = {f"{ipaddress.ip_address(v)}:{p}": (str(ipaddress.ip_address(v)), p) for v in vips for p in cmd.ports}
         idle = cmd.idle if isinstance(cmd.idle, dict) else {}
         out: dict[tuple, KeptConnection] = {}
-        for entry in cmd.held:
-            peer, local = entry[0], entry[1]
-            at = on.get(local)
+        for entry in cmd.held:  # one plain loop: this runs while UDP clients wait
+            at = on.get(entry[1])
+            if at is None:
+                continue  # not on the service
+            peer = entry[0]
             host, _, port = peer.rpartition(":")
-            if at is None or not host or not port.isdigit():
-                continue  # not on the service, or not an address the gateway could name
-            client = (host, int(port))
-            if client in taken:
+            if not host or not port.isascii() or not port.isdigit():
+                continue  # not an address the gateway could name
+            sport = int(port)
+            if taken and (host, sport) in taken:
                 continue
-            flow = (TCP, host, client[1], at[0], at[1])
-            ms = float(entry[2]) if len(entry) > 2 else idle.get(peer, 0.0)
-            out.setdefault(flow, KeptConnection(flow, ms))
+            flow = (TCP, host, sport, at[0], at[1])
+            if flow not in out:
+                out[flow] = KeptConnection(flow, float(entry[2]) if len(entry) > 2 else idle.get(peer, 0.0))
         return tuple(out.values())
 
     async def start_with_channel(self, cmd: StartWithChannel):

@@ -291,6 +291,33 @@ def test_a_batched_migration_moves_every_connection_in_batches_exactly_once(tmp_
     assert [s for s, _ in c.progress][-2:] == ["committed", "done"]
 
 
+def test_the_opening_waits_for_one_journal_write_the_owner_switch_with_the_batch_order(tmp_path):
+    """From the epoch flip to the opening's release new clients and UDP wait: the only
+    journal write there is the owner switch (the point of no return), which carries the
+    order the batches take the kept connections in; no line for OPENING or OPEN_RESTORING
+    (a restart before the switch rolls back whatever the line says)."""
+    c = Cluster(tmp_path, n_conns=12)
+    writes: list[tuple] = []
+    state, switch = c.gw.registry.journal_state, c.gw.registry.switch_owner
+    c.gw.registry.journal_state = lambda service, text, **kw: (writes.append(("state", text)),
+                                                              state(service, text, **kw))[1]
+
+    def switching(service, owner, release, **kw):
+        writes.append(("switch", kw.get("state"), kw.get("order")))
+        return switch(service, owner, release, **kw)
+    c.gw.registry.switch_owner = switching
+    report = c.migrate()
+    assert report["outcome"] == "committed", report
+    at = next(i for i, w in enumerate(writes) if w[0] == "switch")
+    assert writes[at - 1][1].startswith("batched:flipping:")  # the last line before the opening
+    assert not any(w[1].startswith(("batched:opening:", "batched:open_restoring:", "batched:switching:"))
+                   for w in writes if w[0] == "state")
+    _, text, order = writes[at]
+    assert text == "batched:open_releasing:0:12:12"
+    assert sorted(order) == sorted(c.kept) and tuple(order[:4]) == c.frozen[0]  # the batches' order
+    assert c.drain_traffic() == []
+
+
 def test_the_oracle_of_this_test_catches_a_node_that_accepts_twice(tmp_path):
     """The exactly-once check above can fail: a source that keeps accepting a moved
     batch's packets is caught."""
@@ -470,6 +497,37 @@ def test_a_restarted_gateway_finishes_a_batch_whose_release_was_asked(tmp_path):
     assert report["outcome"] == "committed" and report["split"] is False
     assert gw.seen == [("n2", "migrate.batch.release", 5, None), ("n1", "migrate.batch.commit", 5, None),
                        ("n1", "migrate.batch.finish", None, 0)]
+
+
+def test_the_opening_release_is_journaled_without_its_flows_and_resent_with_them_from_the_order(tmp_path):
+    """The owner switch journals the opening's ReleaseBatch without the kept flows (the
+    batch order in the same transaction names them); a gateway restarted past the switch
+    resends it with every kept flow, then commits it and lets the source keep the rest."""
+    epoch = nft.epoch_mac(2)
+    order = tuple(tcp(50000 + i).flow for i in range(6))
+    release = bm.ReleaseBatch(service=SERVICE, epoch=epoch, batch=0, flows=order[::-1], consumed={})
+    from gateway import batched
+    journaled = batched.journaled_release(release)
+    assert journaled.flows == () and batched.journaled_release(journaled) == journaled
+    gw = _journaled(tmp_path, "batched:open_restoring:0:0", switched=False)
+    gw.registry.switch_owner(SERVICE, "n2", journaled, state="batched:open_releasing:0:6:6", order=order)
+    gw.table, gw.epochs = gw.registry.load()
+    [j] = gw.registry.open_migrations()
+    assert j.release.flows == () and j.order == order
+    sent = []
+    recorder = gw.agents["n2"].request
+
+    async def request(message, timeout=None):
+        sent.append(message)
+        return await recorder(message, timeout)
+    gw.agents["n2"].request = request
+    report = _recover(gw)
+    assert report["outcome"] == "committed" and report["split"] is True and report["connections_pinned"] == 6
+    again = wire(sent[0])
+    assert isinstance(again, bm.ReleaseBatch) and again.batch == 0 and sorted(again.flows) == sorted(order)
+    assert [x[:2] for x in gw.seen] == [("n2", "migrate.batch.release"), ("n1", "migrate.batch.commit"),
+                                        ("n2", "migrate.batch.abort"), ("n1", "migrate.batch.finish")]
+    assert gw.aborted[-1] == order  # no batch took them: the destination drops them, the source keeps them
 
 
 def test_a_restarted_gateway_that_does_not_know_what_is_left_keeps_the_old_instance(tmp_path):

@@ -224,10 +224,10 @@ def test_a_program_that_says_what_it_serves_costs_the_opening_no_kernel_table():
     asked = []
     kept = tuple(KeptConnection(f, idle_ms=5.0) for f in KEPT)
     steps = [
-        (nc.WaitHalfClosed, None), (nc.ReadClock, 1.0),
+        (nc.WaitSettled, None), (nc.ReadClock, 1.0),
         (HandBackListeners, Handed((("tcp-7", "HL"), ("udp-7", "HU")), {}, held)),
         (nc.ReadClock, 1.25), (ListKept, kept),
-        (nc.WaitHandshakes, None), (nc.ReadClock, 1.5), (nc.AcceptWaiting, []),
+        (nc.ReadClock, 1.5), (nc.AcceptWaiting, []),
         (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7), name="tcp-7"),)),
         (nc.DrainDatagrams, DRAINED), (nc.ReadClock, 2.0), (nc.Note, None),
     ]
@@ -244,6 +244,44 @@ def test_a_program_that_says_what_it_serves_costs_the_opening_no_kernel_table():
     assert isinstance(opening, bm.OpeningDone) and opening.kept == KEPT
 
 
+def test_the_opening_looks_for_handshakes_before_the_hand_back_and_again_only_after_an_old_syn():
+    """Half-closed and half-open connections are waited for in one look before the program
+    hands its listeners and UDP sockets back (UDP is still served meanwhile); between the
+    hand-back and the freeze only an old-epoch SYN accepted here can open a handshake,
+    and the role counts them: one came while the program listed what it keeps, so the
+    table is looked at again (WaitHandshakes) before the freeze, and from the freeze on
+    such a SYN is held, not accepted."""
+    m = NodeMigration("echo", "n1")
+    script(m, EVENTS[msgs.Arm](), [
+        (nc.LookUp, nc.Local(ECHO, "old", (("tcp-7", "L"), ("udp-7", "U")), vips=(VIP,))),
+        (HasChannel, True), (nc.CountKernelDrops, 2), (nc.InstallRole, None),
+    ])
+    cut = m.playbook.source.cut
+    assert cut.on_packet(packet(8, syn=True), OLD_EPOCH, "early", T0) is Verdict.ACCEPT  # before the look
+    held = tuple((f"{f[1]}:{f[2]}", f"{VIP}:7", 5.0) for f in KEPT)
+    kept = tuple(KeptConnection(f, idle_ms=5.0) for f in KEPT)
+    runner = m.handle(EVENTS[bm.OpenBatch](), T0)
+    cmd = runner.start()
+    seen = []
+    results = {nc.WaitSettled: None, nc.ReadClock: 1.0, HandBackListeners: Handed((("tcp-7", "HL"),), {}, held),
+               nc.WaitHandshakes: None, nc.AcceptWaiting: [],
+               nc.DescribeListeners: (TcpListenerState(local=(VIP, 7), name="tcp-7"),), nc.Note: None}
+    while cmd is not None:
+        seen.append(type(cmd))
+        if isinstance(cmd, ListKept):
+            # the verdict loop runs while the agent lists: an old-epoch SYN is accepted
+            assert cut.on_packet(packet(9, syn=True), OLD_EPOCH, "late", T0) is Verdict.ACCEPT
+            cmd = runner.send(kept)
+            continue
+        cmd = runner.send(results[type(cmd)])
+    assert seen == [nc.WaitSettled, nc.ReadClock, HandBackListeners, nc.ReadClock, ListKept,
+                    nc.WaitHandshakes, nc.ReadClock, nc.AcceptWaiting, nc.DescribeListeners,
+                    nc.ReadClock, nc.Note]
+    assert isinstance(runner.reply, bm.OpeningDone) and runner.reply.kept == KEPT
+    assert cut.on_packet(packet(10, syn=True), OLD_EPOCH, "frozen", T0) is Verdict.HOLD
+    assert cut.syns_accepted == 2
+
+
 def test_the_source_script_opening_batches_and_finish():
     m = NodeMigration("echo", "n1")
     assert script(m, EVENTS[msgs.Arm](), [
@@ -257,12 +295,12 @@ def test_the_source_script_opening_batches_and_finish():
     assert cut.on_packet(packet(9, syn=True), EPOCH, "syn9", T0) is Verdict.HOLD
     assert cut.on_packet(packet(1), EPOCH, "k1", T0) is Verdict.ACCEPT
     opening = script(m, EVENTS[bm.OpenBatch](), [
-        (nc.WaitHalfClosed, None), (nc.ReadClock, 1.0),
+        (nc.WaitSettled, None), (nc.ReadClock, 1.0),
         (HandBackListeners, Handed((("tcp-7", "HL"), ("udp-7", "HU"), ("x-1", "X")), {})),
         (nc.CloseDescriptors, None), (nc.Note, None), (nc.ReadClock, 1.25),
         (ReadIdleTimes, {}),  # the program did not say what it serves: the kernel's tables
         (ListKept, tuple(KeptConnection(f, idle_ms=10.0 * i) for i, f in enumerate(KEPT))),
-        (nc.WaitHandshakes, None), (nc.ReadClock, 1.5), (nc.AcceptWaiting, [("conn-7", "A0")]),
+        (nc.ReadClock, 1.5), (nc.AcceptWaiting, [("conn-7", "A0")]),
         (nc.DumpConnections, [conn(0)]),
         (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7), name="tcp-7"),)),
         (nc.DrainDatagrams, DRAINED), (nc.ReadClock, 2.0), (nc.Note, None),
@@ -271,7 +309,9 @@ def test_the_source_script_opening_batches_and_finish():
     assert opening.kept == KEPT and opening.idle_ms == (0.0, 10.0, 20.0, 30.0)
     assert opening.consumed == {}  # a kept flow's count goes with its own batch
     assert (opening.tcp_established, opening.tcp_listening, opening.udp_sockets) == (5, 1, 1)
-    assert opening.timing_ms == {"hand_back": 250.0, "list_kept": 250.0, "frozen_to_reply": 500.0}
+    assert {k: v for k, v in opening.timing_ms.items() if k != "settle"} == {
+        "hand_back": 250.0, "list_kept": 250.0, "frozen_to_reply": 500.0}
+    assert "settle" in opening.timing_ms  # from the step's start to the hand-back
     assert sockwire.from_wire(opening.sockets).totals["connections"] == 1
     # the opening holds every flow it does not keep; kept ones are still served here
     assert cut.on_packet(packet(9), EPOCH, "n9", T0) is Verdict.HOLD
