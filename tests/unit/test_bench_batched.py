@@ -31,8 +31,17 @@ def test_a_row_is_the_median_of_its_runs_and_the_worst_of_what_must_be_zero():
                                         _run((3, 6, 10), 20, 1)])
     assert row["skipped"] is None
     assert row["conn_freeze_ms"] == {"p50": 2, "p99": 6, "max": 10}
-    assert row["max_reply_ms"] == 25 and row["client_retransmissions"] == 3 and row["lost"] == 1
+    assert row["max_reply_ms"] == 20 and row["max_reply_ms_stats"]["max"] == 25  # median, and the spread
+    assert row["client_retransmissions"] == 3 and row["lost"] == 1
     assert row["connections_pinned"] == 4 and row["batches"] == 40
+
+
+def test_the_longest_wait_is_the_clients_tcp_or_udp_one_when_the_load_says_it():
+    row = benchbatch.batched_row(1000, [_run((1, 5, 9), 15, 0)])
+    assert row["max_reply_ms"] == 15  # an older load generator: its TCP figure
+    run = _run((1, 5, 9), 15, 0)
+    run["client"].update({"max_wait_ms": 40.0, "udp_max_wait_ms": 40.0})
+    assert benchbatch.batched_row(1000, [run])["max_reply_ms"] == 40.0
 
 
 def _result(batched):

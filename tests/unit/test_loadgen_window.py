@@ -1,0 +1,36 @@
+"""vipctl.loadgen times replies only from its ready point on (every connection up): the
+connects' own first exchanges are the warm-up's, not a migration's doing."""
+
+import time
+
+from vipctl.loadgen import Stats, UdpProto
+
+
+def test_a_tcp_reply_counts_only_when_sent_after_the_ready_point():
+    st = Stats()
+    assert st.tcp_reply(sent=1.0, rtt=500.0) is False  # no ready point yet: warm-up
+    st.t_ready = 10.0
+    assert st.tcp_reply(sent=9.9, rtt=300.0) is False  # sent before it, answered after
+    assert st.tcp_reply(sent=10.0, rtt=40.0) is True
+    assert st.tcp_reply(sent=11.0, rtt=25.0) is True
+    assert st.max_rtt_ms == 40.0 and st.max_rtt_warmup_ms == 500.0
+
+
+def test_a_datagram_is_timed_by_its_first_answer_and_only_after_the_ready_point():
+    st = Stats()
+    proto = UdpProto(st)
+    now = time.monotonic()
+    st.udp_sent_at = [now - 5.0, now - 0.05]  # datagram 0 before the ready point, 1 after
+    st.udp_sent = 2
+    st.t_ready = now - 1.0
+    proto.datagram_received(b"udp 0", None)
+    assert st.udp_max_wait_ms == 0.0
+    proto.datagram_received(b"udp 1", None)
+    first = st.udp_max_wait_ms
+    assert 50.0 <= first < 5000.0
+    time.sleep(0.01)
+    proto.datagram_received(b"udp 1", None)  # a duplicate: counted as such, not timed again
+    assert st.udp_max_wait_ms == first and st.udp_answers == {0: 1, 1: 2}
+    proto.datagram_received(b"udp 7", None)  # never sent: counted, not timed
+    proto.datagram_received(b"garbage", None)
+    assert st.udp_answers.get(7) == 1 and st.udp_max_wait_ms == first
