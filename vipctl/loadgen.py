@@ -89,7 +89,7 @@ async def tcp_conn(host, port, idx, rate, stop, st: Stats):
     seq = 0
     expected = 0
     sent_at: dict[int, float] = {}
-    worst = [0.0]  # this connection's slowest reply: what its client felt of a freeze
+    worst = [None]  # this connection's slowest reply in the measured window: what its client felt of a freeze
 
     async def read_loop():
         nonlocal expected
@@ -104,7 +104,7 @@ async def tcp_conn(host, port, idx, rate, stop, st: Stats):
                 sent = sent_at.pop(expected, now)
                 rtt = (now - sent) * 1000
                 if st.tcp_reply(sent, rtt):
-                    worst[0] = max(worst[0], rtt)
+                    worst[0] = rtt if worst[0] is None else max(worst[0], rtt)
             else:
                 st.tcp_bad += 1
                 if len(st.errors) < 20:
@@ -136,7 +136,8 @@ async def tcp_conn(host, port, idx, rate, stop, st: Stats):
         st.tcp_errors += 1
         st.errors.append(f"conn {idx}: {e}")
     finally:
-        st.conn_worst.append(worst[0])
+        if worst[0] is not None:  # a connection with no reply in the window felt nothing of it
+            st.conn_worst.append(worst[0])
         rt.cancel()
         try:
             await rt
@@ -306,7 +307,8 @@ async def main(a):
         "udp_max_wait_ms": round(st.udp_max_wait_ms, 2),
         # the longest any client, TCP or UDP, waited for one reply from the ready point on
         "max_wait_ms": round(max(st.max_rtt_ms, st.udp_max_wait_ms), 2),
-        "conn_worst_reply_ms": _percentiles(st.conn_worst), "retrans_segs": retrans_segs() - r0,
+        "conn_worst_reply_ms": _percentiles(st.conn_worst), "conns_timed": len(st.conn_worst),
+        "retrans_segs": retrans_segs() - r0,
         "retrans_kinds": {k: v - k0.get(k, 0) for k, v in retrans_kinds().items()},
         "errors": st.errors[:10],
     }))
