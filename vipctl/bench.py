@@ -240,6 +240,7 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                 log(f"migration with {n} connections: {report.get('outcome')}, freeze {ms(report.get('freeze_ms'))}, "
                     f"stop {ms(report.get('stop_ms'))}, "
                     f"total {ms(report.get('total_ms'))}, lost {count(lost)}, retrans {count(client.get('retrans_segs'))}")
+            waits = _stats([benchbatch.longest_wait(r["client"]) for r in rows])
             out.append({
                 "connections": n,
                 "established_moved": _stats([r["report"].get("tcp_established") for r in rows]),
@@ -258,8 +259,7 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                 "client_retransmissions": max((r["client"].get("retrans_segs", 0) for r in rows), default=0),
                 # the longest any client (TCP or UDP) waited for one reply from the moment every
                 # connection was up (vipctl.loadgen): median of the runs, and their spread
-                "max_reply_ms": _stats([benchbatch.longest_wait(r["client"]) for r in rows])["median"],
-                "max_reply_ms_stats": _stats([benchbatch.longest_wait(r["client"]) for r in rows]),
+                "max_reply_ms": waits["median"], "max_reply_ms_stats": waits,
                 # what each client felt: the slowest reply of each connection during the run
                 "per_connection_worst_reply_ms": _median_pcts([r["client"].get("conn_worst_reply_ms") for r in rows]),
                 "split_ms": rows[-1]["report"].get("split_ms", {}),

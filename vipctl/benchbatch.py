@@ -58,6 +58,7 @@ def batched_row(n: int, runs: list[dict]) -> dict:
     """One connection count's row from its runs (loaded_migration results)."""
     reports = [r["report"] for r in runs]
     clients = [r["client"] for r in runs if r["client"] and "error" not in r["client"]]
+    waits = _stats([longest_wait(c) for c in clients])
     return {
         "connections": n,
         "skipped": None,
@@ -78,8 +79,7 @@ def batched_row(n: int, runs: list[dict]) -> dict:
         "client_retransmissions": max((c.get("retrans_segs", 0) for c in clients), default=None),
         # the longest any client (TCP or UDP) waited for one reply once every connection was
         # up (vipctl.loadgen): median of the runs, and their spread
-        "max_reply_ms": _stats([longest_wait(c) for c in clients])["median"],
-        "max_reply_ms_stats": _stats([longest_wait(c) for c in clients]),
+        "max_reply_ms": waits["median"], "max_reply_ms_stats": waits,
         "per_connection_worst_reply_ms": {k: _stats([(c.get("conn_worst_reply_ms") or {}).get(k) for c in clients])["median"]
                                           for k in ("p50", "p99", "max")} if clients else {},
         "steps_ms": reports[-1].get("steps_ms", {}) if reports else {},

@@ -51,15 +51,20 @@ def _node_gro_on(spec: labmod.Lab) -> str:
     return _ethtool(spec.node_ns(1), "eth0", "gro", "on")
 
 
+def gateway_port_gro_on(spec: labmod.Lab) -> str:
+    """GRO on the gateway's client-facing port only (also a baseline's, scripts/bench-datapath)."""
+    return _ethtool(spec.gw_ns, "client0", "gro", "on")
+
+
 def _gateway_gro_on(spec: labmod.Lab) -> str:
-    return _node_gro_on(spec) or _ethtool(spec.gw_ns, "client0", "gro", "on")
+    return _node_gro_on(spec) or gateway_port_gro_on(spec)
 
 
 def _gateway_gro_segmented(spec: labmod.Lab) -> str:
     """GRO on the gateway's client-facing port, the merged packets cut back into frames on
     the way out to the nodes (TSO/GSO off on the bridge's ports), the nodes as deployed
     (GRO off): every node still receives one frame per packet, each with its epoch tag."""
-    problem = _ethtool(spec.gw_ns, "client0", "gro", "on")
+    problem = gateway_port_gro_on(spec)
     for k in range(1, spec.nodes + 1):
         problem = problem or _ethtool(spec.gw_ns, f"n{k}", "tso", "off", "gso", "off")
     return problem
@@ -131,7 +136,7 @@ VARIANTS = (
 # diagnostics for scripts/bench-datapath only (not in `vipctl bench`)
 DIAGNOSTICS = (
     ("gateway-gro-only", "GRO on on the gateway's client port only, nodes as deployed (GRO off)",
-     lambda spec: _ethtool(spec.gw_ns, "client0", "gro", "on")),
+     gateway_port_gro_on),
     ("gateway-gro-segmented", "GRO on on the gateway's client port, frames cut again towards the nodes "
      "(TSO/GSO off on its ports), nodes as deployed", _gateway_gro_segmented),
     ("raw-hooks", "today with the raw table's two empty jumps on the owner (before, with conntrack off)", _raw_hooks),
