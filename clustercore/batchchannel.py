@@ -15,7 +15,10 @@ Requests (agent -> program), one line of text: an op, a space, JSON:
   HANDBACK {"listeners": true}                      the listeners and UDP sockets (stop
                           accepting and reading them), for the opening batch
   ADOPT {"names": [...], "state": {peer: {"in": b64, "out": b64}}}  + descriptors, one
-                          name each (conn-PORT, tcp-PORT, udp-PORT): serve them
+                          name each (conn-PORT, tcp-PORT, udp-PORT): serve them. A
+                          descriptor named `state` (first, if any) is the fd store's state
+                          memfd: a whole handoff's standby instance gets at the release
+                          what a start would pass as LISTEN_FDS (clustercore.handoff)
 Replies (program -> agent):
   HANDED {"names": [...], "state": {...}, "more": bool}  + descriptors, one name each, at
                           most FDS_PER_MESSAGE per message ("more": another follows);

@@ -396,6 +396,27 @@ class StartHandedOver(Command):
     state: bytes | None
 
 
+@_command()
+class StartStandby(Command):
+    """Start the service's next instance now, before the freeze, with only its handoff
+    channel (`vip-batch`): it loads its program and says READY=1 while nothing is held
+    yet; HandToStandby gives it everything at the release (-> instance). Builtins only:
+    their program speaks the channel."""
+    service: Service
+
+
+@_command(waits=True)
+class HandToStandby(Command):
+    """Give the pre-started instance, through its channel, what StartHandedOver would
+    pass as LISTEN_FDS: a memfd named `state` with `state` (if any) first, the `sockets`,
+    the `connections`; after it said READY=1 (waited for, bounded) (-> how many it took).
+    Fails, the descriptors still ours, when it exited, never said READY=1, or refused."""
+    instance: Any
+    sockets: tuple[Named, ...]
+    connections: tuple[Named, ...]
+    state: bytes | None
+
+
 @dataclass(frozen=True)
 class Started:
     """The result of WaitStarted: `ready` (it said READY=1: it took its descriptors and

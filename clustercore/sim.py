@@ -480,12 +480,13 @@ _NODE_ACTIONS: dict[type, Callable] = {
     nc.ReadPackets: _NodeHands.read_packets,
     nc.InjectPackets: _NodeHands.inject,
     nc.StartHandedOver: _NodeHands.start_instance,
+    nc.StartStandby: lambda hands, cmd: ("standby", hands.node, cmd.service.name),
 }
 _EMPTY_RESULTS: dict[type, object] = {
     nc.CountKernelDrops: 0, nc.CountUdpBufferDrops: 0, nc.HandOver: [],
     nc.AcceptWaiting: [], nc.DumpConnections: [], nc.DescribeListeners: (),
     nc.StreamChunk: False, nc.OpenSockets: [], nc.RestoreConnections: [], nc.PutBackDatagrams: 0,
-    nc.WaitStarted: nc.Started("ready"),
+    nc.WaitStarted: nc.Started("ready"), nc.HandToStandby: 0,
 }
 
 def _event_for_reply(node: str, step: msgs.Step, reply: object) -> mig.Event | None:

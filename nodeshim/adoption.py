@@ -78,12 +78,46 @@ def _matches(name: str, sock: socket.socket, vips: str | tuple[str, ...]) -> boo
     want = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}.get(kind)
     try:
         local = sock.getsockname()
+        if want == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return False  # a connection on the listener's port
         return (want is not None and sock.type == want
                 and sock.family in (socket.AF_INET, socket.AF_INET6)
                 and local[0] in ((vips,) if isinstance(vips, str) else vips)
                 and name == socket_name(kind, local[0], int(port)) and local[1] == int(port))
     except (OSError, ValueError, IndexError):
         return False
+
+
+def take_named(pid: int, names: list[str], vip: str | tuple[str, ...]
+               ) -> list[tuple[str, socket.socket]] | None:
+    """Copies of the listeners and UDP sockets `names` from process `pid`: its fds 3.. as
+    LISTEN_FDS passed them; else (an instance that got them through its channel: a
+    whole handoff's standby) the one socket of each name among all its descriptors (a
+    listener, not a connection on the same port). None: not all found."""
+    from . import pidfd as pidfd_mod
+
+    taken = pidfd_mod.take_sockets(pid, [3 + i for i in range(len(names))])
+    found = {n: taken.pop(3 + i) for i, n in enumerate(names)
+             if 3 + i in taken and _matches(n, taken[3 + i], vip)}
+    _close(taken.values())
+    if len(found) < len(names):  # not as LISTEN_FDS: look at every descriptor
+        _close(found.values())
+        found = {}
+        for s in pidfd_mod.take_sockets(pid).values():
+            name = next((n for n in names if n not in found and _matches(n, s, vip)), None)
+            if name is None:
+                s.close()
+            else:
+                found[name] = s
+        if len(found) < len(names):
+            _close(found.values())
+            return None
+    return [(n, found[n]) for n in names]
+
+
+def _close(sockets) -> None:
+    for s in list(sockets):
+        s.close()
 
 
 def adopt(service: Service, pid: int, names: list[str], vip: str | tuple[str, ...],
@@ -99,19 +133,10 @@ def adopt(service: Service, pid: int, names: list[str], vip: str | tuple[str, ..
         return None
     fd = pidfd_mod.pidfd_open(pid)
     try:
-        taken = pidfd_mod.take_sockets(pid, [3 + i for i in range(len(names))])
-        sockets = []
-        for i, name in enumerate(names):
-            s = taken.pop(3 + i, None)
-            if s is None or not _matches(name, s, vip):
-                for _, other in sockets:
-                    other.close()
-                if s is not None:
-                    s.close()
-                raise LocalControlError(f"service '{service.name}' (pid {pid}): fd {3 + i} is not its {name}")
-            sockets.append((name, s))
-        for s in taken.values():
-            s.close()
+        sockets = take_named(pid, names, vip)
+        if sockets is None:
+            raise LocalControlError(f"service '{service.name}' (pid {pid}): its fds are not its "
+                                    f"{':'.join(names)}")
     except BaseException:
         os.close(fd)
         raise

@@ -34,6 +34,7 @@ from clustercore.batchcommands import (
     StartWithChannel,
 )
 from clustercore.errors import KernelError, LocalControlError
+from clustercore.nodecommands import HandToStandby, StartStandby
 from clustercore.packet import TCP
 
 from . import batchchannel, netlink, proctcp, services
@@ -43,6 +44,7 @@ log = logging.getLogger("vipcluster.batch")
 CHANNEL_TIMEOUT_S = 2.0  # a program must answer a HANDBACK or ADOPT by then
 READY_TIMEOUT_S = 10.0  # the destination's new instance must say READY=1 X_VIP_BATCH=1 by then
 READY_POLL_S = 0.005
+STANDBY_READY_S = 2.0  # a handoff's standby instance, started at prepare, must be ready by the release + this
 
 
 def spawn_with_channel(service, sockets, log_dir: str, extra_env: dict | None = None, argv=None):
@@ -116,6 +118,8 @@ class BatchActions:
             ListKept: self.list_kept_when_asked,
             ReadIdleTimes: lambda c: asyncio.to_thread(self.read_idle),
             StartWithChannel: self.start_with_channel,
+            StartStandby: self.start_standby,
+            HandToStandby: self.hand_to_standby,
         }
 
     def has_channel(self, cmd: HasChannel) -> bool:
@@ -231,5 +235,45 @@ class BatchActions:
             services.kill(rs)  # its channel too
             raise
 
+    def start_standby(self, cmd: StartStandby):
+        """A whole handoff's next instance, spawned at prepare with its channel only; its
+        READY=1 is awaited at the release (hand_to_standby), not here."""
+        mig, agent = self.mig, self.mig.agent
+        name = cmd.service.name
+        if agent.notify is None:
+            raise LocalControlError("no NOTIFY_SOCKET bound: a standby instance could not say READY=1")
+        rs = mig.kernel.services.start_standby(cmd.service, agent.log_dir, agent.notify_env)
+        agent.notify.forget(name)  # a new program: what it says starts afresh (nothing read yet)
+        mig.starting[rs.pid] = name  # its notifications count for the service from now on
+        return rs
+
+    async def hand_to_standby(self, cmd: HandToStandby) -> int:
+        """Everything a start would pass as LISTEN_FDS, through the standby's channel, once
+        it said READY=1. Any failure leaves our descriptors ours (the caller kills the
+        standby and starts afresh)."""
+        mig, agent, rs = self.mig, self.mig.agent, cmd.instance
+        name = rs.service.name
+        if mig.start_fault_armed(name):  # the lab's start faults test the usual start
+            raise KernelError("hand to the standby", None, "a handoff.start fault is armed")
+        clock, notify = mig.kernel.clock, agent.notify
+        deadline = clock() + STANDBY_READY_S
+        while True:
+            if notify is not None:
+                notify.drain()
+                if notify.store(name).ready:
+                    break
+            if rs.process.poll() is not None:
+                raise KernelError("hand to the standby", None,
+                                  f"pid {rs.pid} exited with {rs.process.poll()} before READY=1 (see {rs.log_path})")
+            if clock() > deadline:
+                raise KernelError("hand to the standby", None, f"pid {rs.pid} said no READY=1 "
+                                  f"within {STANDBY_READY_S:g}s of the release")
+            await asyncio.sleep(READY_POLL_S)
+        taken = mig.kernel.services.hand_to_standby(rs, cmd.sockets, cmd.connections, cmd.state, CHANNEL_TIMEOUT_S)
+        # a crash before it is adopted: the next agent adopts it (the release had begun)
+        machine = mig.migrations.machines.get(name)
+        mig.leftovers.record_restored(name, rs.pid, machine.epoch if machine else None,
+                                      rs.service, [n for n, _ in cmd.sockets])
+        return taken
 
 __all__ = ["BatchActions", "spawn_with_channel", "speaks_batch"]

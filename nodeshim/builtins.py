@@ -100,13 +100,17 @@ class Server:
         self.kv = dict(state.get("kv", {}))
         self.pending = dict(state.get("conns", {}))
 
+    def load_state_fd(self, fd: int) -> None:
+        """load_state from the `state` memfd (closed after)."""
+        os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(fd, "rb") as f:
+            self.load_state(f.read())
+
     def adopt(self, fds: list[tuple[str, int]]) -> None:
         """Everything LISTEN_FDS passed: the state first, then the sockets."""
         for name, fd in fds:
             if name == STATE_FDNAME:
-                os.lseek(fd, 0, os.SEEK_SET)
-                with os.fdopen(fd, "rb") as f:
-                    self.load_state(f.read())
+                self.load_state_fd(fd)
         for name, fd in fds:
             if name == bc.CHANNEL_FDNAME:
                 self.channel = socket.socket(fileno=fd)
@@ -242,6 +246,11 @@ class Server:
         except batchchannel.ChannelClosed:
             self.sel.unregister(ch)
             self.channel = None
+            if not self.named and not self.outbuf:
+                # started with its channel only (a standby, a batched move's destination)
+                # and its agent is gone before it got anything: nobody will give it work
+                print("handoff channel closed before any socket came: exiting", flush=True)
+                sys.exit(0)
             return
         except Exception as e:  # noqa: BLE001 - a bad request must not stop the service
             print(f"handoff channel: {e}", flush=True)
@@ -260,6 +269,9 @@ class Server:
             for peer, entry in msg.state.items():
                 self.pending[peer] = entry
             for name, fd in zip(msg.names, fds):
+                if name == STATE_FDNAME:  # a whole handoff's standby: what LISTEN_FDS would
+                    self.load_state_fd(fd)  # have passed, the state first
+                    continue
                 s = socket.socket(fileno=fd)
                 s.setblocking(False)
                 self.add(name, s)

@@ -464,6 +464,10 @@ class MigrationAgent(ProcessSteps):
             del self._start_faults[service]
         return left[0]
 
+    def start_fault_armed(self, service: str) -> bool:
+        """A `handoff.start` fault waits for this service's next start (not consumed)."""
+        return service in self._start_faults or os.path.exists(os.path.join(self.fault_dir, "handoff.start"))
+
     def _start_handed_over(self, cmd: nc.StartHandedOver):
         agent = self.agent
         fault = self._start_fault(cmd.service.name)

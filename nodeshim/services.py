@@ -31,6 +31,7 @@ from clustercore.kinds import (BUILTINS, EXTERNAL_SPEC, ServiceKind, builtin_nam
 from clustercore.nodecommands import socket_name
 from clustercore.ownership import Service
 from clustercore.packet import TCP, UDP
+from clustercore.sdnotify import STATE_FDNAME
 
 from . import pidfd
 
@@ -223,6 +224,33 @@ def start_handed_over(service: Service, vip: str, log_dir: str, sockets, connect
     finally:
         if memfd is not None:
             memfd.close()
+
+
+def start_standby(service: Service, log_dir: str, extra_env: dict[str, str] | None = None) -> "RunningService":
+    """A builtin's next instance for a whole handoff, started at prepare with only its
+    `vip-batch` channel: it loads its program while nothing is held (hand_to_standby gives
+    it the rest at the release)."""
+    from .batchmigrate import spawn_with_channel
+    return spawn_with_channel(service, [], log_dir, extra_env)
+
+
+def hand_to_standby(rs: "RunningService", sockets, connections, state: bytes | None, timeout: float) -> int:
+    """What start_handed_over passes as LISTEN_FDS, through the standby's channel: the
+    state memfd first (named `state`), the sockets, the connections (-> how many it took).
+    The descriptors stay the caller's."""
+    from . import batchchannel
+    if rs.channel is None:
+        raise LocalControlError(f"service process {rs.pid} has no vip-batch channel")
+    memfd = state_memfd(state) if state else None
+    try:
+        named = [*([(STATE_FDNAME, memfd)] if memfd is not None else []), *sockets, *connections]
+        taken = batchchannel.adopt(rs.channel, named, {}, timeout=timeout)
+    finally:
+        if memfd is not None:
+            memfd.close()
+    if taken != len(named):
+        raise KernelError("hand to the standby", None, f"it took {taken} of {len(named)} descriptors")
+    return taken
 
 
 KILL_WAIT_S = 2.0

@@ -115,6 +115,31 @@ def serves_once(h, name):
     assert h.pyclient("udp-echo", labmod.VIP, 7, 20)["answered_once"] == 20
 
 
+def instances(h, name):
+    """The lab's processes of service `name` (started by one of its agents: their
+    NOTIFY_SOCKET is under the lab's state directory), on every node."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        if (env.get(b"VIPCLUSTER_SERVICE") == name.encode()
+                and env.get(b"NOTIFY_SOCKET", b"").startswith(h.lab.state_dir.encode())):
+            out.append(int(pid))
+    return out
+
+
+def one_instance(h, name, timeout=5.0):
+    """Exactly one process of the service is left (a whole handoff's standby whose agent
+    died exits on its own: its channel closed before anything came)."""
+    deadline = time.time() + timeout
+    while len(found := instances(h, name)) != 1 and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(found) == 1, found
+
+
 # (the step the gateway dies just before, which side of the point of no return, outcome)
 GATEWAY_STEPS = [
     ("migrate.prepare", "rolled_back"),  # journaled, nothing asked of any node yet
@@ -188,6 +213,7 @@ def test_gateway_killed_at_a_step_of_some_paths(slab, tmp_path, op, how, outcome
     assert_exact(r)
     assert svc["owner"] == (destination if outcome == "committed" else source), svc
     serves_once(slab, "echo")
+    one_instance(slab, "echo")
     migrate(slab, "echo", NEXT[svc["owner"]])
 
 
@@ -315,6 +341,7 @@ def test_agent_killed_during_a_migration_step(slab, tmp_path, who, op, outcome):
     assert r["udp_duplicated"] == 0, r
     assert svc["owner"] == (destination if outcome == "committed" else source), svc
     serves_once(slab, "echo")
+    one_instance(slab, "echo")
     migrate(slab, "echo", NEXT[svc["owner"]])
 
 

@@ -5,6 +5,8 @@ nodeshim.fdstore) and hands back, then adopts, a live connection over that chann
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import socket
@@ -14,7 +16,7 @@ import pytest
 
 from clustercore.ownership import Service
 from clustercore.packet import TCP
-from nodeshim import batchchannel, proctcp
+from nodeshim import batchchannel, proctcp, services
 from nodeshim.batchmigrate import spawn_with_channel
 from nodeshim.fdstore import NotifySocket, process_group_of
 
@@ -173,3 +175,63 @@ def test_list_kept_is_awaitable_either_way(monkeypatch):
     got = asyncio.run(action(ListKept(ports=(7,), instance=None, held=held)))
     assert [k.flow[2] for k in got] == [40000]
     assert asyncio.run(action(ListKept(ports=(7,), instance=None))) == ()
+
+
+def _standby(tmp_path, service):
+    running: list = []
+    store = NotifySocket(str(tmp_path / "notify"), lambda pid: service.name
+                         if any(process_group_of(pid) == rs.pid for rs in running) else None)
+    rs = services.start_standby(service, str(tmp_path / "logs"), {"NOTIFY_SOCKET": store.path})
+    running.append(rs)
+    _wait(lambda: store.drain() >= 0 and store.store(service.name).ready)
+    return rs, store
+
+
+def test_a_standby_gets_the_state_and_every_socket_through_its_channel_and_serves(tmp_path):
+    """A whole handoff's standby (services.start_standby at prepare, hand_to_standby at
+    the release): the state memfd comes first, so a connection's owed bytes reach its
+    client before the echo of what it sends next."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    service = Service("echo", "n1", ((TCP, port),), "builtin:echo")
+    client = served = rs = store = None
+    try:
+        rs, store = _standby(tmp_path, service)
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        served, _ = listener.accept()
+        host, cport = client.getsockname()[:2]
+        owed = base64.b64encode(b"owed\n").decode()
+        state = json.dumps({"kv": {}, "conns": {f"{host}:{cport}": {"out": owed, "in": ""}}}).encode()
+        taken = services.hand_to_standby(rs, [(f"tcp-{port}", listener)], [(f"conn-{port}", served)], state, 2.0)
+        assert taken == 3  # the state, the listener, the connection
+        served.close()  # the standby holds its own now
+        assert client.recv(5) == b"owed\n"
+        client.sendall(b"next\n")
+        assert client.recv(5) == b"next\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as other:  # it accepts too
+            other.sendall(b"new\n")
+            assert other.recv(4) == b"new\n"
+    finally:
+        for s in (client, served, listener):
+            if s is not None:
+                s.close()
+        if rs is not None:
+            services.kill(rs)
+        if store is not None:
+            store.close()
+
+
+def test_a_standby_whose_agent_is_gone_before_it_got_anything_exits(tmp_path):
+    """Its channel closed with nothing handed (the agent died between prepare and the
+    release): nobody will give it work; it must not stay behind."""
+    service = Service("echo", "n1", ((TCP, 7),), "builtin:echo")
+    rs, store = _standby(tmp_path, service)
+    try:
+        rs.channel.close()
+        rs.channel = None
+        _wait(lambda: rs.process.poll() is not None)
+        assert rs.process.poll() == 0
+    finally:
+        if rs.process.poll() is None:
+            services.kill(rs)
+        store.close()

@@ -123,12 +123,15 @@ class FakeNotify:
     def __init__(self, log: Log) -> None:
         self.log = log
         self.stores: dict[str, FakeStore] = {}
+        self.standbys: set[str] = set()  # started standbys: their READY=1 comes with the next drain
 
     def store(self, name: str) -> FakeStore:
         return self.stores.setdefault(name, FakeStore())
 
     def drain(self) -> int:
-        return 0
+        for name in self.standbys:
+            self.store(name).ready = True
+        return len(self.standbys)
 
     def forget(self, name: str) -> None:
         self.log.append(("forget_store", name))
@@ -157,6 +160,7 @@ class FakeKernel:
         self.start_exits = 0  # the next N new instances exit at once (before READY=1)
         self.start_raises = 0  # the next N starts fail before any process exists
         self.starts = 0
+        self.standby_ok = False  # start_standby gives a standby (else it fails: a warning)
 
     def _call(self, name: str, *args):
         self.log.append((name, *args))
@@ -269,8 +273,23 @@ class FakeKernel:
         self.notify.store(service.name).ready = True  # it took its descriptors and says READY=1
         return FakeInstance(service, list(sockets), pid=5150 + self.starts)
 
+    def start_standby(self, service, log_dir, extra_env=None):
+        self._call("start_standby", (extra_env or {}).get("NOTIFY_SOCKET"))
+        if not self.standby_ok:
+            raise LocalControlError("this fake starts no standby")
+        self.notify.standbys.add(service.name)
+        inst = FakeInstance(service, [], pid=6161)
+        inst.channel = "channel"
+        return inst
+
+    def hand_to_standby(self, rs, sockets, connections, state, timeout):
+        self._call("hand_to_standby", rs.pid, tuple(n for n, _ in sockets), tuple(n for n, _ in connections), state)
+        return len(sockets) + len(connections) + (1 if state else 0)
+
     def kill(self, rs):
         self._call("kill", rs.pid)
+        if rs.pid == 6161:  # a killed standby says nothing more
+            self.notify.standbys.discard(rs.service.name)
 
 
 @dataclass
@@ -620,7 +639,8 @@ def test_destination_prepare_chunk_restore_release_script(tmp_path):
         return prepare, restored, released
 
     prepare, restored, released = asyncio.run(script())
-    assert prepare == ["sync_datapath", "open_sockets"]  # the new instance starts at release
+    # the new instance starts at release (this fake starts no standby: a warning)
+    assert prepare == ["sync_datapath", "open_sockets", "start_standby"]
     assert set(restored.timing_ms) == {"decode", "restore", "restore_streamed", "restore_streamed_decode"}
     # release: repair off, queued datagrams and late packets in first, then the hold, then
     # the new instance starts with every socket, connection and the state (LISTEN_FDS) and
@@ -655,6 +675,52 @@ def _release_with_starts(tmp_path, exits: int = 0, raises: int = 0):
         return released
 
     return asyncio.run(script()), ma, agent, fake, log
+
+
+def _release_with_standby(tmp_path, fault: str | None = None):
+    ma, agent, fake, log = destination(tmp_path)
+    fake.standby_ok = True
+    states = [conn_state(7, i) for i in range(3)]
+    from clustercore.sockstate import ServiceSockets
+    wire = sockwire.to_wire(ServiceSockets(service="echo", listeners=(TcpListenerState(local=(VIP, 7)),),
+                                           connections=tuple(states), udp=(UdpSocketState(local=(VIP, 7)),)))
+    wire.update(streamed=0, app_state="e30=")
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1"))
+        await ma.handle(step(msgs.Restore, sockets=wire))
+        if fault is not None:
+            os.makedirs(ma.fault_dir, exist_ok=True)
+            with open(os.path.join(ma.fault_dir, "handoff.start"), "w") as f:
+                f.write(fault)
+        log.clear()
+        released = await ma.handle(step(msgs.Release, consumed={}, late_packets=()))
+        await settle()
+        return released
+
+    return asyncio.run(script()), ma, agent, fake, log
+
+
+def test_a_standby_started_at_prepare_takes_everything_at_the_release(tmp_path):
+    released, ma, agent, fake, log = _release_with_standby(tmp_path)
+    assert fake.starts == 0 and "start_handed_over" not in log.names()
+    [hand] = [e for e in log if e[0] == "hand_to_standby"]
+    assert hand == ("hand_to_standby", 6161, ("tcp-7", "udp-7"), ("conn-7",) * 3, b"{}")
+    assert log.names().index("thaw_many") < log.names().index("hand_to_standby")
+    assert isinstance(released, msgs.ReleaseDone) and released.start_attempts == 1
+    assert released.timing_ms["standby"] == 1
+    assert agent.running["echo"].pid == 6161 and 6161 not in ma.starting
+    assert not ma.busy("echo")
+
+
+def test_an_armed_start_fault_bypasses_the_standby(tmp_path):
+    """The lab's `handoff.start` faults test the usual start: the standby is killed
+    first, then the fault acts on the start as it always did."""
+    released, ma, agent, fake, log = _release_with_standby(tmp_path, fault="exit 1")
+    assert "hand_to_standby" not in log.names()
+    assert log.index_of("kill", 6161) < log.names().index("start_handed_over")
+    assert isinstance(released, msgs.ReleaseDone) and released.start_attempts == 2  # the fault's exit, then one
+    assert agent.running["echo"].pid != 6161
 
 
 def test_a_new_instance_that_exits_at_once_is_started_again_with_the_same_descriptors(tmp_path):

@@ -88,8 +88,9 @@ class Kernel:
     """Scripted results for every command, as a node's executor would give them; records
     the commands it saw. `fail` names command types that raise KernelError once."""
 
-    def __init__(self, node: str, fail=()) -> None:
+    def __init__(self, node: str, fail=(), standby: bool = False) -> None:
         self.node, self.fail, self.seen, self.clock = node, list(fail), [], T0
+        self.standby = standby  # StartStandby gives an instance (else None: no standby)
 
     def __call__(self, cmd):
         self.seen.append(cmd)
@@ -115,6 +116,7 @@ class Kernel:
             nc.OpenSockets: [("tcp-7", "NL"), ("udp-7", "NU")], nc.StartHandedOver: "new-instance",
             nc.RestoreConnections: [f"R{i}" for i in range(len(getattr(cmd, "states", ())))],
             nc.PutBackDatagrams: 1, nc.InjectPackets: 1, nc.WaitStarted: nc.Started("ready"),
+            nc.StartStandby: "standby" if self.standby else None, nc.HandToStandby: 5,
         }.get(t)
 
     def types(self) -> list[type]:
@@ -255,6 +257,7 @@ def test_the_destination_script():
     assert script(m, EVENTS[msgs.Prepare](), [
         (nc.LookUp, nc.Local(ECHO, vips=(VIP,))), (nc.CountKernelDrops, 0), (nc.InstallRole, None),
         (nc.OpenSockets, [("tcp-7", "NL"), ("udp-7", "NU")]),
+        (nc.ReadClock, 0.5), (nc.StartStandby, None), (nc.ReadClock, 0.5),  # (none started)
     ]) == msgs.PrepareDone()
     assert isinstance(m.playbook.destination.cut, DestCutover) and m.source_node == "n1"
     assert script(m, EVENTS[msgs.Chunk](), [(nc.ReadClock, T0 + 0.0005), (nc.RestoreConnections, ["S1"]),
@@ -275,9 +278,66 @@ def test_the_destination_script():
     ])
     assert isinstance(released, msgs.ReleaseDone) and m.state is State.RELEASED
     assert (released.reinjected, released.lost, released.kernel_drops) == (2, 1, 1)
-    assert released.timing_ms == {"window_probes": 3, "thaw": 100.0, "released_at": 200.0, "start": 50.0,
-                                  "release": 300.0}
+    assert released.timing_ms == {"standby_start": 0.0, "window_probes": 3, "thaw": 100.0, "released_at": 200.0,
+                                  "start": 50.0, "release": 300.0}
     assert (released.start_attempts, released.service_down, released.connections_closed) == (1, "", 0)
+
+
+# ---------------------------------------------------------------- a builtin's standby instance
+
+
+def test_a_builtin_is_started_at_prepare_and_given_everything_at_the_release():
+    """The standby (StartStandby at prepare, before anything is held) gets at the release
+    what StartHandedOver would pass, after the thaw; no start is waited for in the window."""
+    m = NodeMigration("echo", "n2")
+    prepare = Kernel("n2", standby=True)
+    assert feed(m, EVENTS[msgs.Prepare](), prepare)[0] == msgs.PrepareDone()
+    assert prepare.types().index(nc.OpenSockets) < prepare.types().index(nc.StartStandby)
+    feed(m, EVENTS[msgs.Chunk]())
+    feed(m, step(msgs.Restore, sockets=restore_wire(streamed=1)))
+    released, k = feed(m, EVENTS[msgs.Release]())
+    assert nc.StartHandedOver not in k.types() and nc.WaitStarted not in k.types()
+    hand = next(c for c in k.seen if isinstance(c, nc.HandToStandby))
+    assert hand.instance == "standby" and hand.state == b"{}"
+    assert hand.sockets == (("tcp-7", "NL"), ("udp-7", "NU"))
+    assert hand.connections == (("conn-7", "R0"), ("conn-7", "R0"))
+    assert k.types().index(nc.Thaw) < k.types().index(nc.HandToStandby)
+    adopt = next(c for c in k.seen if isinstance(c, nc.AdoptInstance))
+    assert adopt.instance == "standby" and adopt.sockets == hand.sockets
+    assert released.start_attempts == 1 and released.timing_ms["standby"] == 1
+
+
+def test_a_standby_that_does_not_take_over_is_killed_and_a_start_goes_the_usual_way():
+    m = NodeMigration("echo", "n2")
+    feed(m, EVENTS[msgs.Prepare](), Kernel("n2", standby=True))
+    feed(m, step(msgs.Restore, sockets=restore_wire()))
+    released, k = feed(m, EVENTS[msgs.Release](), Kernel("n2", fail=[nc.HandToStandby]))
+    types = k.types()
+    assert types.index(nc.HandToStandby) < types.index(nc.StopInstance) < types.index(nc.StartHandedOver)
+    assert next(c for c in k.seen if isinstance(c, nc.StopInstance)).instance == "standby"
+    assert next(c for c in k.seen if isinstance(c, nc.AdoptInstance)).instance == "new-instance"
+    assert isinstance(released, msgs.ReleaseDone) and released.start_attempts == 1 and not released.service_down
+
+
+def test_a_failed_standby_start_is_only_a_warning():
+    m = NodeMigration("echo", "n2")
+    reply, k = feed(m, EVENTS[msgs.Prepare](), Kernel("n2", standby=True, fail=[nc.StartStandby]))
+    assert reply == msgs.PrepareDone() and m.playbook.destination.standby is None
+    assert any(isinstance(c, nc.Note) and "no standby" in c.text for c in k.seen)
+
+
+def test_an_abort_kills_the_standby():
+    m = NodeMigration("echo", "n2")
+    feed(m, EVENTS[msgs.Prepare](), Kernel("n2", standby=True))
+    _, k = feed(m, EVENTS[msgs.Abort]())
+    assert [c.instance for c in k.seen if isinstance(c, nc.StopInstance)] == ["standby"]
+    assert m.playbook.destination.standby is None
+
+
+def test_only_builtins_have_a_standby():
+    from clustercore.handoff import prestarts
+    assert prestarts(ECHO)
+    assert not prestarts(Service("counter", "n1", ((TCP, 7000),), "python3 examples/handoff_counter.py"))
 
 
 def test_the_new_instance_starts_with_every_socket_by_name_and_the_saved_state():
@@ -508,13 +568,14 @@ def test_the_table_is_closed():
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(node=st.sampled_from(["n1", "n2"]),
        events=st.lists(st.sampled_from(sorted(EVENTS, key=lambda e: e.__name__)), max_size=12),
-       failures=st.lists(st.sampled_from([c for c in nc.COMMAND_TYPES if not c.QUERY]), max_size=4))
-def test_property_any_events_any_failures_end_cleanly(node, events, failures):
+       failures=st.lists(st.sampled_from([c for c in nc.COMMAND_TYPES if not c.QUERY]), max_size=4),
+       standby=st.booleans())
+def test_property_any_events_any_failures_end_cleanly(node, events, failures, standby):
     """Whatever arrives, whatever fails: no exception, never left busy, replies are typed,
     and whenever the old instance was stopped it is resumed or killed by the end, and a
     stopped source's drained datagrams always go back before it resumes."""
     m = NodeMigration("echo", node)
-    kernel = Kernel(node, fail=failures)
+    kernel = Kernel(node, fail=failures, standby=standby)
     for event_type in events:
         reply = run_to_end(m.handle(EVENTS[event_type](), T0), kernel)
         assert m.state not in BUSY
@@ -531,6 +592,13 @@ def test_property_any_events_any_failures_end_cleanly(node, events, failures):
         assert drained_ok[0] < resumed
     if m.state in (State.ROLLED_BACK, State.ABORTED, State.COMMITTED, State.RELEASED) and nc.InstallRole in seen:
         assert nc.RemoveRole in seen or nc.RemoveRoleLater in seen
+    # a standby that was started is, by any end, either given the service or killed
+    started = any(isinstance(c, nc.StartStandby) for c in kernel.seen) and standby \
+        and nc.StartStandby not in failures  # (a failed start gave nothing)
+    if started and m.state in (State.ABORTED, State.RELEASED):
+        killed = [c for c in kernel.seen if isinstance(c, nc.StopInstance) and c.instance == "standby"]
+        adopted = [c for c in kernel.seen if isinstance(c, nc.AdoptInstance) and c.instance == "standby"]
+        assert killed or adopted, kernel.types()
 
 
 # ---------------------------------------------------------------- the node's set of machines
