@@ -259,6 +259,7 @@ class DestCutover(MigrationRole):
         self._suppressed = 0
         self._first_held_at: float | None = None
         self._last_released_at: float | None = None
+        self._released_flows: frozenset[Flow] = frozenset()
 
     @property
     def phase(self) -> str:
@@ -271,6 +272,11 @@ class DestCutover(MigrationRole):
     @property
     def skip_budget(self) -> dict[Flow, int]:
         return dict(self._skip)
+
+    @property
+    def released_flows(self) -> frozenset[Flow]:
+        """The flows the release accepted held packets of: their clients wait for an answer."""
+        return self._released_flows
 
     def stats(self) -> DestStats:
         held = len(self._held) if self._phase is _Phase.COUNTING else self._held_total
@@ -296,14 +302,17 @@ class DestCutover(MigrationRole):
         remaining = check_consumed(consumed)
         drop: list[Handle] = []
         accept: list[Handle] = []
+        flows: set[Flow] = set()
         for held in self._held:
             if remaining.get(held.flow, 0) > 0:
                 remaining[held.flow] -= 1
                 drop.append(held.handle)
             else:
                 accept.append(held.handle)
+                flows.add(held.flow)
                 if self._first_held_at is None:
                     self._first_held_at = held.at
+        self._released_flows = frozenset(flows)
         self._skip = {flow: n for flow, n in remaining.items() if n > 0}
         self._held_total = len(self._held)
         self._held.clear()

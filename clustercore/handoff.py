@@ -133,6 +133,21 @@ def prestarts(service) -> bool:
     return service is not None and service_kind(service.exec_spec) is ServiceKind.BUILTIN
 
 
+def waiting_first(socks, states, released_flows) -> list:
+    """(socket, state) pairs, the connections whose client waits for an answer first: data
+    queued for the program (its receive queue, or held packets the release let in) or
+    bytes it owes. A standby takes them 250 a message and serves each message's at once:
+    at 10,000 connections the last message comes ~130 ms after the first, and an idle
+    client waits for nothing."""
+    flows = frozenset(released_flows)
+
+    def idle(pair) -> bool:
+        st = pair[1]
+        return not (st.recv_queue or st.send_queue
+                    or (TCP, st.remote[0], st.remote[1], st.local[0], st.local[1]) in flows)
+    return sorted(zip(socks, states), key=idle)  # stable: the dump's order otherwise
+
+
 def _ms(since: float, now: float) -> float:
     return round((now - since) * 1000.0, 2)
 
@@ -539,7 +554,8 @@ class Handoff(Playbook):
         descriptors if a start fails (bounded, with a backoff). Sets f.instance (an exited
         one if every start produced a process that died) and, if none started,
         f.service_down."""
-        named = tuple((socket_name("conn", *st.local), sock) for sock, st in zip(f.restored, f.states))
+        named = tuple((socket_name("conn", *st.local), sock)
+                      for sock, st in waiting_first(f.restored, f.states, getattr(f.cut, "released_flows", ())))
         t0 = yield ReadClock()
         standby, f.standby = f.standby, None
         if standby is not None:

@@ -396,12 +396,13 @@ class StartHandedOver(Command):
     state: bytes | None
 
 
-@_command()
+@_command(waits=True)
 class StartStandby(Command):
     """Start the service's next instance now, before the freeze, with only its handoff
-    channel (`vip-batch`): it loads its program and says READY=1 while nothing is held
-    yet; HandToStandby gives it everything at the release (-> instance). Builtins only:
-    their program speaks the channel."""
+    channel (`vip-batch`), and wait (bounded) for its READY=1: it loads its program while
+    nothing is held yet, not on the cores the freeze needs; HandToStandby gives it
+    everything at the release (-> instance). Builtins only: their program speaks the
+    channel."""
     service: Service
 
 

@@ -44,7 +44,7 @@ log = logging.getLogger("vipcluster.batch")
 CHANNEL_TIMEOUT_S = 2.0  # a program must answer a HANDBACK or ADOPT by then
 READY_TIMEOUT_S = 10.0  # the destination's new instance must say READY=1 X_VIP_BATCH=1 by then
 READY_POLL_S = 0.005
-STANDBY_READY_S = 2.0  # a handoff's standby instance, started at prepare, must be ready by the release + this
+STANDBY_READY_S = 2.0  # a handoff's standby instance must say READY=1 within this of its start
 
 
 def spawn_with_channel(service, sockets, log_dir: str, extra_env: dict | None = None, argv=None):
@@ -235,9 +235,11 @@ class BatchActions:
             services.kill(rs)  # its channel too
             raise
 
-    def start_standby(self, cmd: StartStandby):
-        """A whole handoff's next instance, spawned at prepare with its channel only; its
-        READY=1 is awaited at the release (hand_to_standby), not here."""
+    async def start_standby(self, cmd: StartStandby):
+        """A whole handoff's next instance, spawned at prepare with its channel only, and
+        waited for until it says READY=1: its interpreter's start (~100 ms of CPU) must not
+        compete with the source's freeze on the same cores. One that does not become ready
+        in time is killed (the start goes the usual way at the release)."""
         mig, agent = self.mig, self.mig.agent
         name = cmd.service.name
         if agent.notify is None:
@@ -245,35 +247,44 @@ class BatchActions:
         rs = mig.kernel.services.start_standby(cmd.service, agent.log_dir, agent.notify_env)
         agent.notify.forget(name)  # a new program: what it says starts afresh (nothing read yet)
         mig.starting[rs.pid] = name  # its notifications count for the service from now on
+        try:
+            await self._until_ready(rs, "start the standby")
+        except BaseException:
+            mig.starting.pop(rs.pid, None)
+            mig.kernel.services.kill(rs)
+            raise
         return rs
 
-    async def hand_to_standby(self, cmd: HandToStandby) -> int:
-        """Everything a start would pass as LISTEN_FDS, through the standby's channel, once
-        it said READY=1. Any failure leaves our descriptors ours (the caller kills the
-        standby and starts afresh)."""
-        mig, agent, rs = self.mig, self.mig.agent, cmd.instance
-        name = rs.service.name
-        if mig.start_fault_armed(name):  # the lab's start faults test the usual start
-            raise KernelError("hand to the standby", None, "a handoff.start fault is armed")
-        clock, notify = mig.kernel.clock, agent.notify
+    async def _until_ready(self, rs, what: str) -> None:
+        clock, notify, name = self.mig.kernel.clock, self.mig.agent.notify, rs.service.name
         deadline = clock() + STANDBY_READY_S
         while True:
             if notify is not None:
                 notify.drain()
                 if notify.store(name).ready:
-                    break
+                    return
             if rs.process.poll() is not None:
-                raise KernelError("hand to the standby", None,
-                                  f"pid {rs.pid} exited with {rs.process.poll()} before READY=1 (see {rs.log_path})")
+                raise KernelError(what, None, f"pid {rs.pid} exited with {rs.process.poll()} "
+                                  f"before READY=1 (see {rs.log_path})")
             if clock() > deadline:
-                raise KernelError("hand to the standby", None, f"pid {rs.pid} said no READY=1 "
-                                  f"within {STANDBY_READY_S:g}s of the release")
+                raise KernelError(what, None, f"pid {rs.pid} said no READY=1 within {STANDBY_READY_S:g}s")
             await asyncio.sleep(READY_POLL_S)
+
+    async def hand_to_standby(self, cmd: HandToStandby) -> int:
+        """Everything a start would pass as LISTEN_FDS, through the standby's channel, once
+        it said READY=1. Any failure leaves our descriptors ours (the caller kills the
+        standby and starts afresh)."""
+        mig, rs = self.mig, cmd.instance
+        name = rs.service.name
+        if mig.start_fault_armed(name):  # the lab's start faults test the usual start
+            raise KernelError("hand to the standby", None, "a handoff.start fault is armed")
+        await self._until_ready(rs, "hand to the standby")  # (it was at prepare: a death since)
         taken = mig.kernel.services.hand_to_standby(rs, cmd.sockets, cmd.connections, cmd.state, CHANNEL_TIMEOUT_S)
         # a crash before it is adopted: the next agent adopts it (the release had begun)
         machine = mig.migrations.machines.get(name)
         mig.leftovers.record_restored(name, rs.pid, machine.epoch if machine else None,
                                       rs.service, [n for n, _ in cmd.sockets])
         return taken
+
 
 __all__ = ["BatchActions", "spawn_with_channel", "speaks_batch"]

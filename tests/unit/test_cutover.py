@@ -295,6 +295,16 @@ def test_release_reports_freeze_window_on_the_destination_clock():
     assert stats.freeze_ms == pytest.approx(300.0)
 
 
+def test_the_release_names_the_flows_it_let_packets_in_for():
+    """What the source consumed is not a flow's wait; what is accepted is."""
+    dest = DestCutover(NEW)
+    assert dest.released_flows == frozenset()
+    for i, p in enumerate((tcp(1), tcp(2), tcp(2))):
+        assert dest.on_packet(p, NEW, i, 1.0) is Verdict.HOLD
+    dest.release({tcp(1).flow: 1, tcp(2).flow: 1}, now=1.5)
+    assert dest.released_flows == frozenset({tcp(2).flow})
+
+
 # ---------------------------------------------------------------- broken on purpose
 
 

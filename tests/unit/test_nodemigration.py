@@ -7,6 +7,7 @@ rollback's order asserted on the command sequence. No I/O anywhere: results are 
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -332,6 +333,19 @@ def test_an_abort_kills_the_standby():
     _, k = feed(m, EVENTS[msgs.Abort]())
     assert [c.instance for c in k.seen if isinstance(c, nc.StopInstance)] == ["standby"]
     assert m.playbook.destination.standby is None
+
+
+def test_the_connections_whose_client_waits_are_handed_first():
+    """Data queued for the program, held packets let in, or bytes it owes: those first (a
+    standby serves each 250-connection message as it comes); the dump's order otherwise."""
+    from clustercore.handoff import waiting_first
+    idle = [dataclasses.replace(conn(i), recv_queue=b"") for i in range(4)]
+    queued, owes, held = (dataclasses.replace(conn(4), recv_queue=b"GET"),
+                          dataclasses.replace(conn(5), recv_queue=b"", send_queue=b"x"), idle[3])
+    states = [idle[0], queued, idle[1], owes, idle[2], held]
+    socks = [f"S{i}" for i in range(len(states))]
+    flows = {(TCP, CLIENT, held.remote[1], VIP, 7)}
+    assert [s for s, _ in waiting_first(socks, states, flows)] == ["S1", "S3", "S5", "S0", "S2", "S4"]
 
 
 def test_only_builtins_have_a_standby():
