@@ -23,10 +23,11 @@ class ChannelClosed(KernelError):
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
-    """(agent's end, program's end); the program's end is passed as LISTEN_FDS `vip-batch`."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    b.set_inheritable(True)
-    return a, b
+    """(agent's end, program's end); the program's end is passed as LISTEN_FDS `vip-batch`.
+    Both close on exec, as every socket we pass: the spawn's dup2 to fd 3.. gives the
+    program its own copy (an inheritable end was a second copy in every program, at its
+    old number, and in anything else started while it was open)."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
 def send(sock: socket.socket, msg, fds=()) -> None:

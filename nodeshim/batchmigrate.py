@@ -44,7 +44,10 @@ log = logging.getLogger("vipcluster.batch")
 CHANNEL_TIMEOUT_S = 2.0  # a program must answer a HANDBACK or ADOPT by then
 READY_TIMEOUT_S = 10.0  # the destination's new instance must say READY=1 X_VIP_BATCH=1 by then
 READY_POLL_S = 0.005
-STANDBY_READY_S = 2.0  # a handoff's standby instance must say READY=1 within this of its start
+# a handoff's standby must say READY=1 within this of its start: well inside the gateway's
+# prepare timeout (2 s), so a slow one costs its own use (killed, the usual start at the
+# release), never the move
+STANDBY_READY_S = 1.0
 
 
 def spawn_with_channel(service, sockets, log_dir: str, extra_env: dict | None = None, argv=None):

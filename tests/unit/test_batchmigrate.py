@@ -197,6 +197,9 @@ def test_a_standby_gets_the_state_and_every_socket_through_its_channel_and_serve
     client = served = rs = store = None
     try:
         rs, store = _standby(tmp_path, service)
+        # one copy of its end of the channel (fd 3), not a second one at the agent's number
+        fds = {fd: os.readlink(f"/proc/{rs.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{rs.pid}/fd")}
+        assert list(fds.values()).count(fds["3"]) == 1, fds
         client = socket.create_connection(("127.0.0.1", port), timeout=5)
         served, _ = listener.accept()
         host, cport = client.getsockname()[:2]
