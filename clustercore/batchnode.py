@@ -205,9 +205,12 @@ class BatchedHandoff(Playbook):
         totals = bundle.totals
         yield Note(f"open {m.service}: keeps {len(kept)} connections, moves {totals['listeners']} "
                    f"listeners, {totals['udp_sockets']} UDP sockets, {len(states)} accepted; {timing}")
+        # the kept connections in the order the batches will take them (the longest idle
+        # first), so no idle time crosses the opening's hold: the gateway keeps this order
+        # (sorted is stable: ties keep the kernel's order)
+        order = tuple(k.flow for k in sorted(kept, key=lambda k: -float(k.idle_ms)))
         return bm.OpeningDone(
-            consumed=consumed, kept=tuple(k.flow for k in kept),
-            idle_ms=tuple(float(k.idle_ms) for k in kept), late_packets=late,
+            consumed=consumed, kept=order, late_packets=late,
             sockets=sockwire.to_wire(bundle), tcp_established=len(kept) + len(states),
             tcp_listening=totals["listeners"], udp_sockets=totals["udp_sockets"], timing_ms=timing)
 

@@ -87,8 +87,9 @@ def batched_row(n: int, runs: list[dict]) -> dict:
     }
 
 
-def measure_batched(prefix: str, sizes, runs: int, log) -> list[dict]:
-    """The batched rows; each size's row is measured, or says why it was not."""
+def measure_batched(prefix: str, sizes, runs: int, log, keep_logs: str | None = None) -> list[dict]:
+    """The batched rows; each size's row is measured, or says why it was not. `keep_logs`:
+    a directory the daemons' logs are copied to before the lab goes (for profiling)."""
     from .bench import _next, loaded_migration
     spec = labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST)
     labmod.down(spec, log=lambda *a: None)
@@ -129,6 +130,8 @@ def measure_batched(prefix: str, sizes, runs: int, log) -> list[dict]:
             elif refused is not None:
                 out.append({"connections": n, "skipped": refused})
     finally:
+        if keep_logs:
+            shutil.copytree(os.path.join(spec.state_dir, "logs"), keep_logs, dirs_exist_ok=True)
         labmod.down(spec, log=lambda *a: None)
         shutil.rmtree(tmp, ignore_errors=True)
     return out
