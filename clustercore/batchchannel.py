@@ -12,8 +12,14 @@ SOCK_SEQPACKET socket: one message is one request or one reply, descriptors atta
 Requests (agent -> program), one line of text: an op, a space, JSON:
   HANDBACK {"peers": ["198.51.100.7:40001", ...]}   stop serving these connections,
                           flush what the kernel takes, hand them back with what is owed
-  HANDBACK {"listeners": true}                      the listeners and UDP sockets (stop
-                          accepting and reading them), for the opening batch
+  HANDBACK {"listeners": true, "udp": false}        the listeners (stop accepting), for
+                          the opening batch; the program goes on reading its UDP
+                          sockets until
+  HANDBACK {"udp": true}                            the UDP sockets (stop reading them),
+                          asked last, just before the opening's freeze: their clients
+                          wait from here, not from the listeners' hand-back and the
+                          list of kept connections (~50 ms at 10,000)
+  HANDBACK {"listeners": true}                      both at once (the first form)
   ADOPT {"names": [...], "state": {peer: {"in": b64, "out": b64}}}  + descriptors, one
                           name each (conn-PORT, tcp-PORT, udp-PORT): serve them. A
                           descriptor named `state` (first, if any) is the fd store's state
@@ -54,7 +60,8 @@ MAX_MESSAGE = 1 << 20
 @dataclass(frozen=True)
 class HandBack:
     peers: tuple[str, ...] = ()
-    listeners: bool = False
+    listeners: bool = False  # the TCP listeners (with them, the program says what it holds)
+    udp: bool = False  # the UDP sockets
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,12 @@ class Refusal:
 
 def encode(msg: Any) -> bytes:
     if isinstance(msg, HandBack):
-        body = {"listeners": True} if msg.listeners else {"peers": list(msg.peers)}
+        if msg.listeners:
+            body = {"listeners": True} if msg.udp else {"listeners": True, "udp": False}
+        elif msg.udp:
+            body = {"udp": True}
+        else:
+            body = {"peers": list(msg.peers)}
         op = "HANDBACK"
     elif isinstance(msg, Adopt):
         op, body = "ADOPT", {"names": list(msg.names), "state": msg.state}
@@ -153,11 +165,15 @@ def decode(data: bytes, fds: int = 0) -> Any:
         raise PeerControlError(f"channel message {op[:20]}: the body is not an object")
     if op == "HANDBACK":
         if body.get("listeners") is True and set(body) == {"listeners"}:
-            msg: Any = HandBack(listeners=True)
+            msg: Any = HandBack(listeners=True, udp=True)
+        elif body.get("listeners") is True and body.get("udp") is False and set(body) == {"listeners", "udp"}:
+            msg = HandBack(listeners=True)
+        elif body.get("udp") is True and set(body) == {"udp"}:
+            msg = HandBack(udp=True)
         elif set(body) == {"peers"}:
             msg = HandBack(peers=_strings(body["peers"], "peers"))
         else:
-            raise PeerControlError("HANDBACK: expected peers or listeners")
+            raise PeerControlError("HANDBACK: expected peers, listeners or udp")
     elif op in ("ADOPT", "HANDED"):
         names = _strings(body.get("names"), "names")
         state = _state(body.get("state", {}))

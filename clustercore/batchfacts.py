@@ -44,6 +44,7 @@ class BatchSourceFacts:
     instance: Any  # the running program: serves the kept connections all along
     own: tuple[Named, ...]  # the agent's own copies of its listeners and UDP sockets
     tcp_ports: tuple[int, ...]
+    udp_ports: tuple[int, ...] = ()
     drops_at_start: int = 0
     idle: Any = None  # ReadIdleTimes at arm: the order of the batches
     role: Any = None

@@ -55,6 +55,7 @@ from .batchcommands import (
     AdoptSockets,
     HandBackConnections,
     HandBackListeners,
+    HandBackUdp,
     HasChannel,
     ListKept,
     ReadIdleTimes,
@@ -101,7 +102,7 @@ from .nodecommands import (
     kind_of,
     socket_name,
 )
-from .packet import TCP
+from .packet import TCP, UDP
 from .sockstate import ServiceSockets, TcpConnState
 
 STRATEGY = MigrateStrategy.BATCHED.value  # in Prepare.strategy and Arm.strategy
@@ -139,7 +140,8 @@ class BatchedHandoff(Playbook):
                           "handoff (X_VIP_BATCH=1 on its vip-batch channel)")
         f = self.source = BatchSourceFacts(
             cut=BatchSource(event.epoch), instance=local.instance, own=tuple(local.sockets),
-            tcp_ports=tuple(port for proto, port in local.service.ports if proto == TCP))
+            tcp_ports=tuple(port for proto, port in local.service.ports if proto == TCP),
+            udp_ports=tuple(port for proto, port in local.service.ports if proto == UDP))
         f.drops_at_start = yield CountKernelDrops()
         f.role = f.cut
         yield InstallRole(m.service, f.cut)  # its packets are counted from now on
@@ -158,17 +160,9 @@ class BatchedHandoff(Playbook):
             # only if one came)
             yield WaitSettled(f.tcp_ports)
         t0 = yield ReadClock()
-        handed = yield HandBackListeners(f.instance)
+        handed = yield HandBackListeners(f.instance)  # it goes on reading its UDP sockets
         f.handed = list(handed.sockets)
         held = getattr(handed, "held", None)  # what the program says it serves, if it says
-        listeners = tuple(s for s in f.handed if kind_of(s[0]) == "tcp")
-        udp = tuple(s for s in f.handed if kind_of(s[0]) == "udp")
-        other = [s for s in f.handed if kind_of(s[0]) not in ("tcp", "udp")]
-        if other:
-            f.handed = [s for s in f.handed if s not in other]
-            yield CloseDescriptors(tuple(sock for _, sock in other))
-            yield Note(f"open {m.service}: the program handed back {sorted(n for n, _ in other)} "
-                       "with its listeners; not moved", "warning")
         t_list = yield ReadClock()
         # the program accepts no more: the connections it holds now are what it keeps
         # serving (only fewer as they close); what completes a handshake from here on
@@ -184,9 +178,23 @@ class BatchedHandoff(Playbook):
             # decided in between), and from the freeze on such a SYN is held, not accepted
             syns, looks = f.cut.syns_accepted, looks + 1
             yield WaitHandshakes(f.tcp_ports)
+        t_udp = yield ReadClock()
+        if f.udp_ports:
+            # the UDP sockets last: their clients wait from this hand-back to the
+            # destination's adoption, not for the listing of the kept connections above
+            f.handed += [s for s in (yield HandBackUdp(f.instance)).sockets if s not in f.handed]
+        listeners = tuple(s for s in f.handed if kind_of(s[0]) == "tcp")
+        udp = tuple(s for s in f.handed if kind_of(s[0]) == "udp")
+        other = [s for s in f.handed if kind_of(s[0]) not in ("tcp", "udp")]
+        if other:
+            f.handed = [s for s in f.handed if s not in other]
+            yield CloseDescriptors(tuple(sock for _, sock in other))
+            yield Note(f"open {m.service}: the program handed back {sorted(n for n, _ in other)} "
+                       "with its listeners; not moved", "warning")
         t_freeze = yield ReadClock()
         # settle: the step's start (`now`) -> the hand-back (the program still serves)
-        timing["settle"], timing["hand_back"], timing["list_kept"] = _ms(now, t0), _ms(t0, t_list), _ms(t_list, t_freeze)
+        timing["settle"], timing["hand_back"], timing["list_kept"] = _ms(now, t0), _ms(t0, t_list), _ms(t_list, t_udp)
+        timing["udp_hand_back"] = _ms(t_udp, t_freeze)
         f.accepted = list((yield AcceptWaiting(listeners))) if listeners else []
         consumed = f.cut.open([k.flow for k in kept], t_freeze)
         f.opened, f.current, f.frozen = True, OPENING, True
@@ -482,6 +490,10 @@ class BatchedHandoff(Playbook):
                 f.adopted = True
                 yield AdoptInstance(m.service, f.instance, tuple(f.opened))
             yield ServiceMoved(m.service, m.node)
+            if f.waited:  # said after the release: no log write in the hold
+                worst = max(f.waited, key=f.waited.get)
+                yield Note(f"opening of {m.service} released: {len(f.waited)} flows had packets held, "
+                           f"the longest {f.waited[worst]:.1f} ms ({worst[0]} {worst[1]}:{worst[2]})")
         else:
             f.settled |= {tuple(fl) for fl in f.flows}
         reply = yield from self._released(m, b, t0)

@@ -73,13 +73,13 @@ def _close(fds) -> None:
             pass
 
 
-def hand_back(sock: socket.socket, *, peers=(), listeners: bool = False,
+def hand_back(sock: socket.socket, *, peers=(), listeners: bool = False, udp: bool = False,
               timeout: float = 2.0, with_held: bool = False):
-    """Ask the program for these connections (or its listeners and UDP sockets); returns
+    """Ask the program for these connections (or its listeners, its UDP sockets); returns
     [(name, socket)] and the per-connection state it still held; `with_held`: also the
     (peer, local) pairs it says it keeps serving (an answer to HANDBACK listeners), None
     when it did not say (the agent lists them from the kernel's tables)."""
-    send(sock, bc.HandBack(peers=tuple(peers), listeners=listeners))
+    send(sock, bc.HandBack(peers=tuple(peers), listeners=listeners, udp=udp))
     named: list[tuple[str, socket.socket]] = []
     state: dict = {}
     held: list | None = None

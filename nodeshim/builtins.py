@@ -286,17 +286,19 @@ class Server:
         named: list[tuple[str, socket.socket]] = []
         state: dict = {}
         held: list[tuple[str, str]] | None = None
-        if msg.listeners:
-            named, self.named = list(self.named), []
+        if msg.listeners or msg.udp:
+            named = [(n, s) for n, s in self.named if (msg.udp if n.startswith("udp-") else msg.listeners)]
+            self.named = [x for x in self.named if x not in named]
             for _, s in named:
                 self.sel.unregister(s)
+        if msg.listeners:
             # we accept no more: the connections we serve now are the batches' (not those
             # a client is done with: they close here)
             now = time.monotonic()
             held = [(p, local, round(max(0.0, now - self.active.get(c, now)) * 1000.0, 1))
                     for c, p in self.peer_of.items()
                     if c not in self.eof and p != "?" and (local := self.local_of.get(c, "?")) != "?"]
-        else:
+        elif not msg.udp:
             for peer in dict.fromkeys(msg.peers):
                 c = self.by_peer.get(peer)
                 if c is None:

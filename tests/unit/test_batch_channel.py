@@ -111,7 +111,56 @@ def test_listeners_are_handed_back_for_the_opening_batch():
     listener.close()
 
 
+def test_the_opening_takes_the_listeners_first_and_the_udp_sockets_last():
+    """Listeners only: the program still answers UDP; then HANDBACK udp takes the UDP
+    socket alone (its clients wait from there, not for the list of kept connections)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.setblocking(False)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(2.0)
+    src, agent = _server_with_channel()
+    src.add("tcp-1", listener)
+    src.add("udp-1", udp)
+    try:
+        batchchannel.send(agent, bc.HandBack(listeners=True))
+        src.poll(0.5)
+        msg, fds = batchchannel.receive(agent, 2.0)
+        assert msg.names == ("tcp-1",) and len(fds) == 1 and msg.held == ()
+        socket.socket(fileno=fds[0]).close()
+        assert [n for n, _ in src.named] == ["udp-1"]
+        client.sendto(b"still here", udp.getsockname())
+        for _ in range(20):
+            src.poll(0.05)
+        assert client.recvfrom(100)[0] == b"still here"  # still served
+        batchchannel.send(agent, bc.HandBack(udp=True))
+        src.poll(0.5)
+        msg, fds = batchchannel.receive(agent, 2.0)
+        assert msg.names == ("udp-1",) and len(fds) == 1 and msg.held is None
+        socket.socket(fileno=fds[0]).close()
+        assert src.named == []
+    finally:
+        for s in (agent, listener, udp, client):
+            s.close()
+
+
+@pytest.mark.parametrize("body,want", [
+    (b'{"listeners": true}', bc.HandBack(listeners=True, udp=True)),  # the first form: both
+    (b'{"listeners": true, "udp": false}', bc.HandBack(listeners=True)),
+    (b'{"udp": true}', bc.HandBack(udp=True)),
+])
+def test_handback_forms(body, want):
+    assert bc.decode(b"HANDBACK " + body) == want
+    assert bc.decode(bc.encode(want)) == want
+
+
 @pytest.mark.parametrize("data,fds", [
+    (b"HANDBACK {\"udp\": false}", 0), (b"HANDBACK {\"listeners\": true, \"udp\": 1}", 0),
+    (b"HANDBACK {\"udp\": true, \"peers\": []}", 0),
     (b"", 0), (b"HANDBACK", 0), (b"HANDBACK []", 0), (b"HANDBACK {\"peers\": [1]}", 0),
     (b"HANDBACK {\"peers\": []}", 1), (b"ADOPT {\"names\": [\"conn-1\"]}", 0),
     (b"ADOPT {\"names\": [\"conn-1\"], \"state\": {\"p\": 3}}", 1), (b"HANDED {\"names\": []}", 2),
@@ -125,6 +174,7 @@ def test_the_decoder_blames_the_peer_for_anything_malformed(data, fds):
 
 def test_codec_round_trip():
     for msg, fds in [(bc.HandBack(peers=("198.51.100.7:1",)), 0), (bc.HandBack(listeners=True), 0),
+                     (bc.HandBack(udp=True), 0), (bc.HandBack(listeners=True, udp=True), 0),
                      (bc.Adopt(("conn-80",), {"p": {"in": "", "out": "eA=="}}), 1),
                      (bc.Handed(("conn-80", "conn-80"), {}, True), 2), (bc.Adopted(3), 0),
                      (bc.Refusal("no"), 0)]:

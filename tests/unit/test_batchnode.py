@@ -20,6 +20,7 @@ from clustercore.batchcommands import (
     AdoptSockets,
     HandBackConnections,
     HandBackListeners,
+    HandBackUdp,
     Handed,
     HasChannel,
     KeptConnection,
@@ -153,7 +154,7 @@ class Kernel:
             return [conn(i) for i, _ in enumerate(cmd.connections)]
         return {
             HasChannel: True, nc.CountKernelDrops: 0, nc.CountUdpBufferDrops: 0,
-            HandBackListeners: Handed((("tcp-7", "HL"), ("udp-7", "HU")), {}),
+            HandBackListeners: Handed((("tcp-7", "HL"),), {}), HandBackUdp: Handed((("udp-7", "HU"),), {}),
             nc.AcceptWaiting: [("conn-7", "A0")],
             ListKept: tuple(KeptConnection(f, idle_ms=10.0 * i) for i, f in enumerate(KEPT)),
             nc.DescribeListeners: (TcpListenerState(local=(VIP, 7), name="tcp-7"),),
@@ -225,9 +226,10 @@ def test_a_program_that_says_what_it_serves_costs_the_opening_no_kernel_table():
     kept = tuple(KeptConnection(f, idle_ms=5.0) for f in KEPT)
     steps = [
         (nc.WaitSettled, None), (nc.ReadClock, 1.0),
-        (HandBackListeners, Handed((("tcp-7", "HL"), ("udp-7", "HU")), {}, held)),
+        (HandBackListeners, Handed((("tcp-7", "HL"),), {}, held)),
         (nc.ReadClock, 1.25), (ListKept, kept),
-        (nc.ReadClock, 1.5), (nc.AcceptWaiting, []),
+        (nc.ReadClock, 1.5), (HandBackUdp, Handed((("udp-7", "HU"),), {})),
+        (nc.ReadClock, 1.6), (nc.AcceptWaiting, []),
         (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7), name="tcp-7"),)),
         (nc.DrainDatagrams, DRAINED), (nc.ReadClock, 2.0), (nc.Note, None),
     ]
@@ -264,6 +266,7 @@ def test_the_opening_looks_for_handshakes_before_the_hand_back_and_again_only_af
     cmd = runner.start()
     seen = []
     results = {nc.WaitSettled: None, nc.ReadClock: 1.0, HandBackListeners: Handed((("tcp-7", "HL"),), {}, held),
+               HandBackUdp: Handed((("udp-7", "HU"),), {}), nc.DrainDatagrams: DRAINED,
                nc.WaitHandshakes: None, nc.AcceptWaiting: [],
                nc.DescribeListeners: (TcpListenerState(local=(VIP, 7), name="tcp-7"),), nc.Note: None}
     while cmd is not None:
@@ -275,8 +278,8 @@ def test_the_opening_looks_for_handshakes_before_the_hand_back_and_again_only_af
             continue
         cmd = runner.send(results[type(cmd)])
     assert seen == [nc.WaitSettled, nc.ReadClock, HandBackListeners, nc.ReadClock, ListKept,
-                    nc.WaitHandshakes, nc.ReadClock, nc.AcceptWaiting, nc.DescribeListeners,
-                    nc.ReadClock, nc.Note]
+                    nc.WaitHandshakes, nc.ReadClock, HandBackUdp, nc.ReadClock, nc.AcceptWaiting,
+                    nc.DescribeListeners, nc.DrainDatagrams, nc.ReadClock, nc.Note]
     assert isinstance(runner.reply, bm.OpeningDone) and runner.reply.kept == KEPT
     assert cut.on_packet(packet(10, syn=True), OLD_EPOCH, "frozen", T0) is Verdict.HOLD
     assert cut.syns_accepted == 2
@@ -296,11 +299,14 @@ def test_the_source_script_opening_batches_and_finish():
     assert cut.on_packet(packet(1), EPOCH, "k1", T0) is Verdict.ACCEPT
     opening = script(m, EVENTS[bm.OpenBatch](), [
         (nc.WaitSettled, None), (nc.ReadClock, 1.0),
-        (HandBackListeners, Handed((("tcp-7", "HL"), ("udp-7", "HU"), ("x-1", "X")), {})),
-        (nc.CloseDescriptors, None), (nc.Note, None), (nc.ReadClock, 1.25),
+        (HandBackListeners, Handed((("tcp-7", "HL"), ("x-1", "X")), {})),
+        (nc.ReadClock, 1.25),
         (ReadIdleTimes, {}),  # the program did not say what it serves: the kernel's tables
         (ListKept, tuple(KeptConnection(f, idle_ms=10.0 * i) for i, f in enumerate(KEPT))),
-        (nc.ReadClock, 1.5), (nc.AcceptWaiting, [("conn-7", "A0")]),
+        (nc.ReadClock, 1.5),
+        (HandBackUdp, Handed((("udp-7", "HU"),), {})),  # the UDP sockets last
+        (nc.CloseDescriptors, None), (nc.Note, None),
+        (nc.ReadClock, 1.6), (nc.AcceptWaiting, [("conn-7", "A0")]),
         (nc.DumpConnections, [conn(0)]),
         (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7), name="tcp-7"),)),
         (nc.DrainDatagrams, DRAINED), (nc.ReadClock, 2.0), (nc.Note, None),
@@ -311,7 +317,7 @@ def test_the_source_script_opening_batches_and_finish():
     assert opening.consumed == {}  # a kept flow's count goes with its own batch
     assert (opening.tcp_established, opening.tcp_listening, opening.udp_sockets) == (5, 1, 1)
     assert {k: v for k, v in opening.timing_ms.items() if k != "settle"} == {
-        "hand_back": 250.0, "list_kept": 250.0, "frozen_to_reply": 500.0}
+        "hand_back": 250.0, "list_kept": 250.0, "udp_hand_back": 100.0, "frozen_to_reply": 400.0}
     assert "settle" in opening.timing_ms  # from the step's start to the hand-back
     assert sockwire.from_wire(opening.sockets).totals["connections"] == 1
     # the opening holds every flow it does not keep; kept ones are still served here
@@ -484,7 +490,7 @@ def test_the_destination_script_opening_batches_and_end():
         (nc.MarkReleasing, None), (nc.ReadClock, 3.0), (nc.Thaw, None), (nc.PutBackDatagrams, 1),
         (nc.InjectPackets, 1), (nc.ReadClock, 3.5), (nc.AcceptHeld, None), (AdoptSockets, 3),
         (nc.CloseDescriptors, None), (nc.AdoptInstance, None), (nc.ServiceMoved, None),
-        (nc.CountKernelDrops, 0), (nc.ReadClock, 3.6),
+        (nc.Note, None), (nc.CountKernelDrops, 0), (nc.ReadClock, 3.6),
     ])
     assert isinstance(released, bm.BatchReleaseDone) and m.state is State.ADOPTING
     assert (released.held, released.released, released.reinjected) == (1, 1, 2)
@@ -707,7 +713,7 @@ for _b, _ids in ((1, (1, 2)), (2, (3,)), (3, (4,))):
                     lambda b=_b, ids=_ids: step(bm.ReleaseBatch, batch=b, flows=tuple(flow(i) for i in ids),
                                                 consumed={})]
 BATCH_COMMANDS = [c for c in (*nc.COMMAND_TYPES, AdoptSockets, HandBackConnections, HandBackListeners,
-                              StartWithChannel) if not c.QUERY]
+                              HandBackUdp, StartWithChannel) if not c.QUERY]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
