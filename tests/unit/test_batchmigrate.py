@@ -177,6 +177,64 @@ def test_list_kept_is_awaitable_either_way(monkeypatch):
     assert asyncio.run(action(ListKept(ports=(7,), instance=None))) == ()
 
 
+def test_the_long_channel_work_leaves_the_event_loop_free(monkeypatch):
+    """The listeners' hand-back (the program's list of every kept connection) and the list
+    of kept connections run off the event loop:
+    the agent's verdict loop must go on meanwhile (a datagram that came during a stalled
+    hand-back waited for the whole opening). The channel is slow here (0.2 s a call);
+    a ticker on the loop must run while each action is awaited."""
+    import asyncio
+    import time
+
+    from clustercore.batchcommands import HandBackListeners, ListKept
+    from nodeshim import batchmigrate
+    from nodeshim import batchchannel as ch
+
+    def slow_hand_back(sock, **kw):
+        time.sleep(0.2)
+        return [], {}, [("198.51.100.2:40000", "203.0.113.10:7", 1.0)]
+    monkeypatch.setattr(ch, "hand_back", slow_hand_back)
+    monkeypatch.setattr(batchmigrate, "_channel", lambda instance: object())
+    slow_list = batchmigrate.BatchActions.kept_from_program
+
+    def slow_kept(cmd, vips, taken):
+        time.sleep(0.2)
+        return slow_list(cmd, vips, taken)
+    monkeypatch.setattr(batchmigrate.BatchActions, "kept_from_program", staticmethod(slow_kept))
+
+    class Mig:
+        class agent:
+            class config:
+                vips = ("203.0.113.10",)
+
+    table = batchmigrate.BatchActions(Mig()).table()
+    rs = type("RS", (), {"pid": 4242, "service": type("S", (), {"name": "echo"})()})()
+    cmds = [HandBackListeners(instance=rs),
+            ListKept(ports=(7,), instance=None, held=(("198.51.100.2:40000", "203.0.113.10:7", 1.0),))]
+
+    async def run(cmd):
+        ticks = 0
+        stop = False
+
+        async def ticker():
+            nonlocal ticks
+            while not stop:
+                ticks += 1
+                await asyncio.sleep(0.01)
+        t = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        ticks = 0
+        assert cmd.WAITS
+        result = await table[type(cmd)](cmd)
+        stop = True
+        await t
+        return ticks, result
+
+    for cmd in cmds:
+        ticks, _ = asyncio.run(run(cmd))
+        assert ticks >= 3, (type(cmd).__name__, ticks)  # 0 when the call blocks the loop
+
+
 def _standby(tmp_path, service):
     running: list = []
     store = NotifySocket(str(tmp_path / "notify"), lambda pid: service.name
