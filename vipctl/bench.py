@@ -185,10 +185,15 @@ def _next(node: str) -> str:
     return {"n1": "n2", "n2": "n3", "n3": "n1"}[node]
 
 
-def loaded_migration(spec: labmod.Lab, n: int, tag: str, destination: str, batched: bool = False) -> dict:
+NO_MIGRATION_WINDOW_S = 1.0  # the load's window without a migration (beside the 1 s before and after)
+
+
+def loaded_migration(spec: labmod.Lab, n: int, tag: str, destination: str | None, batched: bool = False) -> dict:
     """Migrate echo to `destination` while `n` connections and a UDP stream load it
     (vipctl.loadgen, exact accounting): the gateway's report and the clients' own. A
-    refusal of the migration raises (VipError) after the load has stopped."""
+    refusal of the migration raises (VipError) after the load has stopped. `destination`
+    None: the same load and window with no migration (report {}): the clients' own floor,
+    what the load generator and the lab make a reply wait with nothing moving."""
     ready, stop = f"{tag}.ready", f"{tag}.stop"
     rate = max(0.2, min(20.0, 1000.0 / n))  # about 1,000 messages/s in all
     load = labmod.popen_in(spec.client_ns, [sys.executable, "-m", "vipctl.loadgen", labmod.VIP,
@@ -201,8 +206,12 @@ def loaded_migration(spec: labmod.Lab, n: int, tag: str, destination: str, batch
         time.sleep(0.1)
     time.sleep(1.0)
     try:
-        report = call("migrate", spec.control_socket, timeout=300.0, name="echo", to=destination,
-                      **({"batched": True} if batched else {}))
+        if destination is None:
+            time.sleep(NO_MIGRATION_WINDOW_S)
+            report = {}
+        else:
+            report = call("migrate", spec.control_socket, timeout=300.0, name="echo", to=destination,
+                          **({"batched": True} if batched else {}))
     finally:
         time.sleep(1.0)
         open(stop, "w").close()
@@ -229,6 +238,7 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
         call("service.add", sock, name="echo", node="n1", ports=["tcp:7", "udp:7"], exec=builtin_spec("echo"))
         owner = "n1"
         for n in sizes:
+            floor = loaded_migration(spec, n, os.path.join(tmp, f"{n}-floor"), None)["client"]
             rows = []
             for run in range(runs):
                 destination = _next(owner)
@@ -260,6 +270,9 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                 # the longest any client (TCP or UDP) waited for one reply from the moment every
                 # connection was up (vipctl.loadgen): median of the runs, and their spread
                 "max_reply_ms": waits["median"], "max_reply_ms_stats": waits,
+                # the same load with nothing moving, in the same lab just before: the floor
+                # of that figure (the load generator's own event loop, the lab's cores)
+                "max_reply_ms_no_migration": benchbatch.longest_wait(floor),
                 # what each client felt: the slowest reply of each connection during the run
                 "per_connection_worst_reply_ms": _median_pcts([r["client"].get("conn_worst_reply_ms") for r in rows]),
                 "split_ms": rows[-1]["report"].get("split_ms", {}),

@@ -106,6 +106,7 @@ def measure_batched(prefix: str, sizes, runs: int, log, keep_logs: str | None = 
             if refused is not None:
                 out.append({"connections": n, "skipped": refused})
                 continue
+            floor = loaded_migration(spec, n, os.path.join(tmp, f"b{n}-floor"), None)["client"]
             rows = []
             for run in range(runs):
                 destination = _next(owner)
@@ -126,7 +127,7 @@ def measure_batched(prefix: str, sizes, runs: int, log, keep_logs: str | None = 
                     f"{count(row['lost'])}, longest wait {ms(longest_wait(client))}, retrans "
                     f"{count(client.get('retrans_segs'))}")
             if rows:
-                out.append(batched_row(n, rows))
+                out.append({**batched_row(n, rows), "max_reply_ms_no_migration": longest_wait(floor)})
             elif refused is not None:
                 out.append({"connections": n, "skipped": refused})
     finally:
@@ -151,14 +152,14 @@ def render_lines(result: dict) -> list[str]:
     if not rows:
         return []
     header = (f"{'batched: connections':>20} {'conn freeze p50/p99/max ms':>27} {'longest reply ms':>17} "
-              f"{'retrans':>7} {'lost':>5} {'dup':>4} {'batches':>7} {'total ms':>9}  pinned")
+              f"{'(unmoved)':>9} {'retrans':>7} {'lost':>5} {'dup':>4} {'batches':>7} {'total ms':>9}  pinned")
     lines = ["", header]
     for x in rows:
         if x.get("skipped"):
             lines.append(f"{x['connections']:>20} skipped: {x['skipped']}")
             continue
         lines.append(f"{x['connections']:>20} {_trio(x['conn_freeze_ms']):>27} {number(x.get('max_reply_ms')):>17} "
-                     f"{count(x.get('client_retransmissions')):>7} {count(x.get('lost')):>5} "
+                     f"{number(x.get('max_reply_ms_no_migration')):>9} {count(x.get('client_retransmissions')):>7} {count(x.get('lost')):>5} "
                      f"{count(x.get('duplicated')):>4} {number(x.get('batches'), 0):>7} {number(x.get('total_ms')):>9}  "
                      f"{count(x.get('connections_pinned'))}")
     return lines
@@ -172,21 +173,22 @@ def report_table(r: dict) -> list[str]:
         return []
     whole = {x["connections"]: x for x in r.get("migrations", [])}
     header = ("| connections | strategy | freeze ms (whole: first held -> last released; batched: per connection "
-              "p50 / p99 / max) | clients' longest wait for one reply ms (TCP or UDP, median of runs) | client retransmissions | lost | dup "
-              "| batches | total ms |")
-    out = ["", header, "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+              "p50 / p99 / max) | clients' longest wait for one reply ms (TCP or UDP, median of runs) "
+              "| the same, same load, nothing moving ms | client retransmissions | lost | dup | batches | total ms |")
+    out = ["", header, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for x in rows:
         n = x["connections"]
         w = whole.get(n)
         if w is not None:
             out.append(f"| {n} | whole | {number(w.get('freeze_ms'), 1)} | {number(w.get('max_reply_ms'), 1)} | "
-                       f"{w.get('client_retransmissions')} | {w.get('lost')} | {w.get('duplicated')} | 1 | "
+                       f"{number(w.get('max_reply_ms_no_migration'), 1)} | {w.get('client_retransmissions')} | {w.get('lost')} | {w.get('duplicated')} | 1 | "
                        f"{number(w.get('total_ms'), 1)} |")
         if x.get("skipped"):
-            out.append(f"| {n} | batched | not run: {x['skipped']} | - | - | - | - | - | - |")
+            out.append(f"| {n} | batched | not run: {x['skipped']} | - | - | - | - | - | - | - |")
             continue
         out.append(f"| {n} | batched | {_trio(x['conn_freeze_ms'], 1).replace('/', ' / ')} | "
-                   f"{number(x.get('max_reply_ms'), 1)} | {x.get('client_retransmissions')} | {x.get('lost')} | "
+                   f"{number(x.get('max_reply_ms'), 1)} | {number(x.get('max_reply_ms_no_migration'), 1)} | "
+                   f"{x.get('client_retransmissions')} | {x.get('lost')} | "
                    f"{x.get('duplicated')} | {number(x.get('batches'), 0)} | {number(x.get('total_ms'), 1)} |")
     return out
 

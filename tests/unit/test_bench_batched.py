@@ -91,3 +91,39 @@ def test_the_plot_draws_whole_and_batched(tmp_path):
          "longest_wait_ms": 180.0}]}
     bench.plot(r, str(path))
     assert path.stat().st_size > 10_000
+
+
+def test_the_floor_with_nothing_moving_is_shown_beside_the_longest_wait():
+    row = {**benchbatch.batched_row(1000, [_run((1, 5, 9), 25, 0)]), "max_reply_ms_no_migration": 7.25}
+    r = _result([row])
+    r["migrations"] = [{**m, "max_reply_ms_no_migration": 6.5} if m.get("connections") == 1000 else m
+                       for m in r.get("migrations", [])]
+    table = "\n".join(benchbatch.report_table(r))
+    assert "| 1000 | batched | 1 / 5 / 9 | 25 | 7.2 |" in table  # (7.25 to one decimal)
+    assert any(m.get("connections") == 1000 for m in r["migrations"])  # docs/bench-latest.json has the row
+    assert "| 1000 | whole |" in table and "| 6.5 |" in table
+    assert "7.25" in "\n".join(benchbatch.render_lines(r))
+
+
+def test_a_window_with_no_destination_migrates_nothing(monkeypatch, tmp_path):
+    """loaded_migration(destination=None): the same load and window, no migrate call."""
+    calls = []
+    monkeypatch.setattr(bench, "call", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(bench, "NO_MIGRATION_WINDOW_S", 0.0)
+
+    class Load:
+        def poll(self):
+            return None
+
+        def communicate(self, timeout=None):
+            return json.dumps({"max_wait_ms": 4.5, "tcp_missing": 0, "udp_missing": 0}).encode(), b""
+
+    def popen_in(ns, argv, **kw):
+        ready = argv[argv.index("--ready-file") + 1]
+        open(ready, "w").close()
+        return Load()
+    monkeypatch.setattr(bench.labmod, "popen_in", popen_in)
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    spec = type("Spec", (), {"client_ns": "x", "control_socket": "/nonexistent"})()
+    row = bench.loaded_migration(spec, 10, str(tmp_path / "t"), None)
+    assert calls == [] and row["report"] == {} and benchbatch.longest_wait(row["client"]) == 4.5 and row["lost"] == 0
