@@ -334,6 +334,7 @@ class Server:
 
     def hand_over(self) -> None:
         """Store the state and every socket in the agent's fd store, then stop."""
+        t0 = time.monotonic()
         conns = {}
         for c in list(self.outbuf):
             try:
@@ -358,14 +359,16 @@ class Server:
             notify(f"FDSTORE=1\nFDNAME={name}", [s.fileno()])
         by_port: dict[int, list[int]] = defaultdict(list)
         for c in self.outbuf:
+            local = self.local_of.get(c, "?")  # "ip:port", read once when it came
+            port = local.rpartition(":")[2]
             try:
-                by_port[c.getsockname()[1]].append(c.fileno())
+                by_port[int(port) if port.isdigit() else c.getsockname()[1]].append(c.fileno())
             except OSError:
                 pass
         for port, fds in by_port.items():
             for i in range(0, len(fds), FDS_PER_MESSAGE):
                 notify(f"FDSTORE=1\nFDNAME=conn-{port}", fds[i:i + FDS_PER_MESSAGE])
-        print(f"handed over {len(self.outbuf)} connections", flush=True)
+        print(f"handed over {len(self.outbuf)} connections in {(time.monotonic() - t0) * 1000:.1f} ms", flush=True)
         wait_for_continue(lambda: notify("STOPPING=1"))
 
     def poll(self, timeout: float) -> None:
