@@ -47,15 +47,12 @@ class _CheckedFlows(tuple):
 
 def _flows_to_wire(flows: Any) -> list:
     out: list = []
-    key: Any = None
-    flat: list = []
+    run: list = [None, None, None, []]  # [proto, dst, dport, [src, sport, ...]]
     for proto, src, sport, dst, dport in flows:
-        if key is None or key[0] != proto or key[1] != dport or key[2] != dst:
-            key = (proto, dport, dst)
-            flat = []
-            out.append([proto, dst, dport, flat])
-        flat.append(src)
-        flat.append(sport)
+        if run[0] != proto or run[1] != dst or run[2] != dport:  # a new run begins
+            run = [proto, dst, dport, []]
+            out.append(run)
+        run[3] += (src, sport)
     return out
 
 
