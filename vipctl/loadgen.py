@@ -64,6 +64,7 @@ class Stats:
         self.udp_sent_at: list[float] = []
         self.udp_max_wait_ms = 0.0  # UDP, first answer of a datagram sent from the ready point on
         self.errors: list[str] = []
+        self.udp_errors = 0
 
     def tcp_reply(self, sent: float, rtt: float) -> bool:
         """Count one echo's round trip; True if it is in the measured window."""
@@ -165,7 +166,11 @@ class UdpProto(asyncio.DatagramProtocol):
         st.udp_answers[n] = st.udp_answers.get(n, 0) + 1
 
     def error_received(self, exc):
-        self.st.errors.append(f"udp: {exc}")
+        # an ICMP error (a node that answered "port unreachable": it accepted a datagram
+        # with no socket for it) is reported by the next send or receive on this socket;
+        # a send that gets it does not go out, and that datagram is then missing
+        self.st.udp_errors += 1
+        self.st.errors.append(f"udp at {time.monotonic():.3f}: {exc}")
 
 
 async def udp_stream(host, port, rate, stop, st: Stats):
@@ -300,7 +305,12 @@ async def main(a):
         "tcp_late_conns": st.tcp_late_conns,
         "udp_sent": n, "udp_answered_once": once,
         "udp_duplicated": sum(1 for v in st.udp_answers.values() if v > 1),
+        "udp_errors": st.udp_errors,
         "udp_missing": sum(1 for i in range(n) if i not in st.udp_answers),
+        # for a post-mortem: the first unanswered datagrams, each with its send time on the
+        # machine's monotonic clock (the same in every namespace: a test can line them up
+        # with its own events)
+        "udp_missing_sent": [[i, round(st.udp_sent_at[i], 4)] for i in range(n) if i not in st.udp_answers][:10],
         "churn_ok": st.churn_ok, "churn_bad": st.churn_bad,
         "kv_set": st.kv_set, "kv_ok": st.kv_ok, "kv_bad": st.kv_bad,
         "max_rtt_ms": round(st.max_rtt_ms, 2), "max_rtt_warmup_ms": round(st.max_rtt_warmup_ms, 2),

@@ -557,6 +557,7 @@ def test_soak_migrations_round_the_nodes_with_random_daemon_kills(slab, tmp_path
     rng = random.Random(seed)
     p, stop = start_load(slab, tmp_path, "soak", duration=3600.0, conns=30)
     outcomes, kills, agent_kills = {"committed": 0, "rolled_back": 0}, [], 0
+    events = []  # (monotonic, what): lined up with the client's unanswered datagrams below
     try:
         time.sleep(1.0)
         first, first_rules = daemon_footprint(slab), rule_counts(slab)
@@ -564,6 +565,7 @@ def test_soak_migrations_round_the_nodes_with_random_daemon_kills(slab, tmp_path
             name = ("echo", "kv")[i % 2]
             src = owner(slab, name)
             roll = rng.random()
+            events.append((time.monotonic(), f"#{i} migrate {name} {src} -> {NEXT[src]}"))
             if roll < 0.15:  # the gateway dies at a random step of this migration
                 op, _ = rng.choice(GATEWAY_STEPS)
                 old = pids(slab)["gateway"]
@@ -578,7 +580,9 @@ def test_soak_migrations_round_the_nodes_with_random_daemon_kills(slab, tmp_path
             outcomes["committed" if svc["owner"] != src else "rolled_back"] += 1
             if roll > 0.75:  # a daemon dies between migrations
                 victim = rng.choice(sorted(set(pids(slab)) - {"supervisor"}))
+                events.append((time.monotonic(), f"#{i} kill {victim}"))
                 kill(slab, victim)
+                events.append((time.monotonic(), f"#{i} {victim} back"))
                 kills.append(f"#{i} {victim} between migrations")
                 if victim != "gateway":
                     agent_kills += 1
@@ -596,7 +600,11 @@ def test_soak_migrations_round_the_nodes_with_random_daemon_kills(slab, tmp_path
     # an agent killed within a role's grace period used to lose the datagrams in its
     # queue (17 over 44 agent kills in one 200-migration soak); the queues now outlive it
     lost_udp = r["udp_sent"] - r["udp_answered_once"]
-    print(f"  UDP lost: {lost_udp} ({agent_kills} agent kills)")
+    print(f"  UDP lost: {lost_udp} ({agent_kills} agent kills); client errors: {r['errors']}")
+    for n, sent in r.get("udp_missing_sent", []):
+        before = [e for e in events if e[0] <= sent][-3:]
+        print(f"  datagram {n} (unanswered) sent at {sent:.3f}, after: "
+              + "; ".join(f"{what} at {t - sent:+.3f} s" for t, what in before))
     assert_exact(r)
     assert r["udp_duplicated"] == 0, r
     for name, (fds, rss) in last.items():
