@@ -199,6 +199,13 @@ class SourceCutover(MigrationRole):
         self.frozen_at = now
         return dict(self._consumed)
 
+    @property
+    def undecided_verdict(self) -> Verdict:
+        """Until the commit this node is the owner (a migration that loses its source's
+        agent rolls back): accept, as rollback() does with the hold. Once committed: drop,
+        as commit() does (the destination has every packet since the freeze)."""
+        return Verdict.DROP if self._phase is _Phase.COMMITTED else Verdict.ACCEPT
+
     def hand_over_late(self) -> tuple[Handle, ...]:
         """The held old-epoch packets, in arrival order, for re-injection on the
         destination before its release. Call once, after freeze, when the socket state is
@@ -260,6 +267,7 @@ class DestCutover(MigrationRole):
         self._first_held_at: float | None = None
         self._last_released_at: float | None = None
         self._released_flows: frozenset[Flow] = frozenset()
+        self._settled = False  # the release's plan carried out (undecided_verdict)
 
     @property
     def phase(self) -> str:
@@ -277,6 +285,24 @@ class DestCutover(MigrationRole):
     def released_flows(self) -> frozenset[Flow]:
         """The flows the release accepted held packets of: their clients wait for an answer."""
         return self._released_flows
+
+    @property
+    def undecided_verdict(self) -> Verdict | None:
+        """Holding (or aborted): drop, as abort() does (the source has them). Released and
+        settled (the release's plan applied: `settle()`): this node is the owner and
+        accepts what comes, unless a skip budget is left (a packet read then may be one
+        the source consumed: no single verdict is right, None). Between release() and
+        settle() the hold's plan is half applied; drop (the release's documented loss,
+        never a duplicate)."""
+        if self._phase is not _Phase.RELEASED or not self._settled:
+            return Verdict.DROP
+        return None if self._skip else Verdict.ACCEPT
+
+    def settle(self) -> None:
+        """The release's plan was carried out (its drops and accepts given): from now on a
+        packet read and not decided belongs to this node."""
+        if self._phase is _Phase.RELEASED:
+            self._settled = True
 
     def stats(self) -> DestStats:
         held = len(self._held) if self._phase is _Phase.COUNTING else self._held_total

@@ -513,6 +513,7 @@ class Handoff(Playbook):
         accept, f.to_accept = f.to_accept, ()
         if accept:
             yield AcceptHeld(accept)
+        f.cut.settle()  # from here a packet read and not decided is ours (a successor accepts it)
         if not f.started:
             f.started = True  # the starts run once: a failure later on does not repeat them
             yield from self._start_new_instance(m, f)

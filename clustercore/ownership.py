@@ -148,6 +148,14 @@ class MigrationRole:
     def on_packet(self, packet: Packet, epoch: str | None, handle: object, now: float) -> Verdict:
         raise NotImplementedError
 
+    @property
+    def undecided_verdict(self) -> Verdict | None:
+        """The verdict a packet of this service should get if the agent dies after reading
+        it and before deciding it (or while holding it): its successor finds such packets
+        by id only, with no bytes to decide them by (nodeshim.queuekeep). None: this role
+        cannot tell (the successor drops them: TCP retransmits)."""
+        return None
+
 
 @dataclass
 class NodeFilter:

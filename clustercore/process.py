@@ -353,6 +353,7 @@ class ProcessMigration(Playbook):
         accept, f.to_accept = f.to_accept, ()
         if accept:
             yield AcceptHeld(accept)
+        f.cut.settle()  # from here a packet read and not decided is ours (a successor accepts it)
         stopped, f.stopped = f.stopped, None
         if stopped is not None:
             yield ThawProcess(stopped, restored=True)  # criu's restore left repair mode: SIGCONT

@@ -225,9 +225,18 @@ class MigrationAgent(ProcessSteps):
             if self.migrations.machines.get(machine.service) is machine and not machine.finished:
                 await self._drive(machine.handle(event, self.kernel.clock()))
 
+    def _record_roles(self) -> None:
+        """What a successor does with the packets we read and did not decide, kept true as
+        the playbooks move the roles' phases (a release, a commit: nodeshim.queuekeep).
+        Called before each command (a phase changes in the playbook, between commands,
+        and no packet is decided until a command waits) and after the last. Writes only
+        when something changed."""
+        self.agent.role_record.write(self.agent.filter.roles)
+
     async def _drive(self, runner: Runner) -> Any:
         cmd = runner.start()
         while cmd is not None:
+            self._record_roles()
             try:
                 result = self._actions[type(cmd)](cmd)
                 if cmd.WAITS:
@@ -236,12 +245,14 @@ class MigrationAgent(ProcessSteps):
                 cmd = runner.fail(self._as_failure(cmd, e))
             else:
                 cmd = runner.send(result)
+        self._record_roles()
         return runner.reply
 
     def _drive_now(self, runner: Runner) -> Any:
         """Run an ending routine synchronously (they never wait)."""
         cmd = runner.start()
         while cmd is not None:
+            self._record_roles()
             if cmd.WAITS:
                 cmd = runner.fail(LocalControlError(f"{type(cmd).__name__} cannot wait here"))
                 continue
@@ -251,6 +262,7 @@ class MigrationAgent(ProcessSteps):
                 cmd = runner.fail(self._as_failure(cmd, e))
             else:
                 cmd = runner.send(result)
+        self._record_roles()
         return runner.reply
 
     @staticmethod

@@ -12,8 +12,9 @@ Of the packets in a kept queue, those the dead agent never read carry their byte
 successor decides them like any packet arriving now (its filter treats the services it
 adopted as its own until the gateway's table comes). Those it had read and held (a
 migration role's hold) are known by id only, so they get one verdict together; which one
-depends on whose hold it was, which the agent records whenever its roles change
-(`RoleRecord`, roles.json in the state directory; see `held_verdict`).
+depends on whose hold it was and in which phase, which the agent records whenever its
+roles come, go or change phase (`RoleRecord`, roles.json in the state directory; see
+`held_verdict`).
 """
 
 from __future__ import annotations
@@ -50,27 +51,43 @@ def take_fd_store(config: NodeConfig) -> dict[int, socket.socket]:
 
 
 class RoleRecord:
-    """Which services have a migration role on this node, and which side, on disk."""
+    """Which services have a migration role on this node, and what a packet of each that
+    the agent read and did not decide should get (the role's `undecided_verdict`), on
+    disk. Written whenever a role comes, goes or changes phase (the migration executor
+    writes it before each command it runs and after the last: a phase changes only in a
+    playbook, between commands, and no packet is decided before the next command runs)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._written: dict[str, str] | None = None
+        self._written: dict[str, dict[str, str]] | None = None
+
+    @staticmethod
+    def entries(roles: dict[str, object]) -> dict[str, dict[str, str]]:
+        out = {}
+        for name, role in roles.items():
+            verdict = getattr(role, "undecided_verdict", None)
+            out[name] = {"kind": type(role).__name__, "phase": str(getattr(role, "phase", "")),
+                         "undecided": verdict.value if verdict is not None else "unknown"}
+        return out
 
     def write(self, roles: dict[str, object]) -> None:
-        kinds = {name: type(role).__name__ for name, role in roles.items()}
-        if kinds == self._written:
+        entries = self.entries(roles)
+        if entries == self._written:
             return
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
-                json.dump(kinds, f)
+                json.dump(entries, f)
             os.replace(tmp, self.path)
-            self._written = kinds
+            self._written = entries
         except OSError as e:
             log.warning("cannot record the migration roles: %s", e)
 
-    def read(self) -> dict[str, str]:
+    def read(self) -> dict[str, dict[str, str]]:
+        """{service: {"kind", "phase", "undecided": accept|drop|unknown}}; a record of an
+        agent before phases were recorded ({service: kind}) reads as it was meant then:
+        a source accepts, anything else drops."""
         try:
             with open(self.path) as f:
                 roles = json.load(f)
@@ -81,28 +98,42 @@ class RoleRecord:
             return {}
         if not isinstance(roles, dict):
             return {}
-        return {str(k): str(v) for k, v in roles.items()}
+        out = {}
+        for name, entry in roles.items():
+            if isinstance(entry, str):  # the older form
+                entry = {"kind": entry, "undecided": "accept" if entry == "SourceCutover" else "drop"}
+            if not isinstance(entry, dict):
+                entry = {}
+            undecided = entry.get("undecided")
+            out[str(name)] = {"kind": str(entry.get("kind", "?")), "phase": str(entry.get("phase", "")),
+                              "undecided": undecided if undecided in ("accept", "drop") else "unknown"}
+        return out
 
     def held_verdict(self) -> bool:
-        """Accept (True) or drop the packets the previous agent held when it died, all at
-        once (the kernel keeps their ids, not whose they are). Only migration roles hold:
-        - a source (armed: new connections' SYNs; frozen: everything since the freeze):
-          its migration rolls back (the gateway lost the source's machine), so the source
-          is the owner again and accepts its hold, in order, as SourceCutover.rollback()
-          does; its service was adopted and runs (a frozen one finds the packets in its
-          socket buffers once resumed). If the gateway commits instead (the agent died as
-          the commit arrived), the frozen instance is ended at the reconcile: what was
-          accepted into its sockets ends with it, and the destination has those packets.
-        - a destination (holding since prepare; a released one holds nothing): the
-          migration rolls back, and its hold is dropped, as DestCutover.abort() does.
-        - both kinds (two migrations at once): their packets cannot be told apart; they
-          are dropped (TCP retransmits; a datagram accepted on a node that does not own
-          its service would be answered by a stack without its socket)."""
+        """Accept (True) or drop the packets the previous agent held or had read and not
+        decided when it died, all at once (the kernel keeps their ids, not whose they
+        are). Only migration roles send packets to the queue, so the recorded roles say:
+        - a source before its commit: its migration rolls back (the gateway lost the
+          source's machine), so it is the owner again and accepts, in order, as
+          SourceCutover.rollback() does; its service was adopted and runs (a frozen one
+          finds the packets in its socket buffers once resumed). If the gateway commits
+          instead (the agent died as the commit arrived), the frozen instance is ended at
+          the reconcile: what was accepted into its sockets ends with it, and the
+          destination has those packets. A committed source drops (the destination has
+          them).
+        - a destination holding: the migration rolls back and its hold is dropped, as
+          DestCutover.abort() does. A released one (its plan carried out) is the owner
+          and accepts: a packet it had read in its grace period would be lost otherwise.
+        - roles that disagree (two migrations at once), or one that cannot tell: the
+          packets cannot be told apart; they are dropped (TCP retransmits; a datagram
+          accepted on a node that does not own its service would be answered by a stack
+          without its socket)."""
         roles = self.read()
-        kinds = set(roles.values())
-        if kinds == {"SourceCutover"}:
+        verdicts = {e["undecided"] for e in roles.values()}
+        if verdicts == {"accept"}:
             return True
-        if len(kinds) > 1:
+        if len(verdicts) > 1 or "unknown" in verdicts:
             log.warning("the previous agent held packets for %s: dropped (cannot tell them apart)",
-                        ", ".join(f"{n} ({k})" for n, k in sorted(roles.items())))
+                        ", ".join(f"{n} ({e['kind']} {e['phase']}: {e['undecided']})".replace(" :", ":")
+                                  for n, e in sorted(roles.items())))
         return False

@@ -473,6 +473,25 @@ def test_killed_at_the_inject_of_stragglers(slab, tmp_path, who):
     migrate(slab, "echo", NEXT[svc["owner"]])
 
 
+def test_in_the_grace_after_a_move_a_successor_would_accept_at_the_destination_and_drop_at_the_source(slab, tmp_path):
+    """After a migration both roles stay for their grace period (5 s). An agent killed
+    then leaves packets read and not decided; its successor gives them the one verdict
+    the record (roles.json) names. The released destination owns the service: accept
+    (its datagram was lost before); the committed source does not: drop."""
+    import json
+
+    source = owner(slab, "echo")
+    destination = NEXT[source]
+    migrate(slab, "echo", destination)
+    records = {}
+    for node in (source, destination):
+        with open(os.path.join(slab.lab.state_dir, node, "roles.json")) as f:
+            records[node] = json.load(f).get("echo")
+    assert records[destination] is not None and records[destination]["undecided"] == "accept", records
+    assert records[source] is not None and records[source]["undecided"] == "drop", records
+    assert records[destination]["phase"] == "released" and records[source]["phase"] == "committed", records
+
+
 def test_destination_agent_killed_between_starting_and_adopting_the_new_instance(slab, tmp_path):
     """Inside the release, the handoff's new instance started (serving the moved
     connections) and not yet adopted when the destination's agent dies (`handoff.start`

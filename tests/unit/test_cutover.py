@@ -455,3 +455,46 @@ def test_wire_round_trip_and_garbage():
             consumed_from_wire(garbage)
     with pytest.raises(PeerControlError):
         packets_from_wire(["not base64!"])
+
+
+def test_what_a_successor_does_with_packets_read_and_not_decided_follows_the_phase():
+    """nodeshim.queuekeep's record: a dead agent's read, undecided packets get one verdict."""
+    src, dst = SourceCutover(NEW), DestCutover(NEW)
+    assert src.undecided_verdict is Verdict.ACCEPT and dst.undecided_verdict is Verdict.DROP
+    for sport in (1, 2):
+        assert src.on_packet(udp(sport), NEW, ("s", sport), 0.0) is Verdict.ACCEPT
+        assert dst.on_packet(udp(sport), NEW, ("d", sport), 0.0) is Verdict.HOLD
+    consumed = src.freeze(1.0)
+    assert src.undecided_verdict is Verdict.ACCEPT  # frozen: a rollback accepts the hold
+    dst.release(consumed, 2.0)
+    # released, its plan not yet carried out: no verdict fits both halves; drop (a loss
+    # the release's documentation names), never a duplicate
+    assert dst.undecided_verdict is Verdict.DROP
+    dst.settle()
+    assert dst.undecided_verdict is Verdict.ACCEPT  # the owner now
+    src.commit()
+    assert src.undecided_verdict is Verdict.DROP  # the destination has them
+
+
+def test_a_released_destination_with_a_skip_budget_cannot_tell():
+    src, dst = SourceCutover(NEW), DestCutover(NEW)
+    for _ in range(3):
+        src.on_packet(udp(), NEW, "s", 0.0)
+    dst.on_packet(udp(), NEW, "d", 0.0)
+    dst.release(src.freeze(1.0), 2.0)
+    dst.settle()
+    assert dst.skip_budget == {udp().flow: 2}
+    assert dst.undecided_verdict is None  # the next one may be a duplicate, or not
+    for _ in range(2):
+        assert dst.on_packet(udp(), NEW, "d", 3.0) is Verdict.DROP
+    assert dst.undecided_verdict is Verdict.ACCEPT
+
+
+def test_a_rolled_back_source_and_an_aborted_destination():
+    src, dst = SourceCutover(NEW), DestCutover(NEW)
+    src.freeze(0.0)
+    src.rollback()
+    dst.abort()
+    assert src.undecided_verdict is Verdict.ACCEPT and dst.undecided_verdict is Verdict.DROP
+    dst.settle()  # nothing to settle: an aborted destination stays dropping
+    assert dst.undecided_verdict is Verdict.DROP

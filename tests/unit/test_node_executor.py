@@ -27,6 +27,7 @@ from clustercore.packet import TCP, UDP as P_UDP
 from clustercore.sockstate import (TcpConnState, TcpListenerState, TcpWindow, UdpDatagram,
                                    UdpSocketState)
 from nodeshim import migrate
+from nodeshim.queuekeep import RoleRecord
 
 VIP, CLIENT, EPOCH, NEXT_EPOCH = "203.0.113.10", "198.51.100.2", "02:76:63:00:00:02", "02:76:63:00:00:03"
 ECHO = Service("echo", "n1", ((TCP, 7), (P_UDP, 7)), "builtin:echo")
@@ -292,6 +293,21 @@ class FakeKernel:
             self.notify.standbys.discard(rs.service.name)
 
 
+class RecordedRoles(RoleRecord):
+    """The real record on disk; each write also noted as (position in the kernel log,
+    echo's verdict for what a successor would find undecided)."""
+
+    def __init__(self, path, log):
+        super().__init__(path)
+        self.log, self.writes = log, []
+
+    def write(self, roles):
+        before = self._written
+        super().write(roles)
+        if self._written != before:
+            self.writes.append((len(self.log), (self._written.get("echo") or {}).get("undecided")))
+
+
 @dataclass
 class FakeAgent:
     config: NodeConfig
@@ -304,10 +320,12 @@ class FakeAgent:
     rpc: object = None
     notify: object = None
     notify_env: dict = field(default_factory=lambda: {"NOTIFY_SOCKET": "/run/notify"})
+    role_record: RoleRecord = None
 
     def __post_init__(self) -> None:
         self.filter = NodeFilter(self.config.name)
         self.filter.load([ECHO], self.config.name)
+        self.role_record = RecordedRoles(os.path.join(self.config.state_dir, "roles.json"), self.log)
         self.log_dir = os.path.join(self.config.state_dir, "services")
 
     def sync_datapath(self) -> None:
@@ -409,6 +427,56 @@ def test_source_arm_freeze_commit_script(tmp_path):
     assert log[-2] == ("service_moved", "echo", "n2")
     assert "echo" not in agent.running and "echo" not in agent.filter.roles
     assert isinstance(done, msgs.CommitDone) and done.kernel_drops == 0
+
+
+def test_the_record_of_roles_turns_to_drop_before_the_commit_drops_the_hold(tmp_path):
+    """An agent that dies during or after the commit leaves packets its successor knows by
+    id only: the record says what they get. Accept while this node may still be the owner;
+    drop from the commit on, written before the commit's first command runs."""
+    ma, agent, fake, log = source(tmp_path)
+    rec = agent.role_record
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        await ma.handle(step(msgs.Freeze))
+        agent.filter.decide(udp_packet(1), NEXT_EPOCH, FakePacket(1, log))  # held
+        assert rec.read()["echo"]["undecided"] == "accept" and rec.held_verdict() is True
+        log.clear()
+        rec.writes.clear()
+        await ma.handle(step(msgs.Commit))
+        await settle()
+
+    asyncio.run(script())
+    assert rec.writes[0] == (0, "drop")  # before the hold's drop (the log's first entry)
+    assert log.names()[0] == "drop"
+    assert rec.held_verdict() is False
+
+
+def test_the_record_of_roles_turns_to_accept_only_once_the_release_is_carried_out(tmp_path):
+    ma, agent, fake, log = destination(tmp_path)
+    rec = agent.role_record
+    from clustercore.sockstate import ServiceSockets
+    wire = sockwire.to_wire(ServiceSockets(service="echo", listeners=(TcpListenerState(local=(VIP, 7)),),
+                                           connections=(), udp=(UdpSocketState(local=(VIP, 7)),)))
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1"))
+        await ma.handle(step(msgs.Restore, sockets=wire))
+        agent.filter.decide(udp_packet(7), EPOCH, FakePacket(7, log))  # held
+        agent.filter.decide(udp_packet(8), EPOCH, FakePacket(8, log))  # held
+        assert rec.read()["echo"]["undecided"] == "drop"  # holding: a rollback drops the hold
+        log.clear()
+        rec.writes.clear()
+        flow = (P_UDP, CLIENT, 5000, VIP, 7)
+        await ma.handle(step(msgs.Release, consumed={flow: 1}, late_packets=()))
+        return flow
+
+    asyncio.run(script())
+    names = log.names()
+    # the consumed one dropped, the other accepted; only then is a read packet ours
+    assert names.index("drop") < names.index("accept")
+    assert [w for w in rec.writes if w[1] == "accept"][0][0] > names.index("accept")
+    assert rec.held_verdict() is True
 
 
 def test_the_freeze_streams_chunks_to_the_gateway_while_it_dumps(tmp_path):

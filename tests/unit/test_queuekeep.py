@@ -98,18 +98,59 @@ def test_the_role_record_says_which_way_the_dead_agents_hold_goes(tmp_path):
     rec = RoleRecord(str(tmp_path / "roles.json"))
     assert rec.held_verdict() is False  # nothing recorded: nothing was held
 
-    class SourceCutover: pass  # noqa: E701  (only the class name is recorded)
+    class Role:
+        def __init__(self, verdict, phase="p"):
+            self.undecided_verdict, self.phase = verdict, phase
 
-    class DestCutover: pass  # noqa: E701
+    class SourceCutover(Role): pass  # noqa: E701
 
-    rec.write({"echo": SourceCutover()})
-    assert rec.read() == {"echo": "SourceCutover"} and rec.held_verdict() is True
-    rec.write({"echo": DestCutover()})
+    class DestCutover(Role): pass  # noqa: E701
+
+    class BatchDest: pass  # noqa: E701  (says nothing)
+
+    rec.write({"echo": SourceCutover(Verdict.ACCEPT, "frozen")})
+    assert rec.read() == {"echo": {"kind": "SourceCutover", "phase": "frozen", "undecided": "accept"}}
+    assert rec.held_verdict() is True
+    rec.write({"echo": DestCutover(Verdict.DROP)})
     assert rec.held_verdict() is False
-    rec.write({"echo": SourceCutover(), "kv": DestCutover()})
+    # a released destination in its grace and a source before its commit: both accept
+    rec.write({"echo": SourceCutover(Verdict.ACCEPT), "kv": DestCutover(Verdict.ACCEPT)})
+    assert rec.held_verdict() is True
+    # roles that disagree, or one that cannot tell: dropped
+    rec.write({"echo": SourceCutover(Verdict.ACCEPT), "kv": DestCutover(Verdict.DROP)})
     assert rec.held_verdict() is False
+    rec.write({"echo": DestCutover(None)})
+    assert rec.read()["echo"]["undecided"] == "unknown" and rec.held_verdict() is False
+    rec.write({"echo": BatchDest()})
+    assert rec.read()["echo"]["undecided"] == "unknown" and rec.held_verdict() is False
     (tmp_path / "roles.json").write_text("{not json")
     assert rec.held_verdict() is False
+    (tmp_path / "roles.json").write_text('{"echo": ["odd"], "kv": {"undecided": 7}}')
+    assert rec.held_verdict() is False
+
+
+def test_a_role_record_of_the_older_form_reads_as_it_was_meant(tmp_path):
+    """An agent before phases were recorded wrote {service: kind}: a source accepted."""
+    path = tmp_path / "roles.json"
+    rec = RoleRecord(str(path))
+    path.write_text('{"echo": "SourceCutover"}')
+    assert rec.held_verdict() is True
+    path.write_text('{"echo": "SourceCutover", "kv": "DestCutover"}')
+    assert rec.held_verdict() is False
+
+
+def test_the_real_roles_record_their_phase(tmp_path):
+    from clustercore.cutover import DestCutover, SourceCutover
+    rec = RoleRecord(str(tmp_path / "roles.json"))
+    src, dst = SourceCutover("02:00:00:00:00:0b"), DestCutover("02:00:00:00:00:0b")
+    rec.write({"echo": src, "kv": dst})
+    assert rec.read()["kv"] == {"kind": "DestCutover", "phase": "holding", "undecided": "drop"}
+    dst.release({}, 1.0)
+    dst.settle()
+    src.freeze(1.0)
+    rec.write({"echo": src, "kv": dst})
+    assert rec.read()["kv"]["undecided"] == "accept" and rec.read()["echo"]["phase"] == "frozen"
+    assert rec.held_verdict() is True
 
 
 def test_the_supervisor_keeps_what_its_daemon_stores_and_passes_it_to_the_next_one(tmp_path, monkeypatch):
