@@ -206,6 +206,10 @@ class SourceCutover(MigrationRole):
         as commit() does (the destination has every packet since the freeze)."""
         return Verdict.DROP if self._phase is _Phase.COMMITTED else Verdict.ACCEPT
 
+    @property
+    def ended(self) -> bool:
+        return self._phase in (_Phase.COMMITTED, _Phase.ROLLED_BACK)
+
     def hand_over_late(self) -> tuple[Handle, ...]:
         """The held old-epoch packets, in arrival order, for re-injection on the
         destination before its release. Call once, after freeze, when the socket state is
@@ -297,6 +301,13 @@ class DestCutover(MigrationRole):
         if self._phase is not _Phase.RELEASED or not self._settled:
             return Verdict.DROP
         return None if self._skip else Verdict.ACCEPT
+
+    @property
+    def ended(self) -> bool:
+        """Aborted, or released and settled with no skip budget left (one left: a packet
+        of its flow is dropped here though the service runs here)."""
+        return self._phase is _Phase.ABORTED or (self._phase is _Phase.RELEASED and self._settled
+                                                  and not self._skip)
 
     def settle(self) -> None:
         """The release's plan was carried out (its drops and accepts given): from now on a

@@ -156,6 +156,14 @@ class MigrationRole:
         cannot tell (the successor drops them: TCP retransmits)."""
         return None
 
+    @property
+    def ended(self) -> bool:
+        """The migration's outcome is carried out on this node: the role holds nothing and
+        never will again, and a packet of its service is decided as the fast path will
+        (accepted where the service runs, dropped elsewhere). A successor may then decide
+        the packets it finds read and undecided by their bytes (nodeshim.queuekeep)."""
+        return False
+
 
 @dataclass
 class NodeFilter:

@@ -168,7 +168,7 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
             self.filter.load([dataclasses.replace(self.running[n].service, owner=cfg.name)
                               for n in self.adopted], None)
         self.queue = PacketQueues(cfg.queue_num, cfg.queue_count, cfg.queue_maxlen, self.decide,
-                                  self.inherited_queues, self.role_record.held_verdict() if self.inherited_queues else False)
+                                  self.inherited_queues, self.role_record.held_verdict() if self.inherited_queues else "drop")
         self.inherited_queues = {}
         self.role_record.write(self.filter.roles)  # none yet: what the previous agent held is decided
         for q in self.queue.fresh:

@@ -43,6 +43,9 @@ NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN = 1, 2, 3
 NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
 
 NF_DROP, NF_ACCEPT = 0, 1
+# the packet goes through the hook that queued it once more (the same rules): queued
+# again, with a new id and its bytes (scripts/nfqueue-repeat measures it)
+NF_REPEAT = 4
 MAX_ID = 0xFFFFFFFF
 
 
@@ -153,8 +156,8 @@ def _message(msg: int, queue: int, attrs: bytes, flags: int = NLM_F_REQUEST, seq
 
 
 def _verdict_attr(verdict: int, packet_id: int) -> bytes:
-    if verdict not in (NF_ACCEPT, NF_DROP):
-        raise ValueError(f"verdict {verdict} is neither NF_ACCEPT nor NF_DROP")
+    if verdict not in (NF_ACCEPT, NF_DROP, NF_REPEAT):
+        raise ValueError(f"verdict {verdict} is not NF_ACCEPT, NF_DROP or NF_REPEAT")
     if not 0 <= packet_id <= MAX_ID:
         raise ValueError(f"packet id {packet_id} is not a u32")
     return _attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id))
@@ -169,6 +172,13 @@ def batch_verdict(queue: int, up_to_id: int, accept: bool) -> bytes:
     """NFQNL_MSG_VERDICT_BATCH: the same verdict for every packet of the queue whose id is
     not after `up_to_id` (the kernel compares ids as serial numbers)."""
     return _message(NFQNL_MSG_VERDICT_BATCH, queue, _verdict_attr(NF_ACCEPT if accept else NF_DROP, up_to_id))
+
+
+def batch_repeat(queue: int, up_to_id: int) -> bytes:
+    """NFQNL_MSG_VERDICT_BATCH with NF_REPEAT: every packet of the queue whose id is not
+    after `up_to_id` goes through its hook's rules again (queued again: new ids, bytes
+    included, behind what was queued meanwhile)."""
+    return _message(NFQNL_MSG_VERDICT_BATCH, queue, _verdict_attr(NF_REPEAT, up_to_id))
 
 
 def set_maxlen(queue: int, maxlen: int, seq: int) -> bytes:

@@ -292,7 +292,7 @@ class AdoptedQueue:
         sock.setblocking(False)
 
     @classmethod
-    def take_over(cls, queue_num: int, sock: socket.socket, max_len: int, held_accept: bool,
+    def take_over(cls, queue_num: int, sock: socket.socket, max_len: int, held: str,
                   decide: Callable[[bytes, str | None, object, float], Verdict]) -> "AdoptedQueue | None":
         """Check the instance behind `sock` is bound to it (a config message the kernel
         acknowledges only then), give what the dead agent left its verdict, and return
@@ -302,9 +302,13 @@ class AdoptedQueue:
         a verdict (held by a migration role, or read and not yet decided when it died);
         their bytes are gone with it, only their ids are known to lie before the first
         packet still unread (the kernel numbers packets in arrival order). They all get
-        one batch verdict, `held_accept` (the caller knows which roles held them). Then
-        the packets it never read, in order, each decided by `decide` like any packet
-        arriving now."""
+        one batch verdict, `held`: "accept" or "drop" (the caller knows which roles held
+        them), or "repeat": through the queue's rules again, to be read, bytes and all,
+        and decided one by one behind the packets queued meanwhile (when no role holds
+        anything and the roles disagree: nodeshim.queuekeep). Then the packets it never
+        read, in order, each decided by `decide` like any packet arriving now."""
+        if held not in HELD_VERDICTS:
+            raise ValueError(f"held verdict {held!r} is not one of {', '.join(HELD_VERDICTS)}")
         q = cls(queue_num, sock, decide)
         last_id = id_sequence(queue_num)  # before reading: every id up to it is queued or done
         waiting = queued_now(queue_num)
@@ -332,12 +336,13 @@ class AdoptedQueue:
         q.left_unread = len(unread)
         q.left_held = max(0, waiting - len([m for m in unread if last_id is None or
                                             not _id_after(m.packet_id, last_id)]))
-        if boundary is not None:
-            q.send(nfqraw.batch_verdict(queue_num, boundary, held_accept))
+        if boundary is not None:  # before the unread: accepted ones go in arrival order
+            q.send(nfqraw.batch_repeat(queue_num, boundary) if held == "repeat"
+                   else nfqraw.batch_verdict(queue_num, boundary, held == "accept"))
         for m in unread:
             q._on_packet(m)
         log.info("queue %d taken over from the previous agent: %d held packet(s) %s, %d unread "
-                 "decided", queue_num, q.left_held, "accepted" if held_accept else "dropped", len(unread))
+                 "decided", queue_num, q.left_held, HELD_VERDICTS[held], len(unread))
         return q
 
     def fileno(self) -> int:
@@ -408,6 +413,11 @@ def _id_after(a: int, b: int) -> bool:
     return ((b - a) & nfqraw.MAX_ID) >= 0x80000000
 
 
+# what a successor does with the packets its predecessor had read and not decided, and
+# how its log says it
+HELD_VERDICTS = {"accept": "accepted", "drop": "dropped", "repeat": "queued again"}
+
+
 class PacketQueues:
     """Queues first .. first + count - 1, bound and drained alike: what the agent holds.
 
@@ -417,7 +427,7 @@ class PacketQueues:
 
     def __init__(self, first: int, count: int, max_len: int,
                  decide: Callable[[bytes, str | None, object, float], Verdict],
-                 inherited: dict[int, socket.socket] | None = None, held_accept: bool = False) -> None:
+                 inherited: dict[int, socket.socket] | None = None, held: str = "drop") -> None:
         self.queues: list[PacketQueue | AdoptedQueue] = []
         self.fresh: list[PacketQueue] = []
         inherited = dict(inherited or {})
@@ -427,7 +437,7 @@ class PacketQueues:
                 adopted = None
                 if sock is not None:
                     try:
-                        adopted = AdoptedQueue.take_over(q, sock, max_len, held_accept, decide)
+                        adopted = AdoptedQueue.take_over(q, sock, max_len, held, decide)
                     except KernelError as e:
                         log.error("%s", e)
                     if adopted is None:

@@ -67,7 +67,8 @@ class RoleRecord:
         for name, role in roles.items():
             verdict = getattr(role, "undecided_verdict", None)
             out[name] = {"kind": type(role).__name__, "phase": str(getattr(role, "phase", "")),
-                         "undecided": verdict.value if verdict is not None else "unknown"}
+                         "undecided": verdict.value if verdict is not None else "unknown",
+                         "ended": bool(getattr(role, "ended", False))}
         return out
 
     def write(self, roles: dict[str, object]) -> None:
@@ -106,11 +107,12 @@ class RoleRecord:
                 entry = {}
             undecided = entry.get("undecided")
             out[str(name)] = {"kind": str(entry.get("kind", "?")), "phase": str(entry.get("phase", "")),
-                              "undecided": undecided if undecided in ("accept", "drop") else "unknown"}
+                              "undecided": undecided if undecided in ("accept", "drop") else "unknown",
+                              "ended": entry.get("ended") is True}
         return out
 
-    def held_verdict(self) -> bool:
-        """Accept (True) or drop the packets the previous agent held or had read and not
+    def held_verdict(self) -> str:
+        """"accept", "drop" or "repeat": the packets the previous agent held or had read and not
         decided when it died, all at once (the kernel keeps their ids, not whose they
         are). Only migration roles send packets to the queue, so the recorded roles say:
         - a source before its commit: its migration rolls back (the gateway lost the
@@ -124,16 +126,25 @@ class RoleRecord:
         - a destination holding: the migration rolls back and its hold is dropped, as
           DestCutover.abort() does. A released one (its plan carried out) is the owner
           and accepts: a packet it had read in its grace period would be lost otherwise.
-        - roles that disagree (two migrations at once), or one that cannot tell: the
-          packets cannot be told apart; they are dropped (TCP retransmits; a datagram
-          accepted on a node that does not own its service would be answered by a stack
-          without its socket)."""
+        - roles that disagree, all of them ended (two migrations just over, in their grace:
+          the released destination of one service and the committed source of another,
+          common when services move round the same nodes): nothing is held, so what is
+          there was only read and not decided; "repeat" puts it through the rules again,
+          queued anew with its bytes, and it is decided by its service (the adopted
+          running one accepted, the others dropped), behind the packets queued meanwhile
+          (a flow's order can change there, by the few packets that came in between).
+        - roles that disagree while one still holds (two migrations at once), or one that
+          cannot tell: the packets cannot be told apart, and a held one decided by its
+          bytes alone could be accepted on both nodes; they are dropped (TCP retransmits;
+          a datagram is lost)."""
         roles = self.read()
         verdicts = {e["undecided"] for e in roles.values()}
         if verdicts == {"accept"}:
-            return True
+            return "accept"
+        if verdicts <= {"accept", "drop"} and len(verdicts) > 1 and all(e["ended"] for e in roles.values()):
+            return "repeat"
         if len(verdicts) > 1 or "unknown" in verdicts:
             log.warning("the previous agent held packets for %s: dropped (cannot tell them apart)",
                         ", ".join(f"{n} ({e['kind']} {e['phase']}: {e['undecided']})".replace(" :", ":")
                                   for n, e in sorted(roles.items())))
-        return False
+        return "drop"

@@ -53,6 +53,9 @@ def test_verdicts_are_the_bytes_the_kernel_takes():
     assert v[20:] == struct.pack("=HH", 12, 2) + struct.pack("!II", 1, 42)
     b = nfqraw.batch_verdict(7, 41, accept=False)
     assert struct.unpack_from("=H", b, 4)[0] == 3 << 8 | 3 and b[24:] == struct.pack("!II", 0, 41)
+    # NF_REPEAT (4): scripts/nfqueue-repeat measured the read packets queued again, bytes and all
+    r = nfqraw.batch_repeat(7, 41)
+    assert struct.unpack_from("=H", r, 4)[0] == 3 << 8 | 3 and r[24:] == struct.pack("!II", 4, 41)
     cfg = nfqraw.set_maxlen(3, 65536, seq=9)
     assert struct.unpack_from("=IHHI", cfg) == (len(cfg), 3 << 8 | 2, nfqraw.NLM_F_REQUEST | nfqraw.NLM_F_ACK, 9)
     assert cfg[20:] == struct.pack("=HH", 8, 3) + struct.pack("!I", 65536)

@@ -440,7 +440,7 @@ def test_the_record_of_roles_turns_to_drop_before_the_commit_drops_the_hold(tmp_
         await ma.handle(step(msgs.Arm, destination="n2"))
         await ma.handle(step(msgs.Freeze))
         agent.filter.decide(udp_packet(1), NEXT_EPOCH, FakePacket(1, log))  # held
-        assert rec.read()["echo"]["undecided"] == "accept" and rec.held_verdict() is True
+        assert rec.read()["echo"]["undecided"] == "accept" and rec.held_verdict() == "accept"
         log.clear()
         rec.writes.clear()
         await ma.handle(step(msgs.Commit))
@@ -449,7 +449,7 @@ def test_the_record_of_roles_turns_to_drop_before_the_commit_drops_the_hold(tmp_
     asyncio.run(script())
     assert rec.writes[0] == (0, "drop")  # before the hold's drop (the log's first entry)
     assert log.names()[0] == "drop"
-    assert rec.held_verdict() is False
+    assert rec.held_verdict() == "drop"
 
 
 def test_the_record_of_roles_turns_to_accept_only_once_the_release_is_carried_out(tmp_path):
@@ -476,7 +476,7 @@ def test_the_record_of_roles_turns_to_accept_only_once_the_release_is_carried_ou
     # the consumed one dropped, the other accepted; only then is a read packet ours
     assert names.index("drop") < names.index("accept")
     assert [w for w in rec.writes if w[1] == "accept"][0][0] > names.index("accept")
-    assert rec.held_verdict() is True
+    assert rec.held_verdict() == "accept"
 
 
 def test_the_freeze_streams_chunks_to_the_gateway_while_it_dumps(tmp_path):

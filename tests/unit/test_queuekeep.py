@@ -35,7 +35,8 @@ class FakeKernel(threading.Thread):
                 self.sock.send(nfqraw.error_message(seq, self.errno))
                 continue
             verdict, pid = struct.unpack_from("!II", data, 24)
-            self.got.append(("batch" if kind == 3 << 8 | 3 else "one", pid, "accept" if verdict else "drop"))
+            self.got.append(("batch" if kind == 3 << 8 | 3 else "one", pid,
+                             {0: "drop", 1: "accept", 4: "repeat"}.get(verdict, verdict)))
             if pid == 0xDEAD:
                 return
 
@@ -58,7 +59,7 @@ def test_a_kept_queue_is_taken_over_held_packets_in_one_batch_then_each_unread_o
         seen.append((data, epoch, handle.packet_id))
         return Verdict.ACCEPT if data == b"keep" else Verdict.DROP
 
-    q = AdoptedQueue.take_over(7, ours, 65536, held_accept=True, decide=decide)
+    q = AdoptedQueue.take_over(7, ours, 65536, held="accept", decide=decide)
     assert q is not None and q.left_unread == 3
     ours.send(nfqraw.verdict(7, 0xDEAD, True))  # ends the fake kernel's loop
     kernel.join(5)
@@ -74,7 +75,7 @@ def test_a_held_packet_of_a_taken_over_queue_gets_its_verdict_later_once():
     kernel_end.send(nfqraw.packet_message(7, 5, b"held"))
     kernel.start()
     held = []
-    q = AdoptedQueue.take_over(7, ours, 1024, held_accept=False,
+    q = AdoptedQueue.take_over(7, ours, 1024, held="drop",
                                decide=lambda d, e, h, n: held.append(h) or Verdict.HOLD)
     assert q is not None and [h.get_payload() for h in held] == [b"held"]
     held[0].drop()
@@ -88,7 +89,7 @@ def test_a_kept_socket_without_an_instance_is_not_taken_over():
     ours, kernel_end = _pair()
     kernel = FakeKernel(kernel_end, errno=19)  # ENODEV: unbound (an orderly stop)
     kernel.start()
-    assert AdoptedQueue.take_over(7, ours, 1024, False, lambda *a: Verdict.ACCEPT) is None
+    assert AdoptedQueue.take_over(7, ours, 1024, "drop", lambda *a: Verdict.ACCEPT) is None
     ours.close()
     kernel.join(5)
     assert kernel.got == []
@@ -96,11 +97,11 @@ def test_a_kept_socket_without_an_instance_is_not_taken_over():
 
 def test_the_role_record_says_which_way_the_dead_agents_hold_goes(tmp_path):
     rec = RoleRecord(str(tmp_path / "roles.json"))
-    assert rec.held_verdict() is False  # nothing recorded: nothing was held
+    assert rec.held_verdict() == "drop"  # nothing recorded: nothing was held
 
     class Role:
-        def __init__(self, verdict, phase="p"):
-            self.undecided_verdict, self.phase = verdict, phase
+        def __init__(self, verdict, phase="p", ended=False):
+            self.undecided_verdict, self.phase, self.ended = verdict, phase, ended
 
     class SourceCutover(Role): pass  # noqa: E701
 
@@ -109,24 +110,32 @@ def test_the_role_record_says_which_way_the_dead_agents_hold_goes(tmp_path):
     class BatchDest: pass  # noqa: E701  (says nothing)
 
     rec.write({"echo": SourceCutover(Verdict.ACCEPT, "frozen")})
-    assert rec.read() == {"echo": {"kind": "SourceCutover", "phase": "frozen", "undecided": "accept"}}
-    assert rec.held_verdict() is True
+    assert rec.read() == {"echo": {"kind": "SourceCutover", "phase": "frozen", "undecided": "accept",
+                                   "ended": False}}
+    assert rec.held_verdict() == "accept"
     rec.write({"echo": DestCutover(Verdict.DROP)})
-    assert rec.held_verdict() is False
+    assert rec.held_verdict() == "drop"
     # a released destination in its grace and a source before its commit: both accept
     rec.write({"echo": SourceCutover(Verdict.ACCEPT), "kv": DestCutover(Verdict.ACCEPT)})
-    assert rec.held_verdict() is True
-    # roles that disagree, or one that cannot tell: dropped
+    assert rec.held_verdict() == "accept"
+    # roles that disagree while one holds: dropped
     rec.write({"echo": SourceCutover(Verdict.ACCEPT), "kv": DestCutover(Verdict.DROP)})
-    assert rec.held_verdict() is False
+    assert rec.held_verdict() == "drop"
+    rec.write({"echo": SourceCutover(Verdict.DROP, ended=True), "kv": DestCutover(Verdict.ACCEPT)})
+    assert rec.held_verdict() == "drop"
+    # both over (a committed source of one, the released destination of the other): nothing
+    # is held, what is there is decided again by its bytes
+    rec.write({"echo": SourceCutover(Verdict.DROP, ended=True), "kv": DestCutover(Verdict.ACCEPT, ended=True)})
+    assert rec.held_verdict() == "repeat"
     rec.write({"echo": DestCutover(None)})
-    assert rec.read()["echo"]["undecided"] == "unknown" and rec.held_verdict() is False
-    rec.write({"echo": BatchDest()})
-    assert rec.read()["echo"]["undecided"] == "unknown" and rec.held_verdict() is False
+    assert rec.read()["echo"]["undecided"] == "unknown" and rec.held_verdict() == "drop"
+    rec.write({"echo": BatchDest(), "kv": DestCutover(Verdict.ACCEPT, ended=True)})
+    assert rec.read()["echo"] == {"kind": "BatchDest", "phase": "", "undecided": "unknown", "ended": False}
+    assert rec.held_verdict() == "drop"
     (tmp_path / "roles.json").write_text("{not json")
-    assert rec.held_verdict() is False
-    (tmp_path / "roles.json").write_text('{"echo": ["odd"], "kv": {"undecided": 7}}')
-    assert rec.held_verdict() is False
+    assert rec.held_verdict() == "drop"
+    (tmp_path / "roles.json").write_text('{"echo": ["odd"], "kv": {"undecided": 7, "ended": 1}}')
+    assert rec.held_verdict() == "drop"
 
 
 def test_a_role_record_of_the_older_form_reads_as_it_was_meant(tmp_path):
@@ -134,9 +143,9 @@ def test_a_role_record_of_the_older_form_reads_as_it_was_meant(tmp_path):
     path = tmp_path / "roles.json"
     rec = RoleRecord(str(path))
     path.write_text('{"echo": "SourceCutover"}')
-    assert rec.held_verdict() is True
+    assert rec.held_verdict() == "accept"
     path.write_text('{"echo": "SourceCutover", "kv": "DestCutover"}')
-    assert rec.held_verdict() is False
+    assert rec.held_verdict() == "drop"
 
 
 def test_the_real_roles_record_their_phase(tmp_path):
@@ -144,13 +153,34 @@ def test_the_real_roles_record_their_phase(tmp_path):
     rec = RoleRecord(str(tmp_path / "roles.json"))
     src, dst = SourceCutover("02:00:00:00:00:0b"), DestCutover("02:00:00:00:00:0b")
     rec.write({"echo": src, "kv": dst})
-    assert rec.read()["kv"] == {"kind": "DestCutover", "phase": "holding", "undecided": "drop"}
+    assert rec.read()["kv"] == {"kind": "DestCutover", "phase": "holding", "undecided": "drop", "ended": False}
     dst.release({}, 1.0)
     dst.settle()
     src.freeze(1.0)
     rec.write({"echo": src, "kv": dst})
     assert rec.read()["kv"]["undecided"] == "accept" and rec.read()["echo"]["phase"] == "frozen"
-    assert rec.held_verdict() is True
+    assert rec.held_verdict() == "accept"
+    src.commit()
+    rec.write({"echo": src, "kv": dst})
+    assert rec.read()["echo"]["ended"] and rec.read()["kv"]["ended"]
+    assert rec.held_verdict() == "repeat"
+
+
+def test_a_taken_over_queue_puts_what_was_read_through_the_rules_again(tmp_path):
+    """"repeat": one NF_REPEAT batch verdict up to the first unread id, before the unread
+    are decided (the kernel queues the repeated ones again behind them)."""
+    ours, kernel_end = _pair()
+    kernel = FakeKernel(kernel_end)
+    kernel_end.send(nfqraw.packet_message(7, 21, b"unread"))
+    kernel.start()
+    q = AdoptedQueue.take_over(7, ours, 1024, held="repeat", decide=lambda d, e, h, n: Verdict.ACCEPT)
+    assert q is not None
+    ours.send(nfqraw.verdict(7, 0xDEAD, True))
+    kernel.join(5)
+    assert kernel.got == [("batch", 20, "repeat"), ("one", 21, "accept"), ("one", 0xDEAD, "accept")]
+    import pytest
+    with pytest.raises(ValueError):
+        AdoptedQueue.take_over(7, ours, 1024, held="maybe", decide=lambda *a: Verdict.DROP)
 
 
 def test_the_supervisor_keeps_what_its_daemon_stores_and_passes_it_to_the_next_one(tmp_path, monkeypatch):
@@ -202,14 +232,14 @@ def test_queues_are_taken_over_where_kept_and_bound_afresh_elsewhere(monkeypatch
             self.queue_num = q
             bound.append(q)
 
-    def take_over(q, sock, max_len, held_accept, decide):
-        assert held_accept is True
+    def take_over(q, sock, max_len, held, decide):
+        assert held == "accept"
         return None if q == 2 else ("adopted", q)  # queue 2's socket holds no instance
 
     monkeypatch.setattr(qmod, "PacketQueue", FakeFresh)
     monkeypatch.setattr(qmod.AdoptedQueue, "take_over", staticmethod(take_over))
     socks = {q: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) for q in (1, 2, 9)}
-    qs = qmod.PacketQueues(0, 4, 1024, lambda *a: Verdict.ACCEPT, socks, held_accept=True)
+    qs = qmod.PacketQueues(0, 4, 1024, lambda *a: Verdict.ACCEPT, socks, held="accept")
     assert [getattr(q, "queue_num", q) for q in qs.queues] == [0, ("adopted", 1), 2, 3]
     assert bound == [0, 2, 3] and [q.queue_num for q in qs.fresh] == [0, 2, 3]
     # queue 2's dead socket and queue 9's (not ours) are closed; queue 1's is the adopted queue's
