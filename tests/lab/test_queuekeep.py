@@ -6,8 +6,10 @@ A listener binds the queue (netfilterqueue, nodeshim.queue.PacketQueue), stores 
 in an fd store (vipctl.supervise.FdStore, the lab supervisor's), HOLDs the first 4
 datagrams it reads and then reads nothing; 6 more arrive unread; it is SIGKILLed. A
 successor started from the store (LISTEN_FDS) takes the queue over (AdoptedQueue): the 4
-held get one batch verdict (accept or drop, as the dead agent's roles say), the 6 unread
-are decided one by one (accepted). The receiver counts what the kernel delivered.
+held get one batch verdict (accept or drop, as the dead agent's roles say; or repeat: the
+kernel queues them again, bytes and all, behind the unread, and the successor decides them
+as it reads them), the 6 unread are decided one by one (accepted). The receiver counts
+what the kernel delivered, in order.
 """
 
 import os
@@ -47,8 +49,13 @@ from nodeshim.queue import AdoptedQueue
 from nodeshim.queuekeep import take_fd_store
 from types import SimpleNamespace
 socks = take_fd_store(SimpleNamespace(queue_nums=range(7, 8)))
-q = AdoptedQueue.take_over(7, socks[7], 1024, sys.argv[1] == "accept", lambda *a: Verdict.ACCEPT)
+q = AdoptedQueue.take_over(7, socks[7], 1024, sys.argv[1], lambda *a: Verdict.ACCEPT)
 print("taken", q.left_held, q.left_unread, flush=True)
+# what comes back to the queue ("repeat": the held ones, queued again) is decided as it is read
+import asyncio
+loop = asyncio.new_event_loop()
+q.attach(loop)
+loop.run_until_complete(asyncio.sleep(1.0))
 """
 
 RECEIVER = r"""
@@ -80,7 +87,7 @@ def _in_ns(ns, script, *args, **kw):
                             stdout=subprocess.PIPE, text=True, **kw)
 
 
-@pytest.mark.parametrize("held", ["accept", "drop"])
+@pytest.mark.parametrize("held", ["accept", "drop", "repeat"])
 def test_a_killed_listeners_queue_is_taken_over_with_what_it_held_and_never_read(tmp_path, held):
     ns = unique_prefix("nq")
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -127,5 +134,8 @@ def test_a_killed_listeners_queue_is_taken_over_with_what_it_held_and_never_read
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     print(f"held {held}: successor {out.strip()!r}; receiver got {got.strip()!r}")
     assert out.split() == ["taken", "4", "6"], out
-    want = [f"d{i}" for i in range(10)] if held == "accept" else [f"d{i}" for i in range(4, 10)]
+    want = {"accept": [f"d{i}" for i in range(10)],
+            "drop": [f"d{i}" for i in range(4, 10)],
+            # each once; the held ones behind the unread (decided first, queued first)
+            "repeat": [f"d{i}" for i in range(4, 10)] + [f"d{i}" for i in range(4)]}[held]
     assert got.split() == want
