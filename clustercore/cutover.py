@@ -306,8 +306,7 @@ class DestCutover(MigrationRole):
     def ended(self) -> bool:
         """Aborted, or released and settled with no skip budget left (one left: a packet
         of its flow is dropped here though the service runs here)."""
-        return self._phase is _Phase.ABORTED or (self._phase is _Phase.RELEASED and self._settled
-                                                  and not self._skip)
+        return self._phase is _Phase.ABORTED or self.undecided_verdict is Verdict.ACCEPT
 
     def settle(self) -> None:
         """The release's plan was carried out (its drops and accepts given): from now on a

@@ -276,6 +276,11 @@ ADOPT_ACK_TIMEOUT_S = 2.0
 RECV_BYTES = 1 << 20
 
 
+# what a successor does with the packets its predecessor had read and not decided, and
+# how its log says it
+HELD_VERDICTS = {"accept": "accepted", "drop": "dropped", "repeat": "queued again"}
+
+
 class AdoptedQueue:
     """A queue instance a previous agent bound, read through its netlink socket (kept
     for us by the service manager). Same surface as PacketQueue."""
@@ -411,11 +416,6 @@ class AdoptedQueue:
 def _id_after(a: int, b: int) -> bool:
     """a comes after b as a serial number (the kernel's nfq_id_after)."""
     return ((b - a) & nfqraw.MAX_ID) >= 0x80000000
-
-
-# what a successor does with the packets its predecessor had read and not decided, and
-# how its log says it
-HELD_VERDICTS = {"accept": "accepted", "drop": "dropped", "repeat": "queued again"}
 
 
 class PacketQueues:
