@@ -22,8 +22,8 @@ STRATEGY = MigrateStrategy.BATCHED.value  # named in Prepare and Arm: both nodes
 
 
 def _flow_ok(item: Any) -> bool:
-    # written out (no generators): 10,000 kept flows cross three hops in the opening's
-    # hold, and this check ran 60,000 times there (~200 ms of it at 10,000)
+    # written out (no generators): 10,000 kept flows cross three hops, and this check ran
+    # 60,000 times there (~200 ms at 10,000, when those hops were in the opening's hold)
     if type(item) is not list and type(item) is not tuple or len(item) != 5:
         return False
     proto, src, sport, dst, dport = item
@@ -39,9 +39,10 @@ class _CheckedFlows(tuple):
 
 # On the wire, flows go in runs that share protocol, destination and port (a service's
 # connections all do): [proto, dst, dport, [src, sport, src, sport, ...]] per run, in the
-# flows' order. 10,000 kept flows cross the opening's hold in OpeningDone, the owner
-# switch's journal and ReleaseBatch 0; as one 5-item list each they cost ~38 ms a hop to
-# build, encode, decode and check at 10,000 (4.3 ms at 1,000), as runs ~7 ms (0.7 ms).
+# flows' order. As one 5-item list each, 10,000 flows cost ~38 ms a hop to build, encode,
+# decode and check (4.3 ms at 1,000), as runs ~7 ms (0.7 ms). The kept list used to cross
+# the opening's hold three times (OpeningDone, the owner switch's journal, ReleaseBatch 0);
+# it now travels before the opening freezes (KeptListed, ExpectKept, the journal's order).
 # The decoder also takes a flow as its own 5-item list (journals written before).
 
 
@@ -123,6 +124,16 @@ class OpeningDone(Reply):
 
 
 @reply_type
+class KeptListed(Reply):
+    """The source's program stopped accepting (its listeners are the agent's): the
+    connections it keeps serving, in the order the batches take them (the longest idle
+    first). Nothing is frozen yet: this list crosses no hold."""
+
+    kept: tuple[Flow, ...] = wire(FLOWS, default_factory=tuple)
+    timing_ms: dict = field(default_factory=dict)
+
+
+@reply_type
 class BatchFreezeDone(Reply):
     consumed: Mapping[Flow, int] = wire(CONSUMED, default_factory=dict)
     late_packets: tuple[bytes, ...] = ()
@@ -146,10 +157,24 @@ class BatchReleaseDone(Reply):
 # ---------------------------------------------------------------- requests
 
 
+@message("migrate.batch.stop_accepting", reply=KeptListed)
+class StopAccepting(Step):
+    """To the source, before the opening: the program hands back its listeners (it keeps
+    serving its connections and its UDP sockets); say which connections it keeps."""
+
+
+@message("migrate.batch.expect_kept", reply=Done)
+class ExpectKept(Step):
+    """To the destination, before the opening: the flows the source keeps (its batches'),
+    so that the opening's release need not carry them through the hold."""
+    flows: tuple[Flow, ...] = wire(FLOWS, default_factory=tuple)
+
+
 @message("migrate.batch.open", reply=OpeningDone)
 class OpenBatch(Step):
-    """To the source: hand over the listeners and UDP sockets (the program keeps serving
-    its connections), freeze every flow it does not keep."""
+    """To the source: hand over the UDP sockets (and the listeners, if StopAccepting did
+    not), freeze every flow it does not keep. `kept` in the reply only when it was not
+    listed before (StopAccepting)."""
 
 
 @message("migrate.batch.freeze", reply=BatchFreezeDone)
@@ -171,9 +196,9 @@ class RestoreBatch(Step):
 class ReleaseBatch(Step):
     """To the destination: late packets in, repair off, hand the sockets to the new
     instance, release the batch's hold minus what the source consumed. The opening
-    batch (0) names the kept flows (its flows are every other one)."""
+    batch (0) is every flow not kept: the kept flows came before (ExpectKept), or here."""
     batch: int
-    flows: tuple[Flow, ...] = wire(FLOWS, default_factory=tuple)  # batch 0: the source's kept flows
+    flows: tuple[Flow, ...] = wire(FLOWS, default_factory=tuple)  # batch 0: empty, or the kept flows
     consumed: Mapping[Flow, int] = wire(CONSUMED, default_factory=dict)
     late_packets: tuple[bytes, ...] = ()
 
@@ -207,9 +232,9 @@ class FinishBatched(Step):
 
 
 # the node steps (the node's machine takes them as events, clustercore.batchtable)
-STEPS = (OpenBatch, FreezeBatch, RestoreBatch, ReleaseBatch, CommitBatch, RollbackBatch, AbortBatch,
+STEPS = (StopAccepting, ExpectKept, OpenBatch, FreezeBatch, RestoreBatch, ReleaseBatch, CommitBatch, RollbackBatch, AbortBatch,
          FinishBatched)
 
-__all__ = ["AbortBatch", "BatchFreezeDone", "BatchReleaseDone", "CommitBatch", "FLOWS",
-           "FinishBatched", "FreezeBatch", "OpenBatch", "OpeningDone", "ReleaseBatch",
-           "RestoreBatch", "RollbackBatch", "STEPS", "STRATEGY"]
+__all__ = ["AbortBatch", "BatchFreezeDone", "BatchReleaseDone", "CommitBatch", "ExpectKept", "FLOWS",
+           "FinishBatched", "FreezeBatch", "KeptListed", "OpenBatch", "OpeningDone", "ReleaseBatch",
+           "RestoreBatch", "RollbackBatch", "STEPS", "STRATEGY", "StopAccepting"]

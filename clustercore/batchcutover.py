@@ -121,7 +121,7 @@ class _Batches:
 
     def open(self, kept: Iterable[Flow]) -> None:
         if self.kept is not None:
-            raise LocalControlError("the opening batch was already frozen")
+            raise LocalControlError("the kept flows were given already")
         self.kept = _check_flows(kept, "kept flows")
 
     def add(self, batch: int, flows: Iterable[Flow]) -> frozenset[Flow]:
@@ -215,15 +215,26 @@ class BatchSource(MigrationRole):
 
     # -- batches
 
+    def expect(self, kept: Iterable[Flow]) -> None:
+        """The kept flows, known before the opening freezes (its set is built outside the
+        hold). Changes no verdict: until the opening freezes every flow is OWNED."""
+        self._batches.open(kept)
+
     def open(self, kept: Iterable[Flow], now: float) -> dict[Flow, int]:
         """Freeze the opening batch: every flow not in `kept` (the source's established
-        connections, which it goes on serving). Returns its flows' consumed counts."""
-        self._batches.open(kept)
+        connections, which it goes on serving; empty when given before: `expect`).
+        Returns its flows' consumed counts."""
+        if OPENING in self._state:
+            raise LocalControlError("the opening batch was already frozen")
+        if self._batches.kept is None:
+            self._batches.open(kept)
+        elif kept:
+            raise LocalControlError("the kept flows were given before the opening (expect)")
         return self._freeze(OPENING)
 
     def freeze(self, batch: int, flows: Iterable[Flow], now: float) -> dict[Flow, int]:
         """Freeze a batch of kept flows: from now on they are held. Returns their counts."""
-        if self._batches.kept is None:
+        if OPENING not in self._state:
             raise LocalControlError(f"batch {batch} before the opening batch")
         if self._rolled_back:
             raise LocalControlError("the migration was rolled back")
@@ -378,14 +389,31 @@ class BatchDest(MigrationRole):
             return Verdict.DROP  # the source consumed this one before we had seen it
         return Verdict.ACCEPT
 
-    def open(self, kept: Iterable[Flow], consumed: Mapping[Flow, int], now: float) -> BatchRelease:
-        """Release the opening batch (every flow not kept). Re-inject its late packets first."""
+    @property
+    def kept(self) -> frozenset[Flow] | None:
+        """The source's kept flows (the later batches'), once given; None before."""
+        return self._batches.kept
+
+    def expect(self, kept: Iterable[Flow]) -> None:
+        """The source's kept flows, given before the opening freezes: its release then
+        need not name them (10,000 flows kept out of the opening's hold). Changes no
+        verdict: until its release the opening's flows are held, as the kept ones are."""
         self._batches.open(kept)
+
+    def open(self, kept: Iterable[Flow], consumed: Mapping[Flow, int], now: float) -> BatchRelease:
+        """Release the opening batch (every flow not kept). Re-inject its late packets first.
+        `kept` is empty when they were given before (`expect`)."""
+        if self._batches.kept is None:
+            self._batches.open(kept)
+        elif kept:
+            raise LocalControlError("the kept flows were given before the opening (expect)")
         return self._release(OPENING, consumed, now)
 
     def release(self, batch: int, flows: Iterable[Flow], consumed: Mapping[Flow, int],
                 now: float) -> BatchRelease:
         """Release a batch of kept flows. Re-inject its late packets first."""
+        if OPENING not in self._phase:
+            raise LocalControlError(f"batch {batch} before the opening batch")
         return self._release(batch, consumed, now, self._batches.add(batch, flows))
 
     def _release(self, batch: int, consumed: Mapping[Flow, int], now: float,

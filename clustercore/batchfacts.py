@@ -47,6 +47,9 @@ class BatchSourceFacts:
     udp_ports: tuple[int, ...] = ()
     drops_at_start: int = 0
     idle: Any = None  # ReadIdleTimes at arm: the order of the batches
+    kept: tuple | None = None  # the connections the program keeps (KeptConn), once listed
+    syns: int = 0  # the role's count of accepted old-epoch SYNs when the listing began
+    timing: dict = field(default_factory=dict)  # the listing's, reported with the opening
     role: Any = None
     opened: bool = False  # the opening froze (cut.open)
     opening_committed: bool = False  # past it, no whole rollback
@@ -78,7 +81,8 @@ class BatchDestFacts:
     opened: list[Named] = field(default_factory=list)  # bound at prepare, adopted at batch 0
     instance: Any = None  # started at prepare (only the channel), until adopted as the running one
     adopted: bool = False
-    kept: frozenset | None = None  # the source's kept flows (the opening's release names them)
+    expected: tuple | None = None  # the source's kept flows, told before the opening (ExpectKept)
+    kept: frozenset | None = None  # the source's kept flows, from the opening's release on
     settled: set = field(default_factory=set)  # kept flows released or aborted
     batch: int | None = None  # restored (or being released), not yet released or aborted
     restored: list[Any] = field(default_factory=list)

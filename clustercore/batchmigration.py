@@ -15,8 +15,12 @@ SetOwner, ArmTimer, Report, Transition, Finished). Every transition is in `TRANS
   PREPARING       dest: BatchDest holds the new epoch, new instance started   -> HoldReady
   ARMING          source: BatchSource counts                                  -> CountingReady
   FLIPPING        the gateway flips the epoch                                 -> EpochFlipped
-  OPENING         source hands over listeners + UDP, freezes every flow it
-                  does not keep, says which it keeps and how idle they are    -> OpeningFrozen
+  LISTING         source: the program hands back its listeners (it stops
+                  accepting), says which connections it keeps, idle first     -> KeptList
+  EXPECTING       dest learns the kept flows (nothing is frozen yet: the list
+                  crosses no hold; the opening's release names none)          -> KeptExpected
+  OPENING         source hands over the UDP sockets, freezes every flow it
+                  does not keep                                               -> OpeningFrozen
   OPEN_RESTORING  dest rebuilds the opening's sockets                         -> BatchRestored(0)
   SWITCHING       owner := dest, durably (the point of no return)             -> OwnerSwitched
   OPEN_RELEASING  dest releases the opening: new connections served there     -> BatchReleased(0)
@@ -57,7 +61,8 @@ from .batchcutover import OPENING
 from .batchmigration_messages import (  # noqa: F401  (re-exported: the machine's vocabulary)
     BEFORE_RELEASE, EVENT_TYPES, FAILURES, MOVING, TERMINAL, BState, BTransition,
     BatchCommitted, BatchFinished, BatchFrozen, BatchReleased, BatchReport, BatchRestored,
-    BatchSizer, BatchTimeouts, BatchUndone, OpeningFrozen, idle_first, percentile,
+    BatchSizer, BatchTimeouts, BatchUndone, KeptExpected, KeptList, OpeningFrozen, idle_first,
+    percentile,
 )
 from .cutover import Flow
 from .errors import LocalControlError
@@ -96,7 +101,7 @@ class BatchMigration(FailureLog):
         self._queue: list[Flow] = []  # kept flows still to move, idle first
         self._kept: tuple[Flow, ...] = ()
         self._batch = OPENING
-        self._flows: tuple[Flow, ...] = ()  # the current batch's (batch 0: the kept flows)
+        self._flows: tuple[Flow, ...] = ()  # the current batch's (batch 0: empty, the dest knows them)
         self._consumed: dict[Flow, int] = {}
         self._late: tuple[bytes, ...] = ()
         self._size = self.sizer.first
@@ -273,13 +278,24 @@ class BatchMigration(FailureLog):
     def _on_flipped(self, event: EpochFlipped, now: float) -> list[Command]:
         if (event.service, event.epoch) != (self.service, self.epoch):
             raise _Unexpected(f"gateway flipped {event.service} to {event.epoch}")
-        self._sent_at = now
+        return [SendToNode(self.source, self._step(bm.StopAccepting))]
+
+    def _on_kept_listed(self, event: KeptList, now: float) -> list[Command]:
+        self._expect(event, self.source)
+        self._kept = event.kept
+        self._queue = idle_first(event.kept, event.idle_ms)
+        return [SendToNode(self.dest, self._step(bm.ExpectKept, flows=event.kept))]
+
+    def _on_kept_expected(self, event: KeptExpected, now: float) -> list[Command]:
+        self._expect(event, self.dest)
+        self._sent_at = now  # the opening's window: from its freeze request to its release
         return [SendToNode(self.source, self._step(bm.OpenBatch))]
 
     def _on_opening_frozen(self, event: OpeningFrozen, now: float) -> list[Command]:
         self._expect(event, self.source)
-        self._kept = self._flows = event.kept
-        self._queue = idle_first(event.kept, event.idle_ms)
+        if event.kept:  # a source that listed them only now: the release names them
+            self._kept = self._flows = event.kept
+            self._queue = idle_first(event.kept, event.idle_ms)
         self._consumed, self._late = dict(event.consumed), event.late_packets
         return [SendToNode(self.dest, self._step(bm.RestoreBatch, batch=OPENING,
                                                  sockets=event.socket_state or {}))]
@@ -427,7 +443,9 @@ TRANSITIONS: dict[tuple[BState, type[Event]], tuple[Target, Handler]] = {
     (S.NEW, Cancel): (S.ROLLED_BACK, M._cancel_unstarted),
     (S.PREPARING, HoldReady): (S.ARMING, M._on_hold_ready),
     (S.ARMING, CountingReady): (S.FLIPPING, M._on_counting_ready),
-    (S.FLIPPING, EpochFlipped): (S.OPENING, M._on_flipped),
+    (S.FLIPPING, EpochFlipped): (S.LISTING, M._on_flipped),
+    (S.LISTING, KeptList): (S.EXPECTING, M._on_kept_listed),
+    (S.EXPECTING, KeptExpected): (S.OPENING, M._on_kept_expected),
     (S.OPENING, OpeningFrozen): (S.OPEN_RESTORING, M._on_opening_frozen),
     (S.OPEN_RESTORING, BatchRestored): (S.SWITCHING, M._on_open_restored),
     (S.SWITCHING, OwnerSwitched): (S.OPEN_RELEASING, M._on_owner_switched),
@@ -499,6 +517,8 @@ if __name__ == "__main__":
 BATCH_REPLY_EVENTS: dict[type, Callable[[str, Any], Event]] = {
     msgs.Prepare: lambda node, r: HoldReady(node=node, endpoint=getattr(r, "endpoint", None) or {}),
     msgs.Arm: lambda node, r: CountingReady(node=node),
+    bm.StopAccepting: lambda node, r: KeptList(node=node, kept=r.kept),
+    bm.ExpectKept: lambda node, r: KeptExpected(node=node),
     bm.OpenBatch: lambda node, r: OpeningFrozen(
         node=node, consumed=r.consumed, kept=r.kept, idle_ms=r.idle_ms,
         late_packets=r.late_packets, socket_state=r.sockets),

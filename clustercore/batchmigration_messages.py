@@ -21,6 +21,8 @@ class BState(enum.Enum):
     PREPARING = "preparing"
     ARMING = "arming"
     FLIPPING = "flipping"
+    LISTING = "listing"
+    EXPECTING = "expecting"
     OPENING = "opening"
     OPEN_RESTORING = "open_restoring"
     SWITCHING = "switching"
@@ -37,8 +39,8 @@ class BState(enum.Enum):
     ROLLED_BACK = "rolled_back"
 
 
-BEFORE_RELEASE = frozenset({BState.PREPARING, BState.ARMING, BState.FLIPPING, BState.OPENING,
-                            BState.OPEN_RESTORING, BState.SWITCHING})
+BEFORE_RELEASE = frozenset({BState.PREPARING, BState.ARMING, BState.FLIPPING, BState.LISTING,
+                            BState.EXPECTING, BState.OPENING, BState.OPEN_RESTORING, BState.SWITCHING})
 MOVING = frozenset({BState.OPEN_RELEASING, BState.OPEN_COMMITTING, BState.FREEZING,
                     BState.RESTORING, BState.RELEASING, BState.COMMITTING, BState.UNDOING,
                     BState.FINISHING})
@@ -80,6 +82,31 @@ def _floats(event: Event, name: str) -> None:
     object.__setattr__(event, name, tuple(float(v) for v in values))
 
 
+def _kept_with_idle(event: Event, where: str) -> None:
+    object.__setattr__(event, "kept", _check_flows(event.kept, where))
+    _floats(event, "idle_ms")
+    if event.idle_ms and len(event.idle_ms) != len(event.kept):
+        raise event._bad("idle_ms", f"must have one value per kept flow ({len(event.kept)})",
+                         event.idle_ms)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeptList(Event):
+    """The source's program stopped accepting: the connections it keeps, in batch order."""
+    node: str
+    kept: tuple[Flow, ...] = ()
+    idle_ms: tuple[float, ...] = ()  # per kept flow, or empty (then the kept order is used)
+
+    def __post_init__(self) -> None:
+        Event.__post_init__(self)
+        _kept_with_idle(self, "KeptList.kept")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeptExpected(Event):
+    node: str  # the destination: it knows the kept flows, the opening may freeze
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OpeningFrozen(Event):
     node: str
@@ -92,11 +119,7 @@ class OpeningFrozen(Event):
     def __post_init__(self) -> None:
         Event.__post_init__(self)
         _consumed(self)
-        object.__setattr__(self, "kept", _check_flows(self.kept, "OpeningFrozen.kept"))
-        _floats(self, "idle_ms")
-        if self.idle_ms and len(self.idle_ms) != len(self.kept):
-            raise self._bad("idle_ms", f"must have one value per kept flow ({len(self.kept)})",
-                            self.idle_ms)
+        _kept_with_idle(self, "OpeningFrozen.kept")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -162,7 +185,7 @@ class BatchUndone(Event):
 
 FAILURES = (StepFailed, NodeLost, MessageLost, StepTimedOut)
 EVENT_TYPES: tuple[type[Event], ...] = (
-    Start, HoldReady, CountingReady, EpochFlipped, OpeningFrozen, BatchFrozen, BatchRestored,
+    Start, HoldReady, CountingReady, EpochFlipped, KeptList, KeptExpected, OpeningFrozen, BatchFrozen, BatchRestored,
     OwnerSwitched, BatchReleased, BatchCommitted, BatchUndone, Committed, RolledBack, *FAILURES,
     Cancel)
 
@@ -224,6 +247,8 @@ class BatchTimeouts:
     preparing: float = 2.0
     arming: float = 2.0
     flipping: float = 1.0
+    listing: float = 2.0
+    expecting: float = 2.0
     opening: float = 2.0
     open_restoring: float = 3.0
     switching: float = 2.0

@@ -147,17 +147,25 @@ class BatchedHandoff(Playbook):
         yield InstallRole(m.service, f.cut)  # its packets are counted from now on
         return msgs.Done()
 
-    def open_batch(self, m, event: bm.OpenBatch, now: float):
-        f, timing = self.source, {}
-        if f.opened:
-            raise Refused(f"the opening of '{m.service}' was frozen already")
-        syns = f.cut.syns_accepted
+    def stop_accepting(self, m, event: bm.StopAccepting, now: float):
+        """Before the opening: the program hands back its listeners and says which
+        connections it keeps. Nothing is frozen, so this list (10,000 flows at 10,000
+        connections) reaches the gateway and the destination before any hold."""
+        f = self.source
+        if f.opened or f.kept is not None:
+            raise Refused(f"the program of '{m.service}' stopped accepting already")
+        yield from self._list_kept(m, now)
+        return bm.KeptListed(kept=self._kept_order(), timing_ms=dict(f.timing))
+
+    def _list_kept(self, m, now: float):
+        f = self.source
+        f.syns = f.cut.syns_accepted
         if f.tcp_ports:
             # a half-closed connection cannot be rebuilt, a half-open handshake cannot move:
             # both waited for here, in one look at the kernel's table per poll, while the
             # program still serves its UDP sockets (after the flip only an old-epoch SYN
-            # can open a handshake here, and the role counts those: looked again below
-            # only if one came)
+            # can open a handshake here, and the role counts those: looked again at the
+            # opening only if one came)
             yield WaitSettled(f.tcp_ports)
         t0 = yield ReadClock()
         handed = yield HandBackListeners(f.instance)  # it goes on reading its UDP sockets
@@ -169,11 +177,29 @@ class BatchedHandoff(Playbook):
         # waits in the listeners' queues and is the opening's. Listed before the freeze:
         # the verdict loop runs meanwhile, nothing is held for it
         if held is None and f.tcp_ports:  # the program did not say: the kernel's tables, and
-            f.idle = yield ReadIdleTimes()  # sock_diag for the order (idle first); slow, held
-        kept = tuple((yield ListKept(f.tcp_ports, (), f.instance, f.idle, held))) if f.tcp_ports else ()
+            f.idle = yield ReadIdleTimes()  # sock_diag for the order (idle first)
+        f.kept = tuple((yield ListKept(f.tcp_ports, (), f.instance, f.idle, held))) if f.tcp_ports else ()
+        f.cut.expect([k.flow for k in f.kept])  # the set is built here, not in the hold
+        # settle: the step's start (`now`) -> the hand-back (the program still serves)
+        f.timing = {"settle": _ms(now, t0), "hand_back": _ms(t0, t_list),
+                    "list_kept": _ms(t_list, (yield ReadClock()))}
+
+    def _kept_order(self) -> tuple:
+        """The kept connections in the order the batches take them (the longest idle
+        first; sorted is stable: ties keep the kernel's order). The gateway keeps it."""
+        return tuple(k.flow for k in sorted(self.source.kept, key=lambda k: -float(k.idle_ms)))
+
+    def open_batch(self, m, event: bm.OpenBatch, now: float):
+        f = self.source
+        if f.opened:
+            raise Refused(f"the opening of '{m.service}' was frozen already")
+        listed_before = f.kept is not None  # StopAccepting: the gateway has the list
+        if not listed_before:
+            yield from self._list_kept(m, now)
+        timing, kept, syns = ({} if listed_before else dict(f.timing)), f.kept, f.syns
         looks = 0
         while f.tcp_ports and f.cut.syns_accepted != syns and looks < SYN_LOOKS:
-            # an old-epoch SYN was accepted since the look above: its handshake may be
+            # an old-epoch SYN was accepted since the listing began: its handshake may be
             # open. From the count's read to the freeze below nothing waits (no packet is
             # decided in between), and from the freeze on such a SYN is held, not accepted
             syns, looks = f.cut.syns_accepted, looks + 1
@@ -192,11 +218,9 @@ class BatchedHandoff(Playbook):
             yield Note(f"open {m.service}: the program handed back {sorted(n for n, _ in other)} "
                        "with its listeners; not moved", "warning")
         t_freeze = yield ReadClock()
-        # settle: the step's start (`now`) -> the hand-back (the program still serves)
-        timing["settle"], timing["hand_back"], timing["list_kept"] = _ms(now, t0), _ms(t0, t_list), _ms(t_list, t_udp)
         timing["udp_hand_back"] = _ms(t_udp, t_freeze)
         f.accepted = list((yield AcceptWaiting(listeners))) if listeners else []
-        consumed = f.cut.open([k.flow for k in kept], t_freeze)
+        consumed = f.cut.open((), t_freeze)  # the kept flows: given at the listing
         f.opened, f.current, f.frozen = True, OPENING, True
         states: list[TcpConnState] = []
         if f.accepted:
@@ -213,12 +237,9 @@ class BatchedHandoff(Playbook):
         totals = bundle.totals
         yield Note(f"open {m.service}: keeps {len(kept)} connections, moves {totals['listeners']} "
                    f"listeners, {totals['udp_sockets']} UDP sockets, {len(states)} accepted; {timing}")
-        # the kept connections in the order the batches will take them (the longest idle
-        # first), so no idle time crosses the opening's hold: the gateway keeps this order
-        # (sorted is stable: ties keep the kernel's order)
-        order = tuple(k.flow for k in sorted(kept, key=lambda k: -float(k.idle_ms)))
+        # the kept list crosses this hold only if the gateway did not have it before
         return bm.OpeningDone(
-            consumed=consumed, kept=order, late_packets=late,
+            consumed=consumed, kept=() if listed_before else self._kept_order(), late_packets=late,
             sockets=sockwire.to_wire(bundle), tcp_established=len(kept) + len(states),
             tcp_listening=totals["listeners"], udp_sockets=totals["udp_sockets"], timing_ms=timing)
 
@@ -389,6 +410,20 @@ class BatchedHandoff(Playbook):
         f.instance = yield StartWithChannel(service)  # ready before the first batch comes
         return msgs.PrepareDone(timing_ms={"start": _ms(t0, (yield ReadClock()))})
 
+    def expect_kept(self, m, event: bm.ExpectKept, now: float):
+        """Before the opening: the flows the source keeps (they come in later batches).
+        The opening's release then names none, so they cross no hold."""
+        f = self.destination
+        flows = tuple(event.flows)
+        if f.expected is not None or f.kept is not None:
+            if flows == f.expected:  # asked again: the same answer
+                return msgs.Done()
+            raise Refused(f"the kept flows of '{m.service}' were given before")
+        f.cut.expect(flows)
+        f.expected = flows
+        yield Note(f"{m.service}: the source keeps {len(flows)} connections; they come in batches")
+        return msgs.Done()
+
     def restore_batch(self, m, event: bm.RestoreBatch, now: float):
         f, b = self.destination, event.batch
         if (b == OPENING) != (f.kept is None):
@@ -444,6 +479,8 @@ class BatchedHandoff(Playbook):
         if b != f.batch:
             raise Refused(f"release of batch {b} of '{m.service}': restored is {f.batch}")
         f.flows, f.consumed, f.late = tuple(event.flows), dict(event.consumed), tuple(event.late_packets)
+        if b == OPENING and f.expected is not None:
+            f.flows = ()  # known since ExpectKept (a restarted gateway's journal names them again)
         if b == OPENING:  # the point of no return here: a marker that outlives the agent first
             yield MarkReleasing(m.service, m.epoch or event.epoch)
         return (yield from self.finish_release(m, event, now))
@@ -461,7 +498,7 @@ class BatchedHandoff(Playbook):
         if not f.released:
             f.released = True
             at = yield ReadClock()
-            rel = (f.cut.open(f.flows, f.consumed, at) if b == OPENING
+            rel = (f.cut.open(f.flows, f.consumed, at) if b == OPENING  # flows: () if expected
                    else f.cut.release(b, f.flows, f.consumed, at))
             f.to_drop, f.to_accept, f.waited = rel.plan.drop, rel.plan.accept, dict(rel.freeze_ms)
             f.timing["held"], f.timing["released"] = len(rel.plan.drop) + len(rel.plan.accept), len(rel.plan.accept)
@@ -485,7 +522,7 @@ class BatchedHandoff(Playbook):
         if restored:
             yield CloseDescriptors(tuple(restored))  # the new instance holds its own
         if b == OPENING:
-            f.kept = frozenset(tuple(fl) for fl in f.flows)
+            f.kept = f.cut.kept
             if not f.adopted:
                 f.adopted = True
                 yield AdoptInstance(m.service, f.instance, tuple(f.opened))

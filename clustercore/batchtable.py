@@ -6,13 +6,15 @@ runner, its endings and its Graphviz drawing see one table. Each row runs a meth
 machine's playbook when that playbook is the batched one (`batch_play`); any other
 strategy's machine refuses a batch step cleanly.
 
-  source       ARMED    --OpenBatch-->     (OPENING)          BATCHING
+  source       ARMED    --StopAccepting--> (OPENING)          ARMED     failure: the whole rollback
+               ARMED    --OpenBatch-->     (OPENING)          BATCHING
                BATCHING --FreezeBatch-->   (BATCH_FREEZING)   BATCHING  failure: the batch undone
                BATCHING --CommitBatch-->   (BATCH_COMMITTING) BATCHING  failure: forward
                BATCHING --RollbackBatch--> (BATCH_UNDOING)    BATCHING
                BATCHING --FinishBatched--> (COMMITTING)       COMMITTED
                BATCHING --Rollback-->      (ROLLING_BACK)     ROLLED_BACK  (before the opening committed)
-  destination  PREPARED --RestoreBatch 0-->  (RESTORING)      RESTORED   failure: the whole abort
+  destination  PREPARED --ExpectKept-->      (PREPARED)       PREPARED   the kept flows, before the opening
+               PREPARED --RestoreBatch 0-->  (RESTORING)      RESTORED   failure: the whole abort
                RESTORED --ReleaseBatch 0-->  (BATCH_RELEASING) ADOPTING, or RELEASED if nothing is kept
                ADOPTING --RestoreBatch k-->  (BATCH_RESTORING) ADOPTING  failure: its sockets closed
                ADOPTING --ReleaseBatch k-->  (BATCH_RELEASING) ADOPTING / RELEASED (all kept flows done)
@@ -62,6 +64,7 @@ _adopting_or_released.targets = (State.ADOPTING, State.RELEASED)  # for the draw
 S, M, P = State, NodeMigration, Playbook
 ROWS: dict[tuple[State, type], Row] = {
     # the source
+    (S.ARMED, bm.StopAccepting): Row(S.OPENING, S.ARMED, batch_play("stop_accepting")),
     (S.ARMED, bm.OpenBatch): Row(S.OPENING, S.BATCHING, batch_play("open_batch")),
     (S.BATCHING, bm.FreezeBatch): Row(S.BATCH_FREEZING, S.BATCHING, batch_play("freeze_batch")),
     (S.BATCH_FREEZING, ExecutorFailed): Row(S.BATCH_UNDOING, S.BATCHING, batch_play("rollback_batch")),
@@ -73,6 +76,7 @@ ROWS: dict[tuple[State, type], Row] = {
     (S.BATCHING, OwnerMoved): Row(S.COMMITTING, S.COMMITTED, M._commit),
     (S.BATCHING, LinkLost): Row(S.BATCHING, S.BATCHING, M._wait_for_the_registry),
     # the destination
+    (S.PREPARED, bm.ExpectKept): Row(S.PREPARED, S.PREPARED, batch_play("expect_kept")),
     (S.PREPARED, bm.RestoreBatch): Row(S.RESTORING, S.RESTORED, batch_play("restore_batch")),
     (S.RESTORED, bm.ReleaseBatch): Row(S.BATCH_RELEASING, _adopting_or_released, batch_play("release_batch")),
     (S.ADOPTING, bm.RestoreBatch): Row(S.BATCH_RESTORING, S.ADOPTING, batch_play("restore_batch")),

@@ -58,8 +58,7 @@ def event_for_reply(node: str, step: Step, reply: object) -> mig.Event | None:
 
 
 # the steps only a batched migration sends (their replies: event_for_batch_reply)
-BATCH_STEPS = frozenset({bm.OpenBatch, bm.FreezeBatch, bm.RestoreBatch, bm.ReleaseBatch,
-                         bm.CommitBatch, bm.RollbackBatch, bm.AbortBatch, bm.FinishBatched})
+BATCH_STEPS = frozenset(bm.STEPS)
 Machine = mig.Migration | bmig.BatchMigration
 Done = mig.Finished | bmig.BatchFinished
 

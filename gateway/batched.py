@@ -141,16 +141,17 @@ def is_batched(j: JournaledMigration) -> bool:
 # RESTORING and UNDOING act as their batch's FREEZING line (RollbackBatch, AbortBatch: both
 # idempotent), COMMITTING as its RELEASING line (ReleaseBatch resent - idempotent on the
 # destination - then CommitBatch); before the owner switch every line means the same, the
-# whole rollback (the owner was not switched), so OPENING acts as FLIPPING's line and
-# OPEN_RESTORING and SWITCHING as OPENING's: the opening's hold (new clients, UDP) waits for
-# no journal write but the owner switch's, which carries the batch order (only a restart
-# past it needs the order); OPEN_RELEASING and OPEN_COMMITTING act as the owner switch's own
+# whole rollback (the owner was not switched), so LISTING, EXPECTING and OPENING act as
+# FLIPPING's line and OPEN_RESTORING and SWITCHING as OPENING's: the opening's hold (new
+# clients, UDP) waits for no journal write but the owner switch's. The batch order (only a
+# restart past the switch needs it) is written before the opening freezes, with its
+# OpenBatch (the owner switch writes it only if that write failed); OPEN_RELEASING and OPEN_COMMITTING act as the owner switch's own
 # line (set_owner writes the batched state with it). `unmoved` and `queued` are the same in
 # each pair. Each journal write is a transaction with an fsync (~9 ms on the lab's disk):
 # six per batch were most of a batch window; two are left (docs/handoff.md, "The journal").
 WITH_STEP = frozenset({bmig.BState.FREEZING, bmig.BState.RELEASING})
 SAME_AS_BEFORE = frozenset({bmig.BState.RESTORING, bmig.BState.UNDOING, bmig.BState.COMMITTING,
-                            bmig.BState.OPENING, bmig.BState.OPEN_RESTORING, bmig.BState.SWITCHING,
+                            bmig.BState.LISTING, bmig.BState.EXPECTING, bmig.BState.OPENING, bmig.BState.OPEN_RESTORING, bmig.BState.SWITCHING,
                             bmig.BState.OPEN_RELEASING, bmig.BState.OPEN_COMMITTING})
 UNJOURNALED = WITH_STEP | SAME_AS_BEFORE
 
@@ -188,6 +189,16 @@ def journal_step(run, message: msgs.Step) -> None:
     set_owner)."""
     m = run.machine
     text = journal_text(m, m.state)
+    if isinstance(message, bm.OpenBatch):
+        # the batch order, before anything is held for the opening (10,000 flows and an
+        # fsync); if this write fails the owner switch's carries it, as before
+        try:
+            run.gw.registry.journal_order(run.name, m.queued)
+            run.order_journaled = True
+        except RegistryError as e:
+            log.warning("migration of %s: batch order not journaled before the opening: %s "
+                        "(the owner switch will carry it)", run.name, e)
+        return
     if isinstance(message, bm.FreezeBatch):
         keep: msgs.Step = bm.AbortBatch(service=message.service, epoch=message.epoch,
                                         batch=message.batch, flows=message.flows)
@@ -237,9 +248,9 @@ def report(run, finished: bmig.BatchFinished) -> dict:
     # the longest any connection waited (per-connection freeze max): the figure the whole
     # handoff's freeze_ms is for it (first held -> last released)
     r["freeze_ms"] = (r.get("conn_freeze_ms") or {}).get("max", 0.0)
-    # the opening's stop window: the source's listeners handed back -> the destination
-    # serving new connections (its release of batch 0); established ones never stop all
-    # at once, their waits are conn_freeze_ms
+    # the opening's stop window: the source's opening frozen (its UDP sockets handed back)
+    # -> the destination serving (its release of batch 0); established connections never
+    # stop all at once, their waits are conn_freeze_ms
     r["stop_ms"] = (stop_window_ms(run.replied_at.get("batch.open"), run.split_ms.get("batch.open"),
                                    run.first_reply.get("batch.release"))
                     if finished.outcome == "committed" else None)

@@ -60,6 +60,7 @@ class _Run:
         self.replied_at: dict[str, float] = {}  # step -> loop time its (successful) reply came
         self.first_reply: dict[str, float] = {}  # the same, the first (a batched step repeats)
         self.batched = strategy == MigrateStrategy.BATCHED  # a BatchMigration (gateway.batched)
+        self.order_journaled = False  # batched: its batch order written before the opening
         self.machine: mig.Migration | bmig.BatchMigration | None = None
         self.last_chunk: asyncio.Future | None = None  # the chunk relay's tail (streamed dump)
         self.started = time.time()
@@ -131,7 +132,8 @@ class _Run:
         # goes out; the in-memory table follows only if the write succeeded
         if self.batched:
             self.gw.registry.switch_owner(service, node, batched.journaled_release(release),
-                                          state=batched.owner_switch_state(self.machine), order=self.machine.queued)
+                                          state=batched.owner_switch_state(self.machine),
+                                          order=None if self.order_journaled else self.machine.queued)
         else:
             self.gw.registry.switch_owner(service, node, release)
         self.gw.table.set_owner(service, node)

@@ -17,7 +17,7 @@ from clustercore import messages as msgs
 from clustercore.batchcutover import OPENING, BatchDest, BatchSource
 from clustercore.batchmigration import (
     TERMINAL, BatchCommitted, BatchFrozen, BatchMigration, BatchReleased, BatchRestored,
-    BatchSizer, BatchUndone, OpeningFrozen,
+    BatchSizer, BatchUndone, KeptExpected, KeptList, OpeningFrozen,
 )
 from clustercore.errors import LocalControlError
 from clustercore.migration_messages import (
@@ -98,11 +98,17 @@ class Cluster:
         if isinstance(msg, msgs.Arm):
             self.source = BatchSource(NEW)
             return CountingReady(node=SRC)
+        if isinstance(msg, bm.StopAccepting):
+            src.expect(self.kept)
+            return KeptList(node=SRC, kept=self.kept)
+        if isinstance(msg, bm.ExpectKept):
+            dst.expect(msg.flows)
+            return KeptExpected(node=DST)
         if isinstance(msg, bm.OpenBatch):
-            consumed = src.open(self.kept, now)
+            consumed = src.open((), now)  # the kept flows: given at StopAccepting
             late = src.hand_over_late(OPENING)
             self.late = {OPENING: late}
-            return OpeningFrozen(node=SRC, consumed=consumed, kept=self.kept,
+            return OpeningFrozen(node=SRC, consumed=consumed,
                                  late_packets=tuple(str(h).encode() for h in late))
         if isinstance(msg, bm.RestoreBatch):
             return BatchRestored(node=DST, batch=msg.batch)

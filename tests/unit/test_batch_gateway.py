@@ -29,7 +29,7 @@ from clustercore.ownership import Service, Verdict
 from clustercore.packet import SYN
 from gateway import controller as ctl
 from gateway import nft
-from gateway.registry import Registry
+from gateway.registry import Registry, RegistryError
 from tests.unit.test_cutover import Sent, audit, tcp, udp
 
 SERVICE = "echo"
@@ -140,12 +140,16 @@ class Agent:
             assert m.strategy == "batched"
             self.role = BatchSource(m.epoch)
             return msgs.Done()
+        if isinstance(m, bm.StopAccepting):
+            self.role.expect(self.c.kept)
+            return bm.KeptListed(kept=tuple(reversed(self.c.kept)))  # the last kept is the idlest
+        if isinstance(m, bm.ExpectKept):
+            self.role.expect(m.flows)
+            return msgs.Done()
         if isinstance(m, bm.OpenBatch):
-            consumed = self.role.open(self.c.kept, now)
+            consumed = self.role.open((), now)
             late = self.role.hand_over_late(OPENING)
-            idle = tuple(float(i) for i in range(len(self.c.kept)))  # the last kept is the idlest
-            return bm.OpeningDone(consumed=consumed, kept=self.c.kept, idle_ms=idle,
-                                  late_packets=tuple(str(h).encode() for h in late),
+            return bm.OpeningDone(consumed=consumed, late_packets=tuple(str(h).encode() for h in late),
                                   timing_ms={"take_sockets": 0.5, "frozen_to_reply": 0.2})
         if isinstance(m, bm.FreezeBatch):
             self.c.frozen.append(m.flows)
@@ -271,9 +275,10 @@ def test_a_batched_migration_moves_every_connection_in_batches_exactly_once(tmp_
     assert report["stop_ms"] is not None and report["opening_window_ms"] is not None
     assert report["total_ms"] > 0 and report["lost"] == 0
     # the steps on the wire, in the machine's order
-    assert c.ops()[:8] == ["migrate.prepare", "migrate.arm", "migrate.batch.open", "migrate.batch.restore",
-                           "migrate.batch.release", "migrate.batch.commit", "migrate.batch.freeze",
-                           "migrate.batch.restore"]
+    assert c.ops()[:10] == ["migrate.prepare", "migrate.arm", "migrate.batch.stop_accepting",
+                            "migrate.batch.expect_kept", "migrate.batch.open", "migrate.batch.restore",
+                            "migrate.batch.release", "migrate.batch.commit", "migrate.batch.freeze",
+                            "migrate.batch.restore"]
     assert c.ops("n1")[-1] == "migrate.batch.finish" and c.finished_pinned == 0
     # idle first: the source said the later a kept connection, the idler
     assert c.frozen[0] == tuple(reversed(c.kept[-4:])) and c.frozen[-1] == tuple(reversed(c.kept[:4]))
@@ -291,16 +296,19 @@ def test_a_batched_migration_moves_every_connection_in_batches_exactly_once(tmp_
     assert [s for s, _ in c.progress][-2:] == ["committed", "done"]
 
 
-def test_the_opening_waits_for_one_journal_write_the_owner_switch_with_the_batch_order(tmp_path):
-    """From the epoch flip to the opening's release new clients and UDP wait: the only
-    journal write there is the owner switch (the point of no return), which carries the
-    order the batches take the kept connections in; no line for OPENING or OPEN_RESTORING
-    (a restart before the switch rolls back whatever the line says)."""
+def test_the_opening_waits_for_one_journal_write_the_owner_switch_and_the_order_is_written_before(tmp_path):
+    """From the opening's freeze to its release new clients and UDP wait: the only journal
+    write there is the owner switch (the point of no return). The order the batches take
+    the kept connections in is written before the freeze (with OpenBatch), so the switch
+    carries none; no line for OPENING or OPEN_RESTORING (a restart before the switch rolls
+    back whatever the line says)."""
     c = Cluster(tmp_path, n_conns=12)
     writes: list[tuple] = []
-    state, switch = c.gw.registry.journal_state, c.gw.registry.switch_owner
+    state, switch, order = c.gw.registry.journal_state, c.gw.registry.switch_owner, c.gw.registry.journal_order
     c.gw.registry.journal_state = lambda service, text, **kw: (writes.append(("state", text)),
                                                               state(service, text, **kw))[1]
+    c.gw.registry.journal_order = lambda service, flows: (writes.append(("order", tuple(flows))),
+                                                         order(service, flows))[1]
 
     def switching(service, owner, release, **kw):
         writes.append(("switch", kw.get("state"), kw.get("order")))
@@ -309,12 +317,32 @@ def test_the_opening_waits_for_one_journal_write_the_owner_switch_with_the_batch
     report = c.migrate()
     assert report["outcome"] == "committed", report
     at = next(i for i, w in enumerate(writes) if w[0] == "switch")
-    assert writes[at - 1][1].startswith("batched:flipping:")  # the last line before the opening
-    assert not any(w[1].startswith(("batched:opening:", "batched:open_restoring:", "batched:switching:"))
+    assert writes[at - 1][0] == "order" and writes[at - 2][1].startswith("batched:flipping:")
+    assert not any(w[1].startswith(("batched:listing:", "batched:expecting:", "batched:opening:",
+                                    "batched:open_restoring:", "batched:switching:"))
                    for w in writes if w[0] == "state")
-    _, text, order = writes[at]
-    assert text == "batched:open_releasing:0:12:12"
-    assert sorted(order) == sorted(c.kept) and tuple(order[:4]) == c.frozen[0]  # the batches' order
+    _, text, switch_order = writes[at]
+    assert text == "batched:open_releasing:0:12:12" and switch_order is None
+    journaled = writes[at - 1][1]
+    assert sorted(journaled) == sorted(c.kept) and tuple(journaled[:4]) == c.frozen[0]  # the batches' order
+    assert c.drain_traffic() == []
+
+
+def test_if_the_order_cannot_be_written_before_the_opening_the_owner_switch_carries_it(tmp_path):
+    c = Cluster(tmp_path, n_conns=6)
+    switched: list = []
+    switch = c.gw.registry.switch_owner
+
+    def fail(service, flows):
+        raise RegistryError(c.gw.registry.path, "journal the order", OSError("disk full"))
+
+    def switching(service, owner, release, **kw):
+        switched.append(kw.get("order"))
+        return switch(service, owner, release, **kw)
+    c.gw.registry.journal_order, c.gw.registry.switch_owner = fail, switching
+    report = c.migrate()
+    assert report["outcome"] == "committed", report
+    assert switched and sorted(switched[0]) == sorted(c.kept)
     assert c.drain_traffic() == []
 
 

@@ -37,6 +37,7 @@ class BatchLab:
         self.handed = False
         self.stragglers = 0
         self.suppress = suppress
+        self.expected = {"S": False, "D": False}  # the kept flows given before the opening
         self.now = 0.0
 
     def tick(self) -> float:
@@ -54,15 +55,20 @@ class BatchLab:
             self.deliveries += [(seq, "dest") for seq in self.source.take_forward()]
             return
         op, k = token
-        if op == "F":
-            self.consumed[k] = (self.source.open(self.kept, self.tick()) if k == OPENING
+        if op == "e":  # ("e", "S" or "D"): the kept flows, before the opening
+            (self.source if k == "S" else self.dest).expect(self.kept)
+            self.expected[k] = True
+        elif op == "F":
+            kept = () if self.expected["S"] else self.kept
+            self.consumed[k] = (self.source.open(kept, self.tick()) if k == OPENING
                                 else self.source.freeze(k, self.batches[k], self.tick()))
         elif op == "H":
             self.late[k], self.handed = self.source.hand_over_late(k), True
         elif op == "R":
             self.deliveries += [(seq, "dest") for seq in self.late[k]]
             consumed = self.consumed[k] if self.suppress else {}
-            rel = (self.dest.open(self.kept, consumed, self.tick()) if k == OPENING
+            kept = () if self.expected["D"] else self.kept
+            rel = (self.dest.open(kept, consumed, self.tick()) if k == OPENING
                    else self.dest.release(k, self.batches[k], consumed, self.tick()))
             self.deliveries += [(seq, "dest") for seq in rel.plan.accept]
         elif op == "C":
@@ -208,6 +214,20 @@ def test_misuse_is_a_local_error():
     d2.open({A.flow}, {}, 0.0)
     with pytest.raises(LocalControlError):
         d2.abort(0)  # released
+    s3, d3 = BatchSource(NEW), BatchDest(NEW)
+    s3.expect({A.flow})
+    d3.expect({A.flow})
+    with pytest.raises(LocalControlError):
+        s3.freeze(1, {A.flow}, 0.0)  # known kept flows, but before the opening
+    with pytest.raises(LocalControlError):
+        d3.release(1, {A.flow}, {}, 0.0)  # the same on the destination
+    with pytest.raises(LocalControlError):
+        s3.open({A.flow}, 0.0)  # given before: the opening names none
+    with pytest.raises(LocalControlError):
+        d3.expect({A.flow})  # twice
+    s3.open((), 0.0)
+    d3.open((), {}, 0.0)
+    assert d3.kept == frozenset({A.flow})
 
 
 # ---------------------------------------------------------------- the property
@@ -243,7 +263,7 @@ def batched_migrations(draw):
         return [by_flow[f].pop(0) for f in flows]
 
     source_order, dest_order = arrival_order(), arrival_order()
-    controls: list = []
+    controls: list = [("e", n) for n in "SD" if draw(st.booleans())]  # StopAccepting, ExpectKept
     opening_ok = draw(st.booleans()) or draw(st.booleans())
     controls += steps("FH", 0) + (steps("RC", 0) if opening_ok else steps(draw(st.sampled_from(["bA", "Ab"])), 0))
     if opening_ok:

@@ -15,7 +15,7 @@ from clustercore import messages as msgs
 from clustercore.batchmigration import (
     BEFORE_RELEASE, EVENT_TYPES, TERMINAL, TRANSITIONS, BState, BatchCommitted, BatchFinished,
     BatchFrozen, BatchMigration, BatchReleased, BatchRestored, BatchSizer, BatchUndone,
-    OpeningFrozen, idle_first, percentile,
+    KeptExpected, KeptList, OpeningFrozen, idle_first, percentile,
 )
 from clustercore.errors import ConfigError, LocalControlError
 from clustercore.migration_messages import (
@@ -56,11 +56,13 @@ class Driver:
         self.feed(Start())
         self.feed(HoldReady(node=DST))
         self.feed(CountingReady(node=SRC))
-        return self.feed(EpochFlipped(service=SERVICE, epoch=EPOCH))
+        self.feed(EpochFlipped(service=SERVICE, epoch=EPOCH))
+        self.feed(KeptList(node=SRC, kept=self.kept, idle_ms=self.idle))
+        return self.feed(KeptExpected(node=DST))
 
     def through_opening(self):
         self.to_opening()
-        self.feed(OpeningFrozen(node=SRC, kept=self.kept, idle_ms=self.idle))
+        self.feed(OpeningFrozen(node=SRC))  # the kept flows came before (KeptList)
         self.feed(BatchRestored(node=DST, batch=0))
         self.feed(OwnerSwitched(service=SERVICE, node=DST))
         self.feed(BatchReleased(node=DST, batch=0, held=2, released=2, waited_ms=(1.0,)))
@@ -100,7 +102,21 @@ def test_happy_path_moves_every_kept_connection_once_idle_first():
     assert r.batch_window_ms["n"] == len(batches) == r.batches - 1
     assert [c for c in out if isinstance(c, SetDelivery)][-1].nodes == (DST,)
     releases = [c.message for c in sent(d.log, bm.ReleaseBatch)]
-    assert releases[0].batch == 0 and releases[0].flows == d.kept  # the opening names the kept
+    assert releases[0].batch == 0 and releases[0].flows == ()  # the destination had them before
+    assert [(c.node, c.message.flows) for c in sent(d.log, bm.ExpectKept)] == [(DST, d.kept)]
+    order = [type(c.message) for c in sent(d.log)][2:5]  # after Prepare and Arm: the list first
+    assert order == [bm.StopAccepting, bm.ExpectKept, bm.OpenBatch]
+
+
+def test_a_source_that_lists_its_kept_flows_only_when_it_opens_is_still_understood():
+    d = Driver(kept=5)
+    d.to_opening()
+    d.m._queue, d.m._kept = [], ()  # as if KeptList had said nothing
+    d.feed(OpeningFrozen(node=SRC, kept=d.kept))
+    d.feed(BatchRestored(node=DST, batch=0))
+    out = d.feed(OwnerSwitched(service=SERVICE, node=DST))
+    assert sent(out, bm.ReleaseBatch)[0].message.flows == d.kept  # then the release names them
+    assert d.m.queued == d.kept
 
 
 def test_batch_sizes_follow_the_measured_window():
@@ -120,8 +136,8 @@ def test_opening_with_nothing_kept_goes_straight_to_finishing():
 def test_failure_before_the_opening_release_rolls_everything_back(state):
     d = Driver(kept=3)
     steps = [Start(), HoldReady(node=DST), CountingReady(node=SRC),
-             EpochFlipped(service=SERVICE, epoch=EPOCH), OpeningFrozen(node=SRC, kept=d.kept),
-             BatchRestored(node=DST, batch=0)]
+             EpochFlipped(service=SERVICE, epoch=EPOCH), KeptList(node=SRC, kept=d.kept),
+             KeptExpected(node=DST), OpeningFrozen(node=SRC), BatchRestored(node=DST, batch=0)]
     for ev in steps:
         if d.m.state is state:
             break
@@ -208,7 +224,8 @@ def test_late_replies_and_strangers_are_ignored():
 
 def test_every_state_event_pair_is_handled_or_refused_cleanly():
     events = [Start(), HoldReady(node=DST), CountingReady(node=SRC),
-              EpochFlipped(service=SERVICE, epoch=EPOCH), OpeningFrozen(node=SRC),
+              EpochFlipped(service=SERVICE, epoch=EPOCH), KeptList(node=SRC), KeptExpected(node=DST),
+              OpeningFrozen(node=SRC),
               BatchFrozen(node=SRC, batch=1), BatchRestored(node=DST, batch=1),
               OwnerSwitched(service=SERVICE, node=DST), BatchReleased(node=DST, batch=1),
               BatchCommitted(node=SRC, batch=1), BatchUndone(node=SRC, batch=1),
@@ -307,7 +324,9 @@ def honest_reply(d: Driver):
     return {
         BState.PREPARING: HoldReady(node=DST), BState.ARMING: CountingReady(node=SRC),
         BState.FLIPPING: EpochFlipped(service=SERVICE, epoch=EPOCH),
-        BState.OPENING: OpeningFrozen(node=SRC, kept=d.kept),
+        BState.LISTING: KeptList(node=SRC, kept=d.kept),
+        BState.EXPECTING: KeptExpected(node=DST),
+        BState.OPENING: OpeningFrozen(node=SRC),
         BState.OPEN_RESTORING: BatchRestored(node=DST, batch=0),
         BState.SWITCHING: OwnerSwitched(service=SERVICE, node=DST),
         BState.OPEN_RELEASING: BatchReleased(node=DST, batch=0),
@@ -332,6 +351,8 @@ def test_node_replies_become_the_machine_events_through_the_wire():
 
     f = flow(1)
     cases = [
+        (bm.StopAccepting(service=SERVICE, epoch=EPOCH), bm.KeptListed(kept=(f,)), KeptList),
+        (bm.ExpectKept(service=SERVICE, epoch=EPOCH, flows=(f,)), msgs.Done(), KeptExpected),
         (bm.OpenBatch(service=SERVICE, epoch=EPOCH),
          bm.OpeningDone(consumed={f: 2}, kept=(f,), idle_ms=(3.0,)), OpeningFrozen),
         (bm.FreezeBatch(service=SERVICE, epoch=EPOCH, batch=4, flows=(f,)),

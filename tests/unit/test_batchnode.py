@@ -116,6 +116,8 @@ EVENTS = {
     nc.OwnerMoved: lambda: nc.OwnerMoved(why="over"),
     nc.LeaseExpired: lambda: nc.LeaseExpired(),
     nc.ExecutorFailed: lambda: nc.ExecutorFailed(error=KernelError("something", 5)),
+    bm.StopAccepting: lambda: step(bm.StopAccepting),
+    bm.ExpectKept: lambda: step(bm.ExpectKept, flows=(flow(1), flow(2))),
     bm.OpenBatch: lambda: step(bm.OpenBatch),
     bm.FreezeBatch: lambda: step(bm.FreezeBatch, batch=1, flows=(flow(1), flow(2))),
     bm.RestoreBatch: lambda: step(bm.RestoreBatch, batch=1, sockets=batch_wire(1, 2)),
@@ -227,7 +229,7 @@ def test_a_program_that_says_what_it_serves_costs_the_opening_no_kernel_table():
     steps = [
         (nc.WaitSettled, None), (nc.ReadClock, 1.0),
         (HandBackListeners, Handed((("tcp-7", "HL"),), {}, held)),
-        (nc.ReadClock, 1.25), (ListKept, kept),
+        (nc.ReadClock, 1.25), (ListKept, kept), (nc.ReadClock, 1.4),
         (nc.ReadClock, 1.5), (HandBackUdp, Handed((("udp-7", "HU"),), {})),
         (nc.ReadClock, 1.6), (nc.AcceptWaiting, []),
         (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7), name="tcp-7"),)),
@@ -278,11 +280,50 @@ def test_the_opening_looks_for_handshakes_before_the_hand_back_and_again_only_af
             continue
         cmd = runner.send(results[type(cmd)])
     assert seen == [nc.WaitSettled, nc.ReadClock, HandBackListeners, nc.ReadClock, ListKept,
-                    nc.WaitHandshakes, nc.ReadClock, HandBackUdp, nc.ReadClock, nc.AcceptWaiting,
+                    nc.ReadClock, nc.WaitHandshakes, nc.ReadClock, HandBackUdp, nc.ReadClock, nc.AcceptWaiting,
                     nc.DescribeListeners, nc.DrainDatagrams, nc.ReadClock, nc.Note]
     assert isinstance(runner.reply, bm.OpeningDone) and runner.reply.kept == KEPT
     assert cut.on_packet(packet(10, syn=True), OLD_EPOCH, "frozen", T0) is Verdict.HOLD
     assert cut.syns_accepted == 2
+
+
+def test_stop_accepting_lists_the_kept_connections_before_the_opening_freezes_anything():
+    """StopAccepting: the program hands back its listeners and the kept list goes out with
+    nothing frozen (the source stays ARMED, every flow still OWNED); OpenBatch then lists
+    nothing again and its reply carries no kept flow: that list crosses no hold."""
+    m = armed_source()
+    cut = m.playbook.source.cut
+    listed = script(m, step(bm.StopAccepting), [
+        (nc.WaitSettled, None), (nc.ReadClock, 1.0), (HandBackListeners, Handed((("tcp-7", "HL"),), {})),
+        (nc.ReadClock, 1.25), (ReadIdleTimes, {}),
+        (ListKept, tuple(KeptConnection(f, idle_ms=10.0 * i) for i, f in enumerate(KEPT))),
+        (nc.ReadClock, 1.5),
+    ])
+    assert isinstance(listed, bm.KeptListed) and m.state is State.ARMED
+    assert listed.kept == tuple(reversed(KEPT))  # the longest idle first
+    assert {k: v for k, v in listed.timing_ms.items() if k != "settle"} == {"hand_back": 250.0, "list_kept": 250.0}
+    assert cut.on_packet(packet(9), EPOCH, "n9", T0) is Verdict.ACCEPT  # nothing frozen yet
+    assert isinstance(feed(m, step(bm.StopAccepting))[0], Failure)  # once only
+    opening = script(m, EVENTS[bm.OpenBatch](), [
+        (nc.ReadClock, 2.0), (HandBackUdp, Handed((("udp-7", "HU"),), {})),
+        (nc.ReadClock, 2.1), (nc.AcceptWaiting, []),
+        (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7), name="tcp-7"),)),
+        (nc.DrainDatagrams, DRAINED), (nc.ReadClock, 2.5), (nc.Note, None),
+    ])
+    assert isinstance(opening, bm.OpeningDone) and m.state is State.BATCHING
+    assert opening.kept == () and opening.tcp_established == len(KEPT)
+    assert set(opening.timing_ms) == {"udp_hand_back", "frozen_to_reply"}
+    assert cut.on_packet(packet(9), EPOCH, "n9b", T0) is Verdict.HOLD  # the opening's: frozen
+    assert cut.on_packet(packet(1), EPOCH, "k1", T0) is Verdict.ACCEPT  # kept: served here
+
+
+def test_a_source_that_stopped_accepting_and_is_rolled_back_gives_its_listeners_back():
+    m = armed_source()
+    assert isinstance(feed(m, step(bm.StopAccepting))[0], bm.KeptListed)
+    reply, k = feed(m, EVENTS[msgs.Rollback]())
+    assert reply == msgs.Done() and m.state is State.ROLLED_BACK
+    adopt = next(c for c in k.seen if isinstance(c, AdoptSockets))
+    assert [n for n, _ in adopt.sockets] == ["tcp-7"]
 
 
 def test_the_source_script_opening_batches_and_finish():
@@ -303,7 +344,7 @@ def test_the_source_script_opening_batches_and_finish():
         (nc.ReadClock, 1.25),
         (ReadIdleTimes, {}),  # the program did not say what it serves: the kernel's tables
         (ListKept, tuple(KeptConnection(f, idle_ms=10.0 * i) for i, f in enumerate(KEPT))),
-        (nc.ReadClock, 1.5),
+        (nc.ReadClock, 1.5), (nc.ReadClock, 1.5),
         (HandBackUdp, Handed((("udp-7", "HU"),), {})),  # the UDP sockets last
         (nc.CloseDescriptors, None), (nc.Note, None),
         (nc.ReadClock, 1.6), (nc.AcceptWaiting, [("conn-7", "A0")]),
@@ -515,6 +556,37 @@ def test_the_destination_script_opening_batches_and_end():
     assert aborted == msgs.Done() and m.state is State.RELEASED  # every kept flow settled
     assert cut.on_packet(packet(3), EPOCH, "k3b", 7.0) is Verdict.DROP  # pinned on the source
     assert feed(m, EVENTS[msgs.Inject]())[0] == msgs.Injected(injected=1)
+
+
+def test_a_destination_told_the_kept_flows_before_the_opening_releases_all_but_them():
+    """ExpectKept before the opening: ReleaseBatch 0 names no flow, and the kept flows
+    stay held until their batch, as when the release named them."""
+    m = NodeMigration("echo", "n2")
+    feed(m, EVENTS[msgs.Prepare]())
+    cut = m.playbook.destination.cut
+    assert script(m, step(bm.ExpectKept, flows=KEPT), [(nc.Note, None)]) == msgs.Done()
+    assert m.state is State.PREPARED and cut.kept == frozenset(KEPT)
+    assert feed(m, step(bm.ExpectKept, flows=KEPT))[0] == msgs.Done()  # asked again: the same
+    assert isinstance(feed(m, step(bm.ExpectKept, flows=KEPT[:1]))[0], Failure)  # another list
+    assert cut.on_packet(packet(9, syn=True), EPOCH, "syn9", 1.0) is Verdict.HOLD
+    assert cut.on_packet(packet(1), EPOCH, "k1", 1.0) is Verdict.HOLD
+    feed(m, step(bm.RestoreBatch, batch=0, sockets=opening_wire()))
+    reply, k = feed(m, step(bm.ReleaseBatch, batch=0, flows=(), consumed={}))
+    assert isinstance(reply, bm.BatchReleaseDone) and m.state is State.ADOPTING  # kept flows to come
+    accepted = next(c for c in k.seen if isinstance(c, nc.AcceptHeld))
+    assert accepted.handles == ("syn9",)  # the opening's flow only, not k1
+    assert cut.on_packet(packet(1), EPOCH, "k1b", 2.0) is Verdict.HOLD
+    assert cut.on_packet(packet(9), EPOCH, "n9", 2.0) is Verdict.ACCEPT
+    assert m.playbook.destination.kept == frozenset(KEPT)
+
+
+def test_a_restarted_gateways_opening_release_may_name_the_kept_flows_again():
+    m = NodeMigration("echo", "n2")
+    feed(m, EVENTS[msgs.Prepare]())
+    feed(m, step(bm.ExpectKept, flows=KEPT))
+    feed(m, step(bm.RestoreBatch, batch=0, sockets=opening_wire()))
+    reply, _ = feed(m, step(bm.ReleaseBatch, batch=0, flows=KEPT, consumed={}))
+    assert isinstance(reply, bm.BatchReleaseDone) and m.state is State.ADOPTING
 
 
 def test_the_new_instance_gets_the_sockets_and_what_the_old_one_owed():
