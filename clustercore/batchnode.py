@@ -518,6 +518,7 @@ class BatchedHandoff(Playbook):
             owed, f.owed = f.owed, {}
             if named:
                 yield AdoptSockets(f.instance, tuple(named), owed)
+                f.timing["given"] = _ms(t0, (yield ReadClock()))  # the program has its sockets
         restored, f.restored, f.states = f.restored, [], []
         if restored:
             yield CloseDescriptors(tuple(restored))  # the new instance holds its own
@@ -527,6 +528,7 @@ class BatchedHandoff(Playbook):
                 f.adopted = True
                 yield AdoptInstance(m.service, f.instance, tuple(f.opened))
             yield ServiceMoved(m.service, m.node)
+            f.timing["moved"] = _ms(t0, (yield ReadClock()))
             if f.waited:  # said after the release: no log write in the hold
                 worst = max(f.waited, key=f.waited.get)
                 yield Note(f"opening of {m.service} released: {len(f.waited)} flows had packets held, "
@@ -544,8 +546,9 @@ class BatchedHandoff(Playbook):
             yield Note(f"batch {b} of {m.service}: {lost} packets dropped by the kernel", "error")
         held, released = f.timing.pop("held", 0), f.timing.pop("released", 0)
         timing = {"release": _ms(t0, (yield ReadClock()))}
-        if "to_gate" in f.timing:
-            timing["to_gate"] = f.timing.pop("to_gate")
+        for key in ("to_gate", "given", "moved"):
+            if key in f.timing:
+                timing[key] = f.timing.pop(key)
         reply = bm.BatchReleaseDone(
             held=held, released=released, duplicates_suppressed=held - released,
             reinjected=f.reinjected, lost=lost, waited_ms=tuple(round(v, 3) for v in f.waited.values()),

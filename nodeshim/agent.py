@@ -508,15 +508,25 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
             self.sync_datapath()
 
     def service_moved(self, name: str, owner: str) -> None:
-        """A migration away from here committed: the table (ours until the gateway's next
-        push) names the new owner, and the kernel rules follow."""
+        """A migration committed (here: away from us) or released (here: to us): the table
+        (ours until the gateway's next push) names the new owner, and the kernel rules follow.
+
+        Becoming the owner while a migration role still decides the service's packets
+        changes one thing in the rules: its UDP queue rule gets the bypass (accept when
+        nothing reads the queue). That waits for the role's removal, which syncs the rules
+        anyway: the sync is ~20 ms of iptables-restore on the event loop, and here it came
+        right after the release opened the gate, so every packet of the service waited for
+        it (docs/handoff.md, "The opening's hold, fourth pass"). Later is the safe side: a
+        node without the bypass drops such a packet, as before the move. Losing the owner
+        is applied at once (a bypass left where we no longer own could accept one twice)."""
         svc = self.filter.services.get(name)
         if svc is not None and svc.owner != owner:
             self.filter.services[name] = dataclasses.replace(svc, owner=owner)
             services, anchor = self._table
             self._table = (tuple(dataclasses.replace(s, owner=owner) if s.name == name else s
                                  for s in services), anchor)
-            if self.queue is not None:
+            gaining_under_a_role = owner == self.config.name and name in self.filter.roles
+            if self.queue is not None and not gaining_under_a_role:
                 self.sync_datapath()
 
     def counters(self) -> dict:

@@ -530,7 +530,7 @@ def test_the_destination_script_opening_batches_and_end():
     released = script(m, step(bm.ReleaseBatch, batch=0, flows=KEPT, consumed={}, late_packets=(b"late",)), [
         (nc.MarkReleasing, None), (nc.ReadClock, 3.0), (nc.Thaw, None), (nc.PutBackDatagrams, 1),
         (nc.InjectPackets, 1), (nc.ReadClock, 3.5), (nc.AcceptHeld, None), (AdoptSockets, 3),
-        (nc.CloseDescriptors, None), (nc.AdoptInstance, None), (nc.ServiceMoved, None),
+        (nc.ReadClock, 3.55), (nc.CloseDescriptors, None), (nc.AdoptInstance, None), (nc.ServiceMoved, None),
         (nc.Note, None), (nc.CountKernelDrops, 0), (nc.ReadClock, 3.6),
     ])
     assert isinstance(released, bm.BatchReleaseDone) and m.state is State.ADOPTING
@@ -542,7 +542,8 @@ def test_the_destination_script_opening_batches_and_end():
                                (nc.ReadClock, 5.1)]) == msgs.Done(timing_ms={"restore": 100.0})
     released = script(m, step(bm.ReleaseBatch, batch=1, flows=(flow(1), flow(2)), consumed={flow(1): 1}), [
         (nc.ReadClock, 6.0), (nc.Thaw, None), (nc.ReadClock, 6.0), (nc.DropHeld, None), (nc.AcceptHeld, None),
-        (AdoptSockets, 2), (nc.CloseDescriptors, None), (nc.CountKernelDrops, 0), (nc.ReadClock, 6.1),
+        (AdoptSockets, 2), (nc.ReadClock, 6.05), (nc.CloseDescriptors, None), (nc.CountKernelDrops, 0),
+        (nc.ReadClock, 6.1),
     ])
     assert (released.held, released.released, released.duplicates_suppressed) == (2, 1, 1)
     assert released.waited_ms == (2000.0,) and m.state is State.ADOPTING
