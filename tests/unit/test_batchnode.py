@@ -531,6 +531,7 @@ def test_the_destination_script_opening_batches_and_end():
         (nc.MarkReleasing, None), (nc.ReadClock, 3.0), (nc.Thaw, None), (nc.PutBackDatagrams, 1),
         (nc.InjectPackets, 1), (nc.ReadClock, 3.5), (nc.AcceptHeld, None), (AdoptSockets, 3),
         (nc.ReadClock, 3.55), (nc.CloseDescriptors, None), (nc.AdoptInstance, None), (nc.ServiceMoved, None),
+        (nc.ReadClock, 3.58),
         (nc.Note, None), (nc.CountKernelDrops, 0), (nc.ReadClock, 3.6),
     ])
     assert isinstance(released, bm.BatchReleaseDone) and m.state is State.ADOPTING
