@@ -205,6 +205,7 @@ def loaded_migration(spec: labmod.Lab, n: int, tag: str, destination: str | None
     while not os.path.exists(ready) and load.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)
+    began = time.monotonic()  # the window's start, on loadgen's clock (tcp_slowest)
     try:
         if destination is None:
             time.sleep(NO_MIGRATION_WINDOW_S)
@@ -222,7 +223,8 @@ def loaded_migration(spec: labmod.Lab, n: int, tag: str, destination: str | None
         client = {"error": stderr.decode(errors="replace")[-300:]}
     lost = (client.get("tcp_missing", 0) + client.get("udp_missing", 0) + client.get("tcp_bad", 0)
             if "error" not in client else None)
-    return {"report": report, "client": client, "lost": lost, "duplicated": client.get("udp_duplicated")}
+    return {"report": report, "client": client, "lost": lost, "duplicated": client.get("udp_duplicated"),
+            "began": began}
 
 
 def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[list[dict], dict]:

@@ -14,6 +14,7 @@ the moment every connection was up (the ready file) to the end, and of which kin
 
 import argparse
 import asyncio
+import heapq
 import socket
 import json
 import os
@@ -61,6 +62,9 @@ class Stats:
         self.t_ready: float | None = None
         self.max_rtt_ms = 0.0  # TCP, messages sent from the ready point on
         self.max_rtt_warmup_ms = 0.0  # TCP, messages sent before it
+        # the slowest TCP replies of the window, (rtt_ms, sent at): where in a migration
+        # the clients waited, on the machine's monotonic clock (a min-heap of SLOWEST)
+        self.tcp_slowest: list[tuple[float, float]] = []
         self.udp_sent_at: list[float] = []
         self.udp_max_wait_ms = 0.0  # UDP, first answer of a datagram sent from the ready point on
         self.errors: list[str] = []
@@ -70,12 +74,17 @@ class Stats:
         """Count one echo's round trip; True if it is in the measured window."""
         if self.t_ready is not None and sent >= self.t_ready:
             self.max_rtt_ms = max(self.max_rtt_ms, rtt)
+            if len(self.tcp_slowest) < SLOWEST:
+                heapq.heappush(self.tcp_slowest, (rtt, sent))
+            elif rtt > self.tcp_slowest[0][0]:
+                heapq.heapreplace(self.tcp_slowest, (rtt, sent))
             return True
         self.max_rtt_warmup_ms = max(self.max_rtt_warmup_ms, rtt)
         return False
 
 
 CONNECT_SLOTS = None  # set in main: at most this many connects in flight
+SLOWEST = 20  # how many of the slowest TCP replies are reported with their send times
 
 
 async def tcp_conn(host, port, idx, rate, stop, st: Stats):
@@ -318,6 +327,8 @@ async def main(a):
         # the longest any client, TCP or UDP, waited for one reply from the ready point on
         "max_wait_ms": round(max(st.max_rtt_ms, st.udp_max_wait_ms), 2),
         "conn_worst_reply_ms": _percentiles(st.conn_worst), "conns_timed": len(st.conn_worst),
+        # [sent at (monotonic s), round trip ms] of the slowest TCP replies, in send order
+        "tcp_slowest": [[round(sent, 4), round(rtt, 2)] for rtt, sent in sorted(st.tcp_slowest, key=lambda x: x[1])],
         "retrans_segs": retrans_segs() - r0,
         "retrans_kinds": {k: v - k0.get(k, 0) for k, v in retrans_kinds().items()},
         "errors": st.errors[:10],

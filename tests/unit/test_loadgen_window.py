@@ -3,6 +3,7 @@ connects' own first exchanges are the warm-up's, not a migration's doing."""
 
 import time
 
+from vipctl import loadgen as lg
 from vipctl.loadgen import Stats, UdpProto
 
 
@@ -34,3 +35,16 @@ def test_a_datagram_is_timed_by_its_first_answer_and_only_after_the_ready_point(
     proto.datagram_received(b"udp 7", None)  # never sent: counted, not timed
     proto.datagram_received(b"garbage", None)
     assert st.udp_answers.get(7) == 1 and st.udp_max_wait_ms == first
+
+
+def test_the_slowest_tcp_replies_of_the_window_are_kept_with_their_send_times():
+    st = Stats()
+    st.t_ready = 10.0
+    st.tcp_reply(sent=5.0, rtt=900.0)  # warm-up: not among them
+    for i in range(100):
+        st.tcp_reply(sent=10.0 + i, rtt=float(i % 37))
+    kept = sorted(st.tcp_slowest, reverse=True)
+    assert len(kept) == lg.SLOWEST
+    assert [rtt for rtt, _ in kept[:3]] == [36.0, 36.0, 35.0]
+    assert min(rtt for rtt, _ in kept) == 27.0 and all(sent >= 10.0 for _, sent in kept)
+    assert (36.0, 10.0 + 36) in kept and (36.0, 10.0 + 73) in kept  # with when each was sent
