@@ -10,11 +10,14 @@ these steps are in clustercore.batchtable (added to nodemigration's one table).
 
 Source (the old owner; its program keeps running all along):
   Arm            BatchSource counts the new epoch.
-  OpenBatch      half-closed connections and half-open handshakes finish (the program
-                 still serves), the program hands back its listeners and UDP sockets (it
-                 stops accepting), the accept queue is taken, the established
-                 connections left are `kept`; the opening freezes every other flow; the
-                 accepted connections are dumped, the UDP sockets drained.
+  StopAccepting  half-closed connections and half-open handshakes finish (the program
+                 still serves), the program hands back its listeners (it stops
+                 accepting); the established connections it keeps serving are `kept`,
+                 sent to the gateway now, before anything is frozen.
+  OpenBatch      the program hands back its UDP sockets, the accept queue is taken; the
+                 opening freezes every flow not kept; the accepted connections are
+                 dumped, the UDP sockets drained. (Asked without StopAccepting, it does
+                 that step's work first and sends `kept` in its reply.)
   CommitBatch k  drop batch k's hold, close its copies silently, hand over stragglers.
   FreezeBatch k  the program hands back batch k's connections (with what it owes on
                  them); the batch freezes; they are dumped.
@@ -27,6 +30,8 @@ Source (the old owner; its program keeps running all along):
 Destination:
   Prepare        BatchDest holds the new epoch; the ports are bound; the new instance is
                  started with only its channel and waited for (READY=1, X_VIP_BATCH=1).
+  ExpectKept     the source's kept flows, before the opening freezes (so the opening's
+                 release names none).
   RestoreBatch k rebuild batch k's connections in repair mode (batch 0: also checks the
                  listeners and UDP sockets are the ones bound at prepare).
   ReleaseBatch k repair off, late packets and (batch 0) queued datagrams in, the hold
@@ -35,8 +40,8 @@ Destination:
                  here (marker first, as today) and makes the new instance the service's.
   AbortBatch k   drop its hold and rebuilt sockets; its flows are dropped from now on.
   Abort          (before the opening's release) the whole abort.
-The destination gets no "finish": it knows the kept flows from the opening's release and
-ends (RELEASED) when every one was released or aborted.
+The destination gets no "finish": it knows the kept flows (from ExpectKept, or from an
+older gateway's opening release) and ends (RELEASED) when every one was released or aborted.
 
 Facts are recorded before each effect and taken before each undo, as in
 clustercore.handoff, so an ending routine run after a failed command finishes or undoes
