@@ -124,6 +124,13 @@ class _Batches:
             raise LocalControlError("the kept flows were given already")
         self.kept = _check_flows(kept, "kept flows")
 
+    def open_unless_given(self, kept: Iterable[Flow]) -> None:
+        """At the opening: `kept`, or nothing when they were given before (expect)."""
+        if self.kept is None:
+            self.open(kept)
+        elif kept:
+            raise LocalControlError("the kept flows were given before the opening (expect)")
+
     def add(self, batch: int, flows: Iterable[Flow]) -> frozenset[Flow]:
         if self.kept is None:
             raise LocalControlError(f"batch {batch} before the opening batch")
@@ -226,10 +233,7 @@ class BatchSource(MigrationRole):
         Returns its flows' consumed counts."""
         if OPENING in self._state:
             raise LocalControlError("the opening batch was already frozen")
-        if self._batches.kept is None:
-            self._batches.open(kept)
-        elif kept:
-            raise LocalControlError("the kept flows were given before the opening (expect)")
+        self._batches.open_unless_given(kept)
         return self._freeze(OPENING)
 
     def freeze(self, batch: int, flows: Iterable[Flow], now: float) -> dict[Flow, int]:
@@ -403,10 +407,7 @@ class BatchDest(MigrationRole):
     def open(self, kept: Iterable[Flow], consumed: Mapping[Flow, int], now: float) -> BatchRelease:
         """Release the opening batch (every flow not kept). Re-inject its late packets first.
         `kept` is empty when they were given before (`expect`)."""
-        if self._batches.kept is None:
-            self._batches.open(kept)
-        elif kept:
-            raise LocalControlError("the kept flows were given before the opening (expect)")
+        self._batches.open_unless_given(kept)
         return self._release(OPENING, consumed, now)
 
     def release(self, batch: int, flows: Iterable[Flow], consumed: Mapping[Flow, int],

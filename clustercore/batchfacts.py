@@ -81,8 +81,8 @@ class BatchDestFacts:
     opened: list[Named] = field(default_factory=list)  # bound at prepare, adopted at batch 0
     instance: Any = None  # started at prepare (only the channel), until adopted as the running one
     adopted: bool = False
-    expected: tuple | None = None  # the source's kept flows, told before the opening (ExpectKept)
     kept: frozenset | None = None  # the source's kept flows, from the opening's release on
+    # (before it, the role's `cut.kept` holds them once ExpectKept gave them)
     settled: set = field(default_factory=set)  # kept flows released or aborted
     batch: int | None = None  # restored (or being released), not yet released or aborted
     restored: list[Any] = field(default_factory=list)

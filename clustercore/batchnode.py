@@ -420,12 +420,11 @@ class BatchedHandoff(Playbook):
         The opening's release then names none, so they cross no hold."""
         f = self.destination
         flows = tuple(event.flows)
-        if f.expected is not None or f.kept is not None:
-            if flows == f.expected:  # asked again: the same answer
+        if f.cut.kept is not None:  # given before (here or by the opening's release)
+            if f.kept is None and frozenset(flows) == f.cut.kept:  # asked again: the same answer
                 return msgs.Done()
             raise Refused(f"the kept flows of '{m.service}' were given before")
         f.cut.expect(flows)
-        f.expected = flows
         yield Note(f"{m.service}: the source keeps {len(flows)} connections; they come in batches")
         return msgs.Done()
 
@@ -484,7 +483,7 @@ class BatchedHandoff(Playbook):
         if b != f.batch:
             raise Refused(f"release of batch {b} of '{m.service}': restored is {f.batch}")
         f.flows, f.consumed, f.late = tuple(event.flows), dict(event.consumed), tuple(event.late_packets)
-        if b == OPENING and f.expected is not None:
+        if b == OPENING and f.cut.kept is not None:
             f.flows = ()  # known since ExpectKept (a restarted gateway's journal names them again)
         if b == OPENING:  # the point of no return here: a marker that outlives the agent first
             yield MarkReleasing(m.service, m.epoch or event.epoch)
