@@ -67,6 +67,8 @@ class GatewayConfig:
     gateways: tuple[str, ...] = ()
     etcd_endpoints: tuple[str, ...] = ()
     migration_timeouts: tuple[tuple[str, float], ...] = ()  # (state, seconds) overrides
+    # the single-owner fast path (gateway.bpf) in front of the nft table; off: nft alone
+    bpf_fast_path: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", _enum_field("delivery", Delivery, self.delivery, None))
@@ -317,7 +319,8 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         d,
         {"vip", "client_interface", "cluster_interface", "listen_address", "listen_port",
          "tls_ca", "tls_cert", "tls_key", "key_file", "control_socket", "state_dir", "nodes", "heartbeat_s", "node_timeout_s",
-         "delivery", "vip6", "metrics_address", "metrics_tls", "migration_timeouts", "name", "gateways", "etcd_endpoints"},
+         "delivery", "vip6", "metrics_address", "metrics_tls", "migration_timeouts", "name", "gateways", "etcd_endpoints",
+         "bpf_fast_path"},
         source,
     )
     client_if = _str(d, "client_interface", source, pattern=_IFNAME_RE, what="an interface name")
@@ -363,6 +366,7 @@ def gateway_config_from_dict(d: dict, source: str | None = None) -> GatewayConfi
         metrics_tls=_boolean(d, "metrics_tls", source, False),
         **_gateways_fields(d, source),
         migration_timeouts=_migration_timeouts(d, source),
+        bpf_fast_path=_boolean(d, "bpf_fast_path", source, True),
     )
 
 

@@ -23,14 +23,14 @@ import time
 
 from clustercore import messages as msgs
 from clustercore.config import GatewayConfig
-from clustercore.errors import ConfigError, ConnectionLost, PeerControlError, VipError
+from clustercore.errors import ConfigError, ConnectionLost, KernelError, PeerControlError, VipError
 from clustercore.kinds import Delivery
 from vipwire import metricsserver, systemd, tls
 from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN, encode_reply
 from vipwire.rpc import Context, RpcConnection
 
-from . import netlink, nft
+from . import bpf, netlink, nft
 from .controlops import AGENT_TIMEOUT_S, ControlOps
 from .ha import HighAvailability
 from .metrics import GatewayMetrics
@@ -66,6 +66,8 @@ class Gateway(ControlOps):
         self.agents: dict[str, AgentSession] = {}
         self.delivery_override: dict[str, tuple[str, ...]] = {}
         self.gateway_mac = ""
+        self.fast_path: bpf.FastPath | None = None  # gateway.bpf, opened by prepare_kernel
+        self._cluster_ifindex = 0
         self._servers: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()  # one table change at a time
@@ -99,11 +101,27 @@ class Gateway(ControlOps):
         netlink.enable_forwarding(ipv6=any(":" in v for v in cfg.vips))
         for vip in cfg.vips:
             netlink.add_vip_route(vip, cfg.cluster_interface)
+        self._open_fast_path()
         # adopt what a previous gateway left: the table is replaced in one transaction,
         # rendered from the same registry, so packets keep flowing through the restart
         self.apply_delivery()
         log.info("delivery: every packet to %s on %s is copied to %d nodes on %s",
                  " and ".join(cfg.vips), cfg.client_interface, len(cfg.nodes), cfg.cluster_interface)
+
+    def _open_fast_path(self) -> None:
+        """The single-owner fast path (gateway.bpf), if configured and the kernel takes it;
+        without it nft alone delivers (the same packets, slower)."""
+        cfg = self.config
+        self._cluster_ifindex = socket.if_nametoindex(cfg.cluster_interface)
+        if not cfg.bpf_fast_path:
+            log.info("fast path: off (bpf_fast_path = false): nft delivers every packet")
+            return
+        try:
+            self.fast_path = bpf.FastPath(socket.if_nametoindex(cfg.client_interface))
+        except KernelError as e:
+            log.warning("fast path: not available, nft delivers every packet: %s", e)
+            return
+        log.info("fast path: tcx ingress program on %s for single-owner service ports", cfg.client_interface)
 
     async def start(self) -> None:
         cfg = self.config
@@ -172,6 +190,8 @@ class Gateway(ControlOps):
             os.unlink(self.config.control_socket)
         except FileNotFoundError:
             pass
+        if self.fast_path is not None:
+            self.fast_path.close()  # nft carries every packet from here on
         self.registry.close()
 
     def log_event(self, kind: str, detail: dict) -> None:
@@ -219,7 +239,12 @@ class Gateway(ControlOps):
             epochs=epochs,
             targets=targets,
         )
+        fast = bpf.entries(vips=self.config.vips, epochs=epochs, targets=targets, ifindex=self._cluster_ifindex)
+        if self.fast_path is not None:
+            self.fast_path.retire(fast)  # nothing the old table would not do, while it is replaced
         nft.apply(script)
+        if self.fast_path is not None:
+            self.fast_path.install(fast)
 
     # --- agents ----------------------------------------------------------------------
     def anchor(self) -> str | None:

@@ -21,7 +21,7 @@ import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from clustercore.errors import LocalControlError, VipError
 from clustercore.kinds import migration_strategy, service_kind
@@ -220,3 +220,12 @@ class _StateCollector:
         for phase, n in gw.copies_per_packet().items():
             copies.add_metric([phase], n)
         yield copies
+        if gw.fast_path is not None:
+            try:
+                n = gw.fast_path.packets()
+            except VipError as e:
+                log.warning("fast path counter not read: %s", e)
+            else:
+                yield CounterMetricFamily("vipcluster_fast_path_packets", "VIP packets the gateway's single-owner "
+                                          "fast path (gateway.bpf) sent on; the rest went through its nft table.",
+                                          value=n)

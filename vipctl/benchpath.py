@@ -5,10 +5,13 @@ external service on n1) with one thing changed after the daemons are up, measure
 modes (medians of `runs`, UDP packets/s of 64-byte datagrams and one TCP stream) and given
 as ratios against the same run's plain-routing baseline:
 
-- today            as deployed: the gateway `fwd`s each packet to the owner only (one
-                   copy), GRO off on the node's cluster interface (the agent's doing),
-                   the node's verdict map (nodeshim.nftnode) in front of its iptables
-                   list, no raw-table chains (the node keeps conntrack off).
+- today            as deployed: the gateway's bpf fast path (gateway.bpf) redirects each
+                   packet to the owner only (one copy), GRO off on the node's cluster
+                   interface (the agent's doing), the node's verdict map (nodeshim.nftnode)
+                   in front of its iptables list, no raw-table chains (the node keeps
+                   conntrack off).
+- nft-only         today without the bpf fast path: the gateway's nft table `fwd`s each
+                   packet (as before the fast path).
 - dup-all+drop     broadcast delivery: `dup` to every node, non-owners drop in the kernel
                    (the `fast` mode of the main table; not measured twice).
 - node-gro-on      GRO turned back on on the owner's cluster interface. The agent turns it
@@ -125,7 +128,9 @@ def _raw_hooks(spec: labmod.Lab) -> str:
 
 
 VARIANTS = (
-    ("today", "fwd to the owner, node GRO off, the node's verdict map before its list (as deployed)", None),
+    ("today", "the gateway's bpf fast path to the owner, node GRO off, the node's verdict map before its "
+     "list (as deployed)", None),
+    ("nft-only", "today without the gateway's bpf fast path: its nft table fwds every packet (before)", None),
     ("node-gro-on", "fwd to the owner, GRO on on the node's cluster interface", _node_gro_on),
     ("gateway-gro-on", "as node-gro-on, and GRO on on the gateway's client-facing port", _gateway_gro_on),
     ("rules-200", "today with 200 more rules ahead of the service's (100 services)", _many_rules),
@@ -143,6 +148,14 @@ DIAGNOSTICS = (
     ("conntrack-on", "today with conntrack kept on on the owner (a node with conntrack = true)", _conntrack_on),
     ("no-node-chain", "today without the owner's mangle jump: no vipcluster rule on the node", _no_node_chain),
 )
+
+
+NFT_ONLY = frozenset({"nft-only"})  # rows whose gateway runs without gateway.bpf
+
+
+def variant_lab(prefix: str, name: str) -> labmod.Lab:
+    """The fast-selective lab a row runs in (not yet up)."""
+    return labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST, bpf_fast_path=name not in NFT_ONLY)
 
 
 def node_rule_count(spec: labmod.Lab, k: int = 1) -> int:
@@ -169,7 +182,7 @@ def measure_variants(prefix: str, runs: int, seconds: float, baseline: dict, mod
 
     out: dict = {}
     for name, what, setup in VARIANTS:
-        spec = labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST)
+        spec = variant_lab(prefix, name)
         labmod.down(spec, log=lambda *a: None)
         try:
             labmod.up(spec, log=lambda *a: None)

@@ -56,6 +56,7 @@ class Lab:
     # the gateway's [migration_timeouts] ((state, seconds), ...): tests that stretch a step
     migration_timeouts: tuple = ()
     conntrack: bool = False  # every node's `conntrack` (graceful drains need it)
+    bpf_fast_path: bool = True  # the gateway's (gateway.bpf); False: nft alone
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", Delivery(self.delivery))
@@ -168,7 +169,8 @@ def _write_configs(lab: Lab) -> dict[str, str]:
         f'listen_address = "{CLUSTER_NET}.1"\nlisten_port = 7400\n'
         f'tls_ca = "{gw_tls.ca_cert}"\ntls_cert = "{gw_tls.cert}"\ntls_key = "{gw_tls.key}"\n'
         f'control_socket = "{lab.control_socket}"\nstate_dir = "{lab.state_dir}/gateway"\n'
-        f'delivery = "{lab.delivery}"\nmetrics_address = "{GATEWAY_METRICS}"\n{nodes}'
+        f'delivery = "{lab.delivery}"\nmetrics_address = "{GATEWAY_METRICS}"\n'
+        f'{"" if lab.bpf_fast_path else "bpf_fast_path = false"+chr(10)}{nodes}'
     )
     if lab.migration_timeouts:
         gw += "\n[migration_timeouts]\n" + "".join(f"{k} = {float(v)}\n" for k, v in lab.migration_timeouts)

@@ -65,3 +65,11 @@ def test_unreadable_bytes_are_one_config_error(data, needle):
         parse_toml(data, "x.toml")
     assert needle in str(e.value) and str(e.value).startswith("x.toml: ")
     assert "\n" not in str(e.value)
+
+
+def test_the_bpf_fast_path_is_on_unless_turned_off():
+    assert gateway_config_from_dict(GW).bpf_fast_path is True
+    assert gateway_config_from_dict(GW | {"bpf_fast_path": False}).bpf_fast_path is False
+    with pytest.raises(ConfigError) as e:
+        gateway_config_from_dict(GW | {"bpf_fast_path": "no"}, "gw.toml")
+    assert e.value.field == "bpf_fast_path"

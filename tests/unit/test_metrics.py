@@ -44,7 +44,7 @@ def fake_gateway():
     controller = SimpleNamespace(book=book, busy=lambda name: name in book)
     gw = SimpleNamespace(config=cfg, table=table, agents={"n1": object(), "n2": object()},
                          epochs={"echo": 3}, controller=controller,
-                         copies_per_packet=lambda: {"steady": 3, "migrating": 3})
+                         copies_per_packet=lambda: {"steady": 3, "migrating": 3}, fast_path=None)
     return gw, book
 
 
@@ -66,6 +66,16 @@ def test_gateway_state_is_read_at_scrape_time():
     assert val(s, "vipcluster_service_migrating", service="echo") == 1
     assert val(s, "vipcluster_service_migrating", service="kv") == 0
     assert val(s, "vipcluster_node_up", node="n2") == 0
+
+
+def test_the_fast_path_counter_is_read_at_scrape_time_and_absent_without_it():
+    gw, _ = fake_gateway()
+    m = GatewayMetrics(gw)
+    assert not [k for k in parse(m.registry) if k[0].startswith("vipcluster_fast_path")]
+    counts = iter([5, 12])
+    gw.fast_path = SimpleNamespace(packets=lambda: next(counts))
+    assert val(parse(m.registry), "vipcluster_fast_path_packets_total") == 5
+    assert val(parse(m.registry), "vipcluster_fast_path_packets_total") == 12
 
 
 def test_health_series_exist_only_for_services_with_a_check():
