@@ -111,6 +111,9 @@ class NodeConfig:
     # old node must know the flows that began before the drain). Off by default: with it,
     # live migrations cost clients TCP retransmissions (clustercore.fastpath.to_notrack)
     conntrack: bool = False
+    # the steady-state verdict map in a tcx program on cluster_interface (nodeshim.bpfnode)
+    # instead of an nft table; needs cluster_interface, datapath "fast", conntrack off
+    bpf_fast_path: bool = True
 
     @property
     def queue_nums(self) -> range:
@@ -400,7 +403,7 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         d,
         {"name", "vip", "gateway_address", "gateway_port", "tls_ca", "tls_cert", "tls_key", "key_file", "queue_num",
          "queue_maxlen", "queue_count", "state_dir", "cluster_interface", "datapath", "migration_lease_s",
-         "metrics_address", "metrics_tls", "vip6", "conntrack"},
+         "metrics_address", "metrics_tls", "vip6", "conntrack", "bpf_fast_path"},
         source,
     )
     vip, vip6 = _vip_pair(d, source)
@@ -422,4 +425,5 @@ def node_config_from_dict(d: dict, source: str | None = None) -> NodeConfig:
         metrics_address=_metrics_address(d, source, DEFAULT_NODE_METRICS),
         metrics_tls=_boolean(d, "metrics_tls", source, False),
         conntrack=_boolean(d, "conntrack", source, False),
+        bpf_fast_path=_boolean(d, "bpf_fast_path", source, True),
     )

@@ -36,7 +36,7 @@ from vipwire.logs import event
 from vipwire.framing import MAX_LINE, MAX_LINE_BEFORE_LOGIN
 from vipwire.rpc import Context, RpcConnection
 
-from . import adoption, criu, criulazy, gatewaywatch, iptables, netlink, nftnode, services
+from . import adoption, bpfnode, criu, criulazy, gatewaywatch, iptables, netlink, nftnode, services
 from .batchmigrate import speaks_batch
 from .drain import DrainAgent
 from .fdstore import NotifySocket, process_group_of
@@ -94,6 +94,7 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         self._fast_rules: list[str] | None = None
         self._notrack: dict[int, tuple[list[str], list[str]]] | None = None  # None: no raw chains
         self._vmap: dict | None = None  # the verdict map installed (nodeshim.nftnode); None: unknown
+        self._front = nftnode  # where the verdict map lives (prepare_kernel: bpfnode.open_front)
         self._kernel_base: dict[str, dict[str, int]] = {}
         self.metrics = NodeMetrics(self)  # hooks below; served at config.metrics_address
         self._metrics_server = None
@@ -130,6 +131,7 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         netlink.set_sysctls(netlink.ARP_SYSCTLS)
         if self.config.cluster_interface:
             netlink.disable_receive_offloads(self.config.cluster_interface)
+        self._front = bpfnode.open_front(self.config)  # the verdict map: a tcx program, or nft's
         for vip in self.config.vips:
             netlink.add_vip(vip)  # stays when we exit (services keep serving)
 
@@ -205,7 +207,7 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         """Make the kernel rules match the table: steady-state verdicts in the kernel,
         services in migration (they have a role) and undecidable packets to the queue.
         Replaced atomically; counters of the old rules are kept. The plain ports' verdicts
-        are also in the verdict map (nodeshim.nftnode), which changes around the list so
+        are also in the verdict map (nodeshim.bpfnode or nftnode), which changes around the list so
         that no entry ever disagrees with the list installed (fastpath.stable_map)."""
         cfg = self.config
         # whose packets the queue may hold: a successor needs to know (nodeshim.queuekeep)
@@ -237,24 +239,24 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
                 base["accepted"] += c["accepted"]
                 base["dropped"] += c["dropped"]
         if (cfg.datapath == Datapath.QUEUE or cfg.conntrack) and self._vmap is None:
-            nftnode.remove()  # every packet to the queue, or a drain-capable node: no map at all
+            self._front.remove()  # every packet to the queue, or a drain-capable node: no map at all
             self._vmap = {}
         # unknown (a previous agent's table): nothing is kept across the list's change
         stable = fastpath.stable_map(self._vmap or {}, vmap)
         if self._vmap is None or stable != self._vmap:
-            nftnode.install(cfg.vips, stable)
+            self._front.install(cfg.vips, stable)
         iptables.install(cfg.vips, cfg.queue_num, fast_rules=rules, queue_count=cfg.queue_count,
                          notrack=notrack)
         self._fast_rules, self._notrack, self._vmap = rules, notrack, None
         if vmap != stable:
-            nftnode.install(cfg.vips, vmap)
+            self._front.install(cfg.vips, vmap)
         self._vmap = vmap
 
     def read_kernel_counters(self) -> dict[str, dict[str, int]]:
         """The kernel's per-service counters now: the list's (since it was last replaced)
         plus the verdict map's (cumulative); `packet_counters` adds the replaced lists'."""
         out = iptables.read_counters(iptables.versions(self.config.vips))
-        for name, c in nftnode.read_counters().items():
+        for name, c in self._front.read_counters().items():
             row = out.setdefault(name, {"accepted": 0, "dropped": 0})
             row["accepted"] += c["accepted"]
             row["dropped"] += c["dropped"]

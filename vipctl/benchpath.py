@@ -7,11 +7,12 @@ as ratios against the same run's plain-routing baseline:
 
 - today            as deployed: the gateway's bpf fast path (gateway.bpf) redirects each
                    packet to the owner only (one copy), GRO off on the node's cluster
-                   interface (the agent's doing), the node's verdict map (nodeshim.nftnode)
-                   in front of its iptables list, no raw-table chains (the node keeps
-                   conntrack off).
-- nft-only         today without the bpf fast path: the gateway's nft table `fwd`s each
-                   packet (as before the fast path).
+                   interface (the agent's doing), the node's verdict map in a tcx program
+                   (nodeshim.bpfnode) in front of its iptables list, no raw-table chains
+                   (the node keeps conntrack off).
+- nft-only         today without either bpf program: the gateway's nft table `fwd`s each
+                   packet and the node's verdict map is an nft table (nodeshim.nftnode), as
+                   before the bpf fast paths.
 - dup-all+drop     broadcast delivery: `dup` to every node, non-owners drop in the kernel
                    (the `fast` mode of the main table; not measured twice).
 - node-gro-on      GRO turned back on on the owner's cluster interface. The agent turns it
@@ -22,8 +23,9 @@ as ratios against the same run's plain-routing baseline:
                    iperf's: 200 more rules on the node's list and 200 more entries in its
                    verdict map and in the gateway's (one lookup each).
 - list-only, rules-200-list-only
-                   the same two without the node's verdict map: every packet walks the
-                   iptables first-match list, as before the map.
+                   the same two without the node's verdict map (neither its tcx program nor
+                   its nft table): every packet walks the iptables first-match list, as
+                   before the map.
 
 scripts/bench-datapath runs these rows alternated and also the DIAGNOSTICS (not in
 `vipctl bench`): raw-hooks (the raw table's empty jumps, as before with conntrack off),
@@ -128,9 +130,11 @@ def _raw_hooks(spec: labmod.Lab) -> str:
 
 
 VARIANTS = (
-    ("today", "the gateway's bpf fast path to the owner, node GRO off, the node's verdict map before its "
-     "list (as deployed)", None),
-    ("nft-only", "today without the gateway's bpf fast path: its nft table fwds every packet (before)", None),
+    ("today", "the gateway's bpf fast path to the owner, node GRO off, the node's verdict map in a tcx "
+     "program before its list (as deployed)", None),
+    ("nft-only", "today without the bpf programs: the gateway's nft table fwds every packet, the node's "
+     "verdict map is an nft table (before)", None),
+    ("node-nft", "today with the node's verdict map in an nft table instead of its tcx program", None),
     ("node-gro-on", "fwd to the owner, GRO on on the node's cluster interface", _node_gro_on),
     ("gateway-gro-on", "as node-gro-on, and GRO on on the gateway's client-facing port", _gateway_gro_on),
     ("rules-200", "today with 200 more rules ahead of the service's (100 services)", _many_rules),
@@ -150,12 +154,15 @@ DIAGNOSTICS = (
 )
 
 
-NFT_ONLY = frozenset({"nft-only"})  # rows whose gateway runs without gateway.bpf
+GATEWAY_NFT = frozenset({"nft-only"})  # rows whose gateway runs without gateway.bpf
+# rows whose nodes keep the verdict map in nft (nodeshim.nftnode), the ones that take it away included
+NODE_NFT = frozenset({"nft-only", "node-nft", "list-only", "rules-200-list-only", "no-node-chain"})
 
 
 def variant_lab(prefix: str, name: str) -> labmod.Lab:
     """The fast-selective lab a row runs in (not yet up)."""
-    return labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST, bpf_fast_path=name not in NFT_ONLY)
+    return labmod.Lab(prefix, 3, Delivery.SELECTIVE, Datapath.FAST, bpf_fast_path=name not in GATEWAY_NFT,
+                      node_bpf=name not in NODE_NFT)
 
 
 def node_rule_count(spec: labmod.Lab, k: int = 1) -> int:

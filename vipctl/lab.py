@@ -56,7 +56,8 @@ class Lab:
     # the gateway's [migration_timeouts] ((state, seconds), ...): tests that stretch a step
     migration_timeouts: tuple = ()
     conntrack: bool = False  # every node's `conntrack` (graceful drains need it)
-    bpf_fast_path: bool = True  # the gateway's (gateway.bpf); False: nft alone
+    bpf_fast_path: bool = True  # the gateway's (gateway.bpf); False: its nft table alone (before)
+    node_bpf: bool = True  # every node's verdict map in a tcx program (nodeshim.bpfnode); False: nft's
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delivery", Delivery(self.delivery))
@@ -198,6 +199,7 @@ def node_config_text(lab: Lab, name: str, writer: str, vip_lines: str, gateway_a
         f'state_dir = "{lab.state_dir}/{name}"\ncluster_interface = "eth0"\n'
         f'datapath = "{lab.datapath}"\nmetrics_address = "{metrics_address}"\n'
         f'conntrack = {"true" if lab.conntrack else "false"}\n'
+        f'bpf_fast_path = {"true" if lab.node_bpf else "false"}\n'
     )
 
 

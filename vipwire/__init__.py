@@ -8,4 +8,6 @@ of `clustercore.messages`.
 - `client`   the CLI's blocking request over the gateway's Unix socket.
 - `pki`      the cluster CA and the identities it issues (gateway, node NAME, admin NAME).
 - `tls`      TLS 1.3 contexts with mutual certificates, and the peer's verified identity.
+- `bpfsys`   bpf(2) and a tiny eBPF assembler: the one kernel helper both daemons' fast
+             paths share (gateway.bpf, nodeshim.bpfnode), so neither imports the other.
 """

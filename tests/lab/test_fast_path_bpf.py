@@ -54,10 +54,26 @@ def test_a_migration_through_the_fast_path_is_exact_and_the_path_follows_the_own
     assert after["n2"] - before["n2"] == N and after["n1"] == before["n1"]
 
 
+def nft_node_map(h, k: int) -> bool:
+    return labmod.exec_in(h.lab.node_ns(k), ["nft", "list", "table", "inet", "vipcluster_node"],
+                          capture_output=True).returncode == 0
+
+
+def test_nodes_keep_their_verdict_map_in_the_tcx_program_not_in_nft(flab):
+    assert not any(nft_node_map(flab, k) for k in (1, 2, 3))
+    before, _ = flab.counters("kv")
+    r = flab.pyclient("kv", VIP, 6379, 20)
+    assert r["get_ok"] == 20, r
+    after, _ = flab.counters("kv")  # counted by the program on n2's cluster interface
+    owner = next(n for n in after if after[n] > before[n])
+    assert after[owner] - before[owner] >= 40 and all(after[n] == before[n] for n in after if n != owner)
+
+
 def test_without_the_fast_path_nft_delivers_the_same():
-    with lab_with_services("fo", delivery=Delivery.SELECTIVE, bpf_fast_path=False) as h:
+    with lab_with_services("fo", delivery=Delivery.SELECTIVE, bpf_fast_path=False, node_bpf=False) as h:
         gw = scrape(h, "gateway")
         assert not any(name == "vipcluster_fast_path_packets_total" for name, _ in gw)
+        assert nft_node_map(h, 1) and nft_node_map(h, 2)
         before, _ = h.counters("echo")
         r = h.pyclient("udp-echo", VIP, 7, N)
         assert r["answered_once"] == N and r["duplicated"] == 0, r

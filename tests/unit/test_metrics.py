@@ -152,7 +152,7 @@ def fake_agent(fast_rules, own, kernel_base):
         filter=SimpleNamespace(counters_dict=lambda: {k: dict(v) for k, v in own.items()}, unparsed=4,
                                roles={"echo": FakeRole(12)}),
         _fast_rules=fast_rules, _kernel_base=kernel_base, queue=SimpleNamespace(errors=0),
-        running={}, rpc=object())
+        running={}, rpc=object(), _front=nftnode)  # the nft map's module (bpfnode.NodeMap: the same calls)
     agent.fast_rules_now = lambda: agent._fast_rules
     agent.packet_counters = lambda kernel=None: NodeAgent.packet_counters(agent, kernel)
     agent.read_kernel_counters = lambda: NodeAgent.read_kernel_counters(agent)
