@@ -555,14 +555,21 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         """{service: {accepted, dropped, held}}: the queue's verdicts plus the kernel fast
         path's rule counters (`kernel`, read now if not given) and those of replaced rules."""
         services_c = self.filter.counters_dict()
-        if self._fast_rules:
-            if kernel is None:
-                kernel = self.read_kernel_counters()
-            for name in set(kernel) | set(self._kernel_base):
-                c = services_c.setdefault(name, {"accepted": 0, "dropped": 0, "held": 0})
-                for k in ("accepted", "dropped"):
-                    c[k] += kernel.get(name, {}).get(k, 0) + self._kernel_base.get(name, {}).get(k, 0)
+        for name, k in self.kernel_counters(kernel).items():
+            c = services_c.setdefault(name, {"accepted": 0, "dropped": 0, "held": 0})
+            c["accepted"] += k["accepted"]
+            c["dropped"] += k["dropped"]
         return services_c
+
+    def kernel_counters(self, kernel: dict | None = None) -> dict[str, dict[str, int]]:
+        """{service: {accepted, dropped}} the kernel decided (verdict map and rule list,
+        replaced rules included; `kernel` read now if not given); {} with no fast rules."""
+        if not self._fast_rules:
+            return {}
+        if kernel is None:
+            kernel = self.read_kernel_counters()
+        return {name: {k: kernel.get(name, {}).get(k, 0) + self._kernel_base.get(name, {}).get(k, 0)
+                       for k in ("accepted", "dropped")} for name in set(kernel) | set(self._kernel_base)}
 
     def process_strategy(self) -> dict:
         """Can this node move services with the `process` strategy (criu), and if not, why.

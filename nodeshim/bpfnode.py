@@ -161,10 +161,11 @@ class NodeMap(bpfsys.Attached):
     def read_counters(self) -> dict[str, dict[str, int]]:
         """{service: {"accepted": n, "dropped": n}}, packets since the program was loaded."""
         out: dict[str, dict[str, int]] = {}
-        if not self.slots:
+        slots = dict(self.slots)  # a snapshot: the metrics read from a thread while the loop installs
+        if not slots:
             return out
-        sums = bpfsys.percpu_sums(self.counter_fd, max(self.slots.values()) + 1)
-        for name, slot in self.slots.items():
+        sums = bpfsys.percpu_sums(self.counter_fd, max(slots.values()) + 1)
+        for name, slot in slots.items():
             row = out.setdefault(name[2:], {"accepted": 0, "dropped": 0})
             row["accepted" if name[:2] == "a_" else "dropped"] += sums[slot]
         return out

@@ -91,6 +91,13 @@ class _NodeCollector:
             for verdict in VERDICTS:
                 packets.add_metric([node, service, verdict], c.get(verdict, 0))
         yield packets
+        kernel = CounterMetricFamily("vipcluster_kernel_packets", "The part of vipcluster_packets the kernel "
+                                     "decided (verdict map and rule list), without the shim's queue.",
+                                     labels=["node", "service", "verdict"])
+        for service, c in sorted(agent.kernel_counters(m.kernel).items()):
+            for verdict in ("accepted", "dropped"):
+                kernel.add_metric([node, service, verdict], c[verdict])
+        yield kernel
         drops = CounterMetricFamily("vipcluster_kernel_queue_drops", "Packets the kernel dropped from this "
                                     "node's netfilter queue (queue or socket buffer full).", labels=["node"])
         drops.add_metric([node], queue.kernel_drops(agent.config.queue_nums))

@@ -28,9 +28,10 @@ as ratios against the same run's plain-routing baseline:
                    before the map.
 
 scripts/bench-datapath runs these rows alternated and also the DIAGNOSTICS (not in
-`vipctl bench`): raw-hooks (the raw table's empty jumps, as before with conntrack off),
-conntrack-on (a node with `conntrack = true`), no-node-chain (no vipcluster rule at all
-on the owner: what the node's rules cost in total).
+`vipctl bench`): node-nft (the node's verdict map in nft instead of its tcx program),
+raw-hooks (the raw table's empty jumps, as before with conntrack off), conntrack-on (a
+node with `conntrack = true`), no-node-chain (no vipcluster rule at all on the owner:
+what the node's rules cost in total).
 
 The machine is shared (2 cores, other engineers' labs): the figures are noisy; compare
 ratios within one run only.
@@ -134,7 +135,6 @@ VARIANTS = (
      "program before its list (as deployed)", None),
     ("nft-only", "today without the bpf programs: the gateway's nft table fwds every packet, the node's "
      "verdict map is an nft table (before)", None),
-    ("node-nft", "today with the node's verdict map in an nft table instead of its tcx program", None),
     ("node-gro-on", "fwd to the owner, GRO on on the node's cluster interface", _node_gro_on),
     ("gateway-gro-on", "as node-gro-on, and GRO on on the gateway's client-facing port", _gateway_gro_on),
     ("rules-200", "today with 200 more rules ahead of the service's (100 services)", _many_rules),
@@ -144,6 +144,7 @@ VARIANTS = (
 )
 # diagnostics for scripts/bench-datapath only (not in `vipctl bench`)
 DIAGNOSTICS = (
+    ("node-nft", "today with the node's verdict map in an nft table instead of its tcx program", None),
     ("gateway-gro-only", "GRO on on the gateway's client port only, nodes as deployed (GRO off)",
      gateway_port_gro_on),
     ("gateway-gro-segmented", "GRO on on the gateway's client port, frames cut again towards the nodes "

@@ -27,7 +27,7 @@ def test_bench_quick_json_shape(tmp_path):
         assert m["lost"] == 0 and m["duplicated"] == 0 and m["reported_lost"] == 0, m
         assert m["stop_ms"] is not None and m["stop_ms"] > 0, m  # never nothing, even when nothing was held
     assert set(j["datapath_variants"]) == {"today", "node-gro-on", "gateway-gro-on", "rules-200", "dup-all+drop",
-                                            "list-only", "rules-200-list-only"}
+                                            "list-only", "rules-200-list-only", "nft-only"}
     assert j["datapath_variants"]["rules-200"]["node_rules"] >= j["datapath_variants"]["today"]["node_rules"] + 200
     hold = j["big_hold"]
     assert hold["outcome"] == "committed" and hold["held_total"] >= hold["datagrams"] == 20_000, hold

@@ -155,6 +155,7 @@ def fake_agent(fast_rules, own, kernel_base):
         running={}, rpc=object(), _front=nftnode)  # the nft map's module (bpfnode.NodeMap: the same calls)
     agent.fast_rules_now = lambda: agent._fast_rules
     agent.packet_counters = lambda kernel=None: NodeAgent.packet_counters(agent, kernel)
+    agent.kernel_counters = lambda kernel=None: NodeAgent.kernel_counters(agent, kernel)
     agent.read_kernel_counters = lambda: NodeAgent.read_kernel_counters(agent)
     return agent
 
@@ -179,6 +180,10 @@ def test_node_packets_fold_the_kernel_counters_in(monkeypatch):
     assert val(s, "vipcluster_packets_total", node="n2", service="echo", verdict="dropped") == 3
     assert val(s, "vipcluster_packets_total", node="n2", service="echo", verdict="held") == 12
     assert val(s, "vipcluster_packets_total", node="n2", service="kv", verdict="dropped") == 37
+    # the kernel's part alone: the map's and the list's, replaced rules' included, no queue
+    assert val(s, "vipcluster_kernel_packets_total", node="n2", service="echo", verdict="accepted") == 1120
+    assert val(s, "vipcluster_kernel_packets_total", node="n2", service="echo", verdict="dropped") == 2
+    assert val(s, "vipcluster_kernel_packets_total", node="n2", service="kv", verdict="dropped") == 37
     assert val(s, "vipcluster_kernel_queue_drops_total", node="n2") == 9
     assert val(s, "vipcluster_unparsed_packets_total", node="n2") == 4
     assert val(s, "vipcluster_held_packets", node="n2", service="echo") == 12
@@ -193,6 +198,7 @@ def test_node_with_the_queue_datapath_reads_no_kernel_counters(monkeypatch):
     m = node_metrics.NodeMetrics(agent)
     asyncio.run(m.before_scrape())
     assert val(parse(m.registry), "vipcluster_packets_total", node="n2", service="echo", verdict="accepted") == 5
+    assert not [k for k in parse(m.registry) if k[0] == "vipcluster_kernel_packets_total"]
 
 
 def test_rules_replaced_during_the_read_are_read_again(monkeypatch):
