@@ -135,7 +135,7 @@ VARIANTS = (
      "program before its list (as deployed)", None),
     ("nft-only", "today without the bpf programs: the gateway's nft table fwds every packet, the node's "
      "verdict map is an nft table (before)", None),
-    ("node-gro-on", "fwd to the owner, GRO on on the node's cluster interface", _node_gro_on),
+    ("node-gro-on", "today with GRO on on the node's cluster interface", _node_gro_on),
     ("gateway-gro-on", "as node-gro-on, and GRO on on the gateway's client-facing port", _gateway_gro_on),
     ("rules-200", "today with 200 more rules ahead of the service's (100 services)", _many_rules),
     ("list-only", "today without the node's verdict map: the iptables first-match list only (before)",
