@@ -239,12 +239,13 @@ class Gateway(ControlOps):
             epochs=epochs,
             targets=targets,
         )
+        if self.fast_path is None:
+            nft.apply(script)
+            return
         fast = bpf.entries(vips=self.config.vips, epochs=epochs, targets=targets, ifindex=self._cluster_ifindex)
-        if self.fast_path is not None:
-            self.fast_path.retire(fast)  # nothing the old table would not do, while it is replaced
+        self.fast_path.retire(fast)  # nothing the old table would not do, while it is replaced
         nft.apply(script)
-        if self.fast_path is not None:
-            self.fast_path.install(fast)
+        self.fast_path.install(fast)
 
     # --- agents ----------------------------------------------------------------------
     def anchor(self) -> str | None:
