@@ -256,6 +256,7 @@ def report(run, finished: bmig.BatchFinished) -> dict:
                     if finished.outcome == "committed" else None)
     r["split"] = bool(r.get("connections_pinned"))
     r["steps_ms"] = run.steps_ms
+    r["timeline"] = run.timeline
     r["split_ms"] = run.split_ms
     r["kernel_queue_drops"] = run.kernel_drops
     source_drops = run.kernel_drops.get(run.source, 0)  # lost to us, as for the whole handoff

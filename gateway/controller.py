@@ -39,6 +39,7 @@ REPORTS_KEPT = 20
 RECOVERY_WAIT_S = 30.0  # a restarted gateway waits this long for both agents of an open migration
 RECONCILE_SETTLE_S = 0.2
 FAULT_EXIT_STATUS = 17
+TIMELINE_MAX = 2000  # steps kept in a report's timeline (a batched move makes ~5 per batch)
 
 class _Run:
     """The I/O of one running migration: the Executor the driver performs through."""
@@ -55,6 +56,9 @@ class _Run:
         self.tasks: set[asyncio.Task] = set()
         self.entered: tuple[str, float] | None = None  # (state, loop time) of the current step
         self.steps_ms: dict[str, float] = {}  # how long each step took: where the time goes
+        # [state, entered at] on the machine's monotonic clock (the same in every namespace):
+        # a load generator's slowest replies line up with the steps (vipctl.bench)
+        self.timeline: list[tuple[str, float]] = []
         self.split_ms: dict[str, dict] = {}  # the agents' own timing of their parts
         self.kernel_drops: dict[str, int] = {}  # packets a node's kernel queue dropped meanwhile
         self.replied_at: dict[str, float] = {}  # step -> loop time its (successful) reply came
@@ -148,6 +152,8 @@ class _Run:
             # summed: a batched migration goes through its batch steps once per batch
             self.steps_ms[step] = round(self.steps_ms.get(step, 0.0) + (now - since) * 1000, 2)
         self.entered = (state.value, now)
+        if len(self.timeline) < TIMELINE_MAX:
+            self.timeline.append((state.value, round(time.monotonic(), 4)))
         self.journal(state)
         line = (batched.progress_line(self, previous, state) if self.batched
                 else (state.value, f"{previous.value} -> {state.value}"))

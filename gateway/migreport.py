@@ -18,6 +18,7 @@ def whole_report(run, finished: mig.Finished, strategy: MigrateStrategy, started
     report["total_ms"] = report.get("total_ms") or round((time.time() - started) * 1000, 2)
     report["strategy"] = str(strategy)
     report["steps_ms"] = run.steps_ms
+    report["timeline"] = run.timeline
     report["split_ms"] = run.split_ms
     # source stopped -> destination serving (committed only; a rollback resumes the source)
     report["stop_ms"] = (stop_window_ms(run.replied_at.get("freeze"), run.split_ms.get("freeze"),

@@ -14,6 +14,7 @@ the moment every connection was up (the ready file) to the end, and of which kin
 
 import argparse
 import asyncio
+import gc
 import heapq
 import socket
 import json
@@ -67,24 +68,63 @@ class Stats:
         self.tcp_slowest: list[tuple[float, float]] = []
         self.udp_sent_at: list[float] = []
         self.udp_max_wait_ms = 0.0  # UDP, first answer of a datagram sent from the ready point on
+        self.udp_slowest: list[tuple[float, float]] = []  # (wait_ms, sent at), as tcp_slowest
         self.errors: list[str] = []
         self.udp_errors = 0
+        # the load generator's own stalls, (ms, at): its event loop waking late, and its
+        # garbage collector's pauses; a reply timed across one waited partly for the client
+        self.loop_lags: list[tuple[float, float]] = []
+        self.gc_pauses: list[tuple[float, float]] = []
 
     def tcp_reply(self, sent: float, rtt: float) -> bool:
         """Count one echo's round trip; True if it is in the measured window."""
         if self.t_ready is not None and sent >= self.t_ready:
             self.max_rtt_ms = max(self.max_rtt_ms, rtt)
-            if len(self.tcp_slowest) < SLOWEST:
-                heapq.heappush(self.tcp_slowest, (rtt, sent))
-            elif rtt > self.tcp_slowest[0][0]:
-                heapq.heapreplace(self.tcp_slowest, (rtt, sent))
+            _keep_slowest(self.tcp_slowest, rtt, sent)
             return True
         self.max_rtt_warmup_ms = max(self.max_rtt_warmup_ms, rtt)
         return False
 
+    def udp_reply(self, sent: float, wait: float) -> None:
+        """Time one datagram's first answer (sent from the ready point on)."""
+        self.udp_max_wait_ms = max(self.udp_max_wait_ms, wait)
+        _keep_slowest(self.udp_slowest, wait, sent)
+
+
+def _keep_slowest(heap: list, ms: float, sent: float) -> None:
+    if len(heap) < SLOWEST:
+        heapq.heappush(heap, (ms, sent))
+    elif ms > heap[0][0]:
+        heapq.heapreplace(heap, (ms, sent))
+
+
+LAG_TICK_S = 0.002  # the loop-lag probe's sleep
+
+
+async def lag_probe(stop, st: Stats):
+    """How late the event loop wakes a 2 ms sleep (from the ready point on)."""
+    while not stop.is_set():
+        t = time.monotonic()
+        await asyncio.sleep(LAG_TICK_S)
+        late = (time.monotonic() - t - LAG_TICK_S) * 1000
+        if st.t_ready is not None and late > 1.0:
+            _keep_slowest(st.loop_lags, late, t)
+
+
+def gc_timer(st: Stats):
+    """A gc.callbacks hook that keeps the longest collections (from the ready point on)."""
+    began = [0.0]
+
+    def hook(phase, info):
+        if phase == "start":
+            began[0] = time.monotonic()
+        elif st.t_ready is not None:
+            _keep_slowest(st.gc_pauses, (time.monotonic() - began[0]) * 1000, began[0])
+    return hook
+
 
 CONNECT_SLOTS = None  # set in main: at most this many connects in flight
-SLOWEST = 20  # how many of the slowest TCP replies are reported with their send times
+SLOWEST = 20  # how many of the slowest TCP (and UDP) replies are reported with their send times
 
 
 async def tcp_conn(host, port, idx, rate, stop, st: Stats):
@@ -171,7 +211,7 @@ class UdpProto(asyncio.DatagramProtocol):
         if n not in st.udp_answers and 0 <= n < len(st.udp_sent_at):
             sent = st.udp_sent_at[n]
             if st.t_ready is not None and sent >= st.t_ready:
-                st.udp_max_wait_ms = max(st.udp_max_wait_ms, (time.monotonic() - sent) * 1000)
+                st.udp_reply(sent, (time.monotonic() - sent) * 1000)
         st.udp_answers[n] = st.udp_answers.get(n, 0) + 1
 
     def error_received(self, exc):
@@ -275,13 +315,18 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": pick(0.5), "p99": pick(0.99), "max": round(v[-1], 2)}
 
 
+def _in_send_order(slowest: list[tuple[float, float]]) -> list[list[float]]:
+    return [[round(sent, 4), round(ms, 2)] for ms, sent in sorted(slowest, key=lambda x: x[1])]
+
+
 async def main(a):
     raise_nofile()
     global CONNECT_SLOTS
     CONNECT_SLOTS = asyncio.Semaphore(128)  # a connect storm would overflow the SYN backlog
     st = Stats()
     stop = asyncio.Event()
-    tasks = []
+    gc.callbacks.append(gc_timer(st))
+    tasks = [asyncio.ensure_future(lag_probe(stop, st))]
     for i in range(a.conns):
         tasks.append(asyncio.ensure_future(tcp_conn(a.host, a.tcp_port, i, a.rate, stop, st)))
     if a.udp_port:
@@ -328,7 +373,10 @@ async def main(a):
         "max_wait_ms": round(max(st.max_rtt_ms, st.udp_max_wait_ms), 2),
         "conn_worst_reply_ms": _percentiles(st.conn_worst), "conns_timed": len(st.conn_worst),
         # [sent at (monotonic s), round trip ms] of the slowest TCP replies, in send order
-        "tcp_slowest": [[round(sent, 4), round(rtt, 2)] for rtt, sent in sorted(st.tcp_slowest, key=lambda x: x[1])],
+        "tcp_slowest": _in_send_order(st.tcp_slowest),
+        "udp_slowest": _in_send_order(st.udp_slowest),  # the same for UDP's first answers
+        # the client's own stalls, [at, ms], in time order: its loop's late wake-ups, its GC
+        "loop_lags": _in_send_order(st.loop_lags), "gc_pauses": _in_send_order(st.gc_pauses),
         "retrans_segs": retrans_segs() - r0,
         "retrans_kinds": {k: v - k0.get(k, 0) for k, v in retrans_kinds().items()},
         "errors": st.errors[:10],

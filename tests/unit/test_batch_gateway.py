@@ -274,6 +274,10 @@ def test_a_batched_migration_moves_every_connection_in_batches_exactly_once(tmp_
     assert report["freeze_ms"] == report["conn_freeze_ms"]["max"]
     assert report["stop_ms"] is not None and report["opening_window_ms"] is not None
     assert report["total_ms"] > 0 and report["lost"] == 0
+    # the steps as entered, on the monotonic clock: in order, one freeze per batch
+    states = [s for s, _ in report["timeline"]]
+    assert states[0] == "preparing" and states.count("freezing") == 5
+    assert [t for _, t in report["timeline"]] == sorted(t for _, t in report["timeline"])
     # the steps on the wire, in the machine's order
     assert c.ops()[:10] == ["migrate.prepare", "migrate.arm", "migrate.batch.stop_accepting",
                             "migrate.batch.expect_kept", "migrate.batch.open", "migrate.batch.restore",

@@ -48,3 +48,19 @@ def test_the_slowest_tcp_replies_of_the_window_are_kept_with_their_send_times():
     assert [rtt for rtt, _ in kept[:3]] == [36.0, 36.0, 35.0]
     assert min(rtt for rtt, _ in kept) == 27.0 and all(sent >= 10.0 for _, sent in kept)
     assert (36.0, 10.0 + 36) in kept and (36.0, 10.0 + 73) in kept  # with when each was sent
+
+
+def test_the_slowest_udp_answers_are_kept_with_their_send_times():
+    st = Stats()
+    proto = UdpProto(st)
+    now = time.monotonic()
+    st.t_ready = now - 10.0
+    st.udp_sent_at = [now - 1.0 + i * 0.001 for i in range(lg.SLOWEST + 5)]
+    st.udp_sent = len(st.udp_sent_at)
+    for i in range(st.udp_sent):  # answered now: the earliest sent waited longest
+        proto.datagram_received(b"udp %d" % i, None)
+    kept = sorted(st.udp_slowest, key=lambda x: x[1])
+    assert len(kept) == lg.SLOWEST
+    assert [sent for _, sent in kept] == st.udp_sent_at[:lg.SLOWEST]
+    assert kept[0][0] == st.udp_max_wait_ms and kept[0][0] > kept[-1][0]
+    assert lg._in_send_order(st.udp_slowest)[0][0] == round(st.udp_sent_at[0], 4)
