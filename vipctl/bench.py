@@ -1,7 +1,9 @@
 """`vipctl bench`: throughput, copies, freeze time and memory, measured in the lab.
 
 Every figure is the median of several runs (with min and max), and every ratio is taken
-against a baseline measured in the same run of this command:
+against a baseline measured in the same run of this command. The baseline and the three
+modes are measured alternated (every lab up at once, one round measures each once, the
+order rotating; `alternate`): a mode's ratio is the median of its per-round ratios.
 
 - baseline: the same namespaces with no vipcluster at all: the gateway routes the VIP to
   node 1 by plain unicast, no nft table, no queue rules; iperf3 on node 1.
@@ -140,8 +142,9 @@ def _measure(iperf: Iperf, runs: int, seconds: float) -> dict:
     return {"pps": _stats(pps), "tcp_mbps": _stats(mbps)}
 
 
-def measure_baseline(prefix: str, runs: int, seconds: float, log) -> dict:
-    """Plain kernel forwarding: gateway routes the VIP to n1, no vipcluster anywhere."""
+def open_baseline(prefix: str) -> tuple[labmod.Lab, Iperf]:
+    """Plain kernel forwarding: gateway routes the VIP to n1, no vipcluster anywhere; up
+    until the caller takes it down (labmod.down)."""
     spec = labmod.Lab(prefix, 3)
     labmod.down(spec, log=lambda *a: None)
     try:
@@ -152,33 +155,95 @@ def measure_baseline(prefix: str, runs: int, seconds: float, log) -> dict:
         with NetNS(spec.gw_ns) as gw:
             gw.route("add", dst=f"{labmod.VIP}/32", gateway=spec.node_addr(1))
         labmod.exec_in(spec.gw_ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
-        iperf = Iperf(spec, spec.node_ns(1), labmod.VIP)
-        try:
-            log("baseline: plain unicast routing to n1, no vipcluster")
-            return _measure(iperf, runs, seconds)
-        finally:
-            iperf.close()
-    finally:
-        labmod.down(spec, log=lambda *a: None)
+        return spec, Iperf(spec, spec.node_ns(1), labmod.VIP)
+    except BaseException:
+        labmod.down(spec, log=lambda *a: None)  # half built: nothing left behind
+        raise
 
 
-def measure_mode(prefix: str, delivery: Delivery, datapath: Datapath, runs: int, seconds: float, log) -> dict:
+def open_mode(prefix: str, delivery: Delivery, datapath: Datapath) -> tuple[labmod.Lab, Iperf]:
+    """The lab with the gateway and agents, iperf3 an `external` service on n1."""
     spec = labmod.Lab(prefix, 3, delivery, datapath)
     labmod.down(spec, log=lambda *a: None)
     try:
         labmod.up(spec, log=lambda *a: None)
         call("service.add", spec.control_socket, name="iperf", node="n1",
              ports=[f"tcp:{IPERF_PORT}", f"udp:{IPERF_PORT}"], exec=EXTERNAL_SPEC)
-        iperf = Iperf(spec, spec.node_ns(1), labmod.VIP)
-        try:
-            log(f"mode: delivery={delivery} datapath={datapath}")
-            out = _measure(iperf, runs, seconds)
-        finally:
-            iperf.close()
-        out["copies_per_packet"] = call("status", spec.control_socket)["copies_per_packet"]
-        return out
-    finally:
+        return spec, Iperf(spec, spec.node_ns(1), labmod.VIP)
+    except BaseException:
         labmod.down(spec, log=lambda *a: None)
+        raise
+
+
+def alternate(iperfs: dict[str, Iperf], rounds: int, seconds: float, log=lambda *a: None) -> dict:
+    """Every row measured once per round (UDP packets/s, then one TCP stream, `seconds`
+    each), in an order that rotates by one every round: a slow spell of the shared
+    machine is spread over the rows instead of falling on one. {row: {"pps": [...],
+    "tcp": [...]}}, one value (or None) per round."""
+    rows = list(iperfs)
+    out = {r: {"pps": [], "tcp": []} for r in rows}
+    for k in range(rounds):
+        order = rows[k % len(rows):] + rows[:k % len(rows)]
+        for r in order:
+            out[r]["pps"].append(iperfs[r].udp_pps(seconds))
+        for r in order:
+            out[r]["tcp"].append(iperfs[r].tcp_mbps(seconds))
+        log(f"round {k + 1}/{rounds} of {', '.join(rows)} done")
+    return out
+
+
+def paired_ratios(row: dict, base: dict) -> dict:
+    """Per-round ratios of an alternated row to the baseline of the same round: their
+    median (what to compare) and range, and the ratio of the two medians."""
+    out = {}
+    for key in ("pps", "tcp"):
+        per = [x / y for x, y in zip(row[key], base[key]) if x and y]
+        st, mr, mb = _stats(per), _stats(row[key])["median"], _stats(base[key])["median"]
+        out[key] = {"ratio_median": st["median"], "ratio_range": [st["min"], st["max"]],
+                    "median_ratio": round(mr / mb, 3) if mr and mb else None}
+    return out
+
+
+MODES = (("queue", Delivery.BROADCAST, Datapath.QUEUE),
+         ("fast", Delivery.BROADCAST, Datapath.FAST),
+         ("fast-selective", Delivery.SELECTIVE, Datapath.FAST))
+
+
+def measure_modes(prefix: str, runs: int, seconds: float, log) -> tuple[dict, dict]:
+    """The baseline and the three modes, every lab up at once and measured alternated
+    (`runs` rounds). A mode's ratio is the median of its per-round ratios to the same
+    round's baseline: measured one after the other (as before 2026-12-03), two rows of the
+    same configuration minutes apart differed by 0.1-0.3 on this shared machine."""
+    labs: dict[str, tuple[labmod.Lab, Iperf]] = {}
+    try:
+        log("baseline: plain unicast routing to n1, no vipcluster; modes "
+            + ", ".join(f"{n} (delivery={d} datapath={dp})" for n, d, dp in MODES) + ": alternated")
+        labs["baseline"] = open_baseline(f"{prefix}b")
+        for i, (name, delivery, datapath) in enumerate(MODES):
+            labs[name] = open_mode(f"{prefix}m{i}", delivery, datapath)
+        copies = {name: call("status", labs[name][0].control_socket)["copies_per_packet"] for name, _, _ in MODES}
+        results = alternate({r: iperf for r, (_, iperf) in labs.items()}, runs, seconds, log)
+    finally:
+        for spec, iperf in labs.values():
+            iperf.close()
+            labmod.down(spec, log=lambda *a: None)
+    b = results["baseline"]
+    baseline = {"pps": _stats(b["pps"])["median"], "tcp_mbps": _stats(b["tcp"])["median"],
+                "pps_stats": _stats(b["pps"]), "tcp_mbps_stats": _stats(b["tcp"]), "alternated_rounds": runs}
+    modes = {}
+    for name, delivery, datapath in MODES:
+        r, ratios = results[name], paired_ratios(results[name], b)
+        modes[name] = {
+            "delivery": delivery, "datapath": datapath,
+            "pps": _stats(r["pps"])["median"], "tcp_mbps": _stats(r["tcp"])["median"],
+            "pps_ratio": ratios["pps"]["ratio_median"], "tcp_ratio": ratios["tcp"]["ratio_median"],
+            "pps_ratio_range": ratios["pps"]["ratio_range"], "tcp_ratio_range": ratios["tcp"]["ratio_range"],
+            # the ratio of the medians, as this table gave it when rows ran one after another
+            "pps_median_ratio": ratios["pps"]["median_ratio"], "tcp_median_ratio": ratios["tcp"]["median_ratio"],
+            "pps_stats": _stats(r["pps"]), "tcp_mbps_stats": _stats(r["tcp"]),
+            "copies_per_packet": copies[name],
+        }
+    return baseline, modes
 
 
 def _next(node: str) -> str:
@@ -457,23 +522,8 @@ def run_bench(quick: bool, log) -> dict:
     mig_runs = 1 if quick else 3
     t0 = time.monotonic()
     result: dict = {"quick": quick, "machine": _machine()}
-    base = measure_baseline(prefix, runs, seconds, log)
-    result["baseline"] = {"pps": base["pps"]["median"], "tcp_mbps": base["tcp_mbps"]["median"],
-                          "pps_stats": base["pps"], "tcp_mbps_stats": base["tcp_mbps"]}
-    modes = {}
-    copies = {}
-    for name, delivery, datapath in (("queue", Delivery.BROADCAST, Datapath.QUEUE),
-                                     ("fast", Delivery.BROADCAST, Datapath.FAST),
-                                     ("fast-selective", Delivery.SELECTIVE, Datapath.FAST)):
-        m = measure_mode(prefix, delivery, datapath, runs, seconds, log)
-        pps, mbps = m["pps"]["median"], m["tcp_mbps"]["median"]
-        modes[name] = {
-            "delivery": delivery, "datapath": datapath, "pps": pps, "tcp_mbps": mbps,
-            "pps_ratio": round(pps / result["baseline"]["pps"], 3) if pps and result["baseline"]["pps"] else None,
-            "tcp_ratio": round(mbps / result["baseline"]["tcp_mbps"], 3) if mbps and result["baseline"]["tcp_mbps"] else None,
-            "pps_stats": m["pps"], "tcp_mbps_stats": m["tcp_mbps"], "copies_per_packet": m["copies_per_packet"],
-        }
-        copies[name] = m["copies_per_packet"]
+    result["baseline"], modes = measure_modes(prefix, runs, seconds, log)
+    copies = {name: m["copies_per_packet"] for name, m in modes.items()}
     result["modes"] = modes
     result["datapath_variants"] = benchpath.measure_variants(prefix, runs, seconds, result["baseline"], modes, log)
     result["copies_per_packet"] = {"steady": copies["fast-selective"]["steady"],
