@@ -115,10 +115,14 @@ def install(vips: str | Iterable[str], queue_num: int,
                          ("raw", "OUTPUT", _out_jump_rule(vip, version))]
         elif version not in _installed:  # an agent with conntrack on ran here before
             _remove_raw(tool, vip, version)
+        # which jumps are missing is asked before the restore: from the restore's commit on,
+        # a migrating service's packets wait in the queue for the agent's loop, which
+        # this call blocks (one `-C` subprocess fewer in that window, for every sync)
+        missing = [(table, hook, jump) for table, hook, jump in hooks
+                   if _run([tool, "-w", "-t", table, "-C", hook, *jump], check=False).returncode != 0]
         _run([restore, "-w", "--noflush"], "\n".join(script))
-        for table, hook, jump in hooks:
-            if _run([tool, "-w", "-t", table, "-C", hook, *jump], check=False).returncode != 0:
-                _run([tool, "-w", "-t", table, "-I", hook, "1", *jump])
+        for table, hook, jump in missing:  # the chains exist now
+            _run([tool, "-w", "-t", table, "-I", hook, "1", *jump])
         if version not in _installed:  # an older agent's jump would read the list again
             _run([tool, "-w", "-t", "mangle", "-D", "PREROUTING", *_old_jump_rule(vip, version)], check=False)
         _installed.add(version)

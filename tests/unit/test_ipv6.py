@@ -251,3 +251,31 @@ def test_the_iptables_adapter_uses_each_family_own_tool(monkeypatch):
     iptables.remove((VIP6,))
     assert {args[0] for args, _ in calls} == {"ip6tables"}
     assert iptables.read_counters() == {"echo": {"accepted": 5, "dropped": 0}}  # IPv4's left
+
+
+def test_the_jumps_are_checked_before_the_restore_and_inserted_after(monkeypatch):
+    """From the restore's commit on, a migrating service's packets wait for the agent's
+    loop: nothing but the inserts a missing jump needs may run after it."""
+    import subprocess as sp
+
+    from nodeshim import iptables
+
+    calls = []
+    present = {("mangle", "PREROUTING")}  # the agent's jump is there; any other is not
+
+    def fake_run(args, stdin=None, check=True):
+        calls.append(args)
+        if "-C" in args:
+            table, hook = args[args.index("-t") + 1], args[args.index("-C") + 1]
+            return sp.CompletedProcess(args, 0 if (table, hook) in present else 1, b"", b"")
+        return sp.CompletedProcess(args, 0, b"", b"")
+
+    monkeypatch.setattr(iptables, "_run", fake_run)
+    monkeypatch.setattr(iptables, "_installed", {4})
+    rules = rules_for("n1", SERVICES, "n1", set())
+    notrack = {4: ([], [])}
+    iptables.install("203.0.113.10", 3, fast_rules={4: to_iptables(rules, 3, 4)}, notrack=notrack)
+    restore = next(i for i, a in enumerate(calls) if a[0] == "iptables-restore")
+    assert all("-C" in a for a in calls[:restore]) and len(calls[:restore]) == 3
+    after = calls[restore + 1:]
+    assert [a[a.index("-t") + 1:a.index("-I") + 2] for a in after] == [["raw", "-I", "PREROUTING"], ["raw", "-I", "OUTPUT"]]
