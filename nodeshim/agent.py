@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 
 from clustercore import batch_messages, fastpath
 from clustercore import messages as msgs
@@ -96,6 +97,9 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         self._vmap: dict | None = None  # the verdict map installed (nodeshim.nftnode); None: unknown
         self._front = nftnode  # where the verdict map lives (prepare_kernel: bpfnode.open_front)
         self._kernel_base: dict[str, dict[str, int]] = {}
+        # one sync at a time: on the loop, or a role's end from a worker thread (re-entrant:
+        # kernel_counters reads under it and calls read_kernel_counters)
+        self._datapath_lock = threading.RLock()
         self.metrics = NodeMetrics(self)  # hooks below; served at config.metrics_address
         self._metrics_server = None
         # every service's NOTIFY_SOCKET (sd_notify, the fd store of the handoff); bound
@@ -209,9 +213,24 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         Replaced atomically; counters of the old rules are kept. The plain ports' verdicts
         are also in the verdict map (nodeshim.bpfnode or nftnode), which changes around the list so
         that no entry ever disagrees with the list installed (fastpath.stable_map)."""
-        cfg = self.config
         # whose packets the queue may hold: a successor needs to know (nodeshim.queuekeep)
         self.role_record.write(self.filter.roles)
+        self._apply_datapath(self._datapath_plan(set(self.filter.roles)))
+
+    async def sync_datapath_without(self, service: str) -> None:
+        """The rules as they will be once `service`'s role is gone, installed from a worker
+        thread while the role still decides what the queue holds: the iptables-restore of a
+        sync (20-50 ms under load) blocked the loop while the service's packets waited in
+        the queue for it, a stall every client of the service saw at the role's end. The
+        caller removes the role afterwards and syncs again (nothing to do when nothing
+        changed meanwhile). A sync on the loop meanwhile waits for the lock."""
+        plan = self._datapath_plan(set(self.filter.roles) - {service})
+        await asyncio.to_thread(self._apply_datapath, plan)
+
+    def _datapath_plan(self, roles: set[str]) -> tuple:
+        """(rules, notrack, vmap) for the table with these services in migration: computed
+        on the loop (it reads the table), applied by _apply_datapath."""
+        cfg = self.config
         versions = iptables.versions(cfg.vips)
         vmap: dict = {}
         if cfg.datapath == Datapath.QUEUE:
@@ -219,7 +238,7 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
             notrack: dict[int, tuple[list[str], list[str]]] | None = None
         else:
             fast = fastpath.rules_for(cfg.name, self.filter.services.values(), self.filter.anchor,
-                                      set(self.filter.roles), self.drain.roles)
+                                      roles, self.drain.roles)
             rules = {v: fastpath.to_iptables(fast, cfg.queue_num, v, cfg.queue_count, cfg.conntrack)
                      for v in versions}
             # only where conntrack is kept on: a CT rule would itself turn it on (xt_CT);
@@ -231,36 +250,44 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
             # a loaded machine, but without it 2 of 3 as well: a precaution until a quiet
             # run tells a map-made failure from a load-made one (docs/performance.md)
             vmap = {} if cfg.conntrack else fastpath.verdict_map(fast)
-        if (rules, notrack, vmap) == (self._fast_rules, self._notrack, self._vmap):
-            return
-        if self._fast_rules:
-            for name, c in iptables.read_counters(versions).items():
-                base = self._kernel_base.setdefault(name, {"accepted": 0, "dropped": 0})
-                base["accepted"] += c["accepted"]
-                base["dropped"] += c["dropped"]
-        if (cfg.datapath == Datapath.QUEUE or cfg.conntrack) and self._vmap is None:
-            self._front.remove()  # every packet to the queue, or a drain-capable node: no map at all
-            self._vmap = {}
-        # unknown (a previous agent's table): nothing is kept across the list's change
-        stable = fastpath.stable_map(self._vmap or {}, vmap)
-        if self._vmap is None or stable != self._vmap:
-            self._front.install(cfg.vips, stable)
-        iptables.install(cfg.vips, cfg.queue_num, fast_rules=rules, queue_count=cfg.queue_count,
-                         notrack=notrack)
-        self._fast_rules, self._notrack, self._vmap = rules, notrack, None
-        if vmap != stable:
-            self._front.install(cfg.vips, vmap)
-        self._vmap = vmap
+        return rules, notrack, vmap
+
+    def _apply_datapath(self, plan: tuple) -> None:
+        """Install a plan (on the loop, or from a worker thread: one at a time)."""
+        cfg = self.config
+        rules, notrack, vmap = plan
+        with self._datapath_lock:
+            if (rules, notrack, vmap) == (self._fast_rules, self._notrack, self._vmap):
+                return
+            if self._fast_rules:
+                for name, c in iptables.read_counters(iptables.versions(cfg.vips)).items():
+                    base = self._kernel_base.setdefault(name, {"accepted": 0, "dropped": 0})
+                    base["accepted"] += c["accepted"]
+                    base["dropped"] += c["dropped"]
+            if (cfg.datapath == Datapath.QUEUE or cfg.conntrack) and self._vmap is None:
+                self._front.remove()  # every packet to the queue, or a drain-capable node: no map at all
+                self._vmap = {}
+            # unknown (a previous agent's table): nothing is kept across the list's change
+            stable = fastpath.stable_map(self._vmap or {}, vmap)
+            if self._vmap is None or stable != self._vmap:
+                self._front.install(cfg.vips, stable)
+            iptables.install(cfg.vips, cfg.queue_num, fast_rules=rules, queue_count=cfg.queue_count,
+                             notrack=notrack)
+            self._fast_rules, self._notrack, self._vmap = rules, notrack, None
+            if vmap != stable:
+                self._front.install(cfg.vips, vmap)
+            self._vmap = vmap
 
     def read_kernel_counters(self) -> dict[str, dict[str, int]]:
         """The kernel's per-service counters now: the list's (since it was last replaced)
         plus the verdict map's (cumulative); `packet_counters` adds the replaced lists'."""
-        out = iptables.read_counters(iptables.versions(self.config.vips))
-        for name, c in self._front.read_counters().items():
-            row = out.setdefault(name, {"accepted": 0, "dropped": 0})
-            row["accepted"] += c["accepted"]
-            row["dropped"] += c["dropped"]
-        return out
+        with self._datapath_lock:  # not in the middle of a sync's replacement
+            out = iptables.read_counters(iptables.versions(self.config.vips))
+            for name, c in self._front.read_counters().items():
+                row = out.setdefault(name, {"accepted": 0, "dropped": 0})
+                row["accepted"] += c["accepted"]
+                row["dropped"] += c["dropped"]
+            return out
 
     def decide(self, data: bytes, epoch, handle, now):
         if self.verdict_log.active():  # a packet replay asked for per-packet verdicts
@@ -564,12 +591,13 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
     def kernel_counters(self, kernel: dict | None = None) -> dict[str, dict[str, int]]:
         """{service: {accepted, dropped}} the kernel decided (verdict map and rule list,
         replaced rules included; `kernel` read now if not given); {} with no fast rules."""
-        if not self._fast_rules:
-            return {}
-        if kernel is None:
-            kernel = self.read_kernel_counters()
-        return {name: {k: kernel.get(name, {}).get(k, 0) + self._kernel_base.get(name, {}).get(k, 0)
-                       for k in ("accepted", "dropped")} for name in set(kernel) | set(self._kernel_base)}
+        with self._datapath_lock:  # _kernel_base grows in a sync, maybe a worker thread's
+            if not self._fast_rules:
+                return {}
+            if kernel is None:
+                kernel = self.read_kernel_counters()
+            return {name: {k: kernel.get(name, {}).get(k, 0) + self._kernel_base.get(name, {}).get(k, 0)
+                           for k in ("accepted", "dropped")} for name in set(kernel) | set(self._kernel_base)}
 
     def process_strategy(self) -> dict:
         """Can this node move services with the `process` strategy (criu), and if not, why.

@@ -120,6 +120,7 @@ class MigrationAgent(ProcessSteps):
         self.leftovers = Leftovers(agent.config.state_dir)
         self._locks: dict[str, asyncio.Lock] = {}
         self.stopping = False  # the agent is stopping: no new migration begins here
+        self._retiring: set[asyncio.Task] = set()  # roles ending (their rules installed off the loop)
         self.starting: dict[int, str] = {}  # a handoff's new instance, by pid, until adopted
         self._start_faults: dict[str, list] = {}  # `handoff.start` exit/fail N: [what, starts left]
         self._actions: dict[type, Callable[[Any], Any]] = {**self._command_table(),
@@ -397,6 +398,19 @@ class MigrationAgent(ProcessSteps):
             del self.agent.filter.roles[service]
             self.agent.sync_datapath()  # back to the kernel fast path
 
+    async def _retire_role(self, service: str, role: object) -> None:
+        """A role's end, its service's packets never waiting for the rule sync: the rules
+        without it go in from a worker thread while it still decides what the queue holds
+        (agent.sync_datapath_without), then it goes and the rules are checked once more
+        on the loop (a sync meanwhile may have put its queue rule back)."""
+        agent = self.agent
+        try:
+            await agent.sync_datapath_without(service)
+        except Exception as e:  # the sync below, on the loop, tries again (and raises there)
+            log.warning("role of %s: the rules without it were not installed off the loop: %s", service, e)
+        if agent.filter.roles.get(service) is role:
+            self._remove_role(service, role)
+
     def _remove_role_later(self, service: str, role: object) -> None:
         def when_due() -> None:
             if self.agent.filter.roles.get(service) is not role:
@@ -404,7 +418,9 @@ class MigrationAgent(ProcessSteps):
             if role_still_needed(role):
                 loop.call_later(ROLE_GRACE_S, when_due)
             else:
-                self._remove_role(service, role)
+                task = asyncio.ensure_future(self._retire_role(service, role))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (the agent is gone): nothing can reach the role

@@ -331,6 +331,9 @@ class FakeAgent:
     def sync_datapath(self) -> None:
         self.log.append(("sync_datapath", tuple(sorted(self.filter.roles))))
 
+    async def sync_datapath_without(self, service: str) -> None:
+        self.log.append(("sync_datapath_without", service, tuple(sorted(self.filter.roles))))
+
     def record_running(self) -> None:
         self.log.append(("record_running", tuple(sorted(self.running))))
 
@@ -421,10 +424,11 @@ def test_source_arm_freeze_commit_script(tmp_path):
     # closed, the role removed after the grace
     # and the node's table names the new owner at once
     assert log.names() == ["drop", "close_many", "forget_store", "record_running", "kill"] + ["close"] * 5 + [
-        "service_moved", "sync_datapath"]
+        "service_moved", "sync_datapath_without", "sync_datapath"]
     assert [e[1] for e in log if e[0] == "close"] == ["old-tcp-7", "old-udp-7", "stored-tcp-7", "stored-udp-7", "state"]
     assert log[1] == ("close_many", ("copy0", "copy1")) and log[-1] == ("sync_datapath", ())
-    assert log[-2] == ("service_moved", "echo", "n2")
+    # the rules without the role went in first (off the loop), the role still there
+    assert log[-3] == ("service_moved", "echo", "n2") and log[-2] == ("sync_datapath_without", "echo", ("echo",))
     assert "echo" not in agent.running and "echo" not in agent.filter.roles
     assert isinstance(done, msgs.CommitDone) and done.kernel_drops == 0
 
@@ -528,7 +532,7 @@ def assert_rollback_order(log: Log) -> None:
     re-synced)."""
     names = [e[0] for e in log]
     assert names == ["unrepair_many"] + ["close"] * 5 + ["reinject", "signal_group", "accept",
-                                                         "accept", "sync_datapath"], log
+                                                         "accept", "sync_datapath_without", "sync_datapath"], log
     assert log[0] == ("unrepair_many", ("copy0", "copy1"))
     assert [e[1] for e in log[1:6]] == ["stored-tcp-7", "stored-udp-7", "state", "copy0", "copy1"]
     assert log[6] == ("reinject", (b"q0", b"q1"), 7, migrate.REINJECT_MARK)
@@ -604,7 +608,7 @@ def test_a_lost_link_rolls_back_an_armed_source_at_once(tmp_path):
         await settle()
 
     asyncio.run(script())
-    assert log.names() == ["sync_datapath"] and not ma.busy("echo")  # nothing was stopped
+    assert log.names() == ["sync_datapath_without", "sync_datapath"] and not ma.busy("echo")  # nothing was stopped
 
 
 def test_a_failed_dump_rolls_back_what_the_freeze_did_and_refuses(tmp_path):
@@ -622,7 +626,7 @@ def test_a_failed_dump_rolls_back_what_the_freeze_did_and_refuses(tmp_path):
     assert asyncio.run(script()) == msgs.Done()
     names = log.names()
     # what it stored is closed, the process resumed, the role removed; nothing was dumped
-    assert names[names.index("dump_many") + 1:] == ["close"] * 5 + ["signal_group", "sync_datapath"]
+    assert names[names.index("dump_many") + 1:] == ["close"] * 5 + ["signal_group", "sync_datapath_without", "sync_datapath"]
 
 
 def test_half_closed_connections_refuse_the_freeze_without_stopping_anything(tmp_path, monkeypatch):
@@ -715,7 +719,7 @@ def test_destination_prepare_chunk_restore_release_script(tmp_path):
     # the agent's NOTIFY_SOCKET; our descriptors close, the instance is adopted
     assert log.names() == ["thaw_many", "reinject", "inject_ip_packets", "accept", "forget_store",
                            "start_handed_over", "close", "close", "close", "close", "close",
-                           "record_running", "service_moved", "sync_datapath"]
+                           "record_running", "service_moved", "sync_datapath_without", "sync_datapath"]
     assert log[0] == ("thaw_many", tuple(f"restored{i}" for i in range(5)))
     assert log[5] == ("start_handed_over", ("tcp-7", "udp-7"), ("conn-7",) * 5, b"{}", "/run/notify")
     assert released.held == 1 and released.released == 1 and released.reinjected == 2
