@@ -2,6 +2,7 @@
 endpoint that serves them (vipwire.metricsserver), parsed with prometheus_client's own
 text parser, as a Prometheus server would read them."""
 
+import threading
 import asyncio
 from types import SimpleNamespace
 
@@ -152,7 +153,8 @@ def fake_agent(fast_rules, own, kernel_base):
         filter=SimpleNamespace(counters_dict=lambda: {k: dict(v) for k, v in own.items()}, unparsed=4,
                                roles={"echo": FakeRole(12)}),
         _fast_rules=fast_rules, _kernel_base=kernel_base, queue=SimpleNamespace(errors=0),
-        running={}, rpc=object(), _front=nftnode)  # the nft map's module (bpfnode.NodeMap: the same calls)
+        running={}, rpc=object(), _front=nftnode,  # the nft map's module (bpfnode.NodeMap: the same calls)
+        _datapath_lock=threading.RLock())
     agent.fast_rules_now = lambda: agent._fast_rules
     agent.packet_counters = lambda kernel=None: NodeAgent.packet_counters(agent, kernel)
     agent.kernel_counters = lambda kernel=None: NodeAgent.kernel_counters(agent, kernel)
