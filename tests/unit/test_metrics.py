@@ -2,8 +2,8 @@
 endpoint that serves them (vipwire.metricsserver), parsed with prometheus_client's own
 text parser, as a Prometheus server would read them."""
 
-import threading
 import asyncio
+import threading
 from types import SimpleNamespace
 
 import pytest
