@@ -100,6 +100,7 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         # one sync at a time: on the loop, or a role's end from a worker thread (re-entrant:
         # kernel_counters reads under it and calls read_kernel_counters)
         self._datapath_lock = threading.RLock()
+        self._plans_made = self._plan_applied = 0  # _datapath_plan's numbers
         self.metrics = NodeMetrics(self)  # hooks below; served at config.metrics_address
         self._metrics_server = None
         # every service's NOTIFY_SOCKET (sd_notify, the fd store of the handoff); bound
@@ -223,14 +224,18 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         sync (20-50 ms under load) blocked the loop while the service's packets waited in
         the queue for it, a stall every client of the service saw at the role's end. The
         caller removes the role afterwards and syncs again (nothing to do when nothing
-        changed meanwhile). A sync on the loop meanwhile waits for the lock."""
+        changed meanwhile). A sync on the loop meanwhile waits for the lock; plans are
+        numbered as they are made and an older one is never applied after a newer one (a
+        role installed on the loop while the thread waited is not undone by it)."""
         plan = self._datapath_plan(set(self.filter.roles) - {service})
         await asyncio.to_thread(self._apply_datapath, plan)
 
     def _datapath_plan(self, roles: set[str]) -> tuple:
         """(rules, notrack, vmap) for the table with these services in migration: computed
-        on the loop (it reads the table), applied by _apply_datapath."""
+        on the loop (it reads the table), applied by _apply_datapath; numbered."""
         cfg = self.config
+        self._plans_made += 1
+        seq = self._plans_made
         versions = iptables.versions(cfg.vips)
         vmap: dict = {}
         if cfg.datapath == Datapath.QUEUE:
@@ -250,13 +255,17 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
             # a loaded machine, but without it 2 of 3 as well: a precaution until a quiet
             # run tells a map-made failure from a load-made one (docs/performance.md)
             vmap = {} if cfg.conntrack else fastpath.verdict_map(fast)
-        return rules, notrack, vmap
+        return seq, rules, notrack, vmap
 
     def _apply_datapath(self, plan: tuple) -> None:
-        """Install a plan (on the loop, or from a worker thread: one at a time)."""
+        """Install a plan (on the loop, or from a worker thread: one at a time), unless a
+        newer one was applied first."""
         cfg = self.config
-        rules, notrack, vmap = plan
+        seq, rules, notrack, vmap = plan
         with self._datapath_lock:
+            if seq < self._plan_applied:
+                return  # made before the one installed: stale
+            self._plan_applied = seq
             if (rules, notrack, vmap) == (self._fast_rules, self._notrack, self._vmap):
                 return
             if self._fast_rules:

@@ -410,6 +410,8 @@ class MigrationAgent(ProcessSteps):
             log.warning("role of %s: the rules without it were not installed off the loop: %s", service, e)
         if agent.filter.roles.get(service) is role:
             self._remove_role(service, role)
+        else:  # replaced meanwhile (a new migration): its rules, whatever the thread did
+            agent.sync_datapath()
 
     def _remove_role_later(self, service: str, role: object) -> None:
         def when_due() -> None:

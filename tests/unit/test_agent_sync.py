@@ -92,3 +92,19 @@ def test_a_sync_on_the_loop_meanwhile_is_not_lost(tmp_path, monkeypatch, pkidir)
     a.sync_datapath()
     rules = installs[-1][1]
     assert not _queues(rules) and _queues(rules, "kv")
+
+
+def test_a_plan_made_before_one_applied_is_never_applied(tmp_path, monkeypatch, pkidir):
+    """The race: the thread's plan (echo's role gone) is made, a new migration of echo
+    installs its role and syncs on the loop before the thread takes the lock; the
+    thread's older plan must not take echo's packets away from the new role's queue."""
+    a, installs = _agent(tmp_path, monkeypatch, pkidir)
+    old_role, new_role = object(), object()
+    a.filter.roles["echo"] = old_role
+    a.sync_datapath()
+    stale = a._datapath_plan(set(a.filter.roles) - {"echo"})  # the thread's, made first
+    a.filter.roles["echo"] = new_role  # the next migration's arm, on the loop
+    a.sync_datapath()
+    n = len(installs)
+    a._apply_datapath(stale)  # the thread gets the lock only now
+    assert len(installs) == n and _queues(installs[-1][1])  # echo still goes to the queue
