@@ -191,10 +191,11 @@ class Note(Command):
 
 # -- the cutover role in the node's filter
 
-@_command()
+@_command(waits=True)
 class InstallRole(Command):
     """Put the cutover role in the filter and move the service to the queue path (so its
-    packets are counted or held by the role from now on)."""
+    packets are counted or held by the role from now on). Waits: the rule sync runs off
+    the event loop, which meanwhile decides the queued packets (the role is in first)."""
     service: str
     role: Any
 

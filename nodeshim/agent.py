@@ -218,16 +218,19 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         self.role_record.write(self.filter.roles)
         self._apply_datapath(self._datapath_plan(set(self.filter.roles)))
 
-    async def sync_datapath_without(self, service: str) -> None:
-        """The rules as they will be once `service`'s role is gone, installed from a worker
-        thread while the role still decides what the queue holds: the iptables-restore of a
-        sync (20-50 ms under load) blocked the loop while the service's packets waited in
-        the queue for it, a stall every client of the service saw at the role's end. The
-        caller removes the role afterwards and syncs again (nothing to do when nothing
-        changed meanwhile). A sync on the loop meanwhile waits for the lock; plans are
-        numbered as they are made and an older one is never applied after a newer one (a
-        role installed on the loop while the thread waited is not undone by it)."""
-        plan = self._datapath_plan(set(self.filter.roles) - {service})
+    async def sync_datapath_off_loop(self, without: str | None = None) -> None:
+        """sync_datapath with the kernel's part in a worker thread: the loop meanwhile
+        decides what the queue holds. A role's install (the role is in the filter first)
+        and its end (`without`: the rules as they will be once that service's role is
+        gone, installed while it still decides; the caller removes it afterwards and syncs
+        again, which then has nothing to do). On the loop, the iptables-restore of a sync
+        (20-50 ms under load) held the service's packets in the queue until it returned: a
+        stall every client of the service saw at the arm and at the role's end. A sync on
+        the loop meanwhile waits for the lock; plans are numbered as they are made and an
+        older one is never applied after a newer one (a role installed on the loop while
+        the thread waited is not undone by it)."""
+        self.role_record.write(self.filter.roles)  # before the kernel queues anything new
+        plan = self._datapath_plan(set(self.filter.roles) - {without})
         await asyncio.to_thread(self._apply_datapath, plan)
 
     def _datapath_plan(self, roles: set[str]) -> tuple:

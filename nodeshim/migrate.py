@@ -389,9 +389,9 @@ class MigrationAgent(ProcessSteps):
         return nc.Local(self.agent.filter.services.get(cmd.service), rs,
                         tuple(rs.sockets) if rs is not None else (), vips=self.agent.config.vips)
 
-    def _install_role(self, cmd: nc.InstallRole) -> None:
+    async def _install_role(self, cmd: nc.InstallRole) -> None:
         self.agent.filter.roles[cmd.service] = cmd.role
-        self.agent.sync_datapath()  # the service's packets now reach the queue
+        await self.agent.sync_datapath_off_loop()  # the service's packets now reach the queue
 
     def _remove_role(self, service: str, role: object) -> None:
         if self.agent.filter.roles.get(service) is role:
@@ -401,11 +401,11 @@ class MigrationAgent(ProcessSteps):
     async def _retire_role(self, service: str, role: object) -> None:
         """A role's end, its service's packets never waiting for the rule sync: the rules
         without it go in from a worker thread while it still decides what the queue holds
-        (agent.sync_datapath_without), then it goes and the rules are checked once more
+        (agent.sync_datapath_off_loop), then it goes and the rules are checked once more
         on the loop (a sync meanwhile may have put its queue rule back)."""
         agent = self.agent
         try:
-            await agent.sync_datapath_without(service)
+            await agent.sync_datapath_off_loop(without=service)
         except Exception as e:  # the sync below, on the loop, tries again (and raises there)
             log.warning("role of %s: the rules without it were not installed off the loop: %s", service, e)
         if agent.filter.roles.get(service) is role:

@@ -1,4 +1,4 @@
-"""The agent's rule sync at a role's end (NodeAgent.sync_datapath_without): the rules as
+"""The agent's rule sync at a role's end (NodeAgent.sync_datapath_off_loop): the rules as
 they will be without the role go in from a worker thread while the role still decides the
 queue's packets; the sync on the loop after the role goes has nothing left to do."""
 
@@ -67,7 +67,7 @@ def test_the_rules_without_a_role_go_in_off_the_loop_while_it_still_decides(tmp_
     a.sync_datapath()  # the role's rules: echo's packets to the queue, installed on the loop
     assert installs[-1][0] is True and _queues(installs[-1][1])
 
-    asyncio.run(a.sync_datapath_without("echo"))
+    asyncio.run(a.sync_datapath_off_loop(without="echo"))
     on_loop, rules = installs[-1]
     assert on_loop is False and not _queues(rules)  # a worker thread; echo in the kernel
     assert a.filter.roles["echo"] is role  # still deciding what the queue holds
@@ -86,7 +86,7 @@ def test_a_sync_on_the_loop_meanwhile_is_not_lost(tmp_path, monkeypatch, pkidir)
     a.filter.load([ECHO, Service("kv", "n1", ((TCP, 6379),), "builtin:kv")], "n1")
     a.filter.roles["echo"] = object()
     a.sync_datapath()
-    asyncio.run(a.sync_datapath_without("echo"))
+    asyncio.run(a.sync_datapath_off_loop(without="echo"))
     a.filter.roles["kv"] = object()  # a new migration of kv began meanwhile
     del a.filter.roles["echo"]
     a.sync_datapath()
@@ -108,3 +108,22 @@ def test_a_plan_made_before_one_applied_is_never_applied(tmp_path, monkeypatch, 
     n = len(installs)
     a._apply_datapath(stale)  # the thread gets the lock only now
     assert len(installs) == n and _queues(installs[-1][1])  # echo still goes to the queue
+
+
+def test_a_role_is_in_the_filter_before_its_rules_go_in_off_the_loop(tmp_path, monkeypatch, pkidir):
+    """The arm: from the restore's commit on the kernel queues the service's packets, and
+    the loop, free while the thread installs, decides them with the role already there."""
+    a, installs = _agent(tmp_path, monkeypatch, pkidir)
+    a.sync_datapath()
+    assert not _queues(installs[-1][1])
+    seen = []
+    real = agentmod.NodeAgent._apply_datapath
+
+    def apply(self, plan):
+        seen.append("echo" in self.filter.roles)
+        real(self, plan)
+
+    monkeypatch.setattr(agentmod.NodeAgent, "_apply_datapath", apply)
+    a.filter.roles["echo"] = object()
+    asyncio.run(a.sync_datapath_off_loop())
+    assert seen == [True] and installs[-1][0] is False and _queues(installs[-1][1])

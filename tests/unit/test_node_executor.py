@@ -331,8 +331,11 @@ class FakeAgent:
     def sync_datapath(self) -> None:
         self.log.append(("sync_datapath", tuple(sorted(self.filter.roles))))
 
-    async def sync_datapath_without(self, service: str) -> None:
-        self.log.append(("sync_datapath_without", service, tuple(sorted(self.filter.roles))))
+    async def sync_datapath_off_loop(self, without: str | None = None) -> None:
+        if without is None:  # an install: what sync_datapath does, off the loop
+            self.sync_datapath()
+        else:
+            self.log.append(("sync_datapath_without", without, tuple(sorted(self.filter.roles))))
 
     def record_running(self) -> None:
         self.log.append(("record_running", tuple(sorted(self.running))))

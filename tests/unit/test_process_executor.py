@@ -273,7 +273,8 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
     assert frozen.bytes_moved == 2_050_000 and frozen.tcp_established == 3 and frozen.udp_sockets == 1
     assert frozen.tcp_listening == 2  # the listeners the kernel has, not the service's port count
     assert frozen.sockets["process"]["output_pipe"] == "pipe:[99]"
-    assert [e[0] for e in log] == ["drop", "record_running", "kill", "service_moved", "sync_datapath"]
+    assert [e[0] for e in log] == ["drop", "record_running", "kill", "service_moved", "sync_datapath_without",
+                                   "sync_datapath"]
     assert "web" not in agent.running and isinstance(done, msgs.CommitDone)
 
 
@@ -331,7 +332,7 @@ def test_destination_prepare_restore_release_script(tmp_path):
 
     prepared, restored, released = asyncio.run(script())
     assert prepared.endpoint == {"address": "192.0.2.12", "files_port": 4001, "page_port": 4002, "lazy": False}
-    names = [e[0] for e in log if e[0] not in ("sync_datapath", "record_running")]
+    names = [e[0] for e in log if e[0] not in ("sync_datapath", "sync_datapath_without", "record_running")]
     # the copy is let run with SIGCONT only: criu's restore already took its sockets out of repair
     assert names == ["start_receive", "rx.wait", "restore", "restored_instance", "rx.close", "resume", "service_moved"]
     assert ("restore", ("pipe:[99]",)) in log  # our pipe where the source's output pipe was
