@@ -97,8 +97,8 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         self._vmap: dict | None = None  # the verdict map installed (nodeshim.nftnode); None: unknown
         self._front = nftnode  # where the verdict map lives (prepare_kernel: bpfnode.open_front)
         self._kernel_base: dict[str, dict[str, int]] = {}
-        # one sync at a time: on the loop, or a role's end from a worker thread (re-entrant:
-        # kernel_counters reads under it and calls read_kernel_counters)
+        # one sync at a time: on the loop, or from a worker thread (a role's install or end;
+        # sync_datapath_off_loop). Re-entrant: kernel_counters calls read_kernel_counters
         self._datapath_lock = threading.RLock()
         self._plans_made = self._plan_applied = 0  # _datapath_plan's numbers
         self.metrics = NodeMetrics(self)  # hooks below; served at config.metrics_address
