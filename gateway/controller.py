@@ -152,8 +152,8 @@ class _Run:
             # summed: a batched migration goes through its batch steps once per batch
             self.steps_ms[step] = round(self.steps_ms.get(step, 0.0) + (now - since) * 1000, 2)
         self.entered = (state.value, now)
-        if len(self.timeline) < TIMELINE_MAX:
-            self.timeline.append((state.value, round(time.monotonic(), 4)))
+        if len(self.timeline) < TIMELINE_MAX:  # the loop's time is time.monotonic()
+            self.timeline.append((state.value, round(now, 4)))
         self.journal(state)
         line = (batched.progress_line(self, previous, state) if self.batched
                 else (state.value, f"{previous.value} -> {state.value}"))
