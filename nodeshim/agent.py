@@ -223,9 +223,10 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         decides what the queue holds. A role's install (the role is in the filter first)
         and its end (`without`: the rules as they will be once that service's role is
         gone, installed while it still decides; the caller removes it afterwards and syncs
-        again, which then has nothing to do). On the loop, the iptables-restore of a sync
-        (20-50 ms under load) held the service's packets in the queue until it returned: a
-        stall every client of the service saw at the arm and at the role's end. A sync on
+        again, which then has nothing to do), and the gateway's table (on_table). On the
+        loop, the iptables-restore of a sync (20-50 ms under load) held the service's
+        packets in the queue until it returned: a stall every client of the service saw at
+        the arm, at the role's end and at the table pushed after a move. A sync on
         the loop meanwhile waits for the lock; plans are numbered as they are made and an
         older one is never applied after a newer one (a role installed on the loop while
         the thread waited is not undone by it)."""
@@ -471,7 +472,14 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
 
     # --- requests from the gateway ---------------------------------------------------
     async def on_table(self, msg: msgs.Table, ctx: Context) -> None:
-        self._load_table(msg)
+        """The gateway's table (pushed after every change, every migration's end among
+        them): the filter takes it at once, the kernel rules follow from a worker thread.
+        On the loop, the sync after a batched move (the new owner's UDP bypass, left to it
+        by service_moved) held the service's UDP datagrams in the queue for the 15-25 ms of
+        its iptables-restore, right after the migration committed."""
+        self._load_table(msg, sync=False)
+        if self.queue is not None:
+            await self.sync_datapath_off_loop()
 
     async def on_reconcile(self, msg: msgs.Reconcile, ctx: Context) -> dict:
         # a migration the gateway no longer runs (we lost the link mid-way) is over; the
@@ -534,18 +542,19 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
             log.warning("migrations of %s still open at the gateway and unknown here: their "
                         "packets are dropped on this node until they end", ", ".join(sorted(self.unsettled)))
 
-    def _load_table(self, msg: msgs.Table | msgs.Welcome) -> None:
+    def _load_table(self, msg: msgs.Table | msgs.Welcome, sync: bool = True) -> None:
         self._table = (tuple(msg.services), msg.anchor)
-        self._apply_table()
+        self._apply_table(sync)
 
-    def _apply_table(self) -> None:
+    def _apply_table(self, sync: bool = True) -> None:
+        """The table into the filter and (unless the caller syncs off the loop) the kernel."""
         services, anchor = self._table
         self.filter.load([dataclasses.replace(s, owner="") if s.name in self.unsettled else s
                           for s in services], anchor)
         # a role for a service that is gone from the table is stale
         for name in [n for n in self.filter.roles if n not in self.filter.services]:
             del self.filter.roles[name]
-        if self.queue is not None:
+        if sync and self.queue is not None:
             self.sync_datapath()
 
     def service_moved(self, name: str, owner: str) -> None:

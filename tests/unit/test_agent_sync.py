@@ -127,3 +127,29 @@ def test_a_role_is_in_the_filter_before_its_rules_go_in_off_the_loop(tmp_path, m
     a.filter.roles["echo"] = object()
     asyncio.run(a.sync_datapath_off_loop())
     assert seen == [True] and installs[-1][0] is False and _queues(installs[-1][1])
+
+
+def test_the_gateways_table_is_decided_by_at_once_and_installed_off_the_loop(tmp_path, monkeypatch, pkidir):
+    """The table pushed after a move (here: echo moved to n1 while its role still decides,
+    so the rules change: its UDP queue rule gets the bypass): the filter has the new owner
+    before the kernel's part starts, and that part runs in a worker thread."""
+    from clustercore import messages as msgs
+
+    a, installs = _agent(tmp_path, monkeypatch, pkidir)
+    a.filter.load([Service("echo", "n2", ECHO.ports, ECHO.exec_spec)], "n1")
+    a.filter.roles["echo"] = object()
+    a.sync_datapath()
+    before = installs[-1][1]
+    a.queue = object()  # bound (only whether it is None matters here)
+    seen = []
+    real = agentmod.NodeAgent._apply_datapath
+
+    def apply(self, plan):
+        seen.append(self.filter.services["echo"].owner)
+        real(self, plan)
+
+    monkeypatch.setattr(agentmod.NodeAgent, "_apply_datapath", apply)
+    asyncio.run(a.on_table(msgs.Table(services=(ECHO,), anchor="n1"), None))
+    assert seen == ["n1"]
+    on_loop, rules = installs[-1]
+    assert on_loop is False and rules != before and _queues(rules)  # still the role's queue
