@@ -41,6 +41,7 @@ from clustercore.packet import format_port, parse_port_spec
 from .registry import JournaledMigration, RegistryError
 
 PREFIX = "/vipcluster/"
+ORDERS = "batch_orders/"  # a batched migration's batch order, beside its journal (migrations/)
 API_PATH = "/v3beta/"  # etcd 3.4's gRPC gateway (KERNEL-NOTES, "Two gateways")
 ETCD_TIMEOUT_S = 1.0
 CAS_RETRIES = 8
@@ -214,7 +215,8 @@ class EtcdRegistry:
             if current is not None:
                 raise Refused(f"a migration of {service} ({current['source']} -> {current['dest']}) is journaled")
             return {"source": source, "dest": dest, "epoch": epoch, "state": "new", "release": None}
-        self._update(f"journal the migration of {service}", {"migrations/" + service: begin}, fenced=True)
+        self._update(f"journal the migration of {service}", {"migrations/" + service: begin,
+                                                              ORDERS + service: lambda current: None}, fenced=True)
 
     def journal_state(self, service: str, state: str, release: msgs.Step | None = None,
                       order: tuple | None = None) -> None:
@@ -222,21 +224,18 @@ class EtcdRegistry:
         fields: dict = {"state": state}
         if release is not None:
             fields["release"] = release.to_wire()
-        if order is not None:
-            fields["batch_order"] = bm.FLOWS.to_wire(order)
         self._update(f"journal the migration of {service}",
-                     {"migrations/" + service: _journal(service, **fields)}, fenced=True)
+                     {"migrations/" + service: _journal(service, **fields), **_order(service, order)}, fenced=True)
 
     def switch_owner(self, service: str, owner: str, release: msgs.Release | None,
                      state: str = "releasing", order: tuple | None = None) -> None:
         """The point of no return, one transaction: the owner and the journaled release
         (and a batched migration's batch order: as Registry's)."""
         fields: dict = {"state": state, "release": release.to_wire() if release is not None else None}
-        if order is not None:
-            fields["batch_order"] = bm.FLOWS.to_wire(order)
         self._update(f"switch the owner of {service}", {
             "services/" + service: _set(service, owner=owner),
             "migrations/" + service: _journal(service, **fields),
+            **_order(service, order),
         }, fenced=True)
 
     def journal_release(self, service: str, step: msgs.Step) -> None:
@@ -247,17 +246,21 @@ class EtcdRegistry:
     def journal_order(self, service: str, flows: tuple) -> None:
         """A batched migration's kept connections in batch order, as Registry's."""
         self._update(f"journal the migration of {service}",
-                     {"migrations/" + service: _journal(service, batch_order=bm.FLOWS.to_wire(flows))}, fenced=True)
+                     {"migrations/" + service: _journal(service), **_order(service, flows)}, fenced=True)
 
     def journal_end(self, service: str) -> None:
-        self._update(f"end the migration of {service}", {"migrations/" + service: lambda current: None})
+        self._update(f"end the migration of {service}", {"migrations/" + service: lambda current: None,
+                                                          ORDERS + service: lambda current: None})
 
     def open_migrations(self) -> list[JournaledMigration]:
         out = []
+        orders = dict(self._read_prefix(ORDERS))
         for service, d in self._read_prefix("migrations/"):
             try:
                 release = msgs.decode(d["release"]) if d.get("release") else None
-                order = bm.FLOWS.from_wire(d["batch_order"]) if d.get("batch_order") else None
+                # its own key; in the journal itself when an older gateway wrote it
+                wire = orders[service]["flows"] if service in orders else d.get("batch_order")
+                order = bm.FLOWS.from_wire(wire) if wire else None
                 out.append(JournaledMigration(service, d["source"], d["dest"], int(d["epoch"]), d["state"], release,
                                               order))
             except RegistryError:
@@ -300,6 +303,15 @@ def _set(name: str, **fields) -> Change:
             raise Refused(f"service {name} is gone (removed by another gateway)")
         return dict(current, **fields)
     return change
+
+
+def _order(service: str, order: tuple | None) -> dict[str, Change]:
+    """The batch order's write, when there is one: its own key (as Registry's own table:
+    in the journal's value, every batch's journal write carried all 10,000 flows again)."""
+    if order is None:
+        return {}
+    wire = {"flows": bm.FLOWS.to_wire(order)}
+    return {ORDERS + service: lambda current: wire}
 
 
 def _journal(service: str, **fields) -> Change:

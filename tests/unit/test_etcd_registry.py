@@ -223,3 +223,30 @@ def test_the_driver_lease_fences_the_migration_writes(pair):
     assert gw1.open_migrations()[0].state == "aborting"
     gw2.release_driver(lease2)
     assert gw1.driver() is None
+
+
+def test_the_batch_order_has_its_own_key_and_ends_with_the_migration(pair):
+    """Each batch's journal write rewrites the journal's value: the order (10,000 flows)
+    is a key of its own, written once. An older gateway's journal (the order in its
+    value) still reads; a new migration of the service starts without an order."""
+    from clustercore import batch_messages as bm
+    from gateway import etcdregistry
+
+    gw1, gw2 = pair
+    flows = tuple((TCP, "198.51.100.7", 50000 + i, "203.0.113.10", 7) for i in range(3))
+    gw1.add_service(svc("echo", "n1"))
+    gw1.journal_begin("echo", "n1", "n2", 2)
+    gw1.journal_order("echo", flows)
+    gw1.journal_state("echo", "batched:freezing:1:2:1",
+                      release=bm.AbortBatch(service="echo", epoch="02:76:63:00:00:02", batch=1, flows=flows[:1]))
+    journal, _ = gw1._read("migrations/echo")
+    assert "batch_order" not in journal and gw1._read(etcdregistry.ORDERS + "echo")[0] is not None
+    [j] = gw2.open_migrations()
+    assert j.order == flows
+    gw1.journal_end("echo")
+    assert gw2.open_migrations() == [] and gw1._read(etcdregistry.ORDERS + "echo")[0] is None
+
+    gw1.journal_begin("echo", "n1", "n2", 3)  # as an older gateway wrote it
+    gw1._update("old", {"migrations/echo": lambda current: dict(current, batch_order=bm.FLOWS.to_wire(flows))})
+    [j] = gw2.open_migrations()
+    assert j.order == flows

@@ -53,3 +53,64 @@ def test_a_health_check_is_stored_and_survives_a_restart(tmp_path):
     table, _ = Registry(str(tmp_path)).load()
     assert table.get("web").health == checked.health and table.get("web").owner == "n3"
     assert table.get("echo").health is None
+
+
+def _flows(n):
+    return tuple((TCP, f"198.51.100.{i % 250 + 1}", 10000 + i, "203.0.113.10", 7) for i in range(n))
+
+
+def _wal_bytes(tmp_path) -> int:
+    wal = tmp_path / "registry.sqlite3-wal"
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_a_batch_step_journal_write_does_not_rewrite_the_batch_order(tmp_path):
+    """A batched migration's order (10,000 flows, ~0.5 MB) is written once; each batch's
+    two journal writes (their steps differ in size) must not carry it again. They did
+    while it was a column of the journal's row: ~560 KB of WAL per write."""
+    from clustercore import batch_messages as bm
+
+    reg = Registry(str(tmp_path))
+    reg.add_service(Service("echo", "n1", ((TCP, 7),), "builtin:echo"))
+    reg.journal_begin("echo", "n1", "n2", 2)
+    flows = _flows(10000)
+    reg.journal_order("echo", flows)
+    reg._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for i in range(20):  # as a batch's FREEZING and RELEASING lines: steps of other sizes
+        reg.journal_state("echo", f"batched:freezing:{i + 1}:{9968 - 32 * i}:{len(flows) - 32 * (i + 1)}",
+                          release=bm.AbortBatch(service="echo", epoch="02:76:63:00:00:02", batch=i + 1,
+                                                flows=flows[32 * i:32 * (i + 1) + i % 3]))
+    assert _wal_bytes(tmp_path) < 20 * 64 * 1024  # a few pages a write, not the order
+    [j] = reg.open_migrations()
+    assert j.order == flows and j.state.startswith("batched:freezing:20:")
+
+
+def test_the_batch_order_ends_with_its_migration(tmp_path):
+    """journal_end removes it; a later migration of the service starts without one."""
+    reg = Registry(str(tmp_path))
+    reg.add_service(Service("echo", "n1", ((TCP, 7),), "builtin:echo"))
+    reg.journal_begin("echo", "n1", "n2", 2)
+    reg.journal_order("echo", _flows(3))
+    reg.journal_end("echo")
+    assert reg.open_migrations() == []
+    assert reg._db.execute("SELECT COUNT(*) FROM batch_orders").fetchone() == (0,)
+    reg.journal_begin("echo", "n2", "n1", 3)
+    [j] = reg.open_migrations()
+    assert j.order is None
+
+
+def test_a_journal_an_older_gateway_wrote_still_has_its_batch_order(tmp_path):
+    """Before the order had its own table it was a column of the journal's row."""
+    import json
+
+    from clustercore import batch_messages as bm
+
+    reg = Registry(str(tmp_path))
+    reg.add_service(Service("echo", "n1", ((TCP, 7),), "builtin:echo"))
+    reg.journal_begin("echo", "n1", "n2", 2)
+    flows = _flows(5)
+    reg._db.execute("UPDATE migrations SET batch_order = ? WHERE service = 'echo'",
+                    (json.dumps(bm.FLOWS.to_wire(flows)),))
+    reg.close()
+    [j] = Registry(str(tmp_path)).open_migrations()
+    assert j.order == flows
