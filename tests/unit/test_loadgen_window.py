@@ -64,3 +64,44 @@ def test_the_slowest_udp_answers_are_kept_with_their_send_times():
     assert [sent for _, sent in kept] == st.udp_sent_at[:lg.SLOWEST]
     assert kept[0][0] == st.udp_max_wait_ms and kept[0][0] > kept[-1][0]
     assert lg._in_send_order(st.udp_slowest)[0][0] == round(st.udp_sent_at[0], 4)
+
+
+def test_no_connection_closes_before_every_connection_has_its_last_echo():
+    """The stop: connections with nothing outstanding wait for the others' last echoes
+    before they close (on loopback: an echo server that holds one connection's echo)."""
+    import asyncio
+
+    events = []
+
+    async def run():
+        held = asyncio.Event()
+
+        async def serve(reader, writer):
+            while line := await reader.readline():
+                if line.startswith(b"c0 ") and not held.is_set():
+                    held.set()
+                    await asyncio.sleep(0.3)  # conn 0's first echo comes late
+                    events.append(("late echo", time.monotonic()))
+                writer.write(line)
+                await writer.drain()
+            events.append(("closed", time.monotonic()))
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        lg.CONNECT_SLOTS = asyncio.Semaphore(8)
+        st, stop = Stats(), asyncio.Event()
+        st.all_echoed = asyncio.Event()
+        tasks = [asyncio.ensure_future(lg.tcp_conn("127.0.0.1", port, i, 50.0, stop, st)) for i in range(3)]
+        await held.wait()
+        stop.set()
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0.05)
+        server.close()
+        return st
+
+    st = asyncio.run(run())
+    late = [t for what, t in events if what == "late echo"]
+    closed = [t for what, t in events if what == "closed"]
+    assert len(late) == 1 and len(closed) == 3 and min(closed) > late[0]
+    assert st.tcp_ok == st.tcp_sent and st.tcp_bad == 0
