@@ -80,6 +80,9 @@ async def check_channel(gw, service) -> MigrateStrategy:
 # its queue (docs/handoff.md, the node side's measurements). It may still grow them.
 MIN_BATCH = 32
 MAX_BATCH = 1024
+# ...and at most about 80 batches: larger ones past 2,560 connections (BatchSizer.batches;
+# 10,000 connections move in batches of 125)
+MOST_BATCHES = 80
 
 
 # The arm step reads every kept connection's idle time on the source (sock_diag): at 10,000
@@ -98,10 +101,11 @@ def check_batch_size(batched_asked: bool, batch_size: int) -> None:
 
 
 def sizer(batch_size: int = 0) -> bmig.BatchSizer:
-    """A fixed size when asked for; else start at MIN_BATCH, never below it."""
+    """A fixed size when asked for; else start at MIN_BATCH, never below it nor below
+    kept / MOST_BATCHES."""
     if batch_size:
         return bmig.BatchSizer(first=batch_size, smallest=batch_size, largest=batch_size)
-    return bmig.BatchSizer(first=MIN_BATCH, smallest=MIN_BATCH, largest=MAX_BATCH)
+    return bmig.BatchSizer(first=MIN_BATCH, smallest=MIN_BATCH, largest=MAX_BATCH, batches=MOST_BATCHES)
 
 
 def machine(name: str, source: str, dest: str, epoch: str, config=None,

@@ -126,6 +126,27 @@ def test_batch_sizes_follow_the_measured_window():
     assert sizes[:4] == [10, 20, 40, 64]
 
 
+def test_many_connections_take_a_bounded_number_of_batches():
+    """A slow window halves sizes down to `smallest`, but never below kept / batches: the
+    fixed cost of a batch is paid at most about `batches` times."""
+    d = Driver(kept=1000, sizer=BatchSizer(first=8, smallest=8, largest=512, batches=10))
+    d.move(d.through_opening(), window_ms=50.0)  # ten times the target: the sizer halves
+    sizes = [len(c.message.flows) for c in sent(d.log, bm.FreezeBatch)]
+    assert sizes == [100] * 10
+    d = Driver(kept=1000, sizer=BatchSizer(first=8, smallest=8, largest=512))  # unbounded
+    d.move(d.through_opening(), window_ms=50.0)
+    assert {len(c.message.flows) for c in sent(d.log, bm.FreezeBatch)} == {8}
+
+
+def test_the_least_batch_stays_within_the_sizers_bounds():
+    assert BatchSizer(smallest=32, largest=1024, batches=80).least(10000) == 125
+    assert BatchSizer(smallest=32, largest=1024, batches=80).least(1000) == 32
+    assert BatchSizer(smallest=32, largest=100, batches=80).least(10000) == 100
+    assert BatchSizer(smallest=32).least(10000) == 32
+    with pytest.raises(ConfigError):
+        BatchSizer(batches=-1)
+
+
 def test_opening_with_nothing_kept_goes_straight_to_finishing():
     d = Driver(kept=0)
     d.through_opening()
