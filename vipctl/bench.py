@@ -253,7 +253,8 @@ def _next(node: str) -> str:
 NO_MIGRATION_WINDOW_S = 1.0  # the load's window without a migration (beside the 1 s before and after)
 
 
-def loaded_migration(spec: labmod.Lab, n: int, tag: str, destination: str | None, batched: bool = False) -> dict:
+def loaded_migration(spec: labmod.Lab, n: int, tag: str, destination: str | None, batched: bool = False,
+                     batch_size: int = 0) -> dict:
     """Migrate echo to `destination` while `n` connections and a UDP stream load it
     (vipctl.loadgen, exact accounting): the gateway's report and the clients' own. A
     refusal of the migration raises (VipError) after the load has stopped. `destination`
@@ -277,7 +278,8 @@ def loaded_migration(spec: labmod.Lab, n: int, tag: str, destination: str | None
             report = {}
         else:
             report = call("migrate", spec.control_socket, timeout=300.0, name="echo", to=destination,
-                          **({"batched": True} if batched else {}))
+                          **({"batched": True} if batched else {}),
+                          **({"batch_size": batch_size} if batch_size else {}))
     finally:
         time.sleep(1.0)
         open(stop, "w").close()
