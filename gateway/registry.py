@@ -65,8 +65,8 @@ CREATE TABLE IF NOT EXISTS batch_orders (
 # The batch order has its own table: in the migrations row (10,000 flows, ~560 KB) every
 # journal write of a batch whose step changed the row's size rewrote it whole (SQLite
 # rewrites a record's overflow pages unless the record keeps its size): two fdatasyncs of
-# ~0.5 MB per batch, 300 MB of WAL in one 10,000-connection move. The column stays, read
-# only: a journal an older gateway left names its order there.
+# ~0.5 MB per batch; the gateway wrote 330 MB in one 10,000-connection move. The column
+# stays, read only: a journal an older gateway left names its order there.
 ADDED_MIGRATION_COLUMNS = (("batch_order", "TEXT"),)
 # columns added since the first schema: a registry from before gets them with their defaults
 ADDED_COLUMNS = (("migrate", "TEXT NOT NULL DEFAULT 'auto'"),
