@@ -48,11 +48,22 @@ def ha(request):
         labmod.down(spec, log=lambda *a: None)
 
 
+SPLIT_BRAIN_S = 1.0  # both holding the next hop for longer than a handover takes
+
+
 def master(h):
-    roles = {g: labha.vrrp_role(h.lab, g) for g in labha.GATEWAYS}
-    masters = [g for g, r in roles.items() if r == "master"]
-    assert len(masters) <= 1, roles  # never both
-    return masters[0] if masters else None
+    """The gateway that holds the clients' next hop. While VRRP hands it over both hold it
+    for a moment (the new master adds it on its first advertisement, the old one removes
+    it on receiving that: a full CI run once read both in between); both for longer than
+    SPLIT_BRAIN_S is a split brain and fails."""
+    deadline = time.monotonic() + SPLIT_BRAIN_S
+    while True:
+        roles = {g: labha.vrrp_role(h.lab, g) for g in labha.GATEWAYS}
+        masters = [g for g, r in roles.items() if r == "master"]
+        if len(masters) <= 1:
+            return masters[0] if masters else None
+        assert time.monotonic() < deadline, roles  # never both, but for a handover
+        time.sleep(0.05)
 
 
 def wait_serving(h, gw, timeout=20):
