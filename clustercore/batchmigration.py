@@ -105,7 +105,6 @@ class BatchMigration(FailureLog):
         self._consumed: dict[Flow, int] = {}
         self._late: tuple[bytes, ...] = ()
         self._size = self.sizer.first
-        self._least = self.sizer.smallest  # no batch smaller (sizer.least, once kept is known)
         self._sent_at: float | None = None  # the current batch's freeze request
         self._last_window: float | None = None
         self._windows: list[float] = []
@@ -254,8 +253,8 @@ class BatchMigration(FailureLog):
             return BState.COMMITTED, []
         if not self._queue:
             return BState.FINISHING, [SendToNode(self.source, self._step(bm.FinishBatched, pinned=self._pinned))]
-        if self._batch > OPENING:
-            self._size = max(self._least, self.sizer.next(self._size, self._last_window))
+        grown = self.sizer.next(self._size, self._last_window) if self._batch > OPENING else self._size
+        self._size = max(self.sizer.least(len(self._kept)), grown)  # never below kept / batches
         self._batch += 1
         self._flows, self._queue = tuple(self._queue[:self._size]), self._queue[self._size:]
         self._consumed, self._late, self._sent_at = {}, (), now
@@ -286,13 +285,7 @@ class BatchMigration(FailureLog):
         self._expect(event, self.source)
         self._kept = event.kept
         self._queue = idle_first(event.kept, event.idle_ms)
-        self._bound_sizes()
         return [SendToNode(self.dest, self._step(bm.ExpectKept, flows=event.kept))]
-
-    def _bound_sizes(self) -> None:
-        """The kept connections are known: no batch smaller than the sizer's least."""
-        self._least = self.sizer.least(len(self._queue))
-        self._size = max(self._size, self._least)
 
     def _on_kept_expected(self, event: KeptExpected, now: float) -> list[Command]:
         self._expect(event, self.dest)
@@ -304,7 +297,6 @@ class BatchMigration(FailureLog):
         if event.kept:  # a source that listed them only now: the release names them
             self._kept = self._flows = event.kept
             self._queue = idle_first(event.kept, event.idle_ms)
-            self._bound_sizes()
         self._consumed, self._late = dict(event.consumed), event.late_packets
         return [SendToNode(self.dest, self._step(bm.RestoreBatch, batch=OPENING,
                                                  sockets=event.socket_state or {}))]

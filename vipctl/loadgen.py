@@ -80,7 +80,7 @@ class Stats:
         # stalled the loop 90-200 ms while other echoes were still coming in, and those
         # were timed across the client's own teardown
         self.echo_waiting = 0
-        self.all_echoed: asyncio.Event | None = None
+        self.all_echoed = asyncio.Event()
 
     def tcp_reply(self, sent: float, rtt: float) -> bool:
         """Count one echo's round trip; True if it is in the measured window."""
@@ -338,7 +338,6 @@ async def main(a):
     global CONNECT_SLOTS
     CONNECT_SLOTS = asyncio.Semaphore(128)  # a connect storm would overflow the SYN backlog
     st = Stats()
-    st.all_echoed = asyncio.Event()
     stop = asyncio.Event()
     gc.callbacks.append(gc_timer(st))
     tasks = [asyncio.ensure_future(lag_probe(stop, st))]

@@ -91,7 +91,6 @@ def test_no_connection_closes_before_every_connection_has_its_last_echo():
         port = server.sockets[0].getsockname()[1]
         lg.CONNECT_SLOTS = asyncio.Semaphore(8)
         st, stop = Stats(), asyncio.Event()
-        st.all_echoed = asyncio.Event()
         tasks = [asyncio.ensure_future(lg.tcp_conn("127.0.0.1", port, i, 50.0, stop, st)) for i in range(3)]
         await held.wait()
         stop.set()
