@@ -345,9 +345,7 @@ class Server:
 
     def _serve_ready(self, ch: socket.socket) -> None:
         """One look at what is ready to serve, the channel we are answering on left out."""
-        for key, mask in self.sel.select(0):
-            if key.fileobj is not ch:
-                key.data(key.fileobj, mask)
+        self._dispatch(self.sel.select(0), skip=ch)
 
     def hand_over(self) -> None:
         """Store the state and every socket in the agent's fd store, then stop."""
@@ -393,12 +391,15 @@ class Server:
             events = self.sel.select(timeout=timeout)
         except InterruptedError:
             events = []
+        self._dispatch(events)
+
+    def _dispatch(self, events, skip: socket.socket | None = None) -> None:
         registered = self.sel.get_map()
         for key, mask in events:
             now = registered.get(key.fd)
             # not if an earlier event's handler closed it or handed it back (a hand back
             # serves what is ready), nor a new socket that got its descriptor's number
-            if now is not None and now.fileobj is key.fileobj:
+            if now is not None and now.fileobj is key.fileobj and now.fileobj is not skip:
                 now.data(now.fileobj, mask)
 
     def run(self) -> None:

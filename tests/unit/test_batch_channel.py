@@ -272,6 +272,31 @@ def test_the_listing_serves_udp_between_its_messages(monkeypatch):
             s.close()
 
 
+def test_an_event_whose_socket_an_earlier_handler_closed_is_not_dispatched():
+    """Two connections readable in one select round; the first handler run closes the
+    other (as a hand back's serving may): the other's stale event is skipped, not
+    dispatched on a closed socket (which raised out of the program's loop)."""
+    server = Server("echo")
+    listener = socket.create_server(("127.0.0.1", 0))
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(2)]
+    conns = [listener.accept()[0] for _ in range(2)]
+    ran = []
+    try:
+        for c in conns:
+            server.add("conn-7", c)
+        for mine, other in ((conns[0], conns[1]), (conns[1], conns[0])):
+            server.sel.modify(mine, 1, lambda c, mask, other=other: (ran.append(c), server._close(other)))
+        for cl in clients:
+            cl.sendall(b"x")
+        import time
+        time.sleep(0.05)  # both readable before the one select below
+        server.poll(1.0)
+        assert len(ran) == 1 and len(server.sel.get_map()) == 1
+    finally:
+        for s in (*clients, *conns, listener):
+            s.close()
+
+
 def _read_all(agent):
     """nodeshim.batchchannel.hand_back's reading loop, the request already answered."""
     from nodeshim import batchchannel as ch
