@@ -290,9 +290,7 @@ class Server:
             self.named = [x for x in self.named if x not in named]
             for _, s in named:
                 self.sel.unregister(s)
-        if msg.listeners:
-            return self._answer_listeners(ch, named)
-        if not msg.udp:
+        else:
             for peer in dict.fromkeys(msg.peers):
                 c = self.by_peer.get(peer)
                 if c is None:
@@ -312,40 +310,33 @@ class Server:
                     continue
                 self._forget(c)
                 named.append((name, c))
-        parts = [named[i:i + bc.FDS_PER_MESSAGE] for i in range(0, len(named), bc.FDS_PER_MESSAGE)] or [[]]
-        for i, part in enumerate(parts):
-            batchchannel.send(ch, bc.Handed(tuple(n for n, _ in part), state if i == 0 else {},
-                                            more=i + 1 < len(parts)), [s.fileno() for _, s in part])
-        for _, s in named:
-            s.close()  # the agent holds them now
+        self._send_handed(ch, named, state, list(self.peer_of.items()) if msg.listeners else None)
 
-    def _answer_listeners(self, ch: socket.socket, named: list[tuple[str, socket.socket]]) -> None:
-        """HANDED for HANDBACK listeners: their descriptors, and the connections we keep
-        serving (peer, local, idle ms; not those a client is done with: they close here),
-        HELD_PER_MESSAGE a message. We accept no more, so the list is final; between
-        messages we serve what is ready (UDP, the connections): at 10,000 connections the
-        list is ~12 ms of string work that a UDP client would otherwise wait out. A
-        connection that closes meanwhile is one the agent finds gone when it asks for it."""
-        serving = list(self.peer_of.items())
+    def _send_handed(self, ch: socket.socket, named: list[tuple[str, socket.socket]], state: dict,
+                     serving: list | None) -> None:
+        """HANDED: the descriptors FDS_PER_MESSAGE a message (`state` with the first). For
+        HANDBACK listeners (`serving`: our connections then) also the ones we keep serving
+        (peer, local, idle ms; not those a client is done with: they close here),
+        HELD_PER_MESSAGE a message. We accept no more, so that list is final; between its
+        messages we serve what is ready (UDP, the connections): at 10,000 connections it is
+        ~12 ms of string work that a UDP client would otherwise wait out. A connection that
+        closes meanwhile is one the agent finds gone when it asks for it."""
         now = time.monotonic()
         step = bc.HELD_PER_MESSAGE
         fd_parts = [named[i:i + bc.FDS_PER_MESSAGE] for i in range(0, len(named), bc.FDS_PER_MESSAGE)]
-        count = max(1, len(fd_parts), -(-len(serving) // step))
+        count = max(1, len(fd_parts), -(-len(serving) // step) if serving is not None else 0)
         for i in range(count):
             part = fd_parts[i] if i < len(fd_parts) else []
-            held = tuple((p, local, round(max(0.0, now - self.active.get(c, now)) * 1000.0, 1))
-                         for c, p in serving[i * step:(i + 1) * step]
-                         if c not in self.eof and p != "?" and (local := self.local_of.get(c, "?")) != "?")
-            batchchannel.send(ch, bc.Handed(tuple(n for n, _ in part), {}, more=i + 1 < count, held=held),
-                              [s.fileno() for _, s in part])
-            if i + 1 < count:
-                self._serve_ready(ch)
+            held = None if serving is None else tuple(
+                (p, local, round(max(0.0, now - self.active.get(c, now)) * 1000.0, 1))
+                for c, p in serving[i * step:(i + 1) * step]
+                if c not in self.eof and p != "?" and (local := self.local_of.get(c, "?")) != "?")
+            batchchannel.send(ch, bc.Handed(tuple(n for n, _ in part), state if i == 0 else {},
+                                            more=i + 1 < count, held=held), [s.fileno() for _, s in part])
+            if serving is not None and i + 1 < count:
+                self._dispatch(self.sel.select(0), skip=ch)  # not the channel we answer on
         for _, s in named:
             s.close()  # the agent holds them now
-
-    def _serve_ready(self, ch: socket.socket) -> None:
-        """One look at what is ready to serve, the channel we are answering on left out."""
-        self._dispatch(self.sel.select(0), skip=ch)
 
     def hand_over(self) -> None:
         """Store the state and every socket in the agent's fd store, then stop."""
