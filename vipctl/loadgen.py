@@ -3,7 +3,8 @@
     python -m vipctl.loadgen HOST --tcp-port 7 --conns 50 --udp-port 7 --kv-port 6379 --duration 10
                [--rate 50] [--udp-rate 500] [--ready-file F] [--stop-file F]
 
-TCP: N connections each send numbered lines (`c<conn> m<seq>\n`) at --rate per second and
+TCP: N connections each send numbered lines (`c<conn> m<seq>\n`) at --rate per second, each
+at its own phase of the interval (the load is even over time, not bunched at the connects), and
 check that every echo comes back exactly once and in order. UDP: numbered datagrams at
 --udp-rate per second; every answer is counted. kv: one connection SETs key<i> and GETs it
 back, all along. Connection resets are counted. The run ends after --duration seconds or
@@ -18,6 +19,7 @@ import gc
 import heapq
 import socket
 import json
+import math
 import os
 import time
 
@@ -51,6 +53,9 @@ class Stats:
     def __init__(self):
         self.tcp_sent = self.tcp_ok = self.tcp_bad = self.resets = self.tcp_errors = 0
         self.connected = 0
+        # the origin of the connections' send grid (send_slot): every connection sends on
+        # it at its own phase, so the load is spread evenly over each interval
+        self.t_start = time.monotonic()
         self.tcp_late_conns = 0  # connections whose last echoes took more than 5 s after the stop
         self.conn_worst: list[float] = []
         self.churn_ok = self.churn_bad = 0
@@ -133,7 +138,26 @@ CONNECT_SLOTS = None  # set in main: at most this many connects in flight
 SLOWEST = 20  # how many of the slowest TCP (and UDP) replies are reported with their send times
 
 
-async def tcp_conn(host, port, idx, rate, stop, st: Stats):
+def send_slot(now: float, start: float, phase: float, interval: float) -> float:
+    """The first time after `now` on a connection's send grid: start + (phase + k) * interval.
+
+    Each connection sends at its own phase (its index over the count, a fraction of the
+    interval), not at its connect time plus multiples of the interval: the connects come
+    in a storm (10,000 in about 3 s), and sends timed from them bunched into that storm's
+    share of every interval, leaving the rest of it with no TCP message at all (at 10,000
+    connections and one message per 5 s, a gap of about 2 s: a 260 ms freeze that fell
+    into it found no TCP message to hold). A connection that falls behind (a late wake)
+    skips to its next slot rather than sending a burst."""
+    k = math.floor((now - start) / interval - phase) + 1
+    t = start + (phase + k) * interval
+    while t <= now:  # float rounding at a slot's edge
+        t += interval
+    while t - interval > now:
+        t -= interval
+    return t
+
+
+async def tcp_conn(host, port, idx, rate, stop, st: Stats, phase: float = 0.0):
     try:
         async with CONNECT_SLOTS:
             reader, writer = await asyncio.open_connection(host, port)
@@ -171,13 +195,17 @@ async def tcp_conn(host, port, idx, rate, stop, st: Stats):
     st.echo_waiting += 1
     try:
         interval = 1.0 / rate
-        while not stop.is_set():
-            sent_at[seq] = time.monotonic()
+        next_at = send_slot(time.monotonic(), st.t_start, phase, interval)
+        while True:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if stop.is_set():
+                break
+            sent_at[seq] = now = time.monotonic()
             writer.write(b"c%d m%d\n" % (idx, seq))
             seq += 1
             st.tcp_sent += 1
             await writer.drain()
-            await asyncio.sleep(interval)
+            next_at = send_slot(now, st.t_start, phase, interval)
         # wait for the echoes of everything we sent: TCP delivers a late segment once its
         # sender's backed-off retransmission timer fires (seconds after a long freeze), so
         # what has not come after ECHO_WAIT_S is missing; what came after the first
@@ -342,7 +370,7 @@ async def main(a):
     gc.callbacks.append(gc_timer(st))
     tasks = [asyncio.ensure_future(lag_probe(stop, st))]
     for i in range(a.conns):
-        tasks.append(asyncio.ensure_future(tcp_conn(a.host, a.tcp_port, i, a.rate, stop, st)))
+        tasks.append(asyncio.ensure_future(tcp_conn(a.host, a.tcp_port, i, a.rate, stop, st, phase=i / a.conns)))
     if a.udp_port:
         tasks.append(asyncio.ensure_future(udp_stream(a.host, a.udp_port, a.udp_rate, stop, st)))
     if a.kv_port:

@@ -104,3 +104,55 @@ def test_no_connection_closes_before_every_connection_has_its_last_echo():
     closed = [t for what, t in events if what == "closed"]
     assert len(late) == 1 and len(closed) == 3 and min(closed) > late[0]
     assert st.tcp_ok == st.tcp_sent and st.tcp_bad == 0
+
+
+def test_the_send_grid_gives_the_first_slot_after_now_at_the_connections_phase():
+    start, interval = 100.0, 5.0
+    assert lg.send_slot(100.0, start, 0.0, interval) == 105.0  # strictly after now
+    assert lg.send_slot(100.0, start, 0.5, interval) == 102.5
+    assert lg.send_slot(102.5, start, 0.5, interval) == 107.5
+    assert lg.send_slot(103.0, start, 0.5, interval) == 107.5
+    assert lg.send_slot(131.2, start, 0.25, interval) == 131.25
+    assert lg.send_slot(131.3, start, 0.25, interval) == 136.25  # late: the next slot, no burst
+    for now in (100.0, 100.3, 104.999, 187.77):
+        for phase in (0.0, 0.1, 0.9999):
+            t = lg.send_slot(now, start, phase, interval)
+            assert now < t <= now + interval
+            k = (t - start) / interval - phase
+            assert abs(k - round(k)) < 1e-9
+
+
+def test_connections_that_connect_together_send_spread_over_the_interval():
+    """Ten connections opened at the same moment, one message every 200 ms each: their
+    sends fall on ten different tenths of the interval (each its phase), not together at
+    the connect (as they did when each was timed from its own connect)."""
+    import asyncio
+
+    sent = []
+
+    async def run():
+        async def serve(reader, writer):
+            while line := await reader.readline():
+                sent.append(time.monotonic())
+                writer.write(line)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        lg.CONNECT_SLOTS = asyncio.Semaphore(16)
+        st, stop = Stats(), asyncio.Event()
+        n = 10
+        tasks = [asyncio.ensure_future(lg.tcp_conn("127.0.0.1", port, i, 5.0, stop, st, phase=i / n))
+                 for i in range(n)]
+        await asyncio.sleep(0.95)
+        stop.set()
+        await asyncio.gather(*tasks)
+        server.close()
+        return st
+
+    st = asyncio.run(run())
+    assert st.tcp_ok == st.tcp_sent >= 30 and st.tcp_bad == 0
+    # where in the 200 ms interval each message arrived (on the grid's own origin)
+    tenths = {int(((t - st.t_start) % 0.2) / 0.02) for t in sent}
+    assert len(tenths) >= 8, sorted(tenths)
