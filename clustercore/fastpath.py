@@ -42,6 +42,14 @@ QUEUE = "queue"  # not a Verdict: the packet goes to the netfilter queue
 # the mark bit the node's verdict map (nodeshim.nftnode) sets on a packet it accepted, so
 # that the iptables chain (another base chain on the same hook) lets it by unread
 FAST_MARK = 0x40000000
+# the mark bit a dumped connection's socket carries (SO_MARK) while the source keeps it in
+# repair mode: the node's OUTPUT drops what such a socket sends (nodeshim.iptables). A
+# socket in repair mode is not silent: its timers still fire, and a delayed ACK it owed
+# (or a retransmission) went out on the source's timestamp clock after the destination
+# had thawed its copy with the dumped one, some milliseconds behind; the client took the
+# newer timestamp, and PAWS then dropped the destination's next segment (an echo), which
+# came again only with the restored socket's first retransmission timeout, 1 s later
+MUTE_MARK = 0x20000000
 # first in the chain, no target: it only keeps conntrack on in the node's namespace (the
 # conntrack match registers it), so a graceful drain's source knows the flows it accepted
 # before the drain began (clustercore.drain)

@@ -233,18 +233,36 @@ static void repair_off_quietly(int fd)
     errno = saved;
 }
 
-/* dump_many(fds, names[, (TcpConnState, TcpWindow, ip_text, keep_max)]) -> list[bytes]: repair mode on for each socket and its record.
- * With the 4-tuple, a list of TcpConnState instead of records.
+/* set (on) or clear the `mute` bits of the socket's SO_MARK, keeping any others (a program's
+ * own mark): the node's OUTPUT drops what a muted socket sends. A socket in repair mode is
+ * not silent (its delayed-ACK and retransmission timers still send; clustercore.fastpath
+ * MUTE_MARK says what that did to the destination's copy), so a dumped one is muted. */
+static int set_mute(int fd, unsigned int mute, int on)
+{
+    unsigned int mark = 0, want;
+    socklen_t len = sizeof mark;
+    if (getsockopt(fd, SOL_SOCKET, SO_MARK, &mark, &len) < 0) return -1;
+    want = on ? (mark | mute) : (mark & ~mute);
+    if (want == mark) return 0;
+    return setsockopt(fd, SOL_SOCKET, SO_MARK, &want, sizeof want);
+}
+
+/* dump_many(fds, names[, (TcpConnState, TcpWindow, ip_text, keep_max)[, mute]]) -> list[bytes]:
+ * repair mode on for each socket and its record. With the 4-tuple, a list of TcpConnState
+ * instead of records. `mute` (a mark bit, 0: none) is set in each socket's SO_MARK right
+ * after repair mode goes on (set_mute).
  * All or none: on failure every socket of the list already touched (and the failing one,
- * if repair mode went on) leaves repair mode without a window probe, as tcprepair.py. */
+ * if repair mode went on) is unmuted and leaves repair mode without a window probe, as
+ * tcprepair.py. */
 static PyObject *py_dump_many(PyObject *self, PyObject *args)
 {
     PyObject *fds_in, *names_in, *fds = NULL, *names = NULL, *out = NULL, *types = Py_None;
     Py_ssize_t n, i, done = 0;
     int *fdv = NULL;
+    unsigned int mute = 0;
     struct builder b = {0};
     (void)self;
-    if (!PyArg_ParseTuple(args, "OO|O", &fds_in, &names_in, &types)) return NULL;
+    if (!PyArg_ParseTuple(args, "OO|OI", &fds_in, &names_in, &types, &mute)) return NULL;
     if (types != Py_None) {
         PyObject *ct, *wt;
         if (!PyArg_ParseTuple(types, "OOOn", &ct, &wt, &b.ip_text, &b.keep_max)) return NULL;
@@ -282,6 +300,10 @@ static PyObject *py_dump_many(PyObject *self, PyObject *args)
             goto rollback;
         }
         done = i + 1;
+        if (mute && set_mute(fdv[i], mute, 1) < 0) {
+            fail(i, "SO_MARK", errno, 0);
+            goto rollback;
+        }
         rec = dump_one(i, fdv[i], nm == Py_None ? NULL : PyBytes_AS_STRING(nm),
                        nm == Py_None ? 0 : PyBytes_GET_SIZE(nm), &c);
         if (!rec) goto rollback;
@@ -295,7 +317,12 @@ static PyObject *py_dump_many(PyObject *self, PyObject *args)
     }
     goto out;
 rollback:
-    for (i = 0; i < done; i++) repair_off_quietly(fdv[i]);
+    for (i = 0; i < done; i++) {
+        int saved = errno;
+        if (mute) set_mute(fdv[i], mute, 0);
+        errno = saved;
+        repair_off_quietly(fdv[i]);
+    }
     Py_CLEAR(out);
 out:
     Py_XDECREF(b.ips);
@@ -589,7 +616,7 @@ bad:
 }
 
 static PyMethodDef methods[] = {
-    {"dump_many", py_dump_many, METH_VARARGS, "dump_many(fds, names) -> list of packed records"},
+    {"dump_many", py_dump_many, METH_VARARGS, "dump_many(fds, names[, types[, mute]]) -> list of packed records"},
     {"restore_many", py_restore_many, METH_VARARGS, "restore_many([(fd, family, record)]) -> None"},
     {"thaw_many", py_thaw_many, METH_VARARGS, "thaw_many([(fd, tail, probe)]) -> window probes sent"},
     {"close_many", py_close_many, METH_VARARGS, "close_many(fds) -> [(index, step, errno)]"},
@@ -618,7 +645,7 @@ PyMODINIT_FUNC PyInit__repair(void)
     }
     /* ABI: what nodeshim/repairc.py expects of this module's calls; bump it with them */
     if (PyModule_AddIntConstant(m, "HEAD4", HEAD4) < 0 || PyModule_AddIntConstant(m, "HEAD6", HEAD6) < 0
-        || PyModule_AddIntConstant(m, "ABI", 3) < 0) {
+        || PyModule_AddIntConstant(m, "ABI", 4) < 0) {
         Py_DECREF(m);
         return NULL;
     }

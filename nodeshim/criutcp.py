@@ -195,6 +195,7 @@ def _repair_off(socks: list[_Fd]) -> None:
     with the window probe a thaw sends."""
     for s in socks:
         with socket.socket(fileno=os.dup(s.fd)) as sock:
+            tcprepair.set_muted(sock, False)  # the dump muted it: the probe must leave
             sock.setsockopt(socket.IPPROTO_TCP, tcprepair.TCP_REPAIR, tcprepair.TCP_REPAIR_OFF)
 
 

@@ -8,6 +8,9 @@ Layout (mangle table, before routing and before any socket sees the packet):
     VIPCLUSTER  [fast-path rules (clustercore.fastpath): ACCEPT the ports of services this
                  node owns, DROP the others; migrating services -> NFQUEUE]
                 -j NFQUEUE --queue-num N          (no --queue-bypass; what no rule decided)
+    OUTPUT      -s VIP, marked MUTE_MARK -> DROP   (a dumped connection's socket, kept in
+                repair mode by the source until the move ends: its timers still send;
+                clustercore.fastpath.MUTE_MARK)
 
 No `--queue-bypass`: if the shim dies, VIP packets are dropped (fail closed). A dead
 shim must never mean "accept", because on a non-owner accepting means the stack answers
@@ -76,6 +79,13 @@ def _old_jump_rule(vip: str, version: int = 4) -> list[str]:
     return ["-d", f"{vip}/{_TOOLS[version][3]}", "!", "-i", "lo", "-j", CHAIN]
 
 
+def _mute_rule(vip: str, version: int = 4) -> list[str]:
+    """mangle OUTPUT: what a dumped connection's socket sends (muted: fastpath.MUTE_MARK)
+    does not leave the node."""
+    mark = f"{fastpath.MUTE_MARK:#x}/{fastpath.MUTE_MARK:#x}"
+    return ["-s", f"{vip}/{_TOOLS[version][3]}", "-m", "mark", "--mark", mark, "-j", "DROP"]
+
+
 def _out_jump_rule(vip: str, version: int = 4) -> list[str]:
     return ["-s", f"{vip}/{_TOOLS[version][3]}", "!", "-o", "lo", "-j", RAW_OUT_CHAIN]
 
@@ -106,6 +116,8 @@ def install(vips: str | Iterable[str], queue_num: int,
                 body += [f"-A {chain} {r}" for r in fastpath.fanout_rules(queue_num, count, bypass)]
         script = ["*mangle", *heads, *body, "COMMIT", ""]
         hooks = [("mangle", "PREROUTING", _jump_rule(vip, version))]
+        if version not in _installed:  # static: looked for once per agent
+            hooks.append(("mangle", "OUTPUT", _mute_rule(vip, version)))
         if notrack is not None:
             incoming, outgoing = notrack.get(version, ([], []))
             script[:0] = ["*raw", f":{RAW_CHAIN} - [0:0]", f":{RAW_OUT_CHAIN} - [0:0]",
@@ -146,8 +158,9 @@ def remove(vips: str | Iterable[str]) -> None:
     """Remove the jump and our chain of each VIP's family (idempotent)."""
     for version, vip in sorted(_families(vips).items()):
         tool = _TOOLS[version][0]
-        for jump in (_jump_rule(vip, version), _old_jump_rule(vip, version)):
-            while _run([tool, "-w", "-t", "mangle", "-D", "PREROUTING", *jump], check=False).returncode == 0:
+        for hook, jump in (("PREROUTING", _jump_rule(vip, version)), ("PREROUTING", _old_jump_rule(vip, version)),
+                           ("OUTPUT", _mute_rule(vip, version))):
+            while _run([tool, "-w", "-t", "mangle", "-D", hook, *jump], check=False).returncode == 0:
                 pass
         _run([tool, "-w", "-t", "mangle", "-F", CHAIN], check=False)
         _run([tool, "-w", "-t", "mangle", "-X", CHAIN], check=False)

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 from clustercore.errors import KernelError
 from nodeshim import pidfd
 from nodeshim.criu import in_netns_argv, isolated_argv
-from nodeshim.tcprepair import TCP_REPAIR, TCP_REPAIR_OFF
+from nodeshim.tcprepair import TCP_REPAIR, TCP_REPAIR_OFF, set_muted
 
 
 @dataclass
@@ -131,6 +131,7 @@ def thaw(root: int) -> int:
             for sock in socks.values():
                 if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
                         and sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR):
+                    set_muted(sock, False)  # our dump muted it: the probe must leave
                     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
                     repaired += 1
         finally:

@@ -30,12 +30,13 @@ from typing import Sequence
 from clustercore.errors import KernelError
 from clustercore.sockstate import HALF_CLOSED_STATES, TCP_STATES, TcpConnState, TcpWindow
 from clustercore import sockwire
+from clustercore.fastpath import MUTE_MARK
 from clustercore.sockwire import KEEP_RECORD_MAX, _ip_text, pack_connection
 
 log = logging.getLogger("vipcluster.tcprepair")
 
 
-ABI = 3  # the calls this module makes of nodeshim._repair (its ABI constant)
+ABI = 4  # the calls this module makes of nodeshim._repair (its ABI constant)
 
 try:
     from nodeshim import _repair as ext
@@ -97,11 +98,12 @@ def _restore_error(exc: Exception, states: Sequence[TcpConnState]) -> KernelErro
 
 
 def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None) -> list[TcpConnState]:
-    """Repair on and read each socket; all or none (the C code rolls back)."""
+    """Repair on, muted (fastpath.MUTE_MARK), and read each socket; all or none (the C code
+    rolls back)."""
     fds = [s.fileno() for s in socks]
     enc = [None] * len(fds) if names is None else [None if n is None else n.encode() for n in names]
     try:  # the states are built in C, as sockwire.from_local_record builds them
-        return ext.dump_many(fds, enc, _BUILD)
+        return ext.dump_many(fds, enc, _BUILD, MUTE_MARK)
     except RepairError as exc:
         raise _dump_error(exc, socks) from None
 

@@ -12,9 +12,12 @@ records why each step is where it is. The facts this module relies on:
 
 - Traffic for the connection must already be stopped in both directions (the shim drops
   or holds it) before `dump_tcp`, and stay stopped until the restored socket exists.
-- `dump_tcp` leaves the old socket in repair mode: nothing it does, not even close, sends a
-  packet. Then either `close_silently` it (migration committed) or `unrepair` it (rolled
-  back: the connection continues on the old node where it stopped).
+- `dump_tcp` leaves the old socket in repair mode and *muted*: nothing the program does
+  with it, not even close, sends a packet, but repair mode does not stop the socket's own
+  timers (a delayed ACK it owed, a retransmission), so the dump also sets
+  clustercore.fastpath.MUTE_MARK in its SO_MARK and the node's OUTPUT drops what it sends
+  (nodeshim.iptables). Then either `close_silently` it (migration committed) or `unrepair`
+  it (rolled back: unmuted, the connection continues on the old node where it stopped).
 - In repair mode, bytes written with TCP_REPAIR_QUEUE=SEND are queued as *sent* and are
   retransmitted by the normal timer, which is right for the unacknowledged part only; the
   never-sent tail is written after repair mode is off, non-blocking (a blocking send hangs
@@ -63,6 +66,7 @@ import struct
 from typing import Iterable, Sequence
 
 from clustercore.errors import KernelError
+from clustercore.fastpath import MUTE_MARK
 from clustercore.sockstate import (
     HALF_CLOSED_STATES,
     TCP_STATES,
@@ -168,10 +172,25 @@ def dump_tcp(sock: socket.socket, name: str | None = None) -> TcpConnState:
     except OSError as exc:
         raise _err("dump_tcp: TCP_REPAIR on", exc, _where(sock)) from None
     try:
+        try:
+            set_muted(sock, True)
+        except OSError as exc:
+            raise _err("dump_tcp: SO_MARK", exc, _where(sock)) from None
         return _dump_repaired(sock, name)
     except BaseException:
         _repair_off_quietly(sock)
         raise
+
+
+def set_muted(sock: socket.socket, on: bool) -> None:
+    """Set or clear fastpath.MUTE_MARK in the socket's SO_MARK (any other bits, a program's
+    own mark, are kept): the node's OUTPUT drops what a muted socket sends. A dump mutes
+    (a socket in repair mode still sends what its timers send); giving a socket back
+    (unrepair, a failed dump) unmutes it first. OSError from the kernel."""
+    mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+    want = mark | MUTE_MARK if on else mark & ~MUTE_MARK
+    if want != mark:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, want)
 
 
 def _dump_repaired(sock: socket.socket, name: str | None) -> TcpConnState:
@@ -513,6 +532,10 @@ def thaw_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) ->
 
 def _repair_off_quietly(sock: socket.socket) -> None:
     try:
+        set_muted(sock, False)
+    except OSError:
+        pass
+    try:
         sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
     except OSError:
         pass
@@ -536,6 +559,10 @@ def unrepair(sock: socket.socket) -> None:
     Repair off sends a window probe, which restarts a peer that stalled on a closed window
     while traffic was held.
     """
+    try:
+        set_muted(sock, False)  # first: the window probe must leave the node
+    except OSError as exc:
+        raise _err("unrepair: SO_MARK", exc, _where(sock)) from None
     try:
         sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

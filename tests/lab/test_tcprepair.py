@@ -412,6 +412,41 @@ def test_unrepair_rolls_back_and_the_connection_continues(net):
     assert seen["rst"] == 0 and seen["fin"] == 0, seen
 
 
+def test_a_dumped_socket_sends_nothing_until_it_is_given_back(net):
+    """Repair mode does not silence a socket: its timers still send (here the delayed ACK
+    it owed for data that came just before the dump; in a migration that ACK left the
+    source after the destination had thawed its copy, with a newer timestamp, and the
+    client's PAWS check then dropped the destination's next segment). The dump mutes the
+    socket (MUTE_MARK in its SO_MARK, dropped by the node's OUTPUT rule of
+    nodeshim.iptables); unrepair unmutes it, and its window probe acknowledges the data
+    at once. A program's own mark bits are kept throughout."""
+    from clustercore.fastpath import MUTE_MARK
+    from nodeshim import iptables
+
+    net.sh(net.server, "iptables -w -t mangle -A OUTPUT " + " ".join(iptables._mute_rule(SERVER_IP)))
+    lst = net.listener()
+    cli, srv = net.connect(lst)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x5)
+    for _ in range(3):  # answered at once: the server is interactive and delays its ACKs
+        cli.sendall(b"ping\n")
+        assert srv.recv(64) == b"ping\n"
+        srv.sendall(b"pong\n")
+        assert cli.recv(64) == b"pong\n"
+    cli.sendall(b"late\n")
+    wait_until(lambda: _ioctl(srv, tcprepair.SIOCINQ) == 5, "the data in the server's queue", timeout=1.0)
+    [state] = tcprepair.dump_many([srv])  # within a millisecond: its ACK is still owed
+    assert state.recv_queue == b"late\n"
+    assert srv.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x5 | MUTE_MARK
+    time.sleep(0.4)  # the delayed ACK's timer (40-200 ms) and the client's loss probe
+    assert _ioctl(cli, tcprepair.SIOCOUTQ) == 5, "the muted socket acknowledged the data"
+    tcprepair.unrepair(srv)
+    assert srv.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x5
+    wait_until(lambda: _ioctl(cli, tcprepair.SIOCOUTQ) == 0, "the window probe's ACK", timeout=1.0)
+    assert srv.recv(64) == b"late\n"
+    srv.sendall(b"pong\n")
+    assert cli.recv(64) == b"pong\n"
+
+
 def test_half_closed_connection_is_refused_and_left_working(net):
     lst = net.listener()
     cli, srv = net.connect(lst)
