@@ -466,10 +466,13 @@ static int parse_items(PyObject *items, Py_ssize_t n, int *fdv, struct conn *cv,
     return 0;
 }
 
-/* restore_many(items) -> None: items are (fd, family, record); each fd a new TCP socket of
- * that family (made in the right namespace by the caller). Every record is parsed and
- * checked before the first syscall (ValueError: nothing was touched). Leaves every socket
- * in repair mode; on RepairError the caller discards them all (repair on, close). */
+/* restore_many(items[, unmute]) -> None: items are (fd, family, record); each fd a new TCP
+ * socket of that family (made in the right namespace by the caller). Every record is
+ * parsed and checked before the first syscall (ValueError: nothing was touched). Leaves
+ * every socket in repair mode; on RepairError the caller discards them all (repair on,
+ * close). `unmute` (a mark bit, 0: none) is cleared from each socket's SO_MARK first: a
+ * socket criu made carries the options criu dumped, and that included the mute of our
+ * dump (set_mute). */
 static PyObject *py_restore_many(PyObject *self, PyObject *args)
 {
     PyObject *items_in, *items = NULL, *ret = NULL;
@@ -477,8 +480,9 @@ static PyObject *py_restore_many(PyObject *self, PyObject *args)
     int *fdv = NULL;
     struct conn *cv = NULL;
     Py_buffer *bufs = NULL;
+    unsigned int unmute = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O", &items_in)) return NULL;
+    if (!PyArg_ParseTuple(args, "O|I", &items_in, &unmute)) return NULL;
     if (!(items = PySequence_Fast(items_in, "restore_many: a sequence of items"))) return NULL;
     n = PySequence_Fast_GET_SIZE(items);
     fdv = PyMem_New(int, n ? n : 1);
@@ -486,8 +490,13 @@ static PyObject *py_restore_many(PyObject *self, PyObject *args)
     bufs = PyMem_New(Py_buffer, n ? n : 1);
     if (!fdv || !cv || !bufs) { PyErr_NoMemory(); goto out; }
     if (parse_items(items, n, fdv, cv, bufs, &nbufs) < 0) goto out;
-    for (i = 0; i < n; i++)
+    for (i = 0; i < n; i++) {
+        if (unmute && set_mute(fdv[i], unmute, 0) < 0) {
+            fail(i, "SO_MARK", errno, 0);
+            goto out;
+        }
         if (restore_one(i, fdv[i], &cv[i]) < 0) goto out;
+    }
     ret = Py_NewRef(Py_None);
 out:
     for (i = 0; i < nbufs; i++) PyBuffer_Release(&bufs[i]);
@@ -617,7 +626,7 @@ bad:
 
 static PyMethodDef methods[] = {
     {"dump_many", py_dump_many, METH_VARARGS, "dump_many(fds, names[, types[, mute]]) -> list of packed records"},
-    {"restore_many", py_restore_many, METH_VARARGS, "restore_many([(fd, family, record)]) -> None"},
+    {"restore_many", py_restore_many, METH_VARARGS, "restore_many([(fd, family, record)][, unmute]) -> None"},
     {"thaw_many", py_thaw_many, METH_VARARGS, "thaw_many([(fd, tail, probe)]) -> window probes sent"},
     {"close_many", py_close_many, METH_VARARGS, "close_many(fds) -> [(index, step, errno)]"},
     {"check_record", py_check_record, METH_VARARGS, "check_record(record, family): ValueError if bad"},

@@ -108,11 +108,12 @@ def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None
         raise _dump_error(exc, socks) from None
 
 
-def restore_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) -> None:
+def restore_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState], unmute: bool = False) -> None:
     """Rebuild each state on its new socket, leaving them in repair mode (the caller
-    discards them all on an error)."""
+    discards them all on an error). unmute: clear MUTE_MARK first (sockets criu made)."""
     try:
-        ext.restore_many([(s.fileno(), st.family, pack_connection(st)) for s, st in zip(socks, states)])
+        ext.restore_many([(s.fileno(), st.family, pack_connection(st)) for s, st in zip(socks, states)],
+                         MUTE_MARK if unmute else 0)
     except RepairError as exc:
         raise _restore_error(exc, states) from None
 

@@ -506,14 +506,20 @@ def restore_many(
 def restore_many_into(socks: Sequence[socket.socket], states: Sequence[TcpConnState]) -> None:
     """restore_many's first phase on sockets the caller has (new, unconnected TCP sockets
     of the right family: nodeshim.criutcp's, which criu made inside a restored program):
-    each left in repair mode; call thaw_many next. On failure the caller discards them."""
+    each left in repair mode; call thaw_many next. On failure the caller discards them.
+    criu restores the socket options it dumped, SO_MARK with them, so each is unmuted
+    first (our dump had muted the original: set_muted)."""
     for st in states:
         _check_restorable(st)
     repairc.announce()
     if repairc.ext is not None:
-        repairc.restore_many(socks, states)
+        repairc.restore_many(socks, states, unmute=True)
         return
     for sock, st in zip(socks, states):
+        try:
+            set_muted(sock, False)
+        except OSError as exc:
+            raise _err("restore_tcp: SO_MARK", exc, _where(sock)) from None
         _restore_frozen(sock, st)
 
 
