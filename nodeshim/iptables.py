@@ -83,7 +83,8 @@ def _mute_rule(vip: str, version: int = 4) -> list[str]:
     """mangle OUTPUT: what a dumped connection's socket sends (muted: fastpath.MUTE_MARK)
     does not leave the node."""
     mark = f"{fastpath.MUTE_MARK:#x}/{fastpath.MUTE_MARK:#x}"
-    return ["-s", f"{vip}/{_TOOLS[version][3]}", "-m", "mark", "--mark", mark, "-j", "DROP"]
+    return ["-s", f"{vip}/{_TOOLS[version][3]}", "-m", "mark", "--mark", mark,
+            "-m", "comment", "--comment", "vipcluster-mute", "-j", "DROP"]
 
 
 def _out_jump_rule(vip: str, version: int = 4) -> list[str]:

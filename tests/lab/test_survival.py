@@ -659,6 +659,7 @@ def test_cleanup_commands_take_down_what_exited_daemons_leave():
             return labmod.exec_in(ns, list(argv), capture_output=True, text=True)
         assert labmod._alive(service)  # the service still runs ...
         assert "NFQUEUE" in run_in(spec.node_ns(1), "iptables", "-t", "mangle", "-S").stdout
+        assert "vipcluster-mute" in run_in(spec.node_ns(1), "iptables", "-t", "mangle", "-S").stdout
         assert labmod.VIP in run_in(spec.node_ns(1), "ip", "addr", "show", "lo").stdout
         assert "table" in run_in(spec.gw_ns, "nft", "list", "ruleset").stdout
         # ... until the operator cleans up
@@ -671,7 +672,8 @@ def test_cleanup_commands_take_down_what_exited_daemons_leave():
         while labmod._alive(service) and time.time() < deadline:
             time.sleep(0.05)
         assert not labmod._alive(service)
-        assert "VIPCLUSTER" not in run_in(spec.node_ns(1), "iptables", "-t", "mangle", "-S").stdout
+        left = run_in(spec.node_ns(1), "iptables", "-t", "mangle", "-S").stdout
+        assert "VIPCLUSTER" not in left and "vipcluster-mute" not in left, left
         assert labmod.VIP not in run_in(spec.node_ns(1), "ip", "addr", "show", "lo").stdout
         r = labmod.exec_in(spec.gw_ns, cli + ["gateway", "cleanup", "--config",
                                               os.path.join(spec.state_dir, "gateway.toml")],
