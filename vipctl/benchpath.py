@@ -31,7 +31,8 @@ scripts/bench-datapath runs these rows alternated and also the DIAGNOSTICS (not 
 `vipctl bench`): node-nft (the node's verdict map in nft instead of its tcx program),
 raw-hooks (the raw table's empty jumps, as before with conntrack off), conntrack-on (a
 node with `conntrack = true`), no-node-chain (no vipcluster rule at all on the owner:
-what the node's rules cost in total).
+what the node's rules cost in total), no-mute-rule (the node's one OUTPUT rule, for muted
+sockets, taken away: what it costs every packet the node sends).
 
 The machine is shared (2 cores, other engineers' labs): the figures are noisy; compare
 ratios within one run only.
@@ -130,6 +131,16 @@ def _raw_hooks(spec: labmod.Lab) -> str:
     return ""
 
 
+def _no_mute_rule(spec: labmod.Lab) -> str:
+    """Diagnostic: the owner without its mangle OUTPUT rule for muted sockets
+    (nodeshim.iptables._mute_rule: every packet the node sends passes it). The agent
+    installs it once, at its first sync: gone for the rest of the row."""
+    from nodeshim.iptables import _mute_rule
+    r = labmod.exec_in(spec.node_ns(1), ["iptables", "-w", "-t", "mangle", "-D", "OUTPUT", *_mute_rule(labmod.VIP)],
+                       capture_output=True, text=True)
+    return "" if r.returncode == 0 else r.stderr.strip()
+
+
 VARIANTS = (
     ("today", "the gateway's bpf fast path to the owner, node GRO off, the node's verdict map in a tcx "
      "program before its list (as deployed)", None),
@@ -152,6 +163,7 @@ DIAGNOSTICS = (
     ("raw-hooks", "today with the raw table's two empty jumps on the owner (before, with conntrack off)", _raw_hooks),
     ("conntrack-on", "today with conntrack kept on on the owner (a node with conntrack = true)", _conntrack_on),
     ("no-node-chain", "today without the owner's mangle jump: no vipcluster rule on the node", _no_node_chain),
+    ("no-mute-rule", "today without the owner's mangle OUTPUT rule that silences dumped sockets", _no_mute_rule),
 )
 
 
