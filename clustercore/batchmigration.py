@@ -62,7 +62,7 @@ from .batchmigration_messages import (  # noqa: F401  (re-exported: the machine'
     BEFORE_RELEASE, EVENT_TYPES, FAILURES, MOVING, TERMINAL, BState, BTransition,
     BatchCommitted, BatchFinished, BatchFrozen, BatchReleased, BatchReport, BatchRestored,
     BatchSizer, BatchTimeouts, BatchUndone, KeptExpected, KeptList, OpeningFrozen, idle_first,
-    percentile,
+    peer_ms, percentile,
 )
 from .cutover import Flow
 from .errors import LocalControlError
@@ -79,6 +79,25 @@ def _spread(values: list[float]) -> dict:
         return {}
     return {"p50": round(percentile(values, 50), 3), "p99": round(percentile(values, 99), 3),
             "max": round(max(values), 3), "n": len(values)}
+
+
+def _weighted_spread(pairs: list[tuple[float, int]]) -> dict:
+    """p50/p99/max of values each counted `weight` times (a batch's frozen time, once per
+    connection in it); n: the total weight."""
+    pairs = [(v, w) for v, w in pairs if w > 0]
+    if not pairs:
+        return {}
+    pairs.sort()
+    total = sum(w for _, w in pairs)
+
+    def at(q: float) -> float:
+        rank, seen = q / 100.0 * total, 0
+        for v, w in pairs:
+            seen += w
+            if seen >= rank:
+                return v
+        return pairs[-1][0]
+    return {"p50": round(at(50), 3), "p99": round(at(99), 3), "max": round(pairs[-1][0], 3), "n": total}
 
 
 class BatchMigration(FailureLog):
@@ -110,6 +129,9 @@ class BatchMigration(FailureLog):
         self._windows: list[float] = []
         self._opening_window: float | None = None
         self._waited: list[float] = []
+        self._frozen_at: float | None = None  # the current batch's BatchFrozen: when, and
+        self._frozen_ms: float | None = None  # the source's own hold-to-reply duration
+        self._conn_frozen: list[tuple[float, int]] = []  # (a batch's frozen time, its connections)
         self._moved = self._pinned = self._batches = 0
         self._counts = {"held": 0, "released": 0, "duplicates_suppressed": 0, "lost": 0}
         self._lost_known = True
@@ -161,6 +183,7 @@ class BatchMigration(FailureLog):
             failed_step=self._failed_step, batches=self._batches,
             connections_moved=self._moved, connections_pinned=self._pinned,
             conn_freeze_ms=_spread(self._waited), batch_window_ms=_spread(self._windows),
+            conn_frozen_ms=_weighted_spread(self._conn_frozen),
             opening_window_ms=self._opening_window, total_ms=total,
             held=self._counts["held"], released=self._counts["released"],
             duplicates_suppressed=self._counts["duplicates_suppressed"],
@@ -315,6 +338,7 @@ class BatchMigration(FailureLog):
     def _on_frozen(self, event: BatchFrozen, now: float) -> list[Command]:
         self._expect(event, self.source, self._batch)
         self._consumed, self._late = dict(event.consumed), event.late_packets
+        self._frozen_at, self._frozen_ms = now, event.frozen_ms
         return [SendToNode(self.dest, self._step(bm.RestoreBatch, batch=self._batch,
                                                  sockets=event.socket_state or {}))]
 
@@ -333,6 +357,14 @@ class BatchMigration(FailureLog):
         elif window is not None:
             self._windows.append(window)
             self._moved += len(self._flows)
+        if self._batch != OPENING and self._flows and self._frozen_at is not None \
+                and self._frozen_ms is not None and event.after_plan_ms is not None:
+            # every connection of the batch was frozen from the source's hold (its reply
+            # less its own frozen_ms) to the destination's release plan (its reply less its
+            # own after_plan_ms): each node's part on its own clock, the gap on ours
+            frozen = self._frozen_ms + (now - self._frozen_at) * 1000.0 - event.after_plan_ms
+            self._conn_frozen.append((round(max(0.0, frozen), 3), len(self._flows)))
+        self._frozen_at = self._frozen_ms = None
         self._last_window = window
         self._batches += 1
         return [SendToNode(self.source, self._step(bm.CommitBatch, batch=self._batch))]
@@ -533,13 +565,17 @@ def event_for_batch_reply(node: str, step: msgs.Step, reply: Any) -> Event | Non
     batch = getattr(step, "batch", None)
     if isinstance(step, bm.FreezeBatch):
         return BatchFrozen(node=node, batch=batch, consumed=reply.consumed,
-                           late_packets=reply.late_packets, socket_state=reply.sockets)
+                           late_packets=reply.late_packets, socket_state=reply.sockets,
+                           frozen_ms=peer_ms(reply.timing_ms, "frozen_to_reply"))
     if isinstance(step, bm.RestoreBatch):
         return BatchRestored(node=node, batch=batch)
     if isinstance(step, bm.ReleaseBatch):
+        release, to_plan = peer_ms(reply.timing_ms, "release"), peer_ms(reply.timing_ms, "to_gate")
         return BatchReleased(node=node, batch=batch, held=reply.held, released=reply.released,
                              duplicates_suppressed=reply.duplicates_suppressed, lost=reply.lost,
-                             waited_ms=reply.waited_ms)
+                             waited_ms=reply.waited_ms,
+                             after_plan_ms=(release - to_plan if release is not None and to_plan is not None
+                                            and release >= to_plan else None))
     if isinstance(step, bm.CommitBatch):
         return BatchCommitted(node=node, batch=batch, late_packets=reply.late_packets)
     if isinstance(step, bm.RollbackBatch):

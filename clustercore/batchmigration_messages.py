@@ -82,6 +82,24 @@ def _floats(event: Event, name: str) -> None:
     object.__setattr__(event, name, tuple(float(v) for v in values))
 
 
+def _optional_ms(event: Event, name: str) -> None:
+    v = getattr(event, name)
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+        raise event._bad(name, "must be None or a finite number >= 0", v)
+    object.__setattr__(event, name, float(v))
+
+
+def peer_ms(timing: Any, key: str) -> float | None:
+    """A node's own duration `key` from its reply's timing_ms, or None when it is missing
+    or not a finite number >= 0 (a peer's bytes: never an exception)."""
+    v = timing.get(key) if isinstance(timing, Mapping) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e9:
+        return None
+    return float(v)
+
+
 def _kept_with_idle(event: Event, where: str) -> None:
     object.__setattr__(event, "kept", _check_flows(event.kept, where))
     _floats(event, "idle_ms")
@@ -129,11 +147,13 @@ class BatchFrozen(Event):
     consumed: Mapping[Flow, int] = field(default_factory=dict)
     late_packets: tuple[bytes, ...] = ()
     socket_state: Any = None
+    frozen_ms: float | None = None  # the source's own: its batch's hold to its reply
 
     def __post_init__(self) -> None:
         Event.__post_init__(self)
         _check_batch(self)
         _consumed(self)
+        _optional_ms(self, "frozen_ms")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -155,11 +175,13 @@ class BatchReleased(Event):
     duplicates_suppressed: int = 0
     lost: int = 0
     waited_ms: tuple[float, ...] = ()  # per flow of the batch that had a packet held
+    after_plan_ms: float | None = None  # the destination's own: its release plan to its reply
 
     def __post_init__(self) -> None:
         Event.__post_init__(self)
         _check_batch(self)
         _floats(self, "waited_ms")
+        _optional_ms(self, "after_plan_ms")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -297,6 +319,10 @@ class BatchReport:
     connections_pinned: int = 0  # left on the source (their batch was undone)
     conn_freeze_ms: dict = field(default_factory=dict)  # p50/p99/max of per-flow waits (dest)
     batch_window_ms: dict = field(default_factory=dict)  # p50/p99/max, freeze sent -> released
+    # p50/p99/max over every moved connection (n: how many) of its batch's frozen time: the
+    # source's hold to the destination's release, from the nodes' own durations and the
+    # gateway's clock between their replies (two one-way trips short: a lower bound)
+    conn_frozen_ms: dict = field(default_factory=dict)
     opening_window_ms: float | None = None
     total_ms: float | None = None
     held: int = 0

@@ -279,7 +279,7 @@ REPORT_LOG_FIELDS = ("service", "from", "to", "strategy", "outcome", "reason", "
                      "udp_sockets", "bytes_moved", "freeze_ms", "stop_ms", "total_ms", "held", "released",
                      "duplicates_suppressed", "lost", "kernel_queue_drops",
                      # batched (gateway.batched)
-                     "batches", "connections_moved", "connections_pinned", "conn_freeze_ms")
+                     "batches", "connections_moved", "connections_pinned", "conn_freeze_ms", "conn_frozen_ms")
 PROCESS_STEP_S = 30.0  # freezing and restoring of a `process` migration may take this long
 HANDOFF_RELEASE_S = 8.0  # a handoff's release, its new instance's starts included (3 x 1.5 s + backoff, loaded)
 STRATEGY_ASK_TIMEOUT_S = 2.0  # asking the owner whether its program announced the fd store

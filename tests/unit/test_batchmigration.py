@@ -393,3 +393,64 @@ def test_node_replies_become_the_machine_events_through_the_wire():
         if hasattr(ev, "batch"):
             assert ev.batch == getattr(step, "batch", 0)
     assert event_for_batch_reply(DST, bm.AbortBatch(service=SERVICE, epoch=EPOCH, batch=1), msgs.Done()) is None
+
+
+def test_every_moved_connection_gets_its_batchs_frozen_time_from_the_nodes_parts_and_the_gap():
+    """conn_frozen_ms: each batch's frozen time (the source's own hold-to-reply, the
+    gateway's clock from that reply to the destination's, less the destination's own
+    plan-to-reply), counted once per connection of the batch, so a p99 is over connections
+    and not over the few flows that happened to have a packet held."""
+    d = Driver(kept=100, sizer=BatchSizer(first=40, smallest=10, largest=40))
+    out = d.through_opening()
+    frozen = []
+    while d.m.state is BState.FREEZING:
+        req = sent(out, bm.FreezeBatch)[-1].message
+        d.feed(BatchFrozen(node=SRC, batch=req.batch, frozen_ms=2.0))  # the source: 2 ms of it
+        d.feed(BatchRestored(node=DST, batch=req.batch), dt=0.004)
+        gap = 0.006 if req.batch == 1 else 0.030  # from the source's reply to the destination's
+        d.feed(BatchReleased(node=DST, batch=req.batch, after_plan_ms=0.5), dt=gap - 0.004)
+        frozen.append((round(2.0 + gap * 1000 - 0.5, 3), len(req.flows)))
+        out = d.feed(BatchCommitted(node=SRC, batch=req.batch))
+    r = d.m.report
+    assert frozen[0] == (7.5, 40) and {v for v, _ in frozen[1:]} == {31.5}
+    assert sum(n for _, n in frozen) == 100
+    assert r.conn_frozen_ms == {"p50": 31.5, "p99": 31.5, "max": 31.5, "n": 100}
+    assert r.conn_freeze_ms["n"] == 1  # the old measure: the one flow that had a packet held
+
+
+def test_a_batch_whose_nodes_did_not_say_their_parts_has_no_frozen_time():
+    d = Driver(kept=50, sizer=BatchSizer(first=40, smallest=10, largest=40))
+    out = d.through_opening()
+    first = True
+    while d.m.state is BState.FREEZING:
+        req = sent(out, bm.FreezeBatch)[-1].message
+        d.feed(BatchFrozen(node=SRC, batch=req.batch, frozen_ms=1.0 if first else None))
+        d.feed(BatchRestored(node=DST, batch=req.batch))
+        d.feed(BatchReleased(node=DST, batch=req.batch, after_plan_ms=0.25))
+        out = d.feed(BatchCommitted(node=SRC, batch=req.batch))
+        first = False
+    assert d.m.report.conn_frozen_ms["n"] == 40  # the second batch (10) said nothing
+
+
+def test_the_nodes_durations_come_from_their_replies_and_bad_ones_are_dropped():
+    from clustercore.batchmigration import event_for_batch_reply
+    freeze = bm.FreezeBatch(service=SERVICE, epoch=EPOCH, batch=3, flows=(flow(1),))
+    ev = event_for_batch_reply(SRC, freeze, bm.BatchFreezeDone(timing_ms={"frozen_to_reply": 1.25}))
+    assert ev.frozen_ms == 1.25
+    for bad in ({}, {"frozen_to_reply": "x"}, {"frozen_to_reply": -1}, {"frozen_to_reply": float("nan")},
+                {"frozen_to_reply": True}, {"frozen_to_reply": 1e300}):
+        assert event_for_batch_reply(SRC, freeze, bm.BatchFreezeDone(timing_ms=bad)).frozen_ms is None
+    release = bm.ReleaseBatch(service=SERVICE, epoch=EPOCH, batch=3, flows=(flow(1),))
+    ev = event_for_batch_reply(DST, release, bm.BatchReleaseDone(timing_ms={"release": 3.5, "to_gate": 1.0}))
+    assert ev.after_plan_ms == 2.5
+    for bad in ({"release": 3.5}, {"release": 1.0, "to_gate": 3.5}, {"release": "3", "to_gate": 1.0}):
+        assert event_for_batch_reply(DST, release, bm.BatchReleaseDone(timing_ms=bad)).after_plan_ms is None
+    with pytest.raises(LocalControlError):
+        BatchFrozen(node=SRC, batch=1, frozen_ms=-2.0)
+
+
+def test_the_frozen_times_percentiles_count_each_connection_once():
+    from clustercore.batchmigration import _weighted_spread
+    assert _weighted_spread([(5.0, 39), (1.0, 60), (9.0, 1)]) == {"p50": 1.0, "p99": 5.0, "max": 9.0, "n": 100}
+    assert _weighted_spread([(9.0, 2), (1.0, 98)])["p99"] == 9.0
+    assert _weighted_spread([]) == {} and _weighted_spread([(3.0, 0)]) == {}

@@ -20,6 +20,7 @@ def _run(freeze, reply, retrans, lost=0, pinned=0):
     report = {"outcome": "committed", "strategy": "batched", "conn_freeze_ms": {"p50": freeze[0], "p99": freeze[1],
                                                                                 "max": freeze[2], "n": 900},
               "batch_window_ms": {"p50": 4.0, "p99": 9.0, "max": 12.0}, "opening_window_ms": 6.0, "stop_ms": 7.5,
+              "conn_frozen_ms": {"p50": freeze[0] + 1, "p99": freeze[1] + 1, "max": freeze[2] + 1, "n": 1000},
               "total_ms": 900.0, "batches": 40, "connections_moved": 1000 - pinned, "connections_pinned": pinned,
               "lost": 0, "steps_ms": {"freezing": 100.0}}
     client = {"max_rtt_ms": reply, "retrans_segs": retrans, "conn_worst_reply_ms": {"p50": 3, "p99": 8, "max": reply}}
@@ -31,6 +32,8 @@ def test_a_row_is_the_median_of_its_runs_and_the_worst_of_what_must_be_zero():
                                         _run((3, 6, 10), 20, 1)])
     assert row["skipped"] is None
     assert row["conn_freeze_ms"] == {"p50": 2, "p99": 6, "max": 10}
+    assert row["conn_freeze_flows"] == [900, 900, 900] and row["conn_freeze_p99_runs"] == [5, 7, 6]
+    assert row["conn_frozen_ms"] == {"p50": 3, "p99": 7, "max": 11} and row["conn_frozen_p99_runs"] == [6, 8, 7]
     assert row["max_reply_ms"] == 20 and row["max_reply_ms_stats"]["max"] == 25  # median, and the spread
     assert row["client_retransmissions"] == 3 and row["lost"] == 1
     assert row["connections_pinned"] == 4 and row["batches"] == 40
