@@ -253,26 +253,23 @@ class MigrationAgent(ProcessSteps):
             gc.disable()
 
     async def _drive(self, runner: Runner) -> Any:
-        try:
-            return await self._drive_collected(runner)
-        finally:
-            self._collector()
-
-    async def _drive_collected(self, runner: Runner) -> Any:
         self._collector()
-        cmd = runner.start()
-        while cmd is not None:
+        try:
+            cmd = runner.start()
+            while cmd is not None:
+                self._record_roles()
+                try:
+                    result = self._actions[type(cmd)](cmd)
+                    if cmd.WAITS:
+                        result = await result
+                except Exception as e:  # noqa: BLE001 - every failure goes back to the playbook
+                    cmd = runner.fail(self._as_failure(cmd, e))
+                else:
+                    cmd = runner.send(result)
             self._record_roles()
-            try:
-                result = self._actions[type(cmd)](cmd)
-                if cmd.WAITS:
-                    result = await result
-            except Exception as e:  # noqa: BLE001 - every failure goes back to the playbook
-                cmd = runner.fail(self._as_failure(cmd, e))
-            else:
-                cmd = runner.send(result)
-        self._record_roles()
-        return runner.reply
+            return runner.reply
+        finally:
+            self._collector()  # the migration may have ended (or been cancelled) here
 
     def _drive_now(self, runner: Runner) -> Any:
         """Run an ending routine synchronously (they never wait)."""
