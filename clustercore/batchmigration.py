@@ -82,22 +82,9 @@ def _spread(values: list[float]) -> dict:
 
 
 def _weighted_spread(pairs: list[tuple[float, int]]) -> dict:
-    """p50/p99/max of values each counted `weight` times (a batch's frozen time, once per
+    """_spread of values each counted `weight` times (a batch's frozen time, once per
     connection in it); n: the total weight."""
-    pairs = [(v, w) for v, w in pairs if w > 0]
-    if not pairs:
-        return {}
-    pairs.sort()
-    total = sum(w for _, w in pairs)
-
-    def at(q: float) -> float:
-        rank, seen = q / 100.0 * total, 0
-        for v, w in pairs:
-            seen += w
-            if seen >= rank:
-                return v
-        return pairs[-1][0]
-    return {"p50": round(at(50), 3), "p99": round(at(99), 3), "max": round(pairs[-1][0], 3), "n": total}
+    return _spread([v for v, w in pairs for _ in range(max(0, w))])
 
 
 class BatchMigration(FailureLog):
