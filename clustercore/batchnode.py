@@ -538,7 +538,7 @@ class BatchedHandoff(Playbook):
                 yield Note(f"opening of {m.service} released: {len(f.waited)} flows had packets held, "
                            f"the longest {f.waited[worst]:.1f} ms ({worst[0]} {worst[1]}:{worst[2]})")
         else:
-            f.settled |= {tuple(fl) for fl in f.flows}
+            f.settle(f.flows)
         reply = yield from self._released(m, b, t0)
         return reply
 
@@ -549,10 +549,7 @@ class BatchedHandoff(Playbook):
         if lost:
             yield Note(f"batch {b} of {m.service}: {lost} packets dropped by the kernel", "error")
         held, released = f.timing.pop("held", 0), f.timing.pop("released", 0)
-        timing = {"release": _ms(t0, (yield ReadClock()))}
-        for key in ("to_gate", "given", "moved"):
-            if key in f.timing:
-                timing[key] = f.timing.pop(key)
+        timing: dict = {}
         reply = bm.BatchReleaseDone(
             held=held, released=released, duplicates_suppressed=held - released,
             reinjected=f.reinjected, lost=lost, waited_ms=tuple(round(v, 3) for v in f.waited.values()),
@@ -561,6 +558,12 @@ class BatchedHandoff(Playbook):
         f.batch, f.reinjected, f.waited, f.flows, f.consumed = None, 0, {}, (), {}
         if f.complete:
             yield from self._end_role(m)
+        # stamped last: the gateway takes this step's time after its gate opened (release -
+        # to_gate) out of the batch's frozen time, so no work may follow the stamp
+        timing["release"] = _ms(t0, (yield ReadClock()))
+        for key in ("to_gate", "given", "moved"):
+            if key in f.timing:
+                timing[key] = f.timing.pop(key)
         return reply
 
     def _end_role(self, m):
@@ -594,7 +597,7 @@ class BatchedHandoff(Playbook):
             f.batch, f.owed = None, {}
             if restored:
                 yield CloseSilently(tuple(restored))
-        f.settled |= {tuple(fl) for fl in flows}
+        f.settle(flows)
         if f.complete:
             yield from self._end_role(m)
         return msgs.Done()

@@ -269,7 +269,10 @@ class MigrationAgent(ProcessSteps):
             self._record_roles()
             return runner.reply
         finally:
-            self._collector()  # the migration may have ended (or been cancelled) here
+            # the migration may have ended (or been cancelled) here: the collector is back
+            # on once this step's reply is out (turned on, the next allocation starts a
+            # collection of what the migration allocated: after the reply, not before it)
+            asyncio.get_running_loop().call_soon(self._collector)
 
     def _drive_now(self, runner: Runner) -> Any:
         """Run an ending routine synchronously (they never wait)."""

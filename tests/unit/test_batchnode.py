@@ -609,6 +609,34 @@ def test_an_opening_that_keeps_nothing_ends_the_destination_at_once():
     assert nc.RemoveRoleLater in k.types()
 
 
+def test_the_last_release_ends_the_role_before_it_stamps_its_reply():
+    """The gateway counts a batch frozen until the destination's gate opened: its gap
+    less this step's time after the gate (release - to_gate). The last batch's end of the
+    role (and the check that every kept flow settled) comes after the gate, so it must
+    come before the stamp, not after it (where it counted ~3 ms frozen at 10,000)."""
+    m = adopting_destination()
+    feed(m, step(bm.RestoreBatch, batch=1, sockets=batch_wire(1, 2)))
+    feed(m, step(bm.ReleaseBatch, batch=1, flows=(flow(1), flow(2)), consumed={}))
+    feed(m, step(bm.RestoreBatch, batch=2, sockets=batch_wire(3, 4)))
+    released = script(m, step(bm.ReleaseBatch, batch=2, flows=(flow(3), flow(4)), consumed={}), [
+        (nc.ReadClock, 6.0), (nc.Thaw, None), (nc.ReadClock, 6.001), (AdoptSockets, 2),
+        (nc.ReadClock, 6.004), (nc.CloseDescriptors, None), (nc.CountKernelDrops, 0),
+        (nc.RemoveRoleLater, None), (nc.ReadClock, 6.01),
+    ])
+    assert m.state is State.RELEASED
+    assert released.timing_ms == {"release": 10.0, "to_gate": 1.0, "given": 4.0}
+
+
+def test_a_destination_is_complete_only_when_every_kept_flow_settled():
+    m = adopting_destination()
+    f = m.playbook.destination
+    f.settle([flow(1), flow(2), flow(1), flow(9)])  # flow 9 was never kept: not counted
+    f.settle([list(flow(3))])  # as the wire gives it
+    assert not f.complete and f.settled == {flow(1), flow(2), flow(3)}
+    f.settle([flow(4)])
+    assert f.complete
+
+
 def test_a_repeated_release_is_answered_as_the_first():
     m = adopting_destination()
     feed(m, EVENTS[bm.RestoreBatch]())
