@@ -80,9 +80,16 @@ async def check_channel(gw, service) -> MigrateStrategy:
 # its queue (docs/handoff.md, the node side's measurements). It may still grow them.
 MIN_BATCH = 32
 MAX_BATCH = 1024
-# ...and at most about 80 batches: larger ones past 2,560 connections (BatchSizer.batches;
-# 10,000 connections move in batches of 125)
-MOST_BATCHES = 80
+# ...and at most about 160 batches: larger ones past 5,120 connections (BatchSizer.batches;
+# 10,000 connections move in batches of 63). A connection is frozen for its batch's whole
+# dump, restore and release, so the batch's size is what each of its connections waits.
+# bench-waits --conns 10000, three moves each (docs/performance.md, fifteenth session):
+# 80 batches of 125, every connection's frozen time p50 6.0-6.7 ms, p99 8.8, 9.5, 22.0
+# (with 125 a batch, the slowest batch alone is the p99), the move 1.4-1.5 s; 160 of 63,
+# p50 4.7-5.6, p99 6.2, 7.5, 12.7, the move 2.1-2.6 s; the longest client wait 14-21 ms
+# and 16-23 ms. (314 batches of 32 cost clients 100-280 ms in the twelfth session, before
+# the agents' collector was off during a migration.)
+MOST_BATCHES = 160
 
 
 # The arm step reads every kept connection's idle time on the source (sock_diag): at 10,000
