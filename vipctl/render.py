@@ -116,9 +116,9 @@ def render_batched(r: dict) -> str:
              f"{count(r.get('connections_pinned'))}" + (" (split: both nodes serve until they close)"
                                                          if r.get("split") else "")
              + f"; {count(r.get('batches'))} batches (the opening included)",
-             f"  per-connection freeze p50/p99/max {_spread(r.get('conn_freeze_ms'))} "
-             f"({count((r.get('conn_freeze_ms') or {}).get('n'))} connections had a packet held); "
-             f"batch window p50/p99/max {_spread(r.get('batch_window_ms'))}",
+             f"  every connection frozen p50/p99/max {_spread(r.get('conn_frozen_ms'))}; over the "
+             f"{count((r.get('conn_freeze_ms') or {}).get('n'))} that had a packet held "
+             f"{_spread(r.get('conn_freeze_ms'))}; batch window p50/p99/max {_spread(r.get('batch_window_ms'))}",
              f"  opening {ms(r.get('opening_window_ms'))}, stop window {ms(r.get('stop_ms'))} (listeners handed "
              f"back to the destination serving), whole migration {ms(r.get('total_ms'))}",
              f"  held {count(r.get('held', 0))}, released {count(r.get('released', 0))}, duplicates suppressed "

@@ -34,7 +34,8 @@ def test_migrate_batched_sends_the_flag_and_prints_the_per_connection_report(tmp
     assert sent == [("migrate", {"name": "echo", "to": "n2", "batched": True})]
     text = result.output
     assert "(batched): committed" in text and "connections moved 12, pinned on n1 0" in text
-    assert "per-connection freeze p50/p99/max" in text and "stop window" in text
+    assert "every connection frozen p50/p99/max" in text and "that had a packet held" in text
+    assert "stop window" in text
     assert "whole migration" in text
 
 

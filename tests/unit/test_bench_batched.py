@@ -59,9 +59,10 @@ def test_the_rows_are_rendered_beside_the_whole_rows():
     skipped = {"connections": 10000, "skipped": "the gateway refused the batched migration: no channel"}
     r = _result([row, skipped])
     text = "\n".join(benchbatch.render_lines(r))
-    assert "1/5/9" in text and "skipped: the gateway refused" in text
+    assert "2/6/10" in text and "1/5/9" in text and "skipped: the gateway refused" in text
     table = "\n".join(benchbatch.report_table(r))
-    assert "| 1000 | whole |" in table and "| 1000 | batched | 1 / 5 / 9 |" in table
+    # every connection's frozen time first, the flows that had a packet held beside it
+    assert "| 1000 | whole |" in table and "| 1000 | batched | 2 / 6 / 10 [1 / 5 / 9] |" in table
     assert "| 10000 | batched | not run: the gateway refused" in table
     bench_text = render.render_bench(r)
     assert "batched: connections" in bench_text and "skipped: the gateway refused" in bench_text
@@ -79,7 +80,7 @@ def test_bench_report_prints_the_batched_table(tmp_path):
     path.write_text(json.dumps(_result([benchbatch.batched_row(1000, [_run((1, 5, 9), 15, 0)])])))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench-report"), str(path)],
                          capture_output=True, text=True, check=True).stdout
-    assert "| 1000 | batched | 1 / 5 / 9 |" in out
+    assert "| 1000 | batched | 2 / 6 / 10 [1 / 5 / 9] |" in out
 
 
 def test_the_plot_draws_whole_and_batched(tmp_path):
@@ -102,7 +103,7 @@ def test_the_floor_with_nothing_moving_is_shown_beside_the_longest_wait():
     r["migrations"] = [{**m, "max_reply_ms_no_migration": 6.5} if m.get("connections") == 1000 else m
                        for m in r.get("migrations", [])]
     table = "\n".join(benchbatch.report_table(r))
-    assert "| 1000 | batched | 1 / 5 / 9 | 25 | 7.2 |" in table  # (7.25 to one decimal)
+    assert "| 1000 | batched | 2 / 6 / 10 [1 / 5 / 9] | 25 | 7.2 |" in table  # (7.25 to one decimal)
     assert any(m.get("connections") == 1000 for m in r["migrations"])  # docs/bench-latest.json has the row
     assert "| 1000 | whole |" in table and "| 6.5 |" in table
     assert "7.25" in "\n".join(benchbatch.render_lines(r))
