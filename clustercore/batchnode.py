@@ -106,6 +106,7 @@ from .nodecommands import (
     WaitSettled,
     kind_of,
     socket_name,
+    prefill_sockets,
 )
 from .packet import TCP, UDP
 from .sockstate import ServiceSockets, TcpConnState
@@ -411,9 +412,12 @@ class BatchedHandoff(Playbook):
         f.role = f.cut
         yield InstallRole(m.service, f.cut)  # hold the new epoch from now on
         f.opened = list((yield OpenSockets(tuple(service.ports))))
+        timing: dict = {}
+        yield from prefill_sockets(event, timing)
         t0 = yield ReadClock()
         f.instance = yield StartWithChannel(service)  # ready before the first batch comes
-        return msgs.PrepareDone(timing_ms={"start": _ms(t0, (yield ReadClock()))})
+        timing["start"] = _ms(t0, (yield ReadClock()))
+        return msgs.PrepareDone(timing_ms=timing)
 
     def expect_kept(self, m, event: bm.ExpectKept, now: float):
         """Before the opening: the flows the source keeps (they come in later batches).

@@ -447,6 +447,19 @@ class Counters(Message):
     pass
 
 
+@reply_type
+class CensusDone(Reply):
+    tcp4: int = 0
+    tcp6: int = 0
+
+
+@message("census", reply=CensusDone)
+class Census(Message):
+    """To a service's owner, before a handoff migration: its established TCP connections
+    on the VIPs, by family (Prepare.expect_tcp4/6)."""
+    service: str
+
+
 @message("health.report")
 class HealthReport(Message):
     """The owner's agent: a service's check changed state (clustercore.health)."""
@@ -532,6 +545,11 @@ class Prepare(Step):
     # the strategy both nodes move with, resolved by the gateway's controller (a program's
     # announcement of the fd store is known on its node only); "" = the service's own rule
     strategy: str = ""
+    # the source's established TCP connections before the migration (its answer to
+    # Census, filled in by the controller; 0: unknown): a handoff's destination makes
+    # their sockets now, not in the hold (nodeshim.tcprepair.prefill)
+    expect_tcp4: int = 0
+    expect_tcp6: int = 0
 
 
 @message("migrate.arm", reply=Done)

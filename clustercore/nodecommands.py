@@ -365,6 +365,15 @@ class OpenSockets(Command):
 
 
 @_command()
+class PrefillSockets(Command):
+    """Make TCP sockets now, before anything is held, for the connections the source
+    said it has (Prepare.expect_tcp4/6): the restore takes them instead of making its own.
+    What no restore took is closed when no migration runs. Never fails (-> None)."""
+    tcp4: int
+    tcp6: int
+
+
+@_command()
 class ConnectDatagramSocket(Command):
     socket: Named
     peer: tuple[str, int]
@@ -606,6 +615,15 @@ COMMAND_TYPES: tuple[type[Command], ...] = tuple(
 
 
 # ---------------------------------------------------------------- the strategy interface
+
+
+def prefill_sockets(event: Any, timing: dict):
+    """A handoff's destination at prepare (both strategies): the sockets of the
+    connections the source said it has, made now (PrefillSockets), timed as `prefill`."""
+    if event.expect_tcp4 > 0 or event.expect_tcp6 > 0:
+        t0 = yield ReadClock()
+        yield PrefillSockets(max(0, event.expect_tcp4), max(0, event.expect_tcp6))
+        timing["prefill"] = round(((yield ReadClock()) - t0) * 1000.0, 2)
 
 
 def resume_source(service: str, f: Any, wake: type[Command]):

@@ -70,6 +70,7 @@ class _Run:
         self.started = time.time()
         self.streamed = 0  # connections streamed ahead and restored on the destination
         self.done: mig.Finished | None = None
+        self.expect: tuple[int, int] = (0, 0)  # the source's census (Controller._census)
 
     # --- Executor ---------------------------------------------------------------------
     def send(self, node: str, message: msgs.Step) -> None:
@@ -78,6 +79,8 @@ class _Run:
         self._fault(message.OP)
         if isinstance(message, (msgs.Prepare, msgs.Arm)) and not message.strategy and self.strategy:
             message = dataclasses.replace(message, strategy=self.strategy)
+        if isinstance(message, msgs.Prepare) and any(self.expect) and not (message.expect_tcp4 or message.expect_tcp6):
+            message = dataclasses.replace(message, expect_tcp4=self.expect[0], expect_tcp6=self.expect[1])
         if isinstance(message, msgs.Prepare) and not message.address:
             # the image of a `process` migration goes straight between the nodes
             nodes = {n.name: n.address for n in self.gw.config.nodes}
@@ -283,6 +286,8 @@ REPORT_LOG_FIELDS = ("service", "from", "to", "strategy", "outcome", "reason", "
 PROCESS_STEP_S = 30.0  # freezing and restoring of a `process` migration may take this long
 HANDOFF_RELEASE_S = 8.0  # a handoff's release, its new instance's starts included (3 x 1.5 s + backoff, loaded)
 STRATEGY_ASK_TIMEOUT_S = 2.0  # asking the owner whether its program announced the fd store
+CENSUS_TIMEOUT_S = 2.0  # asking the owner how many connections it has (sock_diag: ~15 ms at 10,000)
+HANDS_OVER = (MigrateStrategy.HANDOFF, MigrateStrategy.BATCHED)  # the strategies that restore TCP sockets
 
 
 class Controller:
@@ -388,15 +393,32 @@ class Controller:
         try:
             gw.failover.check_destination(dest)  # down, or its checks fail: refused
             strategy = await self._strategy_for(service, batched_asked)
+            expect = await self._census(service) if strategy in HANDS_OVER else (0, 0)
             # two gateways: only while this one holds the driver lease (gateway.ha)
             async with (gw.ha.driving(name) if gw.ha is not None else contextlib.nullcontext()):
                 return await self._run(name, service.owner, dest, progress or (lambda step, detail: None),
-                                       strategy, batch_size)
+                                       strategy, batch_size, expect)
         finally:
             self.book.finish(name)
 
+    async def _census(self, service) -> tuple[int, int]:
+        """The owner's established TCP connections (IPv4, IPv6), for the destination to
+        make their sockets at prepare (Prepare.expect_tcp4/6); (0, 0) when it cannot say
+        in time: then nothing is made ahead, as before."""
+        session = self.gw.agents.get(service.owner)
+        if session is None:
+            return (0, 0)
+        try:
+            done = await session.rpc.request(msgs.Census(service=service.name), timeout=CENSUS_TIMEOUT_S)
+            return (max(0, done.tcp4), max(0, done.tcp6))
+        except (VipError, AttributeError) as e:
+            log.warning("migration of %s: no census from %s (%s); no sockets made ahead",
+                        service.name, service.owner, e)
+            return (0, 0)
+
     async def _run(self, name: str, source: str, dest: str, progress,
-                   strategy: MigrateStrategy = MigrateStrategy.HANDOFF, batch_size: int = 0) -> dict:
+                   strategy: MigrateStrategy = MigrateStrategy.HANDOFF, batch_size: int = 0,
+                   expect: tuple[int, int] = (0, 0)) -> dict:
         gw = self.gw
         new_epoch = gw.epochs.get(name, 1) + 1
         epoch = nft.epoch_mac(new_epoch)
@@ -411,6 +433,7 @@ class Controller:
         # journaled before the first step: a gateway that dies from here on finds it
         gw.registry.journal_begin(name, source, dest, new_epoch)
         run = self.runs[name] = _Run(self, name, source, dest, new_epoch, progress, str(strategy))
+        run.expect = expect
         try:
             finished = await run.drive(machine)
         finally:

@@ -252,6 +252,21 @@ class MigrationAgent(ProcessSteps):
         elif gc.isenabled():
             gc.disable()
 
+    def _prefill(self, cmd: nc.PrefillSockets) -> None:
+        k = self.kernel
+        have = {family: k.tcprepair.prefill(family, n) for family, n in ((4, cmd.tcp4), (6, cmd.tcp6)) if n}
+        log.info("socket pool: %s ready for the connections to come (asked %d IPv4, %d IPv6)",
+                 ", ".join(f"{n} IPv{family}" for family, n in have.items()) or "none", cmd.tcp4, cmd.tcp6)
+
+    def _after_step(self) -> None:
+        """The collector (above) and, when no migration runs here, the socket pool's
+        leftovers closed (sockets no restore took: never connected, nothing to send)."""
+        self._collector()
+        if self.migrations.idle():
+            left = self.kernel.tcprepair.drop_pool()
+            if left:
+                log.info("socket pool: %d unused sockets closed", left)
+
     async def _drive(self, runner: Runner) -> Any:
         self._collector()
         try:
@@ -272,7 +287,7 @@ class MigrationAgent(ProcessSteps):
             # the migration may have ended (or been cancelled) here: the collector is back
             # on once this step's reply is out (turned on, the next allocation starts a
             # collection of what the migration allocated: after the reply, not before it)
-            asyncio.get_running_loop().call_soon(self._collector)
+            asyncio.get_running_loop().call_soon(self._after_step)
 
     def _drive_now(self, runner: Runner) -> Any:
         """Run an ending routine synchronously (they never wait)."""
@@ -289,7 +304,7 @@ class MigrationAgent(ProcessSteps):
             else:
                 cmd = runner.send(result)
         self._record_roles()
-        self._collector()
+        self._after_step()
         return runner.reply
 
     @staticmethod
@@ -385,6 +400,7 @@ class MigrationAgent(ProcessSteps):
             nc.StopInstance: self._stop_instance,
             # the destination
             nc.OpenSockets: lambda c: k.services.open_sockets(vip, c.ports),
+            nc.PrefillSockets: self._prefill,
 
             nc.ConnectDatagramSocket: lambda c: k.udphandoff.connect(c.socket[1], c.peer),
             nc.RestoreConnections: lambda c: k.tcprepair.restore_many(list(c.states), thaw=False),

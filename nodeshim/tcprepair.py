@@ -60,6 +60,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import socket
 import struct
@@ -76,6 +77,8 @@ from clustercore.sockstate import (
 )
 from nodeshim import repairc
 from nodeshim.pidfd import in_netns
+
+log = logging.getLogger("vipcluster.tcprepair")
 
 # include/uapi/linux/tcp.h
 SOL_TCP = socket.IPPROTO_TCP
@@ -439,7 +442,48 @@ def _discard(sock: socket.socket) -> None:
     sock.close()
 
 
-def _new_socket(state: TcpConnState) -> socket.socket:
+# Sockets made before a migration's freeze for the connections its destination will
+# restore (Prepare.expect_tcp4/6, the source's census): socket() is about 3.8 us of a
+# restore's ~15 us a connection, and at 10,000 connections the destination's restore
+# trailed the source's dump by 40-60 ms, all of it inside the hold (docs/performance.md,
+# fifteenth session). Taken by restore_many in this namespace; what is left when no
+# migration runs is closed (drop_pool).
+POOL_MAX = 65536
+_pool: dict[int, list[socket.socket]] = {4: [], 6: []}
+
+
+def prefill(family: int, count: int) -> int:
+    """Make up to `count` more sockets of `family` (4 or 6) for restores to come, at most
+    POOL_MAX in the pool; stops quietly when the kernel refuses one (out of descriptors:
+    the restore then makes its own). Returns how many the pool holds."""
+    pool = _pool[family]
+    want = max(0, min(count, POOL_MAX - len(pool)))
+    try:
+        for _ in range(want):
+            pool.append(socket.socket(_AF[family], socket.SOCK_STREAM))
+    except OSError as exc:
+        log.warning("socket pool: %d of %d made (%s)", len(pool), count, exc)
+    return len(pool)
+
+
+def pooled() -> dict[int, int]:
+    return {family: len(socks) for family, socks in _pool.items()}
+
+
+def drop_pool() -> int:
+    """Close every socket the pool still holds (never used: nothing to send). Returns how
+    many."""
+    n = 0
+    for socks in _pool.values():
+        while socks:
+            socks.pop().close()
+            n += 1
+    return n
+
+
+def _new_socket(state: TcpConnState, pool: bool = False) -> socket.socket:
+    if pool and _pool.get(state.family):
+        return _pool[state.family].pop()
     try:
         return socket.socket(_AF[state.family], socket.SOCK_STREAM)
     except OSError as exc:
@@ -484,8 +528,8 @@ def restore_many(
     socks: list[socket.socket] = []
     try:
         with in_netns(netns_fd):
-            for st in states:
-                socks.append(_new_socket(st))
+            for st in states:  # the pool's were made in our own namespace
+                socks.append(_new_socket(st, pool=netns_fd is None))
         if repairc.ext is not None:  # the same calls in C (nodeshim/_repair.c)
             repairc.restore_many(socks, states)
             if thaw:

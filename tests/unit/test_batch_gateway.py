@@ -108,6 +108,9 @@ class Agent:
         if self.gone:
             raise ConnectionLost(f"connection to {self.name} is closed")
         op = getattr(message, "OP", "")
+        if isinstance(message, msgs.Census):  # before the migration: how many to make ahead
+            self.c.census.append(self.name)
+            return wire_reply(message, msgs.CensusDone(tcp4=12))
         self.c.seen.append((self.name, op, getattr(message, "batch", None)))
         if isinstance(message, msgs.Counters):
             return wire_reply(message, {"processes": {SERVICE: {"handoff": True, "batch": self.speaks}}})
@@ -132,6 +135,7 @@ class Agent:
     def perform(self, m):
         p, now = self.c.packets, self.c.packets.now
         if isinstance(m, msgs.Prepare):
+            self.c.prepared.append(m)
             if m.strategy != "batched":
                 raise LocalControlError(f"this fake moves batches only, not {m.strategy}")
             self.role = BatchDest(m.epoch)
@@ -229,6 +233,8 @@ class Cluster:
     def __init__(self, tmp_path, n_conns=20, seed=1, speaks=True, exec_spec="builtin:echo"):
         self.gw = Gateway(tmp_path, exec_spec)
         self.seen: list[tuple[str, str, int | None]] = []
+        self.census: list[str] = []  # who was asked how many connections it has
+        self.prepared: list = []  # the Prepare steps as they arrived
         self.kept = tuple(tcp(50000 + i).flow for i in range(n_conns))
         streams = [[tcp(50000 + i)] * 8 for i in range(n_conns)]
         streams += [[tcp(60000 + i, SYN, 0)] + [tcp(60000 + i)] * 4 for i in range(3)]  # new ones
@@ -298,6 +304,26 @@ def test_a_batched_migration_moves_every_connection_in_batches_exactly_once(tmp_
     assert transfers[0].startswith("0/20 connections moved to n2") and transfers[-1].startswith("16/20")
     assert not any(step in ("freezing", "restoring", "releasing", "committing") for step, _ in c.progress)
     assert [s for s, _ in c.progress][-2:] == ["committed", "done"]
+
+
+def test_the_destination_is_told_how_many_connections_the_owner_counted(tmp_path):
+    """Before the migration the gateway asks the owner (Census); the destination's
+    Prepare carries the count, so it makes their sockets before anything is held."""
+    c = Cluster(tmp_path, n_conns=20)
+    assert c.migrate()["outcome"] == "committed"
+    assert c.census == ["n1"]
+    assert [(p.expect_tcp4, p.expect_tcp6) for p in c.prepared] == [(12, 0)]
+
+
+def test_without_a_census_the_migration_goes_on_making_nothing_ahead(tmp_path):
+    c = Cluster(tmp_path, n_conns=20)
+
+    async def refuse(message, timeout=None):
+        raise LocalControlError("'census' is not a request gateway may send here")
+    census = c.agents["n1"].request
+    c.agents["n1"].request = lambda m, timeout=None: refuse(m) if isinstance(m, msgs.Census) else census(m, timeout)
+    assert c.migrate()["outcome"] == "committed"
+    assert [(p.expect_tcp4, p.expect_tcp6) for p in c.prepared] == [(0, 0)]
 
 
 def test_the_opening_waits_for_one_journal_write_the_owner_switch_and_the_order_is_written_before(tmp_path):

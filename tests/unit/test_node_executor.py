@@ -162,6 +162,7 @@ class FakeKernel:
         self.start_raises = 0  # the next N starts fail before any process exists
         self.starts = 0
         self.standby_ok = False  # start_standby gives a standby (else it fails: a warning)
+        self.pool: dict[int, int] = {}  # sockets made ahead (prefill), by family
 
     def _call(self, name: str, *args):
         self.log.append((name, *args))
@@ -211,6 +212,15 @@ class FakeKernel:
     def accept_waiting(self, sock):
         self._call("accept_waiting", sock.name)
         return []
+
+    def prefill(self, family, count):
+        self._call("prefill", family, count)
+        self.pool[family] = self.pool.get(family, 0) + count
+        return self.pool[family]
+
+    def drop_pool(self):  # after every step when no migration runs: not logged
+        n, self.pool = sum(self.pool.values()), {}
+        return n
 
     def dump_many(self, socks, names):
         self._call("dump_many", len(socks))
@@ -774,6 +784,32 @@ def _release_with_standby(tmp_path, fault: str | None = None):
         return released
 
     return asyncio.run(script()), ma, agent, fake, log
+
+
+def test_a_destination_told_the_sources_count_makes_the_sockets_at_prepare(tmp_path):
+    """Prepare.expect_tcp4/6 (the source's census): the sockets are made before anything
+    is held; what no restore took is closed once no migration runs here."""
+    ma, agent, fake, log = destination(tmp_path)
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1", expect_tcp4=5, expect_tcp6=2))
+        await settle()
+        calls, pooled = log.names(), dict(fake.pool)
+        await ma.handle(step(msgs.Abort))
+        await settle()
+        return calls, pooled
+
+    calls, pooled = asyncio.run(script())
+    assert calls == ["sync_datapath", "open_sockets", "prefill", "prefill", "start_standby"]
+    assert ("prefill", 4, 5) in log and ("prefill", 6, 2) in log
+    assert pooled == {4: 5, 6: 2}  # kept while the migration runs
+    assert fake.pool == {}  # the abort ended it: the unused ones closed
+
+
+def test_a_destination_without_a_count_makes_none_ahead(tmp_path):
+    ma, agent, fake, log = destination(tmp_path)
+    asyncio.run(ma.handle(step(msgs.Prepare, source="n1")))
+    assert "prefill" not in log.names()
 
 
 def test_a_standby_started_at_prepare_takes_everything_at_the_release(tmp_path):
