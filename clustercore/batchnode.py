@@ -105,8 +105,8 @@ from .nodecommands import (
     WaitHandshakes,
     WaitSettled,
     kind_of,
-    socket_name,
     prefill_sockets,
+    socket_name,
 )
 from .packet import TCP, UDP
 from .sockstate import ServiceSockets, TcpConnState

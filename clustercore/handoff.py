@@ -77,8 +77,8 @@ from .nodecommands import (
     WaitHandshakes,
     WaitStarted,
     kind_of,
-    socket_name,
     prefill_sockets,
+    socket_name,
 )
 from .errors import VipError
 from .kinds import ServiceKind, service_kind
