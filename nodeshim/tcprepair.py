@@ -62,6 +62,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import socket
 import struct
 from typing import Iterable, Sequence
@@ -452,12 +453,25 @@ POOL_MAX = 65536
 _pool: dict[int, list[socket.socket]] = {4: [], 6: []}
 
 
+def _headroom() -> int:
+    """Descriptors this process may still open (its soft RLIMIT_NOFILE less those open)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return POOL_MAX
+    try:
+        return max(0, soft - len(os.listdir("/proc/self/fd")))
+    except OSError:
+        return 0
+
+
 def prefill(family: int, count: int) -> int:
-    """Make up to `count` more sockets of `family` (4 or 6) for restores to come, at most
-    POOL_MAX in the pool; stops quietly when the kernel refuses one (out of descriptors:
-    the restore then makes its own). Returns how many the pool holds."""
+    """Make up to `count` more sockets of `family` (4 or 6) for restores to come: at most
+    POOL_MAX in the pool, and at most half the descriptors this process may still open
+    (the migration needs the rest: a batched destination holds the pool while it adopts
+    batch after batch); stops quietly when the kernel refuses one (the restore then makes
+    its own). Returns how many the pool holds."""
     pool = _pool[family]
-    want = max(0, min(count, POOL_MAX - len(pool)))
+    want = max(0, min(count, POOL_MAX - len(pool), _headroom() // 2))
     try:
         for _ in range(want):
             pool.append(socket.socket(_AF[family], socket.SOCK_STREAM))

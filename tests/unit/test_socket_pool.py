@@ -60,6 +60,21 @@ def test_the_pool_is_bounded_and_its_leftovers_are_closed(monkeypatch):
     assert all(s.fileno() == -1 for s in socks)  # closed
 
 
+def test_the_pool_takes_at_most_half_the_descriptors_left(monkeypatch):
+    monkeypatch.setattr(tcprepair, "_headroom", lambda: 9)
+    assert tcprepair.prefill(4, 100) == 4  # 9 // 2: the migration keeps the other half
+
+
+def test_the_descriptors_left_are_the_limit_less_the_open_ones():
+    import os
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    left = tcprepair._headroom()
+    if soft != resource.RLIM_INFINITY:
+        assert 0 < left <= soft - 3  # stdin, stdout, stderr at least
+        assert abs(left - (soft - len(os.listdir("/proc/self/fd")))) <= 1  # (listdir's own fd)
+
+
 def test_out_of_descriptors_the_pool_keeps_what_it_made(monkeypatch):
     made = []
 
