@@ -286,6 +286,11 @@ class DestCutover(MigrationRole):
         return dict(self._skip)
 
     @property
+    def held_flows(self) -> frozenset[Flow]:
+        """The flows of the packets held now (none once released or aborted)."""
+        return frozenset(h.flow for h in self._held)
+
+    @property
     def released_flows(self) -> frozenset[Flow]:
         """The flows the release accepted held packets of: their clients wait for an answer."""
         return self._released_flows

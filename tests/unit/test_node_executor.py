@@ -429,7 +429,8 @@ def test_source_arm_freeze_commit_script(tmp_path):
     assert (frozen.tcp_established, frozen.tcp_listening, frozen.udp_sockets) == (2, 1, 1)
     assert frozen.bytes_moved == len(b"in0in1") + len(b"q0q1")
     assert frozen.sockets["streamed"] == 0 and frozen.sockets["app_state"]
-    assert set(frozen.timing_ms) == {"hand_over", "dump", "encode", "frozen_to_reply"}
+    assert set(frozen.timing_ms) == {"half_closed", "handed", "let_in", "hand_over", "dump", "encode",
+                                     "frozen_to_reply"}
     assert sockwire.from_wire({k: v for k, v in frozen.sockets.items()
                                if k not in ("streamed", "app_state")}).totals["udp_datagrams"] == 2
     # commit: the hold dropped, our copies closed silently, the service and its store

@@ -24,8 +24,8 @@ from clustercore.handoff import START_ATTEMPTS
 from clustercore.nodemigration import (BUSY, EVENT_TYPES, PLAYBOOKS, STEP_EVENTS,
                                        TRANSITIONS, Failure, NodeMigration, NodeMigrations, State,
                                        choose_playbook, render_dot, role_still_needed, run_to_end)
-from clustercore.ownership import Service
-from clustercore.packet import TCP, UDP
+from clustercore.ownership import Service, Verdict
+from clustercore.packet import TCP, UDP, Packet
 from clustercore.sockstate import (ServiceSockets, TcpConnState, TcpListenerState, TcpWindow,
                                    UdpDatagram, UdpSocketState)
 
@@ -224,10 +224,10 @@ def test_the_source_script():
     cut = m.playbook.source.cut
     assert isinstance(cut, SourceCutover) and cut.new_epoch == EPOCH
     frozen = script(m, EVENTS[msgs.Freeze](), [
-        (nc.WaitHalfClosed, None), (nc.ReadClock, 1.0),
+        (nc.ReadClock, 0.9), (nc.WaitHalfClosed, None), (nc.ReadClock, 1.0),
         (nc.HandOver, [("state", "S"), ("tcp-7", "SL"), ("udp-7", "SU"), ("conn-7", "C0"), ("x", "X")]),
-        (nc.CloseDescriptors, None), (nc.Note, None), (nc.LetPacketsIn, None), (nc.WaitHandshakes, None),
-        (nc.ReadClock, 1.5),
+        (nc.ReadClock, 1.25), (nc.CloseDescriptors, None), (nc.Note, None), (nc.LetPacketsIn, None),
+        (nc.ReadClock, 1.375), (nc.WaitHandshakes, None), (nc.ReadClock, 1.5),
         (nc.AcceptWaiting, [("conn-7", "A0")]), (nc.ReadClock, 2.0),
         (nc.DumpConnections, [conn(0), conn(1)]), (nc.LetPacketsIn, None), (nc.ReadClock, 3.0),
         (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7)),)), (nc.DrainDatagrams, DRAINED),
@@ -238,7 +238,8 @@ def test_the_source_script():
     # a descriptor under a name nobody knows is closed at once
     assert m.playbook.source.listeners == (("tcp-7", "SL"),) and m.playbook.source.udp == (("udp-7", "SU"),)
     assert [s for _, s in m.playbook.source.copies] == ["C0", "A0"]
-    assert frozen.timing_ms == {"hand_over": 500.0, "dump": 1000.0, "encode": 500.0, "frozen_to_reply": 2500.0}
+    assert frozen.timing_ms == {"half_closed": 100.0, "handed": 250.0, "let_in": 125.0, "hand_over": 500.0,
+                                "dump": 1000.0, "encode": 500.0, "frozen_to_reply": 2500.0}
     assert (frozen.tcp_established, frozen.tcp_listening, frozen.udp_sockets, frozen.bytes_moved) == (2, 1, 1, 3)
     assert frozen.sockets["app_state"] == base64.b64encode(b"kv").decode()
     assert cut.phase == "frozen" and cut.frozen_at == 1.5
@@ -282,6 +283,44 @@ def test_the_destination_script():
     assert released.timing_ms == {"standby_start": 0.0, "window_probes": 3, "thaw": 100.0, "released_at": 200.0,
                                   "start": 50.0, "release": 300.0}
     assert (released.start_attempts, released.service_down, released.connections_closed) == (1, "", 0)
+
+
+def test_the_held_connections_are_thawed_and_let_in_before_the_others():
+    """At the release only the connections the hold has packets of leave repair mode before
+    the hold is let in; the others right after, before anything else is accepted (settle).
+    With late packets from the source (injected into the kernel, not held) all come first."""
+    def restored_destination():
+        m = NodeMigration("echo", "n2")
+        feed(m, EVENTS[msgs.Prepare]())
+        feed(m, msgs.Chunk(service="echo", seq=0, count=3, packed=sockwire.pack_connections([conn(1), conn(2), conn(3)])))
+        wire = sockwire.to_wire(ServiceSockets(service="echo", listeners=(TcpListenerState(local=(VIP, 7)),),
+                                               connections=(), udp=(DRAINED,)))
+        wire.update(streamed=3, app_state=None)
+        feed(m, step(msgs.Restore, sockets=wire))
+        cut = m.playbook.destination.cut
+        packet = Packet(version=4, proto=TCP, src=CLIENT, dst=VIP, sport=40002, dport=7)
+        assert cut.on_packet(packet, cut.new_epoch, "H", T0) is Verdict.HOLD
+        return m, cut
+
+    m, cut = restored_destination()
+    settled_at = []
+    real_settle = cut.settle
+    cut.settle = lambda: (settled_at.append(len(k.seen)), real_settle())
+    k = Kernel("n2")
+    released, _ = feed(m, step(msgs.Release, consumed={}, late_packets=()), k)
+    assert isinstance(released, msgs.ReleaseDone) and released.released == 1
+    thaws = [(i, c.sockets) for i, c in enumerate(k.seen) if isinstance(c, nc.Thaw)]
+    accept = k.types().index(nc.AcceptHeld)
+    assert [socks for _, socks in thaws] == [("R1",), ("R0", "R2")]  # conn(2)'s first
+    assert thaws[0][0] < accept < thaws[1][0] < settled_at[0]
+    assert "thaw_rest" in released.timing_ms
+
+    m, cut = restored_destination()
+    k = Kernel("n2")
+    feed(m, step(msgs.Release, consumed={}, late_packets=(b"late",)), k)
+    thaws = [(i, c.sockets) for i, c in enumerate(k.seen) if isinstance(c, nc.Thaw)]
+    assert [socks for _, socks in thaws] == [("R0", "R1", "R2")]
+    assert thaws[0][0] < k.types().index(nc.InjectPackets) < k.types().index(nc.AcceptHeld)
 
 
 # ---------------------------------------------------------------- a builtin's standby instance
