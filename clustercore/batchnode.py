@@ -413,7 +413,7 @@ class BatchedHandoff(Playbook):
         yield InstallRole(m.service, f.cut)  # hold the new epoch from now on
         f.opened = list((yield OpenSockets(tuple(service.ports))))
         timing: dict = {}
-        yield from prefill_sockets(event, timing)
+        yield from prefill_sockets(event, timing, service, local.vips)
         t0 = yield ReadClock()
         f.instance = yield StartWithChannel(service)  # ready before the first batch comes
         timing["start"] = _ms(t0, (yield ReadClock()))

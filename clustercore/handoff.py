@@ -425,7 +425,7 @@ class Handoff(Playbook):
         # at the release, with everything in LISTEN_FDS (systemd has no way to hand a
         # running program descriptors later)
         f.opened = list((yield OpenSockets(tuple(service.ports))))
-        yield from prefill_sockets(event, f.timing)
+        yield from prefill_sockets(event, f.timing, service, local.vips)
         if prestarts(service):
             # a builtin takes descriptors from a running instance's channel: its start
             # (the interpreter, its imports: ~100 ms) happens now, not in the stop window

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from .errors import LocalControlError, VipError
 from .messages import Chunk, Done
 from .ownership import Service
+from .packet import TCP
 from .sockstate import TcpConnState, UdpSocketState
 
 Named = tuple[str, Any]  # (name, socket): "tcp-7", "udp-7", "conn-7"; "tcp6-7", "udp6-7" on an IPv6 VIP
@@ -368,9 +369,14 @@ class OpenSockets(Command):
 class PrefillSockets(Command):
     """Make TCP sockets now, before anything is held, for the connections the source
     said it has (Prepare.expect_tcp4/6): the restore takes them instead of making its own.
-    What no restore took is closed when no migration runs. Never fails (-> None)."""
+    What no restore took is closed when no migration runs. Never fails (-> None).
+    local4/local6: the address every connection of that family will have (the service's
+    one TCP port on its one VIP of the family), or None: the sockets are bound to it now
+    too (in repair mode, as the restore binds them), which the restore then skips."""
     tcp4: int
     tcp6: int
+    local4: tuple[str, int] | None = None
+    local6: tuple[str, int] | None = None
 
 
 @_command()
@@ -617,12 +623,25 @@ COMMAND_TYPES: tuple[type[Command], ...] = tuple(
 # ---------------------------------------------------------------- the strategy interface
 
 
-def prefill_sockets(event: Any, timing: dict):
+def connection_local(service: Any, vips: tuple[str, ...], family: int) -> tuple[str, int] | None:
+    """The local address every TCP connection of `service` in `family` has: its one TCP
+    port on its node's one VIP of that family; None when there is not exactly one of each."""
+    ports = [port for proto, port in service.ports if proto == TCP]
+    mine = [vip for vip in vips if (":" in vip) == (family == 6)]
+    if len(ports) != 1 or len(mine) != 1:
+        return None
+    return (mine[0], ports[0])
+
+
+def prefill_sockets(event: Any, timing: dict, service: Any = None, vips: tuple[str, ...] = ()):
     """A handoff's destination at prepare (both strategies): the sockets of the
-    connections the source said it has, made now (PrefillSockets), timed as `prefill`."""
+    connections the source said it has, made now (PrefillSockets), timed as `prefill`;
+    bound too where every connection's local address is known (connection_local)."""
     if event.expect_tcp4 > 0 or event.expect_tcp6 > 0:
         t0 = yield ReadClock()
-        yield PrefillSockets(max(0, event.expect_tcp4), max(0, event.expect_tcp6))
+        local4 = connection_local(service, vips, 4) if service is not None else None
+        local6 = connection_local(service, vips, 6) if service is not None else None
+        yield PrefillSockets(max(0, event.expect_tcp4), max(0, event.expect_tcp6), local4, local6)
         timing["prefill"] = round(((yield ReadClock()) - t0) * 1000.0, 2)
 
 

@@ -379,22 +379,28 @@ static int write_queue(int fd, const uint8_t *data, size_t total)
     return 0;
 }
 
+/* what a socket has had done already (tcprepair's pool: REPAIRED, BOUND) */
+#define PREP_REPAIRED 1
+#define PREP_BOUND 2
+
 /* everything up to (not including) repair off: no packet leaves the node here */
-static int restore_one(Py_ssize_t index, int fd, const struct conn *c)
+static int restore_one(Py_ssize_t index, int fd, const struct conn *c, int prepared)
 {
     const char *step = "TCP_REPAIR on";
     struct sockaddr_storage ss;
     socklen_t sl;
     uint32_t opts[8];
     int nopt = 0;
-    if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR, REPAIR_ON) < 0) goto oserr;
+    if (!(prepared & PREP_REPAIRED) && opt_int(fd, IPPROTO_TCP, TCP_REPAIR, REPAIR_ON) < 0) goto oserr;
     if (c->rlen) {
         step = "SO_RCVBUFFORCE";
         if (grow_buffer(fd, SO_RCVBUF, SO_RCVBUFFORCE, c->rlen) < 0) goto oserr;
     }
     step = "bind";
-    sl = make_sockaddr(c->family, c->lip, c->lport, &ss);
-    if (bind(fd, (struct sockaddr *)&ss, sl) < 0) goto oserr;
+    if (!(prepared & PREP_BOUND)) {
+        sl = make_sockaddr(c->family, c->lip, c->lport, &ss);
+        if (bind(fd, (struct sockaddr *)&ss, sl) < 0) goto oserr;
+    }
     step = "TCP_QUEUE_SEQ";
     if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_RECV) < 0) goto oserr;
     if (opt_int(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, (int)(c->recv_seq - c->rlen)) < 0) goto oserr;
@@ -441,21 +447,32 @@ oserr:
     return -1;
 }
 
-/* read (fd, family, record) items: fds into fdv, records parsed into cv */
-static int parse_items(PyObject *items, Py_ssize_t n, int *fdv, struct conn *cv, Py_buffer *bufs, Py_ssize_t *nbufs)
+/* read (fd, family, record[, prepared]) items: fds into fdv, what was done to each
+ * socket already into prepv (0 without it), records parsed into cv */
+static int parse_items(PyObject *items, Py_ssize_t n, int *fdv, int *prepv, struct conn *cv, Py_buffer *bufs,
+                       Py_ssize_t *nbufs)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(items, i);
         int family;
         const char *why;
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
-            PyErr_SetString(PyExc_TypeError, "restore_many: items are (fd, family, record) tuples");
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 3 || PyTuple_GET_SIZE(item) > 4) {
+            PyErr_SetString(PyExc_TypeError, "restore_many: items are (fd, family, record[, prepared]) tuples");
             return -1;
         }
         fdv[i] = as_int(PyTuple_GET_ITEM(item, 0));
         if (fdv[i] == -1 && PyErr_Occurred()) return -1;
         family = as_int(PyTuple_GET_ITEM(item, 1));
         if (family == -1 && PyErr_Occurred()) return -1;
+        prepv[i] = 0;
+        if (PyTuple_GET_SIZE(item) == 4) {
+            prepv[i] = as_int(PyTuple_GET_ITEM(item, 3));
+            if (prepv[i] == -1 && PyErr_Occurred()) return -1;
+            if (prepv[i] & ~(PREP_REPAIRED | PREP_BOUND)) {
+                PyErr_SetString(PyExc_ValueError, "restore_many: prepared is a mask of 1 (repaired) and 2 (bound)");
+                return -1;
+            }
+        }
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(item, 2), &bufs[i], PyBUF_SIMPLE) < 0) return -1;
         *nbufs = i + 1;
         if (parse_record(bufs[i].buf, (size_t)bufs[i].len, family, &cv[i], &why) < 0) {
@@ -466,8 +483,10 @@ static int parse_items(PyObject *items, Py_ssize_t n, int *fdv, struct conn *cv,
     return 0;
 }
 
-/* restore_many(items[, unmute]) -> None: items are (fd, family, record); each fd a new TCP
- * socket of that family (made in the right namespace by the caller). Every record is
+/* restore_many(items[, unmute]) -> None: items are (fd, family, record[, prepared]); each fd
+ * a new TCP socket of that family (made in the right namespace by the caller); prepared
+ * (default 0) says it is in repair mode already (1) and bound to the record's local
+ * address already (2): those calls are skipped. Every record is
  * parsed and checked before the first syscall (ValueError: nothing was touched). Leaves
  * every socket in repair mode; on RepairError the caller discards them all (repair on,
  * close). `unmute` (a mark bit, 0: none) is cleared from each socket's SO_MARK first: a
@@ -477,7 +496,7 @@ static PyObject *py_restore_many(PyObject *self, PyObject *args)
 {
     PyObject *items_in, *items = NULL, *ret = NULL;
     Py_ssize_t n, i, nbufs = 0;
-    int *fdv = NULL;
+    int *fdv = NULL, *prepv = NULL;
     struct conn *cv = NULL;
     Py_buffer *bufs = NULL;
     unsigned int unmute = 0;
@@ -486,22 +505,24 @@ static PyObject *py_restore_many(PyObject *self, PyObject *args)
     if (!(items = PySequence_Fast(items_in, "restore_many: a sequence of items"))) return NULL;
     n = PySequence_Fast_GET_SIZE(items);
     fdv = PyMem_New(int, n ? n : 1);
+    prepv = PyMem_New(int, n ? n : 1);
     cv = PyMem_New(struct conn, n ? n : 1);
     bufs = PyMem_New(Py_buffer, n ? n : 1);
-    if (!fdv || !cv || !bufs) { PyErr_NoMemory(); goto out; }
-    if (parse_items(items, n, fdv, cv, bufs, &nbufs) < 0) goto out;
+    if (!fdv || !prepv || !cv || !bufs) { PyErr_NoMemory(); goto out; }
+    if (parse_items(items, n, fdv, prepv, cv, bufs, &nbufs) < 0) goto out;
     for (i = 0; i < n; i++) {
         if (unmute && set_mute(fdv[i], unmute, 0) < 0) {
             fail(i, "SO_MARK", errno, 0);
             goto out;
         }
-        if (restore_one(i, fdv[i], &cv[i]) < 0) goto out;
+        if (restore_one(i, fdv[i], &cv[i], prepv[i]) < 0) goto out;
     }
     ret = Py_NewRef(Py_None);
 out:
     for (i = 0; i < nbufs; i++) PyBuffer_Release(&bufs[i]);
     PyMem_Free(bufs);
     PyMem_Free(cv);
+    PyMem_Free(prepv);
     PyMem_Free(fdv);
     Py_XDECREF(items);
     return ret;
@@ -654,7 +675,7 @@ PyMODINIT_FUNC PyInit__repair(void)
     }
     /* ABI: what nodeshim/repairc.py expects of this module's calls; bump it with them */
     if (PyModule_AddIntConstant(m, "HEAD4", HEAD4) < 0 || PyModule_AddIntConstant(m, "HEAD6", HEAD6) < 0
-        || PyModule_AddIntConstant(m, "ABI", 4) < 0) {
+        || PyModule_AddIntConstant(m, "ABI", 5) < 0) {
         Py_DECREF(m);
         return NULL;
     }

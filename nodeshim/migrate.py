@@ -254,9 +254,11 @@ class MigrationAgent(ProcessSteps):
 
     def _prefill(self, cmd: nc.PrefillSockets) -> None:
         k = self.kernel
-        have = {family: k.tcprepair.prefill(family, n) for family, n in ((4, cmd.tcp4), (6, cmd.tcp6)) if n}
-        log.info("socket pool: %s ready for the connections to come (asked %d IPv4, %d IPv6)",
-                 ", ".join(f"{n} IPv{family}" for family, n in have.items()) or "none", cmd.tcp4, cmd.tcp6)
+        have = {family: k.tcprepair.prefill(family, n, local)
+                for family, n, local in ((4, cmd.tcp4, cmd.local4), (6, cmd.tcp6, cmd.local6)) if n}
+        log.info("socket pool: %s ready for the connections to come (asked %d IPv4, %d IPv6; bound to %s)",
+                 ", ".join(f"{n} IPv{family}" for family, n in have.items()) or "none", cmd.tcp4, cmd.tcp6,
+                 ", ".join(f"{a[0]}:{a[1]}" for a in (cmd.local4, cmd.local6) if a) or "nothing")
 
     def _after_step(self) -> None:
         """The collector (above) and, when no migration runs here, the socket pool's

@@ -36,7 +36,7 @@ from clustercore.sockwire import KEEP_RECORD_MAX, _ip_text, pack_connection
 log = logging.getLogger("vipcluster.tcprepair")
 
 
-ABI = 4  # the calls this module makes of nodeshim._repair (its ABI constant)
+ABI = 5  # the calls this module makes of nodeshim._repair (its ABI constant)
 
 try:
     from nodeshim import _repair as ext
@@ -108,12 +108,18 @@ def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None
         raise _dump_error(exc, socks) from None
 
 
-def restore_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState], unmute: bool = False) -> None:
+def restore_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState], unmute: bool = False,
+                 prepared: Sequence[int] | None = None) -> None:
     """Rebuild each state on its new socket, leaving them in repair mode (the caller
-    discards them all on an error). unmute: clear MUTE_MARK first (sockets criu made)."""
+    discards them all on an error). unmute: clear MUTE_MARK first (sockets criu made).
+    prepared: per socket, what was done to it already (tcprepair.REPAIRED | BOUND)."""
     try:
-        ext.restore_many([(s.fileno(), st.family, pack_connection(st)) for s, st in zip(socks, states)],
-                         MUTE_MARK if unmute else 0)
+        if prepared is None:
+            items = [(s.fileno(), st.family, pack_connection(st)) for s, st in zip(socks, states)]
+        else:
+            items = [(s.fileno(), st.family, pack_connection(st), done)
+                     for s, st, done in zip(socks, states, prepared)]
+        ext.restore_many(items, MUTE_MARK if unmute else 0)
     except RepairError as exc:
         raise _restore_error(exc, states) from None
 

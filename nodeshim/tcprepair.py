@@ -60,6 +60,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import resource
@@ -344,20 +345,23 @@ def _write_queue(sock: socket.socket, data: bytes | memoryview) -> None:
         off += sent
 
 
-def _restore_frozen(sock: socket.socket, st: TcpConnState) -> None:
-    """Everything up to (not including) repair off: no packet leaves the node here."""
+def _restore_frozen(sock: socket.socket, st: TcpConnState, prepared: int = 0) -> None:
+    """Everything up to (not including) repair off: no packet leaves the node here.
+    `prepared`: what the socket has had done already (the pool's: REPAIRED, BOUND)."""
     setsockopt = sock.setsockopt
     rq = st.recv_queue
     sq = st.send_queue
     step = "TCP_REPAIR on"
     try:
-        setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+        if not prepared & REPAIRED:
+            setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
         if rq:
             # before connect: the window clamp is computed from rcvbuf at connect time
             step = "SO_RCVBUFFORCE"
             _grow_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, len(rq))
         step = "bind"
-        sock.bind(st.local)
+        if not prepared & BOUND:
+            sock.bind(st.local)
         step = "TCP_QUEUE_SEQ"
         setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         setsockopt(SOL_TCP, TCP_QUEUE_SEQ, _U32.pack((st.recv_seq - len(rq)) & U32_MAX))
@@ -449,8 +453,13 @@ def _discard(sock: socket.socket) -> None:
 # trailed the source's dump by 40-60 ms, all of it inside the hold (docs/performance.md,
 # fifteenth session). Taken by restore_many in this namespace; what is left when no
 # migration runs is closed (drop_pool).
+# Each is in repair mode already, and bound too when prefill was told the address every
+# connection will have (`local`): the restore skips those two calls (REPAIRED, BOUND),
+# which were about 15% of its time a connection (perf, fifteenth session's lab).
 POOL_MAX = 65536
 _pool: dict[int, list[socket.socket]] = {4: [], 6: []}
+_pool_local: dict[int, tuple[str, int] | None] = {4: None, 6: None}
+REPAIRED, BOUND = 1, 2  # what a pooled socket has had done already (restore_many's `prepared`)
 
 
 def _headroom() -> int:
@@ -464,17 +473,32 @@ def _headroom() -> int:
         return 0
 
 
-def prefill(family: int, count: int) -> int:
-    """Make up to `count` more sockets of `family` (4 or 6) for restores to come: at most
-    POOL_MAX in the pool, and at most half the descriptors this process may still open
-    (the migration needs the rest: a batched destination holds the pool while it adopts
-    batch after batch); stops quietly when the kernel refuses one (the restore then makes
-    its own). Returns how many the pool holds."""
+def prefill(family: int, count: int, local: tuple[str, int] | None = None) -> int:
+    """Make up to `count` more sockets of `family` (4 or 6) for restores to come, each in
+    repair mode and, with `local`, bound to it: at most POOL_MAX in the pool, and at most
+    half the descriptors this process may still open (the migration needs the rest: a
+    batched destination holds the pool while it adopts batch after batch); stops quietly
+    when the kernel refuses one (the restore then makes its own). A pool bound elsewhere
+    is closed first. Returns how many the pool holds."""
     pool = _pool[family]
+    if local is not None:
+        local = (ipaddress.ip_address(local[0]).compressed, int(local[1]))
+    if pool and _pool_local[family] != local:
+        while pool:
+            pool.pop().close()
+    _pool_local[family] = local
     want = max(0, min(count, POOL_MAX - len(pool), _headroom() // 2))
     try:
         for _ in range(want):
-            pool.append(socket.socket(_AF[family], socket.SOCK_STREAM))
+            sock = socket.socket(_AF[family], socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+                if local is not None:  # repair mode: the port is shared (SK_FORCE_REUSE)
+                    sock.bind(local)
+            except OSError:
+                sock.close()
+                raise
+            pool.append(sock)
     except OSError as exc:
         log.warning("socket pool: %d of %d made (%s)", len(pool), count, exc)
     return len(pool)
@@ -488,18 +512,25 @@ def drop_pool() -> int:
     """Close every socket the pool still holds (never used: nothing to send). Returns how
     many."""
     n = 0
-    for socks in _pool.values():
+    for family, socks in _pool.items():
         while socks:
             socks.pop().close()
             n += 1
+        _pool_local[family] = None
     return n
 
 
-def _new_socket(state: TcpConnState, pool: bool = False) -> socket.socket:
+def _new_socket(state: TcpConnState, pool: bool = False) -> tuple[socket.socket, int]:
+    """A socket for `state` and what was done to it already (REPAIRED, BOUND): one of the
+    pool's when `pool` and it has one that fits, else a new one (0)."""
     if pool and _pool.get(state.family):
-        return _pool[state.family].pop()
+        local = _pool_local[state.family]
+        if local is None:
+            return _pool[state.family].pop(), REPAIRED
+        if local == state.local:
+            return _pool[state.family].pop(), REPAIRED | BOUND
     try:
-        return socket.socket(_AF[state.family], socket.SOCK_STREAM)
+        return socket.socket(_AF[state.family], socket.SOCK_STREAM), 0
     except OSError as exc:
         raise _err("restore_tcp: socket", exc) from None
 
@@ -513,7 +544,7 @@ def restore_tcp(state: TcpConnState, netns_fd: int | str | None = None) -> socke
     """
     _check_restorable(state)
     with in_netns(netns_fd):
-        sock = _new_socket(state)
+        sock, _ = _new_socket(state)
     try:
         _restore_frozen(sock, state)
         _thaw(sock, state)
@@ -540,17 +571,20 @@ def restore_many(
         _check_restorable(st)
     repairc.announce()
     socks: list[socket.socket] = []
+    prepared: list[int] = []
     try:
         with in_netns(netns_fd):
             for st in states:  # the pool's were made in our own namespace
-                socks.append(_new_socket(st, pool=netns_fd is None))
+                sock, done = _new_socket(st, pool=netns_fd is None)
+                socks.append(sock)
+                prepared.append(done)
         if repairc.ext is not None:  # the same calls in C (nodeshim/_repair.c)
-            repairc.restore_many(socks, states)
+            repairc.restore_many(socks, states, prepared=prepared)
             if thaw:
                 repairc.thaw_many(socks, states, window_probe)
             return socks
-        for sock, st in zip(socks, states):
-            _restore_frozen(sock, st)
+        for sock, st, done in zip(socks, states, prepared):
+            _restore_frozen(sock, st, done)
         if thaw:
             for sock, st in zip(socks, states):
                 _thaw(sock, st)

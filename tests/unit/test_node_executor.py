@@ -213,8 +213,8 @@ class FakeKernel:
         self._call("accept_waiting", sock.name)
         return []
 
-    def prefill(self, family, count):
-        self._call("prefill", family, count)
+    def prefill(self, family, count, local=None):
+        self._call("prefill", family, count, local)
         self.pool[family] = self.pool.get(family, 0) + count
         return self.pool[family]
 
@@ -802,7 +802,9 @@ def test_a_destination_told_the_sources_count_makes_the_sockets_at_prepare(tmp_p
 
     calls, pooled = asyncio.run(script())
     assert calls == ["sync_datapath", "open_sockets", "prefill", "prefill", "start_standby"]
-    assert ("prefill", 4, 5) in log and ("prefill", 6, 2) in log
+    # bound too where every connection's local address is known: echo's one TCP port on
+    # the node's one VIP of the family (this node has no IPv6 VIP)
+    assert ("prefill", 4, 5, (VIP, 7)) in log and ("prefill", 6, 2, None) in log
     assert pooled == {4: 5, 6: 2}  # kept while the migration runs
     assert fake.pool == {}  # the abort ended it: the unused ones closed
 

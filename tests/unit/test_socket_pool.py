@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from types import SimpleNamespace
 
@@ -34,21 +35,53 @@ def empty_pool():
     tcprepair.drop_pool()
 
 
+def in_repair(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_TCP, tcprepair.TCP_REPAIR)
+
+
 def test_the_restore_takes_the_pools_sockets_and_then_makes_its_own():
     assert tcprepair.prefill(4, 2) == 2 and tcprepair.prefill(6, 1) == 1
     pooled = list(tcprepair._pool[4])
     taken = [tcprepair._new_socket(state(4), pool=True) for _ in range(3)]
-    assert taken[:2] == pooled[::-1] and taken[2] not in pooled  # the third made anew
-    assert all(s.family == socket.AF_INET and s.type == socket.SOCK_STREAM for s in taken)
+    socks = [s for s, _ in taken]
+    assert socks[:2] == pooled[::-1] and socks[2] not in pooled  # the third made anew
+    # the pool's are in repair mode already (the restore skips that call); the new one not
+    assert [done for _, done in taken] == [tcprepair.REPAIRED, tcprepair.REPAIRED, 0]
+    assert [in_repair(s) for s in socks] == [1, 1, 0]
+    assert all(s.family == socket.AF_INET and s.type == socket.SOCK_STREAM for s in socks)
     assert tcprepair.pooled() == {4: 0, 6: 1}
-    for s in taken:
+    for s in socks:
         s.close()
+
+
+def test_a_pool_told_the_connections_address_is_bound_to_it_and_serves_only_that_address():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    local = listener.getsockname()  # the port taken: repair mode shares it (as the restore)
+    try:
+        assert tcprepair.prefill(4, 2, local) == 2
+        assert all(s.getsockname() == local and in_repair(s) for s in tcprepair._pool[4])
+        other = dataclasses.replace(state(4), local=("127.0.0.1", local[1] + 1))
+        made, done = tcprepair._new_socket(other, pool=True)  # not that address: a new one
+        assert done == 0 and tcprepair.pooled()[4] == 2
+        made.close()
+        mine = dataclasses.replace(state(4), local=local)
+        sock, done = tcprepair._new_socket(mine, pool=True)
+        assert done == tcprepair.REPAIRED | tcprepair.BOUND and tcprepair.pooled()[4] == 1
+        sock.close()
+        # another address asked later: the pool bound elsewhere is closed, not mixed
+        left = list(tcprepair._pool[4])
+        assert tcprepair.prefill(4, 1) == 1 and all(s.fileno() == -1 for s in left)
+        assert tcprepair._new_socket(mine, pool=True)[1] == tcprepair.REPAIRED
+    finally:
+        listener.close()
 
 
 def test_a_restore_in_another_namespace_does_not_take_from_the_pool():
     tcprepair.prefill(4, 1)
-    made = tcprepair._new_socket(state(4), pool=False)
-    assert tcprepair.pooled()[4] == 1
+    made, done = tcprepair._new_socket(state(4), pool=False)
+    assert tcprepair.pooled()[4] == 1 and done == 0
     made.close()
 
 
@@ -81,7 +114,7 @@ def test_out_of_descriptors_the_pool_keeps_what_it_made(monkeypatch):
     def sock(*args):
         if len(made) == 2:
             raise OSError(24, "Too many open files")
-        made.append(object())
+        made.append(SimpleNamespace(setsockopt=lambda *a: None))
         return made[-1]
     monkeypatch.setattr(tcprepair.socket, "socket", sock)
     assert tcprepair.prefill(4, 5) == 2  # no error: the restore makes the rest itself
@@ -113,3 +146,15 @@ def test_the_census_of_a_service_another_node_owns_is_refused(monkeypatch):
         asyncio.run(agentmod.NodeAgent.on_census(_agent(owner="n2"), msgs.Census(service="echo"), None))
     with pytest.raises(LocalControlError):
         asyncio.run(agentmod.NodeAgent.on_census(_agent(), msgs.Census(service="other"), None))
+
+
+def test_the_connections_address_is_known_with_one_tcp_port_and_one_vip_of_the_family():
+    from clustercore.nodecommands import connection_local
+    one = Service("echo", "n1", ((TCP, 7), (UDP, 7)), "builtin:echo")
+    two = Service("web", "n1", ((TCP, 80), (TCP, 443)), "builtin:echo")
+    vips = ("203.0.113.10", "2001:db8::10")
+    assert connection_local(one, vips, 4) == ("203.0.113.10", 7)
+    assert connection_local(one, vips, 6) == ("2001:db8::10", 7)
+    assert connection_local(one, ("203.0.113.10",), 6) is None  # no IPv6 VIP
+    assert connection_local(one, ("203.0.113.10", "203.0.113.11"), 4) is None  # which one?
+    assert connection_local(two, vips, 4) is None  # which port?
