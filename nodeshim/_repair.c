@@ -39,6 +39,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -100,9 +101,18 @@ static int sockaddr_to(const struct sockaddr_storage *ss, int *family, uint8_t i
     return -1;
 }
 
-/* Read one connection whose socket is in repair mode. Returns the record (new
- * reference) or NULL with RepairError set. */
-static PyObject *dump_one(Py_ssize_t index, int fd, const char *name, Py_ssize_t nlen, struct conn *cout)
+/* Why a dump failed: dump_many's RepairError(index, step, errno, tcp_state). */
+struct dump_fail {
+    const char *step;
+    int err, state;
+};
+
+/* Read one connection whose socket is in repair mode, without the interpreter (the GIL is
+ * released around it): the record is built in a malloc'd buffer (*out, *outlen: head,
+ * name, receive queue, send queue, as sockwire packs it) and *cout filled (its pointers
+ * into that buffer). Returns 0, or -1 with *why set. */
+static int dump_one(int fd, const char *name, Py_ssize_t nlen, struct conn *cout, uint8_t **out_, size_t *outlen,
+                    struct dump_fail *why)
 {
     struct conn c;
     uint8_t info[8];
@@ -110,18 +120,18 @@ static PyObject *dump_one(Py_ssize_t index, int fd, const char *name, Py_ssize_t
     int outq = 0, unsent = 0, inq = 0, mss = 0, ts = 0, qseq = 0;
     struct repair_window w;
     const char *step = "TCP_INFO";
-    PyObject *rec = NULL;
-    uint8_t *out;
+    uint8_t *out = NULL;
     struct sockaddr_storage ss;
     socklen_t sl;
     int fam2;
 
     memset(&c, 0, sizeof c);
+    *out_ = NULL;
     if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, info, &len) < 0) goto oserr;
     if (len < 8) { errno = EIO; goto oserr; }
     if (info[0] != STATE_ESTABLISHED) {
-        fail(index, "state", 0, info[0]);
-        return NULL;
+        *why = (struct dump_fail){"state", 0, info[0]};
+        return -1;
     }
     step = "SIOCOUTQ";
     if (ioctl(fd, SIOCOUTQ, &outq) < 0) goto oserr;
@@ -141,49 +151,48 @@ static PyObject *dump_one(Py_ssize_t index, int fd, const char *name, Py_ssize_t
     if (len != sizeof w) { errno = EIO; goto oserr; }
     if (outq < 0 || inq < 0 || unsent < 0 || unsent > outq || (unsigned)outq >= QUEUE_MAX
         || (unsigned)inq >= QUEUE_MAX || mss < 1 || mss > 65535) {
-        fail(index, "queue sizes", 0, info[0]);
-        return NULL;
+        *why = (struct dump_fail){"queue sizes", 0, info[0]};
+        return -1;
     }
     c.rlen = (uint32_t)inq;
     c.slen = (uint32_t)outq;
     c.nlen = (uint8_t)nlen;
     /* + 1: the spare byte of the last peek */
-    rec = PyBytes_FromStringAndSize(NULL, HEAD_MAX + nlen + (Py_ssize_t)inq + outq + 1);
-    if (!rec) return NULL;
-    out = (uint8_t *)PyBytes_AS_STRING(rec);
+    out = malloc(HEAD_MAX + (size_t)nlen + (size_t)inq + (size_t)outq + 1);
+    if (!out) { errno = ENOMEM; step = "memory"; goto oserr; }
     /* queues peeked straight into the record, at their final place once the head size is
      * known (the family comes from getsockname, last, as in tcprepair.py) */
     {
         uint8_t *rq = out + HEAD_MAX + nlen, *sq = rq + inq;
         ssize_t got;
         step = "receive queue";
-        if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_RECV) < 0) goto oserr_rec;
-        if (get_int(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, &qseq) < 0) goto oserr_rec;
+        if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_RECV) < 0) goto oserr;
+        if (get_int(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, &qseq) < 0) goto oserr;
         c.recv_seq = (uint32_t)qseq;
         if (inq) {
             /* one byte more than SIOCINQ said proves the length (libsoccr does too); the
              * extra byte lands in the send queue's place, or in the record's spare byte */
             got = recv(fd, rq, (size_t)inq + 1, MSG_PEEK | MSG_DONTWAIT);
-            if (got < 0) goto oserr_rec;
+            if (got < 0) goto oserr;
             if (got != inq) goto short_peek;
         }
         step = "send queue";
-        if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_SEND) < 0) goto oserr_rec;
-        if (get_int(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, &qseq) < 0) goto oserr_rec;
+        if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_SEND) < 0) goto oserr;
+        if (get_int(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, &qseq) < 0) goto oserr;
         c.send_seq = (uint32_t)qseq;
         if (outq) {
             got = recv(fd, sq, (size_t)outq + 1, MSG_PEEK | MSG_DONTWAIT);
-            if (got < 0) goto oserr_rec;
+            if (got < 0) goto oserr;
             if (got != outq) goto short_peek;
         }
     }
     step = "addresses";
     sl = sizeof ss;
-    if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) goto oserr_rec;
-    if (sockaddr_to(&ss, &c.family, c.lip, &c.lport) < 0) { errno = EAFNOSUPPORT; goto oserr_rec; }
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) goto oserr;
+    if (sockaddr_to(&ss, &c.family, c.lip, &c.lport) < 0) { errno = EAFNOSUPPORT; goto oserr; }
     sl = sizeof ss;
-    if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0) goto oserr_rec;
-    if (sockaddr_to(&ss, &fam2, c.rip, &c.rport) < 0 || fam2 != c.family) { errno = EAFNOSUPPORT; goto oserr_rec; }
+    if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0) goto oserr;
+    if (sockaddr_to(&ss, &fam2, c.rip, &c.rport) < 0 || fam2 != c.family) { errno = EAFNOSUPPORT; goto oserr; }
     c.mss = (uint16_t)mss;
     c.flags = (info[5] & OPT_WSCALE ? F_WS : 0) | (info[5] & OPT_TS ? F_TS : 0) | (info[5] & OPT_SACK ? F_SACK : 0);
     c.sws = info[5] & OPT_WSCALE ? info[6] & 0x0F : 0;
@@ -193,11 +202,11 @@ static PyObject *dump_one(Py_ssize_t index, int fd, const char *name, Py_ssize_t
     c.unsent = (uint32_t)unsent;
     c.name = (const uint8_t *)name;
     {
-        const char *why = check_conn(&c);
-        if (why) {
-            Py_DECREF(rec);
-            fail(index, why, 0, info[0]);
-            return NULL;
+        const char *bad = check_conn(&c);
+        if (bad) {
+            free(out);
+            *why = (struct dump_fail){bad, 0, info[0]};
+            return -1;
         }
     }
     {
@@ -206,24 +215,23 @@ static PyObject *dump_one(Py_ssize_t index, int fd, const char *name, Py_ssize_t
             memmove(out + head, out + HEAD_MAX, nlen + (size_t)inq + outq);
         if (nlen) memcpy(out + head, name, nlen);
         pack_head(&c, out);
-        if (_PyBytes_Resize(&rec, (Py_ssize_t)head + nlen + inq + outq) < 0) return NULL;
-        out = (uint8_t *)PyBytes_AS_STRING(rec); /* the resize may move it */
+        *outlen = head + nlen + inq + outq;
         c.name = out + head;
         c.rq = c.name + nlen;
         c.sq = c.rq + inq;
     }
     *cout = c;
-    return rec;
+    *out_ = out;
+    return 0;
 
 short_peek:
-    Py_DECREF(rec);
-    fail(index, "queue peek", 0, info[0]);
-    return NULL;
-oserr_rec:
-    Py_DECREF(rec);
+    free(out);
+    *why = (struct dump_fail){"queue peek", 0, info[0]};
+    return -1;
 oserr:
-    fail(index, step, errno, 0);
-    return NULL;
+    free(out);
+    *why = (struct dump_fail){step, errno, 0};
+    return -1;
 }
 
 static void repair_off_quietly(int fd)
@@ -251,14 +259,23 @@ static int set_mute(int fd, unsigned int mute, int on)
  * repair mode on for each socket and its record. With the 4-tuple, a list of TcpConnState
  * instead of records. `mute` (a mark bit, 0: none) is set in each socket's SO_MARK right
  * after repair mode goes on (set_mute).
+ * The syscalls run with the interpreter's lock released (two threads can dump two lists
+ * at once: nodeshim.repairc does at 10,000 connections); the records and objects are
+ * built after, with it.
  * All or none: on failure every socket of the list already touched (and the failing one,
  * if repair mode went on) is unmuted and leaves repair mode without a window probe, as
  * tcprepair.py. */
 static PyObject *py_dump_many(PyObject *self, PyObject *args)
 {
     PyObject *fds_in, *names_in, *fds = NULL, *names = NULL, *out = NULL, *types = Py_None;
-    Py_ssize_t n, i, done = 0;
+    Py_ssize_t n, i, done = 0, failed_at = -1;
     int *fdv = NULL;
+    const char **nmv = NULL;
+    Py_ssize_t *nlv = NULL;
+    uint8_t **bufv = NULL;
+    size_t *lenv = NULL;
+    struct conn *cv = NULL;
+    struct dump_fail why = {0};
     unsigned int mute = 0;
     struct builder b = {0};
     (void)self;
@@ -274,14 +291,20 @@ static PyObject *py_dump_many(PyObject *self, PyObject *args)
         b.win_t = (PyTypeObject *)wt;
         if (!(b.ips = PyDict_New())) return NULL;
     }
-    if (!(fds = PySequence_Fast(fds_in, "fds must be a sequence"))) return NULL;
+    if (!(fds = PySequence_Fast(fds_in, "fds must be a sequence"))) goto out;
     if (!(names = PySequence_Fast(names_in, "names must be a sequence"))) goto out;
     n = PySequence_Fast_GET_SIZE(fds);
     if (PySequence_Fast_GET_SIZE(names) != n) {
         PyErr_SetString(PyExc_ValueError, "dump_many: as many names as sockets");
         goto out;
     }
-    if (!(fdv = PyMem_New(int, n ? n : 1))) { PyErr_NoMemory(); goto out; }
+    fdv = PyMem_New(int, n ? n : 1);
+    nmv = PyMem_New(const char *, n ? n : 1);
+    nlv = PyMem_New(Py_ssize_t, n ? n : 1);
+    lenv = PyMem_New(size_t, n ? n : 1);
+    cv = PyMem_New(struct conn, n ? n : 1);
+    bufv = PyMem_Calloc(n ? n : 1, sizeof *bufv);
+    if (!fdv || !nmv || !nlv || !lenv || !cv || !bufv) { PyErr_NoMemory(); goto out; }
     for (i = 0; i < n; i++) {
         PyObject *nm = PySequence_Fast_GET_ITEM(names, i);
         fdv[i] = as_int(PySequence_Fast_GET_ITEM(fds, i));
@@ -290,23 +313,50 @@ static PyObject *py_dump_many(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "dump_many: a name is None or bytes of at most 255");
             goto out;
         }
+        /* the bytes stay alive (`names` holds them) and cannot change: read without the lock */
+        nmv[i] = nm == Py_None ? NULL : PyBytes_AS_STRING(nm);
+        nlv[i] = nm == Py_None ? 0 : PyBytes_GET_SIZE(nm);
     }
-    if (!(out = PyList_New(n))) goto out;
+    Py_BEGIN_ALLOW_THREADS
     for (i = 0; i < n; i++) {
-        PyObject *nm = PySequence_Fast_GET_ITEM(names, i), *rec;
-        struct conn c;
         if (opt_int(fdv[i], IPPROTO_TCP, TCP_REPAIR, REPAIR_ON) < 0) {
-            fail(i, "TCP_REPAIR on", errno, 0);
-            goto rollback;
+            why = (struct dump_fail){"TCP_REPAIR on", errno, 0};
+            failed_at = i;
+            break;
         }
         done = i + 1;
         if (mute && set_mute(fdv[i], mute, 1) < 0) {
-            fail(i, "SO_MARK", errno, 0);
-            goto rollback;
+            why = (struct dump_fail){"SO_MARK", errno, 0};
+            failed_at = i;
+            break;
         }
-        rec = dump_one(i, fdv[i], nm == Py_None ? NULL : PyBytes_AS_STRING(nm),
-                       nm == Py_None ? 0 : PyBytes_GET_SIZE(nm), &c);
+        if (dump_one(fdv[i], nmv[i], nlv[i], &cv[i], &bufv[i], &lenv[i], &why) < 0) {
+            failed_at = i;
+            break;
+        }
+    }
+    if (failed_at >= 0) {
+        for (i = 0; i < done; i++) {
+            if (mute) set_mute(fdv[i], mute, 0);
+            repair_off_quietly(fdv[i]);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (failed_at >= 0) {
+        fail(failed_at, why.step, why.err, why.state);
+        goto out;
+    }
+    if (!(out = PyList_New(n))) goto rollback;
+    for (i = 0; i < n; i++) {
+        PyObject *rec = PyBytes_FromStringAndSize((const char *)bufv[i], (Py_ssize_t)lenv[i]);
+        struct conn c = cv[i];
         if (!rec) goto rollback;
+        {   /* the pointers into the record, now that it is a bytes object */
+            const uint8_t *base = (const uint8_t *)PyBytes_AS_STRING(rec);
+            c.name = base + (c.name - bufv[i]);
+            c.rq = base + (c.rq - bufv[i]);
+            c.sq = base + (c.sq - bufv[i]);
+        }
         if (b.conn_t) {
             PyObject *st = make_state(&b, &c, rec);
             Py_DECREF(rec);
@@ -316,7 +366,7 @@ static PyObject *py_dump_many(PyObject *self, PyObject *args)
         PyList_SET_ITEM(out, i, rec);
     }
     goto out;
-rollback:
+rollback: /* out of memory building the objects: the sockets go back as they were */
     for (i = 0; i < done; i++) {
         int saved = errno;
         if (mute) set_mute(fdv[i], mute, 0);
@@ -325,6 +375,13 @@ rollback:
     }
     Py_CLEAR(out);
 out:
+    if (bufv)
+        for (i = 0; i < n; i++) free(bufv[i]);
+    PyMem_Free(bufv);
+    PyMem_Free(cv);
+    PyMem_Free(lenv);
+    PyMem_Free(nlv);
+    PyMem_Free(nmv);
     Py_XDECREF(b.ips);
     PyMem_Free(fdv);
     Py_XDECREF(fds);

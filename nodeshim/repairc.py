@@ -22,6 +22,7 @@ the KernelError / HalfClosedError the Python path raises, with the same step nam
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import socket
@@ -37,6 +38,7 @@ log = logging.getLogger("vipcluster.tcprepair")
 
 
 ABI = 5  # the calls this module makes of nodeshim._repair (its ABI constant)
+_TCP_REPAIR, _REPAIR_OFF_NO_WP = 19, -1
 
 try:
     from nodeshim import _repair as ext
@@ -97,15 +99,63 @@ def _restore_error(exc: Exception, states: Sequence[TcpConnState]) -> KernelErro
     return KernelError(f"restore_tcp: {step}", err or None, f"{st.local} <-> {st.remote}")
 
 
-def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None) -> list[TcpConnState]:
-    """Repair on, muted (fastpath.MUTE_MARK), and read each socket; all or none (the C code
-    rolls back)."""
-    fds = [s.fileno() for s in socks]
-    enc = [None] * len(fds) if names is None else [None if n is None else n.encode() for n in names]
+# A list this long or longer is dumped in two halves at once, the second by a worker
+# thread: the C loop releases the interpreter's lock around its syscalls, so the halves
+# run on two cores (a whole handoff's freeze is mostly the source's dump).
+PARALLEL_MIN = 64
+_worker: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _dump(socks: Sequence[socket.socket], enc: list) -> list[TcpConnState]:
     try:  # the states are built in C, as sockwire.from_local_record builds them
-        return ext.dump_many(fds, enc, _BUILD, MUTE_MARK)
+        return ext.dump_many([s.fileno() for s in socks], enc, _BUILD, MUTE_MARK)
     except RepairError as exc:
         raise _dump_error(exc, socks) from None
+
+
+def _undump(socks: Sequence[socket.socket]) -> None:
+    """A dumped list given back as the C code gives back a failed one: unmuted, repair
+    off without a window probe; quietly (the caller raises the first failure)."""
+    for s in socks:
+        try:
+            mark = s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+            if mark & MUTE_MARK:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark & ~MUTE_MARK)
+        except OSError:
+            pass
+        try:
+            s.setsockopt(socket.SOL_TCP, _TCP_REPAIR, _REPAIR_OFF_NO_WP)
+        except OSError:
+            pass
+
+
+def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None) -> list[TcpConnState]:
+    """Repair on, muted (fastpath.MUTE_MARK), and read each socket; all or none (the C code
+    rolls its list back; a half that worked is given back here when the other failed)."""
+    global _worker
+    enc = [None] * len(socks) if names is None else [None if n is None else n.encode() for n in names]
+    if len(socks) < PARALLEL_MIN:
+        return _dump(socks, enc)
+    half = len(socks) // 2
+    if _worker is None:
+        _worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump")
+    second = _worker.submit(_dump, socks[half:], enc[half:])
+    try:
+        first = _dump(socks[:half], enc[:half])
+    except BaseException:
+        try:
+            second.result()
+        except BaseException:  # noqa: BLE001 - it gave its own back; ours is the error
+            pass
+        else:
+            _undump(socks[half:])
+        raise
+    try:
+        rest = second.result()
+    except BaseException:
+        _undump(socks[:half])
+        raise
+    return first + rest
 
 
 def restore_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState], unmute: bool = False,

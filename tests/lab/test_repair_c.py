@@ -192,6 +192,37 @@ def test_half_closed_in_a_c_batch_fails_it_and_leaves_every_socket_working(net):
     assert srv_ok.recv(100) == b"and here"
 
 
+@pytest.mark.parametrize("bad_at", [3, 70])  # in the half this thread dumps, in the worker's
+def test_a_long_list_is_dumped_in_two_halves_and_a_failure_in_either_gives_all_back(net, bad_at):
+    """repairc.dump_many dumps PARALLEL_MIN sockets or more in two halves at once (the C
+    loop releases the interpreter's lock): the states come back in order, and when one
+    half fails the other half's sockets are given back too (unmuted, out of repair mode)."""
+    n = 80
+    assert n >= repairc.PARALLEL_MIN and n // 2 < 70
+    lst = net.listener()
+    pairs = [net.connect(lst) for _ in range(n)]
+    socks = [srv for _, srv in pairs]
+    with path("c"):
+        states = tcprepair.dump_many(socks)
+        assert [st.remote for st in states] == [srv.getpeername()[:2] for srv in socks]
+        tcprepair.unrepair_many(socks)
+        cli_hc, srv_hc = pairs[bad_at]
+        cli_hc.shutdown(socket.SHUT_WR)
+        wait_until(lambda: _state(srv_hc) == 8, "server in CLOSE_WAIT")
+        with pytest.raises(tcprepair.HalfClosedError):
+            tcprepair.dump_many(socks)
+    for srv in socks:
+        assert srv.getsockopt(socket.IPPROTO_TCP, tcprepair.TCP_REPAIR) == 0
+        assert not srv.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) & repairc.MUTE_MARK
+    for i in (0, n // 2, n - 1):  # both halves still talk
+        if i == bad_at:
+            continue
+        cli, srv = pairs[i]
+        srv.sendall(b"still here")
+        cli.settimeout(5)
+        assert cli.recv(100) == b"still here"
+
+
 @pytest.mark.parametrize("dump_with, restore_with", [("c", "python"), ("python", "c")])
 def test_an_ipv6_connection_moves_between_the_paths(net6, dump_with, restore_with):  # noqa: F811
     lst = net6.sock(net6.server, socket.AF_INET6, socket.SOCK_STREAM)
