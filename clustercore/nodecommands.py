@@ -291,6 +291,13 @@ class LetPacketsIn(Command):
 
 
 @_command()
+class DecideWaiting(Command):
+    """Give every packet the node's queues hold now its verdict, as the verdict loop would,
+    at once (LetPacketsIn lets the loop run once, a budget of packets a queue): at a
+    freeze, what came before it is decided by the rules before it."""
+
+
+@_command()
 class StreamChunk(Command):
     """Send dumped connections ahead to the destination, through the gateway (-> bool:
     False when there is no link, and the chunk then goes with the reply)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from types import SimpleNamespace
 import signal
 from dataclasses import dataclass, field
 
@@ -331,8 +332,10 @@ class FakeAgent:
     notify: object = None
     notify_env: dict = field(default_factory=lambda: {"NOTIFY_SOCKET": "/run/notify"})
     role_record: RoleRecord = None
+    queue: object = None
 
     def __post_init__(self) -> None:
+        self.queue = SimpleNamespace(flush=lambda: self.log.append(("flush_queues",)))
         self.filter = NodeFilter(self.config.name)
         self.filter.load([ECHO], self.config.name)
         self.role_record = RecordedRoles(os.path.join(self.config.state_dir, "roles.json"), self.log)
@@ -422,7 +425,8 @@ def test_source_arm_freeze_commit_script(tmp_path):
     # what moves is what the program stored: its listener (accepted from), its UDP socket
     # (drained), its connections (dumped), its state memfd (read)
     # (stopped from outside once it said STOPPING=1: an init of a PID namespace cannot)
-    assert freeze_calls == ["send_signal", "signal_group", "accept_waiting", "dump_many",
+    # the queues' waiting packets decided (by the rules before the freeze) before it
+    assert freeze_calls == ["send_signal", "signal_group", "flush_queues", "accept_waiting", "dump_many",
                             "dump_listener", "drain_udp", "read_state"]
     assert ("accept_waiting", "stored-tcp-7") in log_before_commit
     assert isinstance(frozen, msgs.FreezeDone)

@@ -227,7 +227,7 @@ def test_the_source_script():
         (nc.ReadClock, 0.9), (nc.WaitHalfClosed, None), (nc.ReadClock, 1.0),
         (nc.HandOver, [("state", "S"), ("tcp-7", "SL"), ("udp-7", "SU"), ("conn-7", "C0"), ("x", "X")]),
         (nc.ReadClock, 1.25), (nc.CloseDescriptors, None), (nc.Note, None), (nc.LetPacketsIn, None),
-        (nc.ReadClock, 1.375), (nc.WaitHandshakes, None), (nc.ReadClock, 1.5),
+        (nc.ReadClock, 1.375), (nc.WaitHandshakes, None), (nc.DecideWaiting, None), (nc.ReadClock, 1.5),
         (nc.AcceptWaiting, [("conn-7", "A0")]), (nc.ReadClock, 2.0),
         (nc.DumpConnections, [conn(0), conn(1)]), (nc.LetPacketsIn, None), (nc.ReadClock, 3.0),
         (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7)),)), (nc.DrainDatagrams, DRAINED),
