@@ -176,6 +176,19 @@ static int dump_one(int fd, const char *name, Py_ssize_t nlen, struct conn *cout
             if (got < 0) goto oserr;
             if (got != inq) goto short_peek;
         }
+        if (w.rcv_wup != c.recv_seq) {
+            /* we owe the peer an ACK (the last segment we sent acknowledged less than we
+             * have): the kernel's window probe, leaving repair mode, carries our rcv_nxt.
+             * The client gets it now, not when the destination thaws 100-200 ms later
+             * (its loss probe fires at about 200 ms). Then the window again: the probe
+             * moved snd_wl1 and rcv_wup (tcprepair.py does the same) */
+            step = "acknowledge";
+            if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF) < 0) goto oserr;
+            if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR, REPAIR_ON) < 0) goto oserr;
+            len = sizeof w;
+            if (getsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, &w, &len) < 0) goto oserr;
+            if (len != sizeof w) { errno = EIO; goto oserr; }
+        }
         step = "send queue";
         if (opt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, Q_SEND) < 0) goto oserr;
         if (get_int(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, &qseq) < 0) goto oserr;
@@ -257,8 +270,8 @@ static int set_mute(int fd, unsigned int mute, int on)
 
 /* dump_many(fds, names[, (TcpConnState, TcpWindow, ip_text, keep_max)[, mute]]) -> list[bytes]:
  * repair mode on for each socket and its record. With the 4-tuple, a list of TcpConnState
- * instead of records. `mute` (a mark bit, 0: none) is set in each socket's SO_MARK right
- * after repair mode goes on (set_mute).
+ * instead of records. `mute` (a mark bit, 0: none) is set in each socket's SO_MARK once it
+ * is read (set_mute), after the ACK the dump sends where one is owed (dump_one).
  * The syscalls run with the interpreter's lock released (two threads can dump two lists
  * at once: nodeshim.repairc does at 10,000 connections); the records and objects are
  * built after, with it.
@@ -325,12 +338,13 @@ static PyObject *py_dump_many(PyObject *self, PyObject *args)
             break;
         }
         done = i + 1;
-        if (mute && set_mute(fdv[i], mute, 1) < 0) {
-            why = (struct dump_fail){"SO_MARK", errno, 0};
+        if (dump_one(fdv[i], nmv[i], nlv[i], &cv[i], &bufv[i], &lenv[i], &why) < 0) {
             failed_at = i;
             break;
         }
-        if (dump_one(fdv[i], nmv[i], nlv[i], &cv[i], &bufv[i], &lenv[i], &why) < 0) {
+        /* muted after the reads: the ACK dump_one may send must leave the node */
+        if (mute && set_mute(fdv[i], mute, 1) < 0) {
+            why = (struct dump_fail){"SO_MARK", errno, 0};
             failed_at = i;
             break;
         }

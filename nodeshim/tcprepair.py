@@ -16,7 +16,10 @@ records why each step is where it is. The facts this module relies on:
   with it, not even close, sends a packet, but repair mode does not stop the socket's own
   timers (a delayed ACK it owed, a retransmission), so the dump also sets
   clustercore.fastpath.MUTE_MARK in its SO_MARK and the node's OUTPUT drops what it sends
-  (nodeshim.iptables). Then either `close_silently` it (migration committed) or `unrepair`
+  (nodeshim.iptables). An ACK the socket owes (rcv_wup behind rcv_nxt: data in since its
+  last segment) is sent by the dump itself, before the mute: repair off with the kernel's
+  window probe (which carries rcv_nxt) and on again. Left to the destination's thaw, the
+  client's loss probe fired first in the larger moves. Then either `close_silently` it (migration committed) or `unrepair`
   it (rolled back: unmuted, the connection continues on the old node where it stopped).
 - In repair mode, bytes written with TCP_REPAIR_QUEUE=SEND are queued as *sent* and are
   retransmitted by the normal timer, which is right for the unacknowledged part only; the
@@ -177,11 +180,12 @@ def dump_tcp(sock: socket.socket, name: str | None = None) -> TcpConnState:
     except OSError as exc:
         raise _err("dump_tcp: TCP_REPAIR on", exc, _where(sock)) from None
     try:
-        try:
+        state = _dump_repaired(sock, name)
+        try:  # after the reads: the ACK _dump_repaired may send must leave the node
             set_muted(sock, True)
         except OSError as exc:
             raise _err("dump_tcp: SO_MARK", exc, _where(sock)) from None
-        return _dump_repaired(sock, name)
+        return state
     except BaseException:
         _repair_off_quietly(sock)
         raise
@@ -230,6 +234,15 @@ def _dump_repaired(sock: socket.socket, name: str | None) -> TcpConnState:
         recv_seq = getsockopt(SOL_TCP, TCP_QUEUE_SEQ) & U32_MAX
         # ask for one byte more than SIOCINQ said, to prove the length (libsoccr does too)
         recv_data = sock.recv(inq + 1, _PEEK) if inq else b""
+        if rwup != recv_seq:
+            # we owe the peer an ACK (our last segment acknowledged less than we have): the
+            # kernel's window probe, leaving repair mode, carries our rcv_nxt, so the client
+            # has it now rather than when the destination thaws (its loss probe fires at
+            # about 200 ms); the probe moved snd_wl1 and rcv_wup: read the window again
+            step = "acknowledge"
+            setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+            setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+            wl1, swnd, maxw, rwnd, rwup = _WINDOW.unpack(getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20))
         step = "send queue"
         setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         send_seq = getsockopt(SOL_TCP, TCP_QUEUE_SEQ) & U32_MAX

@@ -192,6 +192,31 @@ def test_half_closed_in_a_c_batch_fails_it_and_leaves_every_socket_working(net):
     assert srv_ok.recv(100) == b"and here"
 
 
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_an_ack_the_socket_owes_is_sent_by_the_dump(net, impl):
+    """Data in since the socket's last segment (a delayed ACK pending): the dump sends the
+    ACK (repair off with the kernel's window probe, on again) before it mutes the socket,
+    so the record says nothing is owed (rcv_wup == recv_seq) and the client has its ACK."""
+    lst = net.listener()
+    cli, srv = net.connect(lst)
+    cli.sendall(b"ping")  # one exchange: the server is interactive (delayed ACKs) from here
+    srv.settimeout(5)
+    assert srv.recv(10) == b"ping"
+    srv.sendall(b"pong")
+    cli.settimeout(5)
+    assert cli.recv(10) == b"pong"
+    wait_until(lambda: _ioctl(srv, tcprepair.SIOCOUTQ) == 0, "pong acknowledged")
+    srv.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)  # and delay the next ACK
+    cli.sendall(b"req")
+    wait_until(lambda: _ioctl(srv, tcprepair.SIOCINQ) == 3, "the request in", timeout=1)
+    with path(impl):
+        (st,) = tcprepair.dump_many([srv])  # at once: a delayed ACK waits 40 ms at least
+    assert st.recv_queue == b"req"
+    assert st.window.rcv_wup == st.recv_seq  # nothing owed: the dump acknowledged it
+    wait_until(lambda: _ioctl(cli, tcprepair.SIOCOUTQ) == 0, "the client's request acknowledged")
+    tcprepair.unrepair_many([srv])
+
+
 @pytest.mark.parametrize("bad_at", [3, 70])  # in the half this thread dumps, in the worker's
 def test_a_long_list_is_dumped_in_two_halves_and_a_failure_in_either_gives_all_back(net, bad_at):
     """repairc.dump_many dumps PARALLEL_MIN sockets or more in two halves at once (the C
