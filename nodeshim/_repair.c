@@ -141,10 +141,6 @@ static int dump_one(int fd, const char *name, Py_ssize_t nlen, struct conn *cout
     if (ioctl(fd, SIOCINQ, &inq) < 0) goto oserr;
     step = "TCP_MAXSEG";
     if (get_int(fd, IPPROTO_TCP, TCP_MAXSEG, &mss) < 0) goto oserr;
-    if (info[5] & OPT_TS) {
-        step = "TCP_TIMESTAMP";
-        if (get_int(fd, IPPROTO_TCP, TCP_TIMESTAMP, &ts) < 0) goto oserr;
-    }
     step = "TCP_REPAIR_WINDOW";
     len = sizeof w;
     if (getsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, &w, &len) < 0) goto oserr;
@@ -206,6 +202,13 @@ static int dump_one(int fd, const char *name, Py_ssize_t nlen, struct conn *cout
     sl = sizeof ss;
     if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0) goto oserr;
     if (sockaddr_to(&ss, &fam2, c.rip, &c.rport) < 0 || fam2 != c.family) { errno = EAFNOSUPPORT; goto oserr; }
+    if (info[5] & OPT_TS) {
+        /* last, after the ACK above and just before the mute: whatever this socket sent
+         * carries a timestamp no newer than the one the copy continues from (a newer one,
+         * kept by the client, made it drop the copy's next segment: PAWS) */
+        step = "TCP_TIMESTAMP";
+        if (get_int(fd, IPPROTO_TCP, TCP_TIMESTAMP, &ts) < 0) goto oserr;
+    }
     c.mss = (uint16_t)mss;
     c.flags = (info[5] & OPT_WSCALE ? F_WS : 0) | (info[5] & OPT_TS ? F_TS : 0) | (info[5] & OPT_SACK ? F_SACK : 0);
     c.sws = info[5] & OPT_WSCALE ? info[6] & 0x0F : 0;

@@ -223,10 +223,6 @@ def _dump_repaired(sock: socket.socket, name: str | None) -> TcpConnState:
         inq = _INT.unpack(fcntl.ioctl(fd, SIOCINQ, _ZERO_INT))[0]
         step = "TCP_MAXSEG"
         mss = getsockopt(SOL_TCP, TCP_MAXSEG)  # in repair mode: the MSS clamp
-        tsval = 0
-        if options & TCPI_OPT_TIMESTAMPS:
-            step = "TCP_TIMESTAMP"
-            tsval = getsockopt(SOL_TCP, TCP_TIMESTAMP) & U32_MAX
         step = "TCP_REPAIR_WINDOW"
         wl1, swnd, maxw, rwnd, rwup = _WINDOW.unpack(getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20))
         step = "receive queue"
@@ -250,6 +246,13 @@ def _dump_repaired(sock: socket.socket, name: str | None) -> TcpConnState:
         step = "addresses"
         local = sock.getsockname()
         remote = sock.getpeername()
+        tsval = 0
+        if options & TCPI_OPT_TIMESTAMPS:
+            # last, after the ACK above and just before the mute: whatever this socket sent
+            # carries a timestamp no newer than the one the copy continues from (a newer
+            # one, kept by the client, made it drop the copy's next segment: PAWS)
+            step = "TCP_TIMESTAMP"
+            tsval = getsockopt(SOL_TCP, TCP_TIMESTAMP) & U32_MAX
     except OSError as exc:
         raise _err(f"dump_tcp: {step}", exc, _where(sock)) from None
     if len(recv_data) != inq or len(send_data) != outq:
