@@ -158,6 +158,7 @@ class SourceCutover(MigrationRole):
         self._forward: list[Handle] = []
         self.frozen_at: float | None = None
         self.first_held_at: float | None = None
+        self.syns_accepted = 0  # old-epoch SYNs accepted (a handshake the freeze must wait for)
 
     @property
     def phase(self) -> str:
@@ -189,6 +190,8 @@ class SourceCutover(MigrationRole):
             return Verdict.HOLD
         if is_new:
             self._consumed[flow] = self._consumed.get(flow, 0) + 1
+        elif packet.is_syn:
+            self.syns_accepted += 1
         return Verdict.ACCEPT
 
     def freeze(self, now: float) -> dict[Flow, int]:

@@ -87,6 +87,7 @@ from .packet import TCP, UDP
 from .sockstate import ServiceSockets, TcpConnState, UdpSocketState
 
 CHUNK = 256  # connections dumped (restored) between two runs of the verdict loop
+SYN_LOOKS = 3  # handshake checks again before a freeze, at most (old-epoch SYNs read late)
 # The new instance's start at the release (past the point of no return). A start fails
 # when the program cannot be started or exits before it says READY=1; the agent still
 # holds every handed descriptor (the restored connections, listeners, UDP sockets, the
@@ -277,20 +278,26 @@ class Handoff(Playbook):
             yield CloseDescriptors(tuple(sock for _, sock in other))
             yield Note(f"freeze {m.service}: the program stored descriptors named "
                        f"{sorted({n for n, _ in other})}, not moved", "warning")
-        # what queued up while the program handed over is verdicted now (accepted and
-        # counted: it lands in the stopped program's receive queues and moves with them),
-        # so the hold starts at the freeze and not at the oldest packet the loop had not
-        # reached yet, which under CPU load was tens of milliseconds before it. Before the
-        # handshake check: a SYN accepted here is a handshake that check then waits for
-        yield LetPacketsIn()
+        # what queued up while the program handed over is decided now, all of it (accepted
+        # and counted: it lands in the stopped program's receive queues and moves with
+        # them), so the hold starts at the freeze and not at the oldest packet the loop
+        # had not reached yet: 20-35 ms before it at 10,000 connections, when this was
+        # LetPacketsIn (its sleep(0) resumed this step before the loop's readers ran, and
+        # the next wait came after the freeze). Before the handshake check: a SYN
+        # accepted here is a handshake that check then waits for
+        yield DecideWaiting()
         t_let_in = yield ReadClock()
         if f.tcp_ports:
             yield WaitHandshakes(f.tcp_ports)  # a half-open handshake cannot move
-        # and what came meanwhile, all of it: the loop had not reached packets 20-35 ms old
-        # here at 10,000 connections (the hand-over's last steps and the handshake check
-        # run without it), and the hold, counted from the oldest packet the source had
-        # not decided, started that much before the freeze. New SYNs are held already
+        # and what came during the check. New SYNs are held; an old-epoch SYN accepted
+        # here (one from before the flip, read late) is a handshake to wait for again
+        syns = f.cut.syns_accepted
         yield DecideWaiting()
+        looks = 0
+        while f.tcp_ports and f.cut.syns_accepted != syns and looks < SYN_LOOKS:
+            syns, looks = f.cut.syns_accepted, looks + 1
+            yield WaitHandshakes(f.tcp_ports)
+            yield DecideWaiting()
         # the process is stopped: its set of connections cannot change but by the kernel
         # adding to the accept queue, which is drained after the cutover's freeze
         t_freeze = yield ReadClock()

@@ -38,7 +38,6 @@ log = logging.getLogger("vipcluster.tcprepair")
 
 
 ABI = 5  # the calls this module makes of nodeshim._repair (its ABI constant)
-_TCP_REPAIR, _REPAIR_OFF_NO_WP = 19, -1
 
 try:
     from nodeshim import _repair as ext
@@ -116,17 +115,9 @@ def _dump(socks: Sequence[socket.socket], enc: list) -> list[TcpConnState]:
 def _undump(socks: Sequence[socket.socket]) -> None:
     """A dumped list given back as the C code gives back a failed one: unmuted, repair
     off without a window probe; quietly (the caller raises the first failure)."""
+    from nodeshim.tcprepair import _repair_off_quietly  # that module imports this one
     for s in socks:
-        try:
-            mark = s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
-            if mark & MUTE_MARK:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark & ~MUTE_MARK)
-        except OSError:
-            pass
-        try:
-            s.setsockopt(socket.SOL_TCP, _TCP_REPAIR, _REPAIR_OFF_NO_WP)
-        except OSError:
-            pass
+        _repair_off_quietly(s)
 
 
 def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None) -> list[TcpConnState]:

@@ -19,8 +19,9 @@ records why each step is where it is. The facts this module relies on:
   (nodeshim.iptables). An ACK the socket owes (rcv_wup behind rcv_nxt: data in since its
   last segment) is sent by the dump itself, before the mute: repair off with the kernel's
   window probe (which carries rcv_nxt) and on again. Left to the destination's thaw, the
-  client's loss probe fired first in the larger moves. Then either `close_silently` it (migration committed) or `unrepair`
-  it (rolled back: unmuted, the connection continues on the old node where it stopped).
+  client's loss probe fired first in the larger moves. Then either `close_silently` it
+  (migration committed) or `unrepair` it (rolled back: unmuted, the connection continues
+  on the old node where it stopped).
 - In repair mode, bytes written with TCP_REPAIR_QUEUE=SEND are queued as *sent* and are
   retransmitted by the normal timer, which is right for the unacknowledged part only; the
   never-sent tail is written after repair mode is off, non-blocking (a blocking send hangs

@@ -425,8 +425,9 @@ def test_source_arm_freeze_commit_script(tmp_path):
     # what moves is what the program stored: its listener (accepted from), its UDP socket
     # (drained), its connections (dumped), its state memfd (read)
     # (stopped from outside once it said STOPPING=1: an init of a PID namespace cannot)
-    # the queues' waiting packets decided (by the rules before the freeze) before it
-    assert freeze_calls == ["send_signal", "signal_group", "flush_queues", "accept_waiting", "dump_many",
+    # the queues' waiting packets decided (by the rules before the freeze) before it: before
+    # the handshake check and after it
+    assert freeze_calls == ["send_signal", "signal_group", "flush_queues", "flush_queues", "accept_waiting", "dump_many",
                             "dump_listener", "drain_udp", "read_state"]
     assert ("accept_waiting", "stored-tcp-7") in log_before_commit
     assert isinstance(frozen, msgs.FreezeDone)

@@ -226,7 +226,7 @@ def test_the_source_script():
     frozen = script(m, EVENTS[msgs.Freeze](), [
         (nc.ReadClock, 0.9), (nc.WaitHalfClosed, None), (nc.ReadClock, 1.0),
         (nc.HandOver, [("state", "S"), ("tcp-7", "SL"), ("udp-7", "SU"), ("conn-7", "C0"), ("x", "X")]),
-        (nc.ReadClock, 1.25), (nc.CloseDescriptors, None), (nc.Note, None), (nc.LetPacketsIn, None),
+        (nc.ReadClock, 1.25), (nc.CloseDescriptors, None), (nc.Note, None), (nc.DecideWaiting, None),
         (nc.ReadClock, 1.375), (nc.WaitHandshakes, None), (nc.DecideWaiting, None), (nc.ReadClock, 1.5),
         (nc.AcceptWaiting, [("conn-7", "A0")]), (nc.ReadClock, 2.0),
         (nc.DumpConnections, [conn(0), conn(1)]), (nc.LetPacketsIn, None), (nc.ReadClock, 3.0),
@@ -252,6 +252,32 @@ def test_the_source_script():
     assert done == msgs.CommitDone(kernel_drops=2, timing_ms={
         "drop_hold_and_close": 250.0, "stop_old_instance": 250.0, "commit": 1000.0})
     assert m.state is State.COMMITTED and m.finished
+
+
+def test_an_old_epoch_syn_decided_before_the_freeze_is_a_handshake_waited_for():
+    """The source decides what its queues hold before the freeze (DecideWaiting), after the
+    handshake check too; a SYN from before the flip accepted there opens a handshake, so
+    the check runs again (at most SYN_LOOKS times); new-epoch SYNs are held, not counted."""
+    from clustercore.handoff import SYN_LOOKS
+    m = source_at(State.ARMED)
+    cut = m.playbook.source.cut
+    def syn(sport: int) -> Packet:
+        return Packet(version=4, proto=TCP, src=CLIENT, dst=VIP, sport=sport, dport=7, tcp_flags=0x02)
+    runner = m.handle(EVENTS[msgs.Freeze](), T0)
+    cmd, seen, decisions = runner.start(), [], 0
+    while cmd is not None:
+        seen.append(type(cmd))
+        if isinstance(cmd, nc.DecideWaiting):
+            decisions += 1
+            if decisions in (2, 3):  # an old SYN in the first two decisions after the check
+                assert cut.on_packet(syn(41000 + decisions), None, f"syn{decisions}", T0) is Verdict.ACCEPT
+            assert cut.on_packet(syn(42000 + decisions), cut.new_epoch, "new", T0) is Verdict.HOLD  # held
+        cmd = runner.send(Kernel("n1")(cmd))
+    checks = [i for i, t in enumerate(seen) if t is nc.WaitHandshakes]
+    assert len(checks) == 3 and cut.syns_accepted == 2  # the first check, then one per old SYN
+    assert seen.count(nc.DecideWaiting) == 4
+    assert isinstance(runner.reply, msgs.FreezeDone)
+    assert SYN_LOOKS >= 2
 
 
 def test_the_destination_script():
