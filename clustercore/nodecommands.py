@@ -292,9 +292,10 @@ class LetPacketsIn(Command):
 
 @_command()
 class DecideWaiting(Command):
-    """Give every packet the node's queues hold now its verdict, as the verdict loop would,
-    at once (LetPacketsIn lets the loop run once, a budget of packets a queue): at a
-    freeze, what came before it is decided by the rules before it."""
+    """Give the packets the node's queues hold now their verdicts, as one wake-up of the
+    verdict loop would (a budget of packets a queue), at once: LetPacketsIn only lets the
+    loop run at this step's next wait. At a freeze, what came before it is decided by the
+    rules before it."""
 
 
 @_command()

@@ -387,7 +387,7 @@ class MigrationAgent(ProcessSteps):
             nc.DumpConnections: lambda c: k.tcprepair.dump_many([s for _, s in c.connections],
                                                                 [n for n, _ in c.connections]),
             nc.LetPacketsIn: lambda c: asyncio.sleep(0),
-            nc.DecideWaiting: lambda c: agent.queue.flush() if agent.queue is not None else None,
+            nc.DecideWaiting: lambda c: agent.queue.drain_some() if agent.queue is not None else None,
             nc.StreamChunk: lambda c: agent.send_to_gateway(c.chunk),
             nc.DescribeListeners: lambda c: tuple(k.tcprepair.dump_listener(s, n) for n, s in c.listeners),
             nc.DrainDatagrams: lambda c: k.udphandoff.drain_udp(c.socket[1], c.socket[0]),

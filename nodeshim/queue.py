@@ -474,6 +474,13 @@ class PacketQueues:
         for q in self.queues:
             q.flush()
 
+    def drain_some(self) -> None:
+        """What one wake-up of the loop does for every queue, now: at most DRAIN_BUDGET
+        packets each (a migration's freeze decides what waits before it: bounded as the
+        loop is, so a burst does not all land in a stopped program's sockets at once)."""
+        for q in self.queues:
+            q._drain_some()
+
     def close(self) -> None:
         for q in self.queues:
             q.close()

@@ -335,7 +335,7 @@ class FakeAgent:
     queue: object = None
 
     def __post_init__(self) -> None:
-        self.queue = SimpleNamespace(flush=lambda: self.log.append(("flush_queues",)))
+        self.queue = SimpleNamespace(drain_some=lambda: self.log.append(("drain_queues",)))
         self.filter = NodeFilter(self.config.name)
         self.filter.load([ECHO], self.config.name)
         self.role_record = RecordedRoles(os.path.join(self.config.state_dir, "roles.json"), self.log)
@@ -427,7 +427,7 @@ def test_source_arm_freeze_commit_script(tmp_path):
     # (stopped from outside once it said STOPPING=1: an init of a PID namespace cannot)
     # the queues' waiting packets decided (by the rules before the freeze) before it: before
     # the handshake check and after it
-    assert freeze_calls == ["send_signal", "signal_group", "flush_queues", "flush_queues", "accept_waiting", "dump_many",
+    assert freeze_calls == ["send_signal", "signal_group", "drain_queues", "drain_queues", "accept_waiting", "dump_many",
                             "dump_listener", "drain_udp", "read_state"]
     assert ("accept_waiting", "stored-tcp-7") in log_before_commit
     assert isinstance(frozen, msgs.FreezeDone)

@@ -244,3 +244,27 @@ def test_queues_are_taken_over_where_kept_and_bound_afresh_elsewhere(monkeypatch
     assert bound == [0, 2, 3] and [q.queue_num for q in qs.fresh] == [0, 2, 3]
     # queue 2's dead socket and queue 9's (not ours) are closed; queue 1's is the adopted queue's
     assert socks[2].fileno() == -1 and socks[9].fileno() == -1 and socks[1].fileno() != -1
+
+
+def test_a_freezes_decision_of_what_waits_is_one_budgeted_drain_of_every_queue(monkeypatch):
+    """DecideWaiting (a handoff's freeze) drains each queue as one wake-up of the loop does,
+    DRAIN_BUDGET packets at most: never the unbounded flush a burst would empty into a
+    stopped program's sockets."""
+    from nodeshim import queue as qmod
+
+    calls = []
+
+    class FakeFresh:
+        def __init__(self, q, max_len, decide):
+            self.queue_num = q
+
+        def _drain_some(self):
+            calls.append(("some", self.queue_num))
+
+        def flush(self):
+            calls.append(("all", self.queue_num))
+
+    monkeypatch.setattr(qmod, "PacketQueue", FakeFresh)
+    qs = qmod.PacketQueues(0, 3, 1024, lambda *a: Verdict.ACCEPT, {}, held="accept")
+    qs.drain_some()
+    assert calls == [("some", 0), ("some", 1), ("some", 2)]
