@@ -278,12 +278,13 @@ class Handoff(Playbook):
             yield CloseDescriptors(tuple(sock for _, sock in other))
             yield Note(f"freeze {m.service}: the program stored descriptors named "
                        f"{sorted({n for n, _ in other})}, not moved", "warning")
-        # what queued up while the program handed over is decided now, all of it (accepted
-        # and counted: it lands in the stopped program's receive queues and moves with
-        # them), so the hold starts at the freeze and not at the oldest packet the loop
-        # had not reached yet: 20-35 ms before it at 10,000 connections, when this was
-        # LetPacketsIn (its sleep(0) resumed this step before the loop's readers ran, and
-        # the next wait came after the freeze). Before the handshake check: a SYN
+        # what queued up while the program handed over is decided now (accepted and
+        # counted: it lands in the stopped program's receive queues and moves with them;
+        # as much as one wake-up of the loop takes, 256 packets a queue, tens at the
+        # lab's rates), so the hold starts at the freeze and not at the oldest packet the
+        # loop had not reached yet: 20-35 ms before it at 10,000 connections, when this
+        # was LetPacketsIn (its sleep(0) resumed this step before the loop's readers ran,
+        # and the next wait came after the freeze). Before the handshake check: a SYN
         # accepted here is a handshake that check then waits for
         yield DecideWaiting()
         t_let_in = yield ReadClock()
