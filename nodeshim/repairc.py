@@ -155,11 +155,8 @@ def restore_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState],
     discards them all on an error). unmute: clear MUTE_MARK first (sockets criu made).
     prepared: per socket, what was done to it already (tcprepair.REPAIRED | BOUND)."""
     try:
-        if prepared is None:
-            items = [(s.fileno(), st.family, pack_connection(st)) for s, st in zip(socks, states)]
-        else:
-            items = [(s.fileno(), st.family, pack_connection(st), done)
-                     for s, st, done in zip(socks, states, prepared)]
+        done = prepared if prepared is not None else [0] * len(socks)
+        items = [(s.fileno(), st.family, pack_connection(st), d) for s, st, d in zip(socks, states, done)]
         ext.restore_many(items, MUTE_MARK if unmute else 0)
     except RepairError as exc:
         raise _restore_error(exc, states) from None

@@ -501,8 +501,7 @@ def prefill(family: int, count: int, local: tuple[str, int] | None = None) -> in
     if local is not None:
         local = (ipaddress.ip_address(local[0]).compressed, int(local[1]))
     if pool and _pool_local[family] != local:
-        while pool:
-            pool.pop().close()
+        _close_pool(family)
     _pool_local[family] = local
     want = max(0, min(count, POOL_MAX - len(pool), _headroom() // 2))
     try:
@@ -528,12 +527,16 @@ def pooled() -> dict[int, int]:
 def drop_pool() -> int:
     """Close every socket the pool still holds (never used: nothing to send). Returns how
     many."""
-    n = 0
-    for family, socks in _pool.items():
-        while socks:
-            socks.pop().close()
-            n += 1
-        _pool_local[family] = None
+    return sum(_close_pool(family) for family in _pool)
+
+
+def _close_pool(family: int) -> int:
+    """Close the pool's sockets of `family` (it forgets their address). Returns how many."""
+    socks, n = _pool[family], 0
+    while socks:
+        socks.pop().close()
+        n += 1
+    _pool_local[family] = None
     return n
 
 
