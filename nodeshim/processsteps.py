@@ -347,6 +347,10 @@ class ProcessSteps:
         k, svc = self.kernel, cmd.service
         fault = self._armed_fault("criu.restore")
         read_fd, write_fd = os.pipe()
+        # the copy's fds 1 and 2 become this pipe: its name goes with the copy's next move
+        # (without it criu restored the pipe there with no reader, and the program's next
+        # line of output after a second move died of EPIPE)
+        output_pipe = k.criu.pipe_key(write_fd)
         pidfile = cmd.receiver.images_dir + ".pid"
         try:
             inherit = {write_fd: cmd.output_pipe} if cmd.output_pipe else None
@@ -379,7 +383,7 @@ class ProcessSteps:
         machine = self.migrations.machines.get(svc.name)
         # a crash from here on: the next agent silences it, or adopts it if the release began
         self.leftovers.record_restored(svc.name, pid, machine.epoch if machine else None, svc)
-        rs = k.services.restored_instance(svc, pid, read_fd, self.agent.log_dir)
+        rs = k.services.restored_instance(svc, pid, read_fd, self.agent.log_dir, output_pipe=output_pipe)
         if not k.proctree.stopped(pid):  # criu restores the dumped (stopped) state; if not: now
             log.warning("restored copy of %s (pid %d) was running: stopped now", svc.name, pid)
             k.pidfd.signal_group(pid, signal.SIGSTOP)

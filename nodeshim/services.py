@@ -488,8 +488,10 @@ def start_isolated(service: Service, vip: str | tuple[str, ...], log_dir: str, *
     return RunningService(service, [], IsolatedRun(isolated), log_path, output_pipe=output)
 
 
-def restored_instance(service: Service, pid: int, read_fd: int, log_dir: str) -> RunningService:
-    """A copy criu restored here (our child, --restore-sibling), its output on our pipe."""
+def restored_instance(service: Service, pid: int, read_fd: int, log_dir: str,
+                      output_pipe: str | None = None) -> RunningService:
+    """A copy criu restored here (our child, --restore-sibling), its output on our pipe
+    (output_pipe: criu's name of that pipe, for the copy's next move)."""
     log_path = os.path.join(log_dir, f"{service.name}.log")
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     _copy_output(read_fd, log_path, service.name)
@@ -497,7 +499,7 @@ def restored_instance(service: Service, pid: int, read_fd: int, log_dir: str) ->
         # only then can the release bring a burst of held datagrams; for a TCP-only
         # service the look at every socket (1,000 connections: tens of ms) is skipped
         raise_udp_buffers(pid)
-    return RunningService(service, [], Process(pid), log_path)
+    return RunningService(service, [], Process(pid), log_path, output_pipe=output_pipe)
 
 
 def raise_udp_buffers(root: int) -> int:

@@ -20,6 +20,7 @@ from clustercore.cutover import DestCutover, SourceCutover
 from clustercore.errors import KernelError
 from clustercore.ownership import Service, Verdict
 from clustercore.packet import TCP, UDP as P_UDP
+from nodeshim import criu as migrate_criu
 from nodeshim import migrate
 from tests.unit.test_node_executor import (EPOCH, NEXT_EPOCH, VIP, FakeAgent, FakeInstance, FakeKernel,
                                            FakePacket, FakeSock, Log, no_grace, settle, udp_packet)  # noqa: F401
@@ -167,12 +168,16 @@ class FakeCriu(FakeKernel):
 
     def restore(self, receiver, pidfile, inherit_fds, timeout):
         self._call("restore", tuple(inherit_fds.values()) if inherit_fds else None)
+        # the pipe the copy gets on its fds 1 and 2 (ours, at the source's pipe's name)
+        self.restore_pipes = [migrate_criu.pipe_key(fd) for fd in inherit_fds or ()]
         return 6161
 
-    def restored_instance(self, service, pid, read_fd, log_dir):
+    def restored_instance(self, service, pid, read_fd, log_dir, output_pipe=None):
         os.close(read_fd)
         self._call("restored_instance", pid)
-        return FakeInstance(service, [], pid=pid)
+        instance = FakeInstance(service, [], pid=pid)
+        instance.output_pipe = output_pipe
+        return instance
 
 
 class FakeCriuTcp:
@@ -221,7 +226,8 @@ def node(name, tmp_path):
     kernel = migrate.Kernel(tcprepair=fake, udphandoff=fake, pidfd=fake, services=fake, queue=fake,
                             proctree=SimpleNamespace(tree_pids=fake.tree_pids, thaw=fake.thaw, resume=fake.resume,
                                                      silence=fake.silence, stopped=lambda pid: True),
-                            criu=SimpleNamespace(node_images_parent=lambda state: os.path.join(state, "images")),
+                            criu=SimpleNamespace(node_images_parent=lambda state: os.path.join(state, "images"),
+                                                 pipe_key=migrate_criu.pipe_key),
                             imagexfer=fake, lazyxfer=fake, clock=fake.clock, criutcp=fake.criutcp)
     return migrate.MigrationAgent(agent, kernel), agent, fake, log
 
@@ -336,6 +342,10 @@ def test_destination_prepare_restore_release_script(tmp_path):
     # the copy is let run with SIGCONT only: criu's restore already took its sockets out of repair
     assert names == ["start_receive", "rx.wait", "restore", "restored_instance", "rx.close", "resume", "service_moved"]
     assert ("restore", ("pipe:[99]",)) in log  # our pipe where the source's output pipe was
+    # and its name stays with the copy: its next move hands that pipe on (without it the
+    # copy's first line of output after a second move died of EPIPE)
+    assert fake.restore_pipes[0].startswith("pipe:[") and fake.restore_pipes[0] != "pipe:[99]"
+    assert agent.running["web"].output_pipe == fake.restore_pipes[0]
     assert fake.criutcp.restored_into == [6161]  # our connections into the copy's sockets, before it runs
     assert agent.running["web"].pid == 6161 and isinstance(released, msgs.ReleaseDone)
     assert not os.path.exists(os.path.join(agent.config.state_dir, "restored.json")) or \
