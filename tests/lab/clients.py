@@ -1,6 +1,7 @@
 """Test clients run inside the lab's client namespace; each prints one JSON object.
 
     clients.py tcp-echo HOST PORT MESSAGES     numbered lines over one connection
+    clients.py tcp-connections HOST PORT N     N connections, one numbered line echoed on each
     clients.py udp-echo HOST PORT DATAGRAMS    numbered datagrams, answers counted
     clients.py kv HOST PORT KEYS               SET then GET every key
     clients.py tcp-silent HOST PORT            connect: refused (RST), timeout or open?
@@ -23,6 +24,20 @@ def tcp_echo(host, port, n):
         got.append(f.readline().decode().strip())
     s.close()
     return {"sent": n, "ok": sum(1 for i, g in enumerate(got) if g == f"msg {i}"), "bad": [g for i, g in enumerate(got) if g != f"msg {i}"][:5]}
+
+
+def tcp_connections(host, port, n):
+    ok, bad = 0, []
+    for i in range(n):
+        with socket.create_connection((host, port), timeout=5) as s:
+            f = s.makefile("rwb")
+            f.write(b"conn %d\n" % i)
+            f.flush()
+            got = f.readline().decode().strip()
+        ok += got == f"conn {i}"
+        if got != f"conn {i}":
+            bad.append(got)
+    return {"sent": n, "ok": ok, "bad": bad[:5]}
 
 
 def udp_echo(host, port, n):
@@ -100,7 +115,7 @@ def udp_silent(host, port):
 
 def main(argv):
     cmd, host, port = argv[0], argv[1], int(argv[2])
-    fn = {"tcp-echo": tcp_echo, "udp-echo": udp_echo, "kv": kv, "tcp-silent": tcp_silent, "udp-silent": udp_silent}[cmd]
+    fn = {"tcp-echo": tcp_echo, "tcp-connections": tcp_connections, "udp-echo": udp_echo, "kv": kv, "tcp-silent": tcp_silent, "udp-silent": udp_silent}[cmd]
     print(json.dumps(fn(host, port, *map(int, argv[3:]))))
 
 

@@ -82,23 +82,6 @@ def test_a_program_moves_round_the_nodes_under_load(plab, tmp_path, sockets):
         remove(plab, "pecho")
 
 
-CONNECT_100 = r"""
-import socket, sys
-ok = 0
-for i in range(int(sys.argv[3])):
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
-        s.sendall(b"hello %d\n" % i)
-        got = b""
-        while not got.endswith(b"\n"):
-            d = s.recv(100)
-            if not d:
-                break
-            got += d
-        ok += got == b"hello %d\n" % i
-print(ok)
-"""
-
-
 def test_the_program_output_reaches_the_log_after_two_moves(plab):
     """A restored copy's output pipe is handed on at its next move: procecho prints its
     first three connections and every hundredth, all of them after two moves here, and
@@ -110,8 +93,8 @@ def test_the_program_output_reaches_the_log_after_two_moves(plab):
     try:
         for destination in ("n2", "n3"):
             migrate(plab, "pout", destination)
-        r = plab.client([sys.executable, "-c", CONNECT_100, VIP, "17", "100"], timeout=60)
-        assert r.returncode == 0 and r.stdout.decode().split() == ["100"], (r.stdout, r.stderr)
+        r = plab.pyclient("tcp-connections", VIP, 17, 100)
+        assert r["ok"] == 100, r
         deadline = time.time() + 5
         while "connection 100 from" not in log_text(plab, "n3", "pout") and time.time() < deadline:
             time.sleep(0.1)
