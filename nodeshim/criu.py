@@ -265,6 +265,30 @@ def keep_log(log_path: str) -> None:
         log.warning("criu trace: cannot keep %s: %s", log_path, e)
 
 
+# How criu takes its parasite out of a seized process: compel sets a hardware breakpoint
+# on the parasite's sigreturn, and a ptrace breakpoint is a per-task perf event. When no
+# such event exists on the machine (perf turns its scheduler hooks off a second after the
+# last one is gone), the first makes the kernel turn them on again and wait for an RCU
+# grace period (kernel/events/core.c, account_event: static_branch_enable, then
+# synchronize_rcu). Measured in the lab's nginx moves (criu -v4 logs): the master's cure
+# took 8-14 ms of the freeze ("Sent msg to daemon 3" -> "was trapped"), the worker's
+# 0.1 ms. Without breakpoints compel steps the parasite's last few syscalls with
+# PTRACE_SYSCALL instead: 0.2-0.3 ms, every time. criu has no option for it; its
+# fault-injection code 130 (FI_NO_BREAKPOINTS) selects that path, the one criu itself
+# takes on a kernel without breakpoints (kdat.has_breakpoints), and nothing else.
+# VIPCLUSTER_CRIU_BREAKPOINTS=on keeps criu's default (for before/after measurements).
+BREAKPOINTS_ENV = "VIPCLUSTER_CRIU_BREAKPOINTS"
+NO_BREAKPOINTS = ("CRIU_FAULT", "130")
+
+
+def run_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment every criu that seizes a process runs with (see NO_BREAKPOINTS)."""
+    env = dict(os.environ if environ is None else environ)
+    if env.get(BREAKPOINTS_ENV, "").lower() != "on":
+        env.setdefault(*NO_BREAKPOINTS)
+    return env
+
+
 KDAT_CACHE = "/run/criu.kdat"
 KDAT_ENV = "VIPCLUSTER_CRIU_KDAT"  # "off" in the agent's environment: no cache is primed
 
@@ -339,7 +363,7 @@ def _run_criu(operation: str, args: list[str], log_path: str, pass_fds: Sequence
     stop) runs in a thread meanwhile, until stop is set."""
     try:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, pass_fds=tuple(pass_fds))
+                                stderr=subprocess.PIPE, text=True, pass_fds=tuple(pass_fds), env=run_env())
     except OSError as e:
         raise KernelError(operation, e.errno, f"cannot run {args[0]}") from None
     stop = threading.Event()

@@ -141,7 +141,8 @@ class _Run:
         try:
             argv = criu.in_netns_argv(netns_path, argv_for(sock.fileno(), status_w))
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, pass_fds=(sock.fileno(), status_w))
+                                         stderr=subprocess.DEVNULL, pass_fds=(sock.fileno(), status_w),
+                                         env=criu.run_env())
         except OSError as e:
             os.close(status_r)
             raise KernelError(self.operation, e.errno, "cannot run criu") from None

@@ -205,3 +205,11 @@ def test_images_go_to_tmpfs_when_there_is_one():
     assert parent == criu.images_parent("/var/lib/vipcluster/n1/", MOUNTS)
     no_tmpfs = MOUNTS.replace("tmpfs /dev/shm tmpfs", "shm /dev/shm ext4")
     assert criu.images_parent("/var/lib/vipcluster/n1", no_tmpfs) == "/var/lib/vipcluster/n1/images"
+
+
+def test_criu_runs_without_hardware_breakpoints_unless_asked():
+    env = criu.run_env({"PATH": "/usr/bin"})
+    assert env == {"PATH": "/usr/bin", "CRIU_FAULT": "130"}  # FI_NO_BREAKPOINTS
+    assert "CRIU_FAULT" not in criu.run_env({"PATH": "/usr/bin", criu.BREAKPOINTS_ENV: "on"})
+    # a fault the caller injects on purpose is not overridden
+    assert criu.run_env({"CRIU_FAULT": "5"})["CRIU_FAULT"] == "5"
