@@ -457,8 +457,9 @@ static int write_queue(int fd, const uint8_t *data, size_t total)
 #define PREP_REPAIRED 1
 #define PREP_BOUND 2
 
-/* everything up to (not including) repair off: no packet leaves the node here */
-static int restore_one(Py_ssize_t index, int fd, const struct conn *c, int prepared)
+/* everything up to (not including) repair off: no packet leaves the node here. Runs
+ * without the interpreter's lock: a failure is written to *why, not raised. */
+static int restore_one(int fd, const struct conn *c, int prepared, struct dump_fail *why)
 {
     const char *step = "TCP_REPAIR on";
     struct sockaddr_storage ss;
@@ -517,7 +518,7 @@ static int restore_one(Py_ssize_t index, int fd, const struct conn *c, int prepa
     if (setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, &c->w, sizeof c->w) < 0) goto oserr;
     return 0;
 oserr:
-    fail(index, step, errno, 0);
+    *why = (struct dump_fail){step, errno, 0};
     return -1;
 }
 
@@ -569,11 +570,12 @@ static int parse_items(PyObject *items, Py_ssize_t n, int *fdv, int *prepv, stru
 static PyObject *py_restore_many(PyObject *self, PyObject *args)
 {
     PyObject *items_in, *items = NULL, *ret = NULL;
-    Py_ssize_t n, i, nbufs = 0;
+    Py_ssize_t n, i, nbufs = 0, failed_at = -1;
     int *fdv = NULL, *prepv = NULL;
     struct conn *cv = NULL;
     Py_buffer *bufs = NULL;
     unsigned int unmute = 0;
+    struct dump_fail why = {NULL, 0, 0};
     (void)self;
     if (!PyArg_ParseTuple(args, "O|I", &items_in, &unmute)) return NULL;
     if (!(items = PySequence_Fast(items_in, "restore_many: a sequence of items"))) return NULL;
@@ -584,12 +586,24 @@ static PyObject *py_restore_many(PyObject *self, PyObject *args)
     bufs = PyMem_New(Py_buffer, n ? n : 1);
     if (!fdv || !prepv || !cv || !bufs) { PyErr_NoMemory(); goto out; }
     if (parse_items(items, n, fdv, prepv, cv, bufs, &nbufs) < 0) goto out;
+    /* the records point into `bufs`, held until the end: read without the lock, so that
+     * two halves of a list restore on two cores (nodeshim.repairc.restore_many) */
+    Py_BEGIN_ALLOW_THREADS
     for (i = 0; i < n; i++) {
         if (unmute && set_mute(fdv[i], unmute, 0) < 0) {
-            fail(i, "SO_MARK", errno, 0);
-            goto out;
+            why = (struct dump_fail){"SO_MARK", errno, 0};
+            failed_at = i;
+            break;
         }
-        if (restore_one(i, fdv[i], &cv[i], prepv[i]) < 0) goto out;
+        if (restore_one(fdv[i], &cv[i], prepv[i], &why) < 0) {
+            failed_at = i;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (failed_at >= 0) {
+        fail(failed_at, why.step, why.err, why.state);
+        goto out;
     }
     ret = Py_NewRef(Py_None);
 out:

@@ -164,10 +164,11 @@ def _take(pid: int, fds: list[int] | None, disconnect: bool) -> list[tuple[int, 
             fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
         except OSError as e:
             raise KernelError("list fds", e.errno, f"pid {pid}") from None
-    if take is not None:  # nodeshim/_repair_take.c
+    if take is not None:  # nodeshim/_repair_take.c, a long list in two halves at once
         pfd = pidfd.pidfd_open(pid)
         try:
-            return take(pfd, fds, disconnect)
+            return [t for part in repairc.in_halves(fds, lambda part: take(pfd, list(part), disconnect), _close)
+                    for t in part]
         except OSError as e:
             raise KernelError(f"take sockets of pid {pid}", e.errno, e.filename) from None
         finally:

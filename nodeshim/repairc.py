@@ -26,7 +26,7 @@ import concurrent.futures
 import logging
 import os
 import socket
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 from clustercore.errors import KernelError
 from clustercore.sockstate import HALF_CLOSED_STATES, TCP_STATES, TcpConnState, TcpWindow
@@ -98,11 +98,20 @@ def _restore_error(exc: Exception, states: Sequence[TcpConnState]) -> KernelErro
     return KernelError(f"restore_tcp: {step}", err or None, f"{st.local} <-> {st.remote}")
 
 
-# A list this long or longer is dumped in two halves at once, the second by a worker
-# thread: the C loop releases the interpreter's lock around its syscalls, so the halves
-# run on two cores (a whole handoff's freeze is mostly the source's dump).
+# A list this long or longer is dumped, restored or taken (nodeshim.criutcp) in two halves
+# at once, the second by a worker thread: the C loops release the interpreter's lock
+# around their syscalls, so the halves run on two cores (a whole handoff's freeze is mostly
+# the source's dump; a process move's, criu's and ours around it).
 PARALLEL_MIN = 64
 _worker: concurrent.futures.ThreadPoolExecutor | None = None
+T = TypeVar("T")
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _worker
+    if _worker is None:
+        _worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="repair-half")
+    return _worker
 
 
 def _dump(socks: Sequence[socket.socket], enc: list) -> list[TcpConnState]:
@@ -123,14 +132,11 @@ def _undump(socks: Sequence[socket.socket]) -> None:
 def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None) -> list[TcpConnState]:
     """Repair on, muted (fastpath.MUTE_MARK), and read each socket; all or none (the C code
     rolls its list back; a half that worked is given back here when the other failed)."""
-    global _worker
     enc = [None] * len(socks) if names is None else [None if n is None else n.encode() for n in names]
     if len(socks) < PARALLEL_MIN:
         return _dump(socks, enc)
     half = len(socks) // 2
-    if _worker is None:
-        _worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump")
-    second = _worker.submit(_dump, socks[half:], enc[half:])
+    second = _pool().submit(_dump, socks[half:], enc[half:])
     try:
         first = _dump(socks[:half], enc[:half])
     except BaseException:
@@ -149,15 +155,57 @@ def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None
     return first + rest
 
 
+def in_halves(items: Sequence, run: Callable[[Sequence], T],
+              undo: Callable[[T], None] | None = None) -> tuple[T, ...]:
+    """run(items), or run on each half of a list of PARALLEL_MIN or more at once (the
+    second half by the worker thread: the C loops release the interpreter's lock around
+    their syscalls, so the halves use two cores). Both halves always finish. If one
+    failed, its exception is raised (the first half's if both did) and the other half's
+    result, if it had one, is given to undo: all or none, as one run over the list."""
+    if len(items) < PARALLEL_MIN:
+        return (run(items),)
+    half = len(items) // 2
+    second = _pool().submit(run, items[half:])
+    try:
+        first = run(items[:half])
+    except BaseException:
+        try:
+            rest = second.result()
+        except BaseException:  # noqa: BLE001 - it failed too; the first half's error is raised
+            pass
+        else:
+            if undo is not None:
+                undo(rest)
+        raise
+    try:
+        rest = second.result()
+    except BaseException:
+        if undo is not None:
+            undo(first)
+        raise
+    return first, rest
+
+
 def restore_many(socks: Sequence[socket.socket], states: Sequence[TcpConnState], unmute: bool = False,
                  prepared: Sequence[int] | None = None) -> None:
     """Rebuild each state on its new socket, leaving them in repair mode (the caller
     discards them all on an error). unmute: clear MUTE_MARK first (sockets criu made).
-    prepared: per socket, what was done to it already (tcprepair.REPAIRED | BOUND)."""
+    prepared: per socket, what was done to it already (tcprepair.REPAIRED | BOUND).
+    A long list is restored in two halves at once (in_halves)."""
+    done = prepared if prepared is not None else [0] * len(socks)
+    items = [(i, (s.fileno(), st.family, pack_connection(st), d))
+             for i, (s, st, d) in enumerate(zip(socks, states, done))]
+    mark = MUTE_MARK if unmute else 0
+
+    def run(part: Sequence) -> None:
+        try:
+            ext.restore_many([item for _, item in part], mark)
+        except RepairError as exc:  # its index is into this part
+            index, *rest = exc.args
+            raise RepairError(part[index][0], *rest) from None
+
     try:
-        done = prepared if prepared is not None else [0] * len(socks)
-        items = [(s.fileno(), st.family, pack_connection(st), d) for s, st, d in zip(socks, states, done)]
-        ext.restore_many(items, MUTE_MARK if unmute else 0)
+        in_halves(items, run)
     except RepairError as exc:
         raise _restore_error(exc, states) from None
 

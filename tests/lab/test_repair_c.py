@@ -14,6 +14,7 @@ afterwards whatever happens; IPv6 in the Net6 of test_sockets_ipv6.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import struct
 import time
@@ -21,6 +22,7 @@ import time
 import pytest
 
 from clustercore import sockwire
+from clustercore.errors import KernelError
 from nodeshim import repairc, tcprepair
 from tests.lab.test_sockets_ipv6 import SERVER6, _recv_exact, net6  # noqa: F401 (fixture)
 from tests.lab.test_tcprepair import (  # noqa: F401 (net is a fixture)
@@ -246,6 +248,36 @@ def test_a_long_list_is_dumped_in_two_halves_and_a_failure_in_either_gives_all_b
         srv.sendall(b"still here")
         cli.settimeout(5)
         assert cli.recv(100) == b"still here"
+
+
+@pytest.mark.parametrize("bad_at", [3, 70])  # in the half this thread restores, in the worker's
+def test_a_long_list_is_restored_in_two_halves_and_a_failure_names_its_connection(net, bad_at):
+    """repairc.restore_many restores PARALLEL_MIN states or more in two halves at once
+    (the C loop releases the interpreter's lock): a failure in either half is reported
+    for the connection it happened to (the worker's index is into its half), and a
+    restore of the whole list gives working connections in order."""
+    n = 80
+    assert n >= repairc.PARALLEL_MIN and n // 2 < 70
+    lst = net.listener()
+    pairs = [net.connect(lst) for _ in range(n)]
+    socks = [srv for _, srv in pairs]
+    with path("c"):
+        states = tcprepair.dump_many(socks)
+        tcprepair.close_many(socks)
+        unbindable = list(states)  # an address the namespace does not have: its bind fails
+        unbindable[bad_at] = dataclasses.replace(states[bad_at], local=("203.0.113.99", PORT))
+        with pytest.raises(KernelError) as failed:
+            tcprepair.restore_many(unbindable, netns_fd=net.sns)
+        assert failed.value.operation == "restore_tcp: bind"
+        assert f"('203.0.113.99', {PORT}) <-> {states[bad_at].remote}" in failed.value.detail
+        new = tcprepair.restore_many(states, netns_fd=net.sns)
+    net.closers.extend(s.close for s in new)
+    assert [s.getpeername()[:2] for s in new] == [st.remote for st in states]
+    for i in (0, n // 2, n - 1):  # both halves carry on
+        cli, _ = pairs[i]
+        cli.sendall(b"after the move %d" % i)
+        new[i].settimeout(5)
+        assert new[i].recv(100) == b"after the move %d" % i
 
 
 @pytest.mark.parametrize("dump_with, restore_with", [("c", "python"), ("python", "c")])

@@ -300,3 +300,28 @@ def test_a_stale_or_unwanted_build_is_not_used_and_the_log_says_why(reload_back,
         reload_back.delenv("VIPCLUSTER_TCPREPAIR")
         mod = _reloaded(reload_back)
         assert mod.ext is _repair and mod.IMPLEMENTATION == "c"
+
+
+def test_in_halves_runs_a_long_list_as_two_halves_and_undoes_the_half_that_worked():
+    short = list(range(repairc.PARALLEL_MIN - 1))
+    assert repairc.in_halves(short, lambda part: list(part)) == (short,)
+    items = list(range(100))
+    assert repairc.in_halves(items, lambda part: list(part)) == (items[:50], items[50:])
+
+    for bad in (7, 77):  # in the first half, in the worker's
+        undone = []
+
+        def run(part, bad=bad):
+            if bad in part:
+                raise OSError(bad, "planted")
+            return list(part)
+
+        with pytest.raises(OSError) as e:
+            repairc.in_halves(items, run, undo=undone.append)
+        assert e.value.errno == bad
+        assert undone == [items[50:] if bad < 50 else items[:50]]  # the other half, given back
+
+    undone = []
+    with pytest.raises(OSError) as e:  # both fail: the first half's error, nothing to undo
+        repairc.in_halves(items, lambda part: (_ for _ in ()).throw(OSError(part[0], "planted")), undo=undone.append)
+    assert e.value.errno == 0 and undone == []
