@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from clustercore import nodecommands as nc
 from clustercore.errors import KernelError, LocalControlError
@@ -49,8 +49,8 @@ class ImageLink:
 class OwnTcpDump:
     """nodeshim.criutcp's dump of a tree's connections, in a thread beside criu's dump."""
 
-    def __init__(self, service: str, taken, images: str) -> None:
-        self.service, self.taken, self.images = service, taken, images
+    def __init__(self, service: str, taken, images: str, take_ms: float) -> None:
+        self.service, self.taken, self.images, self.take_ms = service, taken, images, take_ms
         self.dumped, self.error = None, None
         self.thread = threading.Thread(target=self._run, name=f"tcp dump {service}", daemon=True)
         self.thread.start()
@@ -66,8 +66,15 @@ class OwnTcpDump:
         self.thread.join()
         if self.error is not None:
             raise self.error
-        log.info("%s: %d TCP connections dumped beside criu in %.1f ms", self.service,
-                 self.dumped.connections, self.dumped.ms)
+        log.info("%s: %d TCP connections taken in %.1f ms before criu, dumped beside it in %.1f ms",
+                 self.service, self.dumped.connections, self.take_ms, self.dumped.ms)
+
+    def timing_ms(self) -> dict[str, float]:
+        """For the freeze's split: our take (inside the freeze, before criu starts) and dump."""
+        out = {"tcp_take": round(self.take_ms, 2)}
+        if self.dumped is not None:
+            out["tcp_dump"] = round(self.dumped.ms, 2)
+        return out
 
     def finish(self) -> None:
         self.thread.join()
@@ -160,18 +167,20 @@ class ProcessSteps:
             counts["established"] = k.tcprepair.count_connections(vip, cmd.tcp_ports, {k.tcprepair.ESTABLISHED})
             counts["listening"] = k.tcprepair.count_listeners(vip, cmd.tcp_ports)  # real sockets, not ports
         # read from /proc/net/tcp while criu dumps (1,000 connections: some 20 ms of
-        # Python, formerly before the dump, inside the freeze)
+        # Python, formerly before the dump, inside the freeze); started once our take is
+        # done, not before: its Python held the interpreter's lock against the take's
         counter = threading.Thread(target=count, name=f"count {rs.service.name}", daemon=True)
-        counter.start()
         try:
-            sent, pages, memory, why = self._dump_image(cmd)
+            sent, pages, memory, why, own_ms = self._dump_image(cmd, before_criu=counter.start)
         finally:
-            counter.join()
+            if counter.ident is not None:
+                counter.join()
         return nc.ImageSent(image_bytes=sent.page_bytes + sent.file_bytes, dump_ms=sent.dump_ms,
                             frozen_ms=sent.frozen_ms, transfer_ms=sent.transfer_ms,
                             tcp_established=counts.get("established", 0), tcp_listening=counts.get("listening", 0),
                             output_pipe=getattr(rs, "output_pipe", None), memory=memory,
-                            memory_why=why, pages=pages, criu_ms=getattr(sent, "criu_ms", None))
+                            memory_why=why, pages=pages,
+                            criu_ms={**(getattr(sent, "criu_ms", None) or {}), **own_ms} or None)
 
     def _endpoint_and_memory(self, cmd) -> tuple[Any, str, str]:
         """(the receiver's Endpoint, "lazy" | "copy", why) for a ConnectImage or DumpProcess."""
@@ -192,8 +201,9 @@ class ProcessSteps:
         link = self.kernel.imagexfer.connect_to(endpoint, lazy=memory == "lazy", timeout=IMAGE_TIMEOUT_S)
         return ImageLink(link, memory, why)
 
-    def _dump_image(self, cmd: nc.DumpProcess):
-        """criu dump, lazy or copied, and the image sent: (stats, page server | None, memory, why)."""
+    def _dump_image(self, cmd: nc.DumpProcess, before_criu: Callable[[], None] = lambda: None):
+        """criu dump, lazy or copied, and the image sent: (stats, page server | None, memory,
+        why, our TCP path's split of the freeze). before_criu: called right before criu starts."""
         k, rs = self.kernel, cmd.instance
         premade = cmd.link
         try:
@@ -209,8 +219,10 @@ class ProcessSteps:
         kw = {"extra": extra} if extra else {}
         if premade is not None:
             kw["link"] = premade.link
+        own_ms: dict[str, float] = {}
         if memory == "lazy":
             try:
+                before_criu()
                 lazy = k.lazyxfer.dump_lazy_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw)
             except BaseException:
                 shutil.rmtree(images, ignore_errors=True)
@@ -222,6 +234,7 @@ class ProcessSteps:
                 own = self._own_tcp(rs, images)
                 if own is not None:
                     kw["tcp_close"], kw["after_dump"] = True, own.wait
+                before_criu()
                 sent, pages = k.imagexfer.dump_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw), None
             except BaseException:
                 if premade is not None:
@@ -230,8 +243,9 @@ class ProcessSteps:
             finally:
                 if own is not None:
                     own.finish()  # before any thaw: our dump is over, our descriptors closed
+                    own_ms = own.timing_ms()
                 shutil.rmtree(images, ignore_errors=True)
-        return sent, pages, memory, why
+        return sent, pages, memory, why, own_ms
 
     def _own_tcp(self, rs, images: str) -> "OwnTcpDump | None":
         """The copied image's established connections by our bulk TCP_REPAIR path, not
@@ -241,13 +255,14 @@ class ProcessSteps:
         own = self.kernel.criutcp
         if not own.enabled():
             return None
+        t0 = time.monotonic()
         try:
             taken = own.take_tree(rs.pid)
         except KernelError as e:
             log.warning("%s: cannot take the TCP sockets (%s: %s); criu moves the connections",
                         rs.service.name, e.operation, e.detail)
             return None
-        return None if taken is None else OwnTcpDump(rs.service.name, taken, images)
+        return None if taken is None else OwnTcpDump(rs.service.name, taken, images, (time.monotonic() - t0) * 1000)
 
     def _restore_own_tcp(self, service: str, pid: int, images_dir: str) -> None:
         """After criu restore --tcp-close: our connections into the stopped copy's sockets
