@@ -219,16 +219,21 @@ def test_an_ack_the_socket_owes_is_sent_by_the_dump(net, impl):
     tcprepair.unrepair_many([srv])
 
 
+def _long_list(net, n: int = 80):
+    """n connected pairs, n long enough to be split in halves, bad_at 70 in the second half."""
+    assert n >= repairc.PARALLEL_MIN and n // 2 < 70
+    lst = net.listener()
+    pairs = [net.connect(lst) for _ in range(n)]
+    return pairs, [srv for _, srv in pairs]
+
+
 @pytest.mark.parametrize("bad_at", [3, 70])  # in the half this thread dumps, in the worker's
 def test_a_long_list_is_dumped_in_two_halves_and_a_failure_in_either_gives_all_back(net, bad_at):
     """repairc.dump_many dumps PARALLEL_MIN sockets or more in two halves at once (the C
     loop releases the interpreter's lock): the states come back in order, and when one
     half fails the other half's sockets are given back too (unmuted, out of repair mode)."""
-    n = 80
-    assert n >= repairc.PARALLEL_MIN and n // 2 < 70
-    lst = net.listener()
-    pairs = [net.connect(lst) for _ in range(n)]
-    socks = [srv for _, srv in pairs]
+    pairs, socks = _long_list(net)
+    n = len(pairs)
     with path("c"):
         states = tcprepair.dump_many(socks)
         assert [st.remote for st in states] == [srv.getpeername()[:2] for srv in socks]
@@ -256,11 +261,8 @@ def test_a_long_list_is_restored_in_two_halves_and_a_failure_names_its_connectio
     (the C loop releases the interpreter's lock): a failure in either half is reported
     for the connection it happened to (the worker's index is into its half), and a
     restore of the whole list gives working connections in order."""
-    n = 80
-    assert n >= repairc.PARALLEL_MIN and n // 2 < 70
-    lst = net.listener()
-    pairs = [net.connect(lst) for _ in range(n)]
-    socks = [srv for _, srv in pairs]
+    pairs, socks = _long_list(net)
+    n = len(pairs)
     with path("c"):
         states = tcprepair.dump_many(socks)
         tcprepair.close_many(socks)
