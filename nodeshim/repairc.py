@@ -133,26 +133,12 @@ def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None
     """Repair on, muted (fastpath.MUTE_MARK), and read each socket; all or none (the C code
     rolls its list back; a half that worked is given back here when the other failed)."""
     enc = [None] * len(socks) if names is None else [None if n is None else n.encode() for n in names]
-    if len(socks) < PARALLEL_MIN:
-        return _dump(socks, enc)
-    half = len(socks) // 2
-    second = _pool().submit(_dump, socks[half:], enc[half:])
-    try:
-        first = _dump(socks[:half], enc[:half])
-    except BaseException:
-        try:
-            second.result()
-        except BaseException:  # noqa: BLE001 - it gave its own back; ours is the error
-            pass
-        else:
-            _undump(socks[half:])
-        raise
-    try:
-        rest = second.result()
-    except BaseException:
-        _undump(socks[:half])
-        raise
-    return first + rest
+
+    def run(part: Sequence) -> tuple[Sequence, list[TcpConnState]]:
+        return part, _dump([s for s, _ in part], [e for _, e in part])
+
+    halves = in_halves(list(zip(socks, enc)), run, undo=lambda done: _undump([s for s, _ in done[0]]))
+    return [st for _, states in halves for st in states]
 
 
 def in_halves(items: Sequence, run: Callable[[Sequence], T],
