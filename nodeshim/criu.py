@@ -267,12 +267,12 @@ def keep_log(log_path: str) -> None:
 
 # How criu takes its parasite out of a seized process: compel sets a hardware breakpoint
 # on the parasite's sigreturn, and a ptrace breakpoint is a per-task perf event. When no
-# such event exists on the machine (perf turns its scheduler hooks off a second after the
-# last one is gone), the first makes the kernel turn them on again and wait for an RCU
-# grace period (kernel/events/core.c, account_event: static_branch_enable, then
+# such event is live on the machine (perf turns its scheduler hooks off some time after
+# the last one is gone), the first makes the kernel turn them on again and wait for an
+# RCU grace period (kernel/events/core.c, account_event: static_branch_enable, then
 # synchronize_rcu). Measured in the lab's nginx moves (criu -v4 logs): the master's cure
-# took 8-14 ms of the freeze ("Sent msg to daemon 3" -> "was trapped"), the worker's
-# 0.1 ms. Without breakpoints compel steps the parasite's last few syscalls with
+# took 8-14 ms of the freeze ("Sent msg to daemon 3" -> "was trapped") in every dump
+# looked at, the worker's 0.1 ms. Without breakpoints compel steps the parasite's last few syscalls with
 # PTRACE_SYSCALL instead: 0.2-0.3 ms, every time. criu has no option for it; its
 # fault-injection code 130 (FI_NO_BREAKPOINTS) selects that path, the one criu itself
 # takes on a kernel without breakpoints (kdat.has_breakpoints), and nothing else.
