@@ -184,13 +184,16 @@ class FakeCriuTcp:
     """nodeshim.criutcp: dumps `dumped` connections (None: leaves them to criu); restore_tree
     raises `restore_fails` if set."""
 
-    def __init__(self):
+    def __init__(self, log=None):
         self.dumped, self.restore_fails, self.restored_into, self.dump_fails = 3, None, [], None
+        self.log = log
 
     def enabled(self):
         return True
 
     def take_tree(self, pid):
+        if self.log is not None:
+            self.log.append(("take_tree", pid))
         if self.dumped is None:
             return None
         outer = self
@@ -218,7 +221,7 @@ class FakeCriuTcp:
 def node(name, tmp_path):
     log = Log()
     fake = FakeCriu(log)
-    fake.criutcp = FakeCriuTcp()
+    fake.criutcp = FakeCriuTcp(log)
     fake.pages = FakePages(log)
     agent = FakeAgent(NodeConfig(name=name, vip=VIP, gateway_address="192.0.2.1", tls_ca="ca", tls_cert="c", tls_key="k",
                                  state_dir=str(tmp_path / name)), log)
@@ -267,7 +270,12 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
     assert [e[0] for e in freeze_log].count("count_states") == 1
     # connected to the destination (and its page server started) before anything is held
     assert names == ["connect_to", "count_states", "accept_backlog", "signal_group", "take_sockets", "take_sockets", "close",
-                     "drain_udp", "close", "dump_to"]
+                     "drain_udp", "close", "take_tree", "dump_to"]
+    # the report's count (Python, in a thread) starts once our take is done, not against it
+    whole = [e[0] for e in freeze_log]
+    assert whole.index("count_connections") > whole.index("take_tree")
+    # our take and our dump are in the freeze's split
+    assert frozen.timing_ms["tcp_take"] >= 0 and frozen.timing_ms["tcp_dump"] == 1.0
     assert freeze_log[0] == ("connect_to", migrate.imagexfer.Endpoint(**ENDPOINT), False)  # 10 MiB: copied
     assert fake.dumped_over is fake.link  # the dump went over those connections
     assert ("signal_group", "SIGSTOP") in freeze_log
