@@ -15,8 +15,8 @@ The port is read back from the name (`port_of`), so the machine needs no socket 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
 
 from .errors import LocalControlError, VipError
 from .messages import Chunk, Done
@@ -493,6 +493,15 @@ class ImageSent:
 
 
 @dataclass(frozen=True)
+class ProcessRestored:
+    """The result of RestoreProcess: the stopped copy (opaque) and the restore's split
+    (criu's restore and our connections beside it, ms), for the step's timing."""
+
+    instance: Any
+    timing_ms: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ImageReceiver:
     """The result of StartImageReceiver: the receive in progress (opaque) and where the
     source connects (`endpoint`, a plain dict for the wire)."""
@@ -597,7 +606,7 @@ class StartImageReceiver(Command):
 class RestoreProcess(Command):
     """Wait for the image to be complete and verified, then `criu restore` it: the copy
     keeps the source's stopped state, and gets our pipe where the source's output pipe
-    was (-> instance). KernelError with criu's reason in one line."""
+    was (-> ProcessRestored). KernelError with criu's reason in one line."""
     service: Service
     receiver: Any
     output_pipe: str | None

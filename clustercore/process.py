@@ -69,6 +69,7 @@ from .nodecommands import (
     EndPageServer,
     ForgetInstance,
     ImageSent,
+    ProcessRestored,
     InstallRole,
     Local,
     Named,
@@ -318,14 +319,14 @@ class ProcessMigration(Playbook):
             raise Refused(f"restore of '{m.service}': a process image carries its own TCP sockets")
         pipe = extra.get("output_pipe")
         t0 = yield ReadClock()
-        instance = yield RestoreProcess(f.service, f.receiver, pipe if isinstance(pipe, str) else None)
-        f.instance = f.stopped = instance
+        restored: ProcessRestored = yield RestoreProcess(f.service, f.receiver, pipe if isinstance(pipe, str) else None)
+        f.instance = f.stopped = restored.instance
         t1 = yield ReadClock()
         receiver, f.receiver = f.receiver, None
         if receiver is not None:
             yield DiscardImage(receiver)  # restored: the image is no longer needed
         f.datagrams = bundle.udp
-        timing = {"restore": _ms(t0, t1)}
+        timing = {"restore": _ms(t0, t1), **restored.timing_ms}
         f.timing.update(timing)
         yield Note(f"restore {m.service}: {timing}")
         return msgs.Done(timing_ms=timing)

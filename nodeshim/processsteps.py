@@ -264,10 +264,11 @@ class ProcessSteps:
             return None
         return None if taken is None else OwnTcpDump(rs.service.name, taken, images, (time.monotonic() - t0) * 1000)
 
-    def _restore_own_tcp(self, service: str, pid: int, images_dir: str) -> None:
+    def _restore_own_tcp(self, service: str, pid: int, images_dir: str) -> float | None:
         """After criu restore --tcp-close: our connections into the stopped copy's sockets
         (nodeshim.criutcp). On failure the copy is silenced and killed, and the step fails
-        (the source still holds every connection and rolls back)."""
+        (the source still holds every connection and rolls back). Returns how long it took
+        (ms), None when the image had none of ours."""
         k = self.kernel
         t0 = time.monotonic()
         try:
@@ -280,9 +281,11 @@ class ProcessSteps:
             except (KernelError, ChildProcessError):
                 pass
             raise
-        if n:
-            log.info("%s: %d TCP connections restored beside criu in %.1f ms", service, n,
-                     (time.monotonic() - t0) * 1000)
+        if not n:
+            return None
+        ms = (time.monotonic() - t0) * 1000
+        log.info("%s: %d TCP connections restored beside criu in %.1f ms", service, n, ms)
+        return ms
 
     @staticmethod
     def _log_pages(service: str, daemon) -> None:
@@ -358,7 +361,8 @@ class ProcessSteps:
 
     def _restore_process(self, cmd: nc.RestoreProcess):
         """In a thread: wait for the verified image, criu restore it (the copy keeps the
-        source's stopped state), our new pipe where its output pipe was."""
+        source's stopped state), our new pipe where its output pipe was. -> the copy and
+        the restore's split (criu's restore, our connections beside it)."""
         k, svc = self.kernel, cmd.service
         fault = self._armed_fault("criu.restore")
         read_fd, write_fd = os.pipe()
@@ -367,6 +371,7 @@ class ProcessSteps:
         # line of output after a second move died of EPIPE)
         output_pipe = k.criu.pipe_key(write_fd)
         pidfile = cmd.receiver.images_dir + ".pid"
+        timing: dict[str, float] = {}  # the restore's split, for the step's report
         try:
             inherit = {write_fd: cmd.output_pipe} if cmd.output_pipe else None
             kw = {"extra": ["--vipcluster-fault-injected"]} if fault == "fail" else {}
@@ -377,9 +382,13 @@ class ProcessSteps:
                 cmd.receiver.wait(IMAGE_TIMEOUT_S)
                 lazy = getattr(cmd.receiver, "lazy", False)
                 restore = k.lazyxfer.restore_lazy if lazy else k.imagexfer.restore
+                t0 = time.monotonic()
                 pid = restore(cmd.receiver, pidfile=pidfile, inherit_fds=inherit, timeout=IMAGE_TIMEOUT_S)
+                timing["criu_restore"] = round((time.monotonic() - t0) * 1000, 2)
                 if not lazy:
-                    self._restore_own_tcp(svc.name, pid, cmd.receiver.images_dir)
+                    own_ms = self._restore_own_tcp(svc.name, pid, cmd.receiver.images_dir)
+                    if own_ms is not None:
+                        timing["tcp_restore"] = round(own_ms, 2)
         except BaseException:
             os.close(read_fd)
             raise
@@ -405,4 +414,4 @@ class ProcessSteps:
         if fault == "die":
             log.warning("fault injection: the agent dies right after the restore")
             self._die()
-        return rs
+        return nc.ProcessRestored(rs, timing)

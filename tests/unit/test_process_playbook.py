@@ -91,7 +91,8 @@ class Kernel:
             nc.TakeDatagramSockets: [("udp-8080", "U")], nc.DrainDatagrams: DRAINED,
             nc.ConnectImage: "image-link", nc.DumpProcess: SENT, nc.ThawProcess: 0, nc.SilenceProcess: 2,
             nc.StartImageReceiver: nc.ImageReceiver("rx", dict(ENDPOINT)),
-            nc.RestoreProcess: "new-tree", nc.PutBackDatagrams: 1, nc.InjectPackets: 1,
+            nc.RestoreProcess: nc.ProcessRestored("new-tree", {"criu_restore": 31.5, "tcp_restore": 15.25}),
+            nc.PutBackDatagrams: 1, nc.InjectPackets: 1,
             nc.ReadPackets: tuple(b"p" for _ in getattr(cmd, "handles", ())),
         }.get(t)
 
@@ -158,6 +159,9 @@ def test_the_destination_script():
     assert k.types() == [nc.ReadClock, nc.RestoreProcess, nc.ReadClock, nc.DiscardImage, nc.Note]
     assert k.seen[1].output_pipe == "pipe:[77]" and k.seen[1].receiver == "rx"
     assert isinstance(restored, msgs.Done) and m.state is State.RESTORED
+    # the restore's split (criu's restore, our connections beside it) goes into the report
+    assert restored.timing_ms["criu_restore"] == 31.5 and restored.timing_ms["tcp_restore"] == 15.25
+    assert restored.timing_ms["restore"] > 0
     released, k = feed(m, EVENTS[msgs.Release]())
     t = k.types()
     # datagrams and late packets in before the hold is released, the copy runs after both
