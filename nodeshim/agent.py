@@ -47,7 +47,7 @@ from .health import HealthRunner
 from .metrics import NodeMetrics
 from .migrate import MigrationAgent
 from .orphans import PreviousAgent
-from .queue import PacketQueues, fdname
+from .queue import ArrivalStamps, PacketQueues, fdname
 from .limits import grow_fd_table
 from .queuekeep import RoleRecord, take_fd_store
 from .servicekeeper import ServiceKeeper
@@ -113,6 +113,7 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         # the previous agent's queue sockets, kept by the service manager (nodeshim.queuekeep)
         self.inherited_queues: dict[int, object] = {}
         self.role_record = RoleRecord(os.path.join(config.state_dir, "roles.json"))
+        self.arrival_stamps = ArrivalStamps()  # on while a service here is in migration (nodeshim.queue)
 
     @property
     def notify_env(self) -> dict[str, str]:
@@ -219,6 +220,7 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         that no entry ever disagrees with the list installed (fastpath.stable_map)."""
         # whose packets the queue may hold: a successor needs to know (nodeshim.queuekeep)
         self.role_record.write(self.filter.roles)
+        self.arrival_stamps.want(bool(self.filter.roles))
         self._apply_datapath(self._datapath_plan(set(self.filter.roles)))
 
     async def sync_datapath_off_loop(self, without: str | None = None) -> None:
@@ -234,6 +236,7 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         older one is never applied after a newer one (a role installed on the loop while
         the thread waited is not undone by it)."""
         self.role_record.write(self.filter.roles)  # before the kernel queues anything new
+        self.arrival_stamps.want(bool(self.filter.roles))  # before it queues: stamped
         plan = self._datapath_plan(set(self.filter.roles) - {without})
         await asyncio.to_thread(self._apply_datapath, plan)
 

@@ -37,7 +37,7 @@ NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG, NFQNL_MSG_VERDICT_BATCH = 0, 1, 2, 3
 
-NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK = 1, 2, 3
+NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK, NFQA_TIMESTAMP = 1, 2, 3, 4
 NFQA_HWADDR, NFQA_PAYLOAD = 9, 10
 NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN = 1, 2, 3
 NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
@@ -55,12 +55,15 @@ def _msg_type(msg: int) -> int:
 
 @dataclass(frozen=True)
 class PacketMessage:
-    """A packet the kernel queued: its id (for the verdict), its IP bytes, and the
-    sender's hardware address (the gateway's epoch tag), b"" when the kernel gave none."""
+    """A packet the kernel queued: its id (for the verdict), its IP bytes, the sender's
+    hardware address (the gateway's epoch tag), b"" when the kernel gave none, and when it
+    arrived (the kernel's receive timestamp, wall clock seconds; 0.0 when it gave none:
+    it stamps packets only while some socket asked for timestamps, queue.ArrivalStamps)."""
     queue: int
     packet_id: int
     payload: bytes
     hw: bytes
+    timestamp: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,12 @@ def _decode_one(data: bytes, off: int, length: int, msg_type: int) -> Message:
     if raw_hw is not None and len(raw_hw) >= 4:
         hw_len = struct.unpack_from("!H", raw_hw)[0]
         hw = raw_hw[4: 4 + min(hw_len, 8)]
-    return PacketMessage(queue, packet_id, attrs.get(NFQA_PAYLOAD, b""), hw)
+    stamp = 0.0
+    raw_ts = attrs.get(NFQA_TIMESTAMP)
+    if raw_ts is not None and len(raw_ts) >= 16:  # struct nfqnl_msg_packet_timestamp
+        sec, usec = struct.unpack_from("!QQ", raw_ts)
+        stamp = sec + usec / 1e6
+    return PacketMessage(queue, packet_id, attrs.get(NFQA_PAYLOAD, b""), hw, stamp)
 
 
 def decode(data: bytes) -> list[Message]:
@@ -195,9 +203,13 @@ def unbind(queue: int, seq: int = 0) -> bytes:
                     seq=seq)
 
 
-def packet_message(queue: int, packet_id: int, payload: bytes, hw: bytes = b"") -> bytes:
-    """What the kernel sends for a queued packet (the tests' side of the codec)."""
+def packet_message(queue: int, packet_id: int, payload: bytes, hw: bytes = b"",
+                   timestamp: tuple[int, int] | None = None) -> bytes:
+    """What the kernel sends for a queued packet (the tests' side of the codec);
+    timestamp: (seconds, microseconds)."""
     attrs = _attr(NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, 3))
+    if timestamp is not None:
+        attrs += _attr(NFQA_TIMESTAMP, struct.pack("!QQ", *timestamp))
     if hw:
         attrs += _attr(NFQA_HWADDR, struct.pack("!Hxx", len(hw)) + hw[:8].ljust(8, b"\0"))
     attrs += _attr(NFQA_PAYLOAD, payload)

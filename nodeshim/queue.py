@@ -25,6 +25,16 @@ The restarted agent gets the socket back and takes the queue over (`AdoptedQueue
 netlink through nodeshim.nfqraw, since netfilterqueue cannot adopt a socket): it gives
 every packet the dead agent left a verdict (see `AdoptedQueue.take_over`), then reads the
 queue as before, for the rest of its life. No packet in the queue is lost with the agent.
+
+When a packet arrived: a decision's `now` is the packet's arrival in the kernel, not the
+moment the loop read it. A hold's length (freeze_ms: the first held packet's arrival to
+the last release) is what the clients stood still; read times fell behind while the
+destination restored 10,000 connections (its loop read held packets up to 20-28 ms late)
+and the hold was reported that much short. The kernel stamps a packet on receive only
+while some socket on the machine asked for receive timestamps (the netstamp static key),
+so the agent holds one such socket while a service of this node is in migration
+(`ArrivalStamps`, switched with the roles by the agent's datapath sync); otherwise the
+queue gives no stamp and the read time stands in, as before.
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ log = logging.getLogger("vipcluster.queue")
 
 
 SOCK_BYTES = 64 << 20
+SO_TIMESTAMP = 29  # asm-generic/socket.h; the socket module does not name it
+MAX_AGE_S = 10.0  # a stamp older than this (or from the future: the wall clock stepped) is not used
 DRAIN_BUDGET = 256  # packets read per wake-up of one queue (about 1-3 ms of decisions)
 
 
@@ -155,6 +167,44 @@ def queue_of_fdname(name: str) -> int | None:
     return n if 0 <= n <= 0xFFFF else None
 
 
+class ArrivalStamps:
+    """The kernel's receive timestamps, on while wanted: a datagram socket with
+    SO_TIMESTAMP, held open, is what turns them on (net_enable_timestamp: every packet
+    received on the machine then gets a clock read, tens of nanoseconds; off again when
+    the socket closes). Only while a migration needs to know when its packets came."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+
+    @property
+    def on(self) -> bool:
+        return self._sock is not None
+
+    def want(self, on: bool) -> None:
+        if on and self._sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
+            except OSError as e:  # the read time stands in: a hold reported short, nothing lost
+                sock.close()
+                log.warning("kernel receive timestamps unavailable (%s): held packets timed when read", e)
+                return
+            self._sock = sock
+        elif not on and self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def arrived_at(stamp: float, now: float, wall_now: float, last: float) -> float:
+    """A packet's arrival on the monotonic clock: `now` less its age by the kernel's
+    stamp (wall clock; 0.0: none), never before the previous packet of its queue (`last`:
+    the queue's order is the arrival order, whatever the wall clock did)."""
+    age = wall_now - stamp if stamp else 0.0
+    if not 0.0 <= age <= MAX_AGE_S:
+        age = 0.0
+    return max(now - age, last)
+
+
 HELD = object()  # _decide's answer for a packet a migration keeps
 
 
@@ -163,7 +213,9 @@ def _decide(queue, pkt, payload: bytes, hw) -> object:
     a decision that raises drops the packet and counts an error. The same for a queue
     bound by netfilterqueue and for one a restarted agent took over (AdoptedQueue)."""
     try:
-        verdict = queue.decide(payload, mac_of(hw), pkt, time.monotonic())
+        queue.last_arrival = now = arrived_at(pkt.get_timestamp(), time.monotonic(), time.time(),
+                                              queue.last_arrival)
+        verdict = queue.decide(payload, mac_of(hw), pkt, now)
     except Exception:
         queue.errors += 1
         log.exception("decision failed; dropping the packet")
@@ -183,6 +235,7 @@ class PacketQueue:
                  decide: Callable[[bytes, str | None, object, float], Verdict]) -> None:
         self.queue_num = queue_num
         self.decide = decide
+        self.last_arrival = 0.0  # the last packet's arrival (arrived_at)
         self._nfq = NetfilterQueue()
         try:
             # a big socket buffer: while Python is busy (dumping thousands of sockets) the
@@ -248,11 +301,16 @@ class RawPacket:
     """A packet read from an adopted queue: the same handle as netfilterqueue's Packet
     (a role may hold it and give the verdict later). A second verdict is ignored."""
 
-    __slots__ = ("_queue", "packet_id", "_payload", "_hw", "_done")
+    __slots__ = ("_queue", "packet_id", "_payload", "_hw", "_stamp", "_done")
 
-    def __init__(self, queue: "AdoptedQueue", packet_id: int, payload: bytes, hw: bytes) -> None:
+    def __init__(self, queue: "AdoptedQueue", packet_id: int, payload: bytes, hw: bytes,
+                 stamp: float = 0.0) -> None:
         self._queue, self.packet_id, self._payload, self._hw = queue, packet_id, payload, hw
+        self._stamp = stamp
         self._done = False
+
+    def get_timestamp(self) -> float:
+        return self._stamp
 
     def get_payload(self) -> bytes:
         return self._payload
@@ -293,6 +351,7 @@ class AdoptedQueue:
         self.queue_num = queue_num
         self.sock = sock
         self.decide = decide
+        self.last_arrival = 0.0
         self.errors = 0
         self.left_held = 0  # packets the dead agent had read and not decided (approximate)
         self.left_unread = 0  # packets queued that it never read
@@ -401,7 +460,7 @@ class AdoptedQueue:
                 log.debug("queue %d: kernel refused a verdict: %s", self.queue_num, os.strerror(m.errno))
 
     def _on_packet(self, m: nfqraw.PacketMessage) -> None:
-        _decide(self, RawPacket(self, m.packet_id, m.payload, m.hw), m.payload, m.hw)
+        _decide(self, RawPacket(self, m.packet_id, m.payload, m.hw, m.timestamp), m.payload, m.hw)
 
     def flush(self) -> None:
         self._drain()

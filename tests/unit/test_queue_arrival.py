@@ -1,0 +1,87 @@
+"""nodeshim.queue: a decision is timed by the packet's arrival (the kernel's receive stamp),
+not by when the verdict loop read it; no stamp, or one that cannot be right, and the read
+time stands in."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clustercore.ownership import Verdict
+from nodeshim import nfqraw
+from nodeshim.queue import MAX_AGE_S, AdoptedQueue, _decide, arrived_at
+
+
+def test_the_age_by_the_stamp_is_taken_off_the_read_time():
+    # read at monotonic 500.0 (wall 1,800,000,100.0); stamped 25 ms before on the wall clock
+    assert abs(arrived_at(1_800_000_099.975, 500.0, 1_800_000_100.0, 0.0) - 499.975) < 1e-6
+    assert arrived_at(0.0, 500.0, 1_800_000_100.0, 0.0) == 500.0  # no stamp: the read time
+
+
+def test_a_stamp_from_the_future_or_too_old_is_not_used():
+    assert arrived_at(1_800_000_100.5, 500.0, 1_800_000_100.0, 0.0) == 500.0  # the wall clock stepped back
+    assert arrived_at(1_800_000_100.0 - MAX_AGE_S - 1, 500.0, 1_800_000_100.0, 0.0) == 500.0
+
+
+@given(st.lists(st.tuples(st.floats(0, 20), st.floats(0, 0.2), st.booleans()), max_size=30))
+def test_a_queues_arrivals_never_go_backwards(reads):
+    # whatever the stamps say (a wall clock that jumps, none at all), the queue's order is
+    # the arrival order: an injection sorted by arrival keeps a flow's packets in order
+    last, now = 0.0, 100.0
+    for age, step, stamped in reads:
+        now += step
+        wall = 1_800_000_000.0 + now
+        got = arrived_at(wall - age if stamped else 0.0, now, wall, last)
+        assert got >= last and got <= now
+        last = got
+
+
+class _Pkt:
+    def __init__(self, stamp):
+        self.stamp, self.verdict = stamp, None
+
+    def get_timestamp(self):
+        return self.stamp
+
+    def accept(self):
+        self.verdict = "accept"
+
+    def drop(self):
+        self.verdict = "drop"
+
+
+class _Queue:
+    last_arrival = 0.0
+    errors = 0
+
+    def __init__(self, answer):
+        self.answer, self.times = answer, []
+
+    def decide(self, payload, mac, handle, now):
+        self.times.append(now)
+        return self.answer
+
+
+def test_decide_is_given_the_arrival_and_the_queue_remembers_it(monkeypatch):
+    import nodeshim.queue as q
+    monkeypatch.setattr(q.time, "monotonic", lambda: 700.0)
+    monkeypatch.setattr(q.time, "time", lambda: 1_800_000_000.0)
+    queue = _Queue(Verdict.HOLD)
+    pkt = _Pkt(1_800_000_000.0 - 0.040)  # arrived 40 ms before the read
+    assert _decide(queue, pkt, b"x", None) is q.HELD and pkt.verdict is None
+    assert abs(queue.times[0] - 699.96) < 1e-6 and queue.last_arrival == queue.times[0]
+    queue.answer = Verdict.ACCEPT
+    late = _Pkt(0.0)  # no stamp: read now
+    _decide(queue, late, b"y", None)
+    assert queue.times[1] == 700.0 and late.verdict == "accept"
+
+
+def test_an_adopted_queue_times_a_packet_by_the_kernels_stamp_attribute(monkeypatch):
+    import nodeshim.queue as q
+    monkeypatch.setattr(q.time, "monotonic", lambda: 50.0)
+    monkeypatch.setattr(q.time, "time", lambda: 1_800_000_000.5)
+    seen = []
+    adopted = AdoptedQueue.__new__(AdoptedQueue)
+    adopted.queue_num, adopted.last_arrival, adopted.errors = 7, 0.0, 0
+    adopted.decide = lambda payload, mac, handle, now: seen.append(now) or Verdict.HOLD
+    msg = nfqraw.decode(nfqraw.packet_message(7, 3, b"held", timestamp=(1_800_000_000, 300_000)))[0]
+    adopted._on_packet(msg)
+    assert abs(seen[0] - 49.8) < 1e-6  # 200 ms before the read
