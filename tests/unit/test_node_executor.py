@@ -733,17 +733,54 @@ def test_destination_prepare_chunk_restore_release_script(tmp_path):
     # the new instance starts at release (this fake starts no standby: a warning)
     assert prepare == ["sync_datapath", "open_sockets", "start_standby"]
     assert set(restored.timing_ms) == {"decode", "restore", "restore_streamed", "restore_streamed_decode"}
-    # release: repair off, queued datagrams and late packets in first, then the hold, then
-    # the new instance starts with every socket, connection and the state (LISTEN_FDS) and
-    # the agent's NOTIFY_SOCKET; our descriptors close, the instance is adopted
-    assert log.names() == ["thaw_many", "reinject", "inject_ip_packets", "accept", "forget_store",
+    # release: what the queue has unread is read first (held), repair off, queued datagrams
+    # and late packets in first, then the hold, then the new instance starts with every
+    # socket, connection and the state (LISTEN_FDS) and the agent's NOTIFY_SOCKET; our
+    # descriptors close, the instance is adopted
+    assert log.names() == ["drain_queues", "thaw_many", "reinject", "inject_ip_packets", "accept", "forget_store",
                            "start_handed_over", "close", "close", "close", "close", "close",
                            "record_running", "service_moved", "sync_datapath_without", "sync_datapath"]
-    assert log[0] == ("thaw_many", tuple(f"restored{i}" for i in range(5)))
-    assert log[5] == ("start_handed_over", ("tcp-7", "udp-7"), ("conn-7",) * 5, b"{}", "/run/notify")
+    assert log[1] == ("thaw_many", tuple(f"restored{i}" for i in range(5)))
+    assert log[6] == ("start_handed_over", ("tcp-7", "udp-7"), ("conn-7",) * 5, b"{}", "/run/notify")
     assert released.held == 1 and released.released == 1 and released.reinjected == 2
     assert agent.running["echo"].pid == 5151 and agent.restarts["echo"] == 0
     assert not ma.busy("echo") and "echo" not in agent.filter.roles
+
+
+def test_what_the_destinations_queue_has_unread_at_the_release_is_released_with_the_hold(tmp_path):
+    # a packet that came during the hold and that the loop had not read yet (it restored the
+    # chunks meanwhile) is read at the release's start, held, and accepted with the hold:
+    # not after the thaws and the new instance's start
+    ma, agent, fake, log = destination(tmp_path)
+    from clustercore.sockstate import ServiceSockets
+    wire = sockwire.to_wire(ServiceSockets(service="echo", listeners=(TcpListenerState(local=(VIP, 7)),),
+                                           connections=(conn_state(7, 0),), udp=(UdpSocketState(local=(VIP, 7)),)))
+    wire.update(streamed=0, app_state="e30=")
+    unread = [udp_packet(8)]
+
+    def drain_some():
+        log.append(("drain_queues",))
+        while unread:
+            agent.filter.decide(unread.pop(), EPOCH, FakePacket(8, log))
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1"))
+        await ma.handle(step(msgs.Restore, sockets=wire))
+        agent.filter.decide(udp_packet(7), EPOCH, FakePacket(7, log))  # read during the hold
+        agent.queue.drain_some = drain_some
+        log.clear()
+        released = await ma.handle(step(msgs.Release, consumed={}, late_packets=()))
+        await settle()
+        return released
+
+    released = asyncio.run(script())
+    names = log.names()
+    assert names[0] == "drain_queues"
+    assert released.held == 2 and released.released == 2
+    # both accepted as the hold, in arrival order, before the new instance starts
+    accepted = [entry for entry in log if entry[0] == "accept"]
+    assert accepted == [("accept", 7), ("accept", 8)]
+    assert names.index("accept") < names.index("start_handed_over")
 
 
 def _release_with_starts(tmp_path, exits: int = 0, raises: int = 0):

@@ -297,7 +297,8 @@ def test_the_destination_script():
     assert restored.timing_ms == {"decode": 1.0, "restore": 3.0, "restore_streamed": 2.0,
                                   "restore_streamed_decode": 0.5}
     released = script(m, EVENTS[msgs.Release](), [
-        (nc.MarkReleasing, None), (nc.ReadClock, 1.0), (nc.Thaw, 3), (nc.ReadClock, 1.1), (nc.CountUdpBufferDrops, 7),
+        (nc.MarkReleasing, None), (nc.ReadClock, 1.0), (nc.DecideWaiting, None), (nc.Thaw, 3), (nc.ReadClock, 1.1),
+        (nc.CountUdpBufferDrops, 7),
         (nc.PutBackDatagrams, 1), (nc.InjectPackets, 1), (nc.ReadClock, 1.2), (nc.ReadClock, 1.2),
         (nc.StartHandedOver, "new"), (nc.WaitStarted, nc.Started("ready")), (nc.ReadClock, 1.25),
         (nc.CloseDescriptors, None), (nc.AdoptInstance, None),
@@ -438,7 +439,8 @@ def test_the_new_instance_starts_with_every_socket_by_name_and_the_saved_state()
 
 EXITED = nc.Started("exited", "pid 9 exited with 127 before READY=1")
 FAILED_START = KernelError("start the new instance", 24)
-RELEASE_HEAD = [(nc.MarkReleasing, None), (nc.ReadClock, 1.0), (nc.Thaw, None), (nc.ReadClock, 1.1),
+RELEASE_HEAD = [(nc.MarkReleasing, None), (nc.ReadClock, 1.0), (nc.DecideWaiting, None), (nc.Thaw, None),
+                (nc.ReadClock, 1.1),
                 (nc.CountUdpBufferDrops, 0), (nc.PutBackDatagrams, 1), (nc.InjectPackets, 1), (nc.ReadClock, 1.2),
                 (nc.ReadClock, 1.2)]
 RELEASE_TAIL = [(nc.RemoveRoleLater, None), (nc.ReadClock, 2.0), (nc.CountKernelDrops, 0),
