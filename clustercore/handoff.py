@@ -41,23 +41,26 @@ from .nodecommands import (
     ConnectDatagramSocket,
     CountKernelDrops,
     CountUdpBufferDrops,
+    DecideWaiting,
     DescribeListeners,
     DrainDatagrams,
     DropHeld,
-    DecideWaiting,
     DumpConnections,
-    Pause,
     ForgetInstance,
+    HandOver,
+    HandToStandby,
     InjectPackets,
     InstallRole,
+    LeaveRepair,
     LetPacketsIn,
     Local,
+    LongestQueueWait,
     Named,
     Note,
     OpenSockets,
+    Pause,
     Playbook,
     PutBackDatagrams,
-    HandOver,
     ReadClock,
     ReadPackets,
     ReadStateFd,
@@ -66,19 +69,17 @@ from .nodecommands import (
     RemoveRoleLater,
     RestoreConnections,
     Resume,
-    resume_source,
-    HandToStandby,
     StartHandedOver,
     StartStandby,
     StopInstance,
     StreamChunk,
     Thaw,
-    LeaveRepair,
     WaitHalfClosed,
     WaitHandshakes,
     WaitStarted,
     kind_of,
     prefill_sockets,
+    resume_source,
     socket_name,
 )
 from .errors import VipError
@@ -176,6 +177,7 @@ class SourceFacts:
     own: tuple[Named, ...]  # the agent's own copies of its listeners and UDP sockets
     tcp_ports: tuple[int, ...]
     drops_at_start: int = 0
+    armed_at: float = 0.0  # when the arm began (the queue's waits are counted from there)
     role: Any = None  # installed in the filter, until its removal is asked
     stopped: Any = None  # the instance, once asked to hand over: resumed by a rollback
     listeners: tuple[Named, ...] = ()  # what it stored in the fd store: its listeners...
@@ -198,6 +200,7 @@ class DestinationFacts:
     cut: Any  # its DestCutover
     vips: tuple[str, ...] = ()  # every restored socket is on one, on one of the service's ports
     drops_at_start: int = 0
+    prepared_at: float = 0.0  # when the prepare began (the queue's waits are counted from there)
     role: Any = None
     opened: list[Named] = field(default_factory=list)  # bound at prepare; ours until adopted
     instance: Any = None  # the new instance, until it is adopted as the running one
@@ -252,7 +255,7 @@ class Handoff(Playbook):
         service = local.service
         f = self.source = SourceFacts(
             cut=m.cutovers.source(event.epoch), instance=local.instance, own=tuple(local.sockets),
-            tcp_ports=tuple(port for proto, port in service.ports if proto == TCP))
+            tcp_ports=tuple(port for proto, port in service.ports if proto == TCP), armed_at=now)
         f.drops_at_start = yield CountKernelDrops()
         f.role = f.cut
         yield InstallRole(m.service, f.cut)  # its packets reach the queue and are counted
@@ -342,6 +345,9 @@ class Handoff(Playbook):
         t_end = yield ReadClock()
         timing["encode"] = _ms(t_wire, t_end)
         timing["frozen_to_reply"] = _ms(t_freeze, t_end)
+        # the longest any packet the source accepted waited in its queue since the arm
+        # (a loop held up by the hand-over leaves requests unacknowledged meanwhile)
+        timing["queue_wait"] = yield LongestQueueWait(f.armed_at)
         totals = whole.totals
         yield Note(f"freeze {m.service}: {totals['connections']} connections; {timing}")
         return msgs.FreezeDone(
@@ -430,7 +436,7 @@ class Handoff(Playbook):
     def prepare(self, m, event: msgs.Prepare, local: Local, now: float):
         service = local.service
         f = self.destination = DestinationFacts(service=service, vips=local.vips,
-                                                cut=m.cutovers.destination(event.epoch))
+                                                cut=m.cutovers.destination(event.epoch), prepared_at=now)
         f.drops_at_start = yield CountKernelDrops()
         f.role = f.cut
         yield InstallRole(m.service, f.cut)  # hold the new epoch from now on
@@ -591,6 +597,9 @@ class Handoff(Playbook):
             yield RemoveRoleLater(m.service, role)
         stats = f.cut.stats()
         f.timing["release"] = _ms(t0, (yield ReadClock()))
+        # the longest a packet of ours waited in the queue since the prepare: the hold
+        # (freeze_ms) and what was read late, held or not
+        f.timing["queue_wait"] = yield LongestQueueWait(f.prepared_at)
         drops = (yield CountKernelDrops()) - f.drops_at_start
         # a full socket buffer drops at the moment we accept: count it as lost, honestly
         drops += max(0, (yield CountUdpBufferDrops()) - udp_errors_before)

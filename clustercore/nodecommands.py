@@ -159,6 +159,14 @@ class CountUdpBufferDrops(Command):
 
 
 @_command(query=True)
+class LongestQueueWait(Command):
+    """-> float ms: the longest a packet accepted from this node's queues since `since`
+    (ReadClock's clock) waited there, from its arrival in the kernel to its verdict (held,
+    or read late): what a client's request waited unacknowledged at this node."""
+    since: float
+
+
+@_command(query=True)
 class ReleaseBegun(Command):
     """Did an agent of this node begin releasing this migration (its marker is there)?
     -> bool. Asked by a restarted agent of a repeated Release it has no machine for."""

@@ -485,7 +485,7 @@ _NODE_ACTIONS: dict[type, Callable] = {
 _EMPTY_RESULTS: dict[type, object] = {
     nc.CountKernelDrops: 0, nc.CountUdpBufferDrops: 0, nc.HandOver: [],
     nc.AcceptWaiting: [], nc.DumpConnections: [], nc.DescribeListeners: (),
-    nc.StreamChunk: False, nc.DecideWaiting: None, nc.OpenSockets: [], nc.RestoreConnections: [], nc.PutBackDatagrams: 0,
+    nc.StreamChunk: False, nc.DecideWaiting: None, nc.LongestQueueWait: 0.0, nc.OpenSockets: [], nc.RestoreConnections: [], nc.PutBackDatagrams: 0,
     nc.WaitStarted: nc.Started("ready"), nc.HandToStandby: 0,
 }
 

@@ -364,6 +364,7 @@ class MigrationAgent(ProcessSteps):
             nc.LookUp: self._look_up,
             nc.ReadClock: lambda c: k.clock(),
             nc.CountKernelDrops: lambda c: k.queue.kernel_drops(agent.config.queue_nums),
+            nc.LongestQueueWait: lambda c: agent.queue.waits.longest_since(c.since) if agent.queue is not None else 0.0,
             nc.CountUdpBufferDrops: lambda c: k.udphandoff.rcvbuf_errors(),
             nc.MarkReleasing: lambda c: self.leftovers.mark_releasing(c.service, c.epoch),
             nc.ServiceMoved: lambda c: agent.service_moved(c.service, c.owner),
@@ -372,7 +373,7 @@ class MigrationAgent(ProcessSteps):
             nc.InstallRole: self._install_role,
             nc.RemoveRole: lambda c: self._remove_role(c.service, c.role),
             nc.RemoveRoleLater: lambda c: self._remove_role_later(c.service, c.role),
-            nc.AcceptHeld: lambda c: _each(c.handles, "accept"),
+            nc.AcceptHeld: lambda c: self._accept_held(c.handles),
             nc.DropHeld: lambda c: _each(c.handles, "drop"),
             nc.ReadPackets: lambda c: tuple(h.get_payload() for h in c.handles),
             nc.InjectPackets: lambda c: k.udphandoff.inject_ip_packets(c.packets, REINJECT_MARK),
@@ -433,6 +434,11 @@ class MigrationAgent(ProcessSteps):
         rs = self.agent.running.get(cmd.service)
         return nc.Local(self.agent.filter.services.get(cmd.service), rs,
                         tuple(rs.sockets) if rs is not None else (), vips=self.agent.config.vips)
+
+    def _accept_held(self, handles) -> None:
+        _each(handles, "accept")
+        if self.agent.queue is not None:  # how long they waited (LongestQueueWait)
+            self.agent.queue.waits.note_held(handles)
 
     async def _install_role(self, cmd: nc.InstallRole) -> None:
         self.agent.filter.roles[cmd.service] = cmd.role

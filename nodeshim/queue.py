@@ -47,6 +47,7 @@ import os
 import select
 import socket
 import time
+from collections import deque
 from typing import Callable
 
 from netfilterqueue import NetfilterQueue
@@ -62,6 +63,8 @@ log = logging.getLogger("vipcluster.queue")
 SOCK_BYTES = 64 << 20
 SO_TIMESTAMP = 29  # asm-generic/socket.h; the socket module does not name it
 MAX_AGE_S = 10.0  # a stamp older than this (or from the future: the wall clock stepped) is not used
+WAIT_FLOOR_S = 0.005  # accepted packets that waited less are not noted (Waits)
+WAIT_KEEP = 8192
 DRAIN_BUDGET = 256  # packets read per wake-up of one queue (about 1-3 ms of decisions)
 
 
@@ -205,6 +208,34 @@ def arrived_at(stamp: float, now: float, wall_now: float, last: float) -> float:
     return max(now - age, last)
 
 
+class Waits:
+    """How long accepted packets waited in this node's queues, from their arrival in the
+    kernel to their verdict: what a client's request waited unacknowledged here (held, or
+    read late). The long ones only, each with when it was accepted; bounded (the oldest go
+    first). A migration asks for the longest since its start (LongestQueueWait)."""
+
+    def __init__(self) -> None:
+        self._log: deque[tuple[float, float]] = deque(maxlen=WAIT_KEEP)
+
+    def note(self, accepted_at: float, arrival: float) -> None:
+        wait = accepted_at - arrival
+        if wait >= WAIT_FLOOR_S:
+            self._log.append((accepted_at, wait))
+
+    def note_held(self, handles) -> None:
+        """Held packets accepted now (their arrival by the kernel's stamp; none: unknown)."""
+        now, wall = time.monotonic(), time.time()
+        for h in handles:
+            stamp = h.get_timestamp() if hasattr(h, "get_timestamp") else 0.0
+            if stamp:
+                self.note(now, arrived_at(stamp, now, wall, 0.0))
+
+    def longest_since(self, since: float) -> float:
+        """The longest wait (ms) of a packet accepted at or after `since`; 0.0: none over
+        WAIT_FLOOR_S."""
+        return round(max((w for t, w in self._log if t >= since), default=0.0) * 1000, 2)
+
+
 HELD = object()  # _decide's answer for a packet a migration keeps
 
 
@@ -213,8 +244,8 @@ def _decide(queue, pkt, payload: bytes, hw) -> object:
     a decision that raises drops the packet and counts an error. The same for a queue
     bound by netfilterqueue and for one a restarted agent took over (AdoptedQueue)."""
     try:
-        queue.last_arrival = now = arrived_at(pkt.get_timestamp(), time.monotonic(), time.time(),
-                                              queue.last_arrival)
+        read_at = time.monotonic()
+        queue.last_arrival = now = arrived_at(pkt.get_timestamp(), read_at, time.time(), queue.last_arrival)
         verdict = queue.decide(payload, mac_of(hw), pkt, now)
     except Exception:
         queue.errors += 1
@@ -223,6 +254,8 @@ def _decide(queue, pkt, payload: bytes, hw) -> object:
         return Verdict.DROP
     if verdict is Verdict.ACCEPT:
         pkt.accept()
+        if queue.waits is not None:
+            queue.waits.note(read_at, now)
     elif verdict is Verdict.DROP:
         pkt.drop()
     else:
@@ -236,6 +269,7 @@ class PacketQueue:
         self.queue_num = queue_num
         self.decide = decide
         self.last_arrival = 0.0  # the last packet's arrival (arrived_at)
+        self.waits: Waits | None = None  # PacketQueues shares one among its queues
         self._nfq = NetfilterQueue()
         try:
             # a big socket buffer: while Python is busy (dumping thousands of sockets) the
@@ -352,6 +386,7 @@ class AdoptedQueue:
         self.sock = sock
         self.decide = decide
         self.last_arrival = 0.0
+        self.waits: Waits | None = None
         self.errors = 0
         self.left_held = 0  # packets the dead agent had read and not decided (approximate)
         self.left_unread = 0  # packets queued that it never read
@@ -516,6 +551,9 @@ class PacketQueues:
         finally:
             for sock in inherited.values():  # queues we no longer use
                 sock.close()
+        self.waits = Waits()
+        for q in self.queues:
+            q.waits = self.waits
 
     @property
     def adopted(self) -> list[AdoptedQueue]:

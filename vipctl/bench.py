@@ -81,6 +81,15 @@ def _machine() -> dict:
             "python": platform.python_version()}
 
 
+def _queue_wait(report: dict) -> float | None:
+    """The longer of the source's and the destination's LongestQueueWait in a migration's
+    report (None: neither said, e.g. a run that did not get that far)."""
+    split = report.get("split_ms") or {}
+    found = [part.get("queue_wait") for part in (split.get("freeze") or {}, split.get("release") or {})]
+    found = [x for x in found if isinstance(x, (int, float))]
+    return max(found) if found else None
+
+
 def _rss_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -320,6 +329,7 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                     f"stop {ms(report.get('stop_ms'))}, "
                     f"total {ms(report.get('total_ms'))}, lost {count(lost)}, retrans {count(client.get('retrans_segs'))}")
             waits = _stats([benchbatch.longest_wait(r["client"]) for r in rows])
+            queue_waits = _stats([_queue_wait(r["report"]) for r in rows])
             out.append({
                 "connections": n,
                 "established_moved": _stats([r["report"].get("tcp_established") for r in rows]),
@@ -344,6 +354,10 @@ def measure_migrations(prefix: str, sizes: list[int], runs: int, log) -> tuple[l
                 "max_reply_ms_no_migration": benchbatch.longest_wait(floor),
                 # what each client felt: the slowest reply of each connection during the run
                 "per_connection_worst_reply_ms": _median_pcts([r["client"].get("conn_worst_reply_ms") for r in rows]),
+                # the longest a packet of the service waited for its verdict in a node's
+                # queue (source from its arm, destination from its prepare; by the kernel's
+                # arrival stamps): held, or read late. Past ~200 ms its client's loss probe fires
+                "queue_wait_ms": queue_waits["median"], "queue_wait_ms_stats": queue_waits,
                 "split_ms": rows[-1]["report"].get("split_ms", {}),
             })
         pids = labmod.daemon_pids(spec)

@@ -225,14 +225,14 @@ def render_bench(result: dict) -> str:
                          f"{_cell(x['tcp_mbps'], 11, 0)} {_cell(x['tcp_ratio'], 6, 2)}  {count(x.get('node_rules'))}"
                          + (f"  ({x['problem']})" if x.get("problem") else ""))
     lines.append("")
-    lines.append(f"{'connections':>11} {'freeze ms':>10} {'stop ms':>9} {'total ms':>9} {'lost':>5} {'dup':>4} {'retrans':>7} "
-                 f"{'conn p50/p99/max worst reply ms':>32}  steps (ms)")
+    lines.append(f"{'connections':>11} {'freeze ms':>10} {'stop ms':>9} {'queue wait':>10} {'total ms':>9} {'lost':>5} "
+                 f"{'dup':>4} {'retrans':>7} {'conn p50/p99/max worst reply ms':>32}  steps (ms)")
     for x in result["migrations"]:
         steps = ", ".join(f"{k} {number(v)}" for k, v in x["steps_ms"].items())
         pc = x.get("per_connection_worst_reply_ms") or {}
         pcs = "/".join(number(pc.get(k), 1) for k in ("p50", "p99", "max"))
         lines.append(f"{x['connections']:>11} {_cell(x['freeze_ms'], 10, 2)} {_cell(x.get('stop_ms'), 9, 2)} "
-                     f"{_cell(x['total_ms'], 9, 2)} "
+                     f"{_cell(x.get('queue_wait_ms'), 10, 2)} {_cell(x['total_ms'], 9, 2)} "
                      f"{count(x['lost']):>5} {count(x['duplicated']):>4} {x['client_retransmissions']:>7} "
                      f"{pcs:>32}  {steps}")
     from .benchbatch import render_lines as batched_lines

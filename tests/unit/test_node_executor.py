@@ -28,6 +28,7 @@ from clustercore.packet import TCP, UDP as P_UDP
 from clustercore.sockstate import (TcpConnState, TcpListenerState, TcpWindow, UdpDatagram,
                                    UdpSocketState)
 from nodeshim import migrate
+from nodeshim.queue import Waits
 from nodeshim.queuekeep import RoleRecord
 
 VIP, CLIENT, EPOCH, NEXT_EPOCH = "203.0.113.10", "198.51.100.2", "02:76:63:00:00:02", "02:76:63:00:00:03"
@@ -335,7 +336,7 @@ class FakeAgent:
     queue: object = None
 
     def __post_init__(self) -> None:
-        self.queue = SimpleNamespace(drain_some=lambda: self.log.append(("drain_queues",)))
+        self.queue = SimpleNamespace(drain_some=lambda: self.log.append(("drain_queues",)), waits=Waits())
         self.filter = NodeFilter(self.config.name)
         self.filter.load([ECHO], self.config.name)
         self.role_record = RecordedRoles(os.path.join(self.config.state_dir, "roles.json"), self.log)
@@ -435,7 +436,7 @@ def test_source_arm_freeze_commit_script(tmp_path):
     assert frozen.bytes_moved == len(b"in0in1") + len(b"q0q1")
     assert frozen.sockets["streamed"] == 0 and frozen.sockets["app_state"]
     assert set(frozen.timing_ms) == {"half_closed", "handed", "let_in", "hand_over", "dump", "encode",
-                                     "frozen_to_reply"}
+                                     "frozen_to_reply", "queue_wait"}
     assert sockwire.from_wire({k: v for k, v in frozen.sockets.items()
                                if k not in ("streamed", "app_state")}).totals["udp_datagrams"] == 2
     # commit: the hold dropped, our copies closed silently, the service and its store

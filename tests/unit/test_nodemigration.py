@@ -107,7 +107,7 @@ class Kernel:
             self.clock += 0.001
             return self.clock
         return {
-            nc.CountKernelDrops: 0, nc.CountUdpBufferDrops: 0,
+            nc.CountKernelDrops: 0, nc.CountUdpBufferDrops: 0, nc.LongestQueueWait: 4.5,
             nc.HandOver: [("state", "S"), ("tcp-7", "SL"), ("udp-7", "SU"), ("conn-7", "C0"), ("conn-7", "C1")],
             nc.AcceptWaiting: [],
             nc.DumpConnections: [conn(0), conn(1)], nc.StreamChunk: True,
@@ -231,7 +231,8 @@ def test_the_source_script():
         (nc.AcceptWaiting, [("conn-7", "A0")]), (nc.ReadClock, 2.0),
         (nc.DumpConnections, [conn(0), conn(1)]), (nc.LetPacketsIn, None), (nc.ReadClock, 3.0),
         (nc.DescribeListeners, (TcpListenerState(local=(VIP, 7)),)), (nc.DrainDatagrams, DRAINED),
-        (nc.ReadClock, 3.5), (nc.ReadStateFd, b"kv"), (nc.ReadClock, 4.0), (nc.Note, None),
+        (nc.ReadClock, 3.5), (nc.ReadStateFd, b"kv"), (nc.ReadClock, 4.0), (nc.LongestQueueWait, 12.5),
+        (nc.Note, None),
     ])
     assert isinstance(frozen, msgs.FreezeDone) and m.state is State.FROZEN
     # what the program stored is what moves: its listener, UDP socket, connection, state;
@@ -239,7 +240,7 @@ def test_the_source_script():
     assert m.playbook.source.listeners == (("tcp-7", "SL"),) and m.playbook.source.udp == (("udp-7", "SU"),)
     assert [s for _, s in m.playbook.source.copies] == ["C0", "A0"]
     assert frozen.timing_ms == {"half_closed": 100.0, "handed": 250.0, "let_in": 125.0, "hand_over": 500.0,
-                                "dump": 1000.0, "encode": 500.0, "frozen_to_reply": 2500.0}
+                                "dump": 1000.0, "encode": 500.0, "frozen_to_reply": 2500.0, "queue_wait": 12.5}
     assert (frozen.tcp_established, frozen.tcp_listening, frozen.udp_sockets, frozen.bytes_moved) == (2, 1, 1, 3)
     assert frozen.sockets["app_state"] == base64.b64encode(b"kv").decode()
     assert cut.phase == "frozen" and cut.frozen_at == 1.5
@@ -302,13 +303,13 @@ def test_the_destination_script():
         (nc.PutBackDatagrams, 1), (nc.InjectPackets, 1), (nc.ReadClock, 1.2), (nc.ReadClock, 1.2),
         (nc.StartHandedOver, "new"), (nc.WaitStarted, nc.Started("ready")), (nc.ReadClock, 1.25),
         (nc.CloseDescriptors, None), (nc.AdoptInstance, None),
-        (nc.RemoveRoleLater, None), (nc.ReadClock, 1.3), (nc.CountKernelDrops, 0),
+        (nc.RemoveRoleLater, None), (nc.ReadClock, 1.3), (nc.LongestQueueWait, 180.0), (nc.CountKernelDrops, 0),
         (nc.CountUdpBufferDrops, 8), (nc.Note, None), (nc.Note, None), (nc.ServiceMoved, None),
     ])
     assert isinstance(released, msgs.ReleaseDone) and m.state is State.RELEASED
     assert (released.reinjected, released.lost, released.kernel_drops) == (2, 1, 1)
     assert released.timing_ms == {"standby_start": 0.0, "window_probes": 3, "thaw": 100.0, "released_at": 200.0,
-                                  "start": 50.0, "release": 300.0}
+                                  "start": 50.0, "release": 300.0, "queue_wait": 180.0}
     assert (released.start_attempts, released.service_down, released.connections_closed) == (1, "", 0)
 
 
@@ -443,7 +444,7 @@ RELEASE_HEAD = [(nc.MarkReleasing, None), (nc.ReadClock, 1.0), (nc.DecideWaiting
                 (nc.ReadClock, 1.1),
                 (nc.CountUdpBufferDrops, 0), (nc.PutBackDatagrams, 1), (nc.InjectPackets, 1), (nc.ReadClock, 1.2),
                 (nc.ReadClock, 1.2)]
-RELEASE_TAIL = [(nc.RemoveRoleLater, None), (nc.ReadClock, 2.0), (nc.CountKernelDrops, 0),
+RELEASE_TAIL = [(nc.RemoveRoleLater, None), (nc.ReadClock, 2.0), (nc.LongestQueueWait, 0.0), (nc.CountKernelDrops, 0),
                 (nc.CountUdpBufferDrops, 0)]
 
 

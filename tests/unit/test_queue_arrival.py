@@ -51,6 +51,7 @@ class _Pkt:
 class _Queue:
     last_arrival = 0.0
     errors = 0
+    waits = None
 
     def __init__(self, answer):
         self.answer, self.times = answer, []
@@ -80,8 +81,40 @@ def test_an_adopted_queue_times_a_packet_by_the_kernels_stamp_attribute(monkeypa
     monkeypatch.setattr(q.time, "time", lambda: 1_800_000_000.5)
     seen = []
     adopted = AdoptedQueue.__new__(AdoptedQueue)
-    adopted.queue_num, adopted.last_arrival, adopted.errors = 7, 0.0, 0
+    adopted.queue_num, adopted.last_arrival, adopted.errors, adopted.waits = 7, 0.0, 0, None
     adopted.decide = lambda payload, mac, handle, now: seen.append(now) or Verdict.HOLD
     msg = nfqraw.decode(nfqraw.packet_message(7, 3, b"held", timestamp=(1_800_000_000, 300_000)))[0]
     adopted._on_packet(msg)
     assert abs(seen[0] - 49.8) < 1e-6  # 200 ms before the read
+
+
+def test_the_waits_kept_are_the_long_ones_and_asked_for_since_a_time():
+    from nodeshim.queue import WAIT_FLOOR_S, Waits
+    w = Waits()
+    w.note(10.0, 10.0 - WAIT_FLOOR_S / 2)  # short: not kept
+    w.note(11.0, 10.8)  # 200 ms, accepted at 11.0
+    w.note(12.0, 11.95)  # 50 ms, accepted at 12.0
+    assert w.longest_since(0.0) == 200.0
+    assert w.longest_since(11.5) == 50.0  # the migration began after the long one
+    assert w.longest_since(12.5) == 0.0
+
+
+def test_held_packets_accepted_at_the_release_are_noted_by_their_stamps(monkeypatch):
+    import nodeshim.queue as q
+    monkeypatch.setattr(q.time, "monotonic", lambda: 300.0)
+    monkeypatch.setattr(q.time, "time", lambda: 1_800_000_000.0)
+    w = q.Waits()
+    w.note_held([_Pkt(1_800_000_000.0 - 0.180), _Pkt(0.0), object()])  # no stamp, no method: unknown
+    assert w.longest_since(299.0) == 180.0
+
+
+def test_an_accepted_packet_read_late_is_noted_with_its_wait(monkeypatch):
+    import nodeshim.queue as q
+    monkeypatch.setattr(q.time, "monotonic", lambda: 700.0)
+    monkeypatch.setattr(q.time, "time", lambda: 1_800_000_000.0)
+    queue = _Queue(Verdict.ACCEPT)
+    queue.waits = q.Waits()
+    _decide(queue, _Pkt(1_800_000_000.0 - 0.230), b"x", None)  # waited 230 ms unread
+    queue.answer = Verdict.HOLD
+    _decide(queue, _Pkt(1_800_000_000.0 - 0.500), b"y", None)  # held: noted when accepted
+    assert queue.waits.longest_since(699.0) == 230.0

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import threading
+import types
 
 from clustercore.ownership import Verdict
 from nodeshim import nfqraw
@@ -234,7 +235,8 @@ def test_queues_are_taken_over_where_kept_and_bound_afresh_elsewhere(monkeypatch
 
     def take_over(q, sock, max_len, held, decide):
         assert held == "accept"
-        return None if q == 2 else ("adopted", q)  # queue 2's socket holds no instance
+        # queue 2's socket holds no instance
+        return None if q == 2 else types.SimpleNamespace(queue_num=("adopted", q))
 
     monkeypatch.setattr(qmod, "PacketQueue", FakeFresh)
     monkeypatch.setattr(qmod.AdoptedQueue, "take_over", staticmethod(take_over))
