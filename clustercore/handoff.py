@@ -534,9 +534,9 @@ class Handoff(Playbook):
         t0 = yield ReadClock()
         if not f.released:
             # what arrived and the loop has not read yet (it restored the dump's chunks
-            # meanwhile) is read now, and held: released below with the rest, not read after
-            # the thaws and the start that follow (its clients waited 20-30 ms more than the
-            # hold at 10,000 connections, up to 199 ms in all: the edge of their loss probes)
+            # meanwhile: at 10,000 connections it read held packets up to 20-28 ms after
+            # they came) is read now, and held: released below with the rest, not after the
+            # thaws and the start that follow, its clients nearer their loss probes
             yield DecideWaiting()
         # out of repair mode first: a socket in repair mode discards what it gets. Only the
         # connections the hold has packets of come out before the hold is let in (at

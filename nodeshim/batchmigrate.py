@@ -285,10 +285,10 @@ class BatchActions:
             raise KernelError("hand to the standby", None, "a handoff.start fault is armed")
         await self._until_ready(rs, "hand to the standby")  # (it was at prepare: a death since)
         # off the loop: 10,000 connections are 40 messages, each answered when the program
-        # has taken its 250 (168 ms in all); on the loop the queue went unread meanwhile,
-        # and the service's packets that came after the hold was let in waited there up to
-        # 230 ms for their verdict (their clients' loss probes fired). The descriptors and
-        # the channel are this command's alone until it returns.
+        # has taken its 250 (143-225 ms in all); on the loop the queue went unread
+        # meanwhile, and the service's packets that came after the hold was let in waited
+        # there, unacknowledged, up to 198-360 ms (their clients' loss probes fired). The
+        # descriptors and the channel are this command's alone until it returns.
         taken = await asyncio.to_thread(mig.kernel.services.hand_to_standby, rs, cmd.sockets, cmd.connections,
                                         cmd.state, CHANNEL_TIMEOUT_S)
         # a crash before it is adopted: the next agent adopts it (the release had begun)

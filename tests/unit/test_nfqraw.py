@@ -75,6 +75,8 @@ def test_encoders_refuse_what_the_kernel_could_not_mean():
 def test_the_kernels_receive_stamp_is_decoded_and_a_short_one_ignored():
     got = decode(nfqraw.packet_message(3, 9, b"p", b"\x02\0\0\0\0\x01", timestamp=(1_800_000_000, 250_000)))
     assert got == [PacketMessage(3, 9, b"p", b"\x02\0\0\0\0\x01", 1_800_000_000.25)]
-    short = nfqraw._message(nfqraw.NFQNL_MSG_PACKET, 3, nfqraw._attr(nfqraw.NFQA_PACKET_HDR, struct.pack("!IHB", 9, 0x0800, 3))
-                            + nfqraw._attr(nfqraw.NFQA_TIMESTAMP, b"\0" * 8) + nfqraw._attr(nfqraw.NFQA_PAYLOAD, b"p"), flags=0)
+    attrs = (nfqraw._attr(nfqraw.NFQA_PACKET_HDR, struct.pack("!IHB", 9, 0x0800, 3))
+             + nfqraw._attr(nfqraw.NFQA_TIMESTAMP, b"\0" * 8)  # 8 bytes, not the 16 of the struct
+             + nfqraw._attr(nfqraw.NFQA_PAYLOAD, b"p"))
+    short = nfqraw._message(nfqraw.NFQNL_MSG_PACKET, 3, attrs, flags=0)
     assert decode(short) == [PacketMessage(3, 9, b"p", b"", 0.0)]
