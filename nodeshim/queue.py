@@ -244,8 +244,10 @@ def _decide(queue, pkt, payload: bytes, hw) -> object:
     a decision that raises drops the packet and counts an error. The same for a queue
     bound by netfilterqueue and for one a restarted agent took over (AdoptedQueue)."""
     try:
-        read_at = time.monotonic()
-        queue.last_arrival = now = arrived_at(pkt.get_timestamp(), read_at, time.time(), queue.last_arrival)
+        read_at, stamp = time.monotonic(), pkt.get_timestamp()
+        # the wall clock only for a stamped packet (the stamps are off outside migrations)
+        now = arrived_at(stamp, read_at, time.time() if stamp else 0.0, queue.last_arrival)
+        queue.last_arrival = now
         verdict = queue.decide(payload, mac_of(hw), pkt, now)
     except Exception:
         queue.errors += 1
