@@ -154,6 +154,15 @@ class BatchReleaseDone(Reply):
     timing_ms: dict = field(default_factory=dict)
 
 
+@reply_type
+class BatchAbortDone(BatchReleaseDone):
+    """AbortBatch's answer. `was_released` False: aborted (its hold dropped, its rebuilt
+    sockets closed, its flows dropped from now on). True: the destination had released
+    that batch (a RestoreReleaseBatch whose answer the gateway did not get) and it cannot
+    be aborted: the other fields are that release's answer, and the batch goes forward."""
+    was_released: bool = False
+
+
 # ---------------------------------------------------------------- requests
 
 
@@ -186,17 +195,34 @@ class FreezeBatch(Step):
 
 @message("migrate.batch.restore", reply=Done)
 class RestoreBatch(Step):
-    """To the destination: rebuild the batch's sockets (repair mode), give them to the
-    running new instance only at the release."""
+    """To the destination: rebuild the opening's sockets (repair mode), give them to the
+    running new instance only at the release (the owner switch comes between)."""
     batch: int
     sockets: dict
+
+
+@message("migrate.batch.restore_release", reply=BatchReleaseDone)
+class RestoreReleaseBatch(Step):
+    """To the destination, for a batch after the opening: rebuild its sockets and, if that
+    worked, release it at once (ReleaseBatch's work, with these fields). A failed rebuild
+    releases nothing (its sockets closed, as after RestoreBatch); once the release began it
+    only goes forward. The gateway then learns which from the reply or, if the reply does
+    not come, from AbortBatch's answer (BatchAbortDone.was_released)."""
+    batch: int
+    sockets: dict
+    flows: tuple[Flow, ...] = wire(FLOWS, default_factory=tuple)
+    consumed: Mapping[Flow, int] = wire(CONSUMED, default_factory=dict)
+    late_packets: tuple[bytes, ...] = ()
 
 
 @message("migrate.batch.release", reply=BatchReleaseDone)
 class ReleaseBatch(Step):
     """To the destination: late packets in, repair off, hand the sockets to the new
     instance, release the batch's hold minus what the source consumed. The opening
-    batch (0) is every flow not kept: the kept flows came before (ExpectKept), or here."""
+    batch (0) is every flow not kept: the kept flows came before (ExpectKept), or here.
+    Sent for the opening (the owner switch is between its restore and its release); the
+    later batches' release comes with their restore (RestoreReleaseBatch). A restarted
+    gateway may send it again for a batch whose release an older gateway journaled."""
     batch: int
     flows: tuple[Flow, ...] = wire(FLOWS, default_factory=tuple)  # batch 0: empty, or the kept flows
     consumed: Mapping[Flow, int] = wire(CONSUMED, default_factory=dict)
@@ -216,9 +242,10 @@ class RollbackBatch(Step):
     batch: int
 
 
-@message("migrate.batch.abort", reply=Done)
+@message("migrate.batch.abort", reply=BatchAbortDone)
 class AbortBatch(Step):
-    """To the destination: drop the batch's hold and rebuilt sockets; drop its flows."""
+    """To the destination: drop the batch's hold and rebuilt sockets; drop its flows. A
+    batch it had released is not aborted: the answer says so, with the release's."""
     batch: int
     flows: tuple[Flow, ...] = wire(FLOWS, default_factory=tuple)
 
@@ -232,9 +259,9 @@ class FinishBatched(Step):
 
 
 # the node steps (the node's machine takes them as events, clustercore.batchtable)
-STEPS = (StopAccepting, ExpectKept, OpenBatch, FreezeBatch, RestoreBatch, ReleaseBatch, CommitBatch, RollbackBatch, AbortBatch,
-         FinishBatched)
+STEPS = (StopAccepting, ExpectKept, OpenBatch, FreezeBatch, RestoreBatch, RestoreReleaseBatch, ReleaseBatch,
+         CommitBatch, RollbackBatch, AbortBatch, FinishBatched)
 
-__all__ = ["AbortBatch", "BatchFreezeDone", "BatchReleaseDone", "CommitBatch", "ExpectKept", "FLOWS",
+__all__ = ["AbortBatch", "BatchAbortDone", "BatchFreezeDone", "BatchReleaseDone", "CommitBatch", "ExpectKept", "FLOWS",
            "FinishBatched", "FreezeBatch", "KeptListed", "OpenBatch", "OpeningDone", "ReleaseBatch",
-           "RestoreBatch", "RollbackBatch", "STEPS", "STRATEGY", "StopAccepting"]
+           "RestoreBatch", "RestoreReleaseBatch", "RollbackBatch", "STEPS", "STRATEGY", "StopAccepting"]

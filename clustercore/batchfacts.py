@@ -94,6 +94,7 @@ class BatchDestFacts:
     consumed: dict = field(default_factory=dict)
     late: tuple[bytes, ...] = ()
     reinjected: int = 0
+    releasing: bool = False  # RestoreReleaseBatch: the current batch's release began (forward only)
     released: bool = False  # the current batch's hold was released (cut.release)
     given: bool = False  # the current batch's sockets were given to the new instance
     to_drop: tuple = ()

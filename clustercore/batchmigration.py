@@ -28,8 +28,9 @@ SetOwner, ArmTimer, Report, Transition, Finished). Every transition is in `TRANS
   then per batch (idle connections first, busy ones last; sizes adapt to the measured
   window, `BatchSizer`):
   FREEZING        source: the program hands the batch back, dumped            -> BatchFrozen(k)
-  RESTORING       dest rebuilds it                                            -> BatchRestored(k)
-  RELEASING       dest: the new instance gets it, the hold is released        -> BatchReleased(k)
+  RESTORING       dest rebuilds it and, that done, releases it at once: the
+                  new instance gets it, the hold is released (one step,
+                  RestoreReleaseBatch: no round trip here between)            -> BatchReleased(k)
   COMMITTING      source drops the batch's hold                               -> BatchCommitted(k)
   FINISHING       source stops the old instance (or, with pinned
                   connections, keeps it serving them)                         -> Committed
@@ -39,16 +40,24 @@ Failures
 --------
 PREPARING..SWITCHING  any failure, Cancel or unexpected event -> ROLLING_BACK (the whole
                       rollback: dest Abort, source Rollback), as Migration.
-OPEN_RELEASING,       a failure goes forward (commit the batch; `lost` unknown).
-RELEASING
-FREEZING, RESTORING   a failure undoes that batch only (UNDOING: source RollbackBatch,
+OPEN_RELEASING        a failure goes forward (commit the batch; `lost` unknown).
+FREEZING              a failure undoes that batch only (UNDOING: source RollbackBatch,
                       dest AbortBatch): its connections stay on the source (pinned),
                       the next batch goes on. The source's BatchUndone, or the timeout,
                       ends UNDOING.
+RESTORING             the destination may have released the batch (its answer lost or
+                      late), so it is asked first (ABORTING: dest AbortBatch alone).
+                      BatchAborted: undone as above (UNDOING: source RollbackBatch).
+                      The release's answer instead (it was released): forward
+                      (COMMITTING). No answer: forward too, `lost` unknown: a source
+                      rolled back beside a destination that released would serve the
+                      same connections twice; losing the batch is the lesser harm.
 COMMITTING, FINISHING a failure is noted, the migration goes on (`lost` unknown).
 past SWITCHING        NodeLost of either node: COMMITTED at once with the reason (the
-                      connections it held are lost; nothing is left to move). Cancel is
-                      refused; other unexpected events are ignored.
+                      connections it held are lost; nothing is left to move; the current
+                      batch rolled back on the source if the destination cannot have
+                      released it, FREEZING, else committed). Cancel is refused; other
+                      unexpected events are ignored.
 """
 
 from __future__ import annotations
@@ -60,7 +69,7 @@ from . import messages as msgs
 from .batchcutover import OPENING
 from .batchmigration_messages import (  # noqa: F401  (re-exported: the machine's vocabulary)
     BEFORE_RELEASE, EVENT_TYPES, FAILURES, MOVING, TERMINAL, BState, BTransition,
-    BatchCommitted, BatchFinished, BatchFrozen, BatchReleased, BatchReport, BatchRestored,
+    BatchAborted, BatchCommitted, BatchFinished, BatchFrozen, BatchReleased, BatchReport, BatchRestored,
     BatchSizer, BatchTimeouts, BatchUndone, KeptExpected, KeptList, OpeningFrozen, idle_first,
     peer_ms, percentile,
 )
@@ -72,6 +81,9 @@ from .migration_messages import (
     HoldReady, MessageLost, NodeLost, OwnerSwitched, Report, RolledBack, SendToNode,
     SetDelivery, SetOwner, Start, StepFailed, StepTimedOut,
 )
+
+
+ABORT_ASKS = 2  # AbortBatch asked at most this many times per batch before going forward
 
 
 def _spread(values: list[float]) -> dict:
@@ -126,6 +138,8 @@ class BatchMigration(FailureLog):
         self._reason = ""
         self._failed_step: str | None = None
         self._outcome: str | None = None
+        self._abort_asks = 0  # ABORTING: how many times the destination was asked
+        self._after_abort = BState.COMMITTING
 
     # -- observation
 
@@ -156,7 +170,7 @@ class BatchMigration(FailureLog):
         """Connections that are not (and will not be) on the destination if the batching
         stopped now: the pinned ones, the queue, and the current batch unless its release
         was asked (a restarted gateway's journal: how many the source keeps serving)."""
-        current = len(self._flows) if self._state in (BState.FREEZING, BState.RESTORING) else 0
+        current = len(self._flows) if self._state in (BState.FREEZING, BState.RESTORING, BState.ABORTING) else 0
         return self._pinned + len(self._queue) + current
 
     @property
@@ -257,6 +271,9 @@ class BatchMigration(FailureLog):
         return self._step(bm.ReleaseBatch, batch=self._batch, flows=self._flows,
                           consumed=self._consumed, late_packets=self._late)
 
+    def _abort(self) -> msgs.Step:
+        return self._step(bm.AbortBatch, batch=self._batch, flows=self._flows)
+
     def _next(self, now: float) -> tuple[BState, list[Command]]:
         """After a batch committed or was undone: the next batch, or the end."""
         if self._source_lost:
@@ -326,12 +343,9 @@ class BatchMigration(FailureLog):
         self._expect(event, self.source, self._batch)
         self._consumed, self._late = dict(event.consumed), event.late_packets
         self._frozen_at, self._frozen_ms = now, event.frozen_ms
-        return [SendToNode(self.dest, self._step(bm.RestoreBatch, batch=self._batch,
-                                                 sockets=event.socket_state or {}))]
-
-    def _on_restored(self, event: BatchRestored, now: float) -> list[Command]:
-        self._expect(event, self.dest, self._batch)
-        return [SendToNode(self.dest, self._release())]
+        return [SendToNode(self.dest, self._step(bm.RestoreReleaseBatch, batch=self._batch,
+                                                 sockets=event.socket_state or {}, flows=self._flows,
+                                                 consumed=self._consumed, late_packets=self._late))]
 
     def _on_released(self, event: BatchReleased, now: float) -> list[Command]:
         self._expect(event, self.dest, self._batch)
@@ -360,6 +374,27 @@ class BatchMigration(FailureLog):
         self._expect(event, self.source, self._batch)
         if event.late_packets:
             return [SendToNode(self.dest, self._step(msgs.Inject, packets=event.late_packets))]
+        return []
+
+    def _on_aborted(self, event: BatchAborted, now: float) -> list[Command]:
+        """ABORTING: the destination aborted the batch (it never released it): the source
+        takes its connections back (pinned)."""
+        self._expect(event, self.dest, self._batch)
+        self._pinned += len(self._flows)
+        self._problem(f"batch {self._batch} undone: its {len(self._flows)} connections stay on '{self.source}'")
+        return [SendToNode(self.source, self._step(bm.RollbackBatch, batch=self._batch))]
+
+    def _on_released_after_all(self, event: BatchReleased, now: float) -> list[Command]:
+        """ABORTING: the destination had released the batch (AbortBatch answered with the
+        release): forward, as if its answer had come."""
+        self._expect(event, self.dest, self._batch)
+        self._problem(f"batch {self._batch} was released on '{self.dest}' all the same: committed")
+        return self._on_released(event, now)
+
+    def _on_aborted_beside(self, event: BatchAborted, now: float) -> list[Command]:
+        """UNDOING after FREEZING failed: the destination's answer to the AbortBatch sent
+        beside the source's RollbackBatch (it never had the batch). The source's answer ends it."""
+        self._expect(event, self.dest, self._batch)
         return []
 
     def _on_undone(self, event: BatchUndone, now: float) -> list[Command]:
@@ -404,12 +439,48 @@ class BatchMigration(FailureLog):
             self._moved += len(self._flows)
         return [SendToNode(self.source, self._step(bm.CommitBatch, batch=self._batch))]
 
+    def _ask_dest(self, event: Event, now: float) -> list[Command]:
+        """RESTORING failed (a refusal, a lost message, a timeout): whether the destination
+        released the batch decides which way it goes, so it is asked before the source is
+        told anything (ABORTING)."""
+        self._problem(self._describe(event) + f" (batch {self._batch}: asking '{self.dest}' to abort it)")
+        self._abort_asks = 1
+        return [SendToNode(self.dest, self._abort())]
+
+    def _abort_failed(self, event: Event, now: float) -> list[Command]:
+        """ABORTING: the destination's AbortBatch failed. An answer that says it failed (it
+        may have aborted half-way: its ending finishes the abort) or a lost answer: asked
+        once more (a repeated AbortBatch is answered from what was done: aborted, or
+        released). Still nothing, or no answer in time: forward (_release_unknown)."""
+        answered = isinstance(event, (StepFailed, MessageLost)) and event.node == self.dest
+        if answered and self._abort_asks < ABORT_ASKS:
+            self._abort_asks += 1
+            self._after_abort = BState.ABORTING
+            self._problem(self._describe(event) + " (asked again)")
+            return [SendToNode(self.dest, self._abort())]
+        self._after_abort = BState.COMMITTING
+        return self._release_unknown(event, now)
+
+    def _after_abort_failure(self, now: float) -> tuple[BState, list[Command]]:
+        return self._after_abort, []
+
+    _after_abort_failure.targets = (BState.ABORTING, BState.COMMITTING)  # for the drawing
+
+    def _release_unknown(self, event: Event, now: float) -> list[Command]:
+        """ABORTING without an answer: forward (the source drops its copies); `lost` unknown."""
+        self._problem(self._describe(event) + f" (whether batch {self._batch} was released is not known: "
+                                              "committed, its connections may be lost)")
+        self._lost_known = False
+        self._batches += 1
+        self._moved += len(self._flows)
+        return [SendToNode(self.source, self._step(bm.CommitBatch, batch=self._batch))]
+
     def _undo_batch(self, event: Event, now: float) -> list[Command]:
         self._problem(self._describe(event) + f" (batch {self._batch} undone: its "
                                               f"{len(self._flows)} connections stay on '{self.source}')")
         self._pinned += len(self._flows)
         return [SendToNode(self.source, self._step(bm.RollbackBatch, batch=self._batch)),
-                SendToNode(self.dest, self._step(bm.AbortBatch, batch=self._batch, flows=self._flows))]
+                SendToNode(self.dest, self._abort())]
 
     def _note_and_go_on(self, event: Event, now: float) -> list[Command]:
         self._problem(self._describe(event) + " (unconfirmed; going on)")
@@ -419,12 +490,13 @@ class BatchMigration(FailureLog):
     def _node_lost_while_moving(self, event: NodeLost, now: float) -> list[Command]:
         """Past the opening a lost node ends the batching: nothing more can move. The
         source lost: its connections went with it (COMMITTED next, nothing to send). The
-        destination lost: the source's current batch is rolled back if it was not released
-        yet, committed (forward) if its release was asked; the rest stays pinned."""
+        destination lost: the source's current batch is rolled back if the destination
+        cannot have released it (FREEZING: it was not sent there), committed (forward) if
+        it may have (RESTORING, ABORTING, OPEN_RELEASING); the rest stays pinned."""
         reason = self._describe(event)  # _Ignore for other nodes
         out: list[Command] = []
-        current = self._state in (BState.FREEZING, BState.RESTORING)
-        left = len(self._queue) + (len(self._flows) if current else 0)
+        unsent = self._state is BState.FREEZING
+        left = len(self._queue) + (len(self._flows) if unsent else 0)
         self._problem(f"{reason}: batching stopped, {left} connections not moved")
         self._lost_known = False
         self._queue = []
@@ -432,9 +504,10 @@ class BatchMigration(FailureLog):
             self._source_lost = True
             return out
         self._pinned += left
-        if current:
+        if unsent:
             out.append(SendToNode(self.source, self._step(bm.RollbackBatch, batch=self._batch)))
-        elif self._state in (BState.OPEN_RELEASING, BState.RELEASING):
+        elif self._state in (BState.OPEN_RELEASING, BState.RESTORING, BState.ABORTING):
+            self._moved += len(self._flows) if self._state is not BState.OPEN_RELEASING else 0
             out.append(SendToNode(self.source, self._step(bm.CommitBatch, batch=self._batch)))
         return out
 
@@ -472,10 +545,12 @@ TRANSITIONS: dict[tuple[BState, type[Event]], tuple[Target, Handler]] = {
     (S.OPEN_RELEASING, BatchReleased): (S.OPEN_COMMITTING, M._on_released),
     (S.OPEN_COMMITTING, BatchCommitted): (M._next, M._on_committed),
     (S.FREEZING, BatchFrozen): (S.RESTORING, M._on_frozen),
-    (S.RESTORING, BatchRestored): (S.RELEASING, M._on_restored),
-    (S.RELEASING, BatchReleased): (S.COMMITTING, M._on_released),
+    (S.RESTORING, BatchReleased): (S.COMMITTING, M._on_released),
     (S.COMMITTING, BatchCommitted): (M._next, M._on_committed),
+    (S.ABORTING, BatchAborted): (S.UNDOING, M._on_aborted),
+    (S.ABORTING, BatchReleased): (S.COMMITTING, M._on_released_after_all),
     (S.UNDOING, BatchUndone): (M._next, M._on_undone),
+    (S.UNDOING, BatchAborted): (S.UNDOING, M._on_aborted_beside),
     (S.FINISHING, Committed): (S.COMMITTED, M._on_finished),
     (S.ROLLING_BACK, RolledBack): (S.ROLLED_BACK, M._on_rolled_back),
     (S.ROLLING_BACK, StepTimedOut): (S.ROLLED_BACK, M._rollback_unconfirmed),
@@ -485,9 +560,9 @@ for _failure in (*FAILURES, Cancel):
         TRANSITIONS[(_state, _failure)] = (S.ROLLING_BACK, M._fail_before_release)
 for _failure in FAILURES:
     TRANSITIONS[(S.OPEN_RELEASING, _failure)] = (S.OPEN_COMMITTING, M._fail_while_releasing)
-    TRANSITIONS[(S.RELEASING, _failure)] = (S.COMMITTING, M._fail_while_releasing)
     TRANSITIONS[(S.FREEZING, _failure)] = (S.UNDOING, M._undo_batch)
-    TRANSITIONS[(S.RESTORING, _failure)] = (S.UNDOING, M._undo_batch)
+    TRANSITIONS[(S.RESTORING, _failure)] = (S.ABORTING, M._ask_dest)
+    TRANSITIONS[(S.ABORTING, _failure)] = (M._after_abort_failure, M._abort_failed)
     for _state in (S.OPEN_COMMITTING, S.COMMITTING, S.UNDOING):
         TRANSITIONS[(_state, _failure)] = (M._next, M._note_and_go_on)
     TRANSITIONS[(S.FINISHING, _failure)] = (S.COMMITTED, M._note_and_go_on)
@@ -510,8 +585,8 @@ def render_dot() -> str:
     """The table as Graphviz: `python -m clustercore.batchmigration | dot -Tsvg > b.svg`."""
     edges: dict[tuple[str, str], list[str]] = {}
     for (state, event), (target, _) in TRANSITIONS.items():
-        targets = [target] if isinstance(target, BState) else [BState.FREEZING, BState.FINISHING,
-                                                                BState.COMMITTED]
+        targets = [target] if isinstance(target, BState) else getattr(
+            target, "targets", [BState.FREEZING, BState.FINISHING, BState.COMMITTED])  # _next's
         for t in targets:
             edges.setdefault((state.name, t.name), []).append(event.__name__)
     lines = ["digraph batched_migration {", "  rankdir=LR;", "  node [shape=box, style=rounded];"]
@@ -531,8 +606,9 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------- replies -> events
 # What a node's typed reply to each batched step means to the machine (as
 # migration_driver.REPLY_EVENTS does for the whole-service steps); the batch steps' events
-# carry the request's batch id, so they are built in event_for_batch_reply. Abort,
-# AbortBatch and Inject have nothing the machine waits for.
+# carry the request's batch id, so they are built in event_for_batch_reply. Abort and
+# Inject have nothing the machine waits for; AbortBatch's answer is BatchAborted, or (the
+# batch had been released) BatchReleased.
 
 BATCH_REPLY_EVENTS: dict[type, Callable[[str, Any], Event]] = {
     msgs.Prepare: lambda node, r: HoldReady(node=node, endpoint=getattr(r, "endpoint", None) or {}),
@@ -556,7 +632,9 @@ def event_for_batch_reply(node: str, step: msgs.Step, reply: Any) -> Event | Non
                            frozen_ms=peer_ms(reply.timing_ms, "frozen_to_reply"))
     if isinstance(step, bm.RestoreBatch):
         return BatchRestored(node=node, batch=batch)
-    if isinstance(step, bm.ReleaseBatch):
+    if isinstance(step, bm.AbortBatch) and not getattr(reply, "was_released", False):
+        return BatchAborted(node=node, batch=batch)
+    if isinstance(step, (bm.ReleaseBatch, bm.RestoreReleaseBatch, bm.AbortBatch)):
         release, to_plan = peer_ms(reply.timing_ms, "release"), peer_ms(reply.timing_ms, "to_gate")
         return BatchReleased(node=node, batch=batch, held=reply.held, released=reply.released,
                              duplicates_suppressed=reply.duplicates_suppressed, lost=reply.lost,

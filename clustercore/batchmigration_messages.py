@@ -30,8 +30,9 @@ class BState(enum.Enum):
     OPEN_COMMITTING = "open_committing"
     FREEZING = "freezing"
     RESTORING = "restoring"
-    RELEASING = "releasing"
+    RELEASING = "releasing"  # no longer entered: an older gateway's journal line (gateway.batched)
     COMMITTING = "committing"
+    ABORTING = "aborting"
     UNDOING = "undoing"
     FINISHING = "finishing"
     COMMITTED = "committed"
@@ -42,7 +43,7 @@ class BState(enum.Enum):
 BEFORE_RELEASE = frozenset({BState.PREPARING, BState.ARMING, BState.FLIPPING, BState.LISTING,
                             BState.EXPECTING, BState.OPENING, BState.OPEN_RESTORING, BState.SWITCHING})
 MOVING = frozenset({BState.OPEN_RELEASING, BState.OPEN_COMMITTING, BState.FREEZING,
-                    BState.RESTORING, BState.RELEASING, BState.COMMITTING, BState.UNDOING,
+                    BState.RESTORING, BState.COMMITTING, BState.ABORTING, BState.UNDOING,
                     BState.FINISHING})
 TERMINAL = frozenset({BState.COMMITTED, BState.ROLLED_BACK})
 
@@ -196,6 +197,16 @@ class BatchCommitted(Event):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class BatchAborted(Event):
+    node: str  # the destination: the batch was not released there, and never will be
+    batch: int
+
+    def __post_init__(self) -> None:
+        Event.__post_init__(self)
+        _check_batch(self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class BatchUndone(Event):
     node: str  # the source: the batch's connections are the program's again
     batch: int
@@ -208,7 +219,7 @@ class BatchUndone(Event):
 FAILURES = (StepFailed, NodeLost, MessageLost, StepTimedOut)
 EVENT_TYPES: tuple[type[Event], ...] = (
     Start, HoldReady, CountingReady, EpochFlipped, KeptList, KeptExpected, OpeningFrozen, BatchFrozen, BatchRestored,
-    OwnerSwitched, BatchReleased, BatchCommitted, BatchUndone, Committed, RolledBack, *FAILURES,
+    OwnerSwitched, BatchReleased, BatchCommitted, BatchAborted, BatchUndone, Committed, RolledBack, *FAILURES,
     Cancel)
 
 
@@ -294,9 +305,9 @@ class BatchTimeouts:
     open_releasing: float = 2.0
     open_committing: float = 5.0
     freezing: float = 2.0
-    restoring: float = 3.0
-    releasing: float = 2.0
+    restoring: float = 5.0  # the rebuild and the release (RestoreReleaseBatch)
     committing: float = 5.0
+    aborting: float = 5.0
     undoing: float = 5.0
     finishing: float = 5.0
     rolling_back: float = 5.0

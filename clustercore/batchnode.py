@@ -32,13 +32,18 @@ Destination:
                  started with only its channel and waited for (READY=1, X_VIP_BATCH=1).
   ExpectKept     the source's kept flows, before the opening freezes (so the opening's
                  release names none).
-  RestoreBatch k rebuild batch k's connections in repair mode (batch 0: also checks the
-                 listeners and UDP sockets are the ones bound at prepare).
-  ReleaseBatch k repair off, late packets and (batch 0) queued datagrams in, the hold
-                 released minus the consumed prefix, the sockets ADOPTed by the new
-                 instance with what the old one owed. Batch 0 is the point of no return
-                 here (marker first, as today) and makes the new instance the service's.
+  RestoreBatch 0 rebuild the opening's connections in repair mode, check the listeners
+                 and UDP sockets are the ones bound at prepare.
+  ReleaseBatch 0 repair off, late packets and queued datagrams in, the hold released
+                 minus the consumed prefix, the sockets ADOPTed by the new instance with
+                 what the old one owed. The point of no return here (marker first) and
+                 makes the new instance the service's.
+  RestoreReleaseBatch k  (k > 0) both at once: rebuilt in repair mode, then, if that
+                 worked, released as above without a round trip to the gateway between.
+                 A failed rebuild releases nothing; from the release's first thaw on,
+                 only forward.
   AbortBatch k   drop its hold and rebuilt sockets; its flows are dropped from now on.
+                 A batch released here is not aborted: the answer is its release's.
   Abort          (before the opening's release) the whole abort.
 The destination gets no "finish": it knows the kept flows (from ExpectKept, or from an
 older gateway's opening release) and ends (RELEASED) when every one was released or aborted.
@@ -51,6 +56,7 @@ exactly what was reached, each action at most once.
 from __future__ import annotations
 
 import binascii
+import dataclasses
 from typing import Any
 
 from . import batch_messages as bm
@@ -112,6 +118,11 @@ from .packet import TCP, UDP
 from .sockstate import ServiceSockets, TcpConnState
 
 STRATEGY = MigrateStrategy.BATCHED.value  # in Prepare.strategy and Arm.strategy
+
+
+def _fields(reply: bm.BatchReleaseDone) -> dict:
+    """A release's answer as keyword arguments (AbortBatch of a released batch repeats it)."""
+    return {f.name: getattr(reply, f.name) for f in dataclasses.fields(bm.BatchReleaseDone)}
 # how many times the opening looks again for half-open handshakes when old-epoch SYNs keep
 # being accepted (only those sent before the epoch flip can be: a few at most); each look
 # waits at most the agent's SYN_RECV wait, as the one look before did
@@ -433,14 +444,46 @@ class BatchedHandoff(Playbook):
         return msgs.Done()
 
     def restore_batch(self, m, event: bm.RestoreBatch, now: float):
+        t0 = yield from self._restore(m, event.batch, event.sockets)
+        return msgs.Done(timing_ms={"restore": _ms(t0, (yield ReadClock()))})
+
+    def restore_release_batch(self, m, event: bm.RestoreReleaseBatch, now: float):
+        """A batch after the opening: rebuilt, then released at once (no round trip to the
+        gateway between: the batch's connections are frozen for one hop less). A failed
+        rebuild releases nothing (end_restore); from the release on, only forward."""
         f, b = self.destination, event.batch
+        if b == OPENING:
+            raise Refused(f"the opening of '{m.service}' is restored and released in two steps "
+                          "(the owner switch is between)")
+        if b in f.replies:
+            yield Note(f"repeated RestoreReleaseBatch {b} for '{m.service}': answered as the first")
+            return f.replies[b]
+        t0 = yield from self._restore(m, b, event.sockets)
+        restore_ms = _ms(t0, (yield ReadClock()))
+        f.flows, f.consumed, f.late = tuple(event.flows), dict(event.consumed), tuple(event.late_packets)
+        f.releasing = True  # from here on forward only (end_restore, abort_batch)
+        reply = yield from self.finish_release(m, event, now)
+        reply.timing_ms["restore"] = restore_ms
+        return reply
+
+    def end_restore(self, m, event: Any, now: float):
+        """After a failed RestoreReleaseBatch: the release's rest if it had begun (forward
+        only), else the rebuilt sockets closed (forget_batch)."""
+        if self.destination.releasing:
+            return (yield from self.finish_release(m, event, now))
+        return (yield from self.forget_batch(m, event, now))
+
+    def _restore(self, m, b: int, sockets: dict):
+        """Batch b's sockets rebuilt in repair mode, after every check (nothing is done for
+        a refused one). Returns when it began (ReadClock)."""
+        f = self.destination
         if (b == OPENING) != (f.kept is None):
             raise Refused(f"restore of batch {b} of '{m.service}' out of order")
         if f.batch is not None:
             raise Refused(f"batch {f.batch} of '{m.service}' is restored and not released")
         if b in f.replies or b in f.aborted:
             raise Refused(f"batch {b} of '{m.service}' was handled before")
-        wire = dict(event.sockets)
+        wire = dict(sockets)
         owed = _owed(wire.pop("owed", None), f"batch {b} of '{m.service}'")
         try:
             bundle = sockwire.from_wire(wire)
@@ -467,7 +510,7 @@ class BatchedHandoff(Playbook):
             f.restored, f.states = socks, list(conns)
             f.in_repair = list(zip(socks, conns))
         f.datagrams = bundle.udp
-        return msgs.Done(timing_ms={"restore": _ms(t0, (yield ReadClock()))})
+        return t0
 
     def forget_batch(self, m, event: Any, now: float):
         """A batch's restore failed (not the opening's): its rebuilt sockets go, silently;
@@ -560,6 +603,7 @@ class BatchedHandoff(Playbook):
             timing_ms=timing)
         f.replies[b] = reply
         f.batch, f.reinjected, f.waited, f.flows, f.consumed = None, 0, {}, (), {}
+        f.releasing = False
         if f.complete:
             yield from self._end_role(m)
         # stamped last: the gateway takes this step's time after its gate opened (release -
@@ -584,11 +628,16 @@ class BatchedHandoff(Playbook):
             b, flows = event.batch, tuple(event.flows)
             if b in f.aborted:
                 yield Note(f"repeated AbortBatch {b} for '{m.service}'")
-                return msgs.Done()
+                return bm.BatchAbortDone()
             if b == OPENING or f.kept is None:
                 raise Refused(f"AbortBatch {b} of '{m.service}': the opening is undone by Abort")
-            if b in f.replies:
-                raise Refused(f"batch {b} of '{m.service}' was released: it cannot be aborted")
+            if b in f.replies:  # released (its answer lost on the way): forward, say so
+                yield Note(f"AbortBatch {b} for '{m.service}': it was released here; answered so")
+                return bm.BatchAbortDone(was_released=True, **_fields(f.replies[b]))
+            if f.complete:
+                raise Refused(f"AbortBatch {b} of '{m.service}': every kept connection was released or aborted")
+            if f.batch == b and f.releasing:
+                raise Refused(f"batch {b} of '{m.service}' is being released: it cannot be aborted")
             f.aborted.add(b)
             f.to_drop = f.cut.abort(b, flows)
             f.aborting = (b, flows)
@@ -604,7 +653,7 @@ class BatchedHandoff(Playbook):
         f.settle(flows)
         if f.complete:
             yield from self._end_role(m)
-        return msgs.Done()
+        return bm.BatchAbortDone()
 
     def abort(self, m, event: Any, now: float):
         """THE whole destination abort (before the opening's release): the hold dropped,

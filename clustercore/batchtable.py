@@ -16,9 +16,13 @@ strategy's machine refuses a batch step cleanly.
   destination  PREPARED --ExpectKept-->      (PREPARED)       PREPARED   the kept flows, before the opening
                PREPARED --RestoreBatch 0-->  (RESTORING)      RESTORED   failure: the whole abort
                RESTORED --ReleaseBatch 0-->  (BATCH_RELEASING) ADOPTING, or RELEASED if nothing is kept
-               ADOPTING --RestoreBatch k-->  (BATCH_RESTORING) ADOPTING  failure: its sockets closed
-               ADOPTING --ReleaseBatch k-->  (BATCH_RELEASING) ADOPTING / RELEASED (all kept flows done)
+               ADOPTING --RestoreReleaseBatch k--> (BATCH_RESTORING) ADOPTING / RELEASED (all kept
+                                           flows done)  failure: its sockets closed, or (its release
+                                           begun) the release finished
+               ADOPTING --ReleaseBatch k-->  (BATCH_RELEASING) ADOPTING / RELEASED (a restarted
+                                           gateway's, for an older gateway's journal)
                ADOPTING --AbortBatch k-->    (BATCH_ABORTING)  ADOPTING / RELEASED
+               RELEASED --AbortBatch k-->    RELEASED          answered: it was released
                ADOPTING --Inject-->          stragglers of a committed batch, every time
 """
 
@@ -79,8 +83,9 @@ ROWS: dict[tuple[State, type], Row] = {
     (S.PREPARED, bm.ExpectKept): Row(S.PREPARED, S.PREPARED, batch_play("expect_kept")),
     (S.PREPARED, bm.RestoreBatch): Row(S.RESTORING, S.RESTORED, batch_play("restore_batch")),
     (S.RESTORED, bm.ReleaseBatch): Row(S.BATCH_RELEASING, _adopting_or_released, batch_play("release_batch")),
-    (S.ADOPTING, bm.RestoreBatch): Row(S.BATCH_RESTORING, S.ADOPTING, batch_play("restore_batch")),
-    (S.BATCH_RESTORING, ExecutorFailed): Row(S.BATCH_RESTORING, S.ADOPTING, batch_play("forget_batch")),
+    (S.ADOPTING, bm.RestoreReleaseBatch): Row(S.BATCH_RESTORING, _adopting_or_released,
+                                              batch_play("restore_release_batch")),
+    (S.BATCH_RESTORING, ExecutorFailed): Row(S.BATCH_RESTORING, _adopting_or_released, batch_play("end_restore")),
     (S.ADOPTING, bm.ReleaseBatch): Row(S.BATCH_RELEASING, _adopting_or_released, batch_play("release_batch")),
     (S.BATCH_RELEASING, ExecutorFailed): Row(S.BATCH_RELEASING, _adopting_or_released,
                                              batch_play("finish_release")),
@@ -89,6 +94,8 @@ ROWS: dict[tuple[State, type], Row] = {
     (S.ADOPTING, msgs.Inject): Row(S.ADOPTING, S.ADOPTING, M._inject),
     (S.ADOPTING, LinkLost): Row(S.ADOPTING, S.ADOPTING, M._wait_for_the_registry),
     (S.RELEASED, bm.ReleaseBatch): Row(S.RELEASED, S.RELEASED, batch_play("release_batch")),  # asked again
+    # a gateway that did not hear the last batch's release asks to abort it: told it was released
+    (S.RELEASED, bm.AbortBatch): Row(S.RELEASED, S.RELEASED, batch_play("abort_batch")),
 }
 # the whole source rollback, before the opening committed (the playbook says nothing is
 # undone after it); the whole destination abort before the opening's release

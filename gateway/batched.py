@@ -10,8 +10,10 @@ same hands (gateway.controller._Run). What differs lives here:
   (`X_VIP_BATCH=1`; its agent's counters say `processes[name]["batch"]`) is moved this way;
 - the journal: the state column holds `batched:<state>:<batch>:<unmoved>`, and the
   `release` column, past the point of no return, the step a restarted gateway needs for
-  the current batch: its ReleaseBatch (resent, then the source's CommitBatch) or, while it
-  freezes or restores, its AbortBatch (then the source's RollbackBatch);
+  the current batch: the opening's ReleaseBatch (resent, then the source's CommitBatch)
+  or, for a later batch, its AbortBatch: asked of the destination first, whose answer
+  says whether it had released the batch (then the source's CommitBatch) or not (then
+  its RollbackBatch);
 - the recovery after a gateway's death: before the owner switch, the whole rollback as
   for any migration; after it, the batching is NOT resumed: the current batch is finished
   (forward if its release was asked, undone otherwise), the source is told FinishBatched
@@ -43,9 +45,12 @@ log = logging.getLogger("vipcluster.controller")
 ASK_TIMEOUT_S = 2.0  # asking the owner whether its program speaks the batch channel
 PREFIX = "batched:"
 # the journal's states past the point of no return, by what a restarted gateway does
+# (RELEASING: an older gateway's line, written before its ReleaseBatch of a later batch)
 RELEASE_ASKED = {"releasing", bmig.BState.OPEN_RELEASING.value, bmig.BState.RELEASING.value}
 RELEASED = {bmig.BState.OPEN_COMMITTING.value, bmig.BState.COMMITTING.value}
-NOT_RELEASED = {bmig.BState.FREEZING.value, bmig.BState.RESTORING.value, bmig.BState.UNDOING.value}
+# the batch's RestoreReleaseBatch may have gone out: the destination says whether it released
+NOT_RELEASED = {bmig.BState.FREEZING.value, bmig.BState.RESTORING.value, bmig.BState.ABORTING.value,
+                bmig.BState.UNDOING.value}
 
 
 async def check_channel(gw, service) -> MigrateStrategy:
@@ -147,11 +152,12 @@ def is_batched(j: JournaledMigration) -> bool:
 
 
 # States whose own journal line is written with their step, in one transaction
-# (journal_step): FREEZING (its AbortBatch), RELEASING (its ReleaseBatch). And states whose
-# line would change nothing a restarted gateway does (recover()), so none is written:
-# RESTORING and UNDOING act as their batch's FREEZING line (RollbackBatch, AbortBatch: both
-# idempotent), COMMITTING as its RELEASING line (ReleaseBatch resent - idempotent on the
-# destination - then CommitBatch); before the owner switch every line means the same, the
+# (journal_step): FREEZING (its AbortBatch). And states whose line would change nothing a
+# restarted gateway does (recover()), so none is written: RESTORING, ABORTING and UNDOING
+# act as their batch's FREEZING line (AbortBatch asked first: the destination's answer
+# says whether its RestoreReleaseBatch released it; then RollbackBatch or CommitBatch),
+# COMMITTING too (the destination answers that it released it: CommitBatch again, which
+# is idempotent); before the owner switch every line means the same, the
 # whole rollback (the owner was not switched), so LISTING, EXPECTING and OPENING act as
 # FLIPPING's line and OPEN_RESTORING and SWITCHING as OPENING's: the opening's hold (new
 # clients, UDP) waits for no journal write but the owner switch's. The batch order (only a
@@ -159,9 +165,10 @@ def is_batched(j: JournaledMigration) -> bool:
 # OpenBatch (the owner switch writes it only if that write failed); OPEN_RELEASING and OPEN_COMMITTING act as the owner switch's own
 # line (set_owner writes the batched state with it). `unmoved` and `queued` are the same in
 # each pair. Each journal write is a transaction with an fsync (~9 ms on the lab's disk):
-# six per batch were most of a batch window; two are left (docs/handoff.md, "The journal").
-WITH_STEP = frozenset({bmig.BState.FREEZING, bmig.BState.RELEASING})
-SAME_AS_BEFORE = frozenset({bmig.BState.RESTORING, bmig.BState.UNDOING, bmig.BState.COMMITTING,
+# six per batch were most of a batch window; one is left, before the batch freezes
+# (docs/handoff.md, "The journal").
+WITH_STEP = frozenset({bmig.BState.FREEZING})
+SAME_AS_BEFORE = frozenset({bmig.BState.RESTORING, bmig.BState.ABORTING, bmig.BState.UNDOING, bmig.BState.COMMITTING,
                             bmig.BState.LISTING, bmig.BState.EXPECTING, bmig.BState.OPENING, bmig.BState.OPEN_RESTORING, bmig.BState.SWITCHING,
                             bmig.BState.OPEN_RELEASING, bmig.BState.OPEN_COMMITTING})
 UNJOURNALED = WITH_STEP | SAME_AS_BEFORE
@@ -213,8 +220,6 @@ def journal_step(run, message: msgs.Step) -> None:
     if isinstance(message, bm.FreezeBatch):
         keep: msgs.Step = bm.AbortBatch(service=message.service, epoch=message.epoch,
                                         batch=message.batch, flows=message.flows)
-    elif isinstance(message, bm.ReleaseBatch) and message.batch > 0:
-        keep = message
     else:
         return
     try:
@@ -225,8 +230,8 @@ def journal_step(run, message: msgs.Step) -> None:
 
 # ---------------------------------------------------------------- progress
 
-PER_BATCH = frozenset({bmig.BState.FREEZING, bmig.BState.RESTORING, bmig.BState.RELEASING,
-                       bmig.BState.COMMITTING, bmig.BState.UNDOING})
+PER_BATCH = frozenset({bmig.BState.FREEZING, bmig.BState.RESTORING, bmig.BState.COMMITTING,
+                       bmig.BState.ABORTING, bmig.BState.UNDOING})
 
 
 def progress_line(run, previous: bmig.BState, state: bmig.BState) -> tuple[str, str] | None:
@@ -306,8 +311,21 @@ async def recover(ctl, j: JournaledMigration, ask) -> tuple[dict, bool]:
         if late:
             await ask(j.dest, msgs.Inject(service=j.service, epoch=epoch, packets=late), problems)
     elif state in NOT_RELEASED and isinstance(step, bm.AbortBatch):
-        await ask(j.source, bm.RollbackBatch(service=j.service, epoch=epoch, batch=batch), problems)
-        await ask(j.dest, step, problems)
+        # the destination first: it may have released the batch (RestoreReleaseBatch) and
+        # then the source must not take it back (both would serve it)
+        answer = await ask(j.dest, step, problems)
+        if isinstance(answer, bm.BatchAbortDone) and not answer.was_released:
+            await ask(j.source, bm.RollbackBatch(service=j.service, epoch=epoch, batch=batch), problems)
+        else:
+            if answer is None:
+                problems.append(f"whether batch {batch} was released on {j.dest} is not known: "
+                                "committed, its connections may be lost")
+            done = await ask(j.source, bm.CommitBatch(service=j.service, epoch=epoch, batch=batch), problems)
+            late = getattr(done, "late_packets", ()) or ()
+            if late:
+                await ask(j.dest, msgs.Inject(service=j.service, epoch=epoch, packets=late), problems)
+            if unmoved is not None:  # the line counted the batch as unmoved
+                unmoved = max(0, unmoved - len(step.flows))
     if queued and j.order and queued <= len(j.order):
         # the connections no batch took yet (a suffix of the journaled order) stay on the
         # source: the destination drops them from now on, as for an undone batch

@@ -57,7 +57,7 @@ def test_migrate_batched_json_has_the_report_fields(tmp_path, monkeypatch):
 
 def test_a_split_migration_says_so_and_exits_zero(tmp_path, monkeypatch):
     c = Cluster(tmp_path, n_conns=12)
-    c.agents["n2"].refuse[("migrate.batch.restore", 2)] = "restore failed"
+    c.agents["n2"].refuse[("migrate.batch.restore_release", 1)] = "restore failed"
     report = c.migrate()
     text = render.render_report(report)
     assert "pinned on n1 4 (split: both nodes serve until they close)" in text

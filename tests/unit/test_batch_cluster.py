@@ -16,7 +16,7 @@ from clustercore import batch_messages as bm
 from clustercore import messages as msgs
 from clustercore.batchcutover import OPENING, BatchDest, BatchSource
 from clustercore.batchmigration import (
-    TERMINAL, BatchCommitted, BatchFrozen, BatchMigration, BatchReleased, BatchRestored,
+    TERMINAL, BatchAborted, BatchCommitted, BatchFrozen, BatchMigration, BatchReleased, BatchRestored,
     BatchSizer, BatchUndone, KeptExpected, KeptList, OpeningFrozen,
 )
 from clustercore.errors import LocalControlError
@@ -31,16 +31,19 @@ from tests.unit.test_cutover import NEW, OLD, Sent, audit, tcp, udp
 SERVICE, SRC, DST = "web", "n1", "n2"
 # Steps a node finishes whatever fails on the way (as clustercore.handoff's endings do:
 # past the point of no return, and every undo, only go forward); a refusal of one of
-# these is modelled as "done, then reported failed". A destination that released
-# nothing and says so is the in-doubt case, not handled for batches (docs/handoff.md).
+# these is modelled as "done, then reported failed". A refused RestoreReleaseBatch is
+# either refused before anything (its rebuild failed: nothing released) or released and
+# then reported failed (its release began: forward only); the gateway cannot tell which
+# and asks the destination (AbortBatch), whose answer decides.
 FORWARD_ONLY = (bm.ReleaseBatch, bm.CommitBatch, bm.RollbackBatch, bm.AbortBatch,
                 bm.FinishBatched, msgs.Abort, msgs.Rollback)
 
 
 class Cluster:
     def __init__(self, rng: random.Random, streams: list[list], kept, faults: dict, first: int,
-                 *, suppress: bool = True) -> None:
+                 *, suppress: bool = True, half_way: bool | None = None) -> None:
         self.rng, self.faults, self.suppress = rng, faults, suppress
+        self.half_way = half_way  # a refused RestoreReleaseBatch released first? (None: at random)
         self.streams = [list(s) for s in streams]
         self.kept = tuple(kept)
         self.m = BatchMigration(service=SERVICE, source=SRC, dest=DST, epoch=NEW,
@@ -54,6 +57,7 @@ class Cluster:
         self.now = 0.0
         self.replies = 0
         self.forwarded = 0  # stragglers forwarded: their order is not promised
+        self.released: dict[int, object] = {}  # the destination's: batch -> its release's event
 
     # -- packets
 
@@ -117,13 +121,17 @@ class Cluster:
             late = src.hand_over_late(msg.batch)
             return BatchFrozen(node=SRC, batch=msg.batch, consumed=consumed,
                                late_packets=tuple(str(h).encode() for h in late))
-        if isinstance(msg, bm.ReleaseBatch):
+        if isinstance(msg, (bm.ReleaseBatch, bm.RestoreReleaseBatch)):
+            if msg.batch in self.released:  # asked again: the first answer
+                return self.released[msg.batch]
             self.deliveries += [(int(p), DST) for p in msg.late_packets]
             consumed = dict(msg.consumed) if self.suppress else {}
             rel = (dst.open(msg.flows, consumed, now) if msg.batch == OPENING
                    else dst.release(msg.batch, msg.flows, consumed, now))
             self.deliveries += [(seq, DST) for seq in rel.plan.accept]
-            return BatchReleased(node=DST, batch=msg.batch, waited_ms=tuple(rel.freeze_ms.values()))
+            done = self.released[msg.batch] = BatchReleased(node=DST, batch=msg.batch,
+                                                            waited_ms=tuple(rel.freeze_ms.values()))
+            return done
         if isinstance(msg, bm.CommitBatch):
             plan = src.commit(msg.batch)
             self.forwarded += len(plan.forward)
@@ -133,8 +141,10 @@ class Cluster:
             self.deliveries += [(seq, SRC) for seq in src.rollback(msg.batch)]
             return BatchUndone(node=SRC, batch=msg.batch)
         if isinstance(msg, bm.AbortBatch):
+            if msg.batch in self.released:  # released here: not aborted, and it says so
+                return self.released[msg.batch]
             dst.abort(msg.batch, msg.flows)
-            return None
+            return BatchAborted(node=DST, batch=msg.batch)
         if isinstance(msg, bm.FinishBatched):
             return Committed(node=SRC)
         if isinstance(msg, msgs.Abort):
@@ -167,7 +177,9 @@ class Cluster:
                 fault = self.faults.get(self.replies)
                 self.replies += 1
                 node = c.node
-                if fault == "refused" and not isinstance(c.message, FORWARD_ONLY):
+                half_way = isinstance(c.message, bm.RestoreReleaseBatch) and (
+                    self.rng.random() < 0.5 if self.half_way is None else self.half_way)
+                if fault == "refused" and not isinstance(c.message, FORWARD_ONLY) and not half_way:
                     event = StepFailed(node=node, reason="refused")
                 else:
                     try:
@@ -269,3 +281,38 @@ def test_a_seeded_sweep_of_faults_loses_and_duplicates_nothing():
         assert problems == [], (seed, problems, cl.m.report.reason)
         outcomes.add((cl.m.report.outcome, cl.m.report.connections_pinned > 0))
     assert outcomes == {("committed", False), ("committed", True), ("rolled_back", False)}
+
+
+def test_an_abort_that_failed_half_way_is_asked_again_not_taken_for_a_release():
+    """The batch's RestoreReleaseBatch refused (nothing released), then the AbortBatch
+    the gateway asks next fails half-way (the destination aborted it, and says it failed):
+    asked again, the destination answers from what it did, and the source takes the batch
+    back. Going forward there would have dropped the batch on both nodes."""
+    streams = [[tcp(50000 + i)] * 6 for i in range(4)]
+    kept = [tcp(50000 + i).flow for i in range(4)]
+    probe = Cluster(random.Random(3), streams, kept, {}, 4)
+    sent = []
+    perform = probe.perform
+    probe.perform = lambda msg: (sent.append(type(msg)), perform(msg))[1]
+    probe.run()
+    at = sent.index(bm.RestoreReleaseBatch)  # the first batch's step, counted from 0
+    cl = Cluster(random.Random(3), streams, kept, {at: "refused", at + 1: "refused"}, 4, half_way=False)
+    cl.run()
+    assert cl.problems() == [] and "asked again" in cl.m.report.reason
+    assert cl.m.report.connections_pinned == 4
+
+
+def test_a_batch_released_before_its_failure_goes_forward_and_is_not_taken_back():
+    """The RestoreReleaseBatch released the batch and then reported a failure: the
+    destination's answer to AbortBatch is the release, the source commits, nothing twice."""
+    streams = [[tcp(50000 + i)] * 6 for i in range(4)]
+    kept = [tcp(50000 + i).flow for i in range(4)]
+    probe = Cluster(random.Random(3), streams, kept, {}, 4)
+    sent = []
+    perform = probe.perform
+    probe.perform = lambda msg: (sent.append(type(msg)), perform(msg))[1]
+    probe.run()
+    at = sent.index(bm.RestoreReleaseBatch)
+    cl = Cluster(random.Random(3), streams, kept, {at: "refused"}, 4, half_way=True).run()
+    assert cl.problems() == [] and "all the same" in cl.m.report.reason
+    assert (cl.m.report.connections_moved, cl.m.report.connections_pinned) == (4, 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import types
@@ -98,6 +99,7 @@ class Agent:
         self.refuse: dict[tuple[str, int], str] = {}  # (op, nth) -> refusal; nth counts from 1
         self.calls: dict[str, int] = {}
         self.lose_at: str | None = None  # this node's connection drops when it gets this op
+        self.released: dict = {}  # batch -> its release's answer (a destination's)
 
     @property
     def rpc(self):
@@ -163,14 +165,17 @@ class Agent:
                                       late_packets=tuple(str(h).encode() for h in late))
         if isinstance(m, bm.RestoreBatch):
             return msgs.Done()
-        if isinstance(m, bm.ReleaseBatch):
+        if isinstance(m, (bm.ReleaseBatch, bm.RestoreReleaseBatch)):
+            if m.batch in self.released:  # asked again: the first answer
+                return self.released[m.batch]
             p.deliveries += [(int(x), self.name) for x in m.late_packets]
             rel = (self.role.open(m.flows, m.consumed, now) if m.batch == OPENING
                    else self.role.release(m.batch, m.flows, m.consumed, now))
             p.deliveries += [(seq, self.name) for seq in rel.plan.accept]
-            return bm.BatchReleaseDone(released=len(rel.plan.accept), held=len(rel.plan.accept) + len(rel.plan.drop),
-                                       duplicates_suppressed=len(rel.plan.drop),
-                                       waited_ms=tuple(rel.freeze_ms.values()))
+            done = self.released[m.batch] = bm.BatchReleaseDone(
+                released=len(rel.plan.accept), held=len(rel.plan.accept) + len(rel.plan.drop),
+                duplicates_suppressed=len(rel.plan.drop), waited_ms=tuple(rel.freeze_ms.values()))
+            return done
         if isinstance(m, bm.CommitBatch):
             plan = self.role.commit(m.batch)
             p.deliveries += [(seq, "n2") for seq in plan.forward]
@@ -179,8 +184,10 @@ class Agent:
             p.deliveries += [(seq, self.name) for seq in self.role.rollback(m.batch)]
             return msgs.Done()
         if isinstance(m, bm.AbortBatch):
+            if m.batch in self.released:  # released here: not aborted, said so
+                return bm.BatchAbortDone(was_released=True, **dataclasses.asdict(self.released[m.batch]))
             self.role.abort(m.batch, m.flows)
-            return msgs.Done()
+            return bm.BatchAbortDone()
         if isinstance(m, bm.FinishBatched):
             self.c.finished_pinned = m.pinned
             return msgs.CommitDone()
@@ -288,7 +295,7 @@ def test_a_batched_migration_moves_every_connection_in_batches_exactly_once(tmp_
     assert c.ops()[:10] == ["migrate.prepare", "migrate.arm", "migrate.batch.stop_accepting",
                             "migrate.batch.expect_kept", "migrate.batch.open", "migrate.batch.restore",
                             "migrate.batch.release", "migrate.batch.commit", "migrate.batch.freeze",
-                            "migrate.batch.restore"]
+                            "migrate.batch.restore_release"]
     assert c.ops("n1")[-1] == "migrate.batch.finish" and c.finished_pinned == 0
     # idle first: the source said the later a kept connection, the idler
     assert c.frozen[0] == tuple(reversed(c.kept[-4:])) and c.frozen[-1] == tuple(reversed(c.kept[:4]))
@@ -302,7 +309,7 @@ def test_a_batched_migration_moves_every_connection_in_batches_exactly_once(tmp_
     # vipctl hears the steps to the opening, then one transfer line per batch (its bar)
     transfers = [d for step, d in c.progress if step == "transfer"]
     assert transfers[0].startswith("0/20 connections moved to n2") and transfers[-1].startswith("16/20")
-    assert not any(step in ("freezing", "restoring", "releasing", "committing") for step, _ in c.progress)
+    assert not any(step in ("freezing", "restoring", "committing", "aborting", "undoing") for step, _ in c.progress)
     assert [s for s, _ in c.progress][-2:] == ["committed", "done"]
 
 
@@ -421,12 +428,14 @@ def test_batched_and_graceful_together_are_refused(tmp_path):
 
 def test_a_failed_batch_is_pinned_on_the_source_and_the_service_ends_split(tmp_path):
     c = Cluster(tmp_path, n_conns=12)
-    c.agents["n2"].refuse[("migrate.batch.restore", 2)] = "restore failed: EADDRINUSE"  # batch 1
+    c.agents["n2"].refuse[("migrate.batch.restore_release", 1)] = "restore failed: EADDRINUSE"  # batch 1
     report = c.migrate()
     assert report["outcome"] == "committed"
     assert (report["connections_moved"], report["connections_pinned"], report["split"]) == (8, 4, True)
     assert "batch 1 undone" in report["reason"]
-    assert ("n1", "migrate.batch.rollback", 1) in c.seen and ("n2", "migrate.batch.abort", 1) in c.seen
+    # the destination is asked first (it might have released the batch), then the source
+    abort, rollback = c.seen.index(("n2", "migrate.batch.abort", 1)), c.seen.index(("n1", "migrate.batch.rollback", 1))
+    assert abort < rollback
     assert c.finished_pinned == 4
     assert c.gw.delivery_override[SERVICE] == ("n1", "n2")  # both serve until the pinned close
     assert c.gw.joined == ["n2"]  # the source is not reconciled: that would end its old instance
@@ -445,24 +454,26 @@ def test_a_failure_before_the_opening_release_rolls_everything_back(tmp_path):
 
 
 def test_the_destination_lost_past_the_opening_stops_the_batching(tmp_path):
+    """n2 drops when batch 2's RestoreReleaseBatch reaches it (the opening and batch 1
+    moved): whether it released batch 2 cannot be known, so batch 2 goes forward (its
+    connections may be lost; the source taking them back beside a destination that
+    released them would serve them twice) and the rest stays on the source."""
     c = Cluster(tmp_path, n_conns=12)
-    c.agents["n2"].calls["migrate.batch.restore"] = 0
-    c.agents["n2"].refuse = {}
-    # n2 drops when batch 2's restore reaches it (the opening and batch 1 moved)
     orig = c.agents["n2"].request
 
     async def request(message, timeout=None):
-        if isinstance(message, bm.RestoreBatch) and message.batch == 2:
+        if isinstance(message, bm.RestoreReleaseBatch) and message.batch == 2:
             c.agents["n2"].lose_at = message.OP
         return await orig(message, timeout)
     c.agents["n2"].request = request
     report = c.migrate()
     assert report["outcome"] == "committed"
     assert "lost" in report["reason"] and "batching stopped" in report["reason"]
-    assert report["connections_moved"] == 4 and report["connections_pinned"] == 8
+    assert report["connections_moved"] == 8 and report["connections_pinned"] == 4
     assert report["lost"] is None  # not known: the destination died with connections
-    assert ("n1", "migrate.batch.rollback", 2) in c.seen
-    assert c.ops("n1")[-1] == "migrate.batch.finish" and c.finished_pinned == 8
+    assert ("n1", "migrate.batch.commit", 2) in c.seen and not any(op == "migrate.batch.rollback"
+                                                                   for _, op, _ in c.seen)
+    assert c.ops("n1")[-1] == "migrate.batch.finish" and c.finished_pinned == 4
 
 
 def test_the_whole_handoff_is_untouched_without_the_switch(tmp_path):
@@ -540,14 +551,49 @@ def test_a_restarted_gateway_undoes_a_freezing_batch_and_pins_the_rest(tmp_path)
     report = _recover(gw)
     assert report["outcome"] == "committed" and report["split"] is True
     assert report["connections_pinned"] == 40 and "batching stopped" in report["reason"]
-    assert gw.seen == [("n1", "migrate.batch.rollback", 3, None), ("n2", "migrate.batch.abort", 3, None),
+    assert gw.seen == [("n2", "migrate.batch.abort", 3, None), ("n1", "migrate.batch.rollback", 3, None),
                        ("n2", "migrate.batch.abort", 4, None), ("n1", "migrate.batch.finish", None, 40)]
     assert gw.aborted[-1] == order[8:]  # the destination drops the ones no batch took
     assert gw.joined == ["n2"]  # a reconcile of the source would end the pinned connections
     assert gw.registry.open_migrations() == []
 
 
+def test_a_restarted_gateway_commits_a_batch_the_destination_had_released(tmp_path):
+    """The line says the batch was frozen (its RestoreReleaseBatch went out, its answer did
+    not come back): the destination says it released it, so the source commits it and it
+    no longer counts among the connections left on the source."""
+    epoch = nft.epoch_mac(2)
+    order = tuple(tcp(50000 + i).flow for i in range(44))
+    abort = bm.AbortBatch(service=SERVICE, epoch=epoch, batch=3, flows=order[4:8])
+    gw = _journaled(tmp_path, "batched:freezing:3:40:36", abort, order=order)
+    recorder = gw.agents["n2"].request
+
+    async def request(message, timeout=None):
+        if isinstance(message, bm.AbortBatch) and message.batch == 3:
+            gw.seen.append(("n2", message.OP, 3, None))
+            return wire_reply(message, bm.BatchAbortDone(was_released=True, held=1, released=1))
+        return await recorder(message, timeout)
+    gw.agents["n2"].request = request
+    report = _recover(gw)
+    assert report["outcome"] == "committed" and report["connections_pinned"] == 36
+    assert gw.seen == [("n2", "migrate.batch.abort", 3, None), ("n1", "migrate.batch.commit", 3, None),
+                       ("n2", "migrate.batch.abort", 4, None), ("n1", "migrate.batch.finish", None, 36)]
+
+
+def test_a_restarted_gateway_that_cannot_ask_the_destination_goes_forward(tmp_path):
+    epoch = nft.epoch_mac(2)
+    order = tuple(tcp(50000 + i).flow for i in range(12))
+    abort = bm.AbortBatch(service=SERVICE, epoch=epoch, batch=2, flows=order[4:8])
+    gw = _journaled(tmp_path, "batched:freezing:2:8:4", abort, order=order)
+    del gw.agents["n2"]
+    report = _recover(gw)
+    assert report["outcome"] == "committed" and report["connections_pinned"] == 4
+    assert "whether batch 2 was released on n2 is not known" in report["reason"]
+    assert gw.seen == [("n1", "migrate.batch.commit", 2, None), ("n1", "migrate.batch.finish", None, 4)]
+
+
 def test_a_restarted_gateway_finishes_a_batch_whose_release_was_asked(tmp_path):
+    """An older gateway's journal line: the release of a later batch was asked on its own."""
     epoch = nft.epoch_mac(2)
     release = bm.ReleaseBatch(service=SERVICE, epoch=epoch, batch=5, flows=(tcp(50002).flow,))
     gw = _journaled(tmp_path, "batched:releasing:5:0:0", release)
@@ -607,7 +653,7 @@ def test_a_gateway_dying_mid_batch_leaves_a_journal_its_successor_finishes_exact
     orig = c.agents["n2"].request
 
     async def request(message, timeout=None):
-        if isinstance(message, bm.RestoreBatch) and message.batch == 2:
+        if isinstance(message, bm.RestoreReleaseBatch) and message.batch == 2:
             c.seen.append(("n2", message.OP, 2))
             stuck.set()
             await asyncio.Event().wait()  # the gateway dies before the reply comes
@@ -637,7 +683,7 @@ def test_a_gateway_dying_mid_batch_leaves_a_journal_its_successor_finishes_exact
     assert report["outcome"] == "committed" and report["split"] is True
     assert report["connections_pinned"] == 8  # batch 2 undone and batch 3 never taken
     tail = [(n, op, b) for n, op, b in c.seen[-4:]]
-    assert tail == [("n1", "migrate.batch.rollback", 2), ("n2", "migrate.batch.abort", 2),
+    assert tail == [("n2", "migrate.batch.abort", 2), ("n1", "migrate.batch.rollback", 2),
                     ("n2", "migrate.batch.abort", 3), ("n1", "migrate.batch.finish", None)]
     assert c.finished_pinned == 8
     assert c.gw.registry.open_migrations() == []

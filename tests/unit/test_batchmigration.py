@@ -14,7 +14,7 @@ from clustercore import batch_messages as bm
 from clustercore import messages as msgs
 from clustercore.batchmigration import (
     BEFORE_RELEASE, EVENT_TYPES, TERMINAL, TRANSITIONS, BState, BatchCommitted, BatchFinished,
-    BatchFrozen, BatchMigration, BatchReleased, BatchRestored, BatchSizer, BatchUndone,
+    BatchAborted, BatchFrozen, BatchMigration, BatchReleased, BatchRestored, BatchSizer, BatchUndone,
     KeptExpected, KeptList, OpeningFrozen, idle_first, percentile,
 )
 from clustercore.errors import ConfigError, LocalControlError
@@ -72,10 +72,11 @@ class Driver:
         """Answer FreezeBatch requests until the machine finishes."""
         while self.m.state is BState.FREEZING:
             req = sent(out, bm.FreezeBatch)[-1].message
-            self.feed(BatchFrozen(node=SRC, batch=req.batch))
-            self.feed(BatchRestored(node=DST, batch=req.batch))
+            out = self.feed(BatchFrozen(node=SRC, batch=req.batch))
+            move = sent(out, bm.RestoreReleaseBatch)[0].message  # rebuilt and released in one step
+            assert (move.batch, move.flows) == (req.batch, req.flows)
             self.feed(BatchReleased(node=DST, batch=req.batch, waited_ms=(0.5,) * len(req.flows)),
-                      dt=window_ms / 1000.0 - 0.002)
+                      dt=window_ms / 1000.0 - 0.001)
             out = self.feed(BatchCommitted(node=SRC, batch=req.batch))
         return out
 
@@ -192,27 +193,72 @@ def test_a_failed_batch_is_undone_pinned_and_the_next_goes_on():
     assert not [c for c in sent(d.log, bm.ReleaseBatch) if c.message.batch == req.batch]
 
 
-def test_a_failure_after_a_release_was_asked_goes_forward():
-    d = Driver(kept=4)
+def restoring(kept: int = 4, first: int = 32):
+    """A driver whose first batch's RestoreReleaseBatch went out, and its request."""
+    d = Driver(kept=kept, sizer=BatchSizer(first=first))
     out = d.through_opening()
     req = sent(out, bm.FreezeBatch)[0].message
     d.feed(BatchFrozen(node=SRC, batch=req.batch))
-    d.feed(BatchRestored(node=DST, batch=req.batch))
-    out = d.feed(StepTimedOut())
+    assert d.m.state is BState.RESTORING
+    return d, req
+
+
+@pytest.mark.parametrize("failure", [StepFailed(node=DST, reason="restore failed"), StepTimedOut(),
+                                     MessageLost(node=DST, reason="garbled")])
+def test_a_failed_restore_asks_the_destination_before_the_source_takes_the_batch_back(failure):
+    """The destination may have released the batch (its answer lost or late): the source
+    is told nothing until the destination says it aborted it."""
+    d, req = restoring(kept=64)
+    out = d.feed(failure)
+    assert d.m.state is BState.ABORTING
+    assert [type(c.message) for c in sent(out)] == [bm.AbortBatch] and sent(out)[0].node == DST
+    assert sent(out)[0].message.flows == req.flows
+    out = d.feed(BatchAborted(node=DST, batch=req.batch))
+    assert d.m.state is BState.UNDOING
+    assert [(c.node, type(c.message)) for c in sent(out)] == [(SRC, bm.RollbackBatch)]
+    out = d.feed(BatchUndone(node=SRC, batch=req.batch))
+    d.move(out)
+    r = d.m.report
+    assert (r.connections_moved, r.connections_pinned) == (32, 32) and r.lost is not None
+
+
+def test_a_batch_the_destination_released_after_all_goes_forward():
+    d, req = restoring()
+    d.feed(StepTimedOut())
+    out = d.feed(BatchReleased(node=DST, batch=req.batch, held=1, released=1))  # AbortBatch's answer
     assert d.m.state is BState.COMMITTING
-    assert sent(out, bm.CommitBatch)[0].message.batch == req.batch
-    assert d.m.report.lost is None
+    assert [(c.node, type(c.message)) for c in sent(out)] == [(SRC, bm.CommitBatch)]
+    d.feed(BatchCommitted(node=SRC, batch=req.batch))
+    assert not sent(d.log, bm.RollbackBatch)
+    assert d.m.report.connections_moved == 4 and "released on 'n2' all the same" in d.m._reason
 
 
-def test_losing_the_destination_mid_batch_rolls_that_batch_back_and_finishes():
+def test_no_answer_from_the_destination_goes_forward_with_lost_unknown():
+    d, req = restoring()
+    d.feed(StepTimedOut())
+    out = d.feed(StepTimedOut())  # AbortBatch unanswered: the batch may be released there
+    assert d.m.state is BState.COMMITTING
+    assert [(c.node, type(c.message)) for c in sent(out)] == [(SRC, bm.CommitBatch)]
+    assert not sent(d.log, bm.RollbackBatch) and d.m.report.lost is None
+
+
+def test_losing_the_destination_before_a_batch_went_there_rolls_it_back_and_finishes():
     d = Driver(kept=100, sizer=BatchSizer(first=10))
     out = d.through_opening()
     req = sent(out, bm.FreezeBatch)[0].message
-    d.feed(BatchFrozen(node=SRC, batch=req.batch))
-    out = d.feed(NodeLost(node=DST))
+    out = d.feed(NodeLost(node=DST))  # FREEZING: nothing of the batch went to the destination
     assert sent(out, bm.RollbackBatch)[0].message.batch == req.batch
     assert d.m.state is BState.FINISHING
     assert sent(out, bm.FinishBatched)[0].message.pinned == 100
+
+
+def test_losing_the_destination_once_a_batch_went_there_commits_it_and_finishes():
+    d, req = restoring(kept=100, first=10)
+    out = d.feed(NodeLost(node=DST))
+    assert [type(c.message) for c in sent(out)] == [bm.CommitBatch, bm.FinishBatched]
+    assert sent(out, bm.CommitBatch)[0].message.batch == req.batch
+    assert d.m.state is BState.FINISHING and sent(out, bm.FinishBatched)[0].message.pinned == 90
+    assert d.m.report.lost is None
 
 
 def test_losing_the_source_ends_the_migration():
@@ -249,7 +295,7 @@ def test_every_state_event_pair_is_handled_or_refused_cleanly():
               OpeningFrozen(node=SRC),
               BatchFrozen(node=SRC, batch=1), BatchRestored(node=DST, batch=1),
               OwnerSwitched(service=SERVICE, node=DST), BatchReleased(node=DST, batch=1),
-              BatchCommitted(node=SRC, batch=1), BatchUndone(node=SRC, batch=1),
+              BatchCommitted(node=SRC, batch=1), BatchAborted(node=DST, batch=1), BatchUndone(node=SRC, batch=1),
               Committed(node=SRC), RolledBack(node=SRC), StepFailed(reason="x"),
               NodeLost(node=DST), MessageLost(node=SRC, reason="x"), StepTimedOut(), Cancel()]
     assert {type(e) for e in events} == set(EVENT_TYPES)
@@ -304,7 +350,7 @@ def test_property_honest_nodes_with_faults_always_end_and_account_for_every_conn
     fail_at, kept, first = f
     d = Driver(kept=kept, sizer=BatchSizer(first=first, largest=64))
     pending = d.feed(Start())
-    step, released, undone = 0, set(), set()
+    step, released, undone, dest_released = 0, set(), set(), set()
     for _ in range(500):
         if d.m.state in TERMINAL:
             break
@@ -321,14 +367,18 @@ def test_property_honest_nodes_with_faults_always_end_and_account_for_every_conn
         if reply is None:
             pending = d.feed(StepTimedOut())
             continue
+        if isinstance(reply, BatchReleased):
+            dest_released.add(reply.batch)
         pending = d.feed(reply)
     assert d.m.state in TERMINAL
     for c in sent(d.log):
-        if isinstance(c.message, bm.ReleaseBatch):
+        if isinstance(c.message, (bm.ReleaseBatch, bm.RestoreReleaseBatch)):
             assert c.message.batch not in undone
             released.add(c.message.batch)
+        if isinstance(c.message, bm.RollbackBatch):
+            # never beside a destination that released it: both would serve its connections
+            assert c.message.batch not in dest_released
         if isinstance(c.message, (bm.RollbackBatch, bm.AbortBatch)):
-            assert c.message.batch not in released or c.message.batch == 0
             undone.add(c.message.batch)
         if isinstance(c.message, msgs.Rollback):
             assert not released, "a whole rollback after a release"
@@ -352,8 +402,10 @@ def honest_reply(d: Driver):
         BState.SWITCHING: OwnerSwitched(service=SERVICE, node=DST),
         BState.OPEN_RELEASING: BatchReleased(node=DST, batch=0),
         BState.OPEN_COMMITTING: BatchCommitted(node=SRC, batch=0),
-        BState.FREEZING: BatchFrozen(node=SRC, batch=b), BState.RESTORING: BatchRestored(node=DST, batch=b),
-        BState.RELEASING: BatchReleased(node=DST, batch=b, waited_ms=(1.0,)),
+        BState.FREEZING: BatchFrozen(node=SRC, batch=b),
+        BState.RESTORING: BatchReleased(node=DST, batch=b, waited_ms=(1.0,)),
+        # AbortBatch's answer: the destination had released the batch, or not (both happen)
+        BState.ABORTING: BatchReleased(node=DST, batch=b) if b % 2 else BatchAborted(node=DST, batch=b),
         BState.COMMITTING: BatchCommitted(node=SRC, batch=b), BState.UNDOING: BatchUndone(node=SRC, batch=b),
         BState.FINISHING: Committed(node=SRC), BState.ROLLING_BACK: RolledBack(node=SRC),
     }.get(s)
@@ -378,9 +430,14 @@ def test_node_replies_become_the_machine_events_through_the_wire():
          bm.OpeningDone(consumed={f: 2}, kept=(f,), idle_ms=(3.0,)), OpeningFrozen),
         (bm.FreezeBatch(service=SERVICE, epoch=EPOCH, batch=4, flows=(f,)),
          bm.BatchFreezeDone(consumed={f: 1}), BatchFrozen),
-        (bm.RestoreBatch(service=SERVICE, epoch=EPOCH, batch=4, sockets={}), msgs.Done(), BatchRestored),
+        (bm.RestoreBatch(service=SERVICE, epoch=EPOCH, batch=0, sockets={}), msgs.Done(), BatchRestored),
         (bm.ReleaseBatch(service=SERVICE, epoch=EPOCH, batch=4, flows=(f,)),
          bm.BatchReleaseDone(released=3, waited_ms=(2.5,)), BatchReleased),
+        (bm.RestoreReleaseBatch(service=SERVICE, epoch=EPOCH, batch=4, sockets={}, flows=(f,), consumed={f: 1}),
+         bm.BatchReleaseDone(released=3, waited_ms=(2.5,)), BatchReleased),
+        (bm.AbortBatch(service=SERVICE, epoch=EPOCH, batch=4, flows=(f,)), bm.BatchAbortDone(), BatchAborted),
+        (bm.AbortBatch(service=SERVICE, epoch=EPOCH, batch=4, flows=(f,)),
+         bm.BatchAbortDone(was_released=True, released=3), BatchReleased),
         (bm.CommitBatch(service=SERVICE, epoch=EPOCH, batch=4), msgs.CommitDone(), BatchCommitted),
         (bm.RollbackBatch(service=SERVICE, epoch=EPOCH, batch=4), msgs.Done(), BatchUndone),
         (bm.FinishBatched(service=SERVICE, epoch=EPOCH), msgs.CommitDone(), Committed),
@@ -392,7 +449,10 @@ def test_node_replies_become_the_machine_events_through_the_wire():
         assert isinstance(ev, kind)
         if hasattr(ev, "batch"):
             assert ev.batch == getattr(step, "batch", 0)
-    assert event_for_batch_reply(DST, bm.AbortBatch(service=SERVICE, epoch=EPOCH, batch=1), msgs.Done()) is None
+    released = event_for_batch_reply(DST, bm.AbortBatch(service=SERVICE, epoch=EPOCH, batch=4),
+                                     bm.BatchAbortDone(was_released=True, held=2, released=1,
+                                                       timing_ms={"release": 3.0, "to_gate": 1.0}))
+    assert (released.held, released.released, released.after_plan_ms) == (2, 1, 2.0)
 
 
 def test_every_moved_connection_gets_its_batchs_frozen_time_from_the_nodes_parts_and_the_gap():
@@ -406,9 +466,8 @@ def test_every_moved_connection_gets_its_batchs_frozen_time_from_the_nodes_parts
     while d.m.state is BState.FREEZING:
         req = sent(out, bm.FreezeBatch)[-1].message
         d.feed(BatchFrozen(node=SRC, batch=req.batch, frozen_ms=2.0))  # the source: 2 ms of it
-        d.feed(BatchRestored(node=DST, batch=req.batch), dt=0.004)
         gap = 0.006 if req.batch == 1 else 0.030  # from the source's reply to the destination's
-        d.feed(BatchReleased(node=DST, batch=req.batch, after_plan_ms=0.5), dt=gap - 0.004)
+        d.feed(BatchReleased(node=DST, batch=req.batch, after_plan_ms=0.5), dt=gap)
         frozen.append((round(2.0 + gap * 1000 - 0.5, 3), len(req.flows)))
         out = d.feed(BatchCommitted(node=SRC, batch=req.batch))
     r = d.m.report
@@ -425,7 +484,6 @@ def test_a_batch_whose_nodes_did_not_say_their_parts_has_no_frozen_time():
     while d.m.state is BState.FREEZING:
         req = sent(out, bm.FreezeBatch)[-1].message
         d.feed(BatchFrozen(node=SRC, batch=req.batch, frozen_ms=1.0 if first else None))
-        d.feed(BatchRestored(node=DST, batch=req.batch))
         d.feed(BatchReleased(node=DST, batch=req.batch, after_plan_ms=0.25))
         out = d.feed(BatchCommitted(node=SRC, batch=req.batch))
         first = False

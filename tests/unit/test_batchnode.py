@@ -121,6 +121,8 @@ EVENTS = {
     bm.OpenBatch: lambda: step(bm.OpenBatch),
     bm.FreezeBatch: lambda: step(bm.FreezeBatch, batch=1, flows=(flow(1), flow(2))),
     bm.RestoreBatch: lambda: step(bm.RestoreBatch, batch=1, sockets=batch_wire(1, 2)),
+    bm.RestoreReleaseBatch: lambda: step(bm.RestoreReleaseBatch, batch=1, sockets=batch_wire(1, 2),
+                                         flows=(flow(1), flow(2)), consumed={}),
     bm.ReleaseBatch: lambda: step(bm.ReleaseBatch, batch=1, flows=(flow(1), flow(2)), consumed={}),
     bm.CommitBatch: lambda: step(bm.CommitBatch, batch=1),
     bm.RollbackBatch: lambda: step(bm.RollbackBatch, batch=1),
@@ -538,14 +540,17 @@ def test_the_destination_script_opening_batches_and_end():
     assert (released.held, released.released, released.reinjected) == (1, 1, 2)
     assert released.waited_ms == (2500.0,)  # the SYN waited from 1.0 to the release at 3.5
     assert cut.on_packet(packet(1), EPOCH, "k1b", 4.0) is Verdict.HOLD  # kept: held until its batch
-    restore = step(bm.RestoreBatch, batch=1, sockets=batch_wire(1, 2))
-    assert script(m, restore, [(nc.ReadClock, 5.0), (nc.RestoreConnections, ["R1", "R2"]),
-                               (nc.ReadClock, 5.1)]) == msgs.Done(timing_ms={"restore": 100.0})
-    released = script(m, step(bm.ReleaseBatch, batch=1, flows=(flow(1), flow(2)), consumed={flow(1): 1}), [
+    # a later batch: rebuilt and released in one step, no round trip to the gateway between
+    moved = step(bm.RestoreReleaseBatch, batch=1, sockets=batch_wire(1, 2), flows=(flow(1), flow(2)),
+                 consumed={flow(1): 1})
+    released = script(m, moved, [
+        (nc.ReadClock, 5.0), (nc.RestoreConnections, ["R1", "R2"]), (nc.ReadClock, 5.1),
         (nc.ReadClock, 6.0), (nc.Thaw, None), (nc.ReadClock, 6.0), (nc.DropHeld, None), (nc.AcceptHeld, None),
         (AdoptSockets, 2), (nc.ReadClock, 6.05), (nc.CloseDescriptors, None), (nc.CountKernelDrops, 0),
         (nc.ReadClock, 6.1),
     ])
+    assert isinstance(released, bm.BatchReleaseDone)
+    assert released.timing_ms["restore"] == 100.0 and released.timing_ms["to_gate"] == 0.0
     assert (released.held, released.released, released.duplicates_suppressed) == (2, 1, 1)
     assert released.waited_ms == (2000.0,) and m.state is State.ADOPTING
     # stragglers of each committed batch: every Inject goes in, not only the first
@@ -555,7 +560,7 @@ def test_the_destination_script_opening_batches_and_end():
     aborted = script(m, step(bm.AbortBatch, batch=2, flows=(flow(3), flow(4))), [
         (nc.DropHeld, None), (nc.RemoveRoleLater, None),
     ])
-    assert aborted == msgs.Done() and m.state is State.RELEASED  # every kept flow settled
+    assert aborted == bm.BatchAbortDone() and m.state is State.RELEASED  # every kept flow settled
     assert cut.on_packet(packet(3), EPOCH, "k3b", 7.0) is Verdict.DROP  # pinned on the source
     assert feed(m, EVENTS[msgs.Inject]())[0] == msgs.Injected(injected=1)
 
@@ -593,8 +598,7 @@ def test_a_restarted_gateways_opening_release_may_name_the_kept_flows_again():
 
 def test_the_new_instance_gets_the_sockets_and_what_the_old_one_owed():
     m = adopting_destination()
-    feed(m, EVENTS[bm.RestoreBatch]())
-    _reply, k = feed(m, EVENTS[bm.ReleaseBatch]())
+    _reply, k = feed(m, EVENTS[bm.RestoreReleaseBatch]())
     adopt = next(c for c in k.seen if isinstance(c, AdoptSockets))
     assert adopt.instance == "new-instance" and adopt.owed == OWED
     assert [n for n, _ in adopt.sockets] == ["conn-7", "conn-7"] and [s for _, s in adopt.sockets] == ["R0", "R1"]
@@ -615,16 +619,16 @@ def test_the_last_release_ends_the_role_before_it_stamps_its_reply():
     role (and the check that every kept flow settled) comes after the gate, so it must
     come before the stamp, not after it (where it counted ~3 ms frozen at 10,000)."""
     m = adopting_destination()
-    feed(m, step(bm.RestoreBatch, batch=1, sockets=batch_wire(1, 2)))
-    feed(m, step(bm.ReleaseBatch, batch=1, flows=(flow(1), flow(2)), consumed={}))
-    feed(m, step(bm.RestoreBatch, batch=2, sockets=batch_wire(3, 4)))
-    released = script(m, step(bm.ReleaseBatch, batch=2, flows=(flow(3), flow(4)), consumed={}), [
+    feed(m, EVENTS[bm.RestoreReleaseBatch]())
+    last = step(bm.RestoreReleaseBatch, batch=2, sockets=batch_wire(3, 4), flows=(flow(3), flow(4)), consumed={})
+    released = script(m, last, [
+        (nc.ReadClock, 5.0), (nc.RestoreConnections, ["R3", "R4"]), (nc.ReadClock, 5.002),
         (nc.ReadClock, 6.0), (nc.Thaw, None), (nc.ReadClock, 6.001), (AdoptSockets, 2),
         (nc.ReadClock, 6.004), (nc.CloseDescriptors, None), (nc.CountKernelDrops, 0),
         (nc.RemoveRoleLater, None), (nc.ReadClock, 6.01),
     ])
     assert m.state is State.RELEASED
-    assert released.timing_ms == {"release": 10.0, "to_gate": 1.0, "given": 4.0}
+    assert released.timing_ms == {"release": 10.0, "to_gate": 1.0, "given": 4.0, "restore": 2.0}
 
 
 def test_a_destination_is_complete_only_when_every_kept_flow_settled():
@@ -638,28 +642,60 @@ def test_a_destination_is_complete_only_when_every_kept_flow_settled():
 
 
 def test_a_repeated_release_is_answered_as_the_first():
+    """RestoreReleaseBatch again, or ReleaseBatch (a restarted gateway's, for an older
+    gateway's journal): the first answer, nothing done again."""
     m = adopting_destination()
-    feed(m, EVENTS[bm.RestoreBatch]())
-    first, _ = feed(m, EVENTS[bm.ReleaseBatch]())
-    again, k = feed(m, EVENTS[bm.ReleaseBatch]())
-    assert again == first and k.types() == [nc.Note]
+    first, _ = feed(m, EVENTS[bm.RestoreReleaseBatch]())
+    assert isinstance(first, bm.BatchReleaseDone)
+    for again_step in (EVENTS[bm.RestoreReleaseBatch](), EVENTS[bm.ReleaseBatch]()):
+        again, k = feed(m, again_step)
+        assert again == first and k.types() == [nc.Note]
 
 
-def test_a_failed_release_goes_forward_each_action_once():
+def test_a_failed_release_goes_forward_each_action_once_and_is_not_aborted():
     m = adopting_destination()
-    feed(m, EVENTS[bm.RestoreBatch]())
-    reply, k = feed(m, EVENTS[bm.ReleaseBatch](), Kernel("n2", fail=[AdoptSockets]))
+    reply, k = feed(m, EVENTS[bm.RestoreReleaseBatch](), Kernel("n2", fail=[AdoptSockets]))
     assert isinstance(reply, Failure) and m.state is State.ADOPTING
     assert k.types().count(AdoptSockets) == 1 and k.types().count(nc.Thaw) == 1
+    assert k.types().count(nc.RestoreConnections) == 1 and nc.CloseSilently not in k.types()
     assert m.playbook.destination.settled >= {flow(1), flow(2)}
+    # the gateway, without the answer, asks to abort it: told it was released, nothing undone
+    answer, k = feed(m, EVENTS[bm.AbortBatch]())
+    assert isinstance(answer, bm.BatchAbortDone) and answer.was_released
+    assert answer.held == m.playbook.destination.replies[1].held and k.types() == [nc.Note]
 
 
-def test_a_failed_batch_restore_closes_its_sockets_and_waits_for_the_abort():
+def test_a_failed_batch_restore_releases_nothing_and_is_aborted():
     m = adopting_destination()
-    reply, _k = feed(m, EVENTS[bm.RestoreBatch](), Kernel("n2", fail=[nc.RestoreConnections]))
+    reply, k = feed(m, EVENTS[bm.RestoreReleaseBatch](), Kernel("n2", fail=[nc.RestoreConnections]))
     assert isinstance(reply, Failure) and m.state is State.ADOPTING and m.playbook.destination.batch is None
-    assert feed(m, EVENTS[bm.AbortBatch]())[0] == msgs.Done()
+    assert nc.Thaw not in k.types() and AdoptSockets not in k.types()
+    assert not m.playbook.destination.releasing and 1 not in m.playbook.destination.replies
+    assert feed(m, EVENTS[bm.AbortBatch]())[0] == bm.BatchAbortDone(was_released=False)
     assert m.playbook.destination.settled == {flow(1), flow(2)}
+
+
+def test_an_abort_of_a_batch_stopped_in_its_release_is_refused():
+    """A release that began (its thaw) and did not end, even after its ending routine: the
+    batch is neither released nor abortable here; the gateway goes forward."""
+    m = adopting_destination()
+    f = m.playbook.destination
+    f.batch, f.releasing = 1, True  # as a release whose ending routine failed too leaves them
+    reply, k = feed(m, EVENTS[bm.AbortBatch]())
+    assert isinstance(reply, Failure) and "being released" in str(reply.error) and k.seen == []
+
+
+def test_the_last_batchs_abort_after_its_release_is_answered_with_the_release():
+    m = adopting_destination()
+    feed(m, EVENTS[bm.RestoreReleaseBatch]())
+    last, _ = feed(m, step(bm.RestoreReleaseBatch, batch=2, sockets=batch_wire(3, 4),
+                           flows=(flow(3), flow(4)), consumed={}))
+    assert m.state is State.RELEASED
+    answer, _ = feed(m, step(bm.AbortBatch, batch=2, flows=(flow(3), flow(4))))
+    assert isinstance(answer, bm.BatchAbortDone) and answer.was_released and answer.released == last.released
+    assert m.state is State.RELEASED
+    never, _ = feed(m, step(bm.AbortBatch, batch=3, flows=(flow(5),)))
+    assert isinstance(never, Failure) and m.state is State.RELEASED
 
 
 def test_a_failed_opening_restore_is_the_whole_abort():
@@ -680,10 +716,10 @@ def test_bad_socket_states_are_refused_before_anything_is_rebuilt():
     assert isinstance(reply, Failure) and m.state is State.PREPARED and k.seen == []
     m = adopting_destination()
     for bad in ({**batch_wire(1), "owed": {"x": 1}}, {"wire": 99}, opening_wire()):
-        reply, k = feed(m, step(bm.RestoreBatch, batch=1, sockets=bad))
+        reply, k = feed(m, step(bm.RestoreReleaseBatch, batch=1, sockets=bad, flows=(flow(1),)))
         assert isinstance(reply, Failure) and m.state is State.ADOPTING and k.seen == [], bad
     elsewhere = dataclasses.replace(conn(1), local=("192.0.2.99", 7))
-    reply, _ = feed(m, step(bm.RestoreBatch, batch=1, sockets=sockwire.to_wire(
+    reply, _ = feed(m, step(bm.RestoreReleaseBatch, batch=1, flows=(flow(1),), sockets=sockwire.to_wire(
         ServiceSockets(service="echo", connections=(elsewhere,)))))
     assert isinstance(reply, Failure) and "not on the service's address" in str(reply.error)
 
@@ -743,13 +779,19 @@ def source_at(state: State) -> NodeMigration:
 
 
 def destination_at(state: State) -> NodeMigration:
+    if state is State.BATCH_RELEASING:  # the opening's release (a later batch's comes with its restore)
+        m = NodeMigration("echo", "n2")
+        feed(m, EVENTS[msgs.Prepare]())
+        feed(m, step(bm.RestoreBatch, batch=0, sockets=opening_wire()))
+        _stop_at(m, step(bm.ReleaseBatch, batch=0, flows=KEPT, consumed={}), nc.Thaw)
+        return m
     m = adopting_destination()
     if state is State.ADOPTING:
         return m
-    feed(m, EVENTS[bm.RestoreBatch]()) if state is not State.BATCH_RESTORING else None
-    event, stop = {State.BATCH_RESTORING: (EVENTS[bm.RestoreBatch], nc.RestoreConnections),
-                   State.BATCH_RELEASING: (EVENTS[bm.ReleaseBatch], nc.Thaw),
-                   State.BATCH_ABORTING: (EVENTS[bm.AbortBatch], nc.CloseSilently)}[state]
+    if state is State.BATCH_ABORTING:  # a batch with a packet held, aborted
+        assert m.playbook.destination.cut.on_packet(packet(1), EPOCH, "k1", 1.0) is Verdict.HOLD
+    event, stop = {State.BATCH_RESTORING: (EVENTS[bm.RestoreReleaseBatch], nc.RestoreConnections),
+                   State.BATCH_ABORTING: (EVENTS[bm.AbortBatch], nc.DropHeld)}[state]
     _stop_at(m, event(), stop)
     return m
 
@@ -811,9 +853,8 @@ SOURCE_SCRIPT.append(lambda: step(bm.FinishBatched))
 DEST_SCRIPT = [EVENTS[msgs.Prepare], lambda: step(bm.RestoreBatch, batch=0, sockets=opening_wire()),
                lambda: step(bm.ReleaseBatch, batch=0, flows=KEPT, consumed={})]
 for _b, _ids in ((1, (1, 2)), (2, (3,)), (3, (4,))):
-    DEST_SCRIPT += [lambda b=_b, ids=_ids: step(bm.RestoreBatch, batch=b, sockets=batch_wire(*ids)),
-                    lambda b=_b, ids=_ids: step(bm.ReleaseBatch, batch=b, flows=tuple(flow(i) for i in ids),
-                                                consumed={})]
+    DEST_SCRIPT += [lambda b=_b, ids=_ids: step(bm.RestoreReleaseBatch, batch=b, sockets=batch_wire(*ids),
+                                                flows=tuple(flow(i) for i in ids), consumed={})]
 BATCH_COMMANDS = [c for c in (*nc.COMMAND_TYPES, AdoptSockets, HandBackConnections, HandBackListeners,
                               HandBackUdp, StartWithChannel) if not c.QUERY]
 

@@ -76,7 +76,7 @@ EVENTS = {
     # the batched strategy's steps: refused by this file's (handoff) machines; their own
     # states and scripts are tests/unit/test_batchnode.py's
     **{cls: (lambda cls=cls: step(cls, **({"batch": 1} if "batch" in cls.__dataclass_fields__ else {}),
-                                  **({"sockets": {}} if cls is bm.RestoreBatch else {})))
+                                  **({"sockets": {}} if cls in (bm.RestoreBatch, bm.RestoreReleaseBatch) else {})))
        for cls in bm.STEPS},
 }
 assert set(EVENTS) == set(EVENT_TYPES)

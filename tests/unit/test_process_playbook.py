@@ -62,7 +62,7 @@ EVENTS = {
     nc.ExecutorFailed: lambda: nc.ExecutorFailed(error=KernelError("something", 5)),
     # the batched strategy's steps: a process migration refuses them
     **{cls: (lambda cls=cls: step(cls, **({"batch": 1} if "batch" in cls.__dataclass_fields__ else {}),
-                                  **({"sockets": {}} if cls is bm.RestoreBatch else {})))
+                                  **({"sockets": {}} if cls in (bm.RestoreBatch, bm.RestoreReleaseBatch) else {})))
        for cls in bm.STEPS},
 }
 assert set(EVENTS) == set(EVENT_TYPES)
