@@ -119,14 +119,15 @@ from .sockstate import ServiceSockets, TcpConnState
 
 STRATEGY = MigrateStrategy.BATCHED.value  # in Prepare.strategy and Arm.strategy
 
-
-def _fields(reply: bm.BatchReleaseDone) -> dict:
-    """A release's answer as keyword arguments (AbortBatch of a released batch repeats it)."""
-    return {f.name: getattr(reply, f.name) for f in dataclasses.fields(bm.BatchReleaseDone)}
 # how many times the opening looks again for half-open handshakes when old-epoch SYNs keep
 # being accepted (only those sent before the epoch flip can be: a few at most); each look
 # waits at most the agent's SYN_RECV wait, as the one look before did
 SYN_LOOKS = 3
+
+
+def _fields(reply: bm.BatchReleaseDone) -> dict:
+    """A release's answer as keyword arguments (AbortBatch of a released batch repeats it)."""
+    return {f.name: getattr(reply, f.name) for f in dataclasses.fields(bm.BatchReleaseDone)}
 
 
 class BatchedHandoff(Playbook):

@@ -16,7 +16,7 @@ same hands (gateway.controller._Run). What differs lives here:
   its RollbackBatch);
 - the recovery after a gateway's death: before the owner switch, the whole rollback as
   for any migration; after it, the batching is NOT resumed: the current batch is finished
-  (forward if its release was asked, undone otherwise), the source is told FinishBatched
+  or undone as the destination's answer to its AbortBatch says, the source is told FinishBatched
   with every connection not moved pinned (the old instance keeps serving them; delivery
   stays split), and the report says so;
 - the report: the machine's (batches, connections moved and pinned, per-connection freeze
