@@ -135,13 +135,13 @@ def test_batched_handoff_moves_every_connection_once_and_in_order_under_load(tmp
         _end(spec, load)
 
 
-def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
-    """Fault injection (nodeshim.migrate: `<state_dir>/faults/migrate.batch.freeze` =
-    fail): the source refuses one batch's freeze; BatchMigration undoes it (RollbackBatch
-    on the source, AbortBatch on the destination), the other batches move, and the
-    migration ends split: the pinned connections are still served by the old instance."""
+def _batched_with_one_fault(tmp_path, prefix: str, node: str, op: str, what: str) -> tuple[dict, dict]:
+    """64 echo connections under load moved in batches of 16 with one fault armed on
+    `node` (nodeshim.migrate: `<state_dir>/faults/<op>` = `what`, one shot: the first
+    batch after the opening); the pinned ones go on talking 2 s. Returns the migration's
+    report and the client's accounting."""
     n = 64
-    spec = labmod.Lab(unique_prefix("bf"), 2)
+    spec = labmod.Lab(unique_prefix(prefix), 2)
     labmod.down(spec, log=_quiet)
     load = None
     try:
@@ -153,10 +153,10 @@ def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
         load = h.client_popen([sys.executable, os.path.join(HERE, "batchload.py"), VIP, "7", str(n),
                                str(ready), str(stop), "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait_file(load, ready, 60)
-        faults = os.path.join(spec.state_dir, "n1", "faults")
+        faults = os.path.join(spec.state_dir, node, "faults")
         os.makedirs(faults, exist_ok=True)
-        with open(os.path.join(faults, "migrate.batch.freeze"), "w") as f:
-            f.write("fail")  # one shot: the first batch after the opening
+        with open(os.path.join(faults, op), "w") as f:
+            f.write(what)
         report = _migrate_batched(h, "n2", "--batch-size", "16", timeout=120)
         print("SPLIT", json.dumps({k: report.get(k) for k in (
             "outcome", "reason", "batches", "connections_moved", "connections_pinned", "split", "lost")}))
@@ -165,10 +165,32 @@ def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
         out, _err = load.communicate(timeout=60)
         client = json.loads(out)
         print("CLIENT", json.dumps(client))
-        assert report["outcome"] == "committed" and "undone" in report["reason"], report
-        assert report["connections_pinned"] == 16 and report["connections_moved"] == n - 16, report
-        assert report["split"] is True and report["lost"] == 0, report
-        assert client["bad"] == 0 and client["unanswered"] == 0 and client["closed"] == 0, client
-        assert client["ok"] == client["requests"], client
+        return report, client
     finally:
         _end(spec, load)
+
+
+def test_a_refused_batch_stays_on_the_source_and_nothing_is_lost(tmp_path):
+    """The source refuses one batch's freeze; BatchMigration undoes it (RollbackBatch on
+    the source, AbortBatch on the destination), the other batches move, and the migration
+    ends split: the pinned connections are still served by the old instance."""
+    report, client = _batched_with_one_fault(tmp_path, "bf", "n1", "migrate.batch.freeze", "fail")
+    assert report["outcome"] == "committed" and "undone" in report["reason"], report
+    assert report["connections_pinned"] == 16 and report["connections_moved"] == 64 - 16, report
+    assert report["split"] is True and report["lost"] == 0, report
+    assert client["bad"] == 0 and client["unanswered"] == 0 and client["closed"] == 0, client
+    assert client["ok"] == client["requests"], client
+
+
+def test_a_batch_the_destination_refused_is_asked_about_then_stays_on_the_source(tmp_path):
+    """The destination refuses one batch's RestoreReleaseBatch (its rebuild and release in
+    one step): the gateway does not know whether it released it, so it asks the
+    destination first (AbortBatch: aborted, never released), and only then gives the batch
+    back to the source (RollbackBatch): pinned, served by the old instance, nothing lost."""
+    report, client = _batched_with_one_fault(tmp_path, "br", "n2", "migrate.batch.restore_release", "fail")
+    assert report["outcome"] == "committed", report
+    assert "asking 'n2' to abort it" in report["reason"] and "batch 1 undone" in report["reason"], report
+    assert report["connections_pinned"] == 16 and report["connections_moved"] == 64 - 16, report
+    assert report["split"] is True and report["lost"] == 0, report
+    assert client["bad"] == 0 and client["unanswered"] == 0 and client["closed"] == 0, client
+    assert client["ok"] == client["requests"], client
