@@ -283,21 +283,28 @@ def test_a_seeded_sweep_of_faults_loses_and_duplicates_nothing():
     assert outcomes == {("committed", False), ("committed", True), ("rolled_back", False)}
 
 
+STREAMS = [[tcp(50000 + i)] * 6 for i in range(4)]
+KEPT = [tcp(50000 + i).flow for i in range(4)]
+
+
+def first_batch_step() -> int:
+    """The index (the `faults` key) of the first batch's RestoreReleaseBatch among the steps
+    sent to the nodes, in a fault-free run of STREAMS with seed 3 and batches of 4."""
+    probe = Cluster(random.Random(3), STREAMS, KEPT, {}, 4)
+    sent = []
+    perform = probe.perform
+    probe.perform = lambda msg: (sent.append(type(msg)), perform(msg))[1]
+    probe.run()
+    return sent.index(bm.RestoreReleaseBatch)
+
+
 def test_an_abort_that_failed_half_way_is_asked_again_not_taken_for_a_release():
     """The batch's RestoreReleaseBatch refused (nothing released), then the AbortBatch
     the gateway asks next fails half-way (the destination aborted it, and says it failed):
     asked again, the destination answers from what it did, and the source takes the batch
     back. Going forward there would have dropped the batch on both nodes."""
-    streams = [[tcp(50000 + i)] * 6 for i in range(4)]
-    kept = [tcp(50000 + i).flow for i in range(4)]
-    probe = Cluster(random.Random(3), streams, kept, {}, 4)
-    sent = []
-    perform = probe.perform
-    probe.perform = lambda msg: (sent.append(type(msg)), perform(msg))[1]
-    probe.run()
-    at = sent.index(bm.RestoreReleaseBatch)  # the first batch's step, counted from 0
-    cl = Cluster(random.Random(3), streams, kept, {at: "refused", at + 1: "refused"}, 4, half_way=False)
-    cl.run()
+    at = first_batch_step()
+    cl = Cluster(random.Random(3), STREAMS, KEPT, {at: "refused", at + 1: "refused"}, 4, half_way=False).run()
     assert cl.problems() == [] and "asked again" in cl.m.report.reason
     assert cl.m.report.connections_pinned == 4
 
@@ -305,14 +312,7 @@ def test_an_abort_that_failed_half_way_is_asked_again_not_taken_for_a_release():
 def test_a_batch_released_before_its_failure_goes_forward_and_is_not_taken_back():
     """The RestoreReleaseBatch released the batch and then reported a failure: the
     destination's answer to AbortBatch is the release, the source commits, nothing twice."""
-    streams = [[tcp(50000 + i)] * 6 for i in range(4)]
-    kept = [tcp(50000 + i).flow for i in range(4)]
-    probe = Cluster(random.Random(3), streams, kept, {}, 4)
-    sent = []
-    perform = probe.perform
-    probe.perform = lambda msg: (sent.append(type(msg)), perform(msg))[1]
-    probe.run()
-    at = sent.index(bm.RestoreReleaseBatch)
-    cl = Cluster(random.Random(3), streams, kept, {at: "refused"}, 4, half_way=True).run()
+    at = first_batch_step()
+    cl = Cluster(random.Random(3), STREAMS, KEPT, {at: "refused"}, 4, half_way=True).run()
     assert cl.problems() == [] and "all the same" in cl.m.report.reason
     assert (cl.m.report.connections_moved, cl.m.report.connections_pinned) == (4, 0)
