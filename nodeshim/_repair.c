@@ -741,10 +741,6 @@ static PyMethodDef methods[] = {
     {"check_record", py_check_record, METH_VARARGS, "check_record(record, family): ValueError if bad"},
     {"unpack_many", py_unpack_many, METH_VARARGS, "unpack_many(data, family, types) -> list of TcpConnState"},
     {"take_many", py_take_many, METH_VARARGS, "take_many(pidfd, fds, disconnect) -> [(fd, ours, ino, state, family)]"},
-    {"sockopts_many", py_sockopts_many, METH_VARARGS, "sockopts_many(fds, families, mute) -> OPTS_SIZE bytes each"},
-    {"set_sockopts_many", py_set_sockopts_many, METH_VARARGS, "set_sockopts_many(fds, families, blob) -> None"},
-    {"new_sockets", py_new_sockets, METH_VARARGS, "new_sockets(families) -> [fd]"},
-    {"same_files", py_same_files, METH_VARARGS, "same_files(pid, [(our fd, its fd)]) -> [index not the same file]"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -767,8 +763,7 @@ PyMODINIT_FUNC PyInit__repair(void)
     }
     /* ABI: what nodeshim/repairc.py expects of this module's calls; bump it with them */
     if (PyModule_AddIntConstant(m, "HEAD4", HEAD4) < 0 || PyModule_AddIntConstant(m, "HEAD6", HEAD6) < 0
-        || PyModule_AddIntConstant(m, "OPTS_SIZE", repair_opts_size()) < 0
-        || PyModule_AddIntConstant(m, "ABI", 6) < 0) {
+        || PyModule_AddIntConstant(m, "ABI", 5) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -165,11 +165,9 @@ def tls_args(tls: TlsFiles | None, *, client: bool) -> list[str]:
 def dump_args(criu: str, pid: int, images_dir: str, *, leave_stopped: bool = True,
               tcp_established: bool = True, network_lock_skip: bool = True,
               page_server: tuple[str, int] | None = None, ps_socket: int | None = None,
-              tls: TlsFiles | None = None, extra: Iterable[str] = (), tcp_close: bool = False,
-              tcp_external: bool = False) -> list[str]:
+              tls: TlsFiles | None = None, extra: Iterable[str] = (), tcp_close: bool = False) -> list[str]:
     """`criu dump` of the tree rooted at pid. network_lock_skip: the shim's hold is the lock.
-    tcp_close: the established connections are ours (nodeshim.criutcp), criu leaves them be;
-    tcp_external (with tcp_close): criu records only their addresses (supports_tcp_external).
+    tcp_close: the established connections are ours (nodeshim.criutcp), criu leaves them be.
     page_server (address, port): the memory pages go there while the dump runs, never to
     images_dir (which then gets the small files only); ps_socket: over this connection
     to it, made by the caller. criu does no TLS on a socket it is given (it skips the
@@ -178,7 +176,7 @@ def dump_args(criu: str, pid: int, images_dir: str, *, leave_stopped: bool = Tru
     if leave_stopped:
         args.append("--leave-stopped")
     if tcp_close:
-        args += ["--tcp-close", "--tcp-external"] if tcp_external else ["--tcp-close"]
+        args.append("--tcp-close")
     elif tcp_established:
         args.append("--tcp-established")
     if network_lock_skip:
@@ -206,10 +204,9 @@ def page_server_args(criu: str, images_dir: str, *, ps_socket: int,
 def restore_args(criu: str, images_dir: str, *, pidfile: str, tcp_established: bool = True,
                  detach: bool = True, sibling: bool = True,
                  inherit_fds: Mapping[int, str] | None = None,
-                 extra: Iterable[str] = (), tcp_close: bool = False, tcp_external: bool = False) -> list[str]:
+                 extra: Iterable[str] = (), tcp_close: bool = False) -> list[str]:
     """`criu restore` of the images in images_dir. tcp_close: an image dumped so (its
-    connections are restored by nodeshim.criutcp into the plain sockets criu makes);
-    tcp_external: dumped with --tcp-external, and inherit_fds names our sockets for them.
+    connections are restored by nodeshim.criutcp into the plain sockets criu makes).
 
     detach: criu exits once the copy runs. sibling: the copy becomes a child of criu's
     parent (us), not an orphan, so the agent reaps it and sees it die like any service it
@@ -221,7 +218,7 @@ def restore_args(criu: str, images_dir: str, *, pidfile: str, tcp_established: b
         if sibling:
             args.append("--restore-sibling")
     if tcp_close:
-        args += ["--tcp-close", "--tcp-external"] if tcp_external else ["--tcp-close"]
+        args.append("--tcp-close")
     elif tcp_established:
         args.append("--tcp-established")
     for fd, key in sorted((inherit_fds or {}).items()):
@@ -233,27 +230,6 @@ def restore_args(criu: str, images_dir: str, *, pidfile: str, tcp_established: b
 
 def criu_binary() -> str | None:
     return shutil.which("criu") or (INSTALLED_PATH if os.access(INSTALLED_PATH, os.X_OK) else None)
-
-
-_external: dict[str, bool] = {}
-
-
-def supports_tcp_external() -> bool:
-    """Has this criu `--tcp-external` (scripts/criu-tcp-external.patch, applied by
-    scripts/build-criu): established connections left to nodeshim.criutcp entirely?
-    Asked once per binary (its --help); VIPCLUSTER_CRIU_TCP_EXTERNAL=off says no."""
-    criu = criu_binary()
-    if criu is None or os.environ.get("VIPCLUSTER_CRIU_TCP_EXTERNAL", "").lower() in ("off", "0", "no"):
-        return False
-    if criu not in _external:
-        try:
-            out = subprocess.run([criu, "--help"], capture_output=True, text=True, timeout=10)
-            _external[criu] = "--tcp-external" in out.stdout + out.stderr
-        except (OSError, subprocess.SubprocessError):
-            _external[criu] = False
-        log.info("criu %s: --tcp-external %s", criu, "yes" if _external[criu] else
-                 "no (our connections are restored into criu's sockets; scripts/build-criu patches it)")
-    return _external[criu]
 
 
 def _require_binary() -> str:
@@ -486,8 +462,7 @@ def dump_counters(images_dir: str) -> tuple[int, float]:
 def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stopped: bool = True,
          tcp_established: bool = True, network_lock_skip: bool = True,
          page_server: tuple[str, int] | None = None, ps_socket: int | None = None,
-         tls: TlsFiles | None = None, extra: Iterable[str] = (), tcp_close: bool = False,
-         tcp_external: bool = False) -> DumpStats:
+         tls: TlsFiles | None = None, extra: Iterable[str] = (), tcp_close: bool = False) -> DumpStats:
     """Dump the process tree rooted at pid (a `spawn_isolated` program) into images_dir.
 
     criu must run in the program's network namespace (netns_path, or the caller's): one
@@ -506,7 +481,7 @@ def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stop
     args = in_netns_argv(netns_path, dump_args(
         criu, pid, images_dir, leave_stopped=leave_stopped, tcp_established=tcp_established,
         network_lock_skip=network_lock_skip, page_server=page_server, ps_socket=ps_socket,
-        tls=tls, extra=extra, tcp_close=tcp_close, tcp_external=tcp_external))
+        tls=tls, extra=extra, tcp_close=tcp_close))
     start = time.monotonic()
     try:
         _run_criu("criu dump", args, os.path.join(images_dir, DUMP_LOG),
@@ -605,7 +580,7 @@ class PageServer:
 def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
             tcp_established: bool = True, detach: bool = True, sibling: bool = True,
             inherit_fds: Mapping[int, str] | None = None, extra: Iterable[str] = (),
-            tcp_close: bool = False, tcp_external: bool = False) -> int:
+            tcp_close: bool = False) -> int:
     """Restore the images in images_dir and return the host PID of the copy's root.
 
     netns_path: the network namespace to restore into (entered with nsenter); None means
@@ -615,8 +590,7 @@ def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
     criu = _require_binary()
     args = in_netns_argv(netns_path, restore_args(
         criu, images_dir, pidfile=pidfile, tcp_established=tcp_established, detach=detach,
-        sibling=sibling, inherit_fds=inherit_fds, extra=extra, tcp_close=tcp_close,
-        tcp_external=tcp_external))
+        sibling=sibling, inherit_fds=inherit_fds, extra=extra, tcp_close=tcp_close))
     start = time.monotonic()
     try:
         _run_criu("criu restore", args, os.path.join(images_dir, RESTORE_LOG),

@@ -55,7 +55,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from clustercore.errors import KernelError, LocalControlError, VipError
 from nodeshim import criu, criutcp
@@ -155,7 +155,6 @@ class Receiver:
         # starts criu lazy-pages then, while the source's reply and the gateway's Restore
         # are on their way); an exception in it is logged, nothing else
         self.on_verified: Callable[["Receiver"], None] | None = None
-        self.early: Any = None  # what on_verified made of the image (a copy restored early), its caller's
         self._refused = 0
         self._stats: ReceiveStats | None = None
         self._error: VipError | None = None
@@ -166,10 +165,7 @@ class Receiver:
 
     def wait(self, timeout: float | None = None) -> ReceiveStats:
         """The stats once the whole image is here and verified; KernelError if it never
-        will be (the directory is then gone). From on_verified (the receiving thread
-        itself): the stats at once, the image being verified."""
-        if threading.current_thread() is self._thread and self._stats is not None:
-            return self._stats
+        will be (the directory is then gone)."""
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise KernelError(RECEIVE, None, f"still receiving after {timeout:.0f} s")
@@ -177,9 +173,6 @@ class Receiver:
             raise self._error
         assert self._stats is not None
         return self._stats
-
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
 
     def cancel(self) -> None:
         """Stop receiving (the source sees the connection fail) and remove the directory."""
@@ -434,16 +427,12 @@ def start_receive(images_dir: str, listen_addr: str, source_addr: str, *,
 
 
 def restore(receiver: Receiver, *, pidfile: str, netns_path: str | None = None,
-            inherit_fds: Mapping[int, str] | None = None, timeout: float | None = None,
-            tcp_external: bool = False) -> int:
+            inherit_fds: Mapping[int, str] | None = None, timeout: float | None = None) -> int:
     """criu.restore of the received image, only once it is all here and verified (else the
-    receive's KernelError, and nothing runs). Returns the copy's PID (our child).
-    tcp_external: the image's connections are sockets of ours in inherit_fds
-    (nodeshim.criutcp.prepare)."""
+    receive's KernelError, and nothing runs). Returns the copy's PID (our child)."""
     receiver.wait(timeout)
     return criu.restore(receiver.images_dir, pidfile=pidfile, netns_path=netns_path,
-                        inherit_fds=inherit_fds, tcp_close=criutcp.in_image(receiver.images_dir),
-                        tcp_external=tcp_external)
+                        inherit_fds=inherit_fds, tcp_close=criutcp.in_image(receiver.images_dir))
 
 
 # ---------------------------------------------------------------- source
@@ -506,15 +495,14 @@ def connect_to(endpoint: Endpoint, *, lazy: bool = False, netns_path: str | None
 def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | None = None,
             tls: TlsFiles | None = None, dest_node: str | None = None,
             timeout: float = 120.0, extra: Iterable[str] = (), link: Link | None = None,
-            tcp_close: bool = False, after_dump: Callable[[], None] | None = None,
-            tcp_external: bool = False) -> SendStats:
+            tcp_close: bool = False, after_dump: Callable[[], None] | None = None) -> SendStats:
     """Dump the tree rooted at pid (criu.dump: --leave-stopped, in netns_path) and move the
     image to the receiver at endpoint; return once the destination has verified all of it.
 
     images_dir (on this node) gets the dump's small files and criu's log. With TLS (tls and
     dest_node) nothing is dumped until the destination has proven it is node dest_node.
     tcp_close: the connections were dumped by nodeshim.criutcp into images_dir (sent with
-    criu's files); criu dumps with --tcp-close (and --tcp-external with tcp_external). after_dump: called once criu's dump is done,
+    criu's files); criu dumps with --tcp-close. after_dump: called once criu's dump is done,
     before the files are listed and sent (a dump of ours into images_dir ends there; an
     exception from it fails the send).
     link: the connections, made before (connect_to; not with TLS); closed here in any case.
@@ -549,7 +537,7 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
             dumped = criu.dump(pid, images_dir, netns_path=netns_path, tls=tls,
                                page_server=(endpoint.address, endpoint.page_port) if streamed else None,
                                ps_socket=pages.fileno() if pages else None, extra=extra,
-                               tcp_close=tcp_close, tcp_external=tcp_external)
+                               tcp_close=tcp_close)
         except KernelError as e:
             raise _dump_broke(wire, e) from None
         if after_dump is not None:

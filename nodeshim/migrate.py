@@ -423,7 +423,7 @@ class MigrationAgent(ProcessSteps):
             nc.ThawProcess: self._thaw_process,
             nc.StartImageReceiver: self._start_image_receiver,
             nc.RestoreProcess: lambda c: asyncio.to_thread(self._restore_process, c),
-            nc.CancelReceiver: self._cancel_receiver,
+            nc.CancelReceiver: lambda c: c.receiver.cancel(),
             nc.DiscardImage: lambda c: c.receiver.close(),
             nc.SilenceProcess: lambda c: k.proctree.silence(c.instance.pid),
             nc.StopAfterPages: self._stop_after_pages,

@@ -14,7 +14,6 @@ migrations, leftovers, fault_dir and _die, as they did when they lived there.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -36,31 +35,6 @@ IMAGE_TIMEOUT_S = 25.0  # a process image must be dumped and moved, or restored,
 # (under gateway.controller.PROCESS_STEP_S, so the node's reason reaches the gateway first)
 
 
-PIPE_FILE = "vipcluster-process.json"  # in a copied image: the source's output pipe (early restore)
-EARLY_ENV = "VIPCLUSTER_EARLY_RESTORE"  # "off": a copied image waits for the Restore (before/after measurements)
-
-
-@dataclass
-class RestoredCopy:
-    """A stopped copy criu restored, not yet a service instance: its PID, our end of its
-    output pipe, that pipe's name (for its next move), the source's pipe it replaces, the
-    restore's split, and the `criu.restore` fault armed for it."""
-    pid: int
-    read_fd: int
-    output_pipe: str
-    source_pipe: str | None
-    timing: dict
-    fault: str | None
-
-
-@dataclass
-class EarlyRestore:
-    """What _restore_early made of a verified image of `service`: a copy, or the error."""
-    service: str
-    copy: RestoredCopy | None = None
-    error: BaseException | None = None
-
-
 @dataclass(frozen=True)
 class ImageLink:
     """ConnectImage's answer: imagexfer.connect_to's link and the memory mode chosen with it."""
@@ -73,21 +47,17 @@ class ImageLink:
 
 
 class OwnTcpDump:
-    """nodeshim.criutcp's dump of a tree's connections, in a thread beside criu's dump.
-    external: criu dumps with --tcp-external (their options are ours to carry too)."""
+    """nodeshim.criutcp's dump of a tree's connections, in a thread beside criu's dump."""
 
-    def __init__(self, service: str, taken, images: str, take_ms: float, external: bool = False) -> None:
+    def __init__(self, service: str, taken, images: str, take_ms: float) -> None:
         self.service, self.taken, self.images, self.take_ms = service, taken, images, take_ms
-        self.external = external
         self.dumped, self.error = None, None
         self.thread = threading.Thread(target=self._run, name=f"tcp dump {service}", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        from nodeshim import repairc
         try:
-            with repairc.one_core():  # criu has the other
-                self.dumped = self.taken.dump(self.images, external=self.external)
+            self.dumped = self.taken.dump(self.images)
         except BaseException as e:  # re-raised by wait(), in the freeze
             self.error = e
 
@@ -96,9 +66,8 @@ class OwnTcpDump:
         self.thread.join()
         if self.error is not None:
             raise self.error
-        log.info("%s: %d TCP connections taken in %.1f ms before criu, dumped beside it in %.1f ms%s",
-                 self.service, self.dumped.connections, self.take_ms, self.dumped.ms,
-                 " (criu --tcp-external: their options too)" if self.external else "")
+        log.info("%s: %d TCP connections taken in %.1f ms before criu, dumped beside it in %.1f ms",
+                 self.service, self.dumped.connections, self.take_ms, self.dumped.ms)
 
     def timing_ms(self) -> dict[str, float]:
         """For the freeze's split: our take (inside the freeze, before criu starts) and dump."""
@@ -114,8 +83,6 @@ class OwnTcpDump:
 
 class ProcessSteps:
     """MigrationAgent's commands for the `process` strategy (see the module docstring)."""
-
-    _early_lock = threading.Lock()  # a receiver's early copy: taken, cancelled, or set (one agent per process)
 
     def settle_restored_orphans(self, adopt) -> list:
         """At start: the restored copies a previous agent left (nodeshim.leftovers): those
@@ -195,32 +162,19 @@ class ProcessSteps:
         """In a thread: the agent's loop keeps taking verdicts (the hold fills) meanwhile."""
         k, vip, rs = self.kernel, self.agent.config.vips, cmd.instance
         counts: dict[str, int] = {}
-        vips = {vip} if isinstance(vip, str) else set(vip)
 
-        def count(established: bool) -> None:  # for the report; the tree is stopped and held
-            if established:
-                counts["established"] = k.tcprepair.count_connections(vip, cmd.tcp_ports, {k.tcprepair.ESTABLISHED})
+        def count() -> None:  # for the report; the tree is stopped and held: nothing changes
+            counts["established"] = k.tcprepair.count_connections(vip, cmd.tcp_ports, {k.tcprepair.ESTABLISHED})
             counts["listening"] = k.tcprepair.count_listeners(vip, cmd.tcp_ports)  # real sockets, not ports
-        # the kernel's tables read while criu dumps (1,000 connections: some 20 ms of
-        # Python, formerly before the dump, inside the freeze), started once our take is
-        # done, not before: its Python held the interpreter's lock against the take's.
-        # With our TCP dump the established ones are counted from its records instead
-        # (no table read: on 2 cores that read took CPU from criu and our dump)
-        counters: list[threading.Thread] = []
-
-        def before_criu(own) -> None:
-            counters.append(threading.Thread(target=count, args=(own is None,), name=f"count {rs.service.name}",
-                                             daemon=True))
-            counters[0].start()
+        # read from /proc/net/tcp while criu dumps (1,000 connections: some 20 ms of
+        # Python, formerly before the dump, inside the freeze); started once our take is
+        # done, not before: its Python held the interpreter's lock against the take's
+        counter = threading.Thread(target=count, name=f"count {rs.service.name}", daemon=True)
         try:
-            sent, pages, memory, why, own = self._dump_image(cmd, before_criu=before_criu)
+            sent, pages, memory, why, own_ms = self._dump_image(cmd, before_criu=counter.start)
         finally:
-            for counter in counters:
+            if counter.ident is not None:
                 counter.join()
-        if own is not None and own.dumped is not None:
-            ports = set(cmd.tcp_ports)
-            counts["established"] = sum(1 for st in own.dumped.states if st.local[0] in vips and st.local[1] in ports)
-        own_ms = own.timing_ms() if own is not None else {}
         return nc.ImageSent(image_bytes=sent.page_bytes + sent.file_bytes, dump_ms=sent.dump_ms,
                             frozen_ms=sent.frozen_ms, transfer_ms=sent.transfer_ms,
                             tcp_established=counts.get("established", 0), tcp_listening=counts.get("listening", 0),
@@ -233,7 +187,6 @@ class ProcessSteps:
         k, rs = self.kernel, cmd.instance
         endpoint_d = dict(cmd.endpoint)
         destination_lazy = bool(endpoint_d.pop("lazy", False))
-        endpoint_d.pop("tcp_external", None)  # see _own_tcp
         try:
             endpoint = k.imagexfer.Endpoint(**endpoint_d)
         except TypeError as e:
@@ -248,10 +201,9 @@ class ProcessSteps:
         link = self.kernel.imagexfer.connect_to(endpoint, lazy=memory == "lazy", timeout=IMAGE_TIMEOUT_S)
         return ImageLink(link, memory, why)
 
-    def _dump_image(self, cmd: nc.DumpProcess, before_criu: Callable[[Any], None] = lambda own: None):
+    def _dump_image(self, cmd: nc.DumpProcess, before_criu: Callable[[], None] = lambda: None):
         """criu dump, lazy or copied, and the image sent: (stats, page server | None, memory,
-        why, our TCP dump (OwnTcpDump) or None). before_criu(that dump or None): called
-        right before criu starts."""
+        why, our TCP path's split of the freeze). before_criu: called right before criu starts."""
         k, rs = self.kernel, cmd.instance
         premade = cmd.link
         try:
@@ -267,24 +219,22 @@ class ProcessSteps:
         kw = {"extra": extra} if extra else {}
         if premade is not None:
             kw["link"] = premade.link
-        own = None
+        own_ms: dict[str, float] = {}
         if memory == "lazy":
             try:
-                before_criu(None)
+                before_criu()
                 lazy = k.lazyxfer.dump_lazy_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw)
             except BaseException:
                 shutil.rmtree(images, ignore_errors=True)
                 raise
             sent, pages = lazy.stats, lazy.dump  # images: removed once the pages are served
         else:
+            own = None
             try:
-                self._write_pipe_file(rs, images)
-                own = self._own_tcp(rs, images, bool(dict(cmd.endpoint).get("tcp_external")))
+                own = self._own_tcp(rs, images)
                 if own is not None:
                     kw["tcp_close"], kw["after_dump"] = True, own.wait
-                    if own.external:
-                        kw["tcp_external"] = True
-                before_criu(own)
+                before_criu()
                 sent, pages = k.imagexfer.dump_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw), None
             except BaseException:
                 if premade is not None:
@@ -293,30 +243,18 @@ class ProcessSteps:
             finally:
                 if own is not None:
                     own.finish()  # before any thaw: our dump is over, our descriptors closed
+                    own_ms = own.timing_ms()
                 shutil.rmtree(images, ignore_errors=True)
-        return sent, pages, memory, why, own
+        return sent, pages, memory, why, own_ms
 
-    @staticmethod
-    def _write_pipe_file(rs, images: str) -> None:
-        """PIPE_FILE in a copied image: the program's output pipe, so that the destination
-        can restore the image as soon as it is verified (_restore_early)."""
-        os.makedirs(images, mode=0o700, exist_ok=True)
-        try:
-            with open(os.path.join(images, PIPE_FILE), "x") as f:
-                json.dump({"output_pipe": getattr(rs, "output_pipe", None)}, f)
-        except OSError as e:
-            raise KernelError(f"write {PIPE_FILE}", e.errno, images) from None
-
-    def _own_tcp(self, rs, images: str, destination_external: bool = False) -> "OwnTcpDump | None":
+    def _own_tcp(self, rs, images: str) -> "OwnTcpDump | None":
         """The copied image's established connections by our bulk TCP_REPAIR path, not
         criu's (nodeshim.criutcp), dumped in a thread while criu dumps the rest (criu then
-        runs with --tcp-close and leaves them alone; with --tcp-external too when both
-        criu binaries have it: the destination said so in its endpoint). None leaves them
-        to criu: switched off, none, or one our path cannot move (nothing was changed)."""
+        runs with --tcp-close and leaves them alone). None leaves them to criu: switched
+        off, none, or one our path cannot move (nothing was changed)."""
         own = self.kernel.criutcp
         if not own.enabled():
             return None
-        external = destination_external and own.external_ok()
         t0 = time.monotonic()
         try:
             taken = own.take_tree(rs.pid)
@@ -324,53 +262,7 @@ class ProcessSteps:
             log.warning("%s: cannot take the TCP sockets (%s: %s); criu moves the connections",
                         rs.service.name, e.operation, e.detail)
             return None
-        return None if taken is None else OwnTcpDump(rs.service.name, taken, images,
-                                                     (time.monotonic() - t0) * 1000, external)
-
-    def _kill_copy(self, pid: int) -> None:
-        """A restored copy that must not run: silenced (repair on: it says nothing to the
-        source's peers), killed, reaped."""
-        k = self.kernel
-        k.proctree.silence(pid)
-        try:
-            k.pidfd.send_signal(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)  # criu's --restore-sibling made it our child
-        except (KernelError, ChildProcessError):
-            pass
-
-    def _restore_external(self, service: str, receiver, pidfile: str, inherit, timing: dict) -> int:
-        """An image dumped with criu --tcp-external: its connections rebuilt in sockets of
-        ours (nodeshim.criutcp.prepare) while criu's restore installs them in the copy,
-        then checked in the copy and thawed. Any failure: ours closed silently, a copy killed, the step fails
-        (the source still has every connection). A destination whose criu cannot do this
-        said so in its endpoint, and got no such image."""
-        k = self.kernel
-        if not k.criutcp.external_ok():
-            raise KernelError("criu restore", None, "the image's connections are left to us (criu --tcp-external), "
-                              "and this node's criu has no --tcp-external (run scripts/build-criu)")
-        t0 = time.monotonic()
-        prepared = k.criutcp.prepare(receiver.images_dir)  # our sockets made; rebuilt meanwhile
-        if prepared is None:
-            raise KernelError("restore_tcp", None, "the image's connection file is gone")
-        t1 = time.monotonic()
-        pid = None
-        try:
-            pid = k.imagexfer.restore(receiver, pidfile=pidfile, inherit_fds={**(inherit or {}), **prepared.inherit},
-                                      timeout=IMAGE_TIMEOUT_S, tcp_external=True)
-            t2 = time.monotonic()
-            n = prepared.finish(pid)
-        except BaseException:
-            if pid is not None:
-                self._kill_copy(pid)
-            prepared.discard()
-            raise
-        t3 = time.monotonic()
-        timing.update(tcp_prepare=round((t1 - t0) * 1000, 2), criu_restore=round((t2 - t1) * 1000, 2),
-                      tcp_rebuild=round(prepared.ms, 2), tcp_restore=round((t3 - t2) * 1000, 2))
-        log.info("%s: %d TCP connections rebuilt in our sockets in %.1f ms while criu restored the program "
-                 "(criu --tcp-external, %.1f ms), checked in the copy and thawed in %.1f ms", service, n,
-                 prepared.ms, (t2 - t1) * 1000, (t3 - t2) * 1000)
-        return pid
+        return None if taken is None else OwnTcpDump(rs.service.name, taken, images, (time.monotonic() - t0) * 1000)
 
     def _restore_own_tcp(self, service: str, pid: int, images_dir: str) -> float | None:
         """After criu restore --tcp-close: our connections into the stopped copy's sockets
@@ -382,7 +274,12 @@ class ProcessSteps:
         try:
             n = k.criutcp.restore_tree(pid, images_dir)
         except BaseException:
-            self._kill_copy(pid)
+            k.proctree.silence(pid)  # repair on: killed, it says nothing to the source's peers
+            try:
+                k.pidfd.send_signal(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)  # criu's --restore-sibling made it our child
+            except (KernelError, ChildProcessError):
+                pass
             raise
         if not n:
             return None
@@ -443,16 +340,8 @@ class ProcessSteps:
     def _start_image_receiver(self, cmd: nc.StartImageReceiver) -> nc.ImageReceiver:
         k = self.kernel
         rx = k.imagexfer.start_receive(self._images_dir(cmd.service, "in"), cmd.address, cmd.source_address)
-        lazy_here = self._lazy_pages_here()
-        early = os.environ.get(EARLY_ENV, "").lower() not in ("off", "0", "no")
-
-        def verified(receiver) -> None:
-            if receiver.lazy:  # criu lazy-pages starts once it is verified
-                if lazy_here:
-                    k.lazyxfer.start_daemon(receiver)
-            elif early:  # a copied image is restored at once
-                self._restore_early(cmd.service, receiver)
-        rx.on_verified = verified
+        if self._lazy_pages_here():  # a lazy image: criu lazy-pages starts once it is verified
+            rx.on_verified = k.lazyxfer.start_daemon
         if self._armed_fault("image.receive") == "cut":
             def cut() -> None:  # as soon as the first bytes are here, the link is cut
                 deadline = time.monotonic() + IMAGE_TIMEOUT_S
@@ -468,40 +357,38 @@ class ProcessSteps:
             threading.Thread(target=cut, daemon=True).start()
         e = rx.endpoint
         return nc.ImageReceiver(rx, {"address": e.address, "files_port": e.files_port, "page_port": e.page_port,
-                                     "lazy": self._lazy_pages_here(), "tcp_external": k.criutcp.external_ok()})
+                                     "lazy": self._lazy_pages_here()})
 
-    def _restore_copy(self, service: str, receiver, source_pipe: str | None) -> RestoredCopy:
-        """criu restore of the verified image (the copy keeps the source's stopped state),
-        our new pipe where the source's output pipe (source_pipe) was, our connections put
-        in; the caller has waited for the receiver. Recorded as a leftover at once: a crash from here on, the next agent silences
-        it (or adopts it if the release began)."""
-        k = self.kernel
+    def _restore_process(self, cmd: nc.RestoreProcess):
+        """In a thread: wait for the verified image, criu restore it (the copy keeps the
+        source's stopped state), our new pipe where its output pipe was. -> the copy and
+        the restore's split (criu's restore, our connections beside it)."""
+        k, svc = self.kernel, cmd.service
         fault = self._armed_fault("criu.restore")
         read_fd, write_fd = os.pipe()
         # the copy's fds 1 and 2 become this pipe: its name goes with the copy's next move
         # (without it criu restored the pipe there with no reader, and the program's next
         # line of output after a second move died of EPIPE)
         output_pipe = k.criu.pipe_key(write_fd)
-        pidfile = receiver.images_dir + ".pid"
+        pidfile = cmd.receiver.images_dir + ".pid"
         timing: dict[str, float] = {}  # the restore's split, for the step's report
         try:
-            inherit = {write_fd: source_pipe} if source_pipe else None
-            if fault == "fail":  # criu really refuses
-                pid = k.criu.restore(receiver.images_dir, pidfile=pidfile, inherit_fds=inherit,
-                                     extra=["--vipcluster-fault-injected"])
+            inherit = {write_fd: cmd.output_pipe} if cmd.output_pipe else None
+            kw = {"extra": ["--vipcluster-fault-injected"]} if fault == "fail" else {}
+            if kw:  # criu really refuses: wait for the image as restore would, then run it
+                cmd.receiver.wait(IMAGE_TIMEOUT_S)
+                pid = k.criu.restore(cmd.receiver.images_dir, pidfile=pidfile, inherit_fds=inherit, **kw)
             else:
-                lazy = getattr(receiver, "lazy", False)
-                if not lazy and k.criutcp.external_in_image(receiver.images_dir):
-                    pid = self._restore_external(service, receiver, pidfile, inherit, timing)
-                else:
-                    restore = k.lazyxfer.restore_lazy if lazy else k.imagexfer.restore
-                    t0 = time.monotonic()
-                    pid = restore(receiver, pidfile=pidfile, inherit_fds=inherit, timeout=IMAGE_TIMEOUT_S)
-                    timing["criu_restore"] = round((time.monotonic() - t0) * 1000, 2)
-                    if not lazy:
-                        own_ms = self._restore_own_tcp(service, pid, receiver.images_dir)
-                        if own_ms is not None:
-                            timing["tcp_restore"] = round(own_ms, 2)
+                cmd.receiver.wait(IMAGE_TIMEOUT_S)
+                lazy = getattr(cmd.receiver, "lazy", False)
+                restore = k.lazyxfer.restore_lazy if lazy else k.imagexfer.restore
+                t0 = time.monotonic()
+                pid = restore(cmd.receiver, pidfile=pidfile, inherit_fds=inherit, timeout=IMAGE_TIMEOUT_S)
+                timing["criu_restore"] = round((time.monotonic() - t0) * 1000, 2)
+                if not lazy:
+                    own_ms = self._restore_own_tcp(svc.name, pid, cmd.receiver.images_dir)
+                    if own_ms is not None:
+                        timing["tcp_restore"] = round(own_ms, 2)
         except BaseException:
             os.close(read_fd)
             raise
@@ -511,80 +398,6 @@ class ProcessSteps:
                 os.unlink(pidfile)
             except OSError:
                 pass
-        machine = self.migrations.machines.get(service)
-        self.leftovers.record_restored(service, pid, machine.epoch if machine else None)
-        return RestoredCopy(pid, read_fd, output_pipe, source_pipe, timing, fault)
-
-    def _restore_early(self, service: str, receiver) -> None:
-        """Receiver.on_verified of a copied image: restore it now, in the receiving thread,
-        while the source's freeze answer and the gateway's Restore are on their way (both
-        carry nothing the restore needs: the source's output pipe came in the image,
-        PIPE_FILE). RestoreProcess takes the copy (`_take_early`), an abort kills it
-        (`_cancel_receiver`). An image without PIPE_FILE waits for the Restore."""
-        try:
-            with open(os.path.join(receiver.images_dir, PIPE_FILE)) as f:
-                source_pipe = json.load(f)["output_pipe"]
-            if source_pipe is not None and not isinstance(source_pipe, str):
-                raise ValueError("output_pipe is not a string")
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("image of %s: %s unreadable (%s); restoring at the Restore", service, PIPE_FILE, e)
-            return
-        t0 = time.monotonic()
-        try:
-            early = EarlyRestore(service, copy=self._restore_copy(service, receiver, source_pipe))
-            early.copy.timing["early_ms"] = round((time.monotonic() - t0) * 1000, 2)
-        except BaseException as e:  # noqa: BLE001 - RestoreProcess raises it
-            early = EarlyRestore(service, error=e)
-        with self._early_lock:
-            if not receiver.cancelled():
-                receiver.early = early
-                return
-        if early.copy is not None:  # cancelled while it restored: nobody will take it
-            self._drop_copy(service, early.copy)
-
-    def _take_early(self, service: str, receiver, source_pipe: str | None) -> "RestoredCopy | None":
-        """The copy _restore_early made of this image, if any (its failure raised here)."""
-        with self._early_lock:
-            early, receiver.early = getattr(receiver, "early", None), None
-        if early is None:
-            return None
-        if early.error is not None:
-            raise early.error
-        if early.copy.source_pipe != source_pipe:  # not what the source says now: restore again
-            log.warning("image of %s: restored early with output pipe %s, the Restore says %s: restoring again",
-                        service, early.copy.source_pipe, source_pipe)
-            self._drop_copy(service, early.copy)
-            return None
-        return early.copy
-
-    def _drop_copy(self, service: str, copy: RestoredCopy) -> None:
-        self._kill_copy(copy.pid)
-        os.close(copy.read_fd)
-        self.leftovers.record_restored(service, None)
-
-    def _cancel_receiver(self, cmd: nc.CancelReceiver) -> None:
-        """Stop receiving; a copy restored early from it is killed (silenced first)."""
-        receiver = cmd.receiver
-        receiver.cancel()
-        with self._early_lock:
-            early, receiver.early = getattr(receiver, "early", None), None
-        if early is not None and early.copy is not None:
-            log.info("image of %s: the migration ended before its Restore: the copy restored early is killed",
-                     early.service)
-            self._drop_copy(early.service, early.copy)
-
-    def _restore_process(self, cmd: nc.RestoreProcess):
-        """In a thread: the copy _restore_early made when the image was verified, or (an
-        image without PIPE_FILE, a lazy one) wait for the verified image and restore it
-        now. -> the copy and the restore's split (criu's restore, our connections)."""
-        k, svc = self.kernel, cmd.service
-        cmd.receiver.wait(IMAGE_TIMEOUT_S)
-        copy = self._take_early(svc.name, cmd.receiver, cmd.output_pipe)
-        if copy is None:
-            copy = self._restore_copy(svc.name, cmd.receiver, cmd.output_pipe)
-        pid, read_fd, output_pipe, timing, fault = copy.pid, copy.read_fd, copy.output_pipe, copy.timing, copy.fault
         daemon = getattr(cmd.receiver, "lazy_daemon", None)
         split = getattr(cmd.receiver, "restore_ms", None)
         if split:
@@ -592,8 +405,7 @@ class ProcessSteps:
         if daemon is not None:
             threading.Thread(target=self._log_pages, args=(svc.name, daemon), daemon=True).start()
         machine = self.migrations.machines.get(svc.name)
-        # with its definition now: a crash from here on, the next agent silences it, or
-        # adopts it if the release began
+        # a crash from here on: the next agent silences it, or adopts it if the release began
         self.leftovers.record_restored(svc.name, pid, machine.epoch if machine else None, svc)
         rs = k.services.restored_instance(svc, pid, read_fd, self.agent.log_dir, output_pipe=output_pipe)
         if not k.proctree.stopped(pid):  # criu restores the dumped (stopped) state; if not: now

@@ -574,39 +574,6 @@ def restore_tcp(state: TcpConnState, netns_fd: int | str | None = None) -> socke
     return sock
 
 
-def new_sockets(states: Sequence[TcpConnState], netns_fd: int | str | None = None
-                ) -> tuple[list[socket.socket], list[int]]:
-    """A socket for each state (restore_many's first step; the pool's where it has some
-    and netns_fd is None), and what was done to each already (REPAIRED, BOUND). Checks
-    every state first: nothing is made for a list with one that cannot be restored."""
-    for st in states:
-        _check_restorable(st)
-    socks: list[socket.socket] = []
-    prepared: list[int] = []
-    try:
-        with in_netns(netns_fd):
-            for st in states:  # the pool's were made in our own namespace
-                sock, done = _new_socket(st, pool=netns_fd is None)
-                socks.append(sock)
-                prepared.append(done)
-    except BaseException:
-        for sock in socks:
-            _discard(sock)
-        raise
-    return socks, prepared
-
-
-def restore_into_new(socks: Sequence[socket.socket], states: Sequence[TcpConnState], prepared: Sequence[int]) -> None:
-    """Rebuild each state in the socket new_sockets made for it, left in repair mode (no
-    packet leaves). On failure the caller discards them all."""
-    repairc.announce()
-    if repairc.ext is not None:  # the same calls in C (nodeshim/_repair.c)
-        repairc.restore_many(socks, states, prepared=prepared)
-        return
-    for sock, st, done in zip(socks, states, prepared):
-        _restore_frozen(sock, st, done)
-
-
 def restore_many(
     states: Sequence[TcpConnState], netns_fd: int | str | None = None, thaw: bool = True
 ) -> list[socket.socket]:
@@ -620,11 +587,27 @@ def restore_many(
     thaw=False leaves them in repair mode (nothing is sent, and closing them stays silent,
     even if the process holding them dies): call `thaw_many` when traffic may flow.
     """
-    socks, prepared = new_sockets(states, netns_fd)
+    for st in states:
+        _check_restorable(st)
+    repairc.announce()
+    socks: list[socket.socket] = []
+    prepared: list[int] = []
     try:
-        restore_into_new(socks, states, prepared)
+        with in_netns(netns_fd):
+            for st in states:  # the pool's were made in our own namespace
+                sock, done = _new_socket(st, pool=netns_fd is None)
+                socks.append(sock)
+                prepared.append(done)
+        if repairc.ext is not None:  # the same calls in C (nodeshim/_repair.c)
+            repairc.restore_many(socks, states, prepared=prepared)
+            if thaw:
+                repairc.thaw_many(socks, states, window_probe)
+            return socks
+        for sock, st, done in zip(socks, states, prepared):
+            _restore_frozen(sock, st, done)
         if thaw:
-            thaw_many(socks, states)
+            for sock, st in zip(socks, states):
+                _thaw(sock, st)
     except BaseException:
         for sock in socks:
             _discard(sock)

@@ -5,7 +5,6 @@ like the script of a process migration: feed these steps, expect these kernel ca
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 import os
@@ -22,7 +21,7 @@ from clustercore.errors import KernelError
 from clustercore.ownership import Service, Verdict
 from clustercore.packet import TCP, UDP as P_UDP
 from nodeshim import criu as migrate_criu
-from nodeshim import migrate, processsteps
+from nodeshim import migrate
 from tests.unit.test_node_executor import (EPOCH, NEXT_EPOCH, VIP, FakeAgent, FakeInstance, FakeKernel,
                                            FakePacket, FakeSock, Log, no_grace, settle, udp_packet)  # noqa: F401
 from clustercore.config import NodeConfig
@@ -56,21 +55,8 @@ class FakeReceiver:
     def __init__(self, log, images_dir):
         self.log, self.images_dir = log, images_dir
         self.endpoint = migrate.imagexfer.Endpoint("192.0.2.12", 4001, 4002)
-        self.lazy, self.early, self._cancelled, self.on_verified = False, None, False, None
-
-    def verified(self, output_pipe="pipe:[99]"):
-        """As the receiving thread once the image is verified: PIPE_FILE in it, on_verified."""
-        os.makedirs(self.images_dir, exist_ok=True)
-        if output_pipe is not False:
-            with open(os.path.join(self.images_dir, processsteps.PIPE_FILE), "w") as f:
-                json.dump({"output_pipe": output_pipe}, f)
-        self.on_verified(self)
-
-    def cancelled(self):
-        return self._cancelled
 
     def cancel(self):
-        self._cancelled = True
         self.log.append(("rx.cancel",))
 
     def close(self):
@@ -141,13 +127,10 @@ class FakeCriu(FakeKernel):
         self.link = Link()
         return self.link
 
-    def dump_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None, tcp_close=False, after_dump=None,
-                tcp_external=False):
+    def dump_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None, tcp_close=False, after_dump=None):
         self._call("dump_to", pid, endpoint, tuple(extra))
-        with open(os.path.join(images_dir, processsteps.PIPE_FILE)) as f:
-            self.pipe_file = json.load(f)  # in the image: the destination restores it at once
         self.dumped_over = link
-        self.tcp_close, self.tcp_external = tcp_close, tcp_external
+        self.tcp_close = tcp_close
         if after_dump is not None:
             after_dump()  # as imagexfer: once criu's dump is done, before the files go
         return FakeSendStats()
@@ -181,15 +164,12 @@ class FakeCriu(FakeKernel):
 
     def start_receive(self, images_dir, address, source_address):
         self._call("start_receive", address, source_address)
-        self.receivers = getattr(self, "receivers", []) + [FakeReceiver(self.log, images_dir)]
-        return self.receivers[-1]
+        return FakeReceiver(self.log, images_dir)
 
-    def restore(self, receiver, pidfile, inherit_fds, timeout, tcp_external=False):
+    def restore(self, receiver, pidfile, inherit_fds, timeout):
         self._call("restore", tuple(inherit_fds.values()) if inherit_fds else None)
-        self.restored_external = tcp_external
         # the pipe the copy gets on its fds 1 and 2 (ours, at the source's pipe's name)
-        self.restore_pipes = [migrate_criu.pipe_key(fd) for fd, key in (inherit_fds or {}).items()
-                              if key.startswith("pipe:")]
+        self.restore_pipes = [migrate_criu.pipe_key(fd) for fd in inherit_fds or ()]
         return 6161
 
     def restored_instance(self, service, pid, read_fd, log_dir, output_pipe=None):
@@ -207,38 +187,9 @@ class FakeCriuTcp:
     def __init__(self, log=None):
         self.dumped, self.restore_fails, self.restored_into, self.dump_fails = 3, None, [], None
         self.log = log
-        # criu --tcp-external: this node's criu has it; the received image was dumped so
-        self.external, self.image_external, self.finish_fails = False, False, None
-        self.prepared = None
 
     def enabled(self):
         return True
-
-    def external_ok(self):
-        return self.external
-
-    def external_in_image(self, images_dir):
-        return self.image_external
-
-    def prepare(self, images_dir):
-        outer = self
-
-        class Prepared:
-            inherit = {901: "socket:[7001]", 902: "socket:[7002]"}
-            finished, discarded, ms = None, False, 1.5
-
-            def finish(self, root):
-                if outer.finish_fails:
-                    raise outer.finish_fails
-                self.finished = root
-                return 2
-
-            def discard(self):
-                self.discarded = True
-        self.prepared = Prepared()
-        if self.log is not None:
-            self.log.append(("prepare",))
-        return self.prepared
 
     def take_tree(self, pid):
         if self.log is not None:
@@ -250,17 +201,10 @@ class FakeCriuTcp:
         class Taken:
             closed = False
 
-            def dump(self, images_dir, external=False):
+            def dump(self, images_dir):
                 if outer.dump_fails:
                     raise outer.dump_fails
-                self.external = external
-                from tests.unit.test_sockwire import conn
-                import dataclasses
-                # on the VIP at the service's port, and one more of the program's own (say, to
-                # a backend): the report counts the first only
-                states = [conn(i) for i in range(outer.dumped)]
-                states.append(dataclasses.replace(conn(9), local=("192.0.2.11", 40000)))
-                return SimpleNamespace(connections=len(states), ms=1.0, states=tuple(states))
+                return SimpleNamespace(connections=outer.dumped, ms=1.0)
 
             def close(self):
                 self.closed = True
@@ -327,10 +271,9 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
     # connected to the destination (and its page server started) before anything is held
     assert names == ["connect_to", "count_states", "accept_backlog", "signal_group", "take_sockets", "take_sockets", "close",
                      "drain_udp", "close", "take_tree", "dump_to"]
-    # the report's count of listeners (in a thread) starts once our take is done, not
-    # against it; the connections are counted from our dump's records, not the kernel's table
+    # the report's count (Python, in a thread) starts once our take is done, not against it
     whole = [e[0] for e in freeze_log]
-    assert whole.index("count_listeners") > whole.index("take_tree") and "count_connections" not in whole
+    assert whole.index("count_connections") > whole.index("take_tree")
     # our take and our dump are in the freeze's split
     assert frozen.timing_ms["tcp_take"] >= 0 and frozen.timing_ms["tcp_dump"] == 1.0
     assert freeze_log[0] == ("connect_to", migrate.imagexfer.Endpoint(**ENDPOINT), False)  # 10 MiB: copied
@@ -344,7 +287,6 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
     assert frozen.bytes_moved == 2_050_000 and frozen.tcp_established == 3 and frozen.udp_sockets == 1
     assert frozen.tcp_listening == 2  # the listeners the kernel has, not the service's port count
     assert frozen.sockets["process"]["output_pipe"] == "pipe:[99]"
-    assert fake.pipe_file == {"output_pipe": "pipe:[99]"}
     assert [e[0] for e in log] == ["drop", "record_running", "kill", "service_moved", "sync_datapath_without",
                                    "sync_datapath"]
     assert "web" not in agent.running and isinstance(done, msgs.CommitDone)
@@ -403,8 +345,7 @@ def test_destination_prepare_restore_release_script(tmp_path):
         return prepared, restored, released
 
     prepared, restored, released = asyncio.run(script())
-    assert prepared.endpoint == {"address": "192.0.2.12", "files_port": 4001, "page_port": 4002, "lazy": False,
-                                 "tcp_external": False}
+    assert prepared.endpoint == {"address": "192.0.2.12", "files_port": 4001, "page_port": 4002, "lazy": False}
     names = [e[0] for e in log if e[0] not in ("sync_datapath", "sync_datapath_without", "record_running")]
     # the copy is let run with SIGCONT only: criu's restore already took its sockets out of repair
     assert names == ["start_receive", "rx.wait", "restore", "restored_instance", "rx.close", "resume", "service_moved"]
@@ -676,137 +617,3 @@ def test_a_failed_restore_of_our_connections_silences_and_kills_the_copy(tmp_pat
     names = [e[0] for e in log]
     assert "silence" in names and killed == [(6161, signal.SIGKILL)]
     assert "restored_instance" not in names and "web" not in agent.running
-
-
-@pytest.mark.parametrize("here, there", [(True, True), (True, False), (False, True)])
-def test_criu_leaves_the_connections_to_us_only_when_both_ends_can(tmp_path, here, there):
-    ma, agent, fake, log = node("n1", tmp_path)
-    agent.running["web"] = FakeInstance(WEB, [], pid=4242)
-    fake.criutcp.external = here
-
-    async def script():
-        await ma.handle(step(msgs.Arm, destination="n2"))
-        return await ma.handle(step(msgs.Freeze, endpoint={**ENDPOINT, "tcp_external": there}))
-
-    frozen = asyncio.run(script())
-    assert fake.tcp_close and fake.tcp_external == (here and there)
-    assert fake.criutcp.taken.external == (here and there)  # our dump carries their options then
-    assert frozen.tcp_established == 3
-
-
-def _restore_step(ma):
-    from clustercore import sockwire
-    from clustercore.sockstate import ServiceSockets
-
-    async def script():
-        await ma.handle(step(msgs.Prepare, source="n1", address="192.0.2.12", source_address="192.0.2.11"))
-        wire = {**sockwire.to_wire(ServiceSockets(service="web", listeners=(), connections=(), udp=())),
-                "process": {"output_pipe": "pipe:[99]", "image_bytes": 1}}
-        try:
-            return await ma.handle(step(msgs.Restore, sockets=wire))
-        except KernelError as e:
-            return e
-    return asyncio.run(script())
-
-
-def test_an_image_dumped_tcp_external_gets_our_sockets_before_criu_restores_it(tmp_path):
-    ma, agent, fake, log = node("n2", tmp_path)
-    fake.criutcp.external = fake.criutcp.image_external = True
-    restored = _restore_step(ma)
-    assert isinstance(restored, msgs.Done), restored
-    names = [e[0] for e in log]
-    # rebuilt before criu runs, handed to it beside our pipe, finished in the copy before it runs
-    assert names.index("prepare") < names.index("restore")
-    pipe_and_ours = next(e for e in log if e[0] == "restore")[1]
-    assert pipe_and_ours[0] == "pipe:[99]" and set(pipe_and_ours[1:]) == {"socket:[7001]", "socket:[7002]"}
-    assert fake.restored_external and fake.criutcp.prepared.finished == 6161
-    assert fake.criutcp.restored_into == []  # not into criu's sockets: criu made none
-    assert {"tcp_prepare", "criu_restore", "tcp_rebuild", "tcp_restore"} <= set(restored.timing_ms)
-
-
-def test_our_sockets_not_in_the_copy_kill_it_and_are_closed_silently(tmp_path):
-    ma, agent, fake, log = node("n2", tmp_path)
-    fake.criutcp.external = fake.criutcp.image_external = True
-    fake.criutcp.finish_fails = KernelError("restore_tcp", None, "criu did not give pid 6161 our connection at fd 7")
-    killed = []
-    fake.send_signal = lambda pid, sig: killed.append((pid, sig))
-    error = _restore_step(ma)
-    assert isinstance(error, KernelError) and "did not give" in str(error)
-    assert "silence" in [e[0] for e in log] and killed == [(6161, signal.SIGKILL)]
-    assert fake.criutcp.prepared.discarded and "web" not in agent.running
-
-
-def test_an_image_left_to_a_criu_this_node_lacks_is_refused_before_anything_runs(tmp_path):
-    ma, agent, fake, log = node("n2", tmp_path)
-    fake.criutcp.image_external = True  # and this node's criu has no --tcp-external
-    error = _restore_step(ma)
-    assert isinstance(error, KernelError) and "scripts/build-criu" in str(error)
-    assert "restore" not in [e[0] for e in log] and fake.criutcp.prepared is None
-
-
-def _restore_early_script(ma, fake, output_pipe="pipe:[99]", restore_pipe="pipe:[99]", cancel=False):
-    """Prepare; the image verified (the receiver's on_verified); then the Restore, or an abort."""
-    from clustercore import sockwire
-    from clustercore.sockstate import ServiceSockets
-
-    async def script():
-        await ma.handle(step(msgs.Prepare, source="n1", address="192.0.2.12", source_address="192.0.2.11"))
-        rx = fake.receivers[-1]
-        await asyncio.to_thread(rx.verified, output_pipe)
-        if cancel:
-            return await ma.handle(step(msgs.Abort))
-        wire = {**sockwire.to_wire(ServiceSockets(service="web", listeners=(), connections=(), udp=())),
-                "process": {"output_pipe": restore_pipe, "image_bytes": 1}}
-        try:
-            return await ma.handle(step(msgs.Restore, sockets=wire))
-        except KernelError as e:
-            return e
-    return asyncio.run(script())
-
-
-def test_a_copied_image_is_restored_as_soon_as_it_is_verified(tmp_path):
-    ma, agent, fake, log = node("n2", tmp_path)
-    restored = _restore_early_script(ma, fake)
-    assert isinstance(restored, msgs.Done), restored
-    names = [e[0] for e in log]
-    # criu restored it once, before the Restore arrived (rx.wait: the Restore only waits for it)
-    assert names.count("restore") == 1 and names.index("restore") < names.index("rx.wait")
-    assert ("restore", ("pipe:[99]",)) in log  # the source's pipe, from the image
-    assert "early_ms" in restored.timing_ms and agent.running == {} and "restored_instance" in names
-
-
-def test_a_copy_restored_early_dies_with_an_abort_before_the_restore(tmp_path):
-    ma, agent, fake, log = node("n2", tmp_path)
-    killed = []
-    fake.send_signal = lambda pid, sig: killed.append((pid, sig))
-    _restore_early_script(ma, fake, cancel=True)
-    names = [e[0] for e in log]
-    assert names.index("rx.cancel") < names.index("silence") and killed == [(6161, signal.SIGKILL)]
-    assert "restored_instance" not in names
-    assert "web" not in ma.leftovers.restored()  # forgotten: a next agent has nothing to kill
-
-
-def test_an_early_restore_that_failed_fails_the_restore_step(tmp_path):
-    ma, agent, fake, log = node("n2", tmp_path)
-    fake.fail["restore"] = KernelError("criu restore", None, "Can't bind (criu/sk-inet.c:1)")
-    error = _restore_early_script(ma, fake)
-    assert isinstance(error, KernelError) and "Can't bind" in str(error)
-    assert [e[0] for e in log].count("restore") == 1  # not tried again at the Restore
-
-
-def test_a_restore_naming_another_pipe_than_the_image_restores_again(tmp_path):
-    ma, agent, fake, log = node("n2", tmp_path)
-    killed = []
-    fake.send_signal = lambda pid, sig: killed.append((pid, sig))
-    restored = _restore_early_script(ma, fake, output_pipe="pipe:[98]", restore_pipe="pipe:[99]")
-    assert isinstance(restored, msgs.Done), restored
-    assert [e[1] for e in log if e[0] == "restore"] == [("pipe:[98]",), ("pipe:[99]",)]
-    assert killed == [(6161, signal.SIGKILL)]  # the first copy
-
-
-def test_an_image_without_the_pipe_file_waits_for_the_restore(tmp_path):
-    ma, agent, fake, log = node("n2", tmp_path)
-    restored = _restore_early_script(ma, fake, output_pipe=False)
-    assert isinstance(restored, msgs.Done), restored
-    names = [e[0] for e in log]
-    assert names.index("rx.wait") < names.index("restore") and "early_ms" not in restored.timing_ms
