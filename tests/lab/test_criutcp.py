@@ -5,7 +5,9 @@ that the connections' MSS is one TCP_MAXSEG can restore, as on the nodes' veths)
 The oracle: after the source is killed (silently: its sockets are in repair mode) and the
 image restored, every connection echoes again, including the bytes the client sent while
 the program was frozen (they were in the dumped receive queues), and our path, not
-criu's, moved them (take_tree took them all, restore_tree rebuilt them all).
+criu's, moved them (take_tree took them all, restore_tree rebuilt them all), with the
+socket options the program had set on them (criu carries those: our rebuild must keep
+what criu set on the sockets it made).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ while True:
             except BlockingIOError:
                 continue
             c.setblocking(False)
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77)
+            c.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x10)
             sel.register(c, selectors.EVENT_READ)
         else:
             try:
@@ -72,6 +78,19 @@ def _recv_exactly(c: socket.socket, n: int) -> bytes:
     return got
 
 
+def _options(pid: int) -> set[tuple[int, int, int, int]]:
+    """(TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, IP_TOS) of each TCP connection of pid."""
+    out = set()
+    for _, fd, _, state, _, _ in criutcp._take(pid, None, False):
+        with socket.socket(fileno=fd) as s:
+            if state == 1:
+                out.add((s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                         s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                         s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                         s.getsockopt(socket.IPPROTO_IP, socket.IP_TOS)))
+    return out
+
+
 def test_connections_move_beside_criu_with_their_queued_bytes():
     ns = f"vct{os.getpid() % 100000}"
     netns = f"/run/netns/{ns}"
@@ -100,6 +119,7 @@ def test_connections_move_beside_criu_with_their_queued_bytes():
             c.sendall(b"frozen %d" % i)
         time.sleep(0.2)
 
+        assert _options(source.pid) == {(1, 1, 77, 0x10)}
         taken = criutcp.take_tree(source.pid)
         assert taken is not None and len(taken.socks) == 30
         try:
@@ -114,6 +134,7 @@ def test_connections_move_beside_criu_with_their_queued_bytes():
         pid = criu.restore(images, pidfile=images + ".pid", netns_path=netns, tcp_close=True)
         copy = pid
         assert criutcp.restore_tree(pid, images) == 30
+        assert _options(pid) == {(1, 1, 77, 0x10)}  # what the program set, on every connection
         proctree.resume(pid)
         for i, c in enumerate(clients):
             want = b"frozen %d" % i
