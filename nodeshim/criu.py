@@ -45,8 +45,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from clustercore.errors import KernelError
-from nodeshim import pidfd
+from clustercore.errors import KernelError, LocalControlError
+from nodeshim import criurpc, pidfd
 from nodeshim.criuparse import dump_times, failure_reason, parse_stats_dump, parse_stats_restore, parse_version
 
 MIN_VERSION = (4, 2)
@@ -382,12 +382,180 @@ def _run_criu(operation: str, args: list[str], log_path: str, pass_fds: Sequence
         if helper is not None:
             helper.join()
     if proc.returncode != 0:
+        raise KernelError(operation, None, failure_reason(_read_log(log_path) + err, proc.returncode))
+
+
+WORKER_ENV = "VIPCLUSTER_CRIU_WORKER"  # "off": every criu runs from its command line
+WORKER_READY_S = 10.0  # a worker answers its version request by then, or is not used
+
+
+class Worker:
+    """A `criu swrk` started before the freeze, to do one dump or one restore over criu's
+    RPC (nodeshim.criurpc) when asked: its start (exec, linking, option parsing: 3-4 ms
+    measured) and its exit happen outside the freeze, and its answer arrives before it
+    exits. Started in netns_path (nsenter, as criu's command line is) with pass_fds at
+    their numbers (the page server's connection; the copy's output pipe, see
+    output_pipe), ready once it has answered a version request (sent at the start: see
+    wait_ready). One request; then criu exits and a thread reaps it. close() ends an
+    unused one (criu sees its socket close and exits). KernelError if it cannot start.
+
+    output_pipe: also make the pipe a restored copy's stdout and stderr become (the worker
+    must inherit its write end before the request names it): take_output_pipe()."""
+
+    def __init__(self, netns_path: str | None = None, pass_fds: Sequence[int] = (), *,
+                 output_pipe: bool = False) -> None:
+        criu = _require_binary()
+        self._pipe: tuple[int, int] | None = os.pipe() if output_pipe else None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        keep = (theirs.fileno(), *pass_fds, *(self._pipe[1:] if self._pipe else ()))
         try:
-            with open(log_path, errors="replace") as f:
-                text = f.read()
-        except OSError:
-            text = ""
-        raise KernelError(operation, None, failure_reason(text + err, proc.returncode))
+            self.proc = subprocess.Popen(in_netns_argv(netns_path, [criu, "swrk", str(theirs.fileno())]),
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, pass_fds=keep, env=run_env())
+        except OSError as e:
+            ours.close()
+            self._close_pipe()
+            raise KernelError("criu swrk", e.errno, f"cannot run {criu}") from None
+        finally:
+            theirs.close()
+        self._sock: socket.socket | None = ours
+        try:
+            ours.send(criurpc.version_request())  # answered once criu waits for work
+        except OSError as e:
+            self.close()
+            raise KernelError("criu swrk", e.errno, "criu's socket") from None
+
+    def wait_ready(self, timeout: float = WORKER_READY_S) -> None:
+        """Until criu has answered the version request (it started and waits for work);
+        KernelError (the worker closed) if it does not in time."""
+        sock = self._sock
+        if sock is None:
+            raise KernelError("criu swrk", None, "criu worker closed")
+        try:
+            sock.settimeout(timeout)
+            answer = criurpc.decode_answer(sock.recv(criurpc.MAX_ANSWER + 1))
+            if answer.kind != criurpc.VERSION or not answer.success:
+                raise ValueError("no version")
+        except (OSError, ValueError) as e:
+            self.close()
+            raise KernelError("criu swrk", None, f"criu did not answer its version request: {e}") from None
+
+    def take_output_pipe(self) -> tuple[int, int]:
+        """(read end, write end) of the pipe made at the start: the caller's from now on."""
+        if self._pipe is None:
+            raise LocalControlError("criu worker: no output pipe (made with output_pipe=True)")
+        pipe, self._pipe = self._pipe, None
+        return pipe
+
+    def usable(self) -> bool:
+        return self._sock is not None and self.proc.poll() is None
+
+    def _call(self, request: bytes, operation: str, log_path: str | None, timeout: float,
+              while_running: Callable[[int, threading.Event], None] | None = None) -> criurpc.Answer:
+        sock = self._sock
+        if sock is None:
+            raise KernelError(operation, None, "criu worker already used")
+        stop = threading.Event()
+        helper = None
+        if while_running is not None:
+            helper = threading.Thread(target=while_running, args=(self.proc.pid, stop), daemon=True)
+            helper.start()
+        try:
+            sock.settimeout(timeout)
+            sock.send(request)
+            data = sock.recv(criurpc.MAX_ANSWER + 1)
+        except socket.timeout:
+            self._kill()
+            raise KernelError(operation, None, f"criu did not answer in {timeout:.0f} s") from None
+        except OSError as e:
+            data = b""
+            log.warning("%s: criu worker: %s", operation, e)
+        finally:
+            stop.set()
+            if helper is not None:
+                helper.join()
+        if not data:  # criu ended without an answer: its log says why
+            self._reap(1.0)
+            raise KernelError(operation, None, failure_reason(_read_log(log_path), self.proc.returncode))
+        try:
+            answer = criurpc.decode_answer(data)
+        except ValueError as e:
+            self._kill()
+            raise KernelError(operation, None, f"criu worker: {e}") from None
+        if not answer.success:
+            self._reap(1.0)
+            raise KernelError(operation, answer.errno or None,
+                              failure_reason(_read_log(log_path) + answer.message, self.proc.returncode))
+        return answer
+
+    def request(self, request: bytes, operation: str, log_path: str,
+                while_running: Callable[[int, threading.Event], None] | None = None) -> criurpc.Answer:
+        """Send the one request; its successful answer, else KernelError with criu's reason
+        (from its log, as for the command line). The worker is used up either way."""
+        try:
+            return self._call(request, operation, log_path, CRIU_TIMEOUT_S, while_running)
+        finally:
+            self.close()
+
+    def _reap(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._kill()
+
+    def _kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def _close_pipe(self) -> None:
+        if self._pipe is not None:
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
+
+    def close(self) -> None:
+        """Our end closed (an unused criu exits on it); criu reaped by a thread meanwhile."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._close_pipe()
+        if self.proc.poll() is None:
+            threading.Thread(target=self._reap, args=(10.0,), name="criu worker reap", daemon=True).start()
+
+
+def start_worker(netns_path: str | None = None, pass_fds: Sequence[int] = (), *,
+                 output_pipe: bool = False, wait: bool = True) -> Worker | None:
+    """A Worker (ready, unless not wait: then see worker_ready), or None (logged) when
+    switched off (WORKER_ENV=off) or it cannot start: the callers then run criu from its
+    command line, as before."""
+    if os.environ.get(WORKER_ENV, "").lower() == "off":
+        return None
+    try:
+        worker = Worker(netns_path, pass_fds, output_pipe=output_pipe)
+    except KernelError as e:
+        log.warning("criu worker not started (%s); criu runs from its command line", e.detail)
+        return None
+    return worker_ready(worker) if wait else worker
+
+
+def worker_ready(worker: Worker) -> Worker | None:
+    """worker once it waits for work; None (logged, the worker closed) if it does not."""
+    try:
+        worker.wait_ready()
+        return worker
+    except KernelError as e:
+        log.warning("criu worker not ready (%s); criu runs from its command line", e.detail)
+        return None
+
+
+def _read_log(log_path: str | None) -> str:
+    if log_path is None:
+        return ""
+    try:
+        with open(log_path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 TCP_CORK = 3
@@ -462,7 +630,8 @@ def dump_counters(images_dir: str) -> tuple[int, float]:
 def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stopped: bool = True,
          tcp_established: bool = True, network_lock_skip: bool = True,
          page_server: tuple[str, int] | None = None, ps_socket: int | None = None,
-         tls: TlsFiles | None = None, extra: Iterable[str] = (), tcp_close: bool = False) -> DumpStats:
+         tls: TlsFiles | None = None, extra: Iterable[str] = (), tcp_close: bool = False,
+         worker: Worker | None = None) -> DumpStats:
     """Dump the process tree rooted at pid (a `spawn_isolated` program) into images_dir.
 
     criu must run in the program's network namespace (netns_path, or the caller's): one
@@ -475,20 +644,32 @@ def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stop
 
     With leave_stopped the source stays frozen, its TCP sockets still in repair mode (they
     answer nothing, and vanish without a FIN or RST when it is killed); kill it once the
-    copy runs, or `thaw` it to roll back. A dump that fails resumes the tree itself."""
+    copy runs, or `thaw` it to roll back. A dump that fails resumes the tree itself.
+
+    worker: a Worker started for it (in netns_path, with ps_socket), used up here; a
+    command line the RPC cannot carry (tls, extra) closes it and runs criu as a command."""
     criu = _require_binary()
     os.makedirs(images_dir, exist_ok=True)
-    args = in_netns_argv(netns_path, dump_args(
-        criu, pid, images_dir, leave_stopped=leave_stopped, tcp_established=tcp_established,
-        network_lock_skip=network_lock_skip, page_server=page_server, ps_socket=ps_socket,
-        tls=tls, extra=extra, tcp_close=tcp_close))
+    log_path = os.path.join(images_dir, DUMP_LOG)
+    uncork = _uncork_page_server(*page_server) if page_server else None
+    if worker is not None and (tls is not None or extra or (page_server and ps_socket is None)):
+        worker.close()
+        worker = None
     start = time.monotonic()
     try:
-        _run_criu("criu dump", args, os.path.join(images_dir, DUMP_LOG),
-                  pass_fds=() if ps_socket is None else (ps_socket,),
-                  while_running=_uncork_page_server(*page_server) if page_server else None)
+        if worker is not None:
+            worker.request(criurpc.dump_request(
+                pid, images_dir, log_file=DUMP_LOG, log_level=4 if trace_args() else 2,
+                leave_stopped=leave_stopped, tcp_close=tcp_close, tcp_established=tcp_established,
+                network_lock_skip=network_lock_skip, ps_socket=ps_socket), "criu dump", log_path, uncork)
+        else:
+            _run_criu("criu dump", in_netns_argv(netns_path, dump_args(
+                criu, pid, images_dir, leave_stopped=leave_stopped, tcp_established=tcp_established,
+                network_lock_skip=network_lock_skip, page_server=page_server, ps_socket=ps_socket,
+                tls=tls, extra=extra, tcp_close=tcp_close)), log_path,
+                pass_fds=() if ps_socket is None else (ps_socket,), while_running=uncork)
     finally:
-        keep_log(os.path.join(images_dir, DUMP_LOG))
+        keep_log(log_path)
     wall_ms = (time.monotonic() - start) * 1000
     page_bytes, frozen_ms = dump_counters(images_dir)
     with open(os.path.join(images_dir, STATS_DUMP), "rb") as f:  # dump_counters read it: it parses
@@ -580,23 +761,39 @@ class PageServer:
 def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
             tcp_established: bool = True, detach: bool = True, sibling: bool = True,
             inherit_fds: Mapping[int, str] | None = None, extra: Iterable[str] = (),
-            tcp_close: bool = False) -> int:
+            tcp_close: bool = False, worker: Worker | None = None) -> int:
     """Restore the images in images_dir and return the host PID of the copy's root.
 
     netns_path: the network namespace to restore into (entered with nsenter); None means
     the caller's own. The copy's sockets are bound to the same addresses as the source's,
     so that namespace must own them (the VIP on `lo`). With sibling (default) the copy is
-    our child: reap it with os.waitpid."""
+    our child: reap it with os.waitpid.
+
+    worker: a Worker started for it (in netns_path, holding inherit_fds' descriptors at
+    their numbers), used up here; criu's RPC always detaches, so without detach, or with
+    extra arguments, it is closed and criu runs as a command."""
     criu = _require_binary()
-    args = in_netns_argv(netns_path, restore_args(
-        criu, images_dir, pidfile=pidfile, tcp_established=tcp_established, detach=detach,
-        sibling=sibling, inherit_fds=inherit_fds, extra=extra, tcp_close=tcp_close))
+    log_path = os.path.join(images_dir, RESTORE_LOG)
+    if worker is not None and (extra or not detach):
+        worker.close()
+        worker = None
     start = time.monotonic()
+    pid = None
     try:
-        _run_criu("criu restore", args, os.path.join(images_dir, RESTORE_LOG),
-                  pass_fds=tuple(inherit_fds or ()))
+        if worker is not None:
+            pid = worker.request(criurpc.restore_request(
+                images_dir, log_file=RESTORE_LOG, log_level=4 if trace_args() else 2, sibling=sibling,
+                tcp_close=tcp_close, tcp_established=tcp_established, inherit_fds=inherit_fds),
+                "criu restore", log_path).pid
+            if pid is None or pid <= 0:
+                raise KernelError("criu restore", None, f"criu's answer names no restored process ({pid})")
+        else:
+            _run_criu("criu restore", in_netns_argv(netns_path, restore_args(
+                criu, images_dir, pidfile=pidfile, tcp_established=tcp_established, detach=detach,
+                sibling=sibling, inherit_fds=inherit_fds, extra=extra, tcp_close=tcp_close)), log_path,
+                pass_fds=tuple(inherit_fds or ()))
     finally:
-        keep_log(os.path.join(images_dir, RESTORE_LOG))
+        keep_log(log_path)
     wall_ms = (time.monotonic() - start) * 1000
     try:
         with open(os.path.join(images_dir, STATS_RESTORE), "rb") as f:
@@ -606,6 +803,8 @@ def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
                  stats["pages_restored"])
     except (OSError, ValueError) as e:
         log.info("criu restore of %s: %.1f ms (no statistics: %s)", images_dir, wall_ms, e)
+    if pid is not None:
+        return pid
     try:
         with open(pidfile) as f:
             return int(f.read().strip())

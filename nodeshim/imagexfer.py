@@ -150,6 +150,7 @@ class Receiver:
         self.lazy = False  # the source said its dump is lazy (HELLO_LAZY)
         self.pages_conn: socket.socket | None = None  # lazy: the page connection, for criu lazy-pages
         self.lazy_daemon = None  # lazy: criulazy.LazyPagesDaemon once restore started it
+        self.worker: criu.Worker | None = None  # the criu that will restore a copy, if started
         self.restore_ms: dict[str, float] = {}  # lazy: the restore's split (lazyxfer.restore_lazy)
         # called by the receiving thread once the image is verified and OK sent (lazyxfer
         # starts criu lazy-pages then, while the source's reply and the gateway's Restore
@@ -203,6 +204,8 @@ class Receiver:
             return
         if self.pages_conn is not None:
             self.pages_conn.close()
+        if self.worker is not None:
+            self.worker.close()
         daemon = self.lazy_daemon
         if daemon is not None and daemon.running():
             # criu lazy-pages still pulls pages (and uses its socket in the directory)
@@ -429,10 +432,16 @@ def start_receive(images_dir: str, listen_addr: str, source_addr: str, *,
 def restore(receiver: Receiver, *, pidfile: str, netns_path: str | None = None,
             inherit_fds: Mapping[int, str] | None = None, timeout: float | None = None) -> int:
     """criu.restore of the received image, only once it is all here and verified (else the
-    receive's KernelError, and nothing runs). Returns the copy's PID (our child)."""
+    receive's KernelError, and nothing runs). Returns the copy's PID (our child). The
+    receiver's criu.Worker, if it has one, does the restore (inherit_fds: descriptors it
+    holds at those numbers)."""
     receiver.wait(timeout)
+    worker, receiver.worker = receiver.worker, None
+    if worker is not None:
+        worker = criu.worker_ready(worker)  # started with the receiver: ready long since
     return criu.restore(receiver.images_dir, pidfile=pidfile, netns_path=netns_path,
-                        inherit_fds=inherit_fds, tcp_close=criutcp.in_image(receiver.images_dir))
+                        inherit_fds=inherit_fds, tcp_close=criutcp.in_image(receiver.images_dir),
+                        worker=worker)
 
 
 # ---------------------------------------------------------------- source
@@ -458,11 +467,14 @@ class Link:
     sock: socket.socket
     wire: "_Wire"
     lazy: bool
+    worker: criu.Worker | None = None  # the criu that will dump over it (a copy only)
 
     def close(self) -> None:
         for conn in (self.pages, self.sock):
             if conn is not None:
                 conn.close()
+        if self.worker is not None:
+            self.worker.close()
 
 
 def connect_to(endpoint: Endpoint, *, lazy: bool = False, netns_path: str | None = None,
@@ -475,19 +487,23 @@ def connect_to(endpoint: Endpoint, *, lazy: bool = False, netns_path: str | None
     if lazy and endpoint.page_port is None:
         raise KernelError(SEND, None, "lazy pages need the destination's page connection")
     deadline = time.monotonic() + timeout
-    pages = sock = None
+    pages = sock = worker = None
     try:
         if endpoint.page_port is not None:
             pages = _connect(endpoint.address, endpoint.page_port, netns_path, deadline)
             pages.settimeout(None)  # criu gets a blocking socket
+        if not lazy:  # the copy's criu starts while the destination answers (criu.Worker)
+            worker = criu.start_worker(netns_path, (pages.fileno(),) if pages else (), wait=False)
         sock = _connect(endpoint.address, endpoint.files_port, netns_path, deadline)
         wire = _Wire(sock, deadline, SEND)
         wire.send(HELLO_LAZY if lazy else HELLO)
         _expect_ok(wire, READY)
-        link, pages, sock = Link(pages, sock, wire, lazy), None, None
+        if worker is not None:
+            worker = criu.worker_ready(worker)
+        link, pages, sock, worker = Link(pages, sock, wire, lazy, worker), None, None, None
         return link
     finally:
-        for conn in (pages, sock):
+        for conn in (pages, sock, worker):
             if conn is not None:
                 conn.close()
 
@@ -537,7 +553,7 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
             dumped = criu.dump(pid, images_dir, netns_path=netns_path, tls=tls,
                                page_server=(endpoint.address, endpoint.page_port) if streamed else None,
                                ps_socket=pages.fileno() if pages else None, extra=extra,
-                               tcp_close=tcp_close)
+                               tcp_close=tcp_close, worker=link.worker if link is not None else None)
         except KernelError as e:
             raise _dump_broke(wire, e) from None
         if after_dump is not None:
@@ -556,7 +572,7 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
                          page_bytes=dumped.page_bytes, file_bytes=sum(e.size for e in entries),
                          files=len(entries), streamed=streamed, criu_ms=dumped.criu_ms)
     finally:
-        for conn in (pages, sock):
+        for conn in (pages, sock, link.worker if link is not None else None):
             if conn is not None:
                 conn.close()
 

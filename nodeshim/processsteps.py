@@ -342,6 +342,10 @@ class ProcessSteps:
         rx = k.imagexfer.start_receive(self._images_dir(cmd.service, "in"), cmd.address, cmd.source_address)
         if self._lazy_pages_here():  # a lazy image: criu lazy-pages starts once it is verified
             rx.on_verified = k.lazyxfer.start_daemon
+        # the criu that will restore a copied image, started now, not in the freeze (not
+        # waited for: it is ready long before the image is); it holds the copy's output
+        # pipe, which the restore request names (criu.Worker)
+        rx.worker = k.criu.start_worker(output_pipe=True, wait=False)
         if self._armed_fault("image.receive") == "cut":
             def cut() -> None:  # as soon as the first bytes are here, the link is cut
                 deadline = time.monotonic() + IMAGE_TIMEOUT_S
@@ -365,7 +369,8 @@ class ProcessSteps:
         the restore's split (criu's restore, our connections beside it)."""
         k, svc = self.kernel, cmd.service
         fault = self._armed_fault("criu.restore")
-        read_fd, write_fd = os.pipe()
+        worker = getattr(cmd.receiver, "worker", None)
+        read_fd, write_fd = worker.take_output_pipe() if worker is not None else os.pipe()
         # the copy's fds 1 and 2 become this pipe: its name goes with the copy's next move
         # (without it criu restored the pipe there with no reader, and the program's next
         # line of output after a second move died of EPIPE)

@@ -185,9 +185,11 @@ class Loops:
 
 
 @contextlib.contextmanager
-def moved_program(topo: Topology, argv: list[str], port: int, ready):
+def moved_program(topo: Topology, argv: list[str], port: int, ready, via: str = "command"):
     """Run argv isolated in s1; yield a `move()` that migrates it to s2 and returns
-    (dump stats, restore ms, destination pipe read end). Kills everything afterwards."""
+    (dump stats, restore ms, destination pipe read end). Kills everything afterwards.
+    via "worker": criu dumps and restores through criu.Worker (criu's RPC) instead of
+    its command line; the destination's worker makes the copy's output pipe."""
     work = tempfile.mkdtemp(prefix="vcr-")
     src_r, src_w = os.pipe()
     handle = proctree.spawn_isolated(argv, ENV, "/", src_w, netns_path=topo.path(topo.s1))
@@ -196,14 +198,20 @@ def moved_program(topo: Topology, argv: list[str], port: int, ready):
     dst_fds: list[int] = []
 
     def move():
+        dumper = restorer = None
+        if via == "worker":
+            dumper = criu.start_worker(topo.path(topo.s1))
+            restorer = criu.start_worker(topo.path(topo.s2), output_pipe=True)
+            assert dumper is not None and restorer is not None, "criu swrk did not start"
         topo.hold(topo.s1, port)
-        stats = criu.dump(handle.pid, os.path.join(work, "img"), netns_path=topo.path(topo.s1))
-        dst_r, dst_w = os.pipe()
+        stats = criu.dump(handle.pid, os.path.join(work, "img"), netns_path=topo.path(topo.s1), worker=dumper)
+        dst_r, dst_w = restorer.take_output_pipe() if restorer else os.pipe()
         dst_fds.append(dst_r)
         try:
             t0 = time.monotonic()
             pid = criu.restore(os.path.join(work, "img"), pidfile=os.path.join(work, "restored.pid"),
-                               netns_path=topo.path(topo.s2), inherit_fds={dst_w: criu.pipe_key(src_r)})
+                               netns_path=topo.path(topo.s2), inherit_fds={dst_w: criu.pipe_key(src_r)},
+                               worker=restorer)
             restore_ms = (time.monotonic() - t0) * 1000
         finally:
             os.close(dst_w)
@@ -379,7 +387,8 @@ def redis_call(sock: socket.socket, reader, *args: str) -> bytes | int | None:
     raise AssertionError(f"redis replied {line!r}")
 
 
-def test_redis_keeps_its_data_and_connections_across_a_move(topo, tmp_path):
+@pytest.mark.parametrize("via", ["command", "worker"])
+def test_redis_keeps_its_data_and_connections_across_a_move(topo, tmp_path, via):
     argv = ["redis-server", "--bind", VIP, "--port", str(REDIS_PORT), "--save", "",
             "--appendonly", "no", "--dir", str(tmp_path), "--logfile", "", "--daemonize", "no",
             "--protected-mode", "no"]
@@ -392,7 +401,7 @@ def test_redis_keeps_its_data_and_connections_across_a_move(topo, tmp_path):
         if got != value.encode():
             raise AssertionError(f"GET {key} = {got!r}")
 
-    with moved_program(topo, argv, REDIS_PORT, lambda: connect(topo, REDIS_PORT).close()) as move:
+    with moved_program(topo, argv, REDIS_PORT, lambda: connect(topo, REDIS_PORT).close(), via) as move:
         socks = [connect(topo, REDIS_PORT) for _ in range(4)]
         readers = [s.makefile("rb") for s in socks]
         try:
@@ -414,7 +423,7 @@ def test_redis_keeps_its_data_and_connections_across_a_move(topo, tmp_path):
             for r, s in zip(readers, socks):
                 r.close()
                 s.close()
-    print(f"\nredis: dump {stats.wall_ms:.0f} ms, restore {restore_ms:.0f} ms, "
+    print(f"\nredis (criu via its {via}): dump {stats.wall_ms:.0f} ms, restore {restore_ms:.0f} ms, "
           f"image {stats.image_bytes / 1e6:.1f} MB; {sum(loops.snapshot())} SET+GET, 0 failed, "
           f"longest {loops.longest_ms:.0f} ms")
 
@@ -445,9 +454,11 @@ def test_a_frozen_source_thaws_and_serves_its_connections_again(topo, tmp_path):
         os.close(src_r)
 
 
-def test_a_refused_restore_says_why_in_one_line(topo, tmp_path):
+@pytest.mark.parametrize("via", ["command", "worker"])
+def test_a_refused_restore_says_why_in_one_line(topo, tmp_path, via):
     """criu's reason reaches the caller as one line: here, restoring into a namespace that
-    lacks the service address (a node without the VIP)."""
+    lacks the service address (a node without the VIP); from criu's log either way, its
+    command line's or its worker's (whose answer only says that it failed)."""
     argv = ["redis-server", "--bind", VIP, "--port", str(REDIS_PORT), "--save", "",
             "--appendonly", "no", "--dir", str(tmp_path), "--logfile", "", "--daemonize", "no",
             "--protected-mode", "no"]
@@ -458,9 +469,13 @@ def test_a_refused_restore_says_why_in_one_line(topo, tmp_path):
         connect(topo, REDIS_PORT).close()
         criu.dump(handle.pid, str(tmp_path / "img"), netns_path=topo.path(topo.s1))
         sh("ip", "-n", topo.s2, "addr", "del", f"{VIP}/32", "dev", "lo")
+        worker = criu.start_worker(topo.path(topo.s2)) if via == "worker" else None
+        assert via == "command" or worker is not None
         with pytest.raises(KernelError) as info:
             criu.restore(str(tmp_path / "img"), pidfile=str(tmp_path / "pid"),
-                         netns_path=topo.path(topo.s2))
+                         netns_path=topo.path(topo.s2), worker=worker)
+        if worker is not None:
+            worker.proc.wait(5)  # used up: criu ended after its answer
         reason = info.value.detail
         assert "\n" not in reason and reason
         assert "bind" in reason.lower() or "address" in reason.lower(), reason
@@ -468,6 +483,23 @@ def test_a_refused_restore_says_why_in_one_line(topo, tmp_path):
     finally:
         handle.kill()
         os.close(src_r)
+
+
+def test_an_unused_worker_ends_when_closed_and_leaves_nothing():
+    worker = criu.start_worker(output_pipe=True)
+    assert worker is not None and worker.usable()
+    pid = worker.proc.pid
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert f.read().split(b"\0")[1] == b"swrk"
+    read_fd, write_fd = worker.take_output_pipe()
+    os.close(read_fd)
+    os.close(write_fd)
+    worker.close()
+    assert not worker.usable()
+    assert worker.proc.wait(5) is not None  # criu saw its socket close and exited
+    assert not os.path.exists(f"/proc/{pid}")  # and was reaped: no zombie left
+    with pytest.raises(KernelError, match="already used"):
+        worker.request(b"", "criu dump", "/nonexistent")
 
 
 def test_criu_loads_the_primed_kernel_cache_instead_of_probing(tmp_path):

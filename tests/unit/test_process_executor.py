@@ -230,7 +230,8 @@ def node(name, tmp_path):
                             proctree=SimpleNamespace(tree_pids=fake.tree_pids, thaw=fake.thaw, resume=fake.resume,
                                                      silence=fake.silence, stopped=lambda pid: True),
                             criu=SimpleNamespace(node_images_parent=lambda state: os.path.join(state, "images"),
-                                                 pipe_key=migrate_criu.pipe_key),
+                                                 pipe_key=migrate_criu.pipe_key,
+                                                 start_worker=lambda **kw: None),
                             imagexfer=fake, lazyxfer=fake, clock=fake.clock, criutcp=fake.criutcp)
     return migrate.MigrationAgent(agent, kernel), agent, fake, log
 
@@ -358,6 +359,41 @@ def test_destination_prepare_restore_release_script(tmp_path):
     assert agent.running["web"].pid == 6161 and isinstance(released, msgs.ReleaseDone)
     assert not os.path.exists(os.path.join(agent.config.state_dir, "restored.json")) or \
         "web" not in open(os.path.join(agent.config.state_dir, "restored.json")).read()
+
+
+class FakeWorker:
+    """criu.Worker's part the executor uses: the copy's output pipe, made at its start."""
+
+    def __init__(self):
+        self.pipe = os.pipe()
+        self.taken = False
+
+    def take_output_pipe(self):
+        self.taken = True
+        return self.pipe
+
+
+def test_a_destination_with_a_criu_worker_gives_the_copy_the_worker_s_pipe(tmp_path):
+    ma, agent, fake, log = node("n2", tmp_path)
+    worker = FakeWorker()
+    key = migrate_criu.pipe_key(worker.pipe[0])
+    started = []
+    ma.kernel.criu.start_worker = lambda **kw: started.append(kw) or worker
+    from clustercore import sockwire
+    from clustercore.sockstate import ServiceSockets
+    wire = {**sockwire.to_wire(ServiceSockets(service="web", listeners=(), connections=(), udp=())),
+            "process": {"output_pipe": "pipe:[99]", "image_bytes": 1}}
+
+    async def script():
+        await ma.handle(step(msgs.Prepare, source="n1", address="192.0.2.12", source_address="192.0.2.11"))
+        await ma.handle(step(msgs.Restore, sockets=wire))
+
+    asyncio.run(script())
+    # started with the receiver (before the freeze), holding a pipe for the copy's output
+    assert started == [{"output_pipe": True, "wait": False}]
+    assert worker.taken
+    assert fake.restore_pipes == [key]  # that pipe, not a new one (both its ends closed since)
+    assert ("restore", ("pipe:[99]",)) in log
 
 
 def test_destination_abort_after_restore_silences_before_it_kills(tmp_path):
