@@ -502,6 +502,22 @@ def test_an_unused_worker_ends_when_closed_and_leaves_nothing():
         worker.request(b"", "criu dump", "/nonexistent")
 
 
+def test_a_worker_s_failed_dump_says_why_and_criu_ends(tmp_path):
+    """A dump criu refuses through its worker: criu's reason from its log, in one line,
+    and the worker gone (it served its one request)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a PID that no longer names a process
+    worker = criu.start_worker()
+    assert worker is not None
+    with pytest.raises(KernelError) as info:
+        criu.dump(gone.pid, str(tmp_path / "img"), worker=worker)
+    assert info.value.operation == "criu dump"
+    reason = info.value.detail
+    assert reason and "\n" not in reason and str(gone.pid) in reason, reason
+    assert worker.proc.wait(5) is not None and not worker.usable()
+    print(f"\nrefused dump through the worker: {reason}")
+
+
 def test_criu_loads_the_primed_kernel_cache_instead_of_probing(tmp_path):
     """prime_kdat_cache (run by every agent at start) leaves criu nothing to probe: its
     next run loads the cache (this machine's /run is not a tmpfs, so criu never keeps one
