@@ -204,9 +204,10 @@ def page_server_args(criu: str, images_dir: str, *, ps_socket: int,
 def restore_args(criu: str, images_dir: str, *, pidfile: str, tcp_established: bool = True,
                  detach: bool = True, sibling: bool = True,
                  inherit_fds: Mapping[int, str] | None = None,
-                 extra: Iterable[str] = (), tcp_close: bool = False) -> list[str]:
+                 extra: Iterable[str] = (), tcp_close: bool = False, lazy_pages: bool = False) -> list[str]:
     """`criu restore` of the images in images_dir. tcp_close: an image dumped so (its
     connections are restored by nodeshim.criutcp into the plain sockets criu makes).
+    lazy_pages: the memory comes from the `criu lazy-pages` daemon (nodeshim.criulazy).
 
     detach: criu exits once the copy runs. sibling: the copy becomes a child of criu's
     parent (us), not an orphan, so the agent reaps it and sees it die like any service it
@@ -221,6 +222,8 @@ def restore_args(criu: str, images_dir: str, *, pidfile: str, tcp_established: b
         args.append("--tcp-close")
     elif tcp_established:
         args.append("--tcp-established")
+    if lazy_pages:
+        args.append("--lazy-pages")
     for fd, key in sorted((inherit_fds or {}).items()):
         args += ["--inherit-fd", f"fd[{fd}]:{key}"]
     return args + list(extra)
@@ -761,7 +764,7 @@ class PageServer:
 def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
             tcp_established: bool = True, detach: bool = True, sibling: bool = True,
             inherit_fds: Mapping[int, str] | None = None, extra: Iterable[str] = (),
-            tcp_close: bool = False, worker: Worker | None = None) -> int:
+            tcp_close: bool = False, lazy_pages: bool = False, worker: Worker | None = None) -> int:
     """Restore the images in images_dir and return the host PID of the copy's root.
 
     netns_path: the network namespace to restore into (entered with nsenter); None means
@@ -779,18 +782,20 @@ def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
         worker = None
     start = time.monotonic()
     pid = None
+    how = "its worker" if worker is not None else "a command"
     try:
         if worker is not None:
             pid = worker.request(criurpc.restore_request(
                 images_dir, log_file=RESTORE_LOG, log_level=4 if trace_args() else 2, sibling=sibling,
-                tcp_close=tcp_close, tcp_established=tcp_established, inherit_fds=inherit_fds),
-                "criu restore", log_path).pid
+                tcp_close=tcp_close, tcp_established=tcp_established, lazy_pages=lazy_pages,
+                inherit_fds=inherit_fds), "criu restore", log_path).pid
             if pid is None or pid <= 0:
                 raise KernelError("criu restore", None, f"criu's answer names no restored process ({pid})")
         else:
             _run_criu("criu restore", in_netns_argv(netns_path, restore_args(
                 criu, images_dir, pidfile=pidfile, tcp_established=tcp_established, detach=detach,
-                sibling=sibling, inherit_fds=inherit_fds, extra=extra, tcp_close=tcp_close)), log_path,
+                sibling=sibling, inherit_fds=inherit_fds, extra=extra, tcp_close=tcp_close,
+                lazy_pages=lazy_pages)), log_path,
                 pass_fds=tuple(inherit_fds or ()))
     finally:
         keep_log(log_path)
@@ -798,11 +803,11 @@ def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
     try:
         with open(os.path.join(images_dir, STATS_RESTORE), "rb") as f:
             stats = parse_stats_restore(f.read())
-        log.info("criu restore of %s: %.1f ms (criu's count: forking %.1f ms, restore %.1f ms, %d pages)",
-                 images_dir, wall_ms, stats["forking_time_us"] / 1000, stats["restore_time_us"] / 1000,
+        log.info("criu restore of %s (%s): %.1f ms (criu's count: forking %.1f ms, restore %.1f ms, %d pages)",
+                 images_dir, how, wall_ms, stats["forking_time_us"] / 1000, stats["restore_time_us"] / 1000,
                  stats["pages_restored"])
     except (OSError, ValueError) as e:
-        log.info("criu restore of %s: %.1f ms (no statistics: %s)", images_dir, wall_ms, e)
+        log.info("criu restore of %s (%s): %.1f ms (no statistics: %s)", images_dir, how, wall_ms, e)
     if pid is not None:
         return pid
     try:

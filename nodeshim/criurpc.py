@@ -30,7 +30,7 @@ MAX_ANSWER = 1 << 16  # criu's answers are a few hundred bytes (an error message
 # criu_opts field numbers (images/rpc.proto)
 _IMAGES_DIR_FD, _IMAGES_DIR, _PID = 1, 68, 2
 _TCP_ESTABLISHED, _LOG_LEVEL, _LOG_FILE, _PS = 5, 9, 10, 11
-_RST_SIBLING, _INHERIT_FD, _TCP_CLOSE, _NETWORK_LOCK, _LEAVE_STOPPED = 26, 27, 52, 64, 69
+_RST_SIBLING, _INHERIT_FD, _LAZY_PAGES, _TCP_CLOSE, _NETWORK_LOCK, _LEAVE_STOPPED = 26, 27, 48, 52, 64, 69
 # criu_req: type 1, opts 2, keep_open 4; criu_page_server_info: address 1, port 2, fd 4
 
 
@@ -95,14 +95,17 @@ def dump_request(pid: int, images_dir: str, *, log_file: str, log_level: int = 2
 
 
 def restore_request(images_dir: str, *, log_file: str, log_level: int = 2, sibling: bool = True,
-                    tcp_close: bool = False, tcp_established: bool = True,
+                    tcp_close: bool = False, tcp_established: bool = True, lazy_pages: bool = False,
                     inherit_fds: Mapping[int, str] | None = None) -> bytes:
     """`criu restore -D images_dir -o log_file --restore-detached` (criu's RPC always
-    detaches); sibling: the copy becomes the worker's parent's child (ours).
+    detaches); sibling: the copy becomes the worker's parent's child (ours); lazy_pages:
+    its memory from the `criu lazy-pages` daemon beside the image (--lazy-pages).
     inherit_fds {the worker's fd: criu's name of the old one}."""
     fields = _common(images_dir, log_file, log_level, tcp_close, tcp_established)
     if sibling:
         fields.append(_int(_RST_SIBLING, 1))
+    if lazy_pages:
+        fields.append(_int(_LAZY_PAGES, 1))
     for fd, key in sorted((inherit_fds or {}).items()):
         fields.append(_bytes(_INHERIT_FD, _bytes(1, key) + _int(2, fd)))
     return _request(RESTORE, fields)

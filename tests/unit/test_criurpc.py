@@ -57,6 +57,11 @@ def test_a_restore_request_inherits_the_pipe_and_makes_the_copy_our_child():
     assert 2 not in o  # no pid on a restore
 
 
+def test_a_lazy_restore_request_says_so_and_a_copied_one_does_not():
+    assert opts_of(criurpc.restore_request("/i", log_file="r.log", lazy_pages=True))[48] == [1]
+    assert 48 not in opts_of(criurpc.restore_request("/i", log_file="r.log"))
+
+
 def test_the_version_request_keeps_the_worker_open_for_the_real_one():
     assert message(criurpc.version_request()) == {1: [criurpc.VERSION], 4: [1]}
 

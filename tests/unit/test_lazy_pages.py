@@ -102,15 +102,34 @@ def test_the_restore_uses_the_daemon_started_early_or_starts_it(monkeypatch, ear
     from nodeshim import lazyxfer
     monkeypatch.setattr(lazyxfer.criulazy, "LazyPagesDaemon", FakeDaemon)
     restored = []
-    monkeypatch.setattr(lazyxfer.criu, "restore", lambda d, **kw: restored.append((d, kw["extra"])) or 4321)
+    monkeypatch.setattr(lazyxfer.criu, "restore",
+                        lambda d, **kw: restored.append((d, kw["lazy_pages"], kw["extra"], kw["worker"])) or 4321)
     FakeDaemon.started = []
     rx = _receiver()
     if early:
         lazyxfer.start_daemon(rx)
     assert lazyxfer.restore_lazy(rx, pidfile="/img.pid", timeout=3.0) == 4321
     assert len(FakeDaemon.started) == 1 and rx.lazy_daemon.waited == [3.0]  # ready before the restore
-    assert restored == [("/img", ["--lazy-pages"])]
+    assert restored == [("/img", True, (), None)]  # no worker on this receiver: criu's command line
     assert rx.restore_ms["lazy_daemon_early"] is early and not rx.lazy_daemon.ended
+
+
+def test_a_lazy_restore_goes_to_the_receiver_s_criu_worker(monkeypatch):
+    from nodeshim import lazyxfer
+    monkeypatch.setattr(lazyxfer.criulazy, "LazyPagesDaemon", FakeDaemon)
+    restored = []
+    monkeypatch.setattr(lazyxfer.criu, "restore",
+                        lambda d, **kw: restored.append((kw["lazy_pages"], kw["worker"])) or 4321)
+
+    class Ready:
+        def wait_ready(self, timeout=None):
+            pass
+
+    FakeDaemon.started = []
+    rx = _receiver()
+    worker = rx.worker = Ready()
+    assert lazyxfer.restore_lazy(rx, pidfile="/img.pid", timeout=3.0) == 4321
+    assert restored == [(True, worker)] and rx.worker is None  # used up: the receiver no longer closes it
 
 
 def test_a_cancelled_receive_kills_a_daemon_no_restore_used_at_once(tmp_path):
