@@ -150,7 +150,7 @@ class Receiver:
         self.lazy = False  # the source said its dump is lazy (HELLO_LAZY)
         self.pages_conn: socket.socket | None = None  # lazy: the page connection, for criu lazy-pages
         self.lazy_daemon = None  # lazy: criulazy.LazyPagesDaemon once restore started it
-        self.worker: criu.Worker | None = None  # the criu that will restore a copy, if started
+        self.worker: criu.Worker | None = None  # the criu that will restore the image, if started
         self.restore_ms: dict[str, float] = {}  # lazy: the restore's split (lazyxfer.restore_lazy)
         # called by the receiving thread once the image is verified and OK sent (lazyxfer
         # starts criu lazy-pages then, while the source's reply and the gateway's Restore

@@ -342,9 +342,9 @@ class ProcessSteps:
         rx = k.imagexfer.start_receive(self._images_dir(cmd.service, "in"), cmd.address, cmd.source_address)
         if self._lazy_pages_here():  # a lazy image: criu lazy-pages starts once it is verified
             rx.on_verified = k.lazyxfer.start_daemon
-        # the criu that will restore a copied image, started now, not in the freeze (not
-        # waited for: it is ready long before the image is); it holds the copy's output
-        # pipe, which the restore request names (criu.Worker)
+        # the criu that will restore the image (copied or lazy), started now, not in the
+        # freeze (not waited for: it is ready long before the image is); it holds the
+        # copy's output pipe, which the restore request names (criu.Worker)
         rx.worker = k.criu.start_worker(output_pipe=True, wait=False)
         if self._armed_fault("image.receive") == "cut":
             def cut() -> None:  # as soon as the first bytes are here, the link is cut
