@@ -31,6 +31,7 @@ is nodeshim.proctree.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -360,6 +361,22 @@ def available() -> tuple[bool, str]:
     return True, f"criu {shown}"
 
 
+@contextlib.contextmanager
+def _watching(pid: int, while_running: Callable[[int, threading.Event], None] | None):
+    """while_running(pid, stop) in a thread for the duration of the block (then stop set, joined)."""
+    if while_running is None:
+        yield
+        return
+    stop = threading.Event()
+    helper = threading.Thread(target=while_running, args=(pid, stop), daemon=True)
+    helper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        helper.join()
+
+
 def _run_criu(operation: str, args: list[str], log_path: str, pass_fds: Sequence[int] = (),
               while_running: Callable[[int, threading.Event], None] | None = None) -> None:
     """Run criu to the end; KernelError with its reason if it fails. while_running(pid,
@@ -369,21 +386,13 @@ def _run_criu(operation: str, args: list[str], log_path: str, pass_fds: Sequence
                                 stderr=subprocess.PIPE, text=True, pass_fds=tuple(pass_fds), env=run_env())
     except OSError as e:
         raise KernelError(operation, e.errno, f"cannot run {args[0]}") from None
-    stop = threading.Event()
-    helper = None
-    if while_running is not None:
-        helper = threading.Thread(target=while_running, args=(proc.pid, stop), daemon=True)
-        helper.start()
     try:
-        _, err = proc.communicate(timeout=CRIU_TIMEOUT_S)
+        with _watching(proc.pid, while_running):
+            _, err = proc.communicate(timeout=CRIU_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
         raise KernelError(operation, None, f"criu did not finish in {CRIU_TIMEOUT_S:.0f} s") from None
-    finally:
-        stop.set()
-        if helper is not None:
-            helper.join()
     if proc.returncode != 0:
         raise KernelError(operation, None, failure_reason(_read_log(log_path) + err, proc.returncode))
 
@@ -422,6 +431,7 @@ class Worker:
         finally:
             theirs.close()
         self._sock: socket.socket | None = ours
+        self._ready = False
         try:
             ours.send(criurpc.version_request())  # answered once criu waits for work
         except OSError as e:
@@ -434,6 +444,8 @@ class Worker:
         sock = self._sock
         if sock is None:
             raise KernelError("criu swrk", None, "criu worker closed")
+        if self._ready:
+            return
         try:
             sock.settimeout(timeout)
             answer = criurpc.decode_answer(sock.recv(criurpc.MAX_ANSWER + 1))
@@ -442,6 +454,7 @@ class Worker:
         except (OSError, ValueError) as e:
             self.close()
             raise KernelError("criu swrk", None, f"criu did not answer its version request: {e}") from None
+        self._ready = True
 
     def take_output_pipe(self) -> tuple[int, int]:
         """(read end, write end) of the pipe made at the start: the caller's from now on."""
@@ -458,25 +471,17 @@ class Worker:
         sock = self._sock
         if sock is None:
             raise KernelError(operation, None, "criu worker already used")
-        stop = threading.Event()
-        helper = None
-        if while_running is not None:
-            helper = threading.Thread(target=while_running, args=(self.proc.pid, stop), daemon=True)
-            helper.start()
         try:
-            sock.settimeout(timeout)
-            sock.send(request)
-            data = sock.recv(criurpc.MAX_ANSWER + 1)
+            with _watching(self.proc.pid, while_running):
+                sock.settimeout(timeout)
+                sock.send(request)
+                data = sock.recv(criurpc.MAX_ANSWER + 1)
         except socket.timeout:
             self._kill()
             raise KernelError(operation, None, f"criu did not answer in {timeout:.0f} s") from None
         except OSError as e:
             data = b""
             log.warning("%s: criu worker: %s", operation, e)
-        finally:
-            stop.set()
-            if helper is not None:
-                helper.join()
         if not data:  # criu ended without an answer: its log says why
             self._reap(1.0)
             raise KernelError(operation, None, failure_reason(_read_log(log_path), self.proc.returncode))
@@ -658,6 +663,8 @@ def dump(pid: int, images_dir: str, *, netns_path: str | None = None, leave_stop
     if worker is not None and (tls is not None or extra or (page_server and ps_socket is None)):
         worker.close()
         worker = None
+    elif worker is not None:
+        worker = worker_ready(worker)
     start = time.monotonic()
     try:
         if worker is not None:
@@ -780,6 +787,8 @@ def restore(images_dir: str, *, pidfile: str, netns_path: str | None = None,
     if worker is not None and (extra or not detach):
         worker.close()
         worker = None
+    elif worker is not None:
+        worker = worker_ready(worker)  # started ahead (with the image receiver): ready long since
     start = time.monotonic()
     pid = None
     how = "its worker" if worker is not None else "a command"

@@ -437,8 +437,6 @@ def restore(receiver: Receiver, *, pidfile: str, netns_path: str | None = None,
     holds at those numbers)."""
     receiver.wait(timeout)
     worker, receiver.worker = receiver.worker, None
-    if worker is not None:
-        worker = criu.worker_ready(worker)  # started with the receiver: ready long since
     return criu.restore(receiver.images_dir, pidfile=pidfile, netns_path=netns_path,
                         inherit_fds=inherit_fds, tcp_close=criutcp.in_image(receiver.images_dir),
                         worker=worker)

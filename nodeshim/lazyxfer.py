@@ -133,9 +133,6 @@ def restore_lazy(receiver: Receiver, *, pidfile: str, netns_path: str | None = N
     if not receiver.lazy or (receiver.pages_conn is None and receiver.lazy_daemon is None):
         raise KernelError("criu restore", None, "the image is not a lazy one")
     worker, receiver.worker = getattr(receiver, "worker", None), None  # see imagexfer.restore
-    if worker is not None and extra:
-        worker.close()  # a fault's argument: the command line
-        worker = None
     early = receiver.lazy_daemon is not None  # start_daemon ran when the image was verified
     start_daemon(receiver, netns_path)
     daemon = receiver.lazy_daemon
@@ -145,7 +142,7 @@ def restore_lazy(receiver: Receiver, *, pidfile: str, netns_path: str | None = N
         t1 = time.monotonic()
         pid = criu.restore(receiver.images_dir, pidfile=pidfile, netns_path=netns_path,
                            inherit_fds=inherit_fds, lazy_pages=True, extra=extra,
-                           worker=criu.worker_ready(worker) if worker is not None else None)
+                           worker=worker)
         receiver.restore_ms = {"lazy_daemon": round((t1 - t0) * 1000, 2), "lazy_daemon_early": early,
                                "criu_restore": round((time.monotonic() - t1) * 1000, 2)}
         return pid
