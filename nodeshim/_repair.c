@@ -741,6 +741,17 @@ static PyMethodDef methods[] = {
     {"check_record", py_check_record, METH_VARARGS, "check_record(record, family): ValueError if bad"},
     {"unpack_many", py_unpack_many, METH_VARARGS, "unpack_many(data, family, types) -> list of TcpConnState"},
     {"take_many", py_take_many, METH_VARARGS, "take_many(pidfd, fds, disconnect) -> [(fd, ours, ino, state, family)]"},
+    {"sockopts_many", py_sockopts_many, METH_VARARGS, "sockopts_many(fds, families, mute) -> OPTS_SIZE bytes each"},
+    {"set_sockopts_many", py_set_sockopts_many, METH_VARARGS, "set_sockopts_many(fds, families, blob) -> None"},
+    {"new_sockets", py_new_sockets, METH_VARARGS, "new_sockets(families) -> [fd]"},
+    {"same_files", py_same_files, METH_VARARGS, "same_files(pid, [(our fd, its fd)]) -> [index not the same file]"},
+    {"tracee_attach", py_tracee_attach, METH_VARARGS, "tracee_attach(pid) -> state"},
+    {"tracee_syscall", py_tracee_syscall, METH_VARARGS, "tracee_syscall(pid, state, nr, *args) -> result"},
+    {"tracee_detach", py_tracee_detach, METH_VARARGS, "tracee_detach(pid, state) -> None"},
+    {"vm_write", py_vm_write, METH_VARARGS, "vm_write(pid, addr, data) -> None"},
+    {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},
+    {"fdinfo_flags", py_fdinfo_flags, METH_VARARGS, "fdinfo_flags(pid, fds) -> [flags]"},
+    {"epoll_ctl_as", py_epoll_ctl_as, METH_VARARGS, "epoll_ctl_as(epfd, op, targets, ours, events, data) -> None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -763,7 +774,8 @@ PyMODINIT_FUNC PyInit__repair(void)
     }
     /* ABI: what nodeshim/repairc.py expects of this module's calls; bump it with them */
     if (PyModule_AddIntConstant(m, "HEAD4", HEAD4) < 0 || PyModule_AddIntConstant(m, "HEAD6", HEAD6) < 0
-        || PyModule_AddIntConstant(m, "ABI", 5) < 0) {
+        || PyModule_AddIntConstant(m, "OPTS_SIZE", repair_opts_size()) < 0
+        || PyModule_AddIntConstant(m, "ABI", 6) < 0) {
         Py_DECREF(m);
         return NULL;
     }

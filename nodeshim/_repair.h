@@ -103,4 +103,20 @@ int repair_format_init(void);
 /* _repair_take.c */
 PyObject *py_take_many(PyObject *self, PyObject *args);
 
+/* _repair_opts.c */
+PyObject *py_sockopts_many(PyObject *self, PyObject *args);
+PyObject *py_set_sockopts_many(PyObject *self, PyObject *args);
+PyObject *py_same_files(PyObject *self, PyObject *args);
+PyObject *py_new_sockets(PyObject *self, PyObject *args);
+int repair_opts_size(void);
+
+/* _repair_inject.c */
+PyObject *py_tracee_attach(PyObject *self, PyObject *args);
+PyObject *py_tracee_syscall(PyObject *self, PyObject *args);
+PyObject *py_tracee_detach(PyObject *self, PyObject *args);
+PyObject *py_vm_write(PyObject *self, PyObject *args);
+PyObject *py_vm_read(PyObject *self, PyObject *args);
+PyObject *py_epoll_ctl_as(PyObject *self, PyObject *args);
+PyObject *py_fdinfo_flags(PyObject *self, PyObject *args);
+
 #endif

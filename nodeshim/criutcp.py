@@ -37,23 +37,31 @@ makes criu move the connections itself (before/after measurements).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
 from clustercore.errors import KernelError
+from clustercore.fastpath import MUTE_MARK
 from clustercore.sockwire import pack_connections, unpack_connections
-from nodeshim import pidfd, proctree, repairc, tcprepair
+from nodeshim import fdmove, pidfd, proctree, repairc, tcprepair
 
 log = logging.getLogger("vipcluster.criutcp")
 
 FILE = "vipcluster-tcp.img"   # in the image directory, sent and verified with criu's files
 MAGIC = b"VIPTCP1\n"
+MAGIC3 = b"VIPTCP3\n"  # the records, then each one's file flags and socket options, then the epoll registrations
+OPTS_SIZE = 112  # nodeshim/_repair_opts.c's bytes of options per connection (checked at import)
+_CONN = struct.Struct("!IB")  # file flags (O_CLOEXEC: the descriptor's), IP version; then the options
+_REG = struct.Struct("!iiiIQ")  # PID in the program's namespace, epoll fd, target fd, events, data
 ENV = "VIPCLUSTER_CRIU_TCP"
+HIDE_ENV = "VIPCLUSTER_CRIU_HIDE"
 _LEN = struct.Struct("!I")
 _FAMILIES = ((socket.AF_INET, 4), (socket.AF_INET6, 6))
 # include/net/tcp_states.h
@@ -62,11 +70,21 @@ _TCP_INFO = 11
 _MAXSEG_MAX = 32767  # MAX_TCP_WINDOW: the largest TCP_MAXSEG the kernel takes (tcprepair sets it)
 _UNSPEC = struct.pack("=H", socket.AF_UNSPEC) + bytes(14)  # a sockaddr of family AF_UNSPEC
 _libc = ctypes.CDLL(None, use_errno=True)
+if repairc.ext is not None and repairc.ext.OPTS_SIZE != OPTS_SIZE:
+    raise ImportError(f"nodeshim._repair carries {repairc.ext.OPTS_SIZE} bytes of options, criutcp {OPTS_SIZE}")
+_F_SETFL_MASK = os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_ASYNC", 0o20000) | os.O_DIRECT | os.O_NOATIME
 
 
 def enabled() -> bool:
     """Do we move the connections (default), or criu (VIPCLUSTER_CRIU_TCP=criu)?"""
     return os.environ.get(ENV, "").lower() != "criu"
+
+
+def hide_enabled() -> bool:
+    """Do we take the connections out of the program before criu looks (nodeshim.fdmove)?
+    Only with VIPCLUSTER_CRIU_HIDE=on in the agents' environment (an experiment: while
+    they are out, an agent that dies takes them with it; docs/performance.md)."""
+    return enabled() and repairc.ext is not None and os.environ.get(HIDE_ENV, "").lower() == "on"
 
 
 def in_image(images_dir: str) -> bool:
@@ -124,6 +142,82 @@ def decode(data: bytes) -> list:
     if off != len(data):
         raise ValueError(f"{FILE}: {len(data) - off} bytes after the records")
     return states
+
+
+@dataclass(frozen=True)
+class Hidden:
+    """FILE v3's extras, in the records' order (IPv4 first): each connection's file flags
+    and socket options (OPTS_SIZE bytes each); and the program's epoll registrations of
+    them: (PID in its namespace, Registration)."""
+    flags: list[int]
+    options: bytes
+    registrations: list[tuple[int, fdmove.Registration]]
+
+
+def _grouped(states, extras):
+    for family, fam in _FAMILIES:
+        mine = [i for i, s in enumerate(states) if s.family == fam]
+        yield [states[i] for i in mine], [extras[i] for i in mine]
+
+
+def encode3(states, flags: list[int], options: bytes, regs: list[tuple[int, fdmove.Registration]]) -> bytes:
+    """FILE v3: MAGIC3, the records as v1, then a count and each connection's flags, IP
+    version and options (records' order), then a count and the epoll registrations."""
+    if len(flags) != len(states) or len(options) != OPTS_SIZE * len(states):
+        raise ValueError("flags and options must be one per connection")
+    extras = [(f, options[i * OPTS_SIZE:(i + 1) * OPTS_SIZE]) for i, f in enumerate(flags)]
+    out, tail = [MAGIC3], []
+    for group, more in _grouped(states, extras):
+        packed = pack_connections(group)
+        out += [_LEN.pack(len(packed)), packed]
+        tail += [b"".join((_CONN.pack(f, st.family), o)) for st, (f, o) in zip(group, more)]
+    out += [_LEN.pack(len(states)), *tail, _LEN.pack(len(regs))]
+    out += [_REG.pack(nspid, r.epfd, r.tfd, r.events, r.data) for nspid, r in regs]
+    return b"".join(out)
+
+
+def decode3(data: bytes) -> tuple[list, Hidden]:
+    """FILE v3 back (each field checked, as a peer's): (TcpConnState, IPv4 first; Hidden);
+    ValueError."""
+    if not data.startswith(MAGIC3):
+        raise ValueError(f"{FILE}: not our format v3")
+    off, states = len(MAGIC3), []
+    for _, fam in _FAMILIES:
+        if len(data) - off < _LEN.size:
+            raise ValueError(f"{FILE}: truncated")
+        (n,) = _LEN.unpack_from(data, off)
+        off += _LEN.size
+        if len(data) - off < n:
+            raise ValueError(f"{FILE}: truncated records")
+        states += unpack_connections(data[off:off + n], fam)
+        off += n
+    if len(data) - off < _LEN.size:
+        raise ValueError(f"{FILE}: truncated")
+    (n,) = _LEN.unpack_from(data, off)
+    off += _LEN.size
+    each = _CONN.size + OPTS_SIZE
+    if n != len(states) or len(data) - off < n * each + _LEN.size:
+        raise ValueError(f"{FILE}: extras for {n} connections, {len(states)} records")
+    flags, opts = [], []
+    for st in states:
+        f, fam = _CONN.unpack_from(data, off)
+        if fam != st.family:
+            raise ValueError(f"{FILE}: the extras' IP versions are not the records'")
+        flags.append(f)
+        opts.append(data[off + _CONN.size:off + each])
+        off += each
+    (m,) = _LEN.unpack_from(data, off)
+    off += _LEN.size
+    if len(data) - off != m * _REG.size:
+        raise ValueError(f"{FILE}: {len(data) - off} bytes of epoll registrations, not {m} x {_REG.size}")
+    regs = []
+    for _ in range(m):
+        nspid, epfd, tfd, events, d = _REG.unpack_from(data, off)
+        off += _REG.size
+        if nspid <= 0 or epfd < 0 or tfd < 0 or epfd == tfd:
+            raise ValueError(f"{FILE}: a bad epoll registration ({nspid}, {epfd}, {tfd})")
+        regs.append((nspid, fdmove.Registration(epfd, tfd, events, d, 0)))
+    return states, Hidden(flags, b"".join(opts), regs)
 
 
 @dataclass(frozen=True)
@@ -207,29 +301,145 @@ def _close(taken) -> None:
 
 class Taken:
     """A stopped, held tree's established connections, taken (descriptors of ours) and
-    not yet dumped: `dump` them (in a thread while criu dumps the rest: they are
-    criu's no longer), then `close` (the program keeps its sockets)."""
+    not yet dumped: `hide` them from criu (out of the program), `dump` them (in a thread
+    while criu dumps the rest: they are criu's no longer), then `close` (the program keeps
+    its sockets; hidden ones are kept until `release` or `put_back`)."""
 
-    def __init__(self, root: int, socks: list[_Fd], names: list[str], taken: list) -> None:
+    def __init__(self, root: int, socks: list[_Fd], names: list[str], taken: list,
+                 where: list[tuple[int, int, int, int]] | None = None) -> None:
         self.root, self.socks, self.names, self._taken = root, socks, names, taken
+        self.where = where or []  # per sock: (host pid, its fd, inode, IP version)
+        self.hidden: dict[int, tuple[dict[int, int], list[fdmove.Registration], set[int]]] = {}
+        self.flags: list[int] = []
+        self._regs: list[tuple[int, fdmove.Registration]] = []
+        self.hide_done = threading.Event()  # hide() has decided (the dump's file waits for it)
+        self.hide_done.set()  # nothing to wait for, unless expect_hide() said hide() will run
+
+    def expect_hide(self) -> None:
+        """hide() will run beside dump(): the dump's file waits for its decision."""
+        self.hide_done.clear()
+
+    def hide(self) -> float | None:
+        """Take the connections out of the stopped program (nodeshim.fdmove) so criu never
+        sees them. None (nothing changed) when switched off or when one cannot be: a socket
+        at two descriptors, an epoll entry not of the socket at its number, a file owner
+        (F_SETOWN). Returns the ms it took. KernelError if it failed (undone)."""
+        try:
+            return self._hide()
+        finally:
+            self.hide_done.set()
+
+    def _hide(self) -> float | None:
+        if not hide_enabled() or len(self.where) != len(self.socks) or not self.socks:
+            return None
+        t0 = time.monotonic()
+        import fcntl
+        by_pid: dict[int, dict[int, int]] = {}
+        inode: dict[tuple[int, int], int] = {}
+        for sock, (pid, target, ino, _) in zip(self.socks, self.where):
+            by_pid.setdefault(pid, {})[target] = sock.fd
+            inode[(pid, target)] = ino
+        if len({ino for _, _, ino, _ in self.where}) != len(self.where):
+            return None
+        for sock in self.socks:
+            if fcntl.fcntl(sock.fd, fcntl.F_GETOWN) != 0:
+                return None
+        plan = []
+        t1 = time.monotonic()
+        for pid, ours in by_pid.items():
+            regs = [r for r in fdmove.registrations(pid, skip=set(ours)) if r.tfd in ours]
+            if any(r.ino != inode[(pid, r.tfd)] for r in regs):
+                log.info("pid %d: an epoll entry is not of the socket at its number: criu sees the connections", pid)
+                return None
+            try:
+                targets = list(ours)
+                flags = [f for part in repairc.in_halves(targets, lambda t: repairc.ext.fdinfo_flags(pid, list(t)))
+                         for f in part]
+            except OSError as e:
+                raise KernelError("read fd flags", e.errno, f"pid {pid}: {e.filename}") from None
+            plan.append((pid, ours, regs, dict(zip(targets, flags))))
+        done = []
+        t2 = time.monotonic()
+        try:
+            for pid, ours, regs, flags in plan:
+                fdmove.take_out(pid, ours, regs)
+                done.append((pid, ours, regs, flags))
+        except BaseException:
+            for pid, ours, regs, flags in done:
+                fdmove.put_back(pid, ours, regs, {n for n, f in flags.items() if f & os.O_CLOEXEC})
+            raise
+        nspid = {pid: ns_pid(pid) for pid in by_pid}
+        flag_of = {}
+        for pid, ours, regs, flags in plan:
+            self.hidden[pid] = (ours, regs, {n for n, f in flags.items() if f & os.O_CLOEXEC})
+            self._regs += [(nspid[pid], r) for r in regs]
+            for n, f in flags.items():
+                flag_of[(pid, n)] = f
+        self.flags = [flag_of[(pid, target)] for pid, target, _, _ in self.where]
+        t3 = time.monotonic()
+        log.info("connections out of pid %d: checks %.1f ms, epoll entries and flags read %.1f, taken out %.1f",
+                 self.root, (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
+        return (t3 - t0) * 1000
 
     def dump(self, images_dir: str) -> Dumped:
-        """Repair on and read each (they stay silent), into images_dir/FILE. KernelError
-        if it failed: the C dump is all or none, the sockets are as they were."""
+        """Repair on and read each (they stay silent), into images_dir/FILE (v3 with their
+        flags, options and epoll entries when hidden). KernelError if it failed: the C dump
+        is all or none, the sockets are as they were."""
         t0 = time.monotonic()
+        with repairc.one_core() if hide_enabled() else contextlib.nullcontext():  # the other core: hide(), criu
+            return self._dump(images_dir, t0)
+
+    def _dump(self, images_dir: str, t0: float) -> Dumped:
         states = tcprepair.dump_many(self.socks, self.names)
         os.makedirs(images_dir, mode=0o700, exist_ok=True)
         try:
+            opts = None
+            if hide_enabled():  # read while hide() runs; used if it hid them
+                fams = [fam for _, _, _, fam in self.where]
+                try:
+                    idx = list(range(len(self.socks)))
+                    opts = b"".join(repairc.in_halves(idx, lambda part: repairc.ext.sockopts_many(
+                        [self.socks[i].fd for i in part], [fams[i] for i in part], MUTE_MARK)))
+                except OSError as e:
+                    raise KernelError(f"read {e.filename}", e.errno, "a dumped connection") from None
+            self.hide_done.wait()
+            if self.hidden:
+                if opts is None:
+                    raise KernelError("dump_tcp", None, "the connections were hidden but no options read")
+                data = encode3(states, self.flags, opts, self._regs)
+            else:
+                data = encode(states)
             with open(os.path.join(images_dir, FILE), "xb") as f:
-                f.write(encode(states))
+                f.write(data)
         except OSError as e:
             _repair_off(self.socks)
             raise KernelError(f"write {FILE}", e.errno, images_dir) from None
+        except KernelError:
+            _repair_off(self.socks)
+            raise
         return Dumped(len(states), (time.monotonic() - t0) * 1000)
 
     def close(self) -> None:
+        """Our duplicates closed, but those of hidden connections (the program has them no
+        more: `release` or `put_back`)."""
+        keep = {fd for ours, _, _ in self.hidden.values() for fd in ours.values()}
         taken, self._taken = self._taken, []
-        _close(taken)
+        _close([t for t in taken if t[1] not in keep])
+
+    def put_back(self) -> None:
+        """Rolling back: the hidden connections into the source again, at their numbers,
+        in their epolls (still in repair mode: proctree.thaw turns it off)."""
+        for pid, (ours, regs, cloexec) in self.hidden.items():
+            fdmove.put_back(pid, ours, regs, cloexec)
+        self.release()
+
+    def release(self) -> None:
+        """The hidden connections' last descriptors closed: silent (repair mode) once the
+        copy has them, or after put_back (the program has them again)."""
+        hidden, self.hidden = self.hidden, {}
+        for ours, _, _ in hidden.values():
+            for fd in ours.values():
+                os.close(fd)
 
 
 def take_tree(root: int) -> Taken | None:
@@ -240,20 +450,24 @@ def take_tree(root: int) -> Taken | None:
     taken: list = []
     socks: list[_Fd] = []
     names: list[str] = []
+    where: list[tuple[int, int, int, int]] = []
     seen: set[int] = set()
     try:
         for pid in proctree.tree_pids(root):
             nspid = ns_pid(pid)
             mine = _take(pid, None, False)
             taken += mine
-            for target, fd, ino, state, _, mss in mine:
+            for target, fd, ino, state, family, mss in mine:
                 if ino in seen:
+                    if state == _ESTABLISHED:
+                        where.append((0, 0, 0, 0))  # at two descriptors: not hidden (hide checks)
                     continue  # shared with a process taken already: one record per socket
                 seen.add(ino)
                 why = None
                 if state == _ESTABLISHED:
                     socks.append(_Fd(fd))
                     names.append(_name(nspid, target))
+                    where.append((pid, target, ino, 6 if family == socket.AF_INET6 else 4))
                     if mss > _MAXSEG_MAX:
                         why = f"MSS {mss}"
                 elif state not in (_LISTEN, _CLOSE):
@@ -268,7 +482,7 @@ def take_tree(root: int) -> Taken | None:
     if not socks:
         _close(taken)
         return None
-    return Taken(root, socks, names, taken)
+    return Taken(root, socks, names, taken, where)
 
 
 def dump_tree(root: int, images_dir: str) -> Dumped | None:
@@ -294,6 +508,8 @@ def restore_tree(root: int, images_dir: str) -> int:
         return 0
     except OSError as e:
         raise KernelError(f"read {FILE}", e.errno, images_dir) from None
+    if data.startswith(MAGIC3):
+        return _restore_hidden(root, data)
     try:
         states = decode(data)
         wanted = [_parse_name(st.name) for st in states]
@@ -325,3 +541,114 @@ def restore_tree(root: int, images_dir: str) -> int:
     finally:
         _close(taken)
     return len(states)
+
+
+class Prebuilt:
+    """FILE v3's connections rebuilt in new sockets of ours while criu restores the program
+    (a thread, one core: criu has the other): decoded, each rebuilt (repair on: silent),
+    its options and file flags set. `finish` then puts them into the stopped copy at their
+    numbers and in its epolls (nodeshim.fdmove) and thaws them; `discard` on a failure."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.states: list = []
+        self.hidden: Hidden | None = None
+        self.fds: list[int] = []
+        self.ms = 0.0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._build, name="tcp prebuild", daemon=True)
+        self._thread.start()
+
+    def _build(self) -> None:
+        t0 = time.monotonic()
+        try:
+            with repairc.one_core():
+                self._rebuild()
+        except BaseException as e:  # raised by finish
+            self._error = e
+        self.ms = (time.monotonic() - t0) * 1000
+
+    def _rebuild(self) -> None:
+        try:
+            self.states, self.hidden = decode3(self.data)
+            for st in self.states:
+                _parse_name(st.name)
+        except ValueError as e:
+            raise KernelError("restore_tcp", None, str(e)) from None
+        fams = [st.family for st in self.states]
+        try:
+            self.fds = repairc.ext.new_sockets(fams)
+        except OSError as e:
+            raise KernelError("restore_tcp: socket", e.errno, f"{len(fams)} sockets") from None
+        socks = [_Fd(fd) for fd in self.fds]
+        tcprepair.restore_many_into(socks, self.states)
+        try:
+            repairc.ext.set_sockopts_many(self.fds, fams, self.hidden.options)
+        except OSError as e:
+            raise KernelError(f"set {e.filename}", e.errno, "a restored connection") from None
+        import fcntl
+        for fd, flags in zip(self.fds, self.hidden.flags):
+            if flags & _F_SETFL_MASK:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & _F_SETFL_MASK)
+
+    def finish(self, root: int) -> int:
+        """After criu's restore: each connection into the stopped copy, then thawed; ours
+        closed. Returns how many. KernelError on a failure (the caller silences and kills
+        the copy, then discards)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        host = {ns_pid(pid): pid for pid in proctree.tree_pids(root)}
+        wanted = [_parse_name(st.name) for st in self.states]
+        missing = {nspid for nspid, _ in wanted} - set(host)
+        if missing:
+            raise KernelError("restore_tcp", None, f"the copy has no process {min(missing)} (namespace PID)")
+        per_pid: dict[int, dict[int, int]] = {}
+        cloexec: dict[int, set[int]] = {}
+        for (nspid, target), fd, flags in zip(wanted, self.fds, self.hidden.flags):
+            per_pid.setdefault(nspid, {})[target] = fd
+            if flags & os.O_CLOEXEC:
+                cloexec.setdefault(nspid, set()).add(target)
+        for nspid, ours in per_pid.items():
+            regs = [r for n, r in self.hidden.registrations if n == nspid]
+            fdmove.put_back(host[nspid], ours, regs, cloexec.get(nspid, set()))
+        fds, self.fds = self.fds, []
+        try:
+            tcprepair.thaw_many([_Fd(fd) for fd in fds], self.states)
+        finally:
+            for fd in fds:
+                os.close(fd)  # the copy has them
+        return len(self.states)
+
+    def discard(self) -> None:
+        """Ours closed silently (repair mode) once the thread is done with them."""
+        self._thread.join()
+        fds, self.fds = self.fds, []
+        if fds:
+            try:
+                tcprepair.close_many([_Fd(fd) for fd in fds])
+            except KernelError as e:
+                log.error("closing our rebuilt connections: %s: %s", e.operation, e.detail)
+
+
+def prebuild(images_dir: str) -> Prebuilt | None:
+    """A copied image's FILE v3 (its connections hidden from criu): their rebuild started
+    (see Prebuilt); None when the image has no such file."""
+    if repairc.ext is None:
+        return None
+    try:
+        with open(os.path.join(images_dir, FILE), "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return Prebuilt(data) if data.startswith(MAGIC3) else None
+
+
+def _restore_hidden(root: int, data: bytes) -> int:
+    """FILE v3 without a prebuild: built and put in now."""
+    pre = Prebuilt(data)
+    try:
+        return pre.finish(root)
+    except BaseException:
+        pre.discard()
+        raise

@@ -617,6 +617,9 @@ class MigrationAgent(ProcessSteps):
     def _stop_instance(self, cmd: nc.StopInstance) -> None:
         self.starting.pop(getattr(cmd.instance, "pid", None), None)
         self.kernel.services.kill(cmd.instance)
+        hidden = self._hidden_tcp().pop(getattr(cmd.instance, "pid", None), None)
+        if hidden is not None:  # the copy has them now: our last duplicates, closed silently
+            hidden.release()
         name = getattr(getattr(cmd.instance, "service", None), "name", None)
         if name is not None:
             self.leftovers.record_restored(name, None)

@@ -49,8 +49,9 @@ class ImageLink:
 class OwnTcpDump:
     """nodeshim.criutcp's dump of a tree's connections, in a thread beside criu's dump."""
 
-    def __init__(self, service: str, taken, images: str, take_ms: float) -> None:
+    def __init__(self, service: str, taken, images: str, take_ms: float, hide_ms: float | None = None) -> None:
         self.service, self.taken, self.images, self.take_ms = service, taken, images, take_ms
+        self.hide_ms = hide_ms
         self.dumped, self.error = None, None
         self.thread = threading.Thread(target=self._run, name=f"tcp dump {service}", daemon=True)
         self.thread.start()
@@ -72,6 +73,8 @@ class OwnTcpDump:
     def timing_ms(self) -> dict[str, float]:
         """For the freeze's split: our take (inside the freeze, before criu starts) and dump."""
         out = {"tcp_take": round(self.take_ms, 2)}
+        if self.hide_ms is not None:
+            out["tcp_hide"] = round(self.hide_ms, 2)
         if self.dumped is not None:
             out["tcp_dump"] = round(self.dumped.ms, 2)
         return out
@@ -115,6 +118,10 @@ class ProcessSteps:
         if fault == "die-before":
             self._die()
         tree = self.kernel.proctree
+        if not cmd.restored:
+            hidden = self._hidden_tcp().pop(cmd.instance.pid, None)
+            if hidden is not None:  # rolling back: its connections into the program again
+                hidden.put_back()
         thawed = (tree.resume if cmd.restored else tree.thaw)(cmd.instance.pid)
         if fault == "die":
             self._die()
@@ -262,9 +269,31 @@ class ProcessSteps:
             log.warning("%s: cannot take the TCP sockets (%s: %s); criu moves the connections",
                         rs.service.name, e.operation, e.detail)
             return None
-        return None if taken is None else OwnTcpDump(rs.service.name, taken, images, (time.monotonic() - t0) * 1000)
+        if taken is None:
+            return None
+        hide = getattr(taken, "hide", None)  # VIPCLUSTER_CRIU_HIDE=on (nodeshim.fdmove)
+        if hide is not None:
+            taken.expect_hide()
+        own_dump = OwnTcpDump(rs.service.name, taken, images, (time.monotonic() - t0) * 1000)
+        try:  # beside our dump's thread: its file waits for this
+            own_dump.hide_ms = hide() if hide is not None else None
+        except KernelError as e:
+            log.warning("%s: cannot take the connections out of the program (%s: %s); criu sees them",
+                        rs.service.name, e.operation, e.detail)
+        if own_dump.hide_ms is not None:
+            self._hidden_tcp()[rs.pid] = taken
+            log.info("%s: %d connections taken out of the program in %.1f ms (criu will not see them)",
+                     rs.service.name, len(taken.socks), own_dump.hide_ms)
+        return own_dump
 
-    def _restore_own_tcp(self, service: str, pid: int, images_dir: str) -> float | None:
+    def _hidden_tcp(self) -> dict:
+        """{source pid: criutcp.Taken} whose connections are out of the program until the
+        migration ends: released at its StopInstance, put back at its rollback's thaw."""
+        if not hasattr(self, "_hidden_by_pid"):
+            self._hidden_by_pid = {}
+        return self._hidden_by_pid
+
+    def _restore_own_tcp(self, service: str, pid: int, images_dir: str, pre=None) -> float | None:
         """After criu restore --tcp-close: our connections into the stopped copy's sockets
         (nodeshim.criutcp). On failure the copy is silenced and killed, and the step fails
         (the source still holds every connection and rolls back). Returns how long it took
@@ -272,8 +301,10 @@ class ProcessSteps:
         k = self.kernel
         t0 = time.monotonic()
         try:
-            n = k.criutcp.restore_tree(pid, images_dir)
+            n = pre.finish(pid) if pre is not None else k.criutcp.restore_tree(pid, images_dir)
         except BaseException:
+            if pre is not None:
+                pre.discard()
             k.proctree.silence(pid)  # repair on: killed, it says nothing to the source's peers
             try:
                 k.pidfd.send_signal(pid, signal.SIGKILL)
@@ -388,10 +419,17 @@ class ProcessSteps:
                 lazy = getattr(cmd.receiver, "lazy", False)
                 restore = k.lazyxfer.restore_lazy if lazy else k.imagexfer.restore
                 t0 = time.monotonic()
-                pid = restore(cmd.receiver, pidfile=pidfile, inherit_fds=inherit, timeout=IMAGE_TIMEOUT_S)
+                prebuild = None if lazy else getattr(k.criutcp, "prebuild", None)
+                pre = prebuild(cmd.receiver.images_dir) if prebuild else None  # beside criu's restore
+                try:
+                    pid = restore(cmd.receiver, pidfile=pidfile, inherit_fds=inherit, timeout=IMAGE_TIMEOUT_S)
+                except BaseException:
+                    if pre is not None:
+                        pre.discard()
+                    raise
                 timing["criu_restore"] = round((time.monotonic() - t0) * 1000, 2)
                 if not lazy:
-                    own_ms = self._restore_own_tcp(svc.name, pid, cmd.receiver.images_dir)
+                    own_ms = self._restore_own_tcp(svc.name, pid, cmd.receiver.images_dir, pre)
                     if own_ms is not None:
                         timing["tcp_restore"] = round(own_ms, 2)
         except BaseException:

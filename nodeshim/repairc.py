@@ -23,9 +23,11 @@ the KernelError / HalfClosedError the Python path raises, with the same step nam
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import socket
+import threading
 from typing import Callable, Sequence, TypeVar
 
 from clustercore.errors import KernelError
@@ -37,7 +39,7 @@ from clustercore.sockwire import KEEP_RECORD_MAX, _ip_text, pack_connection
 log = logging.getLogger("vipcluster.tcprepair")
 
 
-ABI = 5  # the calls this module makes of nodeshim._repair (its ABI constant)
+ABI = 6  # the calls this module makes of nodeshim._repair (its ABI constant)
 
 try:
     from nodeshim import _repair as ext
@@ -141,6 +143,21 @@ def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None
     return [st for _, states in halves for st in states]
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def one_core():
+    """In this thread, in_halves runs whole lists on this core alone (work done beside
+    criu leaves criu the other core)."""
+    before = getattr(_local, "one_core", False)
+    _local.one_core = True
+    try:
+        yield
+    finally:
+        _local.one_core = before
+
+
 def in_halves(items: Sequence, run: Callable[[Sequence], T],
               undo: Callable[[T], None] | None = None) -> tuple[T, ...]:
     """run(items), or run on each half of a list of PARALLEL_MIN or more at once (the
@@ -148,7 +165,7 @@ def in_halves(items: Sequence, run: Callable[[Sequence], T],
     their syscalls, so the halves use two cores). Both halves always finish. If one
     failed, its exception is raised (the first half's if both did) and the other half's
     result, if it had one, is given to undo: all or none, as one run over the list."""
-    if len(items) < PARALLEL_MIN:
+    if len(items) < PARALLEL_MIN or getattr(_local, "one_core", False):
         return (run(items),)
     half = len(items) // 2
     second = _pool().submit(run, items[half:])
