@@ -549,8 +549,8 @@ class Prebuilt:
     its options and file flags set. `finish` then puts them into the stopped copy at their
     numbers and in its epolls (nodeshim.fdmove) and thaws them; `discard` on a failure."""
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    def __init__(self, data: bytes, netns: str | None = None) -> None:
+        self.data, self.netns = data, netns  # netns: where the copy runs (None: ours)
         self.states: list = []
         self.hidden: Hidden | None = None
         self.fds: list[int] = []
@@ -577,7 +577,8 @@ class Prebuilt:
             raise KernelError("restore_tcp", None, str(e)) from None
         fams = [st.family for st in self.states]
         try:
-            self.fds = repairc.ext.new_sockets(fams)
+            with pidfd.in_netns(self.netns):
+                self.fds = repairc.ext.new_sockets(fams)
         except OSError as e:
             raise KernelError("restore_tcp: socket", e.errno, f"{len(fams)} sockets") from None
         socks = [_Fd(fd) for fd in self.fds]
@@ -646,7 +647,7 @@ def prebuild(images_dir: str) -> Prebuilt | None:
 
 def _restore_hidden(root: int, data: bytes) -> int:
     """FILE v3 without a prebuild: built and put in now."""
-    pre = Prebuilt(data)
+    pre = Prebuilt(data, f"/proc/{root}/ns/net")
     try:
         return pre.finish(root)
     except BaseException:
