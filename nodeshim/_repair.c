@@ -750,7 +750,6 @@ static PyMethodDef methods[] = {
     {"tracee_detach", py_tracee_detach, METH_VARARGS, "tracee_detach(pid, state) -> None"},
     {"vm_write", py_vm_write, METH_VARARGS, "vm_write(pid, addr, data) -> None"},
     {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},
-    {"fdinfo_flags", py_fdinfo_flags, METH_VARARGS, "fdinfo_flags(pid, fds) -> [flags]"},
     {"epoll_ctl_as", py_epoll_ctl_as, METH_VARARGS, "epoll_ctl_as(epfd, op, targets, ours, events, data) -> None"},
     {NULL, NULL, 0, NULL},
 };

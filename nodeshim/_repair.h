@@ -117,6 +117,5 @@ PyObject *py_tracee_detach(PyObject *self, PyObject *args);
 PyObject *py_vm_write(PyObject *self, PyObject *args);
 PyObject *py_vm_read(PyObject *self, PyObject *args);
 PyObject *py_epoll_ctl_as(PyObject *self, PyObject *args);
-PyObject *py_fdinfo_flags(PyObject *self, PyObject *args);
 
 #endif

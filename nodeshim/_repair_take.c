@@ -8,18 +8,22 @@
  * node agent's packet loop, which runs meanwhile, waited for the interpreter. Here the
  * loop runs with the interpreter released.
  *
- * take_many(pidfd, target_fds, disconnect) -> [(target_fd, our_fd, inode, tcp_state, family, mss)]
+ * take_many(pidfd, target_fds, disconnect[, fdinfo_pid]) -> [(target_fd, our_fd, inode, tcp_state, family, mss, flags)]
  *   for each target fd that is a TCP socket (AF_INET or AF_INET6, SOCK_STREAM,
  *   IPPROTO_TCP); any other descriptor is closed again, one the target closed meanwhile
  *   (EBADF) is skipped. mss: TCP_MAXSEG of an ESTABLISHED one, else 0. disconnect: also connect(AF_UNSPEC) each one (tcp_disconnect: a
  *   socket criu restored "closed" and shut down becomes a clean unconnected one); the
  *   caller passes this only for sockets that are not connected. The caller owns the
- *   returned descriptors. On an error every descriptor taken is closed and OSError raised
+ *   returned descriptors. flags: with fdinfo_pid (the pidfd's pid), an ESTABLISHED one's
+ *   `flags:` of /proc/PID/fdinfo/FD (its file's flags, O_CLOEXEC the descriptor's), else -1. On an error every descriptor taken is closed and OSError raised
  *   (its filename says which target fd and which step).
  */
 #include "_repair.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -31,12 +35,13 @@
 
 struct taken {
     int target, fd, state, family, mss;
+    long flags;
     unsigned long long ino;
 };
 
 PyObject *py_take_many(PyObject *self, PyObject *args)
 {
-    int pidfd, disconnect, err = 0;
+    int pidfd, disconnect, err = 0, fdinfo_pid = 0, fdinfo_dir = -1;
     PyObject *targets_in, *targets, *out = NULL;
     Py_ssize_t n, i, got = 0;
     int *tv = NULL;
@@ -44,7 +49,7 @@ PyObject *py_take_many(PyObject *self, PyObject *args)
     const char *step = NULL;
     int bad_target = -1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iOp", &pidfd, &targets_in, &disconnect)) return NULL;
+    if (!PyArg_ParseTuple(args, "iOp|i", &pidfd, &targets_in, &disconnect, &fdinfo_pid)) return NULL;
     if (!(targets = PySequence_Fast(targets_in, "target fds must be a sequence"))) return NULL;
     n = PySequence_Fast_GET_SIZE(targets);
     tv = PyMem_New(int, n ? n : 1);
@@ -57,7 +62,13 @@ PyObject *py_take_many(PyObject *self, PyObject *args)
         tv[i] = (int)v;
     }
     Py_BEGIN_ALLOW_THREADS
-    for (i = 0; i < n; i++) {
+    if (fdinfo_pid > 0) {
+        char dir[48];
+        snprintf(dir, sizeof dir, "/proc/%d/fdinfo", fdinfo_pid);
+        fdinfo_dir = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fdinfo_dir < 0) { err = errno; step = "open fdinfo"; }
+    }
+    for (i = 0; !err && i < n; i++) {
         struct stat st;
         struct tcp_info ti;
         socklen_t len;
@@ -103,6 +114,22 @@ PyObject *py_take_many(PyObject *self, PyObject *args)
                 break;
             }
         }
+        tk[got].flags = -1;
+        if (fdinfo_dir >= 0 && ti.tcpi_state == STATE_ESTABLISHED) {  /* the open file's flags, O_CLOEXEC the fd's */
+            char name[16], buf[256], *p;
+            ssize_t r = -1;
+            int f;
+            snprintf(name, sizeof name, "%d", tv[i]);
+            f = openat(fdinfo_dir, name, O_RDONLY | O_CLOEXEC);
+            if (f >= 0) { r = read(f, buf, sizeof buf - 1); close(f); }
+            p = r > 0 ? (buf[r] = 0, strstr(buf, "flags:")) : NULL;
+            if (!p) {
+                err = r < 0 ? errno : EPROTO; step = "fdinfo flags"; bad_target = tv[i];
+                close(fd);
+                break;
+            }
+            tk[got].flags = strtol(p + 6, NULL, 8);
+        }
         tk[got].target = tv[i];
         tk[got].fd = fd;
         tk[got].state = ti.tcpi_state;
@@ -112,6 +139,7 @@ PyObject *py_take_many(PyObject *self, PyObject *args)
     }
     if (err)
         for (i = 0; i < got; i++) close(tk[i].fd);
+    if (fdinfo_dir >= 0) close(fdinfo_dir);
     Py_END_ALLOW_THREADS
     if (err) {
         char what[64];
@@ -122,8 +150,8 @@ PyObject *py_take_many(PyObject *self, PyObject *args)
     }
     if (!(out = PyList_New(got))) goto close_all;
     for (i = 0; i < got; i++) {
-        PyObject *t = Py_BuildValue("(iiKiii)", tk[i].target, tk[i].fd, tk[i].ino, tk[i].state, tk[i].family,
-                                     tk[i].mss);
+        PyObject *t = Py_BuildValue("(iiKiiil)", tk[i].target, tk[i].fd, tk[i].ino, tk[i].state, tk[i].family,
+                                     tk[i].mss, tk[i].flags);
         if (!t) { Py_CLEAR(out); goto close_all; }
         PyList_SET_ITEM(out, i, t);
     }

@@ -248,7 +248,7 @@ class _Fd:
         return self._ask("getpeername")
 
 
-def _take(pid: int, fds: list[int] | None, disconnect: bool) -> list[tuple[int, int, int, int, int, int]]:
+def _take(pid: int, fds: list[int] | None, disconnect: bool, flags: bool = False) -> list[tuple]:
     """The TCP sockets of pid among fds (all when None), as descriptors of ours:
     [(target fd, our fd, inode, TCP state, family, MSS if ESTABLISHED else 0)]. disconnect: connect(AF_UNSPEC) each
     (a restored copy's unconnected sockets only: see the module doc)."""
@@ -261,8 +261,9 @@ def _take(pid: int, fds: list[int] | None, disconnect: bool) -> list[tuple[int, 
     if take is not None:  # nodeshim/_repair_take.c, a long list in two halves at once
         pfd = pidfd.pidfd_open(pid)
         try:
-            return [t for part in repairc.in_halves(fds, lambda part: take(pfd, list(part), disconnect), _close)
-                    for t in part]
+            got = [t for part in repairc.in_halves(
+                fds, lambda part: take(pfd, list(part), disconnect, pid if flags else 0), _close) for t in part]
+            return got if flags else [t[:6] for t in got]
         except OSError as e:
             raise KernelError(f"take sockets of pid {pid}", e.errno, e.filename) from None
         finally:
@@ -278,7 +279,7 @@ def _take(pid: int, fds: list[int] | None, disconnect: bool) -> list[tuple[int, 
                     if disconnect and _libc.connect(sock.fileno(), _UNSPEC, len(_UNSPEC)) < 0:
                         raise KernelError("restore_tcp: AF_UNSPEC connect", ctypes.get_errno(), f"fd {target}")
                     out.append((target, os.dup(sock.fileno()), os.fstat(sock.fileno()).st_ino, state,
-                                int(sock.family), mss))
+                                int(sock.family), mss) + ((-1,) if flags else ()))
     except BaseException:
         _close(out)
         raise
@@ -306,9 +307,9 @@ class Taken:
     its sockets; hidden ones are kept until `release` or `put_back`)."""
 
     def __init__(self, root: int, socks: list[_Fd], names: list[str], taken: list,
-                 where: list[tuple[int, int, int, int]] | None = None) -> None:
+                 where: list[tuple[int, int, int, int, int]] | None = None) -> None:
         self.root, self.socks, self.names, self._taken = root, socks, names, taken
-        self.where = where or []  # per sock: (host pid, its fd, inode, IP version)
+        self.where = where or []  # per sock: (host pid, its fd, inode, IP version, fdinfo flags or -1)
         self.hidden: dict[int, tuple[dict[int, int], list[fdmove.Registration], set[int]]] = {}
         self.flags: list[int] = []
         self._regs: list[tuple[int, fdmove.Registration]] = []
@@ -336,14 +337,18 @@ class Taken:
         import fcntl
         by_pid: dict[int, dict[int, int]] = {}
         inode: dict[tuple[int, int], int] = {}
-        for sock, (pid, target, ino, _) in zip(self.socks, self.where):
+        flags: dict[int, dict[int, int]] = {}
+        for sock, (pid, target, ino, _, fl) in zip(self.socks, self.where):
+            if fl < 0:
+                return None  # at two descriptors, or its flags unread
             by_pid.setdefault(pid, {})[target] = sock.fd
             inode[(pid, target)] = ino
-        if len({ino for _, _, ino, _ in self.where}) != len(self.where):
+            flags.setdefault(pid, {})[target] = fl
+        if len(inode) != len(self.where):
             return None
         for sock in self.socks:
             if fcntl.fcntl(sock.fd, fcntl.F_GETOWN) != 0:
-                return None
+                return None  # a signal owner (F_SETOWN): criu carries that, we do not
         plan = []
         t1 = time.monotonic()
         for pid, ours in by_pid.items():
@@ -351,33 +356,25 @@ class Taken:
             if any(r.ino != inode[(pid, r.tfd)] for r in regs):
                 log.info("pid %d: an epoll entry is not of the socket at its number: criu sees the connections", pid)
                 return None
-            try:
-                targets = list(ours)
-                flags = [f for part in repairc.in_halves(targets, lambda t: repairc.ext.fdinfo_flags(pid, list(t)))
-                         for f in part]
-            except OSError as e:
-                raise KernelError("read fd flags", e.errno, f"pid {pid}: {e.filename}") from None
-            plan.append((pid, ours, regs, dict(zip(targets, flags))))
-        done = []
+            cloexec = {n for n, f in flags[pid].items() if f & os.O_CLOEXEC}
+            plan.append((pid, ours, regs, cloexec))
         t2 = time.monotonic()
+        done = []
         try:
-            for pid, ours, regs, flags in plan:
+            for pid, ours, regs, cloexec in plan:
                 fdmove.take_out(pid, ours, regs)
-                done.append((pid, ours, regs, flags))
+                done.append((pid, ours, regs, cloexec))
         except BaseException:
-            for pid, ours, regs, flags in done:
-                fdmove.put_back(pid, ours, regs, {n for n, f in flags.items() if f & os.O_CLOEXEC})
+            for pid, ours, regs, cloexec in done:
+                fdmove.put_back(pid, ours, regs, cloexec)
             raise
         nspid = {pid: ns_pid(pid) for pid in by_pid}
-        flag_of = {}
-        for pid, ours, regs, flags in plan:
-            self.hidden[pid] = (ours, regs, {n for n, f in flags.items() if f & os.O_CLOEXEC})
+        for pid, ours, regs, cloexec in plan:
+            self.hidden[pid] = (ours, regs, cloexec)
             self._regs += [(nspid[pid], r) for r in regs]
-            for n, f in flags.items():
-                flag_of[(pid, n)] = f
-        self.flags = [flag_of[(pid, target)] for pid, target, _, _ in self.where]
+        self.flags = [fl for *_, fl in self.where]
         t3 = time.monotonic()
-        log.info("connections out of pid %d: checks %.1f ms, epoll entries and flags read %.1f, taken out %.1f",
+        log.info("connections out of pid %d: checks %.1f ms, epoll entries read %.1f, taken out %.1f",
                  self.root, (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
         return (t3 - t0) * 1000
 
@@ -394,8 +391,8 @@ class Taken:
         os.makedirs(images_dir, mode=0o700, exist_ok=True)
         try:
             opts = None
-            if hide_enabled():  # read while hide() runs; used if it hid them
-                fams = [fam for _, _, _, fam in self.where]
+            if hide_enabled() and len(self.where) == len(self.socks):  # read while hide() runs; used if it hid them
+                fams = [w[3] for w in self.where]
                 try:
                     idx = list(range(len(self.socks)))
                     opts = b"".join(repairc.in_halves(idx, lambda part: repairc.ext.sockopts_many(
@@ -450,24 +447,24 @@ def take_tree(root: int) -> Taken | None:
     taken: list = []
     socks: list[_Fd] = []
     names: list[str] = []
-    where: list[tuple[int, int, int, int]] = []
+    where: list[tuple[int, int, int, int, int]] = []
     seen: set[int] = set()
     try:
         for pid in proctree.tree_pids(root):
             nspid = ns_pid(pid)
-            mine = _take(pid, None, False)
+            mine = _take(pid, None, False, flags=hide_enabled())
             taken += mine
-            for target, fd, ino, state, family, mss in mine:
+            for target, fd, ino, state, family, mss, *fdflags in mine:
                 if ino in seen:
                     if state == _ESTABLISHED:
-                        where.append((0, 0, 0, 0))  # at two descriptors: not hidden (hide checks)
+                        where.append((0, 0, 0, 0, -1))  # at two descriptors: not hidden (hide checks)
                     continue  # shared with a process taken already: one record per socket
                 seen.add(ino)
                 why = None
                 if state == _ESTABLISHED:
                     socks.append(_Fd(fd))
                     names.append(_name(nspid, target))
-                    where.append((pid, target, ino, 6 if family == socket.AF_INET6 else 4))
+                    where.append((pid, target, ino, 6 if family == socket.AF_INET6 else 4, fdflags[0] if fdflags else -1))
                     if mss > _MAXSEG_MAX:
                         why = f"MSS {mss}"
                 elif state not in (_LISTEN, _CLOSE):
