@@ -352,6 +352,10 @@ class Taken:
         plan = []
         t1 = time.monotonic()
         for pid, ours in by_pid.items():
+            why = fdmove.why_not(pid, max(ours))
+            if why is not None:
+                log.info("pid %d: its connections stay in it for criu: %s", pid, why)
+                return None
             regs = [r for r in fdmove.registrations(pid, skip=set(ours)) if r.tfd in ours]
             if any(r.ino != inode[(pid, r.tfd)] for r in regs):
                 log.info("pid %d: an epoll entry is not of the socket at its number: criu sees the connections", pid)

@@ -105,6 +105,27 @@ def registrations(pid: int, skip: set[int] | frozenset = frozenset()) -> list[Re
     return out
 
 
+def why_not(pid: int, top: int) -> str | None:
+    """Why our descriptors cannot be moved in and out of pid (None: they can): a seccomp
+    filter (it may refuse the syscalls we run in it), another tracer (ptrace: one at a
+    time), or no free number above `top` under its descriptor limit (the unix socket
+    put_back receives them through sits there)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        with open(f"/proc/{pid}/limits") as f:
+            nofile = next(line.split()[3] for line in f if line.startswith("Max open files"))
+    except (OSError, StopIteration, IndexError) as e:
+        return f"cannot read its status ({e})"
+    if status.get("Seccomp", "0").strip() != "0":
+        return "it has a seccomp filter"
+    if status.get("TracerPid", "0").strip() != "0":
+        return "it is traced"
+    if nofile != "unlimited" and int(nofile) <= top + 2:
+        return f"its descriptor limit {nofile} leaves no free number above {top}"
+    return None
+
+
 def _runs(numbers) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for n in sorted(numbers):

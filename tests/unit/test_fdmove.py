@@ -65,3 +65,12 @@ def test_file_v3_decoder_is_total(tail):
             criutcp.decode3(candidate)
         except ValueError:
             pass
+
+
+def test_why_a_program_keeps_its_descriptors(tmp_path):
+    import os
+    status = open("/proc/self/status").read()
+    free = "Seccomp:\t0" in status and "TracerPid:\t0" in status
+    assert (fdmove.why_not(os.getpid(), 3) is None) == free
+    assert "limit" in fdmove.why_not(os.getpid(), 10 ** 9) or not free
+    assert fdmove.why_not(2 ** 22 + 7, 3).startswith("cannot read its status")  # no such process
