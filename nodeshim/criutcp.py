@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import socket
@@ -334,7 +335,6 @@ class Taken:
         if not hide_enabled() or len(self.where) != len(self.socks) or not self.socks:
             return None
         t0 = time.monotonic()
-        import fcntl
         by_pid: dict[int, dict[int, int]] = {}
         inode: dict[tuple[int, int], int] = {}
         flags: dict[int, dict[int, int]] = {}
@@ -430,9 +430,11 @@ class Taken:
     def put_back(self) -> None:
         """Rolling back: the hidden connections into the source again, at their numbers,
         in their epolls (still in repair mode: proctree.thaw turns it off)."""
-        for pid, (ours, regs, cloexec) in self.hidden.items():
-            fdmove.put_back(pid, ours, regs, cloexec)
-        self.release()
+        try:
+            for pid, (ours, regs, cloexec) in self.hidden.items():
+                fdmove.put_back(pid, ours, regs, cloexec)
+        finally:
+            self.release()
 
     def release(self) -> None:
         """The hidden connections' last descriptors closed: silent (repair mode) once the
@@ -588,7 +590,6 @@ class Prebuilt:
             repairc.ext.set_sockopts_many(self.fds, fams, self.hidden.options)
         except OSError as e:
             raise KernelError(f"set {e.filename}", e.errno, "a restored connection") from None
-        import fcntl
         for fd, flags in zip(self.fds, self.hidden.flags):
             if flags & _F_SETFL_MASK:
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags & _F_SETFL_MASK)

@@ -30,6 +30,7 @@ the injected syscalls run at a syscall instruction with its registers restored a
 from __future__ import annotations
 
 import array
+import fcntl
 import logging
 import os
 import re
@@ -170,7 +171,6 @@ def _epoll_of(pid: int, epfd: int, above: int) -> int:
     finally:
         os.close(pfd)
     try:
-        import fcntl
         return fcntl.fcntl(ep, _F_DUPFD_CLOEXEC, above + 1)
     finally:
         os.close(ep)

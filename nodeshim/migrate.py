@@ -120,6 +120,10 @@ class MigrationAgent(ProcessSteps):
         self.migrations = NodeMigrations(agent.config.name)
         self.fault_dir = os.path.join(agent.config.state_dir, "faults")
         self.leftovers = Leftovers(agent.config.state_dir)
+        # {source pid: criutcp.Taken} whose connections are out of the program until the
+        # migration ends (VIPCLUSTER_CRIU_HIDE=on): released at StopInstance, put back at
+        # the rollback's ThawProcess
+        self.hidden_tcp: dict = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.stopping = False  # the agent is stopping: no new migration begins here
         self._retiring: set[asyncio.Task] = set()  # roles ending (their rules installed off the loop)
@@ -617,7 +621,7 @@ class MigrationAgent(ProcessSteps):
     def _stop_instance(self, cmd: nc.StopInstance) -> None:
         self.starting.pop(getattr(cmd.instance, "pid", None), None)
         self.kernel.services.kill(cmd.instance)
-        hidden = self._hidden_tcp().pop(getattr(cmd.instance, "pid", None), None)
+        hidden = self.hidden_tcp.pop(getattr(cmd.instance, "pid", None), None)
         if hidden is not None:  # the copy has them now: our last duplicates, closed silently
             hidden.release()
         name = getattr(getattr(cmd.instance, "service", None), "name", None)

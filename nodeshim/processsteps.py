@@ -119,9 +119,13 @@ class ProcessSteps:
             self._die()
         tree = self.kernel.proctree
         if not cmd.restored:
-            hidden = self._hidden_tcp().pop(cmd.instance.pid, None)
+            hidden = self.hidden_tcp.pop(cmd.instance.pid, None)
             if hidden is not None:  # rolling back: its connections into the program again
-                hidden.put_back()
+                try:
+                    hidden.put_back()
+                except KernelError as e:  # they are lost; the program serves the others
+                    log.error("%s: its connections could not be put back into it (%s: %s): they are lost",
+                              cmd.instance.service.name, e.operation, e.detail)
         thawed = (tree.resume if cmd.restored else tree.thaw)(cmd.instance.pid)
         if fault == "die":
             self._die()
@@ -281,17 +285,10 @@ class ProcessSteps:
             log.warning("%s: cannot take the connections out of the program (%s: %s); criu sees them",
                         rs.service.name, e.operation, e.detail)
         if own_dump.hide_ms is not None:
-            self._hidden_tcp()[rs.pid] = taken
+            self.hidden_tcp[rs.pid] = taken
             log.info("%s: %d connections taken out of the program in %.1f ms (criu will not see them)",
                      rs.service.name, len(taken.socks), own_dump.hide_ms)
         return own_dump
-
-    def _hidden_tcp(self) -> dict:
-        """{source pid: criutcp.Taken} whose connections are out of the program until the
-        migration ends: released at its StopInstance, put back at its rollback's thaw."""
-        if not hasattr(self, "_hidden_by_pid"):
-            self._hidden_by_pid = {}
-        return self._hidden_by_pid
 
     def _restore_own_tcp(self, service: str, pid: int, images_dir: str, pre=None) -> float | None:
         """After criu restore --tcp-close: our connections into the stopped copy's sockets
