@@ -45,6 +45,7 @@
 #define ERESTARTNOHAND_ 514
 #define ERESTART_RESTARTBLOCK_ 516
 
+#if defined(__x86_64__)
 struct tracee {
     struct user_regs_struct saved;
     unsigned long sysaddr;
@@ -181,6 +182,17 @@ PyObject *py_tracee_detach(PyObject *self, PyObject *args)
     }
     Py_RETURN_NONE;
 }
+
+#else  /* the registers and the syscall instruction above are x86_64's */
+static PyObject *no_ptrace(void)
+{
+    errno = ENOSYS;
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "syscalls run in a program: x86_64 only");
+}
+PyObject *py_tracee_attach(PyObject *self, PyObject *args) { (void)self; (void)args; return no_ptrace(); }
+PyObject *py_tracee_syscall(PyObject *self, PyObject *args) { (void)self; (void)args; return no_ptrace(); }
+PyObject *py_tracee_detach(PyObject *self, PyObject *args) { (void)self; (void)args; return no_ptrace(); }
+#endif
 
 PyObject *py_vm_write(PyObject *self, PyObject *args)
 {

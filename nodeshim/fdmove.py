@@ -52,7 +52,8 @@ _F_DUPFD_CLOEXEC = 1030
 _F_SETFD = 2
 _EPOLL_CTL_ADD, _EPOLL_CTL_DEL = 1, 2
 _SCM_MAX_FD = 253  # include/net/scm.h: descriptors per SCM_RIGHTS message
-_SCRATCH = 65536
+_SCRATCH = 65536  # bytes mapped in the program for recvmsg's header, iovec and control data
+_CMSG = struct.Struct("=QII")  # struct cmsghdr: len, level, type
 _TFD = re.compile(rb"(?m)^tfd:[ \t]*(\d+)[ \t]+events:[ \t]*([0-9a-f]+)[ \t]+data:[ \t]*([0-9a-f]+)[ \t]+pos:[ \t]*\d+[ \t]+ino:[ \t]*([0-9a-f]+)")
 
 
@@ -122,6 +123,8 @@ def why_not(pid: int, top: int) -> str | None:
         return "it has a seccomp filter"
     if status.get("TracerPid", "0").strip() != "0":
         return "it is traced"
+    if os.uname().machine != "x86_64":
+        return "syscalls are run in a program on x86_64 only"
     if nofile != "unlimited" and int(nofile) <= top + 2:
         return f"its descriptor limit {nofile} leaves no free number above {top}"
     return None
@@ -273,6 +276,14 @@ def put_back(pid: int, ours: dict[int, int], regs: list[Registration], cloexec: 
     return (time.monotonic() - t0) * 1000
 
 
+def _quietly(call, *args) -> None:
+    """A cleanup step that must not hide the error that brought us there."""
+    try:
+        call(*args)
+    except KernelError as e:
+        log.error("%s: %s", e.operation, e.detail)
+
+
 def _install(pid: int, wanted: dict[int, int], present: set[int], cloexec: set[int]) -> None:
     top = max(wanted)
     free = [n for n in range(top + 1) if n not in present]
@@ -312,8 +323,11 @@ def _install(pid: int, wanted: dict[int, int], present: set[int], cloexec: set[i
                         raise KernelError("install fds", None, f"pid {pid}: recvmsg took no byte")
                     raw = repairc.ext.vm_read(pid, ctl, space)
                     flags = struct.unpack_from("=i", repairc.ext.vm_read(pid, msg + 48, 4))[0]
-                    got = array.array("i", raw[16:16 + 4 * len(chunk)]).tolist()
-                    if flags & socket.MSG_CTRUNC or got != free[i:i + _SCM_MAX_FD]:
+                    length, level, kind = _CMSG.unpack_from(raw)
+                    got = array.array("i", raw[_CMSG.size:_CMSG.size + 4 * len(chunk)]).tolist()
+                    if flags & socket.MSG_CTRUNC or (length, level, kind) != (
+                            socket.CMSG_LEN(4 * len(chunk)), socket.SOL_SOCKET, socket.SCM_RIGHTS) \
+                            or got != free[i:i + _SCM_MAX_FD]:
                         raise KernelError("install fds", None, f"pid {pid}: the descriptors landed at "
                                           f"{got[:3]}..., not {free[i:i + 3]}...")
                 for lo, hi in _runs(n for n in free if n not in wanted):
@@ -321,8 +335,8 @@ def _install(pid: int, wanted: dict[int, int], present: set[int], cloexec: set[i
                 for n in sorted(cloexec & set(wanted)):
                     tracee.call("fcntl", n, _F_SETFD, 1)  # FD_CLOEXEC (SCM_RIGHTS gave none)
             finally:
-                tracee.call("munmap", mem, _SCRATCH)
-                tracee.call("close", u)
+                _quietly(tracee.call, "munmap", mem, _SCRATCH)
+                _quietly(tracee.call, "close", u)
         finally:
             tracee.close()
     finally:
