@@ -744,7 +744,6 @@ static PyMethodDef methods[] = {
     {"sockopts_many", py_sockopts_many, METH_VARARGS, "sockopts_many(fds, families, mute) -> OPTS_SIZE bytes each"},
     {"set_sockopts_many", py_set_sockopts_many, METH_VARARGS, "set_sockopts_many(fds, families, blob) -> None"},
     {"new_sockets", py_new_sockets, METH_VARARGS, "new_sockets(families) -> [fd]"},
-    {"same_files", py_same_files, METH_VARARGS, "same_files(pid, [(our fd, its fd)]) -> [index not the same file]"},
     {"tracee_attach", py_tracee_attach, METH_VARARGS, "tracee_attach(pid) -> state"},
     {"tracee_syscall", py_tracee_syscall, METH_VARARGS, "tracee_syscall(pid, state, nr, *args) -> result"},
     {"tracee_detach", py_tracee_detach, METH_VARARGS, "tracee_detach(pid, state) -> None"},

@@ -106,7 +106,6 @@ PyObject *py_take_many(PyObject *self, PyObject *args);
 /* _repair_opts.c */
 PyObject *py_sockopts_many(PyObject *self, PyObject *args);
 PyObject *py_set_sockopts_many(PyObject *self, PyObject *args);
-PyObject *py_same_files(PyObject *self, PyObject *args);
 PyObject *py_new_sockets(PyObject *self, PyObject *args);
 int repair_opts_size(void);
 

@@ -1,17 +1,17 @@
-/* nodeshim/_repair_opts.c: a connection's socket options, read and set in bulk, and a
- * check that a restored program holds our very sockets (nodeshim.criutcp with a criu
- * that leaves the connections to us: --tcp-external, scripts/criu-tcp-external.patch).
+/* nodeshim/_repair_opts.c: a connection's socket options, read and set in bulk, and new
+ * sockets made in bulk (nodeshim.criutcp with the connections hidden from criu:
+ * nodeshim/fdmove.py).
  *
- * Why: criu dumps some 30 options of every socket (getsockopt one by one) inside the
- * program's freeze and sets them again in its restore. When criu leaves a connection to
- * us it dumps none of them, so we carry them: the same options criu's dump_socket_opts,
- * dump_ip_opts and dump_tcp_opts read, read here in the thread that dumps the connections
- * beside criu, and set on the destination before criu's restore even starts.
+ * Why: criu dumps some 30 options of every socket (getsockopt one by one) and sets them
+ * again in its restore. When the connections are hidden from criu it sees none of them,
+ * so we carry them: the same options criu's dump_socket_opts, dump_ip_opts and
+ * dump_tcp_opts read, read by the thread that dumps the connections beside criu, and set
+ * on the destination's new sockets while criu restores the program.
  *
- * sockopts_many(fds, mute) -> bytes: OPTS_SIZE bytes per socket, network order int32
- *   fields in the order of `fields` below. mute: a mark bit our own dump sets (cleared from
- *   the SO_MARK read, in case it was set already). An option the kernel does not know
- *   (ENOPROTOOPT, ENOTSUPP: SO_BUF_LOCK before Linux 5.14) reads as UNSET.
+ * sockopts_many(fds, families, mute) -> bytes: OPTS_SIZE bytes per socket, network order
+ *   int32 fields in the order of `fields` below. mute: a mark bit our own dump sets
+ *   (cleared from the SO_MARK read, in case it was set already). An option the kernel does
+ *   not know (ENOPROTOOPT, ENOTSUPP: SO_BUF_LOCK before Linux 5.14) reads as UNSET.
  * set_sockopts_many(fds, families, blob) -> None: each socket gets its record's options as
  *   criu's restore_socket_opts, restore_ip_opts and restore_tcp_opts set them (the buffer
  *   sizes always, forced; the others when not zero; SO_BUF_LOCK when known). On the first
@@ -19,23 +19,16 @@
  * new_sockets(families) -> [fd]: a new TCP socket (close-on-exec) per family (4 or 6), the
  *   caller's to close; on an error none is left and OSError is raised. (1,000 sockets:
  *   about 1 ms here, 5-6 ms made one by one as socket.socket objects.)
- * same_files(pid, [(our_fd, target_fd)]) -> [index]: the pairs whose descriptors are not
- *   the same open file (kcmp KCMP_FILE): after criu's restore, every connection we gave it
- *   must be the copy's at its fd, or closing ours would end a connection.
  */
 #include "_repair.h"
 
 #include <errno.h>
 #include <string.h>
-#include <sys/syscall.h>
 #include <sys/time.h>
 #include <unistd.h>
 
 #ifndef SO_BUF_LOCK
 #define SO_BUF_LOCK 72
-#endif
-#ifndef KCMP_FILE
-#define KCMP_FILE 0
 #endif
 #ifndef ENOTSUPP
 #define ENOTSUPP 524
@@ -272,50 +265,6 @@ bad_args:
     PyMem_Free(fds);
     PyMem_Free(fams);
     return NULL;
-}
-
-PyObject *py_same_files(PyObject *self, PyObject *args)
-{
-    PyObject *pairs_in, *pairs, *out = NULL;
-    int pid, me = getpid(), err = 0;
-    Py_ssize_t n, i, nbad = 0;
-    int *ours = NULL, *theirs = NULL;
-    Py_ssize_t *bad = NULL;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "iO", &pid, &pairs_in)) return NULL;
-    if (!(pairs = PySequence_Fast(pairs_in, "same_files: pairs must be a sequence"))) return NULL;
-    n = PySequence_Fast_GET_SIZE(pairs);
-    ours = PyMem_New(int, n ? n : 1);
-    theirs = PyMem_New(int, n ? n : 1);
-    bad = PyMem_New(Py_ssize_t, n ? n : 1);
-    if (!ours || !theirs || !bad) { PyErr_NoMemory(); goto out; }
-    for (i = 0; i < n; i++) {
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(pairs, i), "ii", &ours[i], &theirs[i])) goto out;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    for (i = 0; i < n; i++) {
-        long r = syscall(SYS_kcmp, me, pid, KCMP_FILE, ours[i], theirs[i]);
-        if (r < 0 && errno != EBADF) { err = errno; break; }
-        if (r != 0) bad[nbad++] = i;
-    }
-    Py_END_ALLOW_THREADS
-    if (err) {
-        errno = err;
-        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "kcmp");
-        goto out;
-    }
-    if (!(out = PyList_New(nbad))) goto out;
-    for (i = 0; i < nbad; i++) {
-        PyObject *v = PyLong_FromSsize_t(bad[i]);
-        if (!v) { Py_CLEAR(out); goto out; }
-        PyList_SET_ITEM(out, i, v);
-    }
-out:
-    PyMem_Free(ours);
-    PyMem_Free(theirs);
-    PyMem_Free(bad);
-    Py_DECREF(pairs);
-    return out;
 }
 
 PyObject *py_new_sockets(PyObject *self, PyObject *args)

@@ -126,11 +126,12 @@ def encode(states) -> bytes:
     return b"".join(out)
 
 
-def decode(data: bytes) -> list:
-    """FILE's content back to TcpConnState (each field checked, as a peer's); ValueError."""
-    if not data.startswith(MAGIC):
+def _records(data: bytes, magic: bytes) -> tuple[list, int]:
+    """The records after `magic` (per family a length and sockwire records): (states,
+    IPv4 first; where they end). ValueError if not ours or cut."""
+    if not data.startswith(magic):
         raise ValueError(f"{FILE}: not our format")
-    off, states = len(MAGIC), []
+    off, states = len(magic), []
     for _, fam in _FAMILIES:
         if len(data) - off < _LEN.size:
             raise ValueError(f"{FILE}: truncated")
@@ -140,6 +141,12 @@ def decode(data: bytes) -> list:
             raise ValueError(f"{FILE}: truncated records")
         states += unpack_connections(data[off:off + n], fam)
         off += n
+    return states, off
+
+
+def decode(data: bytes) -> list:
+    """FILE's content back to TcpConnState (each field checked, as a peer's); ValueError."""
+    states, off = _records(data, MAGIC)
     if off != len(data):
         raise ValueError(f"{FILE}: {len(data) - off} bytes after the records")
     return states
@@ -180,18 +187,7 @@ def encode3(states, flags: list[int], options: bytes, regs: list[tuple[int, fdmo
 def decode3(data: bytes) -> tuple[list, Hidden]:
     """FILE v3 back (each field checked, as a peer's): (TcpConnState, IPv4 first; Hidden);
     ValueError."""
-    if not data.startswith(MAGIC3):
-        raise ValueError(f"{FILE}: not our format v3")
-    off, states = len(MAGIC3), []
-    for _, fam in _FAMILIES:
-        if len(data) - off < _LEN.size:
-            raise ValueError(f"{FILE}: truncated")
-        (n,) = _LEN.unpack_from(data, off)
-        off += _LEN.size
-        if len(data) - off < n:
-            raise ValueError(f"{FILE}: truncated records")
-        states += unpack_connections(data[off:off + n], fam)
-        off += n
+    states, off = _records(data, MAGIC3)
     if len(data) - off < _LEN.size:
         raise ValueError(f"{FILE}: truncated")
     (n,) = _LEN.unpack_from(data, off)

@@ -91,75 +91,100 @@ def _options(pid: int) -> set[tuple[int, int, int, int]]:
     return out
 
 
-def test_connections_move_beside_criu_with_their_queued_bytes():
-    ns = f"vct{os.getpid() % 100000}"
-    netns = f"/run/netns/{ns}"
-    images = tempfile.mkdtemp(prefix="vipcluster-criutcp-")
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=20)
-    r, w = os.pipe()
-    source = copy = None
-    clients: list[socket.socket] = []
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "mtu", "1500", "up"], check=True, timeout=20)
-        source = proctree.spawn_isolated([sys.executable, "-c", ECHO], None, "/", w, netns_path=netns)
-        deadline = time.monotonic() + 10
-        with in_netns(netns):
-            while not clients:
-                try:
-                    clients.append(socket.create_connection(("127.0.0.1", 7007), timeout=5))
-                except ConnectionRefusedError:
-                    assert time.monotonic() < deadline, "the echo server did not start"
-                    time.sleep(0.05)
-            clients += [socket.create_connection(("127.0.0.1", 7007), timeout=5) for _ in range(29)]
-        for i, c in enumerate(clients):
-            c.sendall(b"before %d" % i)
-            assert _recv_exactly(c, len(b"before %d" % i)) == b"before %d" % i
-        os.kill(source.pid, signal.SIGSTOP)
-        for i, c in enumerate(clients):  # queued in the frozen program's receive queues
-            c.sendall(b"frozen %d" % i)
-        time.sleep(0.2)
+class _Echo:
+    """The echo server in a network namespace of its own with `n` clients that each
+    echoed once, then stopped with a line queued per client; `copy`: a restored pid to
+    kill at the end. Everything is removed on exit, whatever happened."""
 
-        assert _options(source.pid) == {(1, 1, 77, 0x10)}
-        taken = criutcp.take_tree(source.pid)
-        assert taken is not None and len(taken.socks) == 30
+    def __init__(self, prefix: str, n: int) -> None:
+        self.ns = f"{prefix}{os.getpid() % 100000}"
+        self.netns = f"/run/netns/{self.ns}"
+        self.n = n
+        self.source = self.copy = None
+        self.clients: list[socket.socket] = []
+
+    def __enter__(self) -> "_Echo":
+        self.images = tempfile.mkdtemp(prefix="vipcluster-criutcp-")
+        subprocess.run(["ip", "netns", "add", self.ns], check=True, timeout=20)
+        self.r, self.w = os.pipe()
         try:
-            dumped = taken.dump(images)
-        finally:
-            taken.close()
-        criu.dump(source.pid, images, netns_path=netns, tcp_close=True)
-        assert dumped.connections == 30 and criutcp.in_image(images)
-        source.kill()  # repair mode: no FIN, no RST to the clients
-        source = None
+            subprocess.run(["ip", "-n", self.ns, "link", "set", "lo", "mtu", "1500", "up"], check=True, timeout=20)
+            self.source = proctree.spawn_isolated([sys.executable, "-c", ECHO], None, "/", self.w,
+                                                  netns_path=self.netns)
+            deadline = time.monotonic() + 10
+            with in_netns(self.netns):
+                while not self.clients:
+                    try:
+                        self.clients.append(socket.create_connection(("127.0.0.1", 7007), timeout=5))
+                    except ConnectionRefusedError:
+                        assert time.monotonic() < deadline, "the echo server did not start"
+                        time.sleep(0.05)
+                self.clients += [socket.create_connection(("127.0.0.1", 7007), timeout=5)
+                                 for _ in range(self.n - 1)]
+            for i, c in enumerate(self.clients):
+                c.sendall(b"before %d" % i)
+                assert _recv_exactly(c, len(b"before %d" % i)) == b"before %d" % i
+            os.kill(self.source.pid, signal.SIGSTOP)
+            for i, c in enumerate(self.clients):  # queued in the frozen program's receive queues
+                c.sendall(b"frozen %d" % i)
+            time.sleep(0.2)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
 
-        pid = criu.restore(images, pidfile=images + ".pid", netns_path=netns, tcp_close=True)
-        copy = pid
-        assert criutcp.restore_tree(pid, images) == 30
-        assert _options(pid) == {(1, 1, 77, 0x10)}  # what the program set, on every connection
-        proctree.resume(pid)
-        for i, c in enumerate(clients):
+    def kill_source(self) -> None:
+        self.source.kill()  # repair mode: no FIN, no RST to the clients
+        self.source = None
+
+    def check_served(self) -> None:
+        """Every client gets its queued line back, then echoes once more."""
+        for i, c in enumerate(self.clients):
             want = b"frozen %d" % i
             assert _recv_exactly(c, len(want)) == want, f"connection {i}"
             c.sendall(b"after %d" % i)
             assert _recv_exactly(c, len(b"after %d" % i)) == b"after %d" % i, f"connection {i}"
-    finally:
-        for c in clients:
+
+    def __exit__(self, *exc) -> None:
+        for c in self.clients:
             c.close()
-        if source is not None:
-            source.kill()
-        if copy is not None:
+        if self.source is not None:
+            self.source.kill()
+        if self.copy is not None:
             try:
-                os.kill(copy, signal.SIGKILL)
-                os.waitpid(copy, 0)
+                os.kill(self.copy, signal.SIGKILL)
+                os.waitpid(self.copy, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
-        os.close(r)
-        os.close(w)
-        shutil.rmtree(images, ignore_errors=True)
+        os.close(self.r)
+        os.close(self.w)
+        shutil.rmtree(self.images, ignore_errors=True)
         try:
-            os.unlink(images + ".pid")
+            os.unlink(self.images + ".pid")
         except OSError:
             pass
-        subprocess.run(["ip", "netns", "del", ns], timeout=20)
+        subprocess.run(["ip", "netns", "del", self.ns], timeout=20)
+
+
+def test_connections_move_beside_criu_with_their_queued_bytes():
+    with _Echo("vct", 30) as lab:
+        pid = lab.source.pid
+        assert _options(pid) == {(1, 1, 77, 0x10)}
+        taken = criutcp.take_tree(pid)
+        assert taken is not None and len(taken.socks) == 30
+        try:
+            dumped = taken.dump(lab.images)
+        finally:
+            taken.close()
+        criu.dump(pid, lab.images, netns_path=lab.netns, tcp_close=True)
+        assert dumped.connections == 30 and criutcp.in_image(lab.images)
+        lab.kill_source()
+
+        lab.copy = criu.restore(lab.images, pidfile=lab.images + ".pid", netns_path=lab.netns, tcp_close=True)
+        assert criutcp.restore_tree(lab.copy, lab.images) == 30
+        assert _options(lab.copy) == {(1, 1, 77, 0x10)}  # what the program set, on every connection
+        proctree.resume(lab.copy)
+        lab.check_served()
 
 
 def _epoll_targets(pid: int) -> set[int]:
@@ -167,95 +192,44 @@ def _epoll_targets(pid: int) -> set[int]:
     return {r.tfd for r in fdmove.registrations(pid)}
 
 
-@pytest.mark.parametrize("rollback", [
-    pytest.param(False, id="moved"),
-    pytest.param(True, id="put-back")])
+@pytest.mark.parametrize("rollback", [False, True], ids=["moved", "put-back"])
 def test_connections_hidden_from_criu(monkeypatch, rollback):
     """VIPCLUSTER_CRIU_HIDE=on: the connections leave the stopped program before criu
     dumps it (nodeshim.fdmove): criu's image has none of them, the copy gets each at its
     number and in its epoll again, with its options and queued bytes. put-back: a
     rollback puts them into the source again instead, which then serves them."""
     monkeypatch.setenv(criutcp.HIDE_ENV, "on")
-    ns = f"vch{os.getpid() % 100000}"
-    netns = f"/run/netns/{ns}"
-    images = tempfile.mkdtemp(prefix="vipcluster-criuhide-")
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=20)
-    r, w = os.pipe()
-    source = copy = None
-    clients: list[socket.socket] = []
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "mtu", "1500", "up"], check=True, timeout=20)
-        source = proctree.spawn_isolated([sys.executable, "-c", ECHO], None, "/", w, netns_path=netns)
-        deadline = time.monotonic() + 10
-        with in_netns(netns):
-            while not clients:
-                try:
-                    clients.append(socket.create_connection(("127.0.0.1", 7007), timeout=5))
-                except ConnectionRefusedError:
-                    assert time.monotonic() < deadline, "the echo server did not start"
-                    time.sleep(0.05)
-            clients += [socket.create_connection(("127.0.0.1", 7007), timeout=5) for _ in range(299)]
-        for i, c in enumerate(clients):
-            c.sendall(b"before %d" % i)
-            assert _recv_exactly(c, len(b"before %d" % i)) == b"before %d" % i
-        os.kill(source.pid, signal.SIGSTOP)
-        for i, c in enumerate(clients):
-            c.sendall(b"frozen %d" % i)
-        time.sleep(0.2)
-        fds_before = set(os.listdir(f"/proc/{source.pid}/fd"))
-        targets_before = _epoll_targets(source.pid)
+    with _Echo("vch", 300) as lab:
+        pid = lab.source.pid
+        fds_before = set(os.listdir(f"/proc/{pid}/fd"))
+        targets_before = _epoll_targets(pid)
         assert len(targets_before) == 301  # the listener and 300 connections
 
-        taken = criutcp.take_tree(source.pid)
+        taken = criutcp.take_tree(pid)
         assert taken is not None and len(taken.socks) == 300
         assert taken.hide() is not None
         conn_fds = {str(w[1]) for w in taken.where}
-        assert set(os.listdir(f"/proc/{source.pid}/fd")) == fds_before - conn_fds
-        assert len(_epoll_targets(source.pid)) == 1  # the listener only
-        assert proctree.stopped(source.pid)
-        dumped = taken.dump(images)
+        assert set(os.listdir(f"/proc/{pid}/fd")) == fds_before - conn_fds
+        assert len(_epoll_targets(pid)) == 1  # the listener only
+        assert proctree.stopped(pid)
+        dumped = taken.dump(lab.images)
         taken.close()
         assert dumped.connections == 300
         if rollback:
             taken.put_back()
-            assert set(os.listdir(f"/proc/{source.pid}/fd")) == fds_before
-            assert _epoll_targets(source.pid) == targets_before
-            proctree.thaw(source.pid)
-            served = source.pid
-        else:
-            criu.dump(source.pid, images, netns_path=netns, tcp_close=True)
-            source.kill()
-            source = None
-            taken.release()  # the source's sockets gone (repair mode: silently), as on another node
-            pid = criu.restore(images, pidfile=images + ".pid", netns_path=netns, tcp_close=True)
-            copy = pid
-            assert criutcp.restore_tree(pid, images) == 300
-            assert set(os.listdir(f"/proc/{pid}/fd")) >= conn_fds
+            assert set(os.listdir(f"/proc/{pid}/fd")) == fds_before
             assert _epoll_targets(pid) == targets_before
-            proctree.resume(pid)
+            proctree.thaw(pid)
             served = pid
+        else:
+            criu.dump(pid, lab.images, netns_path=lab.netns, tcp_close=True)
+            lab.kill_source()
+            taken.release()  # the source's sockets gone (repair mode: silently), as on another node
+            lab.copy = served = criu.restore(lab.images, pidfile=lab.images + ".pid", netns_path=lab.netns,
+                                             tcp_close=True)
+            assert criutcp.restore_tree(served, lab.images) == 300
+            assert set(os.listdir(f"/proc/{served}/fd")) >= conn_fds
+            assert _epoll_targets(served) == targets_before
+            proctree.resume(served)
         assert _options(served) == {(1, 1, 77, 0x10)}
-        for i, c in enumerate(clients):
-            want = b"frozen %d" % i
-            assert _recv_exactly(c, len(want)) == want, f"connection {i}"
-            c.sendall(b"after %d" % i)
-            assert _recv_exactly(c, len(b"after %d" % i)) == b"after %d" % i, f"connection {i}"
-    finally:
-        for c in clients:
-            c.close()
-        if source is not None:
-            source.kill()
-        if copy is not None:
-            try:
-                os.kill(copy, signal.SIGKILL)
-                os.waitpid(copy, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-        os.close(r)
-        os.close(w)
-        shutil.rmtree(images, ignore_errors=True)
-        try:
-            os.unlink(images + ".pid")
-        except OSError:
-            pass
-        subprocess.run(["ip", "netns", "del", ns], timeout=20)
+        lab.check_served()
