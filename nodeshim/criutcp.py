@@ -637,10 +637,12 @@ def prebuild(images_dir: str) -> Prebuilt | None:
         return None
     try:
         with open(os.path.join(images_dir, FILE), "rb") as f:
-            data = f.read()
+            if f.read(len(MAGIC3)) != MAGIC3:
+                return None  # v1 (criu restored the sockets) or none: restore_tree's
+            data = MAGIC3 + f.read()
     except OSError:
         return None
-    return Prebuilt(data) if data.startswith(MAGIC3) else None
+    return Prebuilt(data)
 
 
 def _restore_hidden(root: int, data: bytes) -> int:

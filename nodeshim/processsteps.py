@@ -284,6 +284,9 @@ class ProcessSteps:
         except KernelError as e:
             log.warning("%s: cannot take the connections out of the program (%s: %s); criu sees them",
                         rs.service.name, e.operation, e.detail)
+        except BaseException:
+            own_dump.finish()  # our dump's thread joined, our descriptors closed
+            raise
         if own_dump.hide_ms is not None:
             self.hidden_tcp[rs.pid] = taken
             log.info("%s: %d connections taken out of the program in %.1f ms (criu will not see them)",
