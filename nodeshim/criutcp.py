@@ -383,15 +383,12 @@ class Taken:
         flags, options and epoll entries when hidden). KernelError if it failed: the C dump
         is all or none, the sockets are as they were."""
         t0 = time.monotonic()
-        with repairc.one_core() if hide_enabled() else contextlib.nullcontext():  # the other core: hide(), criu
-            return self._dump(images_dir, t0)
-
-    def _dump(self, images_dir: str, t0: float) -> Dumped:
-        states = tcprepair.dump_many(self.socks, self.names)
+        with repairc.one_core() if hide_enabled() else contextlib.nullcontext():  # the other core: hide()
+            states = tcprepair.dump_many(self.socks, self.names)
         os.makedirs(images_dir, mode=0o700, exist_ok=True)
         try:
-            opts = None
-            if hide_enabled() and len(self.where) == len(self.socks):  # read while hide() runs; used if it hid them
+            self.hide_done.wait()
+            if self.hidden:  # their options, on both cores now that hide() is done
                 fams = [w[3] for w in self.where]
                 try:
                     idx = list(range(len(self.socks)))
@@ -399,10 +396,6 @@ class Taken:
                         [self.socks[i].fd for i in part], [fams[i] for i in part], MUTE_MARK)))
                 except OSError as e:
                     raise KernelError(f"read {e.filename}", e.errno, "a dumped connection") from None
-            self.hide_done.wait()
-            if self.hidden:
-                if opts is None:
-                    raise KernelError("dump_tcp", None, "the connections were hidden but no options read")
                 data = encode3(states, self.flags, opts, self._regs)
             else:
                 data = encode(states)
