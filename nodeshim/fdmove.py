@@ -182,9 +182,7 @@ def _epoll_of(pid: int, epfd: int, above: int) -> int:
 def _epoll_ctl(pid: int, op: int, regs: list[Registration], ours: dict[int, int]) -> None:
     """epoll_ctl `op` on pid's epolls for each registration, as pid would with its numbers.
     All or none: a DEL that fails part way adds back what it deleted (and an ADD deletes)."""
-    by_ep: dict[int, list[Registration]] = {}
-    for r in regs:
-        by_ep.setdefault(r.epfd, []).append(r)
+    by_ep = _by_epfd(regs)
     top = max([*ours, *(r.tfd for r in regs)], default=0)
     done: list[Registration] = []
     for epfd, mine in by_ep.items():
