@@ -112,6 +112,8 @@ class NodeAgent(PreviousAgent, ServiceKeeper):
         self.notify: NotifySocket | None = None
         # the previous agent's queue sockets, kept by the service manager (nodeshim.queuekeep)
         self.inherited_queues: dict[int, object] = {}
+        self.inherited_hidden_fds: dict[str, list[int]] = {}  # connections out of a frozen program (hiddenkeep)
+        self.inherited_hidden: dict = {}  # ... matched to their record: {service: hiddenkeep.Inherited}
         self.role_record = RoleRecord(os.path.join(config.state_dir, "roles.json"))
         self.arrival_stamps = ArrivalStamps()  # on while a service here is in migration (nodeshim.queue)
 
@@ -664,7 +666,7 @@ def run(config: NodeConfig) -> None:
 
     raise_nofile()  # a migration takes a copy of every connection of the service
     agent = NodeAgent(config)
-    agent.inherited_queues = take_fd_store(config)
+    agent.inherited_queues, agent.inherited_hidden_fds = take_fd_store(config)
     agent.prepare_kernel()
     asyncio.run(agent.run_forever())
 

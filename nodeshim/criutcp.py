@@ -46,6 +46,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from clustercore.errors import KernelError
@@ -83,9 +84,10 @@ def enabled() -> bool:
 
 def hide_enabled() -> bool:
     """Do we take the connections out of the program before criu looks (nodeshim.fdmove)?
-    Only with VIPCLUSTER_CRIU_HIDE=on in the agents' environment (an experiment: while
-    they are out, an agent that dies takes them with it; docs/performance.md)."""
-    return enabled() and repairc.ext is not None and os.environ.get(HIDE_ENV, "").lower() == "on"
+    Yes, unless VIPCLUSTER_CRIU_HIDE=off is in the agents' environment. (The agent takes
+    them out only where its service manager's fd store keeps copies that outlive it:
+    nodeshim.hiddenkeep.)"""
+    return enabled() and repairc.ext is not None and os.environ.get(HIDE_ENV, "").lower() != "off"
 
 
 def in_image(images_dir: str) -> bool:
@@ -312,22 +314,28 @@ class Taken:
         self._regs: list[tuple[int, fdmove.Registration]] = []
         self.hide_done = threading.Event()  # hide() has decided (the dump's file waits for it)
         self.hide_done.set()  # nothing to wait for, unless expect_hide() said hide() will run
+        self._forget: Callable[[], None] = lambda: None  # hide()'s keeper, told when they are back
 
     def expect_hide(self) -> None:
         """hide() will run beside dump(): the dump's file waits for its decision."""
         self.hide_done.clear()
 
-    def hide(self) -> float | None:
+    def hide(self, keep: Callable[[list[tuple]], bool] | None = None,
+             forget: Callable[[], None] = lambda: None) -> float | None:
         """Take the connections out of the stopped program (nodeshim.fdmove) so criu never
         sees them. None (nothing changed) when switched off or when one cannot be: a socket
         at two descriptors, an epoll entry not of the socket at its number, a file owner
-        (F_SETOWN). Returns the ms it took. KernelError if it failed (undone)."""
+        (F_SETOWN), or `keep` refused. keep: called with each process's (pid, {its fd:
+        ours}, {its fd: inode}, epoll entries, close-on-exec numbers) before anything is
+        taken out, to keep them where they outlive us (nodeshim.hiddenkeep); forget: once
+        they are back or released (or the take failed). Returns the ms it took.
+        KernelError if it failed (undone)."""
         try:
-            return self._hide()
+            return self._hide(keep, forget)
         finally:
             self.hide_done.set()
 
-    def _hide(self) -> float | None:
+    def _hide(self, keep, forget) -> float | None:
         if not hide_enabled() or len(self.where) != len(self.socks) or not self.socks:
             return None
         t0 = time.monotonic()
@@ -359,23 +367,31 @@ class Taken:
             cloexec = {n for n, f in flags[pid].items() if f & os.O_CLOEXEC}
             plan.append((pid, ours, regs, cloexec))
         t2 = time.monotonic()
+        if keep is not None and not keep([(pid, ours, {t: inode[(pid, t)] for t in ours}, regs, cloexec)
+                                          for pid, ours, regs, cloexec in plan]):
+            return None
+        t_kept = time.monotonic()
         done = []
         try:
             for pid, ours, regs, cloexec in plan:
                 fdmove.take_out(pid, ours, regs)
                 done.append((pid, ours, regs, cloexec))
         except BaseException:
-            for pid, ours, regs, cloexec in done:
-                fdmove.put_back(pid, ours, regs, cloexec)
+            try:
+                for pid, ours, regs, cloexec in done:
+                    fdmove.put_back(pid, ours, regs, cloexec)
+            finally:
+                forget()
             raise
+        self._forget = forget
         nspid = {pid: ns_pid(pid) for pid in by_pid}
         for pid, ours, regs, cloexec in plan:
             self.hidden[pid] = (ours, regs, cloexec)
             self._regs += [(nspid[pid], r) for r in regs]
         self.flags = [fl for *_, fl in self.where]
         t3 = time.monotonic()
-        log.info("connections out of pid %d: checks %.1f ms, epoll entries read %.1f, taken out %.1f",
-                 self.root, (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
+        log.info("connections out of pid %d: checks %.1f ms, epoll entries read %.1f, kept %.1f, taken out %.1f",
+                 self.root, (t1 - t0) * 1000, (t2 - t1) * 1000, (t_kept - t2) * 1000, (t3 - t_kept) * 1000)
         return (t3 - t0) * 1000
 
     def dump(self, images_dir: str) -> Dumped:
@@ -383,7 +399,7 @@ class Taken:
         flags, options and epoll entries when hidden). KernelError if it failed: the C dump
         is all or none, the sockets are as they were."""
         t0 = time.monotonic()
-        with repairc.one_core() if hide_enabled() else contextlib.nullcontext():  # the other core: hide()
+        with repairc.one_core() if not self.hide_done.is_set() else contextlib.nullcontext():  # the other: hide()
             states = tcprepair.dump_many(self.socks, self.names)
         os.makedirs(images_dir, mode=0o700, exist_ok=True)
         try:
@@ -432,13 +448,19 @@ class Taken:
         for ours, _, _ in hidden.values():
             for fd in ours.values():
                 os.close(fd)
+        forget, self._forget = self._forget, lambda: None
+        if hidden:
+            forget()
 
 
-def take_tree(root: int) -> Taken | None:
+def take_tree(root: int, hide: bool | None = None) -> Taken | None:
     """The established connections of the stopped, held tree at root, if our path can
     move them all; None (nothing kept) when criu must move them itself: none, or one in
     another connected state (half-closed, SYN_SENT), or an MSS TCP_MAXSEG cannot restore
-    (loopback's 65483)."""
+    (loopback's 65483). hide: Taken.hide will be tried (their descriptor flags are read
+    too); by default when hide_enabled()."""
+    if hide is None:
+        hide = hide_enabled()
     taken: list = []
     socks: list[_Fd] = []
     names: list[str] = []
@@ -447,7 +469,7 @@ def take_tree(root: int) -> Taken | None:
     try:
         for pid in proctree.tree_pids(root):
             nspid = ns_pid(pid)
-            mine = _take(pid, None, False, flags=hide_enabled())
+            mine = _take(pid, None, False, flags=hide)
             taken += mine
             for target, fd, ino, state, family, mss, *fdflags in mine:
                 if ino in seen:

@@ -60,6 +60,7 @@ from vipwire.logs import event as log_event
 
 from . import criu, criutcp, fdstore, imagexfer, lazyxfer, pidfd, proctree, queue, services, tcprepair, udphandoff
 from .batchmigrate import BatchActions
+from .hiddenkeep import HiddenKeeper
 from .leftovers import Leftovers
 from .processsteps import ProcessSteps
 
@@ -121,9 +122,10 @@ class MigrationAgent(ProcessSteps):
         self.fault_dir = os.path.join(agent.config.state_dir, "faults")
         self.leftovers = Leftovers(agent.config.state_dir)
         # {source pid: criutcp.Taken} whose connections are out of the program until the
-        # migration ends (VIPCLUSTER_CRIU_HIDE=on): released at StopInstance, put back at
-        # the rollback's ThawProcess
+        # migration ends: released at StopInstance, put back at the rollback's
+        # ThawProcess; copies meanwhile in the fd store (nodeshim.hiddenkeep)
         self.hidden_tcp: dict = {}
+        self.hidden_keeper = HiddenKeeper(agent.config.state_dir, reserved=len(agent.config.queue_nums))
         self._locks: dict[str, asyncio.Lock] = {}
         self.stopping = False  # the agent is stopping: no new migration begins here
         self._retiring: set[asyncio.Task] = set()  # roles ending (their rules installed off the loop)

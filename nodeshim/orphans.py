@@ -8,7 +8,7 @@ gateway's reconcile `_end_frozen` resumes or ends a service that agent left froz
 Apart from nodeshim.agent because it is one concern, the agent's restart, with its own
 file (running.json) and its own rules. PreviousAgent is a base class of NodeAgent, not an
 object of its own: the methods use the agent's config, running, restarts, adopted,
-frozen_adopted, notify, migrations, log_dir and send_to_gateway, as they did when they
+frozen_adopted, inherited_hidden(_fds), notify, migrations, log_dir and send_to_gateway, as they did when they
 lived in agent.py.
 """
 
@@ -20,11 +20,10 @@ import os
 import signal
 
 from clustercore import messages as msgs
-from clustercore.errors import VipError
+from clustercore.errors import KernelError, VipError
 from clustercore.ownership import Service
-from clustercore.packet import TCP
 
-from . import adoption, pidfd, services, tcprepair
+from . import adoption, hiddenkeep, pidfd, proctree, services
 
 log = logging.getLogger("vipcluster.node")  # the agent's logger: the same lines as before
 
@@ -111,6 +110,21 @@ class PreviousAgent:
                             "did not finish; the packets it held are lost", name, pid)
                 self.frozen_adopted.add(name)
         self.record_running()
+        self._inherit_hidden()
+
+    def _inherit_hidden(self) -> None:
+        """The connections that agent had taken out of a frozen program (nodeshim.hiddenkeep):
+        kept for _end_frozen when that program was adopted frozen, as recorded; closed
+        otherwise (the program runs again, so they were put back; or it is gone)."""
+        stored, self.inherited_hidden_fds = self.inherited_hidden_fds, {}
+        for name, inh in hiddenkeep.inherit(self.config.state_dir, stored).items():
+            rs = self.running.get(name)
+            if name in self.frozen_adopted and rs is not None and inh.root() == rs.pid:
+                self.inherited_hidden[name] = inh
+                continue
+            log.info("%s: the %d connections a previous agent had taken out of pid %s are not "
+                     "needed (not frozen here): closed", name, len(inh), inh.root())
+            inh.close()
 
     def adopt_restored_orphans(self) -> None:
         """A previous agent died with a new instance here (a `process` migration's
@@ -130,7 +144,8 @@ class PreviousAgent:
 
     def _end_frozen(self, wanted: set[str]) -> list[str]:
         """After a restart mid-migration: a frozen service the registry says is ours
-        resumes (its connections leave repair mode, it gets SIGCONT); one it says is not
+        resumes (connections a migration had taken out of it put back first; each of its
+        processes' connections leave repair mode, each gets SIGCONT: proctree.thaw); one it says is not
         ours is ended (SIGKILL: a stopped process cannot run a SIGTERM handler; its sockets
         are closed in repair mode, silently: the destination serves its connections)."""
         notes = []
@@ -139,16 +154,20 @@ class PreviousAgent:
             if rs is None or self.migrations.busy(name):
                 continue
             self.frozen_adopted.discard(name)
+            hidden = self.inherited_hidden.pop(name, None)
             if name in wanted:
-                ports = tuple(p for proto, p in rs.service.ports if proto == TCP)
-                try:
-                    conns = pidfd.take_connections(rs.pid, self.config.vips, ports)
+                if hidden is not None:  # out of the program when its agent died: back in first
                     try:
-                        tcprepair.unrepair_many([sock for _, sock in conns])
+                        n = hidden.put_back()
+                        log.info("service %s: %d connections put back into pid %d (%d were out of it)",
+                                 name, len(hidden), rs.pid, n)
+                    except KernelError as e:
+                        log.error("service %s: its connections could not be put back (%s: %s): they are lost",
+                                  name, e.operation, e.detail)
                     finally:
-                        for _, sock in conns:
-                            sock.close()
-                    os.kill(rs.pid, signal.SIGCONT)
+                        hidden.close()  # the program has them (or they are lost)
+                try:  # every process of it (nginx's workers hold the connections)
+                    proctree.thaw(rs.pid)
                 except (VipError, OSError) as e:
                     log.error("cannot resume frozen service %s: %s", name, e)
                 notes.append(f"service {name} was frozen by a dead agent: resumed (held packets lost)")
@@ -156,6 +175,8 @@ class PreviousAgent:
                 services.kill(self.running.pop(name))
                 for _, sock in rs.sockets:
                     sock.close()
+                if hidden is not None:
+                    hidden.close()  # in repair mode: silently (the destination serves them)
                 notes.append(f"service {name} was frozen by a dead agent and moved away: ended")
         for text in notes:
             log.warning("%s", text)

@@ -266,21 +266,25 @@ class ProcessSteps:
         own = self.kernel.criutcp
         if not own.enabled():
             return None
+        name, keeper = rs.service.name, self.hidden_keeper
+        # out of the program (nodeshim.fdmove), unless VIPCLUSTER_CRIU_HIDE=off, or no fd
+        # store would keep them if we died meanwhile (nodeshim.hiddenkeep)
+        hiding = own.hide_enabled() and keeper.room()[0] > 0
         t0 = time.monotonic()
         try:
-            taken = own.take_tree(rs.pid)
+            taken = own.take_tree(rs.pid, hide=hiding)
         except KernelError as e:
             log.warning("%s: cannot take the TCP sockets (%s: %s); criu moves the connections",
                         rs.service.name, e.operation, e.detail)
             return None
         if taken is None:
             return None
-        hide = getattr(taken, "hide", None)  # VIPCLUSTER_CRIU_HIDE=on (nodeshim.fdmove)
-        if hide is not None:
+        if hiding:
             taken.expect_hide()
         own_dump = OwnTcpDump(rs.service.name, taken, images, (time.monotonic() - t0) * 1000)
         try:  # beside our dump's thread: its file waits for this
-            own_dump.hide_ms = hide() if hide is not None else None
+            own_dump.hide_ms = taken.hide(keep=lambda plans: keeper.keep(name, plans),
+                                          forget=lambda: keeper.forget(name)) if hiding else None
         except KernelError as e:
             log.warning("%s: cannot take the connections out of the program (%s: %s); criu sees them",
                         rs.service.name, e.operation, e.detail)
@@ -291,6 +295,8 @@ class ProcessSteps:
             self.hidden_tcp[rs.pid] = taken
             log.info("%s: %d connections taken out of the program in %.1f ms (criu will not see them)",
                      rs.service.name, len(taken.socks), own_dump.hide_ms)
+            if self._armed_fault("criu.hide") == "die":
+                self._die()  # a source killed with the connections out of its program
         return own_dump
 
     def _restore_own_tcp(self, service: str, pid: int, images_dir: str, pre=None) -> float | None:

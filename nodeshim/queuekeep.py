@@ -27,16 +27,23 @@ import socket
 from clustercore.config import NodeConfig
 from vipwire import systemd
 
+from . import hiddenkeep
 from .queue import queue_of_fdname
 
 log = logging.getLogger("vipcluster.node")
 
 
-def take_fd_store(config: NodeConfig) -> dict[int, socket.socket]:
-    """The sockets of our queues that the service manager kept for us ({queue: socket});
-    anything else it passed is closed and taken out of the store."""
+def take_fd_store(config: NodeConfig) -> tuple[dict[int, socket.socket], dict[str, list[int]]]:
+    """What the service manager kept for us: the sockets of our queues ({queue: socket})
+    and the connections a dead agent had taken out of a frozen program ({service: [fd]},
+    nodeshim.hiddenkeep); anything else it passed is closed and taken out of the store."""
     out: dict[int, socket.socket] = {}
+    hidden: dict[str, list[int]] = {}
     for name, fd in systemd.listen_fds():
+        service = hiddenkeep.service_of_fdname(name)
+        if service is not None:
+            hidden.setdefault(service, []).append(fd)
+            continue
         q = queue_of_fdname(name)
         if q is None or q not in config.queue_nums or q in out:
             log.warning("descriptor %s from the fd store is not one of our queues: closed", name)
@@ -47,7 +54,7 @@ def take_fd_store(config: NodeConfig) -> dict[int, socket.socket]:
     if out:
         log.info("queues %s kept by the service manager across the previous agent's end",
                  ", ".join(map(str, sorted(out))))
-    return out
+    return out, hidden
 
 
 class RoleRecord:

@@ -26,6 +26,8 @@ import fcntl
 import json
 import logging
 import os
+import resource
+import select
 import signal
 import socket
 import struct
@@ -42,7 +44,10 @@ log = logging.getLogger("vipcluster.supervise")
 POLL_S = 0.05
 RESTART_DELAY_S = 0.1  # systemd's RestartSec: a crash loop must not spin the CPU
 STOP_TIMEOUT_S = 8.0
-FDSTORE_MAX = 64  # per daemon (FileDescriptorStoreMax=); more are closed, as systemd does
+# per daemon (FileDescriptorStoreMax=, told to it in $FDSTORE as systemd >= 254 does); more
+# are closed, as systemd does. A node agent keeps its queues here and, while a `process`
+# migration runs, the connections it took out of the program (nodeshim.hiddenkeep).
+FDSTORE_MAX = 4096
 MAX_FDS_PER_MESSAGE = 253
 UCRED = struct.Struct("3i")
 # the restarted daemon's side of LISTEN_FDS: the stored descriptors arrive above 3 + n
@@ -165,16 +170,18 @@ class Supervisor:
         self.stores: dict[str, FdStore] = {}
         store_dir = os.path.join(state_dir, "fdstore")
         os.makedirs(store_dir, mode=0o700, exist_ok=True)
+        self.wakeup = select.poll()
         for d in self.plan:
             if not d.get("argv"):  # vipctl daemons speak sd_notify; other programs not here
                 self.stores[d["name"]] = FdStore(os.path.join(store_dir, d["name"]))
+                self.wakeup.register(self.stores[d["name"]].sock, select.POLLIN)
 
     def spawn(self, d: dict) -> None:
         log_dir = os.path.join(self.state_dir, "logs")
         os.makedirs(log_dir, mode=0o700, exist_ok=True)
         with open(os.path.join(log_dir, f"{d['name']}.log"), "ab") as logf:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
-            for k in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
+            for k in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", "FDSTORE"):
                 env.pop(k, None)
             ns = d["ns"]
             # a vipctl daemon (args), or another program (argv: keepalived, etcd)
@@ -184,6 +191,7 @@ class Supervisor:
             if store is not None:
                 store.drain()  # what the dead instance stored up to its end is passed on
                 env["NOTIFY_SOCKET"] = store.path
+                env["FDSTORE"] = str(FDSTORE_MAX)
                 argv, copies = store.passed(argv, env)
             try:
                 self.procs[d["name"]] = subprocess.Popen(
@@ -210,7 +218,9 @@ class Supervisor:
             self.spawn(d)
         self.record()
         while not self.stopping:
-            time.sleep(POLL_S)
+            # woken by a notification at once: a sender blocks once 10 (net.unix.max_dgram_qlen)
+            # wait unread, and an agent storing a frozen program's connections is in its freeze
+            self.wakeup.poll(POLL_S * 1000)
             for store in self.stores.values():
                 store.drain()
             changed = False
@@ -253,6 +263,11 @@ class Supervisor:
 
 
 def main() -> None:
+    # the stores hold up to FDSTORE_MAX descriptors per daemon (and a copy of one daemon's
+    # while it is started again): the soft limit up to the hard one (no privilege needed)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     Supervisor(sys.argv[1]).run()
 
 

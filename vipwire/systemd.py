@@ -79,12 +79,23 @@ def store_fds(name: str, fds: list[int]) -> bool:
     return notify("FDSTORE=1", f"FDNAME={name}", "FDPOLL=0", fds=fds)
 
 
+def fdstore_max() -> int | None:
+    """How many descriptors the manager keeps for us (FileDescriptorStoreMax=, which
+    systemd >= 254 exports as $FDSTORE; our unit sets it for older ones); None: not said."""
+    try:
+        n = int(os.environ.get("FDSTORE", ""))
+    except ValueError:
+        return None
+    return n if n >= 0 else None
+
+
 def remove_fds(name: str) -> bool:
     """Take every descriptor stored under `name` out of the manager's fd store."""
     return notify("FDSTOREREMOVE=1", f"FDNAME={name}")
 
 
 LISTEN_FDS_START = 3
+MAX_LISTEN_FDS = 65536  # the queues' sockets and the connections a migration took out (nodeshim.hiddenkeep)
 
 
 def listen_fds() -> list[tuple[str, int]]:
@@ -104,7 +115,7 @@ def listen_fds() -> list[tuple[str, int]]:
         return []
     labels = names.split(":") if names else []
     out = []
-    for i in range(max(0, min(n, 1024))):
+    for i in range(max(0, min(n, MAX_LISTEN_FDS))):
         fd = LISTEN_FDS_START + i
         try:
             fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)

@@ -194,7 +194,7 @@ def _epoll_targets(pid: int) -> set[int]:
 
 @pytest.mark.parametrize("rollback", [False, True], ids=["moved", "put-back"])
 def test_connections_hidden_from_criu(monkeypatch, rollback):
-    """VIPCLUSTER_CRIU_HIDE=on: the connections leave the stopped program before criu
+    """The default (forced on here): the connections leave the stopped program before criu
     dumps it (nodeshim.fdmove): criu's image has none of them, the copy gets each at its
     number and in its epoll again, with its options and queued bytes. put-back: a
     rollback puts them into the source again instead, which then serves them."""

@@ -144,6 +144,69 @@ def test_destination_agent_killed_during_a_process_migration(pslab, tmp_path, op
     assert moved["outcome"] == "committed" and moved["lost"] == 0, json.dumps(moved)
 
 
+def test_source_agent_killed_with_the_connections_out_of_redis(pslab, tmp_path):
+    """The source's agent dies (`criu.hide` die) right after it took redis-server's
+    connections out of the stopped program (nodeshim.fdmove: criu is not to see them):
+    for that while the agent's duplicates were their only descriptors, so it had put
+    copies in its fd store (the lab supervisor's) and written where each goes
+    (nodeshim.hiddenkeep). The migration rolls back; the restarted agent adopts redis
+    frozen, puts each connection back at its number and in its epoll, and resumes it.
+    Before this the connections died with the agent (hence VIPCLUSTER_CRIU_HIDE was off
+    by default)."""
+    h = pslab
+    prog = rp.redis_program(str(tmp_path / "redis"))
+    ready, stop = tmp_path / "redis.ready", tmp_path / "redis.stop"
+    with rp.RealService(h, "redis", "n1", prog, "process"):
+        before = rp.redis_pipe_set(h, "pre:", 3000)
+        loop = rp.realload(h, "redis-loop", 6379, "--conns", 8, "--rate", 50, "--duration", 90,
+                           ready=ready, stop=stop)
+        rp.wait_file(loop, ready)
+        try:
+            time.sleep(1)
+            source = owner(h, "redis")
+            pid = running_on(h, "redis")[source]
+            old = labmod.daemon_pids(h.lab)[source]
+            log_path = os.path.join(h.lab.state_dir, "logs", f"{source}.log")
+            log_from = os.path.getsize(log_path)
+            fault(h, source, "criu.hide", "die")
+            report, res = migrate(h, "redis", NEXT[source], check=False)
+            assert report is not None and report["outcome"] == "rolled_back", (res.stdout, res.stderr)
+            wait_agent_back(h, source, old)
+            svc = wait_settled(h, "redis")
+            deadline = time.time() + 20
+            while time.time() < deadline:  # the successor resumes it after the gateway's reconcile
+                with open(log_path, errors="replace") as f:
+                    f.seek(log_from)
+                    source_log = f.read()
+                if "was frozen by a dead agent: resumed" in source_log:
+                    break
+                time.sleep(0.2)
+            assert svc["owner"] == source, svc
+            assert running_on(h, "redis") == {source: pid}  # the same process, adopted
+            assert "8 connections taken out of the program" in source_log, source_log
+            assert "8 connections put back into pid" in source_log, source_log
+            assert "was frozen by a dead agent: resumed" in source_log, source_log
+            time.sleep(1.5)
+            moved, _ = migrate(h, "redis", NEXT[source])  # and it moves on (connections hidden again)
+            time.sleep(1)
+        finally:
+            stop.touch()
+            r = rp.finish(loop, timeout=120)
+        expected = {f"pre:{i}": f"value-pre:{i}".encode() for i in range(3000)}
+        from vipctl.realload import redis_key, redis_value
+        for conn, n in r["written"].items():
+            expected.update({redis_key(int(conn), s): redis_value(int(conn), s) for s in range(n)})
+        check = rp.redis_check_keys(h, expected)
+    print(f"source agent killed with redis's connections out of it: {report['outcome']}; redis-loop "
+          f"{r['keys_written']} SET/GET pairs, resets {r['resets']}, bad {r['bad']}, failed {r['failed']}, "
+          f"longest wait {r['longest_wait_ms']} ms; next migration {moved['outcome']} in {moved.get('total_ms')} ms")
+    assert before == {"rc": 0, "errors": 0, "replies": 3000, "sent": 3000}, before
+    assert r["connected"] == 8 and r["errors"] == [] and r["bad"] == 0 and r["failed"] == 0 and r["resets"] == 0, r
+    assert r["set_ok"] == r["get_ok"] == r["keys_written"] > 8 * 20, r
+    assert check["missing"] == 0 and check["wrong_count"] == 0 and check["dbsize"] == len(expected), check
+    assert moved["outcome"] == "committed" and moved["lost"] == 0, json.dumps(moved)
+
+
 def test_owner_agent_killed_keeps_redis_and_it_moves_afterwards(pslab, tmp_path):
     """The owner's agent SIGKILLed outside a migration: its successor adopts redis-server
     (the same process: redis writes its title over its environment, so it is recognised

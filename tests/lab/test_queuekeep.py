@@ -48,7 +48,7 @@ from clustercore.ownership import Verdict
 from nodeshim.queue import AdoptedQueue
 from nodeshim.queuekeep import take_fd_store
 from types import SimpleNamespace
-socks = take_fd_store(SimpleNamespace(queue_nums=range(7, 8)))
+socks, _ = take_fd_store(SimpleNamespace(queue_nums=range(7, 8)))
 q = AdoptedQueue.take_over(7, socks[7], 1024, sys.argv[1], lambda *a: Verdict.ACCEPT)
 print("taken", q.left_held, q.left_unread, flush=True)
 # what comes back to the queue ("repeat": the held ones, queued again) is decided as it is read

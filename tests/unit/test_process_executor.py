@@ -191,7 +191,10 @@ class FakeCriuTcp:
     def enabled(self):
         return True
 
-    def take_tree(self, pid):
+    def hide_enabled(self):
+        return False
+
+    def take_tree(self, pid, hide=None):
         if self.log is not None:
             self.log.append(("take_tree", pid))
         if self.dumped is None:
