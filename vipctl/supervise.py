@@ -83,8 +83,9 @@ class FdStore:
     def drain(self) -> None:
         while True:
             try:
-                data, anc, flags, _ = self.sock.recvmsg(
-                    MAX_DATAGRAM + 1, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4) + socket.CMSG_SPACE(UCRED.size))
+                data, anc, flags, _ = self.sock.recvmsg(  # close-on-exec as they arrive
+                    MAX_DATAGRAM + 1, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4) + socket.CMSG_SPACE(UCRED.size),
+                    socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
             fds, pid = [], None
@@ -118,7 +119,6 @@ class FdStore:
                     log.warning("%s: fd store full, descriptor %s not kept", self.path, note.fdname)
                     os.close(fd)
                 else:
-                    fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
                     self.fds.append((note.fdname, fd))
         else:
             for fd in fds:  # descriptors without FDSTORE=1 are not kept
