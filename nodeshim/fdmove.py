@@ -52,6 +52,7 @@ _F_DUPFD_CLOEXEC = 1030
 _F_SETFD = 2
 _EPOLL_CTL_ADD, _EPOLL_CTL_DEL = 1, 2
 _SCM_MAX_FD = 253  # include/net/scm.h: descriptors per SCM_RIGHTS message
+_STOP_AGAIN_S = 1.0  # a detached program reads stopped again within this
 _SCRATCH = 65536  # bytes mapped in the program for recvmsg's header, iovec and control data
 _CMSG = struct.Struct("=QII")  # struct cmsghdr: len, level, type
 _TFD = re.compile(rb"(?m)^tfd:[ \t]*(\d+)[ \t]+events:[ \t]*([0-9a-f]+)[ \t]+data:[ \t]*([0-9a-f]+)[ \t]+pos:[ \t]*\d+[ \t]+ino:[ \t]*([0-9a-f]+)")
@@ -164,6 +165,14 @@ class _Tracee:
             repairc.ext.tracee_detach(self.pid, self.state)
         except OSError as e:
             raise KernelError("ptrace detach", e.errno, f"pid {self.pid}") from None
+        # let go, it takes the SIGSTOP re-sent before any instruction of its own, but it
+        # reads as running until then: wait for it to read stopped again (tens of us), so
+        # that whoever looks next (criu's seize, a check) sees a stopped program
+        deadline = time.monotonic() + _STOP_AGAIN_S
+        while (state := pidfd.process_state(self.pid)) not in pidfd.STOPPED_STATES:
+            if state in pidfd.GONE_STATES or time.monotonic() > deadline:
+                raise KernelError("ptrace detach", None, f"pid {self.pid} did not stop again ({state})")
+            time.sleep(0.0001)
 
 
 def _epoll_of(pid: int, epfd: int, above: int) -> int:
