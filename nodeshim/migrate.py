@@ -29,7 +29,9 @@ Faults inside the `process` strategy's commands (same directory, same one-shot f
 it really fails and its own reason comes back; `image.receive` (content `cut`): the
 destination cancels the receive as soon as the first image bytes arrive (a transfer cut
 mid-way); `criu.restore` with content `die`: the agent exits right after criu restored the
-copy (a destination killed at restore); `criu.thaw` with content `die-before` / `die`: the
+copy (a destination killed at restore); `criu.hide` with content `die`: the agent exits
+right after it took a frozen program's connections out of it (a source killed while only
+its fd store and it hold them: nodeshim.hiddenkeep); `criu.thaw` with content `die-before` / `die`: the
 agent exits just before / just after it lets a copy run (a destination killed inside its
 release, past the release marker: its successor adopts the copy, nodeshim.leftovers).
 A handoff's `handoff.start` with content `die`: the agent exits right after it started the

@@ -144,15 +144,26 @@ def test_destination_agent_killed_during_a_process_migration(pslab, tmp_path, op
     assert moved["outcome"] == "committed" and moved["lost"] == 0, json.dumps(moved)
 
 
-def test_source_agent_killed_with_the_connections_out_of_redis(pslab, tmp_path):
-    """The source's agent dies (`criu.hide` die) right after it took redis-server's
-    connections out of the stopped program (nodeshim.fdmove: criu is not to see them):
-    for that while the agent's duplicates were their only descriptors, so it had put
-    copies in its fd store (the lab supervisor's) and written where each goes
-    (nodeshim.hiddenkeep). The migration rolls back; the restarted agent adopts redis
-    frozen, puts each connection back at its number and in its epoll, and resumes it.
-    Before this the connections died with the agent (hence VIPCLUSTER_CRIU_HIDE was off
-    by default)."""
+# (fault file, its content, the outcome, what the restarted source agent says)
+SOURCE_DEATHS = [
+    ("criu.hide", "die", "rolled_back", "8 connections put back into pid"),
+    ("migrate.commit", "die", "committed", "was frozen by a dead agent and moved away: ended"),
+]
+
+
+@pytest.mark.parametrize("op, what, outcome, said", SOURCE_DEATHS, ids=["hidden", "committing"])
+def test_source_agent_killed_with_the_connections_out_of_redis(pslab, tmp_path, op, what, outcome, said):
+    """The source's agent dies while redis-server's connections are out of the stopped
+    program (nodeshim.fdmove took them out so that criu does not see them): for that while
+    the agent's duplicates are their only descriptors, so it had put copies in its fd
+    store (the lab supervisor's) and written where each goes (nodeshim.hiddenkeep).
+    - hidden: right after the take-out (`criu.hide` die). The migration rolls back; the
+      restarted agent adopts redis frozen, puts each connection back at its number and in
+      its epoll, and resumes it. Before this the connections died with the agent (hence
+      VIPCLUSTER_CRIU_HIDE was off by default).
+    - committing: as the commit arrives (the copy serves on the destination). The
+      restarted agent ends the frozen program and closes the kept copies: in repair mode,
+      silently, so no client sees a reset."""
     h = pslab
     prog = rp.redis_program(str(tmp_path / "redis"))
     ready, stop = tmp_path / "redis.ready", tmp_path / "redis.stop"
@@ -168,26 +179,29 @@ def test_source_agent_killed_with_the_connections_out_of_redis(pslab, tmp_path):
             old = labmod.daemon_pids(h.lab)[source]
             log_path = os.path.join(h.lab.state_dir, "logs", f"{source}.log")
             log_from = os.path.getsize(log_path)
-            fault(h, source, "criu.hide", "die")
+            fault(h, source, op, what)
             report, res = migrate(h, "redis", NEXT[source], check=False)
-            assert report is not None and report["outcome"] == "rolled_back", (res.stdout, res.stderr)
+            assert report is not None and report["outcome"] == outcome, (res.stdout, res.stderr)
             wait_agent_back(h, source, old)
             svc = wait_settled(h, "redis")
             deadline = time.time() + 20
-            while time.time() < deadline:  # the successor resumes it after the gateway's reconcile
+            while time.time() < deadline:  # the successor ends or resumes it after the gateway's reconcile
                 with open(log_path, errors="replace") as f:
                     f.seek(log_from)
                     source_log = f.read()
-                if "was frozen by a dead agent: resumed" in source_log:
+                if "was frozen by a dead agent" in source_log:
                     break
                 time.sleep(0.2)
-            assert svc["owner"] == source, svc
-            assert running_on(h, "redis") == {source: pid}  # the same process, adopted
+            now_owner = source if outcome == "rolled_back" else NEXT[source]
+            assert svc["owner"] == now_owner, svc
+            where = running_on(h, "redis")
+            assert list(where) == [now_owner], where  # one copy, the owner's
+            if now_owner == source:
+                assert where[source] == pid  # the same process, adopted and resumed
             assert "8 connections taken out of the program" in source_log, source_log
-            assert "8 connections put back into pid" in source_log, source_log
-            assert "was frozen by a dead agent: resumed" in source_log, source_log
+            assert said in source_log, source_log
             time.sleep(1.5)
-            moved, _ = migrate(h, "redis", NEXT[source])  # and it moves on (connections hidden again)
+            moved, _ = migrate(h, "redis", NEXT[now_owner])  # and it moves on (connections hidden again)
             time.sleep(1)
         finally:
             stop.touch()
@@ -197,7 +211,7 @@ def test_source_agent_killed_with_the_connections_out_of_redis(pslab, tmp_path):
         for conn, n in r["written"].items():
             expected.update({redis_key(int(conn), s): redis_value(int(conn), s) for s in range(n)})
         check = rp.redis_check_keys(h, expected)
-    print(f"source agent killed with redis's connections out of it: {report['outcome']}; redis-loop "
+    print(f"source agent killed at {op} with redis's connections out of it: {report['outcome']}; redis-loop "
           f"{r['keys_written']} SET/GET pairs, resets {r['resets']}, bad {r['bad']}, failed {r['failed']}, "
           f"longest wait {r['longest_wait_ms']} ms; next migration {moved['outcome']} in {moved.get('total_ms')} ms")
     assert before == {"rc": 0, "errors": 0, "replies": 3000, "sent": 3000}, before
