@@ -80,6 +80,71 @@ def running_on(h, name):
             if name in (n.get("processes") or {})}
 
 
+def redis_under_load(h, tmp_path, during):
+    """redis-server (`process` strategy) on n1 with 3,000 keys, under redis-loop's 8
+    connections; `during()` runs while they load (it moves redis and returns what the
+    test prints); then the oracle: no reset, every reply right, every key back. Returns
+    (what during returned, redis-loop's result)."""
+    prog = rp.redis_program(str(tmp_path / "redis"))
+    ready, stop = tmp_path / "redis.ready", tmp_path / "redis.stop"
+    with rp.RealService(h, "redis", "n1", prog, "process"):
+        before = rp.redis_pipe_set(h, "pre:", 3000)
+        loop = rp.realload(h, "redis-loop", 6379, "--conns", 8, "--rate", 50, "--duration", 90,
+                           ready=ready, stop=stop)
+        rp.wait_file(loop, ready)
+        try:
+            time.sleep(1)
+            out = during()
+        finally:
+            stop.touch()
+            r = rp.finish(loop, timeout=120)
+        expected = {f"pre:{i}": f"value-pre:{i}".encode() for i in range(3000)}
+        from vipctl.realload import redis_key, redis_value
+        for conn, n in r["written"].items():
+            expected.update({redis_key(int(conn), s): redis_value(int(conn), s) for s in range(n)})
+        check = rp.redis_check_keys(h, expected)
+    print(f"redis-loop {r['keys_written']} SET/GET pairs, resets {r['resets']}, bad {r['bad']}, failed "
+          f"{r['failed']}, longest wait {r['longest_wait_ms']} ms; keys checked {check['checked']}")
+    assert before == {"rc": 0, "errors": 0, "replies": 3000, "sent": 3000}, before
+    assert r["connected"] == 8 and r["errors"] == [] and r["bad"] == 0 and r["failed"] == 0 and r["resets"] == 0, r
+    assert r["set_ok"] == r["get_ok"] == r["keys_written"] > 8 * 20, r
+    assert check["missing"] == 0 and check["wrong_count"] == 0 and check["dbsize"] == len(expected), check
+    return out, r
+
+
+def agent_log_since(h, node):
+    """A function that reads what node's agents logged from now on."""
+    path = os.path.join(h.lab.state_dir, "logs", f"{node}.log")
+    start = os.path.getsize(path) if os.path.exists(path) else 0
+
+    def read():
+        with open(path, errors="replace") as f:
+            f.seek(start)
+            return f.read()
+    return read
+
+
+def move_with_a_fault(h, dest, node, op, what, outcome):
+    """Move redis to dest with `node`'s agent dying at the fault (op, what); once the
+    supervisor has restarted it and the migration is over: (report, the registry's view
+    of redis, a function reading what node's agents logged since the fault)."""
+    old = labmod.daemon_pids(h.lab)[node]
+    log = agent_log_since(h, node)
+    fault(h, node, op, what)
+    report, res = migrate(h, "redis", dest, check=False)
+    assert report is not None and report["outcome"] == outcome, (res.stdout, res.stderr)
+    wait_agent_back(h, node, old)
+    return report, wait_settled(h, "redis"), log
+
+
+def moves_on(h, node):
+    """redis moves on from node, where it is now: committed, nothing lost."""
+    moved, _ = migrate(h, "redis", NEXT[node])
+    time.sleep(1)
+    assert moved["outcome"] == "committed" and moved["lost"] == 0, json.dumps(moved)
+    return moved
+
+
 # (fault file, its content, the outcome)
 DEST_DEATHS = [
     ("criu.restore", "die", "rolled_back"),
@@ -91,57 +156,25 @@ DEST_DEATHS = [
 @pytest.mark.parametrize("op, what, outcome", DEST_DEATHS, ids=["restored", "releasing-stopped", "releasing-running"])
 def test_destination_agent_killed_during_a_process_migration(pslab, tmp_path, op, what, outcome):
     h = pslab
-    prog = rp.redis_program(str(tmp_path / "redis"))
-    ready, stop = tmp_path / "redis.ready", tmp_path / "redis.stop"
-    with rp.RealService(h, "redis", "n1", prog, "process"):
-        before = rp.redis_pipe_set(h, "pre:", 3000)
-        loop = rp.realload(h, "redis-loop", 6379, "--conns", 8, "--rate", 50, "--duration", 90,
-                           ready=ready, stop=stop)
-        rp.wait_file(loop, ready)
-        try:
-            time.sleep(1)
-            source = owner(h, "redis")
-            dest = NEXT[source]
-            old = labmod.daemon_pids(h.lab)[dest]
-            log_path = os.path.join(h.lab.state_dir, "logs", f"{dest}.log")
-            log_from = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-            fault(h, dest, op, what)
-            report, res = migrate(h, "redis", dest, check=False)
-            assert report is not None and report["outcome"] == outcome, (res.stdout, res.stderr)
-            wait_agent_back(h, dest, old)
-            svc = wait_settled(h, "redis")
-            time.sleep(1.5)
-            where = running_on(h, "redis")
-            expected_owner = dest if outcome == "committed" else source
-            assert svc["owner"] == expected_owner, svc
-            assert list(where) == [expected_owner], where  # exactly one copy, the owner's
-            with open(log_path, errors="replace") as f:  # what its agents logged since the fault
-                f.seek(log_from)
-                dest_log = f.read()
-            if outcome == "committed":
-                assert "adopted the restored copy of redis" in dest_log, dest_log
-            else:
-                assert "silencing and ending the restored copy of redis" in dest_log, dest_log
-            # and the service moves on from where it is now
-            moved, _ = migrate(h, "redis", NEXT[expected_owner])
-            time.sleep(1)
-        finally:
-            stop.touch()
-            r = rp.finish(loop, timeout=120)
-        expected = {f"pre:{i}": f"value-pre:{i}".encode() for i in range(3000)}
-        from vipctl.realload import redis_key, redis_value
-        for conn, n in r["written"].items():
-            expected.update({redis_key(int(conn), s): redis_value(int(conn), s) for s in range(n)})
-        check = rp.redis_check_keys(h, expected)
+
+    def during():
+        source = owner(h, "redis")
+        dest = NEXT[source]
+        report, svc, dest_log = move_with_a_fault(h, dest, dest, op, what, outcome)
+        time.sleep(1.5)
+        where = running_on(h, "redis")
+        expected_owner = dest if outcome == "committed" else source
+        assert svc["owner"] == expected_owner, svc
+        assert list(where) == [expected_owner], where  # exactly one copy, the owner's
+        if outcome == "committed":
+            assert "adopted the restored copy of redis" in dest_log(), dest_log()
+        else:
+            assert "silencing and ending the restored copy of redis" in dest_log(), dest_log()
+        return report, moves_on(h, expected_owner)
+
+    (report, moved), _ = redis_under_load(h, tmp_path, during)
     print(f"dest agent killed at {op} ({what}): {report['outcome']} ({report.get('reason')!r}); "
-          f"redis-loop {r['keys_written']} SET/GET pairs, resets {r['resets']}, bad {r['bad']}, "
-          f"failed {r['failed']}, longest wait {r['longest_wait_ms']} ms; keys checked {check['checked']}; "
           f"next migration {moved['outcome']} in {moved.get('total_ms')} ms")
-    assert before == {"rc": 0, "errors": 0, "replies": 3000, "sent": 3000}, before
-    assert r["connected"] == 8 and r["errors"] == [] and r["bad"] == 0 and r["failed"] == 0 and r["resets"] == 0, r
-    assert r["set_ok"] == r["get_ok"] == r["keys_written"] > 8 * 20, r
-    assert check["missing"] == 0 and check["wrong_count"] == 0 and check["dbsize"] == len(expected), check
-    assert moved["outcome"] == "committed" and moved["lost"] == 0, json.dumps(moved)
 
 
 # (fault file, its content, the outcome, what the restarted source agent says)
@@ -165,60 +198,28 @@ def test_source_agent_killed_with_the_connections_out_of_redis(pslab, tmp_path, 
       restarted agent ends the frozen program and closes the kept copies: in repair mode,
       silently, so no client sees a reset."""
     h = pslab
-    prog = rp.redis_program(str(tmp_path / "redis"))
-    ready, stop = tmp_path / "redis.ready", tmp_path / "redis.stop"
-    with rp.RealService(h, "redis", "n1", prog, "process"):
-        before = rp.redis_pipe_set(h, "pre:", 3000)
-        loop = rp.realload(h, "redis-loop", 6379, "--conns", 8, "--rate", 50, "--duration", 90,
-                           ready=ready, stop=stop)
-        rp.wait_file(loop, ready)
-        try:
-            time.sleep(1)
-            source = owner(h, "redis")
-            pid = running_on(h, "redis")[source]
-            old = labmod.daemon_pids(h.lab)[source]
-            log_path = os.path.join(h.lab.state_dir, "logs", f"{source}.log")
-            log_from = os.path.getsize(log_path)
-            fault(h, source, op, what)
-            report, res = migrate(h, "redis", NEXT[source], check=False)
-            assert report is not None and report["outcome"] == outcome, (res.stdout, res.stderr)
-            wait_agent_back(h, source, old)
-            svc = wait_settled(h, "redis")
-            deadline = time.time() + 20
-            while time.time() < deadline:  # the successor ends or resumes it after the gateway's reconcile
-                with open(log_path, errors="replace") as f:
-                    f.seek(log_from)
-                    source_log = f.read()
-                if "was frozen by a dead agent" in source_log:
-                    break
-                time.sleep(0.2)
-            now_owner = source if outcome == "rolled_back" else NEXT[source]
-            assert svc["owner"] == now_owner, svc
-            where = running_on(h, "redis")
-            assert list(where) == [now_owner], where  # one copy, the owner's
-            if now_owner == source:
-                assert where[source] == pid  # the same process, adopted and resumed
-            assert "8 connections taken out of the program" in source_log, source_log
-            assert said in source_log, source_log
-            time.sleep(1.5)
-            moved, _ = migrate(h, "redis", NEXT[now_owner])  # and it moves on (connections hidden again)
-            time.sleep(1)
-        finally:
-            stop.touch()
-            r = rp.finish(loop, timeout=120)
-        expected = {f"pre:{i}": f"value-pre:{i}".encode() for i in range(3000)}
-        from vipctl.realload import redis_key, redis_value
-        for conn, n in r["written"].items():
-            expected.update({redis_key(int(conn), s): redis_value(int(conn), s) for s in range(n)})
-        check = rp.redis_check_keys(h, expected)
-    print(f"source agent killed at {op} with redis's connections out of it: {report['outcome']}; redis-loop "
-          f"{r['keys_written']} SET/GET pairs, resets {r['resets']}, bad {r['bad']}, failed {r['failed']}, "
-          f"longest wait {r['longest_wait_ms']} ms; next migration {moved['outcome']} in {moved.get('total_ms')} ms")
-    assert before == {"rc": 0, "errors": 0, "replies": 3000, "sent": 3000}, before
-    assert r["connected"] == 8 and r["errors"] == [] and r["bad"] == 0 and r["failed"] == 0 and r["resets"] == 0, r
-    assert r["set_ok"] == r["get_ok"] == r["keys_written"] > 8 * 20, r
-    assert check["missing"] == 0 and check["wrong_count"] == 0 and check["dbsize"] == len(expected), check
-    assert moved["outcome"] == "committed" and moved["lost"] == 0, json.dumps(moved)
+
+    def during():
+        source = owner(h, "redis")
+        pid = running_on(h, "redis")[source]
+        report, svc, source_log = move_with_a_fault(h, NEXT[source], source, op, what, outcome)
+        deadline = time.time() + 20
+        while "was frozen by a dead agent" not in source_log() and time.time() < deadline:
+            time.sleep(0.2)  # the successor ends or resumes it after the gateway's reconcile
+        now_owner = source if outcome == "rolled_back" else NEXT[source]
+        assert svc["owner"] == now_owner, svc
+        where = running_on(h, "redis")
+        assert list(where) == [now_owner], where  # one copy, the owner's
+        if now_owner == source:
+            assert where[source] == pid  # the same process, adopted and resumed
+        assert "8 connections taken out of the program" in source_log(), source_log()
+        assert said in source_log(), source_log()
+        time.sleep(1.5)
+        return report, moves_on(h, now_owner)  # its connections hidden again
+
+    (report, moved), _ = redis_under_load(h, tmp_path, during)
+    print(f"source agent killed at {op} with redis's connections out of it: {report['outcome']}; "
+          f"next migration {moved['outcome']} in {moved.get('total_ms')} ms")
 
 
 def test_owner_agent_killed_keeps_redis_and_it_moves_afterwards(pslab, tmp_path):
@@ -229,35 +230,16 @@ def test_owner_agent_killed_keeps_redis_and_it_moves_afterwards(pslab, tmp_path)
     import signal
 
     h = pslab
-    prog = rp.redis_program(str(tmp_path / "redis"))
-    ready, stop = tmp_path / "redis.ready", tmp_path / "redis.stop"
-    with rp.RealService(h, "redis", "n1", prog, "process"):
-        before = rp.redis_pipe_set(h, "pre:", 3000)
-        loop = rp.realload(h, "redis-loop", 6379, "--conns", 8, "--rate", 50, "--duration", 90,
-                           ready=ready, stop=stop)
-        rp.wait_file(loop, ready)
-        try:
-            time.sleep(1)
-            node = owner(h, "redis")
-            pid = running_on(h, "redis")[node]
-            old = labmod.daemon_pids(h.lab)[node]
-            os.kill(old, signal.SIGKILL)
-            wait_agent_back(h, node, old)
-            time.sleep(1.5)
-            assert running_on(h, "redis") == {node: pid}  # adopted, not restarted
-            moved, _ = migrate(h, "redis", NEXT[node])
-            time.sleep(1)
-        finally:
-            stop.touch()
-            r = rp.finish(loop, timeout=120)
-        expected = {f"pre:{i}": f"value-pre:{i}".encode() for i in range(3000)}
-        from vipctl.realload import redis_key, redis_value
-        for conn, n in r["written"].items():
-            expected.update({redis_key(int(conn), s): redis_value(int(conn), s) for s in range(n)})
-        check = rp.redis_check_keys(h, expected)
-    print(f"owner agent of redis killed: adopted pid {pid}; redis-loop {r['keys_written']} SET/GET pairs, "
-          f"resets {r['resets']}; next migration {moved['outcome']}")
-    assert before == {"rc": 0, "errors": 0, "replies": 3000, "sent": 3000}, before
-    assert r["connected"] == 8 and r["errors"] == [] and r["bad"] == 0 and r["failed"] == 0 and r["resets"] == 0, r
-    assert check["missing"] == 0 and check["wrong_count"] == 0 and check["dbsize"] == len(expected), check
-    assert moved["outcome"] == "committed" and moved["lost"] == 0, json.dumps(moved)
+
+    def during():
+        node = owner(h, "redis")
+        pid = running_on(h, "redis")[node]
+        old = labmod.daemon_pids(h.lab)[node]
+        os.kill(old, signal.SIGKILL)
+        wait_agent_back(h, node, old)
+        time.sleep(1.5)
+        assert running_on(h, "redis") == {node: pid}  # adopted, not restarted
+        return pid, moves_on(h, node)
+
+    (pid, moved), _ = redis_under_load(h, tmp_path, during)
+    print(f"owner agent of redis killed: adopted pid {pid}; next migration {moved['outcome']}")
