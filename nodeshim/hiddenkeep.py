@@ -107,9 +107,10 @@ class HiddenKeeper:
         left = cap - self.reserved - sum(self.kept.values())
         return max(0, left), f"its fd store keeps {cap}, {max(0, left)} free"
 
-    def keep(self, service: str, plans: list[tuple]) -> bool:
-        """Copies of every duplicate in the store and the record written; False (nothing
-        kept, nothing left) when they cannot all be kept."""
+    def keep(self, service: str, root: int, plans: list[tuple]) -> bool:
+        """Copies of every duplicate in the store and the record written (root: the
+        service's process, whose tree the plans' processes are); False (nothing kept,
+        nothing left) when they cannot all be kept."""
         plans = [PidPlan(*p) for p in plans]
         n = sum(len(p.ours) for p in plans)
         room, why = self.room()
@@ -119,7 +120,7 @@ class HiddenKeeper:
         path = _record_path(self.state_dir, service)
         # inside the freeze: the per-connection lists as hex of packed arrays (1,000
         # connections: 0.2 ms; as JSON lists of numbers 2 ms)
-        record = {"version": RECORD_VERSION, "service": service, "processes": [
+        record = {"version": RECORD_VERSION, "service": service, "root": root, "processes": [
             {"pid": p.pid, "started": adoption.start_ticks(p.pid),
              "fds": _hex("q", p.ours), "inodes": _hex("Q", map(p.inodes.__getitem__, p.ours)),
              "cloexec": _hex("q", p.cloexec), "regs": _hex("Q", chain.from_iterable(p.regs))} for p in plans]}
@@ -172,14 +173,12 @@ class Inherited:
     the store passed us, matched to the record by inode."""
     service: str
     state_dir: str
+    root: int | None = None  # the service's process (nginx's master holds no connection)
     processes: list[_Process] = field(default_factory=list)
     fds: list[int] = field(default_factory=list)  # every copy we hold (closed by close())
 
     def __len__(self) -> int:
         return sum(len(p.ours) for p in self.processes)
-
-    def root(self) -> int | None:
-        return self.processes[0].pid if self.processes else None
 
     def put_back(self) -> int:
         """Each socket into its stopped process at its number, where it is missing, and
@@ -213,7 +212,7 @@ def _read_record(path: str) -> dict:
     with open(path) as f:
         record = json.load(f)
     if not isinstance(record, dict) or record.get("version") != RECORD_VERSION \
-            or not isinstance(record.get("processes"), list):
+            or not isinstance(record.get("processes"), list) or not isinstance(record.get("root"), int):
         raise ValueError("not a record of this version")
     return record
 
@@ -258,7 +257,9 @@ def inherit(state_dir: str, stored: dict[str, list[int]]) -> dict[str, Inherited
             continue
         try:
             by_inode = {os.fstat(fd).st_ino: fd for fd in fds}
-            inh.processes = _processes(_read_record(_record_path(state_dir, service)), by_inode)
+            record = _read_record(_record_path(state_dir, service))
+            inh.processes = _processes(record, by_inode)
+            inh.root = record["root"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("%d connections of %s kept for us cannot be put back (%s): closed", len(fds), service, e)
             inh.close()
@@ -268,7 +269,7 @@ def inherit(state_dir: str, stored: dict[str, list[int]]) -> dict[str, Inherited
             for fd in by_inode.values():
                 os.close(fd)
                 inh.fds.remove(fd)
-        log.info("%s: %d connections a dead agent had taken out of pid %s, kept for us", service, len(inh),
-                 inh.root())
+        log.info("%s: %d connections a dead agent had taken out of the processes of pid %d, kept for us",
+                 service, len(inh), inh.root)
         out[service] = inh
     return out

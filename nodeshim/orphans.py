@@ -119,11 +119,11 @@ class PreviousAgent:
         stored, self.inherited_hidden_fds = self.inherited_hidden_fds, {}
         for name, inh in hiddenkeep.inherit(self.config.state_dir, stored).items():
             rs = self.running.get(name)
-            if name in self.frozen_adopted and rs is not None and inh.root() == rs.pid:
+            if name in self.frozen_adopted and rs is not None and inh.root == rs.pid:
                 self.inherited_hidden[name] = inh
                 continue
-            log.info("%s: the %d connections a previous agent had taken out of pid %s are not "
-                     "needed (not frozen here): closed", name, len(inh), inh.root())
+            log.info("%s: the %d connections a previous agent had taken out of pid %s's processes are "
+                     "not needed (not frozen here): closed", name, len(inh), inh.root)
             inh.close()
 
     def adopt_restored_orphans(self) -> None:

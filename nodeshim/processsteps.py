@@ -283,7 +283,7 @@ class ProcessSteps:
             taken.expect_hide()
         own_dump = OwnTcpDump(rs.service.name, taken, images, (time.monotonic() - t0) * 1000)
         try:  # beside our dump's thread: its file waits for this
-            own_dump.hide_ms = taken.hide(keep=lambda plans: keeper.keep(name, plans),
+            own_dump.hide_ms = taken.hide(keep=lambda plans: keeper.keep(name, rs.pid, plans),
                                           forget=lambda: keeper.forget(name)) if hiding else None
         except KernelError as e:
             log.warning("%s: cannot take the connections out of the program (%s: %s); criu sees them",

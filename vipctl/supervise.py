@@ -266,8 +266,11 @@ def main() -> None:
     # the stores hold up to FDSTORE_MAX descriptors per daemon (and a copy of one daemon's
     # while it is started again): the soft limit up to the hard one (no privilege needed)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("descriptor limit left at %d: %s", soft, e)
     Supervisor(sys.argv[1]).run()
 
 

@@ -124,22 +124,29 @@ def agent_log_since(h, node):
     return read
 
 
-def move_with_a_fault(h, dest, node, op, what, outcome):
-    """Move redis to dest with `node`'s agent dying at the fault (op, what); once the
-    supervisor has restarted it and the migration is over: (report, the registry's view
-    of redis, a function reading what node's agents logged since the fault)."""
+def move_with_a_fault(h, dest, node, op, what, outcome, name="redis"):
+    """Move the service to dest with `node`'s agent dying at the fault (op, what); once
+    the supervisor has restarted it and the migration is over: (report, the registry's
+    view of the service, a function reading what node's agents logged since the fault)."""
     old = labmod.daemon_pids(h.lab)[node]
     log = agent_log_since(h, node)
     fault(h, node, op, what)
-    report, res = migrate(h, "redis", dest, check=False)
+    report, res = migrate(h, name, dest, check=False)
     assert report is not None and report["outcome"] == outcome, (res.stdout, res.stderr)
     wait_agent_back(h, node, old)
-    return report, wait_settled(h, "redis"), log
+    return report, wait_settled(h, name), log
 
 
-def moves_on(h, node):
-    """redis moves on from node, where it is now: committed, nothing lost."""
-    moved, _ = migrate(h, "redis", NEXT[node])
+def wait_logged(log, text, timeout=20):
+    """Wait until `text` is in what log() reads (the successor acts after the gateway's reconcile)."""
+    deadline = time.time() + timeout
+    while text not in log() and time.time() < deadline:
+        time.sleep(0.2)
+
+
+def moves_on(h, node, name="redis"):
+    """The service moves on from node, where it is now: committed, nothing lost."""
+    moved, _ = migrate(h, name, NEXT[node])
     time.sleep(1)
     assert moved["outcome"] == "committed" and moved["lost"] == 0, json.dumps(moved)
     return moved
@@ -203,9 +210,7 @@ def test_source_agent_killed_with_the_connections_out_of_redis(pslab, tmp_path, 
         source = owner(h, "redis")
         pid = running_on(h, "redis")[source]
         report, svc, source_log = move_with_a_fault(h, NEXT[source], source, op, what, outcome)
-        deadline = time.time() + 20
-        while "was frozen by a dead agent" not in source_log() and time.time() < deadline:
-            time.sleep(0.2)  # the successor ends or resumes it after the gateway's reconcile
+        wait_logged(source_log, "was frozen by a dead agent")
         now_owner = source if outcome == "rolled_back" else NEXT[source]
         assert svc["owner"] == now_owner, svc
         where = running_on(h, "redis")
@@ -220,6 +225,44 @@ def test_source_agent_killed_with_the_connections_out_of_redis(pslab, tmp_path, 
     (report, moved), _ = redis_under_load(h, tmp_path, during)
     print(f"source agent killed at {op} with redis's connections out of it: {report['outcome']}; "
           f"next migration {moved['outcome']} in {moved.get('total_ms')} ms")
+
+
+def test_source_agent_killed_with_nginx_connections_out_of_its_workers(pslab, tmp_path):
+    """nginx: a master and its workers, the connections the workers'. The source agent
+    dies right after it took them out of the stopped workers (`criu.hide` die); the
+    restarted agent puts each back into its worker (the record names the master, which
+    has none) and thaws the whole tree. Oracle: vipctl.realload's http-hold on 40
+    keep-alive connections, every response checked: none failed, reset or closed."""
+    h = pslab
+    prog = rp.nginx_program(str(tmp_path / "nginx"))
+    paths = ",".join(f"{p}={size}" for p, (size, _) in sorted(prog.files.items()) if size < 1 << 20)
+    ready, stop = tmp_path / "hold.ready", tmp_path / "hold.stop"
+    with rp.RealService(h, "web", "n1", prog, "process") as service:
+        hold = rp.realload(h, "http-hold", 80, "--conns", 40, "--rate", 10, "--duration", 60, "--paths", paths,
+                           ready=ready, stop=stop)
+        rp.wait_file(hold, ready)
+        try:
+            time.sleep(1)
+            source = owner(h, "web")
+            pid = running_on(h, "web")[source]
+            report, svc, source_log = move_with_a_fault(h, NEXT[source], source, "criu.hide", "die",
+                                                        "rolled_back", name="web")
+            wait_logged(source_log, "was frozen by a dead agent")
+            assert svc["owner"] == source and running_on(h, "web") == {source: pid}, svc
+            assert "40 connections taken out of the program" in source_log(), source_log()
+            assert "40 connections put back into pid" in source_log(), source_log()
+            time.sleep(1.5)
+            moved = moves_on(h, source, name="web")
+        finally:
+            stop.touch()
+            held = rp.finish(hold)
+        assert service.alive(), service.log()
+    print(f"source agent killed with nginx's connections out of its workers: {report['outcome']}; "
+          f"keep-alive {held['ok']}/{held['requests']} ok, longest wait {held['longest_wait_ms']} ms; "
+          f"next migration {moved['outcome']} in {moved.get('total_ms')} ms")
+    assert held["connected"] == 40 and held["connect_errors"] == 0, held
+    assert held["failed"] == 0 and held["resets"] == 0 and held["closed_by_server"] == 0, held
+    assert held["ok"] == held["requests"] > 40 * 5, held
 
 
 def test_owner_agent_killed_keeps_redis_and_it_moves_afterwards(pslab, tmp_path):

@@ -63,7 +63,7 @@ def test_kept_in_the_store_in_chunks_with_a_record_then_forgotten(tmp_path, stor
     pairs = _conns(300)  # more than one SCM_RIGHTS message (253)
     try:
         plan = _plan(pairs)
-        assert keeper.keep("web", [plan])
+        assert keeper.keep("web", 4240, [plan])
         store.drain()
         kept = [fd for name, fd in store.fds if name == "hidden-web"]
         assert len(kept) == 300
@@ -71,7 +71,7 @@ def test_kept_in_the_store_in_chunks_with_a_record_then_forgotten(tmp_path, stor
         with open(tmp_path / "state" / "hidden" / "web.json") as f:
             record = json.load(f)
         (proc,) = record["processes"]
-        assert proc["pid"] == 4242 and hiddenkeep._unhex("q", proc["fds"], "") == list(plan[1])
+        assert record["root"] == 4240 and proc["pid"] == 4242 and hiddenkeep._unhex("q", proc["fds"], "") == list(plan[1])
         assert hiddenkeep._unhex("q", proc["cloexec"], "") == [10]
         assert hiddenkeep._unhex("Q", proc["inodes"], "") == [plan[2][t] for t in plan[1]]
         assert hiddenkeep._unhex("Q", proc["regs"], "") == [x for r in plan[3] for x in r]
@@ -89,7 +89,7 @@ def test_not_kept_when_the_store_has_no_room_for_them_all(tmp_path, store, monke
     keeper = hiddenkeep.HiddenKeeper(str(tmp_path), reserved=1)
     pairs = _conns(100)
     try:
-        assert not keeper.keep("web", [_plan(pairs)])
+        assert not keeper.keep("web", 4240, [_plan(pairs)])
         store.drain()
         assert store.fds == [] and not (tmp_path / "hidden" / "web.json").exists()
     finally:
@@ -102,7 +102,7 @@ def test_a_successor_matches_the_stores_copies_to_the_record_by_inode(tmp_path, 
     pairs, stray = _conns(20), socket.socketpair()
     try:
         plan = _plan(pairs)
-        assert keeper.keep("web", [plan])
+        assert keeper.keep("web", 4240, [plan])
         store.drain()
         # what the manager passes the next agent: copies, in any order, plus one the record
         # does not name, and copies of a service with no record at all
@@ -112,7 +112,7 @@ def test_a_successor_matches_the_stores_copies_to_the_record_by_inode(tmp_path, 
         assert list(got) == ["web"]
         inh = got["web"]
         (proc,) = inh.processes
-        assert len(inh) == 20 and inh.root() == 4242 and proc.cloexec == {10}
+        assert len(inh) == 20 and inh.root == 4240 and proc.pid == 4242 and proc.cloexec == {10}
         for target, fd in proc.ours.items():  # each copy at the number its socket had
             assert os.fstat(fd).st_ino == plan[2][target]
         assert [r.tfd for r in proc.regs] == list(plan[1])
@@ -133,8 +133,9 @@ def test_a_successor_matches_the_stores_copies_to_the_record_by_inode(tmp_path, 
 
 def _entry(**kw):
     e = {"pid": 1, "started": 2, "fds": "", "inodes": "", "cloexec": "", "regs": ""}
+    root = kw.pop("root", 1)
     e.update(kw)
-    return json.dumps({"version": 1, "processes": [e]}).encode()
+    return json.dumps({"version": 1, "root": root, "processes": [e]}).encode()
 
 
 ONE_Q = "01" + "00" * 7  # one packed 64-bit 1
@@ -143,7 +144,8 @@ ONE_Q = "01" + "00" * 7  # one packed 64-bit 1
 @pytest.mark.parametrize("junk", [b"{", b"[]", b'{"version": 1, "processes": [{"pid": "x"}]}',
                                   _entry(fds=ONE_Q), _entry(regs=ONE_Q * 3), _entry(fds="zz"),
                                   _entry(inodes="0102"), _entry(fds=[1]), _entry(pid=-1),
-                                  _entry(regs=ONE_Q * 2 + (1 << 32).to_bytes(8, "little").hex() + ONE_Q * 2)])
+                                  _entry(regs=ONE_Q * 2 + (1 << 32).to_bytes(8, "little").hex() + ONE_Q * 2),
+                                  _entry(root="1")])
 def test_a_bad_record_closes_the_copies_and_is_removed(tmp_path, junk):
     os.makedirs(tmp_path / "hidden")
     (tmp_path / "hidden" / "web.json").write_bytes(junk)
@@ -161,7 +163,7 @@ def test_a_bad_record_closes_the_copies_and_is_removed(tmp_path, junk):
 
 def test_a_record_without_copies_is_removed(tmp_path):
     os.makedirs(tmp_path / "hidden")
-    (tmp_path / "hidden" / "web.json").write_text('{"version": 1, "processes": []}')
+    (tmp_path / "hidden" / "web.json").write_text('{"version": 1, "root": 1, "processes": []}')
     assert hiddenkeep.inherit(str(tmp_path), {}) == {}
     assert not (tmp_path / "hidden" / "web.json").exists()
 
