@@ -18,6 +18,7 @@ the load runs, and every migration report must say committed, lost 0, duplicated
 """
 
 import json
+import os
 import time
 
 import pytest
@@ -70,10 +71,25 @@ class Mover:
         report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"error": r.stderr}
         self.reports.append(report)
         self.owners.append(next(s["owner"] for s in self.h.status()["services"] if s["name"] == self.name))
+        # a string, not a tuple: pytest shortens a tuple's repr in the middle, the reason with it
         assert r.returncode == 0 and report.get("outcome") == "committed", (
-            f"{self.name} -> {node}: {report.get('outcome')} at {report.get('failed_step')}: {report.get('reason')}",
-            r.stdout, r.stderr)
+            f"{self.name} -> {node}: {report.get('outcome')} at {report.get('failed_step')}: {report.get('reason')}"
+            f"\n{r.stderr}\nwhat the nodes' agents warned of:\n{self.warnings()}")
         return report
+
+    def warnings(self, last: int = 20) -> str:
+        """The last WARNING/ERROR lines of each node agent's log, and its steps that did
+        not end ok (a failed move's why)."""
+        out = []
+        for node in ("n1", "n2", "n3"):
+            try:
+                with open(os.path.join(self.h.lab.state_dir, "logs", f"{node}.log"), errors="replace") as f:
+                    lines = [line.rstrip() for line in f if " WARNING " in line or " ERROR " in line
+                             or (" outcome=" in line and " outcome=ok" not in line)]
+            except OSError as e:
+                lines = [f"(no log: {e})"]
+            out += [f"{node}: {line}" for line in lines[-last:]]
+        return "\n".join(out)
 
     def summary(self) -> str:
         return "".join(f"; -> {x.get('to')} freeze {x.get('freeze_ms') or 0:.0f} ms, total {x.get('total_ms') or 0:.0f} ms"
