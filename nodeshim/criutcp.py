@@ -564,8 +564,8 @@ def restore_tree(root: int, images_dir: str) -> int:
 
 class Prebuilt:
     """FILE v3's connections rebuilt in new sockets of ours while criu restores the program
-    (a thread, one core: criu has the other): decoded, each rebuilt (repair on: silent),
-    its options and file flags set. `finish` then puts them into the stopped copy at their
+    (a thread, one core: criu has the other): decoded, its options set, each rebuilt
+    (repair on: silent), its file flags set. `finish` then puts them into the stopped copy at their
     numbers and in its epolls (nodeshim.fdmove) and thaws them; `discard` on a failure."""
 
     def __init__(self, data: bytes, netns: str | None = None) -> None:
@@ -600,12 +600,17 @@ class Prebuilt:
                 self.fds = repairc.ext.new_sockets(fams)
         except OSError as e:
             raise KernelError("restore_tcp: socket", e.errno, f"{len(fams)} sockets") from None
-        socks = [_Fd(fd) for fd in self.fds]
-        tcprepair.restore_many_into(socks, self.states)
+        # the options first, as criu sets them on the sockets it makes before ours are
+        # rebuilt in them: the rebuild grows a buffer a queue would not fit (twice the
+        # queue: its skbs cost more than their bytes), and the source's size set after it
+        # shrank that again, so a full send queue's never-sent tail did not fit at the
+        # thaw (EAGAIN: nginx with a download in flight, test_real_programs, in CI)
         try:
             repairc.ext.set_sockopts_many(self.fds, fams, self.hidden.options)
         except OSError as e:
             raise KernelError(f"set {e.filename}", e.errno, "a restored connection") from None
+        socks = [_Fd(fd) for fd in self.fds]
+        tcprepair.restore_many_into(socks, self.states)
         for fd, flags in zip(self.fds, self.hidden.flags):
             if flags & _F_SETFL_MASK:
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags & _F_SETFL_MASK)

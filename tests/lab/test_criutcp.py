@@ -12,13 +12,16 @@ what criu set on the sockets it made).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 
 import pytest
@@ -233,3 +236,87 @@ def test_connections_hidden_from_criu(monkeypatch, rollback):
             proctree.resume(served)
         assert _options(served) == {(1, 1, 77, 0x10)}
         lab.check_served()
+
+
+FILL = r"""
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 7008)); srv.listen(8)
+c, _ = srv.accept()
+c.setblocking(False)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)  # set by the program, so kept
+sent, chunk = 0, bytes(range(256)) * 256
+while sent < 64 << 20:  # bounded: until the send queue is full (the client reads nothing)
+    try:
+        n = c.send(chunk[sent % 256:] + chunk[:sent % 256])
+    except BlockingIOError:
+        break
+    sent += n
+sys.stdout.write(f"{sent}\n"); sys.stdout.flush()
+import time
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_full_send_queue_moves_hidden(monkeypatch):
+    """A connection whose peer reads nothing (the program's send queue full, most of it
+    never sent: a download to a slow client) moves hidden from criu: rebuilt in a socket
+    of ours, its buffer large enough for the whole queue at the thaw, every byte arrives
+    in order. (CI caught nginx's download failing here, EAGAIN on the never-sent tail,
+    when the source's buffer size was set after the rebuild had grown it.)"""
+    monkeypatch.setenv(criutcp.HIDE_ENV, "on")
+    with _Echo("vcf", 1) as lab:
+        os.kill(lab.source.pid, signal.SIGKILL)  # the echo server is not this test's program
+        lab.source = None
+        r, w = os.pipe()
+        fill = proctree.spawn_isolated([sys.executable, "-c", FILL], None, "/", w, netns_path=lab.netns)
+        os.close(w)
+        copy = None
+        try:
+            with in_netns(lab.netns):
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        client = socket.create_connection(("127.0.0.1", 7008), timeout=5)
+                        break
+                    except ConnectionRefusedError:
+                        assert time.monotonic() < deadline, "the filler did not start"
+                        time.sleep(0.05)
+            with os.fdopen(r) as out, client:
+                sent = int(out.readline())
+                time.sleep(0.2)
+                os.kill(fill.pid, signal.SIGSTOP)
+                taken = criutcp.take_tree(fill.pid)
+                assert taken is not None and len(taken.socks) == 1
+                assert taken.hide() is not None
+                dumped = taken.dump(lab.images)
+                taken.close()
+                assert dumped.connections == 1
+                criu.dump(fill.pid, lab.images, netns_path=lab.netns, tcp_close=True)
+                fill.kill()
+                taken.release()
+                copy = criu.restore(lab.images, pidfile=lab.images + ".pid", netns_path=lab.netns, tcp_close=True)
+                with in_netns(lab.netns):  # its thread makes the sockets where it starts, as an agent's
+                    pre = criutcp.prebuild(lab.images)
+                assert pre is not None and pre.finish(copy) == 1
+                ((_, fd, _, state, _, _),) = [t for t in criutcp._take(copy, None, False) if t[3] == 1]
+                with socket.socket(fileno=fd) as mine:  # the rebuild's buffer, not shrunk after it
+                    queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+                    assert queued > 1 << 15, queued
+                    assert mine.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * queued
+                proctree.resume(copy)
+                got = _recv_exactly(client, sent)
+            pattern = bytes(range(256)) * (sent // 256 + 2)
+            assert len(got) == sent > 1 << 16 and got == pattern[:sent]
+        finally:
+            if copy is not None:
+                os.kill(copy, signal.SIGKILL)
+                try:
+                    os.waitpid(copy, 0)
+                except ChildProcessError:
+                    pass
+            try:
+                fill.kill()
+            except (ProcessLookupError, OSError):
+                pass
