@@ -63,6 +63,8 @@ log = logging.getLogger("vipcluster.queue")
 SOCK_BYTES = 64 << 20
 SO_TIMESTAMP = 29  # asm-generic/socket.h; the socket module does not name it
 MAX_AGE_S = 10.0  # a stamp older than this (or from the future: the wall clock stepped) is not used
+CLOCK_PAIR_S = 50e-6  # the monotonic and wall clocks read within this count as one instant
+CLOCK_TRIES = 3
 WAIT_FLOOR_S = 0.005  # accepted packets that waited less are not noted (Waits)
 WAIT_KEEP = 8192
 DRAIN_BUDGET = 256  # packets read per wake-up of one queue (about 1-3 ms of decisions)
@@ -198,6 +200,17 @@ class ArrivalStamps:
             self._sock = None
 
 
+def clocks() -> tuple[float, float]:
+    """(monotonic, wall) read as one instant: a pair that a pause came between (the
+    process descheduled: a packet's age by the wall clock would be that much too long,
+    its arrival before its send) is read again, at most CLOCK_TRIES times."""
+    for _ in range(CLOCK_TRIES):
+        mono, wall, after = time.monotonic(), time.time(), time.monotonic()
+        if after - mono <= CLOCK_PAIR_S:
+            break
+    return after, wall
+
+
 def arrived_at(stamp: float, now: float, wall_now: float, last: float) -> float:
     """A packet's arrival on the monotonic clock: `now` less its age by the kernel's
     stamp (wall clock; 0.0: none), never before the previous packet of its queue (`last`:
@@ -224,7 +237,7 @@ class Waits:
 
     def note_held(self, handles) -> None:
         """Held packets accepted now (their arrival by the kernel's stamp; none: unknown)."""
-        now, wall = time.monotonic(), time.time()
+        now, wall = clocks()
         for h in handles:
             stamp = h.get_timestamp() if hasattr(h, "get_timestamp") else 0.0
             if stamp:
@@ -244,9 +257,10 @@ def _decide(queue, pkt, payload: bytes, hw) -> object:
     a decision that raises drops the packet and counts an error. The same for a queue
     bound by netfilterqueue and for one a restarted agent took over (AdoptedQueue)."""
     try:
-        read_at, stamp = time.monotonic(), pkt.get_timestamp()
+        stamp = pkt.get_timestamp()
         # the wall clock only for a stamped packet (the stamps are off outside migrations)
-        now = arrived_at(stamp, read_at, time.time() if stamp else 0.0, queue.last_arrival)
+        read_at, wall = clocks() if stamp else (time.monotonic(), 0.0)
+        now = arrived_at(stamp, read_at, wall, queue.last_arrival)
         queue.last_arrival = now
         verdict = queue.decide(payload, mac_of(hw), pkt, now)
     except Exception:

@@ -118,3 +118,23 @@ def test_an_accepted_packet_read_late_is_noted_with_its_wait(monkeypatch):
     queue.answer = Verdict.HOLD
     _decide(queue, _Pkt(1_800_000_000.0 - 0.500), b"y", None)  # held: noted when accepted
     assert queue.waits.longest_since(699.0) == 230.0
+
+
+def test_the_two_clocks_are_read_again_when_a_pause_came_between(monkeypatch):
+    """A pause between reading the monotonic and the wall clock would date a packet's
+    arrival before its send (CI saw 1.3 ms): such a pair is read again."""
+    from nodeshim import queue
+    mono = iter([100.0, 100.002, 100.003, 100.00301])  # a 2 ms pause in the first pair
+    wall = iter([1_800_000_000.0, 1_800_000_000.003])
+    monkeypatch.setattr(queue.time, "monotonic", lambda: next(mono))
+    monkeypatch.setattr(queue.time, "time", lambda: next(wall))
+    assert queue.clocks() == (100.00301, 1_800_000_000.003)
+
+
+def test_the_clocks_are_used_as_they_are_when_every_pair_is_paused(monkeypatch):
+    from nodeshim import queue
+    mono = iter([float(i) for i in range(2 * queue.CLOCK_TRIES)])
+    wall = iter([1_800_000_000.0 + i for i in range(queue.CLOCK_TRIES)])
+    monkeypatch.setattr(queue.time, "monotonic", lambda: next(mono))
+    monkeypatch.setattr(queue.time, "time", lambda: next(wall))
+    assert queue.clocks() == (2.0 * queue.CLOCK_TRIES - 1, 1_800_000_000.0 + queue.CLOCK_TRIES - 1)
