@@ -77,6 +77,17 @@ def _record_path(state_dir: str, service: str) -> str:
     return os.path.join(state_dir, "hidden", service + ".json")
 
 
+def _drop(state_dir: str, service: str) -> None:
+    """A service's copies out of the store (the manager closes them) and its record removed."""
+    systemd.remove_fds(fdname(service))
+    try:
+        os.unlink(_record_path(state_dir, service))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot remove the record of %s's connections: %s", service, e)
+
+
 class PidPlan(NamedTuple):
     """One process's connections to take out (criutcp.Taken.hide makes these as plain
     tuples): {its fd: our duplicate}, their inodes ({its fd: inode}), their epoll
@@ -138,7 +149,7 @@ class HiddenKeeper:
         for i in range(0, len(fds), FDS_PER_MESSAGE):
             if not systemd.store_fds(name, fds[i:i + FDS_PER_MESSAGE]):
                 log.warning("%s: the fd store refused its connections: they stay in the program", service)
-                self._drop(service)
+                _drop(self.state_dir, service)
                 return False
         self.kept[service] = n
         return True
@@ -146,16 +157,8 @@ class HiddenKeeper:
     def forget(self, service: str) -> None:
         """The migration has ended: the store's copies closed, the record removed."""
         self.kept.pop(service, None)
-        self._drop(service)
+        _drop(self.state_dir, service)
 
-    def _drop(self, service: str) -> None:
-        systemd.remove_fds(fdname(service))
-        try:
-            os.unlink(_record_path(self.state_dir, service))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("cannot remove the record of %s's connections: %s", service, e)
 
 
 @dataclass
@@ -205,7 +208,7 @@ class Inherited:
         fds, self.fds, self.processes = self.fds, [], []
         for fd in fds:
             os.close(fd)
-        HiddenKeeper(self.state_dir, 0)._drop(self.service)
+        _drop(self.state_dir, self.service)
 
 
 def _read_record(path: str) -> dict:
