@@ -773,7 +773,7 @@ PyMODINIT_FUNC PyInit__repair(void)
     /* ABI: what nodeshim/repairc.py expects of this module's calls; bump it with them */
     if (PyModule_AddIntConstant(m, "HEAD4", HEAD4) < 0 || PyModule_AddIntConstant(m, "HEAD6", HEAD6) < 0
         || PyModule_AddIntConstant(m, "OPTS_SIZE", repair_opts_size()) < 0
-        || PyModule_AddIntConstant(m, "ABI", 6) < 0) {
+        || PyModule_AddIntConstant(m, "ABI", 7) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -15,7 +15,8 @@
  *   socket criu restored "closed" and shut down becomes a clean unconnected one); the
  *   caller passes this only for sockets that are not connected. The caller owns the
  *   returned descriptors. flags: with fdinfo_pid (the pidfd's pid), an ESTABLISHED one's
- *   `flags:` of /proc/PID/fdinfo/FD (its file's flags, O_CLOEXEC the descriptor's), else -1. On an error every descriptor taken is closed and OSError raised
+ *   `flags:` of /proc/PID/fdinfo/FD (its file's flags, O_CLOEXEC the descriptor's), else -1
+ *   (-1 too for one with a signal owner, F_SETOWN: the file's, read on our duplicate). On an error every descriptor taken is closed and OSError raised
  *   (its filename says which target fd and which step).
  */
 #include "_repair.h"
@@ -129,6 +130,11 @@ PyObject *py_take_many(PyObject *self, PyObject *args)
                 break;
             }
             tk[got].flags = strtol(p + 6, NULL, 8);
+            {  /* a signal owner (F_SETOWN): criu carries that, we do not: -1 leaves it to criu */
+                struct f_owner_ex owner;
+                memset(&owner, 0, sizeof owner);
+                if (fcntl(fd, F_GETOWN_EX, &owner) < 0 || owner.pid != 0) tk[got].flags = -1;
+            }
         }
         tk[got].target = tv[i];
         tk[got].fd = fd;

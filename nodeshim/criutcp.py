@@ -344,15 +344,12 @@ class Taken:
         flags: dict[int, dict[int, int]] = {}
         for sock, (pid, target, ino, _, fl) in zip(self.socks, self.where):
             if fl < 0:
-                return None  # at two descriptors, or its flags unread
+                return None  # at two descriptors, its flags unread, or a signal owner (the take's C loop)
             by_pid.setdefault(pid, {})[target] = sock.fd
             inode[(pid, target)] = ino
             flags.setdefault(pid, {})[target] = fl
         if len(inode) != len(self.where):
             return None
-        for sock in self.socks:
-            if fcntl.fcntl(sock.fd, fcntl.F_GETOWN) != 0:
-                return None  # a signal owner (F_SETOWN): criu carries that, we do not
         plan = []
         t1 = time.monotonic()
         for pid, ours in by_pid.items():
