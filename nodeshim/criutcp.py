@@ -63,6 +63,7 @@ OPTS_SIZE = 112  # nodeshim/_repair_opts.c's bytes of options per connection (ch
 _CONN = struct.Struct("!IB")  # file flags (O_CLOEXEC: the descriptor's), IP version; then the options
 _REG = struct.Struct("!iiiIQ")  # PID in the program's namespace, epoll fd, target fd, events, data
 ENV = "VIPCLUSTER_CRIU_TCP"
+EARLY_ENV = "VIPCLUSTER_EARLY_TCP"
 HIDE_ENV = "VIPCLUSTER_CRIU_HIDE"
 _LEN = struct.Struct("!I")
 _FAMILIES = ((socket.AF_INET, 4), (socket.AF_INET6, 6))
@@ -88,6 +89,13 @@ def hide_enabled() -> bool:
     them out only where its service manager's fd store keeps copies that outlive it:
     nodeshim.hiddenkeep.)"""
     return enabled() and repairc.ext is not None and os.environ.get(HIDE_ENV, "").lower() != "off"
+
+
+def early_enabled() -> bool:
+    """Does our file go to the destination as soon as it is written, while criu still
+    dumps (imagexfer.EarlyFile), for the rebuild to start there? Yes, unless
+    VIPCLUSTER_EARLY_TCP=off (then it goes with criu's files, after the dump)."""
+    return os.environ.get(EARLY_ENV, "").lower() != "off"
 
 
 def in_image(images_dir: str) -> bool:
@@ -235,6 +243,12 @@ class _Fd:
 
     def fileno(self) -> int:
         return self.fd
+
+    def close(self) -> None:
+        """Closed (tcprepair.close_many closes what it silenced); again: nothing."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _ask(self, what: str):
         with socket.socket(fileno=os.dup(self.fd)) as s:
@@ -572,16 +586,20 @@ class Prebuilt:
         self.fds: list[int] = []
         self.ms = 0.0
         self._error: BaseException | None = None
+        self._background = repairc.Background()  # niced until finish() waits for it
         self._thread = threading.Thread(target=self._build, name="tcp prebuild", daemon=True)
         self._thread.start()
 
     def _build(self) -> None:
         t0 = time.monotonic()
+        self._background.start()
         try:
             with repairc.one_core():
                 self._rebuild()
         except BaseException as e:  # raised by finish
             self._error = e
+        finally:
+            self._background.end()
         self.ms = (time.monotonic() - t0) * 1000
 
     def _rebuild(self) -> None:
@@ -617,6 +635,7 @@ class Prebuilt:
         closed. Returns how many. KernelError on a failure (the caller silences and kills
         the copy, then discards)."""
         t0 = time.monotonic()
+        self._background.hurry()
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -649,18 +668,22 @@ class Prebuilt:
 
     def discard(self) -> None:
         """Ours closed silently (repair mode) once the thread is done with them."""
+        self._background.hurry()
         self._thread.join()
         fds, self.fds = self.fds, []
-        if fds:
-            try:
-                tcprepair.close_many([_Fd(fd) for fd in fds])
-            except KernelError as e:
-                log.error("closing our rebuilt connections: %s: %s", e.operation, e.detail)
+        socks = [_Fd(fd) for fd in fds]
+        try:
+            tcprepair.close_many(socks)
+        except KernelError as e:
+            log.error("closing our rebuilt connections: %s: %s", e.operation, e.detail)
+        finally:
+            for s in socks:  # one that could not be silenced too: left open it holds its
+                s.close()   # address, and the next restore of the service cannot bind it
 
 
-def prebuild(images_dir: str) -> Prebuilt | None:
+def prebuild(images_dir: str, netns: str | None = None) -> Prebuilt | None:
     """A copied image's FILE v3 (its connections hidden from criu): their rebuild started
-    (see Prebuilt); None when the image has no such file."""
+    in netns (None: ours; see Prebuilt); None when the image has no such file."""
     if repairc.ext is None:
         return None
     try:
@@ -670,7 +693,7 @@ def prebuild(images_dir: str) -> Prebuilt | None:
             data = MAGIC3 + f.read()
     except OSError:
         return None
-    return Prebuilt(data)
+    return Prebuilt(data, netns)
 
 
 def _restore_hidden(root: int, data: bytes) -> int:

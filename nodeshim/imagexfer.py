@@ -133,7 +133,8 @@ class Receiver:
     it; cancel() stops it and removes the directory; close() removes it after use."""
 
     def __init__(self, images_dir: str, source_addr: str, listeners: dict[str, socket.socket],
-                 tls: TlsFiles | None, source_node: str | None, limits: Limits) -> None:
+                 tls: TlsFiles | None, source_node: str | None, limits: Limits,
+                 netns_path: str | None = None) -> None:
         self.images_dir = images_dir
         self.source_addr = ipaddress.ip_address(source_addr)
         self.endpoint = Endpoint(listeners["files"].getsockname()[0], listeners["files"].getsockname()[1],
@@ -156,6 +157,12 @@ class Receiver:
         # starts criu lazy-pages then, while the source's reply and the gateway's Restore
         # are on their way); an exception in it is logged, nothing else
         self.on_verified: Callable[["Receiver"], None] | None = None
+        # our connections' file (criutcp.FILE, sent while criu still dumps: EarlyFile) is
+        # rebuilt in new sockets as soon as it is here (criutcp.prebuild), in netns_path;
+        # take_prebuilt() hands it to the restore, close() discards one nobody took
+        self.netns_path = netns_path
+        self._prebuilt: criutcp.Prebuilt | None = None
+        self._prebuilt_lock = threading.Lock()
         self._refused = 0
         self._stats: ReceiveStats | None = None
         self._error: VipError | None = None
@@ -174,6 +181,18 @@ class Receiver:
             raise self._error
         assert self._stats is not None
         return self._stats
+
+    def take_prebuilt(self) -> "criutcp.Prebuilt | None":
+        """The rebuild of our connections begun when their file arrived (None: none was),
+        the caller's from now on (its finish or discard). Only after wait() succeeded."""
+        with self._prebuilt_lock:
+            pre, self._prebuilt = self._prebuilt, None
+        return pre
+
+    def _discard_prebuilt(self) -> None:
+        pre = self.take_prebuilt()
+        if pre is not None:
+            pre.discard()
 
     def cancel(self) -> None:
         """Stop receiving (the source sees the connection fail) and remove the directory."""
@@ -202,6 +221,7 @@ class Receiver:
         if self._thread.is_alive() and not self._cancelled.is_set():
             self.cancel()
             return
+        self._discard_prebuilt()
         if self.pages_conn is not None:
             self.pages_conn.close()
         if self.worker is not None:
@@ -250,6 +270,7 @@ class Receiver:
             if self._page_server is not None:
                 self._page_server.close()
             if self._error is not None:
+                self._discard_prebuilt()
                 shutil.rmtree(self.images_dir, ignore_errors=True)
             with self._wake_lock:
                 os.close(self._wake_r)
@@ -367,8 +388,26 @@ class Receiver:
                 if total > self._limits.max_file_bytes:
                     raise _refused(f"more than {self._limits.max_file_bytes} bytes of files")
                 received[name] = (size, self._receive_file(wire, dir_fd, name, size))
+                if name == criutcp.FILE and not self.lazy and not self._cancelled.is_set():
+                    self._prebuild()
         finally:
             os.close(dir_fd)
+
+    def _prebuild(self) -> None:
+        """Our connections' file is here (not yet verified: the manifest comes last):
+        their rebuild begins now, beside the rest of the receive and criu's restore after
+        it. Silent sockets only (repair mode): discarded if the image fails its checks."""
+        try:
+            pre = criutcp.prebuild(self.images_dir, self.netns_path)
+        except RuntimeError as e:  # no thread for it: the restore rebuilds them itself
+            log.warning("image receive into %s: no early rebuild of the connections: %s", self.images_dir, e)
+            return
+        if pre is None:
+            return
+        with self._prebuilt_lock:
+            old, self._prebuilt = self._prebuilt, pre
+        if old is not None:  # cannot be: a name is received once
+            old.discard()
 
     def _receive_file(self, wire: _Wire, dir_fd: int, name: str, size: int) -> str:
         try:
@@ -426,7 +465,7 @@ def start_receive(images_dir: str, listen_addr: str, source_addr: str, *,
             sock.close()
         os.rmdir(images_dir)
         raise
-    return Receiver(images_dir, source_addr, listeners, tls, source_node, limits)
+    return Receiver(images_dir, source_addr, listeners, tls, source_node, limits, netns_path)
 
 
 def restore(receiver: Receiver, *, pidfile: str, netns_path: str | None = None,
@@ -454,6 +493,64 @@ class SendStats:
     files: int
     streamed: bool        # pages went through criu's page server
     criu_ms: Mapping[str, float] | None = None  # criu's split of the freeze (criuparse.dump_times)
+
+
+def _room_for(sock: socket.socket, path: str) -> None:
+    """A send buffer the whole file fits in (SO_SNDBUFFORCE: past wmem_max; the kernel
+    doubles what it is given), so that its writer hands it to the kernel and goes on,
+    however slowly the destination reads it (a busy destination kept our dump's thread,
+    and so criu's dump step, waiting 8 ms: bench-alternate, 1,000 connections). Best
+    effort: without the right to, the default buffer."""
+    try:
+        size = os.path.getsize(path)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < size + (64 << 10):
+            sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, size + (64 << 10))  # twice: skbs cost more
+    except OSError:
+        pass
+
+
+_SO_SNDBUFFORCE = 32
+
+
+class EarlyFile:
+    """An image file another thread writes while criu dumps (nodeshim.criutcp's FILE, our
+    connections), sent on the files connection as soon as it is written, so that the
+    destination rebuilds them (criutcp.prebuild) while criu still dumps the rest, not
+    after the whole image arrived. dump_to lends it the connection while criu runs and
+    takes it back after; written() outside that window does nothing (the file then goes
+    with the others)."""
+
+    def __init__(self, images_dir: str, name: str) -> None:
+        self.images_dir, self.name = images_dir, name
+        self._lock = threading.Lock()
+        self._wire: _Wire | None = None
+        self._entry: FileEntry | None = None
+        self._error: KernelError | None = None
+
+    def written(self) -> None:
+        """The writer's call once the file is complete: sent now, if dump_to is dumping."""
+        with self._lock:
+            if self._wire is None or self._entry is not None or self._error is not None:
+                return
+            try:
+                _room_for(self._wire.sock, os.path.join(self.images_dir, self.name))
+                self._entry = _send_file(self._wire, self.images_dir, self.name)
+                self._wire.flush()
+            except KernelError as e:
+                self._error = e
+
+    def _lend(self, wire: "_Wire") -> None:
+        with self._lock:
+            self._wire = wire
+
+    def _take_back(self) -> FileEntry | None:
+        """The connection back (a send under way finishes first): the entry sent, None if
+        none was; the send's KernelError if it failed."""
+        with self._lock:
+            self._wire = None
+            if self._error is not None:
+                raise self._error
+            return self._entry
 
 
 @dataclass
@@ -509,7 +606,8 @@ def connect_to(endpoint: Endpoint, *, lazy: bool = False, netns_path: str | None
 def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | None = None,
             tls: TlsFiles | None = None, dest_node: str | None = None,
             timeout: float = 120.0, extra: Iterable[str] = (), link: Link | None = None,
-            tcp_close: bool = False, after_dump: Callable[[], None] | None = None) -> SendStats:
+            tcp_close: bool = False, after_dump: Callable[[], None] | None = None,
+            early: EarlyFile | None = None) -> SendStats:
     """Dump the tree rooted at pid (criu.dump: --leave-stopped, in netns_path) and move the
     image to the receiver at endpoint; return once the destination has verified all of it.
 
@@ -518,7 +616,8 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
     tcp_close: the connections were dumped by nodeshim.criutcp into images_dir (sent with
     criu's files); criu dumps with --tcp-close. after_dump: called once criu's dump is done,
     before the files are listed and sent (a dump of ours into images_dir ends there; an
-    exception from it fails the send).
+    exception from it fails the send). early: a file of images_dir sent while criu dumps,
+    once its writer says so (EarlyFile).
     link: the connections, made before (connect_to; not with TLS); closed here in any case.
     On failure a KernelError; roll back with proctree.thaw(pid) (see the module docstring)."""
     if (tls is None) != (dest_node is None):
@@ -547,19 +646,28 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
             wire.send(HELLO)
             _expect_ok(wire, READY)
         t0 = time.monotonic()
+        if early is not None:
+            early._lend(wire)
         try:
             dumped = criu.dump(pid, images_dir, netns_path=netns_path, tls=tls,
                                page_server=(endpoint.address, endpoint.page_port) if streamed else None,
                                ps_socket=pages.fileno() if pages else None, extra=extra,
                                tcp_close=tcp_close, worker=link.worker if link is not None else None)
         except KernelError as e:
+            _take_back_quietly(early)  # criu's failure says more than the early send's
             raise _dump_broke(wire, e) from None
-        if after_dump is not None:
-            after_dump()
+        try:
+            if after_dump is not None:
+                after_dump()  # its writer may still send the early file meanwhile
+            sent = early._take_back() if early is not None else None
+        except BaseException:
+            _take_back_quietly(early)
+            raise
         t1 = time.monotonic()
         try:
-            entries = [_send_file(wire, images_dir, name)
-                       for name in image_files(images_dir, pages_streamed=streamed)]
+            entries = ([sent] if sent is not None else []) + [
+                _send_file(wire, images_dir, name) for name in image_files(images_dir, pages_streamed=streamed)
+                if sent is None or name != sent.name]
             body = manifest_body(entries, dumped.page_bytes)
             wire.send(manifest_header(body) + body)
         except KernelError as e:
@@ -573,6 +681,16 @@ def dump_to(pid: int, images_dir: str, endpoint: Endpoint, *, netns_path: str | 
         for conn in (pages, sock, link.worker if link is not None else None):
             if conn is not None:
                 conn.close()
+
+
+def _take_back_quietly(early: EarlyFile | None) -> None:
+    """The connection back from an early file's writer, whatever its send did (a failure
+    is on its way already)."""
+    if early is not None:
+        try:
+            early._take_back()
+        except KernelError:
+            pass
 
 
 def _dump_broke(wire: _Wire, error: KernelError) -> KernelError:

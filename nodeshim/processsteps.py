@@ -26,6 +26,8 @@ from typing import Any, Callable
 from clustercore import nodecommands as nc
 from clustercore.errors import KernelError, LocalControlError
 from clustercore.process import memory_mode
+from nodeshim.criutcp import FILE as TCP_FILE
+from nodeshim.imagexfer import EarlyFile
 
 log = logging.getLogger("vipcluster.migrate")  # the executor's logger: the same lines as before
 
@@ -53,12 +55,16 @@ class OwnTcpDump:
         self.service, self.taken, self.images, self.take_ms = service, taken, images, take_ms
         self.hide_ms = hide_ms
         self.dumped, self.error = None, None
+        self.early: EarlyFile | None = None  # told once our file is written
         self.thread = threading.Thread(target=self._run, name=f"tcp dump {service}", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
             self.dumped = self.taken.dump(self.images)
+            early = self.early
+            if early is not None:
+                early.written()  # a failed send fails the dump_to that lent the connection
         except BaseException as e:  # re-raised by wait(), in the freeze
             self.error = e
 
@@ -245,6 +251,10 @@ class ProcessSteps:
                 own = self._own_tcp(rs, images)
                 if own is not None:
                     kw["tcp_close"], kw["after_dump"] = True, own.wait
+                    # our file goes as soon as it is written, while criu dumps: the
+                    # destination rebuilds the connections meanwhile (imagexfer.EarlyFile)
+                    if k.criutcp.early_enabled():
+                        kw["early"] = own.early = EarlyFile(images, TCP_FILE)
                 before_criu()
                 sent, pages = k.imagexfer.dump_to(rs.pid, images, endpoint, timeout=IMAGE_TIMEOUT_S, **kw), None
             except BaseException:
@@ -425,8 +435,13 @@ class ProcessSteps:
                 lazy = getattr(cmd.receiver, "lazy", False)
                 restore = k.lazyxfer.restore_lazy if lazy else k.imagexfer.restore
                 t0 = time.monotonic()
+                # our connections' rebuild, begun when their file arrived (imagexfer), or now,
+                # beside criu's restore
+                taken = getattr(cmd.receiver, "take_prebuilt", None)
+                pre = taken() if taken is not None else None
                 prebuild = None if lazy else getattr(k.criutcp, "prebuild", None)
-                pre = prebuild(cmd.receiver.images_dir) if prebuild else None  # beside criu's restore
+                if pre is None and prebuild is not None:
+                    pre = prebuild(cmd.receiver.images_dir)
                 try:
                     pid = restore(cmd.receiver, pidfile=pidfile, inherit_fds=inherit, timeout=IMAGE_TIMEOUT_S)
                 except BaseException:

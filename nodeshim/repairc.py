@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -144,6 +145,63 @@ def dump_many(socks: Sequence[socket.socket], names: Sequence[str | None] | None
 
 
 _local = threading.local()
+
+_CAP_SYS_NICE = 23
+
+
+@functools.lru_cache(maxsize=1)
+def _may_renice() -> bool:
+    """CAP_SYS_NICE in our effective set: a thread's scheduling can be raised again."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line.split()[1] for line in f if line.startswith("CapEff:"))
+        return bool(int(caps, 16) >> _CAP_SYS_NICE & 1)
+    except (OSError, StopIteration, IndexError, ValueError):
+        return False
+
+
+class Background:
+    """A thread's work beside the freeze's path (our connections' rebuild on the
+    destination, begun when their file arrives: on a machine shared with the source, as
+    in the lab, beside the source's dump): SCHED_IDLE while it runs alone, so that it
+    takes only a core nothing else wants, and back to its own policy once the path waits
+    for it (hurry). Linux schedules threads one by one (sched_setscheduler on a thread
+    id). Without the right to raise it again (CAP_SYS_NICE) nothing is changed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tid: int | None = None  # set while it runs as SCHED_IDLE
+        self._policy = os.SCHED_OTHER
+        self._param = os.sched_param(0)
+        self._hurried = False  # hurry() came first: start() leaves it alone
+
+    def start(self) -> None:
+        """In the thread, first."""
+        with self._lock:
+            if self._hurried or not _may_renice():
+                return
+            try:
+                policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+                if policy == os.SCHED_IDLE:
+                    return
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            except OSError:
+                return
+            self._tid, self._policy, self._param = threading.get_native_id(), policy, param
+
+    def end(self) -> None:
+        """In the thread, last (its id may be reused after it)."""
+        self.hurry()
+
+    def hurry(self) -> None:
+        """From any thread: its own policy back, if it still runs as SCHED_IDLE."""
+        with self._lock:
+            tid, self._tid, self._hurried = self._tid, None, True
+            if tid is not None:
+                try:
+                    os.sched_setscheduler(tid, self._policy, self._param)
+                except OSError as e:
+                    log.warning("cannot raise thread %d's scheduling again: %s", tid, e)
 
 
 @contextlib.contextmanager

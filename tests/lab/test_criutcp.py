@@ -320,3 +320,64 @@ def test_a_full_send_queue_moves_hidden(monkeypatch):
                 fill.kill()
             except (ProcessLookupError, OSError):
                 pass
+
+
+def test_a_rebuild_given_up_closes_its_sockets_silently_and_frees_their_addresses(monkeypatch):
+    """Prebuilt.discard (a restore that failed, or an image nobody restored): every socket
+    it rebuilt is closed (else each keeps its address and the service's next restore
+    cannot bind its port: CI's fault test), and in repair mode, so the clients hear
+    nothing (no RST, no FIN)."""
+    monkeypatch.setenv(criutcp.HIDE_ENV, "on")
+    with _Echo("vcd", 3) as lab:
+        taken = criutcp.take_tree(lab.source.pid)
+        assert taken is not None and taken.hide() is not None
+        taken.dump(lab.images)
+        taken.close()
+        lab.kill_source()
+        taken.release()
+        for _ in range(2):  # the second rebuild binds the addresses the first one gave up
+            with in_netns(lab.netns):
+                pre = criutcp.prebuild(lab.images)
+            assert pre is not None
+            pre._thread.join(10)
+            assert pre._error is None, pre._error
+            fds = list(pre.fds)
+            assert len(fds) == 3
+            pre.discard()
+            assert pre.fds == []
+            for fd in fds:
+                with pytest.raises(OSError):
+                    os.fstat(fd)
+        for c in lab.clients:
+            c.settimeout(0.2)
+            with pytest.raises(TimeoutError):  # nothing: no byte, no end (b""), no reset
+                c.recv(1)
+
+
+OWNED = r"""
+import fcntl, os, socket, sys
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(4)
+a = socket.create_connection(srv.getsockname()); b = socket.create_connection(srv.getsockname())
+fcntl.fcntl(b.fileno(), fcntl.F_SETOWN, os.getpid())  # SIGIO/SIGURG go to us
+print(a.fileno(), b.fileno(), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(criutcp.repairc.ext is None, reason="the C take (scripts/build-repair)")
+def test_a_connection_with_a_signal_owner_is_not_taken_out_of_the_program():
+    """F_SETOWN is the file's, and criu carries it; our put-back would not: the take's C
+    loop marks such a connection (flags -1), and hide() then leaves them all in the program."""
+    child = subprocess.Popen([sys.executable, "-c", OWNED], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        plain, owned = map(int, child.stdout.readline().split())
+        taken = criutcp._take(child.pid, [plain, owned], False, flags=True)
+        try:
+            flags = {t[0]: t[6] for t in taken}
+            assert flags[owned] == -1
+            assert flags[plain] >= 0 and flags[plain] & os.O_RDWR
+        finally:
+            criutcp._close(taken)
+    finally:
+        child.kill()
+        child.wait(5)

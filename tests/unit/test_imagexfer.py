@@ -14,7 +14,7 @@ import time
 import pytest
 
 from clustercore.errors import KernelError, LocalControlError
-from nodeshim import criu, imagewire, imagexfer
+from nodeshim import criu, criutcp, imagewire, imagexfer
 from nodeshim.imagewire import FileEntry, Limits, Manifest
 
 HERE = "127.0.0.1"
@@ -351,6 +351,110 @@ def test_a_dump_that_fails_says_whether_the_destination_ended_it(tmp_path, monke
         else:
             assert info.value.operation == "criu dump", info.value
             rx.cancel()
+
+
+class FakePrebuilt:
+    """criutcp.Prebuilt as the receiver sees it: made when our file is here, discarded."""
+
+    def __init__(self, made: list, images_dir: str, netns) -> None:
+        self.data = open(os.path.join(images_dir, criutcp.FILE), "rb").read()
+        self.discarded = False
+        made.append(self)
+
+    def discard(self) -> None:
+        self.discarded = True
+
+
+@pytest.fixture
+def fake_prebuild(monkeypatch):
+    made: list[FakePrebuilt] = []
+    monkeypatch.setattr(criutcp, "prebuild", lambda images_dir, netns=None: FakePrebuilt(made, images_dir, netns))
+    return made
+
+
+OURS = b"our connections " * 1000
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_our_file_goes_while_criu_dumps_and_is_rebuilt_at_once(tmp_path, monkeypatch, fake_prebuild, written):
+    """EarlyFile: written while criu dumps, it is sent at once and the destination starts
+    rebuilding the connections before criu's files (and the manifest) are there; it is
+    sent and verified once. Not written in time (its writer was slower than criu): it
+    goes with the others."""
+    seen_during_dump = []
+
+    def dump(pid, images_dir, **kw):
+        os.makedirs(images_dir, exist_ok=True)
+        with open(os.path.join(images_dir, criutcp.FILE), "wb") as f:
+            f.write(OURS)
+        if written:
+            early.written()  # our dump's thread, in the lab
+            deadline = time.monotonic() + 5
+            while not fake_prebuild and time.monotonic() < deadline:
+                time.sleep(0.005)
+        seen_during_dump.append(len(fake_prebuild))
+        for name, data in IMAGE.items():
+            with open(os.path.join(images_dir, name), "wb") as f:
+                f.write(data)
+        return criu.DumpStats(1.0, 0, len(IMAGE["pages-1.img"]))
+    monkeypatch.setattr(criu, "dump", dump)
+    early = imagexfer.EarlyFile(str(tmp_path / "src"), criutcp.FILE)
+    with receive(tmp_path) as rx:
+        sent = imagexfer.dump_to(1, str(tmp_path / "src"), rx.endpoint, early=early)
+        got = rx.wait(5)
+        assert seen_during_dump == [1 if written else 0]
+        assert got.files == sent.files == len(IMAGE) + 1
+        assert got.file_bytes == sent.file_bytes == sum(map(len, IMAGE.values())) + len(OURS)
+        assert [p.data for p in fake_prebuild] == [OURS]  # one rebuild, of the whole file
+        pre = rx.take_prebuilt()
+        assert pre is fake_prebuild[0] and rx.take_prebuilt() is None
+    assert not pre.discarded  # the restore's now: close() leaves it alone
+
+
+def test_a_rebuild_nobody_took_is_discarded_with_the_image(tmp_path, fake_dump, fake_prebuild):
+    """Closed after a verified image but without a restore (the migration was given up):
+    the early rebuild's silent sockets are closed with the directory."""
+    with receive(tmp_path) as rx:
+        src = FakeSource(rx.endpoint)
+        src.hello()
+        src.send_file(criutcp.FILE, OURS)
+        src.send_manifest([FileEntry(criutcp.FILE, len(OURS), sha(OURS))], 0)
+        assert src.answer() == b"OK\n"
+        src.close()
+        rx.wait(5)
+    assert len(fake_prebuild) == 1 and fake_prebuild[0].discarded
+
+
+def test_an_image_that_fails_its_checks_discards_the_early_rebuild(tmp_path, fake_prebuild):
+    with receive(tmp_path) as rx:
+        src = FakeSource(rx.endpoint)
+        src.hello()
+        src.send_file(criutcp.FILE, OURS)
+        src.send_manifest([FileEntry(criutcp.FILE, len(OURS), sha(b"something else"))], 0)
+        src.close()
+        refused(rx, criutcp.FILE)
+        assert rx.take_prebuilt() is None
+    assert len(fake_prebuild) == 1 and fake_prebuild[0].discarded
+
+
+def test_an_early_send_that_fails_fails_the_image_send(tmp_path):
+    """The early file's writer sends on a broken connection: the error is kept and
+    raised when dump_to takes the connection back; nothing is sent outside the loan."""
+    (tmp_path / criutcp.FILE).write_bytes(OURS)
+    early = imagexfer.EarlyFile(str(tmp_path), criutcp.FILE)
+    ours, theirs = socket.socketpair()
+    wire = imagewire._Wire(ours, time.monotonic() + 5, imagexfer.SEND)
+    early.written()  # not lent: nothing happens
+    theirs.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        theirs.recv(1)
+    theirs.close()
+    early._lend(wire)
+    early.written()
+    with pytest.raises(KernelError) as info:
+        early._take_back()
+    assert info.value.operation == imagexfer.SEND
+    ours.close()
 
 
 def test_restore_runs_only_on_a_verified_image(tmp_path, monkeypatch):

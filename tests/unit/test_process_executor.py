@@ -21,6 +21,7 @@ from clustercore.errors import KernelError
 from clustercore.ownership import Service, Verdict
 from clustercore.packet import TCP, UDP as P_UDP
 from nodeshim import criu as migrate_criu
+from nodeshim import criutcp
 from nodeshim import migrate
 from tests.unit.test_node_executor import (EPOCH, NEXT_EPOCH, VIP, FakeAgent, FakeInstance, FakeKernel,
                                            FakePacket, FakeSock, Log, no_grace, settle, udp_packet)  # noqa: F401
@@ -127,10 +128,12 @@ class FakeCriu(FakeKernel):
         self.link = Link()
         return self.link
 
-    def dump_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None, tcp_close=False, after_dump=None):
+    def dump_to(self, pid, images_dir, endpoint, timeout, extra=(), link=None, tcp_close=False, after_dump=None,
+                early=None):
         self._call("dump_to", pid, endpoint, tuple(extra))
         self.dumped_over = link
         self.tcp_close = tcp_close
+        self.early = early
         if after_dump is not None:
             after_dump()  # as imagexfer: once criu's dump is done, before the files go
         return FakeSendStats()
@@ -193,6 +196,9 @@ class FakeCriuTcp:
 
     def hide_enabled(self):
         return False
+
+    def early_enabled(self):
+        return True
 
     def take_tree(self, pid, hide=None):
         if self.log is not None:
@@ -288,6 +294,7 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
     dump = next(e for e in freeze_log if e[0] == "dump_to")
     assert dump[1] == 4242 and dump[2] == migrate.imagexfer.Endpoint(**ENDPOINT) and dump[3] == ()
     assert fake.tcp_close  # our TCP dump (nodeshim.criutcp) took the connections: criu dumps with --tcp-close
+    assert fake.early.name == criutcp.FILE  # and sends their file while criu dumps
     assert frozen.bytes_moved == 2_050_000 and frozen.tcp_established == 3 and frozen.udp_sockets == 1
     assert frozen.tcp_listening == 2  # the listeners the kernel has, not the service's port count
     assert frozen.sockets["process"]["output_pipe"] == "pipe:[99]"
@@ -613,7 +620,7 @@ def test_connections_criu_must_move_itself_leave_criu_its_tcp_established(tmp_pa
         await ma.handle(step(msgs.Freeze, endpoint=ENDPOINT))
 
     asyncio.run(script())
-    assert "dump_to" in [e[0] for e in log] and fake.tcp_close is False
+    assert "dump_to" in [e[0] for e in log] and fake.tcp_close is False and fake.early is None
 
 
 def test_our_tcp_dump_failing_fails_the_freeze_and_rolls_back(tmp_path):

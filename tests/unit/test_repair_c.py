@@ -325,3 +325,59 @@ def test_in_halves_runs_a_long_list_as_two_halves_and_undoes_the_half_that_worke
     with pytest.raises(OSError) as e:  # both fail: the first half's error, nothing to undo
         repairc.in_halves(items, lambda part: (_ for _ in ()).throw(OSError(part[0], "planted")), undo=undone.append)
     assert e.value.errno == 0 and undone == []
+
+
+def _policy_of_a_background_thread(may_renice: bool, monkeypatch) -> tuple[int, int, int, int]:
+    """(our policy, the thread's while it runs, after hurry(), after end()): scheduling
+    policies read by thread id, as the kernel keeps them."""
+    import threading
+    monkeypatch.setattr(repairc, "_may_renice", lambda: may_renice)
+    bg = repairc.Background()
+    started, hurried, ended, seen = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def run() -> None:
+        bg.start()
+        started.set()
+        hurried.wait(5)
+        seen["after hurry"] = os.sched_getscheduler(0)
+        bg.end()
+        seen["after end"] = os.sched_getscheduler(0)
+        ended.set()
+    t = threading.Thread(target=run)
+    t.start()
+    started.wait(5)
+    running = os.sched_getscheduler(t.native_id)
+    bg.hurry()
+    hurried.set()
+    ended.wait(5)
+    t.join(5)
+    return os.sched_getscheduler(0), running, seen["after hurry"], seen["after end"]
+
+
+@pytest.mark.skipif(not repairc._may_renice(), reason="needs CAP_SYS_NICE")
+def test_a_background_thread_runs_idle_until_someone_waits_for_it(monkeypatch):
+    ours, running, hurried, ended = _policy_of_a_background_thread(True, monkeypatch)
+    assert running == os.SCHED_IDLE != ours
+    assert hurried == ended == ours  # the caller's own policy back
+
+
+def test_without_the_right_to_raise_it_again_a_background_thread_is_left_alone(monkeypatch):
+    ours, running, hurried, ended = _policy_of_a_background_thread(False, monkeypatch)
+    assert running == hurried == ended == ours
+
+
+@pytest.mark.skipif(not repairc._may_renice(), reason="needs CAP_SYS_NICE (without it no thread is changed)")
+def test_a_background_thread_hurried_before_it_started_is_never_idle():
+    import threading
+    bg = repairc.Background()
+    bg.hurry()  # the path waited for it before its thread ran a line
+    seen = []
+
+    def run() -> None:
+        bg.start()
+        seen.append(os.sched_getscheduler(0))
+        bg.end()
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(5)
+    assert seen == [os.sched_getscheduler(0)]
