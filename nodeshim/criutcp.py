@@ -586,7 +586,7 @@ class Prebuilt:
         self.fds: list[int] = []
         self.ms = 0.0
         self._error: BaseException | None = None
-        self._background = repairc.Background()  # niced until finish() waits for it
+        self._background = repairc.Background()  # SCHED_IDLE until finish() waits for it
         self._thread = threading.Thread(target=self._build, name="tcp prebuild", daemon=True)
         self._thread.start()
 

@@ -495,6 +495,9 @@ class SendStats:
     criu_ms: Mapping[str, float] | None = None  # criu's split of the freeze (criuparse.dump_times)
 
 
+_SO_SNDBUFFORCE = 32  # asm-generic/socket.h (the socket module does not name it)
+
+
 def _room_for(sock: socket.socket, path: str) -> None:
     """A send buffer the whole file fits in (SO_SNDBUFFORCE: past wmem_max; the kernel
     doubles what it is given), so that its writer hands it to the kernel and goes on,
@@ -508,8 +511,6 @@ def _room_for(sock: socket.socket, path: str) -> None:
     except OSError:
         pass
 
-
-_SO_SNDBUFFORCE = 32
 
 
 class EarlyFile:
