@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from clustercore.errors import KernelError, LocalControlError, VipError
-from nodeshim import criu, criutcp
+from nodeshim import criu, criutcp, tcprepair
 from nodeshim.criu import TlsFiles
 from nodeshim.imagewire import (
     CHUNK,
@@ -495,22 +495,16 @@ class SendStats:
     criu_ms: Mapping[str, float] | None = None  # criu's split of the freeze (criuparse.dump_times)
 
 
-_SO_SNDBUFFORCE = 32  # asm-generic/socket.h (the socket module does not name it)
-
-
 def _room_for(sock: socket.socket, path: str) -> None:
-    """A send buffer the whole file fits in (SO_SNDBUFFORCE: past wmem_max; the kernel
-    doubles what it is given), so that its writer hands it to the kernel and goes on,
-    however slowly the destination reads it (a busy destination kept our dump's thread,
-    and so criu's dump step, waiting 8 ms: bench-alternate, 1,000 connections). Best
-    effort: without the right to, the default buffer."""
+    """A send buffer the whole file fits in (tcprepair.grow_buffer: forced past
+    wmem_max), so that its writer hands it to the kernel and goes on, however slowly the
+    destination reads it (a busy destination kept our dump's thread, and so criu's dump
+    step, waiting 8 ms: bench-alternate, 1,000 connections). Best effort: without the
+    right to, the default buffer."""
     try:
-        size = os.path.getsize(path)
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < size + (64 << 10):
-            sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, size + (64 << 10))  # twice: skbs cost more
+        tcprepair.grow_buffer(sock, socket.SO_SNDBUF, tcprepair.SO_SNDBUFFORCE, os.path.getsize(path))
     except OSError:
         pass
-
 
 
 class EarlyFile:

@@ -333,7 +333,7 @@ def _options_blob(state: TcpConnState) -> bytes:
     return struct.pack(f"{len(opts)}I", *opts)
 
 
-def _grow_buffer(sock: socket.socket, get_opt: int, force_opt: int, need: int) -> None:
+def grow_buffer(sock: socket.socket, get_opt: int, force_opt: int, need: int) -> None:
     """Force a buffer size only when `need` queued bytes would not fit (forcing locks it)."""
     if sock.getsockopt(socket.SOL_SOCKET, get_opt) < 2 * need + 2 * _BUF_SLACK:
         sock.setsockopt(socket.SOL_SOCKET, force_opt, need + _BUF_SLACK)
@@ -375,7 +375,7 @@ def _restore_frozen(sock: socket.socket, st: TcpConnState, prepared: int = 0) ->
         if rq:
             # before connect: the window clamp is computed from rcvbuf at connect time
             step = "SO_RCVBUFFORCE"
-            _grow_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, len(rq))
+            grow_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, len(rq))
         step = "bind"
         if not prepared & BOUND:
             sock.bind(st.local)
@@ -404,7 +404,7 @@ def _restore_frozen(sock: socket.socket, st: TcpConnState, prepared: int = 0) ->
         if sq:
             # after connect: connecting sizes the send buffer, often big enough already
             step = "SO_SNDBUFFORCE"
-            _grow_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, len(sq))
+            grow_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, len(sq))
             unacked = len(sq) - st.unsent_len
             if unacked:
                 step = "send queue refill"
