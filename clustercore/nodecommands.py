@@ -549,7 +549,9 @@ class ConnectImage(Command):
     wait until it is ready for the dump (its page server started), choosing copy or lazy
     pages for the instance's memory now (-> an opaque link for DumpProcess, or None where
     the node connects in the dump itself). Keeps the connections, a round trip and criu
-    page-server's start-up out of the freeze. KernelError if the destination is not there."""
+    page-server's start-up out of the freeze (and, meanwhile, the first read of the tree's
+    /proc descriptor entries the take makes inside it). KernelError if the destination is
+    not there."""
     instance: Any
     endpoint: dict
 

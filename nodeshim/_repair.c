@@ -741,6 +741,7 @@ static PyMethodDef methods[] = {
     {"check_record", py_check_record, METH_VARARGS, "check_record(record, family): ValueError if bad"},
     {"unpack_many", py_unpack_many, METH_VARARGS, "unpack_many(data, family, types) -> list of TcpConnState"},
     {"take_many", py_take_many, METH_VARARGS, "take_many(pidfd, fds, disconnect) -> [(fd, ours, ino, state, family)]"},
+    {"warm_fds", py_warm_fds, METH_VARARGS, "warm_fds(pid) -> int: /proc/PID/fd and fdinfo entries made before the freeze"},
     {"sockopts_many", py_sockopts_many, METH_VARARGS, "sockopts_many(fds, families, mute) -> OPTS_SIZE bytes each"},
     {"set_sockopts_many", py_set_sockopts_many, METH_VARARGS, "set_sockopts_many(fds, families, blob) -> None"},
     {"new_sockets", py_new_sockets, METH_VARARGS, "new_sockets(families) -> [fd]"},
@@ -773,7 +774,7 @@ PyMODINIT_FUNC PyInit__repair(void)
     /* ABI: what nodeshim/repairc.py expects of this module's calls; bump it with them */
     if (PyModule_AddIntConstant(m, "HEAD4", HEAD4) < 0 || PyModule_AddIntConstant(m, "HEAD6", HEAD6) < 0
         || PyModule_AddIntConstant(m, "OPTS_SIZE", repair_opts_size()) < 0
-        || PyModule_AddIntConstant(m, "ABI", 7) < 0) {
+        || PyModule_AddIntConstant(m, "ABI", 8) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -102,6 +102,7 @@ int repair_format_init(void);
 
 /* _repair_take.c */
 PyObject *py_take_many(PyObject *self, PyObject *args);
+PyObject *py_warm_fds(PyObject *self, PyObject *args);
 
 /* _repair_opts.c */
 PyObject *py_sockopts_many(PyObject *self, PyObject *args);

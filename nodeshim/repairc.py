@@ -40,7 +40,7 @@ from clustercore.sockwire import KEEP_RECORD_MAX, _ip_text, pack_connection
 log = logging.getLogger("vipcluster.tcprepair")
 
 
-ABI = 7  # the calls this module makes of nodeshim._repair (its ABI constant)
+ABI = 8  # the calls this module makes of nodeshim._repair (its ABI constant)
 
 try:
     from nodeshim import _repair as ext

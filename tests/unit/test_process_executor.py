@@ -190,6 +190,7 @@ class FakeCriuTcp:
     def __init__(self, log=None):
         self.dumped, self.restore_fails, self.restored_into, self.dump_fails = 3, None, [], None
         self.log = log
+        self.warmed, self.warm_fails = [], None
 
     def enabled(self):
         return True
@@ -199,6 +200,16 @@ class FakeCriuTcp:
 
     def early_enabled(self):
         return True
+
+    def warm_enabled(self):
+        return True
+
+    def warm_tree(self, pid):
+        # what had happened when it ran (its own list: it runs in a thread beside connect_to)
+        self.warmed.append((pid, tuple(e[0] for e in self.log or ())))
+        if self.warm_fails:
+            raise self.warm_fails
+        return 1000
 
     def take_tree(self, pid, hide=None):
         if self.log is not None:
@@ -287,6 +298,9 @@ def test_source_freeze_stops_drains_dumps_and_commit_kills(tmp_path):
     # our take and our dump are in the freeze's split
     assert frozen.timing_ms["tcp_take"] >= 0 and frozen.timing_ms["tcp_dump"] == 1.0
     assert freeze_log[0] == ("connect_to", migrate.imagexfer.Endpoint(**ENDPOINT), False)  # 10 MiB: copied
+    # the tree's /proc entries read once while it connected, before anything was held or stopped
+    assert [(pid, "count_states" in seen or "signal_group" in seen) for pid, seen in fake.criutcp.warmed] \
+        == [(4242, False)]
     assert fake.dumped_over is fake.link  # the dump went over those connections
     assert ("signal_group", "SIGSTOP") in freeze_log
     # one socket shared by the tree's two processes is drained once, our copies closed
@@ -520,6 +534,7 @@ def test_a_large_program_moves_with_lazy_pages_and_dies_only_after_its_last_page
     assert frozen.timing_ms["memory"] == "lazy"
     names = [e[0] for e in log]
     assert "dump_to" not in names
+    assert fake.criutcp.warmed == []  # criu moves a lazy dump's connections: nothing of ours to take
     # served first, then the page server ended and the frozen source killed
     assert names.index("pages.wait_done") < names.index("pages.end") < names.index("kill")
     assert done.timing_ms == {"memory": "lazy", "pages_after_freeze": 1234.0}
@@ -608,6 +623,22 @@ def test_a_freeze_failing_after_it_connected_closes_the_connections(tmp_path):
     assert "no such process" in str(error) and "dump_to" not in names
     assert names.index("connect_to") < names.index("link.close")
     assert names.count("link.close") == 1
+
+
+def test_a_failed_read_of_the_proc_entries_before_the_freeze_changes_nothing(tmp_path):
+    """criutcp.warm_tree is a cache for the take: if it fails, the freeze goes on."""
+    ma, agent, fake, log = node("n1", tmp_path)
+    agent.running["web"] = FakeInstance(WEB, [], pid=4242)
+    fake.criutcp.warm_fails = OSError(13, "Permission denied")
+
+    async def script():
+        await ma.handle(step(msgs.Arm, destination="n2"))
+        return await ma.handle(step(msgs.Freeze, endpoint=ENDPOINT))
+
+    frozen = asyncio.run(script())
+    assert len(fake.criutcp.warmed) == 1 and frozen.tcp_established == 3
+    names = [e[0] for e in log]
+    assert names.index("take_tree") < names.index("dump_to")
 
 
 def test_connections_criu_must_move_itself_leave_criu_its_tcp_established(tmp_path):

@@ -381,3 +381,31 @@ def test_a_background_thread_hurried_before_it_started_is_never_idle():
     t.start()
     t.join(5)
     assert seen == [os.sched_getscheduler(0)]
+
+
+@needs_ext
+def test_warming_a_process_descriptors_opens_each_entry_and_changes_none():
+    """warm_fds (the take's /proc entries made before the freeze): one per descriptor of
+    the process, its descriptors and their flags untouched; a gone process is OSError, a
+    bad pid ValueError."""
+    import socket
+    socks = [socket.socket() for _ in range(50)]
+    try:
+        socks[0].set_inheritable(True)
+        before = {int(n): os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{n}")}
+        flags = [(s.get_inheritable(), s.getblocking()) for s in socks]
+        n = _repair.warm_fds(os.getpid())
+        assert n >= len(socks) and n <= len(before) + 2  # + the directories it opened itself
+        after = {int(n): os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd")
+                 if os.path.exists(f"/proc/self/fd/{n}")}
+        assert {k: v for k, v in after.items() if k in before} == before
+        assert [(s.get_inheritable(), s.getblocking()) for s in socks] == flags
+    finally:
+        for s in socks:
+            s.close()
+    with pytest.raises(OSError) as gone:
+        _repair.warm_fds(2 ** 22 + 1)  # above pid_max's largest value: no such process
+    assert gone.value.errno == errno.ENOENT
+    with pytest.raises(ValueError):
+        _repair.warm_fds(0)
