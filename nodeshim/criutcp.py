@@ -102,8 +102,7 @@ def early_enabled() -> bool:
 def warm_enabled() -> bool:
     """Does the source read its program's /proc descriptor entries once before the freeze
     (warm_tree)? Yes when our path moves the connections, unless VIPCLUSTER_WARM_PROC=off."""
-    return enabled() and getattr(repairc.ext, "warm_fds", None) is not None \
-        and os.environ.get(WARM_ENV, "").lower() != "off"
+    return enabled() and repairc.ext is not None and os.environ.get(WARM_ENV, "").lower() != "off"
 
 
 def in_image(images_dir: str) -> bool:
